@@ -1,0 +1,81 @@
+"""The machine and its journal, applied together: what a replica does with each committed batch.
+
+After a restart, Raft replays entries committed after its last snapshot of the machine state;
+the journal may already hold the records they produce. ``SequencerCore.apply`` recognises those
+(same numbers, same bytes) and appends only what is new. Records that differ from what the
+journal holds at the same numbers mean two histories: a broken invariant, raised as
+``JournalDivergenceError`` for the node to stop on.
+"""
+
+from __future__ import annotations
+
+from sequencer.journal import Journal, JournalError
+from sequencer.protocol import HEADER, HEADER_BYTES
+from sequencer.machine import ApplyResult, SequencerMachine
+
+
+class JournalDivergenceError(JournalError):
+    """The journal holds different records at numbers the machine just produced."""
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class JournalBehindError(JournalError):
+    """The machine state is ahead of the journal: records ``missing_from..missing_to`` must be
+    fetched from a peer before this replica can append."""
+
+    def __init__(self, missing_from: int, missing_to: int) -> None:
+        super().__init__(f"journal lacks records {missing_from}..{missing_to} that the machine state covers")
+        self.missing_from = missing_from
+        self.missing_to = missing_to
+
+
+class SequencerCore:
+    """One replica's machine plus journal. One thread calls ``apply``."""
+
+    def __init__(self, machine: SequencerMachine, journal: Journal) -> None:
+        self.machine = machine
+        self.journal = journal
+        if journal.last_seq < machine.last_seq:
+            raise JournalBehindError(journal.last_seq + 1, machine.last_seq)
+        #: Records appended by ``apply`` (not counting those found already in the journal).
+        self.records_appended = 0
+        self.records_already_held = 0
+
+    def apply(self, batch_bytes: bytes) -> ApplyResult:
+        result = self.machine.apply(batch_bytes)
+        if result.first_seq:
+            self._append(result)
+        return result
+
+    def _append(self, result: ApplyResult) -> None:
+        journal = self.journal
+        first, last, records = result.first_seq, result.last_seq, result.records
+        held_to = min(journal.last_seq, last)
+        if first <= held_to:
+            held = journal.read_bytes(first, held_to)
+            if records[: len(held)] != held:
+                seq = _first_difference(records, held, first)
+                raise JournalDivergenceError(
+                    f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq
+                )
+            self.records_already_held += held_to - first + 1
+            records = records[len(held) :]
+            first = held_to + 1
+        if first <= last:
+            journal.append(records, first, last)
+            self.records_appended += last - first + 1
+
+
+def _first_difference(records: bytes, held: bytes, first_seq: int) -> int:
+    pos = 0
+    seq = first_seq
+    while pos < len(held):
+        end = pos + HEADER_BYTES + HEADER.unpack_from(held, pos)[0]
+        if records[pos:end] != held[pos:end]:
+            return seq
+        pos = end
+        seq += 1
+    return seq

@@ -1,0 +1,67 @@
+"""Every bound of the sequencer core, each with a name, a unit and this one home.
+
+Limits that change what ``machine.apply`` decides (sessions, dedup window, idle expiry) live in
+``MachineConfig``: they are part of the replicated state, travel inside every snapshot and must
+be equal on every replica. The others bound what a node accepts from outside and may differ
+per node.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# --- wire ---------------------------------------------------------------------------------
+#: Largest frame body a decoder accepts, in bytes. Checked on the length prefix, before the
+#: body is buffered.
+FRAME_BYTES_MAX = 64 * KIB
+#: Largest application payload of one submit, in bytes.
+PAYLOAD_BYTES_MAX = 32 * KIB
+#: Longest session name, in UTF-8 bytes.
+SESSION_BYTES_MAX = 128
+#: Longest shared-secret token in a hello, in UTF-8 bytes.
+TOKEN_BYTES_MAX = 256
+#: Longest free-text detail in a rejected frame, in characters.
+DETAIL_CHARS_MAX = 512
+
+# --- raft log entries (batches) -----------------------------------------------------------
+#: Most entries ``apply`` accepts in one batch. The leader's batcher uses a lower bound that
+#: keeps a batch below pysyncobj's append-entries chunk size.
+BATCH_ENTRIES_MAX = 4096
+#: Largest encoded batch ``apply`` accepts, in bytes.
+BATCH_BYTES_MAX = 4 * MIB
+
+# --- journal ------------------------------------------------------------------------------
+#: A segment is closed and a new one started once it holds at least this many bytes.
+SEGMENT_BYTES_MAX_DEFAULT = 64 * MIB
+#: Smallest segment size a journal may be configured with (tests use small segments).
+SEGMENT_BYTES_MIN = 4 * KIB
+#: One sparse index point every this many records.
+INDEX_INTERVAL_RECORDS = 256
+#: Bytes a journal reader asks the operating system for at a time.
+READ_CHUNK_BYTES = 1 * MIB
+
+
+class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
+    """Limits that shape the replicated state. Identical on every replica, kept in snapshots."""
+
+    #: Most sessions in the session table; a new session beyond it is rejected
+    #: (``too_many_sessions``) once idle sessions have been expired.
+    sessions_max: int = 100_000
+    #: How many recent ``client_seq -> seq`` pairs each session remembers to answer retries.
+    dedup_window: int = 4096
+    #: A session with no applied submit for this long, in log time, is forgotten.
+    session_idle_ns: int = 24 * 3600 * 1_000_000_000
+
+    def problems(self) -> list[str]:
+        """What is wrong with this configuration, as sentences; empty when it is usable."""
+        found = []
+        if not 1 <= self.sessions_max <= 10_000_000:
+            found.append(f"sessions_max must be 1..10000000, got {self.sessions_max}")
+        if not 1 <= self.dedup_window <= 1_000_000:
+            found.append(f"dedup_window must be 1..1000000, got {self.dedup_window}")
+        if self.session_idle_ns < 1_000_000_000:
+            found.append(f"session_idle_ns must be at least one second, got {self.session_idle_ns}")
+        return found
