@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import time
 
@@ -102,6 +103,109 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- raftseq node / cluster up ----------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        if args.insecure and ("raft_password is required" in str(exc) or "client_token is required" in str(exc)):
+            config = None
+        else:
+            print(f"raftseq node: {exc}", file=sys.stderr)
+            return 2
+    if config is None:
+        import tomllib
+
+        from cluster.config import parse_config
+
+        with open(args.config, "rb") as f:
+            raw = tomllib.load(f)
+        try:
+            config = parse_config({**raw, "insecure": True}, source=args.config)
+        except ConfigError as exc:
+            print(f"raftseq node: {exc}", file=sys.stderr)
+            return 2
+    elif args.insecure:
+        config = msgspec.structs.replace(config, insecure=True)
+    from cluster.node import run_node
+
+    return run_node(config)
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from cluster.local import run_cluster_up
+
+    return run_cluster_up(args)
+
+
+# --- raftseq status / submit / tail -------------------------------------------------------
+
+DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+
+
+def _endpoints(values: list[str]) -> list[str]:
+    found = []
+    for value in values:
+        found.extend(v.strip() for v in value.split(",") if v.strip())
+    for endpoint in found:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise SystemExit(f"raftseq: endpoint {endpoint!r} is not HOST:PORT")
+    return found
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status import gather_status, print_status
+
+    endpoints = _endpoints(args.endpoints or [os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)])
+    report = gather_status(endpoints, token=args.token, timeout_s=args.timeout)
+    if args.json:
+        print(_json.encode(report).decode())
+    else:
+        print_status(report)
+    return 0 if all(n.get("role") not in (None, "unreachable") for n in report["nodes"]) else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from clients import BlockingSequencerClient, SequencerError
+
+    endpoints = _endpoints([args.endpoints])
+    payloads = [p.encode() for p in args.payload] if args.payload else [line.rstrip("\n").encode() for line in sys.stdin]
+    try:
+        with BlockingSequencerClient(endpoints, session=args.session, token=args.token, outcome_deadline_s=args.timeout) as client:
+            for payload, seq in zip(payloads, client.submit_many(payloads)):
+                print(f"{seq}\t{payload.decode(errors='replace')}")
+    except SequencerError as exc:
+        print(f"raftseq submit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from clients import BlockingSequencerClient, SequencerError
+
+    endpoints = _endpoints([args.endpoints])
+    try:
+        with BlockingSequencerClient(endpoints, session=args.session, token=args.token) as client:
+            for m in client.subscribe(args.from_seq, limit=args.limit or None, timeout_s=args.idle_exit or None):
+                row = {"seq": m.seq, "timestamp_ns": m.timestamp_ns, "session": m.session, "client_seq": m.client_seq}
+                if args.text:
+                    row["payload"] = m.payload.decode("utf-8", errors="replace")
+                else:
+                    row["payload_b64"] = base64.b64encode(m.payload).decode()
+                print(_json.encode(row).decode(), flush=True)
+    except SequencerError as exc:
+        print(f"raftseq tail: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    return 0
+
+
 # --- raftseq demo -------------------------------------------------------------------------
 
 
@@ -158,6 +262,70 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=_positive, default=100, help=f"entries per batch, at most {limits.BATCH_ENTRIES_MAX} (default 100)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock; printed)")
     demo.set_defaults(func=cmd_demo)
+
+    node = sub.add_parser("node", help="run one node", description="Run one raftseq node from its TOML config.")
+    node.add_argument("--config", required=True, metavar="FILE", help="node configuration (TOML)")
+    node.add_argument(
+        "--insecure",
+        action="store_true",
+        help="development only: allow running without raft_password (unencrypted, unauthenticated Raft links) "
+        "and without client_token (no client authentication)",
+    )
+    node.set_defaults(func=cmd_node)
+
+    cluster = sub.add_parser("cluster", help="run a local cluster", description="Run a local cluster.")
+    csub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    csub.required = True
+    up = csub.add_parser(
+        "up",
+        help="start a local three-node cluster in the foreground",
+        description="Start three nodes on 127.0.0.1 as child processes; print their client endpoints, metrics "
+        "URLs and the client token; restart a node that dies; stop all of them on Ctrl-C or SIGTERM.",
+    )
+    up.add_argument("--data-dir", default="raftseq-data", help="where configs, logs, journals live (default ./raftseq-data)")
+    up.add_argument("--base-port", type=_positive, default=7100, help="clients on P+1..P+3, Raft P+101.., metrics P+201.. (default 7100)")
+    up.add_argument("--demo", action="store_true", help="also run demo traffic and print progress every second")
+    up.add_argument("--demo-rate", type=_positive, default=200, help="demo messages per second per session (default 200)")
+    up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
+    up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
+    up.set_defaults(func=cmd_cluster_up)
+
+    token_default = os.environ.get("RAFTSEQ_TOKEN", "")
+    endpoints_default = os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)
+    status = sub.add_parser(
+        "status",
+        help="print each node's role, term, commit index, last sequence number",
+        description="Ask each ENDPOINT (default $RAFTSEQ_ENDPOINTS or the local cluster) for its status.",
+    )
+    status.add_argument("endpoints", nargs="*", metavar="ENDPOINT", help="HOST:PORT client endpoints")
+    status.add_argument("--json", action="store_true", help='print {"leader": ..., "nodes": [...]} as JSON')
+    status.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default 2)")
+    status.set_defaults(func=cmd_status)
+
+    submit = sub.add_parser(
+        "submit",
+        help="sequence payloads given as arguments (or lines of stdin)",
+        description="Submit each PAYLOAD (or each line of stdin) and print its sequence number.",
+    )
+    submit.add_argument("payload", nargs="*", help="payloads (default: lines of stdin)")
+    submit.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints")
+    submit.add_argument("--session", default=f"cli-{os.getpid()}", help="client session name (default cli-PID)")
+    submit.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
+    submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each outcome (default 30)")
+    submit.set_defaults(func=cmd_submit)
+
+    tail = sub.add_parser(
+        "tail", help="print the stream from a sequence number", description="Print the stream as JSON lines, from --from N on."
+    )
+    tail.add_argument("--from", dest="from_seq", type=_positive, default=1, metavar="N", help="first sequence number (default 1)")
+    tail.add_argument("--limit", type=_non_negative, default=0, help="stop after K messages (default 0: never)")
+    tail.add_argument("--idle-exit", type=float, default=0, help="stop after this many seconds without a message (default: never)")
+    tail.add_argument("--text", action="store_true", help="print payloads as UTF-8 text")
+    tail.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints")
+    tail.add_argument("--session", default=f"tail-{os.getpid()}", help="session name used in the hello")
+    tail.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
+    tail.set_defaults(func=cmd_tail)
     return parser
 
 

@@ -44,6 +44,13 @@ class SequencerCore:
         self.records_appended = 0
         self.records_already_held = 0
 
+    def replace_machine(self, machine: SequencerMachine) -> None:
+        """Continue from `machine` (a restored snapshot). If it is ahead of the journal, the
+        records in between become a hole, to be filled from a peer (``Journal.fill``)."""
+        if machine.last_seq > self.journal.last_seq:
+            self.journal.skip_to(machine.last_seq + 1)
+        self.machine = machine
+
     def apply(self, batch_bytes: bytes) -> ApplyResult:
         result = self.machine.apply(batch_bytes)
         if result.first_seq:
@@ -54,7 +61,13 @@ class SequencerCore:
         journal = self.journal
         first, last, records = result.first_seq, result.last_seq, result.records
         held_to = min(journal.last_seq, last)
-        if first <= held_to:
+        if first <= held_to and journal.has_hole_within(first, held_to):
+            # Part of this range is still to be fetched from a peer; catch-up will bring the
+            # committed records, byte for byte, with their checksums.
+            self.records_already_held += held_to - first + 1
+            records = _records_after(records, held_to - first + 1)
+            first = held_to + 1
+        elif first <= held_to:
             held = journal.read_bytes(first, held_to)
             if records[: len(held)] != held:
                 seq = _first_difference(records, held, first)
@@ -67,6 +80,14 @@ class SequencerCore:
         if first <= last:
             journal.append(records, first, last)
             self.records_appended += last - first + 1
+
+
+def _records_after(records: bytes, count: int) -> bytes:
+    """`records` without its first `count` records."""
+    pos = 0
+    for _ in range(count):
+        pos += HEADER_BYTES + HEADER.unpack_from(records, pos)[0]
+    return records[pos:]
 
 
 def _first_difference(records: bytes, held: bytes, first_seq: int) -> int:

@@ -37,6 +37,9 @@ HEADER = protocol.HEADER
 HEADER_BYTES = protocol.HEADER_BYTES
 SEGMENT_SUFFIX = ".seg"
 INDEX_SUFFIX = ".idx"
+FILL_SUFFIX = ".seg.fill"
+#: Ranges of sequence numbers the journal lacks (after a Raft snapshot), as JSON [[first, last], ...].
+HOLES_FILE = "holes.json"
 _INDEX_MAGIC = b"RSQIDX01"
 _INDEX_HEADER = struct.Struct(">8sQQQI")  # magic, first_seq, record count, segment bytes, interval
 
@@ -212,8 +215,12 @@ class Journal:
         clock_ns: Callable[[], int] | None,
         readonly: bool,
         recovery: RecoveryReport,
+        holes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.directory = directory
+        #: Missing ranges ``(first, last)``, in order; filled by ``fill`` from a peer's copy.
+        self.holes: list[tuple[int, int]] = holes or []
+        self._fill: _Fill | None = None
         self.segment_bytes_max = segment_bytes_max
         self.fsync_policy = fsync
         self.readonly = readonly
@@ -255,6 +262,10 @@ class Journal:
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
         files = list_segment_files(directory)
+        holes = _read_holes(directory)
+        for name in os.listdir(directory):
+            if name.endswith(FILL_SUFFIX) and not readonly:
+                os.unlink(os.path.join(directory, name))  # an unfinished catch-up starts over
         segments: list[Segment] = []
         removed_empty = 0
         # Trailing empty segments (a roll that wrote nothing yet) are dropped; the segment
@@ -267,7 +278,7 @@ class Journal:
         for i, (first_seq, path) in enumerate(files):
             is_tail = i == len(files) - 1
             segment = Segment(path, first_seq)
-            if segments and segments[-1].end_seq != first_seq:
+            if segments and segments[-1].end_seq != first_seq and (segments[-1].end_seq, first_seq - 1) not in holes:
                 raise JournalCorruptError(
                     f"gap between segments: {segments[-1].path} ends before seq {segments[-1].end_seq}, "
                     f"next segment starts at {first_seq}",
@@ -298,6 +309,7 @@ class Journal:
             recovery = RecoveryReport()
         if not readonly and (recovery.bytes_cut or removed_empty):
             _fsync_dir(directory)
+        _check_holes(directory, holes, segments)
         return cls(
             directory,
             segments,
@@ -306,6 +318,7 @@ class Journal:
             clock_ns=clock_ns,
             readonly=readonly,
             recovery=recovery,
+            holes=holes,
         )
 
     @staticmethod
@@ -347,15 +360,34 @@ class Journal:
 
     @property
     def first_seq(self) -> int:
-        """First number held; 0 for an empty journal."""
-        if not self._segments or self._segments[-1].end_seq == self._segments[0].first_seq:
-            return 0
-        return self._segments[0].first_seq
+        """First number of the journal (held, or missing in a hole); 0 for an empty journal."""
+        first = 0
+        if self._segments and self._segments[-1].end_seq > self._segments[0].first_seq:
+            first = self._segments[0].first_seq
+        if self.holes and (not first or self.holes[0][0] < first):
+            first = self.holes[0][0]
+        return first
 
     @property
     def last_seq(self) -> int:
-        """Last number held; 0 for an empty journal."""
-        return self._segments[-1].end_seq - 1 if self._segments else 0
+        """Last number of the journal (held, or missing in a trailing hole); 0 when empty."""
+        last = self._segments[-1].end_seq - 1 if self._segments else 0
+        if self.holes and self.holes[-1][1] > last:
+            last = self.holes[-1][1]
+        return last
+
+    @property
+    def contiguous_last_seq(self) -> int:
+        """Last number readable from ``first_seq`` without meeting a hole."""
+        return self.holes[0][0] - 1 if self.holes else self.last_seq
+
+    @property
+    def missing_count(self) -> int:
+        """Records in holes, still to be fetched."""
+        return sum(last - first + 1 for first, last in self.holes)
+
+    def has_hole_within(self, first_seq: int, last_seq: int) -> bool:
+        return any(first <= last_seq and last >= first_seq for first, last in self.holes)
 
     @property
     def segment_count(self) -> int:
@@ -423,8 +455,9 @@ class Journal:
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
-        if segment is not None and segment.size >= self.segment_bytes_max:
-            self._seal(segment)
+        if segment is not None and (segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
+            if not segment.sealed:
+                self._seal(segment)
             segment = None
         if segment is None:
             path = os.path.join(self.directory, segment_name(first_seq))
@@ -442,18 +475,72 @@ class Journal:
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
         self._close_fd()
-        n = len(segment.offsets)
-        body = _INDEX_HEADER.pack(_INDEX_MAGIC, segment.first_seq, segment.count, segment.size, limits.INDEX_INTERVAL_RECORDS)
-        body += struct.pack(f">{n}Q", *segment.offsets)
-        body += struct.pack(">I", zlib.crc32(body))
-        index_path = segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
-        tmp = index_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            if self.fsync_policy.mode != "never":
-                os.fsync(f.fileno())
-        os.replace(tmp, index_path)
+        _write_index(segment, fsync=self.fsync_policy.mode != "never")
         segment.sealed = True
+
+    # --- holes ----------------------------------------------------------------------------
+
+    def skip_to(self, seq: int) -> None:
+        """The next append starts at `seq`; ``last_seq + 1 .. seq - 1`` become a hole.
+
+        Used when the replica's state jumps ahead (a Raft snapshot from the leader): the
+        records in the hole are fetched from a peer and handed to ``fill``.
+        """
+        assert not self.readonly, "skip_to on a read-only journal"
+        assert seq > self.last_seq + 1, f"skip_to({seq}) with last_seq {self.last_seq}"
+        hole = (self.last_seq + 1, seq - 1)
+        if self._segments and self._segments[-1].count == 0:
+            # A segment with no records (all cut by recovery) would sit inside the hole.
+            empty = self._segments.pop()
+            self._segment_firsts.pop()
+            self._close_fd()
+            os.unlink(empty.path)
+            hole = (empty.first_seq, seq - 1)
+            if self.holes and self.holes[-1][1] == empty.first_seq - 1:
+                hole = (self.holes.pop()[0], seq - 1)
+        elif self._segments and not self._segments[-1].sealed:
+            self._seal(self._segments[-1])
+        self.holes.append(hole)
+        _write_holes(self.directory, self.holes)
+
+    def fill(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        """Store records fetched from a peer into the first hole, in order.
+
+        Records go to a side file; when the hole is complete it becomes a sealed segment
+        (fsynced), and readers can cross it. Checked like ``append``.
+        """
+        assert not self.readonly, "fill on a read-only journal"
+        assert self.holes, "fill without a hole"
+        hole_first, hole_last = self.holes[0]
+        fill = self._fill
+        if fill is None or fill.segment.first_seq != hole_first:
+            if fill is not None:
+                fill.abandon()
+            fill = self._fill = _Fill(os.path.join(self.directory, segment_name(hole_first)), hole_first)
+        expected = fill.segment.end_seq
+        assert first_seq == expected, f"fill of seq {first_seq}, hole expects {expected}"
+        assert last_seq <= hole_last, f"fill up to {last_seq} overruns the hole ending at {hole_last}"
+        offsets = self._check_records(records, first_seq, last_seq)
+        fill.write(records, offsets)
+        if last_seq < hole_last:
+            return
+        segment = fill.finish()
+        self._fill = None
+        i = bisect.bisect_right(self._segment_firsts, segment.first_seq)
+        self._segments.insert(i, segment)
+        self._segment_firsts.insert(i, segment.first_seq)
+        self.holes.pop(0)
+        _write_holes(self.directory, self.holes)
+
+    @property
+    def fill_next_seq(self) -> int:
+        """Next number ``fill`` expects (0 when there is no hole)."""
+        if not self.holes:
+            return 0
+        fill = self._fill
+        if fill is not None and fill.segment.first_seq == self.holes[0][0]:
+            return fill.segment.end_seq
+        return self.holes[0][0]
 
     def _fsync(self) -> None:
         if self._fd < 0:
@@ -533,6 +620,111 @@ class Journal:
                     return
                 for frame in frames:
                     yield protocol.decode_delivered_body(memoryview(frame)[HEADER_BYTES:])
+
+
+class _Fill:
+    """A hole being filled: a side file that becomes a segment when complete."""
+
+    def __init__(self, segment_path: str, first_seq: int) -> None:
+        self.segment = Segment(segment_path, first_seq)
+        self.path = segment_path[: -len(SEGMENT_SUFFIX)] + FILL_SUFFIX
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, records: bytes, offsets: list[int]) -> None:
+        segment = self.segment
+        base = segment.size
+        _write_all(self.fd, records)
+        index = segment.count
+        for rel in offsets:
+            if index % limits.INDEX_INTERVAL_RECORDS == 0:
+                segment.offsets.append(base + rel)
+            index += 1
+        segment.count = index
+        segment.size = base + len(records)
+
+    def finish(self) -> Segment:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        _write_index(self.segment, fsync=True)
+        os.replace(self.path, self.segment.path)
+        _fsync_dir(os.path.dirname(self.path))
+        self.segment.sealed = True
+        return self.segment
+
+    def abandon(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _write_index(segment: Segment, *, fsync: bool) -> None:
+    n = len(segment.offsets)
+    body = _INDEX_HEADER.pack(_INDEX_MAGIC, segment.first_seq, segment.count, segment.size, limits.INDEX_INTERVAL_RECORDS)
+    body += struct.pack(f">{n}Q", *segment.offsets)
+    body += struct.pack(">I", zlib.crc32(body))
+    index_path = segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
+    tmp = index_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(body)
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, index_path)
+
+
+_holes_decoder = msgspec.json.Decoder(list[tuple[int, int]])
+
+
+def _read_holes(directory: str) -> list[tuple[int, int]]:
+    path = os.path.join(directory, HOLES_FILE)
+    try:
+        with open(path, "rb") as f:
+            return [tuple(h) for h in _holes_decoder.decode(f.read())]
+    except FileNotFoundError:
+        return []
+    except msgspec.MsgspecError as exc:
+        raise JournalCorruptError(f"{path} is unreadable: {exc}", path=path) from None
+
+
+def _write_holes(directory: str, holes: list[tuple[int, int]]) -> None:
+    path = os.path.join(directory, HOLES_FILE)
+    if not holes:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        _fsync_dir(directory)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.encode(holes))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def _check_holes(directory: str, holes: list[tuple[int, int]], segments: list[Segment]) -> None:
+    """Every recorded hole must sit exactly between (or before, or after) segments."""
+    previous_end = 0
+    for first, last in holes:
+        if first > last or first <= previous_end:
+            raise JournalCorruptError(f"{directory}/{HOLES_FILE}: holes out of order: {holes}")
+        previous_end = last
+    bounds = {(s.first_seq, s.end_seq) for s in segments if s.count}
+    for first, last in holes:
+        before = [s for s in segments if s.count and s.end_seq <= first]
+        after = [s for s in segments if s.count and s.first_seq > last]
+        if before and before[-1].end_seq != first:
+            raise JournalCorruptError(f"hole {first}..{last} does not follow segment ending at {before[-1].end_seq - 1}")
+        if after and after[0].first_seq != last + 1:
+            raise JournalCorruptError(f"hole {first}..{last} is not followed by a segment at {last + 1}")
+        if any(a < last + 1 and b > first for a, b in bounds):
+            raise JournalCorruptError(f"hole {first}..{last} overlaps a segment")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -722,6 +914,15 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
     except JournalCorruptError as exc:
         report.problem = str(exc)
         return report
+    try:
+        holes = _read_holes(directory)
+    except JournalCorruptError as exc:
+        report.problem = str(exc)
+        return report
+    if holes and (not files or holes[0][0] < files[0][0]):
+        report.problem = f"records {holes[0][0]}..{holes[0][1]} are missing (a hole waiting for catch-up)"
+        report.first_bad_seq = holes[0][0]
+        return report
     expected_seq = files[0][0] if files else 0
     report.first_seq = expected_seq
     last_time = 0
@@ -730,7 +931,10 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
     for i, (first_seq, path) in enumerate(files):
         report.segments += 1
         if first_seq != expected_seq:
-            report.problem = f"segment {os.path.basename(path)} starts at {first_seq}, expected {expected_seq}"
+            if (expected_seq, first_seq - 1) in holes:
+                report.problem = f"records {expected_seq}..{first_seq - 1} are missing (a hole waiting for catch-up)"
+            else:
+                report.problem = f"segment {os.path.basename(path)} starts at {first_seq}, expected {expected_seq}"
             report.first_bad_seq = expected_seq
             report.path = path
             return report

@@ -147,6 +147,17 @@ class NotLeader(_Frame, tag="notleader"):
     client_seq: Count = 0
 
 
+class OutcomeUnknown(_Frame, tag="unknown"):
+    """The node cannot tell whether `client_seq` was sequenced (leader lost, commit timeout).
+
+    Never a failure: resubmit under the same client_seq; the sequencer applies it at most once
+    and answers a retry of an applied submit with the number it already has.
+    """
+
+    client_seq: ClientSeq
+    detail: Detail = ""
+
+
 class Rejected(_Frame, tag="rejected"):
     reason: RejectReason
     detail: Detail = ""
@@ -173,10 +184,13 @@ class Status(_Frame, tag="status"):
     commit_index: Count
     last_seq: Count
     last_log_time_ns: Count
+    pid: Count = 0
+    client_address: Address = ""
+    raft_address: Address = ""
 
 
 ClientFrame = Union[Hello, Submit, Subscribe, StatusRequest, Heartbeat]
-NodeFrame = Union[Welcome, Ack, Busy, NotLeader, Rejected, Delivered, Status, Heartbeat]
+NodeFrame = Union[Welcome, Ack, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat]
 
 # --- the Raft log entry -------------------------------------------------------------------
 
@@ -272,13 +286,16 @@ class FrameError(msgspec.Struct, frozen=True):
 class FrameReader:
     """Turns a byte stream, fed in chunks of any size, into frames.
 
-    ``feed`` returns decoded frames in order; if the stream is bad, the last item is a
+    ``feed`` returns decoded frames in order (with ``keep_raw``, ``(frame, raw bytes)`` pairs,
+    so a journal record fetched from a peer is stored exactly as received); if the stream is bad, the last item is a
     ``FrameError`` and the reader stays failed (every later ``feed`` returns that error again).
     The reader holds at most one incomplete frame: a length prefix above ``frame_bytes_max`` is
     refused before any of its body is buffered. Nothing escapes ``feed`` as an exception.
     """
 
-    def __init__(self, decoder_type: str = "client", *, frame_bytes_max: int = limits.FRAME_BYTES_MAX) -> None:
+    def __init__(
+        self, decoder_type: str = "client", *, frame_bytes_max: int = limits.FRAME_BYTES_MAX, keep_raw: bool = False
+    ) -> None:
         if decoder_type not in ("client", "node"):
             raise ValueError(f"decoder_type must be 'client' or 'node', got {decoder_type!r}")
         if not 1 <= frame_bytes_max <= 2**31:
@@ -288,6 +305,8 @@ class FrameReader:
         self._pending = bytearray()
         self.error: FrameError | None = None
         self.frames_read = 0
+        #: With ``keep_raw``, each frame comes as ``(frame, its bytes as received)``.
+        self.keep_raw = keep_raw
 
     @property
     def buffered_bytes(self) -> int:
@@ -379,7 +398,10 @@ class FrameReader:
             self._fail(FrameError(FrameErrorCode.MALFORMED, f"frame {self.frames_read + 1}: {exc}"), out)
             return
         self.frames_read += 1
-        out.append(frame)
+        if self.keep_raw:
+            out.append((frame, bytes(view[pos : pos + HEADER_BYTES + length])))
+        else:
+            out.append(frame)
 
     def _fail(self, error: FrameError, out: list) -> None:
         self.error = error

@@ -1,0 +1,513 @@
+"""The asyncio client: connect, find the leader, submit (pipelined), resubmit, subscribe, resume.
+
+Exactly once per session: every submit gets the session's next ``client_seq`` and keeps it for
+life. Whatever happens to a connection — leader killed, ``NotLeader``, ``Busy``,
+``OutcomeUnknown`` — every submit not yet acknowledged is sent again, in ``client_seq`` order,
+under the same number; the sequencer applies each ``(session, client_seq)`` at most once and
+answers a retry of an applied submit with the number it already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import msgspec
+
+from sequencer import protocol
+from sequencer.protocol import RejectReason
+
+log = logging.getLogger("raftseq.client")
+
+
+class SequencerError(Exception):
+    """Base of the client's errors."""
+
+
+class NotConnected(SequencerError):
+    """No node could be reached (or the client is closed)."""
+
+
+class Busy(SequencerError):
+    """The client's own window of in-flight submits is full (``in_flight_max``)."""
+
+
+class Rejected(SequencerError):
+    """The sequencer refused a submit or request for good. ``reason`` is a ``RejectReason``."""
+
+    def __init__(self, reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+        self.expected_client_seq = expected_client_seq
+
+
+class OutcomeUnknown(SequencerError):
+    """No answer within the deadline. The submit may still be sequenced (exactly once): the
+    client keeps resubmitting it under the same client_seq while it runs."""
+
+    def __init__(self, client_seq: int, waited_s: float) -> None:
+        super().__init__(f"client_seq {client_seq}: no outcome after {waited_s:.1f} s")
+        self.client_seq = client_seq
+
+
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """One sequenced message, as a subscriber receives it. ``timestamp_ns`` is the log time:
+    the leader's clock when it sequenced the batch holding this message."""
+
+    seq: int
+    timestamp_ns: int
+    session: str
+    client_seq: int
+    payload: bytes
+
+
+class _Pending:
+    __slots__ = ("client_seq", "payload", "future", "sent", "submitted_at")
+
+    def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future) -> None:
+        self.client_seq = client_seq
+        self.payload = payload
+        self.future = future
+        self.sent = False
+        self.submitted_at = time.monotonic()
+
+
+class _Link:
+    """One open connection to a node, after the handshake."""
+
+    def __init__(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, welcome: protocol.Welcome, framer: protocol.FrameReader, early: list) -> None:
+        self.address = address
+        self.reader = reader
+        self.writer = writer
+        self.welcome = welcome
+        self.framer = framer
+        self.early = early  # frames that arrived together with the welcome
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except RuntimeError:
+            pass
+
+
+async def _open_link(address: str, *, session: str, token: str, last_acked: int, timeout_s: float) -> _Link:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    try:
+        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked)))
+        framer = protocol.FrameReader("node")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - time.monotonic()))
+            if not data:
+                raise ConnectionError(f"{address} closed the connection during the handshake")
+            frames = framer.feed(data)
+            for i, frame in enumerate(frames):
+                if isinstance(frame, protocol.FrameError):
+                    raise ConnectionError(f"{address}: bad frame during the handshake: {frame.detail}")
+                if isinstance(frame, protocol.Rejected):
+                    raise Rejected(frame.reason, frame.detail)
+                if isinstance(frame, protocol.Welcome):
+                    return _Link(address, reader, writer, frame, framer, frames[i + 1 :])
+    except BaseException:
+        writer.close()
+        raise
+
+
+class SequencerClient:
+    """A client session of a raftseq cluster.
+
+    ``endpoints`` are client addresses (``host:port``) of any nodes; the leader is found from
+    them. ``session`` names this client's submit stream: reusing it after a restart continues
+    its numbering. Keyword options:
+
+    * ``token`` — the cluster's client token ("" when authentication is off);
+    * ``in_flight_max`` — submits sent and not yet acknowledged; ``submit_nowait`` raises
+      ``Busy`` beyond it, ``submit`` waits for room;
+    * ``connect_timeout_s`` — per connection attempt;
+    * ``reconnect_backoff_max_s`` — the longest pause between reconnect rounds;
+    * ``outcome_deadline_s`` — ``submit`` raises ``OutcomeUnknown`` if no outcome arrives in
+      this time (the submit stays queued and is still resubmitted);
+    * ``heartbeat_timeout_s`` — a node silent this long is taken for dead.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        session: str,
+        token: str = "",
+        in_flight_max: int = 10_000,
+        connect_timeout_s: float = 2.0,
+        reconnect_backoff_max_s: float = 0.5,
+        outcome_deadline_s: float = 30.0,
+        heartbeat_timeout_s: float = 2.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        if in_flight_max < 1:
+            raise ValueError("in_flight_max must be >= 1")
+        self.endpoints = list(endpoints)
+        self.session = session
+        self.token = token
+        self.in_flight_max = in_flight_max
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnect_backoff_max_s = reconnect_backoff_max_s
+        self.outcome_deadline_s = outcome_deadline_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._next_client_seq = 1
+        self._last_acked = 0
+        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        self._link: _Link | None = None
+        self._leader_hint = ""
+        self._connected = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._resend_from: int | None = None
+        self._fatal: SequencerError | None = None
+        # Counters for the caller (and metrics).
+        self.reconnects = 0
+        self.resubmits = 0
+        self.failovers = 0
+        self.last_failover_s = 0.0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> SequencerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect to the leader (found from any endpoint). Raises ``NotConnected`` if none
+        answers within a few rounds, ``Rejected`` on a wrong token or protocol version."""
+        if self._closed:
+            raise NotConnected("client is closed")
+        if self._task is None:
+            link = await self._find_leader(rounds=5)
+            self._adopt(link)
+            self._task = asyncio.create_task(self._run(), name=f"raftseq-client-{self.session}")
+        else:
+            await self._connected.wait()
+
+    async def close(self) -> None:
+        """Stop. Submits not yet acknowledged fail with ``NotConnected``."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        error = NotConnected("client closed")
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+                pending.future.exception()  # mark retrieved: closing is not a crash
+        self._pending.clear()
+
+    @property
+    def next_client_seq(self) -> int:
+        return self._next_client_seq
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # --- submitting -----------------------------------------------------------------------
+
+    def submit_nowait(self, payload: bytes) -> asyncio.Future:
+        """Queue `payload`; the returned future gives its sequence number once committed."""
+        if self._closed:
+            raise NotConnected("client is closed")
+        if self._fatal is not None:
+            raise self._fatal
+        if len(self._pending) >= self.in_flight_max:
+            raise Busy(f"{len(self._pending)} submits in flight (in_flight_max {self.in_flight_max})")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError("payload must be bytes")
+        payload = bytes(payload)
+        if len(payload) > protocol.limits.PAYLOAD_BYTES_MAX:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {protocol.limits.PAYLOAD_BYTES_MAX}")
+        client_seq = self._next_client_seq
+        self._next_client_seq += 1
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(client_seq, payload, future)
+        self._pending[client_seq] = pending
+        if len(self._pending) >= self.in_flight_max:
+            self._room.clear()
+        link = self._link
+        if link is not None and self._resend_from is None:
+            link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload)))
+            pending.sent = True
+        return future
+
+    async def wait_for_room(self) -> None:
+        """Return once ``submit_nowait`` will not raise ``Busy``."""
+        while len(self._pending) >= self.in_flight_max:
+            self._room.clear()
+            await self._room.wait()
+
+    async def submit(self, payload: bytes) -> int:
+        """Sequence `payload`; returns its global sequence number once committed."""
+        await self.wait_for_room()
+        future = self.submit_nowait(payload)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
+        except TimeoutError:
+            raise OutcomeUnknown(self._client_seq_of(future), self.outcome_deadline_s) from None
+
+    def _client_seq_of(self, future: asyncio.Future) -> int:
+        for client_seq, pending in self._pending.items():
+            if pending.future is future:
+                return client_seq
+        return 0
+
+    # --- the connection loop --------------------------------------------------------------
+
+    def _adopt(self, link: _Link) -> None:
+        self._link = link
+        welcome = link.welcome
+        # A session name reused after a restart continues where it left off.
+        if welcome.last_client_seq >= self._next_client_seq and not self._pending:
+            self._next_client_seq = welcome.last_client_seq + 1
+        self._connected.set()
+        self._resend_all()
+
+    def _resend_all(self, from_seq: int = 0) -> None:
+        """Send every pending submit (from `from_seq` on) again, in client_seq order."""
+        link = self._link
+        if link is None:
+            return
+        parts = []
+        for client_seq, pending in self._pending.items():
+            if client_seq < from_seq:
+                continue
+            if pending.sent:
+                self.resubmits += 1
+            pending.sent = True
+            parts.append(protocol.encode_frame(protocol.Submit(client_seq, pending.payload)))
+        if parts:
+            link.writer.write(b"".join(parts))
+        self._resend_from = None
+
+    async def _run(self) -> None:
+        while not self._closed:
+            link = self._link
+            try:
+                await self._read(link)
+            except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.info("session %s: connection to %s lost: %s", self.session, link.address, exc)
+            except _LeaderMoved as moved:
+                self._leader_hint = moved.leader
+            link.close()
+            self._link = None
+            self._connected.clear()
+            if self._closed:
+                return
+            lost_at = time.monotonic()
+            self.reconnects += 1
+            try:
+                new_link = await self._find_leader(rounds=None)
+            except Rejected as exc:
+                self._fail_all(exc)
+                return
+            self.failovers += 1
+            self.last_failover_s = time.monotonic() - lost_at
+            self._adopt(new_link)
+
+    async def _read(self, link: _Link) -> None:
+        for frame in link.early:
+            self._handle(frame)
+        link.early = []
+        while True:
+            data = await asyncio.wait_for(link.reader.read(262144), self.heartbeat_timeout_s)
+            if not data:
+                raise ConnectionError("closed by node")
+            for frame in link.framer.feed(data):
+                if isinstance(frame, protocol.FrameError):
+                    raise ConnectionError(f"bad frame from node: {frame.detail}")
+                self._handle(frame)
+            if self._resend_from is not None:
+                await asyncio.sleep(0.02)
+                self._resend_all(self._resend_from)
+            if link.writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
+                await link.writer.drain()
+
+    def _handle(self, frame: object) -> None:
+        kind = type(frame)
+        if kind is protocol.Ack:
+            pending = self._pending.pop(frame.client_seq, None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(frame.seq)
+            if frame.client_seq > self._last_acked:
+                self._last_acked = frame.client_seq
+            if len(self._pending) < self.in_flight_max:
+                self._room.set()
+        elif kind is protocol.Heartbeat:
+            pass
+        elif kind is protocol.NotLeader:
+            raise _LeaderMoved(frame.leader)
+        elif kind is protocol.Busy or kind is protocol.OutcomeUnknown:
+            self._schedule_resend(frame.client_seq)
+        elif kind is protocol.Rejected:
+            self._rejected(frame)
+
+    def _schedule_resend(self, client_seq: int) -> None:
+        if client_seq in self._pending and (self._resend_from is None or client_seq < self._resend_from):
+            self._resend_from = client_seq
+
+    def _rejected(self, frame: protocol.Rejected) -> None:
+        if frame.reason is RejectReason.SEQUENCE_GAP and frame.expected_client_seq in self._pending:
+            # An earlier submit was refused (busy, leader change); it and all after it go again.
+            self._schedule_resend(frame.expected_client_seq)
+            return
+        pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
+        error = Rejected(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
+        if pending is not None:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+            return
+        if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
+            self._fail_all(error)
+            raise ConnectionError(str(error))
+
+    def _fail_all(self, error: SequencerError) -> None:
+        self._fatal = error
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending.clear()
+        self._room.set()
+
+    async def _find_leader(self, *, rounds: int | None) -> _Link:
+        """Connect to the leader: try the hint, then every endpoint, following ``leader``."""
+        backoff = 0.02
+        attempt = 0
+        last_error: Exception | None = None
+        while rounds is None or attempt < rounds:
+            attempt += 1
+            candidates = ([self._leader_hint] if self._leader_hint else []) + random.sample(self.endpoints, len(self.endpoints))
+            for address in dict.fromkeys(candidates):
+                if self._closed:
+                    raise NotConnected("client closed")
+                try:
+                    link = await _open_link(
+                        address, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
+                    )
+                except Rejected:
+                    raise
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    last_error = exc
+                    continue
+                welcome = link.welcome
+                if welcome.role is protocol.Role.LEADER:
+                    self._leader_hint = address
+                    return link
+                link.close()
+                if welcome.leader and welcome.leader != address:
+                    self._leader_hint = welcome.leader
+                    try:
+                        link = await _open_link(
+                            welcome.leader, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
+                        )
+                    except (OSError, ConnectionError, TimeoutError) as exc:
+                        last_error = exc
+                        continue
+                    if link.welcome.role is protocol.Role.LEADER:
+                        return link
+                    link.close()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.reconnect_backoff_max_s)
+        raise NotConnected(f"no leader found among {self.endpoints}: {last_error}")
+
+    # --- subscribing ----------------------------------------------------------------------
+
+    async def subscribe(self, from_seq: int = 1) -> AsyncIterator[Message]:
+        """Messages ``from_seq, from_seq + 1, …`` with no gap and no duplicate, forever.
+
+        Served by any node; on a lost connection it resumes at last + 1 on any live node.
+        """
+        if from_seq < 1:
+            raise ValueError("from_seq must be >= 1")
+        async for message in subscribe(self.endpoints, from_seq=from_seq, token=self.token, session=f"{self.session}.sub", heartbeat_timeout_s=self.heartbeat_timeout_s, connect_timeout_s=self.connect_timeout_s, reconnect_backoff_max_s=self.reconnect_backoff_max_s):
+            yield message
+
+
+class _LeaderMoved(Exception):
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
+async def subscribe(
+    endpoints: Sequence[str],
+    *,
+    from_seq: int = 1,
+    token: str = "",
+    session: str = "subscriber",
+    heartbeat_timeout_s: float = 2.0,
+    connect_timeout_s: float = 2.0,
+    reconnect_backoff_max_s: float = 0.5,
+    prefer: str = "",
+) -> AsyncIterator[Message]:
+    """The stream from `from_seq` on, from any of `endpoints` (``prefer`` first), resuming at
+    last + 1 on another node when one dies. Raises ``Rejected`` on a wrong token."""
+    expected = from_seq
+    backoff = 0.02
+    order = list(endpoints)
+    if prefer in order:
+        order.remove(prefer)
+        order.insert(0, prefer)
+    index = 0
+    while True:
+        address = order[index % len(order)]
+        index += 1
+        try:
+            link = await _open_link(address, session=session, token=token, last_acked=0, timeout_s=connect_timeout_s)
+        except (OSError, ConnectionError, TimeoutError):
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, reconnect_backoff_max_s)
+            continue
+        try:
+            link.writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
+            frames = list(link.early)
+            while True:
+                for frame in frames:
+                    if isinstance(frame, protocol.FrameError):
+                        raise ConnectionError(frame.detail)
+                    kind = type(frame)
+                    if kind is protocol.Delivered:
+                        if frame.seq != expected:
+                            raise ConnectionError(f"node sent seq {frame.seq}, expected {expected}")
+                        expected += 1
+                        backoff = 0.02
+                        yield Message(frame.seq, frame.log_time_ns, frame.session, frame.client_seq, frame.payload)
+                    elif kind is protocol.Rejected:
+                        if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
+                            raise Rejected(frame.reason, frame.detail)
+                        raise ConnectionError(f"{frame.reason.value}: {frame.detail}")
+                    elif kind is protocol.Busy:
+                        raise ConnectionError(f"busy: {frame.limit}")
+                data = await asyncio.wait_for(link.reader.read(262144), heartbeat_timeout_s)
+                if not data:
+                    raise ConnectionError("closed by node")
+                frames = link.framer.feed(data)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            log.info("subscription on %s interrupted at %d: %s", address, expected, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, reconnect_backoff_max_s)
+        finally:
+            link.close()

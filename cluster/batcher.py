@@ -1,0 +1,202 @@
+"""The leader's batcher: submits in, Raft log entries out, per-entry results back.
+
+Natural batching: a batch is proposed as soon as no batch is in flight, or when a full batch is
+waiting and fewer than ``in_flight_max`` are in flight. Under light load a batch holds one
+message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
+
+Runs on the asyncio loop. pysyncobj reports a commit on its own thread; the report is handed
+to the loop with ``call_soon_threadsafe``: at most ``in_flight_max`` reports can be pending,
+so the hand-off is bounded by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from pysyncobj import FAIL_REASON
+
+from cluster.config import BatcherConfig
+from sequencer import protocol
+from sequencer.machine import ApplyResult, EntryResult
+
+log = logging.getLogger("raftseq.batcher")
+
+#: msgpack overhead of one Entry beyond session and payload bytes (array header, ints).
+_ENTRY_OVERHEAD_BYTES = 24
+
+
+class PendingSubmit:
+    """One submit waiting for its batch to commit. ``reply(client_seq, outcome)`` is called
+    exactly once, with an ``EntryResult`` or a ``CommitOutcome``."""
+
+    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns")
+
+    def __init__(self, session: str, client_seq: int, payload: bytes, reply: Callable[[int, object], None]) -> None:
+        self.session = session
+        self.client_seq = client_seq
+        self.payload = payload
+        self.reply = reply
+        self.enqueued_ns = time.monotonic_ns()
+
+
+class CommitOutcome:
+    """How a proposed batch ended: applied (``result``) or unknown (``error``)."""
+
+    __slots__ = ("result", "error")
+
+    def __init__(self, result: ApplyResult | None, error: str) -> None:
+        self.result = result
+        self.error = error
+
+
+class Batcher:
+    def __init__(
+        self,
+        config: BatcherConfig,
+        propose: Callable[[bytes, Callable[[object, int], None]], None],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.config = config
+        self._propose = propose
+        self._loop = loop
+        self._clock_ns = clock_ns
+        self._queue: deque[PendingSubmit] = deque()
+        self._queue_bytes = 0
+        self._in_flight: dict[int, tuple[list[PendingSubmit], float]] = {}
+        self._next_batch_id = 1
+        self._last_time_ns = 0
+        self.enabled = False
+        # Counters read by metrics.
+        self.batches_proposed = 0
+        self.batches_unknown = 0
+        self.entries_proposed = 0
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        #: Called with each acknowledged submit's queue-to-commit time, in seconds.
+        self.latency_observer: Callable[[float], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def offer(self, submit: PendingSubmit) -> bool:
+        """Queue a submit; False when the queue is full (the caller answers ``Busy``)."""
+        if len(self._queue) >= self.config.queue_entries_max:
+            return False
+        self._queue.append(submit)
+        self._maybe_propose()
+        return True
+
+    def _maybe_propose(self) -> None:
+        config = self.config
+        while self._queue and self.enabled:
+            if self._in_flight and (
+                len(self._in_flight) >= config.in_flight_max or len(self._queue) < config.entries_max
+            ):
+                return
+            self._propose_one()
+
+    def _propose_one(self) -> None:
+        config = self.config
+        entries: list[protocol.Entry] = []
+        members: list[PendingSubmit] = []
+        size = 16
+        queue = self._queue
+        while queue and len(entries) < config.entries_max:
+            submit = queue[0]
+            cost = len(submit.payload) + len(submit.session) + _ENTRY_OVERHEAD_BYTES
+            if entries and size + cost > config.bytes_max:
+                break
+            queue.popleft()
+            size += cost
+            entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
+            members.append(submit)
+        now = self._clock_ns()
+        if now < self._last_time_ns:
+            now = self._last_time_ns
+        self._last_time_ns = now
+        data = protocol.encode_batch(now, entries)
+        assert len(data) <= config.bytes_max, f"batch of {len(data)} bytes exceeds {config.bytes_max}"
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s)
+        self.batches_proposed += 1
+        self.entries_proposed += len(entries)
+        loop = self._loop
+
+        def on_commit(result: object, error: int) -> None:  # pysyncobj's thread
+            loop.call_soon_threadsafe(self._committed, batch_id, result, error)
+
+        self._propose(data, on_commit)
+        if self._timeout_handle is None:
+            self._timeout_handle = loop.call_later(config.commit_timeout_s, self._expire)
+
+    def _committed(self, batch_id: int, result: object, error: int) -> None:
+        entry = self._in_flight.pop(batch_id, None)
+        if entry is None:
+            return  # answered as unknown already (timeout, step-down)
+        members, _ = entry
+        if error == FAIL_REASON.SUCCESS and isinstance(result, ApplyResult) and not result.error:
+            results: list[EntryResult] = result.results
+            assert len(results) == len(members), f"{len(results)} results for {len(members)} entries"
+            observe = self.latency_observer
+            now_ns = time.monotonic_ns()
+            for submit, outcome in zip(members, results):
+                submit.reply(submit.client_seq, outcome)
+                if observe is not None:
+                    observe((now_ns - submit.enqueued_ns) / 1e9)
+        else:
+            reason = _fail_reason_name(error) if error != FAIL_REASON.SUCCESS else "batch not applied"
+            self.batches_unknown += 1
+            unknown = CommitOutcome(None, reason)
+            for submit in members:
+                submit.reply(submit.client_seq, unknown)
+        self._maybe_propose()
+
+    def _expire(self) -> None:
+        self._timeout_handle = None
+        now = self._loop.time()
+        for batch_id in [b for b, (_, deadline) in self._in_flight.items() if deadline <= now]:
+            members, _ = self._in_flight.pop(batch_id)
+            self.batches_unknown += 1
+            log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
+            unknown = CommitOutcome(None, "commit timeout")
+            for submit in members:
+                submit.reply(submit.client_seq, unknown)
+        if self._in_flight:
+            next_deadline = min(deadline for _, deadline in self._in_flight.values())
+            self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
+        self._maybe_propose()
+
+    def start(self) -> None:
+        self.enabled = True
+        self._maybe_propose()
+
+    def stop(self, reason: str) -> None:
+        """No longer leader (or shutting down): answer everything queued and in flight as unknown."""
+        self.enabled = False
+        unknown = CommitOutcome(None, reason)
+        while self._queue:
+            submit = self._queue.popleft()
+            submit.reply(submit.client_seq, unknown)
+        for members, _ in self._in_flight.values():
+            for submit in members:
+                submit.reply(submit.client_seq, unknown)
+        self.batches_unknown += len(self._in_flight)
+        self._in_flight.clear()
+
+
+def _fail_reason_name(code: int) -> str:
+    for name in ("QUEUE_FULL", "MISSING_LEADER", "DISCARDED", "NOT_LEADER", "LEADER_CHANGED", "REQUEST_DENIED"):
+        if getattr(FAIL_REASON, name, None) == code:
+            return name.lower()
+    return f"raft error {code}"

@@ -1,0 +1,248 @@
+"""Node configuration: one TOML file per node, checked before anything starts.
+
+Every timing and bound of a running node has its home here, with the measurement behind it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Annotated
+
+import msgspec
+
+from sequencer import limits
+from sequencer.journal import FsyncPolicy
+from sequencer.limits import MachineConfig
+
+Address = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]+:\d{1,5}$")]
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class PeerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: NodeId
+    raft_address: Address
+    client_address: Address
+
+
+class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """pysyncobj timings (see DESIGN.md section 5 and the README's failover figures).
+
+    * ``append_entries_use_batch = false``: with batching on, the leader sends only every
+      ``append_entries_period_s`` (~100 ms median latency at 200 msg/s); off, 0.5 ms median.
+    * ``connection_timeout_s``: the default 3.5 s drops the idle follower-follower link, so the
+      first vote request after a leader death is lost (1.3-2.5 s failovers). Raised, keepalives
+      hold the link: 0.56 s failover at default election timeouts.
+    * ``election_timeout_min_s/max_s``: 0.15/0.3 s gave 0.16 s failovers but needless elections
+      under a 20k in-flight window on this 2-core machine; the batcher bounds the window.
+    * ``leader_fallback_timeout_s``: a cut-off leader calls itself leader this long (30 s by
+      default); only routing trusts it, commits prove leadership.
+    """
+
+    election_timeout_min_s: float = 0.4
+    election_timeout_max_s: float = 0.8
+    append_entries_use_batch: bool = False
+    append_entries_period_s: float = 0.05
+    connection_timeout_s: float = 60.0
+    connection_retry_s: float = 0.2
+    leader_fallback_timeout_s: float = 3.0
+    #: pysyncobj sends an entry at or above this many bytes through a broken chunked path.
+    append_entries_batch_bytes: int = 64 * limits.KIB
+    #: Compact the Raft log (snapshot of the machine state) after this many entries or seconds.
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time_s: float = 300.0
+    commands_queue_size: int = 1000
+    tick_period_s: float = 0.005
+
+
+class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A batch closes when the previous one committed, or at these limits."""
+
+    entries_max: int = 1000
+    #: Encoded batch size limit; kept below ``RaftConfig.append_entries_batch_bytes`` with room
+    #: for pysyncobj's own framing of the entry.
+    bytes_max: int = 60 * limits.KIB
+    #: Batches proposed to Raft and not yet committed (pipelining depth).
+    in_flight_max: int = 2
+    #: Submits queued at the leader, waiting for a batch; beyond it submits get ``Busy``.
+    queue_entries_max: int = 50_000
+    #: Seconds a proposed batch may wait for its commit before its submits are answered as
+    #: unknown (the client resubmits under the same client_seq).
+    commit_timeout_s: float = 5.0
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    connections_max: int = 1000
+    subscribers_max: int = 200
+    #: Submits of one session sent and not yet answered; beyond it the answer is ``Busy``.
+    in_flight_per_session_max: int = 20_000
+    heartbeat_interval_ms: int = 500
+    #: A connection silent for this long (no frame, no heartbeat) is closed.
+    idle_timeout_ms: int = 3000
+    #: Bytes written to a subscriber and not yet drained by the socket before the node stops
+    #: reading the journal for it (flow control).
+    subscriber_buffer_bytes_max: int = 1 * limits.MIB
+    hello_timeout_ms: int = 5000
+
+
+class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    segment_bytes_max: int = limits.SEGMENT_BYTES_MAX_DEFAULT
+    #: ``never``, ``batch`` or ``interval_ms=N``.
+    fsync: str = "never"
+    #: Refuse to append (and stop the node) when less than this many bytes are free.
+    disk_free_bytes_min: int = 256 * limits.MIB
+
+
+class MachineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sessions_max: int = MachineConfig().sessions_max
+    dedup_window: int = MachineConfig().dedup_window
+    session_idle_s: int = MachineConfig().session_idle_ns // 1_000_000_000
+
+    def machine_config(self) -> MachineConfig:
+        return MachineConfig(self.sessions_max, self.dedup_window, self.session_idle_s * 1_000_000_000)
+
+
+class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: NodeId
+    data_dir: str
+    raft_address: Address
+    client_address: Address
+    peers: list[PeerConfig]
+    metrics_address: str = ""
+    #: Shared secret of the Raft links (pysyncobj encryption). Required unless ``insecure``.
+    raft_password: str = ""
+    #: Shared secret clients present in their hello. Empty: authentication off (insecure only).
+    client_token: str = ""
+    insecure: bool = False
+    raft: RaftConfig = RaftConfig()
+    batcher: BatcherConfig = BatcherConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    journal: JournalConfig = JournalConfig()
+    machine: MachineSection = MachineSection()
+
+    @property
+    def journal_dir(self) -> str:
+        return os.path.join(self.data_dir, "journal")
+
+    @property
+    def raft_dir(self) -> str:
+        return os.path.join(self.data_dir, "raft")
+
+    def peer_client_address(self, raft_address: str) -> str:
+        for peer in self.peers:
+            if peer.raft_address == raft_address:
+                return peer.client_address
+        if raft_address == self.raft_address:
+            return self.client_address
+        return ""
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.insecure and not self.raft_password:
+            found.append("raft_password is required (or insecure = true for local development)")
+        if not self.insecure and not self.client_token:
+            found.append("client_token is required (or insecure = true for local development)")
+        ids = [self.id] + [p.id for p in self.peers]
+        if len(set(ids)) != len(ids):
+            found.append(f"node ids must be unique, got {ids}")
+        addresses = [self.raft_address, self.client_address] + [a for p in self.peers for a in (p.raft_address, p.client_address)]
+        if len(set(addresses)) != len(addresses):
+            found.append("every raft_address and client_address must be unique")
+        if len(self.peers) not in (0, 2, 4, 6):
+            found.append(f"a cluster has 1, 3, 5 or 7 nodes; this one has {len(self.peers) + 1}")
+        r = self.raft
+        if not 0.05 <= r.election_timeout_min_s < r.election_timeout_max_s <= 60:
+            found.append("raft election timeouts must satisfy 0.05 <= min < max <= 60")
+        if r.append_entries_batch_bytes < 16 * limits.KIB:
+            found.append("raft.append_entries_batch_bytes must be at least 16384")
+        b = self.batcher
+        if not 1 <= b.entries_max <= limits.BATCH_ENTRIES_MAX:
+            found.append(f"batcher.entries_max must be 1..{limits.BATCH_ENTRIES_MAX}")
+        smallest = limits.PAYLOAD_BYTES_MAX + limits.KIB
+        if not smallest <= b.bytes_max <= r.append_entries_batch_bytes - limits.KIB:
+            found.append(
+                f"batcher.bytes_max must be {smallest}..{r.append_entries_batch_bytes - limits.KIB} "
+                "(a submit of the largest payload must fit; below raft.append_entries_batch_bytes "
+                "with 1 KiB for pysyncobj's framing)"
+            )
+        if not 1 <= b.in_flight_max <= 64:
+            found.append("batcher.in_flight_max must be 1..64")
+        if not 1 <= b.queue_entries_max <= 10_000_000:
+            found.append("batcher.queue_entries_max must be 1..10000000")
+        g = self.gateway
+        if not 100 <= g.heartbeat_interval_ms < g.idle_timeout_ms:
+            found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
+        if g.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
+            found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
+        try:
+            FsyncPolicy.parse(self.journal.fsync)
+        except ValueError as exc:
+            found.append(f"journal.fsync: {exc}")
+        if self.journal.segment_bytes_max < limits.SEGMENT_BYTES_MIN:
+            found.append(f"journal.segment_bytes_max must be at least {limits.SEGMENT_BYTES_MIN}")
+        found.extend(f"machine: {p}" for p in self.machine.machine_config().problems())
+        return found
+
+
+def load_config(path: str) -> NodeConfig:
+    """Read and check a node's TOML file. Raises ``ConfigError`` naming what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "insecure" in raw:
+        raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: dict, *, source: str = "config") -> NodeConfig:
+    try:
+        config = msgspec.convert(raw, NodeConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    problems = config.problems()
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def to_toml(config: NodeConfig) -> str:
+    """The TOML text of a configuration (what ``raftseq cluster up`` writes)."""
+    data = msgspec.to_builtins(config)
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    arrays: list[tuple[str, list]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables:
+        lines.append(f"\n[{key}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    for key, items in arrays:
+        for item in items:
+            lines.append(f"\n[[{key}]]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,359 @@
+"""The client gateway: one asyncio TCP port per node.
+
+A connection starts with ``Hello`` (shared-secret token, compared in constant time, and the
+protocol version). Then:
+
+* ``Submit`` — on the leader, queued for the batcher and answered after commit (``Ack``,
+  ``Rejected`` from the state machine, or ``OutcomeUnknown``); on a follower, ``NotLeader``
+  with the leader's client address; over a limit, ``Busy`` with a retry hint.
+* ``Subscribe(from_seq)`` — served by any node: replay from the journal, then live tail, up to
+  what this node has applied. The journal is read only while the socket drains, so a slow
+  subscriber holds at most ``subscriber_buffer_bytes_max`` plus one read block.
+* Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed.
+
+Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
+with ``Rejected`` and the connection is closed; the node carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from cluster.batcher import CommitOutcome, PendingSubmit
+from sequencer import limits, protocol
+from sequencer.journal import JournalCorruptError
+from sequencer.machine import EntryResult, Outcome
+from sequencer.protocol import RejectReason
+
+if TYPE_CHECKING:
+    from cluster.node import Node
+
+log = logging.getLogger("raftseq.gateway")
+
+READ_BYTES = 64 * limits.KIB
+SUBSCRIBER_BLOCK_BYTES = 256 * limits.KIB
+_encode = protocol.encode_frame
+
+
+class Connection:
+    __slots__ = (
+        "gateway",
+        "reader",
+        "writer",
+        "peer",
+        "session",
+        "in_flight",
+        "subscription",
+        "last_read",
+        "last_write",
+        "closed",
+        "_out",
+        "_flush_scheduled",
+    )
+
+    def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.gateway = gateway
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.session = ""
+        self.in_flight = 0
+        self.subscription: asyncio.Task | None = None
+        now = time.monotonic()
+        self.last_read = now
+        self.last_write = now
+        self.closed = False
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+
+    # --- writing --------------------------------------------------------------------------
+
+    def send(self, frame: protocol._Frame) -> None:
+        self.send_bytes(_encode(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one loop iteration goes out in one write."""
+        if self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or not self._out:
+            self._out.clear()
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        try:
+            self.writer.write(data)
+        except (ConnectionError, RuntimeError):
+            self.close()
+            return
+        self.last_write = time.monotonic()
+
+    def reject_and_close(self, reason: RejectReason, detail: str, client_seq: int = 0) -> None:
+        self.gateway.node.metrics.refused(reason.value)
+        self.send(protocol.Rejected(reason, detail[: limits.DETAIL_CHARS_MAX], client_seq))
+        self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.subscription is not None:
+            self.subscription.cancel()
+        try:
+            self.writer.close()
+        except RuntimeError:
+            pass
+
+    # --- replies from the batcher ---------------------------------------------------------
+
+    def reply(self, client_seq: int, outcome: object) -> None:
+        """The outcome of one of this connection's submits, from the batcher."""
+        self.in_flight -= 1
+        metrics = self.gateway.node.metrics
+        if isinstance(outcome, EntryResult):
+            if outcome.outcome is Outcome.SEQUENCED:
+                self.send_bytes(_encode(protocol.Ack(outcome.client_seq, outcome.seq)))
+            elif outcome.outcome is Outcome.DUPLICATE:
+                metrics.duplicates += 1
+                self.send_bytes(_encode(protocol.Ack(outcome.client_seq, outcome.seq, True)))
+            else:
+                metrics.refused(outcome.reason.value)
+                self.send(protocol.Rejected(outcome.reason, "", outcome.client_seq, outcome.expected_client_seq))
+        else:
+            assert isinstance(outcome, CommitOutcome), f"unexpected outcome {outcome!r}"
+            metrics.refused("outcome_unknown")
+            self.send(protocol.OutcomeUnknown(client_seq, outcome.error[: limits.DETAIL_CHARS_MAX]))
+
+
+class Gateway:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.config = node.config.gateway
+        self.connections: set[Connection] = set()
+        self.subscribers = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._ticker: asyncio.Task | None = None
+        self._token = node.config.client_token.encode()
+
+    async def start(self) -> None:
+        host, port = self.node.config.client_address.rsplit(":", 1)
+        self._server = await asyncio.start_server(self._serve, host, int(port), limit=READ_BYTES, backlog=256)
+        self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            except TimeoutError:
+                pass
+
+    async def _tick(self) -> None:
+        interval = self.config.heartbeat_interval_ms / 1000
+        idle = self.config.idle_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            beat = None
+            for conn in list(self.connections):
+                if now - conn.last_read > idle:
+                    log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
+                    conn.close()
+                elif now - conn.last_write >= interval and conn.session:
+                    if beat is None:
+                        beat = _encode(protocol.Heartbeat(self.node.published_seq))
+                    conn.send_bytes(beat)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(self, reader, writer)
+        metrics = self.node.metrics
+        if len(self.connections) >= self.config.connections_max:
+            conn.send(protocol.Busy(0, 1000, "connections"))
+            conn._flush()
+            conn.close()
+            metrics.refused("busy")
+            return
+        self.connections.add(conn)
+        metrics.clients_connected = len(self.connections)
+        framer = protocol.FrameReader("client")
+        try:
+            await self._run(conn, framer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one connection must not take the node down
+            log.exception("connection %s failed", conn.peer)
+        finally:
+            conn.close()
+            self.connections.discard(conn)
+            metrics.clients_connected = len(self.connections)
+
+    async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
+        reader = conn.reader
+        hello_deadline = time.monotonic() + self.config.hello_timeout_ms / 1000
+        while not conn.closed:
+            timeout = self.config.idle_timeout_ms / 1000
+            if not conn.session:
+                timeout = max(0.0, hello_deadline - time.monotonic())
+            try:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
+            except TimeoutError:
+                if not conn.session:
+                    conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+                return
+            if not data:
+                return
+            conn.last_read = time.monotonic()
+            for frame in framer.feed(data):
+                if isinstance(frame, protocol.FrameError):
+                    log.info("closing %s: %s", conn.peer, frame.detail)
+                    rejected = frame.as_rejected()
+                    conn.reject_and_close(rejected.reason, rejected.detail)
+                    return
+                self._dispatch(conn, frame)
+                if conn.closed:
+                    return
+            # Backpressure: stop reading while the answers to this client pile up unread.
+            transport = conn.writer.transport
+            if transport.get_write_buffer_size() > self.config.subscriber_buffer_bytes_max:
+                await conn.writer.drain()
+
+    def _dispatch(self, conn: Connection, frame: object) -> None:
+        kind = type(frame)
+        if kind is protocol.Submit:
+            if not conn.session:
+                conn.reject_and_close(RejectReason.HELLO_REQUIRED, "submit before hello")
+                return
+            self._submit(conn, frame)
+        elif kind is protocol.Hello:
+            self._hello(conn, frame)
+        elif kind is protocol.Heartbeat:
+            pass
+        elif not conn.session:
+            conn.reject_and_close(RejectReason.HELLO_REQUIRED, f"{kind.__name__} before hello")
+        elif kind is protocol.Subscribe:
+            self._subscribe(conn, frame)
+        elif kind is protocol.StatusRequest:
+            conn.send(self.node.status())
+
+    def _hello(self, conn: Connection, hello: protocol.Hello) -> None:
+        if conn.session:
+            conn.reject_and_close(RejectReason.BAD_FRAME, "second hello on one connection")
+            return
+        if hello.protocol_version != protocol.PROTOCOL_VERSION:
+            conn.reject_and_close(
+                RejectReason.PROTOCOL_VERSION,
+                f"this node speaks protocol {protocol.PROTOCOL_VERSION}, the client {hello.protocol_version}",
+            )
+            return
+        if self._token and not hmac.compare_digest(hello.token.encode(), self._token):
+            log.warning("authentication failed from %s (session %r)", conn.peer, hello.session)
+            conn.reject_and_close(RejectReason.AUTH_FAILED, "wrong token")
+            return
+        conn.session = hello.session
+        node = self.node
+        conn.send(
+            protocol.Welcome(
+                node.config.id,
+                protocol.PROTOCOL_VERSION,
+                protocol.Role(node.role),
+                node.leader_client_address(),
+                node.last_client_seq(hello.session),
+                self.config.heartbeat_interval_ms,
+            )
+        )
+
+    def _submit(self, conn: Connection, submit: protocol.Submit) -> None:
+        node = self.node
+        metrics = node.metrics
+        if not node.is_leader():
+            metrics.refused("not_leader")
+            conn.send(protocol.NotLeader(node.leader_client_address(), submit.client_seq))
+            return
+        if conn.in_flight >= self.config.in_flight_per_session_max:
+            metrics.refused("busy")
+            conn.send(protocol.Busy(submit.client_seq, 20, "in_flight_per_session"))
+            return
+        if node.disk_low:
+            metrics.refused("busy")
+            conn.send(protocol.Busy(submit.client_seq, 1000, "disk_free"))
+            return
+        client_seq = submit.client_seq
+        pending = PendingSubmit(conn.session, client_seq, submit.payload, conn.reply)
+        if not node.batcher.offer(pending):
+            metrics.refused("busy")
+            conn.send(protocol.Busy(client_seq, 50, "leader_queue"))
+            return
+        conn.in_flight += 1
+
+    def _subscribe(self, conn: Connection, subscribe: protocol.Subscribe) -> None:
+        node = self.node
+        if conn.subscription is not None:
+            conn.reject_and_close(RejectReason.BAD_FRAME, "one subscription per connection")
+            return
+        if self.subscribers >= self.config.subscribers_max:
+            node.metrics.refused("busy")
+            conn.send(protocol.Busy(0, 1000, "subscribers"))
+            return
+        first = node.journal.first_seq or 1
+        end = node.published_seq
+        if subscribe.from_seq < first or subscribe.from_seq > end + 1:
+            node.metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
+            conn.send(
+                protocol.Rejected(
+                    RejectReason.FROM_SEQ_UNAVAILABLE,
+                    f"this node serves {first}..{end + 1} (from_seq {subscribe.from_seq})",
+                )
+            )
+            return
+        conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe.from_seq))
+
+    async def _serve_subscription(self, conn: Connection, from_seq: int) -> None:
+        node = self.node
+        self.subscribers += 1
+        node.metrics.subscribers = self.subscribers
+        writer = conn.writer
+        cursor = node.journal.cursor(from_seq)
+        try:
+            while not conn.closed:
+                limit = node.readable_seq
+                if cursor.next_seq <= limit:
+                    count, block = cursor.read_block(limit, SUBSCRIBER_BLOCK_BYTES)
+                    if count:
+                        conn._flush()  # keep frame order: anything queued goes first
+                        writer.write(block)
+                        conn.last_write = time.monotonic()
+                        node.metrics.delivered += count
+                        await writer.drain()
+                        continue
+                await node.wait_readable(cursor.next_seq)
+        except JournalCorruptError as exc:
+            from cluster.replica import fail_stop
+
+            fail_stop("journal read for a subscriber: %s", exc)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            cursor.close()
+            self.subscribers -= 1
+            node.metrics.subscribers = self.subscribers
+            conn.close()
+

@@ -1,0 +1,271 @@
+"""One raftseq node: journal, state machine, Raft replica, batcher, gateway and metrics.
+
+Threads: the asyncio loop (gateway, batcher, subscriptions) and pysyncobj's tick thread (Raft,
+``apply``). The tick thread hands results to the loop with ``call_soon_threadsafe`` — per
+proposed batch for the batcher (bounded by ``in_flight_max``), and one coalesced "published"
+wake-up at a time for subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+
+from cluster.batcher import Batcher
+from cluster.catchup import CatchUp
+from cluster.config import NodeConfig
+from cluster.gateway import Gateway
+from cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
+from cluster.replica import SequencerReplica
+from sequencer import protocol
+from sequencer.core import SequencerCore
+from sequencer.journal import FsyncPolicy, Journal
+from sequencer.machine import ApplyResult, SequencerMachine
+
+log = logging.getLogger("raftseq.node")
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.metrics = NodeMetrics()
+        os.makedirs(config.data_dir, exist_ok=True)
+        self.journal = Journal.open(
+            config.journal_dir,
+            segment_bytes_max=config.journal.segment_bytes_max,
+            fsync=FsyncPolicy.parse(config.journal.fsync),
+            clock_ns=time.monotonic_ns,
+        )
+        recovery = self.journal.recovery
+        if recovery.bytes_cut:
+            log.warning(
+                "journal tail cut: %d bytes of %s after seq %d (%s)",
+                recovery.bytes_cut,
+                recovery.segment,
+                recovery.last_good_seq,
+                recovery.reason,
+            )
+        self.core = SequencerCore(SequencerMachine(config.machine.machine_config()), self.journal)
+        #: Last sequence number applied here (written by the tick thread).
+        self.published_seq = self.journal.last_seq
+        #: Last sequence number subscribers may read: published, and below any journal hole.
+        self.readable_seq = self.journal.contiguous_last_seq
+        self.role = "follower"
+        self.leader_address = ""
+        self.disk_low = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.replica: SequencerReplica | None = None
+        self.batcher: Batcher | None = None
+        self.gateway: Gateway | None = None
+        self.catchup: CatchUp | None = None
+        self._readable_event: asyncio.Event | None = None
+        self._notify_pending = False
+        self._notify_lock = threading.Lock()
+
+    # --- queries used by the gateway and metrics -------------------------------------------
+
+    @property
+    def catchup_missing(self) -> int:
+        return self.journal.missing_count
+
+    def is_leader(self) -> bool:
+        return self.role == "leader"
+
+    def leader_client_address(self) -> str:
+        if self.role == "leader":
+            return self.config.client_address
+        return self.replica.leader_client_address() if self.replica is not None else ""
+
+    def last_client_seq(self, session: str) -> int:
+        return self.core.machine.last_client_seq(session)
+
+    def raft_status(self) -> dict:
+        if self.replica is None:
+            return {}
+        try:
+            return self.replica.getStatus()
+        except Exception:  # noqa: BLE001 - read from another thread; best effort for display
+            return {}
+
+    def status(self) -> protocol.Status:
+        status = self.raft_status()
+        return protocol.Status(
+            self.config.id,
+            protocol.Role(self.role),
+            self.leader_client_address(),
+            int(status.get("raft_term", 0) or 0),
+            int(status.get("commit_idx", 0) or 0),
+            self.published_seq,
+            self.core.machine.last_log_time_ns,
+            os.getpid(),
+            self.config.client_address,
+            self.config.raft_address,
+        )
+
+    async def wait_readable(self, seq: int) -> None:
+        """Return once ``readable_seq >= seq`` (or after a heartbeat interval, to re-check)."""
+        while self.readable_seq < seq:
+            event = self._readable_event
+            try:
+                await asyncio.wait_for(event.wait(), self.config.gateway.heartbeat_interval_ms / 1000)
+            except TimeoutError:
+                return
+
+    # --- the tick thread's side -------------------------------------------------------------
+
+    def _applied(self, result: ApplyResult) -> None:
+        """Called on pysyncobj's thread after each applied batch."""
+        m = self.metrics
+        m.batches_applied += 1
+        if result.first_seq:
+            count = result.last_seq - result.first_seq + 1
+            m.messages_sequenced += count
+            m.batch_size.observe(len(result.results))
+        self.published_seq = self.core.machine.last_seq
+        self._wake_subscribers()
+
+    def _wake_subscribers(self) -> None:
+        with self._notify_lock:
+            if self._notify_pending or self.loop is None:
+                return
+            self._notify_pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._publish)
+        except RuntimeError:  # loop closed: shutting down
+            pass
+
+    def _publish(self) -> None:
+        with self._notify_lock:
+            self._notify_pending = False
+        self.readable_seq = self.journal.contiguous_last_seq
+        event = self._readable_event
+        self._readable_event = asyncio.Event()
+        event.set()
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self._readable_event = asyncio.Event()
+        self.batcher = Batcher(self.config.batcher, self._propose, loop=loop)
+        self.batcher.latency_observer = self.metrics.ack_latency.observe
+        self.gateway = Gateway(self)
+        await self.gateway.start()
+        self.replica = SequencerReplica(self.config, self.core, on_applied=self._applied)
+        self.catchup = CatchUp(self)
+        if self.config.metrics_address:
+            serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))
+        log.info(
+            "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
+            self.config.id,
+            self.config.client_address,
+            self.config.raft_address,
+            self.config.metrics_address or "off",
+            self.config.journal_dir,
+            self.journal.first_seq,
+            self.journal.last_seq,
+        )
+        watcher = asyncio.create_task(self._watch(), name="role-watcher")
+        catchup = asyncio.create_task(self.catchup.run(), name="catch-up")
+        try:
+            await stop.wait()
+        finally:
+            log.info("node %s stopping", self.config.id)
+            watcher.cancel()
+            catchup.cancel()
+            self.batcher.stop("node shutting down")
+            await self.gateway.stop()
+            self.replica.destroy()
+            self.journal.close()
+
+    def _propose(self, data: bytes, callback) -> None:
+        self.replica.apply_entry(data, callback=callback)
+
+    async def _watch(self) -> None:
+        """Follow the replica's role and the disk; start and stop the batcher."""
+        disk_checked = 0.0
+        while True:
+            replica = self.replica
+            role = replica.role()
+            leader = replica.leader_raft_address()
+            if leader != self.leader_address:
+                if leader:
+                    self.metrics.leader_changes += 1
+                log.info("leader is now %s (term %d)", leader or "unknown", replica.term())
+                self.leader_address = leader
+            if role != self.role:
+                log.info("role %s -> %s (term %d)", self.role, role, replica.term())
+                self.role = role
+                if role == "leader":
+                    self.batcher.start()
+                else:
+                    self.batcher.stop("no longer leader")
+            now = time.monotonic()
+            if now - disk_checked >= 1.0:
+                disk_checked = now
+                self._check_disk()
+            self.journal.sync_if_due()
+            await asyncio.sleep(0.01)
+
+    def _check_disk(self) -> None:
+        try:
+            free = shutil.disk_usage(self.config.data_dir).free
+        except OSError:
+            return
+        low = free < self.config.journal.disk_free_bytes_min
+        if low != self.disk_low:
+            log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
+        self.disk_low = low
+
+
+class _NodeLogFilter(logging.Filter):
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.node: Node | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node_id = self.node_id
+        node = self.node
+        record.term = node.replica.term() if node is not None and node.replica is not None else 0
+        record.last_seq = node.published_seq if node is not None else 0
+        return True
+
+
+def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
+    """One event per line: time, level, node, term, last sequence number, logger, message."""
+    handler = logging.StreamHandler()
+    node_filter = _NodeLogFilter(node_id)
+    handler.addFilter(node_filter)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s level=%(levelname)s node=%(node_id)s term=%(term)s last_seq=%(last_seq)s "
+            "logger=%(name)s msg=%(message)r"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    return node_filter
+
+
+def run_node(config: NodeConfig) -> int:
+    node_filter = setup_logging(config.id)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        node = Node(config)
+        node_filter.node = node
+        await node.run(stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,128 @@
+"""Corrections to pysyncobj 0.3.17's log replication, applied in a subclass.
+
+pysyncobj 0.3.17 can lose acknowledged entries under load (see DESIGN.md section 5):
+
+1. **A follower truncates entries that match.** When an AppendEntries whose ``prevLogIdx``
+   matches arrives and the follower holds more entries than ``prevLogIdx``, the follower deletes
+   everything after ``prevLogIdx`` and appends what the message carries, conflicting or not.
+   A stale AppendEntries (one the leader sent before a later one the follower already
+   accepted) therefore shrinks the follower's log below entries it has acknowledged.
+2. **The leader moves ``nextIndex`` backwards on success.** With several appends in flight, a
+   success reply for an early one sets ``nextIndex`` back to just after that one, so the
+   leader re-sends entries the follower already holds: the stale AppendEntries of (1).
+
+Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler:
+
+* A follower deletes entries only from the first one whose term conflicts with an entry the
+  leader sends; entries it already holds with the same index and term are kept, and the
+  message is handed to pysyncobj without them. Entries beyond what the message proves to match
+  are not truncated, and do not become committed on the strength of this message: the commit
+  index rises only to the last entry known to match the leader's log.
+* On a success reply the leader only ever moves a follower's ``nextIndex`` forwards.
+
+The corrections are pinned to the exact pysyncobj version whose private names they use:
+importing this module with any other version fails loudly.
+"""
+
+from __future__ import annotations
+
+import pysyncobj
+from pysyncobj import SyncObj
+from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
+
+CORRECTED_VERSION = "0.3.17"
+
+if PYSYNCOBJ_VERSION != CORRECTED_VERSION:
+    raise ImportError(
+        f"raftseq corrects pysyncobj {CORRECTED_VERSION} only; found {PYSYNCOBJ_VERSION}. "
+        "Re-check the log replication corrections in cluster/raft_fix.py against the new version."
+    )
+
+_LEADER = 2  # pysyncobj's _RAFT_STATE.LEADER
+_original_on_message = SyncObj._SyncObj__onMessageReceived
+_original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
+
+assert pysyncobj.syncobj._RAFT_STATE.LEADER == _LEADER
+
+
+class CorrectedSyncObj(SyncObj):
+    """``SyncObj`` with Raft's truncation and ``nextIndex`` rules restored (see module doc)."""
+
+    #: While pysyncobj handles an AppendEntries, the entries it still has to append (after the
+    #: ones already held were removed); None outside that handler.
+    _raftseq_pending_entries: list | None = None
+    #: How often each correction kicked in (read by tests and metrics).
+    raftseq_matching_entries_kept = 0
+    raftseq_truncations_refused = 0
+    raftseq_next_index_rewinds_refused = 0
+
+    def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802 (pysyncobj's name)
+        kind = message.get("type")
+        if (
+            kind == "append_entries"
+            and "prevLogIdx" in message
+            and "transmission" not in message
+            and message.get("term", -1) >= self._SyncObj__raftCurrentTerm
+        ):
+            return self._raftseq_on_append_entries(node, message)
+        if kind == "next_node_idx" and self._SyncObj__raftState == _LEADER:
+            before = self._SyncObj__raftNextIndex.get(node)
+            _original_on_message(self, node, message)
+            after = self._SyncObj__raftNextIndex.get(node)
+            if message.get("success") and not message.get("reset") and before is not None and after is not None and after < before:
+                self._SyncObj__raftNextIndex[node] = before
+                self.raftseq_next_index_rewinds_refused += 1
+            return None
+        return _original_on_message(self, node, message)
+
+    def _raftseq_on_append_entries(self, node, message):
+        entries = message.get("entries") or []
+        prev_idx = message["prevLogIdx"]
+        prev_term = message["prevLogTerm"]
+        get_entries = self._SyncObj__getEntries
+        prev = get_entries(prev_idx, 1) if prev_idx is not None else []
+        consistent = bool(prev) and prev[0][2] == prev_term
+        if consistent and entries:
+            held = get_entries(prev_idx + 1, len(entries))
+            kept = 0
+            for mine, theirs in zip(held, entries):
+                if mine[1] != theirs[1] or mine[2] != theirs[2]:
+                    break
+                kept += 1
+            if kept:
+                last = entries[kept - 1]
+                message = dict(message, prevLogIdx=last[1], prevLogTerm=last[2], entries=entries[kept:])
+                entries = entries[kept:]
+                self.raftseq_matching_entries_kept += kept
+        # The last index this message proves to match the leader's log. Entries after it that
+        # carry the leader's own term came from this leader and match too (log matching).
+        verified_end = (message["prevLogIdx"] + len(entries)) if consistent else None
+        commit_before = self._SyncObj__raftCommitIndex
+        self._raftseq_pending_entries = list(entries)
+        try:
+            result = _original_on_message(self, node, message)
+        finally:
+            self._raftseq_pending_entries = None
+        if verified_end is not None:
+            after = get_entries(verified_end + 1, 1)
+            if after and after[0][2] == message["term"]:
+                verified_end = self._SyncObj__raftLog[-1][1]
+            commit_after = self._SyncObj__raftCommitIndex
+            if commit_after > commit_before and commit_after > verified_end:
+                corrected = max(commit_before, verified_end)
+                self._SyncObj__raftCommitIndex = corrected
+                self._SyncObj__raftLog.setRaftCommitIndex(corrected)
+        return result
+
+    def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802,N803 (pysyncobj's names)
+        pending = self._raftseq_pending_entries
+        if pending is None:
+            return _original_delete_from(self, fromIDx)
+        if not pending:
+            # Everything the leader sent is held already: nothing conflicts, nothing goes.
+            self.raftseq_truncations_refused += 1
+            return None
+        held = self._SyncObj__getEntries(fromIDx, 1)
+        if held and held[0][1] == pending[0][1] and held[0][2] == pending[0][2]:
+            raise AssertionError(f"entry {fromIDx} matches yet is about to be deleted")
+        return _original_delete_from(self, fromIDx)

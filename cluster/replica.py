@@ -1,0 +1,187 @@
+"""The pysyncobj adapter: one replicated entry point taking ``bytes``.
+
+pysyncobj sees a single replicated method, ``apply_entry(batch: bytes)``; the batch format's
+version travels inside the bytes (``sequencer.protocol.Batch``). Snapshots of the machine state
+go through our own msgspec serializer; pysyncobj's own log entries and messages are pickled by
+pysyncobj with protocol 5 (bytes stored raw). ``apply_entry`` never raises: a broken invariant
+is logged and the process exits, so that the node restarts and recovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import msgspec
+import pysyncobj.pickle
+from pysyncobj import SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from cluster.config import NodeConfig
+from cluster.raft_fix import CorrectedSyncObj
+from sequencer.core import SequencerCore
+from sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
+
+log = logging.getLogger("raftseq.replica")
+
+# pysyncobj pickles with protocol 2 by default, which stores bytes as latin-1 text (1.5x in the
+# log). Protocol 5 stores them raw and is read back by the same loader.
+setattr(pysyncobj.pickle, "__protocol", 5)
+
+EXIT_INVARIANT = 70  # a broken invariant: the process stops so that the node restarts clean
+
+
+class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
+    """Our snapshot file: the machine state plus what pysyncobj needs of its log around it."""
+
+    format_version: int
+    machine: bytes
+    last_applied: tuple[bytes, int, int]  # pysyncobj log entry (command, index, term)
+    previous: tuple[bytes, int, int]
+    cluster: list[str]
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
+
+ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def fail_stop(message: str, *args: object) -> None:
+    """Log a broken invariant and end the process at once (no cleanup that could hang)."""
+    log.critical("broken invariant, stopping the node: " + message, *args)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - nothing may stop the exit
+            pass
+    sys.stderr.flush()
+    os._exit(EXIT_INVARIANT)
+
+
+class SequencerReplica(CorrectedSyncObj):
+    """A Raft member whose replicated state is a ``SequencerCore``.
+
+    ``on_applied(result)`` is called on pysyncobj's thread after every applied batch, with the
+    journal already holding its records.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        core: SequencerCore,
+        *,
+        on_applied: Callable[[ApplyResult], None],
+        on_role_changed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node_config = config
+        self.core = core
+        self._on_applied = on_applied
+        self._on_role_changed = on_role_changed
+        self.apply_lock = threading.Lock()  # apply vs. snapshot restore, both on the tick thread
+        os.makedirs(config.raft_dir, exist_ok=True)
+        r = config.raft
+        conf = SyncObjConf(
+            password=None if config.insecure and not config.raft_password else config.raft_password,
+            bindAddress=config.raft_address,
+            journalFile=os.path.join(config.raft_dir, "raft.log"),
+            fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            raftMinTimeout=r.election_timeout_min_s,
+            raftMaxTimeout=r.election_timeout_max_s,
+            appendEntriesUseBatch=r.append_entries_use_batch,
+            appendEntriesPeriod=r.append_entries_period_s,
+            appendEntriesBatchSizeBytes=r.append_entries_batch_bytes,
+            connectionTimeout=r.connection_timeout_s,
+            connectionRetryTime=r.connection_retry_s,
+            leaderFallbackTimeout=r.leader_fallback_timeout_s,
+            logCompactionMinEntries=r.log_compaction_min_entries,
+            logCompactionMinTime=r.log_compaction_min_time_s,
+            commandsQueueSize=r.commands_queue_size,
+            autoTickPeriod=r.tick_period_s,
+            dynamicMembershipChange=False,
+            onStateChanged=self._state_changed,
+            useFork=False,
+        )
+        super().__init__(config.raft_address, [p.raft_address for p in config.peers], conf)
+
+    # --- the replicated entry point -----------------------------------------------------
+
+    @replicated
+    def apply_entry(self, batch):
+        """Apply one committed batch on every node. Never raises."""
+        try:
+            with self.apply_lock:
+                result = self.core.apply(batch)
+        except AssertionError as exc:
+            fail_stop("apply: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - apply must not raise into pysyncobj
+            fail_stop("apply failed: %r", exc)
+        if result.error:
+            # Every replica decodes the same bytes the same way: a batch this version cannot
+            # read changes nothing anywhere, but it means a leader wrote a format we lack.
+            log.error("raft entry not applied: %s", result.error)
+        try:
+            self._on_applied(result)
+        except Exception as exc:  # noqa: BLE001
+            fail_stop("after apply: %r", exc)
+        return result
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def _write_snapshot(self, filename: str, raft_data: tuple) -> None:
+        last_applied, previous, cluster = raft_data
+        with self.apply_lock:
+            machine = self.core.machine.snapshot()
+            # Everything below the snapshot must be on disk before pysyncobj drops the log.
+            self.core.journal.sync()
+        data = _snapshot_encoder.encode(
+            RaftSnapshot(
+                1,
+                machine,
+                (bytes(last_applied[0]), last_applied[1], last_applied[2]),
+                (bytes(previous[0]), previous[1], previous[2]),
+                sorted(node.id for node in cluster),
+            )
+        )
+        with open(filename, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read_snapshot(self, filename: str) -> tuple:
+        try:
+            with open(filename, "rb") as f:
+                snapshot = _snapshot_decoder.decode(f.read())
+            machine = SequencerMachine.restore(snapshot.machine)
+        except (OSError, msgspec.MsgspecError, SnapshotError) as exc:
+            fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
+        with self.apply_lock:
+            self.core.replace_machine(machine)
+        log.info("machine state restored from snapshot at seq %d", machine.last_seq)
+        cluster = {TCPNode(address) for address in snapshot.cluster}
+        return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _state_changed(self, old: int, new: int) -> None:
+        if self._on_role_changed is not None:
+            self._on_role_changed(ROLE_NAMES.get(new, "unknown"))
+
+    def role(self) -> str:
+        return "leader" if self._isLeader() else ("follower" if self._getLeader() is not None else "candidate")
+
+    def leader_raft_address(self) -> str:
+        leader = self._getLeader()
+        return leader.id if leader is not None else ""
+
+    def leader_client_address(self) -> str:
+        leader = self.leader_raft_address()
+        return self.node_config.peer_client_address(leader) if leader else ""
+
+    def term(self) -> int:
+        return self._getTerm()

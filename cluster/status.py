@@ -1,0 +1,67 @@
+"""``raftseq status``: ask every node for its status over the client protocol."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sequencer import protocol
+
+
+async def _one(address: str, token: str, timeout_s: float) -> dict:
+    host, port = address.rsplit(":", 1)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    except (OSError, TimeoutError) as exc:
+        return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
+    try:
+        writer.write(protocol.encode_frame(protocol.Hello("status", token, protocol.PROTOCOL_VERSION)))
+        writer.write(protocol.encode_frame(protocol.StatusRequest()))
+        framer = protocol.FrameReader("node")
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), timeout_s)
+            if not data:
+                return {"address": address, "role": "unreachable", "error": "connection closed"}
+            for frame in framer.feed(data):
+                if isinstance(frame, protocol.Status):
+                    return {
+                        "id": frame.node_id,
+                        "address": frame.client_address or address,
+                        "pid": frame.pid,
+                        "role": frame.role.value,
+                        "term": frame.term,
+                        "commit_index": frame.commit_index,
+                        "last_seq": frame.last_seq,
+                        "leader": frame.leader,
+                    }
+                if isinstance(frame, protocol.Rejected):
+                    return {"address": address, "role": "unreachable", "error": f"{frame.reason.value}: {frame.detail}"}
+                if isinstance(frame, protocol.FrameError):
+                    return {"address": address, "role": "unreachable", "error": frame.detail}
+    except (OSError, TimeoutError) as exc:
+        return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
+    finally:
+        writer.close()
+
+
+def gather_status(endpoints: list[str], *, token: str, timeout_s: float) -> dict:
+    async def run() -> list[dict]:
+        return list(await asyncio.gather(*(_one(e, token, timeout_s) for e in endpoints)))
+
+    nodes = asyncio.run(run())
+    leaders = [n for n in nodes if n.get("role") == "leader"]
+    # The leader with the highest term: a deposed one may still think it leads for a moment.
+    leader = max(leaders, key=lambda n: n["term"])["address"] if leaders else ""
+    return {"leader": leader, "nodes": nodes}
+
+
+def print_status(report: dict) -> None:
+    print(f"{'id':<6}{'address':<22}{'pid':>8}  {'role':<12}{'term':>6}{'commit':>10}{'last_seq':>12}  leader")
+    for n in report["nodes"]:
+        if n.get("role") == "unreachable":
+            print(f"{'?':<6}{n['address']:<22}{'-':>8}  {'unreachable':<12}  {n.get('error', '')}")
+            continue
+        print(
+            f"{n['id']:<6}{n['address']:<22}{n['pid']:>8}  {n['role']:<12}{n['term']:>6}{n['commit_index']:>10}"
+            f"{n['last_seq']:>12}  {n['leader']}"
+        )
+    print(f"leader: {report['leader'] or 'none'}")
