@@ -249,7 +249,7 @@ class SequencerClient:
         if len(self._pending) >= self.in_flight_max:
             self._room.clear()
         link = self._link
-        if link is not None and self._resend_from is None:
+        if link is not None and self._resend_from is None and not link.writer.transport.is_closing():
             link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload)))
             pending.sent = True
         return future
@@ -289,7 +289,7 @@ class SequencerClient:
     def _resend_all(self, from_seq: int = 0) -> None:
         """Send every pending submit (from `from_seq` on) again, in client_seq order."""
         link = self._link
-        if link is None:
+        if link is None or link.writer.transport.is_closing():
             return
         parts = []
         for client_seq, pending in self._pending.items():

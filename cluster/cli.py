@@ -40,6 +40,9 @@ def _non_negative(text: str) -> int:
 
 
 def cmd_journal_verify(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.dir):
+        print(f"raftseq journal verify: journal directory {args.dir} does not exist", file=sys.stderr)
+        return 2
     started = time.monotonic()
 
     def progress(segments: int, records: int) -> None:

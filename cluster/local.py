@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cluster.config import NodeConfig, PeerConfig, to_toml
 
 RESTART_DELAY_S = 1.0
@@ -36,8 +38,18 @@ class LocalNode:
     exit_codes: list[int] = field(default_factory=list)
 
 
-def local_configs(data_dir: str, base_port: int, *, insecure: bool, secrets_from: dict | None = None) -> list[NodeConfig]:
-    """Configs of a local cluster: client ports P+1.., Raft P+101.., metrics P+201.."""
+def local_configs(
+    data_dir: str,
+    base_port: int,
+    *,
+    insecure: bool,
+    secrets_from: dict | None = None,
+    overrides: dict | None = None,
+) -> list[NodeConfig]:
+    """Configs of a local cluster: client ports P+1.., Raft P+101.., metrics P+201..
+
+    ``overrides`` replaces settings per section, e.g. ``{"raft": {"log_compaction_min_entries": 50}}``.
+    """
     secrets_from = secrets_from or {}
     password = "" if insecure else secrets_from.get("raft_password") or secrets.token_urlsafe(24)
     token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
@@ -47,8 +59,7 @@ def local_configs(data_dir: str, base_port: int, *, insecure: bool, secrets_from
     ]
     configs = []
     for i, peer in enumerate(peers):
-        configs.append(
-            NodeConfig(
+        config = NodeConfig(
                 id=peer.id,
                 data_dir=os.path.join(data_dir, peer.id),
                 raft_address=peer.raft_address,
@@ -59,8 +70,40 @@ def local_configs(data_dir: str, base_port: int, *, insecure: bool, secrets_from
                 client_token=token,
                 insecure=insecure,
             )
-        )
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                config = msgspec.structs.replace(config, **{section: msgspec.structs.replace(getattr(config, section), **values)})
+            else:
+                config = msgspec.structs.replace(config, **{section: values})
+        problems = config.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        configs.append(config)
     return configs
+
+
+def free_base_port(rng=None) -> int:
+    """A base port whose nine local-cluster ports are all free on 127.0.0.1 right now."""
+    import random
+    import socket
+
+    rng = rng or random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000, 10)
+        ports = [base + off for off in (1, 2, 3, 101, 102, 103, 201, 202, 203)]
+        sockets = []
+        try:
+            for port in ports:
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                sockets.append(sock)
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise RuntimeError("no free port range found on 127.0.0.1")
 
 
 def _existing_secrets(path: str) -> dict:
@@ -84,13 +127,16 @@ def _die_with_parent() -> None:
 
 
 class LocalCluster:
-    def __init__(self, data_dir: str, base_port: int, *, insecure: bool, restart: bool, out=sys.stdout) -> None:
+    def __init__(
+        self, data_dir: str, base_port: int, *, insecure: bool, restart: bool, overrides: dict | None = None
+    ) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.restart = restart
-        self.out = out
         os.makedirs(self.data_dir, exist_ok=True)
         first_config = os.path.join(self.data_dir, "n1.toml")
-        configs = local_configs(self.data_dir, base_port, insecure=insecure, secrets_from=_existing_secrets(first_config))
+        configs = local_configs(
+            self.data_dir, base_port, insecure=insecure, secrets_from=_existing_secrets(first_config), overrides=overrides
+        )
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
@@ -165,6 +211,29 @@ class LocalCluster:
             else:
                 events.append(f"{node.config.id} exited with code {code}; not restarting (--no-restart)")
         return events
+
+    def node(self, node_id: str) -> LocalNode:
+        for node in self.nodes:
+            if node.config.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to a node's process (SIGKILL by default) and reap it. Returns its pid."""
+        node = self.node(node_id)
+        assert node.process is not None, f"{node_id} is not running"
+        pid = node.process.pid
+        node.process.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            node.process.wait()
+            node.process = None
+            node.died_at = time.monotonic()
+        return pid
+
+    def restart_node(self, node_id: str) -> None:
+        node = self.node(node_id)
+        assert node.process is None, f"{node_id} is running"
+        self.start_node(node)
 
     def stop(self) -> None:
         running = [n.process for n in self.nodes if n.process is not None and n.process.poll() is None]

@@ -158,7 +158,7 @@ class SequencerReplica(CorrectedSyncObj):
             with open(filename, "rb") as f:
                 snapshot = _snapshot_decoder.decode(f.read())
             machine = SequencerMachine.restore(snapshot.machine)
-        except (OSError, msgspec.MsgspecError, SnapshotError) as exc:
+        except (OSError, msgspec.MsgspecError, UnicodeDecodeError, SnapshotError) as exc:
             fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
         with self.apply_lock:
             self.core.replace_machine(machine)

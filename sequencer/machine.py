@@ -233,7 +233,7 @@ class SequencerMachine:
         """A machine in the state `data` describes. Raises ``SnapshotError`` on a bad snapshot."""
         try:
             snap = _snapshot_decoder.decode(data)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
             raise SnapshotError(f"undecodable snapshot: {exc}") from None
         if snap.format_version != SNAPSHOT_FORMAT_VERSION:
             raise SnapshotError(f"snapshot format {snap.format_version}, this version reads {SNAPSHOT_FORMAT_VERSION}")

@@ -35,14 +35,15 @@ HEADER_BYTES = HEADER.size
 
 Session = Annotated[
     str,
-    msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX, pattern=r"^[A-Za-z0-9._:@/+-]+$"),
+    msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX, pattern=r"^[A-Za-z0-9._:@/+-]+\Z"),
 ]
 ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Payload = Annotated[bytes, msgspec.Meta(max_length=limits.PAYLOAD_BYTES_MAX)]
-Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX)]
+#: Printable ASCII only, so its length in characters is its length in bytes.
+Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX, pattern=r"^[\x20-\x7e]*\Z")]
 Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_CHARS_MAX)]
 Address = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -211,6 +212,10 @@ class Batch(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 # --- encoding -----------------------------------------------------------------------------
 
+#: What decoding untrusted bytes can raise: msgspec's errors, and UnicodeDecodeError for a
+#: string that is not UTF-8 (msgspec does not wrap it).
+DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError)
+
 _encoder = msgspec.msgpack.Encoder()
 _client_decoder = msgspec.msgpack.Decoder(ClientFrame)
 _node_decoder = msgspec.msgpack.Decoder(NodeFrame)
@@ -235,7 +240,38 @@ def encode_delivered(seq: int, log_time_ns: int, session: str, client_seq: int, 
 
 def decode_delivered_body(body: bytes | memoryview) -> Delivered:
     """Decode the body of a journal record; raises ``msgspec.DecodeError`` on garbage."""
-    return _delivered_decoder.decode(body)
+    try:
+        return _delivered_decoder.decode(body)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8: {exc}") from None
+
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def delivered_seq(buf: bytes | memoryview, body_start: int) -> int:
+    """The sequence number of the ``Delivered`` body at ``buf[body_start:]``, read without
+    decoding the rest; -1 if the bytes do not start like a ``Delivered`` body."""
+    if len(buf) - body_start < 4 or not 0x96 <= buf[body_start] <= 0x9F or buf[body_start + 1 : body_start + 3] != b"\xa1d":
+        return -1
+    marker = buf[body_start + 3]
+    at = body_start + 4
+    try:
+        if marker < 0x80:
+            return marker
+        if marker == 0xCC:
+            return buf[at]
+        if marker == 0xCD:
+            return _U16.unpack_from(buf, at)[0]
+        if marker == 0xCE:
+            return _U32.unpack_from(buf, at)[0]
+        if marker == 0xCF:
+            return _U64.unpack_from(buf, at)[0]
+    except (IndexError, struct.error):
+        return -1
+    return -1
 
 
 def encode_batch(leader_time_ns: int, entries: list[Entry]) -> bytes:
@@ -252,7 +288,7 @@ def decode_batch(data: bytes) -> Batch:
         raise BatchError(f"batch of {len(data)} bytes exceeds {limits.BATCH_BYTES_MAX}")
     try:
         batch = _batch_decoder.decode(data)
-    except msgspec.MsgspecError as exc:  # DecodeError and ValidationError
+    except DECODE_ERRORS as exc:
         raise BatchError(f"undecodable batch: {exc}") from None
     if batch.format_version != BATCH_FORMAT_VERSION:
         raise BatchError(f"batch format version {batch.format_version}, this node reads {BATCH_FORMAT_VERSION}")
@@ -330,6 +366,7 @@ class FrameReader:
         """Call when the stream ends: a partial frame left over is an error."""
         if self.error is None and self._pending:
             self.error = FrameError(FrameErrorCode.TRUNCATED, f"stream ended with {len(self._pending)} bytes of an unfinished frame")
+            self._pending = bytearray()
         return self.error
 
     # The pending buffer holds the start of one frame. Take just enough of `view` to finish
@@ -394,7 +431,7 @@ class FrameReader:
             return
         try:
             frame = self._decode(body)
-        except msgspec.MsgspecError as exc:
+        except DECODE_ERRORS as exc:
             self._fail(FrameError(FrameErrorCode.MALFORMED, f"frame {self.frames_read + 1}: {exc}"), out)
             return
         self.frames_read += 1

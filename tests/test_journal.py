@@ -1,0 +1,786 @@
+"""The journal: torn-tail recovery, damage that must not be cut, reading from any number,
+append assertions, fsync policies and the sealed-segment index.
+
+Journals are built two ways: ``Delivered`` frames appended directly (``frames``), and batches
+applied through the machine and journal together (``build_with_core``), as a replica does.
+Segments are the smallest allowed (``limits.SEGMENT_BYTES_MIN``) so a few hundred small
+records span several of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import zlib
+
+import pytest
+
+from sequencer import journal as journal_mod
+from sequencer import limits, protocol
+from sequencer.core import SequencerCore
+from sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
+from sequencer.machine import SequencerMachine
+
+SEGMENT_BYTES = limits.SEGMENT_BYTES_MIN
+HEADER = protocol.HEADER
+HEADER_BYTES = protocol.HEADER_BYTES
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def frame(seq: int) -> bytes:
+    """Record `seq` of a one-session stream: client_seq == seq, log time rising with seq."""
+    return protocol.encode_delivered(seq, 1_000 + seq, "s", seq, b"p%d" % seq)
+
+
+def frames(first: int, last: int) -> bytes:
+    return b"".join(frame(seq) for seq in range(first, last + 1))
+
+
+def open_journal(directory, **kwargs) -> Journal:
+    kwargs.setdefault("segment_bytes_max", SEGMENT_BYTES)
+    return Journal.open(str(directory), **kwargs)
+
+
+def build(directory, last: int, *, per_append: int = 7, **kwargs) -> Journal:
+    """A journal holding 1..last (frames of ``frame``), appended ``per_append`` at a time."""
+    journal = open_journal(directory, **kwargs)
+    seq = journal.last_seq + 1
+    while seq <= last:
+        end = min(last, seq + per_append - 1)
+        journal.append(frames(seq, end), seq, end)
+        seq = end + 1
+    return journal
+
+
+def build_with_core(directory, messages: int, **kwargs) -> tuple[Journal, list[bytes]]:
+    """Batches from three sessions with payloads of varying size, through machine + journal.
+
+    Returns the open journal and the record bytes of each sequence number (index seq - 1).
+    """
+    journal = open_journal(directory, **kwargs)
+    core = SequencerCore(SequencerMachine(), journal)
+    sessions = ["alpha", "beta", "gamma"]
+    next_client_seq = dict.fromkeys(sessions, 1)
+    produced = []
+    t = 1_700_000_000_000_000_000
+    i = 0
+    while core.machine.last_seq < messages:
+        entries = []
+        for _ in range(min(1 + i % 9, messages - core.machine.last_seq)):
+            session = sessions[i % 3]
+            client_seq = next_client_seq[session]
+            next_client_seq[session] += 1
+            entries.append(protocol.Entry(session, client_seq, bytes([65 + i % 26]) * (i * 7 % 61)))
+            i += 1
+        t += 1_000
+        result = core.apply(protocol.encode_batch(t, entries))
+        assert not result.error
+        produced.append(result.records)
+    return journal, split_frames(b"".join(produced))
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        end = pos + HEADER_BYTES + HEADER.unpack_from(data, pos)[0]
+        out.append(data[pos:end])
+        pos = end
+    assert pos == len(data)
+    return out
+
+
+def record_spans(path) -> list[tuple[int, int]]:
+    """``(start, end)`` byte offsets of each whole record in a segment file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    spans = []
+    pos = 0
+    while pos + HEADER_BYTES <= len(data):
+        end = pos + HEADER_BYTES + HEADER.unpack_from(data, pos)[0]
+        if end > len(data):
+            break
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+def segment_files(directory) -> list[str]:
+    return [path for _, path in journal_mod.list_segment_files(str(directory))]
+
+
+def index_path(segment_path: str) -> str:
+    return segment_path[: -len(journal_mod.SEGMENT_SUFFIX)] + journal_mod.INDEX_SUFFIX
+
+
+def dir_state(directory) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and modification time, to prove nothing was touched."""
+    state = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        with open(path, "rb") as f:
+            state[name] = (f.read(), os.stat(path).st_mtime_ns)
+    return state
+
+
+def flip(path, offset: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def seq_of_frame(data: bytes) -> int:
+    return protocol.decode_delivered_body(memoryview(data)[HEADER_BYTES:]).seq
+
+
+def read_all_frames(cursor, limit_seq: int, sizes=(1, 3, 64, 10_000)) -> list[bytes]:
+    out = []
+    i = 0
+    while True:
+        got = cursor.read_frames(limit_seq, sizes[i % len(sizes)])
+        i += 1
+        if not got:
+            return out
+        assert len(got) <= sizes[(i - 1) % len(sizes)]
+        out.extend(got)
+
+
+def read_all_blocks(cursor, limit_seq: int, sizes=(0, 1, 37, 500, 1 << 20)) -> bytes:
+    parts = []
+    i = 0
+    while True:
+        count, block = cursor.read_block(limit_seq, sizes[i % len(sizes)])
+        i += 1
+        if not count:
+            assert block == b""
+            return b"".join(parts)
+        assert len(split_frames(block)) == count
+        parts.append(block)
+
+
+# --- 1. the tail: torn records are cut on open ---------------------------------------------
+
+
+def test_truncated_tail_recovers_at_every_byte_offset(tmp_path):
+    base = tmp_path / "base"
+    build(base, 400).close()
+    tail = segment_files(base)[-1]
+    tail_first = journal_mod.list_segment_files(str(base))[-1][0]
+    spans = record_spans(tail)
+    assert len(spans) > 3 and len(segment_files(base)) >= 3
+    size = os.path.getsize(tail)
+    assert spans[-1][1] == size
+    for cut in range(spans[-3][0], size + 1):
+        directory = tmp_path / f"cut{cut}"
+        shutil.copytree(base, directory)
+        cut_tail = os.path.join(str(directory), os.path.basename(tail))
+        os.truncate(cut_tail, cut)
+        good_end = max([0] + [end for _, end in spans if end <= cut])
+        last_good = tail_first + sum(1 for _, end in spans if end <= cut) - 1
+        with open_journal(directory) as journal:
+            assert journal.last_seq == last_good, cut
+            report = journal.recovery
+            if cut == good_end:
+                assert report == RecoveryReport(), cut
+            else:
+                assert report.segment == cut_tail
+                assert (report.offset, report.bytes_cut, report.last_good_seq) == (good_end, cut - good_end, last_good), cut
+                assert report.reason, cut
+            assert os.path.getsize(cut_tail) == good_end
+            journal.append(frames(last_good + 1, last_good + 2), last_good + 1, last_good + 2)
+            assert journal.last_seq == last_good + 2
+        verified = verify_journal(str(directory))
+        assert verified.ok, (cut, verified.problem)
+        assert (verified.first_seq, verified.last_seq) == (1, last_good + 2)
+        with open_journal(directory, readonly=True) as journal:
+            assert journal.recovery.bytes_cut == 0
+            assert journal.read_bytes(1, last_good + 2) == frames(1, last_good + 2)
+
+
+def test_bit_flip_anywhere_in_the_last_record_cuts_it(tmp_path):
+    base = tmp_path / "base"
+    build(base, 300).close()
+    tail = segment_files(base)[-1]
+    start, end = record_spans(tail)[-1]
+    for offset in range(start, end):
+        for mask in (0x01, 0x80, 0xFF):
+            directory = tmp_path / f"flip{offset}-{mask}"
+            shutil.copytree(base, directory)
+            damaged = os.path.join(str(directory), os.path.basename(tail))
+            flip(damaged, offset, mask)
+            with open_journal(directory) as journal:
+                where = (offset - start, mask)
+                assert journal.last_seq == 299, where
+                report = journal.recovery
+                assert (report.segment, report.offset, report.bytes_cut, report.last_good_seq) == (
+                    damaged,
+                    start,
+                    end - start,
+                    299,
+                ), where
+                assert report.reason
+                assert os.path.getsize(damaged) == start
+                journal.append(frames(300, 301), 300, 301)
+            assert verify_journal(str(directory)).ok
+
+
+def test_torn_first_record_of_a_new_segment_leaves_the_previous_one_whole(tmp_path):
+    journal = build(tmp_path, 1)
+    while os.path.getsize(segment_files(tmp_path)[-1]) < SEGMENT_BYTES:
+        journal.append(frame(journal.last_seq + 1), journal.last_seq + 1, journal.last_seq + 1)
+    last = journal.last_seq
+    journal.append(frame(last + 1), last + 1, last + 1)  # rolls: one record in a new segment
+    journal.close()
+    new_tail = segment_files(tmp_path)[-1]
+    assert os.path.basename(new_tail) == journal_mod.segment_name(last + 1)
+    os.truncate(new_tail, 5)
+    with open_journal(tmp_path) as journal:
+        assert journal.last_seq == last
+        assert (journal.recovery.bytes_cut, journal.recovery.last_good_seq, journal.recovery.offset) == (5, last, 0)
+        assert os.path.getsize(new_tail) == 0
+        journal.append(frames(last + 1, last + 3), last + 1, last + 3)
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path) as journal:
+        assert journal.recovery == RecoveryReport()
+        assert [r.seq for r in journal.records()] == list(range(1, last + 4))
+
+
+def _fill_tail_segment(journal: Journal, directory) -> None:
+    """Append one record at a time until the tail segment is full (the next append rolls)."""
+    while os.path.getsize(segment_files(directory)[-1]) < SEGMENT_BYTES:
+        seq = journal.last_seq + 1
+        journal.append(frame(seq), seq, seq)
+
+
+def test_trailing_empty_segment_is_removed_and_the_previous_becomes_the_tail(tmp_path):
+    journal = build(tmp_path, 200)
+    _fill_tail_segment(journal, tmp_path)
+    last = journal.last_seq
+    segments = journal.segment_count
+    journal.close()
+    previous_tail = segment_files(tmp_path)[-1]
+    # A roll created the next segment file, then the process died before writing to it.
+    empty = os.path.join(str(tmp_path), journal_mod.segment_name(last + 1))
+    open(empty, "wb").close()
+    # The previous segment's last record is torn too: as the tail again it is checked in full.
+    start, end = record_spans(previous_tail)[-1]
+    os.truncate(previous_tail, end - 2)
+    with open_journal(tmp_path) as journal:
+        assert not os.path.exists(empty)
+        assert journal.segment_count == segments
+        assert journal.last_seq == last - 1
+        report = journal.recovery
+        assert report.removed_empty_segments == 1
+        assert (report.segment, report.offset, report.bytes_cut, report.last_good_seq) == (
+            previous_tail,
+            start,
+            end - 2 - start,
+            last - 1,
+        )
+        journal.append(frames(last, last + 1), last, last + 1)
+        assert journal.last_seq == last + 1
+    verified = verify_journal(str(tmp_path))
+    assert verified.ok and verified.last_seq == last + 1
+    with open_journal(tmp_path, readonly=True) as journal:
+        assert journal.read_bytes(1, last + 1) == frames(1, last + 1)
+
+
+def test_trailing_empty_segment_alone(tmp_path):
+    journal = build(tmp_path, 200)
+    _fill_tail_segment(journal, tmp_path)
+    last = journal.last_seq
+    journal.close()
+    empty = os.path.join(str(tmp_path), journal_mod.segment_name(last + 1))
+    open(empty, "wb").close()
+    with open_journal(tmp_path) as journal:
+        assert not os.path.exists(empty)
+        assert journal.recovery == RecoveryReport(removed_empty_segments=1)
+        assert journal.last_seq == last
+        journal.append(frames(last + 1, last + 2), last + 1, last + 2)
+    assert os.path.getsize(empty) > 0  # the roll happened again, into a segment of that name
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_readonly_open_changes_nothing(tmp_path):
+    journal = build(tmp_path, 200)
+    _fill_tail_segment(journal, tmp_path)
+    last = journal.last_seq
+    journal.close()
+    tail = segment_files(tmp_path)[-1]
+    start, end = record_spans(tail)[-1]
+    os.truncate(tail, end - 1)
+    open(os.path.join(str(tmp_path), journal_mod.segment_name(last + 1)), "wb").close()
+    before = dir_state(tmp_path)
+    with open_journal(tmp_path, readonly=True) as journal:
+        assert journal.last_seq == last - 1
+        report = journal.recovery
+        assert (report.segment, report.offset, report.bytes_cut, report.last_good_seq, report.removed_empty_segments) == (
+            tail,
+            start,
+            end - 1 - start,
+            last - 1,
+            1,
+        )
+        assert journal.read_bytes(1, last - 1) == frames(1, last - 1)
+        with pytest.raises(AssertionError):
+            journal.append(frame(last), last, last)
+    assert dir_state(tmp_path) == before
+
+
+def test_readonly_open_of_a_missing_directory_fails_and_creates_nothing(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(JournalError):
+        Journal.open(str(missing), readonly=True)
+    with pytest.raises(JournalError):
+        Journal.open(str(missing), create=False)
+    assert not missing.exists()
+
+
+# --- 2. damage before the tail is never cut silently -----------------------------------
+
+
+def _sealed_middle(directory) -> tuple[str, int, list[tuple[int, int]]]:
+    """Path, first seq and record spans of the second segment (sealed, not the tail)."""
+    listed = journal_mod.list_segment_files(str(directory))
+    assert len(listed) >= 3
+    first_seq, path = listed[1]
+    return path, first_seq, record_spans(path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["torn end, index gone", "torn end, index stale", "length zeroed, index gone", "length huge, index gone"],
+)
+def test_damaged_sealed_segment_fails_open(tmp_path, damage):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    if damage.startswith("torn end"):
+        os.truncate(path, spans[-1][1] - 3)
+        bad_seq = first_seq + len(spans) - 1
+    else:
+        k = len(spans) // 2
+        with open(path, "r+b") as f:
+            f.seek(spans[k][0])
+            f.write(struct.pack(">I", 0 if "zeroed" in damage else 0xFFFF_FFF0))
+        bad_seq = first_seq + k
+    if damage.endswith("index gone"):
+        os.unlink(index_path(path))
+    before = dir_state(tmp_path)
+    for readonly in (False, True):
+        with pytest.raises(JournalCorruptError) as caught:
+            open_journal(tmp_path, readonly=readonly)
+        assert caught.value.seq == bad_seq
+        assert caught.value.path == path
+    assert dir_state(tmp_path) == before
+    report = verify_journal(str(tmp_path))
+    assert not report.ok
+    assert report.first_bad_seq == bad_seq
+    assert report.path == path
+
+
+def test_missing_middle_segment_is_a_gap(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, _ = _sealed_middle(tmp_path)
+    os.unlink(path)
+    os.unlink(index_path(path))
+    before = dir_state(tmp_path)
+    for readonly in (False, True):
+        with pytest.raises(JournalCorruptError) as caught:
+            open_journal(tmp_path, readonly=readonly)
+        assert caught.value.seq == first_seq
+        assert str(first_seq) in str(caught.value)
+    assert dir_state(tmp_path) == before
+    report = verify_journal(str(tmp_path))
+    assert not report.ok and report.first_bad_seq == first_seq
+
+
+def _rewrite_index(path: str, *, seg_bytes_delta: int = 0, interval: int | None = None) -> None:
+    """Rewrite an index file with a valid checksum but a changed header field."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, first_seq, count, seg_bytes, old_interval = journal_mod._INDEX_HEADER.unpack_from(data, 0)
+    body = journal_mod._INDEX_HEADER.pack(magic, first_seq, count, seg_bytes + seg_bytes_delta, interval or old_interval)
+    body += data[journal_mod._INDEX_HEADER.size : -4]
+    with open(path, "wb") as f:
+        f.write(body + struct.pack(">I", zlib.crc32(body)))
+
+
+INDEX_DAMAGE = ["flipped byte", "truncated", "empty", "zero-filled", "other segment's", "wrong segment size", "other interval"]
+
+
+@pytest.mark.parametrize("damage", INDEX_DAMAGE)
+def test_stale_or_corrupt_index_is_ignored(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(limits, "INDEX_INTERVAL_RECORDS", 8)  # several index points per segment
+    journal = build(tmp_path, 500)
+    written = {}
+    for first, _ in journal_mod.list_segment_files(str(tmp_path)):
+        segment = journal.segment_for(first)
+        written[first] = (segment.count, segment.size, list(segment.offsets))
+    journal.close()
+    expected = frames(1, 500)
+    path, first_seq, _ = _sealed_middle(tmp_path)
+    idx = index_path(path)
+    size = os.path.getsize(idx)
+    if damage == "flipped byte":
+        flip(idx, size // 2)
+    elif damage == "truncated":
+        os.truncate(idx, 10)
+    elif damage == "empty":
+        os.truncate(idx, 0)
+    elif damage == "zero-filled":
+        with open(idx, "wb") as f:
+            f.write(bytes(size))
+    elif damage == "other segment's":
+        shutil.copyfile(index_path(segment_files(tmp_path)[0]), idx)
+    elif damage == "wrong segment size":
+        _rewrite_index(idx, seg_bytes_delta=1)
+    elif damage == "other interval":
+        _rewrite_index(idx, interval=16)
+    walked = []
+    real_scan = journal_mod.scan_segment
+
+    def spy(scan_path, first, *, check):
+        walked.append(scan_path)
+        return real_scan(scan_path, first, check=check)
+
+    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    with open_journal(tmp_path) as journal:
+        assert path in walked
+        segment = journal.segment_for(first_seq)
+        assert (segment.count, segment.size, segment.offsets) == written[first_seq]
+        assert segment.sealed
+        assert journal.last_seq == 500
+        assert journal.read_bytes(1, 500) == expected
+        for seq in range(first_seq, first_seq + segment.count + 1):
+            with journal.cursor(seq) as cursor:
+                assert seq_of_frame(cursor.read_frames(500, 1)[0]) == seq
+        journal.append(frame(501), 501, 501)
+    assert verify_journal(str(tmp_path)).ok
+
+
+# --- 3. reading from any number ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [limits.INDEX_INTERVAL_RECORDS, 16])
+def test_read_from_every_number(tmp_path, monkeypatch, interval):
+    monkeypatch.setattr(limits, "INDEX_INTERVAL_RECORDS", interval)
+    journal, produced = build_with_core(tmp_path, 420)
+    last = journal.last_seq
+    assert last == 420 and journal.segment_count >= 4
+    with journal:
+        for from_seq in range(1, last + 2):
+            expected = produced[from_seq - 1 :]
+            with journal.cursor(from_seq) as cursor:
+                assert read_all_frames(cursor, last) == expected, from_seq
+                assert cursor.next_seq == last + 1
+            with journal.cursor(from_seq) as cursor:
+                assert read_all_blocks(cursor, last) == b"".join(expected), from_seq
+                assert cursor.next_seq == last + 1
+            assert [r.seq for r in journal.records(from_seq)] == list(range(from_seq, last + 1))
+        decoded = list(journal.records())
+        assert [r.seq for r in decoded] == list(range(1, last + 1))
+        assert [protocol.encode_delivered(r.seq, r.log_time_ns, r.session, r.client_seq, r.payload) for r in decoded] == produced
+        for bad in (0, last + 2):
+            with pytest.raises(ValueError):
+                journal.cursor(bad)
+
+
+def test_read_stops_exactly_at_the_limit(tmp_path):
+    journal, produced = build_with_core(tmp_path, 300)
+    last = journal.last_seq
+    boundaries = [first for first, _ in journal_mod.list_segment_files(str(tmp_path))][1:]
+    limits_to_try = sorted({1, 2, last - 1} | {b - 1 for b in boundaries} | set(boundaries))
+    with journal:
+        for limit in limits_to_try:
+            for read in ("frames", "block"):
+                with journal.cursor(1) as cursor:
+                    if read == "frames":
+                        got = b"".join(read_all_frames(cursor, limit))
+                        assert cursor.read_frames(limit, 100) == []
+                    else:
+                        got = read_all_blocks(cursor, limit)
+                        assert cursor.read_block(limit, 1 << 20) == (0, b"")
+                    assert got == b"".join(produced[:limit]), (limit, read)
+                    assert cursor.next_seq == limit + 1
+                    # Publishing a higher limit continues from there.
+                    assert b"".join(read_all_frames(cursor, last)) == b"".join(produced[limit:])
+            assert list(journal.records(1, limit))[-1].seq == limit
+
+
+@pytest.mark.parametrize("read", ["frames", "block"])
+def test_live_tail_sees_exactly_the_new_records(tmp_path, read):
+    journal = open_journal(tmp_path)
+
+    def take(cursor):
+        if read == "frames":
+            return b"".join(read_all_frames(cursor, 10**9))
+        return read_all_blocks(cursor, 10**9)
+
+    with journal:
+        fresh = journal.cursor(1)  # on an empty journal
+        assert take(fresh) == b""
+        follower = journal.cursor(1)
+        seq = 1
+        rolls = 0
+        while rolls < 3:
+            segments = journal.segment_count
+            late = journal.cursor(seq)  # opened at last + 1, never positioned yet
+            assert take(late) == b""
+            batch = 1 + seq % 5
+            journal.append(frames(seq, seq + batch - 1), seq, seq + batch - 1)
+            rolls += journal.segment_count > segments and segments > 0
+            expected = frames(seq, seq + batch - 1)
+            assert take(late) == expected, seq
+            assert take(follower) == expected, seq  # has read everything before
+            assert take(follower) == b""
+            late.close()
+            seq += batch
+        assert take(fresh) == frames(1, seq - 1)
+        fresh.close()
+        follower.close()
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_readonly_second_open_reads_the_same_bytes(tmp_path):
+    writer, produced = build_with_core(tmp_path, 300)
+    with writer, open_journal(tmp_path, readonly=True) as reader:
+        assert (reader.first_seq, reader.last_seq, reader.segment_count) == (1, 300, writer.segment_count)
+        for from_seq in (1, 2, 150, 299, 300):
+            with writer.cursor(from_seq) as a, reader.cursor(from_seq) as b:
+                mine = read_all_frames(a, 300)
+                theirs = read_all_frames(b, 300)
+                assert mine == theirs == produced[from_seq - 1 :]
+        assert list(reader.records()) == list(writer.records())
+
+
+# --- 4. damage inside an older record is found on read ------------------------------------
+
+
+def test_flipped_byte_in_a_sealed_record_is_named_on_read_and_verify(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    k = len(spans) // 3
+    bad_seq = first_seq + k
+    flip(path, spans[k][1] - 1)  # last payload byte
+    before = dir_state(tmp_path)
+    with open_journal(tmp_path) as journal:
+        assert journal.last_seq == 500 and journal.recovery == RecoveryReport()
+        for from_seq in (1, first_seq, bad_seq):
+            with journal.cursor(from_seq) as cursor, pytest.raises(JournalCorruptError) as caught:
+                read_all_frames(cursor, 500)
+            assert caught.value.seq == bad_seq
+            assert f"seq {bad_seq}" in str(caught.value)
+            assert caught.value.path == path
+            assert caught.value.offset == spans[k][0]
+        with journal.cursor(first_seq) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_blocks(cursor, 500)
+        assert caught.value.seq == bad_seq
+        with pytest.raises(JournalCorruptError):
+            list(journal.records())
+        with journal.cursor(bad_seq, verify=False) as cursor:
+            damaged = cursor.read_frames(500, 1)[0]
+        assert damaged != frame(bad_seq) and len(damaged) == len(frame(bad_seq))
+    assert dir_state(tmp_path) == before  # a sealed segment is never cut
+    report = verify_journal(str(tmp_path))
+    assert (report.ok, report.first_bad_seq, report.path, report.offset) == (False, bad_seq, path, spans[k][0])
+    assert "checksum" in report.problem
+
+
+def test_flipped_byte_in_a_sealed_record_without_index_is_not_cut(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    bad_seq = first_seq + 4
+    flip(path, spans[4][1] - 1)
+    os.unlink(index_path(path))
+    size = os.path.getsize(path)
+    try:
+        journal = open_journal(tmp_path)
+    except JournalCorruptError as exc:
+        assert exc.seq == bad_seq
+    else:
+        with journal, journal.cursor(1) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 500)
+        assert caught.value.seq == bad_seq
+    assert os.path.getsize(path) == size
+    assert verify_journal(str(tmp_path)).first_bad_seq == bad_seq
+
+
+def test_flipped_byte_in_an_older_tail_record_of_a_live_journal(tmp_path):
+    with build(tmp_path, 300) as journal:
+        tail = segment_files(tmp_path)[-1]
+        tail_first = journal_mod.list_segment_files(str(tmp_path))[-1][0]
+        spans = record_spans(tail)
+        flip(tail, spans[2][0] + HEADER_BYTES + 3)
+        with journal.cursor(1) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 300)
+        assert caught.value.seq == tail_first + 2
+        assert verify_journal(str(tmp_path)).first_bad_seq == tail_first + 2
+
+
+# --- 5. append asserts on misuse, and writes nothing ----------------------------------------
+
+
+def _bad_checksum_in_middle() -> bytes:
+    data = bytearray(frames(21, 23))
+    data[len(frame(21)) + HEADER_BYTES + 2] ^= 0xFF
+    return bytes(data)
+
+
+BAD_APPENDS = {
+    "gap": lambda: (frames(22, 23), 22, 23),
+    "overlap": lambda: (frames(20, 21), 20, 21),
+    "fewer records than numbers": lambda: (frames(21, 22), 21, 23),
+    "more records than numbers": lambda: (frames(21, 22), 21, 21),
+    "records hold other numbers": lambda: (frames(22, 23), 21, 22),
+    "bad checksum inside": lambda: (_bad_checksum_in_middle(), 21, 23),
+    "torn last record": lambda: (frames(21, 23)[:-3], 21, 23),
+    "no records": lambda: (b"", 21, 21),
+    "last before first": lambda: (frame(21), 21, 20),
+    "middle record misnumbered": lambda: (frame(21) + frame(23) + frame(23), 21, 23),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_APPENDS))
+def test_append_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+    records, first, last = BAD_APPENDS[case]()
+    with build(tmp_path, 20, per_append=20) as journal:
+        before = dir_state(tmp_path)
+        with pytest.raises(AssertionError):
+            journal.append(records, first, last)
+        assert dir_state(tmp_path) == before
+        assert journal.last_seq == 20
+        journal.append(frames(21, 23), 21, 23)
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path, readonly=True) as journal:
+        assert journal.read_bytes(1, 23) == frames(1, 23)
+
+
+def test_failed_append_on_an_empty_journal_creates_no_segment(tmp_path):
+    with open_journal(tmp_path) as journal:
+        with pytest.raises(AssertionError):
+            journal.append(_bad_checksum_in_middle(), 21, 23)
+        assert os.listdir(tmp_path) == []
+        journal.append(frames(1, 2), 1, 2)
+        assert journal.last_seq == 2
+
+
+# --- 6. fsync policies and the sealed-segment index ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("never", FsyncPolicy("never")), ("batch", FsyncPolicy("batch")), ("interval_ms=25", FsyncPolicy("interval", 25))],
+)
+def test_fsync_policy_parse(text, expected):
+    assert FsyncPolicy.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "always", "Batch", "interval_ms=0", "interval_ms=-5", "interval_ms=abc", "interval_ms=", "interval_ms", "interval=5"]
+)
+def test_fsync_policy_parse_rejects_garbage(text):
+    with pytest.raises(ValueError):
+        FsyncPolicy.parse(text)
+
+
+def test_fsync_batch_syncs_every_append(tmp_path):
+    with open_journal(tmp_path, fsync=FsyncPolicy.parse("batch")) as journal:
+        assert journal.fsync_count == 0
+        seq = 1
+        rolls = 0
+        while rolls < 2:
+            count, segments = journal.fsync_count, journal.segment_count
+            journal.append(frames(seq, seq + 2), seq, seq + 2)
+            rolled = journal.segment_count > segments and segments > 0
+            # One fsync per append, plus one for the segment sealed by a roll.
+            assert journal.fsync_count == count + 1 + rolled
+            rolls += rolled
+            seq += 3
+
+
+def test_fsync_never_does_not_sync(tmp_path):
+    with build(tmp_path, 400) as journal:
+        assert journal.segment_count >= 3
+        assert journal.fsync_count == 0
+
+
+def test_fsync_interval_follows_the_injected_clock(tmp_path):
+    now = [5_000_000_000]
+    ms = 1_000_000
+    policy = FsyncPolicy.parse("interval_ms=10")
+    journal = open_journal(tmp_path, fsync=policy, clock_ns=lambda: now[0])
+    seq = 1
+
+    def append():
+        nonlocal seq
+        journal.append(frame(seq), seq, seq)
+        seq += 1
+
+    append()
+    assert journal.fsync_count == 0
+    now[0] += 10 * ms - 1
+    append()
+    journal.sync_if_due()
+    assert journal.fsync_count == 0
+    now[0] += 1
+    append()
+    assert journal.fsync_count == 1
+    now[0] += 5 * ms
+    append()
+    journal.sync_if_due()
+    assert journal.fsync_count == 1
+    now[0] += 5 * ms  # 10 ms since the last fsync, no append
+    journal.sync_if_due()
+    assert journal.fsync_count == 2
+    journal.sync_if_due()
+    append()
+    assert journal.fsync_count == 2
+    journal.sync()  # forced, whatever the policy
+    assert journal.fsync_count == 3
+    journal.close()
+
+
+def test_fsync_interval_needs_a_clock_and_a_positive_interval(tmp_path):
+    with pytest.raises(ValueError):
+        open_journal(tmp_path, fsync=FsyncPolicy.parse("interval_ms=10"))
+    with pytest.raises(ValueError):
+        open_journal(tmp_path, fsync=FsyncPolicy("interval", 0), clock_ns=lambda: 0)
+    with pytest.raises(ValueError):
+        open_journal(tmp_path, segment_bytes_max=limits.SEGMENT_BYTES_MIN - 1)
+
+
+@pytest.mark.parametrize("interval", [limits.INDEX_INTERVAL_RECORDS, 8])
+@pytest.mark.parametrize("policy", ["never", "batch"])
+def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval, policy):
+    monkeypatch.setattr(limits, "INDEX_INTERVAL_RECORDS", interval)
+    journal = build(tmp_path, 700, fsync=FsyncPolicy.parse(policy))
+    listed = journal_mod.list_segment_files(str(tmp_path))
+    assert len(listed) >= 4
+    written = {}
+    for first, path in listed:
+        segment = journal.segment_for(first)
+        written[first] = (segment.count, segment.size, list(segment.offsets))
+        assert os.path.exists(index_path(path)) == (path != listed[-1][1])
+        assert len(segment.offsets) == (segment.count + interval - 1) // interval
+    journal.close()
+    walked = []
+    real_scan = journal_mod.scan_segment
+
+    def spy(path, first, *, check):
+        walked.append(path)
+        return real_scan(path, first, check=check)
+
+    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    with open_journal(tmp_path) as journal:
+        assert walked == [listed[-1][1]]  # only the tail is read on open
+        for first, _ in listed:
+            segment = journal.segment_for(first)
+            assert (segment.count, segment.size, segment.offsets) == written[first]
+        for seq in (1, 2, interval, interval + 1, listed[1][0], listed[2][0] + interval, 700):
+            with journal.cursor(seq) as cursor:
+                assert cursor.read_frames(700, 2)[0] == frame(seq)

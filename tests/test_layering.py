@@ -1,0 +1,311 @@
+"""The import rules of DESIGN.md section 2, checked on the source text (nothing is imported).
+
+| package     | may import                                                      |
+| sequencer/  | stdlib and msgspec; no sockets, threads, asyncio, clocks,       |
+|             | pysyncobj or prometheus                                         |
+| cluster/    | sequencer, pysyncobj, prometheus-client                         |
+| clients/    | sequencer.protocol only (and sequencer.limits, which it uses)   |
+| nobody      | imports chaos_tests, tests or benchmarks                        |
+
+Every import statement counts, wherever it sits (inside functions, under ``if TYPE_CHECKING``),
+and so do ``importlib.import_module("x")`` and ``__import__("x")`` with a literal name.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NEVER_IMPORTED = ("chaos_tests", "tests", "benchmarks")
+# What the core must not touch: I/O beyond its journal files, threads, clocks, Raft, metrics.
+SEQUENCER_FORBIDDEN = (
+    "socket",
+    "socketserver",
+    "ssl",
+    "selectors",
+    "asyncio",
+    "threading",
+    "_thread",
+    "concurrent",
+    "multiprocessing",
+    "subprocess",
+    "time",
+    "pickle",  # machine state is serialized with msgspec, never pickle (DESIGN.md section 4)
+    "pysyncobj",
+    "prometheus_client",
+    "cluster",
+    "clients",
+    *NEVER_IMPORTED,
+)
+CLIENTS_FORBIDDEN = ("cluster", "pysyncobj", "prometheus_client", *NEVER_IMPORTED)
+# Modules of the sequencer package that clients may use. protocol imports limits and
+# re-exports it as `protocol.limits`; importing it directly changes nothing.
+CLIENTS_MAY_USE = ("sequencer.protocol", "sequencer.limits")
+STDLIB = frozenset(sys.stdlib_module_names)
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import: `module` as written (resolved if relative) and, for `from m import a, b`,
+    the candidates `m.a`, `m.b` (each may name a submodule)."""
+
+    path: str
+    line: int
+    module: str
+    names: tuple[str, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return (self.module, *(f"{self.module}.{n}" if self.module else n for n in self.names))
+
+    def __str__(self) -> str:
+        what = f"from {self.module} import {', '.join(self.names)}" if self.names else f"import {self.module}"
+        return f"{self.path}:{self.line}: {what}"
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve_relative(package: str, level: int, module: str | None) -> str:
+    parts = package.split(".") if package else []
+    base = parts[: max(0, len(parts) - (level - 1))]
+    if module:
+        base.append(module)
+    return ".".join(base)
+
+
+def imports_of(source: str, *, path: str = "<string>", module: str = "", is_package: bool = False) -> list[Import]:
+    """Every import in `source`, anywhere in the tree. `module` names the file's own module, to
+    resolve relative imports."""
+    tree = ast.parse(source, filename=path)
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[Import] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [Import(path, node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            name = _resolve_relative(package, node.level, node.module) if node.level else (node.module or "")
+            found.append(Import(path, node.lineno, name, tuple(a.name for a in node.names if a.name != "*")))
+        elif isinstance(node, ast.Call) and node.args and _is_dynamic_import(node.func):
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                found.append(Import(path, node.lineno, first.value))
+    return found
+
+
+def _is_dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Name):
+        return func.id in ("__import__", "import_module")
+    return isinstance(func, ast.Attribute) and func.attr == "import_module"
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def forbidden(imp: Import, prefixes: tuple[str, ...]) -> bool:
+    return any(within(c, p) for c in imp.candidates for p in prefixes)
+
+
+def package_imports(package: str, root: Path = ROOT) -> list[Import]:
+    files = sorted(p for p in (root / package).rglob("*.py") if "__pycache__" not in p.parts)
+    assert files, f"no Python files under {package}/"
+    found = []
+    for file in files:
+        found += imports_of(
+            file.read_text(encoding="utf-8"),
+            path=str(file.relative_to(root)),
+            module=module_name(file, root),
+            is_package=file.name == "__init__.py",
+        )
+    return found
+
+
+def sequencer_violations(found: list[Import]) -> list[str]:
+    bad = []
+    for imp in found:
+        top = imp.module.split(".")[0]
+        if forbidden(imp, SEQUENCER_FORBIDDEN):
+            bad.append(f"{imp} (forbidden in sequencer/)")
+        elif top not in STDLIB and top not in ("msgspec", "sequencer"):
+            bad.append(f"{imp} (sequencer/ may import only the standard library and msgspec)")
+    return bad
+
+
+def clients_violations(found: list[Import]) -> list[str]:
+    bad = []
+    for imp in found:
+        top = imp.module.split(".")[0]
+        if forbidden(imp, CLIENTS_FORBIDDEN):
+            bad.append(f"{imp} (forbidden in clients/)")
+        elif top in STDLIB or top in ("msgspec", "clients"):
+            continue
+        elif any(within(imp.module, allowed) for allowed in CLIENTS_MAY_USE):
+            continue
+        elif imp.module == "sequencer" and imp.names and all(f"sequencer.{n}" in CLIENTS_MAY_USE for n in imp.names):
+            continue
+        else:
+            bad.append(f"{imp} (clients/ may import only the standard library, msgspec and sequencer.protocol)")
+    return bad
+
+
+def never_imported_violations(found: list[Import]) -> list[str]:
+    return [f"{imp} (nothing imports {', '.join(NEVER_IMPORTED)})" for imp in found if forbidden(imp, NEVER_IMPORTED)]
+
+
+# --- the rules, on the repository ---------------------------------------------------------
+
+
+def test_scanner_reads_the_real_sources():
+    # The scan is not vacuous: it sees imports known to be there.
+    modules = {imp.module for imp in package_imports("sequencer")}
+    assert "msgspec" in modules
+    assert "sequencer" in modules or "sequencer.limits" in modules
+
+
+def test_sequencer_imports_only_stdlib_and_msgspec():
+    assert sequencer_violations(package_imports("sequencer")) == []
+
+
+def test_clients_import_only_the_protocol():
+    assert clients_violations(package_imports("clients")) == []
+
+
+@pytest.mark.parametrize("package", ["sequencer", "cluster", "clients"])
+def test_nothing_imports_tests_chaos_tests_or_benchmarks(package):
+    assert never_imported_violations(package_imports(package)) == []
+
+
+# --- the scanner catches what it should ---------------------------------------------------
+
+
+def scan(source: str, module: str = "sequencer.example", is_package: bool = False) -> list[Import]:
+    return imports_of(source, path=f"{module}.py", module=module, is_package=is_package)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import socket",
+        "import os, threading",
+        "import concurrent.futures",
+        "from concurrent.futures import ThreadPoolExecutor",
+        "from time import monotonic",
+        "import time as clock",
+        "def f():\n    import asyncio\n    return asyncio",
+        "class C:\n    def m(self):\n        if True:\n            from pysyncobj import SyncObj",
+        "try:\n    import prometheus_client\nexcept ImportError:\n    pass",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import selectors",
+        "import multiprocessing.pool",
+        "import subprocess",
+        "from cluster.node import Node",
+        "from clients import client",
+        "import tests.helpers",
+        "from chaos_tests import nemesis",
+        "from benchmarks.run import main",
+        "import importlib\nimportlib.import_module('threading')",
+        "__import__('socket')",
+        "from .. import cluster",
+        "import requests",
+    ],
+)
+def test_scanner_flags_forbidden_sequencer_imports(source):
+    assert sequencer_violations(scan(source)) != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from __future__ import annotations\nimport enum, struct, zlib, os, bisect",
+        "from collections.abc import Callable",
+        "import msgspec\nfrom msgspec import Struct",
+        "from sequencer import limits, protocol",
+        "from sequencer.journal import Journal",
+        "from . import limits",
+        "from .machine import SequencerMachine",
+        "import hashlib",
+        "timestamp = 'import time'",
+    ],
+)
+def test_scanner_allows_what_sequencer_may_import(source):
+    assert sequencer_violations(scan(source)) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import cluster",
+        "from cluster import gateway",
+        "import pysyncobj",
+        "from prometheus_client import Counter",
+        "from sequencer import machine",
+        "from sequencer import protocol, journal",
+        "from sequencer.journal import Journal",
+        "import sequencer.core",
+        "import sequencer",
+        "from sequencer import SequencerMachine",
+        "def f():\n    from tests import helpers",
+        "from ..cluster import node",
+        "import numpy",
+    ],
+)
+def test_scanner_flags_forbidden_client_imports(source):
+    assert clients_violations(scan(source, module="clients.example")) != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import asyncio, socket, ssl, time, random",
+        "import msgspec",
+        "from sequencer import protocol",
+        "from sequencer import limits, protocol",
+        "from sequencer.protocol import Submit, encode_frame",
+        "import sequencer.protocol",
+        "import sequencer.limits",
+        "from . import sync",
+        "from clients.client import SequencerClient",
+    ],
+)
+def test_scanner_allows_what_clients_may_import(source):
+    assert clients_violations(scan(source, module="clients.example")) == []
+
+
+def test_relative_imports_resolve_against_the_package():
+    (imp,) = scan("from . import protocol", module="sequencer.machine")
+    assert imp.candidates == ("sequencer", "sequencer.protocol")
+    (imp,) = scan("from .protocol import Submit", module="sequencer", is_package=True)
+    assert imp.module == "sequencer.protocol"
+    (imp,) = scan("from ..cluster import node", module="clients.sub.mod")
+    assert imp.module == "clients.cluster"
+    (imp,) = scan("from ..cluster import node", module="clients.mod")
+    assert imp.module == "cluster"
+
+
+def test_never_imported_packages_are_flagged_anywhere():
+    for module in ("cluster.node", "clients.client", "sequencer.machine"):
+        assert never_imported_violations(scan("def f():\n    import benchmarks.report", module=module)) != []
+        assert never_imported_violations(scan("from tests.test_protocol import x", module=module)) != []
+        assert never_imported_violations(scan("import chaos_tests", module=module)) != []
+        assert never_imported_violations(scan("import testsuite, benchmarking", module=module)) == []
+
+
+def test_a_planted_forbidden_import_is_found_in_a_package_tree(tmp_path):
+    (tmp_path / "sequencer").mkdir()
+    (tmp_path / "sequencer" / "__init__.py").write_text('"""Core."""\n')
+    (tmp_path / "sequencer" / "deep").mkdir()
+    (tmp_path / "sequencer" / "deep" / "clocky.py").write_text("def now():\n    from time import time\n    return time()\n")
+    found = package_imports("sequencer", root=tmp_path)
+    bad = sequencer_violations(found)
+    assert len(bad) == 1
+    assert "sequencer/deep/clocky.py:2" in bad[0]
