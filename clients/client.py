@@ -66,15 +66,74 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
 
 
-class _Pending:
-    __slots__ = ("client_seq", "payload", "future", "sent", "submitted_at")
+class _Group:
+    """The submits of one ``submit_batch`` call: one future for all their numbers."""
 
-    def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future) -> None:
+    __slots__ = ("future", "results", "remaining")
+
+    def __init__(self, future: asyncio.Future, size: int) -> None:
+        self.future = future
+        self.results = [0] * size
+        self.remaining = size
+
+
+class _Pending:
+    __slots__ = ("client_seq", "payload", "future", "group", "index", "sent")
+
+    def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future | None, group: _Group | None = None, index: int = 0) -> None:
         self.client_seq = client_seq
         self.payload = payload
         self.future = future
+        self.group = group
+        self.index = index
         self.sent = False
-        self.submitted_at = time.monotonic()
+
+    def resolve(self, seq: int) -> None:
+        group = self.group
+        if group is None:
+            if not self.future.done():
+                self.future.set_result(seq)
+            return
+        group.results[self.index] = seq
+        group.remaining -= 1
+        if group.remaining == 0 and not group.future.done():
+            group.future.set_result(group.results)
+
+    def fail(self, error: BaseException) -> None:
+        future = self.future if self.group is None else self.group.future
+        if not future.done():
+            future.set_exception(error)
+
+
+#: Bytes of payload per SubmitBatch frame, leaving room for framing under FRAME_BYTES_MAX.
+_SUBMIT_BATCH_BYTES = protocol.limits.FRAME_BYTES_MAX - 4 * 1024
+
+
+def _submit_frames(pendings: list[_Pending]) -> bytes:
+    """Frames for `pendings` (consecutive client_seq): SubmitBatch runs, Submit for singles."""
+    parts = []
+    i = 0
+    n = len(pendings)
+    while i < n:
+        first = pendings[i].client_seq
+        payloads = [pendings[i].payload]
+        size = len(payloads[0])
+        j = i + 1
+        while (
+            j < n
+            and pendings[j].client_seq == first + (j - i)
+            and j - i < protocol.limits.SUBMIT_BATCH_ENTRIES_MAX
+            and size + len(pendings[j].payload) + 8 <= _SUBMIT_BATCH_BYTES
+        ):
+            payloads.append(pendings[j].payload)
+            size += len(pendings[j].payload) + 8
+            j += 1
+        if len(payloads) == 1:
+            parts.append(protocol.encode_frame(protocol.Submit(first, payloads[0])))
+        else:
+            parts.append(protocol.encode_frame(protocol.SubmitBatch(first, payloads)))
+        i = j
+    return b"".join(parts)
 
 
 class _Link:
@@ -144,7 +203,7 @@ class SequencerClient:
         token: str = "",
         in_flight_max: int = 10_000,
         connect_timeout_s: float = 2.0,
-        reconnect_backoff_max_s: float = 0.5,
+        reconnect_backoff_max_s: float = 0.1,
         outcome_deadline_s: float = 30.0,
         heartbeat_timeout_s: float = 2.0,
     ) -> None:
@@ -213,9 +272,10 @@ class SequencerClient:
             self._link = None
         error = NotConnected("client closed")
         for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(error)
-                pending.future.exception()  # mark retrieved: closing is not a crash
+            pending.fail(error)
+            future = pending.future if pending.group is None else pending.group.future
+            if future.done() and not future.cancelled():
+                future.exception()  # mark retrieved: closing is not a crash
         self._pending.clear()
 
     @property
@@ -254,9 +314,58 @@ class SequencerClient:
             pending.sent = True
         return future
 
-    async def wait_for_room(self) -> None:
-        """Return once ``submit_nowait`` will not raise ``Busy``."""
-        while len(self._pending) >= self.in_flight_max:
+    def submit_batch_nowait(self, payloads: Sequence[bytes]) -> asyncio.Future:
+        """Queue many payloads at once (sent as ``SubmitBatch`` frames); the returned future
+        gives their sequence numbers, in order, once all are committed. Each payload is its
+        own submit with its own client_seq: the same exactly-once rules apply to each."""
+        if self._closed:
+            raise NotConnected("client is closed")
+        if self._fatal is not None:
+            raise self._fatal
+        if not payloads:
+            raise ValueError("no payloads")
+        if len(self._pending) + len(payloads) > self.in_flight_max:
+            raise Busy(f"{len(self._pending)} submits in flight, {len(payloads)} more exceed in_flight_max {self.in_flight_max}")
+        limit = protocol.limits.PAYLOAD_BYTES_MAX
+        for payload in payloads:
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise TypeError("payloads must be bytes")
+            if len(payload) > limit:
+                raise ValueError(f"payload of {len(payload)} bytes exceeds {limit}")
+        future = asyncio.get_running_loop().create_future()
+        group = _Group(future, len(payloads))
+        first = self._next_client_seq
+        self._next_client_seq += len(payloads)
+        pending_map = self._pending
+        batch = []
+        for i, payload in enumerate(payloads):
+            pending = _Pending(first + i, bytes(payload), None, group, i)
+            pending_map[first + i] = pending
+            batch.append(pending)
+        if len(pending_map) >= self.in_flight_max:
+            self._room.clear()
+        link = self._link
+        if link is not None and self._resend_from is None and not link.writer.transport.is_closing():
+            link.writer.write(_submit_frames(batch))
+            for pending in batch:
+                pending.sent = True
+        return future
+
+    async def submit_batch(self, payloads: Sequence[bytes]) -> list[int]:
+        """Sequence many payloads; returns their sequence numbers in order."""
+        if len(payloads) > self.in_flight_max:
+            raise ValueError(f"{len(payloads)} payloads exceed in_flight_max {self.in_flight_max}")
+        await self.wait_for_room(len(payloads))
+        future = self.submit_batch_nowait(payloads)
+        first = self._next_client_seq - len(payloads)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
+        except TimeoutError:
+            raise OutcomeUnknown(first, self.outcome_deadline_s) from None
+
+    async def wait_for_room(self, count: int = 1) -> None:
+        """Return once ``count`` more submits fit in the in-flight window."""
+        while len(self._pending) + count > self.in_flight_max:
             self._room.clear()
             await self._room.wait()
 
@@ -291,16 +400,16 @@ class SequencerClient:
         link = self._link
         if link is None or link.writer.transport.is_closing():
             return
-        parts = []
+        resend = []
         for client_seq, pending in self._pending.items():
             if client_seq < from_seq:
                 continue
             if pending.sent:
                 self.resubmits += 1
             pending.sent = True
-            parts.append(protocol.encode_frame(protocol.Submit(client_seq, pending.payload)))
-        if parts:
-            link.writer.write(b"".join(parts))
+            resend.append(pending)
+        if resend:
+            link.writer.write(_submit_frames(resend))
         self._resend_from = None
 
     async def _run(self) -> None:
@@ -348,10 +457,23 @@ class SequencerClient:
 
     def _handle(self, frame: object) -> None:
         kind = type(frame)
-        if kind is protocol.Ack:
+        if kind is protocol.AckRange:
+            pop = self._pending.pop
+            first_client_seq = frame.first_client_seq
+            first_seq = frame.first_seq
+            for i in range(frame.count):
+                pending = pop(first_client_seq + i, None)
+                if pending is not None:
+                    pending.resolve(first_seq + i)
+            last = first_client_seq + frame.count - 1
+            if last > self._last_acked:
+                self._last_acked = last
+            if len(self._pending) < self.in_flight_max:
+                self._room.set()
+        elif kind is protocol.Ack:
             pending = self._pending.pop(frame.client_seq, None)
-            if pending is not None and not pending.future.done():
-                pending.future.set_result(frame.seq)
+            if pending is not None:
+                pending.resolve(frame.seq)
             if frame.client_seq > self._last_acked:
                 self._last_acked = frame.client_seq
             if len(self._pending) < self.in_flight_max:
@@ -377,8 +499,7 @@ class SequencerClient:
         pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
         error = Rejected(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
         if pending is not None:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.fail(error)
             return
         if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
             self._fail_all(error)
@@ -387,8 +508,7 @@ class SequencerClient:
     def _fail_all(self, error: SequencerError) -> None:
         self._fatal = error
         for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.fail(error)
         self._pending.clear()
         self._room.set()
 
@@ -460,7 +580,7 @@ async def subscribe(
     session: str = "subscriber",
     heartbeat_timeout_s: float = 2.0,
     connect_timeout_s: float = 2.0,
-    reconnect_backoff_max_s: float = 0.5,
+    reconnect_backoff_max_s: float = 0.1,
     prefer: str = "",
 ) -> AsyncIterator[Message]:
     """The stream from `from_seq` on, from any of `endpoints` (``prefer`` first), resuming at

@@ -88,20 +88,28 @@ class Batcher:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def offer(self, submit: PendingSubmit) -> bool:
-        """Queue a submit; False when the queue is full (the caller answers ``Busy``)."""
+    def offer(self, submit: PendingSubmit, *, propose: bool = True) -> bool:
+        """Queue a submit; False when the queue is full (the caller answers ``Busy``).
+
+        ``propose=False`` only queues it: the caller offers several and then calls ``flush``.
+        """
         if len(self._queue) >= self.config.queue_entries_max:
             return False
         self._queue.append(submit)
-        self._maybe_propose()
+        self._queue_bytes += len(submit.payload) + len(submit.session) + _ENTRY_OVERHEAD_BYTES
+        if propose:
+            self._maybe_propose()
         return True
+
+    def flush(self) -> None:
+        """Propose what the batching rule allows now."""
+        self._maybe_propose()
 
     def _maybe_propose(self) -> None:
         config = self.config
         while self._queue and self.enabled:
-            if self._in_flight and (
-                len(self._in_flight) >= config.in_flight_max or len(self._queue) < config.entries_max
-            ):
+            full = len(self._queue) >= config.entries_max or self._queue_bytes >= config.bytes_max
+            if self._in_flight and (len(self._in_flight) >= config.in_flight_max or not full):
                 return
             self._propose_one()
 
@@ -117,6 +125,7 @@ class Batcher:
             if entries and size + cost > config.bytes_max:
                 break
             queue.popleft()
+            self._queue_bytes -= cost
             size += cost
             entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
             members.append(submit)
@@ -188,6 +197,7 @@ class Batcher:
         while self._queue:
             submit = self._queue.popleft()
             submit.reply(submit.client_seq, unknown)
+        self._queue_bytes = 0
         for members, _ in self._in_flight.values():
             for submit in members:
                 submit.reply(submit.client_seq, unknown)

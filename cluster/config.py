@@ -43,8 +43,8 @@ class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       default); only routing trusts it, commits prove leadership.
     """
 
-    election_timeout_min_s: float = 0.4
-    election_timeout_max_s: float = 0.8
+    election_timeout_min_s: float = 0.2
+    election_timeout_max_s: float = 0.4
     append_entries_use_batch: bool = False
     append_entries_period_s: float = 0.05
     connection_timeout_s: float = 60.0
@@ -66,8 +66,9 @@ class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Encoded batch size limit; kept below ``RaftConfig.append_entries_batch_bytes`` with room
     #: for pysyncobj's own framing of the entry.
     bytes_max: int = 60 * limits.KIB
-    #: Batches proposed to Raft and not yet committed (pipelining depth).
-    in_flight_max: int = 2
+    #: Batches proposed to Raft and not yet committed (pipelining depth). Measured with one
+    #: pipelined client on this 2-core machine: 2 -> 86k msg/s, 8 -> 115k, 16 -> 82k.
+    in_flight_max: int = 8
     #: Submits queued at the leader, waiting for a batch; beyond it submits get ``Busy``.
     queue_entries_max: int = 50_000
     #: Seconds a proposed batch may wait for its commit before its submits are answered as

@@ -53,6 +53,9 @@ class Connection:
         "closed",
         "_out",
         "_flush_scheduled",
+        "_run_client_seq",
+        "_run_seq",
+        "_run_count",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,6 +73,10 @@ class Connection:
         self.closed = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        # A run of acks with consecutive client_seq and seq, sent as one AckRange.
+        self._run_client_seq = 0
+        self._run_seq = 0
+        self._run_count = 0
 
     # --- writing --------------------------------------------------------------------------
 
@@ -80,13 +87,44 @@ class Connection:
         """Queue bytes; everything queued in one loop iteration goes out in one write."""
         if self.closed:
             return
+        if self._run_count:
+            self._close_run()
         self._out.append(data)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def ack(self, client_seq: int, seq: int) -> None:
+        """Queue an ack; consecutive ones (both numbers rising by one) go out as one AckRange."""
+        count = self._run_count
+        if (
+            count
+            and client_seq == self._run_client_seq + count
+            and seq == self._run_seq + count
+            and count < limits.BATCH_ENTRIES_MAX
+        ):
+            self._run_count = count + 1
+            return
+        if count:
+            self._close_run()
+        self._run_client_seq, self._run_seq, self._run_count = client_seq, seq, 1
+        self._schedule_flush()
+
+    def _close_run(self) -> None:
+        count = self._run_count
+        self._run_count = 0
+        if count == 1:
+            self._out.append(_encode(protocol.Ack(self._run_client_seq, self._run_seq)))
+        elif count > 1:
+            self._out.append(_encode(protocol.AckRange(self._run_client_seq, self._run_seq, count)))
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._run_count:
+            self._close_run()
         if self.closed or not self._out:
             self._out.clear()
             return
@@ -124,7 +162,8 @@ class Connection:
         metrics = self.gateway.node.metrics
         if isinstance(outcome, EntryResult):
             if outcome.outcome is Outcome.SEQUENCED:
-                self.send_bytes(_encode(protocol.Ack(outcome.client_seq, outcome.seq)))
+                if not self.closed:
+                    self.ack(outcome.client_seq, outcome.seq)
             elif outcome.outcome is Outcome.DUPLICATE:
                 metrics.duplicates += 1
                 self.send_bytes(_encode(protocol.Ack(outcome.client_seq, outcome.seq, True)))
@@ -238,11 +277,14 @@ class Gateway:
 
     def _dispatch(self, conn: Connection, frame: object) -> None:
         kind = type(frame)
-        if kind is protocol.Submit:
+        if kind is protocol.Submit or kind is protocol.SubmitBatch:
             if not conn.session:
                 conn.reject_and_close(RejectReason.HELLO_REQUIRED, "submit before hello")
                 return
-            self._submit(conn, frame)
+            if kind is protocol.Submit:
+                self._submit(conn, frame.client_seq, (frame.payload,))
+            else:
+                self._submit(conn, frame.first_client_seq, frame.payloads)
         elif kind is protocol.Hello:
             self._hello(conn, frame)
         elif kind is protocol.Heartbeat:
@@ -281,28 +323,37 @@ class Gateway:
             )
         )
 
-    def _submit(self, conn: Connection, submit: protocol.Submit) -> None:
+    def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list) -> None:
+        """Submits ``first_client_seq + i`` of ``payloads[i]``, each answered on its own."""
         node = self.node
         metrics = node.metrics
         if not node.is_leader():
-            metrics.refused("not_leader")
-            conn.send(protocol.NotLeader(node.leader_client_address(), submit.client_seq))
+            leader = node.leader_client_address()
+            for i in range(len(payloads)):
+                metrics.refused("not_leader")
+                conn.send(protocol.NotLeader(leader, first_client_seq + i))
             return
-        if conn.in_flight >= self.config.in_flight_per_session_max:
-            metrics.refused("busy")
-            conn.send(protocol.Busy(submit.client_seq, 20, "in_flight_per_session"))
-            return
+        limit = None
         if node.disk_low:
-            metrics.refused("busy")
-            conn.send(protocol.Busy(submit.client_seq, 1000, "disk_free"))
-            return
-        client_seq = submit.client_seq
-        pending = PendingSubmit(conn.session, client_seq, submit.payload, conn.reply)
-        if not node.batcher.offer(pending):
-            metrics.refused("busy")
-            conn.send(protocol.Busy(client_seq, 50, "leader_queue"))
-            return
-        conn.in_flight += 1
+            limit = ("disk_free", 1000)
+        batcher = node.batcher
+        session = conn.session
+        reply = conn.reply
+        in_flight_max = self.config.in_flight_per_session_max
+        for i, payload in enumerate(payloads):
+            client_seq = first_client_seq + i
+            if limit is None and conn.in_flight >= in_flight_max:
+                limit = ("in_flight_per_session", 20)
+            if limit is None and not batcher.offer(PendingSubmit(session, client_seq, payload, reply), propose=False):
+                limit = ("leader_queue", 50)
+            if limit is not None:
+                # Everything after the first refusal is refused too: a session's submits are
+                # sequenced in client_seq order, so the client resends from here.
+                metrics.refused("busy")
+                conn.send(protocol.Busy(client_seq, limit[1], limit[0]))
+                continue
+            conn.in_flight += 1
+        batcher.flush()
 
     def _subscribe(self, conn: Connection, subscribe: protocol.Subscribe) -> None:
         node = self.node

@@ -23,6 +23,8 @@ PAYLOAD_BYTES_MAX = 32 * KIB
 SESSION_BYTES_MAX = 128
 #: Longest shared-secret token in a hello, in UTF-8 bytes.
 TOKEN_BYTES_MAX = 256
+#: Most payloads in one ``SubmitBatch`` frame (the frame size limit bounds it too).
+SUBMIT_BATCH_ENTRIES_MAX = 1024
 #: Longest free-text detail in a rejected frame, in characters.
 DETAIL_CHARS_MAX = 512
 

@@ -95,6 +95,17 @@ class Submit(_Frame, tag="sub"):
     payload: Payload
 
 
+class SubmitBatch(_Frame, tag="subs"):
+    """``Submit`` for each payload, numbered ``first_client_seq``, ``first_client_seq + 1``, …
+
+    One frame for many submits: the same semantics as that many ``Submit`` frames in a row,
+    answered the same way (``Ack``/``AckRange``, ``Busy``, … per client_seq).
+    """
+
+    first_client_seq: ClientSeq
+    payloads: Annotated[list[Payload], msgspec.Meta(min_length=1, max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)]
+
+
 class Subscribe(_Frame, tag="subscribe"):
     """Deliver the stream from `from_seq` on, then keep delivering as it grows."""
 
@@ -131,6 +142,15 @@ class Ack(_Frame, tag="ack"):
     client_seq: ClientSeq
     seq: Seq
     duplicate: bool = False
+
+
+class AckRange(_Frame, tag="acks"):
+    """``Ack`` for ``count`` submits: client_seq ``first_client_seq + i`` is committed as
+    ``first_seq + i``. Sent for runs of consecutive numbers on both sides."""
+
+    first_client_seq: ClientSeq
+    first_seq: Seq
+    count: Annotated[int, msgspec.Meta(ge=1, le=limits.BATCH_ENTRIES_MAX)]
 
 
 class Busy(_Frame, tag="busy"):
@@ -190,8 +210,8 @@ class Status(_Frame, tag="status"):
     raft_address: Address = ""
 
 
-ClientFrame = Union[Hello, Submit, Subscribe, StatusRequest, Heartbeat]
-NodeFrame = Union[Welcome, Ack, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat]
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat]
+NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat]
 
 # --- the Raft log entry -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from sequencer.protocol import (
     HEADER_BYTES,
     PROTOCOL_VERSION,
     Ack,
+    AckRange,
     Batch,
     BatchError,
     Busy,
@@ -42,6 +43,7 @@ from sequencer.protocol import (
     Status,
     StatusRequest,
     Submit,
+    SubmitBatch,
     Subscribe,
     Welcome,
     decode_batch,
@@ -169,6 +171,7 @@ def client_frames(payload: st.SearchStrategy[bytes] = payloads) -> st.SearchStra
     return st.one_of(
         st.builds(Hello, sessions, tokens, wire_ints, counts),
         st.builds(Submit, positive, payload),
+        st.builds(SubmitBatch, positive, st.lists(small_payloads, min_size=1, max_size=20)),
         st.builds(Subscribe, positive),
         st.just(StatusRequest()),
         st.builds(Heartbeat, counts),
@@ -179,6 +182,7 @@ def node_frames(payload: st.SearchStrategy[bytes] = payloads) -> st.SearchStrate
     return st.one_of(
         st.builds(Welcome, texts(64), wire_ints, roles, addresses, counts, wire_ints),
         st.builds(Ack, positive, positive, st.booleans()),
+        st.builds(AckRange, positive, positive, st.integers(1, limits.BATCH_ENTRIES_MAX)),
         st.builds(Busy, counts, wire_ints, texts(32)),
         st.builds(NotLeader, addresses, counts),
         st.builds(OutcomeUnknown, positive, texts(limits.DETAIL_CHARS_MAX)),
@@ -209,6 +213,8 @@ EXAMPLES = [
     Hello("a" * limits.SESSION_BYTES_MAX, "", PROTOCOL_VERSION),
     Submit(1, b""),
     Submit(2**63 - 1, b"\xff" * limits.PAYLOAD_BYTES_MAX),
+    SubmitBatch(1, [b"a"]),
+    SubmitBatch(7, [b"x" * 10] * limits.SUBMIT_BATCH_ENTRIES_MAX),
     Subscribe(1),
     Subscribe(2**63 - 1),
     StatusRequest(),
@@ -216,6 +222,8 @@ EXAMPLES = [
     Heartbeat(2**63 - 1),
     Welcome("n1", PROTOCOL_VERSION, Role.FOLLOWER, "10.0.0.1:7001", 12, 500),
     Ack(3, 99, True),
+    AckRange(3, 99, 1),
+    AckRange(1, 2, limits.BATCH_ENTRIES_MAX),
     Busy(4, 250, "in_flight_per_session"),
     NotLeader("", 5),
     OutcomeUnknown(8, "leader lost"),
@@ -889,3 +897,31 @@ def test_delivered_seq_reads_the_number_without_decoding(seq, log_time, session,
 def test_delivered_seq_of_another_frame_is_minus_one(frame):
     assert protocol.delivered_seq(encode_frame(frame), HEADER_BYTES) == -1
     assert protocol.delivered_seq(b"\x96\xa1d", 0) == -1  # cut short
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["subs", 1, []],  # no payloads
+        ["subs", 1, [b"x"] * (limits.SUBMIT_BATCH_ENTRIES_MAX + 1)],
+        ["subs", 0, [b"x"]],
+        ["subs", 1, [b"x" * (limits.PAYLOAD_BYTES_MAX + 1)]],
+    ],
+    ids=["empty", "too-many", "client-seq-0", "payload-too-large"],
+)
+def test_bad_submit_batch_is_malformed(fields):
+    body = msgspec.msgpack.encode(fields)
+    data = HEADER.pack(len(body), zlib.crc32(body)) + body
+    items = FrameReader("client", frame_bytes_max=len(body) + 1).feed(data)
+    assert len(items) == 1 and isinstance(items[0], FrameError) and items[0].code is FrameErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize("count", [0, limits.BATCH_ENTRIES_MAX + 1])
+def test_bad_ack_range_is_malformed(count):
+    items = FrameReader("node").feed(encode_frame_unchecked(["acks", 1, 1, count]))
+    assert len(items) == 1 and isinstance(items[0], FrameError) and items[0].code is FrameErrorCode.MALFORMED
+
+
+def encode_frame_unchecked(fields: list) -> bytes:
+    body = msgspec.msgpack.encode(fields)
+    return HEADER.pack(len(body), zlib.crc32(body)) + body
