@@ -61,42 +61,61 @@ class SequencerCore:
         journal = self.journal
         first, last, records = result.first_seq, result.last_seq, result.records
         held_to = min(journal.last_seq, last)
-        if first <= held_to and journal.has_hole_within(first, held_to):
-            # Part of this range is still to be fetched from a peer; catch-up will bring the
-            # committed records, byte for byte, with their checksums.
+        if first <= held_to:
+            # Compare what the journal holds; records inside holes are still to come from a
+            # peer (catch-up brings the committed records, byte for byte, with checksums).
+            offsets = _record_offsets(records)
+            for run_first, run_last in _held_runs(journal.holes, first, held_to):
+                start = offsets[run_first - first]
+                end = offsets[run_last - first + 1]
+                held = journal.read_bytes(run_first, run_last)
+                if records[start:end] != held:
+                    seq = _first_difference(records[start:end], held, run_first)
+                    raise JournalDivergenceError(
+                        f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq
+                    )
             self.records_already_held += held_to - first + 1
-            records = _records_after(records, held_to - first + 1)
-            first = held_to + 1
-        elif first <= held_to:
-            held = journal.read_bytes(first, held_to)
-            if records[: len(held)] != held:
-                seq = _first_difference(records, held, first)
-                raise JournalDivergenceError(
-                    f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq
-                )
-            self.records_already_held += held_to - first + 1
-            records = records[len(held) :]
+            records = records[offsets[held_to - first + 1] :]
             first = held_to + 1
         if first <= last:
             journal.append(records, first, last)
             self.records_appended += last - first + 1
 
 
-def _records_after(records: bytes, count: int) -> bytes:
-    """`records` without its first `count` records."""
+def _held_runs(holes: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
+    """The parts of ``first..last`` outside every hole."""
+    runs = []
+    start = first
+    for hole_first, hole_last in holes:
+        if hole_last < start or hole_first > last:
+            continue
+        if hole_first > start:
+            runs.append((start, hole_first - 1))
+        start = hole_last + 1
+    if start <= last:
+        runs.append((start, last))
+    return runs
+
+
+def _record_offsets(records: bytes) -> list[int]:
+    """Start offset of each record, plus the end."""
+    offsets = [0]
     pos = 0
-    for _ in range(count):
+    end = len(records)
+    while pos < end:
         pos += HEADER_BYTES + HEADER.unpack_from(records, pos)[0]
-    return records[pos:]
+        offsets.append(pos)
+    return offsets
 
 
 def _first_difference(records: bytes, held: bytes, first_seq: int) -> int:
+    """Number of the first record that differs between two runs of records (which differ)."""
     pos = 0
     seq = first_seq
     while pos < len(held):
         end = pos + HEADER_BYTES + HEADER.unpack_from(held, pos)[0]
         if records[pos:end] != held[pos:end]:
-            return seq
+            break
         pos = end
         seq += 1
     return seq

@@ -240,18 +240,30 @@ class SequencerMachine:
         problems = snap.config.problems()
         if snap.next_seq < 1 or snap.last_log_time_ns < 0:
             problems.append(f"next_seq {snap.next_seq} / last_log_time_ns {snap.last_log_time_ns} out of range")
+        if snap.next_seq > 2**63 or not 0 <= snap.stream_crc < 2**32:
+            problems.append(f"next_seq {snap.next_seq} / stream_crc {snap.stream_crc} out of range")
         previous_active = -1
         names = set()
+        seen_seqs: set[int] = set()
         for s in snap.sessions:
             if s.session in names:
                 problems.append(f"session {s.session!r} appears twice")
             names.add(s.session)
-            if len(s.window_seqs) > snap.config.dedup_window or len(s.window_seqs) > s.last_client_seq:
+            # Every applied client_seq of a session enters its window, so the window always
+            # holds the last min(last_client_seq, dedup_window) numbers, rising.
+            if len(s.window_seqs) != min(s.last_client_seq, snap.config.dedup_window):
                 problems.append(f"session {s.session!r}: window of {len(s.window_seqs)} entries is inconsistent")
             if any(not 1 <= q < snap.next_seq for q in s.window_seqs):
                 problems.append(f"session {s.session!r}: window holds numbers outside 1..{snap.next_seq - 1}")
+            if any(a >= b for a, b in zip(s.window_seqs, s.window_seqs[1:])):
+                problems.append(f"session {s.session!r}: window numbers do not rise")
+            if seen_seqs.intersection(s.window_seqs):
+                problems.append(f"session {s.session!r}: a sequence number belongs to two sessions")
+            seen_seqs.update(s.window_seqs)
             if s.last_active_ns < previous_active:
                 problems.append(f"session {s.session!r}: sessions are not ordered by activity")
+            if s.last_active_ns > snap.last_log_time_ns:
+                problems.append(f"session {s.session!r}: active after the last log time")
             previous_active = s.last_active_ns
         if len(snap.sessions) > snap.config.sessions_max:
             problems.append(f"{len(snap.sessions)} sessions exceed sessions_max {snap.config.sessions_max}")
