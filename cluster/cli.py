@@ -136,7 +136,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(config, insecure=True)
     from cluster.node import run_node
 
-    return run_node(config)
+    return run_node(config, discard_raft_log_first=args.discard_raft_log)
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -273,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="development only: allow running without raft_password (unencrypted, unauthenticated Raft links) "
         "and without client_token (no client authentication)",
+    )
+    node.add_argument(
+        "--discard-raft-log",
+        action="store_true",
+        help="move the node's Raft log and snapshot aside (to raft/discarded-*) and rejoin from the leader: "
+        "for a Raft log that cannot be read. The journal is kept and caught up from a peer.",
     )
     node.set_defaults(func=cmd_node)
 

@@ -30,9 +30,30 @@ from sequencer.machine import ApplyResult, SequencerMachine
 log = logging.getLogger("raftseq.node")
 
 
+class RaftLogUnreadable(Exception):
+    """pysyncobj could not open the node's Raft log."""
+
+
+def discard_raft_log(config: NodeConfig) -> str:
+    """Move the Raft log, its metadata and the snapshot aside; returns where they went.
+
+    The node then starts as an empty Raft member: the leader sends it entries or a snapshot,
+    and the journal (kept) is caught up from a peer. The vote it gave in the current term is
+    lost with the log, so the node casts no vote for a while after starting (``Node``).
+    """
+    target = os.path.join(config.raft_dir, f"discarded-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.makedirs(target)
+    for name in os.listdir(config.raft_dir):
+        path = os.path.join(config.raft_dir, name)
+        if os.path.isfile(path):
+            os.replace(path, os.path.join(target, name))
+    return target
+
+
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, votes_blocked_s: float = 0.0) -> None:
         self.config = config
+        self.votes_blocked_s = votes_blocked_s
         self.metrics = NodeMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
         self.journal = Journal.open(
@@ -51,8 +72,6 @@ class Node:
                 recovery.reason,
             )
         self.core = SequencerCore(SequencerMachine(config.machine.machine_config()), self.journal)
-        #: Last sequence number applied here (written by the tick thread).
-        self.published_seq = self.journal.last_seq
         #: Last sequence number subscribers may read: published, and below any journal hole.
         self.readable_seq = self.journal.contiguous_last_seq
         self.role = "follower"
@@ -68,6 +87,12 @@ class Node:
         self._notify_lock = threading.Lock()
 
     # --- queries used by the gateway and metrics -------------------------------------------
+
+    @property
+    def published_seq(self) -> int:
+        """Last committed sequence number this node knows: applied here or held in the journal
+        (which may run ahead of the machine while Raft replays after a restart)."""
+        return max(self.journal.last_seq, self.core.machine.last_seq)
 
     @property
     def catchup_missing(self) -> int:
@@ -126,7 +151,6 @@ class Node:
             count = result.last_seq - result.first_seq + 1
             m.messages_sequenced += count
             m.batch_size.observe(len(result.results))
-        self.published_seq = self.core.machine.last_seq
         self._wake_subscribers()
 
     def _wake_subscribers(self) -> None:
@@ -157,7 +181,22 @@ class Node:
         self.batcher.latency_observer = self.metrics.ack_latency.observe
         self.gateway = Gateway(self)
         await self.gateway.start()
-        self.replica = SequencerReplica(self.config, self.core, on_applied=self._applied)
+        try:
+            self.replica = SequencerReplica(
+                self.config, self.core, on_applied=self._applied, on_restored=self._wake_subscribers
+            )
+        except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
+            log.critical(
+                "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
+                "(snapshot and journal catch-up), start the node with --discard-raft-log",
+                self.config.raft_dir,
+                exc,
+            )
+            await self.gateway.stop()
+            self.journal.close()
+            raise RaftLogUnreadable(str(exc)) from None
+        if self.votes_blocked_s:
+            self.replica.raftseq_votes_blocked_until = time.monotonic() + self.votes_blocked_s
         self.catchup = CatchUp(self)
         if self.config.metrics_address:
             serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))
@@ -255,17 +294,29 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
     return node_filter
 
 
-def run_node(config: NodeConfig) -> int:
+#: Exit code of a node whose Raft log cannot be opened.
+EXIT_RAFT_LOG_UNREADABLE = 3
+
+
+def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
     node_filter = setup_logging(config.id)
+    votes_blocked_s = 0.0
+    if discard_raft_log_first:
+        moved = discard_raft_log(config)
+        votes_blocked_s = max(1.0, 2 * config.raft.election_timeout_max_s)
+        log.warning("Raft log discarded (moved to %s); no votes for %.1f s", moved, votes_blocked_s)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        node = Node(config)
+        node = Node(config, votes_blocked_s=votes_blocked_s)
         node_filter.node = node
         await node.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except RaftLogUnreadable:
+        return EXIT_RAFT_LOG_UNREADABLE
     return 0

@@ -26,6 +26,8 @@ importing this module with any other version fails loudly.
 
 from __future__ import annotations
 
+import time
+
 import pysyncobj
 from pysyncobj import SyncObj
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
@@ -56,8 +58,14 @@ class CorrectedSyncObj(SyncObj):
     raftseq_truncations_refused = 0
     raftseq_next_index_rewinds_refused = 0
 
+    #: ``time.monotonic()`` before which this node casts no vote (after its Raft log, and with
+    #: it the vote it gave in the current term, was discarded).
+    raftseq_votes_blocked_until = 0.0
+
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802 (pysyncobj's name)
         kind = message.get("type")
+        if kind == "request_vote" and self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until:
+            return None
         if (
             kind == "append_entries"
             and "prevLogIdx" in message

@@ -76,11 +76,13 @@ class SequencerReplica(CorrectedSyncObj):
         *,
         on_applied: Callable[[ApplyResult], None],
         on_role_changed: Callable[[str], None] | None = None,
+        on_restored: Callable[[], None] | None = None,
     ) -> None:
         self.node_config = config
         self.core = core
         self._on_applied = on_applied
         self._on_role_changed = on_role_changed
+        self._on_restored = on_restored
         self.apply_lock = threading.Lock()  # apply vs. snapshot restore, both on the tick thread
         os.makedirs(config.raft_dir, exist_ok=True)
         r = config.raft
@@ -163,6 +165,8 @@ class SequencerReplica(CorrectedSyncObj):
         with self.apply_lock:
             self.core.replace_machine(machine)
         log.info("machine state restored from snapshot at seq %d", machine.last_seq)
+        if self._on_restored is not None:
+            self._on_restored()
         cluster = {TCPNode(address) for address in snapshot.cluster}
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
 
