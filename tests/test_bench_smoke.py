@@ -1,0 +1,55 @@
+"""The core benchmark runs end to end at smoke size and prints a line for every workload.
+
+Only that it runs is checked here, never its figures: those depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+BENCH_CORE = REPO_DIR / "benchmarks" / "bench_core.py"
+
+# Written out rather than imported: nothing imports benchmarks.
+WORKLOAD_KEYS = [
+    "write_never",
+    "append_never",
+    "write_fsync",
+    "append_fsync",
+    "read_ceiling",
+    "read_crc_ceiling",
+    "replay_frames",
+    "replay_block",
+    "replay_frames_noverify",
+    "replay_block_noverify",
+    "decode_only",
+    "apply_only",
+    "apply_append",
+]
+
+
+def test_quick_run_prints_every_workload_and_cleans_up(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(BENCH_CORE), "--quick", "--runs", "1", "--dir", str(scratch), "--json", str(report_path)],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for key in WORKLOAD_KEYS:
+        assert re.search(rf"^\s+{key}\s+[\d,]+ msg/s", done.stdout, re.MULTILINE), f"no figure for {key}:\n{output}"
+    assert re.search(r"^load avg\s+at start", done.stdout, re.MULTILINE), output
+    assert re.search(r"^load avg\s+at end", done.stdout, re.MULTILINE), output
+    report = json.loads(report_path.read_text())
+    assert sorted(report["workloads"]) == sorted(WORKLOAD_KEYS)
+    assert all(w["messages_per_s_median"] > 0 for w in report["workloads"].values())
+    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
