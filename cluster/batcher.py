@@ -206,7 +206,7 @@ class Batcher:
 
 
 def _fail_reason_name(code: int) -> str:
-    for name in ("QUEUE_FULL", "MISSING_LEADER", "DISCARDED", "NOT_LEADER", "LEADER_CHANGED", "REQUEST_DENIED"):
+    for name in ("QUEUE_FULL", "MISSING_LEADER", "DISCARDED", "NOT_LEADER", "LEADER_CHANGED", "REQUEST_DENIED", "UNKNOWN_OUTCOME"):
         if getattr(FAIL_REASON, name, None) == code:
             return name.lower()
     return f"raft error {code}"

@@ -155,7 +155,33 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("every raft_address and client_address must be unique")
         if len(self.peers) not in (0, 2, 4, 6):
             found.append(f"a cluster has 1, 3, 5 or 7 nodes; this one has {len(self.peers) + 1}")
+        addresses_named = [("raft_address", self.raft_address), ("client_address", self.client_address)]
+        addresses_named += [(f"peers[{p.id}].raft_address", p.raft_address) for p in self.peers]
+        addresses_named += [(f"peers[{p.id}].client_address", p.client_address) for p in self.peers]
+        if self.metrics_address:
+            addresses_named.append(("metrics_address", self.metrics_address))
+        for name, address in addresses_named:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                found.append(f"{name} must be HOST:PORT with a port in 1..65535, got {address!r}")
         r = self.raft
+        positive = [
+            ("raft.append_entries_period_s", r.append_entries_period_s),
+            ("raft.connection_timeout_s", r.connection_timeout_s),
+            ("raft.connection_retry_s", r.connection_retry_s),
+            ("raft.leader_fallback_timeout_s", r.leader_fallback_timeout_s),
+            ("raft.log_compaction_min_entries", r.log_compaction_min_entries),
+            ("raft.log_compaction_min_time_s", r.log_compaction_min_time_s),
+            ("raft.commands_queue_size", r.commands_queue_size),
+            ("raft.tick_period_s", r.tick_period_s),
+            ("batcher.commit_timeout_s", self.batcher.commit_timeout_s),
+            ("gateway.connections_max", self.gateway.connections_max),
+            ("gateway.subscribers_max", self.gateway.subscribers_max),
+            ("gateway.in_flight_per_session_max", self.gateway.in_flight_per_session_max),
+            ("gateway.hello_timeout_ms", self.gateway.hello_timeout_ms),
+            ("journal.disk_free_bytes_min", self.journal.disk_free_bytes_min + 1),
+        ]
+        found.extend(f"{name} must be > 0, got {value}" for name, value in positive if not value > 0)
         if not 0.05 <= r.election_timeout_min_s < r.election_timeout_max_s <= 60:
             found.append("raft election timeouts must satisfy 0.05 <= min < max <= 60")
         if r.append_entries_batch_bytes < 16 * limits.KIB:
@@ -217,6 +243,7 @@ def parse_config(raw: dict, *, source: str = "config") -> NodeConfig:
 def to_toml(config: NodeConfig) -> str:
     """The TOML text of a configuration (what ``raftseq cluster up`` writes)."""
     data = msgspec.to_builtins(config)
+    data.pop("insecure", None)  # a command-line flag, never a file setting
     lines: list[str] = []
     tables: list[tuple[str, dict]] = []
     arrays: list[tuple[str, list]] = []

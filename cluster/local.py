@@ -140,7 +140,7 @@ class LocalCluster:
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
-            body = to_toml(config).replace("insecure = true\n", "").replace("insecure = false\n", "")
+            body = to_toml(config)
             with open(path, "w") as f:
                 f.write(body)
             os.chmod(path, 0o600)

@@ -183,7 +183,11 @@ class Node:
         await self.gateway.start()
         try:
             self.replica = SequencerReplica(
-                self.config, self.core, on_applied=self._applied, on_restored=self._wake_subscribers
+                self.config,
+                self.core,
+                on_applied=self._applied,
+                on_restored=self._wake_subscribers,
+                votes_blocked_s=self.votes_blocked_s,
             )
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
             log.critical(
@@ -195,8 +199,6 @@ class Node:
             await self.gateway.stop()
             self.journal.close()
             raise RaftLogUnreadable(str(exc)) from None
-        if self.votes_blocked_s:
-            self.replica.raftseq_votes_blocked_until = time.monotonic() + self.votes_blocked_s
         self.catchup = CatchUp(self)
         if self.config.metrics_address:
             serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))

@@ -20,6 +20,10 @@ Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler
   index rises only to the last entry known to match the leader's log.
 * On a success reply the leader only ever moves a follower's ``nextIndex`` forwards.
 
+AppendEntries that carry one oversized entry in chunks (``transmission``) bypass the correction;
+the node never sends them, because every batch stays below ``appendEntriesBatchSizeBytes``
+(``NodeConfig.problems`` enforces it).
+
 The corrections are pinned to the exact pysyncobj version whose private names they use:
 importing this module with any other version fails loudly.
 """

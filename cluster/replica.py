@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -77,7 +78,11 @@ class SequencerReplica(CorrectedSyncObj):
         on_applied: Callable[[ApplyResult], None],
         on_role_changed: Callable[[str], None] | None = None,
         on_restored: Callable[[], None] | None = None,
+        votes_blocked_s: float = 0.0,
     ) -> None:
+        if votes_blocked_s:
+            # Set before pysyncobj starts answering messages.
+            self.raftseq_votes_blocked_until = time.monotonic() + votes_blocked_s
         self.node_config = config
         self.core = core
         self._on_applied = on_applied

@@ -1,0 +1,652 @@
+"""The leader's batcher: submits in, Raft log entries out, per-entry results back.
+
+A fake Raft records each proposal (decoded with ``sequencer.protocol.decode_batch``) and its
+completion callback; a test commits or fails a proposal by calling that callback, from another
+thread where pysyncobj would. The batcher runs on a real asyncio loop; tests wait for replies
+through futures, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+from pysyncobj import FAIL_REASON
+
+from cluster.batcher import Batcher, CommitOutcome, PendingSubmit
+from cluster.config import BatcherConfig
+from sequencer import protocol
+from sequencer.machine import ApplyResult, EntryResult, Outcome
+
+WAIT_S = 5.0  # upper bound on waiting for an event that should come at once
+
+
+# --- helpers: one per verb ------------------------------------------------------------------
+
+
+@dataclass
+class Proposal:
+    data: bytes
+    batch: protocol.Batch
+    callback: object
+    answered: bool = False
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return [(e.session, e.client_seq) for e in self.batch.entries]
+
+
+class FakeRaft:
+    """Records proposals; a test decides when and how each one ends."""
+
+    def __init__(self) -> None:
+        self.proposals: list[Proposal] = []
+        self.next_seq = 1
+
+    def propose(self, data: bytes, callback) -> None:
+        self.proposals.append(Proposal(data, protocol.decode_batch(data), callback))
+
+    def result_of(self, proposal: Proposal) -> ApplyResult:
+        """What ``machine.apply`` would return: every entry sequenced, numbers in order."""
+        first = self.next_seq
+        results = []
+        for entry in proposal.batch.entries:
+            results.append(EntryResult(entry.session, entry.client_seq, Outcome.SEQUENCED, self.next_seq))
+            self.next_seq += 1
+        return ApplyResult(results, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"")
+
+    def commit(self, proposal: Proposal, *, on_thread: bool = True) -> ApplyResult:
+        result = self.result_of(proposal)
+        self.finish(proposal, result, FAIL_REASON.SUCCESS, on_thread=on_thread)
+        return result
+
+    def fail(self, proposal: Proposal, error: int, *, on_thread: bool = True) -> None:
+        self.finish(proposal, None, error, on_thread=on_thread)
+
+    @staticmethod
+    def finish(proposal: Proposal, result, error: int, *, on_thread: bool = True) -> None:
+        """Call the completion callback, on another thread as pysyncobj does."""
+        proposal.answered = True
+        if on_thread:
+            thread = threading.Thread(target=proposal.callback, args=(result, error))
+            thread.start()
+            thread.join(WAIT_S)
+            assert not thread.is_alive()
+        else:
+            proposal.callback(result, error)
+
+
+@dataclass
+class Replies:
+    """Every reply a submit got, in arrival order, with the thread it arrived on."""
+
+    got: list[tuple[str, int, object]] = field(default_factory=list)
+    threads: set[int] = field(default_factory=set)
+    _waiters: list[tuple[int, asyncio.Future]] = field(default_factory=list)
+
+    def submit(self, session: str, client_seq: int, payload: bytes = b"x") -> PendingSubmit:
+        def reply(seq: int, outcome: object) -> None:
+            self.got.append((session, seq, outcome))
+            self.threads.add(threading.get_ident())
+            for count, waiter in self._waiters:
+                if len(self.got) >= count and not waiter.done():
+                    waiter.set_result(None)
+
+        return PendingSubmit(session, client_seq, payload, reply)
+
+    async def wait_for(self, count: int) -> None:
+        if len(self.got) >= count:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, waiter))
+        await asyncio.wait_for(waiter, WAIT_S)
+
+    def of(self, session: str, client_seq: int) -> list[object]:
+        return [outcome for s, c, outcome in self.got if (s, c) == (session, client_seq)]
+
+
+async def drain() -> None:
+    """Let the loop run every callback scheduled so far (call_soon callbacks run in order)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        done = loop.create_future()
+        loop.call_soon(done.set_result, None)
+        await done
+
+
+def make_batcher(raft: FakeRaft, *, clock_ns=None, start: bool = True, **limits) -> Batcher:
+    config = BatcherConfig(**limits)
+    kwargs = {"clock_ns": clock_ns} if clock_ns is not None else {}
+    batcher = Batcher(config, raft.propose, loop=asyncio.get_running_loop(), **kwargs)
+    if start:
+        batcher.start()
+    return batcher
+
+
+def run(test):
+    """Run an async test body on a fresh loop, bounded in time."""
+    asyncio.run(asyncio.wait_for(test(), 15))
+
+
+async def commit_everything(raft: FakeRaft, replies: Replies, batcher: Batcher) -> None:
+    """Commit proposals oldest first until nothing is in flight."""
+    while batcher.in_flight:
+        proposal = next(p for p in raft.proposals if not p.answered)
+        raft.commit(proposal)
+        await replies.wait_for(sum(len(p.batch.entries) for p in raft.proposals if p.answered))
+        await drain()
+
+
+def sizes(raft: FakeRaft) -> list[int]:
+    return [len(p.batch.entries) for p in raft.proposals]
+
+
+# --- natural batching -----------------------------------------------------------------------
+
+
+def test_one_submit_is_proposed_at_once_as_a_batch_of_one():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+
+        assert batcher.offer(replies.submit("alpha", 1, b"hello"))
+
+        assert sizes(raft) == [1]
+        assert raft.proposals[0].batch.entries == [protocol.Entry("alpha", 1, b"hello")]
+        assert raft.proposals[0].batch.format_version == protocol.BATCH_FORMAT_VERSION
+        assert (batcher.queued, batcher.in_flight) == (0, 1)
+        assert (batcher.batches_proposed, batcher.entries_proposed) == (1, 1)
+
+    run(story)
+
+
+def test_nothing_is_proposed_before_start():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, start=False)
+        for seq in (1, 2, 3):
+            assert batcher.offer(replies.submit("alpha", seq))
+        assert raft.proposals == [] and batcher.queued == 3
+
+        batcher.start()
+
+        assert sizes(raft) == [3]
+
+    run(story)
+
+
+def test_submits_wait_for_the_batch_in_flight_then_go_as_one_batch():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        batcher.offer(replies.submit("alpha", 1))
+        for seq in (2, 3, 4):
+            batcher.offer(replies.submit("alpha", seq))
+        batcher.offer(replies.submit("bravo", 1))
+        assert sizes(raft) == [1]
+        assert batcher.queued == 4
+
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+
+        assert sizes(raft) == [1, 4]
+        assert raft.proposals[1].keys == [("alpha", 2), ("alpha", 3), ("alpha", 4), ("bravo", 1)]
+        assert batcher.queued == 0
+
+    run(story)
+
+
+def test_a_full_batch_goes_out_while_one_is_in_flight_up_to_in_flight_max():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, entries_max=3, in_flight_max=2)
+        batcher.offer(replies.submit("alpha", 1))
+        assert sizes(raft) == [1]
+
+        for seq in (2, 3):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1], "a batch that is not full waits"
+        batcher.offer(replies.submit("alpha", 4))
+        assert sizes(raft) == [1, 3], "a full batch goes out while one is in flight"
+
+        for seq in range(5, 10):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1, 3], "no more than in_flight_max batches in flight"
+        assert batcher.in_flight == 2 and batcher.queued == 5
+
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        assert sizes(raft) == [1, 3, 3]
+        assert batcher.in_flight == 2 and batcher.queued == 2
+
+        raft.commit(raft.proposals[1])
+        await replies.wait_for(4)
+        await drain()
+        assert sizes(raft) == [1, 3, 3], "two queued submits wait behind the batch in flight"
+
+        raft.commit(raft.proposals[2])
+        await replies.wait_for(7)
+        await drain()
+        assert sizes(raft) == [1, 3, 3, 2]
+        assert [k for p in raft.proposals for k in p.keys] == [("alpha", s) for s in range(1, 10)]
+
+    run(story)
+
+
+def test_in_flight_max_of_one_proposes_one_batch_at_a_time():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, entries_max=2, in_flight_max=1)
+        for seq in range(1, 8):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1]
+
+        for n in range(1, 5):
+            raft.commit(raft.proposals[-1])
+            await replies.wait_for(sum(sizes(raft)))
+            await drain()
+            assert batcher.in_flight <= 1
+        assert sizes(raft) == [1, 2, 2, 2]
+
+    run(story)
+
+
+# --- the byte limit -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_encoded_batch_stays_within_bytes_max(seed):
+    rng = random.Random(seed)
+    bytes_max = rng.choice([600, 2048, 5000])
+
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, bytes_max=bytes_max, entries_max=50, start=False)
+        offered = []
+        for i in range(120):
+            session = "s" * rng.randint(1, protocol.limits.SESSION_BYTES_MAX)
+            client_seq = rng.choice([1, 200, 70_000, 2**40, 2**63 - 200]) + i
+            payload = bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+            assert batcher.offer(replies.submit(session, client_seq, payload))
+            offered.append((session, client_seq, payload))
+        batcher.start()
+
+        await commit_everything(raft, replies, batcher)
+
+        assert all(len(p.data) <= bytes_max for p in raft.proposals)
+        assert all(len(p.batch.entries) <= 50 for p in raft.proposals)
+        assert [(e.session, e.client_seq, e.payload) for p in raft.proposals for e in p.batch.entries] == offered
+        assert len(raft.proposals) > 2
+
+    run(story)
+
+
+def test_a_batch_full_by_bytes_goes_out_while_one_is_in_flight():
+    # A batch closes "when it reaches its count or byte limit" (DESIGN.md section 3): with
+    # large payloads the byte limit fills a batch long before entries_max does.
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, entries_max=1000, bytes_max=1000, in_flight_max=2)
+        batcher.offer(replies.submit("alpha", 1, b"a" * 400))
+        for seq in range(2, 8):
+            batcher.offer(replies.submit("alpha", seq, b"a" * 400))
+
+        assert len(raft.proposals) == 2, "a batch full by bytes waits for the one in flight"
+        assert sizes(raft) == [1, 2]
+
+    run(story)
+
+
+# --- the queue limit ------------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_the_submit():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, queue_entries_max=3)
+        assert batcher.offer(replies.submit("alpha", 1))  # proposed at once, not queued
+        for seq in (2, 3, 4):
+            assert batcher.offer(replies.submit("alpha", seq))
+
+        assert batcher.offer(replies.submit("alpha", 5)) is False
+        assert batcher.queued == 3
+        assert [k for p in raft.proposals for k in p.keys] == [("alpha", 1)]
+
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        assert batcher.queued == 0
+        assert batcher.offer(replies.submit("alpha", 5))
+        await drain()
+        assert replies.of("alpha", 5) == [], "a refused submit is never answered by the batcher"
+
+    run(story)
+
+
+# --- commits --------------------------------------------------------------------------------
+
+
+def test_a_commit_on_another_thread_replies_on_the_loop_in_order():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        observed = []
+        batcher.latency_observer = observed.append
+        batcher.offer(replies.submit("alpha", 1))
+        for session, seq in [("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]:
+            batcher.offer(replies.submit(session, seq))
+
+        first = raft.commit(raft.proposals[0], on_thread=True)
+        await replies.wait_for(1)
+        await drain()
+        second = raft.commit(raft.proposals[1], on_thread=True)
+        await replies.wait_for(5)
+
+        assert [(s, c) for s, c, _ in replies.got] == [("alpha", 1), ("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]
+        assert [outcome for _, _, outcome in replies.got] == first.results + second.results
+        assert [outcome.seq for _, _, outcome in replies.got] == [1, 2, 3, 4, 5]
+        assert replies.threads == {threading.get_ident()}, "replies arrive on the loop's thread"
+        assert len(observed) == 5 and all(seconds >= 0 for seconds in observed)
+        assert batcher.in_flight == 0 and batcher.batches_unknown == 0
+
+    run(story)
+
+
+def test_a_commit_reported_before_the_callback_returns_is_delivered_later_on_the_loop():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        batcher.offer(replies.submit("alpha", 1))
+
+        raft.commit(raft.proposals[0], on_thread=False)
+        assert replies.got == [], "the hand-off goes through the loop, never inline"
+        await replies.wait_for(1)
+        assert isinstance(replies.got[0][2], EntryResult)
+
+    run(story)
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (FAIL_REASON.LEADER_CHANGED, "leader_changed"),
+        (FAIL_REASON.NOT_LEADER, "not_leader"),
+        (FAIL_REASON.QUEUE_FULL, "queue_full"),
+        (FAIL_REASON.MISSING_LEADER, "missing_leader"),
+        (FAIL_REASON.DISCARDED, "discarded"),
+        (FAIL_REASON.REQUEST_DENIED, "request_denied"),
+        (99, "raft error 99"),
+    ],
+)
+def test_a_failed_commit_replies_outcome_unknown_with_the_reason(error, text):
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        batcher.offer(replies.submit("alpha", 1))
+        batcher.offer(replies.submit("alpha", 2))
+        batcher.offer(replies.submit("bravo", 1))
+
+        assert sizes(raft) == [1]
+        raft.fail(raft.proposals[0], error)
+        await replies.wait_for(1)
+
+        (session, seq, outcome), = replies.got
+        assert (session, seq) == ("alpha", 1)
+        assert isinstance(outcome, CommitOutcome)
+        assert outcome.result is None and outcome.error == text
+        assert batcher.batches_unknown == 1
+        await drain()
+        assert sizes(raft) == [1, 2], "the queue moves on after a failure"
+
+        raft.fail(raft.proposals[1], error)
+        await replies.wait_for(3)
+        assert [o.error for _, _, o in replies.got] == [text] * 3
+
+    run(story)
+
+
+@pytest.mark.parametrize("result", [None, "apply result with an error"], ids=["no-result", "not-applied"])
+def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        batcher.offer(replies.submit("alpha", 1))
+        applied = None if result is None else ApplyResult([], 0, 0, 0, b"", error="undecodable batch")
+
+        raft.finish(raft.proposals[0], applied, FAIL_REASON.SUCCESS)
+        await replies.wait_for(1)
+
+        outcome = replies.got[0][2]
+        assert isinstance(outcome, CommitOutcome) and outcome.error == "batch not applied"
+
+    run(story)
+
+
+# --- commit timeout -------------------------------------------------------------------------
+
+
+def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, commit_timeout_s=0.05)
+        observed = []
+        batcher.latency_observer = observed.append
+        batcher.offer(replies.submit("alpha", 1))
+        batcher.offer(replies.submit("alpha", 2))
+
+        await replies.wait_for(1)
+
+        (_, seq, outcome), = replies.got
+        assert seq == 1 and isinstance(outcome, CommitOutcome) and outcome.error == "commit timeout"
+        assert batcher.batches_unknown == 1
+        await drain()
+        assert sizes(raft) == [1, 1], "the queued submit is proposed once the first batch timed out"
+
+        raft.commit(raft.proposals[0])  # the late commit of the timed-out batch
+        raft.commit(raft.proposals[1])
+        await replies.wait_for(2)
+        await drain()
+
+        assert len(replies.of("alpha", 1)) == 1
+        assert isinstance(replies.of("alpha", 2)[0], EntryResult)
+        assert len(replies.got) == 2
+        assert len(observed) == 1
+
+    run(story)
+
+
+def test_a_commit_timeout_expires_each_batch_by_its_own_deadline():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, commit_timeout_s=0.2, entries_max=1, in_flight_max=2)
+        batcher.offer(replies.submit("alpha", 1))
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        batcher.offer(replies.submit("alpha", 2))
+        batcher.offer(replies.submit("alpha", 3))
+        assert sizes(raft) == [1, 1, 1]
+
+        raft.commit(raft.proposals[2])
+        await replies.wait_for(2)
+        await replies.wait_for(3)
+
+        assert isinstance(replies.of("alpha", 1)[0], EntryResult)
+        assert isinstance(replies.of("alpha", 3)[0], EntryResult)
+        assert replies.of("alpha", 2)[0].error == "commit timeout"
+        assert batcher.in_flight == 0 and batcher.batches_unknown == 1
+
+    run(story)
+
+
+# --- stop -----------------------------------------------------------------------------------
+
+
+def test_stop_answers_queued_and_in_flight_submits_exactly_once():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, entries_max=2, in_flight_max=2, commit_timeout_s=0.05)
+        for seq in range(1, 7):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1, 2] and batcher.queued == 3
+
+        batcher.stop("no longer leader")
+
+        assert len(replies.got) == 6
+        assert sorted(c for _, c, _ in replies.got) == list(range(1, 7))
+        assert all(isinstance(o, CommitOutcome) and o.error == "no longer leader" for _, _, o in replies.got)
+        assert (batcher.queued, batcher.in_flight, batcher.batches_unknown) == (0, 0, 2)
+
+        # Late commits and the commit-timeout timer change nothing.
+        raft.commit(raft.proposals[0])
+        raft.fail(raft.proposals[1], FAIL_REASON.LEADER_CHANGED)
+        expired = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.1, expired.set_result, None)
+        await asyncio.wait_for(expired, WAIT_S)
+        await drain()
+        assert len(replies.got) == 6
+        assert sizes(raft) == [1, 2]
+
+    run(story)
+
+
+def test_after_stop_and_start_new_submits_are_proposed_again():
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        batcher.offer(replies.submit("alpha", 1))
+        batcher.stop("no longer leader")
+        batcher.offer(replies.submit("alpha", 2))
+        assert sizes(raft) == [1] and batcher.queued == 1
+
+        batcher.start()
+
+        assert sizes(raft) == [1, 1]
+        raft.commit(raft.proposals[1])
+        await replies.wait_for(2)
+        assert isinstance(replies.of("alpha", 2)[0], EntryResult)
+
+    run(story)
+
+
+# --- leader time ----------------------------------------------------------------------------
+
+
+def test_leader_time_never_decreases_when_the_clock_goes_backwards():
+    readings = iter([1_000, 500, 2_000, 1_999, 2_000, 10, 3_000])
+
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, clock_ns=lambda: next(readings))
+        for seq in range(1, 8):
+            batcher.offer(replies.submit("alpha", seq))
+            raft.commit(raft.proposals[-1])
+            await replies.wait_for(seq)
+
+        times = [p.batch.leader_time_ns for p in raft.proposals]
+        assert times == [1_000, 1_000, 2_000, 2_000, 2_000, 2_000, 3_000]
+
+    run(story)
+
+
+def test_leader_time_stays_monotonic_across_stop_and_start():
+    readings = iter([5_000, 4_000])
+
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft, clock_ns=lambda: next(readings))
+        batcher.offer(replies.submit("alpha", 1))
+        batcher.stop("no longer leader")
+        batcher.start()
+        batcher.offer(replies.submit("alpha", 2))
+
+        assert [p.batch.leader_time_ns for p in raft.proposals] == [5_000, 5_000]
+
+    run(story)
+
+
+# --- the gateway's use of the batcher -------------------------------------------------------
+
+
+def test_offer_without_proposing_then_flush_makes_one_batch():
+    # cluster/gateway.py queues every submit of one frame with ``offer(..., propose=False)``
+    # and then calls ``flush()``, so that a frame of submits becomes one batch.
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+        for seq in (1, 2, 3):
+            assert batcher.offer(replies.submit("alpha", seq), propose=False)
+        assert raft.proposals == []
+
+        batcher.flush()
+
+        assert sizes(raft) == [3]
+
+    run(story)
+
+
+# --- a seeded random history ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_histories_answer_every_submit_exactly_once(seed):
+    rng = random.Random(seed)
+    clock = [10_000]
+
+    def clock_ns() -> int:
+        clock[0] += rng.randint(-50, 100)
+        return clock[0]
+
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        entries_max, in_flight_max = rng.randint(1, 6), rng.randint(1, 3)
+        batcher = make_batcher(
+            raft, clock_ns=clock_ns, entries_max=entries_max, in_flight_max=in_flight_max, bytes_max=400, queue_entries_max=12
+        )
+        accepted: list[tuple[str, int]] = []
+        next_seq = {"alpha": 1, "bravo": 1}
+        for _ in range(300):
+            action = rng.random()
+            if action < 0.5:
+                session = rng.choice(["alpha", "bravo"])
+                submit = replies.submit(session, next_seq[session], b"p" * rng.randint(0, 120))
+                if batcher.offer(submit):
+                    accepted.append((session, next_seq[session]))
+                    next_seq[session] += 1
+            elif action < 0.9:
+                open_ = [p for p in raft.proposals if not p.answered]
+                if open_:
+                    proposal = rng.choice(open_[:2])
+                    if rng.random() < 0.8:
+                        raft.commit(proposal, on_thread=rng.random() < 0.5)
+                    else:
+                        raft.fail(proposal, FAIL_REASON.LEADER_CHANGED, on_thread=rng.random() < 0.5)
+                    await drain()
+            elif action < 0.95:
+                batcher.stop("no longer leader")
+                batcher.start()
+            assert batcher.in_flight <= in_flight_max
+        batcher.stop("node shutting down")
+        await drain()
+
+        answered = [(s, c) for s, c, _ in replies.got]
+        assert sorted(answered) == sorted(accepted), "every accepted submit answered exactly once"
+        proposed = [k for p in raft.proposals for k in p.keys]
+        assert len(proposed) == len(set(proposed)), "no submit proposed twice"
+        for session in ("alpha", "bravo"):
+            mine = [c for s, c in proposed if s == session]
+            assert mine == sorted(mine), "a session's submits are proposed in client_seq order"
+        for proposal in raft.proposals:
+            assert 1 <= len(proposal.batch.entries) <= entries_max
+            assert len(proposal.data) <= 400
+        times = [p.batch.leader_time_ns for p in raft.proposals]
+        assert times == sorted(times)
+        for session, client_seq, outcome in replies.got:
+            if isinstance(outcome, EntryResult):
+                assert (outcome.session, outcome.client_seq) == (session, client_seq)
+
+    run(story)

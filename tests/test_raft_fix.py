@@ -1,0 +1,450 @@
+"""The correction of pysyncobj 0.3.17's log replication (``cluster.raft_fix``).
+
+Each scenario drives a Raft member directly, without a network: a follower (or a leader) is
+built with ``autoTick=False`` on a free loopback port, and crafted Raft messages are handed to
+its message handler as if they came from the other member. Where pysyncobj's own behaviour
+differs from Raft's rules, the scenario runs on both classes: the unmodified ``SyncObj`` shows
+the fault (so the scenario really reproduces it), ``CorrectedSyncObj`` does not.
+
+A follower's log starts with one entry, index 1 term 0. Entries are ``(command, index, term)``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from cluster.raft_fix import CORRECTED_VERSION, CorrectedSyncObj
+
+ROOT = Path(__file__).resolve().parents[1]
+LEADER_STATE = 2
+
+
+class PlainMember(SyncObj):
+    """A member on pysyncobj's unmodified replication."""
+
+    @replicated
+    def apply_entry(self, batch):
+        return batch
+
+
+class CorrectedMember(CorrectedSyncObj):
+    """A member on raftseq's corrected replication."""
+
+    @replicated
+    def apply_entry(self, batch):
+        return batch
+
+
+BOTH = pytest.mark.parametrize("member_class", [PlainMember, CorrectedMember], ids=["unmodified", "corrected"])
+
+
+# --- helpers: one per verb ------------------------------------------------------------------
+
+
+def free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def make_member(tmp_path):
+    """Build members bound to free loopback ports; every one is destroyed at the end."""
+    built = []
+
+    def make(member_class, *, journal_file: bool = False):
+        address, peer_address = free_address(), free_address()
+        conf = SyncObjConf(
+            autoTick=False,
+            bindAddress=address,
+            journalFile=str(tmp_path / f"raft-{len(built)}.log") if journal_file else None,
+            dynamicMembershipChange=False,
+        )
+        member = member_class(address, [peer_address], conf)
+        built.append(member)
+        return member, TCPNode(peer_address)
+
+    yield make
+    for member in built:
+        member.destroy()
+
+
+def command(index: int, term: int, tag: str = "") -> bytes:
+    return f"batch {index} of term {term}{tag}".encode()
+
+
+def entries(first: int, last: int, term: int, tag: str = "") -> list[tuple[bytes, int, int]]:
+    return [(command(i, term, tag), i, term) for i in range(first, last + 1)]
+
+
+def append(member, leader, *, term, prev_idx, prev_term, new_entries=(), commit_index=1) -> None:
+    member._SyncObj__onMessageReceived(
+        leader,
+        {
+            "type": "append_entries",
+            "term": term,
+            "commit_index": commit_index,
+            "prevLogIdx": prev_idx,
+            "prevLogTerm": prev_term,
+            "entries": list(new_entries),
+        },
+    )
+
+
+def heartbeat(member, leader, *, term, prev_idx, prev_term, commit_index=1) -> None:
+    """An AppendEntries without entries, as pysyncobj's leader sends it."""
+    member._SyncObj__onMessageReceived(
+        leader,
+        {"type": "append_entries", "term": term, "commit_index": commit_index, "prevLogIdx": prev_idx, "prevLogTerm": prev_term},
+    )
+
+
+def log_of(member) -> list[tuple[bytes, int, int]]:
+    raft_log = member._SyncObj__raftLog
+    return [tuple(raft_log[i]) for i in range(len(raft_log))]
+
+
+def log_end(member) -> int:
+    return member._SyncObj__raftLog[-1][1]
+
+
+def commit_index(member) -> int:
+    return member._SyncObj__raftCommitIndex
+
+
+def counter(member, name: str) -> int:
+    return getattr(member, name, 0)
+
+
+def follower_holding_2_to_21(make_member, member_class, *, journal_file=False):
+    """A follower that accepted 2..11 and then 12..21 from the leader of term 1."""
+    member, leader = make_member(member_class, journal_file=journal_file)
+    assert log_of(member) == [(log_of(member)[0][0], 1, 0)]
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    append(member, leader, term=1, prev_idx=11, prev_term=1, new_entries=entries(12, 21, 1))
+    assert log_end(member) == 21
+    return member, leader
+
+
+# --- a. a stale AppendEntries must not shrink a follower's log -----------------------------
+
+
+@BOTH
+@pytest.mark.parametrize("journal_file", [False, True], ids=["memory-log", "file-log"])
+def test_stale_append_entries_does_not_shrink_the_log(make_member, member_class, journal_file):
+    member, leader = follower_holding_2_to_21(make_member, member_class, journal_file=journal_file)
+    before = log_of(member)
+
+    # The leader's first append of 2..6, delivered after the follower accepted 2..21.
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 6, 1))
+
+    if member_class is PlainMember:
+        assert log_end(member) == 6, "the unmodified class no longer shows the shrink"
+    else:
+        assert log_end(member) == 21
+        assert log_of(member) == before
+        assert member.raftseq_matching_entries_kept == 5
+        assert member.raftseq_truncations_refused == 1
+
+
+@BOTH
+def test_stale_append_entries_reaching_past_the_log_end_adds_only_the_new_entries(make_member, member_class):
+    member, leader = follower_holding_2_to_21(make_member, member_class)
+    before = log_of(member)
+
+    append(member, leader, term=1, prev_idx=6, prev_term=1, new_entries=entries(7, 25, 1))
+
+    assert log_end(member) == 25
+    assert log_of(member) == before + entries(22, 25, 1)
+    if member_class is CorrectedMember:
+        assert member.raftseq_matching_entries_kept == 15
+        assert member.raftseq_truncations_refused == 0
+
+
+# --- b. a heartbeat with an old prevLogIdx must not truncate --------------------------------
+
+
+@BOTH
+def test_heartbeat_with_old_prev_log_idx_does_not_truncate(make_member, member_class):
+    member, leader = follower_holding_2_to_21(make_member, member_class)
+    before = log_of(member)
+
+    heartbeat(member, leader, term=1, prev_idx=6, prev_term=1)
+
+    if member_class is PlainMember:
+        assert log_end(member) == 6, "the unmodified class no longer shows the shrink"
+    else:
+        assert log_of(member) == before
+        assert member.raftseq_truncations_refused == 1
+        assert member.raftseq_matching_entries_kept == 0
+
+
+@BOTH
+def test_heartbeat_with_mismatching_prev_log_term_changes_nothing(make_member, member_class):
+    member, leader = follower_holding_2_to_21(make_member, member_class)
+    before = log_of(member)
+
+    heartbeat(member, leader, term=2, prev_idx=6, prev_term=2, commit_index=21)
+
+    assert log_of(member) == before
+    assert commit_index(member) == 1
+
+
+# --- c. a genuine conflict is still truncated and replaced ----------------------------------
+
+
+@BOTH
+def test_conflicting_entries_are_replaced_from_the_first_conflict(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    own = log_of(member)
+
+    # The leader of term 2 holds 2..4 of term 1, then its own 5..7.
+    new = entries(2, 4, 1) + entries(5, 7, 2, tag=" (new leader)")
+    append(member, leader, term=2, prev_idx=1, prev_term=0, new_entries=new)
+
+    assert log_end(member) == 7
+    assert log_of(member) == own[:4] + entries(5, 7, 2, tag=" (new leader)")
+    if member_class is CorrectedMember:
+        assert member.raftseq_matching_entries_kept == 3
+        assert member.raftseq_truncations_refused == 0
+
+
+@BOTH
+def test_conflict_right_after_prev_log_idx_truncates_the_longer_tail(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    own = log_of(member)
+
+    append(member, leader, term=2, prev_idx=4, prev_term=1, new_entries=entries(5, 5, 2))
+
+    assert log_of(member) == own[:4] + entries(5, 5, 2)
+
+
+@BOTH
+def test_conflict_on_the_first_entry_sent_replaces_everything_after_prev(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    first = log_of(member)[0]
+
+    append(member, leader, term=2, prev_idx=1, prev_term=0, new_entries=entries(2, 3, 2))
+
+    assert log_of(member) == [first] + entries(2, 3, 2)
+    if member_class is CorrectedMember:
+        assert member.raftseq_matching_entries_kept == 0
+
+
+# --- d. the commit index rises only over entries known to match -----------------------------
+
+
+@BOTH
+def test_commit_index_stops_at_the_verified_end_over_older_term_entries(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    assert commit_index(member) == 1
+
+    # A new leader (term 2) proves the follower's log matches up to 6 only; 7..11 are of
+    # term 1 and may be absent from the new leader's log.
+    heartbeat(member, leader, term=2, prev_idx=6, prev_term=1, commit_index=11)
+
+    assert commit_index(member) == 6
+    if member_class is CorrectedMember:
+        assert log_end(member) == 11, "entries beyond the verified end are kept, not committed"
+    else:
+        assert log_end(member) == 6
+
+
+@BOTH
+def test_commit_index_stops_at_the_verified_end_of_a_stale_append(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+
+    append(member, leader, term=2, prev_idx=1, prev_term=0, new_entries=entries(2, 4, 1), commit_index=11)
+
+    assert commit_index(member) == 4
+
+
+@BOTH
+def test_entries_of_the_leaders_term_beyond_the_message_are_verified_by_log_matching(make_member, member_class):
+    member, leader = make_member(member_class)
+    append(member, leader, term=2, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 2))
+
+    # The same leader (term 2) sent 2..11 itself: its log holds them all.
+    heartbeat(member, leader, term=2, prev_idx=6, prev_term=2, commit_index=11)
+
+    if member_class is CorrectedMember:
+        assert log_end(member) == 11
+        assert commit_index(member) == 11
+    else:
+        assert log_end(member) == 6
+        assert commit_index(member) == 6
+
+
+def test_commit_index_never_goes_down(make_member):
+    member, leader = make_member(CorrectedMember)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1), commit_index=9)
+    assert commit_index(member) == 9
+
+    heartbeat(member, leader, term=2, prev_idx=4, prev_term=1, commit_index=11)
+
+    assert commit_index(member) == 9
+    assert log_end(member) == 11
+
+
+# --- e. the leader never moves nextIndex backwards on success -------------------------------
+
+
+def leader_with_two_appends_in_flight(make_member, member_class):
+    member, follower = make_member(member_class)
+    member._SyncObj__raftState = LEADER_STATE
+    member._SyncObj__raftNextIndex[follower] = 21
+    member._SyncObj__raftMatchIndex[follower] = 0
+    member._SyncObj__lastResponseTime[follower] = 0
+    return member, follower
+
+
+def next_node_idx(member, follower, *, next_idx, success, reset) -> None:
+    member._SyncObj__onMessageReceived(
+        follower, {"type": "next_node_idx", "next_node_idx": next_idx, "success": success, "reset": reset}
+    )
+
+
+@BOTH
+def test_success_reply_for_an_early_append_keeps_next_index(make_member, member_class):
+    member, follower = leader_with_two_appends_in_flight(make_member, member_class)
+
+    next_node_idx(member, follower, next_idx=11, success=True, reset=False)
+
+    assert member._SyncObj__raftMatchIndex[follower] == 10
+    assert member._SyncObj__lastResponseTime[follower] > 0
+    if member_class is PlainMember:
+        assert member._SyncObj__raftNextIndex[follower] == 11, "the unmodified class no longer rewinds"
+    else:
+        assert member._SyncObj__raftNextIndex[follower] == 21
+        assert member.raftseq_next_index_rewinds_refused == 1
+
+
+@BOTH
+def test_success_reply_beyond_next_index_moves_it_forwards(make_member, member_class):
+    member, follower = leader_with_two_appends_in_flight(make_member, member_class)
+
+    next_node_idx(member, follower, next_idx=26, success=True, reset=False)
+
+    assert member._SyncObj__raftMatchIndex[follower] == 25
+    assert member._SyncObj__raftNextIndex[follower] == 26
+    assert counter(member, "raftseq_next_index_rewinds_refused") == 0
+
+
+@BOTH
+def test_failure_reply_with_reset_still_moves_next_index_back(make_member, member_class):
+    member, follower = leader_with_two_appends_in_flight(make_member, member_class)
+
+    next_node_idx(member, follower, next_idx=5, success=False, reset=True)
+
+    assert member._SyncObj__raftNextIndex[follower] == 5
+    assert member._SyncObj__raftMatchIndex[follower] == 0
+    assert counter(member, "raftseq_next_index_rewinds_refused") == 0
+
+
+# --- counters ---------------------------------------------------------------------------------
+
+
+def test_counters_stay_at_zero_on_in_order_replication(make_member):
+    member, leader = make_member(CorrectedMember)
+    assert (member.raftseq_matching_entries_kept, member.raftseq_truncations_refused) == (0, 0)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    append(member, leader, term=1, prev_idx=11, prev_term=1, new_entries=entries(12, 21, 1), commit_index=11)
+    heartbeat(member, leader, term=1, prev_idx=21, prev_term=1, commit_index=21)
+
+    assert log_end(member) == 21
+    assert commit_index(member) == 21
+    assert member.raftseq_matching_entries_kept == 0
+    assert member.raftseq_truncations_refused == 0
+    assert member.raftseq_next_index_rewinds_refused == 0
+
+
+def test_counters_add_up_over_repeated_stale_messages(make_member):
+    member, leader = follower_holding_2_to_21(make_member, CorrectedMember)
+
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 6, 1))
+    append(member, leader, term=1, prev_idx=11, prev_term=1, new_entries=entries(12, 14, 1))
+    heartbeat(member, leader, term=1, prev_idx=3, prev_term=1)
+
+    assert log_end(member) == 21
+    assert member.raftseq_matching_entries_kept == 5 + 3
+    assert member.raftseq_truncations_refused == 3
+    # Counters belong to the member, not to the class.
+    assert CorrectedSyncObj.raftseq_matching_entries_kept == 0
+    assert CorrectedSyncObj.raftseq_truncations_refused == 0
+
+
+# --- f. the correction is pinned to the exact pysyncobj version -----------------------------
+
+
+def import_with_version(version: str) -> subprocess.CompletedProcess:
+    script = (
+        "import pysyncobj.version\n"
+        f"pysyncobj.version.VERSION = {version!r}\n"
+        "try:\n"
+        "    import cluster.raft_fix\n"
+        "except ImportError as exc:\n"
+        "    print('ImportError:', exc)\n"
+        "    raise SystemExit(3)\n"
+        "print('imported')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_import_with_another_pysyncobj_version_fails_loudly():
+    run = import_with_version("0.3.18")
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "0.3.18" in run.stdout and CORRECTED_VERSION in run.stdout
+
+
+def test_import_with_the_pinned_version_succeeds():
+    run = import_with_version(CORRECTED_VERSION)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "imported"
+
+
+
+# --- no votes while the vote given in the current term may have been forgotten ----------------
+
+
+def request_vote(member, candidate, *, term) -> None:
+    member._SyncObj__onMessageReceived(
+        candidate, {"type": "request_vote", "term": term, "last_log_term": 0, "last_log_index": 1}
+    )
+
+
+def test_a_member_votes_when_votes_are_not_blocked(make_member):
+    member, candidate = make_member(CorrectedMember)
+
+    request_vote(member, candidate, term=3)
+
+    assert member._SyncObj__votedForNodeId == candidate.id
+    assert member._SyncObj__raftCurrentTerm == 3
+
+
+def test_a_member_casts_no_vote_while_votes_are_blocked(make_member):
+    member, candidate = make_member(CorrectedMember)
+    member.raftseq_votes_blocked_until = time.monotonic() + 60
+
+    request_vote(member, candidate, term=3)
+
+    assert member._SyncObj__votedForNodeId is None
+
+    member.raftseq_votes_blocked_until = time.monotonic() - 1
+    request_vote(member, candidate, term=4)
+
+    assert member._SyncObj__votedForNodeId == candidate.id
