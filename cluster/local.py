@@ -88,8 +88,17 @@ def free_base_port(rng=None) -> int:
     import socket
 
     rng = rng or random.Random()
+    # Stay below the kernel's ephemeral range: a port there can be taken by any outgoing
+    # connection (even one to itself) before a node binds it.
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    top = max(10010, min(low, 65536) - 210)
     for _ in range(200):
-        base = rng.randrange(20000, 60000, 10)
+        base = rng.randrange(10000, top, 10)
         ports = [base + off for off in (1, 2, 3, 101, 102, 103, 201, 202, 203)]
         sockets = []
         try:

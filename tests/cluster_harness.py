@@ -1,0 +1,382 @@
+"""Real raftseq nodes on loopback, one helper per verb: start a cluster, find its leader, kill
+and restart nodes, wait until every node holds the same stream, read the journals, record what
+subscribers see, and speak raw frames to a node.
+
+Every wait has a deadline and every loop a bound; ``running_cluster`` always stops the nodes it
+started, whatever the test did. The base port comes from a seeded generator; the seed and the
+ports are printed (``RAFTSEQ_TEST_SEED=N`` replays them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from clients import Message, SequencerClient, subscribe
+from cluster.local import LocalCluster, free_base_port
+from cluster.status import gather_status
+from sequencer import protocol
+from sequencer.journal import Journal, VerifyReport, list_segment_files, verify_journal
+
+LEADER_TIMEOUT_S = 15.0
+POLL_INTERVAL_S = 0.05
+STATUS_TIMEOUT_S = 1.0
+LOG_TAIL_LINES = 25
+
+
+def run_seed() -> int:
+    """The seed of this run's port choices: ``RAFTSEQ_TEST_SEED`` or fresh (and printed)."""
+    text = os.environ.get("RAFTSEQ_TEST_SEED", "")
+    return int(text) if text else random.SystemRandom().randrange(1, 2**31)
+
+
+class ClusterHarness:
+    """A started ``LocalCluster`` and the verbs of a cluster scenario."""
+
+    def __init__(self, cluster: LocalCluster, *, seed: int, base_port: int) -> None:
+        self.cluster = cluster
+        self.seed = seed
+        self.base_port = base_port
+
+    # --- who is where ---------------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.cluster.endpoints
+
+    @property
+    def token(self) -> str:
+        return self.cluster.token
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [n.config.id for n in self.cluster.nodes]
+
+    def endpoint(self, node_id: str) -> str:
+        return self.cluster.node(node_id).config.client_address
+
+    def pid(self, node_id: str) -> int | None:
+        process = self.cluster.node(node_id).process
+        return process.pid if process is not None else None
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, base port {self.base_port}\n{self.cluster.describe()}"
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """``{"leader": address, "nodes": [...]}`` as ``raftseq status`` sees it."""
+        return gather_status(self.endpoints, token=self.token, timeout_s=STATUS_TIMEOUT_S)
+
+    def wait_for_leader(self, *, timeout_s: float = LEADER_TIMEOUT_S, exclude: Sequence[str] = ()) -> dict:
+        """The status entry of a leader that every reachable node names (and that is not in
+        `exclude`). Raises ``AssertionError`` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        report: dict = {}
+        while time.monotonic() < deadline:
+            report = self.status()
+            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
+            leaders = [n for n in up if n["role"] == "leader" and n["id"] not in exclude]
+            if len(leaders) == 1 and all(n["leader"] == leaders[0]["address"] for n in up):
+                return leaders[0]
+            time.sleep(POLL_INTERVAL_S)
+        raise AssertionError(f"no leader within {timeout_s} s; last status {report}\n{self.sockets()}\n{self.log_tails()}")
+
+    def wait_converged(self, last_seq: int, *, timeout_s: float = 30.0) -> dict:
+        """Every node reachable and reporting ``last_seq``. Returns the status."""
+        deadline = time.monotonic() + timeout_s
+        report: dict = {}
+        while time.monotonic() < deadline:
+            report = self.status()
+            if all(n.get("last_seq") == last_seq for n in report["nodes"]):
+                return report
+            time.sleep(POLL_INTERVAL_S)
+        raise AssertionError(f"nodes did not all reach last_seq {last_seq} in {timeout_s} s: {report}\n{self.log_tails()}")
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def kill(self, node_id: str) -> int:
+        """SIGKILL one node (and reap it). Returns its pid."""
+        pid = self.cluster.kill(node_id)
+        print(f"killed {node_id} (pid {pid}) with SIGKILL", flush=True)
+        return pid
+
+    def restart(self, node_id: str) -> None:
+        self.cluster.restart_node(node_id)
+        print(f"restarted {node_id} (pid {self.pid(node_id)})", flush=True)
+
+    def stop(self) -> None:
+        """SIGTERM every running node (SIGKILL after the grace period) and reap them."""
+        self.cluster.stop()
+
+    # --- logs -----------------------------------------------------------------------------
+
+    def sockets(self) -> str:
+        """``ss`` lines of the TCP sockets on this cluster's ports (for a failure message)."""
+        ports = set()
+        for node in self.cluster.nodes:
+            c = node.config
+            ports |= {a.rsplit(":", 1)[1] for a in (c.client_address, c.raft_address, c.metrics_address) if a}
+        try:
+            out = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"(ss failed: {exc})"
+        lines = [line for line in out.splitlines() if any(f":{p} " in line for p in ports)]
+        return "--- sockets on the cluster's ports ---\n" + "\n".join(lines)
+
+    def log_text(self, node_id: str) -> str:
+        try:
+            with open(self.cluster.node(node_id).log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, node_id: str, text: str, *, timeout_s: float = 20.0) -> str:
+        """The first line of `node_id`'s log containing `text` (polled until `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.log_text(node_id).splitlines():
+                if text in line:
+                    return line
+            time.sleep(POLL_INTERVAL_S)
+        raise AssertionError(f"{node_id} never logged {text!r} within {timeout_s} s\n{self.log_tails()}")
+
+    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
+        parts = []
+        for node_id in self.node_ids:
+            tail = self.log_text(node_id).splitlines()[-lines:]
+            parts.append(f"--- {node_id} log (last {len(tail)} lines) ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    # --- journals (read after stop) -------------------------------------------------------
+
+    def journal_dir(self, node_id: str) -> str:
+        return self.cluster.node(node_id).config.journal_dir
+
+    def raft_dir(self, node_id: str) -> str:
+        return self.cluster.node(node_id).config.raft_dir
+
+    def read_journal(self, node_id: str) -> JournalContents:
+        directory = self.journal_dir(node_id)
+        journal = Journal.open(directory, readonly=True)
+        try:
+            assert not journal.recovery.bytes_cut, f"{node_id}: torn journal tail {journal.recovery}"
+            records = list(journal.records())
+            first, last = journal.first_seq, journal.last_seq
+            holes = list(journal.holes)
+        finally:
+            journal.close()
+        segments = b""
+        for _, path in list_segment_files(directory):
+            with open(path, "rb") as f:
+                segments += f.read()
+        return JournalContents(node_id, records, segments, verify_journal(directory), first, last, holes)
+
+
+@dataclass
+class JournalContents:
+    node_id: str
+    records: list[protocol.Delivered]
+    #: Every segment file, in order, concatenated: the stream byte for byte.
+    segment_bytes: bytes
+    report: VerifyReport
+    first_seq: int
+    last_seq: int
+    holes: list[tuple[int, int]]
+
+
+# --- the fixture ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def running_cluster(tmp_path, request) -> ClusterHarness:
+    """A running three-node cluster with a leader. Overrides of the node config come from
+    indirect parametrization: ``@pytest.mark.parametrize("running_cluster", [{...}], indirect=True)``.
+    Every node is stopped at teardown, also when the test (or the start) failed."""
+    overrides = getattr(request, "param", None)
+    seed = run_seed()
+    base_port = free_base_port(random.Random(seed))
+    local = LocalCluster(str(tmp_path / "c"), base_port, insecure=False, restart=False, overrides=overrides)
+    harness = ClusterHarness(local, seed=seed, base_port=base_port)
+    print(f"cluster: seed {seed}, base port {base_port}, overrides {overrides}, data {local.data_dir}", flush=True)
+    try:
+        local.start()
+        started = time.monotonic()
+        leader = harness.wait_for_leader()
+        print(f"leader {leader['id']} after {time.monotonic() - started:.2f} s", flush=True)
+        print(harness.describe(), flush=True)
+        yield harness
+    finally:
+        harness.stop()
+        print(harness.log_tails(), flush=True)
+
+
+# --- clients ----------------------------------------------------------------------------
+
+
+async def pipeline(
+    client: SequencerClient,
+    payloads: Sequence[bytes],
+    *,
+    timeout_s: float,
+    on_ack: Callable[[asyncio.Future], None] | None = None,
+) -> list[int]:
+    """Submit every payload with ``submit_nowait`` (waiting for room in the client's window)
+    and return their sequence numbers, in order. Raises ``TimeoutError`` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    futures = []
+    for payload in payloads:
+        await asyncio.wait_for(client.wait_for_room(), max(0.0, deadline - time.monotonic()))
+        future = client.submit_nowait(payload)
+        if on_ack is not None:
+            future.add_done_callback(on_ack)
+        futures.append(future)
+    return list(await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic())))
+
+
+class StreamRecorder:
+    """A subscriber (``clients.subscribe``) that keeps every message it receives."""
+
+    def __init__(self, endpoints: Sequence[str], *, token: str, from_seq: int = 1, prefer: str = "", session: str = "recorder") -> None:
+        self.endpoints = list(endpoints)
+        self.token = token
+        self.from_seq = from_seq
+        self.prefer = prefer
+        self.session = session
+        self.messages: list[Message] = []
+        self.error: BaseException | None = None
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> StreamRecorder:
+        self._task = asyncio.create_task(self._run(), name=f"recorder-{self.session}")
+        return self
+
+    async def _run(self) -> None:
+        try:
+            async for message in subscribe(
+                self.endpoints, from_seq=self.from_seq, token=self.token, session=self.session, prefer=self.prefer
+            ):
+                self.messages.append(message)
+                self._progress.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_until
+            self.error = exc
+            self._progress.set()
+
+    @property
+    def last_seq(self) -> int:
+        return self.messages[-1].seq if self.messages else self.from_seq - 1
+
+    async def wait_until(self, seq: int, *, timeout_s: float) -> None:
+        """Return once a message numbered `seq` (or later) arrived."""
+        deadline = time.monotonic() + timeout_s
+        while self.last_seq < seq and self.error is None:
+            self._progress.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"subscriber {self.session} reached {self.last_seq}, not {seq}, in {timeout_s} s")
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                pass
+        if self.error is not None:
+            raise AssertionError(f"subscriber {self.session} failed: {self.error!r}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+# --- raw frames -------------------------------------------------------------------------
+
+
+class RawConnection:
+    """A plain socket to a node's client port, speaking frames by hand."""
+
+    def __init__(self, address: str, *, timeout_s: float = 5.0) -> None:
+        host, port = address.rsplit(":", 1)
+        self.address = address
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+        self.reader = protocol.FrameReader("node")
+        self.buffered: list = []
+        self.closed_by_node = False
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_frame(self, frame: object) -> None:
+        self.send(protocol.encode_frame(frame))
+
+    def hello(self, session: str, token: str, *, version: int = protocol.PROTOCOL_VERSION) -> object:
+        """Send a hello; return the first answer (``Welcome`` or ``Rejected``)."""
+        self.send_frame(protocol.Hello(session, token, version))
+        frame = self.next_frame()
+        assert frame is not None, f"{self.address} closed the connection without answering the hello"
+        return frame
+
+    def _receive(self, deadline: float) -> bool:
+        """Read once; False when the node closed the connection or the deadline passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self.closed_by_node:
+            return False
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed_by_node = True
+            return False
+        for frame in self.reader.feed(data):
+            assert not isinstance(frame, protocol.FrameError), f"bad frame from {self.address}: {frame}"
+            self.buffered.append(frame)
+        return True
+
+    def next_frame(self, *, timeout_s: float = 5.0, skip_heartbeats: bool = True) -> object | None:
+        """The next frame (heartbeats skipped), or None if the node closed the connection.
+        Raises ``AssertionError`` when nothing came within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while self.buffered:
+                frame = self.buffered.pop(0)
+                if not (skip_heartbeats and isinstance(frame, protocol.Heartbeat)):
+                    return frame
+            if not self._receive(deadline):
+                if self.closed_by_node:
+                    return None
+                raise AssertionError(f"no frame from {self.address} within {timeout_s} s")
+
+    def frames_until_closed(self, *, timeout_s: float = 5.0) -> list:
+        """Every frame until the node closes the connection (heartbeats skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.closed_by_node:
+            if not self._receive(deadline) and not self.closed_by_node:
+                raise AssertionError(f"{self.address} kept the connection open for {timeout_s} s; got {self.buffered}")
+        frames = [f for f in self.buffered if not isinstance(f, protocol.Heartbeat)]
+        self.buffered = []
+        return frames
