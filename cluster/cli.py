@@ -16,24 +16,23 @@ from sequencer.journal import Journal, JournalError, verify_journal
 _json = msgspec.json.Encoder()
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= `minimum`, with a clear error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+_positive = _at_least(1)
+_non_negative = _at_least(0)
 
 
 # --- raftseq journal ----------------------------------------------------------------------
@@ -113,27 +112,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     from cluster.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, insecure=args.insecure)
     except ConfigError as exc:
-        if args.insecure and ("raft_password is required" in str(exc) or "client_token is required" in str(exc)):
-            config = None
-        else:
-            print(f"raftseq node: {exc}", file=sys.stderr)
-            return 2
-    if config is None:
-        import tomllib
-
-        from cluster.config import parse_config
-
-        with open(args.config, "rb") as f:
-            raw = tomllib.load(f)
-        try:
-            config = parse_config({**raw, "insecure": True}, source=args.config)
-        except ConfigError as exc:
-            print(f"raftseq node: {exc}", file=sys.stderr)
-            return 2
-    elif args.insecure:
-        config = msgspec.structs.replace(config, insecure=True)
+        print(f"raftseq node: {exc}", file=sys.stderr)
+        return 2
     from cluster.node import run_node
 
     return run_node(config, discard_raft_log_first=args.discard_raft_log)

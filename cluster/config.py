@@ -215,8 +215,12 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return found
 
 
-def load_config(path: str) -> NodeConfig:
-    """Read and check a node's TOML file. Raises ``ConfigError`` naming what is wrong."""
+def load_config(path: str, *, insecure: bool = False) -> NodeConfig:
+    """Read and check a node's TOML file. Raises ``ConfigError`` naming what is wrong.
+
+    ``insecure`` (the ``--insecure`` flag, never a file setting) lets the node run without
+    ``raft_password`` and ``client_token``.
+    """
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -226,7 +230,7 @@ def load_config(path: str) -> NodeConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "insecure" in raw:
         raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
-    return parse_config(raw, source=path)
+    return parse_config({**raw, "insecure": insecure}, source=path)
 
 
 def parse_config(raw: dict, *, source: str = "config") -> NodeConfig:
