@@ -21,7 +21,7 @@ from pysyncobj import FAIL_REASON
 
 from cluster.config import BatcherConfig
 from sequencer import protocol
-from sequencer.machine import ApplyResult, EntryResult
+from sequencer.machine import ApplyResult
 
 log = logging.getLogger("raftseq.batcher")
 
@@ -31,7 +31,8 @@ _ENTRY_OVERHEAD_BYTES = 24
 
 class PendingSubmit:
     """One submit waiting for its batch to commit. ``reply(client_seq, outcome)`` is called
-    exactly once, with an ``EntryResult`` or a ``CommitOutcome``."""
+    exactly once: with the sequence number (``int``) of a new entry, an ``EntryResult`` for a
+    duplicate or refusal, or a ``CommitOutcome`` when the outcome is unknown."""
 
     __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns")
 
@@ -155,13 +156,21 @@ class Batcher:
             return  # answered as unknown already (timeout, step-down)
         members, _ = entry
         if error == FAIL_REASON.SUCCESS and isinstance(result, ApplyResult) and not result.error:
-            results: list[EntryResult] = result.results
-            assert len(results) == len(members), f"{len(results)} results for {len(members)} entries"
+            count = result.entry_count
+            assert count == len(members), f"{count} results for {len(members)} entries"
+            if result.outcomes is None:
+                # Every entry was new: entry i got first_seq + i.
+                seq = result.first_seq
+                for submit in members:
+                    submit.reply(submit.client_seq, seq)
+                    seq += 1
+            else:
+                for submit, outcome in zip(members, result.outcomes):
+                    submit.reply(submit.client_seq, outcome)
             observe = self.latency_observer
-            now_ns = time.monotonic_ns()
-            for submit, outcome in zip(members, results):
-                submit.reply(submit.client_seq, outcome)
-                if observe is not None:
+            if observe is not None:
+                now_ns = time.monotonic_ns()
+                for submit in members:
                     observe((now_ns - submit.enqueued_ns) / 1e9)
         else:
             reason = _fail_reason_name(error) if error != FAIL_REASON.SUCCESS else "batch not applied"

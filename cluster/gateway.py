@@ -159,6 +159,10 @@ class Connection:
     def reply(self, client_seq: int, outcome: object) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
         self.in_flight -= 1
+        if type(outcome) is int:  # sequenced
+            if not self.closed:
+                self.ack(client_seq, outcome)
+            return
         metrics = self.gateway.node.metrics
         if isinstance(outcome, EntryResult):
             if outcome.outcome is Outcome.SEQUENCED:

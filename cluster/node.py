@@ -85,6 +85,7 @@ class Node:
         self._readable_event: asyncio.Event | None = None
         self._notify_pending = False
         self._notify_lock = threading.Lock()
+        self._waiters = 0  # subscriptions inside wait_readable
 
     # --- queries used by the gateway and metrics -------------------------------------------
 
@@ -130,16 +131,26 @@ class Node:
             os.getpid(),
             self.config.client_address,
             self.config.raft_address,
+            self.config.metrics_address,
         )
 
     async def wait_readable(self, seq: int) -> None:
         """Return once ``readable_seq >= seq`` (or after a heartbeat interval, to re-check)."""
-        while self.readable_seq < seq:
-            event = self._readable_event
-            try:
-                await asyncio.wait_for(event.wait(), self.config.gateway.heartbeat_interval_ms / 1000)
-            except TimeoutError:
-                return
+        # Counted before the journal is read: the apply thread appends first and looks at the
+        # count second, so either this read sees its records or it sees a waiter and wakes it.
+        self._waiters += 1
+        try:
+            while True:
+                self.readable_seq = self.journal.contiguous_last_seq
+                if self.readable_seq >= seq:
+                    return
+                event = self._readable_event
+                try:
+                    await asyncio.wait_for(event.wait(), self.config.gateway.heartbeat_interval_ms / 1000)
+                except TimeoutError:
+                    return
+        finally:
+            self._waiters -= 1
 
     # --- the tick thread's side -------------------------------------------------------------
 
@@ -150,10 +161,12 @@ class Node:
         if result.first_seq:
             count = result.last_seq - result.first_seq + 1
             m.messages_sequenced += count
-            m.batch_size.observe(len(result.results))
+            m.batch_size.observe(result.entry_count)
         self._wake_subscribers()
 
     def _wake_subscribers(self) -> None:
+        if not self._waiters:
+            return  # nobody waits; a subscriber reads the journal's position before it waits
         with self._notify_lock:
             if self._notify_pending or self.loop is None:
                 return

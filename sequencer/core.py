@@ -60,14 +60,15 @@ class SequencerCore:
     def _append(self, result: ApplyResult) -> None:
         journal = self.journal
         first, last, records = result.first_seq, result.last_seq, result.records
+        offsets = result.offsets or None  # where each record starts, when the machine said
         held_to = min(journal.last_seq, last)
         if first <= held_to:
             # Compare what the journal holds; records inside holes are still to come from a
             # peer (catch-up brings the committed records, byte for byte, with checksums).
-            offsets = _record_offsets(records)
+            bounds = offsets + [len(records)] if offsets else _record_offsets(records)
             for run_first, run_last in _held_runs(journal.holes, first, held_to):
-                start = offsets[run_first - first]
-                end = offsets[run_last - first + 1]
+                start = bounds[run_first - first]
+                end = bounds[run_last - first + 1]
                 held = journal.read_bytes(run_first, run_last)
                 if records[start:end] != held:
                     seq = _first_difference(records[start:end], held, run_first)
@@ -75,10 +76,13 @@ class SequencerCore:
                         f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq
                     )
             self.records_already_held += held_to - first + 1
-            records = records[offsets[held_to - first + 1] :]
+            cut = held_to - first + 1
+            base = bounds[cut]
+            records = records[base:]
+            offsets = [o - base for o in bounds[cut:-1]]
             first = held_to + 1
         if first <= last:
-            journal.append(records, first, last)
+            journal.append(records, first, last, offsets)
             self.records_appended += last - first + 1
 
 

@@ -47,15 +47,37 @@ class EntryResult(msgspec.Struct, frozen=True, gc=False):
 
 
 class ApplyResult(msgspec.Struct, frozen=True, gc=False):
-    """What one batch did. ``records`` are the journal bytes of seq ``first_seq..last_seq``."""
+    """What one batch did. ``records`` are the journal bytes of seq ``first_seq..last_seq``.
 
-    results: list[EntryResult]
+    ``outcomes`` is ``None`` in the common case where every entry was new: entry ``i`` of the
+    batch got ``first_seq + i``. Otherwise it holds one ``EntryResult`` per entry. ``results``
+    gives the per-entry list either way.
+    """
+
+    outcomes: list[EntryResult] | None
     first_seq: int  # first number given in this batch; 0 when none
     last_seq: int  # last number given in this batch; 0 when none
     log_time_ns: int
     records: bytes
     #: Set when the batch could not be decoded: nothing was applied, ``results`` is empty.
     error: str = ""
+    #: The batch's entries, in order (``outcomes`` is ``None`` only when this is set).
+    entries: list[protocol.Entry] = []
+    #: Offset of each record in ``records``; empty when the producer did not record them.
+    offsets: list[int] = []
+
+    @property
+    def entry_count(self) -> int:
+        return len(self.entries) if self.outcomes is None else len(self.outcomes)
+
+    @property
+    def results(self) -> list[EntryResult]:
+        """One ``EntryResult`` per entry of the batch."""
+        if self.outcomes is not None:
+            return self.outcomes
+        first = self.first_seq
+        sequenced = Outcome.SEQUENCED
+        return [EntryResult(e.session, e.client_seq, sequenced, first + i) for i, e in enumerate(self.entries)]
 
 
 class _Session:
@@ -156,56 +178,71 @@ class SequencerMachine:
         window_max = config.dedup_window
         encode = protocol.encode_delivered
         records: list[bytes] = []
-        results: list[EntryResult] = []
+        offsets: list[int] = []
+        offset = 0
+        # None while every entry so far is new (entry i got first_seq + i): the common case
+        # needs no per-entry result object.
+        outcomes: list[EntryResult] | None = None
+        entries = batch.entries
         first_seq = self.next_seq
         seq = first_seq
         sequenced = Outcome.SEQUENCED
-        for entry in batch.entries:
+        # The session last moved to the end of the idle order: moving it again before another
+        # session moves changes nothing, so runs of one session cost one move.
+        last_moved = None
+        for index, entry in enumerate(entries):
             name = entry.session
             client_seq = entry.client_seq
             state = sessions.get(name)
+            refusal = None
             if state is None:
                 if client_seq != 1:
-                    results.append(
-                        EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, 1)
-                    )
-                    continue
-                if len(sessions) >= config.sessions_max:
-                    results.append(
-                        EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.TOO_MANY_SESSIONS)
-                    )
-                    continue
-                state = _Session(0, log_time, deque(maxlen=window_max))
-                sessions[name] = state
-            last = state.last_client_seq
-            if client_seq == last + 1:
-                records.append(encode(seq, log_time, name, client_seq, entry.payload))
-                state.window.append(seq)
-                state.last_client_seq = client_seq
-                state.last_active_ns = log_time
-                sessions.move_to_end(name)
-                results.append(EntryResult(name, client_seq, sequenced, seq))
-                seq += 1
-            elif client_seq <= last:
-                window = state.window
-                offset = client_seq - (last - len(window) + 1)
-                if offset >= 0:
-                    results.append(EntryResult(name, client_seq, Outcome.DUPLICATE, window[offset]))
+                    refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, 1)
+                elif len(sessions) >= config.sessions_max:
+                    refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.TOO_MANY_SESSIONS)
                 else:
-                    results.append(
-                        EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.STALE_CLIENT_SEQ)
+                    state = _Session(0, log_time, deque(maxlen=window_max))
+                    sessions[name] = state
+                    last_moved = name
+            if refusal is None:
+                last = state.last_client_seq
+                if client_seq == last + 1:
+                    record = encode(seq, log_time, name, client_seq, entry.payload)
+                    records.append(record)
+                    offsets.append(offset)
+                    offset += len(record)
+                    state.window.append(seq)
+                    state.last_client_seq = client_seq
+                    state.last_active_ns = log_time
+                    if name != last_moved:
+                        sessions.move_to_end(name)
+                        last_moved = name
+                    if outcomes is not None:
+                        outcomes.append(EntryResult(name, client_seq, sequenced, seq))
+                    seq += 1
+                    continue
+                if client_seq <= last:
+                    window = state.window
+                    at = client_seq - (last - len(window) + 1)
+                    if at >= 0:
+                        refusal = EntryResult(name, client_seq, Outcome.DUPLICATE, window[at])
+                    else:
+                        refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.STALE_CLIENT_SEQ)
+                else:
+                    refusal = EntryResult(
+                        name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, last + 1
                     )
-            else:
-                results.append(
-                    EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, last + 1)
-                )
+            if outcomes is None:
+                # Every entry before this one was new and numbered in order.
+                outcomes = [EntryResult(e.session, e.client_seq, sequenced, first_seq + i) for i, e in enumerate(entries[:index])]
+            outcomes.append(refusal)
         blob = b"".join(records)
         if records:
             self.stream_crc = zlib.crc32(blob, self.stream_crc)
         self.next_seq = seq
         if seq == first_seq:
-            return ApplyResult(results, 0, 0, log_time, b"")
-        return ApplyResult(results, first_seq, seq - 1, log_time, blob)
+            return ApplyResult(outcomes if outcomes is not None else [], 0, 0, log_time, b"")
+        return ApplyResult(outcomes, first_seq, seq - 1, log_time, blob, entries=entries, offsets=offsets)
 
     def _expire(self, log_time: int) -> None:
         horizon = log_time - self.config.session_idle_ns

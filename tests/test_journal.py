@@ -660,6 +660,63 @@ def test_append_asserts_on_misuse_and_writes_nothing(tmp_path, case):
         assert journal.read_bytes(1, 23) == frames(1, 23)
 
 
+def offsets_of(first: int, last: int) -> list[int]:
+    """Where each of ``frames(first, last)`` starts, as the machine's encoder reports it."""
+    starts, pos = [], 0
+    for seq in range(first, last + 1):
+        starts.append(pos)
+        pos += len(frame(seq))
+    return starts
+
+
+def _bad_checksum_in_last() -> bytes:
+    data = bytearray(frames(21, 23))
+    data[-1] ^= 0xFF
+    return bytes(data)
+
+
+# With the encoder's offsets only the count and the two ends are checked.
+BAD_APPENDS_WITH_OFFSETS = {
+    "gap": lambda: (frames(22, 23), 22, 23, offsets_of(22, 23)),
+    "fewer offsets than numbers": lambda: (frames(21, 22), 21, 23, offsets_of(21, 22)),
+    "more offsets than numbers": lambda: (frames(21, 23), 21, 22, offsets_of(21, 23)),
+    "first record holds another number": lambda: (frame(22) + frames(22, 23), 21, 23, offsets_of(21, 23)),
+    "last record holds another number": lambda: (frames(21, 22) + frame(24), 21, 23, offsets_of(21, 23)),
+    "bad checksum in the last record": lambda: (_bad_checksum_in_last(), 21, 23, offsets_of(21, 23)),
+    "bytes after the last record": lambda: (frames(21, 23) + b"x", 21, 23, offsets_of(21, 23)),
+    "first offset not zero": lambda: (frames(21, 23), 21, 23, [1] + offsets_of(21, 23)[1:]),
+    "last offset off its record": lambda: (frames(21, 23), 21, 23, offsets_of(21, 23)[:-1] + [offsets_of(21, 23)[-1] - 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_APPENDS_WITH_OFFSETS))
+def test_append_with_offsets_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+    records, first, last, offsets = BAD_APPENDS_WITH_OFFSETS[case]()
+    with build(tmp_path, 20, per_append=20) as journal:
+        before = dir_state(tmp_path)
+        with pytest.raises(AssertionError):
+            journal.append(records, first, last, offsets)
+        assert dir_state(tmp_path) == before
+        journal.append(frames(21, 23), 21, 23, offsets_of(21, 23))
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_append_with_offsets_indexes_like_a_checked_append(tmp_path):
+    """The sparse index built from the encoder's offsets is the one a full check builds."""
+    interval = limits.INDEX_INTERVAL_RECORDS
+    last = 3 * interval + 7
+    with open_journal(tmp_path / "checked") as checked, open_journal(tmp_path / "trusted") as trusted:
+        for first in range(1, last + 1, 101):
+            end = min(last, first + 100)
+            checked.append(frames(first, end), first, end)
+            trusted.append(frames(first, end), first, end, offsets_of(first, end))
+        trusted_index = [(seg.first_seq, seg.offsets) for seg in trusted._segments]
+        assert trusted_index == [(seg.first_seq, seg.offsets) for seg in checked._segments]
+        assert sum(len(offsets) for _, offsets in trusted_index) >= 3
+        for seq in (1, interval, interval + 1, last):
+            assert trusted.read_bytes(seq, seq) == frame(seq)
+
+
 def test_failed_append_on_an_empty_journal_creates_no_segment(tmp_path):
     with open_journal(tmp_path) as journal:
         with pytest.raises(AssertionError):
