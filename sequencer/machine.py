@@ -196,7 +196,9 @@ class SequencerMachine:
             state = sessions.get(name)
             refusal = None
             if state is None:
-                if client_seq != 1:
+                if not protocol.is_session_name(name):
+                    refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.BAD_FRAME)
+                elif client_seq != 1:
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, 1)
                 elif len(sessions) >= config.sessions_max:
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.TOO_MANY_SESSIONS)

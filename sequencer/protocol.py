@@ -19,6 +19,7 @@ and ``Welcome``; ``BATCH_FORMAT_VERSION`` travels inside every Raft log entry.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 import zlib
 from typing import Annotated, Union
@@ -33,10 +34,19 @@ BATCH_FORMAT_VERSION = 1
 HEADER = struct.Struct(">II")
 HEADER_BYTES = HEADER.size
 
-Session = Annotated[
-    str,
-    msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX, pattern=r"^[A-Za-z0-9._:@/+-]+\Z"),
-]
+#: What a session name may contain (ASCII only, so its length in characters is its length in bytes).
+SESSION_PATTERN = r"^[A-Za-z0-9._:@/+-]+\Z"
+Session = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX, pattern=SESSION_PATTERN)]
+#: A session name inside a Raft entry: only its length is checked when the entry is decoded
+#: (a pattern per entry costs three times the rest of the decode). The machine checks the
+#: pattern once, when a session first appears (``is_session_name``).
+EntrySession = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX)]
+_session_re = re.compile(SESSION_PATTERN)
+
+
+def is_session_name(name: str) -> bool:
+    """True when `name` is a session name a ``Hello`` would accept."""
+    return 0 < len(name) <= limits.SESSION_BYTES_MAX and _session_re.match(name) is not None
 ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -208,6 +218,8 @@ class Status(_Frame, tag="status"):
     pid: Count = 0
     client_address: Address = ""
     raft_address: Address = ""
+    #: host:port of the node's Prometheus endpoint, "" when metrics are off (or an older node).
+    metrics_address: Address = ""
 
 
 ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat]
@@ -217,7 +229,7 @@ NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejec
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    session: Session
+    session: EntrySession
     client_seq: ClientSeq
     payload: Payload
 

@@ -816,7 +816,7 @@ def test_batch_byte_limit():
         [BATCH_FORMAT_VERSION, -1, []],
         [BATCH_FORMAT_VERSION, 1, [["s", 0, b"x"]]],
         [BATCH_FORMAT_VERSION, 1, [["", 1, b"x"]]],
-        [BATCH_FORMAT_VERSION, 1, [["s\n", 1, b"x"]]],
+        [BATCH_FORMAT_VERSION, 1, [["s" * (limits.SESSION_BYTES_MAX + 1), 1, b"x"]]],
         [BATCH_FORMAT_VERSION, 1, [["s", 1, b"x" * (limits.PAYLOAD_BYTES_MAX + 1)]]],
         [BATCH_FORMAT_VERSION, 1, [["s", 1, "text"]]],
         [BATCH_FORMAT_VERSION, 1, [[b"\xff\xfe", 1, b"x"]]],  # becomes a str of invalid UTF-8 below
@@ -830,6 +830,18 @@ def test_invalid_batch_is_refused(value):
     data = msgspec.msgpack.encode(value).replace(b"\xc4\x02\xff\xfe", b"\xa2\xff\xfe")  # bin -> str
     with pytest.raises(BatchError):
         decode_batch(data)
+
+
+def test_entry_session_pattern_is_left_to_the_machine():
+    """Decoding a batch checks a session name's length only; ``is_session_name`` checks the rest."""
+    batch = decode_batch(msgspec.msgpack.encode([BATCH_FORMAT_VERSION, 1, [["s\n", 1, b"x"]]]))
+    assert batch.entries[0].session == "s\n"
+    assert not protocol.is_session_name("s\n")
+    assert not protocol.is_session_name("")
+    assert not protocol.is_session_name("é")
+    assert not protocol.is_session_name("s" * (limits.SESSION_BYTES_MAX + 1))
+    assert protocol.is_session_name("s" * limits.SESSION_BYTES_MAX)
+    assert protocol.is_session_name("oms-1/a:b@c+d.e_f")
 
 
 def assert_decodes_or_batch_error(data: bytes) -> None:
