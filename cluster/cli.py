@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default 2)")
     status.set_defaults(func=cmd_status)
 
+    from cluster.top import add_parser as add_top_parser
+
+    add_top_parser(sub)
+
     submit = sub.add_parser(
         "submit",
         help="sequence payloads given as arguments (or lines of stdin)",

@@ -7,14 +7,16 @@ import asyncio
 from sequencer import protocol
 
 
-async def _one(address: str, token: str, timeout_s: float) -> dict:
+async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status") -> dict:
+    """One node's status as a dict (``role`` is ``"unreachable"``, with an ``error``, when it
+    cannot be asked). Never raises for a node that is down, slow or refuses us."""
     host, port = address.rsplit(":", 1)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
     except (OSError, TimeoutError) as exc:
         return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
     try:
-        writer.write(protocol.encode_frame(protocol.Hello("status", token, protocol.PROTOCOL_VERSION)))
+        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
         writer.write(protocol.encode_frame(protocol.StatusRequest()))
         framer = protocol.FrameReader("node")
         while True:
@@ -32,6 +34,7 @@ async def _one(address: str, token: str, timeout_s: float) -> dict:
                         "commit_index": frame.commit_index,
                         "last_seq": frame.last_seq,
                         "leader": frame.leader,
+                        "metrics_address": frame.metrics_address,
                     }
                 if isinstance(frame, protocol.Rejected):
                     return {"address": address, "role": "unreachable", "error": f"{frame.reason.value}: {frame.detail}"}
@@ -45,7 +48,7 @@ async def _one(address: str, token: str, timeout_s: float) -> dict:
 
 def gather_status(endpoints: list[str], *, token: str, timeout_s: float) -> dict:
     async def run() -> list[dict]:
-        return list(await asyncio.gather(*(_one(e, token, timeout_s) for e in endpoints)))
+        return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s) for e in endpoints)))
 
     nodes = asyncio.run(run())
     leaders = [n for n in nodes if n.get("role") == "leader"]
