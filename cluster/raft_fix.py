@@ -19,6 +19,12 @@ Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler
   are not truncated, and do not become committed on the strength of this message: the commit
   index rises only to the last entry known to match the leader's log.
 * On a success reply the leader only ever moves a follower's ``nextIndex`` forwards.
+* A piece of an InstallSnapshot (pysyncobj sends it as an AppendEntries without
+  ``prevLogIdx``) does not raise the commit index over the log the follower holds: that log
+  is unverified, and may end in entries a deposed leader wrote that no majority holds.
+  (Found by the chaos suite: an isolated leader, healed while the new leader was sending it a
+  snapshot, committed and journaled its own uncommitted batch at a number the majority had
+  given to another.)
 
 AppendEntries that carry one oversized entry in chunks (``transmission``) bypass the correction;
 the node never sends them, because every batch stays below ``appendEntriesBatchSizeBytes``
@@ -61,6 +67,7 @@ class CorrectedSyncObj(SyncObj):
     raftseq_matching_entries_kept = 0
     raftseq_truncations_refused = 0
     raftseq_next_index_rewinds_refused = 0
+    raftseq_snapshot_commits_refused = 0
 
     #: ``time.monotonic()`` before which this node casts no vote (after its Raft log, and with
     #: it the vote it gave in the current term, was discarded).
@@ -70,13 +77,11 @@ class CorrectedSyncObj(SyncObj):
         kind = message.get("type")
         if kind == "request_vote" and self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until:
             return None
-        if (
-            kind == "append_entries"
-            and "prevLogIdx" in message
-            and "transmission" not in message
-            and message.get("term", -1) >= self._SyncObj__raftCurrentTerm
-        ):
-            return self._raftseq_on_append_entries(node, message)
+        if kind == "append_entries" and message.get("term", -1) >= self._SyncObj__raftCurrentTerm:
+            if "prevLogIdx" not in message:
+                return self._raftseq_on_snapshot_chunk(node, message)
+            if "transmission" not in message:
+                return self._raftseq_on_append_entries(node, message)
         if kind == "next_node_idx" and self._SyncObj__raftState == _LEADER:
             before = self._SyncObj__raftNextIndex.get(node)
             _original_on_message(self, node, message)
@@ -124,6 +129,21 @@ class CorrectedSyncObj(SyncObj):
                 corrected = max(commit_before, verified_end)
                 self._SyncObj__raftCommitIndex = corrected
                 self._SyncObj__raftLog.setRaftCommitIndex(corrected)
+        return result
+
+    def _raftseq_on_snapshot_chunk(self, node, message):
+        """A piece of a snapshot proves nothing about the log this node holds: unless it
+        completes the snapshot (which replaces the log), the commit index stays where it was.
+        pysyncobj raises it to ``min(leader's commit index, own last index)``, which commits
+        entries a deposed leader wrote and no majority ever held."""
+        commit_before = self._SyncObj__raftCommitIndex
+        log_start_before = tuple(self._SyncObj__raftLog[0][1:3])
+        result = _original_on_message(self, node, message)
+        snapshot_installed = tuple(self._SyncObj__raftLog[0][1:3]) != log_start_before
+        if not snapshot_installed and self._SyncObj__raftCommitIndex > commit_before:
+            self._SyncObj__raftCommitIndex = commit_before
+            self._SyncObj__raftLog.setRaftCommitIndex(commit_before)
+            self.raftseq_snapshot_commits_refused += 1
         return result
 
     def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802,N803 (pysyncobj's names)

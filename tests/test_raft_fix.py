@@ -289,6 +289,37 @@ def test_entries_of_the_leaders_term_beyond_the_message_are_verified_by_log_matc
         assert commit_index(member) == 6
 
 
+def snapshot_chunk(member, leader, *, term, commit_index, serialized) -> None:
+    """A piece of an InstallSnapshot, as pysyncobj's leader sends it (no ``prevLogIdx``)."""
+    member._SyncObj__onMessageReceived(
+        leader, {"type": "append_entries", "term": term, "commit_index": commit_index, "serialized": serialized}
+    )
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "serialized",
+    [None, (b"first piece of a longer snapshot", True, False), (b"a piece without its first", False, False)],
+    ids=["no-data", "first-piece", "orphan-piece"],
+)
+def test_a_snapshot_piece_does_not_commit_a_deposed_leaders_entries(make_member, member_class, serialized):
+    """A deposed leader (its 2..11 of term 1 never reached a majority) hears from the new
+    leader of term 3, whose log was compacted: the new leader sends its snapshot. Until the
+    snapshot is complete nothing proves that 2..11 are in the new leader's log."""
+    member, leader = make_member(member_class)
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
+    assert commit_index(member) == 1
+
+    snapshot_chunk(member, leader, term=3, commit_index=50, serialized=serialized)
+
+    if member_class is CorrectedMember:
+        assert commit_index(member) == 1
+        assert counter(member, "raftseq_snapshot_commits_refused") == 1
+    else:
+        assert commit_index(member) == 11, "pysyncobj commits its unverified entries"
+    assert log_end(member) == 11
+
+
 def test_commit_index_never_goes_down(make_member):
     member, leader = make_member(CorrectedMember)
     append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1), commit_index=9)
