@@ -82,6 +82,7 @@ class CatchUp:
                     if not isinstance(frame, protocol.Delivered) or expected > hole_last:
                         continue
                     if frame.seq != expected:
+                        node.metrics.verify_failures["catchup"] += 1
                         raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
                     batch.append(raw)
                     expected += 1
@@ -96,6 +97,10 @@ class CatchUp:
     def _store(self, records: list[bytes], first: int, last: int) -> None:
         node = self.node
         with node.replica.apply_lock:
-            node.journal.fill(b"".join(records), first, last)
+            try:
+                node.journal.fill(b"".join(records), first, last)
+            except AssertionError as exc:  # a record from the peer fails its checksum or numbering
+                node.metrics.verify_failures["catchup"] += 1
+                raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1
         node._publish()

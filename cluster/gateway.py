@@ -387,6 +387,7 @@ class Gateway:
         node.metrics.subscribers = self.subscribers
         writer = conn.writer
         cursor = node.journal.cursor(from_seq)
+        node.metrics.subscriber_cursors.add(cursor)
         try:
             while not conn.closed:
                 limit = node.readable_seq
@@ -407,6 +408,7 @@ class Gateway:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            node.metrics.subscriber_cursors.discard(cursor)
             cursor.close()
             self.subscribers -= 1
             node.metrics.subscribers = self.subscribers

@@ -1,17 +1,25 @@
 """Prometheus metrics of one node, counted at the edge (never inside ``machine.apply``).
 
-Counters that the hot path bumps are plain integers on ``NodeMetrics``; a custom collector
-turns them, and pysyncobj's status, into samples at scrape time. Labels are bounded: refusal
-reasons come from a fixed list, never a session name.
+Counters that the hot path bumps are plain integers on ``NodeMetrics`` (and histograms kept
+as plain bucket counts); a custom collector turns them, the node's state and pysyncobj's
+status into samples at scrape time. Every sample carries the ``node`` label (the node id);
+other labels come from fixed, bounded sets: roles, refusal reasons, verification checks and
+the ids of the cluster's own members — never a session name.
+
+``METRICS`` lists every family this module exports (name, type, extra labels, help); the
+dashboard and alert-rule tests check their expressions against it, and a test checks that a
+scrape yields exactly these families.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 if TYPE_CHECKING:
@@ -34,9 +42,119 @@ REFUSAL_REASONS = (
     "internal",
 )
 
+#: Where a journal record can fail verification while the node keeps running: records fetched
+#: from a peer during catch-up (checksum or numbering). A record of its own journal failing on
+#: read-back stops the node at once (``fail_stop``): that shows as a restart, not here.
+VERIFY_CHECKS = ("catchup",)
+
+ROLES = ("leader", "follower", "candidate")
+
+#: The ``leader`` label of ``raftseq_raft_leader`` while a node knows no leader.
+NO_LEADER = "none"
+
 #: Buckets of the submit-to-ack latency histogram, in seconds.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096)
+#: Buckets of the journal fsync duration histogram, in seconds.
+FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+#: Attempts at reading pysyncobj's status from the scrape thread (``getStatus`` iterates
+#: dictionaries that the tick thread may change meanwhile; a failed read is retried).
+STATUS_READ_ATTEMPTS = 3
+
+
+class MetricSpec(NamedTuple):
+    name: str
+    type: str  # "gauge", "counter" or "histogram"
+    labels: tuple[str, ...]  # besides "node" (and "le" of a histogram)
+    help: str
+
+
+METRICS = (
+    # Raft, read from pysyncobj's status and the node's role watcher.
+    MetricSpec("raftseq_role", "gauge", ("role",), "1 for the role this node is in (leader, follower, candidate), else 0"),
+    MetricSpec("raftseq_raft_leader", "gauge", ("leader",), "1, labelled with the id of the leader this node knows ('none' if none)"),
+    MetricSpec("raftseq_raft_term", "gauge", (), "Current Raft term"),
+    MetricSpec("raftseq_raft_commit_index", "gauge", (), "Raft commit index"),
+    MetricSpec("raftseq_raft_last_applied_index", "gauge", (), "Raft index of the last entry applied here"),
+    MetricSpec("raftseq_raft_log_entries", "gauge", (), "Entries in the Raft log (held in memory until compaction)"),
+    MetricSpec("raftseq_raft_has_quorum", "gauge", (), "1 while this node is connected to a majority of the cluster"),
+    MetricSpec("raftseq_raft_peer_connected", "gauge", ("peer",), "1 while the Raft link to a peer is connected"),
+    MetricSpec(
+        "raftseq_follower_lag_entries",
+        "gauge",
+        ("follower",),
+        "Committed Raft entries a follower does not hold yet, as the leader sees it (only the leader exports samples)",
+    ),
+    MetricSpec(
+        "raftseq_raft_matching_entries_kept_total", "counter", (), "Entries a follower kept instead of truncating (Raft correction)"
+    ),
+    MetricSpec("raftseq_raft_truncations_refused_total", "counter", (), "Log truncations refused on a follower (Raft correction)"),
+    MetricSpec(
+        "raftseq_raft_next_index_rewinds_refused_total", "counter", (), "nextIndex rewinds refused on the leader (Raft correction)"
+    ),
+    MetricSpec(
+        "raftseq_raft_snapshot_commits_refused_total",
+        "counter",
+        (),
+        "Commit-index raises refused on a snapshot piece over an unverified log (Raft correction)",
+    ),
+    MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
+    # Sequencing.
+    MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
+    MetricSpec("raftseq_readable_seq", "gauge", (), "Last sequence number subscribers of this node may read (below any journal hole)"),
+    MetricSpec("raftseq_last_log_time_seconds", "gauge", (), "Log time (leader's clock, Unix seconds) of the last applied batch"),
+    MetricSpec("raftseq_messages_sequenced_total", "counter", (), "Messages given a sequence number (applied here)"),
+    MetricSpec("raftseq_batches_applied_total", "counter", (), "Raft entries (batches) applied here"),
+    MetricSpec("raftseq_batch_entries", "histogram", (), "Messages per applied batch"),
+    MetricSpec("raftseq_ack_latency_seconds", "histogram", (), "Submit received to ack sent, on the leader"),
+    MetricSpec("raftseq_batcher_queue_entries", "gauge", (), "Submits waiting in the leader's batcher queue"),
+    MetricSpec("raftseq_batcher_in_flight_batches", "gauge", (), "Batches proposed to Raft and not yet committed"),
+    MetricSpec("raftseq_batches_proposed_total", "counter", (), "Batches this node proposed as leader"),
+    MetricSpec("raftseq_entries_proposed_total", "counter", (), "Submits this node proposed as leader"),
+    MetricSpec("raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"),
+    MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
+    MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
+    # Clients and subscribers.
+    MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections"),
+    MetricSpec("raftseq_subscribers", "gauge", (), "Active subscriptions"),
+    MetricSpec("raftseq_delivered_messages_total", "counter", (), "Messages sent to subscribers"),
+    MetricSpec(
+        "raftseq_subscriber_max_lag_messages", "gauge", (), "Largest distance of a subscription's position behind raftseq_last_seq"
+    ),
+    # Journal, catch-up, disk.
+    MetricSpec("raftseq_journal_bytes", "gauge", (), "Bytes in the journal"),
+    MetricSpec("raftseq_journal_segments", "gauge", (), "Segment files in the journal"),
+    MetricSpec("raftseq_journal_fsyncs_total", "counter", (), "fsync calls on the journal"),
+    MetricSpec("raftseq_journal_fsync_seconds_total", "counter", (), "Time spent in journal fsync"),
+    MetricSpec("raftseq_journal_fsync_duration_seconds", "histogram", (), "Duration of one journal fsync"),
+    MetricSpec("raftseq_journal_holes", "gauge", (), "Ranges missing from the journal (waiting for catch-up)"),
+    MetricSpec("raftseq_journal_tail_cut_bytes", "gauge", (), "Bytes of a torn journal tail cut when this node started"),
+    MetricSpec(
+        "raftseq_journal_verify_failures_total", "counter", ("check",), "Journal records that failed verification, by where they were checked"
+    ),
+    MetricSpec("raftseq_catchup_missing_records", "gauge", (), "Journal records still to fetch from a peer"),
+    MetricSpec("raftseq_catchup_fetched_records_total", "counter", (), "Journal records fetched from peers by catch-up"),
+    MetricSpec("raftseq_disk_free_bytes", "gauge", (), "Free bytes on the data directory's file system"),
+    MetricSpec("raftseq_disk_size_bytes", "gauge", (), "Size of the data directory's file system"),
+    MetricSpec("raftseq_disk_free_min_bytes", "gauge", (), "Free bytes below which the node refuses submits (journal.disk_free_bytes_min)"),
+    MetricSpec("raftseq_disk_low", "gauge", (), "1 while free disk is below the minimum and submits are refused"),
+    MetricSpec("raftseq_start_time_seconds", "gauge", (), "When this node process started (Unix seconds)"),
+)
+
+_SPECS = {spec.name: spec for spec in METRICS}
+
+
+def exported_sample_names() -> frozenset[str]:
+    """Every sample name a node's ``/metrics`` page holds (``_total``, ``_bucket``… included),
+    the standard ``process_*`` ones aside."""
+    names = set()
+    for spec in METRICS:
+        if spec.type == "histogram":
+            names |= {f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"}
+        else:
+            names.add(spec.name)
+    return frozenset(names)
 
 
 class _Histogram:
@@ -48,14 +166,11 @@ class _Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        i = 0
-        buckets = self.buckets
-        while i < len(buckets) and value > buckets[i]:
-            i += 1
-        self.counts[i] += 1
+        # The first bucket whose upper bound is >= value (Prometheus' buckets are "le").
+        self.counts[bisect_left(self.buckets, value)] += 1
         self.total += value
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+    def family(self, name: str, doc: str, node_id: str) -> HistogramMetricFamily:
         cumulative = []
         running = 0
         for bound, count in zip(self.buckets, self.counts):
@@ -63,11 +178,16 @@ class _Histogram:
             cumulative.append((repr(float(bound)), running))
         running += self.counts[-1]
         cumulative.append(("+Inf", running))
-        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.total)
+        family = HistogramMetricFamily(name, doc, labels=["node"])
+        family.add_metric([node_id], cumulative, sum_value=self.total)
+        return family
 
 
 class NodeMetrics:
+    """What the node's hot paths count: plain integers and plain histograms, no locks."""
+
     def __init__(self) -> None:
+        self.start_time_s = time.time()
         self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         self.duplicates = 0
         self.clients_connected = 0
@@ -78,6 +198,12 @@ class NodeMetrics:
         self.leader_changes = 0
         self.batch_size = _Histogram(BATCH_SIZE_BUCKETS)
         self.ack_latency = _Histogram(LATENCY_BUCKETS_S)
+        #: Filled by the journal's fsync observer (``Journal.fsync_observer``).
+        self.fsync_latency = _Histogram(FSYNC_BUCKETS_S)
+        self.verify_failures = dict.fromkeys(VERIFY_CHECKS, 0)
+        #: The journal cursors of the subscriptions being served (added when a subscription
+        #: starts, discarded when it ends); their ``next_seq`` gives subscriber lag at scrape time.
+        self.subscriber_cursors: set = set()
 
     def refused(self, reason: str) -> None:
         if reason in self.refusals:
@@ -87,75 +213,148 @@ class NodeMetrics:
 
 
 class NodeCollector:
-    """Reads the node at scrape time."""
+    """Reads the node at scrape time (on the metrics server's thread)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        config = node.config
+        #: Raft address -> node id, for labels that name cluster members.
+        self.ids = {peer.raft_address: peer.id for peer in config.peers}
+        self.ids[config.raft_address] = config.id
+
+    def _member(self, raft_address: str) -> str:
+        return self.ids.get(raft_address, raft_address)
+
+    def _raft_status(self) -> dict:
+        node = self.node
+        if node.replica is None:
+            return {}
+        for _ in range(STATUS_READ_ATTEMPTS):
+            status = node.raft_status()
+            if status:
+                return status
+        return {}
+
+    def _subscriber_max_lag(self, last_seq: int) -> int:
+        for _ in range(STATUS_READ_ATTEMPTS):
+            try:
+                cursors = list(self.node.metrics.subscriber_cursors)
+                break
+            except RuntimeError:  # the set changed size while being copied
+                continue
+        else:
+            return 0
+        return max((last_seq - (cursor.next_seq - 1) for cursor in cursors), default=0)
 
     def collect(self) -> Iterator:
         node = self.node
         m = node.metrics
-        labels = {"node": node.config.id}
+        node_id = node.config.id
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["node"])
-            family.add_metric([labels["node"]], value)
-            return family
+        def family(name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0):
+            """A gauge or counter family from its spec: one sample of `value`, or one per
+            (extra label values, value) in `extra`."""
+            spec = _SPECS[name]
+            cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+            result = cls(name, spec.help, labels=["node", *spec.labels])
+            for label_values, sample in extra if extra is not None else (((), value),):
+                result.add_metric([node_id, *label_values], sample)
+            return result
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["node"])
-            family.add_metric([labels["node"]], value)
-            return family
+        def histogram(name: str, hist: _Histogram) -> HistogramMetricFamily:
+            return hist.family(name, _SPECS[name].help, node_id)
 
-        status = node.raft_status()
+        # --- Raft -------------------------------------------------------------------------
+        status = self._raft_status()
         role = node.role
-        roles = GaugeMetricFamily("raftseq_role", "1 for the role this node is in", labels=["node", "role"])
-        for name in ("leader", "follower", "candidate"):
-            roles.add_metric([labels["node"], name], 1.0 if role == name else 0.0)
-        yield roles
-        yield gauge("raftseq_raft_term", "Raft term", status.get("raft_term", 0))
-        yield gauge("raftseq_raft_commit_index", "Raft commit index", status.get("commit_idx", 0))
-        yield gauge("raftseq_raft_last_applied_index", "Raft last applied index", status.get("last_applied", 0))
-        lag = GaugeMetricFamily(
-            "raftseq_follower_lag_entries", "Raft entries a follower is behind the leader's log (on the leader)", labels=["node", "follower"]
+        yield family("raftseq_role", tuple(((r,), 1.0 if role == r else 0.0) for r in ROLES))
+        leader = node.leader_address
+        yield family("raftseq_raft_leader", (((self._member(leader) if leader else NO_LEADER,), 1.0),))
+        if status:
+            # Without a status (replica starting, or unreadable this time) these are left out
+            # rather than exported as 0: a term of 0 would look like a real (and odd) value.
+            yield family("raftseq_raft_term", value=status.get("raft_term", 0))
+            yield family("raftseq_raft_commit_index", value=status.get("commit_idx", 0))
+            yield family("raftseq_raft_last_applied_index", value=status.get("last_applied", 0))
+            yield family("raftseq_raft_log_entries", value=status.get("log_len", 0))
+            yield family("raftseq_raft_has_quorum", value=1.0 if status.get("has_quorum") else 0.0)
+        prefix = "partner_node_status_server_"
+        yield family(
+            "raftseq_raft_peer_connected",
+            tuple(((self._member(k[len(prefix) :]),), 1.0 if v == 2 else 0.0) for k, v in status.items() if k.startswith(prefix)),
         )
-        if role == "leader":
-            log_end = status.get("commit_idx", 0)
-            for key, value in status.items():
-                if key.startswith("match_idx_server_"):
-                    lag.add_metric([labels["node"], key[len("match_idx_server_") :]], max(0, log_end - value))
-        yield lag
-        yield gauge("raftseq_last_seq", "Last sequence number this node has applied", node.published_seq)
-        yield gauge("raftseq_last_log_time_seconds", "Log time of the last applied batch", node.core.machine.last_log_time_ns / 1e9)
-        yield counter("raftseq_messages_sequenced_total", "Messages given a sequence number (applied here)", m.messages_sequenced)
-        yield counter("raftseq_batches_applied_total", "Raft entries (batches) applied here", m.batches_applied)
-        yield m.batch_size.family("raftseq_batch_entries", "Entries per applied batch")
-        yield m.ack_latency.family("raftseq_ack_latency_seconds", "Submit received to ack sent, on the leader")
-        yield counter("raftseq_duplicate_submits_total", "Submits answered from the dedup window", m.duplicates)
-        refusals = CounterMetricFamily("raftseq_refusals_total", "Submits and requests refused, by reason", labels=["node", "reason"])
-        for reason, count in m.refusals.items():
-            refusals.add_metric([labels["node"], reason], count)
-        yield refusals
-        yield gauge("raftseq_clients_connected", "Open client connections", m.clients_connected)
-        yield gauge("raftseq_subscribers", "Active subscriptions", m.subscribers)
-        yield counter("raftseq_delivered_messages_total", "Messages sent to subscribers", m.delivered)
-        yield counter("raftseq_leader_changes_total", "Leader changes seen by this node", m.leader_changes)
+        lags = []
+        if role == "leader" and status:
+            commit = status.get("commit_idx", 0)
+            prefix = "match_idx_server_"
+            lags = [((self._member(k[len(prefix) :]),), max(0, commit - v)) for k, v in status.items() if k.startswith(prefix)]
+        yield family("raftseq_follower_lag_entries", tuple(lags))
+        replica = node.replica
+        yield family("raftseq_raft_matching_entries_kept_total", value=getattr(replica, "raftseq_matching_entries_kept", 0))
+        yield family("raftseq_raft_truncations_refused_total", value=getattr(replica, "raftseq_truncations_refused", 0))
+        yield family("raftseq_raft_next_index_rewinds_refused_total", value=getattr(replica, "raftseq_next_index_rewinds_refused", 0))
+        yield family("raftseq_raft_snapshot_commits_refused_total", value=getattr(replica, "raftseq_snapshot_commits_refused", 0))
+        yield family("raftseq_leader_changes_total", value=m.leader_changes)
+
+        # --- sequencing -------------------------------------------------------------------
+        last_seq = node.published_seq
+        yield family("raftseq_last_seq", value=last_seq)
+        yield family("raftseq_readable_seq", value=node.readable_seq)
+        yield family("raftseq_last_log_time_seconds", value=node.core.machine.last_log_time_ns / 1e9)
+        yield family("raftseq_messages_sequenced_total", value=m.messages_sequenced)
+        yield family("raftseq_batches_applied_total", value=m.batches_applied)
+        yield histogram("raftseq_batch_entries", m.batch_size)
+        yield histogram("raftseq_ack_latency_seconds", m.ack_latency)
+        batcher = node.batcher
+        yield family("raftseq_batcher_queue_entries", value=batcher.queued if batcher is not None else 0)
+        yield family("raftseq_batcher_in_flight_batches", value=batcher.in_flight if batcher is not None else 0)
+        yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
+        yield family("raftseq_entries_proposed_total", value=batcher.entries_proposed if batcher is not None else 0)
+        yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
+        yield family("raftseq_duplicate_submits_total", value=m.duplicates)
+        yield family("raftseq_refusals_total", tuple(((reason,), count) for reason, count in m.refusals.items()))
+
+        # --- clients and subscribers ------------------------------------------------------
+        yield family("raftseq_clients_connected", value=m.clients_connected)
+        yield family("raftseq_subscribers", value=m.subscribers)
+        yield family("raftseq_delivered_messages_total", value=m.delivered)
+        yield family("raftseq_subscriber_max_lag_messages", value=max(0, self._subscriber_max_lag(last_seq)))
+
+        # --- journal, catch-up, disk ------------------------------------------------------
         journal = node.journal
-        yield gauge("raftseq_journal_bytes", "Bytes in the journal", journal.size_bytes)
-        yield gauge("raftseq_journal_segments", "Segment files in the journal", journal.segment_count)
-        yield counter("raftseq_journal_fsyncs_total", "fsync calls on the journal", journal.fsync_count)
-        yield counter("raftseq_journal_fsync_seconds_total", "Time spent in journal fsync", journal.fsync_seconds_total)
-        yield gauge("raftseq_catchup_missing_records", "Journal records still to fetch from a peer", node.catchup_missing)
+        yield family("raftseq_journal_bytes", value=journal.size_bytes)
+        yield family("raftseq_journal_segments", value=journal.segment_count)
+        yield family("raftseq_journal_fsyncs_total", value=journal.fsync_count)
+        yield family("raftseq_journal_fsync_seconds_total", value=journal.fsync_seconds_total)
+        yield histogram("raftseq_journal_fsync_duration_seconds", m.fsync_latency)
+        yield family("raftseq_journal_holes", value=len(journal.holes))
+        yield family("raftseq_journal_tail_cut_bytes", value=journal.recovery.bytes_cut)
+        yield family("raftseq_journal_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
+        yield family("raftseq_catchup_missing_records", value=node.catchup_missing)
+        catchup = node.catchup
+        yield family("raftseq_catchup_fetched_records_total", value=catchup.records_fetched if catchup is not None else 0)
         try:
-            free = shutil.disk_usage(node.config.data_dir).free
+            usage = shutil.disk_usage(node.config.data_dir)
+            free, size = usage.free, usage.total
         except OSError:
-            free = 0
-        yield gauge("raftseq_disk_free_bytes", "Free bytes on the data directory's file system", free)
+            free, size = 0, 0
+        yield family("raftseq_disk_free_bytes", value=free)
+        yield family("raftseq_disk_size_bytes", value=size)
+        yield family("raftseq_disk_free_min_bytes", value=node.config.journal.disk_free_bytes_min)
+        yield family("raftseq_disk_low", value=1.0 if node.disk_low else 0.0)
+        yield family("raftseq_start_time_seconds", value=m.start_time_s)
+
+
+def build_registry(collector: NodeCollector) -> CollectorRegistry:
+    """The registry a node serves: its collector and the standard ``process_*`` metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def serve_metrics(address: str, collector_source: Callable[[], NodeCollector]) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector_source())
+    registry = build_registry(collector_source())
     host, port = address.rsplit(":", 1)
     start_http_server(int(port), addr=host, registry=registry)
     return registry

@@ -62,6 +62,7 @@ class Node:
             fsync=FsyncPolicy.parse(config.journal.fsync),
             clock_ns=time.monotonic_ns,
         )
+        self.journal.fsync_observer = self.metrics.fsync_latency.observe
         recovery = self.journal.recovery
         if recovery.bytes_cut:
             log.warning(

@@ -229,6 +229,8 @@ class Journal:
         self._last_fsync_ns = clock_ns() if clock_ns is not None else 0
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
+        #: Called with each fsync's duration in seconds (the node feeds its metrics with it).
+        self.fsync_observer: Callable[[float], None] | None = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -573,7 +575,10 @@ class Journal:
         self.fsync_count += 1
         if clock is not None:
             self._last_fsync_ns = clock()
-            self.fsync_seconds_total += (self._last_fsync_ns - started) / 1e9
+            seconds = (self._last_fsync_ns - started) / 1e9
+            self.fsync_seconds_total += seconds
+            if self.fsync_observer is not None:
+                self.fsync_observer(seconds)
 
     def sync(self) -> None:
         """Force everything appended so far to disk, whatever the policy."""

@@ -1,0 +1,128 @@
+"""deploy/prometheus: the scrape config matches the ports ``raftseq cluster up`` uses, and the
+alert rules pass ``promtool check`` and their ``promtool test rules`` unit tests, name only
+metrics a node exports, and each has a case where it fires.
+
+promtool comes with Debian's ``prometheus`` package, which .ci/run installs; without it these
+tests fail (they do not skip).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from monitoring import ALERTS, PROMETHEUS_DIR, PROMETHEUS_SERIES, metric_names, node_sample_names, rule_expressions, scrape_config_module
+
+from cluster.cli import build_parser
+from cluster.local import local_configs
+
+#: promtool unit tests of the rules: second-scale cases, and minute/hour-scale ones evaluated
+#: at a coarser interval (quicker).
+ALERTS_TESTS = (PROMETHEUS_DIR / "alerts_test.yml", PROMETHEUS_DIR / "alerts_test_long.yml")
+#: What the issue asks the rules to cover, by the alert that covers it.
+REQUIRED_ALERTS = {
+    "RaftseqNoLeader",  # no leader for 5 s
+    "RaftseqLeadersInDifferentTerms",  # more than one node claiming leadership with different terms
+    "RaftseqFollowerLagging",  # a follower lagging beyond a threshold
+    "RaftseqAckLatencyHigh",  # acknowledgement latency p99 above a threshold
+    "RaftseqDiskNearlyFull",  # disk nearly full
+    "RaftseqJournalVerifyFailed",  # journal verify failures
+}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: install Debian's prometheus package (apt-get install prometheus; .ci/run does it)")
+    return path
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("promtool"), *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+def test_promtool_check_rules():
+    result = run_promtool("check", "rules", ALERTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_rule_unit_tests_pass():
+    result = run_promtool("test", "rules", *(path.name for path in ALERTS_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_unit_tests_can_fail(tmp_path):
+    """The unit tests notice a threshold that moved: copy the rules with the follower-lag
+    threshold raised tenfold and expect promtool to report that alert."""
+    rules = ALERTS.read_text()
+    assert "(raftseq_follower_lag_entries) > 1000" in rules
+    (tmp_path / ALERTS.name).write_text(rules.replace("(raftseq_follower_lag_entries) > 1000", "(raftseq_follower_lag_entries) > 10000"))
+    shutil.copy(ALERTS_TESTS[0], tmp_path / ALERTS_TESTS[0].name)
+    result = subprocess.run([tool("promtool"), "test", "rules", ALERTS_TESTS[0].name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "RaftseqFollowerLagging" in result.stdout + result.stderr
+
+
+def test_rules_name_only_exported_metrics():
+    exported = node_sample_names() | PROMETHEUS_SERIES
+    rules = rule_expressions(ALERTS)
+    assert REQUIRED_ALERTS <= rules.keys(), f"missing alerts: {REQUIRED_ALERTS - rules.keys()}"
+    problems = []
+    for alert, expr in rules.items():
+        names = metric_names(expr)
+        if not names:
+            problems.append(f"{alert}: names no metric: {expr}")
+        problems += [f"{alert}: {name} is not exported by a node: {expr}" for name in sorted(names - exported)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_alert_has_a_case_where_it_fires():
+    text = "\n".join(path.read_text() for path in ALERTS_TESTS)
+    fires = set()
+    for case in re.split(r"\n\s*- eval_time:", text)[1:]:
+        alert = re.search(r"alertname:\s*(\S+)", case)
+        expected = re.search(r"exp_alerts:\s*(\[\])?", case)
+        if alert and expected and not expected.group(1):
+            fires.add(alert.group(1))
+    missing = set(rule_expressions(ALERTS)) - fires
+    assert not missing, f"alerts without a firing unit test: {sorted(missing)}"
+
+
+# --- the scrape config ----------------------------------------------------------------------
+
+
+def test_the_scrape_config_matches_cluster_up_defaults(tmp_path):
+    module = scrape_config_module()
+    default_base_port = build_parser().parse_args(["cluster", "up"]).base_port
+    assert module.BASE_PORT_DEFAULT == default_base_port
+    for base_port in (default_base_port, 12340):
+        expected = [c.metrics_address for c in local_configs(str(tmp_path), base_port, insecure=True)]
+        assert module.metrics_targets(base_port) == expected
+    committed = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    assert committed == module.render(), "deploy/prometheus/prometheus.yml is stale: regenerate it with scrape_config.py"
+    for target in module.metrics_targets(default_base_port):
+        assert f"- {target}\n" in committed
+
+
+def test_promtool_check_config():
+    result = run_promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_config_for_another_port_and_interval(tmp_path):
+    out = tmp_path / "prometheus.yml"
+    subprocess.run(
+        ["python3", str(PROMETHEUS_DIR / "scrape_config.py"), "--base-port", "12340", "--interval", "0.5", "--rules", str(ALERTS), "--out", str(out)],
+        check=True,
+        timeout=30,
+    )
+    text = out.read_text()
+    assert "scrape_interval: 500ms" in text and "- 127.0.0.1:12541\n" in text and f"- {ALERTS}\n" in text
+    result = subprocess.run([tool("promtool"), "check", "config", str(out)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    subprocess.run(["bash", "-n", str(PROMETHEUS_DIR / "run")], check=True)
