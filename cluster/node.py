@@ -277,6 +277,10 @@ class Node:
         if low != self.disk_low:
             log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
         self.disk_low = low
+        if low and self.role == "leader" and self.replica is not None:
+            # A leader that refuses every submit would stall the cluster while two healthy
+            # nodes wait: hand leadership to one of them (asked again each second until done).
+            self.replica.request_handover()
 
 
 class _NodeLogFilter(logging.Filter):

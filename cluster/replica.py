@@ -114,7 +114,31 @@ class SequencerReplica(CorrectedSyncObj):
             onStateChanged=self._state_changed,
             useFork=False,
         )
+        self._handover_requested = False
         super().__init__(config.raft_address, [p.raft_address for p in config.peers], conf)
+        self.addOnTickCallback(self._hand_over_if_asked)
+
+    # --- handing leadership over ------------------------------------------------------------
+
+    def request_handover(self) -> None:
+        """Ask (from any thread) that this node, if it leads, hand leadership to its most
+        caught-up follower (Raft's TimeoutNow). Done on pysyncobj's thread; best effort: a
+        follower that is not fully caught up is refused, so the caller asks again later."""
+        self._handover_requested = True
+
+    def _hand_over_if_asked(self) -> None:
+        if not self._handover_requested:
+            return
+        self._handover_requested = False
+        if self._isLeader():
+            self.transferLeadership(callback=self._handover_sent)
+
+    @staticmethod
+    def _handover_sent(result: object, error: int) -> None:
+        if error:
+            log.warning("leadership handover not started (pysyncobj reason %s); will ask again", error)
+        else:
+            log.warning("leadership handover started")
 
     # --- the replicated entry point -----------------------------------------------------
 
