@@ -36,6 +36,9 @@ class LocalNode:
     restarts: int = 0
     died_at: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
+    #: Prepended to the node's command line (e.g. ``nsenter --mount=...``); the wrapper must
+    #: exec the command so that the started process is the node itself.
+    command_prefix: list[str] = field(default_factory=list)
 
 
 def local_configs(
@@ -137,15 +140,25 @@ def _die_with_parent() -> None:
 
 class LocalCluster:
     def __init__(
-        self, data_dir: str, base_port: int, *, insecure: bool, restart: bool, overrides: dict | None = None
+        self,
+        data_dir: str,
+        base_port: int,
+        *,
+        insecure: bool,
+        restart: bool,
+        overrides: dict | None = None,
+        configs: list[NodeConfig] | None = None,
     ) -> None:
+        """``configs``, when given, are used as they are (``base_port`` and ``overrides`` are
+        then ignored); otherwise ``local_configs`` makes them."""
         self.data_dir = os.path.abspath(data_dir)
         self.restart = restart
         os.makedirs(self.data_dir, exist_ok=True)
         first_config = os.path.join(self.data_dir, "n1.toml")
-        configs = local_configs(
-            self.data_dir, base_port, insecure=insecure, secrets_from=_existing_secrets(first_config), overrides=overrides
-        )
+        if configs is None:
+            configs = local_configs(
+                self.data_dir, base_port, insecure=insecure, secrets_from=_existing_secrets(first_config), overrides=overrides
+            )
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
@@ -165,7 +178,7 @@ class LocalCluster:
         return self.nodes[0].config.client_token
 
     def start_node(self, node: LocalNode) -> None:
-        command = [sys.executable, "-m", "cluster.cli", "node", "--config", node.config_path]
+        command = [*node.command_prefix, sys.executable, "-m", "cluster.cli", "node", "--config", node.config_path]
         if self.insecure:
             command.append("--insecure")
         log = open(node.log_path, "ab")

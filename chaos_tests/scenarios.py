@@ -1,0 +1,405 @@
+"""Chaos scenarios: one per fault family, each a seeded run against a real three-node cluster.
+
+A run (``run_scenario``):
+
+1. prints its seed and the command that replays it;
+2. starts a ``ChaosCluster`` (Raft links through the fault proxy) and the workload (clients
+   submitting with pipelining, subscribers on two nodes), recording one history;
+3. waits for the first acknowledgements, then repeats the scenario's *round* (one fault, its
+   recovery) ``rounds`` times, or until ``duration_s`` has passed when a soak duration is given;
+4. heals everything, restarts what is down, and requires acknowledgements again (the cluster
+   must come back) and every node to agree on the stream;
+5. stops the workload, reads every node's whole stream into the history, checks every journal
+   with ``verify_journal``, and runs the checker (``chaos_tests.checker``).
+
+Every choice — ports, which node, how long a fault lasts, which bit flips — comes from one
+``random.Random(seed)`` and its children, so ``RAFTSEQ_CHAOS_SEED=N`` (or ``--seed N``) replays
+the same schedule. (The cluster's own timing still varies from run to run: the seed replays the
+faults, not the interleaving of the nodes' threads.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chaos_tests.checker import Report, check_file
+from chaos_tests.cluster import ChaosCluster, tmpfs_supported
+from chaos_tests.history import HistoryRecorder
+from chaos_tests.nemesis import Nemesis
+from chaos_tests.workload import Workload, WorkloadConfig, final_read
+from sequencer.journal import verify_journal
+
+#: Acknowledgements the workload must reach before the first fault.
+WARMUP_ACKS = 200
+#: After a fault that leaves a majority (or after healing), acknowledgements must resume within this.
+RECOVERY_TIMEOUT_S = 30.0
+CONVERGE_TIMEOUT_S = 60.0
+#: Node settings of every chaos cluster: small compaction thresholds, so that Raft snapshots and
+#: journal catch-up happen within a short run.
+CHAOS_OVERRIDES = {"raft": {"log_compaction_min_entries": 500, "log_compaction_min_time_s": 1.0}}
+
+
+class ScenarioFailed(AssertionError):
+    """The run could not do what the scenario needs (no recovery, no convergence)."""
+
+
+@dataclass
+class Context:
+    """What a scenario's round works with."""
+
+    cluster: ChaosCluster
+    nemesis: Nemesis
+    workload: Workload
+    rng: random.Random
+    say: Callable[[str], None]
+
+    def hold(self, low_s: float, high_s: float) -> None:
+        """Let a fault last a drawn time (the fault's length, not a synchronisation)."""
+        time.sleep(self.rng.uniform(low_s, high_s))
+
+    def acks_resume(self, what: str, *, timeout_s: float = RECOVERY_TIMEOUT_S) -> float:
+        """Wait for an acknowledgement after now; returns how long it took."""
+        started_ns = time.monotonic_ns()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.workload.ok_since(started_ns):
+                return (time.monotonic_ns() - started_ns) / 1e9
+            time.sleep(0.02)
+        raise ScenarioFailed(f"no acknowledgement within {timeout_s:.0f} s {what}\n{self.cluster.log_tails()}")
+
+    def converge(self, *, timeout_s: float = CONVERGE_TIMEOUT_S) -> int:
+        """Wait, under load, until every node is up, agrees on one leader, and has caught up
+        with what the leader held when the wait began. Returns that sequence number."""
+        deadline = time.monotonic() + timeout_s
+        target = None
+        report: dict = {}
+        while time.monotonic() < deadline:
+            report = self.cluster.status()
+            nodes = report["nodes"]
+            leaders = {n.get("leader") for n in nodes}
+            if all(n.get("role") != "unreachable" for n in nodes) and len(leaders) == 1 and "" not in leaders:
+                if target is None:
+                    target = max(n["last_seq"] for n in nodes)
+                if all(n["last_seq"] >= target for n in nodes):
+                    return target
+            time.sleep(0.05)
+        raise ScenarioFailed(f"nodes did not catch up within {timeout_s:.0f} s (target {target}): {report}\n{self.cluster.log_tails()}")
+
+    def restart_down_nodes(self) -> None:
+        for node_id in self.cluster.node_ids:
+            if not self.cluster.is_running(node_id):
+                self.say(f"    {node_id} is down (exit {self.cluster.exit_code(node_id)}); restarting it")
+                self.cluster.restart(node_id)
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    round: Callable[[Context], None]
+    rounds: int = 2
+    workload: dict = field(default_factory=dict)
+    tmpfs_bytes: dict[str, int] = field(default_factory=dict)
+    #: Node settings on top of ``CHAOS_OVERRIDES``.
+    overrides: dict = field(default_factory=dict)
+    #: Why the scenario cannot run on this machine ("" when it can).
+    unavailable: Callable[[], str] = lambda: ""
+
+
+# --- the rounds -------------------------------------------------------------------------
+
+
+def _kill_leader(ctx: Context) -> None:
+    fault = ctx.nemesis.kill_leader()
+    took = ctx.acks_resume("after the leader was killed")
+    ctx.say(f"    leader {fault.details['nodes'][0]} killed; acknowledgements again after {took:.2f} s")
+    ctx.hold(0.2, 1.0)
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _kill_follower(ctx: Context) -> None:
+    fault = ctx.nemesis.kill_follower()
+    ctx.hold(0.5, 2.0)
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _kill_two(ctx: Context) -> None:
+    fault = ctx.nemesis.kill_two()
+    ctx.hold(0.5, 1.5)
+    ctx.nemesis.end(fault)
+    took = ctx.acks_resume("after two nodes came back")
+    ctx.say(f"    {fault.details['nodes']} killed and restarted; acknowledgements again after {took:.2f} s")
+    ctx.converge()
+
+
+def _kill_all(ctx: Context) -> None:
+    fault = ctx.nemesis.kill_all()
+    ctx.hold(0.2, 1.0)
+    ctx.nemesis.end(fault)
+    took = ctx.acks_resume("after every node was killed and restarted")
+    ctx.say(f"    all three killed and restarted; acknowledgements again after {took:.2f} s")
+    ctx.converge()
+
+
+def _rolling_restart(ctx: Context) -> None:
+    order = list(ctx.cluster.node_ids)
+    ctx.rng.shuffle(order)
+    ctx.say(f"    rolling restart {order}")
+    for node_id in order:
+        leader = ctx.nemesis.leader()
+        ctx.nemesis.crash([node_id], down_s=ctx.rng.uniform(0.1, 0.5), leader=leader)
+        ctx.acks_resume(f"after restarting {node_id}")
+        ctx.converge()
+
+
+def _pause_leader(ctx: Context) -> None:
+    fault = ctx.nemesis.pause_leader()
+    took = ctx.acks_resume("while the leader was paused")
+    ctx.say(f"    leader {fault.details['nodes'][0]} paused; acknowledgements from a new leader after {took:.2f} s")
+    ctx.hold(0.5, 2.0)
+    ctx.nemesis.end(fault)  # the stale leader wakes up
+    ctx.converge()
+
+
+def _isolate_leader(ctx: Context) -> None:
+    fault = ctx.nemesis.isolate_leader()
+    took = ctx.acks_resume("with the leader cut off from both followers")
+    ctx.say(f"    leader {fault.details['nodes'][0]} isolated; acknowledgements again after {took:.2f} s")
+    # Long enough for the new leader to compact its log: the deposed leader, holding entries
+    # no majority has, then rejoins through a snapshot.
+    ctx.hold(2.0, 4.0)
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _split(ctx: Context) -> None:
+    fault = ctx.nemesis.split()
+    ctx.acks_resume("on the majority side of a split")
+    ctx.hold(0.5, 2.0)
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _bridge(ctx: Context) -> None:
+    fault = ctx.nemesis.bridge()
+    ctx.hold(1.0, 3.0)
+    ctx.acks_resume("with a bridge partition")
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _one_way(ctx: Context) -> None:
+    fault = ctx.nemesis.one_way()
+    ctx.hold(1.0, 3.0)
+    ctx.acks_resume("with one direction of a link lost")
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _flap(ctx: Context) -> None:
+    details = ctx.nemesis.flap(duration_s=ctx.rng.uniform(3.0, 6.0), cut_s=(0.1, 1.0), healed_s=(0.1, 0.8))
+    ctx.say(f"    flapping: {details.get('cuts')} cuts")
+    ctx.acks_resume("after a flapping partition")
+    ctx.converge()
+
+
+def _slow_links(ctx: Context) -> None:
+    fault = ctx.nemesis.slow(ctx.rng.choice([5.0, 20.0, 50.0]))
+    ctx.hold(1.0, 3.0)
+    ctx.acks_resume("with slow links")
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _disk_full(ctx: Context) -> None:
+    node = "n2"  # the node on the tmpfs
+    fault = ctx.nemesis.fill_disk(node)
+    ctx.hold(1.0, 2.5)
+    ctx.nemesis.end(fault)
+    ctx.restart_down_nodes()  # a node may stop itself on a full disk; it must come back whole
+    ctx.acks_resume("after the disk was freed")
+    ctx.converge()
+
+
+def _journal_damage(ctx: Context) -> None:
+    leader = ctx.nemesis.leader()
+    victim = ctx.rng.choice([n for n in ctx.cluster.node_ids if n != leader])
+    fault = ctx.nemesis.kill([victim], leader=leader)
+    ctx.cluster.reap(victim)
+    ctx.nemesis.corrupt_journal_tail(victim, how=ctx.rng.choice(["truncate", "bitflip"]))
+    ctx.hold(0.2, 1.0)
+    ctx.nemesis.end(fault)
+    ctx.converge()
+
+
+def _client_faults(ctx: Context) -> None:
+    # The workload resets client connections and drops subscribers on its own (see its config);
+    # a leader kill in the middle makes the resubmits cross a leader change.
+    ctx.hold(1.0, 2.0)
+    _kill_leader(ctx)
+    ctx.hold(1.0, 2.0)
+
+
+def _tmpfs_unavailable() -> str:
+    ok, why = tmpfs_supported()
+    return "" if ok else f"no private tmpfs here: {why}"
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario("kill-leader", "SIGKILL the leader, restart it", _kill_leader),
+        Scenario(
+            "kill-leader-loaded",
+            "SIGKILL the leader under heavy pipelined load (the load that made unmodified pysyncobj lose acknowledged entries)",
+            _kill_leader,
+            rounds=3,
+            workload={"clients": 3, "rate_per_client": 1500.0, "window": 400},
+        ),
+        Scenario("kill-follower", "SIGKILL a follower, restart it", _kill_follower),
+        Scenario("kill-two", "SIGKILL two nodes (a majority), restart them", _kill_two),
+        Scenario("kill-all", "SIGKILL all three nodes, restart them", _kill_all),
+        Scenario("rolling-restart", "kill and restart each node in turn", _rolling_restart, rounds=1),
+        Scenario("pause-leader", "SIGSTOP the leader past the election timeout, then SIGCONT (a stale leader wakes)", _pause_leader),
+        Scenario("isolate-leader", "cut the leader from both followers; clients still reach it", _isolate_leader),
+        Scenario("split", "majority/minority partition", _split),
+        Scenario("bridge", "cut n_a-n_b; the bridge node sees both", _bridge),
+        Scenario("one-way", "lose one direction of one Raft link", _one_way),
+        Scenario("flap", "a partition cut and healed on a seeded schedule", _flap, rounds=1),
+        Scenario("slow-links", "delay on every Raft link (the proxy)", _slow_links, rounds=1),
+        Scenario(
+            "disk-full",
+            "n2's data directory on a small tmpfs that fills up",
+            _disk_full,
+            tmpfs_bytes={"n2": 64 << 20},
+            # The node refuses writes below 16 MiB free (the default, 256 MiB, is more than the tmpfs).
+            overrides={"journal": {"disk_free_bytes_min": 16 << 20}},
+            unavailable=_tmpfs_unavailable,
+        ),
+        Scenario("journal-damage", "a follower's journal tail truncated or bit-flipped while it is down", _journal_damage),
+        Scenario(
+            "client-faults",
+            "client connections reset mid-submit, subscribers dropped mid-stream, and a leader kill",
+            _client_faults,
+            rounds=1,
+            workload={"client_resets_every_s": 0.7, "subscriber_drops_every_s": 1.0},
+        ),
+    ]
+}
+
+
+# --- a run ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    seed: int
+    report: Report
+    history_path: str
+    acked: int
+    journals_ok: bool
+    journal_problems: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and self.journals_ok
+
+
+def replay_command(name: str, seed: int) -> str:
+    return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
+
+
+def run_scenario(
+    name: str,
+    *,
+    seed: int,
+    directory: str,
+    rounds: int | None = None,
+    duration_s: float | None = None,
+    say: Callable[[str], None] = print,
+) -> RunResult:
+    """Run one scenario in `directory` (its cluster, logs and history stay there)."""
+    scenario = SCENARIOS[name]
+    why_not = scenario.unavailable()
+    if why_not:
+        raise ScenarioFailed(f"{name} cannot run here: {why_not}")
+    started = time.monotonic()
+    say(f"chaos {name}: seed {seed}  (replay: {replay_command(name, seed)})")
+    rng = random.Random(seed)
+    cluster_rng, nemesis_rng, workload_rng, round_rng = (random.Random(rng.random()) for _ in range(4))
+    history_path = os.path.join(directory, "history.jsonl")
+    with HistoryRecorder(history_path) as history:
+        history.note("scenario", scenario=name, seed=seed, description=scenario.description)
+        fault_ids: dict[int, int] = {}
+
+        def on_fault(fault_name: str, phase: str, details: dict) -> None:
+            nemesis_id = details.get("nemesis_id", 0)
+            if phase == "start":
+                fault_ids[nemesis_id] = history.fault_start(fault_name, **details)
+            elif nemesis_id in fault_ids:
+                history.fault_end(fault_ids.pop(nemesis_id), **details)
+
+        overrides = {section: dict(values) for section, values in CHAOS_OVERRIDES.items()}
+        for section, values in scenario.overrides.items():
+            overrides.setdefault(section, {}).update(values)
+        cluster = ChaosCluster(
+            os.path.join(directory, "cluster"), rng=cluster_rng, overrides=overrides, tmpfs_bytes=scenario.tmpfs_bytes
+        )
+        workload = None
+        try:
+            cluster.start()
+            say(f"  cluster up: {', '.join(cluster.endpoints)}")
+            endpoints = cluster.endpoints
+            config = WorkloadConfig(subscriber_nodes=[endpoints[0], endpoints[2]], **scenario.workload)
+            workload = Workload(endpoints, token=cluster.token, history=history, rng=workload_rng, config=config)
+            workload.start()
+            if not workload.wait_for_acks(WARMUP_ACKS, timeout_s=RECOVERY_TIMEOUT_S):
+                raise ScenarioFailed(f"only {workload.stats.ok} acknowledgements before any fault\n{cluster.log_tails()}")
+            nemesis = Nemesis(cluster, rng=nemesis_rng, on_fault=on_fault)
+            ctx = Context(cluster, nemesis, workload, round_rng, say)
+            planned = rounds if rounds is not None else scenario.rounds
+            round_index = 0
+            while True:
+                if duration_s is not None:
+                    if time.monotonic() - started >= duration_s:
+                        break
+                elif round_index >= planned:
+                    break
+                round_index += 1
+                say(f"  round {round_index}{'' if duration_s is not None else f' of {planned}'} ({workload.stats.ok} acknowledged so far)")
+                try:
+                    scenario.round(ctx)
+                finally:
+                    nemesis.heal_all()
+            ctx.restart_down_nodes()
+            ctx.acks_resume("after healing")
+            stats = workload.stop()
+            workload = None
+            last_seq = cluster.wait_converged(timeout_s=CONVERGE_TIMEOUT_S)
+            counts = final_read(endpoints, token=cluster.token, history=history)
+            say(f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}")
+            journal_problems = []
+            for node_id in cluster.node_ids:
+                report = verify_journal(cluster.journal_dir(node_id))
+                if not report.ok:
+                    journal_problems.append(f"{node_id}: {report}")
+        finally:
+            if workload is not None:
+                workload.stop(drain_s=0)
+            cluster.stop()
+    report = check_file(history_path)
+    seconds = time.monotonic() - started
+    result = RunResult(name, seed, report, history_path, stats.ok, not journal_problems, journal_problems, seconds)
+    say(report.format())
+    for problem in journal_problems:
+        say(f"  journal check failed: {problem}")
+    say(f"chaos {name}: {'PASSED' if result.ok else 'FAILED'} in {seconds:.1f} s (seed {seed}; history {history_path})")
+    return result

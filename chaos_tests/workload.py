@@ -1,0 +1,391 @@
+"""The chaos workload: clients submitting unique payloads, subscribers on chosen nodes, and the
+final read of every node — all recorded in one history (``chaos_tests.history``).
+
+It runs on its own asyncio loop in a background thread (``Workload.start`` / ``stop``), so the
+nemesis can act from the test's thread meanwhile.
+
+* **Clients** use the public ``SequencerClient``: each submits payloads ``c<i>-<n>`` (unique in
+  the history) at a steady rate with up to ``window`` submits in flight. ``invoke`` is recorded
+  before the submit leaves; the outcome when its future resolves: a sequence number is ``ok``,
+  ``Rejected`` is ``fail`` (definite), anything else (``OutcomeUnknown``, the client closed
+  with the submit in flight) is ``unknown``. With ``client_resets`` a client's connection is
+  aborted now and then mid-stream (a connection reset while submits are in flight): the
+  library must resubmit under the same ``client_seq``.
+* **Subscribers** speak the subscribe protocol themselves (``sequencer.protocol``) rather than
+  through ``clients.subscribe``: that generator quietly reconnects when a node sends a wrong
+  number, which would hide exactly what the checker looks for. Each subscriber stays on one
+  node until the connection fails, then resumes at last + 1 on the next node, recording every
+  ``sub_connect`` / ``sub_reconnect`` and every delivery as the node sent it. With
+  ``subscriber_drops`` it drops its own connection now and then and resumes.
+* **Final read**: after healing, every node is read from sequence number 1 to the last number
+  it reports, over the same protocol, one node at a time, and recorded as ``final_read``.
+
+Every loop here is bounded by a deadline; ``stop`` waits for in-flight submits for at most
+``drain_s`` and then records what is left as ``unknown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chaos_tests.history import HistoryRecorder
+from clients import SequencerClient
+from clients.client import Rejected
+from cluster.status import node_status
+from sequencer import protocol
+
+CONNECT_TIMEOUT_S = 1.0
+#: A subscriber that hears nothing (not even a heartbeat) for this long moves to another node.
+SUBSCRIBER_SILENCE_S = 2.0
+READ_BYTES = 1 << 18
+FINAL_READ_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 15.0
+
+
+@dataclass
+class WorkloadConfig:
+    clients: int = 3
+    #: Submits per second per client (steady schedule).
+    rate_per_client: float = 200.0
+    #: Submits in flight per client at most; past it the client waits.
+    window: int = 64
+    #: Each subscriber's node: subscriber i starts on ``subscriber_nodes[i]`` (an endpoint).
+    subscriber_nodes: Sequence[str] = ()
+    #: Mean seconds between connection resets of each client (0: never).
+    client_resets_every_s: float = 0.0
+    #: Mean seconds between self-inflicted drops of each subscriber (0: never).
+    subscriber_drops_every_s: float = 0.0
+    payload_pad: int = 40
+    session_prefix: str = "chaos"
+
+
+@dataclass
+class _ClientStats:
+    invoked: int = 0
+    ok: int = 0
+    failed: int = 0
+    unknown: int = 0
+    resets: int = 0
+
+
+@dataclass
+class WorkloadStats:
+    clients: dict[str, _ClientStats] = field(default_factory=dict)
+    deliveries: dict[str, int] = field(default_factory=dict)
+    reconnects: dict[str, int] = field(default_factory=dict)
+    last_ok_ns: int = 0
+
+    @property
+    def ok(self) -> int:
+        return sum(c.ok for c in self.clients.values())
+
+    @property
+    def invoked(self) -> int:
+        return sum(c.invoked for c in self.clients.values())
+
+
+class Workload:
+    """Clients and subscribers against `endpoints`, recording into `history`."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        token: str,
+        history: HistoryRecorder,
+        rng: random.Random,
+        config: WorkloadConfig | None = None,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.token = token
+        self.history = history
+        self.config = config or WorkloadConfig()
+        # Separate streams so that one choice does not shift the others between runs.
+        self._client_rngs = [random.Random(rng.random()) for _ in range(self.config.clients)]
+        self._sub_rngs = [random.Random(rng.random()) for _ in self.config.subscriber_nodes]
+        self._run_tag = f"{rng.randrange(16**6):06x}"
+        self.stats = WorkloadStats()
+        self.errors: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._started = threading.Event()
+        self._clients: list[SequencerClient] = []
+
+    # --- lifecycle (called from the test's thread) ----------------------------------------
+
+    def start(self) -> None:
+        """Connect the clients, start submitting and subscribing; returns once all run."""
+        self._thread = threading.Thread(target=self._thread_main, name="chaos-workload", daemon=True)
+        self._thread.start()
+        if not self._started.wait(START_TIMEOUT_S):
+            raise RuntimeError(f"workload did not start in {START_TIMEOUT_S} s: {self.errors}")
+        if self.errors:
+            self.stop(drain_s=0)
+            raise RuntimeError(f"workload failed to start: {self.errors}")
+
+    def stop(self, *, drain_s: float = 10.0) -> WorkloadStats:
+        """Stop submitting, wait up to `drain_s` for in-flight submits, close everything."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(drain_s), self._loop)
+            future.result(timeout=drain_s + 30)
+            self._thread.join(timeout=10)
+        return self.stats
+
+    def wait_for_acks(self, count: int, *, timeout_s: float) -> bool:
+        """Wait until at least `count` submits in total were acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.stats.ok >= count:
+                return True
+            time.sleep(0.05)
+        return self.stats.ok >= count
+
+    def ok_since(self, t_ns: int) -> bool:
+        """True once a submit was acknowledged after monotonic time `t_ns`."""
+        return self.stats.last_ok_ns > t_ns
+
+    # --- the loop thread ------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        config = self.config
+        try:
+            for i in range(config.clients):
+                session = f"{config.session_prefix}-{self._run_tag}-c{i + 1}"
+                client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=config.window)
+                await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
+                self._clients.append(client)
+        except Exception as exc:  # noqa: BLE001 - reported to the starting thread
+            self.errors.append(f"client connect: {exc!r}")
+            self._started.set()
+            for client in self._clients:
+                await client.close()
+            return
+        for i, client in enumerate(self._clients):
+            self._tasks.append(asyncio.create_task(self._submitter(i, client), name=f"chaos-c{i + 1}"))
+        for i, node in enumerate(config.subscriber_nodes):
+            self._tasks.append(asyncio.create_task(self._subscriber(i, node), name=f"chaos-s{i + 1}"))
+        self._started.set()
+        await self._finished.wait()  # set at the end of _shutdown
+
+    async def _shutdown(self, drain_s: float) -> None:
+        self._stop.set()
+        submitters = self._tasks[: len(self._clients)]
+        subscribers = self._tasks[len(self._clients) :]
+        # Each submitter notices the stop within 0.1 s; the bound is for safety only.
+        _, late = await asyncio.wait(submitters, timeout=5.0) if submitters else (set(), set())
+        for task in late:
+            task.cancel()
+        deadline = time.monotonic() + drain_s
+        while any(c.in_flight for c in self._clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in self._clients:
+            await client.close()  # what is still in flight resolves as NotConnected: unknown
+        await asyncio.sleep(0)  # let the done-callbacks record those
+        for task in subscribers:
+            task.cancel()
+        await asyncio.gather(*subscribers, return_exceptions=True)
+        self._finished.set()
+
+    # --- clients --------------------------------------------------------------------------
+
+    async def _submitter(self, index: int, client: SequencerClient) -> None:
+        config = self.config
+        name = f"c{index + 1}"
+        stats = self.stats.clients.setdefault(name, _ClientStats())
+        rng = self._client_rngs[index]
+        history = self.history
+        pad = "." * config.payload_pad
+        interval = 1.0 / config.rate_per_client
+        next_reset = _next_event(rng, config.client_resets_every_s)
+        started = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            due = started + n * interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                    break
+                except TimeoutError:
+                    pass
+            if client.in_flight >= client.in_flight_max:
+                try:
+                    await asyncio.wait_for(client.wait_for_room(), 0.1)
+                except TimeoutError:
+                    pass
+                continue
+            n += 1
+            payload = f"{name}-{n:07d}-{pad}"
+            client_seq = client.next_client_seq
+            op = history.invoke(name, client.session, client_seq, payload)
+            stats.invoked += 1
+            future = client.submit_nowait(payload.encode())
+            future.add_done_callback(lambda f, op=op: self._completed(stats, op, f))
+            if next_reset and time.monotonic() - started >= next_reset:
+                next_reset += _next_event(rng, config.client_resets_every_s)
+                if _abort_client_connection(client):
+                    stats.resets += 1
+
+    def _completed(self, stats: _ClientStats, op: int, future: asyncio.Future) -> None:
+        if future.cancelled():
+            stats.unknown += 1
+            self.history.complete_unknown(op, "cancelled")
+            return
+        error = future.exception()
+        if error is None:
+            stats.ok += 1
+            self.history.complete_ok(op, future.result())
+            self.stats.last_ok_ns = time.monotonic_ns()
+        elif isinstance(error, Rejected):
+            stats.failed += 1
+            self.history.complete_fail(op, str(error))
+        else:
+            stats.unknown += 1
+            self.history.complete_unknown(op, f"{type(error).__name__}: {error}")
+
+    # --- subscribers ----------------------------------------------------------------------
+
+    async def _subscriber(self, index: int, first_node: str) -> None:
+        name = f"s{index + 1}"
+        rng = self._sub_rngs[index]
+        order = [first_node] + [e for e in self.endpoints if e != first_node]
+        expected = 1
+        attempt = 0
+        connected_once = False
+        drops_every = self.config.subscriber_drops_every_s
+        while not self._stop.is_set():
+            node = order[attempt % len(order)]
+            attempt += 1
+            drop_after = _next_event(rng, drops_every)
+            if connected_once:
+                self.history.sub_reconnect(name, node, expected)
+                self.stats.reconnects[name] = self.stats.reconnects.get(name, 0) + 1
+            else:
+                self.history.sub_connect(name, node, expected)
+                connected_once = True
+            try:
+                expected, moved_on = await self._stream(name, node, expected, drop_after)
+            except (OSError, ConnectionError, TimeoutError):
+                moved_on = True
+            if not moved_on:
+                attempt -= 1  # a deliberate drop: back to the same node
+            await asyncio.sleep(0.02)
+
+    async def _stream(self, name: str, node: str, expected: int, drop_after: float) -> tuple[int, bool]:
+        """Deliveries from `node` from `expected` on. Returns (next expected, whether the node
+        failed us) when the connection ends or `drop_after` seconds pass."""
+        host, port = node.rsplit(":", 1)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
+        history = self.history
+        try:
+            writer.write(protocol.encode_frame(protocol.Hello(f"{name}-{self._run_tag}", self.token, protocol.PROTOCOL_VERSION)))
+            writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
+            framer = protocol.FrameReader("node")
+            until = time.monotonic() + drop_after if drop_after else None
+            while not self._stop.is_set():
+                timeout = SUBSCRIBER_SILENCE_S
+                if until is not None:
+                    timeout = min(timeout, until - time.monotonic())
+                    if timeout <= 0:
+                        return expected, False
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
+                except TimeoutError:
+                    if until is not None and time.monotonic() >= until:
+                        return expected, False
+                    return expected, True  # silent node
+                if not data:
+                    return expected, True
+                for frame in framer.feed(data):
+                    kind = type(frame)
+                    if kind is protocol.Delivered:
+                        # Recorded as the node sent it: a gap or repeat is the checker's to find.
+                        history.deliver(name, node, frame.seq, frame.session, frame.client_seq, frame.payload)
+                        self.stats.deliveries[name] = self.stats.deliveries.get(name, 0) + 1
+                        expected = max(expected, frame.seq + 1)
+                    elif kind in (protocol.Rejected, protocol.Busy) or isinstance(frame, protocol.FrameError):
+                        return expected, True
+            return expected, False
+        finally:
+            writer.close()
+
+
+def _next_event(rng: random.Random, mean_s: float) -> float:
+    return rng.expovariate(1.0 / mean_s) if mean_s > 0 else 0.0
+
+
+def _abort_client_connection(client: SequencerClient) -> bool:
+    """Reset the client's connection to its node, with submits in flight (a fault the library
+    must absorb). Reaches into the client: there is no public way to break a connection."""
+    link = client._link  # noqa: SLF001 - fault injection
+    if link is None or link.writer.transport.is_closing():
+        return False
+    link.writer.transport.abort()
+    return True
+
+
+# --- the final read ----------------------------------------------------------------------
+
+
+async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float) -> list[tuple[int, str, int, bytes]]:
+    """Records 1..last_seq as `endpoint` serves them (one connection, no failover)."""
+    host, port = endpoint.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
+    records: list[tuple[int, str, int, bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        writer.write(protocol.encode_frame(protocol.Hello("chaos-final-read", token, protocol.PROTOCOL_VERSION)))
+        writer.write(protocol.encode_frame(protocol.Subscribe(1)))
+        framer = protocol.FrameReader("node")
+        while len(records) < last_seq:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"final read of {endpoint}: {len(records)} of {last_seq} records in {timeout_s:.0f} s")
+            data = await asyncio.wait_for(reader.read(READ_BYTES), remaining)
+            if not data:
+                raise ConnectionError(f"final read of {endpoint}: closed after {len(records)} records")
+            for frame in framer.feed(data):
+                if type(frame) is protocol.Delivered:
+                    records.append((frame.seq, frame.session, frame.client_seq, frame.payload))
+                elif isinstance(frame, (protocol.Rejected, protocol.FrameError)):
+                    raise ConnectionError(f"final read of {endpoint}: {frame!r}")
+    finally:
+        writer.close()
+    return records[:last_seq]
+
+
+def final_read(endpoints: Sequence[str], *, token: str, history: HistoryRecorder, timeout_s: float = FINAL_READ_TIMEOUT_S) -> dict[str, int]:
+    """Read every node's whole stream into the history; returns records read per endpoint.
+    A node that cannot be asked or read is recorded with what it gave (possibly nothing)."""
+
+    async def run() -> dict[str, int]:
+        counts = {}
+        for endpoint in endpoints:
+            status = await node_status(endpoint, token=token, timeout_s=CONNECT_TIMEOUT_S)
+            last_seq = status.get("last_seq", 0)
+            records: list = []
+            if status.get("role") != "unreachable" and last_seq:
+                records = await _read_node(endpoint, token, last_seq, timeout_s)
+            history.final_read(status.get("id", endpoint), records)
+            counts[endpoint] = len(records)
+        return counts
+
+    return asyncio.run(run())
