@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import subprocess
 import sys
 import time
 
@@ -321,7 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--session", default=f"tail-{os.getpid()}", help="session name used in the hello")
     tail.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
     tail.set_defaults(func=cmd_tail)
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="seeded fault injection against a local cluster (source checkout only)",
+        description="Run the chaos scenarios (chaos_tests/) against local three-node clusters and check every run's "
+        "history against the guarantees: `raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration S]`, "
+        "`raftseq chaos check HISTORY`, `raftseq chaos list`. Everything after `chaos` goes to `python -m chaos_tests` "
+        "in the source checkout (chaos_tests/ is not part of the installed package); `raftseq chaos run --help` shows its options.",
+    )
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER, help="run|check|list and their options")
+    chaos.set_defaults(func=cmd_chaos)
     return parser
+
+
+def cmd_chaos(args) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "chaos_tests", "__main__.py")):
+        print(f"raftseq chaos needs the source checkout: no chaos_tests/ next to {root}/cluster", file=sys.stderr)
+        return 2
+    # A child process, not an import: nothing in the product imports the test suites.
+    return subprocess.call([sys.executable, "-m", "chaos_tests", *args.chaos_args], cwd=root)
 
 
 def main(argv: list[str] | None = None) -> int:
