@@ -208,6 +208,11 @@ class LocalCluster:
             lines.append(f"  client token: {self.token}")
         endpoints = ",".join(self.endpoints)
         lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}")
+        base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - 1
+        lines.append(
+            f"  watch it: raftseq top  |  deploy/prometheus/run --base-port {base_port} --data-dir {self.data_dir}"
+            "  |  deploy/grafana/run (see deploy/*/README.md)"
+        )
         return "\n".join(lines)
 
     def supervise_once(self) -> list[str]:
