@@ -48,8 +48,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import urllib.request
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,7 +63,7 @@ from clients import SequencerClient  # noqa: E402
 from cluster.local import LocalCluster, free_base_port, local_configs  # noqa: E402
 from cluster.status import gather_status  # noqa: E402
 
-WORKLOAD_NAMES = ("throughput", "latency", "failover", "elections")
+WORKLOAD_NAMES = ("throughput", "latency", "failover", "elections", "metrics")
 
 # Goals from the issue.
 GOAL_THROUGHPUT_PER_S = 150_000
@@ -1252,11 +1254,83 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
     }
 
 
+# --- 5. what metrics cost ------------------------------------------------------------------
+
+#: Goal of the metrics workload: throughput with metrics on within this fraction of it off.
+GOAL_METRICS_COST = 0.05
+
+
+class Scraper:
+    """Fetches every node's /metrics every `interval_s` on a thread, as Prometheus would."""
+
+    def __init__(self, urls: Sequence[str], interval_s: float) -> None:
+        self.urls = list(urls)
+        self.interval_s = interval_s
+        self.scrapes = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        response.read()
+                    self.scrapes += 1
+                except OSError:
+                    self.errors += 1
+
+
+def workload_metrics(args: argparse.Namespace, root: str) -> dict:
+    """Batched throughput with metrics on (HTTP server, scraped every --scrape-interval) and off
+    (no metrics server), alternating, each run on a fresh cluster."""
+    payload = b"x" * args.payload_bytes
+    modes = {"on": dict(args.overrides or {}), "off": {**(args.overrides or {}), "metrics_address": ""}}
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    scrapes = 0
+    for r in range(args.runs):
+        for mode, overrides in modes.items():
+            with BenchCluster(root, f"metrics-{mode}-{r + 1}", insecure=args.insecure, overrides=overrides) as bc:
+                urls = [f"http://{n.config.metrics_address}/metrics" for n in bc.cluster.nodes if n.config.metrics_address]
+                expect((mode == "on") == bool(urls), f"metrics {mode}: nodes serve metrics at {urls}")
+
+                async def measured() -> ThroughputRun:
+                    await one_client_run(bc, "warm-up", payload, messages=min(args.messages, 20_000), batch=args.batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
+                    return await one_client_run(bc, "measured", payload, messages=args.messages, batch=args.batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
+
+                if urls:
+                    with Scraper(urls, args.scrape_interval) as scraper:
+                        run = asyncio.run(measured())
+                    expect(scraper.errors == 0, f"metrics on: {scraper.errors} scrapes failed")
+                    scrapes += scraper.scrapes
+                else:
+                    run = asyncio.run(measured())
+            runs[mode].append(run.per_s)
+            print(f"    run {r + 1} metrics {mode:<3} {run.per_s:>10,.0f} msg/s  (cpu {_cpu_text(run.cpu_s)}, load {load_average()[0]:.2f})", flush=True)
+    on, off = spread(runs["on"]), spread(runs["off"])
+    cost = 1 - on["median"] / off["median"]
+    met = cost <= GOAL_METRICS_COST
+    print(f"  metrics on   {on['median']:>10,.0f} msg/s   min {on['min']:>9,.0f}  max {on['max']:>9,.0f}   ({scrapes} scrapes, every {args.scrape_interval} s)")
+    print(f"  metrics off  {off['median']:>10,.0f} msg/s   min {off['min']:>9,.0f}  max {off['max']:>9,.0f}")
+    print(f"  on/off {on['median'] / off['median']:.3f}: metrics cost {100 * cost:.1f}%   goal <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if met else 'MISSED'}")
+    return {"on_messages_per_s": on, "off_messages_per_s": off, "cost": cost, "goal_met": met, "scrape_interval_s": args.scrape_interval, "scrapes": scrapes}
+
+
 WORKLOADS = {
     "throughput": ("1. throughput: acknowledged messages per second", workload_throughput),
     "latency": ("2. latency at a steady offered rate (from the intended send time)", workload_latency),
     "failover": ("3. failover: SIGKILL of the leader under steady load", workload_failover),
     "elections": ("4. needless elections under steady load", workload_elections),
+    "metrics": ("5. what metrics cost: batched throughput with metrics on (scraped) and off", workload_metrics),
 }
 
 
@@ -1328,6 +1402,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds of steady load of the elections workload (default {ELECTIONS_SECONDS_DEFAULT:.0f}; --quick "
         f"{ELECTIONS_SECONDS_QUICK:.0f}; the issue's 10 minutes: 600)")
     add("--elections-rate", type=_positive_int, default=ELECTIONS_RATE_DEFAULT, help=f"offered rate of the elections workload (default {ELECTIONS_RATE_DEFAULT})")
+    add("--scrape-interval", type=_positive_float, default=1.0, help="seconds between scrapes of every node in the metrics workload (default 1)")
     add("--set", dest="sets", type=_override, action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a node setting for every node, e.g. raft.election_timeout_min_s=0.15 (repeatable)")
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
@@ -1432,6 +1507,8 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
     if "failover" in w:
         f = w["failover"]["failover_s"]
         goals.append(f"failover median {f['median']:.3f} s / max {f['max']:.3f} s: {'met' if w['failover']['goal_met'] else 'MISSED'}")
+    if "metrics" in w:
+        goals.append(f"metrics cost {100 * w['metrics']['cost']:.1f}% <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if w['metrics']['goal_met'] else 'MISSED'}")
     if "elections" in w:
         goals.append(f"needless elections {w['elections']['needless_elections']}: {'met' if w['elections']['goal_met'] else 'MISSED'}")
     for name in report["failures"]:
