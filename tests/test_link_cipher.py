@@ -1,0 +1,63 @@
+"""The Raft links' cipher (``cluster.link_cipher``): pysyncobj's encryptor interface on AES-GCM."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+import cluster.replica  # noqa: F401 - installs the cipher, as a node does
+import pysyncobj.syncobj
+from cluster.link_cipher import LinkCipher, LinkCipherError
+
+
+@pytest.fixture(scope="module")
+def cipher() -> LinkCipher:
+    return LinkCipher("the cluster's raft password")
+
+
+def test_round_trip_keeps_data_and_timestamp(cipher):
+    for data in (b"", b"x", bytes(range(256)) * 300):
+        token = cipher.encrypt_at_time(data, 1234)
+        assert cipher.extract_timestamp(token) == 1234
+        assert cipher.decrypt(token) == data
+        assert len(data) < 100 or data[:100] not in token
+
+
+def test_the_same_message_twice_gives_different_bytes(cipher):
+    assert cipher.encrypt_at_time(b"same", 7) != cipher.encrypt_at_time(b"same", 7)
+
+
+def test_another_password_cannot_read_it(cipher):
+    token = cipher.encrypt_at_time(b"secret", 1)
+    with pytest.raises(InvalidTag):
+        LinkCipher("another password").decrypt(token)
+
+
+@pytest.mark.parametrize("where", ["version", "timestamp", "nonce", "ciphertext", "tag"])
+def test_every_changed_byte_is_refused(cipher, where):
+    token = bytearray(cipher.encrypt_at_time(b"a raft message", 99))
+    at = {"version": 0, "timestamp": 5, "nonce": 12, "ciphertext": 23, "tag": len(token) - 1}[where]
+    token[at] ^= 0x01
+    with pytest.raises((InvalidTag, LinkCipherError)):
+        cipher.decrypt(bytes(token))
+
+
+def test_a_changed_timestamp_fails_authentication(cipher):
+    """pysyncobj reads the timestamp before decrypting; decrypt must then refuse a forged one."""
+    token = bytearray(cipher.encrypt_at_time(b"m", 10))
+    token[8] = 11  # the timestamp's last byte
+    assert cipher.extract_timestamp(bytes(token)) == 11
+    with pytest.raises(InvalidTag):
+        cipher.decrypt(bytes(token))
+
+
+@pytest.mark.parametrize("token", [b"", b"\x01" + b"\x00" * 20, b"gAAAAA" + b"=" * 80])
+def test_short_or_foreign_messages_are_refused(cipher, token):
+    with pytest.raises(LinkCipherError):
+        cipher.extract_timestamp(token)
+    with pytest.raises(LinkCipherError):
+        cipher.decrypt(token)
+
+
+def test_pysyncobj_builds_it_from_the_password():
+    assert pysyncobj.syncobj.getEncryptor is LinkCipher
