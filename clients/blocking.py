@@ -51,7 +51,13 @@ class BlockingSequencerClient:
 
     def subscribe(self, from_seq: int = 1, *, limit: int | None = None, timeout_s: float | None = None) -> Iterator[Message]:
         """Yield messages from `from_seq`; stops after `limit` messages or `timeout_s` of silence."""
-        agen = subscribe(self._endpoints, from_seq=from_seq, token=str(self._options.get("token", "")), session=f"{self._client.session}.sub")
+        agen = subscribe(
+            self._endpoints,
+            from_seq=from_seq,
+            token=str(self._options.get("token", "")),
+            session=f"{self._client.session}.sub",
+            metrics=self._options.get("metrics"),
+        )
         count = 0
         try:
             while limit is None or count < limit:

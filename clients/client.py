@@ -5,6 +5,13 @@ life. Whatever happens to a connection — leader killed, ``NotLeader``, ``Busy`
 ``OutcomeUnknown`` — every submit not yet acknowledged is sent again, in ``client_seq`` order,
 under the same number; the sequencer applies each ``(session, client_seq)`` at most once and
 answers a retry of an applied submit with the number it already has.
+
+Counting. A client counts what happens to it in plain integers on itself — ``reconnects``,
+``resubmits``, ``failovers`` (with their durations in ``failover_durations``),
+``submits_acked``, ``submits_outcome_unknown``, ``submits_rejected`` — cheap on the hot path
+and readable at any time. Metrics are opt-in: give the client (and ``subscribe``) a
+``metrics=`` sink, ``clients.metrics.ClientMetricsCollector``, which reads those counters at
+scrape time. This module never imports a metrics library.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import collections
 import logging
 import random
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 import msgspec
 
@@ -64,6 +73,47 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     session: str
     client_seq: int
     payload: bytes
+
+
+#: Upper bounds (seconds) of the buckets of ``SequencerClient.failover_durations``: from a quick
+#: reconnect to the same leader up to a minute without one.
+FAILOVER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class DurationHistogram:
+    """Durations counted into fixed buckets, as plain integers (cheap to update, read by a
+    metrics collector at scrape time). ``counts[i]`` holds the durations ``<= buckets[i]`` and
+    above the bound before; the last count holds those above every bound."""
+
+    __slots__ = ("buckets", "counts", "sum_s")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        if not buckets or any(b >= c for b, c in zip(buckets, buckets[1:])):
+            raise ValueError("buckets must be a non-empty, strictly increasing sequence")
+        self.buckets = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.buckets, seconds)] += 1
+        self.sum_s += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class ClientMetricsSink(Protocol):
+    """What ``metrics=`` takes: ``clients.metrics.ClientMetricsCollector`` (or one of its
+    ``labelled(...)`` views). A client attaches itself when created and detaches when closed;
+    in between the sink reads the client's counters when it is scraped. A subscription reports
+    each resume."""
+
+    def attach(self, client: SequencerClient) -> None: ...
+
+    def detach(self, client: SequencerClient) -> None: ...
+
+    def subscription_resumed(self) -> None: ...
 
 
 class _Group:
@@ -192,7 +242,16 @@ class SequencerClient:
     * ``reconnect_backoff_max_s`` — the longest pause between reconnect rounds;
     * ``outcome_deadline_s`` — ``submit`` raises ``OutcomeUnknown`` if no outcome arrives in
       this time (the submit stays queued and is still resubmitted);
-    * ``heartbeat_timeout_s`` — a node silent this long is taken for dead.
+    * ``heartbeat_timeout_s`` — a node silent this long is taken for dead;
+    * ``metrics`` — an opt-in sink (``clients.metrics.ClientMetricsCollector``) that reads this
+      client's counters at scrape time, until ``close``; its subscriptions report resumes to it.
+
+    Counters, plain integers any thread may read: ``reconnects`` (connections lost),
+    ``resubmits`` (submits sent again under their client_seq), ``failovers`` (connected to a
+    leader again after a loss; each one's duration, from noticing the loss, in
+    ``failover_durations`` and the last in ``last_failover_s``), ``submits_acked``,
+    ``submits_outcome_unknown`` (submits whose caller got ``OutcomeUnknown``) and
+    ``submits_rejected`` (by ``RejectReason``).
     """
 
     def __init__(
@@ -206,6 +265,7 @@ class SequencerClient:
         reconnect_backoff_max_s: float = 0.1,
         outcome_deadline_s: float = 30.0,
         heartbeat_timeout_s: float = 2.0,
+        metrics: ClientMetricsSink | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
@@ -236,6 +296,14 @@ class SequencerClient:
         self.resubmits = 0
         self.failovers = 0
         self.last_failover_s = 0.0
+        self.failover_durations = DurationHistogram(FAILOVER_BUCKETS_S)
+        self.submits_acked = 0
+        self.submits_outcome_unknown = 0
+        # Every reason present from the start: a reader on another thread iterates it safely.
+        self.submits_rejected: dict[RejectReason, int] = dict.fromkeys(RejectReason, 0)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.attach(self)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -277,6 +345,9 @@ class SequencerClient:
             if future.done() and not future.cancelled():
                 future.exception()  # mark retrieved: closing is not a crash
         self._pending.clear()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.detach(self)
 
     @property
     def next_client_seq(self) -> int:
@@ -285,6 +356,11 @@ class SequencerClient:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def connected(self) -> bool:
+        """True while the client holds a connection to the leader."""
+        return self._connected.is_set()
 
     # --- submitting -----------------------------------------------------------------------
 
@@ -361,6 +437,8 @@ class SequencerClient:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
         except TimeoutError:
+            pending = self._pending
+            self.submits_outcome_unknown += sum(1 for client_seq in range(first, first + len(payloads)) if client_seq in pending)
             raise OutcomeUnknown(first, self.outcome_deadline_s) from None
 
     async def wait_for_room(self, count: int = 1) -> None:
@@ -376,6 +454,7 @@ class SequencerClient:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
         except TimeoutError:
+            self.submits_outcome_unknown += 1
             raise OutcomeUnknown(self._client_seq_of(future), self.outcome_deadline_s) from None
 
     def _client_seq_of(self, future: asyncio.Future) -> int:
@@ -435,6 +514,7 @@ class SequencerClient:
                 return
             self.failovers += 1
             self.last_failover_s = time.monotonic() - lost_at
+            self.failover_durations.observe(self.last_failover_s)
             self._adopt(new_link)
 
     async def _read(self, link: _Link) -> None:
@@ -461,10 +541,13 @@ class SequencerClient:
             pop = self._pending.pop
             first_client_seq = frame.first_client_seq
             first_seq = frame.first_seq
+            acked = 0
             for i in range(frame.count):
                 pending = pop(first_client_seq + i, None)
                 if pending is not None:
                     pending.resolve(first_seq + i)
+                    acked += 1
+            self.submits_acked += acked
             last = first_client_seq + frame.count - 1
             if last > self._last_acked:
                 self._last_acked = last
@@ -474,6 +557,7 @@ class SequencerClient:
             pending = self._pending.pop(frame.client_seq, None)
             if pending is not None:
                 pending.resolve(frame.seq)
+                self.submits_acked += 1
             if frame.client_seq > self._last_acked:
                 self._last_acked = frame.client_seq
             if len(self._pending) < self.in_flight_max:
@@ -499,6 +583,7 @@ class SequencerClient:
         pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
         error = Rejected(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
         if pending is not None:
+            self.submits_rejected[frame.reason] += 1
             pending.fail(error)
             return
         if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
@@ -507,6 +592,8 @@ class SequencerClient:
 
     def _fail_all(self, error: SequencerError) -> None:
         self._fatal = error
+        if isinstance(error, Rejected):
+            self.submits_rejected[error.reason] += len(self._pending)
         for pending in self._pending.values():
             pending.fail(error)
         self._pending.clear()
@@ -558,11 +645,21 @@ class SequencerClient:
     async def subscribe(self, from_seq: int = 1) -> AsyncIterator[Message]:
         """Messages ``from_seq, from_seq + 1, …`` with no gap and no duplicate, forever.
 
-        Served by any node; on a lost connection it resumes at last + 1 on any live node.
+        Served by any node; on a lost connection it resumes at last + 1 on any live node
+        (reported to this client's ``metrics`` sink, if it has one).
         """
         if from_seq < 1:
             raise ValueError("from_seq must be >= 1")
-        async for message in subscribe(self.endpoints, from_seq=from_seq, token=self.token, session=f"{self.session}.sub", heartbeat_timeout_s=self.heartbeat_timeout_s, connect_timeout_s=self.connect_timeout_s, reconnect_backoff_max_s=self.reconnect_backoff_max_s):
+        async for message in subscribe(
+            self.endpoints,
+            from_seq=from_seq,
+            token=self.token,
+            session=f"{self.session}.sub",
+            heartbeat_timeout_s=self.heartbeat_timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            reconnect_backoff_max_s=self.reconnect_backoff_max_s,
+            metrics=self._metrics,
+        ):
             yield message
 
 
@@ -582,10 +679,16 @@ async def subscribe(
     connect_timeout_s: float = 2.0,
     reconnect_backoff_max_s: float = 0.1,
     prefer: str = "",
+    metrics: ClientMetricsSink | None = None,
 ) -> AsyncIterator[Message]:
     """The stream from `from_seq` on, from any of `endpoints` (``prefer`` first), resuming at
-    last + 1 on another node when one dies. Raises ``Rejected`` on a wrong token."""
+    last + 1 on another node when one dies. Raises ``Rejected`` on a wrong token.
+
+    ``metrics`` (opt-in, e.g. ``clients.metrics.ClientMetricsCollector``) is told of every
+    resume: each time the subscription, interrupted, reaches a node again and asks it for the
+    stream from its next number."""
     expected = from_seq
+    interrupted = False
     backoff = 0.02
     order = list(endpoints)
     if prefer in order:
@@ -601,6 +704,10 @@ async def subscribe(
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, reconnect_backoff_max_s)
             continue
+        if interrupted:
+            interrupted = False
+            if metrics is not None:
+                metrics.subscription_resumed()
         try:
             link.writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
             frames = list(link.early)
@@ -627,6 +734,7 @@ async def subscribe(
                 frames = link.framer.feed(data)
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.info("subscription on %s interrupted at %d: %s", address, expected, exc)
+            interrupted = True
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, reconnect_backoff_max_s)
         finally:

@@ -4,7 +4,9 @@
 | sequencer/  | stdlib and msgspec; no sockets, threads, asyncio, clocks,       |
 |             | pysyncobj or prometheus                                         |
 | cluster/    | sequencer, pysyncobj, prometheus-client                         |
-| clients/    | sequencer.protocol only (and sequencer.limits, which it uses)   |
+| clients/    | sequencer.protocol only (and sequencer.limits, which it uses);  |
+|             | prometheus_client in clients/metrics.py only (the opt-in        |
+|             | collector), and ``import clients`` must not load it             |
 | nobody      | imports chaos_tests, tests or benchmarks                        |
 
 Every import statement counts, wherever it sits (inside functions, under ``if TYPE_CHECKING``),
@@ -14,6 +16,7 @@ and so do ``importlib.import_module("x")`` and ``__import__("x")`` with a litera
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,10 @@ CLIENTS_FORBIDDEN = ("cluster", "pysyncobj", "prometheus_client", *NEVER_IMPORTE
 # Modules of the sequencer package that clients may use. protocol imports limits and
 # re-exports it as `protocol.limits`; importing it directly changes nothing.
 CLIENTS_MAY_USE = ("sequencer.protocol", "sequencer.limits")
+# The one exception: the opt-in metrics collector may import prometheus_client. Nothing else in
+# clients/ may, so that applications that do not opt in never load it.
+CLIENTS_METRICS_MODULE = "clients.metrics"
+CLIENTS_METRICS_MAY_USE = ("prometheus_client",)
 STDLIB = frozenset(sys.stdlib_module_names)
 
 
@@ -59,6 +66,8 @@ class Import:
     line: int
     module: str
     names: tuple[str, ...] = ()
+    #: The module whose source holds the import ("" if not known).
+    importer: str = ""
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -92,14 +101,14 @@ def imports_of(source: str, *, path: str = "<string>", module: str = "", is_pack
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [Import(path, node.lineno, alias.name) for alias in node.names]
+            found += [Import(path, node.lineno, alias.name, importer=module) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             name = _resolve_relative(package, node.level, node.module) if node.level else (node.module or "")
-            found.append(Import(path, node.lineno, name, tuple(a.name for a in node.names if a.name != "*")))
+            found.append(Import(path, node.lineno, name, tuple(a.name for a in node.names if a.name != "*"), importer=module))
         elif isinstance(node, ast.Call) and node.args and _is_dynamic_import(node.func):
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                found.append(Import(path, node.lineno, first.value))
+                found.append(Import(path, node.lineno, first.value, importer=module))
     return found
 
 
@@ -146,8 +155,13 @@ def clients_violations(found: list[Import]) -> list[str]:
     bad = []
     for imp in found:
         top = imp.module.split(".")[0]
+        if imp.importer == CLIENTS_METRICS_MODULE and all(
+            any(within(c, allowed) for allowed in CLIENTS_METRICS_MAY_USE) for c in imp.candidates
+        ):
+            continue
         if forbidden(imp, CLIENTS_FORBIDDEN):
-            bad.append(f"{imp} (forbidden in clients/)")
+            where = f"outside {CLIENTS_METRICS_MODULE}" if forbidden(imp, CLIENTS_METRICS_MAY_USE) else ""
+            bad.append(f"{imp} (forbidden in clients/{' ' + where if where else ''})")
         elif top in STDLIB or top in ("msgspec", "clients"):
             continue
         elif any(within(imp.module, allowed) for allowed in CLIENTS_MAY_USE):
@@ -179,6 +193,28 @@ def test_sequencer_imports_only_stdlib_and_msgspec():
 
 def test_clients_import_only_the_protocol():
     assert clients_violations(package_imports("clients")) == []
+
+
+def test_only_the_metrics_module_of_clients_imports_prometheus_client():
+    # Not vacuous: the collector does import it, and no other module of clients/ does.
+    importers = {imp.importer for imp in package_imports("clients") if forbidden(imp, CLIENTS_METRICS_MAY_USE)}
+    assert importers == {CLIENTS_METRICS_MODULE}
+
+
+def test_importing_clients_does_not_load_prometheus_client():
+    # A fresh interpreter: what `import clients` (and the blocking facade) pull in, transitively.
+    code = (
+        "import sys, clients, clients.blocking, clients.client\n"
+        "loaded = sorted(m for m in sys.modules if m == 'prometheus_client' or m.startswith('prometheus_client.'))\n"
+        "print(' '.join(loaded))\n"
+        "import clients.metrics\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    without, with_metrics = result.stdout.splitlines()
+    assert without == "", f"import clients loaded {without}"
+    assert with_metrics == "True", "importing clients.metrics should load prometheus_client (is the check blind?)"
 
 
 @pytest.mark.parametrize("package", ["sequencer", "cluster", "clients"])
@@ -266,6 +302,40 @@ def test_scanner_flags_forbidden_client_imports(source):
 @pytest.mark.parametrize(
     "source",
     [
+        "import prometheus_client",
+        "from prometheus_client import Counter",
+        "from prometheus_client.core import CounterMetricFamily",
+        "import importlib\nimportlib.import_module('prometheus_client')",
+        "def f():\n    from prometheus_client import REGISTRY",
+    ],
+)
+@pytest.mark.parametrize("module", ["clients.client", "clients.blocking", "clients", "clients.sub.metrics", "clients.metrics_util"])
+def test_prometheus_client_is_flagged_anywhere_in_clients_but_the_metrics_module(source, module):
+    bad = clients_violations(scan(source, module=module, is_package=module == "clients"))
+    assert bad != []
+    assert "outside clients.metrics" in bad[0]
+    assert clients_violations(scan(source, module="clients.metrics")) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import cluster",
+        "from cluster.metrics import NodeCollector",
+        "import pysyncobj",
+        "from sequencer.journal import Journal",
+        "import requests",
+        "from prometheus_client import Counter\nimport cluster.metrics",
+        "from tests import helpers",
+    ],
+)
+def test_the_metrics_module_of_clients_keeps_every_other_rule(source):
+    assert clients_violations(scan(source, module="clients.metrics")) != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
         "import asyncio, socket, ssl, time, random",
         "import msgspec",
         "from sequencer import protocol",
@@ -298,6 +368,16 @@ def test_never_imported_packages_are_flagged_anywhere():
         assert never_imported_violations(scan("from tests.test_protocol import x", module=module)) != []
         assert never_imported_violations(scan("import chaos_tests", module=module)) != []
         assert never_imported_violations(scan("import testsuite, benchmarking", module=module)) == []
+
+
+def test_a_planted_prometheus_import_is_found_outside_the_clients_metrics_module(tmp_path):
+    (tmp_path / "clients").mkdir()
+    (tmp_path / "clients" / "__init__.py").write_text('"""Clients."""\nfrom clients.client import C\n')
+    (tmp_path / "clients" / "metrics.py").write_text("from prometheus_client.core import CounterMetricFamily\n")
+    (tmp_path / "clients" / "client.py").write_text("import asyncio\n\nclass C:\n    def m(self):\n        import prometheus_client\n")
+    bad = clients_violations(package_imports("clients", root=tmp_path))
+    assert len(bad) == 1
+    assert "clients/client.py:5" in bad[0]
 
 
 def test_a_planted_forbidden_import_is_found_in_a_package_tree(tmp_path):
