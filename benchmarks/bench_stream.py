@@ -1,0 +1,368 @@
+"""Stream figures of a local three-node cluster: replay, recovery and fanout (issue 6).
+
+Run from the repository root::
+
+    python benchmarks/bench_stream.py [--workload replay|recovery|fanout|all] [--messages N]
+                                      [--quick] [--runs R] [--json FILE]
+
+One cluster (``LocalCluster`` on free loopback ports, a temporary directory) is filled with
+``--messages`` acknowledged 100-byte messages (5,000,000 by default; two client processes
+submitting in batches), then:
+
+1. ``replay`` — a subscriber reads the whole stream from sequence number 1 on a follower:
+   through the client library (``clients.subscribe``: every record decoded into a ``Message``)
+   and as raw frames (records counted by walking their headers, nothing decoded: what the node
+   can serve). Median of ``--runs``.
+2. ``recovery`` — SIGKILL a follower and start it again: time until it answers a status
+   request, until a subscriber asking for the last record receives it, and until it has caught
+   up with the leader. Median of ``--runs``.
+3. ``fanout`` — ``--subscribers`` subscribers (raw frames) spread over the two followers, in
+   ``--subscriber-processes`` processes, read live while one client submits at ``--rate`` for
+   ``--seconds``: messages delivered per second in total, whether every subscriber got every
+   message, and the CPU of each node.
+
+The cluster is always stopped (also on a failure, Ctrl-C or SIGTERM) and the directory removed.
+Only processes this benchmark started are signalled, by pid. Exit status 0 when every workload
+ran (goal met or not), 1 when one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH_DIR)
+
+import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
+from clients import SequencerClient, subscribe  # noqa: E402
+from sequencer import protocol  # noqa: E402
+
+GOAL_REPLAY_PER_S = 500_000
+GOAL_RECOVERY_S = 5.0
+MESSAGES_DEFAULT = 5_000_000
+MESSAGES_QUICK = 100_000
+FILL_PROCESSES = 2
+FILL_BATCH = 500
+READ_BYTES = 1 << 20
+READ_TIMEOUT_S = 10.0
+RECOVERY_TIMEOUT_S = 120.0
+FANOUT_RATE_DEFAULT = 10_000
+FANOUT_SECONDS_DEFAULT = 10.0
+FANOUT_SUBSCRIBERS_DEFAULT = 100
+FANOUT_PROCESSES_DEFAULT = 4
+#: After the producer stops: how long subscribers may take to receive the rest.
+FANOUT_DRAIN_S = 30.0
+
+_HEADER = protocol.HEADER
+_HEADER_BYTES = protocol.HEADER_BYTES
+
+
+class RawCounter:
+    """Counts ``Delivered`` frames in a byte stream by their headers (bodies are not decoded;
+    the node computed their checksums, and the library path checks them)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.records = 0
+        self.last_seq = 0
+
+    def feed(self, data: bytes) -> None:
+        buf = self.buffer + data if self.buffer else data
+        pos = 0
+        end = len(buf)
+        unpack = _HEADER.unpack_from
+        last_body = -1
+        count = 0
+        while end - pos >= _HEADER_BYTES:
+            length = unpack(buf, pos)[0]
+            nxt = pos + _HEADER_BYTES + length
+            if nxt > end:
+                break
+            if length >= 3 and buf[pos + _HEADER_BYTES + 1] == 0xA1 and buf[pos + _HEADER_BYTES + 2] == 0x64:  # tag "d"
+                count += 1
+                last_body = pos + _HEADER_BYTES
+            pos = nxt
+        if last_body >= 0:
+            self.records += count
+            self.last_seq = protocol.delivered_seq(buf, last_body)
+        self.buffer = buf[pos:]
+
+
+async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until_seq: int, timeout_s: float) -> RawCounter:
+    """Subscribe at `endpoint` from `from_seq` and count records up to `until_seq`."""
+    host, port = endpoint.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), limit=READ_BYTES), READ_TIMEOUT_S)
+    counter = RawCounter()
+    try:
+        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
+        writer.write(protocol.encode_frame(protocol.Subscribe(from_seq)))
+        deadline = time.monotonic() + timeout_s
+        while counter.last_seq < until_seq:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise cb.BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
+            data = await asyncio.wait_for(reader.read(READ_BYTES), min(remaining, READ_TIMEOUT_S))
+            if not data:
+                raise cb.BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}")
+            counter.feed(data)
+    finally:
+        writer.close()
+    return counter
+
+
+async def library_read(endpoint: str, token: str, until_seq: int) -> int:
+    count = 0
+    async for message in subscribe([endpoint], from_seq=1, token=token, session="bench-replay-lib"):
+        count += 1
+        if message.seq >= until_seq:
+            break
+    return count
+
+
+# --- the workloads -----------------------------------------------------------------------
+
+
+def fill(bench: cb.BenchCluster, messages: int, payload_bytes: int) -> int:
+    print(f"  filling: {messages:,} messages of {payload_bytes} B from {FILL_PROCESSES} client processes ...", flush=True)
+    run = cb.multi_client_run(
+        bench, "fill", processes=FILL_PROCESSES, messages=messages, batch=FILL_BATCH, payload_bytes=payload_bytes,
+        in_flight_max=cb.IN_FLIGHT_MAX_DEFAULT, timeout_s=max(120.0, messages / 20_000),
+    )
+    print(f"  filled in {run.seconds:.1f} s ({run.per_s:,.0f} msg/s); waiting for the followers", flush=True)
+    deadline = time.monotonic() + cb.CONVERGE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        seq = bench.converged_seq()
+        if seq == run.seqs_last:
+            return seq
+        time.sleep(0.2)
+    raise cb.BenchError(f"followers did not reach {run.seqs_last} within {cb.CONVERGE_TIMEOUT_S:.0f} s")
+
+
+def followers(bench: cb.BenchCluster) -> list[str]:
+    leader = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)["address"]
+    return [e for e in bench.endpoints if e != leader]
+
+
+def workload_replay(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+    endpoint = followers(bench)[0]
+    raw_rates, lib_rates = [], []
+    for r in range(args.runs):
+        started = time.perf_counter()
+        counter = asyncio.run(raw_read(endpoint, bench.token, f"bench-replay-raw-{r}", 1, last, timeout_s=max(60.0, last / 50_000)))
+        seconds = time.perf_counter() - started
+        cb.expect(counter.records == last, f"raw replay: {counter.records} records for 1..{last}")
+        raw_rates.append(last / seconds)
+        started = time.perf_counter()
+        count = asyncio.run(asyncio.wait_for(library_read(endpoint, bench.token, last), max(60.0, last / 20_000)))
+        seconds = time.perf_counter() - started
+        cb.expect(count == last, f"library replay: {count} messages for 1..{last}")
+        lib_rates.append(last / seconds)
+        print(f"    run {r + 1}: raw frames {raw_rates[-1]:>11,.0f} msg/s   client library {lib_rates[-1]:>11,.0f} msg/s   (load {cb.load_average()[0]:.2f})", flush=True)
+    raw, lib = cb.spread(raw_rates), cb.spread(lib_rates)
+    met = lib["median"] >= GOAL_REPLAY_PER_S
+    print(f"  replay of {last:,} messages from a follower ({endpoint})")
+    print(f"  raw frames     median {raw['median']:>11,.0f} msg/s  (min {raw['min']:,.0f}, max {raw['max']:,.0f})")
+    print(f"  client library median {lib['median']:>11,.0f} msg/s  (min {lib['min']:,.0f}, max {lib['max']:,.0f})   goal >= {GOAL_REPLAY_PER_S:,}: {'met' if met else 'MISSED'}")
+    return {"messages": last, "raw_messages_per_s": raw, "library_messages_per_s": lib, "goal_messages_per_s": GOAL_REPLAY_PER_S, "goal_met": met}
+
+
+def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+    figures: dict[str, list[float]] = {"status_s": [], "serve_s": [], "caught_up_s": []}
+    for r in range(args.runs):
+        endpoint = followers(bench)[0]
+        node_id = bench.node_id_of(endpoint)
+        node = bench.cluster.node(node_id)
+        journal_bytes = sum(
+            os.path.getsize(os.path.join(node.config.journal_dir, f)) for f in os.listdir(node.config.journal_dir)
+        )
+        bench.cluster.kill(node_id)  # SIGKILL, and reaped
+        started = time.monotonic()
+        bench.cluster.restart_node(node_id)
+        deadline = started + RECOVERY_TIMEOUT_S
+        status_s = serve_s = None
+        while time.monotonic() < deadline and status_s is None:
+            entry = cb.gather_status([endpoint], token=bench.token, timeout_s=cb.STATUS_TIMEOUT_S)["nodes"][0]
+            if entry.get("role") != "unreachable":
+                status_s = time.monotonic() - started
+            else:
+                time.sleep(0.01)
+        cb.expect(status_s is not None, f"{node_id} did not answer within {RECOVERY_TIMEOUT_S:.0f} s")
+        asyncio.run(raw_read(endpoint, bench.token, f"bench-recovery-{r}", last, last, timeout_s=RECOVERY_TIMEOUT_S))
+        serve_s = time.monotonic() - started
+        caught_up_s = None
+        while time.monotonic() < deadline:
+            if bench.converged_seq() == last:
+                caught_up_s = time.monotonic() - started
+                break
+            time.sleep(0.02)
+        cb.expect(caught_up_s is not None, f"{node_id} did not catch up within {RECOVERY_TIMEOUT_S:.0f} s")
+        figures["status_s"].append(status_s)
+        figures["serve_s"].append(serve_s)
+        figures["caught_up_s"].append(caught_up_s)
+        print(
+            f"    run {r + 1}: {node_id} ({journal_bytes / 1e6:,.0f} MB of journal) answers after {status_s:.2f} s, "
+            f"serves seq {last:,} after {serve_s:.2f} s, caught up after {caught_up_s:.2f} s (load {cb.load_average()[0]:.2f})",
+            flush=True,
+        )
+    out = {key: cb.spread(values) for key, values in figures.items()}
+    met = out["serve_s"]["median"] <= GOAL_RECOVERY_S
+    print(f"  restart of a follower holding {last:,} messages (SIGKILL, then start)")
+    print(f"  answers status    median {out['status_s']['median']:.2f} s  (max {out['status_s']['max']:.2f})")
+    print(f"  serves its stream median {out['serve_s']['median']:.2f} s  (max {out['serve_s']['max']:.2f})   goal <= {GOAL_RECOVERY_S:.0f} s: {'met' if met else 'MISSED'}")
+    print(f"  caught up         median {out['caught_up_s']['median']:.2f} s  (max {out['caught_up_s']['max']:.2f})")
+    return {"messages": last, **out, "goal_s": GOAL_RECOVERY_S, "goal_met": met}
+
+
+def fanout_worker_main(spec_json: str) -> int:
+    """A fanout subscriber process: `subscribers` raw subscriptions to one endpoint."""
+    spec = json.loads(spec_json)
+
+    async def work() -> dict:
+        tasks = [
+            raw_read(spec["endpoint"], spec["token"], f"bench-fanout-{spec['index']}-{k}", spec["from_seq"], spec["until_seq"], spec["timeout_s"])
+            for k in range(spec["subscribers"])
+        ]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [repr(r) for r in results if isinstance(r, BaseException)]
+        counts = [r.records for r in results if not isinstance(r, BaseException)]
+        return {"counts": counts, "errors": errors, "finished": time.time()}
+
+    print(json.dumps(asyncio.run(work())), flush=True)
+    return 0
+
+
+def workload_fanout(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+    ends = followers(bench)
+    expected = int(args.rate * args.seconds)
+    from_seq, until_seq = last + 1, last + expected
+    per_process = [args.subscribers // args.subscriber_processes + (1 if k < args.subscribers % args.subscriber_processes else 0) for k in range(args.subscriber_processes)]
+    workers = []
+    try:
+        for k, count in enumerate(per_process):
+            spec = {"endpoint": ends[k % len(ends)], "token": bench.token, "index": k, "subscribers": count, "from_seq": from_seq, "until_seq": until_seq, "timeout_s": args.seconds + FANOUT_DRAIN_S + 30}
+            workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fanout-worker", json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cb.REPO_DIR))
+        time.sleep(1.0)  # let the subscriptions attach (they start at last + 1 and wait)
+        before = cb.cpu_snapshot(bench)  # the nodes (and this process); subscriber processes are gone by the end
+        started = time.monotonic()
+        started_wall = time.time()
+
+        async def produce() -> None:
+            client = SequencerClient(bench.endpoints, session="bench-fanout-producer", token=bench.token)
+            await client.connect()
+            payloads = [b"x" * args.payload_bytes] * 100
+            futures = []
+            for i in range(expected // 100):
+                due = started + i * 100 / args.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                futures.append(client.submit_batch_nowait(payloads))
+            await asyncio.wait_for(asyncio.gather(*futures), FANOUT_DRAIN_S)
+            await client.close()
+
+        asyncio.run(produce())
+        outcomes = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=args.seconds + FANOUT_DRAIN_S + 60)
+            cb.expect(worker.returncode == 0 and out.strip(), f"fanout subscriber process failed: {err.decode()[-500:]}")
+            outcomes.append(json.loads(out))
+        seconds = max(o["finished"] for o in outcomes) - started_wall
+        after = cb.cpu_snapshot(bench)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    errors = [e for o in outcomes for e in o["errors"]]
+    cb.expect(not errors, f"fanout subscribers failed: {errors[:3]}")
+    counts = [c for o in outcomes for c in o["counts"]]
+    cb.expect(all(c == expected for c in counts), f"fanout: subscribers got {sorted(set(counts))} messages, expected {expected} each")
+    delivered = sum(counts)
+    cpu = cb.cpu_used(before, after, seconds)
+    leader_id = bench.node_id_of(bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)["address"])
+    print(f"  {args.subscribers} subscribers on the followers, {expected:,} messages at {args.rate:,}/s offered")
+    print(f"  delivered {delivered:,} messages in {seconds:.1f} s: {delivered / seconds:,.0f} msg/s in total; every subscriber got all {expected:,}")
+    print(f"  cpu (share of one core): {cb._cpu_text(cpu)}; leader {leader_id}")
+    return {"subscribers": args.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds, "delivered_per_s": delivered / seconds, "cpu": cpu, "leader": leader_id}
+
+
+WORKLOADS = {
+    "replay": ("1. replay from sequence number 1 on a follower", workload_replay),
+    "recovery": ("2. recovery: a follower restarted after SIGKILL", workload_recovery),
+    "fanout": ("3. fanout: live subscribers on the followers", workload_fanout),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Replay, recovery and fanout figures of a local three-node raftseq cluster.")
+    add = parser.add_argument
+    add("--workload", choices=[*WORKLOADS, "all"], default="all", help="what to measure (default all)")
+    add("--quick", action="store_true", help=f"{MESSAGES_QUICK:,} messages, 1 run, short fanout: a smoke run")
+    add("--messages", type=cb._positive_int, help=f"messages in the stream (default {MESSAGES_DEFAULT:,}; --quick {MESSAGES_QUICK:,})")
+    add("--payload-bytes", type=cb._positive_int, default=100, help="bytes per payload (default 100)")
+    add("--runs", type=cb._positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
+    add("--rate", type=cb._positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
+    add("--seconds", type=cb._positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
+    add("--subscribers", type=cb._positive_int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
+    add("--subscriber-processes", type=cb._positive_int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
+    add("--insecure", action="store_true", help="no Raft password and no client token")
+    add("--dir", help="parent of the temporary directory (default: the system's)")
+    add("--json", help="also write the report as JSON to this file")
+    add("--fanout-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.messages = args.messages or (MESSAGES_QUICK if args.quick else MESSAGES_DEFAULT)
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.seconds = args.seconds or (2.0 if args.quick else FANOUT_SECONDS_DEFAULT)
+    args.names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.fanout_worker:
+        return fanout_worker_main(args.fanout_worker)
+    signal.signal(signal.SIGTERM, cb._terminate)
+    root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir)
+    report: dict = {"benchmark": "raftseq stream", "code": cb.code_under_test(), "machine": cb.machine_facts(), "load_average_start": cb.load_average(), "settings": {k: v for k, v in vars(args).items() if k not in ("fanout_worker", "names", "json")}, "workloads": {}, "failures": {}}
+    failed = False
+    print("raftseq stream benchmark")
+    cb.print_load("at start")
+    try:
+        with cb.BenchCluster(root, "stream", insecure=args.insecure, overrides=None) as bench:
+            last = fill(bench, args.messages, args.payload_bytes)
+            for name in args.names:
+                title, function = WORKLOADS[name]
+                print(f"\n{title}", flush=True)
+                try:
+                    report["workloads"][name] = function(args, bench, last)
+                except cb.BenchError as exc:
+                    failed = True
+                    report["failures"][name] = str(exc)
+                    print(f"  FAILED: {exc}\n{bench.log_tails()}", flush=True)
+                last = bench.converged_seq() or last
+    except cb.BenchError as exc:
+        failed = True
+        report["failures"]["setup"] = str(exc)
+        print(f"FAILED: {exc}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print()
+    report["load_average_end"] = cb.print_load("at end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report    {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
