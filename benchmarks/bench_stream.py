@@ -177,7 +177,9 @@ def workload_replay(args: argparse.Namespace, bench: cb.BenchCluster, last: int)
 
 def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
     figures: dict[str, list[float]] = {"status_s": [], "serve_s": [], "caught_up_s": []}
+    leader_changes = 0
     for r in range(args.runs):
+        leader_before = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)
         endpoint = followers(bench)[0]
         node_id = bench.node_id_of(endpoint)
         node = bench.cluster.node(node_id)
@@ -205,12 +207,17 @@ def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: in
                 break
             time.sleep(0.02)
         cb.expect(caught_up_s is not None, f"{node_id} did not catch up within {RECOVERY_TIMEOUT_S:.0f} s")
+        leader_after = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)
+        kept = (leader_after["address"], leader_after["term"]) == (leader_before["address"], leader_before["term"])
+        leader_changes += not kept
         figures["status_s"].append(status_s)
         figures["serve_s"].append(serve_s)
         figures["caught_up_s"].append(caught_up_s)
         print(
             f"    run {r + 1}: {node_id} ({journal_bytes / 1e6:,.0f} MB of journal) answers after {status_s:.2f} s, "
-            f"serves seq {last:,} after {serve_s:.2f} s, caught up after {caught_up_s:.2f} s (load {cb.load_average()[0]:.2f})",
+            f"serves seq {last:,} after {serve_s:.2f} s, caught up after {caught_up_s:.2f} s; "
+            + ("leader kept" if kept else f"LEADER CHANGED (term {leader_before['term']} -> {leader_after['term']})")
+            + f" (load {cb.load_average()[0]:.2f})",
             flush=True,
         )
     out = {key: cb.spread(values) for key, values in figures.items()}
@@ -219,7 +226,8 @@ def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: in
     print(f"  answers status    median {out['status_s']['median']:.2f} s  (max {out['status_s']['max']:.2f})")
     print(f"  serves its stream median {out['serve_s']['median']:.2f} s  (max {out['serve_s']['max']:.2f})   goal <= {GOAL_RECOVERY_S:.0f} s: {'met' if met else 'MISSED'}")
     print(f"  caught up         median {out['caught_up_s']['median']:.2f} s  (max {out['caught_up_s']['max']:.2f})")
-    return {"messages": last, **out, "goal_s": GOAL_RECOVERY_S, "goal_met": met}
+    print(f"  leader changes caused by the restarted follower: {leader_changes} of {args.runs} (should be 0)")
+    return {"messages": last, **out, "goal_s": GOAL_RECOVERY_S, "goal_met": met, "leader_changes": leader_changes}
 
 
 def fanout_worker_main(spec_json: str) -> int:

@@ -99,6 +99,12 @@ METRICS = (
         (),
         "Commit-index raises refused on a snapshot piece over an unverified log (Raft correction)",
     ),
+    MetricSpec(
+        "raftseq_raft_elections_deferred_total",
+        "counter",
+        (),
+        "Election timeouts renewed after a long run of applies on a follower (Raft correction)",
+    ),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
     # Sequencing.
     MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
@@ -294,6 +300,7 @@ class NodeCollector:
         yield family("raftseq_raft_truncations_refused_total", value=getattr(replica, "raftseq_truncations_refused", 0))
         yield family("raftseq_raft_next_index_rewinds_refused_total", value=getattr(replica, "raftseq_next_index_rewinds_refused", 0))
         yield family("raftseq_raft_snapshot_commits_refused_total", value=getattr(replica, "raftseq_snapshot_commits_refused", 0))
+        yield family("raftseq_raft_elections_deferred_total", value=getattr(replica, "raftseq_elections_deferred", 0))
         yield family("raftseq_leader_changes_total", value=m.leader_changes)
 
         # --- sequencing -------------------------------------------------------------------

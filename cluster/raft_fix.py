@@ -19,6 +19,10 @@ Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler
   are not truncated, and do not become committed on the strength of this message: the commit
   index rises only to the last entry known to match the leader's log.
 * On a success reply the leader only ever moves a follower's ``nextIndex`` forwards.
+* A follower whose tick spent more than half the minimum election timeout applying entries
+  gets a fresh election timeout before it may stand for election: pysyncobj checks the
+  deadline before it reads the leader's heartbeats that arrived meanwhile, so a node replaying
+  its log after a restart deposed a healthy leader (seen by the stream benchmark).
 * A piece of an InstallSnapshot (pysyncobj sends it as an AppendEntries without
   ``prevLogIdx``) does not raise the commit index over the log the follower holds: that log
   is unverified, and may end in entries a deposed leader wrote that no majority holds.
@@ -39,6 +43,7 @@ from __future__ import annotations
 import time
 
 import pysyncobj
+import pysyncobj.syncobj
 from pysyncobj import SyncObj
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
@@ -53,6 +58,7 @@ if PYSYNCOBJ_VERSION != CORRECTED_VERSION:
 _LEADER = 2  # pysyncobj's _RAFT_STATE.LEADER
 _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
+_original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
 
 assert pysyncobj.syncobj._RAFT_STATE.LEADER == _LEADER
 
@@ -68,6 +74,7 @@ class CorrectedSyncObj(SyncObj):
     raftseq_truncations_refused = 0
     raftseq_next_index_rewinds_refused = 0
     raftseq_snapshot_commits_refused = 0
+    raftseq_elections_deferred = 0
 
     #: ``time.monotonic()`` before which this node casts no vote (after its Raft log, and with
     #: it the vote it gave in the current term, was discarded).
@@ -144,6 +151,24 @@ class CorrectedSyncObj(SyncObj):
             self._SyncObj__raftCommitIndex = commit_before
             self._SyncObj__raftLog.setRaftCommitIndex(commit_before)
             self.raftseq_snapshot_commits_refused += 1
+        return result
+
+    def _SyncObj__applyLogEntries(self):  # noqa: N802 (pysyncobj's name)
+        """After a long run of applies, a follower gets a fresh election timeout.
+
+        pysyncobj checks the election deadline at the start of a tick, before it reads the
+        messages that arrived meanwhile. A follower whose tick spent longer than half the
+        minimum election timeout applying entries (a restart replaying its log, a catch-up)
+        would stand for election although its leader's heartbeats are waiting in the socket:
+        a needless election, and a healthy leader deposed by a node that just rejoined."""
+        started = pysyncobj.syncobj.monotonicTime()
+        result = _original_apply_log_entries(self)
+        now = pysyncobj.syncobj.monotonicTime()
+        if now - started > self._SyncObj__conf.raftMinTimeout / 2 and self._SyncObj__raftState != _LEADER:
+            fresh = now + self._SyncObj__generateRaftTimeout()
+            if fresh > self._SyncObj__raftElectionDeadline:
+                self._SyncObj__raftElectionDeadline = fresh
+                self.raftseq_elections_deferred += 1
         return result
 
     def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802,N803 (pysyncobj's names)

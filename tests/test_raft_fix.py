@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
@@ -318,6 +319,44 @@ def test_a_snapshot_piece_does_not_commit_a_deposed_leaders_entries(make_member,
     else:
         assert commit_index(member) == 11, "pysyncobj commits its unverified entries"
     assert log_end(member) == 11
+
+
+class SlowPlainMember(PlainMember):
+    """Applies each entry in 10 ms (a node replaying a long log after a restart)."""
+
+    def _SyncObj__doApplyCommand(self, command):  # noqa: N802 (pysyncobj's name)
+        time.sleep(0.01)  # the work of applying, not a synchronisation
+        return SyncObj._SyncObj__doApplyCommand(self, command)
+
+
+class SlowCorrectedMember(CorrectedMember):
+    def _SyncObj__doApplyCommand(self, command):  # noqa: N802
+        time.sleep(0.01)
+        return SyncObj._SyncObj__doApplyCommand(self, command)
+
+
+@pytest.mark.parametrize("member_class", [SlowPlainMember, SlowCorrectedMember], ids=["unmodified", "corrected"])
+def test_a_follower_busy_applying_does_not_stand_for_election_first(tmp_path, member_class):
+    """30 committed entries take 0.3 s to apply, longer than the election timeout (0.1-0.2 s).
+    pysyncobj checks the deadline at the start of the next tick, before reading the
+    leader's messages that arrived meanwhile: it stands for election against a live leader."""
+    address, peer_address = free_address(), free_address()
+    conf = SyncObjConf(autoTick=False, bindAddress=address, dynamicMembershipChange=False, raftMinTimeout=0.1, raftMaxTimeout=0.2, appendEntriesPeriod=0.02)
+    member = member_class(address, [peer_address], conf)
+    try:
+        leader = TCPNode(peer_address)
+        append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 31, 1), commit_index=31)
+        member._onTick(0)  # applies 2..31
+        assert member._SyncObj__raftLastApplied == 31
+        # The next tick stands for election (when connected to anyone) if the deadline passed.
+        deadline_passed = member._SyncObj__raftElectionDeadline < pysyncobj.syncobj.monotonicTime()  # its own clock
+        if member_class is SlowCorrectedMember:
+            assert not deadline_passed, "a fresh timeout after the long apply"
+            assert counter(member, "raftseq_elections_deferred") == 1
+        else:
+            assert deadline_passed, "pysyncobj would stand for election straight after applying"
+    finally:
+        member.destroy()
 
 
 def test_commit_index_never_goes_down(make_member):

@@ -275,12 +275,13 @@ def build() -> dict:
     L.add(
         timeseries(
             "Raft corrections",
-            "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces.",
+            "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies.",
             [
                 (f"rate(raftseq_raft_matching_entries_kept_total{{{N}}}[{RATE}])", "{{node}} entries kept"),
                 (f"rate(raftseq_raft_truncations_refused_total{{{N}}}[{RATE}])", "{{node}} truncations refused"),
                 (f"rate(raftseq_raft_next_index_rewinds_refused_total{{{N}}}[{RATE}])", "{{node}} rewinds refused"),
                 (f"rate(raftseq_raft_snapshot_commits_refused_total{{{N}}}[{RATE}])", "{{node}} snapshot commits refused"),
+                (f"rate(raftseq_raft_elections_deferred_total{{{N}}}[{RATE}])", "{{node}} elections deferred"),
             ],
             unit="ops",
         ),
