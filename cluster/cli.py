@@ -332,20 +332,38 @@ def build_parser() -> argparse.ArgumentParser:
         "in the source checkout (chaos_tests/ is not part of the installed package); `raftseq chaos run --help` shows its options.",
     )
     chaos.add_argument("chaos_args", nargs=argparse.REMAINDER, help="run|check|list and their options")
-    chaos.set_defaults(func=cmd_chaos)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks against local clusters, side by side with peers (source checkout only)",
+        description="Run the benchmarks (benchmarks/) and print their figures: `raftseq bench [WORKLOAD ...] "
+        "[--vs nats,pysyncobj] [--quick] [--runs N] [--json FILE]`. Everything after `bench` goes to "
+        "`python -m benchmarks` in the source checkout (benchmarks/ is not part of the installed package); "
+        "`raftseq bench --help` there lists the workloads.",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="workloads and their options")
     return parser
 
 
-def cmd_chaos(args) -> int:
+def _run_source_suite(package: str, command: str, arguments: list[str]) -> int:
+    """`python -m PACKAGE ARGUMENTS` in the source checkout: a child process, not an import
+    (nothing in the product imports the test suites or the benchmarks)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "chaos_tests", "__main__.py")):
-        print(f"raftseq chaos needs the source checkout: no chaos_tests/ next to {root}/cluster", file=sys.stderr)
+    if not os.path.isfile(os.path.join(root, package, "__main__.py")):
+        print(f"raftseq {command} needs the source checkout: no {package}/ next to {root}/cluster", file=sys.stderr)
         return 2
-    # A child process, not an import: nothing in the product imports the test suites.
-    return subprocess.call([sys.executable, "-m", "chaos_tests", *args.chaos_args], cwd=root)
+    return subprocess.call([sys.executable, "-m", package, *arguments], cwd=root)
+
+
+#: Commands whose arguments all belong to a suite in the source checkout (see _run_source_suite).
+SOURCE_SUITES = {"chaos": "chaos_tests", "bench": "benchmarks"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SOURCE_SUITES:
+        # Options too (`raftseq chaos --duration 600`, `raftseq bench --help`) go to the suite.
+        return _run_source_suite(SOURCE_SUITES[argv[0]], argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
