@@ -1,14 +1,20 @@
 """``python -m chaos_tests`` (also ``raftseq chaos`` from a source checkout).
 
-    python -m chaos_tests run [NAME ...] [--seed N] [--rounds N | --duration S] [--dir DIR] [--keep]
-    python -m chaos_tests check HISTORY.jsonl [--json]
-    python -m chaos_tests list
+    raftseq chaos [--scenario NAME|all] [--duration 10m] [--seed N] [--report DIR]
+    raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration D] [--report DIR] [--dir DIR] [--keep]
+    raftseq chaos check HISTORY.jsonl [--json]
+    raftseq chaos list
 
-``run`` with no names runs every scenario. ``--duration`` turns it into a soak: the seconds are
-shared among the chosen scenarios, each repeating its round until its share is used. Each
-scenario gets its own seed, derived from ``--seed`` and printed, so one can be replayed alone.
-A run's directory (cluster data, node logs, history) is removed when the scenario passes,
-unless ``--keep``; a failed scenario's directory is always kept and named.
+The soak: ``--scenario all --duration 20m`` runs one cluster for that long with faults drawn
+from the whole catalogue, one round after another, then heals, reads every node and checks
+the history. ``--scenario NAME`` repeats one scenario's round instead. ``run NAME ...`` runs
+scenarios each on its own cluster (no names: every scenario, each its own number of rounds, as
+the test suite does; with ``--duration`` the time is shared among them). Each scenario gets its
+own seed, derived from ``--seed`` and printed, so one can be replayed alone. ``--report DIR``
+writes ``report.json`` and ``timeline.png`` (per scenario when several run), and for a failed
+run also its history and node logs. A run's own directory (cluster data, logs, history) is
+removed at the end — passed, failed or interrupted with Ctrl-C — unless ``--keep``; every node,
+proxy and tmpfs it started is stopped first.
 
 Exit status: 0 when every scenario passed (``check``: the history holds every invariant),
 1 when one failed, 2 on bad usage or an unreadable history.
@@ -25,18 +31,36 @@ import tempfile
 import time
 
 from chaos_tests import checker
-from chaos_tests.scenarios import SCENARIOS, ScenarioFailed, run_scenario
+from chaos_tests.scenarios import SCENARIOS, SOAK, ScenarioFailed, run_scenario
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration(text: str) -> float:
+    """``600``, ``600s``, ``10m``, ``1.5h`` -> seconds."""
+    raw = text.strip().lower()
+    scale = _UNITS.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 600, 600s, 10m or 1h, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raftseq chaos", description="Seeded fault injection against a local three-node cluster, checked against the guarantees.")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run scenarios (the default command)", description="Run chaos scenarios and check each run's history.")
-    run.add_argument("names", nargs="*", metavar="NAME", help="scenarios to run (default: all; see `list`)")
+    run = sub.add_parser("run", help="run scenarios or the soak (the default command)", description="Run chaos scenarios (or the soak) and check each run's history.")
+    run.add_argument("names", nargs="*", metavar="NAME", help="scenarios to run, each on its own cluster (default: all; see `list`)")
+    run.add_argument("--scenario", metavar="NAME|all", help="one run: NAME's round repeated, or `all`: faults drawn from the whole catalogue (the soak)")
+    run.add_argument("--report", metavar="DIR", help="write report.json and timeline.png there (a directory per scenario when several run)")
     run.add_argument("--seed", type=int, help="master seed (default: random, printed); each scenario's seed derives from it")
     how_long = run.add_mutually_exclusive_group()
     how_long.add_argument("--rounds", type=int, help="fault rounds per scenario (default: the scenario's own, 1-3)")
-    how_long.add_argument("--duration", type=float, metavar="SECONDS", help="soak: total seconds, shared among the scenarios")
+    how_long.add_argument("--duration", type=duration, metavar="D", help="soak length: 600, 600s, 10m, 1h (shared among the scenarios of a `run NAME ...`)")
     run.add_argument("--dir", help="parent directory of the runs (default: the system's temp dir)")
     run.add_argument("--keep", action="store_true", help="keep the directories of passing runs too")
     check = sub.add_parser("check", help="check a recorded history", description="Check a history file against the invariants.")
@@ -47,16 +71,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    names = args.names or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    if args.scenario is not None:
+        if args.names:
+            print("give scenarios either as names or with --scenario, not both", file=sys.stderr)
+            return 2
+        names = [args.scenario]
+        known = [*SCENARIOS, SOAK.name]
+    else:
+        names = args.names or list(SCENARIOS)
+        known = list(SCENARIOS)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     if args.rounds is not None and args.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
-        return 2
-    if args.duration is not None and args.duration <= 0:
-        print("--duration must be positive", file=sys.stderr)
         return 2
     master = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     seeds = random.Random(master)
@@ -67,38 +96,62 @@ def _run(args: argparse.Namespace) -> int:
     for index, name in enumerate(names, 1):
         seed = args.seed if args.seed is not None and len(names) == 1 else seeds.randrange(1, 2**31)
         directory = tempfile.mkdtemp(prefix=f"raftseq-chaos-{name}-", dir=args.dir)
+        report_dir = None
+        if args.report:
+            report_dir = args.report if len(names) == 1 else os.path.join(args.report, name)
         print(f"[{index}/{len(names)}] {name}", flush=True)
         ok = False
+        interrupted = False
         try:
-            result = run_scenario(name, seed=seed, directory=directory, rounds=args.rounds, duration_s=share, say=lambda line: print(line, flush=True))
+            result = run_scenario(name, seed=seed, directory=directory, rounds=args.rounds, duration_s=share, report_dir=report_dir, say=lambda line: print(line, flush=True))
             ok = result.ok
-        except ScenarioFailed as exc:
+        except (ScenarioFailed, AssertionError) as exc:
             print(f"chaos {name}: FAILED (seed {seed}): {exc}", flush=True)
-        except AssertionError as exc:
-            print(f"chaos {name}: FAILED (seed {seed}): {exc}", flush=True)
-        if ok and not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:
-            print(f"  run directory kept: {directory}", flush=True)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            # run_scenario has stopped the cluster, the proxy and any tmpfs holder; the run's
+            # directory goes too unless asked for (its evidence goes to --report DIR).
+            if not ok and report_dir is not None:
+                _keep_evidence(directory, report_dir)
+            if args.keep:
+                print(f"  run directory kept: {directory}", flush=True)
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+        if interrupted:
+            print(f"chaos: interrupted during {name} (seed {seed}); everything it started is stopped", flush=True)
+            return 130
         if not ok:
-            failed.append((name, seed, directory))
+            if report_dir is None and not args.keep:
+                print("  (the run's history and node logs are gone: rerun with --report DIR or --keep to keep them)", flush=True)
+            failed.append((name, seed, report_dir or (directory if args.keep else "")))
     minutes = (time.monotonic() - started) / 60
     if failed:
         print(f"chaos: {len(failed)} of {len(names)} FAILED in {minutes:.1f} min:")
         for name, seed, directory in failed:
-            print(f"  {name}: replay with  raftseq chaos run {name} --seed {seed}   (directory {directory})")
+            print(f"  {name}: replay with  raftseq chaos run {name} --seed {seed}" + (f"   (evidence in {directory})" if directory else ""))
         return 1
     print(f"chaos: all {len(names)} passed in {minutes:.1f} min (master seed {master})")
     return 0
 
 
+def _keep_evidence(run_directory: str, report_dir: str) -> None:
+    """Copy a failed run's history and node logs into its report directory."""
+    os.makedirs(report_dir, exist_ok=True)
+    for root, _, files in os.walk(run_directory):
+        for name in files:
+            if name == "history.jsonl" or name.endswith(".log"):
+                shutil.copy2(os.path.join(root, name), os.path.join(report_dir, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "check", "list", "-h", "--help"):
+        # `raftseq chaos --scenario all --duration 20m`: the run command is the default
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
     if args.command == "list":
-        for scenario in SCENARIOS.values():
+        for scenario in [*SCENARIOS.values(), SOAK]:
             print(f"{scenario.name:20} {scenario.description}")
         return 0
     if args.command == "check":

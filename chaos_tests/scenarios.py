@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from chaos_tests.checker import Report, check_file
 from chaos_tests.cluster import ChaosCluster, tmpfs_supported
 from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
+from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
 from sequencer.journal import verify_journal
 
@@ -246,6 +248,13 @@ def _client_faults(ctx: Context) -> None:
     ctx.hold(1.0, 2.0)
 
 
+def _random_round(ctx: Context) -> None:
+    """One round of a fault family drawn from the whole catalogue (the soak)."""
+    name = ctx.rng.choice(sorted(n for n in SCENARIOS if n != "kill-leader-loaded"))
+    ctx.say(f"    fault family: {name}")
+    SCENARIOS[name].round(ctx)
+
+
 def _tmpfs_unavailable() -> str:
     ok, why = tmpfs_supported()
     return "" if ok else f"no private tmpfs here: {why}"
@@ -294,6 +303,64 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+#: The soak: faults drawn from the whole catalogue, on one cluster, for a given time. Not a
+#: pytest scenario (``raftseq chaos --scenario all --duration 20m``).
+SOAK = Scenario(
+    "all",
+    "random faults from the whole catalogue, one cluster",
+    _random_round,
+    rounds=len(SCENARIOS),
+    workload={"client_resets_every_s": 6.0, "subscriber_drops_every_s": 8.0},
+    tmpfs_bytes={"n2": 64 << 20},
+    overrides={"journal": {"disk_free_bytes_min": 16 << 20}},
+    unavailable=_tmpfs_unavailable,
+)
+
+
+def scenario_named(name: str) -> Scenario:
+    return SOAK if name == SOAK.name else SCENARIOS[name]
+
+
+# --- a run ------------------------------------------------------------------------------
+
+
+class LeaderWatcher:
+    """Polls the cluster's status on a thread and notes every leader change in the history
+    (``note`` events ``leader`` with ``leader`` and ``term``), for the timeline."""
+
+    def __init__(self, cluster: ChaosCluster, history: HistoryRecorder, interval_s: float = 0.5) -> None:
+        self.cluster = cluster
+        self.history = history
+        self.interval_s = interval_s
+        self.changes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-leader-watch", daemon=True)
+
+    def __enter__(self) -> LeaderWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        last = None
+        while not self._stop.wait(self.interval_s):
+            try:
+                report = self.cluster.status(timeout_s=0.5)
+            except Exception:  # noqa: BLE001 - a status poll during a fault may fail; try again
+                continue
+            leaders = [n for n in report["nodes"] if n.get("role") == "leader"]
+            if len(leaders) != 1:
+                continue
+            current = (leaders[0].get("node", ""), leaders[0].get("term", 0))
+            if current != last:
+                self.history.note("leader", leader=current[0], term=current[1])
+                self.changes += last is not None
+                last = current
+
+
 # --- a run ------------------------------------------------------------------------------
 
 
@@ -307,6 +374,7 @@ class RunResult:
     journals_ok: bool
     journal_problems: list[str]
     seconds: float
+    report_dir: str = ""
 
     @property
     def ok(self) -> bool:
@@ -314,6 +382,8 @@ class RunResult:
 
 
 def replay_command(name: str, seed: int) -> str:
+    if name == SOAK.name:
+        return f"raftseq chaos --scenario all --seed {seed} --duration ..."
     return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
 
 
@@ -324,10 +394,12 @@ def run_scenario(
     directory: str,
     rounds: int | None = None,
     duration_s: float | None = None,
+    report_dir: str | None = None,
     say: Callable[[str], None] = print,
 ) -> RunResult:
-    """Run one scenario in `directory` (its cluster, logs and history stay there)."""
-    scenario = SCENARIOS[name]
+    """Run one scenario (or the soak, ``"all"``) in `directory` (its cluster, logs and history
+    stay there); with `report_dir`, also write ``report.json`` and ``timeline.png`` there."""
+    scenario = scenario_named(name)
     why_not = scenario.unavailable()
     if why_not:
         raise ScenarioFailed(f"{name} cannot run here: {why_not}")
@@ -367,20 +439,22 @@ def run_scenario(
             ctx = Context(cluster, nemesis, workload, round_rng, say)
             planned = rounds if rounds is not None else scenario.rounds
             round_index = 0
-            while True:
-                if duration_s is not None:
-                    if time.monotonic() - started >= duration_s:
+            with LeaderWatcher(cluster, history):
+                while True:
+                    if duration_s is not None:
+                        if time.monotonic() - started >= duration_s:
+                            break
+                    elif round_index >= planned:
                         break
-                elif round_index >= planned:
-                    break
-                round_index += 1
-                say(f"  round {round_index}{'' if duration_s is not None else f' of {planned}'} ({workload.stats.ok} acknowledged so far)")
-                try:
-                    scenario.round(ctx)
-                finally:
-                    nemesis.heal_all()
-            ctx.restart_down_nodes()
-            ctx.acks_resume("after healing")
+                    round_index += 1
+                    elapsed = f", {time.monotonic() - started:.0f} of {duration_s:.0f} s" if duration_s is not None else ""
+                    say(f"  round {round_index}{'' if duration_s is not None else f' of {planned}'} ({workload.stats.ok} acknowledged so far{elapsed})")
+                    try:
+                        scenario.round(ctx)
+                    finally:
+                        nemesis.heal_all()
+                ctx.restart_down_nodes()
+                ctx.acks_resume("after healing")
             stats = workload.stop()
             workload = None
             last_seq = cluster.wait_converged(timeout_s=CONVERGE_TIMEOUT_S)
@@ -399,6 +473,12 @@ def run_scenario(
     seconds = time.monotonic() - started
     result = RunResult(name, seed, report, history_path, stats.ok, not journal_problems, journal_problems, seconds)
     say(report.format())
+    if report_dir is not None:
+        run = {"scenario": name, "seed": seed, "seconds": round(seconds, 1), "rounds": round_index, "acknowledged": stats.ok,
+               "journals_verified": not journal_problems, "journal_problems": journal_problems, "replay": replay_command(name, seed)}
+        write_report(report_dir, history_path, report, run)
+        result.report_dir = report_dir
+        say(f"  report: {os.path.join(report_dir, 'report.json')} and timeline.png")
     for problem in journal_problems:
         say(f"  journal check failed: {problem}")
     say(f"chaos {name}: {'PASSED' if result.ok else 'FAILED'} in {seconds:.1f} s (seed {seed}; history {history_path})")
