@@ -265,7 +265,11 @@ class Node:
             if now - disk_checked >= 1.0:
                 disk_checked = now
                 self._check_disk()
-            self.journal.sync_if_due()
+            if self.journal.fsync_policy.mode == "interval" and self.replica is not None:
+                # Appends and segment rolls happen on the apply thread under this lock: without
+                # it the fsync could hit a descriptor the apply thread just closed or reused.
+                with self.replica.apply_lock:
+                    self.journal.sync_if_due()
             await asyncio.sleep(0.01)
 
     def _check_disk(self) -> None:

@@ -346,6 +346,12 @@ def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot_and_journal_fe
 # --- 4. every node killed with SIGKILL and restarted ---------------------------------------
 
 
+#: The interval fsync policy (the node fsyncs from its event loop while the apply thread appends
+#: and rolls segments) with small segments, so that rolls happen all the time.
+INTERVAL_FSYNC = {"journal": {"fsync": "interval_ms=2", "segment_bytes_max": 16 * 1024}}
+
+
+@pytest.mark.parametrize("running_cluster", [None, INTERVAL_FSYNC], indirect=True, ids=["defaults", "fsync-interval-small-segments"])
 def test_every_acknowledged_message_survives_sigkill_of_every_node(running_cluster):
     h = running_cluster
     h.wait_for_leader()
