@@ -23,6 +23,11 @@ Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler
   gets a fresh election timeout before it may stand for election: pysyncobj checks the
   deadline before it reads the leader's heartbeats that arrived meanwhile, so a node replaying
   its log after a restart deposed a healthy leader (seen by the stream benchmark).
+* Pre-vote (Raft thesis 9.6): a node whose election timeout passes first asks the others
+  whether they would vote for it in the next term, raising no term; only a majority of yeses
+  starts the election. A node answers no while it hears from a leader (or is one). pysyncobj
+  has no pre-vote: a node back from a partition, or losing one direction of a link, raised
+  its term and forced an election on a healthy cluster (seen by the chaos suite).
 * A piece of an InstallSnapshot (pysyncobj sends it as an AppendEntries without
   ``prevLogIdx``) does not raise the commit index over the log the follower holds: that log
   is unverified, and may end in entries a deposed leader wrote that no majority holds.
@@ -59,8 +64,18 @@ _LEADER = 2  # pysyncobj's _RAFT_STATE.LEADER
 _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
 _original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
+_original_on_tick = SyncObj._onTick
+_FOLLOWER = 0  # pysyncobj's _RAFT_STATE.FOLLOWER
+_CANDIDATE = 1
+PRE_VOTE = "raftseq_pre_vote"
+PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
 
 assert pysyncobj.syncobj._RAFT_STATE.LEADER == _LEADER
+assert (pysyncobj.syncobj._RAFT_STATE.FOLLOWER, pysyncobj.syncobj._RAFT_STATE.CANDIDATE) == (_FOLLOWER, _CANDIDATE)
+
+
+def _now() -> float:
+    return pysyncobj.syncobj.monotonicTime()  # pysyncobj's own clock, which its deadlines use
 
 
 class CorrectedSyncObj(SyncObj):
@@ -75,16 +90,92 @@ class CorrectedSyncObj(SyncObj):
     raftseq_next_index_rewinds_refused = 0
     raftseq_snapshot_commits_refused = 0
     raftseq_elections_deferred = 0
+    raftseq_pre_votes_lost = 0
+    #: When this node last heard from a leader of its current term (pysyncobj's clock).
+    _raftseq_leader_contact = float("-inf")
+    #: The term a pre-vote is running for, the nodes that granted it, and the term it was won for.
+    _raftseq_pre_vote_term: int | None = None
+    _raftseq_pre_vote_grants: frozenset = frozenset()
+    _raftseq_pre_vote_won_for: int | None = None
 
     #: ``time.monotonic()`` before which this node casts no vote (after its Raft log, and with
     #: it the vote it gave in the current term, was discarded).
     raftseq_votes_blocked_until = 0.0
 
+    # --- pre-vote ------------------------------------------------------------------------
+
+    def _onTick(self, timeToWait=0.0):  # noqa: N802,N803 (pysyncobj's names)
+        """Before pysyncobj stands for election, a pre-vote (Raft thesis 9.6): ask the others
+        whether they would vote for this node in the next term, without raising any term. Only
+        a majority of yeses lets the election start. A node cut off from the leader (or back
+        from a partition, or hearing only one direction of a link) thus no longer raises terms
+        and deposes a leader the others still hear from."""
+        state = self._SyncObj__raftState
+        if (
+            state in (_FOLLOWER, _CANDIDATE)
+            and self._SyncObj__selfNode is not None
+            and self._SyncObj__raftElectionDeadline < _now()
+            and self._SyncObj__connectedToAnyone()
+            and not self._SyncObj__transferInProgress  # a leader's hand-over skips the pre-vote
+        ):
+            next_term = self._SyncObj__raftCurrentTerm + 1
+            if self._raftseq_pre_vote_won_for == next_term:
+                self._raftseq_pre_vote_won_for = None  # pysyncobj's election goes ahead now
+            else:
+                self._raftseq_start_pre_vote(next_term)
+        return _original_on_tick(self, timeToWait)
+
+    def _raftseq_start_pre_vote(self, term: int) -> None:
+        if self._raftseq_pre_vote_term == term and self._raftseq_pre_vote_grants:
+            self.raftseq_pre_votes_lost += 1  # the last round for this term got no majority in time
+        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+        self._raftseq_pre_vote_term = term
+        self._raftseq_pre_vote_grants = frozenset([self._SyncObj__selfNode])
+        self._raftseq_pre_vote_won_for = None
+        question = {
+            "type": PRE_VOTE,
+            "term": term,
+            "last_log_index": self._SyncObj__getCurrentLogIndex(),
+            "last_log_term": self._SyncObj__getCurrentLogTerm(),
+        }
+        for other in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(other, question)
+        self._raftseq_count_pre_votes()
+
+    def _raftseq_count_pre_votes(self) -> None:
+        if len(self._raftseq_pre_vote_grants) > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._raftseq_pre_vote_won_for = self._raftseq_pre_vote_term
+            self._raftseq_pre_vote_term = None
+            self._SyncObj__raftElectionDeadline = 0  # stand for election on the next tick
+
+    def _raftseq_answer_pre_vote(self, node, message) -> None:
+        my_term = self._SyncObj__raftCurrentTerm
+        my_last_term = self._SyncObj__getCurrentLogTerm()
+        log_ok = message["last_log_term"] > my_last_term or (
+            message["last_log_term"] == my_last_term and message["last_log_index"] >= self._SyncObj__getCurrentLogIndex()
+        )
+        # A live leader's heartbeats come every appendEntriesPeriod (0.05 s here); silence for
+        # half the minimum election timeout means this node no longer hears one either.
+        heard_leader = self._SyncObj__raftState == _LEADER or (
+            _now() - self._raftseq_leader_contact < self._SyncObj__conf.raftMinTimeout / 2
+        )
+        votes_blocked = self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until
+        granted = message["term"] > my_term and log_ok and not heard_leader and not votes_blocked
+        self._SyncObj__transport.send(node, {"type": PRE_VOTE_RESPONSE, "term": message["term"], "granted": granted})
+
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802 (pysyncobj's name)
         kind = message.get("type")
+        if kind == PRE_VOTE:
+            return self._raftseq_answer_pre_vote(node, message)
+        if kind == PRE_VOTE_RESPONSE:
+            if message.get("granted") and message.get("term") == self._raftseq_pre_vote_term:
+                self._raftseq_pre_vote_grants = self._raftseq_pre_vote_grants | {node}
+                self._raftseq_count_pre_votes()
+            return None
         if kind == "request_vote" and self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until:
             return None
         if kind == "append_entries" and message.get("term", -1) >= self._SyncObj__raftCurrentTerm:
+            self._raftseq_leader_contact = _now()
             if "prevLogIdx" not in message:
                 return self._raftseq_on_snapshot_chunk(node, message)
             if "transmission" not in message:

@@ -518,3 +518,134 @@ def test_a_member_casts_no_vote_while_votes_are_blocked(make_member):
     request_vote(member, candidate, term=4)
 
     assert member._SyncObj__votedForNodeId == candidate.id
+
+
+# --- e. pre-vote ------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Stands in for pysyncobj's transport: records what a member sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, dict]] = []
+
+    def send(self, node, message) -> bool:
+        self.sent.append((node, dict(message)))
+        return True
+
+    def of_type(self, kind: str) -> list[tuple[object, dict]]:
+        return [(n, m) for n, m in self.sent if m.get("type") == kind]
+
+
+@pytest.fixture
+def voter(tmp_path):
+    """A member with two peers, connected to them as far as pysyncobj's election check goes,
+    its messages captured. Returns (member, peers, outbox, make) where make(cls) builds one."""
+    built = []
+
+    def make(member_class):
+        address, peers = free_address(), [free_address(), free_address()]
+        conf = SyncObjConf(autoTick=False, bindAddress=address, dynamicMembershipChange=False, raftMinTimeout=0.2, raftMaxTimeout=0.4, appendEntriesPeriod=0.05)
+        member = member_class(address, peers, conf)
+        outbox = Outbox()
+        real_transport = member._SyncObj__transport
+        built.append((member, real_transport))
+        outbox.ready = True
+        outbox.tryGetReady = real_transport.tryGetReady
+        member._SyncObj__transport = outbox
+        member._SyncObj__connectedToAnyone = lambda: True
+        return member, [TCPNode(p) for p in peers], outbox
+
+    yield make
+    for member, real_transport in built:
+        member._SyncObj__transport = real_transport
+        member.destroy()
+
+
+def deadline_passes(member) -> None:
+    member._SyncObj__raftElectionDeadline = pysyncobj.syncobj.monotonicTime() - 1
+
+
+@BOTH
+def test_a_node_whose_timeout_passes_asks_before_it_raises_its_term(voter, member_class):
+    member, peers, outbox = voter(member_class)
+    term = member._SyncObj__raftCurrentTerm
+    deadline_passes(member)
+    member._onTick(0)
+    if member_class is CorrectedMember:
+        assert member._SyncObj__raftCurrentTerm == term, "a pre-vote raises no term"
+        assert {n for n, _ in outbox.of_type("raftseq_pre_vote")} == set(peers)
+        assert outbox.of_type("request_vote") == []
+    else:
+        assert member._SyncObj__raftCurrentTerm == term + 1, "pysyncobj stands for election at once"
+        assert len(outbox.of_type("request_vote")) == 2
+
+
+def test_a_pre_vote_won_by_a_majority_starts_the_election(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    term = member._SyncObj__raftCurrentTerm
+    deadline_passes(member)
+    member._onTick(0)
+    asked = outbox.of_type("raftseq_pre_vote")[0][1]["term"]
+    member._SyncObj__onMessageReceived(peers[0], {"type": "raftseq_pre_vote_response", "term": asked, "granted": True})
+    member._onTick(0)
+    assert member._SyncObj__raftCurrentTerm == term + 1
+    assert len(outbox.of_type("request_vote")) == 2
+
+
+def test_a_pre_vote_refused_by_everyone_changes_nothing(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    term = member._SyncObj__raftCurrentTerm
+    deadline_passes(member)
+    member._onTick(0)
+    asked = outbox.of_type("raftseq_pre_vote")[0][1]["term"]
+    for peer in peers:
+        member._SyncObj__onMessageReceived(peer, {"type": "raftseq_pre_vote_response", "term": asked, "granted": False})
+    member._onTick(0)
+    assert member._SyncObj__raftCurrentTerm == term and outbox.of_type("request_vote") == []
+    # a stale yes for another term counts for nothing either
+    member._SyncObj__onMessageReceived(peers[0], {"type": "raftseq_pre_vote_response", "term": asked + 5, "granted": True})
+    member._onTick(0)
+    assert outbox.of_type("request_vote") == []
+
+
+def pre_vote_answer(member, outbox, candidate, *, term, last_log_index, last_log_term) -> bool:
+    member._SyncObj__onMessageReceived(
+        candidate, {"type": "raftseq_pre_vote", "term": term, "last_log_index": last_log_index, "last_log_term": last_log_term}
+    )
+    node, answer = outbox.of_type("raftseq_pre_vote_response")[-1]
+    assert node == candidate and answer["term"] == term
+    return answer["granted"]
+
+
+def test_a_node_that_hears_its_leader_refuses_a_pre_vote_and_keeps_its_term(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    leader, candidate = peers
+    append(member, leader, term=3, prev_idx=1, prev_term=0, new_entries=entries(2, 5, 3), commit_index=5)
+    assert not pre_vote_answer(member, outbox, candidate, term=4, last_log_index=5, last_log_term=3)
+    assert member._SyncObj__raftCurrentTerm == 3
+    # once the leader has been silent for a while, the same question gets a yes
+    member._raftseq_leader_contact = pysyncobj.syncobj.monotonicTime() - 1
+    assert pre_vote_answer(member, outbox, candidate, term=4, last_log_index=5, last_log_term=3)
+    assert member._SyncObj__raftCurrentTerm == 3, "answering a pre-vote raises no term"
+
+
+def test_a_pre_vote_from_a_shorter_or_older_log_is_refused(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    leader, candidate = peers
+    append(member, leader, term=3, prev_idx=1, prev_term=0, new_entries=entries(2, 5, 3), commit_index=5)
+    member._raftseq_leader_contact = pysyncobj.syncobj.monotonicTime() - 1
+    assert not pre_vote_answer(member, outbox, candidate, term=4, last_log_index=4, last_log_term=3)
+    assert not pre_vote_answer(member, outbox, candidate, term=4, last_log_index=9, last_log_term=2)
+    assert not pre_vote_answer(member, outbox, candidate, term=3, last_log_index=9, last_log_term=3), "not a later term"
+    assert pre_vote_answer(member, outbox, candidate, term=4, last_log_index=5, last_log_term=3)
+
+
+def test_a_leader_handover_skips_the_pre_vote(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    leader = peers[0]
+    append(member, leader, term=2, prev_idx=1, prev_term=0, new_entries=entries(2, 3, 2), commit_index=3)
+    member._SyncObj__onMessageReceived(leader, {"type": "timeout_now", "term": 2})
+    member._onTick(0)
+    assert member._SyncObj__raftCurrentTerm == 3
+    assert len(outbox.of_type("request_vote")) == 2 and outbox.of_type("raftseq_pre_vote") == []
