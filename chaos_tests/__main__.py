@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from chaos_tests import checker
+from chaos_tests.report import write_report
 from chaos_tests.scenarios import SCENARIOS, SOAK, ScenarioFailed, run_scenario
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -107,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
             ok = result.ok
         except (ScenarioFailed, AssertionError) as exc:
             print(f"chaos {name}: FAILED (seed {seed}): {exc}", flush=True)
+            _check_what_was_recorded(directory, report_dir, {"scenario": name, "seed": seed, "failure": str(exc)[:2000]})
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -133,6 +135,22 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(f"chaos: all {len(names)} passed in {minutes:.1f} min (master seed {master})")
     return 0
+
+
+def _check_what_was_recorded(run_directory: str, report_dir: str | None, run: dict) -> None:
+    """A run that failed before its end still has a history: check it (without final reads)
+    and, with --report, write its report too."""
+    history = os.path.join(run_directory, "history.jsonl")
+    if not os.path.isfile(history):
+        return
+    try:
+        report = checker.check_file(history)
+    except Exception as exc:  # noqa: BLE001 - a torn history: say so, the failure is reported already
+        print(f"  the history recorded so far cannot be checked: {exc}", flush=True)
+        return
+    print("  the history recorded so far:\n" + report.format(), flush=True)
+    if report_dir is not None:
+        write_report(report_dir, history, report, run)
 
 
 def _keep_evidence(run_directory: str, report_dir: str) -> None:
