@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_top_parser(sub)
 
+    from cluster.sm_cli import add_parser as add_sm_parser
+
+    add_sm_parser(sub)
+
     submit = sub.add_parser(
         "submit",
         help="sequence payloads given as arguments (or lines of stdin)",

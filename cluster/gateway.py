@@ -9,6 +9,8 @@ protocol version). Then:
 * ``Subscribe(from_seq)`` — served by any node: replay from the journal, then live tail, up to
   what this node has applied. The journal is read only while the socket drains, so a slow
   subscriber holds at most ``subscriber_buffer_bytes_max`` plus one read block.
+* ``SnapshotQuery(sm_type)`` — served by any node: ``SnapshotList``, the state-machine
+  snapshots its machine indexes for that type (``sequencer.machine``, the snapshot index).
 * Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed.
 
 Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
@@ -299,6 +301,16 @@ class Gateway:
             self._subscribe(conn, frame)
         elif kind is protocol.StatusRequest:
             conn.send(self.node.status())
+        elif kind is protocol.SnapshotQuery:
+            self._snapshot_query(conn, frame)
+
+    def _snapshot_query(self, conn: Connection, query: protocol.SnapshotQuery) -> None:
+        """The node's snapshot index for one state-machine type, as of what it has applied.
+        Any node answers (the index is replicated state); the chunks it points to are read
+        with an ordinary subscription."""
+        node = self.node
+        machine = node.core.machine  # read once: a restored snapshot replaces the machine
+        conn.send(protocol.SnapshotList(query.sm_type, machine.snapshots_of(query.sm_type), machine.last_seq))
 
     def _hello(self, conn: Connection, hello: protocol.Hello) -> None:
         if conn.session:

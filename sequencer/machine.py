@@ -14,6 +14,21 @@ What it decides, per entry ``(session, client_seq, payload)``:
 * ``client_seq > last + 1``: ``sequence_gap`` with the expected number; nothing changes.
 
 Sessions idle for ``MachineConfig.session_idle_ns`` of log time are forgotten, oldest first.
+
+**The state-machine snapshot index.** Application processes publish snapshots of their own
+state machines (``clients.sm``) as ordinary sequenced messages: a session whose name starts
+with ``protocol.SNAPSHOT_SESSION_PREFIX`` submits one ``protocol.SnapshotChunk`` per message.
+The journal keeps the bytes like any other message; the machine keeps, in its own (replicated,
+snapshotted) state, a small index: per (state-machine type, schema version) the latest
+``SM_SNAPSHOTS_PER_KIND`` complete uploads (``protocol.SnapshotInfo``: header, publishing
+session, first and last chunk number), and the uploads in progress. Any node answers "which
+snapshots of type T" from it (``SnapshotQuery``), and a late joiner reads the chunks with an
+ordinary subscription from ``first_seq``. The index never changes what is sequenced: chunks
+are numbered, deduplicated and journaled like every message; a chunk that does not fit its
+upload (undecodable, out of order, a header that changed, a covered number not below its own)
+only abandons that upload. The cost for ordinary traffic is one flag test each time the batch
+moves on to another session (next to the idle-order move it already makes then); everything
+else runs only for batches that hold snapshot chunks.
 """
 
 from __future__ import annotations
@@ -28,7 +43,20 @@ import msgspec
 from sequencer import limits, protocol
 from sequencer.limits import MachineConfig
 
-SNAPSHOT_FORMAT_VERSION = 1
+#: 2: the state-machine snapshot index (``snapshots``, ``uploads``) follows the sessions.
+#: ``restore`` reads format 1 (no index) and 2.
+SNAPSHOT_FORMAT_VERSION = 2
+_SNAPSHOT_FORMATS_READ = (1, 2)
+
+# Bounds of the snapshot index. They shape the replicated state, so they are constants of the
+# code (equal on every replica of one version), not per-node settings.
+#: Complete snapshots kept per (state-machine type, schema version), newest ``covered_seq`` first.
+SM_SNAPSHOTS_PER_KIND = 3
+#: Most (type, schema version) kinds in the index; a new kind beyond it evicts the kind whose
+#: newest snapshot was completed earliest.
+SM_SNAPSHOT_KINDS_MAX = 32
+#: Most unfinished uploads (one per snapshot session); beyond it the least recently extended goes.
+SM_SNAPSHOT_UPLOADS_MAX = 16
 
 
 class Outcome(enum.IntEnum):
@@ -81,14 +109,16 @@ class ApplyResult(msgspec.Struct, frozen=True, gc=False):
 
 
 class _Session:
-    __slots__ = ("last_client_seq", "last_active_ns", "window")
+    __slots__ = ("last_client_seq", "last_active_ns", "window", "snapshot_session")
 
-    def __init__(self, last_client_seq: int, last_active_ns: int, window: deque) -> None:
+    def __init__(self, last_client_seq: int, last_active_ns: int, window: deque, snapshot_session: bool = False) -> None:
         self.last_client_seq = last_client_seq
         self.last_active_ns = last_active_ns
         # window[i] is the seq of client_seq (last_client_seq - len(window) + 1 + i):
         # client_seqs of a session are applied contiguously, so a list of seqs is the map.
         self.window = window
+        #: The session's name starts with SNAPSHOT_SESSION_PREFIX: its messages are chunks.
+        self.snapshot_session = snapshot_session
 
 
 class SessionSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -96,6 +126,24 @@ class SessionSnapshot(msgspec.Struct, frozen=True, array_like=True):
     last_client_seq: int
     last_active_ns: int
     window_seqs: list[int]
+
+
+class SnapshotUpload(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """An unfinished snapshot upload: the header its chunks carry and how far it got."""
+
+    session: protocol.Session
+    sm_type: protocol.SmType
+    schema_version: protocol.SchemaVersion
+    covered_seq: protocol.Seq
+    digest: protocol.Digest
+    bytes_sha256: protocol.Sha256Hex
+    total_bytes: protocol.Count
+    chunk_count: int
+    #: Chunks 0..next_index-1 arrived, holding `bytes_seen` bytes of data.
+    next_index: int
+    bytes_seen: int
+    first_seq: protocol.Seq
+    last_seq: protocol.Seq
 
 
 class MachineSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -106,6 +154,10 @@ class MachineSnapshot(msgspec.Struct, frozen=True, array_like=True):
     stream_crc: int
     #: Ordered from least to most recently active: expiry order is part of the state.
     sessions: list[SessionSnapshot]
+    #: Format 2: the snapshot index, by (sm_type, schema_version), each kind newest first.
+    snapshots: list[protocol.SnapshotInfo] = []
+    #: Format 2: unfinished uploads, least recently extended first.
+    uploads: list[SnapshotUpload] = []
 
 
 class SnapshotError(Exception):
@@ -130,6 +182,12 @@ class SequencerMachine:
         #: CRC-32 chained over every journal record this machine produced, in order.
         self.stream_crc = 0
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        # The snapshot index. Replaced, never changed in place, so that another thread (a
+        # node's gateway answering SnapshotQuery) can read it while batches are applied.
+        #: (sm_type, schema_version) -> complete snapshots, newest covered_seq first.
+        self._sm_snapshots: dict[tuple[str, int], tuple[protocol.SnapshotInfo, ...]] = {}
+        #: session -> its unfinished upload, least recently extended first.
+        self._sm_uploads: OrderedDict[str, SnapshotUpload] = OrderedDict()
 
     # --- queries ------------------------------------------------------------------------
 
@@ -155,6 +213,20 @@ class SequencerMachine:
         if 0 <= offset < len(state.window):
             return state.window[offset]
         return None
+
+    def snapshots_of(self, sm_type: str) -> list[protocol.SnapshotInfo]:
+        """The complete snapshots of `sm_type` in the index (every schema version), newest
+        ``covered_seq`` first, at most ``protocol.SNAPSHOT_LIST_MAX``. Safe to call from
+        another thread while batches are applied."""
+        index = self._sm_snapshots  # one read: the dict is replaced, never changed in place
+        found = [info for (kind_type, _), infos in index.items() if kind_type == sm_type for info in infos]
+        found.sort(key=lambda info: (info.covered_seq, info.last_seq), reverse=True)
+        return found[: protocol.SNAPSHOT_LIST_MAX]
+
+    @property
+    def snapshot_uploads(self) -> list[SnapshotUpload]:
+        """Unfinished snapshot uploads, least recently extended first."""
+        return list(self._sm_uploads.values())
 
     # --- the transition -----------------------------------------------------------------
 
@@ -190,6 +262,9 @@ class SequencerMachine:
         # The session last moved to the end of the idle order: moving it again before another
         # session moves changes nothing, so runs of one session cost one move.
         last_moved = None
+        # A snapshot session's entry was sequenced: index its chunks after the loop. Tested
+        # where the session changes (with the idle-order move), not on every entry.
+        chunks_seen = False
         for index, entry in enumerate(entries):
             name = entry.session
             client_seq = entry.client_seq
@@ -203,9 +278,11 @@ class SequencerMachine:
                 elif len(sessions) >= config.sessions_max:
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.TOO_MANY_SESSIONS)
                 else:
-                    state = _Session(0, log_time, deque(maxlen=window_max))
+                    state = _Session(0, log_time, deque(maxlen=window_max), name.startswith(_SNAPSHOT_PREFIX))
                     sessions[name] = state
                     last_moved = name
+                    if state.snapshot_session:
+                        chunks_seen = True
             if refusal is None:
                 last = state.last_client_seq
                 if client_seq == last + 1:
@@ -219,6 +296,8 @@ class SequencerMachine:
                     if name != last_moved:
                         sessions.move_to_end(name)
                         last_moved = name
+                        if state.snapshot_session:
+                            chunks_seen = True
                     if outcomes is not None:
                         outcomes.append(EntryResult(name, client_seq, sequenced, seq))
                     seq += 1
@@ -242,9 +321,78 @@ class SequencerMachine:
         if records:
             self.stream_crc = zlib.crc32(blob, self.stream_crc)
         self.next_seq = seq
+        if chunks_seen:
+            self._index_chunks(entries, outcomes, first_seq, log_time)
         if seq == first_seq:
             return ApplyResult(outcomes if outcomes is not None else [], 0, 0, log_time, b"")
         return ApplyResult(outcomes, first_seq, seq - 1, log_time, blob, entries=entries, offsets=offsets)
+
+    # --- the snapshot index ---------------------------------------------------------------
+
+    def _index_chunks(self, entries: list[protocol.Entry], outcomes: list[EntryResult] | None, first_seq: int, log_time: int) -> None:
+        """Feed the sequenced entries of snapshot sessions to their uploads (batch order)."""
+        sessions = self._sessions
+        for index, entry in enumerate(entries):
+            if outcomes is None:
+                seq = first_seq + index
+            else:
+                result = outcomes[index]
+                if result.outcome is not Outcome.SEQUENCED:
+                    continue
+                seq = result.seq
+            state = sessions.get(entry.session)
+            if state is not None and state.snapshot_session:
+                self._chunk(entry.session, seq, entry.payload, log_time)
+
+    def _chunk(self, session: str, seq: int, payload: bytes, log_time: int) -> None:
+        uploads = self._sm_uploads
+        try:
+            chunk = protocol.decode_snapshot_chunk(payload)
+        except protocol.SmFormatError:
+            uploads.pop(session, None)  # whatever it was, it breaks the upload in progress
+            return
+        if chunk.covered_seq >= seq or chunk.chunk_index >= chunk.chunk_count:
+            uploads.pop(session, None)  # a snapshot cannot cover its own or later messages
+            return
+        size = len(chunk.data)
+        if chunk.chunk_index == 0:
+            upload = SnapshotUpload(
+                session, chunk.sm_type, chunk.schema_version, chunk.covered_seq, chunk.digest, chunk.bytes_sha256,
+                chunk.total_bytes, chunk.chunk_count, 1, size, seq, seq,
+            )  # fmt: skip
+        else:
+            upload = uploads.get(session)
+            if (
+                upload is None
+                or chunk.chunk_index != upload.next_index
+                or (chunk.sm_type, chunk.schema_version, chunk.covered_seq, chunk.digest, chunk.bytes_sha256, chunk.total_bytes, chunk.chunk_count)
+                != (upload.sm_type, upload.schema_version, upload.covered_seq, upload.digest, upload.bytes_sha256, upload.total_bytes, upload.chunk_count)
+            ):
+                uploads.pop(session, None)
+                return
+            upload = msgspec.structs.replace(upload, next_index=upload.next_index + 1, bytes_seen=upload.bytes_seen + size, last_seq=seq)
+        uploads.pop(session, None)
+        if upload.bytes_seen > upload.total_bytes:
+            return
+        if upload.next_index < upload.chunk_count:
+            uploads[session] = upload  # at the end: the most recently extended
+            if len(uploads) > SM_SNAPSHOT_UPLOADS_MAX:
+                uploads.popitem(last=False)
+            return
+        if upload.bytes_seen != upload.total_bytes:
+            return
+        info = protocol.SnapshotInfo(
+            upload.sm_type, upload.schema_version, upload.covered_seq, upload.digest, upload.bytes_sha256,
+            upload.total_bytes, upload.chunk_count, session, upload.first_seq, seq, log_time,
+        )  # fmt: skip
+        key = (info.sm_type, info.schema_version)
+        index = dict(self._sm_snapshots)
+        kept = sorted((*index.get(key, ()), info), key=lambda i: (i.covered_seq, i.last_seq), reverse=True)
+        index[key] = tuple(kept[:SM_SNAPSHOTS_PER_KIND])
+        if len(index) > SM_SNAPSHOT_KINDS_MAX:
+            # The kind whose newest snapshot was completed earliest goes.
+            del index[min(index, key=lambda k: (max(i.last_seq for i in index[k]), k))]
+        self._sm_snapshots = dict(sorted(index.items()))
 
     def _expire(self, log_time: int) -> None:
         horizon = log_time - self.config.session_idle_ns
@@ -262,8 +410,16 @@ class SequencerMachine:
         sessions = [
             SessionSnapshot(name, s.last_client_seq, s.last_active_ns, list(s.window)) for name, s in self._sessions.items()
         ]
+        snapshots = [info for infos in self._sm_snapshots.values() for info in infos]
         snap = MachineSnapshot(
-            SNAPSHOT_FORMAT_VERSION, self.config, self.next_seq, self.last_log_time_ns, self.stream_crc, sessions
+            SNAPSHOT_FORMAT_VERSION,
+            self.config,
+            self.next_seq,
+            self.last_log_time_ns,
+            self.stream_crc,
+            sessions,
+            snapshots,
+            list(self._sm_uploads.values()),
         )
         return _snapshot_encoder.encode(snap)
 
@@ -274,8 +430,8 @@ class SequencerMachine:
             snap = _snapshot_decoder.decode(data)
         except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
             raise SnapshotError(f"undecodable snapshot: {exc}") from None
-        if snap.format_version != SNAPSHOT_FORMAT_VERSION:
-            raise SnapshotError(f"snapshot format {snap.format_version}, this version reads {SNAPSHOT_FORMAT_VERSION}")
+        if snap.format_version not in _SNAPSHOT_FORMATS_READ:
+            raise SnapshotError(f"snapshot format {snap.format_version}, this version reads {', '.join(map(str, _SNAPSHOT_FORMATS_READ))}")
         problems = snap.config.problems()
         if snap.next_seq < 1 or snap.last_log_time_ns < 0:
             problems.append(f"next_seq {snap.next_seq} / last_log_time_ns {snap.last_log_time_ns} out of range")
@@ -306,6 +462,7 @@ class SequencerMachine:
             previous_active = s.last_active_ns
         if len(snap.sessions) > snap.config.sessions_max:
             problems.append(f"{len(snap.sessions)} sessions exceed sessions_max {snap.config.sessions_max}")
+        problems += _index_problems(snap)
         if problems:
             raise SnapshotError("inconsistent snapshot: " + "; ".join(problems[:5]))
         machine = cls(snap.config)
@@ -314,7 +471,14 @@ class SequencerMachine:
         machine.stream_crc = snap.stream_crc
         window_max = snap.config.dedup_window
         for s in snap.sessions:
-            machine._sessions[s.session] = _Session(s.last_client_seq, s.last_active_ns, deque(s.window_seqs, maxlen=window_max))
+            machine._sessions[s.session] = _Session(
+                s.last_client_seq, s.last_active_ns, deque(s.window_seqs, maxlen=window_max), s.session.startswith(_SNAPSHOT_PREFIX)
+            )
+        index: dict[tuple[str, int], list[protocol.SnapshotInfo]] = {}
+        for info in snap.snapshots:
+            index.setdefault((info.sm_type, info.schema_version), []).append(info)
+        machine._sm_snapshots = {key: tuple(infos) for key, infos in index.items()}
+        machine._sm_uploads = OrderedDict((u.session, u) for u in snap.uploads)
         return machine
 
     def state_digest(self) -> str:
@@ -325,6 +489,57 @@ class SequencerMachine:
         return hashlib.sha256(self.snapshot()).hexdigest()
 
 
+_SNAPSHOT_PREFIX = protocol.SNAPSHOT_SESSION_PREFIX
+
+
+def _index_problems(snap: MachineSnapshot) -> list[str]:
+    """What is wrong with the snapshot index of `snap`: anything ``_chunk`` could not produce."""
+    problems = []
+    if snap.format_version == 1 and (snap.snapshots or snap.uploads):
+        problems.append("format 1 has no snapshot index")
+    last = snap.next_seq - 1
+    kinds: dict[tuple[str, int], list[protocol.SnapshotInfo]] = {}
+    previous_key = None
+    for info in snap.snapshots:
+        key = (info.sm_type, info.schema_version)
+        if key != previous_key and key in kinds:
+            problems.append(f"snapshot index: kind {key} is not contiguous")
+        if previous_key is not None and key < previous_key:
+            problems.append(f"snapshot index: kind {key} out of order")
+        previous_key = key
+        kinds.setdefault(key, []).append(info)
+        if not info.session.startswith(_SNAPSHOT_PREFIX):
+            problems.append(f"snapshot index: session {info.session!r} is not a snapshot session")
+        if not info.covered_seq < info.first_seq <= info.last_seq <= last:
+            problems.append(f"snapshot index: {key} covered {info.covered_seq}, chunks {info.first_seq}..{info.last_seq} (last seq {last})")
+        if info.last_seq - info.first_seq + 1 < info.chunk_count:
+            problems.append(f"snapshot index: {key} has {info.chunk_count} chunks in {info.first_seq}..{info.last_seq}")
+        if info.log_time_ns > snap.last_log_time_ns:
+            problems.append(f"snapshot index: {key} completed after the last log time")
+    if len(kinds) > SM_SNAPSHOT_KINDS_MAX:
+        problems.append(f"snapshot index: {len(kinds)} kinds exceed {SM_SNAPSHOT_KINDS_MAX}")
+    for key, infos in kinds.items():
+        order = [(i.covered_seq, i.last_seq) for i in infos]
+        if len(infos) > SM_SNAPSHOTS_PER_KIND or order != sorted(set(order), reverse=True):
+            problems.append(f"snapshot index: kind {key} holds {len(infos)} snapshots, not newest first")
+    if len(snap.uploads) > SM_SNAPSHOT_UPLOADS_MAX:
+        problems.append(f"{len(snap.uploads)} snapshot uploads exceed {SM_SNAPSHOT_UPLOADS_MAX}")
+    if len({u.session for u in snap.uploads}) != len(snap.uploads):
+        problems.append("a snapshot session has two uploads")
+    previous_last = 0
+    for u in snap.uploads:
+        if not u.session.startswith(_SNAPSHOT_PREFIX):
+            problems.append(f"upload: session {u.session!r} is not a snapshot session")
+        if not (1 <= u.next_index < u.chunk_count <= protocol.SNAPSHOT_CHUNKS_MAX and 0 <= u.bytes_seen <= u.total_bytes):
+            problems.append(f"upload of {u.session!r}: {u.next_index} of {u.chunk_count} chunks, {u.bytes_seen} of {u.total_bytes} bytes")
+        if not (1 <= u.covered_seq < u.first_seq <= u.last_seq <= last) or u.last_seq - u.first_seq + 1 < u.next_index:
+            problems.append(f"upload of {u.session!r}: covered {u.covered_seq}, chunks {u.first_seq}..{u.last_seq} (last seq {last})")
+        if u.last_seq <= previous_last:
+            problems.append(f"upload of {u.session!r}: uploads are not in the order they were extended")
+        previous_last = u.last_seq
+    return problems
+
+
 __all__ = [
     "ApplyResult",
     "EntryResult",
@@ -333,4 +548,5 @@ __all__ = [
     "Outcome",
     "SequencerMachine",
     "SnapshotError",
+    "SnapshotUpload",
 ]

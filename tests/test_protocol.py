@@ -40,6 +40,9 @@ from sequencer.protocol import (
     Rejected,
     RejectReason,
     Role,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotQuery,
     Status,
     StatusRequest,
     Submit,
@@ -233,6 +236,19 @@ EXAMPLES = [
     Delivered(1, 0, "s", 1, b"payload"),
     Delivered(2**63 - 1, 2**63 - 1, "Z" * limits.SESSION_BYTES_MAX, 2**63 - 1, b"\x00" * limits.PAYLOAD_BYTES_MAX),
     Status("n2", Role.LEADER, "127.0.0.1:7000", 3, 40, 39, 1_700_000_000_000_000_000),
+    SnapshotQuery("refdata"),
+    SnapshotQuery("t" * protocol.SM_TYPE_CHARS_MAX),
+    SnapshotList("refdata", [], 0),
+    SnapshotList(
+        "t" * protocol.SM_TYPE_CHARS_MAX,
+        [
+            SnapshotInfo(
+                "t" * protocol.SM_TYPE_CHARS_MAX, 2**31 - 1, 2**63 - 2, "f" * protocol.SM_DIGEST_CHARS_MAX, "0" * 64, 2**63 - 1,
+                protocol.SNAPSHOT_CHUNKS_MAX, "@snap/" + "s" * (limits.SESSION_BYTES_MAX - 6), 2**63 - 2, 2**63 - 1, 2**63 - 1,
+            )
+        ] * protocol.SNAPSHOT_LIST_MAX,
+        2**63 - 1,
+    ),
 ]
 
 

@@ -1,0 +1,99 @@
+"""What stops a state-machine runner, each naming what and where.
+
+A state machine must never hold a silently wrong state: every input the SDK cannot apply
+exactly as every other replica would — a message type or version it does not know, a body it
+cannot decode, a behaviour version it cannot run, a snapshot whose digest does not match, two
+copies that disagree — raises one of these, and the runner stops before applying it.
+"""
+
+from __future__ import annotations
+
+from sequencer import protocol
+
+
+class StateMachineError(Exception):
+    """Base of the state-machine SDK's errors."""
+
+
+class UnknownMessageType(StateMachineError):
+    """A message in a state machine's namespace whose type this reader does not know."""
+
+    def __init__(self, type_name: str, version: int, seq: int, *, namespace: str) -> None:
+        super().__init__(
+            f"seq {seq}: message type {type_name!r} version {version} is in namespace {namespace!r} "
+            f"but this reader does not know it (a newer writer? upgrade this reader before replaying past seq {seq - 1})"
+        )
+        self.type_name = type_name
+        self.version = version
+        self.seq = seq
+
+
+class UnsupportedMessageVersion(StateMachineError):
+    """A known message type at a schema version this reader cannot read (or upcast)."""
+
+    def __init__(self, type_name: str, version: int, seq: int, *, readable: tuple[int, ...], detail: str = "") -> None:
+        why = detail or f"this reader reads versions {', '.join(map(str, readable))}"
+        super().__init__(f"seq {seq}: message type {type_name!r} version {version} cannot be read: {why}")
+        self.type_name = type_name
+        self.version = version
+        self.seq = seq
+
+
+class MessageDecodeError(StateMachineError):
+    """A message whose envelope or body does not decode as its type and version say."""
+
+    def __init__(self, type_name: str, version: int, seq: int, detail: str) -> None:
+        super().__init__(f"seq {seq}: message type {type_name!r} version {version} does not decode: {detail}")
+        self.type_name = type_name
+        self.version = version
+        self.seq = seq
+
+
+class UnsupportedBehaviourVersion(StateMachineError):
+    """The stream activated a behaviour version this state machine cannot run."""
+
+    def __init__(self, sm_type: str, version: int, *, at_seq: int, activated_by: int, supported: tuple[int, ...]) -> None:
+        super().__init__(
+            f"state machine {sm_type!r}: behaviour version {version}, activated from seq {at_seq} by the message at seq "
+            f"{activated_by}, is not supported by this build (it runs {', '.join(map(str, supported))}); stopped before seq {at_seq}"
+        )
+        self.sm_type = sm_type
+        self.version = version
+        self.at_seq = at_seq
+        self.activated_by = activated_by
+
+
+class ApplyError(StateMachineError):
+    """``StateMachine.apply`` raised: the state may be half changed, so the runner stops."""
+
+    def __init__(self, sm_type: str, type_name: str, seq: int, cause: BaseException) -> None:
+        super().__init__(f"state machine {sm_type!r}: apply of {type_name!r} at seq {seq} raised {cause!r}")
+        self.sm_type = sm_type
+        self.type_name = type_name
+        self.seq = seq
+
+
+class SnapshotVerifyError(StateMachineError):
+    """A snapshot that does not hold what its header says (bytes or digest)."""
+
+    def __init__(self, sm_type: str, covered_seq: int, detail: str, *, where: str = "") -> None:
+        place = f" ({where})" if where else ""
+        super().__init__(f"snapshot of {sm_type!r} covering seq {covered_seq}{place}: {detail}")
+        self.sm_type = sm_type
+        self.covered_seq = covered_seq
+
+
+class SnapshotPublishError(StateMachineError):
+    """A snapshot that was sequenced but did not appear in the cluster's index."""
+
+
+class DivergenceError(StateMachineError):
+    """Two copies of a state machine reported different states after the same message."""
+
+    def __init__(self, divergence: protocol.Divergence) -> None:
+        super().__init__(divergence.describe())
+        self.divergence = divergence
+
+
+class StreamError(StateMachineError):
+    """The stream did not arrive as promised (a gap or a repeat): a bug, never applied."""

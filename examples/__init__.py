@@ -1,0 +1,1 @@
+"""Examples of applications built on raftseq (run them from the repository root)."""
