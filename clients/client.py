@@ -329,6 +329,11 @@ class SequencerClient:
     async def close(self) -> None:
         """Stop. Submits not yet acknowledged fail with ``NotConnected``."""
         self._closed = True
+        if self._link is not None:
+            # First, so that a read in flight ends at once: on Python 3.11 wait_for can swallow
+            # the task's cancellation when its read completes at the same moment, and the task
+            # would then wait for the next frame or its heartbeat timeout.
+            self._link.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -521,7 +526,7 @@ class SequencerClient:
         for frame in link.early:
             self._handle(frame)
         link.early = []
-        while True:
+        while not self._closed:
             data = await asyncio.wait_for(link.reader.read(262144), self.heartbeat_timeout_s)
             if not data:
                 raise ConnectionError("closed by node")
