@@ -6,6 +6,14 @@
   disagree and which replicas hold which digest (exit 1), or that every copy agreed (exit 0).
 * ``raftseq sm snapshots TYPE`` lists the snapshots of TYPE the cluster holds (any node answers
   from its replicated index).
+* ``raftseq sm record --machine MODULE:CLASS --out FILE [--from N] [--to M]`` records a slice of
+  the stream with the reference implementation's digest after each message;
+  ``raftseq sm verify FILE --machine MODULE:CLASS`` replays it through another implementation
+  and reports the first mismatch (exit 1; 2 when the file or the machine is unusable);
+  ``raftseq sm show FILE`` checks a recording and prints its header. These need the
+  state-machine SDK and the user's state machine, so they run ``clients.sm.conformance`` as a
+  child process (same interpreter, same working directory, so ``MODULE`` imports as it would
+  there) and exit with its status.
 
 This module speaks the client protocol itself (``cluster`` does not import ``clients``); the
 formats and the comparison are ``sequencer.protocol``'s, shared with the SDK.
@@ -17,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import os
+import subprocess
 import sys
 import time
 
@@ -230,13 +239,49 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The module that records and verifies (``clients`` is installed with ``cluster``).
+CONFORMANCE_MODULE = "clients.sm.conformance"
+
+
+def conformance_argv(args: argparse.Namespace) -> list[str]:
+    """The child's arguments for ``raftseq sm record|verify|show`` (the same options)."""
+    command = args.sm_command
+    if command == "record":
+        argv = ["record", "--machine", args.machine, "--out", args.out, "--from", str(args.from_seq), "--to", str(args.to_seq)]
+        argv += ["--idle-timeout", str(args.idle_timeout), "--endpoints", args.endpoints, "--token", args.token]
+        argv += [flag for flag, on in (("--all-messages", args.all_messages), ("--no-snapshot", args.no_snapshot), ("--quiet", args.quiet)) if on]
+        return argv
+    if command == "verify":
+        return ["verify", args.file, "--machine", args.machine] + [f for f, on in (("--json", args.json), ("--quiet", args.quiet)) if on]
+    return ["show", args.file]
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", CONFORMANCE_MODULE, *conformance_argv(args)]
+    try:
+        child = subprocess.Popen(command, env=dict(os.environ, RAFTSEQ_CONFORMANCE_PROG="raftseq sm"))
+    except OSError as exc:
+        print(f"raftseq sm {args.sm_command}: cannot start {CONFORMANCE_MODULE}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too (same process group): let it clean up and report.
+        try:
+            return child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            return 130
+
+
 def add_parser(subparsers) -> None:
-    """``raftseq sm check|snapshots``."""
+    """``raftseq sm check|snapshots|record|verify|show``."""
     token_default = os.environ.get("RAFTSEQ_TOKEN", "")
     endpoints_default = os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)
     sm = subparsers.add_parser(
         "sm",
-        help="state machines on the stream: compare checkpoints, list snapshots",
+        help="state machines on the stream: compare checkpoints, list snapshots, record and verify conformance",
         description="Look at the state machines applications run on the stream (clients.sm).",
     )
     ssub = sm.add_subparsers(dest="sm_command", metavar="SUBCOMMAND")
@@ -249,6 +294,12 @@ def add_parser(subparsers) -> None:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+        return value
+
+    def at_least_one(text: str) -> int:
+        value = positive(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
         return value
 
     check = ssub.add_parser(
@@ -278,6 +329,51 @@ def add_parser(subparsers) -> None:
     snaps.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
     snaps.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")
     snaps.set_defaults(func=cmd_snapshots)
+
+    # The options of clients.sm.conformance (cluster does not import clients): keep in step
+    # (tests/test_sm_conformance.py compares them).
+    rec = ssub.add_parser(
+        "record",
+        help="record a slice of the stream with the reference state machine's digest after each message",
+        description="Apply the slice --from..--to of the stream to the reference state machine MODULE:CLASS and write "
+        "each message with the digest of the state after it (a conformance recording). A slice from N > 1 starts "
+        "from the state after N-1 (the newest cluster snapshot at or before it plus a replay, else a replay from 1), "
+        "which the file carries. Exit 0 when written, 1 when the reference stops on the stream or the stream stops, "
+        "2 when the cluster or the machine cannot be used. Runs python -m clients.sm.conformance.",
+    )
+    rec.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the reference implementation, e.g. examples.refdata.machine:ReferenceData")
+    rec.add_argument("--out", required=True, metavar="FILE", help="the recording to write")
+    rec.add_argument("--from", dest="from_seq", type=at_least_one, default=1, metavar="N", help="first sequence number of the slice (default 1)")
+    rec.add_argument("--to", dest="to_seq", type=positive, default=0, metavar="M", help="last one (default 0: the last a node has now)")
+    rec.add_argument("--all-messages", action="store_true", help="keep every message of the slice, not only those that can change the machine")
+    rec.add_argument("--no-snapshot", action="store_true", help="with --from N > 1: replay from 1 instead of starting from a cluster snapshot")
+    rec.add_argument("--idle-timeout", type=float, default=30.0, metavar="S", help="give up after S seconds without a message (default 30)")
+    rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    rec.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)")
+    rec.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
+    rec.set_defaults(func=cmd_conformance)
+
+    ver = ssub.add_parser(
+        "verify",
+        help="replay a conformance recording through an implementation; report the first digest mismatch",
+        description="Replay the recording FILE through the state machine MODULE:CLASS and compare its digest with the "
+        "recorded one after every message. Exit 0 when all match; 1 with the first mismatch (sequence number, "
+        "expected and actual digest, the message's type and version) or the message the implementation cannot "
+        "read; 2 when the file is unreadable or the machine cannot be loaded. Runs python -m clients.sm.conformance.",
+    )
+    ver.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
+    ver.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the implementation under test")
+    ver.add_argument("--json", action="store_true", help="print one JSON object")
+    ver.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ver.set_defaults(func=cmd_conformance)
+
+    show = ssub.add_parser(
+        "show",
+        help="check a conformance recording and print its header",
+        description="Check the recording FILE end to end and print its header and counts as one JSON object (exit 2 when damaged).",
+    )
+    show.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
+    show.set_defaults(func=cmd_conformance)
 
 
 def main(argv: list[str] | None = None) -> int:
