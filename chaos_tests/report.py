@@ -91,8 +91,13 @@ def write_report(directory: str, history_path: str, report: Report, run: dict) -
     return document
 
 
+#: Beyond this many faults (or leader changes) the picture gets a legend instead of a label each.
+FAULT_LABELS_MAX = 40
+
+
 def draw_timeline(timeline: dict, path: str, *, title: str) -> None:
     import matplotlib
+    import matplotlib.patches
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
@@ -112,14 +117,28 @@ def draw_timeline(timeline: dict, path: str, *, title: str) -> None:
     bottom.set_ylabel("invoke → ack, ms")
     bottom.set_xlabel("seconds since the start of the run")
     bottom.legend(loc="upper right")
-    for fault in timeline["faults"]:
-        color = "tab:red" if fault["leader"] else "tab:orange"
+    faults = timeline["faults"]
+    families = sorted({fault["name"] for fault in faults})
+    palette = pyplot.get_cmap("tab10")
+    color_of = {name: palette(i % 10) for i, name in enumerate(families)}
+    label_each = len(faults) <= FAULT_LABELS_MAX
+    for fault in faults:
         for axis in (top, bottom):
-            axis.axvspan(fault["start_s"], max(fault["end_s"], fault["start_s"] + 0.05), color=color, alpha=0.15)
-        top.annotate(fault["name"], (fault["start_s"], 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top", ha="right")
-    for change in timeline["leaders"][1:]:
-        for axis in (top, bottom):
-            axis.axvline(change["at_s"], color="black", linestyle=":", linewidth=0.8)
-        bottom.annotate(f"{change['leader']} t{change['term']}", (change["at_s"], 0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="bottom")
+            axis.axvspan(fault["start_s"], max(fault["end_s"], fault["start_s"] + 0.05), color=color_of[fault["name"]], alpha=0.2 if fault["leader"] else 0.1)
+        if label_each:
+            top.annotate(fault["name"], (fault["start_s"], 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top", ha="right")
+    if not label_each and families:
+        handles = [matplotlib.patches.Patch(color=color_of[name], alpha=0.35, label=name) for name in families]
+        top.legend(handles=handles, loc="upper left", fontsize=7, ncol=min(len(families), 6), title=f"{len(faults)} faults (darker: hit the leader)", title_fontsize=7)
+    changes = timeline["leaders"][1:]
+    for change in changes:
+        if len(changes) <= FAULT_LABELS_MAX:
+            for axis in (top, bottom):
+                axis.axvline(change["at_s"], color="black", linestyle=":", linewidth=0.8)
+            bottom.annotate(f"{change['leader']} t{change['term']}", (change["at_s"], 0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="bottom")
+        else:
+            bottom.axvline(change["at_s"], ymax=0.04, color="black", linewidth=0.8)
+    if len(changes) > FAULT_LABELS_MAX:
+        bottom.annotate(f"ticks at the bottom: {len(changes)} leader changes", (0.01, 0.05), xycoords="axes fraction", fontsize=7)
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
