@@ -1,0 +1,629 @@
+"""``python -m benchmarks`` -- the ``raftseq bench`` command: raftseq's figures side by side with
+its peers, measured in the same run on the same machine.
+
+    python -m benchmarks [WORKLOAD ...] [--vs nats,pysyncobj] [--quick] [--runs N] [--json FILE]
+
+Workloads: ``throughput``, ``latency``, ``failover`` (the default is all three); ``replay``,
+``recovery`` and ``fanout`` are not implemented for raftseq yet: selecting one says so and
+makes the exit status 3 (NATS's replay figure is still measured with ``--vs nats``).
+
+raftseq's figures come from ``bench_cluster.py``'s workload functions (a fresh local
+three-node cluster for each run), the peers' from ``benchmarks/peers/``. The systems take turns
+run by run (raftseq, nats, pysyncobj, raftseq, ...) so that a change in the machine's load hits
+all of them; each figure is the median of ``--runs`` runs (failover: the median and max over
+``--kills`` kills). Each workload ends with a table: absolute figures, raftseq/peer ratios and
+the goals of issue 6. See ``benchmarks/README_peers.md``.
+
+Exit status: 0 when everything selected ran; 1 when a workload or a peer's setup failed (the
+others still run); 2 for bad options; 3 when a selected workload is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+from benchmarks import bench_cluster
+from benchmarks.peers import common
+from benchmarks.peers import nats as nats_peer
+from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
+from benchmarks.peers.common import BenchError, SetupError, load_average
+
+IMPLEMENTED = ("throughput", "latency", "failover")
+NOT_IMPLEMENTED = ("replay", "recovery", "fanout")
+PEERS = ("nats", "pysyncobj")
+PEER_MODULES = {"nats": nats_peer, "pysyncobj": pysyncobj_peer}
+
+# Goals of issue 6 (2-core machine, everything on one box).
+GOAL_THROUGHPUT_PER_S = 200_000
+GOAL_THROUGHPUT_PAYLOAD_BYTES = 100
+GOAL_RATIO = {"nats": 4.0, "pysyncobj": 8.0}
+GOAL_LATENCY_RATE = 2000
+GOAL_LATENCY_P50_MS = 1.0
+GOAL_LATENCY_P99_MS = 3.0
+GOAL_FAILOVER_MEDIAN_S = 0.5
+GOAL_FAILOVER_MAX_S = 1.0
+GOAL_REPLAY_PER_S = 500_000
+
+EXIT_FAILED = 1
+EXIT_NOT_IMPLEMENTED = 3
+
+
+# --- raftseq through bench_cluster --------------------------------------------------------
+
+
+def _raftseq_args(opts: argparse.Namespace, *, payload_bytes: int) -> argparse.Namespace:
+    """bench_cluster's options for one call of one of its workload functions."""
+    parser = bench_cluster.build_parser()
+    argv = [
+        "--runs", "1",
+        "--messages", str(opts.messages),
+        "--batch", str(min(opts.batch, opts.window)),
+        "--processes", str(opts.processes),
+        "--payload-bytes", str(payload_bytes),
+        "--in-flight-max", str(opts.window),
+        "--rates", ",".join(str(r) for r in opts.rates),
+        "--latency-seconds", str(opts.latency_seconds),
+        "--kills", str(opts.kills),
+        "--failover-rate", str(opts.failover_rate),
+        "--run-timeout-s", str(opts.run_timeout_s),
+    ]
+    if opts.insecure:
+        argv.append("--insecure")
+    args = parser.parse_args(argv)
+    bench_cluster.resolve(args, parser)
+    return args
+
+
+def _fresh(root: str, name: str) -> str:
+    """A new directory below `root` (bench_cluster names its cluster directories by workload)."""
+    return tempfile.mkdtemp(prefix=f"{name}-", dir=root)
+
+
+class Raftseq:
+    """raftseq's side, in the shape of the peer modules' workload functions."""
+
+    @staticmethod
+    def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> dict:
+        args = _raftseq_args(opts, payload_bytes=payload_bytes)
+        out = bench_cluster.workload_throughput(args, _fresh(root, "raftseq-tp"))
+        names = {
+            "per_message": "1 client",
+            "batched": "1 client, batched",
+            "processes": f"{opts.processes} processes, batched",
+        }
+        variants = {}
+        for key, v in out["variants"].items():
+            variants[names[key]] = {
+                "messages_per_s": v["messages_per_s"]["median"],
+                "title": v["title"],
+                "cpu_share": v["cpu_share_runs"][0] if v["cpu_share_runs"] else {},
+            }
+        return {"variants": variants}
+
+    @staticmethod
+    def latency(opts: argparse.Namespace, root: str) -> dict:
+        args = _raftseq_args(opts, payload_bytes=opts.payload_bytes)
+        out = bench_cluster.workload_latency(args, _fresh(root, "raftseq-lat"))
+        return {"rates": out["rates"]}
+
+    @staticmethod
+    def failover(opts: argparse.Namespace, root: str) -> dict:
+        args = _raftseq_args(opts, payload_bytes=opts.payload_bytes)
+        return bench_cluster.workload_failover(args, _fresh(root, "raftseq-fo"))
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+class Session:
+    """One ``bench`` run: the systems, the report, the failures, progress output."""
+
+    def __init__(self, opts: argparse.Namespace, root: str) -> None:
+        self.opts = opts
+        self.root = root
+        self.systems = ([] if opts.skip_raftseq else ["raftseq"]) + opts.vs
+        self.failures: dict[str, str] = {}
+        self.started = time.monotonic()
+        self.setup_failed: dict[str, str] = {}
+
+    def side(self, system: str):
+        return Raftseq if system == "raftseq" else PEER_MODULES[system]
+
+    def active(self) -> list[str]:
+        """The systems still to measure (not those whose setup failed)."""
+        return [s for s in self.systems if s not in self.setup_failed]
+
+    def progress(self, text: str) -> None:
+        load = load_average()
+        elapsed = time.monotonic() - self.started
+        print(f"\n== {text}   [+{elapsed:.0f} s, load avg {load[0] if load else '-'}]", flush=True)
+
+    def attempt(self, key: str, function, *args, **kwargs):
+        """Run one measurement; a failure is recorded under `key` and None returned."""
+        system = key.split("/")[1]
+        if system in self.setup_failed:
+            return None
+        try:
+            return function(*args, **kwargs)
+        except SetupError as exc:
+            self.setup_failed[system] = str(exc)
+            self.failures[key] = f"setup: {exc}"
+            print(f"  SETUP FAILED ({system}): {exc}", flush=True)
+        except BenchError as exc:
+            self.failures[key] = str(exc)
+            print(f"  FAILED ({key}): {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one system's crash must not hide the others
+            self.failures[key] = f"{type(exc).__name__}: {exc}"
+            print(f"  CRASHED ({key}): {type(exc).__name__}: {exc}\n{traceback.format_exc()}", flush=True)
+        return None
+
+    # --- throughput ---------------------------------------------------------------------------
+
+    def throughput(self) -> dict:
+        opts = self.opts
+        runs: dict = {p: {s: {} for s in self.systems} for p in opts.payloads}
+        loads: list = []
+        for r in range(opts.runs):
+            for payload in opts.payloads:
+                for system in self.active():
+                    self.progress(f"throughput, {payload}-byte payloads, {system}, run {r + 1} of {opts.runs}")
+                    loads.append(load_average())
+                    out = self.attempt(f"throughput/{system}/{payload}", self.side(system).throughput, opts, self.root, payload_bytes=payload)
+                    if out is None:
+                        continue
+                    for variant, v in out["variants"].items():
+                        runs[payload][system].setdefault(variant, []).append(v)
+                        if system != "raftseq":  # bench_cluster prints its own lines
+                            print(f"    {system} {variant:<24} {v['messages_per_s']:>10,.0f} msg/s  ({v['messages']:,} in {v['seconds']:.2f} s; "
+                                  f"cpu {common.cpu_text(v.get('cpu_share', {}))}){_pysyncobj_notes(v)}", flush=True)
+        result: dict = {"payloads": {}, "load_averages": loads}
+        for payload in opts.payloads:
+            systems = {}
+            for system, variants in runs[payload].items():
+                systems[system] = {}
+                for variant, vs in variants.items():
+                    rates = [v["messages_per_s"] for v in vs]
+                    systems[system][variant] = {**common.spread(rates), "title": vs[0].get("title", ""), "cpu_share_runs": [v.get("cpu_share", {}) for v in vs],
+                                                "run_details": [{k: x for k, x in v.items() if k not in ("title", "cpu_share")} for v in vs]}
+            result["payloads"][str(payload)] = {"systems": systems, **throughput_ratios(systems, payload)}
+        return result
+
+    # --- latency ------------------------------------------------------------------------------
+
+    def latency(self) -> dict:
+        opts = self.opts
+        runs: dict = {s: {str(rate): [] for rate in opts.rates} for s in self.systems}
+        loads: list = []
+        for r in range(opts.runs):
+            for system in self.active():
+                self.progress(f"latency at {', '.join(f'{x:,}' for x in opts.rates)} msg/s, {system}, run {r + 1} of {opts.runs}")
+                loads.append(load_average())
+                out = self.attempt(f"latency/{system}", self.side(system).latency, opts, self.root)
+                if out is None:
+                    continue
+                for rate, v in out["rates"].items():
+                    runs[system][rate].append(v)
+        result: dict = {"rates": {}, "load_averages": loads}
+        for rate in (str(x) for x in opts.rates):
+            systems = {}
+            for system in self.systems:
+                vs = runs[system][rate]
+                if not vs:
+                    continue
+                systems[system] = summarize_latency_runs(vs)
+            result["rates"][rate] = {"systems": systems, **latency_ratios(systems, int(rate))}
+        return result
+
+    # --- failover -----------------------------------------------------------------------------
+
+    def failover(self) -> dict:
+        opts = self.opts
+        systems: dict = {}
+        for system in self.active():
+            self.progress(f"failover, {opts.kills} leader kills under {opts.failover_rate:,} msg/s, {system}")
+            load_before = load_average()
+            out = self.attempt(f"failover/{system}", self.side(system).failover, opts, self.root)
+            if out is None:
+                continue
+            out["load_average_before"] = load_before
+            out["load_average_after"] = load_average()
+            systems[system] = out
+        return {"systems": systems, **failover_ratios(systems)}
+
+    # --- replay (NATS only for now) -----------------------------------------------------------
+
+    def replay(self) -> dict:
+        opts = self.opts
+        systems: dict = {}
+        if "raftseq" in self.systems:
+            print("\n== replay, raftseq: not implemented yet", flush=True)
+        if "nats" in self.active():
+            self.progress(f"replay of {opts.replay_messages:,} messages from the start, nats, {opts.runs} reads")
+            opts.replay_runs = opts.runs
+            out = self.attempt("replay/nats", nats_peer.replay, opts, self.root)
+            if out is not None:
+                out["load_average"] = load_average()
+                systems["nats"] = out
+        return {"systems": systems, "raftseq": "not implemented yet"}
+
+
+def _pysyncobj_notes(v: dict) -> str:
+    """What the plain pysyncobj design did during a throughput run besides its figure."""
+    if "term_changes" not in v:
+        return ""
+    notes = [f"first {min(pysyncobj_peer.FIRST_ACKS, v['messages']):,} acks at {v[f'first_{pysyncobj_peer.FIRST_ACKS}_per_s']:,.0f} msg/s",
+             f"{v['term_changes']} term changes", f"{v['resubmits']:,} resubmits"]
+    if v.get("applied_twice"):
+        notes.append(f"{v['applied_twice']:,} applied twice")
+    if v.get("acked_missing"):
+        notes.append(f"{v['acked_missing']:,} ACKNOWLEDGED MESSAGES LOST")
+    if not v.get("finished", True):
+        notes.append("DID NOT FINISH")
+    return "; " + ", ".join(notes)
+
+
+def summarize_latency_runs(runs: list[dict]) -> dict:
+    """Each percentile's median over the runs that had acks after the warm-up. A system that
+    had none in any run (it fell behind by more than the run) gets None for every percentile."""
+    acked = [v for v in runs if v["latency"]["count"]]
+    out: dict = {"achieved_per_s": statistics.median(v["achieved_per_s"] for v in runs), "runs_without_acks": len(runs) - len(acked),
+                 "runs_detail": [v["latency"] for v in runs]}
+    if not acked:
+        out.update({k: None for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "send_to_ack_p50_ms", "sender_lag_p50_ms")})
+        out.update({"count": 0, "runs": len(runs)})
+        return out
+    out.update(common.median_of_summaries([v["latency"] for v in acked]))
+    out["send_to_ack_p50_ms"] = statistics.median(v["service"]["p50_ms"] for v in acked)
+    out["sender_lag_p50_ms"] = statistics.median(v["sender_lag"]["p50_ms"] for v in acked)
+    return out
+
+
+# --- ratios and goals ---------------------------------------------------------------------
+
+
+def _best(variants: dict) -> tuple[str, float]:
+    if not variants:
+        return "", 0.0
+    name = max(variants, key=lambda k: variants[k]["median"])
+    return name, variants[name]["median"]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def throughput_ratios(systems: dict, payload: int) -> dict:
+    ratios, goals = {}, []
+    raft = systems.get("raftseq", {})
+    raft_name, raft_best = _best(raft)
+    for peer in PEERS:
+        if peer not in systems or not systems[peer] or not raft:
+            continue
+        peer_name, peer_best = _best(systems[peer])
+        ratio = raft_best / peer_best if peer_best else 0.0
+        ratios[f"raftseq best / {peer} best"] = {"ratio": ratio, "raftseq": raft_name, peer: peer_name}
+        same = [v for v in systems[peer] if v in raft]
+        for v in same:
+            ratios[f"raftseq / {peer}, {v}"] = {"ratio": raft[v]["median"] / systems[peer][v]["median"] if systems[peer][v]["median"] else 0.0}
+        if payload == GOAL_THROUGHPUT_PAYLOAD_BYTES:
+            goals.append({"goal": f"raftseq >= {GOAL_RATIO[peer]:.0f}x {peer}", "value": ratio, "met": ratio >= GOAL_RATIO[peer]})
+    if raft and payload == GOAL_THROUGHPUT_PAYLOAD_BYTES:
+        goals.insert(0, {"goal": f"raftseq >= {GOAL_THROUGHPUT_PER_S:,} msg/s", "value": raft_best, "met": raft_best >= GOAL_THROUGHPUT_PER_S})
+    return {"ratios": ratios, "goals": goals}
+
+
+def latency_ratios(systems: dict, rate: int) -> dict:
+    ratios, goals = {}, []
+    raft = systems.get("raftseq")
+    if raft and raft["p50_ms"] is not None:
+        for peer in PEERS:
+            if peer in systems and systems[peer]["p50_ms"]:
+                ratios[f"raftseq / {peer}"] = {q: raft[f"{q}_ms"] / systems[peer][f"{q}_ms"] for q in ("p50", "p99")}
+    if raft and rate == GOAL_LATENCY_RATE:
+        for q, goal in (("p50", GOAL_LATENCY_P50_MS), ("p99", GOAL_LATENCY_P99_MS)):
+            value = raft[f"{q}_ms"]
+            goals.append({"goal": f"raftseq {q} <= {goal:g} ms", "value": value, "met": value is not None and value <= goal})
+    return {"ratios": ratios, "goals": goals}
+
+
+def failover_ratios(systems: dict) -> dict:
+    ratios, goals = {}, []
+    raft = systems.get("raftseq")
+    if raft:
+        for peer in PEERS:
+            if peer in systems:
+                ratios[f"raftseq / {peer}"] = {k: raft["failover_s"][k] / systems[peer]["failover_s"][k] for k in ("median", "max")}
+        goals.append({"goal": f"raftseq failover median <= {GOAL_FAILOVER_MEDIAN_S:g} s", "value": raft["failover_s"]["median"],
+                      "met": raft["failover_s"]["median"] <= GOAL_FAILOVER_MEDIAN_S})
+        goals.append({"goal": f"raftseq failover max <= {GOAL_FAILOVER_MAX_S:g} s", "value": raft["failover_s"]["max"],
+                      "met": raft["failover_s"]["max"] <= GOAL_FAILOVER_MAX_S})
+    return {"ratios": ratios, "goals": goals}
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _goal_lines(goals: list[dict], fmt) -> list[str]:
+    return [f"  goal  {g['goal']:<36} {fmt(g['value']) if g['value'] is not None else '-':>12}   {_met(g['met'])}" for g in goals]
+
+
+def print_throughput(result: dict, runs: int) -> None:
+    for payload, p in result["payloads"].items():
+        print(f"\nthroughput, {payload}-byte payloads: acknowledged messages/s, median of {runs} run(s) (min - max)")
+        print(f"  {'system':<10} {'variant':<24} {'msg/s':>10}   {'min - max':<21}  how")
+        for system, variants in p["systems"].items():
+            for variant, v in variants.items():
+                print(f"  {system:<10} {variant:<24} {v['median']:>10,.0f}   {v['min']:>9,.0f} - {v['max']:<9,.0f}  {v['title']}")
+        for k, detail in enumerate(p["systems"].get("pysyncobj", {}).get("1 client", {}).get("run_details", [])):
+            print(f"  pysyncobj run {k + 1}: {detail['messages_per_s']:,.0f} msg/s{_pysyncobj_notes(detail)}")
+        for name, r in p["ratios"].items():
+            print(f"  ratio {name:<36} {r['ratio']:>11.2f}x")
+        for line in _goal_lines(p["goals"], lambda x: f"{x:,.2f}x" if x < 1000 else f"{x:,.0f}"):
+            print(line)
+    loads = [x[0] for x in result["load_averages"] if x]
+    if loads:
+        print(f"  load avg (1 min) at the start of each measurement: {min(loads):.2f} - {max(loads):.2f}")
+
+
+def print_latency(result: dict, runs: int) -> None:
+    print(f"\nlatency from the intended send time to the ack, ms, median of {runs} run(s) per percentile")
+    print(f"  {'rate':>7} {'system':<10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>9}  {'achieved/s':>10}  {'send->ack p50':>13}")
+    for rate, r in result["rates"].items():
+        for system, s in r["systems"].items():
+            if s["p50_ms"] is None:
+                print(f"  {int(rate):>7,} {system:<10} no acks after the warm-up in any run (fell behind by more than the run)   "
+                      f"{s['achieved_per_s']:>10,.0f}")
+                continue
+            print(f"  {int(rate):>7,} {system:<10} {s['p50_ms']:>8.2f} {s['p90_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['max_ms']:>9.2f}  "
+                  f"{s['achieved_per_s']:>10,.0f}  {s['send_to_ack_p50_ms']:>13.2f}"
+                  + (f"  ({s['runs_without_acks']} run(s) without acks left out)" if s.get("runs_without_acks") else ""))
+        for name, q in r["ratios"].items():
+            print(f"  {'':>7} ratio {name:<20} p50 {q['p50']:.2f}x  p99 {q['p99']:.2f}x  (lower is better)")
+        for line in _goal_lines(r["goals"], lambda x: f"{x:.2f} ms"):
+            print(line)
+    loads = [x[0] for x in result["load_averages"] if x]
+    if loads:
+        print(f"  load avg (1 min) at the start of each measurement: {min(loads):.2f} - {max(loads):.2f}")
+
+
+def print_failover(result: dict, kills: int) -> None:
+    print(f"\nfailover: SIGKILL of the leader under steady load, {kills} kills; seconds")
+    print(f"  {'system':<10} {'failover median':>15} {'max':>7} {'ack gap median':>15} {'max':>7}   load avg before -> after")
+    for system, s in result["systems"].items():
+        print(f"  {system:<10} {s['failover_s']['median']:>15.3f} {s['failover_s']['max']:>7.3f} {s['ack_gap_s']['median']:>15.3f} "
+              f"{s['ack_gap_s']['max']:>7.3f}   {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}")
+    for name, r in result["ratios"].items():
+        print(f"  ratio {name:<20} median {r['median']:.2f}x  max {r['max']:.2f}x  (lower is better)")
+    for line in _goal_lines(result["goals"], lambda x: f"{x:.3f} s"):
+        print(line)
+    p = result["systems"].get("pysyncobj")
+    if p:
+        print(f"  pysyncobj: {p['resubmits']:,} resubmits after failed calls, {p['applied_twice']} messages applied twice, "
+              f"{p['acked_missing']} acknowledged messages missing, {p['call_timeouts']} calls unanswered after "
+              f"{pysyncobj_peer.CALL_TIMEOUT_S:g} s, {p['never_acknowledged']} never acknowledged")
+    n = result["systems"].get("nats")
+    if n:
+        print(f"  nats: {n['resubmits']:,} resubmits (same Nats-Msg-Id), {n['duplicate_acks']} acks flagged duplicate; "
+              f"stream holds {n['stream_messages']:,} messages for {n['submitted']:,} distinct publishes")
+
+
+def print_replay(result: dict, opts: argparse.Namespace) -> None:
+    print("\nreplay: messages/s delivered to one reader from the start of the stream")
+    print("  raftseq    not implemented yet")
+    n = result["systems"].get("nats")
+    if n:
+        print(f"  nats       {n['messages_per_s']:>10,.0f} msg/s  (ordered push consumer on a follower, {n['messages']:,} messages, "
+              f"median of {len(n['runs'])} reads; load avg {n['load_average'][:1]})   raftseq goal >= {GOAL_REPLAY_PER_S:,}")
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _peers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    return list(dict.fromkeys(names))
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raftseq bench",
+        description="raftseq's throughput, latency and failover on a local three-node cluster, side by side with NATS JetStream "
+        "(3 replicas) and plain pysyncobj measured in the same run. Prints a table per workload with raftseq/peer ratios "
+        "and the goals of issue 6. See benchmarks/README_peers.md.",
+    )
+    add = parser.add_argument
+    add("workloads", nargs="*", metavar="WORKLOAD",
+        help=f"what to measure: {', '.join(IMPLEMENTED)} (default: these three); {', '.join(NOT_IMPLEMENTED)} are not implemented "
+        "for raftseq yet (exit status 3)")
+    add("--vs", type=_peers, default=[], metavar="PEERS",
+        help="peers to measure in the same run, comma-separated: nats, pysyncobj (default: none, raftseq only)")
+    add("--skip-raftseq", action="store_true", help="measure only the peers (for checking a peer's setup)")
+    add("--quick", action="store_true",
+        help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills; the figures mean little")
+    add("--runs", type=_positive(int), default=None, help="runs of each throughput and latency measurement; figures are medians (default 3; --quick 1)")
+    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
+    add("--messages", type=_positive(int), default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
+    add("--payloads", type=_int_list, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
+    add("--payload-bytes", type=_positive(int), default=100, help="payload size of the latency and failover workloads (default 100)")
+    add("--processes", type=_positive(int), default=4, help="client processes of the multi-process throughput variants (default 4)")
+    add("--window", type=_positive(int), default=10_000,
+        help="messages in flight per client: raftseq's in_flight_max (its client's default) and pysyncobj's callbacks outstanding (default 10,000)")
+    add("--nats-window", type=_positive(int), default=nats_peer.NATS_WINDOW_DEFAULT,
+        help=f"NATS's publish_async_max_pending, publishes awaiting their ack per client (default {nats_peer.NATS_WINDOW_DEFAULT:,}: "
+        "nats-py's default, which did at least as well as 10,000 here)")
+    add("--batch", type=_positive(int), default=bench_cluster.BATCH_SIZE_DEFAULT,
+        help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})")
+    add("--rates", type=_int_list, default=None, help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)")
+    add("--latency-seconds", type=_positive(float), default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
+    add("--kills", type=_positive(int), default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
+    add("--failover-rate", type=_positive(int), default=2000, help="offered rate during the kills, msg/s (default 2000)")
+    add("--nats-kill", choices=["stream", "meta"], default="stream", help="which NATS leader the failover workload kills (default: the stream leader)")
+    add("--replay-messages", type=_positive(int), default=None, help="messages in NATS's replayed stream (default 200,000; --quick 5,000)")
+    add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
+    add("--run-timeout-s", type=_positive(float), default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
+    add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
+    return parser
+
+
+def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    quick = opts.quick
+    unknown = [w for w in opts.workloads if w not in IMPLEMENTED + NOT_IMPLEMENTED]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(IMPLEMENTED + NOT_IMPLEMENTED)}")
+    opts.workloads = list(dict.fromkeys(opts.workloads)) or list(IMPLEMENTED)
+    if opts.skip_raftseq and not opts.vs:
+        parser.error("--skip-raftseq needs --vs")
+    opts.runs = opts.runs or (1 if quick else 3)
+    opts.messages = opts.messages or (5_000 if quick else 200_000)
+    opts.payloads = opts.payloads or ([100] if quick else [100, 1024])
+    opts.rates = opts.rates or ([1000, 2000] if quick else [1000, 2000, 10000, 50000])
+    opts.latency_seconds = opts.latency_seconds or (1.0 if quick else 10.0)
+    opts.kills = opts.kills or (2 if quick else 10)
+    opts.replay_messages = opts.replay_messages or (5_000 if quick else 200_000)
+    opts.replay_runs = opts.runs
+    if any(p > 65536 for p in opts.payloads) or opts.payload_bytes > 65536:
+        parser.error("payloads must be at most 65536 bytes")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally that stops the servers
+
+
+def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
+    session = Session(opts, root)
+    facts = bench_cluster.machine_facts()
+    code = bench_cluster.code_under_test()
+    print("raftseq bench")
+    print(f"code      {code['repo_dir']} ({code['git_commit'] or 'no git'}{', with uncommitted changes' if code['dirty'] else ''})")
+    print(f"machine   nproc {facts['nproc']}, {facts['cpu_model']}, {facts['python']}")
+    print(f"          other raftseq node processes running: {bench_cluster.other_raftseq_nodes(set())}")
+    load_start = bench_cluster.print_load("at start")
+    print(f"systems   {', '.join(session.systems)}; workloads {', '.join(opts.workloads)}; {opts.runs} run(s)"
+          + ("; QUICK: the figures mean little" if opts.quick else ""), flush=True)
+    pending = [w for w in opts.workloads if w in NOT_IMPLEMENTED]
+    for w in pending:
+        print(f"NOT IMPLEMENTED YET: {w} (raftseq's side); the exit status will be {EXIT_NOT_IMPLEMENTED}", flush=True)
+    report: dict = {
+        "benchmark": "raftseq bench",
+        "code": code,
+        "machine": facts,
+        "load_average_start": load_start,
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("json",)},
+        "systems": session.systems,
+        "peers_setup": {},
+        "workloads": {},
+        "failures": session.failures,
+        "not_implemented": pending,
+    }
+    if "nats" in session.systems:
+        try:
+            report["peers_setup"]["nats"] = nats_peer.ensure_setup()
+            print(f"nats      {report['peers_setup']['nats']}", flush=True)
+        except SetupError as exc:
+            session.setup_failed["nats"] = str(exc)
+            session.failures["setup/nats"] = str(exc)
+            print(f"SETUP FAILED (nats): {exc}", flush=True)
+    if "pysyncobj" in session.systems:
+        import pysyncobj
+
+        report["peers_setup"]["pysyncobj"] = {"version": getattr(pysyncobj, "__version__", "") or _dist_version("pysyncobj"),
+                                              "password": not opts.insecure, "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password")}
+    for name in opts.workloads:
+        if name == "throughput":
+            report["workloads"][name] = session.throughput()
+            print_throughput(report["workloads"][name], opts.runs)
+        elif name == "latency":
+            report["workloads"][name] = session.latency()
+            print_latency(report["workloads"][name], opts.runs)
+        elif name == "failover":
+            report["workloads"][name] = session.failover()
+            print_failover(report["workloads"][name], opts.kills)
+        elif name == "replay":
+            report["workloads"][name] = session.replay()
+            print_replay(report["workloads"][name], opts)
+        else:
+            print(f"\n{name}: not implemented yet", flush=True)
+            report["workloads"][name] = {"raftseq": "not implemented yet"}
+    print()
+    report["load_average_end"] = bench_cluster.print_load("at end")
+    report["wall_s"] = round(time.monotonic() - session.started, 1)
+    if session.failures:
+        print("FAILED    " + "\n          ".join(f"{k}: {v.splitlines()[0] if v else ''}" for k, v in session.failures.items()))
+    if pending:
+        print(f"NOT IMPLEMENTED YET: {', '.join(pending)}")
+    status = EXIT_FAILED if session.failures else EXIT_NOT_IMPLEMENTED if pending else 0
+    return report, status
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    resolve(opts, parser)
+    signal.signal(signal.SIGTERM, _terminate)
+    # Interruptible even when started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=opts.dir or None)
+    try:
+        report, status = run(opts, root)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every server stopped", file=sys.stderr)
+        return 130
+    except SystemExit:
+        print("\nterminated: every server stopped", file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+        print(f"report    {opts.json}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
