@@ -386,7 +386,7 @@ def print_latency(result: dict, runs: int) -> None:
                   f"{s['achieved_per_s']:>10,.0f}  {s['send_to_ack_p50_ms']:>13.2f}"
                   + (f"  ({s['runs_without_acks']} run(s) without acks left out)" if s.get("runs_without_acks") else ""))
         for name, q in r["ratios"].items():
-            print(f"  {'':>7} ratio {name:<20} p50 {q['p50']:.2f}x  p99 {q['p99']:.2f}x  (lower is better)")
+            print(f"  {'':>7} ratio {name:<20} p50 {q['p50']:.3g}x  p99 {q['p99']:.3g}x  (lower is better)")
         for line in _goal_lines(r["goals"], lambda x: f"{x:.2f} ms"):
             print(line)
     loads = [x[0] for x in result["load_averages"] if x]
@@ -401,7 +401,7 @@ def print_failover(result: dict, kills: int) -> None:
         print(f"  {system:<10} {s['failover_s']['median']:>15.3f} {s['failover_s']['max']:>7.3f} {s['ack_gap_s']['median']:>15.3f} "
               f"{s['ack_gap_s']['max']:>7.3f}   {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}")
     for name, r in result["ratios"].items():
-        print(f"  ratio {name:<20} median {r['median']:.2f}x  max {r['max']:.2f}x  (lower is better)")
+        print(f"  ratio {name:<20} median {r['median']:.3g}x  max {r['max']:.3g}x  (lower is better)")
     for line in _goal_lines(result["goals"], lambda x: f"{x:.3f} s"):
         print(line)
     p = result["systems"].get("pysyncobj")
