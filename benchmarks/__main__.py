@@ -537,7 +537,11 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
           + ("; QUICK: the figures mean little" if opts.quick else ""), flush=True)
     pending = [w for w in opts.workloads if w in NOT_IMPLEMENTED]
     for w in pending:
-        print(f"NOT IMPLEMENTED YET: {w} (raftseq's side); the exit status will be {EXIT_NOT_IMPLEMENTED}", flush=True)
+        print(
+            f"NOT IMPLEMENTED YET: {w} (raftseq's side) in this command; the exit status will be {EXIT_NOT_IMPLEMENTED}. "
+            f"raftseq's {w} figure: python benchmarks/bench_stream.py --workload {w}",
+            flush=True,
+        )
     report: dict = {
         "benchmark": "raftseq bench",
         "code": code,
