@@ -103,9 +103,13 @@ class ApplyResult(msgspec.Struct, frozen=True, gc=False):
         """One ``EntryResult`` per entry of the batch."""
         if self.outcomes is not None:
             return self.outcomes
-        first = self.first_seq
-        sequenced = Outcome.SEQUENCED
-        return [EntryResult(e.session, e.client_seq, sequenced, first + i) for i, e in enumerate(self.entries)]
+        return _all_sequenced(self.entries, self.first_seq)
+
+
+def _all_sequenced(entries: list[protocol.Entry], first_seq: int) -> list[EntryResult]:
+    """The results of `entries` when each was new: entry i got ``first_seq + i``."""
+    sequenced = Outcome.SEQUENCED
+    return [EntryResult(e.session, e.client_seq, sequenced, first_seq + i) for i, e in enumerate(entries)]
 
 
 class _Session:
@@ -315,7 +319,7 @@ class SequencerMachine:
                     )
             if outcomes is None:
                 # Every entry before this one was new and numbered in order.
-                outcomes = [EntryResult(e.session, e.client_seq, sequenced, first_seq + i) for i, e in enumerate(entries[:index])]
+                outcomes = _all_sequenced(entries[:index], first_seq)
             outcomes.append(refusal)
         blob = b"".join(records)
         if records:
