@@ -131,22 +131,21 @@ def _kill_follower(ctx: Context) -> None:
     ctx.converge()
 
 
-def _kill_two(ctx: Context) -> None:
-    fault = ctx.nemesis.kill_two()
-    ctx.hold(0.5, 1.5)
+def _kill_majority(ctx: Context, fault, hold_s: tuple[float, float]) -> None:
+    """A majority is down: no acknowledgement until it is restarted, then they must resume."""
+    ctx.hold(*hold_s)
     ctx.nemesis.end(fault)
-    took = ctx.acks_resume("after two nodes came back")
+    took = ctx.acks_resume(f"after {fault.details['nodes']} were killed and restarted")
     ctx.say(f"    {fault.details['nodes']} killed and restarted; acknowledgements again after {took:.2f} s")
     ctx.converge()
 
 
+def _kill_two(ctx: Context) -> None:
+    _kill_majority(ctx, ctx.nemesis.kill_two(), (0.5, 1.5))
+
+
 def _kill_all(ctx: Context) -> None:
-    fault = ctx.nemesis.kill_all()
-    ctx.hold(0.2, 1.0)
-    ctx.nemesis.end(fault)
-    took = ctx.acks_resume("after every node was killed and restarted")
-    ctx.say(f"    all three killed and restarted; acknowledgements again after {took:.2f} s")
-    ctx.converge()
+    _kill_majority(ctx, ctx.nemesis.kill_all(), (0.2, 1.0))
 
 
 def _rolling_restart(ctx: Context) -> None:
