@@ -4,9 +4,8 @@ Natural batching: a batch is proposed as soon as no batch is in flight, or when 
 waiting and fewer than ``in_flight_max`` are in flight. Under light load a batch holds one
 message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 
-Runs on the asyncio loop. pysyncobj reports a commit on its own thread; the report is handed
-to the loop with ``call_soon_threadsafe``: at most ``in_flight_max`` reports can be pending,
-so the hand-off is bounded by construction.
+Runs on the asyncio loop, as does pysyncobj (``cluster.raft_loop``): a commit is reported from
+inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
 """
 
 from __future__ import annotations
@@ -78,6 +77,7 @@ class Batcher:
         self.batches_unknown = 0
         self.entries_proposed = 0
         self._timeout_handle: asyncio.TimerHandle | None = None
+        self._proposing = False
         #: Called with each acknowledged submit's queue-to-commit time, in seconds.
         self.latency_observer: Callable[[float], None] | None = None
 
@@ -141,14 +141,19 @@ class Batcher:
         self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s)
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
-        loop = self._loop
+        committed = self._committed
 
-        def on_commit(result: object, error: int) -> None:  # pysyncobj's thread
-            loop.call_soon_threadsafe(self._committed, batch_id, result, error)
+        def on_commit(result: object, error: int) -> None:  # inside a Raft tick, on the loop
+            assert not self._proposing, "a commit reported before its propose call returned"
+            committed(batch_id, result, error)
 
-        self._propose(data, on_commit)
+        self._proposing = True
+        try:
+            self._propose(data, on_commit)
+        finally:
+            self._proposing = False
         if self._timeout_handle is None:
-            self._timeout_handle = loop.call_later(config.commit_timeout_s, self._expire)
+            self._timeout_handle = self._loop.call_later(config.commit_timeout_s, self._expire)
 
     def _committed(self, batch_id: int, result: object, error: int) -> None:
         entry = self._in_flight.pop(batch_id, None)

@@ -103,4 +103,4 @@ class CatchUp:
                 node.metrics.verify_failures["catchup"] += 1
                 raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1
-        node._publish()
+        node.wake_subscribers()

@@ -57,6 +57,10 @@ class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_compaction_min_time_s: float = 300.0
     commands_queue_size: int = 1000
     tick_period_s: float = 0.005
+    #: After a commit the leader waits this long for a new batch to carry the commit index to
+    #: the followers before it sends an AppendEntries for the commit alone (0: at once). The
+    #: wait delays only the followers' apply (their subscribers), never an acknowledgement.
+    commit_notify_delay_s: float = 0.001
 
 
 class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -184,6 +188,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found.extend(f"{name} must be > 0, got {value}" for name, value in positive if not value > 0)
         if not 0.05 <= r.election_timeout_min_s < r.election_timeout_max_s <= 60:
             found.append("raft election timeouts must satisfy 0.05 <= min < max <= 60")
+        if not 0 <= r.commit_notify_delay_s <= r.append_entries_period_s:
+            found.append("raft.commit_notify_delay_s must be 0..raft.append_entries_period_s")
         if r.append_entries_batch_bytes < 16 * limits.KIB:
             found.append("raft.append_entries_batch_bytes must be at least 16384")
         b = self.batcher

@@ -1,4 +1,4 @@
-"""The cipher of the Raft links: AES-256-GCM keyed from the Raft password, in place of Fernet.
+"""The Raft links: AES-256-GCM keyed from the Raft password in place of Fernet, and no zlib.
 
 pysyncobj protects its links with the cluster password through an *encryptor* object (it calls
 ``encrypt_at_time``, ``extract_timestamp`` and ``decrypt``), which it builds with Fernet:
@@ -13,10 +13,16 @@ timestamp older than the last one on the connection, and binds each connection t
 exchanged inside the first encrypted messages). A message that fails authentication raises,
 and pysyncobj drops the connection.
 
+pysyncobj also compresses every message with ``zlib`` (level 3). Measured here, that cost 40 µs
+for a one-entry AppendEntries (310 bytes, saving 35) and 13 µs for its 92-byte reply, on every
+message of every Raft round; and 880 µs for a 60 KB batch of incompressible payloads, once per
+follower. Batches are compact msgpack already: ``install()`` sends messages uncompressed.
+
 Wire format of one message: ``version (1 byte) | timestamp (u64 big-endian) | nonce (12
 random bytes) | ciphertext and 16-byte tag``; version and timestamp are authenticated as
-associated data. Nodes of this format cannot talk to nodes using Fernet: every node of a
-cluster runs the same raftseq version.
+associated data. Version 2 carries uncompressed pickles (version 1 carried zlib). Nodes of this
+format cannot talk to nodes using Fernet or version 1: every node of a cluster runs the same
+raftseq version.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import os
 import struct
 
 import pysyncobj.syncobj
+import pysyncobj.tcp_connection
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct(">BQ")
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -72,7 +79,22 @@ class LinkCipher:
         return self._aead.decrypt(nonce, data[_HEADER.size + _NONCE_BYTES :], header)
 
 
+class _Uncompressed:
+    """Stands in for the ``zlib`` module in pysyncobj's connection code."""
+
+    @staticmethod
+    def compress(data: bytes, level: int = -1) -> bytes:
+        return data
+
+    @staticmethod
+    def decompress(data: bytes) -> bytes:
+        return data
+
+
 def install() -> None:
-    """Make pysyncobj (this process) build a ``LinkCipher`` from the password."""
+    """Make pysyncobj (this process) build a ``LinkCipher`` from the password, and send its
+    messages without zlib."""
     assert hasattr(pysyncobj.syncobj, "getEncryptor"), "pysyncobj no longer builds its encryptor through getEncryptor"
     pysyncobj.syncobj.getEncryptor = LinkCipher
+    assert pysyncobj.tcp_connection.zlib.__name__ in ("zlib", "_Uncompressed"), "pysyncobj's links no longer use zlib"
+    pysyncobj.tcp_connection.zlib = _Uncompressed

@@ -1,9 +1,8 @@
 """One raftseq node: journal, state machine, Raft replica, batcher, gateway and metrics.
 
-Threads: the asyncio loop (gateway, batcher, subscriptions) and pysyncobj's tick thread (Raft,
-``apply``). The tick thread hands results to the loop with ``call_soon_threadsafe`` — per
-proposed batch for the batcher (bounded by ``in_flight_max``), and one coalesced "published"
-wake-up at a time for subscribers.
+Everything runs on one asyncio loop: gateway, batcher, subscriptions, and pysyncobj with the
+state machine and the journal (``cluster.raft_loop``). An applied batch wakes the waiting
+subscribers directly.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 
 from cluster.batcher import Batcher
@@ -84,8 +82,6 @@ class Node:
         self.gateway: Gateway | None = None
         self.catchup: CatchUp | None = None
         self._readable_event: asyncio.Event | None = None
-        self._notify_pending = False
-        self._notify_lock = threading.Lock()
         self._waiters = 0  # subscriptions inside wait_readable
 
     # --- queries used by the gateway and metrics -------------------------------------------
@@ -116,7 +112,7 @@ class Node:
             return {}
         try:
             return self.replica.getStatus()
-        except Exception:  # noqa: BLE001 - read from another thread; best effort for display
+        except Exception:  # noqa: BLE001 - best effort for display
             return {}
 
     def status(self) -> protocol.Status:
@@ -137,8 +133,6 @@ class Node:
 
     async def wait_readable(self, seq: int) -> None:
         """Return once ``readable_seq >= seq`` (or after a heartbeat interval, to re-check)."""
-        # Counted before the journal is read: the apply thread appends first and looks at the
-        # count second, so either this read sees its records or it sees a waiter and wakes it.
         self._waiters += 1
         try:
             while True:
@@ -153,34 +147,24 @@ class Node:
         finally:
             self._waiters -= 1
 
-    # --- the tick thread's side -------------------------------------------------------------
+    # --- Raft's side ----------------------------------------------------------------------
 
     def _applied(self, result: ApplyResult) -> None:
-        """Called on pysyncobj's thread after each applied batch."""
+        """Called inside a Raft tick after each applied batch."""
         m = self.metrics
         m.batches_applied += 1
         if result.first_seq:
             count = result.last_seq - result.first_seq + 1
             m.messages_sequenced += count
             m.batch_size.observe(result.entry_count)
-        self._wake_subscribers()
+        self.wake_subscribers()
 
-    def _wake_subscribers(self) -> None:
+    def wake_subscribers(self) -> None:
+        """New records are readable (applied, or fetched into a hole): wake the waiting
+        subscriptions."""
+        self.readable_seq = self.journal.contiguous_last_seq
         if not self._waiters:
             return  # nobody waits; a subscriber reads the journal's position before it waits
-        with self._notify_lock:
-            if self._notify_pending or self.loop is None:
-                return
-            self._notify_pending = True
-        try:
-            self.loop.call_soon_threadsafe(self._publish)
-        except RuntimeError:  # loop closed: shutting down
-            pass
-
-    def _publish(self) -> None:
-        with self._notify_lock:
-            self._notify_pending = False
-        self.readable_seq = self.journal.contiguous_last_seq
         event = self._readable_event
         self._readable_event = asyncio.Event()
         event.set()
@@ -199,8 +183,9 @@ class Node:
             self.replica = SequencerReplica(
                 self.config,
                 self.core,
+                loop=loop,
                 on_applied=self._applied,
-                on_restored=self._wake_subscribers,
+                on_restored=self.wake_subscribers,
                 votes_blocked_s=self.votes_blocked_s,
             )
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log

@@ -60,7 +60,7 @@ if PYSYNCOBJ_VERSION != CORRECTED_VERSION:
         "Re-check the log replication corrections in cluster/raft_fix.py against the new version."
     )
 
-_LEADER = 2  # pysyncobj's _RAFT_STATE.LEADER
+LEADER = 2  # pysyncobj's _RAFT_STATE.LEADER
 _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
 _original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
@@ -70,7 +70,7 @@ _CANDIDATE = 1
 PRE_VOTE = "raftseq_pre_vote"
 PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
 
-assert pysyncobj.syncobj._RAFT_STATE.LEADER == _LEADER
+assert pysyncobj.syncobj._RAFT_STATE.LEADER == LEADER
 assert (pysyncobj.syncobj._RAFT_STATE.FOLLOWER, pysyncobj.syncobj._RAFT_STATE.CANDIDATE) == (_FOLLOWER, _CANDIDATE)
 
 
@@ -156,7 +156,7 @@ class CorrectedSyncObj(SyncObj):
         )
         # A live leader's heartbeats come every appendEntriesPeriod (0.05 s here); silence for
         # half the minimum election timeout means this node no longer hears one either.
-        heard_leader = self._SyncObj__raftState == _LEADER or (
+        heard_leader = self._SyncObj__raftState == LEADER or (
             _now() - self._raftseq_leader_contact < self._SyncObj__conf.raftMinTimeout / 2
         )
         votes_blocked = self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until
@@ -180,7 +180,7 @@ class CorrectedSyncObj(SyncObj):
                 return self._raftseq_on_snapshot_chunk(node, message)
             if "transmission" not in message:
                 return self._raftseq_on_append_entries(node, message)
-        if kind == "next_node_idx" and self._SyncObj__raftState == _LEADER:
+        if kind == "next_node_idx" and self._SyncObj__raftState == LEADER:
             before = self._SyncObj__raftNextIndex.get(node)
             _original_on_message(self, node, message)
             after = self._SyncObj__raftNextIndex.get(node)
@@ -255,7 +255,7 @@ class CorrectedSyncObj(SyncObj):
         started = pysyncobj.syncobj.monotonicTime()
         result = _original_apply_log_entries(self)
         now = pysyncobj.syncobj.monotonicTime()
-        if now - started > self._SyncObj__conf.raftMinTimeout / 2 and self._SyncObj__raftState != _LEADER:
+        if now - started > self._SyncObj__conf.raftMinTimeout / 2 and self._SyncObj__raftState != LEADER:
             fresh = now + self._SyncObj__generateRaftTimeout()
             if fresh > self._SyncObj__raftElectionDeadline:
                 self._SyncObj__raftElectionDeadline = fresh

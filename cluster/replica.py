@@ -9,8 +9,11 @@ is logged and the process exits, so that the node restarts and recovers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import queue
+import struct
 import sys
 import threading
 import time
@@ -18,12 +21,13 @@ from collections.abc import Callable
 
 import msgspec
 import pysyncobj.pickle
-from pysyncobj import SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
 from cluster import link_cipher
 from cluster.config import NodeConfig
-from cluster.raft_fix import CorrectedSyncObj
+from cluster.raft_loop import LoopPoller
+from cluster.raft_fix import LEADER, CorrectedSyncObj
 from sequencer.core import SequencerCore
 from sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -67,10 +71,11 @@ def fail_stop(message: str, *args: object) -> None:
 
 
 class SequencerReplica(CorrectedSyncObj):
-    """A Raft member whose replicated state is a ``SequencerCore``.
+    """A Raft member whose replicated state is a ``SequencerCore``, driven by ``loop``
+    (``cluster.raft_loop``): construct it, use it and destroy it on the loop's thread.
 
-    ``on_applied(result)`` is called on pysyncobj's thread after every applied batch, with the
-    journal already holding its records.
+    ``on_applied(result)`` is called after every applied batch, with the journal already
+    holding its records.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class SequencerReplica(CorrectedSyncObj):
         config: NodeConfig,
         core: SequencerCore,
         *,
+        loop: asyncio.AbstractEventLoop,
         on_applied: Callable[[ApplyResult], None],
         on_role_changed: Callable[[str], None] | None = None,
         on_restored: Callable[[], None] | None = None,
@@ -91,7 +97,15 @@ class SequencerReplica(CorrectedSyncObj):
         self._on_applied = on_applied
         self._on_role_changed = on_role_changed
         self._on_restored = on_restored
-        self.apply_lock = threading.Lock()  # apply vs. snapshot restore, both on the tick thread
+        self.apply_lock = threading.Lock()  # apply vs. snapshot restore and journal fsync
+        self._loop = loop
+        self._poller = LoopPoller(loop)
+        self._ticking = False
+        self._tick_scheduled = False
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self.ticks_failed = 0
+        self._commit_notify: asyncio.TimerHandle | None = None
+        self._commit_index_sent = 0
         os.makedirs(config.raft_dir, exist_ok=True)
         r = config.raft
         conf = SyncObjConf(
@@ -112,6 +126,8 @@ class SequencerReplica(CorrectedSyncObj):
             logCompactionMinEntries=r.log_compaction_min_entries,
             logCompactionMinTime=r.log_compaction_min_time_s,
             commandsQueueSize=r.commands_queue_size,
+            autoTick=False,
+            pollerType=self._poller,
             autoTickPeriod=r.tick_period_s,
             dynamicMembershipChange=False,
             onStateChanged=self._state_changed,
@@ -120,6 +136,79 @@ class SequencerReplica(CorrectedSyncObj):
         self._handover_requested = False
         super().__init__(config.raft_address, [p.raft_address for p in config.peers], conf)
         self.addOnTickCallback(self._hand_over_if_asked)
+        self._poller.after_event = self._tick_now
+        self._tick_timer = loop.call_soon(self._timer_tick)
+
+    # --- driving pysyncobj from the loop (cluster.raft_loop) -------------------------------
+
+    def _tick_now(self) -> None:
+        """One pysyncobj tick: commit index, apply, AppendEntries, queued proposals."""
+        assert not self._ticking, "a Raft tick started inside another"
+        self._ticking = True
+        try:
+            self._onTick(0.0)
+        except Exception:  # noqa: BLE001 - as pysyncobj's own tick thread: log and go on
+            self.ticks_failed += 1
+            log.exception("Raft tick failed")
+        finally:
+            self._ticking = False
+
+    def _tick_soon(self) -> None:
+        if not self._tick_scheduled:
+            self._tick_scheduled = True
+            self._loop.call_soon(self._scheduled_tick)
+
+    def _scheduled_tick(self) -> None:
+        self._tick_scheduled = False
+        self._tick_now()
+
+    def _timer_tick(self) -> None:
+        self._tick_now()
+        self._tick_timer = self._loop.call_later(self.node_config.raft.tick_period_s, self._timer_tick)
+
+    def _applyCommand(self, command, callback, commandType=None):  # noqa: N802,N803 (pysyncobj's names)
+        """pysyncobj's, without its pipe wake-up: a tick on the loop takes the command."""
+        if commandType is not None:
+            command = struct.pack("B", commandType) + command
+        try:
+            self._SyncObj__commandsQueue.put_nowait((command, callback))
+        except queue.Full:
+            self._SyncObj__callErrCallback(FAIL_REASON.QUEUE_FULL, callback)
+            return
+        self._tick_soon()
+
+    def destroy(self) -> None:
+        """Close pysyncobj's sockets and stop ticking (on the loop's thread)."""
+        for handle in (self._tick_timer, self._commit_notify):
+            if handle is not None:
+                handle.cancel()
+        self._tick_timer = self._commit_notify = None
+        super().destroy()
+        self._poller.close()
+
+    # --- telling the followers what committed ---------------------------------------------
+
+    def _SyncObj__applyLogEntries(self):  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's leader sends an AppendEntries right after every apply, only to carry the
+        new commit index: a second round trip per batch, on every node's CPU. Here the leader
+        waits ``commit_notify_delay_s`` first: a batch proposed meanwhile (at any steady rate,
+        the next one) carries the commit index, and the extra round is sent only when none came."""
+        need_send = super()._SyncObj__applyLogEntries()
+        delay = self.node_config.raft.commit_notify_delay_s
+        if need_send and delay and self._SyncObj__raftState == LEADER:
+            if self._commit_notify is None:
+                self._commit_notify = self._loop.call_later(delay, self._notify_commit)
+            return False
+        return need_send
+
+    def _SyncObj__sendAppendEntries(self):  # noqa: N802 (pysyncobj's name)
+        self._commit_index_sent = self._SyncObj__raftCommitIndex
+        return super()._SyncObj__sendAppendEntries()
+
+    def _notify_commit(self) -> None:
+        self._commit_notify = None
+        if self._SyncObj__raftState == LEADER and self._commit_index_sent < self._SyncObj__raftCommitIndex:
+            self._SyncObj__sendAppendEntries()
 
     # --- handing leadership over ------------------------------------------------------------
 

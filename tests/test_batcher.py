@@ -1,9 +1,9 @@
 """The leader's batcher: submits in, Raft log entries out, per-entry results back.
 
 A fake Raft records each proposal (decoded with ``sequencer.protocol.decode_batch``) and its
-completion callback; a test commits or fails a proposal by calling that callback, from another
-thread where pysyncobj would. The batcher runs on a real asyncio loop; tests wait for replies
-through futures, never by sleeping.
+completion callback; a test commits or fails a proposal by calling that callback on the loop,
+as a Raft tick does (``cluster.raft_loop``). The batcher runs on a real asyncio loop; tests wait
+for replies through futures, never by sleeping.
 """
 
 from __future__ import annotations
@@ -58,25 +58,19 @@ class FakeRaft:
             self.next_seq += 1
         return ApplyResult(results, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"")
 
-    def commit(self, proposal: Proposal, *, on_thread: bool = True) -> ApplyResult:
+    def commit(self, proposal: Proposal) -> ApplyResult:
         result = self.result_of(proposal)
-        self.finish(proposal, result, FAIL_REASON.SUCCESS, on_thread=on_thread)
+        self.finish(proposal, result, FAIL_REASON.SUCCESS)
         return result
 
-    def fail(self, proposal: Proposal, error: int, *, on_thread: bool = True) -> None:
-        self.finish(proposal, None, error, on_thread=on_thread)
+    def fail(self, proposal: Proposal, error: int) -> None:
+        self.finish(proposal, None, error)
 
     @staticmethod
-    def finish(proposal: Proposal, result, error: int, *, on_thread: bool = True) -> None:
-        """Call the completion callback, on another thread as pysyncobj does."""
+    def finish(proposal: Proposal, result, error: int) -> None:
+        """Call the completion callback, on the loop as a Raft tick does."""
         proposal.answered = True
-        if on_thread:
-            thread = threading.Thread(target=proposal.callback, args=(result, error))
-            thread.start()
-            thread.join(WAIT_S)
-            assert not thread.is_alive()
-        else:
-            proposal.callback(result, error)
+        proposal.callback(result, error)
 
 
 @dataclass
@@ -331,7 +325,7 @@ def test_a_full_queue_refuses_the_submit():
 # --- commits --------------------------------------------------------------------------------
 
 
-def test_a_commit_on_another_thread_replies_on_the_loop_in_order():
+def test_commits_reply_in_order_on_the_loop():
     async def story():
         raft, replies = FakeRaft(), Replies()
         batcher = make_batcher(raft)
@@ -341,10 +335,10 @@ def test_a_commit_on_another_thread_replies_on_the_loop_in_order():
         for session, seq in [("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]:
             batcher.offer(replies.submit(session, seq))
 
-        first = raft.commit(raft.proposals[0], on_thread=True)
+        first = raft.commit(raft.proposals[0])
         await replies.wait_for(1)
         await drain()
-        second = raft.commit(raft.proposals[1], on_thread=True)
+        second = raft.commit(raft.proposals[1])
         await replies.wait_for(5)
 
         assert [(s, c) for s, c, _ in replies.got] == [("alpha", 1), ("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]
@@ -357,16 +351,21 @@ def test_a_commit_on_another_thread_replies_on_the_loop_in_order():
     run(story)
 
 
-def test_a_commit_reported_before_the_callback_returns_is_delivered_later_on_the_loop():
-    async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
-        batcher.offer(replies.submit("alpha", 1))
+def test_a_commit_reported_inside_propose_is_a_bug():
+    """A Raft tick reports commits; proposing only queues a command for the next tick. A commit
+    reported before ``propose`` returns would re-enter the batcher mid-proposal."""
 
-        raft.commit(raft.proposals[0], on_thread=False)
-        assert replies.got == [], "the hand-off goes through the loop, never inline"
-        await replies.wait_for(1)
-        assert isinstance(replies.got[0][2], EntryResult)
+    class InlineRaft(FakeRaft):
+        def propose(self, data: bytes, callback) -> None:
+            super().propose(data, callback)
+            self.commit(self.proposals[-1])
+
+    async def story():
+        raft, replies = InlineRaft(), Replies()
+        batcher = make_batcher(raft)
+        with pytest.raises(AssertionError, match="before its propose call returned"):
+            batcher.offer(replies.submit("alpha", 1))
+        assert replies.got == []
 
     run(story)
 
@@ -622,9 +621,9 @@ def test_random_histories_answer_every_submit_exactly_once(seed):
                 if open_:
                     proposal = rng.choice(open_[:2])
                     if rng.random() < 0.8:
-                        raft.commit(proposal, on_thread=rng.random() < 0.5)
+                        raft.commit(proposal)
                     else:
-                        raft.fail(proposal, FAIL_REASON.LEADER_CHANGED, on_thread=rng.random() < 0.5)
+                        raft.fail(proposal, FAIL_REASON.LEADER_CHANGED)
                     await drain()
             elif action < 0.95:
                 batcher.stop("no longer leader")
