@@ -1404,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--elections-rate", type=_positive_int, default=ELECTIONS_RATE_DEFAULT, help=f"offered rate of the elections workload (default {ELECTIONS_RATE_DEFAULT})")
     add("--scrape-interval", type=_positive_float, default=1.0, help="seconds between scrapes of every node in the metrics workload (default 1)")
     add("--set", dest="sets", type=_override, action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="a node setting for every node, e.g. raft.election_timeout_min_s=0.15 (repeatable)")
+        help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)")
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")

@@ -526,8 +526,15 @@ class SequencerClient:
         for frame in link.early:
             self._handle(frame)
         link.early = []
+        # One deadline moved forward per read (asyncio.wait_for would make a task per read).
+        async with asyncio.timeout(None) as deadline:
+            await self._read_frames(link, deadline)
+
+    async def _read_frames(self, link: _Link, deadline: asyncio.Timeout) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            data = await asyncio.wait_for(link.reader.read(262144), self.heartbeat_timeout_s)
+            deadline.reschedule(loop.time() + self.heartbeat_timeout_s)
+            data = await link.reader.read(262144)
             if not data:
                 raise ConnectionError("closed by node")
             for frame in link.framer.feed(data):

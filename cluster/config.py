@@ -188,6 +188,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found.extend(f"{name} must be > 0, got {value}" for name, value in positive if not value > 0)
         if not 0.05 <= r.election_timeout_min_s < r.election_timeout_max_s <= 60:
             found.append("raft election timeouts must satisfy 0.05 <= min < max <= 60")
+        if not r.election_timeout_min_s > 3 * r.append_entries_period_s:
+            found.append("raft.election_timeout_min_s must be above 3 x raft.append_entries_period_s (several heartbeats per timeout)")
         if not 0 <= r.commit_notify_delay_s <= r.append_entries_period_s:
             found.append("raft.commit_notify_delay_s must be 0..raft.append_entries_period_s")
         if r.append_entries_batch_bytes < 16 * limits.KIB:

@@ -252,18 +252,23 @@ class Gateway:
             metrics.clients_connected = len(self.connections)
 
     async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
-        reader = conn.reader
-        hello_deadline = time.monotonic() + self.config.hello_timeout_ms / 1000
-        while not conn.closed:
-            timeout = self.config.idle_timeout_ms / 1000
+        try:
+            # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
+            # task of its own, two loop iterations on each submit's way in.
+            async with asyncio.timeout(None) as deadline:
+                await self._read_frames(conn, framer, deadline)
+        except TimeoutError:
             if not conn.session:
-                timeout = max(0.0, hello_deadline - time.monotonic())
-            try:
-                data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
-            except TimeoutError:
-                if not conn.session:
-                    conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
-                return
+                conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+
+    async def _read_frames(self, conn: Connection, framer: protocol.FrameReader, deadline: asyncio.Timeout) -> None:
+        reader = conn.reader
+        loop = asyncio.get_running_loop()
+        hello_deadline = loop.time() + self.config.hello_timeout_ms / 1000
+        idle_timeout_s = self.config.idle_timeout_ms / 1000
+        while not conn.closed:
+            deadline.reschedule(loop.time() + idle_timeout_s if conn.session else hello_deadline)
+            data = await reader.read(READ_BYTES)
             if not data:
                 return
             conn.last_read = time.monotonic()

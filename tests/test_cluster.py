@@ -27,6 +27,7 @@ import pytest
 from cluster_harness import ClusterHarness, JournalContents, RawConnection, StreamRecorder, pipeline, running_cluster  # noqa: F401
 
 from clients import BlockingSequencerClient, Rejected, SequencerClient
+from cluster.config import GatewayConfig
 from cluster.local import free_base_port
 from sequencer import protocol
 from sequencer.protocol import RejectReason
@@ -483,7 +484,23 @@ def test_bad_input_is_refused_while_a_normal_client_carries_on(running_cluster):
     follower = followers_of(h, leader)[0]
     rng = random.Random(h.seed)
     steady = SteadySubmitter(h).start()
+    # Two silent connections, checked at the end: one never says hello, one says hello and
+    # then nothing (no heartbeats). Each is closed at its deadline, not before.
+    gateway = GatewayConfig()
+    no_hello = RawConnection(h.endpoint(leader["id"]))
+    idle = RawConnection(h.endpoint(follower))
+    silent: dict[str, tuple[float, list]] = {}
+
+    def until_closed(name: str, conn: RawConnection, started: float) -> None:
+        frames = conn.frames_until_closed(timeout_s=max(gateway.hello_timeout_ms, gateway.idle_timeout_ms) / 1000 + 10)
+        silent[name] = (time.monotonic() - started, frames)
+
+    watchers = [threading.Thread(target=until_closed, args=("no hello", no_hello, time.monotonic()), daemon=True)]
     try:
+        assert isinstance(idle.hello("idle", h.token), protocol.Welcome)
+        watchers.append(threading.Thread(target=until_closed, args=("idle", idle, time.monotonic()), daemon=True))
+        for watcher in watchers:
+            watcher.start()
         steady.wait_for(5)
 
         def refused_and_closed(address: str, data: bytes, reason: RejectReason, what: str) -> None:
@@ -604,10 +621,22 @@ def test_bad_input_is_refused_while_a_normal_client_carries_on(running_cluster):
 
         asyncio.run(wrong_token())
 
+        # The silent connections: closed at their deadlines (plus scheduling slack), not before.
+        for watcher in watchers:
+            watcher.join()
+        after_s, frames = silent["no hello"]
+        first_deadline_s = min(gateway.hello_timeout_ms, gateway.idle_timeout_ms) / 1000
+        assert frames in ([], [protocol.Rejected(RejectReason.HELLO_REQUIRED, "no hello in time")]), frames
+        assert first_deadline_s - 0.1 <= after_s <= first_deadline_s + 2, after_s
+        after_s, frames = silent["idle"]
+        assert frames == [] and gateway.idle_timeout_ms / 1000 - 0.1 <= after_s <= gateway.idle_timeout_ms / 1000 + 2, (after_s, frames)
+
         # Through all of that the normal client kept going.
         before = len(steady.seqs)
         steady.wait_for(before + 5)
     finally:
+        no_hello.close()
+        idle.close()
         steady.stop()
     assert not steady.errors, steady.errors
     assert steady.seqs == sorted(set(steady.seqs)), "the steady client's numbers are not increasing"

@@ -242,6 +242,9 @@ def test_a_lowered_raft_chunk_size_drags_batch_bytes_down_with_it():
         ("gateway.heartbeat_interval_ms", 3000, "gateway.heartbeat_interval_ms"),
         ("gateway.subscriber_buffer_bytes_max", limits.FRAME_BYTES_MAX - 1, "gateway.subscriber_buffer_bytes_max"),
         ("journal.segment_bytes_max", limits.SEGMENT_BYTES_MIN - 1, "journal.segment_bytes_max"),
+        ("raft.append_entries_period_s", 0.07, "above 3 x raft.append_entries_period_s"),
+        ("raft.commit_notify_delay_s", -0.001, "raft.commit_notify_delay_s"),
+        ("raft.commit_notify_delay_s", 0.06, "raft.commit_notify_delay_s"),
         ("machine.sessions_max", 0, "sessions_max"),
         ("machine.dedup_window", 0, "dedup_window"),
         ("machine.session_idle_s", 0, "session_idle"),
@@ -373,7 +376,7 @@ def awkward_config() -> NodeConfig:
     raw["raft_password"] = 'pass "with" quotes \\ and \t tab, ünïcode'
     raw["client_token"] = "token#not-a-comment"
     raw["data_dir"] = "/data/raft seq/n1"
-    raw["raft"] = {"election_timeout_min_s": 0.15, "election_timeout_max_s": 0.3, "append_entries_use_batch": True}
+    raw["raft"] = {"election_timeout_min_s": 0.16, "election_timeout_max_s": 0.3, "append_entries_use_batch": True}
     raw["batcher"] = {"entries_max": 17, "commit_timeout_s": 2.5, "in_flight_max": 4}
     raw["gateway"] = {"heartbeat_interval_ms": 250}
     raw["journal"] = {"fsync": "interval_ms=50", "segment_bytes_max": 1 << 20}
