@@ -59,7 +59,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 #: Attempts at reading pysyncobj's status from the scrape thread (``getStatus`` iterates
-#: dictionaries that the tick thread may change meanwhile; a failed read is retried).
+#: dictionaries that the Raft ticks on the node's loop may change meanwhile; a failed read is retried).
 STATUS_READ_ATTEMPTS = 3
 
 

@@ -251,8 +251,7 @@ class Node:
                 disk_checked = now
                 self._check_disk()
             if self.journal.fsync_policy.mode == "interval" and self.replica is not None:
-                # Appends and segment rolls happen on the apply thread under this lock: without
-                # it the fsync could hit a descriptor the apply thread just closed or reused.
+                # Appends and segment rolls hold this lock too (journal catch-up included).
                 with self.replica.apply_lock:
                     self.journal.sync_if_due()
             await asyncio.sleep(0.01)
