@@ -3,24 +3,27 @@ its peers, measured in the same run on the same machine.
 
     python -m benchmarks [WORKLOAD ...] [--vs nats,pysyncobj] [--quick] [--runs N] [--json FILE]
 
-Workloads: ``throughput``, ``latency``, ``failover`` (the default is all three); ``replay``,
-``recovery`` and ``fanout`` are not implemented for raftseq yet: selecting one says so and
-makes the exit status 3 (NATS's replay figure is still measured with ``--vs nats``).
+Workloads: ``throughput``, ``latency``, ``failover`` (the default is these three) and the
+stream workloads ``replay``, ``recovery``, ``fanout``.
 
-raftseq's figures come from ``bench_cluster.py``'s workload functions (a fresh local
-three-node cluster for each run), the peers' from ``benchmarks/peers/``. The systems take turns
-run by run (raftseq, nats, pysyncobj, raftseq, ...) so that a change in the machine's load hits
-all of them; each figure is the median of ``--runs`` runs (failover: the median and max over
-``--kills`` kills). Each workload ends with a table: absolute figures, raftseq/peer ratios and
-the goals of issue 6. See ``benchmarks/README_peers.md``.
+raftseq's throughput, latency and failover come from ``bench_cluster.py``'s workload functions
+(a fresh local three-node cluster for each run), its stream figures from ``bench_stream.py``'s
+(one cluster filled with ``--stream-messages`` messages serves every stream workload selected),
+the peers' from ``benchmarks/peers/`` (NATS: one filled stream likewise; pysyncobj has no stream
+to replay and is not measured there). The systems take turns run by run (raftseq, nats,
+pysyncobj, raftseq, ...) so that a change in the machine's load hits all of them; each figure is
+the median of ``--runs`` runs (failover: the median and max over ``--kills`` kills). Each
+workload ends with a table: absolute figures, raftseq/peer ratios and the goals of issue 6. See
+``benchmarks/README_peers.md``.
 
 Exit status: 0 when everything selected ran; 1 when a workload or a peer's setup failed (the
-others still run); 2 for bad options; 3 when a selected workload is not implemented yet.
+others still run); 2 for bad options.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -30,14 +33,18 @@ import tempfile
 import time
 import traceback
 
-from benchmarks import bench_cluster
+from benchmarks import bench_cluster, bench_stream
 from benchmarks.peers import common
 from benchmarks.peers import nats as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
 from benchmarks.peers.common import BenchError, SetupError, load_average
 
-IMPLEMENTED = ("throughput", "latency", "failover")
-NOT_IMPLEMENTED = ("replay", "recovery", "fanout")
+DEFAULT_WORKLOADS = ("throughput", "latency", "failover")
+#: Served by one filled stream per system, always in this order (fanout appends to the stream).
+STREAM_WORKLOADS = ("replay", "recovery", "fanout")
+WORKLOADS = DEFAULT_WORKLOADS + STREAM_WORKLOADS
+#: Peers without a stream workload: shown as "--" in those tables.
+NO_STREAM = {"pysyncobj": "not measured: the obvious pysyncobj design keeps no replayable stream"}
 PEERS = ("nats", "pysyncobj")
 PEER_MODULES = {"nats": nats_peer, "pysyncobj": pysyncobj_peer}
 
@@ -50,10 +57,14 @@ GOAL_LATENCY_P50_MS = 1.0
 GOAL_LATENCY_P99_MS = 3.0
 GOAL_FAILOVER_MEDIAN_S = 0.5
 GOAL_FAILOVER_MAX_S = 1.0
-GOAL_REPLAY_PER_S = 500_000
+GOAL_REPLAY_PER_S = bench_stream.GOAL_REPLAY_PER_S  # to one subscriber on a follower, client library
+GOAL_RECOVERY_S = bench_stream.GOAL_RECOVERY_S  # restarted follower serves its stream again
+
+STREAM_MESSAGES_DEFAULT = bench_stream.MESSAGES_DEFAULT
+STREAM_MESSAGES_QUICK = 5_000
+FANOUT_SECONDS_QUICK = 1.0
 
 EXIT_FAILED = 1
-EXIT_NOT_IMPLEMENTED = 3
 
 
 # --- raftseq through bench_cluster --------------------------------------------------------
@@ -118,6 +129,34 @@ class Raftseq:
     def failover(opts: argparse.Namespace, root: str) -> dict:
         args = _raftseq_args(opts, payload_bytes=opts.payload_bytes)
         return bench_cluster.workload_failover(args, _fresh(root, "raftseq-fo"))
+
+    @staticmethod
+    def stream(opts: argparse.Namespace, root: str) -> bench_stream.FilledCluster:
+        """A cluster filled with ``opts.stream_messages`` messages; ``measure(name)`` runs one
+        of bench_stream.py's workloads on it."""
+        argv = [
+            "--messages", str(opts.stream_messages),
+            "--payload-bytes", str(opts.payload_bytes),
+            "--runs", str(opts.runs),
+            "--rate", str(opts.fanout_rate),
+            "--seconds", str(opts.fanout_seconds),
+            "--subscribers", str(opts.subscribers),
+            "--subscriber-processes", str(opts.subscriber_processes),
+        ]
+        if opts.insecure:
+            argv.append("--insecure")
+        return bench_stream.FilledCluster(root, bench_stream.parse_args(argv))
+
+
+class Nats:
+    """NATS's stream side in the same shape (its other workloads are the module's functions)."""
+
+    @staticmethod
+    def stream(opts: argparse.Namespace, root: str) -> nats_peer.StreamCluster:
+        return nats_peer.StreamCluster(opts, root, messages=opts.stream_messages)
+
+
+STREAM_SIDES = {"raftseq": Raftseq, "nats": Nats}
 
 
 # --- running --------------------------------------------------------------------------------
@@ -238,21 +277,37 @@ class Session:
             systems[system] = out
         return {"systems": systems, **failover_ratios(systems)}
 
-    # --- replay (NATS only for now) -----------------------------------------------------------
+    # --- replay, recovery, fanout --------------------------------------------------------------
 
-    def replay(self) -> dict:
+    def stream(self, names: list[str]) -> dict:
+        """The stream workloads `names`, system by system: one filled stream per system serves
+        all of them (filling millions of messages is the slow part)."""
         opts = self.opts
-        systems: dict = {}
-        if "raftseq" in self.systems:
-            print("\n== replay, raftseq: not implemented yet", flush=True)
-        if "nats" in self.active():
-            self.progress(f"replay of {opts.replay_messages:,} messages from the start, nats, {opts.runs} reads")
-            opts.replay_runs = opts.runs
-            out = self.attempt("replay/nats", nats_peer.replay, opts, self.root)
-            if out is not None:
-                out["load_average"] = load_average()
-                systems["nats"] = out
-        return {"systems": systems, "raftseq": "not implemented yet"}
+        results: dict = {name: {"systems": {}, "not_measured": {}} for name in names}
+        for system in self.active():
+            if system in NO_STREAM:
+                for name in names:
+                    results[name]["not_measured"][system] = NO_STREAM[system]
+                continue
+            self.progress(f"{', '.join(names)}: {system}, filling a stream of {opts.stream_messages:,} messages")
+            with contextlib.ExitStack() as stack:
+                filled = self.attempt(f"stream/{system}", lambda side=STREAM_SIDES[system]: stack.enter_context(side.stream(opts, self.root)))
+                if filled is None:
+                    continue
+                for name in names:
+                    self.progress(f"{name}, {system}" + (f", {opts.runs} run(s)" if name != "fanout" else
+                                  f", {opts.subscribers} subscribers, {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"))
+                    load_before = load_average()
+                    out = self.attempt(f"{name}/{system}", filled.measure, name)
+                    if out is None:
+                        continue
+                    out["load_average_before"] = load_before
+                    out["load_average_after"] = load_average()
+                    results[name]["systems"][system] = out
+        ratio_of = {"replay": replay_ratios, "recovery": recovery_ratios, "fanout": fanout_ratios}
+        for name in names:
+            results[name].update(ratio_of[name](results[name]["systems"]))
+        return results
 
 
 def _pysyncobj_notes(v: dict) -> str:
@@ -348,6 +403,42 @@ def failover_ratios(systems: dict) -> dict:
     return {"ratios": ratios, "goals": goals}
 
 
+def replay_ratios(systems: dict) -> dict:
+    ratios, goals = {}, []
+    raft, nats = systems.get("raftseq"), systems.get("nats")
+    if raft and nats and nats["messages_per_s"]:
+        ratios["raftseq client library / nats"] = {"ratio": raft["library_messages_per_s"]["median"] / nats["messages_per_s"]}
+        ratios["raftseq raw frames / nats"] = {"ratio": raft["raw_messages_per_s"]["median"] / nats["messages_per_s"]}
+    if raft:
+        value = raft["library_messages_per_s"]["median"]
+        goals.append({"goal": f"raftseq replay >= {GOAL_REPLAY_PER_S:,} msg/s", "value": value, "met": value >= GOAL_REPLAY_PER_S})
+    return {"ratios": ratios, "goals": goals}
+
+
+def recovery_ratios(systems: dict) -> dict:
+    ratios, goals = {}, []
+    raft, nats = systems.get("raftseq"), systems.get("nats")
+    if raft and nats:
+        ratios["raftseq answers / nats answers"] = {"ratio": _ratio(raft["status_s"]["median"], nats["answers_s"]["median"])}
+        ratios["raftseq caught up / nats replica current"] = {"ratio": _ratio(raft["caught_up_s"]["median"], nats["current_s"]["median"])}
+    if raft:
+        value = raft["serve_s"]["median"]
+        goals.append({"goal": f"raftseq serves again <= {GOAL_RECOVERY_S:g} s", "value": value, "met": value <= GOAL_RECOVERY_S})
+    return {"ratios": ratios, "goals": goals}
+
+
+def fanout_ratios(systems: dict) -> dict:
+    ratios = {}
+    raft, nats = systems.get("raftseq"), systems.get("nats")
+    if raft and nats:
+        ratios["raftseq / nats, delivered msg/s"] = {"ratio": _ratio(raft["delivered_per_s"], nats["delivered_per_s"])}
+    return {"ratios": ratios, "goals": []}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
 # --- tables -------------------------------------------------------------------------------
 
 
@@ -415,13 +506,74 @@ def print_failover(result: dict, kills: int) -> None:
               f"stream holds {n['stream_messages']:,} messages for {n['submitted']:,} distinct publishes")
 
 
+def _ratio_lines(ratios: dict, note: str) -> list[str]:
+    return [f"  ratio {name:<44} {r['ratio']:>9.3g}x  ({note})" if r["ratio"] is not None else f"  ratio {name:<44} {'-':>9}"
+            for name, r in ratios.items()]
+
+
+def _not_measured_lines(result: dict) -> list[str]:
+    return [f"  {system:<10} --  ({why})" for system, why in result.get("not_measured", {}).items()]
+
+
+def _loads(s: dict) -> str:
+    return f"load avg {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}"
+
+
 def print_replay(result: dict, opts: argparse.Namespace) -> None:
-    print("\nreplay: messages/s delivered to one reader from the start of the stream")
-    print("  raftseq    not implemented yet")
+    print(f"\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
+          f"median of {opts.runs} read(s) (min - max)")
+    print(f"  {'system':<10} {'reader':<52} {'messages':>10} {'msg/s':>10}   min - max")
+    r = result["systems"].get("raftseq")
+    if r:
+        for key, how in (("library_messages_per_s", "client library (clients.subscribe, decoded)"),
+                         ("raw_messages_per_s", "raw frames (headers counted, nothing decoded)")):
+            v = r[key]
+            print(f"  {'raftseq':<10} {how:<52} {r['messages']:>10,} {v['median']:>10,.0f}   {v['min']:,.0f} - {v['max']:,.0f}   {_loads(r)}")
     n = result["systems"].get("nats")
     if n:
-        print(f"  nats       {n['messages_per_s']:>10,.0f} msg/s  (ordered push consumer on a follower, {n['messages']:,} messages, "
-              f"median of {len(n['runs'])} reads; load avg {n['load_average'][:1]})   raftseq goal >= {GOAL_REPLAY_PER_S:,}")
+        where = f"ordered push consumer via {n['reader_server']} (consumer on {', '.join(sorted(set(n['consumer_on'])))})"
+        print(f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}")
+    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
+        print(line)
+    for line in _goal_lines(result["goals"], lambda x: f"{x:,.0f}"):
+        print(line)
+
+
+def print_recovery(result: dict, opts: argparse.Namespace) -> None:
+    print(f"\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
+          f"median (max) of {opts.runs} restart(s)")
+    rows = {"raftseq": (("status_s", "answers a status request"), ("serve_s", "serves the stream's last message"),
+                        ("caught_up_s", "caught up with the leader")),
+            "nats": (("answers_s", "answers its monitoring endpoint (/varz)"), ("healthy_s", "/healthz says ok"),
+                     ("current_s", "stream replica current (leader's view)"))}
+    print(f"  {'system':<10} {'messages':>10}  {'restarted node':<40} {'median':>7} {'max':>7}")
+    for system, s in result["systems"].items():
+        for key, what in rows[system]:
+            print(f"  {system:<10} {s['messages']:>10,}  {what:<40} {s[key]['median']:>7.2f} {s[key]['max']:>7.2f}")
+        if system == "raftseq":
+            print(f"  {'':<10} {'':>10}  leader changes caused by the restart: {s['leader_changes']} (should be 0); {_loads(s)}")
+        else:
+            print(f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}")
+    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "lower is better"):
+        print(line)
+    for line in _goal_lines(result["goals"], lambda x: f"{x:.2f} s"):
+        print(line)
+
+
+def print_fanout(result: dict, opts: argparse.Namespace) -> None:
+    print(f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers while one "
+          f"client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s")
+    print(f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)")
+    for system, s in result["systems"].items():
+        complete = "yes" if s["complete"] else f"NO: {s.get('subscribers_complete', 0)} of {s['subscribers']}, fewest {s.get('fewest_received', 0):,}"
+        print(f"  {system:<10} {s['delivered_per_s']:>15,.0f} {s['delivered']:>11,} {s['seconds']:>8.1f}  {complete:<36} {common.cpu_text(s['cpu'])}")
+        if system == "nats":
+            print(f"  {'':<10} consumers placed on {s['consumer_placement']}, {s['slow_consumer_errors']} slow-consumer errors; {_loads(s)}"
+                  + (f"\n  {'':<10} first nats-py errors: {s['client_errors'][:2]}" if s.get("client_errors") else ""))
+        else:
+            print(f"  {'':<10} leader {s['leader']}; {_loads(s)}")
+    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
+        print(line)
 
 
 # --- the command --------------------------------------------------------------------------
@@ -462,20 +614,22 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftseq bench",
-        description="raftseq's throughput, latency and failover on a local three-node cluster, side by side with NATS JetStream "
-        "(3 replicas) and plain pysyncobj measured in the same run. Prints a table per workload with raftseq/peer ratios "
-        "and the goals of issue 6. See benchmarks/README_peers.md.",
+        description="raftseq's throughput, latency, failover, replay, recovery and fanout on a local three-node cluster, side by "
+        "side with NATS JetStream (3 replicas) and plain pysyncobj measured in the same run. Prints a table per workload with "
+        "raftseq/peer ratios and the goals of issue 6. See benchmarks/README_peers.md.",
     )
     add = parser.add_argument
     add("workloads", nargs="*", metavar="WORKLOAD",
-        help=f"what to measure: {', '.join(IMPLEMENTED)} (default: these three); {', '.join(NOT_IMPLEMENTED)} are not implemented "
-        "for raftseq yet (exit status 3)")
+        help=f"what to measure: {', '.join(WORKLOADS)} (default: {', '.join(DEFAULT_WORKLOADS)}); the stream workloads "
+        f"{', '.join(STREAM_WORKLOADS)} share one filled stream per system")
     add("--vs", type=_peers, default=[], metavar="PEERS",
         help="peers to measure in the same run, comma-separated: nats, pysyncobj (default: none, raftseq only)")
     add("--skip-raftseq", action="store_true", help="measure only the peers (for checking a peer's setup)")
     add("--quick", action="store_true",
-        help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills; the figures mean little")
-    add("--runs", type=_positive(int), default=None, help="runs of each throughput and latency measurement; figures are medians (default 3; --quick 1)")
+        help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills, a stream of 5,000 "
+        "messages, fanout for 1 s; the figures mean little")
+    add("--runs", type=_positive(int), default=None,
+        help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
     add("--messages", type=_positive(int), default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
     add("--payloads", type=_int_list, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
@@ -493,7 +647,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kills", type=_positive(int), default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
     add("--failover-rate", type=_positive(int), default=2000, help="offered rate during the kills, msg/s (default 2000)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which NATS leader the failover workload kills (default: the stream leader)")
-    add("--replay-messages", type=_positive(int), default=None, help="messages in NATS's replayed stream (default 200,000; --quick 5,000)")
+    add("--stream-messages", "--replay-messages", dest="stream_messages", type=_positive(int), default=None,
+        help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
+        f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
+    add("--subscribers", type=_positive(int), default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
+        help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})")
+    add("--subscriber-processes", type=_positive(int), default=bench_stream.FANOUT_PROCESSES_DEFAULT,
+        help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})")
+    add("--fanout-rate", type=_positive(int), default=bench_stream.FANOUT_RATE_DEFAULT,
+        help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})")
+    add("--fanout-seconds", type=_positive(float), default=None,
+        help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
     add("--run-timeout-s", type=_positive(float), default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
@@ -502,10 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     quick = opts.quick
-    unknown = [w for w in opts.workloads if w not in IMPLEMENTED + NOT_IMPLEMENTED]
+    unknown = [w for w in opts.workloads if w not in WORKLOADS]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(IMPLEMENTED + NOT_IMPLEMENTED)}")
-    opts.workloads = list(dict.fromkeys(opts.workloads)) or list(IMPLEMENTED)
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    opts.workloads = list(dict.fromkeys(opts.workloads)) or list(DEFAULT_WORKLOADS)
     if opts.skip_raftseq and not opts.vs:
         parser.error("--skip-raftseq needs --vs")
     opts.runs = opts.runs or (1 if quick else 3)
@@ -514,8 +678,10 @@ def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     opts.rates = opts.rates or ([1000, 2000] if quick else [1000, 2000, 10000, 50000])
     opts.latency_seconds = opts.latency_seconds or (1.0 if quick else 10.0)
     opts.kills = opts.kills or (2 if quick else 10)
-    opts.replay_messages = opts.replay_messages or (5_000 if quick else 200_000)
-    opts.replay_runs = opts.runs
+    opts.stream_messages = opts.stream_messages or (STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT)
+    opts.fanout_seconds = opts.fanout_seconds or (FANOUT_SECONDS_QUICK if quick else bench_stream.FANOUT_SECONDS_DEFAULT)
+    if opts.fanout_rate * opts.fanout_seconds < 100:
+        parser.error("fanout publishes --fanout-rate x --fanout-seconds messages, in batches of 100 for raftseq: at least 100")
     if any(p > 65536 for p in opts.payloads) or opts.payload_bytes > 65536:
         parser.error("payloads must be at most 65536 bytes")
 
@@ -535,13 +701,6 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
     load_start = bench_cluster.print_load("at start")
     print(f"systems   {', '.join(session.systems)}; workloads {', '.join(opts.workloads)}; {opts.runs} run(s)"
           + ("; QUICK: the figures mean little" if opts.quick else ""), flush=True)
-    pending = [w for w in opts.workloads if w in NOT_IMPLEMENTED]
-    for w in pending:
-        print(
-            f"NOT IMPLEMENTED YET: {w} (raftseq's side) in this command; the exit status will be {EXIT_NOT_IMPLEMENTED}. "
-            f"raftseq's {w} figure: python benchmarks/bench_stream.py --workload {w}",
-            flush=True,
-        )
     report: dict = {
         "benchmark": "raftseq bench",
         "code": code,
@@ -552,7 +711,6 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
         "peers_setup": {},
         "workloads": {},
         "failures": session.failures,
-        "not_implemented": pending,
     }
     if "nats" in session.systems:
         try:
@@ -567,31 +725,29 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
 
         report["peers_setup"]["pysyncobj"] = {"version": getattr(pysyncobj, "__version__", "") or _dist_version("pysyncobj"),
                                               "password": not opts.insecure, "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password")}
+    streamed = [w for w in STREAM_WORKLOADS if w in opts.workloads]
+    printers = {"replay": print_replay, "recovery": print_recovery, "fanout": print_fanout}
     for name in opts.workloads:
-        if name == "throughput":
+        if name in STREAM_WORKLOADS:
+            if name == streamed[0]:  # all of them at once, on one filled stream per system
+                for w, result in session.stream(streamed).items():
+                    report["workloads"][w] = result
+                    printers[w](result, opts)
+        elif name == "throughput":
             report["workloads"][name] = session.throughput()
             print_throughput(report["workloads"][name], opts.runs)
         elif name == "latency":
             report["workloads"][name] = session.latency()
             print_latency(report["workloads"][name], opts.runs)
-        elif name == "failover":
+        else:
             report["workloads"][name] = session.failover()
             print_failover(report["workloads"][name], opts.kills)
-        elif name == "replay":
-            report["workloads"][name] = session.replay()
-            print_replay(report["workloads"][name], opts)
-        else:
-            print(f"\n{name}: not implemented yet", flush=True)
-            report["workloads"][name] = {"raftseq": "not implemented yet"}
     print()
     report["load_average_end"] = bench_cluster.print_load("at end")
     report["wall_s"] = round(time.monotonic() - session.started, 1)
     if session.failures:
         print("FAILED    " + "\n          ".join(f"{k}: {v.splitlines()[0] if v else ''}" for k, v in session.failures.items()))
-    if pending:
-        print(f"NOT IMPLEMENTED YET: {', '.join(pending)}")
-    status = EXIT_FAILED if session.failures else EXIT_NOT_IMPLEMENTED if pending else 0
-    return report, status
+    return report, EXIT_FAILED if session.failures else 0
 
 
 def _dist_version(name: str) -> str:

@@ -24,6 +24,10 @@ submitting in batches), then:
 The cluster is always stopped (also on a failure, Ctrl-C or SIGTERM) and the directory removed.
 Only processes this benchmark started are signalled, by pid. Exit status 0 when every workload
 ran (goal met or not), 1 when one failed.
+
+``python -m benchmarks replay recovery fanout`` (``raftseq bench``) measures raftseq's side
+through this module: ``FilledCluster`` (one started, filled cluster; ``measure(name)`` runs one
+of the workloads on it) with the options built by ``parse_args``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ import sys
 import tempfile
 import time
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCH_DIR)
+if __package__ in (None, ""):  # run as a file: import the package, as ``python -m benchmarks`` does
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
+from benchmarks import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
 from clients import SequencerClient, subscribe  # noqa: E402
 from sequencer import protocol  # noqa: E402
 
@@ -54,6 +58,10 @@ FILL_PROCESSES = 2
 FILL_BATCH = 500
 READ_BYTES = 1 << 20
 READ_TIMEOUT_S = 10.0
+#: A raw subscriber says Heartbeat this often: the gateway closes a connection that has sent
+#: nothing for ``gateway.idle_timeout_ms`` (3 s by default), subscribers included.
+HEARTBEAT_S = 1.0
+_HEARTBEAT_FRAME = protocol.encode_frame(protocol.Heartbeat())
 RECOVERY_TIMEOUT_S = 120.0
 FANOUT_RATE_DEFAULT = 10_000
 FANOUT_SECONDS_DEFAULT = 10.0
@@ -98,7 +106,8 @@ class RawCounter:
 
 
 async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until_seq: int, timeout_s: float) -> RawCounter:
-    """Subscribe at `endpoint` from `from_seq` and count records up to `until_seq`."""
+    """Subscribe at `endpoint` from `from_seq` and count records up to `until_seq`, saying
+    Heartbeat every ``HEARTBEAT_S`` as a client must."""
     host, port = endpoint.rsplit(":", 1)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), limit=READ_BYTES), READ_TIMEOUT_S)
     counter = RawCounter()
@@ -106,11 +115,19 @@ async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until
         writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
         writer.write(protocol.encode_frame(protocol.Subscribe(from_seq)))
         deadline = time.monotonic() + timeout_s
+        last_beat = time.monotonic()
         while counter.last_seq < until_seq:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise cb.BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
-            data = await asyncio.wait_for(reader.read(READ_BYTES), min(remaining, READ_TIMEOUT_S))
+            if now - last_beat >= HEARTBEAT_S:
+                writer.write(_HEARTBEAT_FRAME)
+                last_beat = now
+            try:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), min(remaining, HEARTBEAT_S))
+            except TimeoutError:
+                continue
             if not data:
                 raise cb.BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}")
             counter.feed(data)
@@ -235,6 +252,7 @@ def fanout_worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
 
     async def work() -> dict:
+        cpu_start = time.process_time()
         tasks = [
             raw_read(spec["endpoint"], spec["token"], f"bench-fanout-{spec['index']}-{k}", spec["from_seq"], spec["until_seq"], spec["timeout_s"])
             for k in range(spec["subscribers"])
@@ -242,7 +260,7 @@ def fanout_worker_main(spec_json: str) -> int:
         results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
         counts = [r.records for r in results if not isinstance(r, BaseException)]
-        return {"counts": counts, "errors": errors, "finished": time.time()}
+        return {"counts": counts, "errors": errors, "finished": time.time(), "cpu_s": time.process_time() - cpu_start}
 
     print(json.dumps(asyncio.run(work())), flush=True)
     return 0
@@ -296,11 +314,64 @@ def workload_fanout(args: argparse.Namespace, bench: cb.BenchCluster, last: int)
     cb.expect(all(c == expected for c in counts), f"fanout: subscribers got {sorted(set(counts))} messages, expected {expected} each")
     delivered = sum(counts)
     cpu = cb.cpu_used(before, after, seconds)
+    cpu["subscribers"] = round(sum(o.get("cpu_s", 0.0) for o in outcomes) / seconds, 2)  # all the subscriber processes together
     leader_id = bench.node_id_of(bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)["address"])
     print(f"  {args.subscribers} subscribers on the followers, {expected:,} messages at {args.rate:,}/s offered")
     print(f"  delivered {delivered:,} messages in {seconds:.1f} s: {delivered / seconds:,.0f} msg/s in total; every subscriber got all {expected:,}")
     print(f"  cpu (share of one core): {cb._cpu_text(cpu)}; leader {leader_id}")
-    return {"subscribers": args.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds, "delivered_per_s": delivered / seconds, "cpu": cpu, "leader": leader_id}
+    return {"subscribers": args.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds, "delivered_per_s": delivered / seconds,
+            "complete": True, "offered_per_s": args.rate, "subscriber_processes": args.subscriber_processes, "cpu": cpu, "leader": leader_id}
+
+
+class FilledCluster:
+    """A started three-node cluster below `root` (its own temporary directory, removed on exit)
+    filled with ``args.messages`` acknowledged messages: one fill serves every workload.
+    ``measure(name)`` runs one workload on it (``WORKLOADS``); fanout appends messages, so
+    ``last`` follows the stream. A context manager; ``close`` stops every node it started."""
+
+    def __init__(self, root: str, args: argparse.Namespace) -> None:
+        self.root = root
+        self.args = args
+        self.directory = ""
+        self.bench: cb.BenchCluster | None = None
+        self.filled = 0
+        self.last = 0
+        self.fill_s = 0.0
+
+    def __enter__(self) -> FilledCluster:
+        try:
+            self.directory = tempfile.mkdtemp(prefix="stream-", dir=self.root)
+            self.bench = cb.BenchCluster(self.directory, "stream", insecure=self.args.insecure, overrides=None)
+            self.bench.__enter__()
+            started = time.monotonic()
+            self.filled = self.last = fill(self.bench, self.args.messages, self.args.payload_bytes)
+            self.fill_s = time.monotonic() - started
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bench is not None:
+            self.bench.close()
+            self.bench = None
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = ""
+
+    def measure(self, name: str) -> dict:
+        """One workload on the filled stream; its figures plus what the stream held. A failure
+        is a ``BenchError`` that carries the tails of the node logs."""
+        stream = {"filled": self.filled, "fill_s": round(self.fill_s, 2), "last_seq_before": self.last}
+        try:
+            return {**WORKLOADS[name][1](self.args, self.bench, self.last), "stream": stream}
+        except cb.BenchError as exc:
+            raise cb.BenchError(f"{exc}\n{self.bench.log_tails()}") from None
+        finally:
+            self.last = self.bench.converged_seq() or self.last
 
 
 WORKLOADS = {
@@ -345,18 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     print("raftseq stream benchmark")
     cb.print_load("at start")
     try:
-        with cb.BenchCluster(root, "stream", insecure=args.insecure, overrides=None) as bench:
-            last = fill(bench, args.messages, args.payload_bytes)
+        with FilledCluster(root, args) as stream:
             for name in args.names:
-                title, function = WORKLOADS[name]
-                print(f"\n{title}", flush=True)
+                print(f"\n{WORKLOADS[name][0]}", flush=True)
                 try:
-                    report["workloads"][name] = function(args, bench, last)
+                    report["workloads"][name] = stream.measure(name)
                 except cb.BenchError as exc:
                     failed = True
                     report["failures"][name] = str(exc)
-                    print(f"  FAILED: {exc}\n{bench.log_tails()}", flush=True)
-                last = bench.converged_seq() or last
+                    print(f"  FAILED: {exc}", flush=True)
     except cb.BenchError as exc:
         failed = True
         report["failures"]["setup"] = str(exc)

@@ -1,8 +1,11 @@
 """``python -m benchmarks`` (``raftseq bench``) runs its peer baselines at smoke size: NATS
 JetStream (installed by the benchmark's own setup when missing) and plain pysyncobj produce
-positive figures, the JSON report parses, and nothing is left behind.
+positive figures, the JSON report parses, and nothing is left behind. The stream workloads
+(replay, recovery, fanout) give raftseq's and NATS's figures from one filled stream each: every
+message of the stream replayed, every fanout subscriber complete.
 
-Only that the figures exist is checked, never their size: that depends on the machine. A NATS
+That the figures exist and are consistent is checked (counts, orderings, bounds of a minute),
+never their size: that depends on the machine. A NATS
 that cannot be installed fails the test with the benchmark's message; it is never skipped.
 """
 
@@ -81,16 +84,76 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
     assert _processes_mentioning(str(scratch)) == [], "the benchmark left processes running"
 
 
-def test_a_workload_not_implemented_yet_says_so_and_exits_non_zero(tmp_path: Path) -> None:
-    done = _bench(["recovery", "--dir", str(tmp_path)], timeout_s=60)
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert "not implemented yet" in done.stdout.lower(), done.stdout
+def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    subscribers, rate, seconds = 10, 1000, 1
+    done = _bench(
+        [
+            "replay", "recovery", "fanout",
+            "--vs", "nats,pysyncobj", "--quick",
+            "--subscribers", str(subscribers), "--subscriber-processes", "2", "--fanout-rate", str(rate), "--fanout-seconds", str(seconds),
+            "--dir", str(scratch), "--json", str(report_path),
+        ],
+        timeout_s=150,
+    )
+    output = done.stdout + done.stderr
+    assert "SETUP FAILED" not in output, f"the benchmark could not set up a peer:\n{output}"
+    assert done.returncode == 0, output
+    assert "not implemented" not in output.lower(), output
+    report = json.loads(report_path.read_text())
+    assert report["failures"] == {}, output
+    filled = 5_000  # --quick
+    workloads = report["workloads"]
+
+    replay = workloads["replay"]["systems"]
+    assert set(replay) == {"raftseq", "nats"}, output
+    assert replay["raftseq"]["messages"] == replay["raftseq"]["stream"]["filled"] == filled, replay["raftseq"]
+    assert replay["nats"]["messages"] == replay["nats"]["stream"]["filled"] == filled, replay["nats"]
+    for key in ("raw_messages_per_s", "library_messages_per_s"):
+        assert 0 < replay["raftseq"][key]["min"] <= replay["raftseq"][key]["median"] <= replay["raftseq"][key]["max"], replay["raftseq"]
+    assert replay["nats"]["messages_per_s"] > 0, replay["nats"]
+    assert workloads["replay"]["ratios"]["raftseq client library / nats"]["ratio"] > 0, workloads["replay"]
+    assert [g["goal"] for g in workloads["replay"]["goals"]] == ["raftseq replay >= 500,000 msg/s"], workloads["replay"]
+
+    recovery = workloads["recovery"]["systems"]
+    assert set(recovery) == {"raftseq", "nats"}, output
+    raft, nats = recovery["raftseq"], recovery["nats"]
+    assert raft["messages"] == nats["messages"] == filled, recovery
+    assert 0 < raft["status_s"]["median"] <= raft["serve_s"]["median"] < 60, raft
+    assert 0 < raft["caught_up_s"]["median"] < 60 and raft["leader_changes"] == 0, raft
+    assert 0 < nats["answers_s"]["median"] <= nats["current_s"]["median"] < 60, nats
+    assert 0 < nats["healthy_s"]["median"] < 60, nats
+    assert workloads["recovery"]["goals"][0]["value"] == raft["serve_s"]["median"], workloads["recovery"]
+
+    fanout = workloads["fanout"]["systems"]
+    assert set(fanout) == {"raftseq", "nats"}, output
+    for system, figure in fanout.items():
+        assert figure["messages"] == rate * seconds and figure["subscribers"] == subscribers, f"{system}: {figure}"
+        assert figure["complete"] is True and figure["delivered"] == subscribers * rate * seconds, f"{system}: {figure}"
+        assert figure["delivered_per_s"] > 0 and figure["seconds"] > 0, f"{system}: {figure}"
+        assert figure["stream"]["last_seq_before"] >= filled, f"{system}: {figure}"
+    assert set(fanout["nats"]["cpu"]) >= {"n1", "n2", "n3", "subscribers"}, fanout["nats"]["cpu"]
+
+    for name in ("replay", "recovery", "fanout"):
+        assert set(workloads[name]["not_measured"]) == {"pysyncobj"}, workloads[name]
+        assert f"\n{name}: " in done.stdout, f"no {name} table:\n{output}"
+    assert "pysyncobj  --" in done.stdout, output
+    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
+    assert _processes_mentioning(str(scratch)) == [], "the benchmark left processes running"
+
+
+def test_an_unknown_workload_is_a_usage_error(tmp_path: Path) -> None:
+    done = _bench(["replays", "--dir", str(tmp_path)], timeout_s=60)
+    assert done.returncode == 2 and "unknown workload" in done.stderr, done.stdout + done.stderr
 
 
 def test_every_option_has_help() -> None:
     done = _bench(["--help"], timeout_s=60)
     assert done.returncode == 0, done.stderr
-    for option in ("--vs", "--quick", "--runs", "--json", "--skip-raftseq", "--window", "--nats-window", "--rates", "--kills"):
+    for option in ("--vs", "--quick", "--runs", "--json", "--skip-raftseq", "--window", "--nats-window", "--rates", "--kills",
+                   "--stream-messages", "--subscribers", "--subscriber-processes", "--fanout-rate", "--fanout-seconds"):
         assert option in done.stdout, option
     bad = _bench(["--vs", "etcd"], timeout_s=60)
     assert bad.returncode == 2 and "unknown peer" in bad.stderr, bad.stderr

@@ -26,10 +26,22 @@ Workloads (one run each; ``python -m benchmarks`` repeats and takes medians):
   publish failed or got no ack within ``ACK_TIMEOUT_S``: while publishes fail it probes with the
   oldest failed message every ``RETRY_DELAY_S``, and once an ack arrives it resends all of them
   (a retry per message and timer would flood the servers while the stream has no leader).
-* ``replay`` -- messages/s delivered to an ordered push consumer reading the stream from the
-  start (``js.subscribe(..., ordered_consumer=True)``).
 
-    python -m benchmarks.peers.nats [throughput] [latency] [failover] [replay] [--quick]
+The stream workloads share one cluster whose stream is filled once with ``--stream-messages``
+publishes (``StreamCluster``, the counterpart of ``bench_stream.FilledCluster``):
+
+* ``replay`` -- messages/s delivered to an ordered push consumer reading the stream from the
+  start (``js.subscribe(..., ordered_consumer=True)``) on a connection to a server that is not
+  the stream leader.
+* ``recovery`` -- SIGKILL of a server that is not the stream leader, then start it again: time
+  until it answers its monitoring endpoint, until ``/healthz`` says ok, and until the stream
+  leader reports its replica ``current`` again.
+* ``fanout`` -- ``--subscribers`` ordered push consumers in ``--subscriber-processes``
+  processes on the two non-leader servers, live while one client publishes at
+  ``--fanout-rate``: messages delivered per second in total, whether every consumer got every
+  message, CPU of each server (from /proc).
+
+    python -m benchmarks.peers.nats [throughput] [latency] [failover] [replay] [recovery] [fanout] [--quick]
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from array import array  # noqa: E402
 from collections import deque  # noqa: E402
@@ -98,6 +111,16 @@ RECONNECT_TIME_WAIT_S = 0.1
 #: nats-py's default ``publish_async_max_pending``.
 NATS_WINDOW_DEFAULT = 4000
 APT_LOCK_TIMEOUT_S = 120
+WORKLOADS = ("throughput", "latency", "failover", "replay", "recovery", "fanout")
+#: Served by one filled stream (``StreamCluster``), in this order.
+STREAM_WORKLOADS = ("replay", "recovery", "fanout")
+STREAM_MESSAGES_DEFAULT = 5_000_000
+STREAM_MESSAGES_QUICK = 5_000
+FANOUT_RATE_DEFAULT = 10_000
+FANOUT_SECONDS_DEFAULT = 10.0
+FANOUT_SECONDS_QUICK = 1.0
+FANOUT_SUBSCRIBERS_DEFAULT = 100
+FANOUT_PROCESSES_DEFAULT = 4
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -575,7 +598,9 @@ class NatsLoad:
                 if sent < limit and not future.done():
                     future.cancel()  # -> _done -> resubmit
 
-    async def run(self, rate_per_s: float, *, duration_s: float) -> None:
+    async def run(self, rate_per_s: float, *, duration_s: float, max_messages: int | None = None) -> None:
+        """Publish at `rate_per_s` for `duration_s` (or until `max_messages` are sent), then
+        wait for the outstanding acks."""
         loop = asyncio.get_running_loop()
         helpers = [loop.create_task(self._watch_timeouts()), loop.create_task(self._resubmit_failed())] if self.retry else []
         try:
@@ -584,9 +609,11 @@ class NatsLoad:
             monotonic = time.monotonic
             while not self._stop:
                 now = monotonic()
-                if now - t0 >= duration_s:
+                if now - t0 >= duration_s or (max_messages is not None and len(self.first_sent) >= max_messages):
                     break
                 due = int((now - t0) * rate_per_s) + 1
+                if max_messages is not None:
+                    due = min(due, max_messages)
                 while len(self.first_sent) < due and not self._stop:
                     index = len(self.first_sent)
                     self.intended.append(t0 + index * interval)
@@ -733,61 +760,413 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
     }
 
 
-# --- 4. replay ----------------------------------------------------------------------------
+# --- 4. stream workloads: replay, recovery, fanout -----------------------------------------
+
+#: Acks awaited together while filling the stream (bounds the futures held at once).
+FILL_CHUNK = 20_000
+#: Recovery: the longest wait for a restarted server, and the poll interval.
+RECOVERY_TIMEOUT_S = 120.0
+RECOVERY_POLL_S = 0.02
+#: Fanout: how long consumers may take, beyond the publishing time, to receive every message
+#: (counted from their subscribing; the publisher starts right after).
+FANOUT_DRAIN_S = 60.0
+HTTP_TIMEOUT_S = 1.0
+
+
+async def fill_stream(js, *, messages: int, payload: bytes, timeout_s: float) -> float:
+    """`messages` pipelined publishes without a ``Nats-Msg-Id`` (the stream holds only the
+    payloads, as raftseq's journal holds only its records), acks awaited ``FILL_CHUNK`` at a
+    time; each ack's stream sequence must be the next one. Returns the seconds taken."""
+    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    info = await js.stream_info(STREAM)
+    first = info.state.last_seq + 1
+    sent = 0
+    while sent < messages:
+        count = min(FILL_CHUNK, messages - sent)
+        futures = [await js.publish_async(SUBJECT, payload) for _ in range(count)]
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise BenchError(f"{NAME} fill: stuck after {timeout_s:.0f} s ({sent:,} of {messages:,} acknowledged)") from None
+        seqs = [a.seq for a in acks]
+        expect(seqs == list(range(first + sent, first + sent + count)),
+               f"{NAME} fill: acks {seqs[0]}..{seqs[-1]} for messages {first + sent}..{first + sent + count - 1}")
+        sent += count
+    return time.monotonic() - started
+
+
+def _http_get(url: str) -> tuple[int, bytes]:
+    """(status, body) of one GET; (0, b"") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(directory, name))
+            except OSError:
+                pass
+    return total
+
+
+class StreamCluster:
+    """A NATS cluster whose stream holds `messages` messages, serving the stream workloads in
+    turn, as ``bench_stream.FilledCluster`` does for raftseq: one fill for replay, recovery and
+    fanout. A context manager with ``measure(name)``; its own event loop (``asyncio.Runner``)
+    keeps the servers and the benchmark's connection between the calls."""
+
+    def __init__(self, opts: argparse.Namespace, root: str, *, messages: int) -> None:
+        self.opts = opts
+        self.root = root
+        self.messages = messages
+        self.directory = ""
+        self.nc: NatsCluster | None = None
+        self.runner: asyncio.Runner | None = None
+        self.last = 0
+        self.fill_s = 0.0
+
+    def __enter__(self) -> StreamCluster:
+        server = ensure_nats_server()
+        self.runner = asyncio.Runner()
+        try:
+            self.directory = tempfile.mkdtemp(prefix="nats-stream-", dir=self.root)
+            self.nc = NatsCluster(self.directory, "cluster", server=server)
+            self.runner.run(self.nc.__aenter__())
+            self.runner.run(self._fill())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.nc is not None:
+            try:
+                self.runner.run(asyncio.wait_for(self.nc.aclose(), 10))
+            except BaseException:  # noqa: BLE001 - the servers are stopped by pid next
+                pass
+            self.nc.children.close()
+            self.nc = None
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = ""
+
+    async def _fill(self) -> None:
+        print(f"    {NAME}: filling the stream with {self.messages:,} messages of {self.opts.payload_bytes} B ...", flush=True)
+        writer = await connect(self.nc.urls, name="fill")
+        try:
+            js = writer.jetstream(publish_async_max_pending=self.opts.nats_window)
+            self.fill_s = await fill_stream(js, messages=self.messages, payload=b"x" * self.opts.payload_bytes,
+                                            timeout_s=max(self.opts.run_timeout_s, self.messages / 5_000))
+        finally:
+            await writer.close()
+        self.last = self.messages
+        await self.nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+        print(f"    {NAME}: filled in {self.fill_s:.1f} s ({self.messages / self.fill_s:,.0f} msg/s)", flush=True)
+
+    def measure(self, name: str) -> dict:
+        stream = {"filled": self.messages, "fill_s": round(self.fill_s, 2), "last_seq_before": self.last}
+        work = {"replay": self._replay, "recovery": self._recovery, "fanout": self._fanout}[name]
+        return {**self.runner.run(work()), "stream": stream}
+
+    # --- replay -------------------------------------------------------------------------------
+
+    async def _replay(self) -> dict:
+        """Messages/s to an ordered push consumer reading the stream from the start, on a
+        connection to a server that is not the stream leader; ``opts.runs`` reads."""
+        nc, count, opts = self.nc, self.last, self.opts
+        leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+        follower = next(n for n in NODE_IDS if n != leader)
+        print(f"    {NAME}: replaying {count:,} messages on {follower} (stream leader {leader})", flush=True)
+        rates, placed = [], []
+        timeout_s = max(opts.run_timeout_s, count / 5_000)
+        for r in range(opts.runs):
+            reader = await connect([nc.url(follower)], name=f"replay-{r}")
+            try:
+                rjs = reader.jetstream()
+                got = 0
+                last_seq = 0
+                done = asyncio.Event()
+
+                async def on_message(msg) -> None:
+                    nonlocal got, last_seq
+                    got += 1
+                    if got == count:
+                        last_seq = msg.metadata.sequence.stream
+                        done.set()
+
+                started = time.monotonic()
+                sub = await rjs.subscribe(SUBJECT, ordered_consumer=True, cb=on_message)
+                try:
+                    await asyncio.wait_for(done.wait(), timeout_s)
+                except TimeoutError:
+                    raise BenchError(f"{NAME} replay: {got:,} of {count:,} messages after {timeout_s:.0f} s") from None
+                seconds = time.monotonic() - started
+                placed.append(await _consumer_server(sub))
+                await sub.unsubscribe()
+            finally:
+                await reader.close()
+            expect(last_seq == count, f"{NAME} replay: message {count:,} had stream sequence {last_seq}")
+            rates.append(count / seconds)
+            print(f"    {NAME} replay run {r + 1}: {count / seconds:,.0f} msg/s ({count:,} in {seconds:.2f} s; "
+                  f"consumer on {placed[-1]}, load avg {load_average()[:1]})", flush=True)
+        return {"messages": count, "runs": rates, "messages_per_s": statistics.median(rates), **_min_max(rates),
+                "fill_s": self.fill_s, "reader_on": "follower", "reader_server": follower, "stream_leader": leader, "consumer_on": placed}
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    async def _recovery(self) -> dict:
+        """SIGKILL a server that is not the stream leader (nor, when avoidable, the meta leader),
+        start it again and time: until it answers its monitoring endpoint (``/varz``), until
+        ``/healthz`` says ok, and until the stream leader reports its replica ``current`` (seen
+        since the restart) while its own ``/jsz`` shows all messages; ``opts.runs`` times."""
+        nc, opts, count = self.nc, self.opts, self.last
+        figures: dict[str, list[float]] = {"answers_s": [], "healthy_s": [], "current_s": []}
+        runs = []
+        for r in range(opts.runs):
+            leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+            meta = await asyncio.to_thread(nc.meta_leader, leader)
+            candidates = [n for n in NODE_IDS if n != leader]
+            victim = next((n for n in candidates if n != meta), candidates[0])
+            store_bytes = _directory_bytes(os.path.join(nc._config_dir, victim))
+            nc.kill(victim)  # SIGKILL, and reaped
+            started = time.monotonic()
+            nc.start_node(victim)
+            found = await self._watch_restart(victim, started, count)
+            runs.append({"server": victim, "stream_leader": leader, "was_meta_leader": victim == meta, "store_bytes": store_bytes, **found})
+            for key in figures:
+                figures[key].append(found[key])
+            print(f"    {NAME} recovery run {r + 1}: {victim} ({store_bytes / 1e6:,.0f} MB of store) answers after {found['answers_s']:.2f} s, "
+                  f"/healthz ok after {found['healthy_s']:.2f} s, replica current after {found['current_s']:.2f} s "
+                  f"(load avg {load_average()[:1]})", flush=True)
+        return {"messages": count, "runs": runs, **{k: {"median": statistics.median(v), **_min_max(v)} for k, v in figures.items()}}
+
+    async def _watch_restart(self, victim: str, started: float, count: int) -> dict:
+        nc = self.nc
+        http = f"http://127.0.0.1:{nc.ports[victim]['http']}"
+        found: dict[str, float] = {}
+        deadline = started + RECOVERY_TIMEOUT_S
+        last = ""
+        while len(found) < 3:
+            now = time.monotonic()
+            if now > deadline:
+                raise BenchError(f"{NAME} recovery: {victim} after {RECOVERY_TIMEOUT_S:.0f} s: {found or 'no answer'}; last {last}\n{nc.log_tails()}")
+            if "answers_s" not in found:
+                status, _ = await asyncio.to_thread(_http_get, f"{http}/varz")
+                if status:
+                    found["answers_s"] = time.monotonic() - started
+            if "answers_s" in found and "healthy_s" not in found:
+                status, body = await asyncio.to_thread(_http_get, f"{http}/healthz")
+                if status == 200:
+                    found["healthy_s"] = time.monotonic() - started
+                last = f"/healthz {status} {body[:200]!r}"
+            if "answers_s" in found and "current_s" not in found and await self._replica_current(victim, http, count, since_s=time.monotonic() - started):
+                found["current_s"] = time.monotonic() - started
+            await asyncio.sleep(RECOVERY_POLL_S)
+        return found
+
+    async def _replica_current(self, victim: str, http: str, count: int, *, since_s: float) -> bool:
+        """The stream leader reports `victim`'s replica current, not offline, heard from within
+        `since_s` (after the restart), and `victim`'s own ``/jsz`` shows the stream's last
+        message."""
+        try:
+            leader, replicas = await self.nc.stream_leader(timeout_s=1.0)
+        except Exception:  # noqa: BLE001 - no leader for a moment, or the admin connection reconnecting
+            return False
+        mine = [p for p in replicas if p.name == victim]
+        if leader == victim or not mine or not mine[0].current or mine[0].offline or (mine[0].active or 0) / 1e9 > since_s:
+            return False
+        status, body = await asyncio.to_thread(_http_get, f"{http}/jsz?streams=true")
+        if status != 200:
+            return False
+        try:
+            details = json.loads(body).get("account_details") or []
+            states = [s.get("state", {}) for a in details for s in a.get("stream_detail") or [] if s.get("name") == STREAM]
+        except (ValueError, AttributeError):
+            return False
+        return bool(states) and states[0].get("last_seq", 0) >= count
+
+    # --- fanout -------------------------------------------------------------------------------
+
+    async def _fanout(self) -> dict:
+        """``opts.subscribers`` ordered push consumers in ``opts.subscriber_processes`` processes,
+        connected to the two servers that are not the stream leader, live while one client
+        publishes ``fanout_rate * fanout_seconds`` messages at ``fanout_rate``: messages
+        delivered per second in total, whether every consumer got every message, CPU of each
+        server. Consumers that have not received everything ``fanout_seconds + FANOUT_DRAIN_S``
+        after subscribing are reported, not waited for."""
+        nc, opts = self.nc, self.opts
+        leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+        others = [n for n in NODE_IDS if n != leader]
+        expected = int(opts.fanout_rate * opts.fanout_seconds)
+        info = await asyncio.wait_for(nc.js.stream_info(STREAM), 5)
+        from_seq = info.state.last_seq + 1
+        until_seq = from_seq + expected - 1
+        processes = min(opts.subscriber_processes, opts.subscribers)
+        per_process = [opts.subscribers // processes + (1 if k < opts.subscribers % processes else 0) for k in range(processes)]
+        wait_s = opts.fanout_seconds + FANOUT_DRAIN_S
+        deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
+        workers = []
+        try:
+            for k, subscribers in enumerate(per_process):
+                spec = {"url": nc.url(others[k % len(others)]), "server": others[k % len(others)], "index": k, "subscribers": subscribers,
+                        "from_seq": from_seq, "until_seq": until_seq, "start_timeout_s": START_TIMEOUT_S, "wait_s": wait_s}
+                workers.append(nc.children.start(f"fanout-sub{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats", "--fanout-worker", json.dumps(spec)], pipes=True))
+            placement: dict[str, int] = {}
+            for k, w in enumerate(workers):
+                line = await asyncio.to_thread(read_line, w, deadline)
+                expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
+                for server, n in json.loads(line[len("ready "):]).items():
+                    placement[server] = placement.get(server, 0) + n
+            publisher = await connect(nc.urls, name="fanout-publisher")
+            try:
+                js = publisher.jetstream(publish_async_max_pending=opts.nats_window)
+                load = NatsLoad(js, run="fanout", payload=b"x" * opts.payload_bytes, retry=False)
+                before, t0 = cpu_times(nc.pids), time.monotonic()
+                started_wall = time.time()
+                await load.run(opts.fanout_rate, duration_s=opts.fanout_seconds + DRAIN_TIMEOUT_S, max_messages=expected)
+            finally:
+                await publisher.close()
+            expect(not load.errors and load.acked == expected, f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}")
+            outcomes = []
+            for k, w in enumerate(workers):
+                line = await asyncio.to_thread(read_line, w, deadline)
+                expect(bool(line), f"{NAME} fanout subscriber process {k + 1}: no outcome (stuck)")
+                outcomes.append(json.loads(line))
+            cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    try:
+                        await asyncio.to_thread(w.wait, 5)
+                    except subprocess.TimeoutExpired:
+                        pass  # Children.close() stops it
+        errors = [o["error"] for o in outcomes if "error" in o]
+        expect(not errors, f"{NAME} fanout subscriber processes failed: {errors[:2]}")
+        counts = [c for o in outcomes for c in o["counts"]]
+        last_seqs = [s for o in outcomes for s in o["last_seqs"]]
+        complete = sum(1 for c, s in zip(counts, last_seqs) if c == expected and s == until_seq)
+        delivered = sum(min(c, expected) for c in counts)
+        seconds = max(o["finished"] for o in outcomes) - started_wall
+        cpu["subscribers"] = round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0  # all the subscriber processes together
+        result = {
+            "subscribers": opts.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds,
+            "delivered_per_s": delivered / seconds if seconds > 0 else 0.0, "offered_per_s": opts.fanout_rate,
+            "subscriber_processes": processes, "complete": complete == len(counts), "subscribers_complete": complete,
+            "fewest_received": min(counts) if counts else 0, "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
+            "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
+            "connected_to": others, "consumer_placement": placement, "cpu": cpu, "stream_leader": leader,
+        }
+        print(f"    {NAME} fanout: {opts.subscribers} ordered consumers on {' and '.join(others)} (placed {placement}), {expected:,} messages at "
+              f"{opts.fanout_rate:,}/s: {delivered:,} delivered in {seconds:.1f} s = {result['delivered_per_s']:,.0f} msg/s; "
+              f"{complete} of {len(counts)} got every message; cpu {cpu_text(cpu)}", flush=True)
+        return result
+
+
+def _min_max(values: list[float]) -> dict:
+    return {"min": min(values), "max": max(values)}
+
+
+async def _consumer_server(sub) -> str:
+    """The server that holds an ordered consumer (its R1 group's leader), or "" when unknown."""
+    try:
+        info = await asyncio.wait_for(sub.consumer_info(), 2)
+        return (info.cluster.leader or "") if info.cluster else ""
+    except Exception:  # noqa: BLE001 - only reported
+        return ""
+
+
+def _fanout_worker_main(spec_json: str) -> int:
+    """A fanout subscriber process: `subscribers` ordered push consumers from `from_seq` on one
+    server; says ``ready {placement}`` once all exist, then prints one JSON line when each has
+    received up to `until_seq` (or ``wait_s`` passed): per consumer the count and the stream
+    sequence of its last message, and the wall time of the last message received."""
+    spec = json.loads(spec_json)
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    async def work() -> dict:
+        nc = await connect([spec["url"]], name=f"fanout-{spec['index']}")
+        try:
+            js = nc.jetstream(timeout=spec["start_timeout_s"])
+            n = spec["subscribers"]
+            expected = spec["until_seq"] - spec["from_seq"] + 1
+            counts = [0] * n
+            last_seqs = [0] * n
+            remaining = n
+            finished = 0.0
+            done = asyncio.Event()
+
+            def make_callback(k: int):
+                async def on_message(msg) -> None:
+                    nonlocal remaining, finished
+                    counts[k] += 1
+                    finished = time.time()
+                    if counts[k] == expected:
+                        last_seqs[k] = msg.metadata.sequence.stream
+                        remaining -= 1
+                        if not remaining:
+                            done.set()
+                return on_message
+
+            subs = []
+            for k in range(n):
+                config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=spec["from_seq"])
+                subs.append(await js.subscribe(SUBJECT, ordered_consumer=True, cb=make_callback(k), config=config))
+            placement: dict[str, int] = {}
+            for sub in subs:
+                server = await _consumer_server(sub) or "unknown"
+                placement[server] = placement.get(server, 0) + 1
+            print("ready " + json.dumps(placement), flush=True)
+            cpu_start = time.process_time()
+            try:
+                await asyncio.wait_for(done.wait(), spec["wait_s"])
+            except TimeoutError:
+                pass
+            slow = sum(1 for e in nc._bench_errors if "SlowConsumer" in e)
+            return {"counts": counts, "last_seqs": last_seqs, "finished": finished or time.time(), "slow_consumers": slow,
+                    "client_errors": nc._bench_errors[:3],
+                    "cpu_s": time.process_time() - cpu_start}
+        finally:
+            await asyncio.wait_for(nc.close(), 10)
+
+    try:
+        outcome = asyncio.run(work())
+    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(outcome), flush=True)
+    return 0
+
+
+def _stream_workload(name: str, opts: argparse.Namespace, root: str) -> dict:
+    with StreamCluster(opts, root, messages=opts.stream_messages) as stream:
+        return stream.measure(name)
 
 
 def replay(opts: argparse.Namespace, root: str) -> dict:
-    """Messages/s to an ordered push consumer reading the whole stream from the start, on a
-    connection to a server that is not the stream leader; ``opts.runs`` reads of one stream."""
-    server = ensure_nats_server()
-    payload = b"x" * opts.payload_bytes
-    count = opts.replay_messages
+    """Replay on a cluster of its own (``StreamCluster`` serves several stream workloads)."""
+    return _stream_workload("replay", opts, root)
 
-    async def run() -> dict:
-        async with NatsCluster(root, f"nats-replay-{time.monotonic_ns()}", server=server) as nc:
-            writer = await connect(nc.urls, name="fill")
-            try:
-                js = writer.jetstream(publish_async_max_pending=opts.nats_window)
-                filled_at = time.monotonic()
-                await publish_many(js, run="fill", messages=count, payload=payload, timeout_s=max(opts.run_timeout_s, count / 5_000))
-                fill_s = time.monotonic() - filled_at
-            finally:
-                await writer.close()
-            leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
-            follower = next(n for n in NODE_IDS if n != leader)
-            print(f"    {NAME}: stream filled with {count:,} messages in {fill_s:.1f} s; reading on {follower} (stream leader {leader})", flush=True)
-            rates = []
-            for r in range(getattr(opts, "replay_runs", 1)):
-                reader = await connect([nc.url(follower)], name=f"replay-{r}")
-                try:
-                    rjs = reader.jetstream()
-                    got = 0
-                    last_seq = 0
-                    done = asyncio.Event()
 
-                    async def on_message(msg) -> None:
-                        nonlocal got, last_seq
-                        got += 1
-                        last_seq = msg.metadata.sequence.stream if got == count else last_seq
-                        if got >= count:
-                            done.set()
+def recovery(opts: argparse.Namespace, root: str) -> dict:
+    return _stream_workload("recovery", opts, root)
 
-                    started = time.monotonic()
-                    sub = await rjs.subscribe(SUBJECT, ordered_consumer=True, cb=on_message)
-                    try:
-                        await asyncio.wait_for(done.wait(), max(opts.run_timeout_s, count / 5_000))
-                    except TimeoutError:
-                        raise BenchError(f"{NAME} replay: {got:,} of {count:,} messages after {opts.run_timeout_s:.0f} s") from None
-                    seconds = time.monotonic() - started
-                    await sub.unsubscribe()
-                finally:
-                    await reader.close()
-                expect(last_seq == count, f"{NAME} replay: message {count:,} had stream sequence {last_seq}")
-                rates.append(count / seconds)
-                print(f"    {NAME} replay run {r + 1}: {count / seconds:,.0f} msg/s ({count:,} in {seconds:.2f} s)", flush=True)
-        return {"messages": count, "runs": rates, "messages_per_s": statistics.median(rates), "fill_s": fill_s, "reader_on": "follower"}
 
-    return asyncio.run(run())
+def fanout(opts: argparse.Namespace, root: str) -> dict:
+    return _stream_workload("fanout", opts, root)
 
 
 # --- standalone command -------------------------------------------------------------------
@@ -805,7 +1184,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add("--kills", type=int, default=None, help="leader kills (default 10; --quick 2)")
     add("--failover-rate", type=int, default=2000, help="offered rate during the kills (default 2000)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which leader the failover workload kills (default stream)")
-    add("--replay-messages", type=int, default=None, help="messages in the replayed stream (default 200,000; --quick 5,000)")
+    add("--runs", type=int, default=None, help="reads of the replay and restarts of the recovery workload; the median is the figure (default 3; --quick 1)")
+    add("--stream-messages", "--replay-messages", dest="stream_messages", type=int, default=None,
+        help=f"messages in the stream of replay, recovery and fanout (default {STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
+    add("--fanout-rate", type=int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered msg/s of the publisher (default {FANOUT_RATE_DEFAULT:,})")
+    add("--fanout-seconds", type=float, default=None, help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
+    add("--subscribers", type=int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
+    add("--subscriber-processes", type=int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
     add("--run-timeout-s", type=float, default=120.0, help="a run taking longer is stuck (default 120)")
 
 
@@ -819,8 +1204,12 @@ def resolve(opts: argparse.Namespace) -> None:
         opts.latency_seconds = 1.0 if quick else 10.0
     if opts.kills is None:
         opts.kills = 2 if quick else 10
-    if opts.replay_messages is None:
-        opts.replay_messages = 5_000 if quick else 200_000
+    if opts.runs is None:
+        opts.runs = 1 if quick else 3
+    if opts.stream_messages is None:
+        opts.stream_messages = STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT
+    if opts.fanout_seconds is None:
+        opts.fanout_seconds = FANOUT_SECONDS_QUICK if quick else FANOUT_SECONDS_DEFAULT
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -829,15 +1218,18 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nats", description="NATS JetStream R3 baseline (see the module doc).")
-    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="throughput, latency, failover and/or replay (default all)")
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(WORKLOADS)} (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--json", default="", help="also write the figures as JSON to this file")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--fanout-worker", default="", help=argparse.SUPPRESS)
     add_options(parser)
     opts = parser.parse_args(argv)
     if opts.worker:
         return _worker_main(opts.worker)
-    known = ("throughput", "latency", "failover", "replay")
+    if opts.fanout_worker:
+        return _fanout_worker_main(opts.fanout_worker)
+    known = WORKLOADS
     unknown = set(opts.workloads) - set(known)
     if unknown:
         parser.error(f"unknown workload(s) {sorted(unknown)}")
@@ -846,8 +1238,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"setup": ensure_setup(), "load_average_start": load_average()}
     print(f"{NAME}: {report['setup']}", flush=True)
     root = tempfile.mkdtemp(prefix="raftseq-bench-nats-")
+    names = [w for w in WORKLOADS if w in (opts.workloads or known)]
     try:
-        for name in opts.workloads or known:
+        for name in names:
+            if name in STREAM_WORKLOADS:
+                continue
             print(f"{NAME} {name}", flush=True)
             if name == "throughput":
                 report[name] = throughput(opts, root, payload_bytes=opts.payload_bytes)
@@ -855,10 +1250,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {key:<12} {v['messages_per_s']:>10,.0f} msg/s  cpu {cpu_text(v['cpu_share'])}", flush=True)
             elif name == "latency":
                 report[name] = latency(opts, root)
-            elif name == "failover":
-                report[name] = failover(opts, root)
             else:
-                report[name] = replay(opts, root)
+                report[name] = failover(opts, root)
+        streamed = [w for w in names if w in STREAM_WORKLOADS]
+        if streamed:
+            with StreamCluster(opts, root, messages=opts.stream_messages) as stream:  # one fill for all of them
+                for name in streamed:
+                    print(f"{NAME} {name}", flush=True)
+                    report[name] = stream.measure(name)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report["load_average_end"] = load_average()
