@@ -186,6 +186,9 @@ def _submit_frames(pendings: list[_Pending]) -> bytes:
     return b"".join(parts)
 
 
+_HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
+
+
 class _Link:
     """One open connection to a node, after the handshake."""
 
@@ -196,6 +199,18 @@ class _Link:
         self.welcome = welcome
         self.framer = framer
         self.early = early  # frames that arrived together with the welcome
+        self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000
+        self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+
+    def heartbeat_if_due(self) -> None:
+        """The node closes a connection that sends nothing for its idle timeout, and sends a
+        heartbeat itself at least every interval: called after each read, this answers with
+        one per interval (a subscriber, or an idle client, sends nothing else)."""
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat_interval_s
+            if not self.writer.transport.is_closing():
+                self.writer.write(_HEARTBEAT)
 
     def close(self) -> None:
         try:
@@ -537,6 +552,7 @@ class SequencerClient:
             data = await link.reader.read(262144)
             if not data:
                 raise ConnectionError("closed by node")
+            link.heartbeat_if_due()
             for frame in link.framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
                     raise ConnectionError(f"bad frame from node: {frame.detail}")
@@ -743,6 +759,7 @@ async def subscribe(
                 data = await asyncio.wait_for(link.reader.read(262144), heartbeat_timeout_s)
                 if not data:
                     raise ConnectionError("closed by node")
+                link.heartbeat_if_due()
                 frames = link.framer.feed(data)
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.info("subscription on %s interrupted at %d: %s", address, expected, exc)

@@ -26,7 +26,7 @@ import msgspec
 import pytest
 from cluster_harness import ClusterHarness, JournalContents, RawConnection, StreamRecorder, pipeline, running_cluster  # noqa: F401
 
-from clients import BlockingSequencerClient, Rejected, SequencerClient
+from clients import BlockingSequencerClient, Rejected, SequencerClient, subscribe
 from cluster.config import GatewayConfig
 from cluster.local import free_base_port
 from sequencer import protocol
@@ -728,3 +728,48 @@ def test_free_base_port_stays_out_of_the_ephemeral_port_range():
     assert not inside, (
         f"free_base_port chose {len(inside)} ports inside the ephemeral range {low}..{high}, e.g. (seed, port) {inside[:5]}"
     )
+
+
+QUICK_IDLE = {"gateway": {"idle_timeout_ms": 1000, "heartbeat_interval_ms": 200}}
+
+
+@pytest.mark.parametrize("running_cluster", [QUICK_IDLE], indirect=True, ids=["idle-timeout-1s"])
+def test_idle_clients_and_subscribers_keep_their_connections(running_cluster):
+    """The node closes a connection that sends nothing for its idle timeout. A client with
+    nothing to submit and a subscriber (which never submits) answer the node's heartbeats, so
+    neither is cut off and resumed while the cluster is quiet."""
+    h = running_cluster
+    h.wait_for_leader()
+    quiet_s = 3 * QUICK_IDLE["gateway"]["idle_timeout_ms"] / 1000
+
+    class Resumes:
+        count = 0
+
+        def attach(self, client) -> None:
+            pass
+
+        def detach(self, client) -> None:
+            pass
+
+        def subscription_resumed(self) -> None:
+            self.count += 1
+
+    async def story() -> None:
+        resumes = Resumes()
+        async with SequencerClient(h.endpoints, session="quiet", token=h.token) as client:
+            seq = await client.submit(b"the only message")
+            received = []
+
+            async def read() -> None:
+                async for message in subscribe(h.endpoints, token=h.token, prefer=h.endpoints[-1], metrics=resumes):
+                    received.append(message.seq)
+
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(quiet_s)  # the quiet stretch itself is what is tested
+            reader.cancel()
+            assert received == [seq]
+            assert client.reconnects == 0, f"an idle client lost its connection {client.reconnects} times"
+            assert resumes.count == 0, f"an idle subscriber was cut off {resumes.count} times"
+            assert await client.submit(b"after the quiet") == seq + 1
+
+    asyncio.run(asyncio.wait_for(story(), 30))
