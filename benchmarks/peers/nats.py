@@ -72,6 +72,7 @@ import urllib.request  # noqa: E402
 from array import array  # noqa: E402
 from collections import deque  # noqa: E402
 
+from benchmarks.bench_cluster import run_precise  # noqa: E402
 from benchmarks.peers.common import (  # noqa: E402
     LATENCY_WARMUP_S,
     BenchError,
@@ -671,7 +672,7 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
                       + latency_line("", figures["latency"]).strip() + f"; cpu {cpu_text(cpu)}", flush=True)
         return result
 
-    return asyncio.run(run())
+    return run_precise(run())
 
 
 # --- 3. failover --------------------------------------------------------------------------
@@ -745,7 +746,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
             finally:
                 await client.close()
 
-    outcome = asyncio.run(run())
+    outcome = run_precise(run())
     kills = outcome["kills"]
     failovers = [k["failover_s"] for k in kills]
     gaps = [k["ack_gap_s"] for k in kills]
