@@ -144,8 +144,13 @@ class Batcher:
         committed = self._committed
 
         def on_commit(result: object, error: int) -> None:  # inside a Raft tick, on the loop
-            assert not self._proposing, "a commit reported before its propose call returned"
-            committed(batch_id, result, error)
+            try:
+                assert not self._proposing, "a commit reported before its propose call returned"
+                committed(batch_id, result, error)
+            except Exception as exc:  # noqa: BLE001 - pysyncobj would apply the entry again
+                from cluster.replica import fail_stop
+
+                fail_stop("answering committed batch %d: %r", batch_id, exc)
 
         self._proposing = True
         try:

@@ -12,7 +12,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
+
+from pysyncobj import SyncObjException
 
 from cluster.batcher import Batcher
 from cluster.catchup import CatchUp
@@ -30,6 +33,20 @@ log = logging.getLogger("raftseq.node")
 
 class RaftLogUnreadable(Exception):
     """pysyncobj could not open the node's Raft log."""
+
+
+class RaftAddressUnavailable(Exception):
+    """The node's Raft address cannot be listened on."""
+
+
+def _listen_problem(address: str) -> str:
+    """Why ``address`` cannot be listened on (pysyncobj only says that it could not)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_server((host, int(port))).close()
+    except OSError as exc:
+        return str(exc)
+    return "pysyncobj could not bind it"
 
 
 def discard_raft_log(config: NodeConfig) -> str:
@@ -188,6 +205,13 @@ class Node:
                 on_restored=self.wake_subscribers,
                 votes_blocked_s=self.votes_blocked_s,
             )
+        except SyncObjException as exc:
+            if exc.args != ("BindError",):
+                raise
+            log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
+            await self.gateway.stop()
+            self.journal.close()
+            raise RaftAddressUnavailable(self.config.raft_address) from None
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
             log.critical(
                 "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
@@ -304,6 +328,8 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
 
 #: Exit code of a node whose Raft log cannot be opened.
 EXIT_RAFT_LOG_UNREADABLE = 3
+#: Exit code of a node that cannot listen on its Raft address.
+EXIT_RAFT_ADDRESS_UNAVAILABLE = 4
 
 
 def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
@@ -327,4 +353,6 @@ def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int
         asyncio.run(main())
     except RaftLogUnreadable:
         return EXIT_RAFT_LOG_UNREADABLE
+    except RaftAddressUnavailable:
+        return EXIT_RAFT_ADDRESS_UNAVAILABLE
     return 0

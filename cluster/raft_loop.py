@@ -17,6 +17,7 @@ time: nothing in the node needs a lock for them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pysyncobj.syncobj
@@ -25,49 +26,69 @@ from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 _READ_OR_ERROR = POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
 
 
+class _Subscription:
+    __slots__ = ("callback", "generation", "reading", "writing")
+
+    def __init__(self, generation: int) -> None:
+        self.callback: Callable[[int, int], None] | None = None
+        self.generation = generation
+        self.reading = False
+        self.writing = False
+
+
 class LoopPoller(Poller):
     """pysyncobj's poller interface on an asyncio loop.
 
     ``subscribe`` registers a socket for the events pysyncobj asks for (the loop reports an
     error condition as readable, where pysyncobj's socket code finds it). ``poll`` returns at
     once: events reach pysyncobj when the loop sees them, each followed by ``after_event()``.
+
+    Every subscription of a descriptor number carries a generation: an event the loop queued
+    for a socket pysyncobj has closed meanwhile (and whose number a new socket may already
+    have) is dropped, never handed to the new socket's callback.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._callbacks: dict[int, Callable[[int, int], None]] = {}
-        self._reading: set[int] = set()
-        self._writing: set[int] = set()
+        self._subscriptions: dict[int, _Subscription] = {}
+        self._generations = itertools.count(1)
         #: Called after pysyncobj handled an event (the replica runs a tick there).
         self.after_event: Callable[[], None] = lambda: None
+        #: Called, inside ``except``, when pysyncobj's event handler raised.
+        self.on_error: Callable[[], None] = lambda: None
 
     def subscribe(self, descr: int, callback: Callable[[int, int], None], eventMask: int) -> None:  # noqa: N803
-        self._callbacks[descr] = callback
+        sub = self._subscriptions.get(descr)
+        if sub is None:
+            sub = self._subscriptions[descr] = _Subscription(next(self._generations))
+        sub.callback = callback
         loop = self._loop
-        if eventMask & _READ_OR_ERROR:
-            if descr not in self._reading:
-                loop.add_reader(descr, self._ready, descr, POLL_EVENT_TYPE.READ)
-                self._reading.add(descr)
-        elif descr in self._reading:
-            loop.remove_reader(descr)
-            self._reading.discard(descr)
-        if eventMask & POLL_EVENT_TYPE.WRITE:
-            if descr not in self._writing:
-                loop.add_writer(descr, self._ready, descr, POLL_EVENT_TYPE.WRITE)
-                self._writing.add(descr)
-        elif descr in self._writing:
-            loop.remove_writer(descr)
-            self._writing.discard(descr)
+        want_read = bool(eventMask & _READ_OR_ERROR)
+        if want_read != sub.reading:
+            if want_read:
+                loop.add_reader(descr, self._ready, descr, sub.generation, POLL_EVENT_TYPE.READ)
+            else:
+                loop.remove_reader(descr)
+            sub.reading = want_read
+        want_write = bool(eventMask & POLL_EVENT_TYPE.WRITE)
+        if want_write != sub.writing:
+            if want_write:
+                loop.add_writer(descr, self._ready, descr, sub.generation, POLL_EVENT_TYPE.WRITE)
+            else:
+                loop.remove_writer(descr)
+            sub.writing = want_write
 
     def unsubscribe(self, descr: int) -> None:
         """pysyncobj closes a socket first and unsubscribes it second: the kernel has dropped
         the descriptor from the loop's epoll set already, and the loop's selector forgets it
-        when it finds it closed (OSError), which is all that is left to do."""
-        self._callbacks.pop(descr, None)
+        when it finds it closed (OSError), which is all that is left to do. An event already
+        queued for it is dropped by its generation."""
+        sub = self._subscriptions.pop(descr, None)
+        if sub is None:
+            return
         loop = self._loop
-        for registered, remove in ((self._reading, loop.remove_reader), (self._writing, loop.remove_writer)):
-            if descr in registered:
-                registered.discard(descr)
+        for registered, remove in ((sub.reading, loop.remove_reader), (sub.writing, loop.remove_writer)):
+            if registered:
                 try:
                     remove(descr)
                 except OSError:
@@ -77,14 +98,17 @@ class LoopPoller(Poller):
         """Nothing to wait for: the loop delivers events as they come."""
 
     def close(self) -> None:
-        for descr in list(self._callbacks):
+        for descr in list(self._subscriptions):
             self.unsubscribe(descr)
 
-    def _ready(self, descr: int, event: int) -> None:
-        callback = self._callbacks.get(descr)
-        if callback is None:
-            return
-        callback(descr, event)
+    def _ready(self, descr: int, generation: int, event: int) -> None:
+        sub = self._subscriptions.get(descr)
+        if sub is None or sub.generation != generation:
+            return  # queued for a socket that is gone
+        try:
+            sub.callback(descr, event)
+        except Exception:  # noqa: BLE001 - as pysyncobj's own poll loop: counted, logged, go on
+            self.on_error()
         self.after_event()
 
 

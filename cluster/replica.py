@@ -40,6 +40,11 @@ setattr(pysyncobj.pickle, "__protocol", 5)
 link_cipher.install()
 
 EXIT_INVARIANT = 70  # a broken invariant: the process stops so that the node restarts clean
+#: Committed entries applied per Raft tick at most. A node replaying a long log (a restart)
+#: applies it in slices, with the loop serving clients, subscribers and Raft messages between.
+APPLY_ENTRIES_PER_TICK = 32
+#: A failing tick is logged at most this often (it is counted every time).
+TICK_FAILURE_LOG_INTERVAL_S = 1.0
 
 
 class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -103,7 +108,9 @@ class SequencerReplica(CorrectedSyncObj):
         self._ticking = False
         self._tick_scheduled = False
         self._tick_timer: asyncio.TimerHandle | None = None
+        self._destroyed = False
         self.ticks_failed = 0
+        self._tick_failure_logged_at = float("-inf")
         self._commit_notify: asyncio.TimerHandle | None = None
         self._commit_index_sent = 0
         os.makedirs(config.raft_dir, exist_ok=True)
@@ -128,6 +135,9 @@ class SequencerReplica(CorrectedSyncObj):
             commandsQueueSize=r.commands_queue_size,
             autoTick=False,
             pollerType=self._poller,
+            # One attempt: a Raft address that cannot be bound fails the start (pysyncobj's
+            # default retries forever, in a busy loop when it does not tick on a thread).
+            maxBindRetries=1,
             autoTickPeriod=r.tick_period_s,
             dynamicMembershipChange=False,
             onStateChanged=self._state_changed,
@@ -137,21 +147,32 @@ class SequencerReplica(CorrectedSyncObj):
         super().__init__(config.raft_address, [p.raft_address for p in config.peers], conf)
         self.addOnTickCallback(self._hand_over_if_asked)
         self._poller.after_event = self._tick_now
+        self._poller.on_error = self.tick_failed
         self._tick_timer = loop.call_soon(self._timer_tick)
 
     # --- driving pysyncobj from the loop (cluster.raft_loop) -------------------------------
 
     def _tick_now(self) -> None:
         """One pysyncobj tick: commit index, apply, AppendEntries, queued proposals."""
+        if self._destroyed:
+            return
         assert not self._ticking, "a Raft tick started inside another"
         self._ticking = True
         try:
             self._onTick(0.0)
         except Exception:  # noqa: BLE001 - as pysyncobj's own tick thread: log and go on
-            self.ticks_failed += 1
-            log.exception("Raft tick failed")
+            self.tick_failed()
         finally:
             self._ticking = False
+
+    def tick_failed(self) -> None:
+        """Count an exception out of pysyncobj (a tick, or its handling of a socket event) and
+        log it, at most once per ``TICK_FAILURE_LOG_INTERVAL_S``."""
+        self.ticks_failed += 1
+        now = time.monotonic()
+        if now - self._tick_failure_logged_at >= TICK_FAILURE_LOG_INTERVAL_S:
+            self._tick_failure_logged_at = now
+            log.exception("Raft tick failed (%d failures so far)", self.ticks_failed)
 
     def _tick_soon(self) -> None:
         if not self._tick_scheduled:
@@ -163,8 +184,11 @@ class SequencerReplica(CorrectedSyncObj):
         self._tick_now()
 
     def _timer_tick(self) -> None:
-        self._tick_now()
-        self._tick_timer = self._loop.call_later(self.node_config.raft.tick_period_s, self._timer_tick)
+        try:
+            self._tick_now()
+        finally:
+            if not self._destroyed:
+                self._tick_timer = self._loop.call_later(self.node_config.raft.tick_period_s, self._timer_tick)
 
     def _applyCommand(self, command, callback, commandType=None):  # noqa: N802,N803 (pysyncobj's names)
         """pysyncobj's, without its pipe wake-up: a tick on the loop takes the command."""
@@ -173,18 +197,46 @@ class SequencerReplica(CorrectedSyncObj):
         try:
             self._SyncObj__commandsQueue.put_nowait((command, callback))
         except queue.Full:
-            self._SyncObj__callErrCallback(FAIL_REASON.QUEUE_FULL, callback)
+            # Reported on the loop's next turn, never from inside the caller's propose call.
+            self._loop.call_soon(self._SyncObj__callErrCallback, FAIL_REASON.QUEUE_FULL, callback)
             return
         self._tick_soon()
 
     def destroy(self) -> None:
         """Close pysyncobj's sockets and stop ticking (on the loop's thread)."""
+        self._destroyed = True
         for handle in (self._tick_timer, self._commit_notify):
             if handle is not None:
                 handle.cancel()
         self._tick_timer = self._commit_notify = None
         super().destroy()
         self._poller.close()
+        # pysyncobj's pipe wake-up, built in its constructor, is unused here (``_applyCommand``).
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
+            descr = getattr(notifier, name, None)
+            if descr is not None:
+                os.close(descr)
+                setattr(notifier, name, None)
+
+    # --- applying in slices ---------------------------------------------------------------
+
+    def _raftseq_apply_committed(self):
+        """pysyncobj applies every committed entry in one go: after a restart, thousands of
+        batches with the loop blocked (no status answers, no subscribers, no heartbeats read).
+        At most ``APPLY_ENTRIES_PER_TICK`` here; the next tick, right after the loop's other
+        work, takes the next slice."""
+        commit = self._SyncObj__raftCommitIndex
+        limit = self._SyncObj__raftLastApplied + APPLY_ENTRIES_PER_TICK
+        if commit <= limit:
+            return super()._SyncObj__applyLogEntries()
+        self._SyncObj__raftCommitIndex = limit  # what pysyncobj's apply reads; restored below
+        try:
+            need_send = super()._SyncObj__applyLogEntries()
+        finally:
+            self._SyncObj__raftCommitIndex = commit
+        self._tick_soon()
+        return need_send
 
     # --- telling the followers what committed ---------------------------------------------
 
@@ -193,7 +245,7 @@ class SequencerReplica(CorrectedSyncObj):
         new commit index: a second round trip per batch, on every node's CPU. Here the leader
         waits ``commit_notify_delay_s`` first: a batch proposed meanwhile (at any steady rate,
         the next one) carries the commit index, and the extra round is sent only when none came."""
-        need_send = super()._SyncObj__applyLogEntries()
+        need_send = self._raftseq_apply_committed()
         delay = self.node_config.raft.commit_notify_delay_s
         if need_send and delay and self._SyncObj__raftState == LEADER:
             if self._commit_notify is None:

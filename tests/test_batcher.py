@@ -351,9 +351,22 @@ def test_commits_reply_in_order_on_the_loop():
     run(story)
 
 
-def test_a_commit_reported_inside_propose_is_a_bug():
+class NodeStopped(Exception):
+    """Stands in for ``fail_stop`` (which ends the process)."""
+
+
+@pytest.fixture
+def stops(monkeypatch) -> None:
+    def fail_stop(message: str, *args: object) -> None:
+        raise NodeStopped(message % args)
+
+    monkeypatch.setattr("cluster.replica.fail_stop", fail_stop)
+
+
+def test_a_commit_reported_inside_propose_stops_the_node(stops):
     """A Raft tick reports commits; proposing only queues a command for the next tick. A commit
-    reported before ``propose`` returns would re-enter the batcher mid-proposal."""
+    reported before ``propose`` returns would re-enter the batcher mid-proposal: a bug, and the
+    node stops (inside pysyncobj's apply an exception would have the entry applied again)."""
 
     class InlineRaft(FakeRaft):
         def propose(self, data: bytes, callback) -> None:
@@ -363,9 +376,24 @@ def test_a_commit_reported_inside_propose_is_a_bug():
     async def story():
         raft, replies = InlineRaft(), Replies()
         batcher = make_batcher(raft)
-        with pytest.raises(AssertionError, match="before its propose call returned"):
+        with pytest.raises(NodeStopped, match="before its propose call returned"):
             batcher.offer(replies.submit("alpha", 1))
         assert replies.got == []
+
+    run(story)
+
+
+def test_a_failing_reply_stops_the_node_instead_of_raising_into_raft(stops):
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        batcher = make_batcher(raft)
+
+        def broken_reply(client_seq: int, outcome: object) -> None:
+            raise RuntimeError("reply failed")
+
+        batcher.offer(PendingSubmit("alpha", 1, b"x", broken_reply))
+        with pytest.raises(NodeStopped, match="reply failed"):
+            raft.commit(raft.proposals[0])
 
     run(story)
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import msgspec
 import pytest
+from pysyncobj import SyncObjException
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-from cluster.config import NodeConfig
+import cluster.replica as replica_module
+from cluster.config import NodeConfig, to_toml
 from cluster.local import free_base_port, local_configs
 from cluster.raft_loop import LoopPoller
 from cluster.replica import SequencerReplica
@@ -24,6 +30,7 @@ from sequencer.core import SequencerCore
 from sequencer.journal import FsyncPolicy, Journal
 from sequencer.machine import ApplyResult, SequencerMachine
 
+ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0  # upper bound on waiting for something that should happen within a second
 
 
@@ -177,6 +184,159 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
                 assert sends["count"] >= 2 * batches - 1, sends
             for journal in journals[1:]:
                 assert list(journal.records(1)) == list(journals[0].records(1)), "every member journaled the same records"
+        finally:
+            for replica in replicas:
+                replica.destroy()
+            for journal in journals:
+                journal.close()
+
+    run(story)
+
+
+# --- events for sockets that are gone, failing handlers -------------------------------------
+
+
+class RecordingLoop:
+    """Stands in for the loop: records what the poller registers, so that a test can deliver an
+    event the way the loop would, including one queued before its socket went away."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, tuple] = {}
+        self.writers: dict[int, tuple] = {}
+
+    def add_reader(self, fd, callback, *args):
+        self.readers[fd] = (callback, args)
+
+    def add_writer(self, fd, callback, *args):
+        self.writers[fd] = (callback, args)
+
+    def remove_reader(self, fd):
+        return self.readers.pop(fd, None) is not None
+
+    def remove_writer(self, fd):
+        return self.writers.pop(fd, None) is not None
+
+
+def deliver(registration: tuple) -> None:
+    callback, args = registration
+    callback(*args)
+
+
+def test_an_event_queued_for_a_closed_socket_never_reaches_the_next_socket_on_its_number():
+    loop = RecordingLoop()
+    poller = LoopPoller(loop)
+    calls: list[str] = []
+    poller.subscribe(7, lambda fd, event: calls.append(f"old {event}"), POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE)
+    stale_write = loop.writers[7]  # the loop has queued this event already
+
+    poller.unsubscribe(7)  # pysyncobj closed the socket
+    poller.subscribe(7, lambda fd, event: calls.append(f"new {event}"), POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR)
+    deliver(stale_write)
+    assert calls == [], "a WRITE for the closed socket reached the new one"
+
+    deliver(loop.readers[7])
+    assert calls == [f"new {POLL_EVENT_TYPE.READ}"]
+
+
+def test_a_failing_event_handler_is_reported_and_the_tick_still_runs():
+    loop = RecordingLoop()
+    poller = LoopPoller(loop)
+    seen: list[str] = []
+    poller.after_event = lambda: seen.append("tick")
+
+    def on_error() -> None:
+        seen.append(f"error {sys.exc_info()[1]}")
+
+    poller.on_error = on_error
+
+    def handler(fd: int, event: int) -> None:
+        raise KeyError("unknown node")
+
+    poller.subscribe(3, handler, POLL_EVENT_TYPE.READ)
+    deliver(loop.readers[3])
+    assert seen == ["error 'unknown node'", "tick"]
+
+
+# --- starting ---------------------------------------------------------------------------------
+
+
+def test_a_taken_raft_address_fails_the_start_at_once(tmp_path):
+    """pysyncobj retries a failed bind forever by default; without its tick thread that is a
+    busy loop that never returns. The replica makes one attempt and raises."""
+
+    async def story():
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            config = local_configs(str(tmp_path), free_base_port(), insecure=False)[0]
+            config = msgspec.structs.replace(config, raft_address=f"127.0.0.1:{taken.getsockname()[1]}")
+            journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
+            core = SequencerCore(SequencerMachine(config.machine.machine_config()), journal)
+            started = time.monotonic()
+            with pytest.raises(SyncObjException, match="BindError"):
+                SequencerReplica(config, core, loop=asyncio.get_running_loop(), on_applied=lambda result: None)
+            assert time.monotonic() - started < 5
+            journal.close()
+
+    run(story)
+
+
+def test_a_node_whose_raft_address_is_taken_exits_4_and_says_why(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        config = local_configs(str(tmp_path), free_base_port(), insecure=False)[0]
+        config = msgspec.structs.replace(config, raft_address=f"127.0.0.1:{taken.getsockname()[1]}", metrics_address="")
+        path = tmp_path / "n1.toml"
+        path.write_text(to_toml(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "node", "--config", str(path)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+    assert done.returncode == 4, (done.returncode, done.stderr[-2000:])
+    assert "cannot listen for Raft on 127.0.0.1:" in done.stderr and "in use" in done.stderr, done.stderr[-2000:]
+
+
+# --- applying a long log in slices ----------------------------------------------------------
+
+
+def test_a_restarted_member_replays_its_log_in_slices(tmp_path, monkeypatch):
+    """A member restarted with a long committed log applies it a slice per tick, so its loop
+    keeps serving in between; it still ends with the same journal as the others."""
+    monkeypatch.setattr(replica_module, "APPLY_ENTRIES_PER_TICK", 4)
+    batches = 40
+
+    async def story():
+        loop = asyncio.get_running_loop()
+        replicas, journals = make_replicas(tmp_path, loop, {})
+        try:
+            await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
+            leader = next(r for r in replicas if r._isLeader())
+            for client_seq in range(1, batches + 1):
+                result, error = await asyncio.wait_for(propose(leader, client_seq), WAIT_S)
+                assert error == 0
+            await wait_until(lambda: all(j.last_seq == batches for j in journals), "every journal at the last batch")
+
+            # Restart a follower from its files: its Raft log holds every batch, committed.
+            index = next(i for i, r in enumerate(replicas) if r is not leader)
+            follower = replicas[index]
+            config = follower.node_config
+            follower.destroy()
+            journals[index].close()
+            journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
+            core = SequencerCore(SequencerMachine(config.machine.machine_config()), journal)
+            restarted = SequencerReplica(config, core, loop=loop, on_applied=lambda result: None)
+            replicas[index], journals[index] = restarted, journal
+            slices: list[int] = []
+            original = restarted._SyncObj__applyLogEntries
+
+            def recording_apply():
+                before = restarted._SyncObj__raftLastApplied
+                result = original()
+                if restarted._SyncObj__raftLastApplied > before:
+                    slices.append(restarted._SyncObj__raftLastApplied - before)
+                return result
+
+            restarted._SyncObj__applyLogEntries = recording_apply
+            await wait_until(lambda: core.machine.last_seq == batches, "the restarted member's machine at the last batch")
+            assert slices and max(slices) <= 4 and len(slices) >= batches // 4, slices
+            assert list(journal.records(1)) == list(journals[0].records(1))
         finally:
             for replica in replicas:
                 replica.destroy()
