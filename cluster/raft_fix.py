@@ -28,6 +28,12 @@ Raft's rules, which ``CorrectedSyncObj`` enforces around pysyncobj's own handler
   starts the election. A node answers no while it hears from a leader (or is one). pysyncobj
   has no pre-vote: a node back from a partition, or losing one direction of a link, raised
   its term and forced an election on a healthy cluster (seen by the chaos suite).
+* A node answers an AppendEntries of an older term with its own term, and a leader that hears
+  of a newer term steps down to it (Raft's rule; pysyncobj ignores the message without an
+  answer). Pre-vote made this necessary: a node whose term had got ahead anyway (its pre-vote
+  granted while a slow leader went unheard, its vote requests then lost) could neither win a
+  pre-vote (the others hear their leader) nor accept that leader's messages (an older term),
+  and stayed a candidate for good (seen by the chaos soak).
 * A piece of an InstallSnapshot (pysyncobj sends it as an AppendEntries without
   ``prevLogIdx``) does not raise the commit index over the log the follower holds: that log
   is unverified, and may end in entries a deposed leader wrote that no majority holds.
@@ -69,6 +75,7 @@ _FOLLOWER = 0  # pysyncobj's _RAFT_STATE.FOLLOWER
 _CANDIDATE = 1
 PRE_VOTE = "raftseq_pre_vote"
 PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
+NEWER_TERM = "raftseq_newer_term"
 
 assert pysyncobj.syncobj._RAFT_STATE.LEADER == LEADER
 assert (pysyncobj.syncobj._RAFT_STATE.FOLLOWER, pysyncobj.syncobj._RAFT_STATE.CANDIDATE) == (_FOLLOWER, _CANDIDATE)
@@ -91,6 +98,8 @@ class CorrectedSyncObj(SyncObj):
     raftseq_snapshot_commits_refused = 0
     raftseq_elections_deferred = 0
     raftseq_pre_votes_lost = 0
+    raftseq_newer_terms_told = 0
+    raftseq_newer_terms_heard = 0
     #: When this node last heard from a leader of its current term (pysyncobj's clock).
     _raftseq_leader_contact = float("-inf")
     #: The term a pre-vote is running for, the nodes that granted it, and the term it was won for.
@@ -172,7 +181,15 @@ class CorrectedSyncObj(SyncObj):
                 self._raftseq_pre_vote_grants = self._raftseq_pre_vote_grants | {node}
                 self._raftseq_count_pre_votes()
             return None
+        if kind == NEWER_TERM:
+            return self._raftseq_hear_newer_term(message)
         if kind == "request_vote" and self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until:
+            return None
+        if kind == "append_entries" and message.get("term", -1) < self._SyncObj__raftCurrentTerm:
+            # A leader of an older term: tell it ours, so that it steps down (pysyncobj would
+            # ignore the message and leave a node whose term got ahead a candidate for good).
+            self.raftseq_newer_terms_told += 1
+            self._SyncObj__transport.send(node, {"type": NEWER_TERM, "term": self._SyncObj__raftCurrentTerm})
             return None
         if kind == "append_entries" and message.get("term", -1) >= self._SyncObj__raftCurrentTerm:
             self._raftseq_leader_contact = _now()
@@ -189,6 +206,16 @@ class CorrectedSyncObj(SyncObj):
                 self.raftseq_next_index_rewinds_refused += 1
             return None
         return _original_on_message(self, node, message)
+
+    def _raftseq_hear_newer_term(self, message) -> None:
+        term = message.get("term")
+        if not isinstance(term, int) or term <= self._SyncObj__raftCurrentTerm:
+            return
+        self.raftseq_newer_terms_heard += 1
+        self._SyncObj__setCurrentTerm(term, None)
+        self._SyncObj__setState(_FOLLOWER)
+        self._SyncObj__raftLeader = None
+        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
 
     def _raftseq_on_append_entries(self, node, message):
         entries = message.get("entries") or []

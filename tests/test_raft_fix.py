@@ -649,3 +649,41 @@ def test_a_leader_handover_skips_the_pre_vote(voter):
     member._onTick(0)
     assert member._SyncObj__raftCurrentTerm == 3
     assert len(outbox.of_type("request_vote")) == 2 and outbox.of_type("raftseq_pre_vote") == []
+
+
+# --- f. a node whose term got ahead ---------------------------------------------------------
+
+
+@BOTH
+def test_a_node_ahead_in_term_tells_an_older_leader(voter, member_class):
+    """A node whose term got ahead (its vote requests lost) ignores the old leader's messages;
+    unless it answers with its term, the leader never learns of it, and with pre-vote (the
+    others hear their leader and refuse) the node stays a candidate for good."""
+    member, peers, outbox = voter(member_class)
+    leader = peers[0]
+    append(member, leader, term=4, prev_idx=1, prev_term=0, new_entries=entries(2, 3, 4), commit_index=3)
+    member._SyncObj__setCurrentTerm(5, None)  # stood for election; the requests were lost
+    before = log_of(member)
+    outbox.sent.clear()
+
+    heartbeat(member, leader, term=4, prev_idx=3, prev_term=4, commit_index=3)
+
+    assert log_of(member) == before and member._SyncObj__raftCurrentTerm == 5
+    told = [(n, m) for n, m in outbox.sent if m.get("type") == "raftseq_newer_term"]
+    if member_class is CorrectedMember:
+        assert told == [(leader, {"type": "raftseq_newer_term", "term": 5})]
+    else:
+        assert outbox.sent == [], "pysyncobj answers nothing: the leader never learns of term 5"
+
+
+def test_a_leader_told_of_a_newer_term_steps_down_to_it(voter):
+    member, peers, outbox = voter(CorrectedMember)
+    member._SyncObj__setCurrentTerm(4, None)
+    member._SyncObj__setState(LEADER_STATE)
+    member._SyncObj__onMessageReceived(peers[1], {"type": "raftseq_newer_term", "term": 4})
+    assert member._SyncObj__raftState == LEADER_STATE, "not newer: ignored"
+
+    member._SyncObj__onMessageReceived(peers[1], {"type": "raftseq_newer_term", "term": 5})
+    assert member._SyncObj__raftState != LEADER_STATE
+    assert member._SyncObj__raftCurrentTerm == 5 and member._getLeader() is None
+    assert counter(member, "raftseq_newer_terms_heard") == 1
