@@ -105,6 +105,19 @@ METRICS = (
         (),
         "Election timeouts renewed after a long run of applies on a follower (Raft correction)",
     ),
+    MetricSpec(
+        "raftseq_raft_newer_terms_told_total",
+        "counter",
+        (),
+        "AppendEntries of an older term answered with this node's term (Raft correction)",
+    ),
+    MetricSpec(
+        "raftseq_raft_newer_terms_heard_total",
+        "counter",
+        (),
+        "Times this node stepped down to a newer term it was told of (Raft correction)",
+    ),
+    MetricSpec("raftseq_raft_ticks_failed_total", "counter", (), "Raft ticks (or socket events) in which pysyncobj raised; each is logged"),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
     # Sequencing.
     MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
@@ -301,6 +314,9 @@ class NodeCollector:
         yield family("raftseq_raft_next_index_rewinds_refused_total", value=getattr(replica, "raftseq_next_index_rewinds_refused", 0))
         yield family("raftseq_raft_snapshot_commits_refused_total", value=getattr(replica, "raftseq_snapshot_commits_refused", 0))
         yield family("raftseq_raft_elections_deferred_total", value=getattr(replica, "raftseq_elections_deferred", 0))
+        yield family("raftseq_raft_newer_terms_told_total", value=getattr(replica, "raftseq_newer_terms_told", 0))
+        yield family("raftseq_raft_newer_terms_heard_total", value=getattr(replica, "raftseq_newer_terms_heard", 0))
+        yield family("raftseq_raft_ticks_failed_total", value=getattr(replica, "ticks_failed", 0))
         yield family("raftseq_leader_changes_total", value=m.leader_changes)
 
         # --- sequencing -------------------------------------------------------------------
