@@ -382,6 +382,18 @@ class BenchCluster:
             return seqs.pop()
         return None
 
+    def wait_converged(self, timeout_s: float = CONVERGE_TIMEOUT_S) -> int | str:
+        """The last_seq every node reports once they agree (followers apply a moment after the
+        leader acknowledges), or a sentence saying they did not within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seq = self.converged_seq()
+            if seq is not None:
+                return seq
+            if time.monotonic() >= deadline:
+                return f"NOT REACHED within {timeout_s:.0f} s"
+            time.sleep(STATUS_POLL_S)
+
     # --- logs -------------------------------------------------------------------------------
 
     def log_sizes(self) -> dict[str, int]:
@@ -875,7 +887,7 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
                 )
         merged = merge_ranges(all_ranges, "throughput workload")
         expect(len(merged) == 1 and merged[0][0] == 1, f"throughput workload: numbers are not one run from 1: {_describe_ranges(merged)}")
-        final = bc.converged_seq()
+        final = bc.wait_converged()
     result: dict = {"messages_per_run": args.messages, "payload_bytes": args.payload_bytes, "variants": {}}
     print()
     for key, title, batch, processes in variants:
@@ -971,7 +983,7 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
             if outcome["reconnects"]:
                 print(f"  {'':<18} client reconnected {outcome['reconnects']} times")
             result["rates"][str(rate)] = outcome
-        final = bc.converged_seq()
+        final = bc.wait_converged()
         expect(final is None or final == total_acked, f"latency workload: nodes hold {final} messages, {total_acked} were acknowledged")
     return result
 
@@ -1117,7 +1129,7 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
             return outcome
 
         outcome = run_precise(run())
-        final = bc.converged_seq()
+        final = bc.wait_converged()
         expect(final is None or final == outcome["seqs"][1], f"failover: nodes hold {final} messages, {outcome['seqs'][1]} were acknowledged")
     failovers = [k["failover_s"] for k in kills]
     gaps = [k["ack_gap_s"] for k in kills]
@@ -1227,7 +1239,7 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
         started = time.monotonic()
         outcome = run_precise(run())
         events = leader_events(bc.log_lines(offsets))
-        final = bc.converged_seq()
+        final = bc.wait_converged()
     log_elections = len([t for t in events["leader_terms"] if t > first["term"]])
     status_elections = len(outcome["status_changes"])
     needless = max(log_elections, status_elections)

@@ -40,9 +40,15 @@ setattr(pysyncobj.pickle, "__protocol", 5)
 link_cipher.install()
 
 EXIT_INVARIANT = 70  # a broken invariant: the process stops so that the node restarts clean
-#: Committed entries applied per Raft tick at most. A node replaying a long log (a restart)
-#: applies it in slices, with the loop serving clients, subscribers and Raft messages between.
-APPLY_ENTRIES_PER_TICK = 32
+#: A node replaying a long log (a restart) applies it in slices of about this many seconds,
+#: with the loop serving clients, subscribers and Raft messages between. Measured with a
+#: follower restarted on 2M messages (4,000 batches to re-apply, 2.9 s of work), time until it
+#: answered a status request: all in one go 3.23 s; slices of 32 batches 0.74 s; of 2 ms 0.43 s;
+#: of 0.5 ms 0.37 s (pysyncobj's own tick thread: 0.35 s). Throughput did not change.
+APPLY_SLICE_S = 0.0005
+#: Committed entries applied per Raft tick at most (the slice is sized from the last one's
+#: cost per entry, between 1 and this).
+APPLY_ENTRIES_PER_TICK = 1024
 #: A failing tick is logged at most this often (it is counted every time).
 TICK_FAILURE_LOG_INTERVAL_S = 1.0
 
@@ -111,6 +117,7 @@ class SequencerReplica(CorrectedSyncObj):
         self._destroyed = False
         self.ticks_failed = 0
         self._tick_failure_logged_at = float("-inf")
+        self._apply_slice = 1  # entries per tick; sized to APPLY_SLICE_S as applies are timed
         self._commit_notify: asyncio.TimerHandle | None = None
         self._commit_index_sent = 0
         os.makedirs(config.raft_dir, exist_ok=True)
@@ -224,18 +231,27 @@ class SequencerReplica(CorrectedSyncObj):
     def _raftseq_apply_committed(self):
         """pysyncobj applies every committed entry in one go: after a restart, thousands of
         batches with the loop blocked (no status answers, no subscribers, no heartbeats read).
-        At most ``APPLY_ENTRIES_PER_TICK`` here; the next tick, right after the loop's other
-        work, takes the next slice."""
+        Here a tick applies a slice of about ``APPLY_SLICE_S`` (sized from the cost per entry
+        of the slice before); the next tick, right after the loop's other work, takes the next."""
         commit = self._SyncObj__raftCommitIndex
-        limit = self._SyncObj__raftLastApplied + APPLY_ENTRIES_PER_TICK
-        if commit <= limit:
+        first = self._SyncObj__raftLastApplied
+        if commit <= first:
             return super()._SyncObj__applyLogEntries()
-        self._SyncObj__raftCommitIndex = limit  # what pysyncobj's apply reads; restored below
-        try:
+        limit = first + self._apply_slice
+        started = time.perf_counter()
+        if commit <= limit:
             need_send = super()._SyncObj__applyLogEntries()
-        finally:
-            self._SyncObj__raftCommitIndex = commit
-        self._tick_soon()
+        else:
+            self._SyncObj__raftCommitIndex = limit  # what pysyncobj's apply reads; restored below
+            try:
+                need_send = super()._SyncObj__applyLogEntries()
+            finally:
+                self._SyncObj__raftCommitIndex = commit
+            self._tick_soon()
+        applied = self._SyncObj__raftLastApplied - first
+        if applied > 0:
+            per_entry_s = (time.perf_counter() - started) / applied
+            self._apply_slice = max(1, min(APPLY_ENTRIES_PER_TICK, int(APPLY_SLICE_S / max(per_entry_s, 1e-7))))
         return need_send
 
     # --- telling the followers what committed ---------------------------------------------
