@@ -150,7 +150,7 @@ def _system_legend(ax, systems: list[str]) -> None:
     import matplotlib.patches
 
     handles = [matplotlib.patches.Patch(color=color(s), label=s) for s in systems]
-    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper left")
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper right")
 
 
 def draw_latency(ax, lines: dict) -> None:
