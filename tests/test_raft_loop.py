@@ -110,6 +110,13 @@ def make_replicas(tmp_path, loop, overrides: dict) -> tuple[list[SequencerReplic
     return replicas, journals
 
 
+def close_all(replicas: list[SequencerReplica], journals: list[Journal]) -> None:
+    for replica in replicas:
+        replica.destroy()
+    for journal in journals:
+        journal.close()
+
+
 async def wait_until(condition, what: str, timeout_s: float = WAIT_S) -> float:
     """Seconds until ``condition()`` held; fails after `timeout_s`."""
     started = time.monotonic()
@@ -185,10 +192,7 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
             for journal in journals[1:]:
                 assert list(journal.records(1)) == list(journals[0].records(1)), "every member journaled the same records"
         finally:
-            for replica in replicas:
-                replica.destroy()
-            for journal in journals:
-                journal.close()
+            close_all(replicas, journals)
 
     run(story)
 
@@ -338,9 +342,6 @@ def test_a_restarted_member_replays_its_log_in_slices(tmp_path, monkeypatch):
             assert slices and max(slices) <= 4 and len(slices) >= batches // 4, slices
             assert list(journal.records(1)) == list(journals[0].records(1))
         finally:
-            for replica in replicas:
-                replica.destroy()
-            for journal in journals:
-                journal.close()
+            close_all(replicas, journals)
 
     run(story)
