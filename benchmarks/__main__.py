@@ -459,6 +459,10 @@ def print_throughput(result: dict, runs: int) -> None:
             print(f"  ratio {name:<36} {r['ratio']:>11.2f}x")
         for line in _goal_lines(p["goals"], lambda x: f"{x:,.2f}x" if x < 1000 else f"{x:,.0f}"):
             print(line)
+    _print_load_range(result)
+
+
+def _print_load_range(result: dict) -> None:
     loads = [x[0] for x in result["load_averages"] if x]
     if loads:
         print(f"  load avg (1 min) at the start of each measurement: {min(loads):.2f} - {max(loads):.2f}")
@@ -480,9 +484,7 @@ def print_latency(result: dict, runs: int) -> None:
             print(f"  {'':>7} ratio {name:<20} p50 {q['p50']:.3g}x  p99 {q['p99']:.3g}x  (lower is better)")
         for line in _goal_lines(r["goals"], lambda x: f"{x:.2f} ms"):
             print(line)
-    loads = [x[0] for x in result["load_averages"] if x]
-    if loads:
-        print(f"  load avg (1 min) at the start of each measurement: {min(loads):.2f} - {max(loads):.2f}")
+    _print_load_range(result)
 
 
 def print_failover(result: dict, kills: int) -> None:

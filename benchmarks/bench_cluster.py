@@ -382,13 +382,14 @@ class BenchCluster:
             return seqs.pop()
         return None
 
-    def wait_converged(self, timeout_s: float = CONVERGE_TIMEOUT_S) -> int | str:
-        """The last_seq every node reports once they agree (followers apply a moment after the
-        leader acknowledges), or a sentence saying they did not within `timeout_s`."""
+    def wait_converged(self, at: int | None = None, timeout_s: float = CONVERGE_TIMEOUT_S) -> int | str:
+        """The last_seq every node reports once they agree (on `at`, if given; followers apply
+        a moment after the leader acknowledges), or a sentence saying they did not within
+        `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             seq = self.converged_seq()
-            if seq is not None:
+            if seq is not None and (at is None or seq == at):
                 return seq
             if time.monotonic() >= deadline:
                 return f"NOT REACHED within {timeout_s:.0f} s"

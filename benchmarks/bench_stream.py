@@ -155,13 +155,10 @@ def fill(bench: cb.BenchCluster, messages: int, payload_bytes: int) -> int:
         in_flight_max=cb.IN_FLIGHT_MAX_DEFAULT, timeout_s=max(120.0, messages / 20_000),
     )
     print(f"  filled in {run.seconds:.1f} s ({run.per_s:,.0f} msg/s); waiting for the followers", flush=True)
-    deadline = time.monotonic() + cb.CONVERGE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        seq = bench.converged_seq()
-        if seq == run.seqs_last:
-            return seq
-        time.sleep(0.2)
-    raise cb.BenchError(f"followers did not reach {run.seqs_last} within {cb.CONVERGE_TIMEOUT_S:.0f} s")
+    seq = bench.wait_converged(at=run.seqs_last)
+    if seq != run.seqs_last:
+        raise cb.BenchError(f"followers did not reach {run.seqs_last}: {seq}")
+    return seq
 
 
 def followers(bench: cb.BenchCluster) -> list[str]:
