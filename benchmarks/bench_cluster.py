@@ -60,9 +60,9 @@ from dataclasses import dataclass
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)  # measure the checkout this file lives in, whatever is installed
 
-from clients import SequencerClient  # noqa: E402
-from cluster.local import LocalCluster, free_base_port, local_configs  # noqa: E402
-from cluster.status import gather_status  # noqa: E402
+from raftseq.clients import SequencerClient  # noqa: E402
+from raftseq.cluster.local import LocalCluster, free_base_port, local_configs  # noqa: E402
+from raftseq.cluster.status import gather_status  # noqa: E402
 
 WORKLOAD_NAMES = ("throughput", "latency", "failover", "elections", "metrics")
 
@@ -235,7 +235,7 @@ def other_raftseq_nodes(own_pids: set[int]) -> int:
                 cmdline = f.read().split(b"\0")
         except OSError:
             continue
-        if b"cluster.cli" in cmdline and b"node" in cmdline:
+        if b"raftseq.cluster.cli" in cmdline and b"node" in cmdline:
             count += 1
     return count
 

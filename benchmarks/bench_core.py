@@ -39,10 +39,10 @@ sys.path.insert(0, REPO_DIR)  # measure the checkout this file lives in, whateve
 
 import msgspec  # noqa: E402
 
-from sequencer import limits, protocol  # noqa: E402
-from sequencer.core import SequencerCore  # noqa: E402
-from sequencer.journal import FsyncPolicy, Journal, list_segment_files  # noqa: E402
-from sequencer.machine import SequencerMachine  # noqa: E402
+from raftseq.sequencer import limits, protocol  # noqa: E402
+from raftseq.sequencer.core import SequencerCore  # noqa: E402
+from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files  # noqa: E402
+from raftseq.sequencer.machine import SequencerMachine  # noqa: E402
 
 MESSAGES_DEFAULT = 1_000_000
 FSYNC_MESSAGES_DEFAULT = 200_000
@@ -586,7 +586,7 @@ def load_average() -> list[float]:
 def code_under_test() -> dict:
     """Which ``sequencer`` is measured: its directory, the git commit, whether ``sequencer/``
     has uncommitted changes, and a digest of its source files (equal digests, equal code)."""
-    import sequencer
+    import raftseq.sequencer as sequencer
 
     package_dir = os.path.dirname(os.path.abspath(sequencer.__file__))
     digest = hashlib.sha256()

@@ -47,8 +47,8 @@ if __package__ in (None, ""):  # run as a file: import the package, as ``python 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
-from clients import SequencerClient, subscribe  # noqa: E402
-from sequencer import protocol  # noqa: E402
+from raftseq.clients import SequencerClient, subscribe  # noqa: E402
+from raftseq.sequencer import protocol  # noqa: E402
 
 GOAL_REPLAY_PER_S = 500_000
 GOAL_RECOVERY_S = 5.0

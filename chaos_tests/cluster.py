@@ -54,9 +54,9 @@ from dataclasses import dataclass
 import msgspec
 
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, PASS, DirectionFault, FaultProxy
-from cluster.config import PeerConfig
-from cluster.local import LocalCluster, free_base_port, local_configs
-from cluster.status import gather_status
+from raftseq.cluster.config import PeerConfig
+from raftseq.cluster.local import LocalCluster, free_base_port, local_configs
+from raftseq.cluster.status import gather_status
 
 LEADER_TIMEOUT_S = 15.0
 CONVERGE_TIMEOUT_S = 30.0

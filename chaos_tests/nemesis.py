@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from chaos_tests.cluster import ChaosCluster
 from chaos_tests.proxy import DROP, HOLD, PASS
-from sequencer.journal import list_segment_files
+from raftseq.sequencer.journal import list_segment_files
 
 FaultCallback = Callable[[str, str, dict], None]
 

@@ -33,7 +33,7 @@ from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
 from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
-from sequencer.journal import verify_journal
+from raftseq.sequencer.journal import verify_journal
 
 #: Acknowledgements the workload must reach before the first fault.
 WARMUP_ACKS = 200

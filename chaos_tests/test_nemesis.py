@@ -18,8 +18,8 @@ import pytest
 from chaos_tests.cluster import ChaosCluster, netns_supported, tmpfs_supported, wait_until
 from chaos_tests.nemesis import FLIPS_MAX, Nemesis
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, HOLD, PASS
-from clients import BlockingSequencerClient, NotConnected, OutcomeUnknown
-from sequencer.journal import verify_journal
+from raftseq.clients import BlockingSequencerClient, NotConnected, OutcomeUnknown
+from raftseq.sequencer.journal import verify_journal
 
 LEADER_TIMEOUT_S = 10.0
 SUBMIT_DEADLINE_S = 10.0

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chaos_tests.history import HistoryRecorder
-from clients import SequencerClient
-from clients.client import Rejected
-from cluster.status import node_status
-from sequencer import protocol
+from raftseq.clients import SequencerClient
+from raftseq.clients.client import Rejected
+from raftseq.cluster.status import node_status
+from raftseq.sequencer import protocol
 
 CONNECT_TIMEOUT_S = 1.0
 #: A subscriber that hears nothing (not even a heartbeat) for this long moves to another node.

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Iterator, Sequence
 
-from clients.client import Message, SequencerClient, subscribe
+from raftseq.clients.client import Message, SequencerClient, subscribe
 
 
 class BlockingSequencerClient:

@@ -27,8 +27,8 @@ from typing import Protocol
 
 import msgspec
 
-from sequencer import protocol
-from sequencer.protocol import RejectReason
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
 
 log = logging.getLogger("raftseq.client")
 

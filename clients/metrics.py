@@ -9,8 +9,8 @@ given to it, so nothing on a client's hot path touches a metrics library or a lo
 Usage — create one collector, register it with your registry, give it to your clients::
 
     from prometheus_client import REGISTRY
-    from clients import SequencerClient
-    from clients.metrics import ClientMetricsCollector
+    from raftseq.clients import SequencerClient
+    from raftseq.clients.metrics import ClientMetricsCollector
     collector = ClientMetricsCollector()  # aggregates every client given it
     REGISTRY.register(collector)  # or your own CollectorRegistry
     client = SequencerClient(endpoints, session="oms-1", token=token, metrics=collector)
@@ -39,8 +39,8 @@ from typing import NamedTuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from clients.client import FAILOVER_BUCKETS_S, ClientMetricsSink, SequencerClient
-from sequencer.protocol import RejectReason
+from raftseq.clients.client import FAILOVER_BUCKETS_S, ClientMetricsSink, SequencerClient
+from raftseq.sequencer.protocol import RejectReason
 
 #: At most this many values of the ``client`` label per collector.
 CLIENT_LABELS_MAX = 32

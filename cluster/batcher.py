@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from pysyncobj import FAIL_REASON
 
-from cluster.config import BatcherConfig
-from sequencer import protocol
-from sequencer.machine import ApplyResult
+from raftseq.cluster.config import BatcherConfig
+from raftseq.sequencer import protocol
+from raftseq.sequencer.machine import ApplyResult
 
 log = logging.getLogger("raftseq.batcher")
 
@@ -148,7 +148,7 @@ class Batcher:
                 assert not self._proposing, "a commit reported before its propose call returned"
                 committed(batch_id, result, error)
             except Exception as exc:  # noqa: BLE001 - pysyncobj would apply the entry again
-                from cluster.replica import fail_stop
+                from raftseq.cluster.replica import fail_stop
 
                 fail_stop("answering committed batch %d: %r", batch_id, exc)
 

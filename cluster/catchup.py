@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from sequencer import protocol
+from raftseq.sequencer import protocol
 
 if TYPE_CHECKING:
-    from cluster.node import Node
+    from raftseq.cluster.node import Node
 
 log = logging.getLogger("raftseq.catchup")
 

@@ -11,8 +11,9 @@ import time
 
 import msgspec
 
-from sequencer import limits
-from sequencer.journal import Journal, JournalError, verify_journal
+from raftseq.sequencer import limits
+from raftseq.sequencer.journal import Journal, JournalError, verify_journal
+from raftseq.sequencer.version import __version__
 
 _json = msgspec.json.Encoder()
 
@@ -110,20 +111,20 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, load_config
+    from raftseq.cluster.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, insecure=args.insecure)
     except ConfigError as exc:
         print(f"raftseq node: {exc}", file=sys.stderr)
         return 2
-    from cluster.node import run_node
+    from raftseq.cluster.node import run_node
 
     return run_node(config, discard_raft_log_first=args.discard_raft_log)
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from cluster.local import run_cluster_up
+    from raftseq.cluster.local import run_cluster_up
 
     return run_cluster_up(args)
 
@@ -145,7 +146,7 @@ def _endpoints(values: list[str]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.status import gather_status, print_status
+    from raftseq.cluster.status import gather_status, print_status
 
     endpoints = _endpoints(args.endpoints or [os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)])
     report = gather_status(endpoints, token=args.token, timeout_s=args.timeout)
@@ -157,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from clients import BlockingSequencerClient, SequencerError
+    from raftseq.clients import BlockingSequencerClient, SequencerError
 
     endpoints = _endpoints([args.endpoints])
     payloads = [p.encode() for p in args.payload] if args.payload else [line.rstrip("\n").encode() for line in sys.stdin]
@@ -172,7 +173,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from clients import BlockingSequencerClient, SequencerError
+    from raftseq.clients import BlockingSequencerClient, SequencerError
 
     endpoints = _endpoints([args.endpoints])
     try:
@@ -196,7 +197,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster import demo
+    from raftseq.cluster import demo
 
     return demo.run(args)
 
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftseq",
         description="raftseq: a highly available sequencer. One global, gapless sequence number per message.",
     )
+    parser.add_argument("--version", action="version", version=f"raftseq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -295,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default 2)")
     status.set_defaults(func=cmd_status)
 
-    from cluster.top import add_parser as add_top_parser
+    from raftseq.cluster.top import add_parser as add_top_parser
 
     add_top_parser(sub)
 
-    from cluster.sm_cli import add_parser as add_sm_parser
+    from raftseq.cluster.sm_cli import add_parser as add_sm_parser
 
     add_sm_parser(sub)
 

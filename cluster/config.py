@@ -11,9 +11,9 @@ from typing import Annotated
 
 import msgspec
 
-from sequencer import limits
-from sequencer.journal import FsyncPolicy
-from sequencer.limits import MachineConfig
+from raftseq.sequencer import limits
+from raftseq.sequencer.journal import FsyncPolicy
+from raftseq.sequencer.limits import MachineConfig
 
 Address = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]+:\d{1,5}$")]
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]

@@ -14,10 +14,10 @@ import shutil
 import tempfile
 import time
 
-from sequencer import limits, protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import Journal, verify_journal
-from sequencer.machine import Outcome, SequencerMachine
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import Journal, verify_journal
+from raftseq.sequencer.machine import Outcome, SequencerMachine
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,14 +25,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from cluster.batcher import CommitOutcome, PendingSubmit
-from sequencer import limits, protocol
-from sequencer.journal import JournalCorruptError
-from sequencer.machine import EntryResult, Outcome
-from sequencer.protocol import RejectReason
+from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal import JournalCorruptError
+from raftseq.sequencer.machine import EntryResult, Outcome
+from raftseq.sequencer.protocol import RejectReason
 
 if TYPE_CHECKING:
-    from cluster.node import Node
+    from raftseq.cluster.node import Node
 
 log = logging.getLogger("raftseq.gateway")
 
@@ -419,7 +419,7 @@ class Gateway:
                         continue
                 await node.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
-            from cluster.replica import fail_stop
+            from raftseq.cluster.replica import fail_stop
 
             fail_stop("journal read for a subscriber: %s", exc)
         except (ConnectionError, asyncio.CancelledError):

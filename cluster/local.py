@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from cluster.config import NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.config import NodeConfig, PeerConfig, to_toml
 
 RESTART_DELAY_S = 1.0
 STOP_GRACE_S = 5.0
@@ -178,7 +178,7 @@ class LocalCluster:
         return self.nodes[0].config.client_token
 
     def start_node(self, node: LocalNode) -> None:
-        command = [*node.command_prefix, sys.executable, "-m", "cluster.cli", "node", "--config", node.config_path]
+        command = [*node.command_prefix, sys.executable, "-P", "-m", "raftseq.cluster.cli", "node", "--config", node.config_path]
         if self.insecure:
             command.append("--insecure")
         log = open(node.log_path, "ab")
@@ -293,7 +293,7 @@ def run_cluster_up(args) -> int:
         print(cluster.describe(), flush=True)
         if args.demo:
             print("demo traffic: 3 sessions submitting, one subscriber on a follower; Ctrl-C stops everything", flush=True)
-            from cluster.demo_traffic import run_demo_traffic
+            from raftseq.cluster.demo_traffic import run_demo_traffic
 
             asyncio.run(run_demo_traffic(cluster, stop, rate_per_s=args.demo_rate))
         else:

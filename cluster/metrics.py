@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 if TYPE_CHECKING:
-    from cluster.node import Node
+    from raftseq.cluster.node import Node
 
 REFUSAL_REASONS = (
     "busy",

@@ -17,16 +17,16 @@ import time
 
 from pysyncobj import SyncObjException
 
-from cluster.batcher import Batcher
-from cluster.catchup import CatchUp
-from cluster.config import NodeConfig
-from cluster.gateway import Gateway
-from cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
-from cluster.replica import SequencerReplica
-from sequencer import protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import FsyncPolicy, Journal
-from sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.cluster.batcher import Batcher
+from raftseq.cluster.catchup import CatchUp
+from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.gateway import Gateway
+from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
+from raftseq.cluster.replica import SequencerReplica
+from raftseq.sequencer import protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
 log = logging.getLogger("raftseq.node")
 

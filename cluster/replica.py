@@ -24,12 +24,12 @@ import pysyncobj.pickle
 from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from cluster import link_cipher
-from cluster.config import NodeConfig
-from cluster.raft_loop import LoopPoller
-from cluster.raft_fix import LEADER, CorrectedSyncObj
-from sequencer.core import SequencerCore
-from sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
+from raftseq.cluster import link_cipher
+from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.raft_loop import LoopPoller
+from raftseq.cluster.raft_fix import LEADER, CorrectedSyncObj
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
 log = logging.getLogger("raftseq.replica")
 

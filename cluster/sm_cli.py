@@ -31,7 +31,7 @@ import time
 
 import msgspec
 
-from sequencer import protocol
+from raftseq.sequencer import protocol
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 _json = msgspec.json.Encoder()
@@ -240,7 +240,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 #: The module that records and verifies (``clients`` is installed with ``cluster``).
-CONFORMANCE_MODULE = "clients.sm.conformance"
+CONFORMANCE_MODULE = "raftseq.clients.sm.conformance"
 
 
 def conformance_argv(args: argparse.Namespace) -> list[str]:

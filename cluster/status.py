@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sequencer import protocol
+from raftseq.sequencer import protocol
 
 
 async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status") -> dict:

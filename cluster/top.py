@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cluster.status import node_status
+from raftseq.cluster.status import node_status
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -460,7 +460,7 @@ def _wall_time() -> str:
 
 
 def run_top(args: argparse.Namespace) -> int:
-    from cluster.cli import DEFAULT_ENDPOINTS, _endpoints
+    from raftseq.cluster.cli import DEFAULT_ENDPOINTS, _endpoints
 
     endpoints = _endpoints(args.endpoints or [os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)])
     if not endpoints:

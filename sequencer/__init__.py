@@ -4,12 +4,14 @@ Pure of I/O but for the journal's files: no sockets, threads, asyncio or clocks 
 passed in where one is needed), no pysyncobj, no metrics.
 """
 
-from sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
-from sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalCursor, JournalError, RecoveryReport
-from sequencer.limits import MachineConfig
-from sequencer.machine import ApplyResult, EntryResult, Outcome, SequencerMachine, SnapshotError
+from raftseq.sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
+from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalCursor, JournalError, RecoveryReport
+from raftseq.sequencer.limits import MachineConfig
+from raftseq.sequencer.machine import ApplyResult, EntryResult, Outcome, SequencerMachine, SnapshotError
+from raftseq.sequencer.version import __version__
 
 __all__ = [
+    "__version__",
     "ApplyResult",
     "EntryResult",
     "FsyncPolicy",

@@ -9,9 +9,9 @@ journal holds at the same numbers mean two histories: a broken invariant, raised
 
 from __future__ import annotations
 
-from sequencer.journal import Journal, JournalError
-from sequencer.protocol import HEADER, HEADER_BYTES
-from sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.journal import Journal, JournalError
+from raftseq.sequencer.protocol import HEADER, HEADER_BYTES
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
 
 class JournalDivergenceError(JournalError):

@@ -31,7 +31,7 @@ from typing import Literal
 
 import msgspec
 
-from sequencer import limits, protocol
+from raftseq.sequencer import limits, protocol
 
 HEADER = protocol.HEADER
 HEADER_BYTES = protocol.HEADER_BYTES

@@ -40,8 +40,8 @@ from collections import OrderedDict, deque
 
 import msgspec
 
-from sequencer import limits, protocol
-from sequencer.limits import MachineConfig
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.limits import MachineConfig
 
 #: 2: the state-machine snapshot index (``snapshots``, ``uploads``) follows the sessions.
 #: ``restore`` reads format 1 (no index) and 2.

@@ -34,7 +34,7 @@ from typing import Annotated, Union
 
 import msgspec
 
-from sequencer import limits
+from raftseq.sequencer import limits
 
 PROTOCOL_VERSION = 1
 BATCH_FORMAT_VERSION = 1

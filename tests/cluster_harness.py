@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from clients import Message, SequencerClient, subscribe
-from cluster.local import LocalCluster, free_base_port
-from cluster.status import gather_status
-from sequencer import protocol
-from sequencer.journal import Journal, VerifyReport, list_segment_files, verify_journal
+from raftseq.clients import Message, SequencerClient, subscribe
+from raftseq.cluster.local import LocalCluster, free_base_port
+from raftseq.cluster.status import gather_status
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import Journal, VerifyReport, list_segment_files, verify_journal
 
 LEADER_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.05

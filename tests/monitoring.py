@@ -18,7 +18,7 @@ from types import ModuleType
 
 from prometheus_client import ProcessCollector
 
-from cluster import metrics
+from raftseq.cluster import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

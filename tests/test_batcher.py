@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import pytest
 from pysyncobj import FAIL_REASON
 
-from cluster.batcher import Batcher, CommitOutcome, PendingSubmit
-from cluster.config import BatcherConfig
-from sequencer import protocol
-from sequencer.machine import ApplyResult, EntryResult, Outcome
+from raftseq.cluster.batcher import Batcher, CommitOutcome, PendingSubmit
+from raftseq.cluster.config import BatcherConfig
+from raftseq.sequencer import protocol
+from raftseq.sequencer.machine import ApplyResult, EntryResult, Outcome
 
 WAIT_S = 5.0  # upper bound on waiting for an event that should come at once
 
@@ -360,7 +360,7 @@ def stops(monkeypatch) -> None:
     def fail_stop(message: str, *args: object) -> None:
         raise NodeStopped(message % args)
 
-    monkeypatch.setattr("cluster.replica.fail_stop", fail_stop)
+    monkeypatch.setattr("raftseq.cluster.replica.fail_stop", fail_stop)
 
 
 def test_a_commit_reported_inside_propose_stops_the_node(stops):

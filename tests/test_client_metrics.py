@@ -19,11 +19,11 @@ from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients import Message, OutcomeUnknown, Rejected, SequencerClient, subscribe
-from clients.client import FAILOVER_BUCKETS_S, DurationHistogram
-from clients.metrics import CLIENT_LABELS_MAX, METRICS, ClientMetricsCollector
-from sequencer import protocol
-from sequencer.protocol import RejectReason, Role
+from raftseq.clients import Message, OutcomeUnknown, Rejected, SequencerClient, subscribe
+from raftseq.clients.client import FAILOVER_BUCKETS_S, DurationHistogram
+from raftseq.clients.metrics import CLIENT_LABELS_MAX, METRICS, ClientMetricsCollector
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason, Role
 
 UNREACHABLE = ["127.0.0.1:9"]  # never dialled: these clients are not connected
 FRAME_TIMEOUT_S = 5.0

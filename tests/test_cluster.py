@@ -26,11 +26,11 @@ import msgspec
 import pytest
 from cluster_harness import ClusterHarness, JournalContents, RawConnection, StreamRecorder, pipeline, running_cluster  # noqa: F401
 
-from clients import BlockingSequencerClient, Rejected, SequencerClient, subscribe
-from cluster.config import GatewayConfig
-from cluster.local import free_base_port
-from sequencer import protocol
-from sequencer.protocol import RejectReason
+from raftseq.clients import BlockingSequencerClient, Rejected, SequencerClient, subscribe
+from raftseq.cluster.config import GatewayConfig
+from raftseq.cluster.local import free_base_port
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
 
 MESSAGES_PER_CLIENT = 10_000
 CLIENT_COUNT = 3

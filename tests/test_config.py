@@ -14,9 +14,9 @@ import tomllib
 import msgspec
 import pytest
 
-from cluster.config import BatcherConfig, ConfigError, NodeConfig, PeerConfig, RaftConfig, load_config, parse_config, to_toml
-from cluster.local import local_configs
-from sequencer import limits
+from raftseq.cluster.config import BatcherConfig, ConfigError, NodeConfig, PeerConfig, RaftConfig, load_config, parse_config, to_toml
+from raftseq.cluster.local import local_configs
+from raftseq.sequencer import limits
 
 # --- helpers: one per verb ------------------------------------------------------------------
 

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sequencer import limits, protocol
-from sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
-from sequencer.journal import Journal, JournalError, verify_journal
-from sequencer.limits import MachineConfig
-from sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
+from raftseq.sequencer.journal import Journal, JournalError, verify_journal
+from raftseq.sequencer.limits import MachineConfig
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
 SECOND = 1_000_000_000
 NAMES = ["alpha", "bravo", "charlie"]

@@ -20,7 +20,7 @@ from monitoring import (
     node_sample_names,
 )
 
-from cluster import metrics
+from raftseq.cluster import metrics
 
 
 def unknown_metrics(dashboard: dict, exported: frozenset[str]) -> list[str]:

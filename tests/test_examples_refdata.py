@@ -16,12 +16,12 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
 
-from clients.sm import MessageTypes, encode_message  # noqa: E402
+from raftseq.clients.sm import MessageTypes, encode_message  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.demo import run_demo  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
 from examples.refdata.messages import TYPES, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentUpdated  # noqa: E402
-from sequencer import protocol  # noqa: E402
+from raftseq.sequencer import protocol  # noqa: E402
 
 
 def test_three_processes_end_the_day_with_identical_reference_data(tmp_path):

@@ -16,11 +16,11 @@ import zlib
 
 import pytest
 
-from sequencer import journal as journal_mod
-from sequencer import limits, protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
-from sequencer.machine import SequencerMachine
+from raftseq.sequencer import journal as journal_mod
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
+from raftseq.sequencer.machine import SequencerMachine
 
 SEGMENT_BYTES = limits.SEGMENT_BYTES_MIN
 HEADER = protocol.HEADER

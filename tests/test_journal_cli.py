@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from cluster import cli
-from sequencer import journal as journal_mod
-from sequencer import limits, protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import Journal
-from sequencer.machine import SequencerMachine
+from raftseq.cluster import cli
+from raftseq.sequencer import journal as journal_mod
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import Journal
+from raftseq.sequencer.machine import SequencerMachine
 
 MESSAGES = 300
 

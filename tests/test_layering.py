@@ -49,7 +49,7 @@ SEQUENCER_FORBIDDEN = (
 CLIENTS_FORBIDDEN = ("cluster", "pysyncobj", "prometheus_client", *NEVER_IMPORTED)
 # Modules of the sequencer package that clients may use. protocol imports limits and
 # re-exports it as `protocol.limits`; importing it directly changes nothing.
-CLIENTS_MAY_USE = ("sequencer.protocol", "sequencer.limits")
+CLIENTS_MAY_USE = ("sequencer.protocol", "sequencer.limits", "sequencer.version")
 # The one exception: the opt-in metrics collector may import prometheus_client. Nothing else in
 # clients/ may, so that applications that do not opt in never load it.
 CLIENTS_METRICS_MODULE = "clients.metrics"
@@ -101,15 +101,25 @@ def imports_of(source: str, *, path: str = "<string>", module: str = "", is_pack
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [Import(path, node.lineno, alias.name, importer=module) for alias in node.names]
+            found += [Import(path, node.lineno, source_name(alias.name), importer=module) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             name = _resolve_relative(package, node.level, node.module) if node.level else (node.module or "")
-            found.append(Import(path, node.lineno, name, tuple(a.name for a in node.names if a.name != "*"), importer=module))
+            found.append(Import(path, node.lineno, source_name(name), tuple(a.name for a in node.names if a.name != "*"), importer=module))
         elif isinstance(node, ast.Call) and node.args and _is_dynamic_import(node.func):
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                found.append(Import(path, node.lineno, first.value, importer=module))
+                found.append(Import(path, node.lineno, source_name(first.value), importer=module))
     return found
+
+
+#: The three source folders are installed as subpackages of one namespace (pyproject.toml).
+INSTALLED_AS = "raftseq."
+OUR_PACKAGES = ("sequencer", "cluster", "clients")
+
+
+def source_name(name: str) -> str:
+    """`raftseq.cluster.node` -> `cluster.node`: the rules speak of the source folders."""
+    return name[len(INSTALLED_AS) :] if name.startswith(INSTALLED_AS) else name
 
 
 def _is_dynamic_import(func: ast.expr) -> bool:
@@ -204,10 +214,10 @@ def test_only_the_metrics_module_of_clients_imports_prometheus_client():
 def test_importing_clients_does_not_load_prometheus_client():
     # A fresh interpreter: what `import clients` (and the blocking facade) pull in, transitively.
     code = (
-        "import sys, clients, clients.blocking, clients.client\n"
+        "import sys, raftseq.clients, raftseq.clients.blocking, raftseq.clients.client\n"
         "loaded = sorted(m for m in sys.modules if m == 'prometheus_client' or m.startswith('prometheus_client.'))\n"
         "print(' '.join(loaded))\n"
-        "import clients.metrics\n"
+        "import raftseq.clients.metrics\n"
         "print('prometheus_client' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -389,3 +399,33 @@ def test_a_planted_forbidden_import_is_found_in_a_package_tree(tmp_path):
     bad = sequencer_violations(found)
     assert len(bad) == 1
     assert "sequencer/deep/clocky.py:2" in bad[0]
+
+
+# --- installed names ------------------------------------------------------------------------
+
+
+def bare_imports(source: str, path: str = "<string>") -> list[str]:
+    """Imports that name `sequencer`, `cluster` or `clients` without the `raftseq.` namespace:
+    they would find a user's own `cluster/` or `clients.py` first (pyproject.toml)."""
+    bad = []
+    for node in ast.walk(ast.parse(source, filename=path)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        bad += [f"{path}:{node.lineno}: {n}" for n in names if n.split(".")[0] in OUR_PACKAGES]
+    return bad
+
+
+def test_every_import_of_our_packages_goes_through_the_raftseq_namespace():
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert len(files) > 50, "git ls-files found too few sources (is the scan blind?)"
+    bad = [b for f in files for b in bare_imports((ROOT / f).read_text(encoding="utf-8"), f)]
+    assert bad == []
+
+
+def test_bare_imports_are_caught():
+    assert bare_imports("from cluster.node import Node") != []
+    assert bare_imports("import clients") != []
+    assert bare_imports("from raftseq.cluster.node import Node\nimport clientside") == []

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sequencer import limits, protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import Journal
-from sequencer.limits import MachineConfig
-from sequencer.machine import (
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import Journal
+from raftseq.sequencer.limits import MachineConfig
+from raftseq.sequencer.machine import (
     SNAPSHOT_FORMAT_VERSION,
     ApplyResult,
     EntryResult,
@@ -31,7 +31,7 @@ from sequencer.machine import (
     SessionSnapshot,
     SnapshotError,
 )
-from sequencer.protocol import RejectReason
+from raftseq.sequencer.protocol import RejectReason
 
 SECOND = 1_000_000_000
 SESSION_NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "fox"]

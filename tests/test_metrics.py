@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster import metrics as M
-from cluster.local import local_configs
-from cluster.node import Node
+from raftseq.cluster import metrics as M
+from raftseq.cluster.local import local_configs
+from raftseq.cluster.node import Node
 
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_entries", "_records", "_messages", "_batches", "_index", "_seq", "_total")
 #: Gauges without a unit: counts of things, 0/1 states, or "info"-style 1s with a label.

@@ -32,7 +32,7 @@ import pytest
 from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F401
 from monitoring import ALERTS, dashboard_expressions, load_dashboard, metric_names, node_sample_names, scrape_config_module
 
-from clients import SequencerClient
+from raftseq.clients import SequencerClient
 
 SCRAPE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 30.0

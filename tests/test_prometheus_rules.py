@@ -15,8 +15,8 @@ import subprocess
 import pytest
 from monitoring import ALERTS, PROMETHEUS_DIR, PROMETHEUS_SERIES, metric_names, node_sample_names, rule_expressions, scrape_config_module
 
-from cluster.cli import build_parser
-from cluster.local import local_configs
+from raftseq.cluster.cli import build_parser
+from raftseq.cluster.local import local_configs
 
 #: promtool unit tests of the rules: second-scale cases, and minute/hour-scale ones evaluated
 #: at a coarser interval (quicker).

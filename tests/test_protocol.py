@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sequencer import limits, protocol
-from sequencer.protocol import (
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.protocol import (
     BATCH_FORMAT_VERSION,
     HEADER,
     HEADER_BYTES,

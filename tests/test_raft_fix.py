@@ -23,7 +23,7 @@ import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from cluster.raft_fix import CORRECTED_VERSION, CorrectedSyncObj
+from raftseq.cluster.raft_fix import CORRECTED_VERSION, CorrectedSyncObj
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADER_STATE = 2

@@ -20,15 +20,15 @@ import pytest
 from pysyncobj import SyncObjException
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-import cluster.replica as replica_module
-from cluster.config import NodeConfig, to_toml
-from cluster.local import free_base_port, local_configs
-from cluster.raft_loop import LoopPoller
-from cluster.replica import SequencerReplica
-from sequencer import protocol
-from sequencer.core import SequencerCore
-from sequencer.journal import FsyncPolicy, Journal
-from sequencer.machine import ApplyResult, SequencerMachine
+import raftseq.cluster.replica as replica_module
+from raftseq.cluster.config import NodeConfig, to_toml
+from raftseq.cluster.local import free_base_port, local_configs
+from raftseq.cluster.raft_loop import LoopPoller
+from raftseq.cluster.replica import SequencerReplica
+from raftseq.sequencer import protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0  # upper bound on waiting for something that should happen within a second
@@ -290,7 +290,7 @@ def test_a_node_whose_raft_address_is_taken_exits_4_and_says_why(tmp_path):
         path = tmp_path / "n1.toml"
         path.write_text(to_toml(config))
         done = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "node", "--config", str(path)],
+            [sys.executable, "-m", "raftseq.cluster.cli", "node", "--config", str(path)],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )
     assert done.returncode == 4, (done.returncode, done.stderr[-2000:])

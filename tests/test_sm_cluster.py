@@ -16,8 +16,8 @@ import time
 from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F401
 from test_sm_runner import KvStore, Put
 
-from clients import SequencerClient
-from clients.sm import (
+from raftseq.clients import SequencerClient
+from raftseq.clients.sm import (
     CapturedSnapshot,
     SnapshotVerifyError,
     StateMachineRunner,
@@ -26,8 +26,8 @@ from clients.sm import (
     snapshot_session,
     upload_snapshot,
 )
-from cluster import sm_cli
-from sequencer import protocol
+from raftseq.cluster import sm_cli
+from raftseq.sequencer import protocol
 
 STEP_TIMEOUT_S = 60
 
@@ -64,7 +64,7 @@ async def wait_listed(endpoints: list[str], token: str, *, count: int, timeout_s
 def sm_check(h: ClusterHarness, *extra: str) -> tuple[int, dict]:
     """``raftseq sm check --json`` as a separate process (the command's own entry point)."""
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.sm_cli", "check", "--json", "--endpoints", ",".join(h.endpoints), "--token", h.token, *extra],
+        [sys.executable, "-m", "raftseq.cluster.sm_cli", "check", "--json", "--endpoints", ",".join(h.endpoints), "--token", h.token, *extra],
         capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stderr

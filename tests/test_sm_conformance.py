@@ -31,11 +31,11 @@ if str(REPO_DIR) not in sys.path:
 
 from cluster_harness import ClusterHarness, pipeline, run_seed  # noqa: E402
 
-from clients import SequencerClient  # noqa: E402
-from clients.sm import MessageTypes, StateMachineRunner, activate, encode_message  # noqa: E402
-from clients.sm import conformance  # noqa: E402
-from cluster import sm_cli  # noqa: E402
-from cluster.local import LocalCluster, free_base_port  # noqa: E402
+from raftseq.clients import SequencerClient  # noqa: E402
+from raftseq.clients.sm import MessageTypes, StateMachineRunner, activate, encode_message  # noqa: E402
+from raftseq.clients.sm import conformance  # noqa: E402
+from raftseq.cluster import sm_cli  # noqa: E402
+from raftseq.cluster.local import LocalCluster, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
 from examples.refdata.messages import (  # noqa: E402
@@ -321,7 +321,7 @@ def test_record_refuses_an_empty_slice_and_a_stream_that_stops(cluster, day, tmp
 def raftseq(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])))
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "sm", *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S
+        [sys.executable, "-m", "raftseq.cluster.cli", "sm", *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S
     )  # fmt: skip
 
 

@@ -10,8 +10,8 @@ import hashlib
 import msgspec
 import pytest
 
-from sequencer import protocol
-from sequencer.machine import (
+from raftseq.sequencer import protocol
+from raftseq.sequencer.machine import (
     SM_SNAPSHOT_KINDS_MAX,
     SM_SNAPSHOT_UPLOADS_MAX,
     SM_SNAPSHOTS_PER_KIND,

@@ -8,8 +8,8 @@ from typing import ClassVar
 import msgspec
 import pytest
 
-from clients.sm import MessageDecodeError, MessageTypes, SmMessage, UnknownMessageType, UnsupportedMessageVersion, encode_message
-from sequencer import protocol
+from raftseq.clients.sm import MessageDecodeError, MessageTypes, SmMessage, UnknownMessageType, UnsupportedMessageVersion, encode_message
+from raftseq.sequencer import protocol
 
 
 def envelope(payload: bytes) -> protocol.SmEnvelope:

@@ -14,8 +14,8 @@ import shutil
 import msgspec
 import pytest
 
-from clients import Message
-from clients.sm import (
+from raftseq.clients import Message
+from raftseq.clients.sm import (
     ApplyError,
     DivergenceError,
     MessageTypes,
@@ -29,7 +29,7 @@ from clients.sm import (
     activate,
     encode_message,
 )
-from sequencer import protocol
+from raftseq.sequencer import protocol
 
 # --- two small state machines ---------------------------------------------------------------
 

@@ -20,11 +20,11 @@ import msgspec
 import pytest
 from cluster_harness import ClusterHarness, running_cluster  # noqa: F401
 
-from clients import SequencerClient
-from cluster import top
-from cluster.metrics import LATENCY_BUCKETS_S
-from cluster.top import NEW_LEADER_MARKER, NodeSample, Row, Sample, TopState, View, bucket_quantile, render_lines, step
-from sequencer import protocol
+from raftseq.clients import SequencerClient
+from raftseq.cluster import top
+from raftseq.cluster.metrics import LATENCY_BUCKETS_S
+from raftseq.cluster.top import NEW_LEADER_MARKER, NodeSample, Row, Sample, TopState, View, bucket_quantile, render_lines, step
+from raftseq.sequencer import protocol
 
 INF = float("inf")
 BOUNDS = (0.001, 0.002, 0.005, 0.01, INF)
@@ -351,7 +351,7 @@ class TopProcess:
     def __init__(self, endpoints: list[str], *args: str, env: dict | None = None) -> None:
         self.node_count = len(endpoints)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.top", *endpoints, *args],
+            [sys.executable, "-m", "raftseq.cluster.top", *endpoints, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -405,7 +405,7 @@ def rows_of(block: list[str]) -> dict[str, list[str]]:
 
 def test_ctrl_c_exits_zero_and_unreachable_nodes_show_as_down():
     # Nobody listens on these (below the ephemeral range, see test_cluster); top keeps refreshing.
-    from cluster.local import free_base_port
+    from raftseq.cluster.local import free_base_port
 
     base = free_base_port()
     endpoints = [f"127.0.0.1:{base + 1}", f"127.0.0.1:{base + 2}"]

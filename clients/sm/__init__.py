@@ -1,6 +1,6 @@
 """The state-machine SDK: deterministic state machines fed by the sequenced stream.
 
-    from clients.sm import MessageTypes, SmMessage, StateMachine, StateMachineRunner
+    from raftseq.clients.sm import MessageTypes, SmMessage, StateMachine, StateMachineRunner
 
     runner = StateMachineRunner(endpoints, [RefData()], token=token, replica="oms-1",
                                 checkpoint_every=10_000, from_snapshot=True)
@@ -14,7 +14,7 @@ reference's digest after each message, verify another implementation against it:
 record|verify``; not imported here). Imports ``sequencer.protocol`` and ``clients`` only.
 """
 
-from clients.sm.errors import (
+from raftseq.clients.sm.errors import (
     ApplyError,
     DivergenceError,
     MessageDecodeError,
@@ -26,10 +26,10 @@ from clients.sm.errors import (
     UnsupportedBehaviourVersion,
     UnsupportedMessageVersion,
 )
-from clients.sm.machine import SmSnapshot, StateMachine, capture, full_digest, load
-from clients.sm.messages import MessageTypes, SmMessage, activate, encode_message
-from clients.sm.runner import StateMachineRunner
-from clients.sm.snapshots import CapturedSnapshot, fetch_snapshot, query_snapshots, snapshot_session, upload_snapshot, wait_indexed
+from raftseq.clients.sm.machine import SmSnapshot, StateMachine, capture, full_digest, load
+from raftseq.clients.sm.messages import MessageTypes, SmMessage, activate, encode_message
+from raftseq.clients.sm.runner import StateMachineRunner
+from raftseq.clients.sm.snapshots import CapturedSnapshot, fetch_snapshot, query_snapshots, snapshot_session, upload_snapshot, wait_indexed
 
 __all__ = [
     "ApplyError",

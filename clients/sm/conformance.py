@@ -66,12 +66,12 @@ from typing import Any
 
 import msgspec
 
-from clients.client import Message, Rejected, _open_link, subscribe
-from clients.sm.errors import SnapshotVerifyError, StateMachineError
-from clients.sm.machine import StateMachine, capture, full_digest, load
-from clients.sm.runner import LOCAL_STATE_FORMAT, LocalState, StateMachineRunner
-from clients.sm.snapshots import fetch_snapshot, query_snapshots
-from sequencer import protocol
+from raftseq.clients.client import Message, Rejected, _open_link, subscribe
+from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
+from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
+from raftseq.clients.sm.runner import LOCAL_STATE_FORMAT, LocalState, StateMachineRunner
+from raftseq.clients.sm.snapshots import fetch_snapshot, query_snapshots
+from raftseq.sequencer import protocol
 
 #: First bytes of a conformance file.
 MAGIC = b"raftseq sm conformance\n"

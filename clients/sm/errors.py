@@ -8,7 +8,7 @@ copies that disagree — raises one of these, and the runner stops before applyi
 
 from __future__ import annotations
 
-from sequencer import protocol
+from raftseq.sequencer import protocol
 
 
 class StateMachineError(Exception):

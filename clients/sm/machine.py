@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from clients.sm.errors import SnapshotVerifyError
-from clients.sm.messages import MessageTypes
+from raftseq.clients.sm.errors import SnapshotVerifyError
+from raftseq.clients.sm.messages import MessageTypes
 
 #: Format of ``SmSnapshot`` (the SDK's wrapper around a machine's own snapshot bytes).
 SM_SNAPSHOT_FORMAT = 1

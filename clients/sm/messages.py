@@ -48,8 +48,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from clients.sm.errors import MessageDecodeError, UnknownMessageType, UnsupportedMessageVersion
-from sequencer import protocol
+from raftseq.clients.sm.errors import MessageDecodeError, UnknownMessageType, UnsupportedMessageVersion
+from raftseq.sequencer import protocol
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\Z")
 _encoder = msgspec.msgpack.Encoder()

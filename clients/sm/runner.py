@@ -43,8 +43,8 @@ from typing import Any
 
 import msgspec
 
-from clients.client import Busy, NotConnected, SequencerClient, subscribe
-from clients.sm.errors import (
+from raftseq.clients.client import Busy, NotConnected, SequencerClient, subscribe
+from raftseq.clients.sm.errors import (
     ApplyError,
     DivergenceError,
     MessageDecodeError,
@@ -54,10 +54,10 @@ from clients.sm.errors import (
     UnknownMessageType,
     UnsupportedBehaviourVersion,
 )
-from clients.sm.machine import StateMachine, capture, full_digest, load
-from clients.sm.messages import MessageTypes
-from clients.sm.snapshots import CapturedSnapshot, fetch_snapshot, query_snapshots, snapshot_session, upload_snapshot, wait_indexed
-from sequencer import protocol
+from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
+from raftseq.clients.sm.messages import MessageTypes
+from raftseq.clients.sm.snapshots import CapturedSnapshot, fetch_snapshot, query_snapshots, snapshot_session, upload_snapshot, wait_indexed
+from raftseq.sequencer import protocol
 
 log = logging.getLogger("raftseq.sm")
 

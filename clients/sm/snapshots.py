@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from clients.client import SequencerClient, _open_link, subscribe
-from clients.sm.errors import SnapshotPublishError, SnapshotVerifyError
-from sequencer import protocol
+from raftseq.clients.client import SequencerClient, _open_link, subscribe
+from raftseq.clients.sm.errors import SnapshotPublishError, SnapshotVerifyError
+from raftseq.sequencer import protocol
 
 log = logging.getLogger("raftseq.sm.snapshots")
 

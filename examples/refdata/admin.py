@@ -22,8 +22,8 @@ import random
 import sys
 from collections.abc import Iterable, Sequence
 
-from clients import SequencerClient, SequencerError
-from clients.sm import SmMessage, activate, encode_message
+from raftseq.clients import SequencerClient, SequencerError
+from raftseq.clients.sm import SmMessage, activate, encode_message
 from examples.refdata.messages import (
     DEFAULT_SYMBOL,
     EndOfDay,

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from clients.sm import StateMachineError, StateMachineRunner
+from raftseq.clients.sm import StateMachineError, StateMachineRunner
 from examples.refdata.machine import ReferenceData
 from examples.refdata.venues import VenueStatus
 

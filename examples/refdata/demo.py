@@ -32,11 +32,11 @@ import sys
 import tempfile
 import time
 
-from clients import SequencerClient
-from clients.sm import query_snapshots
-from cluster.local import LocalCluster, free_base_port
-from cluster.sm_cli import scan_checkpoints
-from cluster.status import gather_status
+from raftseq.clients import SequencerClient
+from raftseq.clients.sm import query_snapshots
+from raftseq.cluster.local import LocalCluster, free_base_port
+from raftseq.cluster.sm_cli import scan_checkpoints
+from raftseq.cluster.status import gather_status
 from examples.refdata.admin import Admin, listing, updates
 from examples.refdata.messages import EndOfDay
 

@@ -27,10 +27,10 @@ import sys
 import tempfile
 import time
 
-from clients import SequencerClient
-from clients.sm import StateMachineRunner, encode_message
-from cluster.local import LocalCluster, free_base_port
-from cluster.status import gather_status
+from raftseq.clients import SequencerClient
+from raftseq.clients.sm import StateMachineRunner, encode_message
+from raftseq.cluster.local import LocalCluster, free_base_port
+from raftseq.cluster.status import gather_status
 from examples.refdata.admin import listing, updates
 from examples.refdata.demo import wait_for_leader
 from examples.refdata.machine import ReferenceData

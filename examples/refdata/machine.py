@@ -11,7 +11,7 @@ import hashlib
 
 import msgspec
 
-from clients.sm import StateMachine
+from raftseq.clients.sm import StateMachine
 from examples.refdata.messages import (
     DEFAULT_SYMBOL,
     TYPES,

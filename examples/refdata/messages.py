@@ -11,7 +11,7 @@ Schema history, as a team would live it:
 
 from __future__ import annotations
 
-from clients.sm import MessageTypes, SmMessage
+from raftseq.clients.sm import MessageTypes, SmMessage
 
 TYPES = MessageTypes("refdata")
 #: Symbol of the defaults that apply to instruments without parameters of their own.

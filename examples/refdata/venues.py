@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
-from clients.sm import MessageTypes, SmMessage, StateMachine
+from raftseq.clients.sm import MessageTypes, SmMessage, StateMachine
 
 TYPES = MessageTypes("venues")
 
