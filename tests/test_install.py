@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import venv
@@ -37,14 +38,26 @@ SHADOWS = {
 def installed(tmp_path_factory) -> Path:
     """A venv holding raftseq as a built wheel would install it; returns its bin directory."""
     where = tmp_path_factory.mktemp("install")
+    source = _copy_of_the_checkout(where / "source")
     venv.EnvBuilder(with_pip=True).create(where / "venv")
     bin_dir = where / "venv" / "bin"
     done = subprocess.run(
-        [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(ROOT)],
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(source)],
         capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return bin_dir
+
+
+def _copy_of_the_checkout(target: Path) -> Path:
+    """The files git would commit, as they are now: the build writes into its source folder, and
+    the checkout stays as it was."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
 
 
 @pytest.fixture()
