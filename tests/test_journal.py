@@ -17,6 +17,8 @@ import zlib
 import pytest
 
 from raftseq.sequencer import journal as journal_mod
+from raftseq.sequencer.journal import index as journal_index
+from raftseq.sequencer.journal import recovery as journal_recovery
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
@@ -37,6 +39,21 @@ def frame(seq: int) -> bytes:
 
 def frames(first: int, last: int) -> bytes:
     return b"".join(frame(seq) for seq in range(first, last + 1))
+
+
+def spy_on_segment_walks(monkeypatch) -> list[str]:
+    """The paths of the segments that opening a journal walks record by record (the tail, and
+    sealed segments whose index cannot be used), in order."""
+    walked = []
+    real_scan = journal_mod.scan_segment
+
+    def spy(path, first, *, check):
+        walked.append(path)
+        return real_scan(path, first, check=check)
+
+    monkeypatch.setattr(journal_index, "scan_segment", spy)
+    monkeypatch.setattr(journal_recovery, "scan_segment", spy)
+    return walked
 
 
 def open_journal(directory, **kwargs) -> Journal:
@@ -403,9 +420,9 @@ def _rewrite_index(path: str, *, seg_bytes_delta: int = 0, interval: int | None 
     """Rewrite an index file with a valid checksum but a changed header field."""
     with open(path, "rb") as f:
         data = f.read()
-    magic, first_seq, count, seg_bytes, old_interval = journal_mod._INDEX_HEADER.unpack_from(data, 0)
-    body = journal_mod._INDEX_HEADER.pack(magic, first_seq, count, seg_bytes + seg_bytes_delta, interval or old_interval)
-    body += data[journal_mod._INDEX_HEADER.size : -4]
+    magic, first_seq, count, seg_bytes, old_interval = journal_index.INDEX_HEADER.unpack_from(data, 0)
+    body = journal_index.INDEX_HEADER.pack(magic, first_seq, count, seg_bytes + seg_bytes_delta, interval or old_interval)
+    body += data[journal_index.INDEX_HEADER.size : -4]
     with open(path, "wb") as f:
         f.write(body + struct.pack(">I", zlib.crc32(body)))
 
@@ -441,14 +458,7 @@ def test_stale_or_corrupt_index_is_ignored(tmp_path, monkeypatch, damage):
         _rewrite_index(idx, seg_bytes_delta=1)
     elif damage == "other interval":
         _rewrite_index(idx, interval=16)
-    walked = []
-    real_scan = journal_mod.scan_segment
-
-    def spy(scan_path, first, *, check):
-        walked.append(scan_path)
-        return real_scan(scan_path, first, check=check)
-
-    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    walked = spy_on_segment_walks(monkeypatch)
     with open_journal(tmp_path) as journal:
         assert path in walked
         segment = journal.segment_for(first_seq)
@@ -825,14 +835,7 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         assert os.path.exists(index_path(path)) == (path != listed[-1][1])
         assert len(segment.offsets) == (segment.count + interval - 1) // interval
     journal.close()
-    walked = []
-    real_scan = journal_mod.scan_segment
-
-    def spy(path, first, *, check):
-        walked.append(path)
-        return real_scan(path, first, check=check)
-
-    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    walked = spy_on_segment_walks(monkeypatch)
     with open_journal(tmp_path) as journal:
         assert walked == [listed[-1][1]]  # only the tail is read on open
         for first, _ in listed:
