@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -21,7 +23,15 @@ from raftseq.sequencer.journal import index as journal_index
 from raftseq.sequencer.journal import recovery as journal_recovery
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.core import SequencerCore
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
+from raftseq.sequencer.journal import (
+    FsyncPolicy,
+    Journal,
+    JournalCorruptError,
+    JournalError,
+    JournalRecordError,
+    RecoveryReport,
+    verify_journal,
+)
 from raftseq.sequencer.machine import SequencerMachine
 
 SEGMENT_BYTES = limits.SEGMENT_BYTES_MIN
@@ -632,7 +642,7 @@ def test_flipped_byte_in_an_older_tail_record_of_a_live_journal(tmp_path):
         assert verify_journal(str(tmp_path)).first_bad_seq == tail_first + 2
 
 
-# --- 5. append asserts on misuse, and writes nothing ----------------------------------------
+# --- 5. append and fill refuse bad records and misuse, and write nothing --------------------
 
 
 def _bad_checksum_in_middle() -> bytes:
@@ -655,12 +665,21 @@ BAD_APPENDS = {
 }
 
 
+#: Ranges that do not follow on: a bug in the caller (``AssertionError``). The other cases are
+#: records that fail their checks (``JournalRecordError``).
+MISUSED_RANGES = {"gap", "overlap", "last before first", "fewer offsets than numbers", "more offsets than numbers", "first offset not zero"}
+
+
+def expected_error(case: str) -> type[Exception]:
+    return AssertionError if case in MISUSED_RANGES else JournalRecordError
+
+
 @pytest.mark.parametrize("case", list(BAD_APPENDS))
-def test_append_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+def test_append_refuses_misuse_and_bad_records_and_writes_nothing(tmp_path, case):
     records, first, last = BAD_APPENDS[case]()
     with build(tmp_path, 20, per_append=20) as journal:
         before = dir_state(tmp_path)
-        with pytest.raises(AssertionError):
+        with pytest.raises(expected_error(case)):
             journal.append(records, first, last)
         assert dir_state(tmp_path) == before
         assert journal.last_seq == 20
@@ -700,11 +719,11 @@ BAD_APPENDS_WITH_OFFSETS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_APPENDS_WITH_OFFSETS))
-def test_append_with_offsets_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+def test_append_with_offsets_refuses_misuse_and_bad_records_and_writes_nothing(tmp_path, case):
     records, first, last, offsets = BAD_APPENDS_WITH_OFFSETS[case]()
     with build(tmp_path, 20, per_append=20) as journal:
         before = dir_state(tmp_path)
-        with pytest.raises(AssertionError):
+        with pytest.raises(expected_error(case)):
             journal.append(records, first, last, offsets)
         assert dir_state(tmp_path) == before
         journal.append(frames(21, 23), 21, 23, offsets_of(21, 23))
@@ -729,11 +748,62 @@ def test_append_with_offsets_indexes_like_a_checked_append(tmp_path):
 
 def test_failed_append_on_an_empty_journal_creates_no_segment(tmp_path):
     with open_journal(tmp_path) as journal:
-        with pytest.raises(AssertionError):
+        with pytest.raises(JournalRecordError):
             journal.append(_bad_checksum_in_middle(), 21, 23)
         assert os.listdir(tmp_path) == []
         journal.append(frames(1, 2), 1, 2)
         assert journal.last_seq == 2
+
+
+BAD_FILLS = {
+    "bad checksum inside": lambda: (_bad_checksum_in_middle(), 21, 23),
+    "torn last record": lambda: (frames(21, 23)[:-3], 21, 23),
+    "fewer records than numbers": lambda: (frames(21, 22), 21, 23),
+    "records hold other numbers": lambda: (frames(22, 24), 21, 23),
+    "no records": lambda: (b"", 21, 21),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILLS))
+def test_fill_refuses_bad_records_from_a_peer_and_writes_nothing(tmp_path, case):
+    """Records fetched from a peer are input from outside: a typed error, the hole unchanged."""
+    records, first, last = BAD_FILLS[case]()
+    with build(tmp_path, 20, per_append=20) as journal:
+        journal.skip_to(31)
+        journal.append(frames(31, 33), 31, 33)
+        with pytest.raises(JournalRecordError):
+            journal.fill(records, first, last)
+        assert (journal.holes, journal.fill_next_seq) == ([(21, 30)], 21)
+        journal.fill(frames(21, 30), 21, 30)
+        assert journal.holes == []
+        assert journal.read_bytes(1, 33) == frames(1, 33)
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_bad_records_from_a_peer_are_refused_under_python_O(tmp_path):
+    """The check is no ``assert``: ``python -O`` (which drops assertions) refuses them too."""
+    program = f"""
+import sys
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import Journal, JournalRecordError
+assert False, "assertions are on"
+def frame(seq):
+    return protocol.encode_delivered(seq, 1_000 + seq, "s", seq, b"p%d" % seq)
+journal = Journal.open({str(tmp_path)!r})
+journal.append(b"".join(frame(seq) for seq in range(1, 4)), 1, 3)
+journal.skip_to(8)
+bad = bytearray(b"".join(frame(seq) for seq in range(4, 8)))
+bad[-1] ^= 0xFF
+try:
+    journal.fill(bytes(bad), 4, 7)
+except JournalRecordError as exc:
+    print("refused:", exc)
+    sys.exit(0)
+sys.exit("the damaged records were stored")
+"""
+    done = subprocess.run([sys.executable, "-O", "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused: checksum mismatch" in done.stdout
 
 
 # --- 6. fsync policies and the sealed-segment index ---------------------------------------

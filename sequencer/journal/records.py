@@ -2,7 +2,9 @@
 numbered ``first_seq..last_seq``, from the machine's encoder (``append``) or from a peer
 (``fill``).
 
-A run that fails raises ``AssertionError`` before anything is written.
+A run that fails raises ``JournalRecordError`` before anything is written. The checks raise
+explicitly (never ``assert``): records from a peer are input from outside, and must be refused
+under ``python -O`` as well.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import zlib
 
 from raftseq.sequencer import protocol
+from raftseq.sequencer.journal.errors import JournalRecordError
 
 HEADER = protocol.HEADER
 HEADER_BYTES = protocol.HEADER_BYTES
@@ -27,7 +30,8 @@ def check_records(records: bytes, first_seq: int, last_seq: int) -> list[int]:
         offsets.append(pos)
         pos = _check_record(records, view, pos, seq)
         seq += 1
-    assert seq - 1 == last_seq, f"{len(offsets)} records for {first_seq}..{last_seq}"
+    if seq - 1 != last_seq:
+        raise JournalRecordError(f"{len(offsets)} records for {first_seq}..{last_seq}")
     return offsets
 
 
@@ -39,18 +43,23 @@ def check_ends(records: bytes, first_seq: int, last_seq: int, offsets: list[int]
     view = memoryview(records)
     _check_record(records, view, 0, first_seq)
     end = _check_record(records, view, offsets[-1], last_seq)
-    assert end == len(records), f"{len(records) - end} bytes after the last record of a batch"
+    if end != len(records):
+        raise JournalRecordError(f"{len(records) - end} bytes after the last record of a batch")
 
 
 def _check_record(records: bytes, view: memoryview, pos: int, seq: int) -> int:
     """Where the record at `pos`, which must be number `seq`, ends."""
-    assert len(records) - pos >= HEADER_BYTES, f"torn record at offset {pos} of a batch"
+    if len(records) - pos < HEADER_BYTES:
+        raise JournalRecordError(f"torn record at offset {pos} of a batch")
     length, crc = HEADER.unpack_from(records, pos)
     end = pos + HEADER_BYTES + length
-    assert 0 < length and end <= len(records), f"record length {length} at offset {pos} of a batch"
-    assert zlib.crc32(view[pos + HEADER_BYTES : end]) == crc, f"checksum mismatch writing seq {seq}"
+    if length == 0 or end > len(records):
+        raise JournalRecordError(f"record length {length} at offset {pos} of a batch")
+    if zlib.crc32(view[pos + HEADER_BYTES : end]) != crc:
+        raise JournalRecordError(f"checksum mismatch writing seq {seq}")
     found = protocol.delivered_seq(records, pos + HEADER_BYTES)
-    assert found == seq, f"record holds seq {found}, expected {seq}"
+    if found != seq:
+        raise JournalRecordError(f"record holds seq {found}, expected {seq}")
     return end
 
 
