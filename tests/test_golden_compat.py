@@ -15,8 +15,8 @@ import shutil
 
 import pytest
 
+from raftseq.clients.sm import formats
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer import protocol as formats
 from raftseq.sequencer.journal import Journal, verify_journal
 from raftseq.sequencer.machine import SequencerMachine
 

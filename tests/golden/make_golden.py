@@ -30,8 +30,8 @@ import sys
 
 import msgspec
 
+from raftseq.clients.sm import formats
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer import protocol as formats
 from raftseq.sequencer.core import SequencerCore as SequencedStream
 from raftseq.sequencer.journal import Journal
 from raftseq.sequencer.machine import SequencerMachine
