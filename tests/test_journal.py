@@ -19,10 +19,10 @@ import zlib
 import pytest
 
 from raftseq.sequencer import journal as journal_mod
+from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import index as journal_index
 from raftseq.sequencer.journal import recovery as journal_recovery
-from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import (
     FsyncPolicy,
     Journal,
@@ -88,7 +88,7 @@ def build_with_core(directory, messages: int, **kwargs) -> tuple[Journal, list[b
     Returns the open journal and the record bytes of each sequence number (index seq - 1).
     """
     journal = open_journal(directory, **kwargs)
-    core = SequencerCore(SequencerMachine(), journal)
+    core = SequencedStream(SequencerMachine(), journal)
     sessions = ["alpha", "beta", "gamma"]
     next_client_seq = dict.fromkeys(sessions, 1)
     produced = []

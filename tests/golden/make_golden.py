@@ -32,9 +32,9 @@ import msgspec
 
 from raftseq.clients.sm import formats
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore as SequencedStream
 from raftseq.sequencer.journal import Journal
 from raftseq.sequencer.machine import SequencerMachine
+from raftseq.sequencer.stream import SequencedStream
 
 #: Log time of the first batch; each later batch is one microsecond later.
 LOG_TIME_START_NS = 1_700_000_000_000_000_000

@@ -1,7 +1,8 @@
-"""The machine and its journal, applied together: what a replica does with each committed batch.
+"""The sequenced stream of one replica: the machine that numbers it and the journal that keeps
+it, applied together. ``SequencedStream.apply`` is what a replica does with each committed batch.
 
 After a restart, Raft replays entries committed after its last snapshot of the machine state;
-the journal may already hold the records they produce. ``SequencerCore.apply`` recognises those
+the journal may already hold the records they produce. ``SequencedStream.apply`` recognises those
 (same numbers, same bytes) and appends only what is new. Records that differ from what the
 journal holds at the same numbers mean two histories: a broken invariant, raised as
 ``JournalDivergenceError`` for the node to stop on.
@@ -12,8 +13,8 @@ from __future__ import annotations
 from raftseq.sequencer.journal import Journal, JournalError
 from raftseq.sequencer.journal.holes import held_runs
 from raftseq.sequencer.journal.records import record_offsets
-from raftseq.sequencer.protocol import HEADER, HEADER_BYTES
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.protocol import HEADER, HEADER_BYTES
 
 
 class JournalDivergenceError(JournalError):
@@ -34,8 +35,8 @@ class JournalBehindError(JournalError):
         self.missing_to = missing_to
 
 
-class SequencerCore:
-    """One replica's machine plus journal. One thread calls ``apply``."""
+class SequencedStream:
+    """One replica's machine plus journal: the stream it has sequenced. One thread calls ``apply``."""
 
     def __init__(self, machine: SequencerMachine, journal: Journal) -> None:
         self.machine = machine
