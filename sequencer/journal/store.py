@@ -359,7 +359,7 @@ class Journal:
             return
         with self.cursor(from_seq) as cursor:
             while cursor.next_seq <= to_seq:
-                frames = cursor.read_frames(to_seq, 4096)
+                frames = cursor.read_frames(to_seq, limits.JOURNAL_RECORDS_PER_READ)
                 if not frames:
                     return
                 for frame in frames:

@@ -12,6 +12,13 @@ from typing import Annotated
 import msgspec
 
 from raftseq.sequencer import limits
+from raftseq.sequencer.limits import (
+    SM_DIGEST_CHARS_MAX,
+    SM_TYPE_CHARS_MAX,
+    SNAPSHOT_CHUNK_DATA_BYTES_MAX,
+    SNAPSHOT_CHUNKS_MAX,
+    SNAPSHOT_LIST_MAX,
+)
 
 __all__ = [
     "DECODE_ERRORS",
@@ -62,22 +69,12 @@ Payload = Annotated[bytes, msgspec.Meta(max_length=limits.PAYLOAD_BYTES_MAX)]
 #: Printable ASCII only, so its length in characters is its length in bytes.
 Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX, pattern=r"^[\x20-\x7e]*\Z")]
 Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_CHARS_MAX)]
-Address = Annotated[str, msgspec.Meta(max_length=256)]
+Address = Annotated[str, msgspec.Meta(max_length=limits.ADDRESS_CHARS_MAX)]
 
 #: Sessions whose names start with this carry state-machine snapshots, one ``SnapshotChunk``
 #: per message; the machine indexes complete uploads (``sequencer.machine``). Reserved: other
 #: clients must not use it.
 SNAPSHOT_SESSION_PREFIX = "@snap/"
-#: Longest state-machine type name (``SmType``), in characters (ASCII only).
-SM_TYPE_CHARS_MAX = 64
-#: Longest digest (lowercase hex) a snapshot or checkpoint may carry, in characters.
-SM_DIGEST_CHARS_MAX = 128
-#: Most chunks one snapshot may have: with ``SNAPSHOT_CHUNK_DATA_BYTES_MAX`` a bound of ~2 GiB.
-SNAPSHOT_CHUNKS_MAX = 65_536
-#: Bytes of snapshot data per chunk: the payload limit less room for the chunk's header.
-SNAPSHOT_CHUNK_DATA_BYTES_MAX = limits.PAYLOAD_BYTES_MAX - 1024
-#: Most index entries one ``SnapshotList`` carries (newest first).
-SNAPSHOT_LIST_MAX = 32
 
 SmType = Annotated[str, msgspec.Meta(min_length=1, max_length=SM_TYPE_CHARS_MAX, pattern=r"^[A-Za-z0-9._-]+\Z")]
 Digest = Annotated[str, msgspec.Meta(min_length=1, max_length=SM_DIGEST_CHARS_MAX, pattern=r"^[0-9a-f]+\Z")]

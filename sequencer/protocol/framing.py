@@ -130,7 +130,7 @@ class FrameReader:
     ) -> None:
         if decoder_type not in ("client", "node"):
             raise ValueError(f"decoder_type must be 'client' or 'node', got {decoder_type!r}")
-        if not 1 <= frame_bytes_max <= 2**31:
+        if not 1 <= frame_bytes_max <= limits.FRAME_READER_BYTES_MAX:
             raise ValueError(f"frame_bytes_max must be 1..2**31, got {frame_bytes_max}")
         self._decode = (_client_decoder if decoder_type == "client" else _node_decoder).decode
         self.frame_bytes_max = frame_bytes_max
