@@ -51,6 +51,19 @@ def frames(first: int, last: int) -> bytes:
     return b"".join(frame(seq) for seq in range(first, last + 1))
 
 
+def opening_fails_and_changes_nothing(directory) -> list[JournalCorruptError]:
+    """Open `directory` for writing, then read-only: each fails with ``JournalCorruptError``
+    (returned, in that order) and leaves every file as it was."""
+    before = dir_state(directory)
+    errors = []
+    for readonly in (False, True):
+        with pytest.raises(JournalCorruptError) as caught:
+            open_journal(directory, readonly=readonly)
+        errors.append(caught.value)
+    assert dir_state(directory) == before
+    return errors
+
+
 def spy_on_segment_walks(monkeypatch) -> list[str]:
     """The paths of the segments that opening a journal walks record by record (the tail, and
     sealed segments whose index cannot be used), in order."""
@@ -397,13 +410,9 @@ def test_damaged_sealed_segment_fails_open(tmp_path, damage):
         bad_seq = first_seq + k
     if damage.endswith("index gone"):
         os.unlink(index_path(path))
-    before = dir_state(tmp_path)
-    for readonly in (False, True):
-        with pytest.raises(JournalCorruptError) as caught:
-            open_journal(tmp_path, readonly=readonly)
-        assert caught.value.seq == bad_seq
-        assert caught.value.path == path
-    assert dir_state(tmp_path) == before
+    for error in opening_fails_and_changes_nothing(tmp_path):
+        assert error.seq == bad_seq
+        assert error.path == path
     report = verify_journal(str(tmp_path))
     assert not report.ok
     assert report.first_bad_seq == bad_seq
@@ -415,13 +424,9 @@ def test_missing_middle_segment_is_a_gap(tmp_path):
     path, first_seq, _ = _sealed_middle(tmp_path)
     os.unlink(path)
     os.unlink(index_path(path))
-    before = dir_state(tmp_path)
-    for readonly in (False, True):
-        with pytest.raises(JournalCorruptError) as caught:
-            open_journal(tmp_path, readonly=readonly)
-        assert caught.value.seq == first_seq
-        assert str(first_seq) in str(caught.value)
-    assert dir_state(tmp_path) == before
+    for error in opening_fails_and_changes_nothing(tmp_path):
+        assert error.seq == first_seq
+        assert str(first_seq) in str(error)
     report = verify_journal(str(tmp_path))
     assert not report.ok and report.first_bad_seq == first_seq
 

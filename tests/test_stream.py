@@ -98,6 +98,18 @@ class Replica:
     def kill(self) -> None:
         self.journal.close()
 
+    @classmethod
+    def killed_after(cls, directory, batches: list[bytes]) -> Replica:
+        """A replica that applied `batches` (its ``results``) and was then killed."""
+        replica = cls(directory)
+        replica.apply_all(batches)
+        replica.kill()
+        return replica
+
+    def tail_segment(self) -> str:
+        """The file name of the journal's last segment."""
+        return sorted(p for p in os.listdir(self.directory) if p.endswith(".seg"))[-1]
+
     def install(self, snapshot: bytes) -> None:
         """Raft hands this replica a snapshot (from the leader) instead of log entries."""
         self.stream.replace_machine(SequencerMachine.restore(snapshot))
@@ -186,7 +198,7 @@ def test_replay_over_a_torn_tail_appends_only_the_records_cut(tmp_path):
     last_batch = node.results[-1]
     node.kill()
     # The process died in the middle of writing the last record.
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 5)
 
@@ -204,10 +216,8 @@ def test_replay_over_a_torn_tail_appends_only_the_records_cut(tmp_path):
 
 def test_records_beyond_the_journal_end_are_appended_not_compared(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    node.apply_all(batches)
-    node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    node = Replica.killed_after(tmp_path / "node", batches)
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     # Raft's log (not the journal) is the truth for what the journal lost: the last entry of
@@ -244,9 +254,8 @@ def _diverging(entries, which: str) -> tuple[bytes, int]:
 @pytest.mark.parametrize("which", ["first_record", "middle_record", "last_record", "log_time"])
 def test_divergent_replay_names_the_first_differing_seq(tmp_path, which):
     batches = encoded_story(6)
-    node = Replica(tmp_path / "node")
-    results = node.apply_all(batches)
-    node.kill()
+    node = Replica.killed_after(tmp_path / "node", batches)
+    results = node.results
     files_before = journal_files(node.directory)
 
     node = Replica(node.directory, SequencerMachine.restore(node.snapshots[3]))
@@ -264,10 +273,9 @@ def test_divergent_replay_names_the_first_differing_seq(tmp_path, which):
 
 def test_divergence_in_a_batch_the_journal_holds_in_part(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    results = node.apply_all(batches)
-    node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    node = Replica.killed_after(tmp_path / "node", batches)
+    results = node.results
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     entries = story(4)[-1]
@@ -324,9 +332,7 @@ def test_short_journal_behind_the_machine_names_the_missing_range(tmp_path):
 
 def test_journal_level_with_or_ahead_of_the_machine_is_accepted(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    node.apply_all(batches)
-    node.kill()
+    node = Replica.killed_after(tmp_path / "node", batches)
     for snapshot in (node.snapshots[-1], node.stream.machine.snapshot()):
         journal = open_journal(node.directory)
         SequencedStream(SequencerMachine.restore(snapshot), journal)
@@ -403,7 +409,7 @@ def test_divergence_beside_a_hole_is_still_detected(tmp_path):
     node = Replica(tmp_path / "node")
     results = node.apply_all(batches[:4])
     node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     snapshots = node.snapshots

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.errors import JournalCorruptError
-from raftseq.sequencer.journal.segments import HEADER, HEADER_BYTES, Segment
+from raftseq.sequencer.journal.segments import HEADER, HEADER_BYTES, ClosedOnExit, Segment
 
 
 class SegmentSource(Protocol):
@@ -27,7 +27,7 @@ class SegmentSource(Protocol):
     def next_segment(self, segment: Segment) -> Segment | None: ...
 
 
-class JournalCursor:
+class JournalCursor(ClosedOnExit):
     """Reads records in order from ``next_seq`` up to a limit the caller gives each time.
 
     Has its own file handle. Checksums are verified unless ``verify=False``; a mismatch raises
@@ -53,12 +53,6 @@ class JournalCursor:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    def __enter__(self) -> JournalCursor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _position(self) -> bool:
         """Make sure `_segment`/`_offset` point at `next_seq`; False if nothing is there yet."""

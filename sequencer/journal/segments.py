@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from typing import Self
 
 import msgspec
 
@@ -19,6 +20,19 @@ HEADER_BYTES = protocol.HEADER_BYTES
 SEGMENT_SUFFIX = ".seg"
 INDEX_SUFFIX = ".idx"
 FILL_SUFFIX = ".seg.fill"
+
+
+class ClosedOnExit:
+    """Closed at the end of a ``with`` block: ``with Journal.open(...) as journal:``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Segment:

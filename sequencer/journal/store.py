@@ -22,7 +22,7 @@ from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover
-from raftseq.sequencer.journal.segments import HEADER_BYTES, Segment, fsync_dir, segment_name, write_all
+from raftseq.sequencer.journal.segments import HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
 
 
 class FsyncPolicy(msgspec.Struct, frozen=True):
@@ -48,7 +48,7 @@ class FsyncPolicy(msgspec.Struct, frozen=True):
         raise ValueError(f"fsync policy must be 'never', 'batch' or 'interval_ms=N' with N >= 1, got {text!r}")
 
 
-class Journal:
+class Journal(ClosedOnExit):
     """Appends records and hands out cursors. Open with ``Journal.open``."""
 
     def __init__(
@@ -317,12 +317,6 @@ class Journal:
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
         self._close_fd()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- reading ------------------------------------------------------------------------
 
