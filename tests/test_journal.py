@@ -919,3 +919,23 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         for seq in (1, 2, interval, interval + 1, listed[1][0], listed[2][0] + interval, 700):
             with journal.cursor(seq) as cursor:
                 assert cursor.read_frames(700, 2)[0] == frame(seq)
+
+
+def test_index_and_holes_files_are_complete_when_fsynced(tmp_path, monkeypatch):
+    """A file replaced in place (an index, holes.json) is fsynced holding all its bytes, not
+    before its buffered write reached the file."""
+    synced: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with build(tmp_path, 300, fsync=FsyncPolicy("batch")) as journal:
+        journal.skip_to(400)
+    written = sorted(name for name in os.listdir(tmp_path) if name.endswith(journal_mod.INDEX_SUFFIX) or name == journal_mod.HOLES_FILE)
+    assert len(written) >= 3
+    for name in written:
+        path = str(tmp_path / name)
+        assert synced.get(path + ".tmp") == os.path.getsize(path), name

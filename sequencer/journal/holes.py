@@ -14,7 +14,7 @@ import msgspec
 
 from raftseq.sequencer.journal.errors import JournalCorruptError
 from raftseq.sequencer.journal.index import write_index
-from raftseq.sequencer.journal.segments import FILL_SUFFIX, SEGMENT_SUFFIX, Segment, fsync_dir, write_all
+from raftseq.sequencer.journal.segments import FILL_SUFFIX, SEGMENT_SUFFIX, Segment, fsync_dir, replace_file, write_all
 
 #: Ranges of sequence numbers the journal lacks (after a Raft snapshot), as JSON [[first, last], ...].
 HOLES_FILE = "holes.json"
@@ -42,12 +42,7 @@ def write_holes(directory: str, holes: list[tuple[int, int]]) -> None:
             pass
         fsync_dir(directory)
         return
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(holes))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, msgspec.json.encode(holes), fsync=True)
     fsync_dir(directory)
 
 

@@ -14,7 +14,7 @@ import zlib
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.errors import JournalCorruptError
-from raftseq.sequencer.journal.segments import INDEX_SUFFIX, SEGMENT_SUFFIX, Segment, scan_segment
+from raftseq.sequencer.journal.segments import INDEX_SUFFIX, SEGMENT_SUFFIX, Segment, replace_file, scan_segment
 
 INDEX_MAGIC = b"RSQIDX01"
 INDEX_HEADER = struct.Struct(">8sQQQI")  # magic, first_seq, record count, segment bytes, interval
@@ -25,13 +25,7 @@ def write_index(segment: Segment, *, fsync: bool) -> None:
     body = INDEX_HEADER.pack(INDEX_MAGIC, segment.first_seq, segment.count, segment.size, limits.INDEX_INTERVAL_RECORDS)
     body += struct.pack(f">{n}Q", *segment.offsets)
     body += struct.pack(">I", zlib.crc32(body))
-    index_path = segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
-    tmp = index_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(body)
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, index_path)
+    replace_file(segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX, body, fsync=fsync)
 
 
 def load_sealed(segment: Segment) -> None:

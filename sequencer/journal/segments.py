@@ -159,3 +159,14 @@ def fsync_dir(directory: str) -> None:
     finally:
         os.close(fd)
 
+
+def replace_file(path: str, data: bytes, *, fsync: bool) -> None:
+    """Write `data` to `path` whole or not at all: to a side file, fsynced (with `fsync`) once
+    it holds every byte, then renamed over `path`."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
