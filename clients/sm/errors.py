@@ -8,7 +8,7 @@ copies that disagree — raises one of these, and the runner stops before applyi
 
 from __future__ import annotations
 
-from raftseq.sequencer import protocol
+from raftseq.clients.sm import formats
 
 
 class StateMachineError(Exception):
@@ -90,7 +90,7 @@ class SnapshotPublishError(StateMachineError):
 class DivergenceError(StateMachineError):
     """Two copies of a state machine reported different states after the same message."""
 
-    def __init__(self, divergence: protocol.Divergence) -> None:
+    def __init__(self, divergence: formats.Divergence) -> None:
         super().__init__(divergence.describe())
         self.divergence = divergence
 
