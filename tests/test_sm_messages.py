@@ -28,11 +28,7 @@ class PriceV1(SmMessage):
     price_e8: int
 
 
-class PriceV1Extended(SmMessage):
-    TYPE = "md.price"
-    VERSION = 1
-    symbol: str
-    price_e8: int
+class PriceV1Extended(PriceV1):
     venue: str = "XLON"
 
 
