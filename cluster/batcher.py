@@ -148,7 +148,7 @@ class Batcher:
                 assert not self._proposing, "a commit reported before its propose call returned"
                 committed(batch_id, result, error)
             except Exception as exc:  # noqa: BLE001 - pysyncobj would apply the entry again
-                from raftseq.cluster.replica import fail_stop
+                from raftseq.cluster.raft.replica import fail_stop
 
                 fail_stop("answering committed batch %d: %r", batch_id, exc)
 

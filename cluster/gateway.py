@@ -419,7 +419,7 @@ class Gateway:
                         continue
                 await node.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
-            from raftseq.cluster.replica import fail_stop
+            from raftseq.cluster.raft.replica import fail_stop
 
             fail_stop("journal read for a subscriber: %s", exc)
         except (ConnectionError, asyncio.CancelledError):

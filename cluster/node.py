@@ -22,7 +22,7 @@ from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
-from raftseq.cluster.replica import SequencerReplica
+from raftseq.cluster.raft.replica import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.journal import FsyncPolicy, Journal

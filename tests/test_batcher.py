@@ -360,7 +360,7 @@ def stops(monkeypatch) -> None:
     def fail_stop(message: str, *args: object) -> None:
         raise NodeStopped(message % args)
 
-    monkeypatch.setattr("raftseq.cluster.replica.fail_stop", fail_stop)
+    monkeypatch.setattr("raftseq.cluster.raft.replica.fail_stop", fail_stop)
 
 
 def test_a_commit_reported_inside_propose_stops_the_node(stops):

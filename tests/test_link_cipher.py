@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from cryptography.exceptions import InvalidTag
 
-import raftseq.cluster.replica  # noqa: F401 - installs the cipher, as a node does
+import raftseq.cluster.raft.replica  # noqa: F401 - installs the cipher, as a node does
 import pysyncobj.syncobj
-from raftseq.cluster.link_cipher import LinkCipher, LinkCipherError
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkCipherError
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ import pytest
 from pysyncobj import SyncObjException
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-import raftseq.cluster.replica as replica_module
+import raftseq.cluster.raft.replica as replica_module
 from raftseq.cluster.config import NodeConfig, to_toml
 from raftseq.cluster.local import free_base_port, local_configs
-from raftseq.cluster.raft_loop import LoopPoller
-from raftseq.cluster.replica import SequencerReplica
+from raftseq.cluster.raft.loop_poller import LoopPoller
+from raftseq.cluster.raft.replica import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.journal import FsyncPolicy, Journal

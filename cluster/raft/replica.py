@@ -24,10 +24,10 @@ import pysyncobj.pickle
 from pysyncobj import FAIL_REASON, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from raftseq.cluster import link_cipher
+from raftseq.cluster.raft import link_cipher
 from raftseq.cluster.config import NodeConfig
-from raftseq.cluster.raft_loop import LoopPoller
-from raftseq.cluster.raft_fix import LEADER, CorrectedSyncObj
+from raftseq.cluster.raft.loop_poller import LoopPoller
+from raftseq.cluster.raft.member import LEADER, CorrectedSyncObj
 from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 

@@ -23,7 +23,7 @@ import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from raftseq.cluster.raft_fix import CORRECTED_VERSION, CorrectedSyncObj
+from raftseq.cluster.raft.member import CORRECTED_VERSION, CorrectedSyncObj
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADER_STATE = 2
@@ -465,7 +465,7 @@ def import_with_version(version: str) -> subprocess.CompletedProcess:
         "import pysyncobj.version\n"
         f"pysyncobj.version.VERSION = {version!r}\n"
         "try:\n"
-        "    import cluster.raft_fix\n"
+        "    import raftseq.cluster.raft.member\n"
         "except ImportError as exc:\n"
         "    print('ImportError:', exc)\n"
         "    raise SystemExit(3)\n"
