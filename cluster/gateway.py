@@ -25,6 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import JournalCorruptError
@@ -337,7 +338,7 @@ class Gateway:
             protocol.Welcome(
                 node.config.id,
                 protocol.PROTOCOL_VERSION,
-                protocol.Role(node.role),
+                node.role,
                 node.leader_client_address(),
                 node.last_client_seq(hello.session),
                 self.config.heartbeat_interval_ms,
@@ -419,9 +420,7 @@ class Gateway:
                         continue
                 await node.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
-            from raftseq.cluster.raft.replica import fail_stop
-
-            fail_stop("journal read for a subscriber: %s", exc)
+            invariant.fail_stop("journal read for a subscriber: %s", exc)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from raftseq.sequencer.protocol import RejectReason, Role
+
 if TYPE_CHECKING:
     from raftseq.cluster.node import Node
 
@@ -47,7 +49,8 @@ REFUSAL_REASONS = (
 #: read-back stops the node at once (``fail_stop``): that shows as a restart, not here.
 VERIFY_CHECKS = ("catchup",)
 
-ROLES = ("leader", "follower", "candidate")
+#: The roles a node exports (``raftseq_role``); a node that knows no leader is a candidate.
+ROLES = (Role.LEADER, Role.FOLLOWER, Role.CANDIDATE)
 
 #: The ``leader`` label of ``raftseq_raft_leader`` while a node knows no leader.
 NO_LEADER = "none"
@@ -286,7 +289,7 @@ class NodeCollector:
         # --- Raft -------------------------------------------------------------------------
         status = self._raft_status()
         role = node.role
-        yield family("raftseq_role", tuple(((r,), 1.0 if role == r else 0.0) for r in ROLES))
+        yield family("raftseq_role", tuple(((r.value,), 1.0 if role is r else 0.0) for r in ROLES))
         leader = node.leader_address
         yield family("raftseq_raft_leader", (((self._member(leader) if leader else NO_LEADER,), 1.0),))
         if status:
@@ -303,7 +306,7 @@ class NodeCollector:
             tuple(((self._member(k[len(prefix) :]),), 1.0 if v == 2 else 0.0) for k, v in status.items() if k.startswith(prefix)),
         )
         lags = []
-        if role == "leader" and status:
+        if role is Role.LEADER and status:
             commit = status.get("commit_idx", 0)
             prefix = "match_idx_server_"
             lags = [((self._member(k[len(prefix) :]),), max(0, commit - v)) for k, v in status.items() if k.startswith(prefix)]

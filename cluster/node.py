@@ -1,7 +1,7 @@
 """One raftseq node: journal, state machine, Raft replica, batcher, gateway and metrics.
 
 Everything runs on one asyncio loop: gateway, batcher, subscriptions, and pysyncobj with the
-state machine and the journal (``cluster.raft_loop``). An applied batch wakes the waiting
+state machine and the journal (``cluster.raft``). An applied batch wakes the waiting
 subscribers directly.
 """
 
@@ -15,18 +15,18 @@ import signal
 import socket
 import time
 
-from pysyncobj import SyncObjException
-
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
-from raftseq.cluster.raft.replica import SequencerReplica
+from raftseq.cluster import raft
+from raftseq.cluster.raft import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.node")
 
@@ -90,7 +90,7 @@ class Node:
         self.core = SequencerCore(SequencerMachine(config.machine.machine_config()), self.journal)
         #: Last sequence number subscribers may read: published, and below any journal hole.
         self.readable_seq = self.journal.contiguous_last_seq
-        self.role = "follower"
+        self.role = Role.FOLLOWER
         self.leader_address = ""
         self.disk_low = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -114,10 +114,10 @@ class Node:
         return self.journal.missing_count
 
     def is_leader(self) -> bool:
-        return self.role == "leader"
+        return self.role is Role.LEADER
 
     def leader_client_address(self) -> str:
-        if self.role == "leader":
+        if self.role is Role.LEADER:
             return self.config.client_address
         return self.replica.leader_client_address() if self.replica is not None else ""
 
@@ -136,7 +136,7 @@ class Node:
         status = self.raft_status()
         return protocol.Status(
             self.config.id,
-            protocol.Role(self.role),
+            self.role,
             self.leader_client_address(),
             int(status.get("raft_term", 0) or 0),
             int(status.get("commit_idx", 0) or 0),
@@ -189,6 +189,7 @@ class Node:
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        raft.install()
         loop = asyncio.get_running_loop()
         self.loop = loop
         self._readable_event = asyncio.Event()
@@ -205,23 +206,22 @@ class Node:
                 on_restored=self.wake_subscribers,
                 votes_blocked_s=self.votes_blocked_s,
             )
-        except SyncObjException as exc:
-            if exc.args != ("BindError",):
-                raise
-            log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
-            await self.gateway.stop()
-            self.journal.close()
-            raise RaftAddressUnavailable(self.config.raft_address) from None
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
-            log.critical(
-                "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
-                "(snapshot and journal catch-up), start the node with --discard-raft-log",
-                self.config.raft_dir,
-                exc,
-            )
+            failure: Exception
+            if raft.is_bind_error(exc):
+                log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
+                failure = RaftAddressUnavailable(self.config.raft_address)
+            else:
+                log.critical(
+                    "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
+                    "(snapshot and journal catch-up), start the node with --discard-raft-log",
+                    self.config.raft_dir,
+                    exc,
+                )
+                failure = RaftLogUnreadable(str(exc))
             await self.gateway.stop()
             self.journal.close()
-            raise RaftLogUnreadable(str(exc)) from None
+            raise failure from None
         self.catchup = CatchUp(self)
         if self.config.metrics_address:
             serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))
@@ -264,9 +264,9 @@ class Node:
                 log.info("leader is now %s (term %d)", leader or "unknown", replica.term())
                 self.leader_address = leader
             if role != self.role:
-                log.info("role %s -> %s (term %d)", self.role, role, replica.term())
+                log.info("role %s -> %s (term %d)", self.role.value, role.value, replica.term())
                 self.role = role
-                if role == "leader":
+                if role is Role.LEADER:
                     self.batcher.start()
                 else:
                     self.batcher.stop("no longer leader")
@@ -274,10 +274,8 @@ class Node:
             if now - disk_checked >= 1.0:
                 disk_checked = now
                 self._check_disk()
-            if self.journal.fsync_policy.mode == "interval" and self.replica is not None:
-                # Appends and segment rolls hold this lock too (journal catch-up included).
-                with self.replica.apply_lock:
-                    self.journal.sync_if_due()
+            if self.journal.fsync_policy.mode == "interval":
+                self.journal.sync_if_due()
             await asyncio.sleep(0.01)
 
     def _check_disk(self) -> None:
@@ -289,7 +287,7 @@ class Node:
         if low != self.disk_low:
             log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
         self.disk_low = low
-        if low and self.role == "leader" and self.replica is not None:
+        if low and self.role is Role.LEADER and self.replica is not None:
             # A leader that refuses every submit would stall the cluster while two healthy
             # nodes wait: hand leadership to one of them (asked again each second until done).
             self.replica.request_handover()
