@@ -67,3 +67,12 @@ class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
         if self.session_idle_ns < 1_000_000_000:
             found.append(f"session_idle_ns must be at least one second, got {self.session_idle_ns}")
         return found
+
+# --- node sockets (cluster/gateway) -------------------------------------------------------
+#: Bytes a node's gateway reads from a client socket at a time (one frame at most, so a read
+#: holds at least one whole frame).
+SOCKET_READ_BYTES = FRAME_BYTES_MAX
+#: Bytes of journal records a subscription reads and writes at a time.
+SUBSCRIBER_BLOCK_BYTES = 256 * KIB
+#: Connections waiting to be accepted by a node's gateway (the listen backlog).
+LISTEN_BACKLOG = 256

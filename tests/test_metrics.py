@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from raftseq.cluster import metrics as M
 from raftseq.cluster.local import local_configs
 from raftseq.cluster.node import Node
+from raftseq.cluster.raft import RAFT_COUNTERS
 from raftseq.sequencer.protocol import Role
 
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_entries", "_records", "_messages", "_batches", "_index", "_seq", "_total")
@@ -47,6 +48,9 @@ class StubReplica:
         self.status = status
         self.calls = 0
         self.failures_left = 0
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name, 0) for name in RAFT_COUNTERS}
 
     def getStatus(self) -> dict:  # noqa: N802 - pysyncobj's name
         self.calls += 1
@@ -91,7 +95,7 @@ def leader_status(node: Node, *, commit: int = 120, matches: tuple[int, int] = (
 
 def scrape(node: Node) -> dict[str, object]:
     """The node's /metrics page, parsed: family name -> family (as Prometheus reads it)."""
-    text = generate_latest(M.build_registry(M.NodeCollector(node))).decode()
+    text = generate_latest(M.build_registry(node.collector())).decode()
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pysyncobj import FAIL_REASON, SyncObjException
 
-from raftseq.cluster.raft.member import RaftMember
+from raftseq.cluster.raft.member import RAFT_COUNTERS, RaftMember
 from raftseq.cluster.raft.patches import install, installed
 from raftseq.cluster.raft.proposals import PROPOSAL_OK, proposal_error_name
 from raftseq.cluster.raft.replica import SequencerReplica
@@ -29,6 +29,7 @@ def is_bind_error(exc: BaseException) -> bool:
 __all__ = [
     "FAIL_REASON",
     "PROPOSAL_OK",
+    "RAFT_COUNTERS",
     "RaftMember",
     "SequencerReplica",
     "install",

@@ -97,8 +97,9 @@ PRE_VOTE = "raftseq_pre_vote"
 PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
 NEWER_TERM = "raftseq_newer_term"
 
-#: The counters of the corrections, by the name of the ``RaftMember`` attribute.
-CORRECTION_COUNTERS = (
+#: What a member counts (``RaftMember.counters()``), by the name of its attribute: how often
+#: each correction kicked in, and the exceptions out of pysyncobj on the loop.
+RAFT_COUNTERS = (
     "raftseq_matching_entries_kept",
     "raftseq_truncations_refused",
     "raftseq_next_index_rewinds_refused",
@@ -107,6 +108,7 @@ CORRECTION_COUNTERS = (
     "raftseq_pre_votes_lost",
     "raftseq_newer_terms_told",
     "raftseq_newer_terms_heard",
+    "ticks_failed",
 )
 
 
@@ -199,9 +201,9 @@ class RaftMember(SyncObj):
     def term(self) -> int:
         return self._getTerm()
 
-    def corrections(self) -> dict[str, int]:
-        """How often each correction kicked in: ``CORRECTION_COUNTERS`` -> count."""
-        return {name: getattr(self, name) for name in CORRECTION_COUNTERS}
+    def counters(self) -> dict[str, int]:
+        """``RAFT_COUNTERS`` -> count (read from the scrape thread: plain integers)."""
+        return {name: getattr(self, name) for name in RAFT_COUNTERS}
 
     # --- driving pysyncobj from the loop (raft.loop_poller) ---------------------------------
 
