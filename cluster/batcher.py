@@ -4,7 +4,7 @@ Natural batching: a batch is proposed as soon as no batch is in flight, or when 
 waiting and fewer than ``in_flight_max`` are in flight. Under light load a batch holds one
 message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 
-Runs on the asyncio loop, as does pysyncobj (``cluster.raft_loop``): a commit is reported from
+Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
 """
 
@@ -16,9 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from pysyncobj import FAIL_REASON
-
+from raftseq.cluster import invariant
 from raftseq.cluster.config import BatcherConfig
+from raftseq.cluster.raft.proposals import PROPOSAL_OK, proposal_error_name
 from raftseq.sequencer import protocol
 from raftseq.sequencer.machine import ApplyResult
 
@@ -148,9 +148,7 @@ class Batcher:
                 assert not self._proposing, "a commit reported before its propose call returned"
                 committed(batch_id, result, error)
             except Exception as exc:  # noqa: BLE001 - pysyncobj would apply the entry again
-                from raftseq.cluster.replica import fail_stop
-
-                fail_stop("answering committed batch %d: %r", batch_id, exc)
+                invariant.fail_stop("answering committed batch %d: %r", batch_id, exc)
 
         self._proposing = True
         try:
@@ -165,7 +163,7 @@ class Batcher:
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
         members, _ = entry
-        if error == FAIL_REASON.SUCCESS and isinstance(result, ApplyResult) and not result.error:
+        if error == PROPOSAL_OK and isinstance(result, ApplyResult) and not result.error:
             count = result.entry_count
             assert count == len(members), f"{count} results for {len(members)} entries"
             if result.outcomes is None:
@@ -183,7 +181,7 @@ class Batcher:
                 for submit in members:
                     observe((now_ns - submit.enqueued_ns) / 1e9)
         else:
-            reason = _fail_reason_name(error) if error != FAIL_REASON.SUCCESS else "batch not applied"
+            reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1
             unknown = CommitOutcome(None, reason)
             for submit in members:
@@ -223,9 +221,3 @@ class Batcher:
         self.batches_unknown += len(self._in_flight)
         self._in_flight.clear()
 
-
-def _fail_reason_name(code: int) -> str:
-    for name in ("QUEUE_FULL", "MISSING_LEADER", "DISCARDED", "NOT_LEADER", "LEADER_CHANGED", "REQUEST_DENIED", "UNKNOWN_OUTCOME"):
-        if getattr(FAIL_REASON, name, None) == code:
-            return name.lower()
-    return f"raft error {code}"

@@ -1,7 +1,7 @@
 """Journal catch-up: fill the holes a Raft snapshot leaves in this node's journal.
 
 When pysyncobj installs a snapshot instead of sending log entries, the machine state jumps
-ahead of the journal (``SequencerCore.replace_machine`` records the gap as a hole). This task
+ahead of the journal (``SequencedStream.replace_machine`` records the gap as a hole). This task
 fetches the missing records from a peer over the ordinary subscribe protocol, checks each
 record's checksum and number, and stores the bytes exactly as received (``Journal.fill``).
 Subscribers are served only up to the first hole until it is filled.

@@ -19,6 +19,22 @@ Address = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]+:\d{1,5}$")]
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 
 
+#: The node's role watcher reads the Raft member's role and leader this often, in seconds: a
+#: new leader's batcher starts (and a deposed one's stops) within it.
+ROLE_WATCH_INTERVAL_S = 0.01
+#: Free disk (``journal.disk_free_bytes_min``) is checked this often, in seconds.
+DISK_CHECK_INTERVAL_S = 1.0
+
+#: ``Busy.retry_after_ms`` of the gateway's refusals, in milliseconds: when a table is full
+#: (connections, subscribers) or the disk is low, when a session has too many submits in
+#: flight, and when the leader's batcher queue is full.
+BUSY_RETRY_AFTER_FULL_MS = 1000
+BUSY_RETRY_AFTER_IN_FLIGHT_MS = 20
+BUSY_RETRY_AFTER_LEADER_QUEUE_MS = 50
+#: Seconds a stopping gateway waits for its listening socket to close.
+GATEWAY_STOP_WAIT_S = 2.0
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""
 

@@ -25,19 +25,29 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.cluster.config import (
+    BUSY_RETRY_AFTER_FULL_MS,
+    BUSY_RETRY_AFTER_IN_FLIGHT_MS,
+    BUSY_RETRY_AFTER_LEADER_QUEUE_MS,
+    GATEWAY_STOP_WAIT_S,
+)
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import JournalCorruptError
 from raftseq.sequencer.machine import EntryResult, Outcome
 from raftseq.sequencer.protocol import RejectReason
 
 if TYPE_CHECKING:
-    from raftseq.cluster.node import Node
+    from raftseq.cluster.batcher import Batcher
+    from raftseq.cluster.config import NodeConfig
+    from raftseq.cluster.metrics import NodeMetrics
+    from raftseq.cluster.node_reads import ClientFacingNode
+    from raftseq.cluster.publication import Publication
+    from raftseq.sequencer.journal import Journal
 
 log = logging.getLogger("raftseq.gateway")
 
-READ_BYTES = 64 * limits.KIB
-SUBSCRIBER_BLOCK_BYTES = 256 * limits.KIB
 _encode = protocol.encode_frame
 
 
@@ -140,7 +150,7 @@ class Connection:
         self.last_write = time.monotonic()
 
     def reject_and_close(self, reason: RejectReason, detail: str, client_seq: int = 0) -> None:
-        self.gateway.node.metrics.refused(reason.value)
+        self.gateway.metrics.refused(reason.value)
         self.send(protocol.Rejected(reason, detail[: limits.DETAIL_CHARS_MAX], client_seq))
         self._flush()
         self.close()
@@ -165,7 +175,7 @@ class Connection:
             if not self.closed:
                 self.ack(client_seq, outcome)
             return
-        metrics = self.gateway.node.metrics
+        metrics = self.gateway.metrics
         if isinstance(outcome, EntryResult):
             if outcome.outcome is Outcome.SEQUENCED:
                 if not self.closed:
@@ -183,18 +193,32 @@ class Connection:
 
 
 class Gateway:
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        node: ClientFacingNode,
+        *,
+        batcher: Batcher,
+        journal: Journal,
+        publication: Publication,
+        metrics: NodeMetrics,
+    ) -> None:
         self.node = node
-        self.config = node.config.gateway
+        self.node_config = config
+        self.config = config.gateway
+        self.batcher = batcher
+        self.journal = journal
+        self.publication = publication
+        self.metrics = metrics
         self.connections: set[Connection] = set()
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
-        self._token = node.config.client_token.encode()
+        self._token = config.client_token.encode()
 
     async def start(self) -> None:
-        host, port = self.node.config.client_address.rsplit(":", 1)
-        self._server = await asyncio.start_server(self._serve, host, int(port), limit=READ_BYTES, backlog=256)
+        host, port = self.node_config.client_address.rsplit(":", 1)
+        self._server = await asyncio.start_server(self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG)
         self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
 
     async def stop(self) -> None:
@@ -206,7 +230,7 @@ class Gateway:
             conn.close()
         if self._server is not None:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await asyncio.wait_for(self._server.wait_closed(), GATEWAY_STOP_WAIT_S)
             except TimeoutError:
                 pass
 
@@ -228,9 +252,9 @@ class Gateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
-        metrics = self.node.metrics
+        metrics = self.metrics
         if len(self.connections) >= self.config.connections_max:
-            conn.send(protocol.Busy(0, 1000, "connections"))
+            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "connections"))
             conn._flush()
             conn.close()
             metrics.refused("busy")
@@ -268,7 +292,7 @@ class Gateway:
         idle_timeout_s = self.config.idle_timeout_ms / 1000
         while not conn.closed:
             deadline.reschedule(loop.time() + idle_timeout_s if conn.session else hello_deadline)
-            data = await reader.read(READ_BYTES)
+            data = await reader.read(limits.SOCKET_READ_BYTES)
             if not data:
                 return
             conn.last_read = time.monotonic()
@@ -313,9 +337,7 @@ class Gateway:
         """The node's snapshot index for one state-machine type, as of what it has applied.
         Any node answers (the index is replicated state); the chunks it points to are read
         with an ordinary subscription."""
-        node = self.node
-        machine = node.core.machine  # read once: a restored snapshot replaces the machine
-        conn.send(protocol.SnapshotList(query.sm_type, machine.snapshots_of(query.sm_type), machine.last_seq))
+        conn.send(self.node.snapshot_list(query.sm_type))
 
     def _hello(self, conn: Connection, hello: protocol.Hello) -> None:
         if conn.session:
@@ -335,9 +357,9 @@ class Gateway:
         node = self.node
         conn.send(
             protocol.Welcome(
-                node.config.id,
+                self.node_config.id,
                 protocol.PROTOCOL_VERSION,
-                protocol.Role(node.role),
+                node.role,
                 node.leader_client_address(),
                 node.last_client_seq(hello.session),
                 self.config.heartbeat_interval_ms,
@@ -347,7 +369,7 @@ class Gateway:
     def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list) -> None:
         """Submits ``first_client_seq + i`` of ``payloads[i]``, each answered on its own."""
         node = self.node
-        metrics = node.metrics
+        metrics = self.metrics
         if not node.is_leader():
             leader = node.leader_client_address()
             for i in range(len(payloads)):
@@ -356,17 +378,17 @@ class Gateway:
             return
         limit = None
         if node.disk_low:
-            limit = ("disk_free", 1000)
-        batcher = node.batcher
+            limit = ("disk_free", BUSY_RETRY_AFTER_FULL_MS)
+        batcher = self.batcher
         session = conn.session
         reply = conn.reply
         in_flight_max = self.config.in_flight_per_session_max
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:
-                limit = ("in_flight_per_session", 20)
+                limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if limit is None and not batcher.offer(PendingSubmit(session, client_seq, payload, reply), propose=False):
-                limit = ("leader_queue", 50)
+                limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
                 # Everything after the first refusal is refused too: a session's submits are
                 # sequenced in client_seq order, so the client resends from here.
@@ -378,17 +400,18 @@ class Gateway:
 
     def _subscribe(self, conn: Connection, subscribe: protocol.Subscribe) -> None:
         node = self.node
+        metrics = self.metrics
         if conn.subscription is not None:
             conn.reject_and_close(RejectReason.BAD_FRAME, "one subscription per connection")
             return
         if self.subscribers >= self.config.subscribers_max:
-            node.metrics.refused("busy")
-            conn.send(protocol.Busy(0, 1000, "subscribers"))
+            metrics.refused("busy")
+            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "subscribers"))
             return
-        first = node.journal.first_seq or 1
+        first = self.journal.first_seq or 1
         end = node.published_seq
         if subscribe.from_seq < first or subscribe.from_seq > end + 1:
-            node.metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
+            metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
             conn.send(
                 protocol.Rejected(
                     RejectReason.FROM_SEQ_UNAVAILABLE,
@@ -399,35 +422,34 @@ class Gateway:
         conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe.from_seq))
 
     async def _serve_subscription(self, conn: Connection, from_seq: int) -> None:
-        node = self.node
+        metrics = self.metrics
+        publication = self.publication
         self.subscribers += 1
-        node.metrics.subscribers = self.subscribers
+        metrics.subscribers = self.subscribers
         writer = conn.writer
-        cursor = node.journal.cursor(from_seq)
-        node.metrics.subscriber_cursors.add(cursor)
+        cursor = self.journal.cursor(from_seq)
+        metrics.subscriber_cursors.add(cursor)
         try:
             while not conn.closed:
-                limit = node.readable_seq
+                limit = publication.readable_seq
                 if cursor.next_seq <= limit:
-                    count, block = cursor.read_block(limit, SUBSCRIBER_BLOCK_BYTES)
+                    count, block = cursor.read_block(limit, limits.SUBSCRIBER_BLOCK_BYTES)
                     if count:
                         conn._flush()  # keep frame order: anything queued goes first
                         writer.write(block)
                         conn.last_write = time.monotonic()
-                        node.metrics.delivered += count
+                        metrics.delivered += count
                         await writer.drain()
                         continue
-                await node.wait_readable(cursor.next_seq)
+                await publication.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
-            from raftseq.cluster.replica import fail_stop
-
-            fail_stop("journal read for a subscriber: %s", exc)
+            invariant.fail_stop("journal read for a subscriber: %s", exc)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            node.metrics.subscriber_cursors.discard(cursor)
+            metrics.subscriber_cursors.discard(cursor)
             cursor.close()
             self.subscribers -= 1
-            node.metrics.subscribers = self.subscribers
+            metrics.subscribers = self.subscribers
             conn.close()
 

@@ -22,32 +22,25 @@ from typing import TYPE_CHECKING, NamedTuple
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-if TYPE_CHECKING:
-    from raftseq.cluster.node import Node
+from raftseq.sequencer.protocol import RejectReason, Role
 
-REFUSAL_REASONS = (
-    "busy",
-    "not_leader",
-    "outcome_unknown",
-    "auth_failed",
-    "bad_frame",
-    "frame_too_large",
-    "protocol_version",
-    "hello_required",
-    "sequence_gap",
-    "stale_client_seq",
-    "too_many_sessions",
-    "from_seq_unavailable",
-    "shutting_down",
-    "internal",
-)
+if TYPE_CHECKING:
+    from raftseq.cluster.batcher import Batcher
+    from raftseq.cluster.config import NodeConfig
+    from raftseq.cluster.node_reads import ScrapedNode
+    from raftseq.sequencer.journal import Journal
+
+#: Why a submit or request was refused: the gateway's own refusals, then every reason a node
+#: sends in ``Rejected`` (``protocol.RejectReason``, defined there once).
+REFUSAL_REASONS = ("busy", "not_leader", "outcome_unknown", *(reason.value for reason in RejectReason))
 
 #: Where a journal record can fail verification while the node keeps running: records fetched
 #: from a peer during catch-up (checksum or numbering). A record of its own journal failing on
 #: read-back stops the node at once (``fail_stop``): that shows as a restart, not here.
 VERIFY_CHECKS = ("catchup",)
 
-ROLES = ("leader", "follower", "candidate")
+#: The roles a node exports (``raftseq_role``); a node that knows no leader is a candidate.
+ROLES = (Role.LEADER, Role.FOLLOWER, Role.CANDIDATE)
 
 #: The ``leader`` label of ``raftseq_raft_leader`` while a node knows no leader.
 NO_LEADER = "none"
@@ -163,6 +156,18 @@ METRICS = (
 
 _SPECS = {spec.name: spec for spec in METRICS}
 
+#: The counter families read from the Raft member's counters (``raft.RAFT_COUNTERS``).
+RAFT_COUNTER_METRICS = (
+    ("raftseq_raft_matching_entries_kept_total", "raftseq_matching_entries_kept"),
+    ("raftseq_raft_truncations_refused_total", "raftseq_truncations_refused"),
+    ("raftseq_raft_next_index_rewinds_refused_total", "raftseq_next_index_rewinds_refused"),
+    ("raftseq_raft_snapshot_commits_refused_total", "raftseq_snapshot_commits_refused"),
+    ("raftseq_raft_elections_deferred_total", "raftseq_elections_deferred"),
+    ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
+    ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
+    ("raftseq_raft_ticks_failed_total", "ticks_failed"),
+)
+
 
 def exported_sample_names() -> frozenset[str]:
     """Every sample name a node's ``/metrics`` page holds (``_total``, ``_bucket``… included),
@@ -234,9 +239,14 @@ class NodeMetrics:
 class NodeCollector:
     """Reads the node at scrape time (on the metrics server's thread)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self, config: NodeConfig, metrics: NodeMetrics, node: ScrapedNode, *, journal: Journal, batcher: Batcher | None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
         self.node = node
-        config = node.config
+        self.journal = journal
+        self.batcher = batcher
         #: Raft address -> node id, for labels that name cluster members.
         self.ids = {peer.raft_address: peer.id for peer in config.peers}
         self.ids[config.raft_address] = config.id
@@ -246,8 +256,6 @@ class NodeCollector:
 
     def _raft_status(self) -> dict:
         node = self.node
-        if node.replica is None:
-            return {}
         for _ in range(STATUS_READ_ATTEMPTS):
             status = node.raft_status()
             if status:
@@ -257,7 +265,7 @@ class NodeCollector:
     def _subscriber_max_lag(self, last_seq: int) -> int:
         for _ in range(STATUS_READ_ATTEMPTS):
             try:
-                cursors = list(self.node.metrics.subscriber_cursors)
+                cursors = list(self.metrics.subscriber_cursors)
                 break
             except RuntimeError:  # the set changed size while being copied
                 continue
@@ -267,8 +275,9 @@ class NodeCollector:
 
     def collect(self) -> Iterator:
         node = self.node
-        m = node.metrics
-        node_id = node.config.id
+        m = self.metrics
+        config = self.config
+        node_id = config.id
 
         def family(name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0):
             """A gauge or counter family from its spec: one sample of `value`, or one per
@@ -286,7 +295,7 @@ class NodeCollector:
         # --- Raft -------------------------------------------------------------------------
         status = self._raft_status()
         role = node.role
-        yield family("raftseq_role", tuple(((r,), 1.0 if role == r else 0.0) for r in ROLES))
+        yield family("raftseq_role", tuple(((r.value,), 1.0 if role is r else 0.0) for r in ROLES))
         leader = node.leader_address
         yield family("raftseq_raft_leader", (((self._member(leader) if leader else NO_LEADER,), 1.0),))
         if status:
@@ -303,32 +312,26 @@ class NodeCollector:
             tuple(((self._member(k[len(prefix) :]),), 1.0 if v == 2 else 0.0) for k, v in status.items() if k.startswith(prefix)),
         )
         lags = []
-        if role == "leader" and status:
+        if role is Role.LEADER and status:
             commit = status.get("commit_idx", 0)
             prefix = "match_idx_server_"
             lags = [((self._member(k[len(prefix) :]),), max(0, commit - v)) for k, v in status.items() if k.startswith(prefix)]
         yield family("raftseq_follower_lag_entries", tuple(lags))
-        replica = node.replica
-        yield family("raftseq_raft_matching_entries_kept_total", value=getattr(replica, "raftseq_matching_entries_kept", 0))
-        yield family("raftseq_raft_truncations_refused_total", value=getattr(replica, "raftseq_truncations_refused", 0))
-        yield family("raftseq_raft_next_index_rewinds_refused_total", value=getattr(replica, "raftseq_next_index_rewinds_refused", 0))
-        yield family("raftseq_raft_snapshot_commits_refused_total", value=getattr(replica, "raftseq_snapshot_commits_refused", 0))
-        yield family("raftseq_raft_elections_deferred_total", value=getattr(replica, "raftseq_elections_deferred", 0))
-        yield family("raftseq_raft_newer_terms_told_total", value=getattr(replica, "raftseq_newer_terms_told", 0))
-        yield family("raftseq_raft_newer_terms_heard_total", value=getattr(replica, "raftseq_newer_terms_heard", 0))
-        yield family("raftseq_raft_ticks_failed_total", value=getattr(replica, "ticks_failed", 0))
+        counters = node.raft_counters()
+        for name, counter in RAFT_COUNTER_METRICS:
+            yield family(name, value=counters.get(counter, 0))
         yield family("raftseq_leader_changes_total", value=m.leader_changes)
 
         # --- sequencing -------------------------------------------------------------------
         last_seq = node.published_seq
         yield family("raftseq_last_seq", value=last_seq)
         yield family("raftseq_readable_seq", value=node.readable_seq)
-        yield family("raftseq_last_log_time_seconds", value=node.core.machine.last_log_time_ns / 1e9)
+        yield family("raftseq_last_log_time_seconds", value=node.last_log_time_ns / 1e9)
         yield family("raftseq_messages_sequenced_total", value=m.messages_sequenced)
         yield family("raftseq_batches_applied_total", value=m.batches_applied)
         yield histogram("raftseq_batch_entries", m.batch_size)
         yield histogram("raftseq_ack_latency_seconds", m.ack_latency)
-        batcher = node.batcher
+        batcher = self.batcher
         yield family("raftseq_batcher_queue_entries", value=batcher.queued if batcher is not None else 0)
         yield family("raftseq_batcher_in_flight_batches", value=batcher.in_flight if batcher is not None else 0)
         yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
@@ -344,7 +347,7 @@ class NodeCollector:
         yield family("raftseq_subscriber_max_lag_messages", value=max(0, self._subscriber_max_lag(last_seq)))
 
         # --- journal, catch-up, disk ------------------------------------------------------
-        journal = node.journal
+        journal = self.journal
         yield family("raftseq_journal_bytes", value=journal.size_bytes)
         yield family("raftseq_journal_segments", value=journal.segment_count)
         yield family("raftseq_journal_fsyncs_total", value=journal.fsync_count)
@@ -354,16 +357,15 @@ class NodeCollector:
         yield family("raftseq_journal_tail_cut_bytes", value=journal.recovery.bytes_cut)
         yield family("raftseq_journal_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
         yield family("raftseq_catchup_missing_records", value=node.catchup_missing)
-        catchup = node.catchup
-        yield family("raftseq_catchup_fetched_records_total", value=catchup.records_fetched if catchup is not None else 0)
+        yield family("raftseq_catchup_fetched_records_total", value=node.catchup_fetched)
         try:
-            usage = shutil.disk_usage(node.config.data_dir)
+            usage = shutil.disk_usage(config.data_dir)
             free, size = usage.free, usage.total
         except OSError:
             free, size = 0, 0
         yield family("raftseq_disk_free_bytes", value=free)
         yield family("raftseq_disk_size_bytes", value=size)
-        yield family("raftseq_disk_free_min_bytes", value=node.config.journal.disk_free_bytes_min)
+        yield family("raftseq_disk_free_min_bytes", value=config.journal.disk_free_bytes_min)
         yield family("raftseq_disk_low", value=1.0 if node.disk_low else 0.0)
         yield family("raftseq_start_time_seconds", value=m.start_time_s)
 

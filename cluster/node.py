@@ -1,8 +1,10 @@
-"""One raftseq node: journal, state machine, Raft replica, batcher, gateway and metrics.
+"""One raftseq node: the composition root of journal, state machine, Raft replica, batcher,
+gateway, catch-up and metrics.
 
 Everything runs on one asyncio loop: gateway, batcher, subscriptions, and pysyncobj with the
-state machine and the journal (``cluster.raft_loop``). An applied batch wakes the waiting
-subscribers directly.
+state machine and the journal (``cluster.raft``). An applied batch wakes the waiting
+subscribers directly (``cluster.publication``). One role watcher follows the Raft member's role
+and leader (it starts and stops the batcher) and the free disk.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import signal
 import socket
 import time
 
-from pysyncobj import SyncObjException
-
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
-from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
-from raftseq.cluster.replica import SequencerReplica
+from raftseq.cluster.publication import Publication
+from raftseq.cluster import raft
+from raftseq.cluster.raft import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.node")
 
@@ -66,6 +69,13 @@ def discard_raft_log(config: NodeConfig) -> str:
 
 
 class Node:
+    """The composition root: builds the journal, machine, Raft replica, batcher, gateway,
+    catch-up and metrics of one node, wires them, and runs them on one loop.
+
+    Gateway and metrics receive the node as a small protocol of reads
+    (``cluster.node_reads``): the properties and methods below are those reads.
+    """
+
     def __init__(self, config: NodeConfig, *, votes_blocked_s: float = 0.0) -> None:
         self.config = config
         self.votes_blocked_s = votes_blocked_s
@@ -88,20 +98,17 @@ class Node:
                 recovery.reason,
             )
         self.core = SequencedStream(SequencerMachine(config.machine.machine_config()), self.journal)
-        #: Last sequence number subscribers may read: published, and below any journal hole.
-        self.readable_seq = self.journal.contiguous_last_seq
-        self.role = "follower"
+        self.publication = Publication(self.journal, recheck_interval_s=config.gateway.heartbeat_interval_ms / 1000)
+        self.role = Role.FOLLOWER
+        #: Raft address of the leader this node knows ("" if none).
         self.leader_address = ""
         self.disk_low = False
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.replica: SequencerReplica | None = None
         self.batcher: Batcher | None = None
         self.gateway: Gateway | None = None
         self.catchup: CatchUp | None = None
-        self._readable_event: asyncio.Event | None = None
-        self._waiters = 0  # subscriptions inside wait_readable
 
-    # --- queries used by the gateway and metrics -------------------------------------------
+    # --- reads (cluster.node_reads) -----------------------------------------------------
 
     @property
     def published_seq(self) -> int:
@@ -110,19 +117,35 @@ class Node:
         return max(self.journal.last_seq, self.core.machine.last_seq)
 
     @property
+    def readable_seq(self) -> int:
+        return self.publication.readable_seq
+
+    @property
+    def last_log_time_ns(self) -> int:
+        return self.core.machine.last_log_time_ns
+
+    @property
     def catchup_missing(self) -> int:
         return self.journal.missing_count
 
+    @property
+    def catchup_fetched(self) -> int:
+        return self.catchup.records_fetched if self.catchup is not None else 0
+
     def is_leader(self) -> bool:
-        return self.role == "leader"
+        return self.role is Role.LEADER
 
     def leader_client_address(self) -> str:
-        if self.role == "leader":
+        if self.role is Role.LEADER:
             return self.config.client_address
         return self.replica.leader_client_address() if self.replica is not None else ""
 
     def last_client_seq(self, session: str) -> int:
         return self.core.machine.last_client_seq(session)
+
+    def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
+        machine = self.core.machine  # read once: a restored snapshot replaces the machine
+        return protocol.SnapshotList(sm_type, machine.snapshots_of(sm_type), machine.last_seq)
 
     def raft_status(self) -> dict:
         if self.replica is None:
@@ -132,11 +155,16 @@ class Node:
         except Exception:  # noqa: BLE001 - best effort for display
             return {}
 
+    def raft_counters(self) -> dict[str, int]:
+        if self.replica is None:
+            return dict.fromkeys(raft.RAFT_COUNTERS, 0)
+        return self.replica.counters()
+
     def status(self) -> protocol.Status:
         status = self.raft_status()
         return protocol.Status(
             self.config.id,
-            protocol.Role(self.role),
+            self.role,
             self.leader_client_address(),
             int(status.get("raft_term", 0) or 0),
             int(status.get("commit_idx", 0) or 0),
@@ -148,21 +176,9 @@ class Node:
             self.config.metrics_address,
         )
 
-    async def wait_readable(self, seq: int) -> None:
-        """Return once ``readable_seq >= seq`` (or after a heartbeat interval, to re-check)."""
-        self._waiters += 1
-        try:
-            while True:
-                self.readable_seq = self.journal.contiguous_last_seq
-                if self.readable_seq >= seq:
-                    return
-                event = self._readable_event
-                try:
-                    await asyncio.wait_for(event.wait(), self.config.gateway.heartbeat_interval_ms / 1000)
-                except TimeoutError:
-                    return
-        finally:
-            self._waiters -= 1
+    def collector(self) -> NodeCollector:
+        """The metrics collector over this node (what ``/metrics`` serves)."""
+        return NodeCollector(self.config, self.metrics, self, journal=self.journal, batcher=self.batcher)
 
     # --- Raft's side ----------------------------------------------------------------------
 
@@ -174,27 +190,22 @@ class Node:
             count = result.last_seq - result.first_seq + 1
             m.messages_sequenced += count
             m.batch_size.observe(result.entry_count)
-        self.wake_subscribers()
+        self.publication.wake()
 
     def wake_subscribers(self) -> None:
-        """New records are readable (applied, or fetched into a hole): wake the waiting
-        subscriptions."""
-        self.readable_seq = self.journal.contiguous_last_seq
-        if not self._waiters:
-            return  # nobody waits; a subscriber reads the journal's position before it waits
-        event = self._readable_event
-        self._readable_event = asyncio.Event()
-        event.set()
+        """New records are readable (fetched into a hole by catch-up)."""
+        self.publication.wake()
 
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        raft.install()
         loop = asyncio.get_running_loop()
-        self.loop = loop
-        self._readable_event = asyncio.Event()
         self.batcher = Batcher(self.config.batcher, self._propose, loop=loop)
         self.batcher.latency_observer = self.metrics.ack_latency.observe
-        self.gateway = Gateway(self)
+        self.gateway = Gateway(
+            self.config, self, batcher=self.batcher, journal=self.journal, publication=self.publication, metrics=self.metrics
+        )
         await self.gateway.start()
         try:
             self.replica = SequencerReplica(
@@ -202,29 +213,28 @@ class Node:
                 self.core,
                 loop=loop,
                 on_applied=self._applied,
-                on_restored=self.wake_subscribers,
+                on_restored=self.publication.wake,
                 votes_blocked_s=self.votes_blocked_s,
             )
-        except SyncObjException as exc:
-            if exc.args != ("BindError",):
-                raise
-            log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
-            await self.gateway.stop()
-            self.journal.close()
-            raise RaftAddressUnavailable(self.config.raft_address) from None
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
-            log.critical(
-                "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
-                "(snapshot and journal catch-up), start the node with --discard-raft-log",
-                self.config.raft_dir,
-                exc,
-            )
+            failure: Exception
+            if raft.is_bind_error(exc):
+                log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
+                failure = RaftAddressUnavailable(self.config.raft_address)
+            else:
+                log.critical(
+                    "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
+                    "(snapshot and journal catch-up), start the node with --discard-raft-log",
+                    self.config.raft_dir,
+                    exc,
+                )
+                failure = RaftLogUnreadable(str(exc))
             await self.gateway.stop()
             self.journal.close()
-            raise RaftLogUnreadable(str(exc)) from None
+            raise failure from None
         self.catchup = CatchUp(self)
         if self.config.metrics_address:
-            serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))
+            serve_metrics(self.config.metrics_address, self.collector)
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
@@ -264,21 +274,19 @@ class Node:
                 log.info("leader is now %s (term %d)", leader or "unknown", replica.term())
                 self.leader_address = leader
             if role != self.role:
-                log.info("role %s -> %s (term %d)", self.role, role, replica.term())
+                log.info("role %s -> %s (term %d)", self.role.value, role.value, replica.term())
                 self.role = role
-                if role == "leader":
+                if role is Role.LEADER:
                     self.batcher.start()
                 else:
                     self.batcher.stop("no longer leader")
             now = time.monotonic()
-            if now - disk_checked >= 1.0:
+            if now - disk_checked >= DISK_CHECK_INTERVAL_S:
                 disk_checked = now
                 self._check_disk()
-            if self.journal.fsync_policy.mode == "interval" and self.replica is not None:
-                # Appends and segment rolls hold this lock too (journal catch-up included).
-                with self.replica.apply_lock:
-                    self.journal.sync_if_due()
-            await asyncio.sleep(0.01)
+            if self.journal.fsync_policy.mode == "interval":
+                self.journal.sync_if_due()
+            await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
 
     def _check_disk(self) -> None:
         try:
@@ -289,7 +297,7 @@ class Node:
         if low != self.disk_low:
             log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
         self.disk_low = low
-        if low and self.role == "leader" and self.replica is not None:
+        if low and self.role is Role.LEADER and self.replica is not None:
             # A leader that refuses every submit would stall the cluster while two healthy
             # nodes wait: hand leadership to one of them (asked again each second until done).
             self.replica.request_handover()

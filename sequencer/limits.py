@@ -101,3 +101,12 @@ SM_SNAPSHOTS_PER_KIND = 3
 SM_SNAPSHOT_KINDS_MAX = 32
 #: Most unfinished uploads (one per snapshot session); beyond it the least recently extended goes.
 SM_SNAPSHOT_UPLOADS_MAX = 16
+
+# --- node sockets (cluster/gateway) -------------------------------------------------------
+#: Bytes a node's gateway reads from a client socket at a time (one frame at most, so a read
+#: holds at least one whole frame).
+SOCKET_READ_BYTES = FRAME_BYTES_MAX
+#: Bytes of journal records a subscription reads and writes at a time.
+SUBSCRIBER_BLOCK_BYTES = 256 * KIB
+#: Connections waiting to be accepted by a node's gateway (the listen backlog).
+LISTEN_BACKLOG = 256

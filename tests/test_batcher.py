@@ -14,10 +14,10 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
-from pysyncobj import FAIL_REASON
 
 from raftseq.cluster.batcher import Batcher, CommitOutcome, PendingSubmit
 from raftseq.cluster.config import BatcherConfig
+from raftseq.cluster.raft import FAIL_REASON
 from raftseq.sequencer import protocol
 from raftseq.sequencer.machine import ApplyResult, EntryResult, Outcome
 
@@ -360,7 +360,7 @@ def stops(monkeypatch) -> None:
     def fail_stop(message: str, *args: object) -> None:
         raise NodeStopped(message % args)
 
-    monkeypatch.setattr("raftseq.cluster.replica.fail_stop", fail_stop)
+    monkeypatch.setattr("raftseq.cluster.invariant.fail_stop", fail_stop)
 
 
 def test_a_commit_reported_inside_propose_stops_the_node(stops):

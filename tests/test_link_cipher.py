@@ -1,13 +1,14 @@
-"""The Raft links' cipher (``cluster.link_cipher``): pysyncobj's encryptor interface on AES-GCM."""
+"""The Raft links' cipher (``cluster.raft.link_cipher``): pysyncobj's encryptor interface on AES-GCM."""
 
 from __future__ import annotations
 
 import pytest
 from cryptography.exceptions import InvalidTag
 
-import raftseq.cluster.replica  # noqa: F401 - installs the cipher, as a node does
 import pysyncobj.syncobj
-from raftseq.cluster.link_cipher import LinkCipher, LinkCipherError
+
+from raftseq.cluster import raft
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkCipherError
 
 
 @pytest.fixture(scope="module")
@@ -60,4 +61,5 @@ def test_short_or_foreign_messages_are_refused(cipher, token):
 
 
 def test_pysyncobj_builds_it_from_the_password():
+    raft.install()  # as a node does when it starts
     assert pysyncobj.syncobj.getEncryptor is LinkCipher

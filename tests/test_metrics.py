@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from raftseq.cluster import metrics as M
 from raftseq.cluster.local import local_configs
 from raftseq.cluster.node import Node
+from raftseq.cluster.raft import RAFT_COUNTERS
+from raftseq.sequencer.protocol import Role
 
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_entries", "_records", "_messages", "_batches", "_index", "_seq", "_total")
 #: Gauges without a unit: counts of things, 0/1 states, or "info"-style 1s with a label.
@@ -46,6 +48,9 @@ class StubReplica:
         self.status = status
         self.calls = 0
         self.failures_left = 0
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name, 0) for name in RAFT_COUNTERS}
 
     def getStatus(self) -> dict:  # noqa: N802 - pysyncobj's name
         self.calls += 1
@@ -90,7 +95,7 @@ def leader_status(node: Node, *, commit: int = 120, matches: tuple[int, int] = (
 
 def scrape(node: Node) -> dict[str, object]:
     """The node's /metrics page, parsed: family name -> family (as Prometheus reads it)."""
-    text = generate_latest(M.build_registry(M.NodeCollector(node))).decode()
+    text = generate_latest(M.build_registry(node.collector())).decode()
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
@@ -118,7 +123,7 @@ def value(families: dict, sample_name: str, **labels: str) -> float:
 
 def test_scrape_exports_exactly_the_listed_families(node):
     node.replica = StubReplica(leader_status(node))
-    node.role = "leader"
+    node.role = Role.LEADER
     families = scrape(node)
     ours = {name: f for name, f in families.items() if name.startswith("raftseq_")}
     expected = {spec.name.removesuffix("_total") if spec.type == "counter" else spec.name: spec for spec in M.METRICS}
@@ -161,13 +166,13 @@ def test_labels_take_values_from_fixed_sets_only(node):
     """Roles, reasons and checks come from constants; members are named by node id, never by
     an address or a session."""
     node.replica = StubReplica(leader_status(node))
-    node.role = "leader"
+    node.role = Role.LEADER
     node.leader_address = node.config.raft_address
     node.metrics.refused("no such reason")
     families = scrape(node)
     ids = {node.config.id, *(p.id for p in node.config.peers)}
     allowed = {
-        "role": set(M.ROLES),
+        "role": {role.value for role in M.ROLES},
         "reason": set(M.REFUSAL_REASONS),
         "check": set(M.VERIFY_CHECKS),
         "leader": ids | {M.NO_LEADER},
@@ -192,7 +197,7 @@ def test_raft_view_of_a_leader(node):
     replica = StubReplica(leader_status(node, commit=120, matches=(120, 95)))
     replica.raftseq_truncations_refused = 4
     node.replica = replica
-    node.role = "leader"
+    node.role = Role.LEADER
     node.leader_address = node.config.raft_address
     node.metrics.leader_changes = 2
     f = scrape(node)
@@ -211,7 +216,7 @@ def test_raft_view_of_a_leader(node):
 
 def test_a_follower_names_its_leader_and_exports_no_lag(node):
     node.replica = StubReplica(leader_status(node))
-    node.role = "follower"
+    node.role = Role.FOLLOWER
     node.leader_address = node.config.peers[1].raft_address
     f = scrape(node)
     assert samples(f, "raftseq_role") == {("leader",): 0.0, ("follower",): 1.0, ("candidate",): 0.0}

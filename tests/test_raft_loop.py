@@ -1,4 +1,4 @@
-"""pysyncobj on the node's asyncio loop (``cluster.raft_loop``, ``SequencerReplica``).
+"""pysyncobj on the node's asyncio loop (``cluster.raft.loop_poller``, ``SequencerReplica``).
 
 ``LoopPoller`` is checked against real sockets on a running loop. Three ``SequencerReplica``
 members then run in this process, on one loop and real loopback sockets: proposals commit,
@@ -20,11 +20,12 @@ import pytest
 from pysyncobj import SyncObjException
 from pysyncobj.poller import POLL_EVENT_TYPE
 
-import raftseq.cluster.replica as replica_module
+import raftseq.cluster.raft.member as member_module
+from raftseq.cluster import raft
 from raftseq.cluster.config import NodeConfig, to_toml
 from raftseq.cluster.local import free_base_port, local_configs
-from raftseq.cluster.raft_loop import LoopPoller
-from raftseq.cluster.replica import SequencerReplica
+from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.raft.loop_poller import LoopPoller
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import FsyncPolicy, Journal
@@ -36,6 +37,12 @@ WAIT_S = 10.0  # upper bound on waiting for something that should happen within 
 
 def run(test):
     asyncio.run(asyncio.wait_for(test(), 60))
+
+
+@pytest.fixture(autouse=True)
+def installed() -> None:
+    """As a node does when it starts: the replicas below run on the loop's poller."""
+    raft.install()
 
 
 # --- the poller -----------------------------------------------------------------------------
@@ -303,7 +310,7 @@ def test_a_node_whose_raft_address_is_taken_exits_4_and_says_why(tmp_path):
 def test_a_restarted_member_replays_its_log_in_slices(tmp_path, monkeypatch):
     """A member restarted with a long committed log applies it a slice per tick, so its loop
     keeps serving in between; it still ends with the same journal as the others."""
-    monkeypatch.setattr(replica_module, "APPLY_ENTRIES_PER_TICK", 4)
+    monkeypatch.setattr(member_module, "APPLY_ENTRIES_PER_TICK", 4)
     batches = 40
 
     async def story():

@@ -8,10 +8,11 @@ were about a fifth of a 1 ms round trip, and the GIL ping-pong cost CPU on every
 
 Here pysyncobj's sockets are served by the loop: ``LoopPoller`` is the poller pysyncobj
 subscribes its sockets to, and each socket event is followed at once by a tick
-(``SyncObj._onTick(0)``: commit index, apply, AppendEntries). Ticks also run on a timer
-(``tick_period_s``, for heartbeats and election timeouts) and right after a proposal. All of
-pysyncobj, the state machine and the journal then run on the loop thread, one callback at a
-time: nothing in the node needs a lock for them.
+(``RaftMember``: commit index, apply, AppendEntries). Ticks also run on a timer
+(``tick_period_s``, for heartbeats and election timeouts) and right after a proposal.
+pysyncobj uses a ``LoopPoller`` passed as ``SyncObjConf.pollerType`` once
+``raft.patches.install()`` ran. All of pysyncobj, the state machine and the journal then run on
+the loop thread, one callback at a time: nothing in the node needs a lock for them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import asyncio
 import itertools
 from collections.abc import Callable
 
-import pysyncobj.syncobj
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 
 _READ_OR_ERROR = POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
@@ -52,7 +52,7 @@ class LoopPoller(Poller):
         self._loop = loop
         self._subscriptions: dict[int, _Subscription] = {}
         self._generations = itertools.count(1)
-        #: Called after pysyncobj handled an event (the replica runs a tick there).
+        #: Called after pysyncobj handled an event (the member runs a tick there).
         self.after_event: Callable[[], None] = lambda: None
         #: Called, inside ``except``, when pysyncobj's event handler raised.
         self.on_error: Callable[[], None] = lambda: None
@@ -111,16 +111,3 @@ class LoopPoller(Poller):
             self.on_error()
         self.after_event()
 
-
-_original_create_poller = pysyncobj.syncobj.createPoller
-
-
-def _create_poller(poller_type: object) -> Poller:
-    if isinstance(poller_type, LoopPoller):
-        return poller_type
-    return _original_create_poller(poller_type)
-
-
-# pysyncobj builds its poller from ``SyncObjConf.pollerType``; a LoopPoller passed there is used
-# as it is (any other value keeps pysyncobj's own choice).
-pysyncobj.syncobj.createPoller = _create_poller

@@ -5,7 +5,7 @@ pysyncobj protects its links with the cluster password through an *encryptor* ob
 AES-128-CBC plus HMAC-SHA256 plus base64, done partly in Python. Measured here, a 60 KB batch
 cost 155 µs to encrypt and 430 µs to decrypt (every batch is encrypted once per follower and
 decrypted on each), and a 200-byte message 6.6 / 10.7 µs; AES-GCM does both in about 7 µs and
-1 µs. ``install()`` makes pysyncobj build a ``LinkCipher`` instead.
+1 µs. ``raft.patches.install()`` makes pysyncobj build a ``LinkCipher`` instead.
 
 What stays the same: the key comes from the password (PBKDF2-HMAC-SHA256, 100 000 rounds);
 every message is encrypted and authenticated, its timestamp included (pysyncobj refuses a
@@ -16,7 +16,8 @@ and pysyncobj drops the connection.
 pysyncobj also compresses every message with ``zlib`` (level 3). Measured here, that cost 40 µs
 for a one-entry AppendEntries (310 bytes, saving 35) and 13 µs for its 92-byte reply, on every
 message of every Raft round; and 880 µs for a 60 KB batch of incompressible payloads, once per
-follower. Batches are compact msgpack already: ``install()`` sends messages uncompressed.
+follower. Batches are compact msgpack already: ``raft.patches.install()`` sends messages
+uncompressed (``Uncompressed``).
 
 Wire format of one message: ``version (1 byte) | timestamp (u64 big-endian) | nonce (12
 random bytes) | ciphertext and 16-byte tag``; version and timestamp are authenticated as
@@ -30,8 +31,6 @@ from __future__ import annotations
 import os
 import struct
 
-import pysyncobj.syncobj
-import pysyncobj.tcp_connection
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
@@ -79,7 +78,7 @@ class LinkCipher:
         return self._aead.decrypt(nonce, data[_HEADER.size + _NONCE_BYTES :], header)
 
 
-class _Uncompressed:
+class Uncompressed:
     """Stands in for the ``zlib`` module in pysyncobj's connection code."""
 
     @staticmethod
@@ -90,11 +89,3 @@ class _Uncompressed:
     def decompress(data: bytes) -> bytes:
         return data
 
-
-def install() -> None:
-    """Make pysyncobj (this process) build a ``LinkCipher`` from the password, and send its
-    messages without zlib."""
-    assert hasattr(pysyncobj.syncobj, "getEncryptor"), "pysyncobj no longer builds its encryptor through getEncryptor"
-    pysyncobj.syncobj.getEncryptor = LinkCipher
-    assert pysyncobj.tcp_connection.zlib.__name__ in ("zlib", "_Uncompressed"), "pysyncobj's links no longer use zlib"
-    pysyncobj.tcp_connection.zlib = _Uncompressed

@@ -1,10 +1,10 @@
-"""The correction of pysyncobj 0.3.17's log replication (``cluster.raft_fix``).
+"""The correction of pysyncobj 0.3.17's log replication (``cluster.raft.member``).
 
 Each scenario drives a Raft member directly, without a network: a follower (or a leader) is
 built with ``autoTick=False`` on a free loopback port, and crafted Raft messages are handed to
 its message handler as if they came from the other member. Where pysyncobj's own behaviour
 differs from Raft's rules, the scenario runs on both classes: the unmodified ``SyncObj`` shows
-the fault (so the scenario really reproduces it), ``CorrectedSyncObj`` does not.
+the fault (so the scenario really reproduces it), ``RaftMember`` does not.
 
 A follower's log starts with one entry, index 1 term 0. Entries are ``(command, index, term)``.
 """
@@ -23,7 +23,8 @@ import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from raftseq.cluster.raft_fix import CORRECTED_VERSION, CorrectedSyncObj
+from raftseq.cluster.raft.member import RaftMember
+from raftseq.cluster.raft.private_names import PINNED_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADER_STATE = 2
@@ -37,7 +38,7 @@ class PlainMember(SyncObj):
         return batch
 
 
-class CorrectedMember(CorrectedSyncObj):
+class CorrectedMember(RaftMember):
     """A member on raftseq's corrected replication."""
 
     @replicated
@@ -453,8 +454,8 @@ def test_counters_add_up_over_repeated_stale_messages(make_member):
     assert member.raftseq_matching_entries_kept == 5 + 3
     assert member.raftseq_truncations_refused == 3
     # Counters belong to the member, not to the class.
-    assert CorrectedSyncObj.raftseq_matching_entries_kept == 0
-    assert CorrectedSyncObj.raftseq_truncations_refused == 0
+    assert RaftMember.raftseq_matching_entries_kept == 0
+    assert RaftMember.raftseq_truncations_refused == 0
 
 
 # --- f. the correction is pinned to the exact pysyncobj version -----------------------------
@@ -465,7 +466,7 @@ def import_with_version(version: str) -> subprocess.CompletedProcess:
         "import pysyncobj.version\n"
         f"pysyncobj.version.VERSION = {version!r}\n"
         "try:\n"
-        "    import cluster.raft_fix\n"
+        "    import raftseq.cluster.raft\n"
         "except ImportError as exc:\n"
         "    print('ImportError:', exc)\n"
         "    raise SystemExit(3)\n"
@@ -478,11 +479,11 @@ def import_with_version(version: str) -> subprocess.CompletedProcess:
 def test_import_with_another_pysyncobj_version_fails_loudly():
     run = import_with_version("0.3.18")
     assert run.returncode == 3, run.stdout + run.stderr
-    assert "0.3.18" in run.stdout and CORRECTED_VERSION in run.stdout
+    assert "0.3.18" in run.stdout and PINNED_VERSION in run.stdout
 
 
 def test_import_with_the_pinned_version_succeeds():
-    run = import_with_version(CORRECTED_VERSION)
+    run = import_with_version(PINNED_VERSION)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip() == "imported"
 

@@ -1,0 +1,80 @@
+"""What the gateway and the metrics read of their node: two small protocols of reads.
+
+The gateway and the metrics collector receive the node through one of these (plus the few
+collaborators they use directly: config, metrics, journal, batcher), never the whole ``Node``:
+what they may read is listed here, and nothing here imports the node (``cluster.node``
+implements both).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import Role
+
+
+class ClientFacingNode(Protocol):
+    """What the gateway reads of its node to answer clients and subscribers."""
+
+    #: This node's role, as its role watcher last saw it.
+    role: Role
+    #: True while free disk is below the minimum (submits are refused).
+    disk_low: bool
+
+    @property
+    def published_seq(self) -> int:
+        """Last committed sequence number this node knows (applied here or in its journal)."""
+        ...
+
+    def is_leader(self) -> bool: ...
+
+    def leader_client_address(self) -> str:
+        """The client address of the leader this node knows ("" if none)."""
+        ...
+
+    def last_client_seq(self, session: str) -> int: ...
+
+    def status(self) -> protocol.Status: ...
+
+    def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
+        """The state-machine snapshots the machine indexes for ``sm_type``, as of what it applied."""
+        ...
+
+
+class ScrapedNode(Protocol):
+    """What the metrics collector reads of its node at scrape time (on the scrape thread)."""
+
+    role: Role
+    #: Raft address of the leader this node knows ("" if none).
+    leader_address: str
+    disk_low: bool
+
+    @property
+    def published_seq(self) -> int: ...
+
+    @property
+    def readable_seq(self) -> int:
+        """Last sequence number subscribers may read (below any journal hole)."""
+        ...
+
+    @property
+    def last_log_time_ns(self) -> int: ...
+
+    @property
+    def catchup_missing(self) -> int:
+        """Journal records still to fetch from a peer."""
+        ...
+
+    @property
+    def catchup_fetched(self) -> int:
+        """Journal records fetched from peers by catch-up so far."""
+        ...
+
+    def raft_status(self) -> dict:
+        """pysyncobj's status of the Raft member; empty when it cannot be read."""
+        ...
+
+    def raft_counters(self) -> dict[str, int]:
+        """The Raft member's counters (``raft.RAFT_COUNTERS``), zeros before it exists."""
+        ...

@@ -1,0 +1,39 @@
+"""The Raft adapter: the only package that names pysyncobj or its private names.
+
+* ``SequencerReplica`` (``replica``): the node's Raft member, one replicated entry point.
+* ``RaftMember`` (``member``): the one layer overriding pysyncobj (its corrections, and its
+  driving by the node's asyncio loop through ``loop_poller.LoopPoller``).
+* ``install()`` (``patches``): the process-wide changes to pysyncobj (pickle protocol, link
+  cipher without zlib, the loop's poller). Called by the node when it starts; importing this
+  package changes nothing.
+* ``private_names``: every private pysyncobj name used, pinned to one pysyncobj version.
+* ``link_cipher``: the Raft links' AES-256-GCM.
+* ``proposals``: what a proposal's callback is told (``PROPOSAL_OK``, ``proposal_error_name``).
+"""
+
+from __future__ import annotations
+
+from pysyncobj import FAIL_REASON, SyncObjException
+
+from raftseq.cluster.raft.member import RAFT_COUNTERS, RaftMember
+from raftseq.cluster.raft.patches import install, installed
+from raftseq.cluster.raft.proposals import PROPOSAL_OK, proposal_error_name
+from raftseq.cluster.raft.replica import SequencerReplica
+
+
+def is_bind_error(exc: BaseException) -> bool:
+    """Whether a failed member construction means its Raft address could not be bound."""
+    return isinstance(exc, SyncObjException) and exc.args == ("BindError",)
+
+
+__all__ = [
+    "FAIL_REASON",
+    "PROPOSAL_OK",
+    "RAFT_COUNTERS",
+    "RaftMember",
+    "SequencerReplica",
+    "install",
+    "installed",
+    "is_bind_error",
+    "proposal_error_name",
+]

@@ -1,0 +1,167 @@
+"""The pysyncobj adapter: one replicated entry point taking ``bytes``.
+
+pysyncobj sees a single replicated method, ``apply_entry(batch: bytes)``; the batch format's
+version travels inside the bytes (``sequencer.protocol.Batch``). Snapshots of the machine state
+go through our own msgspec serializer; pysyncobj's own log entries and messages are pickled by
+pysyncobj with protocol 5 (bytes stored raw). ``apply_entry`` never raises: a broken invariant
+is logged and the process exits, so that the node restarts and recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import msgspec
+from pysyncobj import SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from raftseq.cluster import invariant
+from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.raft.member import RaftMember
+from raftseq.sequencer.stream import SequencedStream
+from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
+
+log = logging.getLogger("raftseq.replica")
+
+
+class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
+    """Our snapshot file: the machine state plus what pysyncobj needs of its log around it."""
+
+    format_version: int
+    machine: bytes
+    last_applied: tuple[bytes, int, int]  # pysyncobj log entry (command, index, term)
+    previous: tuple[bytes, int, int]
+    cluster: list[str]
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
+
+class SequencerReplica(RaftMember):
+    """A Raft member whose replicated state is a ``SequencedStream``, driven by ``loop``
+    (``raft.loop_poller``): construct it, use it and destroy it on the loop's thread, after
+    ``raft.install()``.
+
+    ``on_applied(result)`` is called after every applied batch, with the journal already
+    holding its records.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        core: SequencedStream,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        on_applied: Callable[[ApplyResult], None],
+        on_restored: Callable[[], None] | None = None,
+        votes_blocked_s: float = 0.0,
+    ) -> None:
+        self.node_config = config
+        self.core = core
+        self._on_applied = on_applied
+        self._on_restored = on_restored
+        # Only journal catch-up (``cluster.catchup``) still takes this lock; everything else runs
+        # on the one loop. It goes when catch-up stops taking it.
+        self.apply_lock = threading.Lock()
+        os.makedirs(config.raft_dir, exist_ok=True)
+        r = config.raft
+        conf = SyncObjConf(
+            password=None if config.insecure and not config.raft_password else config.raft_password,
+            bindAddress=config.raft_address,
+            journalFile=os.path.join(config.raft_dir, "raft.log"),
+            fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            raftMinTimeout=r.election_timeout_min_s,
+            raftMaxTimeout=r.election_timeout_max_s,
+            appendEntriesUseBatch=r.append_entries_use_batch,
+            appendEntriesPeriod=r.append_entries_period_s,
+            appendEntriesBatchSizeBytes=r.append_entries_batch_bytes,
+            connectionTimeout=r.connection_timeout_s,
+            connectionRetryTime=r.connection_retry_s,
+            leaderFallbackTimeout=r.leader_fallback_timeout_s,
+            logCompactionMinEntries=r.log_compaction_min_entries,
+            logCompactionMinTime=r.log_compaction_min_time_s,
+            commandsQueueSize=r.commands_queue_size,
+            autoTick=False,
+            # One attempt: a Raft address that cannot be bound fails the start (pysyncobj's
+            # default retries forever, in a busy loop when it does not tick on a thread).
+            maxBindRetries=1,
+            autoTickPeriod=r.tick_period_s,
+            dynamicMembershipChange=False,
+            useFork=False,
+        )
+        super().__init__(
+            config.raft_address,
+            [p.raft_address for p in config.peers],
+            conf,
+            loop=loop,
+            commit_notify_delay_s=r.commit_notify_delay_s,
+            votes_blocked_s=votes_blocked_s,
+        )
+
+    # --- the replicated entry point -----------------------------------------------------
+
+    @replicated
+    def apply_entry(self, batch):
+        """Apply one committed batch on every node. Never raises."""
+        try:
+            result = self.core.apply(batch)
+        except AssertionError as exc:
+            invariant.fail_stop("apply: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - apply must not raise into pysyncobj
+            invariant.fail_stop("apply failed: %r", exc)
+        if result.error:
+            # Every replica decodes the same bytes the same way: a batch this version cannot
+            # read changes nothing anywhere, but it means a leader wrote a format we lack.
+            log.error("raft entry not applied: %s", result.error)
+        try:
+            self._on_applied(result)
+        except Exception as exc:  # noqa: BLE001
+            invariant.fail_stop("after apply: %r", exc)
+        return result
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def _write_snapshot(self, filename: str, raft_data: tuple) -> None:
+        last_applied, previous, cluster = raft_data
+        machine = self.core.machine.snapshot()
+        # Everything below the snapshot must be on disk before pysyncobj drops the log.
+        self.core.journal.sync()
+        data = _snapshot_encoder.encode(
+            RaftSnapshot(
+                1,
+                machine,
+                (bytes(last_applied[0]), last_applied[1], last_applied[2]),
+                (bytes(previous[0]), previous[1], previous[2]),
+                sorted(node.id for node in cluster),
+            )
+        )
+        with open(filename, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read_snapshot(self, filename: str) -> tuple:
+        try:
+            with open(filename, "rb") as f:
+                snapshot = _snapshot_decoder.decode(f.read())
+            machine = SequencerMachine.restore(snapshot.machine)
+        except (OSError, msgspec.MsgspecError, UnicodeDecodeError, SnapshotError) as exc:
+            invariant.fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
+        self.core.replace_machine(machine)
+        log.info("machine state restored from snapshot at seq %d", machine.last_seq)
+        if self._on_restored is not None:
+            self._on_restored()
+        cluster = {TCPNode(address) for address in snapshot.cluster}
+        return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
+
+    # --- state ----------------------------------------------------------------------------
+
+    def leader_client_address(self) -> str:
+        leader = self.leader_raft_address()
+        return self.node_config.peer_client_address(leader) if leader else ""
