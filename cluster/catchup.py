@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Protocol
 
 from raftseq.sequencer import protocol
-
-if TYPE_CHECKING:
-    from raftseq.cluster.node import Node
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -26,26 +24,70 @@ READ_TIMEOUT_S = 5.0
 RETRY_DELAY_S = 0.5
 
 
+class HoleJournal(Protocol):
+    """What catch-up needs of the journal (``sequencer.journal.Journal``)."""
+
+    #: Missing ranges ``(first, last)``, in order.
+    holes: list[tuple[int, int]]
+
+    @property
+    def fill_next_seq(self) -> int: ...
+
+    def fill(self, records: bytes, first_seq: int, last_seq: int) -> None: ...
+
+
+class Peer(Protocol):
+    """A peer to fetch from (``cluster.config.PeerConfig``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def client_address(self) -> str: ...
+
+
 class CatchUpError(Exception):
     """A peer could not (or did not correctly) serve the missing range."""
 
 
 class CatchUp:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    """Fills `journal`'s holes from `peers` (in turn), as session ``catchup.<node_id>`` with the
+    client `token`. A record that fails verification counts in ``verify_failures["catchup"]``;
+    ``on_filled`` runs after each store (new records readable).
+
+    Runs on the node's event loop, like Raft's apply: a store is one call with no await
+    inside, so nothing else touches the journal while it runs.
+    """
+
+    def __init__(
+        self,
+        journal: HoleJournal,
+        peers: Sequence[Peer],
+        *,
+        node_id: str,
+        token: str,
+        verify_failures: MutableMapping[str, int],
+        on_filled: Callable[[], None],
+    ) -> None:
+        self.journal = journal
+        self.peers = peers
+        self.session = f"catchup.{node_id}"
+        self.token = token
+        self.verify_failures = verify_failures
+        self.on_filled = on_filled
         self.records_fetched = 0
         self._peer_index = 0
 
     async def run(self) -> None:
-        node = self.node
-        peers = node.config.peers
+        peers = self.peers
+        journal = self.journal
         while True:
-            if not node.journal.holes or not peers:
+            if not journal.holes or not peers:
                 await asyncio.sleep(0.2)
                 continue
             peer = peers[self._peer_index % len(peers)]
             self._peer_index += 1
-            first, last = node.journal.holes[0]
+            first, last = journal.holes[0]
             log.info("journal lacks %d..%d; fetching from %s (%s)", first, last, peer.id, peer.client_address)
             try:
                 await self._fetch(peer.client_address)
@@ -54,13 +96,11 @@ class CatchUp:
                 await asyncio.sleep(RETRY_DELAY_S)
 
     async def _fetch(self, address: str) -> None:
-        node = self.node
-        journal = node.journal
+        journal = self.journal
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
         try:
-            hello = protocol.Hello(f"catchup.{node.config.id}", node.config.client_token, protocol.PROTOCOL_VERSION)
-            writer.write(protocol.encode_frame(hello))
+            writer.write(protocol.encode_frame(protocol.Hello(self.session, self.token, protocol.PROTOCOL_VERSION)))
             start = journal.fill_next_seq
             hole_last = journal.holes[0][1]
             writer.write(protocol.encode_frame(protocol.Subscribe(start)))
@@ -82,7 +122,7 @@ class CatchUp:
                     if not isinstance(frame, protocol.Delivered) or expected > hole_last:
                         continue
                     if frame.seq != expected:
-                        node.metrics.verify_failures["catchup"] += 1
+                        self.verify_failures["catchup"] += 1
                         raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
                     batch.append(raw)
                     expected += 1
@@ -95,12 +135,10 @@ class CatchUp:
             writer.close()
 
     def _store(self, records: list[bytes], first: int, last: int) -> None:
-        node = self.node
-        with node.replica.apply_lock:
-            try:
-                node.journal.fill(b"".join(records), first, last)
-            except AssertionError as exc:  # a record from the peer fails its checksum or numbering
-                node.metrics.verify_failures["catchup"] += 1
-                raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
+        try:
+            self.journal.fill(b"".join(records), first, last)
+        except AssertionError as exc:  # a record from the peer fails its checksum or numbering
+            self.verify_failures["catchup"] += 1
+            raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1
-        node.wake_subscribers()
+        self.on_filled()

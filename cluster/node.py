@@ -222,7 +222,7 @@ class Node:
             await self.gateway.stop()
             self.journal.close()
             raise RaftLogUnreadable(str(exc)) from None
-        self.catchup = CatchUp(self)
+        self.catchup = CatchUp(self.journal, self.config.peers, node_id=self.config.id, token=self.config.client_token, verify_failures=self.metrics.verify_failures, on_filled=self.wake_subscribers)
         if self.config.metrics_address:
             serve_metrics(self.config.metrics_address, lambda: NodeCollector(self))
         log.info(
