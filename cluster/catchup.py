@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Protocol
 
-from raftseq.sequencer import protocol
+from raftseq.clients.connection import Rejected, open_connection
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -97,42 +97,39 @@ class CatchUp:
 
     async def _fetch(self, address: str) -> None:
         journal = self.journal
-        host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
         try:
-            writer.write(protocol.encode_frame(protocol.Hello(self.session, self.token, protocol.PROTOCOL_VERSION)))
+            connection = await open_connection(address, session=self.session, token=self.token, timeout_s=CONNECT_TIMEOUT_S, keep_raw=True)
+        except Rejected as exc:
+            raise CatchUpError(f"peer refused: {exc}") from None
+        try:
             start = journal.fill_next_seq
             hole_last = journal.holes[0][1]
-            writer.write(protocol.encode_frame(protocol.Subscribe(start)))
-            await writer.drain()
-            framer = protocol.FrameReader("node", keep_raw=True)
             expected = start
             batch: list[bytes] = []
             batch_first = expected
-            while expected <= hole_last:
-                data = await asyncio.wait_for(reader.read(256 * 1024), READ_TIMEOUT_S)
-                if not data:
-                    raise CatchUpError("peer closed the connection")
-                for item in framer.feed(data):
-                    if isinstance(item, protocol.FrameError):
-                        raise CatchUpError(f"bad frame from peer: {item.detail}")
-                    frame, raw = item
-                    if isinstance(frame, protocol.Rejected):
-                        raise CatchUpError(f"peer refused: {frame.reason.value} {frame.detail}")
-                    if not isinstance(frame, protocol.Delivered) or expected > hole_last:
-                        continue
-                    if frame.seq != expected:
-                        self.verify_failures["catchup"] += 1
-                        raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
-                    batch.append(raw)
-                    expected += 1
-                    if len(batch) >= FILL_RECORDS_MAX or expected > hole_last:
-                        self._store(batch, batch_first, expected - 1)
-                        batch = []
-                        batch_first = expected
-            log.info("journal hole filled up to %d", hole_last)
+            # Unchecked: a wrong number is a verification failure, counted here.
+            stream = connection.subscribe(start, silence_s=READ_TIMEOUT_S, checked=False)
+            try:
+                async for records in stream:
+                    for frame, raw in records:
+                        if frame.seq != expected:
+                            self.verify_failures["catchup"] += 1
+                            raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
+                        batch.append(raw)
+                        expected += 1
+                        if len(batch) >= FILL_RECORDS_MAX or expected > hole_last:
+                            self._store(batch, batch_first, expected - 1)
+                            batch = []
+                            batch_first = expected
+                        if expected > hole_last:
+                            log.info("journal hole filled up to %d", hole_last)
+                            return
+            except (ConnectionError, Rejected) as exc:
+                raise CatchUpError(f"{exc}") from None
+            finally:
+                await stream.aclose()
         finally:
-            writer.close()
+            connection.close()
 
     def _store(self, records: list[bytes], first: int, last: int) -> None:
         try:
