@@ -15,6 +15,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import Protocol
 
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.sequencer.journal import JournalRecordError
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -134,7 +135,7 @@ class CatchUp:
     def _store(self, records: list[bytes], first: int, last: int) -> None:
         try:
             self.journal.fill(b"".join(records), first, last)
-        except AssertionError as exc:  # a record from the peer fails its checksum or numbering
+        except (JournalRecordError, AssertionError) as exc:  # a record from the peer fails its checksum or numbering
             self.verify_failures["catchup"] += 1
             raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1

@@ -1,7 +1,7 @@
 """``raftseq sm``: look at the state machines that applications run on the stream.
 
 * ``raftseq sm check [--from N] [--to M] [--type T]`` reads the stream (any node), collects the
-  checkpoints replicas published (``protocol.Checkpoint``: state-machine type, sequence number,
+  checkpoints replicas published (``formats.Checkpoint``: state-machine type, sequence number,
   digest, replica) and reports, per type, the first sequence number at which two copies
   disagree and which replicas hold which digest (exit 1), or that every copy agreed (exit 0).
 * ``raftseq sm snapshots TYPE`` lists the snapshots of TYPE the cluster holds (any node answers
@@ -31,6 +31,7 @@ import time
 
 import msgspec
 
+from raftseq.clients.sm import formats
 from raftseq.sequencer import protocol
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
@@ -87,12 +88,12 @@ async def scan_checkpoints(
     types: set[str] | None = None,
     timeout_s: float = 5.0,
     session: str = "sm-check",
-) -> tuple[protocol.CheckpointLedger, int, int]:
+) -> tuple[formats.CheckpointLedger, int, int]:
     """Read the stream ``from_seq..to_seq`` (0: up to the last number a node reports when the
     scan starts) and collect its checkpoints. Returns ``(ledger, first, last)`` read; resumes
     on another node when one fails."""
-    ledger = protocol.CheckpointLedger(seqs_per_type_max=1_000_000)
-    mark = protocol.CHECKPOINT_MARK
+    ledger = formats.CheckpointLedger(seqs_per_type_max=1_000_000)
+    mark = formats.CHECKPOINT_MARK
     expected = from_seq
     end = to_seq
     failures = 0
@@ -128,7 +129,7 @@ async def scan_checkpoints(
                 payload = frame.payload
                 if payload[: len(mark)] == mark:
                     try:
-                        checkpoint = protocol.decode_checkpoint(protocol.decode_sm_envelope(payload))
+                        checkpoint = formats.decode_checkpoint(formats.decode_sm_envelope(payload))
                     except protocol.SmFormatError:
                         checkpoint = None
                     if checkpoint is not None and checkpoint.seq < frame.seq and (not types or checkpoint.sm_type in types):
@@ -190,7 +191,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"raftseq sm check: {exc}", file=sys.stderr)
         return 2
     divergences = ledger.divergences()
-    first_by_type: dict[str, protocol.Divergence] = {}
+    first_by_type: dict[str, formats.Divergence] = {}
     for d in divergences:
         first_by_type.setdefault(d.sm_type, d)
     summary = ledger.summary()

@@ -67,6 +67,7 @@ from typing import Any
 import msgspec
 
 from raftseq.clients.client import Message, Rejected, _open_link, subscribe
+from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
 from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
 from raftseq.clients.sm.runner import LOCAL_STATE_FORMAT, LocalState, StateMachineRunner
@@ -200,9 +201,9 @@ def new_machine(cls: type[StateMachine], spec: str) -> StateMachine:
         raise MachineLoadError(f"--machine {spec!r}: {cls.__name__}() raised {exc!r} (the machine must be constructible without arguments)") from None
 
 
-def _envelope_of(payload: bytes) -> protocol.SmEnvelope | None:
+def _envelope_of(payload: bytes) -> formats.SmEnvelope | None:
     try:
-        return protocol.decode_sm_envelope(payload)
+        return formats.decode_sm_envelope(payload)
     except protocol.SmFormatError:
         return None
 
@@ -233,7 +234,7 @@ class _DigestTracker:
         return before != self.digest
 
 
-def _ignore_divergence(divergence: protocol.Divergence) -> None:
+def _ignore_divergence(divergence: formats.Divergence) -> None:
     """Other replicas' checkpoints in the slice disagreeing is not what is checked here."""
 
 
@@ -810,9 +811,9 @@ def _mismatch(entry: Entry, actual: str, machine: StateMachine, last_match: int)
             shown = repr(type(machine).MESSAGES.decode(envelope, entry.seq))
         except StateMachineError:
             shown = ""
-    elif envelope is not None and envelope.type == protocol.ACTIVATE_TYPE:
+    elif envelope is not None and envelope.type == formats.ACTIVATE_TYPE:
         try:
-            shown = repr(protocol.decode_activate(envelope))
+            shown = repr(formats.decode_activate(envelope))
         except protocol.SmFormatError:
             shown = ""
     return Mismatch(entry.seq, entry.digest, actual, entry.type, entry.version, entry.session, entry.client_seq, shown, last_match)
