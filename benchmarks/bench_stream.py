@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as a file: import the package, as ``python 
 
 from benchmarks import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
 from raftseq.clients import SequencerClient, subscribe  # noqa: E402
+from raftseq.clients.connection import open_connection  # noqa: E402
 from raftseq.sequencer import protocol  # noqa: E402
 
 GOAL_REPLAY_PER_S = 500_000
@@ -58,10 +59,6 @@ FILL_PROCESSES = 2
 FILL_BATCH = 500
 READ_BYTES = 1 << 20
 READ_TIMEOUT_S = 10.0
-#: A raw subscriber says Heartbeat this often: the gateway closes a connection that has sent
-#: nothing for ``gateway.idle_timeout_ms`` (3 s by default), subscribers included.
-HEARTBEAT_S = 1.0
-_HEARTBEAT_FRAME = protocol.encode_frame(protocol.Heartbeat())
 RECOVERY_TIMEOUT_S = 120.0
 FANOUT_RATE_DEFAULT = 10_000
 FANOUT_SECONDS_DEFAULT = 10.0
@@ -106,33 +103,28 @@ class RawCounter:
 
 
 async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until_seq: int, timeout_s: float) -> RawCounter:
-    """Subscribe at `endpoint` from `from_seq` and count records up to `until_seq`, saying
-    Heartbeat every ``HEARTBEAT_S`` as a client must."""
-    host, port = endpoint.rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), limit=READ_BYTES), READ_TIMEOUT_S)
+    """Subscribe at `endpoint` from `from_seq` and count records up to `until_seq` from the
+    undecoded stream (``Connection.receive_bytes``, which says Heartbeat as a client must)."""
+    connection = await open_connection(
+        endpoint, session=session, token=token, timeout_s=READ_TIMEOUT_S, read_chunk_bytes=READ_BYTES, stream_buffer_bytes=READ_BYTES
+    )
     counter = RawCounter()
     try:
-        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
-        writer.write(protocol.encode_frame(protocol.Subscribe(from_seq)))
+        connection.send(protocol.Subscribe(from_seq))
         deadline = time.monotonic() + timeout_s
-        last_beat = time.monotonic()
         while counter.last_seq < until_seq:
-            now = time.monotonic()
-            remaining = deadline - now
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise cb.BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
-            if now - last_beat >= HEARTBEAT_S:
-                writer.write(_HEARTBEAT_FRAME)
-                last_beat = now
             try:
-                data = await asyncio.wait_for(reader.read(READ_BYTES), min(remaining, HEARTBEAT_S))
+                data = await connection.receive_bytes(min(remaining, READ_TIMEOUT_S))
             except TimeoutError:
                 continue
-            if not data:
-                raise cb.BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}")
+            except ConnectionError:
+                raise cb.BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}") from None
             counter.feed(data)
     finally:
-        writer.close()
+        connection.close()
     return counter
 
 

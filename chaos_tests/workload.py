@@ -11,9 +11,9 @@ nemesis can act from the test's thread meanwhile.
   with the submit in flight) is ``unknown``. With ``client_resets`` a client's connection is
   aborted now and then mid-stream (a connection reset while submits are in flight): the
   library must resubmit under the same ``client_seq``.
-* **Subscribers** speak the subscribe protocol themselves (``sequencer.protocol``) rather than
-  through ``clients.subscribe``: that generator quietly reconnects when a node sends a wrong
-  number, which would hide exactly what the checker looks for. Each subscriber stays on one
+* **Subscribers** read through ``clients.connection`` in raw mode rather than through
+  ``clients.subscribe``: that generator quietly reconnects when a node sends a wrong number,
+  which would hide exactly what the checker looks for. Each subscriber stays on one
   node until the connection fails, then resumes at last + 1 on the next node, recording every
   ``sub_connect`` / ``sub_reconnect`` and every delivery as the node sent it. With
   ``subscriber_drops`` it drops its own connection now and then and resumes.
@@ -35,14 +35,12 @@ from dataclasses import dataclass, field
 
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
-from raftseq.clients.client import Rejected
+from raftseq.clients.connection import Rejected, open_connection
 from raftseq.cluster.status import node_status
-from raftseq.sequencer import protocol
 
 CONNECT_TIMEOUT_S = 1.0
 #: A subscriber that hears nothing (not even a heartbeat) for this long moves to another node.
 SUBSCRIBER_SILENCE_S = 2.0
-READ_BYTES = 1 << 18
 FINAL_READ_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 15.0
 
@@ -290,42 +288,31 @@ class Workload:
             await asyncio.sleep(0.02)
 
     async def _stream(self, name: str, node: str, expected: int, drop_after: float) -> tuple[int, bool]:
-        """Deliveries from `node` from `expected` on. Returns (next expected, whether the node
-        failed us) when the connection ends or `drop_after` seconds pass."""
-        host, port = node.rsplit(":", 1)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
+        """Deliveries from `node` from `expected` on, recorded as the node sent them (raw
+        mode). Returns (next expected, whether the node failed us) when the connection ends or
+        `drop_after` seconds pass."""
         history = self.history
         try:
-            writer.write(protocol.encode_frame(protocol.Hello(f"{name}-{self._run_tag}", self.token, protocol.PROTOCOL_VERSION)))
-            writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
-            framer = protocol.FrameReader("node")
-            until = time.monotonic() + drop_after if drop_after else None
-            while not self._stop.is_set():
-                timeout = SUBSCRIBER_SILENCE_S
-                if until is not None:
-                    timeout = min(timeout, until - time.monotonic())
-                    if timeout <= 0:
-                        return expected, False
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_BYTES), timeout)
-                except TimeoutError:
-                    if until is not None and time.monotonic() >= until:
-                        return expected, False
-                    return expected, True  # silent node
-                if not data:
-                    return expected, True
-                for frame in framer.feed(data):
-                    kind = type(frame)
-                    if kind is protocol.Delivered:
+            connection = await open_connection(node, session=f"{name}-{self._run_tag}", token=self.token, timeout_s=CONNECT_TIMEOUT_S)
+        except Rejected:
+            return expected, True
+        try:
+            async with asyncio.timeout(drop_after or None) as until:
+                async for frames in connection.subscribe(expected, silence_s=SUBSCRIBER_SILENCE_S, checked=False):
+                    for frame in frames:
                         # Recorded as the node sent it: a gap or repeat is the checker's to find.
                         history.deliver(name, node, frame.seq, frame.session, frame.client_seq, frame.payload)
                         self.stats.deliveries[name] = self.stats.deliveries.get(name, 0) + 1
                         expected = max(expected, frame.seq + 1)
-                    elif kind in (protocol.Rejected, protocol.Busy) or isinstance(frame, protocol.FrameError):
-                        return expected, True
-            return expected, False
+                    if self._stop.is_set():
+                        return expected, False
+        except TimeoutError:
+            return expected, not until.expired()  # a silent node, or the planned drop
+        except (ConnectionError, Rejected):
+            return expected, True
         finally:
-            writer.close()
+            connection.close()
+        return expected, False
 
 
 def _next_event(rng: random.Random, mean_s: float) -> float:
@@ -336,9 +323,9 @@ def _abort_client_connection(client: SequencerClient) -> bool:
     """Reset the client's connection to its node, with submits in flight (a fault the library
     must absorb). Reaches into the client: there is no public way to break a connection."""
     link = client._link  # noqa: SLF001 - fault injection
-    if link is None or link.writer.transport.is_closing():
+    if link is None or link.closing:
         return False
-    link.writer.transport.abort()
+    link.abort()
     return True
 
 
@@ -346,29 +333,22 @@ def _abort_client_connection(client: SequencerClient) -> bool:
 
 
 async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float) -> list[tuple[int, str, int, bytes]]:
-    """Records 1..last_seq as `endpoint` serves them (one connection, no failover)."""
-    host, port = endpoint.rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
+    """Records 1..last_seq as `endpoint` serves them (one connection, no failover, raw mode)."""
     records: list[tuple[int, str, int, bytes]] = []
-    deadline = time.monotonic() + timeout_s
     try:
-        writer.write(protocol.encode_frame(protocol.Hello("chaos-final-read", token, protocol.PROTOCOL_VERSION)))
-        writer.write(protocol.encode_frame(protocol.Subscribe(1)))
-        framer = protocol.FrameReader("node")
-        while len(records) < last_seq:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"final read of {endpoint}: {len(records)} of {last_seq} records in {timeout_s:.0f} s")
-            data = await asyncio.wait_for(reader.read(READ_BYTES), remaining)
-            if not data:
-                raise ConnectionError(f"final read of {endpoint}: closed after {len(records)} records")
-            for frame in framer.feed(data):
-                if type(frame) is protocol.Delivered:
-                    records.append((frame.seq, frame.session, frame.client_seq, frame.payload))
-                elif isinstance(frame, (protocol.Rejected, protocol.FrameError)):
-                    raise ConnectionError(f"final read of {endpoint}: {frame!r}")
-    finally:
-        writer.close()
+        async with asyncio.timeout(timeout_s):
+            connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S)
+            try:
+                async for frames in connection.subscribe(1, silence_s=timeout_s, checked=False):
+                    records += [(f.seq, f.session, f.client_seq, f.payload) for f in frames]
+                    if len(records) >= last_seq:
+                        break
+            finally:
+                connection.close()
+    except TimeoutError:
+        raise TimeoutError(f"final read of {endpoint}: {len(records)} of {last_seq} records in {timeout_s:.0f} s") from None
+    except (ConnectionError, Rejected) as exc:
+        raise ConnectionError(f"final read of {endpoint}: after {len(records)} records: {exc}") from None
     return records[:last_seq]
 
 

@@ -10,16 +10,19 @@
 from raftseq.clients.blocking import BlockingSequencerClient
 from raftseq.sequencer.version import __version__
 from raftseq.clients.client import Busy, Message, NotConnected, OutcomeUnknown, Rejected, SequencerClient, SequencerError, subscribe
+from raftseq.clients.connection import Connection, open_connection
 
 __all__ = [
     "__version__",
     "BlockingSequencerClient",
     "Busy",
+    "Connection",
     "Message",
     "NotConnected",
     "OutcomeUnknown",
     "Rejected",
     "SequencerClient",
     "SequencerError",
+    "open_connection",
     "subscribe",
 ]

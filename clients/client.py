@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -27,14 +28,11 @@ from typing import Protocol
 
 import msgspec
 
+from raftseq.clients.connection import FATAL_REASONS, Connection, Rejected, SequencerError, open_connection
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
 log = logging.getLogger("raftseq.client")
-
-
-class SequencerError(Exception):
-    """Base of the client's errors."""
 
 
 class NotConnected(SequencerError):
@@ -43,16 +41,6 @@ class NotConnected(SequencerError):
 
 class Busy(SequencerError):
     """The client's own window of in-flight submits is full (``in_flight_max``)."""
-
-
-class Rejected(SequencerError):
-    """The sequencer refused a submit or request for good. ``reason`` is a ``RejectReason``."""
-
-    def __init__(self, reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
-        self.expected_client_seq = expected_client_seq
 
 
 class OutcomeUnknown(SequencerError):
@@ -186,63 +174,6 @@ def _submit_frames(pendings: list[_Pending]) -> bytes:
     return b"".join(parts)
 
 
-_HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
-
-
-class _Link:
-    """One open connection to a node, after the handshake."""
-
-    def __init__(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, welcome: protocol.Welcome, framer: protocol.FrameReader, early: list) -> None:
-        self.address = address
-        self.reader = reader
-        self.writer = writer
-        self.welcome = welcome
-        self.framer = framer
-        self.early = early  # frames that arrived together with the welcome
-        self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000
-        self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
-
-    def heartbeat_if_due(self) -> None:
-        """The node closes a connection that sends nothing for its idle timeout, and sends a
-        heartbeat itself at least every interval: called after each read, this answers with
-        one per interval (a subscriber, or an idle client, sends nothing else)."""
-        now = time.monotonic()
-        if now >= self.next_heartbeat:
-            self.next_heartbeat = now + self.heartbeat_interval_s
-            if not self.writer.transport.is_closing():
-                self.writer.write(_HEARTBEAT)
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-        except RuntimeError:
-            pass
-
-
-async def _open_link(address: str, *, session: str, token: str, last_acked: int, timeout_s: float) -> _Link:
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
-    try:
-        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked)))
-        framer = protocol.FrameReader("node")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - time.monotonic()))
-            if not data:
-                raise ConnectionError(f"{address} closed the connection during the handshake")
-            frames = framer.feed(data)
-            for i, frame in enumerate(frames):
-                if isinstance(frame, protocol.FrameError):
-                    raise ConnectionError(f"{address}: bad frame during the handshake: {frame.detail}")
-                if isinstance(frame, protocol.Rejected):
-                    raise Rejected(frame.reason, frame.detail)
-                if isinstance(frame, protocol.Welcome):
-                    return _Link(address, reader, writer, frame, framer, frames[i + 1 :])
-    except BaseException:
-        writer.close()
-        raise
-
-
 class SequencerClient:
     """A client session of a raftseq cluster.
 
@@ -297,7 +228,7 @@ class SequencerClient:
         self._next_client_seq = 1
         self._last_acked = 0
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
-        self._link: _Link | None = None
+        self._link: Connection | None = None
         self._leader_hint = ""
         self._connected = asyncio.Event()
         self._room = asyncio.Event()
@@ -485,7 +416,7 @@ class SequencerClient:
 
     # --- the connection loop --------------------------------------------------------------
 
-    def _adopt(self, link: _Link) -> None:
+    def _adopt(self, link: Connection) -> None:
         self._link = link
         welcome = link.welcome
         # A session name reused after a restart continues where it left off.
@@ -537,31 +468,22 @@ class SequencerClient:
             self.failover_durations.observe(self.last_failover_s)
             self._adopt(new_link)
 
-    async def _read(self, link: _Link) -> None:
-        for frame in link.early:
-            self._handle(frame)
-        link.early = []
+    async def _read(self, link: Connection) -> None:
         # One deadline moved forward per read (asyncio.wait_for would make a task per read).
         async with asyncio.timeout(None) as deadline:
             await self._read_frames(link, deadline)
 
-    async def _read_frames(self, link: _Link, deadline: asyncio.Timeout) -> None:
-        loop = asyncio.get_running_loop()
+    async def _read_frames(self, link: Connection, deadline: asyncio.Timeout) -> None:
+        receive = link.receive
+        silence_s = self.heartbeat_timeout_s
         while not self._closed:
-            deadline.reschedule(loop.time() + self.heartbeat_timeout_s)
-            data = await link.reader.read(262144)
-            if not data:
-                raise ConnectionError("closed by node")
-            link.heartbeat_if_due()
-            for frame in link.framer.feed(data):
-                if isinstance(frame, protocol.FrameError):
-                    raise ConnectionError(f"bad frame from node: {frame.detail}")
+            for frame in await receive(silence_s, deadline=deadline):
                 self._handle(frame)
             if self._resend_from is not None:
                 await asyncio.sleep(0.02)
                 self._resend_all(self._resend_from)
-            if link.writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
-                await link.writer.drain()
+            if link.write_buffer_bytes > 4 * 1024 * 1024:
+                await link.drain()
 
     def _handle(self, frame: object) -> None:
         kind = type(frame)
@@ -614,7 +536,7 @@ class SequencerClient:
             self.submits_rejected[frame.reason] += 1
             pending.fail(error)
             return
-        if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
+        if frame.reason in FATAL_REASONS:
             self._fail_all(error)
             raise ConnectionError(str(error))
 
@@ -627,7 +549,7 @@ class SequencerClient:
         self._pending.clear()
         self._room.set()
 
-    async def _find_leader(self, *, rounds: int | None) -> _Link:
+    async def _find_leader(self, *, rounds: int | None) -> Connection:
         """Connect to the leader: try the hint, then every endpoint, following ``leader``."""
         backoff = 0.02
         attempt = 0
@@ -639,7 +561,7 @@ class SequencerClient:
                 if self._closed:
                     raise NotConnected("client closed")
                 try:
-                    link = await _open_link(
+                    link = await open_connection(
                         address, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
                     )
                 except Rejected:
@@ -655,7 +577,7 @@ class SequencerClient:
                 if welcome.leader and welcome.leader != address:
                     self._leader_hint = welcome.leader
                     try:
-                        link = await _open_link(
+                        link = await open_connection(
                             welcome.leader, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
                         )
                     except (OSError, ConnectionError, TimeoutError) as exc:
@@ -727,7 +649,7 @@ async def subscribe(
         address = order[index % len(order)]
         index += 1
         try:
-            link = await _open_link(address, session=session, token=token, last_acked=0, timeout_s=connect_timeout_s)
+            link = await open_connection(address, session=session, token=token, timeout_s=connect_timeout_s)
         except (OSError, ConnectionError, TimeoutError):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, reconnect_backoff_max_s)
@@ -737,30 +659,12 @@ async def subscribe(
             if metrics is not None:
                 metrics.subscription_resumed()
         try:
-            link.writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
-            frames = list(link.early)
-            while True:
-                for frame in frames:
-                    if isinstance(frame, protocol.FrameError):
-                        raise ConnectionError(frame.detail)
-                    kind = type(frame)
-                    if kind is protocol.Delivered:
-                        if frame.seq != expected:
-                            raise ConnectionError(f"node sent seq {frame.seq}, expected {expected}")
+            async with contextlib.aclosing(link.subscribe(expected, silence_s=heartbeat_timeout_s)) as stream:
+                async for frames in stream:
+                    backoff = 0.02
+                    for frame in frames:
                         expected += 1
-                        backoff = 0.02
                         yield Message(frame.seq, frame.log_time_ns, frame.session, frame.client_seq, frame.payload)
-                    elif kind is protocol.Rejected:
-                        if frame.reason in (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION):
-                            raise Rejected(frame.reason, frame.detail)
-                        raise ConnectionError(f"{frame.reason.value}: {frame.detail}")
-                    elif kind is protocol.Busy:
-                        raise ConnectionError(f"busy: {frame.limit}")
-                data = await asyncio.wait_for(link.reader.read(262144), heartbeat_timeout_s)
-                if not data:
-                    raise ConnectionError("closed by node")
-                link.heartbeat_if_due()
-                frames = link.framer.feed(data)
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.info("subscription on %s interrupted at %d: %s", address, expected, exc)
             interrupted = True

@@ -232,7 +232,14 @@ class Node:
             await self.gateway.stop()
             self.journal.close()
             raise failure from None
-        self.catchup = CatchUp(self)
+        self.catchup = CatchUp(
+            self.journal,
+            self.config.peers,
+            node_id=self.config.id,
+            token=self.config.client_token,
+            verify_failures=self.metrics.verify_failures,
+            on_filled=self.publication.wake,
+        )
         if self.config.metrics_address:
             serve_metrics(self.config.metrics_address, self.collector)
         log.info(

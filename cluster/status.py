@@ -4,46 +4,33 @@ from __future__ import annotations
 
 import asyncio
 
-from raftseq.sequencer import protocol
+from raftseq.clients.connection import Rejected, open_connection
 
 
 async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status") -> dict:
     """One node's status as a dict (``role`` is ``"unreachable"``, with an ``error``, when it
     cannot be asked). Never raises for a node that is down, slow or refuses us."""
-    host, port = address.rsplit(":", 1)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
-    except (OSError, TimeoutError) as exc:
+        connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
+    except (OSError, TimeoutError, Rejected) as exc:
         return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
     try:
-        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
-        writer.write(protocol.encode_frame(protocol.StatusRequest()))
-        framer = protocol.FrameReader("node")
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), timeout_s)
-            if not data:
-                return {"address": address, "role": "unreachable", "error": "connection closed"}
-            for frame in framer.feed(data):
-                if isinstance(frame, protocol.Status):
-                    return {
-                        "id": frame.node_id,
-                        "address": frame.client_address or address,
-                        "pid": frame.pid,
-                        "role": frame.role.value,
-                        "term": frame.term,
-                        "commit_index": frame.commit_index,
-                        "last_seq": frame.last_seq,
-                        "leader": frame.leader,
-                        "metrics_address": frame.metrics_address,
-                    }
-                if isinstance(frame, protocol.Rejected):
-                    return {"address": address, "role": "unreachable", "error": f"{frame.reason.value}: {frame.detail}"}
-                if isinstance(frame, protocol.FrameError):
-                    return {"address": address, "role": "unreachable", "error": frame.detail}
-    except (OSError, TimeoutError) as exc:
+        status = await connection.status(timeout_s)
+    except (OSError, TimeoutError, Rejected) as exc:
         return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
     finally:
-        writer.close()
+        connection.close()
+    return {
+        "id": status.node_id,
+        "address": status.client_address or address,
+        "pid": status.pid,
+        "role": status.role.value,
+        "term": status.term,
+        "commit_index": status.commit_index,
+        "last_seq": status.last_seq,
+        "leader": status.leader,
+        "metrics_address": status.metrics_address,
+    }
 
 
 def gather_status(endpoints: list[str], *, token: str, timeout_s: float) -> dict:

@@ -27,7 +27,8 @@ import pytest
 from cluster_harness import ClusterHarness, JournalContents, RawConnection, StreamRecorder, pipeline, running_cluster  # noqa: F401
 
 from raftseq.clients import BlockingSequencerClient, Rejected, SequencerClient, subscribe
-from raftseq.cluster.config import GatewayConfig
+from raftseq.cluster import catchup
+from raftseq.cluster.config import GatewayConfig, PeerConfig
 from raftseq.cluster.local import free_base_port
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
@@ -342,6 +343,76 @@ def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot_and_journal_fe
     records = check_journals_identical(journals, total)
     check_acknowledged(records, acked, where="journal")
     check_sessions_in_order(records, {"compaction": payloads[:total]})
+
+
+#: The node closes a connection silent for its idle timeout: short here, so that a long read
+#: is a matter of seconds.
+SHORT_IDLE = {"gateway": {"idle_timeout_ms": 600, "heartbeat_interval_ms": 150}}
+
+
+class SlowHoleJournal:
+    """A journal with one hole, 1..`last`, that takes `store_s` per store: a large hole (or a
+    slow disk) makes a catch-up read from its peer last many idle timeouts."""
+
+    def __init__(self, last: int, store_s: float) -> None:
+        self.holes = [(1, last)]
+        self.store_s = store_s
+        self.filled: list[bytes] = []
+        self.next_seq = 1
+
+    @property
+    def fill_next_seq(self) -> int:
+        return self.next_seq if self.holes else 0
+
+    def fill(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        assert first_seq == self.next_seq, (first_seq, self.next_seq)
+        time.sleep(self.store_s)  # the store blocks the loop, as a real fill and fsync do
+        self.filled.append(records)
+        self.next_seq = last_seq + 1
+        if last_seq == self.holes[0][1]:
+            self.holes.pop(0)
+
+
+@pytest.mark.parametrize("running_cluster", [SHORT_IDLE], indirect=True, ids=["idle-timeout-600ms"])
+def test_catch_up_of_a_large_hole_keeps_its_connection_to_the_peer(running_cluster, monkeypatch, caplog):
+    """Catch-up reads a hole from a peer over the subscribe protocol and never submits: it
+    must answer the peer's heartbeats, or the peer cuts it every idle timeout and the fill
+    starts over on a new connection each time."""
+    h = running_cluster
+    total = 6000
+    # 12 MB: more than the socket buffers hold, many reads, a few stores per read.
+    asyncio.run(submit_all(h, [b"%05d" % n + b"." * 2043 for n in range(1, total + 1)]))
+    h.wait_converged(total, timeout_s=20)
+    idle_s = SHORT_IDLE["gateway"]["idle_timeout_ms"] / 1000
+    monkeypatch.setattr(catchup, "FILL_RECORDS_MAX", 50)  # 120 stores of 25 ms: 5 idle timeouts
+    journal = SlowHoleJournal(total, store_s=idle_s / 24)
+    peer = PeerConfig(h.node_ids[0], "127.0.0.1:1", h.endpoint(h.node_ids[0]))
+    failures = {"catchup": 0}
+    fill = catchup.CatchUp(journal, [peer], node_id="tester", token=h.token, verify_failures=failures, on_filled=lambda: None)
+
+    async def until_filled() -> None:
+        task = asyncio.create_task(fill.run())
+        try:
+            while journal.holes and not task.done():
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+
+    caplog.set_level(logging.INFO, logger="raftseq.catchup")
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(until_filled(), 60))
+    seconds = time.monotonic() - started
+    stops = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert not stops, f"catch-up was cut {len(stops)} times in {seconds:.1f} s: {stops[:3]}"
+    assert seconds > 2 * idle_s, f"the fill took {seconds:.1f} s: too quick to outlast the idle timeout"
+    records = b"".join(journal.filled)
+    assert [frame.seq for frame in protocol.FrameReader("node").feed(records)] == list(range(1, total + 1))
+    assert fill.records_fetched == total and failures == {"catchup": 0}
+
+
+async def submit_all(h: ClusterHarness, payloads: list[bytes]) -> list[int]:
+    async with SequencerClient(h.endpoints, session="filler", token=h.token) as client:
+        return await pipeline(client, payloads, timeout_s=30)
 
 
 # --- 4. every node killed with SIGKILL and restarted ---------------------------------------

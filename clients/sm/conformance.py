@@ -66,7 +66,8 @@ from typing import Any
 
 import msgspec
 
-from raftseq.clients.client import Message, Rejected, _open_link, subscribe
+from raftseq.clients.client import Message, Rejected, subscribe
+from raftseq.clients.connection import open_connection
 from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
 from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
@@ -297,26 +298,14 @@ async def last_seq_of(endpoints: Sequence[str], *, token: str, timeout_s: float 
     problems = []
     for address in endpoints:
         try:
-            link = await _open_link(address, session="sm-conformance", token=token, last_acked=0, timeout_s=timeout_s)
+            link = await open_connection(address, session="sm-conformance", token=token, timeout_s=timeout_s)
         except Rejected:
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:
             problems.append(f"{address}: {exc or type(exc).__name__}")
             continue
         try:
-            link.writer.write(protocol.encode_frame(protocol.StatusRequest()))
-            frames = list(link.early)
-            deadline = time.monotonic() + timeout_s
-            while True:
-                for frame in frames:
-                    if isinstance(frame, protocol.Status):
-                        return frame.last_seq
-                    if isinstance(frame, (protocol.FrameError, protocol.Rejected)):
-                        raise ConnectionError(getattr(frame, "detail", "") or repr(frame))
-                data = await asyncio.wait_for(link.reader.read(65536), max(0.01, deadline - time.monotonic()))
-                if not data:
-                    raise ConnectionError("closed by node")
-                frames = link.framer.feed(data)
+            return (await link.status(timeout_s)).last_seq
         except (OSError, ConnectionError, TimeoutError) as exc:
             problems.append(f"{address}: {exc or type(exc).__name__}")
         finally:

@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from raftseq.clients.client import SequencerClient, _open_link, subscribe
+from raftseq.clients.client import SequencerClient, subscribe
+from raftseq.clients.connection import open_connection
 from raftseq.clients.sm.errors import SnapshotPublishError, SnapshotVerifyError
 from raftseq.sequencer import protocol
 
@@ -113,25 +114,12 @@ async def query_snapshots(
 
 
 async def _ask(address: str, request: protocol.SnapshotQuery, *, token: str, session: str, timeout_s: float) -> protocol.SnapshotList:
-    link = await _open_link(address, session=session, token=token, last_acked=0, timeout_s=timeout_s)
+    connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
     try:
-        link.writer.write(protocol.encode_frame(request))
-        frames = list(link.early)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for frame in frames:
-                if isinstance(frame, protocol.SnapshotList):
-                    return frame
-                if isinstance(frame, protocol.FrameError):
-                    raise ConnectionError(frame.detail)
-                if isinstance(frame, protocol.Rejected):
-                    raise ConnectionError(f"{frame.reason.value}: {frame.detail} (a node without snapshot queries?)")
-            data = await asyncio.wait_for(link.reader.read(65536), max(0.01, deadline - time.monotonic()))
-            if not data:
-                raise ConnectionError("closed by node")
-            frames = link.framer.feed(data)
+        # A node that predates snapshot queries answers Rejected(bad_frame): ConnectionError.
+        return await connection.request(request, protocol.SnapshotList, timeout_s)
     finally:
-        link.close()
+        connection.close()
 
 
 async def wait_indexed(

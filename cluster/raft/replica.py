@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Callable
 
 import msgspec
@@ -64,9 +63,6 @@ class SequencerReplica(RaftMember):
         self.core = core
         self._on_applied = on_applied
         self._on_restored = on_restored
-        # Only journal catch-up (``cluster.catchup``) still takes this lock; everything else runs
-        # on the one loop. It goes when catch-up stops taking it.
-        self.apply_lock = threading.Lock()
         os.makedirs(config.raft_dir, exist_ok=True)
         r = config.raft
         conf = SyncObjConf(

@@ -1,0 +1,271 @@
+"""One connection to a node: the client side of the node conversation, written once.
+
+Every program that talks to a node — the client library, subscribers, ``raftseq status``,
+catch-up from a peer, the state-machine tools, the chaos workload, the benchmarks — opens its
+link here (``open_connection``) and reads it here:
+
+* **Handshake.** ``Hello(session, token, protocol version, last acked)``; the node answers
+  ``Welcome`` (role, leader, the session's last applied client_seq, its heartbeat interval) or
+  ``Rejected`` (raised as ``Rejected``). Frames that arrive together with the welcome are kept
+  and returned by the first ``receive``.
+* **Framing.** ``sequencer.protocol`` encodes and decodes; ``receive`` reads one chunk within a
+  deadline and returns its frames. A read loop that passes its own ``asyncio.timeout`` as
+  ``deadline`` moves that one deadline forward per read (no task per read, as
+  ``asyncio.wait_for`` would make). A damaged stream (``FrameError``) or a closed one raises
+  ``ConnectionError`` once the good frames before it were returned.
+* **Heartbeats.** The node closes a connection that sends nothing for its idle timeout, and
+  sends a ``Heartbeat`` itself at least every interval. Every read here answers with one
+  ``Heartbeat`` per interval, so a reader that never writes (a subscriber, catch-up, a long
+  range read) keeps its connection however long it reads.
+* **Requests.** ``request`` sends a frame and returns the first answer of the expected type
+  (``status`` for ``StatusRequest``).
+* **Subscribing.** ``subscribe(from_seq)`` yields ``Delivered`` frames (a list per read),
+  checked to be
+  ``from_seq, from_seq + 1, …`` (a wrong number raises ``ConnectionError``). With
+  ``checked=False`` (raw mode) they come exactly as the node sent them, gaps and repeats
+  included, for callers that must record what the node did (the chaos subscribers). On a
+  connection opened with ``keep_raw=True`` each item is ``(Delivered, its bytes as received)``
+  (catch-up stores those bytes). ``receive_bytes`` hands over the stream undecoded (a benchmark
+  counting records by their headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
+
+#: Bytes asked of the socket per read: large enough that a subscriber catching up reads many
+#: records per loop iteration, small enough to bound what one read hands to the framer.
+READ_BYTES = 256 * 1024
+
+_HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
+
+#: Refusals that no retry on another node can cure.
+FATAL_REASONS = (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION)
+
+AnswerT = TypeVar("AnswerT")
+
+
+class SequencerError(Exception):
+    """Base of the client's errors."""
+
+
+class Rejected(SequencerError):
+    """The sequencer refused a submit or request for good. ``reason`` is a ``RejectReason``."""
+
+    def __init__(self, reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+        self.expected_client_seq = expected_client_seq
+
+
+class Connection:
+    """One open connection to a node, after the handshake (``open_connection``)."""
+
+    def __init__(
+        self,
+        address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        welcome: protocol.Welcome,
+        framer: protocol.FrameReader,
+        early: list,
+        *,
+        read_chunk_bytes: int = READ_BYTES,
+    ) -> None:
+        self.address = address
+        self.reader = reader
+        self.writer = writer
+        self.welcome = welcome
+        self.framer = framer
+        self.read_chunk_bytes = read_chunk_bytes
+        self._early = early  # frames that arrived together with the welcome
+        self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000
+        self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+
+    # --- writing --------------------------------------------------------------------------
+
+    def send(self, frame: object) -> None:
+        """Queue one frame for the node (no wait: ``drain`` waits for room)."""
+        self.writer.write(protocol.encode_frame(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Queue frames already encoded (``protocol.encode_frame``)."""
+        self.writer.write(data)
+
+    @property
+    def closing(self) -> bool:
+        return self.writer.transport.is_closing()
+
+    @property
+    def write_buffer_bytes(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def abort(self) -> None:
+        """Reset the connection at once (unsent data is dropped)."""
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except RuntimeError:  # its loop is already closed
+            pass
+
+    def heartbeat_if_due(self) -> None:
+        """Send one ``Heartbeat`` per interval: called after each read, this keeps a
+        connection that sends nothing else open (the node closes silent ones)."""
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat_interval_s
+            if not self.writer.transport.is_closing():
+                self.writer.write(_HEARTBEAT)
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def _read(self, timeout_s: float | None, deadline: asyncio.Timeout | None) -> bytes:
+        if deadline is None:
+            async with asyncio.timeout(timeout_s):
+                data = await self.reader.read(self.read_chunk_bytes)
+        else:
+            deadline.reschedule(asyncio.get_running_loop().time() + timeout_s)
+            data = await self.reader.read(self.read_chunk_bytes)
+        if not data:
+            raise ConnectionError(f"{self.address} closed the connection")
+        self.heartbeat_if_due()
+        return data
+
+    async def receive(self, timeout_s: float | None, *, deadline: asyncio.Timeout | None = None) -> list:
+        """The frames of the next read (at least one chunk of bytes; possibly no whole frame
+        yet), within `timeout_s` (``TimeoutError``; None: no limit of its own). `deadline`: the caller's own
+        ``asyncio.timeout`` around its read loop, moved to now + `timeout_s`, instead of a
+        new timer per read. Raises ``ConnectionError`` when the node closes the connection or
+        sends a damaged frame (after returning the good frames before it)."""
+        frames = self._early
+        if frames:
+            self._early = []
+        else:
+            if self.framer.error is not None:
+                raise ConnectionError(f"{self.address}: bad frame: {self.framer.error.detail}")
+            frames = self.framer.feed(await self._read(timeout_s, deadline))
+        if frames and isinstance(frames[-1], protocol.FrameError):
+            frames.pop()  # the reader stays failed: the next receive raises
+            if not frames:
+                raise ConnectionError(f"{self.address}: bad frame: {self.framer.error.detail}")
+        return frames
+
+    async def receive_bytes(self, timeout_s: float) -> bytes:
+        """The next chunk of the stream, undecoded (heartbeats answered as for frames). Only
+        for a stream whose frames are all still unread: nothing may be left of the handshake."""
+        if self._early or self.framer.buffered_bytes:
+            raise ConnectionError(f"{self.address}: frames arrived with the welcome; the stream cannot be read raw")
+        return await self._read(timeout_s, None)
+
+    async def request(self, frame: object, answer: type[AnswerT], timeout_s: float) -> AnswerT:
+        """Send `frame` and return the first frame of type `answer` within `timeout_s`.
+        ``Rejected`` from the node raises ``Rejected`` (``AUTH_FAILED``/``PROTOCOL_VERSION``)
+        or ``ConnectionError`` (any other reason: perhaps a node that predates the request)."""
+        self.send(frame)
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for item in await self.receive(None):
+                    if isinstance(item, answer):
+                        return item
+                    if isinstance(item, protocol.Rejected):
+                        raise refusal(item)
+
+    async def status(self, timeout_s: float) -> protocol.Status:
+        return await self.request(protocol.StatusRequest(), protocol.Status, timeout_s)
+
+    async def subscribe(self, from_seq: int, *, silence_s: float, checked: bool = True) -> AsyncIterator[list]:
+        """Ask for the stream from `from_seq` and yield, per read, the list of ``Delivered``
+        frames it brought (``(frame, bytes)`` pairs on a ``keep_raw`` connection) for as long
+        as the node sends them. ``checked``: each must be the next number (else
+        ``ConnectionError``); unchecked (raw mode) they come as the node sent them. A node
+        silent for `silence_s` (not even a heartbeat) raises ``TimeoutError``; ``Rejected``
+        raises ``Rejected`` (fatal reasons) or ``ConnectionError``, ``Busy`` raises
+        ``ConnectionError``."""
+        self.send(protocol.Subscribe(from_seq))
+        expected = from_seq
+        keep_raw = self.framer.keep_raw
+        delivered = protocol.Delivered
+        while True:
+            batch = []
+            for item in await self.receive(silence_s):
+                frame = item[0] if keep_raw else item
+                kind = type(frame)
+                if kind is delivered:
+                    if checked:
+                        if frame.seq != expected:
+                            if batch:
+                                yield batch
+                            raise ConnectionError(f"{self.address} sent seq {frame.seq}, expected {expected}")
+                        expected += 1
+                    batch.append(item)
+                elif kind is protocol.Rejected or kind is protocol.Busy:
+                    if batch:
+                        yield batch
+                    raise refusal(frame) if kind is protocol.Rejected else ConnectionError(f"{self.address} is busy: {frame.limit}")
+            if batch:
+                yield batch
+
+
+def refusal(frame: protocol.Rejected) -> Exception:
+    """The exception for a ``Rejected`` frame: ``Rejected`` when no other node would answer
+    differently (wrong token, protocol version), else ``ConnectionError`` (try another)."""
+    if frame.reason in FATAL_REASONS:
+        return Rejected(frame.reason, frame.detail)
+    return ConnectionError(f"{frame.reason.value}: {frame.detail}")
+
+
+async def open_connection(
+    address: str,
+    *,
+    session: str,
+    token: str,
+    timeout_s: float,
+    last_acked: int = 0,
+    keep_raw: bool = False,
+    read_chunk_bytes: int = READ_BYTES,
+    stream_buffer_bytes: int | None = None,
+) -> Connection:
+    """Connect to `address` (``host:port``) and say hello as `session`; returns once the node
+    welcomes us, within `timeout_s` for the connect and again for the answer. Raises
+    ``Rejected`` when the node refuses the hello, ``ConnectionError``/``OSError`` or
+    ``TimeoutError`` when it cannot be reached or answers wrongly. ``keep_raw``: frames come
+    with their bytes as received. ``stream_buffer_bytes``: how much the socket reader buffers
+    before it stops reading (asyncio's default, 64 KiB, when None)."""
+    host, port = address.rsplit(":", 1)
+    limit = {} if stream_buffer_bytes is None else {"limit": stream_buffer_bytes}
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), **limit), timeout_s)
+    try:
+        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked)))
+        framer = protocol.FrameReader("node", keep_raw=keep_raw)
+        async with asyncio.timeout(timeout_s):
+            while True:
+                data = await reader.read(read_chunk_bytes)
+                if not data:
+                    raise ConnectionError(f"{address} closed the connection during the handshake")
+                items = framer.feed(data)
+                for i, item in enumerate(items):
+                    frame = item[0] if keep_raw and isinstance(item, tuple) else item
+                    if isinstance(frame, protocol.FrameError):
+                        raise ConnectionError(f"{address}: bad frame during the handshake: {frame.detail}")
+                    if isinstance(frame, protocol.Rejected):
+                        raise Rejected(frame.reason, frame.detail)
+                    if isinstance(frame, protocol.Welcome):
+                        return Connection(address, reader, writer, frame, framer, items[i + 1 :], read_chunk_bytes=read_chunk_bytes)
+    except BaseException:
+        writer.close()
+        raise
+
+
+__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "open_connection", "refusal"]
