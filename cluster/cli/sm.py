@@ -10,72 +10,31 @@
   the stream with the reference implementation's digest after each message;
   ``raftseq sm verify FILE --machine MODULE:CLASS`` replays it through another implementation
   and reports the first mismatch (exit 1; 2 when the file or the machine is unusable);
-  ``raftseq sm show FILE`` checks a recording and prints its header. These need the
-  state-machine SDK and the user's state machine, so they run ``clients.sm.conformance`` as a
-  child process (same interpreter, same working directory, so ``MODULE`` imports as it would
-  there) and exit with its status.
+  ``raftseq sm show FILE`` checks a recording and prints its header. These run the
+  conformance kit (``clients.sm.conformance``) in this process; ``MODULE`` imports from the
+  working directory (or ``PYTHONPATH``).
 
-This module speaks the client protocol itself (``cluster`` does not import ``clients``); the
-formats and the comparison are ``sequencer.protocol``'s, shared with the SDK.
+The stream is read with the client library (``clients``); the formats and the comparison are
+the SDK's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import os
-import subprocess
 import sys
 import time
 
 import msgspec
 
+from raftseq.clients import Rejected, subscribe
+from raftseq.clients.sm import conformance, query_snapshots
+from raftseq.cluster.cli.args import add_cluster_options, command_group, endpoints_or_exit, non_negative, positive, split_endpoints
 from raftseq.sequencer import protocol
 
-DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 _json = msgspec.json.Encoder()
-
-
-class _Link:
-    """A connection to one node after the hello."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framer: protocol.FrameReader) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.framer = framer
-        self.frames: collections.deque = collections.deque()
-
-    async def next_frame(self, timeout_s: float) -> object:
-        while not self.frames:
-            data = await asyncio.wait_for(self.reader.read(262144), timeout_s)
-            if not data:
-                raise ConnectionError("closed by node")
-            self.frames.extend(self.framer.feed(data))
-        frame = self.frames.popleft()
-        if isinstance(frame, protocol.FrameError):
-            raise ConnectionError(frame.detail)
-        if isinstance(frame, protocol.Rejected):
-            raise ConnectionError(f"{frame.reason.value}: {frame.detail}")
-        return frame
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def _connect(address: str, *, token: str, session: str, timeout_s: float) -> _Link:
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
-    link = _Link(reader, writer, protocol.FrameReader("node"))
-    try:
-        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
-        while True:
-            frame = await link.next_frame(timeout_s)
-            if isinstance(frame, protocol.Welcome):
-                return link
-    except BaseException:
-        writer.close()
-        raise
+#: ``raftseq sm check`` gives up when no message arrives for this many times its --timeout.
+STALL_TIMEOUTS_MAX = 3
 
 
 async def scan_checkpoints(
@@ -89,92 +48,54 @@ async def scan_checkpoints(
     session: str = "sm-check",
 ) -> tuple[protocol.CheckpointLedger, int, int]:
     """Read the stream ``from_seq..to_seq`` (0: up to the last number a node reports when the
-    scan starts) and collect its checkpoints. Returns ``(ledger, first, last)`` read; resumes
-    on another node when one fails."""
+    scan starts) and collect its checkpoints. Returns ``(ledger, first, last)`` read; the
+    subscription resumes on another node when one fails. Raises ``ConnectionError`` when no node
+    answers, or no message arrives for ``STALL_TIMEOUTS_MAX`` times `timeout_s`."""
     ledger = protocol.CheckpointLedger(seqs_per_type_max=1_000_000)
     mark = protocol.CHECKPOINT_MARK
+    try:
+        end = to_seq or await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
+    except Rejected as exc:
+        raise ConnectionError(f"status request refused: {exc}") from None
+    if from_seq > end:
+        return ledger, from_seq, end
     expected = from_seq
-    end = to_seq
-    failures = 0
-    index = 0
-    while True:
-        address = endpoints[index % len(endpoints)]
-        index += 1
-        try:
-            link = await _connect(address, token=token, session=session, timeout_s=timeout_s)
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            failures += 1
-            if failures > 3 * len(endpoints):
-                raise ConnectionError(f"no node answered ({address}: {exc})") from None
-            await asyncio.sleep(0.1)
-            continue
-        try:
-            if not end:
-                link.writer.write(protocol.encode_frame(protocol.StatusRequest()))
-                while True:
-                    frame = await link.next_frame(timeout_s)
-                    if isinstance(frame, protocol.Status):
-                        end = frame.last_seq
-                        break
-            if expected > end:
+    stream = subscribe(endpoints, from_seq=from_seq, token=token, session=session, connect_timeout_s=timeout_s, heartbeat_timeout_s=timeout_s)
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(stream), STALL_TIMEOUTS_MAX * timeout_s)
+            except TimeoutError:
+                raise ConnectionError(f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s") from None
+            except Rejected as exc:
+                raise ConnectionError(f"stream read refused: {exc}") from None
+            payload = message.payload
+            if payload[: len(mark)] == mark:
+                try:
+                    checkpoint = protocol.decode_checkpoint(protocol.decode_sm_envelope(payload))
+                except protocol.SmFormatError:
+                    checkpoint = None
+                if checkpoint is not None and checkpoint.seq < message.seq and (not types or checkpoint.sm_type in types):
+                    ledger.add(checkpoint.sm_type, checkpoint.seq, checkpoint.replica, checkpoint.digest)
+            if message.seq >= end:
                 return ledger, from_seq, end
-            link.writer.write(protocol.encode_frame(protocol.Subscribe(expected)))
-            while True:
-                frame = await link.next_frame(timeout_s)
-                if type(frame) is not protocol.Delivered:
-                    continue
-                if frame.seq != expected:
-                    raise ConnectionError(f"node sent seq {frame.seq}, expected {expected}")
-                payload = frame.payload
-                if payload[: len(mark)] == mark:
-                    try:
-                        checkpoint = protocol.decode_checkpoint(protocol.decode_sm_envelope(payload))
-                    except protocol.SmFormatError:
-                        checkpoint = None
-                    if checkpoint is not None and checkpoint.seq < frame.seq and (not types or checkpoint.sm_type in types):
-                        ledger.add(checkpoint.sm_type, checkpoint.seq, checkpoint.replica, checkpoint.digest)
-                expected += 1
-                if expected > end:
-                    return ledger, from_seq, end
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            failures += 1
-            if failures > 3 * len(endpoints):
-                raise ConnectionError(f"stream read failed at seq {expected}: {exc}") from None
-        finally:
-            link.close()
+            expected = message.seq + 1
+    finally:
+        await stream.aclose()
 
 
 async def list_snapshots(endpoints: list[str], sm_type: str, *, token: str, timeout_s: float = 5.0) -> protocol.SnapshotList:
-    problems = []
-    for address in endpoints:
-        try:
-            link = await _connect(address, token=token, session="sm-snapshots", timeout_s=timeout_s)
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            problems.append(f"{address}: {exc}")
-            continue
-        try:
-            link.writer.write(protocol.encode_frame(protocol.SnapshotQuery(sm_type)))
-            while True:
-                frame = await link.next_frame(timeout_s)
-                if isinstance(frame, protocol.SnapshotList):
-                    return frame
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            problems.append(f"{address}: {exc}")
-        finally:
-            link.close()
-    raise ConnectionError("; ".join(problems))
+    """The snapshots of `sm_type` in the cluster's replicated index, newest first, and the last
+    sequence number of a node that answers. Raises ``ConnectionError`` when none does."""
+    try:
+        last_seq = await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
+        snapshots = await query_snapshots(endpoints, sm_type, token=token, session="sm-snapshots", timeout_s=timeout_s, prefer=endpoints[0])
+    except Rejected as exc:
+        raise ConnectionError(str(exc)) from None
+    return protocol.SnapshotList(sm_type=sm_type, snapshots=snapshots, last_seq=last_seq)
 
 
 # --- the commands -----------------------------------------------------------------------------
-
-
-def _endpoints(text: str) -> list[str]:
-    found = [v.strip() for v in text.split(",") if v.strip()]
-    for endpoint in found:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise SystemExit(f"raftseq sm: endpoint {endpoint!r} is not HOST:PORT")
-    return found
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -182,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         ledger, first, last = asyncio.run(
             scan_checkpoints(
-                _endpoints(args.endpoints), token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
+                endpoints_or_exit([args.endpoints], "raftseq sm"), token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
                 types=set(args.type or ()), timeout_s=args.timeout,
             )
         )  # fmt: skip
@@ -223,7 +144,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     try:
-        answer = asyncio.run(list_snapshots(_endpoints(args.endpoints), args.sm_type, token=args.token, timeout_s=args.timeout))
+        answer = asyncio.run(list_snapshots(endpoints_or_exit([args.endpoints], "raftseq sm"), args.sm_type, token=args.token, timeout_s=args.timeout))
     except ConnectionError as exc:
         print(f"raftseq sm snapshots: {exc}", file=sys.stderr)
         return 2
@@ -239,68 +160,47 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The module that records and verifies (``clients`` is installed with ``cluster``).
-CONFORMANCE_MODULE = "raftseq.clients.sm.conformance"
-
-
-def conformance_argv(args: argparse.Namespace) -> list[str]:
-    """The child's arguments for ``raftseq sm record|verify|show`` (the same options)."""
-    command = args.sm_command
-    if command == "record":
-        argv = ["record", "--machine", args.machine, "--out", args.out, "--from", str(args.from_seq), "--to", str(args.to_seq)]
-        argv += ["--idle-timeout", str(args.idle_timeout), "--endpoints", args.endpoints, "--token", args.token]
-        argv += [flag for flag, on in (("--all-messages", args.all_messages), ("--no-snapshot", args.no_snapshot), ("--quiet", args.quiet)) if on]
-        return argv
-    if command == "verify":
-        return ["verify", args.file, "--machine", args.machine] + [f for f, on in (("--json", args.json), ("--quiet", args.quiet)) if on]
-    return ["show", args.file]
-
-
-def cmd_conformance(args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", CONFORMANCE_MODULE, *conformance_argv(args)]
+def cmd_record(args: argparse.Namespace) -> int:
     try:
-        child = subprocess.Popen(command, env=dict(os.environ, RAFTSEQ_CONFORMANCE_PROG="raftseq sm"))
-    except OSError as exc:
-        print(f"raftseq sm {args.sm_command}: cannot start {CONFORMANCE_MODULE}: {exc}", file=sys.stderr)
+        endpoints = split_endpoints([args.endpoints])
+    except ValueError as exc:
+        print(f"raftseq sm record: {exc}", file=sys.stderr)
         return 2
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C reached the child too (same process group): let it clean up and report.
+    return conformance.run_record(
+        endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
+        all_messages=args.all_messages, use_snapshots=not args.no_snapshot, idle_timeout_s=args.idle_timeout, progress=not args.quiet,
+    )  # fmt: skip
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    return conformance.run_verify(args.file, args.machine, prog="raftseq sm", json_report=args.json, progress=not args.quiet)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return conformance.run_show(args.file, prog="raftseq sm")
+
+
+def _interruptible(command):
+    """Ctrl-C during record, verify or show: say so and exit 130."""
+
+    def run(args: argparse.Namespace) -> int:
         try:
-            return child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            return command(args)
+        except KeyboardInterrupt:
+            print(f"raftseq sm {args.sm_command}: interrupted", file=sys.stderr)
             return 130
 
+    return run
 
-def add_parser(subparsers) -> None:
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``raftseq sm check|snapshots|record|verify|show``."""
-    token_default = os.environ.get("RAFTSEQ_TOKEN", "")
-    endpoints_default = os.environ.get("RAFTSEQ_ENDPOINTS", DEFAULT_ENDPOINTS)
-    sm = subparsers.add_parser(
+    ssub = command_group(
+        subparsers,
         "sm",
         help="state machines on the stream: compare checkpoints, list snapshots, record and verify conformance",
         description="Look at the state machines applications run on the stream (clients.sm).",
     )
-    ssub = sm.add_subparsers(dest="sm_command", metavar="SUBCOMMAND")
-    ssub.required = True
-
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-        return value
-
-    def at_least_one(text: str) -> int:
-        value = positive(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-        return value
 
     check = ssub.add_parser(
         "check",
@@ -309,13 +209,11 @@ def add_parser(subparsers) -> None:
         "replicas published. Exit 0 when every copy agreed, 1 with the first sequence number at which two copies "
         "disagree and which replicas hold which digest, 2 when the cluster cannot be read.",
     )
-    check.add_argument("--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number to read (default 1)")
-    check.add_argument("--to", dest="to_seq", type=positive, default=0, metavar="M", help="last one (default 0: the last a node has now)")
+    check.add_argument("--from", dest="from_seq", type=non_negative, default=1, metavar="N", help="first sequence number to read (default 1)")
+    check.add_argument("--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)")
     check.add_argument("--type", action="append", metavar="T", help="only state machines of type T (repeatable)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
-    check.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)")
-    check.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
-    check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")
+    _add_node_options(check)
     check.set_defaults(func=cmd_check)
 
     snaps = ssub.add_parser(
@@ -325,13 +223,9 @@ def add_parser(subparsers) -> None:
     )
     snaps.add_argument("sm_type", metavar="TYPE", help="state-machine type")
     snaps.add_argument("--json", action="store_true", help="print one JSON object")
-    snaps.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)")
-    snaps.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
-    snaps.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")
+    _add_node_options(snaps)
     snaps.set_defaults(func=cmd_snapshots)
 
-    # The options of clients.sm.conformance (cluster does not import clients): keep in step
-    # (tests/test_sm_conformance.py compares them).
     rec = ssub.add_parser(
         "record",
         help="record a slice of the stream with the reference state machine's digest after each message",
@@ -339,19 +233,21 @@ def add_parser(subparsers) -> None:
         "each message with the digest of the state after it (a conformance recording). A slice from N > 1 starts "
         "from the state after N-1 (the newest cluster snapshot at or before it plus a replay, else a replay from 1), "
         "which the file carries. Exit 0 when written, 1 when the reference stops on the stream or the stream stops, "
-        "2 when the cluster or the machine cannot be used. Runs python -m clients.sm.conformance.",
+        "2 when the cluster or the machine cannot be used.",
     )
     rec.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the reference implementation, e.g. examples.refdata.machine:ReferenceData")
     rec.add_argument("--out", required=True, metavar="FILE", help="the recording to write")
-    rec.add_argument("--from", dest="from_seq", type=at_least_one, default=1, metavar="N", help="first sequence number of the slice (default 1)")
-    rec.add_argument("--to", dest="to_seq", type=positive, default=0, metavar="M", help="last one (default 0: the last a node has now)")
+    rec.add_argument("--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number of the slice (default 1)")
+    rec.add_argument("--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)")
     rec.add_argument("--all-messages", action="store_true", help="keep every message of the slice, not only those that can change the machine")
     rec.add_argument("--no-snapshot", action="store_true", help="with --from N > 1: replay from 1 instead of starting from a cluster snapshot")
-    rec.add_argument("--idle-timeout", type=float, default=30.0, metavar="S", help="give up after S seconds without a message (default 30)")
+    rec.add_argument(
+        "--idle-timeout", type=float, default=conformance.IDLE_TIMEOUT_S, metavar="S",
+        help=f"give up after S seconds without a message (default {conformance.IDLE_TIMEOUT_S:g})",
+    )  # fmt: skip
     rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    rec.add_argument("--endpoints", default=endpoints_default, help="comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)")
-    rec.add_argument("--token", default=token_default, help="client token (default $RAFTSEQ_TOKEN)")
-    rec.set_defaults(func=cmd_conformance)
+    add_cluster_options(rec)
+    rec.set_defaults(func=_interruptible(cmd_record))
 
     ver = ssub.add_parser(
         "verify",
@@ -359,13 +255,13 @@ def add_parser(subparsers) -> None:
         description="Replay the recording FILE through the state machine MODULE:CLASS and compare its digest with the "
         "recorded one after every message. Exit 0 when all match; 1 with the first mismatch (sequence number, "
         "expected and actual digest, the message's type and version) or the message the implementation cannot "
-        "read; 2 when the file is unreadable or the machine cannot be loaded. Runs python -m clients.sm.conformance.",
+        "read; 2 when the file is unreadable or the machine cannot be loaded.",
     )
     ver.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
     ver.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the implementation under test")
     ver.add_argument("--json", action="store_true", help="print one JSON object")
     ver.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    ver.set_defaults(func=cmd_conformance)
+    ver.set_defaults(func=_interruptible(cmd_verify))
 
     show = ssub.add_parser(
         "show",
@@ -373,18 +269,10 @@ def add_parser(subparsers) -> None:
         description="Check the recording FILE end to end and print its header and counts as one JSON object (exit 2 when damaged).",
     )
     show.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
-    show.set_defaults(func=cmd_conformance)
+    show.set_defaults(func=_interruptible(cmd_show))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cluster.sm_cli check ...``: the same commands without the ``raftseq`` wrapper."""
-    parser = argparse.ArgumentParser(prog="raftseq")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    args = parser.parse_args(["sm", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    """``--endpoints``, ``--token`` and ``--timeout`` of ``check`` and ``snapshots``."""
+    add_cluster_options(parser)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")
