@@ -37,15 +37,7 @@ from raftseq.cluster import cli  # noqa: E402
 from raftseq.cluster.local import LocalCluster, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
-from examples.refdata.messages import (  # noqa: E402
-    EndOfDay,
-    InstrumentAdded,
-    InstrumentAddedV1,
-    InstrumentHalted,
-    InstrumentResumed,
-    InstrumentUpdated,
-    TradingParametersSet,
-)
+from examples.refdata.messages import EndOfDay, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentResumed, InstrumentUpdated, TradingParametersSet  # noqa: E402, E501
 
 REFERENCE = "examples.refdata.machine:ReferenceData"
 STEP_TIMEOUT_S = 60
