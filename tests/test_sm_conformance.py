@@ -350,3 +350,17 @@ def test_raftseq_sm_record_verify_and_show_take_the_conformance_options():
     }  # fmt: skip
     assert ours["verify"] == {"-h", "--help", "file", "--machine", "--json", "--quiet"}
     assert ours["show"] == {"-h", "--help", "file"}
+
+
+def test_raftseq_sm_imports_the_machine_from_the_working_directory(tmp_path):
+    # The installed `raftseq` script does not put the working directory on sys.path (as
+    # `python -P` does not); the conformance commands still load MODULE:CLASS from there.
+    (tmp_path / "theirmachine.py").write_text(
+        "from raftseq.clients.sm import MessageTypes, StateMachine\n\n\n"
+        "class Theirs(StateMachine):\n    TYPE = 'theirs'\n    MESSAGES = MessageTypes('theirs')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "raftseq.cluster.cli", "sm", "verify", "absent.smc", "--machine", "theirmachine:Theirs"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 2 and "absent.smc: cannot open" in done.stderr, done.stderr

@@ -12,7 +12,7 @@
   and reports the first mismatch (exit 1; 2 when the file or the machine is unusable);
   ``raftseq sm show FILE`` checks a recording and prints its header. These run the
   conformance kit (``clients.sm.conformance``) in this process; ``MODULE`` imports from the
-  working directory (or ``PYTHONPATH``).
+  working directory or ``PYTHONPATH``.
 
 The stream is read with the client library (``clients``); the formats and the comparison are
 the SDK's.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -180,10 +181,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     return conformance.run_show(args.file, prog="raftseq sm")
 
 
-def _interruptible(command):
-    """Ctrl-C during record, verify or show: say so and exit 130."""
+def _conformance_command(command):
+    """``record``, ``verify`` and ``show`` as commands: ``MODULE`` of ``--machine MODULE:CLASS``
+    imports from the working directory (as under ``python -m``; the ``raftseq`` script does not
+    put it on ``sys.path``; last, so that nothing there shadows what is installed), and Ctrl-C
+    says so and exits 130."""
 
     def run(args: argparse.Namespace) -> int:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             return command(args)
         except KeyboardInterrupt:
@@ -247,7 +253,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_cluster_options(rec)
-    rec.set_defaults(func=_interruptible(cmd_record))
+    rec.set_defaults(func=_conformance_command(cmd_record))
 
     ver = ssub.add_parser(
         "verify",
@@ -261,7 +267,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the implementation under test")
     ver.add_argument("--json", action="store_true", help="print one JSON object")
     ver.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    ver.set_defaults(func=_interruptible(cmd_verify))
+    ver.set_defaults(func=_conformance_command(cmd_verify))
 
     show = ssub.add_parser(
         "show",
@@ -269,7 +275,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Check the recording FILE end to end and print its header and counts as one JSON object (exit 2 when damaged).",
     )
     show.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
-    show.set_defaults(func=_interruptible(cmd_show))
+    show.set_defaults(func=_conformance_command(cmd_show))
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
