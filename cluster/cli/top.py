@@ -82,7 +82,6 @@ def run_top(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Define ``raftseq top`` on the ``raftseq`` command's subparsers."""
     top = subparsers.add_parser(

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 #: How long the new leader's row keeps its marker, so that a person glancing at it sees it.
 MARKER_HOLD_S = 10.0
 
-
 #: Cumulative histogram buckets as the metrics page shows them: (upper bound in seconds,
 #: observations at or below it), ascending, ``+inf`` last.
 Buckets = tuple[tuple[float, float], ...]
-
 
 
 # --- samples (what the shell measured) -----------------------------------------------------
@@ -218,4 +216,3 @@ def step(state: TopState, sample: Sample, *, marker_hold_s: float = MARKER_HOLD_
         changes,
     )
     return new_state, view
-

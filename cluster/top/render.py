@@ -10,6 +10,7 @@ from raftseq.cluster.top.model import LeaderChange, Row, View
 if TYPE_CHECKING:
     from rich.table import Table
 
+#: Ends the new leader's row for ``model.MARKER_HOLD_S`` once the leader changed.
 NEW_LEADER_MARKER = "<-new-leader"
 #: The same on the live screen, in a column of its own.
 LIVE_MARKER = "*"
@@ -107,4 +108,3 @@ def render_table(view: View, *, wall_time: str = "") -> Table:
             cells[-1] = f"[bold yellow]{NEW_LEADER_MARKER}[/]"
         table.add_row(marker, *cells, style=style)
     return table
-

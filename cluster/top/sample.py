@@ -100,4 +100,3 @@ async def take_sample(
 
 async def _none() -> None:
     return None
-

@@ -255,4 +255,3 @@ class Recorder:
             )
             self.entries += 1
         return seq >= self.to_seq
-

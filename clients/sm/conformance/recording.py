@@ -107,8 +107,9 @@ class ConformanceFileError(Exception):
     """A file that is not a complete, intact conformance recording (exit 2)."""
 
 
-
 class FileWriter:
+    """Writes a recording to an open binary file: the magic, then one frame per record."""
+
     def __init__(self, f) -> None:
         self.f = f
         f.write(MAGIC)
@@ -255,4 +256,3 @@ def scan_file(path: str) -> FileSummary:
 def read_snapshot(path: str) -> bytes:
     with open_recording(path) as f:
         return b"".join(item.data for _, _, item in frames(f, path) if isinstance(item, SnapshotPart))
-

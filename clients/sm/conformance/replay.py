@@ -125,4 +125,3 @@ class Progress:
         total = max(1, self.last - self.first + 1)
         rate = self.count / max(1e-9, now - self.started)
         print(f"{self.verb}: seq {seq} ({done} of {total}, {100 * done // total}%), {rate:,.0f} messages/s", file=sys.stderr, flush=True)
-

@@ -171,4 +171,3 @@ def mismatch_of(entry: Entry, actual: str, machine: StateMachine, last_match: in
         except protocol.SmFormatError:
             shown = ""
     return Mismatch(entry.seq, entry.digest, actual, entry.type, entry.version, entry.session, entry.client_seq, shown, last_match)
-
