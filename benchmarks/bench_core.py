@@ -40,7 +40,7 @@ sys.path.insert(0, REPO_DIR)  # measure the checkout this file lives in, whateve
 import msgspec  # noqa: E402
 
 from raftseq.sequencer import limits, protocol  # noqa: E402
-from raftseq.sequencer.core import SequencerCore  # noqa: E402
+from raftseq.sequencer.stream import SequencedStream  # noqa: E402
 from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files  # noqa: E402
 from raftseq.sequencer.machine import SequencerMachine  # noqa: E402
 
@@ -328,11 +328,11 @@ def apply_machine(fx: Fixture) -> tuple[Run, Done]:
 
 
 def apply_core(fx: Fixture) -> tuple[Run, Done]:
-    """``SequencerCore.apply``: the machine plus ``Journal.append`` (fsync never), fresh journal."""
+    """``SequencedStream.apply``: the machine plus ``Journal.append`` (fsync never), fresh journal."""
     batches = fx.entry_batches
     directory = fx.fresh_dir("core")
     journal = Journal.open(directory)
-    core = SequencerCore(SequencerMachine(), journal)
+    core = SequencedStream(SequencerMachine(), journal)
 
     def run() -> tuple[int, int]:
         apply = core.apply
@@ -429,7 +429,7 @@ SECTIONS = (
             Workload("decode_only", "protocol.decode_batch alone", decode_only),
             Workload("apply_only", "SequencerMachine.apply, no journal", apply_machine),
             Workload(
-                "apply_append", "SequencerCore.apply: machine + Journal.append (never)",
+                "apply_append", "SequencedStream.apply: machine + Journal.append (never)",
                 apply_core, goal_per_s=300_000, baseline="write_never",
             ),
         ),

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import JournalRecordError
 
 if TYPE_CHECKING:
     from raftseq.cluster.node import Node
@@ -99,7 +100,7 @@ class CatchUp:
         with node.replica.apply_lock:
             try:
                 node.journal.fill(b"".join(records), first, last)
-            except AssertionError as exc:  # a record from the peer fails its checksum or numbering
+            except JournalRecordError as exc:  # a record from the peer fails its checksum or numbering
                 node.metrics.verify_failures["catchup"] += 1
                 raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1

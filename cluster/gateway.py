@@ -82,7 +82,7 @@ class Connection:
 
     # --- writing --------------------------------------------------------------------------
 
-    def send(self, frame: protocol._Frame) -> None:
+    def send(self, frame: protocol.Frame) -> None:
         self.send_bytes(_encode(frame))
 
     def send_bytes(self, data: bytes) -> None:

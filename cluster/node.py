@@ -24,7 +24,7 @@ from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
 from raftseq.cluster.replica import SequencerReplica
 from raftseq.sequencer import protocol
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
@@ -87,7 +87,7 @@ class Node:
                 recovery.last_good_seq,
                 recovery.reason,
             )
-        self.core = SequencerCore(SequencerMachine(config.machine.machine_config()), self.journal)
+        self.core = SequencedStream(SequencerMachine(config.machine.machine_config()), self.journal)
         #: Last sequence number subscribers may read: published, and below any journal hole.
         self.readable_seq = self.journal.contiguous_last_seq
         self.role = "follower"

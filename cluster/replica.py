@@ -28,7 +28,7 @@ from raftseq.cluster import link_cipher
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.raft_loop import LoopPoller
 from raftseq.cluster.raft_fix import LEADER, CorrectedSyncObj
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
 log = logging.getLogger("raftseq.replica")
@@ -82,7 +82,7 @@ def fail_stop(message: str, *args: object) -> None:
 
 
 class SequencerReplica(CorrectedSyncObj):
-    """A Raft member whose replicated state is a ``SequencerCore``, driven by ``loop``
+    """A Raft member whose replicated state is a ``SequencedStream``, driven by ``loop``
     (``cluster.raft_loop``): construct it, use it and destroy it on the loop's thread.
 
     ``on_applied(result)`` is called after every applied batch, with the journal already
@@ -92,7 +92,7 @@ class SequencerReplica(CorrectedSyncObj):
     def __init__(
         self,
         config: NodeConfig,
-        core: SequencerCore,
+        core: SequencedStream,
         *,
         loop: asyncio.AbstractEventLoop,
         on_applied: Callable[[ApplyResult], None],

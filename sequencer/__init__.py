@@ -4,10 +4,18 @@ Pure of I/O but for the journal's files: no sockets, threads, asyncio or clocks 
 passed in where one is needed), no pysyncobj, no metrics.
 """
 
-from raftseq.sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalCursor, JournalError, RecoveryReport
+from raftseq.sequencer.journal import (
+    FsyncPolicy,
+    Journal,
+    JournalCorruptError,
+    JournalCursor,
+    JournalError,
+    JournalRecordError,
+    RecoveryReport,
+)
 from raftseq.sequencer.limits import MachineConfig
 from raftseq.sequencer.machine import ApplyResult, EntryResult, Outcome, SequencerMachine, SnapshotError
+from raftseq.sequencer.stream import JournalBehindError, JournalDivergenceError, SequencedStream
 from raftseq.sequencer.version import __version__
 
 __all__ = [
@@ -21,10 +29,11 @@ __all__ = [
     "JournalCursor",
     "JournalDivergenceError",
     "JournalError",
+    "JournalRecordError",
     "MachineConfig",
     "Outcome",
     "RecoveryReport",
-    "SequencerCore",
+    "SequencedStream",
     "SequencerMachine",
     "SnapshotError",
 ]

@@ -67,3 +67,37 @@ class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
         if self.session_idle_ns < 1_000_000_000:
             found.append(f"session_idle_ns must be at least one second, got {self.session_idle_ns}")
         return found
+
+
+# --- wire: addresses and reads (named here from literals in protocol and journal) ----------
+#: Longest ``host:port`` a frame carries (``Welcome.leader``, ``Status`` addresses), in
+#: characters: a DNS name (253) and a port fit.
+ADDRESS_CHARS_MAX = 256
+#: Largest ``frame_bytes_max`` a ``FrameReader`` may be given, in bytes: the length prefix is
+#: a u32, and a reader never buffers more than one frame.
+FRAME_READER_BYTES_MAX = 2**31
+#: Records ``Journal.records`` decodes per read, a bound on the frames it holds at once.
+JOURNAL_RECORDS_PER_READ = 4096
+
+# --- state-machine snapshots (the SDK's uploads, indexed by the machine) ---------------------
+# Bounds of the snapshot index shape the replicated state, so they are constants of the code
+# (equal on every replica of one version), not per-node settings.
+#: Longest state-machine type name (``SmType``), in characters (ASCII only).
+SM_TYPE_CHARS_MAX = 64
+#: Longest digest (lowercase hex) a snapshot or checkpoint may carry, in characters.
+SM_DIGEST_CHARS_MAX = 128
+#: Most chunks one snapshot may have: with ``SNAPSHOT_CHUNK_DATA_BYTES_MAX`` a bound of ~2 GiB.
+SNAPSHOT_CHUNKS_MAX = 65_536
+#: Room for a chunk's header (type, digests, counts, tag) within one payload, in bytes.
+SNAPSHOT_CHUNK_HEADER_BYTES_MAX = 1 * KIB
+#: Bytes of snapshot data per chunk: the payload limit less room for the chunk's header.
+SNAPSHOT_CHUNK_DATA_BYTES_MAX = PAYLOAD_BYTES_MAX - SNAPSHOT_CHUNK_HEADER_BYTES_MAX
+#: Most index entries one ``SnapshotList`` carries (newest first).
+SNAPSHOT_LIST_MAX = 32
+#: Complete snapshots kept per (state-machine type, schema version), newest ``covered_seq`` first.
+SM_SNAPSHOTS_PER_KIND = 3
+#: Most (type, schema version) kinds in the index; a new kind beyond it evicts the kind whose
+#: newest snapshot was completed earliest.
+SM_SNAPSHOT_KINDS_MAX = 32
+#: Most unfinished uploads (one per snapshot session); beyond it the least recently extended goes.
+SM_SNAPSHOT_UPLOADS_MAX = 16

@@ -41,22 +41,12 @@ from collections import OrderedDict, deque
 import msgspec
 
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.limits import MachineConfig
+from raftseq.sequencer.limits import SM_SNAPSHOT_KINDS_MAX, SM_SNAPSHOT_UPLOADS_MAX, SM_SNAPSHOTS_PER_KIND, MachineConfig
 
 #: 2: the state-machine snapshot index (``snapshots``, ``uploads``) follows the sessions.
 #: ``restore`` reads format 1 (no index) and 2.
 SNAPSHOT_FORMAT_VERSION = 2
 _SNAPSHOT_FORMATS_READ = (1, 2)
-
-# Bounds of the snapshot index. They shape the replicated state, so they are constants of the
-# code (equal on every replica of one version), not per-node settings.
-#: Complete snapshots kept per (state-machine type, schema version), newest ``covered_seq`` first.
-SM_SNAPSHOTS_PER_KIND = 3
-#: Most (type, schema version) kinds in the index; a new kind beyond it evicts the kind whose
-#: newest snapshot was completed earliest.
-SM_SNAPSHOT_KINDS_MAX = 32
-#: Most unfinished uploads (one per snapshot session); beyond it the least recently extended goes.
-SM_SNAPSHOT_UPLOADS_MAX = 16
 
 
 class Outcome(enum.IntEnum):

@@ -21,7 +21,7 @@ from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.demo import run_demo  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
 from examples.refdata.messages import TYPES, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentUpdated  # noqa: E402
-from raftseq.sequencer import protocol  # noqa: E402
+from raftseq.clients.sm import formats  # noqa: E402
 
 
 def test_three_processes_end_the_day_with_identical_reference_data(tmp_path):
@@ -47,7 +47,7 @@ def test_old_and_new_admin_messages_build_the_same_instrument():
     """Version-1 instruments (written by last year's admin) are upcast: venue XLON."""
     types: MessageTypes = TYPES
     old = types.encode(InstrumentAddedV1("VOD", "GB00BH4HKS39", "GBP", 10_000, 1))
-    upcast = types.decode(protocol.decode_sm_envelope(old), 1)
+    upcast = types.decode(formats.decode_sm_envelope(old), 1)
     assert upcast == InstrumentAdded("VOD", "GB00BH4HKS39", "GBP", 10_000, 1, venue="XLON")
 
 
@@ -70,7 +70,7 @@ def test_snapshot_restore_round_trips_the_reference_data():
     for message in listing(50, rng) + updates(2000, 50, rng):
         seq += 1
         if TYPES.owns(type(message).TYPE):  # as a reader sees it: old versions upcast
-            machine.apply(TYPES.decode(protocol.decode_sm_envelope(encode_message(message)), seq), seq, 0)
+            machine.apply(TYPES.decode(formats.decode_sm_envelope(encode_message(message)), seq), seq, 0)
     assert machine.instruments and machine.refusals
     copy = ReferenceData()
     copy.restore(machine.snapshot())

@@ -150,3 +150,20 @@ def _stop(process: subprocess.Popen) -> None:
         pass
     process.wait(STOP_TIMEOUT_S)
 
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages by hand (the package-dir mapping rules out discovery):
+    a new subpackage left off the list would be missing from every install."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        "raftseq." + ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("sequencer", "cluster", "clients")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == folders
+    assert {name: ROOT / path for name, path in setuptools["package-dir"].items()} == {
+        name: ROOT / name.removeprefix("raftseq.").replace(".", "/") for name in folders
+    }

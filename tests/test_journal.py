@@ -12,14 +12,26 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
 
 from raftseq.sequencer import journal as journal_mod
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalError, RecoveryReport, verify_journal
+from raftseq.sequencer.journal import index as journal_index
+from raftseq.sequencer.journal import recovery as journal_recovery
+from raftseq.sequencer.stream import SequencedStream
+from raftseq.sequencer.journal import (
+    FsyncPolicy,
+    Journal,
+    JournalCorruptError,
+    JournalError,
+    JournalRecordError,
+    RecoveryReport,
+    verify_journal,
+)
 from raftseq.sequencer.machine import SequencerMachine
 
 SEGMENT_BYTES = limits.SEGMENT_BYTES_MIN
@@ -37,6 +49,34 @@ def frame(seq: int) -> bytes:
 
 def frames(first: int, last: int) -> bytes:
     return b"".join(frame(seq) for seq in range(first, last + 1))
+
+
+def opening_fails_and_changes_nothing(directory) -> list[JournalCorruptError]:
+    """Open `directory` for writing, then read-only: each fails with ``JournalCorruptError``
+    (returned, in that order) and leaves every file as it was."""
+    before = dir_state(directory)
+    errors = []
+    for readonly in (False, True):
+        with pytest.raises(JournalCorruptError) as caught:
+            open_journal(directory, readonly=readonly)
+        errors.append(caught.value)
+    assert dir_state(directory) == before
+    return errors
+
+
+def spy_on_segment_walks(monkeypatch) -> list[str]:
+    """The paths of the segments that opening a journal walks record by record (the tail, and
+    sealed segments whose index cannot be used), in order."""
+    walked = []
+    real_scan = journal_mod.scan_segment
+
+    def spy(path, first, *, check):
+        walked.append(path)
+        return real_scan(path, first, check=check)
+
+    monkeypatch.setattr(journal_index, "scan_segment", spy)
+    monkeypatch.setattr(journal_recovery, "scan_segment", spy)
+    return walked
 
 
 def open_journal(directory, **kwargs) -> Journal:
@@ -61,7 +101,7 @@ def build_with_core(directory, messages: int, **kwargs) -> tuple[Journal, list[b
     Returns the open journal and the record bytes of each sequence number (index seq - 1).
     """
     journal = open_journal(directory, **kwargs)
-    core = SequencerCore(SequencerMachine(), journal)
+    core = SequencedStream(SequencerMachine(), journal)
     sessions = ["alpha", "beta", "gamma"]
     next_client_seq = dict.fromkeys(sessions, 1)
     produced = []
@@ -370,13 +410,9 @@ def test_damaged_sealed_segment_fails_open(tmp_path, damage):
         bad_seq = first_seq + k
     if damage.endswith("index gone"):
         os.unlink(index_path(path))
-    before = dir_state(tmp_path)
-    for readonly in (False, True):
-        with pytest.raises(JournalCorruptError) as caught:
-            open_journal(tmp_path, readonly=readonly)
-        assert caught.value.seq == bad_seq
-        assert caught.value.path == path
-    assert dir_state(tmp_path) == before
+    for error in opening_fails_and_changes_nothing(tmp_path):
+        assert error.seq == bad_seq
+        assert error.path == path
     report = verify_journal(str(tmp_path))
     assert not report.ok
     assert report.first_bad_seq == bad_seq
@@ -388,13 +424,9 @@ def test_missing_middle_segment_is_a_gap(tmp_path):
     path, first_seq, _ = _sealed_middle(tmp_path)
     os.unlink(path)
     os.unlink(index_path(path))
-    before = dir_state(tmp_path)
-    for readonly in (False, True):
-        with pytest.raises(JournalCorruptError) as caught:
-            open_journal(tmp_path, readonly=readonly)
-        assert caught.value.seq == first_seq
-        assert str(first_seq) in str(caught.value)
-    assert dir_state(tmp_path) == before
+    for error in opening_fails_and_changes_nothing(tmp_path):
+        assert error.seq == first_seq
+        assert str(first_seq) in str(error)
     report = verify_journal(str(tmp_path))
     assert not report.ok and report.first_bad_seq == first_seq
 
@@ -403,9 +435,9 @@ def _rewrite_index(path: str, *, seg_bytes_delta: int = 0, interval: int | None 
     """Rewrite an index file with a valid checksum but a changed header field."""
     with open(path, "rb") as f:
         data = f.read()
-    magic, first_seq, count, seg_bytes, old_interval = journal_mod._INDEX_HEADER.unpack_from(data, 0)
-    body = journal_mod._INDEX_HEADER.pack(magic, first_seq, count, seg_bytes + seg_bytes_delta, interval or old_interval)
-    body += data[journal_mod._INDEX_HEADER.size : -4]
+    magic, first_seq, count, seg_bytes, old_interval = journal_index.INDEX_HEADER.unpack_from(data, 0)
+    body = journal_index.INDEX_HEADER.pack(magic, first_seq, count, seg_bytes + seg_bytes_delta, interval or old_interval)
+    body += data[journal_index.INDEX_HEADER.size : -4]
     with open(path, "wb") as f:
         f.write(body + struct.pack(">I", zlib.crc32(body)))
 
@@ -441,14 +473,7 @@ def test_stale_or_corrupt_index_is_ignored(tmp_path, monkeypatch, damage):
         _rewrite_index(idx, seg_bytes_delta=1)
     elif damage == "other interval":
         _rewrite_index(idx, interval=16)
-    walked = []
-    real_scan = journal_mod.scan_segment
-
-    def spy(scan_path, first, *, check):
-        walked.append(scan_path)
-        return real_scan(scan_path, first, check=check)
-
-    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    walked = spy_on_segment_walks(monkeypatch)
     with open_journal(tmp_path) as journal:
         assert path in walked
         segment = journal.segment_for(first_seq)
@@ -622,7 +647,7 @@ def test_flipped_byte_in_an_older_tail_record_of_a_live_journal(tmp_path):
         assert verify_journal(str(tmp_path)).first_bad_seq == tail_first + 2
 
 
-# --- 5. append asserts on misuse, and writes nothing ----------------------------------------
+# --- 5. append and fill refuse bad records and misuse, and write nothing --------------------
 
 
 def _bad_checksum_in_middle() -> bytes:
@@ -645,12 +670,21 @@ BAD_APPENDS = {
 }
 
 
+#: Ranges that do not follow on: a bug in the caller (``AssertionError``). The other cases are
+#: records that fail their checks (``JournalRecordError``).
+MISUSED_RANGES = {"gap", "overlap", "last before first", "fewer offsets than numbers", "more offsets than numbers", "first offset not zero"}
+
+
+def expected_error(case: str) -> type[Exception]:
+    return AssertionError if case in MISUSED_RANGES else JournalRecordError
+
+
 @pytest.mark.parametrize("case", list(BAD_APPENDS))
-def test_append_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+def test_append_refuses_misuse_and_bad_records_and_writes_nothing(tmp_path, case):
     records, first, last = BAD_APPENDS[case]()
     with build(tmp_path, 20, per_append=20) as journal:
         before = dir_state(tmp_path)
-        with pytest.raises(AssertionError):
+        with pytest.raises(expected_error(case)):
             journal.append(records, first, last)
         assert dir_state(tmp_path) == before
         assert journal.last_seq == 20
@@ -690,11 +724,11 @@ BAD_APPENDS_WITH_OFFSETS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_APPENDS_WITH_OFFSETS))
-def test_append_with_offsets_asserts_on_misuse_and_writes_nothing(tmp_path, case):
+def test_append_with_offsets_refuses_misuse_and_bad_records_and_writes_nothing(tmp_path, case):
     records, first, last, offsets = BAD_APPENDS_WITH_OFFSETS[case]()
     with build(tmp_path, 20, per_append=20) as journal:
         before = dir_state(tmp_path)
-        with pytest.raises(AssertionError):
+        with pytest.raises(expected_error(case)):
             journal.append(records, first, last, offsets)
         assert dir_state(tmp_path) == before
         journal.append(frames(21, 23), 21, 23, offsets_of(21, 23))
@@ -719,11 +753,62 @@ def test_append_with_offsets_indexes_like_a_checked_append(tmp_path):
 
 def test_failed_append_on_an_empty_journal_creates_no_segment(tmp_path):
     with open_journal(tmp_path) as journal:
-        with pytest.raises(AssertionError):
+        with pytest.raises(JournalRecordError):
             journal.append(_bad_checksum_in_middle(), 21, 23)
         assert os.listdir(tmp_path) == []
         journal.append(frames(1, 2), 1, 2)
         assert journal.last_seq == 2
+
+
+BAD_FILLS = {
+    "bad checksum inside": lambda: (_bad_checksum_in_middle(), 21, 23),
+    "torn last record": lambda: (frames(21, 23)[:-3], 21, 23),
+    "fewer records than numbers": lambda: (frames(21, 22), 21, 23),
+    "records hold other numbers": lambda: (frames(22, 24), 21, 23),
+    "no records": lambda: (b"", 21, 21),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILLS))
+def test_fill_refuses_bad_records_from_a_peer_and_writes_nothing(tmp_path, case):
+    """Records fetched from a peer are input from outside: a typed error, the hole unchanged."""
+    records, first, last = BAD_FILLS[case]()
+    with build(tmp_path, 20, per_append=20) as journal:
+        journal.skip_to(31)
+        journal.append(frames(31, 33), 31, 33)
+        with pytest.raises(JournalRecordError):
+            journal.fill(records, first, last)
+        assert (journal.holes, journal.fill_next_seq) == ([(21, 30)], 21)
+        journal.fill(frames(21, 30), 21, 30)
+        assert journal.holes == []
+        assert journal.read_bytes(1, 33) == frames(1, 33)
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_bad_records_from_a_peer_are_refused_under_python_O(tmp_path):
+    """The check is no ``assert``: ``python -O`` (which drops assertions) refuses them too."""
+    program = f"""
+import sys
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import Journal, JournalRecordError
+assert False, "assertions are on"
+def frame(seq):
+    return protocol.encode_delivered(seq, 1_000 + seq, "s", seq, b"p%d" % seq)
+journal = Journal.open({str(tmp_path)!r})
+journal.append(b"".join(frame(seq) for seq in range(1, 4)), 1, 3)
+journal.skip_to(8)
+bad = bytearray(b"".join(frame(seq) for seq in range(4, 8)))
+bad[-1] ^= 0xFF
+try:
+    journal.fill(bytes(bad), 4, 7)
+except JournalRecordError as exc:
+    print("refused:", exc)
+    sys.exit(0)
+sys.exit("the damaged records were stored")
+"""
+    done = subprocess.run([sys.executable, "-O", "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused: checksum mismatch" in done.stdout
 
 
 # --- 6. fsync policies and the sealed-segment index ---------------------------------------
@@ -825,14 +910,7 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         assert os.path.exists(index_path(path)) == (path != listed[-1][1])
         assert len(segment.offsets) == (segment.count + interval - 1) // interval
     journal.close()
-    walked = []
-    real_scan = journal_mod.scan_segment
-
-    def spy(path, first, *, check):
-        walked.append(path)
-        return real_scan(path, first, check=check)
-
-    monkeypatch.setattr(journal_mod, "scan_segment", spy)
+    walked = spy_on_segment_walks(monkeypatch)
     with open_journal(tmp_path) as journal:
         assert walked == [listed[-1][1]]  # only the tail is read on open
         for first, _ in listed:
@@ -841,3 +919,23 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         for seq in (1, 2, interval, interval + 1, listed[1][0], listed[2][0] + interval, 700):
             with journal.cursor(seq) as cursor:
                 assert cursor.read_frames(700, 2)[0] == frame(seq)
+
+
+def test_index_and_holes_files_are_complete_when_fsynced(tmp_path, monkeypatch):
+    """A file replaced in place (an index, holes.json) is fsynced holding all its bytes, not
+    before its buffered write reached the file."""
+    synced: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with build(tmp_path, 300, fsync=FsyncPolicy("batch")) as journal:
+        journal.skip_to(400)
+    written = sorted(name for name in os.listdir(tmp_path) if name.endswith(journal_mod.INDEX_SUFFIX) or name == journal_mod.HOLES_FILE)
+    assert len(written) >= 3
+    for name in written:
+        path = str(tmp_path / name)
+        assert synced.get(path + ".tmp") == os.path.getsize(path), name

@@ -14,7 +14,7 @@ import pytest
 from raftseq.cluster import cli
 from raftseq.sequencer import journal as journal_mod
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import Journal
 from raftseq.sequencer.machine import SequencerMachine
 
@@ -28,7 +28,7 @@ def build(directory, messages: int = MESSAGES) -> list[tuple[str, int, bytes]]:
     """A journal of `messages` records from two sessions, through machine + journal, in small
     segments. Returns ``(session, client_seq, payload)`` of each seq (index seq - 1)."""
     journal = Journal.open(str(directory), segment_bytes_max=limits.SEGMENT_BYTES_MIN)
-    core = SequencerCore(SequencerMachine(), journal)
+    core = SequencedStream(SequencerMachine(), journal)
     sent = []
     next_client_seq = {"desk-a": 1, "desk-b": 1}
     t = 1_700_000_000_000_000_000

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore
 from raftseq.sequencer.journal import Journal
 from raftseq.sequencer.limits import MachineConfig
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import (
     SNAPSHOT_FORMAT_VERSION,
     ApplyResult,
@@ -203,7 +203,7 @@ def test_replicas_fed_the_same_batches_agree_byte_for_byte(config, history, cut)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [os.path.join(tmp, "r1"), os.path.join(tmp, "r2")]
         journals = [Journal.open(d, segment_bytes_max=limits.SEGMENT_BYTES_MIN) for d in dirs]
-        cores = [SequencerCore(SequencerMachine(config), j) for j in journals]
+        cores = [SequencedStream(SequencerMachine(config), j) for j in journals]
         one, two = (c.machine for c in cores)
         snapshot = one.snapshot() if cut == 0 else None
         results = []

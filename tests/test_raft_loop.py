@@ -26,7 +26,7 @@ from raftseq.cluster.local import free_base_port, local_configs
 from raftseq.cluster.raft_loop import LoopPoller
 from raftseq.cluster.replica import SequencerReplica
 from raftseq.sequencer import protocol
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 
@@ -104,7 +104,7 @@ def make_replicas(tmp_path, loop, overrides: dict) -> tuple[list[SequencerReplic
     replicas, journals = [], []
     for config in configs:
         journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
-        core = SequencerCore(SequencerMachine(config.machine.machine_config()), journal)
+        core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
         replicas.append(SequencerReplica(config, core, loop=loop, on_applied=lambda result: None))
         journals.append(journal)
     return replicas, journals
@@ -273,7 +273,7 @@ def test_a_taken_raft_address_fails_the_start_at_once(tmp_path):
             config = local_configs(str(tmp_path), free_base_port(), insecure=False)[0]
             config = msgspec.structs.replace(config, raft_address=f"127.0.0.1:{taken.getsockname()[1]}")
             journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
-            core = SequencerCore(SequencerMachine(config.machine.machine_config()), journal)
+            core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
             started = time.monotonic()
             with pytest.raises(SyncObjException, match="BindError"):
                 SequencerReplica(config, core, loop=asyncio.get_running_loop(), on_applied=lambda result: None)
@@ -324,7 +324,7 @@ def test_a_restarted_member_replays_its_log_in_slices(tmp_path, monkeypatch):
             follower.destroy()
             journals[index].close()
             journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
-            core = SequencerCore(SequencerMachine(config.machine.machine_config()), journal)
+            core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
             restarted = SequencerReplica(config, core, loop=loop, on_applied=lambda result: None)
             replicas[index], journals[index] = restarted, journal
             slices: list[int] = []

@@ -9,11 +9,12 @@ import msgspec
 import pytest
 
 from raftseq.clients.sm import MessageDecodeError, MessageTypes, SmMessage, UnknownMessageType, UnsupportedMessageVersion, encode_message
+from raftseq.clients.sm import formats
 from raftseq.sequencer import protocol
 
 
-def envelope(payload: bytes) -> protocol.SmEnvelope:
-    found = protocol.decode_sm_envelope(payload)
+def envelope(payload: bytes) -> formats.SmEnvelope:
+    found = formats.decode_sm_envelope(payload)
     assert found is not None
     return found
 
@@ -27,11 +28,7 @@ class PriceV1(SmMessage):
     price_e8: int
 
 
-class PriceV1Extended(SmMessage):
-    TYPE = "md.price"
-    VERSION = 1
-    symbol: str
-    price_e8: int
+class PriceV1Extended(PriceV1):
     venue: str = "XLON"
 
 
@@ -117,27 +114,27 @@ def test_an_unknown_type_in_the_namespace_is_named():
 
 
 def test_a_body_that_does_not_match_its_type_is_a_decode_error():
-    bad = protocol.encode_sm_message("md.price", 1, msgspec.msgpack.encode({"symbol": 5, "price_e8": "x"}))
+    bad = formats.encode_sm_message("md.price", 1, msgspec.msgpack.encode({"symbol": 5, "price_e8": "x"}))
     with pytest.raises(MessageDecodeError, match=r"seq 3: message type 'md.price' version 1 does not decode"):
         old_reader().decode(envelope(bad), 3)
 
 
 def test_payloads_that_are_not_state_machine_messages_are_told_apart():
-    assert protocol.decode_sm_envelope(b"plain text payload") is None
-    assert protocol.decode_sm_envelope(b"") is None
+    assert formats.decode_sm_envelope(b"plain text payload") is None
+    assert formats.decode_sm_envelope(b"") is None
     with pytest.raises(protocol.SmFormatError):
-        protocol.decode_sm_envelope(protocol.SM_ENVELOPE_MARK + b"\xff\xff")
+        formats.decode_sm_envelope(formats.SM_ENVELOPE_MARK + b"\xff\xff")
 
 
 def test_control_messages_round_trip():
-    act = protocol.Activate("refdata", 2, 1000)
-    assert protocol.decode_activate(envelope(protocol.encode_activate(act))) == act
-    cp = protocol.Checkpoint("refdata", 500, "ab" * 32, "oms-1")
-    payload = protocol.encode_checkpoint(cp)
-    assert payload.startswith(protocol.CHECKPOINT_MARK)
-    assert protocol.decode_checkpoint(envelope(payload)) == cp
+    act = formats.Activate("refdata", 2, 1000)
+    assert formats.decode_activate(envelope(formats.encode_activate(act))) == act
+    cp = formats.Checkpoint("refdata", 500, "ab" * 32, "oms-1")
+    payload = formats.encode_checkpoint(cp)
+    assert payload.startswith(formats.CHECKPOINT_MARK)
+    assert formats.decode_checkpoint(envelope(payload)) == cp
     with pytest.raises(protocol.SmFormatError):
-        protocol.decode_checkpoint(envelope(protocol.encode_activate(act)))
+        formats.decode_checkpoint(envelope(formats.encode_activate(act)))
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from raftseq.clients.sm import (
     activate,
     encode_message,
 )
-from raftseq.sequencer import protocol
+from raftseq.clients.sm import formats
 
 # --- two small state machines ---------------------------------------------------------------
 
@@ -151,7 +151,7 @@ def mixed_stream() -> Stream:
     s.put("a", 1)  # 1
     s.append(encode_message(Add(5)))  # 2
     s.append(b"not a state-machine message")  # 3
-    s.append(protocol.encode_sm_message("other.team_thing", 7, b"\x80"))  # 4: another namespace
+    s.append(formats.encode_sm_message("other.team_thing", 7, b"\x80"))  # 4: another namespace
     s.put("b", 2)  # 5
     s.append(encode_message(Delete("a")))  # 6
     s.append(encode_message(Add(-2)))  # 7
@@ -246,7 +246,7 @@ def test_saved_state_that_does_not_verify_is_not_used(tmp_path):
 
 def test_an_unknown_type_in_a_machines_namespace_stops_it_before_applying():
     stream = mixed_stream()
-    stream.append(protocol.encode_sm_message("kv.rename", 1, msgspec.msgpack.encode({"key": "b"})))  # 8
+    stream.append(formats.encode_sm_message("kv.rename", 1, msgspec.msgpack.encode({"key": "b"})))  # 8
     stream.put("c", 3)  # 9
     kv = KvStore()
     r = runner(stream, [kv])
@@ -259,7 +259,7 @@ def test_an_unknown_type_in_a_machines_namespace_stops_it_before_applying():
 
 def test_a_version_the_reader_cannot_read_stops_it_naming_type_version_and_seq():
     stream = mixed_stream()
-    stream.append(protocol.encode_sm_message("kv.put", 2, msgspec.msgpack.encode({"key": "b", "value": 9})))  # 8
+    stream.append(formats.encode_sm_message("kv.put", 2, msgspec.msgpack.encode({"key": "b", "value": 9})))  # 8
     kv, ctr = KvStore(), Counter()
     r = runner(stream, [kv, ctr])
     with pytest.raises(UnsupportedMessageVersion) as caught:
@@ -343,13 +343,13 @@ def test_checkpoints_in_the_stream_reveal_a_copy_that_diverged():
         stream.put("k", i)
     reference = runner(stream, [KvStore()], checkpoint_every=10)
     run(reference.run(until_seq=10))
-    stream.append(protocol.encode_checkpoint(protocol.Checkpoint("kv", 10, reference.digest("kv"), "oms-2")))  # 11
+    stream.append(formats.encode_checkpoint(formats.Checkpoint("kv", 10, reference.digest("kv"), "oms-2")))  # 11
     for i in range(9):
         stream.put("k", 100 + i)  # 12..20
-    stream.append(protocol.encode_checkpoint(protocol.Checkpoint("kv", 20, "ba" * 32, "oms-2")))  # 21: oms-2 went wrong
+    stream.append(formats.encode_checkpoint(formats.Checkpoint("kv", 20, "ba" * 32, "oms-2")))  # 21: oms-2 went wrong
     stream.put("k", 0)
 
-    logged: list[protocol.Divergence] = []
+    logged: list[formats.Divergence] = []
     tolerant = runner(stream, [KvStore()], checkpoint_every=10, on_divergence=logged.append, replica="oms-1", publish_checkpoints=False)
     run(tolerant.run(until_seq=22))
     assert len(logged) == 1
@@ -365,7 +365,7 @@ def test_checkpoints_in_the_stream_reveal_a_copy_that_diverged():
 
 
 def test_the_ledger_names_the_lowest_disagreeing_checkpoint_whatever_the_order_seen():
-    ledger = protocol.CheckpointLedger()
+    ledger = formats.CheckpointLedger()
     for seq in (100, 200, 300):
         ledger.add("kv", seq, "a", f"{seq:x}")
     assert ledger.add("kv", 300, "b", "bad") is not None

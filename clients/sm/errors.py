@@ -8,45 +8,49 @@ copies that disagree — raises one of these, and the runner stops before applyi
 
 from __future__ import annotations
 
-from raftseq.sequencer import protocol
+from raftseq.clients.sm import formats
 
 
 class StateMachineError(Exception):
     """Base of the state-machine SDK's errors."""
 
 
-class UnknownMessageType(StateMachineError):
+class MessageError(StateMachineError):
+    """A message this reader cannot apply: `type_name` at schema `version`, sequenced at `seq`."""
+
+    def __init__(self, type_name: str, version: int, seq: int, why: str) -> None:
+        super().__init__(f"seq {seq}: message type {type_name!r} version {version} {why}")
+        self.type_name = type_name
+        self.version = version
+        self.seq = seq
+
+
+class UnknownMessageType(MessageError):
     """A message in a state machine's namespace whose type this reader does not know."""
 
     def __init__(self, type_name: str, version: int, seq: int, *, namespace: str) -> None:
         super().__init__(
-            f"seq {seq}: message type {type_name!r} version {version} is in namespace {namespace!r} "
-            f"but this reader does not know it (a newer writer? upgrade this reader before replaying past seq {seq - 1})"
+            type_name,
+            version,
+            seq,
+            f"is in namespace {namespace!r} but this reader does not know it (a newer writer? upgrade this reader before "
+            f"replaying past seq {seq - 1})",
         )
-        self.type_name = type_name
-        self.version = version
-        self.seq = seq
 
 
-class UnsupportedMessageVersion(StateMachineError):
+class UnsupportedMessageVersion(MessageError):
     """A known message type at a schema version this reader cannot read (or upcast)."""
 
     def __init__(self, type_name: str, version: int, seq: int, *, readable: tuple[int, ...], detail: str = "") -> None:
         why = detail or f"this reader reads versions {', '.join(map(str, readable))}"
-        super().__init__(f"seq {seq}: message type {type_name!r} version {version} cannot be read: {why}")
-        self.type_name = type_name
-        self.version = version
-        self.seq = seq
+        super().__init__(type_name, version, seq, f"cannot be read: {why}")
 
 
-class MessageDecodeError(StateMachineError):
+class MessageDecodeError(MessageError):
     """A message whose envelope or body does not decode as its type and version say."""
 
     def __init__(self, type_name: str, version: int, seq: int, detail: str) -> None:
-        super().__init__(f"seq {seq}: message type {type_name!r} version {version} does not decode: {detail}")
-        self.type_name = type_name
-        self.version = version
-        self.seq = seq
+        super().__init__(type_name, version, seq, f"does not decode: {detail}")
 
 
 class UnsupportedBehaviourVersion(StateMachineError):
@@ -90,7 +94,7 @@ class SnapshotPublishError(StateMachineError):
 class DivergenceError(StateMachineError):
     """Two copies of a state machine reported different states after the same message."""
 
-    def __init__(self, divergence: protocol.Divergence) -> None:
+    def __init__(self, divergence: formats.Divergence) -> None:
         super().__init__(divergence.describe())
         self.divergence = divergence
 

@@ -3,7 +3,7 @@
 A state-machine message is a msgspec ``Struct`` (subclass ``SmMessage``) with two class
 attributes: ``TYPE`` (a dotted name in its state machine's namespace, e.g.
 ``"refdata.instrument_added"``) and ``VERSION`` (its schema version, from 1). On the wire it is
-``["sm", TYPE, VERSION, body]`` (``sequencer.protocol.SmEnvelope``) with the body encoded as a
+``["sm", TYPE, VERSION, body]`` (``clients.sm.formats.SmEnvelope``) with the body encoded as a
 msgpack *map*, so that:
 
 * **adding a field with a default is not a new version**: old readers ignore fields they do not
@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import MessageDecodeError, UnknownMessageType, UnsupportedMessageVersion
 from raftseq.sequencer import protocol
 
@@ -67,12 +68,12 @@ def encode_message(message: SmMessage) -> bytes:
     cls = type(message)
     if not cls.TYPE:
         raise TypeError(f"{cls.__name__} has no TYPE")
-    return protocol.encode_sm_message(cls.TYPE, cls.VERSION, _encoder.encode(message))
+    return formats.encode_sm_message(cls.TYPE, cls.VERSION, _encoder.encode(message))
 
 
 def activate(sm_type: str, version: int, at_seq: int) -> bytes:
     """The payload of "from seq `at_seq` on, `sm_type` behaves as version `version`"."""
-    return protocol.encode_activate(protocol.Activate(sm_type, version, at_seq))
+    return formats.encode_activate(formats.Activate(sm_type, version, at_seq))
 
 
 class _Version:
@@ -103,7 +104,7 @@ class MessageTypes:
     """
 
     def __init__(self, namespace: str) -> None:
-        if not _NAME.match(namespace) or namespace.startswith(protocol.SM_CONTROL_PREFIX.rstrip(".")):
+        if not _NAME.match(namespace) or namespace.startswith(formats.SM_CONTROL_PREFIX.rstrip(".")):
             raise ValueError(f"namespace {namespace!r}: dotted names of [A-Za-z0-9_-], not starting with 'raftseq'")
         self.namespace = namespace
         self._prefix = namespace + "."
@@ -121,8 +122,8 @@ class MessageTypes:
         version = getattr(cls, "VERSION", 0)
         if not isinstance(type_name, str) or not type_name.startswith(self._prefix) or not _NAME.match(type_name):
             raise ValueError(f"{cls.__name__}.TYPE {type_name!r} must be a dotted name in namespace {self.namespace!r}")
-        if len(type_name) > protocol.SM_MESSAGE_TYPE_CHARS_MAX:
-            raise ValueError(f"{cls.__name__}.TYPE is longer than {protocol.SM_MESSAGE_TYPE_CHARS_MAX} characters")
+        if len(type_name) > formats.SM_MESSAGE_TYPE_CHARS_MAX:
+            raise ValueError(f"{cls.__name__}.TYPE is longer than {formats.SM_MESSAGE_TYPE_CHARS_MAX} characters")
         if not isinstance(version, int) or version < 1:
             raise ValueError(f"{cls.__name__}.VERSION must be an integer >= 1")
         if getattr(cls, "__struct_config__").array_like:
@@ -171,9 +172,9 @@ class MessageTypes:
         kind = self._kinds.get(getattr(cls, "TYPE", ""))
         if kind is None or kind.versions.get(cls.VERSION, None) is None or kind.versions[cls.VERSION].cls is not cls:
             raise ValueError(f"{cls.__name__} is not registered in {self.namespace!r}")
-        return protocol.encode_sm_message(cls.TYPE, cls.VERSION, _encoder.encode(message))
+        return formats.encode_sm_message(cls.TYPE, cls.VERSION, _encoder.encode(message))
 
-    def decode(self, envelope: protocol.SmEnvelope, seq: int = 0) -> Any:
+    def decode(self, envelope: formats.SmEnvelope, seq: int = 0) -> Any:
         """The message in `envelope` as its type's current version (upcast if older).
 
         Raises ``UnknownMessageType``, ``UnsupportedMessageVersion`` or ``MessageDecodeError``,

@@ -23,9 +23,9 @@ state-machine message to the machines that read its type, in order:
   the machine to behaviour version N from message S on, on every replica at the same point; a
   machine that cannot run N stops just before S (``UnsupportedBehaviourVersion``).
 * **Checkpoints and divergence.** Every ``checkpoint_every`` sequence numbers the runner takes
-  each machine's digest; with a ``replica`` name it also publishes it (``protocol.Checkpoint``,
+  each machine's digest; with a ``replica`` name it also publishes it (``formats.Checkpoint``,
   a sequenced message). It compares every checkpoint it reads in the stream with its own and
-  the others' (``protocol.CheckpointLedger``): two copies that disagree raise
+  the others' (``formats.CheckpointLedger``): two copies that disagree raise
   ``DivergenceError`` (or call ``on_divergence``), naming the first disagreeing checkpoint, the
   last agreeing one and which replicas hold which digest.
 * **Snapshots.** ``publish_snapshot()`` (or ``snapshot_every``) publishes each machine's state to
@@ -44,6 +44,7 @@ from typing import Any
 import msgspec
 
 from raftseq.clients.client import Busy, NotConnected, SequencerClient, subscribe
+from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import (
     ApplyError,
     DivergenceError,
@@ -134,7 +135,7 @@ class StateMachineRunner:
     * ``snapshot_every`` — publish snapshots at every multiple of this number (0: only when
       ``publish_snapshot`` is called);
     * ``on_divergence`` — ``"stop"`` (raise ``DivergenceError`` from ``run``), ``"log"``, or a
-      callable taking the ``protocol.Divergence``;
+      callable taking the ``formats.Divergence``;
     * ``subscribe_fn`` — what to subscribe with (default ``clients.subscribe``; tests pass
       their own); ``client_options`` — keyword options for the ``SequencerClient``s that publish.
     """
@@ -152,7 +153,7 @@ class StateMachineRunner:
         checkpoint_every: int = 0,
         publish_checkpoints: bool = True,
         snapshot_every: int = 0,
-        on_divergence: str | Callable[[protocol.Divergence], None] = "stop",
+        on_divergence: str | Callable[[formats.Divergence], None] = "stop",
         subscribe_fn: Callable | None = None,
         client_options: dict | None = None,
         checkpoints_kept: int = 4096,
@@ -196,9 +197,9 @@ class StateMachineRunner:
         self._running = False
         self._failed: BaseException | None = None
         self._next_activation = math.inf
-        self.ledger = protocol.CheckpointLedger(seqs_per_type_max=checkpoints_kept)
+        self.ledger = formats.CheckpointLedger(seqs_per_type_max=checkpoints_kept)
         #: Every disagreement found, in the order found.
-        self.divergences: list[protocol.Divergence] = []
+        self.divergences: list[formats.Divergence] = []
         self._reported: set[tuple[str, int]] = set()
         #: Snapshots that could not be loaded (``SnapshotVerifyError`` and others), in order.
         self.snapshot_errors: list[Exception] = []
@@ -355,15 +356,15 @@ class StateMachineRunner:
         if seq >= self._next_activation:
             self._run_activations(seq)
         payload = message.payload
-        if payload[:4] == protocol.SM_ENVELOPE_MARK:
+        if payload[:4] == formats.SM_ENVELOPE_MARK:
             try:
-                envelope = protocol.decode_sm_envelope(payload)
+                envelope = formats.decode_sm_envelope(payload)
             except protocol.SmFormatError as exc:
                 raise MessageDecodeError("?", 0, seq, str(exc)) from None
             slots = self._routes.get(envelope.type)
             if slots is not None:
                 self._apply(slots, envelope, seq, message.timestamp_ns)
-            elif envelope.type.startswith(protocol.SM_CONTROL_PREFIX):
+            elif envelope.type.startswith(formats.SM_CONTROL_PREFIX):
                 self._control(envelope, seq)
             elif envelope.type not in self._ignored_types:
                 for slot in self._slots:
@@ -379,7 +380,7 @@ class StateMachineRunner:
         if self.save_every and self.state_dir and seq % self.save_every == 0:
             self.save()
 
-    def _apply(self, slots: list[_Slot], envelope: protocol.SmEnvelope, seq: int, log_time_ns: int) -> None:
+    def _apply(self, slots: list[_Slot], envelope: formats.SmEnvelope, seq: int, log_time_ns: int) -> None:
         if len(slots) == 1:
             slot = slots[0]
             if seq <= slot.start_after:
@@ -396,12 +397,12 @@ class StateMachineRunner:
                 raise ApplyError(slot.sm_type, envelope.type, seq, exc) from exc
             self.messages_applied += 1
 
-    def _control(self, envelope: protocol.SmEnvelope, seq: int) -> None:
+    def _control(self, envelope: formats.SmEnvelope, seq: int) -> None:
         try:
-            if envelope.type == protocol.CHECKPOINT_TYPE:
-                checkpoint = protocol.decode_checkpoint(envelope)
-            elif envelope.type == protocol.ACTIVATE_TYPE:
-                self._activation(protocol.decode_activate(envelope), seq)
+            if envelope.type == formats.CHECKPOINT_TYPE:
+                checkpoint = formats.decode_checkpoint(envelope)
+            elif envelope.type == formats.ACTIVATE_TYPE:
+                self._activation(formats.decode_activate(envelope), seq)
                 return
             else:
                 return  # a control type of a newer SDK that this one does not use
@@ -412,7 +413,7 @@ class StateMachineRunner:
 
     # --- behaviour versions -------------------------------------------------------------------
 
-    def _activation(self, activate: protocol.Activate, seq: int) -> None:
+    def _activation(self, activate: formats.Activate, seq: int) -> None:
         slot = self._by_type.get(activate.sm_type)
         if slot is None or seq <= slot.start_after:
             return
@@ -458,7 +459,7 @@ class StateMachineRunner:
             client = self._checkpoint_client
             if client is not None:
                 try:
-                    future = client.submit_nowait(protocol.encode_checkpoint(protocol.Checkpoint(slot.sm_type, seq, digest, self.replica)))
+                    future = client.submit_nowait(formats.encode_checkpoint(formats.Checkpoint(slot.sm_type, seq, digest, self.replica)))
                 except (Busy, NotConnected) as exc:
                     log.warning("checkpoint of %s at seq %d not published: %s", slot.sm_type, seq, exc)
                 else:

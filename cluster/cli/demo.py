@@ -16,7 +16,7 @@ import time
 
 from raftseq.cluster.cli.args import positive
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import Journal, verify_journal
 from raftseq.sequencer.machine import Outcome, SequencerMachine
 
@@ -35,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     counts = {Outcome.SEQUENCED: 0, Outcome.DUPLICATE: 0, Outcome.REJECTED: 0}
     journal = Journal.open(directory, segment_bytes_max=4 * limits.MIB)
     try:
-        core = SequencerCore(SequencerMachine(), journal)
+        core = SequencedStream(SequencerMachine(), journal)
         started = time.monotonic()
         log_time_ns = time.time_ns()
         shown = 0

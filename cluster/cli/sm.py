@@ -1,7 +1,7 @@
 """``raftseq sm``: look at the state machines that applications run on the stream.
 
 * ``raftseq sm check [--from N] [--to M] [--type T]`` reads the stream (any node), collects the
-  checkpoints replicas published (``protocol.Checkpoint``: state-machine type, sequence number,
+  checkpoints replicas published (``formats.Checkpoint``: state-machine type, sequence number,
   digest, replica) and reports, per type, the first sequence number at which two copies
   disagree and which replicas hold which digest (exit 1), or that every copy agreed (exit 0).
 * ``raftseq sm snapshots TYPE`` lists the snapshots of TYPE the cluster holds (any node answers
@@ -29,7 +29,7 @@ import time
 import msgspec
 
 from raftseq.clients import Rejected, subscribe
-from raftseq.clients.sm import conformance, query_snapshots
+from raftseq.clients.sm import conformance, formats, query_snapshots
 from raftseq.cluster.cli.args import add_cluster_options, command_group, endpoints_or_exit, non_negative, positive, split_endpoints
 from raftseq.sequencer import protocol
 
@@ -47,13 +47,13 @@ async def scan_checkpoints(
     types: set[str] | None = None,
     timeout_s: float = 5.0,
     session: str = "sm-check",
-) -> tuple[protocol.CheckpointLedger, int, int]:
+) -> tuple[formats.CheckpointLedger, int, int]:
     """Read the stream ``from_seq..to_seq`` (0: up to the last number a node reports when the
     scan starts) and collect its checkpoints. Returns ``(ledger, first, last)`` read; the
     subscription resumes on another node when one fails. Raises ``ConnectionError`` when no node
     answers, or no message arrives for ``STALL_TIMEOUTS_MAX`` times `timeout_s`."""
-    ledger = protocol.CheckpointLedger(seqs_per_type_max=1_000_000)
-    mark = protocol.CHECKPOINT_MARK
+    ledger = formats.CheckpointLedger(seqs_per_type_max=1_000_000)
+    mark = formats.CHECKPOINT_MARK
     try:
         end = to_seq or await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
     except Rejected as exc:
@@ -73,7 +73,7 @@ async def scan_checkpoints(
             payload = message.payload
             if payload[: len(mark)] == mark:
                 try:
-                    checkpoint = protocol.decode_checkpoint(protocol.decode_sm_envelope(payload))
+                    checkpoint = formats.decode_checkpoint(formats.decode_sm_envelope(payload))
                 except protocol.SmFormatError:
                     checkpoint = None
                 if checkpoint is not None and checkpoint.seq < message.seq and (not types or checkpoint.sm_type in types):
@@ -112,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"raftseq sm check: {exc}", file=sys.stderr)
         return 2
     divergences = ledger.divergences()
-    first_by_type: dict[str, protocol.Divergence] = {}
+    first_by_type: dict[str, formats.Divergence] = {}
     for d in divergences:
         first_by_type.setdefault(d.sm_type, d)
     summary = ledger.summary()

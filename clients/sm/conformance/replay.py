@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from raftseq.clients.sm import formats
 from raftseq.clients.sm.machine import StateMachine, full_digest
 from raftseq.clients.sm.runner import LOCAL_STATE_FORMAT, LocalState, StateMachineRunner
 from raftseq.sequencer import protocol
@@ -52,9 +53,9 @@ def new_machine(cls: type[StateMachine], spec: str) -> StateMachine:
         raise MachineLoadError(f"--machine {spec!r}: {cls.__name__}() raised {exc!r} (the machine must be constructible without arguments)") from None
 
 
-def envelope_of(payload: bytes) -> protocol.SmEnvelope | None:
+def envelope_of(payload: bytes) -> formats.SmEnvelope | None:
     try:
-        return protocol.decode_sm_envelope(payload)
+        return formats.decode_sm_envelope(payload)
     except protocol.SmFormatError:
         return None
 
@@ -85,7 +86,7 @@ class DigestTracker:
         return before != self.digest
 
 
-def _ignore_divergence(divergence: protocol.Divergence) -> None:
+def _ignore_divergence(divergence: formats.Divergence) -> None:
     """Other replicas' checkpoints in the slice disagreeing is not what is checked here."""
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftseq.clients.client import Message
+from raftseq.clients.sm import formats
 from raftseq.clients.sm.conformance.recording import Entry, Header, frames, open_recording, read_snapshot, scan_file
 from raftseq.clients.sm.conformance.replay import DigestTracker, MachineLoadError, Progress, envelope_of, load_machine_class, new_machine, sm_runner, write_start_state
 from raftseq.clients.sm.errors import StateMachineError
@@ -165,9 +166,9 @@ def mismatch_of(entry: Entry, actual: str, machine: StateMachine, last_match: in
             shown = repr(type(machine).MESSAGES.decode(envelope, entry.seq))
         except StateMachineError:
             shown = ""
-    elif envelope is not None and envelope.type == protocol.ACTIVATE_TYPE:
+    elif envelope is not None and envelope.type == formats.ACTIVATE_TYPE:
         try:
-            shown = repr(protocol.decode_activate(envelope))
+            shown = repr(formats.decode_activate(envelope))
         except protocol.SmFormatError:
             shown = ""
     return Mismatch(entry.seq, entry.digest, actual, entry.type, entry.version, entry.session, entry.client_seq, shown, last_match)

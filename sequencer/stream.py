@@ -1,7 +1,8 @@
-"""The machine and its journal, applied together: what a replica does with each committed batch.
+"""The sequenced stream of one replica: the machine that numbers it and the journal that keeps
+it, applied together. ``SequencedStream.apply`` is what a replica does with each committed batch.
 
 After a restart, Raft replays entries committed after its last snapshot of the machine state;
-the journal may already hold the records they produce. ``SequencerCore.apply`` recognises those
+the journal may already hold the records they produce. ``SequencedStream.apply`` recognises those
 (same numbers, same bytes) and appends only what is new. Records that differ from what the
 journal holds at the same numbers mean two histories: a broken invariant, raised as
 ``JournalDivergenceError`` for the node to stop on.
@@ -10,8 +11,10 @@ journal holds at the same numbers mean two histories: a broken invariant, raised
 from __future__ import annotations
 
 from raftseq.sequencer.journal import Journal, JournalError
-from raftseq.sequencer.protocol import HEADER, HEADER_BYTES
+from raftseq.sequencer.journal.holes import held_runs
+from raftseq.sequencer.journal.records import record_offsets
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.protocol import HEADER, HEADER_BYTES
 
 
 class JournalDivergenceError(JournalError):
@@ -32,8 +35,8 @@ class JournalBehindError(JournalError):
         self.missing_to = missing_to
 
 
-class SequencerCore:
-    """One replica's machine plus journal. One thread calls ``apply``."""
+class SequencedStream:
+    """One replica's machine plus journal: the stream it has sequenced. One thread calls ``apply``."""
 
     def __init__(self, machine: SequencerMachine, journal: Journal) -> None:
         self.machine = machine
@@ -65,8 +68,8 @@ class SequencerCore:
         if first <= held_to:
             # Compare what the journal holds; records inside holes are still to come from a
             # peer (catch-up brings the committed records, byte for byte, with checksums).
-            bounds = offsets + [len(records)] if offsets else _record_offsets(records)
-            for run_first, run_last in _held_runs(journal.holes, first, held_to):
+            bounds = offsets + [len(records)] if offsets else record_offsets(records)
+            for run_first, run_last in held_runs(journal.holes, first, held_to):
                 start = bounds[run_first - first]
                 end = bounds[run_last - first + 1]
                 held = journal.read_bytes(run_first, run_last)
@@ -84,32 +87,6 @@ class SequencerCore:
         if first <= last:
             journal.append(records, first, last, offsets)
             self.records_appended += last - first + 1
-
-
-def _held_runs(holes: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
-    """The parts of ``first..last`` outside every hole."""
-    runs = []
-    start = first
-    for hole_first, hole_last in holes:
-        if hole_last < start or hole_first > last:
-            continue
-        if hole_first > start:
-            runs.append((start, hole_first - 1))
-        start = hole_last + 1
-    if start <= last:
-        runs.append((start, last))
-    return runs
-
-
-def _record_offsets(records: bytes) -> list[int]:
-    """Start offset of each record, plus the end."""
-    offsets = [0]
-    pos = 0
-    end = len(records)
-    while pos < end:
-        pos += HEADER_BYTES + HEADER.unpack_from(records, pos)[0]
-        offsets.append(pos)
-    return offsets
 
 
 def _first_difference(records: bytes, held: bytes, first_seq: int) -> int:

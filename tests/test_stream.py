@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.core import JournalBehindError, JournalDivergenceError, SequencerCore
 from raftseq.sequencer.journal import Journal, JournalError, verify_journal
 from raftseq.sequencer.limits import MachineConfig
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
+from raftseq.sequencer.stream import JournalBehindError, JournalDivergenceError, SequencedStream
 
 SECOND = 1_000_000_000
 NAMES = ["alpha", "bravo", "charlie"]
@@ -83,24 +83,36 @@ class Replica:
     def __init__(self, directory, machine: SequencerMachine | None = None) -> None:
         self.directory = str(directory)
         self.journal = open_journal(directory)
-        self.core = SequencerCore(machine or SequencerMachine(CONFIG), self.journal)
+        self.stream = SequencedStream(machine or SequencerMachine(CONFIG), self.journal)
         self.snapshots: list[bytes] = []
         self.results: list[ApplyResult] = []
 
     def apply_all(self, batches: list[bytes]) -> list[ApplyResult]:
         out = []
         for batch in batches:
-            self.snapshots.append(self.core.machine.snapshot())
-            out.append(self.core.apply(batch))
+            self.snapshots.append(self.stream.machine.snapshot())
+            out.append(self.stream.apply(batch))
         self.results += out
         return out
 
     def kill(self) -> None:
         self.journal.close()
 
+    @classmethod
+    def killed_after(cls, directory, batches: list[bytes]) -> Replica:
+        """A replica that applied `batches` (its ``results``) and was then killed."""
+        replica = cls(directory)
+        replica.apply_all(batches)
+        replica.kill()
+        return replica
+
+    def tail_segment(self) -> str:
+        """The file name of the journal's last segment."""
+        return sorted(p for p in os.listdir(self.directory) if p.endswith(".seg"))[-1]
+
     def install(self, snapshot: bytes) -> None:
         """Raft hands this replica a snapshot (from the leader) instead of log entries."""
-        self.core.replace_machine(SequencerMachine.restore(snapshot))
+        self.stream.replace_machine(SequencerMachine.restore(snapshot))
 
     def restart_from(self, snapshot: bytes) -> Replica:
         self.kill()
@@ -111,7 +123,7 @@ def reference_run(directory, batches: list[bytes]) -> tuple[dict[str, bytes], st
     """What an uninterrupted replica ends with: its journal files, state digest and results."""
     replica = Replica(directory)
     results = replica.apply_all(batches)
-    digest = replica.core.machine.state_digest()
+    digest = replica.stream.machine.state_digest()
     replica.kill()
     return journal_files(directory), digest, results
 
@@ -123,9 +135,9 @@ def test_fresh_replica_journals_every_record_once(tmp_path):
     batches = encoded_story(30)
     replica = Replica(tmp_path / "j")
     results = replica.apply_all(batches)
-    last = replica.core.machine.last_seq
+    last = replica.stream.machine.last_seq
     assert last == 90
-    assert replica.core.records_appended == last and replica.core.records_already_held == 0
+    assert replica.stream.records_appended == last and replica.stream.records_already_held == 0
     assert replica.journal.last_seq == last
     assert replica.journal.read_bytes(1, last) == b"".join(r.records for r in results)
     assert replica.journal.segment_count > 1  # the story crosses segment boundaries
@@ -139,11 +151,11 @@ def test_undecodable_or_duplicate_only_batches_append_nothing(tmp_path):
     replica = Replica(tmp_path / "j")
     replica.apply_all(encoded_story(2))
     before = replica.journal.last_seq
-    assert replica.core.apply(b"\x93\x02\x00\x90").error  # a newer batch format
-    duplicates = replica.core.apply(encode(10 * SECOND, [("alpha", 1, b"again"), ("bravo", 2, b"again")]))
+    assert replica.stream.apply(b"\x93\x02\x00\x90").error  # a newer batch format
+    duplicates = replica.stream.apply(encode(10 * SECOND, [("alpha", 1, b"again"), ("bravo", 2, b"again")]))
     assert duplicates.first_seq == 0 and duplicates.records == b""
     assert replica.journal.last_seq == before
-    assert replica.core.records_appended == before and replica.core.records_already_held == 0
+    assert replica.stream.records_appended == before and replica.stream.records_already_held == 0
     replica.kill()
 
 
@@ -157,7 +169,7 @@ def test_replay_after_restart_appends_nothing_twice(tmp_path, snapshot_at):
 
     node = Replica(tmp_path / "node")
     node.apply_all(batches[:10])
-    snapshots = node.snapshots + [node.core.machine.snapshot()]
+    snapshots = node.snapshots + [node.stream.machine.snapshot()]
     node.kill()
     files_before = journal_files(node.directory)
 
@@ -165,14 +177,14 @@ def test_replay_after_restart_appends_nothing_twice(tmp_path, snapshot_at):
     node = Replica(node.directory, SequencerMachine.restore(snapshots[snapshot_at]))
     replayed = node.apply_all(batches[snapshot_at:10])
     assert replayed == ref_results[snapshot_at:10], "a replay must give the same answers (acks)"
-    assert node.core.records_appended == 0
-    assert node.core.records_already_held == sum(record_count(r) for r in replayed)
+    assert node.stream.records_appended == 0
+    assert node.stream.records_already_held == sum(record_count(r) for r in replayed)
     assert journal_files(node.directory) == files_before
 
     fresh = node.apply_all(batches[10:])
     assert fresh == ref_results[10:]
-    assert node.core.records_appended == sum(record_count(r) for r in fresh) > 0
-    assert node.core.machine.state_digest() == ref_digest
+    assert node.stream.records_appended == sum(record_count(r) for r in fresh) > 0
+    assert node.stream.machine.state_digest() == ref_digest
     node.kill()
     assert journal_files(node.directory) == ref_files
 
@@ -186,7 +198,7 @@ def test_replay_over_a_torn_tail_appends_only_the_records_cut(tmp_path):
     last_batch = node.results[-1]
     node.kill()
     # The process died in the middle of writing the last record.
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 5)
 
@@ -195,19 +207,17 @@ def test_replay_over_a_torn_tail_appends_only_the_records_cut(tmp_path):
     assert node.journal.last_seq == last_batch.last_seq - 1
     node.apply_all(batches[-2:])
     # batch -2 held whole, batch -1 held but for its last record
-    assert node.core.records_appended == 1
-    assert node.core.records_already_held == record_count(node.results[0]) + record_count(last_batch) - 1
-    assert node.core.machine.state_digest() == ref_digest
+    assert node.stream.records_appended == 1
+    assert node.stream.records_already_held == record_count(node.results[0]) + record_count(last_batch) - 1
+    assert node.stream.machine.state_digest() == ref_digest
     node.kill()
     assert journal_files(node.directory) == ref_files
 
 
 def test_records_beyond_the_journal_end_are_appended_not_compared(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    node.apply_all(batches)
-    node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    node = Replica.killed_after(tmp_path / "node", batches)
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     # Raft's log (not the journal) is the truth for what the journal lost: the last entry of
@@ -216,8 +226,8 @@ def test_records_beyond_the_journal_end_are_appended_not_compared(tmp_path):
     name, client_seq, _ = entries[-1]
     rewritten = encode(leader_time(3), entries[:-1] + [(name, client_seq, b"as the log has it")])
     node = Replica(node.directory, SequencerMachine.restore(node.snapshots[-1]))
-    result = node.core.apply(rewritten)
-    assert node.core.records_appended == 1
+    result = node.stream.apply(rewritten)
+    assert node.stream.records_appended == 1
     node.kill()
     journal = open_journal(node.directory)
     assert [r.payload for r in journal.records(result.last_seq, result.last_seq)] == [b"as the log has it"]
@@ -244,30 +254,28 @@ def _diverging(entries, which: str) -> tuple[bytes, int]:
 @pytest.mark.parametrize("which", ["first_record", "middle_record", "last_record", "log_time"])
 def test_divergent_replay_names_the_first_differing_seq(tmp_path, which):
     batches = encoded_story(6)
-    node = Replica(tmp_path / "node")
-    results = node.apply_all(batches)
-    node.kill()
+    node = Replica.killed_after(tmp_path / "node", batches)
+    results = node.results
     files_before = journal_files(node.directory)
 
     node = Replica(node.directory, SequencerMachine.restore(node.snapshots[3]))
     data, position = _diverging(story(6)[3], which)
     with pytest.raises(JournalDivergenceError) as caught:
-        node.core.apply(data)
+        node.stream.apply(data)
     expected_seq = results[3].first_seq + position
     assert caught.value.seq == expected_seq
     assert f"seq {expected_seq}" in str(caught.value)
     assert isinstance(caught.value, JournalError)
-    assert node.core.records_appended == 0
+    assert node.stream.records_appended == 0
     node.kill()
     assert journal_files(node.directory) == files_before
 
 
 def test_divergence_in_a_batch_the_journal_holds_in_part(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    results = node.apply_all(batches)
-    node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    node = Replica.killed_after(tmp_path / "node", batches)
+    results = node.results
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     entries = story(4)[-1]
@@ -278,7 +286,7 @@ def test_divergence_in_a_batch_the_journal_holds_in_part(tmp_path):
     assert node.journal.last_seq == results[-1].last_seq - 1  # the torn record was cut on open
     files_before = journal_files(node.directory)
     with pytest.raises(JournalDivergenceError) as caught:
-        node.core.apply(encode(leader_time(3), entries))
+        node.stream.apply(encode(leader_time(3), entries))
     assert caught.value.seq == results[-1].first_seq
     node.kill()
     assert journal_files(node.directory) == files_before
@@ -298,7 +306,7 @@ def test_empty_journal_behind_the_machine_names_the_whole_range(tmp_path):
     machine = _machine_after(encoded_story(5))
     journal = open_journal(tmp_path / "j")
     with pytest.raises(JournalBehindError) as caught:
-        SequencerCore(machine, journal)
+        SequencedStream(machine, journal)
     assert (caught.value.missing_from, caught.value.missing_to) == (1, machine.last_seq)
     assert f"1..{machine.last_seq}" in str(caught.value)
     assert isinstance(caught.value, JournalError)
@@ -316,7 +324,7 @@ def test_short_journal_behind_the_machine_names_the_missing_range(tmp_path):
     machine = _machine_after(batches)  # e.g. a Raft snapshot installed from the leader
     journal = open_journal(node.directory)
     with pytest.raises(JournalBehindError) as caught:
-        SequencerCore(machine, journal)
+        SequencedStream(machine, journal)
     assert (caught.value.missing_from, caught.value.missing_to) == (held + 1, machine.last_seq)
     journal.close()
     assert journal_files(node.directory) == files_before
@@ -324,12 +332,10 @@ def test_short_journal_behind_the_machine_names_the_missing_range(tmp_path):
 
 def test_journal_level_with_or_ahead_of_the_machine_is_accepted(tmp_path):
     batches = encoded_story(4)
-    node = Replica(tmp_path / "node")
-    node.apply_all(batches)
-    node.kill()
-    for snapshot in (node.snapshots[-1], node.core.machine.snapshot()):
+    node = Replica.killed_after(tmp_path / "node", batches)
+    for snapshot in (node.snapshots[-1], node.stream.machine.snapshot()):
         journal = open_journal(node.directory)
-        SequencerCore(SequencerMachine.restore(snapshot), journal)
+        SequencedStream(SequencerMachine.restore(snapshot), journal)
         journal.close()
 
 
@@ -345,7 +351,7 @@ def _lagging_node_given_a_snapshot(tmp_path):
     node.apply_all(batches[:3])
     leader = Replica(tmp_path / "leader")
     leader.apply_all(batches[:7])
-    node.install(leader.core.machine.snapshot())
+    node.install(leader.stream.machine.snapshot())
     leader.kill()
     return batches, node, ref_results, ref_digest
 
@@ -358,8 +364,8 @@ def test_snapshot_from_the_leader_leaves_a_hole_then_appends_after_it(tmp_path):
     fresh = node.apply_all(batches[7:])
     assert fresh == ref_results[7:]
     before_hole, after_hole = hole[0] - 1, ref_results[-1].last_seq - hole[1]
-    assert node.core.records_appended == before_hole + after_hole  # nothing inside the hole
-    assert node.core.machine.state_digest() == ref_digest
+    assert node.stream.records_appended == before_hole + after_hole  # nothing inside the hole
+    assert node.stream.machine.state_digest() == ref_digest
 
     # Catch-up brings the hole's records from a peer; then the stream is the leader's, whole.
     reference = open_journal(tmp_path / "reference")
@@ -381,17 +387,17 @@ def test_restart_with_a_hole_replays_into_it_without_appending(tmp_path):
     node = node.restart_from(node.snapshots[1])
     replayed = node.apply_all(batches[1:])
     assert replayed == ref_results[1:]
-    assert node.core.records_appended == 0
-    assert node.core.records_already_held == sum(record_count(r) for r in ref_results[1:])
+    assert node.stream.records_appended == 0
+    assert node.stream.records_already_held == sum(record_count(r) for r in ref_results[1:])
     node.kill()
     assert journal_files(node.directory) == files_before
 
 
 def test_restart_on_a_journal_with_a_trailing_hole_is_not_behind(tmp_path):
     _, node, ref_results, _ = _lagging_node_given_a_snapshot(tmp_path)
-    installed = node.core.machine.snapshot()
-    node = node.restart_from(installed)  # SequencerCore accepts it: the hole counts as held
-    assert node.journal.last_seq == node.core.machine.last_seq == ref_results[6].last_seq
+    installed = node.stream.machine.snapshot()
+    node = node.restart_from(installed)  # SequencedStream accepts it: the hole counts as held
+    assert node.journal.last_seq == node.stream.machine.last_seq == ref_results[6].last_seq
     node.kill()
 
 
@@ -403,18 +409,18 @@ def test_divergence_beside_a_hole_is_still_detected(tmp_path):
     node = Replica(tmp_path / "node")
     results = node.apply_all(batches[:4])
     node.kill()
-    tail = sorted(p for p in os.listdir(node.directory) if p.endswith(".seg"))[-1]
+    tail = node.tail_segment()
     with open(os.path.join(node.directory, tail), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
     snapshots = node.snapshots
     node = Replica(node.directory, SequencerMachine.restore(snapshots[3]))
     node.install(_machine_after(batches).snapshot())
-    assert node.journal.holes == [(results[3].last_seq, node.core.machine.last_seq)]
+    assert node.journal.holes == [(results[3].last_seq, node.stream.machine.last_seq)]
     node = node.restart_from(snapshots[3])
     files_before = journal_files(node.directory)
     data, position = _diverging(story(7)[3], "first_record")
     with pytest.raises(JournalDivergenceError) as caught:
-        node.core.apply(data)
+        node.stream.apply(data)
     assert caught.value.seq == results[3].first_seq + position
     node.kill()
     assert journal_files(node.directory) == files_before
@@ -455,13 +461,13 @@ def test_any_restart_ends_with_the_uninterrupted_journal(plan):
         ref_files, ref_digest, ref_results = reference_run(os.path.join(tmp, "reference"), batches)
         node = Replica(os.path.join(tmp, "node"))
         node.apply_all(batches[:died_after])
-        snapshots = node.snapshots + [node.core.machine.snapshot()]
+        snapshots = node.snapshots + [node.stream.machine.snapshot()]
         node = node.restart_from(snapshots[snapshot_at])
         results = node.apply_all(batches[snapshot_at:])
         assert results == ref_results[snapshot_at:]
         replayed = sum(record_count(r) for r in ref_results[snapshot_at:died_after])
-        assert node.core.records_already_held == replayed
-        assert node.core.records_appended == sum(record_count(r) for r in ref_results[died_after:])
-        assert node.core.machine.state_digest() == ref_digest
+        assert node.stream.records_already_held == replayed
+        assert node.stream.records_appended == sum(record_count(r) for r in ref_results[died_after:])
+        assert node.stream.machine.state_digest() == ref_digest
         node.kill()
         assert journal_files(node.directory) == ref_files

@@ -1,0 +1,362 @@
+"""The journal directory: opening it, appending records, holes, fsync, handing out cursors.
+
+One thread appends; any number of cursors read, each through its own file handle, up to a
+limit the caller publishes after ``append`` returned. When a segment reaches
+``segment_bytes_max`` it is sealed (fsynced unless the policy is ``never``, and given its index
+file) and the next batch starts a new segment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import msgspec
+
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal.cursor import JournalCursor
+from raftseq.sequencer.journal.errors import JournalError
+from raftseq.sequencer.journal.holes import HoleFill, write_holes
+from raftseq.sequencer.journal.index import write_index
+from raftseq.sequencer.journal.records import check_ends, check_records
+from raftseq.sequencer.journal.recovery import RecoveryReport, recover
+from raftseq.sequencer.journal.segments import HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
+
+
+class FsyncPolicy(msgspec.Struct, frozen=True):
+    """When appended bytes are forced to disk.
+
+    ``never``: left to the operating system (survives a process kill, not a power loss).
+    ``batch``: after every ``append``. ``interval``: at the first append at least
+    ``interval_ms`` after the previous fsync, and on ``sync_if_due()``.
+    """
+
+    mode: Literal["never", "batch", "interval"] = "never"
+    interval_ms: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FsyncPolicy:
+        """``never``, ``batch`` or ``interval_ms=N`` (N >= 1)."""
+        if text in ("never", "batch"):
+            return cls(text)
+        if text.startswith("interval_ms="):
+            digits = text.split("=", 1)[1]
+            if digits.isascii() and digits.isdigit() and int(digits) >= 1:
+                return cls("interval", int(digits))
+        raise ValueError(f"fsync policy must be 'never', 'batch' or 'interval_ms=N' with N >= 1, got {text!r}")
+
+
+class Journal(ClosedOnExit):
+    """Appends records and hands out cursors. Open with ``Journal.open``."""
+
+    def __init__(
+        self,
+        directory: str,
+        segments: list[Segment],
+        *,
+        segment_bytes_max: int,
+        fsync: FsyncPolicy,
+        clock_ns: Callable[[], int] | None,
+        readonly: bool,
+        recovery: RecoveryReport,
+        holes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.directory = directory
+        #: Missing ranges ``(first, last)``, in order; filled by ``fill`` from a peer's copy.
+        self.holes: list[tuple[int, int]] = holes or []
+        self._fill: HoleFill | None = None
+        self.segment_bytes_max = segment_bytes_max
+        self.fsync_policy = fsync
+        self.readonly = readonly
+        self.recovery = recovery
+        self._clock_ns = clock_ns
+        self._segments = segments
+        self._segment_firsts = [s.first_seq for s in segments]
+        self._fd = -1
+        self._last_fsync_ns = clock_ns() if clock_ns is not None else 0
+        self.fsync_count = 0
+        self.fsync_seconds_total = 0.0
+        #: Called with each fsync's duration in seconds (the node feeds its metrics with it).
+        self.fsync_observer: Callable[[float], None] | None = None
+
+    # --- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        *,
+        segment_bytes_max: int = limits.SEGMENT_BYTES_MAX_DEFAULT,
+        fsync: FsyncPolicy | None = None,
+        clock_ns: Callable[[], int] | None = None,
+        readonly: bool = False,
+        create: bool = True,
+    ) -> Journal:
+        """Open (and recover) the journal in `directory`.
+
+        ``readonly`` opens for reading only: nothing is cut or written, a torn tail just ends
+        the readable stream (``recovery`` still says what would be cut).
+        ``clock_ns`` (monotonic nanoseconds) is needed by the ``interval`` fsync policy.
+        """
+        fsync = fsync or FsyncPolicy()
+        if segment_bytes_max < limits.SEGMENT_BYTES_MIN:
+            raise ValueError(f"segment_bytes_max must be at least {limits.SEGMENT_BYTES_MIN}, got {segment_bytes_max}")
+        if fsync.mode == "interval" and (clock_ns is None or fsync.interval_ms < 1):
+            raise ValueError("the interval fsync policy needs interval_ms >= 1 and a clock_ns")
+        if not os.path.isdir(directory):
+            if readonly or not create:
+                raise JournalError(f"journal directory {directory} does not exist")
+            os.makedirs(directory, exist_ok=True)
+        segments, holes, recovery = recover(directory, readonly=readonly)
+        return cls(
+            directory,
+            segments,
+            segment_bytes_max=segment_bytes_max,
+            fsync=fsync,
+            clock_ns=clock_ns,
+            readonly=readonly,
+            recovery=recovery,
+            holes=holes,
+        )
+
+    # --- state --------------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """First number of the journal (held, or missing in a hole); 0 for an empty journal."""
+        first = 0
+        if self._segments and self._segments[-1].end_seq > self._segments[0].first_seq:
+            first = self._segments[0].first_seq
+        if self.holes and (not first or self.holes[0][0] < first):
+            first = self.holes[0][0]
+        return first
+
+    @property
+    def last_seq(self) -> int:
+        """Last number of the journal (held, or missing in a trailing hole); 0 when empty."""
+        last = self._segments[-1].end_seq - 1 if self._segments else 0
+        if self.holes and self.holes[-1][1] > last:
+            last = self.holes[-1][1]
+        return last
+
+    @property
+    def contiguous_last_seq(self) -> int:
+        """Last number readable from ``first_seq`` without meeting a hole."""
+        return self.holes[0][0] - 1 if self.holes else self.last_seq
+
+    @property
+    def missing_count(self) -> int:
+        """Records in holes, still to be fetched."""
+        return sum(last - first + 1 for first, last in self.holes)
+
+    def has_hole_within(self, first_seq: int, last_seq: int) -> bool:
+        return any(first <= last_seq and last >= first_seq for first, last in self.holes)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    # --- appending ----------------------------------------------------------------------
+
+    def append(self, records: bytes, first_seq: int, last_seq: int, offsets: list[int] | None = None) -> None:
+        """Append the records numbered ``first_seq..last_seq`` (``last_seq + 1`` must follow on).
+
+        ``records`` is whole ``Delivered`` frames back to back, as ``SequencerMachine.apply``
+        produces them. Without ``offsets`` each record's checksum and number is checked before
+        anything is written. ``offsets`` (where each record starts) comes from the encoder that
+        just built the records; then only their count and the first and last record are
+        checked. Records that fail their checks raise ``JournalRecordError``; a range that does
+        not follow on raises ``AssertionError`` (a bug in the caller). Nothing is written then.
+        """
+        assert not self.readonly, "append on a read-only journal"
+        assert first_seq >= 1 and last_seq >= first_seq, f"bad range {first_seq}..{last_seq}"
+        expected = self.last_seq + 1 if self._segments else first_seq
+        assert first_seq == expected, f"append of seq {first_seq}, journal expects {expected}"
+        if offsets is None:
+            offsets_in_batch = check_records(records, first_seq, last_seq)
+        else:
+            check_ends(records, first_seq, last_seq, offsets)
+            offsets_in_batch = offsets
+        segment = self._writable_segment(first_seq)
+        write_all(self._fd, records)
+        segment.add_run(offsets_in_batch, len(records))
+        mode = self.fsync_policy.mode
+        if mode == "batch":
+            self._fsync()
+        elif mode == "interval":
+            self.sync_if_due()
+
+
+    def _writable_segment(self, first_seq: int) -> Segment:
+        segment = self._segments[-1] if self._segments else None
+        if segment is not None and (segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
+            if not segment.sealed:
+                self._seal(segment)
+            segment = None
+        if segment is None:
+            path = os.path.join(self.directory, segment_name(first_seq))
+            segment = Segment(path, first_seq)
+            self._close_fd()
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fsync_dir(self.directory)
+            self._segments.append(segment)
+            self._segment_firsts.append(first_seq)
+        elif self._fd < 0:
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        return segment
+
+    def _seal(self, segment: Segment) -> None:
+        if self._fd >= 0 and self.fsync_policy.mode != "never":
+            self._fsync()
+        self._close_fd()
+        write_index(segment, fsync=self.fsync_policy.mode != "never")
+        segment.sealed = True
+
+    # --- holes ----------------------------------------------------------------------------
+
+    def skip_to(self, seq: int) -> None:
+        """The next append starts at `seq`; ``last_seq + 1 .. seq - 1`` become a hole.
+
+        Used when the replica's state jumps ahead (a Raft snapshot from the leader): the
+        records in the hole are fetched from a peer and handed to ``fill``.
+        """
+        assert not self.readonly, "skip_to on a read-only journal"
+        assert seq > self.last_seq + 1, f"skip_to({seq}) with last_seq {self.last_seq}"
+        hole = (self.last_seq + 1, seq - 1)
+        if self._segments and self._segments[-1].count == 0:
+            # A segment with no records (all cut by recovery) would sit inside the hole.
+            empty = self._segments.pop()
+            self._segment_firsts.pop()
+            self._close_fd()
+            os.unlink(empty.path)
+            hole = (empty.first_seq, seq - 1)
+            if self.holes and self.holes[-1][1] == empty.first_seq - 1:
+                hole = (self.holes.pop()[0], seq - 1)
+        elif self._segments and not self._segments[-1].sealed:
+            self._seal(self._segments[-1])
+        self.holes.append(hole)
+        write_holes(self.directory, self.holes)
+
+    def fill(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        """Store records fetched from a peer into the first hole, in order.
+
+        Records go to a side file; when the hole is complete it becomes a sealed segment
+        (fsynced), and readers can cross it. Every record is checked (checksum, number, count)
+        before any is written: records that fail raise ``JournalRecordError``.
+        """
+        assert not self.readonly, "fill on a read-only journal"
+        assert self.holes, "fill without a hole"
+        hole_first, hole_last = self.holes[0]
+        fill = self._fill
+        if fill is None or fill.segment.first_seq != hole_first:
+            if fill is not None:
+                fill.abandon()
+            fill = self._fill = HoleFill(os.path.join(self.directory, segment_name(hole_first)), hole_first)
+        expected = fill.segment.end_seq
+        assert first_seq == expected, f"fill of seq {first_seq}, hole expects {expected}"
+        assert last_seq <= hole_last, f"fill up to {last_seq} overruns the hole ending at {hole_last}"
+        offsets = check_records(records, first_seq, last_seq)
+        fill.write(records, offsets)
+        if last_seq < hole_last:
+            return
+        segment = fill.finish()
+        self._fill = None
+        i = bisect.bisect_right(self._segment_firsts, segment.first_seq)
+        self._segments.insert(i, segment)
+        self._segment_firsts.insert(i, segment.first_seq)
+        self.holes.pop(0)
+        write_holes(self.directory, self.holes)
+
+    @property
+    def fill_next_seq(self) -> int:
+        """Next number ``fill`` expects (0 when there is no hole)."""
+        if not self.holes:
+            return 0
+        fill = self._fill
+        if fill is not None and fill.segment.first_seq == self.holes[0][0]:
+            return fill.segment.end_seq
+        return self.holes[0][0]
+
+    def _fsync(self) -> None:
+        if self._fd < 0:
+            return
+        clock = self._clock_ns
+        started = clock() if clock is not None else 0
+        os.fsync(self._fd)
+        self.fsync_count += 1
+        if clock is not None:
+            self._last_fsync_ns = clock()
+            seconds = (self._last_fsync_ns - started) / 1e9
+            self.fsync_seconds_total += seconds
+            if self.fsync_observer is not None:
+                self.fsync_observer(seconds)
+
+    def sync(self) -> None:
+        """Force everything appended so far to disk, whatever the policy."""
+        self._fsync()
+
+    def sync_if_due(self) -> None:
+        """With the ``interval`` policy: fsync if the interval has passed since the last one."""
+        if self.fsync_policy.mode != "interval" or self._clock_ns is None:
+            return
+        if self._clock_ns() - self._last_fsync_ns >= self.fsync_policy.interval_ms * 1_000_000:
+            self._fsync()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        if self._fd >= 0 and self.fsync_policy.mode != "never":
+            self._fsync()
+        self._close_fd()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def segment_for(self, seq: int) -> Segment | None:
+        i = bisect.bisect_right(self._segment_firsts, seq) - 1
+        if i < 0:
+            return None
+        segment = self._segments[i]
+        return segment if seq < segment.end_seq else None
+
+    def next_segment(self, segment: Segment) -> Segment | None:
+        i = bisect.bisect_right(self._segment_firsts, segment.first_seq)
+        return self._segments[i] if i < len(self._segments) else None
+
+    def cursor(self, from_seq: int, *, verify: bool = True) -> JournalCursor:
+        """A reader positioned at `from_seq` (which may be ``last_seq + 1``: a live tail)."""
+        return JournalCursor(self, from_seq, verify=verify)
+
+    def read_bytes(self, first_seq: int, last_seq: int) -> bytes:
+        """The raw records ``first_seq..last_seq``, checked, as one byte string."""
+        with self.cursor(first_seq) as cursor:
+            parts = []
+            while cursor.next_seq <= last_seq:
+                count, block = cursor.read_block(last_seq, limits.READ_CHUNK_BYTES)
+                assert count > 0, f"journal ends at {cursor.next_seq - 1}, asked up to {last_seq}"
+                parts.append(block)
+        return b"".join(parts)
+
+    def records(self, from_seq: int = 0, to_seq: int = 0) -> Iterator[protocol.Delivered]:
+        """Decoded records ``from_seq..to_seq`` (defaults: the whole journal)."""
+        from_seq = from_seq or self.first_seq
+        to_seq = to_seq or self.last_seq
+        if not from_seq or from_seq > to_seq:
+            return
+        with self.cursor(from_seq) as cursor:
+            while cursor.next_seq <= to_seq:
+                frames = cursor.read_frames(to_seq, limits.JOURNAL_RECORDS_PER_READ)
+                if not frames:
+                    return
+                for frame in frames:
+                    yield protocol.decode_delivered_body(memoryview(frame)[HEADER_BYTES:])
+
+

@@ -1,0 +1,131 @@
+"""Checking a whole journal offline (``raftseq journal verify``): every record of every
+segment, and what the journal promises about the stream.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+
+import msgspec
+
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal.errors import JournalCorruptError
+from raftseq.sequencer.journal.holes import read_holes
+from raftseq.sequencer.journal.segments import HEADER, HEADER_BYTES, list_segment_files
+
+
+class VerifyReport(msgspec.Struct):
+    """Outcome of ``verify_journal``. ``ok`` is False exactly when ``problem`` is set."""
+
+    directory: str
+    segments: int = 0
+    records: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    bytes: int = 0
+    #: First sequence number that failed (0 when the failure has no number, or none failed).
+    first_bad_seq: int = 0
+    problem: str = ""
+    path: str = ""
+    offset: int = -1
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def verify_journal(directory: str, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Read every record of every segment and check what the journal promises.
+
+    Checks: segment names and continuity, each record's length, checksum and decodability,
+    gapless numbering, log time never decreasing, and per session ``client_seq`` rising by one
+    (or restarting at 1 after the session expired). Stops at the first failure.
+    ``progress(segments_done, records_done)`` is called after each segment.
+    """
+    report = VerifyReport(directory)
+    if not os.path.isdir(directory):
+        report.problem = f"journal directory {directory} does not exist"
+        report.path = directory
+        return report
+    try:
+        files = list_segment_files(directory)
+    except JournalCorruptError as exc:
+        report.problem = str(exc)
+        return report
+    try:
+        holes = read_holes(directory)
+    except JournalCorruptError as exc:
+        report.problem = str(exc)
+        return report
+    if holes and (not files or holes[0][0] < files[0][0]):
+        report.problem = f"records {holes[0][0]}..{holes[0][1]} are missing (a hole waiting for catch-up)"
+        report.first_bad_seq = holes[0][0]
+        return report
+    expected_seq = files[0][0] if files else 0
+    report.first_seq = expected_seq
+    last_time = 0
+    client_seqs: dict[str, int] = {}
+    unpack_from = HEADER.unpack_from
+    for i, (first_seq, path) in enumerate(files):
+        report.segments += 1
+        if first_seq != expected_seq:
+            if (expected_seq, first_seq - 1) in holes:
+                report.problem = f"records {expected_seq}..{first_seq - 1} are missing (a hole waiting for catch-up)"
+            else:
+                report.problem = f"segment {os.path.basename(path)} starts at {first_seq}, expected {expected_seq}"
+            report.first_bad_seq = expected_seq
+            report.path = path
+            return report
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        end = len(data)
+        view = memoryview(data)
+        while pos < end:
+            problem = ""
+            if end - pos < HEADER_BYTES:
+                problem = f"torn record header ({end - pos} bytes)"
+            else:
+                length, crc = unpack_from(data, pos)
+                nxt = pos + HEADER_BYTES + length
+                if length == 0 or length > limits.FRAME_BYTES_MAX:
+                    problem = f"record length {length} out of range"
+                elif nxt > end:
+                    problem = f"torn record: {end - pos} of {HEADER_BYTES + length} bytes"
+                elif zlib.crc32(view[pos + HEADER_BYTES : nxt]) != crc:
+                    problem = "checksum mismatch"
+                else:
+                    try:
+                        record = protocol.decode_delivered_body(view[pos + HEADER_BYTES : nxt])
+                    except msgspec.MsgspecError as exc:
+                        problem = f"undecodable record: {exc}"
+                    else:
+                        previous = client_seqs.get(record.session, 0)
+                        if record.seq != expected_seq:
+                            problem = f"record holds seq {record.seq}, expected {expected_seq}"
+                        elif record.log_time_ns < last_time:
+                            problem = f"log time goes back from {last_time} to {record.log_time_ns}"
+                        elif record.client_seq != previous + 1 and record.client_seq != 1:
+                            problem = (
+                                f"session {record.session!r} client_seq {record.client_seq} follows {previous}"
+                            )
+                        else:
+                            last_time = record.log_time_ns
+                            client_seqs[record.session] = record.client_seq
+            if problem:
+                report.problem = problem
+                report.first_bad_seq = expected_seq
+                report.path = path
+                report.offset = pos
+                return report
+            report.records += 1
+            report.bytes += nxt - pos
+            report.last_seq = expected_seq
+            expected_seq += 1
+            pos = nxt
+        if progress is not None:
+            progress(i + 1, report.records)
+    return report
+

@@ -1,0 +1,86 @@
+"""The field types of the wire formats, and the bounds they carry.
+
+Every field type is a msgspec ``Annotated`` type whose bounds are checked as a frame, entry or
+payload is decoded: a frame from outside with a field out of range is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+from raftseq.sequencer import limits
+from raftseq.sequencer.limits import (
+    SM_DIGEST_CHARS_MAX,
+    SM_TYPE_CHARS_MAX,
+    SNAPSHOT_CHUNK_DATA_BYTES_MAX,
+    SNAPSHOT_CHUNKS_MAX,
+    SNAPSHOT_LIST_MAX,
+)
+
+__all__ = [
+    "DECODE_ERRORS",
+    "SESSION_PATTERN",
+    "SM_DIGEST_CHARS_MAX",
+    "SM_TYPE_CHARS_MAX",
+    "SNAPSHOT_CHUNK_DATA_BYTES_MAX",
+    "SNAPSHOT_CHUNKS_MAX",
+    "SNAPSHOT_LIST_MAX",
+    "SNAPSHOT_SESSION_PREFIX",
+    "Address",
+    "ClientSeq",
+    "Count",
+    "Detail",
+    "Digest",
+    "EntrySession",
+    "Payload",
+    "SchemaVersion",
+    "Seq",
+    "Session",
+    "Sha256Hex",
+    "SmType",
+    "TimeNs",
+    "Token",
+    "is_session_name",
+]
+
+#: What a session name may contain (ASCII only, so its length in characters is its length in bytes).
+SESSION_PATTERN = r"^[A-Za-z0-9._:@/+-]+\Z"
+Session = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX, pattern=SESSION_PATTERN)]
+#: A session name inside a Raft entry: only its length is checked when the entry is decoded
+#: (a pattern per entry costs three times the rest of the decode). The machine checks the
+#: pattern once, when a session first appears (``is_session_name``).
+EntrySession = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.SESSION_BYTES_MAX)]
+_session_re = re.compile(SESSION_PATTERN)
+
+
+def is_session_name(name: str) -> bool:
+    """True when `name` is a session name a ``Hello`` would accept."""
+    return 0 < len(name) <= limits.SESSION_BYTES_MAX and _session_re.match(name) is not None
+
+
+ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Payload = Annotated[bytes, msgspec.Meta(max_length=limits.PAYLOAD_BYTES_MAX)]
+#: Printable ASCII only, so its length in characters is its length in bytes.
+Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX, pattern=r"^[\x20-\x7e]*\Z")]
+Detail = Annotated[str, msgspec.Meta(max_length=limits.DETAIL_CHARS_MAX)]
+Address = Annotated[str, msgspec.Meta(max_length=limits.ADDRESS_CHARS_MAX)]
+
+#: Sessions whose names start with this carry state-machine snapshots, one ``SnapshotChunk``
+#: per message; the machine indexes complete uploads (``sequencer.machine``). Reserved: other
+#: clients must not use it.
+SNAPSHOT_SESSION_PREFIX = "@snap/"
+
+SmType = Annotated[str, msgspec.Meta(min_length=1, max_length=SM_TYPE_CHARS_MAX, pattern=r"^[A-Za-z0-9._-]+\Z")]
+Digest = Annotated[str, msgspec.Meta(min_length=1, max_length=SM_DIGEST_CHARS_MAX, pattern=r"^[0-9a-f]+\Z")]
+Sha256Hex = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern=r"^[0-9a-f]+\Z")]
+SchemaVersion = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+#: What decoding untrusted bytes can raise: msgspec's errors, and UnicodeDecodeError for a
+#: string that is not UTF-8 (msgspec does not wrap it).
+DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError)

@@ -1,0 +1,266 @@
+"""The frames of the client protocol: what clients and nodes say to each other.
+
+Each frame is a tagged msgspec ``Struct`` encoded as a msgpack array whose first element is the
+tag (``framing`` puts the length and checksum in front). Schema evolution: new fields are added
+at the end with defaults; a reader ignores trailing fields it does not know; field types never
+change. ``PROTOCOL_VERSION`` travels in ``Hello`` and ``Welcome``. New frame types
+(``SnapshotQuery``/``SnapshotList``) need no new protocol version: only clients that use them
+send them, and a node that predates them answers ``Rejected(bad_frame)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Union
+
+import msgspec
+
+from raftseq.sequencer import limits
+from raftseq.sequencer.protocol.fields import (
+    SNAPSHOT_LIST_MAX,
+    Address,
+    ClientSeq,
+    Count,
+    Detail,
+    Payload,
+    Seq,
+    Session,
+    SmType,
+    TimeNs,
+    Token,
+)
+from raftseq.sequencer.protocol.snapshot_chunks import SnapshotHeader
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "AckRange",
+    "Busy",
+    "ClientFrame",
+    "Delivered",
+    "Frame",
+    "Heartbeat",
+    "Hello",
+    "NodeFrame",
+    "NotLeader",
+    "OutcomeUnknown",
+    "Rejected",
+    "RejectReason",
+    "Role",
+    "SnapshotInfo",
+    "SnapshotList",
+    "SnapshotQuery",
+    "Status",
+    "StatusRequest",
+    "Submit",
+    "SubmitBatch",
+    "Subscribe",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+
+
+
+class RejectReason(enum.Enum):
+    """Why a node refused something. Sent as its string value."""
+
+    BAD_FRAME = "bad_frame"  # undecodable, wrong types, bad checksum
+    FRAME_TOO_LARGE = "frame_too_large"
+    AUTH_FAILED = "auth_failed"
+    PROTOCOL_VERSION = "protocol_version"
+    HELLO_REQUIRED = "hello_required"
+    SEQUENCE_GAP = "sequence_gap"  # client_seq skips ahead; `expected_client_seq` says the next
+    STALE_CLIENT_SEQ = "stale_client_seq"  # applied long ago, outside the dedup window
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    FROM_SEQ_UNAVAILABLE = "from_seq_unavailable"  # subscribe below the journal's start
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class Role(enum.Enum):
+    LEADER = "leader"
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    UNKNOWN = "unknown"
+
+
+class Frame(msgspec.Struct, frozen=True, array_like=True, tag_field="t", gc=False):
+    """Base of every wire frame (array-encoded, tag first)."""
+
+
+# --- client -> node -----------------------------------------------------------------------
+
+
+class Hello(Frame, tag="hello"):
+    """First frame on every connection. Binds the connection to `session`."""
+
+    session: Session
+    token: Token
+    protocol_version: int
+    #: Highest client_seq this client has seen acknowledged (0: none); informational.
+    last_client_seq_acked: Count = 0
+
+
+class Submit(Frame, tag="sub"):
+    """Sequence `payload` as the session's message number `client_seq`."""
+
+    client_seq: ClientSeq
+    payload: Payload
+
+
+class SubmitBatch(Frame, tag="subs"):
+    """``Submit`` for each payload, numbered ``first_client_seq``, ``first_client_seq + 1``, …
+
+    One frame for many submits: the same semantics as that many ``Submit`` frames in a row,
+    answered the same way (``Ack``/``AckRange``, ``Busy``, … per client_seq).
+    """
+
+    first_client_seq: ClientSeq
+    payloads: Annotated[list[Payload], msgspec.Meta(min_length=1, max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)]
+
+
+class Subscribe(Frame, tag="subscribe"):
+    """Deliver the stream from `from_seq` on, then keep delivering as it grows."""
+
+    from_seq: Seq
+
+
+class StatusRequest(Frame, tag="status?"):
+    pass
+
+
+class Heartbeat(Frame, tag="hb"):
+    """Sent by both sides when idle. From a node, `last_seq` is its last committed number."""
+
+    last_seq: Count = 0
+
+
+# --- node -> client -----------------------------------------------------------------------
+
+
+class Welcome(Frame, tag="welcome"):
+    node_id: str
+    protocol_version: int
+    role: Role
+    #: Client address of the leader as this node knows it, or "" when unknown.
+    leader: Address
+    #: Highest client_seq of this session the node has applied (0: unknown session).
+    last_client_seq: Count
+    heartbeat_interval_ms: int
+
+
+class Ack(Frame, tag="ack"):
+    """`client_seq` is committed as sequence number `seq`. `duplicate`: it already was."""
+
+    client_seq: ClientSeq
+    seq: Seq
+    duplicate: bool = False
+
+
+class AckRange(Frame, tag="acks"):
+    """``Ack`` for ``count`` submits: client_seq ``first_client_seq + i`` is committed as
+    ``first_seq + i``. Sent for runs of consecutive numbers on both sides."""
+
+    first_client_seq: ClientSeq
+    first_seq: Seq
+    count: Annotated[int, msgspec.Meta(ge=1, le=limits.BATCH_ENTRIES_MAX)]
+
+
+class Busy(Frame, tag="busy"):
+    """A limit was hit; `client_seq` was not taken. Retry after the hint."""
+
+    client_seq: Count
+    retry_after_ms: int
+    limit: str = ""
+
+
+class NotLeader(Frame, tag="notleader"):
+    """This node does not take submits. `leader` is the leader's client address, "" if unknown."""
+
+    leader: Address
+    client_seq: Count = 0
+
+
+class OutcomeUnknown(Frame, tag="unknown"):
+    """The node cannot tell whether `client_seq` was sequenced (leader lost, commit timeout).
+
+    Never a failure: resubmit under the same client_seq; the sequencer applies it at most once
+    and answers a retry of an applied submit with the number it already has.
+    """
+
+    client_seq: ClientSeq
+    detail: Detail = ""
+
+
+class Rejected(Frame, tag="rejected"):
+    reason: RejectReason
+    detail: Detail = ""
+    client_seq: Count = 0
+    #: With SEQUENCE_GAP: the client_seq the sequencer expects next for this session.
+    expected_client_seq: Count = 0
+
+
+class Delivered(Frame, tag="d"):
+    """One sequenced message. A journal record is exactly this frame."""
+
+    seq: Seq
+    log_time_ns: TimeNs
+    session: Session
+    client_seq: ClientSeq
+    payload: Payload
+
+
+class Status(Frame, tag="status"):
+    node_id: str
+    role: Role
+    leader: Address
+    term: Count
+    commit_index: Count
+    last_seq: Count
+    last_log_time_ns: Count
+    pid: Count = 0
+    client_address: Address = ""
+    raft_address: Address = ""
+    #: host:port of the node's Prometheus endpoint, "" when metrics are off (or an older node).
+    metrics_address: Address = ""
+
+
+# --- state-machine snapshots: the index query (any node answers from its machine) ----------
+
+
+class SnapshotInfo(SnapshotHeader):
+    """One complete state-machine snapshot the cluster holds: what it is and where its chunks are.
+
+    The chunks are the messages of ``session`` numbered ``first_seq..last_seq`` (other sessions'
+    messages may sit between them); read them with an ordinary subscription from ``first_seq``.
+    ``bytes_sha256`` covers the concatenated chunk data; ``digest`` is the state machine's own
+    digest of the state, checked after restoring it.
+    """
+
+    session: Session
+    first_seq: Seq
+    last_seq: Seq
+    #: Log time of the last chunk.
+    log_time_ns: TimeNs
+
+
+class SnapshotQuery(Frame, tag="snaps?"):
+    """Which snapshots of state-machine type `sm_type` does the cluster hold? Any node answers."""
+
+    sm_type: SmType
+
+
+class SnapshotList(Frame, tag="snaps"):
+    """The answer to ``SnapshotQuery``: the node's index, newest ``covered_seq`` first, as of
+    its applied sequence number ``last_seq``."""
+
+    sm_type: SmType
+    snapshots: Annotated[list[SnapshotInfo], msgspec.Meta(max_length=SNAPSHOT_LIST_MAX)]
+    last_seq: Count
+
+
+#: Every frame a client sends.
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery]
+#: Every frame a node sends.
+NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList]
