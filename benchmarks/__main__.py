@@ -38,6 +38,7 @@ from benchmarks.peers import common
 from benchmarks.peers import nats as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
 from benchmarks.peers.common import BenchError, SetupError, load_average
+from raftseq.cluster.cli.args import positive, positive_seconds
 
 DEFAULT_WORKLOADS = ("throughput", "latency", "failover")
 #: Served by one filled stream per system, always in this order (fanout appends to the stream).
@@ -601,18 +602,6 @@ def _peers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftseq bench",
@@ -630,38 +619,38 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills, a stream of 5,000 "
         "messages, fanout for 1 s; the figures mean little")
-    add("--runs", type=_positive(int), default=None,
+    add("--runs", type=positive, default=None,
         help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
-    add("--messages", type=_positive(int), default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
+    add("--messages", type=positive, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
     add("--payloads", type=_int_list, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
-    add("--payload-bytes", type=_positive(int), default=100, help="payload size of the latency and failover workloads (default 100)")
-    add("--processes", type=_positive(int), default=4, help="client processes of the multi-process throughput variants (default 4)")
-    add("--window", type=_positive(int), default=10_000,
+    add("--payload-bytes", type=positive, default=100, help="payload size of the latency and failover workloads (default 100)")
+    add("--processes", type=positive, default=4, help="client processes of the multi-process throughput variants (default 4)")
+    add("--window", type=positive, default=10_000,
         help="messages in flight per client: raftseq's in_flight_max (its client's default) and pysyncobj's callbacks outstanding (default 10,000)")
-    add("--nats-window", type=_positive(int), default=nats_peer.NATS_WINDOW_DEFAULT,
+    add("--nats-window", type=positive, default=nats_peer.NATS_WINDOW_DEFAULT,
         help=f"NATS's publish_async_max_pending, publishes awaiting their ack per client (default {nats_peer.NATS_WINDOW_DEFAULT:,}: "
         "nats-py's default, which did at least as well as 10,000 here)")
-    add("--batch", type=_positive(int), default=bench_cluster.BATCH_SIZE_DEFAULT,
+    add("--batch", type=positive, default=bench_cluster.BATCH_SIZE_DEFAULT,
         help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})")
     add("--rates", type=_int_list, default=None, help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)")
-    add("--latency-seconds", type=_positive(float), default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
-    add("--kills", type=_positive(int), default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
-    add("--failover-rate", type=_positive(int), default=2000, help="offered rate during the kills, msg/s (default 2000)")
+    add("--latency-seconds", type=positive_seconds, default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
+    add("--kills", type=positive, default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
+    add("--failover-rate", type=positive, default=2000, help="offered rate during the kills, msg/s (default 2000)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which NATS leader the failover workload kills (default: the stream leader)")
-    add("--stream-messages", "--replay-messages", dest="stream_messages", type=_positive(int), default=None,
+    add("--stream-messages", "--replay-messages", dest="stream_messages", type=positive, default=None,
         help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
         f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
-    add("--subscribers", type=_positive(int), default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
+    add("--subscribers", type=positive, default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
         help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=_positive(int), default=bench_stream.FANOUT_PROCESSES_DEFAULT,
+    add("--subscriber-processes", type=positive, default=bench_stream.FANOUT_PROCESSES_DEFAULT,
         help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})")
-    add("--fanout-rate", type=_positive(int), default=bench_stream.FANOUT_RATE_DEFAULT,
+    add("--fanout-rate", type=positive, default=bench_stream.FANOUT_RATE_DEFAULT,
         help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})")
-    add("--fanout-seconds", type=_positive(float), default=None,
+    add("--fanout-seconds", type=positive_seconds, default=None,
         help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
-    add("--run-timeout-s", type=_positive(float), default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
+    add("--run-timeout-s", type=positive_seconds, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
     return parser
 

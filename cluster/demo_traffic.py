@@ -8,7 +8,7 @@ import asyncio
 import random
 import time
 
-from raftseq.clients.client import NotConnected, OutcomeUnknown, Rejected, SequencerClient, subscribe
+from raftseq.clients import NotConnected, Rejected, SequencerClient, subscribe
 
 SESSIONS = ("oms-retail", "router", "refdata-admin")
 

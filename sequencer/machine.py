@@ -40,7 +40,7 @@ from collections import OrderedDict, deque
 
 import msgspec
 
-from raftseq.sequencer import limits, protocol
+from raftseq.sequencer import protocol
 from raftseq.sequencer.limits import SM_SNAPSHOT_KINDS_MAX, SM_SNAPSHOT_UPLOADS_MAX, SM_SNAPSHOTS_PER_KIND, MachineConfig
 
 #: 2: the state-machine snapshot index (``snapshots``, ``uploads``) follows the sessions.

@@ -26,7 +26,7 @@ from raftseq.clients.sm import (
     snapshot_session,
     upload_snapshot,
 )
-from raftseq.cluster import sm_cli
+from raftseq.cluster.cli import sm as sm_command
 from raftseq.sequencer import protocol
 
 STEP_TIMEOUT_S = 60
@@ -64,7 +64,7 @@ async def wait_listed(endpoints: list[str], token: str, *, count: int, timeout_s
 def sm_check(h: ClusterHarness, *extra: str) -> tuple[int, dict]:
     """``raftseq sm check --json`` as a separate process (the command's own entry point)."""
     done = subprocess.run(
-        [sys.executable, "-m", "raftseq.cluster.sm_cli", "check", "--json", "--endpoints", ",".join(h.endpoints), "--token", h.token, *extra],
+        [sys.executable, "-m", "raftseq.cluster.cli", "sm", "check", "--json", "--endpoints", ",".join(h.endpoints), "--token", h.token, *extra],
         capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stderr
@@ -132,7 +132,7 @@ def test_runner_snapshots_and_a_late_joiner_through_a_node_kill(running_cluster)
         assert joiner.last_seq == publisher.last_seq == final
 
         # Every node indexes the same three snapshots (two of them useless to this reader).
-        listing = asyncio.run(sm_cli.list_snapshots(h.endpoints[1:], "kv", token=h.token))
+        listing = asyncio.run(sm_command.list_snapshots(h.endpoints[1:], "kv", token=h.token))
         assert sorted(i.schema_version for i in listing.snapshots) == [1, 1, 9]
         # One replica's checkpoints: nothing to disagree with.
         code, report = sm_check(h)

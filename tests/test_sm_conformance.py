@@ -12,7 +12,6 @@ test records or verifies its own slice.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -32,21 +31,13 @@ if str(REPO_DIR) not in sys.path:
 from cluster_harness import ClusterHarness, pipeline, run_seed  # noqa: E402
 
 from raftseq.clients import SequencerClient  # noqa: E402
-from raftseq.clients.sm import MessageTypes, StateMachineRunner, activate, encode_message  # noqa: E402
+from raftseq.clients.sm import MessageTypes, StateMachineRunner, activate, encode_message, full_digest  # noqa: E402
 from raftseq.clients.sm import conformance  # noqa: E402
-from raftseq.cluster import sm_cli  # noqa: E402
+from raftseq.cluster import cli  # noqa: E402
 from raftseq.cluster.local import LocalCluster, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
-from examples.refdata.messages import (  # noqa: E402
-    EndOfDay,
-    InstrumentAdded,
-    InstrumentAddedV1,
-    InstrumentHalted,
-    InstrumentResumed,
-    InstrumentUpdated,
-    TradingParametersSet,
-)
+from examples.refdata.messages import EndOfDay, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentResumed, InstrumentUpdated, TradingParametersSet  # noqa: E402, E501
 
 REFERENCE = "examples.refdata.machine:ReferenceData"
 STEP_TIMEOUT_S = 60
@@ -165,11 +156,16 @@ def day(cluster) -> Day:
     return result
 
 
+def sm(argv: list[str]) -> int:
+    """``raftseq sm ...`` in this process."""
+    return cli.main(["sm", *argv])
+
+
 @pytest.fixture(scope="module")
 def recording(cluster, day, tmp_path_factory) -> Path:
     """The whole stream, recorded through the in-process entry point."""
     out = tmp_path_factory.mktemp("rec") / "day.smc"
-    code = conformance.main(
+    code = sm(
         ["record", "--machine", REFERENCE, "--out", str(out), "--endpoints", ",".join(cluster.endpoints), "--token", cluster.token, "--quiet"]
     )
     assert code == 0
@@ -177,7 +173,7 @@ def recording(cluster, day, tmp_path_factory) -> Path:
 
 
 def verify(path, machine: str, capsys) -> tuple[int, dict]:
-    code = conformance.main(["verify", str(path), "--machine", machine, "--json", "--quiet"])
+    code = sm(["verify", str(path), "--machine", machine, "--json", "--quiet"])
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -190,10 +186,10 @@ def test_the_recording_describes_itself_and_keeps_what_can_change_the_machine(re
     assert (h.sm_type, h.machine, h.namespace, h.from_seq, h.to_seq) == ("refdata", REFERENCE, "refdata", 1, day.last_seq)
     assert h.message_versions["refdata.instrument_added"] == [1, 2] and h.behaviour_versions == [1, 2]
     assert (h.start_snapshot_bytes, h.start_from, h.all_messages) == (0, "fresh machine", False)
-    assert h.start_digest == conformance.full_digest(ReferenceData())
+    assert h.start_digest == full_digest(ReferenceData())
     with open(recording, "rb") as f:
         f.read(len(conformance.MAGIC))
-        entries = [r for _, _, r in conformance._frames(f, str(recording)) if isinstance(r, conformance.Entry)]
+        entries = [r for _, _, r in conformance.frames(f, str(recording)) if isinstance(r, conformance.Entry)]
     kept = {e.seq for e in entries}
     refdata = {s for m, s in zip(day.messages, day.seqs) if not isinstance(m, bytes) and type(m).TYPE.startswith("refdata.")}
     foreign = {s for m, s in zip(day.messages, day.seqs) if m == FOREIGN or (not isinstance(m, bytes) and type(m).TYPE.startswith("venues."))}
@@ -226,7 +222,7 @@ def test_a_second_implementation_with_one_bug_is_caught_at_its_first_wrong_messa
     assert m["expected"] != m["actual"] and len(m["actual"]) == 64
     assert m["last_matching_seq"] < expected_seq and "InstrumentHalted" in m["message"]
     # The text report names the same.
-    assert conformance.main(["verify", str(recording), "--machine", spec(ReasonlessHalts), "--quiet"]) == 1
+    assert sm(["verify", str(recording), "--machine", spec(ReasonlessHalts), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert f"MISMATCH after seq {expected_seq} ('refdata.instrument_halted' version 1" in out and m["expected"] in out
 
@@ -247,8 +243,8 @@ def test_a_slice_from_the_middle_starts_from_a_cluster_snapshot_or_a_replay(clus
     end = start + 400
     common = ["--endpoints", ",".join(cluster.endpoints), "--token", cluster.token, "--from", str(start), "--to", str(end), "--quiet"]
     from_snapshot, replayed = tmp_path / "snap.smc", tmp_path / "replay.smc"
-    assert conformance.main(["record", "--machine", REFERENCE, "--out", str(from_snapshot), "--all-messages", *common]) == 0
-    assert conformance.main(["record", "--machine", REFERENCE, "--out", str(replayed), "--no-snapshot", *common]) == 0
+    assert sm(["record", "--machine", REFERENCE, "--out", str(from_snapshot), "--all-messages", *common]) == 0
+    assert sm(["record", "--machine", REFERENCE, "--out", str(replayed), "--no-snapshot", *common]) == 0
     a, b = conformance.scan_file(str(from_snapshot)), conformance.scan_file(str(replayed))
     assert a.header.start_from.startswith(f"cluster snapshot covering seq {day.snapshot_covered} (published by @snap/refdata/pub")
     assert a.header.start_from.endswith(f"then replayed {day.snapshot_covered + 1}..{start - 1}")
@@ -283,10 +279,10 @@ def test_a_damaged_recording_is_refused_with_exit_2_before_anything_is_replayed(
     for name, (body, reason) in cases.items():
         path = tmp_path / f"{name}.smc"
         path.write_bytes(body)
-        code = conformance.main(["verify", str(path), "--machine", REFERENCE, "--quiet"])
+        code = sm(["verify", str(path), "--machine", REFERENCE, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and reason in err and str(path) in err, (name, code, err)
-    code = conformance.main(["verify", str(tmp_path / "absent.smc"), "--machine", REFERENCE])
+    code = sm(["verify", str(tmp_path / "absent.smc"), "--machine", REFERENCE])
     assert code == 2 and "cannot open" in capsys.readouterr().err
 
 
@@ -298,7 +294,7 @@ def test_a_machine_that_cannot_be_loaded_gives_exit_2(recording, capsys):
         ("examples.refdata.machine", "expected MODULE:CLASS"),
         ("examples.refdata.venues:VenueStatus", "its TYPE is 'venues'"),
     ]:
-        code = conformance.main(["verify", str(recording), "--machine", machine])
+        code = sm(["verify", str(recording), "--machine", machine])
         err = capsys.readouterr().err
         assert code == 2 and reason in err, (machine, err)
 
@@ -306,10 +302,10 @@ def test_a_machine_that_cannot_be_loaded_gives_exit_2(recording, capsys):
 def test_record_refuses_an_empty_slice_and_a_stream_that_stops(cluster, day, tmp_path, capsys):
     common = ["record", "--machine", REFERENCE, "--endpoints", ",".join(cluster.endpoints), "--token", cluster.token, "--quiet"]
     out = tmp_path / "x.smc"
-    assert conformance.main([*common, "--out", str(out), "--from", str(day.last_seq + 5), "--to", str(day.last_seq + 1)]) == 1
+    assert sm([*common, "--out", str(out), "--from", str(day.last_seq + 5), "--to", str(day.last_seq + 1)]) == 1
     assert "is empty" in capsys.readouterr().err
     started = time.monotonic()
-    code = conformance.main([*common, "--out", str(out), "--from", str(day.last_seq - 2), "--to", str(day.last_seq + 50), "--idle-timeout", "1"])
+    code = sm([*common, "--out", str(out), "--from", str(day.last_seq - 2), "--to", str(day.last_seq + 50), "--idle-timeout", "1"])
     assert code == 1 and "no message for 1 s after seq" in capsys.readouterr().err
     assert time.monotonic() - started < 15
     assert not out.exists() and not Path(f"{out}.tmp").exists()
@@ -342,15 +338,29 @@ def test_raftseq_sm_record_verify_and_show_end_to_end(cluster, day, tmp_path):
     assert done.returncode == 2 and "truncated" in done.stderr
 
 
-def test_raftseq_sm_offers_the_options_of_the_conformance_module():
+def test_raftseq_sm_record_verify_and_show_take_the_conformance_options():
     def options(parser) -> dict[str, set[str]]:
         [sub] = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
         return {name: {s for a in p._actions for s in (a.option_strings or [a.dest])} for name, p in sub.choices.items()}
 
-    top = argparse.ArgumentParser()
-    sm_cli.add_parser(top.add_subparsers())
-    [sm] = [a for a in top._actions if a.__class__.__name__ == "_SubParsersAction"]
-    ours = options(sm.choices["sm"])
-    theirs = options(conformance.build_parser())
-    for command in ("record", "verify", "show"):
-        assert ours[command] == theirs[command], command
+    [sm_parser] = [a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    ours = options(sm_parser.choices["sm"])
+    assert ours["record"] == {
+        "-h", "--help", "--machine", "--out", "--from", "--to", "--all-messages", "--no-snapshot", "--idle-timeout", "--quiet", "--endpoints", "--token",
+    }  # fmt: skip
+    assert ours["verify"] == {"-h", "--help", "file", "--machine", "--json", "--quiet"}
+    assert ours["show"] == {"-h", "--help", "file"}
+
+
+def test_raftseq_sm_imports_the_machine_from_the_working_directory(tmp_path):
+    # The installed `raftseq` script does not put the working directory on sys.path (as
+    # `python -P` does not); the conformance commands still load MODULE:CLASS from there.
+    (tmp_path / "theirmachine.py").write_text(
+        "from raftseq.clients.sm import MessageTypes, StateMachine\n\n\n"
+        "class Theirs(StateMachine):\n    TYPE = 'theirs'\n    MESSAGES = MessageTypes('theirs')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "raftseq.cluster.cli", "sm", "verify", "absent.smc", "--machine", "theirmachine:Theirs"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 2 and "absent.smc: cannot open" in done.stderr, done.stderr

@@ -22,6 +22,7 @@ from cluster_harness import ClusterHarness, running_cluster  # noqa: F401
 
 from raftseq.clients import SequencerClient
 from raftseq.cluster import top
+from raftseq.cluster.cli import top as top_command
 from raftseq.cluster.metrics import LATENCY_BUCKETS_S
 from raftseq.cluster.top import NEW_LEADER_MARKER, NodeSample, Row, Sample, TopState, View, bucket_quantile, render_lines, step
 from raftseq.sequencer import protocol
@@ -293,17 +294,13 @@ def test_status_carries_the_metrics_address_and_stays_compatible_both_ways():
     assert msgspec.msgpack.decode(old_body, type=protocol.NodeFrame).metrics_address == ""
 
     # An older reader (its Status without the field) ignores it.
-    class OldStatus(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag="status"):
-        node_id: str
-        role: protocol.Role
-        leader: str
-        term: int
-        commit_index: int
-        last_seq: int
-        last_log_time_ns: int
-        pid: int = 0
-        client_address: str = ""
-        raft_address: str = ""
+    fields = [f for f in msgspec.structs.fields(protocol.Status) if f.name != "metrics_address"]
+    OldStatus = msgspec.defstruct(
+        "OldStatus",
+        [(f.name, f.type) if f.required else (f.name, f.type, f.default) for f in fields],
+        frozen=True, array_like=True, tag_field="t", tag="status",
+    )  # fmt: skip
+    assert [f.name for f in fields][-1] == "raft_address"
 
     old = msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=OldStatus)
     assert (old.node_id, old.last_seq, old.raft_address) == ("n1", 5, "r:1")
@@ -314,18 +311,18 @@ def test_status_carries_the_metrics_address_and_stays_compatible_both_ways():
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raftseq")
-    top.add_parser(parser.add_subparsers(dest="command"))
+    top_command.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["top", *argv])
 
 
 def test_options_and_their_help():
     args = parse("127.0.0.1:1,127.0.0.1:2", "--once", "--token", "t", "--interval", "0.5")
-    assert (args.endpoints, args.iterations, args.token, args.interval, args.func) == (["127.0.0.1:1,127.0.0.1:2"], 1, "t", 0.5, top.run_top)
+    assert (args.endpoints, args.iterations, args.token, args.interval, args.func) == (["127.0.0.1:1,127.0.0.1:2"], 1, "t", 0.5, top_command.run_top)
     assert parse("--iterations", "7").iterations == 7
     assert parse().iterations == 0 and parse().interval == 1.0 and not parse().plain
 
     parser = argparse.ArgumentParser(prog="raftseq")
-    sub = top.add_parser(parser.add_subparsers(dest="command"))
+    sub = top_command.add_parser(parser.add_subparsers(dest="command"))
     assert all(action.help for action in sub._actions), [a.dest for a in sub._actions if not a.help]
 
     for bad in (["--interval", "0"], ["--interval", "x"], ["--iterations", "-1"], ["--once", "--iterations", "3"]):
@@ -345,13 +342,13 @@ def read_lines_into(stream, lines: queue.Queue) -> threading.Thread:
 
 
 class TopProcess:
-    """``python -m cluster.top`` with a pipe for stdout (so: plain lines), read refresh by
+    """``raftseq top`` (``python -m raftseq.cluster.cli top``) with a pipe for stdout (so: plain lines), read refresh by
     refresh. Always killed and reaped by ``close``."""
 
     def __init__(self, endpoints: list[str], *args: str, env: dict | None = None) -> None:
         self.node_count = len(endpoints)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "raftseq.cluster.top", *endpoints, *args],
+            [sys.executable, "-m", "raftseq.cluster.cli", "top", *endpoints, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

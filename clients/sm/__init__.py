@@ -9,9 +9,10 @@
 Modules: ``messages`` (typed, versioned messages and upcasters), ``machine`` (the base class and
 the SDK's snapshot wrapper), ``runner`` (one subscription, several machines, exactly once,
 behaviour versions, checkpoints and divergence), ``snapshots`` (publish, find and fetch
-snapshots in the cluster), ``errors``; ``conformance`` (record a slice of the stream with the
-reference's digest after each message, verify another implementation against it: ``raftseq sm
-record|verify``; not imported here). Imports ``sequencer.protocol`` and ``clients`` only.
+snapshots in the cluster), ``errors``; ``conformance`` (a package: record a slice of the stream
+with the reference's digest after each message, verify another implementation against it:
+``raftseq sm record|verify|show``; not imported here). Imports ``sequencer.protocol`` and
+``clients`` only.
 """
 
 from raftseq.clients.sm.errors import (

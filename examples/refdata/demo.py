@@ -35,7 +35,7 @@ import time
 from raftseq.clients import SequencerClient
 from raftseq.clients.sm import query_snapshots
 from raftseq.cluster.local import LocalCluster, free_base_port
-from raftseq.cluster.sm_cli import scan_checkpoints
+from raftseq.cluster.cli.sm import scan_checkpoints
 from raftseq.cluster.status import gather_status
 from examples.refdata.admin import Admin, listing, updates
 from examples.refdata.messages import EndOfDay

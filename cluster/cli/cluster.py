@@ -1,0 +1,30 @@
+"""``raftseq cluster up``: a local three-node cluster in the foreground (``cluster.local``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from raftseq.cluster.cli.args import command_group, positive
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from raftseq.cluster.local import run_cluster_up
+
+    return run_cluster_up(args)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    csub = command_group(sub, "cluster", help="run a local cluster", description="Run a local cluster.")
+    up = csub.add_parser(
+        "up",
+        help="start a local three-node cluster in the foreground",
+        description="Start three nodes on 127.0.0.1 as child processes; print their client endpoints, metrics "
+        "URLs and the client token; restart a node that dies; stop all of them on Ctrl-C or SIGTERM.",
+    )
+    up.add_argument("--data-dir", default="raftseq-data", help="where configs, logs, journals live (default ./raftseq-data)")
+    up.add_argument("--base-port", type=positive, default=7100, help="clients on P+1..P+3, Raft P+101.., metrics P+201.. (default 7100)")
+    up.add_argument("--demo", action="store_true", help="also run demo traffic and print progress every second")
+    up.add_argument("--demo-rate", type=positive, default=200, help="demo messages per second per session (default 200)")
+    up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
+    up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
+    up.set_defaults(func=cmd_cluster_up)

@@ -1,0 +1,37 @@
+"""``raftseq node --config FILE``: run one node (``cluster.local`` starts nodes this way)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from raftseq.cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, insecure=args.insecure)
+    except ConfigError as exc:
+        print(f"raftseq node: {exc}", file=sys.stderr)
+        return 2
+    from raftseq.cluster.node import run_node
+
+    return run_node(config, discard_raft_log_first=args.discard_raft_log)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    node = sub.add_parser("node", help="run one node", description="Run one raftseq node from its TOML config.")
+    node.add_argument("--config", required=True, metavar="FILE", help="node configuration (TOML)")
+    node.add_argument(
+        "--insecure",
+        action="store_true",
+        help="development only: allow running without raft_password (unencrypted, unauthenticated Raft links) "
+        "and without client_token (no client authentication)",
+    )
+    node.add_argument(
+        "--discard-raft-log",
+        action="store_true",
+        help="move the node's Raft log and snapshot aside (to raft/discarded-*) and rejoin from the leader: "
+        "for a Raft log that cannot be read. The journal is kept and caught up from a peer.",
+    )
+    node.set_defaults(func=cmd_node)
