@@ -34,15 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)  # measure the checkout this file lives in, whatever is installed
+import msgspec
 
-import msgspec  # noqa: E402
+from benchmarks.machine import REPO_DIR
 
-from raftseq.sequencer import limits, protocol  # noqa: E402
-from raftseq.sequencer.core import SequencerCore  # noqa: E402
-from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files  # noqa: E402
-from raftseq.sequencer.machine import SequencerMachine  # noqa: E402
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.core import SequencerCore
+from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files
+from raftseq.sequencer.machine import SequencerMachine
 
 MESSAGES_DEFAULT = 1_000_000
 FSYNC_MESSAGES_DEFAULT = 200_000

@@ -224,6 +224,7 @@ class LocalCluster:
         self.base_port = base_port
         self.restart_on_exit = restart
         self.insecure = insecure
+        self.startup_s = 0.0
         os.makedirs(self.data_dir, exist_ok=True)
         first_config = os.path.join(self.data_dir, "n1.toml")
         if configs is None:
@@ -257,7 +258,7 @@ class LocalCluster:
             try:
                 cluster.start(leader_timeout_s=leader_timeout_s)
                 return cluster
-            except ClusterTimeout:
+            except Exception:  # noqa: BLE001 - whatever a subclass's wait raises; start stopped the nodes
                 if attempt < attempts and cluster.lost_a_port():
                     print(f"ports from {cluster.base_port} were taken meanwhile; starting again on other ports", flush=True)
                     continue
@@ -345,13 +346,17 @@ class LocalCluster:
 
     def start(self, *, leader_timeout_s: float | None = None) -> dict | None:
         """Start every node. With `leader_timeout_s`: wait for a leader and return its status
-        entry; when none comes, stop every node and raise ``ClusterTimeout``."""
+        entry (``startup_s``: how long it took); when none comes, stop every node and raise
+        ``ClusterTimeout``."""
+        began = time.monotonic()
         try:
             for node in self.nodes:
                 self.start_node(node)
             if leader_timeout_s is None:
                 return None
-            return self.wait_for_leader(timeout_s=leader_timeout_s)
+            leader = self.wait_for_leader(timeout_s=leader_timeout_s)
+            self.startup_s = time.monotonic() - began
+            return leader
         except BaseException:
             self.stop()
             raise

@@ -45,29 +45,22 @@ import time
 from array import array
 from collections import Counter, deque
 
-if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from benchmarks.peers.common import (  # noqa: E402
+from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.machine import cpu_times, load_average
+from benchmarks.options import Scoped
+from benchmarks.peers.common import (
+    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
-    BenchError,
     Children,
     ask,
     child_main_loop,
     cpu_shares,
-    cpu_text,
-    cpu_times,
-    expect,
-    GAP_WINDOW_S,
     failover_figures,
     first_ack_after,
     free_ports,
     latency_figures,
-    latency_line,
-    load_average,
     pack,
     read_line,
-    seq_ranges,
     unpack,
 )
 
@@ -349,7 +342,7 @@ class ClientLoad:
 # --- the cluster (benchmark side) ---------------------------------------------------------
 
 
-class PlainCluster:
+class PlainCluster(Scoped):
     """Three pysyncobj node processes below `root`; ``close`` stops them (by pid)."""
 
     def __init__(self, root: str, name: str, *, insecure: bool) -> None:
@@ -359,21 +352,10 @@ class PlainCluster:
         self.addresses: dict[str, str] = {}
         self.startup_s = 0.0
 
-    def __enter__(self) -> PlainCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self.children.close()
 
-    def _start(self) -> None:
+    def open(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         last = ""
         for attempt in range(1, START_ATTEMPTS + 1):
