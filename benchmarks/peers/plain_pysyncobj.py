@@ -60,7 +60,9 @@ from benchmarks.peers.common import (
     free_ports,
     latency_figures,
     pack,
+    add_load_options,
     read_line,
+    resolve_load_options,
     unpack,
 )
 
@@ -647,28 +649,14 @@ def _wait_outcome(pc: PlainCluster, node_id: str) -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser, payload_help="payload size of the latency and failover loads (default 100)",
+                     timeout_help="a throughput run taking longer is stuck (default 120)")
     add = parser.add_argument
-    add("--messages", type=int, default=None, help="messages per throughput run (default 200,000; --quick 5,000)")
     add("--window", type=int, default=10_000, help="calls in flight at most (default 10,000, raftseq's client window)")
-    add("--payload-bytes", type=int, default=100, help="payload size of the latency and failover loads (default 100)")
-    add("--rates", type=lambda t: [int(x) for x in t.split(",")], default=None, help="offered rates, msg/s (default 1000,2000,10000,50000)")
-    add("--latency-seconds", type=float, default=None, help="measured seconds per rate after 1 s warm-up (default 10; --quick 1)")
-    add("--kills", type=int, default=None, help="leader kills (default 10; --quick 2)")
-    add("--failover-rate", type=int, default=2000, help="offered rate during the kills (default 2000)")
-    add("--run-timeout-s", type=float, default=120.0, help="a throughput run taking longer is stuck (default 120)")
     add("--insecure", action="store_true", help="no pysyncobj password (unencrypted links)")
 
 
-def resolve(opts: argparse.Namespace) -> None:
-    quick = getattr(opts, "quick", False)
-    if opts.messages is None:
-        opts.messages = 5_000 if quick else 200_000
-    if opts.rates is None:
-        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
-    if opts.latency_seconds is None:
-        opts.latency_seconds = 1.0 if quick else 10.0
-    if opts.kills is None:
-        opts.kills = 2 if quick else 10
+resolve = resolve_load_options
 
 
 def _terminate(signum: int, _frame: object) -> None:
