@@ -6,8 +6,9 @@ its peers, measured in the same run on the same machine.
 Workloads: ``throughput``, ``latency``, ``failover`` (the default is these three) and the
 stream workloads ``replay``, ``recovery``, ``fanout``.
 
-raftseq's throughput, latency and failover come from ``bench_cluster.py``'s workload functions
-(a fresh local three-node cluster for each run), its stream figures from ``bench_stream.py``'s
+raftseq's throughput, latency and failover come from the workload functions of
+``throughput.py``, ``latency.py`` and ``failover.py`` with ``bench_cluster.py``'s options (a
+fresh local three-node cluster for each run), its stream figures from ``bench_stream.py``'s
 (one cluster filled with ``--stream-messages`` messages serves every stream workload selected),
 the peers' from ``benchmarks/peers/`` (NATS: one filled stream likewise; pysyncobj has no stream
 to replay and is not measured there). The systems take turns run by run (raftseq, nats,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import signal
 import statistics
@@ -34,11 +34,15 @@ import time
 import traceback
 
 from benchmarks import bench_cluster, bench_stream
-from benchmarks.peers import common
-from benchmarks.peers import nats as nats_peer
+from benchmarks.failover import workload_failover
+from benchmarks.figures import BenchError, cpu_text, spread
+from benchmarks.latency import workload_latency
+from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
+from benchmarks.options import positive_float, positive_int, positive_ints, terminate, write_report
+from benchmarks.peers import nats_jetstream as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
-from benchmarks.peers.common import BenchError, SetupError, load_average
-from raftseq.cluster.cli.args import positive, positive_seconds
+from benchmarks.peers.common import SetupError, median_of_summaries
+from benchmarks.throughput import workload_throughput
 
 DEFAULT_WORKLOADS = ("throughput", "latency", "failover")
 #: Served by one filled stream per system, always in this order (fanout appends to the stream).
@@ -105,7 +109,7 @@ class Raftseq:
     @staticmethod
     def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> dict:
         args = _raftseq_args(opts, payload_bytes=payload_bytes)
-        out = bench_cluster.workload_throughput(args, _fresh(root, "raftseq-tp"))
+        out = workload_throughput(args, _fresh(root, "raftseq-tp"))
         names = {
             "per_message": "1 client",
             "batched": "1 client, batched",
@@ -123,13 +127,13 @@ class Raftseq:
     @staticmethod
     def latency(opts: argparse.Namespace, root: str) -> dict:
         args = _raftseq_args(opts, payload_bytes=opts.payload_bytes)
-        out = bench_cluster.workload_latency(args, _fresh(root, "raftseq-lat"))
+        out = workload_latency(args, _fresh(root, "raftseq-lat"))
         return {"rates": out["rates"]}
 
     @staticmethod
     def failover(opts: argparse.Namespace, root: str) -> dict:
         args = _raftseq_args(opts, payload_bytes=opts.payload_bytes)
-        return bench_cluster.workload_failover(args, _fresh(root, "raftseq-fo"))
+        return workload_failover(args, _fresh(root, "raftseq-fo"))
 
     @staticmethod
     def stream(opts: argparse.Namespace, root: str) -> bench_stream.FilledCluster:
@@ -223,7 +227,7 @@ class Session:
                         runs[payload][system].setdefault(variant, []).append(v)
                         if system != "raftseq":  # bench_cluster prints its own lines
                             print(f"    {system} {variant:<24} {v['messages_per_s']:>10,.0f} msg/s  ({v['messages']:,} in {v['seconds']:.2f} s; "
-                                  f"cpu {common.cpu_text(v.get('cpu_share', {}))}){_pysyncobj_notes(v)}", flush=True)
+                                  f"cpu {cpu_text(v.get('cpu_share', {}))}){_pysyncobj_notes(v)}", flush=True)
         result: dict = {"payloads": {}, "load_averages": loads}
         for payload in opts.payloads:
             systems = {}
@@ -231,7 +235,7 @@ class Session:
                 systems[system] = {}
                 for variant, vs in variants.items():
                     rates = [v["messages_per_s"] for v in vs]
-                    systems[system][variant] = {**common.spread(rates), "title": vs[0].get("title", ""), "cpu_share_runs": [v.get("cpu_share", {}) for v in vs],
+                    systems[system][variant] = {**spread(rates), "title": vs[0].get("title", ""), "cpu_share_runs": [v.get("cpu_share", {}) for v in vs],
                                                 "run_details": [{k: x for k, x in v.items() if k not in ("title", "cpu_share")} for v in vs]}
             result["payloads"][str(payload)] = {"systems": systems, **throughput_ratios(systems, payload)}
         return result
@@ -336,7 +340,7 @@ def summarize_latency_runs(runs: list[dict]) -> dict:
         out.update({k: None for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "send_to_ack_p50_ms", "sender_lag_p50_ms")})
         out.update({"count": 0, "runs": len(runs)})
         return out
-    out.update(common.median_of_summaries([v["latency"] for v in acked]))
+    out.update(median_of_summaries([v["latency"] for v in acked]))
     out["send_to_ack_p50_ms"] = statistics.median(v["service"]["p50_ms"] for v in acked)
     out["sender_lag_p50_ms"] = statistics.median(v["sender_lag"]["p50_ms"] for v in acked)
     return out
@@ -569,7 +573,7 @@ def print_fanout(result: dict, opts: argparse.Namespace) -> None:
     print(f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)")
     for system, s in result["systems"].items():
         complete = "yes" if s["complete"] else f"NO: {s.get('subscribers_complete', 0)} of {s['subscribers']}, fewest {s.get('fewest_received', 0):,}"
-        print(f"  {system:<10} {s['delivered_per_s']:>15,.0f} {s['delivered']:>11,} {s['seconds']:>8.1f}  {complete:<36} {common.cpu_text(s['cpu'])}")
+        print(f"  {system:<10} {s['delivered_per_s']:>15,.0f} {s['delivered']:>11,} {s['seconds']:>8.1f}  {complete:<36} {cpu_text(s['cpu'])}")
         if system == "nats":
             print(f"  {'':<10} consumers placed on {s['consumer_placement']}, {s['slow_consumer_errors']} slow-consumer errors; {_loads(s)}"
                   + (f"\n  {'':<10} first nats-py errors: {s['client_errors'][:2]}" if s.get("client_errors") else ""))
@@ -580,16 +584,6 @@ def print_fanout(result: dict, opts: argparse.Namespace) -> None:
 
 
 # --- the command --------------------------------------------------------------------------
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
 
 
 def _peers(text: str) -> list[str]:
@@ -619,38 +613,38 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills, a stream of 5,000 "
         "messages, fanout for 1 s; the figures mean little")
-    add("--runs", type=positive, default=None,
+    add("--runs", type=positive_int, default=None,
         help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
-    add("--messages", type=positive, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
-    add("--payloads", type=_int_list, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
-    add("--payload-bytes", type=positive, default=100, help="payload size of the latency and failover workloads (default 100)")
-    add("--processes", type=positive, default=4, help="client processes of the multi-process throughput variants (default 4)")
-    add("--window", type=positive, default=10_000,
+    add("--messages", type=positive_int, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
+    add("--payloads", type=positive_ints, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
+    add("--payload-bytes", type=positive_int, default=100, help="payload size of the latency and failover workloads (default 100)")
+    add("--processes", type=positive_int, default=4, help="client processes of the multi-process throughput variants (default 4)")
+    add("--window", type=positive_int, default=10_000,
         help="messages in flight per client: raftseq's in_flight_max (its client's default) and pysyncobj's callbacks outstanding (default 10,000)")
-    add("--nats-window", type=positive, default=nats_peer.NATS_WINDOW_DEFAULT,
+    add("--nats-window", type=positive_int, default=nats_peer.NATS_WINDOW_DEFAULT,
         help=f"NATS's publish_async_max_pending, publishes awaiting their ack per client (default {nats_peer.NATS_WINDOW_DEFAULT:,}: "
         "nats-py's default, which did at least as well as 10,000 here)")
-    add("--batch", type=positive, default=bench_cluster.BATCH_SIZE_DEFAULT,
+    add("--batch", type=positive_int, default=bench_cluster.BATCH_SIZE_DEFAULT,
         help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})")
-    add("--rates", type=_int_list, default=None, help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)")
-    add("--latency-seconds", type=positive_seconds, default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
-    add("--kills", type=positive, default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
-    add("--failover-rate", type=positive, default=2000, help="offered rate during the kills, msg/s (default 2000)")
+    add("--rates", type=positive_ints, default=None, help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)")
+    add("--latency-seconds", type=positive_float, default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
+    add("--kills", type=positive_int, default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
+    add("--failover-rate", type=positive_int, default=2000, help="offered rate during the kills, msg/s (default 2000)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which NATS leader the failover workload kills (default: the stream leader)")
-    add("--stream-messages", "--replay-messages", dest="stream_messages", type=positive, default=None,
+    add("--stream-messages", "--replay-messages", dest="stream_messages", type=positive_int, default=None,
         help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
         f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
-    add("--subscribers", type=positive, default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
+    add("--subscribers", type=positive_int, default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
         help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=positive, default=bench_stream.FANOUT_PROCESSES_DEFAULT,
+    add("--subscriber-processes", type=positive_int, default=bench_stream.FANOUT_PROCESSES_DEFAULT,
         help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})")
-    add("--fanout-rate", type=positive, default=bench_stream.FANOUT_RATE_DEFAULT,
+    add("--fanout-rate", type=positive_int, default=bench_stream.FANOUT_RATE_DEFAULT,
         help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})")
-    add("--fanout-seconds", type=positive_seconds, default=None,
+    add("--fanout-seconds", type=positive_float, default=None,
         help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
-    add("--run-timeout-s", type=positive_seconds, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
+    add("--run-timeout-s", type=positive_float, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
     return parser
 
@@ -677,19 +671,15 @@ def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("payloads must be at most 65536 bytes")
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every finally that stops the servers
-
-
 def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
     session = Session(opts, root)
-    facts = bench_cluster.machine_facts()
-    code = bench_cluster.code_under_test()
+    facts = machine_facts()
+    code = code_under_test()
     print("raftseq bench")
     print(f"code      {code['repo_dir']} ({code['git_commit'] or 'no git'}{', with uncommitted changes' if code['dirty'] else ''})")
     print(f"machine   nproc {facts['nproc']}, {facts['cpu_model']}, {facts['python']}")
-    print(f"          other raftseq node processes running: {bench_cluster.other_raftseq_nodes(set())}")
-    load_start = bench_cluster.print_load("at start")
+    print(f"          other raftseq node processes running: {other_raftseq_nodes(set())}")
+    load_start = print_load("at start")
     print(f"systems   {', '.join(session.systems)}; workloads {', '.join(opts.workloads)}; {opts.runs} run(s)"
           + ("; QUICK: the figures mean little" if opts.quick else ""), flush=True)
     report: dict = {
@@ -734,7 +724,7 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
             report["workloads"][name] = session.failover()
             print_failover(report["workloads"][name], opts.kills)
     print()
-    report["load_average_end"] = bench_cluster.print_load("at end")
+    report["load_average_end"] = print_load("at end")
     report["wall_s"] = round(time.monotonic() - session.started, 1)
     if session.failures:
         print("FAILED    " + "\n          ".join(f"{k}: {v.splitlines()[0] if v else ''}" for k, v in session.failures.items()))
@@ -754,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     resolve(opts, parser)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     # Interruptible even when started with SIGINT ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=opts.dir or None)
@@ -768,10 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    write_report(opts.json, report)
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
         print(f"report    {opts.json}")
     return status
 

@@ -34,15 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_DIR)  # measure the checkout this file lives in, whatever is installed
+import msgspec
 
-import msgspec  # noqa: E402
+from benchmarks.machine import REPO_DIR, cpu_model, filesystem_of, load_average
+from benchmarks.options import non_negative_int, positive_int
 
-from raftseq.sequencer import limits, protocol  # noqa: E402
-from raftseq.sequencer.stream import SequencedStream  # noqa: E402
-from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files  # noqa: E402
-from raftseq.sequencer.machine import SequencerMachine  # noqa: E402
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.stream import SequencedStream
+from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files
+from raftseq.sequencer.machine import SequencerMachine
 
 MESSAGES_DEFAULT = 1_000_000
 FSYNC_MESSAGES_DEFAULT = 200_000
@@ -547,42 +547,6 @@ def split_line(figures: dict[str, Figure]) -> str:
 # --- machine facts ------------------------------------------------------------------------
 
 
-def filesystem_of(path: str) -> str:
-    """The type of the file system holding `path` (``ext4``, ``tmpfs``, …), from /proc/mounts."""
-    path = os.path.realpath(path)
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3:
-                    mount = parts[1].replace("\\040", " ")
-                    inside = path == mount or path.startswith(mount.rstrip("/") + "/")
-                    if inside and len(mount) > len(best):
-                        best, kind = mount, parts[2]
-    except OSError:
-        pass
-    return kind
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def code_under_test() -> dict:
     """Which ``sequencer`` is measured: its directory, the git commit, whether ``sequencer/``
     has uncommitted changes, and a digest of its source files (equal digests, equal code)."""
@@ -635,46 +599,26 @@ def machine_facts(directory: str) -> dict:
 # --- the command --------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_core.py",
         description="Throughput of the sequencer core (journal append, replay, apply) with same-run baselines.",
     )
     add = parser.add_argument
-    add("--messages", type=_positive, default=None,
+    add("--messages", type=positive_int, default=None,
         help=f"messages per workload and records in the replay journal "
         f"(default {MESSAGES_DEFAULT:,}; with --quick {QUICK_MESSAGES:,})")
-    add("--fsync-messages", type=_positive, default=None,
+    add("--fsync-messages", type=positive_int, default=None,
         help=f"messages of the fsync-per-batch workloads, at most --messages "
         f"(default {FSYNC_MESSAGES_DEFAULT:,}; with --quick {QUICK_FSYNC_MESSAGES:,})")
-    add("--runs", type=_positive, default=5, help="measured runs of each workload; the median is the figure (default 5)")
-    add("--warmup-runs", type=_non_negative, default=1, help="runs of each section thrown away first (default 1)")
-    add("--payload-bytes", type=_non_negative, default=100,
+    add("--runs", type=positive_int, default=5, help="measured runs of each workload; the median is the figure (default 5)")
+    add("--warmup-runs", type=non_negative_int, default=1, help="runs of each section thrown away first (default 1)")
+    add("--payload-bytes", type=non_negative_int, default=100,
         help=f"bytes of each payload, at most {limits.PAYLOAD_BYTES_MAX} (default 100)")
-    add("--batch", type=_positive, default=1000,
+    add("--batch", type=positive_int, default=1000,
         help=f"messages per append and per Raft batch, at most {limits.BATCH_ENTRIES_MAX} (default 1000)")
-    add("--sessions", type=_positive, default=8, help="client sessions the messages come from, in turn (default 8)")
-    add("--frames-per-read", type=_positive, default=FRAMES_PER_READ_DEFAULT,
+    add("--sessions", type=positive_int, default=8, help="client sessions the messages come from, in turn (default 8)")
+    add("--frames-per-read", type=positive_int, default=FRAMES_PER_READ_DEFAULT,
         help=f"records asked of each read_frames call (default {FRAMES_PER_READ_DEFAULT}, as Journal.records asks)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
     add("--dir", default="", metavar="DIR",

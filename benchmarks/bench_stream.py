@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_stream.py [--workload replay|recovery|fanout|all] [--messages N]
+    python -m benchmarks.bench_stream [--workload replay|recovery|fanout|all] [--messages N]
                                       [--quick] [--runs R] [--json FILE]
 
 One cluster (``LocalCluster`` on free loopback ports, a temporary directory) is filled with
@@ -43,13 +43,14 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as a file: import the package, as ``python -m benchmarks`` does
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import bench_cluster as cb  # noqa: E402  (also puts the checkout first on sys.path)
-from raftseq.clients import SequencerClient, subscribe  # noqa: E402
-from raftseq.clients.connection import open_connection  # noqa: E402
-from raftseq.sequencer import protocol  # noqa: E402
+from benchmarks.figures import BenchError, cpu_text, expect, spread
+from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
+from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
+from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
+from benchmarks.options import Scoped, positive_float, positive_int, terminate, write_report
+from raftseq.clients import SequencerClient, subscribe
+from raftseq.clients.connection import open_connection
+from raftseq.sequencer import protocol
 
 GOAL_REPLAY_PER_S = 500_000
 GOAL_RECOVERY_S = 5.0
@@ -115,13 +116,13 @@ async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until
         while counter.last_seq < until_seq:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise cb.BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
+                raise BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
             try:
                 data = await connection.receive_bytes(min(remaining, READ_TIMEOUT_S))
             except TimeoutError:
                 continue
             except ConnectionError:
-                raise cb.BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}") from None
+                raise BenchError(f"{session} on {endpoint}: connection closed at seq {counter.last_seq}") from None
             counter.feed(data)
     finally:
         connection.close()
@@ -140,40 +141,40 @@ async def library_read(endpoint: str, token: str, until_seq: int) -> int:
 # --- the workloads -----------------------------------------------------------------------
 
 
-def fill(bench: cb.BenchCluster, messages: int, payload_bytes: int) -> int:
+def fill(bench: BenchCluster, messages: int, payload_bytes: int) -> int:
     print(f"  filling: {messages:,} messages of {payload_bytes} B from {FILL_PROCESSES} client processes ...", flush=True)
-    run = cb.multi_client_run(
+    run = multi_client_run(
         bench, "fill", processes=FILL_PROCESSES, messages=messages, batch=FILL_BATCH, payload_bytes=payload_bytes,
-        in_flight_max=cb.IN_FLIGHT_MAX_DEFAULT, timeout_s=max(120.0, messages / 20_000),
+        in_flight_max=IN_FLIGHT_MAX_DEFAULT, timeout_s=max(120.0, messages / 20_000),
     )
     print(f"  filled in {run.seconds:.1f} s ({run.per_s:,.0f} msg/s); waiting for the followers", flush=True)
     seq = bench.wait_converged(at=run.seqs_last)
     if seq != run.seqs_last:
-        raise cb.BenchError(f"followers did not reach {run.seqs_last}: {seq}")
+        raise BenchError(f"followers did not reach {run.seqs_last}: {seq}")
     return seq
 
 
-def followers(bench: cb.BenchCluster) -> list[str]:
-    leader = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)["address"]
+def followers(bench: BenchCluster) -> list[str]:
+    leader = bench.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)["address"]
     return [e for e in bench.endpoints if e != leader]
 
 
-def workload_replay(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+def workload_replay(args: argparse.Namespace, bench: BenchCluster, last: int) -> dict:
     endpoint = followers(bench)[0]
     raw_rates, lib_rates = [], []
     for r in range(args.runs):
         started = time.perf_counter()
         counter = asyncio.run(raw_read(endpoint, bench.token, f"bench-replay-raw-{r}", 1, last, timeout_s=max(60.0, last / 50_000)))
         seconds = time.perf_counter() - started
-        cb.expect(counter.records == last, f"raw replay: {counter.records} records for 1..{last}")
+        expect(counter.records == last, f"raw replay: {counter.records} records for 1..{last}")
         raw_rates.append(last / seconds)
         started = time.perf_counter()
         count = asyncio.run(asyncio.wait_for(library_read(endpoint, bench.token, last), max(60.0, last / 20_000)))
         seconds = time.perf_counter() - started
-        cb.expect(count == last, f"library replay: {count} messages for 1..{last}")
+        expect(count == last, f"library replay: {count} messages for 1..{last}")
         lib_rates.append(last / seconds)
-        print(f"    run {r + 1}: raw frames {raw_rates[-1]:>11,.0f} msg/s   client library {lib_rates[-1]:>11,.0f} msg/s   (load {cb.load_average()[0]:.2f})", flush=True)
-    raw, lib = cb.spread(raw_rates), cb.spread(lib_rates)
+        print(f"    run {r + 1}: raw frames {raw_rates[-1]:>11,.0f} msg/s   client library {lib_rates[-1]:>11,.0f} msg/s   (load {load_average()[0]:.2f})", flush=True)
+    raw, lib = spread(raw_rates), spread(lib_rates)
     met = lib["median"] >= GOAL_REPLAY_PER_S
     print(f"  replay of {last:,} messages from a follower ({endpoint})")
     print(f"  raw frames     median {raw['median']:>11,.0f} msg/s  (min {raw['min']:,.0f}, max {raw['max']:,.0f})")
@@ -181,29 +182,27 @@ def workload_replay(args: argparse.Namespace, bench: cb.BenchCluster, last: int)
     return {"messages": last, "raw_messages_per_s": raw, "library_messages_per_s": lib, "goal_messages_per_s": GOAL_REPLAY_PER_S, "goal_met": met}
 
 
-def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+def workload_recovery(args: argparse.Namespace, bench: BenchCluster, last: int) -> dict:
     figures: dict[str, list[float]] = {"status_s": [], "serve_s": [], "caught_up_s": []}
     leader_changes = 0
     for r in range(args.runs):
-        leader_before = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)
+        leader_before = bench.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
         endpoint = followers(bench)[0]
         node_id = bench.node_id_of(endpoint)
-        node = bench.cluster.node(node_id)
-        journal_bytes = sum(
-            os.path.getsize(os.path.join(node.config.journal_dir, f)) for f in os.listdir(node.config.journal_dir)
-        )
-        bench.cluster.kill(node_id)  # SIGKILL, and reaped
+        journal_dir = bench.journal_dir(node_id)
+        journal_bytes = sum(os.path.getsize(os.path.join(journal_dir, f)) for f in os.listdir(journal_dir))
+        bench.kill(node_id)  # SIGKILL, and reaped
         started = time.monotonic()
-        bench.cluster.restart_node(node_id)
+        bench.restart(node_id)
         deadline = started + RECOVERY_TIMEOUT_S
         status_s = serve_s = None
         while time.monotonic() < deadline and status_s is None:
-            entry = cb.gather_status([endpoint], token=bench.token, timeout_s=cb.STATUS_TIMEOUT_S)["nodes"][0]
+            entry = bench.status(nodes=[node_id])["nodes"][0]
             if entry.get("role") != "unreachable":
                 status_s = time.monotonic() - started
             else:
                 time.sleep(0.01)
-        cb.expect(status_s is not None, f"{node_id} did not answer within {RECOVERY_TIMEOUT_S:.0f} s")
+        expect(status_s is not None, f"{node_id} did not answer within {RECOVERY_TIMEOUT_S:.0f} s")
         asyncio.run(raw_read(endpoint, bench.token, f"bench-recovery-{r}", last, last, timeout_s=RECOVERY_TIMEOUT_S))
         serve_s = time.monotonic() - started
         caught_up_s = None
@@ -212,8 +211,8 @@ def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: in
                 caught_up_s = time.monotonic() - started
                 break
             time.sleep(0.02)
-        cb.expect(caught_up_s is not None, f"{node_id} did not catch up within {RECOVERY_TIMEOUT_S:.0f} s")
-        leader_after = bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)
+        expect(caught_up_s is not None, f"{node_id} did not catch up within {RECOVERY_TIMEOUT_S:.0f} s")
+        leader_after = bench.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
         kept = (leader_after["address"], leader_after["term"]) == (leader_before["address"], leader_before["term"])
         leader_changes += not kept
         figures["status_s"].append(status_s)
@@ -223,10 +222,10 @@ def workload_recovery(args: argparse.Namespace, bench: cb.BenchCluster, last: in
             f"    run {r + 1}: {node_id} ({journal_bytes / 1e6:,.0f} MB of journal) answers after {status_s:.2f} s, "
             f"serves seq {last:,} after {serve_s:.2f} s, caught up after {caught_up_s:.2f} s; "
             + ("leader kept" if kept else f"LEADER CHANGED (term {leader_before['term']} -> {leader_after['term']})")
-            + f" (load {cb.load_average()[0]:.2f})",
+            + f" (load {load_average()[0]:.2f})",
             flush=True,
         )
-    out = {key: cb.spread(values) for key, values in figures.items()}
+    out = {key: spread(values) for key, values in figures.items()}
     met = out["serve_s"]["median"] <= GOAL_RECOVERY_S
     print(f"  restart of a follower holding {last:,} messages (SIGKILL, then start)")
     print(f"  answers status    median {out['status_s']['median']:.2f} s  (max {out['status_s']['max']:.2f})")
@@ -255,7 +254,7 @@ def fanout_worker_main(spec_json: str) -> int:
     return 0
 
 
-def workload_fanout(args: argparse.Namespace, bench: cb.BenchCluster, last: int) -> dict:
+def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) -> dict:
     ends = followers(bench)
     expected = int(args.rate * args.seconds)
     from_seq, until_seq = last + 1, last + expected
@@ -264,9 +263,9 @@ def workload_fanout(args: argparse.Namespace, bench: cb.BenchCluster, last: int)
     try:
         for k, count in enumerate(per_process):
             spec = {"endpoint": ends[k % len(ends)], "token": bench.token, "index": k, "subscribers": count, "from_seq": from_seq, "until_seq": until_seq, "timeout_s": args.seconds + FANOUT_DRAIN_S + 30}
-            workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fanout-worker", json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cb.REPO_DIR))
+            workers.append(subprocess.Popen([sys.executable, "-m", "benchmarks.bench_stream", "--fanout-worker", json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_DIR))
         time.sleep(1.0)  # let the subscriptions attach (they start at last + 1 and wait)
-        before = cb.cpu_snapshot(bench)  # the nodes (and this process); subscriber processes are gone by the end
+        before = bench.cpu_times()  # the nodes (and this process); subscriber processes are gone by the end
         started = time.monotonic()
         started_wall = time.time()
 
@@ -288,31 +287,31 @@ def workload_fanout(args: argparse.Namespace, bench: cb.BenchCluster, last: int)
         outcomes = []
         for worker in workers:
             out, err = worker.communicate(timeout=args.seconds + FANOUT_DRAIN_S + 60)
-            cb.expect(worker.returncode == 0 and out.strip(), f"fanout subscriber process failed: {err.decode()[-500:]}")
+            expect(worker.returncode == 0 and out.strip(), f"fanout subscriber process failed: {err.decode()[-500:]}")
             outcomes.append(json.loads(out))
         seconds = max(o["finished"] for o in outcomes) - started_wall
-        after = cb.cpu_snapshot(bench)
+        after = bench.cpu_times()
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
     errors = [e for o in outcomes for e in o["errors"]]
-    cb.expect(not errors, f"fanout subscribers failed: {errors[:3]}")
+    expect(not errors, f"fanout subscribers failed: {errors[:3]}")
     counts = [c for o in outcomes for c in o["counts"]]
-    cb.expect(all(c == expected for c in counts), f"fanout: subscribers got {sorted(set(counts))} messages, expected {expected} each")
+    expect(all(c == expected for c in counts), f"fanout: subscribers got {sorted(set(counts))} messages, expected {expected} each")
     delivered = sum(counts)
-    cpu = cb.cpu_used(before, after, seconds)
+    cpu = cpu_used(before, after, seconds)
     cpu["subscribers"] = round(sum(o.get("cpu_s", 0.0) for o in outcomes) / seconds, 2)  # all the subscriber processes together
-    leader_id = bench.node_id_of(bench.wait_for_leader(timeout_s=cb.LEADER_TIMEOUT_S)["address"])
+    leader_id = bench.node_id_of(bench.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)["address"])
     print(f"  {args.subscribers} subscribers on the followers, {expected:,} messages at {args.rate:,}/s offered")
     print(f"  delivered {delivered:,} messages in {seconds:.1f} s: {delivered / seconds:,.0f} msg/s in total; every subscriber got all {expected:,}")
-    print(f"  cpu (share of one core): {cb._cpu_text(cpu)}; leader {leader_id}")
+    print(f"  cpu (share of one core): {cpu_text(cpu)}; leader {leader_id}")
     return {"subscribers": args.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds, "delivered_per_s": delivered / seconds,
             "complete": True, "offered_per_s": args.rate, "subscriber_processes": args.subscriber_processes, "cpu": cpu, "leader": leader_id}
 
 
-class FilledCluster:
+class FilledCluster(Scoped):
     """A started three-node cluster below `root` (its own temporary directory, removed on exit)
     filled with ``args.messages`` acknowledged messages: one fill serves every workload.
     ``measure(name)`` runs one workload on it (``WORKLOADS``); fanout appends messages, so
@@ -322,30 +321,21 @@ class FilledCluster:
         self.root = root
         self.args = args
         self.directory = ""
-        self.bench: cb.BenchCluster | None = None
+        self.bench: BenchCluster | None = None
         self.filled = 0
         self.last = 0
         self.fill_s = 0.0
 
-    def __enter__(self) -> FilledCluster:
-        try:
-            self.directory = tempfile.mkdtemp(prefix="stream-", dir=self.root)
-            self.bench = cb.BenchCluster(self.directory, "stream", insecure=self.args.insecure, overrides=None)
-            self.bench.__enter__()
-            started = time.monotonic()
-            self.filled = self.last = fill(self.bench, self.args.messages, self.args.payload_bytes)
-            self.fill_s = time.monotonic() - started
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def open(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="stream-", dir=self.root)
+        self.bench = BenchCluster.start_in(self.directory, "stream", insecure=self.args.insecure, overrides=None)
+        started = time.monotonic()
+        self.filled = self.last = fill(self.bench, self.args.messages, self.args.payload_bytes)
+        self.fill_s = time.monotonic() - started
 
     def close(self) -> None:
         if self.bench is not None:
-            self.bench.close()
+            self.bench.stop()
             self.bench = None
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -357,8 +347,8 @@ class FilledCluster:
         stream = {"filled": self.filled, "fill_s": round(self.fill_s, 2), "last_seq_before": self.last}
         try:
             return {**WORKLOADS[name][1](self.args, self.bench, self.last), "stream": stream}
-        except cb.BenchError as exc:
-            raise cb.BenchError(f"{exc}\n{self.bench.log_tails()}") from None
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n{self.bench.log_tails()}") from None
         finally:
             self.last = self.bench.converged_seq() or self.last
 
@@ -375,13 +365,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--workload", choices=[*WORKLOADS, "all"], default="all", help="what to measure (default all)")
     add("--quick", action="store_true", help=f"{MESSAGES_QUICK:,} messages, 1 run, short fanout: a smoke run")
-    add("--messages", type=cb._positive_int, help=f"messages in the stream (default {MESSAGES_DEFAULT:,}; --quick {MESSAGES_QUICK:,})")
-    add("--payload-bytes", type=cb._positive_int, default=100, help="bytes per payload (default 100)")
-    add("--runs", type=cb._positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
-    add("--rate", type=cb._positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
-    add("--seconds", type=cb._positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
-    add("--subscribers", type=cb._positive_int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=cb._positive_int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
+    add("--messages", type=positive_int, help=f"messages in the stream (default {MESSAGES_DEFAULT:,}; --quick {MESSAGES_QUICK:,})")
+    add("--payload-bytes", type=positive_int, default=100, help="bytes per payload (default 100)")
+    add("--runs", type=positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
+    add("--rate", type=positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
+    add("--seconds", type=positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
+    add("--subscribers", type=positive_int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
+    add("--subscriber-processes", type=positive_int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
     add("--insecure", action="store_true", help="no Raft password and no client token")
     add("--dir", help="parent of the temporary directory (default: the system's)")
     add("--json", help="also write the report as JSON to this file")
@@ -398,33 +388,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.fanout_worker:
         return fanout_worker_main(args.fanout_worker)
-    signal.signal(signal.SIGTERM, cb._terminate)
+    signal.signal(signal.SIGTERM, terminate)
     root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir)
-    report: dict = {"benchmark": "raftseq stream", "code": cb.code_under_test(), "machine": cb.machine_facts(), "load_average_start": cb.load_average(), "settings": {k: v for k, v in vars(args).items() if k not in ("fanout_worker", "names", "json")}, "workloads": {}, "failures": {}}
+    report: dict = {"benchmark": "raftseq stream", "code": code_under_test(), "machine": machine_facts(), "load_average_start": load_average(), "settings": {k: v for k, v in vars(args).items() if k not in ("fanout_worker", "names", "json")}, "workloads": {}, "failures": {}}
     failed = False
     print("raftseq stream benchmark")
-    cb.print_load("at start")
+    print_load("at start")
     try:
         with FilledCluster(root, args) as stream:
             for name in args.names:
                 print(f"\n{WORKLOADS[name][0]}", flush=True)
                 try:
                     report["workloads"][name] = stream.measure(name)
-                except cb.BenchError as exc:
+                except BenchError as exc:
                     failed = True
                     report["failures"][name] = str(exc)
                     print(f"  FAILED: {exc}", flush=True)
-    except cb.BenchError as exc:
+    except BenchError as exc:
         failed = True
         report["failures"]["setup"] = str(exc)
         print(f"FAILED: {exc}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
-    report["load_average_end"] = cb.print_load("at end")
+    report["load_average_end"] = print_load("at end")
+    write_report(args.json, report, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"report    {args.json}")
     return 1 if failed else 0
 

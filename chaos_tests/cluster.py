@@ -55,20 +55,14 @@ import msgspec
 
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, PASS, DirectionFault, FaultProxy
 from raftseq.cluster.config import PeerConfig
-from raftseq.cluster.local import LocalCluster, free_base_port, local_configs
-from raftseq.cluster.status import gather_status
+from raftseq.cluster.local import LEADER_TIMEOUT_S, POLL_INTERVAL_S, LocalCluster, LocalNode, free_base_port, local_configs
 
-LEADER_TIMEOUT_S = 15.0
-CONVERGE_TIMEOUT_S = 30.0
-POLL_INTERVAL_S = 0.05
-STATUS_TIMEOUT_S = 1.0
 PORT_ATTEMPTS_MAX = 20
 #: Proxy listening ports: base + these (in the client-port block, below every Raft port).
 PROXY_PORT_OFFSETS = (4, 5, 6, 7, 8, 9)
 HOLDER_READY_TIMEOUT_S = 5.0
 HOLDER_STOP_TIMEOUT_S = 5.0
 BALLAST_NAME = "chaos-ballast"
-LOG_TAIL_LINES = 25
 
 
 @dataclass(frozen=True)
@@ -299,8 +293,9 @@ def _proxied_configs(configs: list, proxy_addresses: Iterable[str]) -> tuple[lis
     return new_configs, links
 
 
-class ChaosCluster:
-    """Three real nodes (``LocalCluster``), their Raft links through a ``FaultProxy``.
+class ChaosCluster(LocalCluster):
+    """Three real nodes (a ``LocalCluster``: its verbs, status and waits), their Raft links
+    through a ``FaultProxy``; pausing, partitions, small disks.
 
     ``rng`` chooses the ports (pass a seeded one to replay a run). ``overrides`` as in
     ``local_configs``. ``tmpfs_bytes`` maps node ids to the size of the tmpfs their data
@@ -329,7 +324,7 @@ class ChaosCluster:
         self._netns: _NetnsNetwork | None = None
         self._forwarder: FaultProxy | None = None
         self._drops: set[tuple[str, str]] = set()
-        self.local: LocalCluster | None = None
+        self.nodes: list[LocalNode] = []  # until the ports are chosen (_build)
         os.makedirs(self.data_dir, exist_ok=True)
         try:
             self._build(rng, overrides)
@@ -396,10 +391,10 @@ class ChaosCluster:
         unknown = set(self._tmpfs_bytes) - {c.id for c in configs}
         if unknown:
             raise ValueError(f"tmpfs_bytes names unknown nodes {sorted(unknown)}")
-        self.local = LocalCluster(self.data_dir, base_port, insecure=False, restart=False, configs=configs)
+        super().__init__(self.data_dir, base_port, insecure=False, restart=False, configs=configs)
         for node_id, size in self._tmpfs_bytes.items():
-            self._holders[node_id] = _TmpfsHolder(self.local.node(node_id).config.data_dir, size)
-        for node in self.local.nodes:
+            self._holders[node_id] = _TmpfsHolder(self.node(node_id).config.data_dir, size)
+        for node in self.nodes:
             enter = []
             if self._netns is not None:
                 enter.append(f"--net={self._netns.path(node.config.id)}")
@@ -412,20 +407,18 @@ class ChaosCluster:
 
     def start(self, *, leader_timeout_s: float = LEADER_TIMEOUT_S) -> dict:
         """Start every node; return the status entry of the first leader."""
-        self.local.start()
-        return self.wait_for_leader(timeout_s=leader_timeout_s)
+        return super().start(leader_timeout_s=leader_timeout_s)
 
     def stop(self) -> None:
         """Stop everything this cluster started. Idempotent; never raises for a node that is
         already gone."""
         try:
-            if self.local is not None:
-                for node_id in sorted(self.paused):
-                    node = self.local.node(node_id)
-                    if node.process is not None and node.process.poll() is None:
-                        node.process.send_signal(signal.SIGCONT)
-                self.paused.clear()
-                self.local.stop()
+            for node_id in sorted(self.paused):
+                node = self.node(node_id)
+                if node.running():
+                    node.process.send_signal(signal.SIGCONT)
+            self.paused.clear()
+            super().stop()
         finally:
             try:
                 if self.proxy is not None:
@@ -450,51 +443,14 @@ class ChaosCluster:
     def __enter__(self) -> ChaosCluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # --- who is where ---------------------------------------------------------------------
-
-    @property
-    def node_ids(self) -> list[str]:
-        return [n.config.id for n in self.local.nodes]
-
-    @property
-    def endpoints(self) -> list[str]:
-        return self.local.endpoints
-
-    @property
-    def token(self) -> str:
-        return self.local.token
-
-    def endpoint(self, node_id: str) -> str:
-        return self.local.node(node_id).config.client_address
-
-    def node_id_of(self, client_address: str) -> str:
-        for node in self.local.nodes:
-            if node.config.client_address == client_address:
-                return node.config.id
-        raise KeyError(client_address)
-
-    def pid(self, node_id: str) -> int | None:
-        process = self.local.node(node_id).process
-        return process.pid if process is not None else None
-
-    def is_running(self, node_id: str) -> bool:
-        process = self.local.node(node_id).process
-        return process is not None and process.poll() is None
-
-    def exit_code(self, node_id: str) -> int | None:
-        """The exit code of a node process that ended on its own (None while it runs)."""
-        process = self.local.node(node_id).process
-        return process.poll() if process is not None else None
 
     def netns_path(self, node_id: str) -> str | None:
         """The network namespace file the node runs in (``network="netns"``), else None."""
         return self._netns.path(node_id) if self._netns is not None else None
 
     def describe(self) -> str:
-        lines = [self.local.describe()]
+        lines = [super().describe()]
         for link in self.links:
             lines.append(f"  raft link {link.name}: {link.initiator} dials {link.listen_address} -> {link.acceptor} {link.target_address}")
         if self._netns is not None:
@@ -503,72 +459,6 @@ class ChaosCluster:
         for node_id, holder in self._holders.items():
             lines.append(f"  {node_id}: data on a {holder.size_bytes}-byte tmpfs (holder pid {holder.pid})")
         return "\n".join(lines)
-
-    # --- status ---------------------------------------------------------------------------
-
-    def status(self, *, timeout_s: float = STATUS_TIMEOUT_S, nodes: Sequence[str] | None = None) -> dict:
-        """``{"leader": address, "nodes": [...]}`` of `nodes` (default all), each entry with
-        ``node`` (the node id, also for unreachable ones)."""
-        ids = list(nodes) if nodes is not None else self.node_ids
-        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s)
-        for node_id, entry in zip(ids, report["nodes"]):
-            entry["node"] = node_id
-        return report
-
-    def wait_for_leader(
-        self, *, timeout_s: float = LEADER_TIMEOUT_S, among: Sequence[str] | None = None, exclude: Sequence[str] = ()
-    ) -> dict:
-        """The status entry of a leader that every reachable node of `among` (default: all but
-        `exclude`) names, itself not in `exclude`. ``AssertionError`` after `timeout_s`."""
-        ids = [i for i in (among if among is not None else self.node_ids) if i not in exclude]
-        deadline = time.monotonic() + timeout_s
-        report: dict = {}
-        while time.monotonic() < deadline:
-            report = self.status(nodes=ids)
-            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
-            leaders = [n for n in up if n["role"] == "leader"]
-            if len(leaders) == 1 and all(n["leader"] == leaders[0]["address"] for n in up):
-                return leaders[0]
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"no leader among {ids} within {timeout_s} s; last status {report}\n{self.log_tails()}")
-
-    def wait_for_majority_leader(self, *, timeout_s: float = LEADER_TIMEOUT_S) -> dict:
-        """The status entry of the leader with the highest term that a majority of all nodes
-        (itself included) name as leader; nodes cut off, paused or down may disagree.
-        ``AssertionError`` after `timeout_s`."""
-        majority = len(self.node_ids) // 2 + 1
-        deadline = time.monotonic() + timeout_s
-        report: dict = {}
-        while time.monotonic() < deadline:
-            report = self.status()
-            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
-            leaders = sorted((n for n in up if n["role"] == "leader"), key=lambda n: n["term"], reverse=True)
-            for leader in leaders:
-                if sum(1 for n in up if n["leader"] == leader["address"]) >= majority:
-                    return leader
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"no leader named by a majority within {timeout_s} s; last status {report}\n{self.log_tails()}")
-
-    def wait_converged(self, *, timeout_s: float = CONVERGE_TIMEOUT_S, nodes: Sequence[str] | None = None, at_least: int = 0) -> int:
-        """Every node of `nodes` (default all) reachable, agreeing on one leader, and reporting
-        the same ``last_seq`` (>= `at_least`) twice in a row. Returns it."""
-        ids = list(nodes) if nodes is not None else self.node_ids
-        deadline = time.monotonic() + timeout_s
-        report: dict = {}
-        previous = None
-        while time.monotonic() < deadline:
-            report = self.status(nodes=ids)
-            seqs = {n.get("last_seq") for n in report["nodes"]}
-            leaders = {n.get("leader") for n in report["nodes"]}
-            if len(seqs) == 1 and None not in seqs and len(leaders) == 1 and "" not in leaders:
-                seq = seqs.pop()
-                if seq >= at_least and seq == previous:
-                    return seq
-                previous = seq
-            else:
-                previous = None
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"{ids} did not converge within {timeout_s} s: {report}\n{self.log_tails()}")
 
     # --- network (Raft links only) --------------------------------------------------------
 
@@ -646,38 +536,25 @@ class ChaosCluster:
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> int:
         """Send `sig` to a node's process; SIGKILL and SIGTERM also reap it. Returns the pid."""
-        if sig in (signal.SIGKILL, signal.SIGTERM) and node_id in self.paused:
+        if sig in (signal.SIGKILL, signal.SIGTERM):
             self.paused.discard(node_id)
-        return self.local.kill(node_id, sig)
+        return super().kill(node_id, sig)
 
     def reap(self, node_id: str) -> int | None:
-        """Forget a node process that exited on its own; returns its exit code (None if it is
-        still running)."""
-        node = self.local.node(node_id)
-        if node.process is None:
-            return None
-        code = node.process.poll()
+        code = super().reap(node_id)
         if code is not None:
-            node.exit_codes.append(code)
-            node.process = None
             self.paused.discard(node_id)
         return code
 
-    def restart(self, node_id: str) -> int:
-        """Start a node that is down (killed or exited). Returns the new pid."""
-        self.reap(node_id)
-        self.local.restart_node(node_id)
-        return self.pid(node_id)
-
     def pause(self, node_id: str) -> int:
         """SIGSTOP the node. Returns its pid."""
-        pid = self.local.kill(node_id, signal.SIGSTOP)
+        pid = super().kill(node_id, signal.SIGSTOP)
         self.paused.add(node_id)
         return pid
 
     def resume(self, node_id: str) -> int:
         """SIGCONT a paused node. Returns its pid."""
-        pid = self.local.kill(node_id, signal.SIGCONT)
+        pid = super().kill(node_id, signal.SIGCONT)
         self.paused.discard(node_id)
         return pid
 
@@ -686,12 +563,9 @@ class ChaosCluster:
     def node_data_dir(self, node_id: str) -> str:
         """The node's data directory as the test process reaches it (through the tmpfs
         holder's root for a node on a tmpfs)."""
-        inside = self.local.node(node_id).config.data_dir
+        inside = super().node_data_dir(node_id)
         holder = self._holders.get(node_id)
         return holder.path(inside) if holder is not None else inside
-
-    def journal_dir(self, node_id: str) -> str:
-        return os.path.join(self.node_data_dir(node_id), "journal")
 
     def on_tmpfs(self, node_id: str) -> bool:
         return node_id in self._holders
@@ -722,22 +596,6 @@ class ChaosCluster:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-    # --- logs -----------------------------------------------------------------------------
-
-    def log_text(self, node_id: str) -> str:
-        try:
-            with open(self.local.node(node_id).log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
-        parts = []
-        for node_id in self.node_ids:
-            tail = self.log_text(node_id).splitlines()[-lines:]
-            parts.append(f"--- {node_id} log (last {len(tail)} lines) ---\n" + "\n".join(tail))
-        return "\n".join(parts)
 
 
 def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = POLL_INTERVAL_S):

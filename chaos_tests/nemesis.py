@@ -117,7 +117,7 @@ class Nemesis:
         majority names, or, with `among`, the one every reachable node of `among` names."""
         if among is not None:
             return self.cluster.wait_for_leader(timeout_s=timeout_s, among=among)["node"]
-        return self.cluster.wait_for_majority_leader(timeout_s=timeout_s)["node"]
+        return self.cluster.wait_for_leader(timeout_s=timeout_s, majority=True)["node"]
 
     def _role_of(self, nodes: Sequence[str], leader: str | None) -> dict:
         if leader is None:

@@ -160,7 +160,7 @@ def test_every_raft_connection_goes_through_the_proxy(chaos):
     # Every established connection to a node's Raft port comes from this process (the proxy):
     # two to n1, one to n2, none to n3 (nobody dials the greatest address).
     me = f"pid={os.getpid()},"
-    for node in cluster.local.nodes:
+    for node in cluster.nodes:
         port = int(node.config.raft_address.rsplit(":", 1)[1])
         lines = sockets_of_port(port)
         expected = sum(1 for link in cluster.links if link.acceptor == node.config.id)
@@ -173,7 +173,7 @@ def test_in_network_namespaces_raft_runs_over_the_veths_and_clients_over_forward
     require_network("netns")
     cluster, _, _ = chaos(network="netns")
     assert cluster.proxy is None and cluster.links == []
-    for node in cluster.local.nodes:
+    for node in cluster.nodes:
         host, port = node.config.raft_address.rsplit(":", 1)
         assert host.startswith("10.231.0."), node.config.raft_address
         ns = cluster.netns_path(node.config.id)

@@ -1,9 +1,19 @@
-"""``raftseq cluster up``: a local three-node cluster as child processes, in the foreground.
+"""The local cluster: three nodes as child processes of this one, and the harness that tests,
+chaos runs and benchmarks build on (``raftseq cluster up`` runs it in the foreground).
 
-Each node gets a config file and a log file in the data directory. A node that dies is
-restarted after a short, logged delay (unless ``--no-restart``). Ctrl-C or SIGTERM stops every
-node cleanly (SIGTERM, then SIGKILL after a grace period); children also get SIGTERM if this
-process dies without cleaning up (Linux parent-death signal), so nothing is left running.
+Each node gets a config file and a log file in the data directory; it is started as
+``python -P -m raftseq.cluster.cli node --config FILE`` (``-P``: a user's working directory never
+shadows the install). ``LocalCluster`` has one verb per thing a caller does to a cluster: start,
+stop, kill, pause (any signal), reap and restart nodes, always by the pid of a process it
+started; ask every node for its status; wait for a leader and for every node to hold the same
+stream; read the node logs. Every wait has a deadline and raises ``ClusterTimeout`` (with the
+last status and the tails of the node logs) when it passes. ``stop`` (also the end of a
+``with`` block) ends every node: SIGTERM, then SIGKILL after a grace period. Children also get
+SIGTERM if this process dies without cleaning up (Linux parent-death signal), so nothing is
+left running.
+
+Under ``raftseq cluster up`` a node that dies is restarted after a short, logged delay (unless
+``--no-restart``), and Ctrl-C or SIGTERM stops every node cleanly.
 """
 
 from __future__ import annotations
@@ -11,20 +21,48 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from raftseq.cluster.config import NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.status import gather_status
 
 RESTART_DELAY_S = 1.0
 STOP_GRACE_S = 5.0
 NODE_COUNT = 3
+#: From starting the nodes (or losing a leader) to a leader every node names.
+LEADER_TIMEOUT_S = 15.0
+#: For every node to report the same stream.
+CONVERGE_TIMEOUT_S = 30.0
+#: Between two status polls of a wait.
+POLL_INTERVAL_S = 0.05
+#: Per status request to one node.
+STATUS_TIMEOUT_S = 1.0
+#: Lines of each node log in a ``ClusterTimeout`` message.
+LOG_TAIL_LINES = 25
+#: Attempts of ``LocalCluster.started`` (a port picked as free may be taken before a node binds it).
+START_ATTEMPTS = 3
+#: Port offsets from the base port: client P+1.., Raft P+101.., metrics P+201...
+CLIENT_PORT_OFFSET = 1
+RAFT_PORT_OFFSET = 101
+METRICS_PORT_OFFSET = 201
+#: Where the source distribution keeps the scripts the banner points to.
+DEPLOY_SCRIPTS = ("deploy/prometheus/run", "deploy/grafana/run")
+
+
+class ClusterTimeout(AssertionError):
+    """A wait of ``LocalCluster`` passed its deadline. An ``AssertionError``: a test or a chaos
+    scenario that waits for a cluster state reports it as a failed expectation."""
 
 
 @dataclass
@@ -39,6 +77,13 @@ class LocalNode:
     #: Prepended to the node's command line (e.g. ``nsenter --mount=...``); the wrapper must
     #: exec the command so that the started process is the node itself.
     command_prefix: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
 
 def local_configs(
@@ -58,7 +103,8 @@ def local_configs(
     token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
     ids = [f"n{i + 1}" for i in range(NODE_COUNT)]
     peers = [
-        PeerConfig(node_id, f"127.0.0.1:{base_port + 101 + i}", f"127.0.0.1:{base_port + 1 + i}") for i, node_id in enumerate(ids)
+        PeerConfig(node_id, f"127.0.0.1:{base_port + RAFT_PORT_OFFSET + i}", f"127.0.0.1:{base_port + CLIENT_PORT_OFFSET + i}")
+        for i, node_id in enumerate(ids)
     ]
     configs = []
     for i, peer in enumerate(peers):
@@ -68,7 +114,7 @@ def local_configs(
                 raft_address=peer.raft_address,
                 client_address=peer.client_address,
                 peers=[p for p in peers if p.id != peer.id],
-                metrics_address=f"127.0.0.1:{base_port + 201 + i}",
+                metrics_address=f"127.0.0.1:{base_port + METRICS_PORT_OFFSET + i}",
                 raft_password=password,
                 client_token=token,
                 insecure=insecure,
@@ -85,11 +131,8 @@ def local_configs(
     return configs
 
 
-def free_base_port(rng=None) -> int:
+def free_base_port(rng: random.Random | None = None) -> int:
     """A base port whose nine local-cluster ports are all free on 127.0.0.1 right now."""
-    import random
-    import socket
-
     rng = rng or random.Random()
     # Stay below the kernel's ephemeral range: a port there can be taken by any outgoing
     # connection (even one to itself) before a node binds it.
@@ -100,14 +143,14 @@ def free_base_port(rng=None) -> int:
     except (OSError, ValueError, IndexError):
         pass
     top = max(10010, min(low, 65536) - 210)
+    offsets = [first + i for first in (CLIENT_PORT_OFFSET, RAFT_PORT_OFFSET, METRICS_PORT_OFFSET) for i in range(NODE_COUNT)]
     for _ in range(200):
         base = rng.randrange(10000, top, 10)
-        ports = [base + off for off in (1, 2, 3, 101, 102, 103, 201, 202, 203)]
         sockets = []
         try:
-            for port in ports:
+            for offset in offsets:
                 sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1", base + offset))
                 sockets.append(sock)
         except OSError:
             continue
@@ -120,8 +163,6 @@ def free_base_port(rng=None) -> int:
 
 def _existing_secrets(path: str) -> dict:
     """Reuse the secrets of an existing local cluster so restarts keep their token."""
-    import tomllib
-
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -138,7 +179,35 @@ def _die_with_parent() -> None:
         pass
 
 
+def source_checkout() -> str:
+    """The directory that holds the ``cluster/`` folder this module was loaded from: the source
+    checkout when run from one (editable install), the installed ``raftseq`` package otherwise."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def monitoring_hint(base_port: int, data_dir: str, *, root: str | None = None) -> str:
+    """The banner's line on watching the cluster: the absolute paths of the Prometheus and
+    Grafana scripts when they exist below `root` (default: the source checkout), otherwise
+    where to find them. An installed package does not carry them."""
+    root = root if root is not None else source_checkout()
+    prometheus, grafana = (os.path.join(root, script) for script in DEPLOY_SCRIPTS)
+    if os.path.isfile(prometheus) and os.path.isfile(grafana):
+        readmes = os.path.join(root, "deploy", "*", "README.md")
+        return f"  watch it: raftseq top  |  {prometheus} --base-port {base_port} --data-dir {data_dir}  |  {grafana} (see {readmes})"
+    return (
+        "  watch it: raftseq top  |  Prometheus and Grafana for this cluster: the deploy/prometheus/run and "
+        "deploy/grafana/run scripts in the deploy/ folder of the source distribution (not part of an installed package)"
+    )
+
+
 class LocalCluster:
+    """Three nodes (``configs``, or ``local_configs`` of `base_port`) as child processes.
+
+    `restart`: ``supervise_once`` restarts nodes that died (``raftseq cluster up``). A context
+    manager: leaving the block stops every node."""
+
+    log_tail_lines = LOG_TAIL_LINES
+
     def __init__(
         self,
         data_dir: str,
@@ -149,10 +218,13 @@ class LocalCluster:
         overrides: dict | None = None,
         configs: list[NodeConfig] | None = None,
     ) -> None:
-        """``configs``, when given, are used as they are (``base_port`` and ``overrides`` are
-        then ignored); otherwise ``local_configs`` makes them."""
+        """``configs``, when given, are used as they are (``overrides`` is then ignored);
+        otherwise ``local_configs`` makes them."""
         self.data_dir = os.path.abspath(data_dir)
-        self.restart = restart
+        self.base_port = base_port
+        self.restart_on_exit = restart
+        self.insecure = insecure
+        self.startup_s = 0.0
         os.makedirs(self.data_dir, exist_ok=True)
         first_config = os.path.join(self.data_dir, "n1.toml")
         if configs is None:
@@ -162,12 +234,44 @@ class LocalCluster:
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
-            body = to_toml(config)
             with open(path, "w") as f:
-                f.write(body)
+                f.write(to_toml(config))
             os.chmod(path, 0o600)
             self.nodes.append(LocalNode(config, path, os.path.join(self.data_dir, f"{config.id}.log")))
-        self.insecure = insecure
+
+    @classmethod
+    def started(
+        cls,
+        data_dir: str,
+        *,
+        rng: random.Random | None = None,
+        attempts: int = START_ATTEMPTS,
+        leader_timeout_s: float = LEADER_TIMEOUT_S,
+        **options,
+    ) -> LocalCluster:
+        """A cluster on free ports (from `rng`) with a leader. When a node could not bind a
+        port taken meanwhile, starts again on other ports (in ``data_dir-2``, ...), at most
+        `attempts` times. `options` go to the constructor (``insecure``, ``restart``, ...)."""
+        for attempt in range(1, attempts + 1):
+            directory = data_dir if attempt == 1 else f"{data_dir}-{attempt}"
+            cluster = cls(directory, free_base_port(rng), **options)
+            try:
+                cluster.start(leader_timeout_s=leader_timeout_s)
+                return cluster
+            except Exception:  # noqa: BLE001 - whatever a subclass's wait raises; start stopped the nodes
+                if attempt < attempts and cluster.lost_a_port():
+                    print(f"ports from {cluster.base_port} were taken meanwhile; starting again on other ports", flush=True)
+                    continue
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- who is where ---------------------------------------------------------------------
 
     @property
     def endpoints(self) -> list[str]:
@@ -176,6 +280,57 @@ class LocalCluster:
     @property
     def token(self) -> str:
         return self.nodes[0].config.client_token
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [n.id for n in self.nodes]
+
+    def node(self, node_id: str) -> LocalNode:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    def endpoint(self, node_id: str) -> str:
+        return self.node(node_id).config.client_address
+
+    def node_id_of(self, client_address: str) -> str:
+        """The id of the node serving clients at `client_address` ("" for none)."""
+        for node in self.nodes:
+            if node.config.client_address == client_address:
+                return node.id
+        return ""
+
+    def pid(self, node_id: str) -> int | None:
+        process = self.node(node_id).process
+        return process.pid if process is not None else None
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        return {node.id: self.pid(node.id) for node in self.nodes}
+
+    def is_running(self, node_id: str) -> bool:
+        return self.node(node_id).running()
+
+    def exit_code(self, node_id: str) -> int | None:
+        """The exit code of a node process that ended on its own (None while it runs)."""
+        process = self.node(node_id).process
+        return process.poll() if process is not None else None
+
+    def node_data_dir(self, node_id: str) -> str:
+        """The node's data directory as this process reaches it."""
+        return self.node(node_id).config.data_dir
+
+    def journal_dir(self, node_id: str) -> str:
+        return self._inside_data_dir(node_id, self.node(node_id).config.journal_dir)
+
+    def raft_dir(self, node_id: str) -> str:
+        return self._inside_data_dir(node_id, self.node(node_id).config.raft_dir)
+
+    def _inside_data_dir(self, node_id: str, path: str) -> str:
+        return os.path.join(self.node_data_dir(node_id), os.path.relpath(path, self.node(node_id).config.data_dir))
+
+    # --- processes (always by the pid of a process this cluster started) ------------------
 
     def start_node(self, node: LocalNode) -> None:
         command = [*node.command_prefix, sys.executable, "-P", "-m", "raftseq.cluster.cli", "node", "--config", node.config_path]
@@ -189,9 +344,216 @@ class LocalCluster:
         finally:
             log.close()
 
-    def start(self) -> None:
+    def start(self, *, leader_timeout_s: float | None = None) -> dict | None:
+        """Start every node. With `leader_timeout_s`: wait for a leader and return its status
+        entry (``startup_s``: how long it took); when none comes, stop every node and raise
+        ``ClusterTimeout``."""
+        began = time.monotonic()
+        try:
+            for node in self.nodes:
+                self.start_node(node)
+            if leader_timeout_s is None:
+                return None
+            leader = self.wait_for_leader(timeout_s=leader_timeout_s)
+            self.startup_s = time.monotonic() - began
+            return leader
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to a node's process (SIGKILL by default); SIGKILL and SIGTERM also reap
+        it. Returns its pid."""
+        node = self.node(node_id)
+        if node.process is None:
+            raise RuntimeError(f"{node_id} is not running")
+        pid = node.process.pid
+        node.process.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            node.process.wait()
+            node.process = None
+            node.died_at = time.monotonic()
+        return pid
+
+    def reap(self, node_id: str) -> int | None:
+        """Forget a node process that exited on its own; returns its exit code (None if it is
+        still running or was not started)."""
+        node = self.node(node_id)
+        if node.process is None:
+            return None
+        code = node.process.poll()
+        if code is not None:
+            node.exit_codes.append(code)
+            node.process = None
+            node.died_at = time.monotonic()
+        return code
+
+    def restart(self, node_id: str) -> int:
+        """Start a node that is down (killed, or exited on its own). Returns the new pid."""
+        self.reap(node_id)
+        node = self.node(node_id)
+        if node.process is not None:
+            raise RuntimeError(f"{node_id} is running (pid {node.process.pid})")
+        self.start_node(node)
+        return node.process.pid
+
+    def stop(self) -> None:
+        """SIGTERM every running node, SIGKILL after the grace period, reap them. Idempotent.
+        The exit codes of nodes that had exited on their own are kept (``exit_codes``)."""
         for node in self.nodes:
-            self.start_node(node)
+            self.reap(node.id)
+        running = [n.process for n in self.nodes if n.running()]
+        for process in running:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for node in self.nodes:
+            node.process = None
+
+    def supervise_once(self) -> list[str]:
+        """Restart nodes that died (after RESTART_DELAY_S). Returns lines to print."""
+        events = []
+        now = time.monotonic()
+        for node in self.nodes:
+            if node.process is None:
+                if self.restart_on_exit and node.died_at and now - node.died_at >= RESTART_DELAY_S:
+                    self.start_node(node)
+                    node.restarts += 1
+                    events.append(f"restarted {node.id} (pid {node.process.pid}, restart {node.restarts})")
+                continue
+            code = self.reap(node.id)
+            if code is None:
+                continue
+            if self.restart_on_exit:
+                events.append(f"{node.id} exited with code {code}; restarting in {RESTART_DELAY_S:.0f} s (log {node.log_path})")
+            else:
+                events.append(f"{node.id} exited with code {code}; not restarting (--no-restart)")
+        return events
+
+    def lost_a_port(self) -> bool:
+        """Whether a node exited on its own (or is gone) and a log says a port was taken."""
+        exited = any(n.exit_codes or (n.process is not None and n.process.poll() is not None) for n in self.nodes)
+        return exited and any("Address already in use" in self.log_text(n.id) for n in self.nodes)
+
+    # --- status and waits -----------------------------------------------------------------
+
+    def status(self, *, nodes: Sequence[str] | None = None, timeout_s: float = STATUS_TIMEOUT_S) -> dict:
+        """``{"leader": address, "nodes": [...]}`` of `nodes` (default all) as ``raftseq status``
+        sees it, each entry with ``node`` (the node id, also for unreachable ones)."""
+        ids = list(nodes) if nodes is not None else self.node_ids
+        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s)
+        for node_id, entry in zip(ids, report["nodes"]):
+            entry["node"] = node_id
+        return report
+
+    def wait_for_leader(
+        self,
+        *,
+        timeout_s: float = LEADER_TIMEOUT_S,
+        among: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        majority: bool = False,
+    ) -> dict:
+        """The status entry of a leader, not one of `exclude`, that every reachable node of
+        `among` (default: all but `exclude`) names. With `majority`: the leader with the highest
+        term that a majority of all nodes (itself included) names; nodes cut off, paused or down
+        may disagree. ``ClusterTimeout`` after `timeout_s`."""
+        ids = [i for i in (among if among is not None else self.node_ids) if i not in exclude]
+        needed = len(self.node_ids) // 2 + 1 if majority else None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            report = self.status(nodes=None if majority else ids)
+            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
+            leaders = sorted((n for n in up if n["role"] == "leader" and n["node"] not in exclude), key=lambda n: -n["term"])
+            for leader in leaders:
+                naming = sum(1 for n in up if n["leader"] == leader["address"])
+                if naming >= (needed or len(up)) and (majority or len(leaders) == 1):
+                    return leader
+            if time.monotonic() >= deadline:
+                what = "named by a majority" if majority else f"among {ids}"
+                raise ClusterTimeout(f"no leader {what} within {timeout_s} s; last status {report}\n{self.diagnostics()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def converged_seq(self, report: dict | None = None) -> int | None:
+        """The ``last_seq`` every node of a status report (default: a fresh one of all nodes)
+        holds when all are reachable and name one leader; None otherwise."""
+        report = report if report is not None else self.status()
+        seqs = {n.get("last_seq") for n in report["nodes"]}
+        leaders = {n.get("leader") for n in report["nodes"]}
+        if len(seqs) == 1 and None not in seqs and len(leaders) == 1 and "" not in leaders:
+            return seqs.pop()
+        return None
+
+    def wait_converged(
+        self, at: int | None = None, *, at_least: int = 0, nodes: Sequence[str] | None = None, timeout_s: float = CONVERGE_TIMEOUT_S
+    ) -> int:
+        """Every node of `nodes` (default all) reachable, naming one leader and holding the same
+        stream: ``last_seq`` equal to `at` when given, else the same value (>= `at_least`) in two
+        polls in a row. Returns it; ``ClusterTimeout`` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        previous = None
+        while True:
+            report = self.status(nodes=nodes)
+            seq = self.converged_seq(report)
+            if seq is not None and (seq == at if at is not None else seq >= at_least and seq == previous):
+                return seq
+            previous = seq
+            if time.monotonic() >= deadline:
+                target = f"last_seq {at}" if at is not None else f"one last_seq >= {at_least}"
+                raise ClusterTimeout(f"nodes did not converge on {target} within {timeout_s} s: {report}\n{self.diagnostics()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    # --- logs -----------------------------------------------------------------------------
+
+    def log_text(self, node_id: str, *, since: int = 0) -> str:
+        """A node's log from byte offset `since` on ("" when there is none yet)."""
+        try:
+            with open(self.node(node_id).log_path, "rb") as f:
+                f.seek(since)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_sizes(self) -> dict[str, int]:
+        """Each node log's size in bytes: offsets for ``log_text(since=...)``."""
+        sizes = {}
+        for node in self.nodes:
+            try:
+                sizes[node.id] = os.path.getsize(node.log_path)
+            except OSError:
+                sizes[node.id] = 0
+        return sizes
+
+    def wait_for_log(self, node_id: str, text: str, *, timeout_s: float = 20.0) -> str:
+        """The first line of `node_id`'s log containing `text` (polled until `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for line in self.log_text(node_id).splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() >= deadline:
+                raise ClusterTimeout(f"{node_id} never logged {text!r} within {timeout_s} s\n{self.log_tails()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def log_tails(self, lines: int | None = None) -> str:
+        count = lines or self.log_tail_lines
+        parts = []
+        for node_id in self.node_ids:
+            tail = self.log_text(node_id).splitlines()[-count:]
+            parts.append(f"--- {node_id} log (last {len(tail)} lines) ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def diagnostics(self) -> str:
+        """What a ``ClusterTimeout`` adds to its message."""
+        return self.log_tails()
 
     def describe(self) -> str:
         lines = [f"raftseq local cluster: {len(self.nodes)} nodes, data in {self.data_dir}"]
@@ -208,76 +570,9 @@ class LocalCluster:
             lines.append(f"  client token: {self.token}")
         endpoints = ",".join(self.endpoints)
         lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}")
-        base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - 1
-        lines.append(
-            f"  watch it: raftseq top  |  deploy/prometheus/run --base-port {base_port} --data-dir {self.data_dir}"
-            "  |  deploy/grafana/run (see deploy/*/README.md)"
-        )
+        base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - CLIENT_PORT_OFFSET
+        lines.append(monitoring_hint(base_port, self.data_dir))
         return "\n".join(lines)
-
-    def supervise_once(self) -> list[str]:
-        """Restart nodes that died (after RESTART_DELAY_S). Returns lines to print."""
-        events = []
-        now = time.monotonic()
-        for node in self.nodes:
-            process = node.process
-            if process is None:
-                if self.restart and node.died_at and now - node.died_at >= RESTART_DELAY_S:
-                    self.start_node(node)
-                    node.restarts += 1
-                    events.append(f"restarted {node.config.id} (pid {node.process.pid}, restart {node.restarts})")
-                continue
-            code = process.poll()
-            if code is None:
-                continue
-            node.exit_codes.append(code)
-            node.process = None
-            node.died_at = now
-            if self.restart:
-                events.append(f"{node.config.id} exited with code {code}; restarting in {RESTART_DELAY_S:.0f} s (log {node.log_path})")
-            else:
-                events.append(f"{node.config.id} exited with code {code}; not restarting (--no-restart)")
-        return events
-
-    def node(self, node_id: str) -> LocalNode:
-        for node in self.nodes:
-            if node.config.id == node_id:
-                return node
-        raise KeyError(node_id)
-
-    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> int:
-        """Send `sig` to a node's process (SIGKILL by default) and reap it. Returns its pid."""
-        node = self.node(node_id)
-        assert node.process is not None, f"{node_id} is not running"
-        pid = node.process.pid
-        node.process.send_signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            node.process.wait()
-            node.process = None
-            node.died_at = time.monotonic()
-        return pid
-
-    def restart_node(self, node_id: str) -> None:
-        node = self.node(node_id)
-        assert node.process is None, f"{node_id} is running"
-        self.start_node(node)
-
-    def stop(self) -> None:
-        running = [n.process for n in self.nodes if n.process is not None and n.process.poll() is None]
-        for process in running:
-            try:
-                process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for node in self.nodes:
-            node.process = None
 
 
 def run_cluster_up(args) -> int:

@@ -1,6 +1,7 @@
-"""Real raftseq nodes on loopback, one helper per verb: start a cluster, find its leader, kill
-and restart nodes, wait until every node holds the same stream, read the journals, record what
-subscribers see, and speak raw frames to a node.
+"""Real raftseq nodes on loopback, one helper per verb: the local cluster (``LocalCluster``:
+start, find the leader, kill and restart nodes, wait until every node holds the same stream),
+and what tests add to it: read the journals, record what subscribers see, speak raw frames to a
+node.
 
 Every wait has a deadline and every loop a bound; ``running_cluster`` always stops the nodes it
 started, whatever the test did. The base port comes from a seeded generator; the seed and the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -21,15 +23,9 @@ from dataclasses import dataclass
 import pytest
 
 from raftseq.clients import Message, SequencerClient, subscribe
-from raftseq.cluster.local import LocalCluster, free_base_port
-from raftseq.cluster.status import gather_status
+from raftseq.cluster.local import LEADER_TIMEOUT_S, LocalCluster, free_base_port
 from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, VerifyReport, list_segment_files, verify_journal
-
-LEADER_TIMEOUT_S = 15.0
-POLL_INTERVAL_S = 0.05
-STATUS_TIMEOUT_S = 1.0
-LOG_TAIL_LINES = 25
 
 
 def run_seed() -> int:
@@ -38,91 +34,40 @@ def run_seed() -> int:
     return int(text) if text else random.SystemRandom().randrange(1, 2**31)
 
 
-class ClusterHarness:
-    """A started ``LocalCluster`` and the verbs of a cluster scenario."""
+class ClusterHarness(LocalCluster):
+    """The local cluster (``LocalCluster``: start, kill, restart, status, waits, logs) with
+    what a test adds: the seed of its ports, printed faults, the sockets on its ports when no
+    leader comes, and the journals read back after ``stop``."""
 
-    def __init__(self, cluster: LocalCluster, *, seed: int, base_port: int) -> None:
-        self.cluster = cluster
+    def __init__(self, data_dir: str, base_port: int, *, seed: int, overrides: dict | None = None) -> None:
+        super().__init__(data_dir, base_port, insecure=False, restart=False, overrides=overrides)
         self.seed = seed
-        self.base_port = base_port
-
-    # --- who is where ---------------------------------------------------------------------
-
-    @property
-    def endpoints(self) -> list[str]:
-        return self.cluster.endpoints
-
-    @property
-    def token(self) -> str:
-        return self.cluster.token
-
-    @property
-    def node_ids(self) -> list[str]:
-        return [n.config.id for n in self.cluster.nodes]
-
-    def endpoint(self, node_id: str) -> str:
-        return self.cluster.node(node_id).config.client_address
-
-    def pid(self, node_id: str) -> int | None:
-        process = self.cluster.node(node_id).process
-        return process.pid if process is not None else None
 
     def describe(self) -> str:
-        return f"seed {self.seed}, base port {self.base_port}\n{self.cluster.describe()}"
+        return f"seed {self.seed}, base port {self.base_port}\n{super().describe()}"
 
-    # --- status ---------------------------------------------------------------------------
-
-    def status(self) -> dict:
-        """``{"leader": address, "nodes": [...]}`` as ``raftseq status`` sees it."""
-        return gather_status(self.endpoints, token=self.token, timeout_s=STATUS_TIMEOUT_S)
-
-    def wait_for_leader(self, *, timeout_s: float = LEADER_TIMEOUT_S, exclude: Sequence[str] = ()) -> dict:
-        """The status entry of a leader that every reachable node names (and that is not in
-        `exclude`). Raises ``AssertionError`` after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        report: dict = {}
-        while time.monotonic() < deadline:
-            report = self.status()
-            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
-            leaders = [n for n in up if n["role"] == "leader" and n["id"] not in exclude]
-            if len(leaders) == 1 and all(n["leader"] == leaders[0]["address"] for n in up):
-                return leaders[0]
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"no leader within {timeout_s} s; last status {report}\n{self.sockets()}\n{self.log_tails()}")
-
-    def wait_converged(self, last_seq: int, *, timeout_s: float = 30.0) -> dict:
-        """Every node reachable and reporting ``last_seq``. Returns the status."""
-        deadline = time.monotonic() + timeout_s
-        report: dict = {}
-        while time.monotonic() < deadline:
-            report = self.status()
-            if all(n.get("last_seq") == last_seq for n in report["nodes"]):
-                return report
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"nodes did not all reach last_seq {last_seq} in {timeout_s} s: {report}\n{self.log_tails()}")
+    def diagnostics(self) -> str:
+        return f"{self.sockets()}\n{super().diagnostics()}"
 
     # --- faults ---------------------------------------------------------------------------
 
-    def kill(self, node_id: str) -> int:
-        """SIGKILL one node (and reap it). Returns its pid."""
-        pid = self.cluster.kill(node_id)
-        print(f"killed {node_id} (pid {pid}) with SIGKILL", flush=True)
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` (SIGKILL by default) to one node, reaping it. Returns its pid."""
+        pid = super().kill(node_id, sig)
+        print(f"killed {node_id} (pid {pid}) with {signal.Signals(sig).name}", flush=True)
         return pid
 
-    def restart(self, node_id: str) -> None:
-        self.cluster.restart_node(node_id)
-        print(f"restarted {node_id} (pid {self.pid(node_id)})", flush=True)
+    def restart(self, node_id: str) -> int:
+        pid = super().restart(node_id)
+        print(f"restarted {node_id} (pid {pid})", flush=True)
+        return pid
 
-    def stop(self) -> None:
-        """SIGTERM every running node (SIGKILL after the grace period) and reap them."""
-        self.cluster.stop()
-
-    # --- logs -----------------------------------------------------------------------------
+    # --- diagnostics ----------------------------------------------------------------------
 
     def sockets(self) -> str:
         """``ss`` lines of the TCP sockets on this cluster's ports (for a failure message)."""
         ports = set()
-        for node in self.cluster.nodes:
+        for node in self.nodes:
             c = node.config
             ports |= {a.rsplit(":", 1)[1] for a in (c.client_address, c.raft_address, c.metrics_address) if a}
         try:
@@ -132,37 +77,7 @@ class ClusterHarness:
         lines = [line for line in out.splitlines() if any(f":{p} " in line for p in ports)]
         return "--- sockets on the cluster's ports ---\n" + "\n".join(lines)
 
-    def log_text(self, node_id: str) -> str:
-        try:
-            with open(self.cluster.node(node_id).log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, node_id: str, text: str, *, timeout_s: float = 20.0) -> str:
-        """The first line of `node_id`'s log containing `text` (polled until `timeout_s`)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.log_text(node_id).splitlines():
-                if text in line:
-                    return line
-            time.sleep(POLL_INTERVAL_S)
-        raise AssertionError(f"{node_id} never logged {text!r} within {timeout_s} s\n{self.log_tails()}")
-
-    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
-        parts = []
-        for node_id in self.node_ids:
-            tail = self.log_text(node_id).splitlines()[-lines:]
-            parts.append(f"--- {node_id} log (last {len(tail)} lines) ---\n" + "\n".join(tail))
-        return "\n".join(parts)
-
     # --- journals (read after stop) -------------------------------------------------------
-
-    def journal_dir(self, node_id: str) -> str:
-        return self.cluster.node(node_id).config.journal_dir
-
-    def raft_dir(self, node_id: str) -> str:
-        return self.cluster.node(node_id).config.raft_dir
 
     def read_journal(self, node_id: str) -> JournalContents:
         directory = self.journal_dir(node_id)
@@ -204,13 +119,11 @@ def running_cluster(tmp_path, request) -> ClusterHarness:
     overrides = getattr(request, "param", None)
     seed = run_seed()
     base_port = free_base_port(random.Random(seed))
-    local = LocalCluster(str(tmp_path / "c"), base_port, insecure=False, restart=False, overrides=overrides)
-    harness = ClusterHarness(local, seed=seed, base_port=base_port)
-    print(f"cluster: seed {seed}, base port {base_port}, overrides {overrides}, data {local.data_dir}", flush=True)
+    harness = ClusterHarness(str(tmp_path / "c"), base_port, seed=seed, overrides=overrides)
+    print(f"cluster: seed {seed}, base port {base_port}, overrides {overrides}, data {harness.data_dir}", flush=True)
     try:
-        local.start()
         started = time.monotonic()
-        leader = harness.wait_for_leader()
+        leader = harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
         print(f"leader {leader['id']} after {time.monotonic() - started:.2f} s", flush=True)
         print(harness.describe(), flush=True)
         yield harness

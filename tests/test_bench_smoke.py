@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-BENCH_CORE = REPO_DIR / "benchmarks" / "bench_core.py"
 
 # Written out rather than imported: nothing imports benchmarks.
 WORKLOAD_KEYS = [
@@ -37,7 +36,7 @@ def test_quick_run_prints_every_workload_and_cleans_up(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     done = subprocess.run(
-        [sys.executable, str(BENCH_CORE), "--quick", "--runs", "1", "--dir", str(scratch), "--json", str(report_path)],
+        [sys.executable, "-m", "benchmarks.bench_core", "--quick", "--runs", "1", "--dir", str(scratch), "--json", str(report_path)],
         cwd=REPO_DIR,
         capture_output=True,
         text=True,

@@ -191,7 +191,7 @@ async def submit(h: ClusterHarness, session: str, count: int) -> list[int]:
 
 def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cluster):  # noqa: F811
     h, prom = running_cluster, prometheus
-    instances = {node.config.metrics_address: node.config.id for node in h.cluster.nodes}
+    instances = {node.config.metrics_address: node.config.id for node in h.nodes}
 
     # All three targets up, each node's metrics under its own id.
     prom.wait_for(
@@ -220,7 +220,7 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
     prom.wait_for("ack latency observed on the leader", lambda: prom.by_node("raftseq_ack_latency_seconds_count").get(leader, 0) >= MESSAGES)
 
     # Failover.
-    killed_instance = h.cluster.node(leader).config.metrics_address
+    killed_instance = h.node(leader).config.metrics_address
     h.kill(leader)
     new_leader = h.wait_for_leader(exclude=[leader])["id"]
     assert new_leader in followers

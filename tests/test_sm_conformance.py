@@ -34,7 +34,7 @@ from raftseq.clients import SequencerClient  # noqa: E402
 from raftseq.clients.sm import MessageTypes, StateMachineRunner, activate, encode_message, full_digest  # noqa: E402
 from raftseq.clients.sm import conformance  # noqa: E402
 from raftseq.cluster import cli  # noqa: E402
-from raftseq.cluster.local import LocalCluster, free_base_port  # noqa: E402
+from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
 from examples.refdata.messages import EndOfDay, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentResumed, InstrumentUpdated, TradingParametersSet  # noqa: E402, E501
@@ -105,12 +105,10 @@ def listed_halt(m) -> bool:
 def cluster(tmp_path_factory):
     seed = run_seed()
     base_port = free_base_port(random.Random(seed))
-    local = LocalCluster(str(tmp_path_factory.mktemp("conformance") / "c"), base_port, insecure=False, restart=False)
-    h = ClusterHarness(local, seed=seed, base_port=base_port)
-    print(f"cluster: seed {seed}, base port {base_port}, data {local.data_dir}", flush=True)
+    h = ClusterHarness(str(tmp_path_factory.mktemp("conformance") / "c"), base_port, seed=seed)
+    print(f"cluster: seed {seed}, base port {base_port}, data {h.data_dir}", flush=True)
     try:
-        local.start()
-        h.wait_for_leader()
+        h.start(leader_timeout_s=LEADER_TIMEOUT_S)
         yield h
     finally:
         h.stop()

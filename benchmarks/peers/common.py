@@ -2,46 +2,39 @@
 control channel to a child, per-message timing records, and the figures computed from them
 (latency from the intended send time, failover from a kill time).
 
-The number helpers (percentiles, latency summary, spread, load average, CPU time from /proc)
-come from ``bench_cluster.py`` so that raftseq and its peers are summarised by the same code.
+The number helpers (percentiles, latency summary, spread, CPU shares) and the machine facts
+come from ``figures.py`` and ``machine.py``, so that raftseq and its peers are summarised by the
+same code.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from benchmarks.bench_cluster import (  # noqa: F401 - re-exported for the peers
-    BenchError,
-    expect,
-    largest_gap_s,
-    latency_summary,
-    load_average,
-    machine_facts,
-    percentile,
-    process_cpu_s,
-    seq_ranges,
-    spread,
-)
-
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.figures import BenchError, largest_gap_s, latency_summary
+from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
+from benchmarks.options import terminate, write_report
 
 #: After SIGTERM, how long a child may take to exit before SIGKILL.
 STOP_GRACE_S = 5.0
 #: Acks this long before a kill and after the first post-kill ack bound the gap search
-#: (``bench_cluster.GAP_WINDOW_S``).
+#: (``failover.GAP_WINDOW_S``).
 GAP_WINDOW_S = 1.0
 LATENCY_WARMUP_S = 1.0
 
@@ -210,7 +203,7 @@ def unpack(text: str, typecode: str = "d") -> array:
 def latency_figures(intended: Sequence[float], sent: Sequence[float], acked_at: Sequence[float], *, first_index: int) -> dict:
     """Latency from the intended send time to the ack (coordinated-omission safe), sender lag
     (intended to actual send) and send to ack, of the acknowledged messages from `first_index`,
-    as ``bench_cluster.latency_summary`` dicts in milliseconds."""
+    as ``figures.latency_summary`` dicts in milliseconds."""
     total, lag, service = [], [], []
     for i in range(first_index, len(acked_at)):
         a = acked_at[i]
@@ -257,23 +250,50 @@ def median_of_summaries(summaries: list[dict]) -> dict:
 
 
 def cpu_shares(pids: dict[str, int | None], before: dict[str, float], seconds: float) -> dict[str, float]:
-    """CPU share (1.0 = one core) of each process since `before` (from ``cpu_times``)."""
-    now = cpu_times(pids)
-    return {k: round((now.get(k, 0.0) - v) / seconds, 2) for k, v in before.items() if seconds > 0}
+    """CPU share (1.0 = one core) of each process since `before` (from ``machine.cpu_times``)."""
+    return cpu_used(before, cpu_times(pids), seconds)
 
 
-def cpu_times(pids: dict[str, int | None]) -> dict[str, float]:
-    times = {name: process_cpu_s(pid) for name, pid in pids.items()}
-    times["bench"] = time.process_time()
-    return times
+# --- a peer's own command (``python -m benchmarks.peers.NAME``) -------------------------------
 
 
-def cpu_text(cpu: dict[str, float]) -> str:
-    return " ".join(f"{k} {100 * v:.0f}%" for k, v in cpu.items())
+def add_load_options(parser: argparse.ArgumentParser, *, payload_help: str, timeout_help: str) -> None:
+    """The options both peers' commands take, as ``raftseq bench`` passes them."""
+    add = parser.add_argument
+    add("--messages", type=int, default=None, help="messages per throughput run (default 200,000; --quick 5,000)")
+    add("--payload-bytes", type=int, default=100, help=payload_help)
+    add("--rates", type=lambda t: [int(x) for x in t.split(",")], default=None, help="offered rates, msg/s (default 1000,2000,10000,50000)")
+    add("--latency-seconds", type=float, default=None, help="measured seconds per rate after 1 s warm-up (default 10; --quick 1)")
+    add("--kills", type=int, default=None, help="leader kills (default 10; --quick 2)")
+    add("--failover-rate", type=int, default=2000, help="offered rate during the kills (default 2000)")
+    add("--run-timeout-s", type=float, default=120.0, help=timeout_help)
 
 
-def latency_line(label: str, s: dict) -> str:
-    return (
-        f"  {label:<18} p50 {s['p50_ms']:7.2f}  p90 {s['p90_ms']:7.2f}  p99 {s['p99_ms']:7.2f}  "
-        f"max {s['max_ms']:8.2f} ms   ({s['count']:,} acks)"
-    )
+def resolve_load_options(opts: argparse.Namespace) -> None:
+    """Defaults of ``add_load_options`` left open (smaller with ``--quick``)."""
+    quick = getattr(opts, "quick", False)
+    if opts.messages is None:
+        opts.messages = 5_000 if quick else 200_000
+    if opts.rates is None:
+        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
+    if opts.latency_seconds is None:
+        opts.latency_seconds = 1.0 if quick else 10.0
+    if opts.kills is None:
+        opts.kills = 2 if quick else 10
+
+
+def run_peer(system: str, opts: argparse.Namespace, report: dict, measure: Callable[[str], None]) -> int:
+    """A peer command's run: `measure` fills `report` working in a temporary directory that is
+    removed at the end (SIGTERM unwinds through it); the load average before and after; the
+    report as JSON to ``--json``."""
+    signal.signal(signal.SIGTERM, terminate)
+    report["load_average_start"] = load_average()
+    root = tempfile.mkdtemp(prefix=f"raftseq-bench-{system}-")
+    try:
+        measure(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["load_average_end"] = load_average()
+    print(f"load avg {report['load_average_start']} -> {report['load_average_end']}")
+    write_report(opts.json, report)
+    return 0

@@ -45,29 +45,24 @@ import time
 from array import array
 from collections import Counter, deque
 
-if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from benchmarks.peers.common import (  # noqa: E402
+from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.machine import cpu_times, load_average
+from benchmarks.options import Scoped
+from benchmarks.peers.common import (
+    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
-    BenchError,
     Children,
     ask,
     child_main_loop,
     cpu_shares,
-    cpu_text,
-    cpu_times,
-    expect,
-    GAP_WINDOW_S,
     failover_figures,
     first_ack_after,
     free_ports,
     latency_figures,
-    latency_line,
-    load_average,
     pack,
+    add_load_options,
     read_line,
-    seq_ranges,
+    resolve_load_options,
     unpack,
 )
 
@@ -349,7 +344,7 @@ class ClientLoad:
 # --- the cluster (benchmark side) ---------------------------------------------------------
 
 
-class PlainCluster:
+class PlainCluster(Scoped):
     """Three pysyncobj node processes below `root`; ``close`` stops them (by pid)."""
 
     def __init__(self, root: str, name: str, *, insecure: bool) -> None:
@@ -359,21 +354,10 @@ class PlainCluster:
         self.addresses: dict[str, str] = {}
         self.startup_s = 0.0
 
-    def __enter__(self) -> PlainCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self.children.close()
 
-    def _start(self) -> None:
+    def open(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         last = ""
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -665,28 +649,14 @@ def _wait_outcome(pc: PlainCluster, node_id: str) -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser, payload_help="payload size of the latency and failover loads (default 100)",
+                     timeout_help="a throughput run taking longer is stuck (default 120)")
     add = parser.add_argument
-    add("--messages", type=int, default=None, help="messages per throughput run (default 200,000; --quick 5,000)")
     add("--window", type=int, default=10_000, help="calls in flight at most (default 10,000, raftseq's client window)")
-    add("--payload-bytes", type=int, default=100, help="payload size of the latency and failover loads (default 100)")
-    add("--rates", type=lambda t: [int(x) for x in t.split(",")], default=None, help="offered rates, msg/s (default 1000,2000,10000,50000)")
-    add("--latency-seconds", type=float, default=None, help="measured seconds per rate after 1 s warm-up (default 10; --quick 1)")
-    add("--kills", type=int, default=None, help="leader kills (default 10; --quick 2)")
-    add("--failover-rate", type=int, default=2000, help="offered rate during the kills (default 2000)")
-    add("--run-timeout-s", type=float, default=120.0, help="a throughput run taking longer is stuck (default 120)")
     add("--insecure", action="store_true", help="no pysyncobj password (unencrypted links)")
 
 
-def resolve(opts: argparse.Namespace) -> None:
-    quick = getattr(opts, "quick", False)
-    if opts.messages is None:
-        opts.messages = 5_000 if quick else 200_000
-    if opts.rates is None:
-        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
-    if opts.latency_seconds is None:
-        opts.latency_seconds = 1.0 if quick else 10.0
-    if opts.kills is None:
-        opts.kills = 2 if quick else 10
+resolve = resolve_load_options
 
 
 def _terminate(signum: int, _frame: object) -> None:

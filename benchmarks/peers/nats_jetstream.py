@@ -41,56 +41,45 @@ publishes (``StreamCluster``, the counterpart of ``bench_stream.FilledCluster``)
   ``--fanout-rate``: messages delivered per second in total, whether every consumer got every
   message, CPU of each server (from /proc).
 
-    python -m benchmarks.peers.nats [throughput] [latency] [failover] [replay] [recovery] [fanout] [--quick]
+    python -m benchmarks.peers.nats_jetstream [throughput] [latency] [failover] [replay] [recovery] [fanout] [--quick]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import importlib
+import json
 import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections import deque
 
-# Run as a file, this directory would come first on sys.path and ``import nats`` would find this
-# module instead of nats-py.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == _HERE:
-    sys.path.pop(0)
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-from array import array  # noqa: E402
-from collections import deque  # noqa: E402
-
-from benchmarks.bench_cluster import run_precise  # noqa: E402
-from benchmarks.peers.common import (  # noqa: E402
+from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.load import run_precise
+from benchmarks.machine import cpu_times, load_average
+from benchmarks.options import Scoped
+from benchmarks.peers.common import (
+    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
-    BenchError,
     Children,
     SetupError,
     cpu_shares,
-    cpu_text,
-    cpu_times,
-    expect,
-    GAP_WINDOW_S,
     failover_figures,
     first_ack_after,
     free_ports,
     latency_figures,
-    latency_line,
-    load_average,
+    add_load_options,
     read_line,
-    seq_ranges,
+    resolve_load_options,
+    run_peer,
 )
 
 NAME = "nats"
@@ -441,7 +430,7 @@ async def _multi_process_run(nc: NatsCluster, *, run: str, processes: int, messa
     try:
         for k in range(processes):
             spec = {"urls": nc.urls, "run": f"{run}-{k + 1}", "messages": per[k], "payload_bytes": payload_bytes, "window": window, "timeout_s": timeout_s}
-            workers.append(nc.children.start(f"{run}-client{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats", "--worker", json.dumps(spec)], pipes=True))
+            workers.append(nc.children.start(f"{run}-client{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--worker", json.dumps(spec)], pipes=True))
         for k, w in enumerate(workers):
             line = await asyncio.to_thread(read_line, w, deadline)
             expect(line.strip() == "ready", f"{NAME} client process {k + 1} did not connect: {line.strip() or 'no answer'}")
@@ -819,7 +808,7 @@ def _directory_bytes(path: str) -> int:
     return total
 
 
-class StreamCluster:
+class StreamCluster(Scoped):
     """A NATS cluster whose stream holds `messages` messages, serving the stream workloads in
     turn, as ``bench_stream.FilledCluster`` does for raftseq: one fill for replay, recovery and
     fanout. A context manager with ``measure(name)``; its own event loop (``asyncio.Runner``)
@@ -835,21 +824,13 @@ class StreamCluster:
         self.last = 0
         self.fill_s = 0.0
 
-    def __enter__(self) -> StreamCluster:
+    def open(self) -> None:
         server = ensure_nats_server()
         self.runner = asyncio.Runner()
-        try:
-            self.directory = tempfile.mkdtemp(prefix="nats-stream-", dir=self.root)
-            self.nc = NatsCluster(self.directory, "cluster", server=server)
-            self.runner.run(self.nc.__aenter__())
-            self.runner.run(self._fill())
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.directory = tempfile.mkdtemp(prefix="nats-stream-", dir=self.root)
+        self.nc = NatsCluster(self.directory, "cluster", server=server)
+        self.runner.run(self.nc.__aenter__())
+        self.runner.run(self._fill())
 
     def close(self) -> None:
         if self.nc is not None:
@@ -1026,7 +1007,7 @@ class StreamCluster:
             for k, subscribers in enumerate(per_process):
                 spec = {"url": nc.url(others[k % len(others)]), "server": others[k % len(others)], "index": k, "subscribers": subscribers,
                         "from_seq": from_seq, "until_seq": until_seq, "start_timeout_s": START_TIMEOUT_S, "wait_s": wait_s}
-                workers.append(nc.children.start(f"fanout-sub{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats", "--fanout-worker", json.dumps(spec)], pipes=True))
+                workers.append(nc.children.start(f"fanout-sub{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--fanout-worker", json.dumps(spec)], pipes=True))
             placement: dict[str, int] = {}
             for k, w in enumerate(workers):
                 line = await asyncio.to_thread(read_line, w, deadline)
@@ -1174,16 +1155,11 @@ def fanout(opts: argparse.Namespace, root: str) -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser, payload_help="payload size (default 100)", timeout_help="a run taking longer is stuck (default 120)")
     add = parser.add_argument
-    add("--messages", type=int, default=None, help="messages per throughput run (default 200,000; --quick 5,000)")
     add("--nats-window", type=int, default=NATS_WINDOW_DEFAULT,
         help=f"publish_async_max_pending: publishes awaiting their ack, at most (default {NATS_WINDOW_DEFAULT:,}, nats-py's own default)")
     add("--processes", type=int, default=4, help="client processes of the multi-process throughput variant (default 4)")
-    add("--payload-bytes", type=int, default=100, help="payload size (default 100)")
-    add("--rates", type=lambda t: [int(x) for x in t.split(",")], default=None, help="offered rates, msg/s (default 1000,2000,10000,50000)")
-    add("--latency-seconds", type=float, default=None, help="measured seconds per rate after 1 s warm-up (default 10; --quick 1)")
-    add("--kills", type=int, default=None, help="leader kills (default 10; --quick 2)")
-    add("--failover-rate", type=int, default=2000, help="offered rate during the kills (default 2000)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which leader the failover workload kills (default stream)")
     add("--runs", type=int, default=None, help="reads of the replay and restarts of the recovery workload; the median is the figure (default 3; --quick 1)")
     add("--stream-messages", "--replay-messages", dest="stream_messages", type=int, default=None,
@@ -1192,19 +1168,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add("--fanout-seconds", type=float, default=None, help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
     add("--subscribers", type=int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
     add("--subscriber-processes", type=int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
-    add("--run-timeout-s", type=float, default=120.0, help="a run taking longer is stuck (default 120)")
 
 
 def resolve(opts: argparse.Namespace) -> None:
+    resolve_load_options(opts)
     quick = getattr(opts, "quick", False)
-    if opts.messages is None:
-        opts.messages = 5_000 if quick else 200_000
-    if opts.rates is None:
-        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
-    if opts.latency_seconds is None:
-        opts.latency_seconds = 1.0 if quick else 10.0
-    if opts.kills is None:
-        opts.kills = 2 if quick else 10
     if opts.runs is None:
         opts.runs = 1 if quick else 3
     if opts.stream_messages is None:
@@ -1213,12 +1181,8 @@ def resolve(opts: argparse.Namespace) -> None:
         opts.fanout_seconds = FANOUT_SECONDS_QUICK if quick else FANOUT_SECONDS_DEFAULT
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every finally that stops the servers
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nats", description="NATS JetStream R3 baseline (see the module doc).")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nats_jetstream", description="NATS JetStream R3 baseline (see the module doc).")
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(WORKLOADS)} (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--json", default="", help="also write the figures as JSON to this file")
@@ -1230,17 +1194,15 @@ def main(argv: list[str] | None = None) -> int:
         return _worker_main(opts.worker)
     if opts.fanout_worker:
         return _fanout_worker_main(opts.fanout_worker)
-    known = WORKLOADS
-    unknown = set(opts.workloads) - set(known)
+    unknown = set(opts.workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workload(s) {sorted(unknown)}")
     resolve(opts)
-    signal.signal(signal.SIGTERM, _terminate)
-    report: dict = {"setup": ensure_setup(), "load_average_start": load_average()}
+    report: dict = {"setup": ensure_setup()}
     print(f"{NAME}: {report['setup']}", flush=True)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-nats-")
-    names = [w for w in WORKLOADS if w in (opts.workloads or known)]
-    try:
+    names = [w for w in WORKLOADS if w in (opts.workloads or WORKLOADS)]
+
+    def measure(root: str) -> None:
         for name in names:
             if name in STREAM_WORKLOADS:
                 continue
@@ -1259,14 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in streamed:
                     print(f"{NAME} {name}", flush=True)
                     report[name] = stream.measure(name)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report["load_average_end"] = load_average()
-    print(f"load avg {report['load_average_start']} -> {report['load_average_end']}")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+
+    return run_peer(NAME, opts, report, measure)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""What every benchmark command shares: argument types (positive numbers, lists of them, node
+settings), SIGTERM that unwinds through every ``finally`` that stops servers, and the JSON
+report file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _number(kind, text: str, *, low: float, strict: bool):
+    """`text` as `kind` (``_`` allowed between digits), at least `low` (above it if `strict`)."""
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, low=1, strict=False)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, low=0, strict=False)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, low=0, strict=True)
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated numbers >= 1, at least one."""
+    values = [positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    return values
+
+
+def node_setting(text: str) -> tuple[str, str, object]:
+    """``section.key=value`` (value as JSON, else as a string)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or not section or not key:
+        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, key, value
+
+
+def terminate(signum: int, _frame: object) -> None:
+    """A SIGTERM handler: unwinds through every ``finally`` that stops the servers."""
+    raise SystemExit(128 + signum)
+
+
+def write_report(path: str, report: dict, *, indent: int = 2) -> None:
+    """The report as JSON in `path` (nothing when `path` is empty)."""
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump(report, f, indent=indent, default=str)
+        f.write("\n")
+
+
+class Scoped:
+    """Something a benchmark starts for a ``with`` block (servers, a filled stream): ``open``
+    on entering, ``close`` on leaving, and ``close`` too when ``open`` fails half-way, so that
+    nothing started is left running. ``close`` must be idempotent."""
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
