@@ -674,3 +674,54 @@ def test_planted_file_io_outside_the_journal_is_found(source):
 
 def test_a_journal_method_is_not_file_io():
     assert file_io_outside_journal("held = journal.read_bytes(1, 2)\nos_path = 'x'", "sequencer.core") == []
+
+
+# --- every bound named once -----------------------------------------------------------------
+
+BOUNDS_HOMES = ("sequencer.limits", "cluster.config")
+
+
+def stray_bounds(source: str, module: str) -> list[str]:
+    """Literals that look like a byte bound outside the homes of bounds: a power of two of 4 KiB
+    or more, or ``N * 1024`` (KiB and MiB arithmetic). Unit conversions (1000, 1e9) and the
+    defaults of keyword options (a client's own bound, documented on its signature) pass."""
+    if module in BOUNDS_HOMES:
+        return []
+    tree = ast.parse(source)
+    defaults = {
+        id(node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for default in [*fn.args.defaults, *(d for d in fn.args.kw_defaults if d is not None)]
+        for node in ast.walk(default)
+    }
+    bad = []
+    for node in ast.walk(tree):
+        if id(node) in defaults:
+            continue
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 4096 and node.value & (node.value - 1) == 0:
+            bad.append(f"{module}:{node.lineno}: {node.value}")
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Mult)
+            and any(isinstance(side, ast.Constant) and side.value == 1024 for side in (node.left, node.right))
+        ):
+            bad.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_every_byte_bound_lives_in_limits_or_config():
+    files = _source_files(PRODUCT)
+    bad = [b for m, p in files.items() for b in stray_bounds(p.read_text(encoding="utf-8"), m)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("source", ["READ_CHUNK = 65536", "buf = sock.recv(256 * 1024)", "if n > 262144:\n    pass", "x = 1024 * 1024"])
+def test_a_planted_stray_bound_is_found(source):
+    assert stray_bounds(source, "cluster.gateway") != []
+    assert stray_bounds(source, "sequencer.limits") == []
+
+
+@pytest.mark.parametrize("source", ["ms = s * 1000", "def f(*, read_bytes_max: int = 65536):\n    pass", "n = 1023 + 5000"])
+def test_conversions_and_keyword_defaults_are_not_stray_bounds(source):
+    assert stray_bounds(source, "clients.client") == []
