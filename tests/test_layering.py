@@ -1,13 +1,20 @@
 """The import rules of DESIGN.md section 2, checked on the source text (nothing is imported).
 
-| package     | may import                                                      |
-| sequencer/  | stdlib and msgspec; no sockets, threads, asyncio, clocks,       |
-|             | pysyncobj or prometheus                                         |
-| cluster/    | sequencer, pysyncobj, prometheus-client                         |
-| clients/    | sequencer.protocol only (and sequencer.limits, which it uses);  |
-|             | prometheus_client in clients/metrics.py only (the opt-in        |
-|             | collector), and ``import clients`` must not load it             |
-| nobody      | imports chaos_tests, tests or benchmarks                        |
+| package       | may import                                                          |
+| sequencer/    | stdlib and msgspec; no sockets, threads, asyncio, subprocess,       |
+|               | clocks, pysyncobj or prometheus; file I/O only in sequencer.journal |
+| clients/      | sequencer.protocol, sequencer.limits, sequencer.version, stdlib,    |
+|               | msgspec; prometheus_client in clients/metrics.py only (the opt-in   |
+|               | collector), and ``import raftseq.clients`` must not load it         |
+| cluster/      | sequencer, clients; pysyncobj and cryptography in cluster.raft only;|
+|               | prometheus_client in cluster.metrics (and its text parser in the    |
+|               | terminal view, cluster.top); rich in cluster.top only               |
+| chaos_tests/  | clients, cluster, sequencer.protocol/limits, sequencer.journal      |
+| nobody        | imports chaos_tests, tests, benchmarks or examples (but the suites  |
+|               | themselves: tests import everything, benchmarks and examples their  |
+|               | own modules)                                                        |
+| everywhere    | no import cycle among our modules; no private name imported from    |
+|               | another module; our packages only as ``raftseq.*``                  |
 
 Every import statement counts, wherever it sits (inside functions, under ``if TYPE_CHECKING``),
 and so do ``importlib.import_module("x")`` and ``__import__("x")`` with a literal name.
@@ -429,3 +436,292 @@ def test_bare_imports_are_caught():
     assert bare_imports("from cluster.node import Node") != []
     assert bare_imports("import clients") != []
     assert bare_imports("from raftseq.cluster.node import Node\nimport clientside") == []
+
+
+# --- cluster/: pysyncobj behind one door, metrics and terminal libraries in their modules -------
+
+#: Third-party packages and the cluster modules (prefixes) that alone may import them.
+CLUSTER_CONFINED = {
+    "pysyncobj": ("cluster.raft",),
+    "cryptography": ("cluster.raft",),
+    "prometheus_client": ("cluster.metrics", "cluster.top"),
+    "rich": ("cluster.top",),
+}
+CLUSTER_MAY_USE = ("sequencer", "cluster", "clients", "msgspec", *CLUSTER_CONFINED)
+
+
+def cluster_violations(found: list[Import]) -> list[str]:
+    bad = []
+    for imp in found:
+        top = imp.module.split(".")[0]
+        if forbidden(imp, NEVER_IMPORTED + ("examples",)):
+            bad.append(f"{imp} (nothing imports {', '.join(NEVER_IMPORTED)} or examples)")
+        elif top in CLUSTER_CONFINED and not any(within(imp.importer, home) for home in CLUSTER_CONFINED[top]):
+            bad.append(f"{imp} ({top} only in {', '.join(CLUSTER_CONFINED[top])})")
+        elif top not in STDLIB and top not in CLUSTER_MAY_USE:
+            bad.append(f"{imp} (cluster/ may import the standard library, msgspec, sequencer, clients and {', '.join(CLUSTER_CONFINED)})")
+    return bad
+
+
+def test_cluster_keeps_pysyncobj_metrics_and_terminal_libraries_in_their_modules():
+    found = package_imports("cluster")
+    assert any(imp.module.split(".")[0] == "pysyncobj" for imp in found), "the scan sees no pysyncobj import (is it blind?)"
+    assert cluster_violations(found) == []
+
+
+@pytest.mark.parametrize(
+    "source, module",
+    [
+        ("from pysyncobj import SyncObjException", "cluster.node"),
+        ("import pysyncobj.syncobj", "cluster.gateway"),
+        ("def f():\n    from cryptography.hazmat.primitives import hashes", "cluster.config"),
+        ("from prometheus_client import Counter", "cluster.gateway"),
+        ("from rich.table import Table", "cluster.cli"),
+        ("import requests", "cluster.node"),
+        ("from chaos_tests import nemesis", "cluster.local"),
+        ("from examples.refdata import demo", "cluster.cli"),
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pysyncobj import SyncObj", "cluster.batcher"),
+    ],
+)
+def test_scanner_flags_forbidden_cluster_imports(source, module):
+    assert cluster_violations(scan(source, module=module)) != []
+
+
+@pytest.mark.parametrize(
+    "source, module",
+    [
+        ("from pysyncobj import SyncObj", "cluster.raft.replica"),
+        ("import pysyncobj", "cluster.raft"),
+        ("from prometheus_client.core import GaugeMetricFamily", "cluster.metrics"),
+        ("from rich.live import Live", "cluster.top.render"),
+        ("from raftseq.clients import SequencerClient\nfrom raftseq.sequencer import protocol", "cluster.cli"),
+    ],
+)
+def test_scanner_allows_what_cluster_may_import(source, module):
+    assert cluster_violations(scan(source, module=module)) == []
+
+
+# --- chaos_tests/ and the suites ------------------------------------------------------------
+
+CHAOS_MAY_USE_FROM_SEQUENCER = ("sequencer.protocol", "sequencer.limits", "sequencer.journal")
+
+
+def chaos_violations(found: list[Import]) -> list[str]:
+    bad = []
+    for imp in found:
+        if forbidden(imp, ("tests", "benchmarks", "examples")):
+            bad.append(f"{imp} (chaos_tests imports no tests, benchmarks or examples)")
+        elif imp.module.split(".")[0] == "sequencer" and not all(
+            any(within(c, allowed) for allowed in CHAOS_MAY_USE_FROM_SEQUENCER) for c in imp.candidates[1:] or imp.candidates
+        ):
+            bad.append(f"{imp} (chaos_tests may use only {', '.join(CHAOS_MAY_USE_FROM_SEQUENCER)} of sequencer)")
+    return bad
+
+
+def test_chaos_tests_use_only_the_public_surface():
+    assert chaos_violations(package_imports("chaos_tests")) == []
+
+
+@pytest.mark.parametrize(
+    "source, bad",
+    [
+        ("from raftseq.sequencer.machine import SequencerMachine", True),
+        ("from raftseq.sequencer import machine", True),
+        ("from tests.cluster_harness import Harness", True),
+        ("from benchmarks import bench_cluster", True),
+        ("from raftseq.sequencer import protocol", False),
+        ("from raftseq.sequencer.journal import Journal", False),
+        ("from raftseq.cluster.local import LocalCluster\nfrom raftseq.clients import SequencerClient", False),
+    ],
+)
+def test_scanner_checks_chaos_imports(source, bad):
+    assert (chaos_violations(scan(source, module="chaos_tests.example")) != []) is bad
+
+
+@pytest.mark.parametrize("package, allowed", [("examples", ("examples",)), ("benchmarks", ("benchmarks",))])
+def test_examples_and_benchmarks_import_no_other_suite(package, allowed):
+    suites = tuple(s for s in (*NEVER_IMPORTED, "examples") if s not in allowed)
+    assert [str(imp) for imp in package_imports(package) if forbidden(imp, suites)] == []
+
+
+# --- no import cycles -----------------------------------------------------------------------
+
+PRODUCT = ("sequencer", "cluster", "clients")
+
+
+def _source_files(packages: tuple[str, ...], root: Path = ROOT) -> dict[str, Path]:
+    """Module name -> file, for every Python file of `packages`."""
+    return {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def import_graph(packages: tuple[str, ...] = PRODUCT, root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports (``from pkg import sub`` counts as the
+    submodule where one exists, else the package), TYPE_CHECKING imports included."""
+    files = _source_files(packages, root)
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for imp in imports_of(path.read_text(encoding="utf-8"), path=str(path), module=module, is_package=path.name == "__init__.py"):
+            targets = [c for c in imp.candidates[1:] if c in files] or ([imp.module] if imp.module in files else [])
+            graph[module].update(t for t in targets if t != module)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] (depth-first search, colours on the stack)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert sum(len(v) for v in graph.values()) > 50, "the graph is nearly empty (is the scan blind?)"
+    assert find_cycle(graph) == []
+
+
+def test_a_planted_cycle_through_type_checking_is_found(tmp_path):
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "__init__.py").write_text("")
+    (tmp_path / "cluster" / "node.py").write_text("from raftseq.cluster.gateway import Gateway\n")
+    (tmp_path / "cluster" / "gateway.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from raftseq.cluster import node\n"
+    )
+    assert find_cycle(import_graph(("cluster",), root=tmp_path)) == ["cluster.gateway", "cluster.node", "cluster.gateway"]
+    (tmp_path / "cluster" / "gateway.py").write_text("import asyncio\n")
+    assert find_cycle(import_graph(("cluster",), root=tmp_path)) == []
+
+
+# --- no private names across modules --------------------------------------------------------
+
+CODE = (*PRODUCT, "chaos_tests", "benchmarks", "examples")
+
+
+def private_imports(found: list[Import]) -> list[str]:
+    """``from our.module import _name`` where the name is private to another module."""
+    ours = (*CODE, "tests")
+    return [
+        str(imp)
+        for imp in found
+        if imp.module.split(".")[0] in ours
+        for name in imp.names
+        if name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    ]
+
+
+@pytest.mark.parametrize("package", CODE)
+def test_no_private_name_is_imported_across_modules(package):
+    assert private_imports(package_imports(package)) == []
+
+
+def test_a_planted_private_import_is_found():
+    assert private_imports(scan("from raftseq.clients.client import Message, _open_link", module="clients.sm.snapshots")) != []
+    assert private_imports(scan("from .client import _Link", module="clients.sm.snapshots")) != []
+    assert private_imports(scan("from raftseq.sequencer.version import __version__\nfrom os import _exit", module="clients")) == []
+
+
+# --- file I/O in sequencer/ only under the journal ------------------------------------------
+
+#: ``os.X(...)`` / ``io.X(...)`` calls that touch the file system.
+FILE_IO_CALLS = frozenset({"open", "fsync", "fdatasync", "replace", "rename", "remove", "unlink", "makedirs", "mkdir",
+                           "listdir", "scandir", "truncate", "ftruncate", "write", "read", "pread", "pwrite", "stat"})
+FILE_IO_MODULES = ("mmap", "shutil", "tempfile", "pathlib", "glob")
+
+
+def file_io_outside_journal(source: str, module: str) -> list[str]:
+    if within(module, "sequencer.journal"):
+        return []
+    bad = [str(imp) for imp in scan(source, module=module) if forbidden(imp, FILE_IO_MODULES)]
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id == "open":
+            bad.append(f"{module}:{node.lineno}: open(...)")
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("os", "io"):
+            if func.attr in FILE_IO_CALLS:
+                bad.append(f"{module}:{node.lineno}: {func.value.id}.{func.attr}(...)")
+    return bad
+
+
+def test_sequencer_touches_files_only_in_the_journal():
+    files = _source_files(("sequencer",))
+    assert any(within(m, "sequencer.journal") for m in files)
+    bad = [b for m, p in files.items() for b in file_io_outside_journal(p.read_text(encoding="utf-8"), m)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("source", ["import os\nos.fsync(3)", "f = open('x', 'wb')", "import shutil", "from pathlib import Path"])
+def test_planted_file_io_outside_the_journal_is_found(source):
+    assert file_io_outside_journal(source, "sequencer.machine") != []
+    assert file_io_outside_journal(source, "sequencer.journal.segments") == []
+
+
+def test_a_journal_method_is_not_file_io():
+    assert file_io_outside_journal("held = journal.read_bytes(1, 2)\nos_path = 'x'", "sequencer.core") == []
+
+
+# --- every bound named once -----------------------------------------------------------------
+
+BOUNDS_HOMES = ("sequencer.limits", "cluster.config")
+
+
+def stray_bounds(source: str, module: str) -> list[str]:
+    """Literals that look like a byte bound outside the homes of bounds: a power of two of 4 KiB
+    or more, or ``N * 1024`` (KiB and MiB arithmetic). Unit conversions (1000, 1e9) and the
+    defaults of keyword options (a client's own bound, documented on its signature) pass."""
+    if module in BOUNDS_HOMES:
+        return []
+    tree = ast.parse(source)
+    defaults = {
+        id(node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for default in [*fn.args.defaults, *(d for d in fn.args.kw_defaults if d is not None)]
+        for node in ast.walk(default)
+    }
+    bad = []
+    for node in ast.walk(tree):
+        if id(node) in defaults:
+            continue
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 4096 and node.value & (node.value - 1) == 0:
+            bad.append(f"{module}:{node.lineno}: {node.value}")
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Mult)
+            and any(isinstance(side, ast.Constant) and side.value == 1024 for side in (node.left, node.right))
+        ):
+            bad.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_every_byte_bound_lives_in_limits_or_config():
+    files = _source_files(PRODUCT)
+    bad = [b for m, p in files.items() for b in stray_bounds(p.read_text(encoding="utf-8"), m)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("source", ["READ_CHUNK = 65536", "buf = sock.recv(256 * 1024)", "if n > 262144:\n    pass", "x = 1024 * 1024"])
+def test_a_planted_stray_bound_is_found(source):
+    assert stray_bounds(source, "cluster.gateway") != []
+    assert stray_bounds(source, "sequencer.limits") == []
+
+
+@pytest.mark.parametrize("source", ["ms = s * 1000", "def f(*, read_bytes_max: int = 65536):\n    pass", "n = 1023 + 5000"])
+def test_conversions_and_keyword_defaults_are_not_stray_bounds(source):
+    assert stray_bounds(source, "clients.client") == []
