@@ -144,7 +144,7 @@ class _Pending:
 
 
 #: Bytes of payload per SubmitBatch frame, leaving room for framing under FRAME_BYTES_MAX.
-_SUBMIT_BATCH_BYTES = protocol.limits.FRAME_BYTES_MAX - 4 * 1024
+_SUBMIT_BATCH_BYTES = protocol.limits.FRAME_BYTES_MAX - protocol.limits.SUBMIT_BATCH_FRAMING_BYTES
 
 
 def _submit_frames(pendings: list[_Pending]) -> bytes:
@@ -482,7 +482,7 @@ class SequencerClient:
             if self._resend_from is not None:
                 await asyncio.sleep(0.02)
                 self._resend_all(self._resend_from)
-            if link.write_buffer_bytes > 4 * 1024 * 1024:
+            if link.write_buffer_bytes > protocol.limits.CLIENT_WRITE_BUFFER_BYTES_MAX:
                 await link.drain()
 
     def _handle(self, frame: object) -> None:

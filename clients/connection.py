@@ -36,12 +36,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from raftseq.sequencer import protocol
+from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.protocol import RejectReason
 
 #: Bytes asked of the socket per read: large enough that a subscriber catching up reads many
 #: records per loop iteration, small enough to bound what one read hands to the framer.
-READ_BYTES = 256 * 1024
+READ_BYTES = limits.CLIENT_READ_BYTES
 
 _HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
 

@@ -302,3 +302,9 @@ def _toml_value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+#: First port of the kernel's ephemeral range when /proc does not say (Linux's default): the local
+#: cluster picks its ports below it, where no outgoing connection can take one first.
+EPHEMERAL_PORTS_FIRST_DEFAULT = 32768
+#: One past the highest TCP port.
+PORTS_END = 65536

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from raftseq.cluster.config import NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, NodeConfig, PeerConfig, to_toml
 from raftseq.cluster.status import gather_status
 
 RESTART_DELAY_S = 1.0
@@ -136,13 +136,13 @@ def free_base_port(rng: random.Random | None = None) -> int:
     rng = rng or random.Random()
     # Stay below the kernel's ephemeral range: a port there can be taken by any outgoing
     # connection (even one to itself) before a node binds it.
-    low = 32768
+    low = EPHEMERAL_PORTS_FIRST_DEFAULT
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         pass
-    top = max(10010, min(low, 65536) - 210)
+    top = max(10010, min(low, PORTS_END) - 210)
     offsets = [first + i for first in (CLIENT_PORT_OFFSET, RAFT_PORT_OFFSET, METRICS_PORT_OFFSET) for i in range(NODE_COUNT)]
     for _ in range(200):
         base = rng.randrange(10000, top, 10)

@@ -110,3 +110,18 @@ SOCKET_READ_BYTES = FRAME_BYTES_MAX
 SUBSCRIBER_BLOCK_BYTES = 256 * KIB
 #: Connections waiting to be accepted by a node's gateway (the listen backlog).
 LISTEN_BACKLOG = 256
+
+# --- clients (the library's own buffers; the node's bounds above apply to what it sends) -------
+#: Room kept for framing when a client packs payloads into one SubmitBatch, in bytes.
+SUBMIT_BATCH_FRAMING_BYTES = 4 * KIB
+#: Bytes a client lets pile up in its socket's write buffer before it waits for the drain.
+CLIENT_WRITE_BUFFER_BYTES_MAX = 4 * MIB
+#: Bytes a client asks of the socket per read: large enough that a subscriber catching up reads
+#: many records per loop iteration, small enough to bound what one read hands to the framer.
+CLIENT_READ_BYTES = 256 * KIB
+#: Largest metrics page an operator tool reads from a node (a node's page is a few KiB).
+METRICS_PAGE_BYTES_MAX = 1 * MIB
+#: Largest frame body of a conformance recording (snapshot parts are the large ones).
+RECORDING_FRAME_BODY_BYTES_MAX = 4 * MIB
+#: Bytes of the starting snapshot per part of a conformance recording.
+RECORDING_SNAPSHOT_PART_BYTES = 1 * MIB

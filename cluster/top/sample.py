@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from raftseq.cluster.status import node_status
+from raftseq.sequencer import limits
 from raftseq.cluster.top.model import Buckets, NodeSample, Sample
 
 #: Largest metrics page read from a node (a node's page is a few KiB).
-METRICS_BYTES_MAX = 1024 * 1024
+METRICS_BYTES_MAX = limits.METRICS_PAGE_BYTES_MAX
 #: Session name in the hello of every status request.
 SESSION = "top"
 ACK_LATENCY_METRIC = "raftseq_ack_latency_seconds"

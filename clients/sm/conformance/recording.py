@@ -17,16 +17,16 @@ from typing import Any
 
 import msgspec
 
-from raftseq.sequencer import protocol
+from raftseq.sequencer import limits, protocol
 
 #: First bytes of a conformance file.
 MAGIC = b"raftseq sm conformance\n"
 #: Version of the file's layout and records (``Header.format``).
 FORMAT = 1
 #: Largest frame body; every record is far smaller except snapshot parts (``SNAPSHOT_PART_BYTES``).
-FRAME_BODY_BYTES_MAX = 4 * 1024 * 1024
+FRAME_BODY_BYTES_MAX = limits.RECORDING_FRAME_BODY_BYTES_MAX
 #: Bytes of the starting snapshot per ``SnapshotPart``.
-SNAPSHOT_PART_BYTES = 1024 * 1024
+SNAPSHOT_PART_BYTES = limits.RECORDING_SNAPSHOT_PART_BYTES
 #: Largest starting snapshot (the cluster's own bound on a published snapshot).
 SNAPSHOT_BYTES_MAX = protocol.SNAPSHOT_CHUNKS_MAX * protocol.SNAPSHOT_CHUNK_DATA_BYTES_MAX
 
