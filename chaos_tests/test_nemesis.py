@@ -391,7 +391,7 @@ def test_a_damaged_journal_tail_is_cut_on_restart_and_refilled_from_raft(chaos, 
     assert last == seqs[-1]
     report = verify_journal(cluster.journal_dir(victim))
     assert report.ok and report.last_seq == last, f"{victim}'s journal after the restart: {report}"
-    line = next((l for l in cluster.log_text(victim).splitlines() if "journal tail cut" in l), "")
+    line = next((text for text in cluster.log_text(victim).splitlines() if "journal tail cut" in text), "")
     print(f"{victim} log: {line}")
     assert line, f"{victim} did not report cutting its damaged tail"
     log.check_paired()
@@ -419,7 +419,7 @@ def test_a_follower_on_a_full_disk_stops_and_the_others_keep_serving(chaos):
     print(f"3000 submits acknowledged by the other two in {time.monotonic() - started:.2f} s")
     code = wait_until(lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=10,
                       what=f"{victim} stops on the full disk")[0]
-    tail = [l for l in cluster.log_text(victim).splitlines() if "CRITICAL" in l or "ERROR" in l][-3:]
+    tail = [text for text in cluster.log_text(victim).splitlines() if "CRITICAL" in text or "ERROR" in text][-3:]
     print(f"{victim} on a full tmpfs exited with {code} ({'signal ' + str(-code) if code < 0 else 'code'}); log: {tail}")
     nemesis.end(full)
     cluster.restart(victim)

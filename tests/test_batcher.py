@@ -385,7 +385,7 @@ def test_a_commit_reported_inside_propose_stops_the_node(stops):
 
 def test_a_failing_reply_stops_the_node_instead_of_raising_into_raft(stops):
     async def story():
-        raft, replies = FakeRaft(), Replies()
+        raft = FakeRaft()
         batcher = make_batcher(raft)
 
         def broken_reply(client_seq: int, outcome: object) -> None:
