@@ -2,7 +2,7 @@
 
 Rates swing with whatever else this machine runs; the CPU a node spends per acknowledged
 message does not, much. Each round runs the throughput workload of each checkout's own
-``benchmarks/bench_cluster.py`` (A then B, then B then A in the next round, and so on), and
+``benchmarks/bench_cluster.py`` (run as ``python -m benchmarks.bench_cluster`` in the checkout; A then B, then B then A in the next round, and so on), and
 reads from its JSON report each node's CPU share and the rate: CPU per message = share / rate.
 The leader is the node with the largest share.
 
@@ -31,7 +31,7 @@ def one_run(checkout: str, python: str, messages: int, extra: list[str]) -> dict
     """variant -> {"leader_us": ..., "nodes_us": ..., "per_s": ...} for one run of `checkout`."""
     with tempfile.TemporaryDirectory(prefix="raftseq-ab-") as tmp:
         report = os.path.join(tmp, "report.json")
-        command = [python, os.path.join(checkout, "benchmarks", "bench_cluster.py"), "--workload", "throughput",
+        command = [python, "-m", "benchmarks.bench_cluster", "--workload", "throughput",
                    "--runs", "1", "--messages", str(messages), "--json", report, *extra]
         done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         if done.returncode != 0:
