@@ -151,11 +151,13 @@ def propose(replica: SequencerReplica, client_seq: int) -> asyncio.Future:
     return done
 
 
-@pytest.mark.parametrize("delay_s", [0.001, 0.0], ids=["commit-rides-next-batch", "commit-sent-at-once"])
+@pytest.mark.parametrize("delay_s", [0.01, 0.0], ids=["commit-rides-next-batch", "commit-sent-at-once"])
 def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
     """Heartbeats every 0.4 s here, so a follower learning a commit sooner proves the leader
     told it. With the delay, a batch proposed when the previous one commits carries the commit
-    index: about one AppendEntries per follower per batch instead of two."""
+    index: about one AppendEntries per follower per batch instead of two. The test's delay is
+    10 ms, not the 1 ms default: it measures the mechanism, and on a loaded 2-core box the next
+    proposal now and then comes more than 1 ms after the commit (53 rounds for 40 batches seen)."""
     raft = {
         "append_entries_period_s": 0.4,
         "election_timeout_min_s": 1.3,
@@ -192,7 +194,7 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
                 assert error == 0 and result.first_seq == client_seq
             await wait_until(lambda: all(j.last_seq == batches + 1 for j in journals), "every journal at the last batch")
             print(f"commit_notify_delay_s {delay_s}: {sends['count']} AppendEntries rounds for {batches} batches")
-            if delay_s:  # now and then the 1 ms passes before the next batch is proposed
+            if delay_s:  # now and then the delay passes before the next batch is proposed
                 assert sends["count"] <= 1.25 * batches, sends
             else:
                 assert sends["count"] >= 2 * batches - 1, sends
