@@ -79,17 +79,28 @@ def _raftseq_args(opts: argparse.Namespace, *, payload_bytes: int) -> argparse.N
     """bench_cluster's options for one call of one of its workload functions."""
     parser = bench_cluster.build_parser()
     argv = [
-        "--runs", "1",
-        "--messages", str(opts.messages),
-        "--batch", str(min(opts.batch, opts.window)),
-        "--processes", str(opts.processes),
-        "--payload-bytes", str(payload_bytes),
-        "--in-flight-max", str(opts.window),
-        "--rates", ",".join(str(r) for r in opts.rates),
-        "--latency-seconds", str(opts.latency_seconds),
-        "--kills", str(opts.kills),
-        "--failover-rate", str(opts.failover_rate),
-        "--run-timeout-s", str(opts.run_timeout_s),
+        "--runs",
+        "1",
+        "--messages",
+        str(opts.messages),
+        "--batch",
+        str(min(opts.batch, opts.window)),
+        "--processes",
+        str(opts.processes),
+        "--payload-bytes",
+        str(payload_bytes),
+        "--in-flight-max",
+        str(opts.window),
+        "--rates",
+        ",".join(str(r) for r in opts.rates),
+        "--latency-seconds",
+        str(opts.latency_seconds),
+        "--kills",
+        str(opts.kills),
+        "--failover-rate",
+        str(opts.failover_rate),
+        "--run-timeout-s",
+        str(opts.run_timeout_s),
     ]
     if opts.insecure:
         argv.append("--insecure")
@@ -140,13 +151,20 @@ class Raftseq:
         """A cluster filled with ``opts.stream_messages`` messages; ``measure(name)`` runs one
         of bench_stream.py's workloads on it."""
         argv = [
-            "--messages", str(opts.stream_messages),
-            "--payload-bytes", str(opts.payload_bytes),
-            "--runs", str(opts.runs),
-            "--rate", str(opts.fanout_rate),
-            "--seconds", str(opts.fanout_seconds),
-            "--subscribers", str(opts.subscribers),
-            "--subscriber-processes", str(opts.subscriber_processes),
+            "--messages",
+            str(opts.stream_messages),
+            "--payload-bytes",
+            str(opts.payload_bytes),
+            "--runs",
+            str(opts.runs),
+            "--rate",
+            str(opts.fanout_rate),
+            "--seconds",
+            str(opts.fanout_seconds),
+            "--subscribers",
+            str(opts.subscribers),
+            "--subscriber-processes",
+            str(opts.subscriber_processes),
         ]
         if opts.insecure:
             argv.append("--insecure")
@@ -220,14 +238,19 @@ class Session:
                 for system in self.active():
                     self.progress(f"throughput, {payload}-byte payloads, {system}, run {r + 1} of {opts.runs}")
                     loads.append(load_average())
-                    out = self.attempt(f"throughput/{system}/{payload}", self.side(system).throughput, opts, self.root, payload_bytes=payload)
+                    out = self.attempt(
+                        f"throughput/{system}/{payload}", self.side(system).throughput, opts, self.root, payload_bytes=payload
+                    )
                     if out is None:
                         continue
                     for variant, v in out["variants"].items():
                         runs[payload][system].setdefault(variant, []).append(v)
                         if system != "raftseq":  # bench_cluster prints its own lines
-                            print(f"    {system} {variant:<24} {v['messages_per_s']:>10,.0f} msg/s  ({v['messages']:,} in {v['seconds']:.2f} s; "
-                                  f"cpu {cpu_text(v.get('cpu_share', {}))}){_pysyncobj_notes(v)}", flush=True)
+                            print(
+                                f"    {system} {variant:<24} {v['messages_per_s']:>10,.0f} msg/s  ({v['messages']:,} in {v['seconds']:.2f} s; "
+                                f"cpu {cpu_text(v.get('cpu_share', {}))}){_pysyncobj_notes(v)}",
+                                flush=True,
+                            )
         result: dict = {"payloads": {}, "load_averages": loads}
         for payload in opts.payloads:
             systems = {}
@@ -235,8 +258,12 @@ class Session:
                 systems[system] = {}
                 for variant, vs in variants.items():
                     rates = [v["messages_per_s"] for v in vs]
-                    systems[system][variant] = {**spread(rates), "title": vs[0].get("title", ""), "cpu_share_runs": [v.get("cpu_share", {}) for v in vs],
-                                                "run_details": [{k: x for k, x in v.items() if k not in ("title", "cpu_share")} for v in vs]}
+                    systems[system][variant] = {
+                        **spread(rates),
+                        "title": vs[0].get("title", ""),
+                        "cpu_share_runs": [v.get("cpu_share", {}) for v in vs],
+                        "run_details": [{k: x for k, x in v.items() if k not in ("title", "cpu_share")} for v in vs],
+                    }
             result["payloads"][str(payload)] = {"systems": systems, **throughput_ratios(systems, payload)}
         return result
 
@@ -296,12 +323,20 @@ class Session:
                 continue
             self.progress(f"{', '.join(names)}: {system}, filling a stream of {opts.stream_messages:,} messages")
             with contextlib.ExitStack() as stack:
-                filled = self.attempt(f"stream/{system}", lambda side=STREAM_SIDES[system]: stack.enter_context(side.stream(opts, self.root)))
+                filled = self.attempt(
+                    f"stream/{system}", lambda side=STREAM_SIDES[system]: stack.enter_context(side.stream(opts, self.root))
+                )
                 if filled is None:
                     continue
                 for name in names:
-                    self.progress(f"{name}, {system}" + (f", {opts.runs} run(s)" if name != "fanout" else
-                                  f", {opts.subscribers} subscribers, {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"))
+                    self.progress(
+                        f"{name}, {system}"
+                        + (
+                            f", {opts.runs} run(s)"
+                            if name != "fanout"
+                            else f", {opts.subscribers} subscribers, {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
+                        )
+                    )
                     load_before = load_average()
                     out = self.attempt(f"{name}/{system}", filled.measure, name)
                     if out is None:
@@ -319,8 +354,11 @@ def _pysyncobj_notes(v: dict) -> str:
     """What the plain pysyncobj design did during a throughput run besides its figure."""
     if "term_changes" not in v:
         return ""
-    notes = [f"first {min(pysyncobj_peer.FIRST_ACKS, v['messages']):,} acks at {v[f'first_{pysyncobj_peer.FIRST_ACKS}_per_s']:,.0f} msg/s",
-             f"{v['term_changes']} term changes", f"{v['resubmits']:,} resubmits"]
+    notes = [
+        f"first {min(pysyncobj_peer.FIRST_ACKS, v['messages']):,} acks at {v[f'first_{pysyncobj_peer.FIRST_ACKS}_per_s']:,.0f} msg/s",
+        f"{v['term_changes']} term changes",
+        f"{v['resubmits']:,} resubmits",
+    ]
     if v.get("applied_twice"):
         notes.append(f"{v['applied_twice']:,} applied twice")
     if v.get("acked_missing"):
@@ -334,8 +372,11 @@ def summarize_latency_runs(runs: list[dict]) -> dict:
     """Each percentile's median over the runs that had acks after the warm-up. A system that
     had none in any run (it fell behind by more than the run) gets None for every percentile."""
     acked = [v for v in runs if v["latency"]["count"]]
-    out: dict = {"achieved_per_s": statistics.median(v["achieved_per_s"] for v in runs), "runs_without_acks": len(runs) - len(acked),
-                 "runs_detail": [v["latency"] for v in runs]}
+    out: dict = {
+        "achieved_per_s": statistics.median(v["achieved_per_s"] for v in runs),
+        "runs_without_acks": len(runs) - len(acked),
+        "runs_detail": [v["latency"] for v in runs],
+    }
     if not acked:
         out.update({k: None for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "send_to_ack_p50_ms", "sender_lag_p50_ms")})
         out.update({"count": 0, "runs": len(runs)})
@@ -372,11 +413,15 @@ def throughput_ratios(systems: dict, payload: int) -> dict:
         ratios[f"raftseq best / {peer} best"] = {"ratio": ratio, "raftseq": raft_name, peer: peer_name}
         same = [v for v in systems[peer] if v in raft]
         for v in same:
-            ratios[f"raftseq / {peer}, {v}"] = {"ratio": raft[v]["median"] / systems[peer][v]["median"] if systems[peer][v]["median"] else 0.0}
+            ratios[f"raftseq / {peer}, {v}"] = {
+                "ratio": raft[v]["median"] / systems[peer][v]["median"] if systems[peer][v]["median"] else 0.0
+            }
         if payload == GOAL_THROUGHPUT_PAYLOAD_BYTES:
             goals.append({"goal": f"raftseq >= {GOAL_RATIO[peer]:.0f}x {peer}", "value": ratio, "met": ratio >= GOAL_RATIO[peer]})
     if raft and payload == GOAL_THROUGHPUT_PAYLOAD_BYTES:
-        goals.insert(0, {"goal": f"raftseq >= {GOAL_THROUGHPUT_PER_S:,} msg/s", "value": raft_best, "met": raft_best >= GOAL_THROUGHPUT_PER_S})
+        goals.insert(
+            0, {"goal": f"raftseq >= {GOAL_THROUGHPUT_PER_S:,} msg/s", "value": raft_best, "met": raft_best >= GOAL_THROUGHPUT_PER_S}
+        )
     return {"ratios": ratios, "goals": goals}
 
 
@@ -401,10 +446,20 @@ def failover_ratios(systems: dict) -> dict:
         for peer in PEERS:
             if peer in systems:
                 ratios[f"raftseq / {peer}"] = {k: raft["failover_s"][k] / systems[peer]["failover_s"][k] for k in ("median", "max")}
-        goals.append({"goal": f"raftseq failover median <= {GOAL_FAILOVER_MEDIAN_S:g} s", "value": raft["failover_s"]["median"],
-                      "met": raft["failover_s"]["median"] <= GOAL_FAILOVER_MEDIAN_S})
-        goals.append({"goal": f"raftseq failover max <= {GOAL_FAILOVER_MAX_S:g} s", "value": raft["failover_s"]["max"],
-                      "met": raft["failover_s"]["max"] <= GOAL_FAILOVER_MAX_S})
+        goals.append(
+            {
+                "goal": f"raftseq failover median <= {GOAL_FAILOVER_MEDIAN_S:g} s",
+                "value": raft["failover_s"]["median"],
+                "met": raft["failover_s"]["median"] <= GOAL_FAILOVER_MEDIAN_S,
+            }
+        )
+        goals.append(
+            {
+                "goal": f"raftseq failover max <= {GOAL_FAILOVER_MAX_S:g} s",
+                "value": raft["failover_s"]["max"],
+                "met": raft["failover_s"]["max"] <= GOAL_FAILOVER_MAX_S,
+            }
+        )
     return {"ratios": ratios, "goals": goals}
 
 
@@ -479,12 +534,16 @@ def print_latency(result: dict, runs: int) -> None:
     for rate, r in result["rates"].items():
         for system, s in r["systems"].items():
             if s["p50_ms"] is None:
-                print(f"  {int(rate):>7,} {system:<10} no acks after the warm-up in any run (fell behind by more than the run)   "
-                      f"{s['achieved_per_s']:>10,.0f}")
+                print(
+                    f"  {int(rate):>7,} {system:<10} no acks after the warm-up in any run (fell behind by more than the run)   "
+                    f"{s['achieved_per_s']:>10,.0f}"
+                )
                 continue
-            print(f"  {int(rate):>7,} {system:<10} {s['p50_ms']:>8.2f} {s['p90_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['max_ms']:>9.2f}  "
-                  f"{s['achieved_per_s']:>10,.0f}  {s['send_to_ack_p50_ms']:>13.2f}"
-                  + (f"  ({s['runs_without_acks']} run(s) without acks left out)" if s.get("runs_without_acks") else ""))
+            print(
+                f"  {int(rate):>7,} {system:<10} {s['p50_ms']:>8.2f} {s['p90_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['max_ms']:>9.2f}  "
+                f"{s['achieved_per_s']:>10,.0f}  {s['send_to_ack_p50_ms']:>13.2f}"
+                + (f"  ({s['runs_without_acks']} run(s) without acks left out)" if s.get("runs_without_acks") else "")
+            )
         for name, q in r["ratios"].items():
             print(f"  {'':>7} ratio {name:<20} p50 {q['p50']:.3g}x  p99 {q['p99']:.3g}x  (lower is better)")
         for line in _goal_lines(r["goals"], lambda x: f"{x:.2f} ms"):
@@ -496,26 +555,34 @@ def print_failover(result: dict, kills: int) -> None:
     print(f"\nfailover: SIGKILL of the leader under steady load, {kills} kills; seconds")
     print(f"  {'system':<10} {'failover median':>15} {'max':>7} {'ack gap median':>15} {'max':>7}   load avg before -> after")
     for system, s in result["systems"].items():
-        print(f"  {system:<10} {s['failover_s']['median']:>15.3f} {s['failover_s']['max']:>7.3f} {s['ack_gap_s']['median']:>15.3f} "
-              f"{s['ack_gap_s']['max']:>7.3f}   {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}")
+        print(
+            f"  {system:<10} {s['failover_s']['median']:>15.3f} {s['failover_s']['max']:>7.3f} {s['ack_gap_s']['median']:>15.3f} "
+            f"{s['ack_gap_s']['max']:>7.3f}   {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}"
+        )
     for name, r in result["ratios"].items():
         print(f"  ratio {name:<20} median {r['median']:.3g}x  max {r['max']:.3g}x  (lower is better)")
     for line in _goal_lines(result["goals"], lambda x: f"{x:.3f} s"):
         print(line)
     p = result["systems"].get("pysyncobj")
     if p:
-        print(f"  pysyncobj: {p['resubmits']:,} resubmits after failed calls, {p['applied_twice']} messages applied twice, "
-              f"{p['acked_missing']} acknowledged messages missing, {p['call_timeouts']} calls unanswered after "
-              f"{pysyncobj_peer.CALL_TIMEOUT_S:g} s, {p['never_acknowledged']} never acknowledged")
+        print(
+            f"  pysyncobj: {p['resubmits']:,} resubmits after failed calls, {p['applied_twice']} messages applied twice, "
+            f"{p['acked_missing']} acknowledged messages missing, {p['call_timeouts']} calls unanswered after "
+            f"{pysyncobj_peer.CALL_TIMEOUT_S:g} s, {p['never_acknowledged']} never acknowledged"
+        )
     n = result["systems"].get("nats")
     if n:
-        print(f"  nats: {n['resubmits']:,} resubmits (same Nats-Msg-Id), {n['duplicate_acks']} acks flagged duplicate; "
-              f"stream holds {n['stream_messages']:,} messages for {n['submitted']:,} distinct publishes")
+        print(
+            f"  nats: {n['resubmits']:,} resubmits (same Nats-Msg-Id), {n['duplicate_acks']} acks flagged duplicate; "
+            f"stream holds {n['stream_messages']:,} messages for {n['submitted']:,} distinct publishes"
+        )
 
 
 def _ratio_lines(ratios: dict, note: str) -> list[str]:
-    return [f"  ratio {name:<44} {r['ratio']:>9.3g}x  ({note})" if r["ratio"] is not None else f"  ratio {name:<44} {'-':>9}"
-            for name, r in ratios.items()]
+    return [
+        f"  ratio {name:<44} {r['ratio']:>9.3g}x  ({note})" if r["ratio"] is not None else f"  ratio {name:<44} {'-':>9}"
+        for name, r in ratios.items()
+    ]
 
 
 def _not_measured_lines(result: dict) -> list[str]:
@@ -527,19 +594,27 @@ def _loads(s: dict) -> str:
 
 
 def print_replay(result: dict, opts: argparse.Namespace) -> None:
-    print(f"\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
-          f"median of {opts.runs} read(s) (min - max)")
+    print(
+        f"\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
+        f"median of {opts.runs} read(s) (min - max)"
+    )
     print(f"  {'system':<10} {'reader':<52} {'messages':>10} {'msg/s':>10}   min - max")
     r = result["systems"].get("raftseq")
     if r:
-        for key, how in (("library_messages_per_s", "client library (clients.subscribe, decoded)"),
-                         ("raw_messages_per_s", "raw frames (headers counted, nothing decoded)")):
+        for key, how in (
+            ("library_messages_per_s", "client library (clients.subscribe, decoded)"),
+            ("raw_messages_per_s", "raw frames (headers counted, nothing decoded)"),
+        ):
             v = r[key]
-            print(f"  {'raftseq':<10} {how:<52} {r['messages']:>10,} {v['median']:>10,.0f}   {v['min']:,.0f} - {v['max']:,.0f}   {_loads(r)}")
+            print(
+                f"  {'raftseq':<10} {how:<52} {r['messages']:>10,} {v['median']:>10,.0f}   {v['min']:,.0f} - {v['max']:,.0f}   {_loads(r)}"
+            )
     n = result["systems"].get("nats")
     if n:
         where = f"ordered push consumer via {n['reader_server']} (consumer on {', '.join(sorted(set(n['consumer_on'])))})"
-        print(f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}")
+        print(
+            f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}"
+        )
     for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
         print(line)
     for line in _goal_lines(result["goals"], lambda x: f"{x:,.0f}"):
@@ -547,12 +622,22 @@ def print_replay(result: dict, opts: argparse.Namespace) -> None:
 
 
 def print_recovery(result: dict, opts: argparse.Namespace) -> None:
-    print(f"\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
-          f"median (max) of {opts.runs} restart(s)")
-    rows = {"raftseq": (("status_s", "answers a status request"), ("serve_s", "serves the stream's last message"),
-                        ("caught_up_s", "caught up with the leader")),
-            "nats": (("answers_s", "answers its monitoring endpoint (/varz)"), ("healthy_s", "/healthz says ok"),
-                     ("current_s", "stream replica current (leader's view)"))}
+    print(
+        f"\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
+        f"median (max) of {opts.runs} restart(s)"
+    )
+    rows = {
+        "raftseq": (
+            ("status_s", "answers a status request"),
+            ("serve_s", "serves the stream's last message"),
+            ("caught_up_s", "caught up with the leader"),
+        ),
+        "nats": (
+            ("answers_s", "answers its monitoring endpoint (/varz)"),
+            ("healthy_s", "/healthz says ok"),
+            ("current_s", "stream replica current (leader's view)"),
+        ),
+    }
     print(f"  {'system':<10} {'messages':>10}  {'restarted node':<40} {'median':>7} {'max':>7}")
     for system, s in result["systems"].items():
         for key, what in rows[system]:
@@ -560,7 +645,9 @@ def print_recovery(result: dict, opts: argparse.Namespace) -> None:
         if system == "raftseq":
             print(f"  {'':<10} {'':>10}  leader changes caused by the restart: {s['leader_changes']} (should be 0); {_loads(s)}")
         else:
-            print(f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}")
+            print(
+                f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}"
+            )
     for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "lower is better"):
         print(line)
     for line in _goal_lines(result["goals"], lambda x: f"{x:.2f} s"):
@@ -568,15 +655,27 @@ def print_recovery(result: dict, opts: argparse.Namespace) -> None:
 
 
 def print_fanout(result: dict, opts: argparse.Namespace) -> None:
-    print(f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers while one "
-          f"client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s")
-    print(f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)")
+    print(
+        f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers while one "
+        f"client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
+    )
+    print(
+        f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)"
+    )
     for system, s in result["systems"].items():
-        complete = "yes" if s["complete"] else f"NO: {s.get('subscribers_complete', 0)} of {s['subscribers']}, fewest {s.get('fewest_received', 0):,}"
-        print(f"  {system:<10} {s['delivered_per_s']:>15,.0f} {s['delivered']:>11,} {s['seconds']:>8.1f}  {complete:<36} {cpu_text(s['cpu'])}")
+        complete = (
+            "yes"
+            if s["complete"]
+            else f"NO: {s.get('subscribers_complete', 0)} of {s['subscribers']}, fewest {s.get('fewest_received', 0):,}"
+        )
+        print(
+            f"  {system:<10} {s['delivered_per_s']:>15,.0f} {s['delivered']:>11,} {s['seconds']:>8.1f}  {complete:<36} {cpu_text(s['cpu'])}"
+        )
         if system == "nats":
-            print(f"  {'':<10} consumers placed on {s['consumer_placement']}, {s['slow_consumer_errors']} slow-consumer errors; {_loads(s)}"
-                  + (f"\n  {'':<10} first nats-py errors: {s['client_errors'][:2]}" if s.get("client_errors") else ""))
+            print(
+                f"  {'':<10} consumers placed on {s['consumer_placement']}, {s['slow_consumer_errors']} slow-consumer errors; {_loads(s)}"
+                + (f"\n  {'':<10} first nats-py errors: {s['client_errors'][:2]}" if s.get("client_errors") else "")
+            )
         else:
             print(f"  {'':<10} leader {s['leader']}; {_loads(s)}")
     for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
@@ -604,45 +703,115 @@ def build_parser() -> argparse.ArgumentParser:
         "raftseq/peer ratios and the goals of issue 6. See benchmarks/README_peers.md.",
     )
     add = parser.add_argument
-    add("workloads", nargs="*", metavar="WORKLOAD",
+    add(
+        "workloads",
+        nargs="*",
+        metavar="WORKLOAD",
         help=f"what to measure: {', '.join(WORKLOADS)} (default: {', '.join(DEFAULT_WORKLOADS)}); the stream workloads "
-        f"{', '.join(STREAM_WORKLOADS)} share one filled stream per system")
-    add("--vs", type=_peers, default=[], metavar="PEERS",
-        help="peers to measure in the same run, comma-separated: nats, pysyncobj (default: none, raftseq only)")
+        f"{', '.join(STREAM_WORKLOADS)} share one filled stream per system",
+    )
+    add(
+        "--vs",
+        type=_peers,
+        default=[],
+        metavar="PEERS",
+        help="peers to measure in the same run, comma-separated: nats, pysyncobj (default: none, raftseq only)",
+    )
     add("--skip-raftseq", action="store_true", help="measure only the peers (for checking a peer's setup)")
-    add("--quick", action="store_true",
+    add(
+        "--quick",
+        action="store_true",
         help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills, a stream of 5,000 "
-        "messages, fanout for 1 s; the figures mean little")
-    add("--runs", type=positive_int, default=None,
-        help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)")
+        "messages, fanout for 1 s; the figures mean little",
+    )
+    add(
+        "--runs",
+        type=positive_int,
+        default=None,
+        help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)",
+    )
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
     add("--messages", type=positive_int, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
-    add("--payloads", type=positive_ints, default=None, help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)")
+    add(
+        "--payloads",
+        type=positive_ints,
+        default=None,
+        help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)",
+    )
     add("--payload-bytes", type=positive_int, default=100, help="payload size of the latency and failover workloads (default 100)")
     add("--processes", type=positive_int, default=4, help="client processes of the multi-process throughput variants (default 4)")
-    add("--window", type=positive_int, default=10_000,
-        help="messages in flight per client: raftseq's in_flight_max (its client's default) and pysyncobj's callbacks outstanding (default 10,000)")
-    add("--nats-window", type=positive_int, default=nats_peer.NATS_WINDOW_DEFAULT,
+    add(
+        "--window",
+        type=positive_int,
+        default=10_000,
+        help="messages in flight per client: raftseq's in_flight_max (its client's default) and pysyncobj's callbacks outstanding (default 10,000)",
+    )
+    add(
+        "--nats-window",
+        type=positive_int,
+        default=nats_peer.NATS_WINDOW_DEFAULT,
         help=f"NATS's publish_async_max_pending, publishes awaiting their ack per client (default {nats_peer.NATS_WINDOW_DEFAULT:,}: "
-        "nats-py's default, which did at least as well as 10,000 here)")
-    add("--batch", type=positive_int, default=bench_cluster.BATCH_SIZE_DEFAULT,
-        help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})")
-    add("--rates", type=positive_ints, default=None, help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)")
-    add("--latency-seconds", type=positive_float, default=None, help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)")
+        "nats-py's default, which did at least as well as 10,000 here)",
+    )
+    add(
+        "--batch",
+        type=positive_int,
+        default=bench_cluster.BATCH_SIZE_DEFAULT,
+        help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})",
+    )
+    add(
+        "--rates",
+        type=positive_ints,
+        default=None,
+        help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)",
+    )
+    add(
+        "--latency-seconds",
+        type=positive_float,
+        default=None,
+        help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)",
+    )
     add("--kills", type=positive_int, default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
     add("--failover-rate", type=positive_int, default=2000, help="offered rate during the kills, msg/s (default 2000)")
-    add("--nats-kill", choices=["stream", "meta"], default="stream", help="which NATS leader the failover workload kills (default: the stream leader)")
-    add("--stream-messages", "--replay-messages", dest="stream_messages", type=positive_int, default=None,
+    add(
+        "--nats-kill",
+        choices=["stream", "meta"],
+        default="stream",
+        help="which NATS leader the failover workload kills (default: the stream leader)",
+    )
+    add(
+        "--stream-messages",
+        "--replay-messages",
+        dest="stream_messages",
+        type=positive_int,
+        default=None,
         help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
-        f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
-    add("--subscribers", type=positive_int, default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=positive_int, default=bench_stream.FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})")
-    add("--fanout-rate", type=positive_int, default=bench_stream.FANOUT_RATE_DEFAULT,
-        help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})")
-    add("--fanout-seconds", type=positive_float, default=None,
-        help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
+        f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
+    )
+    add(
+        "--subscribers",
+        type=positive_int,
+        default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
+        help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})",
+    )
+    add(
+        "--subscriber-processes",
+        type=positive_int,
+        default=bench_stream.FANOUT_PROCESSES_DEFAULT,
+        help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})",
+    )
+    add(
+        "--fanout-rate",
+        type=positive_int,
+        default=bench_stream.FANOUT_RATE_DEFAULT,
+        help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})",
+    )
+    add(
+        "--fanout-seconds",
+        type=positive_float,
+        default=None,
+        help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
+    )
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
     add("--run-timeout-s", type=positive_float, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
@@ -680,8 +849,11 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
     print(f"machine   nproc {facts['nproc']}, {facts['cpu_model']}, {facts['python']}")
     print(f"          other raftseq node processes running: {other_raftseq_nodes(set())}")
     load_start = print_load("at start")
-    print(f"systems   {', '.join(session.systems)}; workloads {', '.join(opts.workloads)}; {opts.runs} run(s)"
-          + ("; QUICK: the figures mean little" if opts.quick else ""), flush=True)
+    print(
+        f"systems   {', '.join(session.systems)}; workloads {', '.join(opts.workloads)}; {opts.runs} run(s)"
+        + ("; QUICK: the figures mean little" if opts.quick else ""),
+        flush=True,
+    )
     report: dict = {
         "benchmark": "raftseq bench",
         "code": code,
@@ -704,8 +876,11 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
     if "pysyncobj" in session.systems:
         import pysyncobj
 
-        report["peers_setup"]["pysyncobj"] = {"version": getattr(pysyncobj, "__version__", "") or _dist_version("pysyncobj"),
-                                              "password": not opts.insecure, "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password")}
+        report["peers_setup"]["pysyncobj"] = {
+            "version": getattr(pysyncobj, "__version__", "") or _dist_version("pysyncobj"),
+            "password": not opts.insecure,
+            "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password"),
+        }
     streamed = [w for w in STREAM_WORKLOADS if w in opts.workloads]
     printers = {"replay": print_replay, "recovery": print_recovery, "fanout": print_fanout}
     for name in opts.workloads:

@@ -31,8 +31,20 @@ def one_run(checkout: str, python: str, messages: int, extra: list[str]) -> dict
     """variant -> {"leader_us": ..., "nodes_us": ..., "per_s": ...} for one run of `checkout`."""
     with tempfile.TemporaryDirectory(prefix="raftseq-ab-") as tmp:
         report = os.path.join(tmp, "report.json")
-        command = [python, "-m", "benchmarks.bench_cluster", "--workload", "throughput",
-                   "--runs", "1", "--messages", str(messages), "--json", report, *extra]
+        command = [
+            python,
+            "-m",
+            "benchmarks.bench_cluster",
+            "--workload",
+            "throughput",
+            "--runs",
+            "1",
+            "--messages",
+            str(messages),
+            "--json",
+            report,
+            *extra,
+        ]
         done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         if done.returncode != 0:
             raise SystemExit(f"{checkout}: the benchmark failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -67,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             figures = one_run(sides[side], args.python, args.messages, extra)
             runs[side].append(figures)
-            text = "  ".join(f"{k} leader {v['leader_us']:.2f} µs/msg nodes {v['nodes_us']:.2f} ({v['per_s']:,.0f}/s)" for k, v in figures.items())
+            text = "  ".join(
+                f"{k} leader {v['leader_us']:.2f} µs/msg nodes {v['nodes_us']:.2f} ({v['per_s']:,.0f}/s)" for k, v in figures.items()
+            )
             print(f"round {r + 1} {side}: {text}  [{time.monotonic() - started:.0f} s, load {os.getloadavg()[0]:.2f}]", flush=True)
     print("\nmedians (B/A: below 1.00 means B spends less CPU per acknowledged message)")
     for key in runs["A"][0]:

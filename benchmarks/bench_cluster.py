@@ -86,7 +86,6 @@ WORKLOADS = {
 }
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_cluster",
@@ -96,28 +95,89 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workload", choices=[*WORKLOAD_NAMES, "all"], default="all", help="what to measure (default all)")
     add("--quick", action="store_true", help="short runs for a smoke test (the figures mean little against the goals)")
     add("--runs", type=positive_int, default=None, help="throughput runs of each variant; the median is the figure (default 3; --quick 1)")
-    add("--messages", type=positive_int, default=None,
-        help=f"messages per throughput run (default {THROUGHPUT_MESSAGES_DEFAULT:,}; --quick {THROUGHPUT_MESSAGES_QUICK:,})")
-    add("--batch", type=positive_int, default=BATCH_SIZE_DEFAULT, help=f"payloads per submit_batch_nowait call (default {BATCH_SIZE_DEFAULT})")
-    add("--processes", type=positive_int, default=CLIENT_PROCESSES_DEFAULT,
-        help=f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})")
+    add(
+        "--messages",
+        type=positive_int,
+        default=None,
+        help=f"messages per throughput run (default {THROUGHPUT_MESSAGES_DEFAULT:,}; --quick {THROUGHPUT_MESSAGES_QUICK:,})",
+    )
+    add(
+        "--batch",
+        type=positive_int,
+        default=BATCH_SIZE_DEFAULT,
+        help=f"payloads per submit_batch_nowait call (default {BATCH_SIZE_DEFAULT})",
+    )
+    add(
+        "--processes",
+        type=positive_int,
+        default=CLIENT_PROCESSES_DEFAULT,
+        help=f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})",
+    )
     add("--payload-bytes", type=int, default=100, help="bytes of each payload (default 100)")
-    add("--in-flight-max", type=positive_int, default=IN_FLIGHT_MAX_DEFAULT,
-        help=f"each client's window of unacknowledged submits (default {IN_FLIGHT_MAX_DEFAULT:,})")
-    add("--run-timeout-s", type=positive_float, default=RUN_TIMEOUT_S_DEFAULT,
-        help=f"a throughput run taking longer is stuck (default {RUN_TIMEOUT_S_DEFAULT:.0f})")
-    add("--rates", type=positive_ints, default=positive_ints(LATENCY_RATES_DEFAULT), help=f"offered rates of the latency workload, msg/s (default {LATENCY_RATES_DEFAULT})")
-    add("--latency-seconds", type=positive_float, default=None,
-        help=f"measured seconds per rate (default {LATENCY_SECONDS_DEFAULT:.0f}; --quick {LATENCY_SECONDS_QUICK:.0f})")
-    add("--kills", type=positive_int, default=None, help=f"leader kills of the failover workload (default {KILLS_DEFAULT}; --quick {KILLS_QUICK})")
-    add("--failover-rate", type=positive_int, default=FAILOVER_RATE_DEFAULT, help=f"offered rate during the kills (default {FAILOVER_RATE_DEFAULT})")
-    add("--elections-seconds", type=positive_float, default=None,
+    add(
+        "--in-flight-max",
+        type=positive_int,
+        default=IN_FLIGHT_MAX_DEFAULT,
+        help=f"each client's window of unacknowledged submits (default {IN_FLIGHT_MAX_DEFAULT:,})",
+    )
+    add(
+        "--run-timeout-s",
+        type=positive_float,
+        default=RUN_TIMEOUT_S_DEFAULT,
+        help=f"a throughput run taking longer is stuck (default {RUN_TIMEOUT_S_DEFAULT:.0f})",
+    )
+    add(
+        "--rates",
+        type=positive_ints,
+        default=positive_ints(LATENCY_RATES_DEFAULT),
+        help=f"offered rates of the latency workload, msg/s (default {LATENCY_RATES_DEFAULT})",
+    )
+    add(
+        "--latency-seconds",
+        type=positive_float,
+        default=None,
+        help=f"measured seconds per rate (default {LATENCY_SECONDS_DEFAULT:.0f}; --quick {LATENCY_SECONDS_QUICK:.0f})",
+    )
+    add(
+        "--kills",
+        type=positive_int,
+        default=None,
+        help=f"leader kills of the failover workload (default {KILLS_DEFAULT}; --quick {KILLS_QUICK})",
+    )
+    add(
+        "--failover-rate",
+        type=positive_int,
+        default=FAILOVER_RATE_DEFAULT,
+        help=f"offered rate during the kills (default {FAILOVER_RATE_DEFAULT})",
+    )
+    add(
+        "--elections-seconds",
+        type=positive_float,
+        default=None,
         help=f"seconds of steady load of the elections workload (default {ELECTIONS_SECONDS_DEFAULT:.0f}; --quick "
-        f"{ELECTIONS_SECONDS_QUICK:.0f}; the issue's 10 minutes: 600)")
-    add("--elections-rate", type=positive_int, default=ELECTIONS_RATE_DEFAULT, help=f"offered rate of the elections workload (default {ELECTIONS_RATE_DEFAULT})")
-    add("--scrape-interval", type=positive_float, default=1.0, help="seconds between scrapes of every node in the metrics workload (default 1)")
-    add("--set", dest="sets", type=node_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)")
+        f"{ELECTIONS_SECONDS_QUICK:.0f}; the issue's 10 minutes: 600)",
+    )
+    add(
+        "--elections-rate",
+        type=positive_int,
+        default=ELECTIONS_RATE_DEFAULT,
+        help=f"offered rate of the elections workload (default {ELECTIONS_RATE_DEFAULT})",
+    )
+    add(
+        "--scrape-interval",
+        type=positive_float,
+        default=1.0,
+        help="seconds between scrapes of every node in the metrics workload (default 1)",
+    )
+    add(
+        "--set",
+        dest="sets",
+        type=node_setting,
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)",
+    )
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
     add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
@@ -168,16 +228,17 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
     load_start = print_load("at start")
     mode = "insecure (no Raft encryption, no token)" if args.insecure else "secure (Raft password: encrypted links; client token)"
     print(f"cluster   3 local nodes per workload, {mode}; node settings: defaults" + (f" + {args.overrides}" if args.overrides else ""))
-    print(f"          payload {args.payload_bytes} B, client window {args.in_flight_max:,}" + ("; QUICK: figures mean little against the goals" if args.quick else ""))
+    print(
+        f"          payload {args.payload_bytes} B, client window {args.in_flight_max:,}"
+        + ("; QUICK: figures mean little against the goals" if args.quick else "")
+    )
     report: dict = {
         "benchmark": "raftseq cluster",
         "code": code,
         "machine": facts,
         "other_raftseq_nodes_at_start": others,
         "load_average_start": load_start,
-        "settings": {
-            k: v for k, v in vars(args).items() if k not in ("sets", "worker", "json", "names")
-        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("sets", "worker", "json", "names")},
         "workloads": {},
         "failures": {},
     }
@@ -209,15 +270,21 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
     w = report["workloads"]
     if "throughput" in w:
         best = max(v["messages_per_s"]["median"] for v in w["throughput"]["variants"].values())
-        goals.append(f"throughput {best:,.0f} msg/s (best median) >= {GOAL_THROUGHPUT_PER_S:,}: {'met' if best >= GOAL_THROUGHPUT_PER_S else 'MISSED'}")
+        goals.append(
+            f"throughput {best:,.0f} msg/s (best median) >= {GOAL_THROUGHPUT_PER_S:,}: {'met' if best >= GOAL_THROUGHPUT_PER_S else 'MISSED'}"
+        )
     if "latency" in w and str(GOAL_LATENCY_RATE_PER_S) in w["latency"]["rates"]:
         p99 = w["latency"]["rates"][str(GOAL_LATENCY_RATE_PER_S)]["latency"]["p99_ms"]
-        goals.append(f"p99 {p99:.2f} ms at {GOAL_LATENCY_RATE_PER_S} msg/s <= {GOAL_LATENCY_P99_MS:.0f}: {'met' if p99 <= GOAL_LATENCY_P99_MS else 'MISSED'}")
+        goals.append(
+            f"p99 {p99:.2f} ms at {GOAL_LATENCY_RATE_PER_S} msg/s <= {GOAL_LATENCY_P99_MS:.0f}: {'met' if p99 <= GOAL_LATENCY_P99_MS else 'MISSED'}"
+        )
     if "failover" in w:
         f = w["failover"]["failover_s"]
         goals.append(f"failover median {f['median']:.3f} s / max {f['max']:.3f} s: {'met' if w['failover']['goal_met'] else 'MISSED'}")
     if "metrics" in w:
-        goals.append(f"metrics cost {100 * w['metrics']['cost']:.1f}% <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if w['metrics']['goal_met'] else 'MISSED'}")
+        goals.append(
+            f"metrics cost {100 * w['metrics']['cost']:.1f}% <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if w['metrics']['goal_met'] else 'MISSED'}"
+        )
     if "elections" in w:
         goals.append(f"needless elections {w['elections']['needless_elections']}: {'met' if w['elections']['goal_met'] else 'MISSED'}")
     for name in report["failures"]:

@@ -372,12 +372,17 @@ SECTIONS = (
         "1. journal append, fsync never",
         (
             Workload(
-                "write_never", "baseline: os.write, same bytes and batches",
-                partial(write_baseline, fsync=False), is_baseline=True,
+                "write_never",
+                "baseline: os.write, same bytes and batches",
+                partial(write_baseline, fsync=False),
+                is_baseline=True,
             ),
             Workload(
-                "append_never", "Journal.append, FsyncPolicy('never')",
-                partial(append_journal, fsync=False), goal_per_s=500_000, baseline="write_never",
+                "append_never",
+                "Journal.append, FsyncPolicy('never')",
+                partial(append_journal, fsync=False),
+                goal_per_s=500_000,
+                baseline="write_never",
             ),
         ),
     ),
@@ -385,12 +390,16 @@ SECTIONS = (
         "2. journal append, fsync per batch",
         (
             Workload(
-                "write_fsync", "baseline: os.write + os.fsync per batch",
-                partial(write_baseline, fsync=True), is_baseline=True,
+                "write_fsync",
+                "baseline: os.write + os.fsync per batch",
+                partial(write_baseline, fsync=True),
+                is_baseline=True,
             ),
             Workload(
-                "append_fsync", "Journal.append, FsyncPolicy('batch')",
-                partial(append_journal, fsync=True), baseline="write_fsync",
+                "append_fsync",
+                "Journal.append, FsyncPolicy('batch')",
+                partial(append_journal, fsync=True),
+                baseline="write_fsync",
             ),
         ),
     ),
@@ -398,28 +407,42 @@ SECTIONS = (
         "3. replay from seq 1 (raw records, warm page cache)",
         (
             Workload(
-                "read_ceiling", "baseline: file.read loop over the segments",
-                partial(read_baseline, crc=False), is_baseline=True,
+                "read_ceiling",
+                "baseline: file.read loop over the segments",
+                partial(read_baseline, crc=False),
+                is_baseline=True,
             ),
             Workload(
-                "read_crc_ceiling", "baseline: file.read + crc32 per chunk",
-                partial(read_baseline, crc=True), is_baseline=True,
+                "read_crc_ceiling",
+                "baseline: file.read + crc32 per chunk",
+                partial(read_baseline, crc=True),
+                is_baseline=True,
             ),
             Workload(
-                "replay_frames", "JournalCursor.read_frames, checksums verified",
-                partial(replay_cursor, frames=True, verify=True), goal_per_s=1_000_000, baseline="read_ceiling",
+                "replay_frames",
+                "JournalCursor.read_frames, checksums verified",
+                partial(replay_cursor, frames=True, verify=True),
+                goal_per_s=1_000_000,
+                baseline="read_ceiling",
             ),
             Workload(
-                "replay_block", "JournalCursor.read_block, checksums verified",
-                partial(replay_cursor, frames=False, verify=True), goal_per_s=1_000_000, baseline="read_ceiling",
+                "replay_block",
+                "JournalCursor.read_block, checksums verified",
+                partial(replay_cursor, frames=False, verify=True),
+                goal_per_s=1_000_000,
+                baseline="read_ceiling",
             ),
             Workload(
-                "replay_frames_noverify", "JournalCursor.read_frames, verify=False",
-                partial(replay_cursor, frames=True, verify=False), baseline="read_ceiling",
+                "replay_frames_noverify",
+                "JournalCursor.read_frames, verify=False",
+                partial(replay_cursor, frames=True, verify=False),
+                baseline="read_ceiling",
             ),
             Workload(
-                "replay_block_noverify", "JournalCursor.read_block, verify=False",
-                partial(replay_cursor, frames=False, verify=False), baseline="read_ceiling",
+                "replay_block_noverify",
+                "JournalCursor.read_block, verify=False",
+                partial(replay_cursor, frames=False, verify=False),
+                baseline="read_ceiling",
             ),
         ),
     ),
@@ -429,8 +452,11 @@ SECTIONS = (
             Workload("decode_only", "protocol.decode_batch alone", decode_only),
             Workload("apply_only", "SequencerMachine.apply, no journal", apply_machine),
             Workload(
-                "apply_append", "SequencedStream.apply: machine + Journal.append (never)",
-                apply_core, goal_per_s=300_000, baseline="write_never",
+                "apply_append",
+                "SequencedStream.apply: machine + Journal.append (never)",
+                apply_core,
+                goal_per_s=300_000,
+                baseline="write_never",
             ),
         ),
     ),
@@ -562,13 +588,9 @@ def code_under_test() -> dict:
     commit, dirty = "", None
     try:
         git = ["git", "-C", REPO_DIR]
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
         if commit:
-            status = subprocess.run(
-                [*git, "status", "--porcelain", "--", package_dir], capture_output=True, text=True, timeout=10
-            ).stdout
+            status = subprocess.run([*git, "status", "--porcelain", "--", package_dir], capture_output=True, text=True, timeout=10).stdout
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -605,28 +627,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="Throughput of the sequencer core (journal append, replay, apply) with same-run baselines.",
     )
     add = parser.add_argument
-    add("--messages", type=positive_int, default=None,
-        help=f"messages per workload and records in the replay journal "
-        f"(default {MESSAGES_DEFAULT:,}; with --quick {QUICK_MESSAGES:,})")
-    add("--fsync-messages", type=positive_int, default=None,
+    add(
+        "--messages",
+        type=positive_int,
+        default=None,
+        help=f"messages per workload and records in the replay journal (default {MESSAGES_DEFAULT:,}; with --quick {QUICK_MESSAGES:,})",
+    )
+    add(
+        "--fsync-messages",
+        type=positive_int,
+        default=None,
         help=f"messages of the fsync-per-batch workloads, at most --messages "
-        f"(default {FSYNC_MESSAGES_DEFAULT:,}; with --quick {QUICK_FSYNC_MESSAGES:,})")
+        f"(default {FSYNC_MESSAGES_DEFAULT:,}; with --quick {QUICK_FSYNC_MESSAGES:,})",
+    )
     add("--runs", type=positive_int, default=5, help="measured runs of each workload; the median is the figure (default 5)")
     add("--warmup-runs", type=non_negative_int, default=1, help="runs of each section thrown away first (default 1)")
-    add("--payload-bytes", type=non_negative_int, default=100,
-        help=f"bytes of each payload, at most {limits.PAYLOAD_BYTES_MAX} (default 100)")
-    add("--batch", type=positive_int, default=1000,
-        help=f"messages per append and per Raft batch, at most {limits.BATCH_ENTRIES_MAX} (default 1000)")
+    add(
+        "--payload-bytes",
+        type=non_negative_int,
+        default=100,
+        help=f"bytes of each payload, at most {limits.PAYLOAD_BYTES_MAX} (default 100)",
+    )
+    add(
+        "--batch",
+        type=positive_int,
+        default=1000,
+        help=f"messages per append and per Raft batch, at most {limits.BATCH_ENTRIES_MAX} (default 1000)",
+    )
     add("--sessions", type=positive_int, default=8, help="client sessions the messages come from, in turn (default 8)")
-    add("--frames-per-read", type=positive_int, default=FRAMES_PER_READ_DEFAULT,
-        help=f"records asked of each read_frames call (default {FRAMES_PER_READ_DEFAULT}, as Journal.records asks)")
+    add(
+        "--frames-per-read",
+        type=positive_int,
+        default=FRAMES_PER_READ_DEFAULT,
+        help=f"records asked of each read_frames call (default {FRAMES_PER_READ_DEFAULT}, as Journal.records asks)",
+    )
     add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
-    add("--dir", default="", metavar="DIR",
-        help="parent of the temporary directory (default: the system's); use the disk a journal would live on")
+    add(
+        "--dir",
+        default="",
+        metavar="DIR",
+        help="parent of the temporary directory (default: the system's); use the disk a journal would live on",
+    )
     add("--quick", action="store_true", help="small sizes for a smoke run (the figures mean little against the goals)")
     add("--only", default="", metavar="KEYS", help="comma-separated workload keys: measure only the sections holding them")
-    add("--profile", default="", metavar="KEY",
-        help="instead of measuring, run workload KEY once under cProfile and print its top functions")
+    add(
+        "--profile",
+        default="",
+        metavar="KEY",
+        help="instead of measuring, run workload KEY once under cProfile and print its top functions",
+    )
     return parser
 
 
@@ -709,10 +758,16 @@ def bench(args: argparse.Namespace, root: str) -> dict:
         sections = [s for s in SECTIONS if any(w.key == args.profile for w in s.workloads)]
     needs_replay = any(s is SECTIONS[2] for s in sections)
     reopen_s = build_replay_journal(fx) if needs_replay else 0.0
-    print(f"setup     encoded in {encode_s:.2f} s" + (
-        f"; replay journal {fx.replay_journal.size_bytes / 1e6:.1f} MB in {fx.replay_journal.segment_count} segments, "
-        f"reopened (tail checked) in {reopen_s:.2f} s" if needs_replay else ""
-    ), flush=True)
+    print(
+        f"setup     encoded in {encode_s:.2f} s"
+        + (
+            f"; replay journal {fx.replay_journal.size_bytes / 1e6:.1f} MB in {fx.replay_journal.segment_count} segments, "
+            f"reopened (tail checked) in {reopen_s:.2f} s"
+            if needs_replay
+            else ""
+        ),
+        flush=True,
+    )
 
     if args.profile:
         profile(WORKLOADS[args.profile], fx)

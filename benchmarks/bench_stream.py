@@ -116,7 +116,9 @@ async def raw_read(endpoint: str, token: str, session: str, from_seq: int, until
         while counter.last_seq < until_seq:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BenchError(f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}")
+                raise BenchError(
+                    f"{session} on {endpoint}: {counter.records} records by the deadline, last seq {counter.last_seq}, wanted {until_seq}"
+                )
             try:
                 data = await connection.receive_bytes(min(remaining, READ_TIMEOUT_S))
             except TimeoutError:
@@ -144,8 +146,14 @@ async def library_read(endpoint: str, token: str, until_seq: int) -> int:
 def fill(bench: BenchCluster, messages: int, payload_bytes: int) -> int:
     print(f"  filling: {messages:,} messages of {payload_bytes} B from {FILL_PROCESSES} client processes ...", flush=True)
     run = multi_client_run(
-        bench, "fill", processes=FILL_PROCESSES, messages=messages, batch=FILL_BATCH, payload_bytes=payload_bytes,
-        in_flight_max=IN_FLIGHT_MAX_DEFAULT, timeout_s=max(120.0, messages / 20_000),
+        bench,
+        "fill",
+        processes=FILL_PROCESSES,
+        messages=messages,
+        batch=FILL_BATCH,
+        payload_bytes=payload_bytes,
+        in_flight_max=IN_FLIGHT_MAX_DEFAULT,
+        timeout_s=max(120.0, messages / 20_000),
     )
     print(f"  filled in {run.seconds:.1f} s ({run.per_s:,.0f} msg/s); waiting for the followers", flush=True)
     seq = bench.wait_converged(at=run.seqs_last)
@@ -173,13 +181,24 @@ def workload_replay(args: argparse.Namespace, bench: BenchCluster, last: int) ->
         seconds = time.perf_counter() - started
         expect(count == last, f"library replay: {count} messages for 1..{last}")
         lib_rates.append(last / seconds)
-        print(f"    run {r + 1}: raw frames {raw_rates[-1]:>11,.0f} msg/s   client library {lib_rates[-1]:>11,.0f} msg/s   (load {load_average()[0]:.2f})", flush=True)
+        print(
+            f"    run {r + 1}: raw frames {raw_rates[-1]:>11,.0f} msg/s   client library {lib_rates[-1]:>11,.0f} msg/s   (load {load_average()[0]:.2f})",
+            flush=True,
+        )
     raw, lib = spread(raw_rates), spread(lib_rates)
     met = lib["median"] >= GOAL_REPLAY_PER_S
     print(f"  replay of {last:,} messages from a follower ({endpoint})")
     print(f"  raw frames     median {raw['median']:>11,.0f} msg/s  (min {raw['min']:,.0f}, max {raw['max']:,.0f})")
-    print(f"  client library median {lib['median']:>11,.0f} msg/s  (min {lib['min']:,.0f}, max {lib['max']:,.0f})   goal >= {GOAL_REPLAY_PER_S:,}: {'met' if met else 'MISSED'}")
-    return {"messages": last, "raw_messages_per_s": raw, "library_messages_per_s": lib, "goal_messages_per_s": GOAL_REPLAY_PER_S, "goal_met": met}
+    print(
+        f"  client library median {lib['median']:>11,.0f} msg/s  (min {lib['min']:,.0f}, max {lib['max']:,.0f})   goal >= {GOAL_REPLAY_PER_S:,}: {'met' if met else 'MISSED'}"
+    )
+    return {
+        "messages": last,
+        "raw_messages_per_s": raw,
+        "library_messages_per_s": lib,
+        "goal_messages_per_s": GOAL_REPLAY_PER_S,
+        "goal_met": met,
+    }
 
 
 def workload_recovery(args: argparse.Namespace, bench: BenchCluster, last: int) -> dict:
@@ -229,7 +248,9 @@ def workload_recovery(args: argparse.Namespace, bench: BenchCluster, last: int) 
     met = out["serve_s"]["median"] <= GOAL_RECOVERY_S
     print(f"  restart of a follower holding {last:,} messages (SIGKILL, then start)")
     print(f"  answers status    median {out['status_s']['median']:.2f} s  (max {out['status_s']['max']:.2f})")
-    print(f"  serves its stream median {out['serve_s']['median']:.2f} s  (max {out['serve_s']['max']:.2f})   goal <= {GOAL_RECOVERY_S:.0f} s: {'met' if met else 'MISSED'}")
+    print(
+        f"  serves its stream median {out['serve_s']['median']:.2f} s  (max {out['serve_s']['max']:.2f})   goal <= {GOAL_RECOVERY_S:.0f} s: {'met' if met else 'MISSED'}"
+    )
     print(f"  caught up         median {out['caught_up_s']['median']:.2f} s  (max {out['caught_up_s']['max']:.2f})")
     print(f"  leader changes caused by the restarted follower: {leader_changes} of {args.runs} (should be 0)")
     return {"messages": last, **out, "goal_s": GOAL_RECOVERY_S, "goal_met": met, "leader_changes": leader_changes}
@@ -242,7 +263,9 @@ def fanout_worker_main(spec_json: str) -> int:
     async def work() -> dict:
         cpu_start = time.process_time()
         tasks = [
-            raw_read(spec["endpoint"], spec["token"], f"bench-fanout-{spec['index']}-{k}", spec["from_seq"], spec["until_seq"], spec["timeout_s"])
+            raw_read(
+                spec["endpoint"], spec["token"], f"bench-fanout-{spec['index']}-{k}", spec["from_seq"], spec["until_seq"], spec["timeout_s"]
+            )
             for k in range(spec["subscribers"])
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -258,12 +281,30 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
     ends = followers(bench)
     expected = int(args.rate * args.seconds)
     from_seq, until_seq = last + 1, last + expected
-    per_process = [args.subscribers // args.subscriber_processes + (1 if k < args.subscribers % args.subscriber_processes else 0) for k in range(args.subscriber_processes)]
+    per_process = [
+        args.subscribers // args.subscriber_processes + (1 if k < args.subscribers % args.subscriber_processes else 0)
+        for k in range(args.subscriber_processes)
+    ]
     workers = []
     try:
         for k, count in enumerate(per_process):
-            spec = {"endpoint": ends[k % len(ends)], "token": bench.token, "index": k, "subscribers": count, "from_seq": from_seq, "until_seq": until_seq, "timeout_s": args.seconds + FANOUT_DRAIN_S + 30}
-            workers.append(subprocess.Popen([sys.executable, "-m", "benchmarks.bench_stream", "--fanout-worker", json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_DIR))
+            spec = {
+                "endpoint": ends[k % len(ends)],
+                "token": bench.token,
+                "index": k,
+                "subscribers": count,
+                "from_seq": from_seq,
+                "until_seq": until_seq,
+                "timeout_s": args.seconds + FANOUT_DRAIN_S + 30,
+            }
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.bench_stream", "--fanout-worker", json.dumps(spec)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=REPO_DIR,
+                )
+            )
         time.sleep(1.0)  # let the subscriptions attach (they start at last + 1 and wait)
         before = bench.cpu_times()  # the nodes (and this process); subscriber processes are gone by the end
         started = time.monotonic()
@@ -305,10 +346,22 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
     cpu["subscribers"] = round(sum(o.get("cpu_s", 0.0) for o in outcomes) / seconds, 2)  # all the subscriber processes together
     leader_id = bench.node_id_of(bench.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)["address"])
     print(f"  {args.subscribers} subscribers on the followers, {expected:,} messages at {args.rate:,}/s offered")
-    print(f"  delivered {delivered:,} messages in {seconds:.1f} s: {delivered / seconds:,.0f} msg/s in total; every subscriber got all {expected:,}")
+    print(
+        f"  delivered {delivered:,} messages in {seconds:.1f} s: {delivered / seconds:,.0f} msg/s in total; every subscriber got all {expected:,}"
+    )
     print(f"  cpu (share of one core): {cpu_text(cpu)}; leader {leader_id}")
-    return {"subscribers": args.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds, "delivered_per_s": delivered / seconds,
-            "complete": True, "offered_per_s": args.rate, "subscriber_processes": args.subscriber_processes, "cpu": cpu, "leader": leader_id}
+    return {
+        "subscribers": args.subscribers,
+        "messages": expected,
+        "delivered": delivered,
+        "seconds": seconds,
+        "delivered_per_s": delivered / seconds,
+        "complete": True,
+        "offered_per_s": args.rate,
+        "subscriber_processes": args.subscriber_processes,
+        "cpu": cpu,
+        "leader": leader_id,
+    }
 
 
 class FilledCluster(Scoped):
@@ -370,8 +423,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--runs", type=positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
     add("--rate", type=positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
     add("--seconds", type=positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
-    add("--subscribers", type=positive_int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=positive_int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
+    add(
+        "--subscribers",
+        type=positive_int,
+        default=FANOUT_SUBSCRIBERS_DEFAULT,
+        help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
+    )
+    add(
+        "--subscriber-processes",
+        type=positive_int,
+        default=FANOUT_PROCESSES_DEFAULT,
+        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
+    )
     add("--insecure", action="store_true", help="no Raft password and no client token")
     add("--dir", help="parent of the temporary directory (default: the system's)")
     add("--json", help="also write the report as JSON to this file")
@@ -390,7 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         return fanout_worker_main(args.fanout_worker)
     signal.signal(signal.SIGTERM, terminate)
     root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir)
-    report: dict = {"benchmark": "raftseq stream", "code": code_under_test(), "machine": machine_facts(), "load_average_start": load_average(), "settings": {k: v for k, v in vars(args).items() if k not in ("fanout_worker", "names", "json")}, "workloads": {}, "failures": {}}
+    report: dict = {
+        "benchmark": "raftseq stream",
+        "code": code_under_test(),
+        "machine": machine_facts(),
+        "load_average_start": load_average(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("fanout_worker", "names", "json")},
+        "workloads": {},
+        "failures": {},
+    }
     failed = False
     print("raftseq stream benchmark")
     print_load("at start")

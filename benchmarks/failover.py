@@ -55,8 +55,7 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
     kills: list[dict] = []
     with BenchCluster.start_in(root, "failover", insecure=args.insecure, overrides=args.overrides) as bc:
         print(
-            f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.kills} leader kills under "
-            f"{args.failover_rate:,} msg/s",
+            f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.kills} leader kills under {args.failover_rate:,} msg/s",
             flush=True,
         )
 
@@ -85,10 +84,7 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
                         ) from None
                     failover_s = load.watch_acked_at - killed_at
                     await asyncio.sleep(GAP_WINDOW_S)
-                    window = [
-                        t for t in load.acked_at
-                        if killed_at - GAP_WINDOW_S <= t <= load.watch_acked_at + GAP_WINDOW_S
-                    ]
+                    window = [t for t in load.acked_at if killed_at - GAP_WINDOW_S <= t <= load.watch_acked_at + GAP_WINDOW_S]
                     before = [t for t in load.acked_at if 0 < t < killed_at]
                     if before:
                         window.append(max(before))
@@ -136,7 +132,10 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
                 except (TimeoutError, asyncio.CancelledError):
                     pass
             drained = await load.drain()
-            expect(drained, f"failover: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped")
+            expect(
+                drained,
+                f"failover: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped",
+            )
             expect(not load.errors, f"failover: {len(load.errors)} submits failed, first: {load.errors[:1]}")
             seqs = load.acked_seqs()
             first, last = check_seqs(seqs, "failover", expected=load.submitted)
@@ -154,7 +153,9 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
 
         outcome = run_precise(run())
         final = bc.settled_seq()
-        expect(final is None or final == outcome["seqs"][1], f"failover: nodes hold {final} messages, {outcome['seqs'][1]} were acknowledged")
+        expect(
+            final is None or final == outcome["seqs"][1], f"failover: nodes hold {final} messages, {outcome['seqs'][1]} were acknowledged"
+        )
     failovers = [k["failover_s"] for k in kills]
     gaps = [k["ack_gap_s"] for k in kills]
     client_s = [k["client_last_failover_s"] for k in kills if k["client_last_failover_s"] is not None]
@@ -168,7 +169,9 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
     )
     print(f"  longest gap between acks           median {statistics.median(gaps):.3f} s  max {max(gaps):.3f} s")
     if client_s:
-        print(f"  client.last_failover_s             median {statistics.median(client_s):.3f} s  max {max(client_s):.3f} s   ({len(client_s)} of {len(kills)} kills)")
+        print(
+            f"  client.last_failover_s             median {statistics.median(client_s):.3f} s  max {max(client_s):.3f} s   ({len(client_s)} of {len(kills)} kills)"
+        )
     rejoin_elections = sum(1 for k in kills if k["term_after_rejoin"] != k["new_term"])
     print(
         f"  check: {outcome['submitted']:,} submits, sequence numbers {outcome['seqs'][0]:,}..{outcome['seqs'][1]:,} unique and gapless; "
@@ -187,4 +190,3 @@ def workload_failover(args: argparse.Namespace, root: str) -> dict:
         "rejoin_elections": rejoin_elections,
         **outcome,
     }
-

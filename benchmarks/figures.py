@@ -79,7 +79,6 @@ def describe_ranges(ranges: list[list[int]]) -> str:
     return shown + (f" and {len(ranges) - 6} more ranges" if len(ranges) > 6 else "")
 
 
-
 def latency_summary(ordered_ms: Sequence[float]) -> dict:
     return {
         "count": len(ordered_ms),
@@ -98,11 +97,9 @@ def latency_line(label: str, s: dict) -> str:
     )
 
 
-
 def largest_gap_s(times: Sequence[float]) -> float:
     ordered = sorted(times)
     return max((b - a for a, b in zip(ordered, ordered[1:])), default=0.0)
-
 
 
 def cpu_text(cpu: dict[str, float]) -> str:
@@ -113,4 +110,3 @@ def goal_text(met: bool, margin: float) -> str:
     if met:
         return "met"
     return f"MISSED by {-100 * margin:.0f}%" if margin < 0 else "MISSED"
-

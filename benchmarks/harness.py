@@ -40,7 +40,9 @@ class BenchCluster(LocalCluster):
         """Three nodes in ``root/name`` on free ports (others, in ``root/name-2``..., when a port
         was taken before a node bound it), with a leader."""
         try:
-            return cls.started(os.path.join(root, name), insecure=insecure, restart=False, overrides=overrides, leader_timeout_s=LEADER_TIMEOUT_S)
+            return cls.started(
+                os.path.join(root, name), insecure=insecure, restart=False, overrides=overrides, leader_timeout_s=LEADER_TIMEOUT_S
+            )
         except ClusterTimeout as exc:
             raise BenchError(f"cluster did not start: {exc}") from None
 
@@ -111,4 +113,9 @@ def leader_events(lines_by_node: dict[str, list[str]]) -> dict:
                 continue
             per_node[node_id] += 1
             terms.add(int(match.group(2)))
-    return {"leader_terms": sorted(terms), "leader_lines_per_node": per_node, "unknown_lines": unknown, "no_leader_role_lines": no_leader_roles}
+    return {
+        "leader_terms": sorted(terms),
+        "leader_lines_per_node": per_node,
+        "unknown_lines": unknown,
+        "no_leader_role_lines": no_leader_roles,
+    }

@@ -26,7 +26,10 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
     payload = b"x" * args.payload_bytes
     result: dict = {"seconds": args.latency_seconds, "warmup_s": LATENCY_WARMUP_S, "rates": {}}
     with BenchCluster.start_in(root, "latency", insecure=args.insecure, overrides=args.overrides) as bc:
-        print(f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.latency_seconds:.0f} s per rate after {LATENCY_WARMUP_S:.0f} s warm-up", flush=True)
+        print(
+            f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.latency_seconds:.0f} s per rate after {LATENCY_WARMUP_S:.0f} s warm-up",
+            flush=True,
+        )
         total_acked = 0
 
         async def one_rate(rate: int) -> dict:
@@ -42,7 +45,10 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
                 total = load.latencies_ms(first_index=first_index)
                 lag, service = load.split_ms(first_index=first_index)
                 measured = load.submitted - first_index
-                expect(drained, f"{rate} msg/s: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped")
+                expect(
+                    drained,
+                    f"{rate} msg/s: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped",
+                )
                 expect(not load.errors, f"{rate} msg/s: {len(load.errors)} submits failed, first: {load.errors[:1]}")
                 seqs = load.acked_seqs()
                 check_seqs(seqs, f"latency {rate} msg/s", expected=load.submitted)
@@ -85,7 +91,6 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
     return result
 
 
-
 def workload_elections(args: argparse.Namespace, root: str) -> dict:
     payload = b"x" * args.payload_bytes
     with BenchCluster.start_in(root, "elections", insecure=args.insecure, overrides=args.overrides) as bc:
@@ -117,12 +122,18 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
                     if (report["leader"] and report["leader"] != leader) or top_term > term:
                         event = {"at_s": round(time.monotonic() - started, 2), "leader": report["leader"], "term": top_term}
                         seen.append(event)
-                        print(f"    leader change at +{event['at_s']:.1f} s: {bc.node_id_of(report['leader']) or 'none'} term {top_term}", flush=True)
+                        print(
+                            f"    leader change at +{event['at_s']:.1f} s: {bc.node_id_of(report['leader']) or 'none'} term {top_term}",
+                            flush=True,
+                        )
                         leader = report["leader"] or leader
                         term = max(term, top_term)
                     if time.monotonic() >= next_report:
                         next_report += 60
-                        print(f"    +{time.monotonic() - started:.0f} s: {load.acked:,} acked, {len(seen)} leader changes, load avg {load_average()[:1]}", flush=True)
+                        print(
+                            f"    +{time.monotonic() - started:.0f} s: {load.acked:,} acked, {len(seen)} leader changes, load avg {load_average()[:1]}",
+                            flush=True,
+                        )
                     try:
                         await asyncio.wait_for(asyncio.shield(sender), ELECTIONS_POLL_S)
                     except TimeoutError:
@@ -134,7 +145,10 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
                 if not sender.done():
                     sender.cancel()
             drained = await load.drain()
-            expect(drained, f"elections: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped")
+            expect(
+                drained,
+                f"elections: {load.submitted - load.acked} of {load.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped",
+            )
             expect(not load.errors, f"elections: {len(load.errors)} submits failed, first: {load.errors[:1]}")
             seqs = load.acked_seqs()
             first_seq, last_seq = check_seqs(seqs, "elections", expected=load.submitted)
@@ -170,9 +184,7 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
         f"({log_elections} new terms), {events['unknown_lines']} 'leader is now unknown' lines, "
         f"{events['no_leader_role_lines']} 'role -> candidate' (no leader known) lines"
     )
-    print(
-        f"    before the load (start-up): leaders named in terms {startup_events['leader_terms']}"
-    )
+    print(f"    before the load (start-up): leaders named in terms {startup_events['leader_terms']}")
     s = outcome["latency"]
     print(latency_line(f"{args.elections_rate} msg/s", s))
     print(f"  {'':<18} cpu {cpu_text(outcome['cpu_share'])} (first leader {first['id']})")
@@ -194,4 +206,3 @@ def workload_elections(args: argparse.Namespace, root: str) -> dict:
         "goal_met": met,
         **outcome,
     }
-

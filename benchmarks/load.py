@@ -176,7 +176,6 @@ class SteadyLoad:
         return [s for s in self.seqs if s]
 
 
-
 @dataclass
 class ThroughputRun:
     messages: int
@@ -190,7 +189,6 @@ class ThroughputRun:
     @property
     def per_s(self) -> float:
         return self.messages / self.seconds
-
 
 
 async def submit_all(client: SequencerClient, payload: bytes, *, messages: int, batch: int, deadline: float) -> list[asyncio.Future]:
@@ -218,7 +216,9 @@ async def submit_all(client: SequencerClient, payload: bytes, *, messages: int, 
     return futures
 
 
-async def pipelined_run(bc: BenchCluster, session: str, payload: bytes, *, messages: int, batch: int, in_flight_max: int, timeout_s: float) -> tuple[float, list[int], SequencerClient]:
+async def pipelined_run(
+    bc: BenchCluster, session: str, payload: bytes, *, messages: int, batch: int, in_flight_max: int, timeout_s: float
+) -> tuple[float, list[int], SequencerClient]:
     """``submit_all`` on a new client of `bc`. Returns the seconds from the first submit to the
     last ack, the sequence numbers, and the client (to close)."""
     client = await bc.client(session, in_flight_max=in_flight_max)
@@ -242,7 +242,9 @@ async def pipelined_run(bc: BenchCluster, session: str, payload: bytes, *, messa
     return seconds, seqs, client
 
 
-async def one_client_run(bc: BenchCluster, session: str, payload: bytes, *, messages: int, batch: int, in_flight_max: int, timeout_s: float) -> ThroughputRun:
+async def one_client_run(
+    bc: BenchCluster, session: str, payload: bytes, *, messages: int, batch: int, in_flight_max: int, timeout_s: float
+) -> ThroughputRun:
     before = bc.cpu_times()
     seconds, seqs, client = await pipelined_run(
         bc, session, payload, messages=messages, batch=batch, in_flight_max=in_flight_max, timeout_s=timeout_s
@@ -298,7 +300,9 @@ def worker_main(spec_json: str) -> int:
     return 0
 
 
-def multi_client_run(bc: BenchCluster, label: str, *, processes: int, messages: int, batch: int, payload_bytes: int, in_flight_max: int, timeout_s: float) -> ThroughputRun:
+def multi_client_run(
+    bc: BenchCluster, label: str, *, processes: int, messages: int, batch: int, payload_bytes: int, in_flight_max: int, timeout_s: float
+) -> ThroughputRun:
     """`processes` client processes, `messages` between them, each in batches of `batch`."""
     per_worker = [messages // processes + (1 if k < messages % processes else 0) for k in range(processes)]
     workers: list[subprocess.Popen] = []

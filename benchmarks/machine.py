@@ -113,7 +113,6 @@ def print_load(when: str) -> list[float]:
     return load
 
 
-
 def filesystem_of(path: str) -> str:
     """The type of the file system holding `path` (``ext4``, ``tmpfs``, …), from /proc/mounts."""
     path = os.path.realpath(path)

@@ -60,8 +60,16 @@ def throughput_bars(workload: dict) -> list[dict]:
                 continue
             name = max(variants, key=lambda v: variants[v]["median"])
             v = variants[name]
-            bars.append({"group": f"{int(payload):,} B", "system": system, "value": v["median"], "low": v.get("min", v["median"]),
-                         "high": v.get("max", v["median"]), "label": name})
+            bars.append(
+                {
+                    "group": f"{int(payload):,} B",
+                    "system": system,
+                    "value": v["median"],
+                    "low": v.get("min", v["median"]),
+                    "high": v.get("max", v["median"]),
+                    "label": name,
+                }
+            )
     return bars
 
 
@@ -90,8 +98,10 @@ def replay_bars(workload: dict) -> list[dict]:
 
 
 def recovery_bars(workload: dict) -> list[dict]:
-    names = {"raftseq": (("status_s", "answers"), ("serve_s", "serves"), ("caught_up_s", "caught up")),
-             "nats": (("answers_s", "answers"), ("healthy_s", "healthz ok"), ("current_s", "replica current"))}
+    names = {
+        "raftseq": (("status_s", "answers"), ("serve_s", "serves"), ("caught_up_s", "caught up")),
+        "nats": (("answers_s", "answers"), ("healthy_s", "healthz ok"), ("current_s", "replica current")),
+    }
     bars = []
     for system, s in workload.get("systems", {}).items():
         for key, label in names.get(system, ()):
@@ -101,13 +111,19 @@ def recovery_bars(workload: dict) -> list[dict]:
 
 
 def fanout_bars(workload: dict) -> list[dict]:
-    return [{"group": system, "system": system, "value": s["delivered_per_s"], "label": "" if s.get("complete", True) else "INCOMPLETE"}
-            for system, s in workload.get("systems", {}).items() if "delivered_per_s" in s]
+    return [
+        {"group": system, "system": system, "value": s["delivered_per_s"], "label": "" if s.get("complete", True) else "INCOMPLETE"}
+        for system, s in workload.get("systems", {}).items()
+        if "delivered_per_s" in s
+    ]
 
 
 def failover_bars(workload: dict) -> list[dict]:
-    return [{"group": system, "system": system, "value": s["failover_s"]["median"], "high": s["failover_s"].get("max"), "label": ""}
-            for system, s in workload.get("systems", {}).items() if "failover_s" in s]
+    return [
+        {"group": system, "system": system, "value": s["failover_s"]["median"], "high": s["failover_s"].get("max"), "label": ""}
+        for system, s in workload.get("systems", {}).items()
+        if "failover_s" in s
+    ]
 
 
 # --- drawing ------------------------------------------------------------------------------
@@ -125,9 +141,16 @@ def draw_bars(ax, bars: list[dict], *, ylabel: str, title: str, goal: float | No
             x = gi + width * (k + 0.5 - len(members) / 2)  # the group's bars centred on its tick
             low, high = b.get("low", b["value"]), b.get("high") or b["value"]
             second = k > 0 and b["system"] == members[k - 1]["system"]  # e.g. raftseq's raw frames next to its library figure
-            ax.bar(x, b["value"], width * 0.9, color=color(b["system"]), alpha=0.55 if second else 0.85,
-                   yerr=[[max(0.0, b["value"] - low)], [max(0.0, high - b["value"])]] if (low, high) != (b["value"], b["value"]) else None,
-                   capsize=3, ecolor="#333333")
+            ax.bar(
+                x,
+                b["value"],
+                width * 0.9,
+                color=color(b["system"]),
+                alpha=0.55 if second else 0.85,
+                yerr=[[max(0.0, b["value"] - low)], [max(0.0, high - b["value"])]] if (low, high) != (b["value"], b["value"]) else None,
+                capsize=3,
+                ecolor="#333333",
+            )
             text = _short(b["value"]) + (f"\n{b['label']}" if b.get("label") else "")
             ax.annotate(text, (x, max(high, b["value"])), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(groups)), groups)
@@ -209,29 +232,58 @@ def plot(report: dict, out: str) -> list[str]:
     figure, axes = pyplot.subplots(rows, columns, figsize=(PANEL_WIDTH_IN * columns, PANEL_HEIGHT_IN * rows), squeeze=False)
     for ax, (name, data) in zip(axes.flat, panels):
         if name == "throughput":
-            draw_bars(ax, data, ylabel="acknowledged msg/s", title="throughput: each system's best variant (median, min - max)",
-                      goal=GOAL_THROUGHPUT_PER_S, goal_label=f"goal >= {GOAL_THROUGHPUT_PER_S:,}/s at 100 B", log=True)
+            draw_bars(
+                ax,
+                data,
+                ylabel="acknowledged msg/s",
+                title="throughput: each system's best variant (median, min - max)",
+                goal=GOAL_THROUGHPUT_PER_S,
+                goal_label=f"goal >= {GOAL_THROUGHPUT_PER_S:,}/s at 100 B",
+                log=True,
+            )
         elif name == "latency":
             draw_latency(ax, data)
         elif name == "replay":
-            draw_bars(ax, data, ylabel="msg/s to one subscriber", title="replay from the start on a follower (median)",
-                      goal=GOAL_REPLAY_PER_S, goal_label=f"goal >= {GOAL_REPLAY_PER_S:,}/s")
+            draw_bars(
+                ax,
+                data,
+                ylabel="msg/s to one subscriber",
+                title="replay from the start on a follower (median)",
+                goal=GOAL_REPLAY_PER_S,
+                goal_label=f"goal >= {GOAL_REPLAY_PER_S:,}/s",
+            )
         elif name == "recovery":
-            draw_bars(ax, data, ylabel="s after the restart", title="recovery of a SIGKILLed follower (median, max)",
-                      goal=GOAL_RECOVERY_S, goal_label=f"goal: serves again <= {GOAL_RECOVERY_S:g} s")
+            draw_bars(
+                ax,
+                data,
+                ylabel="s after the restart",
+                title="recovery of a SIGKILLed follower (median, max)",
+                goal=GOAL_RECOVERY_S,
+                goal_label=f"goal: serves again <= {GOAL_RECOVERY_S:g} s",
+            )
         elif name == "fanout":
             draw_bars(ax, data, ylabel="msg/s delivered in total", title="fanout: live subscribers on the followers")
         else:
-            draw_bars(ax, data, ylabel="s from the kill to the next ack", title="failover: SIGKILL of the leader (median, max)",
-                      goal=GOAL_FAILOVER_MEDIAN_S, goal_label=f"goal median <= {GOAL_FAILOVER_MEDIAN_S:g} s", log=True)
-    for ax in list(axes.flat)[len(panels):]:
+            draw_bars(
+                ax,
+                data,
+                ylabel="s from the kill to the next ack",
+                title="failover: SIGKILL of the leader (median, max)",
+                goal=GOAL_FAILOVER_MEDIAN_S,
+                goal_label=f"goal median <= {GOAL_FAILOVER_MEDIAN_S:g} s",
+                log=True,
+            )
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     machine = report.get("machine", {})
     code = report.get("code", {})
-    figure.suptitle(f"raftseq bench: {', '.join(report.get('systems', []))}; nproc {machine.get('nproc', '?')}, "
-                    f"commit {code.get('git_commit') or '?'}{' (dirty)' if code.get('dirty') else ''}, "
-                    f"load avg at start {(report.get('load_average_start') or ['?'])[0]}"
-                    + ("; QUICK" if report.get("settings", {}).get("quick") else ""), fontsize=10)
+    figure.suptitle(
+        f"raftseq bench: {', '.join(report.get('systems', []))}; nproc {machine.get('nproc', '?')}, "
+        f"commit {code.get('git_commit') or '?'}{' (dirty)' if code.get('dirty') else ''}, "
+        f"load avg at start {(report.get('load_average_start') or ['?'])[0]}"
+        + ("; QUICK" if report.get("settings", {}).get("quick") else ""),
+        fontsize=10,
+    )
     figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     figure.savefig(out, dpi=DPI)

@@ -36,7 +36,15 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
 
         async def warm_up() -> None:
             messages = min(args.messages, WARMUP_MESSAGES)
-            run = await one_client_run(bc, "tp-warmup", payload, messages=messages, batch=args.batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
+            run = await one_client_run(
+                bc,
+                "tp-warmup",
+                payload,
+                messages=messages,
+                batch=args.batch,
+                in_flight_max=args.in_flight_max,
+                timeout_s=args.run_timeout_s,
+            )
             all_ranges.append([run.seqs_first, run.seqs_last])
 
         asyncio.run(warm_up())
@@ -47,12 +55,26 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
                 session = f"tp-{key}-{r + 1}"
                 if processes == 1:
                     run = asyncio.run(
-                        one_client_run(bc, session, payload, messages=args.messages, batch=batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
+                        one_client_run(
+                            bc,
+                            session,
+                            payload,
+                            messages=args.messages,
+                            batch=batch,
+                            in_flight_max=args.in_flight_max,
+                            timeout_s=args.run_timeout_s,
+                        )
                     )
                 else:
                     run = multi_client_run(
-                        bc, session, processes=processes, messages=args.messages, batch=batch,
-                        payload_bytes=args.payload_bytes, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s,
+                        bc,
+                        session,
+                        processes=processes,
+                        messages=args.messages,
+                        batch=batch,
+                        payload_bytes=args.payload_bytes,
+                        in_flight_max=args.in_flight_max,
+                        timeout_s=args.run_timeout_s,
                     )
                 runs[key].append(run)
                 all_ranges.append([run.seqs_first, run.seqs_last])
@@ -72,7 +94,9 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
         rates = [run.per_s for run in runs[key]]
         s = spread(rates)
         status = goal_text(s["median"] >= GOAL_THROUGHPUT_PER_S, s["median"] / GOAL_THROUGHPUT_PER_S - 1)
-        print(f"  {key:<12} {s['median']:>10,.0f} msg/s   min {s['min']:>9,.0f}  max {s['max']:>9,.0f}   goal >= {GOAL_THROUGHPUT_PER_S:,}: {status}")
+        print(
+            f"  {key:<12} {s['median']:>10,.0f} msg/s   min {s['min']:>9,.0f}  max {s['max']:>9,.0f}   goal >= {GOAL_THROUGHPUT_PER_S:,}: {status}"
+        )
         print(f"  {'':<12} {title}")
         result["variants"][key] = {
             "title": title,
@@ -88,8 +112,6 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
     print(f"  check: {merged[0][1]:,} sequence numbers 1..{merged[0][1]:,}, unique and gapless; nodes converged at {final}")
     result["total_sequenced"] = merged[0][1]
     return result
-
-
 
 
 GOAL_METRICS_COST = 0.05
@@ -139,8 +161,24 @@ def workload_metrics(args: argparse.Namespace, root: str) -> dict:
                 expect((mode == "on") == bool(urls), f"metrics {mode}: nodes serve metrics at {urls}")
 
                 async def measured() -> ThroughputRun:
-                    await one_client_run(bc, "warm-up", payload, messages=min(args.messages, WARMUP_MESSAGES), batch=args.batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
-                    return await one_client_run(bc, "measured", payload, messages=args.messages, batch=args.batch, in_flight_max=args.in_flight_max, timeout_s=args.run_timeout_s)
+                    await one_client_run(
+                        bc,
+                        "warm-up",
+                        payload,
+                        messages=min(args.messages, WARMUP_MESSAGES),
+                        batch=args.batch,
+                        in_flight_max=args.in_flight_max,
+                        timeout_s=args.run_timeout_s,
+                    )
+                    return await one_client_run(
+                        bc,
+                        "measured",
+                        payload,
+                        messages=args.messages,
+                        batch=args.batch,
+                        in_flight_max=args.in_flight_max,
+                        timeout_s=args.run_timeout_s,
+                    )
 
                 if urls:
                     with Scraper(urls, args.scrape_interval) as scraper:
@@ -150,12 +188,25 @@ def workload_metrics(args: argparse.Namespace, root: str) -> dict:
                 else:
                     run = asyncio.run(measured())
             runs[mode].append(run.per_s)
-            print(f"    run {r + 1} metrics {mode:<3} {run.per_s:>10,.0f} msg/s  (cpu {cpu_text(run.cpu_s)}, load {load_average()[0]:.2f})", flush=True)
+            print(
+                f"    run {r + 1} metrics {mode:<3} {run.per_s:>10,.0f} msg/s  (cpu {cpu_text(run.cpu_s)}, load {load_average()[0]:.2f})",
+                flush=True,
+            )
     on, off = spread(runs["on"]), spread(runs["off"])
     cost = 1 - on["median"] / off["median"]
     met = cost <= GOAL_METRICS_COST
-    print(f"  metrics on   {on['median']:>10,.0f} msg/s   min {on['min']:>9,.0f}  max {on['max']:>9,.0f}   ({scrapes} scrapes, every {args.scrape_interval} s)")
+    print(
+        f"  metrics on   {on['median']:>10,.0f} msg/s   min {on['min']:>9,.0f}  max {on['max']:>9,.0f}   ({scrapes} scrapes, every {args.scrape_interval} s)"
+    )
     print(f"  metrics off  {off['median']:>10,.0f} msg/s   min {off['min']:>9,.0f}  max {off['max']:>9,.0f}")
-    print(f"  on/off {on['median'] / off['median']:.3f}: metrics cost {100 * cost:.1f}%   goal <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if met else 'MISSED'}")
-    return {"on_messages_per_s": on, "off_messages_per_s": off, "cost": cost, "goal_met": met, "scrape_interval_s": args.scrape_interval, "scrapes": scrapes}
-
+    print(
+        f"  on/off {on['median'] / off['median']:.3f}: metrics cost {100 * cost:.1f}%   goal <= {100 * GOAL_METRICS_COST:.0f}%: {'met' if met else 'MISSED'}"
+    )
+    return {
+        "on_messages_per_s": on,
+        "off_messages_per_s": off,
+        "cost": cost,
+        "goal_met": met,
+        "scrape_interval_s": args.scrape_interval,
+        "scrapes": scrapes,
+    }

@@ -52,16 +52,26 @@ def duration(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raftseq chaos", description="Seeded fault injection against a local three-node cluster, checked against the guarantees.")
+    parser = argparse.ArgumentParser(
+        prog="raftseq chaos", description="Seeded fault injection against a local three-node cluster, checked against the guarantees."
+    )
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run scenarios or the soak (the default command)", description="Run chaos scenarios (or the soak) and check each run's history.")
+    run = sub.add_parser(
+        "run",
+        help="run scenarios or the soak (the default command)",
+        description="Run chaos scenarios (or the soak) and check each run's history.",
+    )
     run.add_argument("names", nargs="*", metavar="NAME", help="scenarios to run, each on its own cluster (default: all; see `list`)")
-    run.add_argument("--scenario", metavar="NAME|all", help="one run: NAME's round repeated, or `all`: faults drawn from the whole catalogue (the soak)")
+    run.add_argument(
+        "--scenario", metavar="NAME|all", help="one run: NAME's round repeated, or `all`: faults drawn from the whole catalogue (the soak)"
+    )
     run.add_argument("--report", metavar="DIR", help="write report.json and timeline.png there (a directory per scenario when several run)")
     run.add_argument("--seed", type=int, help="master seed (default: random, printed); each scenario's seed derives from it")
     how_long = run.add_mutually_exclusive_group()
     how_long.add_argument("--rounds", type=int, help="fault rounds per scenario (default: the scenario's own, 1-3)")
-    how_long.add_argument("--duration", type=duration, metavar="D", help="soak length: 600, 600s, 10m, 1h (shared among the scenarios of a `run NAME ...`)")
+    how_long.add_argument(
+        "--duration", type=duration, metavar="D", help="soak length: 600, 600s, 10m, 1h (shared among the scenarios of a `run NAME ...`)"
+    )
     run.add_argument("--dir", help="parent directory of the runs (default: the system's temp dir)")
     run.add_argument("--keep", action="store_true", help="keep the directories of passing runs too")
     check = sub.add_parser("check", help="check a recorded history", description="Check a history file against the invariants.")
@@ -104,7 +114,15 @@ def _run(args: argparse.Namespace) -> int:
         ok = False
         interrupted = False
         try:
-            result = run_scenario(name, seed=seed, directory=directory, rounds=args.rounds, duration_s=share, report_dir=report_dir, say=lambda line: print(line, flush=True))
+            result = run_scenario(
+                name,
+                seed=seed,
+                directory=directory,
+                rounds=args.rounds,
+                duration_s=share,
+                report_dir=report_dir,
+                say=lambda line: print(line, flush=True),
+            )
             ok = result.ok
         except (ScenarioFailed, AssertionError) as exc:
             print(f"chaos {name}: FAILED (seed {seed}): {exc}", flush=True)

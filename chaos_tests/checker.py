@@ -147,7 +147,9 @@ class Report(msgspec.Struct):
             counts = ", ".join(f"{name}: {n}" for name, n in self.violation_counts.items())
             lines.append(f"violations ({counts}; at most {VIOLATIONS_PER_INVARIANT_MAX} of each shown):")
             lines += [f"  {violation}" for violation in self.violations]
-        lines.append(f"ops: {c.ops} invoked, {c.ok} ok, {c.fail} fail, {c.unknown} unknown ({c.never_completed} never completed, {c.unknown_in_stream} of the unknown in the stream)")
+        lines.append(
+            f"ops: {c.ops} invoked, {c.ok} ok, {c.fail} fail, {c.unknown} unknown ({c.never_completed} never completed, {c.unknown_in_stream} of the unknown in the stream)"
+        )
         lines.append(f"deliveries: {c.deliveries} to {c.subscribers} subscriber(s)")
         reads = ", ".join(f"{node} {n}" for node, n in c.final_reads.items()) or "none"
         lines.append(f"final reads: {reads}; stream length {c.stream_length}")
@@ -208,7 +210,9 @@ def _index(events: Iterable[AnyEvent]) -> _Indexed:
             if event.op in h.ops:
                 raise HistoryError(f"op {event.op} is invoked twice")
             if event.payload in h.op_of_payload:
-                raise HistoryError(f"payload {event.payload!r} is invoked twice (ops {h.op_of_payload[event.payload].invoke.op} and {event.op}); payloads must be unique")
+                raise HistoryError(
+                    f"payload {event.payload!r} is invoked twice (ops {h.op_of_payload[event.payload].invoke.op} and {event.op}); payloads must be unique"
+                )
             h.ops[event.op] = h.op_of_payload[event.payload] = _Op(event)
         elif kind is Complete:
             op = h.ops.get(event.op)
@@ -219,14 +223,18 @@ def _index(events: Iterable[AnyEvent]) -> _Indexed:
             op.complete = event
         elif kind is Deliver or kind is SubReconnect:
             if event.sub not in h.subscriptions:
-                raise HistoryError(f"subscriber {event.sub!r} has a {'delivery' if kind is Deliver else 'reconnect'} before its sub_connect")
+                raise HistoryError(
+                    f"subscriber {event.sub!r} has a {'delivery' if kind is Deliver else 'reconnect'} before its sub_connect"
+                )
             h.subscriptions[event.sub].append(event)
         elif kind is SubConnect:
             h.subscriptions.setdefault(event.sub, []).append(event)
         elif kind is FinalRead:
             done = read_parts.get(event.node, 0)
             if event.part != done or expected_parts.setdefault(event.node, event.parts) != event.parts:
-                raise HistoryError(f"final read of {event.node}: part {event.part} of {event.parts} where part {done} of {expected_parts[event.node]} was due")
+                raise HistoryError(
+                    f"final read of {event.node}: part {event.part} of {event.parts} where part {done} of {expected_parts[event.node]} was due"
+                )
             read_parts[event.node] = done + 1
             h.final_reads.setdefault(event.node, []).extend(event.records)
         elif kind is Fault:
@@ -333,7 +341,12 @@ class _Checker:
             for position, record in enumerate(records, start=1):
                 if record[0] != position:
                     after = f"after seq {records[position - 2][0]}" if position > 1 else "first"
-                    yield self._violation(2, f"the final read of {node} is not contiguous from 1: seq {record[0]} comes {after}, at position {position}", [record[0]], [record[3]])
+                    yield self._violation(
+                        2,
+                        f"the final read of {node} is not contiguous from 1: seq {record[0]} comes {after}, at position {position}",
+                        [record[0]],
+                        [record[3]],
+                    )
                     break
             if node != self.reference_node and records != longest[: len(records)]:
                 at = next(i for i, (a, b) in enumerate(zip(records, longest)) if a != b)
@@ -355,15 +368,30 @@ class _Checker:
                 elif kind is SubReconnect:
                     if e.from_seq != expected:
                         after = f"after delivering seq {last}" if last else "before any delivery"
-                        yield self._violation(3, f"subscriber {sub} reconnected to {e.node} from seq {e.from_seq} {after}: expected from seq {expected}", [e.from_seq, expected], [])
+                        yield self._violation(
+                            3,
+                            f"subscriber {sub} reconnected to {e.node} from seq {e.from_seq} {after}: expected from seq {expected}",
+                            [e.from_seq, expected],
+                            [],
+                        )
                     expected = e.from_seq
                 else:
                     if e.seq != expected:
                         if e.seq < expected:
-                            what = f"a duplicate or a step back: seq {e.seq} after {last}" if last else f"seq {e.seq} although it asked for {expected}"
+                            what = (
+                                f"a duplicate or a step back: seq {e.seq} after {last}"
+                                if last
+                                else f"seq {e.seq} although it asked for {expected}"
+                            )
                         else:
-                            what = f"a gap: seq {e.seq} after {last}, {_seqs(expected, e.seq - 1)} skipped" if last else f"seq {e.seq} first although it asked from {expected}"
-                        yield self._violation(3, f"subscriber {sub} got {what} (from {e.node}, payload {e.payload!r})", [e.seq, expected], [e.payload])
+                            what = (
+                                f"a gap: seq {e.seq} after {last}, {_seqs(expected, e.seq - 1)} skipped"
+                                if last
+                                else f"seq {e.seq} first although it asked from {expected}"
+                            )
+                        yield self._violation(
+                            3, f"subscriber {sub} got {what} (from {e.node}, payload {e.payload!r})", [e.seq, expected], [e.payload]
+                        )
                     last = e.seq
                     expected = e.seq + 1
 
@@ -371,7 +399,12 @@ class _Checker:
         for seq, (_, _, payload) in self.stream.items():
             first = self.seq_of_payload[payload]
             if first != seq:
-                yield self._violation(4, f"payload {payload!r} is in the stream twice, at seq {first} and seq {seq}{self._of_op(payload)}", [first, seq], [payload])
+                yield self._violation(
+                    4,
+                    f"payload {payload!r} is in the stream twice, at seq {first} and seq {seq}{self._of_op(payload)}",
+                    [first, seq],
+                    [payload],
+                )
 
     def acked_write_kept(self) -> Iterator[Violation]:
         if self.reference_node is None:
@@ -386,20 +419,36 @@ class _Checker:
             found = self.seq_of_payload.get(payload)
             there = f"seq {seq} holds {message[2]!r}" if message is not None else f"the stream ends at seq {len(self.longest)}"
             if found is None:
-                yield self._violation(5, f"lost acknowledged write: {op} was acknowledged as seq {seq} and is not in the final stream ({there})", [seq], [payload])
+                yield self._violation(
+                    5,
+                    f"lost acknowledged write: {op} was acknowledged as seq {seq} and is not in the final stream ({there})",
+                    [seq],
+                    [payload],
+                )
             else:
-                yield self._violation(5, f"renumbered acknowledged write: {op} was acknowledged as seq {seq} but is at seq {found} in the final stream ({there})", [seq, found], [payload])
+                yield self._violation(
+                    5,
+                    f"renumbered acknowledged write: {op} was acknowledged as seq {seq} but is at seq {found} in the final stream ({there})",
+                    [seq, found],
+                    [payload],
+                )
 
     def submitted_only(self) -> Iterator[Violation]:
         for seq, (session, client_seq, payload) in self.stream.items():
             op = self.h.op_of_payload.get(payload)
             if op is None:
-                yield self._violation(6, f"seq {seq} holds {_show((session, client_seq, payload))}, which no client submitted", [seq], [payload])
+                yield self._violation(
+                    6, f"seq {seq} holds {_show((session, client_seq, payload))}, which no client submitted", [seq], [payload]
+                )
             elif (op.invoke.session, op.invoke.client_seq) != (session, client_seq):
-                yield self._violation(6, f"seq {seq} holds {_show((session, client_seq, payload))}, but that payload was submitted as {op}", [seq], [payload])
+                yield self._violation(
+                    6, f"seq {seq} holds {_show((session, client_seq, payload))}, but that payload was submitted as {op}", [seq], [payload]
+                )
 
     def real_time_order(self) -> Iterator[Violation]:
-        completed = sorted(((op.complete.t, op.complete.seq, op) for op in self.h.ops.values() if op.outcome == "ok"), key=lambda item: item[:2])
+        completed = sorted(
+            ((op.complete.t, op.complete.seq, op) for op in self.h.ops.values() if op.outcome == "ok"), key=lambda item: item[:2]
+        )
         later: list[tuple[int, int, _Op]] = []
         for op in self.h.ops.values():
             if op.outcome == "ok":
@@ -442,7 +491,12 @@ class _Checker:
             if op.outcome == "fail":
                 seq = self.seq_of_payload.get(op.invoke.payload)
                 if seq is not None:
-                    yield self._violation(9, f"{op} failed ({op.complete.reason or 'no reason given'}) but is in the stream at seq {seq}", [seq], [op.invoke.payload])
+                    yield self._violation(
+                        9,
+                        f"{op} failed ({op.complete.reason or 'no reason given'}) but is in the stream at seq {seq}",
+                        [seq],
+                        [op.invoke.payload],
+                    )
 
     def _of_op(self, payload: str) -> str:
         op = self.h.op_of_payload.get(payload)
@@ -576,7 +630,9 @@ def check_file(path: str) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos_tests.checker", description="Check a chaos history against the guarantees of DESIGN.md section 1.")
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos_tests.checker", description="Check a chaos history against the guarantees of DESIGN.md section 1."
+    )
     parser.add_argument("history", help="the history file (JSON lines, chaos_tests.history)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

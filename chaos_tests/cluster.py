@@ -261,7 +261,11 @@ class _NetnsNetwork:
         replaced at once (iptables-restore)."""
         for dst in self.ips:
             rules = [f"-A INPUT -s {self.ips[src]}/32 -j DROP" for src, d in sorted(drops) if d == dst]
-            table = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" + "".join(r + "\n" for r in rules) + "COMMIT\n"
+            table = (
+                "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                + "".join(r + "\n" for r in rules)
+                + "COMMIT\n"
+            )
             self._in(dst, ["iptables-restore"], stdin=table)
 
     def close(self) -> None:
@@ -353,8 +357,11 @@ class ChaosCluster(LocalCluster):
             for other in new_configs:
                 if other.id != c.id:
                     forwarder.add_link(
-                        f"client-{c.id}-in-{other.id}", c.client_address, c.client_address,
-                        listen_netns=network.path(other.id), target_netns=inside,
+                        f"client-{c.id}-in-{other.id}",
+                        c.client_address,
+                        c.client_address,
+                        listen_netns=network.path(other.id),
+                        target_netns=inside,
                     )
         return new_configs
 
@@ -455,7 +462,9 @@ class ChaosCluster(LocalCluster):
             lines.append(f"  raft link {link.name}: {link.initiator} dials {link.listen_address} -> {link.acceptor} {link.target_address}")
         if self._netns is not None:
             for node_id in self._netns.node_ids:
-                lines.append(f"  {node_id}: raft on {self._netns.ips[node_id]} in the {self._netns.name(node_id)} (hub pid {self._netns.hub.pid})")
+                lines.append(
+                    f"  {node_id}: raft on {self._netns.ips[node_id]} in the {self._netns.name(node_id)} (hub pid {self._netns.hub.pid})"
+                )
         for node_id, holder in self._holders.items():
             lines.append(f"  {node_id}: data on a {holder.size_bytes}-byte tmpfs (holder pid {holder.pid})")
         return "\n".join(lines)

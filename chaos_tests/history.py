@@ -223,7 +223,9 @@ class HistoryRecorder:
         size = FINAL_READ_RECORDS_PER_LINE
         parts = max(1, -(-len(records) // size))
         for part in range(parts):
-            chunk = [(seq, session, client_seq, _text(payload)) for seq, session, client_seq, payload in records[part * size : (part + 1) * size]]
+            chunk = [
+                (seq, session, client_seq, _text(payload)) for seq, session, client_seq, payload in records[part * size : (part + 1) * size]
+            ]
             self._record(lambda t: FinalRead(t, node, part, parts, chunk))
 
     def note(self, text: str, /, **fields: Any) -> None:

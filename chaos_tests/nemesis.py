@@ -142,7 +142,9 @@ class Nemesis:
                     changes.append((a, b, mode, delay_ms))
         self.cluster.set_directions(changes)
 
-    def _network_fault(self, name: str, pairs: Sequence[tuple[str, str]], details: dict, *, mode: str, delay_ms: float = 0.0) -> ActiveFault:
+    def _network_fault(
+        self, name: str, pairs: Sequence[tuple[str, str]], details: dict, *, mode: str, delay_ms: float = 0.0
+    ) -> ActiveFault:
         directions = {pair: (mode, delay_ms) for pair in pairs}
         fault = ActiveFault(
             next(self._ids), name, {**details, "mode": mode, "cut": sorted([list(p) for p in pairs])}, directions, network=True
@@ -157,7 +159,9 @@ class Nemesis:
         self._report(name, "start", dict(fault.details))
         return fault
 
-    def partition(self, groups: Sequence[Sequence[str]], *, mode: str = DROP, name: str = "partition", leader: str | None = None) -> ActiveFault:
+    def partition(
+        self, groups: Sequence[Sequence[str]], *, mode: str = DROP, name: str = "partition", leader: str | None = None
+    ) -> ActiveFault:
         """Cut every Raft link between nodes of different groups, both ways."""
         group_of = {n: i for i, g in enumerate(groups) for n in g}
         ids = self.cluster.node_ids

@@ -278,9 +278,7 @@ class FaultProxy:
 
     # --- links ----------------------------------------------------------------------------
 
-    def add_link(
-        self, name: str, listen: str, target: str, *, listen_netns: str | None = None, target_netns: str | None = None
-    ) -> str:
+    def add_link(self, name: str, listen: str, target: str, *, listen_netns: str | None = None, target_netns: str | None = None) -> str:
         """Listen on `listen` (``HOST:PORT``; port 0 picks one) and forward to `target`, each
         in its network namespace (default: this process's). Returns the listening address.
         Raises ``OSError`` when it cannot be bound."""
@@ -528,4 +526,3 @@ class FaultProxy:
         except Exception:  # noqa: BLE001
             log.exception("proxy link %s: write pump failed", link.name)
             conn.close(reset=True)
-

@@ -66,7 +66,14 @@ def _timeline(events: list) -> dict:
     for f in faults.values():
         if f["end_s"] is None:
             f["end_s"] = end
-    return {"seconds": seconds, "acks": acks, "latency_p50_ms": p50, "latency_max_ms": peak, "faults": list(faults.values()), "leaders": leaders}
+    return {
+        "seconds": seconds,
+        "acks": acks,
+        "latency_p50_ms": p50,
+        "latency_max_ms": peak,
+        "faults": list(faults.values()),
+        "leaders": leaders,
+    }
 
 
 def write_report(directory: str, history_path: str, report: Report, run: dict) -> dict:
@@ -124,18 +131,39 @@ def draw_timeline(timeline: dict, path: str, *, title: str) -> None:
     label_each = len(faults) <= FAULT_LABELS_MAX
     for fault in faults:
         for axis in (top, bottom):
-            axis.axvspan(fault["start_s"], max(fault["end_s"], fault["start_s"] + 0.05), color=color_of[fault["name"]], alpha=0.2 if fault["leader"] else 0.1)
+            axis.axvspan(
+                fault["start_s"],
+                max(fault["end_s"], fault["start_s"] + 0.05),
+                color=color_of[fault["name"]],
+                alpha=0.2 if fault["leader"] else 0.1,
+            )
         if label_each:
-            top.annotate(fault["name"], (fault["start_s"], 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top", ha="right")
+            top.annotate(
+                fault["name"], (fault["start_s"], 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top", ha="right"
+            )
     if not label_each and families:
         handles = [matplotlib.patches.Patch(color=color_of[name], alpha=0.35, label=name) for name in families]
-        top.legend(handles=handles, loc="upper left", fontsize=7, ncol=min(len(families), 6), title=f"{len(faults)} faults (darker: hit the leader)", title_fontsize=7)
+        top.legend(
+            handles=handles,
+            loc="upper left",
+            fontsize=7,
+            ncol=min(len(families), 6),
+            title=f"{len(faults)} faults (darker: hit the leader)",
+            title_fontsize=7,
+        )
     changes = timeline["leaders"][1:]
     for change in changes:
         if len(changes) <= FAULT_LABELS_MAX:
             for axis in (top, bottom):
                 axis.axvline(change["at_s"], color="black", linestyle=":", linewidth=0.8)
-            bottom.annotate(f"{change['leader']} t{change['term']}", (change["at_s"], 0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="bottom")
+            bottom.annotate(
+                f"{change['leader']} t{change['term']}",
+                (change["at_s"], 0),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                fontsize=7,
+                va="bottom",
+            )
         else:
             bottom.axvline(change["at_s"], ymax=0.04, color="black", linewidth=0.8)
     if len(changes) > FAULT_LABELS_MAX:

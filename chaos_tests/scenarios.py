@@ -423,9 +423,7 @@ def run_scenario(
         overrides = {section: dict(values) for section, values in CHAOS_OVERRIDES.items()}
         for section, values in scenario.overrides.items():
             overrides.setdefault(section, {}).update(values)
-        cluster = ChaosCluster(
-            os.path.join(directory, "cluster"), rng=cluster_rng, overrides=overrides, tmpfs_bytes=scenario.tmpfs_bytes
-        )
+        cluster = ChaosCluster(os.path.join(directory, "cluster"), rng=cluster_rng, overrides=overrides, tmpfs_bytes=scenario.tmpfs_bytes)
         workload = None
         try:
             cluster.start()
@@ -449,7 +447,9 @@ def run_scenario(
                         break
                     round_index += 1
                     elapsed = f", {time.monotonic() - started:.0f} of {duration_s:.0f} s" if duration_s is not None else ""
-                    say(f"  round {round_index}{'' if duration_s is not None else f' of {planned}'} ({workload.stats.ok} acknowledged so far{elapsed})")
+                    say(
+                        f"  round {round_index}{'' if duration_s is not None else f' of {planned}'} ({workload.stats.ok} acknowledged so far{elapsed})"
+                    )
                     try:
                         scenario.round(ctx)
                     finally:
@@ -460,7 +460,9 @@ def run_scenario(
             workload = None
             last_seq = cluster.wait_converged(timeout_s=CONVERGE_TIMEOUT_S)
             counts = final_read(endpoints, token=cluster.token, history=history)
-            say(f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}")
+            say(
+                f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}"
+            )
             journal_problems = []
             for node_id in cluster.node_ids:
                 report = verify_journal(cluster.journal_dir(node_id))
@@ -475,8 +477,16 @@ def run_scenario(
     result = RunResult(name, seed, report, history_path, stats.ok, not journal_problems, journal_problems, seconds)
     say(report.format())
     if report_dir is not None:
-        run = {"scenario": name, "seed": seed, "seconds": round(seconds, 1), "rounds": round_index, "acknowledged": stats.ok,
-               "journals_verified": not journal_problems, "journal_problems": journal_problems, "replay": replay_command(name, seed)}
+        run = {
+            "scenario": name,
+            "seed": seed,
+            "seconds": round(seconds, 1),
+            "rounds": round_index,
+            "acknowledged": stats.ok,
+            "journals_verified": not journal_problems,
+            "journal_problems": journal_problems,
+            "replay": replay_command(name, seed),
+        }
         write_report(report_dir, history_path, report, run)
         result.report_dir = report_dir
         say(f"  report: {os.path.join(report_dir, 'report.json')} and timeline.png")

@@ -530,7 +530,15 @@ def test_every_line_is_one_event_in_time_order(tmp_path):
         rec.note("seed", seed=3)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["kind"] for line in lines] == ["invoke", "complete", "sub_connect", "deliver", "sub_reconnect", "fault", "fault", "note"]
-    assert lines[0] == {"kind": "invoke", "t": lines[0]["t"], "op": 1, "client": "c1", "session": "s1", "client_seq": 1, "payload": "c1-000001"}
+    assert lines[0] == {
+        "kind": "invoke",
+        "t": lines[0]["t"],
+        "op": 1,
+        "client": "c1",
+        "session": "s1",
+        "client_seq": 1,
+        "payload": "c1-000001",
+    }
     assert lines[5]["details"] == {"node": "n1", "role": "leader", "seed": 3}
     assert lines[6]["name"] == "kill" and lines[6]["phase"] == "end"
     times = [line["t"] for line in lines]

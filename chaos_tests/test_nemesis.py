@@ -417,8 +417,9 @@ def test_a_follower_on_a_full_disk_stops_and_the_others_keep_serving(chaos):
     with client(cluster, "during", endpoints=[cluster.endpoint(n) for n in cluster.node_ids if n != victim]) as c:
         more = c.submit_many([b"x" * 1000] * 3000)  # ~4 MiB of Raft log and journal
     print(f"3000 submits acknowledged by the other two in {time.monotonic() - started:.2f} s")
-    code = wait_until(lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=10,
-                      what=f"{victim} stops on the full disk")[0]
+    code = wait_until(
+        lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=10, what=f"{victim} stops on the full disk"
+    )[0]
     tail = [text for text in cluster.log_text(victim).splitlines() if "CRITICAL" in text or "ERROR" in text][-3:]
     print(f"{victim} on a full tmpfs exited with {code} ({'signal ' + str(-code) if code < 0 else 'code'}); log: {tail}")
     nemesis.end(full)

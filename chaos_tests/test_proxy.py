@@ -297,8 +297,10 @@ def test_delay_adds_latency_to_its_direction(proxy, backend):
         both = [round_trip_s(sock, b"pong-%d" % i) for i in range(3)]
         proxy.heal("a")
         healed = statistics.median(round_trip_s(sock, b"back-%d" % i) for i in range(5))
-    print(f"baseline {baseline * 1000:.2f} ms, forward delay {[round(d * 1000) for d in delayed]} ms, "
-          f"both {[round(d * 1000) for d in both]} ms, healed {healed * 1000:.2f} ms")
+    print(
+        f"baseline {baseline * 1000:.2f} ms, forward delay {[round(d * 1000) for d in delayed]} ms, "
+        f"both {[round(d * 1000) for d in both]} ms, healed {healed * 1000:.2f} ms"
+    )
     assert min(delayed) >= delay_ms / 1000 * 0.95 > baseline
     assert min(both) >= 2 * delay_ms / 1000 * 0.95
     assert proxy.fault("a", FORWARD).delay_ms == 0

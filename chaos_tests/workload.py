@@ -352,7 +352,9 @@ async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float)
     return records[:last_seq]
 
 
-def final_read(endpoints: Sequence[str], *, token: str, history: HistoryRecorder, timeout_s: float = FINAL_READ_TIMEOUT_S) -> dict[str, int]:
+def final_read(
+    endpoints: Sequence[str], *, token: str, history: HistoryRecorder, timeout_s: float = FINAL_READ_TIMEOUT_S
+) -> dict[str, int]:
     """Read every node's whole stream into the history; returns records read per endpoint.
     A node that cannot be asked or read is recorded with what it gave (possibly nothing)."""
 

@@ -1,10 +1,10 @@
 """What applications use to talk to a raftseq cluster. Imports ``sequencer.protocol`` only.
 
-    from raftseq.clients import SequencerClient
-    async with SequencerClient(["127.0.0.1:7101", "127.0.0.1:7102"], session="oms-1", token="...") as client:
-        seq = await client.submit(b"payload")
-        async for m in client.subscribe(from_seq=1):
-            ...
+from raftseq.clients import SequencerClient
+async with SequencerClient(["127.0.0.1:7101", "127.0.0.1:7102"], session="oms-1", token="...") as client:
+    seq = await client.submit(b"payload")
+    async for m in client.subscribe(from_seq=1):
+        ...
 """
 
 from raftseq.clients.blocking import BlockingSequencerClient

@@ -578,7 +578,11 @@ class SequencerClient:
                     self._leader_hint = welcome.leader
                     try:
                         link = await open_connection(
-                            welcome.leader, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
+                            welcome.leader,
+                            session=self.session,
+                            token=self.token,
+                            last_acked=self._last_acked,
+                            timeout_s=self.connect_timeout_s,
                         )
                     except (OSError, ConnectionError, TimeoutError) as exc:
                         last_error = exc

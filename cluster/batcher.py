@@ -220,4 +220,3 @@ class Batcher:
                 submit.reply(submit.client_seq, unknown)
         self.batches_unknown += len(self._in_flight)
         self._in_flight.clear()
-

@@ -303,6 +303,7 @@ def _toml_value(value: object) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
+
 #: First port of the kernel's ephemeral range when /proc does not say (Linux's default): the local
 #: cluster picks its ports below it, where no outgoing connection can take one first.
 EPHEMERAL_PORTS_FIRST_DEFAULT = 32768

@@ -112,12 +112,7 @@ class Connection:
     def ack(self, client_seq: int, seq: int) -> None:
         """Queue an ack; consecutive ones (both numbers rising by one) go out as one AckRange."""
         count = self._run_count
-        if (
-            count
-            and client_seq == self._run_client_seq + count
-            and seq == self._run_seq + count
-            and count < limits.BATCH_ENTRIES_MAX
-        ):
+        if count and client_seq == self._run_client_seq + count and seq == self._run_seq + count and count < limits.BATCH_ENTRIES_MAX:
             self._run_count = count + 1
             return
         if count:
@@ -218,7 +213,9 @@ class Gateway:
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
-        self._server = await asyncio.start_server(self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG)
+        self._server = await asyncio.start_server(
+            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG
+        )
         self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
 
     async def stop(self) -> None:
@@ -452,4 +449,3 @@ class Gateway:
             self.subscribers -= 1
             metrics.subscribers = self.subscribers
             conn.close()
-

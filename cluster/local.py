@@ -109,16 +109,16 @@ def local_configs(
     configs = []
     for i, peer in enumerate(peers):
         config = NodeConfig(
-                id=peer.id,
-                data_dir=os.path.join(data_dir, peer.id),
-                raft_address=peer.raft_address,
-                client_address=peer.client_address,
-                peers=[p for p in peers if p.id != peer.id],
-                metrics_address=f"127.0.0.1:{base_port + METRICS_PORT_OFFSET + i}",
-                raft_password=password,
-                client_token=token,
-                insecure=insecure,
-            )
+            id=peer.id,
+            data_dir=os.path.join(data_dir, peer.id),
+            raft_address=peer.raft_address,
+            client_address=peer.client_address,
+            peers=[p for p in peers if p.id != peer.id],
+            metrics_address=f"127.0.0.1:{base_port + METRICS_PORT_OFFSET + i}",
+            raft_password=password,
+            client_token=token,
+            insecure=insecure,
+        )
         for section, values in (overrides or {}).items():
             if isinstance(values, dict):
                 config = msgspec.structs.replace(config, **{section: msgspec.structs.replace(getattr(config, section), **values)})

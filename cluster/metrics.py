@@ -83,9 +83,7 @@ METRICS = (
         "raftseq_raft_matching_entries_kept_total", "counter", (), "Entries a follower kept instead of truncating (Raft correction)"
     ),
     MetricSpec("raftseq_raft_truncations_refused_total", "counter", (), "Log truncations refused on a follower (Raft correction)"),
-    MetricSpec(
-        "raftseq_raft_next_index_rewinds_refused_total", "counter", (), "nextIndex rewinds refused on the leader (Raft correction)"
-    ),
+    MetricSpec("raftseq_raft_next_index_rewinds_refused_total", "counter", (), "nextIndex rewinds refused on the leader (Raft correction)"),
     MetricSpec(
         "raftseq_raft_snapshot_commits_refused_total",
         "counter",
@@ -124,16 +122,16 @@ METRICS = (
     MetricSpec("raftseq_batcher_in_flight_batches", "gauge", (), "Batches proposed to Raft and not yet committed"),
     MetricSpec("raftseq_batches_proposed_total", "counter", (), "Batches this node proposed as leader"),
     MetricSpec("raftseq_entries_proposed_total", "counter", (), "Submits this node proposed as leader"),
-    MetricSpec("raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"),
+    MetricSpec(
+        "raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"
+    ),
     MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
     # Clients and subscribers.
     MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections"),
     MetricSpec("raftseq_subscribers", "gauge", (), "Active subscriptions"),
     MetricSpec("raftseq_delivered_messages_total", "counter", (), "Messages sent to subscribers"),
-    MetricSpec(
-        "raftseq_subscriber_max_lag_messages", "gauge", (), "Largest distance of a subscription's position behind raftseq_last_seq"
-    ),
+    MetricSpec("raftseq_subscriber_max_lag_messages", "gauge", (), "Largest distance of a subscription's position behind raftseq_last_seq"),
     # Journal, catch-up, disk.
     MetricSpec("raftseq_journal_bytes", "gauge", (), "Bytes in the journal"),
     MetricSpec("raftseq_journal_segments", "gauge", (), "Segment files in the journal"),
@@ -143,7 +141,10 @@ METRICS = (
     MetricSpec("raftseq_journal_holes", "gauge", (), "Ranges missing from the journal (waiting for catch-up)"),
     MetricSpec("raftseq_journal_tail_cut_bytes", "gauge", (), "Bytes of a torn journal tail cut when this node started"),
     MetricSpec(
-        "raftseq_journal_verify_failures_total", "counter", ("check",), "Journal records that failed verification, by where they were checked"
+        "raftseq_journal_verify_failures_total",
+        "counter",
+        ("check",),
+        "Journal records that failed verification, by where they were checked",
     ),
     MetricSpec("raftseq_catchup_missing_records", "gauge", (), "Journal records still to fetch from a peer"),
     MetricSpec("raftseq_catchup_fetched_records_total", "counter", (), "Journal records fetched from peers by catch-up"),
@@ -239,9 +240,7 @@ class NodeMetrics:
 class NodeCollector:
     """Reads the node at scrape time (on the metrics server's thread)."""
 
-    def __init__(
-        self, config: NodeConfig, metrics: NodeMetrics, node: ScrapedNode, *, journal: Journal, batcher: Batcher | None
-    ) -> None:
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics, node: ScrapedNode, *, journal: Journal, batcher: Batcher | None) -> None:
         self.config = config
         self.metrics = metrics
         self.node = node

@@ -331,8 +331,7 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
     handler.addFilter(node_filter)
     handler.setFormatter(
         logging.Formatter(
-            "%(asctime)s level=%(levelname)s node=%(node_id)s term=%(term)s last_seq=%(last_seq)s "
-            "logger=%(name)s msg=%(message)r"
+            "%(asctime)s level=%(levelname)s node=%(node_id)s term=%(term)s last_seq=%(last_seq)s logger=%(name)s msg=%(message)r"
         )
     )
     root = logging.getLogger()

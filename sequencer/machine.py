@@ -304,9 +304,7 @@ class SequencerMachine:
                     else:
                         refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.STALE_CLIENT_SEQ)
                 else:
-                    refusal = EntryResult(
-                        name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, last + 1
-                    )
+                    refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, last + 1)
             if outcomes is None:
                 # Every entry before this one was new and numbered in order.
                 outcomes = _all_sequenced(entries[:index], first_seq)
@@ -359,8 +357,24 @@ class SequencerMachine:
             if (
                 upload is None
                 or chunk.chunk_index != upload.next_index
-                or (chunk.sm_type, chunk.schema_version, chunk.covered_seq, chunk.digest, chunk.bytes_sha256, chunk.total_bytes, chunk.chunk_count)
-                != (upload.sm_type, upload.schema_version, upload.covered_seq, upload.digest, upload.bytes_sha256, upload.total_bytes, upload.chunk_count)
+                or (
+                    chunk.sm_type,
+                    chunk.schema_version,
+                    chunk.covered_seq,
+                    chunk.digest,
+                    chunk.bytes_sha256,
+                    chunk.total_bytes,
+                    chunk.chunk_count,
+                )
+                != (
+                    upload.sm_type,
+                    upload.schema_version,
+                    upload.covered_seq,
+                    upload.digest,
+                    upload.bytes_sha256,
+                    upload.total_bytes,
+                    upload.chunk_count,
+                )
             ):
                 uploads.pop(session, None)
                 return
@@ -401,9 +415,7 @@ class SequencerMachine:
 
     def snapshot(self) -> bytes:
         """The whole state as msgspec bytes; equal states give equal bytes."""
-        sessions = [
-            SessionSnapshot(name, s.last_client_seq, s.last_active_ns, list(s.window)) for name, s in self._sessions.items()
-        ]
+        sessions = [SessionSnapshot(name, s.last_client_seq, s.last_active_ns, list(s.window)) for name, s in self._sessions.items()]
         snapshots = [info for infos in self._sm_snapshots.values() for info in infos]
         snap = MachineSnapshot(
             SNAPSHOT_FORMAT_VERSION,

@@ -75,9 +75,7 @@ class SequencedStream:
                 held = journal.read_bytes(run_first, run_last)
                 if records[start:end] != held:
                     seq = _first_difference(records[start:end], held, run_first)
-                    raise JournalDivergenceError(
-                        f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq
-                    )
+                    raise JournalDivergenceError(f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq)
             self.records_already_held += held_to - first + 1
             cut = held_to - first + 1
             base = bounds[cut]

@@ -27,7 +27,9 @@ GRAFANA_DIR = DEPLOY / "grafana"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 DASHBOARD_JSON = GRAFANA_DIR / "dashboards" / "raftseq.json"
 
-KEYWORDS = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "inf", "nan"})
+KEYWORDS = frozenset(
+    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "inf", "nan"}
+)
 #: Series Prometheus itself makes for every target (not exported by a node).
 PROMETHEUS_SERIES = frozenset({"up"})
 

@@ -422,7 +422,7 @@ def test_a_failed_commit_replies_outcome_unknown_with_the_reason(error, text):
         raft.fail(raft.proposals[0], error)
         await replies.wait_for(1)
 
-        (session, seq, outcome), = replies.got
+        ((session, seq, outcome),) = replies.got
         assert (session, seq) == ("alpha", 1)
         assert isinstance(outcome, CommitOutcome)
         assert outcome.result is None and outcome.error == text
@@ -468,7 +468,7 @@ def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
 
         await replies.wait_for(1)
 
-        (_, seq, outcome), = replies.got
+        ((_, seq, outcome),) = replies.got
         assert seq == 1 and isinstance(outcome, CommitOutcome) and outcome.error == "commit timeout"
         assert batcher.batches_unknown == 1
         await drain()

@@ -51,10 +51,22 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
     scratch.mkdir()
     done = _bench(
         [
-            "throughput", "latency",
-            "--vs", "nats,pysyncobj", "--skip-raftseq", "--quick",
-            "--messages", "2000", "--rates", "1000", "--latency-seconds", "0.5",
-            "--dir", str(scratch), "--json", str(report_path),
+            "throughput",
+            "latency",
+            "--vs",
+            "nats,pysyncobj",
+            "--skip-raftseq",
+            "--quick",
+            "--messages",
+            "2000",
+            "--rates",
+            "1000",
+            "--latency-seconds",
+            "0.5",
+            "--dir",
+            str(scratch),
+            "--json",
+            str(report_path),
         ],
         timeout_s=150,
     )
@@ -91,10 +103,24 @@ def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: P
     subscribers, rate, seconds = 10, 1000, 1
     done = _bench(
         [
-            "replay", "recovery", "fanout",
-            "--vs", "nats,pysyncobj", "--quick",
-            "--subscribers", str(subscribers), "--subscriber-processes", "2", "--fanout-rate", str(rate), "--fanout-seconds", str(seconds),
-            "--dir", str(scratch), "--json", str(report_path),
+            "replay",
+            "recovery",
+            "fanout",
+            "--vs",
+            "nats,pysyncobj",
+            "--quick",
+            "--subscribers",
+            str(subscribers),
+            "--subscriber-processes",
+            "2",
+            "--fanout-rate",
+            str(rate),
+            "--fanout-seconds",
+            str(seconds),
+            "--dir",
+            str(scratch),
+            "--json",
+            str(report_path),
         ],
         timeout_s=150,
     )
@@ -152,8 +178,22 @@ def test_an_unknown_workload_is_a_usage_error(tmp_path: Path) -> None:
 def test_every_option_has_help() -> None:
     done = _bench(["--help"], timeout_s=60)
     assert done.returncode == 0, done.stderr
-    for option in ("--vs", "--quick", "--runs", "--json", "--skip-raftseq", "--window", "--nats-window", "--rates", "--kills",
-                   "--stream-messages", "--subscribers", "--subscriber-processes", "--fanout-rate", "--fanout-seconds"):
+    for option in (
+        "--vs",
+        "--quick",
+        "--runs",
+        "--json",
+        "--skip-raftseq",
+        "--window",
+        "--nats-window",
+        "--rates",
+        "--kills",
+        "--stream-messages",
+        "--subscribers",
+        "--subscriber-processes",
+        "--fanout-rate",
+        "--fanout-seconds",
+    ):
         assert option in done.stdout, option
     bad = _bench(["--vs", "etcd"], timeout_s=60)
     assert bad.returncode == 2 and "unknown peer" in bad.stderr, bad.stderr

@@ -10,8 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def raftseq(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raftseq.cluster.cli", *args], cwd="/", capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "raftseq.cluster.cli", *args],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_chaos_list_names_every_scenario():

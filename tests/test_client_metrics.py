@@ -424,9 +424,11 @@ def test_a_leader_kill_shows_reconnects_failovers_and_resubmits_in_the_collector
 
     started = time.monotonic()
     clients, during = asyncio.run(scenario())
-    print(f"{total} submits through a leader kill in {time.monotonic() - started:.2f} s; "
-          f"reconnects {[c.reconnects for c in clients]}, failovers {[c.failovers for c in clients]}, "
-          f"resubmits {[c.resubmits for c in clients]}, failover seconds {[round(c.last_failover_s, 3) for c in clients]}")
+    print(
+        f"{total} submits through a leader kill in {time.monotonic() - started:.2f} s; "
+        f"reconnects {[c.reconnects for c in clients]}, failovers {[c.failovers for c in clients]}, "
+        f"resubmits {[c.resubmits for c in clients]}, failover seconds {[round(c.last_failover_s, 3) for c in clients]}"
+    )
     print(generate_latest(registry).decode())
 
     def own(attribute: str) -> int:

@@ -189,10 +189,7 @@ def test_three_clients_finish_through_a_leader_kill_and_every_journal_agrees(run
                 return at
 
             killer = asyncio.create_task(kill_leader_a_third_of_the_way())
-            runs = [
-                pipeline(client, sessions[client.session], timeout_s=120, on_ack=acks)
-                for client in clients
-            ]
+            runs = [pipeline(client, sessions[client.session], timeout_s=120, on_ack=acks) for client in clients]
             results = await asyncio.gather(*runs)
             acked_at_kill = await killer
             return results, acked_at_kill, [c.failovers for c in clients]
@@ -201,8 +198,10 @@ def test_three_clients_finish_through_a_leader_kill_and_every_journal_agrees(run
 
     started = time.monotonic()
     results, acked_at_kill, failovers = asyncio.run(scenario())
-    print(f"all {total} submits acknowledged in {time.monotonic() - started:.2f} s; {acked_at_kill} were acked at the kill; "
-          f"client failovers {failovers}")
+    print(
+        f"all {total} submits acknowledged in {time.monotonic() - started:.2f} s; {acked_at_kill} were acked at the kill; "
+        f"client failovers {failovers}"
+    )
     assert acked_at_kill < total, "the leader was killed only after every submit was acknowledged"
     assert all(f >= 1 for f in failovers), f"every client should have followed the new leader: {failovers}"
     for seqs in results:
@@ -235,13 +234,9 @@ def test_subscribers_on_followers_see_a_gapless_stream_through_a_failover(runnin
     late_from = total // 2
 
     async def scenario() -> tuple[dict[bytes, int], list[StreamRecorder]]:
-        recorders = [
-            StreamRecorder(h.endpoints, token=h.token, prefer=h.endpoint(f), session=f"sub-{f}").start() for f in followers
-        ]
+        recorders = [StreamRecorder(h.endpoints, token=h.token, prefer=h.endpoint(f), session=f"sub-{f}").start() for f in followers]
         # And one on the leader that is about to die: it resumes on another node.
-        recorders.append(
-            StreamRecorder(h.endpoints, token=h.token, prefer=h.endpoint(leader["id"]), session="sub-leader").start()
-        )
+        recorders.append(StreamRecorder(h.endpoints, token=h.token, prefer=h.endpoint(leader["id"]), session="sub-leader").start())
         acks = AckCounter(total // 3)
         clients = await connected_clients(h, list(sessions), in_flight_max=200)
         try:
@@ -594,7 +589,11 @@ def test_bad_input_is_refused_while_a_normal_client_carries_on(running_cluster):
             ("just over the frame limit", protocol.HEADER.pack(protocol.limits.FRAME_BYTES_MAX + 1, 0), RejectReason.FRAME_TOO_LARGE),
             ("submit before hello", protocol.encode_frame(protocol.Submit(1, b"x")), RejectReason.HELLO_REQUIRED),
             ("subscribe before hello", protocol.encode_frame(protocol.Subscribe(1)), RejectReason.HELLO_REQUIRED),
-            ("hello with a bad session name", raw_frame(msgspec.msgpack.encode(["hello", "no spaces", h.token, 1])), RejectReason.BAD_FRAME),
+            (
+                "hello with a bad session name",
+                raw_frame(msgspec.msgpack.encode(["hello", "no spaces", h.token, 1])),
+                RejectReason.BAD_FRAME,
+            ),
         ]
         for address in (h.endpoint(leader["id"]), h.endpoint(follower)):
             for what, data, reason in garbage:
@@ -668,7 +667,9 @@ def test_bad_input_is_refused_while_a_normal_client_carries_on(running_cluster):
                 assert frame is not None, "the node closed the connection of a client over its in-flight limit"
                 if isinstance(frame, protocol.AckRange):
                     for i in range(frame.count):
-                        answers.setdefault(frame.first_client_seq + i, []).append(protocol.Ack(frame.first_client_seq + i, frame.first_seq + i))
+                        answers.setdefault(frame.first_client_seq + i, []).append(
+                            protocol.Ack(frame.first_client_seq + i, frame.first_seq + i)
+                        )
                 else:
                     answers.setdefault(frame.client_seq, []).append(frame)
             assert sorted(answers) == list(range(1, burst + 1)), f"unanswered submits: {set(range(1, burst + 1)) - answers.keys()}"
@@ -796,9 +797,7 @@ def test_free_base_port_stays_out_of_the_ephemeral_port_range():
     for seed in range(50):
         base = free_base_port(random.Random(seed))
         inside.extend((seed, base + o) for o in offsets if low <= base + o <= high)
-    assert not inside, (
-        f"free_base_port chose {len(inside)} ports inside the ephemeral range {low}..{high}, e.g. (seed, port) {inside[:5]}"
-    )
+    assert not inside, f"free_base_port chose {len(inside)} ports inside the ephemeral range {low}..{high}, e.g. (seed, port) {inside[:5]}"
 
 
 QUICK_IDLE = {"gateway": {"idle_timeout_ms": 1000, "heartbeat_interval_ms": 200}}

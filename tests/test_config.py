@@ -130,9 +130,7 @@ def test_a_toml_file_loads_with_its_sections(tmp_path):
 @pytest.mark.parametrize("peers", [0, 2, 4])
 def test_one_three_and_five_node_clusters_parse(peers):
     raw = three_nodes()
-    raw["peers"] = [
-        {"id": f"p{i}", "raft_address": f"10.0.1.{i}:7101", "client_address": f"10.0.1.{i}:7001"} for i in range(peers)
-    ]
+    raw["peers"] = [{"id": f"p{i}", "raft_address": f"10.0.1.{i}:7101", "client_address": f"10.0.1.{i}:7001"} for i in range(peers)]
     assert len(parse_config(raw).peers) == peers
 
 
@@ -190,9 +188,7 @@ def test_duplicate_addresses_are_refused(peer, field, address):
 @pytest.mark.parametrize("peers", [1, 3])
 def test_an_even_node_count_is_refused(peers):
     raw = three_nodes()
-    raw["peers"] = [
-        {"id": f"p{i}", "raft_address": f"10.0.1.{i}:7101", "client_address": f"10.0.1.{i}:7001"} for i in range(peers)
-    ]
+    raw["peers"] = [{"id": f"p{i}", "raft_address": f"10.0.1.{i}:7101", "client_address": f"10.0.1.{i}:7001"} for i in range(peers)]
     assert f"this one has {peers + 1}" in refused(raw)
 
 
@@ -438,9 +434,7 @@ def test_local_configs_round_trip_through_their_files(tmp_path):
 
 
 def test_local_configs_reuse_given_secrets(tmp_path):
-    configs = local_configs(
-        str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept", "client_token": "kept too"}
-    )
+    configs = local_configs(str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept", "client_token": "kept too"})
     assert {(c.raft_password, c.client_token) for c in configs} == {("kept", "kept too")}
 
 

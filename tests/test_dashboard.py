@@ -120,5 +120,5 @@ def test_provisioning_points_at_the_dashboard_and_a_prometheus():
     assert 'RAFTSEQ_GRAFANA_DASHBOARDS="$here/dashboards"' in run
     assert 'GF_PATHS_PROVISIONING="$here/provisioning"' in run
     assert "prometheus_url=http://127.0.0.1:9090" in run, "Grafana's default Prometheus is deploy/prometheus/run's"
-    assert 'listen=127.0.0.1:9090' in (PROMETHEUS_DIR / "run").read_text()
+    assert "listen=127.0.0.1:9090" in (PROMETHEUS_DIR / "run").read_text()
     subprocess.run(["bash", "-n", str(GRAFANA_DIR / "run")], check=True)

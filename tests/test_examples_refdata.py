@@ -25,9 +25,7 @@ from raftseq.clients.sm import formats  # noqa: E402
 
 
 def test_three_processes_end_the_day_with_identical_reference_data(tmp_path):
-    result = run_demo(
-        data_dir=str(tmp_path), instruments=300, update_count=6000, checkpoint_every=1000, snapshot_every=2000, timeout_s=120
-    )
+    result = run_demo(data_dir=str(tmp_path), instruments=300, update_count=6000, checkpoint_every=1000, snapshot_every=2000, timeout_s=120)
     reports = {r["role"]: r for r in result["reports"]}
     assert set(reports) == {"retail-oms", "sor", "institutional-oms"}
     assert result["identical"], [(r["role"], r["seq"], r["digest"]) for r in reports.values()]

@@ -43,7 +43,9 @@ def installed(tmp_path_factory) -> Path:
     bin_dir = where / "venv" / "bin"
     done = subprocess.run(
         [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", str(source)],
-        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return bin_dir
@@ -70,8 +72,13 @@ def user_dir(tmp_path) -> Path:
 
 def test_the_install_is_not_the_checkout(installed):
     # Not vacuous: the venv's raftseq lives in its site-packages, not in this repository.
-    done = subprocess.run([str(installed / "python"), "-c", "import raftseq.cluster; print(raftseq.cluster.__file__)"],
-                          cwd="/", capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(installed / "python"), "-c", "import raftseq.cluster; print(raftseq.cluster.__file__)"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "site-packages" in done.stdout and str(ROOT) not in done.stdout
 
@@ -100,9 +107,22 @@ def test_cluster_up_from_a_shadowing_directory_starts_three_serving_nodes(instal
     base_port = free_base_port()
     endpoints = [f"127.0.0.1:{base_port + i}" for i in (1, 2, 3)]
     up = subprocess.Popen(
-        [str(installed / "raftseq"), "cluster", "up", "--data-dir", str(user_dir / "data"), "--base-port", str(base_port),
-         "--no-restart", "--insecure"],
-        cwd=user_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            str(installed / "raftseq"),
+            "cluster",
+            "up",
+            "--data-dir",
+            str(user_dir / "data"),
+            "--base-port",
+            str(base_port),
+            "--no-restart",
+            "--insecure",
+        ],
+        cwd=user_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         seqs = asyncio.run(asyncio.wait_for(_submit_and_read_everywhere(endpoints), START_TIMEOUT_S))
@@ -149,7 +169,6 @@ def _stop(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait(STOP_TIMEOUT_S)
-
 
 
 def test_every_package_folder_is_installed():

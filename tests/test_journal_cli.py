@@ -264,9 +264,7 @@ def test_console_script(tmp_path):
     build(tmp_path, 50)
     script = os.path.join(os.path.dirname(sys.executable), "raftseq")
     assert os.path.exists(script), f"the raftseq console script is not installed next to {sys.executable}"
-    done = subprocess.run(
-        [script, "journal", "verify", "--json", "-q", str(tmp_path)], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([script, "journal", "verify", "--json", "-q", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] is True and report["last_seq"] == 50

@@ -576,7 +576,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -638,8 +638,28 @@ def test_a_planted_private_import_is_found():
 # --- file I/O in sequencer/ only under the journal ------------------------------------------
 
 #: ``os.X(...)`` / ``io.X(...)`` calls that touch the file system.
-FILE_IO_CALLS = frozenset({"open", "fsync", "fdatasync", "replace", "rename", "remove", "unlink", "makedirs", "mkdir",
-                           "listdir", "scandir", "truncate", "ftruncate", "write", "read", "pread", "pwrite", "stat"})
+FILE_IO_CALLS = frozenset(
+    {
+        "open",
+        "fsync",
+        "fdatasync",
+        "replace",
+        "rename",
+        "remove",
+        "unlink",
+        "makedirs",
+        "mkdir",
+        "listdir",
+        "scandir",
+        "truncate",
+        "ftruncate",
+        "write",
+        "read",
+        "pread",
+        "pwrite",
+        "stat",
+    }
+)
 FILE_IO_MODULES = ("mmap", "shutil", "tempfile", "pathlib", "glob")
 
 

@@ -57,7 +57,15 @@ class Scripted(LocalCluster):
 
 
 def up(node: str, role: str, leader: str, *, term: int = 1, last_seq: int = 0) -> dict:
-    return {"node": node, "id": node, "address": f"a-{node}", "role": role, "term": term, "leader": f"a-{leader}" if leader else "", "last_seq": last_seq}
+    return {
+        "node": node,
+        "id": node,
+        "address": f"a-{node}",
+        "role": role,
+        "term": term,
+        "leader": f"a-{leader}" if leader else "",
+        "last_seq": last_seq,
+    }
 
 
 def down(node: str) -> dict:

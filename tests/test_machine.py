@@ -132,9 +132,7 @@ class ReferenceSequencer:
             elif client_seq <= last:
                 results.append(EntryResult(name, client_seq, Outcome.DUPLICATE, self.seq_of[(name, client_seq)]))
             else:
-                results.append(
-                    EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.SEQUENCE_GAP, last + 1)
-                )
+                results.append(EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.SEQUENCE_GAP, last + 1))
         return results, records
 
 
@@ -702,9 +700,7 @@ def test_apply_refuses_a_session_that_is_not_utf8(data):
 
 @FAST
 @given(
-    entries=st.lists(
-        st.tuples(st.sampled_from(SESSION_NAMES), st.integers(1, 3), st.binary(max_size=6)), min_size=1, max_size=4
-    ),
+    entries=st.lists(st.tuples(st.sampled_from(SESSION_NAMES), st.integers(1, 3), st.binary(max_size=6)), min_size=1, max_size=4),
     where=st.integers(0, 10**6),
     value=st.integers(0, 255),
 )
@@ -786,22 +782,14 @@ def test_restore_rejects_an_inconsistent_snapshot(name):
 # retries or expire sessions differently from the history that produced the stream.
 UNREACHABLE_SNAPSHOTS = {
     # a retry of alpha#2 would be answered "duplicate, seq 4" and alpha#3 "seq 3"
-    "window_seqs_not_increasing": dict(
-        sessions=_sessions(("alpha", 3, 10 * SECOND, [4, 3]), ("bravo", 2, 20 * SECOND, [2, 5]))
-    ),
+    "window_seqs_not_increasing": dict(sessions=_sessions(("alpha", 3, 10 * SECOND, [4, 3]), ("bravo", 2, 20 * SECOND, [2, 5]))),
     # one sequence number claimed by two submits
-    "seq_in_two_sessions": dict(
-        sessions=_sessions(("alpha", 3, 10 * SECOND, [3, 4]), ("bravo", 2, 20 * SECOND, [2, 4]))
-    ),
+    "seq_in_two_sessions": dict(sessions=_sessions(("alpha", 3, 10 * SECOND, [3, 4]), ("bravo", 2, 20 * SECOND, [2, 4]))),
     # a session active after the log's own time does not expire on schedule
-    "session_active_after_log_time": dict(
-        sessions=_sessions(("alpha", 3, 10 * SECOND, [3, 4]), ("bravo", 2, 31 * SECOND, [2, 5]))
-    ),
+    "session_active_after_log_time": dict(sessions=_sessions(("alpha", 3, 10 * SECOND, [3, 4]), ("bravo", 2, 31 * SECOND, [2, 5]))),
     # the window always holds min(last_client_seq, dedup_window) numbers: a short one turns
     # retries that other replicas answer as duplicates into stale_client_seq
-    "window_shorter_than_it_must_be": dict(
-        sessions=_sessions(("alpha", 3, 10 * SECOND, [4]), ("bravo", 2, 20 * SECOND, [2, 5]))
-    ),
+    "window_shorter_than_it_must_be": dict(sessions=_sessions(("alpha", 3, 10 * SECOND, [4]), ("bravo", 2, 20 * SECOND, [2, 5]))),
 }
 
 

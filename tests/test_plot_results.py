@@ -33,41 +33,57 @@ REPORT = {
     "load_average_start": [1.5, 1.2, 1.0],
     "settings": {"quick": True},
     "workloads": {
-        "throughput": {"payloads": {
-            "100": {"systems": {
-                "raftseq": {"1 client": _spread(90_000), "1 client, batched": _spread(220_000)},
-                "nats": {"1 client": _spread(28_000), "4 processes": _spread(33_000)},
-                "pysyncobj": {"1 client": _spread(3_700)},
-            }},
-            "1024": {"systems": {"raftseq": {"1 client, batched": _spread(62_000)}, "nats": {"4 processes": _spread(23_000)}}},
-        }},
-        "latency": {"rates": {
-            "1000": {"systems": {"raftseq": _latency(1.6, 5.3), "nats": _latency(1.2, 2.3), "pysyncobj": _latency(106.0, 201.0)}},
-            "50000": {"systems": {"raftseq": _latency(5.6, 47.0), "nats": _latency(2672.0, 4855.0), "pysyncobj": _latency(None, None)}},
-        }},
-        "failover": {"systems": {
-            "raftseq": {"failover_s": {"median": 0.34, "max": 0.41}},
-            "nats": {"failover_s": {"median": 5.9, "max": 7.8}},
-        }},
-        "replay": {"systems": {
-            "raftseq": {"messages": 5000, "library_messages_per_s": _spread(320_000), "raw_messages_per_s": _spread(700_000)},
-            "nats": {"messages": 5000, "messages_per_s": 150_000.0},
-        }, "not_measured": {"pysyncobj": "no stream"}},
-        "recovery": {"systems": {
-            "raftseq": {"status_s": _spread(0.2), "serve_s": _spread(0.2), "caught_up_s": _spread(0.3)},
-            "nats": {"answers_s": _spread(0.03), "healthy_s": _spread(1.8), "current_s": _spread(1.8)},
-        }},
-        "fanout": {"systems": {
-            "raftseq": {"delivered_per_s": 970_000.0, "complete": True},
-            "nats": {"delivered_per_s": 180_000.0, "complete": False},
-        }},
+        "throughput": {
+            "payloads": {
+                "100": {
+                    "systems": {
+                        "raftseq": {"1 client": _spread(90_000), "1 client, batched": _spread(220_000)},
+                        "nats": {"1 client": _spread(28_000), "4 processes": _spread(33_000)},
+                        "pysyncobj": {"1 client": _spread(3_700)},
+                    }
+                },
+                "1024": {"systems": {"raftseq": {"1 client, batched": _spread(62_000)}, "nats": {"4 processes": _spread(23_000)}}},
+            }
+        },
+        "latency": {
+            "rates": {
+                "1000": {"systems": {"raftseq": _latency(1.6, 5.3), "nats": _latency(1.2, 2.3), "pysyncobj": _latency(106.0, 201.0)}},
+                "50000": {"systems": {"raftseq": _latency(5.6, 47.0), "nats": _latency(2672.0, 4855.0), "pysyncobj": _latency(None, None)}},
+            }
+        },
+        "failover": {
+            "systems": {
+                "raftseq": {"failover_s": {"median": 0.34, "max": 0.41}},
+                "nats": {"failover_s": {"median": 5.9, "max": 7.8}},
+            }
+        },
+        "replay": {
+            "systems": {
+                "raftseq": {"messages": 5000, "library_messages_per_s": _spread(320_000), "raw_messages_per_s": _spread(700_000)},
+                "nats": {"messages": 5000, "messages_per_s": 150_000.0},
+            },
+            "not_measured": {"pysyncobj": "no stream"},
+        },
+        "recovery": {
+            "systems": {
+                "raftseq": {"status_s": _spread(0.2), "serve_s": _spread(0.2), "caught_up_s": _spread(0.3)},
+                "nats": {"answers_s": _spread(0.03), "healthy_s": _spread(1.8), "current_s": _spread(1.8)},
+            }
+        },
+        "fanout": {
+            "systems": {
+                "raftseq": {"delivered_per_s": 970_000.0, "complete": True},
+                "nats": {"delivered_per_s": 180_000.0, "complete": False},
+            }
+        },
     },
 }
 
 
 def _plot(report_path: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PLOT), str(report_path), "--out", str(out)], cwd=REPO_DIR,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(PLOT), str(report_path), "--out", str(out)], cwd=REPO_DIR, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_report_becomes_a_png_with_a_panel_per_workload(tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ class PrometheusServer:
             "--log.level=warn",
         ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
         print(f"prometheus pid {self.process.pid} on http://{self.address}, log {self.log_path}", flush=True)
 
     def stop(self) -> None:
@@ -198,12 +200,18 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
         "all three targets up",
         lambda: {labels["instance"]: v for labels, v in prom.query('up{job="raftseq"}')} == dict.fromkeys(instances, 1.0),
     )
-    prom.wait_for("each instance's node label", lambda: {labels["instance"]: labels["node"] for labels, _ in prom.query("raftseq_start_time_seconds")} == instances)
+    prom.wait_for(
+        "each instance's node label",
+        lambda: {labels["instance"]: labels["node"] for labels, _ in prom.query("raftseq_start_time_seconds")} == instances,
+    )
 
     leader = h.wait_for_leader()["id"]
     followers = [n for n in h.node_ids if n != leader]
     prom.wait_for(f"{leader} as the only leader", lambda: prom.by_node('raftseq_role{role="leader"} == 1') == {leader: 1.0})
-    prom.wait_for(f"every node naming {leader} as leader", lambda: prom.by_node(f'raftseq_raft_leader{{leader="{leader}"}} == 1').keys() == set(h.node_ids))
+    prom.wait_for(
+        f"every node naming {leader} as leader",
+        lambda: prom.by_node(f'raftseq_raft_leader{{leader="{leader}"}} == 1').keys() == set(h.node_ids),
+    )
     term_before = prom.by_node("raftseq_raft_term")[leader]
     changes_before = prom.by_node("raftseq_leader_changes_total")
     sequenced_before = prom.by_node("raftseq_messages_sequenced_total")
@@ -216,15 +224,22 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
         f"raftseq_messages_sequenced_total advancing by {MESSAGES} on every node",
         lambda: all(prom.by_node("raftseq_messages_sequenced_total").get(n, 0) >= sequenced_before[n] + MESSAGES for n in h.node_ids),
     )
-    prom.wait_for(f"raftseq_last_seq {max(seqs)} everywhere", lambda: prom.by_node("raftseq_last_seq") == dict.fromkeys(h.node_ids, float(max(seqs))))
-    prom.wait_for("ack latency observed on the leader", lambda: prom.by_node("raftseq_ack_latency_seconds_count").get(leader, 0) >= MESSAGES)
+    prom.wait_for(
+        f"raftseq_last_seq {max(seqs)} everywhere", lambda: prom.by_node("raftseq_last_seq") == dict.fromkeys(h.node_ids, float(max(seqs)))
+    )
+    prom.wait_for(
+        "ack latency observed on the leader", lambda: prom.by_node("raftseq_ack_latency_seconds_count").get(leader, 0) >= MESSAGES
+    )
 
     # Failover.
     killed_instance = h.node(leader).config.metrics_address
     h.kill(leader)
     new_leader = h.wait_for_leader(exclude=[leader])["id"]
     assert new_leader in followers
-    prom.wait_for(f"the killed leader's target ({killed_instance}) down", lambda: (dict(((labels["instance"], v) for labels, v in prom.query('up{job="raftseq"}'))).get(killed_instance) == 0.0))
+    prom.wait_for(
+        f"the killed leader's target ({killed_instance}) down",
+        lambda: dict(((labels["instance"], v) for labels, v in prom.query('up{job="raftseq"}'))).get(killed_instance) == 0.0,
+    )
     prom.wait_for(f"{new_leader} as the only leader", lambda: prom.by_node('raftseq_role{role="leader"} == 1') == {new_leader: 1.0})
     prom.wait_for(
         f"both survivors naming {new_leader} as leader",
@@ -246,9 +261,14 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
     assert min(seqs_after) > max(seqs)
     prom.wait_for(
         "raftseq_messages_sequenced_total advancing on the survivors after the failover",
-        lambda: all(prom.by_node("raftseq_messages_sequenced_total").get(n, 0) >= sequenced_mid[n] + MESSAGES_AFTER_FAILOVER for n in followers),
+        lambda: all(
+            prom.by_node("raftseq_messages_sequenced_total").get(n, 0) >= sequenced_mid[n] + MESSAGES_AFTER_FAILOVER for n in followers
+        ),
     )
-    prom.wait_for(f"follower lag exported by {new_leader}", lambda: {labels["node"] for labels, _ in prom.query("raftseq_follower_lag_entries")} == {new_leader})
+    prom.wait_for(
+        f"follower lag exported by {new_leader}",
+        lambda: {labels["node"] for labels, _ in prom.query("raftseq_follower_lag_entries")} == {new_leader},
+    )
 
     # The alert rules load and evaluate without error against real series.
     def rules_evaluated() -> list[dict]:

@@ -63,7 +63,9 @@ def test_rule_unit_tests_can_fail(tmp_path):
     assert "(raftseq_follower_lag_entries) > 1000" in rules
     (tmp_path / ALERTS.name).write_text(rules.replace("(raftseq_follower_lag_entries) > 1000", "(raftseq_follower_lag_entries) > 10000"))
     shutil.copy(ALERTS_TESTS[0], tmp_path / ALERTS_TESTS[0].name)
-    result = subprocess.run([tool("promtool"), "test", "rules", ALERTS_TESTS[0].name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", ALERTS_TESTS[0].name], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "RaftseqFollowerLagging" in result.stdout + result.stderr
 
@@ -117,7 +119,18 @@ def test_promtool_check_config():
 def test_generated_config_for_another_port_and_interval(tmp_path):
     out = tmp_path / "prometheus.yml"
     subprocess.run(
-        ["python3", str(PROMETHEUS_DIR / "scrape_config.py"), "--base-port", "12340", "--interval", "0.5", "--rules", str(ALERTS), "--out", str(out)],
+        [
+            "python3",
+            str(PROMETHEUS_DIR / "scrape_config.py"),
+            "--base-port",
+            "12340",
+            "--interval",
+            "0.5",
+            "--rules",
+            str(ALERTS),
+            "--out",
+            str(out),
+        ],
         check=True,
         timeout=30,
     )

@@ -243,10 +243,20 @@ EXAMPLES = [
         "t" * protocol.SM_TYPE_CHARS_MAX,
         [
             SnapshotInfo(
-                "t" * protocol.SM_TYPE_CHARS_MAX, 2**31 - 1, 2**63 - 2, "f" * protocol.SM_DIGEST_CHARS_MAX, "0" * 64, 2**63 - 1,
-                protocol.SNAPSHOT_CHUNKS_MAX, "@snap/" + "s" * (limits.SESSION_BYTES_MAX - 6), 2**63 - 2, 2**63 - 1, 2**63 - 1,
+                "t" * protocol.SM_TYPE_CHARS_MAX,
+                2**31 - 1,
+                2**63 - 2,
+                "f" * protocol.SM_DIGEST_CHARS_MAX,
+                "0" * 64,
+                2**63 - 1,
+                protocol.SNAPSHOT_CHUNKS_MAX,
+                "@snap/" + "s" * (limits.SESSION_BYTES_MAX - 6),
+                2**63 - 2,
+                2**63 - 1,
+                2**63 - 1,
             )
-        ] * protocol.SNAPSHOT_LIST_MAX,
+        ]
+        * protocol.SNAPSHOT_LIST_MAX,
         2**63 - 1,
     ),
 ]
@@ -397,14 +407,13 @@ tagged_garbage = st.builds(
     st.lists(msgpack_values, max_size=8),
 )
 flipped_frames = st.builds(
-    lambda frame, pos, bit: (lambda b: bytes(b[:pos % len(b)]) + bytes([b[pos % len(b)] ^ (1 << bit)]) + bytes(b[pos % len(b) + 1 :]))(
+    lambda frame, pos, bit: (lambda b: bytes(b[: pos % len(b)]) + bytes([b[pos % len(b)] ^ (1 << bit)]) + bytes(b[pos % len(b) + 1 :]))(
         encode_frame(frame)
     ),
     st.one_of(client_frames(small_payloads), node_frames(small_payloads)),
     st.integers(0, 10_000),
     st.integers(0, 7),
 )
-
 
 
 def _refit(frame: msgspec.Struct, pos: int, byte: int) -> bytes:

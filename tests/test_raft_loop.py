@@ -171,12 +171,16 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
             await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
             leader = next(r for r in replicas if r._isLeader())
             followers = [r for r in replicas if r is not leader]
-            await wait_until(lambda: all(commit_index(f) == commit_index(leader) for f in followers), "followers at the leader's commit index")
+            await wait_until(
+                lambda: all(commit_index(f) == commit_index(leader) for f in followers), "followers at the leader's commit index"
+            )
 
             # One batch on an idle cluster: the followers learn its commit well before a heartbeat.
             result, error = await asyncio.wait_for(propose(leader, 1), WAIT_S)
             assert error == 0 and isinstance(result, ApplyResult) and result.first_seq == 1
-            told_s = await wait_until(lambda: all(commit_index(f) == commit_index(leader) for f in followers), "the followers told of the commit")
+            told_s = await wait_until(
+                lambda: all(commit_index(f) == commit_index(leader) for f in followers), "the followers told of the commit"
+            )
             assert told_s < 0.2, f"followers learned the commit after {told_s:.3f} s (heartbeat period 0.4 s)"
 
             # Back-to-back batches, each proposed when the previous one commits.
@@ -300,7 +304,10 @@ def test_a_node_whose_raft_address_is_taken_exits_4_and_says_why(tmp_path):
         path.write_text(to_toml(config))
         done = subprocess.run(
             [sys.executable, "-m", "raftseq.cluster.cli", "node", "--config", str(path)],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
         )
     assert done.returncode == 4, (done.returncode, done.stderr[-2000:])
     assert "cannot listen for Raft on 127.0.0.1:" in done.stderr and "in use" in done.stderr, done.stderr[-2000:]

@@ -342,7 +342,9 @@ def test_a_follower_busy_applying_does_not_stand_for_election_first(tmp_path, me
     pysyncobj checks the deadline at the start of the next tick, before reading the
     leader's messages that arrived meanwhile: it stands for election against a live leader."""
     address, peer_address = free_address(), free_address()
-    conf = SyncObjConf(autoTick=False, bindAddress=address, dynamicMembershipChange=False, raftMinTimeout=0.1, raftMaxTimeout=0.2, appendEntriesPeriod=0.02)
+    conf = SyncObjConf(
+        autoTick=False, bindAddress=address, dynamicMembershipChange=False, raftMinTimeout=0.1, raftMaxTimeout=0.2, appendEntriesPeriod=0.02
+    )
     member = member_class(address, [peer_address], conf)
     try:
         leader = TCPNode(peer_address)
@@ -384,9 +386,7 @@ def leader_with_two_appends_in_flight(make_member, member_class):
 
 
 def next_node_idx(member, follower, *, next_idx, success, reset) -> None:
-    member._SyncObj__onMessageReceived(
-        follower, {"type": "next_node_idx", "next_node_idx": next_idx, "success": success, "reset": reset}
-    )
+    member._SyncObj__onMessageReceived(follower, {"type": "next_node_idx", "next_node_idx": next_idx, "success": success, "reset": reset})
 
 
 @BOTH
@@ -488,14 +488,11 @@ def test_import_with_the_pinned_version_succeeds():
     assert run.stdout.strip() == "imported"
 
 
-
 # --- no votes while the vote given in the current term may have been forgotten ----------------
 
 
 def request_vote(member, candidate, *, term) -> None:
-    member._SyncObj__onMessageReceived(
-        candidate, {"type": "request_vote", "term": term, "last_log_term": 0, "last_log_index": 1}
-    )
+    member._SyncObj__onMessageReceived(candidate, {"type": "request_vote", "term": term, "last_log_term": 0, "last_log_index": 1})
 
 
 def test_a_member_votes_when_votes_are_not_blocked(make_member):
@@ -546,7 +543,14 @@ def voter(tmp_path):
 
     def make(member_class):
         address, peers = free_address(), [free_address(), free_address()]
-        conf = SyncObjConf(autoTick=False, bindAddress=address, dynamicMembershipChange=False, raftMinTimeout=0.2, raftMaxTimeout=0.4, appendEntriesPeriod=0.05)
+        conf = SyncObjConf(
+            autoTick=False,
+            bindAddress=address,
+            dynamicMembershipChange=False,
+            raftMinTimeout=0.2,
+            raftMaxTimeout=0.4,
+            appendEntriesPeriod=0.05,
+        )
         member = member_class(address, peers, conf)
         outbox = Outbox()
         real_transport = member._SyncObj__transport

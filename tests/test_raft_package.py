@@ -67,7 +67,12 @@ def test_the_package_uses_no_private_name_missing_from_the_list():
         used = set(PRIVATE_NAME.findall(source))
         assert used <= listed, f"{path.name} uses {sorted(used - listed)}, not in raft.private_names"
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") and hasattr(SyncObj, node.attr):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and hasattr(SyncObj, node.attr)
+            ):
                 assert node.attr in listed or node.attr in protected, f"{path.name} uses SyncObj.{node.attr}"
 
 

@@ -37,7 +37,15 @@ from raftseq.cluster import cli  # noqa: E402
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
-from examples.refdata.messages import EndOfDay, InstrumentAdded, InstrumentAddedV1, InstrumentHalted, InstrumentResumed, InstrumentUpdated, TradingParametersSet  # noqa: E402, E501
+from examples.refdata.messages import (  # noqa: E402
+    EndOfDay,
+    InstrumentAdded,
+    InstrumentAddedV1,
+    InstrumentHalted,
+    InstrumentResumed,
+    InstrumentUpdated,
+    TradingParametersSet,
+)
 
 REFERENCE = "examples.refdata.machine:ReferenceData"
 STEP_TIMEOUT_S = 60
@@ -164,7 +172,18 @@ def recording(cluster, day, tmp_path_factory) -> Path:
     """The whole stream, recorded through the in-process entry point."""
     out = tmp_path_factory.mktemp("rec") / "day.smc"
     code = sm(
-        ["record", "--machine", REFERENCE, "--out", str(out), "--endpoints", ",".join(cluster.endpoints), "--token", cluster.token, "--quiet"]
+        [
+            "record",
+            "--machine",
+            REFERENCE,
+            "--out",
+            str(out),
+            "--endpoints",
+            ",".join(cluster.endpoints),
+            "--token",
+            cluster.token,
+            "--quiet",
+        ]
     )
     assert code == 0
     return out
@@ -190,7 +209,9 @@ def test_the_recording_describes_itself_and_keeps_what_can_change_the_machine(re
         entries = [r for _, _, r in conformance.frames(f, str(recording)) if isinstance(r, conformance.Entry)]
     kept = {e.seq for e in entries}
     refdata = {s for m, s in zip(day.messages, day.seqs) if not isinstance(m, bytes) and type(m).TYPE.startswith("refdata.")}
-    foreign = {s for m, s in zip(day.messages, day.seqs) if m == FOREIGN or (not isinstance(m, bytes) and type(m).TYPE.startswith("venues."))}
+    foreign = {
+        s for m, s in zip(day.messages, day.seqs) if m == FOREIGN or (not isinstance(m, bytes) and type(m).TYPE.startswith("venues."))
+    }
     # Every reference-data message; the activation and the foreign payload on which it took
     # effect (the digest changed there); no other team's message, no snapshot chunk.
     assert refdata <= kept
@@ -322,7 +343,19 @@ def raftseq(*args: str) -> subprocess.CompletedProcess:
 def test_raftseq_sm_record_verify_and_show_end_to_end(cluster, day, tmp_path):
     out = tmp_path / "cli.smc"
     to = day.seqs[len(day.seqs) // 3]
-    done = raftseq("record", "--machine", REFERENCE, "--out", str(out), "--to", str(to), "--endpoints", ",".join(cluster.endpoints), "--token", cluster.token)
+    done = raftseq(
+        "record",
+        "--machine",
+        REFERENCE,
+        "--out",
+        str(out),
+        "--to",
+        str(to),
+        "--endpoints",
+        ",".join(cluster.endpoints),
+        "--token",
+        cluster.token,
+    )
     assert done.returncode == 0, done.stderr
     assert f"recorded 'refdata' seq 1..{to}" in done.stdout
     done = raftseq("verify", str(out), "--machine", REFERENCE)

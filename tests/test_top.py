@@ -42,7 +42,9 @@ def buckets(*counts: float) -> tuple[tuple[float, float], ...]:
 
 
 def node(endpoint: str, node_id: str, role: str = "follower", *, term: int = 2, last_seq: int = 0, pid: int = 0, ack=None) -> NodeSample:
-    return NodeSample(endpoint, True, node_id=node_id, pid=pid or 1000 + int(node_id[1:]), role=role, term=term, last_seq=last_seq, ack_buckets=ack)
+    return NodeSample(
+        endpoint, True, node_id=node_id, pid=pid or 1000 + int(node_id[1:]), role=role, term=term, last_seq=last_seq, ack_buckets=ack
+    )
 
 
 def down(endpoint: str) -> NodeSample:
@@ -112,8 +114,14 @@ def test_quantile_rejects_a_nonsense_q():
 
 
 def test_rates_lag_and_latency_from_two_samples():
-    first = Sample(10.0, (node(E1, "n1", "leader", last_seq=100, ack=buckets(5, 0, 0, 0, 0)), node(E2, "n2", last_seq=90), node(E3, "n3", last_seq=100)))
-    second = Sample(12.0, (node(E1, "n1", "leader", last_seq=500, ack=buckets(105, 0, 0, 0, 0)), node(E2, "n2", last_seq=450), node(E3, "n3", last_seq=510)))
+    first = Sample(
+        10.0,
+        (node(E1, "n1", "leader", last_seq=100, ack=buckets(5, 0, 0, 0, 0)), node(E2, "n2", last_seq=90), node(E3, "n3", last_seq=100)),
+    )
+    second = Sample(
+        12.0,
+        (node(E1, "n1", "leader", last_seq=500, ack=buckets(105, 0, 0, 0, 0)), node(E2, "n2", last_seq=450), node(E3, "n3", last_seq=510)),
+    )
     v1, v2 = run_steps(first, second)
 
     # The first refresh has nothing to compare with.
@@ -149,10 +157,14 @@ def test_no_lag_without_a_leader_and_no_latency_across_a_restart():
 
 
 def test_a_new_leader_is_marked_and_the_marker_fades():
-    steady = Sample(0.0, (node(E1, "n1", "leader", term=2, last_seq=10), node(E2, "n2", term=2, last_seq=10), node(E3, "n3", term=2, last_seq=10)))
+    steady = Sample(
+        0.0, (node(E1, "n1", "leader", term=2, last_seq=10), node(E2, "n2", term=2, last_seq=10), node(E3, "n3", term=2, last_seq=10))
+    )
     leader_dead = Sample(1.0, (down(E1), node(E2, "n2", "candidate", term=3, last_seq=10), node(E3, "n3", term=3, last_seq=10)))
     elected = Sample(2.0, (down(E1), node(E2, "n2", "leader", term=3, last_seq=12), node(E3, "n3", term=3, last_seq=11)))
-    later = Sample(2.0 + top.MARKER_HOLD_S - 0.5, (down(E1), node(E2, "n2", "leader", term=3, last_seq=40), node(E3, "n3", term=3, last_seq=40)))
+    later = Sample(
+        2.0 + top.MARKER_HOLD_S - 0.5, (down(E1), node(E2, "n2", "leader", term=3, last_seq=40), node(E3, "n3", term=3, last_seq=40))
+    )
     much_later = Sample(2.0 + top.MARKER_HOLD_S + 0.5, (down(E1), node(E2, "n2", "leader", term=3), node(E3, "n3", term=3)))
     v_steady, v_dead, v_elected, v_later, v_much_later = run_steps(steady, leader_dead, elected, later, much_later)
 
@@ -222,7 +234,9 @@ def _fields(line: str) -> list[str]:
 
 def test_plain_lines_have_one_row_per_node_and_the_marker():
     samples = (
-        Sample(0.0, (node(E1, "n1", "leader", term=2, last_seq=10), node(E2, "n2", term=2, last_seq=10), node(E3, "n3", term=2, last_seq=10))),
+        Sample(
+            0.0, (node(E1, "n1", "leader", term=2, last_seq=10), node(E2, "n2", term=2, last_seq=10), node(E3, "n3", term=2, last_seq=10))
+        ),
         Sample(1.0, (down(E1), node(E2, "n2", "leader", term=3, last_seq=30, ack=None), node(E3, "n3", term=3, last_seq=25))),
     )
     _, view = run_steps(*samples)
@@ -274,7 +288,9 @@ def test_ack_buckets_are_read_from_a_prometheus_page():
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    histogram = Histogram("raftseq_ack_latency_seconds", "Submit received to ack sent", ["node"], buckets=LATENCY_BUCKETS_S, registry=registry)
+    histogram = Histogram(
+        "raftseq_ack_latency_seconds", "Submit received to ack sent", ["node"], buckets=LATENCY_BUCKETS_S, registry=registry
+    )
     Histogram("raftseq_batch_entries", "Entries per applied batch", ["node"], registry=registry).labels("n1").observe(3)
     for seconds in (0.0004, 0.0004, 0.003, 7.0):
         histogram.labels("n1").observe(seconds)
@@ -317,7 +333,13 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_options_and_their_help():
     args = parse("127.0.0.1:1,127.0.0.1:2", "--once", "--token", "t", "--interval", "0.5")
-    assert (args.endpoints, args.iterations, args.token, args.interval, args.func) == (["127.0.0.1:1,127.0.0.1:2"], 1, "t", 0.5, top_command.run_top)
+    assert (args.endpoints, args.iterations, args.token, args.interval, args.func) == (
+        ["127.0.0.1:1,127.0.0.1:2"],
+        1,
+        "t",
+        0.5,
+        top_command.run_top,
+    )
     assert parse("--iterations", "7").iterations == 7
     assert parse().iterations == 0 and parse().interval == 1.0 and not parse().plain
 

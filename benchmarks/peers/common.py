@@ -68,7 +68,9 @@ class Children:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, name: str, command: list[str], *, log_path: str | None = None, pipes: bool = False, cwd: str | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, command: list[str], *, log_path: str | None = None, pipes: bool = False, cwd: str | None = None
+    ) -> subprocess.Popen:
         old = self.processes.get(name)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {old.pid})")

@@ -117,7 +117,9 @@ FANOUT_PROCESSES_DEFAULT = 4
 
 
 def find_nats_server() -> str | None:
-    return shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None)
+    return shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None
+    )
 
 
 def ensure_nats_server(*, quiet: bool = True) -> str:
@@ -141,7 +143,9 @@ def ensure_nats_server(*, quiet: bool = True) -> str:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SetupError(f"installing nats-server failed: {' '.join(command)}: {exc}") from None
         if done.returncode != 0:
-            raise SetupError(f"installing nats-server failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
+            raise SetupError(
+                f"installing nats-server failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}"
+            )
     if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
         subprocess.run(["systemctl", "disable", "--now", "nats-server"], capture_output=True, timeout=60)
     path = find_nats_server()
@@ -283,15 +287,24 @@ class NatsCluster:
         store = os.path.join(directory, node_id)
         os.makedirs(store, exist_ok=True)
         routes = "\n".join(f"    nats-route://127.0.0.1:{self.ports[n]['route']}" for n in NODE_IDS if n != node_id)
-        text = CONFIG.format(name=node_id, store_dir=store, routes=routes, client_port=self.ports[node_id]["client"],
-                             route_port=self.ports[node_id]["route"], http_port=self.ports[node_id]["http"])
+        text = CONFIG.format(
+            name=node_id,
+            store_dir=store,
+            routes=routes,
+            client_port=self.ports[node_id]["client"],
+            route_port=self.ports[node_id]["route"],
+            http_port=self.ports[node_id]["http"],
+        )
         self._config_dir = directory
         with open(os.path.join(directory, f"{node_id}.conf"), "w") as f:
             f.write(text)
 
     def start_node(self, node_id: str) -> None:
-        self.children.start(node_id, [self.server, "-c", os.path.join(self._config_dir, f"{node_id}.conf")],
-                            log_path=os.path.join(self._config_dir, f"{node_id}.log"))
+        self.children.start(
+            node_id,
+            [self.server, "-c", os.path.join(self._config_dir, f"{node_id}.conf")],
+            log_path=os.path.join(self._config_dir, f"{node_id}.log"),
+        )
 
     def kill(self, node_id: str) -> None:
         self.children.kill(node_id)
@@ -356,8 +369,9 @@ async def connect(urls: list[str], *, name: str):
         if len(errors) < 100:
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    nc = await nats.connect(servers=urls, name=name, reconnect_time_wait=RECONNECT_TIME_WAIT_S, max_reconnect_attempts=-1,
-                            connect_timeout=2, error_cb=on_error)
+    nc = await nats.connect(
+        servers=urls, name=name, reconnect_time_wait=RECONNECT_TIME_WAIT_S, max_reconnect_attempts=-1, connect_timeout=2, error_cb=on_error
+    )
     nc._bench_errors = errors
     return nc
 
@@ -403,7 +417,9 @@ def _worker_main(spec_json: str) -> int:
             line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline), spec["timeout_s"])
             if line.strip() != "go":
                 return {"error": "no go from the benchmark"}
-            started, finished, seqs = await publish_many(js, run=spec["run"], messages=spec["messages"], payload=b"x" * spec["payload_bytes"], timeout_s=spec["timeout_s"])
+            started, finished, seqs = await publish_many(
+                js, run=spec["run"], messages=spec["messages"], payload=b"x" * spec["payload_bytes"], timeout_s=spec["timeout_s"]
+            )
             ranges, duplicates = seq_ranges(seqs)
             return {"started": started, "finished": finished, "count": len(seqs), "ranges": ranges, "duplicates": duplicates}
         finally:
@@ -419,18 +435,35 @@ def _worker_main(spec_json: str) -> int:
 
 def _check_gapless(seqs: list[int], what: str, *, first: int, count: int) -> None:
     ranges, duplicates = seq_ranges(seqs)
-    expect(not duplicates and ranges == [[first, first + count - 1]],
-           f"{what}: stream sequence numbers are not {first}..{first + count - 1}: {ranges[:5]}, {duplicates} duplicates")
+    expect(
+        not duplicates and ranges == [[first, first + count - 1]],
+        f"{what}: stream sequence numbers are not {first}..{first + count - 1}: {ranges[:5]}, {duplicates} duplicates",
+    )
 
 
-async def _multi_process_run(nc: NatsCluster, *, run: str, processes: int, messages: int, payload_bytes: int, window: int, timeout_s: float) -> tuple[float, dict]:
+async def _multi_process_run(
+    nc: NatsCluster, *, run: str, processes: int, messages: int, payload_bytes: int, window: int, timeout_s: float
+) -> tuple[float, dict]:
     per = [messages // processes + (1 if k < messages % processes else 0) for k in range(processes)]
     workers = []
     deadline = time.monotonic() + timeout_s + START_TIMEOUT_S
     try:
         for k in range(processes):
-            spec = {"urls": nc.urls, "run": f"{run}-{k + 1}", "messages": per[k], "payload_bytes": payload_bytes, "window": window, "timeout_s": timeout_s}
-            workers.append(nc.children.start(f"{run}-client{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--worker", json.dumps(spec)], pipes=True))
+            spec = {
+                "urls": nc.urls,
+                "run": f"{run}-{k + 1}",
+                "messages": per[k],
+                "payload_bytes": payload_bytes,
+                "window": window,
+                "timeout_s": timeout_s,
+            }
+            workers.append(
+                nc.children.start(
+                    f"{run}-client{k + 1}",
+                    [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--worker", json.dumps(spec)],
+                    pipes=True,
+                )
+            )
         for k, w in enumerate(workers):
             line = await asyncio.to_thread(read_line, w, deadline)
             expect(line.strip() == "ready", f"{NAME} client process {k + 1} did not connect: {line.strip() or 'no answer'}")
@@ -455,7 +488,10 @@ async def _multi_process_run(nc: NatsCluster, *, run: str, processes: int, messa
                     pass  # Children.close() stops it
     for k, o in enumerate(outcomes):
         expect("error" not in o, f"{NAME} client process {k + 1}: {o.get('error')}")
-        expect(o["count"] == per[k] and not o["duplicates"], f"{NAME} client process {k + 1}: {o['count']} acks for {per[k]}, {o['duplicates']} duplicates")
+        expect(
+            o["count"] == per[k] and not o["duplicates"],
+            f"{NAME} client process {k + 1}: {o['count']} acks for {per[k]}, {o['duplicates']} duplicates",
+        )
     seconds = max(o["finished"] for o in outcomes) - min(o["started"] for o in outcomes)
     return seconds, {"ranges": [r for o in outcomes for r in o["ranges"]], "cpu": cpu}
 
@@ -474,23 +510,44 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
                 warm = min(opts.messages, 5_000)
                 await publish_many(js, run="warmup", messages=warm, payload=payload, timeout_s=opts.run_timeout_s)
                 before, t0 = cpu_times(nc.pids), time.monotonic()
-                started, finished, seqs = await publish_many(js, run="one", messages=opts.messages, payload=payload, timeout_s=opts.run_timeout_s)
+                started, finished, seqs = await publish_many(
+                    js, run="one", messages=opts.messages, payload=payload, timeout_s=opts.run_timeout_s
+                )
                 cpu_one = cpu_shares(nc.pids, before, time.monotonic() - t0)
                 _check_gapless(seqs, f"{NAME} 1 client", first=warm + 1, count=opts.messages)
             finally:
                 await client.close()
-            seconds, multi = await _multi_process_run(nc, run="multi", processes=opts.processes, messages=opts.messages,
-                                                      payload_bytes=payload_bytes, window=opts.nats_window, timeout_s=opts.run_timeout_s)
+            seconds, multi = await _multi_process_run(
+                nc,
+                run="multi",
+                processes=opts.processes,
+                messages=opts.messages,
+                payload_bytes=payload_bytes,
+                window=opts.nats_window,
+                timeout_s=opts.run_timeout_s,
+            )
             first = warm + opts.messages + 1
             merged = sorted(multi["ranges"])
             flat = [s for a, b in merged for s in range(a, b + 1)]
             _check_gapless(flat, f"{NAME} {opts.processes} processes", first=first, count=opts.messages)
-            return {"variants": {
-                "1 client": {"messages_per_s": opts.messages / (finished - started), "seconds": finished - started, "messages": opts.messages,
-                             "cpu_share": cpu_one, "title": f"1 client, js.publish_async per message (window {opts.nats_window:,}), Nats-Msg-Id"},
-                f"{opts.processes} processes": {"messages_per_s": opts.messages / seconds, "seconds": seconds, "messages": opts.messages,
-                                                "cpu_share": multi["cpu"], "title": f"{opts.processes} client processes, js.publish_async, window {opts.nats_window:,} each"},
-            }}
+            return {
+                "variants": {
+                    "1 client": {
+                        "messages_per_s": opts.messages / (finished - started),
+                        "seconds": finished - started,
+                        "messages": opts.messages,
+                        "cpu_share": cpu_one,
+                        "title": f"1 client, js.publish_async per message (window {opts.nats_window:,}), Nats-Msg-Id",
+                    },
+                    f"{opts.processes} processes": {
+                        "messages_per_s": opts.messages / seconds,
+                        "seconds": seconds,
+                        "messages": opts.messages,
+                        "cpu_share": multi["cpu"],
+                        "title": f"{opts.processes} client processes, js.publish_async, window {opts.nats_window:,} each",
+                    },
+                }
+            }
 
     return asyncio.run(run())
 
@@ -657,8 +714,12 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
                     "cpu_share": cpu,
                     "load_average": load_now,
                 }
-                print(f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
-                      + latency_line("", figures["latency"]).strip() + f"; cpu {cpu_text(cpu)}", flush=True)
+                print(
+                    f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
+                    + latency_line("", figures["latency"]).strip()
+                    + f"; cpu {cpu_text(cpu)}",
+                    flush=True,
+                )
         return result
 
     return run_precise(run())
@@ -707,18 +768,31 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                             await asyncio.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
                             figures = failover_figures(killed_at, load.first_sent, load.acked_at)
                         if not figures:
-                            raise BenchError(f"{NAME} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}")
+                            raise BenchError(
+                                f"{NAME} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}"
+                            )
                         new_leader, _ = await nc.stream_leader(timeout_s=5)
                         nc.start_node(victim)
                         restarted = time.monotonic()
                         await nc.wait_for_replicas(deadline=restarted + REJOIN_TIMEOUT_S)
                         rejoin_s = time.monotonic() - restarted
-                        record = {"killed": victim, "stream_leader": stream_leader, "meta_leader": meta, "client_was_connected_to_it": client_on_victim,
-                                  "new_stream_leader": new_leader, "failover_s": figures["failover_s"], "ack_gap_s": figures["ack_gap_s"], "rejoin_s": rejoin_s}
+                        record = {
+                            "killed": victim,
+                            "stream_leader": stream_leader,
+                            "meta_leader": meta,
+                            "client_was_connected_to_it": client_on_victim,
+                            "new_stream_leader": new_leader,
+                            "failover_s": figures["failover_s"],
+                            "ack_gap_s": figures["ack_gap_s"],
+                            "rejoin_s": rejoin_s,
+                        }
                         kills.append(record)
                         roles = " and ".join(r for r, n in (("stream leader", stream_leader), ("meta leader", meta)) if n == victim)
-                        print(f"    {NAME} kill {k + 1:>2} {victim} ({roles}{', the client was connected to it' if client_on_victim else ''}) -> stream leader {new_leader}: "
-                              f"failover {figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node current again in {rejoin_s:.2f} s", flush=True)
+                        print(
+                            f"    {NAME} kill {k + 1:>2} {victim} ({roles}{', the client was connected to it' if client_on_victim else ''}) -> stream leader {new_leader}: "
+                            f"failover {figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node current again in {rejoin_s:.2f} s",
+                            flush=True,
+                        )
                         await asyncio.sleep(SETTLE_S)
                 finally:
                     load.stop()
@@ -726,12 +800,22 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                         await asyncio.wait_for(sender, DRAIN_TIMEOUT_S + 5)
                     except (TimeoutError, asyncio.CancelledError):
                         pass
-                expect(load.acked == len(load.first_sent), f"{NAME} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged")
+                expect(
+                    load.acked == len(load.first_sent),
+                    f"{NAME} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged",
+                )
                 info = await asyncio.wait_for(nc.js.stream_info(STREAM), 5)
                 seqs = [s for s in load.seqs if s]
                 ranges, duplicates = seq_ranges(seqs)
-                return {"kills": kills, "submitted": len(load.first_sent), "resubmits": load.resubmits, "duplicate_acks": load.duplicate_acks,
-                        "stream_messages": info.state.messages, "ack_seq_duplicates": duplicates, "ack_seq_ranges": len(ranges)}
+                return {
+                    "kills": kills,
+                    "submitted": len(load.first_sent),
+                    "resubmits": load.resubmits,
+                    "duplicate_acks": load.duplicate_acks,
+                    "stream_messages": info.state.messages,
+                    "ack_seq_duplicates": duplicates,
+                    "ack_seq_ranges": len(ranges),
+                }
             finally:
                 await client.close()
 
@@ -739,8 +823,10 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
     kills = outcome["kills"]
     failovers = [k["failover_s"] for k in kills]
     gaps = [k["ack_gap_s"] for k in kills]
-    expect(outcome["stream_messages"] == outcome["submitted"],
-           f"{NAME} failover: the stream holds {outcome['stream_messages']} messages for {outcome['submitted']} distinct publishes")
+    expect(
+        outcome["stream_messages"] == outcome["submitted"],
+        f"{NAME} failover: the stream holds {outcome['stream_messages']} messages for {outcome['submitted']} distinct publishes",
+    )
     return {
         "rate_per_s": opts.failover_rate,
         "killed": which,
@@ -780,8 +866,10 @@ async def fill_stream(js, *, messages: int, payload: bytes, timeout_s: float) ->
         except TimeoutError:
             raise BenchError(f"{NAME} fill: stuck after {timeout_s:.0f} s ({sent:,} of {messages:,} acknowledged)") from None
         seqs = [a.seq for a in acks]
-        expect(seqs == list(range(first + sent, first + sent + count)),
-               f"{NAME} fill: acks {seqs[0]}..{seqs[-1]} for messages {first + sent}..{first + sent + count - 1}")
+        expect(
+            seqs == list(range(first + sent, first + sent + count)),
+            f"{NAME} fill: acks {seqs[0]}..{seqs[-1]} for messages {first + sent}..{first + sent + count - 1}",
+        )
         sent += count
     return time.monotonic() - started
 
@@ -852,8 +940,12 @@ class StreamCluster(Scoped):
         writer = await connect(self.nc.urls, name="fill")
         try:
             js = writer.jetstream(publish_async_max_pending=self.opts.nats_window)
-            self.fill_s = await fill_stream(js, messages=self.messages, payload=b"x" * self.opts.payload_bytes,
-                                            timeout_s=max(self.opts.run_timeout_s, self.messages / 5_000))
+            self.fill_s = await fill_stream(
+                js,
+                messages=self.messages,
+                payload=b"x" * self.opts.payload_bytes,
+                timeout_s=max(self.opts.run_timeout_s, self.messages / 5_000),
+            )
         finally:
             await writer.close()
         self.last = self.messages
@@ -904,10 +996,22 @@ class StreamCluster(Scoped):
                 await reader.close()
             expect(last_seq == count, f"{NAME} replay: message {count:,} had stream sequence {last_seq}")
             rates.append(count / seconds)
-            print(f"    {NAME} replay run {r + 1}: {count / seconds:,.0f} msg/s ({count:,} in {seconds:.2f} s; "
-                  f"consumer on {placed[-1]}, load avg {load_average()[:1]})", flush=True)
-        return {"messages": count, "runs": rates, "messages_per_s": statistics.median(rates), **_min_max(rates),
-                "fill_s": self.fill_s, "reader_on": "follower", "reader_server": follower, "stream_leader": leader, "consumer_on": placed}
+            print(
+                f"    {NAME} replay run {r + 1}: {count / seconds:,.0f} msg/s ({count:,} in {seconds:.2f} s; "
+                f"consumer on {placed[-1]}, load avg {load_average()[:1]})",
+                flush=True,
+            )
+        return {
+            "messages": count,
+            "runs": rates,
+            "messages_per_s": statistics.median(rates),
+            **_min_max(rates),
+            "fill_s": self.fill_s,
+            "reader_on": "follower",
+            "reader_server": follower,
+            "stream_leader": leader,
+            "consumer_on": placed,
+        }
 
     # --- recovery -----------------------------------------------------------------------------
 
@@ -932,9 +1036,12 @@ class StreamCluster(Scoped):
             runs.append({"server": victim, "stream_leader": leader, "was_meta_leader": victim == meta, "store_bytes": store_bytes, **found})
             for key in figures:
                 figures[key].append(found[key])
-            print(f"    {NAME} recovery run {r + 1}: {victim} ({store_bytes / 1e6:,.0f} MB of store) answers after {found['answers_s']:.2f} s, "
-                  f"/healthz ok after {found['healthy_s']:.2f} s, replica current after {found['current_s']:.2f} s "
-                  f"(load avg {load_average()[:1]})", flush=True)
+            print(
+                f"    {NAME} recovery run {r + 1}: {victim} ({store_bytes / 1e6:,.0f} MB of store) answers after {found['answers_s']:.2f} s, "
+                f"/healthz ok after {found['healthy_s']:.2f} s, replica current after {found['current_s']:.2f} s "
+                f"(load avg {load_average()[:1]})",
+                flush=True,
+            )
         return {"messages": count, "runs": runs, **{k: {"median": statistics.median(v), **_min_max(v)} for k, v in figures.items()}}
 
     async def _watch_restart(self, victim: str, started: float, count: int) -> dict:
@@ -946,7 +1053,9 @@ class StreamCluster(Scoped):
         while len(found) < 3:
             now = time.monotonic()
             if now > deadline:
-                raise BenchError(f"{NAME} recovery: {victim} after {RECOVERY_TIMEOUT_S:.0f} s: {found or 'no answer'}; last {last}\n{nc.log_tails()}")
+                raise BenchError(
+                    f"{NAME} recovery: {victim} after {RECOVERY_TIMEOUT_S:.0f} s: {found or 'no answer'}; last {last}\n{nc.log_tails()}"
+                )
             if "answers_s" not in found:
                 status, _ = await asyncio.to_thread(_http_get, f"{http}/varz")
                 if status:
@@ -956,7 +1065,11 @@ class StreamCluster(Scoped):
                 if status == 200:
                     found["healthy_s"] = time.monotonic() - started
                 last = f"/healthz {status} {body[:200]!r}"
-            if "answers_s" in found and "current_s" not in found and await self._replica_current(victim, http, count, since_s=time.monotonic() - started):
+            if (
+                "answers_s" in found
+                and "current_s" not in found
+                and await self._replica_current(victim, http, count, since_s=time.monotonic() - started)
+            ):
                 found["current_s"] = time.monotonic() - started
             await asyncio.sleep(RECOVERY_POLL_S)
         return found
@@ -1005,14 +1118,30 @@ class StreamCluster(Scoped):
         workers = []
         try:
             for k, subscribers in enumerate(per_process):
-                spec = {"url": nc.url(others[k % len(others)]), "server": others[k % len(others)], "index": k, "subscribers": subscribers,
-                        "from_seq": from_seq, "until_seq": until_seq, "start_timeout_s": START_TIMEOUT_S, "wait_s": wait_s}
-                workers.append(nc.children.start(f"fanout-sub{k + 1}", [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--fanout-worker", json.dumps(spec)], pipes=True))
+                spec = {
+                    "url": nc.url(others[k % len(others)]),
+                    "server": others[k % len(others)],
+                    "index": k,
+                    "subscribers": subscribers,
+                    "from_seq": from_seq,
+                    "until_seq": until_seq,
+                    "start_timeout_s": START_TIMEOUT_S,
+                    "wait_s": wait_s,
+                }
+                workers.append(
+                    nc.children.start(
+                        f"fanout-sub{k + 1}",
+                        [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--fanout-worker", json.dumps(spec)],
+                        pipes=True,
+                    )
+                )
             placement: dict[str, int] = {}
             for k, w in enumerate(workers):
                 line = await asyncio.to_thread(read_line, w, deadline)
-                expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
-                for server, n in json.loads(line[len("ready "):]).items():
+                expect(
+                    line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}"
+                )
+                for server, n in json.loads(line[len("ready ") :]).items():
                     placement[server] = placement.get(server, 0) + n
             publisher = await connect(nc.urls, name="fanout-publisher")
             try:
@@ -1023,7 +1152,10 @@ class StreamCluster(Scoped):
                 await load.run(opts.fanout_rate, duration_s=opts.fanout_seconds + DRAIN_TIMEOUT_S, max_messages=expected)
             finally:
                 await publisher.close()
-            expect(not load.errors and load.acked == expected, f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}")
+            expect(
+                not load.errors and load.acked == expected,
+                f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}",
+            )
             outcomes = []
             for k, w in enumerate(workers):
                 line = await asyncio.to_thread(read_line, w, deadline)
@@ -1044,18 +1176,33 @@ class StreamCluster(Scoped):
         complete = sum(1 for c, s in zip(counts, last_seqs) if c == expected and s == until_seq)
         delivered = sum(min(c, expected) for c in counts)
         seconds = max(o["finished"] for o in outcomes) - started_wall
-        cpu["subscribers"] = round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0  # all the subscriber processes together
+        cpu["subscribers"] = (
+            round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0
+        )  # all the subscriber processes together
         result = {
-            "subscribers": opts.subscribers, "messages": expected, "delivered": delivered, "seconds": seconds,
-            "delivered_per_s": delivered / seconds if seconds > 0 else 0.0, "offered_per_s": opts.fanout_rate,
-            "subscriber_processes": processes, "complete": complete == len(counts), "subscribers_complete": complete,
-            "fewest_received": min(counts) if counts else 0, "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
+            "subscribers": opts.subscribers,
+            "messages": expected,
+            "delivered": delivered,
+            "seconds": seconds,
+            "delivered_per_s": delivered / seconds if seconds > 0 else 0.0,
+            "offered_per_s": opts.fanout_rate,
+            "subscriber_processes": processes,
+            "complete": complete == len(counts),
+            "subscribers_complete": complete,
+            "fewest_received": min(counts) if counts else 0,
+            "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
             "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
-            "connected_to": others, "consumer_placement": placement, "cpu": cpu, "stream_leader": leader,
+            "connected_to": others,
+            "consumer_placement": placement,
+            "cpu": cpu,
+            "stream_leader": leader,
         }
-        print(f"    {NAME} fanout: {opts.subscribers} ordered consumers on {' and '.join(others)} (placed {placement}), {expected:,} messages at "
-              f"{opts.fanout_rate:,}/s: {delivered:,} delivered in {seconds:.1f} s = {result['delivered_per_s']:,.0f} msg/s; "
-              f"{complete} of {len(counts)} got every message; cpu {cpu_text(cpu)}", flush=True)
+        print(
+            f"    {NAME} fanout: {opts.subscribers} ordered consumers on {' and '.join(others)} (placed {placement}), {expected:,} messages at "
+            f"{opts.fanout_rate:,}/s: {delivered:,} delivered in {seconds:.1f} s = {result['delivered_per_s']:,.0f} msg/s; "
+            f"{complete} of {len(counts)} got every message; cpu {cpu_text(cpu)}",
+            flush=True,
+        )
         return result
 
 
@@ -1102,6 +1249,7 @@ def _fanout_worker_main(spec_json: str) -> int:
                         remaining -= 1
                         if not remaining:
                             done.set()
+
                 return on_message
 
             subs = []
@@ -1119,9 +1267,14 @@ def _fanout_worker_main(spec_json: str) -> int:
             except TimeoutError:
                 pass
             slow = sum(1 for e in nc._bench_errors if "SlowConsumer" in e)
-            return {"counts": counts, "last_seqs": last_seqs, "finished": finished or time.time(), "slow_consumers": slow,
-                    "client_errors": nc._bench_errors[:3],
-                    "cpu_s": time.process_time() - cpu_start}
+            return {
+                "counts": counts,
+                "last_seqs": last_seqs,
+                "finished": finished or time.time(),
+                "slow_consumers": slow,
+                "client_errors": nc._bench_errors[:3],
+                "cpu_s": time.process_time() - cpu_start,
+            }
         finally:
             await asyncio.wait_for(nc.close(), 10)
 
@@ -1157,17 +1310,52 @@ def fanout(opts: argparse.Namespace, root: str) -> dict:
 def add_options(parser: argparse.ArgumentParser) -> None:
     add_load_options(parser, payload_help="payload size (default 100)", timeout_help="a run taking longer is stuck (default 120)")
     add = parser.add_argument
-    add("--nats-window", type=int, default=NATS_WINDOW_DEFAULT,
-        help=f"publish_async_max_pending: publishes awaiting their ack, at most (default {NATS_WINDOW_DEFAULT:,}, nats-py's own default)")
+    add(
+        "--nats-window",
+        type=int,
+        default=NATS_WINDOW_DEFAULT,
+        help=f"publish_async_max_pending: publishes awaiting their ack, at most (default {NATS_WINDOW_DEFAULT:,}, nats-py's own default)",
+    )
     add("--processes", type=int, default=4, help="client processes of the multi-process throughput variant (default 4)")
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which leader the failover workload kills (default stream)")
-    add("--runs", type=int, default=None, help="reads of the replay and restarts of the recovery workload; the median is the figure (default 3; --quick 1)")
-    add("--stream-messages", "--replay-messages", dest="stream_messages", type=int, default=None,
-        help=f"messages in the stream of replay, recovery and fanout (default {STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})")
-    add("--fanout-rate", type=int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered msg/s of the publisher (default {FANOUT_RATE_DEFAULT:,})")
-    add("--fanout-seconds", type=float, default=None, help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})")
-    add("--subscribers", type=int, default=FANOUT_SUBSCRIBERS_DEFAULT, help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})")
-    add("--subscriber-processes", type=int, default=FANOUT_PROCESSES_DEFAULT, help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})")
+    add(
+        "--runs",
+        type=int,
+        default=None,
+        help="reads of the replay and restarts of the recovery workload; the median is the figure (default 3; --quick 1)",
+    )
+    add(
+        "--stream-messages",
+        "--replay-messages",
+        dest="stream_messages",
+        type=int,
+        default=None,
+        help=f"messages in the stream of replay, recovery and fanout (default {STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
+    )
+    add(
+        "--fanout-rate",
+        type=int,
+        default=FANOUT_RATE_DEFAULT,
+        help=f"fanout: offered msg/s of the publisher (default {FANOUT_RATE_DEFAULT:,})",
+    )
+    add(
+        "--fanout-seconds",
+        type=float,
+        default=None,
+        help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
+    )
+    add(
+        "--subscribers",
+        type=int,
+        default=FANOUT_SUBSCRIBERS_DEFAULT,
+        help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
+    )
+    add(
+        "--subscriber-processes",
+        type=int,
+        default=FANOUT_PROCESSES_DEFAULT,
+        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
+    )
 
 
 def resolve(opts: argparse.Namespace) -> None:
@@ -1182,7 +1370,9 @@ def resolve(opts: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.nats_jetstream", description="NATS JetStream R3 baseline (see the module doc).")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.peers.nats_jetstream", description="NATS JetStream R3 baseline (see the module doc)."
+    )
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"{', '.join(WORKLOADS)} (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--json", default="", help="also write the figures as JSON to this file")

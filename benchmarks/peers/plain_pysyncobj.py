@@ -128,8 +128,14 @@ def _node_main(spec: dict) -> int:
         thread = state["thread"]
         if thread is not None and thread.is_alive():
             raise RuntimeError("a load is running")
-        load = ClientLoad(node.append, FAIL_REASON.SUCCESS, reasons, window=request["window"], payload_bytes=request["payload_bytes"],
-                          id_base=request["id_base"])
+        load = ClientLoad(
+            node.append,
+            FAIL_REASON.SUCCESS,
+            reasons,
+            window=request["window"],
+            payload_bytes=request["payload_bytes"],
+            id_base=request["id_base"],
+        )
         state["load"] = load
         if request["kind"] == "throughput":
             target = lambda: load.run_throughput(request["messages"], timeout_s=request["timeout_s"])  # noqa: E731
@@ -494,10 +500,18 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
     with PlainCluster(root, f"pysyncobj-tp-{payload_bytes}-{time.monotonic_ns()}", insecure=opts.insecure) as pc:
         leader, term = pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
         before, started = cpu_times(pc.pids), time.monotonic()
-        out = pc.run_load(leader, {
-            "kind": "throughput", "messages": opts.messages, "window": opts.window,
-            "payload_bytes": payload_bytes, "id_base": 0, "timeout_s": opts.run_timeout_s,
-        }, timeout_s=opts.run_timeout_s)
+        out = pc.run_load(
+            leader,
+            {
+                "kind": "throughput",
+                "messages": opts.messages,
+                "window": opts.window,
+                "payload_bytes": payload_bytes,
+                "id_base": 0,
+                "timeout_s": opts.run_timeout_s,
+            },
+            timeout_s=opts.run_timeout_s,
+        )
         cpu = cpu_shares(pc.pids, before, time.monotonic() - started)
         elections = _top_term(pc) - term
         check = {"duplicates": None, "acked_missing": None}
@@ -512,20 +526,35 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
     acked_at = sorted(a for a in unpack(out["acked_at"]) if a)
     started = min(unpack(out["first_sent"]))
     if out["timed_out"]:
-        print(f"    {NAME}: did not finish: {out['acked']:,} of {opts.messages:,} acknowledged in {opts.run_timeout_s:.0f} s "
-              f"({elections} term changes, {out['resubmits']:,} resubmits)", flush=True)
+        print(
+            f"    {NAME}: did not finish: {out['acked']:,} of {opts.messages:,} acknowledged in {opts.run_timeout_s:.0f} s "
+            f"({elections} term changes, {out['resubmits']:,} resubmits)",
+            flush=True,
+        )
         seconds = opts.run_timeout_s
     else:
         seconds = out["seconds"]
     head = min(len(acked_at), FIRST_ACKS)
-    return {"variants": {"1 client": {
-        "messages_per_s": out["acked"] / seconds, "seconds": seconds, "messages": out["acked"], "cpu_share": cpu,
-        "title": f"1 client loop in the leader process, one append() per message, window {opts.window:,}",
-        "finished": not out["timed_out"],
-        f"first_{FIRST_ACKS}_per_s": head / (acked_at[head - 1] - started) if head else 0.0,
-        "term_changes": elections, "resubmits": out["resubmits"], "timeouts": out["timeouts"], "errors": out["errors"],
-        "applied_twice": check["duplicates"], "acked_missing": check["acked_missing"],
-    }}, "leader": leader}
+    return {
+        "variants": {
+            "1 client": {
+                "messages_per_s": out["acked"] / seconds,
+                "seconds": seconds,
+                "messages": out["acked"],
+                "cpu_share": cpu,
+                "title": f"1 client loop in the leader process, one append() per message, window {opts.window:,}",
+                "finished": not out["timed_out"],
+                f"first_{FIRST_ACKS}_per_s": head / (acked_at[head - 1] - started) if head else 0.0,
+                "term_changes": elections,
+                "resubmits": out["resubmits"],
+                "timeouts": out["timeouts"],
+                "errors": out["errors"],
+                "applied_twice": check["duplicates"],
+                "acked_missing": check["acked_missing"],
+            }
+        },
+        "leader": leader,
+    }
 
 
 def latency(opts: argparse.Namespace, root: str) -> dict:
@@ -538,15 +567,27 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
             term = _top_term(pc)
             before, started = cpu_times(pc.pids), time.monotonic()
             seconds = LATENCY_WARMUP_S + opts.latency_seconds
-            out = pc.run_load(leader, {
-                "kind": "steady", "rate": rate, "seconds": seconds, "window": opts.window,
-                "payload_bytes": opts.payload_bytes, "id_base": k << 40, "timeout_s": seconds + 5,
-            }, timeout_s=seconds + 5)
+            out = pc.run_load(
+                leader,
+                {
+                    "kind": "steady",
+                    "rate": rate,
+                    "seconds": seconds,
+                    "window": opts.window,
+                    "payload_bytes": opts.payload_bytes,
+                    "id_base": k << 40,
+                    "timeout_s": seconds + 5,
+                },
+                timeout_s=seconds + 5,
+            )
             cpu = cpu_shares(pc.pids, before, time.monotonic() - started)
             expect(out["acked"] > 0, f"{NAME} latency {rate}/s: nothing acknowledged")
             if out["timed_out"]:
-                print(f"    {NAME} {rate:,} msg/s: {out['submitted'] - out['acked']:,} of {out['submitted']:,} still unacknowledged "
-                      f"{DRAIN_TIMEOUT_S:.0f} s after the load stopped; the figures count the acknowledged ones", flush=True)
+                print(
+                    f"    {NAME} {rate:,} msg/s: {out['submitted'] - out['acked']:,} of {out['submitted']:,} still unacknowledged "
+                    f"{DRAIN_TIMEOUT_S:.0f} s after the load stopped; the figures count the acknowledged ones",
+                    flush=True,
+                )
             elections = _top_term(pc) - term
             first = int(LATENCY_WARMUP_S * rate)
             figures = latency_figures(unpack(out["intended"]), unpack(out["first_sent"]), unpack(out["acked_at"]), first_index=first)
@@ -563,8 +604,12 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
                 "unacknowledged": out["submitted"] - out["acked"],
             }
             extra = f"; {elections} term changes, {out['resubmits']:,} resubmits" if elections or out["resubmits"] else ""
-            print(f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
-                  + latency_line("", figures["latency"]).strip() + f"; cpu {cpu_text(cpu)}{extra}", flush=True)
+            print(
+                f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
+                + latency_line("", figures["latency"]).strip()
+                + f"; cpu {cpu_text(cpu)}{extra}",
+                flush=True,
+            )
             if elections:  # a new leader: the client loop follows it, as the obvious design would
                 leader, _ = pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
     return result
@@ -580,8 +625,19 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
         pc.start_node(client)
         pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
         budget_s = opts.kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 5)
-        pc.ask(client, {"op": "start", "kind": "steady", "rate": opts.failover_rate, "seconds": budget_s, "window": opts.window,
-                        "payload_bytes": opts.payload_bytes, "id_base": 0, "timeout_s": budget_s})
+        pc.ask(
+            client,
+            {
+                "op": "start",
+                "kind": "steady",
+                "rate": opts.failover_rate,
+                "seconds": budget_s,
+                "window": opts.window,
+                "payload_bytes": opts.payload_bytes,
+                "id_base": 0,
+                "timeout_s": budget_s,
+            },
+        )
         print(f"    {NAME}: client loop in {client}, {opts.failover_rate:,} msg/s; {opts.kills} leader kills", flush=True)
         try:
             time.sleep(SETTLE_S)
@@ -599,14 +655,28 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                     time.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
                     figures = pc.ask(client, {"op": "progress", "killed_at": killed_at, "full": True})["figures"]
                 if not figures:
-                    raise BenchError(f"{NAME} kill {k + 1} ({leader}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{pc.log_tails()}")
+                    raise BenchError(
+                        f"{NAME} kill {k + 1} ({leader}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{pc.log_tails()}"
+                    )
                 new_leader, new_term = pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S, exclude=(leader,))
                 pc.start_node(leader)
                 rejoin_s = pc.wait_for_rejoin(leader, timeout_s=REJOIN_TIMEOUT_S)
-                kills.append({"killed": leader, "term": term, "new_leader": new_leader, "new_term": new_term,
-                              "failover_s": figures["failover_s"], "ack_gap_s": figures["ack_gap_s"], "rejoin_s": rejoin_s})
-                print(f"    {NAME} kill {k + 1:>2} {leader} (term {term}) -> {new_leader} (term {new_term}): failover "
-                      f"{figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node caught up in {rejoin_s:.2f} s", flush=True)
+                kills.append(
+                    {
+                        "killed": leader,
+                        "term": term,
+                        "new_leader": new_leader,
+                        "new_term": new_term,
+                        "failover_s": figures["failover_s"],
+                        "ack_gap_s": figures["ack_gap_s"],
+                        "rejoin_s": rejoin_s,
+                    }
+                )
+                print(
+                    f"    {NAME} kill {k + 1:>2} {leader} (term {term}) -> {new_leader} (term {new_term}): failover "
+                    f"{figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node caught up in {rejoin_s:.2f} s",
+                    flush=True,
+                )
                 time.sleep(SETTLE_S)
         finally:
             try:
@@ -649,8 +719,11 @@ def _wait_outcome(pc: PlainCluster, node_id: str) -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    add_load_options(parser, payload_help="payload size of the latency and failover loads (default 100)",
-                     timeout_help="a throughput run taking longer is stuck (default 120)")
+    add_load_options(
+        parser,
+        payload_help="payload size of the latency and failover loads (default 100)",
+        timeout_help="a throughput run taking longer is stuck (default 120)",
+    )
     add = parser.add_argument
     add("--window", type=int, default=10_000, help="calls in flight at most (default 10,000, raftseq's client window)")
     add("--insecure", action="store_true", help="no pysyncobj password (unencrypted links)")

@@ -139,7 +139,9 @@ class Divergence(msgspec.Struct, frozen=True):
     def describe(self) -> str:
         where = f"after seq {self.last_agreed_seq}, at or before seq {self.seq}" if self.last_agreed_seq else f"at or before seq {self.seq}"
         parts = [f"{', '.join(replicas)} hold {digest[:16]}" for digest, replicas in self.groups()]
-        return f"state machine {self.sm_type!r}: copies diverged {where} (first disagreeing checkpoint: seq {self.seq}): " + "; ".join(parts)
+        return f"state machine {self.sm_type!r}: copies diverged {where} (first disagreeing checkpoint: seq {self.seq}): " + "; ".join(
+            parts
+        )
 
 
 class CheckpointLedger:
@@ -205,5 +207,3 @@ class CheckpointLedger:
                 "last_agreed_seq": max(agreed, default=0),
             }
         return out
-
-

@@ -128,10 +128,14 @@ def load(machine: StateMachine, data: bytes, *, digest: str, covered_seq: int, s
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
         raise SnapshotVerifyError(cls.TYPE, covered_seq, f"undecodable: {exc}", where=where) from None
     if snap.format != SM_SNAPSHOT_FORMAT:
-        raise SnapshotVerifyError(cls.TYPE, covered_seq, f"snapshot wrapper format {snap.format}, this SDK reads {SM_SNAPSHOT_FORMAT}", where=where)
+        raise SnapshotVerifyError(
+            cls.TYPE, covered_seq, f"snapshot wrapper format {snap.format}, this SDK reads {SM_SNAPSHOT_FORMAT}", where=where
+        )
     header = (snap.sm_type, snap.schema_version, snap.covered_seq)
     if header != (cls.TYPE, schema_version, covered_seq):
-        raise SnapshotVerifyError(cls.TYPE, covered_seq, f"holds {header}, its header says {(cls.TYPE, schema_version, covered_seq)}", where=where)
+        raise SnapshotVerifyError(
+            cls.TYPE, covered_seq, f"holds {header}, its header says {(cls.TYPE, schema_version, covered_seq)}", where=where
+        )
     if snap.schema_version not in cls.snapshot_versions_readable():
         raise SnapshotVerifyError(cls.TYPE, covered_seq, f"schema version {snap.schema_version} is not readable here", where=where)
     pending = tuple(sorted(tuple(p) for p in snap.pending_activations))

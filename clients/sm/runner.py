@@ -242,7 +242,9 @@ class StateMachineRunner:
             if self.from_snapshot:
                 await self._join_from_cluster(slot)
         self.last_seq = min(slot.start_after for slot in self._slots)
-        self._next_activation = min((s.machine.pending_activations[0][0] for s in self._slots if s.machine.pending_activations), default=math.inf)
+        self._next_activation = min(
+            (s.machine.pending_activations[0][0] for s in self._slots if s.machine.pending_activations), default=math.inf
+        )
         self._bootstrapped = True
         log.info(
             "state machines %s start after %s; subscription from %d",
@@ -421,7 +423,14 @@ class StateMachineRunner:
         at = max(activate.at_seq, seq + 1)
         pending = [p for p in machine.pending_activations if p[0] != at]
         if len(pending) >= ACTIVATIONS_PENDING_MAX:
-            log.error("%s: activation of version %d at seq %d (message %d) ignored: %d already pending", slot.sm_type, activate.version, at, seq, len(pending))
+            log.error(
+                "%s: activation of version %d at seq %d (message %d) ignored: %d already pending",
+                slot.sm_type,
+                activate.version,
+                at,
+                seq,
+                len(pending),
+            )
             return
         machine.pending_activations = tuple(sorted(pending + [(at, activate.version, seq)]))
         self._next_activation = min(self._next_activation, at)
@@ -505,11 +514,15 @@ class StateMachineRunner:
         for snap in captured:
             client = self._snapshot_clients.get(snap.sm_type)
             if client is None:
-                client = SequencerClient(self.endpoints, session=snapshot_session(snap.sm_type, self.replica), token=self.token, **self._client_options)
+                client = SequencerClient(
+                    self.endpoints, session=snapshot_session(snap.sm_type, self.replica), token=self.token, **self._client_options
+                )
                 await client.connect()
                 self._snapshot_clients[snap.sm_type] = client
             first, last = await upload_snapshot(client, snap)
-            info = await wait_indexed(self.endpoints, snap.sm_type, first, token=self.token, timeout_s=confirm_timeout_s, session=self._session("query"))
+            info = await wait_indexed(
+                self.endpoints, snap.sm_type, first, token=self.token, timeout_s=confirm_timeout_s, session=self._session("query")
+            )
             log.info("published %s covering seq %d as seq %d..%d (%d bytes)", snap.sm_type, snap.covered_seq, first, last, len(snap.data))
             self.published.append(info)
             infos.append(info)
@@ -554,7 +567,9 @@ class StateMachineRunner:
         os.makedirs(self.state_dir, exist_ok=True)
         for slot in self._slots:
             snap = self.capture(slot.sm_type)
-            body = _local_encoder.encode(LocalState(LOCAL_STATE_FORMAT, snap.sm_type, snap.schema_version, snap.covered_seq, snap.digest, snap.data))
+            body = _local_encoder.encode(
+                LocalState(LOCAL_STATE_FORMAT, snap.sm_type, snap.schema_version, snap.covered_seq, snap.digest, snap.data)
+            )
             path = self._state_path(slot.sm_type)
             tmp = f"{path}.tmp"
             with open(tmp, "wb") as f:

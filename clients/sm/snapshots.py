@@ -71,7 +71,14 @@ def chunk_payloads(snapshot: CapturedSnapshot, *, chunk_bytes: int = protocol.SN
     return [
         protocol.encode_snapshot_chunk(
             protocol.SnapshotChunk(
-                snapshot.sm_type, snapshot.schema_version, snapshot.covered_seq, snapshot.digest, sha, len(data), count, i,
+                snapshot.sm_type,
+                snapshot.schema_version,
+                snapshot.covered_seq,
+                snapshot.digest,
+                sha,
+                len(data),
+                count,
+                i,
                 data[i * chunk_bytes : (i + 1) * chunk_bytes],
             )  # fmt: skip
         )
@@ -79,7 +86,9 @@ def chunk_payloads(snapshot: CapturedSnapshot, *, chunk_bytes: int = protocol.SN
     ]
 
 
-async def upload_snapshot(client: SequencerClient, snapshot: CapturedSnapshot, *, chunk_bytes: int = protocol.SNAPSHOT_CHUNK_DATA_BYTES_MAX) -> tuple[int, int]:
+async def upload_snapshot(
+    client: SequencerClient, snapshot: CapturedSnapshot, *, chunk_bytes: int = protocol.SNAPSHOT_CHUNK_DATA_BYTES_MAX
+) -> tuple[int, int]:
     """Submit `snapshot`'s chunks through `client` (a snapshot session); returns the sequence
     numbers of the first and the last chunk."""
     if not client.session.startswith(protocol.SNAPSHOT_SESSION_PREFIX):
@@ -177,7 +186,10 @@ async def fetch_snapshot(
                     expected = (info.sm_type, info.schema_version, info.covered_seq, info.digest, info.bytes_sha256, info.chunk_count)
                     if header != expected or chunk.chunk_index != len(parts):
                         raise SnapshotVerifyError(
-                            info.sm_type, info.covered_seq, f"seq {m.seq} holds chunk {chunk.chunk_index} of {header}, expected chunk {len(parts)}", where=where
+                            info.sm_type,
+                            info.covered_seq,
+                            f"seq {m.seq} holds chunk {chunk.chunk_index} of {header}, expected chunk {len(parts)}",
+                            where=where,
                         )
                     parts.append(chunk.data)
                 if m.seq >= info.last_seq:
@@ -189,11 +201,16 @@ async def fetch_snapshot(
     data = b"".join(parts)
     if len(parts) != info.chunk_count or len(data) != info.total_bytes:
         raise SnapshotVerifyError(
-            info.sm_type, info.covered_seq, f"{len(parts)} chunks, {len(data)} bytes; the index says {info.chunk_count}, {info.total_bytes}", where=where
+            info.sm_type,
+            info.covered_seq,
+            f"{len(parts)} chunks, {len(data)} bytes; the index says {info.chunk_count}, {info.total_bytes}",
+            where=where,
         )
     sha = hashlib.sha256(data).hexdigest()
     if sha != info.bytes_sha256:
-        raise SnapshotVerifyError(info.sm_type, info.covered_seq, f"bytes have SHA-256 {sha}, the index says {info.bytes_sha256}", where=where)
+        raise SnapshotVerifyError(
+            info.sm_type, info.covered_seq, f"bytes have SHA-256 {sha}, the index says {info.bytes_sha256}", where=where
+        )
     return data
 
 

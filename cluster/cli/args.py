@@ -76,7 +76,9 @@ def endpoints_or_exit(values: Iterable[str], command: str) -> list[str]:
         raise SystemExit(f"{command}: {exc}") from None
 
 
-def add_endpoints_option(parser: argparse.ArgumentParser, help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)") -> None:
+def add_endpoints_option(
+    parser: argparse.ArgumentParser, help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)"
+) -> None:
     """``--endpoints HOST:PORT,...`` (default ``$RAFTSEQ_ENDPOINTS`` or the local cluster)."""
     parser.add_argument("--endpoints", default=endpoints_default(), help=help)
 
@@ -86,7 +88,9 @@ def add_token_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=token_default(), help="client token (default $RAFTSEQ_TOKEN)")
 
 
-def add_cluster_options(parser: argparse.ArgumentParser, endpoints_help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)") -> None:
+def add_cluster_options(
+    parser: argparse.ArgumentParser, endpoints_help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)"
+) -> None:
     """``--endpoints`` and ``--token``: how a command reaches the cluster."""
     add_endpoints_option(parser, endpoints_help)
     add_token_option(parser)

@@ -61,13 +61,17 @@ async def scan_checkpoints(
     if from_seq > end:
         return ledger, from_seq, end
     expected = from_seq
-    stream = subscribe(endpoints, from_seq=from_seq, token=token, session=session, connect_timeout_s=timeout_s, heartbeat_timeout_s=timeout_s)
+    stream = subscribe(
+        endpoints, from_seq=from_seq, token=token, session=session, connect_timeout_s=timeout_s, heartbeat_timeout_s=timeout_s
+    )
     try:
         while True:
             try:
                 message = await asyncio.wait_for(anext(stream), STALL_TIMEOUTS_MAX * timeout_s)
             except TimeoutError:
-                raise ConnectionError(f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s") from None
+                raise ConnectionError(
+                    f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s"
+                ) from None
             except Rejected as exc:
                 raise ConnectionError(f"stream read refused: {exc}") from None
             payload = message.payload
@@ -145,7 +149,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     try:
-        answer = asyncio.run(list_snapshots(endpoints_or_exit([args.endpoints], "raftseq sm"), args.sm_type, token=args.token, timeout_s=args.timeout))
+        answer = asyncio.run(
+            list_snapshots(endpoints_or_exit([args.endpoints], "raftseq sm"), args.sm_type, token=args.token, timeout_s=args.timeout)
+        )
     except ConnectionError as exc:
         print(f"raftseq sm snapshots: {exc}", file=sys.stderr)
         return 2
@@ -215,8 +221,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "replicas published. Exit 0 when every copy agreed, 1 with the first sequence number at which two copies "
         "disagree and which replicas hold which digest, 2 when the cluster cannot be read.",
     )
-    check.add_argument("--from", dest="from_seq", type=non_negative, default=1, metavar="N", help="first sequence number to read (default 1)")
-    check.add_argument("--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)")
+    check.add_argument(
+        "--from", dest="from_seq", type=non_negative, default=1, metavar="N", help="first sequence number to read (default 1)"
+    )
+    check.add_argument(
+        "--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)"
+    )
     check.add_argument("--type", action="append", metavar="T", help="only state machines of type T (repeatable)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     _add_node_options(check)
@@ -241,12 +251,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "which the file carries. Exit 0 when written, 1 when the reference stops on the stream or the stream stops, "
         "2 when the cluster or the machine cannot be used.",
     )
-    rec.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the reference implementation, e.g. examples.refdata.machine:ReferenceData")
+    rec.add_argument(
+        "--machine", required=True, metavar="MODULE:CLASS", help="the reference implementation, e.g. examples.refdata.machine:ReferenceData"
+    )
     rec.add_argument("--out", required=True, metavar="FILE", help="the recording to write")
-    rec.add_argument("--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number of the slice (default 1)")
+    rec.add_argument(
+        "--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number of the slice (default 1)"
+    )
     rec.add_argument("--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)")
-    rec.add_argument("--all-messages", action="store_true", help="keep every message of the slice, not only those that can change the machine")
-    rec.add_argument("--no-snapshot", action="store_true", help="with --from N > 1: replay from 1 instead of starting from a cluster snapshot")
+    rec.add_argument(
+        "--all-messages", action="store_true", help="keep every message of the slice, not only those that can change the machine"
+    )
+    rec.add_argument(
+        "--no-snapshot", action="store_true", help="with --from N > 1: replay from 1 instead of starting from a cluster snapshot"
+    )
     rec.add_argument(
         "--idle-timeout", type=float, default=conformance.IDLE_TIMEOUT_S, metavar="S",
         help=f"give up after S seconds without a message (default {conformance.IDLE_TIMEOUT_S:g})",

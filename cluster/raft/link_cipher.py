@@ -88,4 +88,3 @@ class Uncompressed:
     @staticmethod
     def decompress(data: bytes) -> bytes:
         return data
-

@@ -110,4 +110,3 @@ class LoopPoller(Poller):
         except Exception:  # noqa: BLE001 - as pysyncobj's own poll loop: counted, logged, go on
             self.on_error()
         self.after_event()
-

@@ -40,6 +40,7 @@ class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
 
+
 class SequencerReplica(RaftMember):
     """A Raft member whose replicated state is a ``SequencedStream``, driven by ``loop``
     (``raft.loop_poller``): construct it, use it and destroy it on the loop's thread, after

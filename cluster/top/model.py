@@ -159,9 +159,7 @@ def step(state: TopState, sample: Sample, *, marker_hold_s: float = MARKER_HOLD_
         change = LeaderChange(sample.at_s, state.leader[0], state.leader[1], leader_key[0], leader_key[1])
         changes += 1
         changed_now = True
-    marker_on = (
-        change is not None and leader is not None and leader.node_id == change.new_id and sample.at_s - change.at_s < marker_hold_s
-    )
+    marker_on = change is not None and leader is not None and leader.node_id == change.new_id and sample.at_s - change.at_s < marker_hold_s
 
     names = dict(state.names)
     rows = []

@@ -70,9 +70,7 @@ async def _ack_buckets(address: str, timeout_s: float) -> Buckets | None:
         return None
 
 
-async def take_sample(
-    endpoints: Sequence[str], *, token: str, timeout_s: float, clock: Callable[[], float] = time.monotonic
-) -> Sample:
+async def take_sample(endpoints: Sequence[str], *, token: str, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> Sample:
     """Ask every node for its status, then scrape the metrics of those that answered."""
     statuses = await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, session=SESSION) for e in endpoints))
     at_s = clock()

@@ -44,7 +44,16 @@ class Layout:
 
     def row(self, title: str) -> None:
         self._newline()
-        self.panels.append({"type": "row", "title": title, "collapsed": False, "id": self._id(), "panels": [], "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}})
+        self.panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "id": self._id(),
+                "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+            }
+        )
         self.y += 1
 
     def _newline(self) -> None:
@@ -76,8 +85,13 @@ def targets(queries: list[tuple[str, str]], *, instant: bool = False, fmt: str =
     return result
 
 
-def timeseries(title: str, description: str, queries: list[tuple[str, str]], *, unit: str = "short", minimum: float | None = 0, draw: str = "line") -> dict:
-    defaults: dict = {"unit": unit, "custom": {"drawStyle": draw, "lineWidth": 1, "fillOpacity": 10, "showPoints": "never", "spanNulls": False}}
+def timeseries(
+    title: str, description: str, queries: list[tuple[str, str]], *, unit: str = "short", minimum: float | None = 0, draw: str = "line"
+) -> dict:
+    defaults: dict = {
+        "unit": unit,
+        "custom": {"drawStyle": draw, "lineWidth": 1, "fillOpacity": 10, "showPoints": "never", "spanNulls": False},
+    }
     if draw == "line" and unit == "bool":
         defaults["custom"]["lineInterpolation"] = "stepAfter"
     if minimum is not None:
@@ -88,12 +102,23 @@ def timeseries(title: str, description: str, queries: list[tuple[str, str]], *, 
         "description": description,
         "datasource": DS,
         "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}, "tooltip": {"mode": "multi", "sort": "desc"}},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
         "targets": targets(queries),
     }
 
 
-def stat(title: str, description: str, queries: list[tuple[str, str]], *, text_mode: str = "value", unit: str = "short", thresholds: list[dict] | None = None) -> dict:
+def stat(
+    title: str,
+    description: str,
+    queries: list[tuple[str, str]],
+    *,
+    text_mode: str = "value",
+    unit: str = "short",
+    thresholds: list[dict] | None = None,
+) -> dict:
     return {
         "type": "stat",
         "title": title,
@@ -168,8 +193,7 @@ def role_timeline() -> dict:
 
 def quantiles(metric: str, qs: tuple[float, ...], *, by: str = "node") -> list[tuple[str, str]]:
     return [
-        (f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{N}}}[{RATE}])))", f"{{{{{by}}}}} p{q * 100:g}")
-        for q in qs
+        (f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{N}}}[{RATE}])))", f"{{{{{by}}}}} p{q * 100:g}") for q in qs
     ]
 
 
@@ -201,7 +225,7 @@ def build() -> dict:
         stat(
             "Leaders",
             "Nodes that call themselves leader: 1 is healthy; 0 means no leader; 2 means a stale leader (or worse: see the alert rules).",
-            [(f"sum(raftseq_role{{{N}, role=\"leader\"}})", "leaders")],
+            [(f'sum(raftseq_role{{{N}, role="leader"}})', "leaders")],
             thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}, {"color": "red", "value": 2}],
         ),
         w=3,
@@ -455,8 +479,14 @@ def build() -> dict:
     )
 
     L.row("Journal, catch-up and disk")
-    L.add(timeseries("Journal size", "Bytes in each node's journal.", [(f"raftseq_journal_bytes{{{N}}}", "{{node}}")], unit="bytes"), w=6, h=7)
-    L.add(timeseries("Journal segments", "Segment files in each node's journal.", [(f"raftseq_journal_segments{{{N}}}", "{{node}}")]), w=6, h=7)
+    L.add(
+        timeseries("Journal size", "Bytes in each node's journal.", [(f"raftseq_journal_bytes{{{N}}}", "{{node}}")], unit="bytes"), w=6, h=7
+    )
+    L.add(
+        timeseries("Journal segments", "Segment files in each node's journal.", [(f"raftseq_journal_segments{{{N}}}", "{{node}}")]),
+        w=6,
+        h=7,
+    )
     L.add(
         timeseries(
             "fsync latency",

@@ -42,7 +42,9 @@ def duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
-def render(base_port: int = BASE_PORT_DEFAULT, *, interval_s: float = INTERVAL_S_DEFAULT, rule_files: tuple[str, ...] = (RULES_FILE,)) -> str:
+def render(
+    base_port: int = BASE_PORT_DEFAULT, *, interval_s: float = INTERVAL_S_DEFAULT, rule_files: tuple[str, ...] = (RULES_FILE,)
+) -> str:
     """The configuration text. Relative rule file paths are relative to the config file."""
     interval = duration(interval_s)
     command = "python3 deploy/prometheus/scrape_config.py"
@@ -73,7 +75,9 @@ def render(base_port: int = BASE_PORT_DEFAULT, *, interval_s: float = INTERVAL_S
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-port", type=int, default=BASE_PORT_DEFAULT, help=f"the cluster's --base-port (default {BASE_PORT_DEFAULT})")
-    parser.add_argument("--interval", type=float, default=INTERVAL_S_DEFAULT, help="scrape and rule evaluation interval in seconds (default 1)")
+    parser.add_argument(
+        "--interval", type=float, default=INTERVAL_S_DEFAULT, help="scrape and rule evaluation interval in seconds (default 1)"
+    )
     parser.add_argument(
         "--rules",
         default=RULES_FILE,

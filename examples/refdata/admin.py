@@ -55,7 +55,7 @@ class Admin:
         return seqs
 
     async def activate(self, version: int, at_seq: int) -> int:
-        """"refdata behaves as `version` from `at_seq` on", sequenced now."""
+        """ "refdata behaves as `version` from `at_seq` on", sequenced now."""
         return (await self.send([activate("refdata", version, at_seq)]))[0]
 
 

@@ -172,18 +172,26 @@ def run_demo(
         for app in apps:
             app.stop()
         cluster.stop()
-    identical = (
-        len({(r["seq"], r["digest"], json.dumps(r["orders"])) for r in reports}) == 1 and reports[0]["seq"] == day["end_of_day_seq"]
-    )
+    identical = len({(r["seq"], r["digest"], json.dumps(r["orders"])) for r in reports}) == 1 and reports[0]["seq"] == day["end_of_day_seq"]
     say(f"{'process':<20}{'stopped at':>12}  {'digest':<18}{'from snapshot':>14}{'applied':>10}{'seconds':>9}")
     for r in reports:
         say(
             f"{r['role']:<20}{r['seq']:>12}  {r['digest'][:16]:<18}{r['joined_from_snapshot_covering']:>14}"
             f"{r['messages_applied']:>10}{r['elapsed_s']:>9.2f}"
         )
-    say(f"checkpoints in the stream up to seq {last}: {ledger.checkpoints_seen}, " + (divergence.describe() if divergence else "every copy agreed"))
+    say(
+        f"checkpoints in the stream up to seq {last}: {ledger.checkpoints_seen}, "
+        + (divergence.describe() if divergence else "every copy agreed")
+    )
     say("IDENTICAL: every copy holds the same reference data at the end of the day" if identical else "DIFFERENT: the copies disagree")
-    return {"reports": reports, "identical": identical, "day": day, "snapshots": snapshots, "divergence": divergence, "checkpoints": ledger.summary()}
+    return {
+        "reports": reports,
+        "identical": identical,
+        "day": day,
+        "snapshots": snapshots,
+        "divergence": divergence,
+        "checkpoints": ledger.summary(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,9 @@ async def scenario(cluster: LocalCluster, args, say) -> dict:
         t = time.monotonic()
         listed = await submit_stream(admin, listing(args.instruments, random.Random(args.seed)), say, "listing")
         last = await submit_stream(admin, generated(args.messages, args.instruments, args.seed + 1), say, "updates")
-        say(f"{args.instruments:,} instruments (to seq {listed}) and {args.messages:,} updates sequenced, to seq {last:,}, in {time.monotonic() - t:.1f} s")
+        say(
+            f"{args.instruments:,} instruments (to seq {listed}) and {args.messages:,} updates sequenced, to seq {last:,}, in {time.monotonic() - t:.1f} s"
+        )
         t = time.monotonic()
         await publisher.run(until_seq=last)
         say(f"publisher applied the stream in {time.monotonic() - t:.1f} s")
@@ -124,7 +126,9 @@ async def scenario(cluster: LocalCluster, args, say) -> dict:
         f"{joined.covered_seq if joined else 0:,} loaded and verified, then {late.messages_applied:,} messages applied)"
     )
     same = full.digest("refdata") == late.digest("refdata") == reference
-    say(f"late joiner took {late_s / full_s:.1%} of the full replay's time ({full_s / late_s:.0f}x faster); digests {'identical' if same else 'DIFFER'}")
+    say(
+        f"late joiner took {late_s / full_s:.1%} of the full replay's time ({full_s / late_s:.0f}x faster); digests {'identical' if same else 'DIFFER'}"
+    )
     return {"full_s": full_s, "late_s": late_s, "identical": same, "eod": eod, "joined_from": joined}
 
 

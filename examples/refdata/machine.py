@@ -98,7 +98,7 @@ class ReferenceData(StateMachine):
         return instrument is not None and not instrument.halted
 
     def check_order(self, symbol: str, qty: int, price_e8: int) -> str:
-        """"ok" or why an order for `qty` at `price_e8` must be refused."""
+        """ "ok" or why an order for `qty` at `price_e8` must be refused."""
         instrument = self.instruments.get(symbol)
         if instrument is None:
             return "unknown instrument"

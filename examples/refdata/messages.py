@@ -29,9 +29,7 @@ class InstrumentAddedV1(SmMessage):
     lot_size: int
 
 
-@TYPES.message(
-    upcast=lambda v1: InstrumentAdded(v1.symbol, v1.isin, v1.currency, v1.tick_size_e8, v1.lot_size, venue="XLON")
-)
+@TYPES.message(upcast=lambda v1: InstrumentAdded(v1.symbol, v1.isin, v1.currency, v1.tick_size_e8, v1.lot_size, venue="XLON"))
 class InstrumentAdded(SmMessage):
     TYPE = "refdata.instrument_added"
     VERSION = 2

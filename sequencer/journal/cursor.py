@@ -169,4 +169,3 @@ class JournalCursor(ClosedOnExit):
             path=self._segment.path,
             offset=self._offset + pos,
         )
-

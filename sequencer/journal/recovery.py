@@ -56,8 +56,7 @@ def recover(directory: str, *, readonly: bool) -> tuple[list[Segment], list[tupl
         segment = Segment(path, first_seq)
         if segments and segments[-1].end_seq != first_seq and (segments[-1].end_seq, first_seq - 1) not in holes:
             raise JournalCorruptError(
-                f"gap between segments: {segments[-1].path} ends before seq {segments[-1].end_seq}, "
-                f"next segment starts at {first_seq}",
+                f"gap between segments: {segments[-1].path} ends before seq {segments[-1].end_seq}, next segment starts at {first_seq}",
                 seq=segments[-1].end_seq,
                 path=path,
             )

@@ -152,6 +152,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         written = os.write(fd, view)
         view = view[written:]
 
+
 def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

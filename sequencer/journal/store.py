@@ -192,7 +192,6 @@ class Journal(ClosedOnExit):
         elif mode == "interval":
             self.sync_if_due()
 
-
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
         if segment is not None and (segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
@@ -358,5 +357,3 @@ class Journal(ClosedOnExit):
                     return
                 for frame in frames:
                     yield protocol.decode_delivered_body(memoryview(frame)[HEADER_BYTES:])
-
-

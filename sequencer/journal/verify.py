@@ -108,9 +108,7 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
                         elif record.log_time_ns < last_time:
                             problem = f"log time goes back from {last_time} to {record.log_time_ns}"
                         elif record.client_seq != previous + 1 and record.client_seq != 1:
-                            problem = (
-                                f"session {record.session!r} client_seq {record.client_seq} follows {previous}"
-                            )
+                            problem = f"session {record.session!r} client_seq {record.client_seq} follows {previous}"
                         else:
                             last_time = record.log_time_ns
                             client_seqs[record.session] = record.client_seq
@@ -128,4 +126,3 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
         if progress is not None:
             progress(i + 1, report.records)
     return report
-

@@ -37,7 +37,6 @@ class Batch(msgspec.Struct, frozen=True, array_like=True, gc=False):
     entries: list[Entry]
 
 
-
 _encode = msgspec.msgpack.Encoder().encode
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 

@@ -61,7 +61,6 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 
-
 class RejectReason(enum.Enum):
     """Why a node refused something. Sent as its string value."""
 

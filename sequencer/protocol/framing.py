@@ -95,7 +95,6 @@ def delivered_seq(buf: bytes | memoryview, body_start: int) -> int:
     return -1
 
 
-
 class FrameErrorCode(enum.Enum):
     TOO_LARGE = "too_large"  # length prefix above the reader's limit
     BAD_LENGTH = "bad_length"  # zero length
@@ -125,9 +124,7 @@ class FrameReader:
     refused before any of its body is buffered. Nothing escapes ``feed`` as an exception.
     """
 
-    def __init__(
-        self, decoder_type: str = "client", *, frame_bytes_max: int = limits.FRAME_BYTES_MAX, keep_raw: bool = False
-    ) -> None:
+    def __init__(self, decoder_type: str = "client", *, frame_bytes_max: int = limits.FRAME_BYTES_MAX, keep_raw: bool = False) -> None:
         if decoder_type not in ("client", "node"):
             raise ValueError(f"decoder_type must be 'client' or 'node', got {decoder_type!r}")
         if not 1 <= frame_bytes_max <= limits.FRAME_READER_BYTES_MAX:

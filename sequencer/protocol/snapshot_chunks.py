@@ -35,8 +35,6 @@ __all__ = [
 _encode = msgspec.msgpack.Encoder().encode
 
 
-
-
 class SnapshotHeader(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What a state-machine snapshot is: the fields every chunk repeats and every index entry
     (``SnapshotInfo``) starts with, in this order on the wire."""

@@ -65,7 +65,9 @@ def run_verify(path: str, machine: str, *, prog: str, json_report: bool = False,
         print(m.describe())
         if m.message:
             print(f"  message: {m.message}")
-        print(f"  last matching seq: {m.last_matching_seq if m.last_matching_seq >= h.from_seq else 'none'} ({result.checked} recorded messages compared; slice {h.from_seq}..{h.to_seq})")
+        print(
+            f"  last matching seq: {m.last_matching_seq if m.last_matching_seq >= h.from_seq else 'none'} ({result.checked} recorded messages compared; slice {h.from_seq}..{h.to_seq})"
+        )
     elif result.error:
         print(f"FAILED: {result.error}")
         print(f"  {result.checked} recorded messages matched before it (slice {h.from_seq}..{h.to_seq})")

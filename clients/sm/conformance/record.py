@@ -15,8 +15,25 @@ from typing import Any
 
 from raftseq.clients.client import Message, Rejected, subscribe
 from raftseq.clients.connection import open_connection
-from raftseq.clients.sm.conformance.recording import SNAPSHOT_BYTES_MAX, SNAPSHOT_PART_BYTES, FORMAT, Entry, FileWriter, Footer, Header, SnapshotPart
-from raftseq.clients.sm.conformance.replay import DigestTracker, Progress, envelope_of, load_machine_class, new_machine, sm_runner, write_start_state
+from raftseq.clients.sm.conformance.recording import (
+    SNAPSHOT_BYTES_MAX,
+    SNAPSHOT_PART_BYTES,
+    FORMAT,
+    Entry,
+    FileWriter,
+    Footer,
+    Header,
+    SnapshotPart,
+)
+from raftseq.clients.sm.conformance.replay import (
+    DigestTracker,
+    Progress,
+    envelope_of,
+    load_machine_class,
+    new_machine,
+    sm_runner,
+    write_start_state,
+)
 from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
 from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
 from raftseq.clients.sm.runner import StateMachineRunner
@@ -129,7 +146,9 @@ async def record(
         else:
             start_from = "fresh machine" if from_seq == 1 else f"replayed 1..{from_seq - 1}"
         recorder = Recorder(machine, machine_spec, from_seq=from_seq, to_seq=to_seq, all_messages=all_messages, start_from=start_from)
-        runner = sm_runner(machine, endpoints=endpoints, token=token, state_dir=state_dir if start is not None else None, subscribe_fn=recorder.subscribe)
+        runner = sm_runner(
+            machine, endpoints=endpoints, token=token, state_dir=state_dir if start is not None else None, subscribe_fn=recorder.subscribe
+        )
         await runner.bootstrap()
         if runner.snapshot_errors:
             raise RecordError(f"the reference could not restore its starting snapshot: {runner.snapshot_errors[0]}")
@@ -155,7 +174,9 @@ class Recorder:
     """Writes the slice as the runner applies it: the header (and starting snapshot) once the
     machine holds the state after ``from_seq - 1``, then one ``Entry`` per kept message."""
 
-    def __init__(self, machine: StateMachine, machine_spec: str, *, from_seq: int, to_seq: int, all_messages: bool, start_from: str) -> None:
+    def __init__(
+        self, machine: StateMachine, machine_spec: str, *, from_seq: int, to_seq: int, all_messages: bool, start_from: str
+    ) -> None:
         self.machine = machine
         self.cls = type(machine)
         self.machine_spec = machine_spec
@@ -237,8 +258,14 @@ class Recorder:
         if self.all_messages or changed or (envelope is not None and self.cls.MESSAGES.owns(envelope.type)):
             self.writer.write(
                 Entry(
-                    seq, message.timestamp_ns, message.session, message.client_seq, message.payload,
-                    envelope.type if envelope else "", envelope.version if envelope else 0, self.tracker.digest,
+                    seq,
+                    message.timestamp_ns,
+                    message.session,
+                    message.client_seq,
+                    message.payload,
+                    envelope.type if envelope else "",
+                    envelope.version if envelope else 0,
+                    self.tracker.digest,
                 )  # fmt: skip
             )
             self.entries += 1

@@ -147,7 +147,9 @@ def frames(f, path: str) -> Iterator[tuple[int, int, Any]]:
             raise ConformanceFileError(f"{path}: truncated: frame {index} at byte {offset} is cut short")
         length, crc = _FRAME.unpack(head)
         if length > FRAME_BODY_BYTES_MAX:
-            raise ConformanceFileError(f"{path}: garbled: frame {index} at byte {offset} claims {length} bytes (at most {FRAME_BODY_BYTES_MAX})")
+            raise ConformanceFileError(
+                f"{path}: garbled: frame {index} at byte {offset} claims {length} bytes (at most {FRAME_BODY_BYTES_MAX})"
+            )
         body = f.read(length)
         if len(body) < length:
             raise ConformanceFileError(f"{path}: truncated: frame {index} at byte {offset} has {len(body)} of its {length} bytes")
@@ -156,7 +158,9 @@ def frames(f, path: str) -> Iterator[tuple[int, int, Any]]:
         try:
             item = _record_decoder.decode(body)
         except protocol.DECODE_ERRORS as exc:
-            raise ConformanceFileError(f"{path}: frame {index} at byte {offset} does not decode ({exc}): a newer format, or garbled") from None
+            raise ConformanceFileError(
+                f"{path}: frame {index} at byte {offset} does not decode ({exc}): a newer format, or garbled"
+            ) from None
         yield offset, index, item
         offset += _FRAME.size + length
         index += 1
@@ -170,7 +174,13 @@ def open_recording(path: str):
     magic = f.read(len(MAGIC))
     if magic != MAGIC:
         f.close()
-        what = "empty" if not magic else "truncated before its first frame" if MAGIC.startswith(magic) else "not a conformance recording (no magic)"
+        what = (
+            "empty"
+            if not magic
+            else "truncated before its first frame"
+            if MAGIC.startswith(magic)
+            else "not a conformance recording (no magic)"
+        )
         raise ConformanceFileError(f"{path}: {what}")
     return f
 
@@ -203,9 +213,13 @@ def scan_file(path: str) -> FileSummary:
                 if item.format != FORMAT:
                     raise ConformanceFileError(f"{path}: format {item.format}; this SDK reads format {FORMAT}")
                 if not 1 <= item.from_seq <= item.to_seq or not is_digest(item.start_digest):
-                    raise ConformanceFileError(f"{where}: header holds slice {item.from_seq}..{item.to_seq}, start digest {item.start_digest!r}")
+                    raise ConformanceFileError(
+                        f"{where}: header holds slice {item.from_seq}..{item.to_seq}, start digest {item.start_digest!r}"
+                    )
                 if (item.from_seq > 1) != (item.start_snapshot_bytes > 0) or item.start_snapshot_bytes > SNAPSHOT_BYTES_MAX:
-                    raise ConformanceFileError(f"{where}: a slice from seq {item.from_seq} with a starting snapshot of {item.start_snapshot_bytes} bytes")
+                    raise ConformanceFileError(
+                        f"{where}: a slice from seq {item.from_seq} with a starting snapshot of {item.start_snapshot_bytes} bytes"
+                    )
                 header = item
                 last_seq = item.from_seq - 1
                 last_digest = item.start_digest
@@ -213,17 +227,25 @@ def scan_file(path: str) -> FileSummary:
             assert header is not None
             if isinstance(item, SnapshotPart):
                 if entries or item.index != parts:
-                    raise ConformanceFileError(f"{where}: snapshot part {item.index} out of place (expected part {parts}, before any message)")
+                    raise ConformanceFileError(
+                        f"{where}: snapshot part {item.index} out of place (expected part {parts}, before any message)"
+                    )
                 parts += 1
                 snapshot_bytes += len(item.data)
                 snapshot_sha.update(item.data)
                 if snapshot_bytes > header.start_snapshot_bytes:
-                    raise ConformanceFileError(f"{where}: the starting snapshot holds more than the {header.start_snapshot_bytes} bytes the header says")
+                    raise ConformanceFileError(
+                        f"{where}: the starting snapshot holds more than the {header.start_snapshot_bytes} bytes the header says"
+                    )
             elif isinstance(item, Entry):
                 if not entries and snapshot_bytes != header.start_snapshot_bytes:
-                    raise ConformanceFileError(f"{where}: the starting snapshot has {snapshot_bytes} of its {header.start_snapshot_bytes} bytes")
+                    raise ConformanceFileError(
+                        f"{where}: the starting snapshot has {snapshot_bytes} of its {header.start_snapshot_bytes} bytes"
+                    )
                 if not last_seq < item.seq <= header.to_seq or (header.all_messages and item.seq != last_seq + 1):
-                    raise ConformanceFileError(f"{where}: message seq {item.seq} after seq {last_seq} in slice {header.from_seq}..{header.to_seq}")
+                    raise ConformanceFileError(
+                        f"{where}: message seq {item.seq} after seq {last_seq} in slice {header.from_seq}..{header.to_seq}"
+                    )
                 if not is_digest(item.digest):
                     raise ConformanceFileError(f"{where}: seq {item.seq} has digest {item.digest!r}")
                 entries += 1
@@ -244,12 +266,16 @@ def scan_file(path: str) -> FileSummary:
         if header is None:
             raise ConformanceFileError(f"{path}: truncated: no header")
         if snapshot_bytes != header.start_snapshot_bytes:
-            raise ConformanceFileError(f"{path}: truncated: the starting snapshot has {snapshot_bytes} of its {header.start_snapshot_bytes} bytes")
+            raise ConformanceFileError(
+                f"{path}: truncated: the starting snapshot has {snapshot_bytes} of its {header.start_snapshot_bytes} bytes"
+            )
         if header.start_snapshot_bytes and snapshot_sha.hexdigest() != header.start_snapshot_sha256:
             raise ConformanceFileError(f"{path}: garbled: the starting snapshot's SHA-256 is not the one the header says")
         if footer is None:
             seen = f"up to seq {last_seq}" if entries else "no message"
-            raise ConformanceFileError(f"{path}: truncated: no footer ({entries} messages, {seen}; the slice is {header.from_seq}..{header.to_seq})")
+            raise ConformanceFileError(
+                f"{path}: truncated: no footer ({entries} messages, {seen}; the slice is {header.from_seq}..{header.to_seq})"
+            )
         return FileSummary(path, header, entries, footer, first_entry)
 
 

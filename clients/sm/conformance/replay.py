@@ -35,7 +35,9 @@ def load_machine_class(spec: str) -> type[StateMachine]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - anything the user's module does on import
-        raise MachineLoadError(f"--machine {spec!r}: cannot import {module_name!r}: {exc!r} (run from the directory that holds it, or set PYTHONPATH)") from None
+        raise MachineLoadError(
+            f"--machine {spec!r}: cannot import {module_name!r}: {exc!r} (run from the directory that holds it, or set PYTHONPATH)"
+        ) from None
     cls: Any = module
     for part in attr.split("."):
         cls = getattr(cls, part, None)
@@ -50,7 +52,9 @@ def new_machine(cls: type[StateMachine], spec: str) -> StateMachine:
     try:
         return cls()
     except Exception as exc:  # noqa: BLE001 - the user's constructor
-        raise MachineLoadError(f"--machine {spec!r}: {cls.__name__}() raised {exc!r} (the machine must be constructible without arguments)") from None
+        raise MachineLoadError(
+            f"--machine {spec!r}: {cls.__name__}() raised {exc!r} (the machine must be constructible without arguments)"
+        ) from None
 
 
 def envelope_of(payload: bytes) -> formats.SmEnvelope | None:
@@ -90,7 +94,9 @@ def _ignore_divergence(divergence: formats.Divergence) -> None:
     """Other replicas' checkpoints in the slice disagreeing is not what is checked here."""
 
 
-def sm_runner(machine: StateMachine, *, endpoints: Sequence[str], token: str = "", state_dir: str | None = None, subscribe_fn: Callable | None = None) -> StateMachineRunner:
+def sm_runner(
+    machine: StateMachine, *, endpoints: Sequence[str], token: str = "", state_dir: str | None = None, subscribe_fn: Callable | None = None
+) -> StateMachineRunner:
     return StateMachineRunner(
         list(endpoints), [machine], token=token, state_dir=state_dir, on_divergence=_ignore_divergence, subscribe_fn=subscribe_fn
     )

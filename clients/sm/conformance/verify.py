@@ -11,10 +11,20 @@ from typing import Any
 from raftseq.clients.client import Message
 from raftseq.clients.sm import formats
 from raftseq.clients.sm.conformance.recording import Entry, Header, frames, open_recording, read_snapshot, scan_file
-from raftseq.clients.sm.conformance.replay import DigestTracker, MachineLoadError, Progress, envelope_of, load_machine_class, new_machine, sm_runner, write_start_state
+from raftseq.clients.sm.conformance.replay import (
+    DigestTracker,
+    MachineLoadError,
+    Progress,
+    envelope_of,
+    load_machine_class,
+    new_machine,
+    sm_runner,
+    write_start_state,
+)
 from raftseq.clients.sm.errors import StateMachineError
 from raftseq.clients.sm.machine import StateMachine
 from raftseq.sequencer import protocol
+
 
 @dataclass
 class Mismatch:
@@ -74,7 +84,12 @@ async def verify(path: str, machine_spec: str, *, progress: bool = False) -> Ver
         raise MachineLoadError(f"--machine {machine_spec!r}: its TYPE is {cls.TYPE!r}, {path} records {header.sm_type!r}")
     machine = new_machine(cls, machine_spec)
     result = VerifyResult(
-        path, machine_spec, header, last_seq=header.from_seq - 1, last_matching_seq=header.from_seq - 1, final_digest=summary.footer.final_digest
+        path,
+        machine_spec,
+        header,
+        last_seq=header.from_seq - 1,
+        last_matching_seq=header.from_seq - 1,
+        final_digest=summary.footer.final_digest,
     )
     with tempfile.TemporaryDirectory(prefix="sm-conformance-") as state_dir:
         if header.start_snapshot_bytes:
@@ -107,7 +122,9 @@ async def verify(path: str, machine_spec: str, *, progress: bool = False) -> Ver
                     seq += 1
 
         try:
-            runner = sm_runner(machine, endpoints=["recording"], state_dir=state_dir if header.start_snapshot_bytes else None, subscribe_fn=from_file)
+            runner = sm_runner(
+                machine, endpoints=["recording"], state_dir=state_dir if header.start_snapshot_bytes else None, subscribe_fn=from_file
+            )
         except (ValueError, TypeError) as exc:
             raise MachineLoadError(f"--machine {machine_spec!r}: {exc}") from None
         try:
@@ -119,7 +136,9 @@ async def verify(path: str, machine_spec: str, *, progress: bool = False) -> Ver
             result.error = f"the implementation failed while loading the starting state: {exc!r}"
             return result
         if runner.snapshot_errors:
-            result.error = f"the starting state (after seq {header.from_seq - 1}) does not load into this implementation: {runner.snapshot_errors[0]}"
+            result.error = (
+                f"the starting state (after seq {header.from_seq - 1}) does not load into this implementation: {runner.snapshot_errors[0]}"
+            )
             result.error_seq = header.from_seq - 1
             return result
         try:
