@@ -83,7 +83,7 @@ class Context:
             report = self.cluster.status()
             nodes = report["nodes"]
             leaders = {n.get("leader") for n in nodes}
-            if all(n.get("role") != "unreachable" for n in nodes) and len(leaders) == 1 and "" not in leaders:
+            if all(n.get("role") != "unreachable" for n in nodes) and len(leaders) == 1 and None not in leaders:
                 if target is None:
                     target = max(n["last_seq"] for n in nodes)
                 if all(n["last_seq"] >= target for n in nodes):

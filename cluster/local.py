@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, NodeConfig, PeerConfig, to_toml
-from raftseq.cluster.status import gather_status
+from raftseq.cluster.status import answered, gather_status
 
 RESTART_DELAY_S = 1.0
 STOP_GRACE_S = 5.0
@@ -471,7 +471,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             report = self.status(nodes=None if majority else ids)
-            up = [n for n in report["nodes"] if n.get("role") != "unreachable"]
+            up = [n for n in report["nodes"] if answered(n)]
             leaders = sorted((n for n in up if n["role"] == "leader" and n["node"] not in exclude), key=lambda n: -n["term"])
             for leader in leaders:
                 naming = sum(1 for n in up if n["leader"] == leader["address"])
@@ -488,7 +488,7 @@ class LocalCluster:
         report = report if report is not None else self.status()
         seqs = {n.get("last_seq") for n in report["nodes"]}
         leaders = {n.get("leader") for n in report["nodes"]}
-        if len(seqs) == 1 and None not in seqs and len(leaders) == 1 and "" not in leaders:
+        if len(seqs) == 1 and None not in seqs and len(leaders) == 1 and None not in leaders:
             return seqs.pop()
         return None
 

@@ -5,19 +5,37 @@ from __future__ import annotations
 import asyncio
 
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.sequencer.protocol import RejectReason
+
+
+#: The role of a node that could not be asked, and of one that refused our token.
+UNREACHABLE = "unreachable"
+REFUSED = "refused"
+
+
+def answered(node: dict) -> bool:
+    """Whether `node` (an entry of ``gather_status``) answered with its status."""
+    return node["role"] not in (UNREACHABLE, REFUSED)
+
+
+def _not_asked(address: str, exc: BaseException) -> dict:
+    if isinstance(exc, Rejected) and exc.reason is RejectReason.AUTH_FAILED:
+        return {"address": address, "role": REFUSED, "error": str(exc) or "token refused"}
+    return {"address": address, "role": UNREACHABLE, "error": str(exc) or type(exc).__name__}
 
 
 async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status") -> dict:
-    """One node's status as a dict (``role`` is ``"unreachable"``, with an ``error``, when it
-    cannot be asked). Never raises for a node that is down, slow or refuses us."""
+    """One node's status as a dict (``role`` is ``"unreachable"`` when it cannot be asked and
+    ``"refused"`` when it refused our token, each with an ``error``). Never raises for a node
+    that is down, slow or refuses us."""
     try:
         connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
     except (OSError, TimeoutError, Rejected) as exc:
-        return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
+        return _not_asked(address, exc)
     try:
         status = await connection.status(timeout_s)
     except (OSError, TimeoutError, Rejected) as exc:
-        return {"address": address, "role": "unreachable", "error": str(exc) or type(exc).__name__}
+        return _not_asked(address, exc)
     finally:
         connection.close()
     return {
@@ -28,7 +46,7 @@ async def node_status(address: str, *, token: str, timeout_s: float, session: st
         "term": status.term,
         "commit_index": status.commit_index,
         "last_seq": status.last_seq,
-        "leader": status.leader,
+        "leader": status.leader or None,
         "metrics_address": status.metrics_address,
     }
 
@@ -38,20 +56,28 @@ def gather_status(endpoints: list[str], *, token: str, timeout_s: float) -> dict
         return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s) for e in endpoints)))
 
     nodes = asyncio.run(run())
-    leaders = [n for n in nodes if n.get("role") == "leader"]
-    # The leader with the highest term: a deposed one may still think it leads for a moment.
-    leader = max(leaders, key=lambda n: n["term"])["address"] if leaders else ""
-    return {"leader": leader, "nodes": nodes}
+    return {"leader": leader_of(nodes), "nodes": nodes}
+
+
+def leader_of(nodes: list[dict]) -> str | None:
+    """The leader's client address as the nodes asked see it, None when none knows one. A node
+    that leads wins over what others report, and the highest term wins: a deposed leader may
+    still think it leads for a moment."""
+    known = [n for n in nodes if answered(n) and (n["role"] == "leader" or n["leader"])]
+    if not known:
+        return None
+    newest = max(known, key=lambda n: (n["term"], n["role"] == "leader"))
+    return newest["address"] if newest["role"] == "leader" else newest["leader"]
 
 
 def print_status(report: dict) -> None:
     print(f"{'id':<6}{'address':<22}{'pid':>8}  {'role':<12}{'term':>6}{'commit':>10}{'last_seq':>12}  leader")
     for n in report["nodes"]:
-        if n.get("role") == "unreachable":
-            print(f"{'?':<6}{n['address']:<22}{'-':>8}  {'unreachable':<12}  {n.get('error', '')}")
+        if not answered(n):
+            print(f"{'?':<6}{n['address']:<22}{'-':>8}  {n['role']:<12}  {n['error']}")
             continue
         print(
             f"{n['id']:<6}{n['address']:<22}{n['pid']:>8}  {n['role']:<12}{n['term']:>6}{n['commit_index']:>10}"
-            f"{n['last_seq']:>12}  {n['leader']}"
+            f"{n['last_seq']:>12}  {n['leader'] or '-'}"
         )
     print(f"leader: {report['leader'] or 'none'}")

@@ -63,7 +63,7 @@ def up(node: str, role: str, leader: str, *, term: int = 1, last_seq: int = 0) -
         "address": f"a-{node}",
         "role": role,
         "term": term,
-        "leader": f"a-{leader}" if leader else "",
+        "leader": f"a-{leader}" if leader else None,
         "last_seq": last_seq,
     }
 
@@ -108,7 +108,7 @@ def test_wait_converged_reaches_a_target_or_holds_still_for_two_polls(tmp_path):
     cluster = Scripted(tmp_path, [at(9), at(10), at(10)])
     assert cluster.wait_converged(timeout_s=5) == 10
     assert len(cluster.asked) == 3
-    no_leader = [dict(e, leader="") for e in at(10)]
+    no_leader = [dict(e, leader=None) for e in at(10)]
     with pytest.raises(ClusterTimeout, match="did not converge"):
         Scripted(tmp_path, [no_leader]).wait_converged(timeout_s=0.1)
     with pytest.raises(ClusterTimeout):

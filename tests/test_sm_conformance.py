@@ -379,7 +379,7 @@ def test_raftseq_sm_record_verify_and_show_take_the_conformance_options():
     assert ours["record"] == {
         "-h", "--help", "--machine", "--out", "--from", "--to", "--all-messages", "--no-snapshot", "--idle-timeout", "--quiet", "--endpoints", "--token",
     }  # fmt: skip
-    assert ours["verify"] == {"-h", "--help", "file", "--machine", "--json", "--quiet"}
+    assert ours["verify"] == {"-h", "--help", "file", "--machine", "-o", "--output", "--json", "--quiet"}
     assert ours["show"] == {"-h", "--help", "file"}
 
 

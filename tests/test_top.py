@@ -332,9 +332,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_options_and_their_help():
-    args = parse("127.0.0.1:1,127.0.0.1:2", "--once", "--token", "t", "--interval", "0.5")
+    args = parse("--endpoints", "127.0.0.1:1,127.0.0.1:2", "--once", "--token", "t", "--interval", "0.5")
     assert (args.endpoints, args.iterations, args.token, args.interval, args.func) == (
-        ["127.0.0.1:1,127.0.0.1:2"],
+        ["127.0.0.1:1", "127.0.0.1:2"],
         1,
         "t",
         0.5,
@@ -346,6 +346,8 @@ def test_options_and_their_help():
     parser = argparse.ArgumentParser(prog="raftseq")
     sub = top_command.add_parser(parser.add_subparsers(dest="command"))
     assert all(action.help for action in sub._actions), [a.dest for a in sub._actions if not a.help]
+    # Endpoints as arguments (how top took them before --endpoints) still work.
+    assert parse("127.0.0.1:1,127.0.0.1:2").legacy_endpoints == ["127.0.0.1:1,127.0.0.1:2"]
 
     for bad in (["--interval", "0"], ["--interval", "x"], ["--iterations", "-1"], ["--once", "--iterations", "3"]):
         with pytest.raises(SystemExit):
@@ -370,7 +372,7 @@ class TopProcess:
     def __init__(self, endpoints: list[str], *args: str, env: dict | None = None) -> None:
         self.node_count = len(endpoints)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "raftseq.cluster.cli", "top", *endpoints, *args],
+            [sys.executable, "-m", "raftseq.cluster.cli", "top", "--endpoints", ",".join(endpoints), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -422,7 +424,7 @@ def rows_of(block: list[str]) -> dict[str, list[str]]:
     return {f[0]: f for f in row_fields(block)}
 
 
-def test_ctrl_c_exits_zero_and_unreachable_nodes_show_as_down():
+def test_ctrl_c_exits_130_and_unreachable_nodes_show_as_down():
     # Nobody listens on these (below the ephemeral range, see test_cluster); top keeps refreshing.
     from raftseq.cluster.local import free_base_port
 
@@ -435,7 +437,7 @@ def test_ctrl_c_exits_zero_and_unreachable_nodes_show_as_down():
             assert block[0].endswith("leader none  nodes up 0/2  leader changes 0"), block
             assert [f[:3] for f in row_fields(block)] == [["?", e, "down"] for e in endpoints], block
         process.process.send_signal(signal.SIGINT)
-        assert process.process.wait(10) == 0
+        assert process.process.wait(10) == 130
         assert "Traceback" not in process.process.stderr.read()
     finally:
         process.close()
@@ -550,7 +552,7 @@ def test_top_follows_a_live_cluster_through_a_leader_kill(running_cluster):
                 raise AssertionError(f"{leader_id} never came back in top:\n" + "\n".join(process.seen[-20:]))
 
             process.process.send_signal(signal.SIGINT)
-            assert process.process.wait(10) == 0, process.stderr()
+            assert process.process.wait(10) == 130, process.stderr()
             assert "Traceback" not in process.process.stderr.read()
         finally:
             process.close()

@@ -1,18 +1,29 @@
-"""Argument helpers shared by every ``raftseq`` command: number types with clear errors, the
-cluster's client endpoints (default, parsing) and the client token option."""
+"""The grammar every ``raftseq`` command shares: exit codes, number types with clear errors,
+``--endpoints`` and ``--token`` (defaults from ``$RAFTSEQ_ENDPOINTS`` and ``$RAFTSEQ_TOKEN``) for
+every command that talks to a cluster, and ``-o/--output table|json`` where output is structured."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
+
+from raftseq.cluster.config import PORTS_END
 
 #: The client endpoints of the local cluster (`raftseq cluster up` with its default base port).
 DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 #: Environment variables that override the endpoint and token defaults.
 ENDPOINTS_ENV = "RAFTSEQ_ENDPOINTS"
 TOKEN_ENV = "RAFTSEQ_TOKEN"
+
+#: Exit codes of every command: all well; a failed check or a cluster that cannot be used; a
+#: usage error (argparse's own code); interrupted with Ctrl-C.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:
@@ -63,37 +74,58 @@ def split_endpoints(values: Iterable[str]) -> list[str]:
         found.extend(v.strip() for v in value.split(",") if v.strip())
     for endpoint in found:
         host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < PORTS_END:
             raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
     return found
 
 
-def endpoints_or_exit(values: Iterable[str], command: str) -> list[str]:
-    """``split_endpoints``, exiting with ``COMMAND: endpoint ... is not HOST:PORT``."""
+def endpoint_list(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of ``HOST:PORT`` endpoints (at least one)."""
     try:
-        return split_endpoints(values)
+        endpoints = split_endpoints([text])
     except ValueError as exc:
-        raise SystemExit(f"{command}: {exc}") from None
+        source = f" (from ${ENDPOINTS_ENV})" if text == os.environ.get(ENDPOINTS_ENV) else ""
+        raise argparse.ArgumentTypeError(f"{exc}{source}") from None
+    if not endpoints:
+        raise argparse.ArgumentTypeError(f"no endpoints in {text!r}")
+    return endpoints
 
 
-def add_endpoints_option(
-    parser: argparse.ArgumentParser, help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)"
-) -> None:
-    """``--endpoints HOST:PORT,...`` (default ``$RAFTSEQ_ENDPOINTS`` or the local cluster)."""
-    parser.add_argument("--endpoints", default=endpoints_default(), help=help)
+ENDPOINTS_HELP = f"comma-separated HOST:PORT client endpoints (default ${ENDPOINTS_ENV}, else the local cluster {DEFAULT_ENDPOINTS})"
+TOKEN_HELP = f"client token (default ${TOKEN_ENV}; none when unset)"
 
 
-def add_token_option(parser: argparse.ArgumentParser) -> None:
-    """``--token`` (default ``$RAFTSEQ_TOKEN``)."""
-    parser.add_argument("--token", default=token_default(), help="client token (default $RAFTSEQ_TOKEN)")
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--endpoints`` and ``--token``: how every command that talks to a cluster reaches it.
+    ``args.endpoints`` is a list of ``HOST:PORT`` strings."""
+    parser.add_argument("--endpoints", type=endpoint_list, default=endpoints_default(), metavar="HOST:PORT,...", help=ENDPOINTS_HELP)
+    parser.add_argument("--token", default=token_default(), help=TOKEN_HELP)
 
 
-def add_cluster_options(
-    parser: argparse.ArgumentParser, endpoints_help: str = "comma-separated client endpoints (default $RAFTSEQ_ENDPOINTS)"
-) -> None:
-    """``--endpoints`` and ``--token``: how a command reaches the cluster."""
-    add_endpoints_option(parser, endpoints_help)
-    add_token_option(parser)
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    """``-o/--output table|json`` (``args.output``); ``--json`` stays as a hidden alias of ``-o json``."""
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="table for people (default) or one JSON object")
+    parser.add_argument("--json", dest="output", action="store_const", const="json", help=argparse.SUPPRESS)
+
+
+def add_legacy_endpoints(parser: argparse.ArgumentParser) -> None:
+    """Endpoints given as positional arguments, as ``status`` and ``top`` took them before
+    ``--endpoints``: still accepted, with a warning (see ``cluster_endpoints``)."""
+    parser.add_argument("legacy_endpoints", nargs="*", metavar="ENDPOINT", help=argparse.SUPPRESS)
+
+
+def cluster_endpoints(args: argparse.Namespace, command: str) -> list[str]:
+    """``args.endpoints``, or the positional endpoints of ``add_legacy_endpoints`` (with a
+    deprecation warning on stderr; exit 2 when one is not ``HOST:PORT``)."""
+    legacy = getattr(args, "legacy_endpoints", None)
+    if not legacy:
+        return args.endpoints
+    print(f"{command}: endpoints as arguments are deprecated; use --endpoints {','.join(legacy)}", file=sys.stderr)
+    try:
+        return split_endpoints(legacy)
+    except ValueError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def command_group(sub: argparse._SubParsersAction, name: str, *, help: str, description: str) -> argparse._SubParsersAction:

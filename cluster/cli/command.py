@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from raftseq.cluster.cli import cluster, demo, journal, node, sm, status, stream, suites, top
+from raftseq.cluster.cli.args import EXIT_INTERRUPTED
 from raftseq.sequencer.version import __version__
 
 
@@ -36,4 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return suites.run_source_suite(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,4 +1,5 @@
-"""``raftseq journal verify|dump DIR``: inspect a journal directory."""
+"""``raftseq journal verify|dump DIR``: inspect a journal directory (``verify`` also every node's
+journal of a cluster data directory)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,75 @@ import time
 
 import msgspec
 
-from raftseq.cluster.cli.args import command_group, non_negative, positive
-from raftseq.sequencer.journal import Journal, JournalError, verify_journal
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_output_option, command_group, non_negative, positive
+from raftseq.sequencer.journal import SEGMENT_SUFFIX, Journal, JournalError, VerifyReport, verify_journal
 
 _json = msgspec.json.Encoder()
 
 
+def find_journals(directory: str) -> list[str]:
+    """The journals in `directory`: itself when it holds segment files, else the journal of
+    every node of a cluster data directory (``DIR/NODE/journal``, as ``raftseq cluster up``
+    lays them out) and every subdirectory holding segment files. Empty when there is none."""
+
+    def holds_segments(path: str) -> bool:
+        return any(name.endswith(SEGMENT_SUFFIX) for name in os.listdir(path))
+
+    if holds_segments(directory):
+        return [directory]
+    found = []
+    for name in sorted(os.listdir(directory)):
+        below = os.path.join(directory, name)
+        if os.path.isdir(os.path.join(below, "journal")):
+            found.append(os.path.join(below, "journal"))
+        elif os.path.isdir(below) and holds_segments(below):
+            found.append(below)
+    return found
+
+
 def cmd_journal_verify(args: argparse.Namespace) -> int:
+    command = "raftseq journal verify"
     if not os.path.isdir(args.dir):
-        print(f"raftseq journal verify: journal directory {args.dir} does not exist", file=sys.stderr)
-        return 2
+        print(f"{command}: journal directory {args.dir} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    journals = find_journals(args.dir)
+    if not journals:
+        print(
+            f"{command}: {args.dir} holds no journal (no {SEGMENT_SUFFIX} segment files, and no NODE/journal "
+            "directories of a cluster data directory)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    reports = [_verify_one(path, args, label=len(journals) > 1) for path in journals]
+    ok = all(report.ok for report in reports)
+    if args.output == "json":
+        rows = [{**msgspec.structs.asdict(report), "ok": report.ok} for report in reports]
+        print(_json.encode(rows[0] if len(rows) == 1 else {"ok": ok, "journals": rows}).decode())
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _verify_one(path: str, args: argparse.Namespace, *, label: bool) -> VerifyReport:
+    """Verify the journal in `path`, printing its line (``PATH: `` first with `label`) unless
+    the output is JSON."""
     started = time.monotonic()
 
     def progress(segments: int, records: int) -> None:
         if not args.quiet:
             print(f"  checked {segments} segments, {records} records", file=sys.stderr, flush=True)
 
-    report = verify_journal(args.dir, progress=progress)
-    elapsed = time.monotonic() - started
-    if args.json:
-        print(_json.encode({**msgspec.structs.asdict(report), "ok": report.ok}).decode())
+    report = verify_journal(path, progress=progress)
+    if args.output == "json":
+        return report
+    prefix = f"{path}: " if label else ""
     if report.ok:
-        if not args.json:
-            span = f"{report.first_seq}..{report.last_seq}" if report.records else "empty"
-            print(f"ok: {report.records} records ({span}) in {report.segments} segments, {report.bytes} bytes, {elapsed:.2f} s")
-        return 0
-    if not args.json:
+        span = f"{report.first_seq}..{report.last_seq}" if report.records else "empty"
+        elapsed = time.monotonic() - started
+        print(f"{prefix}ok: {report.records} records ({span}) in {report.segments} segments, {report.bytes} bytes, {elapsed:.2f} s")
+    else:
         where = f" ({report.path} offset {report.offset})" if report.path else ""
-        print(f"FAILED at seq {report.first_bad_seq}: {report.problem}{where}")
-        print(f"first bad sequence number: {report.first_bad_seq}")
-    return 1
+        print(f"{prefix}FAILED at seq {report.first_bad_seq}: {report.problem}{where}")
+        print(f"{prefix}first bad sequence number: {report.first_bad_seq}")
+    return report
 
 
 def cmd_journal_dump(args: argparse.Namespace) -> int:
@@ -94,11 +134,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="check every record (checksums, gaps, order)",
         description="Read every record of the journal in DIR and check checksums, gapless numbering, "
-        "log time order and per-session client_seq order. Exits 0 when all is well, 1 with the first "
-        "bad sequence number otherwise.",
+        "log time order and per-session client_seq order. DIR is a journal directory, or a cluster data "
+        "directory (as raftseq cluster up makes it), whose every node's journal is verified. Exits 0 when all is "
+        "well, 1 with the first bad sequence number otherwise, 2 when DIR holds no journal.",
     )
-    verify.add_argument("dir", metavar="DIR", help="journal directory")
-    verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    verify.add_argument("dir", metavar="DIR", help="journal directory, or a cluster data directory")
+    add_output_option(verify)
     verify.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     verify.set_defaults(func=cmd_journal_verify)
 

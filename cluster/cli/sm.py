@@ -30,7 +30,16 @@ import msgspec
 
 from raftseq.clients import Rejected, subscribe
 from raftseq.clients.sm import conformance, formats, query_snapshots
-from raftseq.cluster.cli.args import add_cluster_options, command_group, endpoints_or_exit, non_negative, positive, split_endpoints
+from raftseq.cluster.cli.args import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_cluster_options,
+    add_output_option,
+    command_group,
+    non_negative,
+    positive,
+)
 from raftseq.sequencer import protocol
 
 _json = msgspec.json.Encoder()
@@ -108,19 +117,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         ledger, first, last = asyncio.run(
             scan_checkpoints(
-                endpoints_or_exit([args.endpoints], "raftseq sm"), token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
+                args.endpoints, token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
                 types=set(args.type or ()), timeout_s=args.timeout,
             )
         )  # fmt: skip
     except ConnectionError as exc:
         print(f"raftseq sm check: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     divergences = ledger.divergences()
     first_by_type: dict[str, formats.Divergence] = {}
     for d in divergences:
         first_by_type.setdefault(d.sm_type, d)
     summary = ledger.summary()
-    if args.json:
+    if args.output == "json":
         report = {
             "from_seq": first,
             "to_seq": last,
@@ -149,15 +158,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     try:
-        answer = asyncio.run(
-            list_snapshots(endpoints_or_exit([args.endpoints], "raftseq sm"), args.sm_type, token=args.token, timeout_s=args.timeout)
-        )
+        answer = asyncio.run(list_snapshots(args.endpoints, args.sm_type, token=args.token, timeout_s=args.timeout))
     except ConnectionError as exc:
         print(f"raftseq sm snapshots: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
+        return EXIT_FAILED
+    if args.output == "json":
         print(_json.encode({"sm_type": answer.sm_type, "last_seq": answer.last_seq, "snapshots": answer.snapshots}).decode())
-        return 0
+        return EXIT_OK
     print(f"{answer.sm_type}: {len(answer.snapshots)} snapshots (node at seq {answer.last_seq})")
     for info in answer.snapshots:
         print(
@@ -168,19 +175,14 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    try:
-        endpoints = split_endpoints([args.endpoints])
-    except ValueError as exc:
-        print(f"raftseq sm record: {exc}", file=sys.stderr)
-        return 2
     return conformance.run_record(
-        endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
+        args.endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
         all_messages=args.all_messages, use_snapshots=not args.no_snapshot, idle_timeout_s=args.idle_timeout, progress=not args.quiet,
     )  # fmt: skip
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    return conformance.run_verify(args.file, args.machine, prog="raftseq sm", json_report=args.json, progress=not args.quiet)
+    return conformance.run_verify(args.file, args.machine, prog="raftseq sm", json_report=args.output == "json", progress=not args.quiet)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -200,7 +202,7 @@ def _conformance_command(command):
             return command(args)
         except KeyboardInterrupt:
             print(f"raftseq sm {args.sm_command}: interrupted", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
 
     return run
 
@@ -218,8 +220,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "check",
         help="compare the checkpoints replicas published; report the first disagreement",
         description="Read the stream and compare the checkpoints (state-machine type, sequence number, digest) that "
-        "replicas published. Exit 0 when every copy agreed, 1 with the first sequence number at which two copies "
-        "disagree and which replicas hold which digest, 2 when the cluster cannot be read.",
+        "replicas published. Exit 0 when every copy agreed; 1 with the first sequence number at which two copies "
+        "disagree and which replicas hold which digest, or when the cluster cannot be read.",
     )
     check.add_argument(
         "--from", dest="from_seq", type=non_negative, default=1, metavar="N", help="first sequence number to read (default 1)"
@@ -228,7 +230,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--to", dest="to_seq", type=non_negative, default=0, metavar="M", help="last one (default 0: the last a node has now)"
     )
     check.add_argument("--type", action="append", metavar="T", help="only state machines of type T (repeatable)")
-    check.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_option(check)
     _add_node_options(check)
     check.set_defaults(func=cmd_check)
 
@@ -238,7 +240,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Ask a node for the snapshots of TYPE in the cluster's replicated index (newest first).",
     )
     snaps.add_argument("sm_type", metavar="TYPE", help="state-machine type")
-    snaps.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_option(snaps)
     _add_node_options(snaps)
     snaps.set_defaults(func=cmd_snapshots)
 
@@ -283,7 +285,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ver.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
     ver.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the implementation under test")
-    ver.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_option(ver)
     ver.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ver.set_defaults(func=_conformance_command(cmd_verify))
 

@@ -1,5 +1,5 @@
-"""``raftseq status [ENDPOINT ...]``: each node's role, term, commit index and last sequence
-number (``cluster.status`` asks them)."""
+"""``raftseq status``: each node's role, term, commit index and last sequence number
+(``cluster.status`` asks them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 import msgspec
 
-from raftseq.cluster.cli.args import add_token_option, endpoints_default, endpoints_or_exit
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, add_cluster_options, add_legacy_endpoints, add_output_option, cluster_endpoints
 
 _json = msgspec.json.Encoder()
 
@@ -15,23 +15,24 @@ _json = msgspec.json.Encoder()
 def cmd_status(args: argparse.Namespace) -> int:
     from raftseq.cluster.status import gather_status, print_status
 
-    endpoints = endpoints_or_exit(args.endpoints or [endpoints_default()], "raftseq")
+    endpoints = cluster_endpoints(args, "raftseq status")
     report = gather_status(endpoints, token=args.token, timeout_s=args.timeout)
-    if args.json:
+    if args.output == "json":
         print(_json.encode(report).decode())
     else:
         print_status(report)
-    return 0 if all(n.get("role") not in (None, "unreachable") for n in report["nodes"]) else 1
+    return EXIT_OK if all(n["role"] in ("leader", "follower", "candidate") for n in report["nodes"]) else EXIT_FAILED
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser(
         "status",
         help="print each node's role, term, commit index, last sequence number",
-        description="Ask each ENDPOINT (default $RAFTSEQ_ENDPOINTS or the local cluster) for its status.",
+        description="Ask each node of --endpoints for its status. Exit 0 when every node answered, 1 when one "
+        "could not be reached or refused the token.",
     )
-    status.add_argument("endpoints", nargs="*", metavar="ENDPOINT", help="HOST:PORT client endpoints")
-    status.add_argument("--json", action="store_true", help='print {"leader": ..., "nodes": [...]} as JSON')
-    add_token_option(status)
+    add_legacy_endpoints(status)
+    add_cluster_options(status)
+    add_output_option(status)
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default 2)")
     status.set_defaults(func=cmd_status)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import sys
 
 import msgspec
 
-from raftseq.cluster.cli.args import add_endpoints_option, add_token_option, endpoints_or_exit, non_negative, positive
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_cluster_options, non_negative, positive
 from raftseq.cluster.cli.journal import add_payload
 
 _json = msgspec.json.Encoder()
@@ -17,48 +19,64 @@ _json = msgspec.json.Encoder()
 def cmd_submit(args: argparse.Namespace) -> int:
     from raftseq.clients import BlockingSequencerClient, SequencerError
 
-    endpoints = endpoints_or_exit([args.endpoints], "raftseq")
     payloads = [p.encode() for p in args.payload] if args.payload else [line.rstrip("\n").encode() for line in sys.stdin]
     try:
-        with BlockingSequencerClient(endpoints, session=args.session, token=args.token, outcome_deadline_s=args.timeout) as client:
+        with BlockingSequencerClient(args.endpoints, session=args.session, token=args.token, outcome_deadline_s=args.timeout) as client:
             for payload, seq in zip(payloads, client.submit_many(payloads)):
                 print(f"{seq}\t{payload.decode(errors='replace')}")
     except SequencerError as exc:
         print(f"raftseq submit: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from raftseq.clients import BlockingSequencerClient, SequencerError
+    from raftseq.clients import SequencerError
 
-    endpoints = endpoints_or_exit([args.endpoints], "raftseq")
     try:
-        with BlockingSequencerClient(endpoints, session=args.session, token=args.token) as client:
-            for m in client.subscribe(args.from_seq, limit=args.limit or None, timeout_s=args.idle_exit or None):
-                row = {"seq": m.seq, "timestamp_ns": m.timestamp_ns, "session": m.session, "client_seq": m.client_seq}
-                add_payload(row, m.payload, text=args.text)
-                print(_json.encode(row).decode(), flush=True)
+        asyncio.run(_tail(args))
     except SequencerError as exc:
         print(f"raftseq tail: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, BrokenPipeError):
-        return 0
-    return 0
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
+async def _tail(args: argparse.Namespace) -> None:
+    """Print the stream from ``--from`` as JSON lines until ``--limit`` messages or
+    ``--idle-exit`` seconds without one. On Ctrl-C ``asyncio.run`` cancels this task, which
+    closes the subscription before the loop ends (no task is left pending)."""
+    from raftseq.clients import subscribe
+
+    printed = 0
+    stream = subscribe(args.endpoints, from_seq=args.from_seq, token=args.token, session=args.session)
+    async with contextlib.aclosing(stream):
+        while not args.limit or printed < args.limit:
+            try:
+                m = await asyncio.wait_for(anext(stream), args.idle_exit or None)
+            except (TimeoutError, StopAsyncIteration):
+                return
+            row = {"seq": m.seq, "timestamp_ns": m.timestamp_ns, "session": m.session, "client_seq": m.client_seq}
+            add_payload(row, m.payload, text=args.text)
+            print(_json.encode(row).decode(), flush=True)
+            printed += 1
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """``raftseq submit`` and ``raftseq tail``."""
-    endpoints_help = "comma-separated client endpoints"
     submit = sub.add_parser(
         "submit",
         help="sequence payloads given as arguments (or lines of stdin)",
         description="Submit each PAYLOAD (or each line of stdin) and print its sequence number.",
     )
     submit.add_argument("payload", nargs="*", help="payloads (default: lines of stdin)")
-    add_endpoints_option(submit, endpoints_help)
+    add_cluster_options(submit)
     submit.add_argument("--session", default=f"cli-{os.getpid()}", help="client session name (default cli-PID)")
-    add_token_option(submit)
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each outcome (default 30)")
     submit.set_defaults(func=cmd_submit)
 
@@ -69,7 +87,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--limit", type=non_negative, default=0, help="stop after K messages (default 0: never)")
     tail.add_argument("--idle-exit", type=float, default=0, help="stop after this many seconds without a message (default: never)")
     tail.add_argument("--text", action="store_true", help="print payloads as UTF-8 text")
-    add_endpoints_option(tail, endpoints_help)
+    add_cluster_options(tail)
     tail.add_argument("--session", default=f"tail-{os.getpid()}", help="session name used in the hello")
-    add_token_option(tail)
     tail.set_defaults(func=cmd_tail)

@@ -3,7 +3,7 @@
 Every interval it takes one sample (``cluster.top.sample``), steps the pure core
 (``cluster.top.model``) and shows the view (``cluster.top.render``): a live screen on a
 terminal, plain lines when piped. Top keeps running through nodes going down and coming back,
-and exits 0 on Ctrl-C.
+and exits 130 on Ctrl-C (like every command).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from raftseq.cluster.cli.args import add_token_option, endpoints_default, endpoints_or_exit, non_negative, positive_seconds
+from raftseq.cluster.cli.args import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_cluster_options,
+    add_legacy_endpoints,
+    cluster_endpoints,
+    non_negative,
+    positive_seconds,
+)
 from raftseq.cluster.top.model import TopState, View, step
 from raftseq.cluster.top.render import render_lines, render_table
 from raftseq.cluster.top.sample import take_sample
@@ -50,9 +58,7 @@ def _wall_time() -> str:
 
 
 def run_top(args: argparse.Namespace) -> int:
-    endpoints = endpoints_or_exit(args.endpoints or [endpoints_default()], "raftseq")
-    if not endpoints:
-        raise SystemExit("raftseq top: no endpoints")
+    endpoints = cluster_endpoints(args, "raftseq top")
     plain = args.plain or not sys.stdout.isatty()
     try:
         if plain:
@@ -72,14 +78,14 @@ def run_top(args: argparse.Namespace) -> int:
 
                 asyncio.run(_run(args, endpoints, show))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of our pipe went away (`raftseq top | head`): not an error. Point stdout
         # at /dev/null so that the interpreter's final flush does not complain again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    return 0
+        return EXIT_OK
+    return EXIT_OK
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -93,16 +99,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "last interval (on the leader, from its metrics endpoint), and a marker on the new leader when "
             "the leader changes. Nodes that cannot be reached show as down until they answer again. "
             "On a terminal the view is a live screen; when stdout is not a terminal (or with --plain) "
-            "each refresh prints plain lines. Ctrl-C quits."
+            "each refresh prints plain lines. Ctrl-C quits (exit code 130)."
         ),
     )
-    top.add_argument(
-        "endpoints",
-        nargs="*",
-        metavar="ENDPOINT",
-        help="HOST:PORT client endpoints, or comma-separated lists of them (default $RAFTSEQ_ENDPOINTS or the local cluster)",
-    )
-    add_token_option(top)
+    add_legacy_endpoints(top)
+    add_cluster_options(top)
     top.add_argument(
         "--interval", type=positive_seconds, default=INTERVAL_S_DEFAULT, help=f"seconds between refreshes (default {INTERVAL_S_DEFAULT:g})"
     )

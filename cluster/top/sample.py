@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from raftseq.cluster.status import node_status
+from raftseq.cluster.status import answered, node_status
 from raftseq.sequencer import limits
 from raftseq.cluster.top.model import Buckets, NodeSample, Sample
 
@@ -74,13 +74,11 @@ async def take_sample(endpoints: Sequence[str], *, token: str, timeout_s: float,
     """Ask every node for its status, then scrape the metrics of those that answered."""
     statuses = await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, session=SESSION) for e in endpoints))
     at_s = clock()
-    buckets = await asyncio.gather(
-        *(_ack_buckets(s.get("metrics_address", ""), timeout_s) if s.get("role") != "unreachable" else _none() for s in statuses)
-    )
+    buckets = await asyncio.gather(*(_ack_buckets(s.get("metrics_address", ""), timeout_s) if answered(s) else _none() for s in statuses))
     nodes = []
     for endpoint, status, ack in zip(endpoints, statuses, buckets):
-        if status.get("role") == "unreachable":
-            nodes.append(NodeSample(endpoint, False, error=status.get("error", "")))
+        if not answered(status):
+            nodes.append(NodeSample(endpoint, False, error=status["error"]))
             continue
         nodes.append(
             NodeSample(
