@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 
 from raftseq.clients import NotConnected, Rejected, SequencerClient, subscribe
@@ -19,7 +20,7 @@ async def _submitter(client: SequencerClient, rate_per_s: float, stop: dict, cou
     next_at = time.monotonic()
     n = 0
     pending: set[asyncio.Future] = set()
-    while not stop["now"]:
+    while not stop["signal"]:
         n += 1
         text = f"{client.session} order {n} {rng.choice(('BUY', 'SELL'))} {rng.randint(1, 500)} XYZ @ {rng.randint(9000, 11000) / 100:.2f}"
         try:
@@ -47,11 +48,14 @@ async def _subscriber(endpoints: list[str], token: str, stop: dict, state: dict)
             state["gaps"] += 1
         state["last_seq"] = message.seq
         state["last_text"] = message.payload.decode(errors="replace")
-        if stop["now"]:
+        if stop["signal"]:
             return
 
 
-async def run_demo_traffic(cluster, stop: dict, *, rate_per_s: float) -> None:
+async def run_demo_traffic(cluster, supervisor, stop: dict, *, rate_per_s: float) -> int:
+    """Demo traffic and a progress line every second (naming the leader) until a stop request
+    (0) or until no node is left running and none will be restarted (1). `supervisor` is the
+    ``cluster.up.Supervisor`` of `cluster`: its lines are printed as ``[cluster] ...``."""
     endpoints = cluster.endpoints
     token = cluster.token
     counts = {"acked": 0, "errors": 0, "last_error": ""}
@@ -60,7 +64,7 @@ async def run_demo_traffic(cluster, stop: dict, *, rate_per_s: float) -> None:
     tasks = []
     try:
         for client in clients:
-            while not stop["now"]:
+            while not stop["signal"]:
                 try:
                     await client.connect()
                     break
@@ -70,17 +74,21 @@ async def run_demo_traffic(cluster, stop: dict, *, rate_per_s: float) -> None:
         tasks.append(asyncio.create_task(_subscriber(endpoints, token, stop, state)))
         last_acked = 0
         last_print = time.monotonic()
-        while not stop["now"]:
+        while not stop["signal"]:
             await asyncio.sleep(0.2)
-            for line in cluster.supervise_once():
-                print(f"[cluster] {line}", flush=True)
+            for line in await asyncio.to_thread(supervisor.step):
+                if not stop["signal"]:
+                    print(f"[cluster] {line}", flush=True)
+            if supervisor.finished():
+                print("raftseq cluster up: no node is running and none will be restarted", file=sys.stderr, flush=True)
+                return 1
             now = time.monotonic()
             if now - last_print >= 1.0:
                 rate = (counts["acked"] - last_acked) / (now - last_print)
                 last_acked, last_print = counts["acked"], now
                 failovers = sum(c.failovers for c in clients)
                 print(
-                    f"acked {counts['acked']:>8}  {rate:>7.0f} msg/s  subscriber at seq {state['last_seq']:>8} "
+                    f"leader {supervisor.leader_name():<4} acked {counts['acked']:>8}  {rate:>7.0f} msg/s  subscriber at seq {state['last_seq']:>8} "
                     f"(gaps {state['gaps']})  failovers {failovers}  last: {state['last_text'][:60]}",
                     flush=True,
                 )
@@ -90,3 +98,4 @@ async def run_demo_traffic(cluster, stop: dict, *, rate_per_s: float) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         for client in clients:
             await client.close()
+    return 0

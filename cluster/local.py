@@ -12,17 +12,17 @@ last status and the tails of the node logs) when it passes. ``stop`` (also the e
 SIGTERM if this process dies without cleaning up (Linux parent-death signal), so nothing is
 left running.
 
-Under ``raftseq cluster up`` a node that dies is restarted after a short, logged delay (unless
-``--no-restart``), and Ctrl-C or SIGTERM stops every node cleanly.
+``supervise_once`` restarts a node that crashed after a short, logged delay (unless
+``restart=False``); ``raftseq cluster up`` (``cluster.up``) runs it in the foreground.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +38,8 @@ from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, Nod
 from raftseq.cluster.status import answered, gather_status
 
 RESTART_DELAY_S = 1.0
+#: Exit codes of a node stopped on purpose: its own after SIGTERM or SIGINT, or killed by them.
+STOP_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT)
 STOP_GRACE_S = 5.0
 NODE_COUNT = 3
 #: From starting the nodes (or losing a leader) to a leader every node names.
@@ -74,6 +76,10 @@ class LocalNode:
     restarts: int = 0
     died_at: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
+    #: Stopped on purpose (exited after SIGTERM or SIGINT): not restarted by ``supervise_once``.
+    stopped: bool = False
+    #: Size of the log when this process was started: where its own lines begin.
+    log_offset: int = 0
     #: Prepended to the node's command line (e.g. ``nsenter --mount=...``); the wrapper must
     #: exec the command so that the started process is the node itself.
     command_prefix: list[str] = field(default_factory=list)
@@ -161,6 +167,18 @@ def free_base_port(rng: random.Random | None = None) -> int:
     raise RuntimeError("no free port range found on 127.0.0.1")
 
 
+def _can_bind(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError:
+            return False
+    return True
+
+
 def _existing_secrets(path: str) -> dict:
     """Reuse the secrets of an existing local cluster so restarts keep their token."""
     try:
@@ -185,6 +203,17 @@ def source_checkout() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def raftseq_command() -> str:
+    """How to type the ``raftseq`` command that runs now: ``raftseq`` when that name on PATH is
+    this very script, else the script's full path (e.g. ``.venv/bin/raftseq`` of a virtual
+    environment that is not activated), so that the banner's commands work as printed."""
+    script = os.path.join(os.path.dirname(sys.executable), "raftseq")
+    on_path = shutil.which("raftseq")
+    if not os.path.exists(script) or (on_path and os.path.realpath(on_path) == os.path.realpath(script)):
+        return "raftseq"
+    return script
+
+
 def monitoring_hint(base_port: int, data_dir: str, *, root: str | None = None) -> str:
     """The banner's line on watching the cluster: the absolute paths of the Prometheus and
     Grafana scripts when they exist below `root` (default: the source checkout), otherwise
@@ -193,9 +222,9 @@ def monitoring_hint(base_port: int, data_dir: str, *, root: str | None = None) -
     prometheus, grafana = (os.path.join(root, script) for script in DEPLOY_SCRIPTS)
     if os.path.isfile(prometheus) and os.path.isfile(grafana):
         readmes = os.path.join(root, "deploy", "*", "README.md")
-        return f"  watch it: raftseq top  |  {prometheus} --base-port {base_port} --data-dir {data_dir}  |  {grafana} (see {readmes})"
+        return f"  watch it: {raftseq_command()} top  |  {prometheus} --base-port {base_port} --data-dir {data_dir}  |  {grafana} (see {readmes})"
     return (
-        "  watch it: raftseq top  |  Prometheus and Grafana for this cluster: the deploy/prometheus/run and "
+        f"  watch it: {raftseq_command()} top  |  Prometheus and Grafana for this cluster: the deploy/prometheus/run and "
         "deploy/grafana/run scripts in the deploy/ folder of the source distribution (not part of an installed package)"
     )
 
@@ -333,14 +362,23 @@ class LocalCluster:
     # --- processes (always by the pid of a process this cluster started) ------------------
 
     def start_node(self, node: LocalNode) -> None:
+        """Start `node` in a process group of its own: a Ctrl-C at the terminal reaches this
+        process only, which then stops the nodes itself."""
         command = [*node.command_prefix, sys.executable, "-P", "-m", "raftseq.cluster.cli", "node", "--config", node.config_path]
         if self.insecure:
             command.append("--insecure")
         log = open(node.log_path, "ab")
         try:
+            node.log_offset = log.tell()
             node.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                process_group=0,
             )
+            node.stopped = False
         finally:
             log.close()
 
@@ -419,12 +457,13 @@ class LocalCluster:
             node.process = None
 
     def supervise_once(self) -> list[str]:
-        """Restart nodes that died (after RESTART_DELAY_S). Returns lines to print."""
+        """Restart nodes that crashed (after RESTART_DELAY_S). A node that exited after SIGTERM
+        or SIGINT was stopped, not crashed: it stays down. Returns lines to print."""
         events = []
         now = time.monotonic()
         for node in self.nodes:
             if node.process is None:
-                if self.restart_on_exit and node.died_at and now - node.died_at >= RESTART_DELAY_S:
+                if self.restart_on_exit and not node.stopped and node.died_at and now - node.died_at >= RESTART_DELAY_S:
                     self.start_node(node)
                     node.restarts += 1
                     events.append(f"restarted {node.id} (pid {node.process.pid}, restart {node.restarts})")
@@ -432,11 +471,35 @@ class LocalCluster:
             code = self.reap(node.id)
             if code is None:
                 continue
+            if code in STOP_EXIT_CODES:
+                node.stopped = True
+                events.append(f"{node.id} stopped (exit code {code}); not restarting it")
+                continue
+            what = self.describe_exit(node.id, code)
             if self.restart_on_exit:
-                events.append(f"{node.id} exited with code {code}; restarting in {RESTART_DELAY_S:.0f} s (log {node.log_path})")
+                events.append(f"{what}; restarting in {RESTART_DELAY_S:.0f} s (log {node.log_path})")
             else:
-                events.append(f"{node.id} exited with code {code}; not restarting (--no-restart)")
+                events.append(f"{what}; not restarting (--no-restart; log {node.log_path})")
         return events
+
+    def describe_exit(self, node_id: str, code: int) -> str:
+        """``n1 was killed by SIGKILL``, or ``n1 exited with code 1: `` and the last line its
+        latest process wrote to its log (where a node says why it stops)."""
+        if code < 0:
+            return f"{node_id} was killed by {signal.Signals(-code).name}"
+        lines = self.log_text(node_id, since=self.node(node_id).log_offset).strip().splitlines()
+        return f"{node_id} exited with code {code}" + (f": {lines[-1].strip()}" if lines else " (its log is empty)")
+
+    def taken_ports(self) -> list[str]:
+        """``NODE ROLE HOST:PORT`` of every address of the nodes' configs that something on this
+        machine already listens on (a bind test, with the reuse option the nodes use)."""
+        taken = []
+        for node in self.nodes:
+            c = node.config
+            for role, address in (("client", c.client_address), ("Raft", c.raft_address), ("metrics", c.metrics_address)):
+                if address and not _can_bind(address):
+                    taken.append(f"{node.id} {role} {address}")
+        return taken
 
     def lost_a_port(self) -> bool:
         """Whether a node exited on its own (or is gone) and a log says a port was taken."""
@@ -573,34 +636,3 @@ class LocalCluster:
         base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - CLIENT_PORT_OFFSET
         lines.append(monitoring_hint(base_port, self.data_dir))
         return "\n".join(lines)
-
-
-def run_cluster_up(args) -> int:
-    cluster = LocalCluster(args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart)
-    stop = {"now": False}
-
-    def request_stop(signum, frame) -> None:
-        stop["now"] = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        cluster.start()
-        print(cluster.describe(), flush=True)
-        if args.demo:
-            print("demo traffic: 3 sessions submitting, one subscriber on a follower; Ctrl-C stops everything", flush=True)
-            from raftseq.cluster.demo_traffic import run_demo_traffic
-
-            asyncio.run(run_demo_traffic(cluster, stop, rate_per_s=args.demo_rate))
-        else:
-            print("Ctrl-C stops the cluster", flush=True)
-            while not stop["now"]:
-                for line in cluster.supervise_once():
-                    print(line, flush=True)
-                time.sleep(0.2)
-    finally:
-        print("stopping the cluster…", flush=True)
-        cluster.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        print("all nodes stopped", flush=True)
-    return 0

@@ -8,7 +8,7 @@ from raftseq.cluster.cli.args import command_group, positive
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from raftseq.cluster.local import run_cluster_up
+    from raftseq.cluster.up import run_cluster_up
 
     return run_cluster_up(args)
 
@@ -18,8 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up = csub.add_parser(
         "up",
         help="start a local three-node cluster in the foreground",
-        description="Start three nodes on 127.0.0.1 as child processes; print their client endpoints, metrics "
-        "URLs and the client token; restart a node that dies; stop all of them on Ctrl-C or SIGTERM.",
+        description="Start three nodes on 127.0.0.1 as child processes; once they serve, print their client "
+        "endpoints, metrics URLs, the client token and the leader, then a line on every leader change. A node that "
+        "crashes is restarted (unless --no-restart); one stopped with SIGTERM stays stopped. Ctrl-C stops every node "
+        "(exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner, when a port is in use or the cluster "
+        "cannot start; 1 too when no node is left running.",
     )
     up.add_argument("--data-dir", default="raftseq-data", help="where configs, logs, journals live (default ./raftseq-data)")
     up.add_argument("--base-port", type=positive, default=7100, help="clients on P+1..P+3, Raft P+101.., metrics P+201.. (default 7100)")
