@@ -159,6 +159,11 @@ class _Link:
     async def wait_change(self) -> None:
         await self._changed.wait()
 
+    async def wait_while_held(self, direction: str) -> None:
+        """Return once `direction` is not ``hold``."""
+        while self.faults[direction].mode == HOLD:
+            await self.wait_change()
+
 
 class _Connection:
     _ids = itertools.count(1)
@@ -174,6 +179,11 @@ class _Connection:
         self.lost = False
         self.closed = False
         self.tasks: list[asyncio.Task] = []
+
+    def drop(self, direction: str, data: bytes) -> None:
+        """Throw `data` away (a ``drop`` fault): the connection has lost bytes."""
+        self.lost = True
+        self.link.stats.bytes_dropped[direction] += len(data)
 
     def close(self, *, reset: bool) -> None:
         if self.closed:
@@ -428,8 +438,10 @@ class FaultProxy:
             conn.readers[BACKWARD] = up_reader
             conn.writers[FORWARD] = up_writer
             for direction in DIRECTIONS:
-                conn.tasks.append(asyncio.create_task(self._read_pump(conn, direction), name=f"{link.name}-{conn.id}-{direction}-read"))
-                conn.tasks.append(asyncio.create_task(self._write_pump(conn, direction), name=f"{link.name}-{conn.id}-{direction}-write"))
+                for kind in ("read", "write"):
+                    conn.tasks.append(
+                        asyncio.create_task(self._pump(conn, direction, kind), name=f"{link.name}-{conn.id}-{direction}-{kind}")
+                    )
         except asyncio.CancelledError:
             conn.close(reset=False)
             raise
@@ -463,66 +475,60 @@ class FaultProxy:
                 if not data:
                     conn.close(reset=False)
                     return
-                conn.lost = True
-                link.stats.bytes_dropped[FORWARD] += len(data)
+                conn.drop(FORWARD, data)
         finally:
             change.cancel()
 
-    async def _read_pump(self, conn: _Connection, direction: str) -> None:
-        link = conn.link
-        reader = conn.readers[direction]
+    async def _pump(self, conn: _Connection, direction: str, kind: str) -> None:
+        """Run the `kind` (``read`` or ``write``) pump of one direction; a failure resets the
+        connection."""
         queue = conn.queues[direction]
-        loop = asyncio.get_running_loop()
         try:
-            while True:
-                while link.faults[direction].mode == HOLD:
-                    await link.wait_change()
-                data = await reader.read(self.chunk_bytes)
-                if not data:
-                    await queue.put(None)
-                    return
-                fault = link.faults[direction]
-                if fault.mode == DROP:
-                    conn.lost = True
-                    link.stats.bytes_dropped[direction] += len(data)
-                    continue
-                await queue.put((loop.time() + fault.delay_ms / 1000.0, data))
+            if kind == "read":
+                await self._read_pump(conn, direction, conn.readers[direction], queue)
+            else:
+                await self._write_pump(conn, direction, queue, conn.writers[direction])
         except (OSError, asyncio.IncompleteReadError):
             conn.close(reset=True)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001
-            log.exception("proxy link %s: read pump failed", link.name)
+        except Exception:  # noqa: BLE001 - one connection's failure must not stop the proxy
+            log.exception("proxy link %s: %s pump failed", conn.link.name, kind)
             conn.close(reset=True)
 
-    async def _write_pump(self, conn: _Connection, direction: str) -> None:
+    async def _read_pump(self, conn: _Connection, direction: str, reader: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+        """Chunks read from `reader`, queued with the time they may go out."""
         link = conn.link
-        writer = conn.writers[direction]
-        queue = conn.queues[direction]
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    conn.close(reset=False)  # one end closed: close the other
-                    return
-                release_at, data = item
-                wait_s = release_at - loop.time()
-                if wait_s > 0:
-                    await asyncio.sleep(wait_s)
-                while link.faults[direction].mode == HOLD:
-                    await link.wait_change()
-                if link.faults[direction].mode == DROP:
-                    conn.lost = True
-                    link.stats.bytes_dropped[direction] += len(data)
-                    continue
-                writer.write(data)
-                await writer.drain()
-                link.stats.bytes_forwarded[direction] += len(data)
-        except OSError:
-            conn.close(reset=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001
-            log.exception("proxy link %s: write pump failed", link.name)
-            conn.close(reset=True)
+        while True:
+            await link.wait_while_held(direction)
+            data = await reader.read(self.chunk_bytes)
+            if not data:
+                await queue.put(None)
+                return
+            fault = link.faults[direction]
+            if fault.mode == DROP:
+                conn.drop(direction, data)
+                continue
+            await queue.put((loop.time() + fault.delay_ms / 1000.0, data))
+
+    async def _write_pump(self, conn: _Connection, direction: str, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+        """Queued chunks written to `writer` once due and not held."""
+        link = conn.link
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await queue.get()
+            if item is None:
+                conn.close(reset=False)  # one end closed: close the other
+                return
+            release_at, data = item
+            wait_s = release_at - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            await link.wait_while_held(direction)
+            if link.faults[direction].mode == DROP:
+                conn.drop(direction, data)
+                continue
+            writer.write(data)
+            await writer.drain()
+            link.stats.bytes_forwarded[direction] += len(data)

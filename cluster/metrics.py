@@ -63,6 +63,11 @@ class MetricSpec(NamedTuple):
     help: str
 
 
+def _correction(name: str, what: str) -> MetricSpec:
+    """A counter of one of the node's corrections of pysyncobj's Raft (``cluster.raft``)."""
+    return MetricSpec(name, "counter", (), f"{what} (Raft correction)")
+
+
 METRICS = (
     # Raft, read from pysyncobj's status and the node's role watcher.
     MetricSpec("raftseq_role", "gauge", ("role",), "1 for the role this node is in (leader, follower, candidate), else 0"),
@@ -79,35 +84,13 @@ METRICS = (
         ("follower",),
         "Committed Raft entries a follower does not hold yet, as the leader sees it (only the leader exports samples)",
     ),
-    MetricSpec(
-        "raftseq_raft_matching_entries_kept_total", "counter", (), "Entries a follower kept instead of truncating (Raft correction)"
-    ),
-    MetricSpec("raftseq_raft_truncations_refused_total", "counter", (), "Log truncations refused on a follower (Raft correction)"),
-    MetricSpec("raftseq_raft_next_index_rewinds_refused_total", "counter", (), "nextIndex rewinds refused on the leader (Raft correction)"),
-    MetricSpec(
-        "raftseq_raft_snapshot_commits_refused_total",
-        "counter",
-        (),
-        "Commit-index raises refused on a snapshot piece over an unverified log (Raft correction)",
-    ),
-    MetricSpec(
-        "raftseq_raft_elections_deferred_total",
-        "counter",
-        (),
-        "Election timeouts renewed after a long run of applies on a follower (Raft correction)",
-    ),
-    MetricSpec(
-        "raftseq_raft_newer_terms_told_total",
-        "counter",
-        (),
-        "AppendEntries of an older term answered with this node's term (Raft correction)",
-    ),
-    MetricSpec(
-        "raftseq_raft_newer_terms_heard_total",
-        "counter",
-        (),
-        "Times this node stepped down to a newer term it was told of (Raft correction)",
-    ),
+    _correction("raftseq_raft_matching_entries_kept_total", "Entries a follower kept instead of truncating"),
+    _correction("raftseq_raft_truncations_refused_total", "Log truncations refused on a follower"),
+    _correction("raftseq_raft_next_index_rewinds_refused_total", "nextIndex rewinds refused on the leader"),
+    _correction("raftseq_raft_snapshot_commits_refused_total", "Commit-index raises refused on a snapshot piece over an unverified log"),
+    _correction("raftseq_raft_elections_deferred_total", "Election timeouts renewed after a long run of applies on a follower"),
+    _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
+    _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
     MetricSpec("raftseq_raft_ticks_failed_total", "counter", (), "Raft ticks (or socket events) in which pysyncobj raised; each is logged"),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
     # Sequencing.

@@ -12,17 +12,24 @@ from raftseq.clients.sm import formats
 
 
 class StateMachineError(Exception):
-    """Base of the state-machine SDK's errors."""
+    """Base of the state-machine SDK's errors. The keyword arguments name what and where
+    (``seq``, ``sm_type``, …) and are kept as attributes of the same names."""
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message)
+        for name, value in details.items():
+            setattr(self, name, value)
 
 
 class MessageError(StateMachineError):
     """A message this reader cannot apply: `type_name` at schema `version`, sequenced at `seq`."""
 
+    type_name: str
+    version: int
+    seq: int
+
     def __init__(self, type_name: str, version: int, seq: int, why: str) -> None:
-        super().__init__(f"seq {seq}: message type {type_name!r} version {version} {why}")
-        self.type_name = type_name
-        self.version = version
-        self.seq = seq
+        super().__init__(f"seq {seq}: message type {type_name!r} version {version} {why}", type_name=type_name, version=version, seq=seq)
 
 
 class UnknownMessageType(MessageError):
@@ -56,35 +63,44 @@ class MessageDecodeError(MessageError):
 class UnsupportedBehaviourVersion(StateMachineError):
     """The stream activated a behaviour version this state machine cannot run."""
 
+    sm_type: str
+    version: int
+    at_seq: int
+    activated_by: int
+
     def __init__(self, sm_type: str, version: int, *, at_seq: int, activated_by: int, supported: tuple[int, ...]) -> None:
         super().__init__(
             f"state machine {sm_type!r}: behaviour version {version}, activated from seq {at_seq} by the message at seq "
-            f"{activated_by}, is not supported by this build (it runs {', '.join(map(str, supported))}); stopped before seq {at_seq}"
-        )
-        self.sm_type = sm_type
-        self.version = version
-        self.at_seq = at_seq
-        self.activated_by = activated_by
+            f"{activated_by}, is not supported by this build (it runs {', '.join(map(str, supported))}); stopped before seq {at_seq}",
+            sm_type=sm_type, version=version, at_seq=at_seq, activated_by=activated_by,
+        )  # fmt: skip
 
 
 class ApplyError(StateMachineError):
     """``StateMachine.apply`` raised: the state may be half changed, so the runner stops."""
 
+    sm_type: str
+    type_name: str
+    seq: int
+
     def __init__(self, sm_type: str, type_name: str, seq: int, cause: BaseException) -> None:
-        super().__init__(f"state machine {sm_type!r}: apply of {type_name!r} at seq {seq} raised {cause!r}")
-        self.sm_type = sm_type
-        self.type_name = type_name
-        self.seq = seq
+        super().__init__(
+            f"state machine {sm_type!r}: apply of {type_name!r} at seq {seq} raised {cause!r}",
+            sm_type=sm_type,
+            type_name=type_name,
+            seq=seq,
+        )
 
 
 class SnapshotVerifyError(StateMachineError):
     """A snapshot that does not hold what its header says (bytes or digest)."""
 
+    sm_type: str
+    covered_seq: int
+
     def __init__(self, sm_type: str, covered_seq: int, detail: str, *, where: str = "") -> None:
         place = f" ({where})" if where else ""
-        super().__init__(f"snapshot of {sm_type!r} covering seq {covered_seq}{place}: {detail}")
-        self.sm_type = sm_type
-        self.covered_seq = covered_seq
+        super().__init__(f"snapshot of {sm_type!r} covering seq {covered_seq}{place}: {detail}", sm_type=sm_type, covered_seq=covered_seq)
 
 
 class SnapshotPublishError(StateMachineError):
@@ -94,9 +110,10 @@ class SnapshotPublishError(StateMachineError):
 class DivergenceError(StateMachineError):
     """Two copies of a state machine reported different states after the same message."""
 
+    divergence: formats.Divergence
+
     def __init__(self, divergence: formats.Divergence) -> None:
-        super().__init__(divergence.describe())
-        self.divergence = divergence
+        super().__init__(divergence.describe(), divergence=divergence)
 
 
 class StreamError(StateMachineError):

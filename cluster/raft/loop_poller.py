@@ -63,20 +63,17 @@ class LoopPoller(Poller):
             sub = self._subscriptions[descr] = _Subscription(next(self._generations))
         sub.callback = callback
         loop = self._loop
-        want_read = bool(eventMask & _READ_OR_ERROR)
-        if want_read != sub.reading:
-            if want_read:
-                loop.add_reader(descr, self._ready, descr, sub.generation, POLL_EVENT_TYPE.READ)
-            else:
-                loop.remove_reader(descr)
-            sub.reading = want_read
-        want_write = bool(eventMask & POLL_EVENT_TYPE.WRITE)
-        if want_write != sub.writing:
-            if want_write:
-                loop.add_writer(descr, self._ready, descr, sub.generation, POLL_EVENT_TYPE.WRITE)
-            else:
-                loop.remove_writer(descr)
-            sub.writing = want_write
+        for flag, mask, event, add, remove in (
+            ("reading", _READ_OR_ERROR, POLL_EVENT_TYPE.READ, loop.add_reader, loop.remove_reader),
+            ("writing", POLL_EVENT_TYPE.WRITE, POLL_EVENT_TYPE.WRITE, loop.add_writer, loop.remove_writer),
+        ):
+            want = bool(eventMask & mask)
+            if want != getattr(sub, flag):
+                if want:
+                    add(descr, self._ready, descr, sub.generation, event)
+                else:
+                    remove(descr)
+                setattr(sub, flag, want)
 
     def unsubscribe(self, descr: int) -> None:
         """pysyncobj closes a socket first and unsubscribes it second: the kernel has dropped

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from raftseq.clients.client import Message, Rejected, subscribe
@@ -25,15 +25,7 @@ from raftseq.clients.sm.conformance.recording import (
     Header,
     SnapshotPart,
 )
-from raftseq.clients.sm.conformance.replay import (
-    DigestTracker,
-    Progress,
-    envelope_of,
-    load_machine_class,
-    new_machine,
-    sm_runner,
-    write_start_state,
-)
+from raftseq.clients.sm.conformance import replay
 from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
 from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
 from raftseq.clients.sm.runner import StateMachineRunner
@@ -79,9 +71,9 @@ async def last_seq_of(endpoints: Sequence[str], *, token: str, timeout_s: float 
 
 async def start_from_cluster_snapshot(
     cls: type[StateMachine], endpoints: Sequence[str], *, token: str, before_seq: int, warn: Callable[[str], None]
-) -> tuple[bytes, str, int, int, str] | None:
+) -> tuple[replay.StartState, str] | None:
     """The newest cluster snapshot of `cls` covering at most `before_seq` that loads (digest
-    checked): ``(data, digest, covered_seq, schema_version, description)``, or None."""
+    checked), and a description of it; or None."""
     try:
         infos = await query_snapshots(endpoints, cls.TYPE, token=token, session="sm-conformance.query")
     except ConnectionError as exc:
@@ -98,7 +90,8 @@ async def start_from_cluster_snapshot(
         except (SnapshotVerifyError, ConnectionError, TimeoutError) as exc:
             warn(f"snapshot covering seq {info.covered_seq} not used: {exc}")
             continue
-        return data, info.digest, info.covered_seq, info.schema_version, f"cluster snapshot covering seq {info.covered_seq} ({where})"
+        start = replay.StartState(data, info.digest, info.covered_seq, info.schema_version)
+        return start, f"cluster snapshot covering seq {info.covered_seq} ({where})"
     return None
 
 
@@ -122,8 +115,8 @@ async def record(
     started = time.monotonic()
     if from_seq < 1:
         raise ValueError("--from must be >= 1")
-    cls = load_machine_class(machine_spec)
-    machine = new_machine(cls, machine_spec)
+    cls = replay.load_machine_class(machine_spec)
+    machine = replay.new_machine(cls, machine_spec)
     if not to_seq:
         to_seq = await last_seq_of(endpoints, token=token)
         if to_seq < from_seq:
@@ -135,19 +128,19 @@ async def record(
         print(f"record: {text}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="sm-conformance-") as state_dir:
-        start = None
+        found = None
         if from_seq > 1 and use_snapshots:
-            start = await start_from_cluster_snapshot(cls, endpoints, token=token, before_seq=from_seq - 1, warn=warn)
-        if start is not None:
-            data, digest, covered, schema_version, start_from = start
-            write_start_state(state_dir, cls, data=data, digest=digest, covered_seq=covered, schema_version=schema_version)
-            if covered < from_seq - 1:
-                start_from += f", then replayed {covered + 1}..{from_seq - 1}"
+            found = await start_from_cluster_snapshot(cls, endpoints, token=token, before_seq=from_seq - 1, warn=warn)
+        start = None
+        if found is not None:
+            start, start_from = found
+            if start.covered_seq < from_seq - 1:
+                start_from += f", then replayed {start.covered_seq + 1}..{from_seq - 1}"
         else:
             start_from = "fresh machine" if from_seq == 1 else f"replayed 1..{from_seq - 1}"
         recorder = Recorder(machine, machine_spec, from_seq=from_seq, to_seq=to_seq, all_messages=all_messages, start_from=start_from)
-        runner = sm_runner(
-            machine, endpoints=endpoints, token=token, state_dir=state_dir if start is not None else None, subscribe_fn=recorder.subscribe
+        runner = replay.sm_runner(
+            machine, endpoints=endpoints, token=token, state_dir=state_dir, start=start, subscribe_fn=recorder.subscribe
         )
         await runner.bootstrap()
         if runner.snapshot_errors:
@@ -170,26 +163,30 @@ async def record(
     return RecordResult(out, recorder.header, recorder.entries, recorder.tracker.digest, time.monotonic() - started)
 
 
+@dataclass
 class Recorder:
     """Writes the slice as the runner applies it: the header (and starting snapshot) once the
     machine holds the state after ``from_seq - 1``, then one ``Entry`` per kept message."""
 
-    def __init__(
-        self, machine: StateMachine, machine_spec: str, *, from_seq: int, to_seq: int, all_messages: bool, start_from: str
-    ) -> None:
-        self.machine = machine
-        self.cls = type(machine)
-        self.machine_spec = machine_spec
-        self.from_seq = from_seq
-        self.to_seq = to_seq
-        self.all_messages = all_messages
-        self.start_from = start_from
-        self.header: Header | None = None
-        self.entries = 0
-        self.last_message: Message | None = None
-        self.last_arrival = time.monotonic()
-        self.tracker: DigestTracker
-        self.writer: FileWriter
+    machine: StateMachine
+    machine_spec: str
+    _: KW_ONLY
+    from_seq: int
+    to_seq: int
+    all_messages: bool
+    start_from: str
+    header: Header | None = field(default=None, init=False)
+    entries: int = field(default=0, init=False)
+    last_message: Message | None = field(default=None, init=False)
+    last_arrival: float = field(default_factory=time.monotonic, init=False)
+    #: Set by ``run``.
+    tracker: replay.DigestTracker = field(init=False)
+    writer: FileWriter = field(init=False)
+    progress: replay.Progress = field(init=False)
+
+    @property
+    def cls(self) -> type[StateMachine]:
+        return type(self.machine)
 
     async def subscribe(self, *args: Any, **kwargs: Any):
         """The runner's subscription: ``clients.subscribe``, noting each message for ``after``."""
@@ -200,8 +197,8 @@ class Recorder:
 
     async def run(self, runner: StateMachineRunner, writer: FileWriter, *, idle_timeout_s: float, progress: bool) -> None:
         self.writer = writer
-        self.tracker = DigestTracker(runner, self.machine)
-        self.progress = Progress("record", runner.last_seq + 1, self.to_seq, enabled=progress)
+        self.tracker = replay.DigestTracker(runner, self.machine)
+        self.progress = replay.Progress("record", runner.last_seq + 1, self.to_seq, enabled=progress)
         if runner.last_seq >= self.from_seq - 1:  # a fresh machine, or a snapshot covering exactly from_seq - 1
             self.begin()
         task = asyncio.create_task(runner.run(stop_when=self.after))
@@ -254,7 +251,7 @@ class Recorder:
         message = self.last_message
         assert message is not None and message.seq == seq
         changed = self.tracker.after_message()
-        envelope = envelope_of(message.payload)
+        envelope = replay.envelope_of(message.payload)
         if self.all_messages or changed or (envelope is not None and self.cls.MESSAGES.owns(envelope.type)):
             self.writer.write(
                 Entry(

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -94,20 +94,40 @@ def _ignore_divergence(divergence: formats.Divergence) -> None:
     """Other replicas' checkpoints in the slice disagreeing is not what is checked here."""
 
 
+class StartState(NamedTuple):
+    """A snapshot of the machine to start from: its bytes, digest, and what it covers."""
+
+    data: bytes
+    digest: str
+    covered_seq: int
+    schema_version: int
+
+
 def sm_runner(
-    machine: StateMachine, *, endpoints: Sequence[str], token: str = "", state_dir: str | None = None, subscribe_fn: Callable | None = None
+    machine: StateMachine,
+    *,
+    endpoints: Sequence[str],
+    token: str = "",
+    state_dir: str,
+    start: StartState | None = None,
+    subscribe_fn: Callable | None = None,
 ) -> StateMachineRunner:
+    """A runner of `machine` alone. With `start`, that state is put in `state_dir` (a fresh
+    directory) where the runner restores it (and checks its digest): the runner then starts
+    right after ``start.covered_seq``; without it, from a fresh machine."""
+    if start is not None:
+        cls = type(machine)
+        state = LocalState(LOCAL_STATE_FORMAT, cls.TYPE, start.schema_version, start.covered_seq, start.digest, start.data)
+        with open(os.path.join(state_dir, f"{cls.TYPE}.sm"), "wb") as f:
+            f.write(_encoder.encode(state))
     return StateMachineRunner(
-        list(endpoints), [machine], token=token, state_dir=state_dir, on_divergence=_ignore_divergence, subscribe_fn=subscribe_fn
+        list(endpoints),
+        [machine],
+        token=token,
+        state_dir=state_dir if start is not None else None,
+        on_divergence=_ignore_divergence,
+        subscribe_fn=subscribe_fn,
     )
-
-
-def write_start_state(directory: str, cls: type[StateMachine], *, data: bytes, digest: str, covered_seq: int, schema_version: int) -> None:
-    """Put a starting state where a runner with ``state_dir=directory`` restores it (and checks
-    its digest): the runner then starts right after `covered_seq`."""
-    state = LocalState(LOCAL_STATE_FORMAT, cls.TYPE, schema_version, covered_seq, digest, data)
-    with open(os.path.join(directory, f"{cls.TYPE}.sm"), "wb") as f:
-        f.write(_encoder.encode(state))
 
 
 class Progress:

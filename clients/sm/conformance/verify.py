@@ -15,11 +15,11 @@ from raftseq.clients.sm.conformance.replay import (
     DigestTracker,
     MachineLoadError,
     Progress,
+    StartState,
     envelope_of,
     load_machine_class,
     new_machine,
     sm_runner,
-    write_start_state,
 )
 from raftseq.clients.sm.errors import StateMachineError
 from raftseq.clients.sm.machine import StateMachine
@@ -92,11 +92,9 @@ async def verify(path: str, machine_spec: str, *, progress: bool = False) -> Ver
         final_digest=summary.footer.final_digest,
     )
     with tempfile.TemporaryDirectory(prefix="sm-conformance-") as state_dir:
+        start = None
         if header.start_snapshot_bytes:
-            write_start_state(
-                state_dir, cls, data=read_snapshot(path), digest=header.start_digest, covered_seq=header.from_seq - 1,
-                schema_version=header.start_snapshot_version,
-            )  # fmt: skip
+            start = StartState(read_snapshot(path), header.start_digest, header.from_seq - 1, header.start_snapshot_version)
         current: list[Entry | None] = [None]
 
         async def from_file(endpoints: Any, *, from_seq: int, **_: Any):
@@ -122,9 +120,7 @@ async def verify(path: str, machine_spec: str, *, progress: bool = False) -> Ver
                     seq += 1
 
         try:
-            runner = sm_runner(
-                machine, endpoints=["recording"], state_dir=state_dir if header.start_snapshot_bytes else None, subscribe_fn=from_file
-            )
+            runner = sm_runner(machine, endpoints=["recording"], state_dir=state_dir, start=start, subscribe_fn=from_file)
         except (ValueError, TypeError) as exc:
             raise MachineLoadError(f"--machine {machine_spec!r}: {exc}") from None
         try:
