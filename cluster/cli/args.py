@@ -5,6 +5,7 @@ every command that talks to a cluster, and ``-o/--output table|json`` where outp
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -135,3 +136,15 @@ def command_group(sub: argparse._SubParsersAction, name: str, *, help: str, desc
     commands = group.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
     commands.required = True
     return commands
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int], *, help: str, description: str = ""
+) -> argparse.ArgumentParser:
+    """``raftseq ... NAME``: its parser, which runs ``func(args)`` (returning the exit code).
+    The ``--help`` description is `description`, else the docstring of `func` (or of the
+    function it wraps): each command says what it does where it is written."""
+    doc = inspect.getdoc(getattr(func, "__wrapped__", func)) or ""
+    parser = sub.add_parser(name, help=help, description=description or " ".join(doc.split()))
+    parser.set_defaults(func=func)
+    return parser

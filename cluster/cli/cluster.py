@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from raftseq.cluster.cli.args import command_group, positive
+from raftseq.cluster.cli.args import add_command, command_group, positive
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
+    """Start three nodes on 127.0.0.1 as child processes; once they serve, print their client endpoints,
+    metrics URLs, the client token and the leader, then a line on every leader change. A node that
+    crashes is restarted (unless --no-restart); one stopped with SIGTERM stays stopped. Ctrl-C stops
+    every node (exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner, when a port is
+    in use or the cluster cannot start; 1 too when no node is left running."""
     from raftseq.cluster.up import run_cluster_up
 
     return run_cluster_up(args)
@@ -15,19 +20,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     csub = command_group(sub, "cluster", help="run a local cluster", description="Run a local cluster.")
-    up = csub.add_parser(
-        "up",
-        help="start a local three-node cluster in the foreground",
-        description="Start three nodes on 127.0.0.1 as child processes; once they serve, print their client "
-        "endpoints, metrics URLs, the client token and the leader, then a line on every leader change. A node that "
-        "crashes is restarted (unless --no-restart); one stopped with SIGTERM stays stopped. Ctrl-C stops every node "
-        "(exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner, when a port is in use or the cluster "
-        "cannot start; 1 too when no node is left running.",
-    )
+    up = add_command(csub, "up", cmd_cluster_up, help="start a local three-node cluster in the foreground")
     up.add_argument("--data-dir", default="raftseq-data", help="where configs, logs, journals live (default ./raftseq-data)")
     up.add_argument("--base-port", type=positive, default=7100, help="clients on P+1..P+3, Raft P+101.., metrics P+201.. (default 7100)")
     up.add_argument("--demo", action="store_true", help="also run demo traffic and print progress every second")
     up.add_argument("--demo-rate", type=positive, default=200, help="demo messages per second per session (default 200)")
     up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
     up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
-    up.set_defaults(func=cmd_cluster_up)

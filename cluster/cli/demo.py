@@ -14,14 +14,16 @@ import shutil
 import tempfile
 import time
 
-from raftseq.cluster.cli.args import positive
+from raftseq.cluster.cli.args import add_command, positive
 from raftseq.sequencer import limits, protocol
-from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import Journal, verify_journal
 from raftseq.sequencer.machine import Outcome, SequencerMachine
+from raftseq.sequencer.stream import SequencedStream
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Run demo traffic from several sessions (with retries and duplicates) through the state machine and a
+    journal in DIR, print the sequenced stream as it grows, then verify the journal."""
     if args.batch > limits.BATCH_ENTRIES_MAX:
         print(f"raftseq demo: --batch must be at most {limits.BATCH_ENTRIES_MAX}")
         return 2
@@ -75,15 +77,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="sequence demo traffic through the core (machine + journal) in one process",
-        description="Run demo traffic from several sessions (with retries and duplicates) through the "
-        "state machine and a journal in DIR, print the sequenced stream as it grows, then verify the journal.",
-    )
+    demo = add_command(sub, "demo", cmd_demo, help="sequence demo traffic through the core (machine + journal) in one process")
     demo.add_argument("--dir", default="", help="journal directory (default: a new temporary directory)")
     demo.add_argument("--messages", type=positive, default=10_000, help="messages to sequence (default 10000)")
     demo.add_argument("--sessions", type=positive, default=4, help="client sessions (default 4)")
     demo.add_argument("--batch", type=positive, default=100, help=f"entries per batch, at most {limits.BATCH_ENTRIES_MAX} (default 100)")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock; printed)")
-    demo.set_defaults(func=cmd_demo)

@@ -11,7 +11,7 @@ import time
 
 import msgspec
 
-from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_output_option, command_group, non_negative, positive
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command, add_output_option, command_group, non_negative, positive
 from raftseq.sequencer.journal import SEGMENT_SUFFIX, Journal, JournalError, VerifyReport, verify_journal
 
 _json = msgspec.json.Encoder()
@@ -38,6 +38,10 @@ def find_journals(directory: str) -> list[str]:
 
 
 def cmd_journal_verify(args: argparse.Namespace) -> int:
+    """Read every record of the journal in DIR and check checksums, gapless numbering, log time order and
+    per-session client_seq order. DIR is a journal directory, or a cluster data directory (as
+    raftseq cluster up makes it), whose every node's journal is verified. Exits 0 when all is well,
+    1 with the first bad sequence number otherwise, 2 when DIR holds no journal."""
     command = "raftseq journal verify"
     if not os.path.isdir(args.dir):
         print(f"{command}: journal directory {args.dir} does not exist", file=sys.stderr)
@@ -83,6 +87,8 @@ def _verify_one(path: str, args: argparse.Namespace, *, label: bool) -> VerifyRe
 
 
 def cmd_journal_dump(args: argparse.Namespace) -> int:
+    """Print records of the journal in DIR as JSON lines (seq, log_time_ns, session, client_seq,
+    payload_b64). The journal is opened read-only."""
     try:
         journal = Journal.open(args.dir, readonly=True)
     except (JournalError, OSError) as exc:
@@ -130,27 +136,13 @@ def add_payload(row: dict, payload: bytes, *, text: bool) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     jsub = command_group(sub, "journal", help="inspect a journal directory", description="Inspect a journal directory.")
-    verify = jsub.add_parser(
-        "verify",
-        help="check every record (checksums, gaps, order)",
-        description="Read every record of the journal in DIR and check checksums, gapless numbering, "
-        "log time order and per-session client_seq order. DIR is a journal directory, or a cluster data "
-        "directory (as raftseq cluster up makes it), whose every node's journal is verified. Exits 0 when all is "
-        "well, 1 with the first bad sequence number otherwise, 2 when DIR holds no journal.",
-    )
+    verify = add_command(jsub, "verify", cmd_journal_verify, help="check every record (checksums, gaps, order)")
     verify.add_argument("dir", metavar="DIR", help="journal directory, or a cluster data directory")
     add_output_option(verify)
     verify.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
-    verify.set_defaults(func=cmd_journal_verify)
 
-    dump = jsub.add_parser(
-        "dump",
-        help="print records as JSON lines",
-        description="Print records of the journal in DIR as JSON lines "
-        "(seq, log_time_ns, session, client_seq, payload_b64). The journal is opened read-only.",
-    )
+    dump = add_command(jsub, "dump", cmd_journal_dump, help="print records as JSON lines")
     dump.add_argument("dir", metavar="DIR", help="journal directory")
     dump.add_argument("--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number (default 1)")
     dump.add_argument("--limit", type=non_negative, default=0, metavar="K", help="at most K records (default 0: all)")
     dump.add_argument("--text", action="store_true", help="print payloads as UTF-8 text ('payload') instead of base64")
-    dump.set_defaults(func=cmd_journal_dump)

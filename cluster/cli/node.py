@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raftseq.cluster.cli.args import add_command
+
 
 def cmd_node(args: argparse.Namespace) -> int:
     from raftseq.cluster.config import ConfigError, load_config
@@ -20,7 +22,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    node = sub.add_parser("node", help="run one node", description="Run one raftseq node from its TOML config.")
+    node = add_command(sub, "node", cmd_node, help="run one node", description="Run one raftseq node from its TOML config.")
     node.add_argument("--config", required=True, metavar="FILE", help="node configuration (TOML)")
     node.add_argument(
         "--insecure",
@@ -34,4 +36,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="move the node's Raft log and snapshot aside (to raft/discarded-*) and rejoin from the leader: "
         "for a Raft log that cannot be read. The journal is kept and caught up from a peer.",
     )
-    node.set_defaults(func=cmd_node)

@@ -35,6 +35,7 @@ from raftseq.cluster.cli.args import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     add_cluster_options,
+    add_command,
     add_output_option,
     command_group,
     non_negative,
@@ -113,6 +114,9 @@ async def list_snapshots(endpoints: list[str], sm_type: str, *, token: str, time
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Read the stream and compare the checkpoints (state-machine type, sequence number, digest) that
+    replicas published. Exit 0 when every copy agreed; 1 with the first sequence number at which two
+    copies disagree and which replicas hold which digest, or when the cluster cannot be read."""
     started = time.monotonic()
     try:
         ledger, first, last = asyncio.run(
@@ -157,6 +161,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
+    """Ask a node for the snapshots of TYPE in the cluster's replicated index (newest first)."""
     try:
         answer = asyncio.run(list_snapshots(args.endpoints, args.sm_type, token=args.token, timeout_s=args.timeout))
     except ConnectionError as exc:
@@ -175,6 +180,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    """Apply the slice --from..--to of the stream to the reference state machine MODULE:CLASS and write
+    each message with the digest of the state after it (a conformance recording). A slice from N > 1
+    starts from the state after N-1 (the newest cluster snapshot at or before it plus a replay, else
+    a replay from 1), which the file carries. Exit 0 when written, 1 when the reference stops on the
+    stream or the stream stops, 2 when the cluster or the machine cannot be used."""
     return conformance.run_record(
         args.endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
         all_messages=args.all_messages, use_snapshots=not args.no_snapshot, idle_timeout_s=args.idle_timeout, progress=not args.quiet,
@@ -182,10 +192,16 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Replay the recording FILE through the state machine MODULE:CLASS and compare its digest with the
+    recorded one after every message. Exit 0 when all match; 1 with the first mismatch (sequence
+    number, expected and actual digest, the message's type and version) or the message the
+    implementation cannot read; 2 when the file is unreadable or the machine cannot be loaded."""
     return conformance.run_verify(args.file, args.machine, prog="raftseq sm", json_report=args.output == "json", progress=not args.quiet)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """Check the recording FILE end to end and print its header and counts as one JSON object (exit 2 when
+    damaged)."""
     return conformance.run_show(args.file, prog="raftseq sm")
 
 
@@ -216,13 +232,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Look at the state machines applications run on the stream (clients.sm).",
     )
 
-    check = ssub.add_parser(
-        "check",
-        help="compare the checkpoints replicas published; report the first disagreement",
-        description="Read the stream and compare the checkpoints (state-machine type, sequence number, digest) that "
-        "replicas published. Exit 0 when every copy agreed; 1 with the first sequence number at which two copies "
-        "disagree and which replicas hold which digest, or when the cluster cannot be read.",
-    )
+    check = add_command(ssub, "check", cmd_check, help="compare the checkpoints replicas published; report the first disagreement")
     check.add_argument(
         "--from", dest="from_seq", type=non_negative, default=1, metavar="N", help="first sequence number to read (default 1)"
     )
@@ -232,26 +242,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--type", action="append", metavar="T", help="only state machines of type T (repeatable)")
     add_output_option(check)
     _add_node_options(check)
-    check.set_defaults(func=cmd_check)
 
-    snaps = ssub.add_parser(
-        "snapshots",
-        help="list the snapshots of a state-machine type the cluster holds",
-        description="Ask a node for the snapshots of TYPE in the cluster's replicated index (newest first).",
-    )
+    snaps = add_command(ssub, "snapshots", cmd_snapshots, help="list the snapshots of a state-machine type the cluster holds")
     snaps.add_argument("sm_type", metavar="TYPE", help="state-machine type")
     add_output_option(snaps)
     _add_node_options(snaps)
-    snaps.set_defaults(func=cmd_snapshots)
 
-    rec = ssub.add_parser(
+    rec = add_command(
+        ssub,
         "record",
+        _conformance_command(cmd_record),
         help="record a slice of the stream with the reference state machine's digest after each message",
-        description="Apply the slice --from..--to of the stream to the reference state machine MODULE:CLASS and write "
-        "each message with the digest of the state after it (a conformance recording). A slice from N > 1 starts "
-        "from the state after N-1 (the newest cluster snapshot at or before it plus a replay, else a replay from 1), "
-        "which the file carries. Exit 0 when written, 1 when the reference stops on the stream or the stream stops, "
-        "2 when the cluster or the machine cannot be used.",
     )
     rec.add_argument(
         "--machine", required=True, metavar="MODULE:CLASS", help="the reference implementation, e.g. examples.refdata.machine:ReferenceData"
@@ -273,29 +274,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_cluster_options(rec)
-    rec.set_defaults(func=_conformance_command(cmd_record))
 
-    ver = ssub.add_parser(
+    ver = add_command(
+        ssub,
         "verify",
+        _conformance_command(cmd_verify),
         help="replay a conformance recording through an implementation; report the first digest mismatch",
-        description="Replay the recording FILE through the state machine MODULE:CLASS and compare its digest with the "
-        "recorded one after every message. Exit 0 when all match; 1 with the first mismatch (sequence number, "
-        "expected and actual digest, the message's type and version) or the message the implementation cannot "
-        "read; 2 when the file is unreadable or the machine cannot be loaded.",
     )
     ver.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
     ver.add_argument("--machine", required=True, metavar="MODULE:CLASS", help="the implementation under test")
     add_output_option(ver)
     ver.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    ver.set_defaults(func=_conformance_command(cmd_verify))
 
-    show = ssub.add_parser(
-        "show",
-        help="check a conformance recording and print its header",
-        description="Check the recording FILE end to end and print its header and counts as one JSON object (exit 2 when damaged).",
-    )
+    show = add_command(ssub, "show", _conformance_command(cmd_show), help="check a conformance recording and print its header")
     show.add_argument("file", metavar="FILE", help="a recording made by raftseq sm record")
-    show.set_defaults(func=_conformance_command(cmd_show))
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:

@@ -7,12 +7,22 @@ import argparse
 
 import msgspec
 
-from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, add_cluster_options, add_legacy_endpoints, add_output_option, cluster_endpoints
+from raftseq.cluster.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_cluster_options,
+    add_command,
+    add_legacy_endpoints,
+    add_output_option,
+    cluster_endpoints,
+)
 
 _json = msgspec.json.Encoder()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Ask each node of --endpoints for its status. Exit 0 when every node answered, 1 when one could not
+    be reached or refused the token."""
     from raftseq.cluster.status import gather_status, print_status
 
     endpoints = cluster_endpoints(args, "raftseq status")
@@ -25,14 +35,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    status = sub.add_parser(
-        "status",
-        help="print each node's role, term, commit index, last sequence number",
-        description="Ask each node of --endpoints for its status. Exit 0 when every node answered, 1 when one "
-        "could not be reached or refused the token.",
-    )
+    status = add_command(sub, "status", cmd_status, help="print each node's role, term, commit index, last sequence number")
     add_legacy_endpoints(status)
     add_cluster_options(status)
     add_output_option(status)
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default 2)")
-    status.set_defaults(func=cmd_status)

@@ -10,13 +10,14 @@ import sys
 
 import msgspec
 
-from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_cluster_options, non_negative, positive
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_cluster_options, add_command, non_negative, positive
 from raftseq.cluster.cli.journal import add_payload
 
 _json = msgspec.json.Encoder()
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit each PAYLOAD (or each line of stdin) and print its sequence number."""
     from raftseq.clients import BlockingSequencerClient, SequencerError
 
     payloads = [p.encode() for p in args.payload] if args.payload else [line.rstrip("\n").encode() for line in sys.stdin]
@@ -33,6 +34,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the stream as JSON lines, from --from N on."""
     from raftseq.clients import SequencerError
 
     try:
@@ -69,24 +71,16 @@ async def _tail(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """``raftseq submit`` and ``raftseq tail``."""
-    submit = sub.add_parser(
-        "submit",
-        help="sequence payloads given as arguments (or lines of stdin)",
-        description="Submit each PAYLOAD (or each line of stdin) and print its sequence number.",
-    )
+    submit = add_command(sub, "submit", cmd_submit, help="sequence payloads given as arguments (or lines of stdin)")
     submit.add_argument("payload", nargs="*", help="payloads (default: lines of stdin)")
     add_cluster_options(submit)
     submit.add_argument("--session", default=f"cli-{os.getpid()}", help="client session name (default cli-PID)")
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each outcome (default 30)")
-    submit.set_defaults(func=cmd_submit)
 
-    tail = sub.add_parser(
-        "tail", help="print the stream from a sequence number", description="Print the stream as JSON lines, from --from N on."
-    )
+    tail = add_command(sub, "tail", cmd_tail, help="print the stream from a sequence number")
     tail.add_argument("--from", dest="from_seq", type=positive, default=1, metavar="N", help="first sequence number (default 1)")
     tail.add_argument("--limit", type=non_negative, default=0, help="stop after K messages (default 0: never)")
     tail.add_argument("--idle-exit", type=float, default=0, help="stop after this many seconds without a message (default: never)")
     tail.add_argument("--text", action="store_true", help="print payloads as UTF-8 text")
     add_cluster_options(tail)
     tail.add_argument("--session", default=f"tail-{os.getpid()}", help="session name used in the hello")
-    tail.set_defaults(func=cmd_tail)

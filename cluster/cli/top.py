@@ -19,6 +19,7 @@ from raftseq.cluster.cli.args import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     add_cluster_options,
+    add_command,
     add_legacy_endpoints,
     cluster_endpoints,
     non_negative,
@@ -58,6 +59,12 @@ def _wall_time() -> str:
 
 
 def run_top(args: argparse.Namespace) -> int:
+    """Show one row per node, refreshed every --interval seconds: role, term, last sequence number,
+    messages/s, lag behind the leader (sequence numbers), acknowledgement latency p50/p99 over the
+    last interval (on the leader, from its metrics endpoint), and a marker on the new leader when
+    the leader changes. Nodes that cannot be reached show as down until they answer again. On a
+    terminal the view is a live screen; when stdout is not a terminal (or with --plain) each refresh
+    prints plain lines. Ctrl-C quits (exit code 130)."""
     endpoints = cluster_endpoints(args, "raftseq top")
     plain = args.plain or not sys.stdout.isatty()
     try:
@@ -90,18 +97,7 @@ def run_top(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Define ``raftseq top`` on the ``raftseq`` command's subparsers."""
-    top = subparsers.add_parser(
-        "top",
-        help="live view of every node: role, term, last_seq, messages/s, lag, ack latency",
-        description=(
-            "Show one row per node, refreshed every --interval seconds: role, term, last sequence number, "
-            "messages/s, lag behind the leader (sequence numbers), acknowledgement latency p50/p99 over the "
-            "last interval (on the leader, from its metrics endpoint), and a marker on the new leader when "
-            "the leader changes. Nodes that cannot be reached show as down until they answer again. "
-            "On a terminal the view is a live screen; when stdout is not a terminal (or with --plain) "
-            "each refresh prints plain lines. Ctrl-C quits (exit code 130)."
-        ),
-    )
+    top = add_command(subparsers, "top", run_top, help="live view of every node: role, term, last_seq, messages/s, lag, ack latency")
     add_legacy_endpoints(top)
     add_cluster_options(top)
     top.add_argument(
@@ -119,5 +115,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     count.add_argument("--once", dest="iterations", action="store_const", const=1, help="one refresh, then exit (same as --iterations 1)")
     top.add_argument("--plain", action="store_true", help="print plain lines per refresh even on a terminal")
-    top.set_defaults(func=run_top)
     return top
