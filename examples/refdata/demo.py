@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ import time
 
 from raftseq.clients import SequencerClient
 from raftseq.clients.sm import query_snapshots
-from raftseq.cluster.local import LocalCluster, free_base_port
+from raftseq.cluster.local import LocalCluster, die_with_parent, free_base_port
 from raftseq.cluster.cli.sm import scan_checkpoints
 from raftseq.cluster.status import gather_status
 from examples.refdata.admin import Admin, listing, updates
@@ -42,13 +40,6 @@ from examples.refdata.messages import EndOfDay
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POLL_S = 0.05
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class App:
@@ -64,7 +55,7 @@ class App:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
             )
 
     def wait(self, deadline: float) -> dict:
