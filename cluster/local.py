@@ -189,10 +189,12 @@ def _existing_secrets(path: str) -> dict:
     return {k: raw.get(k, "") for k in ("raft_password", "client_token")}
 
 
-def _die_with_parent() -> None:
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Child side of ``Popen(preexec_fn=...)``: the kernel sends `signum` to this child when
+    the process that started it dies (Linux parent-death signal), so nothing is left running."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -375,7 +377,7 @@ class LocalCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 process_group=0,
             )
             node.stopped = False

@@ -120,6 +120,12 @@ def make_batcher(raft: FakeRaft, *, clock_ns=None, start: bool = True, **limits)
     return batcher
 
 
+def batcher_on_fakes(**options) -> tuple[FakeRaft, Replies, Batcher]:
+    """A fake Raft, a recorder of replies and a batcher proposing to that Raft (``make_batcher``'s options)."""
+    raft = FakeRaft()
+    return raft, Replies(), make_batcher(raft, **options)
+
+
 def run(test):
     """Run an async test body on a fresh loop, bounded in time."""
     asyncio.run(asyncio.wait_for(test(), 15))
@@ -143,8 +149,7 @@ def sizes(raft: FakeRaft) -> list[int]:
 
 def test_one_submit_is_proposed_at_once_as_a_batch_of_one():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
 
         assert batcher.offer(replies.submit("alpha", 1, b"hello"))
 
@@ -159,8 +164,7 @@ def test_one_submit_is_proposed_at_once_as_a_batch_of_one():
 
 def test_nothing_is_proposed_before_start():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, start=False)
+        raft, replies, batcher = batcher_on_fakes(start=False)
         for seq in (1, 2, 3):
             assert batcher.offer(replies.submit("alpha", seq))
         assert raft.proposals == [] and batcher.queued == 3
@@ -174,8 +178,7 @@ def test_nothing_is_proposed_before_start():
 
 def test_submits_wait_for_the_batch_in_flight_then_go_as_one_batch():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         batcher.offer(replies.submit("alpha", 1))
         for seq in (2, 3, 4):
             batcher.offer(replies.submit("alpha", seq))
@@ -196,8 +199,7 @@ def test_submits_wait_for_the_batch_in_flight_then_go_as_one_batch():
 
 def test_a_full_batch_goes_out_while_one_is_in_flight_up_to_in_flight_max():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, entries_max=3, in_flight_max=2)
+        raft, replies, batcher = batcher_on_fakes(entries_max=3, in_flight_max=2)
         batcher.offer(replies.submit("alpha", 1))
         assert sizes(raft) == [1]
 
@@ -234,8 +236,7 @@ def test_a_full_batch_goes_out_while_one_is_in_flight_up_to_in_flight_max():
 
 def test_in_flight_max_of_one_proposes_one_batch_at_a_time():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, entries_max=2, in_flight_max=1)
+        raft, replies, batcher = batcher_on_fakes(entries_max=2, in_flight_max=1)
         for seq in range(1, 8):
             batcher.offer(replies.submit("alpha", seq))
         assert sizes(raft) == [1]
@@ -259,8 +260,7 @@ def test_every_encoded_batch_stays_within_bytes_max(seed):
     bytes_max = rng.choice([600, 2048, 5000])
 
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, bytes_max=bytes_max, entries_max=50, start=False)
+        raft, replies, batcher = batcher_on_fakes(bytes_max=bytes_max, entries_max=50, start=False)
         offered = []
         for i in range(120):
             session = "s" * rng.randint(1, protocol.limits.SESSION_BYTES_MAX)
@@ -284,8 +284,7 @@ def test_a_batch_full_by_bytes_goes_out_while_one_is_in_flight():
     # A batch closes "when it reaches its count or byte limit" (DESIGN.md section 3): with
     # large payloads the byte limit fills a batch long before entries_max does.
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, entries_max=1000, bytes_max=1000, in_flight_max=2)
+        raft, replies, batcher = batcher_on_fakes(entries_max=1000, bytes_max=1000, in_flight_max=2)
         batcher.offer(replies.submit("alpha", 1, b"a" * 400))
         for seq in range(2, 8):
             batcher.offer(replies.submit("alpha", seq, b"a" * 400))
@@ -301,8 +300,7 @@ def test_a_batch_full_by_bytes_goes_out_while_one_is_in_flight():
 
 def test_a_full_queue_refuses_the_submit():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, queue_entries_max=3)
+        raft, replies, batcher = batcher_on_fakes(queue_entries_max=3)
         assert batcher.offer(replies.submit("alpha", 1))  # proposed at once, not queued
         for seq in (2, 3, 4):
             assert batcher.offer(replies.submit("alpha", seq))
@@ -327,8 +325,7 @@ def test_a_full_queue_refuses_the_submit():
 
 def test_commits_reply_in_order_on_the_loop():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         observed = []
         batcher.latency_observer = observed.append
         batcher.offer(replies.submit("alpha", 1))
@@ -412,8 +409,7 @@ def test_a_failing_reply_stops_the_node_instead_of_raising_into_raft(stops):
 )
 def test_a_failed_commit_replies_outcome_unknown_with_the_reason(error, text):
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         batcher.offer(replies.submit("alpha", 1))
         batcher.offer(replies.submit("alpha", 2))
         batcher.offer(replies.submit("bravo", 1))
@@ -440,8 +436,7 @@ def test_a_failed_commit_replies_outcome_unknown_with_the_reason(error, text):
 @pytest.mark.parametrize("result", [None, "apply result with an error"], ids=["no-result", "not-applied"])
 def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         batcher.offer(replies.submit("alpha", 1))
         applied = None if result is None else ApplyResult([], 0, 0, 0, b"", error="undecodable batch")
 
@@ -459,8 +454,7 @@ def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
 
 def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, commit_timeout_s=0.05)
+        raft, replies, batcher = batcher_on_fakes(commit_timeout_s=0.05)
         observed = []
         batcher.latency_observer = observed.append
         batcher.offer(replies.submit("alpha", 1))
@@ -489,8 +483,7 @@ def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
 
 def test_a_commit_timeout_expires_each_batch_by_its_own_deadline():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, commit_timeout_s=0.2, entries_max=1, in_flight_max=2)
+        raft, replies, batcher = batcher_on_fakes(commit_timeout_s=0.2, entries_max=1, in_flight_max=2)
         batcher.offer(replies.submit("alpha", 1))
         raft.commit(raft.proposals[0])
         await replies.wait_for(1)
@@ -515,8 +508,7 @@ def test_a_commit_timeout_expires_each_batch_by_its_own_deadline():
 
 def test_stop_answers_queued_and_in_flight_submits_exactly_once():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, entries_max=2, in_flight_max=2, commit_timeout_s=0.05)
+        raft, replies, batcher = batcher_on_fakes(entries_max=2, in_flight_max=2, commit_timeout_s=0.05)
         for seq in range(1, 7):
             batcher.offer(replies.submit("alpha", seq))
         assert sizes(raft) == [1, 2] and batcher.queued == 3
@@ -543,8 +535,7 @@ def test_stop_answers_queued_and_in_flight_submits_exactly_once():
 
 def test_after_stop_and_start_new_submits_are_proposed_again():
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         batcher.offer(replies.submit("alpha", 1))
         batcher.stop("no longer leader")
         batcher.offer(replies.submit("alpha", 2))
@@ -567,8 +558,7 @@ def test_leader_time_never_decreases_when_the_clock_goes_backwards():
     readings = iter([1_000, 500, 2_000, 1_999, 2_000, 10, 3_000])
 
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, clock_ns=lambda: next(readings))
+        raft, replies, batcher = batcher_on_fakes(clock_ns=lambda: next(readings))
         for seq in range(1, 8):
             batcher.offer(replies.submit("alpha", seq))
             raft.commit(raft.proposals[-1])
@@ -584,8 +574,7 @@ def test_leader_time_stays_monotonic_across_stop_and_start():
     readings = iter([5_000, 4_000])
 
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft, clock_ns=lambda: next(readings))
+        raft, replies, batcher = batcher_on_fakes(clock_ns=lambda: next(readings))
         batcher.offer(replies.submit("alpha", 1))
         batcher.stop("no longer leader")
         batcher.start()
@@ -603,8 +592,7 @@ def test_offer_without_proposing_then_flush_makes_one_batch():
     # cluster/gateway.py queues every submit of one frame with ``offer(..., propose=False)``
     # and then calls ``flush()``, so that a frame of submits becomes one batch.
     async def story():
-        raft, replies = FakeRaft(), Replies()
-        batcher = make_batcher(raft)
+        raft, replies, batcher = batcher_on_fakes()
         for seq in (1, 2, 3):
             assert batcher.offer(replies.submit("alpha", seq), propose=False)
         assert raft.proposals == []

@@ -85,9 +85,10 @@ async def close_all(clients: list[SequencerClient]) -> None:
         await client.close()
 
 
-def check_journals_identical(journals: dict[str, JournalContents], last_seq: int) -> list[protocol.Delivered]:
-    """Every journal verifies, has no hole, holds 1..last_seq, and all are byte-identical.
+def check_journals_identical(h: ClusterHarness, last_seq: int) -> list[protocol.Delivered]:
+    """Every node's journal verifies, has no hole, holds 1..last_seq, and all are byte-identical.
     Returns the records (of any one of them)."""
+    journals: dict[str, JournalContents] = {node_id: h.read_journal(node_id) for node_id in h.node_ids}
     reference = next(iter(journals.values()))
     for node_id, journal in journals.items():
         assert journal.report.ok, f"{node_id}: verify_journal: {journal.report}"
@@ -162,6 +163,16 @@ def check_stream(recorder: StreamRecorder, last_seq: int, acked: dict[bytes, int
     assert not wrong, f"subscriber {recorder.session}: acknowledged payloads not delivered at their seq, e.g. {wrong[:5]}"
 
 
+async def replay(h: ClusterHarness, endpoints: list[str], total: int) -> StreamRecorder:
+    """A new subscriber from seq 1 on ``endpoints``, stopped once it has read ``total`` messages."""
+    recorder = StreamRecorder(endpoints, token=h.token, session="replay").start()
+    try:
+        await recorder.wait_until(total, timeout_s=20)
+    finally:
+        await recorder.stop()
+    return recorder
+
+
 def raw_frame(body: bytes, *, crc: int | None = None) -> bytes:
     """A frame with an arbitrary body (and, if given, a wrong checksum)."""
     return protocol.HEADER.pack(len(body), zlib.crc32(body) if crc is None else crc) + body
@@ -211,8 +222,7 @@ def test_three_clients_finish_through_a_leader_kill_and_every_journal_agrees(run
     h.wait_converged(total, timeout_s=30)
     h.stop()
 
-    journals = {node_id: h.read_journal(node_id) for node_id in h.node_ids}
-    records = check_journals_identical(journals, total)
+    records = check_journals_identical(h, total)
     check_exactly_once(records, {p for payloads in sessions.values() for p in payloads})
     acked = {payload: seq for session, seqs in zip(sessions, results) for payload, seq in zip(sessions[session], seqs)}
     assert len(set(acked.values())) == total, "two submits were acknowledged with the same sequence number"
@@ -324,18 +334,9 @@ def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot_and_journal_fe
     total = len(acked)
     h.wait_converged(total, timeout_s=20)
 
-    async def replay_from_follower() -> StreamRecorder:
-        recorder = StreamRecorder([h.endpoint(follower)], token=h.token, session="replay").start()
-        try:
-            await recorder.wait_until(total, timeout_s=20)
-        finally:
-            await recorder.stop()
-        return recorder
-
-    check_stream(asyncio.run(replay_from_follower()), total, acked)
+    check_stream(asyncio.run(replay(h, [h.endpoint(follower)], total)), total, acked)
     h.stop()
-    journals = {node_id: h.read_journal(node_id) for node_id in h.node_ids}
-    records = check_journals_identical(journals, total)
+    records = check_journals_identical(h, total)
     check_acknowledged(records, acked, where="journal")
     check_sessions_in_order(records, {"compaction": payloads[:total]})
 
@@ -477,18 +478,9 @@ def test_every_acknowledged_message_survives_sigkill_of_every_node(running_clust
     h.wait_for_leader()
     h.wait_converged(total, timeout_s=30)
 
-    async def replay() -> StreamRecorder:
-        recorder = StreamRecorder(h.endpoints, token=h.token, session="replay").start()
-        try:
-            await recorder.wait_until(total, timeout_s=20)
-        finally:
-            await recorder.stop()
-        return recorder
-
-    check_stream(asyncio.run(replay()), total, acked)
+    check_stream(asyncio.run(replay(h, h.endpoints, total)), total, acked)
     h.stop()
-    journals = {node_id: h.read_journal(node_id) for node_id in h.node_ids}
-    records = check_journals_identical(journals, total)
+    records = check_journals_identical(h, total)
     check_acknowledged(records, acked_before, where="journal (acknowledged before the kill)")
     check_acknowledged(records, acked, where="journal")
     check_exactly_once(records, {p for payloads in sessions.values() for p in payloads})
@@ -728,7 +720,7 @@ def test_a_pipelining_client_over_the_session_limit_is_slowed_not_failed(running
     assert seqs == list(range(1, len(payloads) + 1)), "a lone session's messages should be numbered 1..N in order"
     h.wait_converged(len(payloads), timeout_s=10)
     h.stop()
-    records = check_journals_identical({n: h.read_journal(n) for n in h.node_ids}, len(payloads))
+    records = check_journals_identical(h, len(payloads))
     check_sessions_in_order(records, {"eager": payloads})
 
 

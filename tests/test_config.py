@@ -55,6 +55,13 @@ def without(key: str) -> dict:
     return raw
 
 
+def with_peer(peer: int, key: str, value) -> dict:
+    """``three_nodes()`` with one setting of one of its peers changed (or added)."""
+    raw = three_nodes()
+    raw["peers"][peer][key] = value
+    return raw
+
+
 def refused(raw: dict) -> str:
     """The ConfigError text for ``raw``; fails the test when it is accepted."""
     with pytest.raises(ConfigError) as caught:
@@ -166,9 +173,7 @@ def test_a_missing_setting_is_named(raw, named):
 
 
 def test_duplicate_node_ids_are_refused():
-    raw = three_nodes()
-    raw["peers"][1]["id"] = "n1"
-    assert "node ids must be unique" in refused(raw)
+    assert "node ids must be unique" in refused(with_peer(1, "id", "n1"))
 
 
 @pytest.mark.parametrize(
@@ -180,9 +185,7 @@ def test_duplicate_node_ids_are_refused():
     ],
 )
 def test_duplicate_addresses_are_refused(peer, field, address):
-    raw = three_nodes()
-    raw["peers"][peer][field] = address
-    assert "raft_address and client_address must be unique" in refused(raw)
+    assert "raft_address and client_address must be unique" in refused(with_peer(peer, field, address))
 
 
 @pytest.mark.parametrize("peers", [1, 3])
@@ -286,9 +289,7 @@ def test_unknown_keys_are_refused(path, named):
 
 
 def test_unknown_keys_in_a_peer_are_refused():
-    raw = three_nodes()
-    raw["peers"][0]["metrics_address"] = "10.0.0.2:7201"
-    assert "metrics_address" in refused(raw)
+    assert "metrics_address" in refused(with_peer(0, "metrics_address", "10.0.0.2:7201"))
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -554,6 +555,11 @@ def _source_files(packages: tuple[str, ...], root: Path = ROOT) -> dict[str, Pat
     return {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py")) if "__pycache__" not in p.parts}
 
 
+def findings_in(packages: tuple[str, ...], check: Callable[[str, str], list[str]]) -> list[str]:
+    """What ``check(source, module)`` finds in every Python file of `packages`."""
+    return [found for m, p in _source_files(packages).items() for found in check(p.read_text(encoding="utf-8"), m)]
+
+
 def import_graph(packages: tuple[str, ...] = PRODUCT, root: Path = ROOT) -> dict[str, set[str]]:
     """Module -> the modules of `packages` it imports (``from pkg import sub`` counts as the
     submodule where one exists, else the package), TYPE_CHECKING imports included."""
@@ -680,10 +686,8 @@ def file_io_outside_journal(source: str, module: str) -> list[str]:
 
 
 def test_sequencer_touches_files_only_in_the_journal():
-    files = _source_files(("sequencer",))
-    assert any(within(m, "sequencer.journal") for m in files)
-    bad = [b for m, p in files.items() for b in file_io_outside_journal(p.read_text(encoding="utf-8"), m)]
-    assert bad == []
+    assert any(within(m, "sequencer.journal") for m in _source_files(("sequencer",)))
+    assert findings_in(("sequencer",), file_io_outside_journal) == []
 
 
 @pytest.mark.parametrize("source", ["import os\nos.fsync(3)", "f = open('x', 'wb')", "import shutil", "from pathlib import Path"])
@@ -733,9 +737,7 @@ def stray_bounds(source: str, module: str) -> list[str]:
 
 
 def test_every_byte_bound_lives_in_limits_or_config():
-    files = _source_files(PRODUCT)
-    bad = [b for m, p in files.items() for b in stray_bounds(p.read_text(encoding="utf-8"), m)]
-    assert bad == []
+    assert findings_in(PRODUCT, stray_bounds) == []
 
 
 @pytest.mark.parametrize("source", ["READ_CHUNK = 65536", "buf = sock.recv(256 * 1024)", "if n > 262144:\n    pass", "x = 1024 * 1024"])

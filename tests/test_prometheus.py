@@ -14,7 +14,6 @@ test fails with a message; it does not skip.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import random
 import shutil
@@ -33,6 +32,7 @@ from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F
 from monitoring import ALERTS, dashboard_expressions, load_dashboard, metric_names, node_sample_names, scrape_config_module
 
 from raftseq.clients import SequencerClient
+from raftseq.cluster.local import die_with_parent
 
 SCRAPE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 30.0
@@ -65,13 +65,6 @@ def free_loopback_port(rng: random.Random) -> int:
     raise RuntimeError("no free port on 127.0.0.1")
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class PrometheusServer:
     """One Prometheus process on 127.0.0.1 with its data in a temp dir; stopped by pid."""
 
@@ -88,7 +81,7 @@ class PrometheusServer:
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
             )
         print(f"prometheus pid {self.process.pid} on http://{self.address}, log {self.log_path}", flush=True)
 

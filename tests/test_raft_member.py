@@ -127,6 +127,11 @@ def counter(member, name: str) -> int:
     return getattr(member, name, 0)
 
 
+def kept_and_refused(member) -> tuple[int, int]:
+    """A corrected member's counts of matching entries kept and of truncations refused."""
+    return member.raftseq_matching_entries_kept, member.raftseq_truncations_refused
+
+
 def follower_holding_2_to_21(make_member, member_class, *, journal_file=False):
     """A follower that accepted 2..11 and then 12..21 from the leader of term 1."""
     member, leader = make_member(member_class, journal_file=journal_file)
@@ -135,6 +140,17 @@ def follower_holding_2_to_21(make_member, member_class, *, journal_file=False):
     append(member, leader, term=1, prev_idx=11, prev_term=1, new_entries=entries(12, 21, 1))
     assert log_end(member) == 21
     return member, leader
+
+
+def assert_not_shrunk(member, member_class, before, *, counts: tuple[int, int]) -> None:
+    """After a stale message to ``follower_holding_2_to_21``: the unmodified class shrank the log
+    to 6 (the fault), the corrected one kept all of it and counted what it kept and refused."""
+    if member_class is PlainMember:
+        assert log_end(member) == 6, "the unmodified class no longer shows the shrink"
+    else:
+        assert log_end(member) == 21
+        assert log_of(member) == before
+        assert kept_and_refused(member) == counts
 
 
 # --- a. a stale AppendEntries must not shrink a follower's log -----------------------------
@@ -149,13 +165,7 @@ def test_stale_append_entries_does_not_shrink_the_log(make_member, member_class,
     # The leader's first append of 2..6, delivered after the follower accepted 2..21.
     append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 6, 1))
 
-    if member_class is PlainMember:
-        assert log_end(member) == 6, "the unmodified class no longer shows the shrink"
-    else:
-        assert log_end(member) == 21
-        assert log_of(member) == before
-        assert member.raftseq_matching_entries_kept == 5
-        assert member.raftseq_truncations_refused == 1
+    assert_not_shrunk(member, member_class, before, counts=(5, 1))
 
 
 @BOTH
@@ -168,8 +178,7 @@ def test_stale_append_entries_reaching_past_the_log_end_adds_only_the_new_entrie
     assert log_end(member) == 25
     assert log_of(member) == before + entries(22, 25, 1)
     if member_class is CorrectedMember:
-        assert member.raftseq_matching_entries_kept == 15
-        assert member.raftseq_truncations_refused == 0
+        assert kept_and_refused(member) == (15, 0)
 
 
 # --- b. a heartbeat with an old prevLogIdx must not truncate --------------------------------
@@ -182,12 +191,7 @@ def test_heartbeat_with_old_prev_log_idx_does_not_truncate(make_member, member_c
 
     heartbeat(member, leader, term=1, prev_idx=6, prev_term=1)
 
-    if member_class is PlainMember:
-        assert log_end(member) == 6, "the unmodified class no longer shows the shrink"
-    else:
-        assert log_of(member) == before
-        assert member.raftseq_truncations_refused == 1
-        assert member.raftseq_matching_entries_kept == 0
+    assert_not_shrunk(member, member_class, before, counts=(0, 1))
 
 
 @BOTH
@@ -217,8 +221,7 @@ def test_conflicting_entries_are_replaced_from_the_first_conflict(make_member, m
     assert log_end(member) == 7
     assert log_of(member) == own[:4] + entries(5, 7, 2, tag=" (new leader)")
     if member_class is CorrectedMember:
-        assert member.raftseq_matching_entries_kept == 3
-        assert member.raftseq_truncations_refused == 0
+        assert kept_and_refused(member) == (3, 0)
 
 
 @BOTH
@@ -405,24 +408,18 @@ def test_success_reply_for_an_early_append_keeps_next_index(make_member, member_
 
 
 @BOTH
-def test_success_reply_beyond_next_index_moves_it_forwards(make_member, member_class):
+@pytest.mark.parametrize(
+    ("next_idx", "success", "reset", "match_idx"),
+    [(26, True, False, 25), (5, False, True, 0)],
+    ids=["success-beyond-next-index-moves-it-forwards", "failure-with-reset-still-moves-it-back"],
+)
+def test_other_replies_move_next_index_as_sent(make_member, member_class, next_idx, success, reset, match_idx):
     member, follower = leader_with_two_appends_in_flight(make_member, member_class)
 
-    next_node_idx(member, follower, next_idx=26, success=True, reset=False)
+    next_node_idx(member, follower, next_idx=next_idx, success=success, reset=reset)
 
-    assert member._SyncObj__raftMatchIndex[follower] == 25
-    assert member._SyncObj__raftNextIndex[follower] == 26
-    assert counter(member, "raftseq_next_index_rewinds_refused") == 0
-
-
-@BOTH
-def test_failure_reply_with_reset_still_moves_next_index_back(make_member, member_class):
-    member, follower = leader_with_two_appends_in_flight(make_member, member_class)
-
-    next_node_idx(member, follower, next_idx=5, success=False, reset=True)
-
-    assert member._SyncObj__raftNextIndex[follower] == 5
-    assert member._SyncObj__raftMatchIndex[follower] == 0
+    assert member._SyncObj__raftMatchIndex[follower] == match_idx
+    assert member._SyncObj__raftNextIndex[follower] == next_idx
     assert counter(member, "raftseq_next_index_rewinds_refused") == 0
 
 
@@ -431,15 +428,14 @@ def test_failure_reply_with_reset_still_moves_next_index_back(make_member, membe
 
 def test_counters_stay_at_zero_on_in_order_replication(make_member):
     member, leader = make_member(CorrectedMember)
-    assert (member.raftseq_matching_entries_kept, member.raftseq_truncations_refused) == (0, 0)
+    assert kept_and_refused(member) == (0, 0)
     append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 11, 1))
     append(member, leader, term=1, prev_idx=11, prev_term=1, new_entries=entries(12, 21, 1), commit_index=11)
     heartbeat(member, leader, term=1, prev_idx=21, prev_term=1, commit_index=21)
 
     assert log_end(member) == 21
     assert commit_index(member) == 21
-    assert member.raftseq_matching_entries_kept == 0
-    assert member.raftseq_truncations_refused == 0
+    assert kept_and_refused(member) == (0, 0)
     assert member.raftseq_next_index_rewinds_refused == 0
 
 
@@ -451,11 +447,9 @@ def test_counters_add_up_over_repeated_stale_messages(make_member):
     heartbeat(member, leader, term=1, prev_idx=3, prev_term=1)
 
     assert log_end(member) == 21
-    assert member.raftseq_matching_entries_kept == 5 + 3
-    assert member.raftseq_truncations_refused == 3
+    assert kept_and_refused(member) == (5 + 3, 3)
     # Counters belong to the member, not to the class.
-    assert RaftMember.raftseq_matching_entries_kept == 0
-    assert RaftMember.raftseq_truncations_refused == 0
+    assert kept_and_refused(RaftMember) == (0, 0)
 
 
 # --- f. the correction is pinned to the exact pysyncobj version -----------------------------
@@ -567,16 +561,22 @@ def voter(tmp_path):
         member.destroy()
 
 
-def deadline_passes(member) -> None:
+def timed_out(voter, member_class):
+    """A member whose election deadline passed, after one tick: (member, peers, outbox, its term before the tick)."""
+    member, peers, outbox = voter(member_class)
+    term = member._SyncObj__raftCurrentTerm
     member._SyncObj__raftElectionDeadline = pysyncobj.syncobj.monotonicTime() - 1
+    member._onTick(0)
+    return member, peers, outbox, term
+
+
+def pre_vote_reply(member, peer, *, term, granted) -> None:
+    member._SyncObj__onMessageReceived(peer, {"type": "raftseq_pre_vote_response", "term": term, "granted": granted})
 
 
 @BOTH
 def test_a_node_whose_timeout_passes_asks_before_it_raises_its_term(voter, member_class):
-    member, peers, outbox = voter(member_class)
-    term = member._SyncObj__raftCurrentTerm
-    deadline_passes(member)
-    member._onTick(0)
+    member, peers, outbox, term = timed_out(voter, member_class)
     if member_class is CorrectedMember:
         assert member._SyncObj__raftCurrentTerm == term, "a pre-vote raises no term"
         assert {n for n, _ in outbox.of_type("raftseq_pre_vote")} == set(peers)
@@ -587,29 +587,23 @@ def test_a_node_whose_timeout_passes_asks_before_it_raises_its_term(voter, membe
 
 
 def test_a_pre_vote_won_by_a_majority_starts_the_election(voter):
-    member, peers, outbox = voter(CorrectedMember)
-    term = member._SyncObj__raftCurrentTerm
-    deadline_passes(member)
-    member._onTick(0)
+    member, peers, outbox, term = timed_out(voter, CorrectedMember)
     asked = outbox.of_type("raftseq_pre_vote")[0][1]["term"]
-    member._SyncObj__onMessageReceived(peers[0], {"type": "raftseq_pre_vote_response", "term": asked, "granted": True})
+    pre_vote_reply(member, peers[0], term=asked, granted=True)
     member._onTick(0)
     assert member._SyncObj__raftCurrentTerm == term + 1
     assert len(outbox.of_type("request_vote")) == 2
 
 
 def test_a_pre_vote_refused_by_everyone_changes_nothing(voter):
-    member, peers, outbox = voter(CorrectedMember)
-    term = member._SyncObj__raftCurrentTerm
-    deadline_passes(member)
-    member._onTick(0)
+    member, peers, outbox, term = timed_out(voter, CorrectedMember)
     asked = outbox.of_type("raftseq_pre_vote")[0][1]["term"]
     for peer in peers:
-        member._SyncObj__onMessageReceived(peer, {"type": "raftseq_pre_vote_response", "term": asked, "granted": False})
+        pre_vote_reply(member, peer, term=asked, granted=False)
     member._onTick(0)
     assert member._SyncObj__raftCurrentTerm == term and outbox.of_type("request_vote") == []
     # a stale yes for another term counts for nothing either
-    member._SyncObj__onMessageReceived(peers[0], {"type": "raftseq_pre_vote_response", "term": asked + 5, "granted": True})
+    pre_vote_reply(member, peers[0], term=asked + 5, granted=True)
     member._onTick(0)
     assert outbox.of_type("request_vote") == []
 

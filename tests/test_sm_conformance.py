@@ -37,15 +37,7 @@ from raftseq.cluster import cli  # noqa: E402
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port  # noqa: E402
 from examples.refdata.admin import listing, updates  # noqa: E402
 from examples.refdata.machine import ReferenceData  # noqa: E402
-from examples.refdata.messages import (  # noqa: E402
-    EndOfDay,
-    InstrumentAdded,
-    InstrumentAddedV1,
-    InstrumentHalted,
-    InstrumentResumed,
-    InstrumentUpdated,
-    TradingParametersSet,
-)
+from examples.refdata import messages as refdata  # noqa: E402
 
 REFERENCE = "examples.refdata.machine:ReferenceData"
 STEP_TIMEOUT_S = 60
@@ -66,7 +58,14 @@ class ReasonlessHalts(ReferenceData):
 
 
 CURRENT_ONLY = MessageTypes("refdata")
-for _cls in (InstrumentAdded, InstrumentUpdated, InstrumentHalted, InstrumentResumed, TradingParametersSet, EndOfDay):
+for _cls in (
+    refdata.InstrumentAdded,
+    refdata.InstrumentUpdated,
+    refdata.InstrumentHalted,
+    refdata.InstrumentResumed,
+    refdata.TradingParametersSet,
+    refdata.EndOfDay,
+):
     CURRENT_ONLY.add(_cls)
 
 
@@ -106,7 +105,7 @@ class Day:
 
 
 def listed_halt(m) -> bool:
-    return isinstance(m, InstrumentHalted) and int(m.symbol[3:]) < INSTRUMENTS
+    return isinstance(m, refdata.InstrumentHalted) and int(m.symbol[3:]) < INSTRUMENTS
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +126,7 @@ async def _sequence_day(h: ClusterHarness, day: Day) -> None:
     first = listing(INSTRUMENTS, rng) + updates(500, INSTRUMENTS, rng)
     for i in range(0, len(first), 97):
         first.insert(i, FOREIGN)
-    second = updates(700, INSTRUMENTS, rng) + [EndOfDay("2026-11-26")]
+    second = updates(700, INSTRUMENTS, rng) + [refdata.EndOfDay("2026-11-26")]
     second.insert(30, FOREIGN)  # behaviour version 2 takes effect on this one
     async with SequencerClient(h.endpoints, session="refdata-admin", token=h.token, in_flight_max=1000) as client:
         encoded = [m if isinstance(m, bytes) else encode_message(m) for m in first]
@@ -208,19 +207,19 @@ def test_the_recording_describes_itself_and_keeps_what_can_change_the_machine(re
         f.read(len(conformance.MAGIC))
         entries = [r for _, _, r in conformance.frames(f, str(recording)) if isinstance(r, conformance.Entry)]
     kept = {e.seq for e in entries}
-    refdata = {s for m, s in zip(day.messages, day.seqs) if not isinstance(m, bytes) and type(m).TYPE.startswith("refdata.")}
+    refdata_seqs = {s for m, s in zip(day.messages, day.seqs) if not isinstance(m, bytes) and type(m).TYPE.startswith("refdata.")}
     foreign = {
         s for m, s in zip(day.messages, day.seqs) if m == FOREIGN or (not isinstance(m, bytes) and type(m).TYPE.startswith("venues."))
     }
     # Every reference-data message; the activation and the foreign payload on which it took
     # effect (the digest changed there); no other team's message, no snapshot chunk.
-    assert refdata <= kept
+    assert refdata_seqs <= kept
     assert {day.activate_seq, day.activation_at} <= kept
-    assert not (kept - refdata - {day.activate_seq, day.activation_at})
+    assert not (kept - refdata_seqs - {day.activate_seq, day.activation_at})
     assert foreign - {day.activation_at} and not (foreign - {day.activation_at}) & kept
     assert summary.entries == len(entries) and summary.footer.final_digest == entries[-1].digest
     by_seq = {e.seq: e for e in entries}
-    first_v1 = by_seq[day.first_seq(lambda m: isinstance(m, InstrumentAddedV1))]
+    first_v1 = by_seq[day.first_seq(lambda m: isinstance(m, refdata.InstrumentAddedV1))]
     assert (first_v1.type, first_v1.version, first_v1.session) == ("refdata.instrument_added", 1, "refdata-admin")
     assert by_seq[day.activation_at].payload == FOREIGN
 
@@ -248,7 +247,7 @@ def test_a_second_implementation_with_one_bug_is_caught_at_its_first_wrong_messa
 
 def test_a_message_version_the_implementation_cannot_read_stops_it_with_the_sdk_error(recording, day, capsys):
     code, report = verify(recording, spec(CurrentVersionsOnly), capsys)
-    first_v1 = day.first_seq(lambda m: isinstance(m, InstrumentAddedV1))
+    first_v1 = day.first_seq(lambda m: isinstance(m, refdata.InstrumentAddedV1))
     assert code == 1 and report["mismatch"] is None
     assert report["error_seq"] == first_v1
     assert f"seq {first_v1}: message type 'refdata.instrument_added' version 1 cannot be read" in report["error"]

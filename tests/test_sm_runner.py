@@ -51,7 +51,22 @@ class Delete(SmMessage):
     key: str
 
 
-class KvStore(StateMachine):
+class Recording(StateMachine):
+    """Base of the two machines below: notes what this instance applied, with the behaviour in
+    effect (instrumentation, not state: snapshots leave it out), then ``change``s its state."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[int, int]] = []
+
+    def apply(self, message, seq, log_time_ns):
+        self.applied.append((seq, self.active_version))
+        self.change(message)
+
+    def change(self, message) -> None:
+        raise NotImplementedError
+
+
+class KvStore(Recording):
     """Behaviour 1: a put sets the value. Behaviour 2: a put adds to it."""
 
     TYPE = "kv"
@@ -59,12 +74,10 @@ class KvStore(StateMachine):
     BEHAVIOUR_VERSIONS = (1, 2)
 
     def __init__(self) -> None:
+        super().__init__()
         self.data: dict[str, int] = {}
-        #: Instrumentation, not state: what this instance applied, with the behaviour in effect.
-        self.applied: list[tuple[int, int]] = []
 
-    def apply(self, message, seq, log_time_ns):
-        self.applied.append((seq, self.active_version))
+    def change(self, message) -> None:
         if type(message) is Put:
             self.data[message.key] = message.value if self.active_version == 1 else self.data.get(message.key, 0) + message.value
         else:
@@ -87,16 +100,15 @@ class Add(SmMessage):
     amount: int
 
 
-class Counter(StateMachine):
+class Counter(Recording):
     TYPE = "counter"
     MESSAGES = CTR
 
     def __init__(self) -> None:
+        super().__init__()
         self.total = 0
-        self.applied: list[tuple[int, int]] = []
 
-    def apply(self, message, seq, log_time_ns):
-        self.applied.append((seq, self.active_version))
+    def change(self, message) -> None:
         self.total += message.amount
 
     def snapshot(self) -> bytes:

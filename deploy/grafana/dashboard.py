@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUT = os.path.join(HERE, "dashboards", "raftseq.json")
@@ -143,7 +144,7 @@ def stat(
     }
 
 
-def heatmap(title: str, description: str, expr: str, *, unit: str) -> dict:
+def heatmap(title: str, description: str, queries: list[tuple[str, str]], *, unit: str) -> dict:
     return {
         "type": "heatmap",
         "title": title,
@@ -158,16 +159,15 @@ def heatmap(title: str, description: str, expr: str, *, unit: str) -> dict:
             "tooltip": {"show": True, "yHistogram": False},
             "legend": {"show": False},
         },
-        "targets": targets([(expr, "{{le}}")], fmt="heatmap"),
+        "targets": targets(queries, fmt="heatmap"),
     }
 
 
-def role_timeline() -> dict:
-    expr = f'2 * max by (node) (raftseq_role{{{N}, role="leader"}}) + max by (node) (raftseq_role{{{N}, role="follower"}})'
+def role_timeline(title: str, description: str, queries: list[tuple[str, str]]) -> dict:
     return {
         "type": "state-timeline",
-        "title": "Role",
-        "description": "Each node's Raft role over time (raftseq_role).",
+        "title": title,
+        "description": description,
         "datasource": DS,
         "fieldConfig": {
             "defaults": {
@@ -187,7 +187,7 @@ def role_timeline() -> dict:
             "overrides": [],
         },
         "options": {"showValue": "auto", "mergeValues": True, "rowHeight": 0.8, "legend": {"showLegend": False}},
-        "targets": targets([(expr, "{{node}}")]),
+        "targets": targets(queries),
     }
 
 
@@ -197,407 +197,402 @@ def quantiles(metric: str, qs: tuple[float, ...], *, by: str = "node") -> list[t
     ]
 
 
+def per_node(expr: str) -> list[tuple[str, str]]:
+    """The one query of a panel that draws ``expr`` once per node."""
+    return [(expr, "{{node}}")]
+
+
+class Panel:
+    """One row of the table below: the builder that draws a panel, its size (w, h) and what it draws."""
+
+    def __init__(self, make: Callable[..., dict], size: tuple[int, int], title: str, description: str, queries: list, **options) -> None:
+        self.make = make
+        self.w, self.h = size
+        self.title = title
+        self.description = description
+        self.queries = queries
+        self.options = options
+
+    def build(self) -> dict:
+        return self.make(self.title, self.description, self.queries, **self.options)
+
+
+#: Panel sizes in grid units (the grid is 24 wide).
+QUARTER = (6, 7)
+THIRD = (8, 7)
+HALF = (12, 7)
+WIDE = (24, 7)
+TALL_HALF = (12, 8)
+STAT_SIZE = (3, 5)
+
+ROLE = f'2 * max by (node) (raftseq_role{{{N}, role="leader"}}) + max by (node) (raftseq_role{{{N}, role="follower"}})'
+
+#: Every row of the dashboard and its panels, in order.
+ROWS: list[tuple[str, list[Panel]]] = [
+    (
+        "Cluster",
+        [
+            Panel(
+                stat,
+                (6, 5),
+                "Leader, as each node sees it",
+                "raftseq_raft_leader: the leader each node follows ('none' while it knows none). All nodes should agree.",
+                [(f"raftseq_raft_leader{{{N}}} == 1", "{{node}} → {{leader}}")],
+                text_mode="name",
+            ),
+            Panel(
+                stat,
+                STAT_SIZE,
+                "Nodes reporting",
+                "Nodes whose metrics Prometheus reads right now.",
+                [("count(raftseq_start_time_seconds)", "nodes")],
+                thresholds=[{"color": "red", "value": None}, {"color": "orange", "value": 2}, {"color": "green", "value": 3}],
+            ),
+            Panel(
+                stat,
+                STAT_SIZE,
+                "Leaders",
+                "Nodes that call themselves leader: 1 is healthy; 0 means no leader; 2 means a stale leader (or worse: see the alert rules).",
+                [(f'sum(raftseq_role{{{N}, role="leader"}})', "leaders")],
+                thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}, {"color": "red", "value": 2}],
+            ),
+            Panel(role_timeline, (12, 5), "Role", "Each node's Raft role over time (raftseq_role).", per_node(ROLE)),
+            Panel(timeseries, THIRD, "Raft term", "raftseq_raft_term per node.", per_node(f"raftseq_raft_term{{{N}}}"), minimum=None),
+            Panel(
+                timeseries,
+                THIRD,
+                "Leader changes",
+                "Leaders each node saw in the last 5 minutes (raftseq_leader_changes_total; the first leader after a start counts).",
+                per_node(f"increase(raftseq_leader_changes_total{{{N}}}[5m])"),
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Uptime",
+                "Seconds since each node process started; a drop is a restart.",
+                per_node(f"time() - raftseq_start_time_seconds{{{N}}}"),
+                unit="s",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Commit and applied index",
+                "Raft commit index and last applied index per node.",
+                [
+                    (f"raftseq_raft_commit_index{{{N}}}", "{{node}} commit"),
+                    (f"raftseq_raft_last_applied_index{{{N}}}", "{{node}} applied"),
+                ],
+                minimum=None,
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Follower lag (entries)",
+                "Committed Raft entries each follower does not hold yet, as the leader sees it.",
+                [(f"raftseq_follower_lag_entries{{{N}}}", "{{follower}} (leader {{node}})")],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Quorum and peer links",
+                "1 while a node reaches a majority (quorum) and while each of its Raft links is connected.",
+                [
+                    (f"raftseq_raft_has_quorum{{{N}}}", "{{node}} quorum"),
+                    (f"raftseq_raft_peer_connected{{{N}}}", "{{node}} → {{peer}}"),
+                ],
+                unit="bool",
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Raft log entries in memory",
+                "Entries in pysyncobj's Raft log, held in RAM until the next compaction.",
+                per_node(f"raftseq_raft_log_entries{{{N}}}"),
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Raft corrections",
+                "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies, older leaders told of a newer term, and steps down to one; and failed Raft ticks (each is in the node's log).",
+                [
+                    (f"rate(raftseq_raft_matching_entries_kept_total{{{N}}}[{RATE}])", "{{node}} entries kept"),
+                    (f"rate(raftseq_raft_truncations_refused_total{{{N}}}[{RATE}])", "{{node}} truncations refused"),
+                    (f"rate(raftseq_raft_next_index_rewinds_refused_total{{{N}}}[{RATE}])", "{{node}} rewinds refused"),
+                    (f"rate(raftseq_raft_snapshot_commits_refused_total{{{N}}}[{RATE}])", "{{node}} snapshot commits refused"),
+                    (f"rate(raftseq_raft_elections_deferred_total{{{N}}}[{RATE}])", "{{node}} elections deferred"),
+                    (f"rate(raftseq_raft_newer_terms_told_total{{{N}}}[{RATE}])", "{{node}} newer term told"),
+                    (f"rate(raftseq_raft_newer_terms_heard_total{{{N}}}[{RATE}])", "{{node}} stepped down to a newer term"),
+                    (f"rate(raftseq_raft_ticks_failed_total{{{N}}}[{RATE}])", "{{node}} Raft ticks failed"),
+                ],
+                unit="ops",
+            ),
+        ],
+    ),
+    (
+        "Sequencing",
+        [
+            Panel(
+                timeseries,
+                THIRD,
+                "Messages sequenced",
+                "Messages given a sequence number per second, as each node applies them.",
+                per_node(f"rate(raftseq_messages_sequenced_total{{{N}}}[{RATE}])"),
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Batches applied",
+                "Raft entries (batches) applied per second.",
+                per_node(f"rate(raftseq_batches_applied_total{{{N}}}[{RATE}])"),
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Batch size",
+                "Messages per applied batch: median, p99 and mean.",
+                [
+                    *quantiles("raftseq_batch_entries", (0.5, 0.99)),
+                    (
+                        f"rate(raftseq_batch_entries_sum{{{N}}}[{RATE}]) / rate(raftseq_batch_entries_count{{{N}}}[{RATE}])",
+                        "{{node}} mean",
+                    ),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Last sequence number",
+                "Last committed sequence number each node knows, and the last its subscribers may read (lower while a journal hole waits for catch-up).",
+                [
+                    (f"raftseq_last_seq{{{N}}}", "{{node}} last"),
+                    (f"raftseq_readable_seq{{{N}}}", "{{node}} readable"),
+                ],
+                minimum=None,
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Sequence lag behind the furthest node",
+                "How many sequence numbers each node is behind the node furthest ahead.",
+                per_node(f"scalar(max(raftseq_last_seq)) - raftseq_last_seq{{{N}}}"),
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Age of the last log time",
+                "Seconds since the leader stamped the last applied batch (grows while the cluster is idle).",
+                per_node(f"time() - raftseq_last_log_time_seconds{{{N}}}"),
+                unit="s",
+            ),
+            Panel(
+                timeseries,
+                TALL_HALF,
+                "Ack latency (leader)",
+                "Submit received to ack sent, on the leader: p50, p99, p99.9.",
+                quantiles("raftseq_ack_latency_seconds", (0.5, 0.99, 0.999)),
+                unit="s",
+            ),
+            Panel(
+                heatmap,
+                TALL_HALF,
+                "Ack latency distribution",
+                "Acknowledgements per latency bucket.",
+                [(f"sum by (le) (increase(raftseq_ack_latency_seconds_bucket{{{N}}}[{RATE}]))", "{{le}}")],
+                unit="s",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Batcher queue and in-flight batches",
+                "Submits waiting in the leader's batcher, and batches proposed to Raft but not yet committed.",
+                [
+                    (f"raftseq_batcher_queue_entries{{{N}}}", "{{node}} queued submits"),
+                    (f"raftseq_batcher_in_flight_batches{{{N}}}", "{{node}} in-flight batches"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Proposed",
+                "Submits and batches the leader proposed per second, and batches whose outcome became unknown.",
+                [
+                    (f"rate(raftseq_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} submits"),
+                    (f"rate(raftseq_batches_proposed_total{{{N}}}[{RATE}])", "{{node}} batches"),
+                    (f"rate(raftseq_batches_outcome_unknown_total{{{N}}}[{RATE}])", "{{node}} batches, outcome unknown"),
+                ],
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Duplicate submits",
+                "Submits answered from the dedup window per second (client retries).",
+                per_node(f"rate(raftseq_duplicate_submits_total{{{N}}}[{RATE}])"),
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                WIDE,
+                "Refusals by reason",
+                "Submits and requests refused per second, by reason (busy, not_leader, outcome_unknown, …).",
+                [(f"sum by (reason) (rate(raftseq_refusals_total{{{N}}}[{RATE}]))", "{{reason}}")],
+                unit="ops",
+            ),
+        ],
+    ),
+    (
+        "Clients and subscribers",
+        [
+            Panel(
+                timeseries, QUARTER, "Connected clients", "Open client connections per node.", per_node(f"raftseq_clients_connected{{{N}}}")
+            ),
+            Panel(timeseries, QUARTER, "Subscribers", "Active subscriptions per node.", per_node(f"raftseq_subscribers{{{N}}}")),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Delivered to subscribers",
+                "Messages sent to subscribers per second.",
+                per_node(f"rate(raftseq_delivered_messages_total{{{N}}}[{RATE}])"),
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Slowest subscriber lag",
+                "How many messages the slowest subscription of each node is behind its last sequence number.",
+                per_node(f"raftseq_subscriber_max_lag_messages{{{N}}}"),
+            ),
+        ],
+    ),
+    (
+        "Journal, catch-up and disk",
+        [
+            Panel(
+                timeseries,
+                QUARTER,
+                "Journal size",
+                "Bytes in each node's journal.",
+                per_node(f"raftseq_journal_bytes{{{N}}}"),
+                unit="bytes",
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Journal segments",
+                "Segment files in each node's journal.",
+                per_node(f"raftseq_journal_segments{{{N}}}"),
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "fsync latency",
+                "Duration of journal fsyncs: p50 and p99 (histogram), and the mean (from the totals).",
+                [
+                    *quantiles("raftseq_journal_fsync_duration_seconds", (0.5, 0.99)),
+                    (
+                        f"rate(raftseq_journal_fsync_seconds_total{{{N}}}[{RATE}]) / rate(raftseq_journal_fsyncs_total{{{N}}}[{RATE}])",
+                        "{{node}} mean",
+                    ),
+                ],
+                unit="s",
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "fsyncs",
+                "Journal fsyncs per second (depends on journal.fsync: never, batch or interval_ms=N).",
+                per_node(f"rate(raftseq_journal_fsyncs_total{{{N}}}[{RATE}])"),
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Journal verification",
+                "Records that failed verification in the last hour, by check, and bytes of torn tail cut at the last start.",
+                [
+                    (f"increase(raftseq_journal_verify_failures_total{{{N}}}[1h])", "{{node}} failed ({{check}})"),
+                    (f"raftseq_journal_tail_cut_bytes{{{N}}}", "{{node}} tail cut (bytes)"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Catch-up",
+                "Journal records still missing (a hole left by a Raft snapshot), holes, and records fetched from peers per second.",
+                [
+                    (f"raftseq_catchup_missing_records{{{N}}}", "{{node}} missing"),
+                    (f"raftseq_journal_holes{{{N}}}", "{{node}} holes"),
+                    (f"rate(raftseq_catchup_fetched_records_total{{{N}}}[{RATE}])", "{{node}} fetched/s"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Free disk",
+                "Free bytes on each data directory's file system, and the minimum below which the node refuses submits.",
+                [
+                    (f"raftseq_disk_free_bytes{{{N}}}", "{{node}} free"),
+                    (f"raftseq_disk_free_min_bytes{{{N}}}", "{{node}} minimum"),
+                ],
+                unit="bytes",
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Free disk (%)",
+                "Free share of each data directory's file system.",
+                per_node(f"100 * raftseq_disk_free_bytes{{{N}}} / raftseq_disk_size_bytes{{{N}}}"),
+                unit="percent",
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Refusing submits for lack of disk",
+                "1 while a node's free disk is below its minimum and it answers Busy to every submit.",
+                per_node(f"raftseq_disk_low{{{N}}}"),
+                unit="bool",
+            ),
+        ],
+    ),
+    (
+        "Process",
+        [
+            Panel(
+                timeseries,
+                THIRD,
+                "Resident memory",
+                "Resident memory of each node process (the Raft log is held in RAM until compaction).",
+                [(f"process_resident_memory_bytes {OF_NODES}", "{{instance}}")],
+                unit="bytes",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "CPU",
+                "CPU seconds per second used by each node process.",
+                [(f"rate(process_cpu_seconds_total[{RATE}]) {OF_NODES}", "{{instance}}")],
+                unit="percentunit",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Open files",
+                "Open file descriptors of each node process.",
+                [(f"process_open_fds {OF_NODES}", "{{instance}}")],
+            ),
+        ],
+    ),
+]
+
+
 def build() -> dict:
     L = Layout()
-
-    L.row("Cluster")
-    L.add(
-        stat(
-            "Leader, as each node sees it",
-            "raftseq_raft_leader: the leader each node follows ('none' while it knows none). All nodes should agree.",
-            [(f"raftseq_raft_leader{{{N}}} == 1", "{{node}} → {{leader}}")],
-            text_mode="name",
-        ),
-        w=6,
-        h=5,
-    )
-    L.add(
-        stat(
-            "Nodes reporting",
-            "Nodes whose metrics Prometheus reads right now.",
-            [("count(raftseq_start_time_seconds)", "nodes")],
-            thresholds=[{"color": "red", "value": None}, {"color": "orange", "value": 2}, {"color": "green", "value": 3}],
-        ),
-        w=3,
-        h=5,
-    )
-    L.add(
-        stat(
-            "Leaders",
-            "Nodes that call themselves leader: 1 is healthy; 0 means no leader; 2 means a stale leader (or worse: see the alert rules).",
-            [(f'sum(raftseq_role{{{N}, role="leader"}})', "leaders")],
-            thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}, {"color": "red", "value": 2}],
-        ),
-        w=3,
-        h=5,
-    )
-    L.add(role_timeline(), w=12, h=5)
-    L.add(timeseries("Raft term", "raftseq_raft_term per node.", [(f"raftseq_raft_term{{{N}}}", "{{node}}")], minimum=None), w=8, h=7)
-    L.add(
-        timeseries(
-            "Leader changes",
-            "Leaders each node saw in the last 5 minutes (raftseq_leader_changes_total; the first leader after a start counts).",
-            [(f"increase(raftseq_leader_changes_total{{{N}}}[5m])", "{{node}}")],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Uptime",
-            "Seconds since each node process started; a drop is a restart.",
-            [(f"time() - raftseq_start_time_seconds{{{N}}}", "{{node}}")],
-            unit="s",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Commit and applied index",
-            "Raft commit index and last applied index per node.",
-            [
-                (f"raftseq_raft_commit_index{{{N}}}", "{{node}} commit"),
-                (f"raftseq_raft_last_applied_index{{{N}}}", "{{node}} applied"),
-            ],
-            minimum=None,
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Follower lag (entries)",
-            "Committed Raft entries each follower does not hold yet, as the leader sees it.",
-            [(f"raftseq_follower_lag_entries{{{N}}}", "{{follower}} (leader {{node}})")],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Quorum and peer links",
-            "1 while a node reaches a majority (quorum) and while each of its Raft links is connected.",
-            [
-                (f"raftseq_raft_has_quorum{{{N}}}", "{{node}} quorum"),
-                (f"raftseq_raft_peer_connected{{{N}}}", "{{node}} → {{peer}}"),
-            ],
-            unit="bool",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Raft log entries in memory",
-            "Entries in pysyncobj's Raft log, held in RAM until the next compaction.",
-            [(f"raftseq_raft_log_entries{{{N}}}", "{{node}}")],
-        ),
-        w=12,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Raft corrections",
-            "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies, older leaders told of a newer term, and steps down to one; and failed Raft ticks (each is in the node's log).",
-            [
-                (f"rate(raftseq_raft_matching_entries_kept_total{{{N}}}[{RATE}])", "{{node}} entries kept"),
-                (f"rate(raftseq_raft_truncations_refused_total{{{N}}}[{RATE}])", "{{node}} truncations refused"),
-                (f"rate(raftseq_raft_next_index_rewinds_refused_total{{{N}}}[{RATE}])", "{{node}} rewinds refused"),
-                (f"rate(raftseq_raft_snapshot_commits_refused_total{{{N}}}[{RATE}])", "{{node}} snapshot commits refused"),
-                (f"rate(raftseq_raft_elections_deferred_total{{{N}}}[{RATE}])", "{{node}} elections deferred"),
-                (f"rate(raftseq_raft_newer_terms_told_total{{{N}}}[{RATE}])", "{{node}} newer term told"),
-                (f"rate(raftseq_raft_newer_terms_heard_total{{{N}}}[{RATE}])", "{{node}} stepped down to a newer term"),
-                (f"rate(raftseq_raft_ticks_failed_total{{{N}}}[{RATE}])", "{{node}} Raft ticks failed"),
-            ],
-            unit="ops",
-        ),
-        w=12,
-        h=7,
-    )
-
-    L.row("Sequencing")
-    L.add(
-        timeseries(
-            "Messages sequenced",
-            "Messages given a sequence number per second, as each node applies them.",
-            [(f"rate(raftseq_messages_sequenced_total{{{N}}}[{RATE}])", "{{node}}")],
-            unit="ops",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Batches applied",
-            "Raft entries (batches) applied per second.",
-            [(f"rate(raftseq_batches_applied_total{{{N}}}[{RATE}])", "{{node}}")],
-            unit="ops",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Batch size",
-            "Messages per applied batch: median, p99 and mean.",
-            [
-                *quantiles("raftseq_batch_entries", (0.5, 0.99)),
-                (
-                    f"rate(raftseq_batch_entries_sum{{{N}}}[{RATE}]) / rate(raftseq_batch_entries_count{{{N}}}[{RATE}])",
-                    "{{node}} mean",
-                ),
-            ],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Last sequence number",
-            "Last committed sequence number each node knows, and the last its subscribers may read (lower while a journal hole waits for catch-up).",
-            [
-                (f"raftseq_last_seq{{{N}}}", "{{node}} last"),
-                (f"raftseq_readable_seq{{{N}}}", "{{node}} readable"),
-            ],
-            minimum=None,
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Sequence lag behind the furthest node",
-            "How many sequence numbers each node is behind the node furthest ahead.",
-            [(f"scalar(max(raftseq_last_seq)) - raftseq_last_seq{{{N}}}", "{{node}}")],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Age of the last log time",
-            "Seconds since the leader stamped the last applied batch (grows while the cluster is idle).",
-            [(f"time() - raftseq_last_log_time_seconds{{{N}}}", "{{node}}")],
-            unit="s",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Ack latency (leader)",
-            "Submit received to ack sent, on the leader: p50, p99, p99.9.",
-            quantiles("raftseq_ack_latency_seconds", (0.5, 0.99, 0.999)),
-            unit="s",
-        ),
-        w=12,
-        h=8,
-    )
-    L.add(
-        heatmap(
-            "Ack latency distribution",
-            "Acknowledgements per latency bucket.",
-            f"sum by (le) (increase(raftseq_ack_latency_seconds_bucket{{{N}}}[{RATE}]))",
-            unit="s",
-        ),
-        w=12,
-        h=8,
-    )
-    L.add(
-        timeseries(
-            "Batcher queue and in-flight batches",
-            "Submits waiting in the leader's batcher, and batches proposed to Raft but not yet committed.",
-            [
-                (f"raftseq_batcher_queue_entries{{{N}}}", "{{node}} queued submits"),
-                (f"raftseq_batcher_in_flight_batches{{{N}}}", "{{node}} in-flight batches"),
-            ],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Proposed",
-            "Submits and batches the leader proposed per second, and batches whose outcome became unknown.",
-            [
-                (f"rate(raftseq_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} submits"),
-                (f"rate(raftseq_batches_proposed_total{{{N}}}[{RATE}])", "{{node}} batches"),
-                (f"rate(raftseq_batches_outcome_unknown_total{{{N}}}[{RATE}])", "{{node}} batches, outcome unknown"),
-            ],
-            unit="ops",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Duplicate submits",
-            "Submits answered from the dedup window per second (client retries).",
-            [(f"rate(raftseq_duplicate_submits_total{{{N}}}[{RATE}])", "{{node}}")],
-            unit="ops",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Refusals by reason",
-            "Submits and requests refused per second, by reason (busy, not_leader, outcome_unknown, …).",
-            [(f"sum by (reason) (rate(raftseq_refusals_total{{{N}}}[{RATE}]))", "{{reason}}")],
-            unit="ops",
-        ),
-        w=24,
-        h=7,
-    )
-
-    L.row("Clients and subscribers")
-    L.add(
-        timeseries("Connected clients", "Open client connections per node.", [(f"raftseq_clients_connected{{{N}}}", "{{node}}")]),
-        w=6,
-        h=7,
-    )
-    L.add(timeseries("Subscribers", "Active subscriptions per node.", [(f"raftseq_subscribers{{{N}}}", "{{node}}")]), w=6, h=7)
-    L.add(
-        timeseries(
-            "Delivered to subscribers",
-            "Messages sent to subscribers per second.",
-            [(f"rate(raftseq_delivered_messages_total{{{N}}}[{RATE}])", "{{node}}")],
-            unit="ops",
-        ),
-        w=6,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Slowest subscriber lag",
-            "How many messages the slowest subscription of each node is behind its last sequence number.",
-            [(f"raftseq_subscriber_max_lag_messages{{{N}}}", "{{node}}")],
-        ),
-        w=6,
-        h=7,
-    )
-
-    L.row("Journal, catch-up and disk")
-    L.add(
-        timeseries("Journal size", "Bytes in each node's journal.", [(f"raftseq_journal_bytes{{{N}}}", "{{node}}")], unit="bytes"), w=6, h=7
-    )
-    L.add(
-        timeseries("Journal segments", "Segment files in each node's journal.", [(f"raftseq_journal_segments{{{N}}}", "{{node}}")]),
-        w=6,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "fsync latency",
-            "Duration of journal fsyncs: p50 and p99 (histogram), and the mean (from the totals).",
-            [
-                *quantiles("raftseq_journal_fsync_duration_seconds", (0.5, 0.99)),
-                (
-                    f"rate(raftseq_journal_fsync_seconds_total{{{N}}}[{RATE}]) / rate(raftseq_journal_fsyncs_total{{{N}}}[{RATE}])",
-                    "{{node}} mean",
-                ),
-            ],
-            unit="s",
-        ),
-        w=6,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "fsyncs",
-            "Journal fsyncs per second (depends on journal.fsync: never, batch or interval_ms=N).",
-            [(f"rate(raftseq_journal_fsyncs_total{{{N}}}[{RATE}])", "{{node}}")],
-            unit="ops",
-        ),
-        w=6,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Journal verification",
-            "Records that failed verification in the last hour, by check, and bytes of torn tail cut at the last start.",
-            [
-                (f"increase(raftseq_journal_verify_failures_total{{{N}}}[1h])", "{{node}} failed ({{check}})"),
-                (f"raftseq_journal_tail_cut_bytes{{{N}}}", "{{node}} tail cut (bytes)"),
-            ],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Catch-up",
-            "Journal records still missing (a hole left by a Raft snapshot), holes, and records fetched from peers per second.",
-            [
-                (f"raftseq_catchup_missing_records{{{N}}}", "{{node}} missing"),
-                (f"raftseq_journal_holes{{{N}}}", "{{node}} holes"),
-                (f"rate(raftseq_catchup_fetched_records_total{{{N}}}[{RATE}])", "{{node}} fetched/s"),
-            ],
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Free disk",
-            "Free bytes on each data directory's file system, and the minimum below which the node refuses submits.",
-            [
-                (f"raftseq_disk_free_bytes{{{N}}}", "{{node}} free"),
-                (f"raftseq_disk_free_min_bytes{{{N}}}", "{{node}} minimum"),
-            ],
-            unit="bytes",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Free disk (%)",
-            "Free share of each data directory's file system.",
-            [(f"100 * raftseq_disk_free_bytes{{{N}}} / raftseq_disk_size_bytes{{{N}}}", "{{node}}")],
-            unit="percent",
-        ),
-        w=12,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "Refusing submits for lack of disk",
-            "1 while a node's free disk is below its minimum and it answers Busy to every submit.",
-            [(f"raftseq_disk_low{{{N}}}", "{{node}}")],
-            unit="bool",
-        ),
-        w=12,
-        h=7,
-    )
-
-    L.row("Process")
-    L.add(
-        timeseries(
-            "Resident memory",
-            "Resident memory of each node process (the Raft log is held in RAM until compaction).",
-            [(f"process_resident_memory_bytes {OF_NODES}", "{{instance}}")],
-            unit="bytes",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries(
-            "CPU",
-            "CPU seconds per second used by each node process.",
-            [(f"rate(process_cpu_seconds_total[{RATE}]) {OF_NODES}", "{{instance}}")],
-            unit="percentunit",
-        ),
-        w=8,
-        h=7,
-    )
-    L.add(
-        timeseries("Open files", "Open file descriptors of each node process.", [(f"process_open_fds {OF_NODES}", "{{instance}}")]),
-        w=8,
-        h=7,
-    )
+    for row_title, panels in ROWS:
+        L.row(row_title)
+        for panel in panels:
+            L.add(panel.build(), w=panel.w, h=panel.h)
 
     return {
         "annotations": {

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
+import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from raftseq.clients import SequencerClient
 from raftseq.clients.sm import query_snapshots
-from raftseq.cluster.local import LocalCluster, free_base_port
+from raftseq.cluster.local import LocalCluster, die_with_parent, free_base_port
 from raftseq.cluster.cli.sm import scan_checkpoints
 from raftseq.cluster.status import gather_status
 from examples.refdata.admin import Admin, listing, updates
@@ -42,13 +42,6 @@ from examples.refdata.messages import EndOfDay
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POLL_S = 0.05
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class App:
@@ -64,7 +57,7 @@ class App:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
             )
 
     def wait(self, deadline: float) -> dict:
@@ -194,26 +187,40 @@ def run_demo(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.refdata.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instruments", type=int, default=2000)
-    parser.add_argument("--updates", type=int, default=100_000)
+def example_parser(module: str, doc: str, *, instruments: int, kept: str) -> argparse.ArgumentParser:
+    """The options every run of this example takes: the instruments listed, the seed of the
+    generated updates, and a directory to keep (`kept` says what it holds)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--instruments", type=int, default=instruments)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data-dir", default="", help=f"keep {kept} here (default: a temporary directory, removed)")
+    return parser
+
+
+@contextlib.contextmanager
+def data_directory(kept: str, *, prefix: str) -> Iterator[str]:
+    """`kept` when given (created if missing, left in place), else a temporary directory removed at the end."""
+    directory = kept or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        yield directory
+    finally:
+        if not kept:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = example_parser("examples.refdata.demo", __doc__, instruments=2000, kept="everything")
+    parser.add_argument("--updates", type=int, default=100_000)
     parser.add_argument("--checkpoint-every", type=int, default=5000)
     parser.add_argument("--snapshot-every", type=int, default=20_000)
-    parser.add_argument("--data-dir", default="", help="keep everything here (default: a temporary directory, removed)")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or tempfile.mkdtemp(prefix="raftseq-refdata-")
-    os.makedirs(data_dir, exist_ok=True)
-    try:
+    with data_directory(args.data_dir, prefix="raftseq-refdata-") as data_dir:
         result = run_demo(
             data_dir=data_dir, instruments=args.instruments, update_count=args.updates, seed=args.seed,
             checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every, timeout_s=args.timeout,
         )  # fmt: skip
-    finally:
-        if not args.data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
     return 0 if result["identical"] else 1
 
 

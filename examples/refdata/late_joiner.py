@@ -18,13 +18,10 @@ takes a minute or two on two cores); ``tests/test_examples_refdata.py`` covers c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 
 from raftseq.clients import SequencerClient
@@ -32,7 +29,7 @@ from raftseq.clients.sm import StateMachineRunner, encode_message
 from raftseq.cluster.local import LocalCluster, free_base_port
 from raftseq.cluster.status import gather_status
 from examples.refdata.admin import listing, updates
-from examples.refdata.demo import wait_for_leader
+from examples.refdata.demo import data_directory, example_parser, wait_for_leader
 from examples.refdata.machine import ReferenceData
 from examples.refdata.messages import EndOfDay
 
@@ -133,23 +130,18 @@ async def scenario(cluster: LocalCluster, args, say) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.refdata.late_joiner", description=__doc__.split("\n\n")[0])
+    parser = example_parser("examples.refdata.late_joiner", __doc__, instruments=10_000, kept="the cluster's data")
     parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--instruments", type=int, default=10_000)
     parser.add_argument("--tail", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data-dir", default="", help="keep the cluster's data here (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or tempfile.mkdtemp(prefix="raftseq-late-joiner-")
-    cluster = LocalCluster(os.path.join(data_dir, "cluster"), free_base_port(), insecure=False, restart=False)
-    try:
-        cluster.start()
-        wait_for_leader(cluster, 20)
-        result = asyncio.run(scenario(cluster, args, lambda line: print(line, flush=True)))
-    finally:
-        cluster.stop()
-        if not args.data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    with data_directory(args.data_dir, prefix="raftseq-late-joiner-") as data_dir:
+        cluster = LocalCluster(os.path.join(data_dir, "cluster"), free_base_port(), insecure=False, restart=False)
+        try:
+            cluster.start()
+            wait_for_leader(cluster, 20)
+            result = asyncio.run(scenario(cluster, args, lambda line: print(line, flush=True)))
+        finally:
+            cluster.stop()
     return 0 if result["identical"] else 1
 
 
