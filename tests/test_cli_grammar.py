@@ -24,6 +24,7 @@ from raftseq.cluster.local import LocalCluster, free_base_port
 from raftseq.cluster.status import leader_of
 
 RAFTSEQ = os.path.join(os.path.dirname(sys.executable), "raftseq")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_TIMEOUT_S = 60
 #: Commands that talk to a cluster, and those of them whose output is structured.
 CLUSTER_COMMANDS = ["status", "top", "submit", "tail", "sm check", "sm snapshots", "sm record"]
@@ -42,10 +43,16 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings}
 
 
-def raftseq(*args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+def raftseq(*args: str, env: dict | None = None, stdin: str = "", cwd: str | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in (ENDPOINTS_ENV, TOKEN_ENV)}
     return subprocess.run(
-        [RAFTSEQ, *args], env={**clean, **(env or {})}, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        [RAFTSEQ, *args],
+        env={**clean, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        cwd=cwd,
     )
 
 
@@ -137,8 +144,23 @@ def test_no_leader_is_null_and_an_unreachable_cluster_exits_1():
     assert done.returncode == 1, done
     report = json.loads(done.stdout)
     assert report["leader"] is None and [n["role"] for n in report["nodes"]] == ["unreachable"] * 2, report
-    done = raftseq("submit", "--endpoints", endpoints, "--timeout", "1", "x")
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "--timeout", "1", "x"],
+        ["sm", "check", "--timeout", "1"],
+        ["sm", "snapshots", "refdata", "--timeout", "1"],
+        ["sm", "record", "--machine", "examples.refdata.machine:ReferenceData", "--out", "never.smc"],
+    ],
+)
+def test_a_cluster_that_cannot_be_reached_is_exit_1(command, tmp_path):
+    base = free_base_port()
+    endpoints = f"127.0.0.1:{base + 1},127.0.0.1:{base + 2}"
+    done = raftseq(*command, "--endpoints", endpoints, cwd=REPO)
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_refused_token_is_not_unreachable(cluster):

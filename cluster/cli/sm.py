@@ -184,7 +184,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     each message with the digest of the state after it (a conformance recording). A slice from N > 1
     starts from the state after N-1 (the newest cluster snapshot at or before it plus a replay, else
     a replay from 1), which the file carries. Exit 0 when written, 1 when the reference stops on the
-    stream or the stream stops, 2 when the cluster or the machine cannot be used."""
+    stream, the stream stops or the cluster cannot be used, 2 when the machine cannot be loaded or the
+    file cannot be written."""
     return conformance.run_record(
         args.endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
         all_messages=args.all_messages, use_snapshots=not args.no_snapshot, idle_timeout_s=args.idle_timeout, progress=not args.quiet,

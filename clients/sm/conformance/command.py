@@ -27,7 +27,10 @@ def run_record(endpoints: Sequence[str], machine: str, out: str, *, prog: str, *
     """``record`` (`options` are its keyword options), and one line saying what was written."""
     try:
         result = asyncio.run(record(endpoints, machine, out, **options))
-    except (MachineLoadError, ConnectionError, Rejected, OSError, ValueError) as exc:
+    except (ConnectionError, Rejected) as exc:  # the cluster cannot be used: like a failed check
+        print(f"{prog} record: {exc}", file=sys.stderr)
+        return 1
+    except (MachineLoadError, OSError, ValueError) as exc:  # the machine or the output file: usage
         print(f"{prog} record: {exc}", file=sys.stderr)
         return 2
     except RecordError as exc:
