@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,7 @@ from benchmarks.failover import workload_failover
 from benchmarks.figures import BenchError, cpu_text, spread
 from benchmarks.latency import workload_latency
 from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
-from benchmarks.options import positive_float, positive_int, positive_ints, terminate, write_report
+from benchmarks.options import positive_float, positive_int, positive_ints, run_reported
 from benchmarks.peers import nats_jetstream as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
 from benchmarks.peers.common import SetupError, median_of_summaries
@@ -919,24 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     resolve(opts, parser)
-    signal.signal(signal.SIGTERM, terminate)
-    # Interruptible even when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=opts.dir or None)
-    try:
-        report, status = run(opts, root)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every server stopped", file=sys.stderr)
-        return 130
-    except SystemExit:
-        print("\nterminated: every server stopped", file=sys.stderr)
-        raise
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    write_report(opts.json, report)
-    if opts.json:
-        print(f"report    {opts.json}")
-    return status
+    return run_reported(opts, run, prefix="raftseq-bench-", stopped="every server stopped")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,6 @@ workload failed or a check did not hold.
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -52,7 +50,7 @@ from benchmarks.figures import BenchError
 from benchmarks.latency import GOAL_LATENCY_P99_MS, GOAL_LATENCY_RATE_PER_S, workload_elections, workload_latency
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, worker_main
 from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
-from benchmarks.options import node_setting, positive_float, positive_int, positive_ints, terminate, write_report
+from benchmarks.options import node_setting, positive_float, positive_int, positive_ints, run_reported
 from benchmarks.throughput import GOAL_METRICS_COST, GOAL_THROUGHPUT_PER_S, workload_metrics, workload_throughput
 from raftseq.cluster.local import local_configs
 
@@ -214,7 +212,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.names = list(WORKLOAD_NAMES) if args.workload == "all" else [args.workload]
 
 
-def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
+def bench(args: argparse.Namespace, root: str) -> tuple[dict, int]:
     facts = machine_facts()
     code = code_under_test()
     print("raftseq cluster benchmark")
@@ -290,7 +288,7 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
     for name in report["failures"]:
         goals.append(f"{name} FAILED")
     print("goals     " + ("\n          ".join(goals) if goals else "-"))
-    return report, failed
+    return report, 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,24 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
     resolve(args, parser)
-    signal.signal(signal.SIGTERM, terminate)
-    # Interruptible even when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-cluster-", dir=args.dir or None)
-    try:
-        report, failed = bench(args, root)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nodes stopped", file=sys.stderr)
-        return 130
-    except SystemExit:
-        print("\nterminated: nodes stopped", file=sys.stderr)
-        raise
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    write_report(args.json, report)
-    if args.json:
-        print(f"report    {args.json}")
-    return 1 if failed else 0
+    return run_reported(args, bench, prefix="raftseq-bench-cluster-", stopped="nodes stopped")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import hashlib
 import json
 import os
-import platform
 import pstats
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import msgspec
 
-from benchmarks.machine import REPO_DIR, cpu_model, filesystem_of, load_average
+from benchmarks.machine import git_state, load_average, machine_facts, source_digest
 from benchmarks.options import non_negative_int, positive_int
 
 from raftseq.sequencer import limits, protocol
@@ -309,16 +305,22 @@ def decode_only(fx: Fixture) -> tuple[Run, Done]:
     return run, done
 
 
-def apply_machine(fx: Fixture) -> tuple[Run, Done]:
-    """``SequencerMachine.apply`` alone: decode, dedup, numbering, record encoding."""
+def applying(apply: Callable[[bytes], object], fx: Fixture) -> Run:
+    """A run that hands every entry batch of the fixture to `apply`, in order."""
     batches = fx.entry_batches
-    machine = SequencerMachine()
 
     def run() -> tuple[int, int]:
-        apply = machine.apply
         for data in batches:
             apply(data)
         return fx.messages, sum(map(len, batches))
+
+    return run
+
+
+def apply_machine(fx: Fixture) -> tuple[Run, Done]:
+    """``SequencerMachine.apply`` alone: decode, dedup, numbering, record encoding."""
+    machine = SequencerMachine()
+    run = applying(machine.apply, fx)
 
     def done() -> dict:
         expect(machine.last_seq == fx.messages, f"machine numbered {machine.last_seq} messages, expected {fx.messages}")
@@ -329,16 +331,10 @@ def apply_machine(fx: Fixture) -> tuple[Run, Done]:
 
 def apply_core(fx: Fixture) -> tuple[Run, Done]:
     """``SequencedStream.apply``: the machine plus ``Journal.append`` (fsync never), fresh journal."""
-    batches = fx.entry_batches
     directory = fx.fresh_dir("core")
     journal = Journal.open(directory)
     core = SequencedStream(SequencerMachine(), journal)
-
-    def run() -> tuple[int, int]:
-        apply = core.apply
-        for data in batches:
-            apply(data)
-        return fx.messages, sum(map(len, batches))
+    run = applying(core.apply, fx)
 
     def done() -> dict:
         expect(core.machine.last_seq == fx.messages, f"machine numbered {core.machine.last_seq} messages")
@@ -359,6 +355,19 @@ class Workload:
     goal_per_s: int = 0
     baseline: str = ""  # key of the baseline this figure is divided by
     is_baseline: bool = False
+
+
+def replay_workload(*, frames: bool, verify: bool) -> Workload:
+    """``JournalCursor.read_frames`` or ``read_block`` over the replay journal, checksums verified
+    or not, against the plain read loop; the goal is for the verified reads."""
+    method = "read_frames" if frames else "read_block"
+    return Workload(
+        f"replay_{'frames' if frames else 'block'}{'' if verify else '_noverify'}",
+        f"JournalCursor.{method}, {'checksums verified' if verify else 'verify=False'}",
+        partial(replay_cursor, frames=frames, verify=verify),
+        goal_per_s=1_000_000 if verify else 0,
+        baseline="read_ceiling",
+    )
 
 
 @dataclass(frozen=True)
@@ -418,32 +427,7 @@ SECTIONS = (
                 partial(read_baseline, crc=True),
                 is_baseline=True,
             ),
-            Workload(
-                "replay_frames",
-                "JournalCursor.read_frames, checksums verified",
-                partial(replay_cursor, frames=True, verify=True),
-                goal_per_s=1_000_000,
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_block",
-                "JournalCursor.read_block, checksums verified",
-                partial(replay_cursor, frames=False, verify=True),
-                goal_per_s=1_000_000,
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_frames_noverify",
-                "JournalCursor.read_frames, verify=False",
-                partial(replay_cursor, frames=True, verify=False),
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_block_noverify",
-                "JournalCursor.read_block, verify=False",
-                partial(replay_cursor, frames=False, verify=False),
-                baseline="read_ceiling",
-            ),
+            *(replay_workload(frames=frames, verify=verify) for verify in (True, False) for frames in (True, False)),
         ),
     ),
     Section(
@@ -579,42 +563,12 @@ def code_under_test() -> dict:
     import raftseq.sequencer as sequencer
 
     package_dir = os.path.dirname(os.path.abspath(sequencer.__file__))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(package_dir)):
-        if name.endswith(".py"):
-            digest.update(name.encode() + b"\0")
-            with open(os.path.join(package_dir, name), "rb") as f:
-                digest.update(f.read())
-    commit, dirty = "", None
-    try:
-        git = ["git", "-C", REPO_DIR]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit:
-            status = subprocess.run([*git, "status", "--porcelain", "--", package_dir], capture_output=True, text=True, timeout=10).stdout
-            dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = git_state([package_dir])
     return {
         "sequencer_dir": package_dir,
         "git_commit": commit,
         "sequencer_dirty": dirty,
-        "sequencer_sha256": digest.hexdigest()[:16],
-    }
-
-
-def machine_facts(directory: str) -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {
-        "nproc": usable,
-        "cpu_count": os.cpu_count() or 0,
-        "cpu_model": cpu_model(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "msgspec": msgspec.__version__,
-        "platform": platform.platform(),
-        "temp_dir_filesystem": filesystem_of(directory),
+        "sequencer_sha256": source_digest({"": package_dir}),
     }
 
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
 
 
 def _number(kind, text: str, *, low: float, strict: bool):
@@ -65,6 +70,33 @@ def write_report(path: str, report: dict, *, indent: int = 2) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=indent, default=str)
         f.write("\n")
+
+
+def run_reported(
+    opts: argparse.Namespace, measure: Callable[[argparse.Namespace, str], tuple[dict, int]], *, prefix: str, stopped: str
+) -> int:
+    """A benchmark command's run: `measure` works in a temporary directory below ``--dir``
+    that is removed at the end and returns the report and the exit status. SIGTERM and Ctrl-C
+    (even when started with SIGINT ignored, as a background job of a script) unwind through
+    every ``finally`` that stops servers, and say so: "interrupted: `stopped`". The report
+    goes to ``--json``."""
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    root = tempfile.mkdtemp(prefix=prefix, dir=opts.dir or None)
+    try:
+        report, status = measure(opts, root)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {stopped}", file=sys.stderr)
+        return 130
+    except SystemExit:
+        print(f"\nterminated: {stopped}", file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    write_report(opts.json, report)
+    if opts.json:
+        print(f"report    {opts.json}")
+    return status
 
 
 class Scoped:
