@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
 from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
+from raftseq.cluster.local import Watcher
 from raftseq.sequencer.journal import verify_journal
 
 #: Acknowledgements the workload must reach before the first fault.
@@ -320,41 +320,30 @@ def scenario_named(name: str) -> Scenario:
 # --- a run ------------------------------------------------------------------------------
 
 
-class LeaderWatcher:
+class LeaderWatcher(Watcher):
     """Polls the cluster's status on a thread and notes every leader change in the history
     (``note`` events ``leader`` with ``leader`` and ``term``), for the timeline."""
 
     def __init__(self, cluster: ChaosCluster, history: HistoryRecorder, interval_s: float = 0.5) -> None:
+        super().__init__(interval_s, name="chaos-leader-watch")
         self.cluster = cluster
         self.history = history
-        self.interval_s = interval_s
         self.changes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos-leader-watch", daemon=True)
+        self._last: tuple[str, int] | None = None
 
-    def __enter__(self) -> LeaderWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        last = None
-        while not self._stop.wait(self.interval_s):
-            try:
-                report = self.cluster.status(timeout_s=0.5)
-            except Exception:  # noqa: BLE001 - a status poll during a fault may fail; try again
-                continue
-            leaders = [n for n in report["nodes"] if n.get("role") == "leader"]
-            if len(leaders) != 1:
-                continue
-            current = (leaders[0].get("node", ""), leaders[0].get("term", 0))
-            if current != last:
-                self.history.note("leader", leader=current[0], term=current[1])
-                self.changes += last is not None
-                last = current
+    def poll(self) -> None:
+        try:
+            report = self.cluster.status(timeout_s=0.5)
+        except Exception:  # noqa: BLE001 - a status poll during a fault may fail; try again
+            return
+        leaders = [n for n in report["nodes"] if n.get("role") == "leader"]
+        if len(leaders) != 1:
+            return
+        current = (leaders[0].get("node", ""), leaders[0].get("term", 0))
+        if current != self._last:
+            self.history.note("leader", leader=current[0], term=current[1])
+            self.changes += self._last is not None
+            self._last = current
 
 
 # --- a run ------------------------------------------------------------------------------

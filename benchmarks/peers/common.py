@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ctypes
 import json
 import os
 import select
@@ -26,10 +25,12 @@ import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from benchmarks.figures import BenchError, largest_gap_s, latency_summary
 from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
 from benchmarks.options import terminate, write_report
+from raftseq.cluster.local import die_with_parent
 
 #: After SIGTERM, how long a child may take to exit before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -44,14 +45,6 @@ class SetupError(Exception):
 
 
 # --- child processes ----------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Child side of Popen: SIGKILL this child when the benchmark dies without cleaning up."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Children:
@@ -83,7 +76,7 @@ class Children:
             stdout=subprocess.PIPE if pipes else log,
             stderr=log,
             cwd=cwd or REPO_DIR,
-            preexec_fn=_die_with_parent,
+            preexec_fn=partial(die_with_parent, signal.SIGKILL),  # when the benchmark dies without cleaning up
         )
         self.processes[name] = process
         return process
