@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 
 from benchmarks import bench_cluster, bench_stream
 from benchmarks.failover import workload_failover
@@ -587,6 +588,16 @@ def _not_measured_lines(result: dict) -> list[str]:
     return [f"  {system:<10} --  ({why})" for system, why in result.get("not_measured", {}).items()]
 
 
+def _print_verdicts(result: dict, note: str, goal_format: Callable[[float], str] | None = None) -> None:
+    """A stream workload's last lines: the systems not measured, the raftseq/peer ratios
+    (`note` says which way is better), and with `goal_format` the goals."""
+    lines = _not_measured_lines(result) + _ratio_lines(result["ratios"], note)
+    if goal_format is not None:
+        lines += _goal_lines(result["goals"], goal_format)
+    for line in lines:
+        print(line)
+
+
 def _loads(s: dict) -> str:
     return f"load avg {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}"
 
@@ -613,10 +624,7 @@ def print_replay(result: dict, opts: argparse.Namespace) -> None:
         print(
             f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}"
         )
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
-        print(line)
-    for line in _goal_lines(result["goals"], lambda x: f"{x:,.0f}"):
-        print(line)
+    _print_verdicts(result, "higher is better", lambda x: f"{x:,.0f}")
 
 
 def print_recovery(result: dict, opts: argparse.Namespace) -> None:
@@ -646,10 +654,7 @@ def print_recovery(result: dict, opts: argparse.Namespace) -> None:
             print(
                 f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}"
             )
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "lower is better"):
-        print(line)
-    for line in _goal_lines(result["goals"], lambda x: f"{x:.2f} s"):
-        print(line)
+    _print_verdicts(result, "lower is better", lambda x: f"{x:.2f} s")
 
 
 def print_fanout(result: dict, opts: argparse.Namespace) -> None:
@@ -676,8 +681,7 @@ def print_fanout(result: dict, opts: argparse.Namespace) -> None:
             )
         else:
             print(f"  {'':<10} leader {s['leader']}; {_loads(s)}")
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
-        print(line)
+    _print_verdicts(result, "higher is better")
 
 
 # --- the command --------------------------------------------------------------------------

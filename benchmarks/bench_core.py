@@ -376,41 +376,35 @@ class Section:
     workloads: tuple[Workload, ...]
 
 
+def append_section(title: str, *, fsync: bool, baseline_title: str, policy: str, goal_per_s: int = 0) -> Section:
+    """``Journal.append`` with one fsync policy against ``os.write`` of the same bytes in the
+    same batches (with ``os.fsync`` per batch when `fsync`)."""
+    baseline = f"write_{'fsync' if fsync else 'never'}"
+    return Section(
+        title,
+        (
+            Workload(baseline, baseline_title, partial(write_baseline, fsync=fsync), is_baseline=True),
+            Workload(
+                f"append_{'fsync' if fsync else 'never'}",
+                f"Journal.append, FsyncPolicy({policy!r})",
+                partial(append_journal, fsync=fsync),
+                goal_per_s=goal_per_s,
+                baseline=baseline,
+            ),
+        ),
+    )
+
+
 SECTIONS = (
-    Section(
+    append_section(
         "1. journal append, fsync never",
-        (
-            Workload(
-                "write_never",
-                "baseline: os.write, same bytes and batches",
-                partial(write_baseline, fsync=False),
-                is_baseline=True,
-            ),
-            Workload(
-                "append_never",
-                "Journal.append, FsyncPolicy('never')",
-                partial(append_journal, fsync=False),
-                goal_per_s=500_000,
-                baseline="write_never",
-            ),
-        ),
+        fsync=False,
+        baseline_title="baseline: os.write, same bytes and batches",
+        policy="never",
+        goal_per_s=500_000,
     ),
-    Section(
-        "2. journal append, fsync per batch",
-        (
-            Workload(
-                "write_fsync",
-                "baseline: os.write + os.fsync per batch",
-                partial(write_baseline, fsync=True),
-                is_baseline=True,
-            ),
-            Workload(
-                "append_fsync",
-                "Journal.append, FsyncPolicy('batch')",
-                partial(append_journal, fsync=True),
-                baseline="write_fsync",
-            ),
-        ),
+    append_section(
+        "2. journal append, fsync per batch", fsync=True, baseline_title="baseline: os.write + os.fsync per batch", policy="batch"
     ),
     Section(
         "3. replay from seq 1 (raw records, warm page cache)",

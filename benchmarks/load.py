@@ -175,6 +175,20 @@ class SteadyLoad:
     def acked_seqs(self) -> list[int]:
         return [s for s in self.seqs if s]
 
+    async def checked_seqs(self, what: str, *, seqs_what: str = "") -> tuple[list[int], int, int]:
+        """Once the load stopped: every submit answered within ``DRAIN_TIMEOUT_S``, none failed,
+        and the acknowledged sequence numbers one gapless run (`seqs_what` names it, default
+        `what`). Returns them, and the run's first and last."""
+        drained = await self.drain()
+        expect(
+            drained,
+            f"{what}: {self.submitted - self.acked} of {self.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped",
+        )
+        expect(not self.errors, f"{what}: {len(self.errors)} submits failed, first: {self.errors[:1]}")
+        seqs = self.acked_seqs()
+        first, last = check_seqs(seqs, seqs_what or what, expected=self.submitted)
+        return seqs, first, last
+
 
 @dataclass
 class ThroughputRun:
