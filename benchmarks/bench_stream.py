@@ -47,7 +47,7 @@ from benchmarks.figures import BenchError, cpu_text, expect, spread
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
 from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
-from benchmarks.options import Scoped, positive_float, positive_int, terminate, write_report
+from benchmarks.options import ScopedDirectory, positive_float, positive_int, terminate, write_report
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
 from raftseq.sequencer import protocol
@@ -364,24 +364,22 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
     }
 
 
-class FilledCluster(Scoped):
+class FilledCluster(ScopedDirectory):
     """A started three-node cluster below `root` (its own temporary directory, removed on exit)
     filled with ``args.messages`` acknowledged messages: one fill serves every workload.
     ``measure(name)`` runs one workload on it (``WORKLOADS``); fanout appends messages, so
     ``last`` follows the stream. A context manager; ``close`` stops every node it started."""
 
     def __init__(self, root: str, args: argparse.Namespace) -> None:
-        self.root = root
+        super().__init__(root, "stream-")
         self.args = args
-        self.directory = ""
         self.bench: BenchCluster | None = None
         self.filled = 0
         self.last = 0
         self.fill_s = 0.0
 
     def open(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="stream-", dir=self.root)
-        self.bench = BenchCluster.start_in(self.directory, "stream", insecure=self.args.insecure, overrides=None)
+        self.bench = BenchCluster.start_in(self.make_directory(), "stream", insecure=self.args.insecure, overrides=None)
         started = time.monotonic()
         self.filled = self.last = fill(self.bench, self.args.messages, self.args.payload_bytes)
         self.fill_s = time.monotonic() - started
@@ -390,9 +388,7 @@ class FilledCluster(Scoped):
         if self.bench is not None:
             self.bench.stop()
             self.bench = None
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = ""
+        self.remove_directory()
 
     def measure(self, name: str) -> dict:
         """One workload on the filled stream; its figures plus what the stream held. A failure

@@ -120,3 +120,22 @@ class Scoped:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ScopedDirectory(Scoped):
+    """A ``Scoped`` that works in a temporary directory of its own below `root`: ``make_directory``
+    (from ``open``) creates it, ``remove_directory`` (from ``close``) removes it, once."""
+
+    def __init__(self, root: str, prefix: str) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.directory = ""
+
+    def make_directory(self) -> str:
+        self.directory = tempfile.mkdtemp(prefix=self.prefix, dir=self.root)
+        return self.directory
+
+    def remove_directory(self) -> None:
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = ""

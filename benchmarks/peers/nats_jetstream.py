@@ -55,7 +55,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -65,7 +64,7 @@ from collections import deque
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
-from benchmarks.options import Scoped
+from benchmarks.options import ScopedDirectory
 from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
@@ -441,6 +440,22 @@ def _check_gapless(seqs: list[int], what: str, *, first: int, count: int) -> Non
     )
 
 
+def _start_worker(nc: NatsCluster, name: str, flag: str, spec: dict) -> subprocess.Popen:
+    """A child process of this module (``--worker`` or ``--fanout-worker``, its spec as JSON)
+    with pipes: it says "ready", then writes its outcome as one JSON line."""
+    return nc.children.start(name, [sys.executable, "-m", "benchmarks.peers.nats_jetstream", flag, json.dumps(spec)], pipes=True)
+
+
+async def _outcomes(workers: list[subprocess.Popen], deadline: float, what: str, stuck: str) -> list[dict]:
+    """Each worker's outcome line, in order; a worker without one by `deadline` is `stuck`."""
+    outcomes = []
+    for k, w in enumerate(workers):
+        line = await asyncio.to_thread(read_line, w, deadline)
+        expect(bool(line), f"{NAME} {what} {k + 1}: {stuck}")
+        outcomes.append(json.loads(line))
+    return outcomes
+
+
 async def _multi_process_run(
     nc: NatsCluster, *, run: str, processes: int, messages: int, payload_bytes: int, window: int, timeout_s: float
 ) -> tuple[float, dict]:
@@ -457,13 +472,7 @@ async def _multi_process_run(
                 "window": window,
                 "timeout_s": timeout_s,
             }
-            workers.append(
-                nc.children.start(
-                    f"{run}-client{k + 1}",
-                    [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--worker", json.dumps(spec)],
-                    pipes=True,
-                )
-            )
+            workers.append(_start_worker(nc, f"{run}-client{k + 1}", "--worker", spec))
         for k, w in enumerate(workers):
             line = await asyncio.to_thread(read_line, w, deadline)
             expect(line.strip() == "ready", f"{NAME} client process {k + 1} did not connect: {line.strip() or 'no answer'}")
@@ -472,11 +481,7 @@ async def _multi_process_run(
         for w in workers:
             w.stdin.write(b"go\n")
             w.stdin.flush()
-        outcomes = []
-        for k, w in enumerate(workers):
-            line = await asyncio.to_thread(read_line, w, deadline)
-            expect(bool(line), f"{NAME} client process {k + 1}: no outcome within {timeout_s:.0f} s (stuck)")
-            outcomes.append(json.loads(line))
+        outcomes = await _outcomes(workers, deadline, "client process", f"no outcome within {timeout_s:.0f} s (stuck)")
         cpu = cpu_shares(pids, before, time.monotonic() - t0)
     finally:
         for w in workers:
@@ -896,17 +901,16 @@ def _directory_bytes(path: str) -> int:
     return total
 
 
-class StreamCluster(Scoped):
+class StreamCluster(ScopedDirectory):
     """A NATS cluster whose stream holds `messages` messages, serving the stream workloads in
     turn, as ``bench_stream.FilledCluster`` does for raftseq: one fill for replay, recovery and
     fanout. A context manager with ``measure(name)``; its own event loop (``asyncio.Runner``)
     keeps the servers and the benchmark's connection between the calls."""
 
     def __init__(self, opts: argparse.Namespace, root: str, *, messages: int) -> None:
+        super().__init__(root, "nats-stream-")
         self.opts = opts
-        self.root = root
         self.messages = messages
-        self.directory = ""
         self.nc: NatsCluster | None = None
         self.runner: asyncio.Runner | None = None
         self.last = 0
@@ -915,8 +919,7 @@ class StreamCluster(Scoped):
     def open(self) -> None:
         server = ensure_nats_server()
         self.runner = asyncio.Runner()
-        self.directory = tempfile.mkdtemp(prefix="nats-stream-", dir=self.root)
-        self.nc = NatsCluster(self.directory, "cluster", server=server)
+        self.nc = NatsCluster(self.make_directory(), "cluster", server=server)
         self.runner.run(self.nc.__aenter__())
         self.runner.run(self._fill())
 
@@ -931,9 +934,7 @@ class StreamCluster(Scoped):
         if self.runner is not None:
             self.runner.close()
             self.runner = None
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = ""
+        self.remove_directory()
 
     async def _fill(self) -> None:
         print(f"    {NAME}: filling the stream with {self.messages:,} messages of {self.opts.payload_bytes} B ...", flush=True)
@@ -1128,13 +1129,7 @@ class StreamCluster(Scoped):
                     "start_timeout_s": START_TIMEOUT_S,
                     "wait_s": wait_s,
                 }
-                workers.append(
-                    nc.children.start(
-                        f"fanout-sub{k + 1}",
-                        [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--fanout-worker", json.dumps(spec)],
-                        pipes=True,
-                    )
-                )
+                workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
             placement: dict[str, int] = {}
             for k, w in enumerate(workers):
                 line = await asyncio.to_thread(read_line, w, deadline)
@@ -1156,11 +1151,7 @@ class StreamCluster(Scoped):
                 not load.errors and load.acked == expected,
                 f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}",
             )
-            outcomes = []
-            for k, w in enumerate(workers):
-                line = await asyncio.to_thread(read_line, w, deadline)
-                expect(bool(line), f"{NAME} fanout subscriber process {k + 1}: no outcome (stuck)")
-                outcomes.append(json.loads(line))
+            outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
             cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
         finally:
             for w in workers:
