@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from benchmarks.figures import BenchError, check_seqs, describe_ranges, expect, merge_ranges, seq_ranges
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.machine import REPO_DIR, cpu_used
-from benchmarks.peers.common import read_line
+from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
 
 #: After a steady load stops: how long its outstanding submits may take to be acknowledged.
@@ -306,12 +306,7 @@ def worker_main(spec_json: str) -> int:
         finally:
             await client.close()
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark as the outcome
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def multi_client_run(

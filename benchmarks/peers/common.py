@@ -10,6 +10,7 @@ same code.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -24,7 +25,7 @@ import tempfile
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 
 from benchmarks.figures import BenchError, largest_gap_s, latency_summary
@@ -183,6 +184,45 @@ def child_main_loop(handlers: dict, *, stdin=None, stdout=None) -> None:
 
 
 # --- records and figures ------------------------------------------------------------------
+
+
+def worker_outcome(work: Callable[[], Coroutine[object, object, dict]]) -> int:
+    """The end of a worker process: the outcome of `work()` (run on a fresh event loop) as one
+    JSON line on stdout, or the error that ended it; the benchmark reads it (exit status 0)."""
+    try:
+        outcome = asyncio.run(work())
+    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark as the outcome
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(outcome), flush=True)
+    return 0
+
+
+class SendLog:
+    """A peer client load's record, per message by index: the intended send time, the first
+    send time, the ack time and the sequence number (0 until acknowledged), as
+    ``time.monotonic()``; how many are acknowledged and how many sends were resubmits."""
+
+    def __init__(self) -> None:
+        self.intended = array("d")
+        self.first_sent = array("d")
+        self.acked_at = array("d")
+        self.seqs = array("q")
+        self.acked = 0
+        self.resubmits = 0
+
+    def new(self, intended: float) -> int:
+        """A message meant to go out at `intended`, sent now: its index."""
+        index = len(self.first_sent)
+        self.intended.append(intended)
+        self.acked_at.append(0.0)
+        self.seqs.append(0)
+        self.first_sent.append(time.monotonic())
+        return index
+
+    def ack(self, index: int, seq: int, at: float) -> None:
+        self.seqs[index] = seq
+        self.acked_at[index] = at
+        self.acked += 1
 
 
 def pack(values: array) -> str:

@@ -58,7 +58,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from array import array
 from collections import deque
 
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
@@ -69,6 +68,7 @@ from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
+    SendLog,
     SetupError,
     cpu_shares,
     failover_figures,
@@ -77,6 +77,7 @@ from benchmarks.peers.common import (
     latency_figures,
     add_load_options,
     read_line,
+    worker_outcome,
     resolve_load_options,
     run_peer,
 )
@@ -424,12 +425,7 @@ def _worker_main(spec_json: str) -> int:
         finally:
             await nc.close()
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def _check_gapless(seqs: list[int], what: str, *, first: int, count: int) -> None:
@@ -560,7 +556,7 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
 # --- 2. latency and the steady load of failover ------------------------------------------
 
 
-class NatsLoad:
+class NatsLoad(SendLog):
     """One client publishing at `rate_per_s`, send times scheduled in advance; per message (by
     index) the intended send time, first send time, ack time and stream sequence (0 until
     acknowledged). With `retry`, a publish that failed or got no ack within ``ACK_TIMEOUT_S``
@@ -572,12 +568,7 @@ class NatsLoad:
         self.run_id = run
         self.payload = payload
         self.retry = retry
-        self.intended = array("d")
-        self.first_sent = array("d")
-        self.acked_at = array("d")
-        self.seqs = array("q")
-        self.acked = 0
-        self.resubmits = 0
+        super().__init__()
         self.duplicate_acks = 0
         self.errors: list[str] = []
         self._in_flight: dict[int, tuple[float, asyncio.Future]] = {}
@@ -638,9 +629,7 @@ class NatsLoad:
         ack = future.result()
         self._last_ack_at = time.monotonic()
         self.duplicate_acks += bool(ack.duplicate)
-        self.seqs[index] = ack.seq
-        self.acked_at[index] = time.monotonic()
-        self.acked += 1
+        self.ack(index, ack.seq, time.monotonic())
 
     async def _watch_timeouts(self) -> None:
         while True:
@@ -667,12 +656,7 @@ class NatsLoad:
                 if max_messages is not None:
                     due = min(due, max_messages)
                 while len(self.first_sent) < due and not self._stop:
-                    index = len(self.first_sent)
-                    self.intended.append(t0 + index * interval)
-                    self.acked_at.append(0.0)
-                    self.seqs.append(0)
-                    self.first_sent.append(monotonic())
-                    await self._publish(index)
+                    await self._publish(self.new(t0 + len(self.first_sent) * interval))
                 await asyncio.sleep(max(0.0, t0 + len(self.first_sent) * interval - monotonic()))
             await self.drain()
         finally:
@@ -1269,12 +1253,7 @@ def _fanout_worker_main(spec_json: str) -> int:
         finally:
             await asyncio.wait_for(nc.close(), 10)
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def _stream_workload(name: str, opts: argparse.Namespace, root: str) -> dict:
