@@ -37,7 +37,15 @@ from benchmarks.failover import workload_failover
 from benchmarks.figures import BenchError, cpu_text, spread
 from benchmarks.latency import workload_latency
 from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
-from benchmarks.options import positive_float, positive_int, positive_ints, run_reported
+from benchmarks.options import (
+    resolve_sizes,
+    add_processes_option,
+    add_report_options,
+    positive_float,
+    positive_int,
+    positive_ints,
+    run_reported,
+)
 from benchmarks.peers import nats_jetstream as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
 from benchmarks.peers.common import SetupError, median_of_summaries
@@ -732,7 +740,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)",
     )
-    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
     add("--messages", type=positive_int, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
     add(
         "--payloads",
@@ -741,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)",
     )
     add("--payload-bytes", type=positive_int, default=100, help="payload size of the latency and failover workloads (default 100)")
-    add("--processes", type=positive_int, default=4, help="client processes of the multi-process throughput variants (default 4)")
+    add_processes_option(parser)
     add(
         "--window",
         type=positive_int,
@@ -816,26 +823,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
     add("--run-timeout-s", type=positive_float, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
-    add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
+    add_report_options(parser)
     return parser
 
 
 def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    quick = opts.quick
     unknown = [w for w in opts.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     opts.workloads = list(dict.fromkeys(opts.workloads)) or list(DEFAULT_WORKLOADS)
     if opts.skip_raftseq and not opts.vs:
         parser.error("--skip-raftseq needs --vs")
-    opts.runs = opts.runs or (1 if quick else 3)
-    opts.messages = opts.messages or (5_000 if quick else 200_000)
-    opts.payloads = opts.payloads or ([100] if quick else [100, 1024])
-    opts.rates = opts.rates or ([1000, 2000] if quick else [1000, 2000, 10000, 50000])
-    opts.latency_seconds = opts.latency_seconds or (1.0 if quick else 10.0)
-    opts.kills = opts.kills or (2 if quick else 10)
-    opts.stream_messages = opts.stream_messages or (STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT)
-    opts.fanout_seconds = opts.fanout_seconds or (FANOUT_SECONDS_QUICK if quick else bench_stream.FANOUT_SECONDS_DEFAULT)
+    sizes = {
+        "runs": (1, 3),
+        "messages": (5_000, 200_000),
+        "payloads": ([100], [100, 1024]),
+        "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
+        "latency_seconds": (1.0, 10.0),
+        "kills": (2, 10),
+        "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
+        "fanout_seconds": (FANOUT_SECONDS_QUICK, bench_stream.FANOUT_SECONDS_DEFAULT),
+    }
+    resolve_sizes(opts, sizes)
     if opts.fanout_rate * opts.fanout_seconds < 100:
         parser.error("fanout publishes --fanout-rate x --fanout-seconds messages, in batches of 100 for raftseq: at least 100")
     if any(p > 65536 for p in opts.payloads) or opts.payload_bytes > 65536:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 
-from benchmarks.machine import git_state, load_average, machine_facts, source_digest
-from benchmarks.options import non_negative_int, positive_int
+from benchmarks.machine import git_state, print_code_and_machine, load_average, machine_facts, source_digest
+from benchmarks.options import add_report_options, resolve_sizes, non_negative_int, positive_int
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -609,13 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=FRAMES_PER_READ_DEFAULT,
         help=f"records asked of each read_frames call (default {FRAMES_PER_READ_DEFAULT}, as Journal.records asks)",
     )
-    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
-    add(
-        "--dir",
-        default="",
-        metavar="DIR",
-        help="parent of the temporary directory (default: the system's); use the disk a journal would live on",
-    )
+    add_report_options(parser, dir_help="use the disk a journal would live on")
     add("--quick", action="store_true", help="small sizes for a smoke run (the figures mean little against the goals)")
     add("--only", default="", metavar="KEYS", help="comma-separated workload keys: measure only the sections holding them")
     add(
@@ -628,10 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.messages is None:
-        args.messages = QUICK_MESSAGES if args.quick else MESSAGES_DEFAULT
-    if args.fsync_messages is None:
-        args.fsync_messages = QUICK_FSYNC_MESSAGES if args.quick else FSYNC_MESSAGES_DEFAULT
+    resolve_sizes(args, {"messages": (QUICK_MESSAGES, MESSAGES_DEFAULT), "fsync_messages": (QUICK_FSYNC_MESSAGES, FSYNC_MESSAGES_DEFAULT)})
     args.fsync_messages = min(args.fsync_messages, args.messages)
     fixture_bytes = 2 * args.messages * (args.payload_bytes + 48)  # records + Raft batches, roughly
     if fixture_bytes > FIXTURE_BYTES_MAX:
@@ -671,10 +662,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     code = code_under_test()
     load_start = load_average()
     print("raftseq core benchmark")
-    commit = code["git_commit"] or "no git checkout"
-    changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[code["sequencer_dirty"]]
-    print(f"code      {code['sequencer_dir']} ({commit}{changes}; source sha256 {code['sequencer_sha256']})")
-    print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
+    digest = f"source sha256 {code['sequencer_sha256']}"
+    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts)
     print(f"          {facts['python']}, msgspec {facts['msgspec']}, {facts['platform']}")
     print(f"          temporary directory {root} on {facts['temp_dir_filesystem']}")
     if facts["temp_dir_filesystem"] in ("tmpfs", "ramfs"):

@@ -47,7 +47,7 @@ from benchmarks.figures import BenchError, cpu_text, expect, spread
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
 from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
-from benchmarks.options import ScopedDirectory, positive_float, positive_int, terminate, write_report
+from benchmarks.options import resolve_sizes, add_report_options, ScopedDirectory, positive_float, positive_int, terminate, write_report
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
 from raftseq.sequencer import protocol
@@ -432,13 +432,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
     )
     add("--insecure", action="store_true", help="no Raft password and no client token")
-    add("--dir", help="parent of the temporary directory (default: the system's)")
-    add("--json", help="also write the report as JSON to this file")
+    add_report_options(parser)
     add("--fanout-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.messages = args.messages or (MESSAGES_QUICK if args.quick else MESSAGES_DEFAULT)
-    args.runs = args.runs or (1 if args.quick else 3)
-    args.seconds = args.seconds or (2.0 if args.quick else FANOUT_SECONDS_DEFAULT)
+    resolve_sizes(args, {"messages": (MESSAGES_QUICK, MESSAGES_DEFAULT), "runs": (1, 3), "seconds": (2.0, FANOUT_SECONDS_DEFAULT)})
     args.names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     return args
 
@@ -448,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fanout_worker:
         return fanout_worker_main(args.fanout_worker)
     signal.signal(signal.SIGTERM, terminate)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir)
+    root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir or None)
     report: dict = {
         "benchmark": "raftseq stream",
         "code": code_under_test(),

@@ -120,6 +120,14 @@ def machine_facts(directory: str | None = None) -> dict:
     return facts
 
 
+def print_code_and_machine(directory: str, commit: str, dirty: bool | None, digest: str, facts: dict) -> None:
+    """A report's first lines: the measured source (`directory`, its commit, whether it has
+    uncommitted changes, `digest` as "<what> sha256 <hex>") and the machine's CPUs."""
+    changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[dirty]
+    print(f"code      {directory} ({commit or 'no git checkout'}{changes}; {digest})")
+    print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
+
+
 def print_load(when: str) -> list[float]:
     load = load_average()
     print(f"load avg  {when} {' '.join(f'{x:.2f}' for x in load)} (1, 5, 15 min)", flush=True)

@@ -45,6 +45,15 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def resolve_sizes(opts: argparse.Namespace, sizes: dict[str, tuple[object, object]]) -> None:
+    """Each option named in `sizes` (``name: (quick, default)``) that was not given takes its
+    ``--quick`` size when ``--quick`` is on, its default otherwise."""
+    quick = getattr(opts, "quick", False)
+    for name, (quick_size, default) in sizes.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, quick_size if quick else default)
+
+
 def node_setting(text: str) -> tuple[str, str, object]:
     """``section.key=value`` (value as JSON, else as a string)."""
     name, sep, raw = text.partition("=")
@@ -56,6 +65,32 @@ def node_setting(text: str) -> tuple[str, str, object]:
     except json.JSONDecodeError:
         value = raw
     return section, key, value
+
+
+#: Client processes of a multi-process throughput variant, unless ``--processes`` says otherwise.
+CLIENT_PROCESSES_DEFAULT = 4
+
+
+def add_processes_option(parser: argparse.ArgumentParser) -> None:
+    """``--processes N``: the client processes of a multi-process throughput variant."""
+    parser.add_argument(
+        "--processes",
+        type=positive_int,
+        default=CLIENT_PROCESSES_DEFAULT,
+        help=f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})",
+    )
+
+
+def add_report_options(parser: argparse.ArgumentParser, *, dir_help: str = "") -> None:
+    """``--json FILE`` (the report) and ``--dir DIR`` (the parent of the temporary directory;
+    `dir_help` says more), which every benchmark command takes."""
+    parser.add_argument("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument(
+        "--dir",
+        default="",
+        metavar="DIR",
+        help="parent of the temporary directory (default: the system's)" + (f"; {dir_help}" if dir_help else ""),
+    )
 
 
 def terminate(signum: int, _frame: object) -> None:

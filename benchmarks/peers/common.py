@@ -30,7 +30,7 @@ from functools import partial
 
 from benchmarks.figures import BenchError, largest_gap_s, latency_summary
 from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
-from benchmarks.options import terminate, write_report
+from benchmarks.options import resolve_sizes, terminate, write_report
 from raftseq.cluster.local import die_with_parent
 
 #: After SIGTERM, how long a child may take to exit before SIGKILL.
@@ -306,15 +306,13 @@ def add_load_options(parser: argparse.ArgumentParser, *, payload_help: str, time
 
 def resolve_load_options(opts: argparse.Namespace) -> None:
     """Defaults of ``add_load_options`` left open (smaller with ``--quick``)."""
-    quick = getattr(opts, "quick", False)
-    if opts.messages is None:
-        opts.messages = 5_000 if quick else 200_000
-    if opts.rates is None:
-        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
-    if opts.latency_seconds is None:
-        opts.latency_seconds = 1.0 if quick else 10.0
-    if opts.kills is None:
-        opts.kills = 2 if quick else 10
+    sizes = {
+        "messages": (5_000, 200_000),
+        "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
+        "latency_seconds": (1.0, 10.0),
+        "kills": (2, 10),
+    }
+    resolve_sizes(opts, sizes)
 
 
 def run_peer(system: str, opts: argparse.Namespace, report: dict, measure: Callable[[str], None]) -> int:

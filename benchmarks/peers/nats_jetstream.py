@@ -63,7 +63,7 @@ from collections import deque
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
-from benchmarks.options import ScopedDirectory
+from benchmarks.options import ScopedDirectory, add_processes_option, resolve_sizes
 from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
@@ -1286,7 +1286,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=NATS_WINDOW_DEFAULT,
         help=f"publish_async_max_pending: publishes awaiting their ack, at most (default {NATS_WINDOW_DEFAULT:,}, nats-py's own default)",
     )
-    add("--processes", type=int, default=4, help="client processes of the multi-process throughput variant (default 4)")
+    add_processes_option(parser)
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which leader the failover workload kills (default stream)")
     add(
         "--runs",
@@ -1330,13 +1330,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def resolve(opts: argparse.Namespace) -> None:
     resolve_load_options(opts)
-    quick = getattr(opts, "quick", False)
-    if opts.runs is None:
-        opts.runs = 1 if quick else 3
-    if opts.stream_messages is None:
-        opts.stream_messages = STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT
-    if opts.fanout_seconds is None:
-        opts.fanout_seconds = FANOUT_SECONDS_QUICK if quick else FANOUT_SECONDS_DEFAULT
+    sizes = {
+        "runs": (1, 3),
+        "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
+        "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
+    }
+    resolve_sizes(opts, sizes)
 
 
 def main(argv: list[str] | None = None) -> int:
