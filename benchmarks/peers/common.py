@@ -54,6 +54,8 @@ class Children:
 
     def __init__(self) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
+        #: Where the latest process of each name writes its output.
+        self.log_paths: dict[str, str] = {}
         self._logs: list = []
 
     def __enter__(self) -> Children:
@@ -71,6 +73,7 @@ class Children:
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in close()
         if log_path:
             self._logs.append(log)
+            self.log_paths[name] = log_path
         process = subprocess.Popen(
             command,
             stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
@@ -81,6 +84,21 @@ class Children:
         )
         self.processes[name] = process
         return process
+
+    def log_tails(self, names: Sequence[str], count: int) -> str:
+        """The last `count` lines of the log of each named process (none before it was started
+        with a log, or while the log is unreadable)."""
+        parts = []
+        for name in names:
+            tail: list[str] = []
+            if name in self.log_paths:
+                try:
+                    with open(self.log_paths[name], errors="replace") as f:
+                        tail = f.read().splitlines()[-count:]
+                except OSError:
+                    pass
+            parts.append(f"--- {name} log ---\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     def pid(self, name: str) -> int | None:
         process = self.processes.get(name)

@@ -310,15 +310,7 @@ class NatsCluster:
         self.children.kill(node_id)
 
     def log_tails(self, count: int = 8) -> str:
-        parts = []
-        for node_id in NODE_IDS:
-            try:
-                with open(os.path.join(self._config_dir, f"{node_id}.log"), errors="replace") as f:
-                    tail = f.read().splitlines()[-count:]
-            except (OSError, AttributeError):
-                tail = []
-            parts.append(f"--- {node_id} log ---\n" + "\n".join(tail))
-        return "\n".join(parts)
+        return self.children.log_tails(NODE_IDS, count)
 
     async def _create_stream(self, *, deadline: float) -> None:
         from nats.js.api import StorageType

@@ -394,15 +394,7 @@ class PlainCluster(Scoped):
             raise BenchError(f"{NAME} node {node_id} did not start: {line.strip() or 'no answer'}\n{self.log_tails()}")
 
     def log_tails(self, count: int = 10) -> str:
-        parts = []
-        for node_id in NODE_IDS:
-            try:
-                with open(os.path.join(self.directory, f"{node_id}.log"), errors="replace") as f:
-                    tail = f.read().splitlines()[-count:]
-            except OSError:
-                tail = []
-            parts.append(f"--- {node_id} log ---\n" + "\n".join(tail))
-        return "\n".join(parts)
+        return self.children.log_tails(NODE_IDS, count)
 
     def process(self, node_id: str):
         return self.children.processes[node_id]
