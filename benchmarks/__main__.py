@@ -31,6 +31,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from benchmarks import bench_cluster, bench_stream
 from benchmarks.failover import workload_failover
@@ -38,6 +39,10 @@ from benchmarks.figures import BenchError, cpu_text, spread
 from benchmarks.latency import workload_latency
 from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
 from benchmarks.options import (
+    FANOUT_SECONDS_DEFAULT,
+    FANOUT_SECONDS_QUICK,
+    add_publisher_options,
+    add_subscriber_options,
     resolve_sizes,
     add_processes_option,
     add_report_options,
@@ -74,7 +79,6 @@ GOAL_RECOVERY_S = bench_stream.GOAL_RECOVERY_S  # restarted follower serves its 
 
 STREAM_MESSAGES_DEFAULT = bench_stream.MESSAGES_DEFAULT
 STREAM_MESSAGES_QUICK = 5_000
-FANOUT_SECONDS_QUICK = 1.0
 
 EXIT_FAILED = 1
 
@@ -610,11 +614,7 @@ def _loads(s: dict) -> str:
     return f"load avg {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}"
 
 
-def print_replay(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
-        f"median of {opts.runs} read(s) (min - max)"
-    )
+def _replay_rows(result: dict) -> None:
     print(f"  {'system':<10} {'reader':<52} {'messages':>10} {'msg/s':>10}   min - max")
     r = result["systems"].get("raftseq")
     if r:
@@ -632,14 +632,9 @@ def print_replay(result: dict, opts: argparse.Namespace) -> None:
         print(
             f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}"
         )
-    _print_verdicts(result, "higher is better", lambda x: f"{x:,.0f}")
 
 
-def print_recovery(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
-        f"median (max) of {opts.runs} restart(s)"
-    )
+def _recovery_rows(result: dict) -> None:
     rows = {
         "raftseq": (
             ("status_s", "answers a status request"),
@@ -662,14 +657,9 @@ def print_recovery(result: dict, opts: argparse.Namespace) -> None:
             print(
                 f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}"
             )
-    _print_verdicts(result, "lower is better", lambda x: f"{x:.2f} s")
 
 
-def print_fanout(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers while one "
-        f"client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
-    )
+def _fanout_rows(result: dict) -> None:
     print(
         f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)"
     )
@@ -689,7 +679,55 @@ def print_fanout(result: dict, opts: argparse.Namespace) -> None:
             )
         else:
             print(f"  {'':<10} leader {s['leader']}; {_loads(s)}")
-    _print_verdicts(result, "higher is better")
+
+
+@dataclass(frozen=True)
+class StreamTable:
+    """How one stream workload is printed: its heading (from the options), its rows, then the
+    systems not measured, the ratios (`note` says which way is better) and, with
+    `goal_format`, the goals."""
+
+    heading: Callable[[argparse.Namespace], str]
+    rows: Callable[[dict], None]
+    note: str
+    goal_format: Callable[[float], str] | None = None
+
+
+STREAM_TABLES = {
+    "replay": StreamTable(
+        lambda opts: (
+            "\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
+            f"median of {opts.runs} read(s) (min - max)"
+        ),
+        _replay_rows,
+        "higher is better",
+        lambda x: f"{x:,.0f}",
+    ),
+    "recovery": StreamTable(
+        lambda opts: (
+            "\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
+            f"median (max) of {opts.runs} restart(s)"
+        ),
+        _recovery_rows,
+        "lower is better",
+        lambda x: f"{x:.2f} s",
+    ),
+    "fanout": StreamTable(
+        lambda opts: (
+            f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers "
+            f"while one client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
+        ),
+        _fanout_rows,
+        "higher is better",
+    ),
+}
+
+
+def print_stream(name: str, result: dict, opts: argparse.Namespace) -> None:
+    table = STREAM_TABLES[name]
+    print(table.heading(opts))
+    table.rows(result)
+    _print_verdicts(result, table.note, table.goal_format)
 
 
 # --- the command --------------------------------------------------------------------------
@@ -797,30 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
         f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
     )
-    add(
-        "--subscribers",
-        type=positive_int,
-        default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=positive_int,
-        default=bench_stream.FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})",
-    )
-    add(
-        "--fanout-rate",
-        type=positive_int,
-        default=bench_stream.FANOUT_RATE_DEFAULT,
-        help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})",
-    )
-    add(
-        "--fanout-seconds",
-        type=positive_float,
-        default=None,
-        help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
-    )
+    add_subscriber_options(parser, subscribers="live subscribers (raftseq) and ordered push consumers (NATS)")
+    add_publisher_options(parser)
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
     add("--run-timeout-s", type=positive_float, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
     add_report_options(parser)
@@ -842,7 +858,7 @@ def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         "latency_seconds": (1.0, 10.0),
         "kills": (2, 10),
         "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
-        "fanout_seconds": (FANOUT_SECONDS_QUICK, bench_stream.FANOUT_SECONDS_DEFAULT),
+        "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
     }
     resolve_sizes(opts, sizes)
     if opts.fanout_rate * opts.fanout_seconds < 100:
@@ -893,13 +909,12 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
             "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password"),
         }
     streamed = [w for w in STREAM_WORKLOADS if w in opts.workloads]
-    printers = {"replay": print_replay, "recovery": print_recovery, "fanout": print_fanout}
     for name in opts.workloads:
         if name in STREAM_WORKLOADS:
             if name == streamed[0]:  # all of them at once, on one filled stream per system
                 for w, result in session.stream(streamed).items():
                     report["workloads"][w] = result
-                    printers[w](result, opts)
+                    print_stream(w, result, opts)
         elif name == "throughput":
             report["workloads"][name] = session.throughput()
             print_throughput(report["workloads"][name], opts.runs)

@@ -47,7 +47,18 @@ from benchmarks.figures import BenchError, cpu_text, expect, spread
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
 from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
-from benchmarks.options import resolve_sizes, add_report_options, ScopedDirectory, positive_float, positive_int, terminate, write_report
+from benchmarks.options import (
+    FANOUT_RATE_DEFAULT,
+    FANOUT_SECONDS_DEFAULT,
+    add_subscriber_options,
+    resolve_sizes,
+    add_report_options,
+    ScopedDirectory,
+    positive_float,
+    positive_int,
+    terminate,
+    write_report,
+)
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
 from raftseq.sequencer import protocol
@@ -61,10 +72,6 @@ FILL_BATCH = 500
 READ_BYTES = 1 << 20
 READ_TIMEOUT_S = 10.0
 RECOVERY_TIMEOUT_S = 120.0
-FANOUT_RATE_DEFAULT = 10_000
-FANOUT_SECONDS_DEFAULT = 10.0
-FANOUT_SUBSCRIBERS_DEFAULT = 100
-FANOUT_PROCESSES_DEFAULT = 4
 #: After the producer stops: how long subscribers may take to receive the rest.
 FANOUT_DRAIN_S = 30.0
 
@@ -419,18 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--runs", type=positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
     add("--rate", type=positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
     add("--seconds", type=positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
-    add(
-        "--subscribers",
-        type=positive_int,
-        default=FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=positive_int,
-        default=FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
-    )
+    add_subscriber_options(parser, subscribers="subscribers")
     add("--insecure", action="store_true", help="no Raft password and no client token")
     add_report_options(parser)
     add("--fanout-worker", help=argparse.SUPPRESS)

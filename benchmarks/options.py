@@ -67,17 +67,63 @@ def node_setting(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
+def add_numbers(parser: argparse.ArgumentParser, *rows: tuple[str, Callable[[str], object], object, str]) -> None:
+    """Number options, one row each: flag, type (``positive_int``, ...), default, help."""
+    for flag, kind, default, text in rows:
+        parser.add_argument(flag, type=kind, default=default, help=text)
+
+
 #: Client processes of a multi-process throughput variant, unless ``--processes`` says otherwise.
 CLIENT_PROCESSES_DEFAULT = 4
 
 
 def add_processes_option(parser: argparse.ArgumentParser) -> None:
     """``--processes N``: the client processes of a multi-process throughput variant."""
-    parser.add_argument(
-        "--processes",
-        type=positive_int,
-        default=CLIENT_PROCESSES_DEFAULT,
-        help=f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})",
+    text = f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})"
+    add_numbers(parser, ("--processes", positive_int, CLIENT_PROCESSES_DEFAULT, text))
+
+
+#: The fanout workload, the same for raftseq and its peers: subscribers, the processes they run
+#: in, the one publisher's offered rate and how long it publishes.
+FANOUT_SUBSCRIBERS_DEFAULT = 100
+FANOUT_PROCESSES_DEFAULT = 4
+FANOUT_RATE_DEFAULT = 10_000
+FANOUT_SECONDS_DEFAULT = 10.0
+FANOUT_SECONDS_QUICK = 1.0
+
+
+def add_subscriber_options(parser: argparse.ArgumentParser, *, subscribers: str) -> None:
+    """``--subscribers`` (`subscribers` says what one is) and ``--subscriber-processes`` of the
+    fanout workload."""
+    add_numbers(
+        parser,
+        ("--subscribers", positive_int, FANOUT_SUBSCRIBERS_DEFAULT, f"fanout: {subscribers} (default {FANOUT_SUBSCRIBERS_DEFAULT})"),
+        (
+            "--subscriber-processes",
+            positive_int,
+            FANOUT_PROCESSES_DEFAULT,
+            f"fanout: processes the subscribers run in (default {FANOUT_PROCESSES_DEFAULT})",
+        ),
+    )
+
+
+def add_publisher_options(parser: argparse.ArgumentParser) -> None:
+    """``--fanout-rate`` and ``--fanout-seconds``: what the fanout workload's one publishing
+    client offers, and for how long (``None`` until ``resolve_sizes``)."""
+    add_numbers(
+        parser,
+        (
+            "--fanout-rate",
+            positive_int,
+            FANOUT_RATE_DEFAULT,
+            f"fanout: msg/s offered by the one publishing client (default {FANOUT_RATE_DEFAULT:,})",
+        ),
+        (
+            "--fanout-seconds",
+            positive_float,
+            None,
+            f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
+        ),
     )
 
 

@@ -63,7 +63,15 @@ from collections import deque
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
-from benchmarks.options import ScopedDirectory, add_processes_option, resolve_sizes
+from benchmarks.options import (
+    FANOUT_SECONDS_DEFAULT,
+    FANOUT_SECONDS_QUICK,
+    ScopedDirectory,
+    add_processes_option,
+    add_publisher_options,
+    add_subscriber_options,
+    resolve_sizes,
+)
 from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
@@ -106,11 +114,6 @@ WORKLOADS = ("throughput", "latency", "failover", "replay", "recovery", "fanout"
 STREAM_WORKLOADS = ("replay", "recovery", "fanout")
 STREAM_MESSAGES_DEFAULT = 5_000_000
 STREAM_MESSAGES_QUICK = 5_000
-FANOUT_RATE_DEFAULT = 10_000
-FANOUT_SECONDS_DEFAULT = 10.0
-FANOUT_SECONDS_QUICK = 1.0
-FANOUT_SUBSCRIBERS_DEFAULT = 100
-FANOUT_PROCESSES_DEFAULT = 4
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -1294,30 +1297,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"messages in the stream of replay, recovery and fanout (default {STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
     )
-    add(
-        "--fanout-rate",
-        type=int,
-        default=FANOUT_RATE_DEFAULT,
-        help=f"fanout: offered msg/s of the publisher (default {FANOUT_RATE_DEFAULT:,})",
-    )
-    add(
-        "--fanout-seconds",
-        type=float,
-        default=None,
-        help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
-    )
-    add(
-        "--subscribers",
-        type=int,
-        default=FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=int,
-        default=FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
-    )
+    add_publisher_options(parser)
+    add_subscriber_options(parser, subscribers="ordered push consumers")
 
 
 def resolve(opts: argparse.Namespace) -> None:
