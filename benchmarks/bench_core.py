@@ -103,11 +103,10 @@ class Fixture:
         return path
 
 
-def build_fixture(
-    root: str, *, messages: int, fsync_messages: int, payload_bytes: int, batch: int, sessions: int, frames_per_read: int
-) -> Fixture:
-    """Messages from ``sessions`` sessions in turn, ``batch`` to a batch, each payload
-    ``payload_bytes`` long; as journal records and as Raft log entries."""
+def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
+    """The command's ``--messages`` from ``--sessions`` sessions in turn, ``--batch`` to a batch,
+    each payload ``--payload-bytes`` long; as journal records and as Raft log entries."""
+    messages, batch, sessions, payload_bytes = sizes.messages, sizes.batch, sizes.sessions, sizes.payload_bytes
     payload = bytes((i * 7 + 13) % 256 for i in range(payload_bytes))
     names = [f"bench-{k}" for k in range(sessions)]
     client_seqs = [0] * sessions
@@ -143,10 +142,10 @@ def build_fixture(
     expect(first.records == record_batches[0][0], "pre-encoded records differ from what SequencerMachine.apply produces")
     fsync_batches = []
     for item in record_batches:
-        if item[1] > fsync_messages:
+        if item[1] > sizes.fsync_messages:
             break
         fsync_batches.append(item)
-    return Fixture(root, messages, record_batches, entry_batches, fsync_batches, frames_per_read)
+    return Fixture(root, messages, record_batches, entry_batches, fsync_batches, sizes.frames_per_read)
 
 
 def build_replay_journal(fx: Fixture) -> float:
@@ -671,15 +670,7 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     print(f"load avg  at start {' '.join(f'{x:.2f}' for x in load_start)} (1, 5, 15 min)")
 
     started = time.perf_counter()
-    fx = build_fixture(
-        root,
-        messages=args.messages,
-        fsync_messages=args.fsync_messages,
-        payload_bytes=args.payload_bytes,
-        batch=args.batch,
-        sessions=args.sessions,
-        frames_per_read=args.frames_per_read,
-    )
+    fx = build_fixture(root, args)
     encode_s = time.perf_counter() - started
     record_mean = fx.record_bytes / fx.messages
     print(
