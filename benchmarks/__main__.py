@@ -25,20 +25,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from benchmarks import bench_cluster, bench_stream
 from benchmarks.failover import workload_failover
 from benchmarks.figures import BenchError, cpu_text, spread
 from benchmarks.latency import workload_latency
 from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
-from benchmarks.options import positive_float, positive_int, positive_ints, terminate, write_report
+from benchmarks.options import (
+    FANOUT_SECONDS_DEFAULT,
+    FANOUT_SECONDS_QUICK,
+    add_publisher_options,
+    add_subscriber_options,
+    resolve_sizes,
+    add_processes_option,
+    add_report_options,
+    positive_float,
+    positive_int,
+    positive_ints,
+    run_reported,
+)
 from benchmarks.peers import nats_jetstream as nats_peer
 from benchmarks.peers import plain_pysyncobj as pysyncobj_peer
 from benchmarks.peers.common import SetupError, median_of_summaries
@@ -67,7 +79,6 @@ GOAL_RECOVERY_S = bench_stream.GOAL_RECOVERY_S  # restarted follower serves its 
 
 STREAM_MESSAGES_DEFAULT = bench_stream.MESSAGES_DEFAULT
 STREAM_MESSAGES_QUICK = 5_000
-FANOUT_SECONDS_QUICK = 1.0
 
 EXIT_FAILED = 1
 
@@ -589,15 +600,21 @@ def _not_measured_lines(result: dict) -> list[str]:
     return [f"  {system:<10} --  ({why})" for system, why in result.get("not_measured", {}).items()]
 
 
+def _print_verdicts(result: dict, note: str, goal_format: Callable[[float], str] | None = None) -> None:
+    """A stream workload's last lines: the systems not measured, the raftseq/peer ratios
+    (`note` says which way is better), and with `goal_format` the goals."""
+    lines = _not_measured_lines(result) + _ratio_lines(result["ratios"], note)
+    if goal_format is not None:
+        lines += _goal_lines(result["goals"], goal_format)
+    for line in lines:
+        print(line)
+
+
 def _loads(s: dict) -> str:
     return f"load avg {s['load_average_before'][:1]} -> {s['load_average_after'][:1]}"
 
 
-def print_replay(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
-        f"median of {opts.runs} read(s) (min - max)"
-    )
+def _replay_rows(result: dict) -> None:
     print(f"  {'system':<10} {'reader':<52} {'messages':>10} {'msg/s':>10}   min - max")
     r = result["systems"].get("raftseq")
     if r:
@@ -615,17 +632,9 @@ def print_replay(result: dict, opts: argparse.Namespace) -> None:
         print(
             f"  {'nats':<10} {where:<52} {n['messages']:>10,} {n['messages_per_s']:>10,.0f}   {n['min']:,.0f} - {n['max']:,.0f}   {_loads(n)}"
         )
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
-        print(line)
-    for line in _goal_lines(result["goals"], lambda x: f"{x:,.0f}"):
-        print(line)
 
 
-def print_recovery(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
-        f"median (max) of {opts.runs} restart(s)"
-    )
+def _recovery_rows(result: dict) -> None:
     rows = {
         "raftseq": (
             ("status_s", "answers a status request"),
@@ -648,17 +657,9 @@ def print_recovery(result: dict, opts: argparse.Namespace) -> None:
             print(
                 f"  {'':<10} {'':>10}  restarted: {', '.join(x['server'] + (' (meta leader)' if x['was_meta_leader'] else '') for x in s['runs'])}; {_loads(s)}"
             )
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "lower is better"):
-        print(line)
-    for line in _goal_lines(result["goals"], lambda x: f"{x:.2f} s"):
-        print(line)
 
 
-def print_fanout(result: dict, opts: argparse.Namespace) -> None:
-    print(
-        f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers while one "
-        f"client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
-    )
+def _fanout_rows(result: dict) -> None:
     print(
         f"  {'system':<10} {'delivered msg/s':>15} {'delivered':>11} {'seconds':>8}  {'every subscriber got every message':<36} cpu (100% = one core)"
     )
@@ -678,8 +679,55 @@ def print_fanout(result: dict, opts: argparse.Namespace) -> None:
             )
         else:
             print(f"  {'':<10} leader {s['leader']}; {_loads(s)}")
-    for line in _not_measured_lines(result) + _ratio_lines(result["ratios"], "higher is better"):
-        print(line)
+
+
+@dataclass(frozen=True)
+class StreamTable:
+    """How one stream workload is printed: its heading (from the options), its rows, then the
+    systems not measured, the ratios (`note` says which way is better) and, with
+    `goal_format`, the goals."""
+
+    heading: Callable[[argparse.Namespace], str]
+    rows: Callable[[dict], None]
+    note: str
+    goal_format: Callable[[float], str] | None = None
+
+
+STREAM_TABLES = {
+    "replay": StreamTable(
+        lambda opts: (
+            "\nreplay: messages/s delivered to one subscriber reading the whole stream from its start on a follower; "
+            f"median of {opts.runs} read(s) (min - max)"
+        ),
+        _replay_rows,
+        "higher is better",
+        lambda x: f"{x:,.0f}",
+    ),
+    "recovery": StreamTable(
+        lambda opts: (
+            "\nrecovery: SIGKILL of a follower holding the stream, then start it again; seconds from the start, "
+            f"median (max) of {opts.runs} restart(s)"
+        ),
+        _recovery_rows,
+        "lower is better",
+        lambda x: f"{x:.2f} s",
+    ),
+    "fanout": StreamTable(
+        lambda opts: (
+            f"\nfanout: {opts.subscribers} live subscribers in {opts.subscriber_processes} processes on the two followers "
+            f"while one client submits {opts.fanout_rate:,} msg/s for {opts.fanout_seconds:g} s"
+        ),
+        _fanout_rows,
+        "higher is better",
+    ),
+}
+
+
+def print_stream(name: str, result: dict, opts: argparse.Namespace) -> None:
+    table = STREAM_TABLES[name]
+    print(table.heading(opts))
+    table.rows(result)
+    _print_verdicts(result, table.note, table.goal_format)
 
 
 # --- the command --------------------------------------------------------------------------
@@ -730,7 +778,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)",
     )
-    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
     add("--messages", type=positive_int, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
     add(
         "--payloads",
@@ -739,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)",
     )
     add("--payload-bytes", type=positive_int, default=100, help="payload size of the latency and failover workloads (default 100)")
-    add("--processes", type=positive_int, default=4, help="client processes of the multi-process throughput variants (default 4)")
+    add_processes_option(parser)
     add(
         "--window",
         type=positive_int,
@@ -788,52 +835,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
         f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
     )
-    add(
-        "--subscribers",
-        type=positive_int,
-        default=bench_stream.FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: live subscribers (raftseq) and ordered push consumers (NATS) (default {bench_stream.FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=positive_int,
-        default=bench_stream.FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes the subscribers run in (default {bench_stream.FANOUT_PROCESSES_DEFAULT})",
-    )
-    add(
-        "--fanout-rate",
-        type=positive_int,
-        default=bench_stream.FANOUT_RATE_DEFAULT,
-        help=f"fanout: msg/s offered by the one publishing client (default {bench_stream.FANOUT_RATE_DEFAULT:,})",
-    )
-    add(
-        "--fanout-seconds",
-        type=positive_float,
-        default=None,
-        help=f"fanout: seconds of publishing (default {bench_stream.FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
-    )
+    add_subscriber_options(parser, subscribers="live subscribers (raftseq) and ordered push consumers (NATS)")
+    add_publisher_options(parser)
     add("--insecure", action="store_true", help="no Raft password for raftseq and pysyncobj (unencrypted links) and no client token")
     add("--run-timeout-s", type=positive_float, default=120.0, help="a throughput run taking longer counts as stuck (default 120)")
-    add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
+    add_report_options(parser)
     return parser
 
 
 def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    quick = opts.quick
     unknown = [w for w in opts.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     opts.workloads = list(dict.fromkeys(opts.workloads)) or list(DEFAULT_WORKLOADS)
     if opts.skip_raftseq and not opts.vs:
         parser.error("--skip-raftseq needs --vs")
-    opts.runs = opts.runs or (1 if quick else 3)
-    opts.messages = opts.messages or (5_000 if quick else 200_000)
-    opts.payloads = opts.payloads or ([100] if quick else [100, 1024])
-    opts.rates = opts.rates or ([1000, 2000] if quick else [1000, 2000, 10000, 50000])
-    opts.latency_seconds = opts.latency_seconds or (1.0 if quick else 10.0)
-    opts.kills = opts.kills or (2 if quick else 10)
-    opts.stream_messages = opts.stream_messages or (STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT)
-    opts.fanout_seconds = opts.fanout_seconds or (FANOUT_SECONDS_QUICK if quick else bench_stream.FANOUT_SECONDS_DEFAULT)
+    sizes = {
+        "runs": (1, 3),
+        "messages": (5_000, 200_000),
+        "payloads": ([100], [100, 1024]),
+        "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
+        "latency_seconds": (1.0, 10.0),
+        "kills": (2, 10),
+        "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
+        "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
+    }
+    resolve_sizes(opts, sizes)
     if opts.fanout_rate * opts.fanout_seconds < 100:
         parser.error("fanout publishes --fanout-rate x --fanout-seconds messages, in batches of 100 for raftseq: at least 100")
     if any(p > 65536 for p in opts.payloads) or opts.payload_bytes > 65536:
@@ -882,13 +909,12 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
             "settings": "SyncObjConf defaults + bindAddress" + ("" if opts.insecure else " + password"),
         }
     streamed = [w for w in STREAM_WORKLOADS if w in opts.workloads]
-    printers = {"replay": print_replay, "recovery": print_recovery, "fanout": print_fanout}
     for name in opts.workloads:
         if name in STREAM_WORKLOADS:
             if name == streamed[0]:  # all of them at once, on one filled stream per system
                 for w, result in session.stream(streamed).items():
                     report["workloads"][w] = result
-                    printers[w](result, opts)
+                    print_stream(w, result, opts)
         elif name == "throughput":
             report["workloads"][name] = session.throughput()
             print_throughput(report["workloads"][name], opts.runs)
@@ -919,24 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     resolve(opts, parser)
-    signal.signal(signal.SIGTERM, terminate)
-    # Interruptible even when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=opts.dir or None)
-    try:
-        report, status = run(opts, root)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every server stopped", file=sys.stderr)
-        return 130
-    except SystemExit:
-        print("\nterminated: every server stopped", file=sys.stderr)
-        raise
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    write_report(opts.json, report)
-    if opts.json:
-        print(f"report    {opts.json}")
-    return status
+    return run_reported(opts, run, prefix="raftseq-bench-", stopped="every server stopped")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,6 @@ workload failed or a check did not hold.
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -51,8 +49,17 @@ from benchmarks.failover import workload_failover
 from benchmarks.figures import BenchError
 from benchmarks.latency import GOAL_LATENCY_P99_MS, GOAL_LATENCY_RATE_PER_S, workload_elections, workload_latency
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, worker_main
-from benchmarks.machine import code_under_test, load_average, machine_facts, other_raftseq_nodes, print_load
-from benchmarks.options import node_setting, positive_float, positive_int, positive_ints, terminate, write_report
+from benchmarks.machine import code_under_test, print_code_and_machine, load_average, machine_facts, other_raftseq_nodes, print_load
+from benchmarks.options import (
+    resolve_sizes,
+    add_processes_option,
+    add_report_options,
+    node_setting,
+    positive_float,
+    positive_int,
+    positive_ints,
+    run_reported,
+)
 from benchmarks.throughput import GOAL_METRICS_COST, GOAL_THROUGHPUT_PER_S, workload_metrics, workload_throughput
 from raftseq.cluster.local import local_configs
 
@@ -61,7 +68,6 @@ WORKLOAD_NAMES = ("throughput", "latency", "failover", "elections", "metrics")
 THROUGHPUT_MESSAGES_DEFAULT = 200_000
 THROUGHPUT_MESSAGES_QUICK = 20_000
 BATCH_SIZE_DEFAULT = 500
-CLIENT_PROCESSES_DEFAULT = 4
 LATENCY_RATES_DEFAULT = "2000,10000"
 LATENCY_SECONDS_DEFAULT = 10.0
 LATENCY_SECONDS_QUICK = 2.0
@@ -107,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=BATCH_SIZE_DEFAULT,
         help=f"payloads per submit_batch_nowait call (default {BATCH_SIZE_DEFAULT})",
     )
-    add(
-        "--processes",
-        type=positive_int,
-        default=CLIENT_PROCESSES_DEFAULT,
-        help=f"client processes of the multi-process throughput variant (default {CLIENT_PROCESSES_DEFAULT})",
-    )
+    add_processes_option(parser)
     add("--payload-bytes", type=int, default=100, help="bytes of each payload (default 100)")
     add(
         "--in-flight-max",
@@ -179,24 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)",
     )
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
-    add("--dir", default="", metavar="DIR", help="parent of the temporary directory (default: the system's)")
-    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
+    add_report_options(parser)
     add("--worker", default="", help=argparse.SUPPRESS)
     return parser
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    quick = args.quick
-    if args.runs is None:
-        args.runs = 1 if quick else 3
-    if args.messages is None:
-        args.messages = THROUGHPUT_MESSAGES_QUICK if quick else THROUGHPUT_MESSAGES_DEFAULT
-    if args.latency_seconds is None:
-        args.latency_seconds = LATENCY_SECONDS_QUICK if quick else LATENCY_SECONDS_DEFAULT
-    if args.kills is None:
-        args.kills = KILLS_QUICK if quick else KILLS_DEFAULT
-    if args.elections_seconds is None:
-        args.elections_seconds = ELECTIONS_SECONDS_QUICK if quick else ELECTIONS_SECONDS_DEFAULT
+    resolve_sizes(
+        args,
+        {
+            "runs": (1, 3),
+            "messages": (THROUGHPUT_MESSAGES_QUICK, THROUGHPUT_MESSAGES_DEFAULT),
+            "latency_seconds": (LATENCY_SECONDS_QUICK, LATENCY_SECONDS_DEFAULT),
+            "kills": (KILLS_QUICK, KILLS_DEFAULT),
+            "elections_seconds": (ELECTIONS_SECONDS_QUICK, ELECTIONS_SECONDS_DEFAULT),
+        },
+    )
     if not args.rates:
         parser.error("--rates: at least one rate")
     if args.batch > args.in_flight_max:
@@ -214,14 +213,12 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.names = list(WORKLOAD_NAMES) if args.workload == "all" else [args.workload]
 
 
-def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
+def bench(args: argparse.Namespace, root: str) -> tuple[dict, int]:
     facts = machine_facts()
     code = code_under_test()
     print("raftseq cluster benchmark")
-    commit = code["git_commit"] or "no git checkout"
-    changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[code["dirty"]]
-    print(f"code      {code['repo_dir']} ({commit}{changes}; sequencer+cluster+clients sha256 {code['source_sha256']})")
-    print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
+    digest = f"sequencer+cluster+clients sha256 {code['source_sha256']}"
+    print_code_and_machine(code["repo_dir"], code["git_commit"], code["dirty"], digest, facts)
     print(f"          {facts['python']}, {facts['platform']}")
     others = other_raftseq_nodes(set())
     print(f"          other raftseq node processes running on this machine: {others}")
@@ -290,7 +287,7 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, bool]:
     for name in report["failures"]:
         goals.append(f"{name} FAILED")
     print("goals     " + ("\n          ".join(goals) if goals else "-"))
-    return report, failed
+    return report, 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,24 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
     resolve(args, parser)
-    signal.signal(signal.SIGTERM, terminate)
-    # Interruptible even when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-cluster-", dir=args.dir or None)
-    try:
-        report, failed = bench(args, root)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nodes stopped", file=sys.stderr)
-        return 130
-    except SystemExit:
-        print("\nterminated: nodes stopped", file=sys.stderr)
-        raise
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    write_report(args.json, report)
-    if args.json:
-        print(f"report    {args.json}")
-    return 1 if failed else 0
+    return run_reported(args, bench, prefix="raftseq-bench-cluster-", stopped="nodes stopped")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import hashlib
 import json
 import os
-import platform
 import pstats
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import msgspec
 
-from benchmarks.machine import REPO_DIR, cpu_model, filesystem_of, load_average
-from benchmarks.options import non_negative_int, positive_int
+from benchmarks.machine import git_state, print_code_and_machine, load_average, machine_facts, source_digest
+from benchmarks.options import add_report_options, resolve_sizes, non_negative_int, positive_int
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -107,11 +103,10 @@ class Fixture:
         return path
 
 
-def build_fixture(
-    root: str, *, messages: int, fsync_messages: int, payload_bytes: int, batch: int, sessions: int, frames_per_read: int
-) -> Fixture:
-    """Messages from ``sessions`` sessions in turn, ``batch`` to a batch, each payload
-    ``payload_bytes`` long; as journal records and as Raft log entries."""
+def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
+    """The command's ``--messages`` from ``--sessions`` sessions in turn, ``--batch`` to a batch,
+    each payload ``--payload-bytes`` long; as journal records and as Raft log entries."""
+    messages, batch, sessions, payload_bytes = sizes.messages, sizes.batch, sizes.sessions, sizes.payload_bytes
     payload = bytes((i * 7 + 13) % 256 for i in range(payload_bytes))
     names = [f"bench-{k}" for k in range(sessions)]
     client_seqs = [0] * sessions
@@ -147,10 +142,10 @@ def build_fixture(
     expect(first.records == record_batches[0][0], "pre-encoded records differ from what SequencerMachine.apply produces")
     fsync_batches = []
     for item in record_batches:
-        if item[1] > fsync_messages:
+        if item[1] > sizes.fsync_messages:
             break
         fsync_batches.append(item)
-    return Fixture(root, messages, record_batches, entry_batches, fsync_batches, frames_per_read)
+    return Fixture(root, messages, record_batches, entry_batches, fsync_batches, sizes.frames_per_read)
 
 
 def build_replay_journal(fx: Fixture) -> float:
@@ -309,16 +304,22 @@ def decode_only(fx: Fixture) -> tuple[Run, Done]:
     return run, done
 
 
-def apply_machine(fx: Fixture) -> tuple[Run, Done]:
-    """``SequencerMachine.apply`` alone: decode, dedup, numbering, record encoding."""
+def applying(apply: Callable[[bytes], object], fx: Fixture) -> Run:
+    """A run that hands every entry batch of the fixture to `apply`, in order."""
     batches = fx.entry_batches
-    machine = SequencerMachine()
 
     def run() -> tuple[int, int]:
-        apply = machine.apply
         for data in batches:
             apply(data)
         return fx.messages, sum(map(len, batches))
+
+    return run
+
+
+def apply_machine(fx: Fixture) -> tuple[Run, Done]:
+    """``SequencerMachine.apply`` alone: decode, dedup, numbering, record encoding."""
+    machine = SequencerMachine()
+    run = applying(machine.apply, fx)
 
     def done() -> dict:
         expect(machine.last_seq == fx.messages, f"machine numbered {machine.last_seq} messages, expected {fx.messages}")
@@ -329,16 +330,10 @@ def apply_machine(fx: Fixture) -> tuple[Run, Done]:
 
 def apply_core(fx: Fixture) -> tuple[Run, Done]:
     """``SequencedStream.apply``: the machine plus ``Journal.append`` (fsync never), fresh journal."""
-    batches = fx.entry_batches
     directory = fx.fresh_dir("core")
     journal = Journal.open(directory)
     core = SequencedStream(SequencerMachine(), journal)
-
-    def run() -> tuple[int, int]:
-        apply = core.apply
-        for data in batches:
-            apply(data)
-        return fx.messages, sum(map(len, batches))
+    run = applying(core.apply, fx)
 
     def done() -> dict:
         expect(core.machine.last_seq == fx.messages, f"machine numbered {core.machine.last_seq} messages")
@@ -361,47 +356,54 @@ class Workload:
     is_baseline: bool = False
 
 
+def replay_workload(*, frames: bool, verify: bool) -> Workload:
+    """``JournalCursor.read_frames`` or ``read_block`` over the replay journal, checksums verified
+    or not, against the plain read loop; the goal is for the verified reads."""
+    method = "read_frames" if frames else "read_block"
+    return Workload(
+        f"replay_{'frames' if frames else 'block'}{'' if verify else '_noverify'}",
+        f"JournalCursor.{method}, {'checksums verified' if verify else 'verify=False'}",
+        partial(replay_cursor, frames=frames, verify=verify),
+        goal_per_s=1_000_000 if verify else 0,
+        baseline="read_ceiling",
+    )
+
+
 @dataclass(frozen=True)
 class Section:
     title: str
     workloads: tuple[Workload, ...]
 
 
+def append_section(title: str, *, fsync: bool, baseline_title: str, policy: str, goal_per_s: int = 0) -> Section:
+    """``Journal.append`` with one fsync policy against ``os.write`` of the same bytes in the
+    same batches (with ``os.fsync`` per batch when `fsync`)."""
+    baseline = f"write_{'fsync' if fsync else 'never'}"
+    return Section(
+        title,
+        (
+            Workload(baseline, baseline_title, partial(write_baseline, fsync=fsync), is_baseline=True),
+            Workload(
+                f"append_{'fsync' if fsync else 'never'}",
+                f"Journal.append, FsyncPolicy({policy!r})",
+                partial(append_journal, fsync=fsync),
+                goal_per_s=goal_per_s,
+                baseline=baseline,
+            ),
+        ),
+    )
+
+
 SECTIONS = (
-    Section(
+    append_section(
         "1. journal append, fsync never",
-        (
-            Workload(
-                "write_never",
-                "baseline: os.write, same bytes and batches",
-                partial(write_baseline, fsync=False),
-                is_baseline=True,
-            ),
-            Workload(
-                "append_never",
-                "Journal.append, FsyncPolicy('never')",
-                partial(append_journal, fsync=False),
-                goal_per_s=500_000,
-                baseline="write_never",
-            ),
-        ),
+        fsync=False,
+        baseline_title="baseline: os.write, same bytes and batches",
+        policy="never",
+        goal_per_s=500_000,
     ),
-    Section(
-        "2. journal append, fsync per batch",
-        (
-            Workload(
-                "write_fsync",
-                "baseline: os.write + os.fsync per batch",
-                partial(write_baseline, fsync=True),
-                is_baseline=True,
-            ),
-            Workload(
-                "append_fsync",
-                "Journal.append, FsyncPolicy('batch')",
-                partial(append_journal, fsync=True),
-                baseline="write_fsync",
-            ),
-        ),
+    append_section(
+        "2. journal append, fsync per batch", fsync=True, baseline_title="baseline: os.write + os.fsync per batch", policy="batch"
     ),
     Section(
         "3. replay from seq 1 (raw records, warm page cache)",
@@ -418,32 +420,7 @@ SECTIONS = (
                 partial(read_baseline, crc=True),
                 is_baseline=True,
             ),
-            Workload(
-                "replay_frames",
-                "JournalCursor.read_frames, checksums verified",
-                partial(replay_cursor, frames=True, verify=True),
-                goal_per_s=1_000_000,
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_block",
-                "JournalCursor.read_block, checksums verified",
-                partial(replay_cursor, frames=False, verify=True),
-                goal_per_s=1_000_000,
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_frames_noverify",
-                "JournalCursor.read_frames, verify=False",
-                partial(replay_cursor, frames=True, verify=False),
-                baseline="read_ceiling",
-            ),
-            Workload(
-                "replay_block_noverify",
-                "JournalCursor.read_block, verify=False",
-                partial(replay_cursor, frames=False, verify=False),
-                baseline="read_ceiling",
-            ),
+            *(replay_workload(frames=frames, verify=verify) for verify in (True, False) for frames in (True, False)),
         ),
     ),
     Section(
@@ -579,42 +556,12 @@ def code_under_test() -> dict:
     import raftseq.sequencer as sequencer
 
     package_dir = os.path.dirname(os.path.abspath(sequencer.__file__))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(package_dir)):
-        if name.endswith(".py"):
-            digest.update(name.encode() + b"\0")
-            with open(os.path.join(package_dir, name), "rb") as f:
-                digest.update(f.read())
-    commit, dirty = "", None
-    try:
-        git = ["git", "-C", REPO_DIR]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit:
-            status = subprocess.run([*git, "status", "--porcelain", "--", package_dir], capture_output=True, text=True, timeout=10).stdout
-            dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = git_state([package_dir])
     return {
         "sequencer_dir": package_dir,
         "git_commit": commit,
         "sequencer_dirty": dirty,
-        "sequencer_sha256": digest.hexdigest()[:16],
-    }
-
-
-def machine_facts(directory: str) -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {
-        "nproc": usable,
-        "cpu_count": os.cpu_count() or 0,
-        "cpu_model": cpu_model(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "msgspec": msgspec.__version__,
-        "platform": platform.platform(),
-        "temp_dir_filesystem": filesystem_of(directory),
+        "sequencer_sha256": source_digest({"": package_dir}),
     }
 
 
@@ -661,13 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=FRAMES_PER_READ_DEFAULT,
         help=f"records asked of each read_frames call (default {FRAMES_PER_READ_DEFAULT}, as Journal.records asks)",
     )
-    add("--json", default="", metavar="FILE", help="also write the report as JSON to FILE")
-    add(
-        "--dir",
-        default="",
-        metavar="DIR",
-        help="parent of the temporary directory (default: the system's); use the disk a journal would live on",
-    )
+    add_report_options(parser, dir_help="use the disk a journal would live on")
     add("--quick", action="store_true", help="small sizes for a smoke run (the figures mean little against the goals)")
     add("--only", default="", metavar="KEYS", help="comma-separated workload keys: measure only the sections holding them")
     add(
@@ -680,10 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.messages is None:
-        args.messages = QUICK_MESSAGES if args.quick else MESSAGES_DEFAULT
-    if args.fsync_messages is None:
-        args.fsync_messages = QUICK_FSYNC_MESSAGES if args.quick else FSYNC_MESSAGES_DEFAULT
+    resolve_sizes(args, {"messages": (QUICK_MESSAGES, MESSAGES_DEFAULT), "fsync_messages": (QUICK_FSYNC_MESSAGES, FSYNC_MESSAGES_DEFAULT)})
     args.fsync_messages = min(args.fsync_messages, args.messages)
     fixture_bytes = 2 * args.messages * (args.payload_bytes + 48)  # records + Raft batches, roughly
     if fixture_bytes > FIXTURE_BYTES_MAX:
@@ -723,10 +661,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     code = code_under_test()
     load_start = load_average()
     print("raftseq core benchmark")
-    commit = code["git_commit"] or "no git checkout"
-    changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[code["sequencer_dirty"]]
-    print(f"code      {code['sequencer_dir']} ({commit}{changes}; source sha256 {code['sequencer_sha256']})")
-    print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
+    digest = f"source sha256 {code['sequencer_sha256']}"
+    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts)
     print(f"          {facts['python']}, msgspec {facts['msgspec']}, {facts['platform']}")
     print(f"          temporary directory {root} on {facts['temp_dir_filesystem']}")
     if facts["temp_dir_filesystem"] in ("tmpfs", "ramfs"):
@@ -734,15 +670,7 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     print(f"load avg  at start {' '.join(f'{x:.2f}' for x in load_start)} (1, 5, 15 min)")
 
     started = time.perf_counter()
-    fx = build_fixture(
-        root,
-        messages=args.messages,
-        fsync_messages=args.fsync_messages,
-        payload_bytes=args.payload_bytes,
-        batch=args.batch,
-        sessions=args.sessions,
-        frames_per_read=args.frames_per_read,
-    )
+    fx = build_fixture(root, args)
     encode_s = time.perf_counter() - started
     record_mean = fx.record_bytes / fx.messages
     print(

@@ -47,7 +47,18 @@ from benchmarks.figures import BenchError, cpu_text, expect, spread
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
 from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
-from benchmarks.options import Scoped, positive_float, positive_int, terminate, write_report
+from benchmarks.options import (
+    FANOUT_RATE_DEFAULT,
+    FANOUT_SECONDS_DEFAULT,
+    add_subscriber_options,
+    resolve_sizes,
+    add_report_options,
+    ScopedDirectory,
+    positive_float,
+    positive_int,
+    terminate,
+    write_report,
+)
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
 from raftseq.sequencer import protocol
@@ -61,10 +72,6 @@ FILL_BATCH = 500
 READ_BYTES = 1 << 20
 READ_TIMEOUT_S = 10.0
 RECOVERY_TIMEOUT_S = 120.0
-FANOUT_RATE_DEFAULT = 10_000
-FANOUT_SECONDS_DEFAULT = 10.0
-FANOUT_SUBSCRIBERS_DEFAULT = 100
-FANOUT_PROCESSES_DEFAULT = 4
 #: After the producer stops: how long subscribers may take to receive the rest.
 FANOUT_DRAIN_S = 30.0
 
@@ -364,24 +371,22 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
     }
 
 
-class FilledCluster(Scoped):
+class FilledCluster(ScopedDirectory):
     """A started three-node cluster below `root` (its own temporary directory, removed on exit)
     filled with ``args.messages`` acknowledged messages: one fill serves every workload.
     ``measure(name)`` runs one workload on it (``WORKLOADS``); fanout appends messages, so
     ``last`` follows the stream. A context manager; ``close`` stops every node it started."""
 
     def __init__(self, root: str, args: argparse.Namespace) -> None:
-        self.root = root
+        super().__init__(root, "stream-")
         self.args = args
-        self.directory = ""
         self.bench: BenchCluster | None = None
         self.filled = 0
         self.last = 0
         self.fill_s = 0.0
 
     def open(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="stream-", dir=self.root)
-        self.bench = BenchCluster.start_in(self.directory, "stream", insecure=self.args.insecure, overrides=None)
+        self.bench = BenchCluster.start_in(self.make_directory(), "stream", insecure=self.args.insecure, overrides=None)
         started = time.monotonic()
         self.filled = self.last = fill(self.bench, self.args.messages, self.args.payload_bytes)
         self.fill_s = time.monotonic() - started
@@ -390,9 +395,7 @@ class FilledCluster(Scoped):
         if self.bench is not None:
             self.bench.stop()
             self.bench = None
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = ""
+        self.remove_directory()
 
     def measure(self, name: str) -> dict:
         """One workload on the filled stream; its figures plus what the stream held. A failure
@@ -423,26 +426,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--runs", type=positive_int, help="runs of replay and recovery; the median is the figure (default 3; --quick 1)")
     add("--rate", type=positive_int, default=FANOUT_RATE_DEFAULT, help=f"fanout: offered messages/s (default {FANOUT_RATE_DEFAULT:,})")
     add("--seconds", type=positive_float, help=f"fanout: seconds of production (default {FANOUT_SECONDS_DEFAULT:.0f}; --quick 2)")
-    add(
-        "--subscribers",
-        type=positive_int,
-        default=FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: subscribers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=positive_int,
-        default=FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
-    )
+    add_subscriber_options(parser, subscribers="subscribers")
     add("--insecure", action="store_true", help="no Raft password and no client token")
-    add("--dir", help="parent of the temporary directory (default: the system's)")
-    add("--json", help="also write the report as JSON to this file")
+    add_report_options(parser)
     add("--fanout-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.messages = args.messages or (MESSAGES_QUICK if args.quick else MESSAGES_DEFAULT)
-    args.runs = args.runs or (1 if args.quick else 3)
-    args.seconds = args.seconds or (2.0 if args.quick else FANOUT_SECONDS_DEFAULT)
+    resolve_sizes(args, {"messages": (MESSAGES_QUICK, MESSAGES_DEFAULT), "runs": (1, 3), "seconds": (2.0, FANOUT_SECONDS_DEFAULT)})
     args.names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     return args
 
@@ -452,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fanout_worker:
         return fanout_worker_main(args.fanout_worker)
     signal.signal(signal.SIGTERM, terminate)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir)
+    root = tempfile.mkdtemp(prefix="raftseq-bench-stream-", dir=args.dir or None)
     report: dict = {
         "benchmark": "raftseq stream",
         "code": code_under_test(),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from benchmarks.figures import BenchError, check_seqs, describe_ranges, expect, merge_ranges, seq_ranges
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.machine import REPO_DIR, cpu_used
-from benchmarks.peers.common import read_line
+from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
 
 #: After a steady load stops: how long its outstanding submits may take to be acknowledged.
@@ -175,6 +175,20 @@ class SteadyLoad:
     def acked_seqs(self) -> list[int]:
         return [s for s in self.seqs if s]
 
+    async def checked_seqs(self, what: str, *, seqs_what: str = "") -> tuple[list[int], int, int]:
+        """Once the load stopped: every submit answered within ``DRAIN_TIMEOUT_S``, none failed,
+        and the acknowledged sequence numbers one gapless run (`seqs_what` names it, default
+        `what`). Returns them, and the run's first and last."""
+        drained = await self.drain()
+        expect(
+            drained,
+            f"{what}: {self.submitted - self.acked} of {self.submitted} submits unacknowledged {DRAIN_TIMEOUT_S:.0f} s after the load stopped",
+        )
+        expect(not self.errors, f"{what}: {len(self.errors)} submits failed, first: {self.errors[:1]}")
+        seqs = self.acked_seqs()
+        first, last = check_seqs(seqs, seqs_what or what, expected=self.submitted)
+        return seqs, first, last
+
 
 @dataclass
 class ThroughputRun:
@@ -292,12 +306,7 @@ def worker_main(spec_json: str) -> int:
         finally:
             await client.close()
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark as the outcome
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def multi_client_run(

@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 
 import msgspec
 
@@ -62,29 +63,41 @@ def other_raftseq_nodes(own_pids: set[int]) -> int:
     return count
 
 
-def code_under_test() -> dict:
-    """The git commit, whether the packages a node runs have uncommitted changes, and a digest
-    of their source (equal digests, equal code)."""
+def source_digest(directories: dict[str, str]) -> str:
+    """A digest of the ``.py`` files of each directory, each named by its key (a prefix such as
+    ``"sequencer/"``) and file name: equal digests, equal code."""
     digest = hashlib.sha256()
-    for package in ("sequencer", "cluster", "clients"):
-        directory = os.path.join(REPO_DIR, package)
+    for prefix, directory in directories.items():
         for name in sorted(os.listdir(directory)):
             if name.endswith(".py"):
-                digest.update(f"{package}/{name}".encode() + b"\0")
+                digest.update(f"{prefix}{name}".encode() + b"\0")
                 with open(os.path.join(directory, name), "rb") as f:
                     digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def git_state(paths: Sequence[str]) -> tuple[str, bool | None]:
+    """The checkout's commit, and whether `paths` hold uncommitted changes (``None`` when
+    there is no git checkout to ask)."""
     commit, dirty = "", None
     try:
         git = ["git", "-C", REPO_DIR]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
         if commit:
-            status = subprocess.run(
-                [*git, "status", "--porcelain", "--", "sequencer", "cluster", "clients"], capture_output=True, text=True, timeout=10
-            ).stdout
+            status = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True, timeout=10).stdout
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"repo_dir": REPO_DIR, "git_commit": commit, "dirty": dirty, "source_sha256": digest.hexdigest()[:16]}
+    return commit, dirty
+
+
+def code_under_test() -> dict:
+    """The git commit, whether the packages a node runs have uncommitted changes, and a digest
+    of their source (equal digests, equal code)."""
+    packages = ("sequencer", "cluster", "clients")
+    digest = source_digest({f"{package}/": os.path.join(REPO_DIR, package) for package in packages})
+    commit, dirty = git_state(packages)
+    return {"repo_dir": REPO_DIR, "git_commit": commit, "dirty": dirty, "source_sha256": digest}
 
 
 def machine_facts(directory: str | None = None) -> dict:
@@ -105,6 +118,14 @@ def machine_facts(directory: str | None = None) -> dict:
         facts["msgspec"] = msgspec.__version__
         facts["temp_dir_filesystem"] = filesystem_of(directory)
     return facts
+
+
+def print_code_and_machine(directory: str, commit: str, dirty: bool | None, digest: str, facts: dict) -> None:
+    """A report's first lines: the measured source (`directory`, its commit, whether it has
+    uncommitted changes, `digest` as "<what> sha256 <hex>") and the machine's CPUs."""
+    changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[dirty]
+    print(f"code      {directory} ({commit or 'no git checkout'}{changes}; {digest})")
+    print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
 
 
 def print_load(when: str) -> list[float]:

@@ -217,6 +217,38 @@ def panels_of(report: dict) -> list[tuple[str, object]]:
     return panels
 
 
+#: The bar panels: ``draw_bars`` options per workload.
+BAR_PANELS = {
+    "throughput": {
+        "ylabel": "acknowledged msg/s",
+        "title": "throughput: each system's best variant (median, min - max)",
+        "goal": GOAL_THROUGHPUT_PER_S,
+        "goal_label": f"goal >= {GOAL_THROUGHPUT_PER_S:,}/s at 100 B",
+        "log": True,
+    },
+    "replay": {
+        "ylabel": "msg/s to one subscriber",
+        "title": "replay from the start on a follower (median)",
+        "goal": GOAL_REPLAY_PER_S,
+        "goal_label": f"goal >= {GOAL_REPLAY_PER_S:,}/s",
+    },
+    "recovery": {
+        "ylabel": "s after the restart",
+        "title": "recovery of a SIGKILLed follower (median, max)",
+        "goal": GOAL_RECOVERY_S,
+        "goal_label": f"goal: serves again <= {GOAL_RECOVERY_S:g} s",
+    },
+    "fanout": {"ylabel": "msg/s delivered in total", "title": "fanout: live subscribers on the followers"},
+    "failover": {
+        "ylabel": "s from the kill to the next ack",
+        "title": "failover: SIGKILL of the leader (median, max)",
+        "goal": GOAL_FAILOVER_MEDIAN_S,
+        "goal_label": f"goal median <= {GOAL_FAILOVER_MEDIAN_S:g} s",
+        "log": True,
+    },
+}
+
+
 def plot(report: dict, out: str) -> list[str]:
     """Write the PNG; returns the names of the panels drawn."""
     import matplotlib
@@ -231,48 +263,10 @@ def plot(report: dict, out: str) -> list[str]:
     rows = math.ceil(len(panels) / columns)
     figure, axes = pyplot.subplots(rows, columns, figsize=(PANEL_WIDTH_IN * columns, PANEL_HEIGHT_IN * rows), squeeze=False)
     for ax, (name, data) in zip(axes.flat, panels):
-        if name == "throughput":
-            draw_bars(
-                ax,
-                data,
-                ylabel="acknowledged msg/s",
-                title="throughput: each system's best variant (median, min - max)",
-                goal=GOAL_THROUGHPUT_PER_S,
-                goal_label=f"goal >= {GOAL_THROUGHPUT_PER_S:,}/s at 100 B",
-                log=True,
-            )
-        elif name == "latency":
+        if name == "latency":
             draw_latency(ax, data)
-        elif name == "replay":
-            draw_bars(
-                ax,
-                data,
-                ylabel="msg/s to one subscriber",
-                title="replay from the start on a follower (median)",
-                goal=GOAL_REPLAY_PER_S,
-                goal_label=f"goal >= {GOAL_REPLAY_PER_S:,}/s",
-            )
-        elif name == "recovery":
-            draw_bars(
-                ax,
-                data,
-                ylabel="s after the restart",
-                title="recovery of a SIGKILLed follower (median, max)",
-                goal=GOAL_RECOVERY_S,
-                goal_label=f"goal: serves again <= {GOAL_RECOVERY_S:g} s",
-            )
-        elif name == "fanout":
-            draw_bars(ax, data, ylabel="msg/s delivered in total", title="fanout: live subscribers on the followers")
         else:
-            draw_bars(
-                ax,
-                data,
-                ylabel="s from the kill to the next ack",
-                title="failover: SIGKILL of the leader (median, max)",
-                goal=GOAL_FAILOVER_MEDIAN_S,
-                goal_label=f"goal median <= {GOAL_FAILOVER_MEDIAN_S:g} s",
-                log=True,
-            )
+            draw_bars(ax, data, **BAR_PANELS[name])
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     machine = report.get("machine", {})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import threading
 import urllib.request
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from benchmarks.figures import cpu_text, describe_ranges, expect, goal_text, mer
 from benchmarks.harness import BenchCluster
 from benchmarks.load import ThroughputRun, multi_client_run, one_client_run
 from benchmarks.machine import load_average
+from raftseq.cluster.local import Watcher
 
 GOAL_THROUGHPUT_PER_S = 150_000
 #: Goal of the metrics workload: throughput with metrics on within this fraction of it off.
@@ -114,37 +114,23 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
     return result
 
 
-GOAL_METRICS_COST = 0.05
-
-
-class Scraper:
+class Scraper(Watcher):
     """Fetches every node's /metrics every `interval_s` on a thread, as Prometheus would."""
 
     def __init__(self, urls: Sequence[str], interval_s: float) -> None:
+        super().__init__(interval_s, name="bench-scraper")
         self.urls = list(urls)
-        self.interval_s = interval_s
         self.scrapes = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-scraper", daemon=True)
 
-    def __enter__(self) -> Scraper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            for url in self.urls:
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        response.read()
-                    self.scrapes += 1
-                except OSError:
-                    self.errors += 1
+    def poll(self) -> None:
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                self.errors += 1
 
 
 def workload_metrics(args: argparse.Namespace, root: str) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
 from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
+from raftseq.cluster.local import Watcher
 from raftseq.sequencer.journal import verify_journal
 
 #: Acknowledgements the workload must reach before the first fault.
@@ -115,13 +115,18 @@ class Scenario:
 # --- the rounds -------------------------------------------------------------------------
 
 
-def _kill_leader(ctx: Context) -> None:
-    fault = ctx.nemesis.kill_leader()
-    took = ctx.acks_resume("after the leader was killed")
-    ctx.say(f"    leader {fault.details['nodes'][0]} killed; acknowledgements again after {took:.2f} s")
-    ctx.hold(0.2, 1.0)
+def _leader_lost(ctx: Context, fault, what: str, outcome: str, hold_s: tuple[float, float]) -> None:
+    """The leader is lost (killed, paused, cut off): acknowledgements must resume from a new
+    leader; the fault ends after a drawn time and every node must catch up."""
+    took = ctx.acks_resume(what)
+    ctx.say(f"    leader {fault.details['nodes'][0]} {outcome} after {took:.2f} s")
+    ctx.hold(*hold_s)
     ctx.nemesis.end(fault)
     ctx.converge()
+
+
+def _kill_leader(ctx: Context) -> None:
+    _leader_lost(ctx, ctx.nemesis.kill_leader(), "after the leader was killed", "killed; acknowledgements again", (0.2, 1.0))
 
 
 def _kill_follower(ctx: Context) -> None:
@@ -160,23 +165,16 @@ def _rolling_restart(ctx: Context) -> None:
 
 
 def _pause_leader(ctx: Context) -> None:
+    # The fault's end wakes the stale leader up.
     fault = ctx.nemesis.pause_leader()
-    took = ctx.acks_resume("while the leader was paused")
-    ctx.say(f"    leader {fault.details['nodes'][0]} paused; acknowledgements from a new leader after {took:.2f} s")
-    ctx.hold(0.5, 2.0)
-    ctx.nemesis.end(fault)  # the stale leader wakes up
-    ctx.converge()
+    _leader_lost(ctx, fault, "while the leader was paused", "paused; acknowledgements from a new leader", (0.5, 2.0))
 
 
 def _isolate_leader(ctx: Context) -> None:
+    # Held long enough for the new leader to compact its log: the deposed leader, holding
+    # entries no majority has, then rejoins through a snapshot.
     fault = ctx.nemesis.isolate_leader()
-    took = ctx.acks_resume("with the leader cut off from both followers")
-    ctx.say(f"    leader {fault.details['nodes'][0]} isolated; acknowledgements again after {took:.2f} s")
-    # Long enough for the new leader to compact its log: the deposed leader, holding entries
-    # no majority has, then rejoins through a snapshot.
-    ctx.hold(2.0, 4.0)
-    ctx.nemesis.end(fault)
-    ctx.converge()
+    _leader_lost(ctx, fault, "with the leader cut off from both followers", "isolated; acknowledgements again", (2.0, 4.0))
 
 
 def _split(ctx: Context) -> None:
@@ -187,20 +185,21 @@ def _split(ctx: Context) -> None:
     ctx.converge()
 
 
-def _bridge(ctx: Context) -> None:
-    fault = ctx.nemesis.bridge()
+def _lasting(ctx: Context, fault, what: str) -> None:
+    """A fault that leaves a majority lasts a drawn time; acknowledgements must flow while it
+    lasts, and every node must catch up once it ended."""
     ctx.hold(1.0, 3.0)
-    ctx.acks_resume("with a bridge partition")
+    ctx.acks_resume(what)
     ctx.nemesis.end(fault)
     ctx.converge()
+
+
+def _bridge(ctx: Context) -> None:
+    _lasting(ctx, ctx.nemesis.bridge(), "with a bridge partition")
 
 
 def _one_way(ctx: Context) -> None:
-    fault = ctx.nemesis.one_way()
-    ctx.hold(1.0, 3.0)
-    ctx.acks_resume("with one direction of a link lost")
-    ctx.nemesis.end(fault)
-    ctx.converge()
+    _lasting(ctx, ctx.nemesis.one_way(), "with one direction of a link lost")
 
 
 def _flap(ctx: Context) -> None:
@@ -211,11 +210,7 @@ def _flap(ctx: Context) -> None:
 
 
 def _slow_links(ctx: Context) -> None:
-    fault = ctx.nemesis.slow(ctx.rng.choice([5.0, 20.0, 50.0]))
-    ctx.hold(1.0, 3.0)
-    ctx.acks_resume("with slow links")
-    ctx.nemesis.end(fault)
-    ctx.converge()
+    _lasting(ctx, ctx.nemesis.slow(ctx.rng.choice([5.0, 20.0, 50.0])), "with slow links")
 
 
 def _disk_full(ctx: Context) -> None:
@@ -325,41 +320,30 @@ def scenario_named(name: str) -> Scenario:
 # --- a run ------------------------------------------------------------------------------
 
 
-class LeaderWatcher:
+class LeaderWatcher(Watcher):
     """Polls the cluster's status on a thread and notes every leader change in the history
     (``note`` events ``leader`` with ``leader`` and ``term``), for the timeline."""
 
     def __init__(self, cluster: ChaosCluster, history: HistoryRecorder, interval_s: float = 0.5) -> None:
+        super().__init__(interval_s, name="chaos-leader-watch")
         self.cluster = cluster
         self.history = history
-        self.interval_s = interval_s
         self.changes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos-leader-watch", daemon=True)
+        self._last: tuple[str, int] | None = None
 
-    def __enter__(self) -> LeaderWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        last = None
-        while not self._stop.wait(self.interval_s):
-            try:
-                report = self.cluster.status(timeout_s=0.5)
-            except Exception:  # noqa: BLE001 - a status poll during a fault may fail; try again
-                continue
-            leaders = [n for n in report["nodes"] if n.get("role") == "leader"]
-            if len(leaders) != 1:
-                continue
-            current = (leaders[0].get("node", ""), leaders[0].get("term", 0))
-            if current != last:
-                self.history.note("leader", leader=current[0], term=current[1])
-                self.changes += last is not None
-                last = current
+    def poll(self) -> None:
+        try:
+            report = self.cluster.status(timeout_s=0.5)
+        except Exception:  # noqa: BLE001 - a status poll during a fault may fail; try again
+            return
+        leaders = [n for n in report["nodes"] if n.get("role") == "leader"]
+        if len(leaders) != 1:
+            return
+        current = (leaders[0].get("node", ""), leaders[0].get("term", 0))
+        if current != self._last:
+            self.history.note("leader", leader=current[0], term=current[1])
+            self.changes += self._last is not None
+            self._last = current
 
 
 # --- a run ------------------------------------------------------------------------------

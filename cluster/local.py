@@ -27,10 +27,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import msgspec
 
@@ -229,6 +231,32 @@ def monitoring_hint(base_port: int, data_dir: str, *, root: str | None = None) -
         f"  watch it: {raftseq_command()} top  |  Prometheus and Grafana for this cluster: the deploy/prometheus/run and "
         "deploy/grafana/run scripts in the deploy/ folder of the source distribution (not part of an installed package)"
     )
+
+
+class Watcher:
+    """Calls ``poll`` every `interval_s` on a daemon thread for the length of a ``with`` block:
+    what watches a running cluster from the side (its leader, for a chaos run's timeline; its
+    metrics pages, scraped as Prometheus would). ``poll`` must not raise."""
+
+    def __init__(self, interval_s: float, *, name: str) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
 
 
 class LocalCluster:

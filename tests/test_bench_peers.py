@@ -45,11 +45,31 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) -> None:
+def _quick_run(tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, str, dict]:
+    """``raftseq bench ARGS`` with its temporary directory below ``tmp_path/scratch`` and its
+    report in ``tmp_path/report.json``: it must set up every peer, exit 0 and report no
+    failure. Returns the finished process, its output and the report."""
     report_path = tmp_path / "report.json"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    done = _bench(
+    done = _bench([*args, "--dir", str(scratch), "--json", str(report_path)], timeout_s=150)
+    output = done.stdout + done.stderr
+    assert "SETUP FAILED" not in output, f"the benchmark could not set up a peer:\n{output}"
+    assert done.returncode == 0, output
+    report = json.loads(report_path.read_text())
+    assert report["failures"] == {}, output
+    return done, output, report
+
+
+def _assert_left_nothing(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
+    assert _processes_mentioning(str(scratch)) == [], "the benchmark left processes running"
+
+
+def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) -> None:
+    done, output, report = _quick_run(
+        tmp_path,
         [
             "throughput",
             "latency",
@@ -63,18 +83,8 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
             "1000",
             "--latency-seconds",
             "0.5",
-            "--dir",
-            str(scratch),
-            "--json",
-            str(report_path),
         ],
-        timeout_s=150,
     )
-    output = done.stdout + done.stderr
-    assert "SETUP FAILED" not in output, f"the benchmark could not set up a peer:\n{output}"
-    assert done.returncode == 0, output
-    report = json.loads(report_path.read_text())
-    assert report["failures"] == {}, output
     assert report["peers_setup"]["nats"]["nats_server"].startswith("nats-server"), report["peers_setup"]
 
     systems = report["workloads"]["throughput"]["payloads"]["100"]["systems"]
@@ -92,16 +102,13 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
         assert figure["count"] > 0 and figure["achieved_per_s"] > 0, f"{system}: {figure}"
 
     assert "throughput, 100-byte payloads" in done.stdout and "latency from the intended send time" in done.stdout, output
-    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
-    assert _processes_mentioning(str(scratch)) == [], "the benchmark left processes running"
+    _assert_left_nothing(tmp_path)
 
 
 def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: Path) -> None:
-    report_path = tmp_path / "report.json"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     subscribers, rate, seconds = 10, 1000, 1
-    done = _bench(
+    done, output, report = _quick_run(
+        tmp_path,
         [
             "replay",
             "recovery",
@@ -117,19 +124,9 @@ def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: P
             str(rate),
             "--fanout-seconds",
             str(seconds),
-            "--dir",
-            str(scratch),
-            "--json",
-            str(report_path),
         ],
-        timeout_s=150,
     )
-    output = done.stdout + done.stderr
-    assert "SETUP FAILED" not in output, f"the benchmark could not set up a peer:\n{output}"
-    assert done.returncode == 0, output
     assert "not implemented" not in output.lower(), output
-    report = json.loads(report_path.read_text())
-    assert report["failures"] == {}, output
     filled = 5_000  # --quick
     workloads = report["workloads"]
 
@@ -166,8 +163,7 @@ def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: P
         assert set(workloads[name]["not_measured"]) == {"pysyncobj"}, workloads[name]
         assert f"\n{name}: " in done.stdout, f"no {name} table:\n{output}"
     assert "pysyncobj  --" in done.stdout, output
-    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
-    assert _processes_mentioning(str(scratch)) == [], "the benchmark left processes running"
+    _assert_left_nothing(tmp_path)
 
 
 def test_an_unknown_workload_is_a_usage_error(tmp_path: Path) -> None:

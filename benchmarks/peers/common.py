@@ -10,8 +10,8 @@ same code.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
-import ctypes
 import json
 import os
 import select
@@ -25,11 +25,13 @@ import tempfile
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 
 from benchmarks.figures import BenchError, largest_gap_s, latency_summary
 from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
-from benchmarks.options import terminate, write_report
+from benchmarks.options import resolve_sizes, terminate, write_report
+from raftseq.cluster.local import die_with_parent
 
 #: After SIGTERM, how long a child may take to exit before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -46,20 +48,14 @@ class SetupError(Exception):
 # --- child processes ----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Child side of Popen: SIGKILL this child when the benchmark dies without cleaning up."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Children:
     """The processes one benchmark started, by name. Every signal goes to a pid this object
     started; ``close`` stops all of them (SIGTERM, then SIGKILL after a grace period)."""
 
     def __init__(self) -> None:
         self.processes: dict[str, subprocess.Popen] = {}
+        #: Where the latest process of each name writes its output.
+        self.log_paths: dict[str, str] = {}
         self._logs: list = []
 
     def __enter__(self) -> Children:
@@ -77,16 +73,32 @@ class Children:
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in close()
         if log_path:
             self._logs.append(log)
+            self.log_paths[name] = log_path
         process = subprocess.Popen(
             command,
             stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipes else log,
             stderr=log,
             cwd=cwd or REPO_DIR,
-            preexec_fn=_die_with_parent,
+            preexec_fn=partial(die_with_parent, signal.SIGKILL),  # when the benchmark dies without cleaning up
         )
         self.processes[name] = process
         return process
+
+    def log_tails(self, names: Sequence[str], count: int) -> str:
+        """The last `count` lines of the log of each named process (none before it was started
+        with a log, or while the log is unreadable)."""
+        parts = []
+        for name in names:
+            tail: list[str] = []
+            if name in self.log_paths:
+                try:
+                    with open(self.log_paths[name], errors="replace") as f:
+                        tail = f.read().splitlines()[-count:]
+                except OSError:
+                    pass
+            parts.append(f"--- {name} log ---\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     def pid(self, name: str) -> int | None:
         process = self.processes.get(name)
@@ -192,6 +204,45 @@ def child_main_loop(handlers: dict, *, stdin=None, stdout=None) -> None:
 # --- records and figures ------------------------------------------------------------------
 
 
+def worker_outcome(work: Callable[[], Coroutine[object, object, dict]]) -> int:
+    """The end of a worker process: the outcome of `work()` (run on a fresh event loop) as one
+    JSON line on stdout, or the error that ended it; the benchmark reads it (exit status 0)."""
+    try:
+        outcome = asyncio.run(work())
+    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark as the outcome
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(outcome), flush=True)
+    return 0
+
+
+class SendLog:
+    """A peer client load's record, per message by index: the intended send time, the first
+    send time, the ack time and the sequence number (0 until acknowledged), as
+    ``time.monotonic()``; how many are acknowledged and how many sends were resubmits."""
+
+    def __init__(self) -> None:
+        self.intended = array("d")
+        self.first_sent = array("d")
+        self.acked_at = array("d")
+        self.seqs = array("q")
+        self.acked = 0
+        self.resubmits = 0
+
+    def new(self, intended: float) -> int:
+        """A message meant to go out at `intended`, sent now: its index."""
+        index = len(self.first_sent)
+        self.intended.append(intended)
+        self.acked_at.append(0.0)
+        self.seqs.append(0)
+        self.first_sent.append(time.monotonic())
+        return index
+
+    def ack(self, index: int, seq: int, at: float) -> None:
+        self.seqs[index] = seq
+        self.acked_at[index] = at
+        self.acked += 1
+
+
 def pack(values: array) -> str:
     return base64.b64encode(values.tobytes()).decode()
 
@@ -273,15 +324,13 @@ def add_load_options(parser: argparse.ArgumentParser, *, payload_help: str, time
 
 def resolve_load_options(opts: argparse.Namespace) -> None:
     """Defaults of ``add_load_options`` left open (smaller with ``--quick``)."""
-    quick = getattr(opts, "quick", False)
-    if opts.messages is None:
-        opts.messages = 5_000 if quick else 200_000
-    if opts.rates is None:
-        opts.rates = [1000, 2000] if quick else [1000, 2000, 10000, 50000]
-    if opts.latency_seconds is None:
-        opts.latency_seconds = 1.0 if quick else 10.0
-    if opts.kills is None:
-        opts.kills = 2 if quick else 10
+    sizes = {
+        "messages": (5_000, 200_000),
+        "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
+        "latency_seconds": (1.0, 10.0),
+        "kills": (2, 10),
+    }
+    resolve_sizes(opts, sizes)
 
 
 def run_peer(system: str, opts: argparse.Namespace, report: dict, measure: Callable[[str], None]) -> int:

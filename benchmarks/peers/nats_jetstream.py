@@ -55,21 +55,28 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from array import array
 from collections import deque
 
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
-from benchmarks.options import Scoped
+from benchmarks.options import (
+    FANOUT_SECONDS_DEFAULT,
+    FANOUT_SECONDS_QUICK,
+    ScopedDirectory,
+    add_processes_option,
+    add_publisher_options,
+    add_subscriber_options,
+    resolve_sizes,
+)
 from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
+    SendLog,
     SetupError,
     cpu_shares,
     failover_figures,
@@ -78,6 +85,7 @@ from benchmarks.peers.common import (
     latency_figures,
     add_load_options,
     read_line,
+    worker_outcome,
     resolve_load_options,
     run_peer,
 )
@@ -106,11 +114,6 @@ WORKLOADS = ("throughput", "latency", "failover", "replay", "recovery", "fanout"
 STREAM_WORKLOADS = ("replay", "recovery", "fanout")
 STREAM_MESSAGES_DEFAULT = 5_000_000
 STREAM_MESSAGES_QUICK = 5_000
-FANOUT_RATE_DEFAULT = 10_000
-FANOUT_SECONDS_DEFAULT = 10.0
-FANOUT_SECONDS_QUICK = 1.0
-FANOUT_SUBSCRIBERS_DEFAULT = 100
-FANOUT_PROCESSES_DEFAULT = 4
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -310,15 +313,7 @@ class NatsCluster:
         self.children.kill(node_id)
 
     def log_tails(self, count: int = 8) -> str:
-        parts = []
-        for node_id in NODE_IDS:
-            try:
-                with open(os.path.join(self._config_dir, f"{node_id}.log"), errors="replace") as f:
-                    tail = f.read().splitlines()[-count:]
-            except (OSError, AttributeError):
-                tail = []
-            parts.append(f"--- {node_id} log ---\n" + "\n".join(tail))
-        return "\n".join(parts)
+        return self.children.log_tails(NODE_IDS, count)
 
     async def _create_stream(self, *, deadline: float) -> None:
         from nats.js.api import StorageType
@@ -425,12 +420,7 @@ def _worker_main(spec_json: str) -> int:
         finally:
             await nc.close()
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def _check_gapless(seqs: list[int], what: str, *, first: int, count: int) -> None:
@@ -439,6 +429,22 @@ def _check_gapless(seqs: list[int], what: str, *, first: int, count: int) -> Non
         not duplicates and ranges == [[first, first + count - 1]],
         f"{what}: stream sequence numbers are not {first}..{first + count - 1}: {ranges[:5]}, {duplicates} duplicates",
     )
+
+
+def _start_worker(nc: NatsCluster, name: str, flag: str, spec: dict) -> subprocess.Popen:
+    """A child process of this module (``--worker`` or ``--fanout-worker``, its spec as JSON)
+    with pipes: it says "ready", then writes its outcome as one JSON line."""
+    return nc.children.start(name, [sys.executable, "-m", "benchmarks.peers.nats_jetstream", flag, json.dumps(spec)], pipes=True)
+
+
+async def _outcomes(workers: list[subprocess.Popen], deadline: float, what: str, stuck: str) -> list[dict]:
+    """Each worker's outcome line, in order; a worker without one by `deadline` is `stuck`."""
+    outcomes = []
+    for k, w in enumerate(workers):
+        line = await asyncio.to_thread(read_line, w, deadline)
+        expect(bool(line), f"{NAME} {what} {k + 1}: {stuck}")
+        outcomes.append(json.loads(line))
+    return outcomes
 
 
 async def _multi_process_run(
@@ -457,13 +463,7 @@ async def _multi_process_run(
                 "window": window,
                 "timeout_s": timeout_s,
             }
-            workers.append(
-                nc.children.start(
-                    f"{run}-client{k + 1}",
-                    [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--worker", json.dumps(spec)],
-                    pipes=True,
-                )
-            )
+            workers.append(_start_worker(nc, f"{run}-client{k + 1}", "--worker", spec))
         for k, w in enumerate(workers):
             line = await asyncio.to_thread(read_line, w, deadline)
             expect(line.strip() == "ready", f"{NAME} client process {k + 1} did not connect: {line.strip() or 'no answer'}")
@@ -472,11 +472,7 @@ async def _multi_process_run(
         for w in workers:
             w.stdin.write(b"go\n")
             w.stdin.flush()
-        outcomes = []
-        for k, w in enumerate(workers):
-            line = await asyncio.to_thread(read_line, w, deadline)
-            expect(bool(line), f"{NAME} client process {k + 1}: no outcome within {timeout_s:.0f} s (stuck)")
-            outcomes.append(json.loads(line))
+        outcomes = await _outcomes(workers, deadline, "client process", f"no outcome within {timeout_s:.0f} s (stuck)")
         cpu = cpu_shares(pids, before, time.monotonic() - t0)
     finally:
         for w in workers:
@@ -555,7 +551,7 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
 # --- 2. latency and the steady load of failover ------------------------------------------
 
 
-class NatsLoad:
+class NatsLoad(SendLog):
     """One client publishing at `rate_per_s`, send times scheduled in advance; per message (by
     index) the intended send time, first send time, ack time and stream sequence (0 until
     acknowledged). With `retry`, a publish that failed or got no ack within ``ACK_TIMEOUT_S``
@@ -567,12 +563,7 @@ class NatsLoad:
         self.run_id = run
         self.payload = payload
         self.retry = retry
-        self.intended = array("d")
-        self.first_sent = array("d")
-        self.acked_at = array("d")
-        self.seqs = array("q")
-        self.acked = 0
-        self.resubmits = 0
+        super().__init__()
         self.duplicate_acks = 0
         self.errors: list[str] = []
         self._in_flight: dict[int, tuple[float, asyncio.Future]] = {}
@@ -633,9 +624,7 @@ class NatsLoad:
         ack = future.result()
         self._last_ack_at = time.monotonic()
         self.duplicate_acks += bool(ack.duplicate)
-        self.seqs[index] = ack.seq
-        self.acked_at[index] = time.monotonic()
-        self.acked += 1
+        self.ack(index, ack.seq, time.monotonic())
 
     async def _watch_timeouts(self) -> None:
         while True:
@@ -662,12 +651,7 @@ class NatsLoad:
                 if max_messages is not None:
                     due = min(due, max_messages)
                 while len(self.first_sent) < due and not self._stop:
-                    index = len(self.first_sent)
-                    self.intended.append(t0 + index * interval)
-                    self.acked_at.append(0.0)
-                    self.seqs.append(0)
-                    self.first_sent.append(monotonic())
-                    await self._publish(index)
+                    await self._publish(self.new(t0 + len(self.first_sent) * interval))
                 await asyncio.sleep(max(0.0, t0 + len(self.first_sent) * interval - monotonic()))
             await self.drain()
         finally:
@@ -896,17 +880,16 @@ def _directory_bytes(path: str) -> int:
     return total
 
 
-class StreamCluster(Scoped):
+class StreamCluster(ScopedDirectory):
     """A NATS cluster whose stream holds `messages` messages, serving the stream workloads in
     turn, as ``bench_stream.FilledCluster`` does for raftseq: one fill for replay, recovery and
     fanout. A context manager with ``measure(name)``; its own event loop (``asyncio.Runner``)
     keeps the servers and the benchmark's connection between the calls."""
 
     def __init__(self, opts: argparse.Namespace, root: str, *, messages: int) -> None:
+        super().__init__(root, "nats-stream-")
         self.opts = opts
-        self.root = root
         self.messages = messages
-        self.directory = ""
         self.nc: NatsCluster | None = None
         self.runner: asyncio.Runner | None = None
         self.last = 0
@@ -915,8 +898,7 @@ class StreamCluster(Scoped):
     def open(self) -> None:
         server = ensure_nats_server()
         self.runner = asyncio.Runner()
-        self.directory = tempfile.mkdtemp(prefix="nats-stream-", dir=self.root)
-        self.nc = NatsCluster(self.directory, "cluster", server=server)
+        self.nc = NatsCluster(self.make_directory(), "cluster", server=server)
         self.runner.run(self.nc.__aenter__())
         self.runner.run(self._fill())
 
@@ -931,9 +913,7 @@ class StreamCluster(Scoped):
         if self.runner is not None:
             self.runner.close()
             self.runner = None
-        if self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = ""
+        self.remove_directory()
 
     async def _fill(self) -> None:
         print(f"    {NAME}: filling the stream with {self.messages:,} messages of {self.opts.payload_bytes} B ...", flush=True)
@@ -1128,13 +1108,7 @@ class StreamCluster(Scoped):
                     "start_timeout_s": START_TIMEOUT_S,
                     "wait_s": wait_s,
                 }
-                workers.append(
-                    nc.children.start(
-                        f"fanout-sub{k + 1}",
-                        [sys.executable, "-m", "benchmarks.peers.nats_jetstream", "--fanout-worker", json.dumps(spec)],
-                        pipes=True,
-                    )
-                )
+                workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
             placement: dict[str, int] = {}
             for k, w in enumerate(workers):
                 line = await asyncio.to_thread(read_line, w, deadline)
@@ -1156,11 +1130,7 @@ class StreamCluster(Scoped):
                 not load.errors and load.acked == expected,
                 f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}",
             )
-            outcomes = []
-            for k, w in enumerate(workers):
-                line = await asyncio.to_thread(read_line, w, deadline)
-                expect(bool(line), f"{NAME} fanout subscriber process {k + 1}: no outcome (stuck)")
-                outcomes.append(json.loads(line))
+            outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
             cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
         finally:
             for w in workers:
@@ -1278,12 +1248,7 @@ def _fanout_worker_main(spec_json: str) -> int:
         finally:
             await asyncio.wait_for(nc.close(), 10)
 
-    try:
-        outcome = asyncio.run(work())
-    except BaseException as exc:  # noqa: BLE001 - reported to the benchmark
-        outcome = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(outcome), flush=True)
-    return 0
+    return worker_outcome(work)
 
 
 def _stream_workload(name: str, opts: argparse.Namespace, root: str) -> dict:
@@ -1316,7 +1281,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=NATS_WINDOW_DEFAULT,
         help=f"publish_async_max_pending: publishes awaiting their ack, at most (default {NATS_WINDOW_DEFAULT:,}, nats-py's own default)",
     )
-    add("--processes", type=int, default=4, help="client processes of the multi-process throughput variant (default 4)")
+    add_processes_option(parser)
     add("--nats-kill", choices=["stream", "meta"], default="stream", help="which leader the failover workload kills (default stream)")
     add(
         "--runs",
@@ -1332,41 +1297,18 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"messages in the stream of replay, recovery and fanout (default {STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
     )
-    add(
-        "--fanout-rate",
-        type=int,
-        default=FANOUT_RATE_DEFAULT,
-        help=f"fanout: offered msg/s of the publisher (default {FANOUT_RATE_DEFAULT:,})",
-    )
-    add(
-        "--fanout-seconds",
-        type=float,
-        default=None,
-        help=f"fanout: seconds of publishing (default {FANOUT_SECONDS_DEFAULT:g}; --quick {FANOUT_SECONDS_QUICK:g})",
-    )
-    add(
-        "--subscribers",
-        type=int,
-        default=FANOUT_SUBSCRIBERS_DEFAULT,
-        help=f"fanout: ordered push consumers (default {FANOUT_SUBSCRIBERS_DEFAULT})",
-    )
-    add(
-        "--subscriber-processes",
-        type=int,
-        default=FANOUT_PROCESSES_DEFAULT,
-        help=f"fanout: processes they run in (default {FANOUT_PROCESSES_DEFAULT})",
-    )
+    add_publisher_options(parser)
+    add_subscriber_options(parser, subscribers="ordered push consumers")
 
 
 def resolve(opts: argparse.Namespace) -> None:
     resolve_load_options(opts)
-    quick = getattr(opts, "quick", False)
-    if opts.runs is None:
-        opts.runs = 1 if quick else 3
-    if opts.stream_messages is None:
-        opts.stream_messages = STREAM_MESSAGES_QUICK if quick else STREAM_MESSAGES_DEFAULT
-    if opts.fanout_seconds is None:
-        opts.fanout_seconds = FANOUT_SECONDS_QUICK if quick else FANOUT_SECONDS_DEFAULT
+    sizes = {
+        "runs": (1, 3),
+        "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
+        "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
+    }
+    resolve_sizes(opts, sizes)
 
 
 def main(argv: list[str] | None = None) -> int:

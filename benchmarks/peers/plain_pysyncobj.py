@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-from array import array
 from collections import Counter, deque
 
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
@@ -52,6 +51,7 @@ from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
+    SendLog,
     ask,
     child_main_loop,
     cpu_shares,
@@ -185,7 +185,7 @@ def _node_main(spec: dict) -> int:
     return 0
 
 
-class ClientLoad:
+class ClientLoad(SendLog):
     """The client loop inside a node: ``append(payload, callback=...)`` per message, at most
     `window` messages unacknowledged. Per message (by index): intended send time, first send
     time, ack time and sequence number (0 until acknowledged); times are ``time.monotonic()``.
@@ -212,12 +212,7 @@ class ClientLoad:
         self._next_retry = 0.0
         self._next_sweep = 0.0
         self._stop = threading.Event()
-        self.intended = array("d")
-        self.first_sent = array("d")
-        self.acked_at = array("d")
-        self.seqs = array("q")
-        self.acked = 0
-        self.resubmits = 0
+        super().__init__()
         self.timeouts = 0
         self.late_answers = 0
         self.errors: Counter = Counter()
@@ -240,10 +235,8 @@ class ClientLoad:
             return
         now = time.monotonic()
         if error == self._success:
-            self.seqs[index] = result
-            self.acked_at[index] = now
+            self.ack(index, result, now)
             self._last_ok = now
-            self.acked += 1
             self._sent_at.pop(index, None)
             self._room.release()
             return
@@ -272,12 +265,7 @@ class ClientLoad:
                 self._submit(index)
 
     def _new(self, intended: float) -> None:
-        index = len(self.first_sent)
-        self.intended.append(intended)
-        self.acked_at.append(0.0)
-        self.seqs.append(0)
-        self.first_sent.append(time.monotonic())
-        self._submit(index)
+        self._submit(self.new(intended))
 
     def run_throughput(self, messages: int, *, timeout_s: float) -> None:
         started = time.monotonic()
@@ -406,15 +394,7 @@ class PlainCluster(Scoped):
             raise BenchError(f"{NAME} node {node_id} did not start: {line.strip() or 'no answer'}\n{self.log_tails()}")
 
     def log_tails(self, count: int = 10) -> str:
-        parts = []
-        for node_id in NODE_IDS:
-            try:
-                with open(os.path.join(self.directory, f"{node_id}.log"), errors="replace") as f:
-                    tail = f.read().splitlines()[-count:]
-            except OSError:
-                tail = []
-            parts.append(f"--- {node_id} log ---\n" + "\n".join(tail))
-        return "\n".join(parts)
+        return self.children.log_tails(NODE_IDS, count)
 
     def process(self, node_id: str):
         return self.children.processes[node_id]
