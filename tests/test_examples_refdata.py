@@ -25,7 +25,10 @@ from raftseq.clients.sm import formats  # noqa: E402
 
 
 def test_three_processes_end_the_day_with_identical_reference_data(tmp_path):
-    result = run_demo(data_dir=str(tmp_path), instruments=300, update_count=6000, checkpoint_every=1000, snapshot_every=2000, timeout_s=120)
+    # 6,800 updates end the day past seq 7000: whichever snapshot the late joiner loads (they
+    # cover multiples of 2000, the newest 6000), it passes a checkpoint multiple of 1000 after it
+    # and publishes a checkpoint of its own.
+    result = run_demo(data_dir=str(tmp_path), instruments=300, update_count=6800, checkpoint_every=1000, snapshot_every=2000, timeout_s=120)
     reports = {r["role"]: r for r in result["reports"]}
     assert set(reports) == {"retail-oms", "sor", "institutional-oms"}
     assert result["identical"], [(r["role"], r["seq"], r["digest"]) for r in reports.values()]
@@ -34,6 +37,7 @@ def test_three_processes_end_the_day_with_identical_reference_data(tmp_path):
     # The institutional OMS started last, from a snapshot, and replayed only what followed it.
     inst = reports["institutional-oms"]
     assert 0 < inst["joined_from_snapshot_covering"] < eod and not inst["snapshot_errors"]
+    assert inst["joined_from_snapshot_covering"] // 1000 < eod // 1000
     assert inst["messages_applied"] < reports["retail-oms"]["messages_applied"]
     # Behaviour version 2 was switched on half way, for every copy.
     assert {r["summary"]["behaviour_version"] for r in reports.values()} == {2}
