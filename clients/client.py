@@ -1,5 +1,11 @@
 """The asyncio client: connect, find the leader, submit (pipelined), resubmit, subscribe, resume.
 
+First use. A client connects when it is first needed: ``async with``, ``connect()``, or the
+first ``submit``/``submit_batch``. ``submit_nowait``/``submit_batch_nowait`` cannot wait for a
+connection, and a session's numbering is known only once a node welcomed it, so before the
+first connection they raise ``NotConnected`` at once. ``close()`` is final: every call after
+it raises ``ClientClosed`` at once and nothing reconnects.
+
 Exactly once per session: every submit gets the session's next ``client_seq`` and keeps it for
 life. Whatever happens to a connection — leader killed, ``NotLeader``, ``Busy``,
 ``OutcomeUnknown`` — every submit not yet acknowledged is sent again, in ``client_seq`` order,
@@ -23,33 +29,18 @@ import logging
 import random
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import msgspec
 
-from raftseq.clients.connection import FATAL_REASONS, Connection, Rejected, SequencerError, open_connection
+from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
+from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
+from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
 log = logging.getLogger("raftseq.client")
-
-
-class NotConnected(SequencerError):
-    """No node could be reached (or the client is closed)."""
-
-
-class Busy(SequencerError):
-    """The client's own window of in-flight submits is full (``in_flight_max``)."""
-
-
-class OutcomeUnknown(SequencerError):
-    """No answer within the deadline. The submit may still be sequenced (exactly once): the
-    client keeps resubmitting it under the same client_seq while it runs."""
-
-    def __init__(self, client_seq: int, waited_s: float) -> None:
-        super().__init__(f"client_seq {client_seq}: no outcome after {waited_s:.1f} s")
-        self.client_seq = client_seq
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):
@@ -177,11 +168,14 @@ def _submit_frames(pendings: list[_Pending]) -> bytes:
 class SequencerClient:
     """A client session of a raftseq cluster.
 
-    ``endpoints`` are client addresses (``host:port``) of any nodes; the leader is found from
-    them. ``session`` names this client's submit stream: reusing it after a restart continues
-    its numbering. Keyword options:
+    ``endpoints`` are client addresses of any nodes, in any form ``clients.endpoints`` accepts
+    (``"h1:7001,h2:7001"``, ``["h1:7001", "h2:7001"]``, ``[("h1", 7001), ("h2", 7001)]``); the
+    leader is found from them. ``from_env`` takes them (and the token) from the environment.
+    ``session`` names this client's submit stream: reusing it after a restart continues its
+    numbering. Keyword options:
 
-    * ``token`` — the cluster's client token ("" when authentication is off);
+    * ``token`` — the cluster's client token ("" when authentication is off); a refused one
+      raises ``TokenRequired`` (none given) or ``TokenRejected`` at once;
     * ``in_flight_max`` — submits sent and not yet acknowledged; ``submit_nowait`` raises
       ``Busy`` beyond it, ``submit`` waits for room;
     * ``connect_timeout_s`` — per connection attempt;
@@ -202,7 +196,7 @@ class SequencerClient:
 
     def __init__(
         self,
-        endpoints: Sequence[str],
+        endpoints: str | Iterable[str | tuple[str, int]],
         *,
         session: str,
         token: str = "",
@@ -213,11 +207,9 @@ class SequencerClient:
         heartbeat_timeout_s: float = 2.0,
         metrics: ClientMetricsSink | None = None,
     ) -> None:
-        if not endpoints:
-            raise ValueError("at least one endpoint is needed")
         if in_flight_max < 1:
             raise ValueError("in_flight_max must be >= 1")
-        self.endpoints = list(endpoints)
+        self.endpoints = endpoint_addresses(endpoints)
         self.session = session
         self.token = token
         self.in_flight_max = in_flight_max
@@ -234,6 +226,7 @@ class SequencerClient:
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task | None = None
+        self._connect_lock = asyncio.Lock()
         self._closed = False
         self._resend_from: int | None = None
         self._fatal: SequencerError | None = None
@@ -251,6 +244,15 @@ class SequencerClient:
         if metrics is not None:
             metrics.attach(self)
 
+    @classmethod
+    def from_env(cls, *, session: str, environ: Mapping[str, str] | None = None, **options: object) -> SequencerClient:
+        """A client of the cluster in ``$RAFTSEQ_ENDPOINTS`` (else the local cluster's endpoints,
+        ``clients.endpoints.DEFAULT_ENDPOINTS``) with the token in ``$RAFTSEQ_TOKEN`` (unless
+        ``token=`` is given). `environ` replaces ``os.environ``; `options` are the constructor's.
+        A malformed ``$RAFTSEQ_ENDPOINTS`` raises ``ValueError``."""
+        options.setdefault("token", token_from_env(environ))
+        return cls(endpoints_from_env(environ), session=session, **options)
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> SequencerClient:
@@ -261,19 +263,41 @@ class SequencerClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect to the leader (found from any endpoint). Raises ``NotConnected`` if none
-        answers within a few rounds, ``Rejected`` on a wrong token or protocol version."""
+        """Connect to the leader (found from any endpoint); once connected, the client reconnects
+        by itself and this waits for the connection. Raises ``NotConnected`` if no node answers
+        within a few rounds (a later call tries again), ``TokenRequired``/``TokenRejected`` for
+        the token and ``Rejected`` for the protocol version, ``ClientClosed`` after ``close``."""
         if self._closed:
-            raise NotConnected("client is closed")
+            raise ClientClosed()
+        if self._fatal is not None:
+            raise self._fatal
+        async with self._connect_lock:  # concurrent first calls share one connection
+            if self._task is None:
+                link = await self._find_leader(rounds=5)
+                if self._closed:
+                    link.close()
+                    raise ClientClosed()
+                self._adopt(link)
+                self._task = asyncio.create_task(self._run(), name=f"raftseq-client-{self.session}")
+                return
+        await self._connected.wait()
+
+    async def _connect_on_first_use(self) -> None:
         if self._task is None:
-            link = await self._find_leader(rounds=5)
-            self._adopt(link)
-            self._task = asyncio.create_task(self._run(), name=f"raftseq-client-{self.session}")
-        else:
-            await self._connected.wait()
+            await self.connect()
+
+    def _check_usable(self) -> None:
+        """Raise at once what a submit now would meet: closed, refused for good, never connected."""
+        if self._closed:
+            raise ClientClosed()
+        if self._fatal is not None:
+            raise self._fatal
+        if self._task is None:
+            raise NotConnected("not connected yet: await connect() (or submit(), which connects) before submit_nowait")
 
     async def close(self) -> None:
-        """Stop. Submits not yet acknowledged fail with ``NotConnected``."""
+        """Stop, for good. Submits not yet acknowledged fail with ``ClientClosed`` (a
+        ``NotConnected``), and so does every later call. Closing twice is harmless."""
         self._closed = True
         if self._link is not None:
             # First, so that a read in flight ends at once: on Python 3.11 wait_for can swallow
@@ -289,7 +313,7 @@ class SequencerClient:
         if self._link is not None:
             self._link.close()
             self._link = None
-        error = NotConnected("client closed")
+        error = ClientClosed()
         for pending in self._pending.values():
             pending.fail(error)
             future = pending.future if pending.group is None else pending.group.future
@@ -316,11 +340,10 @@ class SequencerClient:
     # --- submitting -----------------------------------------------------------------------
 
     def submit_nowait(self, payload: bytes) -> asyncio.Future:
-        """Queue `payload`; the returned future gives its sequence number once committed."""
-        if self._closed:
-            raise NotConnected("client is closed")
-        if self._fatal is not None:
-            raise self._fatal
+        """Queue `payload`; the returned future gives its sequence number once committed.
+        Raises ``NotConnected`` before the first connection (``connect``), ``ClientClosed``
+        after ``close``."""
+        self._check_usable()
         if len(self._pending) >= self.in_flight_max:
             raise Busy(f"{len(self._pending)} submits in flight (in_flight_max {self.in_flight_max})")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -344,11 +367,9 @@ class SequencerClient:
     def submit_batch_nowait(self, payloads: Sequence[bytes]) -> asyncio.Future:
         """Queue many payloads at once (sent as ``SubmitBatch`` frames); the returned future
         gives their sequence numbers, in order, once all are committed. Each payload is its
-        own submit with its own client_seq: the same exactly-once rules apply to each."""
-        if self._closed:
-            raise NotConnected("client is closed")
-        if self._fatal is not None:
-            raise self._fatal
+        own submit with its own client_seq: the same exactly-once rules apply to each. Raises
+        ``NotConnected`` before the first connection, ``ClientClosed`` after ``close``."""
+        self._check_usable()
         if not payloads:
             raise ValueError("no payloads")
         if len(self._pending) + len(payloads) > self.in_flight_max:
@@ -379,9 +400,11 @@ class SequencerClient:
         return future
 
     async def submit_batch(self, payloads: Sequence[bytes]) -> list[int]:
-        """Sequence many payloads; returns their sequence numbers in order."""
+        """Sequence many payloads; returns their sequence numbers in order (connects first
+        if the client never did)."""
         if len(payloads) > self.in_flight_max:
             raise ValueError(f"{len(payloads)} payloads exceed in_flight_max {self.in_flight_max}")
+        await self._connect_on_first_use()
         await self.wait_for_room(len(payloads))
         future = self.submit_batch_nowait(payloads)
         first = self._next_client_seq - len(payloads)
@@ -399,7 +422,9 @@ class SequencerClient:
             await self._room.wait()
 
     async def submit(self, payload: bytes) -> int:
-        """Sequence `payload`; returns its global sequence number once committed."""
+        """Sequence `payload`; returns its global sequence number once committed (connects
+        first if the client never did)."""
+        await self._connect_on_first_use()
         await self.wait_for_room()
         future = self.submit_nowait(payload)
         try:
@@ -559,7 +584,7 @@ class SequencerClient:
             candidates = ([self._leader_hint] if self._leader_hint else []) + random.sample(self.endpoints, len(self.endpoints))
             for address in dict.fromkeys(candidates):
                 if self._closed:
-                    raise NotConnected("client closed")
+                    raise ClientClosed()
                 try:
                     link = await open_connection(
                         address, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
@@ -599,9 +624,12 @@ class SequencerClient:
     async def subscribe(self, from_seq: int = 1) -> AsyncIterator[Message]:
         """Messages ``from_seq, from_seq + 1, …`` with no gap and no duplicate, forever.
 
-        Served by any node; on a lost connection it resumes at last + 1 on any live node
-        (reported to this client's ``metrics`` sink, if it has one).
+        Served by any node over its own connections (it needs no ``connect``); on a lost
+        connection it resumes at last + 1 on any live node (reported to this client's
+        ``metrics`` sink, if it has one). Raises ``ClientClosed`` after ``close``.
         """
+        if self._closed:
+            raise ClientClosed()
         if from_seq < 1:
             raise ValueError("from_seq must be >= 1")
         async for message in subscribe(
@@ -624,7 +652,7 @@ class _LeaderMoved(Exception):
 
 
 async def subscribe(
-    endpoints: Sequence[str],
+    endpoints: str | Iterable[str | tuple[str, int]],
     *,
     from_seq: int = 1,
     token: str = "",
@@ -635,8 +663,9 @@ async def subscribe(
     prefer: str = "",
     metrics: ClientMetricsSink | None = None,
 ) -> AsyncIterator[Message]:
-    """The stream from `from_seq` on, from any of `endpoints` (``prefer`` first), resuming at
-    last + 1 on another node when one dies. Raises ``Rejected`` on a wrong token.
+    """The stream from `from_seq` on, from any of `endpoints` (any form ``clients.endpoints``
+    accepts; ``prefer`` first), resuming at last + 1 on another node when one dies. Raises
+    ``TokenRequired``/``TokenRejected`` at once when the cluster refuses the token.
 
     ``metrics`` (opt-in, e.g. ``clients.metrics.ClientMetricsCollector``) is told of every
     resume: each time the subscription, interrupted, reaches a node again and asks it for the
@@ -644,7 +673,7 @@ async def subscribe(
     expected = from_seq
     interrupted = False
     backoff = 0.02
-    order = list(endpoints)
+    order = endpoint_addresses(endpoints)
     if prefer in order:
         order.remove(prefer)
         order.insert(0, prefer)

@@ -6,7 +6,8 @@ link here (``open_connection``) and reads it here:
 
 * **Handshake.** ``Hello(session, token, protocol version, last acked)``; the node answers
   ``Welcome`` (role, leader, the session's last applied client_seq, its heartbeat interval) or
-  ``Rejected`` (raised as ``Rejected``). Frames that arrive together with the welcome are kept
+  ``Rejected`` (raised as ``Rejected``; a refused token as ``TokenRequired`` when none was
+  sent, else ``TokenRejected``). Frames that arrive together with the welcome are kept
   and returned by the first ``receive``.
 * **Framing.** ``sequencer.protocol`` encodes and decodes; ``receive`` reads one chunk within a
   deadline and returns its frames. A read loop that passes its own ``asyncio.timeout`` as
@@ -36,6 +37,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+from raftseq.clients.endpoints import parse_endpoint
+from raftseq.clients.errors import Rejected, SequencerError, authentication_error
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -49,20 +52,6 @@ _HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
 FATAL_REASONS = (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION)
 
 AnswerT = TypeVar("AnswerT")
-
-
-class SequencerError(Exception):
-    """Base of the client's errors."""
-
-
-class Rejected(SequencerError):
-    """The sequencer refused a submit or request for good. ``reason`` is a ``RejectReason``."""
-
-    def __init__(self, reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
-        self.expected_client_seq = expected_client_seq
 
 
 class Connection:
@@ -239,13 +228,15 @@ async def open_connection(
 ) -> Connection:
     """Connect to `address` (``host:port``) and say hello as `session`; returns once the node
     welcomes us, within `timeout_s` for the connect and again for the answer. Raises
-    ``Rejected`` when the node refuses the hello, ``ConnectionError``/``OSError`` or
+    ``Rejected`` when the node refuses the hello (``TokenRequired``/``TokenRejected``, both
+    ``AuthenticationError``, for the token), ``ValueError`` for an address that is not
+    ``HOST:PORT``, ``ConnectionError``/``OSError`` or
     ``TimeoutError`` when it cannot be reached or answers wrongly. ``keep_raw``: frames come
     with their bytes as received. ``stream_buffer_bytes``: how much the socket reader buffers
     before it stops reading (asyncio's default, 64 KiB, when None)."""
-    host, port = address.rsplit(":", 1)
+    host, port = parse_endpoint(address)
     limit = {} if stream_buffer_bytes is None else {"limit": stream_buffer_bytes}
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), **limit), timeout_s)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **limit), timeout_s)
     try:
         writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked)))
         framer = protocol.FrameReader("node", keep_raw=keep_raw)
@@ -260,6 +251,8 @@ async def open_connection(
                     if isinstance(frame, protocol.FrameError):
                         raise ConnectionError(f"{address}: bad frame during the handshake: {frame.detail}")
                     if isinstance(frame, protocol.Rejected):
+                        if frame.reason is RejectReason.AUTH_FAILED:
+                            raise authentication_error(token, frame.detail)
                         raise Rejected(frame.reason, frame.detail)
                     if isinstance(frame, protocol.Welcome):
                         return Connection(address, reader, writer, frame, framer, items[i + 1 :], read_chunk_bytes=read_chunk_bytes)

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftseq.gateway")
 
+#: The detail of ``Rejected(AUTH_FAILED)`` to a hello without a token (a wrong one is "wrong token").
+TOKEN_REQUIRED_DETAIL = "a token is required"
+
 _encode = protocol.encode_frame
 
 
@@ -347,8 +350,11 @@ class Gateway:
             )
             return
         if self._token and not hmac.compare_digest(hello.token.encode(), self._token):
-            log.warning("authentication failed from %s (session %r)", conn.peer, hello.session)
-            conn.reject_and_close(RejectReason.AUTH_FAILED, "wrong token")
+            # One reason for both cases, so that clients of every version see a refusal; the
+            # detail (and the log) says which: no token at all, or one that is not ours.
+            problem = "wrong token" if hello.token else TOKEN_REQUIRED_DETAIL
+            log.warning("authentication failed from %s (session %r): %s", conn.peer, hello.session, problem)
+            conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
             return
         conn.session = hello.session
         node = self.node

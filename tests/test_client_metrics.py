@@ -224,9 +224,21 @@ def test_acks_rejections_and_unknown_outcomes_are_counted_by_the_client():
     collector = ClientMetricsCollector()
     registry = registry_with(collector)
 
+    async def silent_leader(conn: ScriptedConnection) -> None:
+        await conn.welcome()  # then answers nothing: the test hands the client its frames
+        await conn.hold_until_stopped()
+
     async def scenario() -> SequencerClient:
-        c = client(collector, outcome_deadline_s=0.05)
-        futures = [c.submit_nowait(b"p%d" % i) for i in range(1, 8)]  # client_seq 1..7, not connected
+        node = ScriptedNode([silent_leader])
+        c = SequencerClient([await node.start()], session="s", metrics=collector, outcome_deadline_s=0.05, heartbeat_timeout_s=30)
+        try:
+            await c.connect()  # submit_nowait needs a first connection
+            return await counted(c)
+        finally:
+            await node.stop()
+
+    async def counted(c: SequencerClient) -> SequencerClient:
+        futures = [c.submit_nowait(b"p%d" % i) for i in range(1, 8)]  # client_seq 1..7, never answered by the node
         c._handle(protocol.Ack(1, 101))
         c._handle(protocol.Ack(1, 101, duplicate=True))  # an ack for a submit already resolved
         c._handle(protocol.AckRange(2, 102, 3))  # 2, 3, 4

@@ -1,0 +1,101 @@
+"""The client's errors, in one place: every one is a ``SequencerError``.
+
+* ``Rejected`` — the sequencer refused a submit or a request for good (``reason``). Its
+  subclasses ``TokenRequired`` (this client sent no token; the cluster wants one) and
+  ``TokenRejected`` (the cluster does not accept the token sent) are both
+  ``AuthenticationError``: no other node would answer differently, so they are raised at once.
+* ``NotConnected`` — no node could be reached; ``ClientClosed`` (a ``NotConnected``) — the
+  client was closed and is not reopened by a later call.
+* ``Busy`` — the client's own window of in-flight submits is full.
+* ``OutcomeUnknown`` — no answer within the deadline; the submit may still be sequenced.
+"""
+
+from __future__ import annotations
+
+from raftseq.sequencer.protocol import RejectReason
+
+
+class SequencerError(Exception):
+    """Base of the client's errors."""
+
+
+class Rejected(SequencerError):
+    """The sequencer refused a submit or request for good. ``reason`` is a ``RejectReason``."""
+
+    def __init__(self, reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+        self.expected_client_seq = expected_client_seq
+
+
+class AuthenticationError(Rejected):
+    """The cluster refused this client's token (``reason`` is ``AUTH_FAILED``): retrying, on
+    this node or another, cannot help until the token is changed."""
+
+    #: What the error says before the node's own detail.
+    summary = "the cluster refused the client token"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(RejectReason.AUTH_FAILED, detail)
+
+    def __str__(self) -> str:
+        return f"{self.summary} ({super().__str__()})"
+
+
+class TokenRequired(AuthenticationError):
+    """The cluster requires a client token and this client sent none (``token=""``; set
+    ``token=`` or ``$RAFTSEQ_TOKEN``)."""
+
+    summary = "the cluster requires a client token and none was given"
+
+
+class TokenRejected(AuthenticationError):
+    """The cluster does not accept the token this client sent (a wrong or an old token)."""
+
+    summary = "the cluster rejected the client token"
+
+
+def authentication_error(token: str, detail: str = "") -> AuthenticationError:
+    """The error for an ``AUTH_FAILED`` answer to a hello that carried `token`: whether a token
+    was sent tells the two cases apart, whatever the node's version says in its detail."""
+    return TokenRejected(detail) if token else TokenRequired(detail)
+
+
+class NotConnected(SequencerError):
+    """No node could be reached (or the client is closed: ``ClientClosed``)."""
+
+
+class ClientClosed(NotConnected):
+    """The client was closed (``close``): every call after it fails at once with this error; a
+    closed client never connects again (make a new one)."""
+
+    def __init__(self, detail: str = "the client is closed") -> None:
+        super().__init__(detail)
+
+
+class Busy(SequencerError):
+    """The client's own window of in-flight submits is full (``in_flight_max``)."""
+
+
+class OutcomeUnknown(SequencerError):
+    """No answer within the deadline. The submit may still be sequenced (exactly once): the
+    client keeps resubmitting it under the same client_seq while it runs."""
+
+    def __init__(self, client_seq: int, waited_s: float) -> None:
+        super().__init__(f"client_seq {client_seq}: no outcome after {waited_s:.1f} s")
+        self.client_seq = client_seq
+
+
+__all__ = [
+    "AuthenticationError",
+    "Busy",
+    "ClientClosed",
+    "NotConnected",
+    "OutcomeUnknown",
+    "Rejected",
+    "SequencerError",
+    "TokenRejected",
+    "TokenRequired",
+    "authentication_error",
+]
