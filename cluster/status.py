@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from raftseq.clients.connection import Rejected, open_connection
-from raftseq.sequencer.protocol import RejectReason
+from raftseq.clients.errors import AuthenticationError
 
 
 #: The role of a node that could not be asked, and of one that refused our token.
@@ -19,8 +19,8 @@ def answered(node: dict) -> bool:
 
 
 def _not_asked(address: str, exc: BaseException) -> dict:
-    if isinstance(exc, Rejected) and exc.reason is RejectReason.AUTH_FAILED:
-        return {"address": address, "role": REFUSED, "error": str(exc) or "token refused"}
+    if isinstance(exc, AuthenticationError):  # says whether a token was missing or wrong
+        return {"address": address, "role": REFUSED, "error": str(exc)}
     return {"address": address, "role": UNREACHABLE, "error": str(exc) or type(exc).__name__}
 
 

@@ -174,6 +174,18 @@ def test_a_refused_token_is_not_unreachable(cluster):
         assert "refused" in table and "unreachable" not in table, table
 
 
+def test_a_missing_token_and_a_wrong_token_are_different_errors(cluster):
+    endpoints = ",".join(cluster.endpoints)
+    missing = raftseq("submit", "--endpoints", endpoints, "--session", "grammar", "x", env={TOKEN_ENV: ""})
+    wrong = raftseq("submit", "--endpoints", endpoints, "--session", "grammar", "x", env={TOKEN_ENV: "wrong"})
+    assert missing.returncode == wrong.returncode == 1, (missing, wrong)
+    assert "requires a client token and none was given" in missing.stderr and "pass --token or set $RAFTSEQ_TOKEN" in missing.stderr
+    assert "rejected the client token" in wrong.stderr and "none was given" not in wrong.stderr, wrong.stderr
+    for env, says in (({TOKEN_ENV: ""}, "none was given"), ({TOKEN_ENV: "wrong"}, "rejected")):
+        report = json.loads(raftseq("status", "--endpoints", endpoints, "-o", "json", env=env).stdout)
+        assert all(says in n["error"] for n in report["nodes"]), report
+
+
 def test_tail_stops_on_ctrl_c_with_130_and_no_asyncio_warnings(cluster):
     env = {**os.environ, ENDPOINTS_ENV: ",".join(cluster.endpoints), TOKEN_ENV: cluster.token}
     assert raftseq("submit", "--session", "grammar", "one", env=env).returncode == 0

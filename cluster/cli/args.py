@@ -11,13 +11,8 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 
-from raftseq.cluster.config import PORTS_END
-
-#: The client endpoints of the local cluster (`raftseq cluster up` with its default base port).
-DEFAULT_ENDPOINTS = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
-#: Environment variables that override the endpoint and token defaults.
-ENDPOINTS_ENV = "RAFTSEQ_ENDPOINTS"
-TOKEN_ENV = "RAFTSEQ_TOKEN"
+from raftseq.clients.endpoints import DEFAULT_ENDPOINTS, ENDPOINTS_ENV, TOKEN_ENV, endpoint_addresses, token_from_env
+from raftseq.clients.errors import AuthenticationError, TokenRequired
 
 #: Exit codes of every command: all well; a failed check or a cluster that cannot be used; a
 #: usage error (argparse's own code); interrupted with Ctrl-C.
@@ -63,33 +58,29 @@ def endpoints_default() -> str:
     return os.environ.get(ENDPOINTS_ENV, DEFAULT_ENDPOINTS)
 
 
-def token_default() -> str:
-    return os.environ.get(TOKEN_ENV, "")
-
-
 def split_endpoints(values: Iterable[str]) -> list[str]:
     """``HOST:PORT`` endpoints from `values`, each one endpoint or a comma-separated list of
-    them. Raises ``ValueError`` naming the first that is not ``HOST:PORT``."""
-    found = []
-    for value in values:
-        found.extend(v.strip() for v in value.split(",") if v.strip())
-    for endpoint in found:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < PORTS_END:
-            raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
-    return found
+    them (the forms of ``clients.endpoints``). Raises ``ValueError`` naming the first bad one."""
+    return endpoint_addresses(",".join(values))
 
 
 def endpoint_list(text: str) -> list[str]:
     """An argparse type: a comma-separated list of ``HOST:PORT`` endpoints (at least one)."""
     try:
-        endpoints = split_endpoints([text])
+        return split_endpoints([text])
     except ValueError as exc:
         source = f" (from ${ENDPOINTS_ENV})" if text == os.environ.get(ENDPOINTS_ENV) else ""
         raise argparse.ArgumentTypeError(f"{exc}{source}") from None
-    if not endpoints:
-        raise argparse.ArgumentTypeError(f"no endpoints in {text!r}")
-    return endpoints
+
+
+def describe_error(exc: BaseException) -> str:
+    """A client error as a command tells it: a missing token and a wrong one are different
+    mistakes with different fixes, and each says its fix."""
+    if isinstance(exc, TokenRequired):
+        return f"{exc}: pass --token or set ${TOKEN_ENV}"
+    if isinstance(exc, AuthenticationError):
+        return f"{exc}: check --token or ${TOKEN_ENV} (raftseq cluster up prints the token)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 ENDPOINTS_HELP = f"comma-separated HOST:PORT client endpoints (default ${ENDPOINTS_ENV}, else the local cluster {DEFAULT_ENDPOINTS})"
@@ -100,7 +91,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """``--endpoints`` and ``--token``: how every command that talks to a cluster reaches it.
     ``args.endpoints`` is a list of ``HOST:PORT`` strings."""
     parser.add_argument("--endpoints", type=endpoint_list, default=endpoints_default(), metavar="HOST:PORT,...", help=ENDPOINTS_HELP)
-    parser.add_argument("--token", default=token_default(), help=TOKEN_HELP)
+    parser.add_argument("--token", default=token_from_env(), help=TOKEN_HELP)
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:

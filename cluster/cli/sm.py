@@ -38,6 +38,7 @@ from raftseq.cluster.cli.args import (
     add_command,
     add_output_option,
     command_group,
+    describe_error,
     non_negative,
     positive,
 )
@@ -67,7 +68,7 @@ async def scan_checkpoints(
     try:
         end = to_seq or await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
     except Rejected as exc:
-        raise ConnectionError(f"status request refused: {exc}") from None
+        raise ConnectionError(f"status request refused: {describe_error(exc)}") from None
     if from_seq > end:
         return ledger, from_seq, end
     expected = from_seq
@@ -83,7 +84,7 @@ async def scan_checkpoints(
                     f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s"
                 ) from None
             except Rejected as exc:
-                raise ConnectionError(f"stream read refused: {exc}") from None
+                raise ConnectionError(f"stream read refused: {describe_error(exc)}") from None
             payload = message.payload
             if payload[: len(mark)] == mark:
                 try:
@@ -106,7 +107,7 @@ async def list_snapshots(endpoints: list[str], sm_type: str, *, token: str, time
         last_seq = await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
         snapshots = await query_snapshots(endpoints, sm_type, token=token, session="sm-snapshots", timeout_s=timeout_s, prefer=endpoints[0])
     except Rejected as exc:
-        raise ConnectionError(str(exc)) from None
+        raise ConnectionError(describe_error(exc)) from None
     return protocol.SnapshotList(sm_type=sm_type, snapshots=snapshots, last_seq=last_seq)
 
 

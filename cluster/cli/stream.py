@@ -10,7 +10,16 @@ import sys
 
 import msgspec
 
-from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, add_cluster_options, add_command, non_negative, positive
+from raftseq.cluster.cli.args import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_cluster_options,
+    add_command,
+    describe_error,
+    non_negative,
+    positive,
+)
 from raftseq.cluster.cli.journal import add_payload
 
 _json = msgspec.json.Encoder()
@@ -26,7 +35,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for payload, seq in zip(payloads, client.submit_many(payloads)):
                 print(f"{seq}\t{payload.decode(errors='replace')}")
     except SequencerError as exc:
-        print(f"raftseq submit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"raftseq submit: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -40,7 +49,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_tail(args))
     except SequencerError as exc:
-        print(f"raftseq tail: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"raftseq tail: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
