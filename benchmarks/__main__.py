@@ -14,7 +14,7 @@ the peers' from ``benchmarks/peers/`` (NATS: one filled stream likewise; pysynco
 to replay and is not measured there). The systems take turns run by run (raftseq, nats,
 pysyncobj, raftseq, ...) so that a change in the machine's load hits all of them; each figure is
 the median of ``--runs`` runs (failover: the median and max over ``--kills`` kills). Each
-workload ends with a table: absolute figures, raftseq/peer ratios and the goals of issue 6. See
+workload ends with a table: absolute figures, raftseq/peer ratios and the benchmark goals. See
 ``benchmarks/README_peers.md``.
 
 Exit status: 0 when everything selected ran; 1 when a workload or a peer's setup failed (the
@@ -65,7 +65,7 @@ NO_STREAM = {"pysyncobj": "not measured: the obvious pysyncobj design keeps no r
 PEERS = ("nats", "pysyncobj")
 PEER_MODULES = {"nats": nats_peer, "pysyncobj": pysyncobj_peer}
 
-# Goals of issue 6 (2-core machine, everything on one box).
+# The benchmark goals (2-core machine, everything on one box).
 GOAL_THROUGHPUT_PER_S = 200_000
 GOAL_THROUGHPUT_PAYLOAD_BYTES = 100
 GOAL_RATIO = {"nats": 4.0, "pysyncobj": 8.0}
@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftseq bench",
         description="raftseq's throughput, latency, failover, replay, recovery and fanout on a local three-node cluster, side by "
         "side with NATS JetStream (3 replicas) and plain pysyncobj measured in the same run. Prints a table per workload with "
-        "raftseq/peer ratios and the goals of issue 6. See benchmarks/README_peers.md.",
+        "raftseq/peer ratios and the benchmark goals. See benchmarks/README_peers.md.",
     )
     add = parser.add_argument
     add(

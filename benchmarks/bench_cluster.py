@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=None,
         help=f"seconds of steady load of the elections workload (default {ELECTIONS_SECONDS_DEFAULT:.0f}; --quick "
-        f"{ELECTIONS_SECONDS_QUICK:.0f}; the issue's 10 minutes: 600)",
+        f"{ELECTIONS_SECONDS_QUICK:.0f}; the full run: 600)",
     )
     add(
         "--elections-rate",

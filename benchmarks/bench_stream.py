@@ -1,4 +1,4 @@
-"""Stream figures of a local three-node cluster: replay, recovery and fanout (issue 6).
+"""Stream figures of a local three-node cluster: replay, recovery and fanout.
 
 Run from the repository root::
 

@@ -11,7 +11,7 @@ Reads the JSON report written by ``python -m benchmarks --json FILE`` and writes
 * latency -- p50 (solid) and p99 (dashed) per offered rate, ms, log scale; a rate at which a
   system acknowledged nothing after the warm-up has no point;
 * replay, recovery, fanout, failover -- when the report holds them: the median per system (and
-  the max where the workload has one), with the goal of issue 6 as a dotted line.
+  the max where the workload has one), with the benchmark goal as a dotted line.
 
 A workload missing from the report has no panel. Exit status 0 when the PNG was written, 2 when
 the report cannot be read or holds none of these workloads.
@@ -35,7 +35,7 @@ PANEL_WIDTH_IN = 6.4
 PANEL_HEIGHT_IN = 4.2
 DPI = 100
 
-# The goals of issue 6 (as in ``benchmarks/__main__.py``; written out: nothing imports it).
+# The benchmark goals (as in ``benchmarks/__main__.py``; written out: nothing imports it).
 GOAL_THROUGHPUT_PER_S = 200_000
 GOAL_LATENCY_P50_MS = 1.0
 GOAL_LATENCY_P99_MS = 3.0

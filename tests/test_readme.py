@@ -6,8 +6,11 @@ the parsers of their suites)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,9 @@ import pytest
 from raftseq.cluster.cli import build_parser
 from raftseq.cluster.cli.suites import SOURCE_SUITES
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+RAFTSEQ = os.path.join(os.path.dirname(sys.executable), "raftseq")
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -105,3 +110,22 @@ def test_every_command_line_in_the_readme_parses(line):
         parser.parse_args(argv)
     except SystemExit as exc:
         raise AssertionError(f"README command {line!r} does not parse (exit {exc.code})") from None
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_help_texts_speak_of_the_product_not_of_its_work_items():
+    texts = [p.format_help() for p in _parsers(build_parser())]
+    for suite in (["bench", "--help"], ["chaos", "--help"], ["chaos", "run", "--help"]):
+        done = subprocess.run([RAFTSEQ, *suite], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 0 and "usage" in done.stdout, done
+        texts.append(done.stdout)
+    assert len(texts) > 20  # every command and group, and the suites
+    for text in texts:
+        assert not re.search(r"\bissues?\b", text, re.IGNORECASE), text
