@@ -168,3 +168,27 @@ def test_with_no_restart_the_command_ends_when_no_node_is_left(up):
     lines = cluster.rest()
     assert "raftseq cluster up: no node is running and none will be restarted" in lines, lines
     assert sum("not restarting (--no-restart" in line for line in lines) == 3, lines
+
+
+# --- deploy/local/up: what it prints can be typed as printed --------------------------------------
+
+
+def test_the_banner_names_raftseq_by_its_path_when_it_is_not_on_path(monkeypatch, tmp_path):
+    from raftseq.cluster.local import raftseq_command
+
+    script = os.path.join(os.path.dirname(sys.executable), "raftseq")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a venv that is not activated: raftseq not on PATH
+    assert raftseq_command() == script and os.access(script, os.X_OK)
+    monkeypatch.setenv("PATH", os.path.dirname(script))
+    assert raftseq_command() == "raftseq"
+
+
+def test_the_default_data_directory_of_cluster_up_is_ignored_by_git():
+    from raftseq.cluster.cli import build_parser
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = build_parser().parse_args(["cluster", "up"]).data_dir
+    if not os.path.exists(os.path.join(repo, ".git")):
+        pytest.fail(f"{repo} is not a git checkout: cannot ask git what it ignores")
+    done = subprocess.run(["git", "check-ignore", "-q", f"{data_dir}/n1/journal/x.seg"], cwd=repo, timeout=30)
+    assert done.returncode == 0, f"{data_dir}/ is not ignored by git"
