@@ -737,7 +737,16 @@ def test_the_raftseq_command_reports_status_submits_and_tails(running_cluster):
         assert done.returncode == 0, f"raftseq {' '.join(args)} exited {done.returncode}: {done.stderr}"
         return done.stdout
 
-    report = json.loads(run("status", "--json"))
+    # A loaded machine can put a follower into a brief election: ask again until the cluster is
+    # settled (one leader, the others its followers), within a bound.
+    deadline = time.monotonic() + 20
+    while True:
+        report = json.loads(run("status", "--json"))
+        settled = [n["role"] for n in report["nodes"]].count("leader") == 1 and all(
+            n["role"] in ("leader", "follower") for n in report["nodes"]
+        )
+        if settled or time.monotonic() > deadline:
+            break
     assert set(report) == {"leader", "nodes"}, report
     assert len(report["nodes"]) == 3, report
     for node in report["nodes"]:
