@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 
+from raftseq.cluster.node_exit import NodeExit
+
 log = logging.getLogger("raftseq.replica")
 
 #: Exit code of a node stopped on a broken invariant (it restarts clean).
-EXIT_INVARIANT = 70
+EXIT_INVARIANT = NodeExit.INVARIANT
 
 
 def fail_stop(message: str, *args: object) -> None:

@@ -27,6 +27,7 @@ from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
+from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
@@ -34,12 +35,18 @@ from raftseq.sequencer.protocol import Role
 log = logging.getLogger("raftseq.node")
 
 
-class RaftLogUnreadable(Exception):
+class RaftLogUnreadable(NodeCannotRun):
     """pysyncobj could not open the node's Raft log."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(NodeExit.RAFT_LOG_UNREADABLE, message)
 
-class RaftAddressUnavailable(Exception):
+
+class RaftAddressUnavailable(NodeCannotRun):
     """The node's Raft address cannot be listened on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NodeExit.ADDRESS_UNAVAILABLE, message)
 
 
 def _listen_problem(address: str) -> str:
@@ -219,16 +226,13 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
             failure: Exception
             if raft.is_bind_error(exc):
-                log.critical("cannot listen for Raft on %s: %s", self.config.raft_address, _listen_problem(self.config.raft_address))
-                failure = RaftAddressUnavailable(self.config.raft_address)
+                address = self.config.raft_address
+                failure = RaftAddressUnavailable(f"cannot listen for Raft on {address}: {_listen_problem(address)}")
             else:
-                log.critical(
-                    "cannot open the Raft log in %s: %r. To discard it and rejoin from the leader "
-                    "(snapshot and journal catch-up), start the node with --discard-raft-log",
-                    self.config.raft_dir,
-                    exc,
+                failure = RaftLogUnreadable(
+                    f"cannot open the Raft log in {self.config.raft_dir}: {exc!r}. To discard it and rejoin from the "
+                    "leader (snapshot and journal catch-up), start the node with --discard-raft-log"
                 )
-                failure = RaftLogUnreadable(str(exc))
             await self.gateway.stop()
             self.journal.close()
             raise failure from None
@@ -340,12 +344,6 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
     return node_filter
 
 
-#: Exit code of a node whose Raft log cannot be opened.
-EXIT_RAFT_LOG_UNREADABLE = 3
-#: Exit code of a node that cannot listen on its Raft address.
-EXIT_RAFT_ADDRESS_UNAVAILABLE = 4
-
-
 def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
     node_filter = setup_logging(config.id)
     votes_blocked_s = 0.0
@@ -365,8 +363,7 @@ def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int
 
     try:
         asyncio.run(main())
-    except RaftLogUnreadable:
-        return EXIT_RAFT_LOG_UNREADABLE
-    except RaftAddressUnavailable:
-        return EXIT_RAFT_ADDRESS_UNAVAILABLE
-    return 0
+    except NodeCannotRun as exc:
+        log.critical("%s", exc)
+        return exc.code
+    return NodeExit.STOPPED
