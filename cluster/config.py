@@ -39,6 +39,10 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""
 
 
+class ConfigUnreadable(ConfigError):
+    """The configuration file cannot be read, or is not TOML."""
+
+
 class PeerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: NodeId
     raft_address: Address
@@ -249,9 +253,9 @@ def load_config(path: str, *, insecure: bool = False) -> NodeConfig:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigUnreadable(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
     if "insecure" in raw:
         raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
     return parse_config({**raw, "insecure": insecure}, source=path)

@@ -20,6 +20,7 @@ import time
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
+from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
 from raftseq.cluster.publication import Publication
@@ -42,11 +43,14 @@ class RaftLogUnreadable(NodeCannotRun):
         super().__init__(NodeExit.RAFT_LOG_UNREADABLE, message)
 
 
-class RaftAddressUnavailable(NodeCannotRun):
-    """The node's Raft address cannot be listened on."""
+class AddressUnavailable(NodeCannotRun):
+    """An address the node must listen on (client, Raft or metrics) cannot be listened on."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(NodeExit.ADDRESS_UNAVAILABLE, message)
+    def __init__(self, role: str, setting: str, address: str, reason: str) -> None:
+        super().__init__(
+            NodeExit.ADDRESS_UNAVAILABLE,
+            f"cannot listen for {role} on {address} ({setting}): {reason}; stop what listens there or change {setting}",
+        )
 
 
 def _listen_problem(address: str) -> str:
@@ -213,7 +217,11 @@ class Node:
         self.gateway = Gateway(
             self.config, self, batcher=self.batcher, journal=self.journal, publication=self.publication, metrics=self.metrics
         )
-        await self.gateway.start()
+        try:
+            await self.gateway.start()
+        except OSError as exc:
+            self.journal.close()
+            raise AddressUnavailable("clients", "client_address", self.config.client_address, exc.strerror or str(exc)) from None
         try:
             self.replica = SequencerReplica(
                 self.config,
@@ -227,7 +235,7 @@ class Node:
             failure: Exception
             if raft.is_bind_error(exc):
                 address = self.config.raft_address
-                failure = RaftAddressUnavailable(f"cannot listen for Raft on {address}: {_listen_problem(address)}")
+                failure = AddressUnavailable("Raft", "raft_address", address, _listen_problem(address))
             else:
                 failure = RaftLogUnreadable(
                     f"cannot open the Raft log in {self.config.raft_dir}: {exc!r}. To discard it and rejoin from the "
@@ -245,7 +253,13 @@ class Node:
             on_filled=self.publication.wake,
         )
         if self.config.metrics_address:
-            serve_metrics(self.config.metrics_address, self.collector)
+            try:
+                serve_metrics(self.config.metrics_address, self.collector)
+            except OSError as exc:
+                await self.gateway.stop()
+                self.replica.destroy()
+                self.journal.close()
+                raise AddressUnavailable("metrics", "metrics_address", self.config.metrics_address, exc.strerror or str(exc)) from None
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
@@ -346,6 +360,17 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
 
 def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
     node_filter = setup_logging(config.id)
+    try:
+        # First of all: nothing in the data directory is opened before this process owns it.
+        data_dir_lock = claim_data_dir(config.data_dir, (config.journal_dir, config.raft_dir))
+    except NodeCannotRun as exc:
+        log.critical("%s", exc)
+        return exc.code
+    with data_dir_lock:
+        return _run_locked(config, node_filter, discard_raft_log_first=discard_raft_log_first)
+
+
+def _run_locked(config: NodeConfig, node_filter: _NodeLogFilter, *, discard_raft_log_first: bool) -> int:
     votes_blocked_s = 0.0
     if discard_raft_log_first:
         moved = discard_raft_log(config)

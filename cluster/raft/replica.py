@@ -41,6 +41,18 @@ _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
 
 
+#: The logger of pysyncobj's ``SyncObj``.
+PYSYNCOBJ_LOGGER = "pysyncobj.syncobj"
+
+
+class _NoBindTraceback(logging.Filter):
+    """pysyncobj logs a traceback when it cannot bind the Raft address; the node says why in
+    one line instead (``NodeExit.ADDRESS_UNAVAILABLE``), so that traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "failed to perform initialization"
+
+
 class SequencerReplica(RaftMember):
     """A Raft member whose replicated state is a ``SequencedStream``, driven by ``loop``
     (``raft.loop_poller``): construct it, use it and destroy it on the loop's thread, after
@@ -92,14 +104,20 @@ class SequencerReplica(RaftMember):
             dynamicMembershipChange=False,
             useFork=False,
         )
-        super().__init__(
-            config.raft_address,
-            [p.raft_address for p in config.peers],
-            conf,
-            loop=loop,
-            commit_notify_delay_s=r.commit_notify_delay_s,
-            votes_blocked_s=votes_blocked_s,
-        )
+        pysyncobj_log = logging.getLogger(PYSYNCOBJ_LOGGER)
+        quiet = _NoBindTraceback()
+        pysyncobj_log.addFilter(quiet)
+        try:
+            super().__init__(
+                config.raft_address,
+                [p.raft_address for p in config.peers],
+                conf,
+                loop=loop,
+                commit_notify_delay_s=r.commit_notify_delay_s,
+                votes_blocked_s=votes_blocked_s,
+            )
+        finally:
+            pysyncobj_log.removeFilter(quiet)
 
     # --- the replicated entry point -----------------------------------------------------
 

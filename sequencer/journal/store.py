@@ -22,7 +22,7 @@ from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover
-from raftseq.sequencer.journal.segments import HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
+from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
 
 
 class FsyncPolicy(msgspec.Struct, frozen=True):
@@ -202,7 +202,7 @@ class Journal(ClosedOnExit):
             path = os.path.join(self.directory, segment_name(first_seq))
             segment = Segment(path, first_seq)
             self._close_fd()
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
             fsync_dir(self.directory)
             self._segments.append(segment)
             self._segment_firsts.append(first_seq)
