@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -295,3 +296,18 @@ def test_a_real_node_whose_port_is_taken_is_not_restarted_and_the_reason_is_its_
         assert n1.stopped
     finally:
         cluster.stop()
+
+
+# --- docs/operating.md --------------------------------------------------------------------------
+
+
+def test_the_exit_code_table_of_the_operating_page_is_node_exit():
+    """Every ``NodeExit`` has its row (code and name), no row names another, and the page's
+    restart policy says what ``needs_operator`` says."""
+    text = (ROOT / "docs" / "operating.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| `([A-Z_]+)` \|", text, flags=re.MULTILINE)
+    assert [(int(code), name) for code, name in rows] == [(e.value, e.name) for e in NodeExit]
+    needing = [e.value for e in NodeExit if e.needs_operator]
+    assert needing == list(range(2, 9)), needing
+    assert "RestartPreventExitStatus=" + " ".join(map(str, needing)) in text
+    assert "(2 to 8 above)" in text and "Codes 2 to 8 name something only a person can fix" in text
