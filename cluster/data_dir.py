@@ -113,9 +113,8 @@ def lock_data_dir(data_dir: str, lock_name: str) -> DataDirLock:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise _unusable(data_dir, f"cannot write {path}", exc) from None
+    except OSError:
+        pass  # a full disk: the lock holds all the same; a second process cannot name the holder
     return DataDirLock(path, fd)
 
 
