@@ -72,6 +72,11 @@ class JournalCursor(ClosedOnExit):
             return False
         rel = self.next_seq - seg.first_seq
         point = rel // limits.INDEX_INTERVAL_RECORDS
+        if point >= len(seg.offsets):
+            # Only a damaged segment lacks index points: they end at its first bad record.
+            raise JournalCorruptError(
+                f"seq {self.next_seq} lies past the damage in {seg.path}", seq=self.next_seq, path=seg.path, offset=seg.size
+            )
         self._open(seg, seg.offsets[point])
         skip = rel - point * limits.INDEX_INTERVAL_RECORDS
         target = self.next_seq
