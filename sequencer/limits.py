@@ -12,6 +12,7 @@ import msgspec
 
 KIB = 1024
 MIB = 1024 * KIB
+GIB = 1024 * MIB
 
 # --- wire ---------------------------------------------------------------------------------
 #: Largest frame body a decoder accepts, in bytes. Checked on the length prefix, before the
