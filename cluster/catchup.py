@@ -110,6 +110,8 @@ class CatchUp:
         self._peer_index = 0
         #: Fetches in a row for the current damaged segment that reached a peer and stored nothing.
         self._repair_misses = 0
+        #: Whether a peer answered and lacked the range during those fetches.
+        self._repair_refused = False
 
     def _target(self) -> _Target | None:
         journal = self.journal
@@ -125,7 +127,7 @@ class CatchUp:
         while True:
             target = self._target()
             if target is None or not peers:
-                self._repair_misses = 0
+                self._repair_misses, self._repair_refused = 0, False
                 await asyncio.sleep(0.2)
                 continue
             peer = peers[self._peer_index % len(peers)]
@@ -141,23 +143,23 @@ class CatchUp:
             stored_before = self.records_fetched
             try:
                 await self._fetch(peer.client_address, target)
-            except (OSError, TimeoutError) as exc:  # the peer is not reachable: it may have the range
-                log.warning("catch-up from %s stopped: %s", peer.id, exc)
-                await asyncio.sleep(RETRY_DELAY_S)
-            except CatchUpError as exc:
+            except (OSError, TimeoutError, CatchUpError) as exc:
                 log.warning("catch-up from %s stopped: %s", peer.id, exc)
                 if target.what == "damaged segment":
                     self._repair_missed(target, stored_before, exc)
                 await asyncio.sleep(RETRY_DELAY_S)
 
-    def _repair_missed(self, target: _Target, stored_before: int, exc: CatchUpError) -> None:
-        """A repair fetch reached a peer and ended early: count it if it stored nothing, and
-        give up once every peer has had its turns."""
+    def _repair_missed(self, target: _Target, stored_before: int, exc: Exception) -> None:
+        """A repair fetch ended early: count it if it stored nothing, and give up after
+        ``repair_attempts_max`` such fetches in a row of which at least one reached a peer that
+        lacked the range (peers that are only unreachable may still have it)."""
         if self.records_fetched > stored_before:
             self._repair_misses = 0
+            self._repair_refused = False
             return
         self._repair_misses += 1
-        if self._repair_misses < self.repair_attempts_max:
+        self._repair_refused |= isinstance(exc, CatchUpError)
+        if self._repair_misses < self.repair_attempts_max or not self._repair_refused:
             return
         damage = self.journal.damage.covering(target.next_seq) or self.journal.damage.next_from(target.next_seq)
         where = damage.describe() if damage is not None else f"seq {target.next_seq}..{target.last_seq}"

@@ -120,7 +120,7 @@ class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: bytes (64 MiB: one default segment, well under a second); the rest is left to the scrub.
     verify_on_open_bytes: int = limits.JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT
     #: The background scrub reads sealed segments back at this rate, in bytes per second (4 MiB/s:
-    #: a 1 GiB journal every ~4 minutes, a few ms of the node's loop per second).
+    #: a 1 GiB journal every ~4 minutes, a few ms of the node's loop per second). 0: no scrub.
     scrub_bytes_per_s: int = 4 * limits.MIB
     #: A damaged range is given up (the node stops with exit code 7, ``journal_damaged``) after
     #: this many fetches in a row that reached a peer and brought none of it: every peer lacks it.
@@ -244,8 +244,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append(f"journal.fsync: {exc}")
         if self.journal.verify_on_open_bytes < 0:
             found.append("journal.verify_on_open_bytes must be >= 0 (0: no read-back on open)")
-        if not limits.SCRUB_STEP_BYTES <= self.journal.scrub_bytes_per_s <= limits.GIB:
-            found.append(f"journal.scrub_bytes_per_s must be {limits.SCRUB_STEP_BYTES}..{limits.GIB}")
+        if self.journal.scrub_bytes_per_s and not limits.SCRUB_STEP_BYTES <= self.journal.scrub_bytes_per_s <= limits.GIB:
+            found.append(f"journal.scrub_bytes_per_s must be 0 (off) or {limits.SCRUB_STEP_BYTES}..{limits.GIB}")
         if not 1 <= self.journal.repair_attempts_max <= 1000:
             found.append("journal.repair_attempts_max must be 1..1000")
         if self.journal.segment_bytes_max < limits.SEGMENT_BYTES_MIN:

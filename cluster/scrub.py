@@ -21,8 +21,8 @@ SCRUB_IDLE_S = 1.0
 
 
 async def run_scrub(scrubber: Scrubber, *, bytes_per_s: int) -> None:
-    """Scrub forever at `bytes_per_s` (cancelled when the node stops)."""
-    while True:
+    """Scrub forever at `bytes_per_s` (cancelled when the node stops); 0: not at all."""
+    while bytes_per_s:
         before = scrubber.bytes_read
         damage = scrubber.step(limits.SCRUB_STEP_BYTES)
         if damage is not None:

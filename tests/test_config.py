@@ -242,6 +242,7 @@ def test_a_lowered_raft_chunk_size_drags_batch_bytes_down_with_it():
         ("gateway.subscriber_buffer_bytes_max", limits.FRAME_BYTES_MAX - 1, "gateway.subscriber_buffer_bytes_max"),
         ("journal.segment_bytes_max", limits.SEGMENT_BYTES_MIN - 1, "journal.segment_bytes_max"),
         ("journal.verify_on_open_bytes", -1, "journal.verify_on_open_bytes"),
+        ("journal.scrub_bytes_per_s", -1, "journal.scrub_bytes_per_s"),
         ("journal.scrub_bytes_per_s", limits.SCRUB_STEP_BYTES - 1, "journal.scrub_bytes_per_s"),
         ("journal.scrub_bytes_per_s", 2 * limits.GIB, "journal.scrub_bytes_per_s"),
         ("journal.repair_attempts_max", 0, "journal.repair_attempts_max"),
