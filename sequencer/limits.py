@@ -49,7 +49,7 @@ READ_CHUNK_BYTES = 1 * MIB
 #: (the rest is left to the background scrub, so that a large journal still opens quickly).
 JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT = 64 * MIB
 #: Bytes the background scrub reads per step: the longest it holds the node's loop for.
-SCRUB_STEP_BYTES = 256 * KIB
+SCRUB_STEP_BYTES = 64 * KIB
 
 
 class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):

@@ -264,20 +264,10 @@ class Journal(ClosedOnExit):
         assert not self.readonly, "fill on a read-only journal"
         assert self.holes, "fill without a hole"
         hole_first, hole_last = self.holes[0]
-        fill = self._fill
-        if fill is None or fill.segment.first_seq != hole_first:
-            if fill is not None:
-                fill.abandon()
-            fill = self._fill = HoleFill(os.path.join(self.directory, segment_name(hole_first)), hole_first)
-        expected = fill.segment.end_seq
-        assert first_seq == expected, f"fill of seq {first_seq}, hole expects {expected}"
-        assert last_seq <= hole_last, f"fill up to {last_seq} overruns the hole ending at {hole_last}"
-        offsets = check_records(records, first_seq, last_seq)
-        fill.write(records, offsets)
-        if last_seq < hole_last:
+        path = os.path.join(self.directory, segment_name(hole_first))
+        self._fill, segment = _side_file_write(self._fill, path, (hole_first, hole_last), records, first_seq, last_seq)
+        if segment is None:
             return
-        segment = fill.finish()
-        self._fill = None
         i = bisect.bisect_right(self._segment_firsts, segment.first_seq)
         self._segments.insert(i, segment)
         self._segment_firsts.insert(i, segment.first_seq)
@@ -347,20 +337,10 @@ class Journal(ClosedOnExit):
         target = self.repair_range
         assert target is not None, "repair without damage"
         segment_first, segment_last = target
-        fill = self._repair
-        if fill is None or fill.segment.first_seq != segment_first:
-            if fill is not None:
-                fill.abandon()
-            fill = self._repair = HoleFill(self.segment_for(segment_first).path, segment_first)
-        expected = fill.segment.end_seq
-        assert first_seq == expected, f"repair of seq {first_seq}, segment expects {expected}"
-        assert last_seq <= segment_last, f"repair up to {last_seq} overruns the segment ending at {segment_last}"
-        offsets = check_records(records, first_seq, last_seq)
-        fill.write(records, offsets)
-        if last_seq < segment_last:
+        path = self.segment_for(segment_first).path
+        self._repair, segment = _side_file_write(self._repair, path, target, records, first_seq, last_seq)
+        if segment is None:
             return
-        segment = fill.finish()
-        self._repair = None
         i = bisect.bisect_left(self._segment_firsts, segment_first)
         self._segments[i] = segment
         self.damage_repaired += self.damage.clear_range(segment_first, segment_last)
@@ -440,3 +420,24 @@ class Journal(ClosedOnExit):
                     return
                 for frame in frames:
                     yield protocol.decode_delivered_body(memoryview(frame)[HEADER_BYTES:])
+
+
+def _side_file_write(
+    fill: HoleFill | None, path: str, target: tuple[int, int], records: bytes, first_seq: int, last_seq: int
+) -> tuple[HoleFill | None, Segment | None]:
+    """Write peer records ``first_seq..last_seq`` of the range `target` (a hole, or a damaged
+    segment) to the side file of segment `path`, after checking every record. Returns the side
+    file still being written (None once complete) and the finished segment (None until then)."""
+    range_first, range_last = target
+    if fill is None or fill.segment.first_seq != range_first:
+        if fill is not None:
+            fill.abandon()
+        fill = HoleFill(path, range_first)
+    expected = fill.segment.end_seq
+    assert first_seq == expected, f"records from seq {first_seq}, {range_first}..{range_last} expects {expected}"
+    assert last_seq <= range_last, f"records up to {last_seq} overrun {range_first}..{range_last}"
+    offsets = check_records(records, first_seq, last_seq)
+    fill.write(records, offsets)
+    if last_seq < range_last:
+        return fill, None
+    return None, fill.finish()
