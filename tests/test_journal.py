@@ -1059,3 +1059,18 @@ def test_a_read_that_meets_damage_marks_it_once(tmp_path):
         assert journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc)) is None
         assert journal.mark_damaged(500, "", 0, "the tail is never marked") is None
         assert journal.damage_found == 1
+
+
+def test_a_sealed_segment_file_gone_while_open_is_damage_on_read_and_scrub(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        os.unlink(path)
+        with journal.cursor(first_seq) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 500)
+        assert (caught.value.seq, caught.value.path) == (first_seq, path)
+        _scrub_all(journal)
+        assert [(d.first_seq, d.path) for d in journal.damage] == [(first_seq, path)]
+        journal.repair(frames(first_seq, first_seq + len(spans) - 1), first_seq, first_seq + len(spans) - 1)
+        assert not journal.damage
+        assert [r.seq for r in journal.records()] == list(range(1, 501))

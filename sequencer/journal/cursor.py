@@ -91,7 +91,12 @@ class JournalCursor(ClosedOnExit):
 
     def _open(self, segment: Segment, offset: int) -> None:
         self.close()
-        self._file = open(segment.path, "rb", buffering=0)
+        try:
+            self._file = open(segment.path, "rb", buffering=0)
+        except OSError as exc:  # a segment file gone or unreadable is damage, like a bad record
+            raise JournalCorruptError(
+                f"cannot read seq {self.next_seq}: {exc}", seq=self.next_seq, path=segment.path, offset=offset
+            ) from None
         self._segment = segment
         self._offset = offset
 
