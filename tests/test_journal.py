@@ -1074,3 +1074,17 @@ def test_a_sealed_segment_file_gone_while_open_is_damage_on_read_and_scrub(tmp_p
         journal.repair(frames(first_seq, first_seq + len(spans) - 1), first_seq, first_seq + len(spans) - 1)
         assert not journal.damage
         assert [r.seq for r in journal.records()] == list(range(1, 501))
+
+
+def test_repair_refuses_a_peer_copy_that_differs_from_the_intact_records(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    flip(path, spans[20][1] - 1)
+    with open_journal(tmp_path) as journal:
+        forged = protocol.encode_delivered(first_seq + 1, 1_000 + first_seq + 1, "s", first_seq + 1, b"forged")
+        records = frame(first_seq) + forged + frames(first_seq + 2, first_seq + 5)
+        with pytest.raises(JournalRecordError, match="differ from this node's intact copy"):
+            journal.repair(records, first_seq, first_seq + 5)
+        assert journal.repair_next_seq == first_seq
+        journal.repair(frames(first_seq, first_seq + 5), first_seq, first_seq + 5)
+        assert journal.repair_next_seq == first_seq + 6

@@ -18,7 +18,7 @@ import msgspec
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal.cursor import JournalCursor
 from raftseq.sequencer.journal.damage import Damage, DamageMap
-from raftseq.sequencer.journal.errors import JournalError
+from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
 from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
@@ -337,6 +337,7 @@ class Journal(ClosedOnExit):
         target = self.repair_range
         assert target is not None, "repair without damage"
         segment_first, segment_last = target
+        self._check_against_intact(records, first_seq, last_seq)
         path = self.segment_for(segment_first).path
         self._repair, segment = _side_file_write(self._repair, path, target, records, first_seq, last_seq)
         if segment is None:
@@ -344,6 +345,22 @@ class Journal(ClosedOnExit):
         i = bisect.bisect_left(self._segment_firsts, segment_first)
         self._segments[i] = segment
         self.damage_repaired += self.damage.clear_range(segment_first, segment_last)
+
+    def _check_against_intact(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        """Records a peer sends for the intact part of a damaged segment (before its first bad
+        record) must be byte for byte what this node holds there: the committed stream is the
+        same on every node. Raises ``JournalRecordError`` when they differ."""
+        damage = self.damage.next_from(first_seq)
+        intact_last = min(last_seq, damage.first_seq - 1) if damage is not None else last_seq
+        if first_seq > intact_last:
+            return
+        try:
+            held = self.read_bytes(first_seq, intact_last)
+        except JournalCorruptError as exc:  # damage before the known one: the repair covers it
+            self.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+            return
+        if records[: len(held)] != held:
+            raise JournalRecordError(f"records {first_seq}..{intact_last} from the peer differ from this node's intact copy")
 
     def _fsync(self) -> None:
         if self._fd < 0:
