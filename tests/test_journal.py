@@ -25,6 +25,7 @@ from raftseq.sequencer.journal import recovery as journal_recovery
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import (
     Damage,
+    DamageMap,
     FsyncPolicy,
     Journal,
     JournalCorruptError,
@@ -1088,3 +1089,16 @@ def test_repair_refuses_a_peer_copy_that_differs_from_the_intact_records(tmp_pat
         assert journal.repair_next_seq == first_seq
         journal.repair(frames(first_seq, first_seq + 5), first_seq, first_seq + 5)
         assert journal.repair_next_seq == first_seq + 6
+
+
+def test_damage_map_keeps_ranges_in_order_and_merges_within_a_segment():
+    damage = DamageMap()
+    assert not damage and damage.next_from(1) is None
+    assert damage.add(Damage(50, 99, "b.seg", 10, "x"))
+    assert damage.add(Damage(10, 19, "a.seg", 0, "y"))
+    assert not damage.add(Damage(60, 99, "b.seg", 90, "later in a known range"))
+    assert damage.add(Damage(40, 99, "b.seg", 5, "earlier in the same segment"))
+    assert [(d.first_seq, d.last_seq) for d in damage] == [(10, 19), (40, 99)]
+    assert damage.covering(45).reason == "earlier in the same segment" and damage.covering(30) is None
+    assert damage.next_from(20).first_seq == 40 and damage.records == 70
+    assert damage.clear_range(40, 99) == 1 and [d.first_seq for d in damage] == [10]
