@@ -129,6 +129,15 @@ METRICS = (
         ("check",),
         "Journal records that failed verification, by where they were checked",
     ),
+    MetricSpec("raftseq_journal_scrubbed_bytes_total", "counter", (), "Bytes of sealed journal segments read back by the scrub"),
+    MetricSpec(
+        "raftseq_journal_damage_found_total",
+        "counter",
+        (),
+        "Damaged ranges of sealed journal segments found (on start, by the scrub, by a read)",
+    ),
+    MetricSpec("raftseq_journal_damage_repaired_total", "counter", (), "Damaged journal segments repaired from a peer's copy"),
+    MetricSpec("raftseq_journal_damaged_records", "gauge", (), "Journal records refused to readers until repaired from a peer"),
     MetricSpec("raftseq_catchup_missing_records", "gauge", (), "Journal records still to fetch from a peer"),
     MetricSpec("raftseq_catchup_fetched_records_total", "counter", (), "Journal records fetched from peers by catch-up"),
     MetricSpec("raftseq_disk_free_bytes", "gauge", (), "Free bytes on the data directory's file system"),
@@ -338,6 +347,10 @@ class NodeCollector:
         yield family("raftseq_journal_holes", value=len(journal.holes))
         yield family("raftseq_journal_tail_cut_bytes", value=journal.recovery.bytes_cut)
         yield family("raftseq_journal_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
+        yield family("raftseq_journal_scrubbed_bytes_total", value=node.journal_scrubbed_bytes)
+        yield family("raftseq_journal_damage_found_total", value=journal.damage_found)
+        yield family("raftseq_journal_damage_repaired_total", value=journal.damage_repaired)
+        yield family("raftseq_journal_damaged_records", value=journal.damage.records)
         yield family("raftseq_catchup_missing_records", value=node.catchup_missing)
         yield family("raftseq_catchup_fetched_records_total", value=node.catchup_fetched)
         try:

@@ -1,5 +1,5 @@
 """One raftseq node: the composition root of journal, state machine, Raft replica, batcher,
-gateway, catch-up and metrics.
+gateway, catch-up, scrub and metrics.
 
 Everything runs on one asyncio loop: gateway, batcher, subscriptions, and pysyncobj with the
 state machine and the journal (``cluster.raft``). An applied batch wakes the waiting
@@ -26,10 +26,11 @@ from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
 from raftseq.cluster.publication import Publication
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
-from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer.journal import FsyncPolicy, Journal, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
 
@@ -97,6 +98,7 @@ class Node:
             segment_bytes_max=config.journal.segment_bytes_max,
             fsync=FsyncPolicy.parse(config.journal.fsync),
             clock_ns=time.monotonic_ns,
+            verify_bytes=config.journal.verify_on_open_bytes,
         )
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         recovery = self.journal.recovery
@@ -108,6 +110,9 @@ class Node:
                 recovery.last_good_seq,
                 recovery.reason,
             )
+        for damage in self.journal.damage:
+            log.error("journal damaged, found on start: %s; refusing it until repaired from a peer", damage.describe())
+        self.scrubber = Scrubber(self.journal)
         self.core = SequencedStream(SequencerMachine(config.machine.machine_config()), self.journal)
         self.publication = Publication(self.journal, recheck_interval_s=config.gateway.heartbeat_interval_ms / 1000)
         self.role = Role.FOLLOWER
@@ -138,6 +143,10 @@ class Node:
     @property
     def catchup_missing(self) -> int:
         return self.journal.missing_count
+
+    @property
+    def journal_scrubbed_bytes(self) -> int:
+        return self.scrubber.bytes_read
 
     @property
     def catchup_fetched(self) -> int:
@@ -251,6 +260,7 @@ class Node:
             token=self.config.client_token,
             verify_failures=self.metrics.verify_failures,
             on_filled=self.publication.wake,
+            repair_attempts_max=self.config.journal.repair_attempts_max,
         )
         if self.config.metrics_address:
             try:
@@ -272,12 +282,19 @@ class Node:
         )
         watcher = asyncio.create_task(self._watch(), name="role-watcher")
         catchup = asyncio.create_task(self.catchup.run(), name="catch-up")
+        scrub = asyncio.create_task(run_scrub(self.scrubber, bytes_per_s=self.config.journal.scrub_bytes_per_s), name="scrub")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            await asyncio.wait((stopping, catchup), return_when=asyncio.FIRST_COMPLETED)
+            if catchup.done():
+                catchup.result()  # NodeCannotRun when no peer can repair the journal
+                raise AssertionError("catch-up ended")
         finally:
             log.info("node %s stopping", self.config.id)
+            stopping.cancel()
             watcher.cancel()
             catchup.cancel()
+            scrub.cancel()
             self.batcher.stop("node shutting down")
             await self.gateway.stop()
             self.replica.destroy()

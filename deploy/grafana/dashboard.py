@@ -510,10 +510,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 THIRD,
                 "Journal verification",
-                "Records that failed verification in the last hour, by check, and bytes of torn tail cut at the last start.",
+                "Records that failed verification in the last hour, by check; bytes of torn tail cut at the last start; "
+                "damaged sealed segments found and repaired in the last hour, records refused until repaired, and the "
+                "scrub's read-back rate (bytes per second).",
                 [
                     (f"increase(raftseq_journal_verify_failures_total{{{N}}}[1h])", "{{node}} failed ({{check}})"),
                     (f"raftseq_journal_tail_cut_bytes{{{N}}}", "{{node}} tail cut (bytes)"),
+                    (f"increase(raftseq_journal_damage_found_total{{{N}}}[1h])", "{{node}} damage found"),
+                    (f"increase(raftseq_journal_damage_repaired_total{{{N}}}[1h])", "{{node}} damage repaired"),
+                    (f"raftseq_journal_damaged_records{{{N}}}", "{{node}} damaged records"),
+                    (f"rate(raftseq_journal_scrubbed_bytes_total{{{N}}}[{RATE}])", "{{node}} scrubbed bytes/s"),
                 ],
             ),
             Panel(
