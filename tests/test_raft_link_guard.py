@@ -47,10 +47,10 @@ def run(story) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lone_member():
-    """A loop-driven member with the password, its one peer never started."""
+async def lone_member(password: str | None = PASSWORD):
+    """A loop-driven member (with the password), its one peer never started."""
     address = free_address()
-    conf = SyncObjConf(password=PASSWORD, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
+    conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
     member = RaftMember(address, [free_address()], conf, loop=asyncio.get_running_loop())
     try:
         yield member, address
@@ -228,6 +228,19 @@ def test_the_listener_backs_off_on_emfile_and_accepts_again():
             assert member.counters().get("link_frames_refused", 0) == 1
             print(f"{errors} accept errors, then accepting again")
             first.close()
+            writer.close()
+
+    run(story)
+
+
+def test_without_a_password_a_first_frame_is_not_held_to_the_handshake_bound():
+    async def story():
+        async with lone_member(password=None) as (member, address):
+            reader, writer = await connect(address)
+            message = pickle.dumps("x" * 4096, 5)  # no node of that name: the link is dropped
+            writer.write(PREFIX.pack(len(message)) + message)
+            assert await closed_by_peer(reader)
+            assert member.counters().get("link_frames_refused", 0) == 0
             writer.close()
 
     run(story)

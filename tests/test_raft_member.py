@@ -24,8 +24,10 @@ import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
+from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import PINNED_VERSION
+from raftseq.sequencer.protocol import Role
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADER_STATE = 2
@@ -710,3 +712,22 @@ def test_a_refused_truncation_of_applied_entries_logs_ours_not_pysyncobjs_false_
         assert len(ours) == 1 and "nothing was truncated" in ours[0].getMessage()
         assert member.counters()["raftseq_truncations_refused"] == 1
         assert log_end(member) == 21
+
+
+# --- a follower that no longer hears its leader -------------------------------------------
+
+
+def test_a_follower_that_no_longer_hears_its_leader_reports_none(make_member):
+    member, leader = make_member(CorrectedMember)
+    heartbeat(member, leader, term=1, prev_idx=1, prev_term=0)
+    assert member.role() is Role.FOLLOWER and member.leader_raft_address() == leader.id
+
+    # Its links down (a closed listener, a partition) and no election possible: pysyncobj
+    # keeps naming the last leader for good.
+    silence_s = RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS * member._SyncObj__conf.raftMaxTimeout
+    member._raftseq_leader_contact -= silence_s + 0.1
+    assert member._getLeader() == leader, "pysyncobj no longer keeps the leader it lost"
+    assert member.role() is Role.CANDIDATE and member.leader_raft_address() == ""
+
+    heartbeat(member, leader, term=1, prev_idx=1, prev_term=0)
+    assert member.role() is Role.FOLLOWER and member.leader_raft_address() == leader.id

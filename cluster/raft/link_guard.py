@@ -11,10 +11,11 @@ then never again heard a peer that connects to it.
 the same bytes on the wire:
 
 * **Frames are bounded at their length prefix.** A prefix above the link's maximum (before
-  the first authenticated frame, ``RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX``; after it,
-  ``RAFT_LINK_FRAME_BATCHES_MAX`` times the Raft batch bytes) or below 0 drops the link at
-  once, counted in ``frames_refused``. Reading stops while a whole frame is buffered, so a
-  link buffers at most one frame (plus one read) before that frame is authenticated.
+  the first authenticated frame, ``RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX``; after it, or
+  without a password, ``RAFT_LINK_FRAME_BATCHES_MAX`` times the Raft batch bytes) or below
+  0 drops the link at once, counted in ``frames_refused``. Before a link authenticated,
+  reading stops while a whole frame is buffered: it buffers one frame (plus one read) before
+  that frame is authenticated; after, at most a maximum frame's bytes (plus one read).
 * **The buffer is a ``bytearray``**: appending and consuming cost what they carry.
 * **Strangers are bounded.** An accepted link is a stranger until one frame from it decrypted
   (or, without a password, parsed). At most ``RAFT_LINK_STRANGERS_MAX`` at once (a new one
@@ -155,8 +156,12 @@ class GuardedConnection(TcpConnection):
         self._TcpConnection__readBuffer = bytearray()
 
     def _raftseq_frame_bytes_max(self) -> int:
+        """The handshake's bound until a frame decrypted; without a password there is no
+        handshake (an outgoing link's first frame may be an AppendEntries)."""
         limits = self._raftseq_guard.limits
-        return limits.frame_bytes_max if self._raftseq_authenticated else limits.handshake_frame_bytes_max
+        if self._raftseq_authenticated or not self.encryptor:
+            return limits.frame_bytes_max
+        return limits.handshake_frame_bytes_max
 
     def _raftseq_refuse_frame(self, length: int) -> None:
         guard = self._raftseq_guard
@@ -181,13 +186,15 @@ class GuardedConnection(TcpConnection):
         return False
 
     def _TcpConnection__processRead(self) -> bool:  # noqa: N802 (pysyncobj's name)
-        """pysyncobj's read, into a ``bytearray``, stopping once a whole frame is buffered (the
-        poller reports the socket again after the frame was parsed)."""
+        """pysyncobj's read, into a ``bytearray``. It stops (the poller reports the socket again
+        once the buffer was parsed) when a whole frame is buffered and the link has not
+        authenticated yet, or when the buffer holds a frame of the maximum size."""
         buffer = self._TcpConnection__readBuffer
         if not self._raftseq_prefix_ok(buffer):
             return False
         if len(buffer) >= _PREFIX.size and len(buffer) - _PREFIX.size >= _PREFIX.unpack_from(buffer)[0]:
-            return False
+            if not self._raftseq_authenticated or len(buffer) >= self._raftseq_guard.limits.frame_bytes_max:
+                return False
         sock = self._TcpConnection__socket
         try:
             incoming = sock.recv(self._TcpConnection__recvBufferSize)
