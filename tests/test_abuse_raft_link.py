@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import resource
 import socket
 import struct
 import threading
@@ -155,3 +156,52 @@ def test_a_malicious_pickle_from_a_peer_holding_the_password_runs_nothing(runnin
     assert h.is_running(follower)
     assert h.status(nodes=[follower])["nodes"][0]["role"] == "follower"
     assert h.wait_for_leader()["term"] == leader["term"]
+
+
+#: How long the victim stays out of file descriptors after its first failed accept.
+EMFILE_HOLD_S = 1.5
+#: Bound on the cluster's recovery after the descriptors are back (a loaded CI machine).
+REJOIN_WITHIN_S = 20.0
+
+
+def lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(fd for fd in range(len(used) + 1) if fd not in used)
+
+
+def test_the_raft_listener_survives_emfile_and_the_node_rejoins(running_cluster):
+    """The node that only accepts Raft links (the lowest address: pysyncobj connects from the
+    higher one) runs out of descriptors while a restarted peer connects to it. Before, its
+    listener closed for good: the two could never talk again, and once the third node died
+    there was no majority."""
+    h = running_cluster
+    victim = min(h.node_ids, key=lambda node_id: h.node(node_id).config.raft_address)
+    peer, third = (node_id for node_id in h.node_ids if node_id != victim)
+    pid = h.pid(victim)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    h.kill(peer)
+    log_before = h.log_sizes()[victim]
+    # No descriptor free below the limit: every accept (and open) of the victim fails.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+    try:
+        h.restart(peer)
+        deadline = time.monotonic() + REJOIN_WITHIN_S
+        while "Raft listener: accept failed" not in h.log_text(victim, since=log_before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(EMFILE_HOLD_S)  # the fault lasts: accepts keep failing, backing off
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    accept_lines = [line for line in h.log_text(victim, since=log_before).splitlines() if "accept failed" in line]
+    print(f"{victim}: {len(accept_lines)} failed accepts logged while out of descriptors", flush=True)
+    # Descriptors back: the victim and the restarted peer must form a majority on their own.
+    started = time.monotonic()
+    h.kill(third)
+    leader = h.wait_for_leader(among=[victim, peer], timeout_s=REJOIN_WITHIN_S)
+    latencies = asyncio.run(submit_latencies(h.endpoints, h.token, count=20, session="after-emfile", timeout_s=REJOIN_WITHIN_S))
+    print(
+        f"{victim} and {peer} led by {leader['node']} {time.monotonic() - started:.2f} s after {third} died; {describe_latencies(latencies)}"
+    )
+    assert h.is_running(victim)
+    assert accept_lines, "no failed accept was logged: the fault was not reproduced"
+    h.restart(third)
+    h.wait_converged(at_least=20, timeout_s=REJOIN_WITHIN_S)
