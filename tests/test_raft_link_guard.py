@@ -15,11 +15,12 @@ import pickle
 import resource
 import socket
 import struct
+import sys
 import time
 
 import pysyncobj.pickle
 import pytest
-from pysyncobj import SyncObjConf
+from pysyncobj import SyncObjConf, replicated
 
 from raftseq.cluster import raft
 from raftseq.cluster.config import RAFT_LINK_STRANGER_DEADLINE_S, RAFT_LINK_STRANGERS_MAX
@@ -242,5 +243,78 @@ def test_without_a_password_a_first_frame_is_not_held_to_the_handshake_bound():
             assert await closed_by_peer(reader)
             assert member.counters().get("link_frames_refused", 0) == 0
             writer.close()
+
+    run(story)
+
+
+# --- mixed versions: a guarded member and a member of the previous release -----------------
+
+#: A member as the previous release ran it: the same link bytes (protocol 5 pickles, the link
+#: cipher, no zlib), without the guard or the allow-list.
+PREVIOUS_RELEASE_MEMBER = """
+import sys, time
+import pysyncobj.pickle, pysyncobj.syncobj, pysyncobj.tcp_connection
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
+
+setattr(pysyncobj.pickle, "__protocol", 5)
+pysyncobj.syncobj.getEncryptor = LinkCipher
+pysyncobj.tcp_connection.zlib = Uncompressed
+
+class Store(SyncObj):
+    def __init__(self, address, partners, conf):
+        super().__init__(address, partners, conf)
+        self.items = []
+
+    @replicated
+    def add(self, item):
+        self.items.append(item)
+
+address, partner, count, password = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
+store = Store(address, [partner], conf)
+deadline = time.monotonic() + 40
+while len(store.items) < count and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("items", len(store.items), sum(map(len, store.items)), flush=True)
+time.sleep(1.0)  # let the other member hear the last commit index
+store.destroy()
+"""
+
+
+class GuardedStore(RaftMember):
+    items: list
+
+    @replicated
+    def add(self, item):
+        self.items.append(item)
+
+
+def test_a_guarded_member_and_a_member_of_the_previous_release_replicate_large_entries():
+    count, item_bytes = 24, 48 * 1024  # several entries of most of a batch each: large frames
+
+    async def story():
+        mine, theirs = free_address(), free_address()
+        previous = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PREVIOUS_RELEASE_MEMBER, theirs, mine, str(count), PASSWORD, stdout=asyncio.subprocess.PIPE
+        )
+        conf = SyncObjConf(password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0)
+        member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+        member.items = []
+        try:
+            for i in range(count):
+                member.add(bytes([i]) * item_bytes, callback=lambda result, error: None)
+            async with asyncio.timeout(45):
+                while len(member.items) < count:
+                    await asyncio.sleep(0.05)
+                out, _ = await previous.communicate()
+            assert out.split() == [b"items", str(count).encode(), str(count * item_bytes).encode()], out
+            assert [item[:1] for item in member.items] == [bytes([i]) for i in range(count)]
+            assert member.counters().get("link_frames_refused", 0) == 0
+        finally:
+            member.destroy()
+            if previous.returncode is None:
+                previous.kill()
+                await previous.wait()
 
     run(story)
