@@ -34,6 +34,32 @@ BUSY_RETRY_AFTER_LEADER_QUEUE_MS = 50
 #: Seconds a stopping gateway waits for its listening socket to close.
 GATEWAY_STOP_WAIT_S = 2.0
 
+# The Raft links (``cluster/raft/link_guard.py``). An abuse probe stalled a follower for ~20 s
+# with one unauthenticated length prefix of 2^31-1 and 96 MiB behind it (pysyncobj buffered the
+# body before authenticating it, copying the buffer on every read).
+#: Largest link frame, in multiples of ``raft.append_entries_batch_bytes``: pysyncobj fills an
+#: AppendEntries up to that many bytes plus one entry below it (< 2x), and sends snapshot and
+#: large-entry pieces of that size; the rest is pickle and cipher overhead.
+RAFT_LINK_FRAME_BATCHES_MAX = 4
+#: Largest frame before a link has authenticated (its first frame: a 32-byte random key,
+#: pickled and encrypted, under 100 bytes), in bytes.
+RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX = 1024
+#: Incoming links that have not yet sent one authenticated frame: at most this many at once
+#: (a new one evicts the oldest), each for at most this many seconds. A real peer sends its
+#: first frame right after connecting.
+RAFT_LINK_STRANGERS_MAX = 16
+RAFT_LINK_STRANGER_DEADLINE_S = 2.0
+#: After a failed accept (EMFILE, ENFILE, ENOBUFS...) the Raft listener pauses this long,
+#: doubling on each failure in a row up to the maximum, then accepts again (pysyncobj closed
+#: it for good on the first one).
+RAFT_ACCEPT_BACKOFF_MIN_S = 0.05
+RAFT_ACCEPT_BACKOFF_MAX_S = 2.0
+#: A follower that has heard no leader for this many times ``raft.election_timeout_max_s``
+#: reports no leader (role candidate) instead of following one it may have lost: a healthy
+#: leader is heard every ``append_entries_period_s``, and an election would have replaced a
+#: dead one within the timeout. What it serves subscribers is then at most this old.
+RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS = 2
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""

@@ -92,6 +92,30 @@ METRICS = (
     _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
     _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
     MetricSpec("raftseq_raft_ticks_failed_total", "counter", (), "Raft ticks (or socket events) in which pysyncobj raised; each is logged"),
+    MetricSpec(
+        "raftseq_raft_link_frames_refused_total",
+        "counter",
+        (),
+        "Raft link frames refused at their length prefix (over the maximum); each drops its link",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_strangers_dropped_total",
+        "counter",
+        (),
+        "Unauthenticated Raft links dropped (too many at once, or past their deadline)",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_accept_errors_total",
+        "counter",
+        (),
+        "Failed accepts on the Raft listener (EMFILE...); it pauses, backing off, and accepts again",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_pickles_refused_total",
+        "counter",
+        (),
+        "Raft pickles refused by the allow-list (they named a class or function); each drops its link",
+    ),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
     # Sequencing.
     MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
@@ -159,6 +183,10 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
+    ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
+    ("raftseq_raft_link_strangers_dropped_total", "link_strangers_dropped"),
+    ("raftseq_raft_link_accept_errors_total", "link_accept_errors"),
+    ("raftseq_raft_link_pickles_refused_total", "link_pickles_refused"),
 )
 
 

@@ -21,6 +21,7 @@ from pysyncobj.node import TCPNode
 from raftseq.cluster import invariant
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.raft.member import RaftMember
+from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -39,10 +40,6 @@ class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
-
-
-#: The logger of pysyncobj's ``SyncObj``.
-PYSYNCOBJ_LOGGER = "pysyncobj.syncobj"
 
 
 class _NoBindTraceback(logging.Filter):
@@ -104,7 +101,7 @@ class SequencerReplica(RaftMember):
             dynamicMembershipChange=False,
             useFork=False,
         )
-        pysyncobj_log = logging.getLogger(PYSYNCOBJ_LOGGER)
+        pysyncobj_log = logging.getLogger(SYNCOBJ_LOGGER)
         quiet = _NoBindTraceback()
         pysyncobj_log.addFilter(quiet)
         try:
