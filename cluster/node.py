@@ -30,7 +30,7 @@ from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
-from raftseq.sequencer.journal import FsyncPolicy, Journal, Scrubber
+from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
 
@@ -93,13 +93,20 @@ class Node:
         self.votes_blocked_s = votes_blocked_s
         self.metrics = NodeMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
-        self.journal = Journal.open(
-            config.journal_dir,
-            segment_bytes_max=config.journal.segment_bytes_max,
-            fsync=FsyncPolicy.parse(config.journal.fsync),
-            clock_ns=time.monotonic_ns,
-            verify_bytes=config.journal.verify_on_open_bytes,
-        )
+        try:
+            self.journal = Journal.open(
+                config.journal_dir,
+                segment_bytes_max=config.journal.segment_bytes_max,
+                fsync=FsyncPolicy.parse(config.journal.fsync),
+                clock_ns=time.monotonic_ns,
+                verify_bytes=config.journal.verify_on_open_bytes,
+            )
+        except JournalCorruptError as exc:
+            raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
+        except OSError as exc:
+            raise NodeCannotRun(
+                NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {config.journal_dir}: {exc.strerror or exc}: {exc.filename}"
+            ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         recovery = self.journal.recovery
         if recovery.bytes_cut:

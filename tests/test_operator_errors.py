@@ -107,6 +107,15 @@ def test_a_journal_directory_that_is_a_file_is_one_line_and_exit_6(tmp_path):
     assert config.journal_dir in line, line
 
 
+def test_a_journal_file_that_cannot_be_opened_is_one_line_and_exit_6(tmp_path):
+    config = node_config(tmp_path)
+    segment = Path(config.journal_dir) / "00000000000000000001.seg"
+    segment.mkdir(parents=True)
+    done = run_config(tmp_path, config)
+    line = the_one_line(done, NodeExit.DATA_DIR_UNUSABLE, "cannot open the journal")
+    assert str(segment) in line and "Is a directory" in line, line
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any directory whatever its mode")
 def test_a_read_only_data_directory_is_one_line_and_exit_6(tmp_path):
     config = node_config(tmp_path)
