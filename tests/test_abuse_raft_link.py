@@ -11,6 +11,7 @@ acknowledged is lost, the link is dropped within a bound and (the pickle) nothin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import resource
@@ -169,6 +170,19 @@ def lowest_free_fd(pid: int) -> int:
     return next(fd for fd in range(len(used) + 1) if fd not in used)
 
 
+def half_closed_links(port: int) -> int:
+    """Sockets on local `port` whose peer has gone but that their process has not closed yet
+    (CLOSE_WAIT in /proc/net/tcp): each still holds a descriptor that a close will free."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "08":
+                    count += 1
+    return count
+
+
 def test_the_raft_listener_survives_emfile_and_the_node_rejoins(running_cluster):
     """The node that only accepts Raft links (the lowest address: pysyncobj connects from the
     higher one) runs out of descriptors while a restarted peer connects to it. Before, its
@@ -180,6 +194,13 @@ def test_the_raft_listener_survives_emfile_and_the_node_rejoins(running_cluster)
     pid = h.pid(victim)
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     h.kill(peer)
+    # The victim closes its link to the killed peer when its loop sees the peer gone; until then
+    # that link holds a descriptor whose release would let the accept below succeed.
+    victim_port = int(h.node(victim).config.raft_address.rpartition(":")[2])
+    deadline = time.monotonic() + REJOIN_WITHIN_S
+    while half_closed_links(victim_port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not half_closed_links(victim_port), f"{victim} did not close its link to the killed {peer}"
     log_before = h.log_sizes()[victim]
     # No descriptor free below the limit: every accept (and open) of the victim fails.
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
