@@ -46,16 +46,43 @@ INDEX_INTERVAL_RECORDS = 256
 READ_CHUNK_BYTES = 1 * MIB
 
 
-class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
-    """Limits that shape the replicated state. Identical on every replica, kept in snapshots."""
+#: What the session table counts for each remembered submit of a session's dedup window, in
+#: bytes: its sequence number and its payload digest, one u64 each (``sequencer.machine``).
+SESSION_WINDOW_ENTRY_BYTES = 16
+#: What the session table counts for one session besides its name and window, in bytes: the
+#: session object, its two arrays and its slot in the table (measured: ~400 B on CPython 3.11).
+SESSION_FIXED_BYTES = 512
+#: Size of the payload digest kept per remembered submit (BLAKE2b), in bytes: a retry whose
+#: payload differs from the applied one is told apart with a 2**-64 chance of a miss.
+SESSION_DIGEST_BYTES = 8
 
-    #: Most sessions in the session table; a new session beyond it is rejected
-    #: (``too_many_sessions``) once idle sessions have been expired.
+
+class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
+    """Limits that shape the replicated state. Identical on every replica, kept in snapshots.
+
+    Fields are only ever added at the end (a snapshot of an older format decodes with the
+    defaults)."""
+
+    #: Most sessions in the session table; a new session beyond it evicts an evictable one
+    #: (``session_evict_idle_ns``) or is rejected (``too_many_sessions``).
     sessions_max: int = 100_000
     #: How many recent ``client_seq -> seq`` pairs each session remembers to answer retries.
     dedup_window: int = 4096
     #: A session with no applied submit for this long, in log time, is forgotten.
     session_idle_ns: int = 24 * 3600 * 1_000_000_000
+    #: Bytes the session table may count (``session_bytes``: each session is counted with a
+    #: full window from its first submit, so a table under the bound stays under it). A new
+    #: session that would exceed it evicts an evictable one or is rejected. 1 GiB: ~16,000
+    #: sessions with the default window.
+    session_table_bytes_max: int = 1024 * MIB
+    #: A full table evicts its least recently active session once that one has been idle for
+    #: this long, in log time (10 minutes), to admit a new session. (Above ``session_idle_ns``
+    #: it never acts: expiry forgets such sessions first.)
+    session_evict_idle_ns: int = 600 * 1_000_000_000
+
+    def session_bytes(self, name: str) -> int:
+        """What the table counts for session `name`: fixed part, name and a full window."""
+        return SESSION_FIXED_BYTES + len(name) + self.dedup_window * SESSION_WINDOW_ENTRY_BYTES
 
     def problems(self) -> list[str]:
         """What is wrong with this configuration, as sentences; empty when it is usable."""
@@ -66,6 +93,13 @@ class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
             found.append(f"dedup_window must be 1..1000000, got {self.dedup_window}")
         if self.session_idle_ns < 1_000_000_000:
             found.append(f"session_idle_ns must be at least one second, got {self.session_idle_ns}")
+        one_session = self.session_bytes("s" * SESSION_BYTES_MAX)
+        if not one_session <= self.session_table_bytes_max <= 2**50:
+            found.append(
+                f"session_table_bytes_max must hold one session with a full dedup window ({one_session} bytes) and be at most 2**50, got {self.session_table_bytes_max}"
+            )
+        if not 1_000_000_000 <= self.session_evict_idle_ns < 2**63:
+            found.append(f"session_evict_idle_ns must be at least one second, got {self.session_evict_idle_ns}")
         return found
 
 
