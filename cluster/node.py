@@ -150,6 +150,9 @@ class Node:
     def last_client_seq(self, session: str) -> int:
         return self.core.machine.last_client_seq(session)
 
+    def session_owner(self, session: str) -> int:
+        return self.core.machine.owner_of(session)
+
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
         machine = self.core.machine  # read once: a restored snapshot replaces the machine
         return protocol.SnapshotList(sm_type, machine.snapshots_of(sm_type), machine.last_seq)

@@ -35,6 +35,10 @@ class ClientFacingNode(Protocol):
 
     def last_client_seq(self, session: str) -> int: ...
 
+    def session_owner(self, session: str) -> int:
+        """The owner (``Hello.owner``) that holds ``session`` in the applied state, 0 if none."""
+        ...
+
     def status(self) -> protocol.Status: ...
 
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:

@@ -25,6 +25,8 @@ SESSION_BYTES_MAX = 128
 TOKEN_BYTES_MAX = 256
 #: Most payloads in one ``SubmitBatch`` frame (the frame size limit bounds it too).
 SUBMIT_BATCH_ENTRIES_MAX = 1024
+#: Bits of a client instance's random ``owner`` id (``Hello.owner``, a non-negative int64).
+OWNER_BITS = 63
 #: Longest free-text detail in a rejected frame, in characters.
 DETAIL_CHARS_MAX = 512
 

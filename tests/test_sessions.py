@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from cluster_harness import ClusterHarness, running_cluster  # noqa: F401
 
@@ -57,9 +58,10 @@ def test_two_clients_on_one_session_never_get_an_ack_for_the_other_clients_paylo
         return acked_a, acked_b, errors_a, errors_b
 
     acked_a, acked_b, errors_a, errors_b = asyncio.run(run())
+    h.wait_converged(at_least=max([*acked_a, *acked_b]), timeout_s=30)
     h.stop()
     journal = {r.seq: r.payload for r in h.read_journal(h.node_ids[0]).records}
-    print(f"a: {len(acked_a)} acked, {len(errors_a)} errors; b: {len(acked_b)} acked, {len(errors_b)} errors; journal {len(journal)}")
+    print(f"a: {len(acked_a)} acked, errors {Counter(map(repr, errors_a))}; b: {len(acked_b)} acked, errors {Counter(map(repr, errors_b))}; journal {len(journal)}")
     for who, acked in (("a", acked_a), ("b", acked_b)):
         wrong = {seq: (payload, journal.get(seq)) for seq, payload in acked.items() if journal.get(seq) != payload}
         assert not wrong, f"client {who} was acknowledged for {len(wrong)} payloads the journal does not hold: {list(wrong.items())[:3]}"

@@ -67,7 +67,7 @@ Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 #: A client instance's random id (``Hello.owner``, ``Entry.owner``); 0: none (unfenced).
-Owner = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Owner = Annotated[int, msgspec.Meta(ge=0, le=2**limits.OWNER_BITS - 1)]
 Payload = Annotated[bytes, msgspec.Meta(max_length=limits.PAYLOAD_BYTES_MAX)]
 #: Printable ASCII only, so its length in characters is its length in bytes.
 Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX, pattern=r"^[\x20-\x7e]*\Z")]
