@@ -131,6 +131,10 @@ class Node:
     def last_log_time_ns(self) -> int:
         return self.core.machine.last_log_time_ns
 
+    def session_table(self) -> tuple[int, int, int]:
+        machine = self.core.machine  # read once: a restored snapshot replaces the machine
+        return machine.session_count, machine.session_table_bytes, machine.sessions_evicted
+
     @property
     def catchup_missing(self) -> int:
         return self.journal.missing_count

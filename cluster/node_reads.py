@@ -75,6 +75,10 @@ class ScrapedNode(Protocol):
         """Journal records fetched from peers by catch-up so far."""
         ...
 
+    def session_table(self) -> tuple[int, int, int]:
+        """The applied session table: sessions, bytes it counts, sessions evicted so far."""
+        ...
+
     def raft_status(self) -> dict:
         """pysyncobj's status of the Raft member; empty when it cannot be read."""
         ...
