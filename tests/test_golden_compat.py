@@ -230,3 +230,26 @@ def test_a_subscriber_is_served_the_old_bytes():
     frames = [item for block in served for item in reader.feed(block)]
     assert [frame for frame, _ in frames] == expected
     assert [raw for _, raw in frames] == split_records(journal_bytes())
+
+
+# --- a node of 0.1 and a client of this version ------------------------------------------------
+
+
+class _HelloOf01(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag="hello"):
+    """``Hello`` as raftseq 0.1 declared it (the golden frame is its encoding)."""
+
+    session: str
+    token: str
+    protocol_version: int
+    last_client_seq_acked: int = 0
+
+
+def test_a_node_of_0_1_reads_the_hello_of_a_fencing_client():
+    """A client of this version says hello with an owner; a 0.1 node reads the fields it knows
+    (it does not fence, and never sends the new reasons)."""
+    old = golden.frames()["Hello"]
+    assert msgspec.msgpack.decode(read("frames", "Hello.bin")[8:], type=_HelloOf01) == _HelloOf01(
+        old.session, old.token, old.protocol_version, old.last_client_seq_acked
+    )
+    body = protocol.encode_frame(protocol.Hello("desk", "token", protocol.PROTOCOL_VERSION, 7, 2**63 - 1, True))[8:]
+    assert msgspec.msgpack.decode(body, type=_HelloOf01) == _HelloOf01("desk", "token", protocol.PROTOCOL_VERSION, 7)
