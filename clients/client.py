@@ -46,7 +46,7 @@ from raftseq.clients.connection import FATAL_REASONS, Connection, open_connectio
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, rejection
 from raftseq.sequencer import protocol
-from raftseq.sequencer.protocol import RejectReason
+from raftseq.sequencer.protocol import RejectReason, payload_digest
 
 log = logging.getLogger("raftseq.client")
 
@@ -115,11 +115,14 @@ class _Group:
 
 
 class _Pending:
-    __slots__ = ("client_seq", "payload", "future", "group", "index", "sent")
+    __slots__ = ("client_seq", "payload", "digest", "future", "group", "index", "sent")
 
     def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future | None, group: _Group | None = None, index: int = 0) -> None:
         self.client_seq = client_seq
         self.payload = payload
+        #: Sent with the payload: the node keeps it to tell a retry from another payload
+        #: under the same number (computed here, so that the nodes need not).
+        self.digest = payload_digest(payload)
         self.future = future
         self.group = group
         self.index = index
@@ -144,6 +147,8 @@ class _Pending:
 
 #: Bytes of payload per SubmitBatch frame, leaving room for framing under FRAME_BYTES_MAX.
 _SUBMIT_BATCH_BYTES = protocol.limits.FRAME_BYTES_MAX - protocol.limits.SUBMIT_BATCH_FRAMING_BYTES
+#: What one payload adds to a SubmitBatch besides its bytes: its length prefix and its digest.
+_SUBMIT_BATCH_ENTRY_BYTES = protocol.limits.SUBMIT_BATCH_ENTRY_OVERHEAD_BYTES
 
 
 def _submit_frames(pendings: list[_Pending]) -> bytes:
@@ -154,21 +159,23 @@ def _submit_frames(pendings: list[_Pending]) -> bytes:
     while i < n:
         first = pendings[i].client_seq
         payloads = [pendings[i].payload]
+        digests = [pendings[i].digest]
         size = len(payloads[0])
         j = i + 1
         while (
             j < n
             and pendings[j].client_seq == first + (j - i)
             and j - i < protocol.limits.SUBMIT_BATCH_ENTRIES_MAX
-            and size + len(pendings[j].payload) + 8 <= _SUBMIT_BATCH_BYTES
+            and size + len(pendings[j].payload) + _SUBMIT_BATCH_ENTRY_BYTES <= _SUBMIT_BATCH_BYTES
         ):
             payloads.append(pendings[j].payload)
-            size += len(pendings[j].payload) + 8
+            digests.append(pendings[j].digest)
+            size += len(pendings[j].payload) + _SUBMIT_BATCH_ENTRY_BYTES
             j += 1
         if len(payloads) == 1:
-            parts.append(protocol.encode_frame(protocol.Submit(first, payloads[0])))
+            parts.append(protocol.encode_frame(protocol.Submit(first, payloads[0], digests[0])))
         else:
-            parts.append(protocol.encode_frame(protocol.SubmitBatch(first, payloads)))
+            parts.append(protocol.encode_frame(protocol.SubmitBatch(first, payloads, digests)))
         i = j
     return b"".join(parts)
 
@@ -375,7 +382,7 @@ class SequencerClient:
             self._room.clear()
         link = self._link
         if link is not None and self._resend_from is None and not link.writer.transport.is_closing():
-            link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload)))
+            link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload, pending.digest)))
             pending.sent = True
         return future
 

@@ -25,8 +25,8 @@ from raftseq.sequencer.machine import ApplyResult
 log = logging.getLogger("raftseq.batcher")
 
 #: msgpack overhead of one Entry beyond session and payload bytes (array header, ints; a
-#: fenced entry's owner, up to 9 bytes, and claim flag included).
-_ENTRY_OVERHEAD_BYTES = 34
+#: fenced entry's owner and digest, up to 9 bytes each, and claim flag included).
+_ENTRY_OVERHEAD_BYTES = 44
 
 
 class PendingSubmit:
@@ -34,7 +34,7 @@ class PendingSubmit:
     exactly once: with the sequence number (``int``) of a new entry, an ``EntryResult`` for a
     duplicate or refusal, or a ``CommitOutcome`` when the outcome is unknown."""
 
-    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "owner", "claim")
+    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "owner", "claim", "digest")
 
     def __init__(
         self,
@@ -44,6 +44,7 @@ class PendingSubmit:
         reply: Callable[[int, object], None],
         owner: int = 0,
         claim: bool = False,
+        digest: int = 0,
     ) -> None:
         self.session = session
         self.client_seq = client_seq
@@ -54,6 +55,8 @@ class PendingSubmit:
         #: submit, which takes the session over (``sequencer.machine``, fencing).
         self.owner = owner
         self.claim = claim
+        #: The client's ``payload_digest(payload)``, 0 when it sent none.
+        self.digest = digest
 
 
 class CommitOutcome:
@@ -142,8 +145,10 @@ class Batcher:
             queue.popleft()
             self._queue_bytes -= cost
             size += cost
-            if submit.owner:
-                entries.append(protocol.FencedEntry(submit.session, submit.client_seq, submit.payload, submit.owner, submit.claim))
+            if submit.owner or submit.digest:
+                entries.append(
+                    protocol.FencedEntry(submit.session, submit.client_seq, submit.payload, submit.owner, submit.claim, submit.digest)
+                )
                 fenced = True
             else:
                 entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))

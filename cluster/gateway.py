@@ -31,7 +31,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
@@ -61,6 +61,9 @@ log = logging.getLogger("raftseq.gateway")
 TOKEN_REQUIRED_DETAIL = "a token is required"
 
 _encode = protocol.encode_frame
+
+#: The digests of a SubmitBatch that carries none: 0 (not given) for every payload.
+_NO_DIGESTS = (0,) * limits.SUBMIT_BATCH_ENTRIES_MAX
 
 
 class Connection:
@@ -345,9 +348,11 @@ class Gateway:
                 conn.reject_and_close(RejectReason.HELLO_REQUIRED, "submit before hello")
                 return
             if kind is protocol.Submit:
-                self._submit(conn, frame.client_seq, (frame.payload,))
+                self._submit(conn, frame.client_seq, (frame.payload,), (frame.digest,))
+            elif frame.digests and len(frame.digests) != len(frame.payloads):
+                conn.reject_and_close(RejectReason.BAD_FRAME, f"{len(frame.digests)} digests for {len(frame.payloads)} payloads")
             else:
-                self._submit(conn, frame.first_client_seq, frame.payloads)
+                self._submit(conn, frame.first_client_seq, frame.payloads, frame.digests or _NO_DIGESTS)
         elif kind is protocol.Hello:
             self._hello(conn, frame)
         elif kind is protocol.Heartbeat:
@@ -427,8 +432,9 @@ class Gateway:
             )
         )
 
-    def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list) -> None:
-        """Submits ``first_client_seq + i`` of ``payloads[i]``, each answered on its own."""
+    def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list, digests: Sequence[int]) -> None:
+        """Submits ``first_client_seq + i`` of ``payloads[i]`` (with the client's digest
+        ``digests[i]``, 0: none), each answered on its own."""
         node = self.node
         metrics = self.metrics
         if not node.is_leader():
@@ -450,12 +456,14 @@ class Gateway:
             if limit is None and conn.in_flight >= in_flight_max:
                 limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if conn.claim_pending and limit is None:
-                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True)
+                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i])
                 if not batcher.offer(submit, propose=False):
                     limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
                 else:
                     conn.claim_pending = False
-            elif limit is None and not batcher.offer(PendingSubmit(session, client_seq, payload, reply, owner), propose=False):
+            elif limit is None and not batcher.offer(
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i]), propose=False
+            ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
                 # Everything after the first refusal is refused too: a session's submits are

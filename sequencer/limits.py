@@ -150,6 +150,9 @@ LISTEN_BACKLOG = 256
 # --- clients (the library's own buffers; the node's bounds above apply to what it sends) -------
 #: Room kept for framing when a client packs payloads into one SubmitBatch, in bytes.
 SUBMIT_BATCH_FRAMING_BYTES = 4 * KIB
+#: What one payload adds to a SubmitBatch besides its bytes: a msgpack bin header (up to 5
+#: bytes; 8 counted, as before) and its digest (a msgpack uint64: 9), in bytes.
+SUBMIT_BATCH_ENTRY_OVERHEAD_BYTES = 8 + 9
 #: Bytes a client lets pile up in its socket's write buffer before it waits for the drain.
 CLIENT_WRITE_BUFFER_BYTES_MAX = 4 * MIB
 #: Bytes a client asks of the socket per read: large enough that a subscriber catching up reads

@@ -73,12 +73,7 @@ SNAPSHOT_FORMAT_VERSION = 3
 _SNAPSHOT_FORMATS_READ = (1, 2, 3)
 
 
-def payload_digest(payload: bytes) -> int:
-    """The digest the dedup window keeps of a payload: BLAKE2b-64 with its lowest bit set
-    (never 0, which stands for unknown). ``apply`` computes it inline, the same way."""
-    return int.from_bytes(_blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") | 1
-
-
+payload_digest = protocol.payload_digest
 _blake2b = hashlib.blake2b
 
 
@@ -353,8 +348,9 @@ class SequencerMachine:
                     records.append(record)
                     offsets.append(offset)
                     offset += len(record)
-                    # payload_digest, inline (a call per entry costs a quarter of it again)
-                    digest = from_bytes(blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") | 1
+                    # The client's digest (a fenced entry), else payload_digest, inline (a call
+                    # per entry costs a quarter of it again)
+                    digest = entry.digest or from_bytes(blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
                     at = last % window_max
                     if at == len(state.seqs):
                         state.seqs.append(seq)
@@ -377,7 +373,7 @@ class SequencerMachine:
                     if last - client_seq < len(state.seqs):
                         at = (client_seq - 1) % window_max
                         digest = state.digests[at]
-                        if digest and digest != payload_digest(entry.payload):
+                        if digest and digest != (entry.digest or payload_digest(entry.payload)):
                             refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SESSION_CONFLICT)
                         else:
                             refusal = EntryResult(name, client_seq, Outcome.DUPLICATE, state.seqs[at])

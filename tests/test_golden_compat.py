@@ -81,8 +81,9 @@ def test_the_fixture_covers_every_frame_type():
 
 
 #: Frames that gained trailing fields since 0.1: name -> the new fields' values by default.
-#: (``Hello``: ``owner`` and ``snapshot_publisher``, session fencing.)
-GROWN_FRAMES = {"Hello": [0, False]}
+#: (``Hello``: ``owner`` and ``snapshot_publisher``, session fencing; ``Submit``/``SubmitBatch``:
+#: the payload digests the client computed.)
+GROWN_FRAMES = {"Hello": [0, False], "Submit": [0], "SubmitBatch": [[]]}
 
 
 @pytest.mark.parametrize("name", sorted(golden.frames()))

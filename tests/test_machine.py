@@ -467,6 +467,26 @@ def test_a_newer_claim_takes_the_session_over_and_the_older_owner_is_refused():
     assert SequencerMachine.restore(machine.snapshot()).owner_of("x") == b
 
 
+def test_the_digest_a_client_sends_is_the_one_kept_and_compared():
+    """A client computes ``payload_digest`` itself (so that no node hashes its payloads); a
+    retry is compared against it, whoever computed the retry's digest."""
+    machine = SequencerMachine()
+    mine, other = b"my payload", b"another client's payload"
+    sent = protocol.FencedEntry("x", 1, mine, 5, True, protocol.payload_digest(mine))
+    machine.apply(protocol.encode_batch(10, [sent], fenced=True))
+    retries = [
+        protocol.Entry("x", 1, mine),  # digest computed by the machine: the same
+        protocol.FencedEntry("x", 1, mine, 5, False, protocol.payload_digest(mine)),
+        protocol.FencedEntry("x", 1, other, 6, True, protocol.payload_digest(other)),
+    ]
+    result = machine.apply(protocol.encode_batch(20, retries, fenced=True))
+    assert result.results == [
+        EntryResult("x", 1, Outcome.DUPLICATE, 1),
+        EntryResult("x", 1, Outcome.DUPLICATE, 1),
+        EntryResult("x", 1, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+    ]
+
+
 def test_the_first_owner_of_a_session_claims_it_even_without_the_claim_flag():
     machine = SequencerMachine()
     machine.apply(protocol.encode_batch(10, [fenced("x", 1, 5)], fenced=True))

@@ -793,8 +793,8 @@ def test_batch_round_trip(leader_time_ns, batch_entries):
 def test_batch_with_trailing_fields_from_a_newer_leader_decodes():
     data = msgspec.msgpack.encode([BATCH_FORMAT_VERSION, 5, [["s", 1, b"a", "new"], ["s", 2, b"b", 7, [1]]], "extra", {}])
     assert decode_batch(data) == Batch(BATCH_FORMAT_VERSION, 5, [Entry("s", 1, b"a"), Entry("s", 2, b"b")])
-    fenced = msgspec.msgpack.encode([protocol.BATCH_FORMAT_FENCED, 5, [["s", 1, b"a", 7, True, "new"]], "extra"])
-    assert decode_batch(fenced).entries == [protocol.FencedEntry("s", 1, b"a", 7, True)]
+    fenced = msgspec.msgpack.encode([protocol.BATCH_FORMAT_FENCED, 5, [["s", 1, b"a", 7, True, 9, "new"]], "extra"])
+    assert decode_batch(fenced).entries == [protocol.FencedEntry("s", 1, b"a", 7, True, 9)]
 
 
 def test_fenced_entries_go_in_format_2_and_unfenced_ones_encode_as_before():

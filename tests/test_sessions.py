@@ -110,6 +110,12 @@ def test_reserved_sessions_and_the_reasons_an_older_client_is_sent(running_clust
         second.send_frame(protocol.Submit(1, b"first"))  # a true retry is still a duplicate
         retry = second.next_frame(timeout_s=10)
         assert isinstance(retry, protocol.Ack) and retry.duplicate and retry.seq == acked.seq
+    with RawConnection(address) as wrong:
+        assert isinstance(wrong.hello("digests", h.token), protocol.Welcome)
+        wrong.send_frame(protocol.SubmitBatch(1, [b"a", b"b"], [protocol.payload_digest(b"a")]))
+        refused = wrong.next_frame(timeout_s=10)
+        assert isinstance(refused, protocol.Rejected) and refused.reason is RejectReason.BAD_FRAME, refused
+        assert wrong.next_frame(timeout_s=10) is None  # and closed
 
 
 def test_a_client_taken_over_stops_and_does_not_take_the_session_back(running_cluster):

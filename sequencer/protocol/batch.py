@@ -2,7 +2,8 @@
 
 Each batch is one pysyncobj command with one ``bytes`` argument. The format version travels
 inside every entry: 1 for batches of ``Entry`` (no owner; byte for byte the format of raftseq
-0.1), 2 for batches of ``FencedEntry`` (``owner``/``claim``: session fencing). A node reads both;
+0.1), 2 for batches of ``FencedEntry`` (``owner``/``claim``: session fencing; ``digest``: the
+payload digest as the client computed it). A node reads both;
 a node that predates fencing refuses version 2 rather than sequence it unfenced.
 """
 
@@ -13,7 +14,7 @@ from typing import ClassVar
 import msgspec
 
 from raftseq.sequencer import limits
-from raftseq.sequencer.protocol.fields import DECODE_ERRORS, ClientSeq, EntrySession, Owner, Payload, TimeNs
+from raftseq.sequencer.protocol.fields import DECODE_ERRORS, ClientSeq, EntrySession, Owner, Payload, PayloadDigest, TimeNs
 
 __all__ = [
     "BATCH_FORMAT_FENCED",
@@ -39,18 +40,21 @@ class Entry(msgspec.Struct, frozen=True, array_like=True, gc=False):
     session: EntrySession
     client_seq: ClientSeq
     payload: Payload
-    #: Not fenced (``FencedEntry`` has the fields).
+    #: Not fenced, no digest given (``FencedEntry`` has the fields).
     owner: ClassVar[int] = 0
     claim: ClassVar[bool] = False
+    digest: ClassVar[int] = 0
 
 
 class FencedEntry(Entry, frozen=True, array_like=True, gc=False):
-    """One submit of a client with an owner (format 2)."""
+    """One submit of a client with an owner or a payload digest (format 2)."""
 
     #: The submitting client's ``Hello.owner`` (0: none).
     owner: Owner = 0
     #: The first entry of a connection: `owner` takes the session over.
     claim: bool = False
+    #: The client's ``payload_digest(payload)`` (0: not given; the machine computes it).
+    digest: PayloadDigest = 0
 
 
 class Batch(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -24,6 +24,7 @@ from raftseq.sequencer.protocol.fields import (
     Detail,
     Owner,
     Payload,
+    PayloadDigest,
     Seq,
     Session,
     SmType,
@@ -131,6 +132,9 @@ class Submit(Frame, tag="sub"):
 
     client_seq: ClientSeq
     payload: Payload
+    #: ``payload_digest(payload)``, computed by the client so that the node need not (0: not
+    #: given). A wrong one only misleads this session's own retry checks.
+    digest: PayloadDigest = 0
 
 
 class SubmitBatch(Frame, tag="subs"):
@@ -142,6 +146,8 @@ class SubmitBatch(Frame, tag="subs"):
 
     first_client_seq: ClientSeq
     payloads: Annotated[list[Payload], msgspec.Meta(min_length=1, max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)]
+    #: ``payload_digest`` of each payload (as ``Submit.digest``), or empty: not given.
+    digests: Annotated[list[PayloadDigest], msgspec.Meta(max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)] = []
 
 
 class Subscribe(Frame, tag="subscribe"):
