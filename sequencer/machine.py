@@ -352,11 +352,12 @@ class SequencerMachine:
                     # per entry costs a quarter of it again)
                     digest = entry.digest or from_bytes(blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
                     at = last % window_max
-                    if at == len(state.seqs):
-                        state.seqs.append(seq)
+                    window_seqs = state.seqs
+                    if at == len(window_seqs):
+                        window_seqs.append(seq)
                         state.digests.append(digest)
                     else:
-                        state.seqs[at] = seq
+                        window_seqs[at] = seq
                         state.digests[at] = digest
                     state.last_client_seq = client_seq
                     state.last_active_ns = log_time
