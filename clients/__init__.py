@@ -23,6 +23,8 @@ from raftseq.clients.errors import (
     OutcomeUnknown,
     Rejected,
     SequencerError,
+    SessionConflict,
+    SessionTakenOver,
     TokenRejected,
     TokenRequired,
 )
@@ -43,6 +45,8 @@ __all__ = [
     "Rejected",
     "SequencerClient",
     "SequencerError",
+    "SessionConflict",
+    "SessionTakenOver",
     "TOKEN_ENV",
     "TokenRejected",
     "TokenRequired",

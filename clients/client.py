@@ -12,6 +12,13 @@ life. Whatever happens to a connection — leader killed, ``NotLeader``, ``Busy`
 under the same number; the sequencer applies each ``(session, client_seq)`` at most once and
 answers a retry of an applied submit with the number it already has.
 
+One client per session. Each client has a random ``owner`` id it sends in every hello: the
+newest client to say hello for a session takes it over (in the cluster's log order), and an
+older one still using it gets ``SessionTakenOver`` for every submit not yet acknowledged, and
+stops (it does not reconnect: that would take the session back). A retry under a client_seq
+the session used for another payload (two clients sharing a name) fails with
+``SessionConflict``, never an acknowledgement.
+
 Counting. A client counts what happens to it in plain integers on itself — ``reconnects``,
 ``resubmits``, ``failovers`` (with their durations in ``failover_durations``),
 ``submits_acked``, ``submits_outcome_unknown``, ``submits_rejected`` — cheap on the hot path
@@ -27,6 +34,7 @@ import collections
 import contextlib
 import logging
 import random
+import secrets
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -36,9 +44,9 @@ import msgspec
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
-from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError
+from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, rejection
 from raftseq.sequencer import protocol
-from raftseq.sequencer.protocol import RejectReason
+from raftseq.sequencer.protocol import RejectReason, payload_digest
 
 log = logging.getLogger("raftseq.client")
 
@@ -107,11 +115,14 @@ class _Group:
 
 
 class _Pending:
-    __slots__ = ("client_seq", "payload", "future", "group", "index", "sent")
+    __slots__ = ("client_seq", "payload", "digest", "future", "group", "index", "sent")
 
     def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future | None, group: _Group | None = None, index: int = 0) -> None:
         self.client_seq = client_seq
         self.payload = payload
+        #: Sent with the payload: the node keeps it to tell a retry from another payload
+        #: under the same number (computed here, so that the nodes need not).
+        self.digest = payload_digest(payload)
         self.future = future
         self.group = group
         self.index = index
@@ -136,6 +147,8 @@ class _Pending:
 
 #: Bytes of payload per SubmitBatch frame, leaving room for framing under FRAME_BYTES_MAX.
 _SUBMIT_BATCH_BYTES = protocol.limits.FRAME_BYTES_MAX - protocol.limits.SUBMIT_BATCH_FRAMING_BYTES
+#: What one payload adds to a SubmitBatch besides its bytes: its length prefix and its digest.
+_SUBMIT_BATCH_ENTRY_BYTES = protocol.limits.SUBMIT_BATCH_ENTRY_OVERHEAD_BYTES
 
 
 def _submit_frames(pendings: list[_Pending]) -> bytes:
@@ -146,21 +159,23 @@ def _submit_frames(pendings: list[_Pending]) -> bytes:
     while i < n:
         first = pendings[i].client_seq
         payloads = [pendings[i].payload]
+        digests = [pendings[i].digest]
         size = len(payloads[0])
         j = i + 1
         while (
             j < n
             and pendings[j].client_seq == first + (j - i)
             and j - i < protocol.limits.SUBMIT_BATCH_ENTRIES_MAX
-            and size + len(pendings[j].payload) + 8 <= _SUBMIT_BATCH_BYTES
+            and size + len(pendings[j].payload) + _SUBMIT_BATCH_ENTRY_BYTES <= _SUBMIT_BATCH_BYTES
         ):
             payloads.append(pendings[j].payload)
-            size += len(pendings[j].payload) + 8
+            digests.append(pendings[j].digest)
+            size += len(pendings[j].payload) + _SUBMIT_BATCH_ENTRY_BYTES
             j += 1
         if len(payloads) == 1:
-            parts.append(protocol.encode_frame(protocol.Submit(first, payloads[0])))
+            parts.append(protocol.encode_frame(protocol.Submit(first, payloads[0], digests[0])))
         else:
-            parts.append(protocol.encode_frame(protocol.SubmitBatch(first, payloads)))
+            parts.append(protocol.encode_frame(protocol.SubmitBatch(first, payloads, digests)))
         i = j
     return b"".join(parts)
 
@@ -183,6 +198,9 @@ class SequencerClient:
     * ``outcome_deadline_s`` — ``submit`` raises ``OutcomeUnknown`` if no outcome arrives in
       this time (the submit stays queued and is still resubmitted);
     * ``heartbeat_timeout_s`` — a node silent this long is taken for dead;
+    * ``snapshot_publisher`` — this client publishes state-machine snapshots (``clients.sm``):
+      only such a client may use a session named ``@snap/…`` (else ``Rejected``,
+      ``reserved_session``, at once);
     * ``metrics`` — an opt-in sink (``clients.metrics.ClientMetricsCollector``) that reads this
       client's counters at scrape time, until ``close``; its subscriptions report resumes to it.
 
@@ -205,10 +223,14 @@ class SequencerClient:
         reconnect_backoff_max_s: float = 0.1,
         outcome_deadline_s: float = 30.0,
         heartbeat_timeout_s: float = 2.0,
+        snapshot_publisher: bool = False,
         metrics: ClientMetricsSink | None = None,
     ) -> None:
         if in_flight_max < 1:
             raise ValueError("in_flight_max must be >= 1")
+        #: This client instance's id in every hello (never 0: 0 is a client without one).
+        self.owner = secrets.randbits(protocol.limits.OWNER_BITS) or 1
+        self.snapshot_publisher = snapshot_publisher
         self.endpoints = endpoint_addresses(endpoints)
         self.session = session
         self.token = token
@@ -360,7 +382,7 @@ class SequencerClient:
             self._room.clear()
         link = self._link
         if link is not None and self._resend_from is None and not link.writer.transport.is_closing():
-            link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload)))
+            link.writer.write(protocol.encode_frame(protocol.Submit(client_seq, payload, pending.digest)))
             pending.sent = True
         return future
 
@@ -479,8 +501,8 @@ class SequencerClient:
             link.close()
             self._link = None
             self._connected.clear()
-            if self._closed:
-                return
+            if self._closed or self._fatal is not None:
+                return  # refused for good (taken over: reconnecting would take the session back)
             lost_at = time.monotonic()
             self.reconnects += 1
             try:
@@ -551,12 +573,15 @@ class SequencerClient:
             self._resend_from = client_seq
 
     def _rejected(self, frame: protocol.Rejected) -> None:
+        if frame.reason is RejectReason.SESSION_TAKEN_OVER:
+            self._fail_all(rejection(frame.reason, frame.detail))
+            raise ConnectionError(f"session {self.session!r} taken over by another client")
         if frame.reason is RejectReason.SEQUENCE_GAP and frame.expected_client_seq in self._pending:
             # An earlier submit was refused (busy, leader change); it and all after it go again.
             self._schedule_resend(frame.expected_client_seq)
             return
         pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
-        error = Rejected(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
+        error = rejection(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
         if pending is not None:
             self.submits_rejected[frame.reason] += 1
             pending.fail(error)
@@ -574,6 +599,16 @@ class SequencerClient:
         self._pending.clear()
         self._room.set()
 
+    def _hello_options(self) -> dict:
+        return {
+            "session": self.session,
+            "token": self.token,
+            "last_acked": self._last_acked,
+            "owner": self.owner,
+            "snapshot_publisher": self.snapshot_publisher,
+            "timeout_s": self.connect_timeout_s,
+        }
+
     async def _find_leader(self, *, rounds: int | None) -> Connection:
         """Connect to the leader: try the hint, then every endpoint, following ``leader``."""
         backoff = 0.02
@@ -586,9 +621,7 @@ class SequencerClient:
                 if self._closed:
                     raise ClientClosed()
                 try:
-                    link = await open_connection(
-                        address, session=self.session, token=self.token, last_acked=self._last_acked, timeout_s=self.connect_timeout_s
-                    )
+                    link = await open_connection(address, **self._hello_options())
                 except Rejected:
                     raise
                 except (OSError, ConnectionError, TimeoutError) as exc:
@@ -602,13 +635,7 @@ class SequencerClient:
                 if welcome.leader and welcome.leader != address:
                     self._leader_hint = welcome.leader
                     try:
-                        link = await open_connection(
-                            welcome.leader,
-                            session=self.session,
-                            token=self.token,
-                            last_acked=self._last_acked,
-                            timeout_s=self.connect_timeout_s,
-                        )
+                        link = await open_connection(welcome.leader, **self._hello_options())
                     except (OSError, ConnectionError, TimeoutError) as exc:
                         last_error = exc
                         continue
@@ -636,7 +663,8 @@ class SequencerClient:
             self.endpoints,
             from_seq=from_seq,
             token=self.token,
-            session=f"{self.session}.sub",
+            # A subscriber submits nothing: its session is not reserved, whatever this one is.
+            session=f"{self.session.removeprefix(protocol.SNAPSHOT_SESSION_PREFIX)}.sub",
             heartbeat_timeout_s=self.heartbeat_timeout_s,
             connect_timeout_s=self.connect_timeout_s,
             reconnect_backoff_max_s=self.reconnect_backoff_max_s,

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from raftseq.clients.endpoints import parse_endpoint
-from raftseq.clients.errors import Rejected, SequencerError, authentication_error
+from raftseq.clients.errors import Rejected, SequencerError, authentication_error, rejection
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -49,7 +49,7 @@ READ_BYTES = limits.CLIENT_READ_BYTES
 _HEARTBEAT = protocol.encode_frame(protocol.Heartbeat())
 
 #: Refusals that no retry on another node can cure.
-FATAL_REASONS = (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION)
+FATAL_REASONS = (RejectReason.AUTH_FAILED, RejectReason.PROTOCOL_VERSION, RejectReason.RESERVED_SESSION, RejectReason.SESSION_TAKEN_OVER)
 
 AnswerT = TypeVar("AnswerT")
 
@@ -211,7 +211,7 @@ def refusal(frame: protocol.Rejected) -> Exception:
     """The exception for a ``Rejected`` frame: ``Rejected`` when no other node would answer
     differently (wrong token, protocol version), else ``ConnectionError`` (try another)."""
     if frame.reason in FATAL_REASONS:
-        return Rejected(frame.reason, frame.detail)
+        return rejection(frame.reason, frame.detail)
     return ConnectionError(f"{frame.reason.value}: {frame.detail}")
 
 
@@ -222,6 +222,8 @@ async def open_connection(
     token: str,
     timeout_s: float,
     last_acked: int = 0,
+    owner: int = 0,
+    snapshot_publisher: bool = False,
     keep_raw: bool = False,
     read_chunk_bytes: int = READ_BYTES,
     stream_buffer_bytes: int | None = None,
@@ -233,12 +235,15 @@ async def open_connection(
     ``HOST:PORT``, ``ConnectionError``/``OSError`` or
     ``TimeoutError`` when it cannot be reached or answers wrongly. ``keep_raw``: frames come
     with their bytes as received. ``stream_buffer_bytes``: how much the socket reader buffers
-    before it stops reading (asyncio's default, 64 KiB, when None)."""
+    before it stops reading (asyncio's default, 64 KiB, when None). ``owner``: the client
+    instance's id (``Hello.owner``; 0: none); ``snapshot_publisher``: the hello says so (only
+    then is an ``@snap/`` session accepted)."""
     host, port = parse_endpoint(address)
     limit = {} if stream_buffer_bytes is None else {"limit": stream_buffer_bytes}
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **limit), timeout_s)
     try:
-        writer.write(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked)))
+        hello = protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked, owner, snapshot_publisher)
+        writer.write(protocol.encode_frame(hello))
         framer = protocol.FrameReader("node", keep_raw=keep_raw)
         async with asyncio.timeout(timeout_s):
             while True:
@@ -253,7 +258,7 @@ async def open_connection(
                     if isinstance(frame, protocol.Rejected):
                         if frame.reason is RejectReason.AUTH_FAILED:
                             raise authentication_error(token, frame.detail)
-                        raise Rejected(frame.reason, frame.detail)
+                        raise rejection(frame.reason, frame.detail)
                     if isinstance(frame, protocol.Welcome):
                         return Connection(address, reader, writer, frame, framer, items[i + 1 :], read_chunk_bytes=read_chunk_bytes)
     except BaseException:

@@ -6,6 +6,9 @@
   ``AuthenticationError``: no other node would answer differently, so they are raised at once.
 * ``NotConnected`` — no node could be reached; ``ClientClosed`` (a ``NotConnected``) — the
   client was closed and is not reopened by a later call.
+  ``SessionConflict`` (a ``Rejected``): a submit under a client_seq the session already used
+  for another payload (two clients on one session); ``SessionTakenOver`` (a ``Rejected``):
+  another client said hello for this session since, and this one stops.
 * ``Busy`` — the client's own window of in-flight submits is full.
 * ``OutcomeUnknown`` — no answer within the deadline; the submit may still be sequenced.
 """
@@ -62,6 +65,33 @@ def authentication_error(token: str, detail: str = "") -> AuthenticationError:
     return TokenRejected(detail) if token else TokenRequired(detail)
 
 
+class SessionConflict(Rejected):
+    """This submit's client_seq was already sequenced for the session with another payload:
+    another client is using the same session name. Nothing was sequenced for this submit."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(RejectReason.SESSION_CONFLICT, detail)
+
+
+class SessionTakenOver(Rejected):
+    """Another client said hello for this session after this one, and took it over. This
+    client stops (it does not reconnect): its submits not yet acknowledged fail with this
+    error, and were not sequenced after the takeover (one may have been sequenced before it
+    and its acknowledgement lost with the connection)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(RejectReason.SESSION_TAKEN_OVER, detail)
+
+
+def rejection(reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> Rejected:
+    """The error for a ``Rejected`` frame: the typed subclass where there is one."""
+    if reason is RejectReason.SESSION_CONFLICT:
+        return SessionConflict(detail)
+    if reason is RejectReason.SESSION_TAKEN_OVER:
+        return SessionTakenOver(detail)
+    return Rejected(reason, detail, expected_client_seq=expected_client_seq)
+
+
 class NotConnected(SequencerError):
     """No node could be reached (or the client is closed: ``ClientClosed``)."""
 
@@ -95,7 +125,10 @@ __all__ = [
     "OutcomeUnknown",
     "Rejected",
     "SequencerError",
+    "SessionConflict",
+    "SessionTakenOver",
     "TokenRejected",
     "TokenRequired",
     "authentication_error",
+    "rejection",
 ]

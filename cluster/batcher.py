@@ -24,8 +24,9 @@ from raftseq.sequencer.machine import ApplyResult
 
 log = logging.getLogger("raftseq.batcher")
 
-#: msgpack overhead of one Entry beyond session and payload bytes (array header, ints).
-_ENTRY_OVERHEAD_BYTES = 24
+#: msgpack overhead of one Entry beyond session and payload bytes (array header, ints; a
+#: fenced entry's owner and digest, up to 9 bytes each, and claim flag included).
+_ENTRY_OVERHEAD_BYTES = 44
 
 
 class PendingSubmit:
@@ -33,14 +34,29 @@ class PendingSubmit:
     exactly once: with the sequence number (``int``) of a new entry, an ``EntryResult`` for a
     duplicate or refusal, or a ``CommitOutcome`` when the outcome is unknown."""
 
-    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns")
+    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "owner", "claim", "digest")
 
-    def __init__(self, session: str, client_seq: int, payload: bytes, reply: Callable[[int, object], None]) -> None:
+    def __init__(
+        self,
+        session: str,
+        client_seq: int,
+        payload: bytes,
+        reply: Callable[[int, object], None],
+        owner: int = 0,
+        claim: bool = False,
+        digest: int = 0,
+    ) -> None:
         self.session = session
         self.client_seq = client_seq
         self.payload = payload
         self.reply = reply
         self.enqueued_ns = time.monotonic_ns()
+        #: The connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
+        #: submit, which takes the session over (``sequencer.machine``, fencing).
+        self.owner = owner
+        self.claim = claim
+        #: The client's ``payload_digest(payload)``, 0 when it sent none.
+        self.digest = digest
 
 
 class CommitOutcome:
@@ -119,6 +135,7 @@ class Batcher:
         entries: list[protocol.Entry] = []
         members: list[PendingSubmit] = []
         size = 16
+        fenced = False
         queue = self._queue
         while queue and len(entries) < config.entries_max:
             submit = queue[0]
@@ -128,13 +145,19 @@ class Batcher:
             queue.popleft()
             self._queue_bytes -= cost
             size += cost
-            entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
+            if submit.owner or submit.digest:
+                entries.append(
+                    protocol.FencedEntry(submit.session, submit.client_seq, submit.payload, submit.owner, submit.claim, submit.digest)
+                )
+                fenced = True
+            else:
+                entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
             members.append(submit)
         now = self._clock_ns()
         if now < self._last_time_ns:
             now = self._last_time_ns
         self._last_time_ns = now
-        data = protocol.encode_batch(now, entries)
+        data = protocol.encode_batch(now, entries, fenced=fenced)
         assert len(data) <= config.bytes_max, f"batch of {len(data)} bytes exceeds {config.bytes_max}"
         batch_id = self._next_batch_id
         self._next_batch_id += 1

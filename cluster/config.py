@@ -162,9 +162,19 @@ class MachineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sessions_max: int = MachineConfig().sessions_max
     dedup_window: int = MachineConfig().dedup_window
     session_idle_s: int = MachineConfig().session_idle_ns // 1_000_000_000
+    #: Bytes the session table may count (docs/sessions.md).
+    session_table_bytes_max: int = MachineConfig().session_table_bytes_max
+    #: A full session table evicts a session idle this long (log time) for a new one.
+    session_evict_idle_s: int = MachineConfig().session_evict_idle_ns // 1_000_000_000
 
     def machine_config(self) -> MachineConfig:
-        return MachineConfig(self.sessions_max, self.dedup_window, self.session_idle_s * 1_000_000_000)
+        return MachineConfig(
+            self.sessions_max,
+            self.dedup_window,
+            self.session_idle_s * 1_000_000_000,
+            self.session_table_bytes_max,
+            self.session_evict_idle_s * 1_000_000_000,
+        )
 
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

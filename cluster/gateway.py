@@ -15,6 +15,14 @@ protocol version). Then:
 
 Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
 with ``Rejected`` and the connection is closed; the node carries on.
+
+Sessions (``docs/sessions.md``): a hello for a session named ``@snap/…`` is refused
+(``reserved_session``) unless it says it is a snapshot publisher. A hello with an ``owner``
+fences its session: the connection's first submit carries a claim, and once that is applied the
+session's connections on this node whose claims were applied earlier are told
+``session_taken_over`` and closed (one on another node learns it from the machine's refusal of
+its next submit). Reasons such a client
+knows are sent only to clients with an owner; older ones get ``KNOWN_TO_OLD_CLIENTS``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
@@ -53,6 +62,9 @@ TOKEN_REQUIRED_DETAIL = "a token is required"
 
 _encode = protocol.encode_frame
 
+#: The digests of a SubmitBatch that carries none: 0 (not given) for every payload.
+_NO_DIGESTS = (0,) * limits.SUBMIT_BATCH_ENTRIES_MAX
+
 
 class Connection:
     __slots__ = (
@@ -61,6 +73,9 @@ class Connection:
         "writer",
         "peer",
         "session",
+        "owner",
+        "claim_pending",
+        "claim_applied",
         "in_flight",
         "subscription",
         "last_read",
@@ -80,6 +95,12 @@ class Connection:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.session = ""
+        #: ``Hello.owner``: 0 for a client that predates fencing (it knows none of its reasons).
+        self.owner = 0
+        #: The next submit is the connection's first on this node: it claims the session.
+        self.claim_pending = False
+        #: Its claim was applied: it held the session (until a later claim took it over).
+        self.claim_applied = False
         self.in_flight = 0
         self.subscription: asyncio.Task | None = None
         now = time.monotonic()
@@ -147,9 +168,17 @@ class Connection:
             return
         self.last_write = time.monotonic()
 
+    def rejected(self, reason: RejectReason, detail: str = "", client_seq: int = 0, expected_client_seq: int = 0) -> protocol.Rejected:
+        """The ``Rejected`` frame for this client: a reason it knows (``KNOWN_TO_OLD_CLIENTS``
+        for a client without an owner, with the reason itself in the detail)."""
+        if not self.owner and reason in protocol.KNOWN_TO_OLD_CLIENTS:
+            detail = f"{reason.value}: {detail}" if detail else reason.value
+            reason = protocol.KNOWN_TO_OLD_CLIENTS[reason]
+        return protocol.Rejected(reason, detail[: limits.DETAIL_CHARS_MAX], client_seq, expected_client_seq)
+
     def reject_and_close(self, reason: RejectReason, detail: str, client_seq: int = 0) -> None:
         self.gateway.metrics.refused(reason.value)
-        self.send(protocol.Rejected(reason, detail[: limits.DETAIL_CHARS_MAX], client_seq))
+        self.send(self.rejected(reason, detail, client_seq))
         self._flush()
         self.close()
 
@@ -181,9 +210,11 @@ class Connection:
             elif outcome.outcome is Outcome.DUPLICATE:
                 metrics.duplicates += 1
                 self.send_bytes(_encode(protocol.Ack(outcome.client_seq, outcome.seq, True)))
+            elif outcome.reason is RejectReason.SESSION_TAKEN_OVER:
+                self.reject_and_close(outcome.reason, "another client took the session over", outcome.client_seq)
             else:
                 metrics.refused(outcome.reason.value)
-                self.send(protocol.Rejected(outcome.reason, "", outcome.client_seq, outcome.expected_client_seq))
+                self.send(self.rejected(outcome.reason, "", outcome.client_seq, outcome.expected_client_seq))
         else:
             assert isinstance(outcome, CommitOutcome), f"unexpected outcome {outcome!r}"
             metrics.refused("outcome_unknown")
@@ -317,9 +348,11 @@ class Gateway:
                 conn.reject_and_close(RejectReason.HELLO_REQUIRED, "submit before hello")
                 return
             if kind is protocol.Submit:
-                self._submit(conn, frame.client_seq, (frame.payload,))
+                self._submit(conn, frame.client_seq, (frame.payload,), (frame.digest,))
+            elif frame.digests and len(frame.digests) != len(frame.payloads):
+                conn.reject_and_close(RejectReason.BAD_FRAME, f"{len(frame.digests)} digests for {len(frame.payloads)} payloads")
             else:
-                self._submit(conn, frame.first_client_seq, frame.payloads)
+                self._submit(conn, frame.first_client_seq, frame.payloads, frame.digests or _NO_DIGESTS)
         elif kind is protocol.Hello:
             self._hello(conn, frame)
         elif kind is protocol.Heartbeat:
@@ -339,6 +372,28 @@ class Gateway:
         with an ordinary subscription."""
         conn.send(self.node.snapshot_list(query.sm_type))
 
+    def claim_reply(self, conn: Connection) -> Callable[[int, object], None]:
+        """The reply of a connection's claiming submit: once it is applied and the session is
+        this connection's, the session's other fenced connections on this node are told."""
+
+        def reply(client_seq: int, outcome: object) -> None:
+            conn.reply(client_seq, outcome)
+            if isinstance(outcome, CommitOutcome):
+                conn.claim_pending = True  # perhaps never applied: the next submit claims again
+                return
+            if self.node.session_owner(conn.session) != conn.owner:
+                return
+            conn.claim_applied = True
+            # The connections whose claims were applied before this one (claims are applied,
+            # and their replies come, in log order); one whose claim is still on its way will
+            # take the session back when it is applied.
+            for other in list(self.connections):
+                if other.session == conn.session and other.claim_applied and other.owner != conn.owner and not other.closed:
+                    log.info("session %r taken over by %s from %s", conn.session, conn.peer, other.peer)
+                    other.reject_and_close(RejectReason.SESSION_TAKEN_OVER, f"taken over by a newer connection from {conn.peer}")
+
+        return reply
+
     def _hello(self, conn: Connection, hello: protocol.Hello) -> None:
         if conn.session:
             conn.reject_and_close(RejectReason.BAD_FRAME, "second hello on one connection")
@@ -356,7 +411,15 @@ class Gateway:
             log.warning("authentication failed from %s (session %r): %s", conn.peer, hello.session, problem)
             conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
             return
+        conn.owner = hello.owner
+        if hello.session.startswith(protocol.SNAPSHOT_SESSION_PREFIX) and not hello.snapshot_publisher:
+            conn.reject_and_close(
+                RejectReason.RESERVED_SESSION,
+                f"sessions named {protocol.SNAPSHOT_SESSION_PREFIX}... are for state-machine snapshot publishers",
+            )
+            return
         conn.session = hello.session
+        conn.claim_pending = bool(hello.owner)
         node = self.node
         conn.send(
             protocol.Welcome(
@@ -369,8 +432,9 @@ class Gateway:
             )
         )
 
-    def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list) -> None:
-        """Submits ``first_client_seq + i`` of ``payloads[i]``, each answered on its own."""
+    def _submit(self, conn: Connection, first_client_seq: int, payloads: tuple | list, digests: Sequence[int]) -> None:
+        """Submits ``first_client_seq + i`` of ``payloads[i]`` (with the client's digest
+        ``digests[i]``, 0: none), each answered on its own."""
         node = self.node
         metrics = self.metrics
         if not node.is_leader():
@@ -385,12 +449,21 @@ class Gateway:
         batcher = self.batcher
         session = conn.session
         reply = conn.reply
+        owner = conn.owner
         in_flight_max = self.config.in_flight_per_session_max
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:
                 limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
-            if limit is None and not batcher.offer(PendingSubmit(session, client_seq, payload, reply), propose=False):
+            if conn.claim_pending and limit is None:
+                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i])
+                if not batcher.offer(submit, propose=False):
+                    limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
+                else:
+                    conn.claim_pending = False
+            elif limit is None and not batcher.offer(
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i]), propose=False
+            ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
                 # Everything after the first refusal is refused too: a session's submits are

@@ -133,6 +133,14 @@ METRICS = (
         "raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"
     ),
     MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
+    MetricSpec("raftseq_sessions", "gauge", (), "Sessions in the session table"),
+    MetricSpec("raftseq_session_table_bytes", "gauge", (), "Bytes the session table counts (each session with a full dedup window)"),
+    MetricSpec(
+        "raftseq_sessions_evicted_total",
+        "counter",
+        (),
+        "Idle sessions evicted from a full session table for new ones (since the machine was last restored)",
+    ),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
     # Clients and subscribers.
     MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections"),
@@ -348,6 +356,10 @@ class NodeCollector:
         yield family("raftseq_last_log_time_seconds", value=node.last_log_time_ns / 1e9)
         yield family("raftseq_messages_sequenced_total", value=m.messages_sequenced)
         yield family("raftseq_batches_applied_total", value=m.batches_applied)
+        sessions, table_bytes, evicted = node.session_table()
+        yield family("raftseq_sessions", value=sessions)
+        yield family("raftseq_session_table_bytes", value=table_bytes)
+        yield family("raftseq_sessions_evicted_total", value=evicted)
         yield histogram("raftseq_batch_entries", m.batch_size)
         yield histogram("raftseq_ack_latency_seconds", m.ack_latency)
         batcher = self.batcher

@@ -147,6 +147,10 @@ class Node:
     def last_log_time_ns(self) -> int:
         return self.core.machine.last_log_time_ns
 
+    def session_table(self) -> tuple[int, int, int]:
+        machine = self.core.machine  # read once: a restored snapshot replaces the machine
+        return machine.session_count, machine.session_table_bytes, machine.sessions_evicted
+
     @property
     def catchup_missing(self) -> int:
         return self.journal.missing_count
@@ -169,6 +173,9 @@ class Node:
 
     def last_client_seq(self, session: str) -> int:
         return self.core.machine.last_client_seq(session)
+
+    def session_owner(self, session: str) -> int:
+        return self.core.machine.owner_of(session)
 
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
         machine = self.core.machine  # read once: a restored snapshot replaces the machine

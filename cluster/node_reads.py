@@ -35,6 +35,10 @@ class ClientFacingNode(Protocol):
 
     def last_client_seq(self, session: str) -> int: ...
 
+    def session_owner(self, session: str) -> int:
+        """The owner (``Hello.owner``) that holds ``session`` in the applied state, 0 if none."""
+        ...
+
     def status(self) -> protocol.Status: ...
 
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
@@ -74,6 +78,10 @@ class ScrapedNode(Protocol):
     @property
     def journal_scrubbed_bytes(self) -> int:
         """Bytes of sealed journal segments the scrub has read back so far."""
+        ...
+
+    def session_table(self) -> tuple[int, int, int]:
+        """The applied session table: sessions, bytes it counts, sessions evicted so far."""
         ...
 
     def raft_status(self) -> dict:

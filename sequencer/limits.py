@@ -26,6 +26,8 @@ SESSION_BYTES_MAX = 128
 TOKEN_BYTES_MAX = 256
 #: Most payloads in one ``SubmitBatch`` frame (the frame size limit bounds it too).
 SUBMIT_BATCH_ENTRIES_MAX = 1024
+#: Bits of a client instance's random ``owner`` id (``Hello.owner``, a non-negative int64).
+OWNER_BITS = 63
 #: Longest free-text detail in a rejected frame, in characters.
 DETAIL_CHARS_MAX = 512
 
@@ -52,16 +54,43 @@ JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT = 64 * MIB
 SCRUB_STEP_BYTES = 64 * KIB
 
 
-class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
-    """Limits that shape the replicated state. Identical on every replica, kept in snapshots."""
+#: What the session table counts for each remembered submit of a session's dedup window, in
+#: bytes: its sequence number and its payload digest, one u64 each (``sequencer.machine``).
+SESSION_WINDOW_ENTRY_BYTES = 16
+#: What the session table counts for one session besides its name and window, in bytes: the
+#: session object, its two arrays and its slot in the table (measured: ~400 B on CPython 3.11).
+SESSION_FIXED_BYTES = 512
+#: Size of the payload digest kept per remembered submit (BLAKE2b), in bytes: a retry whose
+#: payload differs from the applied one is told apart with a 2**-64 chance of a miss.
+SESSION_DIGEST_BYTES = 8
 
-    #: Most sessions in the session table; a new session beyond it is rejected
-    #: (``too_many_sessions``) once idle sessions have been expired.
+
+class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):
+    """Limits that shape the replicated state. Identical on every replica, kept in snapshots.
+
+    Fields are only ever added at the end (a snapshot of an older format decodes with the
+    defaults)."""
+
+    #: Most sessions in the session table; a new session beyond it evicts an evictable one
+    #: (``session_evict_idle_ns``) or is rejected (``too_many_sessions``).
     sessions_max: int = 100_000
     #: How many recent ``client_seq -> seq`` pairs each session remembers to answer retries.
     dedup_window: int = 4096
     #: A session with no applied submit for this long, in log time, is forgotten.
     session_idle_ns: int = 24 * 3600 * 1_000_000_000
+    #: Bytes the session table may count (``session_bytes``: each session is counted with a
+    #: full window from its first submit, so a table under the bound stays under it). A new
+    #: session that would exceed it evicts an evictable one or is rejected. 1 GiB: ~16,000
+    #: sessions with the default window.
+    session_table_bytes_max: int = 1024 * MIB
+    #: A full table evicts its least recently active session once that one has been idle for
+    #: this long, in log time (10 minutes), to admit a new session. (Above ``session_idle_ns``
+    #: it never acts: expiry forgets such sessions first.)
+    session_evict_idle_ns: int = 600 * 1_000_000_000
+
+    def session_bytes(self, name: str) -> int:
+        """What the table counts for session `name`: fixed part, name and a full window."""
+        return SESSION_FIXED_BYTES + len(name) + self.dedup_window * SESSION_WINDOW_ENTRY_BYTES
 
     def problems(self) -> list[str]:
         """What is wrong with this configuration, as sentences; empty when it is usable."""
@@ -72,6 +101,13 @@ class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
             found.append(f"dedup_window must be 1..1000000, got {self.dedup_window}")
         if self.session_idle_ns < 1_000_000_000:
             found.append(f"session_idle_ns must be at least one second, got {self.session_idle_ns}")
+        one_session = self.session_bytes("s" * SESSION_BYTES_MAX)
+        if not one_session <= self.session_table_bytes_max <= 2**50:
+            found.append(
+                f"session_table_bytes_max must hold one session with a full dedup window ({one_session} bytes) and be at most 2**50, got {self.session_table_bytes_max}"
+            )
+        if not 1_000_000_000 <= self.session_evict_idle_ns < 2**63:
+            found.append(f"session_evict_idle_ns must be at least one second, got {self.session_evict_idle_ns}")
         return found
 
 
@@ -120,6 +156,9 @@ LISTEN_BACKLOG = 256
 # --- clients (the library's own buffers; the node's bounds above apply to what it sends) -------
 #: Room kept for framing when a client packs payloads into one SubmitBatch, in bytes.
 SUBMIT_BATCH_FRAMING_BYTES = 4 * KIB
+#: What one payload adds to a SubmitBatch besides its bytes: a msgpack bin header (up to 5
+#: bytes; 8 counted, as before) and its digest (a msgpack uint64: 9), in bytes.
+SUBMIT_BATCH_ENTRY_OVERHEAD_BYTES = 8 + 9
 #: Bytes a client lets pile up in its socket's write buffer before it waits for the drain.
 CLIENT_WRITE_BUFFER_BYTES_MAX = 4 * MIB
 #: Bytes a client asks of the socket per read: large enough that a subscriber catching up reads

@@ -9,11 +9,26 @@ What it decides, per entry ``(session, client_seq, payload)``:
 
 * ``client_seq == last + 1``: the entry is new; it gets the next sequence number.
 * ``client_seq <= last`` and inside the session's dedup window: a retry; answered with the
-  sequence number it already has, nothing is appended.
+  sequence number it already has, nothing is appended — if its payload is the one applied
+  (the window keeps a BLAKE2b-64 digest of each payload); another payload under that number is
+  refused as ``session_conflict``, never acknowledged as the original.
 * ``client_seq <= last`` and older than the window: ``stale_client_seq``.
 * ``client_seq > last + 1``: ``sequence_gap`` with the expected number; nothing changes.
 
 Sessions idle for ``MachineConfig.session_idle_ns`` of log time are forgotten, oldest first.
+
+**Fencing.** An entry may carry its client's ``owner`` (``Hello.owner``, a random id per client
+instance); the first entry of each connection also carries ``claim``. A claim makes its owner
+the session's owner (a newer hello takes the session over, in log order, the same on every
+replica); an entry of another owner without a claim is then refused (``session_taken_over``).
+Entries without an owner (clients that predate fencing) are not fenced.
+
+**The table's bound** (``docs/sessions.md``). Each session counts ``MachineConfig.session_bytes``
+(a full window) from its first submit; a new session is admitted while the table stays within
+``sessions_max`` and ``session_table_bytes_max``. When it would not, the least recently active
+session goes if it has been idle for ``session_evict_idle_ns`` of log time (repeatedly, as
+needed); otherwise the new session is refused (``too_many_sessions``). All of it is decided
+from log time, so every replica evicts the same sessions.
 
 **The state-machine snapshot index.** Application processes publish snapshots of their own
 state machines (``clients.sm``) as ordinary sequenced messages: a session whose name starts
@@ -36,17 +51,30 @@ from __future__ import annotations
 import enum
 import hashlib
 import zlib
-from collections import OrderedDict, deque
+from array import array
+from collections import OrderedDict
 
 import msgspec
 
 from raftseq.sequencer import protocol
-from raftseq.sequencer.limits import SM_SNAPSHOT_KINDS_MAX, SM_SNAPSHOT_UPLOADS_MAX, SM_SNAPSHOTS_PER_KIND, MachineConfig
+from raftseq.sequencer.limits import (
+    SESSION_DIGEST_BYTES,
+    SM_SNAPSHOT_KINDS_MAX,
+    SM_SNAPSHOT_UPLOADS_MAX,
+    SM_SNAPSHOTS_PER_KIND,
+    MachineConfig,
+)
 
 #: 2: the state-machine snapshot index (``snapshots``, ``uploads``) follows the sessions.
-#: ``restore`` reads format 1 (no index) and 2.
-SNAPSHOT_FORMAT_VERSION = 2
-_SNAPSHOT_FORMATS_READ = (1, 2)
+#: 3: each session's window keeps its payload digests (``window_digests``) and its ``owner``;
+#: the config has the table's byte bound and eviction age. ``restore`` reads formats 1 to 3
+#: (an older session's digests are unknown, 0: its retries are not checked).
+SNAPSHOT_FORMAT_VERSION = 3
+_SNAPSHOT_FORMATS_READ = (1, 2, 3)
+
+
+payload_digest = protocol.payload_digest
+_blake2b = hashlib.blake2b
 
 
 class Outcome(enum.IntEnum):
@@ -103,16 +131,29 @@ def _all_sequenced(entries: list[protocol.Entry], first_seq: int) -> list[EntryR
 
 
 class _Session:
-    __slots__ = ("last_client_seq", "last_active_ns", "window", "snapshot_session")
+    __slots__ = ("last_client_seq", "last_active_ns", "seqs", "digests", "owner", "snapshot_session")
 
-    def __init__(self, last_client_seq: int, last_active_ns: int, window: deque, snapshot_session: bool = False) -> None:
+    def __init__(self, last_client_seq: int, last_active_ns: int, owner: int = 0, snapshot_session: bool = False) -> None:
         self.last_client_seq = last_client_seq
         self.last_active_ns = last_active_ns
-        # window[i] is the seq of client_seq (last_client_seq - len(window) + 1 + i):
-        # client_seqs of a session are applied contiguously, so a list of seqs is the map.
-        self.window = window
+        # The dedup window, a ring: client_seq c's sequence number and payload digest (0:
+        # unknown) are at index (c - 1) % dedup_window while c is one of the last
+        # min(last_client_seq, dedup_window) numbers. Client_seqs of a session are applied
+        # contiguously, so every applied number is in it until pushed out. 16 bytes a submit.
+        self.seqs = array("q")
+        self.digests = array("Q")
+        #: The owner of the session (``Hello.owner``), 0 while none has claimed it.
+        self.owner = owner
         #: The session's name starts with SNAPSHOT_SESSION_PREFIX: its messages are chunks.
         self.snapshot_session = snapshot_session
+
+    def window_in_order(self, window_max: int) -> tuple[list[int], list[int]]:
+        """The window's seqs and digests, oldest client_seq first."""
+        seqs, digests = self.seqs, self.digests
+        if len(seqs) < window_max:
+            return list(seqs), list(digests)
+        start = self.last_client_seq % window_max  # the index of the oldest number kept
+        return list(seqs[start:] + seqs[:start]), list(digests[start:] + digests[:start])
 
 
 class SessionSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -120,6 +161,10 @@ class SessionSnapshot(msgspec.Struct, frozen=True, array_like=True):
     last_client_seq: int
     last_active_ns: int
     window_seqs: list[int]
+    #: Format 3: the payload digest of each window entry (0: unknown); empty before.
+    window_digests: list[int] = []
+    #: Format 3: the session's owner (0: none).
+    owner: int = 0
 
 
 class SnapshotUpload(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -176,6 +221,11 @@ class SequencerMachine:
         #: CRC-32 chained over every journal record this machine produced, in order.
         self.stream_crc = 0
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        #: What the session table counts (``MachineConfig.session_bytes`` of each session).
+        self.session_table_bytes = 0
+        #: Sessions evicted from a full table since this machine was made or restored (a
+        #: count for metrics; not part of the replicated state).
+        self.sessions_evicted = 0
         # The snapshot index. Replaced, never changed in place, so that another thread (a
         # node's gateway answering SnapshotQuery) can read it while batches are applied.
         #: (sm_type, schema_version) -> complete snapshots, newest covered_seq first.
@@ -203,10 +253,14 @@ class SequencerMachine:
         state = self._sessions.get(session)
         if state is None:
             return None
-        offset = client_seq - (state.last_client_seq - len(state.window) + 1)
-        if 0 <= offset < len(state.window):
-            return state.window[offset]
+        if 0 <= state.last_client_seq - client_seq < len(state.seqs) and client_seq >= 1:
+            return state.seqs[(client_seq - 1) % self.config.dedup_window]
         return None
+
+    def owner_of(self, session: str) -> int:
+        """The owner (``Hello.owner``) that holds `session`, 0 when none does."""
+        state = self._sessions.get(session)
+        return state.owner if state is not None else 0
 
     def snapshots_of(self, sm_type: str) -> list[protocol.SnapshotInfo]:
         """The complete snapshots of `sm_type` in the index (every schema version), newest
@@ -259,6 +313,8 @@ class SequencerMachine:
         # A snapshot session's entry was sequenced: index its chunks after the loop. Tested
         # where the session changes (with the idle-order move), not on every entry.
         chunks_seen = False
+        blake2b = _blake2b
+        from_bytes = int.from_bytes
         for index, entry in enumerate(entries):
             name = entry.session
             client_seq = entry.client_seq
@@ -269,22 +325,40 @@ class SequencerMachine:
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.BAD_FRAME)
                 elif client_seq != 1:
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SEQUENCE_GAP, 1)
-                elif len(sessions) >= config.sessions_max:
+                elif not self._make_room(name, log_time):
                     refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.TOO_MANY_SESSIONS)
                 else:
-                    state = _Session(0, log_time, deque(maxlen=window_max), name.startswith(_SNAPSHOT_PREFIX))
+                    state = _Session(0, log_time, 0, name.startswith(_SNAPSHOT_PREFIX))
                     sessions[name] = state
+                    self.session_table_bytes += config.session_bytes(name)
                     last_moved = name
                     if state.snapshot_session:
                         chunks_seen = True
+            owner = entry.owner
+            if refusal is None and owner and owner != state.owner:
+                if entry.claim or not state.owner:
+                    state.owner = owner  # a newer hello takes the session over
+                else:
+                    refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SESSION_TAKEN_OVER)
             if refusal is None:
                 last = state.last_client_seq
                 if client_seq == last + 1:
-                    record = encode(seq, log_time, name, client_seq, entry.payload)
+                    payload = entry.payload
+                    record = encode(seq, log_time, name, client_seq, payload)
                     records.append(record)
                     offsets.append(offset)
                     offset += len(record)
-                    state.window.append(seq)
+                    # The client's digest (a fenced entry), else payload_digest, inline (a call
+                    # per entry costs a quarter of it again)
+                    digest = entry.digest or from_bytes(blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
+                    at = last % window_max
+                    window_seqs = state.seqs
+                    if at == len(window_seqs):
+                        window_seqs.append(seq)
+                        state.digests.append(digest)
+                    else:
+                        window_seqs[at] = seq
+                        state.digests[at] = digest
                     state.last_client_seq = client_seq
                     state.last_active_ns = log_time
                     if name != last_moved:
@@ -297,10 +371,13 @@ class SequencerMachine:
                     seq += 1
                     continue
                 if client_seq <= last:
-                    window = state.window
-                    at = client_seq - (last - len(window) + 1)
-                    if at >= 0:
-                        refusal = EntryResult(name, client_seq, Outcome.DUPLICATE, window[at])
+                    if last - client_seq < len(state.seqs):
+                        at = (client_seq - 1) % window_max
+                        digest = state.digests[at]
+                        if digest and digest != (entry.digest or payload_digest(entry.payload)):
+                            refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SESSION_CONFLICT)
+                        else:
+                            refusal = EntryResult(name, client_seq, Outcome.DUPLICATE, state.seqs[at])
                     else:
                         refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.STALE_CLIENT_SEQ)
                 else:
@@ -409,13 +486,38 @@ class SequencerMachine:
             name, state = next(iter(sessions.items()))
             if state.last_active_ns >= horizon:
                 break
-            del sessions[name]
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        del self._sessions[name]
+        self.session_table_bytes -= self.config.session_bytes(name)
+
+    def _make_room(self, name: str, log_time: int) -> bool:
+        """Whether new session `name` fits the table, after evicting the least recently
+        active sessions idle for ``session_evict_idle_ns`` as far as needed (and only then)."""
+        config = self.config
+        sessions = self._sessions
+        needed = config.session_bytes(name)
+        horizon = log_time - config.session_evict_idle_ns
+        while len(sessions) >= config.sessions_max or self.session_table_bytes + needed > config.session_table_bytes_max:
+            if not sessions:
+                return False
+            oldest, state = next(iter(sessions.items()))
+            if state.last_active_ns > horizon:
+                return False  # nobody has been idle long enough: refuse the newcomer
+            self._forget(oldest)
+            self.sessions_evicted += 1
+        return True
 
     # --- snapshots ----------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
         """The whole state as msgspec bytes; equal states give equal bytes."""
-        sessions = [SessionSnapshot(name, s.last_client_seq, s.last_active_ns, list(s.window)) for name, s in self._sessions.items()]
+        window_max = self.config.dedup_window
+        sessions = [
+            SessionSnapshot(name, s.last_client_seq, s.last_active_ns, *s.window_in_order(window_max), s.owner)
+            for name, s in self._sessions.items()
+        ]
         snapshots = [info for infos in self._sm_snapshots.values() for info in infos]
         snap = MachineSnapshot(
             SNAPSHOT_FORMAT_VERSION,
@@ -466,8 +568,20 @@ class SequencerMachine:
             if s.last_active_ns > snap.last_log_time_ns:
                 problems.append(f"session {s.session!r}: active after the last log time")
             previous_active = s.last_active_ns
+            if snap.format_version >= 3:
+                if len(s.window_digests) != len(s.window_seqs) or any(not 0 <= d < 2**64 for d in s.window_digests):
+                    problems.append(f"session {s.session!r}: {len(s.window_digests)} digests for a window of {len(s.window_seqs)}")
+                if not 0 <= s.owner < 2**63:
+                    problems.append(f"session {s.session!r}: owner out of range")
+            elif s.window_digests or s.owner:
+                problems.append(f"session {s.session!r}: format {snap.format_version} has no digests or owners")
         if len(snap.sessions) > snap.config.sessions_max:
             problems.append(f"{len(snap.sessions)} sessions exceed sessions_max {snap.config.sessions_max}")
+        table_bytes = sum(snap.config.session_bytes(s.session) for s in snap.sessions)
+        # An older format knew no byte bound: its table may be over it (no new session is
+        # admitted until it is under again).
+        if snap.format_version >= 3 and table_bytes > snap.config.session_table_bytes_max:
+            problems.append(f"sessions count {table_bytes} bytes, over session_table_bytes_max {snap.config.session_table_bytes_max}")
         problems += _index_problems(snap)
         if problems:
             raise SnapshotError("inconsistent snapshot: " + "; ".join(problems[:5]))
@@ -477,9 +591,18 @@ class SequencerMachine:
         machine.stream_crc = snap.stream_crc
         window_max = snap.config.dedup_window
         for s in snap.sessions:
-            machine._sessions[s.session] = _Session(
-                s.last_client_seq, s.last_active_ns, deque(s.window_seqs, maxlen=window_max), s.session.startswith(_SNAPSHOT_PREFIX)
-            )
+            state = _Session(s.last_client_seq, s.last_active_ns, s.owner, s.session.startswith(_SNAPSHOT_PREFIX))
+            count = len(s.window_seqs)
+            digests = s.window_digests or [0] * count
+            state.seqs = array("q", bytes(8 * count))
+            state.digests = array("Q", bytes(8 * count))
+            first = s.last_client_seq - count + 1
+            for i, (seq, digest) in enumerate(zip(s.window_seqs, digests)):
+                at = (first + i - 1) % window_max
+                state.seqs[at] = seq
+                state.digests[at] = digest
+            machine._sessions[s.session] = state
+        machine.session_table_bytes = table_bytes
         index: dict[tuple[str, int], list[protocol.SnapshotInfo]] = {}
         for info in snap.snapshots:
             index.setdefault((info.sm_type, info.schema_version), []).append(info)
@@ -547,6 +670,7 @@ def _index_problems(snap: MachineSnapshot) -> list[str]:
 
 
 __all__ = [
+    "SNAPSHOT_FORMAT_VERSION",
     "ApplyResult",
     "EntryResult",
     "MachineConfig",
@@ -555,4 +679,5 @@ __all__ = [
     "SequencerMachine",
     "SnapshotError",
     "SnapshotUpload",
+    "payload_digest",
 ]

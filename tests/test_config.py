@@ -252,6 +252,8 @@ def test_a_lowered_raft_chunk_size_drags_batch_bytes_down_with_it():
         ("machine.sessions_max", 0, "sessions_max"),
         ("machine.dedup_window", 0, "dedup_window"),
         ("machine.session_idle_s", 0, "session_idle"),
+        ("machine.session_table_bytes_max", 1000, "session_table_bytes_max"),
+        ("machine.session_evict_idle_s", 0, "session_evict_idle"),
     ],
 )
 def test_a_bound_out_of_range_is_named(path, value, named):

@@ -13,12 +13,13 @@ import importlib.util
 import os
 import shutil
 
+import msgspec
 import pytest
 
 from raftseq.clients.sm import formats
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import Journal, verify_journal
-from raftseq.sequencer.machine import SequencerMachine
+from raftseq.sequencer.machine import SNAPSHOT_FORMAT_VERSION, Outcome, SequencerMachine
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "v0.1")
 RECORDS = 403  # 400 messages and a snapshot upload of three chunks
@@ -79,6 +80,12 @@ def test_the_fixture_covers_every_frame_type():
     assert set(golden.frames()) == {name[: -len(".bin")] for name in os.listdir(os.path.join(GOLDEN, "frames"))}
 
 
+#: Frames that gained trailing fields since 0.1: name -> the new fields' values by default.
+#: (``Hello``: ``owner`` and ``snapshot_publisher``, session fencing; ``Submit``/``SubmitBatch``:
+#: the payload digests the client computed.)
+GROWN_FRAMES = {"Hello": [0, False], "Submit": [0], "SubmitBatch": [[]]}
+
+
 @pytest.mark.parametrize("name", sorted(golden.frames()))
 def test_frames_decode_to_the_same_values_and_reencode_identically(name):
     data = read("frames", name + ".bin")
@@ -86,6 +93,12 @@ def test_frames_decode_to_the_same_values_and_reencode_identically(name):
     [frame] = reader.feed(data)
     assert frame == golden.frames()[name]
     assert type(frame).__name__ == name
+    if name in GROWN_FRAMES:
+        # The old fields as they were, then the new ones with their defaults (an old reader
+        # ignores trailing fields it does not know).
+        old_body = msgspec.msgpack.decode(data[8:])
+        assert msgspec.msgpack.decode(protocol.encode_frame(frame)[8:]) == old_body + GROWN_FRAMES[name]
+        return
     assert protocol.encode_frame(frame) == data
     assert protocol.encode_frame(golden.frames()[name]) == data
 
@@ -125,28 +138,47 @@ def test_raft_batches_decode_and_reencode_identically():
         assert protocol.encode_batch(batch.leader_time_ns, batch.entries) == data
 
 
-def test_machine_snapshot_restores_and_snapshots_identically():
+def as_format_2(snapshot: bytes) -> list:
+    """A snapshot of this version as the previous format (2) holds it: no payload digests or
+    owners in the sessions, the config without the table's byte bound and eviction age."""
+    snap = msgspec.msgpack.decode(snapshot)
+    assert snap[0] == SNAPSHOT_FORMAT_VERSION == 3
+    return [2, snap[1][:3], *snap[2:5], [session[:4] for session in snap[5]], *snap[6:]]
+
+
+def test_machine_snapshot_of_the_previous_format_restores_to_the_same_state():
+    """The golden snapshot is format 2 (no digests, no owners): it restores, and the state is
+    the same; its windows' digests are unknown (0), so retries of those submits are answered as
+    duplicates whatever their payload, as 0.1 answered them."""
     data = read("machine.snapshot")
+    assert msgspec.msgpack.decode(data)[0] == 2
     machine = SequencerMachine.restore(data)
-    assert machine.snapshot() == data
+    assert as_format_2(machine.snapshot()) == msgspec.msgpack.decode(data)
+    sessions = msgspec.msgpack.decode(machine.snapshot())[5]
+    assert all(set(session[4]) == {0} and session[5] == 0 for session in sessions)
     assert machine.last_seq == RECORDS
     assert machine.session_count == 4
     assert machine.last_client_seq("alpha") == 134
     [info] = machine.snapshots_of("orders")
     assert (info.chunk_count, info.first_seq, info.last_seq, info.session) == (3, 85, 87, golden.SNAPSHOT_SESSION)
+    retry = machine.apply(protocol.encode_batch(golden.LOG_TIME_START_NS + 10**12, [protocol.Entry("alpha", 134, b"not the payload")]))
+    assert [r.outcome for r in retry.results] == [Outcome.DUPLICATE]
 
 
-def test_replaying_the_batches_gives_the_same_snapshot_and_journal(tmp_path):
-    """The current machine and journal, fed the old Raft entries, write the old bytes."""
+def test_replaying_the_batches_gives_the_same_state_and_journal(tmp_path):
+    """The current machine and journal, fed the old Raft entries, write the old bytes; the
+    machine's snapshot is of the new format and holds the same state (plus the digests)."""
     golden.write_golden(str(tmp_path / "now"))
     compare = filecmp.dircmp(GOLDEN, str(tmp_path / "now"))
-    assert not compare.diff_files and not compare.left_only and not compare.right_only
+    assert compare.diff_files == ["machine.snapshot"] and not compare.left_only and not compare.right_only
     for sub in ("frames", "payloads", "journal"):
         names = sorted(os.listdir(os.path.join(GOLDEN, sub)))
         assert names == sorted(os.listdir(tmp_path / "now" / sub))
         _, mismatch, errors = filecmp.cmpfiles(os.path.join(GOLDEN, sub), str(tmp_path / "now" / sub), names, shallow=False)
-        assert mismatch == [] and errors == []
-    assert (tmp_path / "now" / "machine.snapshot").read_bytes() == read("machine.snapshot")
+        # Hello gained trailing fields (GROWN_FRAMES): its bytes are checked above.
+        assert mismatch == ([f"{name}.bin" for name in GROWN_FRAMES] if sub == "frames" else []) and errors == []
+    replayed = (tmp_path / "now" / "machine.snapshot").read_bytes()
+    assert as_format_2(replayed) == msgspec.msgpack.decode(read("machine.snapshot"))
 
 
 # --- the journal ------------------------------------------------------------------------------
@@ -199,3 +231,26 @@ def test_a_subscriber_is_served_the_old_bytes():
     frames = [item for block in served for item in reader.feed(block)]
     assert [frame for frame, _ in frames] == expected
     assert [raw for _, raw in frames] == split_records(journal_bytes())
+
+
+# --- a node of 0.1 and a client of this version ------------------------------------------------
+
+
+class _HelloOf01(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag="hello"):
+    """``Hello`` as raftseq 0.1 declared it (the golden frame is its encoding)."""
+
+    session: str
+    token: str
+    protocol_version: int
+    last_client_seq_acked: int = 0
+
+
+def test_a_node_of_0_1_reads_the_hello_of_a_fencing_client():
+    """A client of this version says hello with an owner; a 0.1 node reads the fields it knows
+    (it does not fence, and never sends the new reasons)."""
+    old = golden.frames()["Hello"]
+    assert msgspec.msgpack.decode(read("frames", "Hello.bin")[8:], type=_HelloOf01) == _HelloOf01(
+        old.session, old.token, old.protocol_version, old.last_client_seq_acked
+    )
+    body = protocol.encode_frame(protocol.Hello("desk", "token", protocol.PROTOCOL_VERSION, 7, 2**63 - 1, True))[8:]
+    assert msgspec.msgpack.decode(body, type=_HelloOf01) == _HelloOf01("desk", "token", protocol.PROTOCOL_VERSION, 7)

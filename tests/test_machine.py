@@ -87,7 +87,8 @@ def sequenced(result: ApplyResult) -> list[int]:
 
 class ReferenceSequencer:
     """The same decisions as ``SequencerMachine``, by the plainest code: dictionaries, no
-    window structure, expiry as "forget every session idle too long"."""
+    window structure, expiry as "forget every session idle too long", eviction as "while the
+    table is full, forget the least recently active session if it is idle long enough"."""
 
     def __init__(self, config: MachineConfig) -> None:
         self.config = config
@@ -96,15 +97,31 @@ class ReferenceSequencer:
         self.last: dict[str, int] = {}
         self.active: dict[str, int] = {}
         self.seq_of: dict[tuple[str, int], int] = {}
+        self.payload_of: dict[tuple[str, int], bytes] = {}
         self.expired: list[str] = []  # forgotten by the last apply
+
+    def forget(self, name: str) -> None:
+        del self.last[name], self.active[name]
+        self.seq_of = {k: v for k, v in self.seq_of.items() if k[0] != name}
+
+    def room_for(self, name: str) -> bool:
+        config = self.config
+        while (
+            len(self.last) >= config.sessions_max
+            or sum(map(config.session_bytes, self.last)) + config.session_bytes(name) > config.session_table_bytes_max
+        ):
+            oldest = next(iter(self.active), None)
+            if oldest is None or self.active[oldest] > self.log_time - config.session_evict_idle_ns:
+                return False
+            self.forget(oldest)
+        return True
 
     def apply(self, time_ns: int, entries) -> tuple[list[EntryResult], list[tuple]]:
         self.log_time = max(self.log_time, time_ns)
         horizon = self.log_time - self.config.session_idle_ns
         self.expired = [name for name, t in self.active.items() if t < horizon]
         for name in self.expired:
-            del self.last[name], self.active[name]
-            self.seq_of = {k: v for k, v in self.seq_of.items() if k[0] != name}
+            self.forget(name)
         results, records = [], []
         for name, client_seq, payload in entries:
             if name not in self.last:
@@ -114,7 +131,7 @@ class ReferenceSequencer:
                 if client_seq != 1:
                     results.append(EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.SEQUENCE_GAP, 1))
                     continue
-                if len(self.last) >= self.config.sessions_max:
+                if not self.room_for(name):
                     results.append(EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.TOO_MANY_SESSIONS))
                     continue
                 self.last[name] = 0
@@ -123,12 +140,16 @@ class ReferenceSequencer:
                 seq = self.next_seq
                 self.next_seq += 1
                 self.last[name] = client_seq
+                self.active.pop(name, None)  # to the end: the most recently active
                 self.active[name] = self.log_time
                 self.seq_of[(name, client_seq)] = seq
+                self.payload_of[(name, client_seq)] = payload
                 records.append((seq, self.log_time, name, client_seq, payload))
                 results.append(EntryResult(name, client_seq, Outcome.SEQUENCED, seq))
             elif client_seq <= last - self.config.dedup_window:
                 results.append(EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.STALE_CLIENT_SEQ))
+            elif client_seq <= last and self.payload_of[(name, client_seq)] != payload:
+                results.append(EntryResult(name, client_seq, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT))
             elif client_seq <= last:
                 results.append(EntryResult(name, client_seq, Outcome.DUPLICATE, self.seq_of[(name, client_seq)]))
             else:
@@ -138,12 +159,23 @@ class ReferenceSequencer:
 
 # --- strategies -----------------------------------------------------------------------------
 
-small_configs = st.builds(
-    MachineConfig,
-    sessions_max=st.integers(1, 6),
-    dedup_window=st.integers(1, 5),
-    session_idle_ns=st.integers(1 * SECOND, 20 * SECOND),
-)
+
+@st.composite
+def small_configs(draw):
+    """Small tables that fill up: by count or by bytes, with eviction ages up to the idle age."""
+    window = draw(st.integers(1, 5))
+    idle_ns = draw(st.integers(1 * SECOND, 20 * SECOND))
+    one = MachineConfig(dedup_window=window).session_bytes("s" * limits.SESSION_BYTES_MAX)
+    return MachineConfig(
+        sessions_max=draw(st.integers(1, 6)),
+        dedup_window=window,
+        session_idle_ns=idle_ns,
+        session_table_bytes_max=draw(st.integers(one, 6 * one)),
+        session_evict_idle_ns=draw(st.integers(1 * SECOND, idle_ns)),
+    )
+
+
+small_configs = small_configs()
 configs = st.one_of(small_configs, st.just(MachineConfig()))
 
 time_steps = st.one_of(
@@ -387,13 +419,143 @@ def test_retry_inside_the_window_is_answered_with_its_original_number():
 
 def test_repeat_inside_one_batch_is_a_duplicate_of_the_first():
     machine = SequencerMachine()
-    result = submit(machine, 10, ("alpha", 1), ("alpha", 1, b"other payload"), ("alpha", 2))
+    result = submit(machine, 10, ("alpha", 1), ("alpha", 1), ("alpha", 2))
     assert result.results == [
         EntryResult("alpha", 1, Outcome.SEQUENCED, 1),
         EntryResult("alpha", 1, Outcome.DUPLICATE, 1),
         EntryResult("alpha", 2, Outcome.SEQUENCED, 2),
     ]
     assert [r.payload for r in split_records(result.records)] == [b"alpha#1", b"alpha#2"]
+
+
+# --- sessions: payload digests, fencing, the table's bound (docs/sessions.md) ----------------
+
+
+def test_a_retry_with_another_payload_is_a_session_conflict_never_a_duplicate():
+    """Defect: two clients on one session; the second one's client_seq 1 (another payload)
+    was acknowledged as a duplicate of the first one's: acknowledged, and in no journal."""
+    machine = SequencerMachine()
+    submit(machine, 10, ("alpha", 1, b"from client a"), ("alpha", 2, b"a2"))
+    result = submit(machine, 20, ("alpha", 1, b"from client b"), ("alpha", 1, b"from client a"), ("alpha", 2, b"b2"))
+    assert result.results == [
+        EntryResult("alpha", 1, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+        EntryResult("alpha", 1, Outcome.DUPLICATE, 1),
+        EntryResult("alpha", 2, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+    ]
+    assert machine.last_seq == 2
+
+
+def fenced(name: str, client_seq: int, owner: int, *, claim: bool = False, payload: bytes = b"") -> protocol.FencedEntry:
+    return protocol.FencedEntry(name, client_seq, payload or payload_of(name, client_seq), owner, claim)
+
+
+def test_a_newer_claim_takes_the_session_over_and_the_older_owner_is_refused():
+    machine = SequencerMachine()
+    a, b = 11, 22
+    first = machine.apply(protocol.encode_batch(10, [fenced("x", 1, a, claim=True), fenced("x", 2, a)], fenced=True))
+    assert [r.outcome for r in first.results] == [Outcome.SEQUENCED] * 2 and machine.owner_of("x") == a
+    taken = machine.apply(protocol.encode_batch(20, [fenced("x", 3, b, claim=True), fenced("x", 4, a), fenced("x", 4, b)], fenced=True))
+    assert taken.results == [
+        EntryResult("x", 3, Outcome.SEQUENCED, 3),
+        EntryResult("x", 4, Outcome.REJECTED, 0, RejectReason.SESSION_TAKEN_OVER),
+        EntryResult("x", 4, Outcome.SEQUENCED, 4),
+    ]
+    assert machine.owner_of("x") == b
+    # Entries without an owner (a client that predates fencing) are not fenced.
+    assert submit(machine, 30, ("x", 5)).results == [EntryResult("x", 5, Outcome.SEQUENCED, 5)]
+    # The owner survives a snapshot.
+    assert SequencerMachine.restore(machine.snapshot()).owner_of("x") == b
+
+
+def test_the_digest_a_client_sends_is_the_one_kept_and_compared():
+    """A client computes ``payload_digest`` itself (so that no node hashes its payloads); a
+    retry is compared against it, whoever computed the retry's digest."""
+    machine = SequencerMachine()
+    mine, other = b"my payload", b"another client's payload"
+    sent = protocol.FencedEntry("x", 1, mine, 5, True, protocol.payload_digest(mine))
+    machine.apply(protocol.encode_batch(10, [sent], fenced=True))
+    retries = [
+        protocol.Entry("x", 1, mine),  # digest computed by the machine: the same
+        protocol.FencedEntry("x", 1, mine, 5, False, protocol.payload_digest(mine)),
+        protocol.FencedEntry("x", 1, other, 6, True, protocol.payload_digest(other)),
+    ]
+    result = machine.apply(protocol.encode_batch(20, retries, fenced=True))
+    assert result.results == [
+        EntryResult("x", 1, Outcome.DUPLICATE, 1),
+        EntryResult("x", 1, Outcome.DUPLICATE, 1),
+        EntryResult("x", 1, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+    ]
+
+
+def test_the_first_owner_of_a_session_claims_it_even_without_the_claim_flag():
+    machine = SequencerMachine()
+    machine.apply(protocol.encode_batch(10, [fenced("x", 1, 5)], fenced=True))
+    assert machine.owner_of("x") == 5
+    refused = machine.apply(protocol.encode_batch(10, [fenced("x", 2, 6)], fenced=True))
+    assert refused.results == [EntryResult("x", 2, Outcome.REJECTED, 0, RejectReason.SESSION_TAKEN_OVER)]
+
+
+def test_a_full_table_evicts_the_least_recently_active_session_idle_long_enough():
+    config = MachineConfig(sessions_max=2, session_idle_ns=3600 * SECOND, session_evict_idle_ns=60 * SECOND)
+    machine = SequencerMachine(config)
+    submit(machine, 0, ("alpha", 1))
+    submit(machine, 10 * SECOND, ("bravo", 1))
+    # Full, and nobody idle for 60 s: the newcomer is refused, nobody is evicted.
+    refused = submit(machine, 59 * SECOND, ("charlie", 1))
+    assert refused.results == [EntryResult("charlie", 1, Outcome.REJECTED, 0, RejectReason.TOO_MANY_SESSIONS)]
+    assert machine.session_count == 2 and machine.sessions_evicted == 0
+    # alpha idle for 60 s: it goes (least recently active), charlie comes in; bravo stays.
+    admitted = submit(machine, 60 * SECOND, ("charlie", 1))
+    assert admitted.results == [EntryResult("charlie", 1, Outcome.SEQUENCED, 3)]
+    assert machine.last_client_seq("alpha") == 0 and machine.last_client_seq("bravo") == 1
+    assert machine.sessions_evicted == 1
+
+
+def test_the_table_is_bounded_by_bytes_counting_a_full_window_per_session():
+    one = MachineConfig(dedup_window=64).session_bytes("s-0")
+    config = MachineConfig(dedup_window=64, session_table_bytes_max=3 * one, session_evict_idle_ns=60 * SECOND)
+    machine = SequencerMachine(config)
+    results = submit(machine, 0, *[(f"s-{i}", 1) for i in range(4)]).results
+    assert [r.outcome for r in results] == [Outcome.SEQUENCED] * 3 + [Outcome.REJECTED]
+    assert results[3].reason is RejectReason.TOO_MANY_SESSIONS
+    assert machine.session_table_bytes == 3 * one <= config.session_table_bytes_max
+    # A session's window filling up never changes what the table counts.
+    submit(machine, SECOND, *[("s-0", c) for c in range(2, 200)])
+    assert machine.session_table_bytes == 3 * one
+    assert SequencerMachine.restore(machine.snapshot()).session_table_bytes == 3 * one
+
+
+def test_the_window_ring_answers_every_retry_it_holds_after_wrapping_and_restore():
+    machine = SequencerMachine(MachineConfig(dedup_window=5))
+    submit(machine, 10, *[("alpha", c) for c in range(1, 13)])
+    for m in (machine, SequencerMachine.restore(machine.snapshot())):
+        assert [m.seq_of("alpha", c) for c in range(6, 14)] == [None, None, 8, 9, 10, 11, 12, None]
+        retries = submit(m, 20, *[("alpha", c) for c in (8, 12)], ("alpha", 9, b"not the payload"), ("alpha", 7))
+        assert retries.results == [
+            EntryResult("alpha", 8, Outcome.DUPLICATE, 8),
+            EntryResult("alpha", 12, Outcome.DUPLICATE, 12),
+            EntryResult("alpha", 9, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+            EntryResult("alpha", 7, Outcome.REJECTED, 0, RejectReason.STALE_CLIENT_SEQ),
+        ]
+
+
+def test_a_format_2_snapshot_restores_with_unknown_digests_and_no_owners():
+    """A snapshot of the previous format (no digests, no owners, no byte bound): restored,
+    its sessions' retries answered as before (their digests are unknown), new ones checked."""
+    old = SequencerMachine()
+    submit(old, 10, ("alpha", 1), ("alpha", 2))
+    snap = msgspec.msgpack.decode(old.snapshot())
+    snap[0] = 2
+    snap[1] = snap[1][:3]  # the config of format 2
+    snap[5] = [session[:4] for session in snap[5]]  # sessions without digests and owner
+    machine = SequencerMachine.restore(msgspec.msgpack.encode(snap))
+    assert machine.config == MachineConfig()
+    result = submit(machine, 20, ("alpha", 1, b"another payload"), ("alpha", 3), ("alpha", 3, b"another payload"))
+    assert result.results == [
+        EntryResult("alpha", 1, Outcome.DUPLICATE, 1),
+        EntryResult("alpha", 3, Outcome.SEQUENCED, 3),
+        EntryResult("alpha", 3, Outcome.REJECTED, 0, RejectReason.SESSION_CONFLICT),
+    ]
 
 
 def test_retry_older_than_the_window_is_stale():
@@ -630,7 +792,7 @@ def _good_entry() -> list:
 
 # Each mutation turns a well-formed batch (as a plain msgpack list) into one apply must refuse.
 WRONG_BATCHES = {
-    "format_version_newer": lambda b: [2, *b[1:]],
+    "format_version_newer": lambda b: [protocol.BATCH_FORMAT_FENCED + 1, *b[1:]],
     "format_version_zero": lambda b: [0, *b[1:]],
     "format_version_text": lambda b: ["1", *b[1:]],
     "not_an_array": lambda b: {"format_version": 1, "leader_time_ns": b[1], "entries": b[2]},
@@ -735,15 +897,16 @@ def _valid_snapshot(**changes) -> MachineSnapshot:
         last_log_time_ns=30 * SECOND,
         stream_crc=12345,
         sessions=[
-            SessionSnapshot("alpha", 3, 10 * SECOND, [3, 4]),
-            SessionSnapshot("bravo", 2, 20 * SECOND, [2, 5]),
+            SessionSnapshot("alpha", 3, 10 * SECOND, [3, 4], [7, 8], 99),
+            SessionSnapshot("bravo", 2, 20 * SECOND, [2, 5], [5, 6]),
         ],
     )
     return msgspec.structs.replace(snap, **changes)
 
 
 def _sessions(*sessions) -> list[SessionSnapshot]:
-    return [SessionSnapshot(*s) for s in sessions]
+    """Sessions of the current format: (name, last client_seq, last active, window[, digests])."""
+    return [SessionSnapshot(*s) if len(s) > 4 else SessionSnapshot(*s, [1] * len(s[3])) for s in sessions]
 
 
 def test_the_valid_snapshot_used_below_restores():
@@ -766,6 +929,13 @@ BAD_SNAPSHOTS = {
     "window_longer_than_dedup_window": dict(sessions=_sessions(("alpha", 3, 1, [1, 2, 3]))),
     "window_longer_than_client_seq": dict(sessions=_sessions(("alpha", 1, 1, [1, 2]))),
     "sessions_not_in_activity_order": dict(sessions=_sessions(("alpha", 1, 20, [1]), ("bravo", 1, 10, [2]))),
+    "digests_fewer_than_the_window": dict(sessions=_sessions(("alpha", 2, 1, [1, 2], [1]))),
+    "digest_negative": dict(sessions=_sessions(("alpha", 1, 1, [1], [-1]))),
+    "digests_in_format_2": dict(format_version=2, config=MachineConfig(sessions_max=5), sessions=_sessions(("alpha", 1, 1, [1]))),
+    "table_over_its_byte_bound": dict(
+        config=MachineConfig(dedup_window=2, session_table_bytes_max=MachineConfig(dedup_window=2).session_bytes("s" * 128)),
+        sessions=_sessions(("alpha", 1, 1, [1]), ("bravo", 1, 2, [2])),
+    ),
     "more_sessions_than_sessions_max": dict(
         config=MachineConfig(sessions_max=1), sessions=_sessions(("alpha", 1, 1, [1]), ("bravo", 1, 2, [2]))
     ),

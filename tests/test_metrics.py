@@ -31,6 +31,7 @@ UNITLESS_GAUGES = {
     "raftseq_raft_peer_connected",
     "raftseq_clients_connected",
     "raftseq_subscribers",
+    "raftseq_sessions",
     "raftseq_journal_segments",
     "raftseq_journal_holes",
     "raftseq_disk_low",

@@ -793,9 +793,23 @@ def test_batch_round_trip(leader_time_ns, batch_entries):
 def test_batch_with_trailing_fields_from_a_newer_leader_decodes():
     data = msgspec.msgpack.encode([BATCH_FORMAT_VERSION, 5, [["s", 1, b"a", "new"], ["s", 2, b"b", 7, [1]]], "extra", {}])
     assert decode_batch(data) == Batch(BATCH_FORMAT_VERSION, 5, [Entry("s", 1, b"a"), Entry("s", 2, b"b")])
+    fenced = msgspec.msgpack.encode([protocol.BATCH_FORMAT_FENCED, 5, [["s", 1, b"a", 7, True, 9, "new"]], "extra"])
+    assert decode_batch(fenced).entries == [protocol.FencedEntry("s", 1, b"a", 7, True, 9)]
 
 
-@pytest.mark.parametrize("version", [0, BATCH_FORMAT_VERSION + 1, -1, 2**63])
+def test_fenced_entries_go_in_format_2_and_unfenced_ones_encode_as_before():
+    plain = [Entry("s", 1, b"a")]
+    assert encode_batch(5, plain) == msgspec.msgpack.encode([1, 5, [["s", 1, b"a"]]])
+    assert (plain[0].owner, plain[0].claim) == (0, False)
+    fenced = [protocol.FencedEntry("s", 1, b"a", 2**63 - 1, True), protocol.FencedEntry("s", 2, b"b", 3)]
+    batch = decode_batch(encode_batch(5, fenced, fenced=True))
+    assert (batch.format_version, batch.leader_time_ns, batch.entries) == (protocol.BATCH_FORMAT_FENCED, 5, fenced)
+    # Written another way (the version as a uint8), still read with its owners.
+    odd = msgspec.msgpack.encode([protocol.BATCH_FORMAT_FENCED, 5, [["s", 1, b"a", 9, True]]]).replace(b"\x93\x02", b"\x93\xcc\x02", 1)
+    assert decode_batch(odd).entries == [protocol.FencedEntry("s", 1, b"a", 9, True)]
+
+
+@pytest.mark.parametrize("version", [0, protocol.BATCH_FORMAT_FENCED + 1, -1, 2**63])
 def test_batch_with_other_format_version_is_refused(version):
     data = msgspec.msgpack.encode(Batch(version, 1, [Entry("s", 1, b"x")]))
     with pytest.raises(BatchError, match="version|undecodable"):

@@ -103,7 +103,7 @@ def test_runner_snapshots_and_a_late_joiner_through_a_node_kill(running_cluster)
         tail = await submit_all(h, "writer-3", puts("c", 300))
         await publisher.run(until_seq=tail[-1])
         captured = publisher.capture("kv")
-        async with SequencerClient(h.endpoints, session=snapshot_session("kv", "evil"), token=h.token) as evil:
+        async with SequencerClient(h.endpoints, session=snapshot_session("kv", "evil"), token=h.token, snapshot_publisher=True) as evil:
             await upload_snapshot(evil, CapturedSnapshot("kv", 9, captured.covered_seq, captured.digest, captured.data))
             await upload_snapshot(evil, CapturedSnapshot("kv", 1, captured.covered_seq, "0" * 64, captured.data))
         final = (await submit_all(h, "writer-4", puts("d", 200)))[-1]
@@ -202,7 +202,7 @@ def test_a_follower_answers_snapshot_queries_from_its_replicated_index(running_c
 
     async def scenario():
         await submit_all(h, "writer", puts("k", 5))
-        async with SequencerClient(h.endpoints, session=snapshot_session("kv", "solo"), token=h.token) as client:
+        async with SequencerClient(h.endpoints, session=snapshot_session("kv", "solo"), token=h.token, snapshot_publisher=True) as client:
             first, last = await upload_snapshot(client, CapturedSnapshot("kv", 1, 5, "ab" * 32, b"s" * 70_000), chunk_bytes=30_000)
         assert (first, last) == (6, 8)
         await wait_listed([h.endpoint(f) for f in followers], h.token, count=1)

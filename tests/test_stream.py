@@ -151,7 +151,7 @@ def test_undecodable_or_duplicate_only_batches_append_nothing(tmp_path):
     replica = Replica(tmp_path / "j")
     replica.apply_all(encoded_story(2))
     before = replica.journal.last_seq
-    assert replica.stream.apply(b"\x93\x02\x00\x90").error  # a newer batch format
+    assert replica.stream.apply(b"\x93\x03\x00\x90").error  # a newer batch format
     duplicates = replica.stream.apply(encode(10 * SECOND, [("alpha", 1, b"again"), ("bravo", 2, b"again")]))
     assert duplicates.first_seq == 0 and duplicates.records == b""
     assert replica.journal.last_seq == before

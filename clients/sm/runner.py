@@ -515,7 +515,11 @@ class StateMachineRunner:
             client = self._snapshot_clients.get(snap.sm_type)
             if client is None:
                 client = SequencerClient(
-                    self.endpoints, session=snapshot_session(snap.sm_type, self.replica), token=self.token, **self._client_options
+                    self.endpoints,
+                    session=snapshot_session(snap.sm_type, self.replica),
+                    token=self.token,
+                    snapshot_publisher=True,
+                    **self._client_options,
                 )
                 await client.connect()
                 self._snapshot_clients[snap.sm_type] = client

@@ -90,9 +90,12 @@ async def upload_snapshot(
     client: SequencerClient, snapshot: CapturedSnapshot, *, chunk_bytes: int = protocol.SNAPSHOT_CHUNK_DATA_BYTES_MAX
 ) -> tuple[int, int]:
     """Submit `snapshot`'s chunks through `client` (a snapshot session); returns the sequence
-    numbers of the first and the last chunk."""
+    numbers of the first and the last chunk. The client is made with ``snapshot_publisher=True``
+    (a node refuses ``@snap/`` sessions to other clients: ``reserved_session``)."""
     if not client.session.startswith(protocol.SNAPSHOT_SESSION_PREFIX):
         raise ValueError(f"session {client.session!r} is not a snapshot session ({protocol.SNAPSHOT_SESSION_PREFIX}...)")
+    if not client.snapshot_publisher:
+        raise ValueError("a snapshot session's client must say it publishes snapshots: SequencerClient(..., snapshot_publisher=True)")
     payloads = chunk_payloads(snapshot, chunk_bytes=chunk_bytes)
     step = max(1, min(client.in_flight_max, 256))
     seqs: list[int] = []

@@ -6,6 +6,7 @@ payload is decoded: a frame from outside with a field out of range is refused as
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated
 
@@ -35,6 +36,8 @@ __all__ = [
     "Detail",
     "Digest",
     "EntrySession",
+    "Owner",
+    "PayloadDigest",
     "Payload",
     "SchemaVersion",
     "Seq",
@@ -44,6 +47,7 @@ __all__ = [
     "TimeNs",
     "Token",
     "is_session_name",
+    "payload_digest",
 ]
 
 #: What a session name may contain (ASCII only, so its length in characters is its length in bytes).
@@ -65,6 +69,19 @@ ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+#: A payload's digest (``payload_digest``); 0: not given (the node computes it).
+PayloadDigest = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_blake2b = hashlib.blake2b
+
+
+def payload_digest(payload: bytes) -> int:
+    """The digest a session's dedup window keeps of a payload, which a client may send with its
+    submit: BLAKE2b-64, its top bit dropped and its lowest set (never 0: 0 stands for unknown)."""
+    return int.from_bytes(_blake2b(payload, digest_size=limits.SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
+
+
+#: A client instance's random id (``Hello.owner``, ``Entry.owner``); 0: none (unfenced).
+Owner = Annotated[int, msgspec.Meta(ge=0, le=2**limits.OWNER_BITS - 1)]
 Payload = Annotated[bytes, msgspec.Meta(max_length=limits.PAYLOAD_BYTES_MAX)]
 #: Printable ASCII only, so its length in characters is its length in bytes.
 Token = Annotated[str, msgspec.Meta(max_length=limits.TOKEN_BYTES_MAX, pattern=r"^[\x20-\x7e]*\Z")]

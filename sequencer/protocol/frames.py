@@ -22,7 +22,9 @@ from raftseq.sequencer.protocol.fields import (
     ClientSeq,
     Count,
     Detail,
+    Owner,
     Payload,
+    PayloadDigest,
     Seq,
     Session,
     SmType,
@@ -32,6 +34,7 @@ from raftseq.sequencer.protocol.fields import (
 from raftseq.sequencer.protocol.snapshot_chunks import SnapshotHeader
 
 __all__ = [
+    "KNOWN_TO_OLD_CLIENTS",
     "PROTOCOL_VERSION",
     "Ack",
     "AckRange",
@@ -75,6 +78,22 @@ class RejectReason(enum.Enum):
     FROM_SEQ_UNAVAILABLE = "from_seq_unavailable"  # subscribe below the journal's start
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    # Sent only to clients whose hello carries an ``owner`` (they know these reasons); an
+    # older client gets ``KNOWN_TO_OLD_CLIENTS[reason]`` with the new reason in the detail.
+    #: A retry of an applied client_seq whose payload differs from the one applied.
+    SESSION_CONFLICT = "session_conflict"
+    #: A newer hello (another client) took this session over; this client must stop.
+    SESSION_TAKEN_OVER = "session_taken_over"
+    #: The session name is reserved (``SNAPSHOT_SESSION_PREFIX``) for snapshot publishers.
+    RESERVED_SESSION = "reserved_session"
+
+
+#: What a client whose hello has no ``owner`` (it predates these reasons) is sent instead.
+KNOWN_TO_OLD_CLIENTS = {
+    RejectReason.SESSION_CONFLICT: RejectReason.BAD_FRAME,
+    RejectReason.SESSION_TAKEN_OVER: RejectReason.BAD_FRAME,
+    RejectReason.RESERVED_SESSION: RejectReason.BAD_FRAME,
+}
 
 
 class Role(enum.Enum):
@@ -99,6 +118,13 @@ class Hello(Frame, tag="hello"):
     protocol_version: int
     #: Highest client_seq this client has seen acknowledged (0: none); informational.
     last_client_seq_acked: Count = 0
+    #: This client's random instance id (0: a client that predates session fencing). A hello
+    #: with an owner takes the session over from any other owner, in the replicated order
+    #: (``sequencer.machine``), and says the client knows the session reasons of ``RejectReason``.
+    owner: Owner = 0
+    #: The client publishes state-machine snapshots: only then may ``session`` start with
+    #: ``SNAPSHOT_SESSION_PREFIX``.
+    snapshot_publisher: bool = False
 
 
 class Submit(Frame, tag="sub"):
@@ -106,6 +132,9 @@ class Submit(Frame, tag="sub"):
 
     client_seq: ClientSeq
     payload: Payload
+    #: ``payload_digest(payload)``, computed by the client so that the node need not (0: not
+    #: given). A wrong one only misleads this session's own retry checks.
+    digest: PayloadDigest = 0
 
 
 class SubmitBatch(Frame, tag="subs"):
@@ -117,6 +146,8 @@ class SubmitBatch(Frame, tag="subs"):
 
     first_client_seq: ClientSeq
     payloads: Annotated[list[Payload], msgspec.Meta(min_length=1, max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)]
+    #: ``payload_digest`` of each payload (as ``Submit.digest``), or empty: not given.
+    digests: Annotated[list[PayloadDigest], msgspec.Meta(max_length=limits.SUBMIT_BATCH_ENTRIES_MAX)] = []
 
 
 class Subscribe(Frame, tag="subscribe"):

@@ -1,0 +1,136 @@
+"""Sessions on a real cluster: two clients that share one session name, the reserved
+``@snap/`` prefix. (The machine's rules are unit-tested in ``tests/test_machine.py``.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from cluster_harness import ClusterHarness, RawConnection, running_cluster  # noqa: F401
+
+from raftseq.clients import Rejected, SequencerClient, SequencerError, SessionTakenOver
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
+
+#: Submits each of the two clients makes.
+SUBMITS = 300
+#: Seconds the two clients get to finish.
+RUN_TIMEOUT_S = 60.0
+
+
+async def _submit_all(client: SequencerClient, name: bytes) -> tuple[dict[int, bytes], list[Exception]]:
+    """Submit SUBMITS payloads as fast as the window allows; (seq -> payload acked, errors)."""
+    acked: dict[int, bytes] = {}
+    errors: list[Exception] = []
+    futures = []
+    for i in range(SUBMITS):
+        payload = b"%s-%d" % (name, i)
+        try:
+            await client.wait_for_room()
+            futures.append((payload, client.submit_nowait(payload)))
+        except SequencerError as exc:
+            errors.append(exc)
+            break
+        await asyncio.sleep(0)  # let the other client interleave
+    for payload, future in futures:
+        try:
+            acked[await future] = payload
+        except SequencerError as exc:
+            errors.append(exc)
+    return acked, errors
+
+
+def test_two_clients_on_one_session_never_get_an_ack_for_the_other_clients_payload(running_cluster):
+    """Defect: the second client's submits were acknowledged as duplicates of the first's
+    (same client_seq, other payload): acknowledged, yet its payload is in no journal."""
+    h: ClusterHarness = running_cluster
+
+    async def run() -> tuple[dict, dict, list, list]:
+        a = SequencerClient(h.endpoints, session="x", token=h.token, in_flight_max=16)
+        b = SequencerClient(h.endpoints, session="x", token=h.token, in_flight_max=16)
+        await a.connect()
+        await b.connect()
+        try:
+            (acked_a, errors_a), (acked_b, errors_b) = await asyncio.wait_for(
+                asyncio.gather(_submit_all(a, b"a"), _submit_all(b, b"b")), RUN_TIMEOUT_S
+            )
+        finally:
+            await a.close()
+            await b.close()
+        return acked_a, acked_b, errors_a, errors_b
+
+    acked_a, acked_b, errors_a, errors_b = asyncio.run(run())
+    h.wait_converged(at_least=max([*acked_a, *acked_b]), timeout_s=30)
+    h.stop()
+    journal = {r.seq: r.payload for r in h.read_journal(h.node_ids[0]).records}
+    print(
+        f"a: {len(acked_a)} acked, errors {Counter(map(repr, errors_a))}; b: {len(acked_b)} acked, errors {Counter(map(repr, errors_b))}; journal {len(journal)}"
+    )
+    for who, acked in (("a", acked_a), ("b", acked_b)):
+        wrong = {seq: (payload, journal.get(seq)) for seq, payload in acked.items() if journal.get(seq) != payload}
+        assert not wrong, f"client {who} was acknowledged for {len(wrong)} payloads the journal does not hold: {list(wrong.items())[:3]}"
+    for error in errors_a + errors_b:
+        assert isinstance(error, Rejected) and error.reason.value in ("session_conflict", "session_taken_over"), repr(error)
+
+
+def test_reserved_sessions_and_the_reasons_an_older_client_is_sent(running_cluster):
+    """``@snap/`` sessions are refused to clients that do not publish snapshots (typed
+    ``reserved_session``); a client without an owner (older than fencing) is sent reasons it
+    knows (``bad_frame``, the new reason in the detail), also for a session conflict."""
+    h: ClusterHarness = running_cluster
+    leader = h.wait_for_leader()
+    address = h.endpoint(leader["id"])
+
+    async def sdk() -> None:
+        ordinary = SequencerClient(h.endpoints, session="@snap/kv/r1", token=h.token)
+        with pytest.raises(Rejected) as refused:
+            await ordinary.connect()
+        assert refused.value.reason is RejectReason.RESERVED_SESSION
+        await ordinary.close()
+        async with SequencerClient(h.endpoints, session="@snap/kv/r1", token=h.token, snapshot_publisher=True) as publisher:
+            assert await publisher.submit(b"not a chunk") >= 1
+
+    asyncio.run(sdk())
+    with RawConnection(address) as old:
+        answer = old.hello("@snap/kv/r2", h.token)
+        assert isinstance(answer, protocol.Rejected) and answer.reason is RejectReason.BAD_FRAME
+        assert answer.detail.startswith("reserved_session")
+    # Two old clients (no owner: not fenced) on one session, other payloads under number 1.
+    with RawConnection(address) as first, RawConnection(address) as second:
+        assert isinstance(first.hello("old", h.token), protocol.Welcome)
+        assert isinstance(second.hello("old", h.token), protocol.Welcome)
+        first.send_frame(protocol.Submit(1, b"first"))
+        acked = first.next_frame(timeout_s=10)
+        assert isinstance(acked, protocol.Ack) and not acked.duplicate
+        second.send_frame(protocol.Submit(1, b"second"))
+        conflict = second.next_frame(timeout_s=10)
+        assert isinstance(conflict, protocol.Rejected) and conflict.reason is RejectReason.BAD_FRAME, conflict
+        assert conflict.detail.startswith("session_conflict") and conflict.client_seq == 1
+        second.send_frame(protocol.Submit(1, b"first"))  # a true retry is still a duplicate
+        retry = second.next_frame(timeout_s=10)
+        assert isinstance(retry, protocol.Ack) and retry.duplicate and retry.seq == acked.seq
+    with RawConnection(address) as wrong:
+        assert isinstance(wrong.hello("digests", h.token), protocol.Welcome)
+        wrong.send_frame(protocol.SubmitBatch(1, [b"a", b"b"], [protocol.payload_digest(b"a")]))
+        refused = wrong.next_frame(timeout_s=10)
+        assert isinstance(refused, protocol.Rejected) and refused.reason is RejectReason.BAD_FRAME, refused
+        assert wrong.next_frame(timeout_s=10) is None  # and closed
+
+
+def test_a_client_taken_over_stops_and_does_not_take_the_session_back(running_cluster):
+    h: ClusterHarness = running_cluster
+
+    async def run() -> None:
+        async with SequencerClient(h.endpoints, session="desk", token=h.token) as older:
+            first = await older.submit(b"older 1")
+            async with SequencerClient(h.endpoints, session="desk", token=h.token) as newer:
+                assert await newer.submit(b"newer 2") == first + 1
+                with pytest.raises(SessionTakenOver):
+                    await older.submit(b"older 3")
+                with pytest.raises(SessionTakenOver):
+                    older.submit_nowait(b"older 4")  # refused for good, at once
+                assert not older.connected and older.reconnects <= 1
+                assert await newer.submit(b"newer 3") == first + 2
+
+    asyncio.run(run())
