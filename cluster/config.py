@@ -91,23 +91,41 @@ class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     in_flight_max: int = 8
     #: Submits queued at the leader, waiting for a batch; beyond it submits get ``Busy``.
     queue_entries_max: int = 50_000
+    #: Bytes of submits the leader holds (queued and proposed, not yet answered), counted as
+    #: their encoded entries; beyond it submits get ``Busy``. Counting entries alone let three
+    #: connections of 32 KiB payloads hold 1.2-1.8 GB (20,000 in flight each) and starve the
+    #: Raft heartbeats; 64 MiB is ~2,000 such payloads, far more than the ``in_flight_max``
+    #: batches Raft carries at once.
+    held_bytes_max: int = 64 * limits.MIB
     #: Seconds a proposed batch may wait for its commit before its submits are answered as
     #: unknown (the client resubmits under the same client_seq).
     commit_timeout_s: float = 5.0
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Authenticated connections (a hello was welcomed); beyond it a hello gets ``Busy``.
     connections_max: int = 1000
+    #: Connections that have not said hello yet, counted apart from ``connections_max`` so that
+    #: they can never keep authenticated clients out (1,100 silent sockets once did). When full,
+    #: a new connection pushes out the oldest one still waiting for its hello.
+    preauth_connections_max: int = 64
     subscribers_max: int = 200
     #: Submits of one session sent and not yet answered; beyond it the answer is ``Busy``.
     in_flight_per_session_max: int = 20_000
+    #: Payload bytes of one connection's submits sent and not yet answered; beyond it the
+    #: answer is ``Busy``. One connection alone never holds the node's whole
+    #: ``batcher.held_bytes_max``; 8 MiB is 256 payloads of 32 KiB, several times what Raft
+    #: carries at once.
+    in_flight_bytes_per_connection_max: int = 8 * limits.MIB
     heartbeat_interval_ms: int = 500
     #: A connection silent for this long (no frame, no heartbeat) is closed.
     idle_timeout_ms: int = 3000
     #: Bytes written to a subscriber and not yet drained by the socket before the node stops
     #: reading the journal for it (flow control).
     subscriber_buffer_bytes_max: int = 1 * limits.MIB
-    hello_timeout_ms: int = 5000
+    #: A connection that has not said hello this long after connecting is closed. A client
+    #: sends its hello at once; the deadline only frees the slot of one that never will.
+    hello_timeout_ms: int = 2000
 
 
 class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -199,6 +217,9 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("gateway.subscribers_max", self.gateway.subscribers_max),
             ("gateway.in_flight_per_session_max", self.gateway.in_flight_per_session_max),
             ("gateway.hello_timeout_ms", self.gateway.hello_timeout_ms),
+            ("gateway.preauth_connections_max", self.gateway.preauth_connections_max),
+            ("gateway.in_flight_bytes_per_connection_max", self.gateway.in_flight_bytes_per_connection_max),
+            ("batcher.held_bytes_max", self.batcher.held_bytes_max),
             ("journal.disk_free_bytes_min", self.journal.disk_free_bytes_min + 1),
         ]
         found.extend(f"{name} must be > 0, got {value}" for name, value in positive if not value > 0)
@@ -227,6 +248,10 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         g = self.gateway
         if not 100 <= g.heartbeat_interval_ms < g.idle_timeout_ms:
             found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
+        if g.in_flight_bytes_per_connection_max < limits.PAYLOAD_BYTES_MAX:
+            found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
+        if b.held_bytes_max < b.bytes_max:
+            found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
         if g.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
             found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
         try:

@@ -62,6 +62,7 @@ class Connection:
         "peer",
         "session",
         "in_flight",
+        "in_flight_bytes",
         "subscription",
         "last_read",
         "last_write",
@@ -81,6 +82,8 @@ class Connection:
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.session = ""
         self.in_flight = 0
+        #: Payload bytes of this connection's submits not yet answered.
+        self.in_flight_bytes = 0
         self.subscription: asyncio.Task | None = None
         now = time.monotonic()
         self.last_read = now
@@ -166,9 +169,10 @@ class Connection:
 
     # --- replies from the batcher ---------------------------------------------------------
 
-    def reply(self, client_seq: int, outcome: object) -> None:
+    def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
         self.in_flight -= 1
+        self.in_flight_bytes -= payload_bytes
         if type(outcome) is int:  # sequenced
             if not self.closed:
                 self.ack(client_seq, outcome)
@@ -209,6 +213,10 @@ class Gateway:
         self.publication = publication
         self.metrics = metrics
         self.connections: set[Connection] = set()
+        #: The connections of ``connections`` still waiting for their hello, oldest first,
+        #: and those whose hello was welcomed (``connections_max``).
+        self.awaiting_hello: dict[Connection, None] = {}
+        self.welcomed: set[Connection] = set()
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
@@ -252,15 +260,7 @@ class Gateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
-        metrics = self.metrics
-        if len(self.connections) >= self.config.connections_max:
-            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "connections"))
-            conn._flush()
-            conn.close()
-            metrics.refused("busy")
-            return
-        self.connections.add(conn)
-        metrics.clients_connected = len(self.connections)
+        self._admit(conn)
         framer = protocol.FrameReader("client")
         try:
             await self._run(conn, framer)
@@ -273,7 +273,42 @@ class Gateway:
         finally:
             conn.close()
             self.connections.discard(conn)
-            metrics.clients_connected = len(self.connections)
+            self.awaiting_hello.pop(conn, None)
+            self.welcomed.discard(conn)
+            self._count_connections()
+
+    # --- admission: connections waiting for their hello have their own, smaller table ------
+
+    def _admit(self, conn: Connection) -> None:
+        """Take a new connection in as one waiting for its hello. When those are at their
+        limit, the oldest of them is pushed out: a flood of silent sockets can only push
+        itself out, never hold the port against clients that say hello at once."""
+        if len(self.awaiting_hello) >= self.config.preauth_connections_max:
+            oldest = next(iter(self.awaiting_hello))
+            del self.awaiting_hello[oldest]
+            oldest.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello yet, and newer connections are waiting")
+        self.awaiting_hello[conn] = None
+        self.connections.add(conn)
+        self._count_connections()
+
+    def _authenticated(self, conn: Connection) -> bool:
+        """A connection's hello passed: move it to the authenticated table, or answer ``Busy``
+        and close it when that table is full. True when it was taken in."""
+        self.awaiting_hello.pop(conn, None)
+        if len(self.welcomed) >= self.config.connections_max:
+            self.metrics.refused("busy")
+            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "connections"))
+            conn._flush()
+            conn.close()
+            return False
+        self.welcomed.add(conn)
+        self._count_connections()
+        return True
+
+    def _count_connections(self) -> None:
+        metrics = self.metrics
+        metrics.clients_awaiting_hello = len(self.awaiting_hello)
+        metrics.clients_connected = len(self.welcomed)
 
     async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
         try:
@@ -356,6 +391,8 @@ class Gateway:
             log.warning("authentication failed from %s (session %r): %s", conn.peer, hello.session, problem)
             conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
             return
+        if not self._authenticated(conn):
+            return
         conn.session = hello.session
         node = self.node
         conn.send(
@@ -386,10 +423,13 @@ class Gateway:
         session = conn.session
         reply = conn.reply
         in_flight_max = self.config.in_flight_per_session_max
+        in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:
                 limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
+            if limit is None and conn.in_flight_bytes + len(payload) > in_flight_bytes_max:
+                limit = ("in_flight_bytes_per_connection", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if limit is None and not batcher.offer(PendingSubmit(session, client_seq, payload, reply), propose=False):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
@@ -399,6 +439,7 @@ class Gateway:
                 conn.send(protocol.Busy(client_seq, limit[1], limit[0]))
                 continue
             conn.in_flight += 1
+            conn.in_flight_bytes += len(payload)
         batcher.flush()
 
     def _subscribe(self, conn: Connection, subscribe: protocol.Subscribe) -> None:

@@ -103,6 +103,7 @@ METRICS = (
     MetricSpec("raftseq_ack_latency_seconds", "histogram", (), "Submit received to ack sent, on the leader"),
     MetricSpec("raftseq_batcher_queue_entries", "gauge", (), "Submits waiting in the leader's batcher queue"),
     MetricSpec("raftseq_batcher_in_flight_batches", "gauge", (), "Batches proposed to Raft and not yet committed"),
+    MetricSpec("raftseq_batcher_held_bytes", "gauge", (), "Bytes of submits the leader holds, queued or proposed and not yet answered"),
     MetricSpec("raftseq_batches_proposed_total", "counter", (), "Batches this node proposed as leader"),
     MetricSpec("raftseq_entries_proposed_total", "counter", (), "Submits this node proposed as leader"),
     MetricSpec(
@@ -111,7 +112,8 @@ METRICS = (
     MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
     # Clients and subscribers.
-    MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections"),
+    MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections whose hello was welcomed"),
+    MetricSpec("raftseq_clients_awaiting_hello", "gauge", (), "Open client connections that have not said hello yet"),
     MetricSpec("raftseq_subscribers", "gauge", (), "Active subscriptions"),
     MetricSpec("raftseq_delivered_messages_total", "counter", (), "Messages sent to subscribers"),
     MetricSpec("raftseq_subscriber_max_lag_messages", "gauge", (), "Largest distance of a subscription's position behind raftseq_last_seq"),
@@ -199,6 +201,7 @@ class NodeMetrics:
         self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         self.duplicates = 0
         self.clients_connected = 0
+        self.clients_awaiting_hello = 0
         self.subscribers = 0
         self.delivered = 0
         self.messages_sequenced = 0
@@ -316,6 +319,7 @@ class NodeCollector:
         batcher = self.batcher
         yield family("raftseq_batcher_queue_entries", value=batcher.queued if batcher is not None else 0)
         yield family("raftseq_batcher_in_flight_batches", value=batcher.in_flight if batcher is not None else 0)
+        yield family("raftseq_batcher_held_bytes", value=batcher.held_bytes if batcher is not None else 0)
         yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
         yield family("raftseq_entries_proposed_total", value=batcher.entries_proposed if batcher is not None else 0)
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
@@ -324,6 +328,7 @@ class NodeCollector:
 
         # --- clients and subscribers ------------------------------------------------------
         yield family("raftseq_clients_connected", value=m.clients_connected)
+        yield family("raftseq_clients_awaiting_hello", value=m.clients_awaiting_hello)
         yield family("raftseq_subscribers", value=m.subscribers)
         yield family("raftseq_delivered_messages_total", value=m.delivered)
         yield family("raftseq_subscriber_max_lag_messages", value=max(0, self._subscriber_max_lag(last_seq)))

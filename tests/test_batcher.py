@@ -82,7 +82,7 @@ class Replies:
     _waiters: list[tuple[int, asyncio.Future]] = field(default_factory=list)
 
     def submit(self, session: str, client_seq: int, payload: bytes = b"x") -> PendingSubmit:
-        def reply(seq: int, outcome: object) -> None:
+        def reply(seq: int, outcome: object, payload_bytes: int) -> None:
             self.got.append((session, seq, outcome))
             self.threads.add(threading.get_ident())
             for count, waiter in self._waiters:
@@ -385,7 +385,7 @@ def test_a_failing_reply_stops_the_node_instead_of_raising_into_raft(stops):
         raft = FakeRaft()
         batcher = make_batcher(raft)
 
-        def broken_reply(client_seq: int, outcome: object) -> None:
+        def broken_reply(client_seq: int, outcome: object, payload_bytes: int) -> None:
             raise RuntimeError("reply failed")
 
         batcher.offer(PendingSubmit("alpha", 1, b"x", broken_reply))
