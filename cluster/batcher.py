@@ -233,11 +233,12 @@ class Batcher:
         """No longer leader (or shutting down): answer everything queued and in flight as unknown."""
         self.enabled = False
         unknown = CommitOutcome(None, reason)
+        # Nothing is held from here on: each answer may let a waiting connection read again.
+        self._queue_bytes = 0
+        self._held_bytes = 0
         while self._queue:
             submit = self._queue.popleft()
             submit.answer(unknown)
-        self._queue_bytes = 0
-        self._held_bytes = 0
         for members, _ in self._in_flight.values():
             for submit in members:
                 submit.answer(unknown)

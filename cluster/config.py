@@ -112,11 +112,14 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subscribers_max: int = 200
     #: Submits of one session sent and not yet answered; beyond it the answer is ``Busy``.
     in_flight_per_session_max: int = 20_000
-    #: Payload bytes of one connection's submits sent and not yet answered; beyond it the
-    #: answer is ``Busy``. One connection alone never holds the node's whole
-    #: ``batcher.held_bytes_max``; 8 MiB is 256 payloads of 32 KiB, several times what Raft
-    #: carries at once.
-    in_flight_bytes_per_connection_max: int = 8 * limits.MIB
+    #: Payload bytes of one connection's submits sent and not yet answered. A connection
+    #: that may pass it with its next frame is not read until answers make room (its submits
+    #: wait in its socket), and a submit beyond it gets ``Busy``. Everything the leader holds
+    #: waits in one queue, so a client's latency is what the others hold over the throughput:
+    #: 1 MiB is twice what Raft carries at once (``batcher.in_flight_max`` batches of
+    #: ``bytes_max``), so one connection still fills the pipeline, and 10,000 submits of
+    #: 100 bytes.
+    in_flight_bytes_per_connection_max: int = 1 * limits.MIB
     heartbeat_interval_ms: int = 500
     #: A connection silent for this long (no frame, no heartbeat) is closed.
     idle_timeout_ms: int = 3000

@@ -173,6 +173,9 @@ class Connection:
         """The outcome of one of this connection's submits, from the batcher."""
         self.in_flight -= 1
         self.in_flight_bytes -= payload_bytes
+        gateway = self.gateway
+        if gateway.waiting_for_room:
+            gateway.room_freed.set()
         if type(outcome) is int:  # sequenced
             if not self.closed:
                 self.ack(client_seq, outcome)
@@ -217,6 +220,10 @@ class Gateway:
         #: and those whose hello was welcomed (``connections_max``).
         self.awaiting_hello: dict[Connection, None] = {}
         self.welcomed: set[Connection] = set()
+        #: Connections not read while their submits (or the node's) hold their byte bound,
+        #: and the event an answered submit sets to wake them (``_wait_for_room``).
+        self.waiting_for_room = 0
+        self.room_freed = asyncio.Event()
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
@@ -344,6 +351,43 @@ class Gateway:
             transport = conn.writer.transport
             if transport.get_write_buffer_size() > self.config.subscriber_buffer_bytes_max:
                 await conn.writer.drain()
+            if self._submits_held_full(conn):
+                deadline.reschedule(None)
+                await self._wait_for_room(conn)
+
+    # --- byte bounds: a connection whose submits hold their bytes is not read ------------------
+
+    def _submits_held_full(self, conn: Connection) -> bool:
+        """Whether `conn` has submits in flight and one more frame of them could pass its byte
+        bound or the node's (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``).
+        A connection with nothing in flight is always read (hello, status, subscribe; a
+        submit then gets ``Busy`` if the node is full)."""
+        if not conn.in_flight:
+            return False
+        frame_max = limits.FRAME_BYTES_MAX
+        return (
+            conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max
+            or self.batcher.held_bytes + frame_max > self.node_config.batcher.held_bytes_max
+        )
+
+    async def _wait_for_room(self, conn: Connection) -> None:
+        """Read nothing more from `conn` until answered submits make room: its submits wait
+        in its own socket and the client's memory, not in this node's, and the node spends
+        no time refusing them. Every answer wakes the waiting connections; the wait ends at
+        the latest when the batcher's commit timeout answers what is held. The connection
+        counts as heard from meanwhile (it cannot be heard while it is not read)."""
+        interval_s = self.config.heartbeat_interval_ms / 1000
+        self.waiting_for_room += 1
+        try:
+            while not conn.closed and self._submits_held_full(conn):
+                self.room_freed.clear()
+                try:
+                    await asyncio.wait_for(self.room_freed.wait(), interval_s)
+                except TimeoutError:
+                    pass
+                conn.last_read = time.monotonic()
+        finally:
+            self.waiting_for_room -= 1
 
     def _dispatch(self, conn: Connection, frame: object) -> None:
         kind = type(frame)
