@@ -34,6 +34,15 @@ BUSY_RETRY_AFTER_LEADER_QUEUE_MS = 50
 #: Seconds a stopping gateway waits for its listening socket to close.
 GATEWAY_STOP_WAIT_S = 2.0
 
+#: The metrics port (``cluster.metrics_http``): open connections (a new one beyond it closes
+#: the oldest; Prometheus holds one per node), seconds and bytes a request head may take, and
+#: seconds a page is reused (scrapers come every second or more; four tight ones raised submit
+#: p99 from 1 to 9 ms when each got a fresh page).
+METRICS_CONNECTIONS_MAX = 16
+METRICS_REQUEST_TIMEOUT_S = 5.0
+METRICS_REQUEST_HEAD_BYTES_MAX = 8 * limits.KIB
+METRICS_PAGE_REUSE_S = 0.25
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""

@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from raftseq.sequencer.protocol import RejectReason, Role
@@ -365,8 +365,12 @@ def build_registry(collector: NodeCollector) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(address: str, collector_source: Callable[[], NodeCollector]) -> CollectorRegistry:
-    registry = build_registry(collector_source())
-    host, port = address.rsplit(":", 1)
-    start_http_server(int(port), addr=host, registry=registry)
-    return registry
+#: The content type of the page ``page_maker`` writes (Prometheus' text format).
+PAGE_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def page_maker(collector: NodeCollector) -> Callable[[], bytes]:
+    """What the metrics port serves: a function writing the page of `collector` (and the
+    standard ``process_*`` metrics) as of the moment it is called."""
+    registry = build_registry(collector)
+    return lambda: generate_latest(registry)

@@ -21,7 +21,8 @@ from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
 from raftseq.cluster.gateway import Gateway
-from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
+from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
+from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.publication import Publication
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
@@ -244,8 +245,10 @@ class Node:
             verify_failures=self.metrics.verify_failures,
             on_filled=self.publication.wake,
         )
+        metrics_server = None
         if self.config.metrics_address:
-            serve_metrics(self.config.metrics_address, self.collector)
+            metrics_server = MetricsServer(self.config.metrics_address, page_maker(self.collector()))
+            await metrics_server.start()
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
@@ -264,6 +267,8 @@ class Node:
             log.info("node %s stopping", self.config.id)
             watcher.cancel()
             catchup.cancel()
+            if metrics_server is not None:
+                await metrics_server.stop()
             self.batcher.stop("node shutting down")
             await self.gateway.stop()
             self.replica.destroy()
