@@ -43,6 +43,16 @@ METRICS_REQUEST_TIMEOUT_S = 5.0
 METRICS_REQUEST_HEAD_BYTES_MAX = 8 * limits.KIB
 METRICS_PAGE_REUSE_S = 0.25
 
+#: The node log (``cluster.node_log``): lines of one kind (logger, level, message template)
+#: passed per interval before the rest are dropped and counted, and the kinds remembered (the
+#: templates are the code's, so a few dozen occur). Failed hellos once wrote 2.4 MiB/s.
+LOG_REPEAT_LINES_MAX = 10
+LOG_REPEAT_INTERVAL_S = 10.0
+LOG_REPEAT_KINDS_MAX = 1024
+#: A node log file is rotated at this size; this many older files are kept (node.log.1 ...).
+NODE_LOG_BYTES_MAX = 64 * limits.MIB
+NODE_LOG_FILES_KEPT = 5
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""

@@ -29,6 +29,7 @@ from raftseq.cluster.raft import SequencerReplica
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
+from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
 from raftseq.sequencer.journal import FsyncPolicy, Journal
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
@@ -333,10 +334,17 @@ class _NodeLogFilter(logging.Filter):
         return True
 
 
-def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
-    """One event per line: time, level, node, term, last sequence number, logger, message."""
-    handler = logging.StreamHandler()
+def setup_logging(node_id: str, level: str = "INFO", *, log_file: str = "") -> _NodeLogFilter:
+    """One event per line: time, level, node, term, last sequence number, logger, message.
+    Lines of one kind beyond a rate are dropped and counted (``node_log.RepeatLimiter``). To
+    stderr, or to `log_file`, rotated by size, with stdout and stderr following it."""
+    handler: logging.Handler
+    if log_file:
+        handler = RotatingNodeLog(log_file, own_standard_streams=True)
+    else:
+        handler = logging.StreamHandler()
     node_filter = _NodeLogFilter(node_id)
+    handler.addFilter(RepeatLimiter())
     handler.addFilter(node_filter)
     handler.setFormatter(
         logging.Formatter(
@@ -349,8 +357,8 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
     return node_filter
 
 
-def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
-    node_filter = setup_logging(config.id)
+def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False, log_file: str = "") -> int:
+    node_filter = setup_logging(config.id, log_file=log_file)
     votes_blocked_s = 0.0
     if discard_raft_log_first:
         moved = discard_raft_log(config)

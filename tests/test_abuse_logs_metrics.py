@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.request
 
 from abuse_probes import describe_latencies, percentile, submit_latencies
 from cluster_harness import ClusterHarness, RawConnection, running_cluster  # noqa: F401
+
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
 
 
 #: Half-sent requests held open against the leader's metrics port (the issue's 300).
@@ -72,6 +76,31 @@ def test_half_open_scrapes_hold_no_threads_and_a_real_scrape_answers(running_clu
     print(f"node threads: {threads_before} before, {threads_during} with {HALF_OPEN_SCRAPES} half-open scrapes")
     assert "raftseq_role" in page
     assert threads_during <= NODE_THREADS_MAX, threads_during
+    assert_all_alive(h)
+    latencies = asyncio.run(submit_latencies(h.endpoints, h.token, count=LEGIT_SUBMITS, session="legit", timeout_s=30))
+    print(f"legitimate client after: {describe_latencies(latencies)}")
+    assert percentile(latencies, 0.99) <= LEGIT_P99_MAX_S
+
+
+def test_a_flood_of_bad_hellos_leaves_the_node_log_bounded(running_cluster):
+    """Issue 14, defect 9: each failed hello wrote a ~284-byte line without limit (2.4 MiB/s
+    from one thread). Here 2,000 hellos with a wrong token: the log grows by a few lines."""
+    h = running_cluster
+    leader = h.wait_for_leader()
+    node_id = leader["node"]
+    address = h.endpoint(node_id)
+    size_before = h.log_sizes()[node_id]
+    started = time.monotonic()
+    refused = 0
+    for _ in range(BAD_HELLOS):
+        with RawConnection(address) as conn:
+            answer = conn.hello("intruder", "not-the-token")
+            refused += isinstance(answer, protocol.Rejected) and answer.reason is RejectReason.AUTH_FAILED
+    took = time.monotonic() - started
+    growth = h.log_sizes()[node_id] - size_before
+    print(f"{BAD_HELLOS} bad hellos in {took:.1f} s ({refused} refused): node log grew {growth} bytes")
+    assert refused == BAD_HELLOS
+    assert growth <= BAD_HELLO_LOG_GROWTH_MAX, h.log_text(node_id, since=size_before)[-2000:]
     assert_all_alive(h)
     latencies = asyncio.run(submit_latencies(h.endpoints, h.token, count=LEGIT_SUBMITS, session="legit", timeout_s=30))
     print(f"legitimate client after: {describe_latencies(latencies)}")
