@@ -1,10 +1,17 @@
-"""Journal catch-up: fill the holes a Raft snapshot leaves in this node's journal.
+"""Journal catch-up: fill the holes a Raft snapshot leaves in this node's journal, and repair
+its damaged sealed segments.
 
 When pysyncobj installs a snapshot instead of sending log entries, the machine state jumps
 ahead of the journal (``SequencedStream.replace_machine`` records the gap as a hole). This task
 fetches the missing records from a peer over the ordinary subscribe protocol, checks each
 record's checksum and number, and stores the bytes exactly as received (``Journal.fill``).
 Subscribers are served only up to the first hole until it is filled.
+
+A sealed segment found damaged (on open, by the scrub, by a reader) is fetched whole the same
+way once no hole is left, and renamed over the damaged file (``Journal.repair``); readers are
+refused over the damage meanwhile. When every peer that answers lacks the range too
+(``repair_attempts_max`` fetches in a row that brought none of it), the node cannot go on:
+``NodeCannotRun(JOURNAL_DAMAGED)``.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from raftseq.clients.connection import Rejected, open_connection
-from raftseq.sequencer.journal import JournalRecordError
+from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
+from raftseq.sequencer.journal import DamageMap, JournalRecordError
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -36,6 +44,17 @@ class HoleJournal(Protocol):
 
     def fill(self, records: bytes, first_seq: int, last_seq: int) -> None: ...
 
+    #: Damaged ranges of sealed segments.
+    damage: DamageMap
+
+    @property
+    def repair_range(self) -> tuple[int, int] | None: ...
+
+    @property
+    def repair_next_seq(self) -> int: ...
+
+    def repair(self, records: bytes, first_seq: int, last_seq: int) -> None: ...
+
 
 class Peer(Protocol):
     """A peer to fetch from (``cluster.config.PeerConfig``)."""
@@ -49,6 +68,15 @@ class Peer(Protocol):
 
 class CatchUpError(Exception):
     """A peer could not (or did not correctly) serve the missing range."""
+
+
+class _Target(NamedTuple):
+    """What to fetch next: a hole, or the segment of the first damage."""
+
+    what: str  # "hole" or "damaged segment"
+    next_seq: int
+    last_seq: int
+    store: Callable[[bytes, int, int], None]
 
 
 class CatchUp:
@@ -69,6 +97,7 @@ class CatchUp:
         token: str,
         verify_failures: MutableMapping[str, int],
         on_filled: Callable[[], None],
+        repair_attempts_max: int = 6,
     ) -> None:
         self.journal = journal
         self.peers = peers
@@ -77,34 +106,77 @@ class CatchUp:
         self.verify_failures = verify_failures
         self.on_filled = on_filled
         self.records_fetched = 0
+        self.repair_attempts_max = repair_attempts_max
         self._peer_index = 0
+        #: Fetches in a row for the current damaged segment that reached a peer and stored nothing.
+        self._repair_misses = 0
+        #: Whether a peer answered and lacked the range during those fetches.
+        self._repair_refused = False
+
+    def _target(self) -> _Target | None:
+        journal = self.journal
+        if journal.holes:
+            return _Target("hole", journal.fill_next_seq, journal.holes[0][1], journal.fill)
+        damaged = journal.repair_range
+        if damaged is not None:
+            return _Target("damaged segment", journal.repair_next_seq, damaged[1], journal.repair)
+        return None
 
     async def run(self) -> None:
         peers = self.peers
-        journal = self.journal
         while True:
-            if not journal.holes or not peers:
+            target = self._target()
+            if target is None or not peers:
+                self._repair_misses, self._repair_refused = 0, False
                 await asyncio.sleep(0.2)
                 continue
             peer = peers[self._peer_index % len(peers)]
             self._peer_index += 1
-            first, last = journal.holes[0]
-            log.info("journal lacks %d..%d; fetching from %s (%s)", first, last, peer.id, peer.client_address)
+            log.info(
+                "journal lacks %d..%d (%s); fetching from %s (%s)",
+                target.next_seq,
+                target.last_seq,
+                target.what,
+                peer.id,
+                peer.client_address,
+            )
+            stored_before = self.records_fetched
             try:
-                await self._fetch(peer.client_address)
+                await self._fetch(peer.client_address, target)
             except (OSError, TimeoutError, CatchUpError) as exc:
                 log.warning("catch-up from %s stopped: %s", peer.id, exc)
+                if target.what == "damaged segment":
+                    self._repair_missed(target, stored_before, exc)
                 await asyncio.sleep(RETRY_DELAY_S)
 
-    async def _fetch(self, address: str) -> None:
-        journal = self.journal
+    def _repair_missed(self, target: _Target, stored_before: int, exc: Exception) -> None:
+        """A repair fetch ended early: count it if it stored nothing, and give up after
+        ``repair_attempts_max`` such fetches in a row of which at least one reached a peer that
+        lacked the range (peers that are only unreachable may still have it)."""
+        if self.records_fetched > stored_before:
+            self._repair_misses = 0
+            self._repair_refused = False
+            return
+        self._repair_misses += 1
+        self._repair_refused |= isinstance(exc, CatchUpError)
+        if self._repair_misses < self.repair_attempts_max or not self._repair_refused:
+            return
+        damage = self.journal.damage.covering(target.next_seq) or self.journal.damage.next_from(target.next_seq)
+        where = damage.describe() if damage is not None else f"seq {target.next_seq}..{target.last_seq}"
+        raise NodeCannotRun(
+            NodeExit.JOURNAL_DAMAGED,
+            f"journal damaged at {where}; no peer could repair it after {self._repair_misses} attempts "
+            f"(last: {exc}). Restore this node's journal directory from a backup, or remove it to rejoin empty",
+        )
+
+    async def _fetch(self, address: str, target: _Target) -> None:
         try:
             connection = await open_connection(address, session=self.session, token=self.token, timeout_s=CONNECT_TIMEOUT_S, keep_raw=True)
         except Rejected as exc:
             raise CatchUpError(f"peer refused: {exc}") from None
         try:
-            start = journal.fill_next_seq
-            hole_last = journal.holes[0][1]
+            start = target.next_seq
+            hole_last = target.last_seq
             expected = start
             batch: list[bytes] = []
             batch_first = expected
@@ -119,22 +191,24 @@ class CatchUp:
                         batch.append(raw)
                         expected += 1
                         if len(batch) >= FILL_RECORDS_MAX or expected > hole_last:
-                            self._store(batch, batch_first, expected - 1)
+                            self._store(target, batch, batch_first, expected - 1)
                             batch = []
                             batch_first = expected
                         if expected > hole_last:
-                            log.info("journal hole filled up to %d", hole_last)
+                            log.info("journal %s filled up to %d", target.what, hole_last)
                             return
             except (ConnectionError, Rejected) as exc:
+                if batch:  # keep what arrived intact before the peer stopped
+                    self._store(target, batch, batch_first, expected - 1)
                 raise CatchUpError(f"{exc}") from None
             finally:
                 await stream.aclose()
         finally:
             connection.close()
 
-    def _store(self, records: list[bytes], first: int, last: int) -> None:
+    def _store(self, target: _Target, records: list[bytes], first: int, last: int) -> None:
         try:
-            self.journal.fill(b"".join(records), first, last)
+            target.store(b"".join(records), first, last)
         except JournalRecordError as exc:  # a record from the peer fails its checksum or numbering
             self.verify_failures["catchup"] += 1
             raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None

@@ -498,6 +498,10 @@ class Gateway:
             return
         first = self.journal.first_seq or 1
         end = node.published_seq
+        damage = self.journal.damage.covering(subscribe.from_seq)
+        if damage is not None:
+            self._refuse_damaged(conn, subscribe.from_seq, damage.first_seq, damage.last_seq)
+            return
         if subscribe.from_seq < first or subscribe.from_seq > end + 1:
             metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
             conn.send(
@@ -509,6 +513,14 @@ class Gateway:
             return
         conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe.from_seq))
 
+    def _refuse_damaged(self, conn: Connection, seq: int, first_seq: int, last_seq: int) -> None:
+        """Refuse a subscription at `seq`, damaged on this node: ``from_seq_unavailable``, which
+        every client takes as "try another node"."""
+        conn.reject_and_close(
+            RejectReason.FROM_SEQ_UNAVAILABLE,
+            f"seq {seq} is damaged on this node (seq {first_seq}..{last_seq}, being repaired); read it from another node",
+        )
+
     async def _serve_subscription(self, conn: Connection, from_seq: int) -> None:
         metrics = self.metrics
         publication = self.publication
@@ -517,9 +529,17 @@ class Gateway:
         writer = conn.writer
         cursor = self.journal.cursor(from_seq)
         metrics.subscriber_cursors.add(cursor)
+        journal = self.journal
         try:
             while not conn.closed:
                 limit = publication.readable_seq
+                if journal.damage:
+                    damage = journal.damage.next_from(cursor.next_seq)
+                    if damage is not None and damage.first_seq <= limit:
+                        if damage.first_seq <= cursor.next_seq:
+                            self._refuse_damaged(conn, cursor.next_seq, damage.first_seq, damage.last_seq)
+                            return
+                        limit = damage.first_seq - 1
                 if cursor.next_seq <= limit:
                     count, block = cursor.read_block(limit, limits.SUBSCRIBER_BLOCK_BYTES)
                     if count:
@@ -531,7 +551,14 @@ class Gateway:
                         continue
                 await publication.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
-            invariant.fail_stop("journal read for a subscriber: %s", exc)
+            # Damage on disk is not a broken invariant: refuse this range (the client reads it
+            # from another node) and let catch-up repair it from a peer.
+            damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+            if damage is not None:
+                log.error("journal damaged, found by a read: %s; refusing it until repaired from a peer", damage.describe())
+            if journal.damage.covering(exc.seq) is None:
+                invariant.fail_stop("journal read for a subscriber outside sealed segments: %s", exc)
+            self._refuse_damaged(conn, exc.seq, exc.seq, exc.seq)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:

@@ -12,8 +12,10 @@ last status and the tails of the node logs) when it passes. ``stop`` (also the e
 SIGTERM if this process dies without cleaning up (Linux parent-death signal), so nothing is
 left running.
 
-``supervise_once`` restarts a node that crashed after a short, logged delay (unless
-``restart=False``); ``raftseq cluster up`` (``cluster.up``) runs it in the foreground.
+``supervise_once`` restarts a node that crashed after a logged delay that doubles while it keeps
+failing (``cluster.restarts``), and never one whose exit code needs an operator (unless
+``restart=False``: then none); ``raftseq cluster up`` (``cluster.up``) runs it in the foreground.
+Configs, logs and directories it creates are private to its user (0600 files, 0700 directories).
 """
 
 from __future__ import annotations
@@ -30,16 +32,17 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
 import msgspec
 
 from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
+from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
 
-RESTART_DELAY_S = 1.0
 #: Exit codes of a node stopped on purpose: its own after SIGTERM or SIGINT, or killed by them.
 STOP_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT)
 STOP_GRACE_S = 5.0
@@ -76,9 +79,14 @@ class LocalNode:
     log_path: str
     process: subprocess.Popen | None = None
     restarts: int = 0
+    #: ``LocalCluster.clock`` when this process was started, and when it was seen gone.
+    started_at: float = 0.0
     died_at: float = 0.0
+    #: The delay before its pending restart (0: none yet), from ``RestartPolicy``.
+    restart_delay_s: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
-    #: Stopped on purpose (exited after SIGTERM or SIGINT): not restarted by ``supervise_once``.
+    #: Not restarted by ``supervise_once``: stopped on purpose (exited after SIGTERM or
+    #: SIGINT), or exited with a code that needs an operator.
     stopped: bool = False
     #: Size of the log when this process was started: where its own lines begin.
     log_offset: int = 0
@@ -262,8 +270,9 @@ class Watcher:
 class LocalCluster:
     """Three nodes (``configs``, or ``local_configs`` of `base_port`) as child processes.
 
-    `restart`: ``supervise_once`` restarts nodes that died (``raftseq cluster up``). A context
-    manager: leaving the block stops every node."""
+    `restart`: ``supervise_once`` restarts nodes that died (``raftseq cluster up``), after the
+    delays of `restart_policy` measured on `clock`. A context manager: leaving the block stops
+    every node."""
 
     log_tail_lines = LOG_TAIL_LINES
 
@@ -276,15 +285,19 @@ class LocalCluster:
         restart: bool,
         overrides: dict | None = None,
         configs: list[NodeConfig] | None = None,
+        restart_policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``configs``, when given, are used as they are (``overrides`` is then ignored);
         otherwise ``local_configs`` makes them."""
         self.data_dir = os.path.abspath(data_dir)
         self.base_port = base_port
         self.restart_on_exit = restart
+        self.restart_policy = restart_policy or RestartPolicy()
+        self.clock = clock
         self.insecure = insecure
         self.startup_s = 0.0
-        os.makedirs(self.data_dir, exist_ok=True)
+        make_private_dirs(self.data_dir)
         first_config = os.path.join(self.data_dir, "n1.toml")
         if configs is None:
             configs = local_configs(
@@ -293,9 +306,7 @@ class LocalCluster:
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
-            with open(path, "w") as f:
-                f.write(to_toml(config))
-            os.chmod(path, 0o600)
+            write_private(path, to_toml(config))
             self.nodes.append(LocalNode(config, path, os.path.join(self.data_dir, f"{config.id}.log")))
 
     @classmethod
@@ -400,9 +411,10 @@ class LocalCluster:
         command += ["--log-file", node.log_path]
         if self.insecure:
             command.append("--insecure")
-        log = open(node.log_path, "ab")
+        log = os.fdopen(open_private(node.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
         try:
-            node.log_offset = log.tell()
+            os.fchmod(log.fileno(), PRIVATE_FILE_MODE)  # a log made by an older version
+            node.log_offset = log.seek(0, os.SEEK_END)
             node.process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -412,6 +424,7 @@ class LocalCluster:
                 process_group=0,
             )
             node.stopped = False
+            node.started_at = self.clock()
         finally:
             log.close()
 
@@ -443,7 +456,7 @@ class LocalCluster:
         if sig in (signal.SIGKILL, signal.SIGTERM):
             node.process.wait()
             node.process = None
-            node.died_at = time.monotonic()
+            node.died_at = self.clock()
         return pid
 
     def reap(self, node_id: str) -> int | None:
@@ -456,7 +469,7 @@ class LocalCluster:
         if code is not None:
             node.exit_codes.append(code)
             node.process = None
-            node.died_at = time.monotonic()
+            node.died_at = self.clock()
         return code
 
     def restart(self, node_id: str) -> int:
@@ -490,13 +503,16 @@ class LocalCluster:
             node.process = None
 
     def supervise_once(self) -> list[str]:
-        """Restart nodes that crashed (after RESTART_DELAY_S). A node that exited after SIGTERM
-        or SIGINT was stopped, not crashed: it stays down. Returns lines to print."""
+        """Restart nodes that crashed, after the delay of ``restart_policy`` (doubling while a
+        node keeps failing). A node that exited after SIGTERM or SIGINT was stopped, not
+        crashed, and one whose exit code needs an operator cannot be helped by a restart: both
+        stay down. Returns lines to print."""
         events = []
-        now = time.monotonic()
+        now = self.clock()
         for node in self.nodes:
             if node.process is None:
-                if self.restart_on_exit and not node.stopped and node.died_at and now - node.died_at >= RESTART_DELAY_S:
+                delay_s = node.restart_delay_s or self.restart_policy.first_delay_s
+                if self.restart_on_exit and not node.stopped and node.died_at and now - node.died_at >= delay_s:
                     self.start_node(node)
                     node.restarts += 1
                     events.append(f"restarted {node.id} (pid {node.process.pid}, restart {node.restarts})")
@@ -509,10 +525,19 @@ class LocalCluster:
                 events.append(f"{node.id} stopped (exit code {code}); not restarting it")
                 continue
             what = self.describe_exit(node.id, code)
-            if self.restart_on_exit:
-                events.append(f"{what}; restarting in {RESTART_DELAY_S:.0f} s (log {node.log_path})")
-            else:
+            if not self.restart_on_exit:
                 events.append(f"{what}; not restarting (--no-restart; log {node.log_path})")
+                continue
+            reason = operator_exit(code)
+            if reason is not None:
+                node.stopped = True
+                events.append(
+                    f"{what}; not restarting it: exit code {code} ({reason.name}) needs an operator, a restart cannot help "
+                    f"(see docs/operating.md; log {node.log_path})"
+                )
+                continue
+            node.restart_delay_s = self.restart_policy.next_delay_s(node.restart_delay_s, node.died_at - node.started_at)
+            events.append(f"{what}; restarting in {node.restart_delay_s:g} s (log {node.log_path})")
         return events
 
     def describe_exit(self, node_id: str, code: int) -> str:

@@ -92,6 +92,30 @@ METRICS = (
     _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
     _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
     MetricSpec("raftseq_raft_ticks_failed_total", "counter", (), "Raft ticks (or socket events) in which pysyncobj raised; each is logged"),
+    MetricSpec(
+        "raftseq_raft_link_frames_refused_total",
+        "counter",
+        (),
+        "Raft link frames refused at their length prefix (over the maximum); each drops its link",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_strangers_dropped_total",
+        "counter",
+        (),
+        "Unauthenticated Raft links dropped (too many at once, or past their deadline)",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_accept_errors_total",
+        "counter",
+        (),
+        "Failed accepts on the Raft listener (EMFILE...); it pauses, backing off, and accepts again",
+    ),
+    MetricSpec(
+        "raftseq_raft_link_pickles_refused_total",
+        "counter",
+        (),
+        "Raft pickles refused by the allow-list (they named a class or function); each drops its link",
+    ),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
     # Sequencing.
     MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
@@ -131,6 +155,15 @@ METRICS = (
         ("check",),
         "Journal records that failed verification, by where they were checked",
     ),
+    MetricSpec("raftseq_journal_scrubbed_bytes_total", "counter", (), "Bytes of sealed journal segments read back by the scrub"),
+    MetricSpec(
+        "raftseq_journal_damage_found_total",
+        "counter",
+        (),
+        "Damaged ranges of sealed journal segments found (on start, by the scrub, by a read)",
+    ),
+    MetricSpec("raftseq_journal_damage_repaired_total", "counter", (), "Damaged journal segments repaired from a peer's copy"),
+    MetricSpec("raftseq_journal_damaged_records", "gauge", (), "Journal records refused to readers until repaired from a peer"),
     MetricSpec("raftseq_catchup_missing_records", "gauge", (), "Journal records still to fetch from a peer"),
     MetricSpec("raftseq_catchup_fetched_records_total", "counter", (), "Journal records fetched from peers by catch-up"),
     MetricSpec("raftseq_disk_free_bytes", "gauge", (), "Free bytes on the data directory's file system"),
@@ -152,6 +185,10 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
+    ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
+    ("raftseq_raft_link_strangers_dropped_total", "link_strangers_dropped"),
+    ("raftseq_raft_link_accept_errors_total", "link_accept_errors"),
+    ("raftseq_raft_link_pickles_refused_total", "link_pickles_refused"),
 )
 
 
@@ -343,6 +380,10 @@ class NodeCollector:
         yield family("raftseq_journal_holes", value=len(journal.holes))
         yield family("raftseq_journal_tail_cut_bytes", value=journal.recovery.bytes_cut)
         yield family("raftseq_journal_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
+        yield family("raftseq_journal_scrubbed_bytes_total", value=node.journal_scrubbed_bytes)
+        yield family("raftseq_journal_damage_found_total", value=journal.damage_found)
+        yield family("raftseq_journal_damage_repaired_total", value=journal.damage_repaired)
+        yield family("raftseq_journal_damaged_records", value=journal.damage.records)
         yield family("raftseq_catchup_missing_records", value=node.catchup_missing)
         yield family("raftseq_catchup_fetched_records_total", value=node.catchup_fetched)
         try:

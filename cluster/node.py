@@ -1,5 +1,5 @@
 """One raftseq node: the composition root of journal, state machine, Raft replica, batcher,
-gateway, catch-up and metrics.
+gateway, catch-up, scrub and metrics.
 
 Everything runs on one asyncio loop: gateway, batcher, subscriptions, and pysyncobj with the
 state machine and the journal (``cluster.raft``). An applied batch wakes the waiting
@@ -20,17 +20,19 @@ import time
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
+from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.publication import Publication
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
-from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
 
@@ -44,11 +46,14 @@ class RaftLogUnreadable(NodeCannotRun):
         super().__init__(NodeExit.RAFT_LOG_UNREADABLE, message)
 
 
-class RaftAddressUnavailable(NodeCannotRun):
-    """The node's Raft address cannot be listened on."""
+class AddressUnavailable(NodeCannotRun):
+    """An address the node must listen on (client, Raft or metrics) cannot be listened on."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(NodeExit.ADDRESS_UNAVAILABLE, message)
+    def __init__(self, role: str, setting: str, address: str, reason: str) -> None:
+        super().__init__(
+            NodeExit.ADDRESS_UNAVAILABLE,
+            f"cannot listen for {role} on {address} ({setting}): {reason}; stop what listens there or change {setting}",
+        )
 
 
 def _listen_problem(address: str) -> str:
@@ -90,12 +95,20 @@ class Node:
         self.votes_blocked_s = votes_blocked_s
         self.metrics = NodeMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
-        self.journal = Journal.open(
-            config.journal_dir,
-            segment_bytes_max=config.journal.segment_bytes_max,
-            fsync=FsyncPolicy.parse(config.journal.fsync),
-            clock_ns=time.monotonic_ns,
-        )
+        try:
+            self.journal = Journal.open(
+                config.journal_dir,
+                segment_bytes_max=config.journal.segment_bytes_max,
+                fsync=FsyncPolicy.parse(config.journal.fsync),
+                clock_ns=time.monotonic_ns,
+                verify_bytes=config.journal.verify_on_open_bytes,
+            )
+        except JournalCorruptError as exc:
+            raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
+        except OSError as exc:
+            raise NodeCannotRun(
+                NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {config.journal_dir}: {exc.strerror or exc}: {exc.filename}"
+            ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         recovery = self.journal.recovery
         if recovery.bytes_cut:
@@ -106,6 +119,9 @@ class Node:
                 recovery.last_good_seq,
                 recovery.reason,
             )
+        for damage in self.journal.damage:
+            log.error("journal damaged, found on start: %s; refusing it until repaired from a peer", damage.describe())
+        self.scrubber = Scrubber(self.journal)
         self.core = SequencedStream(SequencerMachine(config.machine.machine_config()), self.journal)
         self.publication = Publication(self.journal, recheck_interval_s=config.gateway.heartbeat_interval_ms / 1000)
         self.role = Role.FOLLOWER
@@ -136,6 +152,10 @@ class Node:
     @property
     def catchup_missing(self) -> int:
         return self.journal.missing_count
+
+    @property
+    def journal_scrubbed_bytes(self) -> int:
+        return self.scrubber.bytes_read
 
     @property
     def catchup_fetched(self) -> int:
@@ -215,7 +235,11 @@ class Node:
         self.gateway = Gateway(
             self.config, self, batcher=self.batcher, journal=self.journal, publication=self.publication, metrics=self.metrics
         )
-        await self.gateway.start()
+        try:
+            await self.gateway.start()
+        except OSError as exc:
+            self.journal.close()
+            raise AddressUnavailable("clients", "client_address", self.config.client_address, exc.strerror or str(exc)) from None
         try:
             self.replica = SequencerReplica(
                 self.config,
@@ -229,7 +253,7 @@ class Node:
             failure: Exception
             if raft.is_bind_error(exc):
                 address = self.config.raft_address
-                failure = RaftAddressUnavailable(f"cannot listen for Raft on {address}: {_listen_problem(address)}")
+                failure = AddressUnavailable("Raft", "raft_address", address, _listen_problem(address))
             else:
                 failure = RaftLogUnreadable(
                     f"cannot open the Raft log in {self.config.raft_dir}: {exc!r}. To discard it and rejoin from the "
@@ -245,11 +269,18 @@ class Node:
             token=self.config.client_token,
             verify_failures=self.metrics.verify_failures,
             on_filled=self.publication.wake,
+            repair_attempts_max=self.config.journal.repair_attempts_max,
         )
         metrics_server = None
         if self.config.metrics_address:
             metrics_server = MetricsServer(self.config.metrics_address, page_maker(self.collector()))
-            await metrics_server.start()
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                await self.gateway.stop()
+                self.replica.destroy()
+                self.journal.close()
+                raise AddressUnavailable("metrics", "metrics_address", self.config.metrics_address, exc.strerror or str(exc)) from None
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
@@ -262,12 +293,19 @@ class Node:
         )
         watcher = asyncio.create_task(self._watch(), name="role-watcher")
         catchup = asyncio.create_task(self.catchup.run(), name="catch-up")
+        scrub = asyncio.create_task(run_scrub(self.scrubber, bytes_per_s=self.config.journal.scrub_bytes_per_s), name="scrub")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            await asyncio.wait((stopping, catchup), return_when=asyncio.FIRST_COMPLETED)
+            if catchup.done():
+                catchup.result()  # NodeCannotRun when no peer can repair the journal
+                raise AssertionError("catch-up ended")
         finally:
             log.info("node %s stopping", self.config.id)
+            stopping.cancel()
             watcher.cancel()
             catchup.cancel()
+            scrub.cancel()
             if metrics_server is not None:
                 await metrics_server.stop()
             self.batcher.stop("node shutting down")
@@ -359,6 +397,17 @@ def setup_logging(node_id: str, level: str = "INFO", *, log_file: str = "") -> _
 
 def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False, log_file: str = "") -> int:
     node_filter = setup_logging(config.id, log_file=log_file)
+    try:
+        # First of all: nothing in the data directory is opened before this process owns it.
+        data_dir_lock = claim_data_dir(config.data_dir, (config.journal_dir, config.raft_dir))
+    except NodeCannotRun as exc:
+        log.critical("%s", exc)
+        return exc.code
+    with data_dir_lock:
+        return _run_locked(config, node_filter, discard_raft_log_first=discard_raft_log_first)
+
+
+def _run_locked(config: NodeConfig, node_filter: _NodeLogFilter, *, discard_raft_log_first: bool) -> int:
     votes_blocked_s = 0.0
     if discard_raft_log_first:
         moved = discard_raft_log(config)

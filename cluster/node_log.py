@@ -11,6 +11,7 @@ traceback written without logging lands in the current file too.
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from raftseq.cluster.data_dir import open_private
 from raftseq.cluster.config import (
     LOG_REPEAT_INTERVAL_S,
     LOG_REPEAT_KINDS_MAX,
@@ -105,6 +107,10 @@ class RotatingNodeLog(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=bytes_max, backupCount=files_kept, encoding="utf-8")
         self.own_standard_streams = own_standard_streams
         self._follow()
+
+    def _open(self) -> io.TextIOWrapper:
+        """The file created 0600 (it holds payload details), whatever the umask."""
+        return os.fdopen(open_private(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a", encoding=self.encoding)
 
     def doRollover(self) -> None:  # noqa: N802 - logging's name
         super().doRollover()

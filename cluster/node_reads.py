@@ -71,6 +71,11 @@ class ScrapedNode(Protocol):
         """Journal records fetched from peers by catch-up so far."""
         ...
 
+    @property
+    def journal_scrubbed_bytes(self) -> int:
+        """Bytes of sealed journal segments the scrub has read back so far."""
+        ...
+
     def raft_status(self) -> dict:
         """pysyncobj's status of the Raft member; empty when it cannot be read."""
         ...

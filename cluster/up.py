@@ -1,10 +1,12 @@
 """``raftseq cluster up``: a local cluster (``cluster.local``) in the foreground.
 
-Before anything starts, every port the nodes need is checked: one in use is one line on stderr
-and exit code 1, before any banner. The banner comes once every node serves and names the
+Before anything starts, the data directory is locked (``cluster.lock``: a second ``cluster up``
+on it is refused with the holder's pid) and every port the nodes need is checked: either
+problem is one line on stderr and exit code 1, before any banner. The banner comes once every node serves and names the
 leader; from then on every leader change is a line of its own. A node that crashes is restarted
-after a short delay (unless ``--no-restart``), with the last line of its log as the reason; a
-node stopped on purpose (a plain SIGTERM to it) stays stopped. When no node is left running and
+after a delay that doubles while it keeps failing (``cluster.restarts``; unless
+``--no-restart``), with the last line of its log as the reason; a node stopped on purpose (a
+plain SIGTERM to it) stays stopped, and so does one whose exit code needs an operator. When no node is left running and
 none will be restarted, the command ends with exit code 1. Ctrl-C stops every node and exits
 130, SIGTERM exits 0.
 """
@@ -13,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
 
+from raftseq.cluster.data_dir import CLUSTER_LOCK_NAME, lock_data_dir
 from raftseq.cluster.local import LEADER_TIMEOUT_S, POLL_INTERVAL_S, LocalCluster
+from raftseq.cluster.node_exit import NodeCannotRun
 
 #: Seconds between two status polls that look for a leader change.
 LEADER_POLL_INTERVAL_S = 1.0
@@ -104,6 +109,16 @@ class Supervisor:
 
 
 def run_cluster_up(args: argparse.Namespace) -> int:
+    try:
+        lock = lock_data_dir(os.path.abspath(args.data_dir), CLUSTER_LOCK_NAME)
+    except NodeCannotRun as exc:
+        print(f"raftseq cluster up: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with lock:
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart)
     taken = cluster.taken_ports()
     if taken:

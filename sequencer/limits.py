@@ -12,6 +12,7 @@ import msgspec
 
 KIB = 1024
 MIB = 1024 * KIB
+GIB = 1024 * MIB
 
 # --- wire ---------------------------------------------------------------------------------
 #: Largest frame body a decoder accepts, in bytes. Checked on the length prefix, before the
@@ -44,6 +45,11 @@ SEGMENT_BYTES_MIN = 4 * KIB
 INDEX_INTERVAL_RECORDS = 256
 #: Bytes a journal reader asks the operating system for at a time.
 READ_CHUNK_BYTES = 1 * MIB
+#: Sealed segments read back in full when a journal opens, newest first, up to this many bytes
+#: (the rest is left to the background scrub, so that a large journal still opens quickly).
+JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT = 64 * MIB
+#: Bytes the background scrub reads per step: the longest it holds the node's loop for.
+SCRUB_STEP_BYTES = 64 * KIB
 
 
 class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=False):

@@ -10,7 +10,7 @@ journal holds at the same numbers mean two histories: a broken invariant, raised
 
 from __future__ import annotations
 
-from raftseq.sequencer.journal import Journal, JournalError
+from raftseq.sequencer.journal import Journal, JournalCorruptError, JournalError
 from raftseq.sequencer.journal.holes import held_runs
 from raftseq.sequencer.journal.records import record_offsets
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
@@ -68,11 +68,20 @@ class SequencedStream:
         if first <= held_to:
             # Compare what the journal holds; records inside holes are still to come from a
             # peer (catch-up brings the committed records, byte for byte, with checksums).
+            # Damaged ranges likewise: catch-up repairs them from a peer.
             bounds = offsets + [len(records)] if offsets else record_offsets(records)
-            for run_first, run_last in held_runs(journal.holes, first, held_to):
+            missing = journal.holes
+            if journal.damage:
+                missing = sorted([*missing, *((d.first_seq, d.last_seq) for d in journal.damage)])
+            for run_first, run_last in held_runs(missing, first, held_to):
                 start = bounds[run_first - first]
                 end = bounds[run_last - first + 1]
-                held = journal.read_bytes(run_first, run_last)
+                try:
+                    held = journal.read_bytes(run_first, run_last)
+                except JournalCorruptError as exc:  # damage no check had found yet: repaired later
+                    if journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc)) is None and journal.damage.covering(exc.seq) is None:
+                        raise
+                    continue
                 if records[start:end] != held:
                     seq = _first_difference(records[start:end], held, run_first)
                     raise JournalDivergenceError(f"journal holds a different record at seq {seq} than the replicated log produces", seq=seq)

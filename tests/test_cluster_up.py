@@ -192,3 +192,38 @@ def test_the_default_data_directory_of_cluster_up_is_ignored_by_git():
         pytest.fail(f"{repo} is not a git checkout: cannot ask git what it ignores")
     done = subprocess.run(["git", "check-ignore", "-q", f"{data_dir}/n1/journal/x.seg"], cwd=repo, timeout=30)
     assert done.returncode == 0, f"{data_dir}/ is not ignored by git"
+
+
+# --- a data directory in use, a node that needs an operator ----------------------------------------
+
+
+def test_a_second_cluster_up_on_a_data_directory_in_use_is_one_line_and_exit_1(up, tmp_path):
+    first = up()
+    first.wait_for("^Ctrl-C stops the cluster$")
+    data_dir = first.process.args[first.process.args.index("--data-dir") + 1]
+    done = subprocess.run(
+        [RAFTSEQ, "cluster", "up", "--data-dir", data_dir, "--base-port", str(free_base_port())],
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT_S,
+    )
+    assert done.returncode == 1 and done.stdout == "", done
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"raftseq cluster up: data directory {data_dir} is in use by process {first.process.pid} "), line
+    assert first.process.poll() is None, "the first cluster up must keep running"
+
+
+def test_a_node_whose_restart_needs_an_operator_is_not_restarted_and_cluster_up_says_why(up):
+    cluster = up()
+    cluster.wait_for("^Ctrl-C stops the cluster$")
+    pid = cluster.node_pids()["n2"]
+    metrics = next(re.search(r"metrics http://([\d.:]+)/", line)[1] for line in cluster.seen if line.startswith("  n2 "))
+    os.kill(pid, signal.SIGKILL)
+    cluster.wait_for(r"^n2 was killed by SIGKILL; restarting in 1 s")
+    host, port = metrics.rsplit(":", 1)
+    with socket.create_server((host, int(port))):  # free once n2 is gone; taken before its restart
+        cluster.wait_for(r"^restarted n2 ")
+        line = cluster.wait_for(r"^n2 exited with code 4: ").string
+    assert f"cannot listen for metrics on {metrics}" in line, line
+    assert "not restarting it: exit code 4 (ADDRESS_UNAVAILABLE) needs an operator" in line, line
+    assert "Traceback" not in "\n".join(cluster.seen)

@@ -24,12 +24,15 @@ from raftseq.sequencer.journal import index as journal_index
 from raftseq.sequencer.journal import recovery as journal_recovery
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.journal import (
+    Damage,
+    DamageMap,
     FsyncPolicy,
     Journal,
     JournalCorruptError,
     JournalError,
     JournalRecordError,
     RecoveryReport,
+    Scrubber,
     verify_journal,
 )
 from raftseq.sequencer.machine import SequencerMachine
@@ -51,17 +54,18 @@ def frames(first: int, last: int) -> bytes:
     return b"".join(frame(seq) for seq in range(first, last + 1))
 
 
-def opening_fails_and_changes_nothing(directory) -> list[JournalCorruptError]:
-    """Open `directory` for writing, then read-only: each fails with ``JournalCorruptError``
-    (returned, in that order) and leaves every file as it was."""
+def opening_finds_damage_and_changes_nothing(directory) -> list[Damage]:
+    """Open `directory` for writing, then read-only: each opens, finds one damaged range of a
+    sealed segment (returned, in that order) and leaves every file as it was."""
     before = dir_state(directory)
-    errors = []
+    found = []
     for readonly in (False, True):
-        with pytest.raises(JournalCorruptError) as caught:
-            open_journal(directory, readonly=readonly)
-        errors.append(caught.value)
+        with open_journal(directory, readonly=readonly) as journal:
+            damages = list(journal.damage)
+            assert len(damages) == 1, damages
+            found.append(damages[0])
     assert dir_state(directory) == before
-    return errors
+    return found
 
 
 def spy_on_segment_walks(monkeypatch) -> list[str]:
@@ -396,7 +400,7 @@ def _sealed_middle(directory) -> tuple[str, int, list[tuple[int, int]]]:
     "damage",
     ["torn end, index gone", "torn end, index stale", "length zeroed, index gone", "length huge, index gone"],
 )
-def test_damaged_sealed_segment_fails_open(tmp_path, damage):
+def test_damaged_sealed_segment_is_found_on_open_kept_and_refused_on_read(tmp_path, damage):
     build(tmp_path, 500).close()
     path, first_seq, spans = _sealed_middle(tmp_path)
     if damage.startswith("torn end"):
@@ -410,25 +414,49 @@ def test_damaged_sealed_segment_fails_open(tmp_path, damage):
         bad_seq = first_seq + k
     if damage.endswith("index gone"):
         os.unlink(index_path(path))
-    for error in opening_fails_and_changes_nothing(tmp_path):
-        assert error.seq == bad_seq
-        assert error.path == path
+    segment_last = first_seq + len(spans) - 1
+    for found in opening_finds_damage_and_changes_nothing(tmp_path):
+        assert (found.first_seq, found.last_seq, found.path) == (bad_seq, segment_last, path)
+    with open_journal(tmp_path, readonly=True) as journal:
+        assert journal.last_seq == 500
+        assert [r.seq for r in journal.records(1, bad_seq - 1)] == list(range(1, bad_seq))
+        with pytest.raises(JournalCorruptError):
+            list(journal.records(bad_seq, bad_seq))
+        assert [r.seq for r in journal.records(segment_last + 1, 500)] == list(range(segment_last + 1, 501))
     report = verify_journal(str(tmp_path))
     assert not report.ok
     assert report.first_bad_seq == bad_seq
     assert report.path == path
+    assert [(d.seq, d.path) for d in report.damages] == [(bad_seq, path)]
 
 
-def test_missing_middle_segment_is_a_gap(tmp_path):
+def test_missing_middle_segment_is_damage_at_the_end_of_the_one_before(tmp_path):
     build(tmp_path, 500).close()
-    path, first_seq, _ = _sealed_middle(tmp_path)
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    before_path = journal_mod.list_segment_files(str(tmp_path))[0][1]
     os.unlink(path)
     os.unlink(index_path(path))
-    for error in opening_fails_and_changes_nothing(tmp_path):
-        assert error.seq == first_seq
-        assert str(first_seq) in str(error)
+    for found in opening_finds_damage_and_changes_nothing(tmp_path):
+        assert (found.first_seq, found.last_seq, found.path) == (first_seq, first_seq + len(spans) - 1, before_path)
+        assert found.offset == os.path.getsize(before_path)
     report = verify_journal(str(tmp_path))
     assert not report.ok and report.first_bad_seq == first_seq
+    assert [(d.seq, d.path, d.offset) for d in report.damages] == [(first_seq, before_path, os.path.getsize(before_path))]
+
+
+def test_verify_names_every_damaged_segment_file_offset_and_seq(tmp_path):
+    build(tmp_path, 500).close()
+    listed = journal_mod.list_segment_files(str(tmp_path))
+    assert len(listed) >= 4
+    expected = []
+    for first_seq, path in listed[1:3]:
+        spans = record_spans(path)
+        flip(path, spans[2][1] - 1)
+        expected.append((first_seq + 2, path, spans[2][0]))
+    report = verify_journal(str(tmp_path))
+    assert [(d.seq, d.path, d.offset) for d in report.damages] == expected
+    assert all("checksum" in d.problem for d in report.damages)
+    assert report.last_seq == 500
 
 
 def _rewrite_index(path: str, *, seg_bytes_delta: int = 0, interval: int | None = None) -> None:
@@ -595,6 +623,7 @@ def test_flipped_byte_in_a_sealed_record_is_named_on_read_and_verify(tmp_path):
     before = dir_state(tmp_path)
     with open_journal(tmp_path) as journal:
         assert journal.last_seq == 500 and journal.recovery == RecoveryReport()
+        assert [(d.first_seq, d.path, d.offset) for d in journal.damage] == [(bad_seq, path, spans[k][0])]
         for from_seq in (1, first_seq, bad_seq):
             with journal.cursor(from_seq) as cursor, pytest.raises(JournalCorruptError) as caught:
                 read_all_frames(cursor, 500)
@@ -911,7 +940,7 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         assert len(segment.offsets) == (segment.count + interval - 1) // interval
     journal.close()
     walked = spy_on_segment_walks(monkeypatch)
-    with open_journal(tmp_path) as journal:
+    with open_journal(tmp_path, verify_bytes=0) as journal:
         assert walked == [listed[-1][1]]  # only the tail is read on open
         for first, _ in listed:
             segment = journal.segment_for(first)
@@ -919,6 +948,19 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
         for seq in (1, 2, interval, interval + 1, listed[1][0], listed[2][0] + interval, 700):
             with journal.cursor(seq) as cursor:
                 assert cursor.read_frames(700, 2)[0] == frame(seq)
+
+
+def test_open_reads_back_the_newest_sealed_segments_within_its_bound(tmp_path, monkeypatch):
+    build(tmp_path, 700).close()
+    listed = [path for _, path in journal_mod.list_segment_files(str(tmp_path))]
+    assert len(listed) >= 5
+    two = os.path.getsize(listed[-2]) + os.path.getsize(listed[-3])
+    walked = spy_on_segment_walks(monkeypatch)
+    with open_journal(tmp_path, verify_bytes=two):
+        assert walked == [listed[-3], listed[-2], listed[-1]]
+    walked.clear()
+    with open_journal(tmp_path, verify_bytes=1):  # at least the newest sealed segment
+        assert walked == [listed[-2], listed[-1]]
 
 
 def test_index_and_holes_files_are_complete_when_fsynced(tmp_path, monkeypatch):
@@ -939,3 +981,124 @@ def test_index_and_holes_files_are_complete_when_fsynced(tmp_path, monkeypatch):
     for name in written:
         path = str(tmp_path / name)
         assert synced.get(path + ".tmp") == os.path.getsize(path), name
+
+
+# --- damaged sealed segments: scrub, mark on read, repair from a peer's copy ---------------
+
+
+def _scrub_all(journal: Journal, step_bytes: int = 1000) -> Scrubber:
+    """Run a scrub over `journal` until one full pass is done (bounded)."""
+    scrubber = Scrubber(journal)
+    for _ in range(10_000):
+        scrubber.step(step_bytes)
+        if scrubber.passes >= 1:
+            return scrubber
+    raise AssertionError("the scrub never finished a pass")
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncated"])
+def test_scrub_finds_damage_the_index_hides_and_repair_restores_the_bytes(tmp_path, damage):
+    build(tmp_path, 500).close()
+    pristine = {path: open(path, "rb").read() for path in segment_files(tmp_path)}
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    k = len(spans) // 2
+    if damage == "bit flip":
+        flip(path, spans[k][1] - 1)  # the index still matches: opening without read-back misses it
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        if damage == "truncated":
+            os.truncate(path, spans[k][0] + 5)  # while the node runs
+        assert not journal.damage
+        scrubber = _scrub_all(journal)
+        sealed_bytes = sum(len(b) for p, b in pristine.items() if p != segment_files(tmp_path)[-1])
+        assert sealed_bytes - len(pristine[path]) <= scrubber.bytes_read <= sealed_bytes
+        found = list(journal.damage)
+        assert [(d.first_seq, d.path, d.offset) for d in found] == [(first_seq + k, path, spans[k][0])]
+        assert journal.damage_found == 1
+        # Readers stop before the damage; a read across it fails.
+        assert [r.seq for r in journal.records(1, first_seq + k - 1)][-1] == first_seq + k - 1
+        # Repair: the whole segment, as a peer sends it, in two pieces.
+        target = journal.repair_range
+        assert target == (first_seq, first_seq + len(spans) - 1)
+        middle = first_seq + 10
+        journal.repair(frames(first_seq, middle), first_seq, middle)
+        assert journal.repair_next_seq == middle + 1 and journal.damage
+        journal.repair(frames(middle + 1, target[1]), middle + 1, target[1])
+        assert not journal.damage and journal.damage_repaired == 1 and journal.repair_range is None
+        assert [r.seq for r in journal.records()] == list(range(1, 501))
+    assert open(path, "rb").read() == pristine[path]
+    assert verify_journal(str(tmp_path)).ok
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(journal_mod.FILL_SUFFIX)]
+    with open_journal(tmp_path) as journal:
+        assert not journal.damage
+
+
+def test_repair_refuses_bad_records_and_keeps_the_damage(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    flip(path, spans[3][1] - 1)
+    with open_journal(tmp_path) as journal:
+        assert journal.damage
+        bad = bytearray(frames(first_seq, first_seq + 4))
+        bad[-1] ^= 0xFF
+        with pytest.raises(JournalRecordError):
+            journal.repair(bytes(bad), first_seq, first_seq + 4)
+        with pytest.raises(JournalRecordError):
+            journal.repair(frames(first_seq + 1, first_seq + 4), first_seq, first_seq + 3)
+        assert journal.damage and journal.repair_next_seq == first_seq
+
+
+def test_a_read_that_meets_damage_marks_it_once(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    flip(path, spans[5][1] - 1)
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        with journal.cursor(1) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 500)
+        exc = caught.value
+        damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+        assert damage is not None and (damage.first_seq, damage.last_seq) == (first_seq + 5, first_seq + len(spans) - 1)
+        assert journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc)) is None
+        assert journal.mark_damaged(500, "", 0, "the tail is never marked") is None
+        assert journal.damage_found == 1
+
+
+def test_a_sealed_segment_file_gone_while_open_is_damage_on_read_and_scrub(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        os.unlink(path)
+        with journal.cursor(first_seq) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 500)
+        assert (caught.value.seq, caught.value.path) == (first_seq, path)
+        _scrub_all(journal)
+        assert [(d.first_seq, d.path) for d in journal.damage] == [(first_seq, path)]
+        journal.repair(frames(first_seq, first_seq + len(spans) - 1), first_seq, first_seq + len(spans) - 1)
+        assert not journal.damage
+        assert [r.seq for r in journal.records()] == list(range(1, 501))
+
+
+def test_repair_refuses_a_peer_copy_that_differs_from_the_intact_records(tmp_path):
+    build(tmp_path, 500).close()
+    path, first_seq, spans = _sealed_middle(tmp_path)
+    flip(path, spans[20][1] - 1)
+    with open_journal(tmp_path) as journal:
+        forged = protocol.encode_delivered(first_seq + 1, 1_000 + first_seq + 1, "s", first_seq + 1, b"forged")
+        records = frame(first_seq) + forged + frames(first_seq + 2, first_seq + 5)
+        with pytest.raises(JournalRecordError, match="differ from this node's intact copy"):
+            journal.repair(records, first_seq, first_seq + 5)
+        assert journal.repair_next_seq == first_seq
+        journal.repair(frames(first_seq, first_seq + 5), first_seq, first_seq + 5)
+        assert journal.repair_next_seq == first_seq + 6
+
+
+def test_damage_map_keeps_ranges_in_order_and_merges_within_a_segment():
+    damage = DamageMap()
+    assert not damage and damage.next_from(1) is None
+    assert damage.add(Damage(50, 99, "b.seg", 10, "x"))
+    assert damage.add(Damage(10, 19, "a.seg", 0, "y"))
+    assert not damage.add(Damage(60, 99, "b.seg", 90, "later in a known range"))
+    assert damage.add(Damage(40, 99, "b.seg", 5, "earlier in the same segment"))
+    assert [(d.first_seq, d.last_seq) for d in damage] == [(10, 19), (40, 99)]
+    assert damage.covering(45).reason == "earlier in the same segment" and damage.covering(30) is None
+    assert damage.next_from(20).first_seq == 40 and damage.records == 70
+    assert damage.clear_range(40, 99) == 1 and [d.first_seq for d in damage] == [10]

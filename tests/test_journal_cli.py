@@ -118,6 +118,23 @@ def test_verify_names_the_first_bad_seq(tmp_path, capsys):
     assert "checksum" in out
 
 
+def test_verify_names_the_file_offset_and_seq_of_every_damage(tmp_path, capsys):
+    build(tmp_path)
+    listed = segments(tmp_path)
+    assert len(listed) >= 4
+    first_bad = flip_in_sealed_segment(tmp_path)
+    first_path = listed[1][1]
+    first_offset, _ = record_start(first_path, 5)
+    second_first, second_path = listed[2]
+    second_offset = record_start(second_path, 3)[0]
+    os.truncate(second_path, second_offset + 2)
+    code, out, _ = run(capsys, "journal", "verify", "-q", str(tmp_path))
+    assert code == 1
+    assert f"FAILED at seq {first_bad}: checksum mismatch ({first_path} offset {first_offset})" in out
+    assert f"also damaged at seq {second_first + 3}: torn record" in out
+    assert f"({second_path} offset {second_offset})" in out
+
+
 def test_verify_json(tmp_path, capsys):
     build(tmp_path)
     code, out, _ = run(capsys, "journal", "verify", "--json", "-q", str(tmp_path))

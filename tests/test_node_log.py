@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
 
@@ -65,4 +66,5 @@ def test_the_log_file_is_rotated_at_its_size_and_old_files_are_bounded(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert files == ["n1.log", "n1.log.1", "n1.log.2"]
     assert all(os.path.getsize(tmp_path / f) <= 4096 for f in files)
+    assert all(stat.S_IMODE(os.stat(tmp_path / f).st_mode) == 0o600 for f in files)
     assert "line 999 of a flood" in path.read_text()

@@ -12,6 +12,7 @@ A follower's log starts with one entry, index 1 term 0. Entries are ``(command, 
 from __future__ import annotations
 
 import os
+import logging
 import socket
 import subprocess
 import sys
@@ -23,8 +24,10 @@ import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
+from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import PINNED_VERSION
+from raftseq.sequencer.protocol import Role
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADER_STATE = 2
@@ -686,3 +689,45 @@ def test_a_leader_told_of_a_newer_term_steps_down_to_it(voter):
     assert member._SyncObj__raftState != LEADER_STATE
     assert member._SyncObj__raftCurrentTerm == 5 and member._getLeader() is None
     assert counter(member, "raftseq_newer_terms_heard") == 1
+
+
+# --- pysyncobj's false CRITICAL line ------------------------------------------------------
+
+
+@BOTH
+def test_a_refused_truncation_of_applied_entries_logs_ours_not_pysyncobjs_false_critical(make_member, member_class, caplog):
+    member, leader = follower_holding_2_to_21(make_member, member_class)
+    member._SyncObj__raftLastApplied = 21  # as if 2..21 were committed and applied here
+    caplog.set_level(logging.INFO)
+
+    # A stale append of 2..6: every entry is held already, nothing conflicts.
+    append(member, leader, term=1, prev_idx=1, prev_term=0, new_entries=entries(2, 6, 1))
+
+    false_line = [r for r in caplog.records if "state machine may have diverged" in r.getMessage()]
+    ours = [r for r in caplog.records if r.getMessage().startswith("kept Raft entries from index")]
+    if member_class is PlainMember:
+        assert false_line and log_end(member) == 6, "the unmodified class no longer logs (and truncates)"
+    else:
+        assert not false_line, "pysyncobj's false CRITICAL line is still logged"
+        assert len(ours) == 1 and "nothing was truncated" in ours[0].getMessage()
+        assert member.counters()["raftseq_truncations_refused"] == 1
+        assert log_end(member) == 21
+
+
+# --- a follower that no longer hears its leader -------------------------------------------
+
+
+def test_a_follower_that_no_longer_hears_its_leader_reports_none(make_member):
+    member, leader = make_member(CorrectedMember)
+    heartbeat(member, leader, term=1, prev_idx=1, prev_term=0)
+    assert member.role() is Role.FOLLOWER and member.leader_raft_address() == leader.id
+
+    # Its links down (a closed listener, a partition) and no election possible: pysyncobj
+    # keeps naming the last leader for good.
+    silence_s = RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS * member._SyncObj__conf.raftMaxTimeout
+    member._raftseq_leader_contact -= silence_s + 0.1
+    assert member._getLeader() == leader, "pysyncobj no longer keeps the leader it lost"
+    assert member.role() is Role.CANDIDATE and member.leader_raft_address() == ""
+
+    heartbeat(member, leader, term=1, prev_idx=1, prev_term=0)
+    assert member.role() is Role.FOLLOWER and member.leader_raft_address() == leader.id

@@ -19,6 +19,8 @@ import pysyncobj
 import pysyncobj.pipe_notifier
 import pysyncobj.syncobj
 from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.tcp_server import TcpServer
 from pysyncobj.version import VERSION
 
 from raftseq.cluster.raft import private_names
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAFT_PACKAGE = ROOT / "cluster" / "raft"
 #: Where plain pysyncobj is used on purpose: the benchmark's baseline peer.
 PLAIN_PYSYNCOBJ_ALLOWED = {ROOT / "benchmarks" / "peers" / "plain_pysyncobj.py"}
-PRIVATE_NAME = re.compile(r"_(?:SyncObj|PipeNotifier)__\w+")
+PRIVATE_NAME = re.compile(r"_(?:SyncObj|PipeNotifier|TcpConnection|TcpServer)__\w+")
 
 
 def a_syncobj() -> SyncObj:
@@ -57,8 +59,23 @@ def test_every_listed_name_exists_on_the_pinned_pysyncobj():
         assert hasattr(importlib.import_module(module_name), name), f"{module_name}.{name}"
 
 
+def test_every_listed_link_name_exists_on_the_pinned_pysyncobj():
+    connection = TcpConnection(poller=None)
+    server = TcpServer(poller=None, host="127.0.0.1", port=0, onNewConnection=None)
+    for name in private_names.TCP_CONNECTION_NAMES:
+        assert hasattr(connection, name), name
+    for name in private_names.TCP_SERVER_NAMES:
+        assert hasattr(server, name), name
+
+
 def test_the_package_uses_no_private_name_missing_from_the_list():
-    listed = set(private_names.SYNCOBJ_ATTRIBUTES) | set(private_names.SYNCOBJ_METHODS) | set(private_names.PIPE_NOTIFIER_ATTRIBUTES)
+    listed = (
+        set(private_names.SYNCOBJ_ATTRIBUTES)
+        | set(private_names.SYNCOBJ_METHODS)
+        | set(private_names.PIPE_NOTIFIER_ATTRIBUTES)
+        | set(private_names.TCP_CONNECTION_NAMES)
+        | set(private_names.TCP_SERVER_NAMES)
+    )
     protected = {name for name in private_names.SYNCOBJ_METHODS if not name.startswith("_SyncObj__")}
     for path in sorted(RAFT_PACKAGE.glob("*.py")):
         if path.name == "private_names.py":

@@ -10,9 +10,12 @@ from raftseq.cluster.cli.args import add_command, command_group, positive
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     """Start three nodes on 127.0.0.1 as child processes; once they serve, print their client endpoints,
     metrics URLs, the client token and the leader, then a line on every leader change. A node that
-    crashes is restarted (unless --no-restart); one stopped with SIGTERM stays stopped. Ctrl-C stops
-    every node (exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner, when a port is
-    in use or the cluster cannot start; 1 too when no node is left running."""
+    crashes is restarted (unless --no-restart) after a delay that doubles while it keeps failing
+    (1 s up to 30 s); one stopped with SIGTERM stays stopped, and so does one whose exit code needs an
+    operator (2-8: a port or its data directory in use, a bad config...; see docs/operating.md).
+    Ctrl-C stops every node (exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner,
+    when a port or the data directory is in use or the cluster cannot start; 1 too when no node is
+    left running."""
     from raftseq.cluster.up import run_cluster_up
 
     return run_cluster_up(args)

@@ -82,6 +82,8 @@ def _verify_one(path: str, args: argparse.Namespace, *, label: bool) -> VerifyRe
     else:
         where = f" ({report.path} offset {report.offset})" if report.path else ""
         print(f"{prefix}FAILED at seq {report.first_bad_seq}: {report.problem}{where}")
+        for damage in report.damages[1:]:
+            print(f"{prefix}also damaged at seq {damage.seq}: {damage.problem} ({damage.path} offset {damage.offset})")
         print(f"{prefix}first bad sequence number: {report.first_bad_seq}")
     return report
 

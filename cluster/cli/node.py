@@ -9,13 +9,16 @@ from raftseq.cluster.cli.args import add_command
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from raftseq.cluster.config import ConfigError, load_config
+    """Exit codes: ``cluster.node_exit.NodeExit`` (docs/operating.md): 2 for a configuration
+    file that cannot be read or is not TOML, 5 for one that is TOML but cannot be used."""
+    from raftseq.cluster.config import ConfigError, ConfigUnreadable, load_config
+    from raftseq.cluster.node_exit import NodeExit
 
     try:
         config = load_config(args.config, insecure=args.insecure)
     except ConfigError as exc:
         print(f"raftseq node: {exc}", file=sys.stderr)
-        return 2
+        return NodeExit.USAGE if isinstance(exc, ConfigUnreadable) else NodeExit.INVALID_CONFIG
     from raftseq.cluster.node import run_node
 
     return run_node(config, discard_raft_log_first=args.discard_raft_log, log_file=args.log_file)

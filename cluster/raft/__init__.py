@@ -4,10 +4,13 @@
 * ``RaftMember`` (``member``): the one layer overriding pysyncobj (its corrections, and its
   driving by the node's asyncio loop through ``loop_poller.LoopPoller``).
 * ``install()`` (``patches``): the process-wide changes to pysyncobj (pickle protocol, link
-  cipher without zlib, the loop's poller). Called by the node when it starts; importing this
+  cipher without zlib, the loop's poller, guarded links, allow-list pickles). Called by the node when it starts; importing this
   package changes nothing.
 * ``private_names``: every private pysyncobj name used, pinned to one pysyncobj version.
 * ``link_cipher``: the Raft links' AES-256-GCM.
+* ``link_guard``: the Raft links' bounds (frame size at the length prefix, unauthenticated
+  links in count and time) and a listener that backs off on accept errors.
+* ``safe_pickle``: the allow-list unpickler pysyncobj loads every pickle with.
 * ``proposals``: what a proposal's callback is told (``PROPOSAL_OK``, ``proposal_error_name``).
 """
 

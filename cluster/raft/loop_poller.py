@@ -56,6 +56,8 @@ class LoopPoller(Poller):
         self.after_event: Callable[[], None] = lambda: None
         #: Called, inside ``except``, when pysyncobj's event handler raised.
         self.on_error: Callable[[], None] = lambda: None
+        #: The member's ``raft.link_guard.LinkGuard`` (its links' limits, counters and timers).
+        self.link_guard: object = None
 
     def subscribe(self, descr: int, callback: Callable[[int, int], None], eventMask: int) -> None:  # noqa: N803
         sub = self._subscriptions.get(descr)

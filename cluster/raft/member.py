@@ -63,15 +63,18 @@ import logging
 import os
 import queue
 import struct
+import threading
 import time
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 
-from raftseq.cluster.raft import patches
+from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
+from raftseq.cluster.raft import patches, safe_pickle
+from raftseq.cluster.raft.link_guard import DEFAULT_GUARD, LinkGuard, LinkLimits
 from raftseq.cluster.raft.loop_poller import LoopPoller
 from raftseq.cluster.raft.private_names import CANDIDATE as _CANDIDATE
 from raftseq.cluster.raft.private_names import FOLLOWER as _FOLLOWER
-from raftseq.cluster.raft.private_names import LEADER, PIPE_NOTIFIER_ATTRIBUTES
+from raftseq.cluster.raft.private_names import LEADER, PIPE_NOTIFIER_ATTRIBUTES, SYNCOBJ_LOGGER, SYNCOBJ_TRUNCATION_CRITICAL
 from raftseq.cluster.raft.private_names import now as _now
 from raftseq.sequencer.protocol import Role
 
@@ -88,6 +91,9 @@ APPLY_SLICE_S = 0.0005
 APPLY_ENTRIES_PER_TICK = 1024
 #: A failing tick is logged at most this often (it is counted every time).
 TICK_FAILURE_LOG_INTERVAL_S = 1.0
+#: A refused truncation of applied entries is logged at most this often (counted every time):
+#: under load a follower sees one or two a second, each harmless.
+TRUNCATION_REFUSED_LOG_INTERVAL_S = 10.0
 
 _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
@@ -109,7 +115,27 @@ RAFT_COUNTERS = (
     "raftseq_newer_terms_told",
     "raftseq_newer_terms_heard",
     "ticks_failed",
+    "link_frames_refused",
+    "link_strangers_dropped",
+    "link_accept_errors",
+    "link_pickles_refused",
 )
+
+#: Set, on the thread handling an AppendEntries, while pysyncobj's truncation (if it comes to
+#: one) will be refused by ``RaftMember``.
+_truncation_refused = threading.local()
+
+
+class _RefusedTruncationFilter(logging.Filter):
+    """Drops pysyncobj's CRITICAL "truncating already-applied log entries ... state machine may
+    have diverged" when the truncation it announces is refused (nothing is truncated, nothing
+    diverged); ``RaftMember`` logs what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_truncation_refused, "pending", False) and str(record.msg).startswith(SYNCOBJ_TRUNCATION_CRITICAL))
+
+
+_REFUSED_TRUNCATION_FILTER = _RefusedTruncationFilter()
 
 
 class RaftMember(SyncObj):
@@ -144,6 +170,7 @@ class RaftMember(SyncObj):
     raftseq_votes_blocked_until = 0.0
     #: Exceptions out of pysyncobj (a tick, or its handling of a socket event) on the loop.
     ticks_failed = 0
+    _truncation_refused_logged_at = float("-inf")
 
     _loop: asyncio.AbstractEventLoop | None = None
     _commit_notify_delay_s = 0.0
@@ -169,6 +196,9 @@ class RaftMember(SyncObj):
                 raise RuntimeError("a loop-driven Raft member needs raftseq.cluster.raft.install() first")
             self._loop = loop
             self._loop_poller = LoopPoller(loop)
+            self._loop_poller.link_guard = LinkGuard(
+                LinkLimits.for_batch_bytes(conf.appendEntriesBatchSizeBytes), call_later=loop.call_later
+            )
             conf.pollerType = self._loop_poller
             conf.autoTick = False
             self._commit_notify_delay_s = commit_notify_delay_s
@@ -179,6 +209,11 @@ class RaftMember(SyncObj):
             self._destroyed = False
             self._tick_failure_logged_at = float("-inf")
             self._apply_slice = 1  # entries per tick; sized to APPLY_SLICE_S as applies are timed
+        self._link_guard = self._loop_poller.link_guard if loop is not None else DEFAULT_GUARD
+        syncobj_log = logging.getLogger(SYNCOBJ_LOGGER)
+        if _REFUSED_TRUNCATION_FILTER not in syncobj_log.filters:
+            syncobj_log.addFilter(_REFUSED_TRUNCATION_FILTER)
+        self._leader_silence_s = RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS * conf.raftMaxTimeout
         super().__init__(self_address, partners, conf)
         self.addOnTickCallback(self._hand_over_if_asked)
         if loop is not None:
@@ -189,14 +224,46 @@ class RaftMember(SyncObj):
     # --- what the rest of raftseq reads -------------------------------------------------------
 
     def role(self) -> Role:
-        """Leader; follower of a known leader; else candidate (no leader known)."""
+        """Leader; follower of a leader heard lately; else candidate (no leader known)."""
         if self._isLeader():
             return Role.LEADER
-        return Role.FOLLOWER if self._getLeader() is not None else Role.CANDIDATE
+        return Role.FOLLOWER if self._leader_heard() is not None else Role.CANDIDATE
 
     def leader_raft_address(self) -> str:
-        leader = self._getLeader()
+        leader = self._leader_heard()
         return leader.id if leader is not None else ""
+
+    def _leader_heard(self):
+        """pysyncobj's leader, unless this node has not heard from it for ``leader_silence_s()``.
+
+        pysyncobj keeps the last leader it knew until an election here replaces it; a node that
+        cannot stand for election (its links down: its listener closed, a partition) would
+        otherwise call itself that leader's follower for good, serving ever older data."""
+        leader = self._getLeader()
+        if leader is not None and self._SyncObj__raftState != LEADER and _now() - self._raftseq_leader_contact > self._leader_silence_s:
+            return None
+        return leader
+
+    def leader_silence_s(self) -> float:
+        """How long a follower goes without hearing its leader before it reports none."""
+        return self._leader_silence_s
+
+    @property
+    def link_frames_refused(self) -> int:
+        return self._link_guard.frames_refused
+
+    @property
+    def link_strangers_dropped(self) -> int:
+        return self._link_guard.strangers_dropped
+
+    @property
+    def link_accept_errors(self) -> int:
+        return self._link_guard.accept_errors
+
+    @property
+    def link_pickles_refused(self) -> int:
+        """Process-wide: pysyncobj loads pickles with no member in sight (``raft.safe_pickle``)."""
+        return safe_pickle.refused_count()
 
     def term(self) -> int:
         return self._getTerm()
@@ -431,10 +498,12 @@ class RaftMember(SyncObj):
         verified_end = (message["prevLogIdx"] + len(entries)) if consistent else None
         commit_before = self._SyncObj__raftCommitIndex
         self._raftseq_pending_entries = list(entries)
+        _truncation_refused.pending = not entries
         try:
             result = _original_on_message(self, node, message)
         finally:
             self._raftseq_pending_entries = None
+            _truncation_refused.pending = False
         if verified_end is not None:
             after = get_entries(verified_end + 1, 1)
             if after and after[0][2] == message["term"]:
@@ -541,8 +610,25 @@ class RaftMember(SyncObj):
         if not pending:
             # Everything the leader sent is held already: nothing conflicts, nothing goes.
             self.raftseq_truncations_refused += 1
+            self._raftseq_log_refused_truncation(fromIDx)
             return None
         held = self._SyncObj__getEntries(fromIDx, 1)
         if held and held[0][1] == pending[0][1] and held[0][2] == pending[0][2]:
             raise AssertionError(f"entry {fromIDx} matches yet is about to be deleted")
         return _original_delete_from(self, fromIDx)
+
+    def _raftseq_log_refused_truncation(self, from_index: int) -> None:
+        """What pysyncobj's CRITICAL line (filtered out) should have said, at most once per
+        ``TRUNCATION_REFUSED_LOG_INTERVAL_S``."""
+        now = time.monotonic()
+        if now - self._truncation_refused_logged_at < TRUNCATION_REFUSED_LOG_INTERVAL_S:
+            return
+        self._truncation_refused_logged_at = now
+        log.info(
+            "kept Raft entries from index %d on (last applied %d): a repeated AppendEntries held "
+            "only entries this node has, nothing conflicted, nothing was truncated "
+            "(%d such refusals so far)",
+            from_index,
+            self._SyncObj__raftLastApplied,
+            self.raftseq_truncations_refused,
+        )

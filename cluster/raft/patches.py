@@ -15,16 +15,26 @@ What ``install()`` changes, for every ``SyncObj`` of the process:
   already, and compression cost more CPU than it saved bytes (``raft.link_cipher``).
 * **The loop's poller.** pysyncobj builds its poller from ``SyncObjConf.pollerType``; a
   ``LoopPoller`` passed there is used as it is (any other value keeps pysyncobj's own choice).
+* **Guarded links.** pysyncobj's transport builds ``GuardedConnection`` and ``GuardedServer``
+  (``raft.link_guard``): frames bounded at their length prefix, unauthenticated links bounded
+  in count and time, a listener that backs off on accept errors instead of closing.
+* **Allow-list pickles.** pysyncobj loads link messages, log entries' commands and its log
+  file's metadata with ``raft.safe_pickle``: no name outside a short allow-list is resolved,
+  so no code runs from a peer's bytes, even a peer holding the password.
 """
 
 from __future__ import annotations
 
+import pysyncobj.journal
 import pysyncobj.pickle
 import pysyncobj.syncobj
 import pysyncobj.tcp_connection
+import pysyncobj.transport
 from pysyncobj.poller import Poller
 
+from raftseq.cluster.raft import safe_pickle
 from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
+from raftseq.cluster.raft.link_guard import GuardedConnection, GuardedServer
 from raftseq.cluster.raft.loop_poller import LoopPoller
 
 #: The pickle protocol pysyncobj writes with once installed (pysyncobj's own is 2).
@@ -47,6 +57,11 @@ def install() -> None:
     pysyncobj.syncobj.getEncryptor = LinkCipher
     pysyncobj.tcp_connection.zlib = Uncompressed
     pysyncobj.syncobj.createPoller = _create_poller
+    pysyncobj.transport.TcpConnection = GuardedConnection
+    pysyncobj.transport.TcpServer = GuardedServer
+    pysyncobj.pickle.loads = safe_pickle.loads
+    pysyncobj.pickle.load = safe_pickle.load
+    pysyncobj.journal.loads = safe_pickle.loads
 
 
 def installed() -> bool:
@@ -56,4 +71,9 @@ def installed() -> bool:
         and pysyncobj.syncobj.getEncryptor is LinkCipher
         and pysyncobj.tcp_connection.zlib is Uncompressed
         and pysyncobj.syncobj.createPoller is _create_poller
+        and pysyncobj.transport.TcpConnection is GuardedConnection
+        and pysyncobj.transport.TcpServer is GuardedServer
+        and pysyncobj.pickle.loads is safe_pickle.loads
+        and pysyncobj.pickle.load is safe_pickle.load
+        and pysyncobj.journal.loads is safe_pickle.loads
     )

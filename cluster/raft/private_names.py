@@ -78,13 +78,48 @@ SYNCOBJ_METHODS = (
 #: thread; the loop-driven member closes it).
 PIPE_NOTIFIER_ATTRIBUTES = ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW")
 
-#: Module-level names of pysyncobj: ``(module, name)``. The first four are what
+#: Attributes and methods of pysyncobj's ``TcpConnection`` that ``raft.link_guard`` reads,
+#: writes or overrides.
+TCP_CONNECTION_NAMES = (
+    "_TcpConnection__processParseMessage",
+    "_TcpConnection__processRead",
+    "_TcpConnection__readBuffer",
+    "_TcpConnection__recvBufferSize",
+    "_TcpConnection__socket",
+)
+
+#: Attributes and methods of pysyncobj's ``TcpServer`` that ``raft.link_guard`` reads or
+#: overrides.
+TCP_SERVER_NAMES = (
+    "_TcpServer__connectionTimeout",
+    "_TcpServer__fileno",
+    "_TcpServer__keepalive",
+    "_TcpServer__onNewConnection",
+    "_TcpServer__onNewConnectionCallback",
+    "_TcpServer__poller",
+    "_TcpServer__recvBufferSize",
+    "_TcpServer__sendBufferSize",
+    "_TcpServer__socket",
+    "_TcpServer__state",
+)
+
+#: The logger pysyncobj's ``SyncObj`` logs through, and the start of its false CRITICAL line
+#: (``raft.member`` replaces it with its own).
+SYNCOBJ_LOGGER = "pysyncobj.syncobj"
+SYNCOBJ_TRUNCATION_CRITICAL = "truncating already-applied log entries from index"
+
+#: Module-level names of pysyncobj: ``(module, name)``. The first nine are what
 #: ``raft.patches.install()`` replaces; the others are read.
 MODULE_NAMES = (
     ("pysyncobj.pickle", "__protocol"),
     ("pysyncobj.syncobj", "getEncryptor"),
     ("pysyncobj.syncobj", "createPoller"),
     ("pysyncobj.tcp_connection", "zlib"),
+    ("pysyncobj.transport", "TcpConnection"),
+    ("pysyncobj.transport", "TcpServer"),
+    ("pysyncobj.pickle", "loads"),
+    ("pysyncobj.pickle", "load"),
+    ("pysyncobj.journal", "loads"),
     ("pysyncobj.syncobj", "_RAFT_STATE"),
     ("pysyncobj.syncobj", "monotonicTime"),
 )

@@ -21,6 +21,7 @@ from pysyncobj.node import TCPNode
 from raftseq.cluster import invariant
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.raft.member import RaftMember
+from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -39,6 +40,14 @@ class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(RaftSnapshot)
+
+
+class _NoBindTraceback(logging.Filter):
+    """pysyncobj logs a traceback when it cannot bind the Raft address; the node says why in
+    one line instead (``NodeExit.ADDRESS_UNAVAILABLE``), so that traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "failed to perform initialization"
 
 
 class SequencerReplica(RaftMember):
@@ -92,14 +101,20 @@ class SequencerReplica(RaftMember):
             dynamicMembershipChange=False,
             useFork=False,
         )
-        super().__init__(
-            config.raft_address,
-            [p.raft_address for p in config.peers],
-            conf,
-            loop=loop,
-            commit_notify_delay_s=r.commit_notify_delay_s,
-            votes_blocked_s=votes_blocked_s,
-        )
+        pysyncobj_log = logging.getLogger(SYNCOBJ_LOGGER)
+        quiet = _NoBindTraceback()
+        pysyncobj_log.addFilter(quiet)
+        try:
+            super().__init__(
+                config.raft_address,
+                [p.raft_address for p in config.peers],
+                conf,
+                loop=loop,
+                commit_notify_delay_s=r.commit_notify_delay_s,
+                votes_blocked_s=votes_blocked_s,
+            )
+        finally:
+            pysyncobj_log.removeFilter(quiet)
 
     # --- the replicated entry point -----------------------------------------------------
 

@@ -326,6 +326,19 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 ],
                 unit="ops",
             ),
+            Panel(
+                timeseries,
+                HALF,
+                "Raft link refusals",
+                "What the Raft links refused (per second): frames over the maximum at their length prefix, unauthenticated links dropped (too many, or too slow to authenticate), failed accepts on the Raft listener (it backs off and accepts again), and pickles refused by the allow-list. Anything but zero is an attack, a misconfigured peer or a node out of file descriptors: see the node's log.",
+                [
+                    (f"rate(raftseq_raft_link_frames_refused_total{{{N}}}[{RATE}])", "{{node}} frames refused"),
+                    (f"rate(raftseq_raft_link_strangers_dropped_total{{{N}}}[{RATE}])", "{{node}} strangers dropped"),
+                    (f"rate(raftseq_raft_link_accept_errors_total{{{N}}}[{RATE}])", "{{node}} accept errors"),
+                    (f"rate(raftseq_raft_link_pickles_refused_total{{{N}}}[{RATE}])", "{{node}} pickles refused"),
+                ],
+                unit="ops",
+            ),
         ],
     ),
     (
@@ -519,10 +532,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 THIRD,
                 "Journal verification",
-                "Records that failed verification in the last hour, by check, and bytes of torn tail cut at the last start.",
+                "Records that failed verification in the last hour, by check; bytes of torn tail cut at the last start; "
+                "damaged sealed segments found and repaired in the last hour, records refused until repaired, and the "
+                "scrub's read-back rate (bytes per second).",
                 [
                     (f"increase(raftseq_journal_verify_failures_total{{{N}}}[1h])", "{{node}} failed ({{check}})"),
                     (f"raftseq_journal_tail_cut_bytes{{{N}}}", "{{node}} tail cut (bytes)"),
+                    (f"increase(raftseq_journal_damage_found_total{{{N}}}[1h])", "{{node}} damage found"),
+                    (f"increase(raftseq_journal_damage_repaired_total{{{N}}}[1h])", "{{node}} damage repaired"),
+                    (f"raftseq_journal_damaged_records{{{N}}}", "{{node}} damaged records"),
+                    (f"rate(raftseq_journal_scrubbed_bytes_total{{{N}}}[{RATE}])", "{{node}} scrubbed bytes/s"),
                 ],
             ),
             Panel(

@@ -11,7 +11,10 @@ The modules, one job each (this package is the only place in ``sequencer`` doing
 - ``index``: the sparse index of a sealed segment (``<first_seq>.idx``);
 - ``holes``: ranges the journal lacks after a Raft snapshot, and filling them from a peer;
 - ``records``: checks of records handed to the journal (``JournalRecordError``);
-- ``recovery``: opening a directory, cutting a torn tail (``RecoveryReport``);
+- ``recovery``: opening a directory, cutting a torn tail (``RecoveryReport``), finding damaged
+  sealed segments;
+- ``damage``: damaged ranges of sealed segments, refused to readers until repaired (``DamageMap``);
+- ``scrub``: reading sealed segments back a bounded step at a time (``Scrubber``);
 - ``store``: the ``Journal`` itself (append, seal, fsync, holes, cursors);
 - ``cursor``: reading records from any number (``JournalCursor``);
 - ``verify``: checking a whole journal offline (``verify_journal``);
@@ -19,9 +22,11 @@ The modules, one job each (this package is the only place in ``sequencer`` doing
 """
 
 from raftseq.sequencer.journal.cursor import JournalCursor
+from raftseq.sequencer.journal.damage import Damage, DamageMap
 from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
 from raftseq.sequencer.journal.holes import HOLES_FILE
 from raftseq.sequencer.journal.recovery import RecoveryReport
+from raftseq.sequencer.journal.scrub import Scrubber
 from raftseq.sequencer.journal.segments import (
     FILL_SUFFIX,
     HEADER,
@@ -35,9 +40,11 @@ from raftseq.sequencer.journal.segments import (
     segment_name,
 )
 from raftseq.sequencer.journal.store import FsyncPolicy, Journal
-from raftseq.sequencer.journal.verify import VerifyReport, verify_journal
+from raftseq.sequencer.journal.verify import VerifyDamage, VerifyReport, verify_journal
 
 __all__ = [
+    "Damage",
+    "DamageMap",
     "FILL_SUFFIX",
     "FsyncPolicy",
     "HEADER",
@@ -52,7 +59,9 @@ __all__ = [
     "RecoveryReport",
     "SEGMENT_SUFFIX",
     "ScanResult",
+    "Scrubber",
     "Segment",
+    "VerifyDamage",
     "VerifyReport",
     "list_segment_files",
     "scan_segment",

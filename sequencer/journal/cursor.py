@@ -72,6 +72,11 @@ class JournalCursor(ClosedOnExit):
             return False
         rel = self.next_seq - seg.first_seq
         point = rel // limits.INDEX_INTERVAL_RECORDS
+        if point >= len(seg.offsets):
+            # Only a damaged segment lacks index points: they end at its first bad record.
+            raise JournalCorruptError(
+                f"seq {self.next_seq} lies past the damage in {seg.path}", seq=self.next_seq, path=seg.path, offset=seg.size
+            )
         self._open(seg, seg.offsets[point])
         skip = rel - point * limits.INDEX_INTERVAL_RECORDS
         target = self.next_seq
@@ -86,7 +91,12 @@ class JournalCursor(ClosedOnExit):
 
     def _open(self, segment: Segment, offset: int) -> None:
         self.close()
-        self._file = open(segment.path, "rb", buffering=0)
+        try:
+            self._file = open(segment.path, "rb", buffering=0)
+        except OSError as exc:  # a segment file gone or unreadable is damage, like a bad record
+            raise JournalCorruptError(
+                f"cannot read seq {self.next_seq}: {exc}", seq=self.next_seq, path=segment.path, offset=offset
+            ) from None
         self._segment = segment
         self._offset = offset
 

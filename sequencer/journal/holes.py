@@ -14,7 +14,7 @@ import msgspec
 
 from raftseq.sequencer.journal.errors import JournalCorruptError
 from raftseq.sequencer.journal.index import write_index
-from raftseq.sequencer.journal.segments import FILL_SUFFIX, SEGMENT_SUFFIX, Segment, fsync_dir, replace_file, write_all
+from raftseq.sequencer.journal.segments import FILE_MODE, FILL_SUFFIX, SEGMENT_SUFFIX, Segment, fsync_dir, replace_file, write_all
 
 #: Ranges of sequence numbers the journal lacks (after a Raft snapshot), as JSON [[first, last], ...].
 HOLES_FILE = "holes.json"
@@ -71,7 +71,7 @@ class HoleFill:
     def __init__(self, segment_path: str, first_seq: int) -> None:
         self.segment = Segment(segment_path, first_seq)
         self.path = segment_path[: -len(SEGMENT_SUFFIX)] + FILL_SUFFIX
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
 
     def write(self, records: bytes, offsets: list[int]) -> None:
         write_all(self.fd, records)

@@ -13,7 +13,7 @@ import struct
 import zlib
 
 from raftseq.sequencer import limits
-from raftseq.sequencer.journal.errors import JournalCorruptError
+from raftseq.sequencer.journal.damage import Damage
 from raftseq.sequencer.journal.segments import INDEX_SUFFIX, SEGMENT_SUFFIX, Segment, replace_file, scan_segment
 
 INDEX_MAGIC = b"RSQIDX01"
@@ -28,8 +28,15 @@ def write_index(segment: Segment, *, fsync: bool) -> None:
     replace_file(segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX, body, fsync=fsync)
 
 
-def load_sealed(segment: Segment) -> None:
-    """Index of a sealed segment: from its index file when it matches, else by a walk."""
+def load_sealed(segment: Segment, end_seq: int, *, verify: bool) -> Damage | None:
+    """Index of a sealed segment whose numbers end before `end_seq` (where the next segment or
+    hole starts): from its index file when it matches, else by a walk. With `verify` every
+    record is read back even when the index matches.
+
+    A segment that fails (a record fails its checks, the file is short, records are missing
+    before `end_seq`) is not an error here: it keeps the numbers up to `end_seq` and the
+    damaged range is returned, to be refused to readers and repaired from a peer.
+    """
     segment.sealed = True
     size = os.path.getsize(segment.path)
     index_path = segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
@@ -45,21 +52,26 @@ def load_sealed(segment: Segment) -> None:
             magic == INDEX_MAGIC
             and first_seq == segment.first_seq
             and seg_bytes == size
+            and first_seq + count == end_seq
             and interval == limits.INDEX_INTERVAL_RECORDS
             and len(body) == 8 * n + 4
             and zlib.crc32(data[:-4]) == struct.unpack(">I", body[-4:])[0]
         ):
             segment.count, segment.size = count, size
             segment.offsets = list(struct.unpack(f">{n}Q", body[:-4]))
-            return
+            if not verify:
+                return None
     except (OSError, struct.error):
         pass
     scan = scan_segment(segment.path, segment.first_seq, check=True)
-    if scan.problem or scan.good_bytes != size:
-        raise JournalCorruptError(
-            f"sealed segment {segment.path} is damaged at offset {scan.good_bytes}: {scan.problem or 'trailing bytes'}",
-            seq=segment.first_seq + scan.count,
-            path=segment.path,
-            offset=scan.good_bytes,
+    if scan.problem or scan.good_bytes != size or segment.first_seq + scan.count != end_seq:
+        problem = scan.problem or (
+            "trailing bytes" if scan.good_bytes != size else f"records end at seq {segment.first_seq + scan.count - 1}"
         )
+        if not segment.offsets:
+            segment.offsets = scan.offsets
+        segment.count, segment.size = end_seq - segment.first_seq, size
+        first_bad = min(segment.first_seq + scan.count, end_seq - 1)
+        return Damage(first_bad, end_seq - 1, segment.path, scan.good_bytes, problem)
     segment.count, segment.size, segment.offsets = scan.count, size, scan.offsets
+    return None

@@ -3,8 +3,10 @@
 The last segment is read record by record (length, checksum, decodable body, expected number);
 from the first bad record on, the file is cut off and the cut is reported in a
 ``RecoveryReport``. The rest of the stream comes back from Raft. Damage before the tail (a
-sealed segment, a gap between segments) is never cut away silently: opening fails with
-``JournalCorruptError``.
+sealed segment that fails its checks or is short, a gap between segments that is no recorded
+hole) is never cut away: it is returned as ``Damage`` (refused to readers, repaired from a peer).
+The newest sealed segments, up to ``verify_bytes``, are read back in full; the others are
+trusted to their index here and read back by the scrub.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 
 import msgspec
 
-from raftseq.sequencer.journal.errors import JournalCorruptError
+from raftseq.sequencer.journal.damage import Damage
 from raftseq.sequencer.journal.holes import check_holes, read_holes
 from raftseq.sequencer.journal.index import load_sealed
 from raftseq.sequencer.journal.segments import FILL_SUFFIX, Segment, fsync_dir, list_segment_files, scan_segment
@@ -30,9 +32,11 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     removed_empty_segments: int = 0
 
 
-def recover(directory: str, *, readonly: bool) -> tuple[list[Segment], list[tuple[int, int]], RecoveryReport]:
+def recover(
+    directory: str, *, readonly: bool, verify_bytes: int = 0
+) -> tuple[list[Segment], list[tuple[int, int]], RecoveryReport, list[Damage]]:
     """The segments and holes of the journal in `directory` (which exists), its tail cut to
-    the last good record, and what was cut.
+    the last good record, what was cut, and the damaged ranges of sealed segments.
 
     ``readonly``: nothing is cut, removed or written; a torn tail just ends the readable
     stream (the report still says what would be cut).
@@ -52,23 +56,39 @@ def recover(directory: str, *, readonly: bool) -> tuple[list[Segment], list[tupl
         files.pop()
         removed_empty += 1
     recovery = RecoveryReport()
+    damages: list[Damage] = []
+    verify_from = _verify_from(files, verify_bytes)
     for i, (first_seq, path) in enumerate(files):
         segment = Segment(path, first_seq)
-        if segments and segments[-1].end_seq != first_seq and (segments[-1].end_seq, first_seq - 1) not in holes:
-            raise JournalCorruptError(
-                f"gap between segments: {segments[-1].path} ends before seq {segments[-1].end_seq}, next segment starts at {first_seq}",
-                seq=segments[-1].end_seq,
-                path=path,
-            )
         if i == len(files) - 1:
             recovery = _recover_tail(segment, removed_empty, readonly=readonly)
         else:
-            load_sealed(segment)
+            end_seq = files[i + 1][0]
+            for hole_first, _ in holes:
+                if first_seq < hole_first < end_seq:
+                    end_seq = hole_first
+            damage = load_sealed(segment, end_seq, verify=i >= verify_from)
+            if damage is not None:
+                damages.append(damage)
         segments.append(segment)
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
     check_holes(directory, holes, segments)
-    return segments, holes, recovery
+    return segments, holes, recovery, damages
+
+
+def _verify_from(files: list[tuple[int, str]], verify_bytes: int) -> int:
+    """Index of the first sealed segment to read back in full: the newest ones (the tail
+    aside) that fit in `verify_bytes` together, and at least the newest one if any."""
+    i = len(files) - 1
+    total = 0
+    while i > 0:
+        size = os.path.getsize(files[i - 1][1])
+        if total and total + size > verify_bytes:
+            break
+        total += size
+        i -= 1
+    return i if verify_bytes > 0 else len(files)
 
 
 def _recover_tail(segment: Segment, removed_empty: int, *, readonly: bool) -> RecoveryReport:

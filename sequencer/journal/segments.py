@@ -20,6 +20,8 @@ HEADER_BYTES = protocol.HEADER_BYTES
 SEGMENT_SUFFIX = ".seg"
 INDEX_SUFFIX = ".idx"
 FILL_SUFFIX = ".seg.fill"
+#: Journal files hold payloads: owner read and write only.
+FILE_MODE = 0o600
 
 
 class ClosedOnExit:
@@ -165,7 +167,7 @@ def replace_file(path: str, data: bytes, *, fsync: bool) -> None:
     """Write `data` to `path` whole or not at all: to a side file, fsynced (with `fsync`) once
     it holds every byte, then renamed over `path`."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
         f.write(data)
         if fsync:
             f.flush()

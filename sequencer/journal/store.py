@@ -17,12 +17,13 @@ import msgspec
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal.cursor import JournalCursor
-from raftseq.sequencer.journal.errors import JournalError
+from raftseq.sequencer.journal.damage import Damage, DamageMap
+from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
 from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover
-from raftseq.sequencer.journal.segments import HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
+from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
 
 
 class FsyncPolicy(msgspec.Struct, frozen=True):
@@ -62,8 +63,15 @@ class Journal(ClosedOnExit):
         readonly: bool,
         recovery: RecoveryReport,
         holes: list[tuple[int, int]] | None = None,
+        damages: list[Damage] | None = None,
     ) -> None:
         self.directory = directory
+        #: Damaged ranges of sealed segments: refused to readers until ``repair`` replaces them.
+        self.damage = DamageMap(damages)
+        #: Damaged ranges found (on open, by the scrub, by readers) and repaired, since open.
+        self.damage_found = len(self.damage)
+        self.damage_repaired = 0
+        self._repair: HoleFill | None = None
         #: Missing ranges ``(first, last)``, in order; filled by ``fill`` from a peer's copy.
         self.holes: list[tuple[int, int]] = holes or []
         self._fill: HoleFill | None = None
@@ -93,12 +101,15 @@ class Journal(ClosedOnExit):
         clock_ns: Callable[[], int] | None = None,
         readonly: bool = False,
         create: bool = True,
+        verify_bytes: int = limits.JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT,
     ) -> Journal:
         """Open (and recover) the journal in `directory`.
 
         ``readonly`` opens for reading only: nothing is cut or written, a torn tail just ends
         the readable stream (``recovery`` still says what would be cut).
         ``clock_ns`` (monotonic nanoseconds) is needed by the ``interval`` fsync policy.
+        ``verify_bytes``: the newest sealed segments up to this size are read back in full
+        (``damage`` says what failed); older ones are trusted to their index until scrubbed.
         """
         fsync = fsync or FsyncPolicy()
         if segment_bytes_max < limits.SEGMENT_BYTES_MIN:
@@ -109,7 +120,7 @@ class Journal(ClosedOnExit):
             if readonly or not create:
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
-        segments, holes, recovery = recover(directory, readonly=readonly)
+        segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes)
         return cls(
             directory,
             segments,
@@ -119,6 +130,7 @@ class Journal(ClosedOnExit):
             readonly=readonly,
             recovery=recovery,
             holes=holes,
+            damages=damages,
         )
 
     # --- state --------------------------------------------------------------------------
@@ -202,7 +214,7 @@ class Journal(ClosedOnExit):
             path = os.path.join(self.directory, segment_name(first_seq))
             segment = Segment(path, first_seq)
             self._close_fd()
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
             fsync_dir(self.directory)
             self._segments.append(segment)
             self._segment_firsts.append(first_seq)
@@ -252,20 +264,10 @@ class Journal(ClosedOnExit):
         assert not self.readonly, "fill on a read-only journal"
         assert self.holes, "fill without a hole"
         hole_first, hole_last = self.holes[0]
-        fill = self._fill
-        if fill is None or fill.segment.first_seq != hole_first:
-            if fill is not None:
-                fill.abandon()
-            fill = self._fill = HoleFill(os.path.join(self.directory, segment_name(hole_first)), hole_first)
-        expected = fill.segment.end_seq
-        assert first_seq == expected, f"fill of seq {first_seq}, hole expects {expected}"
-        assert last_seq <= hole_last, f"fill up to {last_seq} overruns the hole ending at {hole_last}"
-        offsets = check_records(records, first_seq, last_seq)
-        fill.write(records, offsets)
-        if last_seq < hole_last:
+        path = os.path.join(self.directory, segment_name(hole_first))
+        self._fill, segment = _side_file_write(self._fill, path, (hole_first, hole_last), records, first_seq, last_seq)
+        if segment is None:
             return
-        segment = fill.finish()
-        self._fill = None
         i = bisect.bisect_right(self._segment_firsts, segment.first_seq)
         self._segments.insert(i, segment)
         self._segment_firsts.insert(i, segment.first_seq)
@@ -281,6 +283,84 @@ class Journal(ClosedOnExit):
         if fill is not None and fill.segment.first_seq == self.holes[0][0]:
             return fill.segment.end_seq
         return self.holes[0][0]
+
+    # --- damage and repair ----------------------------------------------------------------
+
+    def sealed_segments(self) -> list[Segment]:
+        """The sealed segments, in order (what the scrub reads)."""
+        return [s for s in self._segments if s.sealed]
+
+    def mark_damaged(self, seq: int, path: str, offset: int, reason: str) -> Damage | None:
+        """Record that record `seq` of a sealed segment failed on read: it and the rest of its
+        segment are refused to readers until repaired. Returns the new damage, or None when
+        it was known (or `seq` is in no sealed segment: a tail is never marked)."""
+        segment = self.segment_for(seq)
+        if segment is None or not segment.sealed:
+            return None
+        damage = Damage(seq, segment.end_seq - 1, path or segment.path, offset, reason)
+        if not self.damage.add(damage):
+            return None
+        self.damage_found += 1
+        return damage
+
+    @property
+    def repair_range(self) -> tuple[int, int] | None:
+        """The numbers ``repair`` wants next: the whole segment holding the first damage."""
+        damage = self.damage.next_from(0)
+        if damage is None:
+            return None
+        segment = self.segment_for(damage.first_seq)
+        assert segment is not None, f"damage {damage} in no segment"
+        return segment.first_seq, segment.end_seq - 1
+
+    @property
+    def repair_next_seq(self) -> int:
+        """Next number ``repair`` expects (0 when nothing is damaged)."""
+        target = self.repair_range
+        if target is None:
+            return 0
+        fill = self._repair
+        if fill is not None and fill.segment.first_seq == target[0]:
+            return fill.segment.end_seq
+        return target[0]
+
+    def repair(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        """Store records fetched from a peer for the segment of the first damage, in order.
+
+        They go to a side file; when it holds the whole segment it is fsynced, given its index
+        and renamed over the damaged file (directory fsynced), and the damage is gone. Every
+        record is checked (checksum, number, count) before any is written: records that fail
+        raise ``JournalRecordError``. Readers holding the old file keep reading it (and are
+        refused at its damage); new readers open the repaired one.
+        """
+        assert not self.readonly, "repair on a read-only journal"
+        target = self.repair_range
+        assert target is not None, "repair without damage"
+        segment_first, segment_last = target
+        self._check_against_intact(records, first_seq, last_seq)
+        path = self.segment_for(segment_first).path
+        self._repair, segment = _side_file_write(self._repair, path, target, records, first_seq, last_seq)
+        if segment is None:
+            return
+        i = bisect.bisect_left(self._segment_firsts, segment_first)
+        self._segments[i] = segment
+        self.damage_repaired += self.damage.clear_range(segment_first, segment_last)
+
+    def _check_against_intact(self, records: bytes, first_seq: int, last_seq: int) -> None:
+        """Records a peer sends for the intact part of a damaged segment (before its first bad
+        record) must be byte for byte what this node holds there: the committed stream is the
+        same on every node. Raises ``JournalRecordError`` when they differ."""
+        damage = self.damage.next_from(first_seq)
+        intact_last = min(last_seq, damage.first_seq - 1) if damage is not None else last_seq
+        if first_seq > intact_last:
+            return
+        try:
+            held = self.read_bytes(first_seq, intact_last)
+        except JournalCorruptError as exc:  # damage before the known one: the repair covers it
+            self.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+            return
+        if records[: len(held)] != held:
+            raise JournalRecordError(f"records {first_seq}..{intact_last} from the peer differ from this node's intact copy")
 
     def _fsync(self) -> None:
         if self._fd < 0:
@@ -357,3 +437,24 @@ class Journal(ClosedOnExit):
                     return
                 for frame in frames:
                     yield protocol.decode_delivered_body(memoryview(frame)[HEADER_BYTES:])
+
+
+def _side_file_write(
+    fill: HoleFill | None, path: str, target: tuple[int, int], records: bytes, first_seq: int, last_seq: int
+) -> tuple[HoleFill | None, Segment | None]:
+    """Write peer records ``first_seq..last_seq`` of the range `target` (a hole, or a damaged
+    segment) to the side file of segment `path`, after checking every record. Returns the side
+    file still being written (None once complete) and the finished segment (None until then)."""
+    range_first, range_last = target
+    if fill is None or fill.segment.first_seq != range_first:
+        if fill is not None:
+            fill.abandon()
+        fill = HoleFill(path, range_first)
+    expected = fill.segment.end_seq
+    assert first_seq == expected, f"records from seq {first_seq}, {range_first}..{range_last} expects {expected}"
+    assert last_seq <= range_last, f"records up to {last_seq} overrun {range_first}..{range_last}"
+    offsets = check_records(records, first_seq, last_seq)
+    fill.write(records, offsets)
+    if last_seq < range_last:
+        return fill, None
+    return None, fill.finish()

@@ -16,6 +16,16 @@ from raftseq.sequencer.journal.holes import read_holes
 from raftseq.sequencer.journal.segments import HEADER, HEADER_BYTES, list_segment_files
 
 
+class VerifyDamage(msgspec.Struct):
+    """One damaged place: the segment file, the byte offset of the first bad record in it, the
+    sequence number that belongs there, and what is wrong."""
+
+    path: str
+    offset: int
+    seq: int
+    problem: str
+
+
 class VerifyReport(msgspec.Struct):
     """Outcome of ``verify_journal``. ``ok`` is False exactly when ``problem`` is set."""
 
@@ -30,6 +40,8 @@ class VerifyReport(msgspec.Struct):
     problem: str = ""
     path: str = ""
     offset: int = -1
+    #: Every damaged place, in order (the first is also in ``problem``, ``path``, ``offset``).
+    damages: list[VerifyDamage] = []
 
     @property
     def ok(self) -> bool:
@@ -41,7 +53,9 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
 
     Checks: segment names and continuity, each record's length, checksum and decodability,
     gapless numbering, log time never decreasing, and per session ``client_seq`` rising by one
-    (or restarting at 1 after the session expired). Stops at the first failure.
+    (or restarting at 1 after the session expired). After a damaged record the rest of its
+    segment is skipped and checking goes on at the next segment, so that ``damages`` names
+    every damaged place (numbering across the damage is not checked).
     ``progress(segments_done, records_done)`` is called after each segment.
     """
     report = VerifyReport(directory)
@@ -68,16 +82,23 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
     last_time = 0
     client_seqs: dict[str, int] = {}
     unpack_from = HEADER.unpack_from
+    lenient = False  # after a damage: a session's first client_seq seen may be anything
+    previous_path = ""
     for i, (first_seq, path) in enumerate(files):
         report.segments += 1
         if first_seq != expected_seq:
             if (expected_seq, first_seq - 1) in holes:
-                report.problem = f"records {expected_seq}..{first_seq - 1} are missing (a hole waiting for catch-up)"
+                problem = f"records {expected_seq}..{first_seq - 1} are missing (a hole waiting for catch-up)"
+            elif first_seq > expected_seq:
+                problem = f"records {expected_seq}..{first_seq - 1} are missing: segment {os.path.basename(path)} starts at {first_seq}"
             else:
-                report.problem = f"segment {os.path.basename(path)} starts at {first_seq}, expected {expected_seq}"
-            report.first_bad_seq = expected_seq
-            report.path = path
-            return report
+                problem = f"segment {os.path.basename(path)} starts at {first_seq}, expected {expected_seq}"
+            end_of_previous = os.path.getsize(previous_path) if previous_path else 0
+            _damaged(report, previous_path or path, end_of_previous, expected_seq, problem)
+            if first_seq < expected_seq:
+                return report
+            expected_seq, lenient, client_seqs = first_seq, True, {}
+        previous_path = path
         with open(path, "rb") as f:
             data = f.read()
         pos = 0
@@ -103,21 +124,23 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
                         problem = f"undecodable record: {exc}"
                     else:
                         previous = client_seqs.get(record.session, 0)
+                        first_seen = lenient and record.session not in client_seqs
                         if record.seq != expected_seq:
                             problem = f"record holds seq {record.seq}, expected {expected_seq}"
                         elif record.log_time_ns < last_time:
                             problem = f"log time goes back from {last_time} to {record.log_time_ns}"
-                        elif record.client_seq != previous + 1 and record.client_seq != 1:
+                        elif record.client_seq != previous + 1 and record.client_seq != 1 and not first_seen:
                             problem = f"session {record.session!r} client_seq {record.client_seq} follows {previous}"
                         else:
                             last_time = record.log_time_ns
                             client_seqs[record.session] = record.client_seq
             if problem:
-                report.problem = problem
-                report.first_bad_seq = expected_seq
-                report.path = path
-                report.offset = pos
-                return report
+                _damaged(report, path, pos, expected_seq, problem)
+                if i == len(files) - 1:
+                    return report
+                # Skip to the next segment: its name says where its numbers start.
+                expected_seq, lenient, client_seqs, last_time = files[i + 1][0], True, {}, 0
+                break
             report.records += 1
             report.bytes += nxt - pos
             report.last_seq = expected_seq
@@ -126,3 +149,10 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
         if progress is not None:
             progress(i + 1, report.records)
     return report
+
+
+def _damaged(report: VerifyReport, path: str, offset: int, seq: int, problem: str) -> None:
+    """Add a damaged place to `report` (the first one also sets its ``problem``)."""
+    report.damages.append(VerifyDamage(path, offset, seq, problem))
+    if not report.problem:
+        report.problem, report.first_bad_seq, report.path, report.offset = problem, seq, path, offset

@@ -1,0 +1,306 @@
+"""The Raft links' guard: bounded frames, bounded strangers, a listener that stays open.
+
+pysyncobj's ``TcpConnection`` reads a 4-byte length prefix and buffers the body until it is
+complete, *then* authenticates it; its buffer is ``bytes``, copied on every read. A stranger
+sending the prefix 2^31-1 and a stream of bytes thus made a node buffer without bound, in
+quadratic time: 96 MiB stalled a follower ~20 s, 64 MiB sent to the leader forced a failover.
+Its ``TcpServer`` closes the listening socket for good on any accept error (EMFILE): the node
+then never again heard a peer that connects to it.
+
+``GuardedConnection`` and ``GuardedServer`` replace them (``raft.patches.install()``), with
+the same bytes on the wire:
+
+* **Frames are bounded at their length prefix.** A prefix above the link's maximum (before
+  the first authenticated frame, ``RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX``; after it, or
+  without a password, ``RAFT_LINK_FRAME_BATCHES_MAX`` times the Raft batch bytes) or below
+  0 drops the link at once, counted in ``frames_refused``. Before a link authenticated,
+  reading stops while a whole frame is buffered: it buffers one frame (plus one read) before
+  that frame is authenticated; after, at most a maximum frame's bytes (plus one read).
+* **The buffer is a ``bytearray``**: appending and consuming cost what they carry.
+* **Strangers are bounded.** An accepted link is a stranger until one frame from it decrypted
+  (or, without a password, parsed). At most ``RAFT_LINK_STRANGERS_MAX`` at once (a new one
+  drops the oldest), each for ``RAFT_LINK_STRANGER_DEADLINE_S``; both counted in
+  ``strangers_dropped``.
+* **Peer pickles are loaded with an allow-list** (``raft.safe_pickle``).
+* **Accept errors back off and retry**: the listener pauses ``RAFT_ACCEPT_BACKOFF_MIN_S``,
+  doubling up to ``RAFT_ACCEPT_BACKOFF_MAX_S``, counted in ``accept_errors``; never closes.
+
+A member driven by a ``LoopPoller`` carries its own ``LinkGuard`` there (its limits from its
+configuration, its counters, its timers on the loop); links of any other poller share
+``DEFAULT_GUARD`` and check stranger deadlines on each accept.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import pickle
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pysyncobj.tcp_connection
+from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_server import SERVER_STATE, TcpServer
+
+from raftseq.cluster.config import (
+    RAFT_ACCEPT_BACKOFF_MAX_S,
+    RAFT_ACCEPT_BACKOFF_MIN_S,
+    RAFT_LINK_FRAME_BATCHES_MAX,
+    RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX,
+    RAFT_LINK_STRANGER_DEADLINE_S,
+    RAFT_LINK_STRANGERS_MAX,
+    RaftConfig,
+)
+from raftseq.cluster.raft import safe_pickle
+
+log = logging.getLogger("raftseq.raft_link")
+
+#: pysyncobj's length prefix: a native signed 32-bit int.
+_PREFIX = struct.Struct("i")
+
+
+class LinkLimits(NamedTuple):
+    frame_bytes_max: int
+    handshake_frame_bytes_max: int = RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX
+    strangers_max: int = RAFT_LINK_STRANGERS_MAX
+    stranger_deadline_s: float = RAFT_LINK_STRANGER_DEADLINE_S
+    accept_backoff_min_s: float = RAFT_ACCEPT_BACKOFF_MIN_S
+    accept_backoff_max_s: float = RAFT_ACCEPT_BACKOFF_MAX_S
+
+    @classmethod
+    def for_batch_bytes(cls, append_entries_batch_bytes: int) -> LinkLimits:
+        return cls(frame_bytes_max=RAFT_LINK_FRAME_BATCHES_MAX * append_entries_batch_bytes)
+
+
+#: What a guard counts (``LinkGuard.counters()``), by attribute name.
+LINK_COUNTERS = ("frames_refused", "strangers_dropped", "accept_errors")
+
+
+class LinkGuard:
+    """One member's link limits, counters, strangers and (with a loop) timers."""
+
+    def __init__(self, limits: LinkLimits, call_later: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
+        self.limits = limits
+        self.call_later = call_later
+        self.frames_refused = 0
+        self.strangers_dropped = 0
+        self.accept_errors = 0
+        #: Accepted links not yet authenticated, oldest first, with their deadlines.
+        self._strangers: collections.OrderedDict[GuardedConnection, float] = collections.OrderedDict()
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in LINK_COUNTERS}
+
+    def strangers(self) -> int:
+        return len(self._strangers)
+
+    def admit_stranger(self, conn: GuardedConnection) -> None:
+        self.drop_late_strangers()
+        while len(self._strangers) >= self.limits.strangers_max:
+            oldest = next(iter(self._strangers))
+            self._drop_stranger(oldest, "too many unauthenticated Raft links")
+        self._strangers[conn] = time.monotonic() + self.limits.stranger_deadline_s
+        if self.call_later is not None:
+            self.call_later(self.limits.stranger_deadline_s, self.drop_late_strangers)
+
+    def forget(self, conn: GuardedConnection) -> None:
+        self._strangers.pop(conn, None)
+
+    def drop_late_strangers(self) -> None:
+        now = time.monotonic()
+        for conn, deadline in list(self._strangers.items()):
+            if deadline > now:
+                break  # oldest first: the others are later still
+            self._drop_stranger(conn, "unauthenticated Raft link past its deadline")
+
+    def _drop_stranger(self, conn: GuardedConnection, why: str) -> None:
+        self._strangers.pop(conn, None)
+        self.strangers_dropped += 1
+        log.debug("%s: dropped (%d so far)", why, self.strangers_dropped)
+        conn.disconnect()
+
+
+#: The guard of links whose poller carries none (a member not driven by a loop).
+DEFAULT_GUARD = LinkGuard(LinkLimits.for_batch_bytes(RaftConfig().append_entries_batch_bytes))
+
+
+def guard_of(poller: object) -> LinkGuard:
+    guard = getattr(poller, "link_guard", None)
+    return guard if isinstance(guard, LinkGuard) else DEFAULT_GUARD
+
+
+class GuardedConnection(TcpConnection):
+    """pysyncobj's ``TcpConnection`` with bounded frames and buffer, and the allow-list."""
+
+    def __init__(self, poller, *args, **kwargs) -> None:  # noqa: ANN001 (pysyncobj's signature)
+        self._raftseq_guard = guard_of(poller)
+        self._raftseq_authenticated = False
+        super().__init__(poller, *args, **kwargs)
+        self._TcpConnection__readBuffer = bytearray()
+        if kwargs.get("socket") is not None:
+            self._raftseq_guard.admit_stranger(self)
+
+    def connect(self, host, port):  # noqa: ANN001,ANN201 (pysyncobj's signature)
+        self._raftseq_authenticated = False
+        result = super().connect(host, port)
+        self._TcpConnection__readBuffer = bytearray()
+        return result
+
+    def disconnect(self) -> None:
+        self._raftseq_guard.forget(self)
+        super().disconnect()
+        self._TcpConnection__readBuffer = bytearray()
+
+    def _raftseq_frame_bytes_max(self) -> int:
+        """The handshake's bound until a frame decrypted; without a password there is no
+        handshake (an outgoing link's first frame may be an AppendEntries)."""
+        limits = self._raftseq_guard.limits
+        if self._raftseq_authenticated or not self.encryptor:
+            return limits.frame_bytes_max
+        return limits.handshake_frame_bytes_max
+
+    def _raftseq_refuse_frame(self, length: int) -> None:
+        guard = self._raftseq_guard
+        guard.frames_refused += 1
+        log.warning(
+            "Raft link dropped: frame of %d bytes announced, at most %d (%s; %d refused so far)",
+            length,
+            self._raftseq_frame_bytes_max(),
+            "authenticated" if self._raftseq_authenticated else "not authenticated",
+            guard.frames_refused,
+        )
+        self.disconnect()
+
+    def _raftseq_prefix_ok(self, buffer: bytearray) -> bool:
+        """Whether the frame at the head of ``buffer`` may be buffered (refused if not)."""
+        if len(buffer) < _PREFIX.size:
+            return True
+        (length,) = _PREFIX.unpack_from(buffer)
+        if 0 <= length <= self._raftseq_frame_bytes_max():
+            return True
+        self._raftseq_refuse_frame(length)
+        return False
+
+    def _TcpConnection__processRead(self) -> bool:  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's read, into a ``bytearray``. It stops (the poller reports the socket again
+        once the buffer was parsed) when a whole frame is buffered and the link has not
+        authenticated yet, or when the buffer holds a frame of the maximum size."""
+        buffer = self._TcpConnection__readBuffer
+        if not self._raftseq_prefix_ok(buffer):
+            return False
+        if len(buffer) >= _PREFIX.size and len(buffer) - _PREFIX.size >= _PREFIX.unpack_from(buffer)[0]:
+            if not self._raftseq_authenticated or len(buffer) >= self._raftseq_guard.limits.frame_bytes_max:
+                return False
+        sock = self._TcpConnection__socket
+        try:
+            incoming = sock.recv(self._TcpConnection__recvBufferSize)
+        except OSError as exc:
+            if exc.errno not in (socket.errno.EAGAIN, socket.errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()
+            return False
+        buffer += incoming
+        return self._raftseq_prefix_ok(buffer)
+
+    def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's parse (cipher, random key), with the allow-list unpickler."""
+        buffer = self._TcpConnection__readBuffer
+        if self.state == CONNECTION_STATE.DISCONNECTED or not self._raftseq_prefix_ok(buffer) or len(buffer) < _PREFIX.size:
+            return None
+        (length,) = _PREFIX.unpack_from(buffer)
+        end = _PREFIX.size + length
+        if len(buffer) < end:
+            return None
+        data = bytes(buffer[_PREFIX.size : end])
+        try:
+            if self.encryptor:
+                timestamp = self.encryptor.extract_timestamp(data)
+                if timestamp < self.recvLastTimestamp:
+                    raise ValueError("link message older than the last one")
+                self.recvLastTimestamp = timestamp
+                data = self.encryptor.decrypt(data)
+            message = safe_pickle.loads(pysyncobj.tcp_connection.zlib.decompress(data))
+            if self.recvRandKey:
+                rand_key, message = message
+                if rand_key != self.recvRandKey:
+                    raise ValueError("link message for another connection")
+        except pickle.UnpicklingError as exc:
+            log.warning("Raft link dropped: %s (%d refused so far)", exc, safe_pickle.refused_count())
+            self.disconnect()
+            return None
+        except Exception:  # noqa: BLE001 - as pysyncobj: a message that is not ours drops the link
+            self.disconnect()
+            return None
+        del buffer[:end]
+        if not self._raftseq_authenticated:
+            self._raftseq_authenticated = True
+            self._raftseq_guard.forget(self)
+        return message
+
+
+class GuardedServer(TcpServer):
+    """pysyncobj's ``TcpServer`` accepting ``GuardedConnection``s, backing off on errors."""
+
+    _raftseq_backoff_s = 0.0
+
+    def _TcpServer__onNewConnection(self, descr, event) -> None:  # noqa: N802,ANN001 (pysyncobj's names)
+        guard = guard_of(self._TcpServer__poller)
+        if event & POLL_EVENT_TYPE.ERROR:
+            self._raftseq_accept_failed(guard, OSError("error condition on the Raft listening socket"))
+            return
+        if not event & POLL_EVENT_TYPE.READ:
+            return
+        try:
+            sock, _ = self._TcpServer__socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._raftseq_accept_failed(guard, exc)
+            return
+        self._raftseq_backoff_s = 0.0
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._TcpServer__sendBufferSize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._TcpServer__recvBufferSize)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()  # the peer is gone already
+            return
+        conn = GuardedConnection(
+            self._TcpServer__poller,
+            socket=sock,
+            timeout=self._TcpServer__connectionTimeout,
+            sendBufferSize=self._TcpServer__sendBufferSize,
+            recvBufferSize=self._TcpServer__recvBufferSize,
+            keepalive=self._TcpServer__keepalive,
+        )
+        self._TcpServer__onNewConnectionCallback(conn)
+
+    def _raftseq_accept_failed(self, guard: LinkGuard, exc: OSError) -> None:
+        """Count, log, and pause the listener (with a timer; without one the poller's next
+        report retries)."""
+        guard.accept_errors += 1
+        limits = guard.limits
+        self._raftseq_backoff_s = min(limits.accept_backoff_max_s, max(limits.accept_backoff_min_s, 2 * self._raftseq_backoff_s))
+        log.warning(
+            "Raft listener: accept failed (%s); accepting again in %.2f s (%d errors so far)",
+            exc,
+            self._raftseq_backoff_s,
+            guard.accept_errors,
+        )
+        if guard.call_later is None or self._TcpServer__fileno is None:
+            return
+        self._TcpServer__poller.unsubscribe(self._TcpServer__fileno)
+        guard.call_later(self._raftseq_backoff_s, self._raftseq_resume)
+
+    def _raftseq_resume(self) -> None:
+        if self._TcpServer__state == SERVER_STATE.BINDED and self._TcpServer__fileno is not None:
+            self._TcpServer__poller.subscribe(
+                self._TcpServer__fileno, self._TcpServer__onNewConnection, POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
+            )

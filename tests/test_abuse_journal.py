@@ -1,0 +1,255 @@
+"""Abuse probes: damaged sealed journal segments on a real cluster (a flipped bit, a truncated
+segment, a missing middle segment, the same record damaged on every node).
+
+A node must never exit on damage while it serves: a subscriber over the damaged range is
+refused (``from_seq_unavailable``) and reads it from another node; catch-up repairs the
+segment from a peer, after which the node serves it byte for byte as its peers do. When no
+peer has the range, the node stops once with one line and exit code 7 (``JOURNAL_DAMAGED``).
+Each probe prints what it measured: the damaged node's RSS, a legitimate client's latency,
+the time to repair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
+from cluster_harness import ClusterHarness, StreamRecorder, pipeline, running_cluster  # noqa: F401
+
+from raftseq.clients import SequencerClient
+from raftseq.cluster.node_exit import NodeExit
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal import INDEX_SUFFIX, SEGMENT_SUFFIX, list_segment_files
+
+#: Small segments: a few thousand messages make several sealed ones.
+SMALL_SEGMENTS = {"journal": {"segment_bytes_max": limits.SEGMENT_BYTES_MIN * 4}}
+#: No scrub: damage is found by the reader that meets it.
+SMALL_SEGMENTS_NO_SCRUB = {"journal": {"segment_bytes_max": limits.SEGMENT_BYTES_MIN * 4, "scrub_bytes_per_s": 0}}
+#: Gives up on a damaged range sooner, so that the all-damaged probe ends in seconds.
+SMALL_SEGMENTS_QUICK_GIVE_UP = {"journal": {"segment_bytes_max": limits.SEGMENT_BYTES_MIN * 4, "repair_attempts_max": 4}}
+MESSAGES = 3000
+#: Bounds the probes assert (generous: the CI machine is slow and shared).
+RSS_MAX_BYTES = 300 * limits.MIB
+LEGIT_P99_MAX_S = 0.5
+REPAIR_TIMEOUT_S = 30.0
+
+
+def followers_of(h: ClusterHarness) -> list[str]:
+    leader = h.wait_for_leader()
+    return [n for n in h.node_ids if n != leader["id"]]
+
+
+def fill_cluster(h: ClusterHarness, count: int = MESSAGES) -> dict[bytes, int]:
+    payloads = [b"m-%d" % n for n in range(count)]
+
+    async def run() -> list[int]:
+        async with SequencerClient(h.endpoints, session="writer", token=h.token, in_flight_max=64) as client:
+            return await pipeline(client, payloads, timeout_s=60)
+
+    acked = dict(zip(payloads, asyncio.run(run())))
+    h.wait_converged(count, timeout_s=30)
+    return acked
+
+
+def sealed_middle(h: ClusterHarness, node_id: str) -> tuple[int, str, int]:
+    """First seq, path and first seq of the next segment of a sealed segment in the middle."""
+    listed = list_segment_files(h.journal_dir(node_id))
+    assert len(listed) >= 4, f"{node_id} has only {len(listed)} segments"
+    first, path = listed[len(listed) // 2 - 1]
+    return first, path, listed[len(listed) // 2][0]
+
+
+def record_offsets(path: str) -> list[int]:
+    with open(path, "rb") as f:
+        data = f.read()
+    offsets, pos = [], 0
+    while pos + protocol.HEADER_BYTES <= len(data):
+        offsets.append(pos)
+        pos += protocol.HEADER_BYTES + protocol.HEADER.unpack_from(data, pos)[0]
+    return offsets
+
+
+def flip_record(path: str, index: int) -> int:
+    """Flip the last byte of record `index` of a segment; returns the record's offset."""
+    offsets = record_offsets(path)
+    start = offsets[index]
+    end = offsets[index + 1] if index + 1 < len(offsets) else os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(end - 1)
+        byte = f.read(1)[0]
+        f.seek(end - 1)
+        f.write(bytes([byte ^ 0x5A]))
+    return start
+
+
+def segment_bytes(h: ClusterHarness, node_id: str) -> bytes:
+    out = b""
+    for _, path in list_segment_files(h.journal_dir(node_id)):
+        with open(path, "rb") as f:
+            out += f.read()
+    return out
+
+
+def read_from(h: ClusterHarness, node_id: str, from_seq: int, last: int) -> list:
+    """Subscribe to `node_id` alone from `from_seq` up to `last`; the messages."""
+
+    async def run() -> list:
+        recorder = StreamRecorder([h.endpoint(node_id)], token=h.token, from_seq=from_seq, session=f"reader-{node_id}").start()
+        try:
+            await recorder.wait_until(last, timeout_s=20)
+        finally:
+            await recorder.stop()
+        return recorder.messages
+
+    return asyncio.run(run())
+
+
+def legit_latencies(h: ClusterHarness) -> list[float]:
+    return asyncio.run(submit_latencies(h.endpoints, h.token, count=200, session="legit", timeout_s=40))
+
+
+def check_alive(h: ClusterHarness, node_id: str) -> int:
+    code = h.exit_code(node_id)
+    assert code is None, f"{node_id} exited with {code}\n{h.log_tails()}"
+    return h.pid(node_id)
+
+
+@pytest.mark.parametrize(
+    ("running_cluster", "when", "found_by"),
+    [
+        (SMALL_SEGMENTS_NO_SCRUB, "while running", "a read"),
+        (SMALL_SEGMENTS, "while running", "the scrub"),
+        (SMALL_SEGMENTS, "while stopped", "start"),
+    ],
+    indirect=["running_cluster"],
+    ids=["running-found-by-read", "running-found-by-scrub", "stopped-found-on-start"],
+)
+def test_a_flipped_bit_in_a_sealed_segment_is_refused_then_repaired_byte_identical(running_cluster, when, found_by):
+    h = running_cluster
+    acked = fill_cluster(h)
+    node = followers_of(h)[0]
+    first, path, _ = sealed_middle(h, node)
+    if when == "while stopped":
+        h.kill(node)
+    flip_record(path, 3)
+    bad_seq = first + 3
+    started = time.monotonic()
+    if when == "while stopped":
+        h.restart(node)
+        h.wait_converged(MESSAGES, timeout_s=30)
+    found_text = f"journal damaged, found by {found_by}" if found_by != "start" else "journal damaged, found on start"
+    if found_by != "a read":  # found before any reader asks: the subscriber below is refused at once
+        h.wait_for_log(node, found_text, timeout_s=REPAIR_TIMEOUT_S)
+
+    # A subscriber that prefers the damaged node, from just before the damaged record: it gets
+    # the whole stream (from another node while this one refuses).
+    async def subscribe_through() -> StreamRecorder:
+        recorder = StreamRecorder(h.endpoints, token=h.token, from_seq=bad_seq - 2, prefer=h.endpoint(node), session="probe").start()
+        try:
+            await recorder.wait_until(MESSAGES, timeout_s=30)
+        finally:
+            await recorder.stop()
+        return recorder
+
+    recorder = asyncio.run(subscribe_through())
+    seqs = [m.seq for m in recorder.messages]
+    assert seqs[: MESSAGES - bad_seq + 3] == list(range(bad_seq - 2, MESSAGES + 1)), "gap or duplicate around the damage"
+    pid = check_alive(h, node)
+    found = h.wait_for_log(node, found_text, timeout_s=REPAIR_TIMEOUT_S)
+    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    repair_s = time.monotonic() - started
+    latencies = legit_latencies(h)
+    rss = rss_bytes(pid)
+    print(f"{node}: {found}\n{node}: {repaired}")
+    print(
+        f"damage {when} at seq {bad_seq}: repaired within {repair_s:.1f} s; {node} RSS {rss / limits.MIB:.0f} MiB; legit {describe_latencies(latencies)}"
+    )
+    check_alive(h, node)
+    assert rss < RSS_MAX_BYTES
+    assert percentile(latencies, 0.99) < LEGIT_P99_MAX_S
+
+    # After the repair the node itself serves the range, byte for byte as its peers hold it.
+    messages = read_from(h, node, bad_seq - 2, MESSAGES)
+    assert [m.seq for m in messages][: MESSAGES - bad_seq + 3] == list(range(bad_seq - 2, MESSAGES + 1))
+    total = MESSAGES + len(latencies)
+    h.wait_converged(total, timeout_s=30)
+    h.stop()
+    reference = segment_bytes(h, [n for n in h.node_ids if n != node][0])
+    assert segment_bytes(h, node) == reference
+    report = h.read_journal(node).report
+    assert report.ok, report
+    records = {r.payload: r.seq for r in h.read_journal(node).records}
+    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS], indirect=True, ids=["small-segments"])
+def test_a_truncated_or_missing_sealed_segment_is_repaired_from_a_peer(running_cluster, damage):
+    h = running_cluster
+    acked = fill_cluster(h)
+    node = followers_of(h)[0]
+    first, path, _ = sealed_middle(h, node)
+    h.kill(node)
+    if damage == "truncated":
+        offsets = record_offsets(path)
+        os.truncate(path, offsets[len(offsets) // 2] + 5)
+    else:
+        os.unlink(path)
+        os.unlink(path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX)
+    started = time.monotonic()
+    h.restart(node)
+    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    repair_s = time.monotonic() - started
+    pid = check_alive(h, node)
+    latencies = legit_latencies(h)
+    rss = rss_bytes(pid)
+    print(f"{node}: {repaired}")
+    print(
+        f"{damage} segment {os.path.basename(path)}: repaired {repair_s:.1f} s after restart; {node} RSS {rss / limits.MIB:.0f} MiB; legit {describe_latencies(latencies)}"
+    )
+    assert rss < RSS_MAX_BYTES
+    assert percentile(latencies, 0.99) < LEGIT_P99_MAX_S
+    messages = read_from(h, node, first, MESSAGES)
+    assert [m.seq for m in messages][: MESSAGES - first + 1] == list(range(first, MESSAGES + 1))
+    total = MESSAGES + len(latencies)
+    h.wait_converged(total, timeout_s=30)
+    check_alive(h, node)
+    h.stop()
+    assert segment_bytes(h, node) == segment_bytes(h, [n for n in h.node_ids if n != node][0])
+    contents = h.read_journal(node)
+    assert contents.report.ok, contents.report
+    records = {r.payload: r.seq for r in contents.records}
+    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+
+
+@pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS_QUICK_GIVE_UP], indirect=True, ids=["small-segments"])
+def test_the_same_record_damaged_on_every_node_stops_each_once_with_one_line_and_exit_7(running_cluster):
+    h = running_cluster
+    fill_cluster(h)
+    h.stop()
+    first, path, _ = sealed_middle(h, h.node_ids[0])
+    bad_seq = first + 3
+    for node in h.node_ids:
+        listed = dict(list_segment_files(h.journal_dir(node)))
+        assert first in listed, f"{node}'s segments differ: {sorted(listed)}"
+        flip_record(listed[first], 3)
+    sizes = h.log_sizes()
+    started = time.monotonic()
+    for node in h.node_ids:
+        h.restart(node)
+    deadline = started + 60
+    while any(h.exit_code(n) is None for n in h.node_ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    codes = {n: h.exit_code(n) for n in h.node_ids}
+    print(f"exit codes {codes} within {time.monotonic() - started:.1f} s")
+    assert codes == dict.fromkeys(h.node_ids, NodeExit.JOURNAL_DAMAGED), f"{codes}\n{h.log_tails()}"
+    for node in h.node_ids:
+        text = h.log_text(node, since=sizes[node])
+        lines = [line for line in text.splitlines() if "no peer could repair it" in line]
+        print(f"{node}: {lines}")
+        assert len(lines) == 1, text
+        assert f"seq {bad_seq}.." in lines[0] and os.path.basename(path) in lines[0]
+        assert "Traceback" not in text

@@ -1,0 +1,320 @@
+"""The Raft links' guard (``cluster.raft.link_guard``, ``cluster.raft.safe_pickle``).
+
+One loop-driven ``RaftMember`` runs in this process on a loopback port; the tests speak to its
+Raft port as a stranger and as a peer holding the password (the link cipher and pysyncobj's
+random-key handshake): a huge length prefix drops the link at once, strangers are bounded in
+count and time, a malicious pickle runs nothing, and the listener survives EMFILE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import resource
+import socket
+import struct
+import sys
+import time
+
+import pysyncobj.pickle
+import pytest
+from pysyncobj import SyncObjConf, replicated
+
+from raftseq.cluster import raft
+from raftseq.cluster.config import RAFT_LINK_STRANGER_DEADLINE_S, RAFT_LINK_STRANGERS_MAX
+from raftseq.cluster.raft import RaftMember
+from raftseq.cluster.raft.link_cipher import LinkCipher
+
+PASSWORD = "correct horse battery staple, link guard"
+WAIT_S = 10.0  # upper bound on waiting for something that should happen within a second
+PREFIX = struct.Struct("i")
+
+
+@pytest.fixture(autouse=True)
+def installed() -> None:
+    raft.install()
+
+
+def free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def run(story) -> None:
+    asyncio.run(asyncio.wait_for(story(), 60))
+
+
+@contextlib.asynccontextmanager
+async def lone_member(password: str | None = PASSWORD):
+    """A loop-driven member (with the password), its one peer never started."""
+    address = free_address()
+    conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
+    member = RaftMember(address, [free_address()], conf, loop=asyncio.get_running_loop())
+    try:
+        yield member, address
+    finally:
+        member.destroy()
+
+
+async def connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = address.rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = WAIT_S) -> bool:
+    """Whether the other side closes (or resets) the connection within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+class Peer:
+    """A client of the Raft port holding the password: pysyncobj's handshake by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.cipher = LinkCipher(PASSWORD)
+        self.node_key = b""
+
+    def send_pickle(self, data: bytes) -> None:
+        frame = self.cipher.encrypt_at_time(data, int(time.monotonic()))
+        self.writer.write(PREFIX.pack(len(frame)) + frame)
+
+    async def receive(self) -> object:
+        (length,) = PREFIX.unpack(await self.reader.readexactly(PREFIX.size))
+        return pickle.loads(self.cipher.decrypt(await self.reader.readexactly(length)))
+
+    async def handshake(self) -> None:
+        my_key = os.urandom(32)
+        self.send_pickle(pickle.dumps(my_key, 5))
+        echoed, self.node_key = await asyncio.wait_for(self.receive(), WAIT_S)
+        assert echoed == my_key
+
+
+class RunsCommand:
+    """Unpickles as ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_huge_length_prefix_from_a_stranger_drops_the_link_at_once():
+    async def story():
+        async with lone_member() as (member, address):
+            reader, writer = await connect(address)
+            writer.write(PREFIX.pack(2**31 - 1) + b"\0" * 65536)
+            started = time.monotonic()
+            assert await closed_by_peer(reader), "the link stays open, buffering the frame"
+            print(f"link dropped {1e3 * (time.monotonic() - started):.1f} ms after the prefix")
+            assert member.counters().get("link_frames_refused", 0) == 1
+            writer.close()
+
+    run(story)
+
+
+def test_an_authenticated_link_is_refused_a_frame_over_the_maximum():
+    async def story():
+        async with lone_member() as (member, address):
+            peer = Peer(*await connect(address))
+            await peer.handshake()
+            limit = member._link_guard.limits.frame_bytes_max
+            peer.writer.write(PREFIX.pack(limit + 1) + b"\0" * 4096)
+            assert await closed_by_peer(peer.reader)
+            assert member.counters().get("link_frames_refused", 0) == 1
+            peer.writer.close()
+
+    run(story)
+
+
+def test_strangers_are_bounded_in_count_and_time():
+    async def story():
+        async with lone_member() as (member, address):
+            extra = 4
+            links = [await connect(address) for _ in range(RAFT_LINK_STRANGERS_MAX + extra)]
+            try:
+                # The oldest ones go at once (the newest are kept) ...
+                for reader, _ in links[:extra]:
+                    assert await closed_by_peer(reader, timeout_s=RAFT_LINK_STRANGER_DEADLINE_S / 2)
+                # ... and the others at their deadline.
+                started = time.monotonic()
+                for reader, _ in links[extra:]:
+                    assert await closed_by_peer(reader, timeout_s=RAFT_LINK_STRANGER_DEADLINE_S + WAIT_S)
+                print(f"the last strangers dropped {time.monotonic() - started:.2f} s later")
+                assert member.counters().get("link_strangers_dropped", 0) == len(links)
+            finally:
+                for _, writer in links:
+                    writer.close()
+
+    run(story)
+
+
+def test_a_malicious_pickle_through_an_authenticated_link_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    async def story():
+        async with lone_member() as (member, address):
+            refused_before = member.counters().get("link_pickles_refused", 0)
+            peer = Peer(*await connect(address))
+            await peer.handshake()
+            peer.send_pickle(pickle.dumps((peer.node_key, RunsCommand(f"touch {marker}")), 5))
+            assert await closed_by_peer(peer.reader), "the link took the message"
+            assert not marker.exists(), "a peer's pickle ran a command"
+            assert member.counters().get("link_pickles_refused", 0) == refused_before + 1
+            # The member goes on: a new peer completes the handshake.
+            second = Peer(*await connect(address))
+            await second.handshake()
+            for writer in (peer.writer, second.writer):
+                writer.close()
+
+    run(story)
+    assert not marker.exists()
+
+
+def test_pysyncobj_loads_its_pickles_with_the_allow_list(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError):
+        pysyncobj.pickle.loads(pickle.dumps(RunsCommand(f"touch {marker}"), 2))
+    assert not marker.exists()
+    # What pysyncobj sends still loads: protocol 5, and protocol 2 (bytes as latin-1 text).
+    message = {"type": "append_entries", "term": 3, "entries": [(b"\x00\xff batch", 7, 3)], "commit_index": None, "ok": True}
+    for protocol in (2, 5):
+        assert pysyncobj.pickle.loads(pickle.dumps(message, protocol)) == message
+    with pytest.raises(pickle.UnpicklingError):
+        pysyncobj.pickle.loads(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00rot13\x86R.")
+
+
+def test_the_listener_backs_off_on_emfile_and_accepts_again():
+    async def story():
+        async with lone_member() as (member, address):
+            host, port = address.rsplit(":", 1)
+            first = socket.socket()
+            first.setblocking(False)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+            fillers = []
+            try:
+                with contextlib.suppress(OSError):  # EMFILE: every descriptor is taken
+                    for _ in range(soft):
+                        fillers.append(os.dup(0))
+                with contextlib.suppress(BlockingIOError):
+                    first.connect((host, int(port)))
+                deadline = time.monotonic() + WAIT_S
+                while member.counters().get("link_accept_errors", 0) == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            # Descriptors back: the listener accepts again (the waiting link, then a new one).
+            try:
+                reader, writer = await connect(address)
+            except ConnectionRefusedError:
+                pytest.fail("the listener closed for good after the accept error")
+            writer.write(PREFIX.pack(2**31 - 1))
+            assert await closed_by_peer(reader), "the listener no longer accepts"
+            errors = member.counters().get("link_accept_errors", 0)
+            assert errors >= 1, "no accept failed"
+            assert member.counters().get("link_frames_refused", 0) == 1
+            print(f"{errors} accept errors, then accepting again")
+            first.close()
+            writer.close()
+
+    run(story)
+
+
+def test_without_a_password_a_first_frame_is_not_held_to_the_handshake_bound():
+    async def story():
+        async with lone_member(password=None) as (member, address):
+            reader, writer = await connect(address)
+            message = pickle.dumps("x" * 4096, 5)  # no node of that name: the link is dropped
+            writer.write(PREFIX.pack(len(message)) + message)
+            assert await closed_by_peer(reader)
+            assert member.counters().get("link_frames_refused", 0) == 0
+            writer.close()
+
+    run(story)
+
+
+# --- mixed versions: a guarded member and a member of the previous release -----------------
+
+#: A member as the previous release ran it: the same link bytes (protocol 5 pickles, the link
+#: cipher, no zlib), without the guard or the allow-list.
+PREVIOUS_RELEASE_MEMBER = """
+import sys, time
+import pysyncobj.pickle, pysyncobj.syncobj, pysyncobj.tcp_connection
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
+
+setattr(pysyncobj.pickle, "__protocol", 5)
+pysyncobj.syncobj.getEncryptor = LinkCipher
+pysyncobj.tcp_connection.zlib = Uncompressed
+
+class Store(SyncObj):
+    def __init__(self, address, partners, conf):
+        super().__init__(address, partners, conf)
+        self.items = []
+
+    @replicated
+    def add(self, item):
+        self.items.append(item)
+
+address, partner, count, password = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
+store = Store(address, [partner], conf)
+deadline = time.monotonic() + 40
+while len(store.items) < count and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("items", len(store.items), sum(map(len, store.items)), flush=True)
+time.sleep(1.0)  # let the other member hear the last commit index
+store.destroy()
+"""
+
+
+class GuardedStore(RaftMember):
+    items: list
+
+    @replicated
+    def add(self, item):
+        self.items.append(item)
+
+
+def test_a_guarded_member_and_a_member_of_the_previous_release_replicate_large_entries():
+    count, item_bytes = 24, 48 * 1024  # several entries of most of a batch each: large frames
+
+    async def story():
+        mine, theirs = free_address(), free_address()
+        previous = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PREVIOUS_RELEASE_MEMBER, theirs, mine, str(count), PASSWORD, stdout=asyncio.subprocess.PIPE
+        )
+        conf = SyncObjConf(password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0)
+        member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+        member.items = []
+        try:
+            for i in range(count):
+                member.add(bytes([i]) * item_bytes, callback=lambda result, error: None)
+            async with asyncio.timeout(45):
+                while len(member.items) < count:
+                    await asyncio.sleep(0.05)
+                out, _ = await previous.communicate()
+            assert out.split() == [b"items", str(count).encode(), str(count * item_bytes).encode()], out
+            assert [item[:1] for item in member.items] == [bytes([i]) for i in range(count)]
+            assert member.counters().get("link_frames_refused", 0) == 0
+        finally:
+            member.destroy()
+            if previous.returncode is None:
+                previous.kill()
+                await previous.wait()
+
+    run(story)
