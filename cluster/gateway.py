@@ -291,9 +291,11 @@ class Gateway:
         limit, the oldest of them is pushed out: a flood of silent sockets can only push
         itself out, never hold the port against clients that say hello at once."""
         if len(self.awaiting_hello) >= self.config.preauth_connections_max:
+            # Busy, not Rejected: a client whose hello was on its way connects again (a
+            # refusal during the handshake is final for it).
             oldest = next(iter(self.awaiting_hello))
             del self.awaiting_hello[oldest]
-            oldest.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello yet, and newer connections are waiting")
+            self._refuse_connection(oldest, "awaiting_hello")
         self.awaiting_hello[conn] = None
         self.connections.add(conn)
         self._count_connections()
@@ -303,14 +305,17 @@ class Gateway:
         and close it when that table is full. True when it was taken in."""
         self.awaiting_hello.pop(conn, None)
         if len(self.welcomed) >= self.config.connections_max:
-            self.metrics.refused("busy")
-            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "connections"))
-            conn._flush()
-            conn.close()
+            self._refuse_connection(conn, "connections")
             return False
         self.welcomed.add(conn)
         self._count_connections()
         return True
+
+    def _refuse_connection(self, conn: Connection, limit: str) -> None:
+        self.metrics.refused("busy")
+        conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, limit))
+        conn._flush()
+        conn.close()
 
     def _count_connections(self) -> None:
         metrics = self.metrics

@@ -16,11 +16,11 @@ import threading
 import time
 
 from abuse_probes import describe_latencies, percentile, rss_bytes
-from cluster_harness import ClusterHarness, StreamRecorder, running_cluster  # noqa: F401
+from cluster_harness import ClusterHarness, RawConnection, StreamRecorder, running_cluster  # noqa: F401
 import pytest
 
 from raftseq.clients import SequencerClient
-from raftseq.sequencer import limits
+from raftseq.sequencer import limits, protocol
 
 MIB = limits.MIB
 
@@ -256,3 +256,25 @@ def test_pipelined_large_payloads_are_bounded_in_bytes(running_cluster):
     assert percentile(latencies, 0.99) <= PIPELINING_LEGIT_P99_MAX_S, describe_latencies(latencies)
     assert len(acked) == total + LEGIT_SUBMITS
     asyncio.run(assert_acked_in_stream(h, acked))
+
+
+#: A small table of connections waiting for their hello, to fill it with a few sockets.
+SMALL_PREAUTH = {"gateway": {"preauth_connections_max": 4}}
+
+
+@pytest.mark.parametrize("running_cluster", [SMALL_PREAUTH], indirect=True)
+def test_a_connection_pushed_out_before_its_hello_is_told_busy_so_a_client_retries(running_cluster):
+    """The oldest connection waiting for its hello is pushed out by newer ones with ``Busy``:
+    a client whose hello was on its way connects again (``Rejected`` during the handshake is
+    final for a client)."""
+    h = running_cluster
+    leader = h.wait_for_leader()
+    address = h.endpoint(leader["node"])
+    with RawConnection(address) as oldest:
+        newer = [RawConnection(address) for _ in range(4)]
+        try:
+            frames = oldest.frames_until_closed(timeout_s=10)
+        finally:
+            for conn in newer:
+                conn.close()
+    assert [type(f) for f in frames] == [protocol.Busy] and frames[0].limit == "awaiting_hello", frames
