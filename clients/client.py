@@ -530,6 +530,9 @@ class SequencerClient:
                 await asyncio.sleep(0.02)
                 self._resend_all(self._resend_from)
             if link.write_buffer_bytes > protocol.limits.CLIENT_WRITE_BUFFER_BYTES_MAX:
+                # A node stops reading a session whose submits hold its byte bound until
+                # commits make room: waiting for that is not the node's silence.
+                deadline.reschedule(asyncio.get_running_loop().time() + protocol.limits.CLIENT_WRITE_DRAIN_TIMEOUT_S)
                 await link.drain()
 
     def _handle(self, frame: object) -> None:

@@ -30,18 +30,19 @@ _ENTRY_OVERHEAD_BYTES = 44
 
 
 class PendingSubmit:
-    """One submit waiting for its batch to commit. ``reply(client_seq, outcome)`` is called
-    exactly once: with the sequence number (``int``) of a new entry, an ``EntryResult`` for a
-    duplicate or refusal, or a ``CommitOutcome`` when the outcome is unknown."""
+    """One submit waiting for its batch to commit. ``reply(client_seq, outcome, payload_bytes)``
+    is called exactly once: with the sequence number (``int``) of a new entry, an
+    ``EntryResult`` for a duplicate or refusal, or a ``CommitOutcome`` when the outcome is
+    unknown; ``payload_bytes`` is the payload's length, for the caller's byte accounting."""
 
-    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "owner", "claim", "digest")
+    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "cost_bytes", "owner", "claim", "digest")
 
     def __init__(
         self,
         session: str,
         client_seq: int,
         payload: bytes,
-        reply: Callable[[int, object], None],
+        reply: Callable[[int, object, int], None],
         owner: int = 0,
         claim: bool = False,
         digest: int = 0,
@@ -51,12 +52,17 @@ class PendingSubmit:
         self.payload = payload
         self.reply = reply
         self.enqueued_ns = time.monotonic_ns()
+        #: What this submit adds to a batch, in bytes; held by the batcher until answered.
+        self.cost_bytes = len(payload) + len(session) + _ENTRY_OVERHEAD_BYTES
         #: The connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
         #: submit, which takes the session over (``sequencer.machine``, fencing).
         self.owner = owner
         self.claim = claim
         #: The client's ``payload_digest(payload)``, 0 when it sent none.
         self.digest = digest
+
+    def answer(self, outcome: object) -> None:
+        self.reply(self.client_seq, outcome, len(self.payload))
 
 
 class CommitOutcome:
@@ -84,6 +90,8 @@ class Batcher:
         self._clock_ns = clock_ns
         self._queue: deque[PendingSubmit] = deque()
         self._queue_bytes = 0
+        #: Bytes of every submit queued or proposed and not yet answered (``held_bytes_max``).
+        self._held_bytes = 0
         self._in_flight: dict[int, tuple[list[PendingSubmit], float]] = {}
         self._next_batch_id = 1
         self._last_time_ns = 0
@@ -105,15 +113,22 @@ class Batcher:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
     def offer(self, submit: PendingSubmit, *, propose: bool = True) -> bool:
-        """Queue a submit; False when the queue is full (the caller answers ``Busy``).
+        """Queue a submit; False when the queue is full, by entries or by the bytes held
+        (queued and proposed), and the caller answers ``Busy``.
 
         ``propose=False`` only queues it: the caller offers several and then calls ``flush``.
         """
-        if len(self._queue) >= self.config.queue_entries_max:
+        cost = submit.cost_bytes
+        if len(self._queue) >= self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
             return False
         self._queue.append(submit)
-        self._queue_bytes += len(submit.payload) + len(submit.session) + _ENTRY_OVERHEAD_BYTES
+        self._queue_bytes += cost
+        self._held_bytes += cost
         if propose:
             self._maybe_propose()
         return True
@@ -139,7 +154,7 @@ class Batcher:
         queue = self._queue
         while queue and len(entries) < config.entries_max:
             submit = queue[0]
-            cost = len(submit.payload) + len(submit.session) + _ENTRY_OVERHEAD_BYTES
+            cost = submit.cost_bytes
             if entries and size + cost > config.bytes_max:
                 break
             queue.popleft()
@@ -186,6 +201,7 @@ class Batcher:
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
         members, _ = entry
+        self._release(members)
         if error == PROPOSAL_OK and isinstance(result, ApplyResult) and not result.error:
             count = result.entry_count
             assert count == len(members), f"{count} results for {len(members)} entries"
@@ -193,11 +209,11 @@ class Batcher:
                 # Every entry was new: entry i got first_seq + i.
                 seq = result.first_seq
                 for submit in members:
-                    submit.reply(submit.client_seq, seq)
+                    submit.answer(seq)
                     seq += 1
             else:
                 for submit, outcome in zip(members, result.outcomes):
-                    submit.reply(submit.client_seq, outcome)
+                    submit.answer(outcome)
             observe = self.latency_observer
             if observe is not None:
                 now_ns = time.monotonic_ns()
@@ -208,19 +224,25 @@ class Batcher:
             self.batches_unknown += 1
             unknown = CommitOutcome(None, reason)
             for submit in members:
-                submit.reply(submit.client_seq, unknown)
+                submit.answer(unknown)
         self._maybe_propose()
+
+    def _release(self, members: list[PendingSubmit]) -> None:
+        """A proposed batch is answered: its bytes are no longer held."""
+        self._held_bytes -= sum(submit.cost_bytes for submit in members)
+        assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
 
     def _expire(self) -> None:
         self._timeout_handle = None
         now = self._loop.time()
         for batch_id in [b for b, (_, deadline) in self._in_flight.items() if deadline <= now]:
             members, _ = self._in_flight.pop(batch_id)
+            self._release(members)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
             unknown = CommitOutcome(None, "commit timeout")
             for submit in members:
-                submit.reply(submit.client_seq, unknown)
+                submit.answer(unknown)
         if self._in_flight:
             next_deadline = min(deadline for _, deadline in self._in_flight.values())
             self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
@@ -234,12 +256,14 @@ class Batcher:
         """No longer leader (or shutting down): answer everything queued and in flight as unknown."""
         self.enabled = False
         unknown = CommitOutcome(None, reason)
+        # Nothing is held from here on: each answer may let a waiting connection read again.
+        self._queue_bytes = 0
+        self._held_bytes = 0
         while self._queue:
             submit = self._queue.popleft()
-            submit.reply(submit.client_seq, unknown)
-        self._queue_bytes = 0
+            submit.answer(unknown)
         for members, _ in self._in_flight.values():
             for submit in members:
-                submit.reply(submit.client_seq, unknown)
+                submit.answer(unknown)
         self.batches_unknown += len(self._in_flight)
         self._in_flight.clear()

@@ -77,6 +77,7 @@ class Connection:
         "claim_pending",
         "claim_applied",
         "in_flight",
+        "in_flight_bytes",
         "subscription",
         "last_read",
         "last_write",
@@ -102,6 +103,8 @@ class Connection:
         #: Its claim was applied: it held the session (until a later claim took it over).
         self.claim_applied = False
         self.in_flight = 0
+        #: Payload bytes of this connection's submits not yet answered.
+        self.in_flight_bytes = 0
         self.subscription: asyncio.Task | None = None
         now = time.monotonic()
         self.last_read = now
@@ -195,9 +198,13 @@ class Connection:
 
     # --- replies from the batcher ---------------------------------------------------------
 
-    def reply(self, client_seq: int, outcome: object) -> None:
+    def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
         self.in_flight -= 1
+        self.in_flight_bytes -= payload_bytes
+        gateway = self.gateway
+        if gateway.waiting_for_room:
+            gateway.room_freed.set()
         if type(outcome) is int:  # sequenced
             if not self.closed:
                 self.ack(client_seq, outcome)
@@ -240,6 +247,14 @@ class Gateway:
         self.publication = publication
         self.metrics = metrics
         self.connections: set[Connection] = set()
+        #: The connections of ``connections`` still waiting for their hello, oldest first,
+        #: and those whose hello was welcomed (``connections_max``).
+        self.awaiting_hello: dict[Connection, None] = {}
+        self.welcomed: set[Connection] = set()
+        #: Connections not read while their submits (or the node's) hold their byte bound,
+        #: and the event an answered submit sets to wake them (``_wait_for_room``).
+        self.waiting_for_room = 0
+        self.room_freed = asyncio.Event()
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
@@ -283,15 +298,7 @@ class Gateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
-        metrics = self.metrics
-        if len(self.connections) >= self.config.connections_max:
-            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, "connections"))
-            conn._flush()
-            conn.close()
-            metrics.refused("busy")
-            return
-        self.connections.add(conn)
-        metrics.clients_connected = len(self.connections)
+        self._admit(conn)
         framer = protocol.FrameReader("client")
         try:
             await self._run(conn, framer)
@@ -304,7 +311,47 @@ class Gateway:
         finally:
             conn.close()
             self.connections.discard(conn)
-            metrics.clients_connected = len(self.connections)
+            self.awaiting_hello.pop(conn, None)
+            self.welcomed.discard(conn)
+            self._count_connections()
+
+    # --- admission: connections waiting for their hello have their own, smaller table ------
+
+    def _admit(self, conn: Connection) -> None:
+        """Take a new connection in as one waiting for its hello. When those are at their
+        limit, the oldest of them is pushed out: a flood of silent sockets can only push
+        itself out, never hold the port against clients that say hello at once."""
+        if len(self.awaiting_hello) >= self.config.preauth_connections_max:
+            # Busy, not Rejected: a client whose hello was on its way connects again (a
+            # refusal during the handshake is final for it).
+            oldest = next(iter(self.awaiting_hello))
+            del self.awaiting_hello[oldest]
+            self._refuse_connection(oldest, "awaiting_hello")
+        self.awaiting_hello[conn] = None
+        self.connections.add(conn)
+        self._count_connections()
+
+    def _authenticated(self, conn: Connection) -> bool:
+        """A connection's hello passed: move it to the authenticated table, or answer ``Busy``
+        and close it when that table is full. True when it was taken in."""
+        self.awaiting_hello.pop(conn, None)
+        if len(self.welcomed) >= self.config.connections_max:
+            self._refuse_connection(conn, "connections")
+            return False
+        self.welcomed.add(conn)
+        self._count_connections()
+        return True
+
+    def _refuse_connection(self, conn: Connection, limit: str) -> None:
+        self.metrics.refused("busy")
+        conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, limit))
+        conn._flush()
+        conn.close()
+
+    def _count_connections(self) -> None:
+        metrics = self.metrics
+        metrics.clients_awaiting_hello = len(self.awaiting_hello)
+        metrics.clients_connected = len(self.welcomed)
 
     async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
         try:
@@ -340,6 +387,43 @@ class Gateway:
             transport = conn.writer.transport
             if transport.get_write_buffer_size() > self.config.subscriber_buffer_bytes_max:
                 await conn.writer.drain()
+            if self._submits_held_full(conn):
+                deadline.reschedule(None)
+                await self._wait_for_room(conn)
+
+    # --- byte bounds: a connection whose submits hold their bytes is not read ------------------
+
+    def _submits_held_full(self, conn: Connection) -> bool:
+        """Whether `conn` has submits in flight and one more frame of them could pass its byte
+        bound or the node's (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``).
+        A connection with nothing in flight is always read (hello, status, subscribe; a
+        submit then gets ``Busy`` if the node is full)."""
+        if not conn.in_flight:
+            return False
+        frame_max = limits.FRAME_BYTES_MAX
+        return (
+            conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max
+            or self.batcher.held_bytes + frame_max > self.node_config.batcher.held_bytes_max
+        )
+
+    async def _wait_for_room(self, conn: Connection) -> None:
+        """Read nothing more from `conn` until answered submits make room: its submits wait
+        in its own socket and the client's memory, not in this node's, and the node spends
+        no time refusing them. Every answer wakes the waiting connections; the wait ends at
+        the latest when the batcher's commit timeout answers what is held. The connection
+        counts as heard from meanwhile (it cannot be heard while it is not read)."""
+        interval_s = self.config.heartbeat_interval_ms / 1000
+        self.waiting_for_room += 1
+        try:
+            while not conn.closed and self._submits_held_full(conn):
+                self.room_freed.clear()
+                try:
+                    await asyncio.wait_for(self.room_freed.wait(), interval_s)
+                except TimeoutError:
+                    pass
+                conn.last_read = time.monotonic()
+        finally:
+            self.waiting_for_room -= 1
 
     def _dispatch(self, conn: Connection, frame: object) -> None:
         kind = type(frame)
@@ -372,12 +456,12 @@ class Gateway:
         with an ordinary subscription."""
         conn.send(self.node.snapshot_list(query.sm_type))
 
-    def claim_reply(self, conn: Connection) -> Callable[[int, object], None]:
+    def claim_reply(self, conn: Connection) -> Callable[[int, object, int], None]:
         """The reply of a connection's claiming submit: once it is applied and the session is
         this connection's, the session's other fenced connections on this node are told."""
 
-        def reply(client_seq: int, outcome: object) -> None:
-            conn.reply(client_seq, outcome)
+        def reply(client_seq: int, outcome: object, payload_bytes: int) -> None:
+            conn.reply(client_seq, outcome, payload_bytes)
             if isinstance(outcome, CommitOutcome):
                 conn.claim_pending = True  # perhaps never applied: the next submit claims again
                 return
@@ -418,6 +502,8 @@ class Gateway:
                 f"sessions named {protocol.SNAPSHOT_SESSION_PREFIX}... are for state-machine snapshot publishers",
             )
             return
+        if not self._authenticated(conn):
+            return
         conn.session = hello.session
         conn.claim_pending = bool(hello.owner)
         node = self.node
@@ -451,10 +537,13 @@ class Gateway:
         reply = conn.reply
         owner = conn.owner
         in_flight_max = self.config.in_flight_per_session_max
+        in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:
                 limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
+            if limit is None and conn.in_flight_bytes + len(payload) > in_flight_bytes_max:
+                limit = ("in_flight_bytes_per_connection", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if conn.claim_pending and limit is None:
                 submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i])
                 if not batcher.offer(submit, propose=False):
@@ -472,6 +561,7 @@ class Gateway:
                 conn.send(protocol.Busy(client_seq, limit[1], limit[0]))
                 continue
             conn.in_flight += 1
+            conn.in_flight_bytes += len(payload)
         batcher.flush()
 
     def _subscribe(self, conn: Connection, subscribe: protocol.Subscribe) -> None:

@@ -406,6 +406,9 @@ class LocalCluster:
         """Start `node` in a process group of its own: a Ctrl-C at the terminal reaches this
         process only, which then stops the nodes itself."""
         command = [*node.command_prefix, sys.executable, "-P", "-m", "raftseq.cluster.cli", "node", "--config", node.config_path]
+        # The node writes and rotates its log itself; stdout and stderr go to the same file
+        # until it has opened it (an early failure is written there too).
+        command += ["--log-file", node.log_path]
         if self.insecure:
             command.append("--insecure")
         log = os.fdopen(open_private(node.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
@@ -632,10 +635,11 @@ class LocalCluster:
     # --- logs -----------------------------------------------------------------------------
 
     def log_text(self, node_id: str, *, since: int = 0) -> str:
-        """A node's log from byte offset `since` on ("" when there is none yet)."""
+        """A node's log from byte offset `since` on ("" when there is none yet). A file
+        shorter than `since` was rotated since (the node rotates its log): all of it."""
         try:
             with open(self.node(node_id).log_path, "rb") as f:
-                f.seek(since)
+                f.seek(since if since <= os.fstat(f.fileno()).st_size else 0)
                 return f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""

@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from raftseq.sequencer.protocol import RejectReason, Role
@@ -127,6 +127,7 @@ METRICS = (
     MetricSpec("raftseq_ack_latency_seconds", "histogram", (), "Submit received to ack sent, on the leader"),
     MetricSpec("raftseq_batcher_queue_entries", "gauge", (), "Submits waiting in the leader's batcher queue"),
     MetricSpec("raftseq_batcher_in_flight_batches", "gauge", (), "Batches proposed to Raft and not yet committed"),
+    MetricSpec("raftseq_batcher_held_bytes", "gauge", (), "Bytes of submits the leader holds, queued or proposed and not yet answered"),
     MetricSpec("raftseq_batches_proposed_total", "counter", (), "Batches this node proposed as leader"),
     MetricSpec("raftseq_entries_proposed_total", "counter", (), "Submits this node proposed as leader"),
     MetricSpec(
@@ -143,7 +144,8 @@ METRICS = (
     ),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
     # Clients and subscribers.
-    MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections"),
+    MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections whose hello was welcomed"),
+    MetricSpec("raftseq_clients_awaiting_hello", "gauge", (), "Open client connections that have not said hello yet"),
     MetricSpec("raftseq_subscribers", "gauge", (), "Active subscriptions"),
     MetricSpec("raftseq_delivered_messages_total", "counter", (), "Messages sent to subscribers"),
     MetricSpec("raftseq_subscriber_max_lag_messages", "gauge", (), "Largest distance of a subscription's position behind raftseq_last_seq"),
@@ -244,6 +246,7 @@ class NodeMetrics:
         self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         self.duplicates = 0
         self.clients_connected = 0
+        self.clients_awaiting_hello = 0
         self.subscribers = 0
         self.delivered = 0
         self.messages_sequenced = 0
@@ -365,6 +368,7 @@ class NodeCollector:
         batcher = self.batcher
         yield family("raftseq_batcher_queue_entries", value=batcher.queued if batcher is not None else 0)
         yield family("raftseq_batcher_in_flight_batches", value=batcher.in_flight if batcher is not None else 0)
+        yield family("raftseq_batcher_held_bytes", value=batcher.held_bytes if batcher is not None else 0)
         yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
         yield family("raftseq_entries_proposed_total", value=batcher.entries_proposed if batcher is not None else 0)
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
@@ -373,6 +377,7 @@ class NodeCollector:
 
         # --- clients and subscribers ------------------------------------------------------
         yield family("raftseq_clients_connected", value=m.clients_connected)
+        yield family("raftseq_clients_awaiting_hello", value=m.clients_awaiting_hello)
         yield family("raftseq_subscribers", value=m.subscribers)
         yield family("raftseq_delivered_messages_total", value=m.delivered)
         yield family("raftseq_subscriber_max_lag_messages", value=max(0, self._subscriber_max_lag(last_seq)))
@@ -413,8 +418,12 @@ def build_registry(collector: NodeCollector) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(address: str, collector_source: Callable[[], NodeCollector]) -> CollectorRegistry:
-    registry = build_registry(collector_source())
-    host, port = address.rsplit(":", 1)
-    start_http_server(int(port), addr=host, registry=registry)
-    return registry
+#: The content type of the page ``page_maker`` writes (Prometheus' text format).
+PAGE_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def page_maker(collector: NodeCollector) -> Callable[[], bytes]:
+    """What the metrics port serves: a function writing the page of `collector` (and the
+    standard ``process_*`` metrics) as of the moment it is called."""
+    registry = build_registry(collector)
+    return lambda: generate_latest(registry)

@@ -22,7 +22,8 @@ from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
 from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
-from raftseq.cluster.metrics import NodeCollector, NodeMetrics, serve_metrics
+from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
+from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.publication import Publication
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
@@ -30,6 +31,7 @@ from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
+from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
 from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
@@ -276,9 +278,11 @@ class Node:
             on_filled=self.publication.wake,
             repair_attempts_max=self.config.journal.repair_attempts_max,
         )
+        metrics_server = None
         if self.config.metrics_address:
+            metrics_server = MetricsServer(self.config.metrics_address, page_maker(self.collector()))
             try:
-                serve_metrics(self.config.metrics_address, self.collector)
+                await metrics_server.start()
             except OSError as exc:
                 await self.gateway.stop()
                 self.replica.destroy()
@@ -309,6 +313,8 @@ class Node:
             watcher.cancel()
             catchup.cancel()
             scrub.cancel()
+            if metrics_server is not None:
+                await metrics_server.stop()
             self.batcher.stop("node shutting down")
             await self.gateway.stop()
             self.replica.destroy()
@@ -373,10 +379,17 @@ class _NodeLogFilter(logging.Filter):
         return True
 
 
-def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
-    """One event per line: time, level, node, term, last sequence number, logger, message."""
-    handler = logging.StreamHandler()
+def setup_logging(node_id: str, level: str = "INFO", *, log_file: str = "") -> _NodeLogFilter:
+    """One event per line: time, level, node, term, last sequence number, logger, message.
+    Lines of one kind beyond a rate are dropped and counted (``node_log.RepeatLimiter``). To
+    stderr, or to `log_file`, rotated by size, with stdout and stderr following it."""
+    handler: logging.Handler
+    if log_file:
+        handler = RotatingNodeLog(log_file, own_standard_streams=True)
+    else:
+        handler = logging.StreamHandler()
     node_filter = _NodeLogFilter(node_id)
+    handler.addFilter(RepeatLimiter())
     handler.addFilter(node_filter)
     handler.setFormatter(
         logging.Formatter(
@@ -389,8 +402,8 @@ def setup_logging(node_id: str, level: str = "INFO") -> _NodeLogFilter:
     return node_filter
 
 
-def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False) -> int:
-    node_filter = setup_logging(config.id)
+def run_node(config: NodeConfig, *, discard_raft_log_first: bool = False, log_file: str = "") -> int:
+    node_filter = setup_logging(config.id, log_file=log_file)
     try:
         # First of all: nothing in the data directory is opened before this process owns it.
         data_dir_lock = claim_data_dir(config.data_dir, (config.journal_dir, config.raft_dir))

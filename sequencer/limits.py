@@ -161,6 +161,10 @@ SUBMIT_BATCH_FRAMING_BYTES = 4 * KIB
 SUBMIT_BATCH_ENTRY_OVERHEAD_BYTES = 8 + 9
 #: Bytes a client lets pile up in its socket's write buffer before it waits for the drain.
 CLIENT_WRITE_BUFFER_BYTES_MAX = 4 * MIB
+#: Seconds a client waits for a node to read what it wrote before it takes the node for dead.
+#: A node does not read a connection whose submits hold ``in_flight_bytes_per_connection_max``
+#: until commits (or, at the latest, the batcher's commit timeout) make room.
+CLIENT_WRITE_DRAIN_TIMEOUT_S = 30.0
 #: Bytes a client asks of the socket per read: large enough that a subscriber catching up reads
 #: many records per loop iteration, small enough to bound what one read hands to the framer.
 CLIENT_READ_BYTES = 256 * KIB

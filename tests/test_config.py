@@ -241,6 +241,8 @@ def test_a_lowered_raft_chunk_size_drags_batch_bytes_down_with_it():
         ("gateway.heartbeat_interval_ms", 3000, "gateway.heartbeat_interval_ms"),
         ("gateway.subscriber_buffer_bytes_max", limits.FRAME_BYTES_MAX - 1, "gateway.subscriber_buffer_bytes_max"),
         ("journal.segment_bytes_max", limits.SEGMENT_BYTES_MIN - 1, "journal.segment_bytes_max"),
+        ("gateway.in_flight_bytes_per_connection_max", limits.PAYLOAD_BYTES_MAX - 1, "one payload"),
+        ("batcher.held_bytes_max", 60 * limits.KIB - 1, "one full batch"),
         ("journal.verify_on_open_bytes", -1, "journal.verify_on_open_bytes"),
         ("journal.scrub_bytes_per_s", -1, "journal.scrub_bytes_per_s"),
         ("journal.scrub_bytes_per_s", limits.SCRUB_STEP_BYTES - 1, "journal.scrub_bytes_per_s"),
@@ -268,6 +270,9 @@ def test_a_bound_out_of_range_is_named(path, value, named):
         "raft.connection_timeout_s",
         "raft.commands_queue_size",
         "gateway.connections_max",
+        "gateway.preauth_connections_max",
+        "gateway.in_flight_bytes_per_connection_max",
+        "batcher.held_bytes_max",
     ],
 )
 def test_a_bound_of_zero_is_refused(path):

@@ -30,6 +30,7 @@ UNITLESS_GAUGES = {
     "raftseq_raft_has_quorum",
     "raftseq_raft_peer_connected",
     "raftseq_clients_connected",
+    "raftseq_clients_awaiting_hello",
     "raftseq_subscribers",
     "raftseq_sessions",
     "raftseq_journal_segments",

@@ -21,7 +21,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         return NodeExit.USAGE if isinstance(exc, ConfigUnreadable) else NodeExit.INVALID_CONFIG
     from raftseq.cluster.node import run_node
 
-    return run_node(config, discard_raft_log_first=args.discard_raft_log)
+    return run_node(config, discard_raft_log_first=args.discard_raft_log, log_file=args.log_file)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="development only: allow running without raft_password (unencrypted, unauthenticated Raft links) "
         "and without client_token (no client authentication)",
+    )
+    node.add_argument(
+        "--log-file",
+        default="",
+        metavar="FILE",
+        help="write the log to FILE, rotated by size (FILE.1 ... are the older ones), with stdout and stderr; "
+        "default: the log goes to stderr",
     )
     node.add_argument(
         "--discard-raft-log",

@@ -419,10 +419,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 THIRD,
                 "Batcher queue and in-flight batches",
-                "Submits waiting in the leader's batcher, and batches proposed to Raft but not yet committed.",
+                "Submits waiting in the leader's batcher, batches proposed to Raft but not yet committed, "
+                "and the MiB of submits the leader holds (queued or proposed; bounded by batcher.held_bytes_max).",
                 [
                     (f"raftseq_batcher_queue_entries{{{N}}}", "{{node}} queued submits"),
                     (f"raftseq_batcher_in_flight_batches{{{N}}}", "{{node}} in-flight batches"),
+                    (f"raftseq_batcher_held_bytes{{{N}}} / 1048576", "{{node}} held MiB"),
                 ],
             ),
             Panel(
@@ -483,7 +485,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
         "Clients and subscribers",
         [
             Panel(
-                timeseries, QUARTER, "Connected clients", "Open client connections per node.", per_node(f"raftseq_clients_connected{{{N}}}")
+                timeseries,
+                QUARTER,
+                "Connected clients",
+                "Open client connections per node: welcomed, and still waiting for their hello.",
+                [
+                    (f"raftseq_clients_connected{{{N}}}", "{{node}} welcomed"),
+                    (f"raftseq_clients_awaiting_hello{{{N}}}", "{{node}} awaiting hello"),
+                ],
             ),
             Panel(timeseries, QUARTER, "Subscribers", "Active subscriptions per node.", per_node(f"raftseq_subscribers{{{N}}}")),
             Panel(
