@@ -63,3 +63,14 @@ def test_short_or_foreign_messages_are_refused(cipher, token):
 def test_pysyncobj_builds_it_from_the_password():
     raft.install()  # as a node does when it starts
     assert pysyncobj.syncobj.getEncryptor is LinkCipher
+
+
+def test_a_link_message_of_the_previous_release_is_refused_and_the_log_says_why(cipher, caplog):
+    """raftseq 0.1 spoke link version 2 with these very bytes; its nodes would skip this release's
+    fenced batches (their journals would lose messages), so its links are refused by version."""
+    ours = cipher.encrypt_at_time(b"an AppendEntries", 5)
+    assert ours[0] == 3
+    previous = b"\x02" + ours[1:]
+    with caplog.at_level("WARNING", logger="raftseq.raft"), pytest.raises(LinkCipherError, match="version 2"):
+        cipher.extract_timestamp(previous)
+    assert any("raftseq 0.1" in r.getMessage() and "one raftseq version" in r.getMessage() for r in caplog.records)

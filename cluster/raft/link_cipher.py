@@ -21,13 +21,17 @@ uncompressed (``Uncompressed``).
 
 Wire format of one message: ``version (1 byte) | timestamp (u64 big-endian) | nonce (12
 random bytes) | ciphertext and 16-byte tag``; version and timestamp are authenticated as
-associated data. Version 2 carries uncompressed pickles (version 1 carried zlib). Nodes of this
-format cannot talk to nodes using Fernet or version 1: every node of a cluster runs the same
-raftseq version.
+associated data. Version 2 carries uncompressed pickles (version 1 carried zlib). Version 3 has
+the bytes of version 2: raftseq 0.2 raised it to keep nodes of 0.1 (version 2) out of its
+clusters, because a 0.1 node would skip the batches of session fencing (batch format 2) and
+could not read the machine snapshots of 0.2 (format 3): its journal would lose messages the
+others have. Every node of a cluster runs one raftseq version; a node refuses the links of
+another version, and says so in its log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
@@ -35,13 +39,18 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-VERSION = 2
+VERSION = 3
+#: Link versions of earlier raftseq releases, named in the refusal (version -> release).
+_EARLIER_VERSIONS = {1: "raftseq before 0.1", 2: "raftseq 0.1"}
 _HEADER = struct.Struct(">BQ")
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _MIN_BYTES = _HEADER.size + _NONCE_BYTES + _TAG_BYTES
 _SALT = b"raftseq raft links, AES-256-GCM, v1"
 _KDF_ROUNDS = 100_000
+
+
+log = logging.getLogger("raftseq.raft")
 
 
 class LinkCipherError(ValueError):
@@ -67,6 +76,14 @@ class LinkCipher:
             raise LinkCipherError(f"{len(data)} bytes is too short for a link message")
         version, timestamp = _HEADER.unpack_from(data)
         if version != VERSION:
+            if version in _EARLIER_VERSIONS:
+                log.warning(
+                    "refused a Raft link message of link version %d (%s); this node speaks version %d: every node "
+                    "of a cluster must run one raftseq version (docs/operating.md, upgrades)",
+                    version,
+                    _EARLIER_VERSIONS[version],
+                    VERSION,
+                )
             raise LinkCipherError(f"link message version {version}, this node reads {VERSION}")
         return timestamp
 
