@@ -79,6 +79,10 @@ RAFT_ACCEPT_BACKOFF_MAX_S = 2.0
 #: dead one within the timeout. What it serves subscribers is then at most this old.
 RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS = 2
 
+#: Shortest raft_password a node accepts: one captured link message lets anyone try passwords
+#: offline, so a short or word-like one falls quickly (``cluster up`` generates 32 characters).
+RAFT_PASSWORD_CHARS_MIN = 16
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""
@@ -255,6 +259,11 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found = []
         if not self.insecure and not self.raft_password:
             found.append("raft_password is required (or insecure = true for local development)")
+        elif self.raft_password and len(self.raft_password) < RAFT_PASSWORD_CHARS_MIN:
+            found.append(
+                f"raft_password must be at least {RAFT_PASSWORD_CHARS_MIN} characters, got {len(self.raft_password)}: one captured "
+                "Raft link message lets anyone guess it offline (cluster up generates one of 32)"
+            )
         if not self.insecure and not self.client_token:
             found.append("client_token is required (or insecure = true for local development)")
         ids = [self.id] + [p.id for p in self.peers]

@@ -29,7 +29,7 @@ def three_nodes() -> dict:
         "raft_address": "10.0.0.1:7101",
         "client_address": "10.0.0.1:7001",
         "metrics_address": "10.0.0.1:7201",
-        "raft_password": "raft secret",
+        "raft_password": "the raft secret of this cluster",
         "client_token": "client secret",
         "peers": [
             {"id": "n2", "raft_address": "10.0.0.2:7101", "client_address": "10.0.0.2:7001"},
@@ -80,7 +80,7 @@ id = "n1"
 data_dir = "/var/lib/raftseq/n1"
 raft_address = "10.0.0.1:7101"
 client_address = "10.0.0.1:7001"
-raft_password = "raft secret"
+raft_password = "the raft secret of this cluster"
 client_token = "client secret"
 
 [raft]
@@ -170,6 +170,16 @@ def test_batch_bytes_may_grow_with_the_raft_chunk_size():
 )
 def test_a_missing_setting_is_named(raw, named):
     assert named in refused(raw)
+
+
+@pytest.mark.parametrize("password", ["pw", "raft secret", "x" * 15])
+def test_a_short_raft_password_is_refused_and_says_why(password):
+    problem = refused(changed("raft_password", password))
+    assert "raft_password must be at least 16 characters" in problem and f"got {len(password)}" in problem, problem
+
+
+def test_a_raft_password_of_16_characters_is_accepted():
+    assert parse_config(changed("raft_password", "p" * 16)).raft_password == "p" * 16
 
 
 def test_duplicate_node_ids_are_refused():
@@ -447,8 +457,8 @@ def test_local_configs_round_trip_through_their_files(tmp_path):
 
 
 def test_local_configs_reuse_given_secrets(tmp_path):
-    configs = local_configs(str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept", "client_token": "kept too"})
-    assert {(c.raft_password, c.client_token) for c in configs} == {("kept", "kept too")}
+    configs = local_configs(str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept raft password", "client_token": "kept too"})
+    assert {(c.raft_password, c.client_token) for c in configs} == {("kept raft password", "kept too")}
 
 
 def test_insecure_local_configs_carry_no_secrets(tmp_path):
