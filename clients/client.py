@@ -192,7 +192,8 @@ class SequencerClient:
     * ``token`` — the cluster's client token ("" when authentication is off); a refused one
       raises ``TokenRequired`` (none given) or ``TokenRejected`` at once;
     * ``in_flight_max`` — submits sent and not yet acknowledged; ``submit_nowait`` raises
-      ``Busy`` beyond it, ``submit`` waits for room;
+      ``Busy`` beyond it, ``submit`` waits for room. Lowered to the cluster's dedup window
+      (``machine.dedup_window``, 4096 by default) when a node says it is smaller;
     * ``connect_timeout_s`` — per connection attempt;
     * ``reconnect_backoff_max_s`` — the longest pause between reconnect rounds;
     * ``outcome_deadline_s`` — ``submit`` raises ``OutcomeUnknown`` if no outcome arrives in
@@ -469,6 +470,12 @@ class SequencerClient:
         # A session name reused after a restart continues where it left off.
         if welcome.last_client_seq >= self._next_client_seq and not self._pending:
             self._next_client_seq = welcome.last_client_seq + 1
+        # After a failover every unacknowledged submit is resent, and the node recognises a
+        # resend only within its dedup window: one older than that would be refused as stale
+        # although it was sequenced. So the window of submits in flight never exceeds it.
+        if 0 < welcome.dedup_window < self.in_flight_max:
+            log.info("in_flight_max %d lowered to the cluster's dedup window %d", self.in_flight_max, welcome.dedup_window)
+            self.in_flight_max = welcome.dedup_window
         self._connected.set()
         self._resend_all()
 

@@ -515,6 +515,7 @@ class Gateway:
                 node.leader_client_address(),
                 node.last_client_seq(hello.session),
                 self.config.heartbeat_interval_ms,
+                self.node_config.machine.dedup_window,
             )
         )
 

@@ -457,7 +457,9 @@ def test_local_configs_round_trip_through_their_files(tmp_path):
 
 
 def test_local_configs_reuse_given_secrets(tmp_path):
-    configs = local_configs(str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept raft password", "client_token": "kept too"})
+    configs = local_configs(
+        str(tmp_path), 31000, insecure=False, secrets_from={"raft_password": "kept raft password", "client_token": "kept too"}
+    )
     assert {(c.raft_password, c.client_token) for c in configs} == {("kept raft password", "kept too")}
 
 

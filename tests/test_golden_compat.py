@@ -82,8 +82,8 @@ def test_the_fixture_covers_every_frame_type():
 
 #: Frames that gained trailing fields since 0.1: name -> the new fields' values by default.
 #: (``Hello``: ``owner`` and ``snapshot_publisher``, session fencing; ``Submit``/``SubmitBatch``:
-#: the payload digests the client computed.)
-GROWN_FRAMES = {"Hello": [0, False], "Submit": [0], "SubmitBatch": [[]]}
+#: the payload digests the client computed; ``Welcome``: the node's dedup window.)
+GROWN_FRAMES = {"Hello": [0, False], "Submit": [0], "SubmitBatch": [[]], "Welcome": [0]}
 
 
 @pytest.mark.parametrize("name", sorted(golden.frames()))
@@ -254,3 +254,22 @@ def test_a_node_of_0_1_reads_the_hello_of_a_fencing_client():
     )
     body = protocol.encode_frame(protocol.Hello("desk", "token", protocol.PROTOCOL_VERSION, 7, 2**63 - 1, True))[8:]
     assert msgspec.msgpack.decode(body, type=_HelloOf01) == _HelloOf01("desk", "token", protocol.PROTOCOL_VERSION, 7)
+
+
+class _WelcomeOf01(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag="welcome"):
+    """``Welcome`` as raftseq 0.1 declared it."""
+
+    node_id: str
+    protocol_version: int
+    role: protocol.Role
+    leader: str
+    last_client_seq: int
+    heartbeat_interval_ms: int
+
+
+def test_a_client_of_0_1_reads_the_welcome_that_names_the_dedup_window():
+    welcome = protocol.Welcome("n1", protocol.PROTOCOL_VERSION, protocol.Role.LEADER, "127.0.0.1:7101", 9, 500, 4096)
+    body = protocol.encode_frame(welcome)[8:]
+    assert msgspec.msgpack.decode(body, type=_WelcomeOf01) == _WelcomeOf01(
+        "n1", protocol.PROTOCOL_VERSION, protocol.Role.LEADER, "127.0.0.1:7101", 9, 500
+    )

@@ -7,9 +7,9 @@ import asyncio
 from collections import Counter
 
 import pytest
-from cluster_harness import ClusterHarness, RawConnection, running_cluster  # noqa: F401
+from cluster_harness import ClusterHarness, RawConnection, pipeline, running_cluster  # noqa: F401
 
-from raftseq.clients import Rejected, SequencerClient, SequencerError, SessionTakenOver
+from raftseq.clients import Busy, Rejected, SequencerClient, SequencerError, SessionTakenOver
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -134,3 +134,49 @@ def test_a_client_taken_over_stops_and_does_not_take_the_session_back(running_cl
                 assert await newer.submit(b"newer 3") == first + 2
 
     asyncio.run(run())
+
+
+# --- a client window wider than the node's dedup window -----------------------------------
+
+#: Far below the default window, so that one failover leaves resends outside it.
+SMALL_DEDUP_WINDOW = 32
+
+
+@pytest.mark.parametrize("running_cluster", [{"machine": {"dedup_window": SMALL_DEDUP_WINDOW}}], indirect=True)
+def test_a_client_window_wider_than_the_dedup_window_survives_a_leader_kill(running_cluster):
+    """A client may hold ``in_flight_max`` submits unacknowledged; after a failover it resends
+    them all. The node recognises a resend only inside its dedup window, so a resend older than
+    that was refused as ``stale_client_seq`` although it had been sequenced: the client failed.
+    The node's welcome now says its window, and the client never holds more than that."""
+    h = running_cluster
+    leader = h.wait_for_leader()
+    payloads = [b"wide-window-%d" % n for n in range(1, 1201)]
+
+    async def scenario() -> list[int]:
+        async with SequencerClient(h.endpoints, token=h.token, session="wide", in_flight_max=1000) as client:
+            acked = 0
+            killed = asyncio.Event()
+
+            def on_ack(_future: asyncio.Future) -> None:
+                nonlocal acked
+                acked += 1
+                if acked == 300 and not killed.is_set():
+                    killed.set()
+                    h.kill(leader["id"])
+
+            seqs = await pipeline(client, payloads, timeout_s=120, on_ack=on_ack)
+            assert client.in_flight_max == SMALL_DEDUP_WINDOW, "the client holds more than the node can recognise"
+            for n in range(SMALL_DEDUP_WINDOW):
+                client.submit_nowait(b"after-%d" % n)
+            with pytest.raises(Busy):
+                client.submit_nowait(b"one too many")
+            return seqs
+
+    seqs = asyncio.run(scenario())
+    assert len(set(seqs)) == len(payloads)
+    h.restart(leader["id"])
+    h.wait_converged(len(payloads) + SMALL_DEDUP_WINDOW, timeout_s=60)
+    h.stop()
+    journal = h.read_journal(h.node_ids[0])
+    assert {r.payload for r in journal.records} >= set(payloads)
+    assert len(journal.records) == len(payloads) + SMALL_DEDUP_WINDOW

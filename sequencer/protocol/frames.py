@@ -178,6 +178,9 @@ class Welcome(Frame, tag="welcome"):
     #: Highest client_seq of this session the node has applied (0: unknown session).
     last_client_seq: Count
     heartbeat_interval_ms: int
+    #: The node's dedup window (0: a node that does not say): a resend is recognised only
+    #: within it, so a client never holds more submits unacknowledged than this.
+    dedup_window: Count = 0
 
 
 class Ack(Frame, tag="ack"):
