@@ -4,6 +4,7 @@
     raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration D] [--report DIR] [--dir DIR] [--keep]
     raftseq chaos check HISTORY.jsonl [--json]
     raftseq chaos list
+    raftseq chaos fuzz [--duration 10m] [--seed N] [--target client|raft|both] [--replay TARGET:INDEX]
 
 The soak: ``--scenario all --duration 20m`` runs one cluster for that long with faults drawn
 from the whole catalogue, one round after another, then heals, reads every node and checks
@@ -16,7 +17,12 @@ run also its history and node logs. A run's own directory (cluster data, logs, h
 removed at the end — passed, failed or interrupted with Ctrl-C — unless ``--keep``; every node,
 proxy and tmpfs it started is stopped first.
 
-Exit status: 0 when every scenario passed (``check``: the history holds every invariant),
+``fuzz`` starts a local cluster and throws seeded mutations of valid frames at its client ports
+and at its authenticated Raft links (``chaos_tests/fuzz.py``) for ``--duration``, checking that
+no node crashes or hangs and nothing acknowledged is lost; ``--replay TARGET:INDEX`` sends one
+case of a seed alone and says what became of the node.
+
+Exit status: 0 when every scenario passed (``fuzz``: nothing found) (``check``: the history holds every invariant),
 1 when one failed, 2 on bad usage or an unreadable history.
 """
 
@@ -30,9 +36,10 @@ import sys
 import tempfile
 import time
 
-from chaos_tests import checker
+from chaos_tests import checker, fuzz
 from chaos_tests.report import write_report
 from chaos_tests.scenarios import SCENARIOS, SOAK, ScenarioFailed, run_scenario
+from raftseq.cluster.local import LocalCluster
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -78,6 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("history", help="a history.jsonl written by a run")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("list", help="list the scenarios", description="List the scenarios with what each does.")
+    fuzz = sub.add_parser(
+        "fuzz",
+        help="fuzz the client ports and the authenticated Raft links of a local cluster",
+        description="Start a local three-node cluster and send it seeded mutations of valid frames: on the client ports "
+        "(hello, submit, subscribe, status, heartbeat, snapshot queries; bit flips, truncation, lying lengths, swapped field "
+        "types, huge numbers, random msgpack) and on the Raft links, encrypted with the cluster's own link cipher (mutated "
+        "pysyncobj messages and pickles, damaged ciphertext, canary pickles that would run code). Every few seconds, and at "
+        "the end, checks that every node is alive, answers status and acknowledges a legitimate submit, and that no "
+        "acknowledged message was lost. Prints its seed, progress and every finding with the cases that led to it.",
+    )
+    fuzz.add_argument("--duration", type=duration, default=60.0, metavar="D", help="how long to fuzz: 600, 600s, 10m, 1h (default 60 s)")
+    fuzz.add_argument("--seed", type=int, help="seed of the cases (default: random, printed)")
+    fuzz.add_argument("--target", choices=("client", "raft", "both"), default="both", help="what to fuzz (default both)")
+    fuzz.add_argument("--no-canaries", action="store_true", help="leave out the pickles that would run code in a node")
+    fuzz.add_argument("--replay", metavar="TARGET:INDEX", help="send only case INDEX of TARGET (client or raft) of --seed, then check")
+    fuzz.add_argument("--dir", help="parent directory of the cluster's data (default: the system's temp dir)")
+    fuzz.add_argument("--keep", action="store_true", help="keep the cluster's directory (data, node logs)")
     return parser
 
 
@@ -155,6 +179,53 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fuzz(args: argparse.Namespace) -> int:
+    targets = fuzz.TARGETS if args.target == "both" else (args.target,)
+    replay = None
+    if args.replay is not None:
+        target, _, index = args.replay.partition(":")
+        if target not in fuzz.TARGETS or not index.isdigit() or args.seed is None:
+            print("--replay takes TARGET:INDEX (client:12 or raft:7) and needs --seed", file=sys.stderr)
+            return 2
+        replay = (target, int(index))
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
+    directory = tempfile.mkdtemp(prefix="raftseq-fuzz-", dir=args.dir)
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    try:
+        with LocalCluster.started(os.path.join(directory, "cluster"), rng=random.Random(seed), insecure=False, restart=False) as cluster:
+            say(f"fuzz: cluster up at {', '.join(cluster.endpoints)} (data in {directory})")
+            if replay is not None:
+                case = fuzz.replay(
+                    cluster, seed=seed, target=replay[0], index=replay[1], marker_dir=directory, canaries=not args.no_canaries
+                )
+                say(f"sent {case.describe()}")
+                report = fuzz.run_fuzz(
+                    cluster, seed=seed, duration_s=0, targets=(), canaries=not args.no_canaries, marker_dir=directory, say=say
+                )
+            else:
+                report = fuzz.run_fuzz(
+                    cluster,
+                    seed=seed,
+                    duration_s=args.duration,
+                    targets=targets,
+                    canaries=not args.no_canaries,
+                    marker_dir=directory,
+                    say=say,
+                )
+            if not report.ok:
+                for node in cluster.nodes:
+                    say(f"--- {node.id} log tail ---\n{cluster.log_text(node.id)[-3000:]}")
+    except KeyboardInterrupt:
+        say(f"fuzz: interrupted (seed {seed}); the cluster is stopped")
+        return 130
+    finally:
+        if args.keep:
+            say(f"  fuzz directory kept: {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    return 0 if report.ok else 1
+
+
 def _check_what_was_recorded(run_directory: str, report_dir: str | None, run: dict) -> None:
     """A run that failed before its end still has a history: check it (without final reads)
     and, with --report, write its report too."""
@@ -182,7 +253,7 @@ def _keep_evidence(run_directory: str, report_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "check", "list", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "check", "list", "fuzz", "-h", "--help"):
         # `raftseq chaos --scenario all --duration 20m`: the run command is the default
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
@@ -192,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return checker.main([args.history, *(["--json"] if args.json else [])])
+    if args.command == "fuzz":
+        return _fuzz(args)
     return _run(args)
 
 
