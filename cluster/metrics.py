@@ -91,6 +91,12 @@ METRICS = (
     _correction("raftseq_raft_elections_deferred_total", "Election timeouts renewed after a long run of applies on a follower"),
     _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
     _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
+    MetricSpec(
+        "raftseq_raft_peer_messages_refused_total",
+        "counter",
+        (),
+        "Raft messages refused: from a connection that is not a member, or with malformed fields",
+    ),
     MetricSpec("raftseq_raft_ticks_failed_total", "counter", (), "Raft ticks (or socket events) in which pysyncobj raised; each is logged"),
     MetricSpec(
         "raftseq_raft_link_frames_refused_total",
@@ -192,6 +198,7 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_elections_deferred_total", "raftseq_elections_deferred"),
     ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
+    ("raftseq_raft_peer_messages_refused_total", "raftseq_peer_messages_refused"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
     ("raftseq_raft_link_strangers_dropped_total", "link_strangers_dropped"),

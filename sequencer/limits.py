@@ -115,6 +115,10 @@ class MachineConfig(msgspec.Struct, frozen=True, array_like=True, forbid_unknown
 #: Longest ``host:port`` a frame carries (``Welcome.leader``, ``Status`` addresses), in
 #: characters: a DNS name (253) and a port fit.
 ADDRESS_CHARS_MAX = 256
+#: Largest term, log index or request id a node takes from a Raft peer's message. Terms and
+#: indexes reach clients as ``Count`` (at most 2**63 - 1 on the wire); a term taken from a peer
+#: must leave room for every election after it, and no cluster runs 2**62 elections.
+RAFT_NUMBER_MAX = 2**62
 #: Largest ``frame_bytes_max`` a ``FrameReader`` may be given, in bytes: the length prefix is
 #: a u32, and a reader never buffers more than one frame.
 FRAME_READER_BYTES_MAX = 2**31

@@ -136,3 +136,30 @@ def test_raftseq_chaos_fuzz_runs_a_tiny_budget_and_replays_a_case(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the fuzz directory was not removed"
     done = subprocess.run([*command, "--replay", "nonsense"], cwd="/", capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and "--replay takes TARGET:INDEX" in done.stderr
+
+
+def test_a_raft_term_beyond_the_wire_from_a_read_only_link_leaves_every_node_answering(running_cluster, tmp_path):
+    """Found by the fuzzer: one request_vote with term 2**64 on an authenticated link that
+    said it is a read-only node. Every node took the term (pysyncobj reads any message from any
+    connection) and from then on failed to encode its status (``OverflowError``): ``raftseq
+    status`` saw three unreachable nodes, for good (the term is persisted). A node now takes Raft
+    messages from its cluster's members only, and refuses numbers that are not integers within
+    ``limits.RAFT_NUMBER_MAX``."""
+    h = running_cluster
+    cipher = LinkCipher(h.nodes[0].config.raft_password)
+    key = random.Random(2).randbytes(32)
+    for term in (2**64, 2**62, float("inf")):
+        plan = fuzz.RaftPlan(
+            first=fuzz.RaftStep(key, "none", "none", 0, 1, wrapped=False),
+            steps=[
+                fuzz.RaftStep("readonly", "none", "none", 0, 1),
+                fuzz.RaftStep({"type": "request_vote", "term": term, "last_log_index": 0, "last_log_term": 0}, "none", "none", 0, 1),
+            ],
+        )
+        for node in range(len(h.nodes)):
+            fuzz.send_case(h, cipher, fuzz.Case("raft", 0, node, f"request_vote term {term}", plan=plan))
+    report = fuzz.run_fuzz(h, seed=2, duration_s=0, targets=(), marker_dir=str(tmp_path))
+    assert_survived(h, report)
+    terms = [n["term"] for n in h.status()["nodes"]]
+    print(f"terms after the probe: {terms}", flush=True)
+    assert max(terms) < 2**62, terms

@@ -731,3 +731,31 @@ def test_a_follower_that_no_longer_hears_its_leader_reports_none(make_member):
 
     heartbeat(member, leader, term=1, prev_idx=1, prev_term=0)
     assert member.role() is Role.FOLLOWER and member.leader_raft_address() == leader.id
+
+
+@pytest.mark.parametrize("member_class", [PlainMember, CorrectedMember], ids=["unmodified", "corrected"])
+def test_a_term_beyond_the_wire_or_a_message_from_a_non_member_is_refused(voter, member_class):
+    """Found by the protocol fuzzer (tests/test_abuse_fuzz.py): pysyncobj takes any message of
+    any authenticated connection, one that said it is a read-only node included, and trusts its
+    fields; a request_vote with term 2**64 became every node's term."""
+    from pysyncobj.node import Node
+
+    member, peers, outbox = voter(member_class)
+    stranger = Node("0")  # what pysyncobj makes of a connection that says "readonly"
+    member._SyncObj__onMessageReceived(stranger, {"type": "request_vote", "term": 7, "last_log_term": 0, "last_log_index": 0})
+    member._SyncObj__onMessageReceived(peers[0], {"type": "request_vote", "term": 2**64, "last_log_term": 0, "last_log_index": 0})
+    if member_class is PlainMember:
+        assert member._SyncObj__raftCurrentTerm == 2**64
+        return
+    assert member._SyncObj__raftCurrentTerm == 0
+    for malformed in (
+        {"type": "request_vote", "term": True, "last_log_term": 0, "last_log_index": 0},
+        {"type": "append_entries", "term": 1, "commit_index": 1, "prevLogIdx": 1, "prevLogTerm": 0, "entries": [b"x"]},
+        {"type": 7, "term": 1},
+        ["status"],
+    ):
+        member._SyncObj__onMessageReceived(peers[0], malformed)
+    assert member._SyncObj__raftCurrentTerm == 0
+    assert counter(member, "raftseq_peer_messages_refused") == 6
+    member._SyncObj__onMessageReceived(peers[0], {"type": "request_vote", "term": 3, "last_log_term": 0, "last_log_index": 0})
+    assert member._SyncObj__raftCurrentTerm == 3, "a member's well-formed message is taken"

@@ -76,6 +76,7 @@ from raftseq.cluster.raft.private_names import CANDIDATE as _CANDIDATE
 from raftseq.cluster.raft.private_names import FOLLOWER as _FOLLOWER
 from raftseq.cluster.raft.private_names import LEADER, PIPE_NOTIFIER_ATTRIBUTES, SYNCOBJ_LOGGER, SYNCOBJ_TRUNCATION_CRITICAL
 from raftseq.cluster.raft.private_names import now as _now
+from raftseq.sequencer import limits
 from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.replica")
@@ -99,6 +100,21 @@ _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
 _original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
 _original_on_tick = SyncObj._onTick
+#: The fields of pysyncobj's messages (and ours) that hold terms, log indexes and request ids:
+#: integers in ``0..limits.RAFT_NUMBER_MAX``; the first two may be None (a snapshot piece).
+RAFT_NUMBER_FIELDS = (
+    "prevLogIdx",
+    "prevLogTerm",
+    "term",
+    "commit_index",
+    "last_log_index",
+    "last_log_term",
+    "next_node_idx",
+    "request_id",
+    "log_idx",
+    "log_term",
+)
+_NULLABLE_NUMBER_FIELDS = RAFT_NUMBER_FIELDS[:2]
 PRE_VOTE = "raftseq_pre_vote"
 PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
 NEWER_TERM = "raftseq_newer_term"
@@ -114,6 +130,7 @@ RAFT_COUNTERS = (
     "raftseq_pre_votes_lost",
     "raftseq_newer_terms_told",
     "raftseq_newer_terms_heard",
+    "raftseq_peer_messages_refused",
     "ticks_failed",
     "link_frames_refused",
     "link_strangers_dropped",
@@ -138,6 +155,13 @@ class _RefusedTruncationFilter(logging.Filter):
 _REFUSED_TRUNCATION_FILTER = _RefusedTruncationFilter()
 
 
+def _raft_number_ok(value: object, *, nullable: bool = False) -> bool:
+    """An integer (not a bool) in ``0..limits.RAFT_NUMBER_MAX``, or None where `nullable`."""
+    if value is None:
+        return nullable
+    return type(value) is int and 0 <= value <= limits.RAFT_NUMBER_MAX
+
+
 class RaftMember(SyncObj):
     """``SyncObj`` with Raft's rules restored (see module doc); with ``loop``, driven by it.
 
@@ -158,6 +182,9 @@ class RaftMember(SyncObj):
     raftseq_pre_votes_lost = 0
     raftseq_newer_terms_told = 0
     raftseq_newer_terms_heard = 0
+    #: Raft messages refused: from a connection that is not a member, or malformed.
+    raftseq_peer_messages_refused = 0
+    _peer_refusal_logged_at = float("-inf")
     #: When this node last heard from a leader of its current term (pysyncobj's clock).
     _raftseq_leader_contact = float("-inf")
     #: The term a pre-vote is running for, the nodes that granted it, and the term it was won for.
@@ -430,6 +457,10 @@ class RaftMember(SyncObj):
         self._SyncObj__transport.send(node, {"type": PRE_VOTE_RESPONSE, "term": message["term"], "granted": granted})
 
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802 (pysyncobj's name)
+        why = self._raftseq_refusal(node, message)
+        if why:
+            self._raftseq_refuse(node, why)
+            return None
         kind = message.get("type")
         if kind == PRE_VOTE:
             return self._raftseq_answer_pre_vote(node, message)
@@ -463,6 +494,33 @@ class RaftMember(SyncObj):
                 self.raftseq_next_index_rewinds_refused += 1
             return None
         return _original_on_message(self, node, message)
+
+    def _raftseq_refusal(self, node, message) -> str:
+        """Why `message` from `node` is refused ("" when it is taken). pysyncobj hands on every
+        message of every authenticated connection, a read-only one included (raftseq runs no
+        read-only nodes), and trusts its fields: one request_vote with term 2**64 made every
+        node take that term and fail to encode its status from then on."""
+        if node not in self._SyncObj__otherNodes:
+            return "not a member of this cluster"
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return f"not a message: {type(message).__name__}"
+        for name in RAFT_NUMBER_FIELDS:
+            if name in message and not _raft_number_ok(message[name], nullable=name in _NULLABLE_NUMBER_FIELDS):
+                return f"{name} {message[name]!r:.40} is not an integer in 0..{limits.RAFT_NUMBER_MAX}"
+        entries = message.get("entries", ())
+        if not isinstance(entries, (list, tuple)) or not all(
+            isinstance(e, tuple) and len(e) == 3 and _raft_number_ok(e[1]) and _raft_number_ok(e[2]) for e in entries
+        ):
+            return "entries are not (command, index, term) tuples"
+        return ""
+
+    def _raftseq_refuse(self, node, why: str) -> None:
+        """Count a refused message; log it at most once per ``TICK_FAILURE_LOG_INTERVAL_S``."""
+        self.raftseq_peer_messages_refused += 1
+        now = time.monotonic()
+        if now - self._peer_refusal_logged_at >= TICK_FAILURE_LOG_INTERVAL_S:
+            self._peer_refusal_logged_at = now
+            log.warning("refused a Raft message from %s: %s (%d refused so far)", node, why, self.raftseq_peer_messages_refused)
 
     def _raftseq_hear_newer_term(self, message) -> None:
         term = message.get("term")
