@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--seed", type=int, help="seed of the cases (default: random, printed)")
     fuzz.add_argument("--target", choices=("client", "raft", "both"), default="both", help="what to fuzz (default both)")
     fuzz.add_argument("--no-canaries", action="store_true", help="leave out the pickles that would run code in a node")
+    fuzz.add_argument(
+        "--impersonate",
+        action="store_true",
+        help="let Raft cases also claim to be another member of the cluster (what any holder of the password can do today)",
+    )
     fuzz.add_argument("--replay", metavar="TARGET:INDEX", help="send only case INDEX of TARGET (client or raft) of --seed, then check")
     fuzz.add_argument("--dir", help="parent directory of the cluster's data (default: the system's temp dir)")
     fuzz.add_argument("--keep", action="store_true", help="keep the cluster's directory (data, node logs)")
@@ -196,7 +201,13 @@ def _fuzz(args: argparse.Namespace) -> int:
             say(f"fuzz: cluster up at {', '.join(cluster.endpoints)} (data in {directory})")
             if replay is not None:
                 case = fuzz.replay(
-                    cluster, seed=seed, target=replay[0], index=replay[1], marker_dir=directory, canaries=not args.no_canaries
+                    cluster,
+                    seed=seed,
+                    target=replay[0],
+                    index=replay[1],
+                    marker_dir=directory,
+                    canaries=not args.no_canaries,
+                    impersonate=args.impersonate,
                 )
                 say(f"sent {case.describe()}")
                 report = fuzz.run_fuzz(
@@ -209,6 +220,7 @@ def _fuzz(args: argparse.Namespace) -> int:
                     duration_s=args.duration,
                     targets=targets,
                     canaries=not args.no_canaries,
+                    impersonate=args.impersonate,
                     marker_dir=directory,
                     say=say,
                 )

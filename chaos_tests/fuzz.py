@@ -40,7 +40,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -392,8 +392,10 @@ def _step(rng: random.Random, message: object, *, wrapped: bool = True, clean: b
     return RaftStep(message, pickle_mutation, cipher_mutation, timestamp_step, rng.randrange(2**32), wrapped)
 
 
-def raft_case(seed: int, index: int, *, node_count: int, canary_path: str = "") -> Case:
-    """Raft case `index` of the run seeded `seed`; with `canary_path`, some carry a ``Canary``."""
+def raft_case(seed: int, index: int, *, node_count: int, canary_path: str = "", members: Sequence[str] = ()) -> Case:
+    """Raft case `index` of the run seeded `seed`; with `canary_path`, some carry a ``Canary``;
+    with `members` (the Raft addresses of the cluster's nodes, in order), some connections
+    claim to be another member (impersonation: what any holder of the password can do)."""
     rng = case_rng(seed, "raft", index)
     node = rng.randrange(node_count)
     mode = rng.random()
@@ -410,10 +412,15 @@ def raft_case(seed: int, index: int, *, node_count: int, canary_path: str = "") 
         first_how, first = "key/canary", Canary(canary_path)
     plan = RaftPlan(first=_step(rng, first, wrapped=False, clean=first_how == "key"))
     steps = [first_how]
-    identity = rng.choice(("readonly", "readonly", "readonly", "127.0.0.1:1", None))
+    identity = rng.choice(("readonly", "readonly", "readonly", "127.0.0.1:1", None, "member", "member", "member"))
+    if identity == "member":
+        others = [i for i in range(len(members)) if i != node]
+        identity = members[rng.choice(others)] if others else "readonly"
+        steps.append(f"id/member {identity}")
+    elif identity is not None:
+        steps.append(f"id/{identity}")
     if identity is not None:
         plan.steps.append(_step(rng, identity, clean=True))
-        steps.append(f"id/{identity}")
     for _ in range(rng.randrange(1, CASE_FRAMES_MAX + 1)):
         how, message = mutate_raft_message(rng, _raft_message(rng))
         if canary and rng.random() < 0.3:
@@ -618,10 +625,11 @@ def marker_path(marker_dir: str) -> str:
     return os.path.join(marker_dir, MARKER_NAME)
 
 
-def make_case(target: str, seed: int, index: int, cluster: LocalCluster, canary_path: str) -> Case:
+def make_case(target: str, seed: int, index: int, cluster: LocalCluster, canary_path: str, *, impersonate: bool = False) -> Case:
     if target == "client":
         return client_case(seed, index, token=cluster.token, node_count=len(cluster.nodes))
-    return raft_case(seed, index, node_count=len(cluster.nodes), canary_path=canary_path)
+    members = [node.config.raft_address for node in cluster.nodes] if impersonate else []
+    return raft_case(seed, index, node_count=len(cluster.nodes), canary_path=canary_path, members=members)
 
 
 def send_case(cluster: LocalCluster, cipher: LinkCipher, case: Case) -> None:
@@ -639,13 +647,16 @@ def run_fuzz(
     duration_s: float,
     targets: tuple[str, ...] = TARGETS,
     canaries: bool = False,
+    impersonate: bool = False,
     marker_dir: str,
     say: Callable[[str], None] = print,
     progress_interval_s: float = 10.0,
 ) -> FuzzReport:
     """Fuzz `targets` of a running `cluster` for `duration_s`, cases alternating between the
     targets; check the cluster every ``CHECK_INTERVAL_S`` and at the end. Stops at the first
-    crash or hang. `marker_dir` receives the canaries' marker file (``canaries``)."""
+    crash or hang. `marker_dir` receives the canaries' marker file (``canaries``). With
+    `impersonate`, raft cases also claim to be another member of the cluster (the node has no
+    way to tell today; Raft assumes its members honest, so expect findings)."""
     report = FuzzReport(seed)
     cluster.wait_converged()  # every node up and answering before the first case
     cipher = LinkCipher(cluster.nodes[0].config.raft_password)
@@ -659,7 +670,7 @@ def run_fuzz(
     try:
         while time.monotonic() - started < duration_s:
             for target in targets:
-                case = make_case(target, seed, report.cases[target], cluster, canary)
+                case = make_case(target, seed, report.cases[target], cluster, canary, impersonate=impersonate)
                 report.cases[target] += 1
                 recent[case.node].append(case)
                 try:
@@ -672,6 +683,7 @@ def run_fuzz(
                     break
                 next_check = time.monotonic() + CHECK_INTERVAL_S
             if now >= next_progress:
+                report.duration_s = now - started
                 say(f"  {now - started:5.0f} s: " + report.summary())
                 next_progress = now + progress_interval_s
         if report.ok:
@@ -747,10 +759,12 @@ def _last_log_line(cluster: LocalCluster, node_id: str) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
-def replay(cluster: LocalCluster, *, seed: int, target: str, index: int, marker_dir: str, canaries: bool = True) -> Case:
+def replay(
+    cluster: LocalCluster, *, seed: int, target: str, index: int, marker_dir: str, canaries: bool = True, impersonate: bool = False
+) -> Case:
     """Send one case alone (as the run seeded `seed` made it); returns it."""
     cluster.wait_converged()
-    case = make_case(target, seed, index, cluster, marker_path(marker_dir) if canaries else "")
+    case = make_case(target, seed, index, cluster, marker_path(marker_dir) if canaries else "", impersonate=impersonate)
     send_case(cluster, LinkCipher(cluster.nodes[0].config.raft_password), case)
     return case
 

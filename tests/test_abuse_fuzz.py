@@ -163,3 +163,29 @@ def test_a_raft_term_beyond_the_wire_from_a_read_only_link_leaves_every_node_ans
     terms = [n["term"] for n in h.status()["nodes"]]
     print(f"terms after the probe: {terms}", flush=True)
     assert max(terms) < 2**62, terms
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="any holder of the Raft password can claim to be any member: node identity on the Raft links (issue 14, Raft links)",
+)
+def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_cluster, tmp_path):
+    """Found by the fuzzer (``--impersonate``): an authenticated connection to node T that names
+    member C's Raft address (a valid handshake, nothing else, then closed) takes C's place in
+    T's table of connections. pysyncobj links two members over the one connection the member
+    with the greater address opens; when C's address is the greater, T has no way to reach C
+    after the impersonator closes, and never reconnects (C's own connection is still open).
+    One such connection per pair (three here) and no node can reach a majority: the cluster
+    acknowledges nothing, for good. A cluster must keep committing."""
+    h = running_cluster
+    cipher = LinkCipher(h.nodes[0].config.raft_password)
+    for target, node in enumerate(h.nodes):
+        for claimed in h.nodes:
+            if claimed.config.raft_address > node.config.raft_address:
+                plan = fuzz.RaftPlan(
+                    first=fuzz.RaftStep(random.Random(3).randbytes(32), "none", "none", 0, 1, wrapped=False),
+                    steps=[fuzz.RaftStep(claimed.config.raft_address, "none", "none", 0, 1)],
+                )
+                fuzz.send_case(h, cipher, fuzz.Case("raft", 0, target, f"claims to be {claimed.id}", plan=plan))
+    report = fuzz.run_fuzz(h, seed=3, duration_s=0, targets=(), marker_dir=str(tmp_path))
+    assert_survived(h, report)

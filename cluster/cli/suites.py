@@ -30,7 +30,8 @@ SUITE_HELP = {
         "seeded fault injection against a local cluster (source checkout only)",
         "Run the chaos scenarios (chaos_tests/) against local three-node clusters and check every run's "
         "history against the guarantees: `raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration S]`, "
-        "`raftseq chaos check HISTORY`, `raftseq chaos list`. Everything after `chaos` goes to `python -m chaos_tests` "
+        "`raftseq chaos check HISTORY`, `raftseq chaos list`, and the protocol fuzzer `raftseq chaos fuzz [--duration 10m] [--seed N]` "
+        "(client ports and authenticated Raft links; `--replay TARGET:INDEX` sends one case again). Everything after `chaos` goes to `python -m chaos_tests` "
         "in the source checkout (chaos_tests/ is not part of the installed package); `raftseq chaos run --help` shows its options.",
         "run|check|list and their options",
     ),

@@ -502,8 +502,10 @@ class RaftMember(SyncObj):
         node take that term and fail to encode its status from then on."""
         if node not in self._SyncObj__otherNodes:
             return "not a member of this cluster"
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            return f"not a message: {type(message).__name__}"
+        if not isinstance(message, dict):
+            return f"a {type(message).__name__}, not a message"
+        if not isinstance(message.get("type"), str):
+            return f"message type {message.get('type')!r:.40}"
         for name in RAFT_NUMBER_FIELDS:
             if name in message and not _raft_number_ok(message[name], nullable=name in _NULLABLE_NUMBER_FIELDS):
                 return f"{name} {message[name]!r:.40} is not an integer in 0..{limits.RAFT_NUMBER_MAX}"
