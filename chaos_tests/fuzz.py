@@ -147,22 +147,36 @@ def pieces(rng: random.Random, data: bytes) -> list[bytes]:
 
 #: Tags of the frames a node sends, and a few more: what a confused client might send.
 _OTHER_TAGS = ("welcome", "ack", "acks", "busy", "notleader", "unknown", "rejected", "d", "status", "snaps", "", "hello\x00")
+#: How a client frame is mutated (``mutate_client_frame``); "valid" twice as likely.
+CLIENT_MUTATIONS = ("valid", "valid", "flip", "flip_raw", "truncate", "length", "swap", "swap", "extra", "drop", "tag", "random", "raw")
+#: How long a numbered case waits for the node's ``Welcome`` (it numbers its submits from it).
+WELCOME_TIMEOUT_S = 2.0
 
 
-def _valid_client_frame(rng: random.Random, session: str, token: str) -> protocol.Frame:
-    kind = rng.randrange(8)
+def _payload(rng: random.Random) -> bytes:
+    limit = protocol.limits.PAYLOAD_BYTES_MAX
+    return rng.choice(
+        (b"", rng.randbytes(rng.randrange(1, 200)), rng.randbytes(rng.randrange(1, 200)), b"\x00" * limit, b"x" * (limit + 1))
+    )
+
+
+def _valid_client_frame(rng: random.Random, session: str, token: str, next_seq: int) -> protocol.Frame:
+    """A frame as a client sends it. Submits are numbered from `next_seq` (relative to the
+    session's last applied number when the case is numbered), sometimes a retry or a gap."""
+    seq = rng.choice((next_seq, next_seq, next_seq, max(1, next_seq - 1), next_seq + rng.randrange(1, 5), 2**63 - 1))
+    kind = rng.randrange(10)
     if kind == 0:
         return protocol.Hello(session, token, protocol.PROTOCOL_VERSION, rng.choice((0, 1, 2**63 - 1)))
-    if kind in (1, 2):
-        return protocol.Submit(rng.choice((1, 2, rng.randrange(1, 1000), 2**63 - 1)), rng.randbytes(rng.randrange(0, 200)))
-    if kind == 3:
-        payloads = [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 6))]
-        return protocol.SubmitBatch(rng.choice((1, rng.randrange(1, 1000), 2**63 - 10)), payloads)
-    if kind == 4:
-        return protocol.Subscribe(rng.choice((1, rng.randrange(1, 10_000), 2**40, 2**63 - 1)))
-    if kind == 5:
-        return protocol.StatusRequest()
+    if kind in (1, 2, 3):
+        return protocol.Submit(seq, _payload(rng))
+    if kind in (4, 5):
+        count = rng.choice((1, 2, rng.randrange(1, 50), protocol.limits.SUBMIT_BATCH_ENTRIES_MAX))
+        return protocol.SubmitBatch(seq, [rng.randbytes(rng.randrange(0, 16)) for _ in range(count)])
     if kind == 6:
+        return protocol.Subscribe(rng.choice((1, rng.randrange(1, 10_000), 2**40, 2**63 - 1)))
+    if kind == 7:
+        return protocol.StatusRequest()
+    if kind == 8:
         return protocol.Heartbeat(rng.choice((0, 5, 2**63 - 1)))
     return protocol.SnapshotQuery(rng.choice(("refdata", "x", "a" * 64)))
 
@@ -172,24 +186,23 @@ def _frame_fields(frame: protocol.Frame) -> list:
     return msgspec.msgpack.decode(_encode(frame))
 
 
-def mutate_client_frame(rng: random.Random, frame: protocol.Frame) -> tuple[str, bytes]:
-    """One mutation of `frame`'s wire bytes: ``(its name, the bytes)``."""
+def mutate_client_frame(rng: random.Random, frame: protocol.Frame, kind: str) -> bytes:
+    """`frame`'s wire bytes, mutated as `kind` says (one of ``CLIENT_MUTATIONS``)."""
     wire = protocol.encode_frame(frame)
     body = wire[protocol.HEADER_BYTES :]
-    kind = rng.choice(("valid", "valid", "flip", "flip_raw", "truncate", "length", "swap", "swap", "extra", "drop", "tag", "random", "raw"))
     if kind == "valid":
-        return kind, wire
+        return wire
     if kind == "flip":
-        return kind, framed(flip_bits(rng, body))
+        return framed(flip_bits(rng, body))
     if kind == "flip_raw":
-        return kind, flip_bits(rng, wire)
+        return flip_bits(rng, wire)
     if kind == "truncate":
-        return kind, wire[: rng.randrange(0, len(wire))]
+        return wire[: rng.randrange(0, len(wire))]
     if kind == "length":
         length = rng.choice(
             (0, len(body) - 1, len(body) + 1, len(body) + rng.randrange(2, 100), 2**31 - 1, 2**32 - 1, protocol.limits.FRAME_BYTES_MAX + 1)
         )
-        return kind, _LENGTH.pack(max(0, length)) + wire[4:]
+        return _LENGTH.pack(max(0, length)) + wire[4:]
     fields = _frame_fields(frame)
     if kind == "swap":
         fields[rng.randrange(len(fields))] = odd_value(rng)
@@ -202,8 +215,46 @@ def mutate_client_frame(rng: random.Random, frame: protocol.Frame) -> tuple[str,
     elif kind == "random":
         fields = odd_value(rng)
     else:
-        return kind, rng.randbytes(rng.randrange(1, 64))
-    return kind, framed(_encode(fields))
+        return rng.randbytes(rng.randrange(1, 64))
+    return framed(_encode(fields))
+
+
+@dataclass
+class ClientStep:
+    """One frame of a client case and its mutation (applied when sent: a numbered case's
+    submits get their numbers from the node's ``Welcome`` first)."""
+
+    frame: protocol.Frame
+    mutation: str
+    mutation_seed: int
+
+    def wire(self, seq_base: int) -> bytes:
+        frame = self.frame
+        if seq_base and isinstance(frame, protocol.Submit):
+            frame = msgspec.structs.replace(frame, client_seq=min(2**63 - 1, frame.client_seq + seq_base))
+        elif seq_base and isinstance(frame, protocol.SubmitBatch):
+            frame = msgspec.structs.replace(frame, first_client_seq=min(2**63 - 1, frame.first_client_seq + seq_base))
+        return mutate_client_frame(random.Random(self.mutation_seed), frame, self.mutation)
+
+    def describe(self) -> str:
+        return f"{type(self.frame).__name__}/{self.mutation}"
+
+
+@dataclass
+class ClientPlan:
+    """A client case: an opening hello (valid, bad or none), then `steps`. `numbered`: the
+    hello is valid and sent alone first, and submits are numbered after the session's last
+    applied number (from the ``Welcome``), so that they are sequenced and reach the batcher."""
+
+    hello: ClientStep | None
+    steps: list[ClientStep]
+    numbered: bool
+    pieces_seed: int
+
+    def wire(self, seq_base: int = 0, *, with_hello: bool = True) -> bytes:
+        """The bytes of the case (its submits numbered after `seq_base`)."""
+        hello = self.hello.wire(0) if with_hello and self.hello is not None else b""
+        return hello + b"".join(step.wire(seq_base) for step in self.steps)
 
 
 @dataclass
@@ -214,15 +265,15 @@ class Case:
     index: int
     #: Index of the node in the cluster's node list.
     node: int
-    #: The mutations, in order (``hello; sub/flip; subscribe/length``).
+    #: The mutations, in order (``hello; Submit/flip; Subscribe/length``).
     summary: str
-    #: Client cases: the pieces sent, in order.
-    pieces: list[bytes] = field(default_factory=list)
-    #: Raft cases: the plan the runner carries out (it needs the node's random key).
-    plan: RaftPlan | None = None
+    client: ClientPlan | None = None
+    raft: RaftPlan | None = None
+    #: What the last send of this case put on the wire (client cases).
+    sent: bytes = b""
 
     def describe(self) -> str:
-        sent = b"".join(self.pieces).hex() if self.plan is None else self.plan.describe()
+        sent = self.raft.describe() if self.raft is not None else self.sent.hex() or "(not sent yet)"
         if len(sent) > CASE_HEX_CHARS_MAX:
             sent = sent[:CASE_HEX_CHARS_MAX] + f"... ({len(sent) // 2} bytes)"
         return f"{self.target} case {self.index} to node #{self.node + 1}: {self.summary}\n    {sent}"
@@ -232,12 +283,10 @@ def client_case(seed: int, index: int, *, token: str, node_count: int) -> Case:
     """Client case `index` of the run seeded `seed`."""
     rng = case_rng(seed, "client", index)
     session = f"fuzz-{rng.randrange(FUZZ_SESSIONS)}"
-    data: list[bytes] = []
-    steps: list[str] = []
     opening = rng.random()
+    hello = None
     if opening < 0.7:
-        data.append(protocol.encode_frame(protocol.Hello(session, token, protocol.PROTOCOL_VERSION)))
-        steps.append("hello")
+        hello = ClientStep(protocol.Hello(session, token, protocol.PROTOCOL_VERSION), "valid", 0)
     elif opening < 0.85:
         bad = rng.choice(
             (
@@ -247,28 +296,66 @@ def client_case(seed: int, index: int, *, token: str, node_count: int) -> Case:
                 protocol.Hello("@snap/" + session, token, protocol.PROTOCOL_VERSION),
             )
         )
-        how, wire = mutate_client_frame(rng, bad)
-        data.append(wire)
-        steps.append(f"bad-hello/{how}")
+        hello = ClientStep(bad, rng.choice(CLIENT_MUTATIONS), rng.randrange(2**32))
+    numbered = hello is not None and hello.mutation == "valid" and hello.frame.token == token and rng.random() < 0.6
+    steps = []
+    next_seq = 1
     for _ in range(rng.randrange(1, CASE_FRAMES_MAX + 1)):
-        frame = _valid_client_frame(rng, session, token)
-        how, wire = mutate_client_frame(rng, frame)
-        data.append(wire)
-        steps.append(f"{type(frame).__name__}/{how}")
-    return Case("client", index, rng.randrange(node_count), "; ".join(steps), pieces(rng, b"".join(data)))
+        frame = _valid_client_frame(rng, session, token, next_seq if numbered else rng.choice((1, 2, rng.randrange(1, 1000))))
+        if isinstance(frame, protocol.Submit):
+            next_seq = max(next_seq, frame.client_seq + 1)
+        elif isinstance(frame, protocol.SubmitBatch):
+            next_seq = max(next_seq, frame.first_client_seq + len(frame.payloads))
+        steps.append(ClientStep(frame, rng.choice(CLIENT_MUTATIONS), rng.randrange(2**32)))
+    summary = "; ".join(
+        [*(["numbered hello"] if numbered else [f"hello/{hello.mutation}"] if hello else []), *(s.describe() for s in steps)]
+    )
+    plan = ClientPlan(hello, steps, numbered, rng.randrange(2**32))
+    return Case("client", index, rng.randrange(node_count), summary, client=plan)
 
 
 def send_client_case(address: str, case: Case) -> None:
     """Send `case` on a new connection, read answers for ``CASE_READ_S``, close. Raises
-    ``OSError`` when the node does not accept the connection or the bytes."""
+    ``OSError`` when the node does not accept the connection."""
+    plan = case.client
+    assert plan is not None
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
-        for piece in case.pieces:
-            try:
+        try:
+            if plan.numbered:
+                case.sent = hello = plan.hello.wire(0)
+                sock.sendall(hello)
+                welcome = _read_frame(sock)
+                if not isinstance(welcome, protocol.Welcome):
+                    return
+                seq_base = welcome.last_client_seq
+                data = plan.wire(seq_base, with_hello=False)
+                case.sent = hello + data
+            else:
+                case.sent = data = plan.wire()
+            for piece in pieces(random.Random(plan.pieces_seed), data):
                 sock.sendall(piece)
-            except (BrokenPipeError, ConnectionResetError):
-                return  # the node closed a connection it found bad: fine
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the node closed a connection it found bad: fine
         _drain(sock)
+
+
+def _read_frame(sock: socket.socket) -> object:
+    """The first frame the node sends (heartbeats skipped), or None."""
+    reader = protocol.FrameReader("node")
+    deadline = time.monotonic() + WELCOME_TIMEOUT_S
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return None
+        if not data:
+            return None
+        for frame in reader.feed(data):
+            if not isinstance(frame, protocol.Heartbeat):
+                return frame
+    return None
 
 
 def _drain(sock: socket.socket) -> None:
@@ -400,7 +487,7 @@ def raft_case(seed: int, index: int, *, node_count: int, canary_path: str = "", 
     node = rng.randrange(node_count)
     mode = rng.random()
     if mode < 0.15:
-        return Case("raft", index, node, "pre-auth", plan=RaftPlan(preauth=_preauth_bytes(rng)))
+        return Case("raft", index, node, "pre-auth", raft=RaftPlan(preauth=_preauth_bytes(rng)))
     key = rng.randbytes(32)
     canary = canary_path and rng.random() < 0.05
     if mode < 0.3:
@@ -428,7 +515,7 @@ def raft_case(seed: int, index: int, *, node_count: int, canary_path: str = "", 
         step = _step(rng, message)
         plan.steps.append(step)
         steps.append(f"{how}/{step.pickle_mutation}/{step.cipher_mutation}")
-    return Case("raft", index, node, "; ".join(steps), plan=plan)
+    return Case("raft", index, node, "; ".join(steps), raft=plan)
 
 
 def _preauth_bytes(rng: random.Random) -> bytes:
@@ -529,7 +616,7 @@ class RaftLink:
 
 def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> None:
     """Carry out a raft case's plan on a new connection, read answers briefly, close."""
-    plan = case.plan
+    plan = case.raft
     assert plan is not None
     link = RaftLink(address, cipher)
     try:
