@@ -7,31 +7,35 @@ Two targets, one case at a time, each case on a connection of its own:
   snapshot query), most after a valid hello, some before it or without one, each possibly
   mutated: bit flips (with the checksum fixed up or not), truncation, a changed length prefix,
   a field swapped for a value of another type (huge and negative numbers, strings, lists, maps,
-  random msgpack), extra fields, unknown tags, random msgpack bodies. The bytes go out in
-  random pieces.
+  random msgpack), extra fields, unknown tags, random msgpack bodies; payloads at and over the
+  payload limit, batches at the entry limit. Most cases with a valid hello are *numbered*: the
+  hello goes first and the submits are numbered after the session's last applied client_seq
+  from the ``Welcome``, so that they are sequenced. The bytes go out in random pieces.
 * ``raft``: a node's Raft port, through the AUTHENTICATED link: messages encrypted with the
   cluster's link cipher (``cluster.raft.link_cipher``, keyed from the cluster's own password)
   after pysyncobj's handshake (random keys exchanged in the first encrypted messages), carrying
   mutated pickles of pysyncobj's messages (append_entries, request_vote, next_node_idx,
   apply_command, utility messages…), mutated pickle bytes, bit-flipped or truncated ciphertext,
-  timestamps going backwards, and bytes before any handshake.
+  timestamps going backwards, and bytes before any handshake. A connection names itself
+  ``readonly``, an unknown address, nothing, or (``impersonate``) another member.
 
 With ``canaries``, some raft cases carry a pickle that would run code in the node
 (``io.open(MARKER, "a")``: harmless, but it creates the marker file): a node that loads a peer's
 pickle with plain ``pickle.loads`` creates the marker, and the run reports it as ``code``.
 
 Every case is a function of ``(seed, target, index)`` only (``case_rng``), so a run prints its
-seed and any case replays alone (``raftseq chaos fuzz --seed N --replay INDEX``). The runner
+seed and any case replays alone (``raftseq chaos fuzz --seed N --replay TARGET:INDEX``). The runner
 checks the cluster every ``CHECK_INTERVAL_S`` and at the end: every node process alive (a
 ``crash`` is a node that exited), every node answers a status request within
 ``STATUS_BOUND_S`` and a legitimate client's submit is acknowledged within ``LEGIT_ACK_BOUND_S``
 (else a ``hang``), and every message the legitimate client got acknowledged is in the stream at
 its number (else ``lost``). A finding names the seed, the target, the node and the last cases
-sent to it, the latest one's bytes in hex.
+sent to it, with the bytes of the client cases and the messages of the raft cases.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import pickle
@@ -40,12 +44,12 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
-from raftseq.clients import BlockingSequencerClient, SequencerError
+from raftseq.clients import BlockingSequencerClient, SequencerClient, SequencerError
 from raftseq.cluster.local import LocalCluster
 from raftseq.cluster.raft.link_cipher import VERSION as LINK_VERSION
 from raftseq.cluster.raft.link_cipher import LinkCipher
@@ -679,29 +683,24 @@ class FuzzReport:
 
 
 class LegitClient:
-    """A legitimate client on its own event loop: submits one message per check, bounded."""
+    """A legitimate client on an event loop of its own (kept between calls): one submit per
+    check, each bounded in time."""
 
     def __init__(self, cluster: LocalCluster, session: str) -> None:
-        import asyncio
-
-        from raftseq.clients import SequencerClient
-
-        self._asyncio = asyncio
         self._runner = asyncio.Runner()
-        self._client = self._runner.run(self._make(SequencerClient, cluster, session))
-        self.sent = 0
+        self._client = self._runner.run(self._make(cluster, session))
 
     @staticmethod
-    async def _make(cls: type, cluster: LocalCluster, session: str) -> object:
-        return cls(cluster.endpoints, session=session, token=cluster.token)
+    async def _make(cluster: LocalCluster, session: str) -> SequencerClient:
+        return SequencerClient(cluster.endpoints, session=session, token=cluster.token)
 
     def submit(self, payload: bytes, timeout_s: float) -> int:
         """The sequence number of `payload`; ``TimeoutError`` after `timeout_s`."""
-        return self._runner.run(self._asyncio.wait_for(self._client.submit(payload), timeout_s))
+        return self._runner.run(asyncio.wait_for(self._client.submit(payload), timeout_s))
 
     def close(self) -> None:
         try:
-            self._runner.run(self._asyncio.wait_for(self._client.close(), LEGIT_ACK_BOUND_S))
+            self._runner.run(asyncio.wait_for(self._client.close(), LEGIT_ACK_BOUND_S))
         except (TimeoutError, SequencerError, OSError):
             pass
         finally:
@@ -854,11 +853,3 @@ def replay(
     case = make_case(target, seed, index, cluster, marker_path(marker_dir) if canaries else "", impersonate=impersonate)
     send_case(cluster, LinkCipher(cluster.nodes[0].config.raft_password), case)
     return case
-
-
-def cases(seed: int, target: str, cluster: LocalCluster, canary_path: str = "") -> Iterator[Case]:
-    """Every case of `target` in the run seeded `seed`, in order (for tools and tests)."""
-    index = 0
-    while True:
-        yield make_case(target, seed, index, cluster, canary_path)
-        index += 1
