@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import os
 import pickle
 import random
@@ -599,8 +600,10 @@ class RaftLink:
             if len(self.buffer) >= 4:
                 (length,) = _RAFT_LENGTH.unpack_from(self.buffer)
                 if 0 < length <= len(self.buffer) - 4:
-                    plain = self.cipher.decrypt(self.buffer[4 : 4 + length])
-                    answer = _NoGlobals(__import__("io").BytesIO(plain)).load()
+                    try:
+                        answer = _NoGlobals(io.BytesIO(self.cipher.decrypt(self.buffer[4 : 4 + length]))).load()
+                    except Exception:  # noqa: BLE001 - an answer this link cannot read holds no key
+                        return None
                     if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == our_key and isinstance(answer[1], bytes):
                         self.node_key = answer[1]
                         return self.node_key
@@ -618,22 +621,26 @@ class RaftLink:
             self.buffer += data
 
 
-def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> None:
-    """Carry out a raft case's plan on a new connection, read answers briefly, close."""
+def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> bool:
+    """Carry out a raft case's plan on a new connection, read answers briefly, close. True
+    when the handshake was done (the node answered with its random key)."""
     plan = case.raft
     assert plan is not None
     link = RaftLink(address, cipher)
+    shook_hands = False
     try:
         if plan.first is None:
             link.send_raw(plan.preauth)
         elif link.send_step(plan.first) and isinstance(plan.first.message, bytes) and plan.first.pickle_mutation == "none":
-            if link.receive_node_key(plan.first.message) is not None:
+            shook_hands = link.receive_node_key(plan.first.message) is not None
+            if shook_hands:
                 for step in plan.steps:
                     if not link.send_step(step):
                         break
         _drain(link.sock)
     finally:
         link.close()
+    return shook_hands
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -663,6 +670,8 @@ class FuzzReport:
     cases: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TARGETS, 0))
     #: Cases whose connection the node refused or reset before taking the bytes.
     refused: int = 0
+    #: Raft cases that got through the handshake (their messages reached pysyncobj).
+    handshakes: int = 0
     #: The legitimate client's acknowledged messages: sequence number -> payload.
     acked: dict[int, bytes] = field(default_factory=dict)
     legit_latencies_s: list[float] = field(default_factory=list)
@@ -677,7 +686,8 @@ class FuzzReport:
         worst = max(self.legit_latencies_s, default=0.0)
         counts = ", ".join(f"{n} {t}" for t, n in self.cases.items())
         return (
-            f"fuzz seed {self.seed}: {counts} cases in {self.duration_s:.1f} s ({self.refused} refused at connect), "
+            f"fuzz seed {self.seed}: {counts} cases in {self.duration_s:.1f} s ({self.refused} refused at connect, "
+            f"{self.handshakes} Raft handshakes), "
             f"{len(self.acked)} legitimate acks (slowest {worst * 1e3:.0f} ms), {len(self.findings)} finding(s)"
         )
 
@@ -718,12 +728,13 @@ def make_case(target: str, seed: int, index: int, cluster: LocalCluster, canary_
     return raft_case(seed, index, node_count=len(cluster.nodes), canary_path=canary_path, members=members)
 
 
-def send_case(cluster: LocalCluster, cipher: LinkCipher, case: Case) -> None:
+def send_case(cluster: LocalCluster, cipher: LinkCipher, case: Case) -> bool:
+    """Send `case` to its node; for a raft case, whether the handshake was done."""
     config = cluster.nodes[case.node].config
     if case.target == "client":
         send_client_case(config.client_address, case)
-    else:
-        send_raft_case(config.raft_address, cipher, case)
+        return False
+    return send_raft_case(config.raft_address, cipher, case)
 
 
 def run_fuzz(
@@ -760,7 +771,7 @@ def run_fuzz(
                 report.cases[target] += 1
                 recent[case.node].append(case)
                 try:
-                    send_case(cluster, cipher, case)
+                    report.handshakes += send_case(cluster, cipher, case)
                 except OSError:
                     report.refused += 1
             now = time.monotonic()
