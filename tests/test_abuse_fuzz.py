@@ -72,11 +72,6 @@ def test_the_authenticated_raft_links_survive_the_fuzzer(running_cluster, tmp_pa
     assert report.handshakes > report.cases["raft"] / 2, report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pysyncobj loads a peer's pickles with pickle.loads: code runs from any holder of the password "
-    "until the allow-list unpickler (issue 14, Raft links) is in",
-)
 def test_a_pickle_that_would_run_code_runs_none_through_an_authenticated_link(running_cluster, tmp_path):
     """A canary pickle (``io.open(marker, "a")``) as the first message of the handshake, and
     one inside an apply_command after it: no node may create the marker."""
