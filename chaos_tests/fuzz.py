@@ -72,6 +72,9 @@ CASE_READ_BYTES_MAX = 256 * 1024
 CHECK_INTERVAL_S = 2.0
 #: A node that does not answer a status request within this is hung.
 STATUS_BOUND_S = 3.0
+#: A node that missed the status bound is asked again until this has passed since the first
+#: request: answered by then, it stalled (a finding too); not, it hangs.
+HANG_CONFIRM_S = 15.0
 #: A legitimate client's submit not acknowledged within this: the cluster is hung.
 LEGIT_ACK_BOUND_S = 10.0
 #: Raft handshake: waiting for the node's random key.
@@ -649,7 +652,8 @@ def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> bool:
 @dataclass
 class Finding:
     """What a run found: ``crash`` (a node exited), ``hang`` (no status or no ack in time),
-    ``lost`` (an acknowledged message missing or changed), ``code`` (a canary ran)."""
+    ``stall`` (a status answer later than the bound, but within ``HANG_CONFIRM_S``), ``lost``
+    (an acknowledged message missing or changed), ``code`` (a canary ran)."""
 
     kind: str
     detail: str
@@ -785,7 +789,7 @@ def run_fuzz(
                 next_progress = now + progress_interval_s
         if report.ok:
             _check(cluster, legit, report, recent)
-        if report.ok or all(f.kind == "code" for f in report.findings):
+        if all(f.kind in ("code", "stall") for f in report.findings):
             _check_acked(cluster, report)
     finally:
         legit.close()
@@ -809,12 +813,15 @@ def _check(cluster: LocalCluster, legit: LegitClient, report: FuzzReport, recent
             )
     if report.findings:
         return False
+    asked = time.monotonic()
     status = cluster.status(timeout_s=STATUS_BOUND_S)
     for i, entry in enumerate(status["nodes"]):
         if not answered(entry):
-            report.findings.append(
-                Finding("hang", f"{entry['node']} did not answer status within {STATUS_BOUND_S} s: {entry}", list(recent[i]))
-            )
+            late = _answered_after(cluster, entry["node"], asked)
+            kind, what = ("stall", f"answered after {late:.1f} s") if late is not None else ("hang", f"no answer in {HANG_CONFIRM_S:.0f} s")
+            last_line = _last_log_line(cluster, entry["node"])
+            detail = f"{entry['node']} did not answer status within {STATUS_BOUND_S} s ({what}): {entry}; its last log line: {last_line}"
+            report.findings.append(Finding(kind, detail, list(recent[i])))
     if report.findings:
         return False
     payload = b"legit-%d-%d" % (report.seed, len(report.acked))
@@ -830,6 +837,15 @@ def _check(cluster: LocalCluster, legit: LegitClient, report: FuzzReport, recent
     report.legit_latencies_s.append(time.monotonic() - began)
     report.acked[seq] = payload
     return True
+
+
+def _answered_after(cluster: LocalCluster, node_id: str, asked: float) -> float | None:
+    """Seconds from `asked` until `node_id` answered a status request (asked again until
+    ``HANG_CONFIRM_S`` passed), or None: it is hung, not slow."""
+    while time.monotonic() - asked < HANG_CONFIRM_S:
+        if answered(cluster.status(nodes=[node_id], timeout_s=STATUS_BOUND_S)["nodes"][0]):
+            return time.monotonic() - asked
+    return None
 
 
 def _check_acked(cluster: LocalCluster, report: FuzzReport) -> None:
