@@ -40,6 +40,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import random
 import socket
 import struct
@@ -85,6 +86,12 @@ RECENT_CASES = 8
 CASE_HEX_CHARS_MAX = 2000
 #: Sessions fuzz cases use (a few, reused: the fuzzer must not fill the session table).
 FUZZ_SESSIONS = 8
+#: Largest memo index a mutated pickle may name to be sent. CPython's unpickler grows its memo
+#: array to twice a PUT/LONG_BINPUT index at once (16 bytes per index): a flipped bit made a
+#: node allocate gigabytes and stall 21 s. Sending such a pickle could exhaust the memory of
+#: the machine the fuzzer shares; the stall is shown by its own bounded test instead
+#: (``tests/test_abuse_fuzz.py``), and a run counts the pickles it held back.
+MEMO_INDEX_MAX = 2**16
 #: The file a code-execution canary creates, in the run's marker directory.
 MARKER_NAME = "fuzz-code-ran"
 
@@ -279,6 +286,8 @@ class Case:
     raft: RaftPlan | None = None
     #: What the last send of this case put on the wire (client cases).
     sent: bytes = b""
+    #: Raft messages of the last send held back for their memo index (``MEMO_INDEX_MAX``).
+    memo_bombs: int = 0
 
     def describe(self) -> str:
         sent = self.raft.describe() if self.raft is not None else self.sent.hex() or "(not sent yet)"
@@ -543,6 +552,21 @@ def _preauth_bytes(rng: random.Random) -> bytes:
     return _RAFT_LENGTH.pack(len(header) + len(body)) + header + body
 
 
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def memo_index_max(data: bytes) -> int:
+    """The largest memo index a PUT opcode of the pickle `data` names (up to where it breaks)."""
+    top = 0
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in _MEMO_PUTS and isinstance(argument, int):
+                top = max(top, argument)
+    except Exception:  # noqa: BLE001 - a broken pickle: what came before the break counts
+        pass
+    return top
+
+
 class _NoGlobals(pickle.Unpickler):
     """Reads the node's handshake answer (bytes in a tuple) and nothing that names code."""
 
@@ -561,6 +585,8 @@ class RaftLink:
         self.timestamp = int(time.monotonic())
         self.node_key: bytes | None = None
         self.buffer = b""
+        #: Mutated pickles not sent because of the memo index they name (``MEMO_INDEX_MAX``).
+        self.memo_bombs = 0
 
     def close(self) -> None:
         self.sock.close()
@@ -583,6 +609,9 @@ class RaftLink:
             plain = plain[: rng.randrange(len(plain))]
         elif step.pickle_mutation == "append":
             plain += rng.randbytes(rng.randrange(1, 16))
+        if memo_index_max(plain) > MEMO_INDEX_MAX:
+            self.memo_bombs += 1
+            return True  # not sent: see MEMO_INDEX_MAX
         self.timestamp = max(0, self.timestamp + step.timestamp_step)
         data = self.cipher.encrypt_at_time(plain, self.timestamp)
         if step.cipher_mutation == "flip":
@@ -631,6 +660,7 @@ def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> bool:
     assert plan is not None
     link = RaftLink(address, cipher)
     shook_hands = False
+    case.memo_bombs = 0
     try:
         if plan.first is None:
             link.send_raw(plan.preauth)
@@ -643,6 +673,7 @@ def send_raft_case(address: str, cipher: LinkCipher, case: Case) -> bool:
         _drain(link.sock)
     finally:
         link.close()
+        case.memo_bombs = link.memo_bombs
     return shook_hands
 
 
@@ -676,6 +707,8 @@ class FuzzReport:
     refused: int = 0
     #: Raft cases that got through the handshake (their messages reached pysyncobj).
     handshakes: int = 0
+    #: Mutated pickles held back for the memo index they name (``MEMO_INDEX_MAX``).
+    memo_bombs: int = 0
     #: The legitimate client's acknowledged messages: sequence number -> payload.
     acked: dict[int, bytes] = field(default_factory=dict)
     legit_latencies_s: list[float] = field(default_factory=list)
@@ -691,7 +724,7 @@ class FuzzReport:
         counts = ", ".join(f"{n} {t}" for t, n in self.cases.items())
         return (
             f"fuzz seed {self.seed}: {counts} cases in {self.duration_s:.1f} s ({self.refused} refused at connect, "
-            f"{self.handshakes} Raft handshakes), "
+            f"{self.handshakes} Raft handshakes, {self.memo_bombs} memo bombs held back), "
             f"{len(self.acked)} legitimate acks (slowest {worst * 1e3:.0f} ms), {len(self.findings)} finding(s)"
         )
 
@@ -778,6 +811,7 @@ def run_fuzz(
                     report.handshakes += send_case(cluster, cipher, case)
                 except OSError:
                     report.refused += 1
+                report.memo_bombs += case.memo_bombs
             now = time.monotonic()
             if now >= next_check:
                 if not _check(cluster, legit, report, recent):

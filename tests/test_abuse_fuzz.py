@@ -186,3 +186,54 @@ def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_clu
                 assert fuzz.send_case(h, cipher, fuzz.Case("raft", 0, target, f"claims to be {claimed.id}", raft=plan)), "no handshake"
     report = fuzz.run_fuzz(h, seed=3, duration_s=0, targets=(), marker_dir=str(tmp_path))
     assert_survived(h, report)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident memory of process `pid` so far (``VmHWM`` in ``/proc/PID/status``)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM line for pid {pid}")
+
+
+#: The memo index of the probe below: CPython's unpickler grows its memo array to twice the
+#: index at once, 8 bytes a slot (512 MiB here; a fuzzed pickle named ~2**31 and stalled the
+#: leader 21 s). Large enough to cross the RSS bound, small enough for a shared machine.
+MEMO_BOMB_INDEX = 2**25
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the allow-list unpickler (raft.safe_pickle) admits any memo index: bound PUT/LONG_BINPUT indexes "
+    "(e.g. to the pickle's length) before unpickling (issue 14, Raft links)",
+)
+def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(running_cluster, tmp_path):
+    """Found by the fuzzer (seed 77, 8 min): a bit flip turned a memo opcode into LONG_BINPUT
+    with an index near 2**31; the leader stopped answering for 21 s (system time: the memo array
+    being zeroed) and lost its leadership. The minimal message is 9 bytes of pickle,
+    ``80 05 4e 72 <u32 index> 2e`` (PROTO 5, NONE, LONG_BINPUT index, STOP), sent by any holder
+    of the Raft password through an authenticated link. It names no class: the allow-list does
+    not see it."""
+    h = running_cluster
+    follower = next(i for i, node in enumerate(h.nodes) if node.id != h.wait_for_leader()["node"])
+    pid = h.pid(h.nodes[follower].id)
+    before = peak_rss_bytes(pid)
+    plan = fuzz.RaftPlan(
+        first=fuzz.RaftStep(random.Random(4).randbytes(32), "none", "none", 0, 1, wrapped=False),
+        steps=[fuzz.RaftStep("readonly", "none", "none", 0, 1)],
+    )
+    link = fuzz.RaftLink(h.nodes[follower].config.raft_address, LinkCipher(h.nodes[0].config.raft_password))
+    try:
+        assert link.send_step(plan.first) and link.receive_node_key(plan.first.message) is not None, "no handshake"
+        assert link.send_step(plan.steps[0])
+        memo_bomb = b"\x80\x05N" + b"r" + MEMO_BOMB_INDEX.to_bytes(4, "little") + b"."
+        data = link.cipher.encrypt_at_time(memo_bomb, link.timestamp)
+        link.send_raw(len(data).to_bytes(4, sys.byteorder, signed=True) + data)
+        report = fuzz.run_fuzz(h, seed=4, duration_s=0, targets=(), marker_dir=str(tmp_path))
+    finally:
+        link.close()
+    after = peak_rss_bytes(pid)
+    print(f"{h.nodes[follower].id}: peak RSS {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after the memo bomb", flush=True)
+    assert_survived(h, report)
+    assert after <= RSS_BYTES_MAX, f"peak RSS {after / 2**20:.0f} MiB after one 9-byte pickle"
