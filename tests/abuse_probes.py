@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from raftseq.clients import SequencerClient
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of process `pid` now (``VmRSS`` in ``/proc/PID/status``)."""
+def rss_bytes(pid: int, *, field: str = "VmRSS") -> int:
+    """Resident memory of process `pid` now (``VmRSS`` in ``/proc/PID/status``); with
+    ``field="VmHWM"`` its peak so far."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS line for pid {pid}")
+    raise AssertionError(f"no {field} line for pid {pid}")
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:

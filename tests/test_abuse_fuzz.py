@@ -188,15 +188,6 @@ def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_clu
     assert_survived(h, report)
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """Peak resident memory of process `pid` so far (``VmHWM`` in ``/proc/PID/status``)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM line for pid {pid}")
-
-
 #: The memo index of the probe below: CPython's unpickler grows its memo array to twice the
 #: index at once, 8 bytes a slot (512 MiB here; a fuzzed pickle named ~2**31 and stalled the
 #: leader 21 s). Large enough to cross the RSS bound, small enough for a shared machine.
@@ -218,7 +209,7 @@ def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(runn
     h = running_cluster
     follower = next(i for i, node in enumerate(h.nodes) if node.id != h.wait_for_leader()["node"])
     pid = h.pid(h.nodes[follower].id)
-    before = peak_rss_bytes(pid)
+    before = rss_bytes(pid, field="VmHWM")
     plan = fuzz.RaftPlan(
         first=fuzz.RaftStep(random.Random(4).randbytes(32), "none", "none", 0, 1, wrapped=False),
         steps=[fuzz.RaftStep("readonly", "none", "none", 0, 1)],
@@ -233,7 +224,7 @@ def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(runn
         report = fuzz.run_fuzz(h, seed=4, duration_s=0, targets=(), marker_dir=str(tmp_path))
     finally:
         link.close()
-    after = peak_rss_bytes(pid)
+    after = rss_bytes(pid, field="VmHWM")
     print(f"{h.nodes[follower].id}: peak RSS {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after the memo bomb", flush=True)
     assert_survived(h, report)
     assert after <= RSS_BYTES_MAX, f"peak RSS {after / 2**20:.0f} MiB after one 9-byte pickle"
