@@ -79,6 +79,13 @@ RAFT_ACCEPT_BACKOFF_MAX_S = 2.0
 #: dead one within the timeout. What it serves subscribers is then at most this old.
 RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS = 2
 
+#: ``raftseq cluster up``'s restarts (``cluster.restarts``): the delay before the first restart
+#: of a node that failed, in seconds; it doubles up to the maximum; a node that ran the healthy
+#: time before it failed starts from the first delay again.
+RESTART_DELAY_FIRST_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+RESTART_HEALTHY_AFTER_S = 60.0
+
 #: Shortest raft_password a node accepts: one captured link message lets anyone try passwords
 #: offline, so a short or word-like one falls quickly (``cluster up`` generates 32 characters).
 RAFT_PASSWORD_CHARS_MIN = 16

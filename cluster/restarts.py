@@ -12,14 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raftseq.cluster.config import RESTART_DELAY_FIRST_S, RESTART_DELAY_MAX_S, RESTART_HEALTHY_AFTER_S
 from raftseq.cluster.node_exit import NodeExit
-
-#: Delay before the first restart of a node that failed, in seconds.
-RESTART_DELAY_FIRST_S = 1.0
-#: The doubling delay stops growing here, in seconds.
-RESTART_DELAY_MAX_S = 30.0
-#: A node that ran this long before it failed is restarted after the first delay again.
-RESTART_HEALTHY_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from cluster_harness import ClusterHarness, RawConnection, StreamRecorder, runni
 import pytest
 
 from raftseq.clients import SequencerClient
+from raftseq.cluster.local import Watcher
 from raftseq.sequencer import limits, protocol
 
 MIB = limits.MIB
@@ -60,27 +61,25 @@ PIPELINING_CLIENT_WINDOW = 20_000
 PIPELINING_LEGIT_P99_MAX_S = 2.0
 
 
-class SilentFlood:
-    """A thread keeping `count` sockets open to `address` that never send a byte; each one the
-    node closes is reopened within ``REOPEN_INTERVAL_S``. Counts the sockets it opened."""
+class SilentFlood(Watcher):
+    """`count` sockets kept open to `address` that never send a byte; every
+    ``REOPEN_INTERVAL_S`` each one the node closed is reopened. Counts the sockets it opened."""
 
     def __init__(self, address: str, count: int) -> None:
+        super().__init__(REOPEN_INTERVAL_S, name="silent-flood")
         host, port = address.rsplit(":", 1)
         self.target = (host, int(port))
         self.count = count
         self.opened = 0
         self.changed = threading.Condition()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="silent-flood", daemon=True)
         self.sockets: list[socket.socket] = []
 
     def __enter__(self) -> SilentFlood:
-        self.thread.start()
-        return self
+        self.sockets = [s for s in (self._open() for _ in range(self.count)) if s is not None]
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
+        super().__exit__(*exc)
         for sock in self.sockets:
             sock.close()
 
@@ -109,21 +108,19 @@ class SilentFlood:
             pass
         return True
 
-    def _run(self) -> None:
-        self.sockets = [s for s in (self._open() for _ in range(self.count)) if s is not None]
-        while not self.stop_event.wait(REOPEN_INTERVAL_S):
-            kept = []
-            for sock in self.sockets:
-                if self._closed_by_node(sock):
-                    sock.close()
-                else:
-                    kept.append(sock)
-            while len(kept) < self.count and not self.stop_event.is_set():
-                sock = self._open()
-                if sock is None:
-                    break
+    def poll(self) -> None:
+        kept = []
+        for sock in self.sockets:
+            if self._closed_by_node(sock):
+                sock.close()
+            else:
                 kept.append(sock)
-            self.sockets = kept
+        while len(kept) < self.count:
+            sock = self._open()
+            if sock is None:
+                break
+            kept.append(sock)
+        self.sockets = kept
 
 
 def assert_all_alive(h: ClusterHarness) -> None:
