@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -116,15 +118,36 @@ def test_a_journal_file_that_cannot_be_opened_is_one_line_and_exit_6(tmp_path):
     assert str(segment) in line and "Is a directory" in line, line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any directory whatever its mode")
-def test_a_read_only_data_directory_is_one_line_and_exit_6(tmp_path):
-    config = node_config(tmp_path)
-    os.makedirs(config.data_dir)
-    os.chmod(config.data_dir, 0o500)
+#: Root writes into any directory whatever its mode: as root, the node runs as this user.
+UNPRIVILEGED_UID = 65534
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """`command` run as ``UNPRIVILEGED_UID`` when this is root (``setpriv``), else as is."""
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", *command]
+
+
+def test_a_read_only_data_directory_is_one_line_and_exit_6():
+    probe = subprocess.run(as_unprivileged([sys.executable, "-P", "-c", "import raftseq.cluster.node"]), capture_output=True, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip(f"the unprivileged user cannot import this checkout's raftseq: {probe.stderr.decode()[-300:]}")
+    base = Path(tempfile.mkdtemp(prefix="raftseq-read-only-"))
     try:
-        done = run_config(tmp_path, config)
+        base.chmod(0o755)
+        config = node_config(base)
+        os.makedirs(config.data_dir)
+        if os.geteuid() == 0:
+            os.chown(config.data_dir, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        os.chmod(config.data_dir, 0o500)
+        path = base / "node.toml"
+        path.write_text(to_toml(config))
+        path.chmod(0o644)
+        command = [sys.executable, "-P", "-m", "raftseq.cluster.cli", "node", "--config", str(path)]
+        done = subprocess.run(as_unprivileged(command), capture_output=True, text=True, timeout=NODE_EXIT_TIMEOUT_S, cwd="/")
     finally:
-        os.chmod(config.data_dir, 0o700)
+        shutil.rmtree(base, ignore_errors=True)
     the_one_line(done, NodeExit.DATA_DIR_UNUSABLE, "data directory", config.data_dir)
 
 
