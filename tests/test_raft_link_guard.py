@@ -182,6 +182,31 @@ def test_a_malicious_pickle_through_an_authenticated_link_runs_nothing(tmp_path)
     assert not marker.exists()
 
 
+def test_a_replayed_link_message_drops_the_link():
+    """Each message on a link must come after the last one: the same encrypted frame sent
+    twice (a replay) used to be taken twice when both fell in the same second."""
+
+    async def story():
+        async with lone_member() as (member, address):
+            peer = Peer(*await connect(address))
+            await peer.handshake()
+            peer.send_pickle(pickle.dumps((peer.node_key, "readonly"), 5))
+            message = pickle.dumps((peer.node_key, {"type": "request_vote", "term": 1, "last_log_index": 0, "last_log_term": 0}), 5)
+            frame = peer.cipher.encrypt_at_time(message, int(time.monotonic()))
+            peer.writer.write(PREFIX.pack(len(frame)) + frame)
+            refused = member.counters()["raftseq_peer_messages_refused"]
+            deadline = time.monotonic() + WAIT_S
+            while member.counters()["raftseq_peer_messages_refused"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert member.counters()["raftseq_peer_messages_refused"] == 1, "the first message was not taken"
+            peer.writer.write(PREFIX.pack(len(frame)) + frame)
+            assert await closed_by_peer(peer.reader), "the replayed message was taken"
+            assert member.counters()["raftseq_peer_messages_refused"] == 1, refused
+            peer.writer.close()
+
+    run(story)
+
+
 def test_pysyncobj_loads_its_pickles_with_the_allow_list(tmp_path):
     marker = tmp_path / "pwned"
     with pytest.raises(pickle.UnpicklingError):

@@ -221,8 +221,8 @@ class GuardedConnection(TcpConnection):
         try:
             if self.encryptor:
                 timestamp = self.encryptor.extract_timestamp(data)
-                if timestamp < self.recvLastTimestamp:
-                    raise ValueError("link message older than the last one")
+                if timestamp <= self.recvLastTimestamp:
+                    raise ValueError("link message not after the last one (a replay)")
                 self.recvLastTimestamp = timestamp
                 data = self.encryptor.decrypt(data)
             message = safe_pickle.loads(pysyncobj.tcp_connection.zlib.decompress(data))
