@@ -162,10 +162,6 @@ def test_a_raft_term_beyond_the_wire_from_a_read_only_link_leaves_every_node_ans
     assert max(terms) < 2**62, terms
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="any holder of the Raft password can claim to be any member: node identity on the Raft links (issue 14, Raft links)",
-)
 def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_cluster, tmp_path):
     """Found by the fuzzer (``--impersonate``): an authenticated connection to node T that names
     member C's Raft address (a valid handshake, nothing else, then closed) takes C's place in

@@ -207,6 +207,30 @@ def test_a_replayed_link_message_drops_the_link():
     run(story)
 
 
+@pytest.mark.parametrize("claim", ["a member this node connects to", "an unhashable value"])
+def test_a_link_that_claims_what_no_member_would_is_dropped(claim):
+    """pysyncobj links two members over the connection the greater address opens: a link that
+    claims a member with a smaller address than this node's is not that member. One that claims
+    a dict broke pysyncobj's table lookup (a traceback on every such link)."""
+
+    async def story():
+        # This node has the greatest address: it connects to both others, which never connect here.
+        *others, address = sorted(free_address() for _ in range(3))
+        conf = SyncObjConf(password=PASSWORD, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
+        member = RaftMember(address, others, conf, loop=asyncio.get_running_loop())
+        try:
+            identity: object = others[0] if claim == "a member this node connects to" else {"not": "an address"}
+            peer = Peer(*await connect(address))
+            await peer.handshake()
+            peer.send_pickle(pickle.dumps((peer.node_key, identity), 5))
+            assert await closed_by_peer(peer.reader), f"the link that claimed {identity!r} stays open"
+            peer.writer.close()
+        finally:
+            member.destroy()
+
+    run(story)
+
+
 def test_pysyncobj_loads_its_pickles_with_the_allow_list(tmp_path):
     marker = tmp_path / "pwned"
     with pytest.raises(pickle.UnpicklingError):

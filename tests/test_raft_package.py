@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import importlib
 import re
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pysyncobj
 import pysyncobj.pipe_notifier
 import pysyncobj.syncobj
+import pysyncobj.transport
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.tcp_server import TcpServer
@@ -66,6 +68,9 @@ def test_every_listed_link_name_exists_on_the_pinned_pysyncobj():
         assert hasattr(connection, name), name
     for name in private_names.TCP_SERVER_NAMES:
         assert hasattr(server, name), name
+    transport_source = inspect.getsource(pysyncobj.transport.TCPTransport)
+    for name in private_names.TCP_TRANSPORT_NAMES:
+        assert f"self.{name}" in transport_source or f"def {name}(" in transport_source, name
 
 
 def test_the_package_uses_no_private_name_missing_from_the_list():
@@ -75,6 +80,7 @@ def test_the_package_uses_no_private_name_missing_from_the_list():
         | set(private_names.PIPE_NOTIFIER_ATTRIBUTES)
         | set(private_names.TCP_CONNECTION_NAMES)
         | set(private_names.TCP_SERVER_NAMES)
+        | set(private_names.TCP_TRANSPORT_NAMES)
     )
     protected = {name for name in private_names.SYNCOBJ_METHODS if not name.startswith("_SyncObj__")}
     for path in sorted(RAFT_PACKAGE.glob("*.py")):

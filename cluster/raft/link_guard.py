@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pysyncobj.tcp_connection
+import pysyncobj.transport
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import SERVER_STATE, TcpServer
@@ -304,3 +305,42 @@ class GuardedServer(TcpServer):
             self._TcpServer__poller.subscribe(
                 self._TcpServer__fileno, self._TcpServer__onNewConnection, POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
             )
+
+
+# --- who an incoming link says it is ----------------------------------------------------------
+
+_original_incoming_message = pysyncobj.transport.TCPTransport._onIncomingMessageReceived
+
+
+def incoming_message(transport: Any, conn: TcpConnection, message: Any) -> None:
+    """pysyncobj's handling of an incoming link's first messages (key exchange, then the
+    member address it claims), where a claim can no longer cut a member off.
+
+    pysyncobj links two members over the one connection that the member with the greater
+    address opens. It took any authenticated link that named a member as that member's link,
+    leaving the member's own link open and unused: a link that claimed a member and closed again
+    cut that member off for good (the member saw its own link still open, and the other side
+    never connects). Now a claim of a member that this node connects to itself is refused (that
+    member never connects here), and a claim of a member that connects here replaces its
+    previous link, which is closed so that the member, if it is the real one, connects again.
+    A claim that is not an address (an unhashable value broke pysyncobj's table) drops the link.
+    """
+    identity_phase = conn.sendRandKey or not transport._syncObj.encryptor
+    if not identity_phase or isinstance(message, list):
+        _original_incoming_message(transport, conn, message)
+        return
+    if not isinstance(message, str):
+        log.warning("Raft link dropped: it claimed to be a %s, not a member address", type(message).__name__)
+        transport._unknownConnections.discard(conn)
+        conn.disconnect()
+        return
+    node = transport._nodeAddrToNode.get(message)
+    if node is not None and transport._shouldConnect(node):
+        log.warning("Raft link dropped: it claimed to be %s, a member that never connects to this node", message)
+        transport._unknownConnections.discard(conn)
+        conn.disconnect()
+        return
+    previous = transport._connections.get(node) if node is not None else None
+    _original_incoming_message(transport, conn, message)
+    if previous is not None and previous is not conn and transport._connections.get(node) is conn:
+        previous.disconnect()  # no longer in the table: pysyncobj's disconnect callback finds no member

@@ -34,7 +34,7 @@ from pysyncobj.poller import Poller
 
 from raftseq.cluster.raft import safe_pickle
 from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
-from raftseq.cluster.raft.link_guard import GuardedConnection, GuardedServer
+from raftseq.cluster.raft.link_guard import GuardedConnection, GuardedServer, incoming_message
 from raftseq.cluster.raft.loop_poller import LoopPoller
 
 #: The pickle protocol pysyncobj writes with once installed (pysyncobj's own is 2).
@@ -59,6 +59,7 @@ def install() -> None:
     pysyncobj.syncobj.createPoller = _create_poller
     pysyncobj.transport.TcpConnection = GuardedConnection
     pysyncobj.transport.TcpServer = GuardedServer
+    pysyncobj.transport.TCPTransport._onIncomingMessageReceived = incoming_message
     pysyncobj.pickle.loads = safe_pickle.loads
     pysyncobj.pickle.load = safe_pickle.load
     pysyncobj.journal.loads = safe_pickle.loads
@@ -73,6 +74,7 @@ def installed() -> bool:
         and pysyncobj.syncobj.createPoller is _create_poller
         and pysyncobj.transport.TcpConnection is GuardedConnection
         and pysyncobj.transport.TcpServer is GuardedServer
+        and pysyncobj.transport.TCPTransport._onIncomingMessageReceived is incoming_message
         and pysyncobj.pickle.loads is safe_pickle.loads
         and pysyncobj.pickle.load is safe_pickle.load
         and pysyncobj.journal.loads is safe_pickle.loads

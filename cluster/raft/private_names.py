@@ -103,6 +103,17 @@ TCP_SERVER_NAMES = (
     "_TcpServer__state",
 )
 
+#: Attributes and methods of pysyncobj's ``TCPTransport`` that ``raft.link_guard`` reads, calls
+#: or replaces (who an incoming link says it is).
+TCP_TRANSPORT_NAMES = (
+    "_connections",
+    "_nodeAddrToNode",
+    "_onIncomingMessageReceived",
+    "_shouldConnect",
+    "_syncObj",
+    "_unknownConnections",
+)
+
 #: The logger pysyncobj's ``SyncObj`` logs through, and the start of its false CRITICAL line
 #: (``raft.member`` replaces it with its own).
 SYNCOBJ_LOGGER = "pysyncobj.syncobj"
