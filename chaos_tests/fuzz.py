@@ -53,8 +53,7 @@ import msgspec
 
 from raftseq.clients import BlockingSequencerClient, SequencerClient, SequencerError
 from raftseq.cluster.local import LocalCluster
-from raftseq.cluster.raft.link_cipher import VERSION as LINK_VERSION
-from raftseq.cluster.raft.link_cipher import LinkCipher
+from raftseq.cluster.raft.link_cipher import VERSION as LINK_VERSION, LinkCipher, cipher_of
 from raftseq.cluster.status import answered
 from raftseq.sequencer import protocol
 
@@ -795,7 +794,7 @@ def run_fuzz(
     way to tell today; Raft assumes its members honest, so expect findings)."""
     report = FuzzReport(seed)
     cluster.wait_converged()  # every node up and answering before the first case
-    cipher = LinkCipher(cluster.nodes[0].config.raft_password)
+    cipher = cipher_of(cluster.nodes[0].config)
     canary = marker_path(marker_dir) if canaries else ""
     recent = {i: collections.deque(maxlen=RECENT_CASES) for i in range(len(cluster.nodes))}
     legit = LegitClient(cluster, f"fuzz-legit-{seed}")
@@ -914,5 +913,5 @@ def replay(
     """Send one case alone (as the run seeded `seed` made it); returns it."""
     cluster.wait_converged()
     case = make_case(target, seed, index, cluster, marker_path(marker_dir) if canaries else "", impersonate=impersonate)
-    send_case(cluster, LinkCipher(cluster.nodes[0].config.raft_password), case)
+    send_case(cluster, cipher_of(cluster.nodes[0].config), case)
     return case

@@ -86,6 +86,9 @@ RESTART_DELAY_FIRST_S = 1.0
 RESTART_DELAY_MAX_S = 30.0
 RESTART_HEALTHY_AFTER_S = 60.0
 
+#: Bytes of the per-cluster salt ``cluster up`` generates, and the fewest a node accepts.
+RAFT_SALT_BYTES_MIN = 16
+
 #: Shortest raft_password a node accepts: one captured link message lets anyone try passwords
 #: offline, so a short or word-like one falls quickly (``cluster up`` generates 32 characters).
 RAFT_PASSWORD_CHARS_MIN = 16
@@ -228,6 +231,13 @@ class MachineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
+def _is_salt(text: str) -> bool:
+    try:
+        return RAFT_SALT_BYTES_MIN <= len(bytes.fromhex(text)) <= 64
+    except ValueError:
+        return False
+
+
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: NodeId
     data_dir: str
@@ -237,6 +247,9 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_address: str = ""
     #: Shared secret of the Raft links (pysyncobj encryption). Required unless ``insecure``.
     raft_password: str = ""
+    #: This cluster's salt of the Raft link key, hex (``cluster up`` generates 16 random bytes;
+    #: every node of a cluster has the same). Empty: one constant salt, as before 0.2.
+    raft_salt: str = ""
     #: Shared secret clients present in their hello. Empty: authentication off (insecure only).
     client_token: str = ""
     insecure: bool = False
@@ -271,6 +284,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"raft_password must be at least {RAFT_PASSWORD_CHARS_MIN} characters, got {len(self.raft_password)}: one captured "
                 "Raft link message lets anyone guess it offline (cluster up generates one of 32)"
             )
+        if self.raft_salt and not _is_salt(self.raft_salt):
+            found.append(f"raft_salt must be {RAFT_SALT_BYTES_MIN} to 64 bytes in hex, got {self.raft_salt[:20]!r}")
         if not self.insecure and not self.client_token:
             found.append("client_token is required (or insecure = true for local development)")
         ids = [self.id] + [p.id for p in self.peers]

@@ -38,7 +38,7 @@ from typing import Self
 
 import msgspec
 
-from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, RAFT_SALT_BYTES_MIN, NodeConfig, PeerConfig, to_toml
 from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
@@ -117,6 +117,8 @@ def local_configs(
     secrets_from = secrets_from or {}
     password = "" if insecure else secrets_from.get("raft_password") or secrets.token_urlsafe(24)
     token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
+    # A new cluster gets a salt of its own; one made before salts keeps the constant salt ("").
+    salt = "" if insecure else secrets_from.get("raft_salt", "") if secrets_from else secrets.token_hex(RAFT_SALT_BYTES_MIN)
     ids = [f"n{i + 1}" for i in range(NODE_COUNT)]
     peers = [
         PeerConfig(node_id, f"127.0.0.1:{base_port + RAFT_PORT_OFFSET + i}", f"127.0.0.1:{base_port + CLIENT_PORT_OFFSET + i}")
@@ -132,6 +134,7 @@ def local_configs(
             peers=[p for p in peers if p.id != peer.id],
             metrics_address=f"127.0.0.1:{base_port + METRICS_PORT_OFFSET + i}",
             raft_password=password,
+            raft_salt=salt,
             client_token=token,
             insecure=insecure,
         )
@@ -196,7 +199,7 @@ def _existing_secrets(path: str) -> dict:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return {}
-    return {k: raw.get(k, "") for k in ("raft_password", "client_token")}
+    return {k: raw.get(k, "") for k in ("raft_password", "raft_salt", "client_token")}
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -22,7 +22,7 @@ from abuse_probes import describe_latencies, percentile, rss_bytes
 from cluster_harness import running_cluster  # noqa: F401
 
 from chaos_tests import fuzz
-from raftseq.cluster.raft.link_cipher import LinkCipher
+from raftseq.cluster.raft.link_cipher import cipher_of
 from raftseq.sequencer import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_a_pickle_that_would_run_code_runs_none_through_an_authenticated_link(ru
     one inside an apply_command after it: no node may create the marker."""
     h = running_cluster
     marker = fuzz.marker_path(str(tmp_path))
-    cipher = LinkCipher(h.nodes[0].config.raft_password)
+    cipher = cipher_of(h.nodes[0].config)
     key = random.Random(1).randbytes(32)
     as_first = fuzz.RaftPlan(first=fuzz.RaftStep(fuzz.Canary(marker), "none", "none", 0, 1, wrapped=False))
     inside = fuzz.RaftPlan(
@@ -143,7 +143,7 @@ def test_a_raft_term_beyond_the_wire_from_a_read_only_link_leaves_every_node_ans
     messages from its cluster's members only, and refuses numbers that are not integers within
     ``limits.RAFT_NUMBER_MAX``."""
     h = running_cluster
-    cipher = LinkCipher(h.nodes[0].config.raft_password)
+    cipher = cipher_of(h.nodes[0].config)
     key = random.Random(2).randbytes(32)
     for term in (2**64, 2**62, float("inf")):
         plan = fuzz.RaftPlan(
@@ -171,7 +171,7 @@ def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_clu
     One such connection per pair (three here) and no node can reach a majority: the cluster
     acknowledges nothing, for good. A cluster must keep committing."""
     h = running_cluster
-    cipher = LinkCipher(h.nodes[0].config.raft_password)
+    cipher = cipher_of(h.nodes[0].config)
     for target, node in enumerate(h.nodes):
         for claimed in h.nodes:
             if claimed.config.raft_address > node.config.raft_address:
@@ -210,7 +210,7 @@ def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(runn
         first=fuzz.RaftStep(random.Random(4).randbytes(32), "none", "none", 0, 1, wrapped=False),
         steps=[fuzz.RaftStep("readonly", "none", "none", 0, 1)],
     )
-    link = fuzz.RaftLink(h.nodes[follower].config.raft_address, LinkCipher(h.nodes[0].config.raft_password))
+    link = fuzz.RaftLink(h.nodes[follower].config.raft_address, cipher_of(h.nodes[0].config))
     try:
         assert link.send_step(plan.first) and link.receive_node_key(plan.first.message) is not None, "no handshake"
         assert link.send_step(plan.steps[0])

@@ -23,7 +23,7 @@ import time
 from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
 from cluster_harness import running_cluster  # noqa: F401
 
-from raftseq.cluster.raft.link_cipher import LinkCipher
+from raftseq.cluster.raft.link_cipher import cipher_of
 
 #: Bytes the stranger tries to send after its prefix (before the guard, all were buffered).
 ATTACK_BYTES = 48 * 1024 * 1024
@@ -124,7 +124,7 @@ def test_a_malicious_pickle_from_a_peer_holding_the_password_runs_nothing(runnin
     leader = h.wait_for_leader()
     follower = next(node_id for node_id in h.node_ids if node_id != leader["node"])
     config = h.node(follower).config
-    cipher = LinkCipher(config.raft_password)
+    cipher = cipher_of(config)
     host, port = config.raft_address.rsplit(":", 1)
 
     def send(sock: socket.socket, data: bytes) -> None:

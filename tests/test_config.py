@@ -182,6 +182,25 @@ def test_a_raft_password_of_16_characters_is_accepted():
     assert parse_config(changed("raft_password", "p" * 16)).raft_password == "p" * 16
 
 
+@pytest.mark.parametrize("salt", ["not hex", "00" * 15, "00" * 65])
+def test_a_raft_salt_that_is_not_16_to_64_bytes_of_hex_is_refused(salt):
+    assert "raft_salt must be 16 to 64 bytes in hex" in refused(changed("raft_salt", salt))
+
+
+def test_a_local_cluster_gets_a_salt_of_its_own_shared_by_its_nodes_and_kept_on_restart(tmp_path):
+    configs = local_configs(str(tmp_path), 31000, insecure=False)
+    salts = {c.raft_salt for c in configs}
+    assert len(salts) == 1 and len(bytes.fromhex(salts.pop())) == 16
+    again = local_configs(
+        str(tmp_path),
+        31000,
+        insecure=False,
+        secrets_from={"raft_password": configs[0].raft_password, "raft_salt": configs[0].raft_salt, "client_token": "t"},
+    )
+    assert {c.raft_salt for c in again} == {configs[0].raft_salt}
+    assert local_configs(str(tmp_path), 31000, insecure=False)[0].raft_salt != configs[0].raft_salt
+
+
 def test_duplicate_node_ids_are_refused():
     assert "node ids must be unique" in refused(with_peer(1, "id", "n1"))
 

@@ -8,7 +8,7 @@ from cryptography.exceptions import InvalidTag
 import pysyncobj.syncobj
 
 from raftseq.cluster import raft
-from raftseq.cluster.raft.link_cipher import LinkCipher, LinkCipherError
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkCipherError, LinkPassword
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,17 @@ def test_a_link_message_of_the_previous_release_is_refused_and_the_log_says_why(
     with caplog.at_level("WARNING", logger="raftseq.raft"), pytest.raises(LinkCipherError, match="version 2"):
         cipher.extract_timestamp(previous)
     assert any("raftseq 0.1" in r.getMessage() and "one raftseq version" in r.getMessage() for r in caplog.records)
+
+
+def test_the_cluster_salt_keys_the_link_and_a_plain_password_keeps_the_constant_salt(cipher):
+    password = "the cluster's raft password"
+    salted = LinkCipher(LinkPassword(password, bytes(range(16))))
+    other_cluster = LinkCipher(LinkPassword(password, bytes(range(1, 17))))
+    token = salted.encrypt_at_time(b"an AppendEntries", 1)
+    assert salted.decrypt(token) == b"an AppendEntries"
+    with pytest.raises(InvalidTag):
+        other_cluster.decrypt(token)  # the same password, another cluster
+    with pytest.raises(InvalidTag):
+        cipher.decrypt(token)  # the same password, no salt
+    # A config without raft_salt (made before 0.2): the constant salt, as before.
+    assert LinkCipher(LinkPassword(password, b"")).decrypt(cipher.encrypt_at_time(b"m", 1)) == b"m"

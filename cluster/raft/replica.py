@@ -20,6 +20,7 @@ from pysyncobj.node import TCPNode
 
 from raftseq.cluster import invariant
 from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.raft.link_cipher import LinkPassword
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
@@ -76,7 +77,9 @@ class SequencerReplica(RaftMember):
         os.makedirs(config.raft_dir, exist_ok=True)
         r = config.raft
         conf = SyncObjConf(
-            password=None if config.insecure and not config.raft_password else config.raft_password,
+            password=None
+            if config.insecure and not config.raft_password
+            else LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt)),
             bindAddress=config.raft_address,
             journalFile=os.path.join(config.raft_dir, "raft.log"),
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
