@@ -105,13 +105,16 @@ class Fixture:
 
 def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
     """The command's ``--messages`` from ``--sessions`` sessions in turn, ``--batch`` to a batch,
-    each payload ``--payload-bytes`` long; as journal records and as Raft log entries."""
+    each payload ``--payload-bytes`` long; as journal records and as Raft log entries
+    (``--entries``: as clients of this release send them, with owner and payload digest, or as
+    older clients do, the machine then computing each digest)."""
     messages, batch, sessions, payload_bytes = sizes.messages, sizes.batch, sizes.sessions, sizes.payload_bytes
     payload = bytes((i * 7 + 13) % 256 for i in range(payload_bytes))
     names = [f"bench-{k}" for k in range(sessions)]
     client_seqs = [0] * sessions
     encode_delivered = protocol.encode_delivered
-    Entry = protocol.Entry
+    fenced = sizes.entries == "fenced"
+    digest = protocol.payload_digest(payload)
     record_batches: list[tuple[bytes, int, int]] = []
     entry_batches: list[bytes] = []
     seq = 1
@@ -125,9 +128,12 @@ def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
             k = (s - 1) % sessions
             client_seqs[k] += 1
             frames.append(encode_delivered(s, log_time_ns, names[k], client_seqs[k], payload))
-            entries.append(Entry(names[k], client_seqs[k], payload))
+            if fenced:
+                entries.append(protocol.FencedEntry(names[k], client_seqs[k], payload, k + 1, client_seqs[k] == 1, digest))
+            else:
+                entries.append(protocol.Entry(names[k], client_seqs[k], payload))
         record_batches.append((b"".join(frames), seq, last))
-        entry_batches.append(protocol.encode_batch(log_time_ns, entries))
+        entry_batches.append(protocol.encode_batch(log_time_ns, entries, fenced=fenced))
         if batch_index == 0 and len(entry_batches[0]) > limits.BATCH_BYTES_MAX:
             raise BenchError(
                 f"a batch of {batch} entries of {payload_bytes}-byte payloads encodes to {len(entry_batches[0])} bytes, "
@@ -602,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"messages per append and per Raft batch, at most {limits.BATCH_ENTRIES_MAX} (default 1000)",
     )
     add("--sessions", type=positive_int, default=8, help="client sessions the messages come from, in turn (default 8)")
+    add(
+        "--entries",
+        choices=("fenced", "plain"),
+        default="fenced",
+        help="Raft entries as this release's clients make them (fenced: owner and payload digest) or as older "
+        "clients do (plain: the machine computes each digest) (default fenced)",
+    )
     add(
         "--frames-per-read",
         type=positive_int,
