@@ -53,7 +53,7 @@ import msgspec
 
 from raftseq.clients import BlockingSequencerClient, SequencerClient, SequencerError
 from raftseq.cluster.local import LocalCluster
-from raftseq.cluster.raft.link_cipher import VERSION as LINK_VERSION, LinkCipher, cipher_of
+from raftseq.cluster.raft.link_cipher import LINK_KEY_BYTES, VERSION as LINK_VERSION, LinkCipher, cipher_of
 from raftseq.cluster.status import answered
 from raftseq.sequencer import protocol
 
@@ -585,6 +585,8 @@ class RaftLink:
         self.cipher = cipher
         self.timestamp = int(time.monotonic())
         self.node_key: bytes | None = None
+        #: The link's own cipher, once the random keys are exchanged (``LinkCipher.for_link``).
+        self.link_cipher: LinkCipher | None = None
         self.buffer = b""
         #: Mutated pickles not sent because of the memo index they name (``MEMO_INDEX_MAX``).
         self.memo_bombs = 0
@@ -614,7 +616,7 @@ class RaftLink:
             self.memo_bombs += 1
             return True  # not sent: see MEMO_INDEX_MAX
         self.timestamp = max(0, self.timestamp + step.timestamp_step)
-        data = self.cipher.encrypt_at_time(plain, self.timestamp)
+        data = (self.link_cipher or self.cipher).encrypt_at_time(plain, self.timestamp)
         if step.cipher_mutation == "flip":
             data = flip_bits(rng, data)
         elif step.cipher_mutation == "truncate":
@@ -639,6 +641,8 @@ class RaftLink:
                         return None
                     if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == our_key and isinstance(answer[1], bytes):
                         self.node_key = answer[1]
+                        if len(our_key) == len(self.node_key) == LINK_KEY_BYTES:
+                            self.link_cipher = self.cipher.for_link(our_key, self.node_key)
                         return self.node_key
                     return None
             remaining = deadline - time.monotonic()

@@ -86,6 +86,10 @@ RESTART_DELAY_FIRST_S = 1.0
 RESTART_DELAY_MAX_S = 30.0
 RESTART_HEALTHY_AFTER_S = 60.0
 
+#: Messages one Raft link sends under its own key before it reconnects with new ones: AES-GCM
+#: with random 96-bit nonces stays safe for 2**32 messages under one key.
+RAFT_LINK_MESSAGES_MAX = 2**30
+
 #: Bytes of the per-cluster salt ``cluster up`` generates, and the fewest a node accepts.
 RAFT_SALT_BYTES_MIN = 16
 

@@ -215,7 +215,7 @@ def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(runn
         assert link.send_step(plan.first) and link.receive_node_key(plan.first.message) is not None, "no handshake"
         assert link.send_step(plan.steps[0])
         memo_bomb = b"\x80\x05N" + b"r" + MEMO_BOMB_INDEX.to_bytes(4, "little") + b"."
-        data = link.cipher.encrypt_at_time(memo_bomb, link.timestamp)
+        data = (link.link_cipher or link.cipher).encrypt_at_time(memo_bomb, link.timestamp + 1)
         link.send_raw(len(data).to_bytes(4, sys.byteorder, signed=True) + data)
         report = fuzz.run_fuzz(h, seed=4, duration_s=0, targets=(), marker_dir=str(tmp_path))
     finally:

@@ -23,7 +23,7 @@ import time
 from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
 from cluster_harness import running_cluster  # noqa: F401
 
-from raftseq.cluster.raft.link_cipher import cipher_of
+from raftseq.cluster.raft.link_cipher import LinkCipher, cipher_of
 
 #: Bytes the stranger tries to send after its prefix (before the guard, all were buffered).
 ATTACK_BYTES = 48 * 1024 * 1024
@@ -127,8 +127,8 @@ def test_a_malicious_pickle_from_a_peer_holding_the_password_runs_nothing(runnin
     cipher = cipher_of(config)
     host, port = config.raft_address.rsplit(":", 1)
 
-    def send(sock: socket.socket, data: bytes) -> None:
-        frame = cipher.encrypt_at_time(data, int(time.monotonic()))
+    def send(sock: socket.socket, data: bytes, under: LinkCipher = cipher) -> None:
+        frame = under.encrypt_at_time(data, int(time.monotonic()))
         sock.sendall(PREFIX.pack(len(frame)) + frame)
 
     def receive_exactly(sock: socket.socket, count: int) -> bytes:
@@ -145,7 +145,8 @@ def test_a_malicious_pickle_from_a_peer_holding_the_password_runs_nothing(runnin
         (length,) = PREFIX.unpack(receive_exactly(sock, PREFIX.size))
         echoed, node_key = pickle.loads(cipher.decrypt(receive_exactly(sock, length)))
         assert echoed == my_key, "the handshake failed: not an authenticated link"
-        send(sock, pickle.dumps((node_key, RunsCommand(f"touch {marker}")), 5))
+        # After the key exchange a member speaks under the link's own key, as this does.
+        send(sock, pickle.dumps((node_key, RunsCommand(f"touch {marker}")), 5), cipher.for_link(my_key, node_key))
         started = time.monotonic()
         try:
             closed = sock.recv(1) == b""

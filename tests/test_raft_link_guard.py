@@ -24,7 +24,7 @@ from pysyncobj import SyncObjConf, replicated
 
 from raftseq.cluster import raft
 from raftseq.cluster.config import RAFT_LINK_STRANGER_DEADLINE_S, RAFT_LINK_STRANGERS_MAX
-from raftseq.cluster.raft import RaftMember
+from raftseq.cluster.raft import RaftMember, link_guard
 from raftseq.cluster.raft.link_cipher import LinkCipher
 
 PASSWORD = "correct horse battery staple, link guard"
@@ -94,10 +94,13 @@ class Peer:
         return pickle.loads(self.cipher.decrypt(await self.reader.readexactly(length)))
 
     async def handshake(self) -> None:
+        """pysyncobj's key exchange under the cluster key; after it, this peer speaks under
+        the link's own key (``LinkCipher.for_link``), as a member does."""
         my_key = os.urandom(32)
         self.send_pickle(pickle.dumps(my_key, 5))
         echoed, self.node_key = await asyncio.wait_for(self.receive(), WAIT_S)
         assert echoed == my_key
+        self.cipher = self.cipher.for_link(my_key, self.node_key)
 
 
 class RunsCommand:
@@ -180,6 +183,30 @@ def test_a_malicious_pickle_through_an_authenticated_link_runs_nothing(tmp_path)
 
     run(story)
     assert not marker.exists()
+
+
+def test_after_the_key_exchange_a_message_under_the_cluster_key_drops_the_link():
+    """Each link has a key of its own from the two random keys its ends exchanged: the cluster
+    key encrypts nothing after them, so a message captured on one link (or made by a holder of
+    the password who did not take part in the exchange) is refused on another."""
+
+    async def story():
+        async with lone_member() as (member, address):
+            peer = Peer(*await connect(address))
+            cluster_key = LinkCipher(PASSWORD)
+            await peer.handshake()
+            frame = cluster_key.encrypt_at_time(pickle.dumps((peer.node_key, "readonly"), 5), 0)
+            peer.writer.write(PREFIX.pack(len(frame)) + frame)
+            assert await closed_by_peer(peer.reader), "a message under the cluster key was taken after the key exchange"
+            # Under the link's key the same message is taken (the link stays open).
+            second = Peer(*await connect(address))
+            await second.handshake()
+            second.send_pickle(pickle.dumps((second.node_key, "readonly"), 5))
+            assert not await closed_by_peer(second.reader, timeout_s=1.0), "the link's own key was refused"
+            for writer in (peer.writer, second.writer):
+                writer.close()
+
+    run(story)
 
 
 def test_a_replayed_link_message_drops_the_link():
@@ -296,19 +323,17 @@ def test_without_a_password_a_first_frame_is_not_held_to_the_handshake_bound():
     run(story)
 
 
-# --- mixed versions: a guarded member and a member of the previous release -----------------
+# --- large frames between a loop-driven member and one on pysyncobj's own threads -------------
 
-#: A member as the previous release ran it: the same link bytes (protocol 5 pickles, the link
-#: cipher, no zlib), without the guard or the allow-list.
-PREVIOUS_RELEASE_MEMBER = """
+#: A member on pysyncobj's own threads (not driven by a loop) with raftseq's link layer
+#: (``raft.install()``: protocol 5 pickles, the link cipher and keys, no zlib, the guard).
+#: Nodes of the previous release (link version 2) are refused by version (``test_link_cipher``).
+THREADED_MEMBER = """
 import sys, time
-import pysyncobj.pickle, pysyncobj.syncobj, pysyncobj.tcp_connection
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
+from raftseq.cluster import raft
 
-setattr(pysyncobj.pickle, "__protocol", 5)
-pysyncobj.syncobj.getEncryptor = LinkCipher
-pysyncobj.tcp_connection.zlib = Uncompressed
+raft.install()
 
 class Store(SyncObj):
     def __init__(self, address, partners, conf):
@@ -339,13 +364,13 @@ class GuardedStore(RaftMember):
         self.items.append(item)
 
 
-def test_a_guarded_member_and_a_member_of_the_previous_release_replicate_large_entries():
+def test_a_loop_driven_member_and_a_threaded_member_replicate_large_entries_under_link_keys():
     count, item_bytes = 24, 48 * 1024  # several entries of most of a batch each: large frames
 
     async def story():
         mine, theirs = free_address(), free_address()
         previous = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", PREVIOUS_RELEASE_MEMBER, theirs, mine, str(count), PASSWORD, stdout=asyncio.subprocess.PIPE
+            sys.executable, "-c", THREADED_MEMBER, theirs, mine, str(count), PASSWORD, stdout=asyncio.subprocess.PIPE
         )
         conf = SyncObjConf(password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0)
         member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
@@ -367,3 +392,41 @@ def test_a_guarded_member_and_a_member_of_the_previous_release_replicate_large_e
                 await previous.wait()
 
     run(story)
+
+
+def test_a_link_reconnects_with_new_keys_after_its_message_budget(monkeypatch, caplog):
+    """A link's key encrypts at most ``RAFT_LINK_MESSAGES_MAX`` messages (2**30 in a node; 6
+    here): then the link reconnects, with new random keys and so a new key, and replication
+    goes on."""
+    monkeypatch.setattr(link_guard, "RAFT_LINK_MESSAGES_MAX", 6)
+    count = 100
+
+    async def story():
+        first, second = free_address(), free_address()
+        members = []
+        for mine, theirs in ((first, second), (second, first)):
+            conf = SyncObjConf(
+                password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0, connectionRetryTime=0.05
+            )
+            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+            member.items = []
+            members.append(member)
+        try:
+            async with asyncio.timeout(45):
+                while not any(m._isLeader() for m in members):
+                    await asyncio.sleep(0.05)
+                leader = next(m for m in members if m._isLeader())
+                for i in range(count):
+                    leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
+                    if i % 10 == 9:
+                        await asyncio.sleep(0.01)  # spread the entries over many AppendEntries
+                while any(len(m.items) < count for m in members):
+                    await asyncio.sleep(0.05)
+            assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
+        finally:
+            for member in members:
+                member.destroy()
+
+    with caplog.at_level("INFO", logger="raftseq.raft_link"):
+        run(story)
+    assert any("reconnects for new keys" in r.getMessage() for r in caplog.records), "no link ran out of its budget"

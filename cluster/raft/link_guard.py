@@ -52,11 +52,13 @@ from raftseq.cluster.config import (
     RAFT_ACCEPT_BACKOFF_MIN_S,
     RAFT_LINK_FRAME_BATCHES_MAX,
     RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX,
+    RAFT_LINK_MESSAGES_MAX,
     RAFT_LINK_STRANGER_DEADLINE_S,
     RAFT_LINK_STRANGERS_MAX,
     RaftConfig,
 )
 from raftseq.cluster.raft import safe_pickle
+from raftseq.cluster.raft.link_cipher import LINK_KEY_BYTES, LinkCipher
 
 log = logging.getLogger("raftseq.raft_link")
 
@@ -140,6 +142,7 @@ class GuardedConnection(TcpConnection):
     def __init__(self, poller, *args, **kwargs) -> None:  # noqa: ANN001 (pysyncobj's signature)
         self._raftseq_guard = guard_of(poller)
         self._raftseq_authenticated = False
+        self._raftseq_forget_link_key()
         super().__init__(poller, *args, **kwargs)
         self._TcpConnection__readBuffer = bytearray()
         if kwargs.get("socket") is not None:
@@ -147,6 +150,7 @@ class GuardedConnection(TcpConnection):
 
     def connect(self, host, port):  # noqa: ANN001,ANN201 (pysyncobj's signature)
         self._raftseq_authenticated = False
+        self._raftseq_forget_link_key()
         result = super().connect(host, port)
         self._TcpConnection__readBuffer = bytearray()
         return result
@@ -154,7 +158,44 @@ class GuardedConnection(TcpConnection):
     def disconnect(self) -> None:
         self._raftseq_guard.forget(self)
         super().disconnect()
+        self._raftseq_forget_link_key()
         self._TcpConnection__readBuffer = bytearray()
+
+    # --- the link's own key (``LinkCipher.for_link``) -------------------------------------------
+
+    def _raftseq_forget_link_key(self) -> None:
+        self._raftseq_link_cipher: LinkCipher | None = None
+        #: A message of the other end arrived under the link key: it knows both random keys.
+        self._raftseq_heard_wrapped = False
+        self._raftseq_sent = 0
+
+    def _raftseq_cipher(self, *, sending: bool) -> Any:
+        """The cipher of the next message: the cluster key until both random keys are known
+        (and, when sending, until the other end has shown it knows them too: the message
+        that tells it this end's key goes under the cluster key), the link's own after."""
+        if self.sendRandKey is None or self.recvRandKey is None or (sending and not self._raftseq_heard_wrapped):
+            return self.encryptor
+        if self._raftseq_link_cipher is None:
+            self._raftseq_link_cipher = self.encryptor.for_link(self.sendRandKey, self.recvRandKey)
+        return self._raftseq_link_cipher
+
+    def send(self, message: Any) -> None:
+        """pysyncobj's send, under the link's own key once there is one; a link that has sent
+        ``RAFT_LINK_MESSAGES_MAX`` messages reconnects (new random keys, a new link key)."""
+        if not self.encryptor:
+            super().send(message)
+            return
+        self._raftseq_sent += 1
+        if self._raftseq_sent > RAFT_LINK_MESSAGES_MAX:
+            log.info("Raft link reconnects for new keys after %d messages", RAFT_LINK_MESSAGES_MAX)
+            self.disconnect()
+            return
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = pysyncobj.tcp_connection.zlib.compress(pysyncobj.tcp_connection.pickle.dumps(message), 3)
+        data = self._raftseq_cipher(sending=True).encrypt_at_time(data, 0)
+        self._TcpConnection__writeBuffer += _PREFIX.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
 
     def _raftseq_frame_bytes_max(self) -> int:
         """The handshake's bound until a frame decrypted; without a password there is no
@@ -221,16 +262,21 @@ class GuardedConnection(TcpConnection):
         data = bytes(buffer[_PREFIX.size : end])
         try:
             if self.encryptor:
-                timestamp = self.encryptor.extract_timestamp(data)
+                cipher = self._raftseq_cipher(sending=False)
+                timestamp = cipher.extract_timestamp(data)
                 if timestamp <= self.recvLastTimestamp:
                     raise ValueError("link message not after the last one (a replay)")
                 self.recvLastTimestamp = timestamp
-                data = self.encryptor.decrypt(data)
+                data = cipher.decrypt(data)
             message = safe_pickle.loads(pysyncobj.tcp_connection.zlib.decompress(data))
             if self.recvRandKey:
                 rand_key, message = message
                 if rand_key != self.recvRandKey:
                     raise ValueError("link message for another connection")
+                # The other end knew this end's key when it sent this: it knows both now.
+                self._raftseq_heard_wrapped = True
+            if self.encryptor and self.sendRandKey is None and not (isinstance(message, bytes) and len(message) == LINK_KEY_BYTES):
+                raise ValueError("a link's random key is not 32 bytes")  # pysyncobj would take anything
         except pickle.UnpicklingError as exc:
             log.warning("Raft link dropped: %s (%d refused so far)", exc, safe_pickle.refused_count())
             self.disconnect()

@@ -86,6 +86,8 @@ TCP_CONNECTION_NAMES = (
     "_TcpConnection__readBuffer",
     "_TcpConnection__recvBufferSize",
     "_TcpConnection__socket",
+    "_TcpConnection__trySendBuffer",
+    "_TcpConnection__writeBuffer",
 )
 
 #: Attributes and methods of pysyncobj's ``TcpServer`` that ``raft.link_guard`` reads or
