@@ -32,13 +32,14 @@ message of every Raft round; and 880 µs for a 60 KB batch of incompressible pay
 follower. Batches are compact msgpack already: ``raft.patches.install()`` sends messages
 uncompressed (``Uncompressed``).
 
-Wire format of one message: ``version (1 byte) | timestamp (u64 big-endian) | nonce (12
-random bytes) | ciphertext and 16-byte tag``; version and timestamp are authenticated as
-associated data. Version 2 carries uncompressed pickles (version 1 carried zlib). Version 3 has
-the bytes of version 2: raftseq 0.2 raised it to keep nodes of 0.1 (version 2) out of its
-clusters, because a 0.1 node would skip the batches of session fencing (batch format 2) and
-could not read the machine snapshots of 0.2 (format 3): its journal would lose messages the
-others have. Every node of a cluster runs one raftseq version; a node refuses the links of
+Wire format of one message: ``version (1 byte) | message number (u64 big-endian) | nonce (12
+random bytes) | ciphertext and 16-byte tag``; version and number are authenticated as
+associated data. Version 2 carries uncompressed pickles (version 1 carried zlib). Version 3
+(raftseq 0.2) has the layout of version 2, with a rising message number in place of whole
+seconds and a key of each link's own after the first messages. Its version also keeps nodes of
+0.1 out of 0.2 clusters: a 0.1 node would skip the batches of session fencing (batch format 2)
+and could not read the machine snapshots of 0.2 (format 3), so its journal would lose messages
+the others have. Every node of a cluster runs one raftseq version; a node refuses the links of
 another version, and says so in its log.
 """
 
@@ -90,9 +91,14 @@ class LinkPassword(str):
         return self
 
 
+def link_password(config: NodeConfig) -> LinkPassword:
+    """The Raft password of `config` with its cluster's salt."""
+    return LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt))
+
+
 def cipher_of(config: NodeConfig) -> LinkCipher:
     """The link cipher of the cluster `config` belongs to (its password and salt)."""
-    return LinkCipher(LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt)))
+    return LinkCipher(link_password(config))
 
 
 class LinkCipher:

@@ -7,8 +7,7 @@ quadratic time: 96 MiB stalled a follower ~20 s, 64 MiB sent to the leader force
 Its ``TcpServer`` closes the listening socket for good on any accept error (EMFILE): the node
 then never again heard a peer that connects to it.
 
-``GuardedConnection`` and ``GuardedServer`` replace them (``raft.patches.install()``), with
-the same bytes on the wire:
+``GuardedConnection`` and ``GuardedServer`` replace them (``raft.patches.install()``):
 
 * **Frames are bounded at their length prefix.** A prefix above the link's maximum (before
   the first authenticated frame, ``RAFT_LINK_HANDSHAKE_FRAME_BYTES_MAX``; after it, or
@@ -22,6 +21,9 @@ the same bytes on the wire:
   drops the oldest), each for ``RAFT_LINK_STRANGER_DEADLINE_S``; both counted in
   ``strangers_dropped``.
 * **Peer pickles are loaded with an allow-list** (``raft.safe_pickle``).
+* **Each link has a key of its own** after its ends exchanged their random keys
+  (``LinkCipher.for_link``), and reconnects for new ones after ``RAFT_LINK_MESSAGES_MAX``
+  messages; a message whose number does not rise above the last one is refused (a replay).
 * **Accept errors back off and retry**: the listener pauses ``RAFT_ACCEPT_BACKOFF_MIN_S``,
   doubling up to ``RAFT_ACCEPT_BACKOFF_MAX_S``, counted in ``accept_errors``; never closes.
 
@@ -165,7 +167,7 @@ class GuardedConnection(TcpConnection):
 
     def _raftseq_forget_link_key(self) -> None:
         self._raftseq_link_cipher: LinkCipher | None = None
-        #: A message of the other end arrived under the link key: it knows both random keys.
+        #: A message wrapped with this end's random key arrived: the other end knows both keys.
         self._raftseq_heard_wrapped = False
         self._raftseq_sent = 0
 

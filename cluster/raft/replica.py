@@ -20,7 +20,7 @@ from pysyncobj.node import TCPNode
 
 from raftseq.cluster import invariant
 from raftseq.cluster.config import NodeConfig
-from raftseq.cluster.raft.link_cipher import LinkPassword
+from raftseq.cluster.raft.link_cipher import link_password
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
@@ -77,9 +77,7 @@ class SequencerReplica(RaftMember):
         os.makedirs(config.raft_dir, exist_ok=True)
         r = config.raft
         conf = SyncObjConf(
-            password=None
-            if config.insecure and not config.raft_password
-            else LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt)),
+            password=None if config.insecure and not config.raft_password else link_password(config),
             bindAddress=config.raft_address,
             journalFile=os.path.join(config.raft_dir, "raft.log"),
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
