@@ -13,7 +13,8 @@ under the same number; the sequencer applies each ``(session, client_seq)`` at m
 answers a retry of an applied submit with the number it already has.
 
 One client per session. Each client has a random ``owner`` id it sends in every hello: the
-newest client to say hello for a session takes it over (in the cluster's log order), and an
+newest client to start submitting on a session takes it over (its first submit claims it, in
+the cluster's log order), and an
 older one still using it gets ``SessionTakenOver`` for every submit not yet acknowledged, and
 stops (it does not reconnect: that would take the session back). A retry under a client_seq
 the session used for another payload (two clients sharing a name) fails with
