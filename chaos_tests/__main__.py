@@ -39,6 +39,7 @@ import time
 from chaos_tests import checker, fuzz
 from chaos_tests.report import write_report
 from chaos_tests.scenarios import SCENARIOS, SOAK, ScenarioFailed, run_scenario
+from raftseq.cluster.cli.args import INTERRUPTED
 from raftseq.cluster.local import LocalCluster
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -156,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         except (ScenarioFailed, AssertionError) as exc:
             print(f"chaos {name}: FAILED (seed {seed}): {exc}", flush=True)
             _check_what_was_recorded(directory, report_dir, {"scenario": name, "seed": seed, "failure": str(exc)[:2000]})
-        except KeyboardInterrupt:
+        except INTERRUPTED:
             interrupted = True
         finally:
             # run_scenario has stopped the cluster, the proxy and any tmpfs holder; the run's
@@ -227,7 +228,7 @@ def _fuzz(args: argparse.Namespace) -> int:
             if not report.ok:
                 for node in cluster.nodes:
                     say(f"--- {node.id} log tail ---\n{cluster.log_text(node.id)[-3000:]}")
-    except KeyboardInterrupt:
+    except INTERRUPTED:
         say(f"fuzz: interrupted (seed {seed}); the cluster is stopped")
         return 130
     finally:

@@ -5,6 +5,7 @@ every command that talks to a cluster, and ``-o/--output table|json`` where outp
 from __future__ import annotations
 
 import argparse
+import asyncio
 import inspect
 import math
 import os
@@ -20,6 +21,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: What Ctrl-C raises out of a command. asyncio.run turns SIGINT into a cancel of its main task
+#: and re-raises it as KeyboardInterrupt, except when the task was being cancelled already (a
+#: timeout expiring at that moment): then the CancelledError itself comes out.
+INTERRUPTED = (KeyboardInterrupt, asyncio.CancelledError)
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from raftseq.cluster.cli import cluster, demo, journal, node, sm, status, stream, suites, top
-from raftseq.cluster.cli.args import EXIT_INTERRUPTED
+from raftseq.cluster.cli.args import EXIT_INTERRUPTED, INTERRUPTED
 from raftseq.sequencer.version import __version__
 
 
@@ -39,5 +39,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except INTERRUPTED:
         return EXIT_INTERRUPTED

@@ -33,6 +33,7 @@ from raftseq.clients.sm import conformance, formats, query_snapshots
 from raftseq.cluster.cli.args import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    INTERRUPTED,
     EXIT_OK,
     add_cluster_options,
     add_command,
@@ -218,7 +219,7 @@ def _conformance_command(command):
             sys.path.append(os.getcwd())
         try:
             return command(args)
-        except KeyboardInterrupt:
+        except INTERRUPTED:
             print(f"raftseq sm {args.sm_command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
 

@@ -13,6 +13,7 @@ import msgspec
 from raftseq.cluster.cli.args import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    INTERRUPTED,
     EXIT_OK,
     add_cluster_options,
     add_command,
@@ -37,7 +38,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except SequencerError as exc:
         print(f"raftseq submit: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except INTERRUPTED:
         return EXIT_INTERRUPTED
     return EXIT_OK
 
@@ -51,7 +52,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except SequencerError as exc:
         print(f"raftseq tail: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except INTERRUPTED:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
