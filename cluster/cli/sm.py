@@ -30,11 +30,8 @@ import msgspec
 
 from raftseq.clients import Rejected, subscribe
 from raftseq.clients.sm import conformance, formats, query_snapshots
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, INTERRUPTED
 from raftseq.cluster.cli.args import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    INTERRUPTED,
-    EXIT_OK,
     add_cluster_options,
     add_command,
     add_output_option,

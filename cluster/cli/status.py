@@ -7,15 +7,8 @@ import argparse
 
 import msgspec
 
-from raftseq.cluster.cli.args import (
-    EXIT_FAILED,
-    EXIT_OK,
-    add_cluster_options,
-    add_command,
-    add_legacy_endpoints,
-    add_output_option,
-    cluster_endpoints,
-)
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK
+from raftseq.cluster.cli.args import add_cluster_options, add_command, add_legacy_endpoints, add_output_option, cluster_endpoints
 
 _json = msgspec.json.Encoder()
 

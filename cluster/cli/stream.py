@@ -10,17 +10,8 @@ import sys
 
 import msgspec
 
-from raftseq.cluster.cli.args import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    INTERRUPTED,
-    EXIT_OK,
-    add_cluster_options,
-    add_command,
-    describe_error,
-    non_negative,
-    positive,
-)
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, INTERRUPTED
+from raftseq.cluster.cli.args import add_cluster_options, add_command, describe_error, non_negative, positive
 from raftseq.cluster.cli.journal import add_payload
 
 _json = msgspec.json.Encoder()
