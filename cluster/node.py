@@ -32,7 +32,7 @@ from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, Scrubber
+from raftseq.sequencer.journal import Damage, FsyncPolicy, Journal, JournalCorruptError, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
 
@@ -64,6 +64,10 @@ def _listen_problem(address: str) -> str:
     except OSError as exc:
         return str(exc)
     return "pysyncobj could not bind it"
+
+
+def _log_append_damage(damage: Damage) -> None:
+    log.error("journal damaged, found by an append: %s; sealed it, refusing it until repaired from a peer", damage.describe())
 
 
 def discard_raft_log(config: NodeConfig) -> str:
@@ -110,6 +114,7 @@ class Node:
                 NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {config.journal_dir}: {exc.strerror or exc}: {exc.filename}"
             ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
+        self.journal.on_damage = _log_append_damage
         recovery = self.journal.recovery
         if recovery.bytes_cut:
             log.warning(

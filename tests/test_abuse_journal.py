@@ -253,3 +253,84 @@ def test_the_same_record_damaged_on_every_node_stops_each_once_with_one_line_and
         assert len(lines) == 1, text
         assert f"seq {bad_seq}.." in lines[0] and os.path.basename(path) in lines[0]
         assert "Traceback" not in text
+
+
+# --- the unsealed tail segment, damaged while the node runs -----------------------------
+
+#: Messages of the tail probes: all of them in the one (unsealed) tail segment.
+TAIL_MESSAGES = 600
+#: The tail probes read through the damaged node only after this many more submits.
+TAIL_MORE_MESSAGES = 200
+#: No scrub (it reads sealed segments only; the tail probes must not depend on it).
+NO_SCRUB = {"journal": {"scrub_bytes_per_s": 0}}
+
+
+def tail_segment(h: ClusterHarness, node_id: str) -> tuple[int, str]:
+    listed = list_segment_files(h.journal_dir(node_id))
+    assert len(listed) == 1, f"{node_id} has {len(listed)} segments; the probe wants all in the tail"
+    return listed[0]
+
+
+def submit_more(h: ClusterHarness, first: int, count: int) -> dict[bytes, int]:
+    payloads = [b"more-%d" % n for n in range(first, first + count)]
+
+    async def run() -> list[int]:
+        async with SequencerClient(h.endpoints, session="more", token=h.token, in_flight_max=64) as client:
+            return await pipeline(client, payloads, timeout_s=30)
+
+    return dict(zip(payloads, asyncio.run(run())))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "removed"])
+@pytest.mark.parametrize("running_cluster", [NO_SCRUB], indirect=True, ids=["no-scrub"])
+def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_node_keeps_serving(running_cluster, damage):
+    """A flipped bit in a committed record of the tail, the tail file cut at a record boundary,
+    or the tail file removed, under a running follower: it keeps running, never serves wrong
+    records, writes nothing after the damage, and repairs the tail from a peer."""
+    h = running_cluster
+    acked = fill_cluster(h, TAIL_MESSAGES)
+    node = followers_of(h)[0]
+    first, path = tail_segment(h, node)
+    assert first == 1
+    bad_seq = 301
+    if damage == "flipped":
+        flip_record(path, bad_seq - 1)
+    elif damage == "truncated":
+        os.truncate(path, record_offsets(path)[bad_seq - 1])
+    else:
+        os.unlink(path)
+        bad_seq = 1
+    started = time.monotonic()
+    # The follower appends more after the damage (its append path meets a cut or removed file).
+    acked |= submit_more(h, TAIL_MESSAGES, TAIL_MORE_MESSAGES)
+    total = TAIL_MESSAGES + TAIL_MORE_MESSAGES
+    h.wait_converged(total, timeout_s=30)
+
+    # A subscriber that prefers the damaged node, from just before the damage: the whole stream,
+    # right records only (from another node while this one refuses).
+    async def subscribe_through() -> StreamRecorder:
+        from_seq = max(1, bad_seq - 2)
+        recorder = StreamRecorder(h.endpoints, token=h.token, from_seq=from_seq, prefer=h.endpoint(node), session="probe").start()
+        try:
+            await recorder.wait_until(total, timeout_s=30)
+        finally:
+            await recorder.stop()
+        return recorder
+
+    recorder = asyncio.run(subscribe_through())
+    from_seq = max(1, bad_seq - 2)
+    assert [m.seq for m in recorder.messages][: total - from_seq + 1] == list(range(from_seq, total + 1)), "gap or duplicate"
+    by_seq = {s: p for p, s in acked.items()}
+    assert all(by_seq[m.seq] == m.payload for m in recorder.messages if m.seq in by_seq), "a wrong record was served"
+    check_alive(h, node)
+    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    print(f"{damage} tail at seq {bad_seq}: {repaired} ({time.monotonic() - started:.1f} s)")
+    messages = read_from(h, node, from_seq, total)
+    assert [(m.seq, m.payload) for m in messages][: total - from_seq + 1] == [(s, by_seq[s]) for s in range(from_seq, total + 1)]
+    check_alive(h, node)
+    h.stop()
+    assert segment_bytes(h, node) == segment_bytes(h, [n for n in h.node_ids if n != node][0])
+    contents = h.read_journal(node)
+    assert contents.report.ok, contents.report
+    records = {r.payload: r.seq for r in contents.records}
+    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"

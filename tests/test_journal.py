@@ -1058,7 +1058,7 @@ def test_a_read_that_meets_damage_marks_it_once(tmp_path):
         damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
         assert damage is not None and (damage.first_seq, damage.last_seq) == (first_seq + 5, first_seq + len(spans) - 1)
         assert journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc)) is None
-        assert journal.mark_damaged(500, "", 0, "the tail is never marked") is None
+        assert journal.mark_damaged(501, "", 0, "past the end") is None
         assert journal.damage_found == 1
 
 
@@ -1102,3 +1102,93 @@ def test_damage_map_keeps_ranges_in_order_and_merges_within_a_segment():
     assert damage.covering(45).reason == "earlier in the same segment" and damage.covering(30) is None
     assert damage.next_from(20).first_seq == 40 and damage.records == 70
     assert damage.clear_range(40, 99) == 1 and [d.first_seq for d in damage] == [10]
+
+
+# --- 8. the tail segment damaged while the journal is open ------------------------------------
+
+
+def _tail_journal(directory, last: int = 300) -> tuple[Journal, str, list[tuple[int, int]]]:
+    """An open journal of 1..last in one (unsealed) tail segment, its path and record spans."""
+    journal = build(directory, last, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT)
+    [path] = segment_files(directory)
+    return journal, path, record_spans(path)
+
+
+def _repair_whole_tail(journal: Journal, last: int) -> None:
+    """Repair the damaged (sealed) former tail 1..last as a peer sends it, in two pieces."""
+    assert journal.repair_range == (1, last)
+    journal.repair(frames(1, 100), 1, 100)
+    journal.repair(frames(101, last), 101, last)
+    assert not journal.damage and journal.damage_repaired == 1
+
+
+def test_a_read_that_meets_damage_in_the_tail_seals_it_and_appends_go_on_in_a_new_segment(tmp_path):
+    journal, path, spans = _tail_journal(tmp_path)
+    with journal:
+        flip(path, spans[200][1] - 1)
+        with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 300)
+        exc = caught.value
+        assert exc.seq == 201
+        damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+        assert damage is not None and (damage.first_seq, damage.last_seq, damage.path) == (201, 300, path)
+        assert journal.damage_found == 1 and journal.mark_damaged(250, path, 0, "known") is None
+        size = os.path.getsize(path)
+        journal.append(frames(301, 310), 301, 310)
+        assert os.path.getsize(path) == size, "appended to the damaged tail"
+        assert len(segment_files(tmp_path)) == 2
+        assert [r.seq for r in journal.records(1, 200)] == list(range(1, 201))
+        assert [r.seq for r in journal.records(301, 310)] == list(range(301, 311))
+        _repair_whole_tail(journal, 300)
+        assert [r.seq for r in journal.records()] == list(range(1, 311))
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path) as journal:
+        assert not journal.damage and journal.last_seq == 310
+
+
+@pytest.mark.parametrize("change", ["cut at a record", "cut inside a record", "removed", "lengthened"])
+def test_an_append_to_a_tail_changed_under_it_seals_it_as_damaged_and_writes_nothing_after(tmp_path, change):
+    journal, path, spans = _tail_journal(tmp_path)
+    found: list[Damage] = []
+    journal.on_damage = found.append
+    with journal:
+        if change == "cut at a record":
+            os.truncate(path, spans[200][0])
+            expected = (201, 300, spans[200][0])
+        elif change == "cut inside a record":
+            os.truncate(path, spans[200][0] + 5)
+            expected = (201, 300, spans[200][0])
+        elif change == "removed":
+            os.unlink(path)
+            expected = (1, 300, 0)
+        else:
+            with open(path, "ab") as f:
+                f.write(frame(999))
+            expected = (300, 300, spans[-1][1])
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        journal.append(frames(301, 310), 301, 310)
+        assert [(d.first_seq, d.last_seq, d.offset) for d in found] == [expected]
+        assert list(journal.damage) == found and journal.damage_found == 1
+        assert (os.path.getsize(path) if os.path.exists(path) else -1) == size, "wrote to the damaged tail"
+        assert [r.seq for r in journal.records(301, 310)] == list(range(301, 311))
+        if expected[0] > 1:
+            assert [r.seq for r in journal.records(1, expected[0] - 1)] == list(range(1, expected[0]))
+        if change != "lengthened":  # there record 300 is intact: the damage map alone refuses it
+            with journal.cursor(expected[0]) as cursor, pytest.raises(JournalCorruptError):
+                read_all_frames(cursor, 300)
+        _repair_whole_tail(journal, 300)
+        assert [r.seq for r in journal.records()] == list(range(1, 311))
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_a_damaged_former_tail_is_found_again_when_reopened_before_its_repair(tmp_path):
+    journal, path, spans = _tail_journal(tmp_path)
+    with journal:
+        flip(path, spans[200][1] - 1)
+        with journal.cursor(1) as cursor, pytest.raises(JournalCorruptError) as caught:
+            read_all_frames(cursor, 300)
+        journal.mark_damaged(caught.value.seq, caught.value.path, caught.value.offset, str(caught.value))
+        journal.append(frames(301, 310), 301, 310)
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        assert [(d.first_seq, d.last_seq) for d in journal.damage] == [(201, 300)]
+        assert journal.last_seq == 310

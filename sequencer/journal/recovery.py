@@ -11,10 +11,12 @@ trusted to their index here and read back by the scrub.
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import msgspec
 
+from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
 from raftseq.sequencer.journal.holes import check_holes, read_holes
 from raftseq.sequencer.journal.index import load_sealed
@@ -111,3 +113,29 @@ def _recover_tail(segment: Segment, removed_empty: int, *, readonly: bool) -> Re
                 os.fsync(f.fileno())
     segment.count, segment.size, segment.offsets = scan.count, scan.good_bytes, scan.offsets
     return recovery
+
+
+def tail_damage(segment: Segment, file_bytes: int | None) -> Damage | None:
+    """The damage of the tail segment while it is written, found by comparing its file with
+    what the journal wrote to it: ``file_bytes`` is the file's size now (None: the file is
+    gone). None when they agree.
+
+    A shorter file loses its records from the first one it no longer holds whole (found by
+    reading from the index point before the cut, at most ``INDEX_INTERVAL_RECORDS`` records); a
+    longer one holds bytes the journal never wrote after its last record, which is refused
+    with them; a file gone loses every record.
+    """
+    last = segment.end_seq - 1
+    if not segment.count:
+        return None
+    if file_bytes is None:
+        return Damage(segment.first_seq, last, segment.path, 0, "segment file removed")
+    if file_bytes == segment.size:
+        return None
+    if file_bytes > segment.size:
+        return Damage(last, last, segment.path, segment.size, f"{file_bytes - segment.size} bytes written after the last record")
+    point = max(0, bisect.bisect_right(segment.offsets, file_bytes) - 1)
+    point_seq = segment.first_seq + point * limits.INDEX_INTERVAL_RECORDS
+    scan = scan_segment(segment.path, point_seq, check=True, start=segment.offsets[point] if segment.offsets else 0)
+    first_bad = min(point_seq + scan.count, last)
+    return Damage(first_bad, last, segment.path, scan.good_bytes, f"file cut to {file_bytes} of {segment.size} bytes")

@@ -22,7 +22,7 @@ from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, 
 from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
-from raftseq.sequencer.journal.recovery import RecoveryReport, recover
+from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
 from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
 
 
@@ -88,6 +88,8 @@ class Journal(ClosedOnExit):
         self.fsync_seconds_total = 0.0
         #: Called with each fsync's duration in seconds (the node feeds its metrics with it).
         self.fsync_observer: Callable[[float], None] | None = None
+        #: Called with damage the journal finds itself, appending (the node logs it).
+        self.on_damage: Callable[[Damage], None] | None = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -206,7 +208,9 @@ class Journal(ClosedOnExit):
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
-        if segment is not None and (segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
+        if segment is not None and not segment.sealed and self._tail_changed(segment):
+            segment = self._segments[-1]  # sealed as damaged: the records go to a new segment
+        if segment is not None and (segment.sealed or segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
             if not segment.sealed:
                 self._seal(segment)
             segment = None
@@ -218,9 +222,46 @@ class Journal(ClosedOnExit):
             fsync_dir(self.directory)
             self._segments.append(segment)
             self._segment_firsts.append(first_seq)
-        elif self._fd < 0:
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
         return segment
+
+    def _tail_changed(self, segment: Segment) -> bool:
+        """Before appending to the tail segment: is its file still what the journal wrote to
+        it? A file cut, lengthened or removed since (by something else: an operator, a broken
+        disk) is damage: the tail is sealed as damaged (``on_damage`` is told) and True is
+        returned; nothing is ever written after bytes the journal did not write. A tail with
+        no records yet is just started afresh."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+            stat = os.fstat(self._fd)
+            file_bytes = stat.st_size if stat.st_nlink else None
+        except FileNotFoundError:
+            file_bytes = None
+        if file_bytes == segment.size:
+            return False
+        damage = tail_damage(segment, file_bytes)
+        if damage is None:  # no records in it: start it again
+            self._close_fd()
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
+            segment.size = 0
+            return False
+        self._seal_damaged(segment, damage)
+        if self.on_damage is not None:
+            self.on_damage(damage)
+        return True
+
+    def _seal_damaged(self, segment: Segment, damage: Damage) -> bool:
+        """Seal the tail segment, found damaged, where its records end now, and refuse
+        `damage` until ``repair`` replaces the file. It gets no index file: opened again before
+        the repair, the journal walks it and finds the damage again."""
+        if self._fd >= 0 and self.fsync_policy.mode != "never":
+            self._fsync()
+        self._close_fd()
+        segment.sealed = True
+        if not self.damage.add(damage):
+            return False
+        self.damage_found += 1
+        return True
 
     def _seal(self, segment: Segment) -> None:
         if self._fd >= 0 and self.fsync_policy.mode != "never":
@@ -291,13 +332,26 @@ class Journal(ClosedOnExit):
         return [s for s in self._segments if s.sealed]
 
     def mark_damaged(self, seq: int, path: str, offset: int, reason: str) -> Damage | None:
-        """Record that record `seq` of a sealed segment failed on read: it and the rest of its
-        segment are refused to readers until repaired. Returns the new damage, or None when
-        it was known (or `seq` is in no sealed segment: a tail is never marked)."""
+        """Record that record `seq` failed on read: it and the rest of its segment are refused
+        to readers until repaired. A tail segment is sealed where it ends (appends go on in a
+        new one) so that the damaged range is fixed. Returns the new damage, or None when it
+        was known (or `seq` is in no segment)."""
         segment = self.segment_for(seq)
-        if segment is None or not segment.sealed:
+        if segment is None:
             return None
         damage = Damage(seq, segment.end_seq - 1, path or segment.path, offset, reason)
+        if not segment.sealed:
+            # The tail: seal it where it ends now (appends go on in a new segment), refused from
+            # here or from where its file was cut, if that is earlier.
+            assert not self.readonly, f"damage in the tail of a read-only journal: {damage}"
+            try:
+                file_bytes: int | None = os.stat(segment.path).st_size
+            except FileNotFoundError:
+                file_bytes = None
+            found = tail_damage(segment, file_bytes)
+            if found is not None and found.first_seq < seq:
+                damage = found
+            return damage if self._seal_damaged(segment, damage) else None
         if not self.damage.add(damage):
             return None
         self.damage_found += 1
