@@ -38,6 +38,9 @@ from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.node")
 
+#: A node's journal holds the stream from its first number (there is no retention yet).
+JOURNAL_START_SEQ = 1
+
 
 class RaftLogUnreadable(NodeCannotRun):
     """pysyncobj could not open the node's Raft log."""
@@ -106,6 +109,7 @@ class Node:
                 fsync=FsyncPolicy.parse(config.journal.fsync),
                 clock_ns=time.monotonic_ns,
                 verify_bytes=config.journal.verify_on_open_bytes,
+                start_seq=JOURNAL_START_SEQ,
             )
         except JournalCorruptError as exc:
             raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
@@ -123,6 +127,12 @@ class Node:
                 recovery.segment,
                 recovery.last_good_seq,
                 recovery.reason,
+            )
+        if recovery.missing_first:
+            log.error(
+                "journal lacks its first records %d..%d (no segment file holds them); fetching them from a peer",
+                recovery.missing_first,
+                recovery.missing_last,
             )
         for damage in self.journal.damage:
             log.error("journal damaged, found on start: %s; refusing it until repaired from a peer", damage.describe())

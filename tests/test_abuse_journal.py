@@ -334,3 +334,33 @@ def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_nod
     assert contents.report.ok, contents.report
     records = {r.payload: r.seq for r in contents.records}
     assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+
+
+# --- the first segment file missing --------------------------------------------------------
+
+
+@pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS], indirect=True, ids=["small-segments"])
+def test_a_missing_first_segment_is_found_on_start_and_fetched_from_a_peer(running_cluster):
+    h = running_cluster
+    acked = fill_cluster(h)
+    node = followers_of(h)[0]
+    listed = list_segment_files(h.journal_dir(node))
+    assert listed[0][0] == 1 and len(listed) >= 3
+    h.kill(node)
+    path = listed[0][1]
+    os.unlink(path)
+    os.unlink(path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX)
+    started = time.monotonic()
+    h.restart(node)
+    found = h.wait_for_log(node, f"journal lacks its first records 1..{listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
+    filled = h.wait_for_log(node, f"journal hole filled up to {listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
+    print(f"{node}: {found}\n{node}: {filled}\nrepaired {time.monotonic() - started:.1f} s after restart")
+    messages = read_from(h, node, 1, MESSAGES)
+    assert [m.seq for m in messages][:MESSAGES] == list(range(1, MESSAGES + 1))
+    check_alive(h, node)
+    h.stop()
+    assert segment_bytes(h, node) == segment_bytes(h, [n for n in h.node_ids if n != node][0])
+    contents = h.read_journal(node)
+    assert contents.report.ok and contents.first_seq == 1 and not contents.holes, contents.report
+    records = {r.payload: r.seq for r in contents.records}
+    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"

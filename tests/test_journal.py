@@ -1192,3 +1192,48 @@ def test_a_damaged_former_tail_is_found_again_when_reopened_before_its_repair(tm
     with open_journal(tmp_path, verify_bytes=0) as journal:
         assert [(d.first_seq, d.last_seq) for d in journal.damage] == [(201, 300)]
         assert journal.last_seq == 310
+
+
+# --- 9. the first segment file missing --------------------------------------------------------
+
+
+def test_a_missing_first_segment_becomes_a_hole_from_the_start_and_is_filled(tmp_path):
+    build(tmp_path, 500).close()
+    files = journal_mod.list_segment_files(str(tmp_path))
+    (_, first_path), (second_first, _) = files[0], files[1]
+    os.unlink(first_path)
+    os.unlink(index_path(first_path))
+    with open_journal(tmp_path, readonly=True, start_seq=1) as journal:
+        assert journal.holes == [(1, second_first - 1)]  # said, not written
+    assert not os.path.exists(tmp_path / journal_mod.HOLES_FILE)
+    report = verify_journal(str(tmp_path))
+    assert (report.first_bad_seq, report.path, report.offset) == (1, files[1][1], 0), report
+    assert f"records 1..{second_first - 1} are missing" in report.problem
+    with open_journal(tmp_path) as journal:  # no start given: starts where its files do
+        assert journal.first_seq == second_first and not journal.holes
+    with open_journal(tmp_path, start_seq=1) as journal:
+        recovery = journal.recovery
+        assert (recovery.missing_first, recovery.missing_last) == (1, second_first - 1)
+        assert journal.holes == [(1, second_first - 1)] and journal.first_seq == 1 and journal.contiguous_last_seq == 0
+        assert journal.missing_count == second_first - 1
+        journal.fill(frames(1, 10), 1, 10)
+        journal.fill(frames(11, second_first - 1), 11, second_first - 1)
+        assert not journal.holes and [r.seq for r in journal.records()] == list(range(1, 501))
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert not journal.holes and journal.recovery.missing_first == 0
+
+
+def test_a_missing_first_segment_before_a_recorded_hole_makes_one_hole(tmp_path):
+    with build(tmp_path, 200) as journal:
+        journal.skip_to(401)
+        journal.append(frames(401, 450), 401, 450)
+    files = journal_mod.list_segment_files(str(tmp_path))
+    for _, path in files[:-1]:  # every segment before the recorded hole 201..400
+        os.unlink(path)
+        if os.path.exists(index_path(path)):
+            os.unlink(index_path(path))
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert journal.holes == [(1, 400)] and journal.first_seq == 1 and journal.last_seq == 450
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert journal.holes == [(1, 400)] and journal.recovery.missing_first == 0  # written down once

@@ -18,7 +18,7 @@ import msgspec
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
-from raftseq.sequencer.journal.holes import check_holes, read_holes
+from raftseq.sequencer.journal.holes import check_holes, read_holes, write_holes
 from raftseq.sequencer.journal.index import load_sealed
 from raftseq.sequencer.journal.segments import FILL_SUFFIX, Segment, fsync_dir, list_segment_files, scan_segment
 
@@ -32,16 +32,22 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     last_good_seq: int = 0
     reason: str = ""
     removed_empty_segments: int = 0
+    #: Records ``missing_first..missing_last`` before the first segment file, which the journal
+    #: must hold from its start: recorded as a hole, fetched from a peer (0, 0: none).
+    missing_first: int = 0
+    missing_last: int = 0
 
 
 def recover(
-    directory: str, *, readonly: bool, verify_bytes: int = 0
+    directory: str, *, readonly: bool, verify_bytes: int = 0, start_seq: int = 0
 ) -> tuple[list[Segment], list[tuple[int, int]], RecoveryReport, list[Damage]]:
     """The segments and holes of the journal in `directory` (which exists), its tail cut to
     the last good record, what was cut, and the damaged ranges of sealed segments.
 
     ``readonly``: nothing is cut, removed or written; a torn tail just ends the readable
     stream (the report still says what would be cut).
+    ``start_seq``: the number the journal must start at (0: wherever its first file starts).
+    Records missing before the first segment (its file removed) become a hole.
     """
     files = list_segment_files(directory)
     holes = read_holes(directory)
@@ -76,7 +82,24 @@ def recover(
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
     check_holes(directory, holes, segments)
+    missing = _missing_start(segments, holes, start_seq)
+    if missing is not None:
+        recovery = msgspec.structs.replace(recovery, missing_first=missing[0], missing_last=missing[1])
+        first, last = missing
+        if holes and holes[0][0] == last + 1:  # a recorded hole follows on: one hole
+            last = holes.pop(0)[1]
+        holes = [(first, last), *holes]
+        if not readonly:
+            write_holes(directory, holes)
     return segments, holes, recovery, damages
+
+
+def _missing_start(segments: list[Segment], holes: list[tuple[int, int]], start_seq: int) -> tuple[int, int] | None:
+    """The numbers from `start_seq` up to the first one the journal holds or knows it lacks."""
+    firsts = [s.first_seq for s in segments if s.count] + [h[0] for h in holes[:1]]
+    if not start_seq or not firsts or min(firsts) <= start_seq:
+        return None
+    return start_seq, min(firsts) - 1
 
 
 def _verify_from(files: list[tuple[int, str]], verify_bytes: int) -> int:

@@ -104,6 +104,7 @@ class Journal(ClosedOnExit):
         readonly: bool = False,
         create: bool = True,
         verify_bytes: int = limits.JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT,
+        start_seq: int = 0,
     ) -> Journal:
         """Open (and recover) the journal in `directory`.
 
@@ -112,6 +113,9 @@ class Journal(ClosedOnExit):
         ``clock_ns`` (monotonic nanoseconds) is needed by the ``interval`` fsync policy.
         ``verify_bytes``: the newest sealed segments up to this size are read back in full
         (``damage`` says what failed); older ones are trusted to their index until scrubbed.
+        ``start_seq``: the number the journal must start at (a node's journal: 1); records
+        missing before its first segment file become a hole (``recovery.missing_first``) to be
+        fetched from a peer. 0: it starts wherever its first segment does (tools, tests).
         """
         fsync = fsync or FsyncPolicy()
         if segment_bytes_max < limits.SEGMENT_BYTES_MIN:
@@ -122,7 +126,7 @@ class Journal(ClosedOnExit):
             if readonly or not create:
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
-        segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes)
+        segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes, start_seq=start_seq)
         return cls(
             directory,
             segments,
