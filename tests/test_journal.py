@@ -1237,3 +1237,55 @@ def test_a_missing_first_segment_before_a_recorded_hole_makes_one_hole(tmp_path)
         assert journal.holes == [(1, 400)] and journal.first_seq == 1 and journal.last_seq == 450
     with open_journal(tmp_path, start_seq=1) as journal:
         assert journal.holes == [(1, 400)] and journal.recovery.missing_first == 0  # written down once
+
+
+# --- 10. journal verify on files it cannot read ----------------------------------------------
+
+
+def _not_a_file(tmp_path, which: str) -> str:
+    """Put something that is not a regular file where a journal file belongs; its path."""
+    files = journal_mod.list_segment_files(str(tmp_path))
+    if which == "holes.json directory":
+        path = str(tmp_path / journal_mod.HOLES_FILE)
+        os.mkdir(path)
+        return path
+    kind, position = which.split(" ", 1)
+    path = {"first": files[0][1], "middle": files[len(files) // 2][1], "tail": files[-1][1]}[position]
+    os.unlink(path)
+    if kind == "directory":
+        os.mkdir(path)
+    else:
+        os.symlink(str(tmp_path / "gone"), path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["directory first", "directory middle", "directory tail", "broken-link middle", "holes.json directory"])
+def test_verify_names_a_journal_file_it_cannot_read_and_never_raises(tmp_path, which):
+    """``raftseq journal verify`` reports the path (a node stops on it with exit code 6 and
+    one line); it used to end in an ``OSError`` traceback."""
+    build(tmp_path, 500).close()
+    path = _not_a_file(tmp_path, which)
+    report = verify_journal(str(tmp_path))
+    assert not report.ok and report.path == path, report
+    assert "cannot read" in report.problem, report
+    if which.endswith("middle"):  # and goes on with the next segment
+        assert report.last_seq == 500 and len(report.damages) == 1, report
+
+
+def test_verify_names_a_segment_it_cannot_read_and_goes_on(tmp_path, monkeypatch):
+    from raftseq.sequencer.journal import verify as verify_mod
+
+    build(tmp_path, 500).close()
+    files = journal_mod.list_segment_files(str(tmp_path))
+    unreadable = files[1][1]
+
+    def fake_open(path, *args, **kwargs):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_mod, "open", fake_open, raising=False)
+    report = verify_journal(str(tmp_path))
+    assert [(d.path, d.seq) for d in report.damages] == [(unreadable, files[1][0])]
+    assert "cannot read: Permission denied" in report.problem
+    assert report.last_seq == 500

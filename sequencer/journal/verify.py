@@ -73,6 +73,10 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
     except JournalCorruptError as exc:
         report.problem = str(exc)
         return report
+    except OSError as exc:  # a directory in its place, say
+        report.problem = f"cannot read {exc.filename}: {exc.strerror or exc}"
+        report.path = str(exc.filename)
+        return report
     if holes and (not files or holes[0][0] < files[0][0]):
         report.problem = f"records {holes[0][0]}..{holes[0][1]} are missing (a hole waiting for catch-up)"
         report.first_bad_seq = holes[0][0]
@@ -102,8 +106,15 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
                 return report
             expected_seq, lenient, client_seqs = first_seq, True, {}
         previous_path = path
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:  # unreadable: a damaged place like a bad record at its start
+            _damaged(report, path, 0, expected_seq, f"cannot read: {exc.strerror or exc}")
+            if i == len(files) - 1:
+                return report
+            expected_seq, lenient, client_seqs, last_time = files[i + 1][0], True, {}, 0
+            continue
         pos = 0
         end = len(data)
         view = memoryview(data)
