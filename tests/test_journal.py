@@ -1122,15 +1122,20 @@ def _repair_whole_tail(journal: Journal, last: int) -> None:
     assert not journal.damage and journal.damage_repaired == 1
 
 
+def _flip_and_read_tail(journal: Journal, path: str, spans: list[tuple[int, int]]) -> Damage | None:
+    """Flip a bit in record 201 of the tail, read across it, mark what the read met."""
+    flip(path, spans[200][1] - 1)
+    with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
+        read_all_frames(cursor, 300)
+    exc = caught.value
+    assert exc.seq == 201
+    return journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+
+
 def test_a_read_that_meets_damage_in_the_tail_seals_it_and_appends_go_on_in_a_new_segment(tmp_path):
     journal, path, spans = _tail_journal(tmp_path)
     with journal:
-        flip(path, spans[200][1] - 1)
-        with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
-            read_all_frames(cursor, 300)
-        exc = caught.value
-        assert exc.seq == 201
-        damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+        damage = _flip_and_read_tail(journal, path, spans)
         assert damage is not None and (damage.first_seq, damage.last_seq, damage.path) == (201, 300, path)
         assert journal.damage_found == 1 and journal.mark_damaged(250, path, 0, "known") is None
         size = os.path.getsize(path)
@@ -1184,10 +1189,7 @@ def test_an_append_to_a_tail_changed_under_it_seals_it_as_damaged_and_writes_not
 def test_a_damaged_former_tail_is_found_again_when_reopened_before_its_repair(tmp_path):
     journal, path, spans = _tail_journal(tmp_path)
     with journal:
-        flip(path, spans[200][1] - 1)
-        with journal.cursor(1) as cursor, pytest.raises(JournalCorruptError) as caught:
-            read_all_frames(cursor, 300)
-        journal.mark_damaged(caught.value.seq, caught.value.path, caught.value.offset, str(caught.value))
+        _flip_and_read_tail(journal, path, spans)
         journal.append(frames(301, 310), 301, 310)
     with open_journal(tmp_path, verify_bytes=0) as journal:
         assert [(d.first_seq, d.last_seq) for d in journal.damage] == [(201, 300)]
