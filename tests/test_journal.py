@@ -1151,39 +1151,84 @@ def test_a_read_that_meets_damage_in_the_tail_seals_it_and_appends_go_on_in_a_ne
         assert not journal.damage and journal.last_seq == 310
 
 
+def _change_tail_file(path: str, spans: list[tuple[int, int]], change: str) -> None:
+    """Cut (at record 201 or inside it), remove or lengthen the tail file under the journal."""
+    if change == "cut at a record":
+        os.truncate(path, spans[200][0])
+    elif change == "cut inside a record":
+        os.truncate(path, spans[200][0] + 5)
+    elif change == "removed":
+        os.unlink(path)
+    else:
+        with open(path, "ab") as f:
+            f.write(frame(999))
+
+
 @pytest.mark.parametrize("change", ["cut at a record", "cut inside a record", "removed", "lengthened"])
-def test_an_append_to_a_tail_changed_under_it_seals_it_as_damaged_and_writes_nothing_after(tmp_path, change):
+def test_appends_after_the_tail_file_changed_under_it_stay_at_their_offsets_and_reads_refuse_the_damage(tmp_path, change):
+    """Appends write at the offsets the journal's index says: a cut or lengthened file never
+    shifts a record (on main they went to the file's new end, and a reader got other records
+    than those it asked for). A read that meets the damage seals the tail as damaged."""
     journal, path, spans = _tail_journal(tmp_path)
-    found: list[Damage] = []
-    journal.on_damage = found.append
     with journal:
-        if change == "cut at a record":
-            os.truncate(path, spans[200][0])
-            expected = (201, 300, spans[200][0])
-        elif change == "cut inside a record":
-            os.truncate(path, spans[200][0] + 5)
-            expected = (201, 300, spans[200][0])
-        elif change == "removed":
-            os.unlink(path)
-            expected = (1, 300, 0)
-        else:
-            with open(path, "ab") as f:
-                f.write(frame(999))
-            expected = (300, 300, spans[-1][1])
+        _change_tail_file(path, spans, change)
+        journal.append(frames(301, 310), 301, 310)
+        if change == "lengthened":  # the bytes after the last record were overwritten: intact
+            assert [r.seq for r in journal.records()] == list(range(1, 311)) and not journal.damage
+            return
+        first_bad = 1 if change == "removed" else 201
+        with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
+            assert [seq_of_frame(f) for f in read_all_frames(cursor, 310)] == list(range(150, first_bad))
+        exc = caught.value
+        damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+        assert damage is not None and (damage.first_seq, damage.last_seq) == (first_bad, 310)
+        journal.append(frames(311, 312), 311, 312)
+        assert len(segment_files(tmp_path)) == (1 if change == "removed" else 2)  # 311.. in a new segment
+        _repair_whole_tail(journal, 310)
+        assert [r.seq for r in journal.records()] == list(range(1, 313))
+    assert verify_journal(str(tmp_path)).ok
+
+
+@pytest.mark.parametrize("change", ["cut at a record", "cut inside a record", "removed", "lengthened"])
+def test_a_tail_file_changed_before_the_first_append_since_open_is_sealed_as_damaged(tmp_path, change):
+    build(tmp_path, 300, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT).close()
+    [path] = segment_files(tmp_path)
+    spans = record_spans(path)
+    found: list[Damage] = []
+    with open_journal(tmp_path, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT) as journal:
+        journal.on_damage = found.append
+        _change_tail_file(path, spans, change)
         size = os.path.getsize(path) if os.path.exists(path) else -1
         journal.append(frames(301, 310), 301, 310)
+        expected = {
+            "cut at a record": (201, 300, spans[200][0]),
+            "cut inside a record": (201, 300, spans[200][0]),
+            "removed": (1, 300, 0),
+            "lengthened": (300, 300, spans[-1][1]),
+        }[change]
         assert [(d.first_seq, d.last_seq, d.offset) for d in found] == [expected]
         assert list(journal.damage) == found and journal.damage_found == 1
         assert (os.path.getsize(path) if os.path.exists(path) else -1) == size, "wrote to the damaged tail"
         assert [r.seq for r in journal.records(301, 310)] == list(range(301, 311))
-        if expected[0] > 1:
-            assert [r.seq for r in journal.records(1, expected[0] - 1)] == list(range(1, expected[0]))
-        if change != "lengthened":  # there record 300 is intact: the damage map alone refuses it
-            with journal.cursor(expected[0]) as cursor, pytest.raises(JournalCorruptError):
-                read_all_frames(cursor, 300)
         _repair_whole_tail(journal, 300)
         assert [r.seq for r in journal.records()] == list(range(1, 311))
     assert verify_journal(str(tmp_path)).ok
+
+
+def test_a_tail_file_removed_before_its_seal_is_sealed_as_damaged_without_an_index(tmp_path):
+    found: list[Damage] = []
+    with open_journal(tmp_path) as journal:
+        journal.on_damage = found.append
+        journal.append(frames(1, 10), 1, 10)
+        [path] = segment_files(tmp_path)
+        os.unlink(path)
+        seq = 11
+        while len(segment_files(tmp_path)) < 1:  # appends until the journal rolls to a new segment
+            journal.append(frames(seq, seq + 9), seq, seq + 9)
+            seq += 10
+            assert seq < 10_000, "never rolled"
+        assert [(d.first_seq, d.last_seq, d.reason) for d in found] == [(1, seq - 11, "segment file removed")]
+        assert not os.path.exists(index_path(path))
 
 
 def test_a_damaged_former_tail_is_found_again_when_reopened_before_its_repair(tmp_path):

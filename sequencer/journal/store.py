@@ -3,7 +3,10 @@
 One thread appends; any number of cursors read, each through its own file handle, up to a
 limit the caller publishes after ``append`` returned. When a segment reaches
 ``segment_bytes_max`` it is sealed (fsynced unless the policy is ``never``, and given its index
-file) and the next batch starts a new segment.
+file) and the next batch starts a new segment. Each batch is written at the offset the
+segment's index says (never at the file's end), so a file changed under the journal never
+shifts a record; damage found in the tail seals it early and is repaired like a sealed
+segment's (``mark_damaged``, ``repair``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
-from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
+from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, pwrite_all, segment_name
 
 
 class FsyncPolicy(msgspec.Struct, frozen=True):
@@ -202,7 +205,10 @@ class Journal(ClosedOnExit):
             check_ends(records, first_seq, last_seq, offsets)
             offsets_in_batch = offsets
         segment = self._writable_segment(first_seq)
-        write_all(self._fd, records)
+        # At the offset the journal's own index says, not at the file's end: a file cut or
+        # lengthened under the journal never shifts a record (the reader that meets the
+        # damage refuses it, and the tail is sealed and repaired).
+        pwrite_all(self._fd, records, segment.size)
         segment.add_run(offsets_in_batch, len(records))
         mode = self.fsync_policy.mode
         if mode == "batch":
@@ -212,8 +218,8 @@ class Journal(ClosedOnExit):
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
-        if segment is not None and not segment.sealed and self._tail_changed(segment):
-            segment = self._segments[-1]  # sealed as damaged: the records go to a new segment
+        if segment is not None and not segment.sealed and self._fd < 0:
+            self._tail_file_changed(segment)  # the first write since open: sealed if damaged
         if segment is not None and (segment.sealed or segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
             if not segment.sealed:
                 self._seal(segment)
@@ -222,21 +228,21 @@ class Journal(ClosedOnExit):
             path = os.path.join(self.directory, segment_name(first_seq))
             segment = Segment(path, first_seq)
             self._close_fd()
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
             fsync_dir(self.directory)
             self._segments.append(segment)
             self._segment_firsts.append(first_seq)
         return segment
 
-    def _tail_changed(self, segment: Segment) -> bool:
-        """Before appending to the tail segment: is its file still what the journal wrote to
-        it? A file cut, lengthened or removed since (by something else: an operator, a broken
-        disk) is damage: the tail is sealed as damaged (``on_damage`` is told) and True is
-        returned; nothing is ever written after bytes the journal did not write. A tail with
-        no records yet is just started afresh."""
+    def _tail_file_changed(self, segment: Segment) -> bool:
+        """Is the tail segment's file no longer what the journal wrote to it (cut, lengthened
+        or removed by something else: an operator, a broken disk)? Checked when the journal
+        first writes to it after opening and when it seals it. If so, it is sealed as damaged
+        (``on_damage`` is told), the next append starts a new segment, and True is returned. A
+        tail with no records yet is just started afresh. Leaves the tail's file open."""
         try:
             if self._fd < 0:
-                self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+                self._fd = os.open(segment.path, os.O_WRONLY)
             stat = os.fstat(self._fd)
             file_bytes = stat.st_size if stat.st_nlink else None
         except FileNotFoundError:
@@ -246,7 +252,7 @@ class Journal(ClosedOnExit):
         damage = tail_damage(segment, file_bytes)
         if damage is None:  # no records in it: start it again
             self._close_fd()
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             segment.size = 0
             return False
         self._seal_damaged(segment, damage)
@@ -268,6 +274,8 @@ class Journal(ClosedOnExit):
         return True
 
     def _seal(self, segment: Segment) -> None:
+        if self._tail_file_changed(segment):
+            return  # sealed as damaged, without an index
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
         self._close_fd()
