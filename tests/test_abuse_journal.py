@@ -289,7 +289,7 @@ def submit_more(h: ClusterHarness, first: int, count: int) -> dict[bytes, int]:
     return dict(zip(payloads, asyncio.run(run())))
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "removed"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "removed", "truncated on the leader"])
 @pytest.mark.parametrize("running_cluster", [NO_SCRUB], indirect=True, ids=["no-scrub"])
 def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_node_keeps_serving(running_cluster, damage):
     """A flipped bit in a committed record of the tail, the tail file cut at a record boundary,
@@ -297,7 +297,8 @@ def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_nod
     records, writes nothing after the damage, and repairs the tail from a peer."""
     h = running_cluster
     acked = fill_cluster(h, TAIL_MESSAGES)
-    node = followers_of(h)[0]
+    node = h.wait_for_leader()["id"] if damage.endswith("on the leader") else followers_of(h)[0]
+    damage = damage.removesuffix(" on the leader")
     first, path = tail_segment(h, node)
     assert first == 1
     bad_seq = 301
