@@ -5,13 +5,15 @@ When pysyncobj installs a snapshot instead of sending log entries, the machine s
 ahead of the journal (``SequencedStream.replace_machine`` records the gap as a hole). This task
 fetches the missing records from a peer over the ordinary subscribe protocol, checks each
 record's checksum and number, and stores the bytes exactly as received (``Journal.fill``).
-Subscribers are served only up to the first hole until it is filled.
+Subscribers are served only up to the first hole until it is filled; one that asks for a
+number inside a hole is refused (``from_seq_unavailable``: another node serves it).
 
 A sealed segment found damaged (on open, by the scrub, by a reader) is fetched whole the same
 way once no hole is left, and renamed over the damaged file (``Journal.repair``); readers are
 refused over the damage meanwhile. When every peer that answers lacks the range too
 (``repair_attempts_max`` fetches in a row that brought none of it), the node cannot go on:
-``NodeCannotRun(JOURNAL_DAMAGED)``.
+``NodeCannotRun(JOURNAL_DAMAGED)``. So for a hole no peer can fill (the first segment file
+removed on every node, say): a peer refuses a subscription that starts in its own hole.
 """
 
 from __future__ import annotations
@@ -108,10 +110,10 @@ class CatchUp:
         self.records_fetched = 0
         self.repair_attempts_max = repair_attempts_max
         self._peer_index = 0
-        #: Fetches in a row for the current damaged segment that reached a peer and stored nothing.
-        self._repair_misses = 0
+        #: Fetches in a row for the current target that stored nothing.
+        self._misses = 0
         #: Whether a peer answered and lacked the range during those fetches.
-        self._repair_refused = False
+        self._refused = False
 
     def _target(self) -> _Target | None:
         journal = self.journal
@@ -127,7 +129,7 @@ class CatchUp:
         while True:
             target = self._target()
             if target is None or not peers:
-                self._repair_misses, self._repair_refused = 0, False
+                self._misses, self._refused = 0, False
                 await asyncio.sleep(0.2)
                 continue
             peer = peers[self._peer_index % len(peers)]
@@ -145,27 +147,28 @@ class CatchUp:
                 await self._fetch(peer.client_address, target)
             except (OSError, TimeoutError, CatchUpError) as exc:
                 log.warning("catch-up from %s stopped: %s", peer.id, exc)
-                if target.what == "damaged segment":
-                    self._repair_missed(target, stored_before, exc)
+                self._missed(target, stored_before, exc)
                 await asyncio.sleep(RETRY_DELAY_S)
 
-    def _repair_missed(self, target: _Target, stored_before: int, exc: Exception) -> None:
-        """A repair fetch ended early: count it if it stored nothing, and give up after
+    def _missed(self, target: _Target, stored_before: int, exc: Exception) -> None:
+        """A fetch ended early: count it if it stored nothing, and give up after
         ``repair_attempts_max`` such fetches in a row of which at least one reached a peer that
         lacked the range (peers that are only unreachable may still have it)."""
         if self.records_fetched > stored_before:
-            self._repair_misses = 0
-            self._repair_refused = False
+            self._misses, self._refused = 0, False
             return
-        self._repair_misses += 1
-        self._repair_refused |= isinstance(exc, CatchUpError)
-        if self._repair_misses < self.repair_attempts_max or not self._repair_refused:
+        self._misses += 1
+        self._refused |= isinstance(exc, CatchUpError)
+        if self._misses < self.repair_attempts_max or not self._refused:
             return
         damage = self.journal.damage.covering(target.next_seq) or self.journal.damage.next_from(target.next_seq)
-        where = damage.describe() if damage is not None else f"seq {target.next_seq}..{target.last_seq}"
+        if target.what == "hole":
+            where = f"seq {target.next_seq}..{target.last_seq} (missing here)"
+        else:
+            where = damage.describe() if damage is not None else f"seq {target.next_seq}..{target.last_seq}"
         raise NodeCannotRun(
             NodeExit.JOURNAL_DAMAGED,
-            f"journal damaged at {where}; no peer could repair it after {self._repair_misses} attempts "
+            f"journal damaged at {where}; no peer could repair it after {self._misses} attempts "
             f"(last: {exc}). Restore this node's journal directory from a backup, or remove it to rejoin empty",
         )
 

@@ -581,6 +581,15 @@ class Gateway:
         if damage is not None:
             self._refuse_damaged(conn, subscribe.from_seq, damage.first_seq, damage.last_seq)
             return
+        if self.journal.has_hole_within(subscribe.from_seq, subscribe.from_seq):
+            # Missing here (catch-up fetches it): another node serves it now, and a peer's
+            # catch-up learns that this node lacks it too.
+            metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
+            conn.reject_and_close(
+                RejectReason.FROM_SEQ_UNAVAILABLE,
+                f"seq {subscribe.from_seq} is missing on this node (being fetched); read it from another node",
+            )
+            return
         if subscribe.from_seq < first or subscribe.from_seq > end + 1:
             metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
             conn.send(

@@ -32,11 +32,14 @@ from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, Scrubber
+from raftseq.sequencer.journal import Damage, FsyncPolicy, Journal, JournalCorruptError, Scrubber
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine
 from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.node")
+
+#: A node's journal holds the stream from its first number (there is no retention yet).
+JOURNAL_START_SEQ = 1
 
 
 class RaftLogUnreadable(NodeCannotRun):
@@ -64,6 +67,10 @@ def _listen_problem(address: str) -> str:
     except OSError as exc:
         return str(exc)
     return "pysyncobj could not bind it"
+
+
+def _log_append_damage(damage: Damage) -> None:
+    log.error("journal damaged, found by an append: %s; sealed it, refusing it until repaired from a peer", damage.describe())
 
 
 def discard_raft_log(config: NodeConfig) -> str:
@@ -102,6 +109,7 @@ class Node:
                 fsync=FsyncPolicy.parse(config.journal.fsync),
                 clock_ns=time.monotonic_ns,
                 verify_bytes=config.journal.verify_on_open_bytes,
+                start_seq=JOURNAL_START_SEQ,
             )
         except JournalCorruptError as exc:
             raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
@@ -110,6 +118,7 @@ class Node:
                 NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {config.journal_dir}: {exc.strerror or exc}: {exc.filename}"
             ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
+        self.journal.on_damage = _log_append_damage
         recovery = self.journal.recovery
         if recovery.bytes_cut:
             log.warning(
@@ -118,6 +127,12 @@ class Node:
                 recovery.segment,
                 recovery.last_good_seq,
                 recovery.reason,
+            )
+        if recovery.missing_first:
+            log.error(
+                "journal lacks its first records %d..%d (no segment file holds them); fetching them from a peer",
+                recovery.missing_first,
+                recovery.missing_last,
             )
         for damage in self.journal.damage:
             log.error("journal damaged, found on start: %s; refusing it until repaired from a peer", damage.describe())

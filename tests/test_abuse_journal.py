@@ -93,6 +93,40 @@ def segment_bytes(h: ClusterHarness, node_id: str) -> bytes:
     return out
 
 
+def check_stopped_copy_matches_a_peer(h: ClusterHarness, node_id: str, acked: dict[bytes, int]) -> None:
+    """Stop the cluster; `node_id`'s segments are byte for byte a peer's, its journal verifies,
+    and every acknowledged message is in it under its number."""
+    h.stop()
+    assert segment_bytes(h, node_id) == segment_bytes(h, [n for n in h.node_ids if n != node_id][0])
+    contents = h.read_journal(node_id)
+    assert contents.report.ok, contents.report
+    records = {r.payload: r.seq for r in contents.records}
+    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+
+
+def restart_all_expecting_one_exit_7_each(h: ClusterHarness) -> list[str]:
+    """Restart every (stopped) node; each must stop on its own within a bound with exit code 7,
+    one ``no peer could repair it`` line and no traceback. Returns those lines."""
+    sizes = h.log_sizes()
+    started = time.monotonic()
+    for node in h.node_ids:
+        h.restart(node)
+    deadline = started + 60
+    while any(h.exit_code(n) is None for n in h.node_ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    codes = {n: h.exit_code(n) for n in h.node_ids}
+    print(f"exit codes {codes} within {time.monotonic() - started:.1f} s")
+    assert codes == dict.fromkeys(h.node_ids, NodeExit.JOURNAL_DAMAGED), f"{codes}\n{h.log_tails()}"
+    found = []
+    for node in h.node_ids:
+        text = h.log_text(node, since=sizes[node])
+        lines = [line for line in text.splitlines() if "no peer could repair it" in line]
+        print(f"{node}: {lines}")
+        assert len(lines) == 1 and "Traceback" not in text, text
+        found.append(lines[0])
+    return found
+
+
 def read_from(h: ClusterHarness, node_id: str, from_seq: int, last: int) -> list:
     """Subscribe to `node_id` alone from `from_seq` up to `last`; the messages."""
 
@@ -176,13 +210,7 @@ def test_a_flipped_bit_in_a_sealed_segment_is_refused_then_repaired_byte_identic
     assert [m.seq for m in messages][: MESSAGES - bad_seq + 3] == list(range(bad_seq - 2, MESSAGES + 1))
     total = MESSAGES + len(latencies)
     h.wait_converged(total, timeout_s=30)
-    h.stop()
-    reference = segment_bytes(h, [n for n in h.node_ids if n != node][0])
-    assert segment_bytes(h, node) == reference
-    report = h.read_journal(node).report
-    assert report.ok, report
-    records = {r.payload: r.seq for r in h.read_journal(node).records}
-    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+    check_stopped_copy_matches_a_peer(h, node, acked)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
@@ -217,12 +245,7 @@ def test_a_truncated_or_missing_sealed_segment_is_repaired_from_a_peer(running_c
     total = MESSAGES + len(latencies)
     h.wait_converged(total, timeout_s=30)
     check_alive(h, node)
-    h.stop()
-    assert segment_bytes(h, node) == segment_bytes(h, [n for n in h.node_ids if n != node][0])
-    contents = h.read_journal(node)
-    assert contents.report.ok, contents.report
-    records = {r.payload: r.seq for r in contents.records}
-    assert all(records.get(p) == s for p, s in acked.items()), "an acknowledged message is lost or renumbered"
+    check_stopped_copy_matches_a_peer(h, node, acked)
 
 
 @pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS_QUICK_GIVE_UP], indirect=True, ids=["small-segments"])
@@ -236,20 +259,122 @@ def test_the_same_record_damaged_on_every_node_stops_each_once_with_one_line_and
         listed = dict(list_segment_files(h.journal_dir(node)))
         assert first in listed, f"{node}'s segments differ: {sorted(listed)}"
         flip_record(listed[first], 3)
-    sizes = h.log_sizes()
+    for line in restart_all_expecting_one_exit_7_each(h):
+        assert f"seq {bad_seq}.." in line and os.path.basename(path) in line
+
+
+# --- the unsealed tail segment, damaged while the node runs -----------------------------
+
+#: Messages of the tail probes: all of them in the one (unsealed) tail segment.
+TAIL_MESSAGES = 600
+#: The tail probes read through the damaged node only after this many more submits.
+TAIL_MORE_MESSAGES = 200
+#: No scrub (it reads sealed segments only; the tail probes must not depend on it).
+NO_SCRUB = {"journal": {"scrub_bytes_per_s": 0}}
+
+
+def tail_segment(h: ClusterHarness, node_id: str) -> tuple[int, str]:
+    listed = list_segment_files(h.journal_dir(node_id))
+    assert len(listed) == 1, f"{node_id} has {len(listed)} segments; the probe wants all in the tail"
+    return listed[0]
+
+
+def submit_more(h: ClusterHarness, first: int, count: int) -> dict[bytes, int]:
+    payloads = [b"more-%d" % n for n in range(first, first + count)]
+
+    async def run() -> list[int]:
+        async with SequencerClient(h.endpoints, session="more", token=h.token, in_flight_max=64) as client:
+            return await pipeline(client, payloads, timeout_s=30)
+
+    return dict(zip(payloads, asyncio.run(run())))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "removed", "truncated on the leader"])
+@pytest.mark.parametrize("running_cluster", [NO_SCRUB], indirect=True, ids=["no-scrub"])
+def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_node_keeps_serving(running_cluster, damage):
+    """A flipped bit in a committed record of the tail, the tail file cut at a record boundary,
+    or the tail file removed, under a running follower: it keeps running, never serves wrong
+    records, writes nothing after the damage, and repairs the tail from a peer."""
+    h = running_cluster
+    acked = fill_cluster(h, TAIL_MESSAGES)
+    node = h.wait_for_leader()["id"] if damage.endswith("on the leader") else followers_of(h)[0]
+    damage = damage.removesuffix(" on the leader")
+    first, path = tail_segment(h, node)
+    assert first == 1
+    bad_seq = 301
+    if damage == "flipped":
+        flip_record(path, bad_seq - 1)
+    elif damage == "truncated":
+        os.truncate(path, record_offsets(path)[bad_seq - 1])
+    else:
+        os.unlink(path)
+        bad_seq = 1
     started = time.monotonic()
+    # The follower appends more after the damage (its append path meets a cut or removed file).
+    acked |= submit_more(h, TAIL_MESSAGES, TAIL_MORE_MESSAGES)
+    total = TAIL_MESSAGES + TAIL_MORE_MESSAGES
+    h.wait_converged(total, timeout_s=30)
+
+    # A subscriber that prefers the damaged node, from just before the damage: the whole stream,
+    # right records only (from another node while this one refuses).
+    async def subscribe_through() -> StreamRecorder:
+        from_seq = max(1, bad_seq - 2)
+        recorder = StreamRecorder(h.endpoints, token=h.token, from_seq=from_seq, prefer=h.endpoint(node), session="probe").start()
+        try:
+            await recorder.wait_until(total, timeout_s=30)
+        finally:
+            await recorder.stop()
+        return recorder
+
+    recorder = asyncio.run(subscribe_through())
+    from_seq = max(1, bad_seq - 2)
+    assert [m.seq for m in recorder.messages][: total - from_seq + 1] == list(range(from_seq, total + 1)), "gap or duplicate"
+    by_seq = {s: p for p, s in acked.items()}
+    assert all(by_seq[m.seq] == m.payload for m in recorder.messages if m.seq in by_seq), "a wrong record was served"
+    check_alive(h, node)
+    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    print(f"{damage} tail at seq {bad_seq}: {repaired} ({time.monotonic() - started:.1f} s)")
+    messages = read_from(h, node, from_seq, total)
+    assert [(m.seq, m.payload) for m in messages][: total - from_seq + 1] == [(s, by_seq[s]) for s in range(from_seq, total + 1)]
+    check_alive(h, node)
+    check_stopped_copy_matches_a_peer(h, node, acked)
+
+
+# --- the first segment file missing --------------------------------------------------------
+
+
+@pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS], indirect=True, ids=["small-segments"])
+def test_a_missing_first_segment_is_found_on_start_and_fetched_from_a_peer(running_cluster):
+    h = running_cluster
+    acked = fill_cluster(h)
+    node = followers_of(h)[0]
+    listed = list_segment_files(h.journal_dir(node))
+    assert listed[0][0] == 1 and len(listed) >= 3
+    h.kill(node)
+    path = listed[0][1]
+    os.unlink(path)
+    os.unlink(path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX)
+    started = time.monotonic()
+    h.restart(node)
+    found = h.wait_for_log(node, f"journal lacks its first records 1..{listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
+    filled = h.wait_for_log(node, f"journal hole filled up to {listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
+    print(f"{node}: {found}\n{node}: {filled}\nrepaired {time.monotonic() - started:.1f} s after restart")
+    messages = read_from(h, node, 1, MESSAGES)
+    assert [m.seq for m in messages][:MESSAGES] == list(range(1, MESSAGES + 1))
+    check_alive(h, node)
+    check_stopped_copy_matches_a_peer(h, node, acked)  # its journal verifies: it starts at 1 again
+
+
+@pytest.mark.parametrize("running_cluster", [SMALL_SEGMENTS_QUICK_GIVE_UP], indirect=True, ids=["small-segments"])
+def test_the_first_segment_missing_on_every_node_stops_each_once_with_one_line_and_exit_7(running_cluster):
+    h = running_cluster
+    fill_cluster(h)
+    h.stop()
+    second = list_segment_files(h.journal_dir(h.node_ids[0]))[1][0]
     for node in h.node_ids:
-        h.restart(node)
-    deadline = started + 60
-    while any(h.exit_code(n) is None for n in h.node_ids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    codes = {n: h.exit_code(n) for n in h.node_ids}
-    print(f"exit codes {codes} within {time.monotonic() - started:.1f} s")
-    assert codes == dict.fromkeys(h.node_ids, NodeExit.JOURNAL_DAMAGED), f"{codes}\n{h.log_tails()}"
-    for node in h.node_ids:
-        text = h.log_text(node, since=sizes[node])
-        lines = [line for line in text.splitlines() if "no peer could repair it" in line]
-        print(f"{node}: {lines}")
-        assert len(lines) == 1, text
-        assert f"seq {bad_seq}.." in lines[0] and os.path.basename(path) in lines[0]
-        assert "Traceback" not in text
+        [(first, path), (next_first, _), *_] = list_segment_files(h.journal_dir(node))
+        assert (first, next_first) == (1, second), f"{node}'s segments differ"
+        os.unlink(path)
+        os.unlink(path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX)
+    for line in restart_all_expecting_one_exit_7_each(h):
+        assert f"seq 1..{second - 1} (missing here)" in line

@@ -1058,7 +1058,7 @@ def test_a_read_that_meets_damage_marks_it_once(tmp_path):
         damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
         assert damage is not None and (damage.first_seq, damage.last_seq) == (first_seq + 5, first_seq + len(spans) - 1)
         assert journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc)) is None
-        assert journal.mark_damaged(500, "", 0, "the tail is never marked") is None
+        assert journal.mark_damaged(501, "", 0, "past the end") is None
         assert journal.damage_found == 1
 
 
@@ -1102,3 +1102,237 @@ def test_damage_map_keeps_ranges_in_order_and_merges_within_a_segment():
     assert damage.covering(45).reason == "earlier in the same segment" and damage.covering(30) is None
     assert damage.next_from(20).first_seq == 40 and damage.records == 70
     assert damage.clear_range(40, 99) == 1 and [d.first_seq for d in damage] == [10]
+
+
+# --- 8. the tail segment damaged while the journal is open ------------------------------------
+
+
+def _tail_journal(directory, last: int = 300) -> tuple[Journal, str, list[tuple[int, int]]]:
+    """An open journal of 1..last in one (unsealed) tail segment, its path and record spans."""
+    journal = build(directory, last, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT)
+    [path] = segment_files(directory)
+    return journal, path, record_spans(path)
+
+
+def _repair_whole_tail(journal: Journal, last: int) -> None:
+    """Repair the damaged (sealed) former tail 1..last as a peer sends it, in two pieces."""
+    assert journal.repair_range == (1, last)
+    journal.repair(frames(1, 100), 1, 100)
+    journal.repair(frames(101, last), 101, last)
+    assert not journal.damage and journal.damage_repaired == 1
+
+
+def _flip_and_read_tail(journal: Journal, path: str, spans: list[tuple[int, int]]) -> Damage | None:
+    """Flip a bit in record 201 of the tail, read across it, mark what the read met."""
+    flip(path, spans[200][1] - 1)
+    with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
+        read_all_frames(cursor, 300)
+    exc = caught.value
+    assert exc.seq == 201
+    return journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+
+
+def test_a_read_that_meets_damage_in_the_tail_seals_it_and_appends_go_on_in_a_new_segment(tmp_path):
+    journal, path, spans = _tail_journal(tmp_path)
+    with journal:
+        damage = _flip_and_read_tail(journal, path, spans)
+        assert damage is not None and (damage.first_seq, damage.last_seq, damage.path) == (201, 300, path)
+        assert journal.damage_found == 1 and journal.mark_damaged(250, path, 0, "known") is None
+        size = os.path.getsize(path)
+        journal.append(frames(301, 310), 301, 310)
+        assert os.path.getsize(path) == size, "appended to the damaged tail"
+        assert len(segment_files(tmp_path)) == 2
+        assert [r.seq for r in journal.records(1, 200)] == list(range(1, 201))
+        assert [r.seq for r in journal.records(301, 310)] == list(range(301, 311))
+        _repair_whole_tail(journal, 300)
+        assert [r.seq for r in journal.records()] == list(range(1, 311))
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path) as journal:
+        assert not journal.damage and journal.last_seq == 310
+
+
+def _change_tail_file(path: str, spans: list[tuple[int, int]], change: str) -> None:
+    """Cut (at record 201 or inside it), remove or lengthen the tail file under the journal."""
+    if change == "cut at a record":
+        os.truncate(path, spans[200][0])
+    elif change == "cut inside a record":
+        os.truncate(path, spans[200][0] + 5)
+    elif change == "removed":
+        os.unlink(path)
+    else:
+        with open(path, "ab") as f:
+            f.write(frame(999))
+
+
+@pytest.mark.parametrize("change", ["cut at a record", "cut inside a record", "removed", "lengthened"])
+def test_appends_after_the_tail_file_changed_under_it_stay_at_their_offsets_and_reads_refuse_the_damage(tmp_path, change):
+    """Appends write at the offsets the journal's index says: a cut or lengthened file never
+    shifts a record (on main they went to the file's new end, and a reader got other records
+    than those it asked for). A read that meets the damage seals the tail as damaged."""
+    journal, path, spans = _tail_journal(tmp_path)
+    with journal:
+        _change_tail_file(path, spans, change)
+        journal.append(frames(301, 310), 301, 310)
+        if change == "lengthened":  # the bytes after the last record were overwritten: intact
+            assert [r.seq for r in journal.records()] == list(range(1, 311)) and not journal.damage
+            return
+        first_bad = 1 if change == "removed" else 201
+        with journal.cursor(150) as cursor, pytest.raises(JournalCorruptError) as caught:
+            assert [seq_of_frame(f) for f in read_all_frames(cursor, 310)] == list(range(150, first_bad))
+        exc = caught.value
+        damage = journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+        assert damage is not None and (damage.first_seq, damage.last_seq) == (first_bad, 310)
+        journal.append(frames(311, 312), 311, 312)
+        assert len(segment_files(tmp_path)) == (1 if change == "removed" else 2)  # 311.. in a new segment
+        _repair_whole_tail(journal, 310)
+        assert [r.seq for r in journal.records()] == list(range(1, 313))
+    assert verify_journal(str(tmp_path)).ok
+
+
+@pytest.mark.parametrize("change", ["cut at a record", "cut inside a record", "removed", "lengthened"])
+def test_a_tail_file_changed_before_the_first_append_since_open_is_sealed_as_damaged(tmp_path, change):
+    build(tmp_path, 300, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT).close()
+    [path] = segment_files(tmp_path)
+    spans = record_spans(path)
+    found: list[Damage] = []
+    with open_journal(tmp_path, segment_bytes_max=limits.SEGMENT_BYTES_MAX_DEFAULT) as journal:
+        journal.on_damage = found.append
+        _change_tail_file(path, spans, change)
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        journal.append(frames(301, 310), 301, 310)
+        expected = {
+            "cut at a record": (201, 300, spans[200][0]),
+            "cut inside a record": (201, 300, spans[200][0]),
+            "removed": (1, 300, 0),
+            "lengthened": (300, 300, spans[-1][1]),
+        }[change]
+        assert [(d.first_seq, d.last_seq, d.offset) for d in found] == [expected]
+        assert list(journal.damage) == found and journal.damage_found == 1
+        assert (os.path.getsize(path) if os.path.exists(path) else -1) == size, "wrote to the damaged tail"
+        assert [r.seq for r in journal.records(301, 310)] == list(range(301, 311))
+        _repair_whole_tail(journal, 300)
+        assert [r.seq for r in journal.records()] == list(range(1, 311))
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_a_tail_file_removed_before_its_seal_is_sealed_as_damaged_without_an_index(tmp_path):
+    found: list[Damage] = []
+    with open_journal(tmp_path) as journal:
+        journal.on_damage = found.append
+        journal.append(frames(1, 10), 1, 10)
+        [path] = segment_files(tmp_path)
+        os.unlink(path)
+        seq = 11
+        while len(segment_files(tmp_path)) < 1:  # appends until the journal rolls to a new segment
+            journal.append(frames(seq, seq + 9), seq, seq + 9)
+            seq += 10
+            assert seq < 10_000, "never rolled"
+        assert [(d.first_seq, d.last_seq, d.reason) for d in found] == [(1, seq - 11, "segment file removed")]
+        assert not os.path.exists(index_path(path))
+
+
+def test_a_damaged_former_tail_is_found_again_when_reopened_before_its_repair(tmp_path):
+    journal, path, spans = _tail_journal(tmp_path)
+    with journal:
+        _flip_and_read_tail(journal, path, spans)
+        journal.append(frames(301, 310), 301, 310)
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        assert [(d.first_seq, d.last_seq) for d in journal.damage] == [(201, 300)]
+        assert journal.last_seq == 310
+
+
+# --- 9. the first segment file missing --------------------------------------------------------
+
+
+def test_a_missing_first_segment_becomes_a_hole_from_the_start_and_is_filled(tmp_path):
+    build(tmp_path, 500).close()
+    files = journal_mod.list_segment_files(str(tmp_path))
+    (_, first_path), (second_first, _) = files[0], files[1]
+    os.unlink(first_path)
+    os.unlink(index_path(first_path))
+    with open_journal(tmp_path, readonly=True, start_seq=1) as journal:
+        assert journal.holes == [(1, second_first - 1)]  # said, not written
+    assert not os.path.exists(tmp_path / journal_mod.HOLES_FILE)
+    report = verify_journal(str(tmp_path))
+    assert (report.first_bad_seq, report.path, report.offset) == (1, files[1][1], 0), report
+    assert f"records 1..{second_first - 1} are missing" in report.problem
+    with open_journal(tmp_path) as journal:  # no start given: starts where its files do
+        assert journal.first_seq == second_first and not journal.holes
+    with open_journal(tmp_path, start_seq=1) as journal:
+        recovery = journal.recovery
+        assert (recovery.missing_first, recovery.missing_last) == (1, second_first - 1)
+        assert journal.holes == [(1, second_first - 1)] and journal.first_seq == 1 and journal.contiguous_last_seq == 0
+        assert journal.missing_count == second_first - 1
+        journal.fill(frames(1, 10), 1, 10)
+        journal.fill(frames(11, second_first - 1), 11, second_first - 1)
+        assert not journal.holes and [r.seq for r in journal.records()] == list(range(1, 501))
+    assert verify_journal(str(tmp_path)).ok
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert not journal.holes and journal.recovery.missing_first == 0
+
+
+def test_a_missing_first_segment_before_a_recorded_hole_makes_one_hole(tmp_path):
+    with build(tmp_path, 200) as journal:
+        journal.skip_to(401)
+        journal.append(frames(401, 450), 401, 450)
+    files = journal_mod.list_segment_files(str(tmp_path))
+    for _, path in files[:-1]:  # every segment before the recorded hole 201..400
+        os.unlink(path)
+        if os.path.exists(index_path(path)):
+            os.unlink(index_path(path))
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert journal.holes == [(1, 400)] and journal.first_seq == 1 and journal.last_seq == 450
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert journal.holes == [(1, 400)] and journal.recovery.missing_first == 0  # written down once
+
+
+# --- 10. journal verify on files it cannot read ----------------------------------------------
+
+
+def _not_a_file(tmp_path, which: str) -> str:
+    """Put something that is not a regular file where a journal file belongs; its path."""
+    files = journal_mod.list_segment_files(str(tmp_path))
+    if which == "holes.json directory":
+        path = str(tmp_path / journal_mod.HOLES_FILE)
+        os.mkdir(path)
+        return path
+    kind, position = which.split(" ", 1)
+    path = {"first": files[0][1], "middle": files[len(files) // 2][1], "tail": files[-1][1]}[position]
+    os.unlink(path)
+    if kind == "directory":
+        os.mkdir(path)
+    else:
+        os.symlink(str(tmp_path / "gone"), path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["directory first", "directory middle", "directory tail", "broken-link middle", "holes.json directory"])
+def test_verify_names_a_journal_file_it_cannot_read_and_never_raises(tmp_path, which):
+    """``raftseq journal verify`` reports the path (a node stops on it with exit code 6 and
+    one line); it used to end in an ``OSError`` traceback."""
+    build(tmp_path, 500).close()
+    path = _not_a_file(tmp_path, which)
+    report = verify_journal(str(tmp_path))
+    assert not report.ok and report.path == path, report
+    assert "cannot read" in report.problem, report
+    if which.endswith("middle"):  # and goes on with the next segment
+        assert report.last_seq == 500 and len(report.damages) == 1, report
+
+
+def test_verify_names_a_segment_it_cannot_read_and_goes_on(tmp_path, monkeypatch):
+    from raftseq.sequencer.journal import verify as verify_mod
+
+    build(tmp_path, 500).close()
+    files = journal_mod.list_segment_files(str(tmp_path))
+    unreadable = files[1][1]
+
+    def fake_open(path, *args, **kwargs):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_mod, "open", fake_open, raising=False)
+    report = verify_journal(str(tmp_path))
+    assert [(d.path, d.seq) for d in report.damages] == [(unreadable, files[1][0])]
+    assert "cannot read: Permission denied" in report.problem
+    assert report.last_seq == 500

@@ -11,12 +11,14 @@ trusted to their index here and read back by the scrub.
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import msgspec
 
+from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
-from raftseq.sequencer.journal.holes import check_holes, read_holes
+from raftseq.sequencer.journal.holes import check_holes, read_holes, write_holes
 from raftseq.sequencer.journal.index import load_sealed
 from raftseq.sequencer.journal.segments import FILL_SUFFIX, Segment, fsync_dir, list_segment_files, scan_segment
 
@@ -30,16 +32,22 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     last_good_seq: int = 0
     reason: str = ""
     removed_empty_segments: int = 0
+    #: Records ``missing_first..missing_last`` before the first segment file, which the journal
+    #: must hold from its start: recorded as a hole, fetched from a peer (0, 0: none).
+    missing_first: int = 0
+    missing_last: int = 0
 
 
 def recover(
-    directory: str, *, readonly: bool, verify_bytes: int = 0
+    directory: str, *, readonly: bool, verify_bytes: int = 0, start_seq: int = 0
 ) -> tuple[list[Segment], list[tuple[int, int]], RecoveryReport, list[Damage]]:
     """The segments and holes of the journal in `directory` (which exists), its tail cut to
     the last good record, what was cut, and the damaged ranges of sealed segments.
 
     ``readonly``: nothing is cut, removed or written; a torn tail just ends the readable
     stream (the report still says what would be cut).
+    ``start_seq``: the number the journal must start at (0: wherever its first file starts).
+    Records missing before the first segment (its file removed) become a hole.
     """
     files = list_segment_files(directory)
     holes = read_holes(directory)
@@ -74,7 +82,24 @@ def recover(
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
     check_holes(directory, holes, segments)
+    missing = _missing_start(segments, holes, start_seq)
+    if missing is not None:
+        recovery = msgspec.structs.replace(recovery, missing_first=missing[0], missing_last=missing[1])
+        first, last = missing
+        if holes and holes[0][0] == last + 1:  # a recorded hole follows on: one hole
+            last = holes.pop(0)[1]
+        holes = [(first, last), *holes]
+        if not readonly:
+            write_holes(directory, holes)
     return segments, holes, recovery, damages
+
+
+def _missing_start(segments: list[Segment], holes: list[tuple[int, int]], start_seq: int) -> tuple[int, int] | None:
+    """The numbers from `start_seq` up to the first one the journal holds or knows it lacks."""
+    firsts = [s.first_seq for s in segments if s.count] + [h[0] for h in holes[:1]]
+    if not start_seq or not firsts or min(firsts) <= start_seq:
+        return None
+    return start_seq, min(firsts) - 1
 
 
 def _verify_from(files: list[tuple[int, str]], verify_bytes: int) -> int:
@@ -111,3 +136,29 @@ def _recover_tail(segment: Segment, removed_empty: int, *, readonly: bool) -> Re
                 os.fsync(f.fileno())
     segment.count, segment.size, segment.offsets = scan.count, scan.good_bytes, scan.offsets
     return recovery
+
+
+def tail_damage(segment: Segment, file_bytes: int | None) -> Damage | None:
+    """The damage of the tail segment while it is written, found by comparing its file with
+    what the journal wrote to it: ``file_bytes`` is the file's size now (None: the file is
+    gone). None when they agree.
+
+    A shorter file loses its records from the first one it no longer holds whole (found by
+    reading from the index point before the cut, at most ``INDEX_INTERVAL_RECORDS`` records); a
+    longer one holds bytes the journal never wrote after its last record, which is refused
+    with them; a file gone loses every record.
+    """
+    last = segment.end_seq - 1
+    if not segment.count:
+        return None
+    if file_bytes is None:
+        return Damage(segment.first_seq, last, segment.path, 0, "segment file removed")
+    if file_bytes == segment.size:
+        return None
+    if file_bytes > segment.size:
+        return Damage(last, last, segment.path, segment.size, f"{file_bytes - segment.size} bytes written after the last record")
+    point = max(0, bisect.bisect_right(segment.offsets, file_bytes) - 1)
+    point_seq = segment.first_seq + point * limits.INDEX_INTERVAL_RECORDS
+    scan = scan_segment(segment.path, point_seq, check=True, start=segment.offsets[point] if segment.offsets else 0)
+    first_bad = min(point_seq + scan.count, last)
+    return Damage(first_bad, last, segment.path, scan.good_bytes, f"file cut to {file_bytes} of {segment.size} bytes")

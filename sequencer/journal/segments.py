@@ -97,19 +97,22 @@ class ScanResult(msgspec.Struct):
     problem_offset: int = -1
 
 
-def scan_segment(path: str, first_seq: int, *, check: bool) -> ScanResult:
+def scan_segment(path: str, first_seq: int, *, check: bool, start: int = 0) -> ScanResult:
     """Walk a segment's records. With ``check``: verify checksum, body and number of each.
 
+    ``start``: the file offset to begin at, where record `first_seq` starts (an index point);
+    ``count`` and ``offsets`` then count from there, ``good_bytes`` stays a file offset.
     Stops at the first record that fails; ``problem`` says why and ``good_bytes`` where.
     """
     interval = limits.INDEX_INTERVAL_RECORDS
     offsets: list[int] = []
     count = 0
     file_bytes = os.path.getsize(path)
-    pos = 0  # file offset of buf[0]
+    pos = start  # file offset of buf[0]
     problem = ""
     unpack_from = HEADER.unpack_from
     with open(path, "rb", buffering=0) as f:
+        f.seek(start)
         buf = b""
         start = 0
         while True:
@@ -153,6 +156,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd` (opened without ``O_APPEND``)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def fsync_dir(directory: str) -> None:

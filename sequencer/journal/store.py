@@ -3,7 +3,10 @@
 One thread appends; any number of cursors read, each through its own file handle, up to a
 limit the caller publishes after ``append`` returned. When a segment reaches
 ``segment_bytes_max`` it is sealed (fsynced unless the policy is ``never``, and given its index
-file) and the next batch starts a new segment.
+file) and the next batch starts a new segment. Each batch is written at the offset the
+segment's index says (never at the file's end), so a file changed under the journal never
+shifts a record; damage found in the tail seals it early and is repaired like a sealed
+segment's (``mark_damaged``, ``repair``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, 
 from raftseq.sequencer.journal.holes import HoleFill, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
-from raftseq.sequencer.journal.recovery import RecoveryReport, recover
-from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, segment_name, write_all
+from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
+from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, pwrite_all, segment_name
 
 
 class FsyncPolicy(msgspec.Struct, frozen=True):
@@ -88,6 +91,8 @@ class Journal(ClosedOnExit):
         self.fsync_seconds_total = 0.0
         #: Called with each fsync's duration in seconds (the node feeds its metrics with it).
         self.fsync_observer: Callable[[float], None] | None = None
+        #: Called with damage the journal finds itself, appending (the node logs it).
+        self.on_damage: Callable[[Damage], None] | None = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -102,6 +107,7 @@ class Journal(ClosedOnExit):
         readonly: bool = False,
         create: bool = True,
         verify_bytes: int = limits.JOURNAL_VERIFY_ON_OPEN_BYTES_DEFAULT,
+        start_seq: int = 0,
     ) -> Journal:
         """Open (and recover) the journal in `directory`.
 
@@ -110,6 +116,9 @@ class Journal(ClosedOnExit):
         ``clock_ns`` (monotonic nanoseconds) is needed by the ``interval`` fsync policy.
         ``verify_bytes``: the newest sealed segments up to this size are read back in full
         (``damage`` says what failed); older ones are trusted to their index until scrubbed.
+        ``start_seq``: the number the journal must start at (a node's journal: 1); records
+        missing before its first segment file become a hole (``recovery.missing_first``) to be
+        fetched from a peer. 0: it starts wherever its first segment does (tools, tests).
         """
         fsync = fsync or FsyncPolicy()
         if segment_bytes_max < limits.SEGMENT_BYTES_MIN:
@@ -120,7 +129,7 @@ class Journal(ClosedOnExit):
             if readonly or not create:
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
-        segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes)
+        segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes, start_seq=start_seq)
         return cls(
             directory,
             segments,
@@ -196,7 +205,10 @@ class Journal(ClosedOnExit):
             check_ends(records, first_seq, last_seq, offsets)
             offsets_in_batch = offsets
         segment = self._writable_segment(first_seq)
-        write_all(self._fd, records)
+        # At the offset the journal's own index says, not at the file's end: a file cut or
+        # lengthened under the journal never shifts a record (the reader that meets the
+        # damage refuses it, and the tail is sealed and repaired).
+        pwrite_all(self._fd, records, segment.size)
         segment.add_run(offsets_in_batch, len(records))
         mode = self.fsync_policy.mode
         if mode == "batch":
@@ -206,7 +218,9 @@ class Journal(ClosedOnExit):
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
-        if segment is not None and (segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
+        if segment is not None and not segment.sealed and self._fd < 0:
+            self._tail_file_changed(segment)  # the first write since open: sealed if damaged
+        if segment is not None and (segment.sealed or segment.size >= self.segment_bytes_max or segment.end_seq != first_seq):
             if not segment.sealed:
                 self._seal(segment)
             segment = None
@@ -214,15 +228,54 @@ class Journal(ClosedOnExit):
             path = os.path.join(self.directory, segment_name(first_seq))
             segment = Segment(path, first_seq)
             self._close_fd()
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
             fsync_dir(self.directory)
             self._segments.append(segment)
             self._segment_firsts.append(first_seq)
-        elif self._fd < 0:
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
         return segment
 
+    def _tail_file_changed(self, segment: Segment) -> bool:
+        """Is the tail segment's file no longer what the journal wrote to it (cut, lengthened
+        or removed by something else: an operator, a broken disk)? Checked when the journal
+        first writes to it after opening and when it seals it. If so, it is sealed as damaged
+        (``on_damage`` is told), the next append starts a new segment, and True is returned. A
+        tail with no records yet is just started afresh. Leaves the tail's file open."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(segment.path, os.O_WRONLY)
+            stat = os.fstat(self._fd)
+            file_bytes = stat.st_size if stat.st_nlink else None
+        except FileNotFoundError:
+            file_bytes = None
+        if file_bytes == segment.size:
+            return False
+        damage = tail_damage(segment, file_bytes)
+        if damage is None:  # no records in it: start it again
+            self._close_fd()
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            segment.size = 0
+            return False
+        self._seal_damaged(segment, damage)
+        if self.on_damage is not None:
+            self.on_damage(damage)
+        return True
+
+    def _seal_damaged(self, segment: Segment, damage: Damage) -> bool:
+        """Seal the tail segment, found damaged, where its records end now, and refuse
+        `damage` until ``repair`` replaces the file. It gets no index file: opened again before
+        the repair, the journal walks it and finds the damage again."""
+        if self._fd >= 0 and self.fsync_policy.mode != "never":
+            self._fsync()
+        self._close_fd()
+        segment.sealed = True
+        if not self.damage.add(damage):
+            return False
+        self.damage_found += 1
+        return True
+
     def _seal(self, segment: Segment) -> None:
+        if self._tail_file_changed(segment):
+            return  # sealed as damaged, without an index
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
         self._close_fd()
@@ -291,13 +344,26 @@ class Journal(ClosedOnExit):
         return [s for s in self._segments if s.sealed]
 
     def mark_damaged(self, seq: int, path: str, offset: int, reason: str) -> Damage | None:
-        """Record that record `seq` of a sealed segment failed on read: it and the rest of its
-        segment are refused to readers until repaired. Returns the new damage, or None when
-        it was known (or `seq` is in no sealed segment: a tail is never marked)."""
+        """Record that record `seq` failed on read: it and the rest of its segment are refused
+        to readers until repaired. A tail segment is sealed where it ends (appends go on in a
+        new one) so that the damaged range is fixed. Returns the new damage, or None when it
+        was known (or `seq` is in no segment)."""
         segment = self.segment_for(seq)
-        if segment is None or not segment.sealed:
+        if segment is None:
             return None
         damage = Damage(seq, segment.end_seq - 1, path or segment.path, offset, reason)
+        if not segment.sealed:
+            # The tail: seal it where it ends now (appends go on in a new segment), refused from
+            # here or from where its file was cut, if that is earlier.
+            assert not self.readonly, f"damage in the tail of a read-only journal: {damage}"
+            try:
+                file_bytes: int | None = os.stat(segment.path).st_size
+            except FileNotFoundError:
+                file_bytes = None
+            found = tail_damage(segment, file_bytes)
+            if found is not None and found.first_seq < seq:
+                damage = found
+            return damage if self._seal_damaged(segment, damage) else None
         if not self.damage.add(damage):
             return None
         self.damage_found += 1

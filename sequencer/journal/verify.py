@@ -51,9 +51,9 @@ class VerifyReport(msgspec.Struct):
 def verify_journal(directory: str, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Read every record of every segment and check what the journal promises.
 
-    Checks: segment names and continuity, each record's length, checksum and decodability,
-    gapless numbering, log time never decreasing, and per session ``client_seq`` rising by one
-    (or restarting at 1 after the session expired). After a damaged record the rest of its
+    Checks: the stream starts at 1 (or at a recorded hole), segment names and continuity, each
+    record's length, checksum and decodability, gapless numbering, log time never decreasing,
+    and per session ``client_seq`` rising by one (or restarting at 1 after the session expired). After a damaged record the rest of its
     segment is skipped and checking goes on at the next segment, so that ``damages`` names
     every damaged place (numbering across the damage is not checked).
     ``progress(segments_done, records_done)`` is called after each segment.
@@ -73,12 +73,19 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
     except JournalCorruptError as exc:
         report.problem = str(exc)
         return report
+    except OSError as exc:  # a directory in its place, say
+        report.problem = f"cannot read {exc.filename}: {exc.strerror or exc}"
+        report.path = str(exc.filename)
+        return report
     if holes and (not files or holes[0][0] < files[0][0]):
         report.problem = f"records {holes[0][0]}..{holes[0][1]} are missing (a hole waiting for catch-up)"
         report.first_bad_seq = holes[0][0]
         return report
     expected_seq = files[0][0] if files else 0
     report.first_seq = expected_seq
+    if expected_seq > 1 and not holes:
+        # A journal holds the stream from its start (there is no retention yet).
+        _damaged(report, files[0][1], 0, 1, f"records 1..{expected_seq - 1} are missing: the first segment file starts at {expected_seq}")
     last_time = 0
     client_seqs: dict[str, int] = {}
     unpack_from = HEADER.unpack_from
@@ -99,8 +106,15 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
                 return report
             expected_seq, lenient, client_seqs = first_seq, True, {}
         previous_path = path
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:  # unreadable: a damaged place like a bad record at its start
+            _damaged(report, path, 0, expected_seq, f"cannot read: {exc.strerror or exc}")
+            if i == len(files) - 1:
+                return report
+            expected_seq, lenient, client_seqs, last_time = files[i + 1][0], True, {}, 0
+            continue
         pos = 0
         end = len(data)
         view = memoryview(data)
