@@ -27,15 +27,22 @@ log = logging.getLogger("raftseq.batcher")
 #: msgpack overhead of one Entry beyond session and payload bytes (array header, ints; a
 #: fenced entry's owner and digest, up to 9 bytes each, and claim flag included).
 _ENTRY_OVERHEAD_BYTES = 44
+#: msgpack overhead of a batch beyond its entries (array headers, version, leader time).
+_BATCH_OVERHEAD_BYTES = 16
 
 
 class PendingSubmit:
     """One submit waiting for its batch to commit. ``reply(client_seq, outcome, payload_bytes)``
     is called exactly once: with the sequence number (``int``) of a new entry, an
     ``EntryResult`` for a duplicate or refusal, or a ``CommitOutcome`` when the outcome is
-    unknown; ``payload_bytes`` is the payload's length, for the caller's byte accounting."""
+    unknown; ``payload_bytes`` is the payload's length, for the caller's byte accounting.
 
-    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "cost_bytes", "owner", "claim", "digest")
+    ``owner``: the connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
+    submit, which takes the session over (``sequencer.machine``, fencing); ``digest``: the
+    client's ``payload_digest(payload)``, 0 when it sent none. ``enqueued_ns``: when it came
+    in (``time.monotonic_ns``; a caller offering many at once reads the clock once)."""
+
+    __slots__ = ("entry", "client_seq", "payload_bytes", "reply", "enqueued_ns", "cost_bytes")
 
     def __init__(
         self,
@@ -46,23 +53,23 @@ class PendingSubmit:
         owner: int = 0,
         claim: bool = False,
         digest: int = 0,
+        enqueued_ns: int = 0,
     ) -> None:
-        self.session = session
+        #: The Raft log entry, made once here: the batch carries it as it is.
+        self.entry = (
+            protocol.FencedEntry(session, client_seq, payload, owner, claim, digest)
+            if owner or digest
+            else protocol.Entry(session, client_seq, payload)
+        )
         self.client_seq = client_seq
-        self.payload = payload
+        self.payload_bytes = len(payload)
         self.reply = reply
-        self.enqueued_ns = time.monotonic_ns()
+        self.enqueued_ns = enqueued_ns or time.monotonic_ns()
         #: What this submit adds to a batch, in bytes; held by the batcher until answered.
         self.cost_bytes = len(payload) + len(session) + _ENTRY_OVERHEAD_BYTES
-        #: The connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
-        #: submit, which takes the session over (``sequencer.machine``, fencing).
-        self.owner = owner
-        self.claim = claim
-        #: The client's ``payload_digest(payload)``, 0 when it sent none.
-        self.digest = digest
 
     def answer(self, outcome: object) -> None:
-        self.reply(self.client_seq, outcome, len(self.payload))
+        self.reply(self.client_seq, outcome, self.payload_bytes)
 
 
 class CommitOutcome:
@@ -92,7 +99,8 @@ class Batcher:
         self._queue_bytes = 0
         #: Bytes of every submit queued or proposed and not yet answered (``held_bytes_max``).
         self._held_bytes = 0
-        self._in_flight: dict[int, tuple[list[PendingSubmit], float]] = {}
+        #: batch id -> its submits, its commit deadline and the bytes they hold.
+        self._in_flight: dict[int, tuple[list[PendingSubmit], float, int]] = {}
         self._next_batch_id = 1
         self._last_time_ns = 0
         self.enabled = False
@@ -116,6 +124,18 @@ class Batcher:
     @property
     def held_bytes(self) -> int:
         return self._held_bytes
+
+    def offer_all(self, submits: list[PendingSubmit]) -> bool:
+        """Queue every one of `submits` if all fit (by entries and by bytes held), else none:
+        False, and the caller offers them one by one (``offer``) to learn which fit. Nothing is
+        proposed: the caller calls ``flush``."""
+        cost = sum(submit.cost_bytes for submit in submits)
+        if len(self._queue) + len(submits) > self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
+            return False
+        self._queue.extend(submits)
+        self._queue_bytes += cost
+        self._held_bytes += cost
+        return True
 
     def offer(self, submit: PendingSubmit, *, propose: bool = True) -> bool:
         """Queue a submit; False when the queue is full, by entries or by the bytes held
@@ -147,27 +167,25 @@ class Batcher:
 
     def _propose_one(self) -> None:
         config = self.config
-        entries: list[protocol.Entry] = []
-        members: list[PendingSubmit] = []
-        size = 16
-        fenced = False
         queue = self._queue
-        while queue and len(entries) < config.entries_max:
-            submit = queue[0]
-            cost = submit.cost_bytes
-            if entries and size + cost > config.bytes_max:
-                break
-            queue.popleft()
-            self._queue_bytes -= cost
-            size += cost
-            if submit.owner or submit.digest:
-                entries.append(
-                    protocol.FencedEntry(submit.session, submit.client_seq, submit.payload, submit.owner, submit.claim, submit.digest)
-                )
-                fenced = True
-            else:
-                entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
-            members.append(submit)
+        size = _BATCH_OVERHEAD_BYTES + self._queue_bytes
+        if len(queue) <= config.entries_max and (size <= config.bytes_max or len(queue) == 1):
+            # The whole queue fits in one batch (the usual case): taken at once.
+            members = list(queue)
+            queue.clear()
+            self._queue_bytes = 0
+        else:
+            members = []
+            size = _BATCH_OVERHEAD_BYTES
+            while queue and len(members) < config.entries_max:
+                cost = queue[0].cost_bytes
+                if members and size + cost > config.bytes_max:
+                    break
+                members.append(queue.popleft())
+                self._queue_bytes -= cost
+                size += cost
+        entries = [submit.entry for submit in members]
+        fenced = protocol.FencedEntry in set(map(type, entries))
         now = self._clock_ns()
         if now < self._last_time_ns:
             now = self._last_time_ns
@@ -176,7 +194,7 @@ class Batcher:
         assert len(data) <= config.bytes_max, f"batch of {len(data)} bytes exceeds {config.bytes_max}"
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s)
+        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES)
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
         committed = self._committed
@@ -200,8 +218,8 @@ class Batcher:
         entry = self._in_flight.pop(batch_id, None)
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
-        members, _ = entry
-        self._release(members)
+        members, _, held = entry
+        self._release(held)
         if error == PROPOSAL_OK and isinstance(result, ApplyResult) and not result.error:
             count = result.entry_count
             assert count == len(members), f"{count} results for {len(members)} entries"
@@ -209,7 +227,7 @@ class Batcher:
                 # Every entry was new: entry i got first_seq + i.
                 seq = result.first_seq
                 for submit in members:
-                    submit.answer(seq)
+                    submit.reply(submit.client_seq, seq, submit.payload_bytes)
                     seq += 1
             else:
                 for submit, outcome in zip(members, result.outcomes):
@@ -227,24 +245,24 @@ class Batcher:
                 submit.answer(unknown)
         self._maybe_propose()
 
-    def _release(self, members: list[PendingSubmit]) -> None:
-        """A proposed batch is answered: its bytes are no longer held."""
-        self._held_bytes -= sum(submit.cost_bytes for submit in members)
+    def _release(self, held: int) -> None:
+        """A proposed batch is answered: its `held` bytes are no longer held."""
+        self._held_bytes -= held
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
 
     def _expire(self) -> None:
         self._timeout_handle = None
         now = self._loop.time()
-        for batch_id in [b for b, (_, deadline) in self._in_flight.items() if deadline <= now]:
-            members, _ = self._in_flight.pop(batch_id)
-            self._release(members)
+        for batch_id in [b for b, (_, deadline, _) in self._in_flight.items() if deadline <= now]:
+            members, _, held = self._in_flight.pop(batch_id)
+            self._release(held)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
             unknown = CommitOutcome(None, "commit timeout")
             for submit in members:
                 submit.answer(unknown)
         if self._in_flight:
-            next_deadline = min(deadline for _, deadline in self._in_flight.values())
+            next_deadline = min(deadline for _, deadline, _ in self._in_flight.values())
             self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
         self._maybe_propose()
 
@@ -262,7 +280,7 @@ class Batcher:
         while self._queue:
             submit = self._queue.popleft()
             submit.answer(unknown)
-        for members, _ in self._in_flight.values():
+        for members, _, _ in self._in_flight.values():
             for submit in members:
                 submit.answer(unknown)
         self.batches_unknown += len(self._in_flight)

@@ -539,6 +539,25 @@ class Gateway:
         owner = conn.owner
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
+        payload_bytes = sum(map(len, payloads))
+        if (
+            limit is None
+            and not conn.claim_pending
+            and conn.in_flight + len(payloads) <= in_flight_max
+            and conn.in_flight_bytes + payload_bytes <= in_flight_bytes_max
+        ):
+            # Every submit is within the connection's bounds: if the batcher takes them all,
+            # each would have been taken one by one too (the loop below is for the rest).
+            now_ns = time.monotonic_ns()
+            submits = [
+                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], now_ns)
+                for i, payload in enumerate(payloads)
+            ]
+            if batcher.offer_all(submits):
+                conn.in_flight += len(submits)
+                conn.in_flight_bytes += payload_bytes
+                batcher.flush()
+                return
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:

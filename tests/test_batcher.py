@@ -341,6 +341,44 @@ def test_the_bytes_held_are_bounded_and_released_when_answered():
     run(story)
 
 
+def test_offer_all_takes_every_submit_or_none_at_the_same_bounds_as_one_by_one():
+    # The gateway offers a frame's submits at once; when they do not all fit it offers them
+    # one by one, so offer_all must refuse exactly when one of them would be refused.
+    async def story():
+        cost = PendingSubmit("alpha", 1, b"x", lambda *_: None).cost_bytes
+        raft, replies, batcher = batcher_on_fakes(queue_entries_max=4, held_bytes_max=5 * cost, in_flight_max=1)
+        batcher.offer(replies.submit("alpha", 1))  # proposed at once: held, not queued
+        assert batcher.offer_all([replies.submit("alpha", c) for c in (2, 3, 4, 5, 6)]) is False, "5 > queue_entries_max"
+        assert batcher.offer_all([replies.submit("alpha", c) for c in (2, 3, 4, 5)]) is True, "4 queued, 5 held: at both bounds"
+        assert (batcher.queued, batcher.held_bytes) == (4, 5 * cost)
+        assert batcher.offer_all([replies.submit("alpha", 6)]) is False
+        batcher.flush()
+        assert len(raft.proposals) == 1, "offer_all proposes nothing; flush waits for the batch in flight"
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        assert [p.keys for p in raft.proposals[1:]] == [[("alpha", c) for c in (2, 3, 4, 5)]], "the rest as one batch"
+        assert batcher.held_bytes == 4 * cost
+
+    run(story)
+
+
+def test_a_queue_taken_whole_or_in_parts_makes_the_same_batches():
+    # The whole queue goes at once when it fits a batch; else entry by entry up to the bounds.
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(entries_max=3, bytes_max=300, in_flight_max=1)
+        batcher.offer(replies.submit("alpha", 1, b"a"))
+        for seq in range(2, 9):
+            batcher.offer(replies.submit("alpha", seq, b"a" * 40))
+        batcher.offer(replies.submit("bravo", 1, b"b" * 250))
+        batcher.offer(replies.submit("bravo", 2, b"b"))
+        await commit_everything(raft, replies, batcher)
+        assert sizes(raft) == [1, 3, 3, 1, 1, 1], "by entries_max, then by bytes_max (the first of a batch always fits)"
+        assert batcher.held_bytes == 0 and batcher.queued == 0
+
+    run(story)
+
+
 # --- commits --------------------------------------------------------------------------------
 
 
