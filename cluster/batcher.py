@@ -15,6 +15,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import groupby
+from operator import attrgetter
 
 from raftseq.cluster import invariant
 from raftseq.cluster.config import BatcherConfig
@@ -72,6 +74,9 @@ class PendingSubmit:
         self.reply(self.client_seq, outcome, self.payload_bytes)
 
 
+_enqueued_ns = attrgetter("enqueued_ns")
+
+
 class CommitOutcome:
     """How a proposed batch ended: applied (``result``) or unknown (``error``)."""
 
@@ -110,8 +115,9 @@ class Batcher:
         self.entries_proposed = 0
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._proposing = False
-        #: Called with each acknowledged submit's queue-to-commit time, in seconds.
-        self.latency_observer: Callable[[float], None] | None = None
+        #: Called with the queue-to-commit time of acknowledged submits, in seconds, and how
+        #: many submits took that long.
+        self.latency_observer: Callable[[float, int], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -235,8 +241,9 @@ class Batcher:
             observe = self.latency_observer
             if observe is not None:
                 now_ns = time.monotonic_ns()
-                for submit in members:
-                    observe((now_ns - submit.enqueued_ns) / 1e9)
+                # The submits of one frame came in at one clock read: observed together.
+                for enqueued_ns, together in groupby(map(_enqueued_ns, members)):
+                    observe((now_ns - enqueued_ns) / 1e9, sum(1 for _ in together))
         else:
             reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -386,7 +387,7 @@ def test_commits_reply_in_order_on_the_loop():
     async def story():
         raft, replies, batcher = batcher_on_fakes()
         observed = []
-        batcher.latency_observer = observed.append
+        batcher.latency_observer = lambda seconds, count: observed.extend([seconds] * count)
         batcher.offer(replies.submit("alpha", 1))
         for session, seq in [("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]:
             batcher.offer(replies.submit(session, seq))
@@ -508,6 +509,24 @@ def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
     run(story)
 
 
+def test_submits_that_came_in_together_are_observed_together():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes()
+        observed = []
+        batcher.latency_observer = lambda seconds, count: observed.append((seconds, count))
+        came_in_ns = time.monotonic_ns()
+        one_frame = [PendingSubmit("alpha", c, b"x", lambda *_: None, enqueued_ns=came_in_ns) for c in (1, 2, 3)]
+        assert batcher.offer_all(one_frame)
+        assert batcher.offer(PendingSubmit("bravo", 1, b"x", lambda *_: None, enqueued_ns=came_in_ns + 1))
+        batcher.flush()
+        raft.commit(raft.proposals[0])
+        await drain()
+        assert [count for _, count in observed] == [3, 1]
+        assert observed[0][0] > observed[1][0] > 0
+
+    run(story)
+
+
 # --- commit timeout -------------------------------------------------------------------------
 
 
@@ -515,7 +534,7 @@ def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
     async def story():
         raft, replies, batcher = batcher_on_fakes(commit_timeout_s=0.05)
         observed = []
-        batcher.latency_observer = observed.append
+        batcher.latency_observer = lambda seconds, count: observed.extend([seconds] * count)
         batcher.offer(replies.submit("alpha", 1))
         batcher.offer(replies.submit("alpha", 2))
 
