@@ -15,8 +15,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from itertools import groupby
-from operator import attrgetter
 
 from raftseq.cluster import invariant
 from raftseq.cluster.config import BatcherConfig
@@ -72,9 +70,6 @@ class PendingSubmit:
 
     def answer(self, outcome: object) -> None:
         self.reply(self.client_seq, outcome, self.payload_bytes)
-
-
-_enqueued_ns = attrgetter("enqueued_ns")
 
 
 class CommitOutcome:
@@ -242,8 +237,15 @@ class Batcher:
             if observe is not None:
                 now_ns = time.monotonic_ns()
                 # The submits of one frame came in at one clock read: observed together.
-                for enqueued_ns, together in groupby(map(_enqueued_ns, members)):
-                    observe((now_ns - enqueued_ns) / 1e9, sum(1 for _ in together))
+                came_in_ns = members[0].enqueued_ns
+                together = 0
+                for submit in members:
+                    if submit.enqueued_ns != came_in_ns:
+                        observe((now_ns - came_in_ns) / 1e9, together)
+                        came_in_ns = submit.enqueued_ns
+                        together = 0
+                    together += 1
+                observe((now_ns - came_in_ns) / 1e9, together)
         else:
             reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1

@@ -539,12 +539,12 @@ class Gateway:
         owner = conn.owner
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
-        payload_bytes = sum(map(len, payloads))
         if (
-            limit is None
+            len(payloads) > 1
+            and limit is None
             and not conn.claim_pending
             and conn.in_flight + len(payloads) <= in_flight_max
-            and conn.in_flight_bytes + payload_bytes <= in_flight_bytes_max
+            and conn.in_flight_bytes + (payload_bytes := sum(map(len, payloads))) <= in_flight_bytes_max
         ):
             # Every submit is within the connection's bounds: if the batcher takes them all,
             # each would have been taken one by one too (the loop below is for the rest).
