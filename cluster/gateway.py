@@ -435,6 +435,9 @@ class Gateway:
                 self._submit(conn, frame.client_seq, (frame.payload,), (frame.digest,))
             elif frame.digests and len(frame.digests) != len(frame.payloads):
                 conn.reject_and_close(RejectReason.BAD_FRAME, f"{len(frame.digests)} digests for {len(frame.payloads)} payloads")
+            elif frame.first_client_seq + len(frame.payloads) - 1 > protocol.CLIENT_SEQ_MAX:
+                # Numbered past the last client_seq: no node could decode a batch holding it.
+                conn.reject_and_close(RejectReason.BAD_FRAME, f"client_seq above {protocol.CLIENT_SEQ_MAX}")
             else:
                 self._submit(conn, frame.first_client_seq, frame.payloads, frame.digests or _NO_DIGESTS)
         elif kind is protocol.Hello:

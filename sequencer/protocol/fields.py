@@ -23,6 +23,7 @@ from raftseq.sequencer.limits import (
 )
 
 __all__ = [
+    "CLIENT_SEQ_MAX",
     "DECODE_ERRORS",
     "SESSION_PATTERN",
     "SM_DIGEST_CHARS_MAX",
@@ -67,7 +68,9 @@ def is_session_name(name: str) -> bool:
     return 0 < len(name) <= limits.SESSION_BYTES_MAX and _session_re.match(name) is not None
 
 
-ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+#: The highest client_seq (and sequence number): msgpack's signed 64-bit range.
+CLIENT_SEQ_MAX = 2**63 - 1
+ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=CLIENT_SEQ_MAX)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
