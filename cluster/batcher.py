@@ -40,9 +40,13 @@ class PendingSubmit:
     ``owner``: the connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
     submit, which takes the session over (``sequencer.machine``, fencing); ``digest``: the
     client's ``payload_digest(payload)``, 0 when it sent none. ``enqueued_ns``: when it came
-    in (``time.monotonic_ns``; a caller offering many at once reads the clock once)."""
+    in (``time.monotonic_ns``; a caller offering many at once reads the clock once).
 
-    __slots__ = ("entry", "client_seq", "payload_bytes", "reply", "enqueued_ns", "cost_bytes")
+    ``acked``, when given, answers runs: ``acked(first_client_seq, first_seq, count,
+    payload_bytes)`` in place of ``reply`` for ``count`` new submits in a row that share it,
+    with consecutive client_seqs (``client_seq + i`` got ``first_seq + i``)."""
+
+    __slots__ = ("entry", "client_seq", "payload_bytes", "reply", "enqueued_ns", "cost_bytes", "acked")
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class PendingSubmit:
         claim: bool = False,
         digest: int = 0,
         enqueued_ns: int = 0,
+        acked: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         #: The Raft log entry, made once here: the batch carries it as it is.
         self.entry = (
@@ -67,9 +72,35 @@ class PendingSubmit:
         self.enqueued_ns = enqueued_ns or time.monotonic_ns()
         #: What this submit adds to a batch, in bytes; held by the batcher until answered.
         self.cost_bytes = len(payload) + len(session) + _ENTRY_OVERHEAD_BYTES
+        self.acked = acked
 
     def answer(self, outcome: object) -> None:
         self.reply(self.client_seq, outcome, self.payload_bytes)
+
+
+def _answer_sequenced(members: list[PendingSubmit], first_seq: int) -> None:
+    """Answer `members`, all new: member i got ``first_seq + i``. Runs of members that share
+    an ``acked`` and have consecutive client_seqs are answered by one call."""
+    seq = first_seq
+    count = len(members)
+    i = 0
+    while i < count:
+        submit = members[i]
+        acked = submit.acked
+        if acked is None:
+            submit.reply(submit.client_seq, seq, submit.payload_bytes)
+            i += 1
+            seq += 1
+            continue
+        client_seq = submit.client_seq
+        payload_bytes = submit.payload_bytes
+        end = i + 1
+        while end < count and members[end].acked is acked and members[end].client_seq == client_seq + end - i:
+            payload_bytes += members[end].payload_bytes
+            end += 1
+        acked(client_seq, seq, end - i, payload_bytes)
+        seq += end - i
+        i = end
 
 
 class CommitOutcome:
@@ -226,10 +257,7 @@ class Batcher:
             assert count == len(members), f"{count} results for {len(members)} entries"
             if result.outcomes is None:
                 # Every entry was new: entry i got first_seq + i.
-                seq = result.first_seq
-                for submit in members:
-                    submit.reply(submit.client_seq, seq, submit.payload_bytes)
-                    seq += 1
+                _answer_sequenced(members, result.first_seq)
             else:
                 for submit, outcome in zip(members, result.outcomes):
                     submit.answer(outcome)

@@ -64,6 +64,8 @@ _encode = protocol.encode_frame
 
 #: The digests of a SubmitBatch that carries none: 0 (not given) for every payload.
 _NO_DIGESTS = (0,) * limits.SUBMIT_BATCH_ENTRIES_MAX
+#: Acks one AckRange may say: a batch's worth.
+_ACK_RUN_MAX = limits.BATCH_ENTRIES_MAX
 
 
 class Connection:
@@ -87,6 +89,7 @@ class Connection:
         "_run_client_seq",
         "_run_seq",
         "_run_count",
+        "acked",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -116,6 +119,9 @@ class Connection:
         self._run_client_seq = 0
         self._run_seq = 0
         self._run_count = 0
+        #: ``sequenced`` as one object for the connection's life: the batcher answers runs of
+        #: submits that share it at once (``PendingSubmit.acked``).
+        self.acked = self.sequenced
 
     # --- writing --------------------------------------------------------------------------
 
@@ -136,20 +142,25 @@ class Connection:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def ack(self, client_seq: int, seq: int) -> None:
-        """Queue an ack; consecutive ones (both numbers rising by one) go out as one AckRange."""
-        count = self._run_count
-        if count and client_seq == self._run_client_seq + count and seq == self._run_seq + count and count < limits.BATCH_ENTRIES_MAX:
-            self._run_count = count + 1
+    def ack(self, client_seq: int, seq: int, count: int = 1) -> None:
+        """Queue acks of `count` submits (client_seq + i got seq + i); consecutive ones (both
+        numbers rising by one) go out as one AckRange."""
+        run = self._run_count
+        if run and client_seq == self._run_client_seq + run and seq == self._run_seq + run and run + count <= _ACK_RUN_MAX:
+            self._run_count = run + count
             return
-        if count:
+        assert count <= _ACK_RUN_MAX, f"{count} acks at once, more than a batch holds"
+        if run:
             self._close_run()
-        self._run_client_seq, self._run_seq, self._run_count = client_seq, seq, 1
+        self._run_client_seq, self._run_seq, self._run_count = client_seq, seq, count
         self._schedule_flush()
 
     def _close_run(self) -> None:
         count = self._run_count
         self._run_count = 0
+        #: ``sequenced`` as one object for the connection's life: the batcher answers runs of
+        #: submits that share it at once (``PendingSubmit.acked``).
+        self.acked = self.sequenced
         if count == 1:
             self._out.append(_encode(protocol.Ack(self._run_client_seq, self._run_seq)))
         elif count > 1:
@@ -197,6 +208,17 @@ class Connection:
             pass
 
     # --- replies from the batcher ---------------------------------------------------------
+
+    def sequenced(self, first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+        """`count` of this connection's submits were new, from the batcher: client_seq
+        ``first_client_seq + i`` got ``first_seq + i`` (``reply`` for each, at once)."""
+        self.in_flight -= count
+        self.in_flight_bytes -= payload_bytes
+        gateway = self.gateway
+        if gateway.waiting_for_room:
+            gateway.room_freed.set()
+        if not self.closed:
+            self.ack(first_client_seq, first_seq, count)
 
     def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
@@ -539,6 +561,7 @@ class Gateway:
         batcher = self.batcher
         session = conn.session
         reply = conn.reply
+        acked = conn.acked
         owner = conn.owner
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
@@ -553,7 +576,7 @@ class Gateway:
             # each would have been taken one by one too (the loop below is for the rest).
             now_ns = time.monotonic_ns()
             submits = [
-                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], now_ns)
+                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], now_ns, acked)
                 for i, payload in enumerate(payloads)
             ]
             if batcher.offer_all(submits):
@@ -574,7 +597,7 @@ class Gateway:
                 else:
                     conn.claim_pending = False
             elif limit is None and not batcher.offer(
-                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i]), propose=False
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], 0, acked), propose=False
             ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:

@@ -59,6 +59,14 @@ class FakeRaft:
             self.next_seq += 1
         return ApplyResult(results, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"")
 
+    def commit_all_new(self, proposal: Proposal) -> ApplyResult:
+        """Commit as ``machine.apply`` reports a batch of new entries only (``outcomes`` None)."""
+        first = self.next_seq
+        self.next_seq += len(proposal.batch.entries)
+        result = ApplyResult(None, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"", entries=proposal.batch.entries)
+        self.finish(proposal, result, FAIL_REASON.SUCCESS)
+        return result
+
     def commit(self, proposal: Proposal) -> ApplyResult:
         result = self.result_of(proposal)
         self.finish(proposal, result, FAIL_REASON.SUCCESS)
@@ -505,6 +513,35 @@ def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
 
         outcome = replies.got[0][2]
         assert isinstance(outcome, CommitOutcome) and outcome.error == "batch not applied"
+
+    run(story)
+
+
+def test_new_submits_in_a_row_that_share_acked_are_answered_in_one_call():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(in_flight_max=1)
+        runs = []
+
+        def acked(first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+            runs.append((first_client_seq, first_seq, count, payload_bytes))
+
+        def other(first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+            runs.append(("other", first_client_seq, first_seq, count))
+
+        batcher.offer(replies.submit("alpha", 1))  # in flight alone
+        for client_seq, payload in ((2, b"ab"), (3, b"c"), (5, b"d")):  # 5: not the next of 3
+            batcher.offer(PendingSubmit("alpha", client_seq, payload, lambda *_: None, acked=acked))
+        batcher.offer(PendingSubmit("bravo", 6, b"e", lambda *_: None, acked=other))
+        batcher.offer(replies.submit("alpha", 9))  # no acked: its reply, as ever
+        batcher.offer(PendingSubmit("alpha", 10, b"f", lambda *_: None, acked=acked))
+        raft.commit_all_new(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        raft.commit_all_new(raft.proposals[1])
+        await replies.wait_for(2)
+        assert runs == [(2, 2, 2, 3), (5, 4, 1, 1), ("other", 6, 5, 1), (10, 7, 1, 1)]
+        assert [(s, c, outcome) for s, c, outcome in replies.got] == [("alpha", 1, 1), ("alpha", 9, 6)]
+        assert batcher.held_bytes == 0
 
     run(story)
 
