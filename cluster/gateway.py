@@ -82,6 +82,7 @@ class Connection:
         "in_flight_bytes",
         "subscription",
         "last_read",
+        "read_ns",
         "last_write",
         "closed",
         "_out",
@@ -111,6 +112,9 @@ class Connection:
         self.subscription: asyncio.Task | None = None
         now = time.monotonic()
         self.last_read = now
+        #: When the bytes being handled were read (``time.monotonic_ns``): the time every
+        #: submit in them came in.
+        self.read_ns = 0
         self.last_write = now
         self.closed = False
         self._out: list[bytes] = []
@@ -396,6 +400,7 @@ class Gateway:
             if not data:
                 return
             conn.last_read = time.monotonic()
+            conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
                     log.info("closing %s: %s", conn.peer, frame.detail)
@@ -563,6 +568,7 @@ class Gateway:
         reply = conn.reply
         acked = conn.acked
         owner = conn.owner
+        read_ns = conn.read_ns
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
         if (
@@ -574,9 +580,8 @@ class Gateway:
         ):
             # Every submit is within the connection's bounds: if the batcher takes them all,
             # each would have been taken one by one too (the loop below is for the rest).
-            now_ns = time.monotonic_ns()
             submits = [
-                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], now_ns, acked)
+                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], read_ns, acked)
                 for i, payload in enumerate(payloads)
             ]
             if batcher.offer_all(submits):
@@ -591,13 +596,13 @@ class Gateway:
             if limit is None and conn.in_flight_bytes + len(payload) > in_flight_bytes_max:
                 limit = ("in_flight_bytes_per_connection", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if conn.claim_pending and limit is None:
-                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i])
+                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i], read_ns)
                 if not batcher.offer(submit, propose=False):
                     limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
                 else:
                     conn.claim_pending = False
             elif limit is None and not batcher.offer(
-                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], 0, acked), propose=False
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], read_ns, acked), propose=False
             ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
