@@ -162,9 +162,6 @@ class Connection:
     def _close_run(self) -> None:
         count = self._run_count
         self._run_count = 0
-        #: ``sequenced`` as one object for the connection's life: the batcher answers runs of
-        #: submits that share it at once (``PendingSubmit.acked``).
-        self.acked = self.sequenced
         if count == 1:
             self._out.append(_encode(protocol.Ack(self._run_client_seq, self._run_seq)))
         elif count > 1:
