@@ -53,7 +53,7 @@ import hashlib
 import zlib
 from array import array
 from collections import OrderedDict
-from itertools import accumulate
+from itertools import accumulate, islice
 
 import msgspec
 
@@ -332,11 +332,9 @@ class SequencerMachine:
         # A snapshot session's entry was sequenced: index its chunks after the loop. Tested
         # where the session changes (with the idle-order move), not on every entry.
         chunks_seen = False
-        # Entries before this index were numbered with an earlier one, as a run.
-        resume = 0
-        for index, entry in enumerate(entries):
-            if index < resume:
-                continue
+        # A run of entries numbered in one go is skipped over on this iterator.
+        numbered = enumerate(entries)
+        for index, entry in numbered:
             name = entry.session
             client_seq = entry.client_seq
             state = sessions.get(name)
@@ -369,7 +367,6 @@ class SequencerMachine:
                     # the owner's now): a run is numbered in one go, its session looked up,
                     # checked and moved once. Each entry's digest is the client's (a fenced
                     # entry), else payload_digest.
-                    run_seq = seq
                     end = index + 1
                     while end < count:
                         following = entries[end]
@@ -396,7 +393,7 @@ class SequencerMachine:
                         state.remember(last, seq, [e.digest or digest_of(e.payload) for e in run], window_max)
                         state.last_client_seq = client_seq + len(run) - 1
                         seq += len(run)
-                        resume = end
+                        next(islice(numbered, len(run) - 2, None), None)  # past the run's last entry
                     state.last_active_ns = log_time
                     if name != last_moved:
                         sessions.move_to_end(name)
@@ -404,7 +401,8 @@ class SequencerMachine:
                         if state.snapshot_session:
                             chunks_seen = True
                     if outcomes is not None:
-                        outcomes += [EntryResult(name, client_seq + i, sequenced, run_seq + i) for i in range(seq - run_seq)]
+                        length = state.last_client_seq - client_seq + 1
+                        outcomes += [EntryResult(name, client_seq + i, sequenced, seq - length + i) for i in range(length)]
                     continue
                 if client_seq <= last:
                     if last - client_seq < len(state.seqs):
