@@ -104,8 +104,8 @@ class Fixture:
 
 
 def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
-    """The command's ``--messages`` from ``--sessions`` sessions in turn, ``--batch`` to a batch,
-    each payload ``--payload-bytes`` long; as journal records and as Raft log entries
+    """The command's ``--messages`` from ``--sessions`` sessions in turn (``--run`` in a row each),
+    ``--batch`` to a batch, each payload ``--payload-bytes`` long; as journal records and as Raft log entries
     (``--entries``: as clients of this release send them, with owner and payload digest, or as
     older clients do, the machine then computing each digest)."""
     messages, batch, sessions, payload_bytes = sizes.messages, sizes.batch, sizes.sessions, sizes.payload_bytes
@@ -125,7 +125,7 @@ def build_fixture(root: str, sizes: argparse.Namespace) -> Fixture:
         frames = []
         entries = []
         for s in range(seq, last + 1):
-            k = (s - 1) % sessions
+            k = (s - 1) // sizes.run % sessions
             client_seqs[k] += 1
             frames.append(encode_delivered(s, log_time_ns, names[k], client_seqs[k], payload))
             if fenced:
@@ -609,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--sessions", type=positive_int, default=8, help="client sessions the messages come from, in turn (default 8)")
     add(
+        "--run",
+        type=positive_int,
+        default=1,
+        help="messages of one session in a row before the next session's, as a SubmitBatch frame brings them (default 1)",
+    )
+    add(
         "--entries",
         choices=("fenced", "plain"),
         default="fenced",
@@ -688,7 +694,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     record_mean = fx.record_bytes / fx.messages
     print(
         f"settings  {args.messages:,} messages ({fx.fsync_messages:,} with fsync) of {args.payload_bytes} B payload "
-        f"from {args.sessions} sessions, {args.batch:,} per batch; records {record_mean:.1f} B each"
+        f"from {args.sessions} sessions ({args.run} in a row), {args.batch:,} per batch, {args.entries} entries; "
+        f"records {record_mean:.1f} B each"
     )
     print(
         f"          runs {args.runs} (+{args.warmup_runs} warm-up), median (min, max) of each"
@@ -742,6 +749,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
             "payload_bytes": args.payload_bytes,
             "batch": args.batch,
             "sessions": args.sessions,
+            "run": args.run,
+            "entries": args.entries,
             "runs": args.runs,
             "warmup_runs": args.warmup_runs,
             "frames_per_read": args.frames_per_read,

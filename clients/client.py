@@ -47,7 +47,7 @@ from raftseq.clients.connection import FATAL_REASONS, Connection, open_connectio
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, rejection
 from raftseq.sequencer import protocol
-from raftseq.sequencer.protocol import RejectReason, payload_digest
+from raftseq.sequencer.protocol import RejectReason, payload_digest, payload_digests
 
 log = logging.getLogger("raftseq.client")
 
@@ -118,12 +118,14 @@ class _Group:
 class _Pending:
     __slots__ = ("client_seq", "payload", "digest", "future", "group", "index", "sent")
 
-    def __init__(self, client_seq: int, payload: bytes, future: asyncio.Future | None, group: _Group | None = None, index: int = 0) -> None:
+    def __init__(
+        self, client_seq: int, payload: bytes, digest: int, future: asyncio.Future | None, group: _Group | None = None, index: int = 0
+    ) -> None:
         self.client_seq = client_seq
         self.payload = payload
-        #: Sent with the payload: the node keeps it to tell a retry from another payload
-        #: under the same number (computed here, so that the nodes need not).
-        self.digest = payload_digest(payload)
+        #: ``payload_digest(payload)``, sent with the payload: the node keeps it to tell a retry
+        #: from another payload under the same number (computed here, so that the nodes need not).
+        self.digest = digest
         self.future = future
         self.group = group
         self.index = index
@@ -378,7 +380,7 @@ class SequencerClient:
         client_seq = self._next_client_seq
         self._next_client_seq += 1
         future = asyncio.get_running_loop().create_future()
-        pending = _Pending(client_seq, payload, future)
+        pending = _Pending(client_seq, payload, payload_digest(payload), future)
         self._pending[client_seq] = pending
         if len(self._pending) >= self.in_flight_max:
             self._room.clear()
@@ -410,8 +412,9 @@ class SequencerClient:
         self._next_client_seq += len(payloads)
         pending_map = self._pending
         batch = []
-        for i, payload in enumerate(payloads):
-            pending = _Pending(first + i, bytes(payload), None, group, i)
+        payloads = [bytes(payload) for payload in payloads]
+        for i, (payload, digest) in enumerate(zip(payloads, payload_digests(payloads))):
+            pending = _Pending(first + i, payload, digest, None, group, i)
             pending_map[first + i] = pending
             batch.append(pending)
         if len(pending_map) >= self.in_flight_max:

@@ -27,15 +27,26 @@ log = logging.getLogger("raftseq.batcher")
 #: msgpack overhead of one Entry beyond session and payload bytes (array header, ints; a
 #: fenced entry's owner and digest, up to 9 bytes each, and claim flag included).
 _ENTRY_OVERHEAD_BYTES = 44
+#: msgpack overhead of a batch beyond its entries (array headers, version, leader time).
+_BATCH_OVERHEAD_BYTES = 16
 
 
 class PendingSubmit:
     """One submit waiting for its batch to commit. ``reply(client_seq, outcome, payload_bytes)``
     is called exactly once: with the sequence number (``int``) of a new entry, an
     ``EntryResult`` for a duplicate or refusal, or a ``CommitOutcome`` when the outcome is
-    unknown; ``payload_bytes`` is the payload's length, for the caller's byte accounting."""
+    unknown; ``payload_bytes`` is the payload's length, for the caller's byte accounting.
 
-    __slots__ = ("session", "client_seq", "payload", "reply", "enqueued_ns", "cost_bytes", "owner", "claim", "digest")
+    ``owner``: the connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
+    submit, which takes the session over (``sequencer.machine``, fencing); ``digest``: the
+    client's ``payload_digest(payload)``, 0 when it sent none. ``enqueued_ns``: when it came
+    in (``time.monotonic_ns``; a caller offering many at once reads the clock once).
+
+    ``acked``, when given, answers runs: ``acked(first_client_seq, first_seq, count,
+    payload_bytes)`` in place of ``reply`` for ``count`` new submits in a row that share it,
+    with consecutive client_seqs (``client_seq + i`` got ``first_seq + i``)."""
+
+    __slots__ = ("entry", "client_seq", "payload_bytes", "reply", "enqueued_ns", "cost_bytes", "acked")
 
     def __init__(
         self,
@@ -46,23 +57,50 @@ class PendingSubmit:
         owner: int = 0,
         claim: bool = False,
         digest: int = 0,
+        enqueued_ns: int = 0,
+        acked: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
-        self.session = session
+        #: The Raft log entry, made once here: the batch carries it as it is.
+        self.entry = (
+            protocol.FencedEntry(session, client_seq, payload, owner, claim, digest)
+            if owner or digest
+            else protocol.Entry(session, client_seq, payload)
+        )
         self.client_seq = client_seq
-        self.payload = payload
+        self.payload_bytes = len(payload)
         self.reply = reply
-        self.enqueued_ns = time.monotonic_ns()
+        self.enqueued_ns = enqueued_ns or time.monotonic_ns()
         #: What this submit adds to a batch, in bytes; held by the batcher until answered.
         self.cost_bytes = len(payload) + len(session) + _ENTRY_OVERHEAD_BYTES
-        #: The connection's ``Hello.owner`` (0: a client without one); ``claim``: its first
-        #: submit, which takes the session over (``sequencer.machine``, fencing).
-        self.owner = owner
-        self.claim = claim
-        #: The client's ``payload_digest(payload)``, 0 when it sent none.
-        self.digest = digest
+        self.acked = acked
 
     def answer(self, outcome: object) -> None:
-        self.reply(self.client_seq, outcome, len(self.payload))
+        self.reply(self.client_seq, outcome, self.payload_bytes)
+
+
+def _answer_sequenced(members: list[PendingSubmit], first_seq: int) -> None:
+    """Answer `members`, all new: member i got ``first_seq + i``. Runs of members that share
+    an ``acked`` and have consecutive client_seqs are answered by one call."""
+    seq = first_seq
+    count = len(members)
+    i = 0
+    while i < count:
+        submit = members[i]
+        acked = submit.acked
+        if acked is None:
+            submit.reply(submit.client_seq, seq, submit.payload_bytes)
+            i += 1
+            seq += 1
+            continue
+        client_seq = submit.client_seq
+        payload_bytes = submit.payload_bytes
+        end = i + 1
+        while end < count and members[end].acked is acked and members[end].client_seq == client_seq + end - i:
+            payload_bytes += members[end].payload_bytes
+            end += 1
+        acked(client_seq, seq, end - i, payload_bytes)
+        seq += end - i
+        i = end
 
 
 class CommitOutcome:
@@ -92,7 +130,8 @@ class Batcher:
         self._queue_bytes = 0
         #: Bytes of every submit queued or proposed and not yet answered (``held_bytes_max``).
         self._held_bytes = 0
-        self._in_flight: dict[int, tuple[list[PendingSubmit], float]] = {}
+        #: batch id -> its submits, its commit deadline and the bytes they hold.
+        self._in_flight: dict[int, tuple[list[PendingSubmit], float, int]] = {}
         self._next_batch_id = 1
         self._last_time_ns = 0
         self.enabled = False
@@ -102,8 +141,9 @@ class Batcher:
         self.entries_proposed = 0
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._proposing = False
-        #: Called with each acknowledged submit's queue-to-commit time, in seconds.
-        self.latency_observer: Callable[[float], None] | None = None
+        #: Called with the queue-to-commit time of acknowledged submits, in seconds, and how
+        #: many submits took that long.
+        self.latency_observer: Callable[[float, int], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -116,6 +156,18 @@ class Batcher:
     @property
     def held_bytes(self) -> int:
         return self._held_bytes
+
+    def offer_all(self, submits: list[PendingSubmit]) -> bool:
+        """Queue every one of `submits` if all fit (by entries and by bytes held), else none:
+        False, and the caller offers them one by one (``offer``) to learn which fit. Nothing is
+        proposed: the caller calls ``flush``."""
+        cost = sum(submit.cost_bytes for submit in submits)
+        if len(self._queue) + len(submits) > self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
+            return False
+        self._queue.extend(submits)
+        self._queue_bytes += cost
+        self._held_bytes += cost
+        return True
 
     def offer(self, submit: PendingSubmit, *, propose: bool = True) -> bool:
         """Queue a submit; False when the queue is full, by entries or by the bytes held
@@ -147,27 +199,25 @@ class Batcher:
 
     def _propose_one(self) -> None:
         config = self.config
-        entries: list[protocol.Entry] = []
-        members: list[PendingSubmit] = []
-        size = 16
-        fenced = False
         queue = self._queue
-        while queue and len(entries) < config.entries_max:
-            submit = queue[0]
-            cost = submit.cost_bytes
-            if entries and size + cost > config.bytes_max:
-                break
-            queue.popleft()
-            self._queue_bytes -= cost
-            size += cost
-            if submit.owner or submit.digest:
-                entries.append(
-                    protocol.FencedEntry(submit.session, submit.client_seq, submit.payload, submit.owner, submit.claim, submit.digest)
-                )
-                fenced = True
-            else:
-                entries.append(protocol.Entry(submit.session, submit.client_seq, submit.payload))
-            members.append(submit)
+        size = _BATCH_OVERHEAD_BYTES + self._queue_bytes
+        if len(queue) <= config.entries_max and (size <= config.bytes_max or len(queue) == 1):
+            # The whole queue fits in one batch (the usual case): taken at once.
+            members = list(queue)
+            queue.clear()
+            self._queue_bytes = 0
+        else:
+            members = []
+            size = _BATCH_OVERHEAD_BYTES
+            while queue and len(members) < config.entries_max:
+                cost = queue[0].cost_bytes
+                if members and size + cost > config.bytes_max:
+                    break
+                members.append(queue.popleft())
+                self._queue_bytes -= cost
+                size += cost
+        entries = [submit.entry for submit in members]
+        fenced = protocol.FencedEntry in set(map(type, entries))
         now = self._clock_ns()
         if now < self._last_time_ns:
             now = self._last_time_ns
@@ -176,7 +226,7 @@ class Batcher:
         assert len(data) <= config.bytes_max, f"batch of {len(data)} bytes exceeds {config.bytes_max}"
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s)
+        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES)
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
         committed = self._committed
@@ -200,25 +250,30 @@ class Batcher:
         entry = self._in_flight.pop(batch_id, None)
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
-        members, _ = entry
-        self._release(members)
+        members, _, held = entry
+        self._release(held)
         if error == PROPOSAL_OK and isinstance(result, ApplyResult) and not result.error:
             count = result.entry_count
             assert count == len(members), f"{count} results for {len(members)} entries"
             if result.outcomes is None:
                 # Every entry was new: entry i got first_seq + i.
-                seq = result.first_seq
-                for submit in members:
-                    submit.answer(seq)
-                    seq += 1
+                _answer_sequenced(members, result.first_seq)
             else:
                 for submit, outcome in zip(members, result.outcomes):
                     submit.answer(outcome)
             observe = self.latency_observer
             if observe is not None:
                 now_ns = time.monotonic_ns()
+                # The submits of one frame came in at one clock read: observed together.
+                came_in_ns = members[0].enqueued_ns
+                together = 0
                 for submit in members:
-                    observe((now_ns - submit.enqueued_ns) / 1e9)
+                    if submit.enqueued_ns != came_in_ns:
+                        observe((now_ns - came_in_ns) / 1e9, together)
+                        came_in_ns = submit.enqueued_ns
+                        together = 0
+                    together += 1
+                observe((now_ns - came_in_ns) / 1e9, together)
         else:
             reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1
@@ -227,24 +282,24 @@ class Batcher:
                 submit.answer(unknown)
         self._maybe_propose()
 
-    def _release(self, members: list[PendingSubmit]) -> None:
-        """A proposed batch is answered: its bytes are no longer held."""
-        self._held_bytes -= sum(submit.cost_bytes for submit in members)
+    def _release(self, held: int) -> None:
+        """A proposed batch is answered: its `held` bytes are no longer held."""
+        self._held_bytes -= held
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
 
     def _expire(self) -> None:
         self._timeout_handle = None
         now = self._loop.time()
-        for batch_id in [b for b, (_, deadline) in self._in_flight.items() if deadline <= now]:
-            members, _ = self._in_flight.pop(batch_id)
-            self._release(members)
+        for batch_id in [b for b, (_, deadline, _) in self._in_flight.items() if deadline <= now]:
+            members, _, held = self._in_flight.pop(batch_id)
+            self._release(held)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
             unknown = CommitOutcome(None, "commit timeout")
             for submit in members:
                 submit.answer(unknown)
         if self._in_flight:
-            next_deadline = min(deadline for _, deadline in self._in_flight.values())
+            next_deadline = min(deadline for _, deadline, _ in self._in_flight.values())
             self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
         self._maybe_propose()
 
@@ -262,7 +317,7 @@ class Batcher:
         while self._queue:
             submit = self._queue.popleft()
             submit.answer(unknown)
-        for members, _ in self._in_flight.values():
+        for members, _, _ in self._in_flight.values():
             for submit in members:
                 submit.answer(unknown)
         self.batches_unknown += len(self._in_flight)

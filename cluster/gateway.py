@@ -64,6 +64,8 @@ _encode = protocol.encode_frame
 
 #: The digests of a SubmitBatch that carries none: 0 (not given) for every payload.
 _NO_DIGESTS = (0,) * limits.SUBMIT_BATCH_ENTRIES_MAX
+#: Acks one AckRange may say: a batch's worth.
+_ACK_RUN_MAX = limits.BATCH_ENTRIES_MAX
 
 
 class Connection:
@@ -80,6 +82,7 @@ class Connection:
         "in_flight_bytes",
         "subscription",
         "last_read",
+        "read_ns",
         "last_write",
         "closed",
         "_out",
@@ -87,6 +90,7 @@ class Connection:
         "_run_client_seq",
         "_run_seq",
         "_run_count",
+        "acked",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -108,6 +112,9 @@ class Connection:
         self.subscription: asyncio.Task | None = None
         now = time.monotonic()
         self.last_read = now
+        #: When the bytes being handled were read (``time.monotonic_ns``): the time every
+        #: submit in them came in.
+        self.read_ns = 0
         self.last_write = now
         self.closed = False
         self._out: list[bytes] = []
@@ -116,6 +123,9 @@ class Connection:
         self._run_client_seq = 0
         self._run_seq = 0
         self._run_count = 0
+        #: ``sequenced`` as one object for the connection's life: the batcher answers runs of
+        #: submits that share it at once (``PendingSubmit.acked``).
+        self.acked = self.sequenced
 
     # --- writing --------------------------------------------------------------------------
 
@@ -136,15 +146,17 @@ class Connection:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def ack(self, client_seq: int, seq: int) -> None:
-        """Queue an ack; consecutive ones (both numbers rising by one) go out as one AckRange."""
-        count = self._run_count
-        if count and client_seq == self._run_client_seq + count and seq == self._run_seq + count and count < limits.BATCH_ENTRIES_MAX:
-            self._run_count = count + 1
+    def ack(self, client_seq: int, seq: int, count: int = 1) -> None:
+        """Queue acks of `count` submits (client_seq + i got seq + i); consecutive ones (both
+        numbers rising by one) go out as one AckRange."""
+        run = self._run_count
+        if run and client_seq == self._run_client_seq + run and seq == self._run_seq + run and run + count <= _ACK_RUN_MAX:
+            self._run_count = run + count
             return
-        if count:
+        assert count <= _ACK_RUN_MAX, f"{count} acks at once, more than a batch holds"
+        if run:
             self._close_run()
-        self._run_client_seq, self._run_seq, self._run_count = client_seq, seq, 1
+        self._run_client_seq, self._run_seq, self._run_count = client_seq, seq, count
         self._schedule_flush()
 
     def _close_run(self) -> None:
@@ -197,6 +209,17 @@ class Connection:
             pass
 
     # --- replies from the batcher ---------------------------------------------------------
+
+    def sequenced(self, first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+        """`count` of this connection's submits were new, from the batcher: client_seq
+        ``first_client_seq + i`` got ``first_seq + i`` (``reply`` for each, at once)."""
+        self.in_flight -= count
+        self.in_flight_bytes -= payload_bytes
+        gateway = self.gateway
+        if gateway.waiting_for_room:
+            gateway.room_freed.set()
+        if not self.closed:
+            self.ack(first_client_seq, first_seq, count)
 
     def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
@@ -374,6 +397,7 @@ class Gateway:
             if not data:
                 return
             conn.last_read = time.monotonic()
+            conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
                     log.info("closing %s: %s", conn.peer, frame.detail)
@@ -435,6 +459,9 @@ class Gateway:
                 self._submit(conn, frame.client_seq, (frame.payload,), (frame.digest,))
             elif frame.digests and len(frame.digests) != len(frame.payloads):
                 conn.reject_and_close(RejectReason.BAD_FRAME, f"{len(frame.digests)} digests for {len(frame.payloads)} payloads")
+            elif frame.first_client_seq + len(frame.payloads) - 1 > protocol.CLIENT_SEQ_MAX:
+                # Numbered past the last client_seq: no node could decode a batch holding it.
+                conn.reject_and_close(RejectReason.BAD_FRAME, f"client_seq above {protocol.CLIENT_SEQ_MAX}")
             else:
                 self._submit(conn, frame.first_client_seq, frame.payloads, frame.digests or _NO_DIGESTS)
         elif kind is protocol.Hello:
@@ -536,9 +563,29 @@ class Gateway:
         batcher = self.batcher
         session = conn.session
         reply = conn.reply
+        acked = conn.acked
         owner = conn.owner
+        read_ns = conn.read_ns
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
+        if (
+            len(payloads) > 1
+            and limit is None
+            and not conn.claim_pending
+            and conn.in_flight + len(payloads) <= in_flight_max
+            and conn.in_flight_bytes + (payload_bytes := sum(map(len, payloads))) <= in_flight_bytes_max
+        ):
+            # Every submit is within the connection's bounds: if the batcher takes them all,
+            # each would have been taken one by one too (the loop below is for the rest).
+            submits = [
+                PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], read_ns, acked)
+                for i, payload in enumerate(payloads)
+            ]
+            if batcher.offer_all(submits):
+                conn.in_flight += len(submits)
+                conn.in_flight_bytes += payload_bytes
+                batcher.flush()
+                return
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
             if limit is None and conn.in_flight >= in_flight_max:
@@ -546,13 +593,13 @@ class Gateway:
             if limit is None and conn.in_flight_bytes + len(payload) > in_flight_bytes_max:
                 limit = ("in_flight_bytes_per_connection", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if conn.claim_pending and limit is None:
-                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i])
+                submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i], read_ns)
                 if not batcher.offer(submit, propose=False):
                     limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
                 else:
                     conn.claim_pending = False
             elif limit is None and not batcher.offer(
-                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i]), propose=False
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], read_ns, acked), propose=False
             ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:

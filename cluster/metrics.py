@@ -227,10 +227,11 @@ class _Histogram:
         self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value`."""
         # The first bucket whose upper bound is >= value (Prometheus' buckets are "le").
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.total += value
+        self.counts[bisect_left(self.buckets, value)] += count
+        self.total += value * count
 
     def family(self, name: str, doc: str, node_id: str) -> HistogramMetricFamily:
         cumulative = []

@@ -53,12 +53,12 @@ import hashlib
 import zlib
 from array import array
 from collections import OrderedDict
+from itertools import accumulate, islice
 
 import msgspec
 
 from raftseq.sequencer import protocol
 from raftseq.sequencer.limits import (
-    SESSION_DIGEST_BYTES,
     SM_SNAPSHOT_KINDS_MAX,
     SM_SNAPSHOT_UPLOADS_MAX,
     SM_SNAPSHOTS_PER_KIND,
@@ -74,7 +74,6 @@ _SNAPSHOT_FORMATS_READ = (1, 2, 3)
 
 
 payload_digest = protocol.payload_digest
-_blake2b = hashlib.blake2b
 
 
 class Outcome(enum.IntEnum):
@@ -146,6 +145,25 @@ class _Session:
         self.owner = owner
         #: The session's name starts with SNAPSHOT_SESSION_PREFIX: its messages are chunks.
         self.snapshot_session = snapshot_session
+
+    def remember(self, last: int, first_seq: int, digests: list[int], window_max: int) -> None:
+        """Put client_seqs ``last + 1 ..`` into the window: sequence numbers ``first_seq ..``
+        and `digests`, one per client_seq."""
+        seqs, kept = self.seqs, self.digests
+        count = len(digests)
+        done = 0
+        at = last % window_max
+        while done < count:
+            take = min(count - done, window_max - at)
+            numbers = range(first_seq + done, first_seq + done + take)
+            if at == len(seqs):  # the window is not full yet: it grows
+                seqs.extend(numbers)
+                kept.extend(digests[done : done + take])
+            else:
+                seqs[at : at + take] = array("q", numbers)
+                kept[at : at + take] = array("Q", digests[done : done + take])
+            done += take
+            at = 0
 
     def window_in_order(self, window_max: int) -> tuple[list[int], list[int]]:
         """The window's seqs and digests, oldest client_seq first."""
@@ -297,13 +315,14 @@ class SequencerMachine:
         config = self.config
         window_max = config.dedup_window
         encode = protocol.encode_delivered
+        encode_run = protocol.encode_delivered_run
+        digest_of = payload_digest
         records: list[bytes] = []
-        offsets: list[int] = []
-        offset = 0
         # None while every entry so far is new (entry i got first_seq + i): the common case
         # needs no per-entry result object.
         outcomes: list[EntryResult] | None = None
         entries = batch.entries
+        count = len(entries)
         first_seq = self.next_seq
         seq = first_seq
         sequenced = Outcome.SEQUENCED
@@ -313,9 +332,9 @@ class SequencerMachine:
         # A snapshot session's entry was sequenced: index its chunks after the loop. Tested
         # where the session changes (with the idle-order move), not on every entry.
         chunks_seen = False
-        blake2b = _blake2b
-        from_bytes = int.from_bytes
-        for index, entry in enumerate(entries):
+        # A run of entries numbered in one go is skipped over on this iterator.
+        numbered = enumerate(entries)
+        for index, entry in numbered:
             name = entry.session
             client_seq = entry.client_seq
             state = sessions.get(name)
@@ -343,23 +362,38 @@ class SequencerMachine:
             if refusal is None:
                 last = state.last_client_seq
                 if client_seq == last + 1:
-                    payload = entry.payload
-                    record = encode(seq, log_time, name, client_seq, payload)
-                    records.append(record)
-                    offsets.append(offset)
-                    offset += len(record)
-                    # The client's digest (a fenced entry), else payload_digest, inline (a call
-                    # per entry costs a quarter of it again)
-                    digest = entry.digest or from_bytes(blake2b(payload, digest_size=SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
-                    at = last % window_max
-                    window_seqs = state.seqs
-                    if at == len(window_seqs):
-                        window_seqs.append(seq)
-                        state.digests.append(digest)
+                    # New, and so is every entry after it that continues it (the same session
+                    # and owner, the next client_seq; a claim changes nothing: the session is
+                    # the owner's now): a run is numbered in one go, its session looked up,
+                    # checked and moved once. Each entry's digest is the client's (a fenced
+                    # entry), else payload_digest.
+                    end = index + 1
+                    while end < count:
+                        following = entries[end]
+                        if following.session != name or following.client_seq != client_seq + end - index or following.owner != owner:
+                            break
+                        end += 1
+                    if end == index + 1:
+                        payload = entry.payload
+                        records.append(encode(seq, log_time, name, client_seq, payload))
+                        digest = entry.digest or digest_of(payload)
+                        at = last % window_max
+                        window_seqs = state.seqs
+                        if at == len(window_seqs):
+                            window_seqs.append(seq)
+                            state.digests.append(digest)
+                        else:
+                            window_seqs[at] = seq
+                            state.digests[at] = digest
+                        state.last_client_seq = client_seq
+                        seq += 1
                     else:
-                        window_seqs[at] = seq
-                        state.digests[at] = digest
-                    state.last_client_seq = client_seq
+                        run = entries[index:end]
+                        records += encode_run(seq, log_time, name, client_seq, [e.payload for e in run])
+                        state.remember(last, seq, [e.digest or digest_of(e.payload) for e in run], window_max)
+                        state.last_client_seq = client_seq + len(run) - 1
+                        seq += len(run)
+                        next(islice(numbered, len(run) - 2, None), None)  # past the run's last entry
                     state.last_active_ns = log_time
                     if name != last_moved:
                         sessions.move_to_end(name)
@@ -367,14 +401,14 @@ class SequencerMachine:
                         if state.snapshot_session:
                             chunks_seen = True
                     if outcomes is not None:
-                        outcomes.append(EntryResult(name, client_seq, sequenced, seq))
-                    seq += 1
+                        length = state.last_client_seq - client_seq + 1
+                        outcomes += [EntryResult(name, client_seq + i, sequenced, seq - length + i) for i in range(length)]
                     continue
                 if client_seq <= last:
                     if last - client_seq < len(state.seqs):
                         at = (client_seq - 1) % window_max
                         digest = state.digests[at]
-                        if digest and digest != (entry.digest or payload_digest(entry.payload)):
+                        if digest and digest != (entry.digest or digest_of(entry.payload)):
                             refusal = EntryResult(name, client_seq, Outcome.REJECTED, 0, protocol.RejectReason.SESSION_CONFLICT)
                         else:
                             refusal = EntryResult(name, client_seq, Outcome.DUPLICATE, state.seqs[at])
@@ -394,6 +428,7 @@ class SequencerMachine:
             self._index_chunks(entries, outcomes, first_seq, log_time)
         if seq == first_seq:
             return ApplyResult(outcomes if outcomes is not None else [], 0, 0, log_time, b"")
+        offsets = list(accumulate(map(len, records[:-1]), initial=0))
         return ApplyResult(outcomes, first_seq, seq - 1, log_time, blob, entries=entries, offsets=offsets)
 
     # --- the snapshot index ---------------------------------------------------------------

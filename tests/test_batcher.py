@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -57,6 +58,14 @@ class FakeRaft:
             results.append(EntryResult(entry.session, entry.client_seq, Outcome.SEQUENCED, self.next_seq))
             self.next_seq += 1
         return ApplyResult(results, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"")
+
+    def commit_all_new(self, proposal: Proposal) -> ApplyResult:
+        """Commit as ``machine.apply`` reports a batch of new entries only (``outcomes`` None)."""
+        first = self.next_seq
+        self.next_seq += len(proposal.batch.entries)
+        result = ApplyResult(None, first, self.next_seq - 1, proposal.batch.leader_time_ns, b"", entries=proposal.batch.entries)
+        self.finish(proposal, result, FAIL_REASON.SUCCESS)
+        return result
 
     def commit(self, proposal: Proposal) -> ApplyResult:
         result = self.result_of(proposal)
@@ -341,6 +350,44 @@ def test_the_bytes_held_are_bounded_and_released_when_answered():
     run(story)
 
 
+def test_offer_all_takes_every_submit_or_none_at_the_same_bounds_as_one_by_one():
+    # The gateway offers a frame's submits at once; when they do not all fit it offers them
+    # one by one, so offer_all must refuse exactly when one of them would be refused.
+    async def story():
+        cost = PendingSubmit("alpha", 1, b"x", lambda *_: None).cost_bytes
+        raft, replies, batcher = batcher_on_fakes(queue_entries_max=4, held_bytes_max=5 * cost, in_flight_max=1)
+        batcher.offer(replies.submit("alpha", 1))  # proposed at once: held, not queued
+        assert batcher.offer_all([replies.submit("alpha", c) for c in (2, 3, 4, 5, 6)]) is False, "5 > queue_entries_max"
+        assert batcher.offer_all([replies.submit("alpha", c) for c in (2, 3, 4, 5)]) is True, "4 queued, 5 held: at both bounds"
+        assert (batcher.queued, batcher.held_bytes) == (4, 5 * cost)
+        assert batcher.offer_all([replies.submit("alpha", 6)]) is False
+        batcher.flush()
+        assert len(raft.proposals) == 1, "offer_all proposes nothing; flush waits for the batch in flight"
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        assert [p.keys for p in raft.proposals[1:]] == [[("alpha", c) for c in (2, 3, 4, 5)]], "the rest as one batch"
+        assert batcher.held_bytes == 4 * cost
+
+    run(story)
+
+
+def test_a_queue_taken_whole_or_in_parts_makes_the_same_batches():
+    # The whole queue goes at once when it fits a batch; else entry by entry up to the bounds.
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(entries_max=3, bytes_max=300, in_flight_max=1)
+        batcher.offer(replies.submit("alpha", 1, b"a"))
+        for seq in range(2, 9):
+            batcher.offer(replies.submit("alpha", seq, b"a" * 40))
+        batcher.offer(replies.submit("bravo", 1, b"b" * 250))
+        batcher.offer(replies.submit("bravo", 2, b"b"))
+        await commit_everything(raft, replies, batcher)
+        assert sizes(raft) == [1, 3, 3, 1, 1, 1], "by entries_max, then by bytes_max (the first of a batch always fits)"
+        assert batcher.held_bytes == 0 and batcher.queued == 0
+
+    run(story)
+
+
 # --- commits --------------------------------------------------------------------------------
 
 
@@ -348,7 +395,7 @@ def test_commits_reply_in_order_on_the_loop():
     async def story():
         raft, replies, batcher = batcher_on_fakes()
         observed = []
-        batcher.latency_observer = observed.append
+        batcher.latency_observer = lambda seconds, count: observed.extend([seconds] * count)
         batcher.offer(replies.submit("alpha", 1))
         for session, seq in [("bravo", 1), ("alpha", 2), ("bravo", 2), ("charlie", 7)]:
             batcher.offer(replies.submit(session, seq))
@@ -470,6 +517,53 @@ def test_a_success_without_an_applied_batch_replies_outcome_unknown(result):
     run(story)
 
 
+def test_new_submits_in_a_row_that_share_acked_are_answered_in_one_call():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(in_flight_max=1)
+        runs = []
+
+        def acked(first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+            runs.append((first_client_seq, first_seq, count, payload_bytes))
+
+        def other(first_client_seq: int, first_seq: int, count: int, payload_bytes: int) -> None:
+            runs.append(("other", first_client_seq, first_seq, count))
+
+        batcher.offer(replies.submit("alpha", 1))  # in flight alone
+        for client_seq, payload in ((2, b"ab"), (3, b"c"), (5, b"d")):  # 5: not the next of 3
+            batcher.offer(PendingSubmit("alpha", client_seq, payload, lambda *_: None, acked=acked))
+        batcher.offer(PendingSubmit("bravo", 6, b"e", lambda *_: None, acked=other))
+        batcher.offer(replies.submit("alpha", 9))  # no acked: its reply, as ever
+        batcher.offer(PendingSubmit("alpha", 10, b"f", lambda *_: None, acked=acked))
+        raft.commit_all_new(raft.proposals[0])
+        await replies.wait_for(1)
+        await drain()
+        raft.commit_all_new(raft.proposals[1])
+        await replies.wait_for(2)
+        assert runs == [(2, 2, 2, 3), (5, 4, 1, 1), ("other", 6, 5, 1), (10, 7, 1, 1)]
+        assert [(s, c, outcome) for s, c, outcome in replies.got] == [("alpha", 1, 1), ("alpha", 9, 6)]
+        assert batcher.held_bytes == 0
+
+    run(story)
+
+
+def test_submits_that_came_in_together_are_observed_together():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes()
+        observed = []
+        batcher.latency_observer = lambda seconds, count: observed.append((seconds, count))
+        came_in_ns = time.monotonic_ns()
+        one_frame = [PendingSubmit("alpha", c, b"x", lambda *_: None, enqueued_ns=came_in_ns) for c in (1, 2, 3)]
+        assert batcher.offer_all(one_frame)
+        assert batcher.offer(PendingSubmit("bravo", 1, b"x", lambda *_: None, enqueued_ns=came_in_ns + 1))
+        batcher.flush()
+        raft.commit(raft.proposals[0])
+        await drain()
+        assert [count for _, count in observed] == [3, 1]
+        assert observed[0][0] > observed[1][0] > 0
+
+    run(story)
+
+
 # --- commit timeout -------------------------------------------------------------------------
 
 
@@ -477,7 +571,7 @@ def test_a_commit_timeout_replies_unknown_and_ignores_the_late_commit():
     async def story():
         raft, replies, batcher = batcher_on_fakes(commit_timeout_s=0.05)
         observed = []
-        batcher.latency_observer = observed.append
+        batcher.latency_observer = lambda seconds, count: observed.extend([seconds] * count)
         batcher.offer(replies.submit("alpha", 1))
         batcher.offer(replies.submit("alpha", 2))
 

@@ -487,6 +487,69 @@ def test_the_digest_a_client_sends_is_the_one_kept_and_compared():
     ]
 
 
+@st.composite
+def fenced_batches(draw, max_batches: int = 8, max_runs: int = 6):
+    """Batches ``(leader_time_ns, [FencedEntry, ...])`` made of runs: a few entries of one
+    session and owner, most often with consecutive client_seqs (as a SubmitBatch brings them),
+    some with a claim, a retry, a gap, another payload, or no digest (0: the machine hashes)."""
+    names = SESSION_NAMES[: draw(st.integers(1, 3))]
+    high = dict.fromkeys(names, 0)
+    time_ns = draw(st.integers(0, 100 * SECOND))
+    batches = []
+    for _ in range(draw(st.integers(1, max_batches))):
+        time_ns = max(0, time_ns + draw(time_steps))
+        entries = []
+        for _ in range(draw(st.integers(0, max_runs))):
+            name = draw(st.sampled_from(names))
+            owner = draw(st.sampled_from([0, 7, 7, 8]))
+            claim = draw(st.booleans())
+            start = draw(st.sampled_from(["next", "next", "next", "retry", "gap", "restart"]))
+            if start == "retry" and high[name]:
+                client_seq = draw(st.integers(1, high[name]))
+            elif start == "gap":
+                client_seq = high[name] + 2
+            elif start == "restart":
+                client_seq = 1
+            else:
+                client_seq = high[name] + 1
+            for i in range(draw(st.integers(1, 7))):
+                payload = payload_of(name, client_seq + i) if draw(st.integers(0, 9)) else b"other"
+                digest = draw(st.sampled_from([protocol.payload_digest(payload), protocol.payload_digest(payload), 0, 3]))
+                entries.append(protocol.FencedEntry(name, client_seq + i, payload, owner, claim and i == 0, digest))
+                high[name] = max(high[name], client_seq + i)
+        batches.append((time_ns, entries))
+    return batches
+
+
+@FAST
+@given(config=configs, history=fenced_batches())
+def test_a_batch_decides_as_its_entries_applied_one_by_one(config, history):
+    """The machine numbers a run of one session's entries in one go: a batch must give the
+    same answers, records and state as its entries applied one at a time (at the same log
+    time), fencing, claims, retries, gaps and digests included."""
+    batched = SequencerMachine(config)
+    single = SequencerMachine(config)
+    for time_ns, entries in history:
+        result = batched.apply(protocol.encode_batch(time_ns, entries, fenced=True))
+        single.apply(protocol.encode_batch(time_ns, [], fenced=True))  # the log time, even for no entry
+        ones = [single.apply(protocol.encode_batch(time_ns, [entry], fenced=True)) for entry in entries]
+        assert not result.error
+        assert result.results == [r for one in ones for r in one.results]
+        assert result.records == b"".join(one.records for one in ones)
+        if result.first_seq:
+            assert result.offsets == [len(result.records[:i]) for i in _record_starts(result.records)]
+        assert batched.snapshot() == single.snapshot()
+
+
+def _record_starts(blob: bytes) -> list[int]:
+    """Where each framed record of `blob` starts."""
+    starts, pos = [], 0
+    while pos < len(blob):
+        starts.append(pos)
+        pos += protocol.HEADER_BYTES + protocol.HEADER.unpack_from(blob, pos)[0]
+    return starts
+
+
 def test_the_first_owner_of_a_session_claims_it_even_without_the_claim_flag():
     machine = SequencerMachine()
     machine.apply(protocol.encode_batch(10, [fenced("x", 1, 5)], fenced=True))

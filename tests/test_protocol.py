@@ -7,6 +7,7 @@ bytes into a ``Batch`` or a ``BatchError`` (DESIGN.md sections 3 and 6, STYLE.md
 
 from __future__ import annotations
 
+import hashlib
 import typing
 import zlib
 
@@ -976,3 +977,20 @@ def test_bad_ack_range_is_malformed(count):
 def encode_frame_unchecked(fields: list) -> bytes:
     body = msgspec.msgpack.encode(fields)
     return HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+@given(payloads=st.lists(st.binary(max_size=300), max_size=8))
+def test_payload_digests_are_blake2b_64_with_the_top_bit_dropped_and_the_lowest_set(payloads):
+    """The digest is part of the formats (sent by clients, kept in machine snapshots): however
+    it is computed, it is this."""
+    expected = [int.from_bytes(hashlib.blake2b(p, digest_size=8).digest(), "little") >> 1 | 1 for p in payloads]
+    assert [protocol.payload_digest(p) for p in payloads] == expected
+    assert protocol.payload_digests(payloads) == expected
+    assert protocol.payload_digest(b"") == 0x5A593CBA2BD05373  # a fixed value: the definition cannot drift
+
+
+def test_a_run_of_delivered_records_is_the_records_one_by_one():
+    payloads = [b"", b"a", b"x" * 300]
+    run = protocol.encode_delivered_run(2**40, 7, "s", 9, payloads)
+    assert run == [protocol.encode_delivered(2**40 + i, 7, "s", 9 + i, p) for i, p in enumerate(payloads)]
+    assert protocol.encode_delivered_run(1, 7, "s", 1, []) == []

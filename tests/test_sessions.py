@@ -118,6 +118,27 @@ def test_reserved_sessions_and_the_reasons_an_older_client_is_sent(running_clust
         assert wrong.next_frame(timeout_s=10) is None  # and closed
 
 
+def test_a_submit_batch_numbered_past_the_last_client_seq_is_refused_and_spoils_no_batch(running_cluster):
+    """Defect: a ``SubmitBatch`` whose first_client_seq is valid but whose last is not (above
+    2**63 - 1) went into a Raft batch that no node could decode: every submit in that batch,
+    other sessions' too, was answered outcome-unknown and every node logged it not applied."""
+    h: ClusterHarness = running_cluster
+    leader = h.wait_for_leader()
+    with RawConnection(h.endpoint(leader["id"])) as raw:
+        assert isinstance(raw.hello("numbered-past-the-end", h.token), protocol.Welcome)
+        raw.send_frame(protocol.SubmitBatch(protocol.CLIENT_SEQ_MAX, [b"last", b"past the last"]))
+        refused = raw.next_frame(timeout_s=10)
+        assert isinstance(refused, protocol.Rejected) and refused.reason is RejectReason.BAD_FRAME, refused
+        assert raw.next_frame(timeout_s=10) is None  # and closed
+
+    async def honest() -> int:
+        async with SequencerClient(h.endpoints, session="honest", token=h.token) as client:
+            return await client.submit(b"after")
+
+    assert asyncio.run(honest()) >= 1
+    assert "not applied" not in h.log_text(leader["id"])
+
+
 def test_a_client_taken_over_stops_and_does_not_take_the_session_back(running_cluster):
     h: ClusterHarness = running_cluster
 

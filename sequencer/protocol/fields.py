@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from typing import Annotated
 
 import msgspec
@@ -22,6 +23,7 @@ from raftseq.sequencer.limits import (
 )
 
 __all__ = [
+    "CLIENT_SEQ_MAX",
     "DECODE_ERRORS",
     "SESSION_PATTERN",
     "SM_DIGEST_CHARS_MAX",
@@ -48,6 +50,7 @@ __all__ = [
     "Token",
     "is_session_name",
     "payload_digest",
+    "payload_digests",
 ]
 
 #: What a session name may contain (ASCII only, so its length in characters is its length in bytes).
@@ -65,19 +68,37 @@ def is_session_name(name: str) -> bool:
     return 0 < len(name) <= limits.SESSION_BYTES_MAX and _session_re.match(name) is not None
 
 
-ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+#: The highest client_seq (and sequence number): msgpack's signed 64-bit range.
+CLIENT_SEQ_MAX = 2**63 - 1
+ClientSeq = Annotated[int, msgspec.Meta(ge=1, le=CLIENT_SEQ_MAX)]
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 #: A payload's digest (``payload_digest``); 0: not given (the node computes it).
 PayloadDigest = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-_blake2b = hashlib.blake2b
+#: A BLAKE2b-64 state that has hashed nothing: every digest starts from a copy of it, a quarter
+#: cheaper than making one with its parameters each time (a client hashes every payload).
+_blake2b_64 = hashlib.blake2b(digest_size=limits.SESSION_DIGEST_BYTES)
 
 
 def payload_digest(payload: bytes) -> int:
     """The digest a session's dedup window keeps of a payload, which a client may send with its
     submit: BLAKE2b-64, its top bit dropped and its lowest set (never 0: 0 stands for unknown)."""
-    return int.from_bytes(_blake2b(payload, digest_size=limits.SESSION_DIGEST_BYTES).digest(), "little") >> 1 | 1
+    state = _blake2b_64.copy()
+    state.update(payload)
+    return int.from_bytes(state.digest(), "little") >> 1 | 1
+
+
+def payload_digests(payloads: Iterable[bytes]) -> list[int]:
+    """``payload_digest`` of each payload, in order (one call for many: less per payload)."""
+    fresh = _blake2b_64.copy
+    from_bytes = int.from_bytes
+    digests = []
+    for payload in payloads:
+        state = fresh()
+        state.update(payload)
+        digests.append(from_bytes(state.digest(), "little") >> 1 | 1)
+    return digests
 
 
 #: A client instance's random id (``Hello.owner``, ``Entry.owner``); 0: none (unfenced).

@@ -32,6 +32,7 @@ __all__ = [
     "decode_delivered_body",
     "delivered_seq",
     "encode_delivered",
+    "encode_delivered_run",
     "encode_frame",
 ]
 
@@ -57,6 +58,17 @@ def encode_delivered(seq: int, log_time_ns: int, session: str, client_seq: int, 
     """The same bytes as ``encode_frame(Delivered(...))``, without building the Struct."""
     body = _encode(("d", seq, log_time_ns, session, client_seq, payload))
     return _header_pack(len(body), _crc32(body)) + body
+
+
+def encode_delivered_run(first_seq: int, log_time_ns: int, session: str, first_client_seq: int, payloads: list[bytes]) -> list[bytes]:
+    """``encode_delivered`` of each payload of a run: ``payloads[i]`` as sequence number
+    ``first_seq + i``, client_seq ``first_client_seq + i`` (one call for a run of a session)."""
+    encode, header_pack, crc32 = _encode, _header_pack, _crc32
+    records = []
+    for i, payload in enumerate(payloads):
+        body = encode(("d", first_seq + i, log_time_ns, session, first_client_seq + i, payload))
+        records.append(header_pack(len(body), crc32(body)) + body)
+    return records
 
 
 def decode_delivered_body(body: bytes | memoryview) -> Delivered:
