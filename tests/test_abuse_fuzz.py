@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from abuse_probes import describe_latencies, percentile, rss_bytes
 from cluster_harness import running_cluster  # noqa: F401
 
@@ -190,11 +189,6 @@ def test_links_that_claim_to_be_members_do_not_cut_the_cluster_apart(running_clu
 MEMO_BOMB_INDEX = 2**25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the allow-list unpickler (raft.safe_pickle) admits any memo index: bound PUT/LONG_BINPUT indexes "
-    "(e.g. to the pickle's length) before unpickling (issue 14, Raft links)",
-)
 def test_a_pickle_naming_a_huge_memo_index_does_not_make_a_node_allocate_it(running_cluster, tmp_path):
     """Found by the fuzzer (seed 77, 8 min): a bit flip turned a memo opcode into LONG_BINPUT
     with an index near 2**31; the leader stopped answering for 21 s (system time: the memo array

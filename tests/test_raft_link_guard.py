@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import pickle
 import resource
@@ -269,6 +270,47 @@ def test_pysyncobj_loads_its_pickles_with_the_allow_list(tmp_path):
         assert pysyncobj.pickle.loads(pickle.dumps(message, protocol)) == message
     with pytest.raises(pickle.UnpicklingError):
         pysyncobj.pickle.loads(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00rot13\x86R.")
+
+
+#: A memo index far above any pickle below: CPython's unpickler would grow its memo to twice
+#: it at once (16 MiB here; a fuzzed 9-byte pickle named ~2**31, GiBs, and stalled a node 21 s).
+MEMO_INDEX = 2**20
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        b"\x80\x05N" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b".",  # LONG_BINPUT (protocol 5 header)
+        b"\x80\x02]" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b".",  # LONG_BINPUT (protocol 2)
+        b"(lp" + str(MEMO_INDEX).encode() + b"\n.",  # PUT (protocol 0)
+        b"(lp" + b"9" * 5000 + b"\n.",  # PUT with an index of 5,000 digits
+    ],
+    ids=["long-binput-5", "long-binput-2", "put", "put-5000-digits"],
+)
+def test_a_pickle_naming_a_memo_index_beyond_its_length_is_refused(bomb):
+    refused = raft.safe_pickle.refused_count()
+    with pytest.raises(pickle.UnpicklingError, match="memo index"):
+        pysyncobj.pickle.loads(bomb)
+    assert raft.safe_pickle.refused_count() == refused + 1
+
+
+def test_pickles_with_many_memo_entries_still_load():
+    """Protocol 2 names memo slots with BINPUT up to 255, LONG_BINPUT beyond: every index a
+    writer names is below the pickle's length."""
+    many = [(bytes([i % 256]) * 3, i, [i]) for i in range(2000)]
+    for protocol in (0, 2, 5):
+        data = pickle.dumps(many, protocol)
+        assert pysyncobj.pickle.loads(data) == many
+        assert raft.safe_pickle.load(io.BytesIO(data)) == many
+
+
+def test_the_raft_log_loader_refuses_a_memo_bomb_and_reads_one_pickle_at_a_time():
+    bomb = b"\x80\x02]" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b"."
+    with pytest.raises(pickle.UnpicklingError, match="memo index"):
+        pysyncobj.pickle.load(io.BytesIO(bomb))
+    file = io.BytesIO(pickle.dumps({"a": 1}, 2) + pickle.dumps([2], 5))
+    assert pysyncobj.pickle.load(file) == {"a": 1}
+    assert pysyncobj.pickle.load(file) == [2]
 
 
 def test_the_listener_backs_off_on_emfile_and_accepts_again():
