@@ -26,7 +26,7 @@ from pysyncobj import SyncObjConf, replicated
 from raftseq.cluster import raft
 from raftseq.cluster.config import RAFT_LINK_STRANGER_DEADLINE_S, RAFT_LINK_STRANGERS_MAX
 from raftseq.cluster.raft import RaftMember, link_guard
-from raftseq.cluster.raft.link_cipher import LinkCipher
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkHandshake, LinkPassword, NodeIdentity, new_node_key
 
 PASSWORD = "correct horse battery staple, link guard"
 WAIT_S = 10.0  # upper bound on waiting for something that should happen within a second
@@ -49,11 +49,11 @@ def run(story) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lone_member(password: str | None = PASSWORD):
+async def lone_member(password: str | None = PASSWORD, *, address: str = "", peer: str = ""):
     """A loop-driven member (with the password), its one peer never started."""
-    address = free_address()
+    address = address or free_address()
     conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
-    member = RaftMember(address, [free_address()], conf, loop=asyncio.get_running_loop())
+    member = RaftMember(address, [peer or free_address()], conf, loop=asyncio.get_running_loop())
     try:
         yield member, address
     finally:
@@ -79,11 +79,13 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = WAIT_S
 
 
 class Peer:
-    """A client of the Raft port holding the password: pysyncobj's handshake by hand."""
+    """A client of the Raft port holding the password: pysyncobj's handshake by hand (with
+    `identity`, the handshake of node keys, link version 4)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: NodeIdentity | None = None) -> None:
         self.reader, self.writer = reader, writer
-        self.cipher = LinkCipher(PASSWORD)
+        self.cipher = LinkCipher(LinkPassword(PASSWORD, b"", identity))
+        self.identity = identity
         self.node_key = b""
 
     def send_pickle(self, data: bytes) -> None:
@@ -102,6 +104,35 @@ class Peer:
         echoed, self.node_key = await asyncio.wait_for(self.receive(), WAIT_S)
         assert echoed == my_key
         self.cipher = self.cipher.for_link(my_key, self.node_key)
+
+    async def signed_handshake(self, member: str) -> LinkHandshake:
+        """The handshake of node keys with `member` (whose answer must carry its signature),
+        up to the claim, which the caller sends (``LinkHandshake.claim``, or anything else)."""
+        assert self.identity is not None
+        handshake = LinkHandshake(self.identity, peer=member)
+        self.send_pickle(pickle.dumps(handshake.key, 5))
+        echoed, answer = await asyncio.wait_for(self.receive(), WAIT_S)
+        assert echoed == handshake.key
+        self.node_key = handshake.take_answer(answer)
+        self.cipher = self.cipher.for_link(handshake.key, self.node_key, handshake.shared)
+        return handshake
+
+    def send_wrapped(self, message: object) -> None:
+        self.send_pickle(pickle.dumps((self.node_key, message), 5))
+
+
+def node_keys(addresses: list[str]) -> dict[str, tuple[bytes, bytes]]:
+    """A node key (seed, public key) per address."""
+    return {address: new_node_key() for address in addresses}
+
+
+def identity_of(address: str, keys: dict[str, tuple[bytes, bytes]], seed: bytes | None = None) -> NodeIdentity:
+    """`address`'s identity among the members of `keys` (with another `seed`: an impostor's,
+    whose public key it claims is the member's own)."""
+    members = {member: public for member, (_, public) in keys.items()}
+    if seed is not None:
+        members[address] = NodeIdentity(address, seed, {}).public_key
+    return NodeIdentity(address, seed or keys[address][0], members)
 
 
 class RunsCommand:
@@ -472,3 +503,130 @@ def test_a_link_reconnects_with_new_keys_after_its_message_budget(monkeypatch, c
     with caplog.at_level("INFO", logger="raftseq.raft_link"):
         run(story)
     assert any("reconnects for new keys" in r.getMessage() for r in caplog.records), "no link ran out of its budget"
+
+
+# --- node keys (link version 4) ---------------------------------------------------------------
+
+
+def member_and_peer_addresses() -> tuple[str, str]:
+    """(a member's address, its peer's): the peer's is the greater, so the peer connects to the
+    member, and a link that claims the peer is one the member must judge."""
+    first, second = sorted(free_address() for _ in range(2))
+    return first, second
+
+
+def test_members_with_node_keys_replicate_and_refuse_a_peer_without_them():
+    count = 30
+
+    async def story():
+        first, second = member_and_peer_addresses()
+        keys = node_keys([first, second])
+        members = []
+        for mine, theirs in ((first, second), (second, first)):
+            conf = SyncObjConf(
+                password=LinkPassword(PASSWORD, b"", identity_of(mine, keys)),
+                bindAddress=mine,
+                dynamicMembershipChange=False,
+                connectionTimeout=60.0,
+                connectionRetryTime=0.05,
+            )
+            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+            member.items = []
+            members.append(member)
+        try:
+            async with asyncio.timeout(45):
+                while not any(m._isLeader() for m in members):
+                    await asyncio.sleep(0.05)
+                leader = next(m for m in members if m._isLeader())
+                for i in range(count):
+                    leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
+                while any(len(m.items) < count for m in members):
+                    await asyncio.sleep(0.05)
+            assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
+            # A peer without node keys (link version 3) is refused at its first message.
+            plain = Peer(*await connect(first))
+            plain.send_pickle(pickle.dumps(os.urandom(32), 5))
+            assert await closed_by_peer(plain.reader), "a link of version 3 was taken by a node with node keys"
+            plain.writer.close()
+        finally:
+            for member in members:
+                member.destroy()
+
+    run(story)
+
+
+async def request_vote_answered(peer: Peer) -> bool:
+    """Whether the member answers a vote request of `peer` (it took `peer` as a member)."""
+    peer.send_wrapped({"type": "request_vote", "term": 1, "last_log_index": 100, "last_log_term": 0})
+    try:
+        async with asyncio.timeout(WAIT_S):
+            _, answer = await peer.receive()
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return False
+    return isinstance(answer, dict) and answer.get("type") == "response_vote"
+
+
+def test_a_password_holder_without_the_node_key_cannot_join_as_that_member():
+    """Anyone holding the password could claim to be any member connecting to a node, and was
+    taken as that member (its votes counted, its AppendEntries applied). With node keys the claim
+    carries the member's signature of both ends' fresh keys: without the member's private key
+    the link is dropped; with it (the control) the member is taken and answered."""
+
+    async def story():
+        mine, impersonated = member_and_peer_addresses()
+        keys = node_keys([mine, impersonated])
+        async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=impersonated) as (member, _):
+            impostor = Peer(*await connect(mine), identity=identity_of(impersonated, keys, seed=new_node_key()[0]))
+            await impostor.signed_handshake(mine)  # the member's answer checks out: it is who it says
+            impostor.send_wrapped(impersonated)  # a bare claim, as pysyncobj sends it
+            assert await closed_by_peer(impostor.reader), "a claim without a signature was taken"
+            impostor = Peer(*await connect(mine), identity=identity_of(impersonated, keys, seed=new_node_key()[0]))
+            handshake = await impostor.signed_handshake(mine)
+            impostor.send_wrapped(handshake.claim())  # signed, by a key that is not the member's
+            assert await closed_by_peer(impostor.reader), "a claim signed by another key was taken"
+            real = Peer(*await connect(mine), identity=identity_of(impersonated, keys))
+            handshake = await real.signed_handshake(mine)
+            real.send_wrapped(handshake.claim())
+            assert await request_vote_answered(real), "the member itself was not taken"
+            for peer in (impostor, real):
+                peer.writer.close()
+
+    run(story)
+
+
+def test_a_recorded_handshake_replayed_is_refused():
+    """A recorded handshake of the member: its frames sent again on a new link (the claim is
+    under the old link's key), and its signed claim sent inside a fresh handshake (the
+    signature covers the old random keys): both dropped."""
+
+    async def story():
+        mine, recorded = member_and_peer_addresses()
+        keys = node_keys([mine, recorded])
+        async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=recorded) as (member, _):
+            real = Peer(*await connect(mine), identity=identity_of(recorded, keys))
+            frames = []
+            send_pickle = real.send_pickle
+
+            def recording(data: bytes) -> None:
+                frames.append(real.cipher.encrypt_at_time(data, 0))
+                real.writer.write(PREFIX.pack(len(frames[-1])) + frames[-1])
+
+            real.send_pickle = recording
+            handshake = await real.signed_handshake(mine)
+            claim = handshake.claim()
+            real.send_wrapped(claim)
+            real.send_pickle = send_pickle
+            assert await request_vote_answered(real), "the recorded handshake was not a good one"
+            real.writer.close()
+            replay = Peer(*await connect(mine))
+            for frame in frames:
+                replay.writer.write(PREFIX.pack(len(frame)) + frame)
+            assert await closed_by_peer(replay.reader), "replayed handshake frames were taken"
+            # Whoever could read the recorded claim still cannot use it on a link of its own.
+            replay = Peer(*await connect(mine), identity=identity_of(recorded, keys, seed=new_node_key()[0]))
+            await replay.signed_handshake(mine)
+            replay.send_wrapped(claim)
+            assert await closed_by_peer(replay.reader), "a recorded claim was taken on a new link"
+            replay.writer.close()
+
+    run(story)
