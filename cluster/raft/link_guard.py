@@ -145,6 +145,10 @@ def guard_of(poller: object) -> LinkGuard:
     return guard if isinstance(guard, LinkGuard) else DEFAULT_GUARD
 
 
+#: What ``GuardedConnection._raftseq_signed_out`` returns for a message not to be sent.
+_NOT_SENT = object()
+
+
 def _member_at(identity: NodeIdentity, host: str, port: int) -> str | None:
     """The member whose Raft address pysyncobj connects to as (`host`, `port`): its address
     with the host resolved as pysyncobj resolves it."""
@@ -207,8 +211,9 @@ class GuardedConnection(TcpConnection):
     def _raftseq_signed_out(self, identity: NodeIdentity, message: Any) -> Any:
         """With node keys, what this end sends in place of pysyncobj's handshake messages
         (``LinkHandshake``): its ephemeral key as its random key (the accepting end: with its
-        signature), and the connecting end's address with its signature. None when the link
-        was dropped."""
+        signature), and the connecting end's address with its signature. ``_NOT_SENT`` when
+        the link was dropped, or for a Raft message pysyncobj sends on a link it opened before
+        the handshake is done (it may: the link counts as connected once the socket is)."""
         if self._raftseq_handshake is None:
             # pysyncobj's first message on a link is this end's random key, just made.
             assert message is self.recvRandKey, "the first message of a link is its random key"
@@ -221,9 +226,11 @@ class GuardedConnection(TcpConnection):
             except LinkIdentityError as exc:
                 log.warning("Raft link dropped: %s (node keys, docs/operating.md)", exc)
                 self.disconnect()
-                return None
+                return _NOT_SENT
         if self._raftseq_outgoing and not self._raftseq_claimed:
-            assert message == identity.address, "pysyncobj's message after the key exchange is its address"
+            if not (self._raftseq_peer_proved and message == identity.address):
+                # Lost, as Raft allows; pysyncobj sent it unwrapped and the other end dropped the link.
+                return _NOT_SENT
             self._raftseq_claimed = True
             return self._raftseq_handshake.claim()
         return message
@@ -269,7 +276,7 @@ class GuardedConnection(TcpConnection):
         identity = self._raftseq_identity()
         if identity is not None:
             message = self._raftseq_signed_out(identity, message)
-            if message is None:
+            if message is _NOT_SENT:
                 return
         if self.sendRandKey:
             message = (self.sendRandKey, message)
