@@ -41,6 +41,17 @@ seconds and a key of each link's own after the first messages. Its version also 
 and could not read the machine snapshots of 0.2 (format 3), so its journal would lose messages
 the others have. Every node of a cluster runs one raftseq version; a node refuses the links of
 another version, and says so in its log.
+
+Version 4 is the same layout for nodes with node keys (``NodeIdentity``: each node's Ed25519
+key, every member's public key in its config). pysyncobj's random keys are then ephemeral
+X25519 keys, the handshake is signed (``LinkHandshake``) and a link's key comes from the
+cluster key and the two ends' X25519 secret (``for_link``): holding the password no longer
+lets anyone pose as a member or read a link. A node without node keys speaks version 3
+unchanged, so nodes of this release and of 0.2 link while a cluster is upgraded; nodes with
+and without node keys refuse each other's links by version (docs/operating.md, node keys).
+The first message of a link stays under the cluster key alone: a captured one still lets
+anyone test password guesses offline, but with node keys a guessed password opens only the
+handshake's public keys and signature.
 """
 
 from __future__ import annotations
