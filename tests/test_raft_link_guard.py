@@ -121,7 +121,7 @@ class Peer:
         self.send_pickle(pickle.dumps((self.node_key, message), 5))
 
 
-def node_keys(addresses: list[str]) -> dict[str, tuple[bytes, bytes]]:
+def keys_of(addresses: list[str]) -> dict[str, tuple[bytes, bytes]]:
     """A node key (seed, public key) per address."""
     return {address: new_node_key() for address in addresses}
 
@@ -437,6 +437,48 @@ class GuardedStore(RaftMember):
         self.items.append(item)
 
 
+@contextlib.asynccontextmanager
+async def two_stores(*, node_keys: bool = False):
+    """Two loop-driven ``GuardedStore`` members of one cluster (with `node_keys`, each with its
+    own), destroyed at the end."""
+    addresses = [free_address(), free_address()]
+    keys = keys_of(addresses) if node_keys else {}
+    members = []
+    try:
+        for mine, theirs in (addresses, addresses[::-1]):
+            conf = SyncObjConf(
+                password=LinkPassword(PASSWORD, b"", identity_of(mine, keys)) if keys else PASSWORD,
+                bindAddress=mine,
+                dynamicMembershipChange=False,
+                connectionTimeout=60.0,
+                connectionRetryTime=0.05,
+            )
+            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+            member.items = []
+            member.self_address = mine
+            members.append(member)
+        yield members
+    finally:
+        for member in members:
+            member.destroy()
+
+
+async def replicate(members: list, count: int, *, spread: bool = False) -> None:
+    """`count` entries proposed to the leader (`spread` over many AppendEntries), then held by
+    every member, in order."""
+    async with asyncio.timeout(45):
+        while not any(m._isLeader() for m in members):
+            await asyncio.sleep(0.05)
+        leader = next(m for m in members if m._isLeader())
+        for i in range(count):
+            leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
+            if spread and i % 10 == 9:
+                await asyncio.sleep(0.01)
+        while any(len(m.items) < count for m in members):
+            await asyncio.sleep(0.05)
+    assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
+
+
 def test_a_loop_driven_member_and_a_threaded_member_replicate_large_entries_under_link_keys():
     count, item_bytes = 24, 48 * 1024  # several entries of most of a batch each: large frames
 
@@ -475,30 +517,8 @@ def test_a_link_reconnects_with_new_keys_after_its_message_budget(monkeypatch, c
     count = 100
 
     async def story():
-        first, second = free_address(), free_address()
-        members = []
-        for mine, theirs in ((first, second), (second, first)):
-            conf = SyncObjConf(
-                password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0, connectionRetryTime=0.05
-            )
-            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
-            member.items = []
-            members.append(member)
-        try:
-            async with asyncio.timeout(45):
-                while not any(m._isLeader() for m in members):
-                    await asyncio.sleep(0.05)
-                leader = next(m for m in members if m._isLeader())
-                for i in range(count):
-                    leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
-                    if i % 10 == 9:
-                        await asyncio.sleep(0.01)  # spread the entries over many AppendEntries
-                while any(len(m.items) < count for m in members):
-                    await asyncio.sleep(0.05)
-            assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
-        finally:
-            for member in members:
-                member.destroy()
+        async with two_stores() as members:
+            await replicate(members, count, spread=True)
 
     with caplog.at_level("INFO", logger="raftseq.raft_link"):
         run(story)
@@ -519,38 +539,13 @@ def test_members_with_node_keys_replicate_and_refuse_a_peer_without_them():
     count = 30
 
     async def story():
-        first, second = member_and_peer_addresses()
-        keys = node_keys([first, second])
-        members = []
-        for mine, theirs in ((first, second), (second, first)):
-            conf = SyncObjConf(
-                password=LinkPassword(PASSWORD, b"", identity_of(mine, keys)),
-                bindAddress=mine,
-                dynamicMembershipChange=False,
-                connectionTimeout=60.0,
-                connectionRetryTime=0.05,
-            )
-            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
-            member.items = []
-            members.append(member)
-        try:
-            async with asyncio.timeout(45):
-                while not any(m._isLeader() for m in members):
-                    await asyncio.sleep(0.05)
-                leader = next(m for m in members if m._isLeader())
-                for i in range(count):
-                    leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
-                while any(len(m.items) < count for m in members):
-                    await asyncio.sleep(0.05)
-            assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
+        async with two_stores(node_keys=True) as members:
+            await replicate(members, count)
             # A peer without node keys (link version 3) is refused at its first message.
-            plain = Peer(*await connect(first))
+            plain = Peer(*await connect(members[0].self_address))
             plain.send_pickle(pickle.dumps(os.urandom(32), 5))
             assert await closed_by_peer(plain.reader), "a link of version 3 was taken by a node with node keys"
             plain.writer.close()
-        finally:
-            for member in members:
-                member.destroy()
 
     run(story)
 
@@ -574,7 +569,7 @@ def test_a_password_holder_without_the_node_key_cannot_join_as_that_member():
 
     async def story():
         mine, impersonated = member_and_peer_addresses()
-        keys = node_keys([mine, impersonated])
+        keys = keys_of([mine, impersonated])
         async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=impersonated) as (member, _):
             impostor = Peer(*await connect(mine), identity=identity_of(impersonated, keys, seed=new_node_key()[0]))
             await impostor.signed_handshake(mine)  # the member's answer checks out: it is who it says
@@ -601,7 +596,7 @@ def test_a_recorded_handshake_replayed_is_refused():
 
     async def story():
         mine, recorded = member_and_peer_addresses()
-        keys = node_keys([mine, recorded])
+        keys = keys_of([mine, recorded])
         async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=recorded) as (member, _):
             real = Peer(*await connect(mine), identity=identity_of(recorded, keys))
             frames = []
