@@ -124,8 +124,8 @@ class NodeIdentity:
     public key by Raft address.
 
     A link's two ends exchange ephemeral X25519 public keys as pysyncobj's "random keys" and
-    sign them: the accepting end signs both and its own address in its first answer, the
-    connecting end both and both addresses with the member address it claims. The link's key
+    sign them: the accepting end signs both and its own public key in its first answer, the
+    connecting end both, both ends' public keys and the member address it claims. The link's key
     comes from the cluster key and the two ends' X25519 secret, which neither a holder of the
     password nor a recording of the handshake has."""
 
@@ -155,20 +155,29 @@ class NodeIdentity:
     def is_member(self, address: object) -> bool:
         return isinstance(address, str) and address in self._members
 
+    # The signatures name the ends by their public keys, which do not depend on the address
+    # one node reaches another by (a proxy, a NAT): the claimed address is the one pysyncobj
+    # takes, as the accepting end knows the connecting one.
+
+    def _public_of(self, member: str) -> bytes:
+        public = self._members.get(member)
+        return public.public_bytes(Encoding.Raw, PublicFormat.Raw) if public is not None else b""
+
     def sign_accept(self, connecting_key: bytes, accepting_key: bytes) -> bytes:
-        return self._private.sign(_transcript(_ACCEPT, connecting_key, accepting_key, self.address.encode()))
+        return self._private.sign(_transcript(_ACCEPT, connecting_key, accepting_key, self.public_key))
 
     def accept_signed_by(self, member: str, connecting_key: bytes, accepting_key: bytes, signature: bytes) -> bool:
         """Whether `member` (the address this end connected to) signed the answer."""
-        return self._verify(member, signature, _transcript(_ACCEPT, connecting_key, accepting_key, member.encode()))
+        return self._verify(member, signature, _transcript(_ACCEPT, connecting_key, accepting_key, self._public_of(member)))
 
     def sign_connect(self, connecting_key: bytes, accepting_key: bytes, member: str) -> bytes:
         """This end's claim, on a link it opened to `member`."""
-        return self._private.sign(_transcript(_CONNECT, connecting_key, accepting_key, self.address.encode(), member.encode()))
+        message = _transcript(_CONNECT, connecting_key, accepting_key, self.address.encode(), self.public_key, self._public_of(member))
+        return self._private.sign(message)
 
     def connect_signed_by(self, claimed: str, connecting_key: bytes, accepting_key: bytes, signature: bytes) -> bool:
         """Whether the member `claimed` signed its claim on a link it opened to this node."""
-        message = _transcript(_CONNECT, connecting_key, accepting_key, claimed.encode(), self.address.encode())
+        message = _transcript(_CONNECT, connecting_key, accepting_key, claimed.encode(), self._public_of(claimed), self.public_key)
         return self._verify(claimed, signature, message)
 
     def _verify(self, member: str, signature: bytes, message: bytes) -> bool:

@@ -26,8 +26,9 @@ then never again heard a peer that connects to it.
   messages; a message whose number does not rise above the last one is refused (a replay).
 * **With node keys, each end proves which member it is** (``NodeIdentity``, link version 4).
   The random keys are ephemeral X25519 keys; the accepting end's answer carries its signature
-  of both and of its address, checked against the member this end connected to; the connecting
-  end's claim of a member address carries its signature of both keys and both addresses. A
+  of both and of its public key, checked against the member this end connected to; the
+  connecting end's claim of a member address carries its signature of both keys and both
+  ends' public keys. A
   link that fails either check is dropped before pysyncobj sees it; pysyncobj's own flow is
   unchanged (the connection turns the signed messages into the ones pysyncobj expects).
 * **Accept errors back off and retry**: the listener pauses ``RAFT_ACCEPT_BACKOFF_MIN_S``,
