@@ -19,9 +19,9 @@ pickle naming 2**31 made a node touch GiBs and stall 21 s, naming no class at al
 stores one memo entry per opcode at most, so a writer's indexes stay below its length:
 ``loads`` and ``load`` refuse a pickle naming a PUT or LONG_BINPUT index above its length in
 bytes (the memo then costs at most 16 bytes per byte of pickle). The check walks the
-opcodes before the C unpickler runs: measured here (``benchmarks/bench_safe_pickle.py``)
-about 3-4 us for a heartbeat or a one-batch AppendEntries of protocol 5, against 0.7-2 us
-for the load itself. BINPUT (one byte), MEMOIZE (the next slot) and the GETs (which only
+opcodes before the C unpickler runs: measured here (``benchmarks/bench_safe_pickle.py``, 2
+cores, medians) 2.4-3.8 us for a heartbeat, a reply or a one-batch AppendEntries of protocol
+5, against 1.3-4.1 us for the allow-list load itself (a load costs 2-3.5x what it did). BINPUT (one byte), MEMOIZE (the next slot) and the GETs (which only
 read) cannot grow the memo.
 """
 
