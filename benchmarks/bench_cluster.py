@@ -207,7 +207,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         overrides.setdefault(section, {})[key] = value
     args.overrides = overrides or None
     try:
-        local_configs(tempfile.gettempdir(), 20000, insecure=args.insecure, overrides=args.overrides)
+        with tempfile.TemporaryDirectory() as scratch:  # local_configs writes node keys there
+            local_configs(scratch, 20000, insecure=args.insecure, overrides=args.overrides)
     except (ValueError, TypeError, AttributeError) as exc:
         parser.error(f"--set: {exc}")
     args.names = list(WORKLOAD_NAMES) if args.workload == "all" else [args.workload]

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import msgspec
 
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, PASS, DirectionFault, FaultProxy
-from raftseq.cluster.config import PeerConfig
 from raftseq.cluster.local import LEADER_TIMEOUT_S, POLL_INTERVAL_S, LocalCluster, LocalNode, free_base_port, local_configs
 
 PORT_ATTEMPTS_MAX = 20
@@ -290,7 +289,7 @@ def _proxied_configs(configs: list, proxy_addresses: Iterable[str]) -> tuple[lis
                 if not listen < config.raft_address:
                     raise RuntimeError(f"proxy address {listen} does not compare below {config.raft_address}")
                 links.append(RaftLink(f"{config.id}-{other.id}", config.id, other.id, listen, other.raft_address))
-                peers.append(PeerConfig(peer.id, listen, peer.client_address))
+                peers.append(msgspec.structs.replace(peer, raft_address=listen))
             else:
                 peers.append(peer)
         new_configs.append(msgspec.structs.replace(config, peers=peers))
@@ -344,7 +343,7 @@ class ChaosCluster(LocalCluster):
             msgspec.structs.replace(
                 c,
                 raft_address=raft[c.id],
-                peers=[PeerConfig(p.id, raft[p.id], p.client_address) for p in c.peers],
+                peers=[msgspec.structs.replace(p, raft_address=raft[p.id]) for p in c.peers],
             )
             for c in configs
         ]

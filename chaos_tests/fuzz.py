@@ -53,7 +53,14 @@ import msgspec
 
 from raftseq.clients import BlockingSequencerClient, SequencerClient, SequencerError
 from raftseq.cluster.local import LocalCluster
-from raftseq.cluster.raft.link_cipher import LINK_KEY_BYTES, VERSION as LINK_VERSION, LinkCipher, cipher_of
+from raftseq.cluster.raft.link_cipher import (
+    LINK_KEY_BYTES,
+    VERSION as LINK_VERSION,
+    LinkCipher,
+    LinkHandshake,
+    LinkIdentityError,
+    cipher_of,
+)
 from raftseq.cluster.status import answered
 from raftseq.sequencer import protocol
 
@@ -577,12 +584,16 @@ class _NoGlobals(pickle.Unpickler):
 
 class RaftLink:
     """One authenticated connection to a node's Raft port, speaking pysyncobj's link format
-    (``i`` length prefix, then a ``LinkCipher`` message holding a pickle)."""
+    (``i`` length prefix, then a ``LinkCipher`` message holding a pickle). With a cipher of
+    node keys (``cipher.identity``: a member's key, as a compromised member holds it) it speaks
+    their handshake: its random key is an ephemeral key, the node's answer is signed, and a
+    claim of that member's own address goes signed (any other claim as it is: refused)."""
 
     def __init__(self, address: str, cipher: LinkCipher) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
         self.cipher = cipher
+        self.handshake = LinkHandshake(cipher.identity, peer=address) if cipher.identity is not None else None
         self.timestamp = int(time.monotonic())
         self.node_key: bytes | None = None
         #: The link's own cipher, once the random keys are exchanged (``LinkCipher.for_link``).
@@ -604,7 +615,13 @@ class RaftLink:
 
     def send_step(self, step: RaftStep) -> bool:
         rng = random.Random(step.mutation_seed)
-        message = (self.node_key, step.message) if step.wrapped and self.node_key is not None else step.message
+        message = step.message
+        if self.handshake is not None:
+            if not step.wrapped and self.node_key is None and isinstance(message, bytes) and len(message) == LINK_KEY_BYTES:
+                message = self.handshake.key  # the random key of node keys: an ephemeral X25519 key
+            elif step.wrapped and self.handshake.shared and message == self.handshake.identity.address:
+                message = self.handshake.claim()
+        message = (self.node_key, message) if step.wrapped and self.node_key is not None else message
         plain = pickle.dumps(message, protocol=5)
         if step.pickle_mutation == "flip":
             plain = flip_bits(rng, plain)
@@ -628,8 +645,11 @@ class RaftLink:
         return self.send_raw(_RAFT_LENGTH.pack(len(data)) + data)
 
     def receive_node_key(self, our_key: bytes) -> bytes | None:
-        """The node's random key from its handshake answer ``(our_key, its_key)``; None when
-        the node closed the connection or did not answer in time."""
+        """The node's random key from its handshake answer ``(our_key, its_key)`` (node keys:
+        ``(our_key, (its_key, signature))``); None when the node closed the connection or did
+        not answer in time."""
+        if self.handshake is not None:
+            our_key = self.handshake.key
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while True:
             if len(self.buffer) >= 4:
@@ -639,6 +659,13 @@ class RaftLink:
                         answer = _NoGlobals(io.BytesIO(self.cipher.decrypt(self.buffer[4 : 4 + length]))).load()
                     except Exception:  # noqa: BLE001 - an answer this link cannot read holds no key
                         return None
+                    if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == our_key and self.handshake is not None:
+                        try:
+                            self.node_key = self.handshake.take_answer(answer[1])
+                        except LinkIdentityError:
+                            return None
+                        self.link_cipher = self.cipher.for_link(our_key, self.node_key, self.handshake.shared)
+                        return self.node_key
                     if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == our_key and isinstance(answer[1], bytes):
                         self.node_key = answer[1]
                         if len(our_key) == len(self.node_key) == LINK_KEY_BYTES:

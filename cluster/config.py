@@ -93,6 +93,11 @@ RAFT_LINK_MESSAGES_MAX = 2**30
 #: Bytes of the per-cluster salt ``cluster up`` generates, and the fewest a node accepts.
 RAFT_SALT_BYTES_MIN = 16
 
+#: Bytes of an Ed25519 public key (a node's identity on the Raft links), and of its private seed.
+RAFT_NODE_KEY_BYTES = 32
+#: The first line of a node key file (``raft_key_file``): its format and version.
+NODE_KEY_FILE_HEADER = "raftseq node key 1"
+
 #: Shortest raft_password a node accepts: one captured link message lets anyone try passwords
 #: offline, so a short or word-like one falls quickly (``cluster up`` generates 32 characters).
 RAFT_PASSWORD_CHARS_MIN = 16
@@ -110,6 +115,9 @@ class PeerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: NodeId
     raft_address: Address
     client_address: Address
+    #: The peer's node identity on the Raft links: its Ed25519 public key, hex (see
+    #: ``NodeConfig.raft_key_file``).
+    raft_public_key: str = ""
 
 
 class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -235,6 +243,42 @@ class MachineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
+def _is_public_key(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == RAFT_NODE_KEY_BYTES
+    except ValueError:
+        return False
+
+
+def node_key_text(seed: bytes, public_key: bytes) -> str:
+    """The text of a node key file: a header line, the Ed25519 private seed and the public key
+    in hex, a line each (the public key lets a config check the file without a crypto library)."""
+    assert len(seed) == len(public_key) == RAFT_NODE_KEY_BYTES
+    return f"{NODE_KEY_FILE_HEADER}\n{seed.hex()}\n{public_key.hex()}\n"
+
+
+def read_node_key(path: str) -> tuple[bytes, bytes]:
+    """(seed, public key) of the node key file at `path`, which only its owner may read.
+    Raises ``ConfigError`` naming what is wrong, in one line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"raft_key_file {path}: cannot read it: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        text = f.read(4096)
+    if mode & 0o077:
+        raise ConfigError(f"raft_key_file {path}: mode {mode:04o} lets others read the node's private key; chmod 600 it")
+    lines = text.decode("ascii", errors="replace").split("\n")
+    try:
+        header, seed, public_key = lines[0], bytes.fromhex(lines[1]), bytes.fromhex(lines[2])
+    except (IndexError, ValueError):
+        header, seed, public_key = "", b"", b""
+    if header != NODE_KEY_FILE_HEADER or RAFT_NODE_KEY_BYTES != len(seed) or RAFT_NODE_KEY_BYTES != len(public_key):
+        raise ConfigError(f"raft_key_file {path}: not a node key file ('{NODE_KEY_FILE_HEADER}', then the key in hex)")
+    return seed, public_key
+
+
 def _is_salt(text: str) -> bool:
     try:
         return RAFT_SALT_BYTES_MIN <= len(bytes.fromhex(text)) <= 64
@@ -254,6 +298,13 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: This cluster's salt of the Raft link key, hex (``cluster up`` generates 16 random bytes;
     #: every node of a cluster has the same). Empty: one constant salt, as before 0.2.
     raft_salt: str = ""
+    #: This node's identity on the Raft links: the file of its Ed25519 private key (0600, made by
+    #: ``cluster up`` in the node's data directory), and its public key in hex, which every
+    #: other node's config names as this peer's ``raft_public_key``. With them (on every node,
+    #: or none) a link proves which member it is; without, any holder of the password could
+    #: pose as any member (docs/operating.md, "Raft links").
+    raft_key_file: str = ""
+    raft_public_key: str = ""
     #: Shared secret clients present in their hello. Empty: authentication off (insecure only).
     client_token: str = ""
     insecure: bool = False
@@ -279,6 +330,26 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             return self.client_address
         return ""
 
+    def has_identity(self) -> bool:
+        """Whether this node and its peers have node keys (``raft_key_file``)."""
+        return bool(self.raft_key_file)
+
+    def _identity_problems(self) -> list[str]:
+        keys = [("raft_public_key", self.raft_public_key)] + [(f"peers[{p.id}].raft_public_key", p.raft_public_key) for p in self.peers]
+        if not self.raft_key_file and not any(key for _, key in keys):
+            return []
+        missing = ([] if self.raft_key_file else ["raft_key_file"]) + [name for name, key in keys if not key]
+        if missing:
+            return [
+                f"node identity needs raft_key_file, raft_public_key and every peer's raft_public_key, or none of them; missing {', '.join(missing)}"
+            ]
+        found = [f"{name} must be {RAFT_NODE_KEY_BYTES} bytes in hex, got {key[:20]!r}" for name, key in keys if not _is_public_key(key)]
+        if len({key.lower() for _, key in keys}) != len(keys):
+            found.append("every node needs a raft_public_key of its own; some nodes share one")
+        if not self.raft_password:
+            found.append("node identity needs raft_password too (the links are encrypted with it)")
+        return found
+
     def problems(self) -> list[str]:
         found = []
         if not self.insecure and not self.raft_password:
@@ -290,6 +361,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if self.raft_salt and not _is_salt(self.raft_salt):
             found.append(f"raft_salt must be {RAFT_SALT_BYTES_MIN} to 64 bytes in hex, got {self.raft_salt[:20]!r}")
+        found.extend(self._identity_problems())
         if not self.insecure and not self.client_token:
             found.append("client_token is required (or insecure = true for local development)")
         ids = [self.id] + [p.id for p in self.peers]
@@ -392,7 +464,18 @@ def load_config(path: str, *, insecure: bool = False) -> NodeConfig:
         raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
     if "insecure" in raw:
         raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
-    return parse_config({**raw, "insecure": insecure}, source=path)
+    config = parse_config({**raw, "insecure": insecure}, source=path)
+    if config.has_identity():
+        try:
+            _, public_key = read_node_key(config.raft_key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if public_key.hex() != config.raft_public_key.lower():
+            raise ConfigError(
+                f"{path}: raft_key_file {config.raft_key_file} holds the key of public key {public_key.hex()[:16]}..., "
+                f"not this node's raft_public_key {config.raft_public_key[:16]}..."
+            )
+    return config
 
 
 def parse_config(raw: dict, *, source: str = "config") -> NodeConfig:

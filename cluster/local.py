@@ -38,7 +38,17 @@ from typing import Self
 
 import msgspec
 
-from raftseq.cluster.config import EPHEMERAL_PORTS_FIRST_DEFAULT, PORTS_END, RAFT_SALT_BYTES_MIN, NodeConfig, PeerConfig, to_toml
+from raftseq.cluster.config import (
+    EPHEMERAL_PORTS_FIRST_DEFAULT,
+    PORTS_END,
+    RAFT_SALT_BYTES_MIN,
+    ConfigError,
+    NodeConfig,
+    PeerConfig,
+    node_key_text,
+    read_node_key,
+    to_toml,
+)
 from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
@@ -110,7 +120,9 @@ def local_configs(
     secrets_from: dict | None = None,
     overrides: dict | None = None,
 ) -> list[NodeConfig]:
-    """Configs of a local cluster: client ports P+1.., Raft P+101.., metrics P+201..
+    """Configs of a local cluster: client ports P+1.., Raft P+101.., metrics P+201.. Unless
+    `insecure`, every node has a node key (``node_key_file``, made when missing) and every
+    config names every member's public key.
 
     ``overrides`` replaces settings per section, e.g. ``{"raft": {"log_compaction_min_entries": 50}}``.
     """
@@ -120,8 +132,15 @@ def local_configs(
     # A new cluster gets a salt of its own; one made before salts keeps the constant salt ("").
     salt = "" if insecure else secrets_from.get("raft_salt", "") if secrets_from else secrets.token_hex(RAFT_SALT_BYTES_MIN)
     ids = [f"n{i + 1}" for i in range(NODE_COUNT)]
+    key_files = {node_id: "" if insecure else node_key_file(data_dir, node_id) for node_id in ids}
+    public_keys = {node_id: local_node_key(path) if path else "" for node_id, path in key_files.items()}
     peers = [
-        PeerConfig(node_id, f"127.0.0.1:{base_port + RAFT_PORT_OFFSET + i}", f"127.0.0.1:{base_port + CLIENT_PORT_OFFSET + i}")
+        PeerConfig(
+            node_id,
+            f"127.0.0.1:{base_port + RAFT_PORT_OFFSET + i}",
+            f"127.0.0.1:{base_port + CLIENT_PORT_OFFSET + i}",
+            raft_public_key=public_keys[node_id],
+        )
         for i, node_id in enumerate(ids)
     ]
     configs = []
@@ -135,6 +154,8 @@ def local_configs(
             metrics_address=f"127.0.0.1:{base_port + METRICS_PORT_OFFSET + i}",
             raft_password=password,
             raft_salt=salt,
+            raft_key_file=key_files[peer.id],
+            raft_public_key=peer.raft_public_key,
             client_token=token,
             insecure=insecure,
         )
@@ -148,6 +169,26 @@ def local_configs(
             raise ValueError("; ".join(problems))
         configs.append(config)
     return configs
+
+
+def node_key_file(data_dir: str, node_id: str) -> str:
+    """Where the local cluster keeps a node's key: beside its config (``n1.key``, ``n1.toml``)."""
+    return os.path.join(os.path.abspath(data_dir), f"{node_id}.key")
+
+
+def local_node_key(path: str) -> str:
+    """The public key (hex) of the node key file at `path`, made (0600, in a 0700 directory)
+    when there is none yet or it cannot be used: a restarted local cluster keeps its keys."""
+    try:
+        return read_node_key(path)[1].hex()
+    except ConfigError:
+        pass
+    from raftseq.cluster.raft.link_cipher import new_node_key  # the crypto library lives in the Raft adapter
+
+    seed, public_key = new_node_key()
+    make_private_dirs(os.path.dirname(path))
+    write_private(path, node_key_text(seed, public_key))
+    return public_key.hex()
 
 
 def free_base_port(rng: random.Random | None = None) -> int:

@@ -23,7 +23,7 @@ import time
 from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
 from cluster_harness import running_cluster  # noqa: F401
 
-from raftseq.cluster.raft.link_cipher import LinkCipher, cipher_of
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkPassword
 
 #: Bytes the stranger tries to send after its prefix (before the guard, all were buffered).
 ATTACK_BYTES = 48 * 1024 * 1024
@@ -118,46 +118,152 @@ class RunsCommand:
         return (os.system, (self.command,))
 
 
+class PasswordHolder:
+    """A client of a node's Raft port that holds the cluster's password: pysyncobj's handshake
+    by hand. With a cipher of node keys (``cipher.identity``) it speaks their handshake (link
+    version 4), checking the node's signed answer; its own claims are signed only by the key
+    it was given, which need not be the claimed member's."""
+
+    def __init__(self, address: str, cipher: LinkCipher) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.cipher = cipher
+        self.handshake = None
+        if getattr(cipher, "identity", None) is not None:
+            from raftseq.cluster.raft.link_cipher import LinkHandshake
+
+            self.handshake = LinkHandshake(cipher.identity, peer=address)
+        self.node_key: bytes | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def frame(self, message: object, *, wrapped: bool = True) -> bytes:
+        data = pickle.dumps((self.node_key, message) if wrapped else message, 5)
+        frame = self.cipher.encrypt_at_time(data, int(time.monotonic()))
+        return PREFIX.pack(len(frame)) + frame
+
+    def send(self, message: object, *, wrapped: bool = True) -> None:
+        self.sock.sendall(self.frame(message, wrapped=wrapped))
+
+    def receive(self) -> object | None:
+        """The next message (unwrapped), or None when the node closed the link."""
+        try:
+            (length,) = PREFIX.unpack(self._exactly(PREFIX.size))
+            _, message = pickle.loads(self.cipher.decrypt(self._exactly(length)))
+        except (ConnectionError, TimeoutError, EOFError):
+            return None
+        return message
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            more = self.sock.recv(count - len(data))
+            if not more:
+                raise EOFError
+            data += more
+        return data
+
+    def exchange_keys(self) -> bool:
+        """pysyncobj's key exchange; after it this end speaks under the link's own key."""
+        my_key = self.handshake.key if self.handshake is not None else os.urandom(32)
+        self.send(my_key, wrapped=False)
+        answer = self.receive()
+        if answer is None:
+            return False
+        if self.handshake is not None:
+            self.node_key = self.handshake.take_answer(answer)
+            self.cipher = self.cipher.for_link(my_key, self.node_key, self.handshake.shared)
+        else:
+            self.node_key = answer
+            self.cipher = self.cipher.for_link(my_key, self.node_key)
+        return True
+
+    def claim_taken(self, claim: object) -> bool:
+        """Whether the node takes this link as the member `claim` names: after the claim (in
+        the same write, so that the node reads both at once, before the real member can
+        connect again and replace this link), an AppendEntries of term 0 (stale: it changes
+        nothing), which a member's link gets answered with the node's own term."""
+        probe = {"type": "append_entries", "term": 0, "prevLogIdx": 0, "prevLogTerm": 0, "entries": [], "commit_index": 0}
+        self.sock.sendall(self.frame(claim) + self.frame(probe))
+        while (answer := self.receive()) is not None:
+            if isinstance(answer, dict) and answer.get("type") == "raftseq_newer_term":
+                return True
+        return False
+
+
+def holder_cipher(config) -> LinkCipher:
+    """The link cipher of a holder of `config`'s password who has no node key: with node keys
+    in the cluster, a key of its own (whose claims no member's public key verifies)."""
+    password = LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt))
+    if not getattr(config, "raft_key_file", ""):
+        return LinkCipher(password)
+    from raftseq.cluster.raft.link_cipher import NodeIdentity, new_node_key
+
+    members = {config.raft_address: bytes.fromhex(config.raft_public_key)}
+    identity = NodeIdentity("127.0.0.1:1", new_node_key()[0], members)
+    return LinkCipher(LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt), identity))
+
+
 def test_a_malicious_pickle_from_a_peer_holding_the_password_runs_nothing(running_cluster, tmp_path):
     h = running_cluster
     marker = tmp_path / "pwned"
     leader = h.wait_for_leader()
     follower = next(node_id for node_id in h.node_ids if node_id != leader["node"])
     config = h.node(follower).config
-    cipher = cipher_of(config)
-    host, port = config.raft_address.rsplit(":", 1)
-
-    def send(sock: socket.socket, data: bytes, under: LinkCipher = cipher) -> None:
-        frame = under.encrypt_at_time(data, int(time.monotonic()))
-        sock.sendall(PREFIX.pack(len(frame)) + frame)
-
-    def receive_exactly(sock: socket.socket, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            more = sock.recv(count - len(data))
-            assert more, "the node closed the link during the handshake"
-            data += more
-        return data
-
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        my_key = os.urandom(32)
-        send(sock, pickle.dumps(my_key, 5))
-        (length,) = PREFIX.unpack(receive_exactly(sock, PREFIX.size))
-        echoed, node_key = pickle.loads(cipher.decrypt(receive_exactly(sock, length)))
-        assert echoed == my_key, "the handshake failed: not an authenticated link"
-        # After the key exchange a member speaks under the link's own key, as this does.
-        send(sock, pickle.dumps((node_key, RunsCommand(f"touch {marker}")), 5), cipher.for_link(my_key, node_key))
+    holder = PasswordHolder(config.raft_address, holder_cipher(config))
+    try:
+        assert holder.exchange_keys(), "the handshake failed: not an authenticated link"
+        # The first message after the key exchange, where a member says who it is: any holder
+        # of the password gets this far, with node keys or without.
+        holder.send(RunsCommand(f"touch {marker}"))
         started = time.monotonic()
-        try:
-            closed = sock.recv(1) == b""
-        except ConnectionError:
-            closed = True
+        closed = holder.receive() is None
         print(f"link dropped after {time.monotonic() - started:.3f} s; marker exists: {marker.exists()}", flush=True)
+    finally:
+        holder.close()
     assert closed
     assert not marker.exists(), "a peer's pickle ran a command on the node"
     assert h.is_running(follower)
     assert h.status(nodes=[follower])["nodes"][0]["role"] == "follower"
     assert h.wait_for_leader()["term"] == leader["term"]
+
+
+def test_a_password_holder_cannot_join_as_a_member(running_cluster):
+    """Issue 14, item 10: anyone holding the cluster password could claim to be a member that
+    connects to a node and be taken as that member (its AppendEntries and votes heard). With
+    node keys (every local cluster has them) the node refuses: a link of version 3, and a claim
+    in the handshake of node keys signed by any key but the member's. The member's own key
+    (the control) is taken."""
+    h = running_cluster
+    by_address = sorted(h.node_ids, key=lambda node_id: h.node(node_id).config.raft_address)
+    target, claimed = h.node(by_address[0]).config, h.node(by_address[-1]).config  # the claimed one connects to the target
+    plain = PasswordHolder(target.raft_address, LinkCipher(LinkPassword(target.raft_password, bytes.fromhex(target.raft_salt))))
+    try:
+        taken = plain.exchange_keys() and plain.claim_taken(claimed.raft_address)
+    finally:
+        plain.close()
+    assert not taken, f"a holder of the password was taken as {claimed.id} by {target.id}"
+    from raftseq.cluster.raft.link_cipher import NodeIdentity
+
+    for who, cipher in (
+        ("without the member's key", holder_cipher(target)),
+        (
+            "with the member's key",
+            LinkCipher(LinkPassword(target.raft_password, bytes.fromhex(target.raft_salt), NodeIdentity.of(claimed))),
+        ),
+    ):
+        holder = PasswordHolder(target.raft_address, cipher)
+        try:
+            assert holder.exchange_keys(), f"{who}: no handshake"
+            handshake = holder.handshake
+            claim = (claimed.raft_address, handshake.identity.sign_connect(handshake.key, handshake.other_key, target.raft_address))
+            taken = holder.claim_taken(claim)
+        finally:
+            holder.close()
+        print(f"{who}: taken as {claimed.id}: {taken}", flush=True)
+        assert taken == (who == "with the member's key"), who
+    h.wait_converged(at_least=0, timeout_s=30)
 
 
 #: How long the victim stays out of file descriptors after its first failed accept.

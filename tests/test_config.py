@@ -516,3 +516,88 @@ def test_peer_config_is_frozen():
     peer = PeerConfig("n2", "10.0.0.2:7101", "10.0.0.2:7001")
     with pytest.raises(AttributeError):
         peer.id = "n9"  # type: ignore[misc]
+
+
+# --- node keys (raft_key_file, raft_public_key) ------------------------------------------------
+
+
+def keyed(tmp_path, *, mode: int = 0o600, text: str | None = None) -> dict:
+    """``three_nodes()`` with node keys: n1's key file (0600 unless `mode`) and every public key."""
+    from raftseq.cluster.config import node_key_text
+    from raftseq.cluster.raft.link_cipher import new_node_key
+
+    seed, public_key = new_node_key()
+    path = tmp_path / "n1.key"
+    path.write_text(node_key_text(seed, public_key) if text is None else text)
+    path.chmod(mode)
+    raw = three_nodes()
+    raw["raft_key_file"] = str(path)
+    raw["raft_public_key"] = public_key.hex()
+    for peer in raw["peers"]:
+        peer["raft_public_key"] = new_node_key()[1].hex()
+    return raw
+
+
+def refused_file(tmp_path, raw: dict) -> str:
+    """The ConfigError text of loading ``raw`` from a file (which reads the key file)."""
+    body = to_toml(msgspec.convert(raw, NodeConfig))
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, body))
+    return str(caught.value)
+
+
+def test_a_config_with_node_keys_loads(tmp_path):
+    raw = keyed(tmp_path)
+    config = load_config(write(tmp_path, to_toml(parse_config(raw))))
+    assert config.has_identity() and config.raft_public_key == raw["raft_public_key"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda raw: raw["peers"][1].pop("raft_public_key"), "missing peers[n3].raft_public_key"),
+        (lambda raw: raw.pop("raft_key_file"), "missing raft_key_file"),
+        (lambda raw: raw["peers"][0].update(raft_public_key="abc"), "peers[n2].raft_public_key must be 32 bytes in hex"),
+        (lambda raw: raw["peers"][0].update(raft_public_key=raw["raft_public_key"]), "some nodes share one"),
+        (lambda raw: raw.pop("raft_password"), "node identity needs raft_password"),
+    ],
+    ids=["a peer without a key", "no key file", "a key that is not hex", "a shared key", "no password"],
+)
+def test_node_key_settings_that_do_not_fit_are_one_clear_line(tmp_path, change, expected):
+    raw = keyed(tmp_path)
+    change(raw)
+    text = refused(raw)
+    assert expected in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        ("mode 0644", "mode 0644 lets others read the node's private key; chmod 600 it"),
+        ("missing", "cannot read it: No such file or directory"),
+        ("not a key file", "not a node key file"),
+        ("another node's key", "not this node's raft_public_key"),
+    ],
+)
+def test_a_node_key_file_that_cannot_be_used_is_one_clear_line(tmp_path, how, expected):
+    raw = keyed(tmp_path, mode=0o644 if how == "mode 0644" else 0o600, text="garbage\n" if how == "not a key file" else None)
+    if how == "missing":
+        raw["raft_key_file"] = str(tmp_path / "no-such.key")
+    if how == "another node's key":
+        from raftseq.cluster.raft.link_cipher import new_node_key
+
+        raw["raft_public_key"] = new_node_key()[1].hex()
+    text = refused_file(tmp_path, raw)
+    assert expected in text and "raft_key_file" in text and "\n" not in text, text
+
+
+def test_a_local_cluster_has_node_keys_kept_across_restarts(tmp_path):
+    configs = local_configs(str(tmp_path), 31000, insecure=False)
+    public_keys = [c.raft_public_key for c in configs]
+    assert len(set(public_keys)) == 3 and all(len(bytes.fromhex(key)) == 32 for key in public_keys)
+    for config in configs:
+        assert {p.raft_public_key for p in config.peers} == set(public_keys) - {config.raft_public_key}
+        assert os.stat(config.raft_key_file).st_mode & 0o777 == 0o600
+        assert load_config(write(tmp_path, to_toml(config), f"{config.id}.toml")) == config
+    assert [c.raft_public_key for c in local_configs(str(tmp_path), 31000, insecure=False)] == public_keys
+    assert not any(c.has_identity() for c in local_configs(str(tmp_path / "insecure"), 31000, insecure=True))

@@ -91,3 +91,40 @@ def test_the_cluster_salt_keys_the_link_and_a_plain_password_keeps_the_constant_
         cipher.decrypt(token)  # the same password, no salt
     # A config without raft_salt (made before 0.2): the constant salt, as before.
     assert LinkCipher(LinkPassword(password, b"")).decrypt(cipher.encrypt_at_time(b"m", 1)) == b"m"
+
+
+def keyed_cipher(password: str = "the cluster's raft password") -> LinkCipher:
+    from raftseq.cluster.raft.link_cipher import NodeIdentity, new_node_key
+
+    seed, public_key = new_node_key()
+    return LinkCipher(LinkPassword(password, b"", NodeIdentity("10.0.0.1:7101", seed, {"10.0.0.1:7101": public_key})))
+
+
+def test_a_node_without_node_keys_speaks_link_version_3_unchanged_and_one_with_them_version_4(cipher):
+    """Upgrades (docs/operating.md): a node of this release without node keys must speak to
+    raftseq 0.2 nodes, so its links are version 3 byte for byte (0.2's key derivation too); a
+    node with node keys speaks version 4, and each refuses the other's by version."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key_a, key_b = bytes(32), bytes([1]) * 32
+    link = cipher.for_link(key_a, key_b)
+    assert link.encrypt_at_time(b"m", 0)[0] == cipher.encrypt_at_time(b"m", 0)[0] == 3
+    v3_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"raftseq raft link key v3" + key_a + key_b).derive(cipher._key)
+    assert link._key == v3_key, "the link key of version 3 changed: raftseq 0.2 nodes could not read it"
+    keyed = keyed_cipher()
+    assert keyed.encrypt_at_time(b"m", 0)[0] == keyed.for_link(key_a, key_b, b"s" * 32).encrypt_at_time(b"m", 0)[0] == 4
+    with pytest.raises(LinkCipherError, match="version 3, this node reads 4"):
+        keyed.extract_timestamp(cipher.encrypt_at_time(b"m", 0))
+    with pytest.raises(LinkCipherError, match="version 4, this node reads 3"):
+        cipher.extract_timestamp(keyed.encrypt_at_time(b"m", 0))
+
+
+def test_a_link_key_with_node_keys_needs_the_ends_secret():
+    """With node keys the link key comes from the cluster key and the two ends' X25519 secret:
+    a holder of the password who saw both random keys derives another key."""
+    keyed = keyed_cipher()
+    key_a, key_b = bytes(32), bytes([1]) * 32
+    token = keyed.for_link(key_a, key_b, b"secret of the two ends".ljust(32)).encrypt_at_time(b"an AppendEntries", 0)
+    with pytest.raises(InvalidTag):
+        keyed.for_link(key_a, key_b, b"a guess".ljust(32)).decrypt(token)

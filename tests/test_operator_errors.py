@@ -140,6 +140,8 @@ def test_a_read_only_data_directory_is_one_line_and_exit_6():
         os.makedirs(config.data_dir)
         if os.geteuid() == 0:
             os.chown(config.data_dir, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+            os.chown(config.raft_key_file, UNPRIVILEGED_UID, UNPRIVILEGED_UID)  # the node's own key (0600)
+        os.chmod(os.path.dirname(config.raft_key_file), 0o755)  # local_configs made it 0700, for the key
         os.chmod(config.data_dir, 0o500)
         path = base / "node.toml"
         path.write_text(to_toml(config))

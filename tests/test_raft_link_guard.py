@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import pickle
 import resource
@@ -25,7 +26,7 @@ from pysyncobj import SyncObjConf, replicated
 from raftseq.cluster import raft
 from raftseq.cluster.config import RAFT_LINK_STRANGER_DEADLINE_S, RAFT_LINK_STRANGERS_MAX
 from raftseq.cluster.raft import RaftMember, link_guard
-from raftseq.cluster.raft.link_cipher import LinkCipher
+from raftseq.cluster.raft.link_cipher import LinkCipher, LinkHandshake, LinkPassword, NodeIdentity, new_node_key
 
 PASSWORD = "correct horse battery staple, link guard"
 WAIT_S = 10.0  # upper bound on waiting for something that should happen within a second
@@ -48,11 +49,11 @@ def run(story) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lone_member(password: str | None = PASSWORD):
+async def lone_member(password: str | None = PASSWORD, *, address: str = "", peer: str = ""):
     """A loop-driven member (with the password), its one peer never started."""
-    address = free_address()
+    address = address or free_address()
     conf = SyncObjConf(password=password, bindAddress=address, dynamicMembershipChange=False, connectionTimeout=60.0)
-    member = RaftMember(address, [free_address()], conf, loop=asyncio.get_running_loop())
+    member = RaftMember(address, [peer or free_address()], conf, loop=asyncio.get_running_loop())
     try:
         yield member, address
     finally:
@@ -78,11 +79,13 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = WAIT_S
 
 
 class Peer:
-    """A client of the Raft port holding the password: pysyncobj's handshake by hand."""
+    """A client of the Raft port holding the password: pysyncobj's handshake by hand (with
+    `identity`, the handshake of node keys, link version 4)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: NodeIdentity | None = None) -> None:
         self.reader, self.writer = reader, writer
-        self.cipher = LinkCipher(PASSWORD)
+        self.cipher = LinkCipher(LinkPassword(PASSWORD, b"", identity))
+        self.identity = identity
         self.node_key = b""
 
     def send_pickle(self, data: bytes) -> None:
@@ -101,6 +104,35 @@ class Peer:
         echoed, self.node_key = await asyncio.wait_for(self.receive(), WAIT_S)
         assert echoed == my_key
         self.cipher = self.cipher.for_link(my_key, self.node_key)
+
+    async def signed_handshake(self, member: str) -> LinkHandshake:
+        """The handshake of node keys with `member` (whose answer must carry its signature),
+        up to the claim, which the caller sends (``LinkHandshake.claim``, or anything else)."""
+        assert self.identity is not None
+        handshake = LinkHandshake(self.identity, peer=member)
+        self.send_pickle(pickle.dumps(handshake.key, 5))
+        echoed, answer = await asyncio.wait_for(self.receive(), WAIT_S)
+        assert echoed == handshake.key
+        self.node_key = handshake.take_answer(answer)
+        self.cipher = self.cipher.for_link(handshake.key, self.node_key, handshake.shared)
+        return handshake
+
+    def send_wrapped(self, message: object) -> None:
+        self.send_pickle(pickle.dumps((self.node_key, message), 5))
+
+
+def keys_of(addresses: list[str]) -> dict[str, tuple[bytes, bytes]]:
+    """A node key (seed, public key) per address."""
+    return {address: new_node_key() for address in addresses}
+
+
+def identity_of(address: str, keys: dict[str, tuple[bytes, bytes]], seed: bytes | None = None) -> NodeIdentity:
+    """`address`'s identity among the members of `keys` (with another `seed`: an impostor's,
+    whose public key it claims is the member's own)."""
+    members = {member: public for member, (_, public) in keys.items()}
+    if seed is not None:
+        members[address] = NodeIdentity(address, seed, {}).public_key
+    return NodeIdentity(address, seed or keys[address][0], members)
 
 
 class RunsCommand:
@@ -271,6 +303,47 @@ def test_pysyncobj_loads_its_pickles_with_the_allow_list(tmp_path):
         pysyncobj.pickle.loads(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00rot13\x86R.")
 
 
+#: A memo index far above any pickle below: CPython's unpickler would grow its memo to twice
+#: it at once (16 MiB here; a fuzzed 9-byte pickle named ~2**31, GiBs, and stalled a node 21 s).
+MEMO_INDEX = 2**20
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        b"\x80\x05N" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b".",  # LONG_BINPUT (protocol 5 header)
+        b"\x80\x02]" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b".",  # LONG_BINPUT (protocol 2)
+        b"(lp" + str(MEMO_INDEX).encode() + b"\n.",  # PUT (protocol 0)
+        b"(lp" + b"9" * 5000 + b"\n.",  # PUT with an index of 5,000 digits
+    ],
+    ids=["long-binput-5", "long-binput-2", "put", "put-5000-digits"],
+)
+def test_a_pickle_naming_a_memo_index_beyond_its_length_is_refused(bomb):
+    refused = raft.safe_pickle.refused_count()
+    with pytest.raises(pickle.UnpicklingError, match="memo index"):
+        pysyncobj.pickle.loads(bomb)
+    assert raft.safe_pickle.refused_count() == refused + 1
+
+
+def test_pickles_with_many_memo_entries_still_load():
+    """Protocol 2 names memo slots with BINPUT up to 255, LONG_BINPUT beyond: every index a
+    writer names is below the pickle's length."""
+    many = [(bytes([i % 256]) * 3, i, [i]) for i in range(2000)]
+    for protocol in (0, 2, 5):
+        data = pickle.dumps(many, protocol)
+        assert pysyncobj.pickle.loads(data) == many
+        assert raft.safe_pickle.load(io.BytesIO(data)) == many
+
+
+def test_the_raft_log_loader_refuses_a_memo_bomb_and_reads_one_pickle_at_a_time():
+    bomb = b"\x80\x02]" + b"r" + MEMO_INDEX.to_bytes(4, "little") + b"."
+    with pytest.raises(pickle.UnpicklingError, match="memo index"):
+        pysyncobj.pickle.load(io.BytesIO(bomb))
+    file = io.BytesIO(pickle.dumps({"a": 1}, 2) + pickle.dumps([2], 5))
+    assert pysyncobj.pickle.load(file) == {"a": 1}
+    assert pysyncobj.pickle.load(file) == [2]
+
+
 def test_the_listener_backs_off_on_emfile_and_accepts_again():
     async def story():
         async with lone_member() as (member, address):
@@ -364,6 +437,48 @@ class GuardedStore(RaftMember):
         self.items.append(item)
 
 
+@contextlib.asynccontextmanager
+async def two_stores(*, node_keys: bool = False):
+    """Two loop-driven ``GuardedStore`` members of one cluster (with `node_keys`, each with its
+    own), destroyed at the end."""
+    addresses = [free_address(), free_address()]
+    keys = keys_of(addresses) if node_keys else {}
+    members = []
+    try:
+        for mine, theirs in (addresses, addresses[::-1]):
+            conf = SyncObjConf(
+                password=LinkPassword(PASSWORD, b"", identity_of(mine, keys)) if keys else PASSWORD,
+                bindAddress=mine,
+                dynamicMembershipChange=False,
+                connectionTimeout=60.0,
+                connectionRetryTime=0.05,
+            )
+            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
+            member.items = []
+            member.self_address = mine
+            members.append(member)
+        yield members
+    finally:
+        for member in members:
+            member.destroy()
+
+
+async def replicate(members: list, count: int, *, spread: bool = False) -> None:
+    """`count` entries proposed to the leader (`spread` over many AppendEntries), then held by
+    every member, in order."""
+    async with asyncio.timeout(45):
+        while not any(m._isLeader() for m in members):
+            await asyncio.sleep(0.05)
+        leader = next(m for m in members if m._isLeader())
+        for i in range(count):
+            leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
+            if spread and i % 10 == 9:
+                await asyncio.sleep(0.01)
+        while any(len(m.items) < count for m in members):
+            await asyncio.sleep(0.05)
+    assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
+
+
 def test_a_loop_driven_member_and_a_threaded_member_replicate_large_entries_under_link_keys():
     count, item_bytes = 24, 48 * 1024  # several entries of most of a batch each: large frames
 
@@ -402,31 +517,111 @@ def test_a_link_reconnects_with_new_keys_after_its_message_budget(monkeypatch, c
     count = 100
 
     async def story():
-        first, second = free_address(), free_address()
-        members = []
-        for mine, theirs in ((first, second), (second, first)):
-            conf = SyncObjConf(
-                password=PASSWORD, bindAddress=mine, dynamicMembershipChange=False, connectionTimeout=60.0, connectionRetryTime=0.05
-            )
-            member = GuardedStore(mine, [theirs], conf, loop=asyncio.get_running_loop())
-            member.items = []
-            members.append(member)
-        try:
-            async with asyncio.timeout(45):
-                while not any(m._isLeader() for m in members):
-                    await asyncio.sleep(0.05)
-                leader = next(m for m in members if m._isLeader())
-                for i in range(count):
-                    leader.add(i.to_bytes(4, "big"), callback=lambda result, error: None)
-                    if i % 10 == 9:
-                        await asyncio.sleep(0.01)  # spread the entries over many AppendEntries
-                while any(len(m.items) < count for m in members):
-                    await asyncio.sleep(0.05)
-            assert all(m.items == [i.to_bytes(4, "big") for i in range(count)] for m in members)
-        finally:
-            for member in members:
-                member.destroy()
+        async with two_stores() as members:
+            await replicate(members, count, spread=True)
 
     with caplog.at_level("INFO", logger="raftseq.raft_link"):
         run(story)
     assert any("reconnects for new keys" in r.getMessage() for r in caplog.records), "no link ran out of its budget"
+
+
+# --- node keys (link version 4) ---------------------------------------------------------------
+
+
+def member_and_peer_addresses() -> tuple[str, str]:
+    """(a member's address, its peer's): the peer's is the greater, so the peer connects to the
+    member, and a link that claims the peer is one the member must judge."""
+    first, second = sorted(free_address() for _ in range(2))
+    return first, second
+
+
+def test_members_with_node_keys_replicate_and_refuse_a_peer_without_them():
+    count = 30
+
+    async def story():
+        async with two_stores(node_keys=True) as members:
+            await replicate(members, count)
+            # A peer without node keys (link version 3) is refused at its first message.
+            plain = Peer(*await connect(members[0].self_address))
+            plain.send_pickle(pickle.dumps(os.urandom(32), 5))
+            assert await closed_by_peer(plain.reader), "a link of version 3 was taken by a node with node keys"
+            plain.writer.close()
+
+    run(story)
+
+
+async def request_vote_answered(peer: Peer) -> bool:
+    """Whether the member answers a vote request of `peer` (it took `peer` as a member)."""
+    peer.send_wrapped({"type": "request_vote", "term": 1, "last_log_index": 100, "last_log_term": 0})
+    try:
+        async with asyncio.timeout(WAIT_S):
+            _, answer = await peer.receive()
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return False
+    return isinstance(answer, dict) and answer.get("type") == "response_vote"
+
+
+def test_a_password_holder_without_the_node_key_cannot_join_as_that_member():
+    """Anyone holding the password could claim to be any member connecting to a node, and was
+    taken as that member (its votes counted, its AppendEntries applied). With node keys the claim
+    carries the member's signature of both ends' fresh keys: without the member's private key
+    the link is dropped; with it (the control) the member is taken and answered."""
+
+    async def story():
+        mine, impersonated = member_and_peer_addresses()
+        keys = keys_of([mine, impersonated])
+        async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=impersonated) as (member, _):
+            impostor = Peer(*await connect(mine), identity=identity_of(impersonated, keys, seed=new_node_key()[0]))
+            await impostor.signed_handshake(mine)  # the member's answer checks out: it is who it says
+            impostor.send_wrapped(impersonated)  # a bare claim, as pysyncobj sends it
+            assert await closed_by_peer(impostor.reader), "a claim without a signature was taken"
+            impostor = Peer(*await connect(mine), identity=identity_of(impersonated, keys, seed=new_node_key()[0]))
+            handshake = await impostor.signed_handshake(mine)
+            impostor.send_wrapped(handshake.claim())  # signed, by a key that is not the member's
+            assert await closed_by_peer(impostor.reader), "a claim signed by another key was taken"
+            real = Peer(*await connect(mine), identity=identity_of(impersonated, keys))
+            handshake = await real.signed_handshake(mine)
+            real.send_wrapped(handshake.claim())
+            assert await request_vote_answered(real), "the member itself was not taken"
+            for peer in (impostor, real):
+                peer.writer.close()
+
+    run(story)
+
+
+def test_a_recorded_handshake_replayed_is_refused():
+    """A recorded handshake of the member: its frames sent again on a new link (the claim is
+    under the old link's key), and its signed claim sent inside a fresh handshake (the
+    signature covers the old random keys): both dropped."""
+
+    async def story():
+        mine, recorded = member_and_peer_addresses()
+        keys = keys_of([mine, recorded])
+        async with lone_member(LinkPassword(PASSWORD, b"", identity_of(mine, keys)), address=mine, peer=recorded) as (member, _):
+            real = Peer(*await connect(mine), identity=identity_of(recorded, keys))
+            frames = []
+            send_pickle = real.send_pickle
+
+            def recording(data: bytes) -> None:
+                frames.append(real.cipher.encrypt_at_time(data, 0))
+                real.writer.write(PREFIX.pack(len(frames[-1])) + frames[-1])
+
+            real.send_pickle = recording
+            handshake = await real.signed_handshake(mine)
+            claim = handshake.claim()
+            real.send_wrapped(claim)
+            real.send_pickle = send_pickle
+            assert await request_vote_answered(real), "the recorded handshake was not a good one"
+            real.writer.close()
+            replay = Peer(*await connect(mine))
+            for frame in frames:
+                replay.writer.write(PREFIX.pack(len(frame)) + frame)
+            assert await closed_by_peer(replay.reader), "replayed handshake frames were taken"
+            # Whoever could read the recorded claim still cannot use it on a link of its own.
+            replay = Peer(*await connect(mine), identity=identity_of(recorded, keys, seed=new_node_key()[0]))
+            await replay.signed_handshake(mine)
+            replay.send_wrapped(claim)
+            assert await closed_by_peer(replay.reader), "a recorded claim was taken on a new link"
+            replay.writer.close()
+
+    run(story)

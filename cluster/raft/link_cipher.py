@@ -41,6 +41,17 @@ seconds and a key of each link's own after the first messages. Its version also 
 and could not read the machine snapshots of 0.2 (format 3), so its journal would lose messages
 the others have. Every node of a cluster runs one raftseq version; a node refuses the links of
 another version, and says so in its log.
+
+Version 4 is the same layout for nodes with node keys (``NodeIdentity``: each node's Ed25519
+key, every member's public key in its config). pysyncobj's random keys are then ephemeral
+X25519 keys, the handshake is signed (``LinkHandshake``) and a link's key comes from the
+cluster key and the two ends' X25519 secret (``for_link``): holding the password no longer
+lets anyone pose as a member or read a link. A node without node keys speaks version 3
+unchanged, so nodes of this release and of 0.2 link while a cluster is upgraded; nodes with
+and without node keys refuse each other's links by version (docs/operating.md, node keys).
+The first message of a link stays under the cluster key alone: a captured one still lets
+anyone test password guesses offline, but with node keys a guessed password opens only the
+handshake's public keys and signature.
 """
 
 from __future__ import annotations
@@ -51,16 +62,28 @@ import os
 import struct
 import time
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.config import NodeConfig, read_node_key
 
+#: The link version of nodes without node keys (raftseq 0.2's, spoken unchanged).
 VERSION = 3
-#: Link versions of earlier raftseq releases, named in the refusal (version -> release).
-_EARLIER_VERSIONS = {1: "raftseq before 0.1", 2: "raftseq 0.1"}
+#: The link version of nodes with node keys (``NodeIdentity``).
+VERSION_IDENTITY = 4
+#: Link versions this release does not speak, named in the refusal (version -> who sends it).
+_OTHER_VERSIONS = {
+    1: "raftseq before 0.1",
+    2: "raftseq 0.1",
+    3: "a node without node keys, or raftseq 0.2",
+    4: "a node with node keys",
+}
 _HEADER = struct.Struct(">BQ")
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -70,6 +93,11 @@ _KDF_ROUNDS = 100_000
 #: Bytes of the random key each end of a link sends the other (pysyncobj's ``os.urandom(32)``).
 LINK_KEY_BYTES = 32
 _LINK_KEY_INFO = b"raftseq raft link key v3"
+_LINK_KEY_INFO_IDENTITY = b"raftseq raft link key v4"
+#: Bytes of an Ed25519 signature.
+SIGNATURE_BYTES = 64
+_ACCEPT = b"raftseq raft link v4: accepting end"
+_CONNECT = b"raftseq raft link v4: connecting end"
 
 
 log = logging.getLogger("raftseq.raft")
@@ -79,21 +107,183 @@ class LinkCipherError(ValueError):
     """A message that is not one of ours (too short, unknown version)."""
 
 
+def _transcript(label: bytes, *parts: bytes) -> bytes:
+    """What a handshake signature covers: `label`, then each part with its length."""
+    return label + b"".join(len(part).to_bytes(2, "big") + part for part in parts)
+
+
+def new_node_key() -> tuple[bytes, bytes]:
+    """A new node identity: (Ed25519 private seed, public key), raw bytes."""
+    private = Ed25519PrivateKey.generate()
+    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return private.private_bytes_raw(), public
+
+
+class NodeIdentity:
+    """A node's identity on the Raft links: its address and Ed25519 key, and every member's
+    public key by Raft address.
+
+    A link's two ends exchange ephemeral X25519 public keys as pysyncobj's "random keys" and
+    sign them: the accepting end signs both and its own public key in its first answer, the
+    connecting end both, both ends' public keys and the member address it claims. The link's key
+    comes from the cluster key and the two ends' X25519 secret, which neither a holder of the
+    password nor a recording of the handshake has."""
+
+    def __init__(self, address: str, seed: bytes, members: dict[str, bytes]) -> None:
+        self.address = address
+        self._private = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public_key = public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if members.get(address, public) != public:
+            raise ValueError(f"the node key does not match the public key configured for {address}")
+        self._members = {member: Ed25519PublicKey.from_public_bytes(key) for member, key in members.items()}
+
+    @classmethod
+    def of(cls, config: NodeConfig) -> NodeIdentity | None:
+        """The identity `config` names (None without node keys); ``ConfigError`` when its key
+        file cannot be read."""
+        if not config.has_identity():
+            return None
+        seed, _ = read_node_key(config.raft_key_file)
+        members = {peer.raft_address: bytes.fromhex(peer.raft_public_key) for peer in config.peers}
+        members[config.raft_address] = bytes.fromhex(config.raft_public_key)
+        return cls(config.raft_address, seed, members)
+
+    def members(self) -> list[str]:
+        """Every member's Raft address, this node's included."""
+        return list(self._members)
+
+    def is_member(self, address: object) -> bool:
+        return isinstance(address, str) and address in self._members
+
+    # The signatures name the ends by their public keys, which do not depend on the address
+    # one node reaches another by (a proxy, a NAT): the claimed address is the one pysyncobj
+    # takes, as the accepting end knows the connecting one.
+
+    def _public_of(self, member: str) -> bytes:
+        public = self._members.get(member)
+        return public.public_bytes(Encoding.Raw, PublicFormat.Raw) if public is not None else b""
+
+    def sign_accept(self, connecting_key: bytes, accepting_key: bytes) -> bytes:
+        return self._private.sign(_transcript(_ACCEPT, connecting_key, accepting_key, self.public_key))
+
+    def accept_signed_by(self, member: str, connecting_key: bytes, accepting_key: bytes, signature: bytes) -> bool:
+        """Whether `member` (the address this end connected to) signed the answer."""
+        return self._verify(member, signature, _transcript(_ACCEPT, connecting_key, accepting_key, self._public_of(member)))
+
+    def sign_connect(self, connecting_key: bytes, accepting_key: bytes, member: str) -> bytes:
+        """This end's claim, on a link it opened to `member`."""
+        message = _transcript(_CONNECT, connecting_key, accepting_key, self.address.encode(), self.public_key, self._public_of(member))
+        return self._private.sign(message)
+
+    def connect_signed_by(self, claimed: str, connecting_key: bytes, accepting_key: bytes, signature: bytes) -> bool:
+        """Whether the member `claimed` signed its claim on a link it opened to this node."""
+        message = _transcript(_CONNECT, connecting_key, accepting_key, claimed.encode(), self._public_of(claimed), self.public_key)
+        return self._verify(claimed, signature, message)
+
+    def _verify(self, member: str, signature: bytes, message: bytes) -> bool:
+        public = self._members.get(member)
+        if public is None or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            public.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class LinkKeyExchange:
+    """One end's ephemeral X25519 key of one link; its public half is the end's random key."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def secret_with(self, other: bytes) -> bytes | None:
+        """The secret shared with the end whose public key is `other`; None for a key that is
+        not one (a small-order point gives no secret)."""
+        try:
+            return self._private.exchange(X25519PublicKey.from_public_bytes(other))
+        except ValueError:
+            return None
+
+
+class LinkIdentityError(ValueError):
+    """A link's end that did not prove which member it is (node keys)."""
+
+
+class LinkHandshake:
+    """One end's part in a link's handshake with node keys (link version 4).
+
+    pysyncobj's handshake: the connecting end sends its random key; the accepting end answers
+    with its own; the connecting end sends the member address it claims. Here each random key
+    is an ephemeral X25519 key (``LinkKeyExchange``), the answer is ``(key, signature)`` and
+    the claim ``(address, signature)`` (``NodeIdentity``); after the answer both ends know the
+    shared secret the link's key is derived from (``LinkCipher.for_link``). `peer` is the
+    member the connecting end connects to (None on the accepting end)."""
+
+    def __init__(self, identity: NodeIdentity, *, peer: str | None = None) -> None:
+        self.identity = identity
+        self.peer = peer
+        self._exchange = LinkKeyExchange()
+        #: This end's random key, and the other end's once it arrived.
+        self.key = self._exchange.public
+        self.other_key: bytes | None = None
+        #: The X25519 secret of the two ends (once both keys are known).
+        self.shared = b""
+
+    def _take_key(self, key: object, whose: str) -> bytes:
+        if not (isinstance(key, bytes) and len(key) == LINK_KEY_BYTES):
+            raise LinkIdentityError(f"the random key of {whose} is not {LINK_KEY_BYTES} bytes")
+        shared = self._exchange.secret_with(key)
+        if shared is None:
+            raise LinkIdentityError(f"the random key of {whose} is no X25519 key")
+        self.other_key, self.shared = key, shared
+        return key
+
+    def answer(self, connecting_key: object) -> tuple[bytes, bytes]:
+        """The accepting end's answer to the connecting end's random key."""
+        key = self._take_key(connecting_key, "the connecting end")
+        return self.key, self.identity.sign_accept(key, self.key)
+
+    def take_answer(self, message: object) -> bytes:
+        """The accepting end's random key from its answer, once its signature is checked."""
+        assert self.peer is not None, "only the connecting end takes an answer"
+        key, signature = message if isinstance(message, tuple) and len(message) == 2 else (None, None)
+        if not (isinstance(key, bytes) and self.identity.accept_signed_by(self.peer, self.key, key, signature)):
+            raise LinkIdentityError(f"the answer of {self.peer} is not signed by its node key")
+        return self._take_key(key, self.peer)
+
+    def claim(self) -> tuple[str, bytes]:
+        """The connecting end's claim: its address and its signature."""
+        assert self.peer is not None and self.other_key is not None, "a claim follows the answer"
+        return self.identity.address, self.identity.sign_connect(self.key, self.other_key, self.peer)
+
+    def take_claim(self, message: object) -> str:
+        """The member address the connecting end claims, once its signature is checked."""
+        assert self.other_key is not None, "a claim follows the answer"
+        claim, signature = message if isinstance(message, tuple) and len(message) == 2 else (None, None)
+        if not (self.identity.is_member(claim) and self.identity.connect_signed_by(claim, self.other_key, self.key, signature)):
+            raise LinkIdentityError(f"it claimed to be {str(claim)[:60]!r} without that member's signature")
+        return claim
+
+
 class LinkPassword(str):
     """The Raft password as pysyncobj passes it to its encryptor (``getEncryptor(password)``),
-    carrying this cluster's salt with it."""
+    carrying this cluster's salt and this node's identity (None without node keys) with it."""
 
     salt: bytes
+    identity: NodeIdentity | None
 
-    def __new__(cls, password: str, salt: bytes = b"") -> LinkPassword:
+    def __new__(cls, password: str, salt: bytes = b"", identity: NodeIdentity | None = None) -> LinkPassword:
         self = super().__new__(cls, password)
         self.salt = salt
+        self.identity = identity
         return self
 
 
 def link_password(config: NodeConfig) -> LinkPassword:
-    """The Raft password of `config` with its cluster's salt."""
-    return LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt))
+    """The Raft password of `config` with its cluster's salt and this node's identity."""
+    return LinkPassword(config.raft_password, bytes.fromhex(config.raft_salt), NodeIdentity.of(config))
 
 
 def cipher_of(config: NodeConfig) -> LinkCipher:
@@ -108,6 +298,9 @@ class LinkCipher:
     def __init__(self, password: str | bytes) -> None:
         secret = password.encode() if isinstance(password, str) else bytes(password)
         salt = getattr(password, "salt", b"") or _SALT
+        #: This node's identity on the links (``NodeIdentity``); None: link version 3.
+        self.identity: NodeIdentity | None = getattr(password, "identity", None)
+        self.version = VERSION if self.identity is None else VERSION_IDENTITY
         self._use(PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=_KDF_ROUNDS).derive(secret))
 
     def _use(self, key: bytes) -> None:
@@ -117,20 +310,29 @@ class LinkCipher:
         # (the receiver's check is per link, and a link does not outlive the process anyway).
         self._message_numbers = itertools.count(time.monotonic_ns())
 
-    def for_link(self, key_a: bytes, key_b: bytes) -> LinkCipher:
+    def for_link(self, key_a: bytes, key_b: bytes, shared: bytes = b"") -> LinkCipher:
         """A cipher of one link's own: its key derived (HKDF-SHA256) from this one and the two
-        random keys the link's ends exchanged (``LINK_KEY_BYTES`` each, in either order)."""
+        random keys the link's ends exchanged (``LINK_KEY_BYTES`` each, in either order), and
+        with node keys from the ends' X25519 secret `shared` too (``LinkKeyExchange``)."""
         assert len(key_a) == len(key_b) == LINK_KEY_BYTES, "link keys are checked when they arrive"
+        assert bool(shared) == (self.identity is not None), "a link of nodes with node keys has a shared secret"
         first, second = sorted((key_a, key_b))
         link = object.__new__(LinkCipher)
-        link._use(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LINK_KEY_INFO + first + second).derive(self._key))
+        link.identity, link.version = self.identity, self.version
+        if shared:
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LINK_KEY_INFO_IDENTITY + first + second).derive(
+                self._key + shared
+            )
+        else:
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LINK_KEY_INFO + first + second).derive(self._key)
+        link._use(key)
         return link
 
     def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
         """`current_time` (pysyncobj's whole seconds) is not used: the header carries a number
         that rises with every message this node sends, so that a receiver refuses any message
         that does not come after the last one it took on that link (a replay, a duplicate)."""
-        header = _HEADER.pack(VERSION, next(self._message_numbers))
+        header = _HEADER.pack(self.version, next(self._message_numbers))
         nonce = os.urandom(_NONCE_BYTES)
         return header + nonce + self._aead.encrypt(nonce, data, header)
 
@@ -139,16 +341,17 @@ class LinkCipher:
         if len(data) < _MIN_BYTES:
             raise LinkCipherError(f"{len(data)} bytes is too short for a link message")
         version, timestamp = _HEADER.unpack_from(data)
-        if version != VERSION:
-            if version in _EARLIER_VERSIONS:
+        if version != self.version:
+            if version in _OTHER_VERSIONS:
                 log.warning(
-                    "refused a Raft link message of link version %d (%s); this node speaks version %d: every node "
-                    "of a cluster must run one raftseq version (docs/operating.md, upgrades)",
+                    "refused a Raft link message of link version %d (%s); this node speaks version %d (%s): every node "
+                    "of a cluster must run one raftseq version, and have node keys or none (docs/operating.md, upgrades)",
                     version,
-                    _EARLIER_VERSIONS[version],
-                    VERSION,
+                    _OTHER_VERSIONS[version],
+                    self.version,
+                    "with node keys" if self.identity is not None else "without node keys",
                 )
-            raise LinkCipherError(f"link message version {version}, this node reads {VERSION}")
+            raise LinkCipherError(f"link message version {version}, this node reads {self.version}")
         return timestamp
 
     def decrypt(self, data: bytes) -> bytes:

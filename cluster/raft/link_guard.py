@@ -24,6 +24,13 @@ then never again heard a peer that connects to it.
 * **Each link has a key of its own** after its ends exchanged their random keys
   (``LinkCipher.for_link``), and reconnects for new ones after ``RAFT_LINK_MESSAGES_MAX``
   messages; a message whose number does not rise above the last one is refused (a replay).
+* **With node keys, each end proves which member it is** (``NodeIdentity``, link version 4).
+  The random keys are ephemeral X25519 keys; the accepting end's answer carries its signature
+  of both and of its public key, checked against the member this end connected to; the
+  connecting end's claim of a member address carries its signature of both keys and both
+  ends' public keys. A
+  link that fails either check is dropped before pysyncobj sees it; pysyncobj's own flow is
+  unchanged (the connection turns the signed messages into the ones pysyncobj expects).
 * **Accept errors back off and retry**: the listener pauses ``RAFT_ACCEPT_BACKOFF_MIN_S``,
   doubling up to ``RAFT_ACCEPT_BACKOFF_MAX_S``, counted in ``accept_errors``; never closes.
 
@@ -45,6 +52,7 @@ from typing import Any, NamedTuple
 
 import pysyncobj.tcp_connection
 import pysyncobj.transport
+from pysyncobj.dns_resolver import globalDnsResolver
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import SERVER_STATE, TcpServer
@@ -60,7 +68,7 @@ from raftseq.cluster.config import (
     RaftConfig,
 )
 from raftseq.cluster.raft import safe_pickle
-from raftseq.cluster.raft.link_cipher import LINK_KEY_BYTES, LinkCipher
+from raftseq.cluster.raft.link_cipher import LINK_KEY_BYTES, LinkCipher, LinkHandshake, LinkIdentityError, NodeIdentity
 
 log = logging.getLogger("raftseq.raft_link")
 
@@ -138,6 +146,20 @@ def guard_of(poller: object) -> LinkGuard:
     return guard if isinstance(guard, LinkGuard) else DEFAULT_GUARD
 
 
+#: What ``GuardedConnection._raftseq_signed_out`` returns for a message not to be sent.
+_NOT_SENT = object()
+
+
+def _member_at(identity: NodeIdentity, host: str, port: int) -> str | None:
+    """The member whose Raft address pysyncobj connects to as (`host`, `port`): its address
+    with the host resolved as pysyncobj resolves it."""
+    for address in identity.members():
+        member_host, _, member_port = address.rpartition(":")
+        if int(member_port) == port and (member_host == host or globalDnsResolver().resolve(member_host) == host):
+            return address
+    return None
+
+
 class GuardedConnection(TcpConnection):
     """pysyncobj's ``TcpConnection`` with bounded frames and buffer, and the allow-list."""
 
@@ -153,6 +175,10 @@ class GuardedConnection(TcpConnection):
     def connect(self, host, port):  # noqa: ANN001,ANN201 (pysyncobj's signature)
         self._raftseq_authenticated = False
         self._raftseq_forget_link_key()
+        self._raftseq_outgoing = True
+        identity = self._raftseq_identity()
+        #: The member this link connects to (with node keys): its answer must carry its signature.
+        self._raftseq_peer = _member_at(identity, host, port) if identity is not None else None
         result = super().connect(host, port)
         self._TcpConnection__readBuffer = bytearray()
         return result
@@ -165,11 +191,66 @@ class GuardedConnection(TcpConnection):
 
     # --- the link's own key (``LinkCipher.for_link``) -------------------------------------------
 
+    _raftseq_outgoing = False
+    _raftseq_peer: str | None = None
+
     def _raftseq_forget_link_key(self) -> None:
         self._raftseq_link_cipher: LinkCipher | None = None
         #: A message wrapped with this end's random key arrived: the other end knows both keys.
         self._raftseq_heard_wrapped = False
         self._raftseq_sent = 0
+        #: With node keys: this end's part in the handshake (made for its first message),
+        #: whether the other end proved which member it is, and (connecting end) whether this
+        #: end sent its signed claim.
+        self._raftseq_handshake: LinkHandshake | None = None
+        self._raftseq_peer_proved = False
+        self._raftseq_claimed = False
+
+    def _raftseq_identity(self) -> NodeIdentity | None:
+        return getattr(self.encryptor, "identity", None) if self.encryptor else None
+
+    def _raftseq_signed_out(self, identity: NodeIdentity, message: Any) -> Any:
+        """With node keys, what this end sends in place of pysyncobj's handshake messages
+        (``LinkHandshake``): its ephemeral key as its random key (the accepting end: with its
+        signature), and the connecting end's address with its signature. ``_NOT_SENT`` when
+        the link was dropped, or for a Raft message pysyncobj sends on a link it opened before
+        the handshake is done (it may: the link counts as connected once the socket is)."""
+        if self._raftseq_handshake is None:
+            # pysyncobj's first message on a link is this end's random key, just made.
+            assert message is self.recvRandKey, "the first message of a link is its random key"
+            handshake = self._raftseq_handshake = LinkHandshake(identity, peer=self._raftseq_peer if self._raftseq_outgoing else None)
+            self.recvRandKey = handshake.key
+            if self._raftseq_outgoing:
+                return handshake.key
+            try:
+                return handshake.answer(self.sendRandKey)
+            except LinkIdentityError as exc:
+                log.warning("Raft link dropped: %s (node keys, docs/operating.md)", exc)
+                self.disconnect()
+                return _NOT_SENT
+        if self._raftseq_outgoing and not self._raftseq_claimed:
+            if not (self._raftseq_peer_proved and message == identity.address):
+                # Lost, as Raft allows; pysyncobj sent it unwrapped and the other end dropped the link.
+                return _NOT_SENT
+            self._raftseq_claimed = True
+            return self._raftseq_handshake.claim()
+        return message
+
+    def _raftseq_signed_in(self, message: Any) -> Any:
+        """With node keys, the handshake message pysyncobj expects in place of a signed one
+        (``LinkHandshake``); raises ``LinkIdentityError`` when a check fails."""
+        handshake = self._raftseq_handshake
+        if self._raftseq_outgoing and self.sendRandKey is None:
+            if handshake is None or self._raftseq_peer is None:
+                raise LinkIdentityError("this node connected to no member")
+            message = handshake.take_answer(message)
+        elif not self._raftseq_outgoing and self.sendRandKey is not None:
+            assert handshake is not None, "the accepting end answered before a claim can come"
+            message = handshake.take_claim(message)
+        else:
+            return message  # the connecting end's random key: checked by the answer
+        self._raftseq_peer_proved = True
+        return message
 
     def _raftseq_cipher(self, *, sending: bool) -> Any:
         """The cipher of the next message: the cluster key until both random keys are known
@@ -178,7 +259,8 @@ class GuardedConnection(TcpConnection):
         if self.sendRandKey is None or self.recvRandKey is None or (sending and not self._raftseq_heard_wrapped):
             return self.encryptor
         if self._raftseq_link_cipher is None:
-            self._raftseq_link_cipher = self.encryptor.for_link(self.sendRandKey, self.recvRandKey)
+            shared = self._raftseq_handshake.shared if self._raftseq_handshake is not None else b""
+            self._raftseq_link_cipher = self.encryptor.for_link(self.sendRandKey, self.recvRandKey, shared)
         return self._raftseq_link_cipher
 
     def send(self, message: Any) -> None:
@@ -192,6 +274,11 @@ class GuardedConnection(TcpConnection):
             log.info("Raft link reconnects for new keys after %d messages", RAFT_LINK_MESSAGES_MAX)
             self.disconnect()
             return
+        identity = self._raftseq_identity()
+        if identity is not None:
+            message = self._raftseq_signed_out(identity, message)
+            if message is _NOT_SENT:
+                return
         if self.sendRandKey:
             message = (self.sendRandKey, message)
         data = pysyncobj.tcp_connection.zlib.compress(pysyncobj.tcp_connection.pickle.dumps(message), 3)
@@ -277,10 +364,16 @@ class GuardedConnection(TcpConnection):
                     raise ValueError("link message for another connection")
                 # The other end knew this end's key when it sent this: it knows both now.
                 self._raftseq_heard_wrapped = True
+            if self._raftseq_identity() is not None and not self._raftseq_peer_proved:
+                message = self._raftseq_signed_in(message)
             if self.encryptor and self.sendRandKey is None and not (isinstance(message, bytes) and len(message) == LINK_KEY_BYTES):
                 raise ValueError("a link's random key is not 32 bytes")  # pysyncobj would take anything
         except pickle.UnpicklingError as exc:
             log.warning("Raft link dropped: %s (%d refused so far)", exc, safe_pickle.refused_count())
+            self.disconnect()
+            return None
+        except LinkIdentityError as exc:
+            log.warning("Raft link dropped: %s (node keys, docs/operating.md)", exc)
             self.disconnect()
             return None
         except Exception:  # noqa: BLE001 - as pysyncobj: a message that is not ours drops the link
