@@ -238,7 +238,8 @@ class RaftLogStore:
     """pysyncobj's journal interface over the files above; see the module doc.
 
     Built and used on one thread (the node's loop); in power mode a writer thread of its own
-    writes and syncs. ``fsync`` is what syncs a file (``os.fdatasync``; tests pass their own).
+    writes and syncs. ``fsync`` is what syncs the segments and the directory (``os.fdatasync``
+    and ``os.fsync``; tests pass their own); the term file is always synced with ``os.fsync``.
     """
 
     def __init__(self, directory: str, *, durability: str = "crash", fsync: Callable[[int], None] | None = None) -> None:
@@ -575,9 +576,9 @@ class RaftLogStore:
             with open(temporary, "wb") as f:
                 f.write(self._term_bytes())
                 f.flush()
-                self._fsync_full(f.fileno())
+                os.fsync(f.fileno())
             os.replace(temporary, path)
-            sync_directory(self.directory, self._fsync_full)
+            sync_directory(self.directory)
         except OSError as exc:
             disk_failed(f"cannot write the Raft term and vote to {path}: {exc}")
 
