@@ -275,6 +275,7 @@ class Node:
             await self.gateway.stop()
             self.journal.close()
             raise failure from None
+        self.replica.raft_log.sync_observer = self.metrics.raft_log_synced
         self.catchup = CatchUp(
             self.journal,
             self.config.peers,

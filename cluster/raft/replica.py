@@ -196,6 +196,12 @@ class SequencerReplica(RaftMember):
 
     # --- state ----------------------------------------------------------------------------
 
+    def getStatus(self) -> dict:  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's status, with ``durable_idx``: the last index on this node's disk."""
+        status = super().getStatus()
+        status["durable_idx"] = self.raft_log.durable_index()
+        return status
+
     def leader_client_address(self) -> str:
         leader = self.leader_raft_address()
         return self.node_config.peer_client_address(leader) if leader else ""

@@ -306,8 +306,25 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 HALF,
                 "Raft log entries in memory",
-                "Entries in pysyncobj's Raft log, held in RAM until the next compaction.",
-                per_node(f"raftseq_raft_log_entries{{{N}}}"),
+                "Entries in the Raft log, held in RAM until the next compaction; and how far each node's log on disk is behind its commit index (power durability: entries counted toward commit only once on disk).",
+                [
+                    (f"raftseq_raft_log_entries{{{N}}}", "{{node}} entries"),
+                    (
+                        f"clamp_min(raftseq_raft_commit_index{{{N}}} - raftseq_raft_durable_index{{{N}}}, 0)",
+                        "{{node}} committed, not on disk",
+                    ),
+                ],
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Raft log fsync (power durability)",
+                "Group commits of the Raft log: fdatasync p50 and p99, fsyncs per second, and the Raft entries one fsync covered (p50).",
+                [
+                    *quantiles("raftseq_raft_log_fsync_duration_seconds", (0.5, 0.99)),
+                    (f"rate(raftseq_raft_log_fsyncs_total{{{N}}}[{RATE}])", "{{node}} fsyncs/s"),
+                    *quantiles("raftseq_raft_log_fsync_entries", (0.5,)),
+                ],
             ),
             Panel(
                 timeseries,
