@@ -100,6 +100,10 @@ METRICS = (
     _correction("raftseq_raft_elections_deferred_total", "Election timeouts renewed after a long run of applies on a follower"),
     _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
     _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
+    _correction("raftseq_raft_acks_held_for_fsync_total", "Follower replies held until the Raft log was on disk (power durability)"),
+    _correction(
+        "raftseq_raft_commits_held_for_fsync_total", "Leader ticks whose commit index waited for the leader's own fsync (power durability)"
+    ),
     MetricSpec(
         "raftseq_raft_peer_messages_refused_total",
         "counter",
@@ -207,6 +211,8 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_elections_deferred_total", "raftseq_elections_deferred"),
     ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
+    ("raftseq_raft_acks_held_for_fsync_total", "raftseq_acks_held_for_fsync"),
+    ("raftseq_raft_commits_held_for_fsync_total", "raftseq_commits_held_for_fsync"),
     ("raftseq_raft_peer_messages_refused_total", "raftseq_peer_messages_refused"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),

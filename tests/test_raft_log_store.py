@@ -6,6 +6,7 @@ reads back what a restarted node would hold. Entries are ``(command, index, term
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -18,9 +19,15 @@ from pathlib import Path
 import pytest
 from pysyncobj.journal import FileJournal
 
+from raftseq.cluster import raft
+from raftseq.cluster.local import free_base_port, local_configs
 from raftseq.cluster.node_exit import NodeExit
-from raftseq.cluster.raft import log_store
+from raftseq.cluster.raft import SequencerReplica, log_store
 from raftseq.cluster.raft.log_store import RaftLogDamaged, RaftLogStore, segment_numbers
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer.machine import SequencerMachine
+from raftseq.sequencer.stream import SequencedStream
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -80,6 +87,23 @@ def test_entries_term_vote_and_commit_index_survive_a_reopen(tmp_path):
     again.setCurrentTerm(8, None)
     again.close()
     assert RaftLogStore(str(tmp_path)).getVotedForNodeId() is None
+
+
+def test_term_and_vote_are_synced_with_their_directory_before_set_current_term_returns(tmp_path, monkeypatch):
+    store = RaftLogStore(str(tmp_path))
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(log_store.os, "fsync", recording_fsync)
+    store.setCurrentTerm(5, "127.0.0.1:9002")
+    monkeypatch.undo()
+    store.close()
+    assert synced == [str(tmp_path / "term.tmp"), str(tmp_path)], "the file, then the directory holding its new name"
+    assert (tmp_path / "term").exists() and not (tmp_path / "term.tmp").exists()
 
 
 def test_truncation_at_both_ends_and_clear_are_replayed(tmp_path):
@@ -350,3 +374,77 @@ def test_opening_in_power_mode_syncs_what_crash_mode_wrote(tmp_path):
     assert fsync.calls >= 2  # the segment and the directory
     assert store.durable_index() == 5
     store.close()
+
+
+# --- a compaction cut short between its snapshot and its record --------------------------------
+
+
+def drop_last_compaction_record(directory: Path) -> None:
+    """Remove the last record dropping compacted entries: the snapshot reached the disk, the
+    record saying so did not (a crash between the two)."""
+    for number in reversed(segment_numbers(str(directory))):
+        path = segment(directory, number)
+        data = path.read_bytes()
+        offsets = record_offsets(path)
+        for at in reversed(offsets):
+            end, body = log_store._record_at(data, at)
+            if body[0] == log_store.DROP_BEFORE:
+                path.write_bytes(data[:at] + data[end:])
+                return
+    raise AssertionError("no compaction record found")
+
+
+def test_a_compaction_cut_short_keeps_the_entries_after_its_snapshot(tmp_path):
+    """pysyncobj clears the whole log when its first entries are not the snapshot's: entries
+    after the snapshot, acknowledged by this node, would be lost on the restart."""
+    raft.install()
+    overrides = {"raft": {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 0.5}}
+    configs = local_configs(str(tmp_path), free_base_port(), insecure=True, overrides=overrides)
+
+    def replica_of(config, loop) -> tuple[SequencerReplica, Journal]:
+        journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
+        core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
+        return SequencerReplica(config, core, loop=loop, on_applied=lambda result: None), journal
+
+    async def run_cluster() -> int:
+        loop = asyncio.get_running_loop()
+        members = [replica_of(config, loop) for config in configs]
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while not any(r._isLeader() for r, _ in members):
+                assert time.monotonic() < deadline, "no leader"
+                await asyncio.sleep(0.005)
+            leader = next(r for r, _ in members if r._isLeader())
+            for n in range(1, 121):
+                batch = protocol.encode_batch(time.time_ns(), [protocol.Entry("compaction", n, b"payload %d" % n)])
+                done = loop.create_future()
+                leader.apply_entry(batch, callback=lambda result, error, done=done: done.set_result(error))
+                assert await asyncio.wait_for(done, WAIT_S) == 0
+            first = members[0][0]
+            while not (os.path.exists(os.path.join(configs[0].raft_dir, "snapshot.bin")) and first._SyncObj__raftLog[0][1] > 1):
+                assert time.monotonic() < deadline + WAIT_S, "no compaction on the first node"
+                await asyncio.sleep(0.005)
+            return first._SyncObj__raftLog[-1][1]
+        finally:
+            for replica, journal in members:
+                replica.destroy()
+                journal.close()
+
+    last = asyncio.run(run_cluster())
+    raft_dir = Path(configs[0].raft_dir)
+    drop_last_compaction_record(raft_dir)
+
+    async def restart_first() -> list:
+        replica, journal = replica_of(configs[0], asyncio.get_running_loop())
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while replica._SyncObj__raftLastApplied <= 1:  # the snapshot is loaded on the first ticks
+                assert time.monotonic() < deadline, "the snapshot was not loaded"
+                await asyncio.sleep(0.005)
+            return list(replica._SyncObj__raftLog[:])
+        finally:
+            replica.destroy()
+            journal.close()
+
+    log_after = asyncio.run(restart_first())
+    assert log_after[-1][1] == last, f"entries after the snapshot were dropped: the log ends at {log_after[-1][1]}, not {last}"

@@ -116,11 +116,11 @@ def disk_failed(message: str) -> None:
     os._exit(NodeExit.DISK_FAILED)
 
 
-def sync_directory(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
+def sync_directory(path: str, fsync: Callable[[int], None] | None = None) -> None:
     """fsync a directory (its entries: created, renamed and removed files)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fsync(fd)
+        (fsync or os.fsync)(fd)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
             raise
