@@ -137,11 +137,13 @@ def test_the_commit_index_read_back_never_passes_the_log_end(tmp_path):
     assert RaftLogStore(str(tmp_path)).getRaftCommitIndex() == 5
 
 
-def test_compaction_deletes_whole_segments_and_rewrites_none(tmp_path, monkeypatch):
+@pytest.mark.parametrize("durability", ["crash", "power"])
+def test_compaction_deletes_whole_segments_and_rewrites_none(tmp_path, monkeypatch, durability):
     monkeypatch.setattr(log_store, "RAFT_LOG_SEGMENT_BYTES_MAX", 1024)
-    store = RaftLogStore(str(tmp_path))
+    store = RaftLogStore(str(tmp_path), durability=durability)
     for e in [(b"\x01", 1, 0)] + [entry(i, size=200) for i in range(2, 41)]:
         store.add(*e)
+    wait_for(lambda: store.durable_index() == 40, "every entry written")
     numbers = segment_numbers(str(tmp_path))
     assert len(numbers) >= 8
     before = {n: (os.stat(segment(tmp_path, n)).st_ino, segment(tmp_path, n).read_bytes()) for n in numbers}

@@ -328,9 +328,9 @@ class RaftLogStore:
         index = self._entries[entryTo][1] if entryTo < len(self._entries) else self._entries[-1][1] + 1
         self._entries = self._entries[entryTo:]
         self._entry_segments = self._entry_segments[entryTo:]
-        pending = self._submit(_encode(_OP.pack(DROP_BEFORE, index)))
-        pending.sync_dir_first = True
-        pending.delete_below = self._entry_segments[0] if self._entry_segments else pending.segment
+        # The snapshot covering the dropped entries was renamed into the directory: that name is
+        # synced before this record can reach the disk, and segments go only after it did.
+        pending = self._submit(_encode(_OP.pack(DROP_BEFORE, index)), drop=True)
         if not self.power:
             self._files.delete_below(pending.delete_below)
 
@@ -412,7 +412,9 @@ class RaftLogStore:
     def _last_index(self) -> int:
         return self._entries[-1][1] if self._entries else 0
 
-    def _submit(self, record: bytes, *, entries: int = 0, cut: bool = False) -> _Pending:
+    def _submit(self, record: bytes, *, entries: int = 0, cut: bool = False, drop: bool = False) -> _Pending:
+        """Write `record` (crash mode) or queue it for the writer (power mode). `cut`: it cuts
+        the log's end; `drop`: it drops compacted entries."""
         self.cuts += cut
         if self._segment == 0 or (
             self._segment_bytes + len(record) > RAFT_LOG_SEGMENT_BYTES_MAX and self._segment_bytes > _SEGMENT_HEADER.size
@@ -420,8 +422,11 @@ class RaftLogStore:
             self._segment += 1
             self._segment_bytes = _SEGMENT_HEADER.size
         self._segment_bytes += len(record)
+        pending = _Pending(0, record, self._segment, self._last_index(), entries)
+        if drop:
+            pending.sync_dir_first = True
+            pending.delete_below = self._entry_segments[0] if self._entry_segments else self._segment
         if not self.power:
-            pending = _Pending(0, record, self._segment, 0, entries)
             try:
                 self._files.write(pending.segment, record)
             except OSError as exc:
@@ -432,7 +437,7 @@ class RaftLogStore:
                 self.queue_waits += 1
                 self._lock.wait()
             self._queued_seq += 1
-            pending = _Pending(self._queued_seq, record, self._segment, self._last_index(), entries)
+            pending.seq = self._queued_seq
             self._queue.append(pending)
             self._queue_bytes += len(record)
             if cut:
