@@ -291,6 +291,7 @@ class RaftLogStore:
         self._synced_end = self._last_index()
         self._pending_cuts: deque[tuple[int, int]] = deque()  # (seq, end) of truncations not yet synced
         self._stopping = False
+        self._closed = False
         self._writer: threading.Thread | None = None
         if self.power:
             self._writer = threading.Thread(target=self._write_loop, name="raft-log-writer", daemon=True)
@@ -396,6 +397,11 @@ class RaftLogStore:
             self.deleteEntriesTo(at)
 
     def close(self) -> None:
+        """Write what is queued (and the commit index) and close the files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.onOneSecondTimer()  # the commit index, for the next start's replay
         if self._writer is not None:
             with self._lock:
                 self._stopping = True
@@ -403,8 +409,6 @@ class RaftLogStore:
             self._writer.join(RAFT_LOG_CLOSE_WAIT_S)
             assert not self._writer.is_alive(), f"the Raft log writer did not finish in {RAFT_LOG_CLOSE_WAIT_S} s"
             self._writer = None
-        elif self._commit_index != self._commit_recorded:
-            self.onOneSecondTimer()
         self._files.close()
 
     # --- writing ----------------------------------------------------------------------------------
