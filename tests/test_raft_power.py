@@ -11,7 +11,6 @@ hold.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ from pysyncobj import SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
 from raftseq.cluster import raft
+from test_raft_member import free_address
 from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.member import RaftMember
 
@@ -42,12 +42,6 @@ class HeldFsync:
 
     def __call__(self, fd: int) -> None:
         assert self.released.wait(WAIT_S), "fsync never released"
-
-
-def free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
