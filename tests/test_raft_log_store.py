@@ -106,6 +106,23 @@ def test_term_and_vote_are_synced_with_their_directory_before_set_current_term_r
     assert (tmp_path / "term").exists() and not (tmp_path / "term.tmp").exists()
 
 
+def test_no_file_descriptor_left_refuses_the_term_without_stopping_and_it_is_written_later(tmp_path, monkeypatch):
+    store = RaftLogStore(str(tmp_path))
+
+    def out_of_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(log_store, "open", out_of_files, raising=False)
+    with pytest.raises(OSError):
+        store.setCurrentTerm(6, "127.0.0.1:9003")  # the node goes on; pysyncobj's handler stops
+    monkeypatch.undo()
+    store.onOneSecondTimer()
+    store.close()
+    again = RaftLogStore(str(tmp_path))
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (6, "127.0.0.1:9003")
+    again.close()
+
+
 def test_truncation_at_both_ends_and_clear_are_replayed(tmp_path):
     store = RaftLogStore(str(tmp_path))
     for e in [(b"\x01", 1, 0)] + [entry(i) for i in range(2, 21)]:

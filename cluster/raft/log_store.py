@@ -85,6 +85,9 @@ TERM_FILE = "term"
 TERM_MAGIC = b"RSQTERM\x00"
 _TERM = struct.Struct("<8sIQH")  # magic, format version, term, length of voted-for (0xFFFF: None)
 _NO_VOTE = 0xFFFF
+#: Errors opening a file that say the process has no file descriptor left, not that the disk
+#: failed: writing the term file is then refused (and retried), the node goes on.
+_OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
 #: pysyncobj's log file name, kept as a directory once converted (see the module doc).
 LEGACY_LOG = "raft.log"
 _LEGACY_HEADER_BYTES = 40  # name (24), version (8), format version (4), end of records (4)
@@ -267,6 +270,7 @@ class RaftLogStore:
         self._commit_recorded = 1
         self._term = 0
         self._voted_for: str | None = None
+        self._term_unsaved = False
         os.makedirs(directory, exist_ok=True)
         legacy = os.path.join(directory, LEGACY_LOG)
         if os.path.isfile(legacy):
@@ -365,6 +369,8 @@ class RaftLogStore:
         return self._voted_for
 
     def onOneSecondTimer(self) -> None:  # noqa: N802 (pysyncobj's name)
+        if self._term_unsaved:
+            self._write_term()
         if self._commit_index != self._commit_recorded:
             self._commit_recorded = self._commit_index
             self._submit(_encode(_OP.pack(COMMIT, self._commit_index)))
@@ -589,7 +595,15 @@ class RaftLogStore:
             os.replace(temporary, path)
             sync_directory(self.directory)
         except OSError as exc:
-            disk_failed(f"cannot write the Raft term and vote to {path}: {exc}")
+            if exc.errno not in _OUT_OF_FILES:
+                disk_failed(f"cannot write the Raft term and vote to {path}: {exc}")
+            # No file could be opened: nothing was written, the disk did not fail. The caller
+            # (pysyncobj's handler) stops here, sending nothing of the new term; the next
+            # setCurrentTerm, or the one-second timer, writes it again.
+            self._term_unsaved = True
+            log.warning("cannot write the Raft term and vote to %s now: %s; nothing of term %d is sent until it is", path, exc, self._term)
+            raise
+        self._term_unsaved = False
 
     def _read_term(self) -> None:
         path = os.path.join(self.directory, TERM_FILE)
