@@ -10,7 +10,8 @@ The leader is the node with the largest share.
 
 Each checkout must be importable by ``--python`` the way its benchmark expects (this checkout:
 ``pip install -e .`` into that interpreter's environment; a checkout from before the ``raftseq``
-namespace: its own folder on the path, which its benchmark arranges).
+namespace: its own folder on the path, which its benchmark arranges). Two checkouts that are
+both ``raftseq`` need an environment each: ``--python-a`` names the one with A installed.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a", required=True, help="the baseline checkout (a directory)")
     parser.add_argument("--b", required=True, help="the checkout under test (a directory)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for both (default: this one)")
+    parser.add_argument(
+        "--python-a",
+        default="",
+        help="interpreter for A only (default --python): an environment with A installed, when both checkouts are raftseq",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs A and B once (default 3)")
     parser.add_argument("--messages", type=int, default=200_000, help="messages per throughput run (default 200000)")
     parser.add_argument("--json", default="", help="also write every run's figures here")
@@ -72,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     sides = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
+    pythons = {"A": args.python_a or args.python, "B": args.python}
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     print(f"A = {sides['A']}\nB = {sides['B']}\n{args.rounds} rounds of {args.messages:,} messages, alternating", flush=True)
     for r in range(args.rounds):
         for side in ("A", "B") if r % 2 == 0 else ("B", "A"):
             started = time.monotonic()
-            figures = one_run(sides[side], args.python, args.messages, extra)
+            figures = one_run(sides[side], pythons[side], args.messages, extra)
             runs[side].append(figures)
             text = "  ".join(
                 f"{k} leader {v['leader_us']:.2f} µs/msg nodes {v['nodes_us']:.2f} ({v['per_s']:,.0f}/s)" for k, v in figures.items()

@@ -61,6 +61,7 @@ from benchmarks.options import (
     run_reported,
 )
 from benchmarks.throughput import GOAL_METRICS_COST, GOAL_THROUGHPUT_PER_S, workload_metrics, workload_throughput
+from raftseq.cluster.config import DURABILITY_MODES
 from raftseq.cluster.local import local_configs
 
 WORKLOAD_NAMES = ("throughput", "latency", "failover", "elections", "metrics")
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)",
     )
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
+    add(
+        "--durability",
+        choices=DURABILITY_MODES,
+        default="crash",
+        help="the nodes' durability: crash (default) or power (each Raft entry fsynced before it counts toward commit)",
+    )
     add_report_options(parser)
     add("--worker", default="", help=argparse.SUPPRESS)
     return parser
@@ -205,6 +212,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     overrides: dict = {}
     for section, key, value in args.sets:
         overrides.setdefault(section, {})[key] = value
+    if args.durability != "crash":
+        overrides["durability"] = args.durability
     args.overrides = overrides or None
     try:
         with tempfile.TemporaryDirectory() as scratch:  # local_configs writes node keys there

@@ -10,6 +10,8 @@ import asyncio
 import urllib.request
 from collections.abc import Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from benchmarks.figures import cpu_text, describe_ranges, expect, goal_text, merge_ranges, spread
 from benchmarks.harness import BenchCluster
 from benchmarks.load import ThroughputRun, multi_client_run, one_client_run
@@ -21,6 +23,33 @@ GOAL_THROUGHPUT_PER_S = 150_000
 GOAL_METRICS_COST = 0.05
 #: Messages of the warm-up run on a fresh cluster (at most ``--messages``).
 WARMUP_MESSAGES = 20_000
+
+
+#: Seconds a scrape of a node's Raft log fsync counters may take.
+SCRAPE_TIMEOUT_S = 5.0
+
+
+def raft_log_syncs(bc: BenchCluster) -> dict[str, tuple[float, float]]:
+    """node id -> (Raft log fsyncs, entries they covered) so far, from each node's metrics
+    (power durability; zeros in crash durability). Empty when the nodes serve no metrics."""
+    found = {}
+    for node in bc.nodes:
+        if not node.config.metrics_address:
+            continue
+        with urllib.request.urlopen(f"http://{node.config.metrics_address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
+            samples = {s.name: s.value for f in text_string_to_metric_families(answer.read().decode()) for s in f.samples}
+        found[node.config.id] = (samples.get("raftseq_raft_log_fsyncs_total", 0.0), samples.get("raftseq_raft_log_fsync_entries_sum", 0.0))
+    return found
+
+
+def sync_text(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], seconds: float) -> tuple[str, dict]:
+    """Raft log fsyncs per second and entries per fsync of each node over one run."""
+    figures = {}
+    for node_id, (syncs, entries) in after.items():
+        d_syncs, d_entries = syncs - before[node_id][0], entries - before[node_id][1]
+        figures[node_id] = {"fsyncs_per_s": d_syncs / seconds, "entries_per_fsync": d_entries / d_syncs if d_syncs else 0.0}
+    text = ", ".join(f"{k} {v['fsyncs_per_s']:,.0f} fsync/s x {v['entries_per_fsync']:.1f} entries" for k, v in figures.items())
+    return text, figures
 
 
 def workload_throughput(args: argparse.Namespace, root: str) -> dict:
@@ -49,10 +78,12 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
 
         asyncio.run(warm_up())
         runs: dict[str, list[ThroughputRun]] = {key: [] for key, *_ in variants}
+        raft_log_fsyncs: dict[str, list[dict]] = {key: [] for key, *_ in variants}
         # Interleaved (a, b, c, a, b, c, ...) so a change in the machine's load hits every variant.
         for r in range(args.runs):
             for key, _, batch, processes in variants:
                 session = f"tp-{key}-{r + 1}"
+                syncs_before = raft_log_syncs(bc)
                 if processes == 1:
                     run = asyncio.run(
                         one_client_run(
@@ -78,10 +109,13 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
                     )
                 runs[key].append(run)
                 all_ranges.append([run.seqs_first, run.seqs_last])
+                syncs, sync_figures = sync_text(syncs_before, raft_log_syncs(bc), run.seconds)
+                raft_log_fsyncs[key].append(sync_figures)
                 print(
                     f"    run {r + 1} {key:<12} {run.per_s:>10,.0f} msg/s  ({run.messages:,} in {run.seconds:.2f} s, "
                     f"seqs {run.seqs_first:,}..{run.seqs_last:,} unique and gapless; cpu {cpu_text(run.cpu_s)}"
                     + (f"; reconnects {run.reconnects}, resubmits {run.resubmits}" if run.reconnects or run.resubmits else "")
+                    + (f"; Raft log {syncs}" if args.overrides and args.overrides.get("durability") == "power" else "")
                     + ")",
                     flush=True,
                 )
@@ -106,6 +140,7 @@ def workload_throughput(args: argparse.Namespace, root: str) -> dict:
             "goal_messages_per_s": GOAL_THROUGHPUT_PER_S,
             "goal_met": s["median"] >= GOAL_THROUGHPUT_PER_S,
             "cpu_share_runs": [run.cpu_s for run in runs[key]],
+            "raft_log_fsync_runs": raft_log_fsyncs[key],
             "reconnects": sum(run.reconnects for run in runs[key]),
             "resubmits": sum(run.resubmits for run in runs[key]),
         }

@@ -22,6 +22,23 @@ NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 #: The node's role watcher reads the Raft member's role and leader this often, in seconds: a
 #: new leader's batcher starts (and a deposed one's stops) within it.
 ROLE_WATCH_INTERVAL_S = 0.01
+#: ``NodeConfig.durability``: what an acknowledged message survives. "crash": a kill of every
+#: node's process (the Raft log is written, never fsynced); "power": a power cut of every node
+#: (an entry counts toward commit on a node only once fsynced there; ``cluster.raft.log_store``).
+DURABILITY_MODES = ("crash", "power")
+#: A Raft log segment ends before it would pass this (a record never spans two segments).
+#: Compaction deletes whole segments, so the disk holds at most one segment more than the log
+#: needs; opening reads one segment at a time into memory.
+RAFT_LOG_SEGMENT_BYTES_MAX = 64 * limits.MIB
+#: A Raft log record's body is at most this; a longer length on disk is damage. Every entry the
+#: node writes is below ``raft.append_entries_batch_bytes`` (64 KiB), far under it.
+RAFT_LOG_RECORD_BYTES_MAX = 16 * limits.MIB
+#: Bytes queued for the Raft log's writer thread (power mode) beyond which the loop waits for
+#: it. The batcher's window (``batcher.in_flight_max`` x ``batcher.bytes_max``) keeps a leader
+#: far below; only a disk stalled for seconds reaches it.
+RAFT_LOG_WRITE_QUEUE_BYTES_MAX = 64 * limits.MIB
+#: How long closing the Raft log waits for its writer thread to write what is queued.
+RAFT_LOG_CLOSE_WAIT_S = 10.0
 #: Free disk (``journal.disk_free_bytes_min``) is checked this often, in seconds.
 DISK_CHECK_INTERVAL_S = 1.0
 
@@ -308,6 +325,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Shared secret clients present in their hello. Empty: authentication off (insecure only).
     client_token: str = ""
     insecure: bool = False
+    #: One of ``DURABILITY_MODES``. A data directory may switch between them at a restart.
+    durability: str = "crash"
     raft: RaftConfig = RaftConfig()
     batcher: BatcherConfig = BatcherConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -433,6 +452,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
         if g.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
             found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
+        if self.durability not in DURABILITY_MODES:
+            found.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
         try:
             FsyncPolicy.parse(self.journal.fsync)
         except ValueError as exc:

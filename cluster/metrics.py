@@ -76,6 +76,15 @@ METRICS = (
     MetricSpec("raftseq_raft_commit_index", "gauge", (), "Raft commit index"),
     MetricSpec("raftseq_raft_last_applied_index", "gauge", (), "Raft index of the last entry applied here"),
     MetricSpec("raftseq_raft_log_entries", "gauge", (), "Entries in the Raft log (held in memory until compaction)"),
+    MetricSpec(
+        "raftseq_raft_durable_index",
+        "gauge",
+        (),
+        "Last Raft index on this node's disk with every entry before it (the last index in crash durability)",
+    ),
+    MetricSpec("raftseq_raft_log_fsyncs_total", "counter", (), "Group commits of the Raft log (power durability: one fdatasync each)"),
+    MetricSpec("raftseq_raft_log_fsync_duration_seconds", "histogram", (), "Duration of one Raft log fdatasync (power durability)"),
+    MetricSpec("raftseq_raft_log_fsync_entries", "histogram", (), "Raft entries one Raft log fdatasync covered (power durability)"),
     MetricSpec("raftseq_raft_has_quorum", "gauge", (), "1 while this node is connected to a majority of the cluster"),
     MetricSpec("raftseq_raft_peer_connected", "gauge", ("peer",), "1 while the Raft link to a peer is connected"),
     MetricSpec(
@@ -91,6 +100,10 @@ METRICS = (
     _correction("raftseq_raft_elections_deferred_total", "Election timeouts renewed after a long run of applies on a follower"),
     _correction("raftseq_raft_newer_terms_told_total", "AppendEntries of an older term answered with this node's term"),
     _correction("raftseq_raft_newer_terms_heard_total", "Times this node stepped down to a newer term it was told of"),
+    _correction("raftseq_raft_acks_held_for_fsync_total", "Follower replies held until the Raft log was on disk (power durability)"),
+    _correction(
+        "raftseq_raft_commits_held_for_fsync_total", "Leader ticks whose commit index waited for the leader's own fsync (power durability)"
+    ),
     MetricSpec(
         "raftseq_raft_peer_messages_refused_total",
         "counter",
@@ -198,6 +211,8 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_elections_deferred_total", "raftseq_elections_deferred"),
     ("raftseq_raft_newer_terms_told_total", "raftseq_newer_terms_told"),
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
+    ("raftseq_raft_acks_held_for_fsync_total", "raftseq_acks_held_for_fsync"),
+    ("raftseq_raft_commits_held_for_fsync_total", "raftseq_commits_held_for_fsync"),
     ("raftseq_raft_peer_messages_refused_total", "raftseq_peer_messages_refused"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
@@ -264,10 +279,18 @@ class NodeMetrics:
         self.ack_latency = _Histogram(LATENCY_BUCKETS_S)
         #: Filled by the journal's fsync observer (``Journal.fsync_observer``).
         self.fsync_latency = _Histogram(FSYNC_BUCKETS_S)
+        #: Filled by the Raft log's writer thread (``RaftLogStore.sync_observer``).
+        self.raft_log_fsync_latency = _Histogram(FSYNC_BUCKETS_S)
+        self.raft_log_entries_per_fsync = _Histogram(BATCH_SIZE_BUCKETS)
         self.verify_failures = dict.fromkeys(VERIFY_CHECKS, 0)
         #: The journal cursors of the subscriptions being served (added when a subscription
         #: starts, discarded when it ends); their ``next_seq`` gives subscriber lag at scrape time.
         self.subscriber_cursors: set = set()
+
+    def raft_log_synced(self, seconds: float, entries: int) -> None:
+        """One group commit of the Raft log (called on its writer thread)."""
+        self.raft_log_fsync_latency.observe(seconds)
+        self.raft_log_entries_per_fsync.observe(entries)
 
     def refused(self, reason: str) -> None:
         if reason in self.refusals:
@@ -344,6 +367,11 @@ class NodeCollector:
             yield family("raftseq_raft_last_applied_index", value=status.get("last_applied", 0))
             yield family("raftseq_raft_log_entries", value=status.get("log_len", 0))
             yield family("raftseq_raft_has_quorum", value=1.0 if status.get("has_quorum") else 0.0)
+            yield family("raftseq_raft_durable_index", value=status.get("durable_idx", 0))
+        syncs = m.raft_log_entries_per_fsync
+        yield family("raftseq_raft_log_fsyncs_total", value=sum(syncs.counts))
+        yield histogram("raftseq_raft_log_fsync_duration_seconds", m.raft_log_fsync_latency)
+        yield histogram("raftseq_raft_log_fsync_entries", syncs)
         prefix = "partner_node_status_server_"
         yield family(
             "raftseq_raft_peer_connected",

@@ -276,6 +276,12 @@ class Node:
             if raft.is_bind_error(exc):
                 address = self.config.raft_address
                 failure = AddressUnavailable("Raft", "raft_address", address, _listen_problem(address))
+            elif isinstance(exc, raft.RaftLogDamaged):
+                failure = NodeCannotRun(
+                    NodeExit.RAFT_LOG_DAMAGED,
+                    f"the Raft log is damaged: {exc}. To discard it and rejoin from the leader (snapshot and "
+                    "journal catch-up), start the node with --discard-raft-log",
+                )
             else:
                 failure = RaftLogUnreadable(
                     f"cannot open the Raft log in {self.config.raft_dir}: {exc!r}. To discard it and rejoin from the "
@@ -284,6 +290,7 @@ class Node:
             await self.gateway.stop()
             self.journal.close()
             raise failure from None
+        self.replica.raft_log.sync_observer = self.metrics.raft_log_synced
         self.catchup = CatchUp(
             self.journal,
             self.config.peers,

@@ -1,6 +1,6 @@
 """How a node ends: one exit code per reason, and the error that carries one.
 
-An operator (or ``raftseq cluster up``) reads the code to know what to do: a code from 3 to 8
+An operator (or ``raftseq cluster up``) reads the code to know what to do: a code from 3 to 10
 names something only a person can fix, so restarting the node unchanged cannot help; 1 is a
 bug; 70 is a broken invariant, after which a restart recovers from the node's files.
 """
@@ -29,6 +29,12 @@ class NodeExit(enum.IntEnum):
     JOURNAL_DAMAGED = 7
     #: Another process holds the data directory's lock.
     DATA_DIR_IN_USE = 8
+    #: The Raft log is damaged other than at its tail (the log line names file and offset;
+    #: ``raftseq node --discard-raft-log`` rejoins from the leader).
+    RAFT_LOG_DAMAGED = 9
+    #: The disk refused a write or an fsync of the Raft log: what it held is not taken as
+    #: written (the node stops at once; check the disk, then restart).
+    DISK_FAILED = 10
     #: A broken internal invariant stopped the node at once; a restart recovers from its files.
     INVARIANT = 70
 
@@ -47,6 +53,8 @@ _NEEDS_OPERATOR = frozenset(
         NodeExit.DATA_DIR_UNUSABLE,
         NodeExit.JOURNAL_DAMAGED,
         NodeExit.DATA_DIR_IN_USE,
+        NodeExit.RAFT_LOG_DAMAGED,
+        NodeExit.DISK_FAILED,
     }
 )
 

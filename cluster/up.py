@@ -119,7 +119,9 @@ def run_cluster_up(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart)
+    cluster = LocalCluster(
+        args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart, overrides={"durability": args.durability}
+    )
     taken = cluster.taken_ports()
     if taken:
         more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from raftseq.cluster.cli.args import add_command, command_group, positive
+from raftseq.cluster.config import DURABILITY_MODES
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -12,7 +13,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     metrics URLs, the client token and the leader, then a line on every leader change. A node that
     crashes is restarted (unless --no-restart) after a delay that doubles while it keeps failing
     (1 s up to 30 s); one stopped with SIGTERM stays stopped, and so does one whose exit code needs an
-    operator (2-8: a port or its data directory in use, a bad config...; see docs/operating.md).
+    operator (2-10: a port or its data directory in use, a bad config...; see docs/operating.md).
     Ctrl-C stops every node (exit code 130), SIGTERM too (exit 0). Exit code 1, before any banner,
     when a port or the data directory is in use or the cluster cannot start; 1 too when no node is
     left running."""
@@ -30,3 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--demo-rate", type=positive, default=200, help="demo messages per second per session (default 200)")
     up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
     up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
+    up.add_argument(
+        "--durability",
+        choices=DURABILITY_MODES,
+        default="crash",
+        help="crash: acknowledged messages survive a kill of every node (the default); power: also a power cut of every "
+        "node (each Raft entry fsynced before it counts toward commit)",
+    )

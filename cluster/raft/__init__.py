@@ -11,6 +11,8 @@
 * ``link_guard``: the Raft links' bounds (frame size at the length prefix, unauthenticated
   links in count and time) and a listener that backs off on accept errors.
 * ``safe_pickle``: the allow-list unpickler pysyncobj loads every pickle with.
+* ``log_store``: the Raft log on disk (``RaftLogStore``: segments, checksums, torn tails,
+  term and vote, the power-safe writer), in place of pysyncobj's ``FileJournal``.
 * ``proposals``: what a proposal's callback is told (``PROPOSAL_OK``, ``proposal_error_name``).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from pysyncobj import FAIL_REASON, SyncObjException
 
+from raftseq.cluster.raft.log_store import DURABILITY_MODES, RaftLogDamaged
 from raftseq.cluster.raft.member import RAFT_COUNTERS, RaftMember
 from raftseq.cluster.raft.patches import install, installed
 from raftseq.cluster.raft.proposals import PROPOSAL_OK, proposal_error_name
@@ -30,9 +33,11 @@ def is_bind_error(exc: BaseException) -> bool:
 
 
 __all__ = [
+    "DURABILITY_MODES",
     "FAIL_REASON",
     "PROPOSAL_OK",
     "RAFT_COUNTERS",
+    "RaftLogDamaged",
     "RaftMember",
     "SequencerReplica",
     "install",

@@ -48,6 +48,17 @@ Raft's rules, which ``RaftMember`` enforces around pysyncobj's own handler:
   snapshot, committed and journaled its own uncommitted batch at a number the majority had
   given to another.)
 
+With our Raft log storage in power mode (``raft.log_store``, ``durability = "power"``), an
+entry counts toward commit on a node only once it is on that node's disk:
+
+* A follower's success reply (``next_node_idx``) is held until its log is durable up to the
+  index it acknowledges, then sent; a held reply is dropped if the log is cut below it or the
+  term changes meanwhile (the leader's next AppendEntries asks again).
+* The leader counts itself toward a commit only up to its own durable index: right after
+  pysyncobj's tick raised the commit index (counting the leader's whole log), and before any
+  entry is applied, the commit index is lowered to the last entry a majority holds on disk
+  (the leader's entries counted only up to its durable index).
+
 AppendEntries that carry one oversized entry in chunks (``transmission``) bypass the correction;
 the node never sends them, because every batch stays below ``appendEntriesBatchSizeBytes``
 (``NodeConfig.problems`` enforces it).
@@ -71,6 +82,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
 from raftseq.cluster.raft import patches, safe_pickle
 from raftseq.cluster.raft.link_guard import DEFAULT_GUARD, LinkGuard, LinkLimits
+from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.loop_poller import LoopPoller
 from raftseq.cluster.raft.private_names import CANDIDATE as _CANDIDATE
 from raftseq.cluster.raft.private_names import FOLLOWER as _FOLLOWER
@@ -100,6 +112,7 @@ _original_on_message = SyncObj._SyncObj__onMessageReceived
 _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
 _original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
 _original_on_tick = SyncObj._onTick
+_original_send_next_node_idx = SyncObj._SyncObj__sendNextNodeIdx
 #: The fields of pysyncobj's messages (and ours) that hold terms, log indexes and request ids:
 #: integers in ``0..limits.RAFT_NUMBER_MAX``; the first two may be None (a snapshot piece).
 RAFT_NUMBER_FIELDS = (
@@ -131,6 +144,8 @@ RAFT_COUNTERS = (
     "raftseq_newer_terms_told",
     "raftseq_newer_terms_heard",
     "raftseq_peer_messages_refused",
+    "raftseq_acks_held_for_fsync",
+    "raftseq_commits_held_for_fsync",
     "ticks_failed",
     "link_frames_refused",
     "link_strangers_dropped",
@@ -197,6 +212,16 @@ class RaftMember(SyncObj):
     raftseq_votes_blocked_until = 0.0
     #: Exceptions out of pysyncobj (a tick, or its handling of a socket event) on the loop.
     ticks_failed = 0
+    #: Power mode: success replies held until the log was durable; ticks in which the leader's
+    #: commit index was held back to what a majority had on disk.
+    raftseq_acks_held_for_fsync = 0
+    raftseq_commits_held_for_fsync = 0
+    #: Our Raft log store when its durability is "power" (None otherwise).
+    _raftseq_power_log: RaftLogStore | None = None
+    #: Held success replies: node -> [(log cuts, term, next index)].
+    _raftseq_held_acks: dict
+    #: The commit index as last checked against the leader's durable index.
+    _raftseq_commit_checked = 0
     _truncation_refused_logged_at = float("-inf")
 
     _loop: asyncio.AbstractEventLoop | None = None
@@ -243,6 +268,13 @@ class RaftMember(SyncObj):
         self._leader_silence_s = RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS * conf.raftMaxTimeout
         super().__init__(self_address, partners, conf)
         self.addOnTickCallback(self._hand_over_if_asked)
+        raft_log = self._SyncObj__raftLog
+        if isinstance(raft_log, RaftLogStore) and raft_log.power:
+            self._raftseq_power_log = raft_log
+            self._raftseq_held_acks = {}
+            self._raftseq_commit_checked = self._SyncObj__raftCommitIndex
+            if loop is not None:
+                raft_log.on_durable = self._durable_from_writer
         if loop is not None:
             self._loop_poller.after_event = self._tick_now
             self._loop_poller.on_error = self.tick_failed
@@ -600,6 +632,8 @@ class RaftMember(SyncObj):
         leader waits ``commit_notify_delay_s`` first: a batch proposed meanwhile (at any steady
         rate, the next one) carries the commit index, and the extra round is sent only when
         none came."""
+        if self._raftseq_power_log is not None:
+            self._raftseq_commit_only_durable()
         need_send = self._raftseq_apply_committed() if self._loop is not None else self._raftseq_apply_deferring_election()
         delay = self._commit_notify_delay_s
         if need_send and delay and self._SyncObj__raftState == LEADER:
@@ -660,6 +694,73 @@ class RaftMember(SyncObj):
         self._commit_notify = None
         if self._SyncObj__raftState == LEADER and self._commit_index_sent < self._SyncObj__raftCommitIndex:
             self._SyncObj__sendAppendEntries()
+
+    # --- power mode: counting only what is on disk ---------------------------------------------
+
+    def _durable_from_writer(self) -> None:
+        """The log writer's thread: a group commit ended."""
+        try:
+            self._loop.call_soon_threadsafe(self.raftseq_durable_advanced)
+        except RuntimeError:
+            pass  # the loop closed: the member is gone
+
+    def raftseq_durable_advanced(self) -> None:
+        """The log's durable index may have risen: send the replies it allows, and let the
+        leader count its own entries (on a loop, by the next tick)."""
+        power_log = self._raftseq_power_log
+        if power_log is None or (self._loop is not None and self._destroyed):
+            return
+        durable = power_log.durable_index()
+        generation = (power_log.cuts, self._SyncObj__raftCurrentTerm)
+        for node, held in list(self._raftseq_held_acks.items()):
+            live = [(g, i) for g, i in held if g == generation]
+            ready = [i for _, i in live if i - 1 <= durable]
+            if ready:
+                _original_send_next_node_idx(self, node, False, max(ready), True)
+            rest = [(g, i) for g, i in live if i - 1 > durable]
+            if rest:
+                self._raftseq_held_acks[node] = rest
+            else:
+                del self._raftseq_held_acks[node]
+        if self._loop is not None and self._SyncObj__raftState == LEADER:
+            self._tick_soon()
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):  # noqa: N802,N803 (pysyncobj's names)
+        power_log = self._raftseq_power_log
+        if power_log is None or not success:
+            return _original_send_next_node_idx(self, node, reset, nextNodeIdx, success)
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        if nextNodeIdx - 1 <= power_log.durable_index():
+            return _original_send_next_node_idx(self, node, reset, nextNodeIdx, success)
+        self.raftseq_acks_held_for_fsync += 1
+        generation = (power_log.cuts, self._SyncObj__raftCurrentTerm)
+        self._raftseq_held_acks.setdefault(node, []).append((generation, nextNodeIdx))
+        return None
+
+    def _raftseq_commit_only_durable(self) -> None:
+        """On a leader, lower a commit index that counted the leader's entries not yet on its
+        disk to the last entry a majority holds on disk (pysyncobj counts the leader always)."""
+        commit = self._SyncObj__raftCommitIndex
+        floor = self._raftseq_commit_checked
+        if self._SyncObj__raftState == LEADER and commit > floor:
+            durable = self._raftseq_power_log.durable_index()
+            if commit > durable:
+                others = self._SyncObj__otherNodes
+                match = self._SyncObj__raftMatchIndex
+                allowed = floor
+                for idx in range(commit, floor, -1):
+                    count = (idx <= durable) + sum(1 for node in others if match.get(node, 0) >= idx)
+                    if count > (len(others) + 1) / 2:
+                        entry = self._SyncObj__getEntries(idx, 1)
+                        if entry and entry[0][2] == self._SyncObj__raftCurrentTerm:
+                            allowed = idx
+                        break  # lower entries have a majority too; only one of this term commits by count
+                if allowed < commit:
+                    self.raftseq_commits_held_for_fsync += 1
+                    self._SyncObj__raftCommitIndex = allowed
+                    self._SyncObj__raftLog.setRaftCommitIndex(allowed)
+        self._raftseq_commit_checked = self._SyncObj__raftCommitIndex
 
     # --- truncation ---------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ What ``install()`` changes, for every ``SyncObj`` of the process:
 * **Guarded links.** pysyncobj's transport builds ``GuardedConnection`` and ``GuardedServer``
   (``raft.link_guard``): frames bounded at their length prefix, unauthenticated links bounded
   in count and time, a listener that backs off on accept errors instead of closing.
+* **Our Raft log storage.** pysyncobj builds its log with ``createJournal(journalFile)``; a
+  ``RaftLogStore`` (``raft.log_store``) passed as ``SyncObjConf.journalFile`` is used as it is
+  (a file name or None keeps pysyncobj's own ``FileJournal`` or memory journal).
 * **Allow-list pickles.** pysyncobj loads link messages, log entries' commands and its log
   file's metadata with ``raft.safe_pickle``: no name outside a short allow-list is resolved,
   so no code runs from a peer's bytes, even a peer holding the password.
@@ -35,18 +38,26 @@ from pysyncobj.poller import Poller
 from raftseq.cluster.raft import safe_pickle
 from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
 from raftseq.cluster.raft.link_guard import GuardedConnection, GuardedServer, incoming_message
+from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.loop_poller import LoopPoller
 
 #: The pickle protocol pysyncobj writes with once installed (pysyncobj's own is 2).
 PICKLE_PROTOCOL = 5
 
 _original_create_poller = pysyncobj.syncobj.createPoller
+_original_create_journal = pysyncobj.syncobj.createJournal
 
 
 def _create_poller(poller_type: object) -> Poller:
     if isinstance(poller_type, LoopPoller):
         return poller_type
     return _original_create_poller(poller_type)
+
+
+def _create_journal(journal_file: object):
+    if isinstance(journal_file, RaftLogStore):
+        return journal_file
+    return _original_create_journal(journal_file)
 
 
 def install() -> None:
@@ -57,6 +68,7 @@ def install() -> None:
     pysyncobj.syncobj.getEncryptor = LinkCipher
     pysyncobj.tcp_connection.zlib = Uncompressed
     pysyncobj.syncobj.createPoller = _create_poller
+    pysyncobj.syncobj.createJournal = _create_journal
     pysyncobj.transport.TcpConnection = GuardedConnection
     pysyncobj.transport.TcpServer = GuardedServer
     pysyncobj.transport.TCPTransport._onIncomingMessageReceived = incoming_message
@@ -72,6 +84,7 @@ def installed() -> bool:
         and pysyncobj.syncobj.getEncryptor is LinkCipher
         and pysyncobj.tcp_connection.zlib is Uncompressed
         and pysyncobj.syncobj.createPoller is _create_poller
+        and pysyncobj.syncobj.createJournal is _create_journal
         and pysyncobj.transport.TcpConnection is GuardedConnection
         and pysyncobj.transport.TcpServer is GuardedServer
         and pysyncobj.transport.TCPTransport._onIncomingMessageReceived is incoming_message

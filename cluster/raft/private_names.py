@@ -46,6 +46,7 @@ SYNCOBJ_ATTRIBUTES = (
     "_SyncObj__raftLastApplied",
     "_SyncObj__raftLeader",
     "_SyncObj__raftLog",
+    "_SyncObj__raftMatchIndex",
     "_SyncObj__raftNextIndex",
     "_SyncObj__raftState",
     "_SyncObj__selfNode",
@@ -65,6 +66,7 @@ SYNCOBJ_METHODS = (
     "_SyncObj__getEntries",
     "_SyncObj__onMessageReceived",
     "_SyncObj__sendAppendEntries",
+    "_SyncObj__sendNextNodeIdx",
     "_SyncObj__setCurrentTerm",
     "_SyncObj__setState",
     "_applyCommand",
@@ -121,12 +123,13 @@ TCP_TRANSPORT_NAMES = (
 SYNCOBJ_LOGGER = "pysyncobj.syncobj"
 SYNCOBJ_TRUNCATION_CRITICAL = "truncating already-applied log entries from index"
 
-#: Module-level names of pysyncobj: ``(module, name)``. The first nine are what
+#: Module-level names of pysyncobj: ``(module, name)``. The first ten are what
 #: ``raft.patches.install()`` replaces; the others are read.
 MODULE_NAMES = (
     ("pysyncobj.pickle", "__protocol"),
     ("pysyncobj.syncobj", "getEncryptor"),
     ("pysyncobj.syncobj", "createPoller"),
+    ("pysyncobj.syncobj", "createJournal"),
     ("pysyncobj.tcp_connection", "zlib"),
     ("pysyncobj.transport", "TcpConnection"),
     ("pysyncobj.transport", "TcpServer"),

@@ -5,6 +5,12 @@ version travels inside the bytes (``sequencer.protocol.Batch``). Snapshots of th
 go through our own msgspec serializer; pysyncobj's own log entries and messages are pickled by
 pysyncobj with protocol 5 (bytes stored raw). ``apply_entry`` never raises: a broken invariant
 is logged and the process exits, so that the node restarts and recovers.
+
+The Raft log is ours (``raft.log_store.RaftLogStore``, durability from the node config); the
+snapshot file is pysyncobj's (written here, renamed into place by pysyncobj). In power mode a
+snapshot received from the leader is fsynced, with the directory, before pysyncobj clears the
+log for it; one written here is fsynced before pysyncobj renames it, and the store syncs the
+directory before the record that drops the entries it covers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pysyncobj.node import TCPNode
 from raftseq.cluster import invariant
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.raft.link_cipher import link_password
+from raftseq.cluster.raft.log_store import RaftLogStore, disk_failed, sync_directory
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
@@ -75,11 +82,13 @@ class SequencerReplica(RaftMember):
         self._on_applied = on_applied
         self._on_restored = on_restored
         os.makedirs(config.raft_dir, exist_ok=True)
+        #: The Raft log (raises ``RaftLogDamaged`` on a damaged one).
+        self.raft_log = RaftLogStore(config.raft_dir, durability=config.durability)
         r = config.raft
         conf = SyncObjConf(
             password=None if config.insecure and not config.raft_password else link_password(config),
             bindAddress=config.raft_address,
-            journalFile=os.path.join(config.raft_dir, "raft.log"),
+            journalFile=self.raft_log,
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
@@ -114,6 +123,9 @@ class SequencerReplica(RaftMember):
                 commit_notify_delay_s=r.commit_notify_delay_s,
                 votes_blocked_s=votes_blocked_s,
             )
+        except BaseException:
+            self.raft_log.close()
+            raise
         finally:
             pysyncobj_log.removeFilter(quiet)
 
@@ -163,6 +175,13 @@ class SequencerReplica(RaftMember):
         try:
             with open(filename, "rb") as f:
                 snapshot = _snapshot_decoder.decode(f.read())
+                if self.raft_log.power:
+                    # A snapshot from the leader replaces the log: it is on disk first.
+                    try:
+                        os.fsync(f.fileno())
+                        sync_directory(os.path.dirname(os.path.abspath(filename)))
+                    except OSError as exc:
+                        disk_failed(f"cannot sync the Raft snapshot {filename}: {exc}")
             machine = SequencerMachine.restore(snapshot.machine)
         except (OSError, msgspec.MsgspecError, UnicodeDecodeError, SnapshotError) as exc:
             invariant.fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
@@ -171,9 +190,17 @@ class SequencerReplica(RaftMember):
         if self._on_restored is not None:
             self._on_restored()
         cluster = {TCPNode(address) for address in snapshot.cluster}
+        # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
+        self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
 
     # --- state ----------------------------------------------------------------------------
+
+    def getStatus(self) -> dict:  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's status, with ``durable_idx``: the last index on this node's disk."""
+        status = super().getStatus()
+        status["durable_idx"] = self.raft_log.durable_index()
+        return status
 
     def leader_client_address(self) -> str:
         leader = self.leader_raft_address()

@@ -306,14 +306,31 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 HALF,
                 "Raft log entries in memory",
-                "Entries in pysyncobj's Raft log, held in RAM until the next compaction.",
-                per_node(f"raftseq_raft_log_entries{{{N}}}"),
+                "Entries in the Raft log, held in RAM until the next compaction; and how far each node's log on disk is behind its commit index (power durability: entries counted toward commit only once on disk).",
+                [
+                    (f"raftseq_raft_log_entries{{{N}}}", "{{node}} entries"),
+                    (
+                        f"clamp_min(raftseq_raft_commit_index{{{N}}} - raftseq_raft_durable_index{{{N}}}, 0)",
+                        "{{node}} committed, not on disk",
+                    ),
+                ],
+            ),
+            Panel(
+                timeseries,
+                HALF,
+                "Raft log fsync (power durability)",
+                "Group commits of the Raft log: fdatasync p50 and p99, fsyncs per second, and the Raft entries one fsync covered (p50).",
+                [
+                    *quantiles("raftseq_raft_log_fsync_duration_seconds", (0.5, 0.99)),
+                    (f"rate(raftseq_raft_log_fsyncs_total{{{N}}}[{RATE}])", "{{node}} fsyncs/s"),
+                    *quantiles("raftseq_raft_log_fsync_entries", (0.5,)),
+                ],
             ),
             Panel(
                 timeseries,
                 HALF,
                 "Raft corrections",
-                "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies, older leaders told of a newer term, and steps down to one; Raft messages refused (from a non-member, or malformed); and failed Raft ticks (each is in the node's log).",
+                "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies, older leaders told of a newer term, and steps down to one; replies and commits held for the Raft log's fsync (power durability); Raft messages refused (from a non-member, or malformed); and failed Raft ticks (each is in the node's log).",
                 [
                     (f"rate(raftseq_raft_matching_entries_kept_total{{{N}}}[{RATE}])", "{{node}} entries kept"),
                     (f"rate(raftseq_raft_truncations_refused_total{{{N}}}[{RATE}])", "{{node}} truncations refused"),
@@ -322,6 +339,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
                     (f"rate(raftseq_raft_elections_deferred_total{{{N}}}[{RATE}])", "{{node}} elections deferred"),
                     (f"rate(raftseq_raft_newer_terms_told_total{{{N}}}[{RATE}])", "{{node}} newer term told"),
                     (f"rate(raftseq_raft_newer_terms_heard_total{{{N}}}[{RATE}])", "{{node}} stepped down to a newer term"),
+                    (f"rate(raftseq_raft_acks_held_for_fsync_total{{{N}}}[{RATE}])", "{{node}} replies held for fsync"),
+                    (f"rate(raftseq_raft_commits_held_for_fsync_total{{{N}}}[{RATE}])", "{{node}} commits held for fsync"),
                     (f"rate(raftseq_raft_peer_messages_refused_total{{{N}}}[{RATE}])", "{{node}} peer messages refused"),
                     (f"rate(raftseq_raft_ticks_failed_total{{{N}}}[{RATE}])", "{{node}} Raft ticks failed"),
                 ],
