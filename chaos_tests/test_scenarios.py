@@ -20,7 +20,8 @@ def _seed() -> int:
     return int(given) if given else random.SystemRandom().randrange(1, 2**31)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+#: The power cuts have their own tests (test_power.py): in the default durability a loss is expected.
+@pytest.mark.parametrize("name", [name for name, scenario in SCENARIOS.items() if not scenario.powerfs])
 def test_scenario(name, tmp_path):
     scenario = SCENARIOS[name]
     why_not = scenario.unavailable()

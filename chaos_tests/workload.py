@@ -10,7 +10,9 @@ nemesis can act from the test's thread meanwhile.
   ``Rejected`` is ``fail`` (definite), anything else (``OutcomeUnknown``, the client closed
   with the submit in flight) is ``unknown``. With ``client_resets`` a client's connection is
   aborted now and then mid-stream (a connection reset while submits are in flight): the
-  library must resubmit under the same ``client_seq``.
+  library must resubmit under the same ``client_seq``. A client whose session the cluster has
+  forgotten (``sequence_gap`` expecting ``client_seq`` 1: only after a power cut lost the
+  cluster's state) carries on under a new session, ``…-c1-2``, as an application would.
 * **Subscribers** read through ``clients.connection`` in raw mode rather than through
   ``clients.subscribe``: that generator quietly reconnects when a node sends a wrong number,
   which would hide exactly what the checker looks for. Each subscriber stays on one
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.sequencer.protocol import RejectReason
 from raftseq.cluster.status import node_status
 
 CONNECT_TIMEOUT_S = 1.0
@@ -77,6 +80,8 @@ class WorkloadStats:
     deliveries: dict[str, int] = field(default_factory=dict)
     reconnects: dict[str, int] = field(default_factory=dict)
     last_ok_ns: int = 0
+    #: Sessions started because the cluster had forgotten one (after a power cut).
+    new_sessions: int = 0
 
     @property
     def ok(self) -> int:
@@ -116,6 +121,8 @@ class Workload:
         self._tasks: list[asyncio.Task] = []
         self._started = threading.Event()
         self._clients: list[SequencerClient] = []
+        #: Indexes of the clients whose session the cluster has forgotten.
+        self._forgotten: set[int] = set()
 
     # --- lifecycle (called from the test's thread) ----------------------------------------
 
@@ -166,10 +173,7 @@ class Workload:
         config = self.config
         try:
             for i in range(config.clients):
-                session = f"{config.session_prefix}-{self._run_tag}-c{i + 1}"
-                client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=config.window)
-                await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
-                self._clients.append(client)
+                self._clients.append(await self._connect(f"{config.session_prefix}-{self._run_tag}-c{i + 1}"))
         except Exception as exc:  # noqa: BLE001 - reported to the starting thread
             self.errors.append(f"client connect: {exc!r}")
             self._started.set()
@@ -204,6 +208,22 @@ class Workload:
 
     # --- clients --------------------------------------------------------------------------
 
+    async def _connect(self, session: str) -> SequencerClient:
+        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=self.config.window)
+        await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
+        return client
+
+    async def _new_session(self, index: int, client: SequencerClient) -> SequencerClient:
+        """Replace a client whose session the cluster forgot by one under a new session."""
+        self._forgotten.discard(index)
+        session = f"{self.config.session_prefix}-{self._run_tag}-c{index + 1}-{self.stats.new_sessions + 2}"
+        self.stats.new_sessions += 1
+        self.history.note("session forgotten", old=client.session, new=session)
+        await client.close()
+        fresh = await self._connect(session)
+        self._clients[index] = fresh
+        return fresh
+
     async def _submitter(self, index: int, client: SequencerClient) -> None:
         config = self.config
         name = f"c{index + 1}"
@@ -216,6 +236,14 @@ class Workload:
         started = time.monotonic()
         n = 0
         while not self._stop.is_set():
+            if index in self._forgotten:
+                try:
+                    client = await self._new_session(index, client)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    self.errors.append(f"{name}: a new session: {exc!r}")
+                    self._forgotten.add(index)
+                    await asyncio.sleep(0.1)
+                    continue
             due = started + n * interval
             delay = due - time.monotonic()
             if delay > 0:
@@ -236,13 +264,13 @@ class Workload:
             op = history.invoke(name, client.session, client_seq, payload)
             stats.invoked += 1
             future = client.submit_nowait(payload.encode())
-            future.add_done_callback(lambda f, op=op: self._completed(stats, op, f))
+            future.add_done_callback(lambda f, op=op: self._completed(stats, op, f, index))
             if next_reset and time.monotonic() - started >= next_reset:
                 next_reset += _next_event(rng, config.client_resets_every_s)
                 if _abort_client_connection(client):
                     stats.resets += 1
 
-    def _completed(self, stats: _ClientStats, op: int, future: asyncio.Future) -> None:
+    def _completed(self, stats: _ClientStats, op: int, future: asyncio.Future, index: int) -> None:
         if future.cancelled():
             stats.unknown += 1
             self.history.complete_unknown(op, "cancelled")
@@ -255,6 +283,8 @@ class Workload:
         elif isinstance(error, Rejected):
             stats.failed += 1
             self.history.complete_fail(op, str(error))
+            if error.reason is RejectReason.SEQUENCE_GAP and error.expected_client_seq == 1:
+                self._forgotten.add(index)
         else:
             stats.unknown += 1
             self.history.complete_unknown(op, f"{type(error).__name__}: {error}")
