@@ -469,6 +469,8 @@ class RunResult:
 def replay_command(name: str, seed: int) -> str:
     if name == SOAK.name:
         return f"raftseq chaos --scenario all --seed {seed} --duration ..."
+    if SCENARIOS[name].powerfs:
+        return f"raftseq chaos run {name} --seed {seed}   (or RAFTSEQ_CHAOS_SEED={seed} with chaos_tests/test_power.py)"
     return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
 
 

@@ -1,0 +1,68 @@
+"""Power cuts against a real three-node cluster whose data directories are on power-loss
+filesystems (``chaos_tests/powerfs.py``): what the default ("crash") durability loses, and what
+the power-safe one must not.
+
+Each test prints its seed (``RAFTSEQ_CHAOS_SEED=N`` replays the fault schedule) and the figures
+of its run. They fail, never skip, where FUSE cannot run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chaos_tests.scenarios import SCENARIOS, run_scenario
+from chaos_tests.test_scenarios import _seed
+from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.local import local_configs
+
+
+def _run(name, tmp_path, *, rounds, durability=None):
+    scenario = SCENARIOS[name]
+    why_not = scenario.unavailable()
+    assert not why_not, f"{name} needs something this machine lacks: {why_not}"
+    seed = _seed()
+    result = run_scenario(
+        name, seed=seed, directory=str(tmp_path), rounds=rounds, durability=durability, say=lambda line: print(line, flush=True)
+    )
+    assert result.acked >= 200, f"seed {seed}: the workload barely ran ({result.acked} acknowledged)"
+    assert result.journals_ok, f"seed {seed}: {result.journal_problems}"
+    return seed, result
+
+
+def test_durability_is_passed_through_to_the_node_configs(tmp_path):
+    crash = local_configs(str(tmp_path), 20000, insecure=True, durability="crash")
+    assert len(crash) == 3
+    if "durability" in NodeConfig.__struct_fields__:
+        assert {c.durability for c in local_configs(str(tmp_path), 20000, insecure=True, durability="power")} == {"power"}
+    else:
+        with pytest.raises(ValueError, match="durability 'power'"):
+            local_configs(str(tmp_path), 20000, insecure=True, durability="power")
+
+
+def test_a_power_cut_of_all_three_in_crash_durability_reports_the_acknowledged_loss(tmp_path):
+    seed, result = _run("power-all-loaded", tmp_path, rounds=1, durability="crash")
+    report = result.report
+    print(f"crash durability, one power cut of all three under load: {report.loss.format()} of {result.acked} acknowledged")
+    assert report.loss_expected
+    assert report.loss.acked_lost > 0, f"seed {seed}: today's durability lost nothing in a power cut of every node?\n{report.format()}"
+    assert report.excused_counts.get("acked-write-kept") == report.loss.acked_lost
+    assert report.ok, f"seed {seed}: a violation beyond the expected loss: {report.format()}"
+    assert result.ok
+
+
+def test_a_power_cut_of_one_follower_loses_nothing(tmp_path):
+    seed, result = _run("power-follower", tmp_path, rounds=2, durability="crash")
+    report = result.report
+    assert report.loss.acked_lost == 0, f"seed {seed}: {report.loss.format()}"
+    assert report.excused_counts == {}, f"seed {seed}: {report.format()}"
+    assert report.ok and result.ok, f"seed {seed}: {report.format()}"
+
+
+@pytest.mark.xfail(strict=True, reason="durability=power lands with the raftlog branch")
+def test_power_cuts_of_all_three_in_power_durability_lose_nothing(tmp_path):
+    seed, result = _run("power-all-loaded", tmp_path, rounds=2, durability="power")
+    report = result.report
+    assert not report.loss_expected
+    assert report.loss.acked_lost == 0, f"seed {seed}: {report.loss.format()}"
+    assert report.ok and result.ok, f"seed {seed}: {report.format()}"
+    assert len(set(report.counts.final_reads.values())) == 1, f"seed {seed}: journals differ: {report.counts.final_reads}"
