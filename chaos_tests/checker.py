@@ -654,7 +654,11 @@ def check(events: Iterable[AnyEvent]) -> Report:
             counts[violation.name] = counts.get(violation.name, 0) + 1
             if counts[violation.name] <= VIOLATIONS_PER_INVARIANT_MAX:
                 shown.append(violation)
-    notes = []
+    notes = [
+        f"{e.fields.get('node')} can no longer serve seqs {e.fields.get('first')}..{e.fields.get('last')} (skipped by its final read)"
+        for e in events
+        if type(e) is Note and e.text == "unservable"
+    ]
     if checker.reference_node is None:
         notes.append("no final read: the stream is what deliveries and acks saw; final-reads-prefix and acked-write-kept were not checked")
     return Report(

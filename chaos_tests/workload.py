@@ -45,6 +45,13 @@ CONNECT_TIMEOUT_S = 1.0
 #: A subscriber that hears nothing (not even a heartbeat) for this long moves to another node.
 SUBSCRIBER_SILENCE_S = 2.0
 FINAL_READ_TIMEOUT_S = 60.0
+#: A final read that may meet records no node can serve any more (a journal prefix lost to a
+#: power cut in crash durability): no record for this long means the node cannot serve the
+#: next one; each probe for the first servable seq after it waits this long.
+FINAL_READ_STALL_S = 5.0
+FINAL_READ_PROBE_S = 1.0
+#: Unservable ranges a final read looks past.
+FINAL_READ_HOLES_MAX = 8
 START_TIMEOUT_S = 15.0
 
 
@@ -382,21 +389,82 @@ async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float)
     return records[:last_seq]
 
 
+async def _read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float) -> tuple[list, bool]:
+    """Records first..last_seq; ``(records, True)`` when the node sent no record for `stall_s`
+    before the last."""
+    records: list[tuple[int, str, int, bytes]] = []
+    connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        stream = aiter(connection.subscribe(first, silence_s=SUBSCRIBER_SILENCE_S, checked=False))
+        while not records or records[-1][0] < last_seq:
+            try:
+                async with asyncio.timeout(stall_s):
+                    frames = await anext(stream)
+            except TimeoutError:
+                return records, True
+            records += [(f.seq, f.session, f.client_seq, f.payload) for f in frames]
+    finally:
+        connection.close()
+    return [r for r in records if r[0] <= last_seq], False
+
+
+async def _read_node_past_holes(endpoint: str, token: str, last_seq: int, history: HistoryRecorder, node: str) -> list:
+    """Records 1..last_seq as `endpoint` can still serve them: where it stalls, the first seq
+    it serves again is searched (binary, by probes) and the read goes on from there; each
+    unservable range is noted in the history (``unservable``)."""
+    records: list = []
+    first = 1
+    for _ in range(FINAL_READ_HOLES_MAX):
+        got, stalled = await _read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S)
+        records += got
+        if not stalled:
+            return records
+        stuck = got[-1][0] + 1 if got else first
+        low, high = stuck + 1, last_seq + 1  # the first servable seq is in low..high (high: none)
+        last_served, _ = await _read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S)
+        if not last_served:
+            low = high  # nothing after the stall is served: no search
+        while low < high:
+            middle = (low + high) // 2
+            probe, _ = await _read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S)
+            if probe:
+                high = middle
+            else:
+                low = middle + 1
+        history.note("unservable", node=node, first=stuck, last=low - 1)
+        if low > last_seq:
+            return records
+        first = low
+    return records
+
+
 def final_read(
-    endpoints: Sequence[str], *, token: str, history: HistoryRecorder, timeout_s: float = FINAL_READ_TIMEOUT_S
+    endpoints: Sequence[str],
+    *,
+    token: str,
+    history: HistoryRecorder,
+    timeout_s: float = FINAL_READ_TIMEOUT_S,
+    past_holes: bool = False,
 ) -> dict[str, int]:
     """Read every node's whole stream into the history; returns records read per endpoint.
-    A node that cannot be asked or read is recorded with what it gave (possibly nothing)."""
+    A node that cannot be asked or read is recorded with what it gave (possibly nothing).
+    `past_holes`: where a loss is expected, ranges no node can serve any more are noted and
+    skipped (``_read_node_past_holes``) instead of failing the read."""
 
     async def run() -> dict[str, int]:
         counts = {}
         for endpoint in endpoints:
             status = await node_status(endpoint, token=token, timeout_s=CONNECT_TIMEOUT_S)
             last_seq = status.get("last_seq", 0)
+            node = status.get("id", endpoint)
             records: list = []
             if status.get("role") != "unreachable" and last_seq:
-                records = await _read_node(endpoint, token, last_seq, timeout_s)
-            history.final_read(status.get("id", endpoint), records)
+                if past_holes:
+                    async with asyncio.timeout(timeout_s):
+                        records = await _read_node_past_holes(endpoint, token, last_seq, history, node)
+                else:
+                    records = await _read_node(endpoint, token, last_seq, timeout_s)
+            history.final_read(node, records)
             counts[endpoint] = len(records)
         return counts
 
