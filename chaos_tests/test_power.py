@@ -8,8 +8,13 @@ of its run. They fail, never skip, where FUSE cannot run.
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
 
+from chaos_tests import powerfs
+from chaos_tests.cluster import ChaosCluster
 from chaos_tests.scenarios import SCENARIOS, run_scenario
 from chaos_tests.test_scenarios import _seed
 from raftseq.cluster.config import NodeConfig
@@ -66,3 +71,21 @@ def test_power_cuts_of_all_three_in_power_durability_lose_nothing(tmp_path):
     assert report.loss.acked_lost == 0, f"seed {seed}: {report.loss.format()}"
     assert report.ok and result.ok, f"seed {seed}: {report.format()}"
     assert len(set(report.counts.final_reads.values())) == 1, f"seed {seed}: journals differ: {report.counts.final_reads}"
+
+
+def test_the_cluster_stops_every_filesystem_daemon_it_started(tmp_path):
+    ok, why = powerfs.supported()
+    assert ok, f"the power-loss filesystem cannot run here: {why}"
+    cluster = ChaosCluster(str(tmp_path / "cluster"), rng=random.Random(3), network="none", powerfs=["n1", "n3"])
+    try:
+        pids = {node_id: fs.pid for node_id, fs in cluster.powerfs.items()}
+        assert sorted(pids) == ["n1", "n3"] and all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+        assert cluster.node("n1").command_prefix == ["nsenter", f"--mount=/proc/{pids['n1']}/ns/mnt", "--"]
+        assert cluster.node("n2").command_prefix == []
+        with open(os.path.join(cluster.node_data_dir("n1"), "probe"), "wb") as f:
+            f.write(b"on the mount")
+        assert not os.path.exists(os.path.join(cluster.node("n1").config.data_dir, "probe")), "only inside the daemon's namespace"
+    finally:
+        cluster.stop()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+    assert all(not fs.mounted for fs in cluster.powerfs.values())

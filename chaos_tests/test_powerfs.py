@@ -117,24 +117,17 @@ def test_a_rename_without_fsync_of_the_file_loses_its_content(fs):
     assert _read(fs.path("meta")) == b""
 
 
-def test_a_rename_without_fsync_of_the_directory_is_undone(fs):
+@pytest.mark.parametrize("fsync_dir, survives", [(False, b"term 1"), (True, b"term 2")])
+def test_a_synced_rename_needs_the_directory_fsync(fs, fsync_dir, survives):
     _write(fs.path("meta"), b"term 1", fsync=True)
     _fsync_dir(fs.path())
     _write(fs.path("meta.tmp"), b"term 2", fsync=True)
     os.replace(fs.path("meta.tmp"), fs.path("meta"))
+    if fsync_dir:
+        _fsync_dir(fs.path())
     _power_cycle(fs)
-    assert sorted(os.listdir(fs.path())) == ["meta"]
-    assert _read(fs.path("meta")) == b"term 1"
-
-
-def test_the_safe_rename_survives(fs):
-    _write(fs.path("meta"), b"term 1", fsync=True)
-    _fsync_dir(fs.path())
-    _write(fs.path("meta.tmp"), b"term 2", fsync=True)
-    os.replace(fs.path("meta.tmp"), fs.path("meta"))
-    _fsync_dir(fs.path())
-    _power_cycle(fs)
-    assert _read(fs.path("meta")) == b"term 2"
+    assert os.listdir(fs.path()) == ["meta"]
+    assert _read(fs.path("meta")) == survives
 
 
 def test_mmap_writes_do_not_bypass_the_model(fs):
