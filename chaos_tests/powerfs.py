@@ -20,6 +20,11 @@ unsynced writes), and reaches the backing directory only when the program asks f
   fsyncing the file leaves, after a cut, the real name pointing to an *empty* file: exactly the
   bug of a rename without fsync.
 
+Nothing reaches the disk on its own: there is no periodic writeback (a real kernel writes
+dirty pages back after ~30 s). That is the worst case a power cut can produce, the one issue 15
+measured with the kernel's writeback switched off; with writeback the window of loss is the
+last ~30 s instead of everything, the class of loss the same.
+
 **Cutting the power** (``cut``): every unsynced write, truncation and name change is dropped;
 with a tear seed, a seeded random prefix (0 .. n-1 bytes) of the last unsynced write reaches the
 disk at its offset, as a write torn by the power loss would. From then on every operation fails

@@ -16,7 +16,7 @@ import pytest
 from chaos_tests import powerfs
 from chaos_tests.cluster import ChaosCluster
 from chaos_tests.scenarios import SCENARIOS, run_scenario
-from chaos_tests.test_scenarios import _seed
+from chaos_tests.test_scenarios import chaos_seed
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.local import local_configs
 
@@ -25,7 +25,7 @@ def _run(name, tmp_path, *, rounds, durability=None):
     scenario = SCENARIOS[name]
     why_not = scenario.unavailable()
     assert not why_not, f"{name} needs something this machine lacks: {why_not}"
-    seed = _seed()
+    seed = chaos_seed()
     result = run_scenario(
         name, seed=seed, directory=str(tmp_path), rounds=rounds, durability=durability, say=lambda line: print(line, flush=True)
     )
