@@ -8,13 +8,15 @@ of its run. They fail, never skip, where FUSE cannot run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 
 import pytest
 
-from chaos_tests import powerfs
+from chaos_tests import powerfs, workload
 from chaos_tests.cluster import ChaosCluster
+from chaos_tests.history import HistoryRecorder, Note, load_history
 from chaos_tests.scenarios import SCENARIOS, run_scenario
 from chaos_tests.test_scenarios import chaos_seed
 from raftseq.cluster.config import NodeConfig
@@ -89,3 +91,25 @@ def test_the_cluster_stops_every_filesystem_daemon_it_started(tmp_path):
         cluster.stop()
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.values())
     assert all(not fs.mounted for fs in cluster.powerfs.values())
+
+
+def test_a_final_read_looks_past_what_no_node_can_serve(tmp_path, monkeypatch):
+    """A node that can serve only seqs 31..50 of 1..50 (the stream's prefix lost from every
+    journal): the read notes 1..30 and records 31..50, probing for where serving resumes."""
+    served = range(31, 51)
+    probes = []
+
+    async def fake_read_range(endpoint, token, first, last_seq, *, stall_s):
+        probes.append(first)
+        records = [(seq, "s", seq, b"p") for seq in range(first, last_seq + 1) if seq in served]
+        if first not in served:
+            return [], True
+        return records, False
+
+    monkeypatch.setattr(workload, "_read_range", fake_read_range)
+    with HistoryRecorder(str(tmp_path / "history.jsonl")) as history:
+        records = asyncio.run(workload._read_node_past_holes("127.0.0.1:1", "token", 50, history, "n1"))
+    assert [r[0] for r in records] == list(served)
+    assert len(probes) <= 2 + 7, f"a binary search, not a scan: {probes}"
+    notes = [e for e in load_history(str(tmp_path / "history.jsonl")) if type(e) is Note]
+    assert [(n.text, n.fields) for n in notes] == [("unservable", {"node": "n1", "first": 1, "last": 30})]
