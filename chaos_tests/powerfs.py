@@ -21,7 +21,7 @@ unsynced writes), and reaches the backing directory only when the program asks f
   bug of a rename without fsync.
 
 Nothing reaches the disk on its own: there is no periodic writeback (a real kernel writes
-dirty pages back after ~30 s). That is the worst case a power cut can produce, the one issue 15
+dirty pages back after ~30 s), only writeback under memory pressure (``DIRTY_BYTES_MAX``). That is the worst case a power cut can produce, the one issue 15
 measured with the kernel's writeback switched off; with writeback the window of loss is the
 last ~30 s instead of everything, the class of loss the same.
 
@@ -58,6 +58,11 @@ import threading
 import time
 
 PAGE_BYTES = 4096
+#: Dirty memory a daemon holds at most, as the kernel's dirty limit: beyond it the file with the
+#: most dirty pages is written to the disk (made durable without an fsync, as writeback under
+#: memory pressure would) before the write goes on. Bounds a long run in which a node never
+#: fsyncs (the journal's ``never`` policy).
+DIRTY_BYTES_MAX = 256 << 20
 #: From starting the daemon to its filesystem answering.
 READY_TIMEOUT_S = 10.0
 #: For one control request, and for the daemon to exit after ``unmount``.
@@ -118,8 +123,12 @@ class PowerLossOperations:
 
     use_ns = True
 
-    def __init__(self, backing: str) -> None:
+    def __init__(self, backing: str, *, dirty_bytes_max: int = DIRTY_BYTES_MAX) -> None:
         self.backing = os.path.abspath(backing)
+        self.dirty_pages_max = max(1, dirty_bytes_max // PAGE_BYTES)
+        self.dirty_pages = 0
+        #: Files written to the disk because the dirty limit was reached.
+        self.writebacks = 0
         self.lock = threading.Lock()
         self.cut_done = False
         self.inodes: dict[int, _Inode] = {}
@@ -200,6 +209,7 @@ class PowerLossOperations:
             start = index * PAGE_BYTES
             if start < inode.size:
                 os.pwrite(fd, inode.pages[index][: min(PAGE_BYTES, inode.size - start)], start)
+        self.dirty_pages -= len(inode.pages)
         inode.pages.clear()
         inode.backing_valid = inode.size
         if self.last_write is not None and self.last_write[0] == inode.ino:
@@ -234,7 +244,7 @@ class PowerLossOperations:
     def _dirty(self) -> dict:
         """What a cut now would drop: files with unsynced data, their dirty pages."""
         dirty = [inode for inode in self.inodes.values() if inode.pages or inode.size != inode.backing_valid]
-        return {"dirty_files": len(dirty), "dirty_pages": sum(len(inode.pages) for inode in dirty)}
+        return {"dirty_files": len(dirty), "dirty_pages": self.dirty_pages}
 
     def status(self) -> dict:
         return {
@@ -244,6 +254,7 @@ class PowerLossOperations:
             "writes": self.writes,
             "write_bytes": self.write_bytes,
             "name_changes": self.name_changes,
+            "writebacks": self.writebacks,
             **({} if self.cut_done else self._dirty()),
         }
 
@@ -304,6 +315,7 @@ class PowerLossOperations:
         # Its durable file stays until a mount finds no durable name for it.
         if inode.nlink <= 0 and inode.opens <= 0 and inode.ino != ROOT_INODE:
             self.inodes.pop(inode.ino, None)
+            self.dirty_pages -= len(inode.pages)
 
     def _open_handle(self, inode: _Inode) -> int:
         handle = self._next_handle
@@ -323,7 +335,15 @@ class PowerLossOperations:
                 chunk = os.pread(self._fd(inode.ino), min(PAGE_BYTES, inode.backing_valid - start), start)
                 page[: len(chunk)] = chunk
             inode.pages[index] = page
+            self.dirty_pages += 1
         return page
+
+    def _write_back_if_full(self) -> None:
+        """At the dirty limit, the file with the most dirty pages goes to the disk."""
+        if self.dirty_pages >= self.dirty_pages_max:
+            fullest = max(self.inodes.values(), key=lambda inode: len(inode.pages))
+            self._persist_data(fullest)
+            self.writebacks += 1
 
     def _read(self, inode: _Inode, size: int, offset: int) -> bytes:
         end = min(offset + size, inode.size)
@@ -342,6 +362,7 @@ class PowerLossOperations:
         return bytes(out)
 
     def _write(self, inode: _Inode, data: bytes, offset: int) -> int:
+        self._write_back_if_full()
         position = offset
         view = memoryview(data)
         while view:
@@ -363,6 +384,7 @@ class PowerLossOperations:
         if length < inode.size:
             for index in [i for i in inode.pages if i * PAGE_BYTES >= length]:
                 del inode.pages[index]
+                self.dirty_pages -= 1
             index, within = divmod(length, PAGE_BYTES)
             if within and index in inode.pages:
                 inode.pages[index][within:] = bytes(PAGE_BYTES - within)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from chaos_tests.powerfs import PAGE_BYTES, PowerFS, supported
+from chaos_tests.powerfs import PAGE_BYTES, PowerFS, PowerLossOperations, supported
 
 
 @pytest.fixture
@@ -182,3 +182,21 @@ def test_an_unlinked_file_comes_back_without_a_directory_fsync(fs):
     _power_cycle(fs)
     assert os.listdir(fs.path()) == []
     assert os.listdir(os.path.join(fs.backing, "inodes")) == [], "the inode no durable name reaches is removed"
+
+
+def test_the_dirty_limit_writes_the_fullest_file_back_to_the_disk(tmp_path):
+    """The model without FUSE: past the dirty limit a file's pages reach the disk without an
+    fsync (writeback under memory pressure), and the dirty memory stays bounded."""
+    ops = PowerLossOperations(str(tmp_path / "disk"), dirty_bytes_max=4 * PAGE_BYTES)
+    handle = ops.create("/log", 0o600, os.O_WRONLY)
+    ops.fsyncdir("/", 0, 0)
+    for i in range(10):
+        ops.write("/log", bytes([65 + i]) * PAGE_BYTES, i * PAGE_BYTES, handle)
+        assert ops.dirty_pages <= 4
+    assert ops.writebacks == 2 and ops.fsyncs == 0
+    ops.cut(None)
+    ops.close()
+    after = PowerLossOperations(str(tmp_path / "disk"))
+    fh = after.open("/log", os.O_RDONLY)
+    assert after.read("/log", 10 * PAGE_BYTES, 0, fh) == b"".join(bytes([65 + i]) * PAGE_BYTES for i in range(8))
+    after.close()
