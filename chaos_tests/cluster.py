@@ -20,6 +20,14 @@ at ``stop``. The test process reaches the files through ``/proc/HOLDER/root``
 (``node_data_dir``, ``journal_dir``).
 Needs root (CAP_SYS_ADMIN); ``tmpfs_supported()`` says whether it works here.
 
+**A node on a power-loss filesystem.** ``powerfs=["n1", ...]`` mounts each named node's data
+directory through its own ``PowerFS`` (``chaos_tests/powerfs.py``; its disk is
+``DATA/nX.disk``, its daemon's log ``DATA/nX.powerfs.log``), a FUSE daemon in a private mount
+namespace; the node runs under ``nsenter --mount=/proc/DAEMON/ns/mnt`` and the test process
+reaches its files through ``/proc/DAEMON/root``. ``cut_power`` drops what the node had not made
+durable; ``unmount`` and ``remount`` put it back on what was (``Nemesis.power_cut`` does the
+whole fault). ``durability`` is passed through to the nodes' configs (``local_configs``).
+
 **Network namespaces instead of the proxy** (``network="netns"``, root only). Each node runs in
 its own network namespace (``nsenter --net``), joined by a veth pair to a bridge in a hub
 namespace, on 10.231.0.0/24 (which exists only inside those namespaces). The namespaces are
@@ -53,6 +61,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from chaos_tests.powerfs import PowerFS
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, PASS, DirectionFault, FaultProxy
 from raftseq.cluster.local import LEADER_TIMEOUT_S, POLL_INTERVAL_S, LocalCluster, LocalNode, free_base_port, local_configs
 
@@ -314,9 +323,13 @@ class ChaosCluster(LocalCluster):
         overrides: dict | None = None,
         tmpfs_bytes: Mapping[str, int] | None = None,
         network: str = "proxy",
+        powerfs: Sequence[str] = (),
+        durability: str | None = None,
     ) -> None:
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+        if set(powerfs) & set(tmpfs_bytes or {}):
+            raise ValueError(f"a node's data directory is on a tmpfs or on a powerfs, not both: {sorted(set(powerfs) & set(tmpfs_bytes))}")
         self.data_dir = os.path.abspath(data_dir)
         self.network = network
         self.proxy: FaultProxy | None = None
@@ -327,6 +340,9 @@ class ChaosCluster(LocalCluster):
         self._netns: _NetnsNetwork | None = None
         self._forwarder: FaultProxy | None = None
         self._drops: set[tuple[str, str]] = set()
+        self._powerfs_nodes = list(powerfs)
+        self.powerfs: dict[str, PowerFS] = {}
+        self.durability = durability
         self.nodes: list[LocalNode] = []  # until the ports are chosen (_build)
         os.makedirs(self.data_dir, exist_ok=True)
         try:
@@ -368,7 +384,7 @@ class ChaosCluster(LocalCluster):
         last_error: Exception | None = None
         for _ in range(PORT_ATTEMPTS_MAX):
             base_port = free_base_port(rng)
-            configs = local_configs(self.data_dir, base_port, insecure=False, overrides=overrides)
+            configs = local_configs(self.data_dir, base_port, insecure=False, overrides=overrides, durability=self.durability)
             if self.network == "none":
                 break
             if self.network == "netns":
@@ -394,20 +410,34 @@ class ChaosCluster(LocalCluster):
         else:
             raise RuntimeError(f"no usable port block in {PORT_ATTEMPTS_MAX} attempts: {last_error}")
         self.base_port = base_port
-        unknown = set(self._tmpfs_bytes) - {c.id for c in configs}
+        unknown = (set(self._tmpfs_bytes) | set(self._powerfs_nodes)) - {c.id for c in configs}
         if unknown:
-            raise ValueError(f"tmpfs_bytes names unknown nodes {sorted(unknown)}")
+            raise ValueError(f"tmpfs_bytes or powerfs name unknown nodes {sorted(unknown)}")
         super().__init__(self.data_dir, base_port, insecure=False, restart=False, configs=configs)
         for node_id, size in self._tmpfs_bytes.items():
             self._holders[node_id] = _TmpfsHolder(self.node(node_id).config.data_dir, size)
+        for node_id in self._powerfs_nodes:
+            fs = PowerFS(
+                os.path.join(self.data_dir, f"{node_id}.disk"),
+                self.node(node_id).config.data_dir,
+                log_path=os.path.join(self.data_dir, f"{node_id}.powerfs.log"),
+            )
+            self.powerfs[node_id] = fs
+            fs.mount()
         for node in self.nodes:
-            enter = []
-            if self._netns is not None:
-                enter.append(f"--net={self._netns.path(node.config.id)}")
-            if node.config.id in self._holders:
-                enter.append(f"--mount={self._holders[node.config.id].mount_namespace}")
-            if enter:
-                node.command_prefix = ["nsenter", *enter, "--"]
+            self._set_command_prefix(node)
+
+    def _set_command_prefix(self, node: LocalNode) -> None:
+        """``nsenter`` into the node's network namespace and into the mount namespace of its
+        tmpfs or of its filesystem's current daemon."""
+        enter = []
+        if self._netns is not None:
+            enter.append(f"--net={self._netns.path(node.config.id)}")
+        if node.config.id in self._holders:
+            enter.append(f"--mount={self._holders[node.config.id].mount_namespace}")
+        if node.config.id in self.powerfs:
+            enter.append(f"--mount={self.powerfs[node.config.id].mount_namespace}")
+        node.command_prefix = ["nsenter", *enter, "--"] if enter else []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -434,7 +464,11 @@ class ChaosCluster(LocalCluster):
                     for holder in self._holders.values():
                         holder.stop()
                 finally:
-                    self._stop_network()
+                    try:
+                        for fs in self.powerfs.values():
+                            fs.stop()
+                    finally:
+                        self._stop_network()
 
     def _stop_network(self) -> None:
         try:
@@ -466,6 +500,9 @@ class ChaosCluster(LocalCluster):
                 )
         for node_id, holder in self._holders.items():
             lines.append(f"  {node_id}: data on a {holder.size_bytes}-byte tmpfs (holder pid {holder.pid})")
+        for node_id, fs in self.powerfs.items():
+            daemon = f"daemon pid {fs.process.pid}" if fs.mounted else "unmounted"
+            lines.append(f"  {node_id}: data on a power-loss filesystem over {fs.backing} ({daemon})")
         return "\n".join(lines)
 
     # --- network (Raft links only) --------------------------------------------------------
@@ -548,6 +585,11 @@ class ChaosCluster(LocalCluster):
             self.paused.discard(node_id)
         return super().kill(node_id, sig)
 
+    def start_node(self, node: LocalNode) -> None:
+        if node.id in self.powerfs:
+            self._set_command_prefix(node)  # the daemon of the current mount
+        super().start_node(node)
+
     def reap(self, node_id: str) -> int | None:
         code = super().reap(node_id)
         if code is not None:
@@ -573,7 +615,29 @@ class ChaosCluster(LocalCluster):
         holder's root for a node on a tmpfs)."""
         inside = super().node_data_dir(node_id)
         holder = self._holders.get(node_id)
+        if node_id in self.powerfs:
+            return self.powerfs[node_id].path()
         return holder.path(inside) if holder is not None else inside
+
+    def cut_power(self, node_id: str, *, tear_seed: int | None = None) -> dict:
+        """Drop what the node's filesystem holds unsynced (the node keeps running on a
+        filesystem that fails every call: kill it next). Returns what was dropped."""
+        return self._powerfs_of(node_id).cut(tear_seed=tear_seed)
+
+    def unmount(self, node_id: str) -> None:
+        """Unmount the node's filesystem (the node must be down)."""
+        if self.is_running(node_id):
+            raise RuntimeError(f"{node_id} is running; kill it before unmounting its filesystem")
+        self._powerfs_of(node_id).unmount()
+
+    def remount(self, node_id: str) -> None:
+        """Mount the node's filesystem again, on what was durable."""
+        self._powerfs_of(node_id).mount()
+
+    def _powerfs_of(self, node_id: str) -> PowerFS:
+        if node_id not in self.powerfs:
+            raise ValueError(f"{node_id} is not on a power-loss filesystem (powerfs)")
+        return self.powerfs[node_id]
 
     def on_tmpfs(self, node_id: str) -> bool:
         return node_id in self._holders

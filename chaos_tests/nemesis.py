@@ -18,6 +18,14 @@ the state of each direction between two nodes is the strongest of the active fau
 
 Process faults signal only processes the cluster started, by pid. Disk faults need nodes on a
 tmpfs (``ChaosCluster(tmpfs_bytes=...)``) or a node that is down (journal damage).
+
+**Power cuts** (``power_cut``) need nodes on a power-loss filesystem (``ChaosCluster(powerfs=
+...)``). A cut of several nodes is one instant: every victim is frozen (SIGSTOP) first, then
+each filesystem drops what its node had not made durable (the last unsynced write torn to a
+seeded prefix), then the nodes are killed (SIGKILL) and the filesystems unmounted (what the
+kernel still flushes then is discarded). ``end`` mounts each filesystem again on what was
+durable and restarts the node. The start report carries, per node, what was dropped
+(``dropped``) and ``cut_s`` (freeze to unmounted); the end report ``restore_s``.
 """
 
 from __future__ import annotations
@@ -315,6 +323,52 @@ class Nemesis:
         fault = self.kill(node_ids, leader=leader)
         time.sleep(down_s)  # the fault's duration, not a synchronisation
         return self.end(fault)
+
+    def power_cut(self, node_ids: Sequence[str], *, tear: bool = True, leader: str | None = None) -> ActiveFault:
+        """Cut the power of the nodes at one instant (see the module doc); ``end`` brings them
+        back on what was durable."""
+        node_ids = list(node_ids)
+        began = time.monotonic()
+        for node_id in node_ids:
+            self.cluster.pause(node_id)
+        dropped = {n: self.cluster.cut_power(n, tear_seed=self.rng.randrange(2**31) if tear else None) for n in node_ids}
+        pids = {n: self.cluster.kill(n) for n in node_ids}
+        for node_id in node_ids:
+            self.cluster.unmount(node_id)
+        cut_s = round(time.monotonic() - began, 3)
+
+        def restore() -> dict:
+            started = time.monotonic()
+            new_pids = {}
+            for node_id in node_ids:
+                if not self.cluster.powerfs[node_id].mounted:
+                    self.cluster.remount(node_id)
+                if not self.cluster.is_running(node_id):
+                    new_pids[node_id] = self.cluster.restart(node_id)
+            return {"pids": new_pids, "restore_s": round(time.monotonic() - started, 3)}
+
+        details = {"nodes": node_ids, "pids": pids, "dropped": dropped, "cut_s": cut_s, **self._role_of(node_ids, leader)}
+        return self._begin("power_cut", details, undo=restore)
+
+    def power_cut_leader(self) -> ActiveFault:
+        leader = self.leader()
+        return self.power_cut([leader], leader=leader)
+
+    def power_cut_follower(self) -> ActiveFault:
+        leader = self.leader()
+        return self.power_cut([self._pick_follower(leader)], leader=leader)
+
+    def power_cut_two(self) -> ActiveFault:
+        """Two nodes drawn from the rng (a majority of three)."""
+        leader = self.leader()
+        return self.power_cut(sorted(self.rng.sample(self.cluster.node_ids, 2)), leader=leader)
+
+    def power_cut_all(self) -> ActiveFault:
+        try:
+            leader = self.leader(timeout_s=2.0)
+        except AssertionError:
+            leader = None
+        return self.power_cut(self.cluster.node_ids, leader=leader)
 
     def rolling_restart(self, *, down_s: float = 0.2, settle_timeout_s: float = SETTLE_TIMEOUT_S) -> list[str]:
         """Kill and restart each node in turn (order drawn from the rng), waiting after each

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chaos_tests.checker import Report, check_file
+from chaos_tests import powerfs
 from chaos_tests.cluster import ChaosCluster, tmpfs_supported
 from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
@@ -43,6 +44,11 @@ CONVERGE_TIMEOUT_S = 60.0
 #: Node settings of every chaos cluster: small compaction thresholds, so that Raft snapshots and
 #: journal catch-up happen within a short run.
 CHAOS_OVERRIDES = {"raft": {"log_compaction_min_entries": 500, "log_compaction_min_time_s": 1.0}}
+
+
+#: What ``verify_journal`` says of records a journal lacks and waits to fetch from a peer: after
+#: a power cut in crash durability no node may have them any more (an expected loss).
+JOURNAL_HOLE = "are missing (a hole waiting for catch-up)"
 
 
 class ScenarioFailed(AssertionError):
@@ -110,6 +116,10 @@ class Scenario:
     overrides: dict = field(default_factory=dict)
     #: Why the scenario cannot run on this machine ("" when it can).
     unavailable: Callable[[], str] = lambda: ""
+    #: Every node's data directory on a power-loss filesystem (the power-cut scenarios).
+    powerfs: bool = False
+    #: The nodes' durability setting ("crash": today's default; "power").
+    durability: str = "crash"
 
 
 # --- the rounds -------------------------------------------------------------------------
@@ -242,9 +252,68 @@ def _client_faults(ctx: Context) -> None:
     ctx.hold(1.0, 2.0)
 
 
+def _power_summary(fault) -> str:
+    dropped = fault.details["dropped"]
+    pages = sum(d["dirty_pages"] for d in dropped.values())
+    torn = sum(d["torn"] is not None for d in dropped.values())
+    return f"power cut of {fault.details['nodes']}: {pages} unsynced pages dropped, {torn} write(s) torn, cut in {fault.details['cut_s']:.2f} s"
+
+
+def _power_back(ctx: Context, fault) -> float:
+    """End a power cut (mount on what was durable, restart); returns how long that took."""
+    details = ctx.nemesis.end(fault)
+    return details["restore_s"]
+
+
+def _power_cut_follower(ctx: Context) -> None:
+    fault = ctx.nemesis.power_cut_follower()
+    ctx.acks_resume("with a follower's power cut")
+    ctx.hold(0.2, 1.0)
+    restore_s = _power_back(ctx, fault)
+    ctx.say(f"    {_power_summary(fault)}; back in {restore_s:.2f} s")
+    ctx.converge()
+
+
+def _power_cut_leader(ctx: Context) -> None:
+    fault = ctx.nemesis.power_cut_leader()
+    took = ctx.acks_resume("after the leader's power cut")
+    ctx.hold(0.2, 1.0)
+    restore_s = _power_back(ctx, fault)
+    ctx.say(f"    {_power_summary(fault)}; acknowledgements from a new leader after {took:.2f} s; back in {restore_s:.2f} s")
+    ctx.converge()
+
+
+def _power_cut_majority(ctx: Context, fault) -> None:
+    """A majority lost its power: no acknowledgement until it is back, then they must resume."""
+    ctx.hold(0.2, 1.0)
+    restore_s = _power_back(ctx, fault)
+    took = ctx.acks_resume(f"after the power of {fault.details['nodes']} came back")
+    ctx.say(f"    {_power_summary(fault)}; back in {restore_s:.2f} s, acknowledgements again after {took:.2f} s")
+    ctx.converge()
+
+
+def _power_cut_two(ctx: Context) -> None:
+    _power_cut_majority(ctx, ctx.nemesis.power_cut_two())
+
+
+def _power_cut_all(ctx: Context) -> None:
+    _power_cut_majority(ctx, ctx.nemesis.power_cut_all())
+
+
+POWER_ROUNDS = {"follower": _power_cut_follower, "leader": _power_cut_leader, "two": _power_cut_two, "all": _power_cut_all}
+
+
+def _power_round(ctx: Context) -> None:
+    """A power cut of a follower, the leader, two nodes or all three, drawn from the rng."""
+    which = ctx.rng.choice(sorted(POWER_ROUNDS))
+    ctx.say(f"    power cut: {which}")
+    POWER_ROUNDS[which](ctx)
+
+
 def _random_round(ctx: Context) -> None:
-    """One round of a fault family drawn from the whole catalogue (the soak)."""
-    name = ctx.rng.choice(sorted(n for n in SCENARIOS if n != "kill-leader-loaded"))
+    """One round of a fault family drawn from the whole catalogue (the soak; power cuts are a
+    soak of their own, ``--scenario power``)."""
+    name = ctx.rng.choice(sorted(n for n in SCENARIOS if n != "kill-leader-loaded" and not SCENARIOS[n].powerfs))
     ctx.say(f"    fault family: {name}")
     SCENARIOS[name].round(ctx)
 
@@ -252,6 +321,21 @@ def _random_round(ctx: Context) -> None:
 def _tmpfs_unavailable() -> str:
     ok, why = tmpfs_supported()
     return "" if ok else f"no private tmpfs here: {why}"
+
+
+def _powerfs_unavailable() -> str:
+    ok, why = powerfs.supported()
+    return "" if ok else f"no power-loss filesystem here: {why}"
+
+
+#: The load of the power cuts "under pipelined load".
+POWER_LOAD = {"clients": 3, "rate_per_client": 1500.0, "window": 400}
+#: Log compaction all the time: a Raft snapshot every 50 entries, at most every 0.2 s.
+COMPACTING = {"raft": {"log_compaction_min_entries": 50, "log_compaction_min_time_s": 0.2}}
+
+
+def _power(name: str, description: str, round: Callable[[Context], None], **options) -> Scenario:
+    return Scenario(name, description, round, powerfs=True, unavailable=_powerfs_unavailable, **options)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -292,6 +376,27 @@ SCENARIOS: dict[str, Scenario] = {
             _client_faults,
             rounds=1,
             workload={"client_resets_every_s": 0.7, "subscriber_drops_every_s": 1.0},
+        ),
+        # The power cuts: every node on a power-loss filesystem. In the "crash" durability a cut
+        # that loses acknowledged messages is expected and reported; in "power", nothing may be lost.
+        _power("power-follower", "cut the power of a follower (its unsynced writes dropped), bring it back", _power_cut_follower),
+        _power("power-leader", "cut the power of the leader, bring it back", _power_cut_leader),
+        _power("power-two", "cut the power of two nodes (a majority) at one instant", _power_cut_two),
+        _power("power-all", "cut the power of all three nodes at one instant", _power_cut_all),
+        _power("power-all-loaded", "cut the power of all three under heavy pipelined load", _power_cut_all, workload=POWER_LOAD),
+        _power(
+            "power-compaction",
+            "cut the power of all three while the log is compacted all the time (a snapshot every 50 entries)",
+            _power_cut_all,
+            overrides=COMPACTING,
+            workload=POWER_LOAD,
+        ),
+        _power(
+            "power",
+            "power cuts of a follower, the leader, two or all three, drawn each round, under load",
+            _power_round,
+            rounds=4,
+            workload=POWER_LOAD,
         ),
     ]
 }
@@ -369,6 +474,8 @@ class RunResult:
 def replay_command(name: str, seed: int) -> str:
     if name == SOAK.name:
         return f"raftseq chaos --scenario all --seed {seed} --duration ..."
+    if SCENARIOS[name].powerfs:
+        return f"raftseq chaos run {name} --seed {seed}   (or RAFTSEQ_CHAOS_SEED={seed} with chaos_tests/test_power.py)"
     return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
 
 
@@ -381,20 +488,23 @@ def run_scenario(
     duration_s: float | None = None,
     report_dir: str | None = None,
     say: Callable[[str], None] = print,
+    durability: str | None = None,
 ) -> RunResult:
     """Run one scenario (or the soak, ``"all"``) in `directory` (its cluster, logs and history
-    stay there); with `report_dir`, also write ``report.json`` and ``timeline.png`` there."""
+    stay there); with `report_dir`, also write ``report.json`` and ``timeline.png`` there.
+    `durability` ("crash", "power") overrides the scenario's."""
     scenario = scenario_named(name)
+    durability = durability or scenario.durability
     why_not = scenario.unavailable()
     if why_not:
         raise ScenarioFailed(f"{name} cannot run here: {why_not}")
     started = time.monotonic()
-    say(f"chaos {name}: seed {seed}  (replay: {replay_command(name, seed)})")
+    say(f"chaos {name}: seed {seed}, durability {durability}  (replay: {replay_command(name, seed)})")
     rng = random.Random(seed)
     cluster_rng, nemesis_rng, workload_rng, round_rng = (random.Random(rng.random()) for _ in range(4))
     history_path = os.path.join(directory, "history.jsonl")
     with HistoryRecorder(history_path) as history:
-        history.note("scenario", scenario=name, seed=seed, description=scenario.description)
+        history.note("scenario", scenario=name, seed=seed, description=scenario.description, durability=durability)
         fault_ids: dict[int, int] = {}
 
         def on_fault(fault_name: str, phase: str, details: dict) -> None:
@@ -407,7 +517,14 @@ def run_scenario(
         overrides = {section: dict(values) for section, values in CHAOS_OVERRIDES.items()}
         for section, values in scenario.overrides.items():
             overrides.setdefault(section, {}).update(values)
-        cluster = ChaosCluster(os.path.join(directory, "cluster"), rng=cluster_rng, overrides=overrides, tmpfs_bytes=scenario.tmpfs_bytes)
+        cluster = ChaosCluster(
+            os.path.join(directory, "cluster"),
+            rng=cluster_rng,
+            overrides=overrides,
+            tmpfs_bytes=scenario.tmpfs_bytes,
+            powerfs=["n1", "n2", "n3"] if scenario.powerfs else (),
+            durability=durability,
+        )
         workload = None
         try:
             cluster.start()
@@ -443,15 +560,23 @@ def run_scenario(
             stats = workload.stop()
             workload = None
             last_seq = cluster.wait_converged(timeout_s=CONVERGE_TIMEOUT_S)
-            counts = final_read(endpoints, token=cluster.token, history=history)
+            loss_expected = scenario.powerfs and durability == "crash"
+            counts = final_read(endpoints, token=cluster.token, history=history, past_holes=loss_expected)
             say(
                 f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}"
             )
             journal_problems = []
             for node_id in cluster.node_ids:
                 report = verify_journal(cluster.journal_dir(node_id))
-                if not report.ok:
+                if not report.ok and loss_expected and JOURNAL_HOLE in report.problem:
+                    say(f"  {node_id}'s journal: {report.problem} (crash durability: part of the expected loss)")
+                elif not report.ok:
                     journal_problems.append(f"{node_id}: {report}")
+            if scenario.powerfs and len(set(counts.values())) != 1:
+                if loss_expected:  # reported, not failed
+                    say(f"  the journals differ after healing (crash durability): final reads of {list(counts.values())}")
+                else:
+                    journal_problems.append(f"the journals differ after healing: final reads of {counts}")
         finally:
             if workload is not None:
                 workload.stop(drain_s=0)
@@ -467,6 +592,8 @@ def run_scenario(
             "seconds": round(seconds, 1),
             "rounds": round_index,
             "acknowledged": stats.ok,
+            "durability": durability,
+            "acknowledged_lost": report.loss.acked_lost,
             "journals_verified": not journal_problems,
             "journal_problems": journal_problems,
             "replay": replay_command(name, seed),
@@ -476,5 +603,8 @@ def run_scenario(
         say(f"  report: {os.path.join(report_dir, 'report.json')} and timeline.png")
     for problem in journal_problems:
         say(f"  journal check failed: {problem}")
-    say(f"chaos {name}: {'PASSED' if result.ok else 'FAILED'} in {seconds:.1f} s (seed {seed}; history {history_path})")
+    verdict = "PASSED" if result.ok else "FAILED"
+    if result.ok and report.loss.acked_lost:
+        verdict += f" with the expected loss of power cuts in crash durability ({report.loss.acked_lost} acknowledged lost)"
+    say(f"chaos {name}: {verdict} in {seconds:.1f} s (seed {seed}; history {history_path})")
     return result

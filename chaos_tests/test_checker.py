@@ -655,3 +655,56 @@ def test_the_command_exits_0_1_2(world, tmp_path, capsys):
     assert main([str(torn)]) == 2
     assert "torn.jsonl:" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+# --- power cuts: an expected loss in the "crash" durability ---------------------------------
+
+
+def _lose_after_power_cut(world: World, durability: str | None) -> None:
+    """10 acknowledged; a power cut of every node loses 7..10 (the final reads end at 6)."""
+    if durability is not None:
+        world.rec.note("scenario", scenario="power-all", durability=durability)
+    run_clean(world, 10)
+    fault = world.rec.fault_start("power_cut", nodes=list(NODES))
+    world.rec.fault_end(fault)
+    world.stream = world.stream[:6]
+
+
+@pytest.mark.parametrize("durability", ["crash", None])
+def test_a_power_cut_in_crash_durability_reports_the_loss_and_passes(world, durability):
+    _lose_after_power_cut(world, durability)
+    report = check(world.finish())
+    assert report.ok and report.loss_expected
+    assert report.excused_counts == {"acked-write-kept": 4}
+    assert (report.loss.lost, report.loss.renumbered, report.loss.ranges) == (4, 0, ["7..10"])
+    assert "EXPECTED LOSS" in report.format() and "4 acknowledged lost" in report.format()
+
+
+def test_a_power_cut_in_power_durability_fails_on_the_loss(world):
+    _lose_after_power_cut(world, "power")
+    report = check(world.finish())
+    assert not report.ok and not report.loss_expected
+    assert names(report) == {"acked-write-kept": 4}
+    assert report.loss.acked_lost == 4 and "loss: 4 acknowledged lost" in report.format()
+
+
+def test_a_power_cut_excuses_only_what_follows_from_the_loss(world):
+    _lose_after_power_cut(world, "crash")
+    op = world.submit("c1")
+    world.commit(op)
+    world.rec.complete_fail(op, "rejected: sequence_gap")
+    report = check(world.finish())
+    assert not report.ok
+    assert names(report) == {"failed-not-committed": 1}
+    # The new seq 7 holds another message than the acknowledged one: excused too.
+    assert report.excused_counts == {"one-record-per-seq": 1, "acked-write-kept": 4}
+
+
+def test_a_kill_is_never_an_expected_loss(world):
+    world.rec.note("scenario", scenario="kill-all", durability="crash")
+    run_clean(world, 10)
+    fault = world.rec.fault_start("kill", nodes=list(NODES))
+    world.rec.fault_end(fault)
+    world.stream = world.stream[:6]
+    report = check(world.finish())
+    assert not report.ok and not report.loss_expected and names(report) == {"acked-write-kept": 4}

@@ -10,7 +10,9 @@ nemesis can act from the test's thread meanwhile.
   ``Rejected`` is ``fail`` (definite), anything else (``OutcomeUnknown``, the client closed
   with the submit in flight) is ``unknown``. With ``client_resets`` a client's connection is
   aborted now and then mid-stream (a connection reset while submits are in flight): the
-  library must resubmit under the same ``client_seq``.
+  library must resubmit under the same ``client_seq``. A client whose session the cluster has
+  forgotten (``sequence_gap`` expecting ``client_seq`` 1: only after a power cut lost the
+  cluster's state) carries on under a new session, ``…-c1-2``, as an application would.
 * **Subscribers** read through ``clients.connection`` in raw mode rather than through
   ``clients.subscribe``: that generator quietly reconnects when a node sends a wrong number,
   which would hide exactly what the checker looks for. Each subscriber stays on one
@@ -36,12 +38,20 @@ from dataclasses import dataclass, field
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.sequencer.protocol import RejectReason
 from raftseq.cluster.status import node_status
 
 CONNECT_TIMEOUT_S = 1.0
 #: A subscriber that hears nothing (not even a heartbeat) for this long moves to another node.
 SUBSCRIBER_SILENCE_S = 2.0
 FINAL_READ_TIMEOUT_S = 60.0
+#: A final read that may meet records no node can serve any more (a journal prefix lost to a
+#: power cut in crash durability): no record for this long means the node cannot serve the
+#: next one; each probe for the first servable seq after it waits this long.
+FINAL_READ_STALL_S = 5.0
+FINAL_READ_PROBE_S = 1.0
+#: Unservable ranges a final read looks past.
+FINAL_READ_HOLES_MAX = 8
 START_TIMEOUT_S = 15.0
 
 
@@ -77,6 +87,8 @@ class WorkloadStats:
     deliveries: dict[str, int] = field(default_factory=dict)
     reconnects: dict[str, int] = field(default_factory=dict)
     last_ok_ns: int = 0
+    #: Sessions started because the cluster had forgotten one (after a power cut).
+    new_sessions: int = 0
 
     @property
     def ok(self) -> int:
@@ -116,6 +128,8 @@ class Workload:
         self._tasks: list[asyncio.Task] = []
         self._started = threading.Event()
         self._clients: list[SequencerClient] = []
+        #: Indexes of the clients whose session the cluster has forgotten.
+        self._forgotten: set[int] = set()
 
     # --- lifecycle (called from the test's thread) ----------------------------------------
 
@@ -166,10 +180,7 @@ class Workload:
         config = self.config
         try:
             for i in range(config.clients):
-                session = f"{config.session_prefix}-{self._run_tag}-c{i + 1}"
-                client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=config.window)
-                await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
-                self._clients.append(client)
+                self._clients.append(await self._connect(f"{config.session_prefix}-{self._run_tag}-c{i + 1}"))
         except Exception as exc:  # noqa: BLE001 - reported to the starting thread
             self.errors.append(f"client connect: {exc!r}")
             self._started.set()
@@ -204,6 +215,22 @@ class Workload:
 
     # --- clients --------------------------------------------------------------------------
 
+    async def _connect(self, session: str) -> SequencerClient:
+        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=self.config.window)
+        await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
+        return client
+
+    async def _new_session(self, index: int, client: SequencerClient) -> SequencerClient:
+        """Replace a client whose session the cluster forgot by one under a new session."""
+        self._forgotten.discard(index)
+        session = f"{self.config.session_prefix}-{self._run_tag}-c{index + 1}-{self.stats.new_sessions + 2}"
+        self.stats.new_sessions += 1
+        self.history.note("session forgotten", old=client.session, new=session)
+        await client.close()
+        fresh = await self._connect(session)
+        self._clients[index] = fresh
+        return fresh
+
     async def _submitter(self, index: int, client: SequencerClient) -> None:
         config = self.config
         name = f"c{index + 1}"
@@ -216,6 +243,14 @@ class Workload:
         started = time.monotonic()
         n = 0
         while not self._stop.is_set():
+            if index in self._forgotten:
+                try:
+                    client = await self._new_session(index, client)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    self.errors.append(f"{name}: a new session: {exc!r}")
+                    self._forgotten.add(index)
+                    await asyncio.sleep(0.1)
+                    continue
             due = started + n * interval
             delay = due - time.monotonic()
             if delay > 0:
@@ -236,13 +271,13 @@ class Workload:
             op = history.invoke(name, client.session, client_seq, payload)
             stats.invoked += 1
             future = client.submit_nowait(payload.encode())
-            future.add_done_callback(lambda f, op=op: self._completed(stats, op, f))
+            future.add_done_callback(lambda f, op=op: self._completed(stats, op, f, index))
             if next_reset and time.monotonic() - started >= next_reset:
                 next_reset += _next_event(rng, config.client_resets_every_s)
                 if _abort_client_connection(client):
                     stats.resets += 1
 
-    def _completed(self, stats: _ClientStats, op: int, future: asyncio.Future) -> None:
+    def _completed(self, stats: _ClientStats, op: int, future: asyncio.Future, index: int) -> None:
         if future.cancelled():
             stats.unknown += 1
             self.history.complete_unknown(op, "cancelled")
@@ -255,6 +290,8 @@ class Workload:
         elif isinstance(error, Rejected):
             stats.failed += 1
             self.history.complete_fail(op, str(error))
+            if error.reason is RejectReason.SEQUENCE_GAP and error.expected_client_seq == 1:
+                self._forgotten.add(index)
         else:
             stats.unknown += 1
             self.history.complete_unknown(op, f"{type(error).__name__}: {error}")
@@ -352,21 +389,82 @@ async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float)
     return records[:last_seq]
 
 
+async def _read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float) -> tuple[list, bool]:
+    """Records first..last_seq; ``(records, True)`` when the node sent no record for `stall_s`
+    before the last."""
+    records: list[tuple[int, str, int, bytes]] = []
+    connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        stream = aiter(connection.subscribe(first, silence_s=SUBSCRIBER_SILENCE_S, checked=False))
+        while not records or records[-1][0] < last_seq:
+            try:
+                async with asyncio.timeout(stall_s):
+                    frames = await anext(stream)
+            except TimeoutError:
+                return records, True
+            records += [(f.seq, f.session, f.client_seq, f.payload) for f in frames]
+    finally:
+        connection.close()
+    return [r for r in records if r[0] <= last_seq], False
+
+
+async def _read_node_past_holes(endpoint: str, token: str, last_seq: int, history: HistoryRecorder, node: str) -> list:
+    """Records 1..last_seq as `endpoint` can still serve them: where it stalls, the first seq
+    it serves again is searched (binary, by probes) and the read goes on from there; each
+    unservable range is noted in the history (``unservable``)."""
+    records: list = []
+    first = 1
+    for _ in range(FINAL_READ_HOLES_MAX):
+        got, stalled = await _read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S)
+        records += got
+        if not stalled:
+            return records
+        stuck = got[-1][0] + 1 if got else first
+        low, high = stuck + 1, last_seq + 1  # the first servable seq is in low..high (high: none)
+        last_served, _ = await _read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S)
+        if not last_served:
+            low = high  # nothing after the stall is served: no search
+        while low < high:
+            middle = (low + high) // 2
+            probe, _ = await _read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S)
+            if probe:
+                high = middle
+            else:
+                low = middle + 1
+        history.note("unservable", node=node, first=stuck, last=low - 1)
+        if low > last_seq:
+            return records
+        first = low
+    return records
+
+
 def final_read(
-    endpoints: Sequence[str], *, token: str, history: HistoryRecorder, timeout_s: float = FINAL_READ_TIMEOUT_S
+    endpoints: Sequence[str],
+    *,
+    token: str,
+    history: HistoryRecorder,
+    timeout_s: float = FINAL_READ_TIMEOUT_S,
+    past_holes: bool = False,
 ) -> dict[str, int]:
     """Read every node's whole stream into the history; returns records read per endpoint.
-    A node that cannot be asked or read is recorded with what it gave (possibly nothing)."""
+    A node that cannot be asked or read is recorded with what it gave (possibly nothing).
+    `past_holes`: where a loss is expected, ranges no node can serve any more are noted and
+    skipped (``_read_node_past_holes``) instead of failing the read."""
 
     async def run() -> dict[str, int]:
         counts = {}
         for endpoint in endpoints:
             status = await node_status(endpoint, token=token, timeout_s=CONNECT_TIMEOUT_S)
             last_seq = status.get("last_seq", 0)
+            node = status.get("id", endpoint)
             records: list = []
             if status.get("role") != "unreachable" and last_seq:
-                records = await _read_node(endpoint, token, last_seq, timeout_s)
-            history.final_read(status.get("id", endpoint), records)
+                if past_holes:
+                    async with asyncio.timeout(timeout_s):
+                        records = await _read_node_past_holes(endpoint, token, last_seq, history, node)
+                else:
+                    records = await _read_node(endpoint, token, last_seq, timeout_s)
+            history.final_read(node, records)
             counts[endpoint] = len(records)
         return counts
 

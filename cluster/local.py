@@ -112,6 +112,19 @@ class LocalNode:
         return self.process is not None and self.process.poll() is None
 
 
+def durability_override(durability: str | None) -> dict:
+    """The config override for a node's ``durability`` setting ("crash" or "power"), passed
+    through as given: {} for None, and for "crash" on nodes without the setting (what they all
+    do); a clear error for any other value on such nodes."""
+    if durability is None:
+        return {}
+    if "durability" in NodeConfig.__struct_fields__:
+        return {"durability": durability}
+    if durability == "crash":
+        return {}
+    raise ValueError(f"durability {durability!r}: these nodes have no durability setting (they survive process crashes only)")
+
+
 def local_configs(
     data_dir: str,
     base_port: int,
@@ -119,13 +132,16 @@ def local_configs(
     insecure: bool,
     secrets_from: dict | None = None,
     overrides: dict | None = None,
+    durability: str | None = None,
 ) -> list[NodeConfig]:
     """Configs of a local cluster: client ports P+1.., Raft P+101.., metrics P+201.. Unless
     `insecure`, every node has a node key (``node_key_file``, made when missing) and every
     config names every member's public key.
 
     ``overrides`` replaces settings per section, e.g. ``{"raft": {"log_compaction_min_entries": 50}}``.
+    ``durability`` ("crash", "power"): the nodes' durability setting (``durability_override``).
     """
+    overrides = {**(overrides or {}), **durability_override(durability)}
     secrets_from = secrets_from or {}
     password = "" if insecure else secrets_from.get("raft_password") or secrets.token_urlsafe(24)
     token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
@@ -331,9 +347,10 @@ class LocalCluster:
         configs: list[NodeConfig] | None = None,
         restart_policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        durability: str | None = None,
     ) -> None:
-        """``configs``, when given, are used as they are (``overrides`` is then ignored);
-        otherwise ``local_configs`` makes them."""
+        """``configs``, when given, are used as they are (``overrides`` and ``durability`` are
+        then ignored); otherwise ``local_configs`` makes them."""
         self.data_dir = os.path.abspath(data_dir)
         self.base_port = base_port
         self.restart_on_exit = restart
@@ -345,7 +362,12 @@ class LocalCluster:
         first_config = os.path.join(self.data_dir, "n1.toml")
         if configs is None:
             configs = local_configs(
-                self.data_dir, base_port, insecure=insecure, secrets_from=_existing_secrets(first_config), overrides=overrides
+                self.data_dir,
+                base_port,
+                insecure=insecure,
+                secrets_from=_existing_secrets(first_config),
+                overrides=overrides,
+                durability=durability,
             )
         self.nodes: list[LocalNode] = []
         for config in configs:
