@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib
 import json
 import os
 import select
@@ -43,6 +44,77 @@ LATENCY_WARMUP_S = 1.0
 
 class SetupError(Exception):
     """A peer could not be installed or started (not a measurement failure)."""
+
+
+#: How long an install waits for another apt-get or dpkg to release the dpkg lock.
+APT_LOCK_TIMEOUT_S = 120
+#: How long one apt-get or pip command of a peer's setup may take.
+INSTALL_TIMEOUT_S = 600
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+
+def find_binary(name: str) -> str | None:
+    """`name` on PATH or in /usr/sbin, /usr/bin (Debian puts servers in either)."""
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+
+
+def ensure_debian_binary(binary: str, *, package: str, service: str) -> str:
+    """The path of `binary`, installed with Debian's `package` when missing: apt-get quiet and
+    non-interactive, waiting up to ``APT_LOCK_TIMEOUT_S`` for the dpkg lock; on a machine with
+    systemd the packaged `service` is disabled and stopped again (the benchmark starts its own
+    servers on loopback)."""
+    path = find_binary(binary)
+    if path:
+        return path
+    if os.geteuid() != 0:
+        raise SetupError(f"{binary} is not installed and this is not root: run `apt-get install {package}`")
+    if not shutil.which("apt-get"):
+        raise SetupError(f"{binary} is not installed and there is no apt-get to install it with")
+    print(f"setup     installing {package} (Debian package) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = f"-oDPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}"
+    for command in (
+        ["apt-get", lock, "update", "-qq"],
+        ["apt-get", lock, "install", "-y", "-qq", "--no-install-recommends", package],
+    ):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SetupError(f"installing {package} failed: {' '.join(command)}: {exc}") from None
+        if done.returncode != 0:
+            raise SetupError(
+                f"installing {package} failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}"
+            )
+    if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "disable", "--now", service], capture_output=True, timeout=60)
+    path = find_binary(binary)
+    if not path:
+        raise SetupError(f"apt-get installed {package} but no {binary} binary was found")
+    return path
+
+
+def ensure_pip_package(distribution: str, check: Callable[[], object]) -> object:
+    """`check()` (an import, a path lookup), after installing `distribution` with pip into this
+    Python when it fails with ImportError or SetupError."""
+    try:
+        return check()
+    except (ImportError, SetupError):
+        pass
+    print(f"setup     installing {distribution} (pip) ...", flush=True)
+    command = [sys.executable, "-m", "pip", "install", "-q", distribution]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"installing {distribution} failed: {exc}") from None
+    if done.returncode != 0:
+        raise SetupError(f"installing {distribution} failed: pip exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
+    importlib.invalidate_caches()
+    try:
+        return check()
+    except (ImportError, SetupError) as exc:
+        raise SetupError(f"{distribution} was installed but is not usable: {exc}") from None
 
 
 # --- child processes ----------------------------------------------------------------------

@@ -51,7 +51,6 @@ import asyncio
 import importlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -77,13 +76,14 @@ from benchmarks.peers.common import (
     LATENCY_WARMUP_S,
     Children,
     SendLog,
-    SetupError,
     cpu_shares,
     failover_figures,
     first_ack_after,
     free_ports,
     latency_figures,
     add_load_options,
+    ensure_debian_binary,
+    ensure_pip_package,
     read_line,
     worker_outcome,
     resolve_load_options,
@@ -108,7 +108,6 @@ DRAIN_TIMEOUT_S = 30.0
 RECONNECT_TIME_WAIT_S = 0.1
 #: nats-py's default ``publish_async_max_pending``.
 NATS_WINDOW_DEFAULT = 4000
-APT_LOCK_TIMEOUT_S = 120
 WORKLOADS = ("throughput", "latency", "failover", "replay", "recovery", "fanout")
 #: Served by one filled stream (``StreamCluster``), in this order.
 STREAM_WORKLOADS = ("replay", "recovery", "fanout")
@@ -119,62 +118,14 @@ STREAM_MESSAGES_QUICK = 5_000
 # --- setup --------------------------------------------------------------------------------
 
 
-def find_nats_server() -> str | None:
-    return shutil.which("nats-server") or next(
-        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None
-    )
-
-
-def ensure_nats_server(*, quiet: bool = True) -> str:
+def ensure_nats_server() -> str:
     """The path of ``nats-server``, installed from Debian's package when missing."""
-    path = find_nats_server()
-    if path:
-        return path
-    if os.geteuid() != 0:
-        raise SetupError("nats-server is not installed and this is not root: run `apt-get install nats-server`")
-    if not shutil.which("apt-get"):
-        raise SetupError("nats-server is not installed and there is no apt-get to install it with")
-    print("setup     installing nats-server (Debian package) ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = f"-oDPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}"
-    for command in (
-        ["apt-get", lock, "update", "-qq"],
-        ["apt-get", lock, "install", "-y", "-qq", "--no-install-recommends", "nats-server"],
-    ):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SetupError(f"installing nats-server failed: {' '.join(command)}: {exc}") from None
-        if done.returncode != 0:
-            raise SetupError(
-                f"installing nats-server failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}"
-            )
-    if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "disable", "--now", "nats-server"], capture_output=True, timeout=60)
-    path = find_nats_server()
-    if not path:
-        raise SetupError("apt-get installed nats-server but no nats-server binary was found")
-    return path
+    return ensure_debian_binary("nats-server", package="nats-server", service="nats-server")
 
 
 def ensure_nats_py():
     """The ``nats`` package (nats-py), installed with pip into this Python when missing."""
-    try:
-        return importlib.import_module("nats")
-    except ImportError:
-        pass
-    print("setup     installing nats-py (pip) ...", flush=True)
-    try:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nats-py"], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"installing nats-py failed: {exc}") from None
-    if done.returncode != 0:
-        raise SetupError(f"installing nats-py failed: pip exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module("nats")
-    except ImportError as exc:
-        raise SetupError(f"nats-py was installed but cannot be imported: {exc}") from None
+    return ensure_pip_package("nats-py", lambda: importlib.import_module("nats"))
 
 
 def ensure_setup() -> dict:
