@@ -55,6 +55,7 @@ import msgspec
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
+from benchmarks.options import positive_int
 from benchmarks.peers.common import (
     GAP_WINDOW_S,
     LATENCY_WARMUP_S,
@@ -742,7 +743,7 @@ def add_etcd_options(parser: argparse.ArgumentParser) -> None:
     """``--etcd-connections``, which ``raftseq bench`` takes too."""
     parser.add_argument(
         "--etcd-connections",
-        type=int,
+        type=positive_int,
         default=CONNECTIONS_DEFAULT,
         help=f"etcd: HTTP/1.1 connections of one client process, one request in flight on each (default {CONNECTIONS_DEFAULT})",
     )
