@@ -22,6 +22,10 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
+#: The peers alone, at the smallest sizes that still give every figure.
+PEERS_ALONE_QUICK = ["--skip-raftseq", "--quick", "--messages", "2000", "--rates", "1000", "--latency-seconds", "0.5"]
+
+
 def _bench(args: list[str], *, timeout_s: float) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks", *args],
@@ -77,14 +81,7 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
             "latency",
             "--vs",
             "nats,pysyncobj",
-            "--skip-raftseq",
-            "--quick",
-            "--messages",
-            "2000",
-            "--rates",
-            "1000",
-            "--latency-seconds",
-            "0.5",
+            *PEERS_ALONE_QUICK,
         ],
     )
     assert report["peers_setup"]["nats"]["nats_server"].startswith("nats-server"), report["peers_setup"]
@@ -119,14 +116,7 @@ def test_etcd_quick_run_gives_positive_figures_and_fsync_counts_and_cleans_up(tm
             "failover",
             "--vs",
             "etcd",
-            "--skip-raftseq",
-            "--quick",
-            "--messages",
-            "2000",
-            "--rates",
-            "1000",
-            "--latency-seconds",
-            "0.5",
+            *PEERS_ALONE_QUICK,
             "--kills",
             "1",
         ],

@@ -43,7 +43,6 @@ import asyncio
 import base64
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -52,23 +51,24 @@ import urllib.request
 
 import msgspec
 
-from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
-from benchmarks.options import positive_int
+from benchmarks.options import Scoped, positive_int
 from benchmarks.peers.common import (
-    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
     SendLog,
     add_load_options,
+    kills_summary,
+    stop_load,
+    await_failover,
     cpu_shares,
     ensure_debian_binary,
-    failover_figures,
-    first_ack_after,
     free_ports,
-    latency_figures,
+    rate_figures,
     resolve_load_options,
+    start_failed,
     run_peer,
 )
 
@@ -87,6 +87,11 @@ BATCH_DEFAULT = 500
 HTTP_TIMEOUT_S = 1.0
 ACK_TIMEOUT_S = 1.0
 RETRY_DELAY_S = 0.05
+#: Messages of a steady load sent and not yet answered (waiting for a connection included), at
+#: most: past it the sender waits, and its lag counts as latency from the intended send time.
+PENDING_MAX = 20_000
+#: How long a sender held back by ``PENDING_MAX`` waits before looking again.
+PENDING_WAIT_S = 0.001
 FAILOVER_TIMEOUT_S = 60.0
 REJOIN_TIMEOUT_S = 60.0
 SETTLE_S = 1.0
@@ -227,7 +232,7 @@ def _http(port: int, path: str, body: bytes | None = None) -> bytes:
 # --- the cluster --------------------------------------------------------------------------
 
 
-class EtcdCluster:
+class EtcdCluster(Scoped):
     """Three ``etcd`` members below `root`, one data directory each; ``close`` stops them by
     pid. The blocking methods (status, metrics) ask members with short timeouts."""
 
@@ -241,16 +246,8 @@ class EtcdCluster:
         self.startup_s = 0.0
         self._attempt_dir = ""
 
-    def __enter__(self) -> EtcdCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def open(self) -> None:
+        self._start()
 
     def close(self) -> None:
         self.children.close()
@@ -279,10 +276,8 @@ class EtcdCluster:
                 tails = self.log_tails()
                 self.children.close()
                 self.children = Children()
-                if "address already in use" in tails.lower() and attempt < START_ATTEMPTS:
-                    print(f"    {NAME}: ports were taken meanwhile; starting again on other ports", flush=True)
-                    continue
-                raise BenchError(f"{NAME} cluster did not start: {last}\n{tails}") from None
+                start_failed(NAME, exc, tails, last_attempt=attempt == START_ATTEMPTS)
+                continue
             self.startup_s = time.monotonic() - started
             members = json.loads(_http(self.client_port(MEMBERS[0]), "/v3/cluster/member/list", b"{}"))["members"]
             self.member_names = {m["ID"]: m["name"] for m in members}
@@ -585,9 +580,12 @@ class EtcdLoad(SendLog):
             if now - t0 >= duration_s:
                 break
             due = int((now - t0) * rate_per_s) + 1
-            while len(self.first_sent) < due and not self._stop:
+            while len(self.first_sent) < due and len(self._tasks) < PENDING_MAX and not self._stop:
                 self._send(self.new(t0 + len(self.first_sent) * interval))
-            await asyncio.sleep(max(0.0, t0 + len(self.first_sent) * interval - monotonic()))
+            if len(self._tasks) >= PENDING_MAX:
+                await asyncio.sleep(PENDING_WAIT_S)
+            else:
+                await asyncio.sleep(max(0.0, t0 + len(self.first_sent) * interval - monotonic()))
         await self.drain()
 
     async def drain(self) -> None:
@@ -618,23 +616,12 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
             fsync = fsync_figures(counters, cluster.counters(), leader=leader, messages=load.acked, requests=load.acked, seconds=seconds)
             expect(not load.errors, f"{NAME} latency {rate}/s: {len(load.errors)} puts failed, first {load.errors[:1]}")
             expect(load.acked == len(load.first_sent), f"{NAME} latency {rate}/s: {len(load.first_sent) - load.acked} unacknowledged")
-            first = int(LATENCY_WARMUP_S * rate)
-            figures = latency_figures(load.intended, load.first_sent, load.acked_at, first_index=first)
             result["rates"][str(rate)] = {
-                "offered_per_s": rate,
-                "achieved_per_s": max(0, len(load.first_sent) - first) / opts.latency_seconds,
-                "submitted": len(load.first_sent),
-                **figures,
-                "cpu_share": cpu,
+                **rate_figures(
+                    NAME, load, rate=rate, latency_seconds=opts.latency_seconds, cpu=cpu, load_now=load_now, note=fsync_text(fsync)
+                ),
                 "fsync": fsync,
-                "load_average": load_now,
             }
-            print(
-                f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
-                + latency_line("", figures["latency"]).strip()
-                + f"; {fsync_text(fsync)}; cpu {cpu_text(cpu)}",
-                flush=True,
-            )
         return result
 
     with EtcdCluster(root, f"etcd-lat-{time.monotonic_ns()}", server=server, max_txn_ops=_batch(opts)) as cluster:
@@ -666,15 +653,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                 leader = await asyncio.to_thread(cluster.wait_for_leader, deadline=time.monotonic() + REJOIN_TIMEOUT_S)
                 killed_at = time.monotonic()
                 cluster.kill(leader)
-                first_ack_at = 0.0
-                deadline = killed_at + FAILOVER_TIMEOUT_S
-                while not first_ack_at and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                    first_ack_at = first_ack_after(killed_at, load.first_sent, load.acked_at)
-                figures = None
-                if first_ack_at:
-                    await asyncio.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
-                    figures = failover_figures(killed_at, load.first_sent, load.acked_at)
+                figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
                 if not figures:
                     raise BenchError(
                         f"{NAME} kill {k + 1} ({leader}): no put sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{cluster.log_tails()}"
@@ -701,11 +680,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                 )
                 await asyncio.sleep(SETTLE_S)
         finally:
-            load.stop()
-            try:
-                await asyncio.wait_for(sender, DRAIN_TIMEOUT_S + 5)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
+            await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
         expect(not load.errors, f"{NAME} failover: {len(load.errors)} puts failed for good, first {load.errors[:1]}")
         expect(load.acked == len(load.first_sent), f"{NAME} failover: {len(load.first_sent) - load.acked} never acknowledged")
         revision_after = await asyncio.to_thread(
@@ -725,13 +700,10 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
     with EtcdCluster(root, f"etcd-fo-{time.monotonic_ns()}", server=server, max_txn_ops=_batch(opts)) as cluster:
         outcome = run_precise(run(cluster))
     kills = outcome["kills"]
-    failovers = [k["failover_s"] for k in kills]
-    gaps = [k["ack_gap_s"] for k in kills]
     expect(not outcome["ack_seq_duplicates"], f"{NAME} failover: {outcome['ack_seq_duplicates']} revisions acknowledged twice")
     return {
         "rate_per_s": opts.failover_rate,
-        "failover_s": {"median": statistics.median(failovers), "max": max(failovers)},
-        "ack_gap_s": {"median": statistics.median(gaps), "max": max(gaps)},
+        **kills_summary(kills),
         **outcome,
     }
 

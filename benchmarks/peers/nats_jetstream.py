@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import (
@@ -74,22 +74,23 @@ from benchmarks.options import (
     resolve_sizes,
 )
 from benchmarks.peers.common import (
-    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
     SendLog,
     cpu_shares,
-    failover_figures,
-    first_ack_after,
     free_ports,
-    latency_figures,
+    rate_figures,
     add_load_options,
+    kills_summary,
+    stop_load,
+    await_failover,
     ensure_debian_binary,
     SetupError,
     ensure_pip_package,
     read_line,
     worker_outcome,
     resolve_load_options,
+    start_failed,
     run_peer,
 )
 
@@ -278,10 +279,8 @@ class NatsCluster:
                 tails = self.log_tails()
                 self.children.close()
                 self.children = Children()
-                if "address already in use" in tails.lower() and attempt < START_ATTEMPTS:
-                    print(f"    {NAME}: ports were taken meanwhile; starting again on other ports", flush=True)
-                    continue
-                raise BenchError(f"{NAME} cluster did not start: {last}\n{tails}") from None
+                start_failed(NAME, exc, tails, last_attempt=attempt == START_ATTEMPTS)
+                continue
             self.startup_s = time.monotonic() - started
             return
         raise BenchError(f"{NAME} cluster did not start in {START_ATTEMPTS} attempts: {last}")
@@ -692,21 +691,8 @@ def latency(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT) 
                     await client.close()
                 expect(not load.errors, f"{name} latency {rate}/s: {len(load.errors)} publishes failed, first {load.errors[:1]}")
                 expect(load.acked == len(load.first_sent), f"{name} latency {rate}/s: {len(load.first_sent) - load.acked} unacknowledged")
-                first = int(LATENCY_WARMUP_S * rate)
-                figures = latency_figures(load.intended, load.first_sent, load.acked_at, first_index=first)
-                result["rates"][str(rate)] = {
-                    "offered_per_s": rate,
-                    "achieved_per_s": max(0, len(load.first_sent) - first) / opts.latency_seconds,
-                    "submitted": len(load.first_sent),
-                    **figures,
-                    "cpu_share": cpu,
-                    "load_average": load_now,
-                }
-                print(
-                    f"    {name} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
-                    + latency_line("", figures["latency"]).strip()
-                    + f"; cpu {cpu_text(cpu)}",
-                    flush=True,
+                result["rates"][str(rate)] = rate_figures(
+                    name, load, rate=rate, latency_seconds=opts.latency_seconds, cpu=cpu, load_now=load_now
                 )
         return result
 
@@ -746,15 +732,7 @@ def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT)
                         client_on_victim = connected_to == nc.ports[victim]["client"]
                         killed_at = time.monotonic()
                         nc.kill(victim)
-                        first_ack_at = 0.0
-                        deadline = killed_at + FAILOVER_TIMEOUT_S
-                        while not first_ack_at and time.monotonic() < deadline:
-                            await asyncio.sleep(0.05)
-                            first_ack_at = first_ack_after(killed_at, load.first_sent, load.acked_at)
-                        figures = None
-                        if first_ack_at:
-                            await asyncio.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
-                            figures = failover_figures(killed_at, load.first_sent, load.acked_at)
+                        figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
                         if not figures:
                             raise BenchError(
                                 f"{name} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}"
@@ -783,11 +761,7 @@ def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT)
                         )
                         await asyncio.sleep(SETTLE_S)
                 finally:
-                    load.stop()
-                    try:
-                        await asyncio.wait_for(sender, DRAIN_TIMEOUT_S + 5)
-                    except (TimeoutError, asyncio.CancelledError):
-                        pass
+                    await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
                 expect(
                     load.acked == len(load.first_sent),
                     f"{name} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged",
@@ -809,8 +783,6 @@ def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT)
 
     outcome = run_precise(run())
     kills = outcome["kills"]
-    failovers = [k["failover_s"] for k in kills]
-    gaps = [k["ack_gap_s"] for k in kills]
     expect(
         outcome["stream_messages"] == outcome["submitted"],
         f"{name} failover: the stream holds {outcome['stream_messages']} messages for {outcome['submitted']} distinct publishes",
@@ -818,8 +790,7 @@ def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT)
     return {
         "rate_per_s": opts.failover_rate,
         "killed": which,
-        "failover_s": {"median": statistics.median(failovers), "max": max(failovers)},
-        "ack_gap_s": {"median": statistics.median(gaps), "max": max(gaps)},
+        **kills_summary(kills),
         **outcome,
     }
 
