@@ -1,7 +1,7 @@
 """``python -m benchmarks`` -- the ``raftseq bench`` command: raftseq's figures side by side with
 its peers, measured in the same run on the same machine.
 
-    python -m benchmarks [WORKLOAD ...] [--vs nats,pysyncobj] [--quick] [--runs N] [--json FILE]
+    python -m benchmarks [WORKLOAD ...] [--vs nats,nats-sync,etcd,pysyncobj] [--quick] [--runs N] [--json FILE]
 
 Workloads: ``throughput``, ``latency``, ``failover`` (the default is these three) and the
 stream workloads ``replay``, ``recovery``, ``fanout``.
@@ -10,8 +10,9 @@ raftseq's throughput, latency and failover come from the workload functions of
 ``throughput.py``, ``latency.py`` and ``failover.py`` with ``bench_cluster.py``'s options (a
 fresh local three-node cluster for each run), its stream figures from ``bench_stream.py``'s
 (one cluster filled with ``--stream-messages`` messages serves every stream workload selected),
-the peers' from ``benchmarks/peers/`` (NATS: one filled stream likewise; pysyncobj has no stream
-to replay and is not measured there). The systems take turns run by run (raftseq, nats,
+the peers' from ``benchmarks/peers/`` (NATS: one filled stream likewise; pysyncobj, etcd and
+nats-sync are not measured there). etcd and nats-sync acknowledge only what a majority has
+fsynced; the tables add their fsyncs per second and messages per fsync where counted. The systems take turns run by run (raftseq, nats,
 pysyncobj, raftseq, ...) so that a change in the machine's load hits all of them; each figure is
 the median of ``--runs`` runs (failover: the median and max over ``--kills`` kills). Each
 workload ends with a table: absolute figures, raftseq/peer ratios and the benchmark goals. See
