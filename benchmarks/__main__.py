@@ -398,7 +398,7 @@ def _pysyncobj_notes(v: dict) -> str:
 FSYNCS_NOT_COUNTED = {
     "raftseq": "not counted yet: its Raft-log fsync metrics come with durability=power (issue 15)",
     "nats": "not counted: nats-server exposes no fsync counter (sync_interval default: every 2 min)",
-    "nats-sync": "not counted: nats-server exposes no fsync counter (sync_interval: always, one per write)",
+    "nats-sync": "not counted: nats-server exposes no fsync counter (sync_interval: always; strace once: ~107 messages per fsync)",
     "pysyncobj": "none: in-memory Raft log",
 }
 
