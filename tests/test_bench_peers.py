@@ -12,12 +12,18 @@ that cannot be installed fails the test with the benchmark's message; it is neve
 from __future__ import annotations
 
 import json
+import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+#: The peers alone, at the smallest sizes that still give every figure.
+PEERS_ALONE_QUICK = ["--skip-raftseq", "--quick", "--messages", "2000", "--rates", "1000", "--latency-seconds", "0.5"]
 
 
 def _bench(args: list[str], *, timeout_s: float) -> subprocess.CompletedProcess:
@@ -45,14 +51,14 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _quick_run(tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, str, dict]:
+def _quick_run(tmp_path: Path, args: list[str], *, timeout_s: float = 150) -> tuple[subprocess.CompletedProcess, str, dict]:
     """``raftseq bench ARGS`` with its temporary directory below ``tmp_path/scratch`` and its
     report in ``tmp_path/report.json``: it must set up every peer, exit 0 and report no
     failure. Returns the finished process, its output and the report."""
     report_path = tmp_path / "report.json"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    done = _bench([*args, "--dir", str(scratch), "--json", str(report_path)], timeout_s=150)
+    done = _bench([*args, "--dir", str(scratch), "--json", str(report_path)], timeout_s=timeout_s)
     output = done.stdout + done.stderr
     assert "SETUP FAILED" not in output, f"the benchmark could not set up a peer:\n{output}"
     assert done.returncode == 0, output
@@ -75,14 +81,7 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
             "latency",
             "--vs",
             "nats,pysyncobj",
-            "--skip-raftseq",
-            "--quick",
-            "--messages",
-            "2000",
-            "--rates",
-            "1000",
-            "--latency-seconds",
-            "0.5",
+            *PEERS_ALONE_QUICK,
         ],
     )
     assert report["peers_setup"]["nats"]["nats_server"].startswith("nats-server"), report["peers_setup"]
@@ -102,6 +101,48 @@ def test_peers_quick_run_gives_positive_figures_and_cleans_up(tmp_path: Path) ->
         assert figure["count"] > 0 and figure["achieved_per_s"] > 0, f"{system}: {figure}"
 
     assert "throughput, 100-byte payloads" in done.stdout and "latency from the intended send time" in done.stdout, output
+    _assert_left_nothing(tmp_path)
+
+
+def test_etcd_quick_run_gives_positive_figures_and_fsync_counts_and_cleans_up(tmp_path: Path) -> None:
+    """etcd (Debian's etcd-server, installed by the benchmark when missing): both throughput
+    variants, latency with p99.9, the leader's WAL fsyncs counted, one leader kill, and no
+    etcd process or data directory left afterwards; within a minute."""
+    done, output, report = _quick_run(
+        tmp_path,
+        [
+            "throughput",
+            "latency",
+            "failover",
+            "--vs",
+            "etcd",
+            *PEERS_ALONE_QUICK,
+            "--kills",
+            "1",
+        ],
+        timeout_s=60,
+    )
+    assert report["peers_setup"]["etcd"]["etcd"].startswith("etcd Version: 3.4"), report["peers_setup"]
+
+    variants = report["workloads"]["throughput"]["payloads"]["100"]["systems"]["etcd"]
+    assert set(variants) == {"1 client", "1 client, batched"}, variants.keys()
+    for variant, figure in variants.items():
+        assert figure["median"] > 0, f"{variant}: {figure}"
+        fsync = figure["run_details"][0]["fsync"]
+        assert fsync["wal_fsyncs"] > 0 and fsync["fsyncs_per_s"] > 0, f"{variant}: {fsync}"
+        assert 0 < fsync["messages_per_fsync"] <= 2000, f"{variant}: {fsync}"
+    batched = variants["1 client, batched"]["run_details"][0]
+    assert batched["requests"] < batched["messages"], batched  # transactions of many puts
+
+    latency = report["workloads"]["latency"]["rates"]["1000"]["systems"]["etcd"]
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["p999_ms"] <= latency["max_ms"], latency
+    assert latency["fsync"]["fsyncs_per_s"] > 0, latency
+
+    failover = report["workloads"]["failover"]["systems"]["etcd"]
+    assert len(failover["kills"]) == 1 and 0 < failover["failover_s"]["max"] < 60, failover
+    assert failover["ack_seq_duplicates"] == 0, failover
+
+    assert re.search(r"^  fsync etcd\s+1 client, batched\s+leader\s+[\d,]+ fsyncs/s", done.stdout, re.MULTILINE), output
     _assert_left_nothing(tmp_path)
 
 
@@ -189,7 +230,56 @@ def test_every_option_has_help() -> None:
         "--subscriber-processes",
         "--fanout-rate",
         "--fanout-seconds",
+        "--etcd-connections",
     ):
         assert option in done.stdout, option
-    bad = _bench(["--vs", "etcd"], timeout_s=60)
+    for peer in ("nats-sync", "etcd"):
+        assert peer in done.stdout, peer
+    bad = _bench(["--vs", "etcd2"], timeout_s=60)
     assert bad.returncode == 2 and "unknown peer" in bad.stderr, bad.stderr
+
+
+def test_etcd_client_reads_chunked_and_sized_answers_and_reports_errors() -> None:
+    """The benchmark's HTTP/1.1 client of etcd's gateway, against a scripted server on
+    loopback: a sized answer, a chunked one on the same keep-alive connection, then a 500 that
+    becomes one clear error."""
+    from benchmarks.peers.etcd_kv import Connection, HttpError
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom",
+    ]
+
+    async def scenario() -> list:
+        requests: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for answer in answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                requests.append(await reader.readexactly(length))
+                writer.write(answer)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        connection = Connection(server.sockets[0].getsockname()[1])
+        try:
+            first = await asyncio.wait_for(connection.request("/v3/kv/put", b'{"a":1}'), 5)
+            second = await asyncio.wait_for(connection.request("/v3/kv/put", b"{}"), 5)
+            try:
+                await asyncio.wait_for(connection.request("/v3/kv/put", b"{}"), 5)
+                error = ""
+            except HttpError as exc:
+                error = str(exc)
+        finally:
+            connection.close()
+            server.close()
+            await server.wait_closed()
+        return [first, second, error, requests]
+
+    first, second, error, requests = asyncio.run(scenario())
+    assert first == b"{}" and second == b"abcde", (first, second)
+    assert error.startswith("HTTP 500") and "boom" in error, error
+    assert requests == [b'{"a":1}', b"{}", b"{}"], requests

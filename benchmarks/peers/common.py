@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib
 import json
 import os
 import select
@@ -28,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 
-from benchmarks.figures import BenchError, largest_gap_s, latency_summary
+from benchmarks.figures import BenchError, cpu_text, largest_gap_s, latency_line, latency_summary
 from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
 from benchmarks.options import resolve_sizes, terminate, write_report
 from raftseq.cluster.local import die_with_parent
@@ -39,10 +40,83 @@ STOP_GRACE_S = 5.0
 #: (``failover.GAP_WINDOW_S``).
 GAP_WINDOW_S = 1.0
 LATENCY_WARMUP_S = 1.0
+#: How often a failover workload looks for the first ack after a kill.
+FAILOVER_POLL_S = 0.05
 
 
 class SetupError(Exception):
     """A peer could not be installed or started (not a measurement failure)."""
+
+
+#: How long an install waits for another apt-get or dpkg to release the dpkg lock.
+APT_LOCK_TIMEOUT_S = 120
+#: How long one apt-get or pip command of a peer's setup may take.
+INSTALL_TIMEOUT_S = 600
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+
+def find_binary(name: str) -> str | None:
+    """`name` on PATH or in /usr/sbin, /usr/bin (Debian puts servers in either)."""
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+
+
+def ensure_debian_binary(binary: str, *, package: str, service: str) -> str:
+    """The path of `binary`, installed with Debian's `package` when missing: apt-get quiet and
+    non-interactive, waiting up to ``APT_LOCK_TIMEOUT_S`` for the dpkg lock; on a machine with
+    systemd the packaged `service` is disabled and stopped again (the benchmark starts its own
+    servers on loopback)."""
+    path = find_binary(binary)
+    if path:
+        return path
+    if os.geteuid() != 0:
+        raise SetupError(f"{binary} is not installed and this is not root: run `apt-get install {package}`")
+    if not shutil.which("apt-get"):
+        raise SetupError(f"{binary} is not installed and there is no apt-get to install it with")
+    print(f"setup     installing {package} (Debian package) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = f"-oDPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}"
+    for command in (
+        ["apt-get", lock, "update", "-qq"],
+        ["apt-get", lock, "install", "-y", "-qq", "--no-install-recommends", package],
+    ):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SetupError(f"installing {package} failed: {' '.join(command)}: {exc}") from None
+        if done.returncode != 0:
+            raise SetupError(
+                f"installing {package} failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}"
+            )
+    if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "disable", "--now", service], capture_output=True, timeout=60)
+    path = find_binary(binary)
+    if not path:
+        raise SetupError(f"apt-get installed {package} but no {binary} binary was found")
+    return path
+
+
+def ensure_pip_package(distribution: str, check: Callable[[], object]) -> object:
+    """`check()` (an import, a path lookup), after installing `distribution` with pip into this
+    Python when it fails with ImportError or SetupError."""
+    try:
+        return check()
+    except (ImportError, SetupError):
+        pass
+    print(f"setup     installing {distribution} (pip) ...", flush=True)
+    command = [sys.executable, "-m", "pip", "install", "-q", distribution]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"installing {distribution} failed: {exc}") from None
+    if done.returncode != 0:
+        raise SetupError(f"installing {distribution} failed: pip exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
+    importlib.invalidate_caches()
+    try:
+        return check()
+    except (ImportError, SetupError) as exc:
+        raise SetupError(f"{distribution} was installed but is not usable: {exc}") from None
 
 
 # --- child processes ----------------------------------------------------------------------
@@ -135,6 +209,16 @@ class Children:
         for log in self._logs:
             log.close()
         self._logs = []
+
+
+def start_failed(name: str, error: BenchError, tails: str, *, last_attempt: bool) -> None:
+    """After `name`'s cluster did not start (its processes are stopped; `tails` are their
+    logs' last lines): returns when ports taken meanwhile explain it and another attempt is
+    left (the caller starts again on other ports), raises the failure otherwise."""
+    if "address already in use" in tails.lower() and not last_attempt:
+        print(f"    {name}: ports were taken meanwhile; starting again on other ports", flush=True)
+        return
+    raise BenchError(f"{name} cluster did not start: {error}\n{tails}") from None
 
 
 def free_ports(count: int) -> list[int]:
@@ -278,6 +362,29 @@ def first_ack_after(killed_at: float, first_sent: Sequence[float], acked_at: Seq
     return min((a for a in acked_at[start:] if a), default=0.0)
 
 
+def rate_figures(name: str, load: SendLog, *, rate: int, latency_seconds: float, cpu: dict, load_now, note: str = "") -> dict:
+    """One offered rate of a peer's latency workload, measured by one client's `load`: the
+    latency figures of the messages after the warm-up, the achieved rate, and a progress line
+    (`note` appended) printed."""
+    first = int(LATENCY_WARMUP_S * rate)
+    figures = latency_figures(load.intended, load.first_sent, load.acked_at, first_index=first)
+    print(
+        f"    {name} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
+        + latency_line("", figures["latency"]).strip()
+        + (f"; {note}" if note else "")
+        + f"; cpu {cpu_text(cpu)}",
+        flush=True,
+    )
+    return {
+        "offered_per_s": rate,
+        "achieved_per_s": max(0, len(load.first_sent) - first) / latency_seconds,
+        "submitted": len(load.first_sent),
+        **figures,
+        "cpu_share": cpu,
+        "load_average": load_now,
+    }
+
+
 def failover_figures(killed_at: float, first_sent: Sequence[float], acked_at: Sequence[float]) -> dict | None:
     """For a kill at `killed_at` (``time.monotonic``, which is system-wide on Linux, so times
     from other processes compare): the time to the first ack of a message first sent after the
@@ -292,6 +399,41 @@ def failover_figures(killed_at: float, first_sent: Sequence[float], acked_at: Se
     if before:
         window.append(before)
     return {"failover_s": first_ack - killed_at, "ack_gap_s": largest_gap_s(window), "first_ack_at": first_ack}
+
+
+async def await_failover(killed_at: float, load: SendLog, *, timeout_s: float) -> dict | None:
+    """After a kill at `killed_at`: waits (looking every ``FAILOVER_POLL_S``, at most
+    `timeout_s`) for the first ack of a message of `load` first sent after the kill, then
+    ``GAP_WINDOW_S`` more; the ``failover_figures``, or None when no such ack came."""
+    first_ack_at = 0.0
+    deadline = killed_at + timeout_s
+    while not first_ack_at and time.monotonic() < deadline:
+        await asyncio.sleep(FAILOVER_POLL_S)
+        first_ack_at = first_ack_after(killed_at, load.first_sent, load.acked_at)
+    if not first_ack_at:
+        return None
+    await asyncio.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
+    return failover_figures(killed_at, load.first_sent, load.acked_at)
+
+
+async def stop_load(load, sender: asyncio.Task, *, timeout_s: float) -> None:
+    """Stop a failover workload's steady `load` and wait up to `timeout_s` for its `sender`
+    task to drain its outstanding messages."""
+    load.stop()
+    try:
+        await asyncio.wait_for(sender, timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        pass
+
+
+def kills_summary(kills: list[dict]) -> dict:
+    """Median and max over the kills of the failover time and of the longest ack gap."""
+    failovers = [k["failover_s"] for k in kills]
+    gaps = [k["ack_gap_s"] for k in kills]
+    return {
+        "failover_s": {"median": statistics.median(failovers), "max": max(failovers)},
+        "ack_gap_s": {"median": statistics.median(gaps), "max": max(gaps)},
+    }
 
 
 def median_of_summaries(summaries: list[dict]) -> dict:

