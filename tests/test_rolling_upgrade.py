@@ -81,8 +81,8 @@ async def paced_load(client: SequencerClient, stop: asyncio.Event, acks: list[tu
 
 def longest_gap(times: list[float], start: float, end: float, *, overlapping: bool) -> float:
     """The longest pause between consecutive acknowledgement `times` (sorted) that overlaps
-    [start, end] (`overlapping`) or begins inside it: 0 when none does."""
-    gaps = [b - a for a, b in zip(times, times[1:]) if a < end and (b > start if overlapping else a >= start)]
+    [start, end] (`overlapping`) or lies inside it: 0 when none does."""
+    gaps = [b - a for a, b in zip(times, times[1:]) if (a < end and b > start if overlapping else a >= start and b <= end)]
     return max(gaps, default=0.0)
 
 
