@@ -175,14 +175,17 @@ async def upgrade_and_check(h: MixedCluster) -> None:
     async with SequencerClient(h.endpoints, session="upgrade", token=h.token, in_flight_max=IN_FLIGHT_MAX) as client:
         stop = asyncio.Event()
         load = asyncio.create_task(paced_load(client, stop, acks))
-        deadline = time.monotonic() + OUTCOME_TIMEOUT_S
-        while len(acks) < WARMUP_ACKS and not load.done():
-            assert time.monotonic() < deadline, f"{len(acks)} acks in {OUTCOME_TIMEOUT_S} s on raftseq {PREVIOUS_RELEASE}"
-            await asyncio.sleep(0.05)
-        steps = await asyncio.to_thread(upgrade_all, h)
-        await asyncio.sleep(AFTER_LAST_STEP_S)
-        stop.set()
-        seqs = await load
+        try:
+            deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+            while len(acks) < WARMUP_ACKS and not load.done():
+                assert time.monotonic() < deadline, f"{len(acks)} acks in {OUTCOME_TIMEOUT_S} s on raftseq {PREVIOUS_RELEASE}"
+                await asyncio.sleep(0.05)
+            steps = await asyncio.to_thread(upgrade_all, h)
+            await asyncio.sleep(AFTER_LAST_STEP_S)
+            stop.set()
+            seqs = await load
+        finally:
+            load.cancel()  # a failed step ends the load with it (a no-op once it is done)
         print(f"{len(seqs)} messages acknowledged, {client.resubmits} resubmits, {client.failovers} failovers", flush=True)
 
     times = sorted(t for t, _ in acks)
