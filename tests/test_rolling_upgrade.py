@@ -8,7 +8,8 @@ for until it holds what the leader held. Then: every acknowledged message is in 
 stream at the number it was acknowledged with, no message is there twice, the journals are
 identical byte for byte, and the longest pause between two acknowledgements is reported per
 step, inside the node's downtime (stop to start; for the leader that includes the election)
-and outside it (from its start until the next step), the latter asserted <= ``ACK_STALL_MAX_S``.
+and outside it (from its start until the next step), the latter asserted <= ``ACK_STALL_MAX_S``,
+the former <= ``FOLLOWER_DOWN_STALL_MAX_S`` or ``LEADER_DOWN_STALL_MAX_S``.
 
 The downgrade: one upgraded follower is started with the previous release's code again. It is
 either refused (a non-zero exit with one line saying why, no traceback) when the data directory
@@ -24,6 +25,7 @@ import random
 import signal
 import time
 
+import pytest
 from cluster_harness import run_seed
 from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, MixedCluster, Step, materialise
 
@@ -44,14 +46,15 @@ OUTCOME_TIMEOUT_S = 30.0
 #: The longest pause between two acknowledgements outside a restarted node's own downtime.
 ACK_STALL_MAX_S = 1.0
 #: The longest pause while a follower is down (it is not needed for a majority) and while the
-#: leader is (an election: pysyncobj's election timeout is at most 2 s here, and a client
-#: finds the new leader within a second).
+#: leader is: an election (node config: 0.2-0.4 s election timeout) and the client finding the
+#: new leader; measured 0.23-0.38 s here, the bound leaves room for a loaded machine.
 FOLLOWER_DOWN_STALL_MAX_S = 1.0
-LEADER_DOWN_STALL_MAX_S = 5.0
+LEADER_DOWN_STALL_MAX_S = 2.0
 #: How long a refused downgrade may take to exit.
 DOWNGRADE_EXIT_TIMEOUT_S = 20.0
-#: Reading each node's whole stream back.
+#: Reading each node's whole stream back, and the whole test (about 10 s on two cores).
 READ_BACK_TIMEOUT_S = 30.0
+TEST_TIMEOUT_S = 120
 
 
 def payload(index: int) -> bytes:
@@ -157,6 +160,7 @@ async def read_stream(h: MixedCluster, node_id: str, last_seq: int) -> list[tupl
     return out
 
 
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_rolling_upgrade_from_the_previous_release_under_load(tmp_path):
     release = materialise(PREVIOUS_RELEASE_COMMIT, PREVIOUS_RELEASE, str(tmp_path / "release"))
     seed = run_seed()
