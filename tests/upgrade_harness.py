@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from raftseq.cluster.config import load_config
-from raftseq.cluster.local import POLL_INTERVAL_S, ClusterTimeout, source_checkout
+from raftseq.cluster.local import POLL_INTERVAL_S, ClusterTimeout, die_with_parent, source_checkout
 from raftseq.cluster.status import answered
 from cluster_harness import ClusterHarness
 
@@ -30,6 +30,29 @@ PREVIOUS_RELEASE_COMMIT = "2084ea2"
 #: For ``git archive`` of the whole tree and for one run of the old code's Python.
 GIT_TIMEOUT_S = 60.0
 PYTHON_TIMEOUT_S = 30.0
+
+
+#: The previous release's client under load (run by ``Release.start_client_load``).
+CLIENT_LOAD = """
+import asyncio, json, sys, time
+from raftseq.clients import SequencerClient
+
+async def main(endpoints, token, rate_per_s, count_max, timeout_s):
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop.set)
+    async with SequencerClient(endpoints.split(","), session="previous-release-client", token=token) as client:
+        futures = []
+        began = time.monotonic()
+        while not stop.is_set() and len(futures) < count_max:
+            await asyncio.wait_for(client.wait_for_room(), timeout_s)
+            futures.append(client.submit_nowait(b"old-%08d" % len(futures)))
+            ahead_s = len(futures) / rate_per_s - (time.monotonic() - began)
+            if ahead_s > 0:
+                await asyncio.sleep(ahead_s)
+        print(json.dumps(list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+"""
 
 
 @dataclass
@@ -51,6 +74,20 @@ class Release:
         )
         assert result.returncode == 0, f"raftseq {self.version} ({self.commit}) failed: {result.stderr.strip()}"
         return result.stdout
+
+    def start_client_load(self, endpoints: list[str], *, token: str, rate_per_s: int, count_max: int) -> subprocess.Popen:
+        """This release's client library in a process of its own, submitting ``old-NNNNNNNN``
+        payloads at `rate_per_s` (at most `count_max`) until its stdin is closed; it then
+        prints the sequence numbers (JSON, by index) once every submit is acknowledged."""
+        return subprocess.Popen(
+            [sys.executable, "-P", "-c", CLIENT_LOAD, ",".join(endpoints), token, str(rate_per_s), str(count_max), str(PYTHON_TIMEOUT_S)],
+            env={**os.environ, "PYTHONPATH": self.python_path},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=die_with_parent,
+        )
 
     def node_command_prefix(self) -> list[str]:
         """What ``LocalNode.command_prefix`` takes: ``env`` execs the node with this release."""
