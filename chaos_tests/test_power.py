@@ -65,7 +65,6 @@ def test_a_power_cut_of_one_follower_loses_nothing(tmp_path):
     assert report.ok and result.ok, f"seed {seed}: {report.format()}"
 
 
-@pytest.mark.xfail(strict=True, reason="durability=power lands with the raftlog branch")
 def test_power_cuts_of_all_three_in_power_durability_lose_nothing(tmp_path):
     seed, result = _run("power-all-loaded", tmp_path, rounds=2, durability="power")
     report = result.report

@@ -510,6 +510,11 @@ class RaftLogStore:
                 finally:
                     os.close(fd)
             sync_directory(self.directory, self._fsync_full)
+            # The log's own name, and the data directory's, are entries of the directories
+            # above: a directory made since the last sync of its parent is lost with it.
+            parent = os.path.dirname(os.path.abspath(self.directory))
+            for above in (parent, os.path.dirname(parent)):
+                sync_directory(above)
         except OSError as exc:
             disk_failed(f"cannot sync the Raft log in {self.directory}: {exc}")
 
