@@ -1336,3 +1336,26 @@ def test_verify_names_a_segment_it_cannot_read_and_goes_on(tmp_path, monkeypatch
     assert [(d.path, d.seq) for d in report.damages] == [(unreadable, files[1][0])]
     assert "cannot read: Permission denied" in report.problem
     assert report.last_seq == 500
+
+
+# --- 11. a power cut: holes.json durable, the tail's records before it not -------------------
+
+
+def test_a_tail_cut_short_of_a_recorded_hole_widens_the_hole(tmp_path):
+    """Found by a power-cut soak (durability power, seed 20261206): a node's journal tail is not
+    fsynced per batch (the durable Raft log rebuilds it), but ``holes.json`` is. After a cut the
+    tail ended at 1605586 while the recorded hole began at 1606183; the node refused to open its
+    journal ("hole ... does not follow segment") and never came back. The records between are
+    lost like the hole's: they join it, and catch-up fetches them from a peer."""
+    with build(tmp_path, 20) as journal:
+        journal.skip_to(31)
+    tail = segment_files(tmp_path)[-1]
+    spans = record_spans(tail)
+    with open(tail, "r+b") as f:  # the unsynced records 16..20 never reached the disk
+        f.truncate(spans[14][1])
+    with open_journal(tmp_path) as journal:
+        assert journal.holes == [(16, 30)] and journal.contiguous_last_seq == 15
+        journal.fill(frames(16, 30), 16, 30)
+        journal.append(frames(31, 33), 31, 33)
+        assert journal.holes == [] and journal.read_bytes(1, 33) == frames(1, 33)
+    assert verify_journal(str(tmp_path)).ok

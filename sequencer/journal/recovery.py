@@ -81,6 +81,11 @@ def recover(
         segments.append(segment)
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
+    widened = _widen_hole_after_cut_tail(segments, holes)
+    if widened != holes:
+        holes = widened
+        if not readonly:
+            write_holes(directory, holes)
     check_holes(directory, holes, segments)
     missing = _missing_start(segments, holes, start_seq)
     if missing is not None:
@@ -92,6 +97,23 @@ def recover(
         if not readonly:
             write_holes(directory, holes)
     return segments, holes, recovery, damages
+
+
+def _widen_hole_after_cut_tail(segments: list[Segment], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The holes, the first one after the tail starting where the tail now ends.
+
+    ``holes.json`` is fsynced when written; the tail's records before it may not be (the Raft log
+    rebuilds them after a power cut). A tail cut short of the hole that followed it lost those
+    records as the hole lacks its own: they join the hole and are fetched from a peer."""
+    if not segments or not holes:
+        return holes
+    tail_end = segments[-1].end_seq
+    for i, (first, last) in enumerate(holes):
+        if first > tail_end:
+            if i and holes[i - 1][1] >= tail_end:
+                return holes  # a hole already reaches the tail: nothing was cut between
+            return [*holes[:i], (tail_end, last), *holes[i + 1 :]]
+    return holes
 
 
 def _missing_start(segments: list[Segment], holes: list[tuple[int, int]], start_seq: int) -> tuple[int, int] | None:

@@ -130,7 +130,7 @@ class Journal(ClosedOnExit):
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
         segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes, start_seq=start_seq)
-        return cls(
+        journal = cls(
             directory,
             segments,
             segment_bytes_max=segment_bytes_max,
@@ -141,6 +141,12 @@ class Journal(ClosedOnExit):
             holes=holes,
             damages=damages,
         )
+        tail = segments[-1] if segments else None
+        if not readonly and tail is not None and not tail.sealed and holes and holes[-1][0] >= tail.end_seq:
+            # A hole follows the tail (``skip_to`` sealed it; a power cut can undo that seal):
+            # the tail takes no more records.
+            journal._seal(tail)
+        return journal
 
     # --- state --------------------------------------------------------------------------
 
