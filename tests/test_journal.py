@@ -20,6 +20,7 @@ import pytest
 
 from raftseq.sequencer import journal as journal_mod
 from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal import holes as holes_mod
 from raftseq.sequencer.journal import index as journal_index
 from raftseq.sequencer.journal import recovery as journal_recovery
 from raftseq.sequencer.stream import SequencedStream
@@ -1359,3 +1360,30 @@ def test_a_tail_cut_short_of_a_recorded_hole_widens_the_hole(tmp_path):
         journal.append(frames(31, 33), 31, 33)
         assert journal.holes == [] and journal.read_bytes(1, 33) == frames(1, 33)
     assert verify_journal(str(tmp_path)).ok
+
+
+def test_two_jumps_in_a_row_make_one_hole_that_reopens(tmp_path):
+    """Found by the same soak: a node restored a snapshot (a hole), then another before the hole
+    was filled. The second hole followed the first, and on the next start the journal refused
+    to open ("hole 1424212..1446936 does not follow segment ending at 1359192")."""
+    with build(tmp_path, 20) as journal:
+        journal.skip_to(31)
+        journal.skip_to(41)
+        assert journal.holes == [(21, 40)]
+    with open_journal(tmp_path) as journal:
+        assert journal.holes == [(21, 40)]
+        journal.fill(frames(21, 40), 21, 40)
+        journal.append(frames(41, 43), 41, 43)
+        assert journal.holes == [] and journal.read_bytes(1, 43) == frames(1, 43)
+    assert verify_journal(str(tmp_path)).ok
+
+
+def test_adjacent_holes_written_by_an_older_node_still_open(tmp_path):
+    with build(tmp_path, 20) as journal:
+        journal.skip_to(31)
+        journal.append(frames(31, 33), 31, 33)
+    holes_mod.write_holes(str(tmp_path), [(21, 25), (26, 30)])
+    with open_journal(tmp_path) as journal:
+        assert journal.holes == [(21, 30)]
+        journal.fill(frames(21, 30), 21, 30)
+        assert journal.read_bytes(1, 33) == frames(1, 33)

@@ -46,6 +46,18 @@ def write_holes(directory: str, holes: list[tuple[int, int]]) -> None:
     fsync_dir(directory)
 
 
+def merge_adjacent(holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`holes` with each hole that follows on from the one before joined to it (two Raft
+    snapshots in a row, the first hole not yet filled)."""
+    merged: list[tuple[int, int]] = []
+    for first, last in holes:
+        if merged and merged[-1][1] == first - 1:
+            merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
+
+
 def check_holes(directory: str, holes: list[tuple[int, int]], segments: list[Segment]) -> None:
     """Every recorded hole must sit exactly between (or before, or after) segments."""
     previous_end = 0

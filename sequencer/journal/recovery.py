@@ -18,7 +18,7 @@ import msgspec
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
-from raftseq.sequencer.journal.holes import check_holes, read_holes, write_holes
+from raftseq.sequencer.journal.holes import check_holes, merge_adjacent, read_holes, write_holes
 from raftseq.sequencer.journal.index import load_sealed
 from raftseq.sequencer.journal.segments import FILL_SUFFIX, Segment, fsync_dir, list_segment_files, scan_segment
 
@@ -50,7 +50,8 @@ def recover(
     Records missing before the first segment (its file removed) become a hole.
     """
     files = list_segment_files(directory)
-    holes = read_holes(directory)
+    recorded = read_holes(directory)
+    holes = merge_adjacent(recorded)
     for name in os.listdir(directory):
         if name.endswith(FILL_SUFFIX) and not readonly:
             os.unlink(os.path.join(directory, name))  # an unfinished catch-up starts over
@@ -82,7 +83,7 @@ def recover(
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
     widened = _widen_hole_after_cut_tail(segments, holes)
-    if widened != holes:
+    if widened != recorded:
         holes = widened
         if not readonly:
             write_holes(directory, holes)

@@ -22,7 +22,7 @@ from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal.cursor import JournalCursor
 from raftseq.sequencer.journal.damage import Damage, DamageMap
 from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
-from raftseq.sequencer.journal.holes import HoleFill, write_holes
+from raftseq.sequencer.journal.holes import HoleFill, merge_adjacent, write_holes
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
@@ -310,7 +310,7 @@ class Journal(ClosedOnExit):
                 hole = (self.holes.pop()[0], seq - 1)
         elif self._segments and not self._segments[-1].sealed:
             self._seal(self._segments[-1])
-        self.holes.append(hole)
+        self.holes[:] = merge_adjacent([*self.holes, hole])
         write_holes(self.directory, self.holes)
 
     def fill(self, records: bytes, first_seq: int, last_seq: int) -> None:
