@@ -52,6 +52,10 @@ FINAL_READ_STALL_S = 5.0
 FINAL_READ_PROBE_S = 1.0
 #: Unservable ranges a final read looks past.
 FINAL_READ_HOLES_MAX = 8
+#: A node still fetching a range it lacks (a hole, a journal prefix lost to a power cut)
+#: refuses it with ``from_seq_unavailable``; the final read asks again this often until its
+#: deadline.
+FINAL_READ_RETRY_S = 0.5
 START_TIMEOUT_S = 15.0
 
 
@@ -459,11 +463,19 @@ def final_read(
             node = status.get("id", endpoint)
             records: list = []
             if status.get("role") != "unreachable" and last_seq:
-                if past_holes:
-                    async with asyncio.timeout(timeout_s):
-                        records = await _read_node_past_holes(endpoint, token, last_seq, history, node)
-                else:
-                    records = await _read_node(endpoint, token, last_seq, timeout_s)
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    try:
+                        if past_holes:
+                            async with asyncio.timeout(timeout_s):
+                                records = await _read_node_past_holes(endpoint, token, last_seq, history, node)
+                        else:
+                            records = await _read_node(endpoint, token, last_seq, timeout_s)
+                        break
+                    except ConnectionError as exc:
+                        if RejectReason.FROM_SEQ_UNAVAILABLE.value not in str(exc) or time.monotonic() > deadline:
+                            raise
+                    await asyncio.sleep(FINAL_READ_RETRY_S)  # the node is fetching what it lacks
             history.final_read(node, records)
             counts[endpoint] = len(records)
         return counts
