@@ -112,19 +112,6 @@ class LocalNode:
         return self.process is not None and self.process.poll() is None
 
 
-def durability_override(durability: str | None) -> dict:
-    """The config override for a node's ``durability`` setting ("crash" or "power"), passed
-    through as given: {} for None, and for "crash" on nodes without the setting (what they all
-    do); a clear error for any other value on such nodes."""
-    if durability is None:
-        return {}
-    if "durability" in NodeConfig.__struct_fields__:
-        return {"durability": durability}
-    if durability == "crash":
-        return {}
-    raise ValueError(f"durability {durability!r}: these nodes have no durability setting (they survive process crashes only)")
-
-
 def local_configs(
     data_dir: str,
     base_port: int,
@@ -139,9 +126,9 @@ def local_configs(
     config names every member's public key.
 
     ``overrides`` replaces settings per section, e.g. ``{"raft": {"log_compaction_min_entries": 50}}``.
-    ``durability`` ("crash", "power"): the nodes' durability setting (``durability_override``).
+    ``durability`` ("crash", "power"): the nodes' ``durability`` setting (None: the config's default).
     """
-    overrides = {**(overrides or {}), **durability_override(durability)}
+    overrides = {**(overrides or {}), **({"durability": durability} if durability is not None else {})}
     secrets_from = secrets_from or {}
     password = "" if insecure else secrets_from.get("raft_password") or secrets.token_urlsafe(24)
     token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
