@@ -130,6 +130,12 @@ METRICS = (
         "Failed accepts on the Raft listener (EMFILE...); it pauses, backing off, and accepts again",
     ),
     MetricSpec(
+        "raftseq_raft_link_identities_refused_total",
+        "counter",
+        (),
+        "Raft links dropped in the handshake of node keys (a claim or answer not signed by the member's key); each is logged",
+    ),
+    MetricSpec(
         "raftseq_raft_link_pickles_refused_total",
         "counter",
         (),
@@ -218,6 +224,7 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
     ("raftseq_raft_link_strangers_dropped_total", "link_strangers_dropped"),
     ("raftseq_raft_link_accept_errors_total", "link_accept_errors"),
+    ("raftseq_raft_link_identities_refused_total", "link_identities_refused"),
     ("raftseq_raft_link_pickles_refused_total", "link_pickles_refused"),
 )
 

@@ -90,7 +90,7 @@ class LinkLimits(NamedTuple):
 
 
 #: What a guard counts (``LinkGuard.counters()``), by attribute name.
-LINK_COUNTERS = ("frames_refused", "strangers_dropped", "accept_errors")
+LINK_COUNTERS = ("frames_refused", "strangers_dropped", "accept_errors", "identities_refused")
 
 
 class LinkGuard:
@@ -102,6 +102,9 @@ class LinkGuard:
         self.frames_refused = 0
         self.strangers_dropped = 0
         self.accept_errors = 0
+        #: Links dropped in the handshake of node keys: a claim or an answer not signed by the
+        #: member's key, or a key that is no X25519 key.
+        self.identities_refused = 0
         #: Accepted links not yet authenticated, oldest first, with their deadlines.
         self._strangers: collections.OrderedDict[GuardedConnection, float] = collections.OrderedDict()
 
@@ -225,8 +228,7 @@ class GuardedConnection(TcpConnection):
             try:
                 return handshake.answer(self.sendRandKey)
             except LinkIdentityError as exc:
-                log.warning("Raft link dropped: %s (node keys, docs/operating.md)", exc)
-                self.disconnect()
+                self._raftseq_refuse_identity(exc)
                 return _NOT_SENT
         if self._raftseq_outgoing and not self._raftseq_claimed:
             if not (self._raftseq_peer_proved and message == identity.address):
@@ -306,6 +308,12 @@ class GuardedConnection(TcpConnection):
         )
         self.disconnect()
 
+    def _raftseq_refuse_identity(self, exc: LinkIdentityError) -> None:
+        guard = self._raftseq_guard
+        guard.identities_refused += 1
+        log.warning("Raft link dropped: %s (node keys, docs/operating.md; %d refused so far)", exc, guard.identities_refused)
+        self.disconnect()
+
     def _raftseq_prefix_ok(self, buffer: bytearray) -> bool:
         """Whether the frame at the head of ``buffer`` may be buffered (refused if not)."""
         if len(buffer) < _PREFIX.size:
@@ -373,8 +381,7 @@ class GuardedConnection(TcpConnection):
             self.disconnect()
             return None
         except LinkIdentityError as exc:
-            log.warning("Raft link dropped: %s (node keys, docs/operating.md)", exc)
-            self.disconnect()
+            self._raftseq_refuse_identity(exc)
             return None
         except Exception:  # noqa: BLE001 - as pysyncobj: a message that is not ours drops the link
             self.disconnect()

@@ -150,6 +150,7 @@ RAFT_COUNTERS = (
     "link_frames_refused",
     "link_strangers_dropped",
     "link_accept_errors",
+    "link_identities_refused",
     "link_pickles_refused",
 )
 
@@ -318,6 +319,10 @@ class RaftMember(SyncObj):
     @property
     def link_accept_errors(self) -> int:
         return self._link_guard.accept_errors
+
+    @property
+    def link_identities_refused(self) -> int:
+        return self._link_guard.identities_refused
 
     @property
     def link_pickles_refused(self) -> int:

@@ -350,11 +350,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 HALF,
                 "Raft link refusals",
-                "What the Raft links refused (per second): frames over the maximum at their length prefix, unauthenticated links dropped (too many, or too slow to authenticate), failed accepts on the Raft listener (it backs off and accepts again), and pickles refused by the allow-list. Anything but zero is an attack, a misconfigured peer or a node out of file descriptors: see the node's log.",
+                "What the Raft links refused (per second): frames over the maximum at their length prefix, unauthenticated links dropped (too many, or too slow to authenticate), failed accepts on the Raft listener (it backs off and accepts again), handshakes of node keys refused (a peer that is not the member it claims), and pickles refused by the allow-list. Anything but zero is an attack, a misconfigured peer or a node out of file descriptors: see the node's log.",
                 [
                     (f"rate(raftseq_raft_link_frames_refused_total{{{N}}}[{RATE}])", "{{node}} frames refused"),
                     (f"rate(raftseq_raft_link_strangers_dropped_total{{{N}}}[{RATE}])", "{{node}} strangers dropped"),
                     (f"rate(raftseq_raft_link_accept_errors_total{{{N}}}[{RATE}])", "{{node}} accept errors"),
+                    (f"rate(raftseq_raft_link_identities_refused_total{{{N}}}[{RATE}])", "{{node}} identities refused"),
                     (f"rate(raftseq_raft_link_pickles_refused_total{{{N}}}[{RATE}])", "{{node}} pickles refused"),
                 ],
                 unit="ops",
