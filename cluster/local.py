@@ -130,8 +130,8 @@ def local_configs(
     """
     overrides = {**(overrides or {}), **({"durability": durability} if durability is not None else {})}
     secrets_from = secrets_from or {}
-    password = "" if insecure else secrets_from.get("raft_password") or secrets.token_urlsafe(24)
-    token = "" if insecure else secrets_from.get("client_token") or secrets.token_urlsafe(18)
+    password = "" if insecure else secrets_from.get("raft_password") or option_safe_secret(24)
+    token = "" if insecure else secrets_from.get("client_token") or option_safe_secret(18)
     # A new cluster gets a salt of its own; one made before salts keeps the constant salt ("").
     salt = "" if insecure else secrets_from.get("raft_salt", "") if secrets_from else secrets.token_hex(RAFT_SALT_BYTES_MIN)
     ids = [f"n{i + 1}" for i in range(NODE_COUNT)]
@@ -172,6 +172,15 @@ def local_configs(
             raise ValueError("; ".join(problems))
         configs.append(config)
     return configs
+
+
+def option_safe_secret(nbytes: int) -> str:
+    """A URL-safe secret of `nbytes` random bytes that does not start with "-": printed tokens
+    are pasted after options (``--token X``), where one starting with "-" reads as an option."""
+    while True:
+        secret = secrets.token_urlsafe(nbytes)
+        if not secret.startswith("-"):
+            return secret
 
 
 def node_key_file(data_dir: str, node_id: str) -> str:

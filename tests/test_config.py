@@ -601,3 +601,15 @@ def test_a_local_cluster_has_node_keys_kept_across_restarts(tmp_path):
         assert load_config(write(tmp_path, to_toml(config), f"{config.id}.toml")) == config
     assert [c.raft_public_key for c in local_configs(str(tmp_path), 31000, insecure=False)] == public_keys
     assert not any(c.has_identity() for c in local_configs(str(tmp_path / "insecure"), 31000, insecure=True))
+
+
+def test_local_cluster_secrets_never_start_with_a_dash(tmp_path, monkeypatch):
+    """A local cluster's token is pasted after ``--token``; one starting with "-" (1 in 64 of
+    ``token_urlsafe``) read as an option and failed a test now and then."""
+    import secrets
+
+    made = iter(["-password-dash-first", "password-without-dash", "-token-dash", "token-without-dash"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda nbytes: next(made))
+    config = local_configs(str(tmp_path), 31000, insecure=False)[0]
+    assert not config.client_token.startswith("-") and not config.raft_password.startswith("-")
+    assert (config.raft_password, config.client_token) == ("password-without-dash", "token-without-dash")
