@@ -128,6 +128,8 @@ def require_network(network: str) -> None:
 
 
 NETWORKS = ["proxy", "netns"]
+#: Bound on every Raft link of a started cluster being up (a loaded CI machine).
+LINKS_UP_WITHIN_S = 15.0
 
 
 # --- choices ----------------------------------------------------------------------------------
@@ -178,9 +180,14 @@ def test_in_network_namespaces_raft_runs_over_the_veths_and_clients_over_forward
         assert host.startswith("10.231.0."), node.config.raft_address
         ns = cluster.netns_path(node.config.id)
         # Accepted Raft connections, seen from the node's side: pysyncobj's greater address dials.
-        lines = sockets_of_port(int(port), netns=ns, side="sport")
+        # A cluster with a leader need not have every link up yet (the link between the two
+        # followers may still be connecting, or reconnecting after a refused early message):
+        # wait for the count, within a bound.
         peers_dialling = sum(1 for p in cluster.node_ids if p > node.config.id)
-        assert len(lines) == peers_dialling, f"{node.config.id} in {ns}: {lines}"
+        deadline = time.monotonic() + LINKS_UP_WITHIN_S
+        while len(lines := sockets_of_port(int(port), netns=ns, side="sport")) != peers_dialling and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling ss: a socket's appearance is no event this test can await
+        assert len(lines) == peers_dialling, f"{node.config.id} in {ns} after {LINKS_UP_WITHIN_S} s: {lines}"
         assert all(" 10.231.0." in line and f"pid={cluster.pid(node.config.id)}," in line for line in lines), lines
     with client(cluster, "netns") as c:
         assert c.submit_many([b"a", b"b"]) == [1, 2]
