@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.cluster.retention import truncated_reply
 from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_FULL_MS,
     BUSY_RETRY_AFTER_IN_FLIGHT_MS,
@@ -636,6 +637,10 @@ class Gateway:
                 RejectReason.FROM_SEQ_UNAVAILABLE,
                 f"seq {subscribe.from_seq} is missing on this node (being fetched); read it from another node",
             )
+            return
+        if subscribe.from_seq < self.journal.first_retained_seq:
+            metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
+            conn.send(truncated_reply(subscribe, self.journal.first_retained_seq))
             return
         if subscribe.from_seq < first or subscribe.from_seq > end + 1:
             metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
