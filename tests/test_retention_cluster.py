@@ -7,6 +7,7 @@ joiner's runner loads the newest snapshot and goes on to the same state."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, materiali
 
 from raftseq.clients import Truncated, subscribe
 from raftseq.clients.sm import StateMachineRunner
+from raftseq.cluster import retention as node_retention
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import list_segment_files
 
@@ -145,3 +147,71 @@ def test_truncation_below_the_snapshot_floor_and_a_late_joiner_recovering_from_a
         # than segment_bytes_max by a batch).
         sizes = [os.path.getsize(path) for _, path in list_segment_files(h.journal_dir(node_id))]
         assert sum(sizes) - 2 * max(sizes) <= BOUND_BYTES, f"{node_id}: segments of {sizes} bytes"
+
+
+#: A Raft log compacted after a few entries (a follower that was down gets a snapshot and a
+#: journal hole to fill from its peers) and a small retention bound.
+LAGGING = {
+    "raft": {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 0.5},
+    "journal": {"segment_bytes_max": SEGMENT_BYTES},
+    "retention": {"journal_bytes_max": BOUND_BYTES, "check_interval_s": 0.1},
+}
+
+
+def peers_heard(h: ClusterHarness, node_id: str) -> dict[str, int]:
+    """What `node_id`'s retention last heard its peers need (``retention.PEERS_FILE``)."""
+    try:
+        with open(os.path.join(h.node(node_id).config.data_dir, node_retention.PEERS_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def held_from(h: ClusterHarness, node_id: str, seq: int) -> bool:
+    """Does `node_id` still hold `seq` (a subscription there is served)?"""
+    return type(first_retained_answer(h, node_id, seq, known=True)) is protocol.Delivered
+
+
+@pytest.mark.parametrize("running_cluster", [LAGGING], indirect=True)
+def test_a_lagging_follower_holds_the_floor_until_it_has_filled_its_hole(running_cluster):
+    h = running_cluster
+    leader = h.wait_for_leader()["id"]
+    follower = next(n for n in h.node_ids if n != leader)
+    before = asyncio.run(submit_all(h, "writer-1", puts("a", 200)))
+    h.wait_converged(before[-1], timeout_s=20)
+    need = before[-1] + 1
+    # Each peer's retention asks the follower every check_interval_s; wait until both heard it
+    # need `need` (an older answer only holds the floor lower).
+    deadline = time.monotonic() + 20
+    while not all(peers_heard(h, n).get(follower, 0) >= need for n in h.node_ids if n != follower):
+        assert time.monotonic() < deadline, {n: peers_heard(h, n) for n in h.node_ids}
+        time.sleep(0.05)
+    h.kill(follower)
+
+    # Far over the bound while it is down: the others keep everything from what it needs.
+    during = asyncio.run(submit_all(h, "writer-2", puts("b", 3000)))
+    for node_id in h.node_ids:
+        if node_id != follower:
+            line = h.wait_for_log(node_id, f"needed by peer {follower}", timeout_s=20)
+            assert f"retention floor is seq {need}" in line, line
+            assert held_from(h, node_id, need), f"{node_id} removed seq {need}, which {follower} needs"
+
+    # Back, it gets a Raft snapshot and fills its journal hole from a peer; then the others
+    # let the old segments go.
+    since = h.log_sizes()[follower]
+    h.restart(follower)
+    deadline = time.monotonic() + 30
+    while "journal hole filled" not in h.log_text(follower, since=since):
+        assert time.monotonic() < deadline, f"{follower} never filled its hole\n{h.log_tails()}"
+        time.sleep(0.05)
+    after = asyncio.run(submit_all(h, "writer-3", puts("c", 300)))
+    h.wait_converged(after[-1], timeout_s=30)
+    deadline = time.monotonic() + 30
+    while any(held_from(h, n, need) for n in h.node_ids):
+        assert time.monotonic() < deadline, "retention never went past the follower's old need"
+        time.sleep(0.1)
+    h.stop()
+    for node_id in h.node_ids:
+        contents = h.read_journal(node_id)
+        assert contents.report.ok and contents.holes == [], (node_id, contents.report)
+        assert contents.first_seq > need and contents.last_seq == after[-1] >= during[-1]
