@@ -337,3 +337,19 @@ def test_truncated_reply_for_new_and_old_clients():
 def test_the_client_error_carries_the_first_number():
     error = TruncatedError(5, 100)
     assert error.first_seq == 100 and error.from_seq == 5 and "100" in str(error)
+
+
+def test_a_journal_starting_with_a_hole_moves_its_start_to_where_peers_hold(tmp_path):
+    """A node that (re)joins empty behind every peer's retention (``cluster.catchup``)."""
+    directory = str(tmp_path / "j")
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        journal.skip_to(501)  # a Raft snapshot at 500 on an empty journal: hole 1..500
+        fill(journal, 501, 510)
+        journal.start_at(300)
+        assert journal.holes == [(300, 500)] and journal.first_seq == 300 and journal.first_retained_seq == 300
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        assert journal.holes == [(300, 500)] and journal.first_seq == 300
+        journal.start_at(501)  # past the whole hole: nothing left to fetch
+        assert journal.holes == [] and journal.first_seq == 501
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        assert journal.holes == [] and journal.first_seq == 501 and journal.recovery.missing_first == 0

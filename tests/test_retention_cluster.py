@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -215,3 +216,32 @@ def test_a_lagging_follower_holds_the_floor_until_it_has_filled_its_hole(running
         contents = h.read_journal(node_id)
         assert contents.report.ok and contents.holes == [], (node_id, contents.report)
         assert contents.first_seq > need and contents.last_seq == after[-1] >= during[-1]
+
+
+@pytest.mark.parametrize("running_cluster", [LAGGING], indirect=True)
+def test_a_node_rejoining_empty_behind_the_peers_retention_starts_its_journal_where_they_do(running_cluster):
+    h = running_cluster
+    leader = h.wait_for_leader()["id"]
+    wiped = next(n for n in h.node_ids if n != leader)
+    asyncio.run(submit_all(h, "writer-1", puts("a", 2000)))
+    # Every peer has removed the stream's start before the node loses its data directory.
+    deadline = time.monotonic() + 30
+    while any(held_from(h, n, 1) for n in h.node_ids if n != wiped):
+        assert time.monotonic() < deadline, "the peers never removed seq 1"
+        time.sleep(0.1)
+    h.kill(wiped)
+    shutil.rmtree(h.node(wiped).config.data_dir)
+    more = asyncio.run(submit_all(h, "writer-2", puts("b", 500)))
+
+    # Empty, it gets a Raft snapshot and a hole from 1; the peers answer Truncated; it starts
+    # its journal where they do and fills the rest (without the fallback: exit 7 after six tries).
+    h.restart(wiped)
+    h.wait_for_log(wiped, "this journal now starts there", timeout_s=30)
+    h.wait_for_log(wiped, "journal hole filled", timeout_s=30)
+    h.wait_converged(more[-1], timeout_s=30)
+    answer = first_retained_answer(h, wiped, 1, known=True)
+    assert type(answer) is protocol.Truncated and answer.first_seq > 1, answer
+    h.stop()
+    contents = h.read_journal(wiped)
+    assert contents.report.ok and contents.holes == [] and contents.last_seq == more[-1], contents.report
+    assert contents.first_seq == answer.first_seq

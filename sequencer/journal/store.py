@@ -374,6 +374,25 @@ class Journal(ClosedOnExit):
         del self._segment_firsts[: len(gone)]
         return gone
 
+    def start_at(self, seq: int) -> None:
+        """Retention on every peer removed the start of this journal's first hole: the journal
+        now starts at `seq` (``FIRST_RETAINED_FILE``); the hole shrinks to ``seq..`` (or goes).
+        Only for a hole the journal starts with (a node that joins or rejoins empty)."""
+        assert not self.readonly, "start_at on a read-only journal"
+        assert self.holes and self.holes[0][0] == self.first_seq, f"start_at({seq}) without a hole at the start"
+        hole_first, hole_last = self.holes[0]
+        assert hole_first < seq <= hole_last + 1, f"start_at({seq}) outside hole {hole_first}..{hole_last}"
+        if self._fill is not None:
+            self._fill.abandon()
+            self._fill = None
+        write_first_retained(self.directory, seq)
+        self.first_retained_seq = seq
+        if seq <= hole_last:
+            self.holes[0] = (seq, hole_last)
+        else:
+            self.holes.pop(0)
+        write_holes(self.directory, self.holes)
+
     # --- damage and repair ----------------------------------------------------------------
 
     def sealed_segments(self) -> list[Segment]:
