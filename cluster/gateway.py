@@ -651,7 +651,7 @@ class Gateway:
                 )
             )
             return
-        conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe.from_seq))
+        conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe))
 
     def _refuse_damaged(self, conn: Connection, seq: int, first_seq: int, last_seq: int) -> None:
         """Refuse a subscription at `seq`, damaged on this node: ``from_seq_unavailable``, which
@@ -661,7 +661,8 @@ class Gateway:
             f"seq {seq} is damaged on this node (seq {first_seq}..{last_seq}, being repaired); read it from another node",
         )
 
-    async def _serve_subscription(self, conn: Connection, from_seq: int) -> None:
+    async def _serve_subscription(self, conn: Connection, subscribe: protocol.Subscribe) -> None:
+        from_seq = subscribe.from_seq
         metrics = self.metrics
         publication = self.publication
         self.subscribers += 1
@@ -672,6 +673,11 @@ class Gateway:
         journal = self.journal
         try:
             while not conn.closed:
+                if cursor.next_seq < journal.first_retained_seq:
+                    # Retention removed what this subscriber reads next (it fell that far behind).
+                    conn.send(truncated_reply(protocol.Subscribe(cursor.next_seq, subscribe.truncated_known), journal.first_retained_seq))
+                    conn._flush()  # before the connection closes below
+                    return
                 limit = publication.readable_seq
                 if journal.damage:
                     damage = journal.damage.next_from(cursor.next_seq)

@@ -15,7 +15,11 @@ import pytest
 from raftseq.clients.errors import Truncated as TruncatedError
 from raftseq.cluster import retention as node_retention
 from raftseq.cluster.cli import main as cli_main
-from raftseq.cluster.config import RetentionConfig
+from raftseq.clients.connection import open_connection
+from raftseq.cluster.config import NodeConfig, RetentionConfig
+from raftseq.cluster.gateway import Gateway
+from raftseq.cluster.metrics import NodeMetrics
+from raftseq.cluster.publication import Publication
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal import Journal
@@ -353,3 +357,70 @@ def test_a_journal_starting_with_a_hole_moves_its_start_to_where_peers_hold(tmp_
         assert journal.holes == [] and journal.first_seq == 501
     with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
         assert journal.holes == [] and journal.first_seq == 501 and journal.recovery.missing_first == 0
+
+
+# --- a subscriber that falls behind retention (the gateway in-process) ------------------------
+
+
+class OneNode:
+    """The reads a gateway makes of its node (``cluster.node_reads.ClientFacingNode``): a
+    follower whose journal is `journal`."""
+
+    role = protocol.Role.FOLLOWER
+    disk_low = False
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    @property
+    def published_seq(self) -> int:
+        return self.journal.last_seq
+
+    def is_leader(self) -> bool:
+        return False
+
+    def leader_client_address(self) -> str:
+        return ""
+
+    def last_client_seq(self, session: str) -> int:
+        return 0
+
+    def session_owner(self, session: str) -> int:
+        return 0
+
+
+def test_a_subscriber_overtaken_by_retention_gets_truncated_where_it_stands(tmp_path):
+    """The subscriber has read 1..100 and waits at 101; then retention removes 101 and more
+    before it is woken. It is answered ``Truncated(101, first)`` (before: its cursor found
+    nothing to read, and the subscriber got nothing more and was never told why)."""
+    directory = str(tmp_path / "j")
+    config = NodeConfig(id="n1", data_dir=str(tmp_path), raft_address="127.0.0.1:1", client_address="127.0.0.1:0", peers=[], insecure=True)
+
+    async def scenario(journal: Journal) -> tuple[list[int], TruncatedError, int]:
+        publication = Publication(journal, recheck_interval_s=0.05)
+        gateway = Gateway(config, OneNode(journal), batcher=None, journal=journal, publication=publication, metrics=NodeMetrics())
+        await gateway.start()
+        host, port = gateway._server.sockets[0].getsockname()[:2]
+        link = await open_connection(f"{host}:{port}", session="reader", token="", timeout_s=5)
+        seen: list[int] = []
+        first = 0
+        try:
+            with pytest.raises(TruncatedError) as caught:
+                async for frames in link.subscribe(1, silence_s=5, truncated_known=True):
+                    seen.extend(f.seq for f in frames)
+                    if seen[-1] == 100:
+                        fill(journal, 101, 600)
+                        keep = next(s for s in journal.sealed_segments() if s.first_seq > 101)
+                        first = keep.first_seq
+                        node_retention.remove_files(journal.release_below(first), directory)
+                        publication.wake()
+        finally:
+            link.close()
+            await gateway.stop()
+        return seen, caught.value, first
+
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        fill(journal, 1, 100)
+        seen, truncated, first = asyncio.run(asyncio.wait_for(scenario(journal), 20))
+    assert seen == list(range(1, 101))
+    assert (truncated.from_seq, truncated.first_seq) == (101, first)
