@@ -44,7 +44,7 @@ from raftseq.clients.connection import open_connection
 from raftseq.cluster.config import RetentionConfig
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer import protocol
-from raftseq.sequencer.journal import INDEX_SUFFIX, SEGMENT_SUFFIX, Journal, JournalCorruptError, Segment, list_segment_files
+from raftseq.sequencer.journal import INDEX_SUFFIX, SEGMENT_SUFFIX, Journal, JournalCorruptError, JournalError, Segment, list_segment_files
 from raftseq.sequencer.journal.retention import RetentionPlan, SegmentSpan, plan_retention, write_first_retained
 
 log = logging.getLogger("raftseq.retention")
@@ -294,9 +294,15 @@ class JournalRetention:
             if not segment.count:
                 continue
             log_time = self._log_times.get(segment.first_seq)
-            if log_time is None or not segment.sealed:
+            if journal.damage.covering(segment.end_seq - 1) is not None:
+                log_time = 0  # unreadable until repaired; the floor keeps it and all after it
+            elif log_time is None or not segment.sealed:
                 last = segment.end_seq - 1
-                log_time = next(journal.records(last, last)).log_time_ns
+                try:
+                    log_time = next(journal.records(last, last)).log_time_ns
+                except JournalCorruptError as exc:  # the scrub would find it too: repaired from a peer
+                    journal.mark_damaged(exc.seq, exc.path, exc.offset, str(exc))
+                    raise
                 if segment.sealed:
                     self._log_times[segment.first_seq] = log_time
             spans.append(SegmentSpan(segment.first_seq, segment.end_seq, segment.size, log_time, segment.sealed))
@@ -397,7 +403,11 @@ class JournalRetention:
             archive_by_command(segment, config.archive_command, config.archive_command_timeout_s)
 
     async def run(self) -> None:
-        """Check every ``check_interval_s`` until cancelled."""
+        """Check every ``check_interval_s`` until cancelled. A check that fails (a segment that
+        cannot be read, a file that cannot be removed) is logged and tried again at the next."""
         while True:
             await asyncio.sleep(self.config.check_interval_s)
-            await self.check()
+            try:
+                await self.check()
+            except (JournalError, OSError) as exc:
+                log.error("retention check failed: %s; nothing more removed this round", exc)

@@ -424,3 +424,28 @@ def test_a_subscriber_overtaken_by_retention_gets_truncated_where_it_stands(tmp_
         seen, truncated, first = asyncio.run(asyncio.wait_for(scenario(journal), 20))
     assert seen == list(range(1, 101))
     assert (truncated.from_seq, truncated.first_seq) == (101, first)
+
+
+def test_a_segment_that_cannot_be_read_is_marked_damaged_and_not_removed(tmp_path, caplog):
+    directory = str(tmp_path / "j")
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        fill(journal, 1, 600)
+        oldest = journal.sealed_segments()[0]
+        with open(oldest.path, "r+b") as f:  # the last record's last byte: its checksum fails
+            f.seek(oldest.size - 1)
+            byte = f.read(1)
+            f.seek(oldest.size - 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        keeper_ = keeper(tmp_path, journal, RetentionConfig(records_max=100, check_interval_s=0.01))
+
+        async def two_rounds() -> None:
+            task = asyncio.create_task(keeper_.run())
+            while not any("retention check failed" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # more rounds: the damaged segment holds the floor
+            task.cancel()
+
+        asyncio.run(asyncio.wait_for(two_rounds(), 10))
+        assert journal.damage.covering(oldest.end_seq - 1) is not None
+        assert journal.first_seq == 1 and os.path.exists(oldest.path)
+        assert keeper_.state.held_by == "this node's damaged segment"
