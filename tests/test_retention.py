@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 
 import msgspec
@@ -449,3 +450,22 @@ def test_a_segment_that_cannot_be_read_is_marked_damaged_and_not_removed(tmp_pat
         assert journal.damage.covering(oldest.end_seq - 1) is not None
         assert journal.first_seq == 1 and os.path.exists(oldest.path)
         assert keeper_.state.held_by == "this node's damaged segment"
+
+
+def test_a_node_with_an_unwritable_archive_dir_exits_5_with_one_line_and_writes_nothing(tmp_path):
+    data_dir = tmp_path / "d"
+    config = tmp_path / "n1.toml"
+    config.write_text(
+        'id = "n1"\ndata_dir = "%s"\nraft_address = "127.0.0.1:1"\nclient_address = "127.0.0.1:2"\npeers = []\n'
+        '[retention]\njournal_bytes_max = 1073741824\narchive_dir = "/proc/1/raftseq-archive"\n' % data_dir
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "raftseq.cluster.cli", "node", "--config", str(config), "--insecure"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if "CRITICAL" in line]
+    assert done.returncode == NodeExit.INVALID_CONFIG, done.stderr
+    assert len(lines) == 1 and "retention.archive_dir /proc/1/raftseq-archive is not writable" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    journal = data_dir / "journal"  # made empty by the data directory's lock, before the check
+    assert not journal.exists() or not list(journal.iterdir()), "the journal was written before the check"
