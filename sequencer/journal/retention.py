@@ -124,3 +124,13 @@ def write_first_retained(directory: str, seq: int) -> None:
     assert seq >= 1, f"first retained {seq}"
     replace_file(os.path.join(directory, FIRST_RETAINED_FILE), msgspec.json.encode(seq), fsync=True)
     fsync_dir(directory)
+
+
+def remove_first_retained(directory: str) -> None:
+    """The journal in `directory` starts where its files do again (a record written for a
+    release that did not happen)."""
+    try:
+        os.unlink(os.path.join(directory, FIRST_RETAINED_FILE))
+    except FileNotFoundError:
+        return
+    fsync_dir(directory)

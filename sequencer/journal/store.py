@@ -357,18 +357,19 @@ class Journal(ClosedOnExit):
         """Every segment, in order, the tail (if not sealed) last."""
         return list(self._segments)
 
-    def release_below(self, seq: int) -> list[Segment]:
+    def release_below(self, seq: int, *, recorded: bool = False) -> list[Segment]:
         """Retention: the journal starts at `seq` from now on. Records ``FIRST_RETAINED_FILE``
-        (fsynced) first, then drops the sealed segments wholly below `seq` and returns them; the
-        caller removes (or archives) their files. `seq` must start a segment (or be the end of
-        a sealed one followed by nothing below it), lie below every hole and damage."""
+        (fsynced) first, unless the caller did (``recorded``: off the loop), then drops the
+        sealed segments wholly below `seq` and returns them; the caller removes (or archives)
+        their files. `seq` must start a segment and lie below every hole and damage."""
         assert not self.readonly, "release_below on a read-only journal"
         gone = [s for s in self._segments if s.end_seq <= seq]
         assert gone and all(s.sealed for s in gone), f"release_below({seq}): no sealed segment wholly below it"
         assert len(gone) < len(self._segments) and self._segments[len(gone)].first_seq == seq, f"release_below({seq}) inside a segment"
         assert not self.holes or self.holes[0][0] >= seq, f"release_below({seq}) across hole {self.holes[0]}"
         assert self.damage.next_from(0) is None or self.damage.next_from(0).first_seq >= seq, "release_below across damage"
-        write_first_retained(self.directory, seq)
+        if not recorded:
+            write_first_retained(self.directory, seq)
         self.first_retained_seq = seq
         del self._segments[: len(gone)]
         del self._segment_firsts[: len(gone)]
