@@ -27,6 +27,7 @@ from raftseq.clients.errors import (
     SessionTakenOver,
     TokenRejected,
     TokenRequired,
+    Truncated,
 )
 from raftseq.sequencer.version import __version__
 
@@ -50,6 +51,7 @@ __all__ = [
     "TOKEN_ENV",
     "TokenRejected",
     "TokenRequired",
+    "Truncated",
     "endpoints_from_env",
     "open_connection",
     "parse_endpoints",

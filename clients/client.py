@@ -45,7 +45,7 @@ import msgspec
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
-from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, rejection
+from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, Truncated, rejection
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason, payload_digest, payload_digests
 
@@ -711,8 +711,13 @@ async def subscribe(
 
     ``metrics`` (opt-in, e.g. ``clients.metrics.ClientMetricsCollector``) is told of every
     resume: each time the subscription, interrupted, reaches a node again and asks it for the
-    stream from its next number."""
+    stream from its next number.
+
+    A node whose retention removed `from_seq` says so (``protocol.Truncated``); the others are
+    asked in turn, and when every endpoint said so ``Truncated`` is raised, carrying the lowest
+    first number they hold."""
     expected = from_seq
+    truncated: dict[str, Truncated] = {}
     interrupted = False
     backoff = 0.02
     order = endpoint_addresses(endpoints)
@@ -734,12 +739,18 @@ async def subscribe(
             if metrics is not None:
                 metrics.subscription_resumed()
         try:
-            async with contextlib.aclosing(link.subscribe(expected, silence_s=heartbeat_timeout_s)) as stream:
+            async with contextlib.aclosing(link.subscribe(expected, silence_s=heartbeat_timeout_s, truncated_known=True)) as stream:
                 async for frames in stream:
                     backoff = 0.02
+                    truncated.clear()
                     for frame in frames:
                         expected += 1
                         yield Message(frame.seq, frame.log_time_ns, frame.session, frame.client_seq, frame.payload)
+        except Truncated as exc:
+            truncated[address] = exc
+            if len(truncated) >= len(set(order)):
+                raise min(truncated.values(), key=lambda e: e.first_seq) from None
+            log.info("subscription on %s: %s; asking another node", address, exc)
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.info("subscription on %s interrupted at %d: %s", address, expected, exc)
             interrupted = True

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from raftseq.clients.endpoints import parse_endpoint
-from raftseq.clients.errors import Rejected, SequencerError, authentication_error, rejection
+from raftseq.clients.errors import Rejected, SequencerError, Truncated, authentication_error, rejection
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -174,15 +174,18 @@ class Connection:
     async def status(self, timeout_s: float) -> protocol.Status:
         return await self.request(protocol.StatusRequest(), protocol.Status, timeout_s)
 
-    async def subscribe(self, from_seq: int, *, silence_s: float, checked: bool = True) -> AsyncIterator[list]:
+    async def subscribe(
+        self, from_seq: int, *, silence_s: float, checked: bool = True, truncated_known: bool = False
+    ) -> AsyncIterator[list]:
         """Ask for the stream from `from_seq` and yield, per read, the list of ``Delivered``
         frames it brought (``(frame, bytes)`` pairs on a ``keep_raw`` connection) for as long
         as the node sends them. ``checked``: each must be the next number (else
         ``ConnectionError``); unchecked (raw mode) they come as the node sent them. A node
         silent for `silence_s` (not even a heartbeat) raises ``TimeoutError``; ``Rejected``
         raises ``Rejected`` (fatal reasons) or ``ConnectionError``, ``Busy`` raises
-        ``ConnectionError``."""
-        self.send(protocol.Subscribe(from_seq))
+        ``ConnectionError``; with ``truncated_known``, a node that no longer holds `from_seq`
+        raises ``Truncated`` (else it refuses with ``from_seq_unavailable``: a ``ConnectionError``)."""
+        self.send(protocol.Subscribe(from_seq, truncated_known))
         expected = from_seq
         keep_raw = self.framer.keep_raw
         delivered = protocol.Delivered
@@ -199,6 +202,8 @@ class Connection:
                             raise ConnectionError(f"{self.address} sent seq {frame.seq}, expected {expected}")
                         expected += 1
                     batch.append(item)
+                elif kind is protocol.Truncated:
+                    raise Truncated(frame.from_seq, frame.first_seq)
                 elif kind is protocol.Rejected or kind is protocol.Busy:
                     if batch:
                         yield batch

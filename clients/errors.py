@@ -11,6 +11,8 @@
   another client said hello for this session since, and this one stops.
 * ``Busy`` — the client's own window of in-flight submits is full.
 * ``OutcomeUnknown`` — no answer within the deadline; the submit may still be sequenced.
+* ``Truncated`` — a subscription asked for numbers that retention removed on every node it
+  reached; ``first_seq`` is the first one still held (start from a snapshot, or an archive).
 """
 
 from __future__ import annotations
@@ -117,6 +119,18 @@ class OutcomeUnknown(SequencerError):
         self.client_seq = client_seq
 
 
+class Truncated(SequencerError):
+    """The stream from ``from_seq`` is no longer held: retention removed every number before
+    ``first_seq`` on each node asked (``protocol.Truncated``). Subscribing again from
+    ``first_seq`` works; what came before is in the operators' archive, and a state machine can
+    start from a snapshot (``clients.sm``'s late joiner does so by itself)."""
+
+    def __init__(self, from_seq: int, first_seq: int) -> None:
+        super().__init__(f"the stream from seq {from_seq} is truncated: the first number still held is {first_seq}")
+        self.from_seq = from_seq
+        self.first_seq = first_seq
+
+
 __all__ = [
     "AuthenticationError",
     "Busy",
@@ -129,6 +143,7 @@ __all__ = [
     "SessionTakenOver",
     "TokenRejected",
     "TokenRequired",
+    "Truncated",
     "authentication_error",
     "rejection",
 ]

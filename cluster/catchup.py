@@ -24,6 +24,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from typing import NamedTuple, Protocol
 
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.errors import Truncated
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import DamageMap, JournalRecordError
 
@@ -57,6 +58,11 @@ class HoleJournal(Protocol):
 
     def repair(self, records: bytes, first_seq: int, last_seq: int) -> None: ...
 
+    @property
+    def first_seq(self) -> int: ...
+
+    def start_at(self, seq: int) -> None: ...
+
 
 class Peer(Protocol):
     """A peer to fetch from (``cluster.config.PeerConfig``)."""
@@ -70,6 +76,14 @@ class Peer(Protocol):
 
 class CatchUpError(Exception):
     """A peer could not (or did not correctly) serve the missing range."""
+
+
+class PeerTruncated(CatchUpError):
+    """The peer's retention removed the start of the range: it holds the stream from `first_seq`."""
+
+    def __init__(self, first_seq: int) -> None:
+        super().__init__(f"the peer holds the stream only from seq {first_seq} (retention)")
+        self.first_seq = first_seq
 
 
 class _Target(NamedTuple):
@@ -114,6 +128,9 @@ class CatchUp:
         self._misses = 0
         #: Whether a peer answered and lacked the range during those fetches.
         self._refused = False
+        #: Peer id -> the first number it holds, for peers whose retention removed the start
+        #: of the hole this journal starts with (``_truncated_everywhere``).
+        self._truncated: dict[str, int] = {}
 
     def _target(self) -> _Target | None:
         journal = self.journal
@@ -145,10 +162,35 @@ class CatchUp:
             stored_before = self.records_fetched
             try:
                 await self._fetch(peer.client_address, target)
+            except PeerTruncated as exc:
+                log.warning("catch-up from %s: %s", peer.id, exc)
+                if not self._truncated_everywhere(peer.id, target, exc.first_seq):
+                    self._missed(target, stored_before, exc)
+                    await asyncio.sleep(RETRY_DELAY_S)
             except (OSError, TimeoutError, CatchUpError) as exc:
                 log.warning("catch-up from %s stopped: %s", peer.id, exc)
                 self._missed(target, stored_before, exc)
                 await asyncio.sleep(RETRY_DELAY_S)
+            else:
+                self._truncated.clear()
+
+    def _truncated_everywhere(self, peer_id: str, target: _Target, first_seq: int) -> bool:
+        """A peer no longer holds the start of the hole this journal starts with. Once every
+        peer said so, the journal starts where the peer holding most begins (a node that joins,
+        or rejoins empty, behind the cluster's retention): returns True."""
+        journal = self.journal
+        if target.what != "hole" or not journal.holes or journal.holes[0][0] != journal.first_seq:
+            return False
+        self._truncated[peer_id] = first_seq
+        if len(self._truncated) < len({p.id for p in self.peers}):
+            return False
+        start = min(min(self._truncated.values()), journal.holes[0][1] + 1)
+        self._truncated.clear()
+        log.warning("every peer's retention removed the stream before seq %d: this journal now starts there", start)
+        journal.start_at(start)
+        self._misses, self._refused = 0, False
+        self.on_filled()
+        return True
 
     def _missed(self, target: _Target, stored_before: int, exc: Exception) -> None:
         """A fetch ended early: count it if it stored nothing, and give up after
@@ -184,7 +226,7 @@ class CatchUp:
             batch: list[bytes] = []
             batch_first = expected
             # Unchecked: a wrong number is a verification failure, counted here.
-            stream = connection.subscribe(start, silence_s=READ_TIMEOUT_S, checked=False)
+            stream = connection.subscribe(start, silence_s=READ_TIMEOUT_S, checked=False, truncated_known=True)
             try:
                 async for records in stream:
                     for frame, raw in records:
@@ -200,6 +242,8 @@ class CatchUp:
                         if expected > hole_last:
                             log.info("journal %s filled up to %d", target.what, hole_last)
                             return
+            except Truncated as exc:
+                raise PeerTruncated(exc.first_seq) from None
             except (ConnectionError, Rejected) as exc:
                 if batch:  # keep what arrived intact before the peer stopped
                     self._store(target, batch, batch_first, expected - 1)

@@ -13,6 +13,7 @@ import msgspec
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal import FsyncPolicy
+from raftseq.sequencer.journal.retention import RetentionPolicy
 from raftseq.sequencer.limits import MachineConfig
 
 Address = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]+:\d{1,5}$")]
@@ -241,6 +242,58 @@ class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repair_attempts_max: int = 6
 
 
+class RetentionConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Journal retention (``cluster.retention``; docs/operating.md, "Retention"). Every bound 0:
+    the journal keeps everything (as before 0.3). Whatever the bounds, nothing at or above the
+    retention floor leaves the journal."""
+
+    #: Keep at most this many bytes of journal segments (0: no bound). At least two segments.
+    journal_bytes_max: int = 0
+    #: Keep sealed segments whose newest record is at most this old in log time (0: no bound).
+    log_age_s_max: int = 0
+    #: Keep at most this many records (0: no bound).
+    records_max: int = 0
+    #: Move removed segments (with their index) into this directory instead of deleting them;
+    #: ``raftseq journal verify`` reads it. "": delete (or ``archive_command``).
+    archive_dir: str = ""
+    #: Run this command (an argv list) with a removed segment's path appended; exit 0 means
+    #: archived and the segment is deleted, anything else keeps it and is retried. []: none.
+    archive_command: list[str] = []
+    #: An archive command still running after this long is killed and counts as failed.
+    archive_command_timeout_s: float = 300.0
+    #: How often retention looks at the journal and asks peers what they still need.
+    check_interval_s: float = 10.0
+
+    def policy(self) -> RetentionPolicy:
+        return RetentionPolicy(self.journal_bytes_max, self.log_age_s_max, self.records_max)
+
+    def problems(self, *, segment_bytes_max: int, compaction_entries_min: int) -> list[str]:
+        found = []
+        for name in ("journal_bytes_max", "log_age_s_max", "records_max"):
+            if getattr(self, name) < 0:
+                found.append(f"retention.{name} must be >= 0 (0: no bound)")
+        if 0 < self.journal_bytes_max < 2 * segment_bytes_max:
+            found.append(
+                f"retention.journal_bytes_max must be 0 (no bound) or at least 2 x journal.segment_bytes_max "
+                f"({2 * segment_bytes_max}): a sealed segment and the tail"
+            )
+        if 0 < self.records_max < compaction_entries_min:
+            found.append(
+                f"retention.records_max {self.records_max} is below the snapshot floor: a Raft snapshot may be "
+                f"raft.log_compaction_min_entries ({compaction_entries_min}) entries behind, and a restart replays them "
+                "from it; use 0 or at least that"
+            )
+        if self.archive_dir and self.archive_command:
+            found.append("retention: set archive_dir or archive_command, not both")
+        if self.archive_dir and not os.path.isabs(self.archive_dir):
+            found.append(f"retention.archive_dir must be an absolute path, got {self.archive_dir!r}")
+        if not 0 < self.archive_command_timeout_s <= 86400:
+            found.append("retention.archive_command_timeout_s must be above 0 and at most 86400")
+        if not 0.01 <= self.check_interval_s <= 3600:
+            found.append("retention.check_interval_s must be 0.01..3600")
+        return found
+
+
 class MachineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sessions_max: int = MachineConfig().sessions_max
     dedup_window: int = MachineConfig().dedup_window
@@ -332,6 +385,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gateway: GatewayConfig = GatewayConfig()
     journal: JournalConfig = JournalConfig()
     machine: MachineSection = MachineSection()
+    retention: RetentionConfig = RetentionConfig()
 
     @property
     def journal_dir(self) -> str:
@@ -467,6 +521,9 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.journal.segment_bytes_max < limits.SEGMENT_BYTES_MIN:
             found.append(f"journal.segment_bytes_max must be at least {limits.SEGMENT_BYTES_MIN}")
         found.extend(f"machine: {p}" for p in self.machine.machine_config().problems())
+        found.extend(
+            self.retention.problems(segment_bytes_max=self.journal.segment_bytes_max, compaction_entries_min=r.log_compaction_min_entries)
+        )
         return found
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.cluster.retention import truncated_reply
 from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_FULL_MS,
     BUSY_RETRY_AFTER_IN_FLIGHT_MS,
@@ -637,6 +638,10 @@ class Gateway:
                 f"seq {subscribe.from_seq} is missing on this node (being fetched); read it from another node",
             )
             return
+        if subscribe.from_seq < self.journal.first_retained_seq:
+            metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
+            conn.send(truncated_reply(subscribe, self.journal.first_retained_seq))
+            return
         if subscribe.from_seq < first or subscribe.from_seq > end + 1:
             metrics.refused(RejectReason.FROM_SEQ_UNAVAILABLE.value)
             conn.send(
@@ -646,7 +651,7 @@ class Gateway:
                 )
             )
             return
-        conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe.from_seq))
+        conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe))
 
     def _refuse_damaged(self, conn: Connection, seq: int, first_seq: int, last_seq: int) -> None:
         """Refuse a subscription at `seq`, damaged on this node: ``from_seq_unavailable``, which
@@ -656,7 +661,8 @@ class Gateway:
             f"seq {seq} is damaged on this node (seq {first_seq}..{last_seq}, being repaired); read it from another node",
         )
 
-    async def _serve_subscription(self, conn: Connection, from_seq: int) -> None:
+    async def _serve_subscription(self, conn: Connection, subscribe: protocol.Subscribe) -> None:
+        from_seq = subscribe.from_seq
         metrics = self.metrics
         publication = self.publication
         self.subscribers += 1
@@ -667,6 +673,11 @@ class Gateway:
         journal = self.journal
         try:
             while not conn.closed:
+                if cursor.next_seq < journal.first_retained_seq:
+                    # Retention removed what this subscriber reads next (it fell that far behind).
+                    conn.send(truncated_reply(protocol.Subscribe(cursor.next_seq, subscribe.truncated_known), journal.first_retained_seq))
+                    conn._flush()  # before the connection closes below
+                    return
                 limit = publication.readable_seq
                 if journal.damage:
                     damage = journal.damage.next_from(cursor.next_seq)

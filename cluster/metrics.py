@@ -199,6 +199,25 @@ METRICS = (
     MetricSpec("raftseq_journal_damaged_records", "gauge", (), "Journal records refused to readers until repaired from a peer"),
     MetricSpec("raftseq_catchup_missing_records", "gauge", (), "Journal records still to fetch from a peer"),
     MetricSpec("raftseq_catchup_fetched_records_total", "counter", (), "Journal records fetched from peers by catch-up"),
+    # Retention (cluster.retention); the bytes it keeps are raftseq_journal_bytes.
+    MetricSpec("raftseq_journal_first_retained_seq", "gauge", (), "First sequence number the journal still holds (retention moves it up)"),
+    MetricSpec("raftseq_journal_retention_floor_seq", "gauge", (), "Retention floor: nothing at or above it leaves the journal"),
+    MetricSpec("raftseq_journal_retention_max_bytes", "gauge", (), "Configured bound on journal bytes (0: none)"),
+    MetricSpec(
+        "raftseq_journal_retention_held_bytes",
+        "gauge",
+        (),
+        "Journal bytes over the retention bounds kept by the floor or a failing archive",
+    ),
+    MetricSpec("raftseq_journal_archive_lag_bytes", "gauge", (), "Journal bytes due to leave whose archiving failed at the last check"),
+    MetricSpec("raftseq_journal_archive_failures_total", "counter", (), "Segments whose archiving failed (kept, retried)"),
+    MetricSpec("raftseq_journal_retention_removed_bytes_total", "counter", (), "Bytes of segments retention removed (archived or deleted)"),
+    MetricSpec(
+        "raftseq_journal_oldest_age_seconds",
+        "gauge",
+        (),
+        "Log time from the newest record of the journal's oldest segment to the last applied",
+    ),
     MetricSpec("raftseq_disk_free_bytes", "gauge", (), "Free bytes on the data directory's file system"),
     MetricSpec("raftseq_disk_size_bytes", "gauge", (), "Size of the data directory's file system"),
     MetricSpec("raftseq_disk_free_min_bytes", "gauge", (), "Free bytes below which the node refuses submits (journal.disk_free_bytes_min)"),
@@ -441,6 +460,15 @@ class NodeCollector:
         yield family("raftseq_journal_damaged_records", value=journal.damage.records)
         yield family("raftseq_catchup_missing_records", value=node.catchup_missing)
         yield family("raftseq_catchup_fetched_records_total", value=node.catchup_fetched)
+        retention = node.retention_state
+        yield family("raftseq_journal_first_retained_seq", value=journal.first_seq)
+        yield family("raftseq_journal_retention_floor_seq", value=retention.floor_seq)
+        yield family("raftseq_journal_retention_max_bytes", value=config.retention.journal_bytes_max)
+        yield family("raftseq_journal_retention_held_bytes", value=retention.held_bytes)
+        yield family("raftseq_journal_archive_lag_bytes", value=retention.archive_lag_bytes)
+        yield family("raftseq_journal_archive_failures_total", value=retention.archive_failures)
+        yield family("raftseq_journal_retention_removed_bytes_total", value=retention.bytes_removed)
+        yield family("raftseq_journal_oldest_age_seconds", value=retention.oldest_age_s)
         try:
             usage = shutil.disk_usage(config.data_dir)
             free, size = usage.free, usage.total

@@ -25,6 +25,7 @@ from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.publication import Publication
+from raftseq.cluster.retention import JournalRetention, RetentionState, check_archive_dir
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
 from raftseq.cluster.scrub import run_scrub
@@ -38,7 +39,7 @@ from raftseq.sequencer.protocol import Role
 
 log = logging.getLogger("raftseq.node")
 
-#: A node's journal holds the stream from its first number (there is no retention yet).
+#: A node's journal holds the stream from its first number, or from where retention left it.
 JOURNAL_START_SEQ = 1
 
 
@@ -102,6 +103,7 @@ class Node:
         self.votes_blocked_s = votes_blocked_s
         self.metrics = NodeMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
+        check_archive_dir(config.retention)
         try:
             self.journal = Journal.open(
                 config.journal_dir,
@@ -147,6 +149,16 @@ class Node:
         self.batcher: Batcher | None = None
         self.gateway: Gateway | None = None
         self.catchup: CatchUp | None = None
+        self.retention = JournalRetention(
+            config.retention,
+            self.journal,
+            config.peers,
+            data_dir=config.data_dir,
+            node_id=config.id,
+            token=config.client_token,
+            snapshot_floor_seq=lambda: self.core.machine.snapshot_floor_seq(),
+            applied=lambda: (self.core.machine.last_seq, self.core.machine.last_log_time_ns),
+        )
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -179,6 +191,21 @@ class Node:
     @property
     def catchup_fetched(self) -> int:
         return self.catchup.records_fetched if self.catchup is not None else 0
+
+    @property
+    def journal_needs_from(self) -> int:
+        journal = self.journal
+        needs = [journal.last_seq + 1]
+        if journal.holes:
+            needs.append(journal.holes[0][0])
+        repair = journal.repair_range
+        if repair is not None:
+            needs.append(repair[0])
+        return min(needs)
+
+    @property
+    def retention_state(self) -> RetentionState:
+        return self.retention.state
 
     def is_leader(self) -> bool:
         return self.role is Role.LEADER
@@ -225,6 +252,7 @@ class Node:
             self.config.client_address,
             self.config.raft_address,
             self.config.metrics_address,
+            self.journal_needs_from,
         )
 
     def collector(self) -> NodeCollector:
@@ -323,6 +351,7 @@ class Node:
         watcher = asyncio.create_task(self._watch(), name="role-watcher")
         catchup = asyncio.create_task(self.catchup.run(), name="catch-up")
         scrub = asyncio.create_task(run_scrub(self.scrubber, bytes_per_s=self.config.journal.scrub_bytes_per_s), name="scrub")
+        retention = asyncio.create_task(self.retention.run(), name="retention")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             await asyncio.wait((stopping, catchup), return_when=asyncio.FIRST_COMPLETED)
@@ -335,6 +364,7 @@ class Node:
             watcher.cancel()
             catchup.cancel()
             scrub.cancel()
+            retention.cancel()
             if metrics_server is not None:
                 await metrics_server.stop()
             self.batcher.stop("node shutting down")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from raftseq.sequencer import protocol
+from raftseq.cluster.retention import RetentionState
 from raftseq.sequencer.protocol import Role
 
 
@@ -90,4 +91,9 @@ class ScrapedNode(Protocol):
 
     def raft_counters(self) -> dict[str, int]:
         """The Raft member's counters (``raft.RAFT_COUNTERS``), zeros before it exists."""
+        ...
+
+    @property
+    def retention_state(self) -> RetentionState:
+        """Where retention left the journal, what it holds back and what it removed."""
         ...

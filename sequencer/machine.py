@@ -289,6 +289,17 @@ class SequencerMachine:
         found.sort(key=lambda info: (info.covered_seq, info.last_seq), reverse=True)
         return found[: protocol.SNAPSHOT_LIST_MAX]
 
+    def snapshot_floor_seq(self) -> int:
+        """The lowest number a late joiner may still need to start from a state-machine
+        snapshot: for the newest snapshot of each (sm_type, schema_version) and each unfinished
+        upload, the first of its chunks and of the messages after what it covers. 0: none
+        (retention keeps this, ``sequencer.journal.retention``). Safe from another thread."""
+        index = self._sm_snapshots  # one read each: both are replaced, never changed in place
+        uploads = list(self._sm_uploads.values())
+        needs = [min(infos[0].first_seq, infos[0].covered_seq + 1) for infos in index.values() if infos]
+        needs += [min(u.first_seq, u.covered_seq + 1) for u in uploads]
+        return min(needs, default=0)
+
     @property
     def snapshot_uploads(self) -> list[SnapshotUpload]:
         """Unfinished snapshot uploads, least recently extended first."""

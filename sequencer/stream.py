@@ -73,6 +73,9 @@ class SequencedStream:
             missing = journal.holes
             if journal.damage:
                 missing = sorted([*missing, *((d.first_seq, d.last_seq) for d in journal.damage)])
+            if first < journal.first_seq:
+                # Below what retention left (a Raft snapshot older than it): checked before.
+                missing = [(first, journal.first_seq - 1), *missing]
             for run_first, run_last in held_runs(missing, first, held_to):
                 start = bounds[run_first - first]
                 end = bounds[run_last - first + 1]

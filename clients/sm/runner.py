@@ -28,6 +28,9 @@ state-machine message to the machines that read its type, in order:
   the others' (``formats.CheckpointLedger``): two copies that disagree raise
   ``DivergenceError`` (or call ``on_divergence``), naming the first disagreeing checkpoint, the
   last agreeing one and which replicas hold which digest.
+* **Truncated streams.** When the cluster's retention removed the numbers the runner needs
+  next (``clients.errors.Truncated``), a late joiner (``from_snapshot=True``) loads the newest
+  snapshot of each machine and goes on after it; any other runner raises ``Truncated``.
 * **Snapshots.** ``publish_snapshot()`` (or ``snapshot_every``) publishes each machine's state to
   the cluster (``clients.sm.snapshots``) for late joiners.
 """
@@ -44,6 +47,7 @@ from typing import Any
 import msgspec
 
 from raftseq.clients.client import Busy, NotConnected, SequencerClient, subscribe
+from raftseq.clients.errors import Truncated
 from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import (
     ApplyError,
@@ -334,6 +338,16 @@ class StateMachineRunner:
             client = SequencerClient(self.endpoints, session=self._session("checkpoints"), token=self.token, **self._client_options)
             await client.connect()
             self._checkpoint_client = client
+        while True:
+            try:
+                await self._follow(until_seq, stop_when)
+                return self.last_seq
+            except Truncated as exc:
+                if not self.from_snapshot:
+                    raise
+                await self._rejoin_after_truncation(exc)
+
+    async def _follow(self, until_seq: int | None, stop_when: Callable[[int], bool] | None) -> None:
         stream = self._subscribe_fn(self.endpoints, from_seq=self.last_seq + 1, token=self.token, session=self._session("sub"))
         process = self._process
         try:
@@ -349,7 +363,21 @@ class StateMachineRunner:
             raise
         finally:
             await stream.aclose()
-        return self.last_seq
+
+    async def _rejoin_after_truncation(self, truncated: Truncated) -> None:
+        """The cluster no longer holds the stream after ``last_seq`` (retention): a late joiner
+        loads each machine from the newest snapshot the cluster holds (retention keeps what it
+        needs) and goes on after it. Raises `truncated` when no snapshot reaches the first
+        number still held."""
+        log.warning("%s; loading state-machine snapshots instead", truncated)
+        for slot in self._slots:
+            slot.start_after = max(slot.start_after, self.last_seq)
+            await self._join_from_cluster(slot)
+        start = min(slot.start_after for slot in self._slots)
+        if start + 1 < truncated.first_seq:
+            raise truncated
+        self.last_seq = start
+        log.info("state machines start after %s; subscription from %d", [s.start_after for s in self._slots], start + 1)
 
     def _process(self, message: Any) -> None:
         seq = message.seq

@@ -39,8 +39,9 @@ def find_journals(directory: str) -> list[str]:
 
 def cmd_journal_verify(args: argparse.Namespace) -> int:
     """Read every record of the journal in DIR and check checksums, gapless numbering, log time order and
-    per-session client_seq order. DIR is a journal directory, or a cluster data directory (as
-    raftseq cluster up makes it), whose every node's journal is verified. Exits 0 when all is well,
+    per-session client_seq order. DIR is a journal directory, a retention archive (retention.archive_dir:
+    whole from its first segment, or from where its first_retained.json says), or a cluster data
+    directory (as raftseq cluster up makes it), whose every node's journal is verified. Exits 0 when all is well,
     1 with the first bad sequence number otherwise, 2 when DIR holds no journal."""
     command = "raftseq journal verify"
     if not os.path.isdir(args.dir):
@@ -139,7 +140,7 @@ def add_payload(row: dict, payload: bytes, *, text: bool) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     jsub = command_group(sub, "journal", help="inspect a journal directory", description="Inspect a journal directory.")
     verify = add_command(jsub, "verify", cmd_journal_verify, help="check every record (checksums, gaps, order)")
-    verify.add_argument("dir", metavar="DIR", help="journal directory, or a cluster data directory")
+    verify.add_argument("dir", metavar="DIR", help="journal directory, retention archive directory, or a cluster data directory")
     add_output_option(verify)
     verify.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 

@@ -630,6 +630,45 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Retention",
+        [
+            Panel(
+                timeseries,
+                THIRD,
+                "Journal start and retention floor",
+                "First sequence number each journal still holds, and the retention floor below which segments may leave.",
+                [
+                    (f"raftseq_journal_first_retained_seq{{{N}}}", "{{node}} first retained"),
+                    (f"raftseq_journal_retention_floor_seq{{{N}}}", "{{node}} floor"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Retained bytes",
+                "Journal bytes kept, the configured bound, bytes over it held by the floor or the archive, and archive lag.",
+                [
+                    (f"raftseq_journal_bytes{{{N}}}", "{{node}} retained"),
+                    (f"raftseq_journal_retention_max_bytes{{{N}}}", "{{node}} bound"),
+                    (f"raftseq_journal_retention_held_bytes{{{N}}}", "{{node}} held over bound"),
+                    (f"raftseq_journal_archive_lag_bytes{{{N}}}", "{{node}} archive lag"),
+                ],
+                unit="bytes",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Removed, archive failures, oldest age",
+                "Bytes removed per second, archive failures per hour, and the log-time age of the oldest segment in seconds.",
+                [
+                    (f"rate(raftseq_journal_retention_removed_bytes_total{{{N}}}[{RATE}])", "{{node}} removed bytes/s"),
+                    (f"increase(raftseq_journal_archive_failures_total{{{N}}}[1h])", "{{node}} archive failures"),
+                    (f"raftseq_journal_oldest_age_seconds{{{N}}}", "{{node}} oldest age s"),
+                ],
+            ),
+        ],
+    ),
+    (
         "Process",
         [
             Panel(

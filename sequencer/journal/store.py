@@ -26,6 +26,7 @@ from raftseq.sequencer.journal.holes import HoleFill, merge_adjacent, write_hole
 from raftseq.sequencer.journal.index import write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
+from raftseq.sequencer.journal.retention import read_first_retained, write_first_retained
 from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, pwrite_all, segment_name
 
 
@@ -93,6 +94,8 @@ class Journal(ClosedOnExit):
         self.fsync_observer: Callable[[float], None] | None = None
         #: Called with damage the journal finds itself, appending (the node logs it).
         self.on_damage: Callable[[Damage], None] | None = None
+        #: The first number retention left in the journal (0: it never removed a segment).
+        self.first_retained_seq = 0
 
     # --- opening ------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class Journal(ClosedOnExit):
         ``start_seq``: the number the journal must start at (a node's journal: 1); records
         missing before its first segment file become a hole (``recovery.missing_first``) to be
         fetched from a peer. 0: it starts wherever its first segment does (tools, tests).
+        Retention moves a node's start up (``retention.FIRST_RETAINED_FILE``).
         """
         fsync = fsync or FsyncPolicy()
         if segment_bytes_max < limits.SEGMENT_BYTES_MIN:
@@ -129,6 +133,9 @@ class Journal(ClosedOnExit):
             if readonly or not create:
                 raise JournalError(f"journal directory {directory} does not exist")
             os.makedirs(directory, exist_ok=True)
+        first_retained = read_first_retained(directory)
+        if start_seq:
+            start_seq = max(start_seq, first_retained)
         segments, holes, recovery, damages = recover(directory, readonly=readonly, verify_bytes=verify_bytes, start_seq=start_seq)
         journal = cls(
             directory,
@@ -141,6 +148,7 @@ class Journal(ClosedOnExit):
             holes=holes,
             damages=damages,
         )
+        journal.first_retained_seq = first_retained
         tail = segments[-1] if segments else None
         if not readonly and tail is not None and not tail.sealed and holes and holes[-1][0] >= tail.end_seq:
             # A hole follows the tail (``skip_to`` sealed it; a power cut can undo that seal):
@@ -342,6 +350,49 @@ class Journal(ClosedOnExit):
         if fill is not None and fill.segment.first_seq == self.holes[0][0]:
             return fill.segment.end_seq
         return self.holes[0][0]
+
+    # --- retention (``retention``) ---------------------------------------------------------
+
+    def segments(self) -> list[Segment]:
+        """Every segment, in order, the tail (if not sealed) last."""
+        return list(self._segments)
+
+    def release_below(self, seq: int, *, recorded: bool = False) -> list[Segment]:
+        """Retention: the journal starts at `seq` from now on. Records ``FIRST_RETAINED_FILE``
+        (fsynced) first, unless the caller did (``recorded``: off the loop), then drops the
+        sealed segments wholly below `seq` and returns them; the caller removes (or archives)
+        their files. `seq` must start a segment and lie below every hole and damage."""
+        assert not self.readonly, "release_below on a read-only journal"
+        gone = [s for s in self._segments if s.end_seq <= seq]
+        assert gone and all(s.sealed for s in gone), f"release_below({seq}): no sealed segment wholly below it"
+        assert len(gone) < len(self._segments) and self._segments[len(gone)].first_seq == seq, f"release_below({seq}) inside a segment"
+        assert not self.holes or self.holes[0][0] >= seq, f"release_below({seq}) across hole {self.holes[0]}"
+        assert self.damage.next_from(0) is None or self.damage.next_from(0).first_seq >= seq, "release_below across damage"
+        if not recorded:
+            write_first_retained(self.directory, seq)
+        self.first_retained_seq = seq
+        del self._segments[: len(gone)]
+        del self._segment_firsts[: len(gone)]
+        return gone
+
+    def start_at(self, seq: int) -> None:
+        """Retention on every peer removed the start of this journal's first hole: the journal
+        now starts at `seq` (``FIRST_RETAINED_FILE``); the hole shrinks to ``seq..`` (or goes).
+        Only for a hole the journal starts with (a node that joins or rejoins empty)."""
+        assert not self.readonly, "start_at on a read-only journal"
+        assert self.holes and self.holes[0][0] == self.first_seq, f"start_at({seq}) without a hole at the start"
+        hole_first, hole_last = self.holes[0]
+        assert hole_first < seq <= hole_last + 1, f"start_at({seq}) outside hole {hole_first}..{hole_last}"
+        if self._fill is not None:
+            self._fill.abandon()
+            self._fill = None
+        write_first_retained(self.directory, seq)
+        self.first_retained_seq = seq
+        if seq <= hole_last:
+            self.holes[0] = (seq, hole_last)
+        else:
+            self.holes.pop(0)
+        write_holes(self.directory, self.holes)
 
     # --- damage and repair ----------------------------------------------------------------
 

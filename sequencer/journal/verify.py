@@ -12,6 +12,7 @@ import msgspec
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.journal.errors import JournalCorruptError
+from raftseq.sequencer.journal.retention import read_first_retained
 from raftseq.sequencer.journal.holes import read_holes
 from raftseq.sequencer.journal.segments import HEADER, HEADER_BYTES, list_segment_files
 
@@ -51,7 +52,7 @@ class VerifyReport(msgspec.Struct):
 def verify_journal(directory: str, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Read every record of every segment and check what the journal promises.
 
-    Checks: the stream starts at 1 (or at a recorded hole), segment names and continuity, each
+    Checks: the stream starts at 1 (or at a recorded hole, or where retention left it), segment names and continuity, each
     record's length, checksum and decodability, gapless numbering, log time never decreasing,
     and per session ``client_seq`` rising by one (or restarting at 1 after the session expired). After a damaged record the rest of its
     segment is skipped and checking goes on at the next segment, so that ``damages`` names
@@ -83,13 +84,27 @@ def verify_journal(directory: str, *, progress: Callable[[int, int], None] | Non
         return report
     expected_seq = files[0][0] if files else 0
     report.first_seq = expected_seq
-    if expected_seq > 1 and not holes:
-        # A journal holds the stream from its start (there is no retention yet).
-        _damaged(report, files[0][1], 0, 1, f"records 1..{expected_seq - 1} are missing: the first segment file starts at {expected_seq}")
+    try:
+        first_retained = read_first_retained(directory)
+    except JournalCorruptError as exc:
+        report.problem = str(exc)
+        return report
+    if expected_seq > max(1, first_retained) and not holes:
+        # A journal holds the stream from its start, or from where retention left it.
+        start = max(1, first_retained)
+        _damaged(
+            report,
+            files[0][1],
+            0,
+            start,
+            f"records {start}..{expected_seq - 1} are missing: the first segment file starts at {expected_seq}",
+        )
     last_time = 0
     client_seqs: dict[str, int] = {}
     unpack_from = HEADER.unpack_from
-    lenient = False  # after a damage: a session's first client_seq seen may be anything
+    # After a damage, or from a start that retention moved up: a session's first client_seq
+    # seen may be anything.
+    lenient = expected_seq > 1 and first_retained > 0
     previous_path = ""
     for i, (first_seq, path) in enumerate(files):
         report.segments += 1

@@ -58,6 +58,7 @@ __all__ = [
     "Submit",
     "SubmitBatch",
     "Subscribe",
+    "Truncated",
     "Welcome",
 ]
 
@@ -154,6 +155,10 @@ class Subscribe(Frame, tag="subscribe"):
     """Deliver the stream from `from_seq` on, then keep delivering as it grows."""
 
     from_seq: Seq
+    #: The client knows ``Truncated`` (0.3+). A subscription below the node's first retained
+    #: number is answered ``Truncated``; without this (a 0.2 client, which could not decode it)
+    #: ``Rejected(FROM_SEQ_UNAVAILABLE)`` whose detail names the first number still held.
+    truncated_known: bool = False
 
 
 class StatusRequest(Frame, tag="status?"):
@@ -244,6 +249,16 @@ class Delivered(Frame, tag="d"):
     payload: Payload
 
 
+class Truncated(Frame, tag="truncated"):
+    """The answer to ``Subscribe(from_seq)`` below what this node's journal retains: retention
+    removed the records before `first_seq` (the first it still holds). Read them from an
+    archive, or start from a state-machine snapshot and subscribe after it. Sent only to a
+    subscription that says it knows this frame (``Subscribe.truncated_known``)."""
+
+    from_seq: Seq
+    first_seq: Seq
+
+
 class Status(Frame, tag="status"):
     node_id: str
     role: Role
@@ -257,6 +272,9 @@ class Status(Frame, tag="status"):
     raft_address: Address = ""
     #: host:port of the node's Prometheus endpoint, "" when metrics are off (or an older node).
     metrics_address: Address = ""
+    #: The lowest number this node's journal still has to fetch from a peer (its first hole or
+    #: damaged segment, else its last number + 1): peers' retention keeps it. 0: an older node.
+    journal_needs_from: Count = 0
 
 
 # --- state-machine snapshots: the index query (any node answers from its machine) ----------
@@ -296,4 +314,4 @@ class SnapshotList(Frame, tag="snaps"):
 #: Every frame a client sends.
 ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery]
 #: Every frame a node sends.
-NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList]
+NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, Truncated]
