@@ -322,7 +322,7 @@ class Grant:
         if admitted == len(payloads):
             return admitted, 0, ""
         limit = LIMIT_MESSAGES if by_messages else LIMIT_BYTES
-        self.refusals.count(self.name, limit)
+        self.refusals.count(self.name, limit, len(payloads) - admitted)  # one per submit answered Busy
         return admitted, retry_after_ms(wait_s, BUSY_RETRY_AFTER_QUOTA_MS_MIN), limit
 
 
@@ -360,14 +360,13 @@ class Access:
         grant = self.grants.get(name) if colon else None
         if grant is None:
             return "wrong token" if token else ""
-        if grant.revoked:
-            return grant.refused(REFUSED_REVOKED, grant.revoked)
         digest = hmac.new(self._digest_key, secret.encode(), hashlib.sha256).digest()
-        if grant.verified and hmac.compare_digest(digest, grant.verified):
-            return grant
-        if not grant.credential.secret_matches(secret):
-            return "wrong token"
-        grant.verified = digest
+        if not (grant.verified and hmac.compare_digest(digest, grant.verified)):
+            if not grant.credential.secret_matches(secret):
+                return "wrong token"
+            grant.verified = digest
+        if grant.revoked:  # said only to a holder of the secret
+            return grant.refused(REFUSED_REVOKED, grant.revoked)
         return grant
 
     def _file_identity(self) -> tuple[int, int, int] | None:
@@ -384,19 +383,26 @@ class Access:
         self._file_id = identity
         changed = []
         now_s = self._clock_s()
-        for name, grant in list(self.grants.items()):
-            credential = credentials.get(name)
-            if credential is None or credential.revoked or credential.secret_hash != grant.credential.secret_hash:
-                why = "removed" if credential is None else "revoked" if credential.revoked else "given a new secret"
-                grant.revoked = f"credential {name!r} was {why}"
-                del self.grants[name]
-                changed.append(grant)
-            elif credential != grant.credential:
-                grant.update(credential)
-                changed.append(grant)
+        grants = {}
         for name, credential in credentials.items():
-            if name not in self.grants and not credential.revoked:
-                self.grants[name] = Grant(credential, self.refusals, now_s)
+            old = self.grants.get(name)
+            if old is not None and not old.revoked and not credential.revoked and credential.secret_hash == old.credential.secret_hash:
+                if credential != old.credential:
+                    old.update(credential)
+                    changed.append(old)
+                grants[name] = old
+                continue
+            grants[name] = Grant(credential, self.refusals, now_s)
+            if credential.revoked:
+                grants[name].revoked = f"credential {name!r} was revoked"
+            if old is not None and not old.revoked:
+                old.revoked = f"credential {name!r} was " + ("revoked" if credential.revoked else "given a new secret")
+                changed.append(old)
+        for name, old in self.grants.items():
+            if name not in grants and not old.revoked:
+                old.revoked = f"credential {name!r} was removed"
+                changed.append(old)
+        self.grants = grants
         return changed
 
     def reload_if_changed(self) -> list[Grant]:

@@ -35,6 +35,10 @@ CREDENTIAL_REFUSALS = (
     REFUSED_REVOKED,
 )
 
+#: Tokens a bucket may be short of an amount and still give it: what float rounding of
+#: (elapsed seconds x rate) loses (0.1 s at 10/s refills 0.9999999999999964 tokens).
+_ROUNDING_TOKENS = 1e-9
+
 
 class TokenBucket:
     """``rate_per_s`` tokens a second, at most ``burst`` held (the bucket starts full).
@@ -58,9 +62,9 @@ class TokenBucket:
         if not self.rate_per_s:
             return True
         self._refill(now_s)
-        if amount > self.tokens:
+        if amount > self.tokens + _ROUNDING_TOKENS:
             return False
-        self.tokens -= amount
+        self.tokens = max(0.0, self.tokens - amount)
         return True
 
     def wait_s(self, amount: float, now_s: float) -> float:
@@ -134,11 +138,11 @@ class RefusalCounts:
         self.counts: dict[tuple[str, str], int] = {(OTHER_CREDENTIALS_LABEL, limit): 0 for limit in CREDENTIAL_REFUSALS}
         self._names: set[str] = set()
 
-    def count(self, credential: str, limit: str) -> None:
+    def count(self, credential: str, limit: str, refusals: int = 1) -> None:
         if credential not in self._names:
             if len(self._names) >= CREDENTIAL_LABELS_MAX:
                 credential = OTHER_CREDENTIALS_LABEL
             else:
                 self._names.add(credential)
         key = (credential, limit)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + refusals
