@@ -7,8 +7,9 @@ message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 The priority lane: submits of credentials with ``priority`` (``cluster.credentials``) wait in a
 queue of their own with its own bounds (``priority_queue_entries_max``,
 ``priority_held_bytes_max``), are taken into a batch before any bulk submit, and are proposed at
-once even when the bulk batches fill the pipeline (one batch beyond ``in_flight_max``): they
-never wait behind a full bulk queue, and a full priority lane never refuses a bulk submit.
+once even when the bulk batches fill the pipeline (then alone, in one batch beyond
+``in_flight_max``): they never wait behind a full bulk queue, and a full priority lane never
+refuses a bulk submit.
 
 Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
@@ -226,13 +227,15 @@ class Batcher:
         config = self.config
         while (self._queue or self._priority) and self.enabled:
             full = len(self._queue) + len(self._priority) >= config.entries_max or self._queue_bytes >= config.bytes_max
-            # A priority submit goes at once, with one batch beyond the pipeline's depth if need be.
+            # A priority submit goes at once: with bulk ones after it while the pipeline has room,
+            # alone (with its lane) in one batch beyond the pipeline's depth when it has none.
+            beyond = len(self._in_flight) >= config.in_flight_max
             urgent = self._priority and len(self._in_flight) <= config.in_flight_max
-            if self._in_flight and not urgent and (len(self._in_flight) >= config.in_flight_max or not full):
+            if self._in_flight and not urgent and (beyond or not full):
                 return
-            self._propose_one()
+            self._propose_one(priority_only=bool(urgent) and beyond)
 
-    def _propose_one(self) -> None:
+    def _propose_one(self, *, priority_only: bool = False) -> None:
         config = self.config
         queue = self._queue
         size = _BATCH_OVERHEAD_BYTES + self._queue_bytes
@@ -242,7 +245,7 @@ class Batcher:
             queue.clear()
             self._queue_bytes = 0
         else:
-            members, size = self._take_members()
+            members, size = self._take_members(priority_only=priority_only)
         entries = [submit.entry for submit in members]
         fenced = protocol.FencedEntry in set(map(type, entries))
         now = self._clock_ns()
@@ -273,13 +276,13 @@ class Batcher:
         if self._timeout_handle is None:
             self._timeout_handle = self._loop.call_later(config.commit_timeout_s, self._expire)
 
-    def _take_members(self) -> tuple[list[PendingSubmit], int]:
-        """A batch's members, the priority lane's submits first, then bulk ones, up to the
-        batch's entry and byte limits; and the batch's size in bytes."""
+    def _take_members(self, *, priority_only: bool = False) -> tuple[list[PendingSubmit], int]:
+        """A batch's members, the priority lane's submits first, then (unless `priority_only`)
+        bulk ones, up to the batch's entry and byte limits; and the batch's size in bytes."""
         config = self.config
         members: list[PendingSubmit] = []
         size = _BATCH_OVERHEAD_BYTES
-        for lane in (self._priority, self._queue):
+        for lane in (self._priority,) if priority_only else (self._priority, self._queue):
             while lane and len(members) < config.entries_max:
                 cost = lane[0].cost_bytes
                 if members and size + cost > config.bytes_max:

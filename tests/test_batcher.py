@@ -792,15 +792,23 @@ def test_a_priority_submit_goes_first_in_the_next_batch():
         for seq in (2, 3, 4):
             assert batcher.offer(replies.submit("bulk", seq))
         assert batcher.offer(replies.submit("admin", 1), priority=True)
-        # Proposed at once, one batch beyond in_flight_max, ahead of the bulk submits queued before it.
-        assert [p.keys for p in raft.proposals] == [[("bulk", 1)], [("admin", 1), ("bulk", 2), ("bulk", 3), ("bulk", 4)]]
+        # Proposed at once, one batch beyond in_flight_max, alone.
+        assert [p.keys for p in raft.proposals] == [[("bulk", 1)], [("admin", 1)]]
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        assert batcher.offer(replies.submit("admin", 2), priority=True, propose=False)
+        raft.commit(raft.proposals[1])
+        await replies.wait_for(2)
+        # With room in the pipeline: the priority submit first, then the bulk ones queued before it.
+        assert raft.proposals[2].keys == [("admin", 2), ("bulk", 2), ("bulk", 3), ("bulk", 4)]
         await commit_everything(raft, replies, batcher)
         assert [(s, c, outcome.seq) for s, c, outcome in replies.got] == [
             ("bulk", 1, 1),
             ("admin", 1, 2),
-            ("bulk", 2, 3),
-            ("bulk", 3, 4),
-            ("bulk", 4, 5),
+            ("admin", 2, 3),
+            ("bulk", 2, 4),
+            ("bulk", 3, 5),
+            ("bulk", 4, 6),
         ]
 
     run(story)
@@ -814,10 +822,13 @@ def test_a_priority_submit_is_proposed_while_bulk_batches_fill_the_pipeline():
         assert batcher.in_flight == 2 and batcher.queued == 7
         assert batcher.offer(replies.submit("admin", 1), priority=True)
         assert batcher.in_flight == 3, "the priority submit waited for a bulk batch to commit"
-        assert raft.proposals[-1].keys == [("admin", 1), ("bulk", 4)]
-        # No further batch beyond the one: bulk waits for the pipeline as before.
+        assert raft.proposals[-1].keys == [("admin", 1)], "bulk submits went beyond the pipeline's depth with it"
+        # No further batch beyond the one: the next priority submit waits for a commit, bulk as before.
         assert batcher.offer(replies.submit("admin", 2), priority=True)
-        assert batcher.in_flight == 3 and batcher.queued == 7
+        assert batcher.in_flight == 3 and batcher.queued == 8
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        assert raft.proposals[-1].keys == [("admin", 2)], "the pipeline is still full of bulk batches: alone again"
         await commit_everything(raft, replies, batcher)
         assert len(replies.got) == 12
 
