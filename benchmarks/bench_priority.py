@@ -33,6 +33,7 @@ import msgspec
 
 from benchmarks.figures import BenchError, percentile
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
+from benchmarks.load import told_to_go, worker_client
 from benchmarks.machine import REPO_DIR, code_under_test, print_load
 from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
@@ -60,13 +61,11 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
 
     async def work() -> dict:
-        client = SequencerClient(spec["endpoints"], session=spec["session"], token=spec["token"], in_flight_max=spec["in_flight_max"])
-        await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
+        client = await worker_client(spec)
         try:
-            print("ready", flush=True)
-            loop = asyncio.get_running_loop()
-            if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
+            if not await told_to_go(LEADER_TIMEOUT_S):
                 return {"error": "no go from the benchmark"}
+            loop = asyncio.get_running_loop()
             stop = loop.run_in_executor(None, sys.stdin.readline)
             payloads = [b"b" * spec["payload_bytes"]] * spec["batch"]
             futures = []

@@ -201,20 +201,16 @@ class Batcher:
         ``propose=False`` only queues it: the caller offers several and then calls ``flush``.
         """
         cost = submit.cost_bytes
-        if priority:
-            if len(self._priority) >= self.config.priority_queue_entries_max or not self.has_room(cost, priority=True):
-                return False
-            self._priority.append(submit)
-            self._queue_bytes += cost
-            self._priority_bytes += cost
-            if propose:
-                self._maybe_propose()
-            return True
-        if len(self._queue) >= self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
+        lane = self._priority if priority else self._queue
+        entries_max = self.config.priority_queue_entries_max if priority else self.config.queue_entries_max
+        if len(lane) >= entries_max or not self.has_room(cost, priority=priority):
             return False
-        self._queue.append(submit)
+        lane.append(submit)
         self._queue_bytes += cost
-        self._held_bytes += cost
+        if priority:
+            self._priority_bytes += cost
+        else:
+            self._held_bytes += cost
         if propose:
             self._maybe_propose()
         return True
