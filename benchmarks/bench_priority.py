@@ -37,6 +37,7 @@ from benchmarks.load import told_to_go, worker_client
 from benchmarks.machine import REPO_DIR, code_under_test, print_load
 from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
+from raftseq.clients.connection import Connection, open_connection
 from raftseq.cluster.config import CREDENTIALS_POLL_INTERVAL_S
 from raftseq.cluster.credentials import Quotas, new_credential, read_credentials, write_credentials
 
@@ -105,15 +106,45 @@ async def leader_seq(bc: BenchCluster, leader: str) -> int:
     return entry["last_seq"]
 
 
-async def admin_probe(client: SequencerClient, rate_per_s: float, latencies: list[list[float]], stop: asyncio.Event) -> None:
-    """Submit one admin message at a time, `rate_per_s` a second, each latency appended to the
-    last list of `latencies` (the current phase's)."""
+class LeaderSeq:
+    """The leader's last_seq, asked over a connection of its own (opened again when the node
+    closed it: it is silent while an admin submit waits, longer than the idle timeout)."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.address = address
+        self.token = token
+        self.connection: Connection | None = None
+
+    async def ask(self) -> int:
+        for _ in range(2):
+            if self.connection is None:
+                self.connection = await open_connection(self.address, session="admin-status", token=self.token, timeout_s=STATUS_TIMEOUT_S)
+            try:
+                return (await self.connection.status(STATUS_TIMEOUT_S)).last_seq
+            except (ConnectionError, OSError):
+                self.close()
+        raise BenchError(f"the leader {self.address} closed the status connection twice in a row")
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+async def admin_probe(
+    client: SequencerClient, leader: LeaderSeq, rate_per_s: float, latencies: list[list[tuple[float, int]]], stop: asyncio.Event
+) -> None:
+    """Submit one admin message at a time, `rate_per_s` a second; append to the last list of
+    `latencies` (the current phase's) its latency and how many messages were sequenced ahead
+    of it: its number less the leader's last_seq asked just before it was sent (a figure of
+    order, not time, so the machine's load does not blur it)."""
     interval_s = 1 / rate_per_s
     next_at = time.monotonic()
     while not stop.is_set():
+        before = await leader.ask()
         started = time.monotonic()
-        await asyncio.wait_for(client.submit(b"admin"), ADMIN_SUBMIT_TIMEOUT_S)
-        latencies[-1].append(time.monotonic() - started)
+        seq = await asyncio.wait_for(client.submit(b"admin"), ADMIN_SUBMIT_TIMEOUT_S)
+        latencies[-1].append((time.monotonic() - started, seq - before - 1))
         next_at = max(next_at + interval_s, time.monotonic())
         await asyncio.sleep(next_at - time.monotonic())
 
@@ -121,11 +152,12 @@ async def admin_probe(client: SequencerClient, rate_per_s: float, latencies: lis
 async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admin_token: str, worker_pids: list[int]) -> list[dict]:
     leader = (await bc.leader_soon())["node"]
     reloads = bc.log_text(leader).count(RELOAD_LINE)
-    latencies: list[list[float]] = [[]]
+    latencies: list[list[tuple[float, int]]] = [[]]
     stop = asyncio.Event()
     client = SequencerClient(bc.endpoints, session="admin-probe", token=admin_token)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
-    probe = asyncio.create_task(admin_probe(client, args.admin_rate, latencies, stop))
+    status = LeaderSeq(bc.endpoint(leader), bc.token)
+    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop))
     phases = []
     try:
         for index in range(args.phases):
@@ -147,7 +179,8 @@ async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admi
             seqs = [before_seq, after_seq]
             bulk = seqs[1] - seqs[0] - len(phase_latencies)
             leader_cpu_s = after_cpu[leader] - before_cpu[leader]
-            ordered = sorted(phase_latencies)
+            ordered = sorted(latency for latency, _ in phase_latencies)
+            ahead = sorted(count for _, count in phase_latencies)
             phase = {
                 "lane": lane,
                 "seconds": round(seconds, 2),
@@ -157,18 +190,22 @@ async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admi
                 "admin_p50_ms": round(1000 * percentile(ordered, 0.50), 2),
                 "admin_p99_ms": round(1000 * percentile(ordered, 0.99), 2),
                 "admin_max_ms": round(1000 * (ordered[-1] if ordered else 0), 2),
+                "ahead_p50": percentile(ahead, 0.50),
+                "ahead_max": ahead[-1] if ahead else 0,
             }
             phases.append(phase)
             print(
                 f"phase {index + 1} lane {'on ' if lane else 'off'}: bulk {phase['bulk_per_s']:>7,} msg/s, leader "
                 f"{phase['leader_cpu_us_per_msg']:.1f} us CPU/msg; admin {phase['admin_submits']} submits p50 "
-                f"{phase['admin_p50_ms']:.2f} ms p99 {phase['admin_p99_ms']:.2f} ms max {phase['admin_max_ms']:.2f} ms",
+                f"{phase['admin_p50_ms']:.2f} ms p99 {phase['admin_p99_ms']:.2f} ms max {phase['admin_max_ms']:.2f} ms; "
+                f"sequenced ahead of it p50 {phase['ahead_p50']:,} max {phase['ahead_max']:,}",
                 flush=True,
             )
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(probe, return_exceptions=True), ADMIN_SUBMIT_TIMEOUT_S)
         await client.close()
+        status.close()
     return phases
 
 
@@ -184,6 +221,8 @@ def summary(phases: list[dict]) -> dict:
             "admin_p50_ms": statistics.median(p["admin_p50_ms"] for p in mine),
             "admin_p99_ms": max(p["admin_p99_ms"] for p in mine),
             "admin_max_ms": max(p["admin_max_ms"] for p in mine),
+            "ahead_p50": statistics.median(p["ahead_p50"] for p in mine),
+            "ahead_max": max(p["ahead_max"] for p in mine),
         }
     on, off = result["on"], result["off"]
     result["bulk_ratio"] = round(on["bulk_per_s"] / off["bulk_per_s"], 3) if off["bulk_per_s"] else 0.0
@@ -248,7 +287,8 @@ def run(args: argparse.Namespace) -> dict:
         f"{'met' if result['goal_admin_p99'] else 'MISSED'}), without {off['admin_p99_ms']:.2f} ms; "
         f"bulk {on['bulk_per_s']:,.0f} msg/s with, {off['bulk_per_s']:,.0f} without: {100 * result['bulk_ratio']:.0f}% "
         f"(goal >= {100 * BULK_RATIO_GOAL:.0f}%: {'met' if result['goal_bulk_ratio'] else 'MISSED'}); leader CPU "
-        f"{on['leader_cpu_us_per_msg']:.1f} vs {off['leader_cpu_us_per_msg']:.1f} us/msg",
+        f"{on['leader_cpu_us_per_msg']:.1f} vs {off['leader_cpu_us_per_msg']:.1f} us/msg; sequenced ahead of an admin "
+        f"submit p50 {on['ahead_p50']:,.0f} with the lane, {off['ahead_p50']:,.0f} without",
         flush=True,
     )
     return {
