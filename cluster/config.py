@@ -64,6 +64,11 @@ CREDENTIAL_PREFIXES_MAX = 64
 #: node's loop: a node checks each credential's secret once and then compares a keyed digest
 #: (``cluster.credentials``), so a reconnect storm costs one scrypt per credential.
 CREDENTIAL_SCRYPT_N = 2**11
+#: scrypt checks a node runs per second (a token bucket holding one second's worth): a flood of
+#: hellos with wrong secrets costs the loop at most this many checks a second; beyond it a hello
+#: whose secret is not yet verified gets ``Busy`` (limit ``credential_checks``) and the client
+#: connects again. Verified secrets are compared without scrypt and never wait for it.
+CREDENTIAL_CHECKS_PER_S = 20
 CREDENTIAL_SCRYPT_R = 8
 CREDENTIAL_SCRYPT_P = 1
 CREDENTIAL_SECRET_BYTES = 32

@@ -42,6 +42,7 @@ import msgspec
 
 from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_QUOTA_MS_MIN,
+    CREDENTIAL_CHECKS_PER_S,
     CREDENTIAL_LABELS_MAX,
     CREDENTIAL_PREFIXES_MAX,
     CREDENTIAL_SCRYPT_N,
@@ -64,6 +65,7 @@ from raftseq.cluster.quotas import (
     REFUSED_REVOKED,
     REFUSED_ROLE,
     RefusalCounts,
+    TokenBucket,
     Usage,
     burst_of,
     retry_after_ms,
@@ -337,6 +339,7 @@ class Access:
         #: A key of this process for the digests of secrets already checked (``Grant.verified``).
         self._digest_key = os.urandom(32)
         self.shared = Grant(None, refusals, clock_s())
+        self._checks = TokenBucket(CREDENTIAL_CHECKS_PER_S, CREDENTIAL_CHECKS_PER_S, clock_s())
         self.grants: dict[str, Grant] = {}
         self._file_id: tuple[int, int, int] | None = None
         if self.path:
@@ -350,8 +353,9 @@ class Access:
         """Whether a hello must carry a token (the shared one or a credential)."""
         return bool(self._token) or bool(self.path)
 
-    def authenticate(self, token: str) -> Grant | str:
-        """The grant of `token`, or why it is refused."""
+    def authenticate(self, token: str) -> Grant | str | None:
+        """The grant of `token`, or why it is refused; None when the node runs its most scrypt
+        checks a second already (``CREDENTIAL_CHECKS_PER_S``): ``Busy``, try again."""
         if self._token and hmac.compare_digest(token.encode(), self._token):
             return self.shared
         if not self.required:
@@ -362,6 +366,8 @@ class Access:
             return "wrong token" if token else ""
         digest = hmac.new(self._digest_key, secret.encode(), hashlib.sha256).digest()
         if not (grant.verified and hmac.compare_digest(digest, grant.verified)):
+            if not self._checks.take(1, self._clock_s()):
+                return None
             if not grant.credential.secret_matches(secret):
                 return "wrong token"
             grant.verified = digest

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
 from raftseq.cluster.credentials import Access
+from raftseq.cluster.quotas import LIMIT_CHECKS
 from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_FULL_MS,
     BUSY_RETRY_AFTER_IN_FLIGHT_MS,
@@ -537,6 +538,9 @@ class Gateway:
             )
             return
         grant = self.access.authenticate(hello.token)
+        if grant is None:
+            self._refuse_connection(conn, LIMIT_CHECKS)
+            return
         problem = grant if isinstance(grant, str) else grant.session_refusal(hello.session)
         if isinstance(grant, str) or problem:
             # One reason for every case, so that clients of every version see a refusal; the

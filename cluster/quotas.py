@@ -24,6 +24,8 @@ LIMIT_SUBSCRIPTIONS = "credential_subscriptions"
 REFUSED_ROLE = "role"
 REFUSED_PREFIX = "session_prefix"
 REFUSED_REVOKED = "revoked"
+#: The node's own bound on scrypt checks (``CREDENTIAL_CHECKS_PER_S``), not a credential's.
+LIMIT_CHECKS = "credential_checks"
 CREDENTIAL_REFUSALS = (
     LIMIT_MESSAGES,
     LIMIT_BYTES,

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from raftseq.cluster.cli.command import main
+from raftseq.cluster.config import CREDENTIAL_CHECKS_PER_S
 from raftseq.cluster.credentials import (
     Access,
     CredentialsError,
@@ -107,6 +108,19 @@ def test_a_secret_once_checked_is_checked_again_without_scrypt(creds, monkeypatc
     assert not isinstance(access.authenticate(tokens["oms"]), str)
     with pytest.raises(pytest.fail.Exception):
         access.authenticate("oms:another-secret")  # a different secret is checked in full
+
+
+def test_scrypt_checks_are_bounded_per_second_and_verified_secrets_never_wait(creds):
+    path, tokens = creds
+    clock = Clock()
+    access = access_of(path, clock=clock)
+    assert not isinstance(access.authenticate(tokens["oms"]), str)
+    refused = [access.authenticate(f"writer:guess-{i}") for i in range(CREDENTIAL_CHECKS_PER_S + 5)]
+    assert refused.count("wrong token") == CREDENTIAL_CHECKS_PER_S - 1 and refused[-5:] == [None] * 5, "no Busy past the bound"
+    assert access.authenticate(tokens["writer"]) is None, "an unverified secret waits for the bound too"
+    assert access.authenticate(tokens["oms"]).name == "oms", "a verified secret waited for scrypt"
+    clock.now_s += 1
+    assert access.authenticate(tokens["writer"]).name == "writer"
 
 
 def test_session_prefixes_and_roles(creds):
