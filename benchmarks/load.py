@@ -271,19 +271,30 @@ async def one_client_run(
         await client.close()
 
 
+async def worker_client(spec: dict) -> SequencerClient:
+    """A client process's client (``spec``: endpoints, session, token, in_flight_max),
+    connected; then ``ready`` on stdout for the benchmark."""
+    client = SequencerClient(spec["endpoints"], session=spec["session"], token=spec["token"], in_flight_max=spec["in_flight_max"])
+    await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
+    print("ready", flush=True)
+    return client
+
+
+async def told_to_go(timeout_s: float) -> bool:
+    """Whether the benchmark's next line on stdin, within `timeout_s`, is ``go``."""
+    line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline), timeout_s)
+    return line.strip() == "go"
+
+
 def worker_main(spec_json: str) -> int:
     """A client process of the multi-process throughput run: connect, say ``ready``, wait for a
     ``go`` line on stdin, submit in batches, print one JSON line with the outcome."""
     spec = json.loads(spec_json)
 
     async def work() -> dict:
-        client = SequencerClient(spec["endpoints"], session=spec["session"], token=spec["token"], in_flight_max=spec["in_flight_max"])
-        await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
+        client = await worker_client(spec)
         try:
-            print("ready", flush=True)
-            loop = asyncio.get_running_loop()
-            line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), spec["timeout_s"])
-            if line.strip() != "go":
+            if not await told_to_go(spec["timeout_s"]):
                 return {"error": "no go from the benchmark"}
             started = time.monotonic()
             deadline = started + spec["timeout_s"]

@@ -4,6 +4,13 @@ Natural batching: a batch is proposed as soon as no batch is in flight, or when 
 waiting and fewer than ``in_flight_max`` are in flight. Under light load a batch holds one
 message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 
+The priority lane: submits of credentials with ``priority`` (``cluster.credentials``) wait in a
+queue of their own with its own bounds (``priority_queue_entries_max``,
+``priority_held_bytes_max``), are taken into a batch before any bulk submit, and are proposed at
+once even when the bulk batches fill the pipeline (then alone, in one batch beyond
+``in_flight_max``): they never wait behind a full bulk queue, and a full priority lane never
+refuses a bulk submit.
+
 Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
 """
@@ -130,6 +137,11 @@ class Batcher:
         self._queue_bytes = 0
         #: Bytes of every submit queued or proposed and not yet answered (``held_bytes_max``).
         self._held_bytes = 0
+        #: The priority lane: its queue, and the bytes of its queued submits
+        #: (``priority_held_bytes_max``). Once proposed they count in ``_held_bytes`` (at most
+        #: a batch's worth: they are few).
+        self._priority: deque[PendingSubmit] = deque()
+        self._priority_bytes = 0
         #: batch id -> its submits, its commit deadline and the bytes they hold.
         self._in_flight: dict[int, tuple[list[PendingSubmit], float, int]] = {}
         self._next_batch_id = 1
@@ -147,7 +159,7 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._priority)
 
     @property
     def in_flight(self) -> int:
@@ -157,11 +169,24 @@ class Batcher:
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def offer_all(self, submits: list[PendingSubmit]) -> bool:
+    def has_room(self, cost_bytes: int, *, priority: bool = False) -> bool:
+        """Whether the bytes held (of the priority lane, or of the bulk submits) leave room for `cost_bytes` more."""
+        if priority:
+            return self._priority_bytes + cost_bytes <= self.config.priority_held_bytes_max
+        return self._held_bytes + cost_bytes <= self.config.held_bytes_max
+
+    def offer_all(self, submits: list[PendingSubmit], *, priority: bool = False) -> bool:
         """Queue every one of `submits` if all fit (by entries and by bytes held), else none:
         False, and the caller offers them one by one (``offer``) to learn which fit. Nothing is
         proposed: the caller calls ``flush``."""
         cost = sum(submit.cost_bytes for submit in submits)
+        if priority:
+            if len(self._priority) + len(submits) > self.config.priority_queue_entries_max or not self.has_room(cost, priority=True):
+                return False
+            self._priority.extend(submits)
+            self._queue_bytes += cost
+            self._priority_bytes += cost
+            return True
         if len(self._queue) + len(submits) > self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
             return False
         self._queue.extend(submits)
@@ -169,18 +194,23 @@ class Batcher:
         self._held_bytes += cost
         return True
 
-    def offer(self, submit: PendingSubmit, *, propose: bool = True) -> bool:
+    def offer(self, submit: PendingSubmit, *, propose: bool = True, priority: bool = False) -> bool:
         """Queue a submit; False when the queue is full, by entries or by the bytes held
-        (queued and proposed), and the caller answers ``Busy``.
+        (queued and proposed), and the caller answers ``Busy``. ``priority``: in the priority lane.
 
         ``propose=False`` only queues it: the caller offers several and then calls ``flush``.
         """
         cost = submit.cost_bytes
-        if len(self._queue) >= self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
+        lane = self._priority if priority else self._queue
+        entries_max = self.config.priority_queue_entries_max if priority else self.config.queue_entries_max
+        if len(lane) >= entries_max or not self.has_room(cost, priority=priority):
             return False
-        self._queue.append(submit)
+        lane.append(submit)
         self._queue_bytes += cost
-        self._held_bytes += cost
+        if priority:
+            self._priority_bytes += cost
+        else:
+            self._held_bytes += cost
         if propose:
             self._maybe_propose()
         return True
@@ -191,31 +221,27 @@ class Batcher:
 
     def _maybe_propose(self) -> None:
         config = self.config
-        while self._queue and self.enabled:
-            full = len(self._queue) >= config.entries_max or self._queue_bytes >= config.bytes_max
-            if self._in_flight and (len(self._in_flight) >= config.in_flight_max or not full):
+        while (self._queue or self._priority) and self.enabled:
+            full = len(self._queue) + len(self._priority) >= config.entries_max or self._queue_bytes >= config.bytes_max
+            # A priority submit goes at once: with bulk ones after it while the pipeline has room,
+            # alone (with its lane) in one batch beyond the pipeline's depth when it has none.
+            beyond = len(self._in_flight) >= config.in_flight_max
+            urgent = self._priority and len(self._in_flight) <= config.in_flight_max
+            if self._in_flight and not urgent and (beyond or not full):
                 return
-            self._propose_one()
+            self._propose_one(priority_only=bool(urgent) and beyond)
 
-    def _propose_one(self) -> None:
+    def _propose_one(self, *, priority_only: bool = False) -> None:
         config = self.config
         queue = self._queue
         size = _BATCH_OVERHEAD_BYTES + self._queue_bytes
-        if len(queue) <= config.entries_max and (size <= config.bytes_max or len(queue) == 1):
+        if not self._priority and len(queue) <= config.entries_max and (size <= config.bytes_max or len(queue) == 1):
             # The whole queue fits in one batch (the usual case): taken at once.
             members = list(queue)
             queue.clear()
             self._queue_bytes = 0
         else:
-            members = []
-            size = _BATCH_OVERHEAD_BYTES
-            while queue and len(members) < config.entries_max:
-                cost = queue[0].cost_bytes
-                if members and size + cost > config.bytes_max:
-                    break
-                members.append(queue.popleft())
-                self._queue_bytes -= cost
-                size += cost
+            members, size = self._take_members(priority_only=priority_only)
         entries = [submit.entry for submit in members]
         fenced = protocol.FencedEntry in set(map(type, entries))
         now = self._clock_ns()
@@ -245,6 +271,25 @@ class Batcher:
             self._proposing = False
         if self._timeout_handle is None:
             self._timeout_handle = self._loop.call_later(config.commit_timeout_s, self._expire)
+
+    def _take_members(self, *, priority_only: bool = False) -> tuple[list[PendingSubmit], int]:
+        """A batch's members, the priority lane's submits first, then (unless `priority_only`)
+        bulk ones, up to the batch's entry and byte limits; and the batch's size in bytes."""
+        config = self.config
+        members: list[PendingSubmit] = []
+        size = _BATCH_OVERHEAD_BYTES
+        for lane in (self._priority,) if priority_only else (self._priority, self._queue):
+            while lane and len(members) < config.entries_max:
+                cost = lane[0].cost_bytes
+                if members and size + cost > config.bytes_max:
+                    break
+                members.append(lane.popleft())
+                self._queue_bytes -= cost
+                size += cost
+                if lane is self._priority:
+                    self._priority_bytes -= cost
+                    self._held_bytes += cost  # proposed: held as any other
+        return members, size
 
     def _committed(self, batch_id: int, result: object, error: int) -> None:
         entry = self._in_flight.pop(batch_id, None)
@@ -314,9 +359,10 @@ class Batcher:
         # Nothing is held from here on: each answer may let a waiting connection read again.
         self._queue_bytes = 0
         self._held_bytes = 0
-        while self._queue:
-            submit = self._queue.popleft()
-            submit.answer(unknown)
+        self._priority_bytes = 0
+        for lane in (self._priority, self._queue):
+            while lane:
+                lane.popleft().answer(unknown)
         for members, _, _ in self._in_flight.values():
             for submit in members:
                 submit.answer(unknown)

@@ -28,7 +28,6 @@ knows are sent only to clients with an owner; older ones get ``KNOWN_TO_OLD_CLIE
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,8 @@ from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.cluster.credentials import Access
+from raftseq.cluster.quotas import LIMIT_CHECKS
 from raftseq.cluster.retention import truncated_reply
 from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_FULL_MS,
@@ -51,6 +52,7 @@ from raftseq.sequencer.protocol import RejectReason
 if TYPE_CHECKING:
     from raftseq.cluster.batcher import Batcher
     from raftseq.cluster.config import NodeConfig
+    from raftseq.cluster.credentials import Grant
     from raftseq.cluster.metrics import NodeMetrics
     from raftseq.cluster.node_reads import ClientFacingNode
     from raftseq.cluster.publication import Publication
@@ -92,6 +94,7 @@ class Connection:
         "_run_seq",
         "_run_count",
         "acked",
+        "grant",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -127,6 +130,8 @@ class Connection:
         #: ``sequenced`` as one object for the connection's life: the batcher answers runs of
         #: submits that share it at once (``PendingSubmit.acked``).
         self.acked = self.sequenced
+        #: What its hello's token grants (``cluster.credentials``); None before the hello.
+        self.grant: Grant | None = None
 
     # --- writing --------------------------------------------------------------------------
 
@@ -282,7 +287,8 @@ class Gateway:
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
-        self._token = config.client_token.encode()
+        self.access = Access(config, metrics.credential_refusals)
+        self._credentials_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
@@ -290,12 +296,14 @@ class Gateway:
             self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG
         )
         self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
+        self._credentials_watch = asyncio.create_task(self.access.watch(self._credentials_changed), name="gateway-credentials")
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
+        for task in (self._ticker, self._credentials_watch):
+            if task is not None:
+                task.cancel()
         for conn in list(self.connections):
             conn.close()
         if self._server is not None:
@@ -338,6 +346,8 @@ class Gateway:
             self.awaiting_hello.pop(conn, None)
             self.welcomed.discard(conn)
             self._count_connections()
+            if conn.grant is not None:
+                conn.grant.disconnect(conn.session, conn.subscription is not None)
 
     # --- admission: connections waiting for their hello have their own, smaller table ------
 
@@ -371,6 +381,19 @@ class Gateway:
         conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, limit))
         conn._flush()
         conn.close()
+
+    def _credentials_changed(self, grants: list[Grant]) -> None:
+        """The credentials file changed the rights of `grants`: their connections that may no
+        longer do what they do (revoked, outside the session prefixes, subscribed without the
+        role) are refused and closed."""
+        changed = set(grants)
+        for conn in list(self.connections):
+            grant = conn.grant
+            if grant in changed and not conn.closed:
+                problem = grant.session_refusal(conn.session) or (conn.subscription is not None and grant.role_refusal(submit=False))
+                if problem:
+                    log.info("closing %s (session %r): %s", conn.peer, conn.session, problem)
+                    conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
 
     def _count_connections(self) -> None:
         metrics = self.metrics
@@ -426,9 +449,8 @@ class Gateway:
         if not conn.in_flight:
             return False
         frame_max = limits.FRAME_BYTES_MAX
-        return (
-            conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max
-            or self.batcher.held_bytes + frame_max > self.node_config.batcher.held_bytes_max
+        return conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max or not self.batcher.has_room(
+            frame_max, priority=conn.grant is not None and conn.grant.priority
         )
 
     async def _wait_for_room(self, conn: Connection) -> None:
@@ -516,10 +538,16 @@ class Gateway:
                 f"this node speaks protocol {protocol.PROTOCOL_VERSION}, the client {hello.protocol_version}",
             )
             return
-        if self._token and not hmac.compare_digest(hello.token.encode(), self._token):
-            # One reason for both cases, so that clients of every version see a refusal; the
-            # detail (and the log) says which: no token at all, or one that is not ours.
-            problem = "wrong token" if hello.token else TOKEN_REQUIRED_DETAIL
+        grant = self.access.authenticate(hello.token)
+        if grant is None:
+            self._refuse_connection(conn, LIMIT_CHECKS)
+            return
+        problem = grant if isinstance(grant, str) else grant.session_refusal(hello.session)
+        if isinstance(grant, str) or problem:
+            # One reason for every case, so that clients of every version see a refusal; the
+            # detail (and the log) says which: no token at all, one that is not ours, a
+            # credential revoked or outside its session prefixes (``cluster.credentials``).
+            problem = problem or TOKEN_REQUIRED_DETAIL
             log.warning("authentication failed from %s (session %r): %s", conn.peer, hello.session, problem)
             conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
             return
@@ -532,6 +560,11 @@ class Gateway:
             return
         if not self._authenticated(conn):
             return
+        limit = grant.connect(hello.session)
+        if limit:
+            self._refuse_connection(conn, limit)
+            return
+        conn.grant = grant
         conn.session = hello.session
         conn.claim_pending = bool(hello.owner)
         node = self.node
@@ -552,6 +585,16 @@ class Gateway:
         ``digests[i]``, 0: none), each answered on its own."""
         node = self.node
         metrics = self.metrics
+        grant = conn.grant
+        assert grant is not None, "a submit on a connection without a hello"
+        admitted, quota_retry_ms, quota = len(payloads), 0, ""
+        if grant.checked:
+            refusal = grant.role_refusal(submit=True)
+            if refusal:
+                conn.reject_and_close(RejectReason.AUTH_FAILED, refusal)
+                return
+            if node.is_leader():
+                admitted, quota_retry_ms, quota = grant.admit(payloads, time.monotonic())
         if not node.is_leader():
             leader = node.leader_client_address()
             for i in range(len(payloads)):
@@ -569,9 +612,11 @@ class Gateway:
         read_ns = conn.read_ns
         in_flight_max = self.config.in_flight_per_session_max
         in_flight_bytes_max = self.config.in_flight_bytes_per_connection_max
+        priority = grant.priority
         if (
             len(payloads) > 1
             and limit is None
+            and admitted == len(payloads)
             and not conn.claim_pending
             and conn.in_flight + len(payloads) <= in_flight_max
             and conn.in_flight_bytes + (payload_bytes := sum(map(len, payloads))) <= in_flight_bytes_max
@@ -582,25 +627,29 @@ class Gateway:
                 PendingSubmit(session, first_client_seq + i, payload, reply, owner, False, digests[i], read_ns, acked)
                 for i, payload in enumerate(payloads)
             ]
-            if batcher.offer_all(submits):
+            if batcher.offer_all(submits, priority=priority):
                 conn.in_flight += len(submits)
                 conn.in_flight_bytes += payload_bytes
                 batcher.flush()
                 return
         for i, payload in enumerate(payloads):
             client_seq = first_client_seq + i
+            if limit is None and i >= admitted:
+                limit = (quota, quota_retry_ms)
             if limit is None and conn.in_flight >= in_flight_max:
                 limit = ("in_flight_per_session", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if limit is None and conn.in_flight_bytes + len(payload) > in_flight_bytes_max:
                 limit = ("in_flight_bytes_per_connection", BUSY_RETRY_AFTER_IN_FLIGHT_MS)
             if conn.claim_pending and limit is None:
                 submit = PendingSubmit(session, client_seq, payload, self.claim_reply(conn), owner, True, digests[i], read_ns)
-                if not batcher.offer(submit, propose=False):
+                if not batcher.offer(submit, propose=False, priority=priority):
                     limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
                 else:
                     conn.claim_pending = False
             elif limit is None and not batcher.offer(
-                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], read_ns, acked), propose=False
+                PendingSubmit(session, client_seq, payload, reply, owner, False, digests[i], read_ns, acked),
+                propose=False,
+                priority=priority,
             ):
                 limit = ("leader_queue", BUSY_RETRY_AFTER_LEADER_QUEUE_MS)
             if limit is not None:
@@ -618,6 +667,11 @@ class Gateway:
         metrics = self.metrics
         if conn.subscription is not None:
             conn.reject_and_close(RejectReason.BAD_FRAME, "one subscription per connection")
+            return
+        assert conn.grant is not None, "a subscribe on a connection without a hello"
+        refusal = conn.grant.role_refusal(submit=False)
+        if refusal:
+            conn.reject_and_close(RejectReason.AUTH_FAILED, refusal)
             return
         if self.subscribers >= self.config.subscribers_max:
             metrics.refused("busy")
@@ -650,6 +704,11 @@ class Gateway:
                     f"this node serves {first}..{end + 1} (from_seq {subscribe.from_seq})",
                 )
             )
+            return
+        limit = conn.grant.subscribe()
+        if limit:
+            metrics.refused("busy")
+            conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, limit))
             return
         conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe))
 

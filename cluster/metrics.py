@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from raftseq.cluster.quotas import RefusalCounts
 from raftseq.sequencer.protocol import RejectReason, Role
 
 if TYPE_CHECKING:
@@ -168,6 +169,12 @@ METRICS = (
         "Idle sessions evicted from a full session table for new ones (since the machine was last restored)",
     ),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
+    MetricSpec(
+        "raftseq_credential_refusals_total",
+        "counter",
+        ("credential", "limit"),
+        "Refusals of named credentials, by credential (the first 50 named, the rest 'other') and limit or rule",
+    ),
     # Clients and subscribers.
     MetricSpec("raftseq_clients_connected", "gauge", (), "Open client connections whose hello was welcomed"),
     MetricSpec("raftseq_clients_awaiting_hello", "gauge", (), "Open client connections that have not said hello yet"),
@@ -309,6 +316,8 @@ class NodeMetrics:
         self.raft_log_fsync_latency = _Histogram(FSYNC_BUCKETS_S)
         self.raft_log_entries_per_fsync = _Histogram(BATCH_SIZE_BUCKETS)
         self.verify_failures = dict.fromkeys(VERIFY_CHECKS, 0)
+        #: Refusals of named credentials, per (credential, limit) (``cluster.credentials``).
+        self.credential_refusals = RefusalCounts()
         #: The journal cursors of the subscriptions being served (added when a subscription
         #: starts, discarded when it ends); their ``next_seq`` gives subscriber lag at scrape time.
         self.subscriber_cursors: set = set()
@@ -436,6 +445,7 @@ class NodeCollector:
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
         yield family("raftseq_duplicate_submits_total", value=m.duplicates)
         yield family("raftseq_refusals_total", tuple(((reason,), count) for reason, count in m.refusals.items()))
+        yield family("raftseq_credential_refusals_total", tuple(m.credential_refusals.counts.copy().items()))
 
         # --- clients and subscribers ------------------------------------------------------
         yield family("raftseq_clients_connected", value=m.clients_connected)

@@ -780,3 +780,93 @@ def test_random_histories_answer_every_submit_exactly_once(seed):
                 assert (outcome.session, outcome.client_seq) == (session, client_seq)
 
     run(story)
+
+
+# --- the priority lane ----------------------------------------------------------------------
+
+
+def test_a_priority_submit_goes_first_in_the_next_batch():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(in_flight_max=1)
+        assert batcher.offer(replies.submit("bulk", 1))  # proposed at once
+        for seq in (2, 3, 4):
+            assert batcher.offer(replies.submit("bulk", seq))
+        assert batcher.offer(replies.submit("admin", 1), priority=True)
+        # Proposed at once, one batch beyond in_flight_max, alone.
+        assert [p.keys for p in raft.proposals] == [[("bulk", 1)], [("admin", 1)]]
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        assert batcher.offer(replies.submit("admin", 2), priority=True, propose=False)
+        raft.commit(raft.proposals[1])
+        await replies.wait_for(2)
+        # With room in the pipeline: the priority submit first, then the bulk ones queued before it.
+        assert raft.proposals[2].keys == [("admin", 2), ("bulk", 2), ("bulk", 3), ("bulk", 4)]
+        await commit_everything(raft, replies, batcher)
+        assert [(s, c, outcome.seq) for s, c, outcome in replies.got] == [
+            ("bulk", 1, 1),
+            ("admin", 1, 2),
+            ("admin", 2, 3),
+            ("bulk", 2, 4),
+            ("bulk", 3, 5),
+            ("bulk", 4, 6),
+        ]
+
+    run(story)
+
+
+def test_a_priority_submit_is_proposed_while_bulk_batches_fill_the_pipeline():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(in_flight_max=2, entries_max=2)
+        for seq in range(1, 11):
+            assert batcher.offer(replies.submit("bulk", seq))
+        assert batcher.in_flight == 2 and batcher.queued == 7
+        assert batcher.offer(replies.submit("admin", 1), priority=True)
+        assert batcher.in_flight == 3, "the priority submit waited for a bulk batch to commit"
+        assert raft.proposals[-1].keys == [("admin", 1)], "bulk submits went beyond the pipeline's depth with it"
+        # No further batch beyond the one: the next priority submit waits for a commit, bulk as before.
+        assert batcher.offer(replies.submit("admin", 2), priority=True)
+        assert batcher.in_flight == 3 and batcher.queued == 8
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        assert raft.proposals[-1].keys == [("admin", 2)], "the pipeline is still full of bulk batches: alone again"
+        await commit_everything(raft, replies, batcher)
+        assert len(replies.got) == 12
+
+    run(story)
+
+
+def test_a_full_bulk_queue_never_refuses_the_priority_lane_and_the_lane_has_its_own_bound():
+    async def story():
+        payload = bytes(1000)
+        cost = PendingSubmit("bulk", 1, payload, lambda *_: None).cost_bytes
+        raft, replies, batcher = batcher_on_fakes(
+            queue_entries_max=3, held_bytes_max=4 * cost, priority_queue_entries_max=2, in_flight_max=1
+        )
+        for seq in range(1, 5):
+            assert batcher.offer(replies.submit("bulk", seq, payload))
+        assert batcher.offer(replies.submit("bulk", 5, payload)) is False, "the bulk queue is full"
+        assert not batcher.has_room(cost)
+        assert batcher.has_room(cost, priority=True)
+        assert batcher.offer(replies.submit("admin", 1, payload), priority=True, propose=False)
+        assert batcher.offer_all([replies.submit("admin", 2, payload)], priority=True)
+        assert batcher.offer(replies.submit("admin", 3, payload), priority=True) is False, "the lane is bounded"
+        assert batcher.offer_all([replies.submit("admin", 3, payload)], priority=True) is False
+        batcher.flush()
+        assert raft.proposals[1].keys[:2] == [("admin", 1), ("admin", 2)]
+        await commit_everything(raft, replies, batcher)
+        assert batcher.held_bytes == 0 and batcher.queued == 0
+        assert sorted((s, c) for s, c, _ in replies.got) == [("admin", 1), ("admin", 2)] + [("bulk", i) for i in range(1, 5)]
+
+    run(story)
+
+
+def test_stop_answers_the_priority_lane_too():
+    async def story():
+        raft, replies, batcher = batcher_on_fakes(in_flight_max=1)
+        assert batcher.offer(replies.submit("bulk", 1))
+        assert batcher.offer(replies.submit("admin", 1), priority=True, propose=False)
+        batcher.stop("no longer leader")
+        assert len(replies.got) == 2 and all(isinstance(outcome, CommitOutcome) for _, _, outcome in replies.got)
+        assert batcher.has_room(1, priority=True) and batcher.queued == 0
+
+    run(story)

@@ -16,8 +16,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raftseq.cluster import metrics as M
+from raftseq.cluster.config import OTHER_CREDENTIALS_LABEL
 from raftseq.cluster.local import local_configs
 from raftseq.cluster.node import Node
+from raftseq.cluster.quotas import CREDENTIAL_REFUSALS
 from raftseq.cluster.raft import RAFT_COUNTERS
 from raftseq.sequencer.protocol import Role
 
@@ -181,6 +183,9 @@ def test_labels_take_values_from_fixed_sets_only(node):
         "follower": ids,
         "peer": ids,
         "node": {node.config.id},
+        # Named credentials: bounded by CREDENTIAL_LABELS_MAX (tests/test_credentials.py).
+        "credential": {OTHER_CREDENTIALS_LABEL},
+        "limit": set(CREDENTIAL_REFUSALS),
     }
     for name, family in families.items():
         if not name.startswith("raftseq_"):

@@ -472,8 +472,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 WIDE,
                 "Refusals by reason",
-                "Submits and requests refused per second, by reason (busy, not_leader, outcome_unknown, …).",
-                [(f"sum by (reason) (rate(raftseq_refusals_total{{{N}}}[{RATE}]))", "{{reason}}")],
+                "Submits and requests refused per second, by reason (busy, not_leader, outcome_unknown, …), and those of "
+                "named credentials by credential and limit (raftseq cred; docs/operating.md, Credentials and quotas).",
+                [
+                    (f"sum by (reason) (rate(raftseq_refusals_total{{{N}}}[{RATE}]))", "{{reason}}"),
+                    (f"sum by (credential, limit) (rate(raftseq_credential_refusals_total{{{N}}}[{RATE}]))", "{{credential}} {{limit}}"),
+                ],
                 unit="ops",
             ),
             Panel(

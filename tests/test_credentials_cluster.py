@@ -1,0 +1,248 @@
+"""Credentials on a real three-node cluster (``cluster.credentials``): a credential over its
+message rate gets ``Busy`` while another is unaffected; refusals are typed and sequence
+nothing; a revoked credential's connection is closed with ``Rejected``; a client of the previous
+release uses a credential as its token unchanged.
+
+One cluster for the module (``cluster``), its nodes naming a credentials file made first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.request
+
+import pytest
+from cluster_harness import ClusterHarness, RawConnection, run_seed
+from test_credentials import make_file
+from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, materialise
+
+from raftseq.clients import SequencerClient, subscribe
+from raftseq.clients.errors import Rejected, TokenRejected
+from raftseq.cluster.cli.command import main
+from raftseq.cluster.config import METRICS_PAGE_REUSE_S
+from raftseq.cluster.credentials import Quotas
+from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
+from raftseq.cluster.quotas import LIMIT_MESSAGES
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import RejectReason
+
+#: The rate of the limited credential, in messages a second (its burst: one second of it).
+SLOW_RATE_PER_S = 20
+#: Submits each credential sends in one SubmitBatch.
+BATCH = 3 * SLOW_RATE_PER_S
+#: Bound on every wait for the nodes; revocation is seen within ``CREDENTIALS_POLL_INTERVAL_S``.
+WAIT_S = 20.0
+SCRAPE_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cred")
+    path = root / "credentials.json"
+    tokens = make_file(
+        path,
+        ("slow", ["submit"], ["slow-"], {"quotas": Quotas(messages_per_s=SLOW_RATE_PER_S)}),
+        ("fast", ["submit"], ["fast-"], {}),
+        ("reader", ["subscribe"], ["reader-"], {}),
+        ("writer", ["submit"], [], {}),
+        ("temp", ["submit", "subscribe"], [], {}),
+        ("previous", ["submit"], ["previous-release-"], {}),
+        ("previous-reader", ["subscribe"], [], {}),
+    )
+    seed = run_seed()
+    harness = ClusterHarness(str(root / "c"), free_base_port(random.Random(seed)), seed=seed, overrides={"credentials_file": str(path)})
+    try:
+        harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
+        print(harness.describe(), flush=True)
+        yield harness, str(path), tokens
+    finally:
+        harness.stop()
+        print(harness.log_tails(), flush=True)
+
+
+def leader_endpoint(h: ClusterHarness) -> str:
+    return h.wait_for_leader()["address"]
+
+
+def credential_refusals(h: ClusterHarness) -> dict[tuple[str, str], float]:
+    """``raftseq_credential_refusals_total`` summed over the nodes, by (credential, limit)."""
+    found: dict[tuple[str, str], float] = {}
+    for node in h.nodes:
+        with urllib.request.urlopen(f"http://{node.config.metrics_address}/metrics", timeout=SCRAPE_TIMEOUT_S) as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith("raftseq_credential_refusals_total{"):
+                    labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
+                    key = (labels["credential"].strip('"'), labels["limit"].strip('"'))
+                    found[key] = found.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def counted(h: ClusterHarness, enough) -> dict[tuple[str, str], float]:
+    """``credential_refusals`` once `enough` says it holds what the test did (a node serves
+    one page for ``METRICS_PAGE_REUSE_S``): polled, for at most ``WAIT_S``."""
+    deadline = time.monotonic() + WAIT_S
+    while not enough(found := credential_refusals(h)) and time.monotonic() < deadline:
+        time.sleep(METRICS_PAGE_REUSE_S)
+    return found
+
+
+def acked_and_busy(conn: RawConnection, count: int) -> tuple[int, list[protocol.Busy]]:
+    """Read answers until `count` submits are answered: how many were acknowledged, the Busys."""
+    acked, busy = 0, []
+    while acked + len(busy) < count:
+        frame = conn.next_frame(timeout_s=WAIT_S)
+        assert frame is not None, f"closed after {acked} acks and {len(busy)} busy"
+        if isinstance(frame, protocol.AckRange):
+            acked += frame.count
+        elif isinstance(frame, protocol.Ack):
+            acked += 1
+        else:
+            assert isinstance(frame, protocol.Busy), frame
+            busy.append(frame)
+    return acked, busy
+
+
+def test_a_credential_over_its_message_rate_gets_busy_while_another_is_unaffected(cluster):
+    h, _, tokens = cluster
+    leader = leader_endpoint(h)
+    before = credential_refusals(h)
+    with RawConnection(leader) as slow, RawConnection(leader) as fast:
+        assert isinstance(slow.hello("slow-1", tokens["slow"]), protocol.Welcome)
+        assert isinstance(fast.hello("fast-1", tokens["fast"]), protocol.Welcome)
+        payloads = [b"p%03d" % i for i in range(BATCH)]
+        slow.send_frame(protocol.SubmitBatch(1, payloads))
+        fast.send_frame(protocol.SubmitBatch(1, payloads))
+        slow_acked, slow_busy = acked_and_busy(slow, BATCH)
+        fast_acked, fast_busy = acked_and_busy(fast, BATCH)
+    print(f"slow: {slow_acked} acked, {len(slow_busy)} busy; fast: {fast_acked} acked, {len(fast_busy)} busy")
+    assert fast_acked == BATCH and not fast_busy, "the credential without a quota was held back"
+    # The burst (one second of the rate), and what the bucket refilled while the frame was read.
+    assert SLOW_RATE_PER_S <= slow_acked < BATCH
+    assert len(slow_busy) == BATCH - slow_acked
+    assert all(b.limit == LIMIT_MESSAGES and b.retry_after_ms > 0 for b in slow_busy)
+    assert [b.client_seq for b in slow_busy] == list(range(slow_acked + 1, BATCH + 1)), "refused from the first one over, in order"
+    key = ("slow", LIMIT_MESSAGES)
+    after = counted(h, lambda found: found.get(key, 0) - before.get(key, 0) >= len(slow_busy))
+    assert after[key] - before.get(key, 0) == len(slow_busy)
+    assert all(count == before.get(key, 0) for key, count in after.items() if key[0] == "fast")
+
+
+def test_a_limited_client_gets_everything_sequenced_once_at_its_rate(cluster):
+    h, _, tokens = cluster
+
+    async def story() -> tuple[list[int], float]:
+        async with SequencerClient(h.endpoints, session="slow-client", token=tokens["slow"]) as client:
+            started = time.monotonic()
+            seqs = await asyncio.wait_for(asyncio.gather(*(client.submit(b"m%d" % i) for i in range(BATCH))), WAIT_S)
+            return seqs, time.monotonic() - started
+
+    seqs, elapsed_s = asyncio.run(story())
+    print(f"{BATCH} submits at {SLOW_RATE_PER_S}/s took {elapsed_s:.2f} s")
+    assert len(set(seqs)) == BATCH
+    # A burst of one second's worth, then the rate: at least (BATCH - burst) / rate seconds.
+    assert elapsed_s >= (BATCH - 2 * SLOW_RATE_PER_S) / SLOW_RATE_PER_S
+
+
+def refusal_of(conn: RawConnection) -> protocol.Rejected:
+    frames = conn.frames_until_closed(timeout_s=WAIT_S)
+    rejected = [f for f in frames if isinstance(f, protocol.Rejected)]
+    assert rejected and rejected[-1].reason is RejectReason.AUTH_FAILED, frames
+    return rejected[-1]
+
+
+def test_bad_credentials_are_refused_with_typed_errors_and_sequence_nothing(cluster):
+    h, _, tokens = cluster
+    leader = leader_endpoint(h)
+    with RawConnection(leader) as conn:
+        assert "wrong token" in conn.hello("fast-1", "fast:not-its-secret").detail
+    with RawConnection(leader) as conn:
+        assert "wrong token" in conn.hello("fast-1", "nobody:secret").detail
+    with RawConnection(leader) as conn:
+        answer = conn.hello("slow-1", tokens["fast"])
+        assert answer.reason is RejectReason.AUTH_FAILED and "may not use session 'slow-1'" in answer.detail
+    with RawConnection(leader) as conn:
+        assert isinstance(conn.hello("reader-1", tokens["reader"]), protocol.Welcome)
+        conn.send_frame(protocol.Submit(1, b"must not be sequenced"))
+        assert "no submit role" in refusal_of(conn).detail
+    with RawConnection(leader) as conn:
+        assert isinstance(conn.hello("writer-1", tokens["writer"]), protocol.Welcome)
+        conn.send_frame(protocol.Subscribe(1))
+        assert "no subscribe role" in refusal_of(conn).detail
+
+    async def clients() -> list[str]:
+        seen = []
+        for session, token in (("slow-2", "slow:wrong"), ("other-1", tokens["slow"])):
+            with pytest.raises(TokenRejected) as caught:
+                async with SequencerClient(h.endpoints, session=session, token=token) as client:
+                    await client.submit(b"x")
+            seen.append(caught.value.detail)
+        async with SequencerClient(h.endpoints, session="reader-2", token=tokens["reader"]) as client:
+            with pytest.raises(Rejected) as caught:
+                await asyncio.wait_for(client.submit(b"must not be sequenced"), WAIT_S)
+            seen.append(caught.value.detail)
+        return seen
+
+    details = asyncio.run(clients())
+    assert "wrong token" in details[0] and "may not use session" in details[1] and "no submit role" in details[2]
+
+    # Nothing of the refused sessions is in the stream (read with the shared token).
+    last = h.converged_seq() or 0
+
+    async def stream() -> set[str]:
+        sessions = set()
+        if last:
+            async for message in subscribe(h.endpoints, from_seq=1, token=h.token):
+                sessions.add(message.session)
+                if message.seq >= last:
+                    break
+        return sessions
+
+    assert not {"reader-1", "reader-2", "other-1", "slow-2"} & asyncio.run(asyncio.wait_for(stream(), WAIT_S))
+
+
+def test_a_revoked_credential_has_its_connections_closed_with_rejected(cluster):
+    h, path, tokens = cluster
+    leader = leader_endpoint(h)
+    follower = next(h.endpoint(i) for i in h.node_ids if h.endpoint(i) != leader)
+    with RawConnection(leader) as submitter, RawConnection(follower) as subscriber:
+        assert isinstance(submitter.hello("temp-1", tokens["temp"]), protocol.Welcome)
+        submitter.send_frame(protocol.Submit(1, b"before revocation"))
+        assert isinstance(submitter.next_frame(timeout_s=WAIT_S), protocol.Ack)
+        assert isinstance(subscriber.hello("temp-sub", tokens["temp"]), protocol.Welcome)
+        subscriber.send_frame(protocol.Subscribe(1))
+        assert main(["cred", "revoke", path, "temp"]) == 0
+        started = time.monotonic()
+        for conn in (submitter, subscriber):
+            assert "revoked" in refusal_of(conn).detail
+        print(f"both connections closed {time.monotonic() - started:.2f} s after the revocation")
+    with RawConnection(leader) as conn:
+        answer = conn.hello("temp-2", tokens["temp"])
+        assert answer.reason is RejectReason.AUTH_FAILED and "revoked" in answer.detail
+
+
+def test_a_client_of_the_previous_release_uses_a_credential_as_its_token(cluster, tmp_path):
+    h, _, tokens = cluster
+    release = materialise(PREVIOUS_RELEASE_COMMIT, PREVIOUS_RELEASE, str(tmp_path))
+    load = release.start_client_load(h.endpoints, token=tokens["previous"], rate_per_s=200, count_max=50)
+    # It stops by itself after count_max submits (closing its stdin would stop it at once).
+    load.wait(timeout=WAIT_S * 3)
+    assert load.returncode == 0, load.stderr.read()
+    assert len(set(json.loads(load.stdout.read()))) == 50
+    load.stdin.close()
+    # A refusal of a credential reaches it as a reason it knows: it fails, it does not hang.
+    code = (
+        "import asyncio, sys\n"
+        "from raftseq.clients import SequencerClient\n"
+        "async def main():\n"
+        "    async with SequencerClient(sys.argv[1].split(','), session='old-reader', token=sys.argv[2]) as c:\n"
+        "        try:\n"
+        "            await asyncio.wait_for(c.submit(b'x'), 20)\n"
+        "        except Exception as exc:\n"
+        "            print(type(exc).__name__, getattr(exc, 'reason', None))\n"
+        "asyncio.run(main())\n"
+    )
+    printed = release.run_python(code, ",".join(h.endpoints), tokens["previous-reader"])
+    assert printed.split() == ["Rejected", "RejectReason.AUTH_FAILED"], printed
