@@ -183,6 +183,9 @@ class Node:
     def is_leader(self) -> bool:
         return self.role is Role.LEADER
 
+    def raft_log_backlogged(self) -> bool:
+        return self.replica is not None and self.replica.raft_log.writer_backlogged()
+
     def leader_client_address(self) -> str:
         if self.role is Role.LEADER:
             return self.config.client_address

@@ -146,6 +146,7 @@ RAFT_COUNTERS = (
     "raftseq_peer_messages_refused",
     "raftseq_acks_held_for_fsync",
     "raftseq_commits_held_for_fsync",
+    "raftseq_appends_dropped_for_backlog",
     "ticks_failed",
     "link_frames_refused",
     "link_strangers_dropped",
@@ -216,6 +217,8 @@ class RaftMember(SyncObj):
     #: commit index was held back to what a majority had on disk.
     raftseq_acks_held_for_fsync = 0
     raftseq_commits_held_for_fsync = 0
+    #: AppendEntries carrying entries dropped while the Raft log writer was backlogged.
+    raftseq_appends_dropped_for_backlog = 0
     #: Our Raft log store when its durability is "power" (None otherwise).
     _raftseq_power_log: RaftLogStore | None = None
     #: Held success replies: node -> [(log cuts, term, next index)].
@@ -515,6 +518,8 @@ class RaftMember(SyncObj):
             self._raftseq_leader_contact = _now()
             if "prevLogIdx" not in message:
                 return self._raftseq_on_snapshot_chunk(node, message)
+            if message.get("entries") and self._raftseq_power_log is not None and self._raftseq_power_log.writer_backlogged():
+                return self._raftseq_drop_for_backlog()
             if "transmission" not in message:
                 return self._raftseq_on_append_entries(node, message)
         if kind == "next_node_idx" and self._SyncObj__raftState == LEADER:
@@ -526,6 +531,14 @@ class RaftMember(SyncObj):
                 self.raftseq_next_index_rewinds_refused += 1
             return None
         return _original_on_message(self, node, message)
+
+    def _raftseq_drop_for_backlog(self) -> None:
+        """A follower whose Raft log writer is behind its bound (a stalled disk) takes no new
+        entries, so that its memory stays bounded and its loop never waits for the disk: the
+        AppendEntries is dropped as if the network lost it (the leader sends the entries again
+        once this node answers a later one), but it is word from the leader (no election)."""
+        self.raftseq_appends_dropped_for_backlog += 1
+        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
 
     def _raftseq_refusal(self, node, message) -> str:
         """Why `message` from `node` is refused ("" when it is taken). pysyncobj hands on every
