@@ -45,6 +45,7 @@ import msgspec
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
+from raftseq.clients import errors
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, rejection
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason, payload_digest, payload_digests
@@ -594,6 +595,11 @@ class SequencerClient:
             # An earlier submit was refused (busy, leader change); it and all after it go again.
             self._schedule_resend(frame.expected_client_seq)
             return
+        if frame.reason is RejectReason.SEQUENCE_GAP and 0 < frame.expected_client_seq <= self._last_acked:
+            # The cluster's (committed) session state is behind what it acknowledged to this
+            # client: every resend would meet the same gap. Stop, with the typed error.
+            self._fail_all(errors.SessionForgotten(self.session, frame.expected_client_seq, self._last_acked))
+            raise ConnectionError(f"session {self.session!r} forgotten by the cluster")
         pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
         error = rejection(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
         if pending is not None:
