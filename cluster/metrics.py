@@ -121,10 +121,10 @@ METRICS = (
         "raftseq_raft_commits_held_for_fsync_total", "Leader ticks whose commit index waited for the leader's own fsync (power durability)"
     ),
     MetricSpec(
-        "raftseq_raft_appends_dropped_for_backlog_total",
+        "raftseq_raft_appends_dropped_total",
         "counter",
         (),
-        "AppendEntries with entries a follower dropped while its Raft log writer was behind its bound (power durability)",
+        "AppendEntries with entries a follower dropped while it took no new entries (Raft log writer behind its bound, or free disk below the minimum)",
     ),
     MetricSpec(
         "raftseq_raft_peer_messages_refused_total",
@@ -235,7 +235,7 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
     ("raftseq_raft_acks_held_for_fsync_total", "raftseq_acks_held_for_fsync"),
     ("raftseq_raft_commits_held_for_fsync_total", "raftseq_commits_held_for_fsync"),
-    ("raftseq_raft_appends_dropped_for_backlog_total", "raftseq_appends_dropped_for_backlog"),
+    ("raftseq_raft_appends_dropped_total", "raftseq_appends_dropped"),
     ("raftseq_raft_peer_messages_refused_total", "raftseq_peer_messages_refused"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),

@@ -382,8 +382,16 @@ class Node:
             return
         low = free < self.config.journal.disk_free_bytes_min
         if low != self.disk_low:
-            log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
+            log.warning(
+                "free disk %s: %d bytes (minimum %d)%s",
+                "LOW" if low else "ok",
+                free,
+                self.config.journal.disk_free_bytes_min,
+                ": submits refused, no new Raft entries taken until there is room" if low else "",
+            )
         self.disk_low = low
+        if self.replica is not None:
+            self.replica.raft_log.space_low = low
         if low and self.role is Role.LEADER and self.replica is not None:
             # A leader that refuses every submit would stall the cluster while two healthy
             # nodes wait: hand leadership to one of them (asked again each second until done).

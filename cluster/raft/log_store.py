@@ -266,6 +266,9 @@ class RaftLogStore:
         self.bytes_cut = 0
         self.syncs = 0
         self.entries_synced = 0
+        #: Set by the node while free disk is below ``journal.disk_free_bytes_min``: a follower
+        #: then takes no new entries (``refusing_entries``), the leader's gateway none either.
+        self.space_low = False
         #: Truncations and clears so far (a reply held for an entry since cut is dropped).
         self.cuts = 0
         self._entries: list[tuple[bytes, int, int]] = []
@@ -398,6 +401,11 @@ class RaftLogStore:
         """Bytes queued for the writer thread and not yet on disk (0 in crash mode). Read
         without the lock: one int, written under it by either thread."""
         return self._queue_bytes
+
+    def refusing_entries(self) -> bool:
+        """Whether the node should take no new entries: the writer is backlogged, or free disk
+        is below the minimum (``space_low``, set by the node's disk check)."""
+        return self.space_low or self.writer_backlogged()
 
     def writer_backlogged(self) -> bool:
         """More than ``RAFT_LOG_WRITE_QUEUE_BYTES_MAX`` bytes wait for the writer (a stalled

@@ -330,12 +330,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 HALF,
                 "Raft log writer backlog (power durability)",
-                "Bytes waiting for the Raft log's writer thread, and the bound past which the node takes no new entries (a stalled disk): the leader answers submits Busy (per second here), a follower drops AppendEntries carrying entries (per second).",
+                "Bytes waiting for the Raft log's writer thread, and the bound past which the node takes no new entries (a stalled disk): the leader answers submits Busy (per second here), a follower drops AppendEntries carrying entries (per second; also while its free disk is below the minimum).",
                 [
                     (f"raftseq_raft_log_writer_backlog_bytes{{{N}}}", "{{node}} backlog"),
                     (f"raftseq_raft_log_writer_backlog_max_bytes{{{N}}}", "{{node}} bound"),
                     (f"rate(raftseq_busy_raft_log_backlog_total{{{N}}}[{RATE}])", "{{node}} submits Busy/s"),
-                    (f"rate(raftseq_raft_appends_dropped_for_backlog_total{{{N}}}[{RATE}])", "{{node}} appends dropped/s"),
+                    (f"rate(raftseq_raft_appends_dropped_total{{{N}}}[{RATE}])", "{{node}} appends dropped/s"),
                 ],
             ),
             Panel(

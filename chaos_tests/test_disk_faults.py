@@ -1,0 +1,244 @@
+"""Failures of a node's disk, on a real three-node cluster whose data directories are on
+power-loss filesystems (``chaos_tests/powerfs.py``, its fault modes): a disk whose flushes
+stall, one whose fsync fails, one that is full.
+
+What must hold (``docs/operating.md``, "Disk failures"):
+
+* a stalled Raft log disk never blocks the node's loop: past the writer's bound the leader
+  answers ``Busy``, its memory stays bounded, and when the disk comes back it goes on with
+  nothing acknowledged lost;
+* a failed fsync (power durability) or a full disk ends that node with one clear log line and
+  an exit code that is not restarted blindly; the others carry on, nothing acknowledged is lost.
+
+Each test prints its seed (``RAFTSEQ_CHAOS_SEED=N`` replays the ports) and its figures. They
+fail, never skip, where FUSE cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from chaos_tests import powerfs
+from chaos_tests.cluster import ChaosCluster, wait_until
+from chaos_tests.test_scenarios import chaos_seed
+from raftseq.clients import SequencerClient
+from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+from raftseq.cluster.node_exit import NodeExit
+from raftseq.cluster.restarts import operator_exit
+from raftseq.sequencer.journal import Journal
+
+#: The Raft log's segments, as paths inside a node's data directory on its powerfs.
+RAFT_LOG_SEGMENTS = "/raft/log-"
+#: A scrape of a node whose loop runs answers within this (the machine is shared and slow).
+SCRAPE_TIMEOUT_S = 5.0
+#: From the stall to the first Busy: the workload fills the writer's 64 MiB bound in seconds.
+BUSY_WITHIN_S = 90.0
+#: How long the stall is held once Busy answers come, watching the node's memory.
+STALL_WATCH_S = 8.0
+#: Growth of the stalled leader's resident memory allowed from the stall to its end: the
+#: writer's bound and what the batcher held when it was reached (``batcher.held_bytes_max``,
+#: 64 MiB), the entries themselves in the Raft log, and room for the allocator.
+RSS_GROWTH_MAX_BYTES = 5 * RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+PAYLOAD = b"d" * 1000
+
+
+def _scrape(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
+        text = answer.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if set(s.labels) <= {"node"}}
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class Load:
+    """A pipelined client on its own thread and loop: submits until stopped, keeping every
+    acknowledgement (seq -> payload)."""
+
+    def __init__(self, endpoints: list[str], token: str, *, session: str) -> None:
+        self.endpoints = endpoints
+        self.token = token
+        self.session = session
+        self.acked: dict[int, bytes] = {}
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name=f"load-{session}", daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the load did not end within {timeout_s} s"
+
+    async def _run(self) -> None:
+        async with SequencerClient(self.endpoints, session=self.session, token=self.token, in_flight_max=2000) as client:
+            futures = []
+            n = 0
+            while not self._stop.is_set():
+                await asyncio.wait_for(client.wait_for_room(), 600)
+                n += 1
+                payload = PAYLOAD + b"%d" % n
+                future = client.submit_nowait(payload)
+                future.add_done_callback(lambda f, p=payload: self._done(f, p))
+                futures.append(future)
+                if n % 200 == 0:
+                    futures = [f for f in futures if not f.done()]
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 300)
+
+    def _done(self, future: asyncio.Future, payload: bytes) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.errors.append(future.exception())
+        else:
+            self.acked[future.result()] = payload
+
+
+def _check_journals(cluster: ChaosCluster, acked: dict[int, bytes]) -> int:
+    """Stop the nodes (their filesystems stay mounted) and check that every node's journal
+    holds every acknowledged payload at its number. Returns the journals' last seq."""
+    for node_id in cluster.node_ids:
+        if cluster.is_running(node_id):
+            cluster.kill(node_id, 15)
+            cluster.reap(node_id)
+    lasts = set()
+    for node_id in cluster.node_ids:
+        journal = Journal.open(cluster.journal_dir(node_id), readonly=True)
+        try:
+            assert not journal.holes, f"{node_id}: holes {journal.holes}"
+            held = {record.seq: record.payload for record in journal.records()}
+            lasts.add(journal.last_seq)
+        finally:
+            journal.close()
+        lost = [seq for seq, payload in acked.items() if held.get(seq) != payload]
+        assert not lost, f"{node_id}: {len(lost)} acknowledged messages lost or changed, first {sorted(lost)[:5]}"
+    assert len(lasts) == 1, f"the journals end at different numbers: {lasts}"
+    return lasts.pop()
+
+
+def test_a_leader_whose_raft_log_disk_stalls_answers_busy_stays_bounded_and_loses_nothing(tmp_path):
+    ok, why = powerfs.supported()
+    assert ok, f"the power-loss filesystem cannot run here: {why}"
+    seed = chaos_seed()
+    cluster = ChaosCluster(
+        str(tmp_path / "cluster"), rng=random.Random(seed), network="none", powerfs=["n1", "n2", "n3"], durability="power"
+    )
+    load = None
+    try:
+        leader = cluster.start()["node"]
+        print(f"seed {seed}: leader {leader}", flush=True)
+        metrics = cluster.node(leader).config.metrics_address
+        pid = cluster.pid(leader)
+        load = Load(cluster.endpoints, cluster.token, session="stall").start()
+        wait_until(lambda: len(load.acked) >= 2000, timeout_s=60, what="the load under way")
+        rss_before = _rss_bytes(pid)
+
+        cluster.powerfs[leader].fault("stall", prefix=RAFT_LOG_SEGMENTS)
+        stalled_at = time.monotonic()
+        acked_at_stall = len(load.acked)
+        # The leader's loop keeps answering (a scrape is served on it) while its writer is
+        # stuck; once the writer's backlog passes its bound, submits are answered Busy.
+        busy = wait_until(
+            lambda: _scrape(metrics).get("raftseq_busy_raft_log_backlog_total", 0) > 0,
+            timeout_s=BUSY_WITHIN_S,
+            what=f"{leader} answering Busy for its stalled Raft log",
+        )
+        busy_after_s = time.monotonic() - stalled_at
+        assert busy
+        samples = _scrape(metrics)
+        assert samples["raftseq_raft_log_writer_backlog_bytes"] > RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+        rss_at_busy = _rss_bytes(pid)
+        rss_peak = rss_at_busy
+        watch_until = time.monotonic() + STALL_WATCH_S
+        scrapes = 0
+        while time.monotonic() < watch_until:
+            started = time.monotonic()
+            samples = _scrape(metrics)  # answers, within SCRAPE_TIMEOUT_S, every time
+            scrapes += 1
+            assert time.monotonic() - started < SCRAPE_TIMEOUT_S
+            rss_peak = max(rss_peak, _rss_bytes(pid))
+            time.sleep(0.5)
+        backlog_during = samples["raftseq_raft_log_writer_backlog_bytes"]
+        busy_count = samples["raftseq_busy_raft_log_backlog_total"]
+        entry = cluster.status(nodes=[leader])["nodes"][0]
+        assert entry.get("role") == "leader", f"the stalled leader answers status, as leader: {entry}"
+
+        counters = cluster.powerfs[leader].fault("none")
+        resumed_at = time.monotonic()
+        acked_at_resume = len(load.acked)
+        wait_until(
+            lambda: _scrape(metrics)["raftseq_raft_log_writer_backlog_bytes"] == 0,
+            timeout_s=120,
+            what=f"{leader}'s writer catching up",
+        )
+        wait_until(lambda: len(load.acked) >= acked_at_resume + 2000, timeout_s=120, what="acknowledgements again")
+        caught_up_s = time.monotonic() - resumed_at
+        load.stop()
+        assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+        last = cluster.wait_converged(at_least=max(load.acked))
+        print(
+            f"seed {seed}: stalled {leader}'s Raft log fsyncs ({counters['stalled_calls']} held); Busy after {busy_after_s:.1f} s "
+            f"({acked_at_stall} acked before the stall); backlog {backlog_during / 2**20:.0f} MiB (bound "
+            f"{RAFT_LOG_WRITE_QUEUE_BYTES_MAX / 2**20:.0f} MiB), {busy_count:.0f} submits Busy, {scrapes} scrapes answered; "
+            f"RSS {rss_before / 2**20:.0f} MiB before, {rss_at_busy / 2**20:.0f} at the first Busy, peak {rss_peak / 2**20:.0f}; "
+            f"caught up {caught_up_s:.1f} s after the disk came back; {len(load.acked)} acknowledged, last seq {last}",
+            flush=True,
+        )
+        assert rss_peak - rss_before < RSS_GROWTH_MAX_BYTES, f"{leader} grew by {(rss_peak - rss_before) / 2**20:.0f} MiB"
+        assert _check_journals(cluster, load.acked) >= max(load.acked)
+    finally:
+        if load is not None and load._thread.is_alive():
+            load._stop.set()
+        cluster.stop()
+
+
+def test_a_failed_fsync_in_power_durability_stops_that_node_alone_with_one_clear_line(tmp_path):
+    ok, why = powerfs.supported()
+    assert ok, f"the power-loss filesystem cannot run here: {why}"
+    seed = chaos_seed()
+    cluster = ChaosCluster(
+        str(tmp_path / "cluster"), rng=random.Random(seed), network="none", powerfs=["n1", "n2", "n3"], durability="power"
+    )
+    load = None
+    try:
+        leader = cluster.start()["node"]
+        load = Load(cluster.endpoints, cluster.token, session="eio").start()
+        wait_until(lambda: len(load.acked) >= 1000, timeout_s=60, what="the load under way")
+        victim = leader  # the hardest case: the node that acknowledges
+        cluster.powerfs[victim].fault("eio", prefix=RAFT_LOG_SEGMENTS)
+        code = wait_until(
+            lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=30, what=f"{victim} stopping"
+        )[0]
+        acked_at_exit = len(load.acked)
+        wait_until(lambda: len(load.acked) >= acked_at_exit + 1000, timeout_s=60, what="the other two acknowledging")
+        load.stop()
+        assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+        critical = [line for line in cluster.log_text(victim).splitlines() if "CRITICAL" in line]
+        print(f"seed {seed}: {victim} exited {code}; its log: {critical}", flush=True)
+        assert code == NodeExit.DISK_FAILED and operator_exit(code) is NodeExit.DISK_FAILED, code
+        assert len(critical) == 1 and "Input/output error" in critical[0] and "never taken as written" in critical[0], critical
+        # Once the disk is replaced (here: the fault ends), the node restarts on what it had
+        # synced and catches up.
+        cluster.powerfs[victim].fault("none")
+        cluster.restart(victim)
+        cluster.wait_converged(at_least=max(load.acked))
+        _check_journals(cluster, load.acked)
+    finally:
+        if load is not None and load._thread.is_alive():
+            load._stop.set()
+        cluster.stop()
