@@ -41,8 +41,9 @@ with ``prefix`` (``"/raft/log-"``: the Raft log's segments), until ``fault("none
 - ``"stall"``: an ``fsync``/``fdatasync`` waits (the FUSE call is held outside the model's
   lock, so every other call goes on): a disk whose flushes hang;
 - ``"eio"``: an ``fsync`` fails with EIO: a disk that could not write what it was given;
-- ``"enospc"``: ``write``, ``create`` and ``mkdir`` fail with ENOSPC and ``statfs`` reports no
-  free space: a full disk. (Fewer bytes than asked are never written: a write fails whole.)
+- ``"enospc"``: ``write``, ``create`` and ``mkdir`` fail with ENOSPC: a full disk (with no
+  prefix ``statfs`` reports no free space too; with one, free space looks ample, as when the
+  disk fills between two checks). A write fails whole: fewer bytes than asked are never written.
 
 **The daemon** (``PowerFS``) is a process of its own, ``unshare -m`` then this file run as a
 script with ``serve``: its mount lives in a private mount namespace (the node runs under
@@ -475,7 +476,7 @@ class PowerLossOperations:
         found = {
             key: getattr(v, key) for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_namemax")
         }
-        if self.fault == "enospc":
+        if self.fault == "enospc" and not self.fault_prefix:
             found["f_bfree"] = found["f_bavail"] = 0
         return found
 

@@ -22,10 +22,12 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos_tests import powerfs
-from chaos_tests.cluster import ChaosCluster, wait_until
+from chaos_tests.cluster import ChaosCluster, tmpfs_supported, wait_until
 from chaos_tests.test_scenarios import chaos_seed
 from raftseq.clients import SequencerClient
 from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
@@ -46,6 +48,10 @@ STALL_WATCH_S = 8.0
 #: 64 MiB), the entries themselves in the Raft log, and room for the allocator.
 RSS_GROWTH_MAX_BYTES = 5 * RAFT_LOG_WRITE_QUEUE_BYTES_MAX
 PAYLOAD = b"d" * 1000
+#: The low-disk test: each node's data directory on a tmpfs this big, refusing below this much free.
+TMPFS_BYTES = 24 << 20
+DISK_FREE_MIN_BYTES = 2 << 20
+DISK_FREE_MIN = {"journal": {"disk_free_bytes_min": DISK_FREE_MIN_BYTES}}
 
 
 def _scrape(address: str) -> dict[str, float]:
@@ -131,114 +137,190 @@ def _check_journals(cluster: ChaosCluster, acked: dict[int, bytes]) -> int:
     return lasts.pop()
 
 
-def test_a_leader_whose_raft_log_disk_stalls_answers_busy_stays_bounded_and_loses_nothing(tmp_path):
-    ok, why = powerfs.supported()
-    assert ok, f"the power-loss filesystem cannot run here: {why}"
+@pytest.fixture
+def disk_cluster(tmp_path):
+    """``disk_cluster(durability, **options)``: a started ``ChaosCluster`` (every node on a
+    powerfs unless `options` say otherwise), a list for the test's ``Load``s, the leader and
+    the seed; the loads and the cluster are stopped at teardown."""
+    made: list[tuple[ChaosCluster, list[Load]]] = []
     seed = chaos_seed()
-    cluster = ChaosCluster(
-        str(tmp_path / "cluster"), rng=random.Random(seed), network="none", powerfs=["n1", "n2", "n3"], durability="power"
-    )
-    load = None
-    try:
+
+    def make(durability: str, **options) -> tuple[ChaosCluster, list[Load], str, int]:
+        ok, why = powerfs.supported()
+        assert ok, f"the power-loss filesystem cannot run here: {why}"
+        options.setdefault("powerfs", ["n1", "n2", "n3"])
+        cluster = ChaosCluster(str(tmp_path / "cluster"), rng=random.Random(seed), network="none", durability=durability, **options)
+        loads: list[Load] = []
+        made.append((cluster, loads))
         leader = cluster.start()["node"]
-        print(f"seed {seed}: leader {leader}", flush=True)
-        metrics = cluster.node(leader).config.metrics_address
-        pid = cluster.pid(leader)
-        load = Load(cluster.endpoints, cluster.token, session="stall").start()
-        wait_until(lambda: len(load.acked) >= 2000, timeout_s=60, what="the load under way")
-        rss_before = _rss_bytes(pid)
+        print(f"seed {seed} (RAFTSEQ_CHAOS_SEED={seed} replays): {durability} durability, leader {leader}", flush=True)
+        return cluster, loads, leader, seed
 
-        cluster.powerfs[leader].fault("stall", prefix=RAFT_LOG_SEGMENTS)
-        stalled_at = time.monotonic()
-        acked_at_stall = len(load.acked)
-        # The leader's loop keeps answering (a scrape is served on it) while its writer is
-        # stuck; once the writer's backlog passes its bound, submits are answered Busy.
-        busy = wait_until(
-            lambda: _scrape(metrics).get("raftseq_busy_raft_log_backlog_total", 0) > 0,
-            timeout_s=BUSY_WITHIN_S,
-            what=f"{leader} answering Busy for its stalled Raft log",
-        )
-        busy_after_s = time.monotonic() - stalled_at
-        assert busy
-        samples = _scrape(metrics)
-        assert samples["raftseq_raft_log_writer_backlog_bytes"] > RAFT_LOG_WRITE_QUEUE_BYTES_MAX
-        rss_at_busy = _rss_bytes(pid)
-        rss_peak = rss_at_busy
-        watch_until = time.monotonic() + STALL_WATCH_S
-        scrapes = 0
-        while time.monotonic() < watch_until:
-            started = time.monotonic()
-            samples = _scrape(metrics)  # answers, within SCRAPE_TIMEOUT_S, every time
-            scrapes += 1
-            assert time.monotonic() - started < SCRAPE_TIMEOUT_S
-            rss_peak = max(rss_peak, _rss_bytes(pid))
-            time.sleep(0.5)
-        backlog_during = samples["raftseq_raft_log_writer_backlog_bytes"]
-        busy_count = samples["raftseq_busy_raft_log_backlog_total"]
-        entry = cluster.status(nodes=[leader])["nodes"][0]
-        assert entry.get("role") == "leader", f"the stalled leader answers status, as leader: {entry}"
-
-        counters = cluster.powerfs[leader].fault("none")
-        resumed_at = time.monotonic()
-        acked_at_resume = len(load.acked)
-        wait_until(
-            lambda: _scrape(metrics)["raftseq_raft_log_writer_backlog_bytes"] == 0,
-            timeout_s=120,
-            what=f"{leader}'s writer catching up",
-        )
-        wait_until(lambda: len(load.acked) >= acked_at_resume + 2000, timeout_s=120, what="acknowledgements again")
-        caught_up_s = time.monotonic() - resumed_at
-        load.stop()
-        assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
-        last = cluster.wait_converged(at_least=max(load.acked))
-        print(
-            f"seed {seed}: stalled {leader}'s Raft log fsyncs ({counters['stalled_calls']} held); Busy after {busy_after_s:.1f} s "
-            f"({acked_at_stall} acked before the stall); backlog {backlog_during / 2**20:.0f} MiB (bound "
-            f"{RAFT_LOG_WRITE_QUEUE_BYTES_MAX / 2**20:.0f} MiB), {busy_count:.0f} submits Busy, {scrapes} scrapes answered; "
-            f"RSS {rss_before / 2**20:.0f} MiB before, {rss_at_busy / 2**20:.0f} at the first Busy, peak {rss_peak / 2**20:.0f}; "
-            f"caught up {caught_up_s:.1f} s after the disk came back; {len(load.acked)} acknowledged, last seq {last}",
-            flush=True,
-        )
-        assert rss_peak - rss_before < RSS_GROWTH_MAX_BYTES, f"{leader} grew by {(rss_peak - rss_before) / 2**20:.0f} MiB"
-        assert _check_journals(cluster, load.acked) >= max(load.acked)
-    finally:
-        if load is not None and load._thread.is_alive():
-            load._stop.set()
-        cluster.stop()
-
-
-def test_a_failed_fsync_in_power_durability_stops_that_node_alone_with_one_clear_line(tmp_path):
-    ok, why = powerfs.supported()
-    assert ok, f"the power-loss filesystem cannot run here: {why}"
-    seed = chaos_seed()
-    cluster = ChaosCluster(
-        str(tmp_path / "cluster"), rng=random.Random(seed), network="none", powerfs=["n1", "n2", "n3"], durability="power"
-    )
-    load = None
     try:
-        leader = cluster.start()["node"]
-        load = Load(cluster.endpoints, cluster.token, session="eio").start()
-        wait_until(lambda: len(load.acked) >= 1000, timeout_s=60, what="the load under way")
-        victim = leader  # the hardest case: the node that acknowledges
-        cluster.powerfs[victim].fault("eio", prefix=RAFT_LOG_SEGMENTS)
-        code = wait_until(
-            lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=30, what=f"{victim} stopping"
-        )[0]
-        acked_at_exit = len(load.acked)
-        wait_until(lambda: len(load.acked) >= acked_at_exit + 1000, timeout_s=60, what="the other two acknowledging")
-        load.stop()
-        assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
-        critical = [line for line in cluster.log_text(victim).splitlines() if "CRITICAL" in line]
-        print(f"seed {seed}: {victim} exited {code}; its log: {critical}", flush=True)
-        assert code == NodeExit.DISK_FAILED and operator_exit(code) is NodeExit.DISK_FAILED, code
-        assert len(critical) == 1 and "Input/output error" in critical[0] and "never taken as written" in critical[0], critical
-        # Once the disk is replaced (here: the fault ends), the node restarts on what it had
-        # synced and catches up.
-        cluster.powerfs[victim].fault("none")
-        cluster.restart(victim)
-        cluster.wait_converged(at_least=max(load.acked))
-        _check_journals(cluster, load.acked)
+        yield make
     finally:
-        if load is not None and load._thread.is_alive():
-            load._stop.set()
-        cluster.stop()
+        for cluster, loads in made:
+            for load in loads:
+                load._stop.set()
+            # A node whose fsync is stalled cannot end (the call never returns): end the
+            # faults before the nodes.
+            for fs in cluster.powerfs.values():
+                if fs.mounted:
+                    try:
+                        fs.fault("none")
+                    except powerfs.PowerFSError:
+                        pass
+            cluster.stop()
+
+
+def test_a_leader_whose_raft_log_disk_stalls_answers_busy_stays_bounded_and_loses_nothing(disk_cluster):
+    cluster, loads, leader, seed = disk_cluster("power")
+    metrics = cluster.node(leader).config.metrics_address
+    pid = cluster.pid(leader)
+    load = Load(cluster.endpoints, cluster.token, session="stall").start()
+    loads.append(load)
+    wait_until(lambda: len(load.acked) >= 2000, timeout_s=60, what="the load under way")
+    rss_before = _rss_bytes(pid)
+
+    cluster.powerfs[leader].fault("stall", prefix=RAFT_LOG_SEGMENTS)
+    stalled_at = time.monotonic()
+    acked_at_stall = len(load.acked)
+    # The leader's loop keeps answering (a scrape is served on it) while its writer is
+    # stuck; once the writer's backlog passes its bound, submits are answered Busy.
+    busy = wait_until(
+        lambda: _scrape(metrics).get("raftseq_busy_raft_log_backlog_total", 0) > 0,
+        timeout_s=BUSY_WITHIN_S,
+        what=f"{leader} answering Busy for its stalled Raft log",
+    )
+    busy_after_s = time.monotonic() - stalled_at
+    assert busy
+    samples = _scrape(metrics)
+    assert samples["raftseq_raft_log_writer_backlog_bytes"] > RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+    rss_at_busy = _rss_bytes(pid)
+    rss_peak = rss_at_busy
+    watch_until = time.monotonic() + STALL_WATCH_S
+    scrapes = 0
+    while time.monotonic() < watch_until:
+        started = time.monotonic()
+        samples = _scrape(metrics)  # answers, within SCRAPE_TIMEOUT_S, every time
+        scrapes += 1
+        assert time.monotonic() - started < SCRAPE_TIMEOUT_S
+        rss_peak = max(rss_peak, _rss_bytes(pid))
+        time.sleep(0.5)
+    backlog_during = samples["raftseq_raft_log_writer_backlog_bytes"]
+    busy_count = samples["raftseq_busy_raft_log_backlog_total"]
+    entry = cluster.status(nodes=[leader])["nodes"][0]
+    assert entry.get("role") == "leader", f"the stalled leader answers status, as leader: {entry}"
+
+    counters = cluster.powerfs[leader].fault("none")
+    resumed_at = time.monotonic()
+    acked_at_resume = len(load.acked)
+    wait_until(
+        lambda: _scrape(metrics)["raftseq_raft_log_writer_backlog_bytes"] == 0,
+        timeout_s=120,
+        what=f"{leader}'s writer catching up",
+    )
+    wait_until(lambda: len(load.acked) >= acked_at_resume + 2000, timeout_s=120, what="acknowledgements again")
+    caught_up_s = time.monotonic() - resumed_at
+    load.stop()
+    assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+    last = cluster.wait_converged(at_least=max(load.acked))
+    print(
+        f"seed {seed}: stalled {leader}'s Raft log fsyncs ({counters['stalled_calls']} held); Busy after {busy_after_s:.1f} s "
+        f"({acked_at_stall} acked before the stall); backlog {backlog_during / 2**20:.0f} MiB (bound "
+        f"{RAFT_LOG_WRITE_QUEUE_BYTES_MAX / 2**20:.0f} MiB), {busy_count:.0f} submits Busy, {scrapes} scrapes answered; "
+        f"RSS {rss_before / 2**20:.0f} MiB before, {rss_at_busy / 2**20:.0f} at the first Busy, peak {rss_peak / 2**20:.0f}; "
+        f"caught up {caught_up_s:.1f} s after the disk came back; {len(load.acked)} acknowledged, last seq {last}",
+        flush=True,
+    )
+    assert rss_peak - rss_before < RSS_GROWTH_MAX_BYTES, f"{leader} grew by {(rss_peak - rss_before) / 2**20:.0f} MiB"
+    assert _check_journals(cluster, load.acked) >= max(load.acked)
+
+
+def test_a_failed_fsync_in_power_durability_stops_that_node_alone_with_one_clear_line(disk_cluster):
+    cluster, loads, leader, seed = disk_cluster("power")
+    load = Load(cluster.endpoints, cluster.token, session="eio").start()
+    loads.append(load)
+    wait_until(lambda: len(load.acked) >= 1000, timeout_s=60, what="the load under way")
+    victim = leader  # the hardest case: the node that acknowledges
+    cluster.powerfs[victim].fault("eio", prefix=RAFT_LOG_SEGMENTS)
+    code = wait_until(
+        lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=30, what=f"{victim} stopping"
+    )[0]
+    acked_at_exit = len(load.acked)
+    wait_until(lambda: len(load.acked) >= acked_at_exit + 1000, timeout_s=60, what="the other two acknowledging")
+    load.stop()
+    assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+    critical = [line for line in cluster.log_text(victim).splitlines() if "CRITICAL" in line]
+    print(f"seed {seed}: {victim} exited {code}; its log: {critical}", flush=True)
+    assert code == NodeExit.DISK_FAILED and operator_exit(code) is NodeExit.DISK_FAILED, code
+    assert len(critical) == 1 and "Input/output error" in critical[0] and "never taken as written" in critical[0], critical
+    # Once the disk is replaced (here: the fault ends), the node restarts on what it had
+    # synced and catches up.
+    cluster.powerfs[victim].fault("none")
+    cluster.restart(victim)
+    cluster.wait_converged(at_least=max(load.acked))
+    _check_journals(cluster, load.acked)
+
+
+def test_a_full_disk_under_a_followers_journal_stops_it_with_disk_failed_not_a_restart_loop(disk_cluster):
+    """Crash durability: the follower's journal cannot be written (ENOSPC; its Raft log still
+    can, and free space looks ample). Its machine applied the batch already, so it cannot go
+    on: it stops with DISK_FAILED and one line saying the disk is full, a code that is not
+    restarted blindly (a restart would fail the same way, again and again); the others carry
+    on, and once there is room it restarts and catches up from its Raft log and its peers."""
+    cluster, loads, leader, seed = disk_cluster("crash")
+    victim = next(n for n in cluster.node_ids if n != leader)
+    load = Load(cluster.endpoints, cluster.token, session="full").start()
+    loads.append(load)
+    wait_until(lambda: len(load.acked) >= 1000, timeout_s=60, what="the load under way")
+    cluster.powerfs[victim].fault("enospc", prefix="/journal/")
+    code = wait_until(
+        lambda: cluster.exit_code(victim) is not None and [cluster.exit_code(victim)], timeout_s=30, what=f"{victim} stopping"
+    )[0]
+    acked_at_exit = len(load.acked)
+    wait_until(lambda: len(load.acked) >= acked_at_exit + 1000, timeout_s=60, what="the other two acknowledging")
+    load.stop()
+    assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+    critical = [line for line in cluster.log_text(victim).splitlines() if "CRITICAL" in line]
+    print(f"seed {seed}: {victim} exited {code}; its log: {critical}", flush=True)
+    assert code == NodeExit.DISK_FAILED and operator_exit(code) is NodeExit.DISK_FAILED, code
+    assert len(critical) == 1 and "cannot write the journal" in critical[0] and "the disk is full" in critical[0], critical
+    cluster.powerfs[victim].fault("none")
+    cluster.restart(victim)
+    cluster.wait_converged(at_least=max(load.acked))
+    _check_journals(cluster, load.acked)
+
+
+def test_a_follower_low_on_disk_takes_no_new_entries_stays_up_and_catches_up(disk_cluster):
+    """Crash durability, a follower's tmpfs filled to below ``journal.disk_free_bytes_min``
+    (not to the last byte): it takes no new entries (it does not write its disk full and
+    stop), the others carry on, and once there is room again it catches up by itself."""
+    ok, why = tmpfs_supported()
+    assert ok, f"no tmpfs in a private mount namespace here (needs root): {why}"
+    cluster, loads, leader, seed = disk_cluster(
+        "crash", powerfs=[], tmpfs_bytes={n: TMPFS_BYTES for n in ("n1", "n2", "n3")}, overrides=DISK_FREE_MIN
+    )
+    victim = next(n for n in cluster.node_ids if n != leader)
+    ballast = cluster.fill_disk(victim, leave_bytes=DISK_FREE_MIN_BYTES // 2)
+    cluster.wait_for_log(victim, "free disk LOW", timeout_s=10)
+    load = Load([cluster.endpoint(n) for n in cluster.node_ids if n != victim], cluster.token, session="low").start()
+    loads.append(load)
+    # Four times the room the victim has left goes through the other two.
+    wait_until(lambda: len(load.acked) * len(PAYLOAD) >= 2 * DISK_FREE_MIN_BYTES, timeout_s=120, what="the other two acknowledging")
+    load.stop()
+    assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
+    samples = _scrape(cluster.node(victim).config.metrics_address)
+    print(
+        f"seed {seed}: {victim} low on disk ({ballast} bytes of ballast, {cluster.disk_free(victim)} free): "
+        f"{samples['raftseq_raft_appends_dropped_total']:.0f} appends dropped, last seq {samples['raftseq_last_seq']:.0f}; "
+        f"{len(load.acked)} acknowledged by the others",
+        flush=True,
+    )
+    assert cluster.is_running(victim), f"{victim} stopped (exit {cluster.exit_code(victim)}) instead of taking no new entries"
+    assert samples["raftseq_raft_appends_dropped_total"] > 0
+    assert samples["raftseq_last_seq"] < max(load.acked)
+    cluster.free_disk(victim)
+    cluster.wait_converged(at_least=max(load.acked))
+    assert cluster.is_running(victim)
+    _check_journals(cluster, load.acked)

@@ -27,6 +27,7 @@ from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.publication import Publication
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.raft.log_store import disk_error, disk_failed
 from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -119,6 +120,7 @@ class Node:
             ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         self.journal.on_damage = _log_append_damage
+        self.journal.on_write_failed = self._journal_write_failed
         recovery = self.journal.recovery
         if recovery.bytes_cut:
             log.warning(
@@ -374,6 +376,14 @@ class Node:
             if self.journal.fsync_policy.mode == "interval":
                 self.journal.sync_if_due()
             await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
+
+    def _journal_write_failed(self, exc: OSError, what: str) -> None:
+        """The journal could not be written (a full disk, a disk error) after the machine
+        applied the batch: the node cannot go on. It stops with ``DISK_FAILED``, a code that is
+        not restarted blindly (a restart on a full disk would fail the same way, again and
+        again: a crash loop); restarted once there is room, it rebuilds the journal from its
+        Raft log."""
+        disk_failed(disk_error(f"cannot write the journal in {self.config.journal_dir} ({what})", exc))
 
     def _check_disk(self) -> None:
         try:

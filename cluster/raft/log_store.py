@@ -113,6 +113,13 @@ class RaftLogDamaged(Exception):
         self.offset = offset
 
 
+def disk_error(what: str, exc: OSError) -> str:
+    """One line for a write or sync that failed: a full disk says so, and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: the disk is full ({exc.strerror}); free space, then restart the node"
+    return f"{what}: {exc}"
+
+
 def disk_failed(message: str) -> None:
     """The disk under the Raft log failed: log one line and end the process at once."""
     log.critical("%s; stopping the node (exit %d): what the disk refused is never taken as written", message, NodeExit.DISK_FAILED)
@@ -462,7 +469,7 @@ class RaftLogStore:
             try:
                 self._files.write(pending.segment, record)
             except OSError as exc:
-                disk_failed(f"cannot write the Raft log in {self.directory}: {exc}")
+                disk_failed(disk_error(f"cannot write the Raft log in {self.directory}", exc))
             return pending
         with self._lock:
             # Never waits for the writer, however much is queued: the node stops taking new
@@ -487,7 +494,7 @@ class RaftLogStore:
             try:
                 self._write_batch(batch)
             except OSError as exc:
-                disk_failed(f"cannot write or sync the Raft log in {self.directory}: {exc}")
+                disk_failed(disk_error(f"cannot write or sync the Raft log in {self.directory}", exc))
             with self._lock:
                 self._queue_bytes -= sum(len(p.data) for p in batch)
                 self._synced_seq = batch[-1].seq

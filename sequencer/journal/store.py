@@ -93,6 +93,13 @@ class Journal(ClosedOnExit):
         self.fsync_observer: Callable[[float], None] | None = None
         #: Called with damage the journal finds itself, appending (the node logs it).
         self.on_damage: Callable[[Damage], None] | None = None
+        #: Called with the error and what was being written when ``append`` or ``skip_to``
+        #: fails to write (a full disk, a disk error), before the error is raised. The records
+        #: were applied to the machine already, so the node cannot go on: it ends the process
+        #: (``NodeExit.DISK_FAILED``) and, at the next start, rebuilds what is missing from the
+        #: Raft log. Nothing a failed append wrote is counted: the next append writes at the
+        #: same offset.
+        self.on_write_failed: Callable[[OSError, str], None] | None = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -210,17 +217,25 @@ class Journal(ClosedOnExit):
         else:
             check_ends(records, first_seq, last_seq, offsets)
             offsets_in_batch = offsets
-        segment = self._writable_segment(first_seq)
-        # At the offset the journal's own index says, not at the file's end: a file cut or
-        # lengthened under the journal never shifts a record (the reader that meets the
-        # damage refuses it, and the tail is sealed and repaired).
-        pwrite_all(self._fd, records, segment.size)
-        segment.add_run(offsets_in_batch, len(records))
-        mode = self.fsync_policy.mode
-        if mode == "batch":
-            self._fsync()
-        elif mode == "interval":
-            self.sync_if_due()
+        try:
+            segment = self._writable_segment(first_seq)
+            # At the offset the journal's own index says, not at the file's end: a file cut or
+            # lengthened under the journal never shifts a record (the reader that meets the
+            # damage refuses it, and the tail is sealed and repaired).
+            pwrite_all(self._fd, records, segment.size)
+            segment.add_run(offsets_in_batch, len(records))
+            mode = self.fsync_policy.mode
+            if mode == "batch":
+                self._fsync()
+            elif mode == "interval":
+                self.sync_if_due()
+        except OSError as exc:
+            self._write_failed(exc, f"appending seq {first_seq}..{last_seq}")
+            raise
+
+    def _write_failed(self, exc: OSError, what: str) -> None:
+        if self.on_write_failed is not None:
+            self.on_write_failed(exc, what)
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
@@ -298,6 +313,13 @@ class Journal(ClosedOnExit):
         """
         assert not self.readonly, "skip_to on a read-only journal"
         assert seq > self.last_seq + 1, f"skip_to({seq}) with last_seq {self.last_seq}"
+        try:
+            self._skip_to(seq)
+        except OSError as exc:
+            self._write_failed(exc, f"recording the hole before seq {seq}")
+            raise
+
+    def _skip_to(self, seq: int) -> None:
         hole = (self.last_seq + 1, seq - 1)
         if self._segments and self._segments[-1].count == 0:
             # A segment with no records (all cut by recovery) would sit inside the hole.
