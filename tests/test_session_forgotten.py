@@ -1,4 +1,5 @@
-"""A client whose session the cluster no longer holds (``clients.errors.SessionForgotten``).
+"""A client whose session the cluster no longer holds (``clients.errors.SessionForgotten``),
+and one whose submits a node refuses for a while (``Busy``), as a failing disk makes it.
 
 After a power cut of every node of a cluster in the ``crash`` durability, the cluster restarts
 on what was fsynced: numbering restarts lower and a session's acknowledged submits may be gone,
@@ -11,6 +12,7 @@ failing each submit with a bare ``sequence_gap``.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from scripted_node import SCENARIO_TIMEOUT_S, ScriptedConnection, ScriptedNode
@@ -88,3 +90,37 @@ def test_a_sequence_gap_above_what_was_acknowledged_is_still_a_resend():
         assert not node.errors, node.errors
 
     asyncio.run(scenario())
+
+
+def test_a_busy_submit_is_sent_again_after_the_wait_the_node_asked_for():
+    """A node refusing for a stalled disk says ``retry_after_ms=500``: resending every 20 ms
+    only has it refuse again (400,000 refusals in 8 s were seen in the stalled-disk test)."""
+    resent_after = []
+
+    async def leader(conn: ScriptedConnection) -> None:
+        await conn.welcome()
+        assert await conn.submits(1) == [1]
+        refused_at = time.monotonic()
+        conn.send(protocol.Busy(1, 300, "raft_log_backlog"))
+        assert await conn.submits(1) == [1]
+        resent_after.append(time.monotonic() - refused_at)
+        conn.send(protocol.Busy(1, 20, "leader_queue"))  # the next wait is the shorter one again
+        refused_at = time.monotonic()
+        assert await conn.submits(1) == [1]
+        resent_after.append(time.monotonic() - refused_at)
+        conn.send(protocol.Ack(1, 7))
+        await conn.hold_until_stopped()
+
+    async def scenario() -> None:
+        node = ScriptedNode([leader])
+        c = SequencerClient([await node.start()], session="orders", heartbeat_timeout_s=30)
+        try:
+            assert await asyncio.wait_for(c.submit(b"m"), SCENARIO_TIMEOUT_S) == 7
+        finally:
+            await c.close()
+            await node.stop()
+        assert not node.errors, node.errors
+
+    asyncio.run(scenario())
+    assert resent_after[0] >= 0.29, f"resent {resent_after[0] * 1000:.0f} ms after a Busy asking for 300 ms"
+    assert resent_after[1] < 0.25, f"resent {resent_after[1] * 1000:.0f} ms after a Busy asking for 20 ms"
