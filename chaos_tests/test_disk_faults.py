@@ -17,6 +17,7 @@ fail, never skip, where FUSE cannot run.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -33,7 +34,9 @@ from raftseq.clients import SequencerClient
 from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
 from raftseq.cluster.node_exit import NodeExit
 from raftseq.cluster.restarts import operator_exit
+from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal
+from raftseq.sequencer.limits import SEGMENT_BYTES_MIN
 
 #: The Raft log's segments, as paths inside a node's data directory on its powerfs.
 RAFT_LOG_SEGMENTS = "/raft/log-"
@@ -323,3 +326,43 @@ def test_a_follower_low_on_disk_takes_no_new_entries_stays_up_and_catches_up(dis
     cluster.wait_converged(at_least=max(load.acked))
     assert cluster.is_running(victim)
     _check_journals(cluster, load.acked)
+
+
+def test_a_journal_sync_makes_every_segment_sealed_since_the_last_one_durable(tmp_path):
+    """The node syncs its journal before it writes a Raft snapshot (everything the snapshot
+    covers must be on disk before the Raft log drops it). With the default fsync policy
+    ("never") a segment sealed since the last sync was never fsynced: a power cut of every
+    node then left each journal short of what its durable snapshot covers, a hole no peer could
+    fill though the log had held the entries (crash durability, ``chaos_tests/test_power.py``)."""
+    ok, why = powerfs.supported()
+    assert ok, f"the power-loss filesystem cannot run here: {why}"
+    fs = powerfs.PowerFS(str(tmp_path / "disk"), str(tmp_path / "mnt"), log_path=str(tmp_path / "powerfs.log")).mount()
+    try:
+        os.mkdir(fs.path("journal"))
+        directory = fs.path("journal")
+        journal = Journal.open(directory, segment_bytes_max=SEGMENT_BYTES_MIN)
+        records = [protocol.encode_delivered(seq, 1_000 + seq, "s", seq, b"p" * 100) for seq in range(1, 301)]
+        for first in range(1, 301, 10):
+            journal.append(b"".join(records[first - 1 : first + 9]), first, first + 9)
+        assert journal.segment_count > 3, "several segments sealed"
+        journal.sync()
+        directory_fd = os.open(fs.path(), os.O_RDONLY | os.O_DIRECTORY)  # the journal's own name
+        os.fsync(directory_fd)
+        os.close(directory_fd)
+        fs.cut()
+        try:
+            journal.close()  # its files must be closed for the unmount
+        except OSError:
+            pass
+        fs.unmount()
+        fs.mount()
+        again = Journal.open(fs.path("journal"), readonly=True)
+        try:
+            found = [record.seq for record in again.records()]
+            damage = list(again.damage)
+        finally:
+            again.close()
+        assert not damage, f"after the cut: damage {damage}"
+        assert found == list(range(1, 301)), f"after the cut the journal holds {len(found)} of the 300 records synced"
+    finally:
+        fs.stop()

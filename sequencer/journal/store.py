@@ -23,7 +23,7 @@ from raftseq.sequencer.journal.cursor import JournalCursor
 from raftseq.sequencer.journal.damage import Damage, DamageMap
 from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
 from raftseq.sequencer.journal.holes import HoleFill, merge_adjacent, write_holes
-from raftseq.sequencer.journal.index import write_index
+from raftseq.sequencer.journal.index import index_path, write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
 from raftseq.sequencer.journal.segments import FILE_MODE, HEADER_BYTES, ClosedOnExit, Segment, fsync_dir, pwrite_all, segment_name
@@ -100,6 +100,9 @@ class Journal(ClosedOnExit):
         #: Raft log. Nothing a failed append wrote is counted: the next append writes at the
         #: same offset.
         self.on_write_failed: Callable[[OSError, str], None] | None = None
+        #: Files written and closed without an fsync (under the "never" policy: segments
+        #: sealed, their index files) since the last ``sync``, which makes them durable.
+        self._sealed_unsynced: list[str] = []
 
     # --- opening ------------------------------------------------------------------------
 
@@ -287,6 +290,8 @@ class Journal(ClosedOnExit):
         the repair, the journal walks it and finds the damage again."""
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
+        elif self._fd >= 0:
+            self._sealed_unsynced.append(segment.path)
         self._close_fd()
         segment.sealed = True
         if not self.damage.add(damage):
@@ -301,6 +306,8 @@ class Journal(ClosedOnExit):
             self._fsync()
         self._close_fd()
         write_index(segment, fsync=self.fsync_policy.mode != "never")
+        if self.fsync_policy.mode == "never":
+            self._sealed_unsynced += [segment.path, index_path(segment)]
         segment.sealed = True
 
     # --- holes ----------------------------------------------------------------------------
@@ -471,8 +478,29 @@ class Journal(ClosedOnExit):
                 self.fsync_observer(seconds)
 
     def sync(self) -> None:
-        """Force everything appended so far to disk, whatever the policy."""
-        self._fsync()
+        """Force everything appended so far to disk, whatever the policy: the open segment, and
+        under the "never" policy the segments sealed since the last sync, their index files and
+        the directory (the indexes are renamed into it). The node calls it before it writes a
+        Raft snapshot: the snapshot must never cover records the journal could lose. (Only the
+        open segment was synced before: a power cut of every node in the crash durability left
+        each journal damaged below its durable snapshot, with no peer to repair it from.)"""
+        try:
+            for path in self._sealed_unsynced:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # removed or replaced since (a repair syncs its own file)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if self._sealed_unsynced:
+                fsync_dir(self.directory)
+                self._sealed_unsynced.clear()
+            self._fsync()
+        except OSError as exc:
+            self._write_failed(exc, "syncing")
+            raise
 
     def sync_if_due(self) -> None:
         """With the ``interval`` policy: fsync if the interval has passed since the last one."""
