@@ -145,6 +145,8 @@ class Node:
         #: Raft address of the leader this node knows ("" if none).
         self.leader_address = ""
         self.disk_low = False
+        #: The Raft log's writer was behind its bound at the last disk check (logged on change).
+        self.raft_log_backlog_seen = False
         self.replica: SequencerReplica | None = None
         self.batcher: Batcher | None = None
         self.gateway: Gateway | None = None
@@ -400,11 +402,24 @@ class Node:
                 ": submits refused, no new Raft entries taken until there is room" if low else "",
             )
         self.disk_low = low
+        backlogged = False
         if self.replica is not None:
             self.replica.raft_log.space_low = low
-        if low and self.role is Role.LEADER and self.replica is not None:
-            # A leader that refuses every submit would stall the cluster while two healthy
-            # nodes wait: hand leadership to one of them (asked again each second until done).
+            backlogged = self.replica.raft_log.writer_backlogged()
+        if backlogged != self.raft_log_backlog_seen:
+            self.raft_log_backlog_seen = backlogged
+            if backlogged:
+                log.warning(
+                    "the Raft log's writer is behind its bound (%d bytes queued; a stalled disk?): submits refused, "
+                    "no new Raft entries taken, leadership handed over until it catches up",
+                    self.replica.raft_log.writer_backlog_bytes(),
+                )
+            else:
+                log.warning("the Raft log's writer caught up")
+        if (low or backlogged) and self.role is Role.LEADER and self.replica is not None:
+            # A leader that refuses every submit (its disk low, or its Raft log's writer behind
+            # its bound: a stalled disk) would stall the cluster while two healthy nodes wait:
+            # hand leadership to one of them (asked again each second until done).
             self.replica.request_handover()
 
 
