@@ -35,6 +35,16 @@ writes to a shared mapping as ``write`` requests when the kernel writes the dirt
 the kernel flushes after the cut (when the killed node's mapping goes away, at unmount) are
 refused and discarded.
 
+**Disk faults** (``PowerFS.fault(mode, prefix)``), on the files whose path in the mount starts
+with ``prefix`` (``"/raft/log-"``: the Raft log's segments), until ``fault("none")``:
+
+- ``"stall"``: an ``fsync``/``fdatasync`` waits (the FUSE call is held outside the model's
+  lock, so every other call goes on): a disk whose flushes hang;
+- ``"eio"``: an ``fsync`` fails with EIO: a disk that could not write what it was given;
+- ``"enospc"``: ``write``, ``create`` and ``mkdir`` fail with ENOSPC: a full disk (with no
+  prefix ``statfs`` reports no free space too; with one, free space looks ample, as when the
+  disk fills between two checks). A write fails whole: fewer bytes than asked are never written.
+
 **The daemon** (``PowerFS``) is a process of its own, ``unshare -m`` then this file run as a
 script with ``serve``: its mount lives in a private mount namespace (the node runs under
 ``nsenter --mount=/proc/PID/ns/mnt``; this process reaches the files through
@@ -76,6 +86,10 @@ FILE, DIRECTORY = "f", "d"
 DIR_MODE_DEFAULT = 0o700
 #: The options of every mount: no attribute cache to speak of (sizes change under a cut), and
 #: ``hard_remove`` so an unlinked open file stays an inode, not a hidden file.
+#: ``PowerFS.fault`` modes (see the module doc).
+FAULT_MODES = ("none", "stall", "eio", "enospc")
+#: The calls an "enospc" fault refuses: those that take space.
+_TAKES_SPACE = frozenset({"write", "create", "mkdir"})
 FUSE_OPTIONS = {"fsname": "powerfs", "hard_remove": True, "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0}
 
 
@@ -143,6 +157,15 @@ class PowerLossOperations:
         self.name_changes = 0
         self.last_write: tuple[int, int, bytes] | None = None
         self.ready = threading.Event()
+        #: The disk fault injected (``FAULT_MODES``), on paths starting with ``fault_prefix``.
+        self.fault = "none"
+        self.fault_prefix = ""
+        #: Set while no "stall" fault holds fsyncs back.
+        self.unstalled = threading.Event()
+        self.unstalled.set()
+        #: Calls the faults held back (stall) or failed (eio, enospc).
+        self.stalled_calls = 0
+        self.failed_calls = 0
         os.makedirs(os.path.join(self.backing, INODES_DIR), exist_ok=True)
         self._load()
 
@@ -240,6 +263,34 @@ class PowerLossOperations:
         self.inodes.clear()
         self.handles.clear()
         return dropped
+
+    def set_fault(self, mode: str, prefix: str) -> dict:
+        if mode not in FAULT_MODES:
+            raise ValueError(f"fault mode must be one of {FAULT_MODES}, got {mode!r}")
+        self.fault, self.fault_prefix = mode, prefix
+        if mode == "stall":
+            self.unstalled.clear()
+        else:
+            self.unstalled.set()
+        return {"fault": mode, "prefix": prefix, "stalled_calls": self.stalled_calls, "failed_calls": self.failed_calls}
+
+    def _faulted(self, path: str | None) -> bool:
+        return self.fault != "none" and (not self.fault_prefix or (path is not None and path.startswith(self.fault_prefix)))
+
+    def hold_if_stalled(self, name: str, path: str | None) -> None:
+        """Outside the lock: an fsync under a "stall" fault waits until the fault ends."""
+        if name == "fsync" and self.fault == "stall" and self._faulted(path):
+            self.stalled_calls += 1
+            self.unstalled.wait()
+
+    def fault_errno(self, name: str, path: str | None) -> int:
+        """Under the lock: the error a fault makes `name` on `path` fail with (0: none)."""
+        if not self._faulted(path):
+            return 0
+        if (self.fault == "eio" and name == "fsync") or (self.fault == "enospc" and name in _TAKES_SPACE):
+            self.failed_calls += 1
+            return errno.EIO if self.fault == "eio" else errno.ENOSPC
+        return 0
 
     def _dirty(self) -> dict:
         """What a cut now would drop: files with unsynced data, their dirty pages."""
@@ -422,9 +473,12 @@ class PowerLossOperations:
 
     def statfs(self, path: str) -> dict:
         v = os.statvfs(self.backing)
-        return {
+        found = {
             key: getattr(v, key) for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_namemax")
         }
+        if self.fault == "enospc" and not self.fault_prefix:
+            found["f_bfree"] = found["f_bavail"] = 0
+        return found
 
     def readdir(self, path: str, fh: int) -> list[str]:
         directory = self._resolve(path)
@@ -562,9 +616,14 @@ def _guarded(operations: PowerLossOperations):
 
     def wrap(name, method):
         def call(self, *args):
+            path = args[0] if args else None
+            operations.hold_if_stalled(name, path)
             with operations.lock:
                 if operations.cut_done and name not in _AFTER_CUT:
                     raise mfusepy.FuseOSError(errno.EIO)
+                fault = operations.fault_errno(name, path)
+                if fault:
+                    raise mfusepy.FuseOSError(fault)
                 try:
                     return method(*args)
                 except OSError as exc:
@@ -598,6 +657,8 @@ def _control(operations: PowerLossOperations, mountpoint: str, out_lock: threadi
                     answer = operations.status()
                 elif op == "cut":
                     answer = operations.cut(request.get("tear_seed"))
+                elif op == "fault":
+                    answer = operations.set_fault(request["mode"], request.get("prefix", ""))
                 elif op == "unmount":
                     answer = {"unmounting": True}
                 else:
@@ -608,6 +669,7 @@ def _control(operations: PowerLossOperations, mountpoint: str, out_lock: threadi
         _answer(out_lock, answer)
         if op == "unmount":
             break
+    operations.unstalled.set()  # a stalled fsync must not hold the unmount
     subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, timeout=UNMOUNT_TIMEOUT_S)
 
 
@@ -728,6 +790,11 @@ class PowerFS:
         """Cut the power: unsynced changes dropped (the last write torn with `tear_seed`),
         every later operation fails with EIO. Returns what was dropped."""
         return self.request("cut", tear_seed=tear_seed)
+
+    def fault(self, mode: str, *, prefix: str = "") -> dict:
+        """Inject a disk fault (``FAULT_MODES``; "none" ends it) on the paths in the mount that
+        start with `prefix` (every path when empty). Returns the daemon's fault counters."""
+        return self.request("fault", mode=mode, prefix=prefix)
 
     def unmount(self) -> None:
         """Unmount and wait for the daemon to exit (killed, by its pid, if it does not)."""

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import random
+import threading
 
 import pytest
 
@@ -200,3 +201,49 @@ def test_the_dirty_limit_writes_the_fullest_file_back_to_the_disk(tmp_path):
     fh = after.open("/log", os.O_RDONLY)
     assert after.read("/log", 10 * PAGE_BYTES, 0, fh) == b"".join(bytes([65 + i]) * PAGE_BYTES for i in range(8))
     after.close()
+
+
+# --- disk faults ------------------------------------------------------------------------------
+
+
+def test_a_stall_holds_fsyncs_under_its_prefix_and_nothing_else(fs):
+    os.mkdir(fs.path("raft"))
+    fd = os.open(fs.path("raft/log-1"), os.O_WRONLY | os.O_CREAT, 0o644)
+    other = os.open(fs.path("journal"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fs.fault("stall", prefix="/raft/log-")
+        synced = threading.Event()
+        worker = threading.Thread(target=lambda: (os.fsync(fd), synced.set()), daemon=True)
+        worker.start()
+        # Other files go on meanwhile: written, synced, read.
+        os.write(other, b"journal record")
+        os.fsync(other)
+        assert _read(fs.path("journal")) == b"journal record"
+        assert not synced.wait(0.5), "the stalled fsync returned"
+        assert fs.status()["fsyncs"] == 1  # only the journal's
+        counters = fs.fault("none")
+        assert counters["stalled_calls"] == 1
+        assert synced.wait(5), "the fsync went on once the stall ended"
+    finally:
+        os.close(fd)
+        os.close(other)
+
+
+def test_eio_fails_fsyncs_and_enospc_fails_writes_and_reports_a_full_disk(fs):
+    _write(fs.path("before"), b"x")
+    fs.fault("eio")
+    with pytest.raises(OSError) as failed:
+        _write(fs.path("before"), b"y", fsync=True, mode="ab")
+    assert failed.value.errno == errno.EIO
+    fs.fault("enospc")
+    assert os.statvfs(fs.path()).f_bavail == 0
+    with pytest.raises(OSError) as full:
+        _write(fs.path("before"), b"z", mode="ab")
+    assert full.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as full:
+        _write(fs.path("new"), b"z")
+    assert full.value.errno == errno.ENOSPC
+    fs.fault("none")
+    _write(fs.path("new"), b"space again", fsync=True)
+    assert _read(fs.path("new")) == b"space again"
+    assert os.statvfs(fs.path()).f_bavail > 0

@@ -45,6 +45,7 @@ import msgspec
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
+from raftseq.clients import errors
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, Truncated, rejection
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason, payload_digest, payload_digests
@@ -66,6 +67,11 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 #: Upper bounds (seconds) of the buckets of ``SequencerClient.failover_durations``: from a quick
 #: reconnect to the same leader up to a minute without one.
 FAILOVER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Seconds before submits are sent again after a refusal (a gap, an unknown outcome), and at
+#: most after a ``Busy``, which says how long to wait (``retry_after_ms``): a node that refuses
+#: for a stalled disk says 500 ms, and resending sooner only has it refuse again.
+RESEND_DELAY_S = 0.02
+RESEND_DELAY_BUSY_MAX_S = 1.0
 
 
 class DurationHistogram:
@@ -255,6 +261,7 @@ class SequencerClient:
         self._connect_lock = asyncio.Lock()
         self._closed = False
         self._resend_from: int | None = None
+        self._resend_delay_s = RESEND_DELAY_S
         self._fatal: SequencerError | None = None
         # Counters for the caller (and metrics).
         self.reconnects = 0
@@ -499,6 +506,7 @@ class SequencerClient:
         if resend:
             link.writer.write(_submit_frames(resend))
         self._resend_from = None
+        self._resend_delay_s = RESEND_DELAY_S
 
     async def _run(self) -> None:
         while not self._closed:
@@ -538,7 +546,7 @@ class SequencerClient:
             for frame in await receive(silence_s, deadline=deadline):
                 self._handle(frame)
             if self._resend_from is not None:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(self._resend_delay_s)
                 self._resend_all(self._resend_from)
             if link.write_buffer_bytes > protocol.limits.CLIENT_WRITE_BUFFER_BYTES_MAX:
                 # A node stops reading a session whose submits hold its byte bound until
@@ -577,7 +585,11 @@ class SequencerClient:
             pass
         elif kind is protocol.NotLeader:
             raise _LeaderMoved(frame.leader)
-        elif kind is protocol.Busy or kind is protocol.OutcomeUnknown:
+        elif kind is protocol.Busy:
+            if frame.client_seq in self._pending:
+                self._resend_delay_s = max(self._resend_delay_s, min(frame.retry_after_ms / 1000, RESEND_DELAY_BUSY_MAX_S))
+            self._schedule_resend(frame.client_seq)
+        elif kind is protocol.OutcomeUnknown:
             self._schedule_resend(frame.client_seq)
         elif kind is protocol.Rejected:
             self._rejected(frame)
@@ -594,6 +606,11 @@ class SequencerClient:
             # An earlier submit was refused (busy, leader change); it and all after it go again.
             self._schedule_resend(frame.expected_client_seq)
             return
+        if frame.reason is RejectReason.SEQUENCE_GAP and 0 < frame.expected_client_seq <= self._last_acked:
+            # The cluster's (committed) session state is behind what it acknowledged to this
+            # client: every resend would meet the same gap. Stop, with the typed error.
+            self._fail_all(errors.SessionForgotten(self.session, frame.expected_client_seq, self._last_acked))
+            raise ConnectionError(f"session {self.session!r} forgotten by the cluster")
         pending = self._pending.pop(frame.client_seq, None) if frame.client_seq else None
         error = rejection(frame.reason, frame.detail, expected_client_seq=frame.expected_client_seq)
         if pending is not None:

@@ -9,6 +9,8 @@
   ``SessionConflict`` (a ``Rejected``): a submit under a client_seq the session already used
   for another payload (two clients on one session); ``SessionTakenOver`` (a ``Rejected``):
   another client said hello for this session since, and this one stops.
+  ``SessionForgotten`` (a ``Rejected``): the cluster expects a client_seq this client already
+  had acknowledged; the session's acknowledged submits are gone from it, and this client stops.
 * ``Busy`` — the client's own window of in-flight submits is full.
 * ``OutcomeUnknown`` — no answer within the deadline; the submit may still be sequenced.
 * ``Truncated`` — a subscription asked for numbers that retention removed on every node it
@@ -85,6 +87,33 @@ class SessionTakenOver(Rejected):
         super().__init__(RejectReason.SESSION_TAKEN_OVER, detail)
 
 
+class SessionForgotten(Rejected):
+    """The cluster no longer holds this session's acknowledged submits: it expects
+    ``expected_client_seq`` next, and this client had client_seq up to ``last_acked``
+    acknowledged. The sequencer forgets a session idle for ``session_idle_s`` (or evicted from
+    a full table, ``docs/sessions.md``); a power cut of every node of a cluster in the
+    ``crash`` durability loses what no node had fsynced (numbering then restarts lower).
+
+    Resending cannot help (every submit would be refused as ``sequence_gap``), so the client
+    stops: its unacknowledged submits fail with this error (none was sequenced under this
+    session after the loss) and so does every later call. To go on, close it and make a new
+    client, under the same session name or another: a new client starts at the client_seq
+    the cluster expects. Whether acknowledged messages were lost is for the application to
+    check (subscribe, and compare with what it was acknowledged)."""
+
+    def __init__(self, session: str, expected_client_seq: int, last_acked: int) -> None:
+        super().__init__(
+            RejectReason.SEQUENCE_GAP,
+            f"the cluster expects client_seq {expected_client_seq} of session {session!r}, which had up to "
+            f"{last_acked} acknowledged: the session's acknowledged submits are gone from the cluster "
+            "(forgotten after idling or eviction, or lost in a power cut of a cluster in the crash durability); "
+            "make a new client to go on",
+            expected_client_seq=expected_client_seq,
+        )
+        self.session = session
+        self.last_acked = last_acked
+
+
 def rejection(reason: RejectReason, detail: str = "", *, expected_client_seq: int = 0) -> Rejected:
     """The error for a ``Rejected`` frame: the typed subclass where there is one."""
     if reason is RejectReason.SESSION_CONFLICT:
@@ -140,6 +169,7 @@ __all__ = [
     "Rejected",
     "SequencerError",
     "SessionConflict",
+    "SessionForgotten",
     "SessionTakenOver",
     "TokenRejected",
     "TokenRequired",

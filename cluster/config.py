@@ -34,8 +34,10 @@ RAFT_LOG_SEGMENT_BYTES_MAX = 64 * limits.MIB
 #: A Raft log record's body is at most this; a longer length on disk is damage. Every entry the
 #: node writes is below ``raft.append_entries_batch_bytes`` (64 KiB), far under it.
 RAFT_LOG_RECORD_BYTES_MAX = 16 * limits.MIB
-#: Bytes queued for the Raft log's writer thread (power mode) beyond which the loop waits for
-#: it. The batcher's window (``batcher.in_flight_max`` x ``batcher.bytes_max``) keeps a leader
+#: Bytes queued for the Raft log's writer thread (power mode) beyond which the node takes no
+#: new entries (the loop never waits for the writer): the leader answers submits with
+#: ``Busy("raft_log_backlog")``, a follower drops AppendEntries that carry entries. The
+#: batcher's window (``batcher.in_flight_max`` x ``batcher.bytes_max``) keeps a healthy leader
 #: far below; only a disk stalled for seconds reaches it.
 RAFT_LOG_WRITE_QUEUE_BYTES_MAX = 64 * limits.MIB
 #: How long closing the Raft log waits for its writer thread to write what is queued.
@@ -82,6 +84,9 @@ OTHER_CREDENTIALS_LABEL = "other"
 #: ``Busy.retry_after_ms`` of a submit over its credential's rate, in milliseconds, at least
 #: (the time until the bucket holds the submit, if longer).
 BUSY_RETRY_AFTER_QUOTA_MS_MIN = 10
+#: ``Busy.retry_after_ms`` while the Raft log's writer is behind ``RAFT_LOG_WRITE_QUEUE_BYTES_MAX``
+#: (a stalled disk: a retry sooner than a disk's usual recovery would only be refused again).
+BUSY_RETRY_AFTER_RAFT_LOG_BACKLOG_MS = 500
 #: Seconds a stopping gateway waits for its listening socket to close.
 GATEWAY_STOP_WAIT_S = 2.0
 

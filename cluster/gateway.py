@@ -42,6 +42,7 @@ from raftseq.cluster.config import (
     BUSY_RETRY_AFTER_FULL_MS,
     BUSY_RETRY_AFTER_IN_FLIGHT_MS,
     BUSY_RETRY_AFTER_LEADER_QUEUE_MS,
+    BUSY_RETRY_AFTER_RAFT_LOG_BACKLOG_MS,
     GATEWAY_STOP_WAIT_S,
 )
 from raftseq.sequencer import limits, protocol
@@ -604,6 +605,11 @@ class Gateway:
         limit = None
         if node.disk_low:
             limit = ("disk_free", BUSY_RETRY_AFTER_FULL_MS)
+        elif node.raft_log_backlogged():
+            # The Raft log's writer is behind its bound (a stalled disk): nothing new is taken
+            # until it catches up, so that the loop never waits for it and memory stays bounded.
+            limit = ("raft_log_backlog", BUSY_RETRY_AFTER_RAFT_LOG_BACKLOG_MS)
+            metrics.busy_raft_log_backlog += len(payloads)
         batcher = self.batcher
         session = conn.session
         reply = conn.reply

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from raftseq.cluster.quotas import RefusalCounts
+from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
 from raftseq.sequencer.protocol import RejectReason, Role
 
 if TYPE_CHECKING:
@@ -86,6 +87,21 @@ METRICS = (
     MetricSpec("raftseq_raft_log_fsyncs_total", "counter", (), "Group commits of the Raft log (power durability: one fdatasync each)"),
     MetricSpec("raftseq_raft_log_fsync_duration_seconds", "histogram", (), "Duration of one Raft log fdatasync (power durability)"),
     MetricSpec("raftseq_raft_log_fsync_entries", "histogram", (), "Raft entries one Raft log fdatasync covered (power durability)"),
+    MetricSpec(
+        "raftseq_raft_log_writer_backlog_bytes",
+        "gauge",
+        (),
+        "Bytes queued for the Raft log's writer thread, not yet on disk (power durability)",
+    ),
+    MetricSpec(
+        "raftseq_raft_log_writer_backlog_max_bytes",
+        "gauge",
+        (),
+        "Writer backlog beyond which the node takes no new entries (submits Busy, follower appends dropped)",
+    ),
+    MetricSpec(
+        "raftseq_busy_raft_log_backlog_total", "counter", (), "Submits answered Busy because the Raft log's writer was behind its bound"
+    ),
     MetricSpec("raftseq_raft_has_quorum", "gauge", (), "1 while this node is connected to a majority of the cluster"),
     MetricSpec("raftseq_raft_peer_connected", "gauge", ("peer",), "1 while the Raft link to a peer is connected"),
     MetricSpec(
@@ -104,6 +120,12 @@ METRICS = (
     _correction("raftseq_raft_acks_held_for_fsync_total", "Follower replies held until the Raft log was on disk (power durability)"),
     _correction(
         "raftseq_raft_commits_held_for_fsync_total", "Leader ticks whose commit index waited for the leader's own fsync (power durability)"
+    ),
+    MetricSpec(
+        "raftseq_raft_appends_dropped_total",
+        "counter",
+        (),
+        "AppendEntries with entries a follower dropped while it took no new entries (Raft log writer behind its bound, or free disk below the minimum)",
     ),
     MetricSpec(
         "raftseq_raft_peer_messages_refused_total",
@@ -245,6 +267,7 @@ RAFT_COUNTER_METRICS = (
     ("raftseq_raft_newer_terms_heard_total", "raftseq_newer_terms_heard"),
     ("raftseq_raft_acks_held_for_fsync_total", "raftseq_acks_held_for_fsync"),
     ("raftseq_raft_commits_held_for_fsync_total", "raftseq_commits_held_for_fsync"),
+    ("raftseq_raft_appends_dropped_total", "raftseq_appends_dropped"),
     ("raftseq_raft_peer_messages_refused_total", "raftseq_peer_messages_refused"),
     ("raftseq_raft_ticks_failed_total", "ticks_failed"),
     ("raftseq_raft_link_frames_refused_total", "link_frames_refused"),
@@ -300,6 +323,8 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.start_time_s = time.time()
         self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
+        #: Submits refused (``Busy``, counted under "busy" too) while the Raft log's writer was backlogged.
+        self.busy_raft_log_backlog = 0
         self.duplicates = 0
         self.clients_connected = 0
         self.clients_awaiting_hello = 0
@@ -407,6 +432,9 @@ class NodeCollector:
         yield family("raftseq_raft_log_fsyncs_total", value=sum(syncs.counts))
         yield histogram("raftseq_raft_log_fsync_duration_seconds", m.raft_log_fsync_latency)
         yield histogram("raftseq_raft_log_fsync_entries", syncs)
+        yield family("raftseq_raft_log_writer_backlog_bytes", value=status.get("writer_backlog_bytes", 0))
+        yield family("raftseq_raft_log_writer_backlog_max_bytes", value=RAFT_LOG_WRITE_QUEUE_BYTES_MAX)
+        yield family("raftseq_busy_raft_log_backlog_total", value=m.busy_raft_log_backlog)
         prefix = "partner_node_status_server_"
         yield family(
             "raftseq_raft_peer_connected",

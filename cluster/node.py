@@ -28,6 +28,7 @@ from raftseq.cluster.publication import Publication
 from raftseq.cluster.retention import JournalRetention, RetentionState, check_archive_dir
 from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.raft.log_store import disk_error, disk_failed
 from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -121,6 +122,7 @@ class Node:
             ) from None
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         self.journal.on_damage = _log_append_damage
+        self.journal.on_write_failed = self._journal_write_failed
         recovery = self.journal.recovery
         if recovery.bytes_cut:
             log.warning(
@@ -145,6 +147,8 @@ class Node:
         #: Raft address of the leader this node knows ("" if none).
         self.leader_address = ""
         self.disk_low = False
+        #: The Raft log's writer was behind its bound at the last disk check (logged on change).
+        self.raft_log_backlog_seen = False
         self.replica: SequencerReplica | None = None
         self.batcher: Batcher | None = None
         self.gateway: Gateway | None = None
@@ -209,6 +213,9 @@ class Node:
 
     def is_leader(self) -> bool:
         return self.role is Role.LEADER
+
+    def raft_log_backlogged(self) -> bool:
+        return self.replica is not None and self.replica.raft_log.writer_backlogged()
 
     def leader_client_address(self) -> str:
         if self.role is Role.LEADER:
@@ -402,6 +409,14 @@ class Node:
                 self.journal.sync_if_due()
             await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
 
+    def _journal_write_failed(self, exc: OSError, what: str) -> None:
+        """The journal could not be written (a full disk, a disk error) after the machine
+        applied the batch: the node cannot go on. It stops with ``DISK_FAILED``, a code that is
+        not restarted blindly (a restart on a full disk would fail the same way, again and
+        again: a crash loop); restarted once there is room, it rebuilds the journal from its
+        Raft log."""
+        disk_failed(disk_error(f"cannot write the journal in {self.config.journal_dir} ({what})", exc))
+
     def _check_disk(self) -> None:
         try:
             free = shutil.disk_usage(self.config.data_dir).free
@@ -409,11 +424,32 @@ class Node:
             return
         low = free < self.config.journal.disk_free_bytes_min
         if low != self.disk_low:
-            log.warning("free disk %s: %d bytes (minimum %d)", "LOW" if low else "ok", free, self.config.journal.disk_free_bytes_min)
+            log.warning(
+                "free disk %s: %d bytes (minimum %d)%s",
+                "LOW" if low else "ok",
+                free,
+                self.config.journal.disk_free_bytes_min,
+                ": submits refused, no new Raft entries taken until there is room" if low else "",
+            )
         self.disk_low = low
-        if low and self.role is Role.LEADER and self.replica is not None:
-            # A leader that refuses every submit would stall the cluster while two healthy
-            # nodes wait: hand leadership to one of them (asked again each second until done).
+        backlogged = False
+        if self.replica is not None:
+            self.replica.raft_log.space_low = low
+            backlogged = self.replica.raft_log.writer_backlogged()
+        if backlogged != self.raft_log_backlog_seen:
+            self.raft_log_backlog_seen = backlogged
+            if backlogged:
+                log.warning(
+                    "the Raft log's writer is behind its bound (%d bytes queued; a stalled disk?): submits refused, "
+                    "no new Raft entries taken, leadership handed over until it catches up",
+                    self.replica.raft_log.writer_backlog_bytes(),
+                )
+            else:
+                log.warning("the Raft log's writer caught up")
+        if (low or backlogged) and self.role is Role.LEADER and self.replica is not None:
+            # A leader that refuses every submit (its disk low, or its Raft log's writer behind
+            # its bound: a stalled disk) would stall the cluster while two healthy nodes wait:
+            # hand leadership to one of them (asked again each second until done).
             self.replica.request_handover()
 
 

@@ -30,6 +30,10 @@ class ClientFacingNode(Protocol):
 
     def is_leader(self) -> bool: ...
 
+    def raft_log_backlogged(self) -> bool:
+        """True while the Raft log's writer is behind its bound (a stalled disk: submits are refused)."""
+        ...
+
     def leader_client_address(self) -> str:
         """The client address of the leader this node knows ("" if none)."""
         ...

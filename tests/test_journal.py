@@ -9,6 +9,7 @@ records span several of them.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import struct
@@ -1387,3 +1388,35 @@ def test_adjacent_holes_written_by_an_older_node_still_open(tmp_path):
         assert journal.holes == [(21, 30)]
         journal.fill(frames(21, 30), 21, 30)
         assert journal.read_bytes(1, 33) == frames(1, 33)
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+def test_a_failed_append_is_reported_counts_for_nothing_and_the_next_append_overwrites_it(tmp_path, monkeypatch):
+    """ENOSPC part-way through an append: the journal tells its node (which ends the process:
+    the records were applied to the machine already) and raises; it counts none of the bytes
+    written, so an append after space returns writes over them and the journal reads whole."""
+    from raftseq.sequencer.journal import store as journal_store
+
+    journal = build(tmp_path, 10)
+    failures = []
+    journal.on_write_failed = lambda exc, what: failures.append((exc.errno, what))
+    real_pwrite_all = journal_store.pwrite_all
+
+    def half_then_full(fd, data, offset):
+        real_pwrite_all(fd, data[: len(data) // 2], offset)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal_store, "pwrite_all", half_then_full)
+    with pytest.raises(OSError):
+        journal.append(frames(11, 17), 11, 17)
+    assert failures == [(errno.ENOSPC, "appending seq 11..17")]
+    assert journal.last_seq == 10
+
+    monkeypatch.setattr(journal_store, "pwrite_all", real_pwrite_all)
+    journal.append(frames(11, 17), 11, 17)
+    journal.close()
+    with open_journal(tmp_path, readonly=True) as again:
+        assert not again.recovery.bytes_cut
+        assert [r.seq for r in again.records()] == list(range(1, 18))

@@ -361,6 +361,40 @@ def test_power_mode_a_truncation_lowers_the_durable_index_until_synced(tmp_path)
     assert held(tmp_path)[-1] == entry(7, term=2)
 
 
+def test_power_mode_a_stalled_disk_never_blocks_the_loop_and_reports_its_backlog(tmp_path, monkeypatch):
+    """fsync hangs (a stalled disk): ``add`` (on the loop) goes on returning at once; past the
+    bound the store says it is backlogged (the node then takes no new entries); when the disk
+    comes back everything queued is written, in order."""
+    monkeypatch.setattr(log_store, "RAFT_LOG_WRITE_QUEUE_BYTES_MAX", 16 * 1024)
+    fsync = BlockedFsync()
+    fsync.released.set()
+    store = RaftLogStore(str(tmp_path), durability="power", fsync=fsync)
+    store.add(b"\x01", 1, 0)
+    wait_for(lambda: store.durable_index() == 1, "the first entry on disk")
+    fsync.released.clear()
+    store.add(*entry(2))
+    wait_for(lambda: fsync.calls >= 3, "the writer stuck in its fsync")
+    added = threading.Event()
+    last = 2 + 4 * log_store.RAFT_LOG_WRITE_QUEUE_BYTES_MAX // len(entry(3, size=1000)[0])
+
+    def add_more() -> None:
+        for index in range(3, last + 1):
+            store.add(*entry(index, size=1000))
+        added.set()
+
+    threading.Thread(target=add_more, daemon=True).start()
+    assert added.wait(WAIT_S / 2), "add() waited for a stalled disk: the loop would be blocked"
+    assert store.writer_backlogged()
+    assert store.writer_backlog_bytes() > log_store.RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+    assert store.durable_index() == 1
+
+    fsync.released.set()
+    wait_for(lambda: store.durable_index() == last, f"durable index {last}")
+    assert not store.writer_backlogged() and store.writer_backlog_bytes() == 0
+    store.close()
+    assert [e[1] for e in held(tmp_path)] == list(range(1, last + 1))
+
+
 EIO_SCRIPT = """
 import errno, os, sys, time
 from raftseq.cluster.raft.log_store import RaftLogStore

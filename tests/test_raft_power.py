@@ -20,6 +20,7 @@ from pysyncobj.node import TCPNode
 
 from raftseq.cluster import raft
 from test_raft_member import free_address
+from raftseq.cluster.raft import log_store
 from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.member import RaftMember
 
@@ -175,3 +176,39 @@ def test_a_majority_of_followers_on_disk_commits_without_the_leaders_fsync(make_
 
     assert commit_after_tick(member) == 4
     fsync.released.set()
+
+
+@pytest.mark.parametrize("why", ["writer_backlog", "space_low"])
+def test_a_follower_whose_log_refuses_entries_drops_appends_without_an_election_and_takes_them_later(make_member, monkeypatch, why):
+    """A follower whose Raft log writer is behind its bound (a stalled disk) or whose free disk
+    is below the minimum takes no new entries: an AppendEntries carrying some is dropped as if
+    lost (no reply, nothing added: its loop never waits, its memory stays bounded) yet keeps
+    it from standing for election; once the log takes entries again, the leader's next
+    AppendEntries is handled as ever."""
+    member, (leader,), fsync, sent = make_member("power")
+    store = member._SyncObj__raftLog
+    if why == "writer_backlog":
+        monkeypatch.setattr(log_store, "RAFT_LOG_WRITE_QUEUE_BYTES_MAX", 0)
+        fsync.released.clear()
+        append(member, leader, 2, 2)  # queued behind the held fsync: the backlog passes 0 bytes
+        assert store.writer_backlogged()
+    else:
+        store.space_low = True
+    length = len(store)
+    before = len(sent)
+    member._SyncObj__raftElectionDeadline = 0.0  # as if it were about to stand for election
+
+    append(member, leader, len(store) + 1, len(store) + 3, prev_term=store[-1][2])
+
+    assert len(store) == length, "entries taken while the log refuses them"
+    assert sent[before:] == [], "a dropped message is not answered"
+    assert member.raftseq_appends_dropped == 1
+    assert member._SyncObj__raftElectionDeadline > 0.0, "word from the leader: no election"
+
+    store.space_low = False
+    fsync.released.set()
+    monkeypatch.setattr(log_store, "RAFT_LOG_WRITE_QUEUE_BYTES_MAX", 64 << 20)
+    wait_for(lambda: not store.refusing_entries(), "the log taking entries again")
+    append(member, leader, len(store) + 1, len(store) + 3, prev_term=store[-1][2])
+    assert len(store) == length + 3
+    assert member.raftseq_appends_dropped == 1

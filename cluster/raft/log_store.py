@@ -31,8 +31,13 @@ Durability (``durability``):
 * ``"crash"``: each record is written to the file before ``add`` returns (it survives a kill
   of the process: the kernel holds it), never fsynced.
 * ``"power"``: ``add`` queues the record for a writer thread that writes everything queued and
-  covers it with one ``fdatasync`` (group commit); the loop never waits for the disk, except
-  when ``RAFT_LOG_WRITE_QUEUE_BYTES_MAX`` bytes are queued (a stalled disk). ``durable_index()`` is the
+  covers it with one ``fdatasync`` (group commit); the loop never waits for the disk. Past
+  ``RAFT_LOG_WRITE_QUEUE_BYTES_MAX`` bytes queued (a stalled disk) ``writer_backlogged()`` says
+  so and the node takes no new entries: the leader's gateway answers submits with
+  ``Busy("raft_log_backlog")`` and a follower drops AppendEntries that carry entries (as a
+  lost message; the leader sends them again), so the queue exceeds the bound by at most what
+  was admitted before (the batcher's ``held_bytes_max``) and a few small records.
+  ``durable_index()`` is the
   last index whose entries, and every one before, are on disk as the log holds them now;
   ``on_durable`` is called (from the writer thread) when it may have risen. An error from a
   write or an fsync ends the process at once (``NodeExit.DISK_FAILED``): what the kernel
@@ -106,6 +111,13 @@ class RaftLogDamaged(Exception):
         super().__init__(f"{path} at byte {offset}: {reason}")
         self.path = path
         self.offset = offset
+
+
+def disk_error(what: str, exc: OSError) -> str:
+    """One line for a write or sync that failed: a full disk says so, and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: the disk is full ({exc.strerror}); free space, then restart the node"
+    return f"{what}: {exc}"
 
 
 def disk_failed(message: str) -> None:
@@ -261,7 +273,9 @@ class RaftLogStore:
         self.bytes_cut = 0
         self.syncs = 0
         self.entries_synced = 0
-        self.queue_waits = 0
+        #: Set by the node while free disk is below ``journal.disk_free_bytes_min``: a follower
+        #: then takes no new entries (``refusing_entries``), the leader's gateway none either.
+        self.space_low = False
         #: Truncations and clears so far (a reply held for an entry since cut is dropped).
         self.cuts = 0
         self._entries: list[tuple[bytes, int, int]] = []
@@ -390,6 +404,21 @@ class RaftLogStore:
                     durable = min(durable, end)
         return min(durable, last)
 
+    def writer_backlog_bytes(self) -> int:
+        """Bytes queued for the writer thread and not yet on disk (0 in crash mode). Read
+        without the lock: one int, written under it by either thread."""
+        return self._queue_bytes
+
+    def refusing_entries(self) -> bool:
+        """Whether the node should take no new entries: the writer is backlogged, or free disk
+        is below the minimum (``space_low``, set by the node's disk check)."""
+        return self.space_low or self.writer_backlogged()
+
+    def writer_backlogged(self) -> bool:
+        """More than ``RAFT_LOG_WRITE_QUEUE_BYTES_MAX`` bytes wait for the writer (a stalled
+        disk): the node takes no new entries until it catches up."""
+        return self._queue_bytes > RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+
     def align_to_snapshot(self, previous: tuple, last_applied: tuple) -> None:
         """Drop the entries before a snapshot's `previous` entry when the log holds both of its
         entries: a compaction whose snapshot reached the disk but whose record dropping the
@@ -440,12 +469,11 @@ class RaftLogStore:
             try:
                 self._files.write(pending.segment, record)
             except OSError as exc:
-                disk_failed(f"cannot write the Raft log in {self.directory}: {exc}")
+                disk_failed(disk_error(f"cannot write the Raft log in {self.directory}", exc))
             return pending
         with self._lock:
-            while self._queue_bytes > RAFT_LOG_WRITE_QUEUE_BYTES_MAX:
-                self.queue_waits += 1
-                self._lock.wait()
+            # Never waits for the writer, however much is queued: the node stops taking new
+            # entries while ``writer_backlogged()`` (see the module doc).
             self._queued_seq += 1
             pending.seq = self._queued_seq
             self._queue.append(pending)
@@ -466,7 +494,7 @@ class RaftLogStore:
             try:
                 self._write_batch(batch)
             except OSError as exc:
-                disk_failed(f"cannot write or sync the Raft log in {self.directory}: {exc}")
+                disk_failed(disk_error(f"cannot write or sync the Raft log in {self.directory}", exc))
             with self._lock:
                 self._queue_bytes -= sum(len(p.data) for p in batch)
                 self._synced_seq = batch[-1].seq

@@ -146,6 +146,7 @@ RAFT_COUNTERS = (
     "raftseq_peer_messages_refused",
     "raftseq_acks_held_for_fsync",
     "raftseq_commits_held_for_fsync",
+    "raftseq_appends_dropped",
     "ticks_failed",
     "link_frames_refused",
     "link_strangers_dropped",
@@ -217,8 +218,12 @@ class RaftMember(SyncObj):
     #: commit index was held back to what a majority had on disk.
     raftseq_acks_held_for_fsync = 0
     raftseq_commits_held_for_fsync = 0
+    #: AppendEntries carrying entries dropped while the Raft log refused new entries.
+    raftseq_appends_dropped = 0
     #: Our Raft log store when its durability is "power" (None otherwise).
     _raftseq_power_log: RaftLogStore | None = None
+    #: Our Raft log store, whatever its durability (None: pysyncobj's own journal, in tests).
+    _raftseq_log: RaftLogStore | None = None
     #: Held success replies: node -> [(log cuts, term, next index)].
     _raftseq_held_acks: dict
     #: The commit index as last checked against the leader's durable index.
@@ -270,6 +275,8 @@ class RaftMember(SyncObj):
         super().__init__(self_address, partners, conf)
         self.addOnTickCallback(self._hand_over_if_asked)
         raft_log = self._SyncObj__raftLog
+        if isinstance(raft_log, RaftLogStore):
+            self._raftseq_log = raft_log
         if isinstance(raft_log, RaftLogStore) and raft_log.power:
             self._raftseq_power_log = raft_log
             self._raftseq_held_acks = {}
@@ -520,6 +527,8 @@ class RaftMember(SyncObj):
             self._raftseq_leader_contact = _now()
             if "prevLogIdx" not in message:
                 return self._raftseq_on_snapshot_chunk(node, message)
+            if message.get("entries") and self._raftseq_log is not None and self._raftseq_log.refusing_entries():
+                return self._raftseq_drop_append()
             if "transmission" not in message:
                 return self._raftseq_on_append_entries(node, message)
         if kind == "next_node_idx" and self._SyncObj__raftState == LEADER:
@@ -531,6 +540,16 @@ class RaftMember(SyncObj):
                 self.raftseq_next_index_rewinds_refused += 1
             return None
         return _original_on_message(self, node, message)
+
+    def _raftseq_drop_append(self) -> None:
+        """A follower whose Raft log refuses new entries (``RaftLogStore.refusing_entries``: its
+        writer behind its bound on a stalled disk, or free disk below the minimum) takes none,
+        so that its memory stays bounded, its loop never waits for the disk and it does not
+        fill its disk to the last byte: the AppendEntries is dropped as if the network lost it
+        (the leader sends the entries again once this node answers a later one), but it is
+        word from the leader (no election)."""
+        self.raftseq_appends_dropped += 1
+        self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
 
     def _raftseq_refusal(self, node, message) -> str:
         """Why `message` from `node` is refused ("" when it is taken). pysyncobj hands on every

@@ -200,6 +200,7 @@ class SequencerReplica(RaftMember):
         """pysyncobj's status, with ``durable_idx``: the last index on this node's disk."""
         status = super().getStatus()
         status["durable_idx"] = self.raft_log.durable_index()
+        status["writer_backlog_bytes"] = self.raft_log.writer_backlog_bytes()
         return status
 
     def leader_client_address(self) -> str:

@@ -329,6 +329,18 @@ ROWS: list[tuple[str, list[Panel]]] = [
             Panel(
                 timeseries,
                 HALF,
+                "Raft log writer backlog (power durability)",
+                "Bytes waiting for the Raft log's writer thread, and the bound past which the node takes no new entries (a stalled disk): the leader answers submits Busy (per second here), a follower drops AppendEntries carrying entries (per second; also while its free disk is below the minimum).",
+                [
+                    (f"raftseq_raft_log_writer_backlog_bytes{{{N}}}", "{{node}} backlog"),
+                    (f"raftseq_raft_log_writer_backlog_max_bytes{{{N}}}", "{{node}} bound"),
+                    (f"rate(raftseq_busy_raft_log_backlog_total{{{N}}}[{RATE}])", "{{node}} submits Busy/s"),
+                    (f"rate(raftseq_raft_appends_dropped_total{{{N}}}[{RATE}])", "{{node}} appends dropped/s"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                HALF,
                 "Raft corrections",
                 "How often raftseq's corrections of pysyncobj kicked in (per second): kept matching entries, refused truncations, refused nextIndex rewinds, commit raises refused on snapshot pieces, elections deferred after long applies, older leaders told of a newer term, and steps down to one; replies and commits held for the Raft log's fsync (power durability); Raft messages refused (from a non-member, or malformed); and failed Raft ticks (each is in the node's log).",
                 [

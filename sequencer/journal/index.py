@@ -20,12 +20,16 @@ INDEX_MAGIC = b"RSQIDX01"
 INDEX_HEADER = struct.Struct(">8sQQQI")  # magic, first_seq, record count, segment bytes, interval
 
 
+def index_path(segment: Segment) -> str:
+    return segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
+
+
 def write_index(segment: Segment, *, fsync: bool) -> None:
     n = len(segment.offsets)
     body = INDEX_HEADER.pack(INDEX_MAGIC, segment.first_seq, segment.count, segment.size, limits.INDEX_INTERVAL_RECORDS)
     body += struct.pack(f">{n}Q", *segment.offsets)
     body += struct.pack(">I", zlib.crc32(body))
-    replace_file(segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX, body, fsync=fsync)
+    replace_file(index_path(segment), body, fsync=fsync)
 
 
 def load_sealed(segment: Segment, end_seq: int, *, verify: bool) -> Damage | None:

@@ -23,7 +23,7 @@ from raftseq.sequencer.journal.cursor import JournalCursor
 from raftseq.sequencer.journal.damage import Damage, DamageMap
 from raftseq.sequencer.journal.errors import JournalCorruptError, JournalError, JournalRecordError
 from raftseq.sequencer.journal.holes import HoleFill, merge_adjacent, write_holes
-from raftseq.sequencer.journal.index import write_index
+from raftseq.sequencer.journal.index import index_path, write_index
 from raftseq.sequencer.journal.records import check_ends, check_records
 from raftseq.sequencer.journal.recovery import RecoveryReport, recover, tail_damage
 from raftseq.sequencer.journal.retention import read_first_retained, write_first_retained
@@ -96,6 +96,16 @@ class Journal(ClosedOnExit):
         self.on_damage: Callable[[Damage], None] | None = None
         #: The first number retention left in the journal (0: it never removed a segment).
         self.first_retained_seq = 0
+        #: Called with the error and what was being written when ``append`` or ``skip_to``
+        #: fails to write (a full disk, a disk error), before the error is raised. The records
+        #: were applied to the machine already, so the node cannot go on: it ends the process
+        #: (``NodeExit.DISK_FAILED``) and, at the next start, rebuilds what is missing from the
+        #: Raft log. Nothing a failed append wrote is counted: the next append writes at the
+        #: same offset.
+        self.on_write_failed: Callable[[OSError, str], None] | None = None
+        #: Files written and closed without an fsync (under the "never" policy: segments
+        #: sealed, their index files) since the last ``sync``, which makes them durable.
+        self._sealed_unsynced: list[str] = []
 
     # --- opening ------------------------------------------------------------------------
 
@@ -218,17 +228,25 @@ class Journal(ClosedOnExit):
         else:
             check_ends(records, first_seq, last_seq, offsets)
             offsets_in_batch = offsets
-        segment = self._writable_segment(first_seq)
-        # At the offset the journal's own index says, not at the file's end: a file cut or
-        # lengthened under the journal never shifts a record (the reader that meets the
-        # damage refuses it, and the tail is sealed and repaired).
-        pwrite_all(self._fd, records, segment.size)
-        segment.add_run(offsets_in_batch, len(records))
-        mode = self.fsync_policy.mode
-        if mode == "batch":
-            self._fsync()
-        elif mode == "interval":
-            self.sync_if_due()
+        try:
+            segment = self._writable_segment(first_seq)
+            # At the offset the journal's own index says, not at the file's end: a file cut or
+            # lengthened under the journal never shifts a record (the reader that meets the
+            # damage refuses it, and the tail is sealed and repaired).
+            pwrite_all(self._fd, records, segment.size)
+            segment.add_run(offsets_in_batch, len(records))
+            mode = self.fsync_policy.mode
+            if mode == "batch":
+                self._fsync()
+            elif mode == "interval":
+                self.sync_if_due()
+        except OSError as exc:
+            self._write_failed(exc, f"appending seq {first_seq}..{last_seq}")
+            raise
+
+    def _write_failed(self, exc: OSError, what: str) -> None:
+        if self.on_write_failed is not None:
+            self.on_write_failed(exc, what)
 
     def _writable_segment(self, first_seq: int) -> Segment:
         segment = self._segments[-1] if self._segments else None
@@ -280,6 +298,8 @@ class Journal(ClosedOnExit):
         the repair, the journal walks it and finds the damage again."""
         if self._fd >= 0 and self.fsync_policy.mode != "never":
             self._fsync()
+        elif self._fd >= 0:
+            self._sealed_unsynced.append(segment.path)
         self._close_fd()
         segment.sealed = True
         if not self.damage.add(damage):
@@ -294,6 +314,8 @@ class Journal(ClosedOnExit):
             self._fsync()
         self._close_fd()
         write_index(segment, fsync=self.fsync_policy.mode != "never")
+        if self.fsync_policy.mode == "never":
+            self._sealed_unsynced += [segment.path, index_path(segment)]
         segment.sealed = True
 
     # --- holes ----------------------------------------------------------------------------
@@ -306,6 +328,13 @@ class Journal(ClosedOnExit):
         """
         assert not self.readonly, "skip_to on a read-only journal"
         assert seq > self.last_seq + 1, f"skip_to({seq}) with last_seq {self.last_seq}"
+        try:
+            self._skip_to(seq)
+        except OSError as exc:
+            self._write_failed(exc, f"recording the hole before seq {seq}")
+            raise
+
+    def _skip_to(self, seq: int) -> None:
         hole = (self.last_seq + 1, seq - 1)
         if self._segments and self._segments[-1].count == 0:
             # A segment with no records (all cut by recovery) would sit inside the hole.
@@ -500,8 +529,29 @@ class Journal(ClosedOnExit):
                 self.fsync_observer(seconds)
 
     def sync(self) -> None:
-        """Force everything appended so far to disk, whatever the policy."""
-        self._fsync()
+        """Force everything appended so far to disk, whatever the policy: the open segment, and
+        under the "never" policy the segments sealed since the last sync, their index files and
+        the directory (the indexes are renamed into it). The node calls it before it writes a
+        Raft snapshot: the snapshot must never cover records the journal could lose. (Only the
+        open segment was synced before: a power cut of every node in the crash durability left
+        each journal damaged below its durable snapshot, with no peer to repair it from.)"""
+        try:
+            for path in self._sealed_unsynced:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # removed or replaced since (a repair syncs its own file)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if self._sealed_unsynced:
+                fsync_dir(self.directory)
+                self._sealed_unsynced.clear()
+            self._fsync()
+        except OSError as exc:
+            self._write_failed(exc, "syncing")
+            raise
 
     def sync_if_due(self) -> None:
         """With the ``interval`` policy: fsync if the interval has passed since the last one."""
