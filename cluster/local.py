@@ -453,6 +453,47 @@ class LocalCluster:
     def _inside_data_dir(self, node_id: str, path: str) -> str:
         return os.path.join(self.node_data_dir(node_id), os.path.relpath(path, self.node(node_id).config.data_dir))
 
+    # --- membership: new nodes for ``raftseq member add``, removed ones forgotten ------------
+
+    def joining_node(self, node_id: str, *, peers: Sequence[str] | None = None, rng: random.Random | None = None) -> LocalNode:
+        """A new node that joins this cluster (``join = true``): ports of its own (from a free
+        base port, at the usual offsets), a data directory and node key of its own, the secrets
+        of the others, and `peers` (default: every node) as the members it reaches first.
+        Added to ``nodes``, not started; ``raftseq member add`` makes it a member."""
+        if any(n.id == node_id for n in self.nodes):
+            raise ValueError(f"{node_id} is a node of this cluster already")
+        first = self.nodes[0].config
+        members = [n.config for n in self.nodes if peers is None or n.id in peers]
+        base = free_base_port(rng)
+        key_file = "" if self.insecure else node_key_file(self.data_dir, node_id)
+        config = msgspec.structs.replace(
+            first,
+            id=node_id,
+            data_dir=os.path.join(self.data_dir, node_id),
+            raft_address=f"127.0.0.1:{base + RAFT_PORT_OFFSET}",
+            client_address=f"127.0.0.1:{base + CLIENT_PORT_OFFSET}",
+            metrics_address=f"127.0.0.1:{base + METRICS_PORT_OFFSET}",
+            raft_key_file=key_file,
+            raft_public_key=local_node_key(key_file) if key_file else "",
+            peers=[PeerConfig(c.id, c.raft_address, c.client_address, raft_public_key=c.raft_public_key) for c in members],
+            join=True,
+        )
+        problems = config.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        path = os.path.join(self.data_dir, f"{node_id}.toml")
+        write_private(path, to_toml(config))
+        node = LocalNode(config, path, os.path.join(self.data_dir, f"{node_id}.log"))
+        self.nodes.append(node)
+        return node
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop a node (if it runs) and drop it from ``nodes``: after ``raftseq member remove``."""
+        node = self.node(node_id)
+        if node.running():
+            self.kill(node_id, signal.SIGTERM)
+        self.nodes.remove(node)
+
     # --- processes (always by the pid of a process this cluster started) ------------------
 
     def start_node(self, node: LocalNode) -> None:
