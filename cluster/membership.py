@@ -169,15 +169,20 @@ def encode_change(change: MemberChange) -> bytes:
     return _change_encoder.encode(change)
 
 
+def _decode(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes, what: str):
+    """`data` decoded, of this version; ``MembershipError`` naming `what` otherwise."""
+    try:
+        decoded = decoder.decode(data)
+    except msgspec.MsgspecError as exc:
+        raise MembershipError(f"not a {what}: {exc}") from None
+    if decoded.format_version != MEMBERSHIP_FORMAT_VERSION:
+        raise MembershipError(f"{what} format {decoded.format_version}, this node reads {MEMBERSHIP_FORMAT_VERSION}")
+    return decoded
+
+
 def decode_change(data: bytes) -> MemberChange:
     """Raises ``MembershipError`` on bytes that are not a change this version reads."""
-    try:
-        change = _change_decoder.decode(data)
-    except msgspec.MsgspecError as exc:
-        raise MembershipError(f"not a membership change: {exc}") from None
-    if change.format_version != MEMBERSHIP_FORMAT_VERSION:
-        raise MembershipError(f"membership change format {change.format_version}, this node reads {MEMBERSHIP_FORMAT_VERSION}")
-    return change
+    return _decode(_change_decoder, data, "membership change")
 
 
 def encode_membership(membership: Membership) -> bytes:
@@ -186,12 +191,9 @@ def encode_membership(membership: Membership) -> bytes:
 
 def decode_membership(data: bytes, *, source: str) -> Membership:
     try:
-        membership = _file_decoder.decode(data)
-    except msgspec.MsgspecError as exc:
-        raise MembershipError(f"{source}: not a membership file: {exc}") from None
-    if membership.format_version != MEMBERSHIP_FORMAT_VERSION:
-        raise MembershipError(f"{source}: membership format {membership.format_version}, this node reads {MEMBERSHIP_FORMAT_VERSION}")
-    return membership
+        return _decode(_file_decoder, data, "membership")
+    except MembershipError as exc:
+        raise MembershipError(f"{source}: {exc}") from None
 
 
 def membership_path(data_dir: str) -> str:

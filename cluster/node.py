@@ -30,7 +30,7 @@ from raftseq.cluster.raft import SequencerReplica
 from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
-from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed
+from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed, watch_for_removal
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
 from raftseq.sequencer.journal import Damage, FsyncPolicy, Journal, JournalCorruptError, Scrubber
@@ -343,6 +343,7 @@ class Node:
         scrub = asyncio.create_task(run_scrub(self.scrubber, bytes_per_s=self.config.journal.scrub_bytes_per_s), name="scrub")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         removed = asyncio.create_task(self.removed.wait(), name="removed")
+        removal_watch = asyncio.create_task(watch_for_removal(self), name="removal-watch")
         try:
             await asyncio.wait((stopping, catchup, removed), return_when=asyncio.FIRST_COMPLETED)
             if removed.done():
@@ -354,6 +355,7 @@ class Node:
             log.info("node %s stopping", self.config.id)
             stopping.cancel()
             removed.cancel()
+            removal_watch.cancel()
             watcher.cancel()
             catchup.cancel()
             scrub.cancel()

@@ -482,7 +482,30 @@ class RaftMember(SyncObj):
                 self._raftseq_pre_vote_won_for = None  # pysyncobj's election goes ahead now
             else:
                 self._raftseq_start_pre_vote(next_term)
+        if self._raftseq_learners and state == LEADER:
+            return self._raftseq_tick_leading_learners(timeToWait)
         return _original_on_tick(self, timeToWait)
+
+    def _raftseq_tick_leading_learners(self, time_to_wait):
+        """A leader's tick with learners: pysyncobj steps its leader down when no majority of
+        all members answered within ``leaderFallbackTimeout``, learners counted. Here learners
+        count as answering (pysyncobj's check then never trips over them), and the check runs
+        again after the tick over the voters only. (Seen: a leader of three voters, one of them
+        dead, stepped down while a learner was still starting.)"""
+        responded = self._SyncObj__lastResponseTime
+        now = _now()
+        for node in self._SyncObj__otherNodes:
+            if node.id in self._raftseq_learners:
+                responded[node] = now
+        result = _original_on_tick(self, time_to_wait)
+        if self._SyncObj__raftState == LEADER:
+            deadline = _now() - self._SyncObj__conf.leaderFallbackTimeout
+            voters = [node for node in self._SyncObj__otherNodes if node.id not in self._raftseq_learners]
+            heard = 1 + sum(1 for node in voters if responded.get(node, 0) > deadline)
+            if heard <= (len(voters) + 1) / 2:
+                self._SyncObj__setState(_FOLLOWER)
+                self._SyncObj__raftLeader = None
+        return result
 
     def _raftseq_start_pre_vote(self, term: int) -> None:
         if self._raftseq_pre_vote_term == term and self._raftseq_pre_vote_grants:

@@ -57,6 +57,7 @@ SYNCOBJ_ATTRIBUTES = (
     "_SyncObj__transferInProgress",
     "_SyncObj__transport",
     "_SyncObj__noopIDx",
+    "_SyncObj__lastResponseTime",
     "_SyncObj__votesCount",
 )
 

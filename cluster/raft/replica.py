@@ -253,6 +253,11 @@ class SequencerReplica(RaftMember):
         self.propose_membership(raft_kind, change.member.raft_address, members.encode_change(change), callback)
         return change
 
+    def adopt_newer(self, membership: Membership) -> None:
+        """A membership learned from a peer (not through the log): taken when newer."""
+        if membership.number > self.membership.number:
+            self._adopt(self.membership.then(membership))
+
     def _admit_members(self) -> None:
         """Link identity and learners as the membership says."""
         if self._identity is not None:
