@@ -6,6 +6,7 @@ cluster as it is now (its config still names the old one)."""
 from __future__ import annotations
 
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from raftseq.cluster.local import LocalCluster
 from raftseq.cluster.node_exit import NodeExit
+from test_cluster_up import up  # noqa: F401 (a fixture)
 
 COMMAND_TIMEOUT_S = 120
 NODE_EXIT_TIMEOUT_S = 30.0
@@ -111,3 +113,26 @@ def test_a_removed_node_stops_and_is_refused_and_the_others_restart_into_the_new
     else:
         raise AssertionError(f"no leader after n1's restart: {report}")
     assert members_of(member(cluster, "list", endpoints=[cluster.endpoint("n1")])) == [("n1", "voter"), ("n2", "voter")]
+
+
+def test_cluster_up_starts_a_node_that_member_add_local_writes_and_stops_it_when_removed(up):
+    """The local path: ``raftseq member add n4 --local DIR`` writes n4's config into the data
+    directory of a running ``cluster up``, which starts it; the add returns once n4 is a voter.
+    Removed again, n4 stops with REMOVED and cluster up does not restart it."""
+    cluster = up()
+    cluster.wait_for("^Ctrl-C stops the cluster$")
+    data_dir = cluster.process.args[cluster.process.args.index("--data-dir") + 1]
+    endpoints, token = next(
+        re.search(r"RAFTSEQ_ENDPOINTS=(\S+) RAFTSEQ_TOKEN=(\S+)", line).groups() for line in cluster.seen if "RAFTSEQ_TOKEN=" in line
+    )
+    common = ["--endpoints", endpoints, "--token", token, "--timeout", "60"]
+    add = [sys.executable, "-P", "-m", "raftseq.cluster.cli", "member", "add", "n4", "--local", data_dir, *common]
+    done = subprocess.run(add, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 0, done
+    assert "n4      voter" in done.stdout, done.stdout
+    cluster.wait_for(r"^n4 joins \(config ")
+    remove = [sys.executable, "-P", "-m", "raftseq.cluster.cli", "member", "remove", "n4", *common]
+    done = subprocess.run(remove, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 0, done
+    line = cluster.wait_for(r"^n4 exited with code 11: ", timeout_s=60).string
+    assert "was removed from the cluster" in line and "needs an operator" in line, line

@@ -38,25 +38,63 @@ def _run(args: argparse.Namespace, work) -> int:
     from raftseq.clients.connection import Rejected
 
     try:
-        reply = asyncio.run(work)
-    except (MemberCommandError, Rejected) as exc:
+        reply = asyncio.run(work())
+    except (MemberCommandError, Rejected, _Refused) as exc:
         print(f"raftseq member {args.member_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     _print(reply, args.output)
     return EXIT_OK
 
 
+class _Refused(Exception):
+    """A command refused before it asks the cluster (one line)."""
+
+
 def _new_member(args: argparse.Namespace):
     from raftseq.sequencer import protocol
 
+    if args.local:
+        _write_local_config(args)
+    elif not (args.raft and args.client):
+        raise _Refused("--raft and --client are needed (or --local DIR for a node of a local cluster)")
     return protocol.MemberRequest("add", args.node_id, args.raft, args.client, args.public_key)
+
+
+def _write_local_config(args: argparse.Namespace) -> None:
+    """``--local DIR``: the new node's config in the data directory of a running ``raftseq
+    cluster up`` (which starts it within a moment), its addresses and key into `args`."""
+    import os
+
+    from raftseq.cluster.config import ConfigError
+    from raftseq.cluster.data_dir import CLUSTER_LOCK_NAME, lock_data_dir
+    from raftseq.cluster.local import joining_config, local_node_configs
+    from raftseq.cluster.node_exit import NodeCannotRun
+
+    directory = os.path.abspath(args.local)
+    if not os.path.isdir(directory):
+        raise _Refused(f"--local {args.local}: no such directory")
+    try:
+        lock_data_dir(directory, CLUSTER_LOCK_NAME).release()
+    except NodeCannotRun:
+        pass  # held: a cluster up runs there, as it must
+    else:
+        raise _Refused(f"no raftseq cluster up runs on {directory}; start it first (it starts the new node)")
+    try:
+        members = local_node_configs(directory, insecure=False)
+        if not members:
+            raise _Refused(f"{directory} holds no node configs")
+        config = joining_config(directory, args.node_id, members, insecure=members[0].insecure or not members[0].raft_password)
+    except (ConfigError, ValueError) as exc:
+        raise _Refused(str(exc)) from None
+    args.raft, args.client, args.public_key = config.raft_address, config.client_address, config.raft_public_key
+    print(f"{args.node_id}: config {os.path.join(directory, args.node_id + '.toml')} written; cluster up starts it", flush=True)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the members (voters and learners) and the removed ids, as the cluster holds them."""
     from raftseq.cluster.membership_client import list_members
 
-    return _run(args, list_members(args.endpoints, token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: list_members(args.endpoints, token=args.token, timeout_s=args.timeout))
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -64,7 +102,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     vote, and the leader makes it a voter once it holds every committed entry. Returns then."""
     from raftseq.cluster.membership_client import change
 
-    return _run(args, change(args.endpoints, _new_member(args), token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: change(args.endpoints, _new_member(args), token=args.token, timeout_s=args.timeout))
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -74,7 +112,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from raftseq.sequencer import protocol
 
     request = protocol.MemberRequest("remove", args.node_id)
-    return _run(args, change(args.endpoints, request, token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: change(args.endpoints, request, token=args.token, timeout_s=args.timeout))
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
@@ -83,7 +121,7 @@ def cmd_replace(args: argparse.Namespace) -> int:
     from raftseq.cluster.membership_client import replace
 
     args.node_id = args.new_id
-    return _run(args, replace(args.endpoints, args.old_id, _new_member(args), token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: replace(args.endpoints, args.old_id, _new_member(args), token=args.token, timeout_s=args.timeout))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -93,9 +131,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _new_node_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--raft", required=True, metavar="HOST:PORT", help="the new node's raft_address")
-    parser.add_argument("--client", required=True, metavar="HOST:PORT", help="the new node's client_address")
+    parser.add_argument("--raft", default="", metavar="HOST:PORT", help="the new node's raft_address")
+    parser.add_argument("--client", default="", metavar="HOST:PORT", help="the new node's client_address")
     parser.add_argument("--public-key", default="", metavar="HEX", help="the new node's raft_public_key (when the cluster has node keys)")
+    parser.add_argument(
+        "--local",
+        metavar="DIR",
+        help="a node of the local cluster that raftseq cluster up runs on DIR: write its config there (free ports, its own key); cluster up starts it",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
