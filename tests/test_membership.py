@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import msgspec
+
 
 import pytest
 from pysyncobj import FAIL_REASON, SyncObjConf
@@ -286,3 +288,27 @@ def test_a_removed_node_is_refused_at_start(tmp_path):
         refuse_if_removed(conf)
     assert refused.value.code == NodeExit.REMOVED
     assert "this node (n2) was removed from the cluster (membership change 1) and is refused" in str(refused.value)
+
+
+class SnapshotBeforeMembership(msgspec.Struct, frozen=True, array_like=True):
+    """``replica.RaftSnapshot`` as raftseq 0.2 wrote and reads it (no membership field)."""
+
+    format_version: int
+    machine: bytes
+    last_applied: tuple[bytes, int, int]
+    previous: tuple[bytes, int, int]
+    cluster: list[str]
+
+
+def test_raft_snapshots_with_and_without_the_membership_read_both_ways():
+    """The membership rides at the end of the Raft snapshot: a node of 0.2 reads a snapshot
+    that carries it (and ignores it), and this one reads 0.2's (and keeps its own membership)."""
+    from raftseq.cluster.raft.replica import RaftSnapshot
+
+    held = Membership.of_config(config())
+    new = RaftSnapshot(1, b"machine", (b"a", 9, 2), (b"b", 8, 2), ["127.0.0.1:201"], members.encode_membership(held))
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=SnapshotBeforeMembership)
+    assert (old.machine, old.last_applied, old.cluster) == (b"machine", (b"a", 9, 2), ["127.0.0.1:201"])
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=RaftSnapshot)
+    assert back.membership == b"" and back.machine == b"machine"
+    assert members.decode_membership(new.membership, source="snapshot") == held
