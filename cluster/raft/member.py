@@ -240,8 +240,9 @@ class RaftMember(SyncObj):
     #: Raft addresses of the members without a vote (learners catching up), this one included
     #: when it is one; set by ``set_learners`` from the membership the node holds.
     _raftseq_learners: frozenset = frozenset()
-    #: ``(kind, raft address, change bytes, reverse) -> None``: told of every membership entry
-    #: this node appends, applies or undoes, before pysyncobj changes its member set.
+    #: ``(kind, raft address, change bytes, reverse) -> str``: told of every membership entry
+    #: this node appends, applies or undoes, before pysyncobj changes its member set; returns
+    #: the Raft address this node knows that member by (behind a proxy, not the leader's).
     on_membership_entry = None
     #: ``(kind, raft address, change bytes) -> str``: on the leader, why a proposed membership
     #: entry is refused ("" to take it), as it is taken from the command queue.
@@ -890,7 +891,8 @@ class RaftMember(SyncObj):
         kind = request[0] if request else None
         change = request[3] if len(request) > 3 else b""
         if self.on_membership_entry is not None and kind in (MEMBERSHIP_ADD, MEMBERSHIP_REMOVE, MEMBERSHIP_PROMOTE):
-            self.on_membership_entry(kind, str(request[1]), change, reverse)
+            address = self.on_membership_entry(kind, str(request[1]), change, reverse)
+            request = [kind, address, address]
         if kind == MEMBERSHIP_PROMOTE:
             return True
         return _original_do_change_cluster(self, request, reverse)

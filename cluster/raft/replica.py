@@ -214,7 +214,11 @@ class SequencerReplica(RaftMember):
                 invariant.fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
             if held.number > self.membership.number:
                 self._adopt(self.membership.then(held))
-        cluster = {TCPNode(address) for address in snapshot.cluster}
+        # The members as this node reaches them (its own addresses for them, as its log and
+        # config gave them: a proxy or NAT may put another address in the leader's snapshot).
+        cluster = (
+            {TCPNode(m.raft_address) for m in self.membership.members} if snapshot.membership else {TCPNode(a) for a in snapshot.cluster}
+        )
         # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
         self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
@@ -264,8 +268,16 @@ class SequencerReplica(RaftMember):
             self._identity.set_members({m.raft_address: bytes.fromhex(m.raft_public_key) for m in self.membership.members})
         self.set_learners(m.raft_address for m in self.membership.learners())
 
+    def _localized(self, membership: Membership) -> Membership:
+        """`membership` with the Raft address this node already reaches each known member by
+        (a change or snapshot carries the leader's; behind a proxy or NAT they differ)."""
+        known = {m.id: m.raft_address for m in self.membership.members}
+        members_here = [msgspec.structs.replace(m, raft_address=known.get(m.id, m.raft_address)) for m in membership.members]
+        return msgspec.structs.replace(membership, members=members_here)
+
     def _adopt(self, membership: Membership) -> None:
         before = self.membership
+        membership = self._localized(membership)
         self.membership = membership
         try:
             members.save(self.node_config.data_dir, membership)
@@ -282,13 +294,20 @@ class SequencerReplica(RaftMember):
         if self.node_config.id in membership.removed and self._on_removed is not None:
             self._on_removed(f"this node ({self.node_config.id}) was removed from the cluster by membership change {membership.number}")
 
-    def _membership_entry(self, kind: str, address: str, change_bytes: bytes, reverse: bool) -> None:
-        """A membership entry appended (applied after a restart, or undone): adopt what it names."""
+    def _membership_entry(self, kind: str, address: str, change_bytes: bytes, reverse: bool) -> str:
+        """A membership entry appended (applied after a restart, or undone): adopt what it
+        names. Returns the Raft address this node knows the member by (pysyncobj's key)."""
         try:
             change = members.decode_change(change_bytes)
         except MembershipError as exc:
             log.error("membership entry for %s not understood: %s", address, exc)
-            return
+            return address
+        known = self.membership.member(change.member.id)
+        local = known.raft_address if known is not None else address
+        self._membership_moved(change, reverse)
+        return local
+
+    def _membership_moved(self, change: members.MemberChange, reverse: bool) -> None:
         if reverse:
             if self.membership.number == change.after.number:
                 self._adopt(self.membership.back_to(change.before))
