@@ -312,3 +312,20 @@ def test_raft_snapshots_with_and_without_the_membership_read_both_ways():
     back = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=RaftSnapshot)
     assert back.membership == b"" and back.machine == b"machine"
     assert members.decode_membership(new.membership, source="snapshot") == held
+
+
+@BOTH
+def test_pysyncobj_admin_requests_over_a_link_change_no_member(make_member, member_class):
+    """pysyncobj takes ``add``/``remove`` from any authenticated link (``syncobj_admin``) once
+    dynamic membership is on: a change without our change record (no key admitted, nothing
+    saved). ``RaftMember`` refuses them."""
+    leader = make_member(member_class)
+    lead_alone(leader)
+    outcomes = []
+    leader._addNodeToCluster([free_address()], lambda result, error: outcomes.append(error))
+    leader._onTick(0)
+    if member_class is PlainMember:
+        assert len(leader.otherNodes) == 1  # the fault: a member added behind our back
+    else:
+        assert leader.otherNodes == set()
+        assert outcomes == [FAIL_REASON.REQUEST_DENIED]

@@ -874,8 +874,12 @@ class RaftMember(SyncObj):
         only if ``membership_refusal`` has nothing against it."""
         if self._SyncObj__raftLastApplied < self._SyncObj__noopIDx or self.membership_entry_pending():
             return False
-        if self.membership_refusal is not None and len(request) > 3:
-            why = self.membership_refusal(request[0], request[1], request[3])
+        if self.membership_refusal is not None:
+            why = (
+                self.membership_refusal(request[0], request[1], request[3])
+                if len(request) > 3
+                else "no change record (not proposed by raftseq)"
+            )
             if why:
                 log.warning("membership change refused: %s", why)
                 return False
@@ -896,6 +900,15 @@ class RaftMember(SyncObj):
         if kind == MEMBERSHIP_PROMOTE:
             return True
         return _original_do_change_cluster(self, request, reverse)
+
+    def _addNodeToCluster(self, args, callback):  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's admin request over a Raft link (``syncobj_admin -add``): refused; members
+        change only through ``propose_membership`` (with our change record)."""
+        self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
+
+    def _removeNodeFromCluster(self, args, callback):  # noqa: N802 (pysyncobj's name)
+        """As ``_addNodeToCluster``."""
+        self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
 
     def _raftseq_count_vote(self, message) -> None:
         """A vote for this candidate, counted over the voters (pysyncobj counts learners too,

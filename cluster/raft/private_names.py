@@ -79,11 +79,13 @@ SYNCOBJ_METHODS = (
     "_SyncObj__sendNextNodeIdx",
     "_SyncObj__setCurrentTerm",
     "_SyncObj__setState",
+    "_addNodeToCluster",
     "_applyCommand",
     "_getLeader",
     "_getTerm",
     "_isLeader",
     "_onTick",
+    "_removeNodeFromCluster",
 )
 
 #: Attributes of pysyncobj's ``PipeNotifier`` (the pipe a ``SyncObj`` builds to wake its tick
