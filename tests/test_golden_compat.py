@@ -74,9 +74,14 @@ def journal_copy(tmp_path):
 # --- frames and payloads ------------------------------------------------------------------
 
 
+#: Frame types newer than the fixture (0.1 never sent them; tests/test_protocol.py round-trips
+#: them, and an older node answers them with ``Rejected(bad_frame)``).
+FRAMES_AFTER_FIXTURE = {"MemberRequest", "MemberReply"}
+
+
 def test_the_fixture_covers_every_frame_type():
     frame_types = set(protocol.ClientFrame.__args__) | set(protocol.NodeFrame.__args__)
-    assert {t.__name__ for t in frame_types} == set(golden.frames())
+    assert {t.__name__ for t in frame_types} - FRAMES_AFTER_FIXTURE == set(golden.frames())
     assert set(golden.frames()) == {name[: -len(".bin")] for name in os.listdir(os.path.join(GOLDEN, "frames"))}
 
 
