@@ -91,28 +91,31 @@ def test_no_change_without_a_quorum(cluster):
     assert [m for m, _ in members_of(member(cluster, "list"))] == ["n1", "n2", "n3"]
 
 
-def test_a_removed_node_stops_and_is_refused_and_the_others_restart_into_the_new_membership(cluster):
-    done = member(cluster, "remove", "n3")
-    assert members_of(done) == [("n1", "voter"), ("n2", "voter")], done
-    # n3 never got the entry that removed it; it finds out from its peers and stops.
-    assert wait_exit(cluster, "n3") == NodeExit.REMOVED
-    assert "was removed from the cluster" in cluster.log_text("n3")
-    cluster.restart("n3")
-    assert wait_exit(cluster, "n3") == NodeExit.REMOVED
-    last = cluster.log_text("n3", since=cluster.node("n3").log_offset).strip().splitlines()[-1]
-    assert "this node (n3) was removed from the cluster (membership change 1) and is refused" in last
-    # n1 restarts from its saved membership (its config still names n3): n1 and n2 lead on.
-    cluster.kill("n1")
-    cluster.restart("n1")
+def test_a_removed_leader_hands_over_stops_and_is_refused_and_the_others_restart_into_the_new_membership(cluster):
+    gone = cluster.wait_for_leader(timeout_s=30)["id"]
+    stay = [n for n in ("n1", "n2", "n3") if n != gone]
+    done = member(cluster, "remove", gone)
+    assert members_of(done) == [(n, "voter") for n in stay], done
+    # The leader handed leadership over first; it never got the entry that removed it, finds
+    # out from its peers, and stops.
+    assert wait_exit(cluster, gone) == NodeExit.REMOVED
+    assert "was removed from the cluster" in cluster.log_text(gone)
+    cluster.restart(gone)
+    assert wait_exit(cluster, gone) == NodeExit.REMOVED
+    last = cluster.log_text(gone, since=cluster.node(gone).log_offset).strip().splitlines()[-1]
+    assert f"this node ({gone}) was removed from the cluster (membership change 1) and is refused" in last
+    # A member restarts from its saved membership (its config still names the removed node).
+    cluster.kill(stay[0])
+    cluster.restart(stay[0])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        report = cluster.status(nodes=["n1", "n2"])
+        report = cluster.status(nodes=stay)
         if report["leader"] and all(n.get("leader") for n in report["nodes"]):
             break
         time.sleep(0.2)
     else:
-        raise AssertionError(f"no leader after n1's restart: {report}")
-    assert members_of(member(cluster, "list", endpoints=[cluster.endpoint("n1")])) == [("n1", "voter"), ("n2", "voter")]
+        raise AssertionError(f"no leader after {stay[0]}'s restart: {report}")
+    assert members_of(member(cluster, "list", endpoints=[cluster.endpoint(stay[0])])) == [(n, "voter") for n in stay]
 
 
 def test_cluster_up_starts_a_node_that_member_add_local_writes_and_stops_it_when_removed(up):
