@@ -215,10 +215,9 @@ class SequencerReplica(RaftMember):
             if held.number > self.membership.number:
                 self._adopt(self.membership.then(held))
         # The members as this node reaches them (its own addresses for them, as its log and
-        # config gave them: a proxy or NAT may put another address in the leader's snapshot).
-        cluster = (
-            {TCPNode(m.raft_address) for m in self.membership.members} if snapshot.membership else {TCPNode(a) for a in snapshot.cluster}
-        )
+        # config gave them: a proxy or NAT may put other addresses in the leader's snapshot,
+        # and a snapshot of raftseq 0.2 names no membership).
+        cluster = {TCPNode(m.raft_address) for m in self.membership.members}
         # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
         self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
