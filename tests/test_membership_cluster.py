@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from raftseq.cluster.local import LocalCluster
 from raftseq.cluster.node_exit import NodeExit
 from test_cluster_up import up  # noqa: F401 (a fixture)
+from test_raft_member import free_address
 
 COMMAND_TIMEOUT_S = 120
 NODE_EXIT_TIMEOUT_S = 30.0
@@ -49,12 +49,6 @@ def wait_exit(cluster: LocalCluster, node_id: str) -> int:
             return code
         time.sleep(0.1)
     raise AssertionError(f"{node_id} did not exit within {NODE_EXIT_TIMEOUT_S:.0f} s")
-
-
-def free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
