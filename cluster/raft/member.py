@@ -839,6 +839,9 @@ class RaftMember(SyncObj):
         """The Raft addresses of the members that have no vote (learners)."""
         self._raftseq_learners = frozenset(addresses)
 
+    def learner_addresses(self) -> frozenset:
+        return self._raftseq_learners
+
     def is_learner(self) -> bool:
         return self._SyncObj__selfNode is not None and self._SyncObj__selfNode.id in self._raftseq_learners
 

@@ -326,7 +326,7 @@ class SequencerReplica(RaftMember):
 
     def _promote_caught_up(self) -> None:
         """On the leader, each tick: a learner holding every committed entry gets its vote."""
-        if not self._raftseq_learners:
+        if not self.learner_addresses():
             return  # every tick of every node: nothing more without learners
         learners = self.membership.learners()
         if not learners or self._promotion_asked or not self._isLeader() or self.membership_entry_pending():
