@@ -64,16 +64,15 @@ async def ask_cluster(endpoints: list[str], request: protocol.MemberRequest, *, 
                 break
         if time.monotonic() >= deadline:
             said = "; ".join(f"{a}: {p}" for a, p in problems.items()) or "no answer"
+            if request.op == "list":
+                raise MemberCommandError(f"no node answered within {timeout_s:g} s: {said}")
             raise MemberCommandError(f"no leader took the request within {timeout_s:g} s (the cluster may lack a quorum): {said}")
         await asyncio.sleep(RETRY_INTERVAL_S)
 
 
 async def list_members(endpoints: list[str], *, token: str, timeout_s: float) -> protocol.MemberReply:
     """The membership as the node that answers first holds it (the leader's, when it answers)."""
-    try:
-        return await ask_cluster(endpoints, protocol.MemberRequest("list"), token=token, timeout_s=timeout_s)
-    except MemberCommandError:
-        raise MemberCommandError(f"no node of {','.join(endpoints)} answered within {timeout_s:g} s") from None
+    return await ask_cluster(endpoints, protocol.MemberRequest("list"), token=token, timeout_s=timeout_s)
 
 
 def _done_already(reply: protocol.MemberReply, request: protocol.MemberRequest) -> bool:

@@ -23,6 +23,7 @@ from raftseq.cluster import membership as members
 from raftseq.cluster.config import NodeConfig, PeerConfig
 from raftseq.cluster.membership import Member, Membership, MembershipError, quorum_problem
 from raftseq.cluster.raft.member import MEMBERSHIP_ADD
+from raftseq.sequencer import protocol
 from test_raft_member import CorrectedMember, PlainMember, free_address
 
 KEY = {name: f"{i:02x}" * 32 for i, name in enumerate(["n1", "n2", "n3", "n4", "n5"], start=1)}
@@ -329,3 +330,32 @@ def test_pysyncobj_admin_requests_over_a_link_change_no_member(make_member, memb
     else:
         assert leader.otherNodes == set()
         assert outcomes == [FAIL_REASON.REQUEST_DENIED]
+
+
+def test_a_node_that_predates_membership_commands_is_named_as_such():
+    """A node of raftseq 0.2 cannot decode ``MemberRequest`` and answers ``Rejected(bad_frame)``
+    (new frame types need no protocol version): the command says so in its one line."""
+    import asyncio
+
+    from raftseq.cluster import membership_client
+    from raftseq.sequencer.protocol import RejectReason
+    from scripted_node import ScriptedConnection, ScriptedNode
+
+    async def old_node(conn: ScriptedConnection) -> None:
+        await conn.welcome()
+        conn.send(protocol.Rejected(RejectReason.BAD_FRAME, "undecodable frame"))
+        await conn.hold_until_stopped()
+
+    async def scenario() -> str:
+        node = ScriptedNode([old_node] * 20)
+        address = await node.start()
+        try:
+            with pytest.raises(membership_client.MemberCommandError) as refused:
+                await membership_client.list_members([address], token="", timeout_s=1.0)
+            return str(refused.value)
+        finally:
+            await node.stop()
+
+    said = asyncio.run(scenario())
+    assert said.startswith("no node answered within 1 s: 127.0.0.1:"), said
+    assert said.endswith(": this node predates membership commands"), said
