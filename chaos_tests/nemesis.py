@@ -106,6 +106,11 @@ class Nemesis:
         self._report(fault.name, "end", details)
         return details
 
+    def operation(self, name: str, **details: object) -> ActiveFault:
+        """An operator's action in the history as a fault of its own (a membership change):
+        nothing to undo; ``end`` records when it finished."""
+        return self._begin(name, details)
+
     def heal_all(self) -> None:
         """End every active fault, newest first (partitions healed, paused nodes continued,
         killed nodes restarted, ballast removed)."""

@@ -20,6 +20,7 @@ faults, not the interleaving of the nodes' threads.)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -33,7 +34,10 @@ from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
 from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
+from raftseq.cluster import membership_client
 from raftseq.cluster.local import Watcher
+from raftseq.cluster.node_exit import NodeExit
+from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import verify_journal
 
 #: Acknowledgements the workload must reach before the first fault.
@@ -310,6 +314,53 @@ def _power_round(ctx: Context) -> None:
     POWER_ROUNDS[which](ctx)
 
 
+#: Seconds a membership change may take (a new node starts, catches up and gets its vote).
+MEMBERSHIP_CHANGE_TIMEOUT_S = 60.0
+#: Seconds a removed node may take to notice and stop (it asks its peers once it hears no leader).
+REMOVED_EXIT_TIMEOUT_S = 30.0
+
+
+def _member_change(ctx: Context, op: str, node_id: str, **fields: str) -> None:
+    fault = ctx.nemesis.operation(f"membership-{op}", nodes=[node_id])
+    request = protocol.MemberRequest(op, node_id, **fields)
+    started = time.monotonic()
+    reply = asyncio.run(
+        membership_client.change(ctx.cluster.endpoints, request, token=ctx.cluster.token, timeout_s=MEMBERSHIP_CHANGE_TIMEOUT_S)
+    )
+    ctx.nemesis.end(fault, number=reply.number)
+    ctx.say(
+        f"    {op} {node_id}: membership {reply.number} ({', '.join(m.id for m in reply.members)}) after {time.monotonic() - started:.2f} s"
+    )
+
+
+def _membership(ctx: Context) -> None:
+    """Add-then-remove under load: a new node (new ports, data directory and key) joins as a
+    learner and becomes a voter; the leader or a follower is killed while the cluster has four
+    voters; then the new node is removed again (a leader hands over first) and must stop."""
+    new_id = f"j{ctx.rng.randrange(10**6)}"
+    node = ctx.cluster.joining_node(new_id, rng=ctx.rng)
+    ctx.cluster.start_node(node)
+    c = node.config
+    _member_change(ctx, "add", new_id, raft_address=c.raft_address, client_address=c.client_address, raft_public_key=c.raft_public_key)
+    ctx.acks_resume(f"after {new_id} was added")
+    if ctx.rng.random() < 0.5:
+        _kill_leader(ctx)
+    else:
+        _kill_follower(ctx)
+    _member_change(ctx, "remove", new_id)
+    deadline = time.monotonic() + REMOVED_EXIT_TIMEOUT_S
+    while ctx.cluster.exit_code(new_id) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code = ctx.cluster.exit_code(new_id)
+    if code != NodeExit.REMOVED:
+        raise ScenarioFailed(
+            f"{new_id}, removed, did not stop with exit code {NodeExit.REMOVED:d} within {REMOVED_EXIT_TIMEOUT_S:.0f} s (exit {code})"
+        )
+    ctx.cluster.forget_node(new_id)
+    ctx.acks_resume(f"after {new_id} was removed")
+    ctx.converge()
+
+
 def _random_round(ctx: Context) -> None:
     """One round of a fault family drawn from the whole catalogue (the soak; power cuts are a
     soak of their own, ``--scenario power``)."""
@@ -370,6 +421,7 @@ SCENARIOS: dict[str, Scenario] = {
             unavailable=_tmpfs_unavailable,
         ),
         Scenario("journal-damage", "a follower's journal tail truncated or bit-flipped while it is down", _journal_damage),
+        Scenario("membership", "add a new node (learner, then voter), kill the leader or a follower, remove the new node", _membership),
         Scenario(
             "client-faults",
             "client connections reset mid-submit, subscribers dropped mid-stream, and a leader kill",

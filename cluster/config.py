@@ -426,6 +426,11 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     insecure: bool = False
     #: One of ``DURABILITY_MODES``. A data directory may switch between them at a restart.
     durability: str = "crash"
+    #: This node joins a running cluster (``raftseq member add``): ``peers`` name members to
+    #: reach, and the node waits, without a vote, until the cluster adds it as a learner; it
+    #: becomes a voter once caught up. Ignored once the node holds a membership of its own
+    #: (``membership.json`` in its data directory, which every node keeps after a change).
+    join: bool = False
     raft: RaftConfig = RaftConfig()
     batcher: BatcherConfig = BatcherConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -489,7 +494,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         addresses = [self.raft_address, self.client_address] + [a for p in self.peers for a in (p.raft_address, p.client_address)]
         if len(set(addresses)) != len(addresses):
             found.append("every raft_address and client_address must be unique")
-        if len(self.peers) not in (0, 2, 4, 6):
+        if not self.join and len(self.peers) not in (0, 2, 4, 6):
             found.append(f"a cluster has 1, 3, 5 or 7 nodes; this one has {len(self.peers) + 1}")
         addresses_named = [("raft_address", self.raft_address), ("client_address", self.client_address)]
         addresses_named += [(f"peers[{p.id}].raft_address", p.raft_address) for p in self.peers]
@@ -566,6 +571,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("journal.repair_attempts_max must be 1..1000")
         if self.journal.segment_bytes_max < limits.SEGMENT_BYTES_MIN:
             found.append(f"journal.segment_bytes_max must be at least {limits.SEGMENT_BYTES_MIN}")
+        if self.join and not self.peers:
+            found.append("a joining node (join = true) needs the members to reach as peers")
         found.extend(f"machine: {p}" for p in self.machine.machine_config().problems())
         found.extend(
             self.retention.problems(segment_bytes_max=self.journal.segment_bytes_max, compaction_entries_min=r.log_compaction_min_entries)

@@ -500,6 +500,8 @@ class Gateway:
             conn.send(self.node.status())
         elif kind is protocol.SnapshotQuery:
             self._snapshot_query(conn, frame)
+        elif kind is protocol.MemberRequest:
+            self.node.member_request(frame, conn.send)
 
     def _snapshot_query(self, conn: Connection, query: protocol.SnapshotQuery) -> None:
         """The node's snapshot index for one state-machine type, as of what it has applied.

@@ -45,6 +45,7 @@ from raftseq.cluster.config import (
     ConfigError,
     NodeConfig,
     PeerConfig,
+    load_config,
     node_key_text,
     read_node_key,
     to_toml,
@@ -181,6 +182,53 @@ def option_safe_secret(nbytes: int) -> str:
         secret = secrets.token_urlsafe(nbytes)
         if not secret.startswith("-"):
             return secret
+
+
+def joining_config(
+    data_dir: str, node_id: str, members: Sequence[NodeConfig], *, insecure: bool, rng: random.Random | None = None
+) -> NodeConfig:
+    """The config of a new local node joining the cluster of `members` (``join = true``),
+    written to ``DATA_DIR/NODE.toml``: ports of its own (from a free base port, at the usual
+    offsets), a data directory and node key of its own, the members' secrets and settings."""
+    data_dir = os.path.abspath(data_dir)
+    if any(m.id == node_id for m in members) or os.path.exists(os.path.join(data_dir, f"{node_id}.toml")):
+        raise ValueError(f"{node_id} is a node of this cluster already (or was: {node_id}.toml exists)")
+    base = free_base_port(rng)
+    key_file = "" if insecure else node_key_file(data_dir, node_id)
+    config = msgspec.structs.replace(
+        members[0],
+        id=node_id,
+        data_dir=os.path.join(data_dir, node_id),
+        raft_address=f"127.0.0.1:{base + RAFT_PORT_OFFSET}",
+        client_address=f"127.0.0.1:{base + CLIENT_PORT_OFFSET}",
+        metrics_address=f"127.0.0.1:{base + METRICS_PORT_OFFSET}",
+        raft_key_file=key_file,
+        raft_public_key=local_node_key(key_file) if key_file else "",
+        peers=[PeerConfig(c.id, c.raft_address, c.client_address, raft_public_key=c.raft_public_key) for c in members],
+        join=True,
+    )
+    problems = config.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    write_private(os.path.join(data_dir, f"{node_id}.toml"), to_toml(config))
+    return config
+
+
+def local_node_configs(data_dir: str, *, insecure: bool) -> list[NodeConfig]:
+    """Every node config in a local cluster's data directory (``*.toml``), by file name."""
+    configs = []
+    for name in sorted(os.listdir(data_dir)):
+        if name.endswith(".toml"):
+            configs.append(load_config(os.path.join(data_dir, name), insecure=insecure))
+    return configs
+
+
+def _joined_nodes(data_dir: str, *, insecure: bool) -> list[LocalNode]:
+    return [
+        LocalNode(c, os.path.join(data_dir, f"{c.id}.toml"), os.path.join(data_dir, f"{c.id}.log"))
+        for c in local_node_configs(data_dir, insecure=insecure)
+        if c.join
+    ]
 
 
 def node_key_file(data_dir: str, node_id: str) -> str:
@@ -370,6 +418,9 @@ class LocalCluster:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
             write_private(path, to_toml(config))
             self.nodes.append(LocalNode(config, path, os.path.join(self.data_dir, f"{config.id}.log")))
+        # Nodes that joined later (``raftseq member add --local``) start with the others.
+        known = {n.id for n in self.nodes}
+        self.nodes.extend(n for n in _joined_nodes(self.data_dir, insecure=insecure) if n.id not in known)
 
     @classmethod
     def started(
@@ -461,6 +512,35 @@ class LocalCluster:
 
     def _inside_data_dir(self, node_id: str, path: str) -> str:
         return os.path.join(self.node_data_dir(node_id), os.path.relpath(path, self.node(node_id).config.data_dir))
+
+    # --- membership: new nodes for ``raftseq member add``, removed ones forgotten ------------
+
+    def joining_node(self, node_id: str, *, peers: Sequence[str] | None = None, rng: random.Random | None = None) -> LocalNode:
+        """A new node that joins this cluster (``joining_config``, written beside the others),
+        with `peers` (default: every node) as the members it reaches first. Added to
+        ``nodes``, not started; ``raftseq member add`` makes it a member."""
+        members = [n.config for n in self.nodes if peers is None or n.id in peers]
+        config = joining_config(self.data_dir, node_id, members, insecure=self.insecure, rng=rng)
+        node = LocalNode(config, os.path.join(self.data_dir, f"{node_id}.toml"), os.path.join(self.data_dir, f"{node_id}.log"))
+        self.nodes.append(node)
+        return node
+
+    def adopt_joined_nodes(self) -> list[LocalNode]:
+        """Start the joining nodes whose configs appeared in the data directory
+        (``raftseq member add --local``), and add them to ``nodes``."""
+        known = {n.id for n in self.nodes}
+        joined = [n for n in _joined_nodes(self.data_dir, insecure=self.insecure) if n.id not in known]
+        for node in joined:
+            self.nodes.append(node)
+            self.start_node(node)
+        return joined
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop a node (if it runs) and drop it from ``nodes``: after ``raftseq member remove``."""
+        node = self.node(node_id)
+        if node.running():
+            self.kill(node_id, signal.SIGTERM)
+        self.nodes.remove(node)
 
     # --- processes (always by the pid of a process this cluster started) ------------------
 

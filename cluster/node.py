@@ -32,6 +32,7 @@ from raftseq.cluster.raft.log_store import disk_error, disk_failed
 from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
+from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed, watch_for_removal
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
 from raftseq.sequencer.journal import Damage, FsyncPolicy, Journal, JournalCorruptError, Scrubber
@@ -163,6 +164,9 @@ class Node:
             snapshot_floor_seq=lambda: self.core.machine.snapshot_floor_seq(),
             applied=lambda: (self.core.machine.last_seq, self.core.machine.last_log_time_ns),
         )
+        #: Set (with why) when this node learns that it was removed from the cluster.
+        self.removed = asyncio.Event()
+        self.removed_why = ""
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -232,6 +236,13 @@ class Node:
         machine = self.core.machine  # read once: a restored snapshot replaces the machine
         return protocol.SnapshotList(sm_type, machine.snapshots_of(sm_type), machine.last_seq)
 
+    def member_request(self, request: protocol.MemberRequest, reply) -> None:
+        membership_reply(self, request, reply)
+
+    def _removed(self, why: str) -> None:
+        self.removed_why = why
+        self.removed.set()
+
     def raft_status(self) -> dict:
         if self.replica is None:
             return {}
@@ -298,12 +309,19 @@ class Node:
             self.journal.close()
             raise AddressUnavailable("clients", "client_address", self.config.client_address, exc.strerror or str(exc)) from None
         try:
+            refuse_if_removed(self.config)
+        except NodeCannotRun:
+            await self.gateway.stop()
+            self.journal.close()
+            raise
+        try:
             self.replica = SequencerReplica(
                 self.config,
                 self.core,
                 loop=loop,
                 on_applied=self._applied,
                 on_restored=self.publication.wake,
+                on_removed=self._removed,
                 votes_blocked_s=self.votes_blocked_s,
             )
         except Exception as exc:  # noqa: BLE001 - pysyncobj raises anything on a damaged log
@@ -360,14 +378,20 @@ class Node:
         scrub = asyncio.create_task(run_scrub(self.scrubber, bytes_per_s=self.config.journal.scrub_bytes_per_s), name="scrub")
         retention = asyncio.create_task(self.retention.run(), name="retention")
         stopping = asyncio.create_task(stop.wait(), name="stop")
+        removed = asyncio.create_task(self.removed.wait(), name="removed")
+        removal_watch = asyncio.create_task(watch_for_removal(self), name="removal-watch")
         try:
-            await asyncio.wait((stopping, catchup), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((stopping, catchup, removed), return_when=asyncio.FIRST_COMPLETED)
+            if removed.done():
+                raise NodeCannotRun(NodeExit.REMOVED, f"{self.removed_why}; it stops, and is refused if it comes back")
             if catchup.done():
                 catchup.result()  # NodeCannotRun when no peer can repair the journal
                 raise AssertionError("catch-up ended")
         finally:
             log.info("node %s stopping", self.config.id)
             stopping.cancel()
+            removed.cancel()
+            removal_watch.cancel()
             watcher.cancel()
             catchup.cancel()
             scrub.cancel()

@@ -35,6 +35,9 @@ class NodeExit(enum.IntEnum):
     #: The disk refused a write or an fsync of the Raft log: what it held is not taken as
     #: written (the node stops at once; check the disk, then restart).
     DISK_FAILED = 10
+    #: This node was removed from its cluster (``raftseq member remove``); it is refused, and
+    #: refuses to run, until its data directory is cleared and it is added anew under a new id.
+    REMOVED = 11
     #: A broken internal invariant stopped the node at once; a restart recovers from its files.
     INVARIANT = 70
 
@@ -55,6 +58,7 @@ _NEEDS_OPERATOR = frozenset(
         NodeExit.DATA_DIR_IN_USE,
         NodeExit.RAFT_LOG_DAMAGED,
         NodeExit.DISK_FAILED,
+        NodeExit.REMOVED,
     }
 )
 

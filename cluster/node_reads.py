@@ -8,6 +8,7 @@ implements both).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from raftseq.sequencer import protocol
@@ -45,6 +46,10 @@ class ClientFacingNode(Protocol):
         ...
 
     def status(self) -> protocol.Status: ...
+
+    def member_request(self, request: protocol.MemberRequest, reply: Callable[[protocol.MemberReply], None]) -> None:
+        """List the membership, or (on the leader) change it; `reply` is called once, perhaps
+        later (a change: once committed)."""
 
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
         """The state-machine snapshots the machine indexes for ``sm_type``, as of what it applied."""

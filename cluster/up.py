@@ -76,6 +76,8 @@ class Supervisor:
         """One round: restarts and stops (from ``supervise_once``), then, at most once per
         LEADER_POLL_INTERVAL_S, a line when the leader changed."""
         lines = self.cluster.supervise_once()
+        for node in self.cluster.adopt_joined_nodes():
+            lines.append(f"{node.id} joins (config {node.config_path}, log {node.log_path}); raftseq member add makes it a member")
         now = time.monotonic()
         if now >= self._next_poll:
             self._next_poll = now + LEADER_POLL_INTERVAL_S

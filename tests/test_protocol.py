@@ -243,6 +243,19 @@ EXAMPLES = [
     SnapshotQuery("refdata"),
     SnapshotQuery("t" * protocol.SM_TYPE_CHARS_MAX),
     SnapshotList("refdata", [], 0),
+    protocol.MemberRequest("list"),
+    protocol.MemberRequest("add", "n4", "10.0.0.4:7201", "10.0.0.4:7101", "ab" * 32),
+    protocol.MemberReply(
+        "", False, "127.0.0.1:7101", 3, [protocol.MemberInfo("n1", "127.0.0.1:7201", "127.0.0.1:7101", "cd" * 32)], ["n2"]
+    ),
+    protocol.MemberReply(
+        "d" * limits.DETAIL_CHARS_MAX,
+        True,
+        "",
+        2**62,
+        [protocol.MemberInfo("n" * 32, "h" * 10 + ":1", "h:2", "ef" * 32, True)] * protocol.MEMBERS_LISTED_MAX,
+        ["x" * 32] * protocol.REMOVED_LISTED_MAX,
+    ),
     SnapshotList(
         "t" * protocol.SM_TYPE_CHARS_MAX,
         [

@@ -148,6 +148,13 @@ class NodeIdentity:
         members[config.raft_address] = bytes.fromhex(config.raft_public_key)
         return cls(config.raft_address, seed, members)
 
+    def set_members(self, members: dict[str, bytes]) -> None:
+        """Every member's public key by Raft address, after a membership change (this node's
+        own stays, whatever `members` says: a removed node still signs as itself)."""
+        keys = {member: Ed25519PublicKey.from_public_bytes(key) for member, key in members.items() if member != self.address}
+        keys[self.address] = self._members[self.address]
+        self._members = keys
+
     def members(self) -> list[str]:
         """Every member's Raft address, this node's included."""
         return list(self._members)

@@ -78,6 +78,7 @@ import threading
 import time
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+from pysyncobj import pickle as syncobj_pickle
 
 from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
 from raftseq.cluster.raft import patches, safe_pickle
@@ -86,7 +87,13 @@ from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.loop_poller import LoopPoller
 from raftseq.cluster.raft.private_names import CANDIDATE as _CANDIDATE
 from raftseq.cluster.raft.private_names import FOLLOWER as _FOLLOWER
-from raftseq.cluster.raft.private_names import LEADER, PIPE_NOTIFIER_ATTRIBUTES, SYNCOBJ_LOGGER, SYNCOBJ_TRUNCATION_CRITICAL
+from raftseq.cluster.raft.private_names import (
+    LEADER,
+    MEMBERSHIP_COMMAND,
+    PIPE_NOTIFIER_ATTRIBUTES,
+    SYNCOBJ_LOGGER,
+    SYNCOBJ_TRUNCATION_CRITICAL,
+)
 from raftseq.cluster.raft.private_names import now as _now
 from raftseq.sequencer import limits
 from raftseq.sequencer.protocol import Role
@@ -113,6 +120,12 @@ _original_delete_from = SyncObj._SyncObj__deleteEntriesFrom
 _original_apply_log_entries = SyncObj._SyncObj__applyLogEntries
 _original_on_tick = SyncObj._onTick
 _original_send_next_node_idx = SyncObj._SyncObj__sendNextNodeIdx
+_original_do_change_cluster = SyncObj._SyncObj__doChangeCluster
+#: The kinds of a membership entry: pysyncobj's two, and ours (a learner gets its vote; the
+#: member set is unchanged, so pysyncobj has nothing to do).
+MEMBERSHIP_ADD = "add"
+MEMBERSHIP_REMOVE = "rem"
+MEMBERSHIP_PROMOTE = "raftseq_promote"
 #: The fields of pysyncobj's messages (and ours) that hold terms, log indexes and request ids:
 #: integers in ``0..limits.RAFT_NUMBER_MAX``; the first two may be None (a snapshot piece).
 RAFT_NUMBER_FIELDS = (
@@ -229,6 +242,17 @@ class RaftMember(SyncObj):
     #: The commit index as last checked against the leader's durable index.
     _raftseq_commit_checked = 0
     _truncation_refused_logged_at = float("-inf")
+
+    #: Raft addresses of the members without a vote (learners catching up), this one included
+    #: when it is one; set by ``set_learners`` from the membership the node holds.
+    _raftseq_learners: frozenset = frozenset()
+    #: ``(kind, raft address, change bytes, reverse) -> str``: told of every membership entry
+    #: this node appends, applies or undoes, before pysyncobj changes its member set; returns
+    #: the Raft address this node knows that member by (behind a proxy, not the leader's).
+    on_membership_entry = None
+    #: ``(kind, raft address, change bytes) -> str``: on the leader, why a proposed membership
+    #: entry is refused ("" to take it), as it is taken from the command queue.
+    membership_refusal = None
 
     _loop: asyncio.AbstractEventLoop | None = None
     _commit_notify_delay_s = 0.0
@@ -430,7 +454,13 @@ class RaftMember(SyncObj):
             return
         self._handover_requested = False
         if self._isLeader():
-            self.transferLeadership(callback=self._handover_sent)
+            match = self._SyncObj__raftMatchIndex
+            voters = [node for node in self._SyncObj__otherNodes if node.id not in self._raftseq_learners and self.isNodeConnected(node)]
+            if not voters:
+                self._handover_sent(None, FAIL_REASON.REQUEST_DENIED)
+                return
+            target = max(voters, key=lambda node: (match.get(node, 0), node.id))
+            self.transferLeadership(target, callback=self._handover_sent)
 
     @staticmethod
     def _handover_sent(result: object, error: int) -> None:
@@ -448,6 +478,11 @@ class RaftMember(SyncObj):
         from a partition, or hearing only one direction of a link) thus no longer raises terms
         and deposes a leader the others still hear from."""
         state = self._SyncObj__raftState
+        if self._raftseq_learners and state != LEADER and self.is_learner():
+            # A learner has no vote and never stands for election.
+            self._SyncObj__raftElectionDeadline = _now() + self._SyncObj__generateRaftTimeout()
+            if state == _CANDIDATE:
+                self._SyncObj__setState(_FOLLOWER)
         if (
             state in (_FOLLOWER, _CANDIDATE)
             and self._SyncObj__selfNode is not None
@@ -460,7 +495,30 @@ class RaftMember(SyncObj):
                 self._raftseq_pre_vote_won_for = None  # pysyncobj's election goes ahead now
             else:
                 self._raftseq_start_pre_vote(next_term)
+        if self._raftseq_learners and state == LEADER:
+            return self._raftseq_tick_leading_learners(timeToWait)
         return _original_on_tick(self, timeToWait)
+
+    def _raftseq_tick_leading_learners(self, time_to_wait):
+        """A leader's tick with learners: pysyncobj steps its leader down when no majority of
+        all members answered within ``leaderFallbackTimeout``, learners counted. Here learners
+        count as answering (pysyncobj's check then never trips over them), and the check runs
+        again after the tick over the voters only. (Seen: a leader of three voters, one of them
+        dead, stepped down while a learner was still starting.)"""
+        responded = self._SyncObj__lastResponseTime
+        now = _now()
+        for node in self._SyncObj__otherNodes:
+            if node.id in self._raftseq_learners:
+                responded[node] = now
+        result = _original_on_tick(self, time_to_wait)
+        if self._SyncObj__raftState == LEADER:
+            deadline = _now() - self._SyncObj__conf.leaderFallbackTimeout
+            voters = [node for node in self._SyncObj__otherNodes if node.id not in self._raftseq_learners]
+            heard = 1 + sum(1 for node in voters if responded.get(node, 0) > deadline)
+            if heard <= (len(voters) + 1) / 2:
+                self._SyncObj__setState(_FOLLOWER)
+                self._SyncObj__raftLeader = None
+        return result
 
     def _raftseq_start_pre_vote(self, term: int) -> None:
         if self._raftseq_pre_vote_term == term and self._raftseq_pre_vote_grants:
@@ -480,7 +538,8 @@ class RaftMember(SyncObj):
         self._raftseq_count_pre_votes()
 
     def _raftseq_count_pre_votes(self) -> None:
-        if len(self._raftseq_pre_vote_grants) > (len(self._SyncObj__otherNodes) + 1) / 2:
+        voters = [node for node in self._SyncObj__otherNodes if node.id not in self._raftseq_learners]
+        if len(self._raftseq_pre_vote_grants) > (len(voters) + 1) / 2:
             self._raftseq_pre_vote_won_for = self._raftseq_pre_vote_term
             self._raftseq_pre_vote_term = None
             self._SyncObj__raftElectionDeadline = 0  # stand for election on the next tick
@@ -497,7 +556,7 @@ class RaftMember(SyncObj):
             _now() - self._raftseq_leader_contact < self._SyncObj__conf.raftMinTimeout / 2
         )
         votes_blocked = self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until
-        granted = message["term"] > my_term and log_ok and not heard_leader and not votes_blocked
+        granted = message["term"] > my_term and log_ok and not heard_leader and not votes_blocked and not self.is_learner()
         self._SyncObj__transport.send(node, {"type": PRE_VOTE_RESPONSE, "term": message["term"], "granted": granted})
 
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802 (pysyncobj's name)
@@ -517,6 +576,11 @@ class RaftMember(SyncObj):
             return self._raftseq_hear_newer_term(message)
         if kind == "request_vote" and self.raftseq_votes_blocked_until and time.monotonic() < self.raftseq_votes_blocked_until:
             return None
+        if self._raftseq_learners:
+            if kind == "request_vote" and self.is_learner():
+                return None  # a learner has no vote
+            if kind == "response_vote" and message.get("term", -1) <= self._SyncObj__raftCurrentTerm:
+                return self._raftseq_count_vote(message)
         if kind == "append_entries" and message.get("term", -1) < self._SyncObj__raftCurrentTerm:
             # A leader of an older term: tell it ours, so that it steps down (pysyncobj would
             # ignore the message and leave a node whose term got ahead a candidate for good).
@@ -656,8 +720,8 @@ class RaftMember(SyncObj):
         leader waits ``commit_notify_delay_s`` first: a batch proposed meanwhile (at any steady
         rate, the next one) carries the commit index, and the extra round is sent only when
         none came."""
-        if self._raftseq_power_log is not None:
-            self._raftseq_commit_only_durable()
+        if self._raftseq_power_log is not None or self._raftseq_learners:
+            self._raftseq_commit_only_counted()
         need_send = self._raftseq_apply_committed() if self._loop is not None else self._raftseq_apply_deferring_election()
         delay = self._commit_notify_delay_s
         if need_send and delay and self._SyncObj__raftState == LEADER:
@@ -762,29 +826,126 @@ class RaftMember(SyncObj):
         self._raftseq_held_acks.setdefault(node, []).append((generation, nextNodeIdx))
         return None
 
-    def _raftseq_commit_only_durable(self) -> None:
-        """On a leader, lower a commit index that counted the leader's entries not yet on its
-        disk to the last entry a majority holds on disk (pysyncobj counts the leader always)."""
+    def _raftseq_commit_only_counted(self) -> None:
+        """On a leader, the commit index counted as Raft counts it: over the voters only (a
+        learner has no say; pysyncobj counts every member), and in power mode the leader's own
+        entries only up to its durable index (pysyncobj counts the leader always). A commit
+        index raised too far is lowered; with learners, one pysyncobj held back (its majority
+        counted them) is raised."""
         commit = self._SyncObj__raftCommitIndex
-        floor = self._raftseq_commit_checked
-        if self._SyncObj__raftState == LEADER and commit > floor:
-            durable = self._raftseq_power_log.durable_index()
-            if commit > durable:
-                others = self._SyncObj__otherNodes
+        floor = max(self._raftseq_commit_checked, self._SyncObj__raftLastApplied)
+        learners = self._raftseq_learners
+        power_log = self._raftseq_power_log
+        if self._SyncObj__raftState == LEADER and (learners or commit > floor):
+            durable = power_log.durable_index() if power_log is not None else self._SyncObj__getCurrentLogIndex()
+            if learners or commit > durable:
+                voters = [node for node in self._SyncObj__otherNodes if node.id not in learners]
                 match = self._SyncObj__raftMatchIndex
                 allowed = floor
-                for idx in range(commit, floor, -1):
-                    count = (idx <= durable) + sum(1 for node in others if match.get(node, 0) >= idx)
-                    if count > (len(others) + 1) / 2:
+                top = self._SyncObj__getCurrentLogIndex() if learners else commit
+                for idx in range(top, floor, -1):
+                    count = (idx <= durable) + sum(1 for node in voters if match.get(node, 0) >= idx)
+                    if count > (len(voters) + 1) / 2:
                         entry = self._SyncObj__getEntries(idx, 1)
                         if entry and entry[0][2] == self._SyncObj__raftCurrentTerm:
                             allowed = idx
                         break  # lower entries have a majority too; only one of this term commits by count
-                if allowed < commit:
-                    self.raftseq_commits_held_for_fsync += 1
+                if allowed != commit:
+                    if allowed < commit and power_log is not None:
+                        self.raftseq_commits_held_for_fsync += 1
                     self._SyncObj__raftCommitIndex = allowed
                     self._SyncObj__raftLog.setRaftCommitIndex(allowed)
         self._raftseq_commit_checked = self._SyncObj__raftCommitIndex
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def set_learners(self, addresses) -> None:
+        """The Raft addresses of the members that have no vote (learners)."""
+        self._raftseq_learners = frozenset(addresses)
+
+    def learner_addresses(self) -> frozenset:
+        return self._raftseq_learners
+
+    def is_learner(self) -> bool:
+        return self._SyncObj__selfNode is not None and self._SyncObj__selfNode.id in self._raftseq_learners
+
+    def propose_membership(self, kind: str, address: str, change: bytes, callback) -> None:
+        """Propose one membership entry (on the leader): `kind` (``MEMBERSHIP_ADD``, ``_REMOVE``,
+        ``_PROMOTE``) of the member at Raft `address`, with our own description of the change
+        (`change`, opaque here) riding in pysyncobj's entry. ``callback(result, error)`` as for
+        any proposal; ``membership_refusal`` may refuse it (``FAIL_REASON.REQUEST_DENIED``)."""
+        command = syncobj_pickle.dumps([kind, address, address, change])
+        self._applyCommand(command, callback, MEMBERSHIP_COMMAND)
+
+    def membership_entry_pending(self) -> bool:
+        """Whether a membership entry is in the log and not yet applied (one at a time)."""
+        first = self._SyncObj__raftLastApplied + 1
+        count = self._SyncObj__getCurrentLogIndex() - first + 1
+        return count > 0 and any(entry[0][:1] == bytes((MEMBERSHIP_COMMAND,)) for entry in self._SyncObj__getEntries(first, count))
+
+    def voter_match_indexes(self) -> dict[str, int]:
+        """On a leader: each other member's match index by Raft address."""
+        return {node.id: index for node, index in self._SyncObj__raftMatchIndex.items()}
+
+    def connected_members(self) -> set[str]:
+        """Raft addresses of the members this node has a link to, its own included."""
+        connected = {node.id for node in self._SyncObj__otherNodes if self.isNodeConnected(node)}
+        return connected | {self._SyncObj__selfNode.id}
+
+    def commit_index(self) -> int:
+        return self._SyncObj__raftCommitIndex
+
+    def _SyncObj__changeCluster(self, request):  # noqa: N802 (pysyncobj's name)
+        """The leader takes a membership entry from its queue: one at a time (pysyncobj's own
+        check never fires: it never sets the index it checks), after this term's no-op, and
+        only if ``membership_refusal`` has nothing against it."""
+        if self._SyncObj__raftLastApplied < self._SyncObj__noopIDx or self.membership_entry_pending():
+            return False
+        if self.membership_refusal is not None:
+            why = (
+                self.membership_refusal(request[0], request[1], request[3])
+                if len(request) > 3
+                else "no change record (not proposed by raftseq)"
+            )
+            if why:
+                log.warning("membership change refused: %s", why)
+                return False
+        return self._SyncObj__doChangeCluster(request)
+
+    def _SyncObj__doChangeCluster(self, request, reverse=False):  # noqa: N802 (pysyncobj's name)
+        """A membership entry appended (or applied after a restart, or undone with a truncation).
+        Our hook hears of it first (it admits a new member's key before pysyncobj links to it).
+        An undo announced while the truncation is refused (every entry the leader sent is held:
+        nothing goes) is no undo: pysyncobj would take the member set back for entries that stay."""
+        if reverse and getattr(_truncation_refused, "pending", False):
+            return False
+        kind = request[0] if request else None
+        change = request[3] if len(request) > 3 else b""
+        if self.on_membership_entry is not None and kind in (MEMBERSHIP_ADD, MEMBERSHIP_REMOVE, MEMBERSHIP_PROMOTE):
+            address = self.on_membership_entry(kind, str(request[1]), change, reverse)
+            request = [kind, address, address]
+        if kind == MEMBERSHIP_PROMOTE:
+            return True
+        return _original_do_change_cluster(self, request, reverse)
+
+    def _addNodeToCluster(self, args, callback):  # noqa: N802 (pysyncobj's name)
+        """pysyncobj's admin request over a Raft link (``syncobj_admin -add``): refused; members
+        change only through ``propose_membership`` (with our change record)."""
+        self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
+
+    def _removeNodeFromCluster(self, args, callback):  # noqa: N802 (pysyncobj's name)
+        """As ``_addNodeToCluster``."""
+        self._SyncObj__callErrCallback(FAIL_REASON.REQUEST_DENIED, callback)
+
+    def _raftseq_count_vote(self, message) -> None:
+        """A vote for this candidate, counted over the voters (pysyncobj counts learners too,
+        so that with a voter down and a learner catching up no candidate could win)."""
+        if self._SyncObj__raftState != _CANDIDATE or message.get("term") != self._SyncObj__raftCurrentTerm:
+            return
+        self._SyncObj__votesCount += 1
+        voters = [node for node in self._SyncObj__otherNodes if node.id not in self._raftseq_learners]
+        if self._SyncObj__votesCount > (len(voters) + 1) / 2:
+            self._SyncObj__onBecomeLeader()
 
     # --- truncation ---------------------------------------------------------------------------
 

@@ -34,6 +34,10 @@ assert (
     pysyncobj.syncobj._RAFT_STATE.LEADER,
 ) == (FOLLOWER, CANDIDATE, LEADER)
 
+#: pysyncobj's ``_COMMAND_TYPE.MEMBERSHIP``: the first byte of a membership entry in the log.
+MEMBERSHIP_COMMAND = 2
+assert pysyncobj.syncobj._COMMAND_TYPE.MEMBERSHIP == MEMBERSHIP_COMMAND
+
 #: Attributes a ``SyncObj`` sets in its constructor, read or written by ``RaftMember``.
 SYNCOBJ_ATTRIBUTES = (
     "_SyncObj__commandsQueue",
@@ -52,15 +56,21 @@ SYNCOBJ_ATTRIBUTES = (
     "_SyncObj__selfNode",
     "_SyncObj__transferInProgress",
     "_SyncObj__transport",
+    "_SyncObj__noopIDx",
+    "_SyncObj__lastResponseTime",
+    "_SyncObj__votesCount",
 )
 
 #: Methods of ``SyncObj`` that ``RaftMember`` calls or overrides (mangled, and protected).
 SYNCOBJ_METHODS = (
     "_SyncObj__applyLogEntries",
     "_SyncObj__callErrCallback",
+    "_SyncObj__changeCluster",
     "_SyncObj__connectedToAnyone",
+    "_SyncObj__doChangeCluster",
     "_SyncObj__deleteEntriesFrom",
     "_SyncObj__generateRaftTimeout",
+    "_SyncObj__onBecomeLeader",
     "_SyncObj__getCurrentLogIndex",
     "_SyncObj__getCurrentLogTerm",
     "_SyncObj__getEntries",
@@ -69,11 +79,13 @@ SYNCOBJ_METHODS = (
     "_SyncObj__sendNextNodeIdx",
     "_SyncObj__setCurrentTerm",
     "_SyncObj__setState",
+    "_addNodeToCluster",
     "_applyCommand",
     "_getLeader",
     "_getTerm",
     "_isLeader",
     "_onTick",
+    "_removeNodeFromCluster",
 )
 
 #: Attributes of pysyncobj's ``PipeNotifier`` (the pipe a ``SyncObj`` builds to wake its tick

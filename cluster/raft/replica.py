@@ -25,10 +25,12 @@ from pysyncobj import SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
 from raftseq.cluster import invariant
+from raftseq.cluster import membership as members
 from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.membership import ChangeKind, Member, Membership, MembershipError
 from raftseq.cluster.raft.link_cipher import link_password
 from raftseq.cluster.raft.log_store import RaftLogStore, disk_failed, sync_directory
-from raftseq.cluster.raft.member import RaftMember
+from raftseq.cluster.raft.member import MEMBERSHIP_ADD, MEMBERSHIP_PROMOTE, MEMBERSHIP_REMOVE, RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
@@ -44,6 +46,9 @@ class RaftSnapshot(msgspec.Struct, frozen=True, array_like=True):
     last_applied: tuple[bytes, int, int]  # pysyncobj log entry (command, index, term)
     previous: tuple[bytes, int, int]
     cluster: list[str]
+    #: The membership (``cluster.membership``, JSON, without history) when the snapshot was
+    #: taken; "" from a node before membership changes (a trailing field: older nodes skip it).
+    membership: bytes = b""
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -75,18 +80,29 @@ class SequencerReplica(RaftMember):
         loop: asyncio.AbstractEventLoop,
         on_applied: Callable[[ApplyResult], None],
         on_restored: Callable[[], None] | None = None,
+        on_removed: Callable[[str], None] | None = None,
         votes_blocked_s: float = 0.0,
     ) -> None:
         self.node_config = config
         self.core = core
         self._on_applied = on_applied
         self._on_restored = on_restored
+        self._on_removed = on_removed
+        self._promotion_asked = False
+        #: The membership this node holds (saved in its data directory on every change).
+        self.membership = members.load(config.data_dir) or Membership.of_config(config)
+        self.on_membership_entry = self._membership_entry
+        self.membership_refusal = self._membership_refusal
+        self.set_learners(m.raft_address for m in self.membership.learners())
         os.makedirs(config.raft_dir, exist_ok=True)
         #: The Raft log (raises ``RaftLogDamaged`` on a damaged one).
         self.raft_log = RaftLogStore(config.raft_dir, durability=config.durability)
         r = config.raft
+        password = None if config.insecure and not config.raft_password else link_password(config)
+        self._identity = getattr(password, "identity", None)
+        self._admit_members()
         conf = SyncObjConf(
-            password=None if config.insecure and not config.raft_password else link_password(config),
+            password=password,
             bindAddress=config.raft_address,
             journalFile=self.raft_log,
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
@@ -108,7 +124,7 @@ class SequencerReplica(RaftMember):
             # default retries forever, in a busy loop when it does not tick on a thread).
             maxBindRetries=1,
             autoTickPeriod=r.tick_period_s,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             useFork=False,
         )
         pysyncobj_log = logging.getLogger(SYNCOBJ_LOGGER)
@@ -117,7 +133,7 @@ class SequencerReplica(RaftMember):
         try:
             super().__init__(
                 config.raft_address,
-                [p.raft_address for p in config.peers],
+                [m.raft_address for m in self.membership.members if m.id != config.id],
                 conf,
                 loop=loop,
                 commit_notify_delay_s=r.commit_notify_delay_s,
@@ -128,6 +144,7 @@ class SequencerReplica(RaftMember):
             raise
         finally:
             pysyncobj_log.removeFilter(quiet)
+        self.addOnTickCallback(self._promote_caught_up)
 
     # --- the replicated entry point -----------------------------------------------------
 
@@ -164,6 +181,7 @@ class SequencerReplica(RaftMember):
                 (bytes(last_applied[0]), last_applied[1], last_applied[2]),
                 (bytes(previous[0]), previous[1], previous[2]),
                 sorted(node.id for node in cluster),
+                members.encode_membership(self.membership.without_history()),
             )
         )
         with open(filename, "wb") as f:
@@ -189,7 +207,17 @@ class SequencerReplica(RaftMember):
         log.info("machine state restored from snapshot at seq %d", machine.last_seq)
         if self._on_restored is not None:
             self._on_restored()
-        cluster = {TCPNode(address) for address in snapshot.cluster}
+        if snapshot.membership:
+            try:
+                held = members.decode_membership(snapshot.membership, source=filename)
+            except MembershipError as exc:
+                invariant.fail_stop("cannot load the Raft snapshot %s: %s", filename, exc)
+            if held.number > self.membership.number:
+                self._adopt(self.membership.then(held))
+        # The members as this node reaches them (its own addresses for them, as its log and
+        # config gave them: a proxy or NAT may put other addresses in the leader's snapshot,
+        # and a snapshot of raftseq 0.2 names no membership).
+        cluster = {TCPNode(m.raft_address) for m in self.membership.members}
         # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
         self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
@@ -205,4 +233,120 @@ class SequencerReplica(RaftMember):
 
     def leader_client_address(self) -> str:
         leader = self.leader_raft_address()
-        return self.node_config.peer_client_address(leader) if leader else ""
+        member = self.membership.by_raft_address(leader) if leader else None
+        return member.client_address if member is not None else self.node_config.peer_client_address(leader) if leader else ""
+
+    # --- membership (cluster.membership; the entries ride in pysyncobj's own) -----------------
+
+    def change_membership(self, kind: ChangeKind, member: Member, callback: Callable[[object, int], None]) -> members.MemberChange:
+        """On the leader: propose the change of `kind` about `member`; ``callback(result,
+        error)`` once it is committed (or failed). Raises ``MembershipError`` (one line, nothing
+        proposed) for a change that cannot follow the current membership, one that would leave
+        the voters after it without a quorum of reachable members, or while another change is
+        in flight."""
+        if self.membership_entry_pending() or self._promotion_asked:
+            raise MembershipError("another membership change is in progress; try again when it is done")
+        change = self.membership.change(kind, member)
+        reachable = {m.id for m in self.membership.members if m.raft_address in self.connected_members()}
+        problem = members.quorum_problem([m.id for m in change.after.voters()], reachable)
+        if problem:
+            raise MembershipError(f"{kind} {member.id} refused: {problem}")
+        if kind == "remove" and change.member.raft_address == self.node_config.raft_address:
+            raise MembershipError("the leader cannot remove itself: leadership is handed over first")
+        raft_kind = {"learner": MEMBERSHIP_ADD, "promote": MEMBERSHIP_PROMOTE, "remove": MEMBERSHIP_REMOVE}[kind]
+        self.propose_membership(raft_kind, change.member.raft_address, members.encode_change(change), callback)
+        return change
+
+    def adopt_newer(self, membership: Membership) -> None:
+        """A membership learned from a peer (not through the log): taken when newer."""
+        if membership.number > self.membership.number:
+            self._adopt(self.membership.then(membership))
+
+    def _admit_members(self) -> None:
+        """Link identity and learners as the membership says."""
+        if self._identity is not None:
+            self._identity.set_members({m.raft_address: bytes.fromhex(m.raft_public_key) for m in self.membership.members})
+        self.set_learners(m.raft_address for m in self.membership.learners())
+
+    def _localized(self, membership: Membership) -> Membership:
+        """`membership` with the Raft address this node already reaches each known member by
+        (a change or snapshot carries the leader's; behind a proxy or NAT they differ)."""
+        known = {m.id: m.raft_address for m in self.membership.members}
+        members_here = [msgspec.structs.replace(m, raft_address=known.get(m.id, m.raft_address)) for m in membership.members]
+        return msgspec.structs.replace(membership, members=members_here)
+
+    def _adopt(self, membership: Membership) -> None:
+        before = self.membership
+        membership = self._localized(membership)
+        self.membership = membership
+        try:
+            members.save(self.node_config.data_dir, membership)
+        except OSError as exc:
+            disk_failed(f"cannot write the membership to {self.node_config.data_dir}: {exc}")
+        self._admit_members()
+        log.warning(
+            "membership %d (was %d): voters %s, learners %s",
+            membership.number,
+            before.number,
+            ",".join(m.id for m in membership.voters()) or "-",
+            ",".join(m.id for m in membership.learners()) or "-",
+        )
+        if self.node_config.id in membership.removed and self._on_removed is not None:
+            self._on_removed(f"this node ({self.node_config.id}) was removed from the cluster by membership change {membership.number}")
+
+    def _membership_entry(self, kind: str, address: str, change_bytes: bytes, reverse: bool) -> str:
+        """A membership entry appended (applied after a restart, or undone): adopt what it
+        names. Returns the Raft address this node knows the member by (pysyncobj's key)."""
+        try:
+            change = members.decode_change(change_bytes)
+        except MembershipError as exc:
+            log.error("membership entry for %s not understood: %s", address, exc)
+            return address
+        known = self.membership.member(change.member.id)
+        local = known.raft_address if known is not None else address
+        self._membership_moved(change, reverse)
+        return local
+
+    def _membership_moved(self, change: members.MemberChange, reverse: bool) -> None:
+        if reverse:
+            if self.membership.number == change.after.number:
+                self._adopt(self.membership.back_to(change.before))
+        elif change.after.number > self.membership.number:
+            self._adopt(self.membership.then(change.after))
+
+    def _membership_refusal(self, kind: str, address: str, change_bytes: bytes) -> str:
+        try:
+            change = members.decode_change(change_bytes)
+        except MembershipError as exc:
+            return str(exc)
+        if change.before.number != self.membership.number:
+            return f"the membership changed meanwhile (now {self.membership.number}, the change follows {change.before.number})"
+        if kind == MEMBERSHIP_REMOVE and address == self.node_config.raft_address:
+            return "the leader cannot remove itself"
+        return ""
+
+    def _promote_caught_up(self) -> None:
+        """On the leader, each tick: a learner holding every committed entry gets its vote."""
+        if not self.learner_addresses():
+            return  # every tick of every node: nothing more without learners
+        learners = self.membership.learners()
+        if not learners or self._promotion_asked or not self._isLeader() or self.membership_entry_pending():
+            return
+        match = self.voter_match_indexes()
+        commit = self.commit_index()
+        for learner in learners:
+            if match.get(learner.raft_address, 0) >= commit:
+                try:
+                    self.change_membership("promote", learner, self._promoted)
+                except MembershipError:
+                    continue  # not now (a quorum not reachable): the next tick asks again
+                self._promotion_asked = True
+                log.warning(
+                    "learner %s caught up (match index %d, commit index %d): promoting it", learner.id, match[learner.raft_address], commit
+                )
+                return
+
+    def _promoted(self, result: object, error: int) -> None:
+        self._promotion_asked = False
+        if error:
+            log.warning("promotion not committed (pysyncobj reason %s); will ask again", error)

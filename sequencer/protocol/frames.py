@@ -4,14 +4,14 @@ Each frame is a tagged msgspec ``Struct`` encoded as a msgpack array whose first
 tag (``framing`` puts the length and checksum in front). Schema evolution: new fields are added
 at the end with defaults; a reader ignores trailing fields it does not know; field types never
 change. ``PROTOCOL_VERSION`` travels in ``Hello`` and ``Welcome``. New frame types
-(``SnapshotQuery``/``SnapshotList``) need no new protocol version: only clients that use them
+(``SnapshotQuery``/``SnapshotList``, ``MemberRequest``/``MemberReply``) need no new protocol version: only clients that use them
 send them, and a node that predates them answers ``Rejected(bad_frame)``.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
@@ -44,6 +44,11 @@ __all__ = [
     "Frame",
     "Heartbeat",
     "Hello",
+    "MEMBERS_LISTED_MAX",
+    "REMOVED_LISTED_MAX",
+    "MemberInfo",
+    "MemberReply",
+    "MemberRequest",
     "NodeFrame",
     "NotLeader",
     "OutcomeUnknown",
@@ -311,7 +316,56 @@ class SnapshotList(Frame, tag="snaps"):
     last_seq: Count
 
 
+# --- membership (``raftseq member``): a request any node takes, answered by the node (``list``)
+# or by the leader (``add``, ``remove``, ``promote``). Only ``raftseq member`` sends them; a node
+# that predates them answers ``Rejected(bad_frame)`` (no new protocol version, as above).
+
+#: Members listed in one reply at most (a cluster has at most 7 voters and a learner), and
+#: removed ids (the rest are counted, not listed).
+MEMBERS_LISTED_MAX = 16
+REMOVED_LISTED_MAX = 64
+#: A node id on the wire (as ``cluster.config.NodeId``), and a public key in hex.
+NodeIdText = Annotated[str, msgspec.Meta(max_length=32)]
+PublicKeyText = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9a-fA-F]*\Z")]
+
+MemberOp = Literal["list", "add", "remove", "promote"]
+
+
+class MemberInfo(msgspec.Struct, frozen=True, array_like=True):
+    id: NodeIdText
+    raft_address: Address
+    client_address: Address
+    raft_public_key: PublicKeyText = ""
+    learner: bool = False
+
+
+class MemberRequest(Frame, tag="member?"):
+    """``list``: the membership as the node holds it. ``add`` (a new node as a learner, promoted
+    by the leader once caught up), ``remove``, ``promote``: on the leader only."""
+
+    op: MemberOp
+    node_id: NodeIdText = ""
+    raft_address: Address = ""
+    client_address: Address = ""
+    raft_public_key: PublicKeyText = ""
+
+
+class MemberReply(Frame, tag="member"):
+    """The answer to ``MemberRequest``: ``error`` is "" when it was done (a change: committed);
+    ``retry`` says the same request should go again (to ``leader``, or after a hand-over)."""
+
+    error: Detail
+    retry: bool
+    #: The leader's client address as this node knows it ("" when none).
+    leader: Address
+    number: int
+    members: Annotated[list[MemberInfo], msgspec.Meta(max_length=MEMBERS_LISTED_MAX)]
+    removed: Annotated[list[NodeIdText], msgspec.Meta(max_length=REMOVED_LISTED_MAX)] = []
+
+
 #: Every frame a client sends.
-ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery]
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, MemberRequest]
 #: Every frame a node sends.
-NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, Truncated]
+NodeFrame = Union[
+    Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, Truncated, MemberReply
+]
