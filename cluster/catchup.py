@@ -212,7 +212,7 @@ async def copy_records(
     ``FILL_RECORDS_MAX`` at a time, and whatever one read brought when there is no `last_seq`
     (0: follow the stream for as long as the peer sends it; a relay). Returns once `last_seq`
     is stored. A record out of order counts in ``verify_failures["catchup"]``; it, and a peer
-    that stops or refuses, raise ``CatchUpError`` once what arrived intact before is stored.
+    that stops or refuses, raise ``CatchUpError`` once what arrived in order before is stored.
     ``store`` raises ``CatchUpError`` for records that fail their checks. Catch-up and relays
     both read a peer this way."""
     expected = from_seq
@@ -225,6 +225,8 @@ async def copy_records(
             for frame, raw in records:
                 if frame.seq != expected:
                     verify_failures["catchup"] += 1
+                    if batch:  # the records before it are in order: keep them
+                        store(batch, batch_first, expected - 1)
                     raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
                 batch.append(raw)
                 expected += 1

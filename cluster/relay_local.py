@@ -104,12 +104,15 @@ class LocalRelay:
             return ""
 
 
-def local_relays(data_dir: str, base_port: int, count: int, *, upstream: list[str], token: str, insecure: bool = False) -> list[LocalRelay]:
-    """`count` relays of the local cluster on `base_port`, each following every node."""
-    if not 0 <= count <= LOCAL_RELAYS_MAX:
-        raise ValueError(f"a local cluster has 0..{LOCAL_RELAYS_MAX} relays, not {count}")
+def local_relays(
+    data_dir: str, base_port: int, count: int, *, upstream: list[str], token: str, insecure: bool = False, first: int = 0
+) -> list[LocalRelay]:
+    """`count` relays of the local cluster on `base_port`, each following `upstream`; numbered
+    from `first` (0: r1 on P+301)."""
+    if not 0 <= first + count <= LOCAL_RELAYS_MAX:
+        raise ValueError(f"a local cluster has 0..{LOCAL_RELAYS_MAX} relays, not {first + count}")
     relays = []
-    for i in range(count):
+    for i in range(first, first + count):
         relay_id = f"r{i + 1}"
         relays.append(
             LocalRelay(
@@ -129,7 +132,7 @@ def local_relays(data_dir: str, base_port: int, count: int, *, upstream: list[st
 def wait_relay_serving(relay: LocalRelay, seq: int, *, timeout_s: float) -> None:
     """Return once `relay` answers a status with last_seq >= `seq`; AssertionError (with its
     log's tail) when it does not within `timeout_s` or its process ended."""
-    from raftseq.cluster.status import gather_status
+    from raftseq.cluster.status import answered, gather_status
 
     deadline = time.monotonic() + timeout_s
     last = None
@@ -137,7 +140,7 @@ def wait_relay_serving(relay: LocalRelay, seq: int, *, timeout_s: float) -> None
         if relay.process is not None and relay.process.poll() is not None:
             break
         [last] = gather_status([relay.client_address], token=relay.token, timeout_s=1.0)["nodes"]
-        if last.get("last_seq", 0) >= seq:
+        if answered(last) and last["last_seq"] >= seq:
             return
         time.sleep(0.05)
     tail = "\n".join(relay.log_text().splitlines()[-20:])
