@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from raftseq.clients.endpoints import TOKEN_ENV
@@ -52,10 +53,8 @@ class LocalRelay:
             command.append("--insecure")
         return command
 
-    def start(self) -> int:
-        """Start the relay process; its pid."""
-        from raftseq.cluster.local import die_with_parent
-
+    def start(self, *, preexec_fn: Callable[[], None] | None = None) -> int:
+        """Start the relay process (`preexec_fn` runs in the child first); its pid."""
         assert not self.running(), f"relay {self.id} is running"
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         env = {**os.environ, TOKEN_ENV: self.token}
@@ -66,7 +65,7 @@ class LocalRelay:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                preexec_fn=die_with_parent,
+                preexec_fn=preexec_fn,
                 process_group=0,
             )
         return self.process.pid

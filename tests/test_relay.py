@@ -25,7 +25,7 @@ from raftseq.cluster.node_exit import NodeExit
 from raftseq.cluster.status import node_status
 from raftseq.cluster.relay import Relay, UpstreamDiverged
 from raftseq.cluster.relay_config import relay_config
-from raftseq.cluster.relay_local import LocalRelay, local_relays, wait_relay_serving
+from raftseq.cluster.relay_local import wait_relay_serving
 from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, list_segment_files
 
@@ -33,24 +33,15 @@ STEP_TIMEOUT_S = 60
 
 
 @pytest.fixture
-def relays(running_cluster, tmp_path):
-    """A function starting relays of the running cluster (``upstream``: the nodes, or a relay's
-    address for a chain); every relay started is stopped at teardown."""
+def relays(running_cluster):
+    """Starts relays of the running cluster (``LocalCluster.start_relays``; ``upstream``: the
+    nodes, or a relay's address for a chain); they stop with the cluster, and their logs' tails
+    are printed at teardown."""
     h = running_cluster
-    started: list[LocalRelay] = []
-
-    def start(count: int = 1, *, upstream: list[str] | None = None, subscriber_lag_max: int | None = None) -> list[LocalRelay]:
-        made = local_relays(h.data_dir, h.base_port, count, upstream=upstream or h.endpoints, token=h.token, first=len(started))
-        for relay in made:
-            relay.subscriber_lag_max = subscriber_lag_max
-            relay.start()
-            started.append(relay)
-        return made
-
     try:
-        yield start
+        yield h.start_relays
     finally:
-        for relay in started:
+        for relay in h.relays:
             relay.stop()
             print(f"--- {relay.id} log (tail) ---\n" + "\n".join(relay.log_text().splitlines()[-15:]), flush=True)
 
