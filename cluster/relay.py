@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, Rejected, open_connection
 from raftseq.clients.sm.snapshots import query_snapshots
@@ -36,7 +35,7 @@ from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import RelayCollector, RelayMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
-from raftseq.cluster.node import AddressUnavailable, setup_logging
+from raftseq.cluster.node import JOURNAL_START_SEQ, AddressUnavailable, open_journal, setup_logging
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.publication import Publication
 from raftseq.cluster.relay_config import (
@@ -49,13 +48,10 @@ from raftseq.cluster.relay_config import (
     RelayConfig,
 )
 from raftseq.sequencer import protocol
-from raftseq.sequencer.journal import FsyncPolicy, Journal, JournalCorruptError, JournalRecordError
+from raftseq.sequencer.journal import JournalRecordError
 from raftseq.sequencer.protocol import RejectReason, Role
 
 log = logging.getLogger("raftseq.relay")
-
-#: A relay's journal starts where a node's does.
-JOURNAL_START_SEQ = 1
 
 
 class UpstreamDiverged(NodeCannotRun):
@@ -73,17 +69,7 @@ class Relay:
         self.config = config
         self.metrics = RelayMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
-        try:
-            self.journal = Journal.open(
-                config.journal_dir,
-                segment_bytes_max=config.journal.segment_bytes_max,
-                fsync=FsyncPolicy.parse(config.journal.fsync),
-                clock_ns=time.monotonic_ns,
-                verify_bytes=config.journal.verify_on_open_bytes,
-                start_seq=JOURNAL_START_SEQ,
-            )
-        except JournalCorruptError as exc:
-            raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
+        self.journal = open_journal(config.journal_dir, config.journal)
         if self.journal.holes or self.journal.damage:
             # A relay's journal is written in order; a hole or damage means its files were
             # changed under it. Its copy is only a copy: start it again from an empty directory.

@@ -80,10 +80,7 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not self.insecure and not self.client_token:
             found.append("client_token is required (or insecure for local development)")
         g = self.gateway
-        if not 100 <= g.heartbeat_interval_ms < g.idle_timeout_ms:
-            found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
-        if g.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
-            found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
+        found.extend(g.problems())
         if self.subscriber_lag_max_records < 0:
             found.append("subscriber_lag_max_records must be >= 0 (0: never disconnect for lag)")
         if g.subscribers_max < 1 or g.connections_max < 1:
