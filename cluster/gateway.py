@@ -277,6 +277,8 @@ class Gateway:
         self.publication = publication
         self.metrics = metrics
         self.subscriber_lag_max_records = subscriber_lag_max_records
+        #: Answers on their way (a relay's snapshot queries, asked of its upstream).
+        self._answering: set[asyncio.Task] = set()
         self.connections: set[Connection] = set()
         #: The connections of ``connections`` still waiting for their hello, oldest first,
         #: and those whose hello was welcomed (``connections_max``).
@@ -495,7 +497,9 @@ class Gateway:
         if isinstance(answer, protocol.SnapshotList):
             conn.send(answer)
         else:
-            asyncio.create_task(self._send_when_answered(conn, answer), name="snapshot-query")
+            task = asyncio.create_task(self._send_when_answered(conn, answer), name="snapshot-query")
+            self._answering.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._answering.discard)
 
     async def _send_when_answered(self, conn: Connection, answer: Awaitable[protocol.Frame]) -> None:
         conn.send(await answer)

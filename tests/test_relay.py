@@ -352,3 +352,20 @@ def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tm
     )  # fmt: skip
     assert done.returncode == NodeExit.USAGE
     assert "cannot follow itself" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_relay_exports_exactly_its_metric_families_with_its_label():
+    from raftseq.cluster.metrics import RELAY_METRICS, RelayCollector, RelayMetrics
+
+    class Relay:
+        upstream_last_seq = 120
+        published_seq = 100
+
+    metrics = RelayMetrics()
+    metrics.delivered, metrics.subscriber_lag_disconnects = 5000, 2
+    families = {f.name: f for f in RelayCollector("r7", metrics, Relay()).collect()}
+    # prometheus_client drops "_total" from a counter family's name (its sample keeps it).
+    assert set(families) == {spec.name.removesuffix("_total") for spec in RELAY_METRICS}
+    assert all(sample.labels["relay"] == "r7" for family in families.values() for sample in family.samples)
+    assert families["raftseq_relay_upstream_lag_records"].samples[0].value == 20
+    assert families["raftseq_relay_subscriber_lag_disconnects"].samples[0].value == 2
