@@ -538,8 +538,8 @@ class LocalCluster:
         return node.process.pid
 
     def start_relays(self, count: int, *, upstream: list[str] | None = None, subscriber_lag_max: int | None = None) -> list[LocalRelay]:
-        """Start `count` more relays (``cluster.relay_local``: clients on P+301.., metrics on
-        P+401..), following `upstream` (default: every node), with their ``--subscriber-lag-max``
+        """Start `count` more relays (``cluster.relay_local``: clients on P+104.., metrics on
+        P+204..), following `upstream` (default: every node), with their ``--subscriber-lag-max``
         (None: the default). Stopped by ``stop``."""
         relays = local_relays(
             self.data_dir,

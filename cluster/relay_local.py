@@ -1,8 +1,9 @@
 """Local relays: ``raftseq relay`` processes beside a local cluster (``cluster up --relays N``,
 tests, benchmarks), started and stopped by the pid of the process started.
 
-Relay ``i`` (from 0) of a cluster on base port P serves clients on P+301+i and metrics on
-P+401+i, keeps its data in ``DATA_DIR/r<i+1>`` and its log in ``DATA_DIR/r<i+1>.log``. The
+Relay ``i`` (from 0) of a cluster on base port P serves clients on P+104+i and metrics on
+P+204+i (ports ending in 4..9 of the Raft and metrics blocks: no local cluster's node, and no
+chaos proxy, ever takes one), keeps its data in ``DATA_DIR/r<i+1>`` and its log in ``DATA_DIR/r<i+1>.log``. The
 token goes to the relay in its environment (``RAFTSEQ_TOKEN``), never on its command line.
 """
 
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 
 from raftseq.clients.endpoints import TOKEN_ENV
 
-#: Port offsets from a local cluster's base port (``cluster.local``): relay clients P+301..,
-#: relay metrics P+401...
-RELAY_CLIENT_PORT_OFFSET = 301
-RELAY_METRICS_PORT_OFFSET = 401
-#: Relays one local cluster may have (their ports stay below the next offset).
-LOCAL_RELAYS_MAX = 99
+#: Port offsets from a local cluster's base port (``cluster.local``): relay clients P+104..,
+#: relay metrics P+204...
+RELAY_CLIENT_PORT_OFFSET = 104
+RELAY_METRICS_PORT_OFFSET = 204
+#: Relays one local cluster may have (their ports stay below the next base port's, P+110).
+LOCAL_RELAYS_MAX = 6
 #: Seconds a stopping relay has after SIGTERM before SIGKILL.
 RELAY_STOP_GRACE_S = 5.0
 
@@ -107,7 +108,7 @@ def local_relays(
     data_dir: str, base_port: int, count: int, *, upstream: list[str], token: str, insecure: bool = False, first: int = 0
 ) -> list[LocalRelay]:
     """`count` relays of the local cluster on `base_port`, each following `upstream`; numbered
-    from `first` (0: r1 on P+301)."""
+    from `first` (0: r1 on P+104)."""
     if not 0 <= first + count <= LOCAL_RELAYS_MAX:
         raise ValueError(f"a local cluster has 0..{LOCAL_RELAYS_MAX} relays, not {first + count}")
     relays = []

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=whole_number(0),
         default=0,
         metavar="N",
-        help="also start N relays following the nodes (clients on P+301.., metrics on P+401..; docs/operating.md, Relays)",
+        help="also start N relays following the nodes (clients on P+104.., metrics on P+204..; docs/operating.md, Relays)",
     )
     up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
     up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
