@@ -712,11 +712,14 @@ class Gateway:
         metrics.subscriber_cursors.add(cursor)
         journal = self.journal
         lag_max = self.subscriber_lag_max_records
-        #: The subscription reached the head once: from then on, falling behind is lagging.
+        #: The subscription was within the lag bound once: from then on, falling behind by
+        #: more is lagging (a late joiner replaying a longer backlog is not, until it catches up).
         live = False
         try:
             while not conn.closed:
                 limit = publication.readable_seq
+                if lag_max and not live:
+                    live = limit - (cursor.next_seq - 1) <= lag_max
                 if journal.damage:
                     damage = journal.damage.next_from(cursor.next_seq)
                     if damage is not None and damage.first_seq <= limit:
@@ -737,7 +740,6 @@ class Gateway:
                         else:
                             await writer.drain()
                         continue
-                live = True
                 await publication.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:
             # Damage on disk is not a broken invariant: refuse this range (the client reads it

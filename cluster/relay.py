@@ -6,8 +6,8 @@ record again as its journal stores it (``sequencer.journal``, the nodes' format)
 the same client protocol as a node through the same gateway (``cluster.gateway``):
 
 * ``Subscribe(from_seq)`` from its own journal, gapless, resumable, up to what it holds. A
-  subscriber that reached the head and falls more than ``subscriber_lag_max_records`` behind is
-  disconnected (``Busy``, limit ``subscriber_lag``) and resumes from its next number.
+  subscriber that has been within ``subscriber_lag_max_records`` of the head and falls further
+  behind is disconnected (``Busy``, limit ``subscriber_lag``) and resumes from its next number.
 * ``SnapshotQuery`` is asked of the upstream; the answer lists only snapshots whose chunks the
   relay already holds, so a late joiner reads them here.
 * ``Submit`` gets ``NotLeader`` with the cluster leader's client address (learned from the

@@ -16,7 +16,7 @@ from raftseq.clients.endpoints import endpoint_addresses
 from raftseq.cluster.config import Address, GatewayConfig, JournalConfig, MachineSection, NodeId
 from raftseq.sequencer import limits
 
-#: Records a subscriber of a relay may fall behind the relay's head, once it has reached the head,
+#: Records a subscriber of a relay may fall behind the relay's head, once it has been within this bound,
 #: before it is disconnected (``Busy`` with limit ``subscriber_lag``; the client resumes from its
 #: next number and reads the backlog from the relay's journal at its own pace). 100,000 records is
 #: 50 s of a 2,000 msg/s stream: a client paused that long costs the relay nothing but its socket
@@ -60,7 +60,7 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     insecure: bool = False
     gateway: GatewayConfig = msgspec.field(default_factory=_relay_gateway)
     journal: JournalConfig = JournalConfig()
-    #: Records a subscriber that has reached the relay's head may fall behind it again before it
+    #: Records a subscriber that has been within this bound may fall behind the relay's head before it
     #: is disconnected (``RELAY_SUBSCRIBER_LAG_MAX_RECORDS``); 0: never.
     subscriber_lag_max_records: int = RELAY_SUBSCRIBER_LAG_MAX_RECORDS
     #: The cluster's machine settings as its nodes have them: the relay's ``Welcome`` reports

@@ -216,6 +216,8 @@ def test_a_subscriber_that_stops_reading_is_disconnected_and_resumes_while_other
             if m.seq == acked[-1]:
                 break
         await fast.stop()
+        # The resumed one started further behind than the bound and was not cut while it caught up.
+        assert scrape(relay.metrics_address)[f'raftseq_relay_subscriber_lag_disconnects_total{{relay="{relay.id}"}}'] == 1
         return fast.messages, seqs, rest, acked, rss_growth
 
     fast_got, seqs, rest, acked, rss_growth = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
