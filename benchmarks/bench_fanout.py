@@ -40,40 +40,75 @@ WARMUP_S = 1.0
 DRAIN_TIMEOUT_S = 60.0
 RELAY_START_TIMEOUT_S = 30.0
 SUBSCRIBER_SILENCE_S = 10.0
-SUBSCRIBER_CONNECT_TIMEOUT_S = 10.0
+SUBSCRIBER_CONNECT_TIMEOUT_S = 30.0
+#: Subscribers connecting at once (below the relays' ``gateway.preauth_connections_max``).
+CONNECTS_AT_ONCE = 32
 
 
-async def _subscriber(address: str, token: str, index: int, from_seq: int, counters: list[RawCounter]) -> None:
-    """Reads the stream from `from_seq` undecoded, counting records (``bench_stream.RawCounter``)."""
-    link = await open_connection(address, session=f"fan-{index}", token=token, timeout_s=SUBSCRIBER_CONNECT_TIMEOUT_S)
+async def _subscriber(
+    address: str,
+    token: str,
+    index: int,
+    from_seq: int,
+    counters: list[RawCounter],
+    connecting: asyncio.Semaphore,
+    errors: list[str],
+    started: list[int],
+) -> None:
+    """Reads the stream from `from_seq` undecoded, counting records (``bench_stream.RawCounter``).
+    Connects at most ``CONNECTS_AT_ONCE`` at a time (a relay, like a node, takes only
+    ``gateway.preauth_connections_max`` connections waiting for their hello), and again on a
+    refusal, for ``SUBSCRIBER_CONNECT_TIMEOUT_S``."""
+    deadline = time.monotonic() + SUBSCRIBER_CONNECT_TIMEOUT_S
+    while True:
+        try:
+            async with connecting:
+                link = await open_connection(address, session=f"fan-{index}", token=token, timeout_s=SUBSCRIBER_CONNECT_TIMEOUT_S)
+            break
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                errors[index] = f"connect: {exc or type(exc).__name__}"
+                started[0] += 1
+                return
+            await asyncio.sleep(0.05)
     try:
         link.send(protocol.Subscribe(from_seq))
+        started[0] += 1
         counter = counters[index]
         while True:
             counter.feed(await link.receive_bytes(SUBSCRIBER_SILENCE_S))
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        errors[index] = f"read: {exc or type(exc).__name__}"
     finally:
         link.close()
 
 
 def subscriber_process(addresses: list[str], token: str, count: int, from_seq: int, conn) -> None:  # noqa: ANN001 - a Pipe end
     """In a child process: `count` subscribers over `addresses` (round robin) from `from_seq`;
-    sends "ready" once all are started, then, told the last number, waits for every one to
-    reach it (or the deadline) and sends (counts, gaps)."""
+    sends "ready" once all are connected, then, told the last number, waits for every one to
+    reach it (or the deadline) and sends (records each, gap each, error each)."""
 
     async def main() -> None:
         counters = [RawCounter() for _ in range(count)]
-        tasks = [asyncio.create_task(_subscriber(addresses[i % len(addresses)], token, i, from_seq, counters)) for i in range(count)]
+        errors = [""] * count
+        connecting = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        started = [0]  # subscribed, or given up connecting
+        tasks = [
+            asyncio.create_task(_subscriber(addresses[i % len(addresses)], token, i, from_seq, counters, connecting, errors, started))
+            for i in range(count)
+        ]
+        while started[0] < count:
+            await asyncio.sleep(0.05)
         conn.send("ready")
         last_seq = await asyncio.to_thread(conn.recv)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while time.monotonic() < deadline and min(c.last_seq for c in counters) < last_seq and not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
-        failed = sum(1 for t in tasks if t.done() and t.exception() is not None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # Gapless: as many records as numbers from the first to the last one received.
-        conn.send(([c.records for c in counters], [c.records != c.last_seq - from_seq + 1 for c in counters], failed))
+        conn.send(([c.records for c in counters], [bool(c.records) and c.records != c.last_seq - from_seq + 1 for c in counters], errors))
 
     asyncio.run(main())
 
@@ -94,11 +129,11 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
         for relay in relays:
             wait_relay_serving(relay, 0, timeout_s=RELAY_START_TIMEOUT_S)
 
-        async def steady(session: str) -> tuple[dict, list[int], dict]:
+        async def steady(session: str, extra_pids: tuple[int, ...] = ()) -> tuple[dict, list[int], dict]:
             client = await bc.client(session, in_flight_max=10_000)
             try:
                 load = SteadyLoad(client, rate_per_s=opts.rate, payload=payload)
-                pids = [r.process.pid for r in relays]
+                pids = [r.process.pid for r in relays] + list(extra_pids)
                 before, started = bc.cpu_times(pids), time.monotonic()
                 await load.run(duration_s=WARMUP_S + opts.seconds)
                 cpu = cpu_used(before, bc.cpu_times(pids), time.monotonic() - started)
@@ -110,7 +145,7 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
         alone, seqs, cpu_alone = run_precise(steady("alone"))
         print(f"without subscribers ({opts.rate:,} msg/s, {opts.seconds:.0f} s, load avg {load_average()}):")
         print(latency_line("intended -> ack", alone))
-        print(f"  {'':<18} cpu {cpu_text(cpu_alone)} (relays: client1..)")
+        print(f"  {'':<18} cpu {cpu_text(cpu_alone)} (client1..: the relays)")
         from_seq = max(seqs) + 1
 
         parent, child = multiprocessing.Pipe()
@@ -123,11 +158,11 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
             parent.recv()
             delivered_before = sum(relay_delivered(r.metrics_address) for r in relays)
             started = time.monotonic()
-            loaded, seqs, cpu_loaded = run_precise(steady("with-subscribers"))
+            loaded, seqs, cpu_loaded = run_precise(steady("with-subscribers", (process.pid,)))
             parent.send(max(seqs))
             if not parent.poll(DRAIN_TIMEOUT_S + 30):
                 raise RuntimeError("the subscriber process did not report")
-            counts, gaps, failed = parent.recv()
+            counts, gaps, errors = parent.recv()
             elapsed = time.monotonic() - started
             delivered = sum(relay_delivered(r.metrics_address) for r in relays) - delivered_before
         finally:
@@ -137,13 +172,15 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
                 process.join()
         want = max(seqs) - from_seq + 1
         complete = sum(1 for c, g in zip(counts, gaps, strict=True) if c == want and not g)
+        failed = sum(1 for e in errors if e)
+        reasons = sorted({e for e in errors if e})[:3]
         ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
         print(f"with {opts.subscribers:,} subscribers through {opts.relays} relays (load avg {load_average()}):")
         print(latency_line("intended -> ack", loaded))
-        print(f"  {'':<18} cpu {cpu_text(cpu_loaded)}")
+        print(f"  {'':<18} cpu {cpu_text(cpu_loaded)} (client1..: the relays, then the subscribers' process)")
         print(
             f"  every message, gapless: {complete:,} of {opts.subscribers:,} subscribers ({want:,} messages each; "
-            f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed)"
+            f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''})"
         )
         print(f"  relays delivered {delivered:,.0f} records in {elapsed:.1f} s: {delivered / elapsed:,.0f} msg/s")
         met = ratio <= GOAL_P99_RATIO
