@@ -54,47 +54,58 @@ async def _subscriber(
     connecting: asyncio.Semaphore,
     errors: list[str],
     started: list[int],
+    resumes: list[int],
 ) -> None:
-    """Reads the stream from `from_seq` undecoded, counting records (``bench_stream.RawCounter``).
+    """Reads the stream from `from_seq` undecoded, counting records (``bench_stream.RawCounter``);
+    when the relay closes the connection it resumes from the next number, as a client does.
     Connects at most ``CONNECTS_AT_ONCE`` at a time (a relay, like a node, takes only
     ``gateway.preauth_connections_max`` connections waiting for their hello), and again on a
     refusal, for ``SUBSCRIBER_CONNECT_TIMEOUT_S``."""
-    deadline = time.monotonic() + SUBSCRIBER_CONNECT_TIMEOUT_S
+    counter = counters[index]
+    first = True
     while True:
-        try:
-            async with connecting:
-                link = await open_connection(address, session=f"fan-{index}", token=token, timeout_s=SUBSCRIBER_CONNECT_TIMEOUT_S)
-            break
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                errors[index] = f"connect: {exc or type(exc).__name__}"
-                started[0] += 1
-                return
-            await asyncio.sleep(0.05)
-    try:
-        link.send(protocol.Subscribe(from_seq))
-        started[0] += 1
-        counter = counters[index]
+        deadline = time.monotonic() + SUBSCRIBER_CONNECT_TIMEOUT_S
         while True:
-            counter.feed(await link.receive_bytes(SUBSCRIBER_SILENCE_S))
-    except (OSError, ConnectionError, TimeoutError) as exc:
-        errors[index] = f"read: {exc or type(exc).__name__}"
-    finally:
-        link.close()
+            try:
+                async with connecting:
+                    link = await open_connection(address, session=f"fan-{index}", token=token, timeout_s=SUBSCRIBER_CONNECT_TIMEOUT_S)
+                break
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    errors[index] = f"connect: {exc or type(exc).__name__}"
+                    started[0] += first
+                    return
+                await asyncio.sleep(0.05)
+        try:
+            link.send(protocol.Subscribe(counter.last_seq + 1 if counter.records else from_seq))
+            started[0] += first
+            first = False
+            counter.buffer = b""  # a frame cut by the close is read again
+            while True:
+                counter.feed(await link.receive_bytes(SUBSCRIBER_SILENCE_S))
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            errors[index] = f"read: {exc or type(exc).__name__}"
+            resumes[index] += 1
+        finally:
+            link.close()
 
 
 def subscriber_process(addresses: list[str], token: str, count: int, from_seq: int, conn) -> None:  # noqa: ANN001 - a Pipe end
     """In a child process: `count` subscribers over `addresses` (round robin) from `from_seq`;
     sends "ready" once all are connected, then, told the last number, waits for every one to
-    reach it (or the deadline) and sends (records each, gap each, error each)."""
+    reach it (or the deadline) and sends (records each, gap each, last error of each that did not
+    finish, resumes)."""
 
     async def main() -> None:
         counters = [RawCounter() for _ in range(count)]
         errors = [""] * count
         connecting = asyncio.Semaphore(CONNECTS_AT_ONCE)
         started = [0]  # subscribed, or given up connecting
+        resumes = [0] * count
         tasks = [
-            asyncio.create_task(_subscriber(addresses[i % len(addresses)], token, i, from_seq, counters, connecting, errors, started))
+            asyncio.create_task(
+                _subscriber(addresses[i % len(addresses)], token, i, from_seq, counters, connecting, errors, started, resumes)
+            )
             for i in range(count)
         ]
         while started[0] < count:
@@ -108,7 +119,15 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # Gapless: as many records as numbers from the first to the last one received.
-        conn.send(([c.records for c in counters], [bool(c.records) and c.records != c.last_seq - from_seq + 1 for c in counters], errors))
+        gaps = [bool(c.records) and c.records != c.last_seq - from_seq + 1 for c in counters]
+        conn.send(
+            (
+                [c.records for c in counters],
+                gaps,
+                [e if not c.records or c.last_seq < last_seq else "" for c, e in zip(counters, errors)],
+                sum(resumes),
+            )
+        )
 
     asyncio.run(main())
 
@@ -162,7 +181,7 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
             parent.send(max(seqs))
             if not parent.poll(DRAIN_TIMEOUT_S + 30):
                 raise RuntimeError("the subscriber process did not report")
-            counts, gaps, errors = parent.recv()
+            counts, gaps, errors, resumed = parent.recv()
             elapsed = time.monotonic() - started
             delivered = sum(relay_delivered(r.metrics_address) for r in relays) - delivered_before
         finally:
@@ -180,7 +199,7 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
         print(f"  {'':<18} cpu {cpu_text(cpu_loaded)} (client1..: the relays, then the subscribers' process)")
         print(
             f"  every message, gapless: {complete:,} of {opts.subscribers:,} subscribers ({want:,} messages each; "
-            f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''})"
+            f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''}; {resumed} resumes)"
         )
         print(f"  relays delivered {delivered:,.0f} records in {elapsed:.1f} s: {delivered / elapsed:,.0f} msg/s")
         met = ratio <= GOAL_P99_RATIO
@@ -192,6 +211,7 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
                 "subscribers_complete": complete,
                 "subscribers_with_gaps": sum(1 for g in gaps if g),
                 "subscribers_failed": failed,
+                "subscriber_resumes": resumed,
                 "messages_each": want,
                 "delivered_per_s": delivered / elapsed,
                 "p99_ratio": ratio,
