@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import NamedTuple, Protocol
 
-from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.connection import Connection, Rejected, open_connection
 from raftseq.clients.errors import Truncated
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import DamageMap, JournalRecordError
@@ -220,36 +220,14 @@ class CatchUp:
         except Rejected as exc:
             raise CatchUpError(f"peer refused: {exc}") from None
         try:
-            start = target.next_seq
-            hole_last = target.last_seq
-            expected = start
-            batch: list[bytes] = []
-            batch_first = expected
-            # Unchecked: a wrong number is a verification failure, counted here.
-            stream = connection.subscribe(start, silence_s=READ_TIMEOUT_S, checked=False, truncated_known=True)
-            try:
-                async for records in stream:
-                    for frame, raw in records:
-                        if frame.seq != expected:
-                            self.verify_failures["catchup"] += 1
-                            raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
-                        batch.append(raw)
-                        expected += 1
-                        if len(batch) >= FILL_RECORDS_MAX or expected > hole_last:
-                            self._store(target, batch, batch_first, expected - 1)
-                            batch = []
-                            batch_first = expected
-                        if expected > hole_last:
-                            log.info("journal %s filled up to %d", target.what, hole_last)
-                            return
-            except Truncated as exc:
-                raise PeerTruncated(exc.first_seq) from None
-            except (ConnectionError, Rejected) as exc:
-                if batch:  # keep what arrived intact before the peer stopped
-                    self._store(target, batch, batch_first, expected - 1)
-                raise CatchUpError(f"{exc}") from None
-            finally:
-                await stream.aclose()
+            await copy_records(
+                connection,
+                target.next_seq,
+                lambda records, first, last: self._store(target, records, first, last),
+                last_seq=target.last_seq,
+                verify_failures=self.verify_failures,
+            )
+            log.info("journal %s filled up to %d", target.what, target.last_seq)
         finally:
             connection.close()
 
@@ -261,3 +239,54 @@ class CatchUp:
             raise CatchUpError(f"records {first}..{last} from the peer fail verification: {exc}") from None
         self.records_fetched += last - first + 1
         self.on_filled()
+
+
+async def copy_records(
+    connection: Connection,
+    from_seq: int,
+    store: Callable[[list[bytes], int, int], None],
+    *,
+    last_seq: int = 0,
+    verify_failures: MutableMapping[str, int],
+) -> None:
+    """Read the stream from `from_seq` on `connection` (opened with ``keep_raw``) and hand its
+    records, exactly as received, to ``store(records, first, last)``: up to
+    ``FILL_RECORDS_MAX`` at a time, and whatever one read brought when there is no `last_seq`
+    (0: follow the stream for as long as the peer sends it; a relay). Returns once `last_seq`
+    is stored. A record out of order counts in ``verify_failures["catchup"]``; it, and a peer
+    that stops or refuses, raise ``CatchUpError`` once what arrived in order before is stored.
+    ``store`` raises ``CatchUpError`` for records that fail their checks; a peer whose retention
+    removed `from_seq` raises ``PeerTruncated``. Catch-up and relays both read a peer this way."""
+    expected = from_seq
+    batch: list[bytes] = []
+    batch_first = expected
+    # Unchecked: a wrong number is a verification failure, counted here.
+    stream = connection.subscribe(from_seq, silence_s=READ_TIMEOUT_S, checked=False, truncated_known=True)
+    try:
+        async for records in stream:
+            for frame, raw in records:
+                if frame.seq != expected:
+                    verify_failures["catchup"] += 1
+                    if batch:  # the records before it are in order: keep them
+                        store(batch, batch_first, expected - 1)
+                    raise CatchUpError(f"peer sent seq {frame.seq}, expected {expected}")
+                batch.append(raw)
+                expected += 1
+                if len(batch) >= FILL_RECORDS_MAX or expected - 1 == last_seq:
+                    store(batch, batch_first, expected - 1)
+                    batch = []
+                    batch_first = expected
+                if expected - 1 == last_seq:
+                    return
+            if batch and not last_seq:
+                store(batch, batch_first, expected - 1)
+                batch = []
+                batch_first = expected
+    except Truncated as exc:
+        raise PeerTruncated(exc.first_seq) from None
+    except (ConnectionError, Rejected) as exc:
+        if batch:  # keep what arrived intact before the peer stopped
+            store(batch, batch_first, expected - 1)
+        raise CatchUpError(f"{exc}") from None
+    finally:
+        await stream.aclose()

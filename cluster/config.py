@@ -266,6 +266,17 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: sends its hello at once; the deadline only frees the slot of one that never will.
     hello_timeout_ms: int = 2000
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (a node's, or a relay's: ``cluster.relay_config``)."""
+        found = []
+        if not 100 <= self.heartbeat_interval_ms < self.idle_timeout_ms:
+            found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
+        if self.in_flight_bytes_per_connection_max < limits.PAYLOAD_BYTES_MAX:
+            found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
+        if self.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
+            found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
+        return found
+
 
 class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     segment_bytes_max: int = limits.SEGMENT_BYTES_MAX_DEFAULT
@@ -548,15 +559,9 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("batcher.in_flight_max must be 1..64")
         if not 1 <= b.queue_entries_max <= 10_000_000:
             found.append("batcher.queue_entries_max must be 1..10000000")
-        g = self.gateway
-        if not 100 <= g.heartbeat_interval_ms < g.idle_timeout_ms:
-            found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
-        if g.in_flight_bytes_per_connection_max < limits.PAYLOAD_BYTES_MAX:
-            found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
+        found.extend(self.gateway.problems())
         if b.held_bytes_max < b.bytes_max:
             found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
-        if g.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
-            found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
         if self.durability not in DURABILITY_MODES:
             found.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
         try:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from raftseq.cluster.metrics import NodeMetrics
     from raftseq.cluster.node_reads import ClientFacingNode
     from raftseq.cluster.publication import Publication
-    from raftseq.sequencer.journal import Journal
+    from raftseq.cluster.relay_config import RelayConfig
+    from raftseq.sequencer.journal import Journal, JournalCursor
 
 log = logging.getLogger("raftseq.gateway")
 
@@ -259,15 +260,21 @@ class Connection:
 
 
 class Gateway:
+    """A node's client port, and a relay's (``cluster.relay``): a relay has no batcher (it is
+    never leader: submits are answered ``NotLeader`` with the cluster's leader), answers
+    snapshot queries from its upstream (``snapshot_list`` returns an awaitable), and disconnects
+    subscribers that fall more than ``subscriber_lag_max_records`` behind (0: never)."""
+
     def __init__(
         self,
-        config: NodeConfig,
+        config: NodeConfig | RelayConfig,
         node: ClientFacingNode,
         *,
-        batcher: Batcher,
+        batcher: Batcher | None,
         journal: Journal,
         publication: Publication,
         metrics: NodeMetrics,
+        subscriber_lag_max_records: int = 0,
     ) -> None:
         self.node = node
         self.node_config = config
@@ -276,6 +283,9 @@ class Gateway:
         self.journal = journal
         self.publication = publication
         self.metrics = metrics
+        self.subscriber_lag_max_records = subscriber_lag_max_records
+        #: Answers on their way (a relay's snapshot queries, asked of its upstream).
+        self._answering: set[asyncio.Task] = set()
         self.connections: set[Connection] = set()
         #: The connections of ``connections`` still waiting for their hello, oldest first,
         #: and those whose hello was welcomed (``connections_max``).
@@ -447,10 +457,11 @@ class Gateway:
         bound or the node's (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``).
         A connection with nothing in flight is always read (hello, status, subscribe; a
         submit then gets ``Busy`` if the node is full)."""
-        if not conn.in_flight:
+        batcher = self.batcher
+        if not conn.in_flight or batcher is None:
             return False
         frame_max = limits.FRAME_BYTES_MAX
-        return conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max or not self.batcher.has_room(
+        return conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max or not batcher.has_room(
             frame_max, priority=conn.grant is not None and conn.grant.priority
         )
 
@@ -506,8 +517,18 @@ class Gateway:
     def _snapshot_query(self, conn: Connection, query: protocol.SnapshotQuery) -> None:
         """The node's snapshot index for one state-machine type, as of what it has applied.
         Any node answers (the index is replicated state); the chunks it points to are read
-        with an ordinary subscription."""
-        conn.send(self.node.snapshot_list(query.sm_type))
+        with an ordinary subscription. A relay's answer comes from its upstream (an awaitable
+        of the frame to send)."""
+        answer = self.node.snapshot_list(query.sm_type)
+        if isinstance(answer, protocol.SnapshotList):
+            conn.send(answer)
+        else:
+            task = asyncio.create_task(self._send_when_answered(conn, answer), name="snapshot-query")
+            self._answering.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._answering.discard)
+
+    async def _send_when_answered(self, conn: Connection, answer: Awaitable[protocol.Frame]) -> None:
+        conn.send(await answer)
 
     def claim_reply(self, conn: Connection) -> Callable[[int, object, int], None]:
         """The reply of a connection's claiming submit: once it is applied and the session is
@@ -598,7 +619,8 @@ class Gateway:
                 return
             if node.is_leader():
                 admitted, quota_retry_ms, quota = grant.admit(payloads, time.monotonic())
-        if not node.is_leader():
+        batcher = self.batcher
+        if batcher is None or not node.is_leader():
             leader = node.leader_client_address()
             for i in range(len(payloads)):
                 metrics.refused("not_leader")
@@ -612,7 +634,6 @@ class Gateway:
             # until it catches up, so that the loop never waits for it and memory stays bounded.
             limit = ("raft_log_backlog", BUSY_RETRY_AFTER_RAFT_LOG_BACKLOG_MS)
             metrics.busy_raft_log_backlog += len(payloads)
-        batcher = self.batcher
         session = conn.session
         reply = conn.reply
         acked = conn.acked
@@ -720,6 +741,31 @@ class Gateway:
             return
         conn.subscription = asyncio.create_task(self._serve_subscription(conn, subscribe))
 
+    async def _drained_within_lag(self, conn: Connection, cursor: JournalCursor, lag_max: int) -> bool:
+        """Wait for `conn`'s socket to drain, checking every heartbeat interval that its
+        subscription is no more than `lag_max` records behind the head. One that is gets
+        ``Busy`` (limit ``subscriber_lag``) and is closed: it resumes from its next number, and
+        a client that stopped reading holds nothing here but its socket buffer meanwhile. False
+        when it was disconnected."""
+        interval_s = self.config.heartbeat_interval_ms / 1000
+        while True:
+            behind = self.publication.readable_seq - (cursor.next_seq - 1)
+            if behind > lag_max:
+                log.info("disconnecting subscriber %s (session %r): %d records behind (bound %d)", conn.peer, conn.session, behind, lag_max)
+                self.metrics.subscriber_lag_disconnects += 1
+                self.metrics.refused("busy")
+                conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_IN_FLIGHT_MS, "subscriber_lag"))
+                conn._flush()
+                conn.close()
+                # What it has not read is dropped, not held until it reads (it may never).
+                conn.writer.transport.abort()
+                return False
+            try:
+                await asyncio.wait_for(conn.writer.drain(), interval_s)
+                return True
+            except TimeoutError:
+                pass
+
     def _refuse_damaged(self, conn: Connection, seq: int, first_seq: int, last_seq: int) -> None:
         """Refuse a subscription at `seq`, damaged on this node: ``from_seq_unavailable``, which
         every client takes as "try another node"."""
@@ -738,6 +784,10 @@ class Gateway:
         cursor = self.journal.cursor(from_seq)
         metrics.subscriber_cursors.add(cursor)
         journal = self.journal
+        lag_max = self.subscriber_lag_max_records
+        #: The subscription was within the lag bound once: from then on, falling behind by
+        #: more is lagging (a late joiner replaying a longer backlog is not, until it catches up).
+        live = False
         try:
             while not conn.closed:
                 if cursor.next_seq < journal.first_retained_seq:
@@ -746,6 +796,8 @@ class Gateway:
                     conn._flush()  # before the connection closes below
                     return
                 limit = publication.readable_seq
+                if lag_max and not live:
+                    live = limit - (cursor.next_seq - 1) <= lag_max
                 if journal.damage:
                     damage = journal.damage.next_from(cursor.next_seq)
                     if damage is not None and damage.first_seq <= limit:
@@ -760,7 +812,11 @@ class Gateway:
                         writer.write(block)
                         conn.last_write = time.monotonic()
                         metrics.delivered += count
-                        await writer.drain()
+                        if lag_max and live:
+                            if not await self._drained_within_lag(conn, cursor, lag_max):
+                                return
+                        else:
+                            await writer.drain()
                         continue
                 await publication.wait_readable(cursor.next_seq)
         except JournalCorruptError as exc:

@@ -51,6 +51,7 @@ from raftseq.cluster.config import (
     to_toml,
 )
 from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
+from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
 
@@ -413,6 +414,8 @@ class LocalCluster:
                 overrides=overrides,
                 durability=durability,
             )
+        #: Relays started by ``start_relays`` (stopped with the nodes).
+        self.relays: list[LocalRelay] = []
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
@@ -623,9 +626,30 @@ class LocalCluster:
         self.start_node(node)
         return node.process.pid
 
+    def start_relays(self, count: int, *, upstream: list[str] | None = None, subscriber_lag_max: int | None = None) -> list[LocalRelay]:
+        """Start `count` more relays (``cluster.relay_local``: clients on P+104.., metrics on
+        P+204..), following `upstream` (default: every node), with their ``--subscriber-lag-max``
+        (None: the default). Stopped by ``stop``."""
+        relays = local_relays(
+            self.data_dir,
+            self.base_port,
+            count,
+            upstream=upstream or self.endpoints,
+            token=self.token,
+            insecure=self.insecure,
+            first=len(self.relays),
+        )
+        for relay in relays:
+            relay.subscriber_lag_max = subscriber_lag_max
+            relay.start(preexec_fn=die_with_parent)
+            self.relays.append(relay)
+        return relays
+
     def stop(self) -> None:
         """SIGTERM every running node, SIGKILL after the grace period, reap them. Idempotent.
         The exit codes of nodes that had exited on their own are kept (``exit_codes``)."""
+        for relay in self.relays:
+            relay.stop()
         for node in self.nodes:
             self.reap(node.id)
         running = [n.process for n in self.nodes if n.running()]
@@ -827,6 +851,12 @@ class LocalCluster:
             lines.append(
                 f"  {c.id}  client {c.client_address}  metrics http://{c.metrics_address}/metrics  "
                 f"raft {c.raft_address}  pid {pid}  log {node.log_path}"
+            )
+        for relay in self.relays:
+            pid = relay.process.pid if relay.process else "-"
+            lines.append(
+                f"  {relay.id}  relay {relay.client_address}  metrics http://{relay.metrics_address}/metrics  "
+                f"upstream {','.join(relay.upstream)}  pid {pid}  log {relay.log_path}"
             )
         if self.insecure:
             lines.append("  authentication OFF and Raft links unencrypted (--insecure: local development only)")

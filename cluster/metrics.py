@@ -17,7 +17,7 @@ import shutil
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -346,6 +346,8 @@ class NodeMetrics:
         #: The journal cursors of the subscriptions being served (added when a subscription
         #: starts, discarded when it ends); their ``next_seq`` gives subscriber lag at scrape time.
         self.subscriber_cursors: set = set()
+        #: Subscribers disconnected for falling too far behind (``Gateway`` with a lag bound: relays).
+        self.subscriber_lag_disconnects = 0
 
     def raft_log_synced(self, seconds: float, entries: int) -> None:
         """One group commit of the Raft log (called on its writer thread)."""
@@ -519,7 +521,7 @@ class NodeCollector:
         yield family("raftseq_start_time_seconds", value=m.start_time_s)
 
 
-def build_registry(collector: NodeCollector) -> CollectorRegistry:
+def build_registry(collector: NodeCollector | RelayCollector) -> CollectorRegistry:
     """The registry a node serves: its collector and the standard ``process_*`` metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -531,8 +533,87 @@ def build_registry(collector: NodeCollector) -> CollectorRegistry:
 PAGE_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def page_maker(collector: NodeCollector) -> Callable[[], bytes]:
+def page_maker(collector: NodeCollector | RelayCollector) -> Callable[[], bytes]:
     """What the metrics port serves: a function writing the page of `collector` (and the
     standard ``process_*`` metrics) as of the moment it is called."""
     registry = build_registry(collector)
     return lambda: generate_latest(registry)
+
+
+# --- relays (``cluster.relay``) ------------------------------------------------------------------
+
+#: Where a relay's copy can fail verification: records from the upstream out of order or failing
+#: their checksum (``catchup``), and an upstream holding a different record under a number the
+#: relay holds (``upstream_diverged``: the relay stops).
+RELAY_VERIFY_CHECKS = ("catchup", "upstream_diverged")
+
+#: Every family a relay exports; each sample carries the ``relay`` label (its id).
+RELAY_METRICS = (
+    MetricSpec("raftseq_relay_last_seq", "gauge", (), "Last sequence number the relay holds (and serves)"),
+    MetricSpec(
+        "raftseq_relay_upstream_lag_records", "gauge", (), "Records the upstream held (its last status) that the relay does not yet"
+    ),
+    MetricSpec("raftseq_relay_upstream_records_total", "counter", (), "Records copied from the upstream"),
+    MetricSpec("raftseq_relay_upstream_connects_total", "counter", (), "Connections to an upstream that welcomed the relay"),
+    MetricSpec("raftseq_relay_subscribers", "gauge", (), "Subscriptions being served"),
+    MetricSpec("raftseq_relay_clients_connected", "gauge", (), "Client connections whose hello was welcomed"),
+    MetricSpec("raftseq_relay_delivered_records_total", "counter", (), "Records delivered to subscribers (rate: delivered msg/s)"),
+    MetricSpec(
+        "raftseq_relay_subscriber_lag_disconnects_total", "counter", (), "Subscribers disconnected for falling too far behind (they resume)"
+    ),
+    MetricSpec("raftseq_relay_refusals_total", "counter", ("reason",), "Requests refused, by reason (submits: not_leader)"),
+    MetricSpec("raftseq_relay_verify_failures_total", "counter", ("check",), "Records from the upstream that failed verification"),
+)
+_RELAY_SPECS = {spec.name: spec for spec in RELAY_METRICS}
+
+
+class RelayMetrics(NodeMetrics):
+    """A relay's counters: the gateway's (it serves through the node's gateway) and its upstream's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verify_failures = dict.fromkeys(RELAY_VERIFY_CHECKS, 0)
+        self.upstream_records = 0
+        self.upstream_connects = 0
+
+
+class ScrapedRelay(Protocol):
+    """What the relay collector reads of its relay at scrape time."""
+
+    upstream_last_seq: int
+
+    @property
+    def published_seq(self) -> int: ...
+
+
+class RelayCollector:
+    """Reads a relay at scrape time (on the metrics server's thread)."""
+
+    def __init__(self, relay_id: str, metrics: RelayMetrics, relay: ScrapedRelay) -> None:
+        self.relay_id = relay_id
+        self.metrics = metrics
+        self.relay = relay
+
+    def collect(self) -> Iterator:
+        m = self.metrics
+        relay_id = self.relay_id
+
+        def family(name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0):
+            spec = _RELAY_SPECS[name]
+            cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+            result = cls(name, spec.help, labels=["relay", *spec.labels])
+            for label_values, sample in extra if extra is not None else (((), value),):
+                result.add_metric([relay_id, *label_values], sample)
+            return result
+
+        last_seq = self.relay.published_seq
+        yield family("raftseq_relay_last_seq", value=last_seq)
+        yield family("raftseq_relay_upstream_lag_records", value=max(0, self.relay.upstream_last_seq - last_seq))
+        yield family("raftseq_relay_upstream_records_total", value=m.upstream_records)
+        yield family("raftseq_relay_upstream_connects_total", value=m.upstream_connects)
+        yield family("raftseq_relay_subscribers", value=m.subscribers)
+        yield family("raftseq_relay_clients_connected", value=m.clients_connected)
+        yield family("raftseq_relay_delivered_records_total", value=m.delivered)
+        yield family("raftseq_relay_subscriber_lag_disconnects_total", value=m.subscriber_lag_disconnects)
+        yield family("raftseq_relay_refusals_total", tuple(((reason,), n) for reason, n in m.refusals.items()))
+        yield family("raftseq_relay_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))

@@ -19,7 +19,7 @@ import time
 
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
-from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
+from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, JournalConfig, NodeConfig
 from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
@@ -106,21 +106,7 @@ class Node:
         self.metrics = NodeMetrics()
         os.makedirs(config.data_dir, exist_ok=True)
         check_archive_dir(config.retention)
-        try:
-            self.journal = Journal.open(
-                config.journal_dir,
-                segment_bytes_max=config.journal.segment_bytes_max,
-                fsync=FsyncPolicy.parse(config.journal.fsync),
-                clock_ns=time.monotonic_ns,
-                verify_bytes=config.journal.verify_on_open_bytes,
-                start_seq=JOURNAL_START_SEQ,
-            )
-        except JournalCorruptError as exc:
-            raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {config.journal_dir}: {exc}") from None
-        except OSError as exc:
-            raise NodeCannotRun(
-                NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {config.journal_dir}: {exc.strerror or exc}: {exc.filename}"
-            ) from None
+        self.journal = open_journal(config.journal_dir, config.journal)
         self.journal.fsync_observer = self.metrics.fsync_latency.observe
         self.journal.on_damage = _log_append_damage
         self.journal.on_write_failed = self._journal_write_failed
@@ -475,6 +461,26 @@ class Node:
             # its bound: a stalled disk) would stall the cluster while two healthy nodes wait:
             # hand leadership to one of them (asked again each second until done).
             self.replica.request_handover()
+
+
+def open_journal(directory: str, settings: JournalConfig) -> Journal:
+    """The journal in `directory` as a node (or a relay) keeps it, from ``JOURNAL_START_SEQ``;
+    ``NodeCannotRun`` when it cannot be opened."""
+    try:
+        return Journal.open(
+            directory,
+            segment_bytes_max=settings.segment_bytes_max,
+            fsync=FsyncPolicy.parse(settings.fsync),
+            clock_ns=time.monotonic_ns,
+            verify_bytes=settings.verify_on_open_bytes,
+            start_seq=JOURNAL_START_SEQ,
+        )
+    except JournalCorruptError as exc:
+        raise NodeCannotRun(NodeExit.JOURNAL_DAMAGED, f"cannot open the journal in {directory}: {exc}") from None
+    except OSError as exc:
+        raise NodeCannotRun(
+            NodeExit.DATA_DIR_UNUSABLE, f"cannot open the journal in {directory}: {exc.strerror or exc}: {exc.filename}"
+        ) from None
 
 
 class _NodeLogFilter(logging.Filter):

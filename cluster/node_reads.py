@@ -3,12 +3,12 @@
 The gateway and the metrics collector receive the node through one of these (plus the few
 collaborators they use directly: config, metrics, journal, batcher), never the whole ``Node``:
 what they may read is listed here, and nothing here imports the node (``cluster.node``
-implements both).
+implements both; ``cluster.relay`` implements ``ClientFacingNode`` too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from raftseq.sequencer import protocol
@@ -51,8 +51,9 @@ class ClientFacingNode(Protocol):
         """List the membership, or (on the leader) change it; `reply` is called once, perhaps
         later (a change: once committed)."""
 
-    def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
-        """The state-machine snapshots the machine indexes for ``sm_type``, as of what it applied."""
+    def snapshot_list(self, sm_type: str) -> protocol.SnapshotList | Awaitable[protocol.Frame]:
+        """The state-machine snapshots the machine indexes for ``sm_type``, as of what it applied
+        (a relay: an awaitable of its upstream's answer, ``cluster.relay``)."""
         ...
 
 

@@ -147,6 +147,8 @@ def _run_locked(args: argparse.Namespace) -> int:
             print(f"raftseq cluster up: {exc}", file=sys.stderr, flush=True)
             return EXIT_FAILED
         if leader:
+            if args.relays:
+                cluster.start_relays(args.relays)
             print(cluster.describe(), flush=True)
             print(f"  leader: {supervisor.describe_leader(leader)}", flush=True)
             code = _run(args, cluster, supervisor, stop)

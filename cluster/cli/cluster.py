@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raftseq.cluster.cli.args import add_command, command_group, positive
+from raftseq.cluster.cli.args import add_command, command_group, positive, whole_number
 from raftseq.cluster.config import DURABILITY_MODES
 
 
@@ -29,6 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--base-port", type=positive, default=7100, help="clients on P+1..P+3, Raft P+101.., metrics P+201.. (default 7100)")
     up.add_argument("--demo", action="store_true", help="also run demo traffic and print progress every second")
     up.add_argument("--demo-rate", type=positive, default=200, help="demo messages per second per session (default 200)")
+    up.add_argument(
+        "--relays",
+        type=whole_number(0),
+        default=0,
+        metavar="N",
+        help="also start N relays following the nodes (clients on P+104.., metrics on P+204..; docs/operating.md, Relays)",
+    )
     up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
     up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
     up.add_argument(

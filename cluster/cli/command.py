@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raftseq.cluster.cli import cluster, cred, demo, journal, keygen, member, node, sm, status, stream, suites, top
+from raftseq.cluster.cli import cluster, cred, demo, journal, keygen, member, node, relay, sm, status, stream, suites, top
 from raftseq.cluster.cli.args import EXIT_INTERRUPTED, INTERRUPTED
 from raftseq.sequencer.version import __version__
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_parser(sub)
     keygen.add_parser(sub)
     cred.add_parser(sub)
+    relay.add_parser(sub)
     cluster.add_parser(sub)
     status.add_parser(sub)
     member.add_parser(sub)

@@ -1,0 +1,373 @@
+"""Relays (``raftseq relay``) beside a real three-node cluster: they follow the cluster through a
+leader kill, chain, serve subscribers and the state-machine runner like a node, send submits on
+to the leader, disconnect a subscriber that stops reading, and refuse upstreams that are
+themselves or hold other records.
+
+Each test starts its own cluster (``running_cluster``) and relays as processes
+(``cluster.relay_local``), stopped at teardown whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+from cluster_harness import ClusterHarness, StreamRecorder, pipeline, running_cluster  # noqa: F401
+from scripted_node import ScriptedNode
+
+from raftseq.clients import SequencerClient, subscribe
+from raftseq.clients.connection import open_connection
+from raftseq.cluster.local import LocalCluster
+from raftseq.cluster.node_exit import NodeExit
+from raftseq.cluster.status import node_status
+from raftseq.cluster.relay import Relay, UpstreamDiverged
+from raftseq.cluster.relay_config import relay_config
+from raftseq.cluster.relay_local import wait_relay_serving
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import Journal, list_segment_files
+
+STEP_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def relays(running_cluster):
+    """Starts relays of the running cluster (``LocalCluster.start_relays``; ``upstream``: the
+    nodes, or a relay's address for a chain); they stop with the cluster, and their logs' tails
+    are printed at teardown."""
+    h = running_cluster
+    try:
+        yield h.start_relays
+    finally:
+        for relay in h.relays:
+            relay.stop()
+            print(f"--- {relay.id} log (tail) ---\n" + "\n".join(relay.log_text().splitlines()[-15:]), flush=True)
+
+
+async def submit_all(h: ClusterHarness, session: str, payloads: list[bytes], *, endpoints: list[str] | None = None) -> list[int]:
+    async with SequencerClient(endpoints or h.endpoints, session=session, token=h.token, in_flight_max=2000) as client:
+        return await pipeline(client, payloads, timeout_s=STEP_TIMEOUT_S)
+
+
+def payloads(prefix: str, count: int) -> list[bytes]:
+    return [f"{prefix}-{i}".encode() for i in range(count)]
+
+
+def assert_gapless(messages, first: int, last: int) -> None:
+    seqs = [m.seq for m in messages]
+    assert seqs == list(range(first, last + 1)), f"got {len(seqs)} messages {seqs[:3]}..{seqs[-3:]}, expected {first}..{last}"
+
+
+def test_a_relay_follows_through_a_leader_kill_and_serves_gapless_from_any_number(running_cluster, relays):
+    h = running_cluster
+    leader = h.wait_for_leader()
+    # The relay follows the leader first: the kill takes its upstream away.
+    [relay] = relays(1, upstream=[leader["address"], *(e for e in h.endpoints if e != leader["address"])])
+
+    async def scenario():
+        recorder = StreamRecorder([relay.client_address], token=h.token, session="via-relay").start()
+        first = await submit_all(h, "w1", payloads("a", 2000))
+        writing = asyncio.create_task(submit_all(h, "w2", payloads("b", 20_000)))
+        # The leader dies while the second writer is under way and the relay copies from it.
+        await recorder.wait_until(first[-1] + 500, timeout_s=STEP_TIMEOUT_S)
+        await asyncio.to_thread(h.kill, leader["id"])
+        second = await writing
+        last = second[-1]
+        await recorder.wait_until(last, timeout_s=STEP_TIMEOUT_S)
+        await recorder.stop()
+        # Late subscribers from any number read the same records from the relay's journal.
+        for start in (1, 777, last):
+            got = []
+            async for m in subscribe([relay.client_address], from_seq=start, token=h.token, session=f"from-{start}"):
+                got.append(m)
+                if m.seq == last:
+                    break
+            assert_gapless(got, start, last)
+        return recorder.messages, sorted(first + second)
+
+    messages, acked = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert_gapless(messages, 1, acked[-1])
+    assert [m.seq for m in messages if m.session in ("w1", "w2")] == acked
+    # The relay's journal is the cluster's, byte for byte.
+    relay.stop()
+    survivor = next(n for n in h.node_ids if h.is_running(n))
+    h.stop()
+    node_copy = h.read_journal(survivor)
+    relay_bytes = b"".join(open(path, "rb").read() for _, path in list_segment_files(os.path.join(relay.data_dir, "journal")))
+    assert node_copy.last_seq == acked[-1]
+    assert relay_bytes == node_copy.segment_bytes, "the relay's journal is the cluster's, byte for byte"
+
+
+def test_a_chain_of_two_relays_serves_the_stream_and_sends_submits_to_the_leader(running_cluster, relays):
+    h = running_cluster
+    [first] = relays(1)
+    [second] = relays(1, upstream=[first.client_address])
+
+    async def scenario():
+        recorder = StreamRecorder([second.client_address], token=h.token, session="via-chain").start()
+        # A submit to a relay is answered NotLeader with the cluster leader's client address.
+        leader = (await asyncio.to_thread(h.wait_for_leader))["address"]
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while (await node_status(second.client_address, token=h.token, timeout_s=1)).get("leader") != leader:
+            assert time.monotonic() < deadline, "the second relay never learned the leader"
+            await asyncio.sleep(0.05)
+        link = await open_connection(second.client_address, session="raw", token=h.token, timeout_s=5)
+        try:
+            assert link.welcome.node_id == second.id and link.welcome.leader == leader
+            link.send(protocol.Submit(1, b"to-a-relay"))
+            answer = await link.request(protocol.StatusRequest(), protocol.NotLeader, 5)
+            assert answer == protocol.NotLeader(leader, 1)
+        finally:
+            link.close()
+        # The client library, given only the second relay, follows that to the leader.
+        acked = await submit_all(h, "via-relay", payloads("c", 3000), endpoints=[second.client_address])
+        await recorder.wait_until(acked[-1], timeout_s=STEP_TIMEOUT_S)
+        await recorder.stop()
+        return recorder.messages, acked
+
+    messages, acked = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert_gapless(messages, 1, acked[-1])
+    assert [m.seq for m in messages if m.session == "via-relay"] == acked
+
+
+def scrape(address: str) -> dict[str, float]:
+    """The relay's metrics page as {sample name with labels: value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+LAG_MAX = 500
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def stalled_subscriber(address: str, token: str) -> socket.socket:
+    """A subscriber from seq 1 with a small receive buffer that reads its welcome and then
+    nothing: what the relay writes to it piles up on the relay's side."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    host, port = address.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.sendall(
+        protocol.encode_frame(protocol.Hello("stalled", token, protocol.PROTOCOL_VERSION)) + protocol.encode_frame(protocol.Subscribe(1))
+    )
+    return sock
+
+
+def read_until_reset(sock: socket.socket) -> list:
+    """Every frame still readable on `sock` until the relay's reset (or close)."""
+    framer = protocol.FrameReader("node")
+    frames = []
+    sock.settimeout(STEP_TIMEOUT_S)
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return frames
+        if not data:
+            return frames
+        frames += framer.feed(data)
+
+
+def test_a_subscriber_that_stops_reading_is_disconnected_and_resumes_while_others_get_everything(running_cluster, relays):
+    h = running_cluster
+    [relay] = relays(1, subscriber_lag_max=LAG_MAX)
+    payload = b"x" * 3000
+    count = 8000  # 24 MB, far more than the stalled subscriber's socket buffers hold
+
+    async def scenario():
+        await submit_all(h, "w0", [b"first"])
+        await asyncio.to_thread(wait_relay_serving, relay, 1, timeout_s=STEP_TIMEOUT_S)
+        fast = StreamRecorder([relay.client_address], token=h.token, session="fast").start()
+        stalled = stalled_subscriber(relay.client_address, h.token)
+        await fast.wait_until(1, timeout_s=STEP_TIMEOUT_S)
+        rss_before = rss_bytes(relay.process.pid)
+        acked = await submit_all(h, "w1", [payload] * count)
+        await fast.wait_until(acked[-1], timeout_s=STEP_TIMEOUT_S)
+        # The fast subscriber got everything while the stalled one read nothing; the relay cut it.
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while scrape(relay.metrics_address)[f'raftseq_relay_subscriber_lag_disconnects_total{{relay="{relay.id}"}}'] < 1:
+            assert time.monotonic() < deadline, "the stalled subscriber was never disconnected"
+            await asyncio.sleep(0.1)
+        rss_growth = rss_bytes(relay.process.pid) - rss_before
+        got = await asyncio.to_thread(read_until_reset, stalled)
+        stalled.close()
+        seqs = [f.seq for f in got if isinstance(f, protocol.Delivered)]
+        # It resumes from its next number and gets the rest.
+        rest = []
+        async for m in subscribe([relay.client_address], from_seq=seqs[-1] + 1, token=h.token, session="resumed"):
+            rest.append(m)
+            if m.seq == acked[-1]:
+                break
+        await fast.stop()
+        # The resumed one started further behind than the bound and was not cut while it caught up.
+        assert scrape(relay.metrics_address)[f'raftseq_relay_subscriber_lag_disconnects_total{{relay="{relay.id}"}}'] == 1
+        return fast.messages, seqs, rest, acked, rss_growth
+
+    fast_got, seqs, rest, acked, rss_growth = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    print(f"stalled subscriber read {len(seqs)} of {acked[-1]} records before the reset; relay RSS grew {rss_growth / 2**20:.1f} MiB")
+    assert_gapless(fast_got, 1, acked[-1])
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < acked[-1] - LAG_MAX
+    assert_gapless(rest, seqs[-1] + 1, acked[-1])
+    assert rss_growth < 8 * 2**20, f"the relay held {rss_growth} bytes more while a subscriber did not read"
+
+
+def test_the_state_machine_runner_and_a_late_joiner_work_against_a_relay(running_cluster, relays):
+    from test_sm_runner import KvStore, Put
+
+    from raftseq.clients.sm import StateMachineRunner, encode_message
+
+    h = running_cluster
+    [relay] = relays(1)
+    kv = KvStore()
+    publisher = StateMachineRunner([relay.client_address], [kv], token=h.token, replica="r1")
+
+    async def scenario():
+        seqs = await submit_all(h, "w", [encode_message(Put(f"k{i % 40}", i)) for i in range(2000)])
+        await asyncio.wait_for(publisher.run(until_seq=seqs[-1]), STEP_TIMEOUT_S)
+        # Publishing goes through the relay too (its submits are sent on to the leader).
+        [snap] = await publisher.publish_snapshot("kv")
+        more = await submit_all(h, "w2", [encode_message(Put(f"k{i % 40}", -i)) for i in range(500)])
+        await asyncio.wait_for(publisher.run(until_seq=more[-1]), STEP_TIMEOUT_S)
+        late = KvStore()
+        joiner = StateMachineRunner([relay.client_address], [late], token=h.token, replica="r9", from_snapshot=True)
+        await asyncio.wait_for(joiner.run(until_seq=more[-1]), STEP_TIMEOUT_S)
+        await joiner.close()
+        await publisher.close()
+        return snap, joiner, late
+
+    snap, joiner, late = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert joiner.joined_from["kv"] == snap, "the late joiner loaded the snapshot the relay listed"
+    assert late.data == kv.data and joiner.digest("kv") == publisher.digest("kv")
+    assert min(seq for seq, _ in late.applied) > snap.covered_seq
+
+
+def test_a_relay_pointed_at_another_cluster_stops_before_serving_any_of_it(running_cluster, relays, tmp_path):
+    h = running_cluster
+    [relay] = relays(1)
+    asyncio.run(submit_all(h, "w", payloads("ours", 100)))
+    wait_relay_serving(relay, 100, timeout_s=STEP_TIMEOUT_S)
+    relay.stop()
+    with LocalCluster.started(str(tmp_path / "other"), insecure=False, restart=False) as other:
+        asyncio.run(submit_all(other, "w", payloads("theirs", 300)))  # type: ignore[arg-type]
+        relay.upstream = other.endpoints
+        relay.token = other.token
+        relay.start()
+        code = relay.wait_exit(STEP_TIMEOUT_S)
+    assert code == NodeExit.INVALID_CONFIG
+    assert "holds a different record under seq 100" in relay.log_text()
+    with Journal.open(os.path.join(relay.data_dir, "journal"), readonly=True) as journal:
+        assert journal.last_seq == 100, "nothing of the other cluster was stored"
+
+
+# --- bad upstreams, scripted (``scripted_node``): the relay in this process -----------------------
+
+
+def in_process_relay(tmp_path, upstream: str, relay_id: str = "relay-t") -> Relay:
+    return Relay(
+        relay_config(data_dir=str(tmp_path / "relay"), upstream=[upstream], listen="127.0.0.1:1", relay_id=relay_id, insecure=True)
+    )
+
+
+def delivered(seq: int, payload: bytes) -> protocol.Delivered:
+    return protocol.Delivered(seq, 1_000 + seq, "w", seq, payload)
+
+
+def test_a_number_delivered_twice_with_other_content_is_never_stored_and_a_diverging_upstream_stops_the_relay(tmp_path):
+    async def repeats_two(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1)
+        conn.send(delivered(1, b"one"), delivered(2, b"two"), delivered(2, b"TWO"), delivered(3, b"three"))
+        await conn.hold_until_stopped()
+
+    async def rewrote_two(conn):
+        await conn.welcome()
+        # The relay asks again for its last record, to compare it.
+        assert await conn.next_frame() == protocol.Subscribe(2)
+        conn.send(delivered(2, b"TWO"), delivered(3, b"three"))
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = ScriptedNode([repeats_two, rewrote_two])
+        address = await upstream.start()
+        relay = in_process_relay(tmp_path, address)
+        try:
+            with pytest.raises(UpstreamDiverged, match="different record under seq 2"):
+                await asyncio.wait_for(relay.follow(), STEP_TIMEOUT_S)
+            return relay.journal.read_bytes(1, relay.journal.last_seq), dict(relay.metrics.verify_failures), upstream.errors
+        finally:
+            relay.journal.close()
+            await upstream.stop()
+
+    stored, failures, errors = asyncio.run(scenario())
+    assert errors == []
+    assert stored == protocol.encode_frame(delivered(1, b"one")) + protocol.encode_frame(delivered(2, b"two"))
+    assert failures == {"catchup": 1, "upstream_diverged": 1}
+
+
+def test_a_relay_welcomed_by_itself_stops(tmp_path):
+    async def is_the_relay(conn):
+        hello = await conn.next_frame()
+        assert isinstance(hello, protocol.Hello)
+        conn.send(protocol.Welcome("relay-t", protocol.PROTOCOL_VERSION, protocol.Role.FOLLOWER, "", 0, 500))
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = ScriptedNode([is_the_relay])
+        address = await upstream.start()
+        relay = in_process_relay(tmp_path, address)
+        try:
+            with pytest.raises(UpstreamDiverged, match="is this relay itself"):
+                await asyncio.wait_for(relay.follow(), STEP_TIMEOUT_S)
+            return relay.journal.last_seq
+        finally:
+            relay.journal.close()
+            await upstream.stop()
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "raftseq.cluster.cli", "relay", "--upstream", "127.0.0.1:7001,127.0.0.1:7002", "--listen", "127.0.0.1:7002",
+         "--data-dir", str(tmp_path / "r"), "--insecure"],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == NodeExit.USAGE
+    assert "cannot follow itself" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_relay_exports_exactly_its_metric_families_with_its_label():
+    from raftseq.cluster.metrics import RELAY_METRICS, RelayCollector, RelayMetrics
+
+    class Relay:
+        upstream_last_seq = 120
+        published_seq = 100
+
+    metrics = RelayMetrics()
+    metrics.delivered, metrics.subscriber_lag_disconnects = 5000, 2
+    families = {f.name: f for f in RelayCollector("r7", metrics, Relay()).collect()}
+    # prometheus_client drops "_total" from a counter family's name (its sample keeps it).
+    assert set(families) == {spec.name.removesuffix("_total") for spec in RELAY_METRICS}
+    assert all(sample.labels["relay"] == "r7" for family in families.values() for sample in family.samples)
+    assert families["raftseq_relay_upstream_lag_records"].samples[0].value == 20
+    assert families["raftseq_relay_subscriber_lag_disconnects"].samples[0].value == 2
