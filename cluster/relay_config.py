@@ -57,6 +57,9 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_address: str = ""
     #: The client token, presented upstream and required of the relay's own clients.
     client_token: str = ""
+    #: A credentials file (``cluster.credentials``), checked for the relay's own clients as a
+    #: node checks it; "": the client token only.
+    credentials_file: str = ""
     insecure: bool = False
     gateway: GatewayConfig = msgspec.field(default_factory=_relay_gateway)
     journal: JournalConfig = JournalConfig()
