@@ -18,6 +18,9 @@ link here (``open_connection``) and reads it here:
   sends a ``Heartbeat`` itself at least every interval. Every read here answers with one
   ``Heartbeat`` per interval, so a reader that never writes (a subscriber, catch-up, a long
   range read) keeps its connection however long it reads.
+* **Who leads.** ``leader_named_by(address)`` says hello and reads the answer's role and
+  leader (a client whose leader went silent asks the other nodes); ``last_read_at`` says how
+  long a connection's node has been silent.
 * **Requests.** ``request`` sends a frame and returns the first answer of the expected type
   (``status`` for ``StatusRequest``).
 * **Subscribing.** ``subscribe(from_seq)`` yields ``Delivered`` frames (a list per read),
@@ -76,7 +79,10 @@ class Connection:
         self.read_chunk_bytes = read_chunk_bytes
         self._early = early  # frames that arrived together with the welcome
         self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000
-        self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+        #: ``time.monotonic()`` of the last bytes read from the node (the welcome at first):
+        #: how long it has been silent, for a client deciding whether it still answers.
+        self.last_read_at = time.monotonic()
+        self.next_heartbeat = self.last_read_at + self.heartbeat_interval_s
 
     # --- writing --------------------------------------------------------------------------
 
@@ -111,8 +117,9 @@ class Connection:
 
     def heartbeat_if_due(self) -> None:
         """Send one ``Heartbeat`` per interval: called after each read, this keeps a
-        connection that sends nothing else open (the node closes silent ones)."""
-        now = time.monotonic()
+        connection that sends nothing else open (the node closes silent ones). Notes the
+        read's time in ``last_read_at``."""
+        now = self.last_read_at = time.monotonic()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_interval_s
             if not self.writer.transport.is_closing():
@@ -266,4 +273,18 @@ async def open_connection(
         raise
 
 
-__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "open_connection", "refusal"]
+async def leader_named_by(address: str, *, session: str, token: str, timeout_s: float) -> tuple[str, bool]:
+    """Who leads, as the node at `address` says in its welcome: ``(address, True)`` when it
+    leads itself, ``(leader, False)`` for the leader it follows (``""``: none known, or the
+    node could not be asked within `timeout_s`). The connection is closed at once."""
+    try:
+        link = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
+    except (OSError, ConnectionError, TimeoutError, SequencerError):
+        return "", False
+    link.close()
+    if link.welcome.role is protocol.Role.LEADER:
+        return address, True
+    return link.welcome.leader, False
+
+
+__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "leader_named_by", "open_connection", "refusal"]

@@ -147,8 +147,11 @@ class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
       hold the link: 0.56 s failover at default election timeouts.
     * ``election_timeout_min_s/max_s``: 0.15/0.3 s gave 0.16 s failovers but needless elections
       under a 20k in-flight window on this 2-core machine; the batcher bounds the window.
-    * ``leader_fallback_timeout_s``: a cut-off leader calls itself leader this long (30 s by
-      default); only routing trusts it, commits prove leadership.
+    * ``leader_fallback_timeout_s``: a leader that heard no reply from a majority for this long
+      steps down (Raft's check-quorum; pysyncobj's default is 30 s). Set to the election
+      timeout: by then the majority elects another leader, and a cut-off or paused leader
+      that still answered its clients as leader held them (3 s here cost 3 s per isolated
+      leader in the chaos soak). Only routing trusts "I lead"; commits prove leadership.
     """
 
     election_timeout_min_s: float = 0.2
@@ -157,7 +160,7 @@ class RaftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     append_entries_period_s: float = 0.05
     connection_timeout_s: float = 60.0
     connection_retry_s: float = 0.2
-    leader_fallback_timeout_s: float = 3.0
+    leader_fallback_timeout_s: float = 0.4
     #: pysyncobj sends an entry at or above this many bytes through a broken chunked path.
     append_entries_batch_bytes: int = 64 * limits.KIB
     #: Compact the Raft log (snapshot of the machine state) after this many entries or seconds.
@@ -425,6 +428,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("raft election timeouts must satisfy 0.05 <= min < max <= 60")
         if not r.election_timeout_min_s > 3 * r.append_entries_period_s:
             found.append("raft.election_timeout_min_s must be above 3 x raft.append_entries_period_s (several heartbeats per timeout)")
+        if not r.leader_fallback_timeout_s > 3 * r.append_entries_period_s:
+            found.append("raft.leader_fallback_timeout_s must be above 3 x raft.append_entries_period_s (several replies per timeout)")
         if not 0 <= r.commit_notify_delay_s <= r.append_entries_period_s:
             found.append("raft.commit_notify_delay_s must be 0..raft.append_entries_period_s")
         if r.append_entries_batch_bytes < 16 * limits.KIB:
