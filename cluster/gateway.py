@@ -281,6 +281,8 @@ class Gateway:
         self.subscribers = 0
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
+        #: Operator requests under way (a leadership transfer), kept until they finish.
+        self._admin_tasks: set[asyncio.Task] = set()
         self._token = config.client_token.encode()
 
     async def start(self) -> None:
@@ -476,6 +478,20 @@ class Gateway:
             conn.send(self.node.status())
         elif kind is protocol.SnapshotQuery:
             self._snapshot_query(conn, frame)
+        elif kind is protocol.LeaderTransfer:
+            self._leader_transfer(conn, frame)
+
+    def _leader_transfer(self, conn: Connection, request: protocol.LeaderTransfer) -> None:
+        """Hand leadership over (``cluster.handover``); the answer comes when it is done."""
+
+        async def transfer() -> None:
+            answer = await self.node.transfer_leadership(request.to)
+            if not conn.closed:
+                conn.send(answer)
+
+        task = asyncio.create_task(transfer(), name="leader-transfer")
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
 
     def _snapshot_query(self, conn: Connection, query: protocol.SnapshotQuery) -> None:
         """The node's snapshot index for one state-machine type, as of what it has applied.

@@ -21,6 +21,7 @@ from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, NodeConfig
 from raftseq.cluster.data_dir import claim_data_dir
+from raftseq.cluster.handover import Handover
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
@@ -147,6 +148,8 @@ class Node:
         self.batcher: Batcher | None = None
         self.gateway: Gateway | None = None
         self.catchup: CatchUp | None = None
+        #: Planned leadership transfers away from this node (``LeaderTransfer``).
+        self.handover = Handover(self)
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -197,6 +200,9 @@ class Node:
     def snapshot_list(self, sm_type: str) -> protocol.SnapshotList:
         machine = self.core.machine  # read once: a restored snapshot replaces the machine
         return protocol.SnapshotList(sm_type, machine.snapshots_of(sm_type), machine.last_seq)
+
+    async def transfer_leadership(self, to: str) -> protocol.LeaderTransferred:
+        return await self.handover.transfer(to)
 
     def raft_status(self) -> dict:
         if self.replica is None:

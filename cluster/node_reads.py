@@ -45,6 +45,10 @@ class ClientFacingNode(Protocol):
         """The state-machine snapshots the machine indexes for ``sm_type``, as of what it applied."""
         ...
 
+    async def transfer_leadership(self, to: str) -> protocol.LeaderTransferred:
+        """Hand leadership to node `to` ("": the most caught-up follower); ``cluster.handover``."""
+        ...
+
 
 class ScrapedNode(Protocol):
     """What the metrics collector reads of its node at scrape time (on the scrape thread)."""

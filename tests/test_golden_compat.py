@@ -74,9 +74,14 @@ def journal_copy(tmp_path):
 # --- frames and payloads ------------------------------------------------------------------
 
 
+#: Frame types newer than 0.1 (no 0.1 bytes exist for them): a 0.1 or 0.2 node answers an
+#: unknown frame ``Rejected(bad_frame)`` (test_leader_transfer.py checks the commands say so).
+NEWER_FRAMES = {"LeaderTransfer", "LeaderTransferred"}
+
+
 def test_the_fixture_covers_every_frame_type():
     frame_types = set(protocol.ClientFrame.__args__) | set(protocol.NodeFrame.__args__)
-    assert {t.__name__ for t in frame_types} == set(golden.frames())
+    assert {t.__name__ for t in frame_types} - NEWER_FRAMES == set(golden.frames())
     assert set(golden.frames()) == {name[: -len(".bin")] for name in os.listdir(os.path.join(GOLDEN, "frames"))}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raftseq.cluster.cli import cluster, demo, journal, node, sm, status, stream, suites, top
+from raftseq.cluster.cli import cluster, demo, journal, leader, node, sm, status, stream, suites, top
 from raftseq.cluster.cli.args import EXIT_INTERRUPTED, INTERRUPTED
 from raftseq.sequencer.version import __version__
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_parser(sub)
     cluster.add_parser(sub)
     status.add_parser(sub)
+    leader.add_parser(sub)
     top.add_parser(sub)
     sm.add_parser(sub)
     stream.add_parsers(sub)

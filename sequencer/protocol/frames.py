@@ -44,6 +44,8 @@ __all__ = [
     "Frame",
     "Heartbeat",
     "Hello",
+    "LeaderTransfer",
+    "LeaderTransferred",
     "NodeFrame",
     "NotLeader",
     "OutcomeUnknown",
@@ -293,7 +295,33 @@ class SnapshotList(Frame, tag="snaps"):
     last_seq: Count
 
 
+# --- maintenance: planned leadership transfer (``raftseq leader transfer``) ----------------
+# A node of 0.2 does not know these tags: it answers ``Rejected(bad_frame)`` and closes.
+
+
+class LeaderTransfer(Frame, tag="transfer?"):
+    """Asks the leader to hand leadership over: to the node with id `to`, or ("") to its most
+    caught-up follower. The leader holds its proposals, waits until the target holds its
+    whole log, then has it stand for election at once (Raft's TimeoutNow)."""
+
+    to: Address = ""
+
+
+class LeaderTransferred(Frame, tag="transfer"):
+    """The answer to ``LeaderTransfer``: `ok` with the new leader's client address, or the
+    reason it did not happen (`detail`: not the leader, unknown node, target not caught up in
+    time, no new leader in time: the old one then leads on). `held_ms`: how long the old
+    leader held its proposals (submits waited that long)."""
+
+    ok: bool
+    leader: Address
+    detail: Detail
+    held_ms: Count = 0
+
+
 #: Every frame a client sends.
-ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery]
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, LeaderTransfer]
 #: Every frame a node sends.
-NodeFrame = Union[Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList]
+NodeFrame = Union[
+    Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, LeaderTransferred
+]
