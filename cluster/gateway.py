@@ -31,7 +31,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
@@ -283,6 +283,8 @@ class Gateway:
         self._ticker: asyncio.Task | None = None
         #: Operator requests under way (a leadership transfer), kept until they finish.
         self._admin_tasks: set[asyncio.Task] = set()
+        #: ``Drain`` was asked: no new subscriptions (``raftseq node drain``).
+        self.draining = False
         self._token = config.client_token.encode()
 
     async def start(self) -> None:
@@ -480,6 +482,8 @@ class Gateway:
             self._snapshot_query(conn, frame)
         elif kind is protocol.LeaderTransfer:
             self._leader_transfer(conn, frame)
+        elif kind is protocol.Drain:
+            self._drain(conn)
 
     def _leader_transfer(self, conn: Connection, request: protocol.LeaderTransfer) -> None:
         """Hand leadership over (``cluster.handover``); the answer comes when it is done."""
@@ -489,7 +493,35 @@ class Gateway:
             if not conn.closed:
                 conn.send(answer)
 
-        task = asyncio.create_task(transfer(), name="leader-transfer")
+        self._admin_task(transfer(), "leader-transfer")
+
+    def _drain(self, conn: Connection) -> None:
+        """Take no more clients: refuse subscriptions from now on and close the subscribers
+        (they resume on another node); if this node leads, hand leadership over (submits are
+        then answered ``NotLeader``). Answers ``Drained``."""
+        self.draining = True
+        for other in list(self.connections):
+            if other.subscription is not None:
+                other.reject_and_close(RejectReason.SHUTTING_DOWN, "node draining: resume on another node")
+
+        async def drain() -> None:
+            if self.node.is_leader():
+                moved = await self.node.transfer_leadership("")
+                if not moved.ok:
+                    self.draining = False
+                    answer = protocol.Drained(False, moved.leader, f"leadership not handed over: {moved.detail}")
+                else:
+                    answer = protocol.Drained(True, moved.leader, "")
+            else:
+                answer = protocol.Drained(True, self.node.leader_client_address(), "")
+            log.warning("draining: %s", "done" if answer.ok else answer.detail)
+            if not conn.closed:
+                conn.send(answer)
+
+        self._admin_task(drain(), "drain")
+
+    def _admin_task(self, work: Coroutine, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
         self._admin_tasks.add(task)
         task.add_done_callback(self._admin_tasks.discard)
 
@@ -633,6 +665,9 @@ class Gateway:
         metrics = self.metrics
         if conn.subscription is not None:
             conn.reject_and_close(RejectReason.BAD_FRAME, "one subscription per connection")
+            return
+        if self.draining:
+            conn.reject_and_close(RejectReason.SHUTTING_DOWN, "node draining: subscribe to another node")
             return
         if self.subscribers >= self.config.subscribers_max:
             metrics.refused("busy")

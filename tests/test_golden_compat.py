@@ -76,7 +76,7 @@ def journal_copy(tmp_path):
 
 #: Frame types newer than 0.1 (no 0.1 bytes exist for them): a 0.1 or 0.2 node answers an
 #: unknown frame ``Rejected(bad_frame)`` (test_leader_transfer.py checks the commands say so).
-NEWER_FRAMES = {"LeaderTransfer", "LeaderTransferred"}
+NEWER_FRAMES = {"LeaderTransfer", "LeaderTransferred", "Drain", "Drained"}
 
 
 def test_the_fixture_covers_every_frame_type():

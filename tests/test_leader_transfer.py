@@ -14,7 +14,9 @@ import time
 from cluster_harness import running_cluster  # noqa: F401
 
 from raftseq.clients import SequencerClient
+from raftseq.clients.connection import open_connection
 from raftseq.cluster.cli.leader import transfer_leadership
+from raftseq.sequencer import protocol
 
 #: Submits per second of the client whose acks are watched across the transfer.
 RATE_PER_S = 500
@@ -100,3 +102,48 @@ def test_the_command_exits_non_zero_with_one_line_when_the_transfer_is_refused(r
     )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "unknown node 'n9'" in done.stderr, done.stderr
+
+
+# --- raftseq node drain -------------------------------------------------------------------
+
+
+def raftseq(h, *words: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "raftseq.cluster.cli", *words, "--endpoints", ",".join(h.endpoints), "--token", h.token]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+async def refused_subscription(endpoint: str, token: str) -> protocol.Rejected | None:
+    link = await open_connection(endpoint, session="drain-check", token=token, timeout_s=5)
+    try:
+        link.send(protocol.Subscribe(1))
+        for frame in await link.receive(5):
+            if isinstance(frame, protocol.Rejected):
+                return frame
+        return None
+    finally:
+        link.close()
+
+
+def test_draining_the_leader_moves_leadership_and_clients_off_it_and_exits_0(running_cluster):
+    h = running_cluster
+    leader = h.wait_for_leader()
+
+    async def submit_through_the_drain() -> list[int]:
+        async with SequencerClient(h.endpoints, session="drained", token=h.token) as client:
+            first = await client.submit_batch([b"a%d" % i for i in range(50)])
+            done = await asyncio.to_thread(raftseq, h, "node", "drain", leader["id"])
+            assert done.returncode == 0, done.stderr
+            print(done.stdout.strip())
+            return first + await client.submit_batch([b"b%d" % i for i in range(50)])
+
+    seqs = asyncio.run(submit_through_the_drain())
+    assert seqs == list(range(seqs[0], seqs[0] + 100))
+    assert h.wait_for_leader()["id"] != leader["id"]
+    refusal = asyncio.run(refused_subscription(h.endpoint(leader["id"]), h.token))
+    assert refusal is not None and refusal.reason is protocol.RejectReason.SHUTTING_DOWN
+
+
+def test_draining_an_unknown_node_exits_1_with_one_line(running_cluster):
+    done = raftseq(running_cluster, "node", "drain", "n9")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "no node 'n9'" in done.stderr, done.stderr

@@ -41,6 +41,8 @@ __all__ = [
     "Busy",
     "ClientFrame",
     "Delivered",
+    "Drain",
+    "Drained",
     "Frame",
     "Heartbeat",
     "Hello",
@@ -319,9 +321,36 @@ class LeaderTransferred(Frame, tag="transfer"):
     held_ms: Count = 0
 
 
+class Drain(Frame, tag="drain?"):
+    """Asks a node to stop taking clients (``raftseq node drain``): it refuses new
+    subscriptions, closes its subscribers (they resume on another node), answers submits
+    with ``NotLeader``, and, if it leads, hands leadership over (as ``LeaderTransfer``)."""
+
+
+class Drained(Frame, tag="drained"):
+    """The answer to ``Drain``: `ok` once the node takes no clients and does not lead;
+    `leader`: the leader's client address as the node knows it; else why not (`detail`)."""
+
+    ok: bool
+    leader: Address
+    detail: Detail
+
+
 #: Every frame a client sends.
-ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, LeaderTransfer]
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, LeaderTransfer, Drain]
 #: Every frame a node sends.
 NodeFrame = Union[
-    Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, LeaderTransferred
+    Welcome,
+    Ack,
+    AckRange,
+    Busy,
+    NotLeader,
+    OutcomeUnknown,
+    Rejected,
+    Delivered,
+    Status,
+    Heartbeat,
+    SnapshotList,
+    LeaderTransferred,
+    Drained,
 ]
