@@ -15,7 +15,7 @@ from cluster_harness import running_cluster  # noqa: F401
 
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import open_connection
-from raftseq.cluster.cli.leader import transfer_leadership
+from raftseq.cluster.maintenance import transfer_leadership
 from raftseq.sequencer import protocol
 
 #: Submits per second of the client whose acks are watched across the transfer.

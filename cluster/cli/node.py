@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 
 from raftseq.cluster.cli.args import EXIT_USAGE
 from raftseq.cluster.cli.args import add_cluster_options, add_command, positive_seconds
-
-#: While ``node drain`` waits for the followers to be current, it asks every node this often.
-DRAIN_POLL_S = 0.05
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -33,42 +28,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     return run_node(config, discard_raft_log_first=args.discard_raft_log, log_file=args.log_file)
 
 
-async def drain_node(endpoints: list[str], node_id: str, *, token: str, timeout_s: float) -> str:
-    """Drain `node_id` (``Drain``), then wait until a leader other than it exists and every
-    node answering holds what that leader held when the drain was done. Returns a summary;
-    raises ``AdminFailed``."""
-    from raftseq.cluster.cli.leader import AdminFailed, ask_node, cluster_status
-    from raftseq.cluster.status import answered
-    from raftseq.sequencer import protocol
-
-    nodes = await cluster_status(endpoints, token=token, timeout_s=timeout_s)
-    named = {n["id"]: n for n in nodes if answered(n)}
-    if node_id not in named:
-        raise AdminFailed(f"no node {node_id!r} among the nodes that answered ({', '.join(sorted(named)) or 'none'})")
-    address = named[node_id]["address"]
-    answer = await ask_node(address, protocol.Drain(), protocol.Drained, token=token, timeout_s=timeout_s, what=node_id)
-    if not answer.ok:
-        raise AdminFailed(f"{node_id} not drained: {answer.detail}")
-    deadline = time.monotonic() + timeout_s
-    target = None
-    while True:
-        nodes = [n for n in await cluster_status(endpoints, token=token, timeout_s=timeout_s) if answered(n)]
-        leaders = [n for n in nodes if n["role"] == "leader" and n["id"] != node_id]
-        if leaders:
-            if target is None:
-                target = leaders[0]["last_seq"]
-            if all(n["last_seq"] >= target for n in nodes):
-                return f"{node_id} drained: leader {leaders[0]['id']} ({leaders[0]['address']}); every node holds seq {target}"
-        if time.monotonic() >= deadline:
-            raise AdminFailed(f"{node_id} drained, but the nodes were not current within {timeout_s:g} s: {nodes}")
-        await asyncio.sleep(DRAIN_POLL_S)
-
-
 def cmd_node_drain(args: argparse.Namespace) -> int:
     """Drain NODE before maintenance: it stops taking clients (subscribers move to other
     nodes, submits are sent to the leader), hands leadership over if it leads, and the command
     waits until every node is current. Exit 0 then; 1 with the reason otherwise."""
     from raftseq.cluster.cli.leader import run_request
+    from raftseq.cluster.maintenance import drain_node
 
     code, summary = run_request("raftseq node drain", drain_node(args.endpoints, args.node_id, token=args.token, timeout_s=args.timeout))
     if summary is not None:
