@@ -36,7 +36,7 @@ async def ask_node(address: str, request: object, answer: type, *, token: str, t
         return await link.request(request, answer, timeout_s)
     except ConnectionError as exc:
         if protocol.RejectReason.BAD_FRAME.value in str(exc):
-            raise AdminFailed(f"{what} {address} does not know {type(request).__name__} (a node older than 0.3): {exc}") from None
+            raise AdminFailed(f"{what} {address} does not know {type(request).__name__} (an older raftseq): {exc}") from None
         raise AdminFailed(f"{what} {address} closed the connection: {exc}") from None
     except TimeoutError:
         raise AdminFailed(f"no answer from {what} {address} within {timeout_s:g} s") from None
