@@ -13,10 +13,10 @@
    on; the answer says why.
 
 A node with a shorter log cannot win instead: a vote goes only to a candidate whose log is at
-least as up to date as the voter's (Raft's election restriction, pysyncobj's and our
-pre-vote's), and after step 2 the old leader and the target both hold the whole log, so they
-are a majority of three that refuses such a node. The transfer moves no committed entry:
-every entry the old leader acknowledged is in the target's log before it stands.
+least as up to date as the voter's (Raft's election restriction, in pysyncobj's vote and our
+pre-vote), and every committed entry is on a majority, so such a candidate lacks a majority
+of votes; after step 2 neither the old leader nor the target votes for it (in three nodes
+they are the majority). Whoever wins holds every entry the old leader acknowledged.
 """
 
 from __future__ import annotations
