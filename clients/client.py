@@ -68,11 +68,11 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 #: reconnect to the same leader up to a minute without one.
 FAILOVER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-#: A leader that sent nothing (no ack, no heartbeat) for this long while submits wait is
-#: suspect: the client asks the other endpoints who leads and moves at once to a leader one of
-#: them names (a paused or cut-off leader is left in about an election, not after the whole
-#: ``heartbeat_timeout_s``). A slow leader the others still follow keeps its clients. Healthy,
-#: a leader acknowledges within milliseconds (commit_timeout_s bounds a slow commit at 5 s).
+#: A leader that acknowledged nothing for this long while submits wait is suspect: the client
+#: asks the other endpoints who leads and moves at once to a leader one of them names (a
+#: paused or cut-off leader is left in about an election, not after the whole
+#: ``heartbeat_timeout_s`` or the leader's step-down). A slow leader the others still follow
+#: keeps its clients. Healthy, a leader acknowledges within milliseconds.
 LEADER_SUSPECT_SILENCE_S = 0.25
 #: How often the silence is looked at, and how long one probe of a node may take (a paused
 #: node accepts the TCP connection and never answers the hello).
@@ -224,8 +224,8 @@ class SequencerClient:
     ``resubmits`` (submits sent again under their client_seq), ``failovers`` (connected to a
     leader again after a loss; each one's duration, from noticing the loss, in
     ``failover_durations`` and the last in ``last_failover_s``), ``silent_leaders_left``
-    (connections left because the other nodes named another leader while this one was
-    silent, ``LEADER_SUSPECT_SILENCE_S``), ``submits_acked``,
+    (connections left because the other nodes named another leader while this one
+    acknowledged nothing, ``LEADER_SUSPECT_SILENCE_S``), ``submits_acked``,
     ``submits_outcome_unknown`` (submits whose caller got ``OutcomeUnknown``) and
     ``submits_rejected`` (by ``RejectReason``).
     """
@@ -545,25 +545,30 @@ class SequencerClient:
             self._adopt(new_link)
 
     async def _leave_if_silent(self, link: Connection) -> None:
-        """While `link` is the leader's: once it has been silent ``LEADER_SUSPECT_SILENCE_S``
-        with submits waiting, ask the other endpoints who leads (again every check while the
-        silence lasts); if one names another node, drop `link` with that node as the hint."""
+        """While `link` is the leader's: once no submit has been acknowledged for
+        ``LEADER_SUSPECT_SILENCE_S`` while submits wait, ask the other endpoints who leads
+        (again every check while it lasts); if one names another node and still nothing was
+        acknowledged, drop `link` with that node as the hint. Acknowledgements, not bytes: a
+        leader cut off from its peers still sends heartbeats."""
         waiting_since: float | None = None
+        acked = self.submits_acked
         while not link.closing:
             await asyncio.sleep(LEADER_SILENCE_CHECK_S)
-            if not self._pending:
-                waiting_since = None
-                continue
             now = time.monotonic()
-            if waiting_since is None:
-                waiting_since = now
-            waiting_since = max(waiting_since, link.last_read_at)
+            if not self._pending or waiting_since is None or self.submits_acked != acked:
+                waiting_since = now if self._pending else None
+                acked = self.submits_acked
+                continue
             if now - waiting_since < LEADER_SUSPECT_SILENCE_S:
                 continue
             leader = await self._leader_elsewhere(link.address)
-            if leader and link.last_read_at <= waiting_since:  # still silent
+            if leader and self.submits_acked == acked:
                 log.info(
-                    "session %s: %s silent for %.2f s; %s leads now", self.session, link.address, time.monotonic() - waiting_since, leader
+                    "session %s: no ack from %s for %.2f s; %s leads now",
+                    self.session,
+                    link.address,
+                    time.monotonic() - waiting_since,
+                    leader,
                 )
                 self.silent_leaders_left += 1
                 self._leader_hint = leader

@@ -19,8 +19,7 @@ link here (``open_connection``) and reads it here:
   ``Heartbeat`` per interval, so a reader that never writes (a subscriber, catch-up, a long
   range read) keeps its connection however long it reads.
 * **Who leads.** ``leader_named_by(address)`` says hello and reads the answer's role and
-  leader (a client whose leader went silent asks the other nodes); ``last_read_at`` says how
-  long a connection's node has been silent.
+  leader (a client whose leader stopped acknowledging asks the other nodes).
 * **Requests.** ``request`` sends a frame and returns the first answer of the expected type
   (``status`` for ``StatusRequest``).
 * **Subscribing.** ``subscribe(from_seq)`` yields ``Delivered`` frames (a list per read),
@@ -79,10 +78,7 @@ class Connection:
         self.read_chunk_bytes = read_chunk_bytes
         self._early = early  # frames that arrived together with the welcome
         self.heartbeat_interval_s = welcome.heartbeat_interval_ms / 1000
-        #: ``time.monotonic()`` of the last bytes read from the node (the welcome at first):
-        #: how long it has been silent, for a client deciding whether it still answers.
-        self.last_read_at = time.monotonic()
-        self.next_heartbeat = self.last_read_at + self.heartbeat_interval_s
+        self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
 
     # --- writing --------------------------------------------------------------------------
 
@@ -117,9 +113,8 @@ class Connection:
 
     def heartbeat_if_due(self) -> None:
         """Send one ``Heartbeat`` per interval: called after each read, this keeps a
-        connection that sends nothing else open (the node closes silent ones). Notes the
-        read's time in ``last_read_at``."""
-        now = self.last_read_at = time.monotonic()
+        connection that sends nothing else open (the node closes silent ones)."""
+        now = time.monotonic()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_interval_s
             if not self.writer.transport.is_closing():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from raftseq.cluster.cli.args import describe_error
 
 #: While a drain waits for the followers to be current, it asks every node this often.
 DRAIN_POLL_S = 0.05
@@ -26,6 +25,7 @@ async def ask_node(address: str, request: object, answer: type, *, token: str, t
     names the node in messages ("the leader")."""
     from raftseq.clients.connection import open_connection
     from raftseq.clients.errors import SequencerError
+    from raftseq.cluster.cli.args import describe_error  # the token hints the commands give
     from raftseq.sequencer import protocol
 
     try:
