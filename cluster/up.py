@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace, cluster: LocalCluster, supervisor: Supervisor
 
         return asyncio.run(run_demo_traffic(cluster, supervisor, stop, rate_per_s=args.demo_rate))
     print("Ctrl-C stops the cluster", flush=True)
-    print(f"kill -HUP {os.getpid()}: a rolling restart (every node in turn, the leader drained first)", flush=True)
+    print(f"kill -HUP {os.getpid()} cycles the nodes one at a time (stop, start, catch up; the leader drained first)", flush=True)
     while not stop["signal"]:
         if stop["roll"]:
             stop["roll"] = False

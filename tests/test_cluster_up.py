@@ -233,7 +233,7 @@ def test_sighup_restarts_every_node_in_turn_the_leader_last_and_drained(up):
     cluster = up()
     leader = cluster.wait_for(r"^  leader: (n\d) \(")[1]
     before = cluster.node_pids()
-    cluster.wait_for(r"^kill -HUP \d+: a rolling restart")
+    cluster.wait_for(r"^kill -HUP \d+ cycles the nodes one at a time")
     os.kill(cluster.process.pid, signal.SIGHUP)
     order = cluster.wait_for(r"^rolling restart: (n\d), (n\d), (n\d)$").groups()
     assert order[-1] == leader and sorted(order) == ["n1", "n2", "n3"]
