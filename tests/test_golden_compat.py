@@ -76,12 +76,12 @@ def journal_copy(tmp_path):
 
 #: Frame types newer than 0.1 (no 0.1 bytes exist for them): a 0.1 or 0.2 node answers an
 #: unknown frame ``Rejected(bad_frame)`` (test_leader_transfer.py checks the commands say so).
-NEWER_FRAMES = {"LeaderTransfer", "LeaderTransferred", "Drain", "Drained"}
+NEWER_THAN_FIXTURE = {"LeaderTransfer", "LeaderTransferred", "Drain", "Drained"}
 
 
 def test_the_fixture_covers_every_frame_type():
     frame_types = set(protocol.ClientFrame.__args__) | set(protocol.NodeFrame.__args__)
-    assert {t.__name__ for t in frame_types} - NEWER_FRAMES == set(golden.frames())
+    assert {t.__name__ for t in frame_types} - NEWER_THAN_FIXTURE == set(golden.frames())
     assert set(golden.frames()) == {name[: -len(".bin")] for name in os.listdir(os.path.join(GOLDEN, "frames"))}
 
 
