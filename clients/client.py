@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -43,7 +44,7 @@ from typing import Protocol
 
 import msgspec
 
-from raftseq.clients.connection import FATAL_REASONS, Connection, open_connection
+from raftseq.clients.connection import FATAL_REASONS, Connection, leader_named_by, open_connection
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
 from raftseq.clients import errors
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, Truncated, rejection
@@ -72,6 +73,17 @@ FAILOVER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 #: for a stalled disk says 500 ms, and resending sooner only has it refuse again.
 RESEND_DELAY_S = 0.02
 RESEND_DELAY_BUSY_MAX_S = 1.0
+
+#: A leader that acknowledged nothing for this long while submits wait is suspect: the client
+#: asks the other endpoints who leads and moves at once to a leader one of them names (a
+#: paused or cut-off leader is left in about an election, not after the whole
+#: ``heartbeat_timeout_s`` or the leader's step-down). A slow leader the others still follow
+#: keeps its clients. Healthy, a leader acknowledges within milliseconds.
+LEADER_SUSPECT_SILENCE_S = 0.25
+#: How often the silence is looked at, and how long one probe of a node may take (a paused
+#: node accepts the TCP connection and never answers the hello).
+LEADER_SILENCE_CHECK_S = 0.05
+LEADER_PROBE_TIMEOUT_S = 0.25
 
 
 class DurationHistogram:
@@ -217,7 +229,9 @@ class SequencerClient:
     Counters, plain integers any thread may read: ``reconnects`` (connections lost),
     ``resubmits`` (submits sent again under their client_seq), ``failovers`` (connected to a
     leader again after a loss; each one's duration, from noticing the loss, in
-    ``failover_durations`` and the last in ``last_failover_s``), ``submits_acked``,
+    ``failover_durations`` and the last in ``last_failover_s``), ``silent_leaders_left``
+    (connections left because the other nodes named another leader while this one
+    acknowledged nothing, ``LEADER_SUSPECT_SILENCE_S``), ``submits_acked``,
     ``submits_outcome_unknown`` (submits whose caller got ``OutcomeUnknown``) and
     ``submits_rejected`` (by ``RejectReason``).
     """
@@ -269,6 +283,7 @@ class SequencerClient:
         self.failovers = 0
         self.last_failover_s = 0.0
         self.failover_durations = DurationHistogram(FAILOVER_BUCKETS_S)
+        self.silent_leaders_left = 0
         self.submits_acked = 0
         self.submits_outcome_unknown = 0
         # Every reason present from the start: a reader on another thread iterates it safely.
@@ -511,12 +526,15 @@ class SequencerClient:
     async def _run(self) -> None:
         while not self._closed:
             link = self._link
+            watch = asyncio.create_task(self._leave_if_silent(link), name=f"raftseq-client-watch-{self.session}")
             try:
                 await self._read(link)
             except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.info("session %s: connection to %s lost: %s", self.session, link.address, exc)
             except _LeaderMoved as moved:
                 self._leader_hint = moved.leader
+            finally:
+                watch.cancel()
             link.close()
             self._link = None
             self._connected.clear()
@@ -533,6 +551,51 @@ class SequencerClient:
             self.last_failover_s = time.monotonic() - lost_at
             self.failover_durations.observe(self.last_failover_s)
             self._adopt(new_link)
+
+    async def _leave_if_silent(self, link: Connection) -> None:
+        """While `link` is the leader's: once no submit has been acknowledged for
+        ``LEADER_SUSPECT_SILENCE_S`` while submits wait, ask the other endpoints who leads
+        (again every check while it lasts); if one names another node and still nothing was
+        acknowledged, drop `link` with that node as the hint. Acknowledgements, not bytes: a
+        leader cut off from its peers still sends heartbeats."""
+        waiting_since: float | None = None
+        acked = self.submits_acked
+        while not link.closing:
+            await asyncio.sleep(LEADER_SILENCE_CHECK_S)
+            now = time.monotonic()
+            if not self._pending or waiting_since is None or self.submits_acked != acked:
+                waiting_since = now if self._pending else None
+                acked = self.submits_acked
+                continue
+            if now - waiting_since < LEADER_SUSPECT_SILENCE_S:
+                continue
+            leader = await self._leader_elsewhere(link.address)
+            if leader and self.submits_acked == acked:
+                log.info(
+                    "session %s: no ack from %s for %.2f s; %s leads now",
+                    self.session,
+                    link.address,
+                    time.monotonic() - waiting_since,
+                    leader,
+                )
+                self.silent_leaders_left += 1
+                self._leader_hint = leader
+                link.abort()
+                return
+
+    async def _leader_elsewhere(self, current: str) -> str:
+        """A leader other than `current` as the other endpoints name it ("" if none does): a
+        node that leads itself first, else one another node follows."""
+        probe = functools.partial(
+            leader_named_by,
+            session=f"{self.session.removeprefix(protocol.SNAPSHOT_SESSION_PREFIX)}.probe",
+            token=self.token,
+            timeout_s=min(self.connect_timeout_s, LEADER_PROBE_TIMEOUT_S),
+        )
+        others = [address for address in self.endpoints if address != current]
+        named = await asyncio.gather(*(probe(address) for address in others))
+        leaders = sorted((not leads, leader) for leader, leads in named if leader and leader != current)
+        return leaders[0][1] if leaders else ""
 
     async def _read(self, link: Connection) -> None:
         # One deadline moved forward per read (asyncio.wait_for would make a task per read).

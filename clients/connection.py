@@ -18,6 +18,8 @@ link here (``open_connection``) and reads it here:
   sends a ``Heartbeat`` itself at least every interval. Every read here answers with one
   ``Heartbeat`` per interval, so a reader that never writes (a subscriber, catch-up, a long
   range read) keeps its connection however long it reads.
+* **Who leads.** ``leader_named_by(address)`` says hello and reads the answer's role and
+  leader (a client whose leader stopped acknowledging asks the other nodes).
 * **Requests.** ``request`` sends a frame and returns the first answer of the expected type
   (``status`` for ``StatusRequest``).
 * **Subscribing.** ``subscribe(from_seq)`` yields ``Delivered`` frames (a list per read),
@@ -271,4 +273,18 @@ async def open_connection(
         raise
 
 
-__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "open_connection", "refusal"]
+async def leader_named_by(address: str, *, session: str, token: str, timeout_s: float) -> tuple[str, bool]:
+    """Who leads, as the node at `address` says in its welcome: ``(address, True)`` when it
+    leads itself, ``(leader, False)`` for the leader it follows (``""``: none known, or the
+    node could not be asked within `timeout_s`). The connection is closed at once."""
+    try:
+        link = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
+    except (OSError, ConnectionError, TimeoutError, SequencerError):
+        return "", False
+    link.close()
+    if link.welcome.role is protocol.Role.LEADER:
+        return address, True
+    return link.welcome.leader, False
+
+
+__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "leader_named_by", "open_connection", "refusal"]

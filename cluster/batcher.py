@@ -147,6 +147,8 @@ class Batcher:
         self._next_batch_id = 1
         self._last_time_ns = 0
         self.enabled = False
+        #: Proposals held (``hold``): a leadership transfer is under way.
+        self.held = False
         # Counters read by metrics.
         self.batches_proposed = 0
         self.batches_unknown = 0
@@ -221,7 +223,7 @@ class Batcher:
 
     def _maybe_propose(self) -> None:
         config = self.config
-        while (self._queue or self._priority) and self.enabled:
+        while (self._queue or self._priority) and self.enabled and not self.held:
             full = len(self._queue) + len(self._priority) >= config.entries_max or self._queue_bytes >= config.bytes_max
             # A priority submit goes at once: with bulk ones after it while the pipeline has room,
             # alone (with its lane) in one batch beyond the pipeline's depth when it has none.
@@ -348,8 +350,18 @@ class Batcher:
             self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
         self._maybe_propose()
 
+    def hold(self) -> None:
+        """Propose nothing until ``release`` (a leadership transfer: the target must catch up
+        with a log that no longer grows). Submits still queue, within the usual bounds."""
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self._maybe_propose()
+
     def start(self) -> None:
         self.enabled = True
+        self.held = False
         self._maybe_propose()
 
     def stop(self, reason: str) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.cluster import invariant
@@ -300,6 +300,10 @@ class Gateway:
         self._ticker: asyncio.Task | None = None
         self.access = Access(config, metrics.credential_refusals)
         self._credentials_watch: asyncio.Task | None = None
+        #: Operator requests under way (a leadership transfer), kept until they finish.
+        self._admin_tasks: set[asyncio.Task] = set()
+        #: ``Drain`` was asked: no new subscriptions (``raftseq node drain``).
+        self.draining = False
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
@@ -513,6 +517,50 @@ class Gateway:
             self._snapshot_query(conn, frame)
         elif kind is protocol.MemberRequest:
             self.node.member_request(frame, conn.send)
+        elif kind is protocol.LeaderTransfer:
+            self._leader_transfer(conn, frame)
+        elif kind is protocol.Drain:
+            self._drain(conn)
+
+    def _leader_transfer(self, conn: Connection, request: protocol.LeaderTransfer) -> None:
+        """Hand leadership over (``cluster.handover``); the answer comes when it is done."""
+
+        async def transfer() -> None:
+            answer = await self.node.transfer_leadership(request.to)
+            if not conn.closed:
+                conn.send(answer)
+
+        self._admin_task(transfer(), "leader-transfer")
+
+    def _drain(self, conn: Connection) -> None:
+        """Take no more clients: refuse subscriptions from now on and close the subscribers
+        (they resume on another node); if this node leads, hand leadership over (submits are
+        then answered ``NotLeader``). Answers ``Drained``."""
+        self.draining = True
+        for other in list(self.connections):
+            if other.subscription is not None:
+                other.reject_and_close(RejectReason.SHUTTING_DOWN, "node draining: resume on another node")
+
+        async def drain() -> None:
+            if self.node.is_leader():
+                moved = await self.node.transfer_leadership("")
+                if not moved.ok:
+                    self.draining = False
+                    answer = protocol.Drained(False, moved.leader, f"leadership not handed over: {moved.detail}")
+                else:
+                    answer = protocol.Drained(True, moved.leader, "")
+            else:
+                answer = protocol.Drained(True, self.node.leader_client_address(), "")
+            log.warning("draining: %s", "done" if answer.ok else answer.detail)
+            if not conn.closed:
+                conn.send(answer)
+
+        self._admin_task(drain(), "drain")
+
+    def _admin_task(self, work: Coroutine, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
 
     def _snapshot_query(self, conn: Connection, query: protocol.SnapshotQuery) -> None:
         """The node's snapshot index for one state-machine type, as of what it has applied.
@@ -701,6 +749,9 @@ class Gateway:
         refusal = conn.grant.role_refusal(submit=False)
         if refusal:
             conn.reject_and_close(RejectReason.AUTH_FAILED, refusal)
+            return
+        if self.draining:
+            conn.reject_and_close(RejectReason.SHUTTING_DOWN, "node draining: subscribe to another node")
             return
         if self.subscribers >= self.config.subscribers_max:
             metrics.refused("busy")

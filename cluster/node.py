@@ -21,6 +21,7 @@ from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
 from raftseq.cluster.config import DISK_CHECK_INTERVAL_S, ROLE_WATCH_INTERVAL_S, JournalConfig, NodeConfig
 from raftseq.cluster.data_dir import claim_data_dir
+from raftseq.cluster.handover import Handover
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeCollector, NodeMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
@@ -153,6 +154,8 @@ class Node:
         #: Set (with why) when this node learns that it was removed from the cluster.
         self.removed = asyncio.Event()
         self.removed_why = ""
+        #: Planned leadership transfers away from this node (``LeaderTransfer``).
+        self.handover = Handover(self)
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -228,6 +231,9 @@ class Node:
     def _removed(self, why: str) -> None:
         self.removed_why = why
         self.removed.set()
+
+    async def transfer_leadership(self, to: str) -> protocol.LeaderTransferred:
+        return await self.handover.transfer(to)
 
     def raft_status(self) -> dict:
         if self.replica is None:

@@ -56,6 +56,10 @@ class ClientFacingNode(Protocol):
         (a relay: an awaitable of its upstream's answer, ``cluster.relay``)."""
         ...
 
+    async def transfer_leadership(self, to: str) -> protocol.LeaderTransferred:
+        """Hand leadership to node `to` ("": the most caught-up follower); ``cluster.handover``."""
+        ...
+
 
 class ScrapedNode(Protocol):
     """What the metrics collector reads of its node at scrape time (on the scrape thread)."""

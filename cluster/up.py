@@ -9,6 +9,13 @@ after a delay that doubles while it keeps failing (``cluster.restarts``; unless
 plain SIGTERM to it) stays stopped, and so does one whose exit code needs an operator. When no node is left running and
 none will be restarted, the command ends with exit code 1. Ctrl-C stops every node and exits
 130, SIGTERM exits 0.
+
+A rolling restart on request: ``kill -HUP`` of the ``cluster up`` process (its pid is in
+``DATA_DIR/cluster.lock``) restarts every node in turn, the followers first and the leader
+last, after draining it (``raftseq node drain``: leadership handed over first). Each node is
+stopped with SIGTERM, started again, and must hold what the leader held before the next one
+goes; each step is a line. A step that fails ends the rolling restart with a line saying why
+(the cluster keeps running).
 """
 
 from __future__ import annotations
@@ -34,6 +41,59 @@ SUPERVISE_INTERVAL_S = 0.2
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+#: What asks ``cluster up`` for a rolling restart.
+ROLLING_RESTART_SIGNAL = signal.SIGHUP
+#: Seconds each step of a rolling restart may take: a drain, a node's start and catch-up.
+ROLLING_STEP_TIMEOUT_S = 30.0
+
+
+class RollingRestartFailed(Exception):
+    """A step of a rolling restart did not complete; the message says which and why."""
+
+
+def rolling_restart(cluster: LocalCluster) -> list[str]:
+    """Restart every node in turn (followers first, the leader last and drained first);
+    returns the lines to print. Raises ``RollingRestartFailed``."""
+    from raftseq.cluster.maintenance import AdminFailed, drain_node
+    from raftseq.cluster.status import answered
+
+    report = cluster.status()
+    leaders = [n["node"] for n in report["nodes"] if answered(n) and n["role"] == "leader"]
+    order = sorted(i for i in cluster.node_ids if i not in leaders) + leaders
+    lines = [f"rolling restart: {', '.join(order)}"]
+    for node_id in order:
+        started = time.monotonic()
+        if node_id in leaders:
+            try:
+                lines.append(asyncio.run(drain_node(cluster.endpoints, node_id, token=cluster.token, timeout_s=ROLLING_STEP_TIMEOUT_S)))
+            except AdminFailed as exc:
+                raise RollingRestartFailed(f"{node_id} not drained: {exc}") from None
+        if cluster.is_running(node_id):
+            cluster.kill(node_id, signal.SIGTERM)
+        pid = cluster.restart(node_id)
+        seq = _caught_up(cluster, node_id)
+        lines.append(f"rolling restart: {node_id} restarted (pid {pid}), holds seq {seq}, {time.monotonic() - started:.1f} s")
+    return lines
+
+
+def _caught_up(cluster: LocalCluster, node_id: str) -> int:
+    """Wait until `node_id` follows a leader and holds what that leader held when it came up."""
+    deadline = time.monotonic() + ROLLING_STEP_TIMEOUT_S
+    target = None
+    while time.monotonic() < deadline:
+        code = cluster.reap(node_id)
+        if code is not None:
+            raise RollingRestartFailed(cluster.describe_exit(node_id, code))
+        nodes = {n["node"]: n for n in cluster.status(timeout_s=LEADER_POLL_TIMEOUT_S)["nodes"]}
+        node = nodes[node_id]
+        leaders = [n for n in nodes.values() if n["role"] == "leader"]
+        if leaders and node["role"] in ("leader", "follower"):
+            target = leaders[0]["last_seq"] if target is None else target
+            if node["last_seq"] >= target:
+                return node["last_seq"]
+        time.sleep(POLL_INTERVAL_S)
+    raise RollingRestartFailed(f"{node_id} did not catch up within {ROLLING_STEP_TIMEOUT_S:g} s")
 
 
 class StartFailed(Exception):
@@ -132,12 +192,16 @@ def _run_locked(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    stop = {"signal": 0}
+    stop = {"signal": 0, "roll": False}
 
     def request_stop(signum, frame) -> None:
         stop["signal"] = signum
 
+    def request_roll(signum, frame) -> None:
+        stop["roll"] = True
+
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[ROLLING_RESTART_SIGNAL] = signal.signal(ROLLING_RESTART_SIGNAL, request_roll)
     supervisor = Supervisor(cluster)
     try:
         cluster.start()
@@ -171,7 +235,15 @@ def _run(args: argparse.Namespace, cluster: LocalCluster, supervisor: Supervisor
 
         return asyncio.run(run_demo_traffic(cluster, supervisor, stop, rate_per_s=args.demo_rate))
     print("Ctrl-C stops the cluster", flush=True)
+    print(f"kill -HUP {os.getpid()} cycles the nodes one at a time (stop, start, catch up; the leader drained first)", flush=True)
     while not stop["signal"]:
+        if stop["roll"]:
+            stop["roll"] = False
+            try:
+                for line in rolling_restart(cluster):
+                    print(line, flush=True)
+            except RollingRestartFailed as exc:
+                print(f"rolling restart stopped: {exc}", flush=True)
         for line in supervisor.step():
             if not stop["signal"]:
                 print(line, flush=True)

@@ -227,3 +227,20 @@ def test_a_node_whose_restart_needs_an_operator_is_not_restarted_and_cluster_up_
     assert f"cannot listen for metrics on {metrics}" in line, line
     assert "not restarting it: exit code 4 (ADDRESS_UNAVAILABLE) needs an operator" in line, line
     assert "Traceback" not in "\n".join(cluster.seen)
+
+
+def test_sighup_restarts_every_node_in_turn_the_leader_last_and_drained(up):
+    cluster = up()
+    leader = cluster.wait_for(r"^  leader: (n\d) \(")[1]
+    before = cluster.node_pids()
+    cluster.wait_for(r"^kill -HUP \d+ cycles the nodes one at a time")
+    os.kill(cluster.process.pid, signal.SIGHUP)
+    order = cluster.wait_for(r"^rolling restart: (n\d), (n\d), (n\d)$").groups()
+    assert order[-1] == leader and sorted(order) == ["n1", "n2", "n3"]
+    pids = {}
+    for node in order:
+        if node == leader:
+            cluster.wait_for(rf"^{node} drained: leader (n\d)", timeout_s=60)
+        pids[node] = int(cluster.wait_for(rf"^rolling restart: {node} restarted \(pid (\d+)\)", timeout_s=60)[1])
+    assert all(pids[n] != before[n] for n in order), (pids, before)
+    assert not any("rolling restart stopped" in line for line in cluster.seen), cluster.seen

@@ -276,6 +276,12 @@ EXAMPLES = [
         * protocol.SNAPSHOT_LIST_MAX,
         2**63 - 1,
     ),
+    protocol.LeaderTransfer(),
+    protocol.LeaderTransfer("n2"),
+    protocol.LeaderTransferred(True, "127.0.0.1:7002", "", 40),
+    protocol.LeaderTransferred(False, "", "d" * limits.DETAIL_CHARS_MAX, 2**63 - 1),
+    protocol.Drain(),
+    protocol.Drained(True, "127.0.0.1:7002", ""),
 ]
 
 

@@ -29,11 +29,14 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
-    """``"journal verify"`` → its parser, for every command that runs (not a group)."""
+    """``"journal verify"`` → its parser, for every command that runs (not a group; a command
+    with subcommands of its own, ``node`` and ``node drain``, is both)."""
     leaves = {}
     for name, sub in subcommands(parser).items():
         path = f"{prefix} {name}".strip()
         leaves.update(leaf_commands(sub, path) if subcommands(sub) else {path: sub})
+        if subcommands(sub) and sub.get_default("func") is not None:
+            leaves[path] = sub
     return leaves
 
 

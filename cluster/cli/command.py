@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raftseq.cluster.cli import cluster, cred, demo, journal, keygen, member, node, relay, sm, status, stream, suites, top
+from raftseq.cluster.cli import cluster, cred, demo, journal, keygen, leader, member, node, relay, sm, status, stream, suites, top
 from raftseq.cluster.cli.args import EXIT_INTERRUPTED, INTERRUPTED
 from raftseq.sequencer.version import __version__
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parser(sub)
     status.add_parser(sub)
     member.add_parser(sub)
+    leader.add_parser(sub)
     top.add_parser(sub)
     sm.add_parser(sub)
     stream.add_parsers(sub)

@@ -236,6 +236,28 @@ class SequencerReplica(RaftMember):
         member = self.membership.by_raft_address(leader) if leader else None
         return member.client_address if member is not None else self.node_config.peer_client_address(leader) if leader else ""
 
+    # --- planned leadership transfer (cluster.handover) -------------------------------------
+
+    def last_log_index(self) -> int:
+        """The index of the last entry of this node's Raft log (0: an empty log)."""
+        log_entries = self.raft_log
+        return log_entries[-1][1] if len(log_entries) else 0
+
+    def follower_match_index(self, raft_address: str) -> int:
+        """On the leader: the last index `raft_address` is known to hold (-1: not a follower)."""
+        return self.getStatus().get(f"match_idx_server_{raft_address}", -1)
+
+    def hand_leadership_to(self, raft_address: str) -> None:
+        """On the leader, once `raft_address` holds its whole log: have it stand for election
+        at once (pysyncobj's TimeoutNow; its vote request skips the pre-vote). This node steps
+        down when the target's vote request, of a newer term, arrives."""
+        self.transferLeadership(raft_address, callback=self._hand_over_answered)
+
+    @staticmethod
+    def _hand_over_answered(result: object, error: int) -> None:
+        if error:
+            log.warning("leadership transfer refused by pysyncobj (reason %s)", error)
+
     # --- membership (cluster.membership; the entries ride in pysyncobj's own) -----------------
 
     def change_membership(self, kind: ChangeKind, member: Member, callback: Callable[[object, int], None]) -> members.MemberChange:

@@ -41,6 +41,8 @@ __all__ = [
     "Busy",
     "ClientFrame",
     "Delivered",
+    "Drain",
+    "Drained",
     "Frame",
     "Heartbeat",
     "Hello",
@@ -49,6 +51,8 @@ __all__ = [
     "MemberInfo",
     "MemberReply",
     "MemberRequest",
+    "LeaderTransfer",
+    "LeaderTransferred",
     "NodeFrame",
     "NotLeader",
     "OutcomeUnknown",
@@ -363,9 +367,62 @@ class MemberReply(Frame, tag="member"):
     removed: Annotated[list[NodeIdText], msgspec.Meta(max_length=REMOVED_LISTED_MAX)] = []
 
 
+# --- maintenance: planned leadership transfer (``raftseq leader transfer``) ----------------
+# A node of 0.2 does not know these tags: it answers ``Rejected(bad_frame)`` and closes.
+
+
+class LeaderTransfer(Frame, tag="transfer?"):
+    """Asks the leader to hand leadership over: to the node with id `to`, or ("") to its most
+    caught-up follower. The leader holds its proposals, waits until the target holds its
+    whole log, then has it stand for election at once (Raft's TimeoutNow)."""
+
+    to: Address = ""
+
+
+class LeaderTransferred(Frame, tag="transfer"):
+    """The answer to ``LeaderTransfer``: `ok` with the new leader's client address, or the
+    reason it did not happen (`detail`: not the leader, unknown node, target not caught up in
+    time, no new leader in time: the old one then leads on). `held_ms`: how long the old
+    leader held its proposals (submits waited that long)."""
+
+    ok: bool
+    leader: Address
+    detail: Detail
+    held_ms: Count = 0
+
+
+class Drain(Frame, tag="drain?"):
+    """Asks a node to stop taking clients (``raftseq node drain``): it refuses new
+    subscriptions, closes its subscribers (they resume on another node), answers submits
+    with ``NotLeader``, and, if it leads, hands leadership over (as ``LeaderTransfer``)."""
+
+
+class Drained(Frame, tag="drained"):
+    """The answer to ``Drain``: `ok` once the node takes no clients and does not lead;
+    `leader`: the leader's client address as the node knows it; else why not (`detail`)."""
+
+    ok: bool
+    leader: Address
+    detail: Detail
+
+
 #: Every frame a client sends.
-ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, MemberRequest]
+ClientFrame = Union[Hello, Submit, SubmitBatch, Subscribe, StatusRequest, Heartbeat, SnapshotQuery, MemberRequest, LeaderTransfer, Drain]
 #: Every frame a node sends.
 NodeFrame = Union[
-    Welcome, Ack, AckRange, Busy, NotLeader, OutcomeUnknown, Rejected, Delivered, Status, Heartbeat, SnapshotList, Truncated, MemberReply
+    Welcome,
+    Ack,
+    AckRange,
+    Busy,
+    NotLeader,
+    OutcomeUnknown,
+    Rejected,
+    Delivered,
+    Status,
+    Heartbeat,
+    SnapshotList,
+    Truncated,
+    MemberReply,
+    LeaderTransferred,
+    Drained,
 ]

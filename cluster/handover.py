@@ -1,0 +1,136 @@
+"""Planned leadership transfer, on the leader (``LeaderTransfer``: ``raftseq leader transfer``).
+
+1. Hold the batcher: nothing new is proposed; submits queue meanwhile (within the usual
+   bounds: ``Busy`` beyond them).
+2. Wait until every proposed batch has committed and the target holds the leader's last log
+   index (at most ``TRANSFER_CATCH_UP_TIMEOUT_S``). The log no longer grows, so this ends.
+3. Have the target stand for election at once (Raft's TimeoutNow through pysyncobj; its vote
+   request skips the pre-vote). The leader steps down on that request (a newer term); its
+   batcher, stopped with the role, answers the queued submits as unknown and their clients
+   resubmit them to the new leader, which ``NotLeader`` names.
+4. Wait until this node follows another leader (at most ``TRANSFER_ELECTION_TIMEOUT_S``). If
+   none comes, or the target could not catch up, the batcher is released and this node leads
+   on; the answer says why.
+
+A node with a shorter log cannot win instead: a vote goes only to a candidate whose log is at
+least as up to date as the voter's (Raft's election restriction, in pysyncobj's vote and our
+pre-vote), and every committed entry is on a majority, so such a candidate lacks a majority
+of votes; after step 2 neither the old leader nor the target votes for it (in three nodes
+they are the majority). Whoever wins holds every entry the old leader acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from raftseq.cluster.batcher import Batcher
+from raftseq.cluster.config import NodeConfig
+from raftseq.cluster.raft.replica import SequencerReplica
+from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import Role
+
+log = logging.getLogger("raftseq.handover")
+
+#: How long the leader, its proposals held, waits for the target to hold its whole log. A
+#: follower that is current needs one round trip; one that is not is the wrong target.
+TRANSFER_CATCH_UP_TIMEOUT_S = 2.0
+#: How long the old leader waits, after TimeoutNow, to follow a new leader: a few election
+#: timeouts (the target's election is one round of vote requests).
+TRANSFER_ELECTION_TIMEOUT_S = 2.0
+#: How often the waits look at the Raft state, in seconds (a Raft tick runs every 5 ms).
+TRANSFER_POLL_S = 0.002
+
+
+class LeadingNode(Protocol):
+    """What a transfer uses of its node."""
+
+    config: NodeConfig
+    replica: SequencerReplica | None
+    batcher: Batcher | None
+
+    def is_leader(self) -> bool: ...
+
+    def leader_client_address(self) -> str: ...
+
+
+class Handover:
+    """One node's leadership transfers, one at a time."""
+
+    def __init__(self, node: LeadingNode) -> None:
+        self.node = node
+        self.running = False
+        #: Completed transfers away from this node (read by tests and the log).
+        self.transfers_done = 0
+
+    async def transfer(self, to: str) -> protocol.LeaderTransferred:
+        """Hand leadership to node id `to` ("" : the most caught-up follower)."""
+        node = self.node
+        if self.running:
+            return _refused("a leadership transfer is already under way on this node")
+        if node.replica is None or node.batcher is None or not node.is_leader():
+            return _refused(f"{node.config.id} is not the leader", leader=node.leader_client_address())
+        # The voters as the membership stands now (``raftseq member``), never a learner: a
+        # learner cannot be elected.
+        peers = {m.id: m for m in node.replica.membership.voters() if m.id != node.config.id}
+        if to and to not in peers:
+            known = ", ".join(sorted(peers)) or "none"
+            return _refused(f"unknown node {to!r} (the other nodes: {known})", leader=node.leader_client_address())
+        self.running = True
+        held_at = time.monotonic()
+        node.batcher.hold()
+        try:
+            target = await self._caught_up_target(to, peers)
+            if target is None:
+                what = f"{to} did not" if to else "no follower did"
+                return self._abandon(held_at, f"{what} catch up within {TRANSFER_CATCH_UP_TIMEOUT_S:g} s")
+            log.warning("leadership transfer to %s: its log is current; it stands for election now", target.id)
+            node.replica.hand_leadership_to(target.raft_address)
+            leader = await self._new_leader()
+            if not leader:
+                return self._abandon(held_at, f"no new leader within {TRANSFER_ELECTION_TIMEOUT_S:g} s")
+            held_ms = round((time.monotonic() - held_at) * 1000)
+            self.transfers_done += 1
+            log.warning("leadership transferred to %s after %d ms", leader, held_ms)
+            return protocol.LeaderTransferred(True, node.leader_client_address(), "", held_ms)
+        finally:
+            self.running = False
+
+    async def _caught_up_target(self, to: str, peers: dict) -> object | None:
+        """The peer to hand over to once it holds the whole log (and nothing is in flight)."""
+        replica, batcher = self.node.replica, self.node.batcher
+        deadline = time.monotonic() + TRANSFER_CATCH_UP_TIMEOUT_S
+        candidates = [peers[to]] if to else sorted(peers.values(), key=lambda p: p.id)
+        while time.monotonic() < deadline and self.node.replica.role() is Role.LEADER:
+            if not batcher.in_flight:
+                last = replica.last_log_index()
+                for peer in candidates:
+                    if replica.follower_match_index(peer.raft_address) >= last:
+                        return peer
+            await asyncio.sleep(TRANSFER_POLL_S)
+        return None
+
+    async def _new_leader(self) -> str:
+        """The Raft address of the leader this node follows once it stepped down ("": none in time)."""
+        replica = self.node.replica
+        deadline = time.monotonic() + TRANSFER_ELECTION_TIMEOUT_S
+        while time.monotonic() < deadline:
+            leader = replica.leader_raft_address()
+            if leader and leader != self.node.config.raft_address:
+                return leader
+            await asyncio.sleep(TRANSFER_POLL_S)
+        return ""
+
+    def _abandon(self, held_at: float, why: str) -> protocol.LeaderTransferred:
+        node = self.node
+        if node.is_leader():
+            node.batcher.release()
+        held_ms = round((time.monotonic() - held_at) * 1000)
+        log.warning("leadership transfer abandoned after %d ms: %s", held_ms, why)
+        return _refused(why, leader=node.leader_client_address(), held_ms=held_ms)
+
+
+def _refused(why: str, *, leader: str = "", held_ms: int = 0) -> protocol.LeaderTransferred:
+    return protocol.LeaderTransferred(False, leader, why, held_ms)
