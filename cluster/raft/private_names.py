@@ -123,7 +123,7 @@ TCP_TRANSPORT_NAMES = (
 SYNCOBJ_LOGGER = "pysyncobj.syncobj"
 SYNCOBJ_TRUNCATION_CRITICAL = "truncating already-applied log entries from index"
 
-#: Module-level names of pysyncobj: ``(module, name)``. The first ten are what
+#: Module-level names of pysyncobj: ``(module, name)``. The first eleven are what
 #: ``raft.patches.install()`` replaces; the others are read.
 MODULE_NAMES = (
     ("pysyncobj.pickle", "__protocol"),
@@ -136,6 +136,7 @@ MODULE_NAMES = (
     ("pysyncobj.pickle", "loads"),
     ("pysyncobj.pickle", "load"),
     ("pysyncobj.journal", "loads"),
+    ("pysyncobj.syncobj", "Serializer"),
     ("pysyncobj.syncobj", "_RAFT_STATE"),
     ("pysyncobj.syncobj", "monotonicTime"),
 )

@@ -7,9 +7,10 @@ pysyncobj with protocol 5 (bytes stored raw). ``apply_entry`` never raises: a br
 is logged and the process exits, so that the node restarts and recovers.
 
 The Raft log is ours (``raft.log_store.RaftLogStore``, durability from the node config); the
-snapshot file is pysyncobj's (written here, renamed into place by pysyncobj). In power mode a
+snapshot file is written on a thread of its own (``raft.snapshot_files``: log compaction takes
+the machine state as bytes on the loop, the write and its fsyncs happen off it). In power mode a
 snapshot received from the leader is fsynced, with the directory, before pysyncobj clears the
-log for it; one written here is fsynced before pysyncobj renames it, and the store syncs the
+log for it; one written here is fsynced before it is renamed into place, and the store syncs the
 directory before the record that drops the entries it covers.
 """
 
@@ -30,6 +31,7 @@ from raftseq.cluster.raft.link_cipher import link_password
 from raftseq.cluster.raft.log_store import RaftLogStore, disk_failed, sync_directory
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
+from raftseq.cluster.raft.snapshot_files import SnapshotWriter
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -90,7 +92,7 @@ class SequencerReplica(RaftMember):
             bindAddress=config.raft_address,
             journalFile=self.raft_log,
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
-            serializer=self._write_snapshot,
+            serializer=SnapshotWriter(self._prepare_snapshot),
             deserializer=self._read_snapshot,
             raftMinTimeout=r.election_timeout_min_s,
             raftMaxTimeout=r.election_timeout_max_s,
@@ -152,24 +154,40 @@ class SequencerReplica(RaftMember):
 
     # --- snapshots ------------------------------------------------------------------------
 
-    def _write_snapshot(self, filename: str, raft_data: tuple) -> None:
+    def _prepare_snapshot(self, raft_data: tuple) -> Callable[[str], None]:
+        """On the loop: what the snapshot holds, now. Returns the function that writes it and
+        fsyncs it (on the snapshot thread, ``raft.snapshot_files``): the machine state is taken
+        here as bytes, so the thread reads nothing the loop changes."""
         last_applied, previous, cluster = raft_data
-        machine = self.core.machine.snapshot()
-        # Everything below the snapshot must be on disk before pysyncobj drops the log.
-        self.core.journal.sync()
-        data = _snapshot_encoder.encode(
-            RaftSnapshot(
-                1,
-                machine,
-                (bytes(last_applied[0]), last_applied[1], last_applied[2]),
-                (bytes(previous[0]), previous[1], previous[2]),
-                sorted(node.id for node in cluster),
-            )
+        snapshot = RaftSnapshot(
+            1,
+            self.core.machine.snapshot(),
+            (bytes(last_applied[0]), last_applied[1], last_applied[2]),
+            (bytes(previous[0]), previous[1], previous[2]),
+            sorted(node.id for node in cluster),
         )
-        with open(filename, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        journal = self.core.journal
+        tail = journal.segment_for(journal.last_seq)
+        if tail is None:
+            journal.sync()  # no segment holds the last number (a trailing hole): nothing to sync
+        tail_path = tail.path if tail is not None else ""
+
+        def write(filename: str) -> None:
+            if tail_path:
+                # Everything below the snapshot must be on disk before pysyncobj drops the log:
+                # the journal's tail segment, as it is now, through a handle of this thread's own.
+                fd = os.open(tail_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            data = _snapshot_encoder.encode(snapshot)
+            with open(filename, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return write
 
     def _read_snapshot(self, filename: str) -> tuple:
         try:
