@@ -4,6 +4,12 @@ Natural batching: a batch is proposed as soon as no batch is in flight, or when 
 waiting and fewer than ``in_flight_max`` are in flight. Under light load a batch holds one
 message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 
+Group commit (power durability, ``unsynced``): a commit waits for the leader's fsync, so waiting
+for it before the next batch left one batch per fsync. Given ``unsynced`` (the Raft entries the
+leader holds not yet on its disk), a batch that is not full is also proposed while fewer than
+``unsynced_entries_max`` such entries wait (and fewer than ``in_flight_max`` batches are in
+flight): the log's writer covers every entry queued meanwhile with its next fsync.
+
 Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
 """
@@ -121,8 +127,11 @@ class Batcher:
         *,
         loop: asyncio.AbstractEventLoop,
         clock_ns: Callable[[], int] = time.time_ns,
+        unsynced: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        #: Raft entries the leader holds not yet on its disk (power durability; None: crash).
+        self.unsynced = unsynced
         self._propose = propose
         self._loop = loop
         self._clock_ns = clock_ns
@@ -192,9 +201,12 @@ class Batcher:
     def _maybe_propose(self) -> None:
         config = self.config
         while self._queue and self.enabled:
-            full = len(self._queue) >= config.entries_max or self._queue_bytes >= config.bytes_max
-            if self._in_flight and (len(self._in_flight) >= config.in_flight_max or not full):
-                return
+            if self._in_flight:
+                if len(self._in_flight) >= config.in_flight_max:
+                    return
+                full = len(self._queue) >= config.entries_max or self._queue_bytes >= config.bytes_max
+                if not full and (self.unsynced is None or self.unsynced() >= config.unsynced_entries_max):
+                    return
             self._propose_one()
 
     def _propose_one(self) -> None:

@@ -80,6 +80,10 @@ SYNCOBJ_METHODS = (
 #: thread; the loop-driven member closes it).
 PIPE_NOTIFIER_ATTRIBUTES = ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW")
 
+#: Attributes of pysyncobj's ``FastQueue`` (a ``SyncObj``'s queue of proposals not yet in its log,
+#: whose length the replica reads: ``SequencerReplica.unsynced_entries``).
+FAST_QUEUE_ATTRIBUTES = ("_FastQueue__queue",)
+
 #: Attributes and methods of pysyncobj's ``TcpConnection`` that ``raft.link_guard`` reads,
 #: writes or overrides.
 TCP_CONNECTION_NAMES = (

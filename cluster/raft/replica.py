@@ -83,6 +83,9 @@ class SequencerReplica(RaftMember):
         self.core = core
         self._on_applied = on_applied
         self._on_restored = on_restored
+        #: Called on the loop when the Raft log's durable index may have risen (power mode):
+        #: the leader's batcher proposes what waited for it (``cluster.batcher``, group commit).
+        self.on_durable: Callable[[], None] | None = None
         os.makedirs(config.raft_dir, exist_ok=True)
         #: The Raft log (raises ``RaftLogDamaged`` on a damaged one).
         self.raft_log = RaftLogStore(config.raft_dir, durability=config.durability)
@@ -211,6 +214,22 @@ class SequencerReplica(RaftMember):
         # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
         self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
+
+    # --- group commit (power durability) ---------------------------------------------------
+
+    def unsynced_entries(self) -> int:
+        """Raft entries proposed here and not yet on this node's disk: waiting in pysyncobj's
+        queue for the next tick, or in the log above its durable index (0 in crash mode)."""
+        if not self.raft_log.power:
+            return 0
+        log_store = self.raft_log
+        last = log_store[-1][1] if len(log_store) else 0
+        return len(self._SyncObj__commandsQueue._FastQueue__queue) + max(0, last - log_store.durable_index())
+
+    def raftseq_durable_advanced(self) -> None:
+        super().raftseq_durable_advanced()
+        if self.on_durable is not None and not self._destroyed:
+            self.on_durable()
 
     # --- state ----------------------------------------------------------------------------
 
