@@ -23,6 +23,15 @@ LATENCY_WARMUP_S = 1.0
 ELECTIONS_POLL_S = 0.5
 
 
+def scraped_syncs(bc) -> dict[str, tuple[float, float]]:
+    """``raft_log_syncs``, or nothing when a node's metrics cannot be read (its server not yet
+    listening): the rate's fsync figures are then left out, the latencies still count."""
+    try:
+        return raft_log_syncs(bc)
+    except OSError:
+        return {}
+
+
 def workload_latency(args: argparse.Namespace, root: str) -> dict:
     payload = b"x" * args.payload_bytes
     result: dict = {"seconds": args.latency_seconds, "warmup_s": LATENCY_WARMUP_S, "rates": {}}
@@ -38,12 +47,15 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
             try:
                 load = SteadyLoad(client, rate_per_s=rate, payload=payload)
                 leader = (await bc.status_soon())["leader"]
-                syncs_before = await asyncio.to_thread(raft_log_syncs, bc)
+                syncs_before = await asyncio.to_thread(scraped_syncs, bc)
                 before, started = bc.cpu_times(), time.monotonic()
                 await load.run(duration_s=LATENCY_WARMUP_S + args.latency_seconds)
                 seconds = time.monotonic() - started
                 cpu = cpu_used(before, bc.cpu_times(), seconds)
-                syncs, sync_figures = sync_text(syncs_before, await asyncio.to_thread(raft_log_syncs, bc), seconds)
+                syncs_after = await asyncio.to_thread(scraped_syncs, bc)
+                syncs, sync_figures = ("", {})
+                if syncs_before and syncs_after.keys() == syncs_before.keys():
+                    syncs, sync_figures = sync_text(syncs_before, syncs_after, seconds)
                 seqs, _, _ = await load.checked_seqs(f"{rate} msg/s", seqs_what=f"latency {rate} msg/s")
                 first_index = int(LATENCY_WARMUP_S * rate)
                 total = load.latencies_ms(first_index=first_index)
