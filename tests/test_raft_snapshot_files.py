@@ -18,9 +18,10 @@ from pysyncobj.config import SERIALIZER_STATE
 from raftseq.cluster import raft
 from raftseq.cluster.local import free_base_port, local_configs
 from raftseq.cluster.raft import SequencerReplica
+from raftseq.cluster.raft.replica import _snapshot_decoder
 from raftseq.cluster.raft.snapshot_files import WRITING_SUFFIX, BackgroundSerializer, SnapshotWriter
-from raftseq.sequencer import protocol
-from raftseq.sequencer.journal import FsyncPolicy, Journal
+from raftseq.sequencer import limits, protocol
+from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files
 from raftseq.sequencer.machine import SequencerMachine
 from raftseq.sequencer.stream import SequencedStream
 
@@ -124,8 +125,8 @@ def test_a_write_left_by_a_stopped_node_is_removed_on_start(tmp_path):
 COMPACTING = {"raft": {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 0.5}}
 
 
-def replica_of(config, loop) -> tuple[SequencerReplica, Journal]:
-    journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
+def replica_of(config, loop, **journal_options) -> tuple[SequencerReplica, Journal]:
+    journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"), **journal_options)
     core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
     return SequencerReplica(config, core, loop=loop, on_applied=lambda result: None), journal
 
@@ -145,10 +146,11 @@ async def leader_of(members) -> SequencerReplica:
     return next(r for r, _ in members if r._isLeader())
 
 
-async def submit(leader: SequencerReplica, session: str, numbers: range) -> None:
+async def submit(leader: SequencerReplica, session: str, numbers: range, payload_bytes: int = 0) -> None:
     loop = asyncio.get_running_loop()
     for n in numbers:
-        batch = protocol.encode_batch(time.time_ns(), [protocol.Entry(session, n, b"payload %d" % n)])
+        payload = b"payload %d " % n + b"x" * payload_bytes
+        batch = protocol.encode_batch(time.time_ns(), [protocol.Entry(session, n, payload)])
         done = loop.create_future()
         leader.apply_entry(batch, callback=lambda result, error, done=done: done.set_result(error))
         assert await asyncio.wait_for(done, WAIT_S) == 0
@@ -274,3 +276,57 @@ def test_a_compaction_cut_short_while_its_snapshot_is_written_restarts_on_the_ol
     log_after, last_seq = asyncio.run(restart_first())
     assert log_after[-1][1] == last, f"the log ends at {log_after[-1][1]}, not {last}"
     assert last_seq == 120
+
+
+#: Messages the snapshot must cover in the journal-sync test: ~20 segments of 4 KiB.
+COVERED_MIN = 40
+
+
+def snapshot_covers(config) -> int:
+    """The last sequence number the node's Raft snapshot covers (0: none)."""
+    try:
+        with open(os.path.join(config.raft_dir, "snapshot.bin"), "rb") as f:
+            return SequencerMachine.restore(_snapshot_decoder.decode(f.read()).machine).last_seq
+    except FileNotFoundError:
+        return 0
+
+
+def test_every_journal_segment_below_the_snapshot_is_synced_before_the_log_drops_its_entries(tmp_path, monkeypatch):
+    """The journal seals a full segment without fsync under its default policy ("never"), and
+    compaction synced only the journal's tail: records in a segment sealed since the last
+    snapshot could be lost with a power cut after the Raft log dropped the entries holding
+    them, and then no node could rebuild them."""
+    raft.install()
+    configs = local_configs(str(tmp_path), free_base_port(), insecure=True, overrides=COMPACTING)
+    real_fsync = os.fsync
+    synced: set[str] = set()
+
+    def recorded(fd: int) -> None:
+        synced.add(fd_path(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+
+    async def run_cluster() -> None:
+        loop = asyncio.get_running_loop()
+        members = [replica_of(config, loop, segment_bytes_max=limits.SEGMENT_BYTES_MIN) for config in configs]
+        try:
+            leader = await leader_of(members)
+            first = members[0][0]
+            deadline = time.monotonic() + 3 * WAIT_S
+            n = 0
+            while not (compacted(configs[0], first) and snapshot_covers(configs[0]) >= COVERED_MIN):
+                assert time.monotonic() < deadline, f"no compaction covering {COVERED_MIN} messages on the first node"
+                n += 1
+                await submit(leader, "segments", range(n, n + 1), payload_bytes=1500)
+        finally:
+            for replica, journal in members:
+                replica.destroy()
+                journal.close()
+
+    asyncio.run(run_cluster())
+    covered = snapshot_covers(configs[0])
+    segments = list_segment_files(configs[0].journal_dir)
+    below = [path for (first_seq, path), (next_first, _) in zip(segments, segments[1:]) if next_first <= covered]
+    assert len(below) >= 2, f"the test wants segments sealed below the snapshot (at {covered}): {segments}"
+    assert not [path for path in below if path not in synced], "journal segments below the snapshot never synced"

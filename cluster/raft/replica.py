@@ -32,6 +32,7 @@ from raftseq.cluster.raft.log_store import RaftLogStore, disk_failed, sync_direc
 from raftseq.cluster.raft.member import RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
 from raftseq.cluster.raft.snapshot_files import SnapshotWriter
+from raftseq.sequencer.journal import list_segment_files
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -86,6 +87,9 @@ class SequencerReplica(RaftMember):
         #: Called on the loop when the Raft log's durable index may have risen (power mode):
         #: the leader's batcher proposes what waited for it (``cluster.batcher``, group commit).
         self.on_durable: Callable[[], None] | None = None
+        #: The first number of the journal segment that was the tail when the last snapshot was
+        #: written (0: none yet): that segment and those after it are synced by the next one.
+        self._journal_synced_from = 0
         os.makedirs(config.raft_dir, exist_ok=True)
         #: The Raft log (raises ``RaftLogDamaged`` on a damaged one).
         self.raft_log = RaftLogStore(config.raft_dir, durability=config.durability)
@@ -170,20 +174,25 @@ class SequencerReplica(RaftMember):
             sorted(node.id for node in cluster),
         )
         journal = self.core.journal
+        synced_from = self._journal_synced_from
         tail = journal.segment_for(journal.last_seq)
-        if tail is None:
-            journal.sync()  # no segment holds the last number (a trailing hole): nothing to sync
-        tail_path = tail.path if tail is not None else ""
+        tail_first = tail.first_seq if tail is not None else synced_from
 
         def write(filename: str) -> None:
-            if tail_path:
-                # Everything below the snapshot must be on disk before pysyncobj drops the log:
-                # the journal's tail segment, as it is now, through a handle of this thread's own.
-                fd = os.open(tail_path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # Everything below the snapshot must be on disk before pysyncobj drops the log: the
+            # journal's segments written since the last snapshot (its tail then, and each one
+            # after it; the journal does not sync a segment it seals under fsync "never").
+            for first_seq, path in list_segment_files(journal.directory):
+                if first_seq >= synced_from:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue  # removed since (retention): nothing of it to keep
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            self._journal_synced_from = tail_first  # read by the next prepare, after this thread ended
             data = _snapshot_encoder.encode(snapshot)
             with open(filename, "wb") as f:
                 f.write(data)
