@@ -8,7 +8,9 @@ Group commit (power durability, ``unsynced``): a commit waits for the leader's f
 for it before the next batch left one batch per fsync. Given ``unsynced`` (the Raft entries the
 leader holds not yet on its disk), a batch that is not full is also proposed while fewer than
 ``unsynced_entries_max`` such entries wait (and fewer than ``in_flight_max`` batches are in
-flight): the log's writer covers every entry queued meanwhile with its next fsync.
+flight): the log's writer covers every entry queued meanwhile with its next fsync. Off by
+default (``BatcherConfig.unsynced_entries_max`` 0): the batch that waits for the commit already
+groups the messages that arrive meanwhile, and smaller entries cost CPU.
 
 Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
@@ -205,9 +207,14 @@ class Batcher:
                 if len(self._in_flight) >= config.in_flight_max:
                     return
                 full = len(self._queue) >= config.entries_max or self._queue_bytes >= config.bytes_max
-                if not full and (self.unsynced is None or self.unsynced() >= config.unsynced_entries_max):
+                if not full and not self._may_group():
                     return
             self._propose_one()
+
+    def _may_group(self) -> bool:
+        """Group commit: fewer Raft entries than the bound wait for the leader's fsync."""
+        bound = self.config.unsynced_entries_max
+        return bound > 0 and self.unsynced is not None and self.unsynced() < bound
 
     def _propose_one(self) -> None:
         config = self.config

@@ -347,7 +347,11 @@ def test_with_a_slow_fsync_one_fsync_of_the_leader_covers_several_batches(tmp_pa
     each fsync covered ~1 entry (1.3 measured). Wired as a node wires it (``unsynced``,
     ``on_durable``), batches go on while the leader's fsync runs."""
     raft.install()
-    overrides = {"durability": "power", "raft": {"log_compaction_min_entries": 1000, "log_compaction_min_time_s": 60.0}}
+    overrides = {
+        "durability": "power",
+        "batcher": {"unsynced_entries_max": 8},
+        "raft": {"log_compaction_min_entries": 1000, "log_compaction_min_time_s": 60.0},
+    }
     configs = local_configs(str(tmp_path), free_base_port(), insecure=True, overrides=overrides)
     real_fdatasync = os.fdatasync
 
