@@ -13,6 +13,7 @@ from benchmarks.figures import cpu_text, expect, latency_line, latency_summary
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster, leader_events
 from benchmarks.load import SteadyLoad, run_precise
 from benchmarks.machine import cpu_used, load_average
+from benchmarks.throughput import raft_log_syncs, sync_text
 
 GOAL_LATENCY_P99_MS = 5.0
 GOAL_LATENCY_RATE_PER_S = 2000
@@ -20,6 +21,15 @@ GOAL_NEEDLESS_ELECTIONS = 0
 #: Submits of the first second at each rate are not measured.
 LATENCY_WARMUP_S = 1.0
 ELECTIONS_POLL_S = 0.5
+
+
+def scraped_syncs(bc) -> dict[str, tuple[float, float]]:
+    """``raft_log_syncs``, or nothing when a node's metrics cannot be read (its server not yet
+    listening): the rate's fsync figures are then left out, the latencies still count."""
+    try:
+        return raft_log_syncs(bc)
+    except OSError:
+        return {}
 
 
 def workload_latency(args: argparse.Namespace, root: str) -> dict:
@@ -37,9 +47,15 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
             try:
                 load = SteadyLoad(client, rate_per_s=rate, payload=payload)
                 leader = (await bc.status_soon())["leader"]
+                syncs_before = await asyncio.to_thread(scraped_syncs, bc)
                 before, started = bc.cpu_times(), time.monotonic()
                 await load.run(duration_s=LATENCY_WARMUP_S + args.latency_seconds)
-                cpu = cpu_used(before, bc.cpu_times(), time.monotonic() - started)
+                seconds = time.monotonic() - started
+                cpu = cpu_used(before, bc.cpu_times(), seconds)
+                syncs_after = await asyncio.to_thread(scraped_syncs, bc)
+                syncs, sync_figures = ("", {})
+                if syncs_before and syncs_after.keys() == syncs_before.keys():
+                    syncs, sync_figures = sync_text(syncs_before, syncs_after, seconds)
                 seqs, _, _ = await load.checked_seqs(f"{rate} msg/s", seqs_what=f"latency {rate} msg/s")
                 first_index = int(LATENCY_WARMUP_S * rate)
                 total = load.latencies_ms(first_index=first_index)
@@ -55,6 +71,8 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
                     "reconnects": client.reconnects,
                     "leader": bc.node_id_of(leader),
                     "cpu_share": cpu,
+                    "raft_log_fsyncs": sync_figures,
+                    "raft_log_fsyncs_text": syncs,
                     "seqs": seqs,
                 }
             finally:
@@ -76,6 +94,9 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
             print(latency_line("sender lag", outcome["sender_lag"]))
             print(latency_line("send -> ack", outcome["service"]))
             print(f"  {'':<18} cpu {cpu_text(outcome['cpu_share'])} (leader {outcome['leader'] or '?'})", flush=True)
+            if any(f["fsyncs_per_s"] for f in outcome["raft_log_fsyncs"].values()):
+                print(f"  {'':<18} Raft log {outcome.pop('raft_log_fsyncs_text')}", flush=True)
+            outcome.pop("raft_log_fsyncs_text", None)
             if outcome["reconnects"]:
                 print(f"  {'':<18} client reconnected {outcome['reconnects']} times")
             result["rates"][str(rate)] = outcome

@@ -11,6 +11,14 @@ once even when the bulk batches fill the pipeline (then alone, in one batch beyo
 ``in_flight_max``): they never wait behind a full bulk queue, and a full priority lane never
 refuses a bulk submit.
 
+Group commit (power durability, ``unsynced``): a commit waits for the leader's fsync, so waiting
+for it before the next batch left one batch per fsync. Given ``unsynced`` (the Raft entries the
+leader holds not yet on its disk), a batch that is not full is also proposed while fewer than
+``unsynced_entries_max`` such entries wait (and fewer than ``in_flight_max`` batches are in
+flight): the log's writer covers every entry queued meanwhile with its next fsync. Off by
+default (``BatcherConfig.unsynced_entries_max`` 0): the batch that waits for the commit already
+groups the messages that arrive meanwhile, and smaller entries cost CPU.
+
 Runs on the asyncio loop, as does pysyncobj (``cluster.raft.loop_poller``): a commit is reported from
 inside a Raft tick, and a batch proposed meanwhile goes out in that same tick.
 """
@@ -128,8 +136,11 @@ class Batcher:
         *,
         loop: asyncio.AbstractEventLoop,
         clock_ns: Callable[[], int] = time.time_ns,
+        unsynced: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        #: Raft entries the leader holds not yet on its disk (power durability; None: crash).
+        self.unsynced = unsynced
         self._propose = propose
         self._loop = loop
         self._clock_ns = clock_ns
@@ -229,9 +240,14 @@ class Batcher:
             # alone (with its lane) in one batch beyond the pipeline's depth when it has none.
             beyond = len(self._in_flight) >= config.in_flight_max
             urgent = self._priority and len(self._in_flight) <= config.in_flight_max
-            if self._in_flight and not urgent and (beyond or not full):
+            if self._in_flight and not urgent and (beyond or not (full or self._may_group())):
                 return
             self._propose_one(priority_only=bool(urgent) and beyond)
+
+    def _may_group(self) -> bool:
+        """Group commit: fewer Raft entries than the bound wait for the leader's fsync."""
+        bound = self.config.unsynced_entries_max
+        return bound > 0 and self.unsynced is not None and self.unsynced() < bound
 
     def _propose_one(self, *, priority_only: bool = False) -> None:
         config = self.config

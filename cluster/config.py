@@ -225,6 +225,15 @@ class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Batches proposed to Raft and not yet committed (pipelining depth). Measured with one
     #: pipelined client on this 2-core machine: 2 -> 86k msg/s, 8 -> 115k, 16 -> 82k.
     in_flight_max: int = 8
+    #: Power durability: Raft entries the leader holds not yet on its own disk (proposed, or in
+    #: its log above the durable index) below which a batch that is not full is proposed at
+    #: once, while others are in flight, rather than after the next commit: one fsync then
+    #: covers several batches. 0 (the default): wait for the commit, as in crash durability.
+    #: Off by default because measured on this 2-core box (load 3-10, 3 A/B rounds) 8 cost
+    #: 15-19% more CPU per acknowledged message and raised p50 at 2,000 msg/s (10-16 ms
+    #: against 7-8 ms): the batcher already groups the messages that arrive during a commit
+    #: (~5.5 messages per fsync at 2,000 msg/s with 1.0 entries per fsync).
+    unsynced_entries_max: int = 0
     #: Submits queued at the leader, waiting for a batch; beyond it submits get ``Busy``.
     queue_entries_max: int = 50_000
     #: Bytes of submits the leader holds (queued and proposed, not yet answered), counted as
@@ -564,6 +573,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if not 1 <= b.in_flight_max <= 64:
             found.append("batcher.in_flight_max must be 1..64")
+        if not 0 <= b.unsynced_entries_max <= 64:
+            found.append("batcher.unsynced_entries_max must be 0..64")
         if not 1 <= b.queue_entries_max <= 10_000_000:
             found.append("batcher.queue_entries_max must be 1..10000000")
         found.extend(self.gateway.problems())

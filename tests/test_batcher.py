@@ -260,6 +260,53 @@ def test_in_flight_max_of_one_proposes_one_batch_at_a_time():
     run(story)
 
 
+# --- group commit (power durability) -------------------------------------------------------
+
+
+def test_with_unsynced_entries_below_the_bound_a_batch_goes_out_while_others_wait_for_their_commit():
+    """Power durability: a commit waits for the leader's fsync; a batch that waited for the
+    commit before it left one batch per fsync (1.3 entries per fsync measured)."""
+
+    async def story():
+        raft, replies = FakeRaft(), Replies()
+        unsynced = [0]
+        batcher = make_batcher(raft, in_flight_max=4, unsynced_entries_max=2)
+        batcher.unsynced = lambda: unsynced[0]
+        batcher.offer(replies.submit("alpha", 1))
+        unsynced[0] = 1  # the first batch waits for the leader's fsync
+        batcher.offer(replies.submit("alpha", 2))
+        assert sizes(raft) == [1, 1], "proposed while the first waits for its fsync"
+        unsynced[0] = 2
+        for seq in (3, 4):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1, 1], "at unsynced_entries_max, submits wait"
+        unsynced[0] = 0
+        batcher.flush()  # the log's durable index rose (``SequencerReplica.on_durable``)
+        assert sizes(raft) == [1, 1, 2]
+        unsynced[0] = 1
+        for seq in range(5, 9):
+            batcher.offer(replies.submit("alpha", seq))
+        assert sizes(raft) == [1, 1, 2, 1] and batcher.in_flight == 4, "in_flight_max still bounds the batches in flight"
+        assert batcher.queued == 3
+        await commit_everything(raft, replies, batcher)
+        assert [k for p in raft.proposals for k in p.keys] == [("alpha", s) for s in range(1, 9)]
+
+    run(story)
+
+
+def test_without_an_unsynced_count_or_with_a_bound_of_zero_a_batch_waits_for_the_commit():
+    async def story():
+        for bound, unsynced in ((8, None), (0, lambda: 0)):
+            raft, replies = FakeRaft(), Replies()
+            batcher = make_batcher(raft, unsynced_entries_max=bound)
+            batcher.unsynced = unsynced
+            for seq in (1, 2, 3):
+                batcher.offer(replies.submit("alpha", seq))
+            assert sizes(raft) == [1], f"bound {bound}, unsynced {unsynced}"
+
+    run(story)
+
+
 # --- the byte limit -------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import pysyncobj.pipe_notifier
 import pysyncobj.syncobj
 import pysyncobj.transport
 from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.fast_queue import FastQueue
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.version import VERSION
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAFT_PACKAGE = ROOT / "cluster" / "raft"
 #: Where plain pysyncobj is used on purpose: the benchmark's baseline peer.
 PLAIN_PYSYNCOBJ_ALLOWED = {ROOT / "benchmarks" / "peers" / "plain_pysyncobj.py"}
-PRIVATE_NAME = re.compile(r"_(?:SyncObj|PipeNotifier|TcpConnection|TcpServer)__\w+")
+PRIVATE_NAME = re.compile(r"_(?:SyncObj|PipeNotifier|TcpConnection|TcpServer|FastQueue)__\w+")
 
 
 def a_syncobj() -> SyncObj:
@@ -59,6 +60,8 @@ def test_every_listed_name_exists_on_the_pinned_pysyncobj():
         member.destroy()
     for module_name, name in private_names.MODULE_NAMES:
         assert hasattr(importlib.import_module(module_name), name), f"{module_name}.{name}"
+    for name in private_names.FAST_QUEUE_ATTRIBUTES:
+        assert hasattr(FastQueue(1), name), name
 
 
 def test_every_listed_link_name_exists_on_the_pinned_pysyncobj():
@@ -81,6 +84,7 @@ def test_the_package_uses_no_private_name_missing_from_the_list():
         | set(private_names.TCP_CONNECTION_NAMES)
         | set(private_names.TCP_SERVER_NAMES)
         | set(private_names.TCP_TRANSPORT_NAMES)
+        | set(private_names.FAST_QUEUE_ATTRIBUTES)
     )
     protected = {name for name in private_names.SYNCOBJ_METHODS if not name.startswith("_SyncObj__")}
     for path in sorted(RAFT_PACKAGE.glob("*.py")):

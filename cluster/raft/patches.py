@@ -21,6 +21,10 @@ What ``install()`` changes, for every ``SyncObj`` of the process:
 * **Our Raft log storage.** pysyncobj builds its log with ``createJournal(journalFile)``; a
   ``RaftLogStore`` (``raft.log_store``) passed as ``SyncObjConf.journalFile`` is used as it is
   (a file name or None keeps pysyncobj's own ``FileJournal`` or memory journal).
+* **Snapshots written off the loop.** pysyncobj builds its snapshot writer with
+  ``Serializer(...)``; when ``SyncObjConf.serializer`` is a ``SnapshotWriter`` it builds a
+  ``BackgroundSerializer`` (``raft.snapshot_files``): log compaction writes and fsyncs the
+  snapshot on a thread, not inside a tick (any other serializer keeps pysyncobj's own).
 * **Allow-list pickles.** pysyncobj loads link messages, log entries' commands and its log
   file's metadata with ``raft.safe_pickle``: no name outside a short allow-list is resolved,
   so no code runs from a peer's bytes, even a peer holding the password.
@@ -40,12 +44,14 @@ from raftseq.cluster.raft.link_cipher import LinkCipher, Uncompressed
 from raftseq.cluster.raft.link_guard import GuardedConnection, GuardedServer, incoming_message
 from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.loop_poller import LoopPoller
+from raftseq.cluster.raft.snapshot_files import BackgroundSerializer, SnapshotWriter
 
 #: The pickle protocol pysyncobj writes with once installed (pysyncobj's own is 2).
 PICKLE_PROTOCOL = 5
 
 _original_create_poller = pysyncobj.syncobj.createPoller
 _original_create_journal = pysyncobj.syncobj.createJournal
+_original_serializer = pysyncobj.syncobj.Serializer
 
 
 def _create_poller(poller_type: object) -> Poller:
@@ -60,6 +66,12 @@ def _create_journal(journal_file: object):
     return _original_create_journal(journal_file)
 
 
+def _create_serializer(file_name, transmission_batch_size, try_use_fork, serializer, deserializer, serialize_checker):
+    if isinstance(serializer, SnapshotWriter):
+        return BackgroundSerializer(file_name, transmission_batch_size, serializer, deserializer)
+    return _original_serializer(file_name, transmission_batch_size, try_use_fork, serializer, deserializer, serialize_checker)
+
+
 def install() -> None:
     """Apply the changes above to pysyncobj, in this process. Idempotent."""
     assert hasattr(pysyncobj.syncobj, "getEncryptor"), "pysyncobj no longer builds its encryptor through getEncryptor"
@@ -69,6 +81,7 @@ def install() -> None:
     pysyncobj.tcp_connection.zlib = Uncompressed
     pysyncobj.syncobj.createPoller = _create_poller
     pysyncobj.syncobj.createJournal = _create_journal
+    pysyncobj.syncobj.Serializer = _create_serializer
     pysyncobj.transport.TcpConnection = GuardedConnection
     pysyncobj.transport.TcpServer = GuardedServer
     pysyncobj.transport.TCPTransport._onIncomingMessageReceived = incoming_message
@@ -85,6 +98,7 @@ def installed() -> bool:
         and pysyncobj.tcp_connection.zlib is Uncompressed
         and pysyncobj.syncobj.createPoller is _create_poller
         and pysyncobj.syncobj.createJournal is _create_journal
+        and pysyncobj.syncobj.Serializer is _create_serializer
         and pysyncobj.transport.TcpConnection is GuardedConnection
         and pysyncobj.transport.TcpServer is GuardedServer
         and pysyncobj.transport.TCPTransport._onIncomingMessageReceived is incoming_message

@@ -92,6 +92,10 @@ SYNCOBJ_METHODS = (
 #: thread; the loop-driven member closes it).
 PIPE_NOTIFIER_ATTRIBUTES = ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW")
 
+#: Attributes of pysyncobj's ``FastQueue`` (a ``SyncObj``'s queue of proposals not yet in its log,
+#: whose length the replica reads: ``SequencerReplica.unsynced_entries``).
+FAST_QUEUE_ATTRIBUTES = ("_FastQueue__queue",)
+
 #: Attributes and methods of pysyncobj's ``TcpConnection`` that ``raft.link_guard`` reads,
 #: writes or overrides.
 TCP_CONNECTION_NAMES = (
@@ -135,7 +139,7 @@ TCP_TRANSPORT_NAMES = (
 SYNCOBJ_LOGGER = "pysyncobj.syncobj"
 SYNCOBJ_TRUNCATION_CRITICAL = "truncating already-applied log entries from index"
 
-#: Module-level names of pysyncobj: ``(module, name)``. The first ten are what
+#: Module-level names of pysyncobj: ``(module, name)``. The first eleven are what
 #: ``raft.patches.install()`` replaces; the others are read.
 MODULE_NAMES = (
     ("pysyncobj.pickle", "__protocol"),
@@ -148,6 +152,7 @@ MODULE_NAMES = (
     ("pysyncobj.pickle", "loads"),
     ("pysyncobj.pickle", "load"),
     ("pysyncobj.journal", "loads"),
+    ("pysyncobj.syncobj", "Serializer"),
     ("pysyncobj.syncobj", "_RAFT_STATE"),
     ("pysyncobj.syncobj", "monotonicTime"),
 )

@@ -7,9 +7,10 @@ pysyncobj with protocol 5 (bytes stored raw). ``apply_entry`` never raises: a br
 is logged and the process exits, so that the node restarts and recovers.
 
 The Raft log is ours (``raft.log_store.RaftLogStore``, durability from the node config); the
-snapshot file is pysyncobj's (written here, renamed into place by pysyncobj). In power mode a
+snapshot file is written on a thread of its own (``raft.snapshot_files``: log compaction takes
+the machine state as bytes on the loop, the write and its fsyncs happen off it). In power mode a
 snapshot received from the leader is fsynced, with the directory, before pysyncobj clears the
-log for it; one written here is fsynced before pysyncobj renames it, and the store syncs the
+log for it; one written here is fsynced before it is renamed into place, and the store syncs the
 directory before the record that drops the entries it covers.
 """
 
@@ -29,9 +30,10 @@ from raftseq.cluster import membership as members
 from raftseq.cluster.config import NodeConfig
 from raftseq.cluster.membership import ChangeKind, Member, Membership, MembershipError
 from raftseq.cluster.raft.link_cipher import link_password
-from raftseq.cluster.raft.log_store import RaftLogStore, disk_failed, sync_directory
+from raftseq.cluster.raft.log_store import RaftLogStore, disk_error, disk_failed, sync_directory
 from raftseq.cluster.raft.member import MEMBERSHIP_ADD, MEMBERSHIP_PROMOTE, MEMBERSHIP_REMOVE, RaftMember
 from raftseq.cluster.raft.private_names import SYNCOBJ_LOGGER
+from raftseq.cluster.raft.snapshot_files import SnapshotWriter
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.sequencer.machine import ApplyResult, SequencerMachine, SnapshotError
 
@@ -94,6 +96,12 @@ class SequencerReplica(RaftMember):
         self.on_membership_entry = self._membership_entry
         self.membership_refusal = self._membership_refusal
         self.set_learners(m.raft_address for m in self.membership.learners())
+        #: Called on the loop when the Raft log's durable index may have risen (power mode):
+        #: the leader's batcher proposes what waited for it (``cluster.batcher``, group commit).
+        self.on_durable: Callable[[], None] | None = None
+        #: Journal files the last snapshot's thread fsynced (``Journal.unsynced_files``): told to
+        #: the journal by the next snapshot's prepare, on the loop.
+        self._journal_files_synced: list[str] = []
         os.makedirs(config.raft_dir, exist_ok=True)
         #: The Raft log (raises ``RaftLogDamaged`` on a damaged one).
         self.raft_log = RaftLogStore(config.raft_dir, durability=config.durability)
@@ -106,7 +114,7 @@ class SequencerReplica(RaftMember):
             bindAddress=config.raft_address,
             journalFile=self.raft_log,
             fullDumpFile=os.path.join(config.raft_dir, "snapshot.bin"),
-            serializer=self._write_snapshot,
+            serializer=SnapshotWriter(self._prepare_snapshot),
             deserializer=self._read_snapshot,
             raftMinTimeout=r.election_timeout_min_s,
             raftMaxTimeout=r.election_timeout_max_s,
@@ -169,25 +177,52 @@ class SequencerReplica(RaftMember):
 
     # --- snapshots ------------------------------------------------------------------------
 
-    def _write_snapshot(self, filename: str, raft_data: tuple) -> None:
+    def _prepare_snapshot(self, raft_data: tuple) -> Callable[[str], None]:
+        """On the loop: what the snapshot holds, now. Returns the function that writes it and
+        fsyncs it (on the snapshot thread, ``raft.snapshot_files``): the machine state is taken
+        here as bytes, so the thread reads nothing the loop changes."""
         last_applied, previous, cluster = raft_data
-        machine = self.core.machine.snapshot()
-        # Everything below the snapshot must be on disk before pysyncobj drops the log.
-        self.core.journal.sync()
-        data = _snapshot_encoder.encode(
-            RaftSnapshot(
-                1,
-                machine,
-                (bytes(last_applied[0]), last_applied[1], last_applied[2]),
-                (bytes(previous[0]), previous[1], previous[2]),
-                sorted(node.id for node in cluster),
-                members.encode_membership(self.membership.without_history()),
-            )
+        snapshot = RaftSnapshot(
+            1,
+            self.core.machine.snapshot(),
+            (bytes(last_applied[0]), last_applied[1], last_applied[2]),
+            (bytes(previous[0]), previous[1], previous[2]),
+            sorted(node.id for node in cluster),
+            members.encode_membership(self.membership.without_history()),
         )
-        with open(filename, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        journal = self.core.journal
+        journal.synced(self._journal_files_synced)  # by the last snapshot's thread, which has ended
+        files = journal.unsynced_files()
+        directory = journal.directory
+
+        def write(filename: str) -> None:
+            # Everything below the snapshot must be on disk before pysyncobj drops the log: the
+            # journal's open segment, and what it sealed and indexed since the last snapshot
+            # without an fsync (fsync "never"), with the directory that names them. A failed
+            # fsync is never retried as if the data were written: the node stops.
+            for path in files:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # removed or replaced since (retention, a repair: it syncs its own file)
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    disk_failed(disk_error(f"cannot sync the journal file {path}", exc))
+                finally:
+                    os.close(fd)
+            try:
+                sync_directory(directory)
+            except OSError as exc:
+                disk_failed(disk_error(f"cannot sync the journal directory {directory}", exc))
+            self._journal_files_synced = files  # read by the next prepare, after this thread ended
+            data = _snapshot_encoder.encode(snapshot)
+            with open(filename, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return write
 
     def _read_snapshot(self, filename: str) -> tuple:
         try:
@@ -221,6 +256,22 @@ class SequencerReplica(RaftMember):
         # A compaction cut short after its snapshot: pysyncobj would clear the whole log.
         self.raft_log.align_to_snapshot(tuple(snapshot.previous), tuple(snapshot.last_applied))
         return tuple(snapshot.last_applied), tuple(snapshot.previous), cluster
+
+    # --- group commit (power durability) ---------------------------------------------------
+
+    def unsynced_entries(self) -> int:
+        """Raft entries proposed here and not yet on this node's disk: waiting in pysyncobj's
+        queue for the next tick, or in the log above its durable index (0 in crash mode)."""
+        if not self.raft_log.power:
+            return 0
+        log_store = self.raft_log
+        last = log_store[-1][1] if len(log_store) else 0
+        return len(self._SyncObj__commandsQueue._FastQueue__queue) + max(0, last - log_store.durable_index())
+
+    def raftseq_durable_advanced(self) -> None:
+        super().raftseq_durable_advanced()
+        if self.on_durable is not None and not self._destroyed:
+            self.on_durable()
 
     # --- state ----------------------------------------------------------------------------
 

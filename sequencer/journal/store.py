@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Literal
 
 import msgspec
@@ -552,6 +552,20 @@ class Journal(ClosedOnExit):
         except OSError as exc:
             self._write_failed(exc, "syncing")
             raise
+
+    def unsynced_files(self) -> list[str]:
+        """What ``sync`` makes durable, for a caller that fsyncs it on a thread of its own (the
+        Raft snapshot's): the segments sealed and index files written since the last sync
+        (under the "never" policy), and the open segment. The caller fsyncs each and the
+        directory, then tells ``synced``."""
+        tail = [self._segments[-1].path] if self._segments else []
+        return [*self._sealed_unsynced, *tail]
+
+    def synced(self, files: Collection[str]) -> None:
+        """`files` (from ``unsynced_files``) were fsynced, and the directory."""
+        if files:
+            done = set(files)
+            self._sealed_unsynced = [path for path in self._sealed_unsynced if path not in done]
 
     def sync_if_due(self) -> None:
         """With the ``interval`` policy: fsync if the interval has passed since the last one."""
