@@ -245,6 +245,11 @@ def test_a_compaction_cut_short_while_its_snapshot_is_written_restarts_on_the_ol
             while not holding.is_set():  # from here no snapshot of this node is renamed
                 assert time.monotonic() < deadline + WAIT_S, "no second compaction started"
                 await asyncio.sleep(0.01)
+            # The first node knows all 120 committed before it goes (a follower learns the last
+            # commit from the leader's next message: gone with it, 119 was all it could apply).
+            while first.core.machine.last_seq < 120:
+                assert time.monotonic() < deadline + WAIT_S, f"the first node applied up to {first.core.machine.last_seq}, not 120"
+                await asyncio.sleep(0.005)
             old_snapshot = Path(first_dir, "snapshot.bin").read_bytes()
             return first._SyncObj__raftLog[-1][1], old_snapshot
         finally:
