@@ -18,26 +18,9 @@ from benchmarks.throughput import raft_log_syncs, sync_text
 GOAL_LATENCY_P99_MS = 5.0
 GOAL_LATENCY_RATE_PER_S = 2000
 GOAL_NEEDLESS_ELECTIONS = 0
-#: How long a node may take, once its cluster is up, to serve its metrics (the Raft log fsync
-#: counters read before each rate), and how often to look.
-METRICS_SERVED_TIMEOUT_S = 10.0
-METRICS_POLL_S = 0.1
 #: Submits of the first second at each rate are not measured.
 LATENCY_WARMUP_S = 1.0
 ELECTIONS_POLL_S = 0.5
-
-
-def raft_log_syncs_served(bc: BenchCluster) -> dict[str, tuple[float, float]]:
-    """``raft_log_syncs`` once every node serves its metrics: a node opens its metrics port
-    after its client port, so right after the cluster is up a scrape can be refused."""
-    deadline = time.monotonic() + METRICS_SERVED_TIMEOUT_S
-    while True:
-        try:
-            return raft_log_syncs(bc)
-        except OSError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(METRICS_POLL_S)
 
 
 def workload_latency(args: argparse.Namespace, root: str) -> dict:
@@ -55,7 +38,7 @@ def workload_latency(args: argparse.Namespace, root: str) -> dict:
             try:
                 load = SteadyLoad(client, rate_per_s=rate, payload=payload)
                 leader = (await bc.status_soon())["leader"]
-                syncs_before = raft_log_syncs_served(bc)
+                syncs_before = raft_log_syncs(bc)
                 before, started = bc.cpu_times(), time.monotonic()
                 await load.run(duration_s=LATENCY_WARMUP_S + args.latency_seconds)
                 elapsed = time.monotonic() - started
