@@ -867,6 +867,20 @@ def print_stream(name: str, result: dict, opts: argparse.Namespace) -> None:
     _print_verdicts(result, table.note, table.goal_format)
 
 
+def goal_values() -> dict[str, float]:
+    """The goals ``plot_results.py`` draws, by name, for the report (the drawing keeps no copy)."""
+    at_rate = GOAL_LATENCY_MS["raftseq", GOAL_LATENCY_RATE]
+    return {
+        "throughput_per_s": GOAL_THROUGHPUT_PER_S,
+        "latency_rate_per_s": GOAL_LATENCY_RATE,
+        "latency_p50_ms": at_rate["p50"],
+        "latency_p99_ms": at_rate["p99"],
+        "replay_per_s": GOAL_REPLAY_PER_S,
+        "recovery_s": GOAL_RECOVERY_S,
+        "failover_median_s": GOAL_FAILOVER_MEDIAN_S,
+    }
+
+
 # --- the one table -------------------------------------------------------------------------
 
 #: The summary's latency rows (issue 15 item 5), msg/s offered.
@@ -1126,6 +1140,7 @@ def run(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
         "failures": session.failures,
     }
     report["raftseq_durabilities"] = {RAFTSEQ_SYSTEMS[d]: d for d in opts.durability}
+    report["goal_values"] = goal_values()
     for peer in ("nats", "nats-sync", "etcd"):
         if peer not in session.systems:
             continue
