@@ -203,6 +203,8 @@ class CatchUp:
             except (ConnectionError, Rejected) as exc:
                 if batch:  # keep what arrived intact before the peer stopped
                     self._store(target, batch, batch_first, expected - 1)
+                if isinstance(exc, ConnectionError):
+                    raise  # the peer went away (died, lost its power): unreachable, not lacking the range
                 raise CatchUpError(f"{exc}") from None
             finally:
                 await stream.aclose()
