@@ -42,6 +42,12 @@ GAP_WINDOW_S = 1.0
 LATENCY_WARMUP_S = 1.0
 #: How often a failover workload looks for the first ack after a kill.
 FAILOVER_POLL_S = 0.05
+#: A peer's cluster start: how long its servers may take to have a leader, and how many times
+#: it is tried on fresh ports (another process may take a free port before the server binds it).
+START_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3
+#: Loads with retries (failover): while messages fail, one is sent again as a probe this often.
+RETRY_DELAY_S = 0.05
 #: Failover workloads: the longest wait for an ack of a message sent after a kill, and for a
 #: restarted node to rejoin; the pause before the first kill and after each; how long the load
 #: may take to drain once stopped.

@@ -56,29 +56,25 @@ from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import Scoped, positive_int
+from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
-    LATENCY_WARMUP_S,
     Children,
     SendLog,
     add_load_options,
-    DRAIN_TIMEOUT_S,
-    REJOIN_TIMEOUT_S,
-    kill_leaders,
-    kills_summary,
     cpu_shares,
     ensure_debian_binary,
     free_ports,
+    kill_leaders,
+    kills_summary,
     rate_figures,
     resolve_load_options,
-    start_failed,
     run_peer,
+    start_failed,
 )
 
 NAME = "etcd"
 MEMBERS = ("n1", "n2", "n3")
 WORKLOADS = ("throughput", "latency", "failover")
-START_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 #: Requests in flight of one client process, one per HTTP/1.1 connection (``--etcd-connections``).
 CONNECTIONS_DEFAULT = 64
 #: Messages in flight of the batched variant, in transactions of ``--batch`` (``--window``, as
@@ -92,7 +88,6 @@ BATCH_DEFAULT = 500
 #: failover workload: no answer by then counts as a failure (the request is sent again).
 HTTP_TIMEOUT_S = 1.0
 ACK_TIMEOUT_S = 1.0
-RETRY_DELAY_S = 0.05
 #: Messages of a steady load sent and not yet answered (waiting for a connection included), at
 #: most: past it the sender waits, and its lag counts as latency from the intended send time.
 PENDING_MAX = 20_000

@@ -73,37 +73,32 @@ from benchmarks.options import (
     add_subscriber_options,
     resolve_sizes,
 )
+from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
-    LATENCY_WARMUP_S,
     Children,
     SendLog,
-    cpu_shares,
-    free_ports,
-    rate_figures,
+    SetupError,
     add_load_options,
-    DRAIN_TIMEOUT_S,
-    REJOIN_TIMEOUT_S,
+    cpu_shares,
+    ensure_debian_binary,
+    ensure_pip_package,
+    free_ports,
     kill_leaders,
     kills_summary,
-    ensure_debian_binary,
-    SetupError,
-    ensure_pip_package,
+    rate_figures,
     read_line,
-    worker_outcome,
     resolve_load_options,
-    start_failed,
     run_peer,
+    start_failed,
+    worker_outcome,
 )
 
 NAME = "nats"
 NODE_IDS = ("n1", "n2", "n3")
 STREAM = "BENCH"
 SUBJECT = "bench.m"
-START_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 #: Failover loop: a publish without an ack after this long is sent again (same Nats-Msg-Id).
 ACK_TIMEOUT_S = 1.0
-RETRY_DELAY_S = 0.05
 #: nats-py reconnects to another server after this wait (its default of 2 s would be charged to
 #: NATS's failover figure).
 RECONNECT_TIME_WAIT_S = 0.1

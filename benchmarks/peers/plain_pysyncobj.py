@@ -48,6 +48,8 @@ from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_r
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import Scoped
 from benchmarks.peers.common import (
+    START_ATTEMPTS,
+    RETRY_DELAY_S,
     DRAIN_TIMEOUT_S,
     GAP_WINDOW_S,
     REJOIN_TIMEOUT_S,
@@ -75,11 +77,8 @@ NODE_IDS = ("p1", "p2", "p3")
 #: which follows the log and forwards commands to the leader but never votes or leads.
 CLIENT_NODE = "client"
 LEADER_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 ASK_TIMEOUT_S = 10.0
 STATUS_POLL_S = 0.05
-#: While calls fail: one failed message is resubmitted as a probe this often.
-RETRY_DELAY_S = 0.05
 #: A call with no answer (not even a failure) after this long is submitted again.
 CALL_TIMEOUT_S = 5.0
 #: The longest wait for an ack of a message sent after a kill: shorter than the other peers'
