@@ -26,6 +26,7 @@ from typing import NamedTuple, Protocol
 from raftseq.clients.connection import Rejected, open_connection
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import DamageMap, JournalRecordError
+from raftseq.sequencer.protocol.frames import RejectReason
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -70,6 +71,17 @@ class Peer(Protocol):
 
 class CatchUpError(Exception):
     """A peer could not (or did not correctly) serve the missing range."""
+
+
+#: How a peer that answers says it lacks the range: ``clients.connection.refusal`` turns its
+#: ``Rejected(from_seq_unavailable)`` into a ``ConnectionError`` whose text starts so.
+LACKS_RANGE_PREFIX = f"{RejectReason.FROM_SEQ_UNAVAILABLE.value}:"
+
+
+def _lacks_range(exc: Exception) -> bool:
+    """Whether a subscription ended because the peer refused it (it lacks the range), not
+    because the peer went away."""
+    return isinstance(exc, Rejected) or str(exc).startswith(LACKS_RANGE_PREFIX)
 
 
 class _Target(NamedTuple):
@@ -203,8 +215,8 @@ class CatchUp:
             except (ConnectionError, Rejected) as exc:
                 if batch:  # keep what arrived intact before the peer stopped
                     self._store(target, batch, batch_first, expected - 1)
-                if isinstance(exc, ConnectionError):
-                    raise  # the peer went away (died, lost its power): unreachable, not lacking the range
+                if not _lacks_range(exc):
+                    raise  # the peer went away (died, lost its power) or is busy: it may still have the range
                 raise CatchUpError(f"{exc}") from None
             finally:
                 await stream.aclose()

@@ -17,7 +17,6 @@ import pytest
 
 from raftseq.cluster import catchup
 from raftseq.cluster.node_exit import NodeCannotRun
-from raftseq.clients.errors import Rejected
 from raftseq.sequencer.protocol.frames import RejectReason
 
 ATTEMPTS_MAX = 3
@@ -79,7 +78,8 @@ class _Stream:
     async def __anext__(self):
         if self.what == "closes":
             raise ConnectionError(f"{self.address} closed the connection")
-        raise Rejected(RejectReason.FROM_SEQ_UNAVAILABLE, "this node lacks it too")
+        # as ``clients.connection.refusal`` raises a peer's Rejected(from_seq_unavailable)
+        raise ConnectionError(f"{RejectReason.FROM_SEQ_UNAVAILABLE.value}: seq 5 is in a hole on this node")
 
     async def aclose(self) -> None:
         pass
