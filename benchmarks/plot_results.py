@@ -13,6 +13,9 @@ Reads the JSON report written by ``python -m benchmarks --json FILE`` and writes
 * replay, recovery, fanout, failover -- when the report holds them: the median per system (and
   the max where the workload has one), with the benchmark goal as a dotted line.
 
+The goals drawn are the report's own (``goal_values``, written by ``python -m benchmarks``); a
+report written before it carried them is drawn without goal lines.
+
 A workload missing from the report has no panel. Exit status 0 when the PNG was written, 2 when
 the report cannot be read or holds none of these workloads.
 """
@@ -34,14 +37,6 @@ OTHER_COLOR = "#7f7f7f"
 PANEL_WIDTH_IN = 6.4
 PANEL_HEIGHT_IN = 4.2
 DPI = 100
-
-# The benchmark goals (as in ``benchmarks/__main__.py``; written out: nothing imports it).
-GOAL_THROUGHPUT_PER_S = 200_000
-GOAL_LATENCY_P50_MS = 1.0
-GOAL_LATENCY_P99_MS = 3.0
-GOAL_REPLAY_PER_S = 500_000
-GOAL_RECOVERY_S = 5.0
-GOAL_FAILOVER_MEDIAN_S = 0.5
 
 
 def color(system: str) -> str:
@@ -176,14 +171,16 @@ def _system_legend(ax, systems: list[str]) -> None:
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper right")
 
 
-def draw_latency(ax, lines: dict) -> None:
+def draw_latency(ax, lines: dict, goals: dict) -> None:
     for system, qs in lines.items():
         for q, style in (("p50", "-"), ("p99", "--")):
             if qs[q]:
                 xs, ys = zip(*qs[q])
                 ax.plot(xs, ys, style, marker="o", markersize=4, color=color(system), label=f"{system} {q}")
-    ax.axhline(GOAL_LATENCY_P50_MS, color="black", linestyle=":", linewidth=1, label=f"goal p50 <= {GOAL_LATENCY_P50_MS:g} ms at 2,000/s")
-    ax.axhline(GOAL_LATENCY_P99_MS, color="gray", linestyle=":", linewidth=1, label=f"goal p99 <= {GOAL_LATENCY_P99_MS:g} ms at 2,000/s")
+    for q, shade in (("p50", "black"), ("p99", "gray")):
+        goal = goals.get(f"latency_{q}_ms")
+        if goal is not None:
+            ax.axhline(goal, color=shade, linestyle=":", linewidth=1, label=f"goal {q} <= {goal:g} ms at {goals['latency_rate_per_s']:,}/s")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("offered rate, msg/s")
@@ -217,36 +214,47 @@ def panels_of(report: dict) -> list[tuple[str, object]]:
     return panels
 
 
-#: The bar panels: ``draw_bars`` options per workload.
+#: The bar panels: ``draw_bars`` options per workload; ``goal`` names the report's goal value
+#: (``goal_values``) and ``goal_label`` shows it.
 BAR_PANELS = {
     "throughput": {
         "ylabel": "acknowledged msg/s",
         "title": "throughput: each system's best variant (median, min - max)",
-        "goal": GOAL_THROUGHPUT_PER_S,
-        "goal_label": f"goal >= {GOAL_THROUGHPUT_PER_S:,}/s at 100 B",
+        "goal": "throughput_per_s",
+        "goal_label": "goal >= {:,}/s at 100 B",
         "log": True,
     },
     "replay": {
         "ylabel": "msg/s to one subscriber",
         "title": "replay from the start on a follower (median)",
-        "goal": GOAL_REPLAY_PER_S,
-        "goal_label": f"goal >= {GOAL_REPLAY_PER_S:,}/s",
+        "goal": "replay_per_s",
+        "goal_label": "goal >= {:,}/s",
     },
     "recovery": {
         "ylabel": "s after the restart",
         "title": "recovery of a SIGKILLed follower (median, max)",
-        "goal": GOAL_RECOVERY_S,
-        "goal_label": f"goal: serves again <= {GOAL_RECOVERY_S:g} s",
+        "goal": "recovery_s",
+        "goal_label": "goal: serves again <= {:g} s",
     },
     "fanout": {"ylabel": "msg/s delivered in total", "title": "fanout: live subscribers on the followers"},
     "failover": {
         "ylabel": "s from the kill to the next ack",
         "title": "failover: SIGKILL of the leader (median, max)",
-        "goal": GOAL_FAILOVER_MEDIAN_S,
-        "goal_label": f"goal median <= {GOAL_FAILOVER_MEDIAN_S:g} s",
+        "goal": "failover_median_s",
+        "goal_label": "goal median <= {:g} s",
         "log": True,
     },
 }
+
+
+def bar_options(name: str, goals: dict) -> dict:
+    """``draw_bars`` options of panel `name`, its goal taken from the report's `goals` (no goal
+    line when the report has none)."""
+    options = dict(BAR_PANELS[name])
+    key, label = options.pop("goal", None), options.pop("goal_label", "")
+    if key in goals:
+        options.update(goal=goals[key], goal_label=label.format(goals[key]))
+    return options
 
 
 def plot(report: dict, out: str) -> list[str]:
@@ -264,9 +272,9 @@ def plot(report: dict, out: str) -> list[str]:
     figure, axes = pyplot.subplots(rows, columns, figsize=(PANEL_WIDTH_IN * columns, PANEL_HEIGHT_IN * rows), squeeze=False)
     for ax, (name, data) in zip(axes.flat, panels):
         if name == "latency":
-            draw_latency(ax, data)
+            draw_latency(ax, data, report.get("goal_values", {}))
         else:
-            draw_bars(ax, data, **BAR_PANELS[name])
+            draw_bars(ax, data, **bar_options(name, report.get("goal_values", {})))
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     machine = report.get("machine", {})

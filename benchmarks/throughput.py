@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
@@ -27,6 +29,11 @@ WARMUP_MESSAGES = 20_000
 
 #: Seconds a scrape of a node's Raft log fsync counters may take.
 SCRAPE_TIMEOUT_S = 5.0
+#: How long a node may take, once its cluster is up, to serve its metrics (it opens its metrics
+#: port after its client port: a scrape right after the start can be refused), and how often
+#: to look meanwhile.
+METRICS_SERVED_TIMEOUT_S = 20.0
+METRICS_POLL_S = 0.1
 
 
 def raft_log_syncs(bc: BenchCluster) -> dict[str, tuple[float, float]]:
@@ -36,10 +43,23 @@ def raft_log_syncs(bc: BenchCluster) -> dict[str, tuple[float, float]]:
     for node in bc.nodes:
         if not node.config.metrics_address:
             continue
-        with urllib.request.urlopen(f"http://{node.config.metrics_address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
-            samples = {s.name: s.value for f in text_string_to_metric_families(answer.read().decode()) for s in f.samples}
+        samples = _scrape(f"http://{node.config.metrics_address}/metrics")
         found[node.config.id] = (samples.get("raftseq_raft_log_fsyncs_total", 0.0), samples.get("raftseq_raft_log_fsync_entries_sum", 0.0))
     return found
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Every sample of one node's metrics page, waiting up to ``METRICS_SERVED_TIMEOUT_S`` for
+    the node to serve it."""
+    deadline = time.monotonic() + METRICS_SERVED_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
+                return {s.name: s.value for f in text_string_to_metric_families(answer.read().decode()) for s in f.samples}
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() >= deadline:
+                raise
+            time.sleep(METRICS_POLL_S)
 
 
 def sync_text(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], seconds: float) -> tuple[str, dict]:

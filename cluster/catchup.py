@@ -27,6 +27,7 @@ from raftseq.clients.connection import Connection, Rejected, open_connection
 from raftseq.clients.errors import Truncated
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import DamageMap, JournalRecordError
+from raftseq.sequencer.protocol.frames import RejectReason
 
 log = logging.getLogger("raftseq.catchup")
 
@@ -84,6 +85,17 @@ class PeerTruncated(CatchUpError):
     def __init__(self, first_seq: int) -> None:
         super().__init__(f"the peer holds the stream only from seq {first_seq} (retention)")
         self.first_seq = first_seq
+
+
+#: How a peer that answers says it lacks the range: ``clients.connection.refusal`` turns its
+#: ``Rejected(from_seq_unavailable)`` into a ``ConnectionError`` whose text starts so.
+LACKS_RANGE_PREFIX = f"{RejectReason.FROM_SEQ_UNAVAILABLE.value}:"
+
+
+def _lacks_range(exc: Exception) -> bool:
+    """Whether a subscription ended because the peer refused it (it lacks the range), not
+    because the peer went away."""
+    return isinstance(exc, Rejected) or str(exc).startswith(LACKS_RANGE_PREFIX)
 
 
 class _Target(NamedTuple):
@@ -254,7 +266,8 @@ async def copy_records(
     ``FILL_RECORDS_MAX`` at a time, and whatever one read brought when there is no `last_seq`
     (0: follow the stream for as long as the peer sends it; a relay). Returns once `last_seq`
     is stored. A record out of order counts in ``verify_failures["catchup"]``; it, and a peer
-    that stops or refuses, raise ``CatchUpError`` once what arrived in order before is stored.
+    that refuses (it lacks the range) raise ``CatchUpError`` once what arrived in order before is
+    stored; a peer that goes away raises its ``ConnectionError`` (it may still hold the range).
     ``store`` raises ``CatchUpError`` for records that fail their checks; a peer whose retention
     removed `from_seq` raises ``PeerTruncated``. Catch-up and relays both read a peer this way."""
     expected = from_seq
@@ -287,6 +300,8 @@ async def copy_records(
     except (ConnectionError, Rejected) as exc:
         if batch:  # keep what arrived intact before the peer stopped
             store(batch, batch_first, expected - 1)
+        if not _lacks_range(exc):
+            raise  # the peer went away (died, lost its power) or is busy: it may still have the range
         raise CatchUpError(f"{exc}") from None
     finally:
         await stream.aclose()

@@ -24,6 +24,8 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 
 #: The peers alone, at the smallest sizes that still give every figure.
 PEERS_ALONE_QUICK = ["--skip-raftseq", "--quick", "--messages", "2000", "--rates", "1000", "--latency-seconds", "0.5"]
+#: The workloads etcd is measured in, against etcd.
+ETCD_WORKLOADS = ["throughput", "latency", "failover", "--vs", "etcd"]
 
 
 def _bench(args: list[str], *, timeout_s: float) -> subprocess.CompletedProcess:
@@ -108,20 +110,7 @@ def test_etcd_quick_run_gives_positive_figures_and_fsync_counts_and_cleans_up(tm
     """etcd (Debian's etcd-server, installed by the benchmark when missing): both throughput
     variants, latency with p99.9, the leader's WAL fsyncs counted, one leader kill, and no
     etcd process or data directory left afterwards; within a minute."""
-    done, output, report = _quick_run(
-        tmp_path,
-        [
-            "throughput",
-            "latency",
-            "failover",
-            "--vs",
-            "etcd",
-            *PEERS_ALONE_QUICK,
-            "--kills",
-            "1",
-        ],
-        timeout_s=60,
-    )
+    done, output, report = _quick_run(tmp_path, [*ETCD_WORKLOADS, *PEERS_ALONE_QUICK, "--kills", "1"], timeout_s=60)
     assert report["peers_setup"]["etcd"]["etcd"].startswith("etcd Version: 3.4"), report["peers_setup"]
 
     variants = report["workloads"]["throughput"]["payloads"]["100"]["systems"]["etcd"]
@@ -143,6 +132,38 @@ def test_etcd_quick_run_gives_positive_figures_and_fsync_counts_and_cleans_up(tm
     assert failover["ack_seq_duplicates"] == 0, failover
 
     assert re.search(r"^  fsync etcd\s+1 client, batched\s+leader\s+[\d,]+ fsyncs/s", done.stdout, re.MULTILINE), output
+    _assert_left_nothing(tmp_path)
+
+
+def test_one_run_gives_one_table_of_both_durabilities_beside_a_power_safe_peer(tmp_path: Path) -> None:
+    """Issue 15 item 5 in one run: raftseq in the default (crash) and the power-safe mode, each
+    a system of its own, beside etcd; the closing table has a column for each, the latency
+    rows with p50 / p99 / p99.9, failover, and fsyncs where they are counted: raftseq-power's
+    Raft log fsyncs (entries per fsync too), none for raftseq in crash mode."""
+    quick = ["--quick", "--messages", "20000", "--rates", "2000", "--latency-seconds", "0.5", "--kills", "1"]
+    done, output, report = _quick_run(tmp_path, [*ETCD_WORKLOADS, *quick], timeout_s=300)
+    assert report["systems"] == ["raftseq", "raftseq-power", "etcd"], report["systems"]
+    assert report["raftseq_durabilities"] == {"raftseq": "crash", "raftseq-power": "power"}, report["raftseq_durabilities"]
+
+    throughput = report["workloads"]["throughput"]["payloads"]["100"]
+    power = throughput["systems"]["raftseq-power"]["1 client, batched"]["run_details"][0]["fsync"]
+    assert power["fsyncs_per_s"] > 0 and power["entries_per_fsync"] >= 1 and power["messages_per_fsync"] > 0, power
+    assert all(d["fsync"] is None for d in throughput["systems"]["raftseq"]["1 client, batched"]["run_details"]), throughput
+    goals = {g["goal"] for g in throughput["goals"]}
+    assert {"raftseq-power >= 10x etcd", "raftseq-power >= 150,000 msg/s", "raftseq-power >= 0.6x raftseq"} <= goals, goals
+
+    latency = report["workloads"]["latency"]["rates"]["2000"]["systems"]
+    assert latency["raftseq-power"]["fsync"]["fsyncs_per_s"] > 0, latency["raftseq-power"]
+    assert set(report["workloads"]["failover"]["systems"]) == {"raftseq", "raftseq-power", "etcd"}, output
+
+    table = done.stdout[done.stdout.index("all systems, one table") :]
+    assert "| figure | raftseq | raftseq-power | etcd |" in table, output
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    for row in ("100 B best msg/s (variant)", "100 B per message msg/s", "2,000/s p50 / p99 / p99.9 ms", "failover median / max s"):
+        assert len(rows[row]) == 3 and all(cell.strip(" |") not in ("-", "") for cell in rows[row]), (row, table)
+    assert re.fullmatch(r"[\d.]+ / [\d.]+ / [\d.]+", rows["2,000/s p50 / p99 / p99.9 ms"][1]), table
+    fsyncs = rows["100 B best: fsyncs/s, msgs / entries per fsync"]
+    assert fsyncs[0] == "none" and re.fullmatch(r"[\d,]+, [\d,.]+ / [\d,.]+", fsyncs[1]), table
     _assert_left_nothing(tmp_path)
 
 
@@ -201,7 +222,7 @@ def test_stream_workloads_quick_run_gives_real_figures_and_cleans_up(tmp_path: P
     assert set(fanout["nats"]["cpu"]) >= {"n1", "n2", "n3", "subscribers"}, fanout["nats"]["cpu"]
 
     for name in ("replay", "recovery", "fanout"):
-        assert set(workloads[name]["not_measured"]) == {"pysyncobj"}, workloads[name]
+        assert set(workloads[name]["not_measured"]) == {"pysyncobj", "raftseq-power"}, workloads[name]
         assert f"\n{name}: " in done.stdout, f"no {name} table:\n{output}"
     assert "pysyncobj  --" in done.stdout, output
     _assert_left_nothing(tmp_path)
@@ -231,6 +252,7 @@ def test_every_option_has_help() -> None:
         "--fanout-rate",
         "--fanout-seconds",
         "--etcd-connections",
+        "--durability",
     ):
         assert option in done.stdout, option
     for peer in ("nats-sync", "etcd"):
@@ -283,3 +305,38 @@ def test_etcd_client_reads_chunked_and_sized_answers_and_reports_errors() -> Non
     assert first == b"{}" and second == b"abcde", (first, second)
     assert error.startswith("HTTP 500") and "boom" in error, error
     assert requests == [b'{"a":1}', b"{}", b"{}"], requests
+
+
+def test_raft_log_fsync_counts_wait_for_a_node_still_opening_its_metrics_port(monkeypatch) -> None:
+    """A node opens its metrics port after its client port: on a loaded machine the first scrape
+    of a just-started cluster was refused and crashed the whole throughput and latency runs
+    (``URLError: Connection refused``). The scrape waits for the port; other errors still raise."""
+    import io
+    import urllib.error
+    from types import SimpleNamespace
+
+    from benchmarks import throughput
+
+    page = b"raftseq_raft_log_fsyncs_total 7.0\nraftseq_raft_log_fsync_entries_sum 21.0\n"
+    refusals = {"127.0.0.1:1": 2}
+
+    def urlopen(url: str, timeout: float):
+        address = url.split("/")[2]
+        if refusals.get(address, 0):
+            refusals[address] -= 1
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        if address == "127.0.0.1:3":
+            raise urllib.error.URLError("no such host")
+        return io.BytesIO(page)
+
+    monkeypatch.setattr(throughput.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(throughput, "METRICS_POLL_S", 0.0)
+    node = lambda i: SimpleNamespace(config=SimpleNamespace(id=f"n{i}", metrics_address=f"127.0.0.1:{i}"))  # noqa: E731
+    assert throughput.raft_log_syncs(SimpleNamespace(nodes=[node(1), node(2)])) == {"n1": (7.0, 21.0), "n2": (7.0, 21.0)}
+    assert refusals == {"127.0.0.1:1": 0}
+    try:
+        throughput.raft_log_syncs(SimpleNamespace(nodes=[node(3)]))
+    except urllib.error.URLError as exc:
+        assert exc.reason == "no such host"
+    else:
+        raise AssertionError("an error other than a refused connection must not be waited out")

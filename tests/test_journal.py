@@ -952,6 +952,36 @@ def test_sealed_segments_reopen_from_their_index(tmp_path, monkeypatch, interval
                 assert cursor.read_frames(700, 2)[0] == frame(seq)
 
 
+def test_an_index_lost_to_a_power_cut_is_walked_once_and_then_read(tmp_path, monkeypatch):
+    """Under the ``never`` policy an index is written without fsync, so a power cut can take
+    every one of them. The open that has to walk those segments writes their indexes again,
+    fsynced; the next open reads them instead of walking the whole journal again (the power-cut
+    soak, seed 20261207: 16 of 18 segments walked on every restart, a restart of 2.3 s CPU
+    growing with the journal, 30 s at load 25, and the cluster did not acknowledge within its
+    bound). A read-only open writes nothing."""
+    build(tmp_path, 700, fsync=FsyncPolicy.parse("never")).close()
+    listed = [path for _, path in journal_mod.list_segment_files(str(tmp_path))]
+    assert len(listed) >= 4
+    for path in listed[:-1]:
+        os.unlink(index_path(path))  # what a power cut leaves of indexes never fsynced
+    walked = spy_on_segment_walks(monkeypatch)
+    with open_journal(tmp_path, readonly=True, verify_bytes=0):
+        assert walked[:-1] == listed[:-1]
+    assert not any(os.path.exists(index_path(path)) for path in listed[:-1])
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    walked.clear()
+    with open_journal(tmp_path, verify_bytes=0):
+        assert walked == listed
+    assert all(index_path(path) + ".tmp" in synced for path in listed[:-1]), synced
+    assert str(tmp_path) in synced  # the directory: the indexes' names are durable too
+    walked.clear()
+    with open_journal(tmp_path, verify_bytes=0) as journal:
+        assert walked == [listed[-1]]  # only the tail
+        assert journal.read_bytes(1, 700) == frames(1, 700)
+
+
 def test_open_reads_back_the_newest_sealed_segments_within_its_bound(tmp_path, monkeypatch):
     build(tmp_path, 700).close()
     listed = [path for _, path in journal_mod.list_segment_files(str(tmp_path))]

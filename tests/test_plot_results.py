@@ -104,3 +104,25 @@ def test_a_report_without_figures_is_refused(tmp_path: Path) -> None:
     done = _plot(report_path, out)
     assert done.returncode == 2 and "no throughput" in done.stderr, done.stdout + done.stderr
     assert not out.exists()
+
+
+def test_the_goal_lines_are_the_reports_own_goals() -> None:
+    """The goals drawn come from the report (``goal_values``, written by ``python -m
+    benchmarks``), never from a copy in the drawing that can go stale; every goal a panel names
+    is one the benchmark writes, and a report without goals is drawn without goal lines."""
+    import importlib.util
+
+    from benchmarks.__main__ import goal_values
+
+    spec = importlib.util.spec_from_file_location("plot_results", PLOT)
+    plot_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_results)
+    goals = goal_values()
+    for name, panel in plot_results.BAR_PANELS.items():
+        options = plot_results.bar_options(name, goals)
+        if "goal" in panel:
+            assert options["goal"] == goals[panel["goal"]], (name, options)
+            assert str(goals[panel["goal"]]).rstrip("0").rstrip(".") in options["goal_label"].replace(",", ""), options
+        assert "goal" not in plot_results.bar_options(name, {}), name
+    assert plot_results.bar_options("throughput", {"throughput_per_s": 123_456})["goal_label"] == "goal >= 123,456/s at 100 B"
+    assert {"latency_p50_ms", "latency_p99_ms", "latency_rate_per_s"} <= set(goals), goals

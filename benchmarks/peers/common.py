@@ -29,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 
-from benchmarks.figures import BenchError, cpu_text, largest_gap_s, latency_line, latency_summary
+from benchmarks.figures import BenchError, cpu_text, expect, largest_gap_s, latency_line, latency_summary
 from benchmarks.machine import REPO_DIR, cpu_times, cpu_used, load_average
 from benchmarks.options import resolve_sizes, terminate, write_report
 from raftseq.cluster.local import die_with_parent
@@ -42,6 +42,19 @@ GAP_WINDOW_S = 1.0
 LATENCY_WARMUP_S = 1.0
 #: How often a failover workload looks for the first ack after a kill.
 FAILOVER_POLL_S = 0.05
+#: A peer's cluster start: how long its servers may take to have a leader, and how many times
+#: it is tried on fresh ports (another process may take a free port before the server binds it).
+START_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3
+#: Loads with retries (failover): while messages fail, one is sent again as a probe this often.
+RETRY_DELAY_S = 0.05
+#: Failover workloads: the longest wait for an ack of a message sent after a kill, and for a
+#: restarted node to rejoin; the pause before the first kill and after each; how long the load
+#: may take to drain once stopped.
+FAILOVER_TIMEOUT_S = 60.0
+REJOIN_TIMEOUT_S = 60.0
+SETTLE_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
 
 
 class SetupError(Exception):
@@ -211,10 +224,14 @@ class Children:
         self._logs = []
 
 
-def start_failed(name: str, error: BenchError, tails: str, *, last_attempt: bool) -> None:
-    """After `name`'s cluster did not start (its processes are stopped; `tails` are their
-    logs' last lines): returns when ports taken meanwhile explain it and another attempt is
-    left (the caller starts again on other ports), raises the failure otherwise."""
+def start_failed(name: str, error: BenchError, cluster, *, last_attempt: bool) -> None:
+    """After `name`'s `cluster` did not start: stops its processes (``cluster.children`` starts
+    afresh for the next attempt), then returns when ports taken meanwhile explain it (their
+    logs, ``cluster.log_tails()``, say so) and another attempt is left, so that the caller
+    starts again on other ports; raises the failure otherwise."""
+    tails = cluster.log_tails()
+    cluster.children.close()
+    cluster.children = Children()
     if "address already in use" in tails.lower() and not last_attempt:
         print(f"    {name}: ports were taken meanwhile; starting again on other ports", flush=True)
         return
@@ -424,6 +441,48 @@ async def stop_load(load, sender: asyncio.Task, *, timeout_s: float) -> None:
         await asyncio.wait_for(sender, timeout_s)
     except (TimeoutError, asyncio.CancelledError):
         pass
+
+
+async def kill_leaders(
+    name: str,
+    load,
+    *,
+    kills: int,
+    rate_per_s: int,
+    kill: Callable[[], Coroutine[object, object, tuple[str, float, dict]]],
+    rejoin: Callable[[str, dict], Coroutine[object, object, tuple[str, str]]],
+    log_tails: Callable[[], str],
+) -> list[dict]:
+    """The failover workload of an asyncio peer: `load` sends `rate_per_s` in the background
+    while, `kills` times, ``kill()`` picks a leader and kills it (returning the victim, the
+    time of the kill and the kill's record so far), the first ack of a message sent after it
+    is awaited, and ``rejoin(victim, record)`` restarts the victim and waits until it has caught
+    up (returning how to name the kill and the rejoin in the progress line). Returns the
+    records, each with ``failover_s`` and ``ack_gap_s``; the load is always stopped."""
+    budget_s = kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 10)
+    sender = asyncio.get_running_loop().create_task(load.run(rate_per_s, duration_s=budget_s))
+    records: list[dict] = []
+    try:
+        await asyncio.sleep(SETTLE_S)
+        for k in range(kills):
+            expect(not sender.done(), f"{name}: the load stopped early: {sender.exception() if sender.done() else ''}")
+            victim, killed_at, record = await kill()
+            figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
+            if not figures:
+                raise BenchError(
+                    f"{name} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{log_tails()}"
+                )
+            record.update(failover_s=figures["failover_s"], ack_gap_s=figures["ack_gap_s"])
+            killed, rejoined = await rejoin(victim, record)
+            records.append(record)
+            print(
+                f"    {name} kill {k + 1:>2} {killed}: failover {figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; {rejoined}",
+                flush=True,
+            )
+            await asyncio.sleep(SETTLE_S)
+    finally:
+        await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
+    return records
 
 
 def kills_summary(kills: list[dict]) -> dict:

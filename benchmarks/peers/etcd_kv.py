@@ -56,28 +56,25 @@ from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import Scoped, positive_int
+from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
-    LATENCY_WARMUP_S,
     Children,
     SendLog,
     add_load_options,
-    kills_summary,
-    stop_load,
-    await_failover,
     cpu_shares,
     ensure_debian_binary,
     free_ports,
+    kill_leaders,
+    kills_summary,
     rate_figures,
     resolve_load_options,
-    start_failed,
     run_peer,
+    start_failed,
 )
 
 NAME = "etcd"
 MEMBERS = ("n1", "n2", "n3")
 WORKLOADS = ("throughput", "latency", "failover")
-START_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 #: Requests in flight of one client process, one per HTTP/1.1 connection (``--etcd-connections``).
 CONNECTIONS_DEFAULT = 64
 #: Messages in flight of the batched variant, in transactions of ``--batch`` (``--window``, as
@@ -91,16 +88,11 @@ BATCH_DEFAULT = 500
 #: failover workload: no answer by then counts as a failure (the request is sent again).
 HTTP_TIMEOUT_S = 1.0
 ACK_TIMEOUT_S = 1.0
-RETRY_DELAY_S = 0.05
 #: Messages of a steady load sent and not yet answered (waiting for a connection included), at
 #: most: past it the sender waits, and its lag counts as latency from the intended send time.
 PENDING_MAX = 20_000
 #: How long a sender held back by ``PENDING_MAX`` waits before looking again.
 PENDING_WAIT_S = 0.001
-FAILOVER_TIMEOUT_S = 60.0
-REJOIN_TIMEOUT_S = 60.0
-SETTLE_S = 1.0
-DRAIN_TIMEOUT_S = 30.0
 #: The largest HTTP response header block and body this client reads (a txn answer of 500 puts
 #: is ~30 KiB).
 RESPONSE_HEADER_BYTES_MAX = 16 * 1024
@@ -278,10 +270,7 @@ class EtcdCluster(Scoped):
                 self.wait_for_leader(deadline=started + START_TIMEOUT_S)
             except BenchError as exc:
                 last = str(exc)
-                tails = self.log_tails()
-                self.children.close()
-                self.children = Children()
-                start_failed(NAME, exc, tails, last_attempt=attempt == START_ATTEMPTS)
+                start_failed(NAME, exc, self, last_attempt=attempt == START_ATTEMPTS)
                 continue
             self.startup_s = time.monotonic() - started
             members = json.loads(_http(self.client_port(MEMBERS[0]), "/v3/cluster/member/list", b"{}"))["members"]
@@ -650,48 +639,31 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
     value = b"x" * opts.payload_bytes
 
     async def run(cluster: EtcdCluster) -> dict:
-        kills: list[dict] = []
         ports = [cluster.client_port(m) for m in MEMBERS]
         revision_before = cluster.status(MEMBERS[0])["revision"]
         load = EtcdLoad(ports, connections=_connections(opts), run="fo", value=value, retry=True)
-        budget_s = opts.kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 10)
-        sender = asyncio.get_running_loop().create_task(load.run(opts.failover_rate, duration_s=budget_s))
         print(f"    {NAME}: {opts.failover_rate:,} msg/s; {opts.kills} kills of the leader", flush=True)
-        try:
-            await asyncio.sleep(SETTLE_S)
-            for k in range(opts.kills):
-                expect(not sender.done(), f"{NAME}: the load stopped early: {sender.exception() if sender.done() else ''}")
-                leader = await asyncio.to_thread(cluster.wait_for_leader, deadline=time.monotonic() + REJOIN_TIMEOUT_S)
-                killed_at = time.monotonic()
-                cluster.kill(leader)
-                figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
-                if not figures:
-                    raise BenchError(
-                        f"{NAME} kill {k + 1} ({leader}): no put sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{cluster.log_tails()}"
-                    )
-                alive = tuple(m for m in MEMBERS if m != leader)
-                new_leader = await asyncio.to_thread(cluster.wait_for_leader, deadline=time.monotonic() + REJOIN_TIMEOUT_S, members=alive)
-                cluster.start_member(leader)
-                restarted = time.monotonic()
-                await asyncio.to_thread(cluster.wait_caught_up, leader, deadline=restarted + REJOIN_TIMEOUT_S)
-                rejoin_s = time.monotonic() - restarted
-                kills.append(
-                    {
-                        "killed": leader,
-                        "new_leader": new_leader,
-                        "failover_s": figures["failover_s"],
-                        "ack_gap_s": figures["ack_gap_s"],
-                        "rejoin_s": rejoin_s,
-                    }
-                )
-                print(
-                    f"    {NAME} kill {k + 1:>2} {leader} (leader) -> leader {new_leader}: failover {figures['failover_s']:.3f} s, "
-                    f"ack gap {figures['ack_gap_s']:.3f} s; restarted member caught up in {rejoin_s:.2f} s",
-                    flush=True,
-                )
-                await asyncio.sleep(SETTLE_S)
-        finally:
-            await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
+
+        async def kill() -> tuple[str, float, dict]:
+            leader = await asyncio.to_thread(cluster.wait_for_leader, deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+            killed_at = time.monotonic()
+            cluster.kill(leader)
+            return leader, killed_at, {"killed": leader}
+
+        async def rejoin(leader: str, record: dict) -> tuple[str, str]:
+            alive = tuple(m for m in MEMBERS if m != leader)
+            record["new_leader"] = await asyncio.to_thread(
+                cluster.wait_for_leader, deadline=time.monotonic() + REJOIN_TIMEOUT_S, members=alive
+            )
+            cluster.start_member(leader)
+            restarted = time.monotonic()
+            await asyncio.to_thread(cluster.wait_caught_up, leader, deadline=restarted + REJOIN_TIMEOUT_S)
+            record["rejoin_s"] = time.monotonic() - restarted
+            return f"{leader} (leader) -> leader {record['new_leader']}", f"restarted member caught up in {record['rejoin_s']:.2f} s"
+
+        kills = await kill_leaders(
+            NAME, load, kills=opts.kills, rate_per_s=opts.failover_rate, kill=kill, rejoin=rejoin, log_tails=cluster.log_tails
+        )
         expect(not load.errors, f"{NAME} failover: {len(load.errors)} puts failed for good, first {load.errors[:1]}")
         expect(load.acked == len(load.first_sent), f"{NAME} failover: {len(load.first_sent) - load.acked} never acknowledged")
         revision_after = await asyncio.to_thread(

@@ -73,40 +73,32 @@ from benchmarks.options import (
     add_subscriber_options,
     resolve_sizes,
 )
+from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
-    LATENCY_WARMUP_S,
     Children,
     SendLog,
-    cpu_shares,
-    free_ports,
-    rate_figures,
-    add_load_options,
-    kills_summary,
-    stop_load,
-    await_failover,
-    ensure_debian_binary,
     SetupError,
+    add_load_options,
+    cpu_shares,
+    ensure_debian_binary,
     ensure_pip_package,
+    free_ports,
+    kill_leaders,
+    kills_summary,
+    rate_figures,
     read_line,
-    worker_outcome,
     resolve_load_options,
-    start_failed,
     run_peer,
+    start_failed,
+    worker_outcome,
 )
 
 NAME = "nats"
 NODE_IDS = ("n1", "n2", "n3")
 STREAM = "BENCH"
 SUBJECT = "bench.m"
-START_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 #: Failover loop: a publish without an ack after this long is sent again (same Nats-Msg-Id).
 ACK_TIMEOUT_S = 1.0
-RETRY_DELAY_S = 0.05
-FAILOVER_TIMEOUT_S = 60.0
-REJOIN_TIMEOUT_S = 60.0
-SETTLE_S = 1.0
-DRAIN_TIMEOUT_S = 30.0
 #: nats-py reconnects to another server after this wait (its default of 2 s would be charged to
 #: NATS's failover figure).
 RECONNECT_TIME_WAIT_S = 0.1
@@ -276,10 +268,7 @@ class NatsCluster:
                 if self.nc is not None:
                     await self.nc.close()
                     self.nc = None
-                tails = self.log_tails()
-                self.children.close()
-                self.children = Children()
-                start_failed(NAME, exc, tails, last_attempt=attempt == START_ATTEMPTS)
+                start_failed(NAME, exc, self, last_attempt=attempt == START_ATTEMPTS)
                 continue
             self.startup_s = time.monotonic() - started
             return
@@ -710,58 +699,51 @@ def failover(opts: argparse.Namespace, root: str, *, flavour: Flavour = DEFAULT)
     which = getattr(opts, "nats_kill", "stream")
 
     async def run() -> dict:
-        kills: list[dict] = []
         async with NatsCluster(root, f"{name}-fo-{time.monotonic_ns()}", server=server, sync_interval=flavour.sync_interval) as nc:
             client = await connect(nc.urls, name="failover")
             try:
                 js = client.jetstream(publish_async_max_pending=opts.nats_window)
                 load = NatsLoad(js, run="fo", payload=payload, retry=True)
-                budget_s = opts.kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 10)
-                sender = asyncio.get_running_loop().create_task(load.run(opts.failover_rate, duration_s=budget_s))
                 print(f"    {name}: {opts.failover_rate:,} msg/s; {opts.kills} kills of the {which} leader", flush=True)
-                try:
-                    await asyncio.sleep(SETTLE_S)
-                    for k in range(opts.kills):
-                        expect(not sender.done(), f"{name}: the load stopped early: {sender.exception() if sender.done() else ''}")
-                        stream_leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
-                        alive = [n for n in NODE_IDS if n != stream_leader]
-                        meta = await asyncio.to_thread(nc.meta_leader, alive[0])
-                        victim = stream_leader if which == "stream" else meta
-                        expect(victim in NODE_IDS, f"{name}: no {which} leader to kill (stream {stream_leader}, meta {meta})")
-                        connected_to = client.connected_url.port if client.connected_url else None
-                        client_on_victim = connected_to == nc.ports[victim]["client"]
-                        killed_at = time.monotonic()
-                        nc.kill(victim)
-                        figures = await await_failover(killed_at, load, timeout_s=FAILOVER_TIMEOUT_S)
-                        if not figures:
-                            raise BenchError(
-                                f"{name} kill {k + 1} ({victim}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{nc.log_tails()}"
-                            )
-                        new_leader, _ = await nc.stream_leader(timeout_s=5)
-                        nc.start_node(victim)
-                        restarted = time.monotonic()
-                        await nc.wait_for_replicas(deadline=restarted + REJOIN_TIMEOUT_S)
-                        rejoin_s = time.monotonic() - restarted
-                        record = {
+
+                async def kill() -> tuple[str, float, dict]:
+                    stream_leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+                    alive = [n for n in NODE_IDS if n != stream_leader]
+                    meta = await asyncio.to_thread(nc.meta_leader, alive[0])
+                    victim = stream_leader if which == "stream" else meta
+                    expect(victim in NODE_IDS, f"{name}: no {which} leader to kill (stream {stream_leader}, meta {meta})")
+                    connected_to = client.connected_url.port if client.connected_url else None
+                    killed_at = time.monotonic()
+                    nc.kill(victim)
+                    return (
+                        victim,
+                        killed_at,
+                        {
                             "killed": victim,
                             "stream_leader": stream_leader,
                             "meta_leader": meta,
-                            "client_was_connected_to_it": client_on_victim,
-                            "new_stream_leader": new_leader,
-                            "failover_s": figures["failover_s"],
-                            "ack_gap_s": figures["ack_gap_s"],
-                            "rejoin_s": rejoin_s,
-                        }
-                        kills.append(record)
-                        roles = " and ".join(r for r, n in (("stream leader", stream_leader), ("meta leader", meta)) if n == victim)
-                        print(
-                            f"    {name} kill {k + 1:>2} {victim} ({roles}{', the client was connected to it' if client_on_victim else ''}) -> stream leader {new_leader}: "
-                            f"failover {figures['failover_s']:.3f} s, ack gap {figures['ack_gap_s']:.3f} s; restarted node current again in {rejoin_s:.2f} s",
-                            flush=True,
-                        )
-                        await asyncio.sleep(SETTLE_S)
-                finally:
-                    await stop_load(load, sender, timeout_s=DRAIN_TIMEOUT_S + 5)
+                            "client_was_connected_to_it": connected_to == nc.ports[victim]["client"],
+                        },
+                    )
+
+                async def rejoin(victim: str, record: dict) -> tuple[str, str]:
+                    record["new_stream_leader"], _ = await nc.stream_leader(timeout_s=5)
+                    nc.start_node(victim)
+                    restarted = time.monotonic()
+                    await nc.wait_for_replicas(deadline=restarted + REJOIN_TIMEOUT_S)
+                    record["rejoin_s"] = time.monotonic() - restarted
+                    roles = " and ".join(
+                        r for r, k in (("stream leader", "stream_leader"), ("meta leader", "meta_leader")) if record[k] == victim
+                    )
+                    on_it = ", the client was connected to it" if record["client_was_connected_to_it"] else ""
+                    return (
+                        f"{victim} ({roles}{on_it}) -> stream leader {record['new_stream_leader']}",
+                        f"restarted node current again in {record['rejoin_s']:.2f} s",
+                    )
+
+                kills = await kill_leaders(
+                    name, load, kills=opts.kills, rate_per_s=opts.failover_rate, kill=kill, rejoin=rejoin, log_tails=nc.log_tails
+                )
                 expect(
                     load.acked == len(load.first_sent),
                     f"{name} failover: {len(load.first_sent) - load.acked} of {len(load.first_sent)} never acknowledged",

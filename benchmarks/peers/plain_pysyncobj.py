@@ -48,7 +48,12 @@ from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_r
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import Scoped
 from benchmarks.peers.common import (
+    START_ATTEMPTS,
+    RETRY_DELAY_S,
+    DRAIN_TIMEOUT_S,
     GAP_WINDOW_S,
+    REJOIN_TIMEOUT_S,
+    SETTLE_S,
     LATENCY_WARMUP_S,
     Children,
     SendLog,
@@ -72,17 +77,13 @@ NODE_IDS = ("p1", "p2", "p3")
 #: which follows the log and forwards commands to the leader but never votes or leads.
 CLIENT_NODE = "client"
 LEADER_TIMEOUT_S = 30.0
-START_ATTEMPTS = 3
 ASK_TIMEOUT_S = 10.0
 STATUS_POLL_S = 0.05
-#: While calls fail: one failed message is resubmitted as a probe this often.
-RETRY_DELAY_S = 0.05
 #: A call with no answer (not even a failure) after this long is submitted again.
 CALL_TIMEOUT_S = 5.0
-FAILOVER_TIMEOUT_S = 30.0
-REJOIN_TIMEOUT_S = 60.0
-SETTLE_S = 1.0
-DRAIN_TIMEOUT_S = 30.0
+#: The longest wait for an ack of a message sent after a kill: shorter than the other peers'
+#: (``common.FAILOVER_TIMEOUT_S``), the obvious design either recovers within it or not at all.
+PYSYNCOBJ_FAILOVER_TIMEOUT_S = 30.0
 ID_BYTES = 8
 #: The throughput figure also gives the rate of the first this many acks (before a collapse).
 FIRST_ACKS = 20_000
@@ -604,7 +605,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
         client = CLIENT_NODE
         pc.start_node(client)
         pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S)
-        budget_s = opts.kills * (FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 5)
+        budget_s = opts.kills * (PYSYNCOBJ_FAILOVER_TIMEOUT_S + REJOIN_TIMEOUT_S + 2 * SETTLE_S + 5)
         pc.ask(
             client,
             {
@@ -626,7 +627,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                 killed_at = time.monotonic()
                 pc.children.kill(leader)
                 first_ack_at = 0.0
-                deadline = killed_at + FAILOVER_TIMEOUT_S
+                deadline = killed_at + PYSYNCOBJ_FAILOVER_TIMEOUT_S
                 while not first_ack_at and time.monotonic() < deadline:
                     time.sleep(0.05)
                     first_ack_at = pc.ask(client, {"op": "progress", "killed_at": killed_at})["first_ack_at"]
@@ -636,7 +637,7 @@ def failover(opts: argparse.Namespace, root: str) -> dict:
                     figures = pc.ask(client, {"op": "progress", "killed_at": killed_at, "full": True})["figures"]
                 if not figures:
                     raise BenchError(
-                        f"{NAME} kill {k + 1} ({leader}): no message sent after the kill acknowledged within {FAILOVER_TIMEOUT_S:.0f} s\n{pc.log_tails()}"
+                        f"{NAME} kill {k + 1} ({leader}): no message sent after the kill acknowledged within {PYSYNCOBJ_FAILOVER_TIMEOUT_S:.0f} s\n{pc.log_tails()}"
                     )
                 new_leader, new_term = pc.wait_for_leader(timeout_s=LEADER_TIMEOUT_S, exclude=(leader,))
                 pc.start_node(leader)

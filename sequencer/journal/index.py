@@ -14,7 +14,7 @@ import zlib
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
-from raftseq.sequencer.journal.segments import INDEX_SUFFIX, SEGMENT_SUFFIX, Segment, replace_file, scan_segment
+from raftseq.sequencer.journal.segments import INDEX_SUFFIX, SEGMENT_SUFFIX, Segment, fsync_dir, replace_file, scan_segment
 
 INDEX_MAGIC = b"RSQIDX01"
 INDEX_HEADER = struct.Struct(">8sQQQI")  # magic, first_seq, record count, segment bytes, interval
@@ -32,16 +32,20 @@ def write_index(segment: Segment, *, fsync: bool) -> None:
     replace_file(index_path(segment), body, fsync=fsync)
 
 
-def load_sealed(segment: Segment, end_seq: int, *, verify: bool) -> Damage | None:
+def load_sealed(segment: Segment, end_seq: int, *, verify: bool, rebuild: bool = False) -> Damage | None:
     """Index of a sealed segment whose numbers end before `end_seq` (where the next segment or
     hole starts): from its index file when it matches, else by a walk. With `verify` every
-    record is read back even when the index matches.
+    record is read back even when the index matches. With `rebuild`, an index the walk had to
+    find (the file missing or stale: an index is written without fsync under the journal's
+    ``never`` policy, and a power cut takes it) is written again, fsynced, so that the next
+    open reads it instead of walking the segment again.
 
     A segment that fails (a record fails its checks, the file is short, records are missing
     before `end_seq`) is not an error here: it keeps the numbers up to `end_seq` and the
     damaged range is returned, to be refused to readers and repaired from a peer.
     """
     segment.sealed = True
+    indexed = False
     size = os.path.getsize(segment.path)
     index_path = segment.path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX
     try:
@@ -63,6 +67,7 @@ def load_sealed(segment: Segment, end_seq: int, *, verify: bool) -> Damage | Non
         ):
             segment.count, segment.size = count, size
             segment.offsets = list(struct.unpack(f">{n}Q", body[:-4]))
+            indexed = True
             if not verify:
                 return None
     except (OSError, struct.error):
@@ -78,4 +83,7 @@ def load_sealed(segment: Segment, end_seq: int, *, verify: bool) -> Damage | Non
         first_bad = min(segment.first_seq + scan.count, end_seq - 1)
         return Damage(first_bad, end_seq - 1, segment.path, scan.good_bytes, problem)
     segment.count, segment.size, segment.offsets = scan.count, size, scan.offsets
+    if rebuild and not indexed:
+        write_index(segment, fsync=True)
+        fsync_dir(os.path.dirname(segment.path))
     return None

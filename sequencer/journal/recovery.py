@@ -76,7 +76,7 @@ def recover(
             for hole_first, _ in holes:
                 if first_seq < hole_first < end_seq:
                     end_seq = hole_first
-            damage = load_sealed(segment, end_seq, verify=i >= verify_from)
+            damage = load_sealed(segment, end_seq, verify=i >= verify_from, rebuild=not readonly)
             if damage is not None:
                 damages.append(damage)
         segments.append(segment)
