@@ -207,6 +207,49 @@ def test_zeros_after_the_last_record_are_a_torn_tail(tmp_path):
     assert held(tmp_path) == written
 
 
+def torn_batch(entries: list[tuple[bytes, int, int]], *, synced_to: int = 0) -> bytes:
+    """What a power cut left of the writer's last batch: its first page lost (zeros), the
+    records after it kept; with `synced_to`, a ``SYNCED_TO`` record naming that offset follows."""
+    data = b"\0" * 4096
+    for command, index, term in entries:
+        data += log_store._encode(log_store._ENTRY.pack(log_store.ENTRY, index, term) + command)
+    if synced_to:
+        data += log_store._encode(log_store._OP.pack(log_store.SYNCED_TO, synced_to))
+    return data
+
+
+def test_a_power_cut_that_kept_records_after_a_lost_page_is_a_torn_tail(tmp_path):
+    """Power-cut soak (durability power, seed 20261207): after a cut of all three nodes one
+    refused to start, "raft/log-00000002.seg at byte 51680433: no record starts here": the
+    writer's last batch, never synced, reached the disk in pieces, and a whole record after
+    the lost page made the tail look like damage in the middle of the log."""
+    written = write_log(tmp_path, 6, durability="power")
+    path = segment(tmp_path)
+    torn = torn_batch([entry(7), entry(8)])
+    with open(path, "ab") as f:
+        f.write(torn)
+    store = RaftLogStore(str(tmp_path), durability="power")
+    try:
+        assert list(store[:]) == written, "the unsynced batch is cut, every synced entry kept"
+        assert store.bytes_cut == len(torn)
+        store.add(*entry(7))  # the log goes on after the cut
+    finally:
+        store.close()
+    assert held(tmp_path, durability="power") == [*written, entry(7)]
+
+
+def test_damage_that_an_fsync_covered_refuses_to_open_in_power_mode(tmp_path):
+    """The same bytes, but a later SYNCED_TO names an offset past the damage: an fsync covered
+    it, so it is damage, not a torn write."""
+    write_log(tmp_path, 6, durability="power")
+    path = segment(tmp_path)
+    end = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(torn_batch([entry(7)], synced_to=end + 4096 + 1))
+    with pytest.raises(RaftLogDamaged, match=f"{path} at byte {end}: no record starts here"):
+        RaftLogStore(str(tmp_path), durability="power")
+
+
 def test_a_flipped_bit_in_the_middle_refuses_to_open_naming_file_and_offset(tmp_path):
     write_log(tmp_path, 10)
     path = segment(tmp_path)

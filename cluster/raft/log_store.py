@@ -19,6 +19,12 @@ full disk. This store speaks pysyncobj's journal interface (``add``, ``clear``,
   short: the segment is cut there on open. A bad record anywhere else (a good one follows it,
   or it is not in the last segment) is damage: opening raises ``RaftLogDamaged`` naming the
   file and the byte offset, and the node refuses to start (``NodeExit.RAFT_LOG_DAMAGED``).
+  In power mode a power cut can leave good records after a bad one: the writer's last batch
+  may reach the disk in pieces (a page lost, the next one kept). So the power-mode writer
+  begins each batch after an fsync with a ``SYNCED_TO`` record naming how far the segment was
+  synced; in a segment holding such records, a bad record in the last segment is damage only
+  when a later ``SYNCED_TO`` names an offset past it (an fsync covered it), and a torn tail
+  otherwise: nothing from it on was ever covered by an fsync, so nothing there was acknowledged.
 * **Term and vote** live in their own small file, ``term``, replaced by write, fsync, rename
   and a directory fsync before ``setCurrentTerm`` returns (so before any vote or message of
   the new term leaves the node), in both durability modes.
@@ -84,7 +90,7 @@ RECORD_MAGIC = b"\xc3RL\x01"
 _RECORD_HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body, length)
 _ENTRY = struct.Struct("<BQQ")  # kind, index, term; the command follows
 _OP = struct.Struct("<BQ")  # kind, index
-ENTRY, TRUNCATE_FROM, DROP_BEFORE, CLEAR, COMMIT = 1, 2, 3, 4, 5
+ENTRY, TRUNCATE_FROM, DROP_BEFORE, CLEAR, COMMIT, SYNCED_TO = 1, 2, 3, 4, 5, 6
 
 TERM_FILE = "term"
 TERM_MAGIC = b"RSQTERM\x00"
@@ -176,6 +182,20 @@ def _good_record_after(data: bytes, offset: int) -> bool:
     return False
 
 
+def _never_synced(data: bytes, offset: int) -> bool:
+    """Whether no fsync covered the byte at `offset`: no whole ``SYNCED_TO`` record after it
+    names an offset past it (the power-mode writer's proof; see the module doc)."""
+    at = data.find(RECORD_MAGIC, offset + 1)
+    while at >= 0:
+        found = _record_at(data, at)
+        if not isinstance(found, str):
+            body = found[1]
+            if body[0] == SYNCED_TO and len(body) == _OP.size and _OP.unpack_from(body)[1] > offset:
+                return False
+        at = data.find(RECORD_MAGIC, at + 1)
+    return True
+
+
 def _segment_path(directory: str, number: int) -> str:
     return os.path.join(directory, f"log-{number:08d}.seg")
 
@@ -211,15 +231,26 @@ class _SegmentFiles:
         self.power = power
         self.fd = -1
         self.dir_dirty = False
+        #: Bytes in the open segment, and how many of them the last fsync covered.
+        self.size = 0
+        self.synced_size = 0
+        #: Power mode: the next write begins with a ``SYNCED_TO`` record (see the module doc).
+        self.mark_synced = power
         if number:
             self.fd = os.open(_segment_path(directory, number), os.O_WRONLY | os.O_APPEND)
+            # Power mode synced every file on open: all of it is durable.
+            self.size = self.synced_size = os.fstat(self.fd).st_size
 
     def write(self, segment: int, data: bytes) -> None:
         if segment != self.number:
             self._start(segment)
+        if self.mark_synced:
+            data = _encode(_OP.pack(SYNCED_TO, self.synced_size)) + data
+            self.mark_synced = False
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
+        self.size += len(data)
 
     def _start(self, number: int) -> None:
         if self.fd >= 0:
@@ -230,10 +261,13 @@ class _SegmentFiles:
         self.number = number
         self.dir_dirty = True
         os.write(self.fd, _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, number))
+        self.size, self.synced_size, self.mark_synced = _SEGMENT_HEADER.size, 0, self.power
 
     def sync(self) -> None:
         if self.fd >= 0:
             self.fsync(self.fd)
+            if self.synced_size != self.size:
+                self.synced_size, self.mark_synced = self.size, self.power
         if self.dir_dirty:
             sync_directory(self.directory, self.fsync_dir)
             self.dir_dirty = False
@@ -564,14 +598,16 @@ class RaftLogStore:
         if found != number:
             raise RaftLogDamaged(path, 12, f"segment number {found} in a file named for {number}")
         offset = _SEGMENT_HEADER.size
+        marked = False  # a SYNCED_TO record was read: the power-mode writer wrote this segment
         while offset < len(data):
             found_record = _record_at(data, offset)
             if isinstance(found_record, str):
-                if last and not _good_record_after(data, offset):
+                if last and (_never_synced(data, offset) if marked else not _good_record_after(data, offset)):
                     self._cut(path, offset, len(data) - offset, found_record)
                     return
                 raise RaftLogDamaged(path, offset, found_record)
             end, body = found_record
+            marked = marked or body[0] == SYNCED_TO
             problem = self._apply(body, number)
             if problem:
                 raise RaftLogDamaged(path, offset, problem)
@@ -587,6 +623,8 @@ class RaftLogStore:
             self._entry_segments.append(segment)
         elif kind == CLEAR and len(body) == 1:
             self._entries, self._entry_segments = [], []
+        elif kind == SYNCED_TO and len(body) == _OP.size:
+            pass  # read by _replay when it meets a bad record
         elif kind in (TRUNCATE_FROM, DROP_BEFORE, COMMIT) and len(body) == _OP.size:
             _, index = _OP.unpack_from(body)
             first = self._entries[0][1] if self._entries else index
