@@ -10,6 +10,7 @@ chaos_tests/test_membership.py.
 from __future__ import annotations
 
 import json
+import pickle
 
 import msgspec
 
@@ -25,6 +26,16 @@ from raftseq.cluster.membership import Member, Membership, MembershipError, quor
 from raftseq.cluster.raft.member import MEMBERSHIP_ADD
 from raftseq.sequencer import protocol
 from test_raft_member import CorrectedMember, PlainMember, free_address
+
+
+@pytest.fixture(autouse=True)
+def pysyncobj_loads_its_own_pickles(monkeypatch):
+    """Several tests below drive pysyncobj's own membership API (``addNodeToCluster``), whose
+    entries pickle a ``TCPNode``. A node never uses it (``RaftMember.propose_membership``
+    pickles strings), and the allow-list that ``raft.install()`` puts in pysyncobj refuses that
+    class: once any earlier test of the run installed it, these tests failed. They run with
+    pysyncobj's plain loader, as when nothing installed it (the order no longer matters)."""
+    monkeypatch.setattr(syncobj_pickle, "loads", pickle.loads)
 
 KEY = {name: f"{i:02x}" * 32 for i, name in enumerate(["n1", "n2", "n3", "n4", "n5"], start=1)}
 

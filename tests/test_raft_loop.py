@@ -162,6 +162,7 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
         "append_entries_period_s": 0.4,
         "election_timeout_min_s": 1.3,
         "election_timeout_max_s": 2.6,
+        "leader_fallback_timeout_s": 2.6,  # check-quorum: above 3 heartbeats, as the config asks
         "commit_notify_delay_s": delay_s,
     }
 
