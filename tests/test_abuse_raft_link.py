@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
 from cluster_harness import running_cluster  # noqa: F401
 
+from raftseq.cluster.config import METRICS_PAGE_REUSE_S
 from raftseq.cluster.raft.link_cipher import LinkCipher, LinkPassword
 
 #: Bytes the stranger tries to send after its prefix (before the guard, all were buffered).
@@ -269,7 +270,10 @@ def test_a_password_holder_cannot_join_as_a_member(running_cluster):
         assert taken == (who == "with the member's key"), who
     # The claim signed by another key was refused in the handshake, and counted where an
     # operator sees it (the version-3 link fails earlier, at its cipher).
-    refused = identities_refused(target.metrics_address) - refused_before
+    # A node reuses its metrics page for METRICS_PAGE_REUSE_S: the count shows on a later one.
+    deadline = time.monotonic() + METRICS_PAGE_REUSE_S + 5.0
+    while (refused := identities_refused(target.metrics_address) - refused_before) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert refused >= 1, f"{target.id} refused a forged claim but raftseq_raft_link_identities_refused_total rose by {refused}"
     h.wait_converged(at_least=0, timeout_s=30)
 
