@@ -330,14 +330,14 @@ def test_a_subscription_that_resumes_on_a_new_connection_counts_one_resume(label
     async def first(conn: ScriptedConnection) -> None:
         await conn.welcome()
         subscribe_frame = await conn.next_frame()
-        assert subscribe_frame == protocol.Subscribe(1), subscribe_frame
+        assert subscribe_frame == protocol.Subscribe(1, truncated_known=True), subscribe_frame
         conn.send(delivered(1), delivered(2))
         await conn.writer.drain()  # then the node dies
 
     async def second(conn: ScriptedConnection) -> None:
         await conn.welcome()
         subscribe_frame = await conn.next_frame()
-        assert subscribe_frame == protocol.Subscribe(3), f"resumed at {subscribe_frame}, not at last + 1"
+        assert subscribe_frame == protocol.Subscribe(3, truncated_known=True), f"resumed at {subscribe_frame}, not at last + 1"
         conn.send(delivered(3))
         await conn.hold_until_stopped()
 
