@@ -244,4 +244,5 @@ def test_a_node_rejoining_empty_behind_the_peers_retention_starts_its_journal_wh
     h.stop()
     contents = h.read_journal(wiped)
     assert contents.report.ok and contents.holes == [] and contents.last_seq == more[-1], contents.report
-    assert contents.first_seq == answer.first_seq
+    # Its own retention goes on meanwhile (it may remove more before it stops): never less.
+    assert contents.first_seq >= answer.first_seq > 1, (contents.first_seq, answer.first_seq)
