@@ -20,6 +20,7 @@ from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.machine import REPO_DIR, cpu_used
 from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
+from raftseq.cluster.processes import wait_or_kill
 
 #: After a steady load stops: how long its outstanding submits may take to be acknowledged.
 DRAIN_TIMEOUT_S = 30.0
@@ -370,11 +371,7 @@ def multi_client_run(
                     worker.stdin.close()
                 except OSError:
                     pass
-                try:
-                    worker.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+                wait_or_kill(worker, 5)
     for k, outcome in enumerate(outcomes):
         expect("error" not in outcome, f"client process {k + 1}: {outcome.get('error')}")
         expect(outcome["count"] == per_worker[k], f"client process {k + 1}: {outcome['count']} numbers for {per_worker[k]} submits")

@@ -51,6 +51,7 @@ from raftseq.cluster.config import (
     to_toml,
 )
 from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
+from raftseq.cluster.processes import wait_or_kill
 from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
@@ -660,11 +661,7 @@ class LocalCluster:
                 pass
         deadline = time.monotonic() + STOP_GRACE_S
         for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            wait_or_kill(process, max(0.0, deadline - time.monotonic()))
         for node in self.nodes:
             node.process = None
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -33,6 +32,7 @@ from monitoring import ALERTS, dashboard_expressions, load_dashboard, metric_nam
 
 from raftseq.clients import SequencerClient
 from raftseq.cluster.local import die_with_parent
+from raftseq.cluster.processes import stop_process
 
 SCRAPE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 30.0
@@ -86,14 +86,7 @@ class PrometheusServer:
         print(f"prometheus pid {self.process.pid} on http://{self.address}, log {self.log_path}", flush=True)
 
     def stop(self) -> None:
-        process = self.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(self.process, STOP_GRACE_S)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
