@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import json
 import os
 import pstats
 import shutil
@@ -33,7 +32,7 @@ from functools import partial
 
 
 from benchmarks.machine import git_state, print_code_and_machine, load_average, machine_facts, source_digest
-from benchmarks.options import add_report_options, resolve_sizes, non_negative_int, positive_int
+from benchmarks.options import add_report_options, non_negative_int, positive_int, resolve_sizes, terminate, write_report
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -779,15 +778,11 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     }
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that removes the temp dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve(args, parser)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=args.dir or None)
     try:
         report = bench(args, root)
@@ -797,9 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json and report:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_report(args.json, report)
         print(f"report    {args.json}")
     return 0
 

@@ -35,6 +35,7 @@ from benchmarks.figures import BenchError, percentile
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import told_to_go, worker_client
 from benchmarks.machine import REPO_DIR, code_under_test, print_load
+from benchmarks.options import write_report
 from benchmarks.peers.common import read_line, worker_outcome
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Connection, open_connection
@@ -328,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_priority: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(args.json, report)
     return 0
 
 

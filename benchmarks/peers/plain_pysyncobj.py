@@ -34,12 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -67,6 +64,7 @@ from benchmarks.peers.common import (
     pack,
     add_load_options,
     read_line,
+    run_peer,
     resolve_load_options,
     unpack,
 )
@@ -713,10 +711,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 resolve = resolve_load_options
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every finally that stops the nodes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.plain_pysyncobj", description=__doc__.split("\n\n")[0])
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="throughput, latency and/or failover (default all three)")
@@ -731,10 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {sorted(unknown)}")
     resolve(opts)
-    signal.signal(signal.SIGTERM, _terminate)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-pysyncobj-")
-    report: dict = {"load_average_start": load_average()}
-    try:
+    report: dict = {}
+
+    def measure(root: str) -> None:
         for name in opts.workloads or ["throughput", "latency", "failover"]:
             print(f"{NAME} {name}", flush=True)
             if name == "throughput":
@@ -744,14 +737,8 @@ def main(argv: list[str] | None = None) -> int:
                 report[name] = latency(opts, root)
             else:
                 report[name] = failover(opts, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report["load_average_end"] = load_average()
-    print(f"load avg {report['load_average_start']} -> {report['load_average_end']}")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+
+    return run_peer(NAME, opts, report, measure)
 
 
 if __name__ == "__main__":
