@@ -34,9 +34,9 @@ import msgspec
 from benchmarks.figures import BenchError, percentile
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import told_to_go, worker_client
-from benchmarks.machine import REPO_DIR, code_under_test, print_load
+from benchmarks.machine import code_under_test, print_load
 from benchmarks.options import write_report
-from benchmarks.peers.common import read_line, worker_outcome
+from benchmarks.peers.common import read_line, start_worker, worker_outcome
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Connection, open_connection
 from raftseq.cluster.config import CREDENTIALS_POLL_INTERVAL_S
@@ -253,14 +253,7 @@ def run(args: argparse.Namespace) -> dict:
                         "payload_bytes": args.payload_bytes,
                         "in_flight_max": args.in_flight,
                     }
-                    workers.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "benchmarks.bench_priority", "--worker", json.dumps(spec)],
-                            stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE,
-                            cwd=REPO_DIR,
-                        )
-                    )
+                    workers.append(start_worker("benchmarks.bench_priority", "--worker", spec, stdin=True, stderr=False))
                 for k, worker in enumerate(workers):
                     if read_line(worker, deadline).strip() != "ready":
                         raise BenchError(f"bulk process {k + 1} did not connect")

@@ -253,6 +253,19 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def start_worker(module: str, flag: str, spec: dict, *, stdin: bool, stderr: bool) -> subprocess.Popen:
+    """A benchmark's worker process, ``python -m module flag SPEC`` from the checkout with its
+    spec as JSON; its stdout is a pipe (``read_line``, ``worker_outcome``), and so are its stdin
+    when `stdin` and its stderr when `stderr` (inherited otherwise)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, flag, json.dumps(spec)],
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if stderr else None,
+        cwd=REPO_DIR,
+    )
+
+
 def read_line(process: subprocess.Popen, deadline: float) -> str:
     """One line of a child's stdout, or "" at the deadline or when it closed stdout."""
     remaining = deadline - time.monotonic()
