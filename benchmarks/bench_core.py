@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 
-from benchmarks.machine import git_state, print_code_and_machine, load_average, machine_facts, source_digest
+from benchmarks.machine import git_state, machine_facts, print_code_and_machine, print_load, source_digest
 from benchmarks.options import add_report_options, non_negative_int, positive_int, resolve_sizes, terminate, write_report
 
 from raftseq.sequencer import limits, protocol
@@ -677,15 +677,14 @@ def profile(workload: Workload, fx: Fixture) -> None:
 def bench(args: argparse.Namespace, root: str) -> dict:
     facts = machine_facts(root)
     code = code_under_test()
-    load_start = load_average()
     print("raftseq core benchmark")
     digest = f"source sha256 {code['sequencer_sha256']}"
-    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts)
-    print(f"          {facts['python']}, msgspec {facts['msgspec']}, {facts['platform']}")
+    runtime = f"{facts['python']}, msgspec {facts['msgspec']}"
+    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts, runtime=runtime)
     print(f"          temporary directory {root} on {facts['temp_dir_filesystem']}")
     if facts["temp_dir_filesystem"] in ("tmpfs", "ramfs"):
         print("          (fsync is free on a memory file system: use --dir on a real disk for the fsync figures)")
-    print(f"load avg  at start {' '.join(f'{x:.2f}' for x in load_start)} (1, 5, 15 min)")
+    load_start = print_load("at start")
 
     started = time.perf_counter()
     fx = build_fixture(root, args)
@@ -729,8 +728,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
         if section is SECTIONS[3]:
             print(split_line(figures))
 
-    load_end = load_average()
-    print(f"\nload avg  at end {' '.join(f'{x:.2f}' for x in load_end)} (1, 5, 15 min)")
+    print()
+    load_end = print_load("at end")
     goals = [(f.workload.key, goal_status(f)) for f in figures.values() if f.workload.goal_per_s]
     print("goals     " + ", ".join(f"{key} {status}" for key, status in goals))
     if fx.replay_journal is not None:
