@@ -41,6 +41,7 @@ from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Connection, open_connection
 from raftseq.cluster.config import CREDENTIALS_POLL_INTERVAL_S
 from raftseq.cluster.credentials import Quotas, new_credential, read_credentials, write_credentials
+from raftseq.cluster.processes import kill_process
 
 #: The goals of issue 17: admin p99 with the lane, in seconds; bulk throughput with the lane
 #: as a fraction of without.
@@ -267,9 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                 outcomes = [json.loads(read_line(w, time.monotonic() + DRAIN_TIMEOUT_S) or '{"error": "no outcome"}') for w in workers]
             finally:
                 for worker in workers:
-                    if worker.poll() is None:
-                        worker.kill()
-                    worker.wait()
+                    kill_process(worker)
     for k, outcome in enumerate(outcomes):
         if "error" in outcome or outcome["acked"] != outcome["unique"]:
             raise BenchError(f"bulk process {k + 1}: {outcome}")

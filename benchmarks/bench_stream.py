@@ -61,6 +61,7 @@ from benchmarks.options import (
 from benchmarks.peers.common import start_worker
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
+from raftseq.cluster.processes import kill_process
 from raftseq.sequencer import protocol
 
 GOAL_REPLAY_PER_S = 500_000
@@ -334,9 +335,7 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
         after = bench.cpu_times()
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            kill_process(worker)
     errors = [e for o in outcomes for e in o["errors"]]
     expect(not errors, f"fanout subscribers failed: {errors[:3]}")
     counts = [c for o in outcomes for c in o["counts"]]

@@ -14,6 +14,13 @@ def wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
         process.wait()
 
 
+def kill_process(process: subprocess.Popen) -> None:
+    """SIGKILL `process` if it still runs, and reap it; idempotent."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
 def stop_process(process: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM `process` if it still runs, SIGKILL after `grace_s`; idempotent."""
     if process.poll() is None:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from raftseq.cluster.processes import stop_process, wait_or_kill
+from raftseq.cluster.processes import kill_process, stop_process, wait_or_kill
 
 IGNORES_SIGTERM = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
 
@@ -39,4 +39,13 @@ def test_wait_or_kill_waits_for_a_child_that_exits():
     process = _child("print('ready', flush=True)")
     wait_or_kill(process, 30.0)
     assert process.returncode == 0
+    process.stdout.close()
+
+
+def test_kill_process_kills_and_reaps_a_running_child_and_leaves_an_ended_one():
+    process = _child(IGNORES_SIGTERM)
+    kill_process(process)
+    assert process.returncode == -9
+    kill_process(process)  # idempotent: already reaped
+    assert process.returncode == -9
     process.stdout.close()
