@@ -52,6 +52,7 @@ from benchmarks.peers.common import (
     REJOIN_TIMEOUT_S,
     SETTLE_S,
     LATENCY_WARMUP_S,
+    ChildCluster,
     Children,
     SendLog,
     ask,
@@ -337,8 +338,11 @@ class ClientLoad(SendLog):
 # --- the cluster (benchmark side) ---------------------------------------------------------
 
 
-class PlainCluster(Scoped):
+class PlainCluster(Scoped, ChildCluster):
     """Three pysyncobj node processes below `root`; ``close`` stops them (by pid)."""
+
+    node_ids = NODE_IDS
+    log_tail_lines = 10
 
     def __init__(self, root: str, name: str, *, insecure: bool) -> None:
         self.directory = os.path.join(root, name)
@@ -392,18 +396,11 @@ class PlainCluster(Scoped):
         if not line.startswith("{"):
             raise BenchError(f"{NAME} node {node_id} did not start: {line.strip() or 'no answer'}\n{self.log_tails()}")
 
-    def log_tails(self, count: int = 10) -> str:
-        return self.children.log_tails(NODE_IDS, count)
-
     def process(self, node_id: str):
         return self.children.processes[node_id]
 
     def ask(self, node_id: str, request: dict, timeout_s: float = ASK_TIMEOUT_S) -> dict:
         return ask(self.process(node_id), request, timeout_s=timeout_s)
-
-    @property
-    def pids(self) -> dict[str, int | None]:
-        return {node_id: self.children.pid(node_id) for node_id in NODE_IDS}
 
     def statuses(self) -> dict[str, dict | None]:
         out = {}
