@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.options import write_report
+
 RUN_TIMEOUT_S = 900
 
 
@@ -96,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             a = statistics.median(run[key][figure] for run in runs["A"])
             b = statistics.median(run[key][figure] for run in runs["B"])
             print(f"  {key:<12} {figure:<10} A {a:7.2f}  B {b:7.2f}  B/A {b / a:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"sides": sides, "runs": runs}, f, indent=1)
+    write_report(args.json, {"sides": sides, "runs": runs}, indent=1)
     return 0
 
 

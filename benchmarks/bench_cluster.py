@@ -228,8 +228,7 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, int]:
     code = code_under_test()
     print("raftseq cluster benchmark")
     digest = f"sequencer+cluster+clients sha256 {code['source_sha256']}"
-    print_code_and_machine(code["repo_dir"], code["git_commit"], code["dirty"], digest, facts)
-    print(f"          {facts['python']}, {facts['platform']}")
+    print_code_and_machine(code["repo_dir"], code["git_commit"], code["dirty"], digest, facts, runtime=facts["python"])
     others = other_raftseq_nodes(set())
     print(f"          other raftseq node processes running on this machine: {others}")
     load_start = print_load("at start")

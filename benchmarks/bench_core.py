@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import json
 import os
 import pstats
 import shutil
@@ -32,8 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 
-from benchmarks.machine import git_state, print_code_and_machine, load_average, machine_facts, source_digest
-from benchmarks.options import add_report_options, resolve_sizes, non_negative_int, positive_int
+from benchmarks.machine import git_state, machine_facts, print_code_and_machine, print_load, source_digest
+from benchmarks.options import add_report_options, non_negative_int, positive_int, resolve_sizes, terminate, write_report
 
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.stream import SequencedStream
@@ -678,15 +677,14 @@ def profile(workload: Workload, fx: Fixture) -> None:
 def bench(args: argparse.Namespace, root: str) -> dict:
     facts = machine_facts(root)
     code = code_under_test()
-    load_start = load_average()
     print("raftseq core benchmark")
     digest = f"source sha256 {code['sequencer_sha256']}"
-    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts)
-    print(f"          {facts['python']}, msgspec {facts['msgspec']}, {facts['platform']}")
+    runtime = f"{facts['python']}, msgspec {facts['msgspec']}"
+    print_code_and_machine(code["sequencer_dir"], code["git_commit"], code["sequencer_dirty"], digest, facts, runtime=runtime)
     print(f"          temporary directory {root} on {facts['temp_dir_filesystem']}")
     if facts["temp_dir_filesystem"] in ("tmpfs", "ramfs"):
         print("          (fsync is free on a memory file system: use --dir on a real disk for the fsync figures)")
-    print(f"load avg  at start {' '.join(f'{x:.2f}' for x in load_start)} (1, 5, 15 min)")
+    load_start = print_load("at start")
 
     started = time.perf_counter()
     fx = build_fixture(root, args)
@@ -730,8 +728,8 @@ def bench(args: argparse.Namespace, root: str) -> dict:
         if section is SECTIONS[3]:
             print(split_line(figures))
 
-    load_end = load_average()
-    print(f"\nload avg  at end {' '.join(f'{x:.2f}' for x in load_end)} (1, 5, 15 min)")
+    print()
+    load_end = print_load("at end")
     goals = [(f.workload.key, goal_status(f)) for f in figures.values() if f.workload.goal_per_s]
     print("goals     " + ", ".join(f"{key} {status}" for key, status in goals))
     if fx.replay_journal is not None:
@@ -779,15 +777,11 @@ def bench(args: argparse.Namespace, root: str) -> dict:
     }
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that removes the temp dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve(args, parser)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     root = tempfile.mkdtemp(prefix="raftseq-bench-", dir=args.dir or None)
     try:
         report = bench(args, root)
@@ -797,9 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json and report:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_report(args.json, report)
         print(f"report    {args.json}")
     return 0
 

@@ -34,12 +34,14 @@ import msgspec
 from benchmarks.figures import BenchError, percentile
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import told_to_go, worker_client
-from benchmarks.machine import REPO_DIR, code_under_test, print_load
-from benchmarks.peers.common import read_line, worker_outcome
+from benchmarks.machine import code_under_test, print_load
+from benchmarks.options import write_report
+from benchmarks.peers.common import read_line, start_worker, worker_outcome
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Connection, open_connection
 from raftseq.cluster.config import CREDENTIALS_POLL_INTERVAL_S
 from raftseq.cluster.credentials import Quotas, new_credential, read_credentials, write_credentials
+from raftseq.cluster.processes import kill_process
 
 #: The goals of issue 17: admin p99 with the lane, in seconds; bulk throughput with the lane
 #: as a fraction of without.
@@ -252,14 +254,7 @@ def run(args: argparse.Namespace) -> dict:
                         "payload_bytes": args.payload_bytes,
                         "in_flight_max": args.in_flight,
                     }
-                    workers.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "benchmarks.bench_priority", "--worker", json.dumps(spec)],
-                            stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE,
-                            cwd=REPO_DIR,
-                        )
-                    )
+                    workers.append(start_worker("benchmarks.bench_priority", "--worker", spec, stdin=True, stderr=False))
                 for k, worker in enumerate(workers):
                     if read_line(worker, deadline).strip() != "ready":
                         raise BenchError(f"bulk process {k + 1} did not connect")
@@ -273,9 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                 outcomes = [json.loads(read_line(w, time.monotonic() + DRAIN_TIMEOUT_S) or '{"error": "no outcome"}') for w in workers]
             finally:
                 for worker in workers:
-                    if worker.poll() is None:
-                        worker.kill()
-                    worker.wait()
+                    kill_process(worker)
     for k, outcome in enumerate(outcomes):
         if "error" in outcome or outcome["acked"] != outcome["unique"]:
             raise BenchError(f"bulk process {k + 1}: {outcome}")
@@ -328,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_priority: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(args.json, report)
     return 0
 
 

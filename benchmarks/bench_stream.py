@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import time
 from benchmarks.figures import BenchError, cpu_text, expect, spread
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import IN_FLIGHT_MAX_DEFAULT, multi_client_run
-from benchmarks.machine import REPO_DIR, code_under_test, cpu_used, load_average, machine_facts, print_load
+from benchmarks.machine import code_under_test, cpu_used, load_average, machine_facts, print_load
 from benchmarks.options import (
     FANOUT_RATE_DEFAULT,
     FANOUT_SECONDS_DEFAULT,
@@ -59,8 +58,10 @@ from benchmarks.options import (
     terminate,
     write_report,
 )
+from benchmarks.peers.common import start_worker
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.connection import open_connection
+from raftseq.cluster.processes import kill_process
 from raftseq.sequencer import protocol
 
 GOAL_REPLAY_PER_S = 500_000
@@ -304,14 +305,7 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
                 "until_seq": until_seq,
                 "timeout_s": args.seconds + FANOUT_DRAIN_S + 30,
             }
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.bench_stream", "--fanout-worker", json.dumps(spec)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=REPO_DIR,
-                )
-            )
+            workers.append(start_worker("benchmarks.bench_stream", "--fanout-worker", spec, stdin=False, stderr=True))
         time.sleep(1.0)  # let the subscriptions attach (they start at last + 1 and wait)
         before = bench.cpu_times()  # the nodes (and this process); subscriber processes are gone by the end
         started = time.monotonic()
@@ -341,9 +335,7 @@ def workload_fanout(args: argparse.Namespace, bench: BenchCluster, last: int) ->
         after = bench.cpu_times()
     finally:
         for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+            kill_process(worker)
     errors = [e for o in outcomes for e in o["errors"]]
     expect(not errors, f"fanout subscribers failed: {errors[:3]}")
     counts = [c for o in outcomes for c in o["counts"]]

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from benchmarks.figures import BenchError, check_seqs, describe_ranges, expect, merge_ranges, seq_ranges
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
-from benchmarks.machine import REPO_DIR, cpu_used
-from benchmarks.peers.common import read_line, worker_outcome
+from benchmarks.machine import cpu_used
+from benchmarks.peers.common import read_line, start_worker, worker_outcome
 from raftseq.clients import SequencerClient
+from raftseq.cluster.processes import wait_or_kill
 
 #: After a steady load stops: how long its outstanding submits may take to be acknowledged.
 DRAIN_TIMEOUT_S = 30.0
@@ -339,15 +340,7 @@ def multi_client_run(
                 "in_flight_max": in_flight_max,
                 "timeout_s": timeout_s,
             }
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.load", "--worker", json.dumps(spec)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=REPO_DIR,
-                )
-            )
+            workers.append(start_worker("benchmarks.load", "--worker", spec, stdin=True, stderr=True))
         for k, worker in enumerate(workers):
             line = read_line(worker, deadline)
             if line.strip() != "ready":
@@ -370,11 +363,7 @@ def multi_client_run(
                     worker.stdin.close()
                 except OSError:
                     pass
-                try:
-                    worker.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+                wait_or_kill(worker, 5)
     for k, outcome in enumerate(outcomes):
         expect("error" not in outcome, f"client process {k + 1}: {outcome.get('error')}")
         expect(outcome["count"] == per_worker[k], f"client process {k + 1}: {outcome['count']} numbers for {per_worker[k]} submits")

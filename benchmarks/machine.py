@@ -120,12 +120,14 @@ def machine_facts(directory: str | None = None) -> dict:
     return facts
 
 
-def print_code_and_machine(directory: str, commit: str, dirty: bool | None, digest: str, facts: dict) -> None:
+def print_code_and_machine(directory: str, commit: str, dirty: bool | None, digest: str, facts: dict, *, runtime: str) -> None:
     """A report's first lines: the measured source (`directory`, its commit, whether it has
-    uncommitted changes, `digest` as "<what> sha256 <hex>") and the machine's CPUs."""
+    uncommitted changes, `digest` as "<what> sha256 <hex>"), the machine's CPUs, and `runtime`
+    (the Python and library versions that matter) with the platform."""
     changes = {True: ", with uncommitted changes", False: ", clean", None: ""}[dirty]
     print(f"code      {directory} ({commit or 'no git checkout'}{changes}; {digest})")
     print(f"machine   nproc {facts['nproc']} (of {facts['cpu_count']}), {facts['cpu_model']}")
+    print(f"          {runtime}, {facts['platform']}")
 
 
 def print_load(when: str) -> list[float]:

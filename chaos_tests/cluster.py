@@ -64,6 +64,7 @@ import msgspec
 from chaos_tests.powerfs import PowerFS
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, PASS, DirectionFault, FaultProxy
 from raftseq.cluster.local import LEADER_TIMEOUT_S, POLL_INTERVAL_S, LocalCluster, LocalNode, free_base_port, local_configs
+from raftseq.cluster.processes import wait_or_kill
 
 PORT_ATTEMPTS_MAX = 20
 #: Proxy listening ports: base + these (in the client-port block, below every Raft port).
@@ -150,11 +151,7 @@ class _NamespaceHolder:
                 process.stdin.close()  # the holder's `read` returns: it exits
             except OSError:
                 pass
-            try:
-                process.wait(HOLDER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            wait_or_kill(process, HOLDER_STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         """End the holder (and with it the namespaces, once nothing else is in them)."""

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from chaos_tests.cluster import ChaosCluster
 from chaos_tests.proxy import DROP, HOLD, PASS
@@ -48,6 +49,8 @@ FaultCallback = Callable[[str, str, dict], None]
 #: How long a restarted node may take to rejoin and catch up during a rolling restart.
 SETTLE_TIMEOUT_S = 30.0
 FLIPS_MAX = 200
+#: Which nodes a kill or power cut hits (``Nemesis.targets``).
+Targets = Literal["leader", "follower", "two", "all"]
 _MODE_STRENGTH = {PASS: 0, HOLD: 1, DROP: 2}
 
 
@@ -303,25 +306,28 @@ class Nemesis:
         details = {"nodes": node_ids, "signal": signal.Signals(sig).name, "pids": pids, **self._role_of(node_ids, leader)}
         return self._begin("kill", details, undo=restart)
 
-    def kill_leader(self) -> ActiveFault:
+    def targets(self, which: Targets) -> tuple[list[str], str | None]:
+        """The nodes a fault on `which` hits and the leader before it: the leader, a follower
+        or two nodes (a majority of three) drawn from the rng, or all (then the leader is None
+        when none answers within 2 s)."""
+        if which == "all":
+            try:
+                leader = self.leader(timeout_s=2.0)
+            except AssertionError:
+                leader = None
+            return list(self.cluster.node_ids), leader
         leader = self.leader()
-        return self.kill([leader], leader=leader)
+        if which == "leader":
+            return [leader], leader
+        if which == "follower":
+            return [self._pick_follower(leader)], leader
+        assert which == "two", which
+        return sorted(self.rng.sample(self.cluster.node_ids, 2)), leader
 
-    def kill_follower(self) -> ActiveFault:
-        leader = self.leader()
-        return self.kill([self._pick_follower(leader)], leader=leader)
-
-    def kill_two(self) -> ActiveFault:
-        """Kill two nodes drawn from the rng (a majority of three)."""
-        leader = self.leader()
-        return self.kill(sorted(self.rng.sample(self.cluster.node_ids, 2)), leader=leader)
-
-    def kill_all(self) -> ActiveFault:
-        try:
-            leader = self.leader(timeout_s=2.0)
-        except AssertionError:
-            leader = None
-        return self.kill(self.cluster.node_ids, leader=leader)
+    def kill_on(self, which: Targets) -> ActiveFault:
+        """``kill`` the nodes ``targets(which)`` names."""
+        node_ids, leader = self.targets(which)
+        return self.kill(node_ids, leader=leader)
 
     def crash(self, node_ids: Sequence[str], *, down_s: float, leader: str | None = None) -> dict:
         """Kill, stay down `down_s`, restart. Returns the end details."""
@@ -355,25 +361,10 @@ class Nemesis:
         details = {"nodes": node_ids, "pids": pids, "dropped": dropped, "cut_s": cut_s, **self._role_of(node_ids, leader)}
         return self._begin("power_cut", details, undo=restore)
 
-    def power_cut_leader(self) -> ActiveFault:
-        leader = self.leader()
-        return self.power_cut([leader], leader=leader)
-
-    def power_cut_follower(self) -> ActiveFault:
-        leader = self.leader()
-        return self.power_cut([self._pick_follower(leader)], leader=leader)
-
-    def power_cut_two(self) -> ActiveFault:
-        """Two nodes drawn from the rng (a majority of three)."""
-        leader = self.leader()
-        return self.power_cut(sorted(self.rng.sample(self.cluster.node_ids, 2)), leader=leader)
-
-    def power_cut_all(self) -> ActiveFault:
-        try:
-            leader = self.leader(timeout_s=2.0)
-        except AssertionError:
-            leader = None
-        return self.power_cut(self.cluster.node_ids, leader=leader)
+    def power_cut_on(self, which: Targets) -> ActiveFault:
+        """``power_cut`` the nodes ``targets(which)`` names."""
+        node_ids, leader = self.targets(which)
+        return self.power_cut(node_ids, leader=leader)
 
     def rolling_restart(self, *, down_s: float = 0.2, settle_timeout_s: float = SETTLE_TIMEOUT_S) -> list[str]:
         """Kill and restart each node in turn (order drawn from the rng), waiting after each

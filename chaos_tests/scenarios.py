@@ -140,11 +140,11 @@ def _leader_lost(ctx: Context, fault, what: str, outcome: str, hold_s: tuple[flo
 
 
 def _kill_leader(ctx: Context) -> None:
-    _leader_lost(ctx, ctx.nemesis.kill_leader(), "after the leader was killed", "killed; acknowledgements again", (0.2, 1.0))
+    _leader_lost(ctx, ctx.nemesis.kill_on("leader"), "after the leader was killed", "killed; acknowledgements again", (0.2, 1.0))
 
 
 def _kill_follower(ctx: Context) -> None:
-    fault = ctx.nemesis.kill_follower()
+    fault = ctx.nemesis.kill_on("follower")
     ctx.hold(0.5, 2.0)
     ctx.nemesis.end(fault)
     ctx.converge()
@@ -160,11 +160,11 @@ def _kill_majority(ctx: Context, fault, hold_s: tuple[float, float]) -> None:
 
 
 def _kill_two(ctx: Context) -> None:
-    _kill_majority(ctx, ctx.nemesis.kill_two(), (0.5, 1.5))
+    _kill_majority(ctx, ctx.nemesis.kill_on("two"), (0.5, 1.5))
 
 
 def _kill_all(ctx: Context) -> None:
-    _kill_majority(ctx, ctx.nemesis.kill_all(), (0.2, 1.0))
+    _kill_majority(ctx, ctx.nemesis.kill_on("all"), (0.2, 1.0))
 
 
 def _rolling_restart(ctx: Context) -> None:
@@ -270,7 +270,7 @@ def _power_back(ctx: Context, fault) -> float:
 
 
 def _power_cut_follower(ctx: Context) -> None:
-    fault = ctx.nemesis.power_cut_follower()
+    fault = ctx.nemesis.power_cut_on("follower")
     ctx.acks_resume("with a follower's power cut")
     ctx.hold(0.2, 1.0)
     restore_s = _power_back(ctx, fault)
@@ -279,7 +279,7 @@ def _power_cut_follower(ctx: Context) -> None:
 
 
 def _power_cut_leader(ctx: Context) -> None:
-    fault = ctx.nemesis.power_cut_leader()
+    fault = ctx.nemesis.power_cut_on("leader")
     took = ctx.acks_resume("after the leader's power cut")
     ctx.hold(0.2, 1.0)
     restore_s = _power_back(ctx, fault)
@@ -297,11 +297,11 @@ def _power_cut_majority(ctx: Context, fault) -> None:
 
 
 def _power_cut_two(ctx: Context) -> None:
-    _power_cut_majority(ctx, ctx.nemesis.power_cut_two())
+    _power_cut_majority(ctx, ctx.nemesis.power_cut_on("two"))
 
 
 def _power_cut_all(ctx: Context) -> None:
-    _power_cut_majority(ctx, ctx.nemesis.power_cut_all())
+    _power_cut_majority(ctx, ctx.nemesis.power_cut_on("all"))
 
 
 POWER_ROUNDS = {"follower": _power_cut_follower, "leader": _power_cut_leader, "two": _power_cut_two, "all": _power_cut_all}

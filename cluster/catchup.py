@@ -66,7 +66,7 @@ class HoleJournal(Protocol):
 
 
 class Peer(Protocol):
-    """A peer to fetch from (``cluster.config.PeerConfig``)."""
+    """A peer to fetch from or to ask what it needs (``cluster.config.PeerConfig``)."""
 
     @property
     def id(self) -> str: ...

@@ -51,6 +51,7 @@ from raftseq.cluster.config import (
     to_toml,
 )
 from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_private, write_private
+from raftseq.cluster.processes import wait_or_kill
 from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
@@ -252,18 +253,22 @@ def local_node_key(path: str) -> str:
     return public_key.hex()
 
 
+def ephemeral_ports_first() -> int:
+    """First port of the kernel's ephemeral range (``EPHEMERAL_PORTS_FIRST_DEFAULT`` when /proc
+    does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_PORTS_FIRST_DEFAULT
+
+
 def free_base_port(rng: random.Random | None = None) -> int:
     """A base port whose nine local-cluster ports are all free on 127.0.0.1 right now."""
     rng = rng or random.Random()
     # Stay below the kernel's ephemeral range: a port there can be taken by any outgoing
     # connection (even one to itself) before a node binds it.
-    low = EPHEMERAL_PORTS_FIRST_DEFAULT
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    top = max(10010, min(low, PORTS_END) - 210)
+    top = max(10010, min(ephemeral_ports_first(), PORTS_END) - 210)
     offsets = [first + i for first in (CLIENT_PORT_OFFSET, RAFT_PORT_OFFSET, METRICS_PORT_OFFSET) for i in range(NODE_COUNT)]
     for _ in range(200):
         base = rng.randrange(10000, top, 10)
@@ -660,11 +665,7 @@ class LocalCluster:
                 pass
         deadline = time.monotonic() + STOP_GRACE_S
         for process in running:
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            wait_or_kill(process, max(0.0, deadline - time.monotonic()))
         for node in self.nodes:
             node.process = None
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 from raftseq.cluster.batcher import Batcher
 from raftseq.cluster.catchup import CatchUp
@@ -548,14 +549,25 @@ def _run_locked(config: NodeConfig, node_filter: _NodeLogFilter, *, discard_raft
         votes_blocked_s = max(1.0, 2 * config.raft.election_timeout_max_s)
         log.warning("Raft log discarded (moved to %s); no votes for %.1f s", moved, votes_blocked_s)
 
+    async def serve(stop: asyncio.Event) -> None:
+        node = Node(config, votes_blocked_s=votes_blocked_s)
+        node_filter.node = node
+        await node.run(stop)
+
+    return run_until_stopped(serve, log=log)
+
+
+def run_until_stopped(serve: Callable[[asyncio.Event], Awaitable[None]], *, log: logging.Logger) -> int:
+    """Run ``serve(stop)`` on a new event loop until it returns; SIGTERM and SIGINT set `stop`.
+    The exit code: ``NodeExit.STOPPED``, or the code of the ``NodeCannotRun`` that ended it
+    (logged as critical on `log`)."""
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        node = Node(config, votes_blocked_s=votes_blocked_s)
-        node_filter.node = node
-        await node.run(stop)
+        await serve(stop)
 
     try:
         asyncio.run(main())

@@ -35,7 +35,7 @@ from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import RelayCollector, RelayMetrics, page_maker
 from raftseq.cluster.metrics_http import MetricsServer
-from raftseq.cluster.node import JOURNAL_START_SEQ, AddressUnavailable, open_journal, setup_logging
+from raftseq.cluster.node import JOURNAL_START_SEQ, AddressUnavailable, open_journal, run_until_stopped, setup_logging
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.publication import Publication
 from raftseq.cluster.relay_config import (
@@ -344,8 +344,6 @@ class Relay:
 
 def run_relay(config: RelayConfig, *, log_file: str = "") -> int:
     """Run a relay in the foreground until SIGTERM or SIGINT; its exit code (``NodeExit``)."""
-    import signal
-
     relay_filter = setup_logging(config.id, log_file=log_file)
     try:
         data_dir_lock = claim_data_dir(config.data_dir, (config.journal_dir,))
@@ -353,19 +351,10 @@ def run_relay(config: RelayConfig, *, log_file: str = "") -> int:
         log.critical("%s", exc)
         return exc.code
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def serve(stop: asyncio.Event) -> None:
         relay = Relay(config)
         relay_filter.node = relay
         await relay.run(stop)
 
     with data_dir_lock:
-        try:
-            asyncio.run(main())
-        except NodeCannotRun as exc:
-            log.critical("%s", exc)
-            return exc.code
-    return NodeExit.STOPPED
+        return run_until_stopped(serve, log=log)

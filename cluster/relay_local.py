@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from raftseq.clients.endpoints import TOKEN_ENV
+from raftseq.cluster.processes import stop_process
 
 #: Port offsets from a local cluster's base port (``cluster.local``): relay clients P+104..,
 #: relay metrics P+204...
@@ -86,15 +87,8 @@ class LocalRelay:
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after the grace period; idempotent."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(RELAY_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self.process is not None:
+            stop_process(self.process, RELAY_STOP_GRACE_S)
 
     def log_text(self) -> str:
         try:

@@ -36,11 +36,11 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import msgspec
 
 from raftseq.clients.connection import open_connection
+from raftseq.cluster.catchup import Peer
 from raftseq.cluster.config import RetentionConfig
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer import protocol
@@ -59,14 +59,6 @@ PEER_STATUS_TIMEOUT_S = 2.0
 LOG_TIME_READS_PER_CHECK = 16
 
 _peers_decoder = msgspec.json.Decoder(dict[str, int])
-
-
-class Peer(Protocol):
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def client_address(self) -> str: ...
 
 
 class RetentionFloor(msgspec.Struct, frozen=True):

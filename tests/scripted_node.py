@@ -5,8 +5,10 @@ exactly the frames it wants, including wrong ones."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+from raftseq.clients import SequencerClient
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import Role
 
@@ -100,3 +102,19 @@ class ScriptedConnection:
 
     async def hold_until_stopped(self) -> None:
         await self.node.stopping.wait()
+
+
+@contextlib.asynccontextmanager
+async def scripted_client(
+    scripts: list[Callable[[ScriptedConnection], Awaitable[None]]], **options
+) -> AsyncIterator[tuple[ScriptedNode, SequencerClient]]:
+    """A ``ScriptedNode`` following `scripts` and a ``SequencerClient`` of it (`options`), both
+    closed at the end; a block that ends without an exception asserts the scripts ran clean."""
+    node = ScriptedNode(scripts)
+    c = SequencerClient([await node.start()], **options)
+    try:
+        yield node, c
+    finally:
+        await c.close()
+        await node.stop()
+    assert not node.errors, node.errors

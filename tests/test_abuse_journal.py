@@ -127,13 +127,18 @@ def restart_all_expecting_one_exit_7_each(h: ClusterHarness) -> list[str]:
     return found
 
 
-def read_from(h: ClusterHarness, node_id: str, from_seq: int, last: int) -> list:
-    """Subscribe to `node_id` alone from `from_seq` up to `last`; the messages."""
+def read_from(h: ClusterHarness, node_id: str, from_seq: int, last: int, *, others_too: bool = False, timeout_s: float = 20) -> list:
+    """Subscribe to `node_id` alone from `from_seq` up to `last`; the messages. `others_too`:
+    to every node, preferring `node_id` (the others serve while it refuses)."""
+    if others_too:
+        endpoints, prefer, session = h.endpoints, h.endpoint(node_id), "probe"
+    else:
+        endpoints, prefer, session = [h.endpoint(node_id)], "", f"reader-{node_id}"
 
     async def run() -> list:
-        recorder = StreamRecorder([h.endpoint(node_id)], token=h.token, from_seq=from_seq, session=f"reader-{node_id}").start()
+        recorder = StreamRecorder(endpoints, token=h.token, from_seq=from_seq, prefer=prefer, session=session).start()
         try:
-            await recorder.wait_until(last, timeout_s=20)
+            await recorder.wait_until(last, timeout_s=timeout_s)
         finally:
             await recorder.stop()
         return recorder.messages
@@ -180,16 +185,8 @@ def test_a_flipped_bit_in_a_sealed_segment_is_refused_then_repaired_byte_identic
 
     # A subscriber that prefers the damaged node, from just before the damaged record: it gets
     # the whole stream (from another node while this one refuses).
-    async def subscribe_through() -> StreamRecorder:
-        recorder = StreamRecorder(h.endpoints, token=h.token, from_seq=bad_seq - 2, prefer=h.endpoint(node), session="probe").start()
-        try:
-            await recorder.wait_until(MESSAGES, timeout_s=30)
-        finally:
-            await recorder.stop()
-        return recorder
-
-    recorder = asyncio.run(subscribe_through())
-    seqs = [m.seq for m in recorder.messages]
+    messages = read_from(h, node, bad_seq - 2, MESSAGES, others_too=True, timeout_s=30)
+    seqs = [m.seq for m in messages]
     assert seqs[: MESSAGES - bad_seq + 3] == list(range(bad_seq - 2, MESSAGES + 1)), "gap or duplicate around the damage"
     pid = check_alive(h, node)
     found = h.wait_for_log(node, found_text, timeout_s=REPAIR_TIMEOUT_S)
@@ -317,20 +314,11 @@ def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_nod
 
     # A subscriber that prefers the damaged node, from just before the damage: the whole stream,
     # right records only (from another node while this one refuses).
-    async def subscribe_through() -> StreamRecorder:
-        from_seq = max(1, bad_seq - 2)
-        recorder = StreamRecorder(h.endpoints, token=h.token, from_seq=from_seq, prefer=h.endpoint(node), session="probe").start()
-        try:
-            await recorder.wait_until(total, timeout_s=30)
-        finally:
-            await recorder.stop()
-        return recorder
-
-    recorder = asyncio.run(subscribe_through())
     from_seq = max(1, bad_seq - 2)
-    assert [m.seq for m in recorder.messages][: total - from_seq + 1] == list(range(from_seq, total + 1)), "gap or duplicate"
+    messages = read_from(h, node, from_seq, total, others_too=True, timeout_s=30)
+    assert [m.seq for m in messages][: total - from_seq + 1] == list(range(from_seq, total + 1)), "gap or duplicate"
     by_seq = {s: p for p, s in acked.items()}
-    assert all(by_seq[m.seq] == m.payload for m in recorder.messages if m.seq in by_seq), "a wrong record was served"
+    assert all(by_seq[m.seq] == m.payload for m in messages if m.seq in by_seq), "a wrong record was served"
     check_alive(h, node)
     repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
     print(f"{damage} tail at seq {bad_seq}: {repaired} ({time.monotonic() - started:.1f} s)")

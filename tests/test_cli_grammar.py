@@ -21,6 +21,7 @@ import pytest
 
 from raftseq.cluster.cli import build_parser
 from raftseq.cluster.cli.args import DEFAULT_ENDPOINTS, ENDPOINTS_ENV, TOKEN_ENV
+from raftseq.cluster.processes import kill_process
 from raftseq.cluster.local import LocalCluster, free_base_port
 from raftseq.cluster.status import leader_of
 
@@ -207,9 +208,7 @@ def test_tail_stops_on_ctrl_c_with_130_and_no_asyncio_warnings(cluster):
         code = process.wait(COMMAND_TIMEOUT_S)
         stderr = process.stderr.read()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_process(process)
         process.stdout.close()
         process.stderr.close()
     assert code == 130, (code, stderr)

@@ -17,7 +17,7 @@ import pytest
 from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F401
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from scripted_node import SCENARIO_TIMEOUT_S, ScriptedConnection, ScriptedNode
+from scripted_node import SCENARIO_TIMEOUT_S, ScriptedConnection, ScriptedNode, scripted_client
 
 from raftseq.clients import Message, OutcomeUnknown, Rejected, SequencerClient, subscribe
 from raftseq.clients.client import FAILOVER_BUCKETS_S, DurationHistogram
@@ -290,19 +290,12 @@ def test_a_dropped_leader_connection_counts_a_reconnect_a_failover_and_the_resub
         await conn.hold_until_stopped()
 
     async def scenario() -> SequencerClient:
-        node = ScriptedNode([first, second])
-        address = await node.start()
-        c = SequencerClient([address], session="s", metrics=collector, heartbeat_timeout_s=30)
-        try:
+        async with scripted_client([first, second], session="s", metrics=collector, heartbeat_timeout_s=30) as (node, c):
             await c.connect()
             seqs = await asyncio.wait_for(asyncio.gather(*(c.submit_nowait(b"x%d" % i) for i in range(3))), SCENARIO_TIMEOUT_S)
             assert seqs == [11, 12, 13]
             assert c.connected
             assert value(registry, "raftseq_client_sessions_connected") == 1
-        finally:
-            await c.close()
-            await node.stop()
-        assert not node.errors, node.errors
         assert node.connections == 2
         return c
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -32,7 +31,8 @@ from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F
 from monitoring import ALERTS, dashboard_expressions, load_dashboard, metric_names, node_sample_names, scrape_config_module
 
 from raftseq.clients import SequencerClient
-from raftseq.cluster.local import die_with_parent
+from raftseq.cluster.local import die_with_parent, ephemeral_ports_first
+from raftseq.cluster.processes import stop_process
 
 SCRAPE_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 30.0
@@ -48,12 +48,7 @@ MESSAGES_AFTER_FAILOVER = 100
 def free_loopback_port(rng: random.Random) -> int:
     """A port free on 127.0.0.1 now, below the kernel's ephemeral range (see
     ``cluster.local.free_base_port`` for why)."""
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
+    low = ephemeral_ports_first()
     for _ in range(200):
         port = rng.randrange(10000, low)
         with socket.socket() as sock:
@@ -86,14 +81,7 @@ class PrometheusServer:
         print(f"prometheus pid {self.process.pid} on http://{self.address}, log {self.log_path}", flush=True)
 
     def stop(self) -> None:
-        process = self.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(self.process, STOP_GRACE_S)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -33,6 +33,7 @@ from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, MixedClus
 
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
+from raftseq.cluster.processes import kill_process
 
 #: The load: submits per second (paced), at most this many in flight, and a bound on the count.
 LOAD_RATE_PER_S = 400
@@ -176,9 +177,7 @@ def test_rolling_upgrade_from_the_previous_release_under_load(tmp_path):
         try:
             asyncio.run(upgrade_and_check(h, old_client))
         finally:
-            if old_client.poll() is None:
-                old_client.kill()
-            old_client.wait()
+            kill_process(old_client)
     finally:
         h.stop()
         print(h.log_tails(), flush=True)

@@ -15,9 +15,9 @@ import asyncio
 import time
 
 import pytest
-from scripted_node import SCENARIO_TIMEOUT_S, ScriptedConnection, ScriptedNode
+from scripted_node import SCENARIO_TIMEOUT_S, ScriptedConnection, scripted_client
 
-from raftseq.clients import Rejected, SequencerClient, SessionForgotten
+from raftseq.clients import Rejected, SessionForgotten
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -38,9 +38,7 @@ def test_a_sequence_gap_below_what_was_acknowledged_stops_the_client_with_sessio
         await conn.hold_until_stopped()
 
     async def scenario() -> None:
-        node = ScriptedNode([before_the_cut, after_the_cut])
-        c = SequencerClient([await node.start()], session="orders", heartbeat_timeout_s=30)
-        try:
+        async with scripted_client([before_the_cut, after_the_cut], session="orders", heartbeat_timeout_s=30) as (node, c):
             await c.connect()
             acked = await asyncio.wait_for(asyncio.gather(*(c.submit_nowait(b"m%d" % i) for i in range(1, 4))), SCENARIO_TIMEOUT_S)
             assert acked == [101, 102, 103]
@@ -56,10 +54,6 @@ def test_a_sequence_gap_below_what_was_acknowledged_stops_the_client_with_sessio
                 await asyncio.wait_for(c.submit(b"m5"), SCENARIO_TIMEOUT_S)
             with pytest.raises(SessionForgotten):
                 c.submit_nowait(b"m6")
-        finally:
-            await c.close()
-            await node.stop()
-        assert not node.errors, node.errors
         assert node.connections == 2, "the client stopped: it did not reconnect to try again"
 
     asyncio.run(scenario())
@@ -78,16 +72,10 @@ def test_a_sequence_gap_above_what_was_acknowledged_is_still_a_resend():
         await conn.hold_until_stopped()
 
     async def scenario() -> None:
-        node = ScriptedNode([leader])
-        c = SequencerClient([await node.start()], session="orders", heartbeat_timeout_s=30)
-        try:
+        async with scripted_client([leader], session="orders", heartbeat_timeout_s=30) as (_, c):
             await c.connect()
             seqs = await asyncio.wait_for(asyncio.gather(*(c.submit_nowait(b"m%d" % i) for i in range(1, 4))), SCENARIO_TIMEOUT_S)
             assert seqs == [101, 102, 103]
-        finally:
-            await c.close()
-            await node.stop()
-        assert not node.errors, node.errors
 
     asyncio.run(scenario())
 
@@ -112,14 +100,8 @@ def test_a_busy_submit_is_sent_again_after_the_wait_the_node_asked_for():
         await conn.hold_until_stopped()
 
     async def scenario() -> None:
-        node = ScriptedNode([leader])
-        c = SequencerClient([await node.start()], session="orders", heartbeat_timeout_s=30)
-        try:
+        async with scripted_client([leader], session="orders", heartbeat_timeout_s=30) as (_, c):
             assert await asyncio.wait_for(c.submit(b"m"), SCENARIO_TIMEOUT_S) == 7
-        finally:
-            await c.close()
-            await node.stop()
-        assert not node.errors, node.errors
 
     asyncio.run(scenario())
     assert resent_after[0] >= 0.29, f"resent {resent_after[0] * 1000:.0f} ms after a Busy asking for 300 ms"

@@ -224,6 +224,25 @@ class Children:
         self._logs = []
 
 
+class ChildCluster:
+    """A peer's cluster of child processes (``children``), one per id of ``node_ids``."""
+
+    node_ids: tuple[str, ...]
+    #: Lines of each log in ``log_tails`` when the caller does not say.
+    log_tail_lines = 8
+    children: Children
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        return {n: self.children.pid(n) for n in self.node_ids}
+
+    def kill(self, node_id: str) -> None:
+        self.children.kill(node_id)
+
+    def log_tails(self, count: int | None = None) -> str:
+        return self.children.log_tails(self.node_ids, count or self.log_tail_lines)
+
+
 def start_failed(name: str, error: BenchError, cluster, *, last_attempt: bool) -> None:
     """After `name`'s `cluster` did not start: stops its processes (``cluster.children`` starts
     afresh for the next attempt), then returns when ports taken meanwhile explain it (their
@@ -251,6 +270,19 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def start_worker(module: str, flag: str, spec: dict, *, stdin: bool, stderr: bool) -> subprocess.Popen:
+    """A benchmark's worker process, ``python -m module flag SPEC`` from the checkout with its
+    spec as JSON; its stdout is a pipe (``read_line``, ``worker_outcome``), and so are its stdin
+    when `stdin` and its stderr when `stderr` (inherited otherwise)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, flag, json.dumps(spec)],
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if stderr else None,
+        cwd=REPO_DIR,
+    )
 
 
 def read_line(process: subprocess.Popen, deadline: float) -> str:

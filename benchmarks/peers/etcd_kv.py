@@ -58,6 +58,7 @@ from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import Scoped, positive_int
 from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
+    ChildCluster,
     Children,
     SendLog,
     add_load_options,
@@ -229,9 +230,11 @@ def _http(port: int, path: str, body: bytes | None = None) -> bytes:
 # --- the cluster --------------------------------------------------------------------------
 
 
-class EtcdCluster(Scoped):
+class EtcdCluster(Scoped, ChildCluster):
     """Three ``etcd`` members below `root`, one data directory each; ``close`` stops them by
     pid. The blocking methods (status, metrics) ask members with short timeouts."""
+
+    node_ids = MEMBERS
 
     def __init__(self, root: str, name: str, *, server: str, max_txn_ops: int) -> None:
         self.directory = os.path.join(root, name)
@@ -248,10 +251,6 @@ class EtcdCluster(Scoped):
 
     def close(self) -> None:
         self.children.close()
-
-    @property
-    def pids(self) -> dict[str, int | None]:
-        return {n: self.children.pid(n) for n in MEMBERS}
 
     def client_port(self, member: str) -> int:
         return self.ports[member]["client"]
@@ -314,12 +313,6 @@ class EtcdCluster(Scoped):
             ],
             log_path=os.path.join(self._attempt_dir, f"{member}.log"),
         )
-
-    def kill(self, member: str) -> None:
-        self.children.kill(member)
-
-    def log_tails(self, count: int = 8) -> str:
-        return self.children.log_tails(MEMBERS, count)
 
     def status(self, member: str) -> dict:
         """``/v3/maintenance/status`` of `member`: leader (by name), raftIndex, revision."""

@@ -75,6 +75,7 @@ from benchmarks.options import (
 )
 from benchmarks.peers.common import DRAIN_TIMEOUT_S, LATENCY_WARMUP_S, REJOIN_TIMEOUT_S, RETRY_DELAY_S, START_ATTEMPTS, START_TIMEOUT_S
 from benchmarks.peers.common import (
+    ChildCluster,
     Children,
     SendLog,
     SetupError,
@@ -207,9 +208,11 @@ cluster {{
 """
 
 
-class NatsCluster:
+class NatsCluster(ChildCluster):
     """Three ``nats-server`` processes below `root` with the stream created; ``close`` stops
     them by pid. The async methods use one nats-py connection of the benchmark's own."""
+
+    node_ids = NODE_IDS
 
     def __init__(self, root: str, name: str, *, server: str, sync_interval: str = "") -> None:
         self.directory = os.path.join(root, name)
@@ -227,10 +230,6 @@ class NatsCluster:
 
     def url(self, node_id: str) -> str:
         return f"nats://127.0.0.1:{self.ports[node_id]['client']}"
-
-    @property
-    def pids(self) -> dict[str, int | None]:
-        return {n: self.children.pid(n) for n in NODE_IDS}
 
     async def __aenter__(self) -> NatsCluster:
         try:
@@ -298,12 +297,6 @@ class NatsCluster:
             [self.server, "-c", os.path.join(self._config_dir, f"{node_id}.conf")],
             log_path=os.path.join(self._config_dir, f"{node_id}.log"),
         )
-
-    def kill(self, node_id: str) -> None:
-        self.children.kill(node_id)
-
-    def log_tails(self, count: int = 8) -> str:
-        return self.children.log_tails(NODE_IDS, count)
 
     async def _create_stream(self, *, deadline: float) -> None:
         from nats.js.api import StorageType

@@ -34,12 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -55,6 +52,7 @@ from benchmarks.peers.common import (
     REJOIN_TIMEOUT_S,
     SETTLE_S,
     LATENCY_WARMUP_S,
+    ChildCluster,
     Children,
     SendLog,
     ask,
@@ -67,6 +65,7 @@ from benchmarks.peers.common import (
     pack,
     add_load_options,
     read_line,
+    run_peer,
     resolve_load_options,
     unpack,
 )
@@ -339,8 +338,11 @@ class ClientLoad(SendLog):
 # --- the cluster (benchmark side) ---------------------------------------------------------
 
 
-class PlainCluster(Scoped):
+class PlainCluster(Scoped, ChildCluster):
     """Three pysyncobj node processes below `root`; ``close`` stops them (by pid)."""
+
+    node_ids = NODE_IDS
+    log_tail_lines = 10
 
     def __init__(self, root: str, name: str, *, insecure: bool) -> None:
         self.directory = os.path.join(root, name)
@@ -394,18 +396,11 @@ class PlainCluster(Scoped):
         if not line.startswith("{"):
             raise BenchError(f"{NAME} node {node_id} did not start: {line.strip() or 'no answer'}\n{self.log_tails()}")
 
-    def log_tails(self, count: int = 10) -> str:
-        return self.children.log_tails(NODE_IDS, count)
-
     def process(self, node_id: str):
         return self.children.processes[node_id]
 
     def ask(self, node_id: str, request: dict, timeout_s: float = ASK_TIMEOUT_S) -> dict:
         return ask(self.process(node_id), request, timeout_s=timeout_s)
-
-    @property
-    def pids(self) -> dict[str, int | None]:
-        return {node_id: self.children.pid(node_id) for node_id in NODE_IDS}
 
     def statuses(self) -> dict[str, dict | None]:
         out = {}
@@ -713,10 +708,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 resolve = resolve_load_options
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every finally that stops the nodes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.plain_pysyncobj", description=__doc__.split("\n\n")[0])
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="throughput, latency and/or failover (default all three)")
@@ -731,10 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {sorted(unknown)}")
     resolve(opts)
-    signal.signal(signal.SIGTERM, _terminate)
-    root = tempfile.mkdtemp(prefix="raftseq-bench-pysyncobj-")
-    report: dict = {"load_average_start": load_average()}
-    try:
+    report: dict = {}
+
+    def measure(root: str) -> None:
         for name in opts.workloads or ["throughput", "latency", "failover"]:
             print(f"{NAME} {name}", flush=True)
             if name == "throughput":
@@ -744,14 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                 report[name] = latency(opts, root)
             else:
                 report[name] = failover(opts, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report["load_average_end"] = load_average()
-    print(f"load avg {report['load_average_start']} -> {report['load_average_end']}")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+
+    return run_peer(NAME, opts, report, measure)
 
 
 if __name__ == "__main__":

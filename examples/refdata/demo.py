@@ -36,6 +36,7 @@ from raftseq.clients import SequencerClient
 from raftseq.clients.sm import query_snapshots
 from raftseq.cluster.local import LocalCluster, die_with_parent, free_base_port
 from raftseq.cluster.cli.sm import scan_checkpoints
+from raftseq.cluster.processes import stop_process
 from raftseq.cluster.status import gather_status
 from examples.refdata.admin import Admin, listing, updates
 from examples.refdata.messages import EndOfDay
@@ -78,13 +79,7 @@ class App:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5)
 
 
 def wait_for_leader(cluster: LocalCluster, timeout_s: float) -> None:
