@@ -37,6 +37,7 @@ def pysyncobj_loads_its_own_pickles(monkeypatch):
     pysyncobj's plain loader, as when nothing installed it (the order no longer matters)."""
     monkeypatch.setattr(syncobj_pickle, "loads", pickle.loads)
 
+
 KEY = {name: f"{i:02x}" * 32 for i, name in enumerate(["n1", "n2", "n3", "n4", "n5"], start=1)}
 
 
