@@ -187,10 +187,11 @@ def test_a_client_window_wider_than_the_dedup_window_survives_a_leader_kill(runn
 
             seqs = await pipeline(client, payloads, timeout_s=120, on_ack=on_ack)
             assert client.in_flight_max == SMALL_DEDUP_WINDOW, "the client holds more than the node can recognise"
-            for n in range(SMALL_DEDUP_WINDOW):
-                client.submit_nowait(b"after-%d" % n)
+            after = [client.submit_nowait(b"after-%d" % n) for n in range(SMALL_DEDUP_WINDOW)]
             with pytest.raises(Busy):
                 client.submit_nowait(b"one too many")
+            # Acknowledged before the client closes (closing fails what is not: ClientClosed).
+            await asyncio.wait_for(asyncio.gather(*after), timeout=60)
             return seqs
 
     seqs = asyncio.run(scenario())
