@@ -94,7 +94,8 @@ class Handover:
             held_ms = round((time.monotonic() - held_at) * 1000)
             self.transfers_done += 1
             log.warning("leadership transferred to %s after %d ms", leader, held_ms)
-            return protocol.LeaderTransferred(True, node.leader_client_address(), "", held_ms)
+            # The new leader by its Raft address (this node may not yet have seen its own role change).
+            return protocol.LeaderTransferred(True, node.replica.client_address_of(leader), "", held_ms)
         finally:
             self.running = False
 

@@ -283,9 +283,14 @@ class SequencerReplica(RaftMember):
         return status
 
     def leader_client_address(self) -> str:
-        leader = self.leader_raft_address()
-        member = self.membership.by_raft_address(leader) if leader else None
-        return member.client_address if member is not None else self.node_config.peer_client_address(leader) if leader else ""
+        return self.client_address_of(self.leader_raft_address())
+
+    def client_address_of(self, raft_address: str) -> str:
+        """The client address of the member at `raft_address` ("" for none), as the membership says."""
+        member = self.membership.by_raft_address(raft_address) if raft_address else None
+        if member is not None:
+            return member.client_address
+        return self.node_config.peer_client_address(raft_address) if raft_address else ""
 
     # --- planned leadership transfer (cluster.handover) -------------------------------------
 
