@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.figures import BenchError, cpu_text, expect, seq_ranges
+from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
 from benchmarks.load import run_precise
 from benchmarks.machine import cpu_times, load_average
 from benchmarks.options import (
@@ -86,6 +86,7 @@ from benchmarks.peers.common import (
     free_ports,
     kill_leaders,
     kills_summary,
+    latency_figures,
     rate_figures,
     read_line,
     resolve_load_options,
@@ -1064,32 +1065,22 @@ class StreamCluster(ScopedDirectory):
         info = await asyncio.wait_for(nc.js.stream_info(STREAM), 5)
         from_seq = info.state.last_seq + 1
         until_seq = from_seq + expected - 1
-        processes = min(opts.subscriber_processes, opts.subscribers)
-        per_process = [opts.subscribers // processes + (1 if k < opts.subscribers % processes else 0) for k in range(processes)]
         wait_s = opts.fanout_seconds + FANOUT_DRAIN_S
         deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
-        workers = []
+        workers: list[subprocess.Popen] = []
         try:
-            for k, subscribers in enumerate(per_process):
-                spec = {
-                    "url": nc.url(others[k % len(others)]),
-                    "server": others[k % len(others)],
-                    "index": k,
-                    "subscribers": subscribers,
-                    "from_seq": from_seq,
-                    "until_seq": until_seq,
-                    "start_timeout_s": START_TIMEOUT_S,
-                    "wait_s": wait_s,
-                }
-                workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
-            placement: dict[str, int] = {}
-            for k, w in enumerate(workers):
-                line = await asyncio.to_thread(read_line, w, deadline)
-                expect(
-                    line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}"
-                )
-                for server, n in json.loads(line[len("ready ") :]).items():
-                    placement[server] = placement.get(server, 0) + n
+            placement = await _start_consumers(
+                nc,
+                workers,
+                servers=others,
+                subscribers=opts.subscribers,
+                processes=opts.subscriber_processes,
+                first_seq=from_seq,
+                last_seq=until_seq,
+                wait_s=wait_s,
+                deadline=deadline,
+            )
+            processes = len(workers)
             publisher = await connect(nc.urls, name="fanout-publisher")
             try:
                 js = publisher.jetstream(publish_async_max_pending=opts.nats_window)
@@ -1106,22 +1097,9 @@ class StreamCluster(ScopedDirectory):
             outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
             cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
         finally:
-            for w in workers:
-                if w.poll() is None:
-                    try:
-                        await asyncio.to_thread(w.wait, 5)
-                    except subprocess.TimeoutExpired:
-                        pass  # Children.close() stops it
-        errors = [o["error"] for o in outcomes if "error" in o]
-        expect(not errors, f"{NAME} fanout subscriber processes failed: {errors[:2]}")
-        counts = [c for o in outcomes for c in o["counts"]]
-        last_seqs = [s for o in outcomes for s in o["last_seqs"]]
-        complete = sum(1 for c, s in zip(counts, last_seqs) if c == expected and s == until_seq)
-        delivered = sum(min(c, expected) for c in counts)
-        seconds = max(o["finished"] for o in outcomes) - started_wall
-        cpu["subscribers"] = (
-            round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0
-        )  # all the subscriber processes together
+            await _wait_workers(workers)
+        # cpu["subscribers"]: all the subscriber processes together.
+        counts, complete, delivered, seconds, cpu["subscribers"] = _consumer_figures(outcomes, expected, until_seq, started_wall)
         result = {
             "subscribers": opts.subscribers,
             "messages": expected,
@@ -1147,6 +1125,170 @@ class StreamCluster(ScopedDirectory):
             flush=True,
         )
         return result
+
+
+async def _start_consumers(
+    nc: NatsCluster,
+    workers: list[subprocess.Popen],
+    *,
+    servers: list[str],
+    subscribers: int,
+    processes: int,
+    first_seq: int,
+    last_seq: int,
+    wait_s: float,
+    deadline: float,
+    started: Callable[[list[int]], None] | None = None,
+) -> dict[str, int]:
+    """`subscribers` ordered push consumers from `first_seq` in up to `processes` processes
+    (``_fanout_worker_main``, appended to `workers` as they start) alternating over `servers`;
+    `started` is given their pids once all are started. Waits until every one says it
+    subscribed; returns how many consumers each server holds."""
+    processes = min(processes, subscribers)
+    per_process = [subscribers // processes + (1 if k < subscribers % processes else 0) for k in range(processes)]
+    for k, count in enumerate(per_process):
+        spec = {
+            "url": nc.url(servers[k % len(servers)]),
+            "server": servers[k % len(servers)],
+            "index": k,
+            "subscribers": count,
+            "from_seq": first_seq,
+            "until_seq": last_seq,
+            "start_timeout_s": START_TIMEOUT_S,
+            "wait_s": wait_s,
+        }
+        workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
+    if started is not None:
+        started([w.pid for w in workers])
+    placement: dict[str, int] = {}
+    for k, w in enumerate(workers):
+        line = await asyncio.to_thread(read_line, w, deadline)
+        expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
+        for server, n in json.loads(line[len("ready ") :]).items():
+            placement[server] = placement.get(server, 0) + n
+    return placement
+
+
+def _consumer_figures(outcomes: list[dict], expected: int, last_seq: int, started_wall: float) -> tuple[list[int], int, int, float, float]:
+    """From the consumer processes' outcomes (``BenchError`` when one failed): messages each
+    consumer got, how many got all `expected` up to `last_seq`, messages delivered in all (at
+    most `expected` each), the seconds from `started_wall` (``time.time``) to the last message
+    received, and the CPU share of the consumer processes together over them."""
+    errors = [o["error"] for o in outcomes if "error" in o]
+    expect(not errors, f"{NAME} fanout subscriber processes failed: {errors[:2]}")
+    counts = [c for o in outcomes for c in o["counts"]]
+    last_seqs = [s for o in outcomes for s in o["last_seqs"]]
+    complete = sum(1 for c, s in zip(counts, last_seqs) if c == expected and s == last_seq)
+    delivered = sum(min(c, expected) for c in counts)
+    seconds = max(o["finished"] for o in outcomes) - started_wall
+    cpu = round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0
+    return counts, complete, delivered, seconds, cpu
+
+
+async def _wait_workers(workers: list[subprocess.Popen]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            try:
+                await asyncio.to_thread(w.wait, 5)
+            except subprocess.TimeoutExpired:
+                pass  # Children.close() stops it
+
+
+def fanout_beside(
+    root: str,
+    *,
+    subscribers: int,
+    processes: int,
+    rate: int,
+    seconds: float,
+    warmup_s: float,
+    payload_bytes: int,
+    pin: Callable[[str, list[int]], None],
+) -> dict:
+    """``bench_fanout``'s run on NATS JetStream: a fresh R3 cluster; one client publishes at
+    `rate` for `warmup_s` + `seconds` with no consumer, then again with `subscribers` ordered
+    push consumers (in `processes` processes on the two servers that are not the stream leader)
+    reading from the first message of that run. Publisher ack p99 (from the intended send time,
+    after the warm-up) of both runs, messages delivered per second, and whether every consumer
+    got every message (an ordered consumer delivers in stream order and restarts itself after a
+    gap: its count and its last stream sequence say it got all). `pin(group, pids)` places the
+    servers ("servers") and the consumer processes ("consumers") on cores."""
+    server = ensure_nats_server()
+    ensure_nats_py()
+    payload = b"x" * payload_bytes
+    messages = int(rate * (warmup_s + seconds))
+
+    async def publish(nc: NatsCluster, run: str) -> dict:
+        client = await connect(nc.urls, name=f"fanout-{run}")
+        try:
+            load = NatsLoad(client.jetstream(publish_async_max_pending=NATS_WINDOW_DEFAULT), run=run, payload=payload, retry=False)
+            await load.run(rate, duration_s=warmup_s + seconds + DRAIN_TIMEOUT_S, max_messages=messages)
+        finally:
+            await client.close()
+        expect(
+            not load.errors and load.acked == messages,
+            f"{NAME} fanout {run}: {load.acked:,} of {messages:,} acknowledged; {load.errors[:1]}",
+        )
+        return latency_figures(load.intended, load.first_sent, load.acked_at, first_index=int(warmup_s * rate))["latency"]
+
+    async def run() -> dict:
+        async with NatsCluster(root, f"{NAME}-fanout-{time.monotonic_ns()}", server=server) as nc:
+            pin("servers", [pid for pid in nc.pids.values() if pid])
+            leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
+            alone = await publish(nc, "alone")
+            print(f"without consumers ({rate:,} msg/s, {seconds:g} s, load avg {load_average()}):")
+            print(latency_line("intended -> ack", alone))
+            first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
+            last_seq = first_seq + messages - 1
+            wait_s = warmup_s + seconds + FANOUT_DRAIN_S
+            deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
+            others = [n for n in NODE_IDS if n != leader]
+            workers: list[subprocess.Popen] = []
+            try:
+                placement = await _start_consumers(
+                    nc,
+                    workers,
+                    servers=others,
+                    subscribers=subscribers,
+                    processes=processes,
+                    first_seq=first_seq,
+                    last_seq=last_seq,
+                    wait_s=wait_s,
+                    deadline=deadline,
+                    started=lambda pids: pin("consumers", pids),
+                )
+                before, t0, started_wall = cpu_times(nc.pids), time.monotonic(), time.time()
+                loaded = await publish(nc, "loaded")
+                outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
+                cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
+            finally:
+                await _wait_workers(workers)
+        counts, complete, delivered, elapsed, cpu["consumers"] = _consumer_figures(outcomes, messages, last_seq, started_wall)
+        ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
+        print(f"with {subscribers:,} ordered push consumers on {' and '.join(others)} (placed {placement}; load avg {load_average()}):")
+        print(latency_line("intended -> ack", loaded))
+        print(
+            f"  every message: {complete:,} of {subscribers:,} consumers ({messages:,} each; fewest {min(counts):,}; "
+            f"slow-consumer errors {sum(o['slow_consumers'] for o in outcomes)})"
+        )
+        print(f"  delivered {delivered:,} in {elapsed:.1f} s: {delivered / elapsed:,.0f} msg/s; cpu {cpu_text(cpu)}")
+        print(f"  ack p99 with/without consumers: {ratio:.2f}")
+        return {
+            "without_subscribers": {"latency": alone},
+            "with_subscribers": {"latency": loaded, "cpu": cpu},
+            "subscribers": subscribers,
+            "subscribers_complete": complete,
+            "fewest_received": min(counts),
+            "messages_each": messages,
+            "delivered_per_s": delivered / elapsed if elapsed > 0 else 0.0,
+            "p99_ratio": ratio,
+            "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
+            "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
+            "consumer_placement": placement,
+            "stream_leader": leader,
+        }
+
+    return run_precise(run())
 
 
 def _min_max(values: list[float]) -> dict:

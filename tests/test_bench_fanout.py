@@ -1,0 +1,93 @@
+"""The fan-out benchmark at its smallest: pinned and unpinned, a stalled subscriber, and NATS
+JetStream beside it. Only that it runs, pins what it says and checks delivery is tested here,
+never its figures: those depend on the machine (and on whoever else loads it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+SMALLEST = ["--subscribers", "4", "--relays", "2", "--rate", "200", "--seconds", "1"]
+TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    report_path = tmp_path / "report.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_fanout", *SMALLEST, *args, "--dir", str(scratch), "--json", str(report_path)],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
+    return json.loads(report_path.read_text()), output
+
+
+def cores(text: str) -> set[int]:
+    """``Cpus_allowed_list`` ("0-1", "0,2") as a set."""
+    found = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+def assert_pinned(affinity: dict[str, str], groups: dict[str, set[int]]) -> None:
+    """Every process of each group was on exactly its cores (as /proc said after pinning)."""
+    seen = {group: 0 for group in groups}
+    for key, allowed in affinity.items():
+        group = key.split()[0]
+        if group in groups:
+            assert cores(allowed) == groups[group], (key, allowed)
+            seen[group] += 1
+    assert all(seen.values()), f"no process pinned in some group: {seen}"
+
+
+def test_pinned_and_unpinned_runs_deliver_everything_and_a_stalled_subscriber_is_measured(tmp_path: Path) -> None:
+    report, output = run_bench(tmp_path, "--pin", "both", "--pin-cores", "0:1", "--stalled-subscriber-s", "1", "--stall-margin-s", "1")
+    unpinned, pinned = report["runs"]
+    everything = os.sched_getaffinity(0)
+    # Unpinned: nodes, bench, relays and subscribers may run anywhere (also after a pinned run).
+    assert_pinned(unpinned["affinity"], {"nodes": everything, "fanout": everything})
+    # Pinned: nodes (3) and the publishing benchmark on core 0, relays (2) and subscribers on 1.
+    assert_pinned(pinned["affinity"], {"nodes": {0}, "fanout": {1}})
+    assert sum(1 for k in pinned["affinity"] if k.startswith("nodes")) == 4
+    assert sum(1 for k in pinned["affinity"] if k.startswith("fanout")) == 3
+    for run in (unpinned, pinned):
+        assert run["subscribers_complete"] == 4 and run["subscribers_with_gaps"] == 0, run
+        assert run["messages_each"] == 400, run
+        assert run["delivered_per_s"] > 0 and run["with_subscribers"]["delivery_latency"]["count"] > 0, run
+    stall = report["stall"]
+    assert stall["stalled_complete"] and stall["subscribers_complete"] == 4, stall
+    assert stall["bound"]["rss_bytes"] == 64 * 1024 + 2 * 256 * 1024, stall["bound"]
+    assert len(stall["relay_rss_growth_bytes"]) == 2, stall
+    assert all(stall["others_delivery_latency"][p]["count"] > 0 for p in ("before", "during", "after")), stall
+    assert "relay RSS, highest during the stall minus highest before" in output, output
+    table = output[output.index("fan-out: 4 subscribers") :]
+    assert table.count("raftseq, 2 relays") == 2 and "NATS" not in table, table
+
+
+def test_nats_jetstream_beside_in_one_table(tmp_path: Path) -> None:
+    report, output = run_bench(tmp_path, "--pin", "on", "--vs", "nats", "--nats-processes", "2")
+    [nats] = report["nats"]
+    assert nats["subscribers_complete"] == 4 and nats["fewest_received"] == 400, nats
+    assert nats["without_subscribers"]["latency"]["count"] > 0 and nats["with_subscribers"]["latency"]["count"] > 0, nats
+    assert_pinned(nats["affinity"], {"nodes": {0}, "fanout": {1}})
+    # Three servers and the publishing benchmark; two consumer processes.
+    assert sum(1 for k in nats["affinity"] if k.startswith("nodes")) == 4
+    assert sum(1 for k in nats["affinity"] if k.startswith("fanout")) == 2
+    table = output[output.index("fan-out: 4 subscribers") :]
+    assert "raftseq, 2 relays" in table and "NATS JetStream R3" in table, table
