@@ -571,6 +571,7 @@ def nats_runs(opts: argparse.Namespace, root: str, runs: list[Pinning]) -> list[
             warmup_s=WARMUP_S,
             payload_bytes=opts.payload_bytes,
             pin=lambda group, pids, p=pinning: p.start(pids) if group == "servers" else p.pin("fanout", pids),
+            raw=opts.nats_consumers == "raw",
         )
         results.append({**result, "pinning": pinning.label, "affinity": dict(pinning.applied)})
     return results
@@ -638,6 +639,13 @@ def main(argv: list[str] | None = None) -> int:
         help="cores of the nodes and publisher : of relays and subscribers",
     )
     parser.add_argument("--vs", choices=("nats",), default="", help="the same run on NATS JetStream, in one table")
+    parser.add_argument(
+        "--nats-consumers",
+        choices=("raw", "nats-py"),
+        default="raw",
+        help="--vs nats: push consumers read by hand and counted undecoded, as raftseq's subscribers (raw, the default), "
+        "or nats-py's ordered consumers",
+    )
     add_report_options(parser)
     opts = parser.parse_args(argv)
     return run_reported(opts, measure, prefix="raftseq-fanout-", stopped="cluster, relays, subscribers (and NATS servers) stopped")

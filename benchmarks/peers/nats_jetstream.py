@@ -1139,9 +1139,11 @@ async def _start_consumers(
     wait_s: float,
     deadline: float,
     started: Callable[[list[int]], None] | None = None,
+    raw: bool = False,
 ) -> dict[str, int]:
     """`subscribers` ordered push consumers from `first_seq` in up to `processes` processes
-    (``_fanout_worker_main``, appended to `workers` as they start) alternating over `servers`;
+    (``_fanout_worker_main``, appended to `workers` as they start; with `raw`, ``RawConsumers``
+    instead) alternating over `servers`;
     `started` is given their pids once all are started. Waits until every one says it
     subscribed; returns how many consumers each server holds."""
     processes = min(processes, subscribers)
@@ -1156,6 +1158,7 @@ async def _start_consumers(
             "until_seq": last_seq,
             "start_timeout_s": START_TIMEOUT_S,
             "wait_s": wait_s,
+            "raw": raw,
         }
         workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
     if started is not None:
@@ -1204,11 +1207,13 @@ def fanout_beside(
     warmup_s: float,
     payload_bytes: int,
     pin: Callable[[str, list[int]], None],
+    raw: bool = True,
 ) -> dict:
     """``bench_fanout``'s run on NATS JetStream: a fresh R3 cluster; one client publishes at
     `rate` for `warmup_s` + `seconds` with no consumer, then again with `subscribers` ordered
     push consumers (in `processes` processes on the two servers that are not the stream leader)
-    reading from the first message of that run. Publisher ack p99 (from the intended send time,
+    reading from the first message of that run (`raw`: ``RawConsumers``, counted undecoded as
+    raftseq's subscribers are; else nats-py's ordered consumers). Publisher ack p99 (from the intended send time,
     after the warm-up) of both runs, messages delivered per second, and whether every consumer
     got every message (an ordered consumer delivers in stream order and restarts itself after a
     gap: its count and its last stream sequence say it got all). `pin(group, pids)` places the
@@ -1256,6 +1261,7 @@ def fanout_beside(
                     wait_s=wait_s,
                     deadline=deadline,
                     started=lambda pids: pin("consumers", pids),
+                    raw=raw,
                 )
                 before, t0, started_wall = cpu_times(nc.pids), time.monotonic(), time.time()
                 loaded = await publish(nc, "loaded")
@@ -1265,7 +1271,8 @@ def fanout_beside(
                 await _wait_workers(workers)
         counts, complete, delivered, elapsed, cpu["consumers"] = _consumer_figures(outcomes, messages, last_seq, started_wall)
         ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
-        print(f"with {subscribers:,} ordered push consumers on {' and '.join(others)} (placed {placement}; load avg {load_average()}):")
+        kind = "raw push consumers" if raw else "ordered push consumers (nats-py)"
+        print(f"with {subscribers:,} {kind} on {' and '.join(others)} (placed {placement}; load avg {load_average()}):")
         print(latency_line("intended -> ack", loaded))
         print(
             f"  every message: {complete:,} of {subscribers:,} consumers ({messages:,} each; fewest {min(counts):,}; "
@@ -1285,6 +1292,7 @@ def fanout_beside(
             "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
             "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
             "consumer_placement": placement,
+            "consumers": kind,
             "stream_leader": leader,
         }
 
@@ -1310,6 +1318,8 @@ def _fanout_worker_main(spec_json: str) -> int:
     received up to `until_seq` (or ``wait_s`` passed): per consumer the count and the stream
     sequence of its last message, and the wall time of the last message received."""
     spec = json.loads(spec_json)
+    if spec.get("raw"):
+        return _raw_fanout_worker(spec)
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
     async def work() -> dict:
@@ -1362,6 +1372,159 @@ def _fanout_worker_main(spec_json: str) -> int:
             }
         finally:
             await asyncio.wait_for(nc.close(), 10)
+
+    return worker_outcome(work)
+
+
+#: A raw consumer's push consumers: heartbeat interval (ns; flow control needs one) and how
+#: long one stays after its subscriber is gone.
+RAW_HEARTBEAT_NS = 5_000_000_000
+RAW_INACTIVE_NS = 60_000_000_000
+#: Bytes a raw consumer asks of its socket per read.
+RAW_READ_BYTES = 1 << 20
+
+
+class RawConsumers:
+    """`count` JetStream push consumers on one plain NATS connection, read without nats-py: the
+    protocol's ``MSG``/``HMSG`` lines are parsed by hand and the payloads only counted, as
+    raftseq's fan-out subscribers count records by their headers (``bench_stream.RawCounter``).
+    Each consumer is ephemeral, from `first_seq`, ``ack_policy: none``, with flow control (the
+    server waits for its answer before it sends more, as an ordered consumer's does) and idle
+    heartbeats; its deliver subject has its own ``SUB``. A message's stream sequence comes from
+    its reply subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...``): one that is
+    not the last one + 1 is a gap."""
+
+    def __init__(self, count: int, first_seq: int) -> None:
+        self.count = count
+        self.first_seq = first_seq
+        self.counts = [0] * count
+        self.last_seqs = [first_seq - 1] * count
+        self.gaps = [0] * count
+        self.finished = 0.0
+        self.errors: list[str] = []
+        self._reply: asyncio.Future | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self, url: str, index: int, timeout_s: float) -> dict[str, int]:
+        """Connect to `url`, create the consumers; how many each server leads."""
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), limit=RAW_READ_BYTES), timeout_s)
+        await asyncio.wait_for(self._reader.readline(), timeout_s)  # INFO
+        options = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "name": f"fanout-raw-{index}"}
+        inbox = f"_INBOX.fanout.{index}.{os.getpid()}"
+        self._writer.write(f"CONNECT {json.dumps(options)}\r\nSUB {inbox} 1\r\n".encode())
+        reading = asyncio.create_task(self._read())
+        placement: dict[str, int] = {}
+        try:
+            for k in range(self.count):
+                deliver = f"fanout.{index}.{os.getpid()}.{k}"
+                config = {
+                    "deliver_subject": deliver,
+                    "deliver_policy": "by_start_sequence",
+                    "opt_start_seq": self.first_seq,
+                    "ack_policy": "none",
+                    "replay_policy": "instant",
+                    "flow_control": True,
+                    "idle_heartbeat": RAW_HEARTBEAT_NS,
+                    "inactive_threshold": RAW_INACTIVE_NS,
+                    "mem_storage": True,
+                    "num_replicas": 1,
+                }
+                body = json.dumps({"stream_name": STREAM, "config": config}).encode()
+                self._reply = asyncio.get_running_loop().create_future()
+                self._writer.write(
+                    f"SUB {deliver} {k + 2}\r\nPUB $JS.API.CONSUMER.CREATE.{STREAM} {inbox} {len(body)}\r\n".encode() + body + b"\r\n"
+                )
+                answer = json.loads(await asyncio.wait_for(self._reply, timeout_s))
+                expect("error" not in answer, f"{NAME}: consumer {k} not created: {answer.get('error')}")
+                leader = (answer.get("cluster") or {}).get("leader") or "unknown"
+                placement[leader] = placement.get(leader, 0) + 1
+        except BaseException:
+            reading.cancel()
+            raise
+        self._reading = reading
+        return placement
+
+    async def wait(self, expected: int, timeout_s: float) -> None:
+        """Until every consumer got `expected` messages, or `timeout_s`, or the connection ended."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and min(self.counts) < expected and not self._reading.done():
+            await asyncio.sleep(0.05)
+        if self._reading.done() and not self._reading.cancelled() and self._reading.exception():
+            self.errors.append(f"read: {self._reading.exception()!r}")
+        self._reading.cancel()
+        self._writer.close()
+
+    async def _read(self) -> None:
+        reader, writer = self._reader, self._writer
+        counts, last_seqs, gaps = self.counts, self.last_seqs, self.gaps
+        buf = b""
+        while True:
+            data = await reader.read(RAW_READ_BYTES)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            buf = buf + data if buf else data
+            pos, end = 0, len(buf)
+            got = False
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                line = buf[pos:eol]
+                if line[:1] in (b"M", b"H"):  # MSG subject sid [reply] size / HMSG ... hdr_size size
+                    parts = line.split()
+                    size = int(parts[-1])
+                    start = eol + 2
+                    if start + size + 2 > end:
+                        break  # the rest comes with the next read
+                    sid = int(parts[2])
+                    reply = parts[3] if len(parts) == (6 if parts[0] == b"HMSG" else 5) else b""
+                    pos = start + size + 2
+                    if sid == 1:
+                        if self._reply is not None and not self._reply.done():
+                            self._reply.set_result(buf[start + (int(parts[-2]) if parts[0] == b"HMSG" else 0) : start + size])
+                    elif reply.startswith(b"$JS.ACK."):
+                        k = sid - 2
+                        seq = int(reply.split(b".")[5])
+                        if seq != last_seqs[k] + 1:
+                            gaps[k] += 1
+                        last_seqs[k] = seq
+                        counts[k] += 1
+                        got = True
+                    elif reply:  # a flow control request: answered, the server sends on
+                        writer.write(b"PUB " + reply + b" 0\r\n\r\n")
+                    continue  # an idle heartbeat has no reply subject
+                pos = eol + 2
+                if line == b"PING":
+                    writer.write(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    self.errors.append(line.decode(errors="replace"))
+            buf = buf[pos:]
+            if got:
+                self.finished = time.time()
+
+
+def _raw_fanout_worker(spec: dict) -> int:
+    """A fanout subscriber process of ``RawConsumers`` (``_fanout_worker_main``'s protocol)."""
+
+    async def work() -> dict:
+        consumers = RawConsumers(spec["subscribers"], spec["from_seq"])
+        placement = await consumers.open(spec["url"], spec["index"], spec["start_timeout_s"])
+        print("ready " + json.dumps(placement), flush=True)
+        cpu_start = time.process_time()
+        expected = spec["until_seq"] - spec["from_seq"] + 1
+        await consumers.wait(expected, spec["wait_s"])
+        return {
+            # Counted as complete only without a gap (the last sequence is kept only then).
+            "counts": consumers.counts,
+            "last_seqs": [s if not g else 0 for s, g in zip(consumers.last_seqs, consumers.gaps)],
+            "gaps": sum(1 for g in consumers.gaps if g),
+            "finished": consumers.finished or time.time(),
+            "slow_consumers": sum(1 for e in consumers.errors if "Slow Consumer" in e),
+            "client_errors": consumers.errors[:3],
+            "cpu_s": time.process_time() - cpu_start,
+        }
 
     return worker_outcome(work)
 
