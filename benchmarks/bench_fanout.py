@@ -42,6 +42,7 @@ import sys
 import time
 import urllib.request
 from array import array
+from collections import Counter
 
 from benchmarks.bench_stream import RawCounter
 from benchmarks.figures import cpu_text, latency_line, latency_summary
@@ -177,7 +178,7 @@ async def _subscriber(
     connecting: asyncio.Semaphore,
     errors: list[str],
     started: list[int],
-    resumes: list[int],
+    resumes: Counter[str],
     reads: array | None,
     stall: Stall | None,
 ) -> None:
@@ -216,7 +217,7 @@ async def _subscriber(
                     reads.append(counter.last_seq)
         except (OSError, ConnectionError, TimeoutError) as exc:
             errors[index] = f"read: {exc or type(exc).__name__}"
-            resumes[index] += 1
+            resumes[errors[index].replace(address, "the relay")] += 1
             if stall is not None and not stall.ended_at:
                 stall.ended_at, stall.ended_by = time.monotonic(), errors[index]
         finally:
@@ -242,14 +243,15 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
     (subscriber 0 stops and starts reading; `stalled` runs only), and at the end (last number,
     first number of the load, the load's intended send times as an ``array("d")`` by number):
     waits for every one to reach the last number (or the deadline) and sends (records each, gap
-    each, last error of each that did not finish, resumes, delivery latency pairs, the stall)."""
+    each, last error of each that did not finish, resumes by reason, delivery latency pairs,
+    the stall)."""
 
     async def main() -> None:
         counters = [RawCounter() for _ in range(count)]
         errors = [""] * count
         connecting = asyncio.Semaphore(CONNECTS_AT_ONCE)
         started = [0]  # subscribed, or given up connecting
-        resumes = [0] * count
+        resumes: Counter[str] = Counter()  # by reason
         stall = Stall() if stalled else None
         timed = range(1, min(count, LATENCY_SAMPLED_MAX + 1)) if count > 1 else range(1)
         reads = {i: array("d") for i in timed}
@@ -296,7 +298,7 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
                 [c.records for c in counters],
                 gaps,
                 [e if not c.records or c.last_seq < last_seq else "" for c, e in zip(counters, errors)],
-                sum(resumes),
+                dict(resumes),
                 delivery_latencies(list(reads.values()), first_seq, intended),
                 (stall.ended_at, stall.ended_by) if stall else None,
             )
@@ -350,8 +352,20 @@ def relay_metric(metrics_address: str, name: str) -> float:
     return 0.0
 
 
-def relay_delivered(metrics_address: str) -> float:
-    return relay_metric(metrics_address, "raftseq_relay_delivered_records_total")
+def relays_total(relays: list, name: str) -> float:
+    """The sum of counter `name` over `relays`."""
+    return sum(relay_metric(r.metrics_address, name) for r in relays)
+
+
+DELIVERED = "raftseq_relay_delivered_records_total"
+LAG_DISCONNECTS = "raftseq_relay_subscriber_lag_disconnects_total"
+
+
+def resumes_text(resumed: dict[str, int], lag_disconnects: float) -> str:
+    """Resumes in all, the relays' lag disconnects among the causes, the commonest reasons."""
+    top = sorted(resumed.items(), key=lambda kv: -kv[1])[:2]
+    reasons = "; ".join(f"{n}x {reason}" for reason, n in top)
+    return f"{sum(resumed.values())} resumes ({lag_disconnects:.0f} lag disconnects by the relays{'; ' + reasons if reasons else ''})"
 
 
 def rss_bytes(pid: int) -> int:
@@ -431,14 +445,15 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     from_seq = max(load.seqs) + 1
     with Subscribers([r.client_address for r in relays], bc.token, opts.subscribers, from_seq) as subscribers:
         pinning.pin("fanout", [subscribers.process.pid])
-        delivered_before = sum(relay_delivered(r.metrics_address) for r in relays)
+        delivered_before, lag_before = relays_total(relays, DELIVERED), relays_total(relays, LAG_DISCONNECTS)
         started = time.monotonic()
         loaded, load, cpu_loaded = run_precise(
             steady(bc, opts, f"with-subscribers-{time.monotonic_ns()}", opts.seconds, relay_pids + [subscribers.process.pid])
         )
         counts, gaps, errors, resumed, delivery, _ = subscribers.outcome(load)
         elapsed = time.monotonic() - started
-        delivered = sum(relay_delivered(r.metrics_address) for r in relays) - delivered_before
+        delivered = relays_total(relays, DELIVERED) - delivered_before
+        lag_disconnects = relays_total(relays, LAG_DISCONNECTS) - lag_before
     want = max(load.seqs) - from_seq + 1
     complete = sum(1 for c, g in zip(counts, gaps, strict=True) if c == want and not g)
     failed = sum(1 for e in errors if e)
@@ -451,7 +466,7 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     print(f"  {'':<18} cpu {cpu_text(cpu_loaded)} (client1..: the relays, then the subscribers' process)")
     print(
         f"  every message, gapless: {complete:,} of {opts.subscribers:,} subscribers ({want:,} messages each; "
-        f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''}; {resumed} resumes)"
+        f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''}; {resumes_text(resumed, lag_disconnects)})"
     )
     print(f"  relays delivered {delivered:,.0f} records in {elapsed:.1f} s: {delivered / elapsed:,.0f} msg/s")
     met = ratio <= GOAL_P99_RATIO
@@ -466,6 +481,7 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
         "subscribers_with_gaps": sum(1 for g in gaps if g),
         "subscribers_failed": failed,
         "subscriber_resumes": resumed,
+        "lag_disconnects": lag_disconnects,
         "messages_each": want,
         "delivered_per_s": delivered / elapsed,
         "p99_ratio": ratio,
@@ -487,6 +503,7 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
     rss: list[tuple[float, list[int]]] = []
     marks: dict[str, float] = {}
     from_seq = bc.wait_converged() + 1
+    lag_before = relays_total(relays, LAG_DISCONNECTS)
     print(f"\nstalled subscriber: 1 of {opts.subscribers:,} stops reading for {stall_s:g} s ({pinning.label})")
     with Subscribers([r.client_address for r in relays], bc.token, opts.subscribers, from_seq, stalled=True) as subscribers:
         pinning.pin("fanout", [subscribers.process.pid])
@@ -504,7 +521,7 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
             steady(bc, opts, f"stall-{time.monotonic_ns()}", 2 * margin_s + stall_s, relay_pids + [subscribers.process.pid], drive)
         )
         counts, gaps, errors, resumed, delivery, (ended_at, ended_by) = subscribers.outcome(load)
-        disconnects = relay_metric(relays[0].metrics_address, "raftseq_relay_subscriber_lag_disconnects_total")
+        disconnects = relays_total(relays, LAG_DISCONNECTS) - lag_before
     want = max(load.seqs) - from_seq + 1
     before = [r for t, r in rss if t < marks["stall"]]
     during = [r for t, r in rss if t >= marks["stall"]]
@@ -530,7 +547,7 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
                 for k, (r, g) in enumerate(zip(relays, growth))
             )
         )
-    print(f"  the stalled subscriber's connection ended {ended}; relay lag disconnects {disconnects:.0f}; resumes {resumed}")
+    print(f"  the stalled subscriber's connection ended {ended}; {resumes_text(resumed, disconnects)}")
     for name, summary in phases.items():
         print(delivery_line(f"others {name}", summary))
     print(
