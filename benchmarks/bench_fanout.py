@@ -243,8 +243,8 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
     (subscriber 0 stops and starts reading; `stalled` runs only), and at the end (last number,
     first number of the load, the load's intended send times as an ``array("d")`` by number):
     waits for every one to reach the last number (or the deadline) and sends (records each, gap
-    each, last error of each that did not finish, resumes by reason, delivery latency pairs,
-    the stall)."""
+    each, last error of each that did not finish, resumes by reason, delivery latency pairs by
+    the index of the relay read from, the stall)."""
 
     async def main() -> None:
         counters = [RawCounter() for _ in range(count)]
@@ -299,7 +299,10 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
                 gaps,
                 [e if not c.records or c.last_seq < last_seq else "" for c, e in zip(counters, errors)],
                 dict(resumes),
-                delivery_latencies(list(reads.values()), first_seq, intended),
+                {
+                    r: delivery_latencies([v for i, v in reads.items() if i % len(addresses) == r], first_seq, intended)
+                    for r in range(len(addresses))
+                },
                 (stall.ended_at, stall.ended_by) if stall else None,
             )
         )
@@ -359,6 +362,7 @@ def relays_total(relays: list, name: str) -> float:
 
 DELIVERED = "raftseq_relay_delivered_records_total"
 LAG_DISCONNECTS = "raftseq_relay_subscriber_lag_disconnects_total"
+SUBSCRIBERS = "raftseq_relay_subscribers"
 
 
 def resumes_text(resumed: dict[str, int], lag_disconnects: float) -> str:
@@ -368,12 +372,17 @@ def resumes_text(resumed: dict[str, int], lag_disconnects: float) -> str:
     return f"{sum(resumed.values())} resumes ({lag_disconnects:.0f} lag disconnects by the relays{'; ' + reasons if reasons else ''})"
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def memory_bytes(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes of `pid` (``RssAnon``, ``RssFile``; 0 once gone)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    found[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return found.get("RssAnon", 0), found.get("RssFile", 0)
 
 
 def tcp_wmem_max_bytes() -> int:
@@ -459,7 +468,7 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     failed = sum(1 for e in errors if e)
     reasons = sorted({e for e in errors if e})[:3]
     ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
-    delivery_latency = _latency_of(delivery)
+    delivery_latency = _latency_of(sum(delivery.values(), array("d")))
     print(f"with {opts.subscribers:,} subscribers through {len(relays)} relays (load avg {load_average()}):")
     print(latency_line("intended -> ack", loaded))
     print(delivery_line("intended -> read", delivery_latency) + f" of {min(opts.subscribers, LATENCY_SAMPLED_MAX)} subscribers")
@@ -500,7 +509,8 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
     pinning.pin("fanout", relay_pids)
     lag_max = relays[0].subscriber_lag_max or RELAY_SUBSCRIBER_LAG_MAX_RECORDS
     bound = stall_bound(opts.rate, lag_max)
-    rss: list[tuple[float, list[int]]] = []
+    #: (time, per relay (anonymous, file-backed) resident bytes, relay 0's subscribers)
+    samples: list[tuple[float, list[tuple[int, int]], float]] = []
     marks: dict[str, float] = {}
     from_seq = bc.wait_converged() + 1
     lag_before = relays_total(relays, LAG_DISCONNECTS)
@@ -512,7 +522,8 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
             start = time.monotonic()
             for name, at in (("stall", WARMUP_S + margin_s), ("resume", WARMUP_S + margin_s + stall_s)):
                 while time.monotonic() < start + at:
-                    rss.append((time.monotonic(), [rss_bytes(pid) for pid in relay_pids]))
+                    served = await asyncio.to_thread(relay_metric, relays[0].metrics_address, SUBSCRIBERS)
+                    samples.append((time.monotonic(), [memory_bytes(pid) for pid in relay_pids], served))
                     await asyncio.sleep(RSS_INTERVAL_S)
                 subscribers.send(name)
                 marks[name] = time.monotonic()
@@ -523,16 +534,26 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
         counts, gaps, errors, resumed, delivery, (ended_at, ended_by) = subscribers.outcome(load)
         disconnects = relays_total(relays, LAG_DISCONNECTS) - lag_before
     want = max(load.seqs) - from_seq + 1
-    before = [r for t, r in rss if t < marks["stall"]]
-    during = [r for t, r in rss if t >= marks["stall"]]
-    growth = [max(r[k] for r in during) - max(r[k] for r in before) for k in range(len(relays))] if before and during else []
+    before = [m for t, m, _ in samples if t < marks["stall"]]
+    during = [m for t, m, _ in samples if t >= marks["stall"]]
+    # Per relay and kind (anonymous, file-backed): highest during the stall minus highest before.
+    growth = (
+        [[max(m[k][j] for m in during) - max(m[k][j] for m in before) for j in (0, 1)] for k in range(len(relays))]
+        if before and during
+        else []
+    )
+    served_before = max((n for t, _, n in samples if t < marks["stall"]), default=0)
+    cut = next((t - marks["stall"] for t, _, n in samples if t >= marks["stall"] and n < served_before), None)
     phases = {
-        "before": _latency_of(delivery, marks["stall"] - margin_s, marks["stall"]),
-        "during": _latency_of(delivery, marks["stall"], marks["resume"]),
-        "after": _latency_of(delivery, marks["resume"], marks["resume"] + margin_s),
+        f"{name} r{r + 1}": _latency_of(pairs, start, end)
+        for name, start, end in (
+            ("before", marks["stall"] - margin_s, marks["stall"]),
+            ("during", marks["stall"], marks["resume"]),
+            ("after", marks["resume"], marks["resume"] + margin_s),
+        )
+        for r, pairs in sorted(delivery.items())
     }
     complete = [c == want and not g for c, g in zip(counts, gaps, strict=True)]
-    ended = f"at {ended_at - marks['stall']:.1f} s into the stall ({ended_by})" if ended_at else "never (it kept its connection)"
     print(
         f"  bound from the relay's settings: RSS <= {bound['rss_bytes'] / limits.MIB:.2f} MiB "
         f"(asyncio high water {ASYNCIO_WRITE_HIGH_WATER_BYTES // limits.KIB} KiB + 2 x {limits.SUBSCRIBER_BLOCK_BYTES // limits.KIB} KiB "
@@ -541,13 +562,19 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
     )
     if growth:
         print(
-            "  relay RSS, highest during the stall minus highest before: "
+            "  relay RSS, highest during the stall minus highest before (anonymous / file-backed): "
             + ", ".join(
-                f"{r.id} {g / limits.MIB:+.2f} MiB{' (the stalled one reads here)' if k == 0 else ''}"
-                for k, (r, g) in enumerate(zip(relays, growth))
+                f"r{k + 1} {anon / limits.MIB:+.2f} / {file / limits.MIB:+.2f} MiB{' (the stalled one reads here)' if k == 0 else ''}"
+                for k, (anon, file) in enumerate(growth)
             )
         )
-    print(f"  the stalled subscriber's connection ended {ended}; {resumes_text(resumed, disconnects)}")
+    print(
+        f"  r1 served {served_before:.0f} subscribers before the stall; "
+        + (f"one fewer {cut:.1f} s into it (the stalled one cut)" if cut is not None else "as many all through it")
+        + "; the stalled one saw its connection end "
+        + (f"{ended_at - marks['stall']:.1f} s into the stall ({ended_by})" if ended_at else "never")
+    )
+    print(f"  {resumes_text(resumed, disconnects)}")
     for name, summary in phases.items():
         print(delivery_line(f"others {name}", summary))
     print(
@@ -560,7 +587,8 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
         "stall_s": stall_s,
         "bound": bound,
         "relay_rss_growth_bytes": growth,
-        "stalled_ended_after_s": ended_at - marks["stall"] if ended_at else None,
+        "relay_cut_after_s": cut,
+        "stalled_saw_end_after_s": ended_at - marks["stall"] if ended_at else None,
         "stalled_ended_by": ended_by,
         "lag_disconnects": disconnects,
         "resumes": resumed,
