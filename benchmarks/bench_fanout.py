@@ -57,7 +57,8 @@ from raftseq.sequencer import limits, protocol
 
 GOAL_P99_RATIO = 1.10
 WARMUP_S = 1.0
-#: How long subscribers may take to reach the last number after the load ends.
+#: How long subscribers may take to reach the last number after the load ends, unless
+#: ``--drain-s`` says otherwise (NATS's consumers get as long); also how long they may take to connect.
 DRAIN_TIMEOUT_S = 60.0
 RELAY_START_TIMEOUT_S = 30.0
 SUBSCRIBER_SILENCE_S = 10.0
@@ -237,7 +238,7 @@ def delivery_latencies(reads: list[array], first_seq: int, intended: array) -> a
     return out
 
 
-def subscriber_process(addresses: list[str], token: str, count: int, from_seq: int, conn, stalled: bool = False) -> None:  # noqa: ANN001 - a Pipe end
+def subscriber_process(addresses: list[str], token: str, count: int, from_seq: int, conn, stalled: bool, drain_s: float) -> None:  # noqa: ANN001 - a Pipe end
     """In a child process: `count` subscribers over `addresses` (round robin) from `from_seq`;
     sends "ready" once all are connected. Then takes from `conn`: "stall" and "resume"
     (subscriber 0 stops and starts reading; `stalled` runs only), and at the end (last number,
@@ -285,7 +286,7 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
             else:
                 break
         last_seq, first_seq, intended = message
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline and min(c.last_seq for c in counters) < last_seq and not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
         for task in tasks:
@@ -313,9 +314,10 @@ def subscriber_process(addresses: list[str], token: str, count: int, from_seq: i
 class Subscribers:
     """The subscribers' process of one run (``subscriber_process``), stopped on leaving."""
 
-    def __init__(self, addresses: list[str], token: str, count: int, from_seq: int, *, stalled: bool = False) -> None:
+    def __init__(self, addresses: list[str], token: str, count: int, from_seq: int, *, drain_s: float, stalled: bool = False) -> None:
+        self.drain_s = drain_s
         self.parent, child = multiprocessing.Pipe()
-        self.process = multiprocessing.Process(target=subscriber_process, args=(addresses, token, count, from_seq, child, stalled))
+        self.process = multiprocessing.Process(target=subscriber_process, args=(addresses, token, count, from_seq, child, stalled, drain_s))
 
     def __enter__(self) -> Subscribers:
         self.process.start()
@@ -342,7 +344,7 @@ class Subscribers:
         for seq, at in zip(seqs, load.intended):
             intended[seq - first] = at
         self.parent.send((max(seqs), first, intended))
-        if not self.parent.poll(DRAIN_TIMEOUT_S + 30):
+        if not self.parent.poll(self.drain_s + 30):
             raise RuntimeError("the subscriber process did not report")
         return self.parent.recv()
 
@@ -452,7 +454,7 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     print(latency_line("intended -> ack", alone))
     print(f"  {'':<18} cpu {cpu_text(cpu_alone)} (client1..: the relays)")
     from_seq = max(load.seqs) + 1
-    with Subscribers([r.client_address for r in relays], bc.token, opts.subscribers, from_seq) as subscribers:
+    with Subscribers([r.client_address for r in relays], bc.token, opts.subscribers, from_seq, drain_s=opts.drain_s) as subscribers:
         pinning.pin("fanout", [subscribers.process.pid])
         delivered_before, lag_before = relays_total(relays, DELIVERED), relays_total(relays, LAG_DISCONNECTS)
         started = time.monotonic()
@@ -515,7 +517,9 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
     from_seq = bc.wait_converged() + 1
     lag_before = relays_total(relays, LAG_DISCONNECTS)
     print(f"\nstalled subscriber: 1 of {opts.subscribers:,} stops reading for {stall_s:g} s ({pinning.label})")
-    with Subscribers([r.client_address for r in relays], bc.token, opts.subscribers, from_seq, stalled=True) as subscribers:
+    with Subscribers(
+        [r.client_address for r in relays], bc.token, opts.subscribers, from_seq, drain_s=opts.drain_s, stalled=True
+    ) as subscribers:
         pinning.pin("fanout", [subscribers.process.pid])
 
         async def drive(load: SteadyLoad) -> None:
@@ -614,6 +618,7 @@ def nats_runs(opts: argparse.Namespace, root: str, runs: list[Pinning]) -> list[
             rate=opts.rate,
             seconds=opts.seconds,
             warmup_s=WARMUP_S,
+            drain_s=opts.drain_s,
             payload_bytes=opts.payload_bytes,
             pin=lambda group, pids, p=pinning: p.start(pids) if group == "servers" else p.pin("fanout", pids),
             raw=opts.nats_consumers == "raw",
@@ -674,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--nats-processes", positive_int, 4, "--vs nats: processes the consumers run in"),
         ("--stalled-subscriber-s", positive_float, None, "also a run in which one subscriber stops reading this long"),
         ("--stall-margin-s", positive_float, 10.0, "seconds of load before and after the stall"),
+        ("--drain-s", positive_float, DRAIN_TIMEOUT_S, "seconds subscribers (and NATS consumers) may take to get the rest after the load"),
     )
     parser.add_argument("--pin", choices=("off", "on", "both"), default="off", help="pin nodes and fan-out to separate cores (default off)")
     parser.add_argument(

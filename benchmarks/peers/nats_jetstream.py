@@ -1205,6 +1205,7 @@ def fanout_beside(
     rate: int,
     seconds: float,
     warmup_s: float,
+    drain_s: float,
     payload_bytes: int,
     pin: Callable[[str, list[int]], None],
     raw: bool = True,
@@ -1212,7 +1213,7 @@ def fanout_beside(
     """``bench_fanout``'s run on NATS JetStream: a fresh R3 cluster; one client publishes at
     `rate` for `warmup_s` + `seconds` with no consumer, then again with `subscribers` ordered
     push consumers (in `processes` processes on the two servers that are not the stream leader)
-    reading from the first message of that run (`raw`: ``RawConsumers``, counted undecoded as
+    reading from the first message of that run, for up to `drain_s` after it (`raw`: ``RawConsumers``, counted undecoded as
     raftseq's subscribers are; else nats-py's ordered consumers). Publisher ack p99 (from the intended send time,
     after the warm-up) of both runs, messages delivered per second, and whether every consumer
     got every message (an ordered consumer delivers in stream order and restarts itself after a
@@ -1245,7 +1246,7 @@ def fanout_beside(
             print(latency_line("intended -> ack", alone))
             first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
             last_seq = first_seq + messages - 1
-            wait_s = warmup_s + seconds + FANOUT_DRAIN_S
+            wait_s = warmup_s + seconds + drain_s
             deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
             others = [n for n in NODE_IDS if n != leader]
             workers: list[subprocess.Popen] = []
