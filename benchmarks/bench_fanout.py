@@ -17,11 +17,12 @@ of each process and the load average.
 ``--pin on`` pins the processes (``os.sched_setaffinity`` on every thread of each): the nodes
 and the publishing benchmark on the first cores of ``--pin-cores``, the relays and the
 subscribers' process on the second, for both runs, so the subscribers cannot take CPU from the
-nodes; ``--pin both`` measures unpinned and pinned (``benchmarks/README.md``, "Fan-out").
+nodes; ``--pin both`` measures unpinned and pinned (``benchmarks/README_fanout.md`` says what
+that shows).
 
 ``--vs nats`` runs the same shape on NATS JetStream (``peers.nats_jetstream.fanout_beside``: an
-R3 stream, ``--subscribers`` ordered push consumers, each must get every message) and prints
-both in one table.
+R3 stream, ``--subscribers`` push consumers read undecoded (``RawConsumers``) or by nats-py,
+each must get every message) and prints both in one table.
 
 ``--stalled-subscriber-s S`` is another run: subscriber 0 stops reading for S seconds while the
 load runs ``--stall-margin-s`` before and after; the relay it reads from is sampled for RSS
@@ -80,19 +81,24 @@ ASYNCIO_WRITE_HIGH_WATER_BYTES = 64 * limits.KIB
 
 def parse_cores(text: str) -> tuple[set[int], set[int]]:
     """``--pin-cores NODES:FANOUT`` (each a comma list: ``0:1``, ``0,1:2,3``): the cores of the
-    nodes and the publisher, and of the relays and subscribers; disjoint and available here."""
+    nodes and the publisher, and of the relays and subscribers; disjoint (whether this machine
+    has them is checked only when pinning: ``cores_missing``)."""
     nodes_text, sep, fanout_text = text.partition(":")
     try:
         nodes = {int(c) for c in nodes_text.split(",")}
         fanout = {int(c) for c in fanout_text.split(",")}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NODES:FANOUT core lists such as 0:1, got {text!r}") from None
-    available = os.sched_getaffinity(0)
     if not sep or nodes & fanout:
         raise argparse.ArgumentTypeError(f"expected two disjoint core lists such as 0:1, got {text!r}")
-    if not (nodes | fanout) <= available:
-        raise argparse.ArgumentTypeError(f"cores {sorted((nodes | fanout) - available)} are not available here (have {sorted(available)})")
     return nodes, fanout
+
+
+def cores_missing(cores: tuple[set[int], set[int]]) -> str:
+    """What is wrong with pinning to `cores` here ("" when nothing)."""
+    available = os.sched_getaffinity(0)
+    missing = (cores[0] | cores[1]) - available
+    return f"--pin-cores: cores {sorted(missing)} are not available here (have {sorted(available)})" if missing else ""
 
 
 class Pinning:
@@ -699,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_report_options(parser)
     opts = parser.parse_args(argv)
+    if opts.pin != "off" and cores_missing(opts.pin_cores):
+        parser.error(cores_missing(opts.pin_cores))
     return run_reported(opts, measure, prefix="raftseq-fanout-", stopped="cluster, relays, subscribers (and NATS servers) stopped")
 
 

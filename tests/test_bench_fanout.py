@@ -138,3 +138,27 @@ def test_raw_nats_consumers_count_by_reply_subject_find_gaps_and_answer_flow_con
     assert consumers.last_seqs == [12, 12]
     assert consumers.gaps == [0, 1]  # consumer 1 went from 10 to 12
     assert consumers._writer.data == b"PONG\r\nPUB $JS.FC.BENCH.abc.1 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("cores", ["0:0", "0:x", "01"])
+def test_bad_pin_cores_are_a_usage_error(cores: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_fanout", "--pin", "on", "--pin-cores", cores],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and "--pin-cores" in done.stderr, done.stderr
+
+
+def test_pinning_to_cores_this_machine_lacks_is_a_usage_error() -> None:
+    missing = max(os.sched_getaffinity(0)) + 1
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_fanout", "--pin", "on", "--pin-cores", f"0:{missing}"],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and f"cores [{missing}] are not available" in done.stderr, done.stderr

@@ -1406,6 +1406,7 @@ class RawConsumers:
         self._reply: asyncio.Future | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task | None = None
 
     async def open(self, url: str, index: int, timeout_s: float) -> dict[str, int]:
         """Connect to `url`, create the consumers; how many each server leads."""
