@@ -58,6 +58,8 @@ from raftseq.sequencer import limits, protocol
 
 GOAL_P99_RATIO = 1.10
 WARMUP_S = 1.0
+#: Seconds of unmeasured load before each pass (after its warm-up second).
+SETTLE_S = 1.0
 #: How long subscribers may take to reach the last number after the load ends, unless
 #: ``--drain-s`` says otherwise (NATS's consumers get as long); also how long they may take to connect.
 DRAIN_TIMEOUT_S = 60.0
@@ -421,7 +423,9 @@ def stall_bound(rate: int, lag_max_records: int) -> dict:
 
 async def steady(bc: BenchCluster, opts: argparse.Namespace, session: str, seconds: float, cpu_pids: list[int], during=None) -> tuple:  # noqa: ANN001
     """``opts.rate`` submits/s for `WARMUP_S` + `seconds`; (ack latency summary, the load, cpu
-    of the nodes and `cpu_pids`). `during(load)`: a coroutine run beside the load."""
+    share of the nodes and `cpu_pids`, each node's CPU microseconds per submit). `during(load)`:
+    a coroutine run beside the load. CPU per submit is what the preamble's A/B asks for: unlike
+    the p99 it hardly moves with what else runs on the machine."""
     client = await bc.client(session, in_flight_max=10_000)
     try:
         load = SteadyLoad(client, rate_per_s=opts.rate, payload=b"x" * opts.payload_bytes)
@@ -432,9 +436,11 @@ async def steady(bc: BenchCluster, opts: argparse.Namespace, session: str, secon
         finally:
             if beside is not None:
                 await beside
-        cpu = cpu_used(before, bc.cpu_times(cpu_pids), time.monotonic() - started)
+        after = bc.cpu_times(cpu_pids)
+        cpu = cpu_used(before, after, time.monotonic() - started)
+        per_submit = {n: round((after[n] - before[n]) / max(1, load.submitted) * 1e6, 1) for n in bc.pids}
         await load.checked_seqs(session, seqs_what=session)
-        return latency_summary(load.latencies_ms(first_index=int(WARMUP_S * opts.rate))), load, cpu
+        return latency_summary(load.latencies_ms(first_index=int(WARMUP_S * opts.rate))), load, cpu, per_submit
     finally:
         await client.close()
 
@@ -455,7 +461,11 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     pinning.start(list(bc.pids.values()))
     pinning.pin("fanout", relay_pids)
     print(f"\n{pinning.label}")
-    alone, load, cpu_alone = run_precise(steady(bc, opts, f"alone-{time.monotonic_ns()}", opts.seconds, relay_pids))
+    # An unmeasured second of load first: connections, the relays' catch-up and first-use costs
+    # would otherwise count against the run without subscribers.
+    run_precise(steady(bc, opts, f"settle-{time.monotonic_ns()}", SETTLE_S, []))
+    leader = bc.wait_for_leader()["node"]
+    alone, load, cpu_alone, us_alone = run_precise(steady(bc, opts, f"alone-{time.monotonic_ns()}", opts.seconds, relay_pids))
     print(f"without subscribers ({opts.rate:,} msg/s, {opts.seconds:g} s, load avg {load_average()}):")
     print(latency_line("intended -> ack", alone))
     print(f"  {'':<18} cpu {cpu_text(cpu_alone)} (client1..: the relays)")
@@ -464,7 +474,7 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
         pinning.pin("fanout", [subscribers.process.pid])
         delivered_before, lag_before = relays_total(relays, DELIVERED), relays_total(relays, LAG_DISCONNECTS)
         started = time.monotonic()
-        loaded, load, cpu_loaded = run_precise(
+        loaded, load, cpu_loaded, us_loaded = run_precise(
             steady(bc, opts, f"with-subscribers-{time.monotonic_ns()}", opts.seconds, relay_pids + [subscribers.process.pid])
         )
         counts, gaps, errors, resumed, delivery, _ = subscribers.outcome(load)
@@ -482,6 +492,10 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     print(delivery_line("intended -> read", delivery_latency) + f" of {min(opts.subscribers, LATENCY_SAMPLED_MAX)} subscribers")
     print(f"  {'':<18} cpu {cpu_text(cpu_loaded)} (client1..: the relays, then the subscribers' process)")
     print(
+        "  node CPU per submit without -> with subscribers: "
+        + ", ".join(f"{n}{' (leader)' if n == leader else ''} {us_alone[n]:.0f} -> {us_loaded[n]:.0f} us" for n in us_alone)
+    )
+    print(
         f"  every message, gapless: {complete:,} of {opts.subscribers:,} subscribers ({want:,} messages each; "
         f"{sum(1 for g in gaps if g)} saw a gap, {failed} failed{': ' + '; '.join(reasons) if reasons else ''}; {resumes_text(resumed, lag_disconnects)})"
     )
@@ -491,8 +505,9 @@ def fanout_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning
     return {
         "pinning": pinning.label,
         "affinity": dict(pinning.applied),
-        "without_subscribers": {"latency": alone, "cpu": cpu_alone},
-        "with_subscribers": {"latency": loaded, "cpu": cpu_loaded, "delivery_latency": delivery_latency},
+        "leader": leader,
+        "without_subscribers": {"latency": alone, "cpu": cpu_alone, "cpu_us_per_submit": us_alone},
+        "with_subscribers": {"latency": loaded, "cpu": cpu_loaded, "cpu_us_per_submit": us_loaded, "delivery_latency": delivery_latency},
         "subscribers": opts.subscribers,
         "subscribers_complete": complete,
         "subscribers_with_gaps": sum(1 for g in gaps if g),
@@ -538,7 +553,7 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
                 subscribers.send(name)
                 marks[name] = time.monotonic()
 
-        _, load, cpu = run_precise(
+        _, load, cpu, _ = run_precise(
             steady(bc, opts, f"stall-{time.monotonic_ns()}", 2 * margin_s + stall_s, relay_pids + [subscribers.process.pid], drive)
         )
         counts, gaps, errors, resumed, delivery, (ended_at, ended_by) = subscribers.outcome(load)
@@ -635,16 +650,20 @@ def nats_runs(opts: argparse.Namespace, root: str, runs: list[Pinning]) -> list[
 
 def print_table(raftseq: list[dict], nats: list[dict], opts: argparse.Namespace) -> None:
     print(f"\nfan-out: {opts.subscribers:,} subscribers, {opts.rate:,} msg/s for {opts.seconds:g} s (+{WARMUP_S:g} s warm-up)")
-    head = f"  {'system':<22} {'cores':<9} {'delivered msg/s':>15} {'every message, gapless':>23} {'ack p99 alone':>14} {'with subs':>10} {'ratio':>6}"
-    print(head)
-    for name, rows in (("raftseq, " + str(opts.relays) + " relays", raftseq), ("NATS JetStream R3", nats)):
+    print(
+        f"  {'system':<22} {'cores':<9} {'delivered msg/s':>15} {'every message, gapless':>23} {'ack p99 alone':>14} "
+        f"{'with subs':>10} {'ratio':>6}  leader CPU/msg alone -> with"
+    )
+    for name, rows in ((f"raftseq, {opts.relays} relays", raftseq), ("NATS JetStream R3", nats)):
         for r in rows:
             cores = "pinned" if r["pinning"].startswith("pinned") else "unpinned"
             alone = r["without_subscribers"]["latency"]["p99_ms"]
             loaded = r["with_subscribers"]["latency"]["p99_ms"]
+            leader = r["leader"]
             print(
                 f"  {name:<22} {cores:<9} {r['delivered_per_s']:>15,.0f} {r['subscribers_complete']:>11,} of {r['subscribers']:<8,}"
-                f" {alone:>11.2f} ms {loaded:>7.2f} ms {r['p99_ratio']:>6.2f}"
+                f" {alone:>11.2f} ms {loaded:>7.2f} ms {r['p99_ratio']:>6.2f}  "
+                f"{r['without_subscribers']['cpu_us_per_submit'][leader]:.0f} -> {r['with_subscribers']['cpu_us_per_submit'][leader]:.0f} us"
             )
 
 

@@ -71,6 +71,7 @@ def test_pinned_and_unpinned_runs_deliver_everything_and_a_stalled_subscriber_is
         # 200/s for 2 s (warm-up included); a sender woken late at the end sends a few less.
         assert 300 <= run["messages_each"] <= 400, run
         assert run["delivered_per_s"] > 0 and run["with_subscribers"]["delivery_latency"]["count"] > 0, run
+        assert all(run[r]["cpu_us_per_submit"][run["leader"]] > 0 for r in ("without_subscribers", "with_subscribers")), run
     stall = report["stall"]
     assert stall["stalled_complete"] and stall["subscribers_complete"] == 4, stall
     assert stall["bound"]["rss_bytes"] == 64 * 1024 + 2 * 256 * 1024, stall["bound"]
@@ -88,6 +89,7 @@ def test_nats_jetstream_beside_in_one_table(tmp_path: Path) -> None:
     assert nats["subscribers_complete"] == 4 and nats["fewest_received"] == 400, nats
     assert nats["consumers"] == "raw push consumers" and not nats["client_errors"], nats
     assert nats["without_subscribers"]["latency"]["count"] > 0 and nats["with_subscribers"]["latency"]["count"] > 0, nats
+    assert all(nats[r]["cpu_us_per_submit"][nats["leader"]] > 0 for r in ("without_subscribers", "with_subscribers")), nats
     assert_pinned(nats["affinity"], {"nodes": {0}, "fanout": {1}})
     # Three servers and the publishing benchmark; two consumer processes.
     assert sum(1 for k in nats["affinity"] if k.startswith("nodes")) == 4

@@ -1224,24 +1224,28 @@ def fanout_beside(
     payload = b"x" * payload_bytes
     messages = int(rate * (warmup_s + seconds))
 
-    async def publish(nc: NatsCluster, run: str) -> dict:
+    async def publish(nc: NatsCluster, run: str) -> tuple[dict, dict[str, float]]:
+        """The run's ack latency, and each server's CPU microseconds per publish meanwhile."""
         client = await connect(nc.urls, name=f"fanout-{run}")
         try:
             load = NatsLoad(client.jetstream(publish_async_max_pending=NATS_WINDOW_DEFAULT), run=run, payload=payload, retry=False)
+            before = cpu_times(nc.pids)
             await load.run(rate, duration_s=warmup_s + seconds + DRAIN_TIMEOUT_S, max_messages=messages)
+            after = cpu_times(nc.pids)
         finally:
             await client.close()
         expect(
             not load.errors and load.acked == messages,
             f"{NAME} fanout {run}: {load.acked:,} of {messages:,} acknowledged; {load.errors[:1]}",
         )
-        return latency_figures(load.intended, load.first_sent, load.acked_at, first_index=int(warmup_s * rate))["latency"]
+        per_publish = {n: round((after[n] - before[n]) / messages * 1e6, 1) for n in NODE_IDS}
+        return latency_figures(load.intended, load.first_sent, load.acked_at, first_index=int(warmup_s * rate))["latency"], per_publish
 
     async def run() -> dict:
         async with NatsCluster(root, f"{NAME}-fanout-{time.monotonic_ns()}", server=server) as nc:
             pin("servers", [pid for pid in nc.pids.values() if pid])
             leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
-            alone = await publish(nc, "alone")
+            alone, us_alone = await publish(nc, "alone")
             print(f"without consumers ({rate:,} msg/s, {seconds:g} s, load avg {load_average()}):")
             print(latency_line("intended -> ack", alone))
             first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
@@ -1265,7 +1269,7 @@ def fanout_beside(
                     raw=raw,
                 )
                 before, t0, started_wall = cpu_times(nc.pids), time.monotonic(), time.time()
-                loaded = await publish(nc, "loaded")
+                loaded, us_loaded = await publish(nc, "loaded")
                 outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
                 cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
             finally:
@@ -1280,10 +1284,15 @@ def fanout_beside(
             f"slow-consumer errors {sum(o['slow_consumers'] for o in outcomes)})"
         )
         print(f"  delivered {delivered:,} in {elapsed:.1f} s: {delivered / elapsed:,.0f} msg/s; cpu {cpu_text(cpu)}")
+        print(
+            "  server CPU per publish without -> with consumers: "
+            + ", ".join(f"{n}{' (stream leader)' if n == leader else ''} {us_alone[n]:.0f} -> {us_loaded[n]:.0f} us" for n in NODE_IDS)
+        )
         print(f"  ack p99 with/without consumers: {ratio:.2f}")
         return {
-            "without_subscribers": {"latency": alone},
-            "with_subscribers": {"latency": loaded, "cpu": cpu},
+            "leader": leader,
+            "without_subscribers": {"latency": alone, "cpu_us_per_submit": us_alone},
+            "with_subscribers": {"latency": loaded, "cpu": cpu, "cpu_us_per_submit": us_loaded},
             "subscribers": subscribers,
             "subscribers_complete": complete,
             "fewest_received": min(counts),
