@@ -12,7 +12,7 @@ their headers, undecoded: ``bench_stream.RawCounter``; as many as the numbers th
 without (goal: within 10%); records delivered per second by the relays (their
 ``raftseq_relay_delivered_records_total``); the subscribers' delivery latency (intended send
 time to the read that brought the record, sampled on ``LATENCY_SAMPLED_MAX`` subscribers); CPU
-of each process and the load average.
+of each process, each node's CPU per submit, and the load average.
 
 ``--pin on`` pins the processes (``os.sched_setaffinity`` on every thread of each): the nodes
 and the publishing benchmark on the first cores of ``--pin-cores``, the relays and the
