@@ -627,23 +627,29 @@ def stall_run(bc: BenchCluster, relays: list, opts: argparse.Namespace, pinning:
 
 
 def nats_runs(opts: argparse.Namespace, root: str, runs: list[Pinning]) -> list[dict]:
+    """``fanout_beside`` under each pinning; a pass that fails is a row that says why."""
+    from benchmarks.figures import BenchError
     from benchmarks.peers import nats_jetstream
 
     results = []
     for pinning in runs:
-        print(f"\nNATS JetStream, {pinning.label}")
-        result = nats_jetstream.fanout_beside(
-            root,
-            subscribers=opts.subscribers,
-            processes=opts.nats_processes,
-            rate=opts.rate,
-            seconds=opts.seconds,
-            warmup_s=WARMUP_S,
-            drain_s=opts.drain_s,
-            payload_bytes=opts.payload_bytes,
-            pin=lambda group, pids, p=pinning: p.start(pids) if group == "servers" else p.pin("fanout", pids),
-            raw=opts.nats_consumers == "raw",
-        )
+        print(f"\nNATS JetStream, {pinning.label}", flush=True)
+        try:
+            result = nats_jetstream.fanout_beside(
+                root,
+                subscribers=opts.subscribers,
+                processes=opts.nats_processes,
+                rate=opts.rate,
+                seconds=opts.seconds,
+                warmup_s=WARMUP_S,
+                drain_s=opts.drain_s,
+                payload_bytes=opts.payload_bytes,
+                pin=lambda group, pids, p=pinning: p.start(pids) if group == "servers" else p.pin("fanout", pids),
+                raw=opts.nats_consumers == "raw",
+            )
+        except BenchError as exc:
+            print(f"  FAILED: {exc}", flush=True)
+            result = {"error": str(exc), "subscribers": opts.subscribers, "subscribers_complete": 0}
         results.append({**result, "pinning": pinning.label, "affinity": dict(pinning.applied)})
     return results
 
@@ -657,6 +663,9 @@ def print_table(raftseq: list[dict], nats: list[dict], opts: argparse.Namespace)
     for name, rows in ((f"raftseq, {opts.relays} relays", raftseq), ("NATS JetStream R3", nats)):
         for r in rows:
             cores = "pinned" if r["pinning"].startswith("pinned") else "unpinned"
+            if "error" in r:
+                print(f"  {name:<22} {cores:<9} FAILED: {r['error']}")
+                continue
             alone = r["without_subscribers"]["latency"]["p99_ms"]
             loaded = r["with_subscribers"]["latency"]["p99_ms"]
             leader = r["leader"]
@@ -673,21 +682,22 @@ def measure(opts: argparse.Namespace, root: str) -> tuple[dict, int]:
     runs = pinnings(opts)
     ok = True
     try:
-        with BenchCluster.start_in(root, "fanout", insecure=False, overrides=None) as bc:
-            relays = bc.start_relays(opts.relays)
-            for relay in relays:
-                wait_relay_serving(relay, 0, timeout_s=RELAY_START_TIMEOUT_S)
-            report["runs"] = [fanout_run(bc, relays, opts, pinning) for pinning in runs]
-            ok = all(r["subscribers_complete"] == opts.subscribers for r in report["runs"])
-            if opts.stalled_subscriber_s:
-                report["stall"] = stall_run(bc, relays, opts, runs[-1])
-                ok = ok and report["stall"]["subscribers_complete"] == opts.subscribers
+        if not opts.skip_raftseq:
+            with BenchCluster.start_in(root, "fanout", insecure=False, overrides=None) as bc:
+                relays = bc.start_relays(opts.relays)
+                for relay in relays:
+                    wait_relay_serving(relay, 0, timeout_s=RELAY_START_TIMEOUT_S)
+                report["runs"] = [fanout_run(bc, relays, opts, pinning) for pinning in runs]
+                ok = all(r["subscribers_complete"] == opts.subscribers for r in report["runs"])
+                if opts.stalled_subscriber_s:
+                    report["stall"] = stall_run(bc, relays, opts, runs[-1])
+                    ok = ok and report["stall"]["subscribers_complete"] == opts.subscribers
         if opts.vs == "nats":
             report["nats"] = nats_runs(opts, root, runs)
             ok = ok and all(r["subscribers_complete"] == opts.subscribers for r in report["nats"])
     finally:
         runs[0].release_self()
-    print_table(report["runs"], report.get("nats", []), opts)
+    print_table(report.get("runs", []), report.get("nats", []), opts)
     report["load_average_end"] = load_average()
     return report, 0 if ok else 1
 
@@ -715,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cores of the nodes and publisher : of relays and subscribers",
     )
     parser.add_argument("--vs", choices=("nats",), default="", help="the same run on NATS JetStream, in one table")
+    parser.add_argument("--skip-raftseq", action="store_true", help="with --vs nats: NATS's runs only")
     parser.add_argument(
         "--nats-consumers",
         choices=("raw", "nats-py"),
@@ -724,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_report_options(parser)
     opts = parser.parse_args(argv)
+    if opts.skip_raftseq and not opts.vs:
+        parser.error("--skip-raftseq measures the --vs system only: give --vs nats")
     if opts.pin != "off" and cores_missing(opts.pin_cores):
         parser.error(cores_missing(opts.pin_cores))
     return run_reported(opts, measure, prefix="raftseq-fanout-", stopped="cluster, relays, subscribers (and NATS servers) stopped")

@@ -1230,7 +1230,18 @@ def fanout_beside(
         try:
             load = NatsLoad(client.jetstream(publish_async_max_pending=NATS_WINDOW_DEFAULT), run=run, payload=payload, retry=False)
             before = cpu_times(nc.pids)
-            await load.run(rate, duration_s=warmup_s + seconds + DRAIN_TIMEOUT_S, max_messages=messages)
+            # nats-py waits without limit for room among its pending acks: acks that stop
+            # coming would hang the run, not fail it.
+            try:
+                await asyncio.wait_for(
+                    load.run(rate, duration_s=warmup_s + seconds + DRAIN_TIMEOUT_S, max_messages=messages),
+                    warmup_s + seconds + 2 * DRAIN_TIMEOUT_S,
+                )
+            except TimeoutError:
+                raise BenchError(
+                    f"{NAME} fanout {run}: the publisher stalled, {load.acked:,} of {len(load.first_sent):,} publishes "
+                    f"acknowledged ({messages:,} meant)"
+                ) from None
             after = cpu_times(nc.pids)
         finally:
             await client.close()
