@@ -78,8 +78,8 @@ FAULT_EVERY_S = 90.0
 ROLLING_EVERY_S = 900.0
 UPGRADE_EVERY_S = 1200.0
 SAMPLE_EVERY_S = 60.0
-#: After an operation, a sample waits this long (five retention checks): retention removes what a node held
-#: for a peer that was down.
+#: After an operation, a sample waits this long (five retention checks): retention removes what
+#: a node held for a peer that was down.
 SETTLE_S = 5 * RETENTION_CHECK_S
 #: RSS may grow this much from the baseline sample (minute 10; a third of a short run) to the end.
 RSS_GROWTH_MAX = 0.10
@@ -391,7 +391,14 @@ def _replace(ops: OpsRun, rng: random.Random) -> None:
     request = protocol.MemberRequest(
         "add", new_id, raft_address=c.raft_address, client_address=c.client_address, raft_public_key=c.raft_public_key
     )
-    reply = asyncio.run(membership_client.replace(cluster.endpoints, REPLACED, request, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S))
+    try:
+        reply = asyncio.run(
+            membership_client.replace(cluster.endpoints, REPLACED, request, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S)
+        )
+    except membership_client.MemberCommandError as exc:
+        from chaos_tests.scenarios import ScenarioFailed
+
+        raise ScenarioFailed(f"member replace {REPLACED} --with {new_id}: {exc}\n{cluster.log_tails()}") from None
     ctx.nemesis.end(fault, number=reply.number)
     ctx.say(
         f"    replaced {REPLACED} by {new_id}: membership {reply.number} ({', '.join(m.id for m in reply.members)}) in {time.monotonic() - started:.2f} s"
