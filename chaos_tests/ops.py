@@ -514,7 +514,7 @@ def _archive_records(directory: str) -> list[tuple[int, str, int, bytes]]:
 
 
 def final_read_with_archive(
-    cluster, archive_root: str, *, history: HistoryRecorder, attempts: int = 3
+    cluster, archive_root: str, *, history: HistoryRecorder, attempts: int = 10
 ) -> tuple[dict[str, int], list, dict[str, list]]:
     """Every node's stream: its archive from disk, then what the node serves after it, up to
     the last seq it reports. Nodes whose archive and journal start at 1 are recorded as final
@@ -541,9 +541,12 @@ def final_read_with_archive(
             try:
                 records = archived + (asyncio.run(served(endpoint, first, last)) if first <= last else [])
                 break
-            except Truncated as exc:  # retention moved on after the archive was read: again
-                if attempt == attempts - 1:
+            except (Truncated, ConnectionError) as exc:
+                # Retention moved a segment into the archive after it was read (answered as a
+                # Truncated frame, or refused "truncated: ..."): read the archive again.
+                if "truncated" not in str(exc) or attempt == attempts - 1:
                     raise ConnectionError(f"final read of {node_id}: {exc}") from None
+                time.sleep(RETENTION_CHECK_S)
         counts[node_id] = len(records)
         if records and records[0][0] == 1:
             history.final_read(node_id, records)
