@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.errors import Truncated
 from raftseq.sequencer.protocol import RejectReason
 from raftseq.cluster.status import node_status
 
@@ -93,6 +94,8 @@ class WorkloadStats:
     last_ok_ns: int = 0
     #: Sessions started because the cluster had forgotten one (after a power cut).
     new_sessions: int = 0
+    #: Subscribers that fell behind retention and stopped.
+    truncated: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -324,6 +327,11 @@ class Workload:
                 expected, moved_on = await self._stream(name, node, expected, drop_after)
             except (OSError, ConnectionError, TimeoutError):
                 moved_on = True
+            except Truncated as exc:
+                # It fell behind retention on every node: it cannot go on without a gap.
+                self.history.note("subscriber truncated", sub=name, from_seq=exc.from_seq, first_seq=exc.first_seq)
+                self.stats.truncated.append(name)
+                return
             if not moved_on:
                 attempt -= 1  # a deliberate drop: back to the same node
             await asyncio.sleep(0.02)

@@ -151,12 +151,20 @@ class Node:
             token=config.client_token,
             snapshot_floor_seq=lambda: self.core.machine.snapshot_floor_seq(),
             applied=lambda: (self.core.machine.last_seq, self.core.machine.last_log_time_ns),
+            members=self._other_members,
         )
         #: Set (with why) when this node learns that it was removed from the cluster.
         self.removed = asyncio.Event()
         self.removed_why = ""
         #: Planned leadership transfers away from this node (``LeaderTransfer``).
         self.handover = Handover(self)
+
+    def _other_members(self) -> list:
+        """The other members as this node knows them now (learners too: they fetch from the
+        journal); the config's peers until the replica runs. Retention asks these."""
+        if self.replica is None:
+            return list(self.config.peers)
+        return [m for m in self.replica.membership.members if m.id != self.config.id]
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 

@@ -211,11 +211,16 @@ class JournalRetention:
         token: str,
         snapshot_floor_seq: Callable[[], int],
         applied: Callable[[], tuple[int, int]],
+        members: Callable[[], Sequence[Peer]] | None = None,
     ) -> None:
+        """`peers`: the config's; `members`, when given, the current other members (they
+        change with ``raftseq member``: a removed peer stops holding the floor, a new one
+        holds it until it answers)."""
         self.config = config
         self.policy = config.policy()
         self.journal = journal
-        self.peers = list(peers)
+        self._config_peers = list(peers)
+        self._members = members
         self.data_dir = data_dir
         self.session = f"retention.{node_id}"
         self.token = token
@@ -229,6 +234,10 @@ class JournalRetention:
         self._last_hold = ""
 
     # --- peers --------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._members()) if self._members is not None else self._config_peers
 
     def _peers_path(self) -> str:
         return os.path.join(self.data_dir, PEERS_FILE)
