@@ -241,7 +241,8 @@ def run(args: argparse.Namespace) -> dict:
         admin, admin_secret = new_credential("admin", ["admin"], ["admin-"], priority=True, quotas=Quotas())
         write_credentials(path, [bulk, admin])
         workers: list[subprocess.Popen] = []
-        overrides = {"credentials_file": path, **({"batcher": {"in_flight_max": args.batches_in_flight}} if args.batches_in_flight else {})}
+        batcher = {"in_flight_max": args.batches_in_flight, "priority_bulk_in_flight_entries_max": args.bulk_in_flight_entries}
+        overrides = {"credentials_file": path, "batcher": {key: value for key, value in batcher.items() if value}}
         with BenchCluster.start_in(root, "cluster", insecure=False, overrides=overrides) as bc:
             deadline = time.monotonic() + LEADER_TIMEOUT_S
             try:
@@ -311,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="the nodes' batcher.in_flight_max (default 0: the config's): the Raft pipeline a priority batch still queues behind",
+    )
+    parser.add_argument(
+        "--bulk-in-flight-entries",
+        type=int,
+        default=0,
+        help="the nodes' batcher.priority_bulk_in_flight_entries_max (default 0: the config's): bulk entries a priority submit may find ahead of it in Raft",
     )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = parser.parse_args(argv)

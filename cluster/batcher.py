@@ -9,12 +9,12 @@ queue of their own with its own bounds (``priority_queue_entries_max``,
 ``priority_held_bytes_max``) and are taken into the next batch before any bulk submit: they never
 wait behind a full bulk queue, and a full priority lane never refuses a bulk submit. What they
 cannot skip is what Raft already carries: a batch commits after every batch proposed before it.
-So for ``priority_recent_s`` after a priority submit came and after it was answered, bulk is held back: at most
-``priority_bulk_in_flight_entries_max`` bulk entries proposed and not yet committed, in at most
-``in_flight_max - 1`` batches (a slot stays free for the lane: a priority submit is proposed at
-once, never beyond ``in_flight_max``), a bulk batch proposed beside others only with room for half
-that bound (no trickle of tiny batches), and bulk bytes held within
-``priority_bulk_held_bytes_max`` (the gateway reads less bulk per loop turn). Without recent
+So while a priority submit waits, and for ``priority_recent_s`` after one came or was answered,
+bulk is held back: at most ``priority_bulk_in_flight_entries_max`` bulk entries proposed and not
+yet committed, in at most ``in_flight_max - 1`` batches (a slot stays free for the lane: a
+priority submit is proposed at once, never beyond ``in_flight_max``), a bulk batch proposed beside
+others only with room for half that bound (no trickle of tiny batches), and bulk bytes held
+within ``priority_bulk_held_bytes_max`` (the gateway reads less bulk per loop turn). Without recent
 priority traffic bulk has the whole pipeline.
 
 Group commit (power durability, ``unsynced``): a commit waits for the leader's fsync, so waiting
@@ -164,8 +164,10 @@ class Batcher:
         self._priority_bytes = 0
         #: Until when (``now_s``) priority traffic counts as recent and bulk is held back.
         self._priority_recent_until = 0.0
-        #: Bulk entries proposed and not yet answered (``priority_bulk_in_flight_entries_max``).
+        #: Bulk entries proposed and not yet answered (``priority_bulk_in_flight_entries_max``),
+        #: and priority ones.
         self._bulk_in_flight = 0
+        self._priority_in_flight = 0
         #: batch id -> its submits, its commit deadline, the bytes they hold and its bulk entries.
         self._in_flight: dict[int, tuple[list[PendingSubmit], float, int, int]] = {}
         self._next_batch_id = 1
@@ -200,7 +202,10 @@ class Batcher:
         return self._bulk_in_flight
 
     def priority_recent(self) -> bool:
-        """Whether a priority submit came within ``priority_recent_s``: bulk is held back."""
+        """Whether a priority submit waits (queued or proposed) or came or was answered within
+        ``priority_recent_s``: bulk is held back."""
+        if self._priority or self._priority_in_flight:
+            return True
         return self._priority_recent_until > 0 and self._now_s() < self._priority_recent_until
 
     def _bulk_held_bytes_max(self) -> int:
@@ -318,6 +323,7 @@ class Batcher:
         self._next_batch_id += 1
         self._in_flight[batch_id] = (members, self._now_s() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES, bulk)
         self._bulk_in_flight += bulk
+        self._priority_in_flight += len(members) - bulk
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
         committed = self._committed
@@ -371,7 +377,7 @@ class Batcher:
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
         members, _, held, bulk = entry
-        self._release(held, bulk)
+        self._release(held, bulk, len(members) - bulk)
         if bulk < len(members):
             # Recent from its answer on too: one that waited longer than priority_recent_s
             # (a node under load) does not let bulk fill the pipeline before the next one.
@@ -406,19 +412,20 @@ class Batcher:
                 submit.answer(unknown)
         self._maybe_propose()
 
-    def _release(self, held: int, bulk: int) -> None:
-        """A proposed batch is answered: its `held` bytes and `bulk` entries are no longer in flight."""
+    def _release(self, held: int, bulk: int, priority: int) -> None:
+        """A proposed batch is answered: its `held` bytes, `bulk` and `priority` entries are no longer in flight."""
         self._held_bytes -= held
         self._bulk_in_flight -= bulk
+        self._priority_in_flight -= priority
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
-        assert self._bulk_in_flight >= 0, f"bulk entries in flight {self._bulk_in_flight} below zero"
+        assert self._bulk_in_flight >= 0 and self._priority_in_flight >= 0, "entries in flight below zero"
 
     def _expire(self) -> None:
         self._timeout_handle = None
         now = self._now_s()
         for batch_id in [b for b, (_, deadline, _, _) in self._in_flight.items() if deadline <= now]:
             members, _, held, bulk = self._in_flight.pop(batch_id)
-            self._release(held, bulk)
+            self._release(held, bulk, len(members) - bulk)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
             unknown = CommitOutcome(None, "commit timeout")
@@ -452,6 +459,7 @@ class Batcher:
         self._held_bytes = 0
         self._priority_bytes = 0
         self._bulk_in_flight = 0
+        self._priority_in_flight = 0
         for lane in (self._priority, self._queue):
             while lane:
                 lane.popleft().answer(unknown)

@@ -984,6 +984,10 @@ def test_bulk_bytes_held_have_a_smaller_bound_while_priority_traffic_is_recent()
         assert not batcher.has_room(cost) and batcher.has_room(cost, priority=True)
         assert not batcher.offer_all([replies.submit("bulk", seq, payload)])
         clock.s += 1.0
+        assert not batcher.has_room(cost), "recent while the priority submit is in flight"
+        raft.commit(raft.proposals[0])
+        await replies.wait_for(1)
+        clock.s += 1.0
         assert batcher.has_room(cost), "the usual bound once priority traffic is no longer recent"
         assert batcher.offer_all([replies.submit("bulk", seq, payload)])
         await commit_everything(raft, replies, batcher)
