@@ -13,9 +13,10 @@ So while a priority submit waits, and for ``priority_recent_s`` after one came o
 bulk is held back: at most ``priority_bulk_in_flight_entries_max`` bulk entries proposed and not
 yet committed, in at most ``in_flight_max - 1`` batches (a slot stays free for the lane: a
 priority submit is proposed at once, never beyond ``in_flight_max``), a bulk batch proposed beside
-others only with room for half that bound (no trickle of tiny batches), and bulk bytes held
-within ``priority_bulk_held_bytes_max`` (the gateway reads less bulk per loop turn). Without recent
-priority traffic bulk has the whole pipeline.
+others only with room for half that bound (no trickle of tiny batches). Without recent priority
+traffic bulk has the whole pipeline. Bulk bytes held keep their one bound (``held_bytes_max``): a
+smaller one while priority traffic is recent let the bulk connections read together pass it, and
+the ``Busy`` answers and resends cost 10x the CPU per message (bench_priority, 4 processes).
 
 Group commit (power durability, ``unsynced``): a commit waits for the leader's fsync, so waiting
 for it before the next batch left one batch per fsync. Given ``unsynced`` (the Raft entries the
@@ -208,17 +209,11 @@ class Batcher:
             return True
         return self._priority_recent_until > 0 and self._now_s() < self._priority_recent_until
 
-    def _bulk_held_bytes_max(self) -> int:
-        config = self.config
-        if self.priority_recent():
-            return min(config.held_bytes_max, config.priority_bulk_held_bytes_max)
-        return config.held_bytes_max
-
     def has_room(self, cost_bytes: int, *, priority: bool = False) -> bool:
         """Whether the bytes held (of the priority lane, or of the bulk submits) leave room for `cost_bytes` more."""
         if priority:
             return self._priority_bytes + cost_bytes <= self.config.priority_held_bytes_max
-        return self._held_bytes + cost_bytes <= self._bulk_held_bytes_max()
+        return self._held_bytes + cost_bytes <= self.config.held_bytes_max
 
     def _priority_came(self) -> None:
         self._priority_recent_until = self._now_s() + self.config.priority_recent_s

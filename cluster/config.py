@@ -257,10 +257,6 @@ class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: While priority traffic is recent: bulk entries proposed and not yet committed. A
     #: priority submit commits after them; ~1,000 is a few ms of this box's throughput.
     priority_bulk_in_flight_entries_max: int = 1024
-    #: While priority traffic is recent: bytes of bulk submits held (queued and proposed),
-    #: the bound ``held_bytes_max`` is otherwise; beyond it bulk connections are not read
-    #: (``cluster.gateway``), so each loop turn at the leader reads less bulk.
-    priority_bulk_held_bytes_max: int = 1 * limits.MIB
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -591,8 +587,6 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found.extend(self.gateway.problems())
         if b.held_bytes_max < b.bytes_max:
             found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
-        if b.priority_bulk_held_bytes_max < b.bytes_max:
-            found.append("batcher.priority_bulk_held_bytes_max must be at least batcher.bytes_max (one full batch)")
         if not 1 <= b.priority_bulk_in_flight_entries_max <= limits.BATCH_ENTRIES_MAX:
             found.append(f"batcher.priority_bulk_in_flight_entries_max must be 1..{limits.BATCH_ENTRIES_MAX}")
         if not 0 <= b.priority_recent_s <= 3600:

@@ -967,35 +967,6 @@ def test_no_trickle_of_small_bulk_batches_while_priority_traffic_is_recent():
     run(story)
 
 
-def test_bulk_bytes_held_have_a_smaller_bound_while_priority_traffic_is_recent():
-    async def story():
-        clock = ManualClock()
-        payload = bytes(1000)
-        cost = PendingSubmit("bulk", 1, payload, lambda *_: None).cost_bytes
-        bound = 70 * 1024
-        raft, replies, batcher = batcher_on_fakes(
-            now_s=clock, in_flight_max=1, priority_bulk_held_bytes_max=bound, held_bytes_max=4 * bound, priority_recent_s=1.0
-        )
-        assert batcher.offer(replies.submit("admin", 1, payload), priority=True)
-        seq = 1
-        while batcher.offer(replies.submit("bulk", seq, payload)):
-            seq += 1
-        assert seq > 1 and batcher.held_bytes <= bound < batcher.held_bytes + cost, "the bound while priority is recent"
-        assert not batcher.has_room(cost) and batcher.has_room(cost, priority=True)
-        assert not batcher.offer_all([replies.submit("bulk", seq, payload)])
-        clock.s += 1.0
-        assert not batcher.has_room(cost), "recent while the priority submit is in flight"
-        raft.commit(raft.proposals[0])
-        await replies.wait_for(1)
-        clock.s += 1.0
-        assert batcher.has_room(cost), "the usual bound once priority traffic is no longer recent"
-        assert batcher.offer_all([replies.submit("bulk", seq, payload)])
-        await commit_everything(raft, replies, batcher)
-        assert batcher.held_bytes == 0
-
-    run(story)
-
-
 def test_a_full_bulk_queue_never_refuses_the_priority_lane_and_the_lane_has_its_own_bound():
     async def story():
         payload = bytes(1000)
