@@ -2,6 +2,7 @@
 keeps the leader's queue full, an admin submit is sequenced ahead of the queued bulk submits,
 and only a bounded number of bulk entries (what Raft already carried) get numbers between its
 invoke and its own number. A figure of order, not of time: the machine's load does not blur it.
+And at the gateway: a priority connection's ack is written from the tick that committed it.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+from types import SimpleNamespace
 
 from cluster_harness import ClusterHarness, run_seed
 from test_credentials import make_file
 
 from raftseq.clients import SequencerClient
+from raftseq.cluster.gateway import Connection
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
+from raftseq.sequencer import protocol
+from raftseq.sequencer.machine import EntryResult, Outcome
 
 #: Bulk clients in this process, their windows and SubmitBatch sizes: together they keep far
 #: more submits outstanding than the pipeline carries, so that most wait in the leader's queue.
@@ -111,3 +116,35 @@ def test_an_admin_submit_is_sequenced_ahead_of_queued_bulk(tmp_path):
     later = ahead[1:]
     assert statistics.median(later) <= 4 * BULK_IN_FLIGHT_MAX, ahead
     assert sum(1 for count in later if count <= 6 * BULK_IN_FLIGHT_MAX) >= 0.75 * len(later), ahead
+
+
+def fake_connection(gateway: SimpleNamespace, *, priority: bool) -> tuple[Connection, list[bytes]]:
+    """A gateway connection whose writes are recorded, of a credential with `priority` or not."""
+    written: list[bytes] = []
+    writer = SimpleNamespace(get_extra_info=lambda name: ("127.0.0.1", 1), write=written.append)
+    conn = Connection(gateway, None, writer)
+    conn.grant = SimpleNamespace(priority=priority)
+    conn.session = "admin-1" if priority else "bulk-1"
+    conn.in_flight, conn.in_flight_bytes = 3, 300
+    return conn, written
+
+
+def test_a_priority_connections_ack_is_written_from_the_tick_that_committed_it():
+    async def story() -> None:
+        gateway = SimpleNamespace(waiting_for_room=0, room_freed=asyncio.Event(), metrics=SimpleNamespace())
+        bulk, bulk_written = fake_connection(gateway, priority=False)
+        admin, admin_written = fake_connection(gateway, priority=True)
+        # One tick answers a bulk run, then the admin's submits (a run, and a fenced one).
+        bulk.sequenced(1, 10, 1, 100)
+        admin.sequenced(1, 11, 1, 100)
+        assert admin_written == [protocol.encode_frame(protocol.Ack(1, 11))], "the ack waited for the loop's next turn"
+        admin.reply(2, EntryResult("admin-1", 2, Outcome.SEQUENCED, 12), 100)
+        assert admin_written[1:] == [protocol.encode_frame(protocol.Ack(2, 12))]
+        assert bulk_written == [], "bulk acks go out on the loop's next turn, as before"
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(done.set_result, None)
+        await done
+        assert bulk_written == [protocol.encode_frame(protocol.Ack(1, 10))]
+        assert len(admin_written) == 2, "written twice"
+
+    asyncio.run(asyncio.wait_for(story(), WAIT_S))
