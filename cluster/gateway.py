@@ -228,6 +228,14 @@ class Connection:
             gateway.room_freed.set()
         if not self.closed:
             self.ack(first_client_seq, first_seq, count)
+            self._flush_if_priority()
+
+    def _flush_if_priority(self) -> None:
+        """A priority credential's answers go out at once, from inside the Raft tick that
+        committed them, not after the rest of the tick and the bulk acks queued before them."""
+        grant = self.grant
+        if grant is not None and grant.priority and not self.closed:
+            self._flush()
 
     def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
@@ -239,7 +247,12 @@ class Connection:
         if type(outcome) is int:  # sequenced
             if not self.closed:
                 self.ack(client_seq, outcome)
-            return
+        else:
+            self._answer(client_seq, outcome)
+        self._flush_if_priority()
+
+    def _answer(self, client_seq: int, outcome: object) -> None:
+        """The outcome of one of this connection's submits that is not a bare sequence number."""
         metrics = self.gateway.metrics
         if isinstance(outcome, EntryResult):
             if outcome.outcome is Outcome.SEQUENCED:
