@@ -38,6 +38,7 @@ from typing import Self
 
 import msgspec
 
+from raftseq.clients.tls import TlsOptions
 from raftseq.cluster.config import (
     EPHEMERAL_PORTS_FIRST_DEFAULT,
     PORTS_END,
@@ -55,6 +56,7 @@ from raftseq.cluster.processes import wait_or_kill
 from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
 from raftseq.cluster.status import answered, gather_status
+from raftseq.cluster.tls import node_client_tls
 
 #: Exit codes of a node stopped on purpose: its own after SIGTERM or SIGINT, or killed by them.
 STOP_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT)
@@ -473,6 +475,11 @@ class LocalCluster:
         return self.nodes[0].config.client_token
 
     @property
+    def tls(self) -> TlsOptions | None:
+        """How a client reaches the nodes' client ports (``cluster.tls``; None: plaintext)."""
+        return node_client_tls(self.nodes[0].config.tls)
+
+    @property
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
 
@@ -737,7 +744,7 @@ class LocalCluster:
         """``{"leader": address, "nodes": [...]}`` of `nodes` (default all) as ``raftseq status``
         sees it, each entry with ``node`` (the node id, also for unreachable ones)."""
         ids = list(nodes) if nodes is not None else self.node_ids
-        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s)
+        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s, tls=self.tls)
         for node_id, entry in zip(ids, report["nodes"]):
             entry["node"] = node_id
         return report

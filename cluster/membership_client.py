@@ -12,6 +12,7 @@ import asyncio
 import time
 
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.tls import ClientTls
 from raftseq.sequencer import protocol
 
 #: Seconds between two asks while a leader is being elected or leadership handed over.
@@ -25,9 +26,11 @@ class MemberCommandError(Exception):
     """A membership command that failed; the message is one line for the operator."""
 
 
-async def ask(address: str, request: protocol.MemberRequest, *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def ask(
+    address: str, request: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
+) -> protocol.MemberReply:
     """One node's answer (``OSError``/``TimeoutError``/``ConnectionError`` when it gives none)."""
-    connection = await open_connection(address, session=SESSION, token=token, timeout_s=timeout_s)
+    connection = await open_connection(address, session=SESSION, token=token, timeout_s=timeout_s, tls=tls)
     try:
         return await connection.request(request, protocol.MemberReply, timeout_s)
     finally:
