@@ -38,7 +38,7 @@ from typing import Self
 
 import msgspec
 
-from raftseq.clients.tls import TlsOptions
+from raftseq.clients.tls import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions
 from raftseq.cluster.config import (
     EPHEMERAL_PORTS_FIRST_DEFAULT,
     PORTS_END,
@@ -55,6 +55,7 @@ from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_
 from raftseq.cluster.processes import wait_or_kill
 from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
+from raftseq.cluster.certs import client_pair
 from raftseq.cluster.status import answered, gather_status
 from raftseq.cluster.tls import node_client_tls
 
@@ -474,6 +475,18 @@ class LocalCluster:
     def token(self) -> str:
         return self.nodes[0].config.client_token
 
+    def _tls_exports(self) -> str:
+        """The TLS variables of a client of this cluster (``clients.tls.tls_from_env``): the CA,
+        and with mutual TLS the client certificate ``cluster up --tls`` made next to it."""
+        tls = self.nodes[0].config.tls
+        if not tls.enabled:
+            return ""
+        exports = f" {TLS_CA_ENV}={tls.ca_file}"
+        if tls.client_ca_file:
+            client = client_pair(self.data_dir)
+            exports += f" {TLS_CERT_ENV}={client.cert_file} {TLS_KEY_ENV}={client.key_file}"
+        return exports
+
     @property
     def tls(self) -> TlsOptions | None:
         """How a client reaches the nodes' client ports (``cluster.tls``; None: plaintext)."""
@@ -650,6 +663,7 @@ class LocalCluster:
             token=self.token,
             insecure=self.insecure,
             first=len(self.relays),
+            tls=msgspec.to_builtins(self.nodes[0].config.tls),
         )
         for relay in relays:
             relay.subscriber_lag_max = subscriber_lag_max
@@ -876,7 +890,7 @@ class LocalCluster:
                 f"  credentials: {credentials_file} (raftseq cred add|list|revoke {credentials_file} ...; read again within a second)"
             )
         endpoints = ",".join(self.endpoints)
-        lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}")
+        lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}{self._tls_exports()}")
         base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - CLIENT_PORT_OFFSET
         lines.append(monitoring_hint(base_port, self.data_dir))
         return "\n".join(lines)
