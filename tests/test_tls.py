@@ -41,6 +41,7 @@ from raftseq.cluster.tls import (
     REFUSED_PLAINTEXT,
     REFUSED_TIMEOUT,
     REFUSED_TLS_CLIENT,
+    node_client_tls,
     server_tls,
 )
 from raftseq.sequencer import protocol
@@ -304,6 +305,21 @@ def test_a_silent_connection_on_a_tls_port_is_closed_at_the_hello_timeout(tmp_pa
             assert time.monotonic() - started < 3
             writer.close()
             assert relay.metrics.tls_refusals[REFUSED_TIMEOUT] == 1
+
+    asyncio.run(run())
+
+
+def test_a_node_reaches_its_peers_mutual_tls_ports_with_its_own_certificate(tmp_path, pki):
+    """Catch-up, retention's peer status and a relay's upstream connect with ``node_client_tls``."""
+    node = TlsConfig(cert_file=pki.server.cert_file, key_file=pki.server.key_file, client_ca_file=pki.ca.ca_file, ca_file=pki.ca.ca_file)
+    assert node_client_tls(node) == TlsOptions(pki.ca.ca_file, pki.server.cert_file, pki.server.key_file)
+    assert node_client_tls(TlsConfig(ca_file=pki.ca.ca_file)) == TlsOptions(pki.ca.ca_file)  # a plaintext relay of a TLS cluster
+    assert node_client_tls(TlsConfig()) is None
+
+    async def run() -> None:
+        async with serving(tmp_path, tls=server_settings(pki, mutual=True)) as relay:
+            link = await hello(relay.config.client_address, tls=node_client_tls(node), session="catchup.n2")
+            link.close()
 
     asyncio.run(run())
 

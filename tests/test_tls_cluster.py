@@ -1,0 +1,110 @@
+"""TLS on a real three-node cluster with mutual TLS, as ``cluster up --tls --tls-mutual`` makes it
+(``cluster.certs.local_cluster_tls``): a client with the CA and the client certificate submits
+and subscribes; a client without TLS gets ``TlsRequired`` from every node; ``raftseq status``
+takes the TLS options; a relay follows the nodes over TLS (with ``node_client_tls``, as a node's
+catch-up reaches its peers) and serves a TLS subscriber.
+
+One cluster for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from cluster_harness import ClusterHarness, run_seed
+
+from raftseq.clients import SequencerClient, subscribe
+from raftseq.clients.tls import TlsOptions, TlsRequired
+from raftseq.cluster.certs import client_pair, local_cluster_tls
+from raftseq.cluster.cli.command import main
+from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
+from raftseq.cluster.relay_local import wait_relay_serving
+
+#: Bound on every wait for the nodes, in seconds.
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tls")
+    data_dir = str(root / "c")
+    seed = run_seed()
+    harness = ClusterHarness(
+        data_dir, free_base_port(random.Random(seed)), seed=seed, overrides={"tls": local_cluster_tls(data_dir, mutual=True)}
+    )
+    try:
+        harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
+        print(harness.describe(), flush=True)
+        yield harness
+    finally:
+        harness.stop()
+        print(harness.log_tails(), flush=True)
+
+
+def client_tls(h: ClusterHarness) -> TlsOptions:
+    """What a user of ``cluster up --tls --tls-mutual`` gives a client: the CA and the client certificate."""
+    cert, key = client_pair(h.data_dir)
+    return TlsOptions(ca_file=h.nodes[0].config.tls.ca_file, cert_file=cert, key_file=key)
+
+
+def test_a_tls_client_submits_and_a_tls_subscriber_reads_every_message(cluster):
+    h = cluster
+
+    async def run() -> list[int]:
+        async with SequencerClient(h.endpoints, session="tls-writer", token=h.token, tls=client_tls(h)) as client:
+            seqs = await client.submit_batch([b"m%d" % i for i in range(200)])
+        got = []
+        async with asyncio.timeout(WAIT_S):
+            async for message in subscribe(h.endpoints, from_seq=seqs[0], token=h.token, tls=client_tls(h), session="tls-reader"):
+                got.append(message.seq)
+                if message.seq == seqs[-1]:
+                    break
+        assert got == seqs
+        return seqs
+
+    seqs = asyncio.run(run())
+    assert seqs == list(range(seqs[0], seqs[0] + 200))
+
+
+def test_a_client_without_tls_is_told_the_port_speaks_tls_by_every_node(cluster):
+    h = cluster
+
+    async def run() -> None:
+        client = SequencerClient(h.endpoints, session="plain", token=h.token)
+        with pytest.raises(TlsRequired, match="speaks TLS"):
+            await client.connect()
+        await client.close()
+
+    asyncio.run(run())
+
+
+def test_raftseq_status_takes_the_tls_options(cluster, capsys):
+    h = cluster
+    tls = client_tls(h)
+    endpoints = ",".join(h.endpoints)
+    argv = ["status", "--endpoints", endpoints, "--token", h.token, "-o", "json"]
+    assert main(argv + ["--tls-ca", tls.ca_file, "--tls-cert", tls.cert_file, "--tls-key", tls.key_file]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["leader"] in h.endpoints
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert all("speaks TLS" in node["error"] for node in report["nodes"]), report
+
+
+def test_a_relay_follows_the_nodes_over_tls_and_serves_a_tls_subscriber(cluster):
+    h = cluster
+    [relay] = h.start_relays(1)
+
+    async def run() -> None:
+        async with SequencerClient(h.endpoints, session="tls-relay-writer", token=h.token, tls=client_tls(h)) as client:
+            last = (await client.submit_batch([b"r%d" % i for i in range(20)]))[-1]
+        await asyncio.to_thread(wait_relay_serving, relay, last, timeout_s=WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            async for message in subscribe([relay.client_address], from_seq=last, token=h.token, tls=client_tls(h), session="r-reader"):
+                assert message.seq == last
+                break
+
+    asyncio.run(run())
