@@ -373,7 +373,7 @@ class Node:
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
-            self.config.client_address,
+            self.config.client_address + (" (TLS)" if self.config.tls.enabled else ""),
             self.config.raft_address,
             self.config.metrics_address or "off",
             self.config.journal_dir,

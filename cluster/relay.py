@@ -330,7 +330,7 @@ class Relay:
         log.info(
             "relay %s up: clients %s, upstream %s, metrics %s, journal %s (seq %d..%d)",
             config.id,
-            config.client_address,
+            config.client_address + (" (TLS)" if config.tls.enabled else ""),
             ",".join(config.upstream),
             config.metrics_address or "off",
             config.journal_dir,
