@@ -85,7 +85,8 @@ def test_raftseq_status_takes_the_tls_options(cluster, capsys):
     h = cluster
     tls = client_tls(h)
     endpoints = ",".join(h.endpoints)
-    argv = ["status", "--endpoints", endpoints, "--token", h.token, "-o", "json"]
+    h.wait_for_leader()
+    argv = ["status", "--endpoints", endpoints, "--token", h.token, "-o", "json", "--timeout", str(WAIT_S)]
     assert main(argv + ["--tls-ca", tls.ca_file, "--tls-cert", tls.cert_file, "--tls-key", tls.key_file]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["leader"] in h.endpoints
