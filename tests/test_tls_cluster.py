@@ -1,7 +1,8 @@
 """TLS on a real three-node cluster with mutual TLS, as ``cluster up --tls --tls-mutual`` makes it
 (``cluster.certs.local_cluster_tls``): a client with the CA and the client certificate submits
 and subscribes; a client without TLS gets ``TlsRequired`` from every node; ``raftseq status``
-takes the TLS options; a relay follows the nodes over TLS (with ``node_client_tls``, as a node's
+takes the TLS options; the state-machine runner applies the stream, publishes a snapshot and a
+late joiner loads it, all over TLS; a relay follows the nodes over TLS (with ``node_client_tls``, as a node's
 catch-up reaches its peers) and serves a TLS subscriber.
 
 One cluster for the module.
@@ -15,8 +16,10 @@ import random
 
 import pytest
 from cluster_harness import ClusterHarness, run_seed
+from test_sm_runner import KvStore, Put
 
 from raftseq.clients import SequencerClient, subscribe
+from raftseq.clients.sm import StateMachineRunner, encode_message
 from raftseq.clients.tls import TlsOptions, TlsRequired
 from raftseq.cluster.certs import client_pair, local_cluster_tls
 from raftseq.cluster.cli.command import main
@@ -107,5 +110,26 @@ def test_a_relay_follows_the_nodes_over_tls_and_serves_a_tls_subscriber(cluster)
             async for message in subscribe([relay.client_address], from_seq=last, token=h.token, tls=client_tls(h), session="r-reader"):
                 assert message.seq == last
                 break
+
+    asyncio.run(run())
+
+
+def test_the_state_machine_runner_publishes_and_a_late_joiner_loads_a_snapshot_over_tls(cluster):
+    h = cluster
+    tls = client_tls(h)
+
+    async def run() -> None:
+        async with SequencerClient(h.endpoints, session="tls-kv-writer", token=h.token, tls=tls) as client:
+            last = (await client.submit_batch([encode_message(Put(f"k{i % 5}", i)) for i in range(50)]))[-1]
+        kv = KvStore()
+        publisher = StateMachineRunner(h.endpoints, [kv], token=h.token, replica="tls-r1", tls=tls)
+        await asyncio.wait_for(publisher.run(until_seq=last), WAIT_S)
+        [info] = await publisher.publish_snapshot("kv")
+        late = KvStore()
+        joiner = StateMachineRunner(h.endpoints, [late], token=h.token, replica="tls-r2", from_snapshot=True, tls=tls)
+        await asyncio.wait_for(joiner.run(until_seq=info.last_seq), WAIT_S)
+        assert joiner.joined_from["kv"] == info and late.data == kv.data
+        await joiner.close()
+        await publisher.close()
 
     asyncio.run(run())

@@ -145,7 +145,14 @@ async def _ask(
 
 
 async def wait_indexed(
-    endpoints: Sequence[str], sm_type: str, first_seq: int, *, token: str = "", timeout_s: float = 10.0, session: str = "sm-query"
+    endpoints: Sequence[str],
+    sm_type: str,
+    first_seq: int,
+    *,
+    token: str = "",
+    timeout_s: float = 10.0,
+    session: str = "sm-query",
+    tls: ClientTls = None,
 ) -> protocol.SnapshotInfo:
     """The index entry of the upload whose first chunk is `first_seq`, once a node lists it.
     Raises ``SnapshotPublishError`` if none does within `timeout_s` (the chunks were sequenced
@@ -155,7 +162,7 @@ async def wait_indexed(
     seen: list[protocol.SnapshotInfo] = []
     while True:
         try:
-            seen = await query_snapshots(endpoints, sm_type, token=token, session=session, timeout_s=min(2.0, timeout_s))
+            seen = await query_snapshots(endpoints, sm_type, token=token, session=session, timeout_s=min(2.0, timeout_s), tls=tls)
         except ConnectionError:
             seen = []
         for info in seen:
