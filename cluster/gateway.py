@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
@@ -365,6 +366,8 @@ class Gateway:
             await self._run(conn, framer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ssl.SSLError as exc:  # a TLS record no key made, an alert: the client's doing
+            log.info("closing %s: TLS: %s", conn.peer, exc.reason or exc)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one connection must not take the node down

@@ -193,6 +193,31 @@ def test_a_tls_client_on_a_plaintext_port_gets_tls_not_offered_and_the_node_coun
     asyncio.run(run())
 
 
+def test_garbage_inside_an_established_tls_connection_closes_it_quietly_and_the_node_serves_on(tmp_path, pki, caplog):
+    async def run() -> None:
+        async with serving(tmp_path, tls=server_settings(pki)) as relay:
+            host, port = relay.config.client_address.split(":")
+            context = client_options(pki).context()
+
+            def send_garbage_after_the_handshake() -> bytes:
+                with socket.create_connection((host, int(port)), timeout=CONNECT_S) as raw:
+                    with context.wrap_socket(raw, server_hostname=host) as secured:
+                        os.write(secured.fileno(), b"\x17\x03\x03\x00\x10" + b"\x00" * 16)  # a record no key made
+                        try:
+                            return secured.recv(100)
+                        except (ssl.SSLError, OSError):
+                            return b""
+
+            with caplog.at_level(logging.INFO, logger="raftseq.gateway"):
+                assert await asyncio.to_thread(send_garbage_after_the_handshake) == b""
+                await until(lambda: relay.metrics.clients_awaiting_hello == 0, "the connection is gone")
+            assert not [r for r in caplog.records if r.exc_info], "no traceback for a client's bad record"
+            link = await hello(relay.config.client_address, tls=client_options(pki))
+            link.close()
+
+    asyncio.run(run())
+
+
 # --- certificates either side refuses ---------------------------------------------------------------
 
 
