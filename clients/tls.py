@@ -70,13 +70,23 @@ class TlsOptions:
     def context(self) -> ssl.SSLContext:
         """A TLS 1.3 client context: the node's certificate is verified, against `ca_file` or
         the system's CAs, and so is its name. Raises ``OSError``/``ssl.SSLError`` for files
-        that cannot be read or used."""
-        return _context(self.ca_file, self.cert_file, self.key_file)
+        that cannot be read or used. Built once per version of the files: a client that
+        reconnects after its certificate was renewed presents the new one."""
+        files = (self.ca_file, self.cert_file, self.key_file)
+        return _context(*files, tuple(_version(path) for path in files))
+
+
+def _version(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None  # the load that follows says what is wrong
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
 
 
 @functools.lru_cache(maxsize=16)
-def _context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
-    # One context per set of files: a client reconnecting many times loads them once.
+def _context(ca_file: str, cert_file: str, key_file: str, versions: tuple) -> ssl.SSLContext:
+    # One context per version of the files: a client reconnecting many times loads them once.
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     if cert_file:

@@ -423,7 +423,18 @@ def test_tls_settings_are_checked_with_clear_errors(tmp_path, pki):
         server_tls(TlsConfig(cert_file=pki.server.cert_file, key_file=pki.reader.key_file))
 
 
-def test_the_client_offers_tls_1_3_only(pki):
+def test_the_client_offers_tls_1_3_only_and_builds_a_context_again_only_when_its_files_change(tmp_path, pki):
     context = client_options(pki).context()
     assert context.minimum_version is ssl.TLSVersion.TLSv1_3
     assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    cert, key = str(tmp_path / "client.pem"), str(tmp_path / "client-key.pem")
+    shutil.copy(pki.reader.cert_file, cert)
+    shutil.copy(pki.reader.key_file, key)
+    options = client_options(pki, (cert, key))
+    first = options.context()
+    assert options.context() is first
+    renewed = pki.ca.issue("reader-renewed", "reader", server=False)
+    for source, target in ((renewed.cert_file, cert), (renewed.key_file, key)):
+        shutil.copy(source, target + ".new")
+        os.replace(target + ".new", target)
+    assert options.context() is not first
