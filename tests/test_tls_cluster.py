@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import pytest
-from cluster_harness import ClusterHarness, run_seed
+from cluster_harness import ClusterHarness, module_cluster
 from test_sm_runner import KvStore, Put
 
 from raftseq.clients import SequencerClient, subscribe
@@ -23,7 +22,6 @@ from raftseq.clients.sm import StateMachineRunner, encode_message
 from raftseq.clients.tls import TlsOptions, TlsRequired
 from raftseq.cluster.certs import client_pair, local_cluster_tls
 from raftseq.cluster.cli.command import main
-from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
 from raftseq.cluster.relay_local import wait_relay_serving
 
 #: Bound on every wait for the nodes, in seconds.
@@ -32,19 +30,9 @@ WAIT_S = 30.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tls")
-    data_dir = str(root / "c")
-    seed = run_seed()
-    harness = ClusterHarness(
-        data_dir, free_base_port(random.Random(seed)), seed=seed, overrides={"tls": local_cluster_tls(data_dir, mutual=True)}
-    )
-    try:
-        harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
-        print(harness.describe(), flush=True)
+    data_dir = str(tmp_path_factory.mktemp("tls") / "c")
+    with module_cluster(data_dir, overrides={"tls": local_cluster_tls(data_dir, mutual=True)}) as harness:
         yield harness
-    finally:
-        harness.stop()
-        print(harness.log_tails(), flush=True)
 
 
 def client_tls(h: ClusterHarness) -> TlsOptions:
