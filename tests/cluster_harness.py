@@ -122,7 +122,6 @@ class JournalContents:
 # --- the fixture ------------------------------------------------------------------------
 
 
-@pytest.fixture
 @contextlib.contextmanager
 def module_cluster(data_dir: str, *, overrides: dict | None = None) -> Iterator[ClusterHarness]:
     """A started three-node cluster in `data_dir` (a module's fixture shares one), described
@@ -138,6 +137,7 @@ def module_cluster(data_dir: str, *, overrides: dict | None = None) -> Iterator[
         print(harness.log_tails(), flush=True)
 
 
+@pytest.fixture
 def running_cluster(tmp_path, request) -> ClusterHarness:
     """A running three-node cluster with a leader. Overrides of the node config come from
     indirect parametrization: ``@pytest.mark.parametrize("running_cluster", [{...}], indirect=True)``.
