@@ -114,7 +114,7 @@ class ServerTls:
         self.config = config
         self.context = server_context(config)
         self._identity = self._files_identity()
-        #: Contexts built after the first (``raftseq_tls_certificate_reloads_total``).
+        #: Contexts built after the first (each also logged).
         self.reloads = 0
 
     def _files_identity(self) -> tuple:
