@@ -688,6 +688,8 @@ def to_toml(config: NodeConfig) -> str:
     """The TOML text of a configuration (what ``raftseq cluster up`` writes)."""
     data = msgspec.to_builtins(config)
     data.pop("insecure", None)  # a command-line flag, never a file setting
+    if not config.tls.enabled and not config.tls.ca_file:
+        data.pop("tls")  # unused: left out, so that the release before (no [tls]) reads the file too
     lines: list[str] = []
     tables: list[tuple[str, dict]] = []
     arrays: list[tuple[str, list]] = []

@@ -20,6 +20,7 @@ import shutil
 import socket
 import ssl
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -31,7 +32,8 @@ from raftseq.clients.connection import open_connection
 from raftseq.clients.errors import AuthenticationError
 from raftseq.clients.tls import TlsHandshakeFailed, TlsNotOffered, TlsOptions, TlsRequired
 from raftseq.cluster.certs import LOCAL_NAMES, CertificateAuthority
-from raftseq.cluster.config import TLS_POLL_INTERVAL_S, ConfigError, TlsConfig, parse_config
+from raftseq.cluster.config import TLS_POLL_INTERVAL_S, ConfigError, TlsConfig, parse_config, to_toml
+from raftseq.cluster.local import local_configs
 from raftseq.cluster.node_exit import NodeCannotRun
 from raftseq.cluster.relay import Relay
 from raftseq.cluster.relay_config import relay_config
@@ -421,6 +423,15 @@ def test_tls_settings_are_checked_with_clear_errors(tmp_path, pki):
     # A key that is not the certificate's stops the node before it serves (invalid config).
     with pytest.raises(NodeCannotRun, match="tls.cert_file .* with tls.key_file"):
         server_tls(TlsConfig(cert_file=pki.server.cert_file, key_file=pki.reader.key_file))
+
+
+def test_a_config_without_tls_is_written_without_a_tls_table_so_the_release_before_reads_it(tmp_path, pki):
+    [config, *_] = local_configs(str(tmp_path), 30000, insecure=True)
+    assert "[tls]" not in to_toml(config)
+    with_tls = msgspec.structs.replace(config, tls=TlsConfig(cert_file=pki.server.cert_file, key_file=pki.server.key_file))
+    written = to_toml(with_tls)
+    assert "[tls]" in written
+    assert parse_config({**tomllib.loads(written), "insecure": True}).tls == with_tls.tls
 
 
 def test_the_client_offers_tls_1_3_only_and_builds_a_context_again_only_when_its_files_change(tmp_path, pki):
