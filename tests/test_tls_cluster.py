@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 
 import pytest
 from cluster_harness import ClusterHarness, module_cluster
+from test_cluster_up import RAFTSEQ, up  # noqa: F401
 from test_sm_runner import KvStore, Put
 
 from raftseq.clients import SequencerClient, subscribe
@@ -121,3 +124,24 @@ def test_the_state_machine_runner_publishes_and_a_late_joiner_loads_a_snapshot_o
         await publisher.close()
 
     asyncio.run(run())
+
+
+def test_cluster_up_with_tls_prints_the_variables_that_raftseq_submit_and_tail_use(up):
+    """``raftseq cluster up --tls-mutual`` as a user runs it: the banner's exports reach the
+    cluster over mutual TLS; without the TLS variables the same command says the port speaks TLS."""
+    cluster = up("--tls-mutual")
+    exports = cluster.wait_for(r"export (RAFTSEQ_ENDPOINTS=.*)$")[1]
+    cluster.wait_for("^Ctrl-C stops the cluster$")
+    env = {**os.environ, **dict(item.split("=", 1) for item in exports.split())}
+    assert {"RAFTSEQ_TLS_CA", "RAFTSEQ_TLS_CERT", "RAFTSEQ_TLS_KEY"} <= set(env)
+
+    def raftseq(*argv: str, environ: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([RAFTSEQ, *argv], capture_output=True, text=True, timeout=WAIT_S, env=environ)
+
+    submitted = raftseq("submit", "--session", "tls-up", "hello", environ=env)
+    assert submitted.returncode == 0, submitted.stderr
+    tailed = raftseq("tail", "--from", "1", "--limit", "1", environ=env)
+    assert tailed.returncode == 0 and json.loads(tailed.stdout)["session"] == "tls-up", tailed.stderr
+    plain = {k: v for k, v in env.items() if not k.startswith("RAFTSEQ_TLS_")}
+    refused = raftseq("submit", "--session", "tls-up", "again", environ=plain)
+    assert refused.returncode != 0 and "speaks TLS" in refused.stderr, refused.stderr
