@@ -55,6 +55,10 @@ BUSY_RETRY_AFTER_LEADER_QUEUE_MS = 50
 #: reads its ``credentials_file`` again when the file's inode, size or mtime changed, checked
 #: this often, in seconds: a revoked credential's connections are closed within it.
 CREDENTIALS_POLL_INTERVAL_S = 1.0
+#: TLS on client ports (``cluster.tls``, docs/operating.md "TLS"): a node or relay checks its
+#: certificate, key and CA files this often, in seconds, and serves new connections with them
+#: once their inode, size or mtime changed (connections already open keep the old certificate).
+TLS_POLL_INTERVAL_S = 1.0
 #: The file is read whole: at most this many bytes, this many credentials, this many session
 #: prefixes per credential.
 CREDENTIALS_FILE_BYTES_MAX = 4 * limits.MIB
@@ -299,6 +303,41 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return found
 
 
+class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[tls]`` of a node's or relay's config: TLS 1.3 on its client port (``cluster.tls``).
+    No ``cert_file``: the port speaks plaintext. The Raft links are not covered (they have
+    their own cipher)."""
+
+    #: PEM certificate chain the port presents, and its private key.
+    cert_file: str = ""
+    key_file: str = ""
+    #: PEM CA certificates a client certificate must chain to: mutual TLS (a connection without
+    #: one fails its handshake). A verified certificate's subject CN names a credential
+    #: (``cluster.credentials``) for a hello without a token. "": no client certificates.
+    client_ca_file: str = ""
+    #: PEM CA certificates this node trusts when it connects to other nodes' client ports as a
+    #: client (catch-up, a relay's upstream). "": the system's CAs. With ``client_ca_file`` the
+    #: node presents its own ``cert_file`` there.
+    ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings: each file named must be readable."""
+        if not self.cert_file and (self.key_file or self.client_ca_file):
+            return ["tls.cert_file is required when tls.key_file or tls.client_ca_file is set"]
+        found = []
+        if self.cert_file and not self.key_file:
+            found.append("tls.key_file is required with tls.cert_file")
+        for name in ("cert_file", "key_file", "client_ca_file", "ca_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                found.append(f"tls.{name} {path}: " + ("cannot be read" if os.path.exists(path) else "no such file"))
+        return found
+
+
 class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     segment_bytes_max: int = limits.SEGMENT_BYTES_MAX_DEFAULT
     #: ``never``, ``batch`` or ``interval_ms=N``.
@@ -469,6 +508,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     journal: JournalConfig = JournalConfig()
     machine: MachineSection = MachineSection()
     retention: RetentionConfig = RetentionConfig()
+    tls: TlsConfig = TlsConfig()
 
     @property
     def journal_dir(self) -> str:
@@ -585,6 +625,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not 1 <= b.queue_entries_max <= 10_000_000:
             found.append("batcher.queue_entries_max must be 1..10000000")
         found.extend(self.gateway.problems())
+        found.extend(self.tls.problems())
         if b.held_bytes_max < b.bytes_max:
             found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
         if not 1 <= b.priority_bulk_in_flight_entries_max <= limits.BATCH_ENTRIES_MAX:
@@ -658,6 +699,8 @@ def to_toml(config: NodeConfig) -> str:
     """The TOML text of a configuration (what ``raftseq cluster up`` writes)."""
     data = msgspec.to_builtins(config)
     data.pop("insecure", None)  # a command-line flag, never a file setting
+    if not config.tls.enabled and not config.tls.ca_file:
+        data.pop("tls")  # unused: left out, so that the release before (no [tls]) reads the file too
     lines: list[str] = []
     tables: list[tuple[str, dict]] = []
     arrays: list[tuple[str, list]] = []

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
-from raftseq.cluster import invariant
+from raftseq.clients.tls import TLS_CERTIFICATE_REQUIRED_DETAIL, TLS_REQUIRED_DETAIL
+from raftseq.cluster import invariant, tls
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
 from raftseq.cluster.credentials import Access
 from raftseq.cluster.quotas import LIMIT_CHECKS
@@ -97,6 +99,8 @@ class Connection:
         "_run_count",
         "acked",
         "grant",
+        "handshaking",
+        "certificate_name",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -134,6 +138,10 @@ class Connection:
         self.acked = self.sequenced
         #: What its hello's token grants (``cluster.credentials``); None before the hello.
         self.grant: Grant | None = None
+        #: The task upgrading it to TLS, while it does (nothing is written meanwhile), and the
+        #: CN of its client certificate once it did (``cluster.tls``; "": none).
+        self.handshaking: asyncio.Task | None = None
+        self.certificate_name = ""
 
     # --- writing --------------------------------------------------------------------------
 
@@ -179,7 +187,7 @@ class Connection:
         self._flush_scheduled = False
         if self._run_count:
             self._close_run()
-        if self.closed or not self._out:
+        if self.closed or not self._out or self.handshaking is not None:
             self._out.clear()
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -211,6 +219,8 @@ class Connection:
         self.closed = True
         if self.subscription is not None:
             self.subscription.cancel()
+        if self.handshaking is not None:
+            self.handshaking.cancel()
         try:
             self.writer.close()
         except RuntimeError:
@@ -312,6 +322,9 @@ class Gateway:
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
         self.access = Access(config, metrics.credential_refusals)
+        #: TLS on the port (``cluster.tls``; None: plaintext), and the task following its files.
+        self.tls = tls.server_tls(config.tls)
+        self._tls_watch: asyncio.Task | None = None
         self._credentials_watch: asyncio.Task | None = None
         #: Operator requests under way (a leadership transfer), kept until they finish.
         self._admin_tasks: set[asyncio.Task] = set()
@@ -320,16 +333,18 @@ class Gateway:
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
-        self._server = await asyncio.start_server(
-            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG
+        self._server = await tls.start_server(
+            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG, tls=self.tls
         )
+        if self.tls is not None:
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name="gateway-tls")
         self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
         self._credentials_watch = asyncio.create_task(self.access.watch(self._credentials_changed), name="gateway-credentials")
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in (self._ticker, self._credentials_watch):
+        for task in (self._ticker, self._credentials_watch, self._tls_watch):
             if task is not None:
                 task.cancel()
         for conn in list(self.connections):
@@ -364,6 +379,8 @@ class Gateway:
             await self._run(conn, framer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ssl.SSLError as exc:  # a TLS record no key made, an alert: the client's doing
+            log.info("closing %s: TLS: %s", conn.peer, exc.reason or exc)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one connection must not take the node down
@@ -432,6 +449,8 @@ class Gateway:
         try:
             # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
             # task of its own, two loop iterations on each submit's way in.
+            if self.tls is not None and not await self._tls_handshake(conn):
+                return
             async with asyncio.timeout(None) as deadline:
                 await self._read_frames(conn, framer, deadline)
         except TimeoutError:
@@ -452,7 +471,10 @@ class Gateway:
             conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
-                    log.info("closing %s: %s", conn.peer, frame.detail)
+                    if not conn.session and not framer.frames_read and tls.is_tls_hello(data):
+                        self._tls_refused(conn, tls.REFUSED_TLS_CLIENT, "a TLS handshake on a plaintext port")
+                    else:
+                        log.info("closing %s: %s", conn.peer, frame.detail)
                     rejected = frame.as_rejected()
                     conn.reject_and_close(rejected.reason, rejected.detail)
                     return
@@ -479,6 +501,35 @@ class Gateway:
             if self._submits_held_full(conn):
                 deadline.reschedule(None)
                 await self._wait_for_room(conn)
+
+    async def _tls_handshake(self, conn: Connection) -> bool:
+        """Upgrade `conn` to TLS within the hello timeout, counted as waiting for its hello
+        meanwhile (``cluster.tls``). False when it did not: refused (logged, counted, a
+        plaintext client told so) or closed (it left, or was pushed out of the table)."""
+        conn.handshaking = asyncio.current_task()
+        try:
+            refusal, detail = await self.tls.handshake(conn.writer, self.config.hello_timeout_ms / 1000)
+        except asyncio.CancelledError:
+            if not conn.closed:
+                raise
+            asyncio.current_task().uncancel()  # its own close cancelled it: nothing left to do
+            return False
+        finally:
+            conn.handshaking = None
+        if not refusal:
+            conn.certificate_name = tls.certificate_name(conn.writer)
+            return True
+        if refusal != "closed":
+            self._tls_refused(conn, refusal, detail)
+        if refusal == tls.REFUSED_PLAINTEXT:
+            conn.reject_and_close(RejectReason.AUTH_FAILED, f"{TLS_REQUIRED_DETAIL}: connect with TLS (clients.tls)")
+        elif refusal == tls.REFUSED_NO_CERTIFICATE:
+            conn.reject_and_close(RejectReason.AUTH_FAILED, f"{TLS_CERTIFICATE_REQUIRED_DETAIL}: give the client cert_file and key_file")
+        return False
+
+    def _tls_refused(self, conn: Connection, refusal: str, detail: str) -> None:
+        log.warning("TLS: %s from %s: %s", refusal, conn.peer, detail)
+        self.metrics.tls_refusals[refusal] += 1
 
     # --- byte bounds: a connection whose submits hold their bytes is not read ------------------
 
@@ -636,7 +687,7 @@ class Gateway:
                 f"this node speaks protocol {protocol.PROTOCOL_VERSION}, the client {hello.protocol_version}",
             )
             return
-        grant = self.access.authenticate(hello.token)
+        grant = self.access.authenticate(hello.token, conn.certificate_name)
         if grant is None:
             self._refuse_connection(conn, LIMIT_CHECKS)
             return

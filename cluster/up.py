@@ -66,7 +66,11 @@ def rolling_restart(cluster: LocalCluster) -> list[str]:
         started = time.monotonic()
         if node_id in leaders:
             try:
-                lines.append(asyncio.run(drain_node(cluster.endpoints, node_id, token=cluster.token, timeout_s=ROLLING_STEP_TIMEOUT_S)))
+                lines.append(
+                    asyncio.run(
+                        drain_node(cluster.endpoints, node_id, token=cluster.token, timeout_s=ROLLING_STEP_TIMEOUT_S, tls=cluster.tls)
+                    )
+                )
             except AdminFailed as exc:
                 raise RollingRestartFailed(f"{node_id} not drained: {exc}") from None
         if cluster.is_running(node_id):
@@ -208,13 +212,12 @@ def _run_locked(args: argparse.Namespace) -> int:
     except StartFailed as exc:
         print(f"raftseq cluster up: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    cluster = LocalCluster(
-        args.data_dir,
-        args.base_port,
-        insecure=args.insecure,
-        restart=not args.no_restart,
-        overrides={"durability": args.durability, **credentials},
-    )
+    overrides: dict = {"durability": args.durability, **credentials}
+    if args.tls or args.tls_mutual:
+        from raftseq.cluster.certs import local_cluster_tls
+
+        overrides["tls"] = local_cluster_tls(os.path.abspath(args.data_dir), mutual=args.tls_mutual)
+    cluster = LocalCluster(args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart, overrides=overrides)
     taken = cluster.taken_ports()
     if taken:
         more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""

@@ -11,13 +11,14 @@ ports are printed (``RAFTSEQ_TEST_SEED=N`` replays them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -119,6 +120,21 @@ class JournalContents:
 
 
 # --- the fixture ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def module_cluster(data_dir: str, *, overrides: dict | None = None) -> Iterator[ClusterHarness]:
+    """A started three-node cluster in `data_dir` (a module's fixture shares one), described
+    when up; every node is stopped at the end, and the logs' tails printed."""
+    seed = run_seed()
+    harness = ClusterHarness(data_dir, free_base_port(random.Random(seed)), seed=seed, overrides=overrides)
+    try:
+        harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
+        print(harness.describe(), flush=True)
+        yield harness
+    finally:
+        harness.stop()
+        print(harness.log_tails(), flush=True)
 
 
 @pytest.fixture
