@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from chaos_tests.history import HistoryRecorder
-from chaos_tests.workload import CONNECT_TIMEOUT_S, FINAL_READ_STALL_S, _read_range
+from chaos_tests.workload import CONNECT_TIMEOUT_S, FINAL_READ_STALL_S, read_range
 from raftseq.clients.errors import Truncated
 from raftseq.cluster import membership_client
 from raftseq.cluster.config import to_toml
@@ -520,7 +520,7 @@ def final_read_with_archive(
     the late joiners' records)."""
 
     async def served(endpoint: str, first: int, last: int) -> list:
-        records, stalled = await _read_range(endpoint, cluster.token, first, last, stall_s=FINAL_READ_STALL_S)
+        records, stalled = await read_range(endpoint, cluster.token, first, last, stall_s=FINAL_READ_STALL_S)
         if stalled:
             raise ConnectionError(f"final read of {endpoint}: no record for {FINAL_READ_STALL_S} s after {len(records)} from seq {first}")
         return records
