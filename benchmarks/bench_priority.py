@@ -1,7 +1,8 @@
 """The priority lane under saturating bulk load: an admin submit's latency and the bulk
 throughput, with the lane and without it, in the same run on the same cluster.
 
-    python -m benchmarks.bench_priority [--processes 4] [--phases 4] [--phase-s 6] [--json FILE]
+    python -m benchmarks.bench_priority [--processes 4] [--phases 4] [--phase-s 6]
+        [--bulk-in-flight-entries N] [--json FILE]
 
 One local three-node cluster whose nodes name a credentials file: ``bulk`` (submit) and
 ``admin`` (submit, ``priority``). ``--processes`` client processes submit as ``bulk`` as fast
@@ -14,7 +15,10 @@ cost and benefit are measured under the same load on the same machine, phase by 
 Figures per mode (lane on, lane off): the admin submits' p50, p99 and max latency; the bulk
 throughput (the leader's last_seq over the phase, less the admin submits) and the leader's CPU
 microseconds per sequenced message. Goals (issue 17): admin p99 <= 10 ms with the lane; bulk
-throughput with the lane >= 90% of without.
+throughput with the lane >= 90% of without. ``--bulk-in-flight-entries`` sets the bound on bulk
+entries in Raft while priority traffic is recent (``batcher.priority_bulk_in_flight_entries_max``):
+lower, the admin submits wait less and the leader spends more CPU per bulk message (smaller
+batches). benchmarks/README_cluster.md has the figures.
 """
 
 from __future__ import annotations
@@ -241,7 +245,8 @@ def run(args: argparse.Namespace) -> dict:
         admin, admin_secret = new_credential("admin", ["admin"], ["admin-"], priority=True, quotas=Quotas())
         write_credentials(path, [bulk, admin])
         workers: list[subprocess.Popen] = []
-        overrides = {"credentials_file": path, **({"batcher": {"in_flight_max": args.batches_in_flight}} if args.batches_in_flight else {})}
+        batcher = {"in_flight_max": args.batches_in_flight, "priority_bulk_in_flight_entries_max": args.bulk_in_flight_entries}
+        overrides = {"credentials_file": path, "batcher": {key: value for key, value in batcher.items() if value}}
         with BenchCluster.start_in(root, "cluster", insecure=False, overrides=overrides) as bc:
             deadline = time.monotonic() + LEADER_TIMEOUT_S
             try:
@@ -311,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="the nodes' batcher.in_flight_max (default 0: the config's): the Raft pipeline a priority batch still queues behind",
+    )
+    parser.add_argument(
+        "--bulk-in-flight-entries",
+        type=int,
+        default=0,
+        help="the nodes' batcher.priority_bulk_in_flight_entries_max (default 0: the config's): bulk entries a priority submit may find ahead of it in Raft",
     )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = parser.parse_args(argv)

@@ -87,7 +87,7 @@ class BenchCluster(LocalCluster):
 
     async def client(self, session: str, *, in_flight_max: int) -> SequencerClient:
         """A connected ``SequencerClient`` of this cluster."""
-        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=in_flight_max)
+        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=in_flight_max, tls=self.tls)
         await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
         return client
 

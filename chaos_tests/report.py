@@ -103,7 +103,15 @@ def write_report(directory: str, history_path: str, report: Report, run: dict) -
     }
     with open(os.path.join(directory, "report.json"), "w") as f:
         f.write(msgspec.json.format(msgspec.json.encode(document)).decode())
-    draw_timeline(timeline, os.path.join(directory, "timeline.png"), title=f"raftseq chaos: {run.get('scenario')} (seed {run.get('seed')})")
+    samples = run.get("samples") or []
+    if samples and events:  # on the timeline's clock (seconds since the history's first event)
+        samples = [{**s, "at_s": round((s["at_ns"] - events[0].t) / 1e9, 1)} for s in samples]
+    draw_timeline(
+        timeline,
+        os.path.join(directory, "timeline.png"),
+        title=f"raftseq chaos: {run.get('scenario')} (seed {run.get('seed')})",
+        samples=samples,
+    )
     return document
 
 
@@ -111,14 +119,43 @@ def write_report(directory: str, history_path: str, report: Report, run: dict) -
 FAULT_LABELS_MAX = 40
 
 
-def draw_timeline(timeline: dict, path: str, *, title: str) -> None:
+def _draw_samples(axis, samples: list[dict]) -> None:
+    """Journal MiB per node (solid, left axis) and RSS MiB per process (dashed, right axis)."""
+    at = [s["at_s"] for s in samples]
+    nodes = sorted({n for s in samples for n in s["nodes"]})
+    palette = {n: f"C{i}" for i, n in enumerate(nodes)}
+    for node in nodes:
+        points = [(t, s["nodes"][node]["journal_bytes"] / MIB) for t, s in zip(at, samples) if node in s["nodes"]]
+        axis.plot(*zip(*points), color=palette[node], marker="o", markersize=3, label=f"{node} journal")
+    axis.set_ylabel("journal MiB (solid)")
+    rss = axis.twinx()
+    for node in nodes:
+        points = [(t, (s["nodes"][node]["rss_bytes"] or 0) / MIB) for t, s in zip(at, samples) if node in s["nodes"]]
+        rss.plot(*zip(*points), color=palette[node], linestyle="--", linewidth=0.8)
+    rss.plot(
+        at, [(s["workload_rss_bytes"] or 0) / MIB for s in samples], color="black", linestyle="--", linewidth=0.8, label="workload RSS"
+    )
+    rss.set_ylabel("RSS MiB (dashed)")
+    axis.legend(loc="upper left", fontsize=7, ncol=len(nodes))
+    rss.legend(loc="upper right", fontsize=7)
+
+
+MIB = 1 << 20
+
+
+def draw_timeline(timeline: dict, path: str, *, title: str, samples: list[dict] | None = None) -> None:
+    """The picture; with `samples` (the ops soak), a third panel of disk and RSS."""
     import matplotlib
     import matplotlib.patches
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
 
-    figure, (top, bottom) = pyplot.subplots(2, 1, sharex=True, figsize=(14, 7), constrained_layout=True)
+    if samples:
+        figure, (top, bottom, third) = pyplot.subplots(3, 1, sharex=True, figsize=(14, 10), constrained_layout=True)
+        _draw_samples(third, samples)
+    else:
+        figure, (top, bottom) = pyplot.subplots(2, 1, sharex=True, figsize=(14, 7), constrained_layout=True)
     seconds = timeline["seconds"]
     top.plot(seconds, timeline["acks"], color="tab:blue", linewidth=1)
     top.set_ylabel("acknowledged / s")
@@ -131,7 +168,7 @@ def draw_timeline(timeline: dict, path: str, *, title: str) -> None:
         bottom.plot(*zip(*peaks), color="tab:red", linewidth=0.8, alpha=0.7, label="max")
         bottom.set_yscale("log")
     bottom.set_ylabel("invoke → ack, ms")
-    bottom.set_xlabel("seconds since the start of the run")
+    (third if samples else bottom).set_xlabel("seconds since the start of the run")
     bottom.legend(loc="upper right")
     faults = timeline["faults"]
     families = sorted({fault["name"] for fault in faults})

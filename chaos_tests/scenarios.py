@@ -21,6 +21,7 @@ faults, not the interleaving of the nodes' threads.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import time
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chaos_tests.checker import Report, check_file
-from chaos_tests import powerfs
+from chaos_tests import ops, powerfs
 from chaos_tests.cluster import ChaosCluster, tmpfs_supported
 from chaos_tests.history import HistoryRecorder
 from chaos_tests.nemesis import Nemesis
@@ -124,6 +125,9 @@ class Scenario:
     powerfs: bool = False
     #: The nodes' durability setting ("crash": today's default; "power").
     durability: str = "crash"
+    #: The operations soak (``chaos_tests.ops``): operations on a schedule instead of rounds,
+    #: retention with an archive per node, disk and RSS samples, pass criteria.
+    ops: bool = False
 
 
 # --- the rounds -------------------------------------------------------------------------
@@ -470,8 +474,23 @@ SOAK = Scenario(
 )
 
 
+#: A week of operations compressed (``raftseq chaos --scenario ops --duration 60m``): steady
+#: pipelined load, retention, a membership replace, rolling, upgrade-shaped and leader-drained
+#: restarts, leader transfers and the ordinary faults, disk and RSS sampled (``chaos_tests.ops``).
+OPS = Scenario(
+    "ops",
+    "a week of operations compressed: replace n2, rolling and upgrade restarts, leader transfers, faults; retention on; disk and RSS sampled",
+    lambda ctx: None,
+    workload=ops.OPS_LOAD,
+    overrides=ops.OPS_OVERRIDES,
+    ops=True,
+)
+#: Runs of their own, not in the catalogue the soak draws from.
+SOAKS = {SOAK.name: SOAK, OPS.name: OPS}
+
+
 def scenario_named(name: str) -> Scenario:
-    return SOAK if name == SOAK.name else SCENARIOS[name]
+    return SOAKS.get(name) or SCENARIOS[name]
 
 
 # --- a run ------------------------------------------------------------------------------
@@ -517,15 +536,17 @@ class RunResult:
     journal_problems: list[str]
     seconds: float
     report_dir: str = ""
+    #: The ops soak's pass criteria (none for the other scenarios).
+    criteria: list[ops.Criterion] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and self.journals_ok
+        return self.report.ok and self.journals_ok and all(c.ok for c in self.criteria)
 
 
 def replay_command(name: str, seed: int) -> str:
-    if name == SOAK.name:
-        return f"raftseq chaos --scenario all --seed {seed} --duration ..."
+    if name in SOAKS:
+        return f"raftseq chaos --scenario {name} --seed {seed} --duration ..."
     if SCENARIOS[name].powerfs:
         return f"raftseq chaos run {name} --seed {seed}   (or RAFTSEQ_CHAOS_SEED={seed} with chaos_tests/test_power.py)"
     return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
@@ -578,6 +599,11 @@ def run_scenario(
             durability=durability,
         )
         workload = None
+        ops_run = None
+        archive_root = os.path.join(directory, "archive")
+        if scenario.ops:
+            for node in cluster.nodes:
+                ops.give_own_archive(cluster, node, archive_root)
         try:
             cluster.start()
             say(f"  cluster up: {', '.join(cluster.endpoints)}")
@@ -585,14 +611,17 @@ def run_scenario(
             config = WorkloadConfig(subscriber_nodes=[endpoints[0], endpoints[2]], **scenario.workload)
             workload = Workload(endpoints, token=cluster.token, history=history, rng=workload_rng, config=config)
             workload.start()
+            load_started = time.monotonic()
             if not workload.wait_for_acks(WARMUP_ACKS, timeout_s=RECOVERY_TIMEOUT_S):
                 raise ScenarioFailed(f"only {workload.stats.ok} acknowledgements before any fault\n{cluster.log_tails()}")
             nemesis = Nemesis(cluster, rng=nemesis_rng, on_fault=on_fault)
             ctx = Context(cluster, nemesis, workload, round_rng, say)
             planned = rounds if rounds is not None else scenario.rounds
             round_index = 0
+            if scenario.ops:
+                ops_run = ops.OpsRun(ctx, duration_s or ops.OPS_DEFAULT_DURATION_S, archive_root)
             with LeaderWatcher(cluster, history):
-                while True:
+                while ops_run is None:
                     if duration_s is not None:
                         if time.monotonic() - started >= duration_s:
                             break
@@ -607,17 +636,38 @@ def run_scenario(
                         scenario.round(ctx)
                     finally:
                         nemesis.heal_all()
+                if ops_run is not None:
+                    try:
+                        ops_run.run(round_rng)
+                    finally:
+                        nemesis.heal_all()
+                    round_index = sum(ops_run.done.values())
                 ctx.restart_down_nodes()
                 ctx.acks_resume("after healing")
+                if ops_run is not None:
+                    ctx.converge()
+                    ops_run.sample("end")
             stats = workload.stop()
+            load_s = time.monotonic() - load_started
             workload = None
             last_seq = cluster.wait_converged(timeout_s=CONVERGE_TIMEOUT_S)
             loss_expected = scenario.powerfs and durability == "crash"
-            counts = final_read(endpoints, token=cluster.token, history=history, past_holes=loss_expected)
+            journal_problems = []
+            if ops_run is not None:
+                counts, reference, late = ops.final_read_with_archive(cluster, archive_root, history=history)
+                for node_id, records in late.items():
+                    problem = ops.compare_late_joiner(node_id, records, reference)
+                    journal_problems += [problem] if problem else []
+                    span = f"{records[0][0]}..{records[-1][0]}" if records else "none"
+                    say(
+                        f"  {node_id} holds seqs {span} (it joined after retention removed the start): {problem or 'as the longest final read'}"
+                    )
+                del reference, late
+            else:
+                counts = final_read(endpoints, token=cluster.token, history=history, past_holes=loss_expected)
             say(
                 f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}"
             )
-            journal_problems = []
             for node_id in cluster.node_ids:
                 report = verify_journal(cluster.journal_dir(node_id))
                 if not report.ok and loss_expected and JOURNAL_HOLE in report.problem:
@@ -637,6 +687,8 @@ def run_scenario(
     seconds = time.monotonic() - started
     result = RunResult(name, seed, report, history_path, stats.ok, not journal_problems, journal_problems, seconds)
     say(report.format())
+    if ops_run is not None:
+        result.criteria = ops_run.criteria(sum(report.violation_counts.values()))
     if report_dir is not None:
         run = {
             "scenario": name,
@@ -650,11 +702,21 @@ def run_scenario(
             "journal_problems": journal_problems,
             "replay": replay_command(name, seed),
         }
+        if ops_run is not None:
+            run.update(ops_run.summary())
+            run["acknowledged_per_s"] = round(stats.ok / load_s, 1)
+            run["criteria"] = [dataclasses.asdict(c) for c in result.criteria]
         write_report(report_dir, history_path, report, run)
         result.report_dir = report_dir
         say(f"  report: {os.path.join(report_dir, 'report.json')} and timeline.png")
     for problem in journal_problems:
         say(f"  journal check failed: {problem}")
+    if ops_run is not None:
+        say(
+            f"  operations: {ops._summary([n for n, k in ops_run.done.items() for _ in range(k)])}; {stats.ok / load_s:.0f} acknowledged/s under load ({load_s:.0f} s)"
+        )
+        for criterion in result.criteria:
+            say(f"  criterion {'passed' if criterion.ok else 'FAILED'}: {criterion.name}: {criterion.figure}")
     verdict = "PASSED" if result.ok else "FAILED"
     if result.ok and report.loss.acked_lost:
         verdict += f" with the expected loss of power cuts in crash durability ({report.loss.acked_lost} acknowledged lost)"

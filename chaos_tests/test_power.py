@@ -105,7 +105,7 @@ def test_a_final_read_looks_past_what_no_node_can_serve(tmp_path, monkeypatch):
             return [], True
         return records, False
 
-    monkeypatch.setattr(workload, "_read_range", fake_read_range)
+    monkeypatch.setattr(workload, "read_range", fake_read_range)
     with HistoryRecorder(str(tmp_path / "history.jsonl")) as history:
         records = asyncio.run(workload._read_node_past_holes("127.0.0.1:1", "token", 50, history, "n1"))
     assert [r[0] for r in records] == list(served)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.errors import Truncated
 from raftseq.sequencer.protocol import RejectReason
 from raftseq.cluster.status import node_status
 
@@ -93,6 +94,8 @@ class WorkloadStats:
     last_ok_ns: int = 0
     #: Sessions started because the cluster had forgotten one (after a power cut).
     new_sessions: int = 0
+    #: Subscribers that fell behind retention and stopped.
+    truncated: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -324,6 +327,11 @@ class Workload:
                 expected, moved_on = await self._stream(name, node, expected, drop_after)
             except (OSError, ConnectionError, TimeoutError):
                 moved_on = True
+            except Truncated as exc:
+                # It fell behind retention on every node: it cannot go on without a gap.
+                self.history.note("subscriber truncated", sub=name, from_seq=exc.from_seq, first_seq=exc.first_seq)
+                self.stats.truncated.append(name)
+                return
             if not moved_on:
                 attempt -= 1  # a deliberate drop: back to the same node
             await asyncio.sleep(0.02)
@@ -393,7 +401,7 @@ async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float)
     return records[:last_seq]
 
 
-async def _read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float) -> tuple[list, bool]:
+async def read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float) -> tuple[list, bool]:
     """Records first..last_seq; ``(records, True)`` when the node sent no record for `stall_s`
     before the last."""
     records: list[tuple[int, str, int, bytes]] = []
@@ -419,18 +427,18 @@ async def _read_node_past_holes(endpoint: str, token: str, last_seq: int, histor
     records: list = []
     first = 1
     for _ in range(FINAL_READ_HOLES_MAX):
-        got, stalled = await _read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S)
+        got, stalled = await read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S)
         records += got
         if not stalled:
             return records
         stuck = got[-1][0] + 1 if got else first
         low, high = stuck + 1, last_seq + 1  # the first servable seq is in low..high (high: none)
-        last_served, _ = await _read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S)
+        last_served, _ = await read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S)
         if not last_served:
             low = high  # nothing after the stall is served: no search
         while low < high:
             middle = (low + high) // 2
-            probe, _ = await _read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S)
+            probe, _ = await read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S)
             if probe:
                 high = middle
             else:

@@ -8,7 +8,8 @@ async with SequencerClient("127.0.0.1:7101,127.0.0.1:7102", session="oms-1", tok
 
 ``SequencerClient.from_env(session=...)`` reads ``$RAFTSEQ_ENDPOINTS`` and ``$RAFTSEQ_TOKEN``
 (``clients.endpoints``). Errors are ``SequencerError``s (``clients.errors``); a refused token is
-an ``AuthenticationError``: ``TokenRequired`` or ``TokenRejected``.
+an ``AuthenticationError``: ``TokenRequired`` or ``TokenRejected``. ``tls=TlsOptions(...)``
+reaches TLS ports (``clients.tls``).
 """
 
 from raftseq.clients.blocking import BlockingSequencerClient
@@ -30,6 +31,7 @@ from raftseq.clients.errors import (
     TokenRequired,
     Truncated,
 )
+from raftseq.clients.tls import TlsError, TlsHandshakeFailed, TlsNotOffered, TlsOptions, TlsRequired, tls_from_env
 from raftseq.sequencer.version import __version__
 
 __all__ = [
@@ -51,6 +53,11 @@ __all__ = [
     "SessionForgotten",
     "SessionTakenOver",
     "TOKEN_ENV",
+    "TlsError",
+    "TlsHandshakeFailed",
+    "TlsNotOffered",
+    "TlsOptions",
+    "TlsRequired",
     "TokenRejected",
     "TokenRequired",
     "Truncated",
@@ -58,5 +65,6 @@ __all__ = [
     "open_connection",
     "parse_endpoints",
     "subscribe",
+    "tls_from_env",
     "token_from_env",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from raftseq.clients.client import Message, SequencerClient, subscribe
 from raftseq.clients.endpoints import endpoints_from_env, token_from_env
+from raftseq.clients.tls import tls_from_env
 from raftseq.clients.errors import ClientClosed
 
 
@@ -36,6 +37,7 @@ class BlockingSequencerClient:
         """As ``SequencerClient.from_env``: endpoints from ``$RAFTSEQ_ENDPOINTS`` (else the local
         cluster's), the token from ``$RAFTSEQ_TOKEN`` unless ``token=`` is given."""
         options.setdefault("token", token_from_env(environ))
+        options.setdefault("tls", tls_from_env(environ))
         return cls(endpoints_from_env(environ), session=session, **options)
 
     @staticmethod

@@ -48,6 +48,7 @@ from raftseq.clients.connection import FATAL_REASONS, Connection, leader_named_b
 from raftseq.clients.endpoints import endpoint_addresses, endpoints_from_env, token_from_env
 from raftseq.clients import errors
 from raftseq.clients.errors import Busy, ClientClosed, NotConnected, OutcomeUnknown, Rejected, SequencerError, Truncated, rejection
+from raftseq.clients.tls import ClientTls, TlsError, tls_from_env
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason, payload_digest, payload_digests
 
@@ -224,7 +225,13 @@ class SequencerClient:
       only such a client may use a session named ``@snap/…`` (else ``Rejected``,
       ``reserved_session``, at once);
     * ``metrics`` — an opt-in sink (``clients.metrics.ClientMetricsCollector``) that reads this
-      client's counters at scrape time, until ``close``; its subscriptions report resumes to it.
+      client's counters at scrape time, until ``close``; its subscriptions report resumes to it;
+    * ``tls`` — reach nodes whose client ports speak TLS: a ``clients.tls.TlsOptions``
+      (``ca_file``, ``cert_file``/``key_file`` for mutual TLS, ``server_hostname``) or an
+      ``ssl.SSLContext`` of the caller's; None (default): plaintext. A mismatch (plaintext to a
+      TLS port or the reverse) or a refused certificate raises a ``clients.tls.TlsError`` at
+      once (``TlsRequired``, ``TlsNotOffered``, ``TlsHandshakeFailed``). ``from_env`` takes
+      it from ``$RAFTSEQ_TLS_CA``, ``$RAFTSEQ_TLS_CERT``, ``$RAFTSEQ_TLS_KEY``.
 
     Counters, plain integers any thread may read: ``reconnects`` (connections lost),
     ``resubmits`` (submits sent again under their client_seq), ``failovers`` (connected to a
@@ -249,6 +256,7 @@ class SequencerClient:
         heartbeat_timeout_s: float = 2.0,
         snapshot_publisher: bool = False,
         metrics: ClientMetricsSink | None = None,
+        tls: ClientTls = None,
     ) -> None:
         if in_flight_max < 1:
             raise ValueError("in_flight_max must be >= 1")
@@ -258,6 +266,7 @@ class SequencerClient:
         self.endpoints = endpoint_addresses(endpoints)
         self.session = session
         self.token = token
+        self.tls = tls
         self.in_flight_max = in_flight_max
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_backoff_max_s = reconnect_backoff_max_s
@@ -299,6 +308,7 @@ class SequencerClient:
         ``token=`` is given). `environ` replaces ``os.environ``; `options` are the constructor's.
         A malformed ``$RAFTSEQ_ENDPOINTS`` raises ``ValueError``."""
         options.setdefault("token", token_from_env(environ))
+        options.setdefault("tls", tls_from_env(environ))
         return cls(endpoints_from_env(environ), session=session, **options)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -544,7 +554,7 @@ class SequencerClient:
             self.reconnects += 1
             try:
                 new_link = await self._find_leader(rounds=None)
-            except Rejected as exc:
+            except (Rejected, TlsError) as exc:
                 self._fail_all(exc)
                 return
             self.failovers += 1
@@ -591,6 +601,7 @@ class SequencerClient:
             session=f"{self.session.removeprefix(protocol.SNAPSHOT_SESSION_PREFIX)}.probe",
             token=self.token,
             timeout_s=min(self.connect_timeout_s, LEADER_PROBE_TIMEOUT_S),
+            tls=self.tls,
         )
         others = [address for address in self.endpoints if address != current]
         named = await asyncio.gather(*(probe(address) for address in others))
@@ -701,6 +712,7 @@ class SequencerClient:
             "owner": self.owner,
             "snapshot_publisher": self.snapshot_publisher,
             "timeout_s": self.connect_timeout_s,
+            "tls": self.tls,
         }
 
     async def _find_leader(self, *, rounds: int | None) -> Connection:
@@ -716,7 +728,7 @@ class SequencerClient:
                     raise ClientClosed()
                 try:
                     link = await open_connection(address, **self._hello_options())
-                except Rejected:
+                except (Rejected, TlsError):
                     raise
                 except (OSError, ConnectionError, TimeoutError) as exc:
                     last_error = exc
@@ -763,6 +775,7 @@ class SequencerClient:
             connect_timeout_s=self.connect_timeout_s,
             reconnect_backoff_max_s=self.reconnect_backoff_max_s,
             metrics=self._metrics,
+            tls=self.tls,
         ):
             yield message
 
@@ -784,10 +797,12 @@ async def subscribe(
     reconnect_backoff_max_s: float = 0.1,
     prefer: str = "",
     metrics: ClientMetricsSink | None = None,
+    tls: ClientTls = None,
 ) -> AsyncIterator[Message]:
     """The stream from `from_seq` on, from any of `endpoints` (any form ``clients.endpoints``
     accepts; ``prefer`` first), resuming at last + 1 on another node when one dies. Raises
-    ``TokenRequired``/``TokenRejected`` at once when the cluster refuses the token.
+    ``TokenRequired``/``TokenRejected`` at once when the cluster refuses the token, and a
+    ``clients.tls.TlsError`` when TLS cannot be agreed (``tls``: as ``SequencerClient``'s).
 
     ``metrics`` (opt-in, e.g. ``clients.metrics.ClientMetricsCollector``) is told of every
     resume: each time the subscription, interrupted, reaches a node again and asks it for the
@@ -809,7 +824,7 @@ async def subscribe(
         address = order[index % len(order)]
         index += 1
         try:
-            link = await open_connection(address, session=session, token=token, timeout_s=connect_timeout_s)
+            link = await open_connection(address, session=session, token=token, timeout_s=connect_timeout_s, tls=tls)
         except (OSError, ConnectionError, TimeoutError):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, reconnect_backoff_max_s)

@@ -35,12 +35,14 @@ link here (``open_connection``) and reads it here:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from raftseq.clients.endpoints import parse_endpoint
 from raftseq.clients.errors import Rejected, SequencerError, Truncated, authentication_error, rejection
+from raftseq.clients.tls import ClientTls, client_context, handshake_error, tls_required_error
 from raftseq.sequencer import limits, protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -234,6 +236,7 @@ async def open_connection(
     keep_raw: bool = False,
     read_chunk_bytes: int = READ_BYTES,
     stream_buffer_bytes: int | None = None,
+    tls: ClientTls = None,
 ) -> Connection:
     """Connect to `address` (``host:port``) and say hello as `session`; returns once the node
     welcomes us, within `timeout_s` for the connect and again for the answer. Raises
@@ -244,19 +247,32 @@ async def open_connection(
     with their bytes as received. ``stream_buffer_bytes``: how much the socket reader buffers
     before it stops reading (asyncio's default, 64 KiB, when None). ``owner``: the client
     instance's id (``Hello.owner``; 0: none); ``snapshot_publisher``: the hello says so (only
-    then is an ``@snap/`` session accepted)."""
+    then is an ``@snap/`` session accepted). ``tls``: reach a TLS port (``clients.tls``; a
+    mismatch or a refused certificate raises ``TlsError``)."""
     host, port = parse_endpoint(address)
-    limit = {} if stream_buffer_bytes is None else {"limit": stream_buffer_bytes}
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **limit), timeout_s)
+    options: dict = {} if stream_buffer_bytes is None else {"limit": stream_buffer_bytes}
+    context, server_hostname = client_context(tls)
+    if context is not None:
+        options.update(ssl=context, server_hostname=server_hostname or host, ssl_handshake_timeout=timeout_s)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **options), timeout_s)
+    except ssl.SSLError as exc:
+        raise handshake_error(address, exc) from None
     try:
         hello = protocol.Hello(session, token, protocol.PROTOCOL_VERSION, last_acked, owner, snapshot_publisher)
         writer.write(protocol.encode_frame(hello))
         framer = protocol.FrameReader("node", keep_raw=keep_raw)
         async with asyncio.timeout(timeout_s):
             while True:
-                data = await reader.read(read_chunk_bytes)
+                try:
+                    data = await reader.read(read_chunk_bytes)
+                except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows here
+                    raise handshake_error(address, exc) from None
                 if not data:
-                    raise ConnectionError(f"{address} closed the connection during the handshake")
+                    # With TLS, also how a node refuses a client certificate it does not trust
+                    # (asyncio closes without the alert): said, but retried like any close.
+                    hint = " (with TLS: perhaps it refused this client's certificate)" if tls is not None else ""
+                    raise ConnectionError(f"{address} closed the connection during the handshake{hint}")
                 items = framer.feed(data)
                 for i, item in enumerate(items):
                     frame = item[0] if keep_raw and isinstance(item, tuple) else item
@@ -264,7 +280,7 @@ async def open_connection(
                         raise ConnectionError(f"{address}: bad frame during the handshake: {frame.detail}")
                     if isinstance(frame, protocol.Rejected):
                         if frame.reason is RejectReason.AUTH_FAILED:
-                            raise authentication_error(token, frame.detail)
+                            raise tls_required_error(address, frame.detail) or authentication_error(token, frame.detail)
                         raise rejection(frame.reason, frame.detail)
                     if isinstance(frame, protocol.Welcome):
                         return Connection(address, reader, writer, frame, framer, items[i + 1 :], read_chunk_bytes=read_chunk_bytes)
@@ -273,12 +289,12 @@ async def open_connection(
         raise
 
 
-async def leader_named_by(address: str, *, session: str, token: str, timeout_s: float) -> tuple[str, bool]:
+async def leader_named_by(address: str, *, session: str, token: str, timeout_s: float, tls: ClientTls = None) -> tuple[str, bool]:
     """Who leads, as the node at `address` says in its welcome: ``(address, True)`` when it
     leads itself, ``(leader, False)`` for the leader it follows (``""``: none known, or the
     node could not be asked within `timeout_s`). The connection is closed at once."""
     try:
-        link = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
+        link = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
     except (OSError, ConnectionError, TimeoutError, SequencerError):
         return "", False
     link.close()

@@ -6,10 +6,17 @@ message; under heavy load batches fill up to ``entries_max`` / ``bytes_max``.
 
 The priority lane: submits of credentials with ``priority`` (``cluster.credentials``) wait in a
 queue of their own with its own bounds (``priority_queue_entries_max``,
-``priority_held_bytes_max``), are taken into a batch before any bulk submit, and are proposed at
-once even when the bulk batches fill the pipeline (then alone, in one batch beyond
-``in_flight_max``): they never wait behind a full bulk queue, and a full priority lane never
-refuses a bulk submit.
+``priority_held_bytes_max``) and are taken into the next batch before any bulk submit: they never
+wait behind a full bulk queue, and a full priority lane never refuses a bulk submit. What they
+cannot skip is what Raft already carries: a batch commits after every batch proposed before it.
+So while a priority submit waits, and for ``priority_recent_s`` after one came or was answered,
+bulk is held back: at most ``priority_bulk_in_flight_entries_max`` bulk entries proposed and not
+yet committed, in at most ``in_flight_max - 1`` batches (a slot stays free for the lane: a
+priority submit is proposed at once, never beyond ``in_flight_max``), a bulk batch proposed beside
+others only with room for half that bound (no trickle of tiny batches). Without recent priority
+traffic bulk has the whole pipeline. Bulk bytes held keep their one bound (``held_bytes_max``): a
+smaller one while priority traffic is recent let the bulk connections read together pass it, and
+the ``Busy`` answers and resends cost 10x the CPU per message (bench_priority, 4 processes).
 
 Group commit (power durability, ``unsynced``): a commit waits for the leader's fsync, so waiting
 for it before the next batch left one batch per fsync. Given ``unsynced`` (the Raft entries the
@@ -137,8 +144,11 @@ class Batcher:
         loop: asyncio.AbstractEventLoop,
         clock_ns: Callable[[], int] = time.time_ns,
         unsynced: Callable[[], int] | None = None,
+        now_s: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        #: The monotonic clock of commit deadlines and priority recency (the loop's by default).
+        self._now_s = now_s or loop.time
         #: Raft entries the leader holds not yet on its disk (power durability; None: crash).
         self.unsynced = unsynced
         self._propose = propose
@@ -153,8 +163,14 @@ class Batcher:
         #: a batch's worth: they are few).
         self._priority: deque[PendingSubmit] = deque()
         self._priority_bytes = 0
-        #: batch id -> its submits, its commit deadline and the bytes they hold.
-        self._in_flight: dict[int, tuple[list[PendingSubmit], float, int]] = {}
+        #: Until when (``now_s``) priority traffic counts as recent and bulk is held back.
+        self._priority_recent_until = 0.0
+        #: Bulk entries proposed and not yet answered (``priority_bulk_in_flight_entries_max``),
+        #: and priority ones.
+        self._bulk_in_flight = 0
+        self._priority_in_flight = 0
+        #: batch id -> its submits, its commit deadline, the bytes they hold and its bulk entries.
+        self._in_flight: dict[int, tuple[list[PendingSubmit], float, int, int]] = {}
         self._next_batch_id = 1
         self._last_time_ns = 0
         self.enabled = False
@@ -182,11 +198,25 @@ class Batcher:
     def held_bytes(self) -> int:
         return self._held_bytes
 
+    @property
+    def bulk_in_flight(self) -> int:
+        return self._bulk_in_flight
+
+    def priority_recent(self) -> bool:
+        """Whether a priority submit waits (queued or proposed) or came or was answered within
+        ``priority_recent_s``: bulk is held back."""
+        if self._priority or self._priority_in_flight:
+            return True
+        return self._priority_recent_until > 0 and self._now_s() < self._priority_recent_until
+
     def has_room(self, cost_bytes: int, *, priority: bool = False) -> bool:
         """Whether the bytes held (of the priority lane, or of the bulk submits) leave room for `cost_bytes` more."""
         if priority:
             return self._priority_bytes + cost_bytes <= self.config.priority_held_bytes_max
         return self._held_bytes + cost_bytes <= self.config.held_bytes_max
+
+    def _priority_came(self) -> None:
+        self._priority_recent_until = self._now_s() + self.config.priority_recent_s
 
     def offer_all(self, submits: list[PendingSubmit], *, priority: bool = False) -> bool:
         """Queue every one of `submits` if all fit (by entries and by bytes held), else none:
@@ -196,11 +226,12 @@ class Batcher:
         if priority:
             if len(self._priority) + len(submits) > self.config.priority_queue_entries_max or not self.has_room(cost, priority=True):
                 return False
+            self._priority_came()
             self._priority.extend(submits)
             self._queue_bytes += cost
             self._priority_bytes += cost
             return True
-        if len(self._queue) + len(submits) > self.config.queue_entries_max or self._held_bytes + cost > self.config.held_bytes_max:
+        if len(self._queue) + len(submits) > self.config.queue_entries_max or not self.has_room(cost):
             return False
         self._queue.extend(submits)
         self._queue_bytes += cost
@@ -221,6 +252,7 @@ class Batcher:
         lane.append(submit)
         self._queue_bytes += cost
         if priority:
+            self._priority_came()
             self._priority_bytes += cost
         else:
             self._held_bytes += cost
@@ -235,31 +267,45 @@ class Batcher:
     def _maybe_propose(self) -> None:
         config = self.config
         while (self._queue or self._priority) and self.enabled and not self.held:
-            full = len(self._queue) + len(self._priority) >= config.entries_max or self._queue_bytes >= config.bytes_max
-            # A priority submit goes at once: with bulk ones after it while the pipeline has room,
-            # alone (with its lane) in one batch beyond the pipeline's depth when it has none.
-            beyond = len(self._in_flight) >= config.in_flight_max
-            urgent = self._priority and len(self._in_flight) <= config.in_flight_max
-            if self._in_flight and not urgent and (beyond or not (full or self._may_group())):
+            in_flight = len(self._in_flight)
+            if in_flight >= config.in_flight_max:
                 return
-            self._propose_one(priority_only=bool(urgent) and beyond)
+            if self.priority_recent():
+                # Bulk held back: the next priority submit finds few bulk entries ahead of it in
+                # Raft, and a free slot.
+                bound = config.priority_bulk_in_flight_entries_max
+                room = bound - self._bulk_in_flight
+                if not self._priority and (room <= 0 or in_flight >= max(1, config.in_flight_max - 1) or (in_flight and 2 * room < bound)):
+                    return
+            else:
+                room = config.entries_max
+            # A priority submit goes at once (with bulk ones after it, within `room`); a bulk
+            # batch when nothing is in flight, or when it is full, or for group commit.
+            if in_flight and not self._priority:
+                full = len(self._queue) >= min(room, config.entries_max) or self._queue_bytes >= config.bytes_max
+                if not (full or self._may_group()):
+                    return
+            self._propose_one(max(0, room))
 
     def _may_group(self) -> bool:
         """Group commit: fewer Raft entries than the bound wait for the leader's fsync."""
         bound = self.config.unsynced_entries_max
         return bound > 0 and self.unsynced is not None and self.unsynced() < bound
 
-    def _propose_one(self, *, priority_only: bool = False) -> None:
+    def _propose_one(self, bulk_max: int) -> None:
+        """Propose one batch: the priority lane's submits first, then at most `bulk_max` bulk ones."""
         config = self.config
         queue = self._queue
         size = _BATCH_OVERHEAD_BYTES + self._queue_bytes
-        if not self._priority and len(queue) <= config.entries_max and (size <= config.bytes_max or len(queue) == 1):
+        if not self._priority and len(queue) <= min(config.entries_max, bulk_max) and (size <= config.bytes_max or len(queue) == 1):
             # The whole queue fits in one batch (the usual case): taken at once.
             members = list(queue)
+            bulk = len(members)
             queue.clear()
             self._queue_bytes = 0
         else:
-            members, size = self._take_members(priority_only=priority_only)
+            members, size, bulk = self._take_members(bulk_max)
+        assert members, "a batch proposed with no submit"
         entries = [submit.entry for submit in members]
         fenced = protocol.FencedEntry in set(map(type, entries))
         now = self._clock_ns()
@@ -270,7 +316,9 @@ class Batcher:
         assert len(data) <= config.bytes_max, f"batch of {len(data)} bytes exceeds {config.bytes_max}"
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        self._in_flight[batch_id] = (members, self._loop.time() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES)
+        self._in_flight[batch_id] = (members, self._now_s() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES, bulk)
+        self._bulk_in_flight += bulk
+        self._priority_in_flight += len(members) - bulk
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
         committed = self._committed
@@ -290,31 +338,45 @@ class Batcher:
         if self._timeout_handle is None:
             self._timeout_handle = self._loop.call_later(config.commit_timeout_s, self._expire)
 
-    def _take_members(self, *, priority_only: bool = False) -> tuple[list[PendingSubmit], int]:
-        """A batch's members, the priority lane's submits first, then (unless `priority_only`)
-        bulk ones, up to the batch's entry and byte limits; and the batch's size in bytes."""
+    def _take_members(self, bulk_max: int) -> tuple[list[PendingSubmit], int, int]:
+        """A batch's members, the priority lane's submits first, then at most `bulk_max` bulk
+        ones, up to the batch's entry and byte limits; the batch's size in bytes; how many
+        of its members are bulk."""
         config = self.config
         members: list[PendingSubmit] = []
         size = _BATCH_OVERHEAD_BYTES
-        for lane in (self._priority,) if priority_only else (self._priority, self._queue):
-            while lane and len(members) < config.entries_max:
-                cost = lane[0].cost_bytes
-                if members and size + cost > config.bytes_max:
-                    break
-                members.append(lane.popleft())
-                self._queue_bytes -= cost
-                size += cost
-                if lane is self._priority:
-                    self._priority_bytes -= cost
-                    self._held_bytes += cost  # proposed: held as any other
-        return members, size
+        priority = self._priority
+        while priority and len(members) < config.entries_max:
+            cost = priority[0].cost_bytes
+            if members and size + cost > config.bytes_max:
+                break
+            members.append(priority.popleft())
+            self._queue_bytes -= cost
+            self._priority_bytes -= cost
+            self._held_bytes += cost  # proposed: held as any other
+            size += cost
+        first_bulk = len(members)
+        queue = self._queue
+        most = min(config.entries_max, first_bulk + bulk_max)
+        while queue and len(members) < most:
+            cost = queue[0].cost_bytes
+            if members and size + cost > config.bytes_max:
+                break
+            members.append(queue.popleft())
+            self._queue_bytes -= cost
+            size += cost
+        return members, size, len(members) - first_bulk
 
     def _committed(self, batch_id: int, result: object, error: int) -> None:
         entry = self._in_flight.pop(batch_id, None)
         if entry is None:
             return  # answered as unknown already (timeout, step-down)
-        members, _, held = entry
-        self._release(held)
+        members, _, held, bulk = entry
+        self._release(held, bulk, len(members) - bulk)
+        if bulk < len(members):
+            # Recent from its answer on too: one that waited longer than priority_recent_s
+            # (a node under load) does not let bulk fill the pipeline before the next one.
+            self._priority_came()
         if error == PROPOSAL_OK and isinstance(result, ApplyResult) and not result.error:
             count = result.entry_count
             assert count == len(members), f"{count} results for {len(members)} entries"
@@ -345,24 +407,27 @@ class Batcher:
                 submit.answer(unknown)
         self._maybe_propose()
 
-    def _release(self, held: int) -> None:
-        """A proposed batch is answered: its `held` bytes are no longer held."""
+    def _release(self, held: int, bulk: int, priority: int) -> None:
+        """A proposed batch is answered: its `held` bytes, `bulk` and `priority` entries are no longer in flight."""
         self._held_bytes -= held
+        self._bulk_in_flight -= bulk
+        self._priority_in_flight -= priority
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
+        assert self._bulk_in_flight >= 0 and self._priority_in_flight >= 0, "entries in flight below zero"
 
     def _expire(self) -> None:
         self._timeout_handle = None
-        now = self._loop.time()
-        for batch_id in [b for b, (_, deadline, _) in self._in_flight.items() if deadline <= now]:
-            members, _, held = self._in_flight.pop(batch_id)
-            self._release(held)
+        now = self._now_s()
+        for batch_id in [b for b, (_, deadline, _, _) in self._in_flight.items() if deadline <= now]:
+            members, _, held, bulk = self._in_flight.pop(batch_id)
+            self._release(held, bulk, len(members) - bulk)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
             unknown = CommitOutcome(None, "commit timeout")
             for submit in members:
                 submit.answer(unknown)
         if self._in_flight:
-            next_deadline = min(deadline for _, deadline, _ in self._in_flight.values())
+            next_deadline = min(deadline for _, deadline, _, _ in self._in_flight.values())
             self._timeout_handle = self._loop.call_later(max(0.0, next_deadline - now), self._expire)
         self._maybe_propose()
 
@@ -388,10 +453,12 @@ class Batcher:
         self._queue_bytes = 0
         self._held_bytes = 0
         self._priority_bytes = 0
+        self._bulk_in_flight = 0
+        self._priority_in_flight = 0
         for lane in (self._priority, self._queue):
             while lane:
                 lane.popleft().answer(unknown)
-        for members, _, _ in self._in_flight.values():
+        for members, _, _, _ in self._in_flight.values():
             for submit in members:
                 submit.answer(unknown)
         self.batches_unknown += len(self._in_flight)

@@ -25,6 +25,7 @@ from typing import NamedTuple, Protocol
 
 from raftseq.clients.connection import Connection, Rejected, open_connection
 from raftseq.clients.errors import Truncated
+from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.sequencer.journal import DamageMap, JournalRecordError
 from raftseq.sequencer.protocol.frames import RejectReason
@@ -123,6 +124,7 @@ class CatchUp:
         *,
         node_id: str,
         token: str,
+        tls: ClientTls = None,
         verify_failures: MutableMapping[str, int],
         on_filled: Callable[[], None],
         repair_attempts_max: int = 6,
@@ -131,6 +133,7 @@ class CatchUp:
         self.peers = peers
         self.session = f"catchup.{node_id}"
         self.token = token
+        self.tls = tls
         self.verify_failures = verify_failures
         self.on_filled = on_filled
         self.records_fetched = 0
@@ -228,8 +231,10 @@ class CatchUp:
 
     async def _fetch(self, address: str, target: _Target) -> None:
         try:
-            connection = await open_connection(address, session=self.session, token=self.token, timeout_s=CONNECT_TIMEOUT_S, keep_raw=True)
-        except Rejected as exc:
+            connection = await open_connection(
+                address, session=self.session, token=self.token, timeout_s=CONNECT_TIMEOUT_S, keep_raw=True, tls=self.tls
+            )
+        except (Rejected, TlsError) as exc:
             raise CatchUpError(f"peer refused: {exc}") from None
         try:
             await copy_records(

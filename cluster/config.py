@@ -55,6 +55,10 @@ BUSY_RETRY_AFTER_LEADER_QUEUE_MS = 50
 #: reads its ``credentials_file`` again when the file's inode, size or mtime changed, checked
 #: this often, in seconds: a revoked credential's connections are closed within it.
 CREDENTIALS_POLL_INTERVAL_S = 1.0
+#: TLS on client ports (``cluster.tls``, docs/operating.md "TLS"): a node or relay checks its
+#: certificate, key and CA files this often, in seconds, and serves new connections with them
+#: once their inode, size or mtime changed (connections already open keep the old certificate).
+TLS_POLL_INTERVAL_S = 1.0
 #: The file is read whole: at most this many bytes, this many credentials, this many session
 #: prefixes per credential.
 CREDENTIALS_FILE_BYTES_MAX = 4 * limits.MIB
@@ -250,6 +254,13 @@ class BatcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: behind a full bulk queue. Small: control traffic is rare and each submit is urgent.
     priority_queue_entries_max: int = 1000
     priority_held_bytes_max: int = 4 * limits.MIB
+    #: Seconds after a priority submit during which priority traffic counts as recent: bulk
+    #: is then held to the two bounds below, so that the next priority submit finds little
+    #: ahead of it in the Raft log (what it cannot skip) and short loop turns at the leader.
+    priority_recent_s: float = 1.0
+    #: While priority traffic is recent: bulk entries proposed and not yet committed. A
+    #: priority submit commits after them; ~1,000 is a few ms of this box's throughput.
+    priority_bulk_in_flight_entries_max: int = 1024
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -289,6 +300,41 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
         if self.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
             found.append(f"gateway.subscriber_buffer_bytes_max must be at least {limits.FRAME_BYTES_MAX}")
+        return found
+
+
+class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[tls]`` of a node's or relay's config: TLS 1.3 on its client port (``cluster.tls``).
+    No ``cert_file``: the port speaks plaintext. The Raft links are not covered (they have
+    their own cipher)."""
+
+    #: PEM certificate chain the port presents, and its private key.
+    cert_file: str = ""
+    key_file: str = ""
+    #: PEM CA certificates a client certificate must chain to: mutual TLS (a connection without
+    #: one fails its handshake). A verified certificate's subject CN names a credential
+    #: (``cluster.credentials``) for a hello without a token. "": no client certificates.
+    client_ca_file: str = ""
+    #: PEM CA certificates this node trusts when it connects to other nodes' client ports as a
+    #: client (catch-up, a relay's upstream). "": the system's CAs. With ``client_ca_file`` the
+    #: node presents its own ``cert_file`` there.
+    ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings: each file named must be readable."""
+        if not self.cert_file and (self.key_file or self.client_ca_file):
+            return ["tls.cert_file is required when tls.key_file or tls.client_ca_file is set"]
+        found = []
+        if self.cert_file and not self.key_file:
+            found.append("tls.key_file is required with tls.cert_file")
+        for name in ("cert_file", "key_file", "client_ca_file", "ca_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                found.append(f"tls.{name} {path}: " + ("cannot be read" if os.path.exists(path) else "no such file"))
         return found
 
 
@@ -462,6 +508,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     journal: JournalConfig = JournalConfig()
     machine: MachineSection = MachineSection()
     retention: RetentionConfig = RetentionConfig()
+    tls: TlsConfig = TlsConfig()
 
     @property
     def journal_dir(self) -> str:
@@ -578,8 +625,13 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not 1 <= b.queue_entries_max <= 10_000_000:
             found.append("batcher.queue_entries_max must be 1..10000000")
         found.extend(self.gateway.problems())
+        found.extend(self.tls.problems())
         if b.held_bytes_max < b.bytes_max:
             found.append("batcher.held_bytes_max must be at least batcher.bytes_max (one full batch)")
+        if not 1 <= b.priority_bulk_in_flight_entries_max <= limits.BATCH_ENTRIES_MAX:
+            found.append(f"batcher.priority_bulk_in_flight_entries_max must be 1..{limits.BATCH_ENTRIES_MAX}")
+        if not 0 <= b.priority_recent_s <= 3600:
+            found.append("batcher.priority_recent_s must be 0..3600 (0: bulk is never held back)")
         if self.durability not in DURABILITY_MODES:
             found.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
         try:
@@ -647,6 +699,8 @@ def to_toml(config: NodeConfig) -> str:
     """The TOML text of a configuration (what ``raftseq cluster up`` writes)."""
     data = msgspec.to_builtins(config)
     data.pop("insecure", None)  # a command-line flag, never a file setting
+    if not config.tls.enabled and not config.tls.ca_file:
+        data.pop("tls")  # unused: left out, so that the release before (no [tls]) reads the file too
     lines: list[str] = []
     tables: list[tuple[str, dict]] = []
     arrays: list[tuple[str, list]] = []

@@ -353,9 +353,13 @@ class Access:
         """Whether a hello must carry a token (the shared one or a credential)."""
         return bool(self._token) or bool(self.path)
 
-    def authenticate(self, token: str) -> Grant | str | None:
+    def authenticate(self, token: str, certificate_name: str = "") -> Grant | str | None:
         """The grant of `token`, or why it is refused; None when the node runs its most scrypt
-        checks a second already (``CREDENTIAL_CHECKS_PER_S``): ``Busy``, try again."""
+        checks a second already (``CREDENTIAL_CHECKS_PER_S``): ``Busy``, try again. A hello
+        without a token on a connection with a verified client certificate (mutual TLS,
+        ``cluster.tls``) gets ``certificate_grant(certificate_name)``."""
+        if not token and certificate_name:
+            return self.certificate_grant(certificate_name)
         if self._token and hmac.compare_digest(token.encode(), self._token):
             return self.shared
         if not self.required:
@@ -372,6 +376,20 @@ class Access:
                 return "wrong token"
             grant.verified = digest
         if grant.revoked:  # said only to a holder of the secret
+            return grant.refused(REFUSED_REVOKED, grant.revoked)
+        return grant
+
+    def certificate_grant(self, name: str) -> Grant | str:
+        """The grant of a verified client certificate whose subject CN is `name`: the
+        credential of that name in the credentials file (its roles, prefixes and quotas apply as
+        for its token), or why it is refused. A node without a credentials file trusts its
+        client CA as it trusts the shared token: all roles, any session."""
+        if not self.path:
+            return self.shared
+        grant = self.grants.get(name)
+        if grant is None:
+            return f"the client certificate names credential {name!r}, which the credentials file does not hold"
+        if grant.revoked:
             return grant.refused(REFUSED_REVOKED, grant.revoked)
         return grant
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 from raftseq.clients import NotConnected, Rejected, SequencerClient, subscribe
+from raftseq.clients.tls import TlsOptions
 
 SESSIONS = ("oms-retail", "router", "refdata-admin")
 
@@ -42,8 +43,8 @@ async def _submitter(client: SequencerClient, rate_per_s: float, stop: dict, cou
             next_at = time.monotonic()
 
 
-async def _subscriber(endpoints: list[str], token: str, stop: dict, state: dict) -> None:
-    async for message in subscribe(endpoints, from_seq=1, token=token, session="demo-subscriber", prefer=endpoints[-1]):
+async def _subscriber(endpoints: list[str], token: str, stop: dict, state: dict, tls: TlsOptions | None) -> None:
+    async for message in subscribe(endpoints, from_seq=1, token=token, session="demo-subscriber", prefer=endpoints[-1], tls=tls):
         if message.seq != state["last_seq"] + 1:
             state["gaps"] += 1
         state["last_seq"] = message.seq
@@ -60,7 +61,7 @@ async def run_demo_traffic(cluster, supervisor, stop: dict, *, rate_per_s: float
     token = cluster.token
     counts = {"acked": 0, "errors": 0, "last_error": ""}
     state = {"last_seq": 0, "last_text": "", "gaps": 0}
-    clients = [SequencerClient(endpoints, session=name, token=token, in_flight_max=1000) for name in SESSIONS]
+    clients = [SequencerClient(endpoints, session=name, token=token, in_flight_max=1000, tls=cluster.tls) for name in SESSIONS]
     tasks = []
     try:
         for client in clients:
@@ -71,7 +72,7 @@ async def run_demo_traffic(cluster, supervisor, stop: dict, *, rate_per_s: float
                 except NotConnected:
                     await asyncio.sleep(0.5)
             tasks.append(asyncio.create_task(_submitter(client, rate_per_s, stop, counts)))
-        tasks.append(asyncio.create_task(_subscriber(endpoints, token, stop, state)))
+        tasks.append(asyncio.create_task(_subscriber(endpoints, token, stop, state, cluster.tls)))
         last_acked = 0
         last_print = time.monotonic()
         while not stop["signal"]:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
-from raftseq.cluster import invariant
+from raftseq.clients.tls import TLS_CERTIFICATE_REQUIRED_DETAIL, TLS_REQUIRED_DETAIL
+from raftseq.cluster import invariant, tls
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
 from raftseq.cluster.credentials import Access
 from raftseq.cluster.quotas import LIMIT_CHECKS
@@ -97,6 +99,8 @@ class Connection:
         "_run_count",
         "acked",
         "grant",
+        "handshaking",
+        "certificate_name",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -134,6 +138,10 @@ class Connection:
         self.acked = self.sequenced
         #: What its hello's token grants (``cluster.credentials``); None before the hello.
         self.grant: Grant | None = None
+        #: The task upgrading it to TLS, while it does (nothing is written meanwhile), and the
+        #: CN of its client certificate once it did (``cluster.tls``; "": none).
+        self.handshaking: asyncio.Task | None = None
+        self.certificate_name = ""
 
     # --- writing --------------------------------------------------------------------------
 
@@ -179,7 +187,7 @@ class Connection:
         self._flush_scheduled = False
         if self._run_count:
             self._close_run()
-        if self.closed or not self._out:
+        if self.closed or not self._out or self.handshaking is not None:
             self._out.clear()
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -211,6 +219,8 @@ class Connection:
         self.closed = True
         if self.subscription is not None:
             self.subscription.cancel()
+        if self.handshaking is not None:
+            self.handshaking.cancel()
         try:
             self.writer.close()
         except RuntimeError:
@@ -228,6 +238,14 @@ class Connection:
             gateway.room_freed.set()
         if not self.closed:
             self.ack(first_client_seq, first_seq, count)
+            self._flush_if_priority()
+
+    def _flush_if_priority(self) -> None:
+        """A priority credential's answers go out at once, from inside the Raft tick that
+        committed them, not after the rest of the tick and the bulk acks queued before them."""
+        grant = self.grant
+        if grant is not None and grant.priority and not self.closed:
+            self._flush()
 
     def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
@@ -239,7 +257,12 @@ class Connection:
         if type(outcome) is int:  # sequenced
             if not self.closed:
                 self.ack(client_seq, outcome)
-            return
+        else:
+            self._answer(client_seq, outcome)
+        self._flush_if_priority()
+
+    def _answer(self, client_seq: int, outcome: object) -> None:
+        """The outcome of one of this connection's submits that is not a bare sequence number."""
         metrics = self.gateway.metrics
         if isinstance(outcome, EntryResult):
             if outcome.outcome is Outcome.SEQUENCED:
@@ -299,6 +322,9 @@ class Gateway:
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None
         self.access = Access(config, metrics.credential_refusals)
+        #: TLS on the port (``cluster.tls``; None: plaintext), and the task following its files.
+        self.tls = tls.server_tls(config.tls)
+        self._tls_watch: asyncio.Task | None = None
         self._credentials_watch: asyncio.Task | None = None
         #: Operator requests under way (a leadership transfer), kept until they finish.
         self._admin_tasks: set[asyncio.Task] = set()
@@ -307,16 +333,18 @@ class Gateway:
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
-        self._server = await asyncio.start_server(
-            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG
+        self._server = await tls.start_server(
+            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG, tls=self.tls
         )
+        if self.tls is not None:
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name="gateway-tls")
         self._ticker = asyncio.create_task(self._tick(), name="gateway-heartbeats")
         self._credentials_watch = asyncio.create_task(self.access.watch(self._credentials_changed), name="gateway-credentials")
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in (self._ticker, self._credentials_watch):
+        for task in (self._ticker, self._credentials_watch, self._tls_watch):
             if task is not None:
                 task.cancel()
         for conn in list(self.connections):
@@ -351,6 +379,8 @@ class Gateway:
             await self._run(conn, framer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ssl.SSLError as exc:  # a TLS record no key made, an alert: the client's doing
+            log.info("closing %s: TLS: %s", conn.peer, exc.reason or exc)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one connection must not take the node down
@@ -419,6 +449,8 @@ class Gateway:
         try:
             # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
             # task of its own, two loop iterations on each submit's way in.
+            if self.tls is not None and not await self._tls_handshake(conn):
+                return
             async with asyncio.timeout(None) as deadline:
                 await self._read_frames(conn, framer, deadline)
         except TimeoutError:
@@ -439,10 +471,26 @@ class Gateway:
             conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
-                    log.info("closing %s: %s", conn.peer, frame.detail)
+                    if not conn.session and not framer.frames_read and tls.is_tls_hello(data):
+                        self._tls_refused(conn, tls.REFUSED_TLS_CLIENT, "a TLS handshake on a plaintext port")
+                    else:
+                        log.info("closing %s: %s", conn.peer, frame.detail)
                     rejected = frame.as_rejected()
                     conn.reject_and_close(rejected.reason, rejected.detail)
                     return
+                kind = type(frame)
+                if conn.in_flight and (kind is protocol.Submit or kind is protocol.SubmitBatch):
+                    # One read can complete several frames (and finish one framed earlier): the
+                    # check before the read bounds the bytes read, not the submits framed. A
+                    # submit past the bound waits for room here, as if it were not read yet,
+                    # rather than being refused (the client would resend all behind it).
+                    frame_bytes = len(frame.payload) if kind is protocol.Submit else sum(map(len, frame.payloads))
+                    if self._submits_held_full(conn, frame_bytes):
+                        deadline.reschedule(None)
+                        await self._wait_for_room(conn, frame_bytes)
+                        if conn.closed:
+                            return
+                        conn.read_ns = time.monotonic_ns()
                 self._dispatch(conn, frame)
                 if conn.closed:
                     return
@@ -454,22 +502,51 @@ class Gateway:
                 deadline.reschedule(None)
                 await self._wait_for_room(conn)
 
+    async def _tls_handshake(self, conn: Connection) -> bool:
+        """Upgrade `conn` to TLS within the hello timeout, counted as waiting for its hello
+        meanwhile (``cluster.tls``). False when it did not: refused (logged, counted, a
+        plaintext client told so) or closed (it left, or was pushed out of the table)."""
+        conn.handshaking = asyncio.current_task()
+        try:
+            refusal, detail = await self.tls.handshake(conn.writer, self.config.hello_timeout_ms / 1000)
+        except asyncio.CancelledError:
+            if not conn.closed:
+                raise
+            asyncio.current_task().uncancel()  # its own close cancelled it: nothing left to do
+            return False
+        finally:
+            conn.handshaking = None
+        if not refusal:
+            conn.certificate_name = tls.certificate_name(conn.writer)
+            return True
+        if refusal != "closed":
+            self._tls_refused(conn, refusal, detail)
+        if refusal == tls.REFUSED_PLAINTEXT:
+            conn.reject_and_close(RejectReason.AUTH_FAILED, f"{TLS_REQUIRED_DETAIL}: connect with TLS (clients.tls)")
+        elif refusal == tls.REFUSED_NO_CERTIFICATE:
+            conn.reject_and_close(RejectReason.AUTH_FAILED, f"{TLS_CERTIFICATE_REQUIRED_DETAIL}: give the client cert_file and key_file")
+        return False
+
+    def _tls_refused(self, conn: Connection, refusal: str, detail: str) -> None:
+        log.warning("TLS: %s from %s: %s", refusal, conn.peer, detail)
+        self.metrics.tls_refusals[refusal] += 1
+
     # --- byte bounds: a connection whose submits hold their bytes is not read ------------------
 
-    def _submits_held_full(self, conn: Connection) -> bool:
-        """Whether `conn` has submits in flight and one more frame of them could pass its byte
-        bound or the node's (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``).
-        A connection with nothing in flight is always read (hello, status, subscribe; a
-        submit then gets ``Busy`` if the node is full)."""
+    def _submits_held_full(self, conn: Connection, frame_bytes: int = limits.FRAME_BYTES_MAX) -> bool:
+        """Whether `conn` has submits in flight and `frame_bytes` more of them (by default: one
+        more frame, before it is read) could pass its byte bound or the node's
+        (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``). A connection with
+        nothing in flight is always read (hello, status, subscribe; a submit then gets ``Busy``
+        if the node is full)."""
         batcher = self.batcher
         if not conn.in_flight or batcher is None:
             return False
-        frame_max = limits.FRAME_BYTES_MAX
-        return conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max or not batcher.has_room(
-            frame_max, priority=conn.grant is not None and conn.grant.priority
+        return conn.in_flight_bytes + frame_bytes > self.config.in_flight_bytes_per_connection_max or not batcher.has_room(
+            frame_bytes, priority=conn.grant is not None and conn.grant.priority
         )
 
-    async def _wait_for_room(self, conn: Connection) -> None:
+    async def _wait_for_room(self, conn: Connection, frame_bytes: int = limits.FRAME_BYTES_MAX) -> None:
         """Read nothing more from `conn` until answered submits make room: its submits wait
         in its own socket and the client's memory, not in this node's, and the node spends
         no time refusing them. Every answer wakes the waiting connections; the wait ends at
@@ -478,7 +555,7 @@ class Gateway:
         interval_s = self.config.heartbeat_interval_ms / 1000
         self.waiting_for_room += 1
         try:
-            while not conn.closed and self._submits_held_full(conn):
+            while not conn.closed and self._submits_held_full(conn, frame_bytes):
                 self.room_freed.clear()
                 try:
                     await asyncio.wait_for(self.room_freed.wait(), interval_s)
@@ -610,7 +687,7 @@ class Gateway:
                 f"this node speaks protocol {protocol.PROTOCOL_VERSION}, the client {hello.protocol_version}",
             )
             return
-        grant = self.access.authenticate(hello.token)
+        grant = self.access.authenticate(hello.token, conn.certificate_name)
         if grant is None:
             self._refuse_connection(conn, LIMIT_CHECKS)
             return

@@ -38,6 +38,7 @@ from typing import Self
 
 import msgspec
 
+from raftseq.clients.tls import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions
 from raftseq.cluster.config import (
     EPHEMERAL_PORTS_FIRST_DEFAULT,
     PORTS_END,
@@ -54,7 +55,9 @@ from raftseq.cluster.data_dir import PRIVATE_FILE_MODE, make_private_dirs, open_
 from raftseq.cluster.processes import wait_or_kill
 from raftseq.cluster.relay_local import LocalRelay, local_relays
 from raftseq.cluster.restarts import RestartPolicy, operator_exit
+from raftseq.cluster.certs import client_pair
 from raftseq.cluster.status import answered, gather_status
+from raftseq.cluster.tls import node_client_tls
 
 #: Exit codes of a node stopped on purpose: its own after SIGTERM or SIGINT, or killed by them.
 STOP_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT)
@@ -472,6 +475,23 @@ class LocalCluster:
     def token(self) -> str:
         return self.nodes[0].config.client_token
 
+    def _tls_exports(self) -> str:
+        """The TLS variables of a client of this cluster (``clients.tls.tls_from_env``): the CA,
+        and with mutual TLS the client certificate ``cluster up --tls`` made next to it."""
+        tls = self.nodes[0].config.tls
+        if not tls.enabled:
+            return ""
+        exports = f" {TLS_CA_ENV}={tls.ca_file}"
+        if tls.client_ca_file:
+            client = client_pair(self.data_dir)
+            exports += f" {TLS_CERT_ENV}={client.cert_file} {TLS_KEY_ENV}={client.key_file}"
+        return exports
+
+    @property
+    def tls(self) -> TlsOptions | None:
+        """How a client reaches the nodes' client ports (``cluster.tls``; None: plaintext)."""
+        return node_client_tls(self.nodes[0].config.tls)
+
     @property
     def node_ids(self) -> list[str]:
         return [n.id for n in self.nodes]
@@ -643,6 +663,7 @@ class LocalCluster:
             token=self.token,
             insecure=self.insecure,
             first=len(self.relays),
+            tls=msgspec.to_builtins(self.nodes[0].config.tls),
         )
         for relay in relays:
             relay.subscriber_lag_max = subscriber_lag_max
@@ -737,7 +758,7 @@ class LocalCluster:
         """``{"leader": address, "nodes": [...]}`` of `nodes` (default all) as ``raftseq status``
         sees it, each entry with ``node`` (the node id, also for unreachable ones)."""
         ids = list(nodes) if nodes is not None else self.node_ids
-        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s)
+        report = gather_status([self.endpoint(i) for i in ids], token=self.token, timeout_s=timeout_s, tls=self.tls)
         for node_id, entry in zip(ids, report["nodes"]):
             entry["node"] = node_id
         return report
@@ -863,8 +884,13 @@ class LocalCluster:
             lines.append("  authentication OFF and Raft links unencrypted (--insecure: local development only)")
         else:
             lines.append(f"  client token: {self.token}")
+        credentials_file = self.nodes[0].config.credentials_file
+        if credentials_file:
+            lines.append(
+                f"  credentials: {credentials_file} (raftseq cred add|list|revoke {credentials_file} ...; read again within a second)"
+            )
         endpoints = ",".join(self.endpoints)
-        lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}")
+        lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}{self._tls_exports()}")
         base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - CLIENT_PORT_OFFSET
         lines.append(monitoring_hint(base_port, self.data_dir))
         return "\n".join(lines)

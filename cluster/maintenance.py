@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raftseq.clients.tls import ClientTls
 
 
 #: While a drain waits for the followers to be current, it asks every node this often.
@@ -19,7 +23,9 @@ class AdminFailed(Exception):
     """An operator request did not happen; the message says why (one line)."""
 
 
-async def ask_node(address: str, request: object, answer: type, *, token: str, timeout_s: float, what: str) -> object:
+async def ask_node(
+    address: str, request: object, answer: type, *, token: str, timeout_s: float, what: str, tls: ClientTls = None
+) -> object:
     """Send `request` to the node at `address` and return its `answer` frame; raises
     ``AdminFailed`` (a node that predates `request`, 0.2, answers ``bad_frame``). `what`
     names the node in messages ("the leader")."""
@@ -29,7 +35,7 @@ async def ask_node(address: str, request: object, answer: type, *, token: str, t
     from raftseq.sequencer import protocol
 
     try:
-        link = await open_connection(address, session=ADMIN_SESSION, token=token, timeout_s=timeout_s)
+        link = await open_connection(address, session=ADMIN_SESSION, token=token, timeout_s=timeout_s, tls=tls)
     except (OSError, TimeoutError, SequencerError) as exc:
         raise AdminFailed(f"cannot reach {what} {address}: {describe_error(exc)}") from None
     try:
@@ -46,47 +52,47 @@ async def ask_node(address: str, request: object, answer: type, *, token: str, t
         link.close()
 
 
-async def cluster_status(endpoints: list[str], *, token: str, timeout_s: float) -> list[dict]:
+async def cluster_status(endpoints: list[str], *, token: str, timeout_s: float, tls: ClientTls = None) -> list[dict]:
     """Every endpoint's status entry (``cluster.status.node_status``)."""
     from raftseq.cluster.status import node_status
 
-    return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s) for e in endpoints)))
+    return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, tls=tls) for e in endpoints)))
 
 
-async def transfer_leadership(endpoints: list[str], *, to: str, token: str, timeout_s: float) -> tuple[str, object]:
+async def transfer_leadership(endpoints: list[str], *, to: str, token: str, timeout_s: float, tls: ClientTls = None) -> tuple[str, object]:
     """Ask the leader of `endpoints` to hand leadership to `to` ("": its choice). Returns the
     leader's address before and its ``LeaderTransferred`` answer; raises ``AdminFailed``."""
     from raftseq.cluster.status import leader_of
     from raftseq.sequencer import protocol
 
-    leader = leader_of(await cluster_status(endpoints, token=token, timeout_s=timeout_s))
+    leader = leader_of(await cluster_status(endpoints, token=token, timeout_s=timeout_s, tls=tls))
     if leader is None:
         raise AdminFailed(f"no leader among {', '.join(endpoints)}")
     answer = await ask_node(
-        leader, protocol.LeaderTransfer(to), protocol.LeaderTransferred, token=token, timeout_s=timeout_s, what="the leader"
+        leader, protocol.LeaderTransfer(to), protocol.LeaderTransferred, token=token, timeout_s=timeout_s, what="the leader", tls=tls
     )
     return leader, answer
 
 
-async def drain_node(endpoints: list[str], node_id: str, *, token: str, timeout_s: float) -> str:
+async def drain_node(endpoints: list[str], node_id: str, *, token: str, timeout_s: float, tls: ClientTls = None) -> str:
     """Drain `node_id` (``Drain``), then wait until a leader other than it exists and every
     node answering holds what that leader held when the drain was done. Returns a summary;
     raises ``AdminFailed``."""
     from raftseq.cluster.status import answered
     from raftseq.sequencer import protocol
 
-    nodes = await cluster_status(endpoints, token=token, timeout_s=timeout_s)
+    nodes = await cluster_status(endpoints, token=token, timeout_s=timeout_s, tls=tls)
     named = {n["id"]: n for n in nodes if answered(n)}
     if node_id not in named:
         raise AdminFailed(f"no node {node_id!r} among the nodes that answered ({', '.join(sorted(named)) or 'none'})")
     address = named[node_id]["address"]
-    answer = await ask_node(address, protocol.Drain(), protocol.Drained, token=token, timeout_s=timeout_s, what=node_id)
+    answer = await ask_node(address, protocol.Drain(), protocol.Drained, token=token, timeout_s=timeout_s, what=node_id, tls=tls)
     if not answer.ok:
         raise AdminFailed(f"{node_id} not drained: {answer.detail}")
     deadline = time.monotonic() + timeout_s
     target = None
     while True:
-        nodes = [n for n in await cluster_status(endpoints, token=token, timeout_s=timeout_s) if answered(n)]
+        nodes = [n for n in await cluster_status(endpoints, token=token, timeout_s=timeout_s, tls=tls) if answered(n)]
         leaders = [n for n in nodes if n["role"] == "leader" and n["id"] != node_id]
         if leaders:
             if target is None:

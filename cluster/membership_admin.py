@@ -15,6 +15,7 @@ from raftseq.cluster.membership import MEMBERSHIP_FORMAT_VERSION, Member, Member
 from raftseq.cluster.membership_client import ask
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.raft import PROPOSAL_OK, proposal_error_name
+from raftseq.cluster.tls import node_client_tls
 from raftseq.sequencer import protocol
 
 if TYPE_CHECKING:
@@ -145,7 +146,11 @@ async def watch_for_removal(node: MembershipNode) -> None:
         for peer in replica.membership.peers_of(node.config.id):
             try:
                 reply = await ask(
-                    peer.client_address, protocol.MemberRequest("list"), token=node.config.client_token, timeout_s=REMOVAL_CHECK_TIMEOUT_S
+                    peer.client_address,
+                    protocol.MemberRequest("list"),
+                    token=node.config.client_token,
+                    timeout_s=REMOVAL_CHECK_TIMEOUT_S,
+                    tls=node_client_tls(node.config.tls),
                 )
             except Exception as exc:  # noqa: BLE001 - a peer that cannot say (down, refusing us, an older version)
                 log.debug("could not ask %s for the membership: %r", peer.id, exc)

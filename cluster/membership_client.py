@@ -12,6 +12,7 @@ import asyncio
 import time
 
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.sequencer import protocol
 
 #: Seconds between two asks while a leader is being elected or leadership handed over.
@@ -25,16 +26,20 @@ class MemberCommandError(Exception):
     """A membership command that failed; the message is one line for the operator."""
 
 
-async def ask(address: str, request: protocol.MemberRequest, *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def ask(
+    address: str, request: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
+) -> protocol.MemberReply:
     """One node's answer (``OSError``/``TimeoutError``/``ConnectionError`` when it gives none)."""
-    connection = await open_connection(address, session=SESSION, token=token, timeout_s=timeout_s)
+    connection = await open_connection(address, session=SESSION, token=token, timeout_s=timeout_s, tls=tls)
     try:
         return await connection.request(request, protocol.MemberReply, timeout_s)
     finally:
         connection.close()
 
 
-async def ask_cluster(endpoints: list[str], request: protocol.MemberRequest, *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def ask_cluster(
+    endpoints: list[str], request: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
+) -> protocol.MemberReply:
     """The answer of the first node that gives one without ``retry`` (a change: the leader's;
     a node that is not the leader sends us to the one it knows), retrying for up to `timeout_s`. Raises ``MemberCommandError`` (one line) when none does."""
     deadline = time.monotonic() + timeout_s
@@ -47,8 +52,8 @@ async def ask_cluster(endpoints: list[str], request: protocol.MemberRequest, *, 
             if left <= 0:
                 break
             try:
-                reply = await ask(address, request, token=token, timeout_s=min(left, max(1.0, timeout_s / 4)))
-            except Rejected:
+                reply = await ask(address, request, token=token, timeout_s=min(left, max(1.0, timeout_s / 4)), tls=tls)
+            except (Rejected, TlsError):
                 raise
             except (OSError, TimeoutError, ConnectionError) as exc:
                 text = str(exc) or type(exc).__name__
@@ -70,9 +75,9 @@ async def ask_cluster(endpoints: list[str], request: protocol.MemberRequest, *, 
         await asyncio.sleep(RETRY_INTERVAL_S)
 
 
-async def list_members(endpoints: list[str], *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def list_members(endpoints: list[str], *, token: str, timeout_s: float, tls: ClientTls = None) -> protocol.MemberReply:
     """The membership as the node that answers first holds it (the leader's, when it answers)."""
-    return await ask_cluster(endpoints, protocol.MemberRequest("list"), token=token, timeout_s=timeout_s)
+    return await ask_cluster(endpoints, protocol.MemberRequest("list"), token=token, timeout_s=timeout_s, tls=tls)
 
 
 def _done_already(reply: protocol.MemberReply, request: protocol.MemberRequest) -> bool:
@@ -89,11 +94,13 @@ def _is_voter(reply: protocol.MemberReply, node_id: str) -> bool:
     return any(m.id == node_id and not m.learner for m in reply.members)
 
 
-async def change(endpoints: list[str], request: protocol.MemberRequest, *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def change(
+    endpoints: list[str], request: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
+) -> protocol.MemberReply:
     """Have the leader make one change; ``add`` waits until the new member is a voter.
     Raises ``MemberCommandError``."""
     deadline = time.monotonic() + timeout_s
-    reply = await ask_cluster(endpoints, request, token=token, timeout_s=timeout_s)
+    reply = await ask_cluster(endpoints, request, token=token, timeout_s=timeout_s, tls=tls)
     if reply.error and not _done_already(reply, request):
         raise MemberCommandError(reply.error)
     if request.op != "add":
@@ -106,14 +113,16 @@ async def change(endpoints: list[str], request: protocol.MemberRequest, *, token
             )
         await asyncio.sleep(PROMOTION_POLL_S)
         leader = [reply.leader] if reply.leader else []
-        reply = await ask_cluster(leader + endpoints, protocol.MemberRequest("list"), token=token, timeout_s=left)
+        reply = await ask_cluster(leader + endpoints, protocol.MemberRequest("list"), token=token, timeout_s=left, tls=tls)
     return reply
 
 
-async def replace(endpoints: list[str], old_id: str, new: protocol.MemberRequest, *, token: str, timeout_s: float) -> protocol.MemberReply:
+async def replace(
+    endpoints: list[str], old_id: str, new: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
+) -> protocol.MemberReply:
     """Add `new` (as a learner, promoted once caught up), then remove `old_id`."""
-    current = await list_members(endpoints, token=token, timeout_s=timeout_s)
+    current = await list_members(endpoints, token=token, timeout_s=timeout_s, tls=tls)
     if not any(m.id == old_id for m in current.members):
         raise MemberCommandError(f"unknown node id {old_id} (members: {', '.join(m.id for m in current.members)})")
-    await change(endpoints, new, token=token, timeout_s=timeout_s)
-    return await change(endpoints, protocol.MemberRequest("remove", old_id), token=token, timeout_s=timeout_s)
+    await change(endpoints, new, token=token, timeout_s=timeout_s, tls=tls)
+    return await change(endpoints, protocol.MemberRequest("remove", old_id), token=token, timeout_s=timeout_s, tls=tls)

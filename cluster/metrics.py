@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from raftseq.cluster.quotas import RefusalCounts
 from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
+from raftseq.cluster.tls import TLS_REFUSALS
 from raftseq.sequencer.protocol import RejectReason, Role
 
 if TYPE_CHECKING:
@@ -192,6 +193,12 @@ METRICS = (
     ),
     MetricSpec("raftseq_refusals_total", "counter", ("reason",), "Submits and requests refused, by reason"),
     MetricSpec(
+        "raftseq_tls_refusals_total",
+        "counter",
+        ("reason",),
+        "Connections closed before their hello for TLS: plaintext client, TLS client on a plaintext port, handshake failed or timed out",
+    ),
+    MetricSpec(
         "raftseq_credential_refusals_total",
         "counter",
         ("credential", "limit"),
@@ -348,6 +355,8 @@ class NodeMetrics:
         self.subscriber_cursors: set = set()
         #: Subscribers disconnected for falling too far behind (``Gateway`` with a lag bound: relays).
         self.subscriber_lag_disconnects = 0
+        #: Connections refused before their hello for TLS, by reason (``cluster.tls``).
+        self.tls_refusals = dict.fromkeys(TLS_REFUSALS, 0)
 
     def raft_log_synced(self, seconds: float, entries: int) -> None:
         """One group commit of the Raft log (called on its writer thread)."""
@@ -475,6 +484,7 @@ class NodeCollector:
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
         yield family("raftseq_duplicate_submits_total", value=m.duplicates)
         yield family("raftseq_refusals_total", tuple(((reason,), count) for reason, count in m.refusals.items()))
+        yield family("raftseq_tls_refusals_total", tuple(((reason,), count) for reason, count in m.tls_refusals.items()))
         yield family("raftseq_credential_refusals_total", tuple(m.credential_refusals.counts.copy().items()))
 
         # --- clients and subscribers ------------------------------------------------------
@@ -562,6 +572,7 @@ RELAY_METRICS = (
         "raftseq_relay_subscriber_lag_disconnects_total", "counter", (), "Subscribers disconnected for falling too far behind (they resume)"
     ),
     MetricSpec("raftseq_relay_refusals_total", "counter", ("reason",), "Requests refused, by reason (submits: not_leader)"),
+    MetricSpec("raftseq_relay_tls_refusals_total", "counter", ("reason",), "Connections closed before their hello for TLS, by reason"),
     MetricSpec("raftseq_relay_verify_failures_total", "counter", ("check",), "Records from the upstream that failed verification"),
 )
 _RELAY_SPECS = {spec.name: spec for spec in RELAY_METRICS}
@@ -616,4 +627,5 @@ class RelayCollector:
         yield family("raftseq_relay_delivered_records_total", value=m.delivered)
         yield family("raftseq_relay_subscriber_lag_disconnects_total", value=m.subscriber_lag_disconnects)
         yield family("raftseq_relay_refusals_total", tuple(((reason,), n) for reason, n in m.refusals.items()))
+        yield family("raftseq_relay_tls_refusals_total", tuple(((reason,), n) for reason, n in m.tls_refusals.items()))
         yield family("raftseq_relay_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))

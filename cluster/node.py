@@ -32,6 +32,7 @@ from raftseq.cluster import raft
 from raftseq.cluster.raft import SequencerReplica
 from raftseq.cluster.raft.log_store import disk_error, disk_failed
 from raftseq.cluster.scrub import run_scrub
+from raftseq.cluster.tls import node_client_tls
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
 from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed, watch_for_removal
@@ -149,14 +150,23 @@ class Node:
             data_dir=config.data_dir,
             node_id=config.id,
             token=config.client_token,
+            tls=node_client_tls(config.tls),
             snapshot_floor_seq=lambda: self.core.machine.snapshot_floor_seq(),
             applied=lambda: (self.core.machine.last_seq, self.core.machine.last_log_time_ns),
+            members=self._other_members,
         )
         #: Set (with why) when this node learns that it was removed from the cluster.
         self.removed = asyncio.Event()
         self.removed_why = ""
         #: Planned leadership transfers away from this node (``LeaderTransfer``).
         self.handover = Handover(self)
+
+    def _other_members(self) -> list:
+        """The other members as this node knows them now (learners too: they fetch from the
+        journal); the config's peers until the replica runs. Retention asks these."""
+        if self.replica is None:
+            return list(self.config.peers)
+        return [m for m in self.replica.membership.members if m.id != self.config.id]
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -345,6 +355,7 @@ class Node:
             self.config.peers,
             node_id=self.config.id,
             token=self.config.client_token,
+            tls=node_client_tls(self.config.tls),
             verify_failures=self.metrics.verify_failures,
             on_filled=self.publication.wake,
             repair_attempts_max=self.config.journal.repair_attempts_max,
@@ -362,7 +373,7 @@ class Node:
         log.info(
             "node %s up: clients %s, raft %s, metrics %s, journal %s (seq %d..%d)",
             self.config.id,
-            self.config.client_address,
+            self.config.client_address + (" (TLS)" if self.config.tls.enabled else ""),
             self.config.raft_address,
             self.config.metrics_address or "off",
             self.config.journal_dir,

@@ -38,6 +38,8 @@ from raftseq.cluster.metrics_http import MetricsServer
 from raftseq.cluster.node import JOURNAL_START_SEQ, AddressUnavailable, open_journal, run_until_stopped, setup_logging
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.publication import Publication
+from raftseq.cluster.tls import node_client_tls
+from raftseq.clients.tls import TlsError
 from raftseq.cluster.relay_config import (
     RELAY_RETRY_DELAY_MAX_S,
     RELAY_RETRY_DELAY_MIN_S,
@@ -68,6 +70,8 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.metrics = RelayMetrics()
+        #: How the relay reaches its upstream's client ports (``cluster.tls``; None: plaintext).
+        self.upstream_tls = node_client_tls(config.tls)
         os.makedirs(config.data_dir, exist_ok=True)
         self.journal = open_journal(config.journal_dir, config.journal)
         if self.journal.holes or self.journal.damage:
@@ -147,6 +151,7 @@ class Relay:
                 sm_type,
                 token=self.config.client_token,
                 session=f"relay.{self.config.id}.query",
+                tls=self.upstream_tls,
                 timeout_s=RELAY_UPSTREAM_TIMEOUT_S,
                 prefer=self.upstream_address,
             )
@@ -199,12 +204,19 @@ class Relay:
             index += 1
             try:
                 connection = await open_connection(
-                    address, session=session, token=self.config.client_token, timeout_s=RELAY_UPSTREAM_TIMEOUT_S, keep_raw=True
+                    address,
+                    session=session,
+                    token=self.config.client_token,
+                    timeout_s=RELAY_UPSTREAM_TIMEOUT_S,
+                    keep_raw=True,
+                    tls=self.upstream_tls,
                 )
             except Rejected as exc:
                 if exc.reason in FATAL_REASONS:
                     raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address} refused the relay: {exc}") from None
                 log.warning("upstream %s refused the relay: %s", address, exc)
+            except TlsError as exc:
+                raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address}: {exc} (the relay's [tls] ca_file)") from None
             except (OSError, ConnectionError, TimeoutError) as exc:
                 log.info("upstream %s unreachable: %s", address, exc or type(exc).__name__)
             else:
@@ -261,6 +273,7 @@ class Relay:
                             session=f"relay.{self.config.id}.status",
                             token=self.config.client_token,
                             timeout_s=RELAY_UPSTREAM_TIMEOUT_S,
+                            tls=self.upstream_tls,
                         )
                     status = await link.status(RELAY_UPSTREAM_TIMEOUT_S)
                 except (OSError, ConnectionError, TimeoutError, Rejected):
@@ -317,7 +330,7 @@ class Relay:
         log.info(
             "relay %s up: clients %s, upstream %s, metrics %s, journal %s (seq %d..%d)",
             config.id,
-            config.client_address,
+            config.client_address + (" (TLS)" if config.tls.enabled else ""),
             ",".join(config.upstream),
             config.metrics_address or "off",
             config.journal_dir,

@@ -13,7 +13,7 @@ import os
 import msgspec
 
 from raftseq.clients.endpoints import endpoint_addresses
-from raftseq.cluster.config import Address, GatewayConfig, JournalConfig, MachineSection, NodeId
+from raftseq.cluster.config import Address, GatewayConfig, JournalConfig, MachineSection, NodeId, TlsConfig
 from raftseq.sequencer import limits
 
 #: Records a subscriber of a relay may fall behind the relay's head, once it has been within this bound,
@@ -69,6 +69,9 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: The cluster's machine settings as its nodes have them: the relay's ``Welcome`` reports
     #: their ``dedup_window`` (a client that submits is sent on to the cluster).
     machine: MachineSection = MachineSection()
+    #: TLS on the relay's own port, and the CA (``ca_file``) it checks its upstream's
+    #: certificates with (``cluster.tls``).
+    tls: TlsConfig = TlsConfig()
 
     @property
     def journal_dir(self) -> str:
@@ -84,6 +87,7 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("client_token is required (or insecure for local development)")
         g = self.gateway
         found.extend(g.problems())
+        found.extend(self.tls.problems())
         if self.subscriber_lag_max_records < 0:
             found.append("subscriber_lag_max_records must be >= 0 (0: never disconnect for lag)")
         if g.subscribers_max < 1 or g.connections_max < 1:
@@ -104,6 +108,7 @@ def relay_config(
     insecure: bool = False,
     gateway: dict | None = None,
     subscriber_lag_max_records: int = RELAY_SUBSCRIBER_LAG_MAX_RECORDS,
+    tls: dict | None = None,
 ) -> RelayConfig:
     """A checked ``RelayConfig``; ``ValueError`` naming what is wrong. Without `relay_id`, the id
     kept in the data directory (``RELAY_ID_FILE``; a new one is made and kept on first start)."""
@@ -118,6 +123,8 @@ def relay_config(
         "insecure": insecure,
         "subscriber_lag_max_records": subscriber_lag_max_records,
     }
+    if tls:
+        raw["tls"] = tls
     if gateway:
         raw["gateway"] = msgspec.to_builtins(msgspec.structs.replace(_relay_gateway(), **gateway))
     try:

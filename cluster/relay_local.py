@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raftseq.clients.endpoints import TOKEN_ENV
 from raftseq.cluster.processes import stop_process
@@ -43,6 +43,9 @@ class LocalRelay:
     #: ``--subscriber-lag-max`` (None: the relay's default).
     subscriber_lag_max: int | None = None
     process: subprocess.Popen | None = None
+    #: ``[tls]`` settings of the relay (``cluster.tls``): its port's certificate and the CA of
+    #: its upstream's (``--tls-*``); empty: plaintext.
+    tls: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
         command = [sys.executable, "-P", "-m", "raftseq.cluster.cli", "relay", "--id", self.id, "--data-dir", self.data_dir]
@@ -53,6 +56,9 @@ class LocalRelay:
             command += ["--subscriber-lag-max", str(self.subscriber_lag_max)]
         if self.insecure:
             command.append("--insecure")
+        for key, value in self.tls.items():
+            if value:
+                command += [f"--tls-{key.removesuffix('_file').replace('_', '-')}", value]
         return command
 
     def start(self, *, preexec_fn: Callable[[], None] | None = None) -> int:
@@ -99,7 +105,15 @@ class LocalRelay:
 
 
 def local_relays(
-    data_dir: str, base_port: int, count: int, *, upstream: list[str], token: str, insecure: bool = False, first: int = 0
+    data_dir: str,
+    base_port: int,
+    count: int,
+    *,
+    upstream: list[str],
+    token: str,
+    insecure: bool = False,
+    first: int = 0,
+    tls: dict | None = None,
 ) -> list[LocalRelay]:
     """`count` relays of the local cluster on `base_port`, each following `upstream`; numbered
     from `first` (0: r1 on P+104)."""
@@ -118,6 +132,7 @@ def local_relays(
                 token,
                 os.path.join(data_dir, f"{relay_id}.log"),
                 insecure,
+                tls=dict(tls or {}),
             )
         )
     return relays
@@ -126,14 +141,18 @@ def local_relays(
 def wait_relay_serving(relay: LocalRelay, seq: int, *, timeout_s: float) -> None:
     """Return once `relay` answers a status with last_seq >= `seq`; AssertionError (with its
     log's tail) when it does not within `timeout_s` or its process ended."""
+    from raftseq.cluster.config import TlsConfig
     from raftseq.cluster.status import answered, gather_status
+    from raftseq.cluster.tls import node_client_tls
 
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
         if relay.process is not None and relay.process.poll() is not None:
             break
-        [last] = gather_status([relay.client_address], token=relay.token, timeout_s=1.0)["nodes"]
+        [last] = gather_status([relay.client_address], token=relay.token, timeout_s=1.0, tls=node_client_tls(TlsConfig(**relay.tls)))[
+            "nodes"
+        ]
         if answered(last) and last["last_seq"] >= seq:
             return
         time.sleep(0.05)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from raftseq.clients.connection import open_connection
+from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.cluster.catchup import Peer
 from raftseq.cluster.config import RetentionConfig
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
@@ -209,16 +210,23 @@ class JournalRetention:
         data_dir: str,
         node_id: str,
         token: str,
+        tls: ClientTls = None,
         snapshot_floor_seq: Callable[[], int],
         applied: Callable[[], tuple[int, int]],
+        members: Callable[[], Sequence[Peer]] | None = None,
     ) -> None:
+        """`peers`: the config's; `members`, when given, the current other members (they
+        change with ``raftseq member``: a removed peer stops holding the floor, a new one
+        holds it until it answers)."""
         self.config = config
         self.policy = config.policy()
         self.journal = journal
-        self.peers = list(peers)
+        self._config_peers = list(peers)
+        self._members = members
         self.data_dir = data_dir
         self.session = f"retention.{node_id}"
         self.token = token
+        self.tls = tls
         self._snapshot_floor_seq = snapshot_floor_seq
         #: (last applied number, its log time in ns).
         self._applied = applied
@@ -229,6 +237,10 @@ class JournalRetention:
         self._last_hold = ""
 
     # --- peers --------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._members()) if self._members is not None else self._config_peers
 
     def _peers_path(self) -> str:
         return os.path.join(self.data_dir, PEERS_FILE)
@@ -266,8 +278,10 @@ class JournalRetention:
 
     async def _peer_needs(self, peer: Peer) -> int:
         try:
-            connection = await open_connection(peer.client_address, session=self.session, token=self.token, timeout_s=PEER_STATUS_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, ValueError):
+            connection = await open_connection(
+                peer.client_address, session=self.session, token=self.token, timeout_s=PEER_STATUS_TIMEOUT_S, tls=self.tls
+            )
+        except (OSError, ConnectionError, TimeoutError, ValueError, TlsError):
             return 0
         try:
             status = await connection.status(PEER_STATUS_TIMEOUT_S)

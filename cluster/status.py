@@ -6,6 +6,7 @@ import asyncio
 
 from raftseq.clients.connection import Rejected, open_connection
 from raftseq.clients.errors import AuthenticationError
+from raftseq.clients.tls import ClientTls, TlsError
 
 
 #: The role of a node that could not be asked, and of one that refused our token.
@@ -19,18 +20,18 @@ def answered(node: dict) -> bool:
 
 
 def _not_asked(address: str, exc: BaseException) -> dict:
-    if isinstance(exc, AuthenticationError):  # says whether a token was missing or wrong
+    if isinstance(exc, (AuthenticationError, TlsError)):  # says whether a token was missing or wrong, or TLS
         return {"address": address, "role": REFUSED, "error": str(exc)}
     return {"address": address, "role": UNREACHABLE, "error": str(exc) or type(exc).__name__}
 
 
-async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status") -> dict:
+async def node_status(address: str, *, token: str, timeout_s: float, session: str = "status", tls: ClientTls = None) -> dict:
     """One node's status as a dict (``role`` is ``"unreachable"`` when it cannot be asked and
     ``"refused"`` when it refused our token, each with an ``error``). Never raises for a node
     that is down, slow or refuses us."""
     try:
-        connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
-    except (OSError, TimeoutError, Rejected) as exc:
+        connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
+    except (OSError, TimeoutError, Rejected, TlsError) as exc:
         return _not_asked(address, exc)
     try:
         status = await connection.status(timeout_s)
@@ -51,9 +52,9 @@ async def node_status(address: str, *, token: str, timeout_s: float, session: st
     }
 
 
-def gather_status(endpoints: list[str], *, token: str, timeout_s: float) -> dict:
+def gather_status(endpoints: list[str], *, token: str, timeout_s: float, tls: ClientTls = None) -> dict:
     async def run() -> list[dict]:
-        return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s) for e in endpoints)))
+        return list(await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, tls=tls) for e in endpoints)))
 
     nodes = asyncio.run(run())
     return {"leader": leader_of(nodes), "nodes": nodes}

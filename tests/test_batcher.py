@@ -120,9 +120,11 @@ async def drain() -> None:
         await done
 
 
-def make_batcher(raft: FakeRaft, *, clock_ns=None, start: bool = True, **limits) -> Batcher:
+def make_batcher(raft: FakeRaft, *, clock_ns=None, now_s=None, start: bool = True, **limits) -> Batcher:
     config = BatcherConfig(**limits)
     kwargs = {"clock_ns": clock_ns} if clock_ns is not None else {}
+    if now_s is not None:
+        kwargs["now_s"] = now_s
     batcher = Batcher(config, raft.propose, loop=asyncio.get_running_loop(), **kwargs)
     if start:
         batcher.start()
@@ -781,17 +783,27 @@ def test_random_histories_answer_every_submit_exactly_once(seed):
     async def story():
         raft, replies = FakeRaft(), Replies()
         entries_max, in_flight_max = rng.randint(1, 6), rng.randint(1, 3)
+        monotonic = ManualClock()
         batcher = make_batcher(
-            raft, clock_ns=clock_ns, entries_max=entries_max, in_flight_max=in_flight_max, bytes_max=400, queue_entries_max=12
+            raft,
+            clock_ns=clock_ns,
+            now_s=monotonic,
+            entries_max=entries_max,
+            in_flight_max=in_flight_max,
+            bytes_max=400,
+            queue_entries_max=12,
+            priority_queue_entries_max=3,
+            priority_bulk_in_flight_entries_max=rng.randint(1, 8),
         )
         accepted: list[tuple[str, int]] = []
-        next_seq = {"alpha": 1, "bravo": 1}
+        next_seq = {"alpha": 1, "bravo": 1, "admin": 1}
         for _ in range(300):
             action = rng.random()
+            monotonic.s += rng.random() * 0.3
             if action < 0.5:
-                session = rng.choice(["alpha", "bravo"])
+                session = rng.choice(["alpha", "bravo", "admin"])
                 submit = replies.submit(session, next_seq[session], b"p" * rng.randint(0, 120))
-                if batcher.offer(submit):
+                if batcher.offer(submit, priority=session == "admin"):
                     accepted.append((session, next_seq[session]))
                     next_seq[session] += 1
             elif action < 0.9:
@@ -814,7 +826,7 @@ def test_random_histories_answer_every_submit_exactly_once(seed):
         assert sorted(answered) == sorted(accepted), "every accepted submit answered exactly once"
         proposed = [k for p in raft.proposals for k in p.keys]
         assert len(proposed) == len(set(proposed)), "no submit proposed twice"
-        for session in ("alpha", "bravo"):
+        for session in ("alpha", "bravo", "admin"):
             mine = [c for s, c in proposed if s == session]
             assert mine == sorted(mine), "a session's submits are proposed in client_seq order"
         for proposal in raft.proposals:
@@ -839,45 +851,118 @@ def test_a_priority_submit_goes_first_in_the_next_batch():
         for seq in (2, 3, 4):
             assert batcher.offer(replies.submit("bulk", seq))
         assert batcher.offer(replies.submit("admin", 1), priority=True)
-        # Proposed at once, one batch beyond in_flight_max, alone.
-        assert [p.keys for p in raft.proposals] == [[("bulk", 1)], [("admin", 1)]]
+        # The pipeline's one slot is taken: it waits for that commit, never beyond in_flight_max.
+        assert [p.keys for p in raft.proposals] == [[("bulk", 1)]]
         raft.commit(raft.proposals[0])
         await replies.wait_for(1)
-        assert batcher.offer(replies.submit("admin", 2), priority=True, propose=False)
-        raft.commit(raft.proposals[1])
-        await replies.wait_for(2)
-        # With room in the pipeline: the priority submit first, then the bulk ones queued before it.
-        assert raft.proposals[2].keys == [("admin", 2), ("bulk", 2), ("bulk", 3), ("bulk", 4)]
+        # Then first, before the bulk submits queued before it.
+        assert raft.proposals[1].keys == [("admin", 1), ("bulk", 2), ("bulk", 3), ("bulk", 4)]
+        assert batcher.offer(replies.submit("admin", 2), priority=True)
         await commit_everything(raft, replies, batcher)
         assert [(s, c, outcome.seq) for s, c, outcome in replies.got] == [
             ("bulk", 1, 1),
             ("admin", 1, 2),
-            ("admin", 2, 3),
-            ("bulk", 2, 4),
-            ("bulk", 3, 5),
-            ("bulk", 4, 6),
+            ("bulk", 2, 3),
+            ("bulk", 3, 4),
+            ("bulk", 4, 5),
+            ("admin", 2, 6),
         ]
 
     run(story)
 
 
-def test_a_priority_submit_is_proposed_while_bulk_batches_fill_the_pipeline():
+class ManualClock:
+    """The batcher's monotonic clock (``now_s``), moved by the test."""
+
+    def __init__(self) -> None:
+        self.s = 1000.0
+
+    def __call__(self) -> float:
+        return self.s
+
+
+def after_a_priority_submit(admin_payload: bytes = b"", **options) -> tuple[ManualClock, FakeRaft, Replies, Batcher]:
+    """A batcher on fakes with a manual monotonic clock (``priority_recent_s`` 1 s) that was
+    just offered ("admin", 1) in the priority lane: priority traffic is recent."""
+    clock = ManualClock()
+    raft, replies, batcher = batcher_on_fakes(now_s=clock, priority_recent_s=1.0, **options)
+    assert batcher.offer(replies.submit("admin", 1, admin_payload), priority=True)
+    return clock, raft, replies, batcher
+
+
+def bulk_keys_ahead_of(raft: FakeRaft, key: tuple[str, int]) -> int:
+    """Bulk entries proposed before the batch holding `key` and not yet committed when it was proposed."""
+    index = next(i for i, p in enumerate(raft.proposals) if key in p.keys)
+    return sum(len([k for k in p.keys if k[0] == "bulk"]) for p in raft.proposals[:index] if not p.answered)
+
+
+def test_while_priority_traffic_is_recent_bulk_leaves_a_slot_and_few_entries_ahead():
     async def story():
-        raft, replies, batcher = batcher_on_fakes(in_flight_max=2, entries_max=2)
-        for seq in range(1, 11):
+        clock, raft, replies, batcher = after_a_priority_submit(in_flight_max=4, entries_max=10, priority_bulk_in_flight_entries_max=8)
+        for seq in range(1, 101):
             assert batcher.offer(replies.submit("bulk", seq))
-        assert batcher.in_flight == 2 and batcher.queued == 7
-        assert batcher.offer(replies.submit("admin", 1), priority=True)
-        assert batcher.in_flight == 3, "the priority submit waited for a bulk batch to commit"
-        assert raft.proposals[-1].keys == [("admin", 1)], "bulk submits went beyond the pipeline's depth with it"
-        # No further batch beyond the one: the next priority submit waits for a commit, bulk as before.
-        assert batcher.offer(replies.submit("admin", 2), priority=True)
-        assert batcher.in_flight == 3 and batcher.queued == 8
-        raft.commit(raft.proposals[0])
-        await replies.wait_for(1)
-        assert raft.proposals[-1].keys == [("admin", 2)], "the pipeline is still full of bulk batches: alone again"
+        # Bulk holds at most 8 entries in flight, in batches of at least half that room.
+        assert batcher.bulk_in_flight <= 8
+        assert all(len(p.keys) <= 10 for p in raft.proposals)
+        admin_seq = 2
+        for _ in range(30):
+            assert batcher.in_flight <= 3, "bulk took the slot kept for the lane"
+            assert batcher.bulk_in_flight <= 8
+            assert batcher.offer(replies.submit("admin", admin_seq), priority=True)
+            assert raft.proposals[-1].keys[0] == ("admin", admin_seq), "the priority submit waited for a commit"
+            assert bulk_keys_ahead_of(raft, ("admin", admin_seq)) <= 8
+            admin_seq += 1
+            raft.commit(next(p for p in raft.proposals if not p.answered))
+            await drain()
+            clock.s += 0.1
         await commit_everything(raft, replies, batcher)
-        assert len(replies.got) == 12
+        assert batcher.in_flight == 0 and batcher.bulk_in_flight == 0 and batcher.held_bytes == 0
+        assert sorted(c for s, c, _ in replies.got if s == "bulk") == list(range(1, 101))
+
+    run(story)
+
+
+def test_bulk_has_the_whole_pipeline_again_once_priority_traffic_is_no_longer_recent():
+    async def story():
+        clock, raft, replies, batcher = after_a_priority_submit(in_flight_max=4, entries_max=10, priority_bulk_in_flight_entries_max=8)
+        for seq in range(1, 201):
+            assert batcher.offer(replies.submit("bulk", seq))
+        assert batcher.priority_recent()
+        assert batcher.in_flight <= 3 and batcher.bulk_in_flight <= 8
+        clock.s += 0.9
+        raft.commit(raft.proposals[0])  # the priority submit's batch: recent from its answer on
+        await replies.wait_for(1)
+        clock.s += 0.9
+        assert batcher.priority_recent(), "recency counted from the submit, not from its answer"
+        clock.s += 0.1  # a second without a priority submit coming or answered
+        assert not batcher.priority_recent()
+        raft.commit(next(p for p in raft.proposals if not p.answered))
+        await drain()
+        assert batcher.in_flight == 4 and batcher.bulk_in_flight > 8, "bulk still held back"
+        assert all(len(p.keys) == 10 for p in raft.proposals[-3:])
+        await commit_everything(raft, replies, batcher)
+        assert len(replies.got) == 201
+
+    run(story)
+
+
+def test_no_trickle_of_small_bulk_batches_while_priority_traffic_is_recent():
+    async def story():
+        clock, raft, replies, batcher = after_a_priority_submit(
+            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=10
+        )  # alone: nothing else queued
+        for seq in range(1, 41):
+            assert batcher.offer(replies.submit("bulk", seq))
+        # Bulk: a batch of 6 (room 10), then none of 4 (room below half the bound) until a commit.
+        assert sizes(raft) == [1, 6]
+        raft.commit(raft.proposals[0])
+        await drain()
+        assert sizes(raft) == [1, 6], "the priority commit freed no bulk room"
+        raft.commit(raft.proposals[1])
+        await drain()
+        assert sizes(raft) == [1, 6, 6], "the bulk commit's room was not used"
+        await commit_everything(raft, replies, batcher)
+        assert len(replies.got) == 41
 
     run(story)
 
@@ -899,6 +984,8 @@ def test_a_full_bulk_queue_never_refuses_the_priority_lane_and_the_lane_has_its_
         assert batcher.offer(replies.submit("admin", 3, payload), priority=True) is False, "the lane is bounded"
         assert batcher.offer_all([replies.submit("admin", 3, payload)], priority=True) is False
         batcher.flush()
+        raft.commit(raft.proposals[0])  # the pipeline's one slot
+        await replies.wait_for(1)
         assert raft.proposals[1].keys[:2] == [("admin", 1), ("admin", 2)]
         await commit_everything(raft, replies, batcher)
         assert batcher.held_bytes == 0 and batcher.queued == 0

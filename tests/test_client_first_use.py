@@ -9,11 +9,10 @@ client's 30 s outcome deadline so that a client that waits instead of connecting
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
-from cluster_harness import ClusterHarness, RawConnection, run_seed
+from cluster_harness import ClusterHarness, RawConnection, module_cluster
 
 from raftseq.clients import (
     DEFAULT_ENDPOINTS,
@@ -36,7 +35,6 @@ from raftseq.clients.endpoints import (
     parse_endpoints,
     token_from_env,
 )
-from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -185,15 +183,8 @@ def test_a_closed_client_fails_every_call_at_once_and_never_reconnects():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> ClusterHarness:
     """One three-node cluster (with a token) for every test below; stopped at the end."""
-    seed = run_seed()
-    harness = ClusterHarness(str(tmp_path_factory.mktemp("first-use") / "c"), free_base_port(random.Random(seed)), seed=seed)
-    try:
-        harness.start(leader_timeout_s=LEADER_TIMEOUT_S)
-        print(harness.describe(), flush=True)
+    with module_cluster(str(tmp_path_factory.mktemp("first-use") / "c")) as harness:
         yield harness
-    finally:
-        harness.stop()
-        print(harness.log_tails(), flush=True)
 
 
 def test_a_blocking_client_used_without_with_connects_on_first_use(cluster):

@@ -435,7 +435,9 @@ def test_to_toml_round_trips_apart_from_the_insecure_flag(tmp_path):
     config = awkward_config()
     body = to_toml(config).replace("insecure = true\n", "").replace("insecure = false\n", "")
 
-    assert tomllib.loads(body) == {k: v for k, v in msgspec.to_builtins(config).items() if k != "insecure"}
+    # An unused [tls] is left out (the release before knows none); it reads back as the default.
+    written = {k: v for k, v in msgspec.to_builtins(config).items() if k != "insecure" and (k != "tls" or any(v.values()))}
+    assert tomllib.loads(body) == written
     assert load_config(write(tmp_path, body)) == config
 
 

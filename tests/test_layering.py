@@ -6,7 +6,8 @@
 | clients/      | sequencer.protocol, sequencer.limits, sequencer.version, stdlib,    |
 |               | msgspec; prometheus_client in clients/metrics.py only (the opt-in   |
 |               | collector), and ``import raftseq.clients`` must not load it         |
-| cluster/      | sequencer, clients; pysyncobj and cryptography in cluster.raft only;|
+| cluster/      | sequencer, clients; pysyncobj in cluster.raft only, cryptography in |
+|               | cluster.raft and cluster.certs (TLS certificates of cluster up);    |
 |               | prometheus_client in cluster.metrics (and its text parser in the    |
 |               | terminal view, cluster.top); rich in cluster.top only               |
 | chaos_tests/  | clients, cluster, sequencer.protocol/limits, sequencer.journal      |
@@ -444,7 +445,7 @@ def test_bare_imports_are_caught():
 #: Third-party packages and the cluster modules (prefixes) that alone may import them.
 CLUSTER_CONFINED = {
     "pysyncobj": ("cluster.raft",),
-    "cryptography": ("cluster.raft",),
+    "cryptography": ("cluster.raft", "cluster.certs"),
     "prometheus_client": ("cluster.metrics", "cluster.top"),
     "rich": ("cluster.top", "cluster.cli.top"),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from cryptography.exceptions import InvalidTag
 
@@ -24,6 +26,21 @@ def test_round_trip_keeps_data_and_the_message_numbers_rise(cipher):
         assert cipher.decrypt(token) == data
         assert len(data) < 100 or data[:100] not in token
     assert numbers == sorted(set(numbers)), numbers
+
+
+def test_a_framed_message_is_the_length_prefix_and_the_token_and_reads_from_a_view(cipher):
+    """``encrypt_framed`` (what a link sends): the prefix names the token's length, the token
+    decrypts like ``encrypt_at_time``'s, also read in place from a view of a larger buffer."""
+    prefix = struct.Struct("i")
+    for data in (b"", b"x", bytes(range(256)) * 300):
+        framed = cipher.encrypt_framed(data, prefix)
+        (length,) = prefix.unpack_from(framed)
+        assert length == len(framed) - prefix.size == len(cipher.encrypt_at_time(data, 0))
+        received = bytearray(b"before") + framed + b"after"
+        with memoryview(received) as view:
+            token = view[6 + prefix.size : 6 + prefix.size + length]
+            assert cipher.decrypt(token) == data
+            del token
 
 
 def test_the_same_message_twice_gives_different_bytes(cipher):

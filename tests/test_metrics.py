@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from raftseq.cluster import metrics as M
 from raftseq.cluster.config import OTHER_CREDENTIALS_LABEL
 from raftseq.cluster.local import local_configs
+from raftseq.cluster.tls import TLS_REFUSALS
 from raftseq.cluster.node import Node
 from raftseq.cluster.quotas import CREDENTIAL_REFUSALS
 from raftseq.cluster.raft import RAFT_COUNTERS
@@ -177,7 +178,7 @@ def test_labels_take_values_from_fixed_sets_only(node):
     ids = {node.config.id, *(p.id for p in node.config.peers)}
     allowed = {
         "role": {role.value for role in M.ROLES},
-        "reason": set(M.REFUSAL_REASONS),
+        "reason": set(M.REFUSAL_REASONS) | set(TLS_REFUSALS),
         "check": set(M.VERIFY_CHECKS),
         "leader": ids | {M.NO_LEADER},
         "follower": ids,

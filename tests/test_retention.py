@@ -18,6 +18,7 @@ from raftseq.cluster import retention as node_retention
 from raftseq.cluster.cli import main as cli_main
 from raftseq.clients.connection import open_connection
 from raftseq.cluster.config import NodeConfig, RetentionConfig
+from raftseq.cluster.membership import Member
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.metrics import NodeMetrics
 from raftseq.cluster.publication import Publication
@@ -469,3 +470,31 @@ def test_a_node_with_an_unwritable_archive_dir_exits_5_with_one_line_and_writes_
     assert "Traceback" not in done.stderr
     journal = data_dir / "journal"  # made empty by the data directory's lock, before the check
     assert not journal.exists() or not list(journal.iterdir()), "the journal was written before the check"
+
+
+def test_the_floor_follows_the_current_membership(tmp_path):
+    """A removed peer stops holding the floor and a member added since the config was written
+    holds it until it answers (the ops soak: after n2 was replaced by n4, n4 kept waiting for
+    n2 and removed nothing, and n1 and n3 never asked n4)."""
+    config_peers = [Member("n2", "127.0.0.1:1", "127.0.0.1:2")]
+    current: list[Member] = [Member("n4", "127.0.0.1:3", "127.0.0.1:4")]
+    with Journal.open(str(tmp_path / "j"), segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        fill(journal, 1, 600)
+        held = node_retention.JournalRetention(
+            RetentionConfig(journal_bytes_max=2 * SEGMENT_BYTES),
+            journal,
+            config_peers,
+            data_dir=str(tmp_path),
+            node_id="n1",
+            token="",
+            snapshot_floor_seq=lambda: 0,
+            applied=lambda: (journal.last_seq, journal.last_seq * S),
+            members=lambda: current,
+        )
+        held.peers_need = {"n2": 5}
+        assert not held.plan().remove and held.state.held_by == "peer n4 (not heard from yet)"
+        held.peers_need["n4"] = 601
+        assert held.plan().remove and "n2" not in held.state.held_by
+        current.clear()  # n4 removed too: nobody holds the floor
+        held.peers_need = {}
+        assert held.plan().remove

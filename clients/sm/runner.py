@@ -38,6 +38,7 @@ state-machine message to the machines that read its type, in order:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ import msgspec
 
 from raftseq.clients.client import Busy, NotConnected, SequencerClient, subscribe
 from raftseq.clients.errors import Truncated
+from raftseq.clients.tls import ClientTls
 from raftseq.clients.sm import formats
 from raftseq.clients.sm.errors import (
     ApplyError,
@@ -142,6 +144,8 @@ class StateMachineRunner:
       callable taking the ``formats.Divergence``;
     * ``subscribe_fn`` — what to subscribe with (default ``clients.subscribe``; tests pass
       their own); ``client_options`` — keyword options for the ``SequencerClient``s that publish.
+    * ``tls`` — reach TLS ports (``clients.tls``, as ``SequencerClient(tls=)``): for the
+      subscription, snapshot queries and fetches, and the publishing clients.
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class StateMachineRunner:
         subscribe_fn: Callable | None = None,
         client_options: dict | None = None,
         checkpoints_kept: int = 4096,
+        tls: ClientTls = None,
     ) -> None:
         if not machines:
             raise ValueError("at least one state machine is needed")
@@ -181,8 +186,9 @@ class StateMachineRunner:
         self.publish_checkpoints = publish_checkpoints
         self.snapshot_every = snapshot_every
         self.on_divergence = on_divergence
-        self._subscribe_fn = subscribe_fn or subscribe
-        self._client_options = dict(client_options or {})
+        self.tls = tls
+        self._subscribe_fn = subscribe_fn or functools.partial(subscribe, tls=tls)
+        self._client_options = {"tls": tls, **(client_options or {})}
         self._slots = [_Slot(m) for m in machines]
         self._by_type: dict[str, _Slot] = {}
         for slot in self._slots:
@@ -282,7 +288,7 @@ class StateMachineRunner:
 
     async def _join_from_cluster(self, slot: _Slot) -> None:
         try:
-            infos = await query_snapshots(self.endpoints, slot.sm_type, token=self.token, session=self._session("query"))
+            infos = await query_snapshots(self.endpoints, slot.sm_type, token=self.token, session=self._session("query"), tls=self.tls)
         except ConnectionError as exc:
             log.warning("no snapshot of %s loaded: %s", slot.sm_type, exc)
             return
@@ -553,7 +559,13 @@ class StateMachineRunner:
                 self._snapshot_clients[snap.sm_type] = client
             first, last = await upload_snapshot(client, snap)
             info = await wait_indexed(
-                self.endpoints, snap.sm_type, first, token=self.token, timeout_s=confirm_timeout_s, session=self._session("query")
+                self.endpoints,
+                snap.sm_type,
+                first,
+                token=self.token,
+                timeout_s=confirm_timeout_s,
+                session=self._session("query"),
+                tls=self.tls,
             )
             log.info("published %s covering seq %d as seq %d..%d (%d bytes)", snap.sm_type, snap.covered_seq, first, last, len(snap.data))
             self.published.append(info)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from raftseq.clients.client import SequencerClient, subscribe
+from raftseq.clients.tls import ClientTls
 from raftseq.clients.connection import open_connection
 from raftseq.clients.sm.errors import SnapshotPublishError, SnapshotVerifyError
 from raftseq.sequencer import protocol
@@ -105,7 +106,14 @@ async def upload_snapshot(
 
 
 async def query_snapshots(
-    endpoints: Sequence[str], sm_type: str, *, token: str = "", session: str = "sm-query", timeout_s: float = 2.0, prefer: str = ""
+    endpoints: Sequence[str],
+    sm_type: str,
+    *,
+    token: str = "",
+    session: str = "sm-query",
+    timeout_s: float = 2.0,
+    prefer: str = "",
+    tls: ClientTls = None,
 ) -> list[protocol.SnapshotInfo]:
     """The snapshots of `sm_type` the cluster holds, newest first, from the first node that
     answers (`prefer` first, then the others in random order). Raises ``ConnectionError`` when
@@ -117,7 +125,7 @@ async def query_snapshots(
     problems = []
     for address in order:
         try:
-            answer = await _ask(address, protocol.SnapshotQuery(sm_type), token=token, session=session, timeout_s=timeout_s)
+            answer = await _ask(address, protocol.SnapshotQuery(sm_type), token=token, session=session, timeout_s=timeout_s, tls=tls)
         except (OSError, ConnectionError, TimeoutError) as exc:
             problems.append(f"{address}: {exc or type(exc).__name__}")
             continue
@@ -125,8 +133,10 @@ async def query_snapshots(
     raise ConnectionError(f"no node answered a snapshot query for {sm_type!r}: {'; '.join(problems)}")
 
 
-async def _ask(address: str, request: protocol.SnapshotQuery, *, token: str, session: str, timeout_s: float) -> protocol.SnapshotList:
-    connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s)
+async def _ask(
+    address: str, request: protocol.SnapshotQuery, *, token: str, session: str, timeout_s: float, tls: ClientTls
+) -> protocol.SnapshotList:
+    connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
     try:
         # A node that predates snapshot queries answers Rejected(bad_frame): ConnectionError.
         return await connection.request(request, protocol.SnapshotList, timeout_s)
@@ -135,7 +145,14 @@ async def _ask(address: str, request: protocol.SnapshotQuery, *, token: str, ses
 
 
 async def wait_indexed(
-    endpoints: Sequence[str], sm_type: str, first_seq: int, *, token: str = "", timeout_s: float = 10.0, session: str = "sm-query"
+    endpoints: Sequence[str],
+    sm_type: str,
+    first_seq: int,
+    *,
+    token: str = "",
+    timeout_s: float = 10.0,
+    session: str = "sm-query",
+    tls: ClientTls = None,
 ) -> protocol.SnapshotInfo:
     """The index entry of the upload whose first chunk is `first_seq`, once a node lists it.
     Raises ``SnapshotPublishError`` if none does within `timeout_s` (the chunks were sequenced
@@ -145,7 +162,7 @@ async def wait_indexed(
     seen: list[protocol.SnapshotInfo] = []
     while True:
         try:
-            seen = await query_snapshots(endpoints, sm_type, token=token, session=session, timeout_s=min(2.0, timeout_s))
+            seen = await query_snapshots(endpoints, sm_type, token=token, session=session, timeout_s=min(2.0, timeout_s), tls=tls)
         except ConnectionError:
             seen = []
         for info in seen:

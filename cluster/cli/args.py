@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 from raftseq.clients.endpoints import DEFAULT_ENDPOINTS, ENDPOINTS_ENV, TOKEN_ENV, endpoint_addresses, token_from_env
 from raftseq.clients.errors import AuthenticationError, TokenRequired
+from raftseq.clients.tls import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TLS_SERVER_NAME_ENV, TlsError, TlsOptions
 
 #: Exit codes of every command: all well; a failed check or a cluster that cannot be used; a
 #: usage error (argparse's own code); interrupted with Ctrl-C.
@@ -85,6 +86,8 @@ def describe_error(exc: BaseException) -> str:
         return f"{exc}: pass --token or set ${TOKEN_ENV}"
     if isinstance(exc, AuthenticationError):
         return f"{exc}: check --token or ${TOKEN_ENV} (raftseq cluster up prints the token)"
+    if isinstance(exc, TlsError):
+        return f"{exc}: check --tls-ca/--tls-cert/--tls-key or ${TLS_CA_ENV} (raftseq cluster up --tls prints them)"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -93,10 +96,42 @@ TOKEN_HELP = f"client token (default ${TOKEN_ENV}; none when unset)"
 
 
 def add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    """``--endpoints`` and ``--token``: how every command that talks to a cluster reaches it.
-    ``args.endpoints`` is a list of ``HOST:PORT`` strings."""
+    """``--endpoints``, ``--token`` and the TLS options: how every command that talks to a
+    cluster reaches it. ``args.endpoints`` is a list of ``HOST:PORT`` strings; ``cluster_tls(args)``
+    the TLS options (None: plaintext)."""
     parser.add_argument("--endpoints", type=endpoint_list, default=endpoints_default(), metavar="HOST:PORT,...", help=ENDPOINTS_HELP)
     parser.add_argument("--token", default=token_from_env(), help=TOKEN_HELP)
+    add_tls_options(parser)
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--tls-server-name`` (defaults from
+    ``$RAFTSEQ_TLS_CA`` … as ``clients.tls.tls_from_env``; ``raftseq cluster up --tls`` prints
+    them). Any of them set: the command reaches the nodes over TLS."""
+    environ = os.environ
+    group = parser.add_argument_group("TLS (nodes whose client ports speak TLS)")
+    group.add_argument(
+        "--tls-ca", default=environ.get(TLS_CA_ENV, ""), metavar="FILE", help=f"CA of the nodes' certificates (default ${TLS_CA_ENV})"
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=environ.get(TLS_CERT_ENV, ""),
+        metavar="FILE",
+        help=f"client certificate, mutual TLS (default ${TLS_CERT_ENV})",
+    )
+    group.add_argument("--tls-key", default=environ.get(TLS_KEY_ENV, ""), metavar="FILE", help=f"its key (default ${TLS_KEY_ENV})")
+    group.add_argument(
+        "--tls-server-name",
+        default=environ.get(TLS_SERVER_NAME_ENV, ""),
+        metavar="NAME",
+        help="name the nodes' certificates must hold (default: the endpoint's host)",
+    )
+
+
+def cluster_tls(args: argparse.Namespace) -> TlsOptions | None:
+    """The TLS options of `args` (``add_tls_options``); None when none is given."""
+    values = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return TlsOptions(*values) if any(values) else None
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine
 
 from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, INTERRUPTED, EXIT_INTERRUPTED
-from raftseq.cluster.cli.args import add_cluster_options, add_command, command_group, positive_seconds
+from raftseq.cluster.cli.args import add_cluster_options, cluster_tls, add_command, command_group, positive_seconds
 from raftseq.cluster.maintenance import AdminFailed, transfer_leadership
 
 
@@ -30,7 +30,7 @@ def cmd_leader_transfer(args: argparse.Namespace) -> int:
     new proposals, waits until the target holds its whole log, and has it stand for election
     at once; submits wait meanwhile (tens of milliseconds). Exit 0 once another node leads, 1
     with the reason when it did not happen (the old leader then leads on)."""
-    work = transfer_leadership(args.endpoints, to=args.to, token=args.token, timeout_s=args.timeout)
+    work = transfer_leadership(args.endpoints, to=args.to, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args))
     code, result = run_request("raftseq leader transfer", work)
     if result is None:
         return code

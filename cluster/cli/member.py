@@ -12,6 +12,7 @@ from raftseq.cluster.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
     add_cluster_options,
+    cluster_tls,
     add_command,
     add_output_option,
     command_group,
@@ -36,10 +37,11 @@ def _print(reply, output: str) -> None:
 def _run(args: argparse.Namespace, work) -> int:
     from raftseq.cluster.membership_client import MemberCommandError
     from raftseq.clients.connection import Rejected
+    from raftseq.clients.tls import TlsError
 
     try:
         reply = asyncio.run(work())
-    except (MemberCommandError, Rejected, _Refused) as exc:
+    except (MemberCommandError, Rejected, _Refused, TlsError) as exc:
         print(f"raftseq member {args.member_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     _print(reply, args.output)
@@ -94,7 +96,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print the members (voters and learners) and the removed ids, as the cluster holds them."""
     from raftseq.cluster.membership_client import list_members
 
-    return _run(args, lambda: list_members(args.endpoints, token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: list_members(args.endpoints, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args)))
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -102,7 +104,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     vote, and the leader makes it a voter once it holds every committed entry. Returns then."""
     from raftseq.cluster.membership_client import change
 
-    return _run(args, lambda: change(args.endpoints, _new_member(args), token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: change(args.endpoints, _new_member(args), token=args.token, timeout_s=args.timeout, tls=cluster_tls(args)))
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -112,7 +114,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from raftseq.sequencer import protocol
 
     request = protocol.MemberRequest("remove", args.node_id)
-    return _run(args, lambda: change(args.endpoints, request, token=args.token, timeout_s=args.timeout))
+    return _run(args, lambda: change(args.endpoints, request, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args)))
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
@@ -121,7 +123,10 @@ def cmd_replace(args: argparse.Namespace) -> int:
     from raftseq.cluster.membership_client import replace
 
     args.node_id = args.new_id
-    return _run(args, lambda: replace(args.endpoints, args.old_id, _new_member(args), token=args.token, timeout_s=args.timeout))
+    return _run(
+        args,
+        lambda: replace(args.endpoints, args.old_id, _new_member(args), token=args.token, timeout_s=args.timeout, tls=cluster_tls(args)),
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from raftseq.cluster.cli.args import EXIT_USAGE
-from raftseq.cluster.cli.args import add_cluster_options, add_command, positive_seconds
+from raftseq.cluster.cli.args import add_cluster_options, cluster_tls, add_command, positive_seconds
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -35,7 +35,9 @@ def cmd_node_drain(args: argparse.Namespace) -> int:
     from raftseq.cluster.cli.leader import run_request
     from raftseq.cluster.maintenance import drain_node
 
-    code, summary = run_request("raftseq node drain", drain_node(args.endpoints, args.node_id, token=args.token, timeout_s=args.timeout))
+    code, summary = run_request(
+        "raftseq node drain", drain_node(args.endpoints, args.node_id, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args))
+    )
     if summary is not None:
         print(summary)
     return code

@@ -27,6 +27,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             metrics_address=args.metrics,
             insecure=args.insecure,
             subscriber_lag_max_records=args.subscriber_lag_max,
+            tls={"cert_file": args.tls_cert, "key_file": args.tls_key, "client_ca_file": args.tls_client_ca, "ca_file": args.tls_ca},
         )
     except (ValueError, OSError) as exc:
         print(f"raftseq relay: {exc}", file=sys.stderr)
@@ -57,3 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     relay.add_argument("--log-file", default="", metavar="FILE", help="write the log to FILE, rotated by size (default: stderr)")
     relay.add_argument("--insecure", action="store_true", help="development only: serve clients without a token")
+    tls = relay.add_argument_group("TLS ([tls] of a node's config, docs/operating.md)")
+    tls.add_argument("--tls-cert", default="", metavar="FILE", help="serve clients over TLS with this certificate (PEM chain)")
+    tls.add_argument("--tls-key", default="", metavar="FILE", help="its private key")
+    tls.add_argument("--tls-client-ca", default="", metavar="FILE", help="mutual TLS: clients need a certificate from this CA")
+    tls.add_argument("--tls-ca", default="", metavar="FILE", help="reach the upstream over TLS, trusting this CA")

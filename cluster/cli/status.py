@@ -8,7 +8,14 @@ import argparse
 import msgspec
 
 from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK
-from raftseq.cluster.cli.args import add_cluster_options, add_command, add_legacy_endpoints, add_output_option, cluster_endpoints
+from raftseq.cluster.cli.args import (
+    add_cluster_options,
+    cluster_tls,
+    add_command,
+    add_legacy_endpoints,
+    add_output_option,
+    cluster_endpoints,
+)
 
 _json = msgspec.json.Encoder()
 
@@ -19,7 +26,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raftseq.cluster.status import gather_status, print_status
 
     endpoints = cluster_endpoints(args, "raftseq status")
-    report = gather_status(endpoints, token=args.token, timeout_s=args.timeout)
+    report = gather_status(endpoints, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args))
     if args.output == "json":
         print(_json.encode(report).decode())
     else:

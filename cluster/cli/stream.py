@@ -11,7 +11,7 @@ import sys
 import msgspec
 
 from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, INTERRUPTED
-from raftseq.cluster.cli.args import add_cluster_options, add_command, describe_error, non_negative, positive
+from raftseq.cluster.cli.args import add_cluster_options, cluster_tls, add_command, describe_error, non_negative, positive
 from raftseq.cluster.cli.journal import add_payload
 
 _json = msgspec.json.Encoder()
@@ -23,7 +23,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     payloads = [p.encode() for p in args.payload] if args.payload else [line.rstrip("\n").encode() for line in sys.stdin]
     try:
-        with BlockingSequencerClient(args.endpoints, session=args.session, token=args.token, outcome_deadline_s=args.timeout) as client:
+        with BlockingSequencerClient(
+            args.endpoints, session=args.session, token=args.token, outcome_deadline_s=args.timeout, tls=cluster_tls(args)
+        ) as client:
             for payload, seq in zip(payloads, client.submit_many(payloads)):
                 print(f"{seq}\t{payload.decode(errors='replace')}")
     except SequencerError as exc:
@@ -57,7 +59,7 @@ async def _tail(args: argparse.Namespace) -> None:
     from raftseq.clients import subscribe
 
     printed = 0
-    stream = subscribe(args.endpoints, from_seq=args.from_seq, token=args.token, session=args.session)
+    stream = subscribe(args.endpoints, from_seq=args.from_seq, token=args.token, session=args.session, tls=cluster_tls(args))
     async with contextlib.aclosing(stream):
         while not args.limit or printed < args.limit:
             try:

@@ -22,6 +22,7 @@ from raftseq.cluster.cli.args import (
     add_command,
     add_legacy_endpoints,
     cluster_endpoints,
+    cluster_tls,
     non_negative,
     positive_seconds,
 )
@@ -40,7 +41,7 @@ async def _run(args: argparse.Namespace, endpoints: list[str], show: Callable[[V
     refreshes = 0
     next_at = time.monotonic()
     while True:
-        sample = await take_sample(endpoints, token=args.token, timeout_s=args.timeout)
+        sample = await take_sample(endpoints, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args))
         state, view = step(state, sample)
         show(view)
         refreshes += 1

@@ -339,9 +339,22 @@ class LinkCipher:
         """`current_time` (pysyncobj's whole seconds) is not used: the header carries a number
         that rises with every message this node sends, so that a receiver refuses any message
         that does not come after the last one it took on that link (a replay, a duplicate)."""
+        return b"".join(self._seal(data))
+
+    def encrypt_framed(self, data: bytes, prefix: struct.Struct) -> bytearray:
+        """``prefix.pack(n)`` followed by the n bytes ``encrypt_at_time(data, 0)`` returns, in
+        one buffer: the ciphertext is copied once, into it (a link sends a batch of entries)."""
+        head, sealed = self._seal(data)
+        framed = bytearray(prefix.pack(len(head) + len(sealed)))
+        framed += head
+        framed += sealed
+        return framed
+
+    def _seal(self, data: bytes) -> tuple[bytes, bytes]:
+        """The header and nonce, and the ciphertext with its tag."""
         header = _HEADER.pack(self.version, next(self._message_numbers))
         nonce = os.urandom(_NONCE_BYTES)
-        return header + nonce + self._aead.encrypt(nonce, data, header)
+        return header + nonce, self._aead.encrypt(nonce, data, header)
 
     def extract_timestamp(self, data: bytes) -> int:
         """The (not yet authenticated) timestamp; ``decrypt`` authenticates it."""
@@ -361,8 +374,9 @@ class LinkCipher:
             raise LinkCipherError(f"link message version {version}, this node reads {self.version}")
         return timestamp
 
-    def decrypt(self, data: bytes) -> bytes:
-        """The plaintext; raises on anything not encrypted under this key (``InvalidTag``)."""
+    def decrypt(self, data: bytes | memoryview) -> bytes:
+        """The plaintext; raises on anything not encrypted under this key (``InvalidTag``).
+        `data` may be a view into the link's read buffer: nothing of it is copied."""
         self.extract_timestamp(data)
         header = data[: _HEADER.size]
         nonce = data[_HEADER.size : _HEADER.size + _NONCE_BYTES]

@@ -284,8 +284,13 @@ class GuardedConnection(TcpConnection):
         if self.sendRandKey:
             message = (self.sendRandKey, message)
         data = pysyncobj.tcp_connection.zlib.compress(pysyncobj.tcp_connection.pickle.dumps(message), 3)
-        data = self._raftseq_cipher(sending=True).encrypt_at_time(data, 0)
-        self._TcpConnection__writeBuffer += _PREFIX.pack(len(data)) + data
+        framed = self._raftseq_cipher(sending=True).encrypt_framed(data, _PREFIX)
+        if self._TcpConnection__writeBuffer:
+            self._TcpConnection__writeBuffer += framed
+        else:
+            # Nothing waits to be sent (the usual case): the frame becomes the buffer, not
+            # copied into it (pysyncobj's sending takes a bytearray as it takes bytes).
+            self._TcpConnection__writeBuffer = framed
         self._TcpConnection__trySendBuffer()
 
     def _raftseq_frame_bytes_max(self) -> int:
@@ -307,6 +312,17 @@ class GuardedConnection(TcpConnection):
             guard.frames_refused,
         )
         self.disconnect()
+
+    def _raftseq_open(self, data: memoryview) -> Any:
+        """A frame's message: decrypted (refusing a replay) and unpickled with the allow-list."""
+        if self.encryptor:
+            cipher = self._raftseq_cipher(sending=False)
+            timestamp = cipher.extract_timestamp(data)
+            if timestamp <= self.recvLastTimestamp:
+                raise ValueError("link message not after the last one (a replay)")
+            self.recvLastTimestamp = timestamp
+            data = cipher.decrypt(data)
+        return safe_pickle.loads(pysyncobj.tcp_connection.zlib.decompress(data))
 
     def _raftseq_refuse_identity(self, exc: LinkIdentityError) -> None:
         guard = self._raftseq_guard
@@ -356,16 +372,9 @@ class GuardedConnection(TcpConnection):
         end = _PREFIX.size + length
         if len(buffer) < end:
             return None
-        data = bytes(buffer[_PREFIX.size : end])
         try:
-            if self.encryptor:
-                cipher = self._raftseq_cipher(sending=False)
-                timestamp = cipher.extract_timestamp(data)
-                if timestamp <= self.recvLastTimestamp:
-                    raise ValueError("link message not after the last one (a replay)")
-                self.recvLastTimestamp = timestamp
-                data = cipher.decrypt(data)
-            message = safe_pickle.loads(pysyncobj.tcp_connection.zlib.decompress(data))
+            # Read in place: the view is gone before the buffer drops the frame (``del``).
+            message = self._raftseq_open(memoryview(buffer)[_PREFIX.size : end])
             if self.recvRandKey:
                 rand_key, message = message
                 if rand_key != self.recvRandKey:

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+from raftseq.clients.tls import ClientTls
 from raftseq.cluster.status import answered, node_status
 from raftseq.sequencer import limits
 from raftseq.cluster.top.model import Buckets, NodeSample, Sample
@@ -70,9 +71,11 @@ async def _ack_buckets(address: str, timeout_s: float) -> Buckets | None:
         return None
 
 
-async def take_sample(endpoints: Sequence[str], *, token: str, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> Sample:
+async def take_sample(
+    endpoints: Sequence[str], *, token: str, timeout_s: float, clock: Callable[[], float] = time.monotonic, tls: ClientTls = None
+) -> Sample:
     """Ask every node for its status, then scrape the metrics of those that answered."""
-    statuses = await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, session=SESSION) for e in endpoints))
+    statuses = await asyncio.gather(*(node_status(e, token=token, timeout_s=timeout_s, session=SESSION, tls=tls) for e in endpoints))
     at_s = clock()
     buckets = await asyncio.gather(*(_ack_buckets(s.get("metrics_address", ""), timeout_s) if answered(s) else _none() for s in statuses))
     nodes = []

@@ -194,26 +194,42 @@ class FrameReader:
         view = view[take:]
         if take < need:
             return None
-        self._emit(memoryview(pending), 0, length, out)
+        self._parse(memoryview(pending), out)  # exactly the one frame
         self._pending = bytearray()
         if self.error is not None:
             return None
         return view
 
     def _parse(self, view: memoryview, out: list) -> int:
+        # One pass per frame, everything in locals: it runs once per frame a client sends.
         pos = 0
         end = len(view)
         unpack_from = HEADER.unpack_from
+        decode = self._decode
+        append = out.append
+        keep_raw = self.keep_raw
+        frame_bytes_max = self.frame_bytes_max
         while end - pos >= HEADER_BYTES:
-            length, _ = unpack_from(view, pos)
-            if not self._length_ok(length, out):
+            length, crc = unpack_from(view, pos)
+            if not 0 < length <= frame_bytes_max:
+                self._length_ok(length, out)
                 return end
-            if end - pos - HEADER_BYTES < length:
+            start = pos + HEADER_BYTES
+            stop = start + length
+            if stop > end:
                 break
-            self._emit(view, pos, length, out)
-            if self.error is not None:
+            body = view[start:stop]
+            if _crc32(body) != crc:
+                self._fail(FrameError(FrameErrorCode.CHECKSUM, f"frame {self.frames_read + 1}: checksum mismatch"), out)
                 return end
-            pos += HEADER_BYTES + length
+            try:
+                frame = decode(body)
+            except DECODE_ERRORS as exc:
+                self._fail(FrameError(FrameErrorCode.MALFORMED, f"frame {self.frames_read + 1}: {exc}"), out)
+                return end
+            self.frames_read += 1
+            append((frame, bytes(view[pos:stop])) if keep_raw else frame)
+            pos = stop
         return pos
 
     def _length_ok(self, length: int, out: list) -> bool:
@@ -227,23 +243,6 @@ class FrameReader:
             )
             return False
         return True
-
-    def _emit(self, view: memoryview, pos: int, length: int, out: list) -> None:
-        _, crc = HEADER.unpack_from(view, pos)
-        body = view[pos + HEADER_BYTES : pos + HEADER_BYTES + length]
-        if _crc32(body) != crc:
-            self._fail(FrameError(FrameErrorCode.CHECKSUM, f"frame {self.frames_read + 1}: checksum mismatch"), out)
-            return
-        try:
-            frame = self._decode(body)
-        except DECODE_ERRORS as exc:
-            self._fail(FrameError(FrameErrorCode.MALFORMED, f"frame {self.frames_read + 1}: {exc}"), out)
-            return
-        self.frames_read += 1
-        if self.keep_raw:
-            out.append((frame, bytes(view[pos : pos + HEADER_BYTES + length])))
-        else:
-            out.append(frame)
 
     def _fail(self, error: FrameError, out: list) -> None:
         self.error = error
