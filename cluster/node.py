@@ -387,8 +387,19 @@ class Node:
         stopping = asyncio.create_task(stop.wait(), name="stop")
         removed = asyncio.create_task(self.removed.wait(), name="removed")
         removal_watch = asyncio.create_task(watch_for_removal(self), name="removal-watch")
+        # A background task that fails is a bug: the node stops with its traceback instead of
+        # running on without it (a retention task ended by an uncaught refusal once left every
+        # journal growing past its bound, silently). One that ends normally (a scrub set to 0,
+        # the removal watch once it saw this node removed) just stops being waited for.
+        background = (watcher, scrub, retention, removal_watch)
+        waited = {stopping, catchup, removed, *background}
         try:
-            await asyncio.wait((stopping, catchup, removed), return_when=asyncio.FIRST_COMPLETED)
+            while not (stopping.done() or catchup.done() or removed.done()):
+                done, waited = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task in background and not task.cancelled() and task.exception() is not None:
+                        log.critical("the node's %s task failed; the node stops", task.get_name())
+                        task.result()
             if removed.done():
                 raise NodeCannotRun(NodeExit.REMOVED, f"{self.removed_why}; it stops, and is refused if it comes back")
             if catchup.done():

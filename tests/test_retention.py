@@ -498,3 +498,53 @@ def test_the_floor_follows_the_current_membership(tmp_path):
         current.clear()  # n4 removed too: nobody holds the floor
         held.peers_need = {}
         assert held.plan().remove
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        protocol.Rejected(protocol.RejectReason.SHUTTING_DOWN, "node draining"),
+        protocol.Rejected(protocol.RejectReason.AUTH_FAILED, "wrong token"),
+        protocol.Rejected(protocol.RejectReason.TOO_MANY_SESSIONS, "full"),
+    ],
+    ids=lambda a: a.reason.value,
+)
+def test_a_peer_that_refuses_the_status_hello_keeps_its_last_need_and_retention_goes_on(tmp_path, answer):
+    """The ops soak: a peer draining for a leader transfer refused the retention check's hello;
+    the refusal (a ``Rejected``, not a ``ConnectionError``) escaped the check and ended the
+    retention task for good, on every node: for 7 minutes until a restart the journals grew
+    from 12 to 200 MiB over a 12 MiB bound, with no log line. A refusal is no answer: the
+    peer's last need stays, and the check goes on."""
+
+    async def scenario() -> tuple[int, dict[str, int]]:
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(limits.FRAME_BYTES_MAX)  # the hello
+            writer.write(protocol.encode_frame(answer))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with Journal.open(str(tmp_path / "j"), segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+                fill(journal, 1, 600)
+                held = node_retention.JournalRetention(
+                    RetentionConfig(journal_bytes_max=2 * SEGMENT_BYTES),
+                    journal,
+                    [Member("n2", "127.0.0.1:1", f"127.0.0.1:{port}")],
+                    data_dir=str(tmp_path),
+                    node_id="n1",
+                    token="t",
+                    snapshot_floor_seq=lambda: 0,
+                    applied=lambda: (journal.last_seq, journal.last_seq * S),
+                )
+                held.peers_need = {"n2": 300}
+                removed = await asyncio.wait_for(held.check(), 10)
+                return removed, dict(held.peers_need)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    removed, needs = asyncio.run(scenario())
+    assert needs == {"n2": 300}
+    assert removed > 0  # below the peer's last need, segments still leave
