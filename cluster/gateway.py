@@ -11,7 +11,9 @@ protocol version). Then:
   subscriber holds at most ``subscriber_buffer_bytes_max`` plus one read block.
 * ``SnapshotQuery(sm_type)`` — served by any node: ``SnapshotList``, the state-machine
   snapshots its machine indexes for that type (``sequencer.machine``, the snapshot index).
-* Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed.
+* Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed. One whose
+  writes are pending is not idle: its client sends its heartbeat after it reads, and it reads
+  at its own pace (a slow subscriber is bounded by the lag bound and the socket buffer).
 
 Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
 with ``Rejected`` and the connection is closed; the node carries on.
@@ -329,19 +331,28 @@ class Gateway:
 
     async def _tick(self) -> None:
         interval = self.config.heartbeat_interval_ms / 1000
-        idle = self.config.idle_timeout_ms / 1000
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             beat = None
             for conn in list(self.connections):
-                if now - conn.last_read > idle:
+                if not self._heard_of(conn, now):
                     log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
                     conn.close()
                 elif now - conn.last_write >= interval and conn.session:
                     if beat is None:
                         beat = _encode(protocol.Heartbeat(self.node.published_seq))
                     conn.send_bytes(beat)
+
+    def _heard_of(self, conn: Connection, now: float) -> bool:
+        """Whether `conn` was heard from within the idle timeout. A connection whose writes are
+        pending counts as heard from now: its client answers after it reads, and it reads at
+        its own pace (a relay's subscriber behind a socket that drains slowly is not gone;
+        one that falls too far behind meets the lag bound instead)."""
+        if conn.writer.transport.get_write_buffer_size():
+            conn.last_read = now
+            return True
+        return now - conn.last_read <= self.config.idle_timeout_ms / 1000
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
@@ -416,14 +427,20 @@ class Gateway:
         metrics.clients_connected = len(self.welcomed)
 
     async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
-        try:
-            # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
-            # task of its own, two loop iterations on each submit's way in.
-            async with asyncio.timeout(None) as deadline:
-                await self._read_frames(conn, framer, deadline)
-        except TimeoutError:
-            if not conn.session:
-                conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+        while True:
+            try:
+                # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
+                # task of its own, two loop iterations on each submit's way in.
+                async with asyncio.timeout(None) as deadline:
+                    await self._read_frames(conn, framer, deadline)
+                return
+            except TimeoutError:
+                if not conn.session:
+                    conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+                    return
+                if not self._heard_of(conn, time.monotonic()):
+                    return
+                # Its writes are pending (or were until lately): read on.
 
     async def _read_frames(self, conn: Connection, framer: protocol.FrameReader, deadline: asyncio.Timeout) -> None:
         reader = conn.reader
@@ -431,7 +448,8 @@ class Gateway:
         hello_deadline = loop.time() + self.config.hello_timeout_ms / 1000
         idle_timeout_s = self.config.idle_timeout_ms / 1000
         while not conn.closed:
-            deadline.reschedule(loop.time() + idle_timeout_s if conn.session else hello_deadline)
+            # From the last time it was heard of (``_heard_of``: pending writes count).
+            deadline.reschedule(loop.time() + idle_timeout_s - (time.monotonic() - conn.last_read) if conn.session else hello_deadline)
             data = await reader.read(limits.SOCKET_READ_BYTES)
             if not data:
                 return

@@ -371,3 +371,84 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     assert all(sample.labels["relay"] == "r7" for family in families.values() for sample in family.samples)
     assert families["raftseq_relay_upstream_lag_records"].samples[0].value == 20
     assert families["raftseq_relay_subscriber_lag_disconnects"].samples[0].value == 2
+
+
+#: A short idle timeout, so that a subscriber's pause of a few of them takes seconds.
+PAUSE_IDLE = {"idle_timeout_ms": 600, "heartbeat_interval_ms": 150}
+
+
+def paused_subscriber(address: str, pause_s: float, count: int) -> list:
+    """A subscriber from seq 1 that pauses `pause_s` after its welcome, sending nothing (a client
+    answers heartbeats after it reads), then reads until it holds `count` records or is closed.
+    Its small receive buffer leaves the relay's writes pending during the pause."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    host, port = address.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            protocol.encode_frame(protocol.Hello("paused", "", protocol.PROTOCOL_VERSION)) + protocol.encode_frame(protocol.Subscribe(1))
+        )
+        time.sleep(pause_s)  # the pause is the scenario, not a wait for something
+        framer = protocol.FrameReader("node")
+        frames: list = []
+        sock.settimeout(STEP_TIMEOUT_S)
+        while sum(isinstance(f, protocol.Delivered) for f in frames) < count:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            frames += framer.feed(data)
+            sock.sendall(protocol.encode_frame(protocol.Heartbeat()))
+        return frames
+    finally:
+        sock.close()
+
+
+def test_a_subscriber_whose_writes_are_pending_is_not_closed_as_idle(tmp_path):
+    """The relay writes to a subscriber faster than it reads; while the writes wait for its
+    socket to drain, the subscriber (which answers heartbeats only after reading) sends nothing.
+    Pending writes are not silence: it is not closed by the idle timeout and gets every record."""
+    count = 3000  # 12 MB: far more than the socket buffers hold
+    payload = b"p" * 4000
+
+    async def upstream_script(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
+        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
+        await conn.hold_until_stopped()
+
+    async def quiet(conn):  # the relay's status polls: never answered
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = ScriptedNode([upstream_script] + [quiet] * 20)
+        address = await upstream.start()
+        listen = free_address()
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / "relay"), upstream=[address], listen=listen, relay_id="relay-t", insecure=True, gateway=PAUSE_IDLE
+            )
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            while relay.publication.readable_seq < count:
+                assert not running.done(), running
+                await relay.publication.wait_readable(count)
+            idle_s = PAUSE_IDLE["idle_timeout_ms"] / 1000
+            return await asyncio.to_thread(paused_subscriber, listen, 4 * idle_s, count)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, STEP_TIMEOUT_S)
+            await upstream.stop()
+
+    frames = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    refusals = [f for f in frames if not isinstance(f, (protocol.Welcome, protocol.Delivered, protocol.Heartbeat))]
+    seqs = [f.seq for f in frames if isinstance(f, protocol.Delivered)]
+    assert refusals == [] and seqs == list(range(1, count + 1)), f"{len(seqs)} records of {count}, then closed; {refusals}"
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
