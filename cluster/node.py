@@ -34,6 +34,7 @@ from raftseq.cluster.raft.log_store import disk_error, disk_failed
 from raftseq.cluster.scrub import run_scrub
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
+from raftseq.cluster.membership import Membership
 from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed, watch_for_removal
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
@@ -248,6 +249,12 @@ class Node:
         if self.replica is None:
             return dict.fromkeys(raft.RAFT_COUNTERS, 0)
         return self.replica.counters()
+
+    def membership_view(self) -> tuple[Membership | None, dict[tuple[str, str], int]]:
+        replica = self.replica
+        if replica is None:
+            return None, {}
+        return replica.membership, dict(replica.membership_changes)
 
     def status(self) -> protocol.Status:
         status = self.raft_status()
