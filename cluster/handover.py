@@ -12,6 +12,13 @@
    none comes, or the target could not catch up, the batcher is released and this node leads
    on; the answer says why.
 
+A drained node (``raftseq node drain``) does not lead: elected again (its peers restarted, a
+transfer named it, an election it happened to win), it proposes nothing and hands leadership
+over again at once, and asks again every ``DRAINED_HANDOVER_RETRY_S`` while no follower can take
+it (``keep_off_while_drained``). Meanwhile it leads on: a cluster whose other nodes cannot lead
+still has a leader. It still votes and stands for election like any member: refusing to stand
+would leave a cluster of drained nodes without a leader.
+
 A node with a shorter log cannot win instead: a vote goes only to a candidate whose log is at
 least as up to date as the voter's (Raft's election restriction, in pysyncobj's vote and our
 pre-vote), and every committed entry is on a majority, so such a candidate lacks a majority
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from raftseq.cluster.batcher import Batcher
@@ -42,6 +50,9 @@ TRANSFER_CATCH_UP_TIMEOUT_S = 2.0
 TRANSFER_ELECTION_TIMEOUT_S = 2.0
 #: How often the waits look at the Raft state, in seconds (a Raft tick runs every 5 ms).
 TRANSFER_POLL_S = 0.002
+#: A drained node that leads and could not hand leadership over asks again this often, in
+#: seconds (a transfer takes at most the two timeouts above).
+DRAINED_HANDOVER_RETRY_S = 1.0
 
 
 class LeadingNode(Protocol):
@@ -98,6 +109,18 @@ class Handover:
             return protocol.LeaderTransferred(True, node.replica.client_address_of(leader), "", held_ms)
         finally:
             self.running = False
+
+    async def keep_off_while_drained(self, draining: Callable[[], bool]) -> None:
+        """Hand leadership over while this node leads and `draining()` holds, until a transfer
+        succeeds. The caller holds the batcher first, so that nothing is proposed meanwhile."""
+        node = self.node
+        while draining() and node.is_leader():
+            answer = await self.transfer("")
+            if answer.ok:
+                log.warning("drained, and elected again: leadership handed over to %s", answer.leader)
+                return
+            log.warning("drained, and leading: leadership not handed over (%s); trying again", answer.detail)
+            await asyncio.sleep(DRAINED_HANDOVER_RETRY_S)
 
     async def _caught_up_target(self, to: str, peers: dict) -> object | None:
         """The peer to hand over to once it holds the whole log (and nothing is in flight)."""

@@ -158,6 +158,8 @@ class Node:
         self.removed_why = ""
         #: Planned leadership transfers away from this node (``LeaderTransfer``).
         self.handover = Handover(self)
+        #: Tasks the role watcher started (a drained node's handover), kept until they end.
+        self._background: set[asyncio.Task] = set()
 
     # --- reads (cluster.node_reads) -----------------------------------------------------
 
@@ -399,6 +401,8 @@ class Node:
             catchup.cancel()
             scrub.cancel()
             retention.cancel()
+            for task in list(self._background):
+                task.cancel()
             if metrics_server is not None:
                 await metrics_server.stop()
             self.batcher.stop("node shutting down")
@@ -426,6 +430,8 @@ class Node:
                 self.role = role
                 if role is Role.LEADER:
                     self.batcher.start()
+                    if self.gateway.draining:
+                        self._keep_leadership_off()
                 else:
                     self.batcher.stop("no longer leader")
             now = time.monotonic()
@@ -435,6 +441,14 @@ class Node:
             if self.journal.fsync_policy.mode == "interval":
                 self.journal.sync_if_due()
             await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
+
+    def _keep_leadership_off(self) -> None:
+        """Elected while drained: propose nothing, and hand leadership over (``cluster.handover``)."""
+        log.warning("elected while drained: proposing nothing, handing leadership over")
+        self.batcher.hold()
+        task = asyncio.create_task(self.handover.keep_off_while_drained(lambda: self.gateway.draining), name="drained-handover")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _journal_write_failed(self, exc: OSError, what: str) -> None:
         """The journal could not be written (a full disk, a disk error) after the machine
