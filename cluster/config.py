@@ -603,19 +603,24 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return found
 
 
+def read_toml(path: str) -> dict:
+    """The TOML file at `path`; raises ``ConfigUnreadable`` (one line)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigUnreadable(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str, *, insecure: bool = False) -> NodeConfig:
     """Read and check a node's TOML file. Raises ``ConfigError`` naming what is wrong.
 
     ``insecure`` (the ``--insecure`` flag, never a file setting) lets the node run without
     ``raft_password`` and ``client_token``.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigUnreadable(f"cannot read {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path)
     if "insecure" in raw:
         raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
     config = parse_config({**raw, "insecure": insecure}, source=path)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from raftseq.cluster.batcher import Batcher
     from raftseq.cluster.config import NodeConfig
     from raftseq.cluster.node_reads import ScrapedNode
+    from raftseq.cluster.retention import RetentionState
     from raftseq.sequencer.journal import Journal
 
 #: Why a submit or request was refused: the gateway's own refusals, then every reason a node
@@ -600,6 +601,19 @@ RELAY_METRICS = (
     ),
     MetricSpec("raftseq_relay_refusals_total", "counter", ("reason",), "Requests refused, by reason (submits: not_leader)"),
     MetricSpec("raftseq_relay_verify_failures_total", "counter", ("check",), "Records from the upstream that failed verification"),
+    MetricSpec(
+        "raftseq_relay_journal_first_retained_seq",
+        "gauge",
+        (),
+        "First sequence number the relay's journal still holds (retention moves it up)",
+    ),
+    MetricSpec("raftseq_relay_journal_bytes", "gauge", (), "Bytes in the relay's journal"),
+    MetricSpec(
+        "raftseq_relay_journal_retention_removed_bytes_total",
+        "counter",
+        (),
+        "Bytes of segments the relay's retention removed (archived or deleted)",
+    ),
 )
 _RELAY_SPECS = {spec.name: spec for spec in RELAY_METRICS}
 
@@ -621,6 +635,12 @@ class ScrapedRelay(Protocol):
 
     @property
     def published_seq(self) -> int: ...
+
+    @property
+    def journal_bytes(self) -> int: ...
+
+    @property
+    def retention_state(self) -> RetentionState: ...
 
 
 class RelayCollector:
@@ -654,3 +674,7 @@ class RelayCollector:
         yield family("raftseq_relay_subscriber_lag_disconnects_total", value=m.subscriber_lag_disconnects)
         yield family("raftseq_relay_refusals_total", tuple(((reason,), n) for reason, n in m.refusals.items()))
         yield family("raftseq_relay_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
+        retention = self.relay.retention_state
+        yield family("raftseq_relay_journal_first_retained_seq", value=retention.first_retained_seq)
+        yield family("raftseq_relay_journal_bytes", value=self.relay.journal_bytes)
+        yield family("raftseq_relay_journal_retention_removed_bytes_total", value=retention.bytes_removed)

@@ -26,6 +26,7 @@ from raftseq.cluster.status import node_status
 from raftseq.cluster.relay import Relay, UpstreamDiverged
 from raftseq.cluster.relay_config import relay_config
 from raftseq.cluster.relay_local import wait_relay_serving
+from raftseq.cluster.retention import RetentionState
 from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, list_segment_files
 
@@ -362,6 +363,8 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     class Relay:
         upstream_last_seq = 120
         published_seq = 100
+        journal_bytes = 4096
+        retention_state = RetentionState(first_retained_seq=40, bytes_removed=9000)
 
     metrics = RelayMetrics()
     metrics.delivered, metrics.subscriber_lag_disconnects = 5000, 2
@@ -371,6 +374,8 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     assert all(sample.labels["relay"] == "r7" for family in families.values() for sample in family.samples)
     assert families["raftseq_relay_upstream_lag_records"].samples[0].value == 20
     assert families["raftseq_relay_subscriber_lag_disconnects"].samples[0].value == 2
+    assert families["raftseq_relay_journal_first_retained_seq"].samples[0].value == 40
+    assert families["raftseq_relay_journal_retention_removed_bytes"].samples[0].value == 9000
 
 
 #: A short idle timeout, so that a subscriber's pause of a few of them takes seconds.
@@ -452,3 +457,143 @@ def free_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+# --- retention: the nodes' [retention] settings on a relay's journal -------------------------
+
+#: Small segments and a bound of four of them: a few thousand records make retention act.
+SMALL_SEGMENTS = {"segment_bytes_max": 64 * 1024}
+FOUR_SEGMENTS = {"journal_bytes_max": 4 * 64 * 1024, "check_interval_s": 3600}  # checked by the test
+
+
+def retaining_relay(tmp_path, upstream: str, listen: str) -> Relay:
+    return Relay(
+        relay_config(
+            data_dir=str(tmp_path / "relay"), upstream=[upstream], listen=listen, relay_id="relay-t", insecure=True,
+            retention=FOUR_SEGMENTS, journal=SMALL_SEGMENTS,
+        )
+    )  # fmt: skip
+
+
+async def relay_running(relay: Relay, until_seq: int) -> asyncio.Task:
+    """`relay` running (stopped by cancelling the task), once it serves `until_seq`."""
+    running = asyncio.create_task(relay.run(asyncio.Event()))
+    while relay.publication.readable_seq < until_seq:
+        assert not running.done(), running
+        await relay.publication.wait_readable(until_seq)
+    return running
+
+
+async def stopped(running: asyncio.Task) -> None:
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+def test_a_relay_keeps_its_journal_within_the_retention_bounds_and_answers_truncated_below_its_first_number(tmp_path):
+    from raftseq.clients.errors import Truncated
+
+    count = 3000  # ~3 MB: dozens of 64 KiB segments
+    payload = b"r" * 1000
+
+    async def upstream_script(conn):
+        await conn.welcome()
+        await conn.next_frame()
+        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
+        await conn.hold_until_stopped()
+
+    async def quiet(conn):
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = ScriptedNode([upstream_script] + [quiet] * 20)
+        listen = free_address()
+        relay = retaining_relay(tmp_path, await upstream.start(), listen)
+        running = await relay_running(relay, count)
+        try:
+            bytes_before = relay.journal.size_bytes
+            removed = await relay.retention.check()
+            first = relay.journal.first_retained_seq
+            link = await open_connection(listen, session="late", token="", timeout_s=STEP_TIMEOUT_S)
+            try:
+                with pytest.raises(Truncated) as truncated:
+                    async for _ in link.subscribe(1, silence_s=STEP_TIMEOUT_S, truncated_known=True):
+                        pass
+            finally:
+                link.close()
+            got = []
+            async for m in subscribe([listen], from_seq=first, token="", session="from-first"):
+                got.append(m.seq)
+                if m.seq == count:
+                    break
+            return removed, bytes_before, relay.journal.size_bytes, first, truncated.value, got
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    removed, before, after, first, truncated, got = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    print(f"relay journal {before} -> {after} bytes ({removed} segments removed); first number {first}")
+    assert removed > 0 and first > 1
+    assert after <= FOUR_SEGMENTS["journal_bytes_max"] + SMALL_SEGMENTS["segment_bytes_max"], "within the bound and one segment"
+    assert (truncated.from_seq, truncated.first_seq) == (1, first)
+    assert got == list(range(first, count + 1)), "from its first number on, gapless"
+
+
+def test_an_empty_relay_of_a_cluster_whose_retention_removed_the_start_begins_at_its_first_number(tmp_path):
+    async def truncated_at_500(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
+        conn.send(protocol.Truncated(1, 500))
+        await conn.hold_until_stopped()
+
+    async def from_500(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(500, truncated_known=True)
+        conn.send(*(delivered(seq, b"x") for seq in range(500, 601)))
+        await conn.hold_until_stopped()
+
+    async def quiet(conn):
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = ScriptedNode([truncated_at_500, from_500] + [quiet] * 20)
+        relay = retaining_relay(tmp_path, await upstream.start(), free_address())
+        running = await relay_running(relay, 600)
+        try:
+            return relay.journal.first_retained_seq, relay.journal.read_bytes(500, 600), upstream.errors
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    first, stored, errors = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert errors == [] and first == 500
+    assert stored == b"".join(protocol.encode_frame(delivered(seq, b"x")) for seq in range(500, 601))
+
+
+def test_a_relays_retention_floor_keeps_the_newest_snapshot_its_clients_asked_about(tmp_path, monkeypatch):
+    """The relay lists a snapshot only while it holds its chunks, and its retention floor is the
+    first chunk of the newest snapshot it listed (per state-machine type)."""
+    from raftseq.cluster import relay as relay_module
+
+    def info(first_seq: int, last_seq: int) -> protocol.SnapshotInfo:
+        return protocol.SnapshotInfo("kv", 1, last_seq, "d", "0" * 64, 10, 1, "@snap/kv", first_seq, last_seq, 1)
+
+    listed = [info(900, 905), info(400, 402), info(100, 101)]  # newest first
+
+    async def upstream_lists(*args, **kwargs):
+        return listed
+
+    monkeypatch.setattr(relay_module, "query_snapshots", upstream_lists)
+    relay = retaining_relay(tmp_path, "127.0.0.1:1", "127.0.0.1:2")
+    try:
+        relay.journal.skip_to(300)
+        relay.journal.start_at(300)  # the relay's journal starts at 300: the oldest snapshot is gone
+        relay.journal.append(b"".join(protocol.encode_frame(delivered(seq, b"c")) for seq in range(300, 1001)), 300, 1000)
+        relay.publication.wake()
+        answer = asyncio.run(relay._snapshots_from_upstream("kv"))
+        floor = relay.retention.plan()
+    finally:
+        relay.journal.close()
+    assert [s.first_seq for s in answer.snapshots] == [900, 400]
+    assert relay._snapshot_floor_seq() == 900
+    assert all(span.end_seq <= 900 for span in floor.remove)
+    assert relay.retention.state.floor_seq == 900 and relay.retention.state.held_by == "the newest state-machine snapshot"
