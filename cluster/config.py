@@ -273,6 +273,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_interval_ms: int = 500
     #: A connection silent for this long (no frame, no heartbeat) is closed.
     idle_timeout_ms: int = 3000
+    #: ... unless writes to it are pending: its client answers heartbeats after it reads, and
+    #: a subscriber that reads slowly (a busy process) is not gone. One that reads nothing
+    #: for this long is closed (on a relay the lag bound usually cuts it first).
+    pending_writes_idle_timeout_ms: int = 30_000
     #: Bytes written to a subscriber and not yet drained by the socket before the node stops
     #: reading the journal for it (flow control).
     subscriber_buffer_bytes_max: int = 1 * limits.MIB
@@ -285,6 +289,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found = []
         if not 100 <= self.heartbeat_interval_ms < self.idle_timeout_ms:
             found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
+        if self.pending_writes_idle_timeout_ms < self.idle_timeout_ms:
+            found.append("gateway.pending_writes_idle_timeout_ms must be at least idle_timeout_ms")
         if self.in_flight_bytes_per_connection_max < limits.PAYLOAD_BYTES_MAX:
             found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
         if self.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:

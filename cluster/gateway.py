@@ -13,7 +13,8 @@ protocol version). Then:
   snapshots its machine indexes for that type (``sequencer.machine``, the snapshot index).
 * Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed. One whose
   writes are pending is not idle: its client sends its heartbeat after it reads, and it reads
-  at its own pace (a slow subscriber is bounded by the lag bound and the socket buffer).
+  at its own pace; it is closed once silent for ``pending_writes_idle_timeout_ms`` (a
+  relay's lag bound cuts a slow subscriber that falls too far behind before that).
 
 Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
 with ``Rejected`` and the connection is closed; the node carries on.
@@ -336,7 +337,7 @@ class Gateway:
             now = time.monotonic()
             beat = None
             for conn in list(self.connections):
-                if not self._heard_of(conn, now):
+                if now > self._idle_at(conn):
                     log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
                     conn.close()
                 elif now - conn.last_write >= interval and conn.session:
@@ -344,15 +345,14 @@ class Gateway:
                         beat = _encode(protocol.Heartbeat(self.node.published_seq))
                     conn.send_bytes(beat)
 
-    def _heard_of(self, conn: Connection, now: float) -> bool:
-        """Whether `conn` was heard from within the idle timeout. A connection whose writes are
-        pending counts as heard from now: its client answers after it reads, and it reads at
-        its own pace (a relay's subscriber behind a socket that drains slowly is not gone;
-        one that falls too far behind meets the lag bound instead)."""
-        if conn.writer.transport.get_write_buffer_size():
-            conn.last_read = now
-            return True
-        return now - conn.last_read <= self.config.idle_timeout_ms / 1000
+    def _idle_at(self, conn: Connection) -> float:
+        """When `conn` counts as idle (``time.monotonic``), as things stand: its idle timeout
+        after it was last heard from, or, while writes to it are pending, the longer
+        ``pending_writes_idle_timeout_ms``. Its client answers heartbeats after it reads, and it
+        reads at its own pace: a subscriber behind a socket that drains slowly is not gone."""
+        config = self.config
+        pending = conn.writer.transport.get_write_buffer_size()
+        return conn.last_read + (config.pending_writes_idle_timeout_ms if pending else config.idle_timeout_ms) / 1000
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
@@ -438,7 +438,7 @@ class Gateway:
                 if not conn.session:
                     conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
                     return
-                if not self._heard_of(conn, time.monotonic()):
+                if time.monotonic() >= self._idle_at(conn):
                     return
                 # Its writes are pending (or were until lately): read on.
 
@@ -446,10 +446,9 @@ class Gateway:
         reader = conn.reader
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + self.config.hello_timeout_ms / 1000
-        idle_timeout_s = self.config.idle_timeout_ms / 1000
         while not conn.closed:
-            # From the last time it was heard of (``_heard_of``: pending writes count).
-            deadline.reschedule(loop.time() + idle_timeout_s - (time.monotonic() - conn.last_read) if conn.session else hello_deadline)
+            # Until it counts as idle (``_idle_at``: longer while writes to it are pending).
+            deadline.reschedule(loop.time() + self._idle_at(conn) - time.monotonic() if conn.session else hello_deadline)
             data = await reader.read(limits.SOCKET_READ_BYTES)
             if not data:
                 return

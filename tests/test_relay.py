@@ -382,6 +382,28 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
 PAUSE_IDLE = {"idle_timeout_ms": 600, "heartbeat_interval_ms": 150}
 
 
+async def _status_poll(conn) -> None:
+    """A connection of the relay's status poll: never answered."""
+    await conn.hold_until_stopped()
+
+
+def upstream_of(*scripts) -> ScriptedNode:
+    """A scripted upstream: `scripts` for the relay's stream connections, then its status polls."""
+    return ScriptedNode([*scripts] + [_status_poll] * 20)
+
+
+def streaming(count: int, payload: bytes):
+    """An upstream script: records 1..`count` of `payload`, after the relay's subscribe."""
+
+    async def script(conn) -> None:
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
+        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
+        await conn.hold_until_stopped()
+
+    return script
+
+
 def paused_subscriber(address: str, pause_s: float, count: int) -> list:
     """A subscriber from seq 1 that pauses `pause_s` after its welcome, sending nothing (a client
     answers heartbeats after it reads), then reads until it holds `count` records or is closed.
@@ -416,17 +438,8 @@ def test_a_subscriber_whose_writes_are_pending_is_not_closed_as_idle(tmp_path):
     count = 3000  # 12 MB: far more than the socket buffers hold
     payload = b"p" * 4000
 
-    async def upstream_script(conn):
-        await conn.welcome()
-        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
-        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
-        await conn.hold_until_stopped()
-
-    async def quiet(conn):  # the relay's status polls: never answered
-        await conn.hold_until_stopped()
-
     async def scenario():
-        upstream = ScriptedNode([upstream_script] + [quiet] * 20)
+        upstream = upstream_of(streaming(count, payload))
         address = await upstream.start()
         listen = free_address()
         relay = Relay(
@@ -451,6 +464,43 @@ def test_a_subscriber_whose_writes_are_pending_is_not_closed_as_idle(tmp_path):
     refusals = [f for f in frames if not isinstance(f, (protocol.Welcome, protocol.Delivered, protocol.Heartbeat))]
     seqs = [f.seq for f in frames if isinstance(f, protocol.Delivered)]
     assert refusals == [] and seqs == list(range(1, count + 1)), f"{len(seqs)} records of {count}, then closed; {refusals}"
+
+
+def test_a_subscriber_that_reads_nothing_is_closed_after_the_pending_writes_idle_timeout(tmp_path):
+    """Pending writes lengthen the idle timeout, not end it: a subscriber that never reads (and
+    never sends) is closed once silent for ``pending_writes_idle_timeout_ms``, lag bound or not."""
+    count = 3000
+    pending_idle_s = 2.0
+
+    async def scenario():
+        upstream = upstream_of(streaming(count, b"p" * 4000))
+        listen = free_address()
+        gateway = {**PAUSE_IDLE, "pending_writes_idle_timeout_ms": int(pending_idle_s * 1000)}
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / "relay"), upstream=[await upstream.start()], listen=listen, relay_id="relay-t",
+                insecure=True, gateway=gateway, subscriber_lag_max_records=0,
+            )
+        )  # fmt: skip
+        running = await relay_running(relay, count)
+        try:
+            sock = await asyncio.to_thread(stalled_subscriber, listen, "")
+            started = time.monotonic()
+            try:
+                # It reads nothing: the relay's subscriber count says when it is closed.
+                while relay.metrics.subscribers == 0 and time.monotonic() - started < STEP_TIMEOUT_S:
+                    await asyncio.sleep(0.05)
+                while relay.metrics.subscribers and time.monotonic() - started < STEP_TIMEOUT_S:
+                    await asyncio.sleep(0.05)
+                return time.monotonic() - started
+            finally:
+                sock.close()
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    closed_after_s = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert pending_idle_s - 0.5 <= closed_after_s <= pending_idle_s + 5, closed_after_s
 
 
 def free_address() -> str:
@@ -495,17 +545,8 @@ def test_a_relay_keeps_its_journal_within_the_retention_bounds_and_answers_trunc
     count = 3000  # ~3 MB: dozens of 64 KiB segments
     payload = b"r" * 1000
 
-    async def upstream_script(conn):
-        await conn.welcome()
-        await conn.next_frame()
-        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
-        await conn.hold_until_stopped()
-
-    async def quiet(conn):
-        await conn.hold_until_stopped()
-
     async def scenario():
-        upstream = ScriptedNode([upstream_script] + [quiet] * 20)
+        upstream = upstream_of(streaming(count, payload))
         listen = free_address()
         relay = retaining_relay(tmp_path, await upstream.start(), listen)
         running = await relay_running(relay, count)
@@ -551,11 +592,8 @@ def test_an_empty_relay_of_a_cluster_whose_retention_removed_the_start_begins_at
         conn.send(*(delivered(seq, b"x") for seq in range(500, 601)))
         await conn.hold_until_stopped()
 
-    async def quiet(conn):
-        await conn.hold_until_stopped()
-
     async def scenario():
-        upstream = ScriptedNode([truncated_at_500, from_500] + [quiet] * 20)
+        upstream = upstream_of(truncated_at_500, from_500)
         relay = retaining_relay(tmp_path, await upstream.start(), free_address())
         running = await relay_running(relay, 600)
         try:
