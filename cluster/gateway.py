@@ -438,7 +438,9 @@ class Gateway:
                 if not conn.session:
                     conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
                     return
-                if time.monotonic() >= self._idle_at(conn):
+                now = time.monotonic()
+                if now >= self._idle_at(conn):
+                    log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
                     return
                 # Its writes are pending (or were until lately): read on.
 
