@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import tempfile
@@ -111,6 +112,19 @@ GOAL_RECOVERY_S = bench_stream.GOAL_RECOVERY_S  # restarted follower serves its 
 
 STREAM_MESSAGES_DEFAULT = bench_stream.MESSAGES_DEFAULT
 STREAM_MESSAGES_QUICK = 5_000
+
+#: Option (by its ``dest``) -> (its ``--quick`` size, its default size): the one place both
+#: stand, for ``resolve`` and for the help texts.
+SIZES = {
+    "runs": (1, 3),
+    "messages": (5_000, 200_000),
+    "payloads": ([100], [100, 1024]),
+    "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
+    "latency_seconds": (1.0, 10.0),
+    "kills": (2, 10),
+    "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
+    "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
+}
 
 EXIT_FAILED = 1
 
@@ -980,6 +994,21 @@ def _durabilities(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def _size_text(size: object) -> str:
+    if isinstance(size, list):
+        return ",".join(str(x) for x in size)
+    return f"{size:g}" if isinstance(size, float) else f"{size:,}"
+
+
+def _add_sized(parser: argparse.ArgumentParser, *flags: str, type: Callable[[str], object], help: str, dest: str = "") -> None:
+    """An option whose default is its ``SIZES`` entry (``None`` until ``resolve``), both sizes
+    said at the end of `help`."""
+    dest = dest or flags[0].removeprefix("--").replace("-", "_")
+    quick, default = SIZES[dest]
+    help = f"{help} (default {_size_text(default)}; --quick {_size_text(quick)})"
+    parser.add_argument(*flags, dest=dest, type=type, default=None, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftseq bench",
@@ -1012,25 +1041,22 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"raftseq's durability settings, comma-separated, each measured as a system of its own: crash (system "
         f"{RAFTSEQ_SYSTEMS['crash']}), power ({RAFTSEQ_SYSTEMS['power']}) (default {DURABILITY_DEFAULT})",
     )
+    quick = {dest: _size_text(size) for dest, (size, _) in SIZES.items()}
     add(
         "--quick",
         action="store_true",
-        help="smoke sizes: 1 run, 5,000 messages, 100-byte payloads only, rates 1000,2000 for 1 s, 2 kills, a stream of 5,000 "
-        "messages, fanout for 1 s; the figures mean little",
+        help=f"smoke sizes: {quick['runs']} run, {quick['messages']} messages, {quick['payloads']}-byte payloads only, rates "
+        f"{quick['rates']} for {quick['latency_seconds']} s, {quick['kills']} kills, a stream of {quick['stream_messages']} "
+        f"messages, fanout for {quick['fanout_seconds']} s; the figures mean little",
     )
-    add(
+    sized = functools.partial(_add_sized, parser)
+    sized(
         "--runs",
         type=positive_int,
-        default=None,
-        help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians (default 3; --quick 1)",
+        help="runs of each throughput and latency measurement, reads of replay, restarts of recovery; figures are medians",
     )
-    add("--messages", type=positive_int, default=None, help="messages per throughput run and variant (default 200,000; --quick 5,000)")
-    add(
-        "--payloads",
-        type=positive_ints,
-        default=None,
-        help="payload sizes of the throughput workload, bytes (default 100,1024; --quick 100)",
-    )
+    sized("--messages", type=positive_int, help="messages per throughput run and variant")
+    sized("--payloads", type=positive_ints, help="payload sizes of the throughput workload, bytes")
     add("--payload-bytes", type=positive_int, default=100, help="payload size of the latency and failover workloads (default 100)")
     add_processes_option(parser)
     add(
@@ -1052,19 +1078,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=bench_cluster.BATCH_SIZE_DEFAULT,
         help=f"payloads per submit_batch_nowait call in raftseq's batched variants (default {bench_cluster.BATCH_SIZE_DEFAULT})",
     )
-    add(
-        "--rates",
-        type=positive_ints,
-        default=None,
-        help="offered rates of the latency workload, msg/s (default 1000,2000,10000,50000; --quick 1000,2000)",
-    )
-    add(
-        "--latency-seconds",
-        type=positive_float,
-        default=None,
-        help="measured seconds per rate, after 1 s of warm-up (default 10; --quick 1)",
-    )
-    add("--kills", type=positive_int, default=None, help="leader kills of the failover workload per system (default 10; --quick 2)")
+    sized("--rates", type=positive_ints, help="offered rates of the latency workload, msg/s")
+    sized("--latency-seconds", type=positive_float, help="measured seconds per rate, after 1 s of warm-up")
+    sized("--kills", type=positive_int, help="leader kills of the failover workload per system")
     add("--failover-rate", type=positive_int, default=2000, help="offered rate during the kills, msg/s (default 2000)")
     etcd_peer.add_etcd_options(parser)
     add(
@@ -1073,14 +1089,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="stream",
         help="which NATS leader the failover workload kills (default: the stream leader)",
     )
-    add(
+    sized(
         "--stream-messages",
         "--replay-messages",
-        dest="stream_messages",
         type=positive_int,
-        default=None,
-        help=f"messages in each system's stream of the replay, recovery and fanout workloads (default "
-        f"{STREAM_MESSAGES_DEFAULT:,}; --quick {STREAM_MESSAGES_QUICK:,})",
+        help="messages in each system's stream of the replay, recovery and fanout workloads",
     )
     add_subscriber_options(parser, subscribers="live subscribers (raftseq) and ordered push consumers (NATS)")
     add_publisher_options(parser)
@@ -1097,17 +1110,7 @@ def resolve(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     opts.workloads = list(dict.fromkeys(opts.workloads)) or list(DEFAULT_WORKLOADS)
     if opts.skip_raftseq and not opts.vs:
         parser.error("--skip-raftseq needs --vs")
-    sizes = {
-        "runs": (1, 3),
-        "messages": (5_000, 200_000),
-        "payloads": ([100], [100, 1024]),
-        "rates": ([1000, 2000], [1000, 2000, 10000, 50000]),
-        "latency_seconds": (1.0, 10.0),
-        "kills": (2, 10),
-        "stream_messages": (STREAM_MESSAGES_QUICK, STREAM_MESSAGES_DEFAULT),
-        "fanout_seconds": (FANOUT_SECONDS_QUICK, FANOUT_SECONDS_DEFAULT),
-    }
-    resolve_sizes(opts, sizes)
+    resolve_sizes(opts, SIZES)
     if opts.fanout_rate * opts.fanout_seconds < 100:
         parser.error("fanout publishes --fanout-rate x --fanout-seconds messages, in batches of 100 for raftseq: at least 100")
     if any(p > 65536 for p in opts.payloads) or opts.payload_bytes > 65536:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -163,7 +164,13 @@ def run_reported(
     goes to ``--json``."""
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    root = tempfile.mkdtemp(prefix=prefix, dir=opts.dir or None)
+    try:
+        if opts.dir:
+            os.makedirs(opts.dir, exist_ok=True)
+        root = tempfile.mkdtemp(prefix=prefix, dir=opts.dir or None)
+    except OSError as exc:
+        print(f"error: cannot make the benchmark's directory below {opts.dir or tempfile.gettempdir()}: {exc}", file=sys.stderr)
+        return 2
     try:
         report, status = measure(opts, root)
     except KeyboardInterrupt:

@@ -462,6 +462,19 @@ class Gateway:
                     rejected = frame.as_rejected()
                     conn.reject_and_close(rejected.reason, rejected.detail)
                     return
+                kind = type(frame)
+                if conn.in_flight and (kind is protocol.Submit or kind is protocol.SubmitBatch):
+                    # One read can complete several frames (and finish one framed earlier): the
+                    # check before the read bounds the bytes read, not the submits framed. A
+                    # submit past the bound waits for room here, as if it were not read yet,
+                    # rather than being refused (the client would resend all behind it).
+                    frame_bytes = len(frame.payload) if kind is protocol.Submit else sum(map(len, frame.payloads))
+                    if self._submits_held_full(conn, frame_bytes):
+                        deadline.reschedule(None)
+                        await self._wait_for_room(conn, frame_bytes)
+                        if conn.closed:
+                            return
+                        conn.read_ns = time.monotonic_ns()
                 self._dispatch(conn, frame)
                 if conn.closed:
                     return
@@ -475,20 +488,20 @@ class Gateway:
 
     # --- byte bounds: a connection whose submits hold their bytes is not read ------------------
 
-    def _submits_held_full(self, conn: Connection) -> bool:
-        """Whether `conn` has submits in flight and one more frame of them could pass its byte
-        bound or the node's (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``).
-        A connection with nothing in flight is always read (hello, status, subscribe; a
-        submit then gets ``Busy`` if the node is full)."""
+    def _submits_held_full(self, conn: Connection, frame_bytes: int = limits.FRAME_BYTES_MAX) -> bool:
+        """Whether `conn` has submits in flight and `frame_bytes` more of them (by default: one
+        more frame, before it is read) could pass its byte bound or the node's
+        (``in_flight_bytes_per_connection_max``, ``batcher.held_bytes_max``). A connection with
+        nothing in flight is always read (hello, status, subscribe; a submit then gets ``Busy``
+        if the node is full)."""
         batcher = self.batcher
         if not conn.in_flight or batcher is None:
             return False
-        frame_max = limits.FRAME_BYTES_MAX
-        return conn.in_flight_bytes + frame_max > self.config.in_flight_bytes_per_connection_max or not batcher.has_room(
-            frame_max, priority=conn.grant is not None and conn.grant.priority
+        return conn.in_flight_bytes + frame_bytes > self.config.in_flight_bytes_per_connection_max or not batcher.has_room(
+            frame_bytes, priority=conn.grant is not None and conn.grant.priority
         )
 
-    async def _wait_for_room(self, conn: Connection) -> None:
+    async def _wait_for_room(self, conn: Connection, frame_bytes: int = limits.FRAME_BYTES_MAX) -> None:
         """Read nothing more from `conn` until answered submits make room: its submits wait
         in its own socket and the client's memory, not in this node's, and the node spends
         no time refusing them. Every answer wakes the waiting connections; the wait ends at
@@ -497,7 +510,7 @@ class Gateway:
         interval_s = self.config.heartbeat_interval_ms / 1000
         self.waiting_for_room += 1
         try:
-            while not conn.closed and self._submits_held_full(conn):
+            while not conn.closed and self._submits_held_full(conn, frame_bytes):
                 self.room_freed.clear()
                 try:
                     await asyncio.wait_for(self.room_freed.wait(), interval_s)

@@ -864,6 +864,11 @@ class LocalCluster:
             lines.append("  authentication OFF and Raft links unencrypted (--insecure: local development only)")
         else:
             lines.append(f"  client token: {self.token}")
+        credentials_file = self.nodes[0].config.credentials_file
+        if credentials_file:
+            lines.append(
+                f"  credentials: {credentials_file} (raftseq cred add|list|revoke {credentials_file} ...; read again within a second)"
+            )
         endpoints = ",".join(self.endpoints)
         lines.append(f"  for the other commands: export RAFTSEQ_ENDPOINTS={endpoints} RAFTSEQ_TOKEN={self.token}")
         base_port = int(self.nodes[0].config.client_address.rsplit(":", 1)[1]) - CLIENT_PORT_OFFSET

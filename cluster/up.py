@@ -180,9 +180,40 @@ def run_cluster_up(args: argparse.Namespace) -> int:
         return _run_locked(args)
 
 
+def credentials_override(args: argparse.Namespace) -> dict:
+    """The node setting of ``--credentials FILE`` (its absolute path), the file made empty when
+    missing. Raises ``StartFailed`` (one line) for a file the nodes could not use."""
+    from raftseq.cluster.credentials import CredentialsError, read_credentials, write_credentials
+
+    if not args.credentials:
+        return {}
+    if args.insecure:
+        raise StartFailed("--credentials needs client authentication: leave out --insecure")
+    path = os.path.abspath(args.credentials)
+    try:
+        if not os.path.exists(path):
+            write_credentials(path, [])
+        count = len(read_credentials(path))
+    except CredentialsError as exc:
+        raise StartFailed(str(exc)) from None
+    except OSError as exc:
+        raise StartFailed(f"credentials file {path}: cannot make it: {exc.strerror or exc}") from None
+    print(f"credentials file {path}: {count} credential{'' if count == 1 else 's'}", flush=True)
+    return {"credentials_file": path}
+
+
 def _run_locked(args: argparse.Namespace) -> int:
+    try:
+        credentials = credentials_override(args)
+    except StartFailed as exc:
+        print(f"raftseq cluster up: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     cluster = LocalCluster(
-        args.data_dir, args.base_port, insecure=args.insecure, restart=not args.no_restart, overrides={"durability": args.durability}
+        args.data_dir,
+        args.base_port,
+        insecure=args.insecure,
+        restart=not args.no_restart,
+        overrides={"durability": args.durability, **credentials},
     )
     taken = cluster.taken_ports()
     if taken:

@@ -43,6 +43,16 @@ class ClusterHarness(LocalCluster):
         super().__init__(data_dir, base_port, insecure=False, restart=False, overrides=overrides)
         self.seed = seed
 
+    def start(self, *, leader_timeout_s: float | None = None) -> dict | None:
+        """Start every node; with `leader_timeout_s`, also wait for a leader and for every
+        node's metrics page (a node serves it after its client port: a test that read the
+        metrics right after the election sometimes found a port not yet open)."""
+        leader = super().start(leader_timeout_s=leader_timeout_s)
+        if leader_timeout_s is not None:
+            for node_id in self.node_ids:
+                self.wait_for_log(node_id, f"node {node_id} up:", timeout_s=leader_timeout_s)
+        return leader
+
     def describe(self) -> str:
         return f"seed {self.seed}, base port {self.base_port}\n{super().describe()}"
 
@@ -283,6 +293,21 @@ class RawConnection:
                 if self.closed_by_node:
                     return None
                 raise AssertionError(f"no frame from {self.address} within {timeout_s} s")
+
+    def answers(self, count: int, *, timeout_s: float) -> tuple[int, list]:
+        """Read answers until `count` submits are answered: how many were acknowledged
+        (``Ack``, ``AckRange``), and every other answer (``Busy``, ``Rejected``...), in order."""
+        acked, others = 0, []
+        while acked + len(others) < count:
+            frame = self.next_frame(timeout_s=timeout_s)
+            assert frame is not None, f"closed after {acked} acks and {len(others)} other answers: {others[:3]}"
+            if isinstance(frame, protocol.AckRange):
+                acked += frame.count
+            elif isinstance(frame, protocol.Ack):
+                acked += 1
+            else:
+                others.append(frame)
+        return acked, others
 
     def frames_until_closed(self, *, timeout_s: float = 5.0) -> list:
         """Every frame until the node closes the connection (heartbeats skipped)."""

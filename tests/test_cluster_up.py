@@ -244,3 +244,48 @@ def test_sighup_restarts_every_node_in_turn_the_leader_last_and_drained(up):
         pids[node] = int(cluster.wait_for(rf"^rolling restart: {node} restarted \(pid (\d+)\)", timeout_s=60)[1])
     assert all(pids[n] != before[n] for n in order), (pids, before)
     assert not any("rolling restart stopped" in line for line in cluster.seen), cluster.seen
+
+
+def test_with_credentials_a_credential_added_while_it_runs_is_taken_and_the_shared_token_still_works(up, tmp_path):
+    path = tmp_path / "creds.json"
+    cluster = up("--credentials", str(path))
+    cluster.wait_for(rf"^credentials file {re.escape(str(path))}: 0 credentials$")
+    token = cluster.wait_for(r"^  client token: (\S+)$")[1]
+    cluster.wait_for(rf"^  credentials: {re.escape(str(path))} ")
+    endpoints = cluster.wait_for(r"RAFTSEQ_ENDPOINTS=(\S+)")[1]
+    cluster.wait_for("^Ctrl-C stops the cluster$")
+    added = subprocess.run([RAFTSEQ, "cred", "add", str(path), "writer", "--prefix", "w-"], capture_output=True, text=True, timeout=30)
+    assert added.returncode == 0, added.stderr
+    writer_token = added.stdout.split()[-1]
+    assert writer_token.startswith("writer:")
+
+    def submit(session: str, with_token: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RAFTSEQ_ENDPOINTS": endpoints, "RAFTSEQ_TOKEN": with_token}
+        return subprocess.run([RAFTSEQ, "submit", "--session", session, "hello"], capture_output=True, text=True, timeout=60, env=env)
+
+    assert submit("shared-1", token).returncode == 0
+    deadline = time.monotonic() + 10  # the nodes read the file again within a second
+    while (done := submit("w-1", writer_token)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert done.returncode == 0, done.stderr
+    outside = submit("x-1", writer_token)
+    assert outside.returncode != 0 and "prefix" in outside.stderr, outside.stderr
+
+
+@pytest.mark.parametrize("problem", ["not json", "insecure"])
+def test_a_credentials_file_the_nodes_could_not_use_is_one_line_and_exit_1_before_any_banner(tmp_path, problem):
+    path = tmp_path / "creds.json"
+    options = ["--credentials", str(path)]
+    if problem == "not json":
+        path.write_text("{")
+    else:
+        options.append("--insecure")
+    done = subprocess.run(
+        [RAFTSEQ, "cluster", "up", "--data-dir", str(tmp_path / "d"), "--base-port", str(free_base_port()), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("raftseq cluster up: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "raftseq local cluster" not in done.stdout

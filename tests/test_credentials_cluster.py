@@ -91,17 +91,8 @@ def counted(h: ClusterHarness, enough) -> dict[tuple[str, str], float]:
 
 def acked_and_busy(conn: RawConnection, count: int) -> tuple[int, list[protocol.Busy]]:
     """Read answers until `count` submits are answered: how many were acknowledged, the Busys."""
-    acked, busy = 0, []
-    while acked + len(busy) < count:
-        frame = conn.next_frame(timeout_s=WAIT_S)
-        assert frame is not None, f"closed after {acked} acks and {len(busy)} busy"
-        if isinstance(frame, protocol.AckRange):
-            acked += frame.count
-        elif isinstance(frame, protocol.Ack):
-            acked += 1
-        else:
-            assert isinstance(frame, protocol.Busy), frame
-            busy.append(frame)
+    acked, busy = conn.answers(count, timeout_s=WAIT_S)
+    assert all(isinstance(frame, protocol.Busy) for frame in busy), busy
     return acked, busy
 
 

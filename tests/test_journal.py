@@ -1420,6 +1420,43 @@ def test_adjacent_holes_written_by_an_older_node_still_open(tmp_path):
         assert journal.read_bytes(1, 33) == frames(1, 33)
 
 
+@pytest.mark.parametrize("where", ["first hole", "middle hole", "hole from the start"])
+def test_a_hole_filled_just_before_a_crash_is_not_a_hole_any_more(tmp_path, where):
+    """A fill ends in two steps: the side file becomes a segment (renamed, directory fsynced),
+    then ``holes.json`` is written without the hole. A kill or a power cut between the two left
+    a segment exactly where ``holes.json`` still recorded a hole, and the journal refused to
+    open ("hole 1..1183 overlaps a segment", seen once in the power-cut scenarios): the node
+    never came back. The segment is the finished fill: the hole is gone."""
+    with build(tmp_path, 20) as journal:
+        journal.skip_to(31)
+        journal.append(frames(31, 40), 31, 40)
+        journal.skip_to(51)
+        journal.append(frames(51, 55), 51, 55)
+        assert journal.holes == [(21, 30), (41, 50)]
+    if where == "hole from the start":
+        files = journal_mod.list_segment_files(str(tmp_path))
+        os.unlink(files[0][1])
+        if os.path.exists(index_path(files[0][1])):
+            os.unlink(index_path(files[0][1]))
+        holes_mod.write_holes(str(tmp_path), [(1, 30), (41, 50)])
+    filled = {"first hole": (21, 30), "middle hole": (41, 50), "hole from the start": (1, 30)}[where]
+    recorded = holes_mod.read_holes(str(tmp_path))
+    with open_journal(tmp_path, start_seq=1) as journal:
+        while journal.holes and journal.holes[0] != filled:
+            first, last = journal.holes[0]
+            journal.fill(frames(first, last), first, last)
+        journal.fill(frames(*filled), *filled)
+    # The crash: holes.json as it was before the fill's last step.
+    holes_mod.write_holes(str(tmp_path), [h for h in recorded if h[0] >= filled[0]])
+    with open_journal(tmp_path, start_seq=1) as journal:
+        assert filled not in journal.holes
+        for first, last in list(journal.holes):
+            journal.fill(frames(first, last), first, last)
+        assert journal.holes == [] and journal.read_bytes(1, 55) == frames(1, 55)
+    assert holes_mod.read_holes(str(tmp_path)) == []
+    assert verify_journal(str(tmp_path)).ok
+
+
 # --- a full disk ----------------------------------------------------------------------------
 
 

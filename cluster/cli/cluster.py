@@ -36,6 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="also start N relays following the nodes (clients on P+104.., metrics on P+204..; docs/operating.md, Relays)",
     )
+    up.add_argument(
+        "--credentials",
+        metavar="FILE",
+        default="",
+        help="the nodes check client tokens against this credentials file too (made empty if missing; "
+        "raftseq cred add FILE NAME adds one, the nodes read changes within a second); the shared token still works",
+    )
     up.add_argument("--no-restart", action="store_true", help="do not restart nodes that die")
     up.add_argument("--insecure", action="store_true", help="no client token and unencrypted Raft links (development only)")
     up.add_argument(

@@ -82,7 +82,7 @@ from pysyncobj import pickle as syncobj_pickle
 
 from raftseq.cluster.config import RAFT_LEADER_SILENCE_ELECTION_TIMEOUTS
 from raftseq.cluster.raft import patches, safe_pickle
-from raftseq.cluster.raft.link_guard import DEFAULT_GUARD, LinkGuard, LinkLimits
+from raftseq.cluster.raft.link_guard import DEFAULT_GUARD, LINK_COUNTERS, LinkGuard, LinkLimits
 from raftseq.cluster.raft.log_store import RaftLogStore
 from raftseq.cluster.raft.loop_poller import LoopPoller
 from raftseq.cluster.raft.private_names import CANDIDATE as _CANDIDATE
@@ -146,7 +146,8 @@ PRE_VOTE_RESPONSE = "raftseq_pre_vote_response"
 NEWER_TERM = "raftseq_newer_term"
 
 #: What a member counts (``RaftMember.counters()``), by the name of its attribute: how often
-#: each correction kicked in, and the exceptions out of pysyncobj on the loop.
+#: each correction kicked in, and the exceptions out of pysyncobj on the loop; then its link
+#: guard's counters (``LINK_COUNTERS``, prefixed ``link_``) and the pickles refused.
 RAFT_COUNTERS = (
     "raftseq_matching_entries_kept",
     "raftseq_truncations_refused",
@@ -161,10 +162,7 @@ RAFT_COUNTERS = (
     "raftseq_commits_held_for_fsync",
     "raftseq_appends_dropped",
     "ticks_failed",
-    "link_frames_refused",
-    "link_strangers_dropped",
-    "link_accept_errors",
-    "link_identities_refused",
+    *(f"link_{name}" for name in LINK_COUNTERS),
     "link_pickles_refused",
 )
 
@@ -340,22 +338,6 @@ class RaftMember(SyncObj):
         return self._leader_silence_s
 
     @property
-    def link_frames_refused(self) -> int:
-        return self._link_guard.frames_refused
-
-    @property
-    def link_strangers_dropped(self) -> int:
-        return self._link_guard.strangers_dropped
-
-    @property
-    def link_accept_errors(self) -> int:
-        return self._link_guard.accept_errors
-
-    @property
-    def link_identities_refused(self) -> int:
-        return self._link_guard.identities_refused
-
-    @property
     def link_pickles_refused(self) -> int:
         """Process-wide: pysyncobj loads pickles with no member in sight (``raft.safe_pickle``)."""
         return safe_pickle.refused_count()
@@ -364,8 +346,10 @@ class RaftMember(SyncObj):
         return self._getTerm()
 
     def counters(self) -> dict[str, int]:
-        """``RAFT_COUNTERS`` -> count (read from the scrape thread: plain integers)."""
-        return {name: getattr(self, name) for name in RAFT_COUNTERS}
+        """``RAFT_COUNTERS`` -> count (read from the scrape thread: plain integers); the link
+        guard's own counters (``LINK_COUNTERS``) under a ``link_`` prefix."""
+        counts = {f"link_{name}": count for name, count in self._link_guard.counters().items()}
+        return {name: counts[name] if name in counts else getattr(self, name) for name in RAFT_COUNTERS}
 
     # --- driving pysyncobj from the loop (raft.loop_poller) ---------------------------------
 

@@ -58,6 +58,14 @@ def merge_adjacent(holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def drop_filled(holes: list[tuple[int, int]], segments: list[Segment]) -> list[tuple[int, int]]:
+    """`holes` without those a segment holds exactly: a fill ends with its side file renamed
+    to a segment, then ``holes.json`` rewritten; a crash between the two leaves the hole
+    recorded with its finished fill in place."""
+    filled = {(s.first_seq, s.end_seq - 1) for s in segments if s.count}
+    return [hole for hole in holes if hole not in filled]
+
+
 def check_holes(directory: str, holes: list[tuple[int, int]], segments: list[Segment]) -> None:
     """Every recorded hole must sit exactly between (or before, or after) segments."""
     previous_end = 0

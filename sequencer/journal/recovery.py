@@ -18,7 +18,7 @@ import msgspec
 
 from raftseq.sequencer import limits
 from raftseq.sequencer.journal.damage import Damage
-from raftseq.sequencer.journal.holes import check_holes, merge_adjacent, read_holes, write_holes
+from raftseq.sequencer.journal.holes import check_holes, drop_filled, merge_adjacent, read_holes, write_holes
 from raftseq.sequencer.journal.index import load_sealed
 from raftseq.sequencer.journal.segments import FILL_SUFFIX, Segment, fsync_dir, list_segment_files, scan_segment
 
@@ -82,7 +82,7 @@ def recover(
         segments.append(segment)
     if not readonly and (recovery.bytes_cut or removed_empty):
         fsync_dir(directory)
-    widened = _widen_hole_after_cut_tail(segments, holes)
+    widened = _widen_hole_after_cut_tail(segments, drop_filled(holes, segments))
     if widened != recorded:
         holes = widened
         if not readonly:
