@@ -188,3 +188,33 @@ def test_a_drained_node_elected_again_proposes_nothing_and_hands_leadership_over
     assert after == before, f"the drained node proposed {after - before} submits after it was elected again"
     assert leader != drained
     assert "elected while drained" in h.log_text(drained), "the drained node was never elected: the story did not happen"
+
+
+def test_a_drained_leader_with_no_other_voter_connected_leads_on_without_holding_proposals(monkeypatch):
+    """With every other voter unreachable no transfer can succeed: the drained leader releases
+    its proposals at once (a transfer would hold them seconds each try) and asks again later."""
+    from types import SimpleNamespace
+
+    from raftseq.cluster import handover
+    from raftseq.cluster.membership import Member, Membership
+
+    monkeypatch.setattr(handover, "DRAINED_HANDOVER_RETRY_S", 0.01)
+    members = [Member(f"n{i}", f"127.0.0.1:{7200 + i}", f"127.0.0.1:{7100 + i}") for i in (1, 2, 3)]
+    replica = SimpleNamespace(membership=Membership(1, 0, members), connected_members=lambda: {"127.0.0.1:7201"})
+    batcher = SimpleNamespace(held=True, released=0)
+
+    def release() -> None:
+        batcher.held, batcher.released = False, batcher.released + 1
+
+    batcher.release = release
+    node = SimpleNamespace(config=SimpleNamespace(id="n1"), replica=replica, batcher=batcher, is_leader=lambda: True)
+    asked = []
+    tries = iter(range(3))
+    mover = handover.Handover(node)
+
+    async def transfer(to: str):
+        asked.append(to)
+
+    mover.transfer = transfer
+    asyncio.run(asyncio.wait_for(mover.keep_off_while_drained(lambda: next(tries, None) is not None), 5))
+    assert asked == [] and batcher.released == 1 and not batcher.held
