@@ -34,7 +34,9 @@ Workloads (``benchmarks/README_cluster.md`` says what each figure covers):
 Correctness is checked on the way: every acknowledged sequence number is unique, and since the
 benchmark is the only writer of its cluster, the numbers of a cluster form one gapless range
 1..N. This is a measurement, not a test: it exits 0 whether or not a goal is met, and 1 when a
-workload failed or a check did not hold.
+workload failed or a check did not hold; with ``--require-goals`` also when a goal is missed
+(``--workload elections --elections-seconds 600 --require-goals``: 0 needless elections in 10
+minutes of steady pipelined load, or exit 1).
 """
 
 from __future__ import annotations
@@ -180,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="a node setting for every node, e.g. raft.election_timeout_min_s=0.3 (repeatable)",
     )
+    add(
+        "--require-goals",
+        action="store_true",
+        help="exit 1 when a goal is missed (e.g. `--workload elections --elections-seconds 600 --require-goals`: "
+        "fails on any leader change under steady load without faults)",
+    )
     add("--insecure", action="store_true", help="no Raft password and no client token (unencrypted Raft links)")
     add(
         "--durability",
@@ -272,6 +280,16 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, int]:
         report["workloads"][name] = outcome
     print()
     report["load_average_end"] = print_load("at end")
+    goals = goal_lines(report)
+    print("goals     " + ("\n          ".join(goals) if goals else "-"))
+    missed = [line for line in goals if line.endswith(("MISSED", "FAILED"))]
+    if args.require_goals and missed:
+        print(f"--require-goals: {len(missed)} goal(s) missed or failed")
+    return report, 1 if failed or (args.require_goals and missed) else 0
+
+
+def goal_lines(report: dict) -> list[str]:
+    """One line per goal of the workloads run ("... met" or "... MISSED"), and one per failed workload."""
     goals = []
     w = report["workloads"]
     if "throughput" in w:
@@ -295,8 +313,7 @@ def bench(args: argparse.Namespace, root: str) -> tuple[dict, int]:
         goals.append(f"needless elections {w['elections']['needless_elections']}: {'met' if w['elections']['goal_met'] else 'MISSED'}")
     for name in report["failures"]:
         goals.append(f"{name} FAILED")
-    print("goals     " + ("\n          ".join(goals) if goals else "-"))
-    return report, 1 if failed else 0
+    return goals
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Opt-in Prometheus metrics of raftseq clients: reconnects, resubmits, failovers and their
-duration, submit outcomes, subscription resumes.
+duration, silent leaders left, submit outcomes, subscription resumes.
 
 The only module of ``clients/`` that imports ``prometheus_client``; ``import clients`` does not
 import it. Clients count in plain integers on themselves (see ``clients.client``); a
@@ -77,6 +77,12 @@ METRICS = (
         (),
         "From noticing a lost leader connection to being connected to a leader again",
     ),
+    MetricSpec(
+        "raftseq_client_silent_leaders_left_total",
+        "counter",
+        (),
+        "Leader connections left because the other nodes named another leader while this one acknowledged nothing",
+    ),
     MetricSpec("raftseq_client_submits_acked_total", "counter", (), "Submits acknowledged with a sequence number"),
     MetricSpec(
         "raftseq_client_submits_outcome_unknown_total",
@@ -103,12 +109,23 @@ _FAMILY_TYPES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "hi
 class _Totals:
     """The counts of one ``client`` label value, summed over clients."""
 
-    __slots__ = ("reconnects", "resubmits", "failovers", "failover_counts", "failover_sum_s", "acked", "outcome_unknown", "rejected")
+    __slots__ = (
+        "reconnects",
+        "resubmits",
+        "failovers",
+        "silent_leaders_left",
+        "failover_counts",
+        "failover_sum_s",
+        "acked",
+        "outcome_unknown",
+        "rejected",
+    )
 
     def __init__(self) -> None:
         self.reconnects = 0
         self.resubmits = 0
         self.failovers = 0
+        self.silent_leaders_left = 0
         self.failover_counts = [0] * (len(FAILOVER_BUCKETS_S) + 1)
         self.failover_sum_s = 0.0
         self.acked = 0
@@ -124,6 +141,7 @@ class _Totals:
         self.reconnects += other.reconnects
         self.resubmits += other.resubmits
         self.failovers += other.failovers
+        self.silent_leaders_left += other.silent_leaders_left
         self.failover_counts = [a + b for a, b in zip(self.failover_counts, other.failover_counts)]
         self.failover_sum_s += other.failover_sum_s
         self.acked += other.acked
@@ -138,6 +156,7 @@ class _Totals:
         totals.reconnects = client.reconnects
         totals.resubmits = client.resubmits
         totals.failovers = client.failovers
+        totals.silent_leaders_left = client.silent_leaders_left
         histogram = client.failover_durations
         totals.failover_counts = list(histogram.counts)
         totals.failover_sum_s = histogram.sum_s
@@ -269,6 +288,7 @@ class ClientMetricsCollector:
         yield family("raftseq_client_reconnects_total", {k: t.reconnects for k, t in totals.items()})
         yield family("raftseq_client_resubmits_total", {k: t.resubmits for k, t in totals.items()})
         yield family("raftseq_client_failovers_total", {k: t.failovers for k, t in totals.items()})
+        yield family("raftseq_client_silent_leaders_left_total", {k: t.silent_leaders_left for k, t in totals.items()})
         spec = _SPECS["raftseq_client_failover_duration_seconds"]
         histogram = HistogramMetricFamily(spec.name, spec.help, labels=self._label_names(spec))
         for key in keys:

@@ -284,6 +284,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_interval_ms: int = 500
     #: A connection silent for this long (no frame, no heartbeat) is closed.
     idle_timeout_ms: int = 3000
+    #: ... unless writes to it are pending: its client answers heartbeats after it reads, and
+    #: a subscriber that reads slowly (a busy process) is not gone. One that reads nothing
+    #: for this long is closed (on a relay the lag bound usually cuts it first).
+    pending_writes_idle_timeout_ms: int = 30_000
     #: Bytes written to a subscriber and not yet drained by the socket before the node stops
     #: reading the journal for it (flow control).
     subscriber_buffer_bytes_max: int = 1 * limits.MIB
@@ -296,6 +300,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         found = []
         if not 100 <= self.heartbeat_interval_ms < self.idle_timeout_ms:
             found.append("gateway.heartbeat_interval_ms must be >= 100 and below idle_timeout_ms")
+        if self.pending_writes_idle_timeout_ms < self.idle_timeout_ms:
+            found.append("gateway.pending_writes_idle_timeout_ms must be at least idle_timeout_ms")
         if self.in_flight_bytes_per_connection_max < limits.PAYLOAD_BYTES_MAX:
             found.append(f"gateway.in_flight_bytes_per_connection_max must be at least {limits.PAYLOAD_BYTES_MAX} (one payload)")
         if self.subscriber_buffer_bytes_max < limits.FRAME_BYTES_MAX:
@@ -655,19 +661,24 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return found
 
 
+def read_toml(path: str) -> dict:
+    """The TOML file at `path`; raises ``ConfigUnreadable`` (one line)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigUnreadable(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str, *, insecure: bool = False) -> NodeConfig:
     """Read and check a node's TOML file. Raises ``ConfigError`` naming what is wrong.
 
     ``insecure`` (the ``--insecure`` flag, never a file setting) lets the node run without
     ``raft_password`` and ``client_token``.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigUnreadable(f"cannot read {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigUnreadable(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path)
     if "insecure" in raw:
         raise ConfigError(f"{path}: insecure is not a config setting; start the node with --insecure")
     config = parse_config({**raw, "insecure": insecure}, source=path)

@@ -11,7 +11,10 @@ protocol version). Then:
   subscriber holds at most ``subscriber_buffer_bytes_max`` plus one read block.
 * ``SnapshotQuery(sm_type)`` — served by any node: ``SnapshotList``, the state-machine
   snapshots its machine indexes for that type (``sequencer.machine``, the snapshot index).
-* Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed.
+* Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed. One whose
+  writes are pending is not idle: its client sends its heartbeat after it reads, and it reads
+  at its own pace; it is closed once silent for ``pending_writes_idle_timeout_ms`` (a
+  relay's lag bound cuts a slow subscriber that falls too far behind before that).
 
 Garbage (a framing error, a frame that is not for a node, a submit before hello) is answered
 with ``Rejected`` and the connection is closed; the node carries on.
@@ -357,19 +360,27 @@ class Gateway:
 
     async def _tick(self) -> None:
         interval = self.config.heartbeat_interval_ms / 1000
-        idle = self.config.idle_timeout_ms / 1000
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             beat = None
             for conn in list(self.connections):
-                if now - conn.last_read > idle:
+                if now > self._idle_at(conn):
                     log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
                     conn.close()
                 elif now - conn.last_write >= interval and conn.session:
                     if beat is None:
                         beat = _encode(protocol.Heartbeat(self.node.published_seq))
                     conn.send_bytes(beat)
+
+    def _idle_at(self, conn: Connection) -> float:
+        """When `conn` counts as idle (``time.monotonic``), as things stand: its idle timeout
+        after it was last heard from, or, while writes to it are pending, the longer
+        ``pending_writes_idle_timeout_ms``. Its client answers heartbeats after it reads, and it
+        reads at its own pace: a subscriber behind a socket that drains slowly is not gone."""
+        config = self.config
+        pending = conn.writer.transport.get_write_buffer_size()
+        return conn.last_read + (config.pending_writes_idle_timeout_ms if pending else config.idle_timeout_ms) / 1000
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
@@ -446,24 +457,37 @@ class Gateway:
         metrics.clients_connected = len(self.welcomed)
 
     async def _run(self, conn: Connection, framer: protocol.FrameReader) -> None:
-        try:
-            # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
-            # task of its own, two loop iterations on each submit's way in.
-            if self.tls is not None and not await self._tls_handshake(conn):
-                return
-            async with asyncio.timeout(None) as deadline:
-                await self._read_frames(conn, framer, deadline)
-        except TimeoutError:
-            if not conn.session:
+        if self.tls is not None:
+            try:
+                if not await self._tls_handshake(conn):
+                    return
+            except TimeoutError:
                 conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+                return
+        while True:
+            try:
+                # One deadline moved forward per read: asyncio.wait_for would wrap every read in a
+                # task of its own, two loop iterations on each submit's way in.
+                async with asyncio.timeout(None) as deadline:
+                    await self._read_frames(conn, framer, deadline)
+                return
+            except TimeoutError:
+                if not conn.session:
+                    conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
+                    return
+                now = time.monotonic()
+                if now >= self._idle_at(conn):
+                    log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)
+                    return
+                # Its writes are pending (or were until lately): read on.
 
     async def _read_frames(self, conn: Connection, framer: protocol.FrameReader, deadline: asyncio.Timeout) -> None:
         reader = conn.reader
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + self.config.hello_timeout_ms / 1000
-        idle_timeout_s = self.config.idle_timeout_ms / 1000
         while not conn.closed:
-            deadline.reschedule(loop.time() + idle_timeout_s if conn.session else hello_deadline)
+            # Until it counts as idle (``_idle_at``: longer while writes to it are pending).
+            deadline.reschedule(loop.time() + self._idle_at(conn) - time.monotonic() if conn.session else hello_deadline)
             data = await reader.read(limits.SOCKET_READ_BYTES)
             if not data:
                 return

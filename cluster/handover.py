@@ -12,6 +12,14 @@
    none comes, or the target could not catch up, the batcher is released and this node leads
    on; the answer says why.
 
+A drained node (``raftseq node drain``) does not lead: elected again (its peers restarted, a
+transfer named it, an election it happened to win), it proposes nothing and hands leadership
+over again at once, and asks again (after ``DRAINED_HANDOVER_RETRY_S``, doubling up to
+``DRAINED_HANDOVER_RETRY_MAX_S``) while no follower can take it (``keep_off_while_drained``).
+Meanwhile it leads on: a cluster whose other nodes cannot lead still has a leader. It tries only
+while another voter is connected (a transfer holds proposals while it waits for its target). It still votes and stands for election like any member: refusing to stand
+would leave a cluster of drained nodes without a leader.
+
 A node with a shorter log cannot win instead: a vote goes only to a candidate whose log is at
 least as up to date as the voter's (Raft's election restriction, in pysyncobj's vote and our
 pre-vote), and every committed entry is on a majority, so such a candidate lacks a majority
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from raftseq.cluster.batcher import Batcher
@@ -42,6 +51,11 @@ TRANSFER_CATCH_UP_TIMEOUT_S = 2.0
 TRANSFER_ELECTION_TIMEOUT_S = 2.0
 #: How often the waits look at the Raft state, in seconds (a Raft tick runs every 5 ms).
 TRANSFER_POLL_S = 0.002
+#: A drained node that leads and could not hand leadership over asks again after this long, in
+#: seconds, doubling up to the maximum (a failed transfer held proposals up to the catch-up
+#: timeout above: tried often, it would stall the clients of a cluster it must lead).
+DRAINED_HANDOVER_RETRY_S = 1.0
+DRAINED_HANDOVER_RETRY_MAX_S = 30.0
 
 
 class LeadingNode(Protocol):
@@ -98,6 +112,33 @@ class Handover:
             return protocol.LeaderTransferred(True, node.replica.client_address_of(leader), "", held_ms)
         finally:
             self.running = False
+
+    async def keep_off_while_drained(self, draining: Callable[[], bool]) -> None:
+        """Hand leadership over while this node leads and `draining()` holds, until a transfer
+        succeeds. The caller holds the batcher first, so that nothing is proposed meanwhile."""
+        node = self.node
+        delay = DRAINED_HANDOVER_RETRY_S
+        while draining() and node.is_leader():
+            if self._another_voter_connected():
+                answer = await self.transfer("")
+                if answer.ok:
+                    log.warning("drained, and elected again: leadership handed over to %s", answer.leader)
+                    return
+                why = answer.detail
+            else:
+                why = "no other voter is connected"
+                if node.batcher is not None and node.batcher.held and not self.running:
+                    node.batcher.release()
+            log.warning("drained, and leading: leadership not handed over (%s); trying again in %g s", why, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, DRAINED_HANDOVER_RETRY_MAX_S)
+
+    def _another_voter_connected(self) -> bool:
+        replica = self.node.replica
+        if replica is None:
+            return False
+        connected = replica.connected_members()
+        return any(m.raft_address in connected for m in replica.membership.voters() if m.id != self.node.config.id)
 
     async def _caught_up_target(self, to: str, peers: dict) -> object | None:
         """The peer to hand over to once it holds the whole log (and nothing is in flight)."""

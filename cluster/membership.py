@@ -41,6 +41,13 @@ REMOVED_MEMBERS_MAX = 1024
 MEMBERS_MAX = 8
 
 ChangeKind = Literal["learner", "promote", "remove"]
+#: The kinds of change as operators name them (``raftseq member add``: a learner), the
+#: ``kind`` label of ``raftseq_membership_changes_total``.
+CHANGE_KIND_NAMES: dict[str, str] = {"learner": "add", "promote": "promote", "remove": "remove"}
+#: How a change proposed on the leader ended (the ``outcome`` label): committed; refused before
+#: it was proposed (it cannot follow the membership, would leave no quorum, another is under
+#: way); or proposed and not committed (leadership lost, refused by the log).
+CHANGE_OUTCOMES = ("committed", "refused", "failed")
 
 
 class MembershipError(Exception):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from raftseq.cluster.membership import CHANGE_KIND_NAMES, CHANGE_OUTCOMES
 from raftseq.cluster.quotas import RefusalCounts
 from raftseq.cluster.config import RAFT_LOG_WRITE_QUEUE_BYTES_MAX
 from raftseq.cluster.tls import TLS_REFUSALS
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from raftseq.cluster.batcher import Batcher
     from raftseq.cluster.config import NodeConfig
     from raftseq.cluster.node_reads import ScrapedNode
+    from raftseq.cluster.retention import RetentionState
     from raftseq.sequencer.journal import Journal
 
 #: Why a submit or request was refused: the gateway's own refusals, then every reason a node
@@ -166,6 +168,24 @@ METRICS = (
         "Raft pickles refused by the allow-list (they named a class or function); each drops its link",
     ),
     MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
+    # Membership (cluster.membership; ``raftseq member``), as this node holds it.
+    MetricSpec("raftseq_membership_voters", "gauge", (), "Voting members in the membership this node holds"),
+    MetricSpec(
+        "raftseq_membership_learners", "gauge", (), "Learners (members catching up without a vote) in the membership this node holds"
+    ),
+    MetricSpec("raftseq_membership_number", "gauge", (), "Membership changes that led to the membership this node holds"),
+    MetricSpec(
+        "raftseq_membership_changes_total",
+        "counter",
+        ("kind", "outcome"),
+        "Membership changes asked of this node as leader, by kind (add, promote, remove) and outcome (committed, refused, failed)",
+    ),
+    MetricSpec(
+        "raftseq_learner_lag_entries",
+        "gauge",
+        ("learner",),
+        "Committed Raft entries a learner does not hold yet: its catch-up lag, promoted at 0 (only the leader exports samples)",
+    ),
     # Sequencing.
     MetricSpec("raftseq_last_seq", "gauge", (), "Last sequence number this node knows as committed (applied or in its journal)"),
     MetricSpec("raftseq_readable_seq", "gauge", (), "Last sequence number subscribers of this node may read (below any journal hole)"),
@@ -384,7 +404,9 @@ class NodeCollector:
         self.ids[config.raft_address] = config.id
 
     def _member(self, raft_address: str) -> str:
-        return self.ids.get(raft_address, raft_address)
+        membership = self.node.membership_view()[0]
+        member = membership.by_raft_address(raft_address) if membership is not None else None
+        return member.id if member is not None else self.ids.get(raft_address, raft_address)
 
     def _raft_status(self) -> dict:
         node = self.node
@@ -461,6 +483,7 @@ class NodeCollector:
         for name, counter in RAFT_COUNTER_METRICS:
             yield family(name, value=counters.get(counter, 0))
         yield family("raftseq_leader_changes_total", value=m.leader_changes)
+        yield from self._membership(family, status, role)
 
         # --- sequencing -------------------------------------------------------------------
         last_seq = node.published_seq
@@ -530,6 +553,21 @@ class NodeCollector:
         yield family("raftseq_disk_low", value=1.0 if node.disk_low else 0.0)
         yield family("raftseq_start_time_seconds", value=m.start_time_s)
 
+    def _membership(self, family: Callable, status: dict, role: Role) -> Iterator:
+        membership, changes = self.node.membership_view()
+        yield family("raftseq_membership_voters", value=len(membership.voters()) if membership is not None else 0)
+        yield family("raftseq_membership_learners", value=len(membership.learners()) if membership is not None else 0)
+        yield family("raftseq_membership_number", value=membership.number if membership is not None else 0)
+        yield family(
+            "raftseq_membership_changes_total",
+            tuple(((kind, outcome), changes.get((kind, outcome), 0)) for kind in CHANGE_KIND_NAMES.values() for outcome in CHANGE_OUTCOMES),
+        )
+        lags = []
+        if role is Role.LEADER and status and membership is not None:
+            commit = status.get("commit_idx", 0)
+            lags = [((m.id,), max(0, commit - status.get(f"match_idx_server_{m.raft_address}", 0))) for m in membership.learners()]
+        yield family("raftseq_learner_lag_entries", tuple(lags))
+
 
 def build_registry(collector: NodeCollector | RelayCollector) -> CollectorRegistry:
     """The registry a node serves: its collector and the standard ``process_*`` metrics."""
@@ -574,6 +612,19 @@ RELAY_METRICS = (
     MetricSpec("raftseq_relay_refusals_total", "counter", ("reason",), "Requests refused, by reason (submits: not_leader)"),
     MetricSpec("raftseq_relay_tls_refusals_total", "counter", ("reason",), "Connections closed before their hello for TLS, by reason"),
     MetricSpec("raftseq_relay_verify_failures_total", "counter", ("check",), "Records from the upstream that failed verification"),
+    MetricSpec(
+        "raftseq_relay_journal_first_retained_seq",
+        "gauge",
+        (),
+        "First sequence number the relay's journal still holds (retention moves it up)",
+    ),
+    MetricSpec("raftseq_relay_journal_bytes", "gauge", (), "Bytes in the relay's journal"),
+    MetricSpec(
+        "raftseq_relay_journal_retention_removed_bytes_total",
+        "counter",
+        (),
+        "Bytes of segments the relay's retention removed (archived or deleted)",
+    ),
 )
 _RELAY_SPECS = {spec.name: spec for spec in RELAY_METRICS}
 
@@ -595,6 +646,12 @@ class ScrapedRelay(Protocol):
 
     @property
     def published_seq(self) -> int: ...
+
+    @property
+    def journal_bytes(self) -> int: ...
+
+    @property
+    def retention_state(self) -> RetentionState: ...
 
 
 class RelayCollector:
@@ -629,3 +686,7 @@ class RelayCollector:
         yield family("raftseq_relay_refusals_total", tuple(((reason,), n) for reason, n in m.refusals.items()))
         yield family("raftseq_relay_tls_refusals_total", tuple(((reason,), n) for reason, n in m.tls_refusals.items()))
         yield family("raftseq_relay_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
+        retention = self.relay.retention_state
+        yield family("raftseq_relay_journal_first_retained_seq", value=retention.first_retained_seq)
+        yield family("raftseq_relay_journal_bytes", value=self.relay.journal_bytes)
+        yield family("raftseq_relay_journal_retention_removed_bytes_total", value=retention.bytes_removed)

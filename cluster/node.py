@@ -35,6 +35,7 @@ from raftseq.cluster.scrub import run_scrub
 from raftseq.cluster.tls import node_client_tls
 from raftseq.sequencer import protocol
 from raftseq.sequencer.stream import SequencedStream
+from raftseq.cluster.membership import Membership
 from raftseq.cluster.membership_admin import membership_reply, refuse_if_removed, watch_for_removal
 from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.node_log import RepeatLimiter, RotatingNodeLog
@@ -160,6 +161,8 @@ class Node:
         self.removed_why = ""
         #: Planned leadership transfers away from this node (``LeaderTransfer``).
         self.handover = Handover(self)
+        #: Tasks the role watcher started (a drained node's handover), kept until they end.
+        self._background: set[asyncio.Task] = set()
 
     def _other_members(self) -> list:
         """The other members as this node knows them now (learners too: they fetch from the
@@ -258,6 +261,12 @@ class Node:
         if self.replica is None:
             return dict.fromkeys(raft.RAFT_COUNTERS, 0)
         return self.replica.counters()
+
+    def membership_view(self) -> tuple[Membership | None, dict[tuple[str, str], int]]:
+        replica = self.replica
+        if replica is None:
+            return None, {}
+        return replica.membership, dict(replica.membership_changes)
 
     def status(self) -> protocol.Status:
         status = self.raft_status()
@@ -414,6 +423,8 @@ class Node:
             catchup.cancel()
             scrub.cancel()
             retention.cancel()
+            for task in list(self._background):
+                task.cancel()
             if metrics_server is not None:
                 await metrics_server.stop()
             self.batcher.stop("node shutting down")
@@ -441,6 +452,8 @@ class Node:
                 self.role = role
                 if role is Role.LEADER:
                     self.batcher.start()
+                    if self.gateway.draining:
+                        self._keep_leadership_off()
                 else:
                     self.batcher.stop("no longer leader")
             now = time.monotonic()
@@ -450,6 +463,14 @@ class Node:
             if self.journal.fsync_policy.mode == "interval":
                 self.journal.sync_if_due()
             await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
+
+    def _keep_leadership_off(self) -> None:
+        """Elected while drained: propose nothing, and hand leadership over (``cluster.handover``)."""
+        log.warning("elected while drained: proposing nothing, handing leadership over")
+        self.batcher.hold()
+        task = asyncio.create_task(self.handover.keep_off_while_drained(lambda: self.gateway.draining), name="drained-handover")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _journal_write_failed(self, exc: OSError, what: str) -> None:
         """The journal could not be written (a full disk, a disk error) after the machine

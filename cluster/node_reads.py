@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from raftseq.sequencer import protocol
+from raftseq.cluster.membership import Membership
 from raftseq.cluster.retention import RetentionState
 from raftseq.sequencer.protocol import Role
 
@@ -105,6 +106,11 @@ class ScrapedNode(Protocol):
 
     def raft_counters(self) -> dict[str, int]:
         """The Raft member's counters (``raft.RAFT_COUNTERS``), zeros before it exists."""
+        ...
+
+    def membership_view(self) -> tuple[Membership | None, dict[tuple[str, str], int]]:
+        """The membership this node holds (None before its Raft member is up), and the
+        membership changes asked of it as leader by (kind, outcome)."""
         ...
 
     @property

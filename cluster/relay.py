@@ -14,6 +14,13 @@ the same client protocol as a node through the same gateway (``cluster.gateway``
   upstream's welcome and status): the client library follows it to the cluster.
 * ``StatusRequest`` gets the relay's ``Status`` (role follower, its last number, the leader).
 
+Retention: with ``retention`` bounds (the nodes' ``[retention]`` settings, ``--retention-from``)
+the relay sends old segments out of its journal as a node does (``cluster.retention``: deleted,
+or archived), and a subscription below its first number is answered ``Truncated`` as a node
+answers it. Its retention floor has no peers in it: it is the newest snapshot of each
+state-machine type its clients asked about (its first chunk: a late joiner can load it here);
+a snapshot whose chunks retention removed is no longer listed.
+
 It fails over across its upstream endpoints and resumes by number. On every (re)connection it
 asks for its own last record again and compares the bytes: an upstream that holds a different
 record under that number (another cluster, or one that went backwards and sequenced other
@@ -29,7 +36,7 @@ import os
 
 from raftseq.clients.connection import FATAL_REASONS, Connection, Rejected, open_connection
 from raftseq.clients.sm.snapshots import query_snapshots
-from raftseq.cluster.catchup import CatchUpError, copy_records
+from raftseq.cluster.catchup import CatchUpError, PeerTruncated, copy_records
 from raftseq.cluster.config import BUSY_RETRY_AFTER_FULL_MS
 from raftseq.cluster.data_dir import claim_data_dir
 from raftseq.cluster.gateway import Gateway
@@ -40,10 +47,12 @@ from raftseq.cluster.node_exit import NodeCannotRun, NodeExit
 from raftseq.cluster.publication import Publication
 from raftseq.cluster.tls import node_client_tls
 from raftseq.clients.tls import TlsError
+from raftseq.cluster.retention import JournalRetention, RetentionState, check_archive_dir
 from raftseq.cluster.relay_config import (
     RELAY_RETRY_DELAY_MAX_S,
     RELAY_RETRY_DELAY_MIN_S,
     RELAY_SNAPSHOT_QUERIES_MAX,
+    RELAY_SNAPSHOT_TYPES_KEPT_MAX,
     RELAY_UPSTREAM_LEADERLESS_POLLS_MAX,
     RELAY_UPSTREAM_POLL_INTERVAL_S,
     RELAY_UPSTREAM_TIMEOUT_S,
@@ -97,6 +106,30 @@ class Relay:
         #: The connection the stream comes on (the status poll drops it when its node lost the cluster).
         self._following: Connection | None = None
         self.gateway: Gateway | None = None
+        #: Per state-machine type its clients asked about, the first chunk of the newest snapshot
+        #: it listed (the retention floor keeps it), oldest question first.
+        self._snapshot_floors: dict[str, int] = {}
+        self.retention = JournalRetention(
+            config.retention,
+            self.journal,
+            [],
+            data_dir=config.data_dir,
+            node_id=config.id,
+            token=config.client_token,
+            snapshot_floor_seq=self._snapshot_floor_seq,
+            applied=lambda: (self.journal.last_seq, self.last_log_time_ns),
+        )
+
+    @property
+    def retention_state(self) -> RetentionState:
+        return self.retention.state
+
+    @property
+    def journal_bytes(self) -> int:
+        return self.journal.size_bytes
+
+    def _snapshot_floor_seq(self) -> int:
+        return min(self._snapshot_floors.values(), default=0)
 
     # --- what the gateway reads (node_reads.ClientFacingNode) ----------------------------
 
@@ -160,7 +193,14 @@ class Relay:
         finally:
             self._snapshot_queries -= 1
         held = self.publication.readable_seq
-        return protocol.SnapshotList(sm_type, [info for info in snapshots if info.last_seq <= held], held)
+        first = self.journal.first_retained_seq
+        listed = [info for info in snapshots if first <= info.first_seq and info.last_seq <= held]
+        if listed:
+            self._snapshot_floors.pop(sm_type, None)
+            self._snapshot_floors[sm_type] = listed[0].first_seq  # the newest (listed first)
+            while len(self._snapshot_floors) > RELAY_SNAPSHOT_TYPES_KEPT_MAX:
+                del self._snapshot_floors[next(iter(self._snapshot_floors))]
+        return protocol.SnapshotList(sm_type, listed, held)
 
     # --- following the upstream -------------------------------------------------------------
 
@@ -239,13 +279,31 @@ class Relay:
         if welcome.leader:
             self.leader = welcome.leader
         self.metrics.upstream_connects += 1
-        before = self.journal.last_seq
+        journal = self.journal
+        before = journal.last_seq
         # From the last record held (compared, not stored again), or the first.
-        from_seq = max(before, JOURNAL_START_SEQ)
+        from_seq = before or max(journal.first_retained_seq, JOURNAL_START_SEQ)
         log.info("following %s (%s) from seq %d", connection.address, welcome.node_id, from_seq)
         self._following = connection
         try:
             await copy_records(connection, from_seq, self._store, verify_failures=self.metrics.verify_failures)
+        except PeerTruncated as exc:
+            if before or exc.first_seq <= from_seq:
+                log.error(
+                    "upstream %s no longer holds seq %d (its retention removed the stream before seq %d): this relay cannot "
+                    "follow it from its journal; remove %s to follow from there",
+                    connection.address,
+                    from_seq,
+                    exc.first_seq,
+                    self.config.journal_dir,
+                )
+                return False
+            # An empty relay of a cluster whose retention removed the start: its journal starts there.
+            log.warning("upstream %s starts at seq %d (retention): the relay's journal starts there", connection.address, exc.first_seq)
+            journal.skip_to(exc.first_seq)
+            journal.start_at(exc.first_seq)
+            self.retention.state.first_retained_seq = exc.first_seq
+            return True
         except (CatchUpError, OSError, TimeoutError) as exc:
             log.info("upstream %s stopped at seq %d: %s", connection.address, self.journal.last_seq, exc or type(exc).__name__)
         finally:
@@ -304,6 +362,11 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
+        try:
+            check_archive_dir(config.retention)
+        except NodeCannotRun:
+            self.journal.close()
+            raise
         self.gateway = Gateway(
             config,
             self,
@@ -339,15 +402,16 @@ class Relay:
         )
         follower = asyncio.create_task(self.follow(), name="relay-follow")
         poller = asyncio.create_task(self.poll_upstream(), name="relay-poll")
+        retention = asyncio.create_task(self.retention.run(), name="relay-retention")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             await asyncio.wait((stopping, follower), return_when=asyncio.FIRST_COMPLETED)
             if follower.done():
                 follower.result()  # NodeCannotRun: pointed at itself, refused, diverged
         finally:
-            for task in (follower, poller, stopping):
+            for task in (follower, poller, retention, stopping):
                 task.cancel()
-            await asyncio.gather(follower, poller, stopping, return_exceptions=True)
+            await asyncio.gather(follower, poller, retention, stopping, return_exceptions=True)
             await self.gateway.stop()
             if metrics_server is not None:
                 await metrics_server.stop()

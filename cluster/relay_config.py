@@ -13,7 +13,17 @@ import os
 import msgspec
 
 from raftseq.clients.endpoints import endpoint_addresses
-from raftseq.cluster.config import Address, GatewayConfig, JournalConfig, MachineSection, NodeId, TlsConfig
+from raftseq.cluster.config import (
+    Address,
+    ConfigUnreadable,
+    GatewayConfig,
+    JournalConfig,
+    MachineSection,
+    NodeId,
+    RetentionConfig,
+    TlsConfig,
+    read_toml,
+)
 from raftseq.sequencer import limits
 
 #: Records a subscriber of a relay may fall behind the relay's head, once it has been within this bound,
@@ -36,6 +46,9 @@ RELAY_RETRY_DELAY_MIN_S = 0.05
 RELAY_RETRY_DELAY_MAX_S = 1.0
 #: Snapshot queries a relay passes to its upstream at once; more get ``Busy``.
 RELAY_SNAPSHOT_QUERIES_MAX = 16
+#: State-machine types whose newest snapshot a relay's retention keeps (those its clients asked
+#: about last): a type asked about longer ago no longer holds the relay's journal.
+RELAY_SNAPSHOT_TYPES_KEPT_MAX = 64
 #: The file in a relay's data directory that holds its id (made on first start).
 RELAY_ID_FILE = "relay-id"
 
@@ -72,6 +85,9 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: TLS on the relay's own port, and the CA (``ca_file``) it checks its upstream's
     #: certificates with (``cluster.tls``).
     tls: TlsConfig = TlsConfig()
+    #: Journal retention, the nodes' ``[retention]`` settings (``--retention-from`` a node's
+    #: config file; ``cluster.relay``, "Retention"). Every bound 0: the relay keeps everything.
+    retention: RetentionConfig = RetentionConfig()
 
     @property
     def journal_dir(self) -> str:
@@ -94,6 +110,8 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append("gateway.subscribers_max and gateway.connections_max must be > 0")
         if self.journal.segment_bytes_max < limits.SEGMENT_BYTES_MIN:
             found.append(f"journal.segment_bytes_max must be at least {limits.SEGMENT_BYTES_MIN}")
+        # A relay replays no Raft log: the records bound has no snapshot floor to respect.
+        found.extend(self.retention.problems(segment_bytes_max=self.journal.segment_bytes_max, compaction_entries_min=0))
         return found
 
 
@@ -109,6 +127,8 @@ def relay_config(
     gateway: dict | None = None,
     subscriber_lag_max_records: int = RELAY_SUBSCRIBER_LAG_MAX_RECORDS,
     tls: dict | None = None,
+    retention: dict | None = None,
+    journal: dict | None = None,
 ) -> RelayConfig:
     """A checked ``RelayConfig``; ``ValueError`` naming what is wrong. Without `relay_id`, the id
     kept in the data directory (``RELAY_ID_FILE``; a new one is made and kept on first start)."""
@@ -127,6 +147,10 @@ def relay_config(
         raw["tls"] = tls
     if gateway:
         raw["gateway"] = msgspec.to_builtins(msgspec.structs.replace(_relay_gateway(), **gateway))
+    if retention:
+        raw["retention"] = retention
+    if journal:
+        raw["journal"] = journal
     try:
         config = msgspec.convert(raw, RelayConfig)
     except msgspec.ValidationError as exc:
@@ -150,3 +174,16 @@ def relay_id_of(data_dir: str) -> str:
     with open(path, "w", encoding="ascii") as f:
         f.write(relay_id + "\n")
     return relay_id
+
+
+def retention_section(path: str) -> dict:
+    """The ``[retention]`` table of a TOML file (a node's config: a relay keeps its journal within
+    the nodes' settings); {} when it has none. ``ValueError`` (one line) when it cannot be read."""
+    try:
+        raw = read_toml(path)
+    except ConfigUnreadable as exc:
+        raise ValueError(str(exc)) from None
+    section = raw.get("retention", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: retention is not a table")
+    return section

@@ -42,6 +42,8 @@ class LocalRelay:
     insecure: bool = False
     #: ``--subscriber-lag-max`` (None: the relay's default).
     subscriber_lag_max: int | None = None
+    #: ``--retention-from``: a node's config file ("": keep everything).
+    retention_from: str = ""
     process: subprocess.Popen | None = None
     #: ``[tls]`` settings of the relay (``cluster.tls``): its port's certificate and the CA of
     #: its upstream's (``--tls-*``); empty: plaintext.
@@ -54,6 +56,8 @@ class LocalRelay:
             command += ["--metrics", self.metrics_address]
         if self.subscriber_lag_max is not None:
             command += ["--subscriber-lag-max", str(self.subscriber_lag_max)]
+        if self.retention_from:
+            command += ["--retention-from", self.retention_from]
         if self.insecure:
             command.append("--insecure")
         for key, value in self.tls.items():

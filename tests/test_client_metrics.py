@@ -58,9 +58,10 @@ def client(metrics=None, *, session: str = "s", **options) -> SequencerClient:
     return SequencerClient(UNREACHABLE, session=session, metrics=metrics, **options)
 
 
-def count_into(c: SequencerClient, *, reconnects=0, resubmits=0, failovers=(), acked=0, unknown=0, rejected=None) -> None:
+def count_into(c: SequencerClient, *, reconnects=0, resubmits=0, failovers=(), silent_left=0, acked=0, unknown=0, rejected=None) -> None:
     """Set a client's counters as its connection loop would have."""
     c.reconnects += reconnects
+    c.silent_leaders_left += silent_left
     c.resubmits += resubmits
     for seconds in failovers:
         c.failovers += 1
@@ -140,9 +141,24 @@ def test_two_clients_add_up_and_a_closed_client_keeps_its_counts():
     collector = ClientMetricsCollector()
     registry = registry_with(collector)
     a, b = client(collector, session="a"), client(collector, session="b")
-    count_into(a, reconnects=2, resubmits=10, failovers=[0.2, 0.7], acked=100, unknown=1, rejected={RejectReason.STALE_CLIENT_SEQ: 2})
     count_into(
-        b, reconnects=1, resubmits=5, failovers=[1.5], acked=50, rejected={RejectReason.STALE_CLIENT_SEQ: 1, RejectReason.INTERNAL: 4}
+        a,
+        reconnects=2,
+        resubmits=10,
+        failovers=[0.2, 0.7],
+        silent_left=1,
+        acked=100,
+        unknown=1,
+        rejected={RejectReason.STALE_CLIENT_SEQ: 2},
+    )
+    count_into(
+        b,
+        reconnects=1,
+        resubmits=5,
+        failovers=[1.5],
+        silent_left=2,
+        acked=50,
+        rejected={RejectReason.STALE_CLIENT_SEQ: 1, RejectReason.INTERNAL: 4},
     )
 
     def totals() -> dict[str, float]:
@@ -150,6 +166,7 @@ def test_two_clients_add_up_and_a_closed_client_keeps_its_counts():
             "reconnects": value(registry, "raftseq_client_reconnects_total"),
             "resubmits": value(registry, "raftseq_client_resubmits_total"),
             "failovers": value(registry, "raftseq_client_failovers_total"),
+            "silent_left": value(registry, "raftseq_client_silent_leaders_left_total"),
             "failover_count": value(registry, "raftseq_client_failover_duration_seconds_count"),
             "failover_sum": round(value(registry, "raftseq_client_failover_duration_seconds_sum"), 9),
             "le_1": value(registry, "raftseq_client_failover_duration_seconds_bucket", le="1.0"),
@@ -160,7 +177,7 @@ def test_two_clients_add_up_and_a_closed_client_keeps_its_counts():
         }
 
     expected = {
-        "reconnects": 3, "resubmits": 15, "failovers": 3, "failover_count": 3, "failover_sum": 2.4,
+        "reconnects": 3, "resubmits": 15, "failovers": 3, "silent_left": 3, "failover_count": 3, "failover_sum": 2.4,
         "le_1": 2, "acked": 150, "unknown": 1, "stale": 3, "internal": 4,
     }  # fmt: skip
     assert totals() == expected

@@ -12,6 +12,7 @@ import sys
 import time
 
 from cluster_harness import running_cluster  # noqa: F401
+from test_relay import scrape
 
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import open_connection
@@ -147,3 +148,73 @@ def test_draining_an_unknown_node_exits_1_with_one_line(running_cluster):
     done = raftseq(running_cluster, "node", "drain", "n9")
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "no node 'n9'" in done.stderr, done.stderr
+
+
+def entries_proposed(h, node_id: str) -> float:
+    page = scrape(h.node(node_id).config.metrics_address)
+    return page[f'raftseq_entries_proposed_total{{node="{node_id}"}}']
+
+
+def test_a_drained_node_elected_again_proposes_nothing_and_hands_leadership_over(running_cluster):
+    """A drained node that a transfer (or an election) makes leader again takes no submits:
+    it holds its proposals and hands leadership over at once. Submits made meanwhile are
+    sequenced by the others, once each."""
+    h = running_cluster
+    drained = h.wait_for_leader()["id"]
+
+    async def story() -> tuple[list[int], float, float, str]:
+        async with SequencerClient(h.endpoints, session="through", token=h.token) as client:
+            seqs = await client.submit_batch([b"a%d" % i for i in range(50)])
+            done = await asyncio.to_thread(raftseq, h, "node", "drain", drained)
+            assert done.returncode == 0, done.stderr
+            proposed_before = entries_proposed(h, drained)
+            futures = [client.submit_nowait(b"b%d" % i) for i in range(100)]
+            # The old leader hands over to the drained node (its answer may say "no new leader":
+            # leadership can be back before it looks).
+            await transfer_leadership(h.endpoints, to=drained, token=h.token, timeout_s=10)
+            futures += [client.submit_nowait(b"c%d" % i) for i in range(100)]
+            seqs += await asyncio.wait_for(asyncio.gather(*futures), 30)
+            deadline = time.monotonic() + 10
+            leader = (await asyncio.to_thread(h.wait_for_leader))["id"]
+            while leader == drained:
+                assert time.monotonic() < deadline, "the drained node kept the leadership it was handed"
+                await asyncio.sleep(0.1)
+                leader = (await asyncio.to_thread(h.wait_for_leader))["id"]
+            seqs += await client.submit_batch([b"d%d" % i for i in range(50)])
+            return seqs, proposed_before, entries_proposed(h, drained), leader
+
+    seqs, before, after, leader = asyncio.run(asyncio.wait_for(story(), 90))
+    assert seqs == list(range(seqs[0], seqs[0] + 300)), "every submit sequenced once, in order, gapless"
+    assert after == before, f"the drained node proposed {after - before} submits after it was elected again"
+    assert leader != drained
+    assert "elected while drained" in h.log_text(drained), "the drained node was never elected: the story did not happen"
+
+
+def test_a_drained_leader_with_no_other_voter_connected_leads_on_without_holding_proposals(monkeypatch):
+    """With every other voter unreachable no transfer can succeed: the drained leader releases
+    its proposals at once (a transfer would hold them seconds each try) and asks again later."""
+    from types import SimpleNamespace
+
+    from raftseq.cluster import handover
+    from raftseq.cluster.membership import Member, Membership
+
+    monkeypatch.setattr(handover, "DRAINED_HANDOVER_RETRY_S", 0.01)
+    members = [Member(f"n{i}", f"127.0.0.1:{7200 + i}", f"127.0.0.1:{7100 + i}") for i in (1, 2, 3)]
+    replica = SimpleNamespace(membership=Membership(1, 0, members), connected_members=lambda: {"127.0.0.1:7201"})
+    batcher = SimpleNamespace(held=True, released=0)
+
+    def release() -> None:
+        batcher.held, batcher.released = False, batcher.released + 1
+
+    batcher.release = release
+    node = SimpleNamespace(config=SimpleNamespace(id="n1"), replica=replica, batcher=batcher, is_leader=lambda: True)
+    asked = []
+    tries = iter(range(3))
+    mover = handover.Handover(node)
+
+    async def transfer(to: str):
+        asked.append(to)
+
+    mover.transfer = transfer
+    asyncio.run(asyncio.wait_for(mover.keep_off_while_drained(lambda: next(tries, None) is not None), 5))
+    assert asked == [] and batcher.released == 1 and not batcher.held

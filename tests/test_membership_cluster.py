@@ -17,6 +17,7 @@ from raftseq.cluster.local import LocalCluster
 from raftseq.cluster.node_exit import NodeExit
 from test_cluster_up import up  # noqa: F401 (a fixture)
 from test_raft_member import free_address
+from test_relay import scrape
 
 COMMAND_TIMEOUT_S = 120
 NODE_EXIT_TIMEOUT_S = 30.0
@@ -94,6 +95,11 @@ def test_a_removed_leader_hands_over_stops_and_is_refused_and_the_others_restart
     # out from its peers, and stops.
     assert wait_exit(cluster, gone) == NodeExit.REMOVED
     assert "was removed from the cluster" in cluster.log_text(gone)
+    # The new leader counted the change it committed; its membership has two voters.
+    leader = cluster.wait_for_leader(timeout_s=30)["id"]
+    page = scrape(cluster.node(leader).config.metrics_address)
+    assert page[f'raftseq_membership_changes_total{{kind="remove",node="{leader}",outcome="committed"}}'] == 1
+    assert (page[f'raftseq_membership_voters{{node="{leader}"}}'], page[f'raftseq_membership_learners{{node="{leader}"}}']) == (2, 0)
     cluster.restart(gone)
     assert wait_exit(cluster, gone) == NodeExit.REMOVED
     last = cluster.log_text(gone, since=cluster.node(gone).log_offset).strip().splitlines()[-1]

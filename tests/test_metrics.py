@@ -19,6 +19,7 @@ from raftseq.cluster import metrics as M
 from raftseq.cluster.config import OTHER_CREDENTIALS_LABEL
 from raftseq.cluster.local import local_configs
 from raftseq.cluster.tls import TLS_REFUSALS
+from raftseq.cluster.membership import CHANGE_KIND_NAMES, CHANGE_OUTCOMES, Member, Membership
 from raftseq.cluster.node import Node
 from raftseq.cluster.quotas import CREDENTIAL_REFUSALS
 from raftseq.cluster.raft import RAFT_COUNTERS
@@ -39,12 +40,19 @@ UNITLESS_GAUGES = {
     "raftseq_journal_segments",
     "raftseq_journal_holes",
     "raftseq_disk_low",
+    "raftseq_membership_voters",
+    "raftseq_membership_learners",
+    "raftseq_membership_number",
 }
 #: Label names that would be unbounded (one series per client).
 UNBOUNDED_LABELS = {"session", "client", "client_seq", "seq", "peer_address", "remote", "address"}
 
 
 class StubReplica:
+    #: The membership the node holds (None: as before its Raft member is up), and the changes
+    #: asked of it as leader.
+    membership = None
+    membership_changes: dict = {}
     raftseq_matching_entries_kept = 0
     raftseq_truncations_refused = 0
     raftseq_next_index_rewinds_refused = 0
@@ -126,8 +134,20 @@ def value(families: dict, sample_name: str, **labels: str) -> float:
 # --- the page as a whole ------------------------------------------------------------------
 
 
+#: A member the configs do not name, added and catching up (a learner).
+N4 = Member("n4", "127.0.0.1:7199", "127.0.0.1:7198", learner=True)
+
+
+def with_learner(node: Node, status: dict, *, match: int) -> StubReplica:
+    """A replica stub whose membership is the configs' plus the learner ``N4`` at `match`."""
+    held = Membership.of_config(node.config)
+    replica = StubReplica({**status, f"match_idx_server_{N4.raft_address}": match})
+    replica.membership = Membership(held.format_version, 1, [*held.members, N4])
+    return replica
+
+
 def test_scrape_exports_exactly_the_listed_families(node):
-    node.replica = StubReplica(leader_status(node))
+    node.replica = with_learner(node, leader_status(node), match=100)
     node.role = Role.LEADER
     families = scrape(node)
     ours = {name: f for name, f in families.items() if name.startswith("raftseq_")}
@@ -187,6 +207,9 @@ def test_labels_take_values_from_fixed_sets_only(node):
         # Named credentials: bounded by CREDENTIAL_LABELS_MAX (tests/test_credentials.py).
         "credential": {OTHER_CREDENTIALS_LABEL},
         "limit": set(CREDENTIAL_REFUSALS),
+        "kind": set(CHANGE_KIND_NAMES.values()),
+        "outcome": set(CHANGE_OUTCOMES),
+        "learner": ids,
     }
     for name, family in families.items():
         if not name.startswith("raftseq_"):
@@ -220,6 +243,30 @@ def test_raft_view_of_a_leader(node):
     assert samples(f, "raftseq_follower_lag_entries") == {("n2",): 0.0, ("n3",): 25.0}
     assert value(f, "raftseq_raft_truncations_refused_total") == 4
     assert value(f, "raftseq_leader_changes_total") == 2
+
+
+def test_membership_voters_learners_changes_and_a_learners_catch_up_lag(node):
+    """A leader whose membership holds a learner n4 (added, not yet promoted): voters, learners,
+    the membership's number, each change by kind and outcome, and n4's lag behind the commit
+    index, labelled by its id (not its address)."""
+    replica = with_learner(node, leader_status(node, commit=120), match=70)
+    replica.membership_changes = {("add", "committed"): 1, ("remove", "refused"): 2}
+    node.replica = replica
+    node.role = Role.LEADER
+    node.leader_address = node.config.raft_address
+    f = scrape(node)
+    assert (value(f, "raftseq_membership_voters"), value(f, "raftseq_membership_learners"), value(f, "raftseq_membership_number")) == (
+        3,
+        1,
+        1,
+    )
+    changes = samples(f, "raftseq_membership_changes_total")
+    assert len(changes) == len(CHANGE_KIND_NAMES) * len(CHANGE_OUTCOMES), "every kind and outcome, from the start"
+    assert {k: v for k, v in changes.items() if v} == {("add", "committed"): 1.0, ("remove", "refused"): 2.0}
+    assert samples(f, "raftseq_learner_lag_entries") == {("n4",): 50.0}
+    assert samples(f, "raftseq_follower_lag_entries")[("n4",)] == 50.0, "a member the config does not name, by its id"
+    node.role = Role.FOLLOWER
+    assert samples(scrape(node), "raftseq_learner_lag_entries") == {}, "only the leader knows a learner's lag"
 
 
 def test_a_follower_names_its_leader_and_exports_no_lag(node):

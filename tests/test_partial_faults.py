@@ -21,6 +21,7 @@ from pysyncobj.node import TCPNode
 from test_raft_member import LEADER_STATE, free_address
 
 from raftseq.clients import SequencerClient
+from raftseq.clients.metrics import ClientMetricsCollector
 from raftseq.cluster.config import RaftConfig
 from raftseq.cluster.raft.member import RaftMember
 
@@ -87,9 +88,11 @@ def test_the_quorum_check_is_two_election_timeouts():
     assert r.leader_fallback_timeout_s == 2 * r.election_timeout_max_s
 
 
-async def submit_through_a_pause(cluster, leader: dict, *, heartbeat_timeout_s: float) -> tuple[float, SequencerClient]:
+async def submit_through_a_pause(cluster, leader: dict, *, heartbeat_timeout_s: float, metrics=None) -> tuple[float, SequencerClient]:
     """Submit once, SIGSTOP the leader, submit again: how long the second submit took."""
-    async with SequencerClient(cluster.endpoints, session="pause", token=cluster.token, heartbeat_timeout_s=heartbeat_timeout_s) as client:
+    async with SequencerClient(
+        cluster.endpoints, session="pause", token=cluster.token, heartbeat_timeout_s=heartbeat_timeout_s, metrics=metrics
+    ) as client:
         await client.submit(b"before")
         pid = cluster.pid(leader["id"])
         os.kill(pid, signal.SIGSTOP)
@@ -105,10 +108,15 @@ async def submit_through_a_pause(cluster, leader: dict, *, heartbeat_timeout_s: 
 def test_a_client_leaves_a_paused_leader_in_about_an_election_not_its_heartbeat_timeout(running_cluster):
     # The heartbeat timeout is long on purpose: only the probe can make the submit this quick.
     heartbeat_timeout_s = 5.0
+    collector = ClientMetricsCollector()
     took, client = asyncio.run(
-        submit_through_a_pause(running_cluster, running_cluster.wait_for_leader(), heartbeat_timeout_s=heartbeat_timeout_s)
+        submit_through_a_pause(
+            running_cluster, running_cluster.wait_for_leader(), heartbeat_timeout_s=heartbeat_timeout_s, metrics=collector
+        )
     )
     print(f"acknowledged {took:.2f} s after the leader was paused")
     assert took < heartbeat_timeout_s / 2
     assert client.silent_leaders_left == 1
+    [family] = [f for f in collector.collect() if f.name == "raftseq_client_silent_leaders_left"]
+    assert [s.value for s in family.samples if s.name.endswith("_total")] == [1], "exported, and kept after the client closed"
     assert client.failovers == 1

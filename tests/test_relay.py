@@ -26,6 +26,7 @@ from raftseq.cluster.status import node_status
 from raftseq.cluster.relay import Relay, UpstreamDiverged
 from raftseq.cluster.relay_config import relay_config
 from raftseq.cluster.relay_local import wait_relay_serving
+from raftseq.cluster.retention import RetentionState
 from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, list_segment_files
 
@@ -362,6 +363,8 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     class Relay:
         upstream_last_seq = 120
         published_seq = 100
+        journal_bytes = 4096
+        retention_state = RetentionState(first_retained_seq=40, bytes_removed=9000)
 
     metrics = RelayMetrics()
     metrics.delivered, metrics.subscriber_lag_disconnects = 5000, 2
@@ -371,3 +374,264 @@ def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     assert all(sample.labels["relay"] == "r7" for family in families.values() for sample in family.samples)
     assert families["raftseq_relay_upstream_lag_records"].samples[0].value == 20
     assert families["raftseq_relay_subscriber_lag_disconnects"].samples[0].value == 2
+    assert families["raftseq_relay_journal_first_retained_seq"].samples[0].value == 40
+    assert families["raftseq_relay_journal_retention_removed_bytes"].samples[0].value == 9000
+
+
+#: A short idle timeout, so that a subscriber's pause of a few of them takes seconds.
+PAUSE_IDLE = {"idle_timeout_ms": 600, "heartbeat_interval_ms": 150}
+
+
+async def _status_poll(conn) -> None:
+    """A connection of the relay's status poll: never answered."""
+    await conn.hold_until_stopped()
+
+
+def upstream_of(*scripts) -> ScriptedNode:
+    """A scripted upstream: `scripts` for the relay's stream connections, then its status polls."""
+    return ScriptedNode([*scripts] + [_status_poll] * 20)
+
+
+def streaming(count: int, payload: bytes):
+    """An upstream script: records 1..`count` of `payload`, after the relay's subscribe."""
+
+    async def script(conn) -> None:
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
+        conn.send(*(delivered(seq, payload) for seq in range(1, count + 1)))
+        await conn.hold_until_stopped()
+
+    return script
+
+
+def paused_subscriber(address: str, pause_s: float, count: int) -> list:
+    """A subscriber from seq 1 that pauses `pause_s` after its welcome, sending nothing (a client
+    answers heartbeats after it reads), then reads until it holds `count` records or is closed.
+    Its small receive buffer leaves the relay's writes pending during the pause."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    host, port = address.rsplit(":", 1)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            protocol.encode_frame(protocol.Hello("paused", "", protocol.PROTOCOL_VERSION)) + protocol.encode_frame(protocol.Subscribe(1))
+        )
+        time.sleep(pause_s)  # the pause is the scenario, not a wait for something
+        framer = protocol.FrameReader("node")
+        frames: list = []
+        sock.settimeout(STEP_TIMEOUT_S)
+        while sum(isinstance(f, protocol.Delivered) for f in frames) < count:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            frames += framer.feed(data)
+            sock.sendall(protocol.encode_frame(protocol.Heartbeat()))
+        return frames
+    finally:
+        sock.close()
+
+
+def test_a_subscriber_whose_writes_are_pending_is_not_closed_as_idle(tmp_path):
+    """The relay writes to a subscriber faster than it reads; while the writes wait for its
+    socket to drain, the subscriber (which answers heartbeats only after reading) sends nothing.
+    Pending writes are not silence: it is not closed by the idle timeout and gets every record."""
+    count = 3000  # 12 MB: far more than the socket buffers hold
+    payload = b"p" * 4000
+
+    async def scenario():
+        upstream = upstream_of(streaming(count, payload))
+        address = await upstream.start()
+        listen = free_address()
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / "relay"), upstream=[address], listen=listen, relay_id="relay-t", insecure=True, gateway=PAUSE_IDLE
+            )
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            while relay.publication.readable_seq < count:
+                assert not running.done(), running
+                await relay.publication.wait_readable(count)
+            idle_s = PAUSE_IDLE["idle_timeout_ms"] / 1000
+            return await asyncio.to_thread(paused_subscriber, listen, 4 * idle_s, count)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, STEP_TIMEOUT_S)
+            await upstream.stop()
+
+    frames = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    refusals = [f for f in frames if not isinstance(f, (protocol.Welcome, protocol.Delivered, protocol.Heartbeat))]
+    seqs = [f.seq for f in frames if isinstance(f, protocol.Delivered)]
+    assert refusals == [] and seqs == list(range(1, count + 1)), f"{len(seqs)} records of {count}, then closed; {refusals}"
+
+
+def test_a_subscriber_that_reads_nothing_is_closed_after_the_pending_writes_idle_timeout(tmp_path):
+    """Pending writes lengthen the idle timeout, not end it: a subscriber that never reads (and
+    never sends) is closed once silent for ``pending_writes_idle_timeout_ms``, lag bound or not."""
+    count = 3000
+    pending_idle_s = 2.0
+
+    async def scenario():
+        upstream = upstream_of(streaming(count, b"p" * 4000))
+        listen = free_address()
+        gateway = {**PAUSE_IDLE, "pending_writes_idle_timeout_ms": int(pending_idle_s * 1000)}
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / "relay"), upstream=[await upstream.start()], listen=listen, relay_id="relay-t",
+                insecure=True, gateway=gateway, subscriber_lag_max_records=0,
+            )
+        )  # fmt: skip
+        running = await relay_running(relay, count)
+        try:
+            sock = await asyncio.to_thread(stalled_subscriber, listen, "")
+            started = time.monotonic()
+            try:
+                # It reads nothing: the relay's subscriber count says when it is closed.
+                while relay.metrics.subscribers == 0 and time.monotonic() - started < STEP_TIMEOUT_S:
+                    await asyncio.sleep(0.05)
+                while relay.metrics.subscribers and time.monotonic() - started < STEP_TIMEOUT_S:
+                    await asyncio.sleep(0.05)
+                return time.monotonic() - started
+            finally:
+                sock.close()
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    closed_after_s = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert pending_idle_s - 0.5 <= closed_after_s <= pending_idle_s + 5, closed_after_s
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+# --- retention: the nodes' [retention] settings on a relay's journal -------------------------
+
+#: Small segments and a bound of four of them: a few thousand records make retention act.
+SMALL_SEGMENTS = {"segment_bytes_max": 64 * 1024}
+FOUR_SEGMENTS = {"journal_bytes_max": 4 * 64 * 1024, "check_interval_s": 3600}  # checked by the test
+
+
+def retaining_relay(tmp_path, upstream: str, listen: str) -> Relay:
+    return Relay(
+        relay_config(
+            data_dir=str(tmp_path / "relay"), upstream=[upstream], listen=listen, relay_id="relay-t", insecure=True,
+            retention=FOUR_SEGMENTS, journal=SMALL_SEGMENTS,
+        )
+    )  # fmt: skip
+
+
+async def relay_running(relay: Relay, until_seq: int) -> asyncio.Task:
+    """`relay` running (stopped by cancelling the task), once it serves `until_seq`."""
+    running = asyncio.create_task(relay.run(asyncio.Event()))
+    while relay.publication.readable_seq < until_seq:
+        assert not running.done(), running
+        await relay.publication.wait_readable(until_seq)
+    return running
+
+
+async def stopped(running: asyncio.Task) -> None:
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+def test_a_relay_keeps_its_journal_within_the_retention_bounds_and_answers_truncated_below_its_first_number(tmp_path):
+    from raftseq.clients.errors import Truncated
+
+    count = 3000  # ~3 MB: dozens of 64 KiB segments
+    payload = b"r" * 1000
+
+    async def scenario():
+        upstream = upstream_of(streaming(count, payload))
+        listen = free_address()
+        relay = retaining_relay(tmp_path, await upstream.start(), listen)
+        running = await relay_running(relay, count)
+        try:
+            bytes_before = relay.journal.size_bytes
+            removed = await relay.retention.check()
+            first = relay.journal.first_retained_seq
+            link = await open_connection(listen, session="late", token="", timeout_s=STEP_TIMEOUT_S)
+            try:
+                with pytest.raises(Truncated) as truncated:
+                    async for _ in link.subscribe(1, silence_s=STEP_TIMEOUT_S, truncated_known=True):
+                        pass
+            finally:
+                link.close()
+            got = []
+            async for m in subscribe([listen], from_seq=first, token="", session="from-first"):
+                got.append(m.seq)
+                if m.seq == count:
+                    break
+            return removed, bytes_before, relay.journal.size_bytes, first, truncated.value, got
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    removed, before, after, first, truncated, got = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    print(f"relay journal {before} -> {after} bytes ({removed} segments removed); first number {first}")
+    assert removed > 0 and first > 1
+    assert after <= FOUR_SEGMENTS["journal_bytes_max"] + SMALL_SEGMENTS["segment_bytes_max"], "within the bound and one segment"
+    assert (truncated.from_seq, truncated.first_seq) == (1, first)
+    assert got == list(range(first, count + 1)), "from its first number on, gapless"
+
+
+def test_an_empty_relay_of_a_cluster_whose_retention_removed_the_start_begins_at_its_first_number(tmp_path):
+    async def truncated_at_500(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(1, truncated_known=True)
+        conn.send(protocol.Truncated(1, 500))
+        await conn.hold_until_stopped()
+
+    async def from_500(conn):
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(500, truncated_known=True)
+        conn.send(*(delivered(seq, b"x") for seq in range(500, 601)))
+        await conn.hold_until_stopped()
+
+    async def scenario():
+        upstream = upstream_of(truncated_at_500, from_500)
+        relay = retaining_relay(tmp_path, await upstream.start(), free_address())
+        running = await relay_running(relay, 600)
+        try:
+            return relay.journal.first_retained_seq, relay.journal.read_bytes(500, 600), upstream.errors
+        finally:
+            await stopped(running)
+            await upstream.stop()
+
+    first, stored, errors = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert errors == [] and first == 500
+    assert stored == b"".join(protocol.encode_frame(delivered(seq, b"x")) for seq in range(500, 601))
+
+
+def test_a_relays_retention_floor_keeps_the_newest_snapshot_its_clients_asked_about(tmp_path, monkeypatch):
+    """The relay lists a snapshot only while it holds its chunks, and its retention floor is the
+    first chunk of the newest snapshot it listed (per state-machine type)."""
+    from raftseq.cluster import relay as relay_module
+
+    def info(first_seq: int, last_seq: int) -> protocol.SnapshotInfo:
+        return protocol.SnapshotInfo("kv", 1, last_seq, "d", "0" * 64, 10, 1, "@snap/kv", first_seq, last_seq, 1)
+
+    listed = [info(900, 905), info(400, 402), info(100, 101)]  # newest first
+
+    async def upstream_lists(*args, **kwargs):
+        return listed
+
+    monkeypatch.setattr(relay_module, "query_snapshots", upstream_lists)
+    relay = retaining_relay(tmp_path, "127.0.0.1:1", "127.0.0.1:2")
+    try:
+        relay.journal.skip_to(300)
+        relay.journal.start_at(300)  # the relay's journal starts at 300: the oldest snapshot is gone
+        relay.journal.append(b"".join(protocol.encode_frame(delivered(seq, b"c")) for seq in range(300, 1001)), 300, 1000)
+        relay.publication.wake()
+        answer = asyncio.run(relay._snapshots_from_upstream("kv"))
+        floor = relay.retention.plan()
+    finally:
+        relay.journal.close()
+    assert [s.first_seq for s in answer.snapshots] == [900, 400]
+    assert relay._snapshot_floor_seq() == 900
+    assert all(span.end_seq <= 900 for span in floor.remove)
+    assert relay.retention.state.floor_seq == 900 and relay.retention.state.held_by == "the newest state-machine snapshot"

@@ -15,10 +15,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
     to the cluster's leader. Exit codes as for a node (docs/operating.md): 2 bad arguments, 5 an
     upstream that is this relay, refuses its token, or holds other records than its journal."""
     from raftseq.cluster.node_exit import NodeExit
-    from raftseq.cluster.relay_config import relay_config
+    from raftseq.cluster.relay_config import relay_config, retention_section
 
     try:
         config = relay_config(
+            retention=retention_section(args.retention_from) if args.retention_from else None,
             data_dir=args.data_dir,
             upstream=args.upstream,
             listen=args.listen,
@@ -55,6 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=RELAY_SUBSCRIBER_LAG_MAX_RECORDS,
         metavar="RECORDS",
         help=f"disconnect a subscriber that falls this many records behind the head (it resumes; 0: never; default {RELAY_SUBSCRIBER_LAG_MAX_RECORDS})",
+    )
+    relay.add_argument(
+        "--retention-from",
+        default="",
+        metavar="FILE",
+        help="keep the relay's journal within the [retention] settings of FILE (a node's config; default: keep everything)",
     )
     relay.add_argument("--log-file", default="", metavar="FILE", help="write the log to FILE, rotated by size (default: stderr)")
     relay.add_argument("--insecure", action="store_true", help="development only: serve clients without a token")

@@ -91,6 +91,9 @@ class SequencerReplica(RaftMember):
         self._on_restored = on_restored
         self._on_removed = on_removed
         self._promotion_asked = False
+        #: Membership changes asked of this node as leader, by (kind as operators name it,
+        #: outcome): plain integers, every key present (read by the metrics' scrape thread).
+        self.membership_changes = {(kind, outcome): 0 for kind in members.CHANGE_KIND_NAMES.values() for outcome in members.CHANGE_OUTCOMES}
         #: The membership this node holds (saved in its data directory on every change).
         self.membership = members.load(config.data_dir) or Membership.of_config(config)
         self.on_membership_entry = self._membership_entry
@@ -321,7 +324,19 @@ class SequencerReplica(RaftMember):
         error)`` once it is committed (or failed). Raises ``MembershipError`` (one line, nothing
         proposed) for a change that cannot follow the current membership, one that would leave
         the voters after it without a quorum of reachable members, or while another change is
-        in flight."""
+        in flight. Counted in ``membership_changes``."""
+        try:
+            return self._propose_change(kind, member, callback)
+        except MembershipError:
+            self._count_change(kind, "refused")
+            raise
+
+    def _count_change(self, kind: ChangeKind, outcome: str) -> None:
+        self.membership_changes[members.CHANGE_KIND_NAMES[kind], outcome] += 1
+
+    def _propose_change(self, kind: ChangeKind, member: Member, callback: Callable[[object, int], None]) -> members.MemberChange:
+        """``change_membership`` without counting a refusal (a promotion is asked each tick
+        until it can be proposed)."""
         if self.membership_entry_pending() or self._promotion_asked:
             raise MembershipError("another membership change is in progress; try again when it is done")
         change = self.membership.change(kind, member)
@@ -332,7 +347,12 @@ class SequencerReplica(RaftMember):
         if kind == "remove" and change.member.raft_address == self.node_config.raft_address:
             raise MembershipError("the leader cannot remove itself: leadership is handed over first")
         raft_kind = {"learner": MEMBERSHIP_ADD, "promote": MEMBERSHIP_PROMOTE, "remove": MEMBERSHIP_REMOVE}[kind]
-        self.propose_membership(raft_kind, change.member.raft_address, members.encode_change(change), callback)
+
+        def ended(result: object, error: int) -> None:
+            self._count_change(kind, "failed" if error else "committed")
+            callback(result, error)
+
+        self.propose_membership(raft_kind, change.member.raft_address, members.encode_change(change), ended)
         return change
 
     def adopt_newer(self, membership: Membership) -> None:
@@ -415,7 +435,7 @@ class SequencerReplica(RaftMember):
         for learner in learners:
             if match.get(learner.raft_address, 0) >= commit:
                 try:
-                    self.change_membership("promote", learner, self._promoted)
+                    self._propose_change("promote", learner, self._promoted)
                 except MembershipError:
                     continue  # not now (a quorum not reachable): the next tick asks again
                 self._promotion_asked = True

@@ -646,6 +646,36 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Membership",
+        [
+            Panel(
+                timeseries,
+                THIRD,
+                "Voters and learners",
+                "Members of the membership each node holds: voters, and learners catching up without a vote (raftseq member add; promoted once caught up); and the membership's number (changes that led to it: nodes that agree show one number).",
+                [
+                    (f"raftseq_membership_voters{{{N}}}", "{{node}} voters"),
+                    (f"raftseq_membership_learners{{{N}}}", "{{node}} learners"),
+                    (f"raftseq_membership_number{{{N}}}", "{{node}} membership number"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Learner catch-up lag (entries)",
+                "Committed Raft entries each learner does not hold yet, as the leader sees it; it is promoted to a voter at 0.",
+                [(f"raftseq_learner_lag_entries{{{N}}}", "{{learner}} (leader {{node}})")],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Membership changes",
+                "Membership changes asked of the leader in the last 15 minutes, by kind (add, promote, remove) and outcome (committed, refused, failed).",
+                [(f"sum by (kind, outcome) (increase(raftseq_membership_changes_total{{{N}}}[15m])) > 0", "{{kind}} {{outcome}}")],
+            ),
+        ],
+    ),
+    (
         "Retention",
         [
             Panel(
