@@ -272,7 +272,7 @@ class _Checker:
                 yield seq, ref, source
         ops = self.h.ops
         for row in ops.rows(OK).tolist():
-            yield ops.seq[row], row, ("ack", ops.op_id[row])
+            yield ops.seq[row], row, ("ack", ops.op_id(row))
 
     def one_record_per_seq(self) -> Iterator[Violation]:
         reported: set[tuple[int, Message]] = set()
@@ -423,37 +423,55 @@ class _Checker:
 
     def real_time_order(self) -> Iterator[Violation]:
         ops = self.h.ops
-        # Ok ops by completion (t, seq), ties in invoke order.
-        ok = ops.rows(OK)
-        ok_seq = column(ops.seq)[ok]
-        order = numpy.lexsort((ok_seq, column(ops.complete_t)[ok]))
-        completed_row, completed_t, completed_seq = ok[order], column(ops.complete_t)[ok][order], ok_seq[order]
-        # The op with the highest seq among the first k + 1 completed (the earliest on ties).
-        rising = numpy.empty(len(completed_seq), dtype=bool)
-        if len(completed_seq):
-            rising[0] = True
-            rising[1:] = completed_seq[1:] > numpy.maximum.accumulate(completed_seq)[:-1]
-        highest = numpy.maximum.accumulate(numpy.where(rising, numpy.arange(len(rising)), 0))
-        # Ops with a known seq (the ack; an unknown one's place in the stream) by invoke time.
-        in_stream = column(self.seq_of_payload.of_row)
-        outcome = column(ops.outcome)
-        known_seq = numpy.where(outcome == OK, column(ops.seq), numpy.where((outcome == UNKNOWN) | (outcome == PENDING), in_stream, 0))
-        later = numpy.flatnonzero(known_seq)
-        later = later[numpy.argsort(column(ops.invoke_t)[later], kind="stable")]
-        later_t, later_seq = column(ops.invoke_t)[later], known_seq[later]
-        done = numpy.searchsorted(completed_t, later_t, side="left")  # completed strictly before
-        before = highest[numpy.maximum(done - 1, 0)] if len(highest) else numpy.zeros(len(later), dtype=numpy.int64)
-        violated = (done > 0) & (completed_seq[before] >= later_seq) if len(highest) else numpy.zeros(len(later), dtype=bool)
-        for i in numpy.flatnonzero(violated).tolist():
-            a_index = before[i]
-            a, a_t, a_seq = OpView(ops, int(completed_row[a_index])), int(completed_t[a_index]), int(completed_seq[a_index])
-            op, invoked_t, seq = OpView(ops, int(later[i])), int(later_t[i]), int(later_seq[i])
-            t0 = self.h.t_first
+        completed, highest = self._completed_by_time()
+        later = self._later_by_invoke()
+        if not len(completed) or not len(later):
+            return
+        # For each later op, the completed op with the highest seq that completed before it was
+        # invoked (strictly): the first `done` completed.
+        later_t = column(ops.invoke_t)[later]
+        done = numpy.searchsorted(column(ops.complete_t)[completed], later_t, side="left")
+        del later_t
+        a_rows = completed[highest[numpy.maximum(done - 1, 0)]]
+        violated = numpy.flatnonzero((done > 0) & (self._known_seq(a_rows) >= self._known_seq(later)))
+        del done
+        t0 = self.h.t_first
+        for i in violated.tolist():
+            a, op = OpView(ops, int(a_rows[i])), OpView(ops, int(later[i]))
+            a_t, a_seq = ops.complete_t[a.row], ops.seq[a.row]
+            invoked_t, seq = ops.invoke_t[op.row], self._known_seq(numpy.array([op.row]))[0]
             text = (
                 f"{a} completed ok as seq {a_seq} at {_seconds(a_t - t0):.6f} s, before {op} was invoked at "
                 f"{_seconds(invoked_t - t0):.6f} s, yet the later op has the lower or equal seq {seq}"
             )
-            yield self._violation(7, text, [a_seq, seq], [a.invoke.payload, op.invoke.payload])
+            yield self._violation(7, text, [a_seq, int(seq)], [a.invoke.payload, op.invoke.payload])
+
+    def _completed_by_time(self) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """The ok ops' rows by completion (t, seq), ties in invoke order; and for each k, the
+        index among them of the op with the highest seq of the first k + 1 (the earliest on ties)."""
+        ops = self.h.ops
+        ok = ops.rows(OK)
+        completed = ok[numpy.lexsort((column(ops.seq)[ok], column(ops.complete_t)[ok]))]
+        del ok
+        seqs = column(ops.seq)[completed]
+        rising = numpy.ones(len(seqs), dtype=bool)
+        rising[1:] = seqs[1:] > numpy.maximum.accumulate(seqs)[:-1]
+        del seqs
+        highest = numpy.maximum.accumulate(numpy.where(rising, numpy.arange(len(rising)), 0))
+        return completed, highest
+
+    def _known_seq(self, rows: numpy.ndarray | slice = slice(None)) -> numpy.ndarray:
+        """Per op row (all by default): its acknowledged seq (ok), its first seq in the stream
+        (unknown), or 0."""
+        outcome = column(self.h.ops.outcome)[rows]
+        in_stream = column(self.seq_of_payload.of_row)[rows]
+        return numpy.where(outcome == OK, column(self.h.ops.seq)[rows], numpy.where(outcome == FAIL, 0, in_stream))
+
+    def _later_by_invoke(self) -> numpy.ndarray:
+        """The rows of the ops with a known seq, by invoke time (ties in invoke order)."""
+        ops = self.h.ops
+        later = numpy.flatnonzero(self._known_seq())
+        return later[numpy.argsort(column(ops.invoke_t)[later], kind="stable")]
 
     def session_order(self) -> Iterator[Violation]:
         highest: dict[str, tuple[int, int]] = {}  # session -> (client_seq, seq), highest client_seq so far

@@ -43,15 +43,19 @@ Message = tuple[str, int, str]
 PENDING, OK, FAIL, UNKNOWN = 0, 1, 2, 3
 _OUTCOME_CODE = {"ok": OK, "fail": FAIL, "unknown": UNKNOWN}
 _OUTCOME_NAME = {PENDING: "unknown", OK: "ok", FAIL: "fail", UNKNOWN: "unknown"}
+#: Column types: a name's number (``Names``); a message ref (``Messages``); a node's number
+#: among a subscriber's deliveries. Appending a value out of range raises ``OverflowError``.
+NAME = "i"
+REF = "i"
 #: The fault whose loss is expected in the "crash" durability mode.
 POWER_CUT_FAULT = "power_cut"
 
 
 def column(values: array) -> numpy.ndarray:
-    """A read-only numpy view of an ``array('q')`` or ``array('b')`` column (no copy)."""
+    """A read-only numpy view of an ``array`` column (no copy)."""
     if not len(values):
-        return numpy.zeros(0, dtype=numpy.int64 if values.typecode == "q" else numpy.int8)
-    return numpy.frombuffer(values, dtype=numpy.int64 if values.typecode == "q" else numpy.int8)
+        return numpy.zeros(0, dtype=values.typecode)
+    return numpy.frombuffer(values, dtype=values.typecode)
 
 
 class Names:
@@ -80,6 +84,7 @@ class Positions:
         self.count = 0
         self._dense = 0  # keys 1..dense are at positions 0..dense-1
         self._sparse: dict[int, int] = {}
+        self._sparse_keys: dict[int, int] = {}  # position -> key, for the others
 
     def get(self, key: int) -> int | None:
         if 1 <= key <= self._dense:
@@ -94,7 +99,11 @@ class Positions:
             self._dense += 1
         else:
             self._sparse[key] = position
+            self._sparse_keys[position] = key
         return position
+
+    def key(self, position: int) -> int:
+        return position + 1 if position < self._dense else self._sparse_keys[position]
 
 
 class OpView:
@@ -108,7 +117,7 @@ class OpView:
     @property
     def invoke(self) -> Invoke:
         o, i = self._ops, self.row
-        return Invoke(o.invoke_t[i], o.op_id[i], o.names.names[o.client[i]], o.session_name(i), o.client_seq[i], o.payload[i])
+        return Invoke(o.invoke_t[i], o.op_id(i), o.names.names[o.client[i]], o.session_name(i), o.client_seq[i], o.payload[i])
 
     @property
     def complete(self) -> Complete | None:
@@ -116,7 +125,7 @@ class OpView:
         code = o.outcome[i]
         if code == PENDING:
             return None
-        return Complete(o.complete_t[i], o.op_id[i], _OUTCOME_NAME[code], o.seq[i], o.reasons.get(i, ""))
+        return Complete(o.complete_t[i], o.op_id(i), _OUTCOME_NAME[code], o.seq[i], o.reasons.get(i, ""))
 
     @property
     def outcome(self) -> str:
@@ -124,7 +133,7 @@ class OpView:
 
     def __str__(self) -> str:
         o, i = self._ops, self.row
-        return f"op {o.op_id[i]} ({o.names.names[o.client[i]]}, session {o.session_name(i)}, client_seq {o.client_seq[i]}, payload {o.payload[i]!r})"
+        return f"op {o.op_id(i)} ({o.names.names[o.client[i]]}, session {o.session_name(i)}, client_seq {o.client_seq[i]}, payload {o.payload[i]!r})"
 
 
 class Ops:
@@ -133,9 +142,8 @@ class Ops:
     def __init__(self, names: Names) -> None:
         self.names = names
         self._rows = Positions()
-        self.op_id = array("q")
-        self.client = array("q")
-        self.session = array("q")
+        self.client = array(NAME)
+        self.session = array(NAME)
         self.client_seq = array("q")
         self.payload: list[str] = []
         self.invoke_t = array("q")
@@ -148,7 +156,10 @@ class Ops:
         self.row_of_payload: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self.op_id)
+        return self._rows.count
+
+    def op_id(self, row: int) -> int:
+        return self._rows.key(row)
 
     def __contains__(self, op_id: int) -> bool:
         return self._rows.get(op_id) is not None
@@ -176,11 +187,10 @@ class Ops:
         if e.op in self:
             raise HistoryError(f"op {e.op} is invoked twice")
         if e.payload in self.row_of_payload:
-            first = self.op_id[self.row_of_payload[e.payload]]
+            first = self.op_id(self.row_of_payload[e.payload])
             raise HistoryError(f"payload {e.payload!r} is invoked twice (ops {first} and {e.op}); payloads must be unique")
         row = self._rows.add(e.op)
         self.row_of_payload[e.payload] = row
-        self.op_id.append(e.op)
         self.client.append(self.names.number(e.client))
         self.session.append(self.names.number(e.session))
         self.client_seq.append(e.client_seq)
@@ -245,7 +255,7 @@ class Records:
     def __init__(self, messages: Messages) -> None:
         self.messages = messages
         self.seqs = array("q")
-        self.refs = array("q")
+        self.refs = array(REF)
 
     def append(self, seq: int, ref: int) -> None:
         self.seqs.append(seq)
@@ -323,7 +333,7 @@ class PayloadSeqs:
 
     def __init__(self, messages: Messages) -> None:
         self.messages = messages
-        self.of_row = array("q", bytes(8 * len(messages.ops)))  # 0: not in the stream
+        self.of_row = array("q", bytes(array("q").itemsize * len(messages.ops)))  # 0: not in the stream
         self._others: dict[str, int] = {}
 
     def setdefault(self, ref: int, seq: int) -> None:
@@ -363,8 +373,8 @@ class Subscription:
     def __init__(self, sub: str, names: Names, messages: Messages) -> None:
         self.sub, self.names, self.messages = sub, names, messages
         self.seqs = array("q")
-        self.refs = array("q")
-        self.nodes = array("q")
+        self.refs = array(REF)
+        self.nodes = array(NAME)
         self.t = array("q")
         #: ``(deliveries before it, event)``
         self.connects: list[tuple[int, SubConnect | SubReconnect]] = []
