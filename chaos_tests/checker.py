@@ -77,7 +77,11 @@ from chaos_tests.history_index import (
     Stream,
     column,
     index,
+    indices,
 )
+
+#: Op rows in numpy arrays (fewer than 2**31 ops: ``Ops`` refs are int32 too).
+ROW = numpy.int32
 
 INVARIANTS = {
     1: "one-record-per-seq",
@@ -233,8 +237,7 @@ class _Checker:
         self.stream = Stream(h.messages)
         self.source_of: dict[int, tuple] = {}
         if self.reference_node is not None:
-            for seq, ref in zip(longest.seqs, longest.refs):
-                self.stream.add(seq, ref)
+            self.stream = Stream.of(longest)
         else:
             for seq, ref, source in self._observations():
                 if self.stream.ref(seq) is None:
@@ -271,7 +274,7 @@ class _Checker:
                     source = sources[node] = ("delivery", sub, node)
                 yield seq, ref, source
         ops = self.h.ops
-        for row in ops.rows(OK).tolist():
+        for row in indices(ops.rows(OK)):
             yield ops.seq[row], row, ("ack", ops.op_id(row))
 
     def one_record_per_seq(self) -> Iterator[Violation]:
@@ -377,7 +380,7 @@ class _Checker:
         """``(row, seq, payload)`` of each ``ok`` op whose payload is not at its acknowledged seq
         of the stream."""
         ops, stream = self.h.ops, self.stream
-        for row in ops.rows(OK).tolist():
+        for row in indices(ops.rows(OK)):
             seq, payload = ops.seq[row], ops.payload[row]
             known = stream.ref(seq)
             if known is None or (known != row and self.messages.payload(known) != payload):
@@ -408,7 +411,7 @@ class _Checker:
 
     def submitted_only(self) -> Iterator[Violation]:
         # A ref >= 0 is exactly an invoke's message: only messages kept in full can fail.
-        for position in numpy.flatnonzero(column(self.stream.refs) < 0).tolist():
+        for position in indices(numpy.flatnonzero(column(self.stream.refs) < 0)):
             seq = self.stream.seqs[position]
             session, client_seq, payload = self.messages.message(self.stream.refs[position])
             op = self.h.ops.by_payload(payload)
@@ -436,7 +439,7 @@ class _Checker:
         violated = numpy.flatnonzero((done > 0) & (self._known_seq(a_rows) >= self._known_seq(later)))
         del done
         t0 = self.h.t_first
-        for i in violated.tolist():
+        for i in indices(violated):
             a, op = OpView(ops, int(a_rows[i])), OpView(ops, int(later[i]))
             a_t, a_seq = ops.complete_t[a.row], ops.seq[a.row]
             invoked_t, seq = ops.invoke_t[op.row], self._known_seq(numpy.array([op.row]))[0]
@@ -457,8 +460,8 @@ class _Checker:
         rising = numpy.ones(len(seqs), dtype=bool)
         rising[1:] = seqs[1:] > numpy.maximum.accumulate(seqs)[:-1]
         del seqs
-        highest = numpy.maximum.accumulate(numpy.where(rising, numpy.arange(len(rising)), 0))
-        return completed, highest
+        highest = numpy.maximum.accumulate(numpy.where(rising, numpy.arange(len(rising), dtype=ROW), 0))
+        return completed.astype(ROW), highest
 
     def _known_seq(self, rows: numpy.ndarray | slice = slice(None)) -> numpy.ndarray:
         """Per op row (all by default): its acknowledged seq (ok), its first seq in the stream
@@ -470,7 +473,7 @@ class _Checker:
     def _later_by_invoke(self) -> numpy.ndarray:
         """The rows of the ops with a known seq, by invoke time (ties in invoke order)."""
         ops = self.h.ops
-        later = numpy.flatnonzero(self._known_seq())
+        later = numpy.flatnonzero(self._known_seq()).astype(ROW)
         return later[numpy.argsort(column(ops.invoke_t)[later], kind="stable")]
 
     def session_order(self) -> Iterator[Violation]:
@@ -494,7 +497,7 @@ class _Checker:
             yield self._violation(8, f"session {session}: {what}", [top_seq, seq], [self.stream[top_seq][2], self.messages.payload(ref)])
 
     def failed_not_committed(self) -> Iterator[Violation]:
-        for row in self.h.ops.rows(FAIL).tolist():
+        for row in indices(self.h.ops.rows(FAIL)):
             seq = self.seq_of_payload.of_row[row]
             if seq:
                 op = OpView(self.h.ops, row)

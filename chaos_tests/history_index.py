@@ -58,6 +58,17 @@ def column(values: array) -> numpy.ndarray:
     return numpy.frombuffer(values, dtype=values.typecode)
 
 
+#: Indices handed from numpy to Python loops this many at a time: Python ints cost ~40 bytes
+#: each, so a whole column's worth (18M ops) would be ~700 MB at once.
+INDICES_PER_CHUNK = 1 << 16
+
+
+def indices(positions: numpy.ndarray) -> Iterator[int]:
+    """The values of an index array as Python ints, converted a chunk at a time."""
+    for start in range(0, len(positions), INDICES_PER_CHUNK):
+        yield from positions[start : start + INDICES_PER_CHUNK].tolist()
+
+
 class Names:
     """Each distinct name once: name ↔ small int."""
 
@@ -101,6 +112,11 @@ class Positions:
             self._sparse[key] = position
             self._sparse_keys[position] = key
         return position
+
+    def add_dense(self, count: int) -> None:
+        """Add keys 1..`count` to an empty ``Positions``."""
+        assert self.count == 0, "add_dense on a non-empty Positions"
+        self.count = self._dense = count
 
     def key(self, position: int) -> int:
         return position + 1 if position < self._dense else self._sparse_keys[position]
@@ -280,7 +296,7 @@ class Records:
             return len(other)
         seqs, refs = column(self.seqs), column(self.refs)
         differs = (seqs != column(other.seqs)[:n]) | (refs != column(other.refs)[:n])
-        for position in numpy.flatnonzero(differs).tolist():
+        for position in indices(numpy.flatnonzero(differs)):
             if seqs[position] != other.seqs[position] or not self.messages.same(self.refs[position], other.refs[position]):
                 return position
         return None
@@ -292,6 +308,20 @@ class Stream(Records):
     def __init__(self, messages: Messages) -> None:
         super().__init__(messages)
         self._positions = Positions()
+
+    @classmethod
+    def of(cls, records: Records) -> Stream:
+        """The stream of a final read: each seq at its first place. A read that is exactly seqs
+        1, 2, 3, … (a healthy one) is shared, not copied."""
+        stream = cls(records.messages)
+        seqs = column(records.seqs)
+        if numpy.array_equal(seqs, numpy.arange(1, len(seqs) + 1)):
+            stream.seqs, stream.refs = records.seqs, records.refs
+            stream._positions.add_dense(len(seqs))
+        else:
+            for seq, ref in zip(records.seqs, records.refs):
+                stream.add(seq, ref)
+        return stream
 
     def add(self, seq: int, ref: int) -> None:
         """Map `seq` to `ref` unless it is already mapped."""
@@ -321,8 +351,7 @@ class Stream(Records):
     def sorted(self) -> Stream:
         """The same stream by seq."""
         ordered = Stream(self.messages)
-        order = numpy.argsort(column(self.seqs), kind="stable").tolist()
-        for position in order:
+        for position in indices(numpy.argsort(column(self.seqs), kind="stable")):
             ordered.add(self.seqs[position], self.refs[position])
         return ordered
 
