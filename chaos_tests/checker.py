@@ -75,6 +75,7 @@ from chaos_tests.history_index import (
     PayloadSeqs,
     Records,
     Stream,
+    INDICES_PER_CHUNK,
     column,
     index,
     indices,
@@ -430,24 +431,24 @@ class _Checker:
         later = self._later_by_invoke()
         if not len(completed) or not len(later):
             return
-        # For each later op, the completed op with the highest seq that completed before it was
-        # invoked (strictly): the first `done` completed.
-        later_t = column(ops.invoke_t)[later]
-        done = numpy.searchsorted(column(ops.complete_t)[completed], later_t, side="left")
-        del later_t
-        a_rows = completed[highest[numpy.maximum(done - 1, 0)]]
-        violated = numpy.flatnonzero((done > 0) & (self._known_seq(a_rows) >= self._known_seq(later)))
-        del done
+        completed_t = column(ops.complete_t)[completed]
         t0 = self.h.t_first
-        for i in indices(violated):
-            a, op = OpView(ops, int(a_rows[i])), OpView(ops, int(later[i]))
-            a_t, a_seq = ops.complete_t[a.row], ops.seq[a.row]
-            invoked_t, seq = ops.invoke_t[op.row], self._known_seq(numpy.array([op.row]))[0]
-            text = (
-                f"{a} completed ok as seq {a_seq} at {_seconds(a_t - t0):.6f} s, before {op} was invoked at "
-                f"{_seconds(invoked_t - t0):.6f} s, yet the later op has the lower or equal seq {seq}"
-            )
-            yield self._violation(7, text, [a_seq, int(seq)], [a.invoke.payload, op.invoke.payload])
+        # A chunk of later ops at a time, so the temporaries stay small.
+        for start in range(0, len(later), INDICES_PER_CHUNK):
+            part = later[start : start + INDICES_PER_CHUNK]
+            # For each later op, the completed op with the highest seq among those that completed
+            # (strictly) before it was invoked: the first `done` completed.
+            done = numpy.searchsorted(completed_t, column(ops.invoke_t)[part], side="left")
+            a_rows = completed[highest[numpy.maximum(done - 1, 0)]]
+            seqs = self._known_seq(part)
+            for i in indices(numpy.flatnonzero((done > 0) & (column(ops.seq)[a_rows] >= seqs))):
+                a, op = OpView(ops, int(a_rows[i])), OpView(ops, int(part[i]))
+                a_t, a_seq, invoked_t, seq = ops.complete_t[a.row], ops.seq[a.row], ops.invoke_t[op.row], int(seqs[i])
+                text = (
+                    f"{a} completed ok as seq {a_seq} at {_seconds(a_t - t0):.6f} s, before {op} was invoked at "
+                    f"{_seconds(invoked_t - t0):.6f} s, yet the later op has the lower or equal seq {seq}"
+                )
+                yield self._violation(7, text, [a_seq, seq], [a.invoke.payload, op.invoke.payload])
 
     def _completed_by_time(self) -> tuple[numpy.ndarray, numpy.ndarray]:
         """The ok ops' rows by completion (t, seq), ties in invoke order; and for each k, the
