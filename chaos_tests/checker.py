@@ -550,14 +550,18 @@ def _show_record(record: Record) -> str:
 
 def _fault_figures(h: Indexed) -> list[FaultFigure]:
     ops = h.ops
-    ok = ops.rows(OK)
-    complete_t, invoke_t = column(ops.complete_t)[ok], column(ops.invoke_t)[ok]
-    marks = numpy.concatenate(([h.t_first], numpy.sort(complete_t), [h.t_last])).astype(numpy.int64)
+    ok = ops.rows(OK).astype(ROW)
+    complete_t = column(ops.complete_t)[ok]
+    marks = numpy.empty(len(ok) + 2, dtype=numpy.int64)
+    marks[0], marks[1:-1], marks[-1] = h.t_first, complete_t, h.t_last
+    marks[1:-1].sort()
     gaps = numpy.diff(marks)  # gaps[i] is marks[i] .. marks[i + 1]
     # For leader recovery: ok ops by invoke time, and the earliest completion from each on.
-    order = numpy.lexsort((complete_t, invoke_t))
-    invoke_times = invoke_t[order]
+    order = numpy.lexsort((complete_t, column(ops.invoke_t)[ok]))
+    invoke_times = column(ops.invoke_t)[ok[order]]
+    del ok
     earliest_from = numpy.minimum.accumulate(complete_t[order][::-1])[::-1]
+    del order, complete_t
     figures = []
     for start, end in h.faults:
         start_t, end_t = start.t, end.t if end is not None else h.t_last
