@@ -1,6 +1,7 @@
 """The history of a chaos run: what every client, subscriber and the nemesis saw, in one file.
 
-One JSON object per line, written by ``HistoryRecorder`` and read back by ``load_history``.
+One JSON object per line, written by ``HistoryRecorder`` and read back by ``iter_history`` (as it
+streams) or ``load_history`` (a list).
 Every event carries ``kind`` (its tag, first) and ``t``: ``time.monotonic_ns()`` of the test
 process when the recorder took the event. One recorder, one clock, so the lines are in ``t``
 order and ``t`` is comparable across clients, subscribers and the nemesis.
