@@ -47,25 +47,42 @@ import argparse
 import bisect
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import msgspec
+import numpy
 
 from chaos_tests.history import (
     AnyEvent,
-    Complete,
-    Deliver,
     Fault,
-    FinalRead,
     HistoryError,
-    Invoke,
     Note,
     Record,
     SubConnect,
     SubReconnect,
-    load_history,
+    iter_history,
 )
+from chaos_tests.history_index import (
+    FAIL,
+    OK,
+    PENDING,
+    POWER_CUT_FAULT,
+    UNKNOWN,
+    Indexed,
+    Message,
+    OpView,
+    PayloadSeqs,
+    Records,
+    Stream,
+    INDICES_PER_CHUNK,
+    column,
+    index,
+    indices,
+)
+
+#: Op rows in numpy arrays (fewer than 2**31 ops: ``Ops`` refs are int32 too).
+ROW = numpy.int32
 
 INVARIANTS = {
     1: "one-record-per-seq",
@@ -84,12 +101,7 @@ VIOLATIONS_PER_INVARIANT_MAX = 20
 LOSS_INVARIANTS = (1, 2, 3, 5, 7)
 #: Ranges of lost acknowledged seqs shown in a report.
 LOSS_RANGES_SHOWN_MAX = 20
-#: The fault whose loss is expected in the "crash" durability mode.
-POWER_CUT_FAULT = "power_cut"
 NS_PER_S = 1_000_000_000
-
-#: ``(session, client_seq, payload)``: what a seq maps to.
-Message = tuple[str, int, str]
 
 
 class Violation(msgspec.Struct, frozen=True):
@@ -205,96 +217,6 @@ class Report(msgspec.Struct):
         return "\n".join(lines)
 
 
-# --- the history, indexed -----------------------------------------------------------------
-
-
-@dataclass
-class _Op:
-    invoke: Invoke
-    complete: Complete | None = None
-
-    @property
-    def outcome(self) -> str:
-        return self.complete.outcome if self.complete is not None else "unknown"
-
-    def __str__(self) -> str:
-        i = self.invoke
-        return f"op {i.op} ({i.client}, session {i.session}, client_seq {i.client_seq}, payload {i.payload!r})"
-
-
-@dataclass
-class _Indexed:
-    ops: dict[int, _Op] = field(default_factory=dict)
-    op_of_payload: dict[str, _Op] = field(default_factory=dict)
-    #: Per subscriber, its connects, reconnects and deliveries in file order.
-    subscriptions: dict[str, list[SubConnect | SubReconnect | Deliver]] = field(default_factory=dict)
-    final_reads: dict[str, list[Record]] = field(default_factory=dict)
-    faults: list[tuple[Fault, Fault | None]] = field(default_factory=list)
-    t_first: int = 0
-    t_last: int = 0
-
-
-def _index(events: Iterable[AnyEvent]) -> _Indexed:
-    """Group the events; raises ``HistoryError`` on a history that makes no sense."""
-    h = _Indexed()
-    read_parts: dict[str, int] = {}
-    expected_parts: dict[str, int] = {}
-    fault_at: dict[int, int] = {}
-    first = True
-    for event in events:
-        if first:
-            h.t_first = event.t
-            first = False
-        h.t_last = max(h.t_last, event.t)
-        kind = type(event)
-        if kind is Invoke:
-            if event.op in h.ops:
-                raise HistoryError(f"op {event.op} is invoked twice")
-            if event.payload in h.op_of_payload:
-                raise HistoryError(
-                    f"payload {event.payload!r} is invoked twice (ops {h.op_of_payload[event.payload].invoke.op} and {event.op}); payloads must be unique"
-                )
-            h.ops[event.op] = h.op_of_payload[event.payload] = _Op(event)
-        elif kind is Complete:
-            op = h.ops.get(event.op)
-            if op is None:
-                raise HistoryError(f"op {event.op} completes before it is invoked")
-            if op.complete is not None:
-                raise HistoryError(f"op {event.op} completes twice")
-            op.complete = event
-        elif kind is Deliver or kind is SubReconnect:
-            if event.sub not in h.subscriptions:
-                raise HistoryError(
-                    f"subscriber {event.sub!r} has a {'delivery' if kind is Deliver else 'reconnect'} before its sub_connect"
-                )
-            h.subscriptions[event.sub].append(event)
-        elif kind is SubConnect:
-            h.subscriptions.setdefault(event.sub, []).append(event)
-        elif kind is FinalRead:
-            done = read_parts.get(event.node, 0)
-            if event.part != done or expected_parts.setdefault(event.node, event.parts) != event.parts:
-                raise HistoryError(
-                    f"final read of {event.node}: part {event.part} of {event.parts} where part {done} of {expected_parts[event.node]} was due"
-                )
-            read_parts[event.node] = done + 1
-            h.final_reads.setdefault(event.node, []).extend(event.records)
-        elif kind is Fault:
-            if event.phase == "start":
-                if event.fault in fault_at:
-                    raise HistoryError(f"fault {event.fault} starts twice")
-                fault_at[event.fault] = len(h.faults)
-                h.faults.append((event, None))
-            else:
-                index = fault_at.get(event.fault)
-                if index is None or h.faults[index][1] is not None:
-                    raise HistoryError(f"fault {event.fault} ends without being in progress")
-                h.faults[index] = (h.faults[index][0], event)
-    for node, done in read_parts.items():
-        if done != expected_parts[node]:
-            raise HistoryError(f"final read of {node} is incomplete: {done} of {expected_parts[node]} parts")
-    return h
-
-
 def _seconds(ns: int) -> float:
     return ns / NS_PER_S
 
@@ -303,33 +225,34 @@ def _seconds(ns: int) -> float:
 
 
 class _Checker:
-    def __init__(self, h: _Indexed) -> None:
+    def __init__(self, h: Indexed) -> None:
         self.h = h
+        self.messages = h.messages
         self.reference_node: str | None = None
-        longest: list[Record] = []
+        longest: Records = Records(h.messages)
         for node, records in h.final_reads.items():
             if self.reference_node is None or len(records) > len(longest):
                 self.reference_node, longest = node, records
         self.longest = longest
         # The stream (seq -> message) and where each message was seen first.
-        self.stream: dict[int, Message] = {}
+        self.stream = Stream(h.messages)
         self.source_of: dict[int, tuple] = {}
         if self.reference_node is not None:
-            reference = ("final", self.reference_node)
-            for seq, session, client_seq, payload in longest:
-                if seq not in self.stream:
-                    self.stream[seq] = (session, client_seq, payload)
-                    self.source_of[seq] = reference
+            self.stream = Stream.of(longest)
         else:
-            for seq, message, source in self._observations():
-                if seq not in self.stream:
-                    self.stream[seq] = message
+            for seq, ref, source in self._observations():
+                if self.stream.ref(seq) is None:
+                    self.stream.add(seq, ref)
                     self.source_of[seq] = source
-            self.stream = dict(sorted(self.stream.items()))
+            self.stream = self.stream.sorted()
         #: Where each payload first is in the stream.
-        self.seq_of_payload: dict[str, int] = {}
-        for seq, (_, _, payload) in self.stream.items():
-            self.seq_of_payload.setdefault(payload, seq)
+        self.seq_of_payload = PayloadSeqs(h.messages)
+        for seq, ref in zip(self.stream.seqs, self.stream.refs):
+            self.seq_of_payload.setdefault(ref, seq)
+
+    def _source(self, seq: int) -> tuple:
+        """Where the stream's message at `seq` was seen first."""
+        return self.source_of[seq] if self.reference_node is None else ("final", self.reference_node)
 
     def _where(self, source: tuple) -> str:
         kind = source[0]
@@ -339,29 +262,32 @@ class _Checker:
             return f"the delivery to {source[1]} from {source[2]}"
         return f"the ack of {self.h.ops[source[1]]}"
 
-    def _observations(self) -> Iterator[tuple[int, Message, tuple]]:
-        """Every (seq, message, source) the history saw besides the reference final read."""
+    def _observations(self) -> Iterator[tuple[int, int, tuple]]:
+        """Every (seq, message ref, source) the history saw besides the reference final read."""
         for node, records in self.h.final_reads.items():
             if node != self.reference_node:
-                source = ("final", node)
-                for seq, session, client_seq, payload in records:
-                    yield seq, (session, client_seq, payload), source
-        for sub, events in self.h.subscriptions.items():
-            for e in events:
-                if type(e) is Deliver:
-                    yield e.seq, (e.session, e.client_seq, e.payload), ("delivery", sub, e.node)
-        for op in self.h.ops.values():
-            if op.outcome == "ok":
-                i = op.invoke
-                yield op.complete.seq, (i.session, i.client_seq, i.payload), ("ack", i.op)
+                yield from zip(records.seqs, records.refs, repeat(("final", node)))
+        for sub, subscription in self.h.subscriptions.items():
+            sources: dict[str, tuple] = {}
+            for seq, ref, node in subscription.delivered():
+                source = sources.get(node)
+                if source is None:
+                    source = sources[node] = ("delivery", sub, node)
+                yield seq, ref, source
+        ops = self.h.ops
+        for row in indices(ops.rows(OK)):
+            yield ops.seq[row], row, ("ack", ops.op_id(row))
 
     def one_record_per_seq(self) -> Iterator[Violation]:
         reported: set[tuple[int, Message]] = set()
-        for seq, message, source in self._observations():
-            known = self.stream.get(seq)
-            if known == message or (seq, message) in reported:
+        for seq, ref, source in self._observations():
+            known_ref = self.stream.ref(seq)
+            if known_ref is not None and self.messages.same(known_ref, ref):
                 continue
-            if known is None:
+            message = self.messages.message(ref)
+            if (seq, message) in reported:
+                continue
+            if known_ref is None:
                 # Only with a final read (otherwise every observation is in the stream). An
                 # acknowledged seq missing from it is invariant 5's lost write.
                 if source[0] == "delivery":
@@ -372,25 +298,28 @@ class _Checker:
                     )
                     yield self._violation(1, text, [seq], [message[2]])
             else:
+                known = self.messages.message(known_ref)
                 reported.add((seq, message))
-                text = f"seq {seq} is {_show(known)} in {self._where(self.source_of[seq])} but {_show(message)} in {self._where(source)}"
+                text = f"seq {seq} is {_show(known)} in {self._where(self._source(seq))} but {_show(message)} in {self._where(source)}"
                 yield self._violation(1, text, [seq], [known[2], message[2]])
 
     def final_reads_prefix(self) -> Iterator[Violation]:
         longest = self.longest
         for node, records in self.h.final_reads.items():
-            for position, record in enumerate(records, start=1):
-                if record[0] != position:
-                    after = f"after seq {records[position - 2][0]}" if position > 1 else "first"
-                    yield self._violation(
-                        2,
-                        f"the final read of {node} is not contiguous from 1: seq {record[0]} comes {after}, at position {position}",
-                        [record[0]],
-                        [record[3]],
-                    )
-                    break
-            if node != self.reference_node and records != longest[: len(records)]:
-                at = next(i for i, (a, b) in enumerate(zip(records, longest)) if a != b)
+            seqs = column(records.seqs)
+            out_of_place = numpy.flatnonzero(seqs != numpy.arange(1, len(seqs) + 1))
+            if len(out_of_place):
+                position = int(out_of_place[0]) + 1
+                record = records[position - 1]
+                after = f"after seq {records[position - 2][0]}" if position > 1 else "first"
+                yield self._violation(
+                    2,
+                    f"the final read of {node} is not contiguous from 1: seq {record[0]} comes {after}, at position {position}",
+                    [record[0]],
+                    [record[3]],
+                )
+            at = records.first_difference(longest) if node != self.reference_node else None
+            if at is not None:
                 mine, theirs = records[at], longest[at]
                 text = (
                     f"the final read of {node} ({len(records)} records) is not a prefix of the longest, {self.reference_node}'s "
@@ -437,9 +366,10 @@ class _Checker:
                     expected = e.seq + 1
 
     def payload_once(self) -> Iterator[Violation]:
-        for seq, (_, _, payload) in self.stream.items():
-            first = self.seq_of_payload[payload]
+        for seq, ref in zip(self.stream.seqs, self.stream.refs):
+            first = self.seq_of_payload.of_ref(ref)
             if first != seq:
+                payload = self.messages.payload(ref)
                 yield self._violation(
                     4,
                     f"payload {payload!r} is in the stream twice, at seq {first} and seq {seq}{self._of_op(payload)}",
@@ -447,16 +377,22 @@ class _Checker:
                     [payload],
                 )
 
+    def _acked_not_kept(self) -> Iterator[tuple[int, int, str]]:
+        """``(row, seq, payload)`` of each ``ok`` op whose payload is not at its acknowledged seq
+        of the stream."""
+        ops, stream = self.h.ops, self.stream
+        for row in indices(ops.rows(OK)):
+            seq, payload = ops.seq[row], ops.payload[row]
+            known = stream.ref(seq)
+            if known is None or (known != row and self.messages.payload(known) != payload):
+                yield row, seq, payload
+
     def acked_write_kept(self) -> Iterator[Violation]:
         if self.reference_node is None:
             return
-        for op in self.h.ops.values():
-            if op.outcome != "ok":
-                continue
-            seq, payload = op.complete.seq, op.invoke.payload
+        for row, seq, payload in self._acked_not_kept():
+            op = OpView(self.h.ops, row)
             message = self.stream.get(seq)
-            if message is not None and message[2] == payload:
-                continue
             found = self.seq_of_payload.get(payload)
             there = f"seq {seq} holds {message[2]!r}" if message is not None else f"the stream ends at seq {len(self.longest)}"
             if found is None:
@@ -475,8 +411,11 @@ class _Checker:
                 )
 
     def submitted_only(self) -> Iterator[Violation]:
-        for seq, (session, client_seq, payload) in self.stream.items():
-            op = self.h.op_of_payload.get(payload)
+        # A ref >= 0 is exactly an invoke's message: only messages kept in full can fail.
+        for position in indices(numpy.flatnonzero(column(self.stream.refs) < 0)):
+            seq = self.stream.seqs[position]
+            session, client_seq, payload = self.messages.message(self.stream.refs[position])
+            op = self.h.ops.by_payload(payload)
             if op is None:
                 yield self._violation(
                     6, f"seq {seq} holds {_show((session, client_seq, payload))}, which no client submitted", [seq], [payload]
@@ -487,35 +426,66 @@ class _Checker:
                 )
 
     def real_time_order(self) -> Iterator[Violation]:
-        completed = sorted(
-            ((op.complete.t, op.complete.seq, op) for op in self.h.ops.values() if op.outcome == "ok"), key=lambda item: item[:2]
-        )
-        later: list[tuple[int, int, _Op]] = []
-        for op in self.h.ops.values():
-            if op.outcome == "ok":
-                later.append((op.invoke.t, op.complete.seq, op))
-            elif op.outcome == "unknown" and op.invoke.payload in self.seq_of_payload:
-                later.append((op.invoke.t, self.seq_of_payload[op.invoke.payload], op))
-        later.sort(key=lambda item: item[0])
-        done = 0
-        highest: tuple[int, int, _Op] | None = None  # the op with the highest seq completed so far
-        for invoked_t, seq, op in later:
-            while done < len(completed) and completed[done][0] < invoked_t:
-                if highest is None or completed[done][1] > highest[1]:
-                    highest = completed[done]
-                done += 1
-            if highest is not None and highest[1] >= seq:
-                a_t, a_seq, a = highest
-                t0 = self.h.t_first
+        ops = self.h.ops
+        completed, highest = self._completed_by_time()
+        later = self._later_by_invoke()
+        if not len(completed) or not len(later):
+            return
+        completed_t = column(ops.complete_t)[completed]
+        t0 = self.h.t_first
+        # A chunk of later ops at a time, so the temporaries stay small.
+        for start in range(0, len(later), INDICES_PER_CHUNK):
+            part = later[start : start + INDICES_PER_CHUNK]
+            # For each later op, the completed op with the highest seq among those that completed
+            # (strictly) before it was invoked: the first `done` completed.
+            done = numpy.searchsorted(completed_t, column(ops.invoke_t)[part], side="left")
+            a_rows = completed[highest[numpy.maximum(done - 1, 0)]]
+            seqs = self._known_seq(part)
+            for i in indices(numpy.flatnonzero((done > 0) & (column(ops.seq)[a_rows] >= seqs))):
+                a, op = OpView(ops, int(a_rows[i])), OpView(ops, int(part[i]))
+                a_t, a_seq, invoked_t, seq = ops.complete_t[a.row], ops.seq[a.row], ops.invoke_t[op.row], int(seqs[i])
                 text = (
                     f"{a} completed ok as seq {a_seq} at {_seconds(a_t - t0):.6f} s, before {op} was invoked at "
                     f"{_seconds(invoked_t - t0):.6f} s, yet the later op has the lower or equal seq {seq}"
                 )
                 yield self._violation(7, text, [a_seq, seq], [a.invoke.payload, op.invoke.payload])
 
+    def _completed_by_time(self) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """The ok ops' rows by completion (t, seq), ties in invoke order; and for each k, the
+        index among them of the op with the highest seq of the first k + 1 (the earliest on ties)."""
+        ops = self.h.ops
+        ok = ops.rows(OK)
+        completed = ok[numpy.lexsort((column(ops.seq)[ok], column(ops.complete_t)[ok]))]
+        del ok
+        seqs = column(ops.seq)[completed]
+        rising = numpy.ones(len(seqs), dtype=bool)
+        rising[1:] = seqs[1:] > numpy.maximum.accumulate(seqs)[:-1]
+        del seqs
+        highest = numpy.maximum.accumulate(numpy.where(rising, numpy.arange(len(rising), dtype=ROW), 0))
+        return completed.astype(ROW), highest
+
+    def _known_seq(self, rows: numpy.ndarray | slice = slice(None)) -> numpy.ndarray:
+        """Per op row (all by default): its acknowledged seq (ok), its first seq in the stream
+        (unknown), or 0."""
+        outcome = column(self.h.ops.outcome)[rows]
+        in_stream = column(self.seq_of_payload.of_row)[rows]
+        return numpy.where(outcome == OK, column(self.h.ops.seq)[rows], numpy.where(outcome == FAIL, 0, in_stream))
+
+    def _later_by_invoke(self) -> numpy.ndarray:
+        """The rows of the ops with a known seq, by invoke time (ties in invoke order)."""
+        ops = self.h.ops
+        later = numpy.flatnonzero(self._known_seq()).astype(ROW)
+        return later[numpy.argsort(column(ops.invoke_t)[later], kind="stable")]
+
     def session_order(self) -> Iterator[Violation]:
         highest: dict[str, tuple[int, int]] = {}  # session -> (client_seq, seq), highest client_seq so far
-        for seq, (session, client_seq, payload) in self.stream.items():
+        ops, full = self.h.ops, self.messages.full
+        names, op_session, op_client_seq = ops.names.names, ops.session, ops.client_seq
+        for seq, ref in zip(self.stream.seqs, self.stream.refs):
+            if ref >= 0:
+                session, client_seq = names[op_session[ref]], op_client_seq[ref]
+            else:
+                session, client_seq, _ = full[-ref - 1]
             top = highest.get(session)
             if top is None or client_seq > top[0]:
                 highest[session] = (client_seq, seq)
@@ -525,22 +495,22 @@ class _Checker:
                 what = f"client_seq {client_seq} is sequenced twice, at seq {top_seq} and seq {seq}"
             else:
                 what = f"client_seq {client_seq} is at seq {seq}, after client_seq {top_client_seq} at seq {top_seq}"
-            yield self._violation(8, f"session {session}: {what}", [top_seq, seq], [self.stream[top_seq][2], payload])
+            yield self._violation(8, f"session {session}: {what}", [top_seq, seq], [self.stream[top_seq][2], self.messages.payload(ref)])
 
     def failed_not_committed(self) -> Iterator[Violation]:
-        for op in self.h.ops.values():
-            if op.outcome == "fail":
-                seq = self.seq_of_payload.get(op.invoke.payload)
-                if seq is not None:
-                    yield self._violation(
-                        9,
-                        f"{op} failed ({op.complete.reason or 'no reason given'}) but is in the stream at seq {seq}",
-                        [seq],
-                        [op.invoke.payload],
-                    )
+        for row in indices(self.h.ops.rows(FAIL)):
+            seq = self.seq_of_payload.of_row[row]
+            if seq:
+                op = OpView(self.h.ops, row)
+                yield self._violation(
+                    9,
+                    f"{op} failed ({op.complete.reason or 'no reason given'}) but is in the stream at seq {seq}",
+                    [seq],
+                    [op.invoke.payload],
+                )
 
     def _of_op(self, payload: str) -> str:
-        op = self.h.op_of_payload.get(payload)
+        op = self.h.ops.by_payload(payload)
         return f" (submitted by {op})" if op is not None else ""
 
     @staticmethod
@@ -578,18 +548,20 @@ def _show_record(record: Record) -> str:
 # --- availability -------------------------------------------------------------------------
 
 
-def _fault_figures(h: _Indexed) -> list[FaultFigure]:
-    oks = sorted(op.complete.t for op in h.ops.values() if op.outcome == "ok")
-    marks = [h.t_first, *oks, h.t_last]
-    gaps = [b - a for a, b in zip(marks, marks[1:])]  # gaps[i] is marks[i] .. marks[i + 1]
+def _fault_figures(h: Indexed) -> list[FaultFigure]:
+    ops = h.ops
+    ok = ops.rows(OK).astype(ROW)
+    complete_t = column(ops.complete_t)[ok]
+    marks = numpy.empty(len(ok) + 2, dtype=numpy.int64)
+    marks[0], marks[1:-1], marks[-1] = h.t_first, complete_t, h.t_last
+    marks[1:-1].sort()
+    gaps = numpy.diff(marks)  # gaps[i] is marks[i] .. marks[i + 1]
     # For leader recovery: ok ops by invoke time, and the earliest completion from each on.
-    by_invoke = sorted((op.invoke.t, op.complete.t) for op in h.ops.values() if op.outcome == "ok")
-    invoke_times = [invoked for invoked, _ in by_invoke]
-    earliest_from = [0] * len(by_invoke)
-    running = None
-    for i in range(len(by_invoke) - 1, -1, -1):
-        running = by_invoke[i][1] if running is None else min(running, by_invoke[i][1])
-        earliest_from[i] = running
+    order = numpy.lexsort((complete_t, column(ops.invoke_t)[ok]))
+    invoke_times = column(ops.invoke_t)[ok[order]]
+    del ok
+    earliest_from = numpy.minimum.accumulate(complete_t[order][::-1])[::-1]
+    del order, complete_t
     figures = []
     for start, end in h.faults:
         start_t, end_t = start.t, end.t if end is not None else h.t_last
@@ -597,12 +569,12 @@ def _fault_figures(h: _Indexed) -> list[FaultFigure]:
         # last mark before end_t.
         first_gap = max(0, bisect.bisect_right(marks, start_t) - 1)
         last_gap = max(first_gap, min(len(gaps) - 1, bisect.bisect_left(marks, end_t) - 1))
-        longest = max(gaps[first_gap : last_gap + 1], default=0)
+        longest = int(gaps[first_gap : last_gap + 1].max(initial=0))
         recovery = None
         if start.hit_leader:
             i = bisect.bisect_left(invoke_times, start_t)
-            if i < len(by_invoke):
-                recovery = _seconds(earliest_from[i] - start_t)
+            if i < len(invoke_times):
+                recovery = _seconds(int(earliest_from[i]) - start_t)
         figures.append(
             FaultFigure(
                 start.fault,
@@ -621,7 +593,7 @@ def _fault_figures(h: _Indexed) -> list[FaultFigure]:
 # --- entry points -------------------------------------------------------------------------
 
 
-def loss_expected(events: Sequence[AnyEvent]) -> bool:
+def loss_expected(events: Iterable[AnyEvent]) -> bool:
     """Whether the history has a power cut of nodes whose durability is "crash": the
     ``scenario`` note's ``durability`` field ("crash" when absent) and a ``power_cut`` fault."""
     durability = "crash"
@@ -635,13 +607,13 @@ def loss_expected(events: Sequence[AnyEvent]) -> bool:
 
 
 def check(events: Iterable[AnyEvent]) -> Report:
-    """Check a loaded history (``load_history``). Raises ``HistoryError`` on a history that
-    makes no sense (an op completing twice, a payload invoked twice, a final read missing a
-    part, …). Where a loss is expected (``loss_expected``), violations of ``LOSS_INVARIANTS``
-    are counted as excused and the loss is reported; every other invariant must still hold."""
-    events = list(events)
-    expected = loss_expected(events)
-    h = _index(events)
+    """Check a history: a loaded one (``load_history``) or one read as it streams
+    (``iter_history``), in one pass. Raises ``HistoryError`` on a history that makes no sense
+    (an op completing twice, a payload invoked twice, a final read missing a part, …). Where a
+    loss is expected (``loss_expected``), violations of ``LOSS_INVARIANTS`` are counted as
+    excused and the loss is reported; every other invariant must still hold."""
+    h = index(events)
+    expected = h.loss_expected
     checker = _Checker(h)
     shown: list[Violation] = []
     counts: dict[str, int] = {}
@@ -654,11 +626,7 @@ def check(events: Iterable[AnyEvent]) -> Report:
             counts[violation.name] = counts.get(violation.name, 0) + 1
             if counts[violation.name] <= VIOLATIONS_PER_INVARIANT_MAX:
                 shown.append(violation)
-    notes = [
-        f"{e.fields.get('node')} can no longer serve seqs {e.fields.get('first')}..{e.fields.get('last')} (skipped by its final read)"
-        for e in events
-        if type(e) is Note and e.text == "unservable"
-    ]
+    notes = list(h.unservable)
     if checker.reference_node is None:
         notes.append("no final read: the stream is what deliveries and acks saw; final-reads-prefix and acked-write-kept were not checked")
     return Report(
@@ -675,21 +643,16 @@ def check(events: Iterable[AnyEvent]) -> Report:
     )
 
 
-def _loss(h: _Indexed, checker: _Checker) -> Loss:
+def _loss(h: Indexed, checker: _Checker) -> Loss:
     """The acknowledged ops not at their acknowledged seq of the final stream (none without a
     final read: nothing to compare with)."""
     loss = Loss()
     if checker.reference_node is None:
         return loss
     seqs = []
-    for op in h.ops.values():
-        if op.outcome != "ok":
-            continue
-        message = checker.stream.get(op.complete.seq)
-        if message is not None and message[2] == op.invoke.payload:
-            continue
-        seqs.append(op.complete.seq)
-        if op.invoke.payload in checker.seq_of_payload:
+    for _, seq, payload in checker._acked_not_kept():
+        seqs.append(seq)
+        if payload in checker.seq_of_payload:
             loss.renumbered += 1
         else:
             loss.lost += 1
@@ -704,26 +667,25 @@ def _loss(h: _Indexed, checker: _Checker) -> Loss:
     return loss
 
 
-def _counts(h: _Indexed, checker: _Checker) -> Counts:
-    c = Counts(ops=len(h.ops), subscribers=len(h.subscriptions), faults=len(h.faults))
-    for op in h.ops.values():
-        outcome = op.outcome
-        if outcome == "ok":
-            c.ok += 1
-        elif outcome == "fail":
-            c.fail += 1
-        else:
-            c.unknown += 1
-            c.never_completed += op.complete is None
-            c.unknown_in_stream += op.invoke.payload in checker.seq_of_payload
-    c.deliveries = sum(type(e) is Deliver for events in h.subscriptions.values() for e in events)
+def _counts(h: Indexed, checker: _Checker) -> Counts:
+    ops = h.ops
+    c = Counts(ops=len(ops), subscribers=len(h.subscriptions), faults=len(h.faults))
+    outcome = column(ops.outcome)
+    c.ok = int(numpy.count_nonzero(outcome == OK))
+    c.fail = int(numpy.count_nonzero(outcome == FAIL))
+    unknown = (outcome == UNKNOWN) | (outcome == PENDING)
+    c.unknown = int(numpy.count_nonzero(unknown))
+    c.never_completed = int(numpy.count_nonzero(outcome == PENDING))
+    c.unknown_in_stream = int(numpy.count_nonzero(unknown & (column(checker.seq_of_payload.of_row) != 0)))
+    c.deliveries = sum(subscription.deliveries for subscription in h.subscriptions.values())
     c.final_reads = {node: len(records) for node, records in h.final_reads.items()}
     c.stream_length = len(checker.stream)
     return c
 
 
 def check_file(path: str) -> Report:
-    return check(load_history(path))
+    """Check the history file at `path`, reading it as it streams."""
+    return check(iter_history(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The history of a chaos run: what every client, subscriber and the nemesis saw, in one file.
 
-One JSON object per line, written by ``HistoryRecorder`` and read back by ``load_history``.
+One JSON object per line, written by ``HistoryRecorder`` and read back by ``iter_history`` (as it
+streams) or ``load_history`` (a list).
 Every event carries ``kind`` (its tag, first) and ``t``: ``time.monotonic_ns()`` of the test
 process when the recorder took the event. One recorder, one clock, so the lines are in ``t``
 order and ``t`` is comparable across clients, subscribers and the nemesis.
@@ -45,7 +46,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -255,23 +256,28 @@ class HistoryRecorder:
         self._file.write(self._encoder.encode(event) + b"\n")
 
 
-def load_history(path: str | os.PathLike[str]) -> list[AnyEvent]:
-    """Every event of the file at `path`, in file order. Raises ``HistoryError`` naming the
-    file and line of the first line that is not a valid event (a torn last line included)."""
+def iter_history(path: str | os.PathLike[str]) -> Iterator[AnyEvent]:
+    """Every event of the file at `path`, in file order, read as it streams: a history may be
+    larger than memory. Raises ``HistoryError`` naming the file and line of the first line that
+    is not a valid event (a torn last line included)."""
     path = os.fspath(path)
-    events: list[AnyEvent] = []
     try:
         with open(path, "rb") as file:
             for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
                 try:
-                    events.append(_decoder.decode(line))
+                    event = _decoder.decode(line)
                 except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
                     raise HistoryError(f"{path}:{number}: not a valid history event: {exc}") from None
+                yield event
     except OSError as exc:
         raise HistoryError(f"cannot read history {path}: {exc}") from exc
-    return events
+
+
+def load_history(path: str | os.PathLike[str]) -> list[AnyEvent]:
+    """Every event of the file at `path` in a list (``iter_history``)."""
+    return list(iter_history(path))
 
 
 __all__ = [
@@ -290,5 +296,6 @@ __all__ = [
     "Record",
     "SubConnect",
     "SubReconnect",
+    "iter_history",
     "load_history",
 ]

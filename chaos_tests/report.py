@@ -11,12 +11,15 @@ each fault did.
 from __future__ import annotations
 
 import os
+from array import array
 from collections import defaultdict
+from collections.abc import Iterable
 
 import msgspec
 
 from chaos_tests.checker import Report
-from chaos_tests.history import Complete, Fault, Invoke, Note, load_history
+from chaos_tests.history import AnyEvent, Complete, Fault, Invoke, Note, iter_history
+from chaos_tests.history_index import Positions
 
 #: Invariants the checker knows, in order (the report lists each with its verdict).
 INVARIANTS = (
@@ -32,21 +35,23 @@ INVARIANTS = (
 )
 
 
-def _timeline(events: list) -> dict:
-    """Per-second figures from a loaded history."""
-    if not events:
-        return {"seconds": [], "acks": [], "latency_p50_ms": [], "latency_max_ms": [], "faults": [], "leaders": []}
-    t0 = events[0].t
-    invoked: dict[int, int] = {}
-    latencies: dict[int, list[float]] = defaultdict(list)
+def _timeline(events: Iterable[AnyEvent]) -> dict:
+    """Per-second figures from a history, read in one pass (it may be larger than memory).
+    Also returns, under ``"t0"``, the first event's ``t`` (``None`` without events)."""
+    t0 = last_t = None
+    invoked = _InvokeTimes()
+    latencies: dict[int, array] = defaultdict(lambda: array("d"))
     faults: dict[int, dict] = {}
     leaders = []
     for e in events:
+        if t0 is None:
+            t0 = e.t
+        last_t = e.t
         kind = type(e)
         if kind is Invoke:
-            invoked[e.op] = e.t
-        elif kind is Complete and e.outcome == "ok" and e.op in invoked:
-            latencies[int((e.t - t0) // 1_000_000_000)].append((e.t - invoked[e.op]) / 1e6)
+            invoked.add(e.op, e.t)
+        elif kind is Complete and e.outcome == "ok" and (invoked_t := invoked.get(e.op)) is not None:
+            latencies[int((e.t - t0) // 1_000_000_000)].append((e.t - invoked_t) / 1e6)
         elif kind is Fault:
             if e.phase == "start":
                 faults[e.fault] = {"name": e.name, "start_s": (e.t - t0) / 1e9, "end_s": None, "leader": e.details.get("role") == "leader"}
@@ -54,7 +59,9 @@ def _timeline(events: list) -> dict:
                 faults[e.fault]["end_s"] = (e.t - t0) / 1e9
         elif kind is Note and e.text == "leader":
             leaders.append({"at_s": (e.t - t0) / 1e9, "leader": e.fields.get("leader", ""), "term": e.fields.get("term", 0)})
-    last = int((events[-1].t - t0) // 1_000_000_000)
+    if t0 is None:
+        return {"seconds": [], "acks": [], "latency_p50_ms": [], "latency_max_ms": [], "faults": [], "leaders": [], "t0": None}
+    last = int((last_t - t0) // 1_000_000_000)
     seconds = list(range(last + 1))
     acks, p50, peak = [], [], []
     for s in seconds:
@@ -62,7 +69,7 @@ def _timeline(events: list) -> dict:
         acks.append(len(values))
         p50.append(values[len(values) // 2] if values else None)
         peak.append(values[-1] if values else None)
-    end = (events[-1].t - t0) / 1e9
+    end = (last_t - t0) / 1e9
     for f in faults.values():
         if f["end_s"] is None:
             f["end_s"] = end
@@ -73,14 +80,35 @@ def _timeline(events: list) -> dict:
         "latency_max_ms": peak,
         "faults": list(faults.values()),
         "leaders": leaders,
+        "t0": t0,
     }
+
+
+class _InvokeTimes:
+    """Op id → invoke ``t``, in a column (``Positions`` numbers the op ids)."""
+
+    def __init__(self) -> None:
+        self._rows = Positions()
+        self._times = array("q")
+
+    def add(self, op: int, t: int) -> None:
+        row = self._rows.get(op)
+        if row is None:
+            self._rows.add(op)
+            self._times.append(t)
+        else:
+            self._times[row] = t
+
+    def get(self, op: int) -> int | None:
+        row = self._rows.get(op)
+        return self._times[row] if row is not None else None
 
 
 def write_report(directory: str, history_path: str, report: Report, run: dict) -> dict:
     """Write ``report.json`` and ``timeline.png`` into `directory`; returns the JSON document."""
     os.makedirs(directory, exist_ok=True)
-    events = load_history(history_path)
-    timeline = _timeline(events)
+    timeline = _timeline(iter_history(history_path))
+    t0 = timeline.pop("t0")
     counts = report.violation_counts
     document = {
         "run": run,
@@ -104,8 +132,8 @@ def write_report(directory: str, history_path: str, report: Report, run: dict) -
     with open(os.path.join(directory, "report.json"), "w") as f:
         f.write(msgspec.json.format(msgspec.json.encode(document)).decode())
     samples = run.get("samples") or []
-    if samples and events:  # on the timeline's clock (seconds since the history's first event)
-        samples = [{**s, "at_s": round((s["at_ns"] - events[0].t) / 1e9, 1)} for s in samples]
+    if samples and t0 is not None:  # on the timeline's clock (seconds since the history's first event)
+        samples = [{**s, "at_s": round((s["at_ns"] - t0) / 1e9, 1)} for s in samples]
     draw_timeline(
         timeline,
         os.path.join(directory, "timeline.png"),
