@@ -21,11 +21,11 @@ def raftseq(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_chaos_list_names_every_scenario():
-    from chaos_tests.scenarios import SCENARIOS, SOAK
+    from chaos_tests.scenarios import SCENARIOS, SOAKS
 
     done = raftseq("chaos", "list")
     assert done.returncode == 0, done.stderr
-    assert [line.split()[0] for line in done.stdout.splitlines()] == [*SCENARIOS, SOAK.name]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [*SCENARIOS, *SOAKS]
 
 
 def test_chaos_options_reach_the_suite_and_bad_ones_are_refused():

@@ -43,6 +43,8 @@ HTTP_TIMEOUT_S = 5.0
 STOP_GRACE_S = 10.0
 MESSAGES = 300
 MESSAGES_AFTER_FAILOVER = 100
+#: Families a node exports only in some states: no sample, so no series, in this test's cluster.
+SAMPLES_ONLY_SOMETIMES = frozenset({"raftseq_learner_lag_entries"})  # only while a learner catches up
 
 
 def free_loopback_port(rng: random.Random) -> int:
@@ -264,11 +266,11 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
 
     # Every metric a node exports reached Prometheus, and every dashboard query runs.
     stored = set(prom.get("/api/v1/label/__name__/values"))
-    missing = sorted(node_sample_names() - stored)
+    missing = sorted(node_sample_names() - stored - SAMPLES_ONLY_SOMETIMES)
     assert not missing, f"exported by the nodes but not in Prometheus: {missing}"
     failed = []
     for where, expr in dashboard_expressions(load_dashboard()):
-        assert metric_names(expr) <= stored, f"{where}: {metric_names(expr) - stored}"
+        assert metric_names(expr) - SAMPLES_ONLY_SOMETIMES <= stored, f"{where}: {metric_names(expr) - stored}"
         concrete = expr.replace("$__rate_interval", "2s").replace('"$node"', '".*"')
         if concrete.startswith("label_values("):
             continue

@@ -95,13 +95,15 @@ ENDPOINTS_HELP = f"comma-separated HOST:PORT client endpoints (default ${ENDPOIN
 TOKEN_HELP = f"client token (default ${TOKEN_ENV}; none when unset)"
 
 
-def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+def add_cluster_options(parser: argparse.ArgumentParser, *, tls: bool = True) -> None:
     """``--endpoints``, ``--token`` and the TLS options: how every command that talks to a
     cluster reaches it. ``args.endpoints`` is a list of ``HOST:PORT`` strings; ``cluster_tls(args)``
-    the TLS options (None: plaintext)."""
+    the TLS options (None: plaintext). `tls` False: a command that cannot speak TLS yet does not
+    offer the options (rather than take and ignore them)."""
     parser.add_argument("--endpoints", type=endpoint_list, default=endpoints_default(), metavar="HOST:PORT,...", help=ENDPOINTS_HELP)
     parser.add_argument("--token", default=token_from_env(), help=TOKEN_HELP)
-    add_tls_options(parser)
+    if tls:
+        add_tls_options(parser)
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:

@@ -273,7 +273,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"give up after S seconds without a message (default {conformance.IDLE_TIMEOUT_S:g})",
     )  # fmt: skip
     rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    add_cluster_options(rec)
+    add_cluster_options(rec, tls=False)
 
     ver = add_command(
         ssub,
@@ -292,5 +292,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
     """``--endpoints``, ``--token`` and ``--timeout`` of ``check`` and ``snapshots``."""
-    add_cluster_options(parser)
+    add_cluster_options(parser, tls=False)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")

@@ -485,10 +485,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 WIDE,
                 "Refusals by reason",
                 "Submits and requests refused per second, by reason (busy, not_leader, outcome_unknown, …), and those of "
-                "named credentials by credential and limit (raftseq cred; docs/operating.md, Credentials and quotas).",
+                "named credentials by credential and limit (raftseq cred; docs/operating.md, Credentials and quotas), and "
+                "connections refused at the TLS handshake by reason (docs/operating.md, TLS).",
                 [
                     (f"sum by (reason) (rate(raftseq_refusals_total{{{N}}}[{RATE}]))", "{{reason}}"),
                     (f"sum by (credential, limit) (rate(raftseq_credential_refusals_total{{{N}}}[{RATE}]))", "{{credential}} {{limit}}"),
+                    (f"sum by (reason) (rate(raftseq_tls_refusals_total{{{N}}}[{RATE}]))", "TLS {{reason}}"),
                 ],
                 unit="ops",
             ),
