@@ -128,9 +128,14 @@ class CatchUp:
         verify_failures: MutableMapping[str, int],
         on_filled: Callable[[], None],
         repair_attempts_max: int = 6,
+        members: Callable[[], Sequence[Peer]] | None = None,
     ) -> None:
+        """`peers`: the config's; `members`, when given, the current other members (they
+        change with ``raftseq member``: a removed peer is not asked any more, and does not
+        keep a journal that joined behind the cluster's retention waiting for its answer)."""
         self.journal = journal
-        self.peers = peers
+        self._config_peers = list(peers)
+        self._members = members
         self.session = f"catchup.{node_id}"
         self.token = token
         self.tls = tls
@@ -147,6 +152,10 @@ class CatchUp:
         #: of the hole this journal starts with (``_truncated_everywhere``).
         self._truncated: dict[str, int] = {}
 
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._members()) if self._members is not None else self._config_peers
+
     def _target(self) -> _Target | None:
         journal = self.journal
         if journal.holes:
@@ -157,8 +166,8 @@ class CatchUp:
         return None
 
     async def run(self) -> None:
-        peers = self.peers
         while True:
+            peers = self.peers
             target = self._target()
             if target is None or not peers:
                 self._misses, self._refused = 0, False
@@ -197,7 +206,10 @@ class CatchUp:
         if target.what != "hole" or not journal.holes or journal.holes[0][0] != journal.first_seq:
             return False
         self._truncated[peer_id] = first_seq
-        if len(self._truncated) < len({p.id for p in self.peers}):
+        members = {p.id for p in self.peers}
+        for gone in set(self._truncated) - members:
+            del self._truncated[gone]
+        if not members or set(self._truncated) != members:
             return False
         start = min(min(self._truncated.values()), journal.holes[0][1] + 1)
         self._truncated.clear()

@@ -368,6 +368,7 @@ class Node:
             verify_failures=self.metrics.verify_failures,
             on_filled=self.publication.wake,
             repair_attempts_max=self.config.journal.repair_attempts_max,
+            members=self._other_members,
         )
         metrics_server = None
         if self.config.metrics_address:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from raftseq.clients.errors import Truncated
 from raftseq.cluster import catchup
 from raftseq.cluster.node_exit import NodeCannotRun
 from raftseq.sequencer.protocol.frames import RejectReason
@@ -123,3 +124,56 @@ def test_a_peer_that_goes_away_mid_fetch_is_unreachable_not_lacking(monkeypatch)
 def test_peers_that_answer_and_lack_the_range_still_end_the_node(monkeypatch):
     with pytest.raises(NodeCannotRun, match="no peer could repair it"):
         _run({"a:1": "refuses", "b:2": "unreachable"}, monkeypatch)
+
+
+class _StartHoleJournal(_HoleJournal):
+    """A journal that joined empty: it lacks 1..10 and starts with that hole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holes = [(1, 10)]
+        self.fill_next_seq = 1
+        self.first_seq = 1
+        self.started_at = 0
+
+    def start_at(self, seq: int) -> None:
+        self.started_at = seq
+        self.holes = []
+
+
+class _TruncatedStream(_Stream):
+    async def __anext__(self):
+        raise Truncated(1, 7)  # the peer's retention removed 1..6
+
+
+def test_a_removed_peer_does_not_keep_a_journal_behind_retention_waiting(monkeypatch):
+    """The ops soak (1 run in 2 of its short test): n4 replaced n2 and joined behind every
+    peer's retention; catch-up asked the peers of n4's config, n2 among them, gone since its
+    removal: "truncated everywhere" never held, and after a few attempts n4 stopped with "no
+    peer could repair it". Catch-up asks the current members."""
+    monkeypatch.setattr(catchup, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(_Connection, "subscribe", lambda self, start, **kwargs: _TruncatedStream(self.what, self.address))
+
+    async def scenario() -> _StartHoleJournal:
+        stop = asyncio.Event()
+        peers = _Peers({"a:1": "truncated", "b:2": "unreachable"}, stop)
+        monkeypatch.setattr(catchup, "open_connection", peers.open_connection)
+        journal = _StartHoleJournal()
+        configured = [SimpleNamespace(id="n3", client_address="a:1"), SimpleNamespace(id="n2", client_address="b:2")]
+        task = catchup.CatchUp(
+            journal,
+            configured,
+            node_id="n4",
+            token="",
+            verify_failures=Counter(),
+            on_filled=stop.set,
+            repair_attempts_max=ATTEMPTS_MAX,
+            members=lambda: configured[:1],  # n2 was removed
+        )
+        runner = asyncio.create_task(task.run())
+        await asyncio.wait_for(stop.wait(), 10)
+        runner.cancel()
+        return journal
+
+    journal = asyncio.run(scenario())
+    assert journal.started_at == 7 and journal.holes == []
