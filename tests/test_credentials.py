@@ -227,3 +227,14 @@ def test_cli_add_list_revoke(tmp_path, capsys):
 
 def _fields(credential) -> dict:
     return {name: getattr(credential, name) for name in credential.__struct_fields__}
+
+
+@pytest.mark.parametrize("rate", ["inf", "nan", "-1", "lots"])
+def test_cli_refuses_a_rate_that_is_not_a_finite_number_at_least_0(tmp_path, capsys, rate):
+    # "inf" was taken as a quota of infinity per second.
+    path = tmp_path / "c.json"
+    with pytest.raises(SystemExit) as stopped:
+        main(["cred", "add", str(path), "x", "--messages-per-s", rate])
+    assert stopped.value.code == 2
+    assert "--messages-per-s" in capsys.readouterr().err
+    assert not path.exists()

@@ -48,6 +48,17 @@ positive = whole_number(1)
 non_negative = whole_number(0)
 
 
+def non_negative_rate(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a rate; 0 usually means no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """An argparse type: a finite number of seconds > 0."""
     try:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, add_command, add_output_option, command_group, non_negative
+from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_OK, add_command, add_output_option, command_group, non_negative, non_negative_rate
 
 
 def _edit(path: str, change: Callable[[dict], str]) -> int:
@@ -126,16 +126,6 @@ def cmd_cred_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from raftseq.cluster.credentials import ROLES
 
@@ -152,8 +142,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--role", action="append", choices=ROLES, help="a role (repeat for several; default submit and subscribe)")
     add.add_argument("--prefix", action="append", default=[], metavar="P", help="a session-name prefix it may use (repeat; default any)")
     add.add_argument("--priority", action="store_true", help="its submits take the priority lane (control traffic)")
-    add.add_argument("--messages-per-s", type=_rate, default=0.0, metavar="N", help="submits a second (0: no limit)")
-    add.add_argument("--bytes-per-s", type=_rate, default=0.0, metavar="N", help="payload bytes a second (0: no limit)")
+    add.add_argument("--messages-per-s", type=non_negative_rate, default=0.0, metavar="N", help="submits a second (0: no limit)")
+    add.add_argument("--bytes-per-s", type=non_negative_rate, default=0.0, metavar="N", help="payload bytes a second (0: no limit)")
     add.add_argument("--sessions-max", type=non_negative, default=0, metavar="N", help="sessions at once per node (0: no limit)")
     add.add_argument("--subscriptions-max", type=non_negative, default=0, metavar="N", help="subscriptions per node (0: no limit)")
     add.add_argument("--connections-max", type=non_negative, default=0, metavar="N", help="connections per node (0: no limit)")
