@@ -126,6 +126,30 @@ def test_release_records_the_start_and_a_restart_starts_there(tmp_path):
         fill(journal, 401, 405)
 
 
+def test_release_up_to_a_hole_leaves_a_journal_that_starts_with_the_hole(tmp_path):
+    """A node back from a Raft snapshot holds 1..K, a hole K+1..J and J+1..: its retention
+    floor is the hole's start, so the segments up to K may go; the journal then starts with
+    the hole, now and after a restart, and the hole is still filled from a peer."""
+    directory = str(tmp_path / "j")
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        fill(journal, 1, 300)
+        hole_first = journal.last_seq + 1
+        journal.skip_to(hole_first + 500)
+        fill(journal, hole_first + 500, hole_first + 520)
+        assert journal.holes == [(hole_first, hole_first + 499)]
+        gone = journal.release_below(hole_first)
+        assert gone and gone[-1].end_seq == hole_first
+        node_retention.remove_files(gone, directory)
+        assert journal.first_seq == hole_first and journal.first_retained_seq == hole_first
+    with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:
+        assert journal.holes == [(hole_first, hole_first + 499)]
+        assert journal.first_seq == hole_first and journal.last_seq == hole_first + 520
+        for first in range(hole_first, hole_first + 500, 100):
+            journal.fill(b"".join(frame(seq) for seq in range(first, first + 100)), first, first + 99)
+        assert journal.holes == []
+        assert [r.seq for r in journal.records(hole_first, hole_first + 2)] == [hole_first, hole_first + 1, hole_first + 2]
+
+
 def test_a_crash_between_the_record_and_the_unlink_leaves_readable_old_segments(tmp_path):
     directory = str(tmp_path / "j")
     with Journal.open(directory, segment_bytes_max=SEGMENT_BYTES, start_seq=1) as journal:

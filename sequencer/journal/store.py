@@ -390,11 +390,14 @@ class Journal(ClosedOnExit):
         """Retention: the journal starts at `seq` from now on. Records ``FIRST_RETAINED_FILE``
         (fsynced) first, unless the caller did (``recorded``: off the loop), then drops the
         sealed segments wholly below `seq` and returns them; the caller removes (or archives)
-        their files. `seq` must start a segment and lie below every hole and damage."""
+        their files. `seq` must start a segment or the first hole (the journal then starts with
+        that hole, as one that joined empty does) and lie below every hole and damage."""
         assert not self.readonly, "release_below on a read-only journal"
         gone = [s for s in self._segments if s.end_seq <= seq]
         assert gone and all(s.sealed for s in gone), f"release_below({seq}): no sealed segment wholly below it"
-        assert len(gone) < len(self._segments) and self._segments[len(gone)].first_seq == seq, f"release_below({seq}) inside a segment"
+        assert len(gone) < len(self._segments), f"release_below({seq}) would leave no segment"
+        starts_hole = bool(self.holes) and self.holes[0][0] == seq
+        assert starts_hole or self._segments[len(gone)].first_seq == seq, f"release_below({seq}) inside a segment"
         assert not self.holes or self.holes[0][0] >= seq, f"release_below({seq}) across hole {self.holes[0]}"
         assert self.damage.next_from(0) is None or self.damage.next_from(0).first_seq >= seq, "release_below across damage"
         if not recorded:
