@@ -1487,3 +1487,33 @@ def test_a_failed_append_is_reported_counts_for_nothing_and_the_next_append_over
     with open_journal(tmp_path, readonly=True) as again:
         assert not again.recovery.bytes_cut
         assert [r.seq for r in again.records()] == list(range(1, 18))
+
+
+def test_a_live_tail_read_asks_the_file_for_no_more_than_the_segment_holds(tmp_path, monkeypatch):
+    """A subscriber at the tail reads a few records per block: the cursor must not ask the file
+    for ``SUBSCRIBER_BLOCK_BYTES`` and shrink the result (the 256 KiB allocation shrunk to a few
+    KiB, block after block, fragmented the node's heap: RSS grew on subscriber-serving nodes)."""
+    asked: list[int] = []
+
+    class RecordingFile:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, size=-1):
+            asked.append(size)
+            return self._f.read(size)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    real_open = open
+    monkeypatch.setattr(journal_mod.cursor, "open", lambda *a, **k: RecordingFile(real_open(*a, **k)), raising=False)
+    journal = build(tmp_path, 5)
+    with journal.cursor(1) as cursor:
+        for last in range(10, 40, 5):
+            count, block = cursor.read_block(journal.last_seq, limits.SUBSCRIBER_BLOCK_BYTES)
+            assert count and cursor.next_seq == journal.last_seq + 1
+            journal.append(frames(journal.last_seq + 1, last), journal.last_seq + 1, last)
+    segment_bytes = journal.segment_for(1).size
+    journal.close()
+    assert asked and max(asked) <= segment_bytes, f"asked {asked}, the segment holds {segment_bytes} bytes"

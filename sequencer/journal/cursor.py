@@ -130,7 +130,10 @@ class JournalCursor(ClosedOnExit):
             return 0, b""
         f = self._file
         f.seek(self._offset)
-        data = f.read(max(max_bytes, HEADER_BYTES))
+        # Ask for no more than the segment holds: a live tail reads a few KiB per block, and a
+        # read of max_bytes shrunk to that (glibc realloc) left the node's heap fragmented (RSS
+        # growth on subscriber-serving nodes, issue 16 item 6).
+        data = f.read(max(min(max_bytes, segment.size - self._offset), HEADER_BYTES))
         unpack_from = HEADER.unpack_from
         crc32 = zlib.crc32
         verify = self.verify if verify is None else verify
