@@ -57,16 +57,19 @@ def _scrape(url: str) -> dict[str, float]:
     """Every sample of one node's metrics page, waiting up to ``METRICS_SERVED_TIMEOUT_S`` for
     the node to serve it. A node serves the same page for ``METRICS_PAGE_REUSE_S``: a page read
     sooner after the last one is read once that has passed (a quick run of 0.15 s read the
-    page from before it and counted 0 fsyncs)."""
+    page from before it and counted 0 fsyncs). The interval counts from when the last answer
+    had arrived: the node dates its page when it has made it, which on a busy machine is well
+    after the request was sent (counted from the send, a CI run read the old page again)."""
     wait_s = _last_scraped.get(url, float("-inf")) + METRICS_PAGE_REUSE_S - time.monotonic()
     if wait_s > 0:
         time.sleep(wait_s)
-    _last_scraped[url] = time.monotonic()
     deadline = time.monotonic() + METRICS_SERVED_TIMEOUT_S
     while True:
         try:
             with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
-                return {s.name: s.value for f in text_string_to_metric_families(answer.read().decode()) for s in f.samples}
+                page = answer.read().decode()
+            _last_scraped[url] = time.monotonic()
+            return {s.name: s.value for f in text_string_to_metric_families(page) for s in f.samples}
         except urllib.error.URLError as exc:
             if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() >= deadline:
                 raise
