@@ -31,6 +31,8 @@ from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, list_segment_files
 
 STEP_TIMEOUT_S = 60
+#: Seconds a stopped relay (in this process) has to return from ``Relay.run``.
+RELAY_STOP_TIMEOUT_S = 5
 
 
 @pytest.fixture
@@ -342,6 +344,49 @@ def test_a_relay_welcomed_by_itself_stops(tmp_path):
             await upstream.stop()
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_relay_stops_when_the_stop_comes_as_its_upstream_connection_is_made(tmp_path, monkeypatch):
+    """Stop arrives just as the TCP connection to the upstream is made, a few loop iterations
+    either side. On Python 3.11 ``asyncio.wait_for`` swallowed a cancellation that arrived after
+    the connection was made but before it returned: the follower carried on following and
+    ``Relay.run`` waited for it forever."""
+
+    async def holds(conn):
+        await conn.welcome()
+        await conn.hold_until_stopped()
+
+    made = asyncio.open_connection
+
+    async def scenario(iterations: int) -> bool:
+        stop = asyncio.Event()
+
+        async def made_then_stop(*args, **kwargs):
+            connection = await made(*args, **kwargs)
+            stop.set()
+            for _ in range(iterations):  # the stop's way to the follower's cancel takes a few
+                await asyncio.sleep(0)
+            return connection
+
+        upstream = ScriptedNode([holds])
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / f"relay{iterations}"), upstream=[await upstream.start()], listen=free_address(),
+                relay_id="relay-t", insecure=True,
+            )
+        )  # fmt: skip
+        monkeypatch.setattr(asyncio, "open_connection", made_then_stop)
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            done, _ = await asyncio.wait([running], timeout=RELAY_STOP_TIMEOUT_S)
+            return bool(done) and running.result() is None
+        finally:
+            monkeypatch.setattr(asyncio, "open_connection", made)
+            await upstream.stop()
+            await stopped(running)
+
+    stopped_at = {iterations: asyncio.run(scenario(iterations)) for iterations in range(6)}
+    assert all(stopped_at.values()), f"Relay.run did not return within {RELAY_STOP_TIMEOUT_S} s of stop: {stopped_at}"
 
 
 def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tmp_path):
