@@ -1,7 +1,7 @@
 """``python -m chaos_tests`` (also ``raftseq chaos`` from a source checkout).
 
     raftseq chaos [--scenario NAME|all|ops] [--duration 10m] [--seed N] [--report DIR]
-    raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration D] [--durability crash|power] [--report DIR] [--dir DIR] [--keep]
+    raftseq chaos run [NAME ...] [--seed N] [--rounds N | --duration D] [--durability crash|power] [--tls] [--report DIR] [--dir DIR] [--keep]
     raftseq chaos check HISTORY.jsonl [--json]
     raftseq chaos list
     raftseq chaos fuzz [--duration 10m] [--seed N] [--target client|raft|both] [--replay TARGET:INDEX]
@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the nodes' durability setting (default: the scenario's, crash); with crash, the power-cut scenarios report "
         "what a cut lost instead of failing",
     )
+    run.add_argument(
+        "--tls",
+        action="store_true",
+        help="the nodes' client ports speak mutual TLS (certificates made as by `raftseq cluster up --tls --tls-mutual`); the "
+        "workload, its subscribers, the final reads and the operations reach them over it",
+    )
     run.add_argument("--dir", help="parent directory of the runs (default: the system's temp dir)")
     run.add_argument("--keep", action="store_true", help="keep the directories of passing runs too")
     check = sub.add_parser("check", help="check a recorded history", description="Check a history file against the invariants.")
@@ -188,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
                 report_dir=report_dir,
                 say=lambda line: print(line, flush=True),
                 durability=args.durability,
+                tls=args.tls,
             )
             ok = result.ok
         except (ScenarioFailed, AssertionError) as exc:

@@ -400,7 +400,9 @@ def _replace(ops: OpsRun, rng: random.Random) -> None:
     )
     try:
         reply = asyncio.run(
-            membership_client.replace(cluster.endpoints, REPLACED, request, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S)
+            membership_client.replace(
+                cluster.endpoints, REPLACED, request, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S, tls=cluster.tls
+            )
         )
     except membership_client.MemberCommandError as exc:
         raise _failed(f"member replace {REPLACED} --with {new_id}: {exc}\n{cluster.log_tails()}") from None
@@ -450,7 +452,9 @@ def _upgrade_restart(ops: OpsRun, rng: random.Random) -> None:
     fault = ctx.nemesis.operation("upgrade-restart", nodes=[node_id], role="leader" if node_id == leader else "follower")
     try:
         if node_id == leader:
-            ctx.say(f"    {_admin('drain', drain_node(cluster.endpoints, node_id, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S))}")
+            ctx.say(
+                f"    {_admin('drain', drain_node(cluster.endpoints, node_id, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S, tls=cluster.tls))}"
+            )
         cluster.kill(node_id, signal.SIGTERM)
         down_s = rng.uniform(*UPGRADE_DOWN_S)
         time.sleep(down_s)  # the upgrade's downtime (a drawn length, not a synchronisation)
@@ -469,7 +473,8 @@ def _leader_transfer(ops: OpsRun, rng: random.Random) -> None:
     fault = ctx.nemesis.operation("leader-transfer", nodes=[leader], role="leader", to=to)
     try:
         _, answer = _admin(
-            "leader transfer", transfer_leadership(cluster.endpoints, to=to, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S)
+            "leader transfer",
+            transfer_leadership(cluster.endpoints, to=to, token=cluster.token, timeout_s=OPERATION_TIMEOUT_S, tls=cluster.tls),
         )
     finally:
         ctx.nemesis.end(fault)
@@ -520,7 +525,7 @@ def final_read_with_archive(
     the late joiners' records)."""
 
     async def served(endpoint: str, first: int, last: int) -> list:
-        records, stalled = await read_range(endpoint, cluster.token, first, last, stall_s=FINAL_READ_STALL_S)
+        records, stalled = await read_range(endpoint, cluster.token, first, last, stall_s=FINAL_READ_STALL_S, tls=cluster.tls)
         if stalled:
             raise ConnectionError(f"final read of {endpoint}: no record for {FINAL_READ_STALL_S} s after {len(records)} from seq {first}")
         return records
@@ -531,7 +536,7 @@ def final_read_with_archive(
     for node_id in cluster.node_ids:
         endpoint = cluster.endpoint(node_id)
         for attempt in range(attempts):
-            status = asyncio.run(node_status(endpoint, token=cluster.token, timeout_s=CONNECT_TIMEOUT_S))
+            status = asyncio.run(node_status(endpoint, token=cluster.token, timeout_s=CONNECT_TIMEOUT_S, tls=cluster.tls))
             last = status.get("last_seq", 0)
             archived = _archive_records(os.path.join(archive_root, node_id))
             first = archived[-1][0] + 1 if archived else 1

@@ -36,6 +36,7 @@ from chaos_tests.nemesis import Nemesis
 from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
 from raftseq.cluster import membership_client
+from raftseq.cluster.certs import local_cluster_tls
 from raftseq.cluster.local import Watcher
 from raftseq.cluster.node_exit import NodeExit
 from raftseq.sequencer import protocol
@@ -329,7 +330,9 @@ def _member_change(ctx: Context, op: str, node_id: str, **fields: str) -> None:
     request = protocol.MemberRequest(op, node_id, **fields)
     started = time.monotonic()
     reply = asyncio.run(
-        membership_client.change(ctx.cluster.endpoints, request, token=ctx.cluster.token, timeout_s=MEMBERSHIP_CHANGE_TIMEOUT_S)
+        membership_client.change(
+            ctx.cluster.endpoints, request, token=ctx.cluster.token, timeout_s=MEMBERSHIP_CHANGE_TIMEOUT_S, tls=ctx.cluster.tls
+        )
     )
     ctx.nemesis.end(fault, number=reply.number)
     ctx.say(
@@ -544,7 +547,11 @@ class RunResult:
         return self.report.ok and self.journals_ok and all(c.ok for c in self.criteria)
 
 
-def replay_command(name: str, seed: int) -> str:
+def replay_command(name: str, seed: int, *, tls: bool = False) -> str:
+    if tls:
+        return f"raftseq chaos {'--scenario ' if name in SOAKS else 'run '}{name} --seed {seed} --tls" + (
+            " --duration ..." if name in SOAKS else ""
+        )
     if name in SOAKS:
         return f"raftseq chaos --scenario {name} --seed {seed} --duration ..."
     if SCENARIOS[name].powerfs:
@@ -562,22 +569,25 @@ def run_scenario(
     report_dir: str | None = None,
     say: Callable[[str], None] = print,
     durability: str | None = None,
+    tls: bool = False,
 ) -> RunResult:
     """Run one scenario (or the soak, ``"all"``) in `directory` (its cluster, logs and history
     stay there); with `report_dir`, also write ``report.json`` and ``timeline.png`` there.
-    `durability` ("crash", "power") overrides the scenario's."""
+    `durability` ("crash", "power") overrides the scenario's. `tls`: the nodes' client ports
+    speak mutual TLS (``cluster up --tls --tls-mutual``'s certificates, ``cluster.certs``), and
+    the workload, its subscribers, the final reads and the operations reach them over it."""
     scenario = scenario_named(name)
     durability = durability or scenario.durability
     why_not = scenario.unavailable()
     if why_not:
         raise ScenarioFailed(f"{name} cannot run here: {why_not}")
     started = time.monotonic()
-    say(f"chaos {name}: seed {seed}, durability {durability}  (replay: {replay_command(name, seed)})")
+    say(f"chaos {name}: seed {seed}, durability {durability}{', TLS' if tls else ''}  (replay: {replay_command(name, seed, tls=tls)})")
     rng = random.Random(seed)
     cluster_rng, nemesis_rng, workload_rng, round_rng = (random.Random(rng.random()) for _ in range(4))
     history_path = os.path.join(directory, "history.jsonl")
     with HistoryRecorder(history_path) as history:
-        history.note("scenario", scenario=name, seed=seed, description=scenario.description, durability=durability)
+        history.note("scenario", scenario=name, seed=seed, description=scenario.description, durability=durability, tls=tls)
         fault_ids: dict[int, int] = {}
 
         def on_fault(fault_name: str, phase: str, details: dict) -> None:
@@ -590,8 +600,11 @@ def run_scenario(
         overrides = {section: dict(values) for section, values in CHAOS_OVERRIDES.items()}
         for section, values in scenario.overrides.items():
             overrides.setdefault(section, {}).update(values)
+        cluster_dir = os.path.join(directory, "cluster")
+        if tls:
+            overrides["tls"] = local_cluster_tls(cluster_dir, mutual=True)
         cluster = ChaosCluster(
-            os.path.join(directory, "cluster"),
+            cluster_dir,
             rng=cluster_rng,
             overrides=overrides,
             tmpfs_bytes=scenario.tmpfs_bytes,
@@ -609,7 +622,7 @@ def run_scenario(
             say(f"  cluster up: {', '.join(cluster.endpoints)}")
             endpoints = cluster.endpoints
             config = WorkloadConfig(subscriber_nodes=[endpoints[0], endpoints[2]], **scenario.workload)
-            workload = Workload(endpoints, token=cluster.token, history=history, rng=workload_rng, config=config)
+            workload = Workload(endpoints, token=cluster.token, history=history, rng=workload_rng, config=config, tls=cluster.tls)
             workload.start()
             load_started = time.monotonic()
             if not workload.wait_for_acks(WARMUP_ACKS, timeout_s=RECOVERY_TIMEOUT_S):
@@ -664,7 +677,7 @@ def run_scenario(
                     )
                 del reference, late
             else:
-                counts = final_read(endpoints, token=cluster.token, history=history, past_holes=loss_expected)
+                counts = final_read(endpoints, token=cluster.token, history=history, past_holes=loss_expected, tls=cluster.tls)
             say(
                 f"  healed; {stats.ok} acknowledged, {stats.invoked - stats.ok} not; stream of {last_seq}; final reads {list(counts.values())}"
             )
@@ -700,7 +713,8 @@ def run_scenario(
             "acknowledged_lost": report.loss.acked_lost,
             "journals_verified": not journal_problems,
             "journal_problems": journal_problems,
-            "replay": replay_command(name, seed),
+            "replay": replay_command(name, seed, tls=tls),
+            "tls": tls,
         }
         if ops_run is not None:
             run.update(ops_run.summary())

@@ -32,3 +32,17 @@ def test_scenario(name, tmp_path):
     assert result.report.counts.stream_length >= result.acked
     assert result.journals_ok, f"seed {seed}: {result.journal_problems}"
     assert result.report.ok, f"seed {seed}: {result.report.format()}"
+
+
+def test_a_scenario_over_tls(tmp_path):
+    """``raftseq chaos run client-faults --tls``, one round: the nodes' client ports speak mutual
+    TLS; the workload's clients (reset mid-submit), its subscribers (dropped mid-stream), the
+    final reads and the checker's history all go through them."""
+    seed = chaos_seed()
+    result = run_scenario("client-faults", seed=seed, directory=str(tmp_path), rounds=1, tls=True, say=lambda line: print(line, flush=True))
+    with open(result.history_path, encoding="utf-8") as history:
+        assert '"tls":true' in history.readline().replace(" ", ""), "the history says the run was over TLS"
+    assert result.acked >= 200, f"seed {seed}: the workload barely ran over TLS ({result.acked} acknowledged)"
+    assert result.report.counts.stream_length >= result.acked
+    assert result.journals_ok, f"seed {seed}: {result.journal_problems}"
+    assert result.report.ok, f"seed {seed}: {result.report.format()}"

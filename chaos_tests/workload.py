@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from chaos_tests.history import HistoryRecorder
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.tls import ClientTls
 from raftseq.clients.errors import Truncated
 from raftseq.sequencer.protocol import RejectReason
 from raftseq.cluster.status import node_status
@@ -117,9 +118,12 @@ class Workload:
         history: HistoryRecorder,
         rng: random.Random,
         config: WorkloadConfig | None = None,
+        tls: ClientTls = None,
     ) -> None:
         self.endpoints = list(endpoints)
         self.token = token
+        #: How clients and subscribers reach TLS client ports (``clients.tls``; None: plaintext).
+        self.tls = tls
         self.history = history
         self.config = config or WorkloadConfig()
         # Separate streams so that one choice does not shift the others between runs.
@@ -223,7 +227,7 @@ class Workload:
     # --- clients --------------------------------------------------------------------------
 
     async def _connect(self, session: str) -> SequencerClient:
-        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=self.config.window)
+        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=self.config.window, tls=self.tls)
         await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
         return client
 
@@ -342,7 +346,9 @@ class Workload:
         `drop_after` seconds pass."""
         history = self.history
         try:
-            connection = await open_connection(node, session=f"{name}-{self._run_tag}", token=self.token, timeout_s=CONNECT_TIMEOUT_S)
+            connection = await open_connection(
+                node, session=f"{name}-{self._run_tag}", token=self.token, timeout_s=CONNECT_TIMEOUT_S, tls=self.tls
+            )
         except Rejected:
             return expected, True
         try:
@@ -381,12 +387,12 @@ def _abort_client_connection(client: SequencerClient) -> bool:
 # --- the final read ----------------------------------------------------------------------
 
 
-async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float) -> list[tuple[int, str, int, bytes]]:
+async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float, tls: ClientTls) -> list[tuple[int, str, int, bytes]]:
     """Records 1..last_seq as `endpoint` serves them (one connection, no failover, raw mode)."""
     records: list[tuple[int, str, int, bytes]] = []
     try:
         async with asyncio.timeout(timeout_s):
-            connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S)
+            connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S, tls=tls)
             try:
                 async for frames in connection.subscribe(1, silence_s=timeout_s, checked=False):
                     records += [(f.seq, f.session, f.client_seq, f.payload) for f in frames]
@@ -401,11 +407,11 @@ async def _read_node(endpoint: str, token: str, last_seq: int, timeout_s: float)
     return records[:last_seq]
 
 
-async def read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float) -> tuple[list, bool]:
+async def read_range(endpoint: str, token: str, first: int, last_seq: int, *, stall_s: float, tls: ClientTls = None) -> tuple[list, bool]:
     """Records first..last_seq; ``(records, True)`` when the node sent no record for `stall_s`
     before the last."""
     records: list[tuple[int, str, int, bytes]] = []
-    connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S)
+    connection = await open_connection(endpoint, session="chaos-final-read", token=token, timeout_s=CONNECT_TIMEOUT_S, tls=tls)
     try:
         stream = aiter(connection.subscribe(first, silence_s=SUBSCRIBER_SILENCE_S, checked=False))
         while not records or records[-1][0] < last_seq:
@@ -420,25 +426,25 @@ async def read_range(endpoint: str, token: str, first: int, last_seq: int, *, st
     return [r for r in records if r[0] <= last_seq], False
 
 
-async def _read_node_past_holes(endpoint: str, token: str, last_seq: int, history: HistoryRecorder, node: str) -> list:
+async def _read_node_past_holes(endpoint: str, token: str, last_seq: int, history: HistoryRecorder, node: str, tls: ClientTls) -> list:
     """Records 1..last_seq as `endpoint` can still serve them: where it stalls, the first seq
     it serves again is searched (binary, by probes) and the read goes on from there; each
     unservable range is noted in the history (``unservable``)."""
     records: list = []
     first = 1
     for _ in range(FINAL_READ_HOLES_MAX):
-        got, stalled = await read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S)
+        got, stalled = await read_range(endpoint, token, first, last_seq, stall_s=FINAL_READ_STALL_S, tls=tls)
         records += got
         if not stalled:
             return records
         stuck = got[-1][0] + 1 if got else first
         low, high = stuck + 1, last_seq + 1  # the first servable seq is in low..high (high: none)
-        last_served, _ = await read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S)
+        last_served, _ = await read_range(endpoint, token, last_seq, last_seq, stall_s=FINAL_READ_PROBE_S, tls=tls)
         if not last_served:
             low = high  # nothing after the stall is served: no search
         while low < high:
             middle = (low + high) // 2
-            probe, _ = await read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S)
+            probe, _ = await read_range(endpoint, token, middle, middle, stall_s=FINAL_READ_PROBE_S, tls=tls)
             if probe:
                 high = middle
             else:
@@ -457,8 +463,10 @@ def final_read(
     history: HistoryRecorder,
     timeout_s: float = FINAL_READ_TIMEOUT_S,
     past_holes: bool = False,
+    tls: ClientTls = None,
 ) -> dict[str, int]:
-    """Read every node's whole stream into the history; returns records read per endpoint.
+    """Read every node's whole stream into the history (over TLS with `tls`); returns records
+    read per endpoint.
     A node that cannot be asked or read is recorded with what it gave (possibly nothing).
     `past_holes`: where a loss is expected, ranges no node can serve any more are noted and
     skipped (``_read_node_past_holes``) instead of failing the read."""
@@ -466,7 +474,7 @@ def final_read(
     async def run() -> dict[str, int]:
         counts = {}
         for endpoint in endpoints:
-            status = await node_status(endpoint, token=token, timeout_s=CONNECT_TIMEOUT_S)
+            status = await node_status(endpoint, token=token, timeout_s=CONNECT_TIMEOUT_S, tls=tls)
             last_seq = status.get("last_seq", 0)
             node = status.get("id", endpoint)
             records: list = []
@@ -476,9 +484,9 @@ def final_read(
                     try:
                         if past_holes:
                             async with asyncio.timeout(timeout_s):
-                                records = await _read_node_past_holes(endpoint, token, last_seq, history, node)
+                                records = await _read_node_past_holes(endpoint, token, last_seq, history, node, tls)
                         else:
-                            records = await _read_node(endpoint, token, last_seq, timeout_s)
+                            records = await _read_node(endpoint, token, last_seq, timeout_s, tls)
                         break
                     except ConnectionError as exc:
                         if RejectReason.FROM_SEQ_UNAVAILABLE.value not in str(exc) or time.monotonic() > deadline:

@@ -255,7 +255,11 @@ async def open_connection(
     if context is not None:
         options.update(ssl=context, server_hostname=server_hostname or host, ssl_handshake_timeout=timeout_s)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **options), timeout_s)
+        # Not asyncio.wait_for: on Python 3.11 a cancellation that arrives once the connection is
+        # made but before wait_for returns is swallowed (wait_for returns the connection), and a
+        # task being stopped (a relay's follower) carries on with it.
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port, **options)
     except ssl.SSLError as exc:
         raise handshake_error(address, exc) from None
     try:

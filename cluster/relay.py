@@ -21,7 +21,10 @@ answers it. Its retention floor has no peers in it: it is the newest snapshot of
 state-machine type its clients asked about (its first chunk: a late joiner can load it here);
 a snapshot whose chunks retention removed is no longer listed.
 
-It fails over across its upstream endpoints and resumes by number. On every (re)connection it
+It follows a follower of the cluster when one answers (the leader sequences; subscribers'
+fan-out belongs on followers): each node's welcome says whether it leads, and the status poll
+notices a followed node that has become the leader. It fails over across its upstream endpoints
+and resumes by number. On every (re)connection it
 asks for its own last record again and compares the bytes: an upstream that holds a different
 record under that number (another cluster, or one that went backwards and sequenced other
 messages) stops the relay with a clear error (exit code 5) before anything of it is stored or
@@ -53,6 +56,7 @@ from raftseq.cluster.relay_config import (
     RELAY_RETRY_DELAY_MIN_S,
     RELAY_SNAPSHOT_QUERIES_MAX,
     RELAY_SNAPSHOT_TYPES_KEPT_MAX,
+    RELAY_UPSTREAM_LEADER_POLLS_MAX,
     RELAY_UPSTREAM_LEADERLESS_POLLS_MAX,
     RELAY_UPSTREAM_POLL_INTERVAL_S,
     RELAY_UPSTREAM_TIMEOUT_S,
@@ -233,42 +237,71 @@ class Relay:
         self.publication.wake()
 
     async def follow(self) -> None:
-        """Follow the upstream endpoints in turn, forever; raises ``NodeCannotRun`` when one is
-        this relay, refuses its token, or diverges from its journal."""
-        upstream = self.config.upstream
-        index = 0
+        """Follow the upstream endpoints, forever, preferring a follower (``_choose_upstream``);
+        raises ``NodeCannotRun`` when one is this relay, refuses its token, or diverges from its
+        journal."""
         delay = RELAY_RETRY_DELAY_MIN_S
-        session = f"relay.{self.config.id}"
+        followed = -1  # index of the upstream followed last: the next choice starts after it
         while True:
-            address = upstream[index % len(upstream)]
-            index += 1
-            try:
-                connection = await open_connection(
-                    address,
-                    session=session,
-                    token=self.config.client_token,
-                    timeout_s=RELAY_UPSTREAM_TIMEOUT_S,
-                    keep_raw=True,
-                    tls=self.upstream_tls,
-                )
-            except Rejected as exc:
-                if exc.reason in FATAL_REASONS:
-                    raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address} refused the relay: {exc}") from None
-                log.warning("upstream %s refused the relay: %s", address, exc)
-            except TlsError as exc:
-                raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address}: {exc} (the relay's [tls] ca_file)") from None
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                log.info("upstream %s unreachable: %s", address, exc or type(exc).__name__)
-            else:
+            chosen = await self._choose_upstream(followed)
+            if chosen is not None:
+                followed, connection = chosen
                 try:
                     if await self._follow_one(connection):
                         delay = RELAY_RETRY_DELAY_MIN_S
                         continue
                 finally:
                     connection.close()
-            if index % len(upstream) == 0:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RELAY_RETRY_DELAY_MAX_S)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RELAY_RETRY_DELAY_MAX_S)
+
+    async def _choose_upstream(self, followed: int) -> tuple[int, Connection] | None:
+        """Connect to the upstream endpoints in turn, from the one after `followed`, and return the
+        first that welcomes the relay as a follower of a known leader (the leader sequences:
+        subscribers' fan-out belongs on followers). Failing that, the best of the others: the
+        leader, then a node that knows no leader. None when none answered."""
+        upstream = self.config.upstream
+        count = len(upstream)
+        fallback: tuple[int, int] | None = None  # (rank, index)
+        for step in range(count):
+            index = (followed + 1 + step) % count
+            connection = await self._connect(upstream[index])
+            if connection is None:
+                continue
+            rank = upstream_rank(connection.welcome)
+            if rank == 0 or (step == count - 1 and (fallback is None or rank <= fallback[0])):
+                return index, connection
+            connection.close()
+            if fallback is None or rank < fallback[0]:
+                fallback = (rank, index)
+        if fallback is None:
+            return None
+        # The welcome said what it is; the link was closed while the others were asked.
+        connection = await self._connect(upstream[fallback[1]])
+        return None if connection is None else (fallback[1], connection)
+
+    async def _connect(self, address: str) -> Connection | None:
+        """A connection to the upstream at `address`, welcomed; None when it cannot be reached or
+        refused for a reason another endpoint may not have. Raises ``NodeCannotRun`` for a refused
+        token or a TLS mismatch."""
+        try:
+            return await open_connection(
+                address,
+                session=f"relay.{self.config.id}",
+                token=self.config.client_token,
+                timeout_s=RELAY_UPSTREAM_TIMEOUT_S,
+                keep_raw=True,
+                tls=self.upstream_tls,
+            )
+        except Rejected as exc:
+            if exc.reason in FATAL_REASONS:
+                raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address} refused the relay: {exc}") from None
+            log.warning("upstream %s refused the relay: %s", address, exc)
+        except TlsError as exc:
+            raise NodeCannotRun(NodeExit.INVALID_CONFIG, f"upstream {address}: {exc} (the relay's [tls] ca_file)") from None
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            log.info("upstream %s unreachable: %s", address, exc or type(exc).__name__)
+        return None
 
     async def _follow_one(self, connection: Connection) -> bool:
         """Copy the stream from one upstream until it stops. True when it delivered something."""
@@ -283,7 +316,7 @@ class Relay:
         before = journal.last_seq
         # From the last record held (compared, not stored again), or the first.
         from_seq = before or max(journal.first_retained_seq, JOURNAL_START_SEQ)
-        log.info("following %s (%s) from seq %d", connection.address, welcome.node_id, from_seq)
+        log.info("following %s (%s, %s) from seq %d", connection.address, welcome.node_id, welcome.role.value, from_seq)
         self._following = connection
         try:
             await copy_records(connection, from_seq, self._store, verify_failures=self.metrics.verify_failures)
@@ -315,6 +348,7 @@ class Relay:
         (where submits are sent) and the upstream's last number (the relay's lag)."""
         link: Connection | None = None
         leaderless = 0
+        leading = 0
         try:
             while True:
                 await asyncio.sleep(RELAY_UPSTREAM_POLL_INTERVAL_S)
@@ -324,6 +358,8 @@ class Relay:
                 try:
                     if link is None or link.address != address or link.closing:
                         if link is not None:
+                            if link.address != address:
+                                leaderless = leading = 0  # counted of the upstream followed before
                             link.close()
                         link = None
                         link = await open_connection(
@@ -340,14 +376,22 @@ class Relay:
                     link = None
                     continue
                 self.upstream_last_seq = status.last_seq
+                following = self._following
+                followed = following is not None and following.address == address
+                # The upstream followed became the leader: look for a follower again (when none
+                # answers, ``_choose_upstream`` comes back to the leader, and this asks again).
+                leading = leading + 1 if status.role is Role.LEADER and len(self.config.upstream) > 1 else 0
+                if leading >= RELAY_UPSTREAM_LEADER_POLLS_MAX and followed:
+                    log.info("upstream %s leads the cluster (%d polls); looking for a follower to follow", address, leading)
+                    leading = 0
+                    following.abort()
                 if status.leader:
                     self.leader = status.leader
                     leaderless = 0
                     continue
                 # A node cut off from the cluster serves what it has and then nothing: leave it.
                 leaderless += 1
-                following = self._following
-                if leaderless >= RELAY_UPSTREAM_LEADERLESS_POLLS_MAX and following is not None and following.address == address:
+                if leaderless >= RELAY_UPSTREAM_LEADERLESS_POLLS_MAX and followed:
                     log.warning("upstream %s knows no leader (%d polls); following another", address, leaderless)
                     leaderless = 0
                     following.abort()
@@ -417,6 +461,15 @@ class Relay:
                 await metrics_server.stop()
             self.journal.close()
             log.info("relay %s stopped at seq %d", config.id, self.journal.last_seq)
+
+
+def upstream_rank(welcome: protocol.Welcome) -> int:
+    """How much a relay wants to follow the upstream that welcomed it so, lowest first: 0 a
+    follower (a node or a relay) of a known leader, 1 the leader, 2 one that knows no leader (cut
+    off from the cluster, or electing: it serves what it has, then nothing)."""
+    if welcome.role is Role.LEADER:
+        return 1
+    return 0 if welcome.leader else 2
 
 
 def run_relay(config: RelayConfig, *, log_file: str = "") -> int:

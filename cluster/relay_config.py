@@ -38,6 +38,11 @@ RELAY_UPSTREAM_POLL_INTERVAL_S = 1.0
 #: Status polls in a row in which the upstream knows no leader before the relay follows another
 #: (a node cut off from the cluster serves what it has, then nothing).
 RELAY_UPSTREAM_LEADERLESS_POLLS_MAX = 3
+#: Status polls in a row in which the upstream followed is the cluster's leader before the relay
+#: looks for a follower to follow instead (the leader sequences; fan-out belongs on followers).
+#: When no follower answers it follows the leader again, and looks again after as many polls:
+#: one reconnection (its last record asked again) per this many seconds.
+RELAY_UPSTREAM_LEADER_POLLS_MAX = 5
 #: Seconds a relay waits for an upstream to connect and welcome it, and for an answer to a request.
 RELAY_UPSTREAM_TIMEOUT_S = 2.0
 #: After every upstream refused or could not be reached, a relay waits this long (doubling up to

@@ -31,6 +31,8 @@ from raftseq.sequencer import protocol
 from raftseq.sequencer.journal import Journal, list_segment_files
 
 STEP_TIMEOUT_S = 60
+#: Seconds a stopped relay (in this process) has to return from ``Relay.run``.
+RELAY_STOP_TIMEOUT_S = 5
 
 
 @pytest.fixture
@@ -64,8 +66,8 @@ def assert_gapless(messages, first: int, last: int) -> None:
 def test_a_relay_follows_through_a_leader_kill_and_serves_gapless_from_any_number(running_cluster, relays):
     h = running_cluster
     leader = h.wait_for_leader()
-    # The relay follows the leader first: the kill takes its upstream away.
-    [relay] = relays(1, upstream=[leader["address"], *(e for e in h.endpoints if e != leader["address"])])
+    # The relay follows a follower: the leader's death moves the cluster under it.
+    [relay] = relays(1)
 
     async def scenario():
         recorder = StreamRecorder([relay.client_address], token=h.token, session="via-relay").start()
@@ -99,6 +101,54 @@ def test_a_relay_follows_through_a_leader_kill_and_serves_gapless_from_any_numbe
     relay_bytes = b"".join(open(path, "rb").read() for _, path in list_segment_files(os.path.join(relay.data_dir, "journal")))
     assert node_copy.last_seq == acked[-1]
     assert relay_bytes == node_copy.segment_bytes, "the relay's journal is the cluster's, byte for byte"
+
+
+async def following_a_follower(relay: Relay, token: str, *, not_of: str = "") -> str:
+    """The address `relay` follows once that is a follower of the cluster (a node that says so
+    in its status) other than `not_of`; AssertionError after ``STEP_TIMEOUT_S``."""
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while True:
+        address = relay.upstream_address
+        if address and address != not_of and (await node_status(address, token=token, timeout_s=1))["role"] == "follower":
+            return address
+        assert time.monotonic() < deadline, f"the relay follows {address!r}, not a follower other than {not_of!r}"
+        await asyncio.sleep(0.1)
+
+
+def test_a_relay_follows_a_follower_and_another_when_that_one_dies_with_no_gap_and_no_duplicate(running_cluster, tmp_path):
+    h = running_cluster
+    leader = h.wait_for_leader()["address"]
+    # The leader listed first: the relay passes it over for a follower (the leader sequences).
+    upstream = [leader, *(e for e in h.endpoints if e != leader)]
+    relay = Relay(
+        relay_config(data_dir=str(tmp_path / "relay"), upstream=upstream, listen=free_address(), relay_id="relay-t", token=h.token)
+    )
+
+    async def scenario():
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        recorder = StreamRecorder([relay.config.client_address], token=h.token, session="via-relay").start()
+        try:
+            first = await submit_all(h, "w1", payloads("a", 2000))
+            await recorder.wait_until(first[-1], timeout_s=STEP_TIMEOUT_S)
+            followed = await following_a_follower(relay, h.token)
+            # The node it follows dies while a writer is under way and the relay copies from it.
+            writing = asyncio.create_task(submit_all(h, "w2", payloads("b", 20_000)))
+            await recorder.wait_until(first[-1] + 500, timeout_s=STEP_TIMEOUT_S)
+            await asyncio.to_thread(h.kill, h.node_id_of(followed))
+            second = await writing
+            await recorder.wait_until(second[-1], timeout_s=STEP_TIMEOUT_S)
+            then = await following_a_follower(relay, h.token, not_of=followed)
+            return followed, then, recorder.messages, sorted(first + second)
+        finally:
+            await recorder.stop()
+            stop.set()
+            await asyncio.wait_for(running, STEP_TIMEOUT_S)
+
+    followed, then, messages, acked = asyncio.run(asyncio.wait_for(scenario(), 3 * STEP_TIMEOUT_S))
+    assert followed != leader and then not in (followed, leader), (leader, followed, then)
+    assert_gapless(messages, 1, acked[-1])
+    assert [m.seq for m in messages if m.session in ("w1", "w2")] == acked
 
 
 def test_a_chain_of_two_relays_serves_the_stream_and_sends_submits_to_the_leader(running_cluster, relays):
@@ -342,6 +392,49 @@ def test_a_relay_welcomed_by_itself_stops(tmp_path):
             await upstream.stop()
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_relay_stops_when_the_stop_comes_as_its_upstream_connection_is_made(tmp_path, monkeypatch):
+    """Stop arrives just as the TCP connection to the upstream is made, a few loop iterations
+    either side. On Python 3.11 ``asyncio.wait_for`` swallowed a cancellation that arrived after
+    the connection was made but before it returned: the follower carried on following and
+    ``Relay.run`` waited for it forever."""
+
+    async def holds(conn):
+        await conn.welcome()
+        await conn.hold_until_stopped()
+
+    made = asyncio.open_connection
+
+    async def scenario(iterations: int) -> bool:
+        stop = asyncio.Event()
+
+        async def made_then_stop(*args, **kwargs):
+            connection = await made(*args, **kwargs)
+            stop.set()
+            for _ in range(iterations):  # the stop's way to the follower's cancel takes a few
+                await asyncio.sleep(0)
+            return connection
+
+        upstream = ScriptedNode([holds])
+        relay = Relay(
+            relay_config(
+                data_dir=str(tmp_path / f"relay{iterations}"), upstream=[await upstream.start()], listen=free_address(),
+                relay_id="relay-t", insecure=True,
+            )
+        )  # fmt: skip
+        monkeypatch.setattr(asyncio, "open_connection", made_then_stop)
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            done, _ = await asyncio.wait([running], timeout=RELAY_STOP_TIMEOUT_S)
+            return bool(done) and running.result() is None
+        finally:
+            monkeypatch.setattr(asyncio, "open_connection", made)
+            await upstream.stop()
+            await stopped(running)
+
+    stopped_at = {iterations: asyncio.run(scenario(iterations)) for iterations in range(6)}
+    assert all(stopped_at.values()), f"Relay.run did not return within {RELAY_STOP_TIMEOUT_S} s of stop: {stopped_at}"
 
 
 def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tmp_path):

@@ -377,6 +377,7 @@ def test_raftseq_sm_record_verify_and_show_take_the_conformance_options():
     ours = options(sm_parser.choices["sm"])
     assert ours["record"] == {
         "-h", "--help", "--machine", "--out", "--from", "--to", "--all-messages", "--no-snapshot", "--idle-timeout", "--quiet", "--endpoints", "--token",
+        "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name",
     }  # fmt: skip
     assert ours["verify"] == {"-h", "--help", "file", "--machine", "-o", "--output", "--json", "--quiet"}
     assert ours["show"] == {"-h", "--help", "file"}

@@ -2,8 +2,9 @@
 (``cluster.certs.local_cluster_tls``): a client with the CA and the client certificate submits
 and subscribes; a client without TLS gets ``TlsRequired`` from every node; ``raftseq status``
 takes the TLS options; the state-machine runner applies the stream, publishes a snapshot and a
-late joiner loads it, all over TLS; a relay follows the nodes over TLS (with ``node_client_tls``, as a node's
-catch-up reaches its peers) and serves a TLS subscriber.
+late joiner loads it, all over TLS, from the nodes and from a relay; ``raftseq sm check``,
+``snapshots`` and ``record`` take the TLS options; a relay follows the nodes over TLS (with
+``node_client_tls``, as a node's catch-up reaches its peers) and serves a TLS subscriber.
 
 One cluster for the module.
 """
@@ -145,3 +146,69 @@ def test_cluster_up_with_tls_prints_the_variables_that_raftseq_submit_and_tail_u
     plain = {k: v for k, v in env.items() if not k.startswith("RAFTSEQ_TLS_")}
     refused = raftseq("submit", "--session", "tls-up", "again", environ=plain)
     assert refused.returncode != 0 and "speaks TLS" in refused.stderr, refused.stderr
+
+
+def tls_options(tls: TlsOptions) -> list[str]:
+    return ["--tls-ca", tls.ca_file, "--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
+
+
+def test_the_state_machine_runner_and_a_late_joiner_work_against_a_relay_over_mutual_tls(cluster):
+    h = cluster
+    tls = client_tls(h)
+    [relay] = h.start_relays(1)
+
+    async def run() -> None:
+        async with SequencerClient(h.endpoints, session="tls-relay-kv-writer", token=h.token, tls=tls) as client:
+            last = (await client.submit_batch([encode_message(Put(f"r{i % 7}", i)) for i in range(60)]))[-1]
+        kv = KvStore()
+        # Every connection the runner makes goes to the relay: the stream, the snapshot query (the
+        # relay asks its upstream over TLS), the publishing client (sent on to the leader).
+        publisher = StateMachineRunner([relay.client_address], [kv], token=h.token, replica="tls-relay-r1", tls=tls)
+        await asyncio.wait_for(publisher.run(until_seq=last), WAIT_S)
+        [info] = await publisher.publish_snapshot("kv")
+        await asyncio.to_thread(wait_relay_serving, relay, info.last_seq, timeout_s=WAIT_S)
+        late = KvStore()
+        joiner = StateMachineRunner([relay.client_address], [late], token=h.token, replica="tls-relay-r2", from_snapshot=True, tls=tls)
+        await asyncio.wait_for(joiner.run(until_seq=info.last_seq), WAIT_S)
+        assert joiner.joined_from["kv"] == info and late.data == kv.data
+        await joiner.close()
+        await publisher.close()
+
+    asyncio.run(run())
+
+
+def test_raftseq_sm_check_snapshots_and_record_take_the_tls_options(cluster, tmp_path, capsys):
+    """Against the nodes and against a relay, each over mutual TLS; without the options each
+    says the port speaks TLS (exit 1)."""
+    h = cluster
+    tls = client_tls(h)
+    relay = h.relays[0] if h.relays else h.start_relays(1)[0]
+
+    async def publish() -> int:
+        async with SequencerClient(h.endpoints, session="tls-sm-writer", token=h.token, tls=tls) as client:
+            last = (await client.submit_batch([encode_message(Put(f"c{i % 3}", i)) for i in range(30)]))[-1]
+        runner = StateMachineRunner(h.endpoints, [KvStore()], token=h.token, replica="tls-sm-r1", checkpoint_every=10, tls=tls)
+        await asyncio.wait_for(runner.run(until_seq=last), WAIT_S)
+        await runner.publish_snapshot("kv")
+        assert await runner.flush()
+        await runner.close()
+        return last
+
+    last = asyncio.run(publish())
+    wait_relay_serving(relay, last, timeout_s=WAIT_S)
+    for endpoints in (",".join(h.endpoints), relay.client_address):
+        common = ["--endpoints", endpoints, "--token", h.token]
+        # To the last number now: the checkpoints were sequenced after the messages they cover.
+        assert main(["sm", "check", "-o", "json", *common, *tls_options(tls)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["ok"] and "tls-sm-r1" in report["types"]["kv"]["replicas"], report
+        assert main(["sm", "snapshots", "kv", "-o", "json", *common, *tls_options(tls)]) == 0
+        # Each listed snapshot is its index entry's fields in order (array-like), the session among them.
+        assert any("@snap/kv/tls-sm-r1" in fields for fields in json.loads(capsys.readouterr().out)["snapshots"])
+        out = tmp_path / f"kv-{len(endpoints)}.smc"
+        record = ["sm", "record", "--machine", "test_sm_runner:KvStore", "--out", str(out), "--to", str(last), "--quiet", *common]
+        assert main([*record, *tls_options(tls)]) == 0, capsys.readouterr().err
+        assert f"seq 1..{last}" in capsys.readouterr().out and out.exists()
+        for plain in (["sm", "check", *common], ["sm", "snapshots", "kv", *common], [*record[:5], str(tmp_path / "no.smc"), *record[6:]]):
+            assert main(plain) == 1
+            assert "speaks TLS" in capsys.readouterr().err

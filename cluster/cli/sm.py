@@ -30,10 +30,12 @@ import msgspec
 
 from raftseq.clients import Rejected, subscribe
 from raftseq.clients.sm import conformance, formats, query_snapshots
+from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.cluster.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, INTERRUPTED
 from raftseq.cluster.cli.args import (
     add_cluster_options,
     add_command,
+    cluster_tls,
     add_output_option,
     command_group,
     describe_error,
@@ -56,22 +58,24 @@ async def scan_checkpoints(
     types: set[str] | None = None,
     timeout_s: float = 5.0,
     session: str = "sm-check",
+    tls: ClientTls = None,
 ) -> tuple[formats.CheckpointLedger, int, int]:
     """Read the stream ``from_seq..to_seq`` (0: up to the last number a node reports when the
     scan starts) and collect its checkpoints. Returns ``(ledger, first, last)`` read; the
     subscription resumes on another node when one fails. Raises ``ConnectionError`` when no node
-    answers, or no message arrives for ``STALL_TIMEOUTS_MAX`` times `timeout_s`."""
+    answers (or TLS cannot be agreed: `tls`, ``clients.tls``), or no message arrives for
+    ``STALL_TIMEOUTS_MAX`` times `timeout_s`."""
     ledger = formats.CheckpointLedger(seqs_per_type_max=1_000_000)
     mark = formats.CHECKPOINT_MARK
     try:
-        end = to_seq or await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
-    except Rejected as exc:
+        end = to_seq or await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s, tls=tls)
+    except (Rejected, TlsError) as exc:
         raise ConnectionError(f"status request refused: {describe_error(exc)}") from None
     if from_seq > end:
         return ledger, from_seq, end
     expected = from_seq
     stream = subscribe(
-        endpoints, from_seq=from_seq, token=token, session=session, connect_timeout_s=timeout_s, heartbeat_timeout_s=timeout_s
+        endpoints, from_seq=from_seq, token=token, session=session, connect_timeout_s=timeout_s, heartbeat_timeout_s=timeout_s, tls=tls
     )
     try:
         while True:
@@ -81,7 +85,7 @@ async def scan_checkpoints(
                 raise ConnectionError(
                     f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s"
                 ) from None
-            except Rejected as exc:
+            except (Rejected, TlsError) as exc:
                 raise ConnectionError(f"stream read refused: {describe_error(exc)}") from None
             payload = message.payload
             if payload[: len(mark)] == mark:
@@ -98,13 +102,17 @@ async def scan_checkpoints(
         await stream.aclose()
 
 
-async def list_snapshots(endpoints: list[str], sm_type: str, *, token: str, timeout_s: float = 5.0) -> protocol.SnapshotList:
+async def list_snapshots(
+    endpoints: list[str], sm_type: str, *, token: str, timeout_s: float = 5.0, tls: ClientTls = None
+) -> protocol.SnapshotList:
     """The snapshots of `sm_type` in the cluster's replicated index, newest first, and the last
     sequence number of a node that answers. Raises ``ConnectionError`` when none does."""
     try:
-        last_seq = await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s)
-        snapshots = await query_snapshots(endpoints, sm_type, token=token, session="sm-snapshots", timeout_s=timeout_s, prefer=endpoints[0])
-    except Rejected as exc:
+        last_seq = await conformance.last_seq_of(endpoints, token=token, timeout_s=timeout_s, tls=tls)
+        snapshots = await query_snapshots(
+            endpoints, sm_type, token=token, session="sm-snapshots", timeout_s=timeout_s, prefer=endpoints[0], tls=tls
+        )
+    except (Rejected, TlsError) as exc:
         raise ConnectionError(describe_error(exc)) from None
     return protocol.SnapshotList(sm_type=sm_type, snapshots=snapshots, last_seq=last_seq)
 
@@ -121,7 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         ledger, first, last = asyncio.run(
             scan_checkpoints(
                 args.endpoints, token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
-                types=set(args.type or ()), timeout_s=args.timeout,
+                types=set(args.type or ()), timeout_s=args.timeout, tls=cluster_tls(args),
             )
         )  # fmt: skip
     except ConnectionError as exc:
@@ -162,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_snapshots(args: argparse.Namespace) -> int:
     """Ask a node for the snapshots of TYPE in the cluster's replicated index (newest first)."""
     try:
-        answer = asyncio.run(list_snapshots(args.endpoints, args.sm_type, token=args.token, timeout_s=args.timeout))
+        answer = asyncio.run(list_snapshots(args.endpoints, args.sm_type, token=args.token, timeout_s=args.timeout, tls=cluster_tls(args)))
     except ConnectionError as exc:
         print(f"raftseq sm snapshots: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -188,6 +196,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     return conformance.run_record(
         args.endpoints, args.machine, args.out, prog="raftseq sm", token=args.token, from_seq=args.from_seq, to_seq=args.to_seq,
         all_messages=args.all_messages, use_snapshots=not args.no_snapshot, idle_timeout_s=args.idle_timeout, progress=not args.quiet,
+        tls=cluster_tls(args),
     )  # fmt: skip
 
 
@@ -273,7 +282,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"give up after S seconds without a message (default {conformance.IDLE_TIMEOUT_S:g})",
     )  # fmt: skip
     rec.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    add_cluster_options(rec, tls=False)
+    add_cluster_options(rec)
 
     ver = add_command(
         ssub,
@@ -291,6 +300,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
-    """``--endpoints``, ``--token`` and ``--timeout`` of ``check`` and ``snapshots``."""
-    add_cluster_options(parser, tls=False)
+    """``--endpoints``, ``--token``, the TLS options and ``--timeout`` of ``check`` and ``snapshots``."""
+    add_cluster_options(parser)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a node (default 5)")

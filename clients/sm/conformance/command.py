@@ -19,6 +19,7 @@ from raftseq.clients.sm.conformance.record import RecordError, record
 from raftseq.clients.sm.conformance.recording import ConformanceFileError, scan_file
 from raftseq.clients.sm.conformance.replay import MachineLoadError
 from raftseq.clients.sm.conformance.verify import verify
+from raftseq.clients.tls import TlsError
 
 _json = msgspec.json.Encoder()
 
@@ -27,7 +28,7 @@ def run_record(endpoints: Sequence[str], machine: str, out: str, *, prog: str, *
     """``record`` (`options` are its keyword options), and one line saying what was written."""
     try:
         result = asyncio.run(record(endpoints, machine, out, **options))
-    except (ConnectionError, Rejected) as exc:  # the cluster cannot be used: like a failed check
+    except (ConnectionError, Rejected, TlsError) as exc:  # the cluster cannot be used: like a failed check
         print(f"{prog} record: {exc}", file=sys.stderr)
         return 1
     except (MachineLoadError, OSError, ValueError) as exc:  # the machine or the output file: usage

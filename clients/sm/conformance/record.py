@@ -4,6 +4,7 @@ runner, and write each message with the full digest of the reference's state aft
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import sys
@@ -30,6 +31,7 @@ from raftseq.clients.sm.errors import SnapshotVerifyError, StateMachineError
 from raftseq.clients.sm.machine import StateMachine, capture, full_digest, load
 from raftseq.clients.sm.runner import StateMachineRunner
 from raftseq.clients.sm.snapshots import fetch_snapshot, query_snapshots
+from raftseq.clients.tls import ClientTls, TlsError
 
 #: ``record`` gives up when no message arrived for this long (the cluster is gone, or ``--to``
 #: is beyond the end of the stream).
@@ -49,13 +51,14 @@ class RecordError(Exception):
     """The reference could not record the slice (a ``StateMachineError``, the stream stopped)."""
 
 
-async def last_seq_of(endpoints: Sequence[str], *, token: str, timeout_s: float = 5.0) -> int:
-    """The last sequence number the first node that answers has (``Status.last_seq``)."""
+async def last_seq_of(endpoints: Sequence[str], *, token: str, timeout_s: float = 5.0, tls: ClientTls = None) -> int:
+    """The last sequence number the first node that answers has (``Status.last_seq``). Raises
+    ``Rejected`` and ``TlsError`` (no other node would answer otherwise), ``ConnectionError``."""
     problems = []
     for address in endpoints:
         try:
-            link = await open_connection(address, session="sm-conformance", token=token, timeout_s=timeout_s)
-        except Rejected:
+            link = await open_connection(address, session="sm-conformance", token=token, timeout_s=timeout_s, tls=tls)
+        except (Rejected, TlsError):
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:
             problems.append(f"{address}: {exc or type(exc).__name__}")
@@ -70,12 +73,18 @@ async def last_seq_of(endpoints: Sequence[str], *, token: str, timeout_s: float 
 
 
 async def start_from_cluster_snapshot(
-    cls: type[StateMachine], endpoints: Sequence[str], *, token: str, before_seq: int, warn: Callable[[str], None]
+    cls: type[StateMachine],
+    endpoints: Sequence[str],
+    *,
+    token: str,
+    before_seq: int,
+    warn: Callable[[str], None],
+    tls: ClientTls = None,
 ) -> tuple[replay.StartState, str] | None:
     """The newest cluster snapshot of `cls` covering at most `before_seq` that loads (digest
     checked), and a description of it; or None."""
     try:
-        infos = await query_snapshots(endpoints, cls.TYPE, token=token, session="sm-conformance.query")
+        infos = await query_snapshots(endpoints, cls.TYPE, token=token, session="sm-conformance.query", tls=tls)
     except ConnectionError as exc:
         warn(f"no snapshot used: {exc}")
         return None
@@ -85,7 +94,9 @@ async def start_from_cluster_snapshot(
             continue
         where = f"published by {info.session}, chunks {info.first_seq}..{info.last_seq}"
         try:
-            data = await fetch_snapshot(endpoints, info, token=token, session="sm-conformance.fetch")
+            data = await fetch_snapshot(
+                endpoints, info, token=token, session="sm-conformance.fetch", subscribe_fn=functools.partial(subscribe, tls=tls)
+            )
             load(cls(), data, digest=info.digest, covered_seq=info.covered_seq, schema_version=info.schema_version, where=where)
         except (SnapshotVerifyError, ConnectionError, TimeoutError) as exc:
             warn(f"snapshot covering seq {info.covered_seq} not used: {exc}")
@@ -107,18 +118,19 @@ async def record(
     use_snapshots: bool = True,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     progress: bool = False,
+    tls: ClientTls = None,
 ) -> RecordResult:
     """Record the slice ``from_seq..to_seq`` (0: the last number a node has now) as the
     reference `machine_spec` applies it, into `out` (written to ``out.tmp``, renamed when
-    complete). Raises ``MachineLoadError``, ``ConnectionError``, ``Rejected``, ``RecordError``,
-    ``OSError``, ``ValueError``."""
+    complete); `tls` reaches TLS ports (``clients.tls``). Raises ``MachineLoadError``,
+    ``ConnectionError``, ``Rejected``, ``TlsError``, ``RecordError``, ``OSError``, ``ValueError``."""
     started = time.monotonic()
     if from_seq < 1:
         raise ValueError("--from must be >= 1")
     cls = replay.load_machine_class(machine_spec)
     machine = replay.new_machine(cls, machine_spec)
     if not to_seq:
-        to_seq = await last_seq_of(endpoints, token=token)
+        to_seq = await last_seq_of(endpoints, token=token, tls=tls)
         if to_seq < from_seq:
             raise RecordError(f"nothing to record: --from {from_seq} is after the last sequence number, {to_seq}")
     elif to_seq < from_seq:
@@ -130,7 +142,7 @@ async def record(
     with tempfile.TemporaryDirectory(prefix="sm-conformance-") as state_dir:
         found = None
         if from_seq > 1 and use_snapshots:
-            found = await start_from_cluster_snapshot(cls, endpoints, token=token, before_seq=from_seq - 1, warn=warn)
+            found = await start_from_cluster_snapshot(cls, endpoints, token=token, before_seq=from_seq - 1, warn=warn, tls=tls)
         start = None
         if found is not None:
             start, start_from = found
@@ -140,8 +152,9 @@ async def record(
             start_from = "fresh machine" if from_seq == 1 else f"replayed 1..{from_seq - 1}"
         recorder = Recorder(machine, machine_spec, from_seq=from_seq, to_seq=to_seq, all_messages=all_messages, start_from=start_from)
         runner = replay.sm_runner(
-            machine, endpoints=endpoints, token=token, state_dir=state_dir, start=start, subscribe_fn=recorder.subscribe
-        )
+            machine, endpoints=endpoints, token=token, state_dir=state_dir, start=start,
+            subscribe_fn=functools.partial(recorder.subscribe, tls=tls), tls=tls,
+        )  # fmt: skip
         await runner.bootstrap()
         if runner.snapshot_errors:
             raise RecordError(f"the reference could not restore its starting snapshot: {runner.snapshot_errors[0]}")

@@ -15,6 +15,7 @@ import msgspec
 from raftseq.clients.sm import formats
 from raftseq.clients.sm.machine import StateMachine, full_digest
 from raftseq.clients.sm.runner import LOCAL_STATE_FORMAT, LocalState, StateMachineRunner
+from raftseq.clients.tls import ClientTls
 from raftseq.sequencer import protocol
 
 #: Seconds between progress lines on stderr.
@@ -111,10 +112,12 @@ def sm_runner(
     state_dir: str,
     start: StartState | None = None,
     subscribe_fn: Callable | None = None,
+    tls: ClientTls = None,
 ) -> StateMachineRunner:
     """A runner of `machine` alone. With `start`, that state is put in `state_dir` (a fresh
     directory) where the runner restores it (and checks its digest): the runner then starts
-    right after ``start.covered_seq``; without it, from a fresh machine."""
+    right after ``start.covered_seq``; without it, from a fresh machine. `tls`: as the
+    runner's (``clients.tls``)."""
     if start is not None:
         cls = type(machine)
         state = LocalState(LOCAL_STATE_FORMAT, cls.TYPE, start.schema_version, start.covered_seq, start.digest, start.data)
@@ -127,6 +130,7 @@ def sm_runner(
         state_dir=state_dir if start is not None else None,
         on_divergence=_ignore_divergence,
         subscribe_fn=subscribe_fn,
+        tls=tls,
     )
 
 
