@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -58,7 +59,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
@@ -1061,18 +1062,15 @@ class StreamCluster(ScopedDirectory):
         nc, opts = self.nc, self.opts
         leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
         expected = int(opts.fanout_rate * opts.fanout_seconds)
-        workers: list[subprocess.Popen] = []
-        try:
-            consumers = await _start_consumers(
-                nc,
-                workers,
-                leader=leader,
-                messages=expected,
-                subscribers=opts.subscribers,
-                processes=opts.subscriber_processes,
-                wait_s=opts.fanout_seconds + FANOUT_DRAIN_S,
-            )
-            processes = len(workers)
+        async with _running_consumers(
+            nc,
+            leader=leader,
+            messages=expected,
+            subscribers=opts.subscribers,
+            processes=opts.subscriber_processes,
+            wait_s=opts.fanout_seconds + FANOUT_DRAIN_S,
+        ) as consumers:
+            processes = len(consumers.workers)
             publisher = await connect(nc.urls, name="fanout-publisher")
             try:
                 js = publisher.jetstream(publish_async_max_pending=opts.nats_window)
@@ -1086,10 +1084,8 @@ class StreamCluster(ScopedDirectory):
                 not load.errors and load.acked == expected,
                 f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}",
             )
-            outcomes = await _outcomes(workers, consumers.deadline, "fanout subscriber process", "no outcome (stuck)")
+            outcomes = await consumers.outcomes()
             cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
-        finally:
-            await _wait_workers(workers)
         # cpu["subscribers"]: all the subscriber processes together.
         counts, complete, delivered, seconds, cpu["subscribers"] = _consumer_figures(outcomes, expected, consumers.last_seq, started_wall)
         result = {
@@ -1121,8 +1117,10 @@ class StreamCluster(ScopedDirectory):
 
 @dataclass(frozen=True)
 class _Consumers:
-    """Consumer processes started by ``_start_consumers``, all subscribed."""
+    """Consumer processes started by ``_running_consumers``, all subscribed."""
 
+    #: The processes, in the order they started.
+    workers: list[subprocess.Popen]
     #: The servers they are connected to (all but the stream leader).
     servers: list[str]
     #: The stream's messages they wait for: the next `messages` published.
@@ -1133,10 +1131,14 @@ class _Consumers:
     #: How many consumers each server holds.
     placement: dict[str, int]
 
+    async def outcomes(self) -> list[dict]:
+        """Each process's report once it has received everything or given up."""
+        return await _outcomes(self.workers, self.deadline, "fanout subscriber process", "no outcome (stuck)")
 
-async def _start_consumers(
+
+@contextlib.asynccontextmanager
+async def _running_consumers(
     nc: NatsCluster,
-    workers: list[subprocess.Popen],
     *,
     leader: str,
     messages: int,
@@ -1145,40 +1147,50 @@ async def _start_consumers(
     wait_s: float,
     started: Callable[[list[int]], None] | None = None,
     raw: bool = False,
-) -> _Consumers:
+) -> AsyncIterator[_Consumers]:
     """`subscribers` ordered push consumers of the next `messages` published in up to
-    `processes` processes (``_fanout_worker_main``, appended to `workers` as they start; with
-    `raw`, ``RawConsumers`` instead) alternating over the servers that are not `leader`, each
-    waiting up to `wait_s` for the messages once subscribed; `started` is given their pids once
-    all are started. Waits until every one says it subscribed."""
+    `processes` processes (``_fanout_worker_main``; with `raw`, ``RawConsumers`` instead)
+    alternating over the servers that are not `leader`, each waiting up to `wait_s` for the
+    messages once subscribed; `started` is given their pids once all are started. Entered once
+    every one says it subscribed; on leaving, the processes are waited for (stopped by
+    ``Children.close()`` when they hang)."""
     servers = [n for n in NODE_IDS if n != leader]
     first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
     last_seq = first_seq + messages - 1
     deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
     processes = min(processes, subscribers)
     per_process = [subscribers // processes + (1 if k < subscribers % processes else 0) for k in range(processes)]
-    for k, count in enumerate(per_process):
-        spec = {
-            "url": nc.url(servers[k % len(servers)]),
-            "server": servers[k % len(servers)],
-            "index": k,
-            "subscribers": count,
-            "from_seq": first_seq,
-            "until_seq": last_seq,
-            "start_timeout_s": START_TIMEOUT_S,
-            "wait_s": wait_s,
-            "raw": raw,
-        }
-        workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
-    if started is not None:
-        started([w.pid for w in workers])
-    placement: dict[str, int] = {}
-    for k, w in enumerate(workers):
-        line = await asyncio.to_thread(read_line, w, deadline)
-        expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
-        for server, n in json.loads(line[len("ready ") :]).items():
-            placement[server] = placement.get(server, 0) + n
-    return _Consumers(servers, first_seq, last_seq, deadline, placement)
+    workers: list[subprocess.Popen] = []
+    try:
+        for k, count in enumerate(per_process):
+            spec = {
+                "url": nc.url(servers[k % len(servers)]),
+                "server": servers[k % len(servers)],
+                "index": k,
+                "subscribers": count,
+                "from_seq": first_seq,
+                "until_seq": last_seq,
+                "start_timeout_s": START_TIMEOUT_S,
+                "wait_s": wait_s,
+                "raw": raw,
+            }
+            workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
+        if started is not None:
+            started([w.pid for w in workers])
+        placement: dict[str, int] = {}
+        for k, w in enumerate(workers):
+            line = await asyncio.to_thread(read_line, w, deadline)
+            expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
+            for server, n in json.loads(line[len("ready ") :]).items():
+                placement[server] = placement.get(server, 0) + n
+        yield _Consumers(workers, servers, first_seq, last_seq, deadline, placement)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                try:
+                    await asyncio.to_thread(w.wait, 5)
+                except subprocess.TimeoutExpired:
+                    pass  # Children.close() stops it
 
 
 def _consumer_figures(outcomes: list[dict], expected: int, last_seq: int, started_wall: float) -> tuple[list[int], int, int, float, float]:
@@ -1195,15 +1207,6 @@ def _consumer_figures(outcomes: list[dict], expected: int, last_seq: int, starte
     seconds = max(o["finished"] for o in outcomes) - started_wall
     cpu = round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0
     return counts, complete, delivered, seconds, cpu
-
-
-async def _wait_workers(workers: list[subprocess.Popen]) -> None:
-    for w in workers:
-        if w.poll() is None:
-            try:
-                await asyncio.to_thread(w.wait, 5)
-            except subprocess.TimeoutExpired:
-                pass  # Children.close() stops it
 
 
 def fanout_beside(
@@ -1268,25 +1271,20 @@ def fanout_beside(
             alone, us_alone = await publish(nc, "alone")
             print(f"without consumers ({rate:,} msg/s, {seconds:g} s, load avg {load_average()}):")
             print(latency_line("intended -> ack", alone))
-            workers: list[subprocess.Popen] = []
-            try:
-                consumers = await _start_consumers(
-                    nc,
-                    workers,
-                    leader=leader,
-                    messages=messages,
-                    subscribers=subscribers,
-                    processes=processes,
-                    wait_s=warmup_s + seconds + drain_s,
-                    started=lambda pids: pin("consumers", pids),
-                    raw=raw,
-                )
+            async with _running_consumers(
+                nc,
+                leader=leader,
+                messages=messages,
+                subscribers=subscribers,
+                processes=processes,
+                wait_s=warmup_s + seconds + drain_s,
+                started=lambda pids: pin("consumers", pids),
+                raw=raw,
+            ) as consumers:
                 before, t0, started_wall = cpu_times(nc.pids), time.monotonic(), time.time()
                 loaded, us_loaded = await publish(nc, "loaded")
-                outcomes = await _outcomes(workers, consumers.deadline, "fanout subscriber process", "no outcome (stuck)")
+                outcomes = await consumers.outcomes()
                 cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
-            finally:
-                await _wait_workers(workers)
         counts, complete, delivered, elapsed, cpu["consumers"] = _consumer_figures(outcomes, messages, consumers.last_seq, started_wall)
         ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
         kind = "raw push consumers" if raw else "ordered push consumers (nats-py)"
