@@ -21,11 +21,9 @@ import os
 import random
 import threading
 import time
-import urllib.request
 
 import pytest
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from chaos_tests import powerfs
 from chaos_tests.cluster import ChaosCluster, tmpfs_supported, wait_until
@@ -55,12 +53,6 @@ PAYLOAD = b"d" * 1000
 TMPFS_BYTES = 24 << 20
 DISK_FREE_MIN_BYTES = 2 << 20
 DISK_FREE_MIN = {"journal": {"disk_free_bytes_min": DISK_FREE_MIN_BYTES}}
-
-
-def _scrape(address: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
-        text = answer.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if set(s.labels) <= {"node"}}
 
 
 def _rss_bytes(pid: int) -> int:
@@ -178,7 +170,6 @@ def disk_cluster(tmp_path):
 
 def test_a_leader_whose_raft_log_disk_stalls_refuses_hands_over_stays_bounded_and_loses_nothing(disk_cluster):
     cluster, loads, leader, seed = disk_cluster("power")
-    metrics = cluster.node(leader).config.metrics_address
     pid = cluster.pid(leader)
     load = Load(cluster.endpoints, cluster.token, session="stall").start()
     loads.append(load)
@@ -191,7 +182,7 @@ def test_a_leader_whose_raft_log_disk_stalls_refuses_hands_over_stays_bounded_an
     # The leader's loop keeps answering (a scrape is served on it) while its writer is
     # stuck; once the writer's backlog passes its bound, it takes no new entries.
     wait_until(
-        lambda: _scrape(metrics).get("raftseq_raft_log_writer_backlog_bytes", 0) > RAFT_LOG_WRITE_QUEUE_BYTES_MAX,
+        lambda: cluster.metrics(leader).get("raftseq_raft_log_writer_backlog_bytes", 0) > RAFT_LOG_WRITE_QUEUE_BYTES_MAX,
         timeout_s=BUSY_WITHIN_S,
         what=f"{leader}'s Raft log writer past its bound",
     )
@@ -203,7 +194,7 @@ def test_a_leader_whose_raft_log_disk_stalls_refuses_hands_over_stays_bounded_an
     scrapes = 0
     while time.monotonic() < watch_until:
         started = time.monotonic()
-        samples = _scrape(metrics)  # answers, within SCRAPE_TIMEOUT_S, every time
+        samples = cluster.metrics(leader)  # answers, within SCRAPE_TIMEOUT_S, every time
         scrapes += 1
         assert time.monotonic() - started < SCRAPE_TIMEOUT_S
         rss_peak = max(rss_peak, _rss_bytes(pid))
@@ -221,7 +212,7 @@ def test_a_leader_whose_raft_log_disk_stalls_refuses_hands_over_stays_bounded_an
     resumed_at = time.monotonic()
     acked_at_resume = len(load.acked)
     wait_until(
-        lambda: _scrape(metrics)["raftseq_raft_log_writer_backlog_bytes"] == 0,
+        lambda: cluster.metrics(leader)["raftseq_raft_log_writer_backlog_bytes"] == 0,
         timeout_s=120,
         what=f"{leader}'s writer catching up",
     )
@@ -308,14 +299,14 @@ def test_a_follower_low_on_disk_takes_no_new_entries_stays_up_and_catches_up(dis
     )
     victim = next(n for n in cluster.node_ids if n != leader)
     ballast = cluster.fill_disk(victim, leave_bytes=DISK_FREE_MIN_BYTES // 2)
-    cluster.wait_for_log(victim, "free disk LOW", timeout_s=10)
+    cluster.wait_for_metrics(victim, lambda m: m.get("raftseq_disk_low") == 1, what="notices its low disk", timeout_s=10)
     load = Load([cluster.endpoint(n) for n in cluster.node_ids if n != victim], cluster.token, session="low").start()
     loads.append(load)
     # Four times the room the victim has left goes through the other two.
     wait_until(lambda: len(load.acked) * len(PAYLOAD) >= 2 * DISK_FREE_MIN_BYTES, timeout_s=120, what="the other two acknowledging")
     load.stop()
     assert not load.errors, f"{len(load.errors)} submits failed, first {load.errors[0]!r}"
-    samples = _scrape(cluster.node(victim).config.metrics_address)
+    samples = cluster.metrics(victim)
     print(
         f"seed {seed}: {victim} low on disk ({ballast} bytes of ballast, {cluster.disk_free(victim)} free): "
         f"{samples['raftseq_raft_appends_dropped_total']:.0f} appends dropped, last seq {samples['raftseq_last_seq']:.0f}; "

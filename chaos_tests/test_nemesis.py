@@ -442,7 +442,7 @@ def test_a_leader_low_on_disk_lets_the_others_serve(chaos):
     cluster, nemesis, log = chaos(overrides=DISK_FREE_MIN, tmpfs_bytes={n: TMPFS_BYTES for n in ("n1", "n2", "n3")})
     leader = nemesis.leader()
     low = nemesis.fill_disk(leader, leave_bytes=MIB // 2)  # below disk_free_bytes_min, not full
-    wait_until(lambda: "free disk LOW" in cluster.log_text(leader), timeout_s=5, what=f"{leader} notices its low disk")
+    cluster.wait_for_metrics(leader, lambda m: m.get("raftseq_disk_low") == 1, what="notices its low disk", timeout_s=5)
     try:
         started = time.monotonic()
         with client(cluster, "low", outcome_deadline_s=5.0) as c:

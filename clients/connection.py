@@ -21,7 +21,7 @@ link here (``open_connection``) and reads it here:
 * **Who leads.** ``leader_named_by(address)`` says hello and reads the answer's role and
   leader (a client whose leader stopped acknowledging asks the other nodes).
 * **Requests.** ``request`` sends a frame and returns the first answer of the expected type
-  (``status`` for ``StatusRequest``).
+  (``status`` for ``StatusRequest``); ``request_once`` does it on a connection of its own.
 * **Subscribing.** ``subscribe(from_seq)`` yields ``Delivered`` frames (a list per read),
   checked to be
   ``from_seq, from_seq + 1, …`` (a wrong number raises ``ConnectionError``). With
@@ -307,4 +307,27 @@ async def leader_named_by(address: str, *, session: str, token: str, timeout_s: 
     return link.welcome.leader, False
 
 
-__all__ = ["Connection", "FATAL_REASONS", "READ_BYTES", "Rejected", "SequencerError", "leader_named_by", "open_connection", "refusal"]
+async def request_once(
+    address: str, frame: object, answer: type[AnswerT], *, session: str, token: str, timeout_s: float, tls: ClientTls = None
+) -> AnswerT:
+    """``Connection.request`` on a connection of its own to `address`, closed after: up to
+    `timeout_s` to connect and as long again for the answer. Raises what ``open_connection``
+    and ``request`` raise."""
+    connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
+    try:
+        return await connection.request(frame, answer, timeout_s)
+    finally:
+        connection.close()
+
+
+__all__ = [
+    "Connection",
+    "FATAL_REASONS",
+    "READ_BYTES",
+    "Rejected",
+    "SequencerError",
+    "leader_named_by",
+    "open_connection",
+    "refusal",
+    "request_once",
+]

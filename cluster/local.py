@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -71,6 +72,8 @@ CONVERGE_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.05
 #: Per status request to one node.
 STATUS_TIMEOUT_S = 1.0
+#: Per metrics page request to one node (a loaded node renders its page slower than a status).
+METRICS_TIMEOUT_S = 5.0
 #: Lines of each node log in a ``ClusterTimeout`` message.
 LOG_TAIL_LINES = 25
 #: Attempts of ``LocalCluster.started`` (a port picked as free may be taken before a node binds it).
@@ -820,6 +823,61 @@ class LocalCluster:
                 target = f"last_seq {at}" if at is not None else f"one last_seq >= {at_least}"
                 raise ClusterTimeout(f"nodes did not converge on {target} within {timeout_s} s: {report}\n{self.diagnostics()}")
             time.sleep(POLL_INTERVAL_S)
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def metrics(self, node_id: str) -> dict[str, float]:
+        """The node's metrics page now (``cluster.metrics.page_samples``). ``OSError`` or
+        ``ValueError`` when it does not answer."""
+        from raftseq.cluster.metrics import page_samples
+
+        address = self.node(node_id).config.metrics_address
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=METRICS_TIMEOUT_S) as answer:
+            return page_samples(answer.read().decode("utf-8"))
+
+    def wait_for_metrics(
+        self, node_id: str, done: Callable[[dict[str, float]], bool], *, what: str, timeout_s: float = CONVERGE_TIMEOUT_S
+    ) -> dict[str, float]:
+        """The node's metrics (``metrics``) once `done` holds for them; a page that does not
+        answer yet (the node starting) has not got there. ``ClusterTimeout`` naming `what`
+        after `timeout_s`. A node's counters start at 0 with its process: after a restart
+        they speak of the new process only."""
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, float] | str = "no answer"
+        while True:
+            try:
+                last = self.metrics(node_id)
+            except (OSError, ValueError) as exc:
+                last = f"no answer ({exc})"
+            if not isinstance(last, str) and done(last):
+                return last
+            if time.monotonic() >= deadline:
+                shown = last if isinstance(last, str) else {k: v for k, v in last.items() if k.startswith("raftseq_")}
+                raise ClusterTimeout(f"{node_id}: {what}: not within {timeout_s} s; last metrics {shown}\n{self.diagnostics()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def wait_serving_metrics(self, node_id: str, *, timeout_s: float = LEADER_TIMEOUT_S) -> None:
+        """Until the node's metrics page answers (a node opens it after its client port)."""
+        self.wait_for_metrics(node_id, lambda samples: True, what="serves its metrics page", timeout_s=timeout_s)
+
+    def wait_hole_filled(self, node_id: str, *, timeout_s: float = CONVERGE_TIMEOUT_S) -> dict[str, float]:
+        """Until the node's process has fetched journal records from a peer and holds no hole
+        and nothing left to fetch: a restarted node's catch-up done. Returns its metrics."""
+
+        def filled(samples: dict[str, float]) -> bool:
+            fetched = samples.get("raftseq_catchup_fetched_records_total", 0)
+            return fetched > 0 and samples.get("raftseq_catchup_missing_records") == 0 and samples.get("raftseq_journal_holes") == 0
+
+        return self.wait_for_metrics(node_id, filled, what="fills its journal hole from a peer", timeout_s=timeout_s)
+
+    def wait_damage_repaired(self, node_id: str, *, timeout_s: float = CONVERGE_TIMEOUT_S) -> dict[str, float]:
+        """Until the node's process has repaired a damaged journal segment from a peer and
+        refuses no record any more. Returns its metrics."""
+
+        def repaired(samples: dict[str, float]) -> bool:
+            return samples.get("raftseq_journal_damage_repaired_total", 0) > 0 and samples.get("raftseq_journal_damaged_records") == 0
+
+        return self.wait_for_metrics(node_id, repaired, what="repairs its damaged journal from a peer", timeout_s=timeout_s)
 
     # --- logs -----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.connection import Rejected, request_once
 from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.sequencer import protocol
 
@@ -30,11 +30,7 @@ async def ask(
     address: str, request: protocol.MemberRequest, *, token: str, timeout_s: float, tls: ClientTls = None
 ) -> protocol.MemberReply:
     """One node's answer (``OSError``/``TimeoutError``/``ConnectionError`` when it gives none)."""
-    connection = await open_connection(address, session=SESSION, token=token, timeout_s=timeout_s, tls=tls)
-    try:
-        return await connection.request(request, protocol.MemberReply, timeout_s)
-    finally:
-        connection.close()
+    return await request_once(address, request, protocol.MemberReply, session=SESSION, token=token, timeout_s=timeout_s, tls=tls)
 
 
 async def ask_cluster(

@@ -317,6 +317,14 @@ def exported_sample_names() -> frozenset[str]:
     return frozenset(names)
 
 
+def page_samples(text: str) -> dict[str, float]:
+    """A ``/metrics`` page as ``{sample name: value}``, for the samples labelled with nothing
+    but ``node`` (what a node says of itself; a sample per label value is left out)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if set(s.labels) <= {"node"}}
+
+
 class _Histogram:
     """A histogram kept as plain counts (cheap to update from the hot path)."""
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from raftseq.clients.connection import open_connection
+from raftseq.clients.connection import request_once
 from raftseq.clients.errors import SequencerError
 from raftseq.clients.tls import ClientTls, TlsError
 from raftseq.cluster.catchup import Peer
@@ -282,19 +282,18 @@ class JournalRetention:
         refusal (a node draining or shutting down, a token it no longer takes, a full session
         table). Its last answer then keeps holding the floor."""
         try:
-            connection = await open_connection(
-                peer.client_address, session=self.session, token=self.token, timeout_s=PEER_STATUS_TIMEOUT_S, tls=self.tls
+            status = await request_once(
+                peer.client_address,
+                protocol.StatusRequest(),
+                protocol.Status,
+                session=self.session,
+                token=self.token,
+                timeout_s=PEER_STATUS_TIMEOUT_S,
+                tls=self.tls,
             )
         except (OSError, ConnectionError, TimeoutError, ValueError, TlsError, SequencerError) as exc:
-            log.debug("peer %s took no status request: %s", peer.id, exc)
-            return 0
-        try:
-            status = await connection.status(PEER_STATUS_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, SequencerError) as exc:
             log.debug("peer %s gave no status: %s", peer.id, exc)
             return 0
-        finally:
-            connection.close()
         return status.journal_needs_from
 
     # --- one check ------------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from raftseq.clients.connection import Rejected, open_connection
+from raftseq.clients.connection import Rejected, request_once
 from raftseq.clients.errors import AuthenticationError
 from raftseq.clients.tls import ClientTls, TlsError
+from raftseq.sequencer import protocol
 
 
 #: The role of a node that could not be asked, and of one that refused our token.
@@ -30,15 +31,11 @@ async def node_status(address: str, *, token: str, timeout_s: float, session: st
     ``"refused"`` when it refused our token, each with an ``error``). Never raises for a node
     that is down, slow or refuses us."""
     try:
-        connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
+        status = await request_once(
+            address, protocol.StatusRequest(), protocol.Status, session=session, token=token, timeout_s=timeout_s, tls=tls
+        )
     except (OSError, TimeoutError, Rejected, TlsError) as exc:
         return _not_asked(address, exc)
-    try:
-        status = await connection.status(timeout_s)
-    except (OSError, TimeoutError, Rejected) as exc:
-        return _not_asked(address, exc)
-    finally:
-        connection.close()
     return {
         "id": status.node_id,
         "address": status.client_address or address,

@@ -51,7 +51,7 @@ class ClusterHarness(LocalCluster):
         leader = super().start(leader_timeout_s=leader_timeout_s)
         if leader_timeout_s is not None:
             for node_id in self.node_ids:
-                self.wait_for_log(node_id, f"node {node_id} up:", timeout_s=leader_timeout_s)
+                self.wait_serving_metrics(node_id, timeout_s=leader_timeout_s)
         return leader
 
     def describe(self) -> str:

@@ -190,11 +190,11 @@ def test_a_flipped_bit_in_a_sealed_segment_is_refused_then_repaired_byte_identic
     assert seqs[: MESSAGES - bad_seq + 3] == list(range(bad_seq - 2, MESSAGES + 1)), "gap or duplicate around the damage"
     pid = check_alive(h, node)
     found = h.wait_for_log(node, found_text, timeout_s=REPAIR_TIMEOUT_S)
-    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    h.wait_damage_repaired(node, timeout_s=REPAIR_TIMEOUT_S)
     repair_s = time.monotonic() - started
     latencies = legit_latencies(h)
     rss = rss_bytes(pid)
-    print(f"{node}: {found}\n{node}: {repaired}")
+    print(f"{node}: {found}")
     print(
         f"damage {when} at seq {bad_seq}: repaired within {repair_s:.1f} s; {node} RSS {rss / limits.MIB:.0f} MiB; legit {describe_latencies(latencies)}"
     )
@@ -226,12 +226,11 @@ def test_a_truncated_or_missing_sealed_segment_is_repaired_from_a_peer(running_c
         os.unlink(path[: -len(SEGMENT_SUFFIX)] + INDEX_SUFFIX)
     started = time.monotonic()
     h.restart(node)
-    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
+    h.wait_damage_repaired(node, timeout_s=REPAIR_TIMEOUT_S)
     repair_s = time.monotonic() - started
     pid = check_alive(h, node)
     latencies = legit_latencies(h)
     rss = rss_bytes(pid)
-    print(f"{node}: {repaired}")
     print(
         f"{damage} segment {os.path.basename(path)}: repaired {repair_s:.1f} s after restart; {node} RSS {rss / limits.MIB:.0f} MiB; legit {describe_latencies(latencies)}"
     )
@@ -320,8 +319,8 @@ def test_damage_to_the_running_tail_segment_is_refused_then_repaired_and_the_nod
     by_seq = {s: p for p, s in acked.items()}
     assert all(by_seq[m.seq] == m.payload for m in messages if m.seq in by_seq), "a wrong record was served"
     check_alive(h, node)
-    repaired = h.wait_for_log(node, "journal damaged segment filled up to", timeout_s=REPAIR_TIMEOUT_S)
-    print(f"{damage} tail at seq {bad_seq}: {repaired} ({time.monotonic() - started:.1f} s)")
+    h.wait_damage_repaired(node, timeout_s=REPAIR_TIMEOUT_S)
+    print(f"{damage} tail at seq {bad_seq}: repaired ({time.monotonic() - started:.1f} s)")
     messages = read_from(h, node, from_seq, total)
     assert [(m.seq, m.payload) for m in messages][: total - from_seq + 1] == [(s, by_seq[s]) for s in range(from_seq, total + 1)]
     check_alive(h, node)
@@ -345,8 +344,11 @@ def test_a_missing_first_segment_is_found_on_start_and_fetched_from_a_peer(runni
     started = time.monotonic()
     h.restart(node)
     found = h.wait_for_log(node, f"journal lacks its first records 1..{listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
-    filled = h.wait_for_log(node, f"journal hole filled up to {listed[1][0] - 1}", timeout_s=REPAIR_TIMEOUT_S)
-    print(f"{node}: {found}\n{node}: {filled}\nrepaired {time.monotonic() - started:.1f} s after restart")
+    filled = h.wait_hole_filled(node, timeout_s=REPAIR_TIMEOUT_S)
+    print(
+        f"{node}: {found}\n{node}: {filled['raftseq_catchup_fetched_records_total']:.0f} records fetched\n"
+        f"repaired {time.monotonic() - started:.1f} s after restart"
+    )
     messages = read_from(h, node, 1, MESSAGES)
     assert [m.seq for m in messages][:MESSAGES] == list(range(1, MESSAGES + 1))
     check_alive(h, node)

@@ -19,9 +19,7 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from abuse_probes import describe_latencies, percentile, rss_bytes, submit_latencies
 from cluster_harness import running_cluster  # noqa: F401
@@ -242,7 +240,7 @@ def test_a_password_holder_cannot_join_as_a_member(running_cluster):
     h = running_cluster
     by_address = sorted(h.node_ids, key=lambda node_id: h.node(node_id).config.raft_address)
     target, claimed = h.node(by_address[0]).config, h.node(by_address[-1]).config  # the claimed one connects to the target
-    refused_before = identities_refused(target.metrics_address)
+    refused_before = h.metrics(target.id)["raftseq_raft_link_identities_refused_total"]
     plain = PasswordHolder(target.raft_address, LinkCipher(LinkPassword(target.raft_password, bytes.fromhex(target.raft_salt))))
     try:
         taken = plain.exchange_keys() and plain.claim_taken(claimed.raft_address)
@@ -271,21 +269,13 @@ def test_a_password_holder_cannot_join_as_a_member(running_cluster):
     # The claim signed by another key was refused in the handshake, and counted where an
     # operator sees it (the version-3 link fails earlier, at its cipher).
     # A node reuses its metrics page for METRICS_PAGE_REUSE_S: the count shows on a later one.
-    deadline = time.monotonic() + METRICS_PAGE_REUSE_S + 5.0
-    while (refused := identities_refused(target.metrics_address) - refused_before) < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert refused >= 1, f"{target.id} refused a forged claim but raftseq_raft_link_identities_refused_total rose by {refused}"
+    h.wait_for_metrics(
+        target.id,
+        lambda m: m["raftseq_raft_link_identities_refused_total"] > refused_before,
+        what="counts the forged claim it refused (raftseq_raft_link_identities_refused_total)",
+        timeout_s=METRICS_PAGE_REUSE_S + 5.0,
+    )
     h.wait_converged(at_least=0, timeout_s=30)
-
-
-def identities_refused(metrics_address: str) -> float:
-    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5.0) as answer:
-        text = answer.read().decode()
-    values = [
-        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "raftseq_raft_link_identities_refused_total"
-    ]
-    assert len(values) == 1, f"raftseq_raft_link_identities_refused_total: {len(values)} samples"
-    return values[0]
 
 
 #: How long the victim stays out of file descriptors after its first failed accept.

@@ -113,3 +113,87 @@ def test_wait_converged_reaches_a_target_or_holds_still_for_two_polls(tmp_path):
         Scripted(tmp_path, [no_leader]).wait_converged(timeout_s=0.1)
     with pytest.raises(ClusterTimeout):
         Scripted(tmp_path, [at(10)]).wait_converged(at_least=11, timeout_s=0.1)
+
+
+class ScriptedMetrics(LocalCluster):
+    """A cluster whose metrics pages come from a list (the last one repeats); a string is a
+    page that does not answer."""
+
+    def __init__(self, tmp_path, pages: list[dict | str]) -> None:
+        super().__init__(str(tmp_path / "c"), 20000, insecure=False, restart=False)
+        self.pages = pages
+        self.scrapes = 0
+
+    def metrics(self, node_id: str) -> dict[str, float]:
+        self.scrapes += 1
+        page = self.pages.pop(0) if len(self.pages) > 1 else self.pages[0]
+        if isinstance(page, str):
+            raise ConnectionRefusedError(page)
+        return dict(page)
+
+
+def catchup(fetched: float, missing: float, holes: float) -> dict[str, float]:
+    return {"raftseq_catchup_fetched_records_total": fetched, "raftseq_catchup_missing_records": missing, "raftseq_journal_holes": holes}
+
+
+def test_wait_hole_filled_waits_for_a_fetch_and_no_hole_on_a_page_that_answers(tmp_path):
+    # Starting (no page), then a fresh process with nothing fetched yet and no hole known (the
+    # Raft snapshot has not come), then fetching, then filled.
+    pages = ["starting", catchup(0, 0, 0), catchup(0, 500, 1), catchup(200, 300, 1), catchup(500, 0, 0)]
+    cluster = ScriptedMetrics(tmp_path, pages)
+    assert cluster.wait_hole_filled("n2", timeout_s=5)["raftseq_catchup_fetched_records_total"] == 500
+    assert cluster.scrapes == 5
+    with pytest.raises(ClusterTimeout, match=r"n2: fills its journal hole from a peer: not within 0.1 s; last metrics no answer"):
+        ScriptedMetrics(tmp_path, ["refused"]).wait_hole_filled("n2", timeout_s=0.1)
+    with pytest.raises(ClusterTimeout, match="raftseq_catchup_missing_records"):
+        ScriptedMetrics(tmp_path, [catchup(100, 5, 1)]).wait_hole_filled("n2", timeout_s=0.1)
+
+
+def test_wait_damage_repaired_wants_a_repair_and_no_refused_record(tmp_path):
+    def damage(repaired: float, refused: float) -> dict[str, float]:
+        return {"raftseq_journal_damage_repaired_total": repaired, "raftseq_journal_damaged_records": refused}
+
+    cluster = ScriptedMetrics(tmp_path, [damage(0, 0), damage(0, 40), damage(1, 0)])
+    cluster.wait_damage_repaired("n1", timeout_s=5)
+    assert cluster.scrapes == 3
+    with pytest.raises(ClusterTimeout, match="repairs its damaged journal"):
+        ScriptedMetrics(tmp_path, [damage(1, 40)]).wait_damage_repaired("n1", timeout_s=0.1)
+
+
+def test_metrics_reads_the_node_page_samples_labelled_with_the_node_only(tmp_path):
+    import http.server
+    import threading
+
+    import msgspec
+
+    page = (
+        b'# TYPE raftseq_disk_low gauge\nraftseq_disk_low{node="n1"} 1.0\n'
+        b'# TYPE raftseq_refused_total counter\nraftseq_refused_total{node="n1",reason="busy"} 3.0\n'
+        b"# TYPE raftseq_up gauge\nraftseq_up 1.0\n"
+    )
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cluster = _cluster(tmp_path)
+        node = cluster.node("n1")
+        node.config = msgspec.structs.replace(node.config, metrics_address=f"127.0.0.1:{server.server_address[1]}")
+        assert cluster.metrics("n1") == {"raftseq_disk_low": 1.0, "raftseq_up": 1.0}
+        cluster.wait_serving_metrics("n1", timeout_s=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with pytest.raises(ClusterTimeout, match="serves its metrics page"):
+        cluster.wait_serving_metrics("n1", timeout_s=0.1)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
@@ -22,14 +20,6 @@ from raftseq.cluster.raft.log_store import segment_numbers
 
 POWER = {"durability": "power", "raft": {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 0.5}}
 MESSAGES = 3000
-SCRAPE_TIMEOUT_S = 5.0
-
-
-def scrape(address: str) -> dict[str, float]:
-    """The node's samples without labels other than ``node`` (name -> value)."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
-        text = answer.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if set(s.labels) <= {"node"}}
 
 
 @pytest.mark.parametrize("running_cluster", [POWER], indirect=True, ids=["power"])
@@ -48,7 +38,7 @@ def test_power_mode_acknowledges_compacts_and_keeps_everything_through_a_kill_of
         assert os.path.isdir(os.path.join(h.raft_dir(node.id), "raft.log")), "the directory is marked for older releases"
         assert segment_numbers(h.raft_dir(node.id)), "the Raft log is in segments"
         assert os.path.isfile(os.path.join(h.raft_dir(node.id), "snapshot.bin")), "compaction ran"
-        samples = scrape(node.config.metrics_address)
+        samples = h.metrics(node.id)
         assert samples["raftseq_raft_log_fsyncs_total"] > 0, node.id
         assert samples["raftseq_raft_log_fsync_entries_sum"] > 0, node.id
         assert 0 < samples["raftseq_raft_durable_index"] <= samples["raftseq_raft_commit_index"] + 1, node.id

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -58,7 +59,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from benchmarks.figures import BenchError, cpu_text, expect, latency_line, seq_ranges
@@ -1060,27 +1061,16 @@ class StreamCluster(ScopedDirectory):
         after subscribing are reported, not waited for."""
         nc, opts = self.nc, self.opts
         leader = await nc.wait_for_replicas(deadline=time.monotonic() + REJOIN_TIMEOUT_S)
-        others = [n for n in NODE_IDS if n != leader]
         expected = int(opts.fanout_rate * opts.fanout_seconds)
-        info = await asyncio.wait_for(nc.js.stream_info(STREAM), 5)
-        from_seq = info.state.last_seq + 1
-        until_seq = from_seq + expected - 1
-        wait_s = opts.fanout_seconds + FANOUT_DRAIN_S
-        deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
-        workers: list[subprocess.Popen] = []
-        try:
-            placement = await _start_consumers(
-                nc,
-                workers,
-                servers=others,
-                subscribers=opts.subscribers,
-                processes=opts.subscriber_processes,
-                first_seq=from_seq,
-                last_seq=until_seq,
-                wait_s=wait_s,
-                deadline=deadline,
-            )
-            processes = len(workers)
+        async with _running_consumers(
+            nc,
+            leader=leader,
+            messages=expected,
+            subscribers=opts.subscribers,
+            processes=opts.subscriber_processes,
+            wait_s=opts.fanout_seconds + FANOUT_DRAIN_S,
+        ) as consumers:
+            processes = len(consumers.workers)
             publisher = await connect(nc.urls, name="fanout-publisher")
             try:
                 js = publisher.jetstream(publish_async_max_pending=opts.nats_window)
@@ -1094,12 +1084,10 @@ class StreamCluster(ScopedDirectory):
                 not load.errors and load.acked == expected,
                 f"{NAME} fanout: {load.acked:,} of {expected:,} publishes acknowledged; errors {load.errors[:1]}",
             )
-            outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
+            outcomes = await consumers.outcomes()
             cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
-        finally:
-            await _wait_workers(workers)
         # cpu["subscribers"]: all the subscriber processes together.
-        counts, complete, delivered, seconds, cpu["subscribers"] = _consumer_figures(outcomes, expected, until_seq, started_wall)
+        counts, complete, delivered, seconds, cpu["subscribers"] = _consumer_figures(outcomes, expected, consumers.last_seq, started_wall)
         result = {
             "subscribers": opts.subscribers,
             "messages": expected,
@@ -1113,13 +1101,13 @@ class StreamCluster(ScopedDirectory):
             "fewest_received": min(counts) if counts else 0,
             "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
             "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
-            "connected_to": others,
-            "consumer_placement": placement,
+            "connected_to": consumers.servers,
+            "consumer_placement": consumers.placement,
             "cpu": cpu,
             "stream_leader": leader,
         }
         print(
-            f"    {NAME} fanout: {opts.subscribers} ordered consumers on {' and '.join(others)} (placed {placement}), {expected:,} messages at "
+            f"    {NAME} fanout: {opts.subscribers} ordered consumers on {' and '.join(consumers.servers)} (placed {consumers.placement}), {expected:,} messages at "
             f"{opts.fanout_rate:,}/s: {delivered:,} delivered in {seconds:.1f} s = {result['delivered_per_s']:,.0f} msg/s; "
             f"{complete} of {len(counts)} got every message; cpu {cpu_text(cpu)}",
             flush=True,
@@ -1127,49 +1115,82 @@ class StreamCluster(ScopedDirectory):
         return result
 
 
-async def _start_consumers(
+@dataclass(frozen=True)
+class _Consumers:
+    """Consumer processes started by ``_running_consumers``, all subscribed."""
+
+    #: The processes, in the order they started.
+    workers: list[subprocess.Popen]
+    #: The servers they are connected to (all but the stream leader).
+    servers: list[str]
+    #: The stream's messages they wait for: the next `messages` published.
+    first_seq: int
+    last_seq: int
+    #: ``time.monotonic()`` by which every process has started, received and reported.
+    deadline: float
+    #: How many consumers each server holds.
+    placement: dict[str, int]
+
+    async def outcomes(self) -> list[dict]:
+        """Each process's report once it has received everything or given up."""
+        return await _outcomes(self.workers, self.deadline, "fanout subscriber process", "no outcome (stuck)")
+
+
+@contextlib.asynccontextmanager
+async def _running_consumers(
     nc: NatsCluster,
-    workers: list[subprocess.Popen],
     *,
-    servers: list[str],
+    leader: str,
+    messages: int,
     subscribers: int,
     processes: int,
-    first_seq: int,
-    last_seq: int,
     wait_s: float,
-    deadline: float,
     started: Callable[[list[int]], None] | None = None,
     raw: bool = False,
-) -> dict[str, int]:
-    """`subscribers` ordered push consumers from `first_seq` in up to `processes` processes
-    (``_fanout_worker_main``, appended to `workers` as they start; with `raw`, ``RawConsumers``
-    instead) alternating over `servers`;
-    `started` is given their pids once all are started. Waits until every one says it
-    subscribed; returns how many consumers each server holds."""
+) -> AsyncIterator[_Consumers]:
+    """`subscribers` ordered push consumers of the next `messages` published in up to
+    `processes` processes (``_fanout_worker_main``; with `raw`, ``RawConsumers`` instead)
+    alternating over the servers that are not `leader`, each waiting up to `wait_s` for the
+    messages once subscribed; `started` is given their pids once all are started. Entered once
+    every one says it subscribed; on leaving, the processes are waited for (stopped by
+    ``Children.close()`` when they hang)."""
+    servers = [n for n in NODE_IDS if n != leader]
+    first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
+    last_seq = first_seq + messages - 1
+    deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
     processes = min(processes, subscribers)
     per_process = [subscribers // processes + (1 if k < subscribers % processes else 0) for k in range(processes)]
-    for k, count in enumerate(per_process):
-        spec = {
-            "url": nc.url(servers[k % len(servers)]),
-            "server": servers[k % len(servers)],
-            "index": k,
-            "subscribers": count,
-            "from_seq": first_seq,
-            "until_seq": last_seq,
-            "start_timeout_s": START_TIMEOUT_S,
-            "wait_s": wait_s,
-            "raw": raw,
-        }
-        workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
-    if started is not None:
-        started([w.pid for w in workers])
-    placement: dict[str, int] = {}
-    for k, w in enumerate(workers):
-        line = await asyncio.to_thread(read_line, w, deadline)
-        expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
-        for server, n in json.loads(line[len("ready ") :]).items():
-            placement[server] = placement.get(server, 0) + n
-    return placement
+    workers: list[subprocess.Popen] = []
+    try:
+        for k, count in enumerate(per_process):
+            spec = {
+                "url": nc.url(servers[k % len(servers)]),
+                "server": servers[k % len(servers)],
+                "index": k,
+                "subscribers": count,
+                "from_seq": first_seq,
+                "until_seq": last_seq,
+                "start_timeout_s": START_TIMEOUT_S,
+                "wait_s": wait_s,
+                "raw": raw,
+            }
+            workers.append(_start_worker(nc, f"fanout-sub{k + 1}", "--fanout-worker", spec))
+        if started is not None:
+            started([w.pid for w in workers])
+        placement: dict[str, int] = {}
+        for k, w in enumerate(workers):
+            line = await asyncio.to_thread(read_line, w, deadline)
+            expect(line.startswith("ready "), f"{NAME} fanout subscriber process {k + 1} did not subscribe: {line.strip() or 'no answer'}")
+            for server, n in json.loads(line[len("ready ") :]).items():
+                placement[server] = placement.get(server, 0) + n
+        yield _Consumers(workers, servers, first_seq, last_seq, deadline, placement)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                try:
+                    await asyncio.to_thread(w.wait, 5)
+                except subprocess.TimeoutExpired:
+                    pass  # Children.close() stops it
 
 
 def _consumer_figures(outcomes: list[dict], expected: int, last_seq: int, started_wall: float) -> tuple[list[int], int, int, float, float]:
@@ -1186,15 +1207,6 @@ def _consumer_figures(outcomes: list[dict], expected: int, last_seq: int, starte
     seconds = max(o["finished"] for o in outcomes) - started_wall
     cpu = round(sum(o["cpu_s"] for o in outcomes) / seconds, 2) if seconds > 0 else 0.0
     return counts, complete, delivered, seconds, cpu
-
-
-async def _wait_workers(workers: list[subprocess.Popen]) -> None:
-    for w in workers:
-        if w.poll() is None:
-            try:
-                await asyncio.to_thread(w.wait, 5)
-            except subprocess.TimeoutExpired:
-                pass  # Children.close() stops it
 
 
 def fanout_beside(
@@ -1259,36 +1271,26 @@ def fanout_beside(
             alone, us_alone = await publish(nc, "alone")
             print(f"without consumers ({rate:,} msg/s, {seconds:g} s, load avg {load_average()}):")
             print(latency_line("intended -> ack", alone))
-            first_seq = (await asyncio.wait_for(nc.js.stream_info(STREAM), 5)).state.last_seq + 1
-            last_seq = first_seq + messages - 1
-            wait_s = warmup_s + seconds + drain_s
-            deadline = time.monotonic() + 2 * START_TIMEOUT_S + wait_s
-            others = [n for n in NODE_IDS if n != leader]
-            workers: list[subprocess.Popen] = []
-            try:
-                placement = await _start_consumers(
-                    nc,
-                    workers,
-                    servers=others,
-                    subscribers=subscribers,
-                    processes=processes,
-                    first_seq=first_seq,
-                    last_seq=last_seq,
-                    wait_s=wait_s,
-                    deadline=deadline,
-                    started=lambda pids: pin("consumers", pids),
-                    raw=raw,
-                )
+            async with _running_consumers(
+                nc,
+                leader=leader,
+                messages=messages,
+                subscribers=subscribers,
+                processes=processes,
+                wait_s=warmup_s + seconds + drain_s,
+                started=lambda pids: pin("consumers", pids),
+                raw=raw,
+            ) as consumers:
                 before, t0, started_wall = cpu_times(nc.pids), time.monotonic(), time.time()
                 loaded, us_loaded = await publish(nc, "loaded")
-                outcomes = await _outcomes(workers, deadline, "fanout subscriber process", "no outcome (stuck)")
+                outcomes = await consumers.outcomes()
                 cpu = cpu_shares(nc.pids, before, time.monotonic() - t0)
-            finally:
-                await _wait_workers(workers)
-        counts, complete, delivered, elapsed, cpu["consumers"] = _consumer_figures(outcomes, messages, last_seq, started_wall)
+        counts, complete, delivered, elapsed, cpu["consumers"] = _consumer_figures(outcomes, messages, consumers.last_seq, started_wall)
         ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("inf")
         kind = "raw push consumers" if raw else "ordered push consumers (nats-py)"
-        print(f"with {subscribers:,} {kind} on {' and '.join(others)} (placed {placement}; load avg {load_average()}):")
+        print(
+            f"with {subscribers:,} {kind} on {' and '.join(consumers.servers)} (placed {consumers.placement}; load avg {load_average()}):"
+        )
         print(latency_line("intended -> ack", loaded))
         print(
             f"  every message: {complete:,} of {subscribers:,} consumers ({messages:,} each; fewest {min(counts):,}; "
@@ -1312,7 +1314,7 @@ def fanout_beside(
             "p99_ratio": ratio,
             "slow_consumer_errors": sum(o["slow_consumers"] for o in outcomes),
             "client_errors": [e for o in outcomes for e in o["client_errors"]][:5],
-            "consumer_placement": placement,
+            "consumer_placement": consumers.placement,
             "consumers": kind,
             "stream_leader": leader,
         }

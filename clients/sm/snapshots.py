@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from raftseq.clients.client import SequencerClient, subscribe
 from raftseq.clients.tls import ClientTls
-from raftseq.clients.connection import open_connection
+from raftseq.clients.connection import request_once
 from raftseq.clients.sm.errors import SnapshotPublishError, SnapshotVerifyError
 from raftseq.sequencer import protocol
 
@@ -125,23 +125,15 @@ async def query_snapshots(
     problems = []
     for address in order:
         try:
-            answer = await _ask(address, protocol.SnapshotQuery(sm_type), token=token, session=session, timeout_s=timeout_s, tls=tls)
+            # A node that predates snapshot queries answers Rejected(bad_frame): ConnectionError.
+            answer = await request_once(
+                address, protocol.SnapshotQuery(sm_type), protocol.SnapshotList, session=session, token=token, timeout_s=timeout_s, tls=tls
+            )
         except (OSError, ConnectionError, TimeoutError) as exc:
             problems.append(f"{address}: {exc or type(exc).__name__}")
             continue
         return list(answer.snapshots)
     raise ConnectionError(f"no node answered a snapshot query for {sm_type!r}: {'; '.join(problems)}")
-
-
-async def _ask(
-    address: str, request: protocol.SnapshotQuery, *, token: str, session: str, timeout_s: float, tls: ClientTls
-) -> protocol.SnapshotList:
-    connection = await open_connection(address, session=session, token=token, timeout_s=timeout_s, tls=tls)
-    try:
-        # A node that predates snapshot queries answers Rejected(bad_frame): ConnectionError.
-        return await connection.request(request, protocol.SnapshotList, timeout_s)
-    finally:
-        connection.close()
 
 
 async def wait_indexed(
