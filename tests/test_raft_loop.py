@@ -362,3 +362,52 @@ def test_a_restarted_member_replays_its_log_in_slices(tmp_path, monkeypatch):
             close_all(replicas, journals)
 
     run(story)
+
+
+def test_a_commit_gets_its_own_notify_delay_not_the_one_of_an_earlier_commit(tmp_path):
+    """Each batch proposed 30 ms after the previous one committed, commit notify delay 200 ms:
+    every commit is carried by the next batch well within its delay, so the leader sends no
+    AppendEntries for a commit alone. The timer set at an earlier commit used to fire for a
+    later one only a few ms old: an extra round on every node about every 7 batches."""
+    raft = {
+        "append_entries_period_s": 0.4,
+        "election_timeout_min_s": 1.3,
+        "election_timeout_max_s": 2.6,
+        "leader_fallback_timeout_s": 2.6,
+        "commit_notify_delay_s": 0.2,
+    }
+
+    async def story():
+        replicas, journals = make_replicas(tmp_path, asyncio.get_running_loop(), {"raft": raft})
+        try:
+            await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
+            leader = next(r for r in replicas if r._isLeader())
+            notify_sends = {"count": 0}
+            original_notify = leader._notify_commit
+            original_send = leader._SyncObj__sendAppendEntries
+            inside = {"notify": False}
+
+            def counting_notify():
+                inside["notify"] = True
+                try:
+                    original_notify()
+                finally:
+                    inside["notify"] = False
+
+            def counting_send():
+                if inside["notify"]:
+                    notify_sends["count"] += 1
+                return original_send()
+
+            leader._notify_commit = counting_notify
+            leader._SyncObj__sendAppendEntries = counting_send
+            batches = 40
+            for client_seq in range(1, 1 + batches):
+                result, error = await asyncio.wait_for(propose(leader, client_seq), WAIT_S)
+                assert error == 0 and result.first_seq == client_seq
+                await asyncio.sleep(0.03)
+            assert notify_sends["count"] <= 1, f"{notify_sends['count']} AppendEntries for a commit alone in {batches} batches"
+        finally:
+            close_all(replicas, journals)
+
+    run(story)

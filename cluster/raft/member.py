@@ -256,6 +256,8 @@ class RaftMember(SyncObj):
     _commit_notify_delay_s = 0.0
     _commit_notify: asyncio.TimerHandle | None = None
     _commit_index_sent = 0
+    #: When (loop time) the leader last applied a commit that no AppendEntries carried yet.
+    _commit_uncarried_at = 0.0
     _handover_requested = False
 
     def __init__(
@@ -709,6 +711,7 @@ class RaftMember(SyncObj):
         need_send = self._raftseq_apply_committed() if self._loop is not None else self._raftseq_apply_deferring_election()
         delay = self._commit_notify_delay_s
         if need_send and delay and self._SyncObj__raftState == LEADER:
+            self._commit_uncarried_at = self._loop.time()
             if self._commit_notify is None:
                 self._commit_notify = self._loop.call_later(delay, self._notify_commit)
             return False
@@ -765,6 +768,13 @@ class RaftMember(SyncObj):
     def _notify_commit(self) -> None:
         self._commit_notify = None
         if self._SyncObj__raftState == LEADER and self._commit_index_sent < self._SyncObj__raftCommitIndex:
+            # The timer was set at the first commit left uncarried; a later one, applied since,
+            # gets its own full delay for a batch to carry it (an AppendEntries for a commit
+            # only a moment old was an extra round on every node, 11% of rounds at 2k msg/s).
+            wait_s = self._commit_uncarried_at + self._commit_notify_delay_s - self._loop.time()
+            if wait_s > 0:
+                self._commit_notify = self._loop.call_later(wait_s, self._notify_commit)
+                return
             self._SyncObj__sendAppendEntries()
 
     # --- power mode: counting only what is on disk ---------------------------------------------
