@@ -98,7 +98,7 @@ def test_a_final_read_looks_past_what_no_node_can_serve(tmp_path, monkeypatch):
     served = range(31, 51)
     probes = []
 
-    async def fake_read_range(endpoint, token, first, last_seq, *, stall_s):
+    async def fake_read_range(endpoint, token, first, last_seq, *, stall_s, tls=None):
         probes.append(first)
         records = [(seq, "s", seq, b"p") for seq in range(first, last_seq + 1) if seq in served]
         if first not in served:
@@ -107,7 +107,7 @@ def test_a_final_read_looks_past_what_no_node_can_serve(tmp_path, monkeypatch):
 
     monkeypatch.setattr(workload, "read_range", fake_read_range)
     with HistoryRecorder(str(tmp_path / "history.jsonl")) as history:
-        records = asyncio.run(workload._read_node_past_holes("127.0.0.1:1", "token", 50, history, "n1"))
+        records = asyncio.run(workload._read_node_past_holes("127.0.0.1:1", "token", 50, history, "n1", None))
     assert [r[0] for r in records] == list(served)
     assert len(probes) <= 2 + 7, f"a binary search, not a scan: {probes}"
     notes = [e for e in load_history(str(tmp_path / "history.jsonl")) if type(e) is Note]
