@@ -42,6 +42,7 @@ import msgspec
 from raftseq.clients.tls import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions
 from raftseq.cluster.config import (
     EPHEMERAL_PORTS_FIRST_DEFAULT,
+    METRICS_PAGE_REUSE_S,
     PORTS_END,
     RAFT_SALT_BYTES_MIN,
     ConfigError,
@@ -427,6 +428,8 @@ class LocalCluster:
             )
         #: Relays started by ``start_relays`` (stopped with the nodes).
         self.relays: list[LocalRelay] = []
+        #: node id -> when (monotonic) its last metrics page had arrived (``metrics``).
+        self._metrics_read_at: dict[str, float] = {}
         self.nodes: list[LocalNode] = []
         for config in configs:
             path = os.path.join(self.data_dir, f"{config.id}.toml")
@@ -828,12 +831,20 @@ class LocalCluster:
 
     def metrics(self, node_id: str) -> dict[str, float]:
         """The node's metrics page now (``cluster.metrics.page_samples``). ``OSError`` or
-        ``ValueError`` when it does not answer."""
+        ``ValueError`` when it does not answer. A node serves one page for
+        ``METRICS_PAGE_REUSE_S``: a read sooner than that after the last page arrived waits the
+        rest, so it never gets the page from before (a load of 0.2 s between two reads read
+        the first page again: no appends, last seq 0)."""
         from raftseq.cluster.metrics import page_samples
 
+        wait_s = self._metrics_read_at.get(node_id, float("-inf")) + METRICS_PAGE_REUSE_S - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
         address = self.node(node_id).config.metrics_address
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=METRICS_TIMEOUT_S) as answer:
-            return page_samples(answer.read().decode("utf-8"))
+            page = answer.read().decode("utf-8")
+        self._metrics_read_at[node_id] = time.monotonic()
+        return page_samples(page)
 
     def wait_for_metrics(
         self, node_id: str, done: Callable[[dict[str, float]], bool], *, what: str, timeout_s: float = CONVERGE_TIMEOUT_S
