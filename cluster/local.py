@@ -868,8 +868,20 @@ class LocalCluster:
             time.sleep(POLL_INTERVAL_S)
 
     def wait_serving_metrics(self, node_id: str, *, timeout_s: float = LEADER_TIMEOUT_S) -> None:
-        """Until the node's metrics page answers (a node opens it after its client port)."""
-        self.wait_for_metrics(node_id, lambda samples: True, what="serves its metrics page", timeout_s=timeout_s)
+        """Until the node's metrics port takes connections (a node opens it after its client
+        port). It connects and reads no page: a page read here would be the one a test's own
+        scrape gets for the next ``METRICS_PAGE_REUSE_S`` (a test read its node's counters
+        from before its first submits)."""
+        host, port = self.node(node_id).config.metrics_address.rsplit(":", 1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=METRICS_TIMEOUT_S).close()
+                return
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise ClusterTimeout(f"{node_id}: no metrics port within {timeout_s} s ({exc})\n{self.diagnostics()}") from exc
+            time.sleep(POLL_INTERVAL_S)
 
     def wait_hole_filled(self, node_id: str, *, timeout_s: float = CONVERGE_TIMEOUT_S) -> dict[str, float]:
         """Until the node's process has fetched journal records from a peer and holds no hole
