@@ -333,6 +333,10 @@ class Gateway:
         self._admin_tasks: set[asyncio.Task] = set()
         #: ``Drain`` was asked: no new subscriptions (``raftseq node drain``).
         self.draining = False
+        #: Since when (``time.monotonic``) the node has been listening again after its own loop
+        #: was not run for a heartbeat interval or more (``_loop_was_late``): silence counts
+        #: from then, not from what its clients sent while it could not read.
+        self.listening_since = float("-inf")
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
@@ -360,8 +364,11 @@ class Gateway:
 
     async def _tick(self) -> None:
         interval = self.config.heartbeat_interval_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + interval / 2
             await asyncio.sleep(interval / 2)
+            self._loop_was_late(loop.time() - due)
             now = time.monotonic()
             beat = None
             for conn in list(self.connections):
@@ -380,7 +387,21 @@ class Gateway:
         reads at its own pace: a subscriber behind a socket that drains slowly is not gone."""
         config = self.config
         pending = conn.writer.transport.get_write_buffer_size()
-        return conn.last_read + (config.pending_writes_idle_timeout_ms if pending else config.idle_timeout_ms) / 1000
+        heard = max(conn.last_read, self.listening_since)
+        return heard + (config.pending_writes_idle_timeout_ms if pending else config.idle_timeout_ms) / 1000
+
+    def _loop_was_late(self, late_s: float) -> None:
+        """A timer of this loop ran `late_s` after it was due. A heartbeat interval or more
+        late, the node itself was not running (descheduled, stopped, a long pause): what its
+        clients sent meanwhile waits unread in their sockets, so their silence counts from now.
+        (A node whose loop was not run for 3.4 s on a loaded machine closed every client as
+        silent and lost them all.)"""
+        interval = self.config.heartbeat_interval_ms / 1000
+        if late_s >= interval:
+            now = time.monotonic()
+            if now - self.listening_since >= interval:
+                log.info("this node's loop ran %.1f s late: its clients' silence counts from now", late_s)
+            self.listening_since = now
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
@@ -475,6 +496,7 @@ class Gateway:
                 if not conn.session:
                     conn.reject_and_close(RejectReason.HELLO_REQUIRED, "no hello in time")
                     return
+                self._loop_was_late(asyncio.get_running_loop().time() - deadline.when())
                 now = time.monotonic()
                 if now >= self._idle_at(conn):
                     log.info("closing %s (session %r): silent for %.1f s", conn.peer, conn.session, now - conn.last_read)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -843,3 +844,44 @@ def test_idle_clients_and_subscribers_keep_their_connections(running_cluster):
             assert await client.submit(b"after the quiet") == seq + 1
 
     asyncio.run(asyncio.wait_for(story(), 30))
+
+
+@pytest.mark.parametrize("running_cluster", [QUICK_IDLE], indirect=True, ids=["idle-timeout-1s"])
+def test_a_node_that_was_not_running_does_not_blame_its_clients_for_silence(running_cluster):
+    """A node stopped (SIGSTOP) for three idle timeouts while its client heartbeats on: what
+    the client sent waits in the socket, unread. Resumed, the node reads it and keeps the
+    connection; it used to close it as "silent for 3 s" at once (a leader descheduled for 3.4 s
+    on a loaded machine lost every client that way)."""
+    h = running_cluster
+    leader = h.wait_for_leader()
+    node = followers_of(h, leader)[0]
+    idle_s = QUICK_IDLE["gateway"]["idle_timeout_ms"] / 1000
+    beat_s = QUICK_IDLE["gateway"]["heartbeat_interval_ms"] / 1000
+    stop = threading.Event()
+    with RawConnection(h.endpoint(node)) as conn:
+        assert isinstance(conn.hello("beating", h.token), protocol.Welcome)
+
+        def heartbeats() -> None:
+            while not stop.wait(beat_s / 2):
+                conn.send_frame(protocol.Heartbeat())
+
+        beating = threading.Thread(target=heartbeats, daemon=True)
+        beating.start()
+        try:
+            h.kill(node, signal.SIGSTOP)
+            try:
+                stop.wait(3 * idle_s)  # the node not running is what is tested
+            finally:
+                h.kill(node, signal.SIGCONT)
+            # Two idle timeouts after it runs again: closed by then if it blamed the client.
+            frames = []
+            deadline = time.monotonic() + 2 * idle_s
+            while time.monotonic() < deadline and not conn.closed_by_node:
+                conn._receive(deadline)
+                frames += conn.buffered
+                conn.buffered.clear()
+            assert not conn.closed_by_node, f"{node} closed a connection that heartbeat on while {node} was stopped"
+            assert any(isinstance(f, protocol.Heartbeat) for f in frames), frames
+        finally:
+            stop.set()
+            beating.join(5)
