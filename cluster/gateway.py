@@ -604,7 +604,8 @@ class Gateway:
             while not conn.closed and self._submits_held_full(conn, frame_bytes):
                 self.room_freed.clear()
                 try:
-                    await asyncio.wait_for(self.room_freed.wait(), interval_s)
+                    async with asyncio.timeout(interval_s):  # wait_for (3.11) could lose a cancel
+                        await self.room_freed.wait()
                 except TimeoutError:
                     pass
                 conn.last_read = time.monotonic()
@@ -935,7 +936,8 @@ class Gateway:
                 conn.writer.transport.abort()
                 return False
             try:
-                await asyncio.wait_for(conn.writer.drain(), interval_s)
+                async with asyncio.timeout(interval_s):  # wait_for (3.11) could lose a cancel
+                    await conn.writer.drain()
                 return True
             except TimeoutError:
                 pass

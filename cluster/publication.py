@@ -32,7 +32,10 @@ class Publication:
                     return
                 event = self._event
                 try:
-                    await asyncio.wait_for(event.wait(), self._recheck_interval_s)
+                    # Not asyncio.wait_for: in Python 3.11 a cancel that came with the wake-up
+                    # was lost (the subscription went on for a closed connection).
+                    async with asyncio.timeout(self._recheck_interval_s):
+                        await event.wait()
                 except TimeoutError:
                     return
         finally:

@@ -209,7 +209,8 @@ async def fetch_snapshot(
         finally:
             await stream.aclose()
 
-    await asyncio.wait_for(read(), timeout_s)
+    async with asyncio.timeout(timeout_s):  # wait_for (3.11) could lose a cancel that came as the read ended
+        await read()
     data = b"".join(parts)
     if len(parts) != info.chunk_count or len(data) != info.total_bytes:
         raise SnapshotVerifyError(
