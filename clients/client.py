@@ -468,7 +468,8 @@ class SequencerClient:
         future = self.submit_batch_nowait(payloads)
         first = self._next_client_seq - len(payloads)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
+            async with asyncio.timeout(self.outcome_deadline_s):  # wait_for (3.11) could lose a cancel
+                return await asyncio.shield(future)
         except TimeoutError:
             pending = self._pending
             self.submits_outcome_unknown += sum(1 for client_seq in range(first, first + len(payloads)) if client_seq in pending)
@@ -487,7 +488,10 @@ class SequencerClient:
         await self.wait_for_room()
         future = self.submit_nowait(payload)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.outcome_deadline_s)
+            # Not asyncio.wait_for: in Python 3.11 a cancel that came with the ack was lost (a
+            # submitting loop cancelled at that moment went on).
+            async with asyncio.timeout(self.outcome_deadline_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             self.submits_outcome_unknown += 1
             raise OutcomeUnknown(self._client_seq_of(future), self.outcome_deadline_s) from None
