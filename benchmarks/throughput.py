@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.figures import cpu_text, describe_ranges, expect, goal_text, merge_ranges, spread
 from benchmarks.harness import BenchCluster
 from benchmarks.load import ThroughputRun, multi_client_run, one_client_run
 from benchmarks.machine import load_average
-from raftseq.cluster.config import METRICS_PAGE_REUSE_S
 from raftseq.cluster.local import Watcher
 
 GOAL_THROUGHPUT_PER_S = 150_000
@@ -28,52 +23,23 @@ GOAL_METRICS_COST = 0.05
 WARMUP_MESSAGES = 20_000
 
 
-#: Seconds a scrape of a node's Raft log fsync counters may take.
-SCRAPE_TIMEOUT_S = 5.0
 #: How long a node may take, once its cluster is up, to serve its metrics (it opens its metrics
-#: port after its client port: a scrape right after the start can be refused), and how often
-#: to look meanwhile.
+#: port after its client port: a scrape right after the start can be refused).
 METRICS_SERVED_TIMEOUT_S = 20.0
-METRICS_POLL_S = 0.1
 
 
 def raft_log_syncs(bc: BenchCluster) -> dict[str, tuple[float, float]]:
     """node id -> (Raft log fsyncs, entries they covered) so far, from each node's metrics
-    (power durability; zeros in crash durability). Empty when the nodes serve no metrics."""
+    (power durability; zeros in crash durability). Empty when the nodes serve no metrics.
+    ``LocalCluster.metrics`` reads a page made after the last one arrived (a quick run of
+    0.15 s otherwise read the page from before it and counted 0 fsyncs)."""
     found = {}
     for node in bc.nodes:
         if not node.config.metrics_address:
             continue
-        samples = _scrape(f"http://{node.config.metrics_address}/metrics")
-        found[node.config.id] = (samples.get("raftseq_raft_log_fsyncs_total", 0.0), samples.get("raftseq_raft_log_fsync_entries_sum", 0.0))
+        samples = bc.wait_for_metrics(node.id, lambda _: True, what="serves its metrics", timeout_s=METRICS_SERVED_TIMEOUT_S)
+        found[node.id] = (samples.get("raftseq_raft_log_fsyncs_total", 0.0), samples.get("raftseq_raft_log_fsync_entries_sum", 0.0))
     return found
-
-
-#: When each metrics page was last read (url -> monotonic seconds).
-_last_scraped: dict[str, float] = {}
-
-
-def _scrape(url: str) -> dict[str, float]:
-    """Every sample of one node's metrics page, waiting up to ``METRICS_SERVED_TIMEOUT_S`` for
-    the node to serve it. A node serves the same page for ``METRICS_PAGE_REUSE_S``: a page read
-    sooner after the last one is read once that has passed (a quick run of 0.15 s read the
-    page from before it and counted 0 fsyncs). The interval counts from when the last answer
-    had arrived: the node dates its page when it has made it, which on a busy machine is well
-    after the request was sent (counted from the send, a CI run read the old page again)."""
-    wait_s = _last_scraped.get(url, float("-inf")) + METRICS_PAGE_REUSE_S - time.monotonic()
-    if wait_s > 0:
-        time.sleep(wait_s)
-    deadline = time.monotonic() + METRICS_SERVED_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
-                page = answer.read().decode()
-            _last_scraped[url] = time.monotonic()
-            return {s.name: s.value for f in text_string_to_metric_families(page) for s in f.samples}
-        except urllib.error.URLError as exc:
-            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() >= deadline:
-                raise
-            time.sleep(METRICS_POLL_S)
 
 
 def sync_text(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], seconds: float) -> tuple[str, dict]:

@@ -305,38 +305,3 @@ def test_etcd_client_reads_chunked_and_sized_answers_and_reports_errors() -> Non
     assert first == b"{}" and second == b"abcde", (first, second)
     assert error.startswith("HTTP 500") and "boom" in error, error
     assert requests == [b'{"a":1}', b"{}", b"{}"], requests
-
-
-def test_raft_log_fsync_counts_wait_for_a_node_still_opening_its_metrics_port(monkeypatch) -> None:
-    """A node opens its metrics port after its client port: on a loaded machine the first scrape
-    of a just-started cluster was refused and crashed the whole throughput and latency runs
-    (``URLError: Connection refused``). The scrape waits for the port; other errors still raise."""
-    import io
-    import urllib.error
-    from types import SimpleNamespace
-
-    from benchmarks import throughput
-
-    page = b"raftseq_raft_log_fsyncs_total 7.0\nraftseq_raft_log_fsync_entries_sum 21.0\n"
-    refusals = {"127.0.0.1:1": 2}
-
-    def urlopen(url: str, timeout: float):
-        address = url.split("/")[2]
-        if refusals.get(address, 0):
-            refusals[address] -= 1
-            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
-        if address == "127.0.0.1:3":
-            raise urllib.error.URLError("no such host")
-        return io.BytesIO(page)
-
-    monkeypatch.setattr(throughput.urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(throughput, "METRICS_POLL_S", 0.0)
-    node = lambda i: SimpleNamespace(config=SimpleNamespace(id=f"n{i}", metrics_address=f"127.0.0.1:{i}"))  # noqa: E731
-    assert throughput.raft_log_syncs(SimpleNamespace(nodes=[node(1), node(2)])) == {"n1": (7.0, 21.0), "n2": (7.0, 21.0)}
-    assert refusals == {"127.0.0.1:1": 0}
-    try:
-        throughput.raft_log_syncs(SimpleNamespace(nodes=[node(3)]))
-    except urllib.error.URLError as exc:
-        assert exc.reason == "no such host"
-    else:
-        raise AssertionError("an error other than a refused connection must not be waited out")
