@@ -163,7 +163,7 @@ class Connection:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.gateway.flush_later(self)
 
     def ack(self, client_seq: int, seq: int, count: int = 1) -> None:
         """Queue acks of `count` submits (client_seq + i got seq + i); consecutive ones (both
@@ -186,7 +186,8 @@ class Connection:
         elif count > 1:
             self._out.append(_encode(protocol.AckRange(self._run_client_seq, self._run_seq, count)))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write everything queued, in one write."""
         self._flush_scheduled = False
         if self._run_count:
             self._close_run()
@@ -213,7 +214,7 @@ class Connection:
     def reject_and_close(self, reason: RejectReason, detail: str, client_seq: int = 0) -> None:
         self.gateway.metrics.refused(reason.value)
         self.send(self.rejected(reason, detail, client_seq))
-        self._flush()
+        self.flush()
         self.close()
 
     def close(self) -> None:
@@ -248,7 +249,7 @@ class Connection:
         committed them, not after the rest of the tick and the bulk acks queued before them."""
         grant = self.grant
         if grant is not None and grant.priority and not self.closed:
-            self._flush()
+            self.flush()
 
     def reply(self, client_seq: int, outcome: object, payload_bytes: int) -> None:
         """The outcome of one of this connection's submits, from the batcher."""
@@ -337,6 +338,34 @@ class Gateway:
         #: was not run for a heartbeat interval or more (``_loop_was_late``): silence counts
         #: from then, not from what its clients sent while it could not read.
         self.listening_since = float("-inf")
+        #: Connections with bytes queued to write (``flush_later``; one entry per connection
+        #: and flush), and whether a write of them on the loop's next turn is scheduled.
+        self._unflushed: list[Connection] = []
+        self._flush_soon = False
+
+    # --- writing what connections queued -----------------------------------------------
+
+    def flush_later(self, conn: Connection) -> None:
+        """Write what `conn` queued by the loop's next turn (``flush_queued``)."""
+        self._unflushed.append(conn)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_on_next_turn)
+
+    def _flush_on_next_turn(self) -> None:
+        self._flush_soon = False
+        self.flush_queued()
+
+    def flush_queued(self) -> None:
+        """Write what every connection queued, each in one write: on the loop's next turn,
+        and on a leader right after a Raft tick applied committed batches (``after_applying``),
+        before that tick sends its AppendEntries: the acks no longer wait behind the round."""
+        unflushed = self._unflushed
+        if not unflushed:
+            return
+        self._unflushed = []
+        for conn in unflushed:
+            conn.flush()
 
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
@@ -456,7 +485,7 @@ class Gateway:
     def _refuse_connection(self, conn: Connection, limit: str) -> None:
         self.metrics.refused("busy")
         conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_FULL_MS, limit))
-        conn._flush()
+        conn.flush()
         conn.close()
 
     def _credentials_changed(self, grants: list[Grant]) -> None:
@@ -930,7 +959,7 @@ class Gateway:
                 self.metrics.subscriber_lag_disconnects += 1
                 self.metrics.refused("busy")
                 conn.send(protocol.Busy(0, BUSY_RETRY_AFTER_IN_FLIGHT_MS, "subscriber_lag"))
-                conn._flush()
+                conn.flush()
                 conn.close()
                 # What it has not read is dropped, not held until it reads (it may never).
                 conn.writer.transport.abort()
@@ -969,7 +998,7 @@ class Gateway:
                 if cursor.next_seq < journal.first_retained_seq:
                     # Retention removed what this subscriber reads next (it fell that far behind).
                     conn.send(truncated_reply(protocol.Subscribe(cursor.next_seq, subscribe.truncated_known), journal.first_retained_seq))
-                    conn._flush()  # before the connection closes below
+                    conn.flush()  # before the connection closes below
                     return
                 limit = publication.readable_seq
                 if lag_max and not live:
@@ -984,7 +1013,7 @@ class Gateway:
                 if cursor.next_seq <= limit:
                     count, block = cursor.read_block(limit, limits.SUBSCRIBER_BLOCK_BYTES)
                     if count:
-                        conn._flush()  # keep frame order: anything queued goes first
+                        conn.flush()  # keep frame order: anything queued goes first
                         writer.write(block)
                         conn.last_write = time.monotonic()
                         metrics.delivered += count

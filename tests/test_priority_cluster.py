@@ -132,7 +132,10 @@ def fake_connection(gateway: SimpleNamespace, *, priority: bool) -> tuple[Connec
 
 def test_a_priority_connections_ack_is_written_from_the_tick_that_committed_it():
     async def story() -> None:
-        gateway = SimpleNamespace(waiting_for_room=0, room_freed=asyncio.Event(), metrics=SimpleNamespace())
+        loop = asyncio.get_running_loop()
+        gateway = SimpleNamespace(
+            waiting_for_room=0, room_freed=asyncio.Event(), metrics=SimpleNamespace(), flush_later=lambda conn: loop.call_soon(conn.flush)
+        )
         bulk, bulk_written = fake_connection(gateway, priority=False)
         admin, admin_written = fake_connection(gateway, priority=True)
         # One tick answers a bulk run, then the admin's submits (a run, and a fenced one).

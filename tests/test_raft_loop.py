@@ -211,6 +211,56 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
     run(story)
 
 
+def test_a_ticks_applied_batches_are_answered_before_it_sends_the_next_round(tmp_path):
+    """The node writes the acks of what a tick applied (``after_applying``) before the tick
+    sends its AppendEntries: on a loaded 2-core machine each AppendEntries may hand the CPU to
+    the follower it wakes, and acks written on the loop's next turn waited for that round
+    (commit -> ack written 0.34 ms mean at 2k msg/s, 0.07 ms when written first)."""
+    raft = {"append_entries_period_s": 0.4, "election_timeout_min_s": 1.3, "election_timeout_max_s": 2.6, "leader_fallback_timeout_s": 2.6}
+
+    async def story():
+        replicas, journals = make_replicas(tmp_path, asyncio.get_running_loop(), {"raft": raft})
+        try:
+            await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
+            leader = next(r for r in replicas if r._isLeader())
+            events: list[str] = []
+            original_send = leader._SyncObj__sendAppendEntries
+
+            def recording_send():
+                events.append(f"round carrying index {leader._SyncObj__getCurrentLogIndex()}")
+                return original_send()
+
+            leader._SyncObj__sendAppendEntries = recording_send
+            leader.after_applying = lambda: events.append("answered")
+            first = propose(leader, 1)
+            second: list[asyncio.Future] = []
+            result, error = await asyncio.wait_for(first, WAIT_S)
+            assert error == 0 and result.first_seq == 1
+            index_before = leader._SyncObj__getCurrentLogIndex()
+            events.clear()
+            done = asyncio.get_running_loop().create_future()
+
+            # As the batcher does: the next batch is proposed from the commit of the one before.
+            def on_commit(result: object, error: int) -> None:
+                events.append("committed")
+                second.append(propose(leader, 3))
+                done.set_result(None)
+
+            batch = protocol.encode_batch(time.time_ns(), [protocol.Entry("loop-test", 2, b"payload 2")])
+            leader.apply_entry(batch, callback=on_commit)
+            await asyncio.wait_for(done, WAIT_S)
+            result, error = await asyncio.wait_for(second[0], WAIT_S)
+            assert error == 0 and result.first_seq == 3
+            # The tick that applied batch 2 answered it, then sent the round carrying batch 3.
+            committed = events.index("committed")
+            next_round = events.index(f"round carrying index {index_before + 2}")
+            assert committed < events.index("answered", committed) < next_round, events
+        finally:
+            close_all(replicas, journals)
+
+    run(story)
+
+
 # --- events for sockets that are gone, failing handlers -------------------------------------
 
 

@@ -252,6 +252,10 @@ class RaftMember(SyncObj):
     #: entry is refused ("" to take it), as it is taken from the command queue.
     membership_refusal = None
 
+    #: ``() -> None``: called inside a tick right after it applied committed entries, before
+    #: the tick sends its AppendEntries (the node writes the acks those entries answered).
+    after_applying = None
+
     _loop: asyncio.AbstractEventLoop | None = None
     _commit_notify_delay_s = 0.0
     _commit_notify: asyncio.TimerHandle | None = None
@@ -701,6 +705,10 @@ class RaftMember(SyncObj):
     def _SyncObj__applyLogEntries(self):  # noqa: N802 (pysyncobj's name)
         """Apply committed entries (in slices, on a loop), then tell the followers what committed.
 
+        ``after_applying`` runs between the two: on a loaded machine each AppendEntries sent
+        may hand the CPU to the follower it wakes, and acks written after the round waited
+        for that (0.3 ms at the median at 2k msg/s on 2 cores).
+
         pysyncobj's leader sends an AppendEntries right after every apply, only to carry the
         new commit index: a second round trip per batch, on every node's CPU. A loop-driven
         leader waits ``commit_notify_delay_s`` first: a batch proposed meanwhile (at any steady
@@ -708,7 +716,10 @@ class RaftMember(SyncObj):
         none came."""
         if self._raftseq_power_log is not None or self._raftseq_learners:
             self._raftseq_commit_only_counted()
+        applied_before = self._SyncObj__raftLastApplied
         need_send = self._raftseq_apply_committed() if self._loop is not None else self._raftseq_apply_deferring_election()
+        if self.after_applying is not None and self._SyncObj__raftLastApplied > applied_before:
+            self.after_applying()
         delay = self._commit_notify_delay_s
         if need_send and delay and self._SyncObj__raftState == LEADER:
             self._commit_uncarried_at = self._loop.time()
