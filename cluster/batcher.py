@@ -53,6 +53,12 @@ _ENTRY_OVERHEAD_BYTES = 44
 _BATCH_OVERHEAD_BYTES = 16
 
 
+def held_bytes_most(wire_bytes: int, session: str) -> int:
+    """The most bytes held (``Batcher.has_room``) that the submits of `wire_bytes` read from a
+    client of `session` can add, whatever frames they are: each entry at least one byte."""
+    return wire_bytes * (1 + len(session) + _ENTRY_OVERHEAD_BYTES)
+
+
 class PendingSubmit:
     """One submit waiting for its batch to commit. ``reply(client_seq, outcome, payload_bytes)``
     is called exactly once: with the sequence number (``int``) of a new entry, an

@@ -31,6 +31,7 @@ knows are sent only to clients with an owner; older ones get ``KNOWN_TO_OLD_CLIE
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from raftseq.clients.tls import TLS_CERTIFICATE_REQUIRED_DETAIL, TLS_REQUIRED_DETAIL
 from raftseq.cluster import invariant, tls
-from raftseq.cluster.batcher import CommitOutcome, PendingSubmit
+from raftseq.cluster.batcher import CommitOutcome, PendingSubmit, held_bytes_most
 from raftseq.cluster.credentials import Access
 from raftseq.cluster.quotas import LIMIT_CHECKS
 from raftseq.cluster.retention import truncated_reply
@@ -78,6 +79,29 @@ _NO_DIGESTS = (0,) * limits.SUBMIT_BATCH_ENTRIES_MAX
 _ACK_RUN_MAX = limits.BATCH_ENTRIES_MAX
 
 
+class TakingStream(asyncio.StreamReader):
+    """A connection's stream whose bytes, as the transport hands them over, its gateway may
+    take at once (``take`` returns True) instead of buffering them and waking the connection's
+    task, which reads them on the loop's next turn: a turn of a busy leader is hundreds of
+    microseconds of Raft work (send -> ack p50 at 2k msg/s 1.56 -> 1.26 ms)."""
+
+    take: Callable[[bytes], bool] | None = None
+    #: Bytes buffered and not yet read: while any are, nothing is taken (order).
+    unread_bytes = 0
+
+    def feed_data(self, data: bytes) -> None:
+        take = self.take
+        if take is not None and not self.unread_bytes and take(data):
+            return
+        self.unread_bytes += len(data)
+        super().feed_data(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.unread_bytes -= len(data)
+        return data
+
+
 class Connection:
     __slots__ = (
         "gateway",
@@ -93,6 +117,7 @@ class Connection:
         "subscription",
         "last_read",
         "read_ns",
+        "reading",
         "last_write",
         "closed",
         "_out",
@@ -128,6 +153,8 @@ class Connection:
         #: When the bytes being handled were read (``time.monotonic_ns``): the time every
         #: submit in them came in.
         self.read_ns = 0
+        #: Its task waits for its next read (``reader.read``), nothing unread buffered.
+        self.reading = False
         self.last_write = now
         self.closed = False
         self._out: list[bytes] = []
@@ -370,7 +397,7 @@ class Gateway:
     async def start(self) -> None:
         host, port = self.node_config.client_address.rsplit(":", 1)
         self._server = await tls.start_server(
-            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG, tls=self.tls
+            self._serve, host, int(port), limit=limits.SOCKET_READ_BYTES, backlog=limits.LISTEN_BACKLOG, tls=self.tls, reader=TakingStream
         )
         if self.tls is not None:
             self._tls_watch = asyncio.create_task(self.tls.watch(), name="gateway-tls")
@@ -447,6 +474,8 @@ class Gateway:
         except Exception:  # noqa: BLE001 - one connection must not take the node down
             log.exception("connection %s failed", conn.peer)
         finally:
+            if isinstance(reader, TakingStream):
+                reader.take = None
             conn.close()
             self.connections.discard(conn)
             self.awaiting_hello.pop(conn, None)
@@ -534,12 +563,18 @@ class Gateway:
 
     async def _read_frames(self, conn: Connection, framer: protocol.FrameReader, deadline: asyncio.Timeout) -> None:
         reader = conn.reader
+        if isinstance(reader, TakingStream):
+            reader.take = functools.partial(self._take_now, conn, framer)
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + self.config.hello_timeout_ms / 1000
         while not conn.closed:
             # Until it counts as idle (``_idle_at``: longer while writes to it are pending).
             deadline.reschedule(loop.time() + self._idle_at(conn) - time.monotonic() if conn.session else hello_deadline)
-            data = await reader.read(limits.SOCKET_READ_BYTES)
+            conn.reading = True
+            try:
+                data = await reader.read(limits.SOCKET_READ_BYTES)
+            finally:
+                conn.reading = False
             if not data:
                 return
             conn.last_read = time.monotonic()
@@ -576,6 +611,45 @@ class Gateway:
             if self._submits_held_full(conn):
                 deadline.reschedule(None)
                 await self._wait_for_room(conn)
+
+    def _take_now(self, conn: Connection, framer: protocol.FrameReader, data: bytes) -> bool:
+        """Handle `data` as the transport hands it over (``TakingStream``), as ``_read_frames``
+        would on the loop's next turn; False (the stream buffers it for the task) unless the
+        task waits for it with nothing buffered, the hello is done, and nothing in it could have
+        to wait (``_may_take_now``)."""
+        if not conn.reading or conn.closed or not conn.session or not self._may_take_now(conn, len(data)):
+            return False
+        conn.last_read = time.monotonic()
+        conn.read_ns = time.monotonic_ns()
+        try:
+            for frame in framer.feed(data):
+                if isinstance(frame, protocol.FrameError):
+                    log.info("closing %s: %s", conn.peer, frame.detail)
+                    rejected = frame.as_rejected()
+                    conn.reject_and_close(rejected.reason, rejected.detail)
+                    return True
+                self._dispatch(conn, frame)
+                if conn.closed:
+                    return True
+        except ConnectionError:
+            conn.close()
+        except Exception:  # noqa: BLE001 - one connection must not take the node down
+            log.exception("connection %s failed", conn.peer)
+            conn.close()
+        return True
+
+    def _may_take_now(self, conn: Connection, nbytes: int) -> bool:
+        """Whether a read of `nbytes` may be handled whatever frames it holds: answers to the
+        client are not piling up, and none of its submits could pass a byte bound (they would
+        have to wait for room, ``_submits_held_full``, which only the task can)."""
+        if conn.writer.transport.get_write_buffer_size() > self.config.subscriber_buffer_bytes_max:
+            return False
+        batcher = self.batcher
+        if batcher is None:
+            return True
+        if conn.in_flight_bytes + nbytes > self.config.in_flight_bytes_per_connection_max:
+            return False
+        return batcher.has_room(held_bytes_most(nbytes, conn.session), priority=conn.grant is not None and conn.grant.priority)
 
     async def _tls_handshake(self, conn: Connection) -> bool:
         """Upgrade `conn` to TLS within the hello timeout, counted as waiting for its hello

@@ -225,14 +225,15 @@ async def start_server(
     limit: int,
     backlog: int,
     tls: ServerTls | None,
+    reader: type[asyncio.StreamReader] = asyncio.StreamReader,
 ) -> asyncio.base_events.Server:
-    """``asyncio.start_server``; with `tls`, each connection starts with reading paused."""
-    if tls is None:
-        return await asyncio.start_server(serve, host, port, limit=limit, backlog=backlog)
+    """``asyncio.start_server`` (each connection's stream a `reader`); with `tls`, each
+    connection starts with reading paused."""
     loop = asyncio.get_running_loop()
+    stream_protocol = asyncio.StreamReaderProtocol if tls is None else _PausedStreamProtocol
 
     def protocol() -> asyncio.StreamReaderProtocol:
-        return _PausedStreamProtocol(asyncio.StreamReader(limit=limit, loop=loop), serve, loop=loop)
+        return stream_protocol(reader(limit=limit, loop=loop), serve, loop=loop)
 
     return await loop.create_server(protocol, host, port, backlog=backlog)
 
