@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"offered rates of the latency workload, msg/s (default {LATENCY_RATES_DEFAULT})",
     )
     add(
+        "--stages",
+        action="store_true",
+        help="latency workload: also where each submit's time went, stage by stage (the leader's stage probe, benchmarks/stages.py)",
+    )
+    add(
         "--latency-seconds",
         type=positive_float,
         default=None,

@@ -35,6 +35,7 @@ import time
 
 import msgspec
 
+from benchmarks import stages
 from benchmarks.figures import BenchError, percentile
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.load import told_to_go, worker_client
@@ -58,6 +59,10 @@ RELOAD_LINE = "read again"
 #: A bulk worker's outstanding submits after "stop", and one admin submit, may take this long.
 DRAIN_TIMEOUT_S = 60.0
 ADMIN_SUBMIT_TIMEOUT_S = 30.0
+#: The admin client's session, and where the nodes' stage probe writes (``--stages``), under
+#: the run's directory.
+ADMIN_SESSION = "admin-probe"
+STAGES_DIR = "stages"
 #: A status request to the saturated leader may take this long.
 STATUS_TIMEOUT_S = 10.0
 
@@ -138,32 +143,43 @@ class LeaderSeq:
 
 
 async def admin_probe(
-    client: SequencerClient, leader: LeaderSeq, rate_per_s: float, latencies: list[list[tuple[float, int]]], stop: asyncio.Event
+    client: SequencerClient,
+    leader: LeaderSeq,
+    rate_per_s: float,
+    latencies: list[list[tuple[float, int]]],
+    stop: asyncio.Event,
+    timings: list[list[tuple[int, float, float]]],
 ) -> None:
     """Submit one admin message at a time, `rate_per_s` a second; append to the last list of
     `latencies` (the current phase's) its latency and how many messages were sequenced ahead
     of it: its number less the leader's last_seq asked just before it was sent (a figure of
-    order, not time, so the machine's load does not blur it)."""
+    order, not time, so the machine's load does not blur it); and to the last of `timings` its
+    number, when it was sent and when acked (``time.monotonic``; ``--stages``)."""
     interval_s = 1 / rate_per_s
     next_at = time.monotonic()
     while not stop.is_set():
         before = await leader.ask()
         started = time.monotonic()
         seq = await asyncio.wait_for(client.submit(b"admin"), ADMIN_SUBMIT_TIMEOUT_S)
-        latencies[-1].append((time.monotonic() - started, seq - before - 1))
+        acked = time.monotonic()
+        latencies[-1].append((acked - started, seq - before - 1))
+        timings[-1].append((seq, started, acked))
         next_at = max(next_at + interval_s, time.monotonic())
         await asyncio.sleep(next_at - time.monotonic())
 
 
-async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admin_token: str, worker_pids: list[int]) -> list[dict]:
+async def run_phases(
+    bc: BenchCluster, args: argparse.Namespace, path: str, admin_token: str, worker_pids: list[int], probe_dir: str
+) -> list[dict]:
     leader = (await bc.leader_soon())["node"]
     reloads = bc.log_text(leader).count(RELOAD_LINE)
     latencies: list[list[tuple[float, int]]] = [[]]
+    timings: list[list[tuple[int, float, float]]] = [[]]
     stop = asyncio.Event()
-    client = SequencerClient(bc.endpoints, session="admin-probe", token=admin_token)
+    client = SequencerClient(bc.endpoints, session=ADMIN_SESSION, token=admin_token)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
     status = LeaderSeq(bc.endpoint(leader), bc.token)
-    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop))
+    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop, timings))
     phases = []
     try:
         for index in range(args.phases):
@@ -171,6 +187,7 @@ async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admi
             set_priority(path, lane)
             reloads = await asyncio.to_thread(wait_for_reload, bc, leader, reloads)
             latencies.append([])
+            timings.append([])
             before_seq = await leader_seq(bc, leader)
             before_cpu = bc.cpu_times(worker_pids)
             started = time.monotonic()
@@ -179,7 +196,9 @@ async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admi
             after_cpu = bc.cpu_times(worker_pids)
             after_seq = await leader_seq(bc, leader)
             phase_latencies = latencies[-1]
+            phase_timings = timings[-1]
             latencies.append([])  # what lands between phases counts in neither
+            timings.append([])
             if probe.done():
                 probe.result()
             seqs = [before_seq, after_seq]
@@ -207,6 +226,9 @@ async def run_phases(bc: BenchCluster, args: argparse.Namespace, path: str, admi
                 f"sequenced ahead of it p50 {phase['ahead_p50']:,} max {phase['ahead_max']:,}",
                 flush=True,
             )
+            if args.stages:
+                phase["stages"] = await asyncio.to_thread(stages.stage_table, probe_dir, phase_timings)
+                print("\n".join(stages.stage_lines(phase["stages"])), flush=True)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(probe, return_exceptions=True), ADMIN_SUBMIT_TIMEOUT_S)
@@ -247,6 +269,9 @@ def run(args: argparse.Namespace) -> dict:
         workers: list[subprocess.Popen] = []
         batcher = {"in_flight_max": args.batches_in_flight, "priority_bulk_in_flight_entries_max": args.bulk_in_flight_entries}
         overrides = {"credentials_file": path, "batcher": {key: value for key, value in batcher.items() if value}}
+        probe_dir = os.path.join(root, STAGES_DIR)
+        if args.stages:
+            stages.enable(probe_dir, sessions=ADMIN_SESSION)
         with BenchCluster.start_in(root, "cluster", insecure=False, overrides=overrides) as bc:
             deadline = time.monotonic() + LEADER_TIMEOUT_S
             try:
@@ -266,12 +291,13 @@ def run(args: argparse.Namespace) -> dict:
                 for worker in workers:
                     worker.stdin.write(b"go\n")
                     worker.stdin.flush()
-                phases = asyncio.run(run_phases(bc, args, path, f"admin:{admin_secret}", [w.pid for w in workers]))
+                phases = asyncio.run(run_phases(bc, args, path, f"admin:{admin_secret}", [w.pid for w in workers], probe_dir))
                 for worker in workers:
                     worker.stdin.write(b"stop\n")
                     worker.stdin.flush()
                 outcomes = [json.loads(read_line(w, time.monotonic() + DRAIN_TIMEOUT_S) or '{"error": "no outcome"}') for w in workers]
             finally:
+                stages.disable()
                 for worker in workers:
                     kill_process(worker)
     for k, outcome in enumerate(outcomes):
@@ -322,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="the nodes' batcher.priority_bulk_in_flight_entries_max (default 0: the config's): bulk entries a priority submit may find ahead of it in Raft",
+    )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also where each admin submit's time went, stage by stage, per phase (the leader's stage probe, benchmarks/stages.py)",
     )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = parser.parse_args(argv)

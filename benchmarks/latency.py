@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 from benchmarks.figures import cpu_text, expect, latency_line, latency_summary
 from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster, leader_events
 from benchmarks.load import SteadyLoad, run_precise
+from benchmarks import stages
 from benchmarks.machine import cpu_used, load_average
 from benchmarks.throughput import raft_log_syncs, sync_text
 
@@ -35,75 +37,92 @@ def scraped_syncs(bc) -> dict[str, tuple[float, float]]:
 def workload_latency(args: argparse.Namespace, root: str) -> dict:
     payload = b"x" * args.payload_bytes
     result: dict = {"seconds": args.latency_seconds, "warmup_s": LATENCY_WARMUP_S, "rates": {}}
-    with BenchCluster.start_in(root, "latency", insecure=args.insecure, overrides=args.overrides) as bc:
-        print(
-            f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.latency_seconds:.0f} s per rate after {LATENCY_WARMUP_S:.0f} s warm-up",
-            flush=True,
-        )
-        total_acked = 0
-
-        async def one_rate(rate: int) -> dict:
-            client = await bc.client(f"latency-{rate}", in_flight_max=args.in_flight_max)
-            try:
-                load = SteadyLoad(client, rate_per_s=rate, payload=payload)
-                leader = (await bc.status_soon())["leader"]
-                syncs_before = await asyncio.to_thread(scraped_syncs, bc)
-                before, started = bc.cpu_times(), time.monotonic()
-                await load.run(duration_s=LATENCY_WARMUP_S + args.latency_seconds)
-                seconds = time.monotonic() - started
-                cpu = cpu_used(before, bc.cpu_times(), seconds)
-                syncs_after = await asyncio.to_thread(scraped_syncs, bc)
-                syncs, sync_figures = ("", {})
-                if syncs_before and syncs_after.keys() == syncs_before.keys():
-                    syncs, sync_figures = sync_text(syncs_before, syncs_after, seconds)
-                seqs, _, _ = await load.checked_seqs(f"{rate} msg/s", seqs_what=f"latency {rate} msg/s")
-                first_index = int(LATENCY_WARMUP_S * rate)
-                total = load.latencies_ms(first_index=first_index)
-                lag, service = load.split_ms(first_index=first_index)
-                measured = load.submitted - first_index
-                return {
-                    "offered_per_s": rate,
-                    "achieved_per_s": measured / args.latency_seconds,
-                    "submitted": load.submitted,
-                    "latency": latency_summary(total),
-                    "sender_lag": latency_summary(lag),
-                    "service": latency_summary(service),
-                    "reconnects": client.reconnects,
-                    "leader": bc.node_id_of(leader),
-                    "cpu_share": cpu,
-                    "raft_log_fsyncs": sync_figures,
-                    "raft_log_fsyncs_text": syncs,
-                    "raft_log_fsync": sync_figures,  # the table of benchmarks.__main__
-                    "seqs": seqs,
-                }
-            finally:
-                await client.close()
-
-        for rate in args.rates:
-            load_now = load_average()
-            outcome = run_precise(one_rate(rate))
-            total_acked += len(outcome.pop("seqs"))
-            s = outcome["latency"]
-            goal = ""
-            if rate == GOAL_LATENCY_RATE_PER_S:
-                met = s["p99_ms"] <= GOAL_LATENCY_P99_MS
-                goal = f"   goal p99 <= {GOAL_LATENCY_P99_MS:.0f} ms: {'met' if met else 'MISSED'}"
-                outcome["goal_p99_ms"] = GOAL_LATENCY_P99_MS
-                outcome["goal_met"] = met
-            print(f"  {rate:,} msg/s offered ({outcome['submitted']:,} submits, load avg {load_now[0] if load_now else '-'}){goal}")
-            print(latency_line("intended -> ack", s))
-            print(latency_line("sender lag", outcome["sender_lag"]))
-            print(latency_line("send -> ack", outcome["service"]))
-            print(f"  {'':<18} cpu {cpu_text(outcome['cpu_share'])} (leader {outcome['leader'] or '?'})", flush=True)
-            if any(f["fsyncs_per_s"] for f in outcome["raft_log_fsyncs"].values()):
-                print(f"  {'':<18} Raft log {outcome.pop('raft_log_fsyncs_text')}", flush=True)
-            outcome.pop("raft_log_fsyncs_text", None)
-            if outcome["reconnects"]:
-                print(f"  {'':<18} client reconnected {outcome['reconnects']} times")
-            result["rates"][str(rate)] = outcome
-        final = bc.settled_seq()
-        expect(final is None or final == total_acked, f"latency workload: nodes hold {final} messages, {total_acked} were acknowledged")
+    probe_dir = os.path.join(root, "stages") if args.stages else ""
+    if probe_dir:
+        stages.enable(probe_dir)
+    try:
+        with BenchCluster.start_in(root, "latency", insecure=args.insecure, overrides=args.overrides) as bc:
+            _latency_rates(args, bc, payload, result, probe_dir)
+    finally:
+        stages.disable()
     return result
+
+
+def _latency_rates(args: argparse.Namespace, bc: BenchCluster, payload: bytes, result: dict, probe_dir: str) -> None:
+    print(
+        f"  cluster up in {bc.startup_s:.2f} s, base port {bc.base_port}; {args.latency_seconds:.0f} s per rate after {LATENCY_WARMUP_S:.0f} s warm-up",
+        flush=True,
+    )
+    total_acked = 0
+
+    async def one_rate(rate: int) -> dict:
+        client = await bc.client(f"latency-{rate}", in_flight_max=args.in_flight_max)
+        try:
+            load = SteadyLoad(client, rate_per_s=rate, payload=payload)
+            leader = (await bc.status_soon())["leader"]
+            syncs_before = await asyncio.to_thread(scraped_syncs, bc)
+            before, started = bc.cpu_times(), time.monotonic()
+            await load.run(duration_s=LATENCY_WARMUP_S + args.latency_seconds)
+            seconds = time.monotonic() - started
+            cpu = cpu_used(before, bc.cpu_times(), seconds)
+            syncs_after = await asyncio.to_thread(scraped_syncs, bc)
+            syncs, sync_figures = ("", {})
+            if syncs_before and syncs_after.keys() == syncs_before.keys():
+                syncs, sync_figures = sync_text(syncs_before, syncs_after, seconds)
+            seqs, _, _ = await load.checked_seqs(f"{rate} msg/s", seqs_what=f"latency {rate} msg/s")
+            first_index = int(LATENCY_WARMUP_S * rate)
+            total = load.latencies_ms(first_index=first_index)
+            lag, service = load.split_ms(first_index=first_index)
+            measured = load.submitted - first_index
+            table = None
+            if probe_dir:
+                submits = [(load.seqs[i], load.sent[i], load.acked_at[i]) for i in range(first_index, load.submitted) if load.seqs[i]]
+                table = await asyncio.to_thread(stages.stage_table, probe_dir, submits)
+            return {
+                "stages": table,
+                "offered_per_s": rate,
+                "achieved_per_s": measured / args.latency_seconds,
+                "submitted": load.submitted,
+                "latency": latency_summary(total),
+                "sender_lag": latency_summary(lag),
+                "service": latency_summary(service),
+                "reconnects": client.reconnects,
+                "leader": bc.node_id_of(leader),
+                "cpu_share": cpu,
+                "raft_log_fsyncs": sync_figures,
+                "raft_log_fsyncs_text": syncs,
+                "raft_log_fsync": sync_figures,  # the table of benchmarks.__main__
+                "seqs": seqs,
+            }
+        finally:
+            await client.close()
+
+    for rate in args.rates:
+        load_now = load_average()
+        outcome = run_precise(one_rate(rate))
+        total_acked += len(outcome.pop("seqs"))
+        s = outcome["latency"]
+        goal = ""
+        if rate == GOAL_LATENCY_RATE_PER_S:
+            met = s["p99_ms"] <= GOAL_LATENCY_P99_MS
+            goal = f"   goal p99 <= {GOAL_LATENCY_P99_MS:.0f} ms: {'met' if met else 'MISSED'}"
+            outcome["goal_p99_ms"] = GOAL_LATENCY_P99_MS
+            outcome["goal_met"] = met
+        print(f"  {rate:,} msg/s offered ({outcome['submitted']:,} submits, load avg {load_now[0] if load_now else '-'}){goal}")
+        print(latency_line("intended -> ack", s))
+        print(latency_line("sender lag", outcome["sender_lag"]))
+        print(latency_line("send -> ack", outcome["service"]))
+        print(f"  {'':<18} cpu {cpu_text(outcome['cpu_share'])} (leader {outcome['leader'] or '?'})", flush=True)
+        if any(f["fsyncs_per_s"] for f in outcome["raft_log_fsyncs"].values()):
+            print(f"  {'':<18} Raft log {outcome.pop('raft_log_fsyncs_text')}", flush=True)
+        outcome.pop("raft_log_fsyncs_text", None)
+        if outcome["reconnects"]:
+            print(f"  {'':<18} client reconnected {outcome['reconnects']} times")
+        if outcome["stages"] is not None:
+            print("\n".join(stages.stage_lines(outcome["stages"])), flush=True)
+        result["rates"][str(rate)] = outcome
+    final = bc.settled_seq()
+    expect(final is None or final == total_acked, f"latency workload: nodes hold {final} messages, {total_acked} were acknowledged")
 
 
 def workload_elections(args: argparse.Namespace, root: str) -> dict:

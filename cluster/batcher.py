@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from raftseq.cluster import invariant
+from raftseq.cluster import invariant, stage_probe
 from raftseq.cluster.config import BatcherConfig
 from raftseq.cluster.raft.proposals import PROPOSAL_OK, proposal_error_name
 from raftseq.sequencer import protocol
@@ -178,6 +178,8 @@ class Batcher:
         #: batch id -> its submits, its commit deadline, the bytes they hold and its bulk entries.
         self._in_flight: dict[int, tuple[list[PendingSubmit], float, int, int]] = {}
         self._next_batch_id = 1
+        #: batch id -> when it was proposed (``time.monotonic_ns``), while ``stage_probe`` records.
+        self._proposed_ns: dict[int, int] = {}
         self._last_time_ns = 0
         self.enabled = False
         #: Proposals held (``hold``): a leadership transfer is under way.
@@ -325,6 +327,8 @@ class Batcher:
         self._in_flight[batch_id] = (members, self._now_s() + config.commit_timeout_s, size - _BATCH_OVERHEAD_BYTES, bulk)
         self._bulk_in_flight += bulk
         self._priority_in_flight += len(members) - bulk
+        if stage_probe.recording:
+            self._proposed_ns[batch_id] = time.monotonic_ns()
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
         committed = self._committed
@@ -388,6 +392,8 @@ class Batcher:
             assert count == len(members), f"{count} results for {len(members)} entries"
             if result.outcomes is None:
                 # Every entry was new: entry i got first_seq + i.
+                if stage_probe.recording:
+                    self._record_stages(batch_id, members, result.first_seq)
                 _answer_sequenced(members, result.first_seq)
             else:
                 for submit, outcome in zip(members, result.outcomes):
@@ -413,6 +419,13 @@ class Batcher:
                 submit.answer(unknown)
         self._maybe_propose()
 
+    def _record_stages(self, batch_id: int, members: list[PendingSubmit], first_seq: int) -> None:
+        committed_ns = time.monotonic_ns()
+        proposed_ns = self._proposed_ns.pop(batch_id, committed_ns)
+        for i, submit in enumerate(members):
+            if submit.entry.session.startswith(stage_probe.sessions):
+                stage_probe.sequenced(first_seq + i, submit.enqueued_ns, proposed_ns, committed_ns)
+
     def _release(self, held: int, bulk: int, priority: int) -> None:
         """A proposed batch is answered: its `held` bytes, `bulk` and `priority` entries are no longer in flight."""
         self._held_bytes -= held
@@ -426,6 +439,7 @@ class Batcher:
         now = self._now_s()
         for batch_id in [b for b, (_, deadline, _, _) in self._in_flight.items() if deadline <= now]:
             members, _, held, bulk = self._in_flight.pop(batch_id)
+            self._proposed_ns.pop(batch_id, None)
             self._release(held, bulk, len(members) - bulk)
             self.batches_unknown += 1
             log.warning("batch %d not committed within %.1f s; outcome unknown", batch_id, self.config.commit_timeout_s)
@@ -469,3 +483,4 @@ class Batcher:
                 submit.answer(unknown)
         self.batches_unknown += len(self._in_flight)
         self._in_flight.clear()
+        self._proposed_ns.clear()

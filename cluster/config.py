@@ -44,6 +44,13 @@ RAFT_LOG_WRITE_QUEUE_BYTES_MAX = 64 * limits.MIB
 RAFT_LOG_CLOSE_WAIT_S = 10.0
 #: Free disk (``journal.disk_free_bytes_min``) is checked this often, in seconds.
 DISK_CHECK_INTERVAL_S = 1.0
+#: The stage probe (``cluster.stage_probe``, benchmarks only): the environment variables that
+#: switch it on (a directory) and restrict it to sessions starting with a prefix, the rows a
+#: process writes at most, and how often (seconds) it appends what it holds to its file.
+STAGE_PROBE_DIR_ENV = "RAFTSEQ_STAGE_PROBE_DIR"
+STAGE_PROBE_SESSIONS_ENV = "RAFTSEQ_STAGE_PROBE_SESSIONS"
+STAGE_PROBE_ROWS_MAX = 2_000_000
+STAGE_PROBE_WRITE_INTERVAL_S = 0.5
 
 #: ``Busy.retry_after_ms`` of the gateway's refusals, in milliseconds: when a table is full
 #: (connections, subscribers) or the disk is low, when a session has too many submits in

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
 from raftseq.clients.tls import TLS_CERTIFICATE_REQUIRED_DETAIL, TLS_REQUIRED_DETAIL
-from raftseq.cluster import invariant, tls
+from raftseq.cluster import invariant, stage_probe, tls
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit, held_bytes_most
 from raftseq.cluster.credentials import Access
 from raftseq.cluster.quotas import LIMIT_CHECKS
@@ -129,6 +129,7 @@ class Connection:
         "grant",
         "handshaking",
         "certificate_name",
+        "probe_acks",
     )
 
     def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -172,6 +173,8 @@ class Connection:
         #: CN of its client certificate once it did (``cluster.tls``; "": none).
         self.handshaking: asyncio.Task | None = None
         self.certificate_name = ""
+        #: Acks queued and not yet written, ``(first seq, count)``, while ``stage_probe`` records.
+        self.probe_acks: list[tuple[int, int]] = []
 
     # --- writing --------------------------------------------------------------------------
 
@@ -195,6 +198,8 @@ class Connection:
     def ack(self, client_seq: int, seq: int, count: int = 1) -> None:
         """Queue acks of `count` submits (client_seq + i got seq + i); consecutive ones (both
         numbers rising by one) go out as one AckRange."""
+        if stage_probe.recording and self.session.startswith(stage_probe.sessions):
+            self.probe_acks.append((seq, count))
         run = self._run_count
         if run and client_seq == self._run_client_seq + run and seq == self._run_seq + run and run + count <= _ACK_RUN_MAX:
             self._run_count = run + count
@@ -229,6 +234,11 @@ class Connection:
             self.close()
             return
         self.last_write = time.monotonic()
+        if self.probe_acks:
+            written_ns = time.monotonic_ns()
+            for first_seq, count in self.probe_acks:
+                stage_probe.acks_written(first_seq, count, written_ns)
+            self.probe_acks.clear()
 
     def rejected(self, reason: RejectReason, detail: str = "", client_seq: int = 0, expected_client_seq: int = 0) -> protocol.Rejected:
         """The ``Rejected`` frame for this client: a reason it knows (``KNOWN_TO_OLD_CLIENTS``
@@ -425,6 +435,8 @@ class Gateway:
             due = loop.time() + interval / 2
             await asyncio.sleep(interval / 2)
             self._loop_was_late(loop.time() - due)
+            if stage_probe.recording:
+                stage_probe.write()
             now = time.monotonic()
             beat = None
             for conn in list(self.connections):

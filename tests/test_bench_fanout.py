@@ -4,15 +4,14 @@ never its figures: those depend on the machine (and on whoever else loads it).""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_runs import REPO_DIR, run_benchmark
 
-REPO_DIR = Path(__file__).resolve().parent.parent
 SMALLEST = ["--subscribers", "4", "--relays", "2", "--rate", "200", "--seconds", "1"]
 TIMEOUT_S = 120
 
@@ -20,20 +19,7 @@ pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinnin
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
-    report_path = tmp_path / "report.json"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_fanout", *SMALLEST, *args, "--dir", str(scratch), "--json", str(report_path)],
-        cwd=REPO_DIR,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert list(scratch.iterdir()) == [], "the benchmark left files behind"
-    return json.loads(report_path.read_text()), output
+    return run_benchmark("benchmarks.bench_fanout", [*SMALLEST, *args], tmp_path, timeout_s=TIMEOUT_S)
 
 
 def cores(text: str) -> set[int]:
