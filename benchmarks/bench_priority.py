@@ -263,7 +263,8 @@ def run(args: argparse.Namespace) -> dict:
     load_start = print_load("at start")
     with tempfile.TemporaryDirectory(prefix="bench-priority-") as root:
         path = os.path.join(root, "credentials.json")
-        bulk, bulk_secret = new_credential("bulk", ["submit"], ["bulk-"], priority=False, quotas=Quotas())
+        bulk_quotas = Quotas(messages_per_s=args.bulk_messages_per_s)
+        bulk, bulk_secret = new_credential("bulk", ["submit"], ["bulk-"], priority=False, quotas=bulk_quotas)
         admin, admin_secret = new_credential("admin", ["admin"], ["admin-"], priority=True, quotas=Quotas())
         write_credentials(path, [bulk, admin])
         workers: list[subprocess.Popen] = []
@@ -350,14 +351,27 @@ def main(argv: list[str] | None = None) -> int:
         help="the nodes' batcher.priority_bulk_in_flight_entries_max (default 0: the config's): bulk entries a priority submit may find ahead of it in Raft",
     )
     parser.add_argument(
+        "--bulk-messages-per-s",
+        type=float,
+        default=0.0,
+        help="the bulk credential's quota, messages a second on each node (default 0: none): a leader kept below saturation",
+    )
+    parser.add_argument(
         "--stages",
         action="store_true",
         help="also where each admin submit's time went, stage by stage, per phase (the leader's stage probe, benchmarks/stages.py)",
     )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = parser.parse_args(argv)
-    if args.phases < 2 or args.phases % 2 or args.processes < 1 or args.phase_s <= 0 or args.admin_rate <= 0:
-        parser.error("--phases must be even and >= 2; --processes, --phase-s and --admin-rate positive")
+    if (
+        args.phases < 2
+        or args.phases % 2
+        or args.processes < 1
+        or args.phase_s <= 0
+        or args.admin_rate <= 0
+        or args.bulk_messages_per_s < 0
+    ):
+        parser.error("--phases must be even and >= 2; --processes, --phase-s and --admin-rate positive; --bulk-messages-per-s not negative")
     try:
         report = run(args)
     except BenchError as exc:

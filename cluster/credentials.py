@@ -324,7 +324,7 @@ class Grant:
         if admitted == len(payloads):
             return admitted, 0, ""
         limit = LIMIT_MESSAGES if by_messages else LIMIT_BYTES
-        self.refusals.count(self.name, limit, len(payloads) - admitted)  # one per submit answered Busy
+        self.refusals.count(self.name, limit, len(payloads) - admitted)  # one per submit refused
         return admitted, retry_after_ms(wait_s, BUSY_RETRY_AFTER_QUOTA_MS_MIN), limit
 
 

@@ -391,11 +391,11 @@ class NodeMetrics:
         self.raft_log_fsync_latency.observe(seconds)
         self.raft_log_entries_per_fsync.observe(entries)
 
-    def refused(self, reason: str) -> None:
+    def refused(self, reason: str, count: int = 1) -> None:
         if reason in self.refusals:
-            self.refusals[reason] += 1
+            self.refusals[reason] += count
         else:
-            self.refusals["internal"] += 1
+            self.refusals["internal"] += count
 
 
 class NodeCollector:

@@ -215,7 +215,8 @@ class AckRange(Frame, tag="acks"):
 
 
 class Busy(Frame, tag="busy"):
-    """A limit was hit; `client_seq` was not taken. Retry after the hint."""
+    """A limit was hit; `client_seq` was not taken. Retry after the hint, from `client_seq`
+    on: the submits sent behind it on the connection are not answered until it comes again."""
 
     client_seq: Count
     retry_after_ms: int
