@@ -80,7 +80,10 @@ async def scan_checkpoints(
     try:
         while True:
             try:
-                message = await asyncio.wait_for(anext(stream), STALL_TIMEOUTS_MAX * timeout_s)
+                # asyncio.timeout, not wait_for: no task per message, and a cancel (Ctrl-C) that
+                # comes with a message is not lost (Python 3.11's wait_for returns the message).
+                async with asyncio.timeout(STALL_TIMEOUTS_MAX * timeout_s):
+                    message = await anext(stream)
             except TimeoutError:
                 raise ConnectionError(
                     f"stream read stalled at seq {expected}: no message for {STALL_TIMEOUTS_MAX * timeout_s:g} s"

@@ -63,7 +63,10 @@ async def _tail(args: argparse.Namespace) -> None:
     async with contextlib.aclosing(stream):
         while not args.limit or printed < args.limit:
             try:
-                m = await asyncio.wait_for(anext(stream), args.idle_exit or None)
+                # asyncio.timeout, not wait_for: no task per message (wait_for made one for each
+                # with --idle-exit), and a Ctrl-C that comes with a message is not lost.
+                async with asyncio.timeout(args.idle_exit or None):
+                    m = await anext(stream)
             except (TimeoutError, StopAsyncIteration):
                 return
             row = {"seq": m.seq, "timestamp_ns": m.timestamp_ns, "session": m.session, "client_seq": m.client_seq}

@@ -53,7 +53,8 @@ async def fetch_metrics_page(address: str, *, timeout_s: float) -> str:
         finally:
             writer.close()
 
-    data = await asyncio.wait_for(get(), timeout_s)
+    async with asyncio.timeout(timeout_s):
+        data = await get()
     if len(data) > METRICS_BYTES_MAX:
         raise ValueError(f"metrics page of {address} exceeds {METRICS_BYTES_MAX} bytes")
     head, sep, body = data.partition(b"\r\n\r\n")
