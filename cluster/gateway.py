@@ -83,7 +83,8 @@ class TakingStream(asyncio.StreamReader):
     """A connection's stream whose bytes, as the transport hands them over, its gateway may
     take at once (``take`` returns True) instead of buffering them and waking the connection's
     task, which reads them on the loop's next turn: a turn of a busy leader is hundreds of
-    microseconds of Raft work (send -> ack p50 at 2k msg/s 1.56 -> 1.26 ms)."""
+    microseconds of Raft work (send -> ack p50 at 10k msg/s 2.09 -> 1.47 ms; the leader's CPU
+    per message -10 to -13%: no task switch and no stream buffer copy per read)."""
 
     take: Callable[[bytes], bool] | None = None
     #: Bytes buffered and not yet read: while any are, nothing is taken (order).
