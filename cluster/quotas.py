@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from raftseq.cluster.config import CREDENTIAL_BURST_S, CREDENTIAL_LABELS_MAX, OTHER_CREDENTIALS_LABEL
+from raftseq.cluster.config import CREDENTIAL_BURST_S, CREDENTIAL_LABELS_MAX, OTHER_CREDENTIALS_LABEL, QUOTA_RETRY_REFILL
 
 #: The limits of ``Busy.limit`` for a credential's quotas, and the rules it can break
 #: (``cluster.credentials``): the ``limit`` label of the refusal counts.
@@ -110,17 +110,18 @@ class Usage:
     def admit(self, sizes: list[int], now_s: float) -> tuple[int, float, bool]:
         """How many of the submits of `sizes` (payload bytes, in client_seq order) the rate
         buckets let in now, taking their tokens; when not all, the seconds until the next one
-        would pass, and whether the message bucket (else the byte bucket) stopped it."""
+        would pass with ``QUOTA_RETRY_REFILL`` of the bucket's burst, and whether the message
+        bucket (else the byte bucket) stopped it."""
         messages, byte_bucket = self.messages, self.bytes
         if not messages.rate_per_s and not byte_bucket.rate_per_s:
             return len(sizes), 0.0, False
         admitted = 0
         for size in sizes:
             if not messages.take(1, now_s):
-                return admitted, messages.wait_s(1, now_s), True
+                return admitted, messages.wait_s(max(1, QUOTA_RETRY_REFILL * messages.burst), now_s), True
             if not byte_bucket.take(size, now_s):
                 messages.tokens += 1  # not taken after all
-                return admitted, byte_bucket.wait_s(size, now_s), False
+                return admitted, byte_bucket.wait_s(max(size, QUOTA_RETRY_REFILL * byte_bucket.burst), now_s), False
             admitted += 1
         return admitted, 0.0, False
 

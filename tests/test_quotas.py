@@ -80,6 +80,21 @@ def test_admit_lets_in_what_the_buckets_hold_and_says_which_stopped_the_rest():
     assert wait_s == pytest.approx(0.2)
 
 
+def test_a_refused_submit_is_told_to_retry_once_a_quarter_of_the_burst_is_back():
+    """A client sends its whole window again after a Busy: told to retry as soon as one token
+    was back, it got about one submit in per window sent (8,000 messages through a 2,000 msg/s
+    quota with a window of 2,000: 211,756 resubmits)."""
+    usage = Usage(now_s=0.0)
+    usage.messages.set_rate(2_000, 2_000)
+    admitted, wait_s, by_messages = usage.admit([10] * 2_100, 0.0)
+    assert (admitted, by_messages) == (2_000, True)
+    assert wait_s == pytest.approx(0.25), "a retry before a quarter of the burst is back"
+    by_bytes = Usage(now_s=0.0)
+    by_bytes.bytes.set_rate(1_000, 1_000)
+    assert by_bytes.admit([1_000, 10], 0.0)[:2] == (1, pytest.approx(0.25))
+    assert by_bytes.admit([600], 0.5)[:2] == (0, pytest.approx(0.1)), "the submit itself, when more than a quarter"
+
+
 def test_a_submit_stopped_by_bytes_gives_its_message_token_back():
     usage = Usage(now_s=0.0)
     usage.messages.set_rate(2, 2)
