@@ -634,7 +634,8 @@ class Gateway:
         would on the loop's next turn; False (the stream buffers it for the task) unless the
         task waits for it with nothing buffered, the hello is done, and nothing in it could have
         to wait (``_may_take_now``)."""
-        if not conn.reading or conn.closed or not conn.session or not self._may_take_now(conn, len(data)):
+        # The bytes of a frame begun in earlier reads count too: this read may complete it.
+        if not conn.reading or conn.closed or not conn.session or not self._may_take_now(conn, len(data) + framer.buffered_bytes):
             return False
         conn.last_read = time.monotonic()
         conn.read_ns = time.monotonic_ns()

@@ -194,3 +194,49 @@ def test_after_a_busy_only_the_refused_submit_is_answered_until_the_client_sends
         assert gateway.metrics.refusals["busy"] == 3 + 4 + 2
 
     asyncio.run(asyncio.wait_for(story(), WAIT_S))
+
+
+def test_a_read_completing_a_frame_begun_earlier_is_taken_only_if_the_whole_frame_fits(tmp_path) -> None:
+    """A SubmitBatch of 1 KiB payloads spans several reads. Each read was checked against the
+    connection's byte bound alone, so the read completing a frame that did not fit was taken,
+    and the submits past the bound were answered Busy: the client resent everything behind
+    them (67,388 resubmits in a run of 200,000 1 KiB messages). The frame must wait for room."""
+    config = local_configs(str(tmp_path), free_base_port(), insecure=True)[0]
+    bound = config.gateway.in_flight_bytes_per_connection_max
+    frame = protocol.encode_frame(protocol.SubmitBatch(2, [bytes(1024)] * 60))
+
+    async def story() -> None:
+        raft = FakeRaft()
+        gateway = Gateway(config, LeadingNode(), batcher=make_batcher(raft), journal=None, publication=None, metrics=NodeMetrics())
+        reader = TakingStream(loop=asyncio.get_running_loop())
+        conn, written = recorded_connection(gateway, reader)
+        conn.grant = gateway.access.shared
+        # One submit in flight, and room for less than the frame's 60 KiB but more than half of it.
+        conn.in_flight, conn.in_flight_bytes = 1, bound - 40 * 1024
+        reading = asyncio.create_task(read_frames(gateway, conn))
+        try:
+            await next_turn()
+            half = len(frame) // 2
+            reader.feed_data(frame[:half])
+            reader.feed_data(frame[half:])
+            await next_turn()
+            await next_turn()
+            assert answers(written) == [], "a frame that did not fit was taken and refused"
+            assert raft.proposals == [], "submits past the byte bound were proposed"
+            conn.in_flight_bytes = 0  # the submit in flight was answered
+            gateway.room_freed.set()
+            await asyncio.wait_for(wait_proposed(raft, 60), WAIT_S)
+            assert [key for p in raft.proposals for key in p.keys] == [("s", i) for i in range(2, 62)]
+        finally:
+            reading.cancel()
+
+    asyncio.run(asyncio.wait_for(story(), WAIT_S))
+
+
+async def wait_proposed(raft: FakeRaft, entries: int) -> None:
+    """Until `entries` were proposed, committing each batch (a batch holds at most 64 KiB)."""
+    while sum(len(p.batch.entries) for p in raft.proposals) < entries:
+        for proposal in raft.proposals:
+            if not proposal.answered:
+                raft.commit_all_new(proposal)
+        await next_turn()
