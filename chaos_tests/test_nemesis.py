@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +20,8 @@ from chaos_tests.cluster import ChaosCluster, netns_supported, tmpfs_supported, 
 from chaos_tests.nemesis import FLIPS_MAX, Nemesis
 from chaos_tests.proxy import BACKWARD, DROP, FORWARD, HOLD, PASS
 from raftseq.clients import BlockingSequencerClient, NotConnected, OutcomeUnknown
-from raftseq.sequencer.journal import verify_journal
+from raftseq.sequencer import protocol
+from raftseq.sequencer.journal import FsyncPolicy, Journal, list_segment_files, scan_segment, verify_journal
 
 LEADER_TIMEOUT_S = 10.0
 SUBMIT_DEADLINE_S = 10.0
@@ -145,6 +147,35 @@ def test_the_nemesis_draws_its_choices_from_its_seed_and_bounds_them():
     for cut_at, heal_at in schedule(7, **kwargs):
         assert 0 < cut_at < heal_at <= 10.0
     assert len(schedule(1, duration_s=1e6, cut_s=(0.01, 0.02), healed_s=(0.01, 0.02))) == FLIPS_MAX
+
+
+class CutsTheLastRecord(random.Random):
+    """Draws the size of the journal's last record as the number of bytes to cut."""
+
+    def __init__(self, last_record_bytes: int) -> None:
+        super().__init__(0)
+        self.last_record_bytes = last_record_bytes
+
+    def randint(self, a: int, b: int) -> int:
+        return self.last_record_bytes
+
+
+def test_a_truncated_journal_tail_is_always_a_torn_record(tmp_path):
+    """A cut of exactly the last record's bytes left a journal that was only shorter, not
+    damaged: the node had nothing to cut and said nothing, and the test of a damaged tail
+    failed (CI, seed 106175090: 38 bytes cut, a 38-byte record). One byte more tears it."""
+    journal = Journal.open(str(tmp_path), fsync=FsyncPolicy.parse("never"))
+    records = [protocol.encode_delivered(seq, seq, "s", seq, b"record %d" % seq) for seq in range(1, 11)]
+    for seq, record in enumerate(records, start=1):
+        journal.append(record, seq, seq)
+    journal.close()
+    [(first_seq, path)] = list_segment_files(str(tmp_path))
+    assert scan_segment(path, first_seq, check=True).count == 10
+    cluster = SimpleNamespace(is_running=lambda node_id: False, journal_dir=lambda node_id: str(tmp_path))
+    damage = Nemesis(cluster, rng=CutsTheLastRecord(len(records[-1]))).corrupt_journal_tail("n1", how="truncate")
+    scan = scan_segment(path, first_seq, check=True)
+    assert scan.problem.startswith("torn record") and scan.count == 8, (damage, scan)
+    assert damage["bytes_cut"] == len(records[-1]) + 1, damage
 
 
 # --- wiring ---------------------------------------------------------------------------------
