@@ -2,7 +2,7 @@
 throughput, with the lane and without it, in the same run on the same cluster.
 
     python -m benchmarks.bench_priority [--processes 4] [--phases 4] [--phase-s 6]
-        [--bulk-in-flight-entries N] [--json FILE]
+        [--bulk-in-flight-entries N] [--bulk-messages-per-s R] [--stages] [--json FILE]
 
 One local three-node cluster whose nodes name a credentials file: ``bulk`` (submit) and
 ``admin`` (submit, ``priority``). ``--processes`` client processes submit as ``bulk`` as fast
