@@ -598,12 +598,7 @@ class Gateway:
             conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
-                    if not conn.session and not framer.frames_read and tls.is_tls_hello(data):
-                        self._tls_refused(conn, tls.REFUSED_TLS_CLIENT, "a TLS handshake on a plaintext port")
-                    else:
-                        log.info("closing %s: %s", conn.peer, frame.detail)
-                    rejected = frame.as_rejected()
-                    conn.reject_and_close(rejected.reason, rejected.detail)
+                    self._refuse_unreadable(conn, framer, frame, data)
                     return
                 kind = type(frame)
                 if conn.in_flight and (kind is protocol.Submit or kind is protocol.SubmitBatch):
@@ -629,6 +624,16 @@ class Gateway:
                 deadline.reschedule(None)
                 await self._wait_for_room(conn)
 
+    def _refuse_unreadable(self, conn: Connection, framer: protocol.FrameReader, frame: protocol.FrameError, data: bytes) -> None:
+        """Close `conn` over bytes that are no frame, telling it why (a TLS handshake sent to a
+        plaintext port, before any frame: that)."""
+        if not conn.session and not framer.frames_read and tls.is_tls_hello(data):
+            self._tls_refused(conn, tls.REFUSED_TLS_CLIENT, "a TLS handshake on a plaintext port")
+        else:
+            log.info("closing %s: %s", conn.peer, frame.detail)
+        rejected = frame.as_rejected()
+        conn.reject_and_close(rejected.reason, rejected.detail)
+
     def _take_now(self, conn: Connection, framer: protocol.FrameReader, data: bytes) -> bool:
         """Handle `data` as the transport hands it over (``TakingStream``), as ``_read_frames``
         would on the loop's next turn; False (the stream buffers it for the task) unless the
@@ -642,9 +647,7 @@ class Gateway:
         try:
             for frame in framer.feed(data):
                 if isinstance(frame, protocol.FrameError):
-                    log.info("closing %s: %s", conn.peer, frame.detail)
-                    rejected = frame.as_rejected()
-                    conn.reject_and_close(rejected.reason, rejected.detail)
+                    self._refuse_unreadable(conn, framer, frame, data)
                     return True
                 self._dispatch(conn, frame)
                 if conn.closed:

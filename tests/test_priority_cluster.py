@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from cluster_harness import ClusterHarness, run_seed
 from test_credentials import make_file
+from test_gateway_io import recorded_connection
 
 from raftseq.clients import SequencerClient
 from raftseq.cluster.gateway import Connection
@@ -121,9 +122,7 @@ def test_an_admin_submit_is_sequenced_ahead_of_queued_bulk(tmp_path):
 
 def fake_connection(gateway: SimpleNamespace, *, priority: bool) -> tuple[Connection, list[bytes]]:
     """A gateway connection whose writes are recorded, of a credential with `priority` or not."""
-    written: list[bytes] = []
-    writer = SimpleNamespace(get_extra_info=lambda name: ("127.0.0.1", 1), write=written.append)
-    conn = Connection(gateway, None, writer)
+    conn, written = recorded_connection(gateway)
     conn.grant = SimpleNamespace(priority=priority)
     conn.session = "admin-1" if priority else "bulk-1"
     conn.in_flight, conn.in_flight_bytes = 3, 300
