@@ -42,6 +42,7 @@ from raftseq.clients.tls import TLS_CERTIFICATE_REQUIRED_DETAIL, TLS_REQUIRED_DE
 from raftseq.cluster import invariant, stage_probe, tls
 from raftseq.cluster.batcher import CommitOutcome, PendingSubmit, held_bytes_most
 from raftseq.cluster.credentials import Access
+from raftseq.cluster.priority_reads import PriorityReads
 from raftseq.cluster.quotas import LIMIT_CHECKS
 from raftseq.cluster.retention import truncated_reply
 from raftseq.cluster.config import (
@@ -267,6 +268,7 @@ class Connection:
             self.subscription.cancel()
         if self.handshaking is not None:
             self.handshaking.cancel()
+        self.gateway.priority_reads.unwatch(self.writer.transport)
         try:
             self.writer.close()
         except RuntimeError:
@@ -384,6 +386,9 @@ class Gateway:
         #: and flush), and whether a write of them on the loop's next turn is scheduled.
         self._unflushed: list[Connection] = []
         self._flush_soon = False
+        #: The sockets of priority connections, read between the loop's handles: before each
+        #: Raft tick (the node) and each bulk read (``_take_now``, ``_read_frames``).
+        self.priority_reads = PriorityReads()
 
     # --- writing what connections queued -----------------------------------------------
 
@@ -542,10 +547,18 @@ class Gateway:
         for conn in list(self.connections):
             grant = conn.grant
             if grant in changed and not conn.closed:
+                self._watch_if_priority(conn)
                 problem = grant.session_refusal(conn.session) or (conn.subscription is not None and grant.role_refusal(submit=False))
                 if problem:
                     log.info("closing %s (session %r): %s", conn.peer, conn.session, problem)
                     conn.reject_and_close(RejectReason.AUTH_FAILED, problem)
+
+    def _watch_if_priority(self, conn: Connection) -> None:
+        """Read `conn` between the loop's handles while its credential has priority."""
+        if conn.grant is not None and conn.grant.priority:
+            self.priority_reads.watch(conn.writer.transport)
+        else:
+            self.priority_reads.unwatch(conn.writer.transport)
 
     def _count_connections(self) -> None:
         metrics = self.metrics
@@ -594,6 +607,7 @@ class Gateway:
                 conn.reading = False
             if not data:
                 return
+            self.priority_reads.take(conn.writer.transport)
             conn.last_read = time.monotonic()
             conn.read_ns = time.monotonic_ns()
             for frame in framer.feed(data):
@@ -642,6 +656,7 @@ class Gateway:
         # The bytes of a frame begun in earlier reads count too: this read may complete it.
         if not conn.reading or conn.closed or not conn.session or not self._may_take_now(conn, len(data) + framer.buffered_bytes):
             return False
+        self.priority_reads.take(conn.writer.transport)  # a priority frame waiting goes first
         conn.last_read = time.monotonic()
         conn.read_ns = time.monotonic_ns()
         try:
@@ -886,6 +901,7 @@ class Gateway:
             return
         conn.grant = grant
         conn.session = hello.session
+        self._watch_if_priority(conn)
         conn.claim_pending = bool(hello.owner)
         node = self.node
         conn.send(

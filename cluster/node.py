@@ -358,6 +358,7 @@ class Node:
             raise failure from None
         self.replica.raft_log.sync_observer = self.metrics.raft_log_synced
         self.replica.after_applying = self.gateway.flush_queued
+        self.replica.before_tick = self.gateway.priority_reads.take
         if self.replica.raft_log.power:  # group commit: batches go on while the leader's fsync runs
             self.batcher.unsynced = self.replica.unsynced_entries
             self.replica.on_durable = self.batcher.flush

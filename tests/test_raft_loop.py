@@ -211,18 +211,31 @@ def test_replicas_on_one_loop_commit_and_tell_the_followers(tmp_path, delay_s):
     run(story)
 
 
+#: Heartbeats and elections slow enough that every AppendEntries round seen is one a tick sent
+#: for a proposal or a commit.
+SLOW_HEARTBEATS = {
+    "append_entries_period_s": 0.4,
+    "election_timeout_min_s": 1.3,
+    "election_timeout_max_s": 2.6,
+    "leader_fallback_timeout_s": 2.6,
+}
+
+
+async def one_leader(replicas: list[SequencerReplica]) -> SequencerReplica:
+    await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
+    return next(r for r in replicas if r._isLeader())
+
+
 def test_a_ticks_applied_batches_are_answered_before_it_sends_the_next_round(tmp_path):
     """The node writes the acks of what a tick applied (``after_applying``) before the tick
     sends its AppendEntries: on a loaded 2-core machine each AppendEntries may hand the CPU to
     the follower it wakes, and acks written on the loop's next turn waited for that round
     (commit -> ack written 0.34 ms mean at 2k msg/s, 0.07 ms when written first)."""
-    raft = {"append_entries_period_s": 0.4, "election_timeout_min_s": 1.3, "election_timeout_max_s": 2.6, "leader_fallback_timeout_s": 2.6}
 
     async def story():
-        replicas, journals = make_replicas(tmp_path, asyncio.get_running_loop(), {"raft": raft})
+        replicas, journals = make_replicas(tmp_path, asyncio.get_running_loop(), {"raft": SLOW_HEARTBEATS})
         try:
-            await wait_until(lambda: sum(r._isLeader() for r in replicas) == 1, "a leader", timeout_s=20)
-            leader = next(r for r in replicas if r._isLeader())
+            leader = await one_leader(replicas)
             events: list[str] = []
             original_send = leader._SyncObj__sendAppendEntries
 
@@ -255,6 +268,51 @@ def test_a_ticks_applied_batches_are_answered_before_it_sends_the_next_round(tmp
             committed = events.index("committed")
             next_round = events.index(f"round carrying index {index_before + 2}")
             assert committed < events.index("answered", committed) < next_round, events
+        finally:
+            close_all(replicas, journals)
+
+    run(story)
+
+
+def test_what_is_proposed_before_a_tick_goes_out_in_that_tick(tmp_path):
+    """Every loop-driven tick first calls ``before_tick`` (the node reads its priority
+    connections there, ``cluster.priority_reads``): a batch proposed from it is appended and
+    sent by that very tick, not on a later turn of the loop."""
+
+    async def story():
+        replicas, journals = make_replicas(tmp_path, asyncio.get_running_loop(), {"raft": SLOW_HEARTBEATS})
+        try:
+            leader = await one_leader(replicas)
+            result, error = await asyncio.wait_for(propose(leader, 1), WAIT_S)
+            assert error == 0
+            index = leader._SyncObj__getCurrentLogIndex() + 1
+            events: list[str] = []
+            proposed: list[asyncio.Future] = []
+            original_send, original_on_tick = leader._SyncObj__sendAppendEntries, leader._onTick
+
+            def recording_send():
+                events.append(f"round carrying index {leader._SyncObj__getCurrentLogIndex()}")
+                return original_send()
+
+            def recording_on_tick(time_to_wait=0.0):
+                try:
+                    return original_on_tick(time_to_wait)
+                finally:
+                    events.append("tick ended")
+
+            def before_tick():
+                if not proposed:
+                    events.append("proposed")
+                    proposed.append(propose(leader, 2))
+
+            leader._SyncObj__sendAppendEntries = recording_send
+            leader._onTick = recording_on_tick
+            leader.before_tick = before_tick
+            await wait_until(lambda: proposed, "a tick")
+            result, error = await asyncio.wait_for(proposed[0], WAIT_S)
+            assert error == 0 and result.first_seq == 2
+            start = events.index("proposed")
+            assert events[start + 1] == f"round carrying index {index}", events[start : start + 3]
         finally:
             close_all(replicas, journals)
 

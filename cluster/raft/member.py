@@ -255,6 +255,9 @@ class RaftMember(SyncObj):
     #: ``() -> None``: called inside a tick right after it applied committed entries, before
     #: the tick sends its AppendEntries (the node writes the acks those entries answered).
     after_applying = None
+    #: ``() -> None``: called at the start of every tick driven by the loop (the node reads
+    #: its priority connections there, ``cluster.priority_reads``).
+    before_tick = None
 
     _loop: asyncio.AbstractEventLoop | None = None
     _commit_notify_delay_s = 0.0
@@ -366,6 +369,8 @@ class RaftMember(SyncObj):
         assert not self._ticking, "a Raft tick started inside another"
         self._ticking = True
         try:
+            if self.before_tick is not None:
+                self.before_tick()
             self._onTick(0.0)
         except Exception:  # noqa: BLE001 - as pysyncobj's own tick thread: log and go on
             self.tick_failed()
