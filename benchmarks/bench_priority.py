@@ -9,7 +9,8 @@ One local three-node cluster whose nodes name a credentials file: ``bulk`` (subm
 as their windows allow (batches of ``--batch``, ``--in-flight`` each) for the whole run; this
 process submits one admin message at a time, ``--admin-rate`` a second, and times each from
 submit to ack. The run alternates phases with the admin credential's priority on and off (the
-credentials file rewritten; each phase starts once the leader has read it again): the lane's
+credentials file rewritten; each phase starts once the leader has read it again and two admin
+submits sent since were answered, ``SETTLING_SUBMITS``): the lane's
 cost and benefit are measured under the same load on the same machine, phase by phase.
 
 Figures per mode (lane on, lane off): the admin submits' p50, p99 and max latency; the bulk
@@ -63,6 +64,12 @@ ADMIN_SUBMIT_TIMEOUT_S = 30.0
 #: the run's directory.
 ADMIN_SESSION = "admin-probe"
 STAGES_DIR = "stages"
+#: Admin submits answered after the leader read the file again before a phase starts: the
+#: first one sent after a phase without the lane waits for the pipeline that phase filled
+#: (up to 16,000 bulk entries, ~90 ms; docs/operating.md, the first priority submit after a
+#: quiet second), a cost of switching the lane on, not of the lane; the one in flight at the
+#: switch may have been sent before it.
+SETTLING_SUBMITS = 2
 #: A status request to the saturated leader may take this long.
 STATUS_TIMEOUT_S = 10.0
 
@@ -149,12 +156,14 @@ async def admin_probe(
     latencies: list[list[tuple[float, int]]],
     stop: asyncio.Event,
     timings: list[list[tuple[int, float, float]]],
+    answered: asyncio.Event,
 ) -> None:
     """Submit one admin message at a time, `rate_per_s` a second; append to the last list of
     `latencies` (the current phase's) its latency and how many messages were sequenced ahead
     of it: its number less the leader's last_seq asked just before it was sent (a figure of
     order, not time, so the machine's load does not blur it); and to the last of `timings` its
-    number, when it was sent and when acked (``time.monotonic``; ``--stages``)."""
+    number, when it was sent and when acked (``time.monotonic``; ``--stages``); `answered` is
+    set at each answer."""
     interval_s = 1 / rate_per_s
     next_at = time.monotonic()
     while not stop.is_set():
@@ -164,6 +173,7 @@ async def admin_probe(
         acked = time.monotonic()
         latencies[-1].append((acked - started, seq - before - 1))
         timings[-1].append((seq, started, acked))
+        answered.set()
         next_at = max(next_at + interval_s, time.monotonic())
         await asyncio.sleep(next_at - time.monotonic())
 
@@ -179,13 +189,17 @@ async def run_phases(
     client = SequencerClient(bc.endpoints, session=ADMIN_SESSION, token=admin_token)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
     status = LeaderSeq(bc.endpoint(leader), bc.token)
-    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop, timings))
+    answered = asyncio.Event()
+    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop, timings, answered))
     phases = []
     try:
         for index in range(args.phases):
             lane = index % 2 == 0
             set_priority(path, lane)
             reloads = await asyncio.to_thread(wait_for_reload, bc, leader, reloads)
+            for _ in range(SETTLING_SUBMITS):
+                answered.clear()
+                await asyncio.wait_for(answered.wait(), ADMIN_SUBMIT_TIMEOUT_S)
             latencies.append([])
             timings.append([])
             before_seq = await leader_seq(bc, leader)

@@ -407,6 +407,7 @@ class Gateway:
         """Write what every connection queued, each in one write: on the loop's next turn,
         and on a leader right after a Raft tick applied committed batches (``after_applying``),
         before that tick sends its AppendEntries: the acks no longer wait behind the round."""
+        self.priority_reads.take()
         unflushed = self._unflushed
         if not unflushed:
             return
