@@ -12,11 +12,13 @@ gateway then handles the frames as any read). The node calls it before every Raf
 before it handles a bulk connection's read: the priority frame waits for one handle, not for
 a turn. When no priority connection is open, ``take`` costs one attribute test.
 
-The read goes through the transport's own read handler, ``_read_ready``, a private method of
-asyncio's selector transports (3.11 to 3.13): the bytes take the same path as the loop's own
-read, and a read the loop later starts on a drained socket finds nothing (``BlockingIOError``,
-which asyncio ignores). A transport without that method (TLS, whose transport is a layer over
-the socket's) is not watched: its reads wait for the loop's turn as before.
+The read goes through the socket transport's own read handler, ``_read_ready``, a private
+method of asyncio's selector transports (3.11 to 3.13): the bytes take the same path as the
+loop's own read, and a read the loop later starts on a drained socket finds nothing
+(``BlockingIOError``, which asyncio ignores). Under TLS the connection's transport is asyncio's
+TLS layer over the socket's transport (``_ssl_protocol._transport``, as private): that one is
+read, and the TLS layer decrypts and hands the frame on as it would on the loop's turn. A
+transport with neither is not watched: its reads wait for the loop's turn.
 """
 
 from __future__ import annotations
@@ -27,14 +29,24 @@ import select
 _EPOLL = getattr(select, "epoll", None)
 
 
+def _socket_transport(transport: asyncio.BaseTransport) -> asyncio.BaseTransport | None:
+    """The transport that reads `transport`'s socket: itself, or under TLS the socket's
+    transport beneath asyncio's TLS layer; None when there is none to be found."""
+    for candidate in (transport, getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)):
+        if candidate is not None and callable(getattr(candidate, "_read_ready", None)):
+            return candidate
+    return None
+
+
 class PriorityReads:
     """The priority connections' sockets, read between the loop's handles (``take``)."""
 
     def __init__(self) -> None:
         self._epoll = _EPOLL() if _EPOLL is not None else None
-        #: Descriptor -> its transport, and transport -> descriptor (a closed socket's
-        #: ``fileno()`` is -1; its number may be another socket's by then).
-        self._by_fd: dict[int, asyncio.BaseTransport] = {}
+        #: Descriptor -> the connection's transport and the one that reads its socket (the
+        #: same, but under TLS), and transport -> descriptor (a closed socket's ``fileno()``
+        #: is -1; its number may be another socket's by then).
+        self._by_fd: dict[int, tuple[asyncio.BaseTransport, asyncio.BaseTransport]] = {}
         self._fds: dict[asyncio.BaseTransport, int] = {}
         self._taking = False
         #: Reads taken between handles (tests, the node's metrics).
@@ -49,20 +61,21 @@ class PriorityReads:
         if transport in self._fds:
             return True
         sock = transport.get_extra_info("socket")
-        if self._epoll is None or sock is None or not callable(getattr(transport, "_read_ready", None)):
+        reader = _socket_transport(transport)
+        if self._epoll is None or sock is None or reader is None:
             return False
         fd = sock.fileno()
         if fd < 0 or transport.is_closing():
             return False
         stale = self._by_fd.pop(fd, None)
         if stale is not None:  # that number's earlier socket is closed: forget it
-            del self._fds[stale]
+            del self._fds[stale[0]]
             self._unregister(fd)
         try:
             self._epoll.register(fd, select.EPOLLIN)
         except FileExistsError:  # a closed socket's registration outlived it (a dup): renewed
             self._epoll.modify(fd, select.EPOLLIN)
-        self._by_fd[fd] = transport
+        self._by_fd[fd] = (transport, reader)
         self._fds[transport] = fd
         return True
 
@@ -88,15 +101,16 @@ class PriorityReads:
         self._taking = True
         try:
             for fd, _ in self._epoll.poll(0):
-                transport = self._by_fd.get(fd)
-                if transport is None or transport is reading:
+                watched = self._by_fd.get(fd)
+                if watched is None or watched[0] is reading:
                     continue
-                if transport.is_closing():
+                transport, reader = watched
+                if transport.is_closing() or reader.is_closing():
                     self.unwatch(transport)
                     continue
-                if not transport.is_reading():
-                    continue  # paused by its protocol: the loop resumes it when it may read
+                if not reader.is_reading():
+                    continue  # paused: the loop resumes it when it may read
                 self.reads_taken += 1
-                transport._read_ready()  # noqa: SLF001 - the module docstring says why
+                reader._read_ready()  # noqa: SLF001 - the module docstring says why
         finally:
             self._taking = False

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import ssl
 
 import msgspec
 from test_credentials import make_file
 from test_gateway_io import RecordingNode
 
+from raftseq.cluster.certs import LOCAL_NAMES, CertificateAuthority
 from raftseq.cluster.credentials import read_credentials, write_credentials
 from raftseq.cluster.gateway import Gateway
 from raftseq.cluster.local import free_base_port, local_configs
@@ -32,6 +34,10 @@ WAIT_S = 10.0
 class Recorded(asyncio.Protocol):
     def __init__(self) -> None:
         self.received: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
@@ -41,6 +47,29 @@ def wait_readable(sock: socket.socket) -> None:
     """Until the kernel has bytes for `sock` (the loop is not run meanwhile)."""
     readable, _, _ = select.select([sock], [], [], WAIT_S)
     assert readable, "the bytes sent never arrived"
+
+
+async def tls_pair(tmp_path) -> tuple[asyncio.StreamWriter, asyncio.Transport, Recorded, asyncio.Server]:
+    """A TLS client (a stream writer) and the transport and protocol of its other end."""
+    ca = CertificateAuthority(str(tmp_path / "ca"))
+    server_pair = ca.issue("server", "raftseq-node", names=LOCAL_NAMES)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(server_pair.cert_file, server_pair.key_file)
+    client_context = ssl.create_default_context(cafile=ca.ca_file)
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+    protocol_ = Recorded()
+
+    def made() -> Recorded:
+        accepted.set_result(None)
+        return protocol_
+
+    server = await asyncio.get_running_loop().create_server(made, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context, server_hostname="localhost")
+    await asyncio.wait_for(accepted, WAIT_S)
+    while protocol_.transport is None:  # connection_made comes after the handshake
+        await asyncio.sleep(0)
+    return writer, protocol_.transport, protocol_, server
 
 
 async def connected_pair() -> tuple[socket.socket, asyncio.Transport, Recorded]:
@@ -97,6 +126,27 @@ def test_bytes_on_a_watched_socket_reach_its_protocol_inside_take():
                 transport.close()
                 sock.close()
             await asyncio.sleep(0)
+
+    asyncio.run(asyncio.wait_for(story(), WAIT_S))
+
+
+def test_under_tls_the_socket_beneath_the_tls_layer_is_read_and_decrypted_inside_take(tmp_path):
+    async def story() -> None:
+        writer, transport, got, server = await tls_pair(tmp_path)
+        reads = PriorityReads()
+        try:
+            assert reads.watch(transport)
+            writer.write(b"admin over tls")
+            await writer.drain()
+            # No turn of the loop from here to the check: only ``take`` can read it.
+            wait_readable(transport.get_extra_info("socket"))
+            reads.take()
+            assert got.received == [b"admin over tls"] and reads.reads_taken == 1
+        finally:
+            writer.close()
+            transport.close()
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(asyncio.wait_for(story(), WAIT_S))
 
