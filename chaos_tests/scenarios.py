@@ -37,6 +37,7 @@ from chaos_tests.report import write_report
 from chaos_tests.workload import Workload, WorkloadConfig, final_read
 from raftseq.cluster import membership_client
 from raftseq.cluster.certs import local_cluster_tls
+from raftseq.cluster.credentials import ROLE_ADMIN, Quotas, new_credential, write_credentials
 from raftseq.cluster.local import Watcher
 from raftseq.cluster.node_exit import NodeExit
 from raftseq.sequencer import protocol
@@ -50,6 +51,8 @@ CONVERGE_TIMEOUT_S = 60.0
 #: Node settings of every chaos cluster: small compaction thresholds, so that Raft snapshots and
 #: journal catch-up happen within a short run.
 CHAOS_OVERRIDES = {"raft": {"log_compaction_min_entries": 500, "log_compaction_min_time_s": 1.0}}
+#: The credential of the workload's priority client (``priority_credential``).
+PRIORITY_CREDENTIAL = "chaos-admin"
 
 
 #: What ``verify_journal`` says of records a journal lacks and waits to fetch from a peer: after
@@ -559,6 +562,21 @@ def replay_command(name: str, seed: int, *, tls: bool = False) -> str:
     return f"RAFTSEQ_CHAOS_SEED={seed} python -m pytest chaos_tests/test_scenarios.py -k '{name}'   or   raftseq chaos run {name} --seed {seed}"
 
 
+def priority_credential(directory: str) -> tuple[str, str]:
+    """A credentials file holding one credential with ``priority`` (any session, every role),
+    written in `directory`; its path and the credential's token. The shared token still serves
+    every other client."""
+    credential, secret = new_credential(PRIORITY_CREDENTIAL, [ROLE_ADMIN], [], priority=True, quotas=Quotas())
+    path = os.path.join(directory, "credentials.json")
+    write_credentials(path, [credential])
+    return path, f"{PRIORITY_CREDENTIAL}:{secret}"
+
+
+def priority_entries_proposed(cluster: ChaosCluster) -> float:
+    """Submits the nodes proposed through the priority lane since they started (metrics)."""
+    return sum(cluster.metrics(node.id).get("raftseq_priority_entries_proposed_total", 0.0) for node in cluster.nodes)
+
+
 def run_scenario(
     name: str,
     *,
@@ -600,6 +618,9 @@ def run_scenario(
         overrides = {section: dict(values) for section, values in CHAOS_OVERRIDES.items()}
         for section, values in scenario.overrides.items():
             overrides.setdefault(section, {}).update(values)
+        # The workload's first client submits through the leader's priority lane (read between
+        # the loop's handles, proposed in batches of its own): that path meets every fault too.
+        overrides["credentials_file"], priority_token = priority_credential(directory)
         cluster_dir = os.path.join(directory, "cluster")
         if tls:
             overrides["tls"] = local_cluster_tls(cluster_dir, mutual=True)
@@ -622,11 +643,21 @@ def run_scenario(
             say(f"  cluster up: {', '.join(cluster.endpoints)}")
             endpoints = cluster.endpoints
             config = WorkloadConfig(subscriber_nodes=[endpoints[0], endpoints[2]], **scenario.workload)
-            workload = Workload(endpoints, token=cluster.token, history=history, rng=workload_rng, config=config, tls=cluster.tls)
+            workload = Workload(
+                endpoints,
+                token=cluster.token,
+                history=history,
+                rng=workload_rng,
+                config=config,
+                tls=cluster.tls,
+                priority_token=priority_token,
+            )
             workload.start()
             load_started = time.monotonic()
             if not workload.wait_for_acks(WARMUP_ACKS, timeout_s=RECOVERY_TIMEOUT_S):
                 raise ScenarioFailed(f"only {workload.stats.ok} acknowledgements before any fault\n{cluster.log_tails()}")
+            if not priority_entries_proposed(cluster):
+                raise ScenarioFailed("no submit went through the priority lane before any fault (the priority client's)")
             nemesis = Nemesis(cluster, rng=nemesis_rng, on_fault=on_fault)
             ctx = Context(cluster, nemesis, workload, round_rng, say)
             planned = rounds if rounds is not None else scenario.rounds

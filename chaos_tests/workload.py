@@ -119,9 +119,13 @@ class Workload:
         rng: random.Random,
         config: WorkloadConfig | None = None,
         tls: ClientTls = None,
+        priority_token: str = "",
     ) -> None:
         self.endpoints = list(endpoints)
         self.token = token
+        #: The token of a credential with ``priority``: the first client submits through the
+        #: leader's priority lane with it ("": every client uses `token`).
+        self.priority_token = priority_token
         #: How clients and subscribers reach TLS client ports (``clients.tls``; None: plaintext).
         self.tls = tls
         self.history = history
@@ -191,7 +195,7 @@ class Workload:
         config = self.config
         try:
             for i in range(config.clients):
-                self._clients.append(await self._connect(f"{config.session_prefix}-{self._run_tag}-c{i + 1}"))
+                self._clients.append(await self._connect(f"{config.session_prefix}-{self._run_tag}-c{i + 1}", i))
         except Exception as exc:  # noqa: BLE001 - reported to the starting thread
             self.errors.append(f"client connect: {exc!r}")
             self._started.set()
@@ -226,8 +230,9 @@ class Workload:
 
     # --- clients --------------------------------------------------------------------------
 
-    async def _connect(self, session: str) -> SequencerClient:
-        client = SequencerClient(self.endpoints, session=session, token=self.token, in_flight_max=self.config.window, tls=self.tls)
+    async def _connect(self, session: str, index: int) -> SequencerClient:
+        token = self.priority_token if index == 0 and self.priority_token else self.token
+        client = SequencerClient(self.endpoints, session=session, token=token, in_flight_max=self.config.window, tls=self.tls)
         await asyncio.wait_for(client.connect(), START_TIMEOUT_S)
         return client
 
@@ -238,7 +243,7 @@ class Workload:
         self.stats.new_sessions += 1
         self.history.note("session forgotten", old=client.session, new=session)
         await client.close()
-        fresh = await self._connect(session)
+        fresh = await self._connect(session, index)
         self._clients[index] = fresh
         return fresh
 

@@ -200,6 +200,8 @@ class Batcher:
         self.batches_proposed = 0
         self.batches_unknown = 0
         self.entries_proposed = 0
+        #: Of ``entries_proposed``, those of the priority lane.
+        self.priority_entries_proposed = 0
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._proposing = False
         #: Called with the queue-to-commit time of acknowledged submits, in seconds, and how
@@ -362,6 +364,7 @@ class Batcher:
             self._proposed_ns[batch_id] = time.monotonic_ns()
         self.batches_proposed += 1
         self.entries_proposed += len(entries)
+        self.priority_entries_proposed += len(members) - bulk
         committed = self._committed
 
         def on_commit(result: object, error: int) -> None:  # inside a Raft tick, on the loop

@@ -200,6 +200,12 @@ METRICS = (
     MetricSpec("raftseq_batches_proposed_total", "counter", (), "Batches this node proposed as leader"),
     MetricSpec("raftseq_entries_proposed_total", "counter", (), "Submits this node proposed as leader"),
     MetricSpec(
+        "raftseq_priority_entries_proposed_total",
+        "counter",
+        (),
+        "Submits of credentials with priority this node proposed as leader (the priority lane; counted in raftseq_entries_proposed_total too)",
+    ),
+    MetricSpec(
         "raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"
     ),
     MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
@@ -512,6 +518,7 @@ class NodeCollector:
         yield family("raftseq_batcher_held_bytes", value=batcher.held_bytes if batcher is not None else 0)
         yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
         yield family("raftseq_entries_proposed_total", value=batcher.entries_proposed if batcher is not None else 0)
+        yield family("raftseq_priority_entries_proposed_total", value=batcher.priority_entries_proposed if batcher is not None else 0)
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
         yield family("raftseq_duplicate_submits_total", value=m.duplicates)
         yield family("raftseq_refusals_total", tuple(((reason,), count) for reason, count in m.refusals.items()))

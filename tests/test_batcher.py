@@ -858,6 +858,7 @@ def test_a_priority_submit_goes_first_in_the_next_batch():
         # Then first, before the bulk submits queued before it, in a batch of its own (its
         # apply and answer wait for no bulk entry), and the bulk ones once it committed.
         assert [p.keys for p in raft.proposals[1:]] == [[("admin", 1)]]
+        assert batcher.priority_entries_proposed == 1 and batcher.entries_proposed == 2
         raft.commit(raft.proposals[1])
         await replies.wait_for(2)
         assert raft.proposals[2].keys == [("bulk", 2), ("bulk", 3), ("bulk", 4)]

@@ -464,9 +464,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 THIRD,
                 "Proposed",
-                "Submits and batches the leader proposed per second, and batches whose outcome became unknown.",
+                "Submits and batches the leader proposed per second (and of the submits, those of the priority lane), "
+                "and batches whose outcome became unknown.",
                 [
                     (f"rate(raftseq_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} submits"),
+                    (f"rate(raftseq_priority_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} priority submits"),
                     (f"rate(raftseq_batches_proposed_total{{{N}}}[{RATE}])", "{{node}} batches"),
                     (f"rate(raftseq_batches_outcome_unknown_total{{{N}}}[{RATE}])", "{{node}} batches, outcome unknown"),
                 ],
