@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import msgspec
 
@@ -149,30 +150,38 @@ class LeaderSeq:
             self.connection = None
 
 
+class AdminSubmit(NamedTuple):
+    """One admin submit: its number, when it was sent and acked (``time.monotonic``), and how
+    many messages were sequenced ahead of it: its number less the leader's last_seq asked just
+    before it was sent (a figure of order, not time, so the machine's load does not blur it)."""
+
+    seq: int
+    sent_s: float
+    acked_s: float
+    ahead: int
+
+    @property
+    def latency_s(self) -> float:
+        return self.acked_s - self.sent_s
+
+
 async def admin_probe(
     client: SequencerClient,
     leader: LeaderSeq,
     rate_per_s: float,
-    latencies: list[list[tuple[float, int]]],
+    submits: list[list[AdminSubmit]],
     stop: asyncio.Event,
-    timings: list[list[tuple[int, float, float]]],
     answered: asyncio.Event,
 ) -> None:
-    """Submit one admin message at a time, `rate_per_s` a second; append to the last list of
-    `latencies` (the current phase's) its latency and how many messages were sequenced ahead
-    of it: its number less the leader's last_seq asked just before it was sent (a figure of
-    order, not time, so the machine's load does not blur it); and to the last of `timings` its
-    number, when it was sent and when acked (``time.monotonic``; ``--stages``); `answered` is
-    set at each answer."""
+    """Submit one admin message at a time, `rate_per_s` a second, each appended to the last
+    list of `submits` (the current phase's); `answered` is set at each answer."""
     interval_s = 1 / rate_per_s
     next_at = time.monotonic()
     while not stop.is_set():
         before = await leader.ask()
         started = time.monotonic()
         seq = await asyncio.wait_for(client.submit(b"admin"), ADMIN_SUBMIT_TIMEOUT_S)
-        acked = time.monotonic()
-        latencies[-1].append((acked - started, seq - before - 1))
-        timings[-1].append((seq, started, acked))
+        submits[-1].append(AdminSubmit(seq, started, time.monotonic(), seq - before - 1))
         answered.set()
         next_at = max(next_at + interval_s, time.monotonic())
         await asyncio.sleep(next_at - time.monotonic())
@@ -183,14 +192,13 @@ async def run_phases(
 ) -> list[dict]:
     leader = (await bc.leader_soon())["node"]
     reloads = bc.log_text(leader).count(RELOAD_LINE)
-    latencies: list[list[tuple[float, int]]] = [[]]
-    timings: list[list[tuple[int, float, float]]] = [[]]
+    submits: list[list[AdminSubmit]] = [[]]
     stop = asyncio.Event()
     client = SequencerClient(bc.endpoints, session=ADMIN_SESSION, token=admin_token)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
     status = LeaderSeq(bc.endpoint(leader), bc.token)
     answered = asyncio.Event()
-    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, latencies, stop, timings, answered))
+    probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, submits, stop, answered))
     phases = []
     try:
         for index in range(args.phases):
@@ -200,8 +208,7 @@ async def run_phases(
             for _ in range(SETTLING_SUBMITS):
                 answered.clear()
                 await asyncio.wait_for(answered.wait(), ADMIN_SUBMIT_TIMEOUT_S)
-            latencies.append([])
-            timings.append([])
+            submits.append([])
             before_seq = await leader_seq(bc, leader)
             before_cpu = bc.cpu_times(worker_pids)
             started = time.monotonic()
@@ -209,17 +216,15 @@ async def run_phases(
             seconds = time.monotonic() - started
             after_cpu = bc.cpu_times(worker_pids)
             after_seq = await leader_seq(bc, leader)
-            phase_latencies = latencies[-1]
-            phase_timings = timings[-1]
-            latencies.append([])  # what lands between phases counts in neither
-            timings.append([])
+            phase_submits = submits[-1]
+            submits.append([])  # what lands between phases counts in neither
             if probe.done():
                 probe.result()
             seqs = [before_seq, after_seq]
-            bulk = seqs[1] - seqs[0] - len(phase_latencies)
+            bulk = seqs[1] - seqs[0] - len(phase_submits)
             leader_cpu_s = after_cpu[leader] - before_cpu[leader]
-            ordered = sorted(latency for latency, _ in phase_latencies)
-            ahead = sorted(count for _, count in phase_latencies)
+            ordered = sorted(submit.latency_s for submit in phase_submits)
+            ahead = sorted(submit.ahead for submit in phase_submits)
             phase = {
                 "lane": lane,
                 "seconds": round(seconds, 2),
@@ -241,7 +246,8 @@ async def run_phases(
                 flush=True,
             )
             if args.stages:
-                phase["stages"] = await asyncio.to_thread(stages.stage_table, probe_dir, phase_timings)
+                timings = [(submit.seq, submit.sent_s, submit.acked_s) for submit in phase_submits]
+                phase["stages"] = await asyncio.to_thread(stages.stage_table, probe_dir, timings)
                 print("\n".join(stages.stage_lines(phase["stages"])), flush=True)
     finally:
         stop.set()

@@ -1,0 +1,42 @@
+"""``benchmarks.bench_priority`` end to end, briefly: it runs, alternates the lane on and off,
+measures admin submits in both modes, joins them with the leader's stage probe, and its bulk
+processes got every number once. Its figures mean little this short; the README's come from
+``--phase-s 5 --phases 4``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench_runs import REPO_DIR
+
+TIMEOUT_S = 180
+
+
+def test_a_short_run_measures_both_modes_and_joins_the_stage_probe(tmp_path) -> None:
+    report_path = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_priority",
+            *("--phase-s", "1", "--phases", "2", "--processes", "1", "--admin-rate", "20", "--stages", "--json", str(report_path)),
+        ],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    report = json.loads(report_path.read_text())
+    on, off = report["phases"]
+    assert on["lane"] and not off["lane"]
+    for phase in (on, off):
+        assert phase["admin_submits"] >= 5, phase
+        assert phase["bulk_per_s"] > 0, phase
+        assert phase["stages"]["joined"] == phase["admin_submits"], phase["stages"]
+    (bulk,) = report["bulk_processes"]
+    assert bulk["acked"] == bulk["unique"] > 0
+    assert "admin p99 with the lane" in output
