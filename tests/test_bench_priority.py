@@ -5,32 +5,18 @@ processes got every number once. Its figures mean little this short; the README'
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from bench_runs import REPO_DIR
+from bench_runs import run_module
 
 TIMEOUT_S = 180
 
 
 def test_a_short_run_measures_both_modes_and_joins_the_stage_probe(tmp_path) -> None:
-    report_path = tmp_path / "report.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_priority",
-            *("--phase-s", "1", "--phases", "2", "--processes", "1", "--admin-rate", "20", "--stages", "--json", str(report_path)),
-        ],
-        cwd=REPO_DIR,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+    report, output = run_module(
+        "benchmarks.bench_priority",
+        ["--phase-s", "1", "--phases", "2", "--processes", "1", "--admin-rate", "20", "--stages"],
+        tmp_path / "report.json",
+        timeout_s=TIMEOUT_S,
     )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    report = json.loads(report_path.read_text())
     on, off = report["phases"]
     assert on["lane"] and not off["lane"]
     for phase in (on, off):
