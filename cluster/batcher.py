@@ -207,6 +207,8 @@ class Batcher:
         #: Called with the queue-to-commit time of acknowledged submits, in seconds, and how
         #: many submits took that long.
         self.latency_observer: Callable[[float, int], None] | None = None
+        #: The same, for the submits of the priority lane only (they count in the other too).
+        self.priority_latency_observer: Callable[[float, int], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -445,6 +447,11 @@ class Batcher:
                         together = 0
                     together += 1
                 observe((now_ns - came_in_ns) / 1e9, together)
+            observe_priority = self.priority_latency_observer
+            if observe_priority is not None and bulk < len(members):
+                now_ns = time.monotonic_ns()
+                for submit in members[: len(members) - bulk]:  # a batch's priority submits come first
+                    observe_priority((now_ns - submit.enqueued_ns) / 1e9, 1)
         else:
             reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1

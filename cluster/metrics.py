@@ -194,6 +194,12 @@ METRICS = (
     MetricSpec("raftseq_batches_applied_total", "counter", (), "Raft entries (batches) applied here"),
     MetricSpec("raftseq_batch_entries", "histogram", (), "Messages per applied batch"),
     MetricSpec("raftseq_ack_latency_seconds", "histogram", (), "Submit received to ack sent, on the leader"),
+    MetricSpec(
+        "raftseq_priority_ack_latency_seconds",
+        "histogram",
+        (),
+        "Submit received to ack sent, on the leader, for submits of credentials with priority (counted in raftseq_ack_latency_seconds too)",
+    ),
     MetricSpec("raftseq_batcher_queue_entries", "gauge", (), "Submits waiting in the leader's batcher queue"),
     MetricSpec("raftseq_batcher_in_flight_batches", "gauge", (), "Batches proposed to Raft and not yet committed"),
     MetricSpec("raftseq_batcher_held_bytes", "gauge", (), "Bytes of submits the leader holds, queued or proposed and not yet answered"),
@@ -376,6 +382,7 @@ class NodeMetrics:
         self.leader_changes = 0
         self.batch_size = _Histogram(BATCH_SIZE_BUCKETS)
         self.ack_latency = _Histogram(LATENCY_BUCKETS_S)
+        self.priority_ack_latency = _Histogram(LATENCY_BUCKETS_S)
         #: Filled by the journal's fsync observer (``Journal.fsync_observer``).
         self.fsync_latency = _Histogram(FSYNC_BUCKETS_S)
         #: Filled by the Raft log's writer thread (``RaftLogStore.sync_observer``).
@@ -512,6 +519,7 @@ class NodeCollector:
         yield family("raftseq_sessions_evicted_total", value=evicted)
         yield histogram("raftseq_batch_entries", m.batch_size)
         yield histogram("raftseq_ack_latency_seconds", m.ack_latency)
+        yield histogram("raftseq_priority_ack_latency_seconds", m.priority_ack_latency)
         batcher = self.batcher
         yield family("raftseq_batcher_queue_entries", value=batcher.queued if batcher is not None else 0)
         yield family("raftseq_batcher_in_flight_batches", value=batcher.in_flight if batcher is not None else 0)

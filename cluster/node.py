@@ -313,6 +313,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.batcher = Batcher(self.config.batcher, self._propose, loop=loop)
         self.batcher.latency_observer = self.metrics.ack_latency.observe
+        self.batcher.priority_latency_observer = self.metrics.priority_ack_latency.observe
         self.gateway = Gateway(
             self.config, self, batcher=self.batcher, journal=self.journal, publication=self.publication, metrics=self.metrics
         )

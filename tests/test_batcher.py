@@ -847,6 +847,9 @@ def test_random_histories_answer_every_submit_exactly_once(seed):
 def test_a_priority_submit_goes_first_in_the_next_batch():
     async def story():
         raft, replies, batcher = batcher_on_fakes(in_flight_max=1)
+        observed: dict[str, int] = {"all": 0, "priority": 0}
+        batcher.latency_observer = lambda seconds, count: observed.__setitem__("all", observed["all"] + count)
+        batcher.priority_latency_observer = lambda seconds, count: observed.__setitem__("priority", observed["priority"] + count)
         assert batcher.offer(replies.submit("bulk", 1))  # proposed at once
         for seq in (2, 3, 4):
             assert batcher.offer(replies.submit("bulk", seq))
@@ -872,6 +875,8 @@ def test_a_priority_submit_goes_first_in_the_next_batch():
             ("bulk", 4, 5),
             ("admin", 2, 6),
         ]
+        # Every ack's latency is observed once, the priority lane's once more on their own.
+        assert observed == {"all": 6, "priority": 2}, observed
 
     run(story)
 

@@ -436,8 +436,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 timeseries,
                 TALL_HALF,
                 "Ack latency (leader)",
-                "Submit received to ack sent, on the leader: p50, p99, p99.9.",
-                quantiles("raftseq_ack_latency_seconds", (0.5, 0.99, 0.999)),
+                "Submit received to ack sent, on the leader: p50, p99, p99.9; and p99 of the priority lane's submits.",
+                [
+                    *quantiles("raftseq_ack_latency_seconds", (0.5, 0.99, 0.999)),
+                    *[
+                        (query, legend.replace("}}", "}} priority", 1))
+                        for query, legend in quantiles("raftseq_priority_ack_latency_seconds", (0.99,))
+                    ],
+                ],
                 unit="s",
             ),
             Panel(
