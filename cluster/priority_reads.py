@@ -49,7 +49,7 @@ class PriorityReads:
         self._by_fd: dict[int, tuple[asyncio.BaseTransport, asyncio.BaseTransport]] = {}
         self._fds: dict[asyncio.BaseTransport, int] = {}
         self._taking = False
-        #: Reads taken between handles (tests, the node's metrics).
+        #: Reads taken between handles (for tests).
         self.reads_taken = 0
 
     def __len__(self) -> int:
