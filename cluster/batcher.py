@@ -472,6 +472,8 @@ class Batcher:
         self._held_bytes -= held
         self._bulk_in_flight -= bulk
         self._priority_in_flight -= priority
+        if not self._priority_in_flight:
+            self._bulk_held_since = None  # a hold counts from the next priority batch on
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
         assert self._bulk_in_flight >= 0 and self._priority_in_flight >= 0, "entries in flight below zero"
 
@@ -516,6 +518,7 @@ class Batcher:
         self._priority_bytes = 0
         self._bulk_in_flight = 0
         self._priority_in_flight = 0
+        self._bulk_held_since = None
         for lane in (self._priority, self._queue):
             while lane:
                 lane.popleft().answer(unknown)

@@ -1036,6 +1036,31 @@ def test_a_priority_credential_submitting_without_pause_leaves_bulk_a_batch_ever
     run(story)
 
 
+def test_a_hold_of_bulk_behind_priority_starts_afresh_after_a_step_down():
+    """The 10 ms a bulk batch may wait behind a priority batch count from that batch: a hold
+    cut short by a step-down does not let bulk pass the next priority batch at once."""
+
+    async def story():
+        clock, raft, replies, batcher = after_a_priority_submit(
+            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=60, bulk=1
+        )
+        assert sizes(raft) == [1], "bulk proposed behind the priority batch"
+        batcher.stop("not leader")
+        clock.s += 1.0
+        batcher.start()
+        proposed = len(raft.proposals)
+        assert batcher.offer(replies.submit("admin", 2), priority=True)
+        # A full batch in one frame: it would go beside the priority one at once.
+        assert batcher.offer_all([replies.submit("bulk", seq) for seq in range(2, 8)])
+        batcher.flush()
+        assert [p.keys for p in raft.proposals[proposed:]] == [[("admin", 2)]], "bulk passed the new priority batch"
+        raft.commit(raft.proposals[proposed])
+        await drain()
+        assert [p.keys for p in raft.proposals[proposed + 1 :]] == [[("bulk", seq) for seq in range(2, 8)]]
+
+    run(story)
+
+
 def test_a_full_bulk_queue_never_refuses_the_priority_lane_and_the_lane_has_its_own_bound():
     async def story():
         payload = bytes(1000)
