@@ -63,6 +63,20 @@ _BATCH_OVERHEAD_BYTES = 16
 PRIORITY_HOLDS_BULK_MAX_S = 0.010
 
 
+def _observe_latencies(observe: Callable[[float, int], None], submits: list[PendingSubmit], now_ns: int) -> None:
+    """Each of `submits`' time from queue to now, to `observe`; the submits of one frame came
+    in at one clock read, and are observed together."""
+    came_in_ns = submits[0].enqueued_ns
+    together = 0
+    for submit in submits:
+        if submit.enqueued_ns != came_in_ns:
+            observe((now_ns - came_in_ns) / 1e9, together)
+            came_in_ns = submit.enqueued_ns
+            together = 0
+        together += 1
+    observe((now_ns - came_in_ns) / 1e9, together)
+
+
 def held_bytes_most(wire_bytes: int, session: str) -> int:
     """The most bytes held (``Batcher.has_room``) that the submits of `wire_bytes` read from a
     client of `session` can add, whatever frames they are: each entry at least one byte."""
@@ -320,8 +334,7 @@ class Batcher:
         """Whether a bulk batch that may otherwise go waits behind a priority batch in Raft
         (at most ``PRIORITY_HOLDS_BULK_MAX_S`` in a row)."""
         if not self._priority_in_flight:
-            self._bulk_held_since = None
-            return False
+            return False  # and no hold under way (``_release``, ``stop``)
         now = self._now_s()
         if self._bulk_held_since is None:
             self._bulk_held_since = now
@@ -434,24 +447,12 @@ class Batcher:
             else:
                 for submit, outcome in zip(members, result.outcomes):
                     submit.answer(outcome)
-            observe = self.latency_observer
-            if observe is not None:
-                now_ns = time.monotonic_ns()
-                # The submits of one frame came in at one clock read: observed together.
-                came_in_ns = members[0].enqueued_ns
-                together = 0
-                for submit in members:
-                    if submit.enqueued_ns != came_in_ns:
-                        observe((now_ns - came_in_ns) / 1e9, together)
-                        came_in_ns = submit.enqueued_ns
-                        together = 0
-                    together += 1
-                observe((now_ns - came_in_ns) / 1e9, together)
-            observe_priority = self.priority_latency_observer
-            if observe_priority is not None and bulk < len(members):
-                now_ns = time.monotonic_ns()
-                for submit in members[: len(members) - bulk]:  # a batch's priority submits come first
-                    observe_priority((now_ns - submit.enqueued_ns) / 1e9, 1)
+            now_ns = time.monotonic_ns()
+            if self.latency_observer is not None:
+                _observe_latencies(self.latency_observer, members, now_ns)
+            if self.priority_latency_observer is not None and bulk < len(members):
+                # A batch's priority submits come first.
+                _observe_latencies(self.priority_latency_observer, members[: len(members) - bulk], now_ns)
         else:
             reason = proposal_error_name(error) if error != PROPOSAL_OK else "batch not applied"
             self.batches_unknown += 1

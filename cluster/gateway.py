@@ -387,7 +387,8 @@ class Gateway:
         self._unflushed: list[Connection] = []
         self._flush_soon = False
         #: The sockets of priority connections, read between the loop's handles: before each
-        #: Raft tick (the node) and each bulk read (``_take_now``, ``_read_frames``).
+        #: Raft tick (the node), each bulk read (``_take_now``, ``_read_frames``) and each write
+        #: of queued acks (``flush_queued``).
         self.priority_reads = PriorityReads()
 
     # --- writing what connections queued -----------------------------------------------

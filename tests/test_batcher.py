@@ -962,10 +962,8 @@ def test_bulk_has_the_whole_pipeline_again_once_priority_traffic_is_no_longer_re
 def test_no_trickle_of_small_bulk_batches_while_priority_traffic_is_recent():
     async def story():
         clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=10
-        )  # alone: nothing else queued
-        for seq in range(1, 41):
-            assert batcher.offer(replies.submit("bulk", seq))
+            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=10, bulk=40
+        )
         raft.commit(raft.proposals[0])  # the priority batch: bulk waited for it
         await drain()
         # Bulk: a batch of 6 (room 10), then none of 4 (room below half the bound) until a commit.
