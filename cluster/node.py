@@ -136,6 +136,8 @@ class Node:
         self.core = SequencedStream(SequencerMachine(config.machine.machine_config()), self.journal)
         self.publication = Publication(self.journal, recheck_interval_s=config.gateway.heartbeat_interval_ms / 1000)
         self.role = Role.FOLLOWER
+        #: The Raft term in which this node last became leader (as the role watcher saw it).
+        self.leader_term = 0
         #: Raft address of the leader this node knows ("" if none).
         self.leader_address = ""
         self.disk_low = False
@@ -444,23 +446,7 @@ class Node:
         """Follow the replica's role and the disk; start and stop the batcher."""
         disk_checked = 0.0
         while True:
-            replica = self.replica
-            role = replica.role()
-            leader = replica.leader_raft_address()
-            if leader != self.leader_address:
-                if leader:
-                    self.metrics.leader_changes += 1
-                log.info("leader is now %s (term %d)", leader or "unknown", replica.term())
-                self.leader_address = leader
-            if role != self.role:
-                log.info("role %s -> %s (term %d)", self.role.value, role.value, replica.term())
-                self.role = role
-                if role is Role.LEADER:
-                    self.batcher.start()
-                    if self.gateway.draining:
-                        self._keep_leadership_off()
-                else:
-                    self.batcher.stop("no longer leader")
+            self._follow_role()
             now = time.monotonic()
             if now - disk_checked >= DISK_CHECK_INTERVAL_S:
                 disk_checked = now
@@ -468,6 +454,38 @@ class Node:
             if self.journal.fsync_policy.mode == "interval":
                 self.journal.sync_if_due()
             await asyncio.sleep(ROLE_WATCH_INTERVAL_S)
+
+    def _follow_role(self) -> None:
+        """Take the replica's leader and role as they are now: start the batcher when this node
+        leads, stop it when it no longer does.
+
+        A leader whose term changed stepped down and was elected again between two looks (a
+        transfer away and back within one ``ROLE_WATCH_INTERVAL_S``): that is a step-down too.
+        Its batcher may be held by the transfer that ended its leadership, and what it had in
+        flight belongs to the old term; seen as leading on, it would hold its queued submits
+        forever."""
+        replica = self.replica
+        role, term = replica.role(), replica.term()
+        leader = replica.leader_raft_address()
+        if leader != self.leader_address:
+            if leader:
+                self.metrics.leader_changes += 1
+            log.info("leader is now %s (term %d)", leader or "unknown", term)
+            self.leader_address = leader
+        if role is Role.LEADER and self.role is Role.LEADER and term != self.leader_term:
+            log.info("role leader -> leader (term %d -> %d: stepped down and elected again)", self.leader_term, term)
+            self.batcher.stop("no longer leader")
+            self.role = Role.FOLLOWER
+        if role != self.role:
+            log.info("role %s -> %s (term %d)", self.role.value, role.value, term)
+            self.role = role
+            if role is Role.LEADER:
+                self.leader_term = term
+                self.batcher.start()
+                if self.gateway.draining:
+                    self._keep_leadership_off()
+            else:
+                self.batcher.stop("no longer leader")
 
     def _keep_leadership_off(self) -> None:
         """Elected while drained: propose nothing, and hand leadership over (``cluster.handover``)."""
