@@ -2,7 +2,7 @@
 throughput, with the lane and without it, in the same run on the same cluster.
 
     python -m benchmarks.bench_priority [--processes 4] [--phases 4] [--phase-s 6]
-        [--bulk-in-flight-entries N] [--bulk-messages-per-s R] [--stages] [--json FILE]
+        [--bulk-in-flight-entries N] [--bulk-messages-per-s R] [--tls] [--stages] [--json FILE]
 
 One local three-node cluster whose nodes name a credentials file: ``bulk`` (submit) and
 ``admin`` (submit, ``priority``). ``--processes`` client processes submit as ``bulk`` as fast
@@ -19,13 +19,15 @@ microseconds per sequenced message. Goals (issue 17): admin p99 <= 10 ms with th
 throughput with the lane >= 90% of without. ``--bulk-in-flight-entries`` sets the bound on bulk
 entries in Raft while priority traffic is recent (``batcher.priority_bulk_in_flight_entries_max``):
 lower, the admin submits wait less and the leader spends more CPU per bulk message (smaller
-batches). benchmarks/README_cluster.md has the figures.
+batches). ``--tls``: the nodes' client ports speak TLS 1.3 (``cluster up --tls``), so that the
+priority connections are read beneath the TLS layer. benchmarks/README_cluster.md has the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -46,6 +48,8 @@ from benchmarks.options import write_report
 from benchmarks.peers.common import read_line, start_worker, worker_outcome
 from raftseq.clients import SequencerClient
 from raftseq.clients.connection import Connection, open_connection
+from raftseq.clients.tls import TlsOptions
+from raftseq.cluster.certs import local_cluster_tls
 from raftseq.cluster.config import CREDENTIALS_POLL_INTERVAL_S
 from raftseq.cluster.credentials import Quotas, new_credential, read_credentials, write_credentials
 from raftseq.cluster.processes import kill_process
@@ -129,15 +133,18 @@ class LeaderSeq:
     """The leader's last_seq, asked over a connection of its own (opened again when the node
     closed it: it is silent while an admin submit waits, longer than the idle timeout)."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, tls: TlsOptions | None) -> None:
         self.address = address
         self.token = token
+        self.tls = tls
         self.connection: Connection | None = None
 
     async def ask(self) -> int:
         for _ in range(2):
             if self.connection is None:
-                self.connection = await open_connection(self.address, session="admin-status", token=self.token, timeout_s=STATUS_TIMEOUT_S)
+                self.connection = await open_connection(
+                    self.address, session="admin-status", token=self.token, timeout_s=STATUS_TIMEOUT_S, tls=self.tls
+                )
             try:
                 return (await self.connection.status(STATUS_TIMEOUT_S)).last_seq
             except (ConnectionError, OSError):
@@ -194,9 +201,9 @@ async def run_phases(
     reloads = bc.log_text(leader).count(RELOAD_LINE)
     submits: list[list[AdminSubmit]] = [[]]
     stop = asyncio.Event()
-    client = SequencerClient(bc.endpoints, session=ADMIN_SESSION, token=admin_token)
+    client = SequencerClient(bc.endpoints, session=ADMIN_SESSION, token=admin_token, tls=bc.tls)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
-    status = LeaderSeq(bc.endpoint(leader), bc.token)
+    status = LeaderSeq(bc.endpoint(leader), bc.token, bc.tls)
     answered = asyncio.Event()
     probe = asyncio.create_task(admin_probe(client, status, args.admin_rate, submits, stop, answered))
     phases = []
@@ -290,10 +297,13 @@ def run(args: argparse.Namespace) -> dict:
         workers: list[subprocess.Popen] = []
         batcher = {"in_flight_max": args.batches_in_flight, "priority_bulk_in_flight_entries_max": args.bulk_in_flight_entries}
         overrides = {"credentials_file": path, "batcher": {key: value for key, value in batcher.items() if value}}
+        if args.tls:
+            overrides["tls"] = local_cluster_tls(os.path.join(root, "tls"))
         probe_dir = os.path.join(root, STAGES_DIR)
         if args.stages:
             stages.enable(probe_dir, sessions=ADMIN_SESSION)
         with BenchCluster.start_in(root, "cluster", insecure=False, overrides=overrides) as bc:
+            client_ports = "TLS" if bc.tls is not None else "plaintext"
             deadline = time.monotonic() + LEADER_TIMEOUT_S
             try:
                 for k in range(args.processes):
@@ -304,6 +314,7 @@ def run(args: argparse.Namespace) -> dict:
                         "batch": args.batch,
                         "payload_bytes": args.payload_bytes,
                         "in_flight_max": args.in_flight,
+                        "tls": dataclasses.asdict(bc.tls) if bc.tls else None,
                     }
                     workers.append(start_worker("benchmarks.bench_priority", "--worker", spec, stdin=True, stderr=False))
                 for k, worker in enumerate(workers):
@@ -338,6 +349,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     return {
         "options": vars(args),
+        "client_ports": client_ports,
         "code": code_under_test(),
         "load_average": {"start": load_start, "end": load_end},
         "phases": phases,
@@ -375,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="the bulk credential's quota, messages a second on each node (default 0: none): a leader kept below saturation",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="the nodes' client ports speak TLS 1.3 (cluster up --tls), every client with them"
     )
     parser.add_argument(
         "--stages",

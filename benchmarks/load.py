@@ -20,6 +20,7 @@ from benchmarks.harness import LEADER_TIMEOUT_S, BenchCluster
 from benchmarks.machine import cpu_used
 from benchmarks.peers.common import read_line, start_worker, worker_outcome
 from raftseq.clients import SequencerClient
+from raftseq.clients.tls import TlsOptions
 from raftseq.cluster.processes import wait_or_kill
 
 #: After a steady load stops: how long its outstanding submits may take to be acknowledged.
@@ -273,9 +274,10 @@ async def one_client_run(
 
 
 async def worker_client(spec: dict) -> SequencerClient:
-    """A client process's client (``spec``: endpoints, session, token, in_flight_max),
-    connected; then ``ready`` on stdout for the benchmark."""
-    client = SequencerClient(spec["endpoints"], session=spec["session"], token=spec["token"], in_flight_max=spec["in_flight_max"])
+    """A client process's client (``spec``: endpoints, session, token, in_flight_max, and tls:
+    the fields of ``TlsOptions`` or None), connected; then ``ready`` on stdout for the benchmark."""
+    tls = TlsOptions(**spec["tls"]) if spec.get("tls") else None
+    client = SequencerClient(spec["endpoints"], session=spec["session"], token=spec["token"], in_flight_max=spec["in_flight_max"], tls=tls)
     await asyncio.wait_for(client.connect(), LEADER_TIMEOUT_S)
     print("ready", flush=True)
     return client
