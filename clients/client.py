@@ -285,6 +285,16 @@ class SequencerClient:
         self._closed = False
         self._resend_from: int | None = None
         self._resend_delay_s = RESEND_DELAY_S
+        #: The first client_seq of what was last sent in order on this connection (a resend,
+        #: or the first submits after connecting): a quota ``Busy`` for client_seq N says the
+        #: node took N - this of them.
+        self._sent_from = 1
+        #: After a credential's rate quota refused a submit: submits resent per retry-after
+        #: (``_quota_refused``; 0: not pacing, everything pending goes at once).
+        self._paced_chunk = 0
+        self._quota_busy_since_chunk = False
+        #: ``loop.time()`` of the next resend while ``_wait_to_resend`` waits for it.
+        self._resend_at = 0.0
         self._fatal: SequencerError | None = None
         # Counters for the caller (and metrics).
         self.reconnects = 0
@@ -517,25 +527,52 @@ class SequencerClient:
             log.info("in_flight_max %d lowered to the cluster's dedup window %d", self.in_flight_max, welcome.dedup_window)
             self.in_flight_max = welcome.dedup_window
         self._connected.set()
+        self._paced_chunk = 0  # another node, other buckets
         self._resend_all()
 
     def _resend_all(self, from_seq: int = 0) -> None:
-        """Send every pending submit (from `from_seq` on) again, in client_seq order."""
+        """Send every pending submit (from `from_seq` on) again, in client_seq order; while
+        pacing for a quota, only the next ``_paced_chunk`` of them (the rest go after the
+        next retry-after)."""
         link = self._link
         if link is None or link.writer.transport.is_closing():
             return
+        chunk = self._paced_chunk
+        if chunk and not self._quota_busy_since_chunk:
+            chunk += chunk // 4 + 1  # all of the last chunk was taken: try a little more
+        self._quota_busy_since_chunk = False
         resend = []
+        rest = None
         for client_seq, pending in self._pending.items():
             if client_seq < from_seq:
                 continue
+            if chunk and len(resend) == chunk:
+                rest = client_seq
+                break
             if pending.sent:
                 self.resubmits += 1
             pending.sent = True
             resend.append(pending)
         if resend:
             link.writer.write(_submit_frames(resend))
-        self._resend_from = None
-        self._resend_delay_s = RESEND_DELAY_S
+        self._sent_from = resend[0].client_seq if resend else self._next_client_seq
+        self._resend_from = rest
+        if rest is None:
+            self._paced_chunk = 0
+            self._resend_delay_s = RESEND_DELAY_S
+        else:
+            self._paced_chunk = chunk
+
+    def _quota_refused(self, client_seq: int) -> None:
+        """A credential's rate quota refused `client_seq`. The node refuses what was sent
+        behind it unanswered; sent again whole, the window would mostly be refused again. What
+        it took of the last sending (client_seq less ``_sent_from``) is about what one
+        retry-after lets in: resends go in chunks of that many, one per retry-after."""
+        if client_seq >= self._sent_from:
+            self._paced_chunk = max(1, client_seq - self._sent_from)
+        else:  # refused from an earlier sending: it says nothing of the last one's
+            self._paced_chunk = max(1, self._paced_chunk)
+        self._quota_busy_since_chunk = True
 
     async def _run(self) -> None:
         while not self._closed:
@@ -624,13 +661,27 @@ class SequencerClient:
             for frame in await receive(silence_s, deadline=deadline):
                 self._handle(frame)
             if self._resend_from is not None:
-                await asyncio.sleep(self._resend_delay_s)
+                await self._wait_to_resend(link)
                 self._resend_all(self._resend_from)
             if link.write_buffer_bytes > protocol.limits.CLIENT_WRITE_BUFFER_BYTES_MAX:
                 # A node stops reading a session whose submits hold its byte bound until
                 # commits make room: waiting for that is not the node's silence.
                 deadline.reschedule(asyncio.get_running_loop().time() + protocol.limits.CLIENT_WRITE_DRAIN_TIMEOUT_S)
                 await link.drain()
+
+    async def _wait_to_resend(self, link: Connection) -> None:
+        """Wait ``_resend_delay_s`` before a resend, handling what the node sends meanwhile:
+        acks, and a quota ``Busy`` for what was sent last, which sizes the next chunk and moves
+        the resend to its retry-after."""
+        loop = asyncio.get_running_loop()
+        self._resend_at = loop.time() + self._resend_delay_s
+        while (left := self._resend_at - loop.time()) > 0:
+            try:
+                frames = await link.receive(left)
+            except TimeoutError:
+                return
+            for frame in frames:
+                self._handle(frame)
 
     def _handle(self, frame: object) -> None:
         kind = type(frame)
@@ -666,6 +717,9 @@ class SequencerClient:
         elif kind is protocol.Busy:
             if frame.client_seq in self._pending:
                 self._resend_delay_s = max(self._resend_delay_s, min(frame.retry_after_ms / 1000, RESEND_DELAY_BUSY_MAX_S))
+                if frame.limit in protocol.BUSY_QUOTA_LIMITS:
+                    self._quota_refused(frame.client_seq)
+                    self._resend_at = max(self._resend_at, asyncio.get_running_loop().time() + self._resend_delay_s)
             self._schedule_resend(frame.client_seq)
         elif kind is protocol.OutcomeUnknown:
             self._schedule_resend(frame.client_seq)

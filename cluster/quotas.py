@@ -13,11 +13,12 @@ import math
 from collections import Counter
 
 from raftseq.cluster.config import CREDENTIAL_BURST_S, CREDENTIAL_LABELS_MAX, OTHER_CREDENTIALS_LABEL, QUOTA_RETRY_REFILL
+from raftseq.sequencer import protocol
 
 #: The limits of ``Busy.limit`` for a credential's quotas, and the rules it can break
 #: (``cluster.credentials``): the ``limit`` label of the refusal counts.
-LIMIT_MESSAGES = "credential_messages_per_s"
-LIMIT_BYTES = "credential_bytes_per_s"
+LIMIT_MESSAGES = protocol.BUSY_LIMIT_CREDENTIAL_MESSAGES
+LIMIT_BYTES = protocol.BUSY_LIMIT_CREDENTIAL_BYTES
 LIMIT_CONNECTIONS = "credential_connections"
 LIMIT_SESSIONS = "credential_sessions"
 LIMIT_SUBSCRIPTIONS = "credential_subscriptions"

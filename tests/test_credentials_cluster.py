@@ -167,7 +167,9 @@ def test_a_client_over_its_quota_with_a_full_window_sends_nothing_to_raft_that_i
     gap), every refusal making the client send its window again: 14,631 Raft entries and
     413,466 resubmits for 8,000 messages at 2,000 msg/s (6.3 s); four bulk processes at a quota
     of 100k msg/s fell to 7k msg/s. Now each message is proposed once, and the client, told to
-    retry once a quarter of its bucket is back, sends its window again a few times a second."""
+    retry once a quarter of its bucket is back, resends in chunks of what the node took of its
+    last sending, one chunk per retry-after: sending its whole window again each time cost
+    11,794 resubmits for these 8,000 messages (2,918 paced)."""
     h, _, tokens = cluster
     time.sleep(METRICS_PAGE_REUSE_S)  # a page of its own, not one another test read
     before = entries_proposed(h)
@@ -187,8 +189,9 @@ def test_a_client_over_its_quota_with_a_full_window_sends_nothing_to_raft_that_i
     print(f"{BULK_MESSAGES} messages at a quota of {BULK_RATE_PER_S}/s: {proposed:.0f} Raft entries proposed, {resubmits} resubmits")
     assert len(set(seqs)) == BULK_MESSAGES
     assert proposed <= 1.05 * BULK_MESSAGES, f"{proposed:.0f} entries proposed for {BULK_MESSAGES} messages"
-    # Told to retry once a quarter of the burst is back, not one token (211,756 resubmits).
-    assert resubmits <= 4 * BULK_MESSAGES, f"{resubmits} resubmits for {BULK_MESSAGES} messages"
+    # Told to retry once a quarter of the burst is back, not one token (211,756 resubmits), and
+    # resending in chunks the quota lets in, not the whole window (11,794).
+    assert resubmits <= 0.6 * BULK_MESSAGES, f"{resubmits} resubmits for {BULK_MESSAGES} messages"
 
 
 def refusal_of(conn: RawConnection) -> protocol.Rejected:

@@ -38,6 +38,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "AckRange",
+    "BUSY_LIMIT_CREDENTIAL_BYTES",
+    "BUSY_LIMIT_CREDENTIAL_MESSAGES",
+    "BUSY_QUOTA_LIMITS",
     "Busy",
     "ClientFrame",
     "Delivered",
@@ -216,11 +219,19 @@ class AckRange(Frame, tag="acks"):
 
 class Busy(Frame, tag="busy"):
     """A limit was hit; `client_seq` was not taken. Retry after the hint, from `client_seq`
-    on: the submits sent behind it on the connection are not answered until it comes again."""
+    on: the submits sent behind it on the connection are not answered until it comes again.
+    `limit` names the limit; ``BUSY_QUOTA_LIMITS`` are a credential's rates (a client's own
+    pace, not the node's load)."""
 
     client_seq: Count
     retry_after_ms: int
     limit: str = ""
+
+
+#: ``Busy.limit`` of a credential's rate quotas: messages a second, and payload bytes a second.
+BUSY_LIMIT_CREDENTIAL_MESSAGES = "credential_messages_per_s"
+BUSY_LIMIT_CREDENTIAL_BYTES = "credential_bytes_per_s"
+BUSY_QUOTA_LIMITS = frozenset({BUSY_LIMIT_CREDENTIAL_MESSAGES, BUSY_LIMIT_CREDENTIAL_BYTES})
 
 
 class NotLeader(Frame, tag="notleader"):
