@@ -141,10 +141,6 @@ class Relay:
     def published_seq(self) -> int:
         return self.journal.last_seq
 
-    @property
-    def readable_seq(self) -> int:
-        return self.publication.readable_seq
-
     def is_leader(self) -> bool:
         return False
 
