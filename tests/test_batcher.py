@@ -903,6 +903,14 @@ def after_a_priority_submit(admin_payload: bytes = b"", bulk: int = 0, **options
     return clock, raft, replies, batcher
 
 
+#: A pipeline of 4 batches of 10 in which bulk may hold only 8 entries while priority traffic
+#: is recent: less than one batch, so that room is what holds bulk back.
+BULK_ROOM_BELOW_A_BATCH = {"in_flight_max": 4, "entries_max": 10, "priority_bulk_in_flight_entries_max": 8}
+#: A pipeline of 8 batches of 6 in which bulk may hold 60 entries while priority traffic is
+#: recent: more than the whole pipeline (48), so only the hold behind priority batches holds it back.
+BULK_ROOM_ABOVE_THE_PIPELINE = {"in_flight_max": 8, "entries_max": 6, "priority_bulk_in_flight_entries_max": 60}
+
+
 def bulk_keys_ahead_of(raft: FakeRaft, key: tuple[str, int]) -> int:
     """Bulk entries proposed before the batch holding `key` and not yet committed when it was proposed."""
     index = next(i for i, p in enumerate(raft.proposals) if key in p.keys)
@@ -911,9 +919,7 @@ def bulk_keys_ahead_of(raft: FakeRaft, key: tuple[str, int]) -> int:
 
 def test_while_priority_traffic_is_recent_bulk_leaves_a_slot_and_few_entries_ahead():
     async def story():
-        clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=4, entries_max=10, priority_bulk_in_flight_entries_max=8, bulk=100
-        )
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=100, **BULK_ROOM_BELOW_A_BATCH)
         # Bulk holds at most 8 entries in flight, in batches of at least half that room.
         assert batcher.bulk_in_flight <= 8
         assert all(len(p.keys) <= 10 for p in raft.proposals)
@@ -937,9 +943,7 @@ def test_while_priority_traffic_is_recent_bulk_leaves_a_slot_and_few_entries_ahe
 
 def test_bulk_has_the_whole_pipeline_again_once_priority_traffic_is_no_longer_recent():
     async def story():
-        clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=4, entries_max=10, priority_bulk_in_flight_entries_max=8, bulk=200
-        )
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=200, **BULK_ROOM_BELOW_A_BATCH)
         assert batcher.priority_recent()
         assert batcher.in_flight <= 3 and batcher.bulk_in_flight <= 8
         clock.s += 0.9
@@ -983,9 +987,7 @@ def test_no_bulk_batch_is_proposed_behind_a_priority_batch_in_raft():
     cores: Raft 4.4 -> 3.6 ms mean for the admin submit with bulk held meanwhile)."""
 
     async def story():
-        clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=60, bulk=60
-        )
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=60, **BULK_ROOM_ABOVE_THE_PIPELINE)
         assert sizes(raft) == [1], "bulk proposed behind the priority batch"
         raft.commit(raft.proposals[0])
         await drain()
@@ -1013,9 +1015,7 @@ def test_a_priority_credential_submitting_without_pause_leaves_bulk_a_batch_ever
     """Bulk waits behind priority batches at most ``PRIORITY_HOLDS_BULK_MAX_S`` in a row."""
 
     async def story():
-        clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=60, bulk=200
-        )
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=200, **BULK_ROOM_ABOVE_THE_PIPELINE)
         step_s = PRIORITY_HOLDS_BULK_MAX_S / 4
         for admin_seq in range(2, 42):
             # Priority batches always in Raft: one proposed before the one before it commits;
@@ -1039,9 +1039,7 @@ def test_a_hold_of_bulk_behind_priority_starts_afresh_after_a_step_down():
     cut short by a step-down does not let bulk pass the next priority batch at once."""
 
     async def story():
-        clock, raft, replies, batcher = after_a_priority_submit(
-            in_flight_max=8, entries_max=6, priority_bulk_in_flight_entries_max=60, bulk=1
-        )
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=1, **BULK_ROOM_ABOVE_THE_PIPELINE)
         assert sizes(raft) == [1], "bulk proposed behind the priority batch"
         batcher.stop("not leader")
         clock.s += 1.0
