@@ -337,6 +337,24 @@ def page_samples(text: str) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if set(s.labels) <= {"node"}}
 
 
+def _family_maker(specs: dict[str, MetricSpec], label: str, label_value: str) -> Callable[..., CounterMetricFamily | GaugeMetricFamily]:
+    """What a collector makes its gauge and counter families with: ``family(name, extra, value)``
+    makes family `name` from its spec in `specs`, each sample labelled `label`=`label_value`:
+    one sample of `value`, or one per (extra label values, value) in `extra`."""
+
+    def family(
+        name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0
+    ) -> CounterMetricFamily | GaugeMetricFamily:
+        spec = specs[name]
+        cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+        result = cls(name, spec.help, labels=[label, *spec.labels])
+        for label_values, sample in extra if extra is not None else (((), value),):
+            result.add_metric([label_value, *label_values], sample)
+        return result
+
+    return family
+
+
 class _Histogram:
     """A histogram kept as plain counts (cheap to update from the hot path)."""
 
@@ -454,15 +472,7 @@ class NodeCollector:
         config = self.config
         node_id = config.id
 
-        def family(name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0):
-            """A gauge or counter family from its spec: one sample of `value`, or one per
-            (extra label values, value) in `extra`."""
-            spec = _SPECS[name]
-            cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
-            result = cls(name, spec.help, labels=["node", *spec.labels])
-            for label_values, sample in extra if extra is not None else (((), value),):
-                result.add_metric([node_id, *label_values], sample)
-            return result
+        family = _family_maker(_SPECS, "node", node_id)
 
         def histogram(name: str, hist: _Histogram) -> HistogramMetricFamily:
             return hist.family(name, _SPECS[name].help, node_id)
@@ -689,13 +699,7 @@ class RelayCollector:
         m = self.metrics
         relay_id = self.relay_id
 
-        def family(name: str, extra: tuple[tuple[tuple[str, ...], float], ...] | None = None, value: float = 0.0):
-            spec = _RELAY_SPECS[name]
-            cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
-            result = cls(name, spec.help, labels=["relay", *spec.labels])
-            for label_values, sample in extra if extra is not None else (((), value),):
-                result.add_metric([relay_id, *label_values], sample)
-            return result
+        family = _family_maker(_RELAY_SPECS, "relay", relay_id)
 
         last_seq = self.relay.published_seq
         yield family("raftseq_relay_last_seq", value=last_seq)
