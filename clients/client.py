@@ -10,7 +10,9 @@ Exactly once per session: every submit gets the session's next ``client_seq`` an
 life. Whatever happens to a connection — leader killed, ``NotLeader``, ``Busy``,
 ``OutcomeUnknown`` — every submit not yet acknowledged is sent again, in ``client_seq`` order,
 under the same number; the sequencer applies each ``(session, client_seq)`` at most once and
-answers a retry of an applied submit with the number it already has.
+answers a retry of an applied submit with the number it already has. After a ``Busy`` of a
+credential's rate quota it paces itself: as many as the node took of its last sending, once per
+``retry_after_ms``, the rest held until then.
 
 One client per session. Each client has a random ``owner`` id it sends in every hello: the
 newest client to start submitting on a session takes it over (its first submit claims it, in
