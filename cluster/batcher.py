@@ -216,6 +216,10 @@ class Batcher:
         self.entries_proposed = 0
         #: Of ``entries_proposed``, those of the priority lane.
         self.priority_entries_proposed = 0
+        #: Seconds bulk waited behind priority batches in Raft, and the holds that reached
+        #: ``PRIORITY_HOLDS_BULK_MAX_S`` (a priority credential that submits without pause).
+        self.bulk_held_behind_priority_s = 0.0
+        self.bulk_holds_capped = 0
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._proposing = False
         #: Called with the queue-to-commit time of acknowledged submits, in seconds, and how
@@ -340,8 +344,15 @@ class Batcher:
             self._bulk_held_since = now
         if now - self._bulk_held_since < PRIORITY_HOLDS_BULK_MAX_S:
             return True
-        self._bulk_held_since = None
+        self.bulk_holds_capped += 1
+        self._end_bulk_hold(now)
         return False
+
+    def _end_bulk_hold(self, now: float) -> None:
+        """Bulk no longer waits behind a priority batch (if it did); its wait is counted."""
+        if self._bulk_held_since is not None:
+            self.bulk_held_behind_priority_s += now - self._bulk_held_since
+            self._bulk_held_since = None
 
     def _may_group(self) -> bool:
         """Group commit: fewer Raft entries than the bound wait for the leader's fsync."""
@@ -473,8 +484,8 @@ class Batcher:
         self._held_bytes -= held
         self._bulk_in_flight -= bulk
         self._priority_in_flight -= priority
-        if not self._priority_in_flight:
-            self._bulk_held_since = None  # a hold counts from the next priority batch on
+        if not self._priority_in_flight and self._bulk_held_since is not None:
+            self._end_bulk_hold(self._now_s())  # a hold counts from the next priority batch on
         assert self._held_bytes >= 0, f"held bytes {self._held_bytes} below zero"
         assert self._bulk_in_flight >= 0 and self._priority_in_flight >= 0, "entries in flight below zero"
 
@@ -519,7 +530,7 @@ class Batcher:
         self._priority_bytes = 0
         self._bulk_in_flight = 0
         self._priority_in_flight = 0
-        self._bulk_held_since = None
+        self._end_bulk_hold(self._now_s())
         for lane in (self._priority, self._queue):
             while lane:
                 lane.popleft().answer(unknown)

@@ -212,6 +212,18 @@ METRICS = (
         "Submits of credentials with priority this node proposed as leader (the priority lane; counted in raftseq_entries_proposed_total too)",
     ),
     MetricSpec(
+        "raftseq_bulk_held_behind_priority_seconds_total",
+        "counter",
+        (),
+        "Seconds bulk submits waited for a priority batch to commit before their batch was proposed (the priority lane)",
+    ),
+    MetricSpec(
+        "raftseq_bulk_holds_capped_total",
+        "counter",
+        (),
+        "Waits of bulk behind priority batches cut at 10 ms (PRIORITY_HOLDS_BULK_MAX_S): priority traffic without pause",
+    ),
+    MetricSpec(
         "raftseq_batches_outcome_unknown_total", "counter", (), "Proposed batches whose outcome became unknown (timeout, leader lost)"
     ),
     MetricSpec("raftseq_duplicate_submits_total", "counter", (), "Submits answered from the dedup window"),
@@ -537,6 +549,10 @@ class NodeCollector:
         yield family("raftseq_batches_proposed_total", value=batcher.batches_proposed if batcher is not None else 0)
         yield family("raftseq_entries_proposed_total", value=batcher.entries_proposed if batcher is not None else 0)
         yield family("raftseq_priority_entries_proposed_total", value=batcher.priority_entries_proposed if batcher is not None else 0)
+        yield family(
+            "raftseq_bulk_held_behind_priority_seconds_total", value=batcher.bulk_held_behind_priority_s if batcher is not None else 0
+        )
+        yield family("raftseq_bulk_holds_capped_total", value=batcher.bulk_holds_capped if batcher is not None else 0)
         yield family("raftseq_batches_outcome_unknown_total", value=batcher.batches_unknown if batcher is not None else 0)
         yield family("raftseq_duplicate_submits_total", value=m.duplicates)
         yield family("raftseq_refusals_total", tuple(((reason,), count) for reason, count in m.refusals.items()))

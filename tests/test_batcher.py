@@ -1057,6 +1057,36 @@ def test_a_hold_of_bulk_behind_priority_starts_afresh_after_a_step_down():
     run(story)
 
 
+def test_the_wait_of_bulk_behind_priority_batches_and_the_holds_cut_are_counted():
+    """``bulk_held_behind_priority_s`` and ``bulk_holds_capped`` (the metrics
+    ``raftseq_bulk_held_behind_priority_seconds_total`` and ``raftseq_bulk_holds_capped_total``):
+    the lane's cost to bulk, and priority traffic that leaves bulk a batch per hold only."""
+
+    async def story():
+        clock, raft, replies, batcher = after_a_priority_submit(bulk=6, **BULK_ROOM_ABOVE_THE_PIPELINE)
+        assert sizes(raft) == [1]
+        clock.s += 0.004
+        raft.commit(raft.proposals[0])
+        await drain()
+        assert sizes(raft) == [1, 6], "bulk still held once the priority batch committed"
+        assert batcher.bulk_held_behind_priority_s == pytest.approx(0.004)
+        assert batcher.bulk_holds_capped == 0
+        # A priority batch that stays in Raft past the cap: bulk goes, the hold is counted as cut.
+        assert batcher.offer(replies.submit("admin", 2), priority=True)
+        assert batcher.offer_all([replies.submit("bulk", seq) for seq in range(7, 13)])
+        batcher.flush()
+        assert sizes(raft) == [1, 6, 1]
+        clock.s += 1.5 * PRIORITY_HOLDS_BULK_MAX_S
+        batcher.flush()
+        assert sizes(raft) == [1, 6, 1, 6]
+        assert batcher.bulk_holds_capped == 1
+        assert batcher.bulk_held_behind_priority_s == pytest.approx(0.004 + 1.5 * PRIORITY_HOLDS_BULK_MAX_S)
+        await commit_everything(raft, replies, batcher)
+        assert len(replies.got) == 14
+
+    run(story)
+
+
 def test_a_full_bulk_queue_never_refuses_the_priority_lane_and_the_lane_has_its_own_bound():
     async def story():
         payload = bytes(1000)

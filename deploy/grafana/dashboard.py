@@ -459,11 +459,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 THIRD,
                 "Batcher queue and in-flight batches",
                 "Submits waiting in the leader's batcher, batches proposed to Raft but not yet committed, "
-                "and the MiB of submits the leader holds (queued or proposed; bounded by batcher.held_bytes_max).",
+                "the MiB of submits the leader holds (queued or proposed; bounded by batcher.held_bytes_max), and the "
+                "share of time bulk waited behind a priority batch in Raft (the priority lane's cost to bulk, 0 to 1).",
                 [
                     (f"raftseq_batcher_queue_entries{{{N}}}", "{{node}} queued submits"),
                     (f"raftseq_batcher_in_flight_batches{{{N}}}", "{{node}} in-flight batches"),
                     (f"raftseq_batcher_held_bytes{{{N}}} / 1048576", "{{node}} held MiB"),
+                    (f"rate(raftseq_bulk_held_behind_priority_seconds_total{{{N}}}[{RATE}])", "{{node}} bulk held behind priority"),
                 ],
             ),
             Panel(
@@ -471,12 +473,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 THIRD,
                 "Proposed",
                 "Submits and batches the leader proposed per second (and of the submits, those of the priority lane), "
-                "and batches whose outcome became unknown.",
+                "batches whose outcome became unknown, and waits of bulk behind priority batches cut at 10 ms (priority "
+                "traffic without pause).",
                 [
                     (f"rate(raftseq_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} submits"),
                     (f"rate(raftseq_priority_entries_proposed_total{{{N}}}[{RATE}])", "{{node}} priority submits"),
                     (f"rate(raftseq_batches_proposed_total{{{N}}}[{RATE}])", "{{node}} batches"),
                     (f"rate(raftseq_batches_outcome_unknown_total{{{N}}}[{RATE}])", "{{node}} batches, outcome unknown"),
+                    (f"rate(raftseq_bulk_holds_capped_total{{{N}}}[{RATE}])", "{{node}} bulk holds cut at 10 ms"),
                 ],
                 unit="ops",
             ),
