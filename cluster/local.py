@@ -674,6 +674,7 @@ class LocalCluster:
         for relay in relays:
             relay.subscriber_lag_max = subscriber_lag_max
             relay.retention_from = self.nodes[0].config_path  # the nodes' [retention]
+            relay.credentials_file = self.nodes[0].config.credentials_file
             relay.start(preexec_fn=die_with_parent)
             self.relays.append(relay)
         return relays

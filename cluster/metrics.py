@@ -660,6 +660,12 @@ RELAY_METRICS = (
     ),
     MetricSpec("raftseq_relay_refusals_total", "counter", ("reason",), "Requests refused, by reason (submits: not_leader)"),
     MetricSpec("raftseq_relay_tls_refusals_total", "counter", ("reason",), "Connections closed before their hello for TLS, by reason"),
+    MetricSpec(
+        "raftseq_relay_credential_refusals_total",
+        "counter",
+        ("credential", "limit"),
+        "Refusals of named credentials (--credentials), by credential (the first 50 named, the rest 'other') and limit or rule",
+    ),
     MetricSpec("raftseq_relay_verify_failures_total", "counter", ("check",), "Records from the upstream that failed verification"),
     MetricSpec(
         "raftseq_relay_journal_first_retained_seq",
@@ -728,6 +734,7 @@ class RelayCollector:
         yield family("raftseq_relay_subscriber_lag_disconnects_total", value=m.subscriber_lag_disconnects)
         yield family("raftseq_relay_refusals_total", tuple(((reason,), n) for reason, n in m.refusals.items()))
         yield family("raftseq_relay_tls_refusals_total", tuple(((reason,), n) for reason, n in m.tls_refusals.items()))
+        yield family("raftseq_relay_credential_refusals_total", tuple(m.credential_refusals.counts.copy().items()))
         yield family("raftseq_relay_verify_failures_total", tuple(((check,), n) for check, n in m.verify_failures.items()))
         retention = self.relay.retention_state
         yield family("raftseq_relay_journal_first_retained_seq", value=retention.first_retained_seq)

@@ -106,6 +106,8 @@ class RelayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append(f"the relay's own address {self.client_address} is among its upstream endpoints (a relay cannot follow itself)")
         if not self.insecure and not self.client_token:
             found.append("client_token is required (or insecure for local development)")
+        if self.insecure and self.credentials_file:
+            found.append("a credentials file needs client authentication: leave out insecure")
         g = self.gateway
         found.extend(g.problems())
         found.extend(self.tls.problems())
@@ -134,6 +136,7 @@ def relay_config(
     tls: dict | None = None,
     retention: dict | None = None,
     journal: dict | None = None,
+    credentials_file: str = "",
 ) -> RelayConfig:
     """A checked ``RelayConfig``; ``ValueError`` naming what is wrong. Without `relay_id`, the id
     kept in the data directory (``RELAY_ID_FILE``; a new one is made and kept on first start)."""
@@ -147,6 +150,7 @@ def relay_config(
         "client_token": token,
         "insecure": insecure,
         "subscriber_lag_max_records": subscriber_lag_max_records,
+        "credentials_file": os.path.abspath(credentials_file) if credentials_file else "",
     }
     if tls:
         raw["tls"] = tls

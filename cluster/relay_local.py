@@ -44,6 +44,8 @@ class LocalRelay:
     subscriber_lag_max: int | None = None
     #: ``--retention-from``: a node's config file ("": keep everything).
     retention_from: str = ""
+    #: ``--credentials``: the nodes' credentials file ("": the token only).
+    credentials_file: str = ""
     process: subprocess.Popen | None = None
     #: ``[tls]`` settings of the relay (``cluster.tls``): its port's certificate and the CA of
     #: its upstream's (``--tls-*``); empty: plaintext.
@@ -58,6 +60,8 @@ class LocalRelay:
             command += ["--subscriber-lag-max", str(self.subscriber_lag_max)]
         if self.retention_from:
             command += ["--retention-from", self.retention_from]
+        if self.credentials_file:
+            command += ["--credentials", self.credentials_file]
         if self.insecure:
             command.append("--insecure")
         for key, value in self.tls.items():

@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from cluster_harness import ClusterHarness, RawConnection, run_seed
 from test_credentials import make_file
 from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, materialise
@@ -27,6 +28,7 @@ from raftseq.cluster.credentials import Quotas
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
 from raftseq.cluster.metrics import page_samples
 from raftseq.cluster.quotas import LIMIT_MESSAGES
+from raftseq.cluster.relay_local import wait_relay_serving
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
 
@@ -269,6 +271,53 @@ def test_a_revoked_credential_has_its_connections_closed_with_rejected(cluster):
     with RawConnection(leader) as conn:
         answer = conn.hello("temp-2", tokens["temp"])
         assert answer.reason is RejectReason.AUTH_FAILED and "revoked" in answer.detail
+
+
+def test_a_relay_of_the_cluster_lets_its_credentials_in_with_their_roles(cluster):
+    """``cluster up --relays N --credentials FILE`` (``LocalCluster.start_relays``) gives its
+    relays the nodes' credentials file (``raftseq relay --credentials``): a subscribe-only
+    credential reads through the relay, and is refused there for a submit as on a node (not sent
+    on to the cluster); a wrong secret is refused; the relay counts its refusals. Before, a
+    relay knew the shared token only: every external reader needed the token that may submit
+    anything under any session."""
+    h, _, tokens = cluster
+    (relay,) = h.start_relays(1)
+    try:
+        seqs = asyncio.run(submit_some(h.endpoints, tokens["fast"], "fast-relay", 3))
+        wait_relay_serving(relay, seqs[-1], timeout_s=WAIT_S)
+
+        async def read_through_the_relay() -> list[int]:
+            got = []
+            async for message in subscribe([relay.client_address], from_seq=seqs[0], token=tokens["reader"], session="reader-relay"):
+                got.append(message.seq)
+                if message.seq >= seqs[-1]:
+                    return got
+            return got
+
+        assert asyncio.run(asyncio.wait_for(read_through_the_relay(), WAIT_S)) == seqs
+        with RawConnection(relay.client_address) as conn:
+            assert "wrong token" in conn.hello("reader-3", "reader:not-its-secret").detail
+        with RawConnection(relay.client_address) as conn:
+            assert isinstance(conn.hello("reader-3", tokens["reader"]), protocol.Welcome)
+            conn.send_frame(protocol.Submit(1, b"must not be sequenced"))
+            assert "no submit role" in refusal_of(conn).detail
+        time.sleep(METRICS_PAGE_REUSE_S)
+        with urllib.request.urlopen(f"http://{relay.metrics_address}/metrics", timeout=SCRAPE_TIMEOUT_S) as page:
+            text = page.read().decode()
+        refusals = {
+            (s.labels["credential"], s.labels["limit"]): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "raftseq_relay_credential_refusals_total"
+        }
+        assert refusals.get(("reader", "role")) == 1, refusals
+    finally:
+        relay.stop()
+
+
+async def submit_some(endpoints: list[str], token: str, session: str, count: int) -> list[int]:
+    async with SequencerClient(endpoints, session=session, token=token) as client:
+        return await client.submit_batch([b"m%d" % i for i in range(count)])
 
 
 def test_a_client_of_the_previous_release_uses_a_credential_as_its_token(cluster, tmp_path):

@@ -450,6 +450,33 @@ def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tm
     assert "cannot follow itself" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_relay_with_credentials_but_no_client_authentication_is_refused_at_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "raftseq.cluster.cli", "relay", "--upstream", "127.0.0.1:7001", "--listen", "127.0.0.1:7009",
+         "--data-dir", str(tmp_path / "r"), "--insecure", "--credentials", str(tmp_path / "credentials.json")],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == NodeExit.USAGE
+    assert "needs client authentication" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cluster_up_refuses_more_relays_than_a_local_cluster_has_ports_for_before_starting_anything(tmp_path):
+    """``--relays 7`` once started the nodes, then failed with a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "raftseq.cluster.cli", "cluster", "up", "--relays", "7", "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--relays: expected a number <= 6, got 7" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "d").exists(), "the cluster started before the argument was refused"
+
+
 def test_a_relay_exports_exactly_its_metric_families_with_its_label():
     from raftseq.cluster.metrics import RELAY_METRICS, RelayCollector, RelayMetrics
 

@@ -28,8 +28,8 @@ EXIT_INTERRUPTED = 130
 INTERRUPTED = (KeyboardInterrupt, asyncio.CancelledError)
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= `minimum`, with a clear error otherwise."""
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum` (and <= `maximum`), with a clear error otherwise."""
 
     def parse(text: str) -> int:
         try:
@@ -38,6 +38,8 @@ def whole_number(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a number <= {maximum}, got {value}")
         return value
 
     return parse

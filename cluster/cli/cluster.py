@@ -6,6 +6,7 @@ import argparse
 
 from raftseq.cluster.cli.args import add_command, command_group, positive, whole_number
 from raftseq.cluster.config import DURABILITY_MODES
+from raftseq.cluster.relay_local import LOCAL_RELAYS_MAX
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -31,10 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--demo-rate", type=positive, default=200, help="demo messages per second per session (default 200)")
     up.add_argument(
         "--relays",
-        type=whole_number(0),
+        type=whole_number(0, LOCAL_RELAYS_MAX),
         default=0,
         metavar="N",
-        help="also start N relays following the nodes (clients on P+104.., metrics on P+204..; docs/operating.md, Relays)",
+        help=f"also start N relays following the nodes (0..{LOCAL_RELAYS_MAX}; clients on P+104.., metrics on P+204..; "
+        "with --credentials they check it too; docs/operating.md, Relays)",
     )
     up.add_argument(
         "--credentials",

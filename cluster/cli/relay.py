@@ -28,6 +28,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             metrics_address=args.metrics,
             insecure=args.insecure,
             subscriber_lag_max_records=args.subscriber_lag_max,
+            credentials_file=args.credentials,
             tls={"cert_file": args.tls_cert, "key_file": args.tls_key, "client_ca_file": args.tls_client_ca, "ca_file": args.tls_ca},
         )
     except (ValueError, OSError) as exc:
@@ -48,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     relay.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the relay serves clients")
     relay.add_argument("--data-dir", required=True, metavar="DIR", help="the relay's journal and id")
     relay.add_argument("--token", default=token_from_env(), help=TOKEN_HELP + "; sent upstream and required of the relay's clients")
+    relay.add_argument(
+        "--credentials",
+        default="",
+        metavar="FILE",
+        help="also let in the credentials of FILE (raftseq cred; their roles, session prefixes and quotas apply "
+        "as on a node; read again when it changes; default: the token only)",
+    )
     relay.add_argument("--id", default="", help="the relay's id (default: the one kept in DIR, made on first start)")
     relay.add_argument("--metrics", default="", metavar="HOST:PORT", help="serve Prometheus metrics there (default: off)")
     relay.add_argument(
