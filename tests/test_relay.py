@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -437,27 +439,30 @@ def test_a_relay_stops_when_the_stop_comes_as_its_upstream_connection_is_made(tm
     assert all(stopped_at.values()), f"Relay.run did not return within {RELAY_STOP_TIMEOUT_S} s of stop: {stopped_at}"
 
 
-def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tmp_path):
-    import subprocess
-    import sys
+def raftseq_command(*args: str) -> subprocess.CompletedProcess:
+    """``raftseq ARGS`` in a process of its own, its output captured."""
+    return subprocess.run([sys.executable, "-m", "raftseq.cluster.cli", *args], capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
 
-    done = subprocess.run(
-        [sys.executable, "-m", "raftseq.cluster.cli", "relay", "--upstream", "127.0.0.1:7001,127.0.0.1:7002", "--listen", "127.0.0.1:7002",
-         "--data-dir", str(tmp_path / "r"), "--insecure"],
-        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
-    )  # fmt: skip
+
+def test_a_relay_listed_among_its_own_upstream_is_refused_at_the_command_line(tmp_path):
+    done = raftseq_command(
+        "relay",
+        "--upstream",
+        "127.0.0.1:7001,127.0.0.1:7002",
+        "--listen",
+        "127.0.0.1:7002",
+        "--data-dir",
+        str(tmp_path / "r"),
+        "--insecure",
+    )
     assert done.returncode == NodeExit.USAGE
     assert "cannot follow itself" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_a_relay_with_credentials_but_no_client_authentication_is_refused_at_the_command_line(tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "raftseq.cluster.cli", "relay", "--upstream", "127.0.0.1:7001", "--listen", "127.0.0.1:7009",
-         "--data-dir", str(tmp_path / "r"), "--insecure", "--credentials", str(tmp_path / "credentials.json")],
-        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+    done = raftseq_command(
+        "relay", "--upstream", "127.0.0.1:7001", "--listen", "127.0.0.1:7009", "--data-dir", str(tmp_path / "r"), "--insecure",
+        "--credentials", str(tmp_path / "credentials.json"),
     )  # fmt: skip
     assert done.returncode == NodeExit.USAGE
     assert "needs client authentication" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -465,13 +470,7 @@ def test_a_relay_with_credentials_but_no_client_authentication_is_refused_at_the
 
 def test_cluster_up_refuses_more_relays_than_a_local_cluster_has_ports_for_before_starting_anything(tmp_path):
     """``--relays 7`` once started the nodes, then failed with a traceback."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "raftseq.cluster.cli", "cluster", "up", "--relays", "7", "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
-    )  # fmt: skip
+    done = raftseq_command("cluster", "up", "--relays", "7", "--data-dir", str(tmp_path / "d"))
     assert done.returncode == 2
     assert "--relays: expected a number <= 6, got 7" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "d").exists(), "the cluster started before the argument was refused"
