@@ -431,12 +431,16 @@ class Access:
 
     def reload_if_changed(self) -> list[Grant]:
         """Read the file again if it changed since it was read; the grants whose rights changed."""
-        if not self.path or self._file_identity() == self._file_id:
+        identity = self._file_identity() if self.path else None
+        if not self.path or identity == self._file_id:
             return []
         try:
             changed = self._load()
         except CredentialsError as exc:
-            self._file_id = self._file_identity()  # logged once per change of the file
+            # Logged once per change of the file. The identity is the one taken before the read:
+            # a file fixed while the broken one was being read is a change, read at the next poll
+            # (taken after, it was never read, and a revocation it made was never applied).
+            self._file_id = identity
             log.error("%s; keeping the credentials read before", exc)
             return []
         log.info("credentials file %s read again: %d credentials, %d changed", self.path, len(self.grants), len(changed))

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from raftseq.cluster import credentials as credentials_module
 from raftseq.cluster.cli.command import main
 from raftseq.cluster.config import CREDENTIAL_CHECKS_PER_S
 from raftseq.cluster.credentials import (
@@ -195,6 +196,29 @@ def test_a_broken_file_stops_a_starting_node_and_is_ignored_by_a_running_one(cre
     assert not isinstance(access.authenticate(tokens["oms"]), str)
     with pytest.raises(NodeCannotRun):
         access_of(path)
+
+
+def test_a_file_fixed_while_the_broken_one_was_read_is_read_at_the_next_poll(creds, monkeypatch):
+    """The poll reads a file half written in place (or a bad one fixed at once) and the good
+    one lands before the failed read is recorded: the good file is a change, read at the next
+    poll. The failed read recorded the file as it was after the read, so the good file was never
+    read, and the revocation it made never applied."""
+    path, tokens = creds
+    access = access_of(path)
+    grant = access.authenticate(tokens["oms"])
+    fixed = read_credentials(str(path))
+    fixed["oms"] = fixed["oms"].__class__(**{**_fields(fixed["oms"]), "revoked": True})
+
+    def read_half_then_the_writer_finishes(path_read: str):
+        write_credentials(path_read, list(fixed.values()))
+        raise CredentialsError("credentials file: truncated JSON")
+
+    path.write_text("{")
+    monkeypatch.setattr(credentials_module, "read_credentials", read_half_then_the_writer_finishes)
+    assert access.reload_if_changed() == []
+    monkeypatch.undo()
+    assert access.reload_if_changed() == [grant]
+    assert "revoked" in grant.revoked
 
 
 @pytest.mark.parametrize(
