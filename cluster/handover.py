@@ -8,9 +8,12 @@
    request skips the pre-vote). The leader steps down on that request (a newer term); its
    batcher, stopped with the role, answers the queued submits as unknown and their clients
    resubmit them to the new leader, which ``NotLeader`` names.
-4. Wait until this node follows another leader (at most ``TRANSFER_ELECTION_TIMEOUT_S``). If
-   none comes, or the target could not catch up, the batcher is released and this node leads
-   on; the answer says why.
+4. Wait until this node follows another leader (at most ``TRANSFER_ELECTION_TIMEOUT_S``), or
+   leads again in a later term (leadership left and came back between two looks: the answer
+   says so). If none comes, or the target could not catch up, the batcher is released and this
+   node leads on; the answer says why. The hold belongs to the term this node led in: a
+   leadership that ended and came back while the transfer waited ends the transfer, which then
+   leaves the batcher to the role watcher (it restarted it for the new term).
 
 A drained node (``raftseq node drain``) does not lead: elected again (its peers restarted, a
 transfer named it, an election it happened to win), it proposes nothing and hands leadership
@@ -94,22 +97,33 @@ class Handover:
             return _refused(f"unknown node {to!r} (the other nodes: {known})", leader=node.leader_client_address())
         self.running = True
         held_at = time.monotonic()
+        # The term this node leads in: the hold is this term's. A leadership that ended and came
+        # back between two looks (a new term) is a step-down: the role watcher stopped and
+        # started the batcher (``Node._follow_role``), so the hold is gone or someone else's.
+        term = node.replica.term()
         node.batcher.hold()
         try:
-            target = await self._caught_up_target(to, peers)
+            target = await self._caught_up_target(to, peers, term)
             if target is None:
+                if node.replica.term() != term:
+                    return self._abandon(held_at, term, "this node's leadership ended while the target caught up")
                 what = f"{to} did not" if to else "no follower did"
-                return self._abandon(held_at, f"{what} catch up within {TRANSFER_CATCH_UP_TIMEOUT_S:g} s")
+                return self._abandon(held_at, term, f"{what} catch up within {TRANSFER_CATCH_UP_TIMEOUT_S:g} s")
             log.warning("leadership transfer to %s: its log is current; it stands for election now", target.id)
             node.replica.hand_leadership_to(target.raft_address)
-            leader = await self._new_leader()
+            leader = await self._new_leader(term)
             if not leader:
-                return self._abandon(held_at, f"no new leader within {TRANSFER_ELECTION_TIMEOUT_S:g} s")
+                return self._abandon(held_at, term, f"no new leader within {TRANSFER_ELECTION_TIMEOUT_S:g} s")
             held_ms = round((time.monotonic() - held_at) * 1000)
             self.transfers_done += 1
-            log.warning("leadership transferred to %s after %d ms", leader, held_ms)
+            detail = ""
+            if leader == node.config.raft_address:
+                detail = f"leadership left {node.config.id} (term {term} -> {node.replica.term()}) and came back to it"
+                log.warning("leadership transfer: %s after %d ms", detail, held_ms)
+            else:
+                log.warning("leadership transferred to %s after %d ms", leader, held_ms)
             # The new leader by its Raft address (this node may not yet have seen its own role change).
-            return protocol.LeaderTransferred(True, node.replica.client_address_of(leader), "", held_ms)
+            return protocol.LeaderTransferred(True, node.replica.client_address_of(leader), detail, held_ms)
         finally:
             self.running = False
 
@@ -140,12 +154,13 @@ class Handover:
         connected = replica.connected_members()
         return any(m.raft_address in connected for m in replica.membership.voters() if m.id != self.node.config.id)
 
-    async def _caught_up_target(self, to: str, peers: dict) -> object | None:
-        """The peer to hand over to once it holds the whole log (and nothing is in flight)."""
+    async def _caught_up_target(self, to: str, peers: dict, term: int) -> object | None:
+        """The peer to hand over to once it holds the whole log (and nothing is in flight),
+        while this node leads in `term`."""
         replica, batcher = self.node.replica, self.node.batcher
         deadline = time.monotonic() + TRANSFER_CATCH_UP_TIMEOUT_S
         candidates = [peers[to]] if to else sorted(peers.values(), key=lambda p: p.id)
-        while time.monotonic() < deadline and self.node.replica.role() is Role.LEADER:
+        while time.monotonic() < deadline and replica.role() is Role.LEADER and replica.term() == term:
             if not batcher.in_flight:
                 last = replica.last_log_index()
                 for peer in candidates:
@@ -154,21 +169,23 @@ class Handover:
             await asyncio.sleep(TRANSFER_POLL_S)
         return None
 
-    async def _new_leader(self) -> str:
-        """The Raft address of the leader this node follows once it stepped down ("": none in time)."""
+    async def _new_leader(self, term: int) -> str:
+        """The Raft address of the leader after this node's leadership of `term` ended ("":
+        none in time): another node, or this one again in a later term (leadership left and
+        came back between two looks: a target that was drained hands it back at once)."""
         replica = self.node.replica
         deadline = time.monotonic() + TRANSFER_ELECTION_TIMEOUT_S
         while time.monotonic() < deadline:
             leader = replica.leader_raft_address()
-            if leader and leader != self.node.config.raft_address:
+            if leader and (leader != self.node.config.raft_address or replica.term() != term):
                 return leader
             await asyncio.sleep(TRANSFER_POLL_S)
         return ""
 
-    def _abandon(self, held_at: float, why: str) -> protocol.LeaderTransferred:
+    def _abandon(self, held_at: float, term: int, why: str) -> protocol.LeaderTransferred:
         node = self.node
-        if node.is_leader():
-            node.batcher.release()
+        if node.is_leader() and node.replica.term() == term:
+            node.batcher.release()  # (in a later term the hold is not this transfer's)
         held_ms = round((time.monotonic() - held_at) * 1000)
         log.warning("leadership transfer abandoned after %d ms: %s", held_ms, why)
         return _refused(why, leader=node.leader_client_address(), held_ms=held_ms)

@@ -167,7 +167,12 @@ METRICS = (
         (),
         "Raft pickles refused by the allow-list (they named a class or function); each drops its link",
     ),
-    MetricSpec("raftseq_leader_changes_total", "counter", (), "Times this node saw a new leader (the first one after start included)"),
+    MetricSpec(
+        "raftseq_leader_changes_total",
+        "counter",
+        (),
+        "Times this node saw a new leader, or its leader in a new term (the first one after start included)",
+    ),
     # Membership (cluster.membership; ``raftseq member``), as this node holds it.
     MetricSpec("raftseq_membership_voters", "gauge", (), "Voting members in the membership this node holds"),
     MetricSpec(

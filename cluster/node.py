@@ -138,8 +138,10 @@ class Node:
         self.role = Role.FOLLOWER
         #: The Raft term in which this node last became leader (as the role watcher saw it).
         self.leader_term = 0
-        #: Raft address of the leader this node knows ("" if none).
+        #: Raft address of the leader this node knows ("" if none), and the term it last saw a
+        #: leader in.
         self.leader_address = ""
+        self.leader_seen_term = 0
         self.disk_low = False
         #: The Raft log's writer was behind its bound at the last disk check (logged on change).
         self.raft_log_backlog_seen = False
@@ -467,9 +469,12 @@ class Node:
         replica = self.replica
         role, term = replica.role(), replica.term()
         leader = replica.leader_raft_address()
+        if leader and (leader != self.leader_address or term != self.leader_seen_term):
+            # A leader of another term is another leader, though at the same address (one that
+            # stepped down and was elected again between two looks).
+            self.metrics.leader_changes += 1
+            self.leader_seen_term = term
         if leader != self.leader_address:
-            if leader:
-                self.metrics.leader_changes += 1
             log.info("leader is now %s (term %d)", leader or "unknown", term)
             self.leader_address = leader
         if role is Role.LEADER and self.role is Role.LEADER and term != self.leader_term:

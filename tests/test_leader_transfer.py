@@ -18,6 +18,7 @@ from raftseq.clients import SequencerClient
 from raftseq.clients.connection import open_connection
 from raftseq.cluster.maintenance import transfer_leadership
 from raftseq.sequencer import protocol
+from raftseq.sequencer.protocol import Role
 
 #: Submits per second of the client whose acks are watched across the transfer.
 RATE_PER_S = 500
@@ -218,3 +219,111 @@ def test_a_drained_leader_with_no_other_voter_connected_leads_on_without_holding
     mover.transfer = transfer
     asyncio.run(asyncio.wait_for(mover.keep_off_while_drained(lambda: next(tries, None) is not None), 5))
     assert asked == [] and batcher.released == 1 and not batcher.held
+
+
+class TransferBatcher:
+    """What a transfer uses of the batcher, with what was done to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.held = False
+        self.in_flight: dict = {}
+
+    def hold(self) -> None:
+        self.calls.append("hold")
+        self.held = True
+
+    def release(self) -> None:
+        self.calls.append("release")
+        self.held = False
+
+    def start(self) -> None:
+        self.calls.append("start")
+        self.held = False
+
+
+class TransferReplica:
+    """A leader's replica whose role, term and leader the test sets; its target is current."""
+
+    def __init__(self, me: str, target: str) -> None:
+        from raftseq.cluster.membership import Member, Membership
+
+        self.me = me
+        self.now = (Role.LEADER, 2, me)
+        self.membership = Membership(1, 0, [Member("n1", me, "127.0.0.1:7201"), Member("n2", target, "127.0.0.1:7202")])
+        self.handed_to: list[str] = []
+        self.on_hand_over = lambda: None
+
+    def role(self) -> Role:
+        return self.now[0]
+
+    def term(self) -> int:
+        return self.now[1]
+
+    def leader_raft_address(self) -> str:
+        return self.now[2]
+
+    def last_log_index(self) -> int:
+        return 10
+
+    def follower_match_index(self, address: str) -> int:
+        return 10
+
+    def hand_leadership_to(self, address: str) -> None:
+        self.handed_to.append(address)
+        self.on_hand_over()
+
+    def client_address_of(self, raft_address: str) -> str:
+        return f"client of {raft_address}"
+
+
+def leader_on_fakes() -> tuple[object, TransferReplica, TransferBatcher]:
+    from types import SimpleNamespace
+
+    replica = TransferReplica("127.0.0.1:7101", "127.0.0.1:7102")
+    batcher = TransferBatcher()
+    node = SimpleNamespace(
+        config=SimpleNamespace(id="n1", raft_address=replica.me),
+        replica=replica,
+        batcher=batcher,
+        is_leader=lambda: replica.role() is Role.LEADER,
+        leader_client_address=lambda: replica.client_address_of(replica.leader_raft_address()),
+    )
+    return node, replica, batcher
+
+
+def test_leadership_that_left_and_came_back_between_two_looks_is_a_transfer_done(monkeypatch):
+    """The target took leadership and handed it back (it was drained) before the old leader
+    looked: the transfer happened. It waited 2 s and answered "no new leader"."""
+    from raftseq.cluster import handover
+
+    monkeypatch.setattr(handover, "TRANSFER_ELECTION_TIMEOUT_S", 1.0)
+    node, replica, batcher = leader_on_fakes()
+    replica.on_hand_over = lambda: setattr(replica, "now", (Role.LEADER, 4, replica.me))  # term 3 unseen
+    answer = asyncio.run(asyncio.wait_for(handover.Handover(node).transfer(""), 5))
+    assert answer.ok and "came back" in answer.detail, answer
+    assert replica.handed_to == ["127.0.0.1:7102"]
+    assert batcher.calls == ["hold"], "the batcher is the role watcher's to restart in the new term"
+
+
+def test_a_transfer_whose_leadership_ended_and_came_back_while_it_waited_does_not_hand_over():
+    """While the transfer waits for its target, this node steps down and is elected again
+    between two looks; the role watcher restarts the batcher for the new term, so the hold is
+    gone. The transfer had TimeoutNow sent in a term it did not hold, with proposals flowing."""
+    from raftseq.cluster import handover
+
+    node, replica, batcher = leader_on_fakes()
+    replica.follower_match_index = lambda address: 0  # the target is behind, for now
+
+    async def story() -> protocol.LeaderTransferred:
+        transfer = asyncio.create_task(handover.Handover(node).transfer(""))
+        await asyncio.sleep(0.01)
+        replica.now = (Role.LEADER, 4, replica.me)
+        batcher.start()  # what Node._follow_role does on the new term
+        replica.follower_match_index = lambda address: 10
+        return await asyncio.wait_for(transfer, 5)
+
+    answer = asyncio.run(story())
+    assert not answer.ok and "leadership ended" in answer.detail, answer
+    assert replica.handed_to == [], "TimeoutNow sent in a term the transfer did not hold"
+    assert batcher.calls == ["hold", "start"], "the transfer released a hold of the new term"

@@ -94,3 +94,26 @@ def test_a_drained_node_elected_again_between_two_looks_holds_and_hands_over_aga
     node._follow_role()
     assert node.batcher.calls == ["start", "hold", "stop", "start", "hold"]
     assert handed == ["keep off", "keep off"]
+
+
+def test_a_leader_elected_again_between_two_looks_counts_as_a_leader_change(node):
+    me = node.config.raft_address
+    node.replica.now = (Role.LEADER, 2, me)
+    node._follow_role()
+    before = node.metrics.leader_changes
+    node.replica.now = (Role.LEADER, 4, me)  # term 3 had another leader, unseen
+    node._follow_role()
+    node._follow_role()
+    assert node.metrics.leader_changes == before + 1
+
+
+def test_a_follower_whose_leader_lost_and_won_again_between_two_looks_counts_it_once(node):
+    other = "127.0.0.1:7202"
+    node.replica.now = (Role.FOLLOWER, 3, other)
+    node._follow_role()
+    before = node.metrics.leader_changes
+    node.replica.now = (Role.FOLLOWER, 5, other)
+    node._follow_role()
+    node.replica.now = (Role.CANDIDATE, 6, "")  # no leader: nothing to count
+    node._follow_role()
+    assert node.metrics.leader_changes == before + 1

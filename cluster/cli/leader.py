@@ -38,7 +38,7 @@ def cmd_leader_transfer(args: argparse.Namespace) -> int:
     if not answer.ok:
         print(f"raftseq leader transfer: not done: {answer.detail}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"leader {before} -> {answer.leader} (proposals held {answer.held_ms} ms)")
+    print(f"leader {before} -> {answer.leader} (proposals held {answer.held_ms} ms){'; ' + answer.detail if answer.detail else ''}")
     return EXIT_OK
 
 
