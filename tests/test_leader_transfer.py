@@ -12,6 +12,7 @@ import sys
 import time
 
 from cluster_harness import running_cluster  # noqa: F401
+from test_node_role import FakeReplica
 from test_relay import scrape
 
 from raftseq.clients import SequencerClient
@@ -242,8 +243,8 @@ class TransferBatcher:
         self.held = False
 
 
-class TransferReplica:
-    """A leader's replica whose role, term and leader the test sets; its target is current."""
+class TransferReplica(FakeReplica):
+    """A leader's replica whose role, term and leader the test sets (``now``); its target is current."""
 
     def __init__(self, me: str, target: str) -> None:
         from raftseq.cluster.membership import Member, Membership
@@ -253,15 +254,6 @@ class TransferReplica:
         self.membership = Membership(1, 0, [Member("n1", me, "127.0.0.1:7201"), Member("n2", target, "127.0.0.1:7202")])
         self.handed_to: list[str] = []
         self.on_hand_over = lambda: None
-
-    def role(self) -> Role:
-        return self.now[0]
-
-    def term(self) -> int:
-        return self.now[1]
-
-    def leader_raft_address(self) -> str:
-        return self.now[2]
 
     def last_log_index(self) -> int:
         return 10
