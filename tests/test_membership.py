@@ -371,3 +371,22 @@ def test_a_node_that_predates_membership_commands_is_named_as_such():
     said = asyncio.run(scenario())
     assert said.startswith("no node answered within 1 s: 127.0.0.1:"), said
     assert said.endswith(": this node predates membership commands"), said
+
+
+def test_a_promotion_left_unanswered_in_an_earlier_term_does_not_block_membership_changes():
+    """A leader that proposed a learner's promotion and lost leadership before it committed,
+    then caught up past that entry by a snapshot, never gets the proposal's callback. Its mark
+    stayed set: led again, it refused every membership change ("another membership change is in
+    progress") and promoted no learner until restarted. The mark holds for its own term only."""
+    from raftseq.cluster.raft.replica import SequencerReplica
+
+    term = [2]
+    replica = object.__new__(SequencerReplica)  # the one method under test, without a Raft node
+    replica.membership_entry_pending = lambda: False
+    replica._getTerm = lambda: term[0]
+    replica._promotion_asked_term = 2
+    assert replica._change_in_progress(), "a promotion asked in this term and not answered is in progress"
+    term[0] = 5
+    assert not replica._change_in_progress()
+    replica.membership_entry_pending = lambda: True
+    assert replica._change_in_progress()

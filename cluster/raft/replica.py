@@ -90,7 +90,11 @@ class SequencerReplica(RaftMember):
         self._on_applied = on_applied
         self._on_restored = on_restored
         self._on_removed = on_removed
-        self._promotion_asked = False
+        #: The term in which this node, as leader, proposed a learner's promotion whose callback
+        #: has not come (0: none). A leader that lost leadership before that entry committed,
+        #: and caught up past it by a snapshot, never gets the callback: in a later term the
+        #: mark is stale, and would otherwise refuse every membership change until a restart.
+        self._promotion_asked_term = 0
         #: Membership changes asked of this node as leader, by (kind as operators name it,
         #: outcome): plain integers, every key present (read by the metrics' scrape thread).
         self.membership_changes = {(kind, outcome): 0 for kind in members.CHANGE_KIND_NAMES.values() for outcome in members.CHANGE_OUTCOMES}
@@ -337,7 +341,7 @@ class SequencerReplica(RaftMember):
     def _propose_change(self, kind: ChangeKind, member: Member, callback: Callable[[object, int], None]) -> members.MemberChange:
         """``change_membership`` without counting a refusal (a promotion is asked each tick
         until it can be proposed)."""
-        if self.membership_entry_pending() or self._promotion_asked:
+        if self._change_in_progress():
             raise MembershipError("another membership change is in progress; try again when it is done")
         change = self.membership.change(kind, member)
         reachable = {m.id for m in self.membership.members if m.raft_address in self.connected_members()}
@@ -423,12 +427,17 @@ class SequencerReplica(RaftMember):
             return "the leader cannot remove itself"
         return ""
 
+    def _change_in_progress(self) -> bool:
+        """A membership entry not yet committed is in the log, or this leader's promotion of a
+        learner, proposed in its current term, has not been answered."""
+        return self.membership_entry_pending() or self._promotion_asked_term == self._getTerm()
+
     def _promote_caught_up(self) -> None:
         """On the leader, each tick: a learner holding every committed entry gets its vote."""
         if not self.learner_addresses():
             return  # every tick of every node: nothing more without learners
         learners = self.membership.learners()
-        if not learners or self._promotion_asked or not self._isLeader() or self.membership_entry_pending():
+        if not learners or not self._isLeader() or self._change_in_progress():
             return
         match = self.voter_match_indexes()
         commit = self.commit_index()
@@ -438,13 +447,13 @@ class SequencerReplica(RaftMember):
                     self._propose_change("promote", learner, self._promoted)
                 except MembershipError:
                     continue  # not now (a quorum not reachable): the next tick asks again
-                self._promotion_asked = True
+                self._promotion_asked_term = self._getTerm()
                 log.warning(
                     "learner %s caught up (match index %d, commit index %d): promoting it", learner.id, match[learner.raft_address], commit
                 )
                 return
 
     def _promoted(self, result: object, error: int) -> None:
-        self._promotion_asked = False
+        self._promotion_asked_term = 0
         if error:
             log.warning("promotion not committed (pysyncobj reason %s); will ask again", error)
