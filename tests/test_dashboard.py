@@ -1,10 +1,12 @@
 """The Grafana dashboard and its provisioning: generated from deploy/grafana/dashboard.py,
-built only from metrics a node exports, and covering every metric a node exports."""
+built only from metrics a node or a relay exports, and covering every metric a node or a relay
+exports (``METRICS`` and ``RELAY_METRICS`` of cluster/metrics.py)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 
 import pytest
@@ -23,15 +25,25 @@ from monitoring import (
 from raftseq.cluster import metrics
 
 
-def unknown_metrics(dashboard: dict, exported: frozenset[str]) -> list[str]:
-    """One line per expression that names a metric a node does not export (or names none)."""
+def relay_sample_names() -> frozenset[str]:
+    """Every sample name a relay's ``/metrics`` page holds (``RELAY_METRICS``; none is a histogram)."""
+    assert all(spec.type != "histogram" for spec in metrics.RELAY_METRICS)
+    return frozenset(spec.name for spec in metrics.RELAY_METRICS)
+
+
+#: What the dashboard may name: a node's samples and a relay's.
+EXPORTED = node_sample_names() | relay_sample_names()
+
+
+def unknown_metrics(dashboard: dict, exported: frozenset[str] = EXPORTED) -> list[str]:
+    """One line per expression that names a metric neither a node nor a relay exports (or names none)."""
     problems = []
     for where, expr in dashboard_expressions(dashboard):
         names = metric_names(expr)
         if not names:
             problems.append(f"{where}: names no metric: {expr}")
         for name in sorted(names - exported):
-            problems.append(f"{where}: {name} is not exported by a node: {expr}")
+            problems.append(f"{where}: {name} is not exported by a node or a relay: {expr}")
     return problems
 
 
@@ -47,7 +59,7 @@ def test_the_json_is_what_the_generator_writes(dashboard):
 
 def test_every_expression_names_only_exported_metrics(dashboard):
     assert len(dashboard_expressions(dashboard)) > 40
-    problems = unknown_metrics(dashboard, node_sample_names())
+    problems = unknown_metrics(dashboard)
     assert not problems, "\n".join(problems)
 
 
@@ -57,6 +69,7 @@ def test_every_expression_names_only_exported_metrics(dashboard):
         ("raftseq_messages_sequenced_total", "raftseq_messages_sequenced"),  # a counter without _total
         ("raftseq_ack_latency_seconds_bucket", "raftseq_ack_latency_bucket"),  # a renamed histogram
         ("raftseq_follower_lag_entries", "raftseq_follower_lag"),
+        ("raftseq_relay_delivered_records_total", "raftseq_relay_delivered_total"),  # a relay metric renamed
     ],
 )
 def test_a_panel_naming_a_metric_that_does_not_exist_is_caught(dashboard, mutation):
@@ -69,20 +82,49 @@ def test_a_panel_naming_a_metric_that_does_not_exist_is_caught(dashboard, mutati
                 target["expr"] = target["expr"].replace(old, new)
                 hits += 1
     assert hits, f"no expression uses {old}"
-    problems = unknown_metrics(mutated, node_sample_names())
+    problems = unknown_metrics(mutated)
     assert len(problems) >= hits and all(new in p for p in problems), problems
 
 
-def test_a_metric_the_node_stops_exporting_is_caught(dashboard):
-    exported = node_sample_names() - {"raftseq_raft_term"}
-    problems = unknown_metrics(dashboard, exported)
-    assert problems and all("raftseq_raft_term" in p for p in problems)
+@pytest.mark.parametrize("gone", ["raftseq_raft_term", "raftseq_relay_upstream_lag_records"])
+def test_a_metric_a_node_or_relay_stops_exporting_is_caught(dashboard, gone):
+    problems = unknown_metrics(dashboard, EXPORTED - {gone})
+    assert problems and all(gone in p for p in problems)
+
+
+def metrics_without_a_panel(dashboard: dict) -> list[str]:
+    used = {family_of(name) for _, expr in dashboard_expressions(dashboard) for name in metric_names(expr)}
+    return [spec.name for spec in (*metrics.METRICS, *metrics.RELAY_METRICS) if spec.name not in used]
 
 
 def test_every_exported_metric_has_a_panel(dashboard):
-    used = {family_of(name) for _, expr in dashboard_expressions(dashboard) for name in metric_names(expr)}
-    missing = [spec.name for spec in metrics.METRICS if spec.name not in used]
+    """Every family of ``METRICS`` (a node's) and of ``RELAY_METRICS`` (a relay's)."""
+    missing = metrics_without_a_panel(dashboard)
     assert not missing, f"metrics without a panel: {missing}"
+
+
+def test_a_relay_metric_without_a_panel_is_caught(dashboard):
+    mutated = copy.deepcopy(dashboard)
+    for panel in all_panels(mutated):
+        panel["targets"] = [t for t in panel.get("targets", []) if "raftseq_relay_tls_refusals_total" not in t["expr"]]
+    assert metrics_without_a_panel(mutated) == ["raftseq_relay_tls_refusals_total"]
+
+
+def test_relay_expressions_filter_by_the_relay_variable(dashboard):
+    """A relay's samples carry ``relay``, not ``node``: every selector of a relay metric takes
+    the ``$relay`` filter, and no relay metric is drawn per node."""
+    problems = []
+    for where, expr in dashboard_expressions(dashboard):
+        relay_names = {name for name in metric_names(expr) if name.startswith("raftseq_relay_")}
+        if not relay_names or expr.startswith("label_values("):
+            continue
+        for name in relay_names:
+            selectors = [m.group(1) for m in re.finditer(rf"\b{name}\{{([^}}]*)\}}", expr)]
+            if len(selectors) != expr.count(name) or not all('relay=~"$relay"' in s for s in selectors):
+                problems.append(f"{where}: {name} without the $relay filter: {expr}")
+        if "node" in expr:
+            problems.append(f"{where}: a relay metric by node: {expr}")
+    assert not problems, "\n".join(problems)
 
 
 def test_panels_are_well_formed(dashboard):
@@ -106,6 +148,8 @@ def test_panels_are_well_formed(dashboard):
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert variables["node"]["allValue"] == ".*"
+    assert variables["relay"]["allValue"] == ".*"
+    assert metric_names(variables["relay"]["query"]["query"]) <= relay_sample_names()
     assert dashboard["uid"] and dashboard["title"] == "raftseq"
 
 

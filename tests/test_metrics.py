@@ -370,6 +370,9 @@ def test_disk_and_journal(node):
 
 
 def test_the_metrics_reference_lists_every_metric():
+    """The node table lists ``METRICS``; the one under "## Relay metrics", ``RELAY_METRICS``."""
     readme = (Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(raftseq_\w+)` \| (\w+) \|", readme, re.M))
-    assert rows == {spec.name: spec.type for spec in M.METRICS}, "deploy/prometheus/README.md's metric table is out of date"
+    nodes, relays = readme.split("\n## Relay metrics\n", 1)
+    for text, specs, what in ((nodes, M.METRICS, "metric"), (relays, M.RELAY_METRICS, "relay metric")):
+        rows = dict(re.findall(r"^\| `(raftseq_\w+)` \| (\w+) \|", text, re.M))
+        assert rows == {spec.name: spec.type for spec in specs}, f"deploy/prometheus/README.md's {what} table is out of date"

@@ -1,11 +1,13 @@
-"""A real Prometheus scraping a real three-node cluster through a leader failover.
+"""A real Prometheus scraping a real three-node cluster and a relay through a leader failover.
 
-The test starts a cluster (``running_cluster``) and a Prometheus server on loopback with the
+The test starts a cluster (``running_cluster``), one relay of it (r1; the config lists every
+relay slot, the five others stay down targets) and a Prometheus server on loopback with the
 scrape config of deploy/prometheus (generated for the cluster's ports, scraping every 0.5 s)
 and its alert rules, drives traffic, SIGKILLs the leader, and asks Prometheus's HTTP API what it
-saw: all three targets up, the sequenced-message counter advancing, the role, leader identity,
-term and leader-change metrics following the failover, the alert rules evaluating without
-error, and every metric the dashboard and rules name present in Prometheus.
+saw: all three node targets and the relay up, the sequenced-message counter and the relay's last
+sequence number advancing, the role, leader identity, term and leader-change metrics following
+the failover, the alert rules evaluating without error, and every metric a node or the relay
+exports, and every one the dashboard and rules name, present in Prometheus.
 
 Prometheus comes from Debian's ``prometheus`` package (.ci/run installs it). Without it the
 test fails with a message; it does not skip.
@@ -31,6 +33,7 @@ from cluster_harness import ClusterHarness, pipeline, running_cluster  # noqa: F
 from monitoring import ALERTS, dashboard_expressions, load_dashboard, metric_names, node_sample_names, scrape_config_module
 
 from raftseq.clients import SequencerClient
+from raftseq.cluster.metrics import RELAY_METRICS
 from raftseq.cluster.local import die_with_parent, ephemeral_ports_first
 from raftseq.cluster.processes import stop_process
 
@@ -177,6 +180,7 @@ async def submit(h: ClusterHarness, session: str, count: int) -> list[int]:
 def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cluster):  # noqa: F811
     h, prom = running_cluster, prometheus
     instances = {node.config.metrics_address: node.config.id for node in h.nodes}
+    (relay,) = h.start_relays(1)
 
     # All three targets up, each node's metrics under its own id.
     prom.wait_for(
@@ -212,6 +216,15 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
     )
     prom.wait_for(
         "ack latency observed on the leader", lambda: prom.by_node("raftseq_ack_latency_seconds_count").get(leader, 0) >= MESSAGES
+    )
+    # The relay, scraped as job raftseq-relay at the address cluster up gives r1.
+    prom.wait_for(
+        f"relay {relay.id} up at {relay.metrics_address}",
+        lambda: {labels["instance"] for labels, v in prom.query('up{job="raftseq-relay"} == 1')} == {relay.metrics_address},
+    )
+    prom.wait_for(
+        f"raftseq_relay_last_seq {max(seqs)} on {relay.id}",
+        lambda: {labels["relay"]: v for labels, v in prom.query("raftseq_relay_last_seq")} == {relay.id: float(max(seqs))},
     )
 
     # Failover.
@@ -264,14 +277,16 @@ def test_prometheus_follows_traffic_and_a_leader_failover(prometheus, running_cl
     firing = {r["name"] for r in rules if r["state"] == "firing"}
     assert "RaftseqNoLeader" not in firing and "RaftseqTwoLeadersInOneTerm" not in firing, firing
 
-    # Every metric a node exports reached Prometheus, and every dashboard query runs.
+    # Every metric a node or the relay exports reached Prometheus, and every dashboard query runs.
     stored = set(prom.get("/api/v1/label/__name__/values"))
     missing = sorted(node_sample_names() - stored - SAMPLES_ONLY_SOMETIMES)
     assert not missing, f"exported by the nodes but not in Prometheus: {missing}"
+    missing = sorted({spec.name for spec in RELAY_METRICS} - stored)
+    assert not missing, f"exported by the relay but not in Prometheus: {missing}"
     failed = []
     for where, expr in dashboard_expressions(load_dashboard()):
         assert metric_names(expr) - SAMPLES_ONLY_SOMETIMES <= stored, f"{where}: {metric_names(expr) - stored}"
-        concrete = expr.replace("$__rate_interval", "2s").replace('"$node"', '".*"')
+        concrete = expr.replace("$__rate_interval", "2s").replace('"$node"', '".*"').replace('"$relay"', '".*"')
         if concrete.startswith("label_values("):
             continue
         try:

@@ -1,6 +1,6 @@
-"""deploy/prometheus: the scrape config matches the ports ``raftseq cluster up`` uses, and the
-alert rules pass ``promtool check`` and their ``promtool test rules`` unit tests, name only
-metrics a node exports, and each has a case where it fires.
+"""deploy/prometheus: the scrape config matches the ports ``raftseq cluster up`` uses for its
+nodes and relays, and the alert rules pass ``promtool check`` and their ``promtool test rules``
+unit tests, name only metrics a node or a relay exports, and each has a case where it fires.
 
 promtool comes with Debian's ``prometheus`` package, which .ci/run installs; without it these
 tests fail (they do not skip).
@@ -15,8 +15,10 @@ import subprocess
 import pytest
 from monitoring import ALERTS, PROMETHEUS_DIR, PROMETHEUS_SERIES, metric_names, node_sample_names, rule_expressions, scrape_config_module
 
+from raftseq.cluster import metrics
 from raftseq.cluster.cli import build_parser
 from raftseq.cluster.local import local_configs
+from raftseq.cluster.relay_local import LOCAL_RELAYS_MAX, local_relays
 
 #: promtool unit tests of the rules: second-scale cases, and minute/hour-scale ones evaluated
 #: at a coarser interval (quicker).
@@ -29,7 +31,14 @@ REQUIRED_ALERTS = {
     "RaftseqAckLatencyHigh",  # acknowledgement latency p99 above a threshold
     "RaftseqDiskNearlyFull",  # disk nearly full
     "RaftseqJournalVerifyFailed",  # journal verify failures
+    "RaftseqRelayLagging",  # a relay falling behind its upstream
 }
+
+
+def relay_sample_names() -> frozenset[str]:
+    """Every sample name a relay's ``/metrics`` page holds (``RELAY_METRICS``; none is a histogram)."""
+    assert all(spec.type != "histogram" for spec in metrics.RELAY_METRICS)
+    return frozenset(spec.name for spec in metrics.RELAY_METRICS)
 
 
 def tool(name: str) -> str:
@@ -71,7 +80,7 @@ def test_rule_unit_tests_can_fail(tmp_path):
 
 
 def test_rules_name_only_exported_metrics():
-    exported = node_sample_names() | PROMETHEUS_SERIES
+    exported = node_sample_names() | relay_sample_names() | PROMETHEUS_SERIES
     rules = rule_expressions(ALERTS)
     assert REQUIRED_ALERTS <= rules.keys(), f"missing alerts: {REQUIRED_ALERTS - rules.keys()}"
     problems = []
@@ -79,7 +88,7 @@ def test_rules_name_only_exported_metrics():
         names = metric_names(expr)
         if not names:
             problems.append(f"{alert}: names no metric: {expr}")
-        problems += [f"{alert}: {name} is not exported by a node: {expr}" for name in sorted(names - exported)]
+        problems += [f"{alert}: {name} is not exported by a node or a relay: {expr}" for name in sorted(names - exported)]
     assert not problems, "\n".join(problems)
 
 
@@ -111,6 +120,26 @@ def test_the_scrape_config_matches_cluster_up_defaults(tmp_path):
         assert f"- {target}\n" in committed
 
 
+def test_the_scrape_config_scrapes_every_relay_slot_of_cluster_up(tmp_path):
+    """Job raftseq-relay: the metrics addresses ``cluster up --relays N`` gives relays r1..rN,
+    every slot by default (the committed config), none with ``relays=0``."""
+    module = scrape_config_module()
+    assert module.RELAYS_MAX == LOCAL_RELAYS_MAX
+    for base_port in (module.BASE_PORT_DEFAULT, 12340):
+        relays = local_relays(str(tmp_path), base_port, LOCAL_RELAYS_MAX, upstream=[], token="")
+        assert module.relay_metrics_targets(base_port) == [relay.metrics_address for relay in relays]
+        assert module.relay_metrics_targets(base_port, relays=2) == [relay.metrics_address for relay in relays[:2]]
+    committed = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    relay_job = committed.split(f"- job_name: {module.RELAY_JOB_NAME}\n", 1)[1]
+    for target in module.relay_metrics_targets(module.BASE_PORT_DEFAULT):
+        assert f"- {target}\n" in relay_job
+    for target in module.metrics_targets(module.BASE_PORT_DEFAULT):
+        assert target not in relay_job, "a node's metrics address in the relay job"
+    assert module.RELAY_JOB_NAME not in module.render(relays=0)
+    with pytest.raises(ValueError):
+        module.render(relays=LOCAL_RELAYS_MAX + 1)
+
+
 def test_promtool_check_config():
     result = run_promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -126,6 +155,8 @@ def test_generated_config_for_another_port_and_interval(tmp_path):
             "12340",
             "--interval",
             "0.5",
+            "--relays",
+            "2",
             "--rules",
             str(ALERTS),
             "--out",
@@ -136,6 +167,7 @@ def test_generated_config_for_another_port_and_interval(tmp_path):
     )
     text = out.read_text()
     assert "scrape_interval: 500ms" in text and "- 127.0.0.1:12541\n" in text and f"- {ALERTS}\n" in text
+    assert "- 127.0.0.1:12544\n" in text and "- 127.0.0.1:12545\n" in text and "12546" not in text
     result = subprocess.run([tool("promtool"), "check", "config", str(out)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     subprocess.run(["bash", "-n", str(PROMETHEUS_DIR / "run")], check=True)

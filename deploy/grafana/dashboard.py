@@ -7,7 +7,8 @@ readable list below; edit this file and regenerate rather than editing the JSON:
     python3 deploy/grafana/dashboard.py
 
 ``tests/test_dashboard.py`` checks that the JSON is up to date and that every expression in it
-names a metric a raftseq node exports. Standard library only.
+names a metric a raftseq node or relay exports, and that every metric they export has a panel.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ OUTPUT = os.path.join(HERE, "dashboards", "raftseq.json")
 
 UID = "raftseq-overview"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-#: The node filter every expression carries.
+#: The node filter every expression of a node metric carries.
 N = 'node=~"$node"'
+#: The relay filter every expression of a relay metric (``raftseq_relay_*``) carries.
+R = 'relay=~"$relay"'
 RATE = "$__rate_interval"
 #: Restricts the standard process_* metrics to raftseq nodes (other jobs export them too).
 OF_NODES = f"and on(instance) raftseq_start_time_seconds{{{N}}}"
@@ -200,6 +203,11 @@ def quantiles(metric: str, qs: tuple[float, ...], *, by: str = "node") -> list[t
 def per_node(expr: str) -> list[tuple[str, str]]:
     """The one query of a panel that draws ``expr`` once per node."""
     return [(expr, "{{node}}")]
+
+
+def per_relay(expr: str) -> list[tuple[str, str]]:
+    """The one query of a panel that draws ``expr`` once per relay."""
+    return [(expr, "{{relay}}")]
 
 
 class Panel:
@@ -729,6 +737,92 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "Relays",
+        [
+            Panel(
+                timeseries,
+                QUARTER,
+                "Relay sequence numbers",
+                "Last sequence number each relay holds and serves (raftseq relay; docs/operating.md, Relays), and the first its journal still holds.",
+                [
+                    (f"raftseq_relay_last_seq{{{R}}}", "{{relay}} last"),
+                    (f"raftseq_relay_journal_first_retained_seq{{{R}}}", "{{relay}} first retained"),
+                ],
+                minimum=None,
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Relay upstream lag (records)",
+                "Records each relay's upstream held at its last status poll that the relay does not hold yet "
+                "(alert RaftseqRelayLagging: above 10,000 for 3 minutes).",
+                per_relay(f"raftseq_relay_upstream_lag_records{{{R}}}"),
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Relay subscribers and clients",
+                "Subscriptions each relay serves, and its client connections whose hello was welcomed.",
+                [
+                    (f"raftseq_relay_subscribers{{{R}}}", "{{relay}} subscribers"),
+                    (f"raftseq_relay_clients_connected{{{R}}}", "{{relay}} clients"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                QUARTER,
+                "Relay delivered and copied",
+                "Records each relay delivers to its subscribers per second (delivered msg/s), and copies from its upstream per second.",
+                [
+                    (f"rate(raftseq_relay_delivered_records_total{{{R}}}[{RATE}])", "{{relay}} delivered/s"),
+                    (f"rate(raftseq_relay_upstream_records_total{{{R}}}[{RATE}])", "{{relay}} copied/s"),
+                ],
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Relay lag disconnects and refusals",
+                "Per second: subscribers a relay disconnected for falling too far behind (--subscriber-lag-max; they resume), "
+                "requests refused by reason (a submit to a relay: not_leader), refusals of named credentials by credential and "
+                "limit (--credentials), and connections refused at the TLS handshake by reason.",
+                [
+                    (f"rate(raftseq_relay_subscriber_lag_disconnects_total{{{R}}}[{RATE}])", "{{relay}} lag disconnects"),
+                    (f"sum by (relay, reason) (rate(raftseq_relay_refusals_total{{{R}}}[{RATE}]))", "{{relay}} {{reason}}"),
+                    (
+                        f"sum by (relay, credential, limit) (rate(raftseq_relay_credential_refusals_total{{{R}}}[{RATE}]))",
+                        "{{relay}} {{credential}} {{limit}}",
+                    ),
+                    (f"sum by (relay, reason) (rate(raftseq_relay_tls_refusals_total{{{R}}}[{RATE}]))", "{{relay}} TLS {{reason}}"),
+                ],
+                unit="ops",
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Relay upstream link",
+                "Connections to an upstream that welcomed each relay in the last 5 minutes (more than one: the relay keeps "
+                "losing its upstream), and records from the upstream that failed verification in the last hour, by check "
+                "(upstream_diverged stops the relay).",
+                [
+                    (f"increase(raftseq_relay_upstream_connects_total{{{R}}}[5m])", "{{relay}} upstream connects"),
+                    (f"increase(raftseq_relay_verify_failures_total{{{R}}}[1h])", "{{relay}} failed ({{check}})"),
+                ],
+            ),
+            Panel(
+                timeseries,
+                THIRD,
+                "Relay journal",
+                "Bytes in each relay's journal, and bytes its retention removes per second (archived or deleted).",
+                [
+                    (f"raftseq_relay_journal_bytes{{{R}}}", "{{relay}} bytes"),
+                    (f"rate(raftseq_relay_journal_retention_removed_bytes_total{{{R}}}[{RATE}])", "{{relay}} removed bytes/s"),
+                ],
+                unit="bytes",
+            ),
+        ],
+    ),
+    (
         "Process",
         [
             Panel(
@@ -780,7 +874,7 @@ def build() -> dict:
                 }
             ]
         },
-        "description": "A raftseq sequencer cluster: Raft, sequencing, clients, journal and disk (metrics of cluster/metrics.py).",
+        "description": "A raftseq sequencer cluster: Raft, sequencing, clients, journal and disk, and its relays (metrics of cluster/metrics.py).",
         "editable": True,
         "graphTooltip": 1,
         "links": [],
@@ -807,6 +901,22 @@ def build() -> dict:
                     "datasource": DS,
                     "definition": "label_values(raftseq_role, node)",
                     "query": {"query": "label_values(raftseq_role, node)", "refId": "node"},
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "hide": 0,
+                    "refresh": 2,
+                    "sort": 1,
+                    "regex": "",
+                },
+                {
+                    "name": "relay",
+                    "label": "Relay",
+                    "type": "query",
+                    "datasource": DS,
+                    "definition": "label_values(raftseq_relay_last_seq, relay)",
+                    "query": {"query": "label_values(raftseq_relay_last_seq, relay)", "refId": "relay"},
                     "includeAll": True,
                     "multi": True,
                     "allValue": ".*",
