@@ -1,6 +1,6 @@
 """Credentials on a real three-node cluster (``cluster.credentials``): a credential over its
-message rate gets ``Busy`` while another is unaffected; refusals are typed and sequence
-nothing; a revoked credential's connection is closed with ``Rejected``; a client of the previous
+message rate, or its byte rate, gets ``Busy`` while another is unaffected; refusals are typed
+and sequence nothing; a revoked credential's connection is closed with ``Rejected``; a client of the previous
 release uses a credential as its token unchanged.
 
 One cluster for the module (``cluster``), its nodes naming a credentials file made first.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 import urllib.request
@@ -23,11 +24,11 @@ from upgrade_harness import PREVIOUS_RELEASE, PREVIOUS_RELEASE_COMMIT, materiali
 from raftseq.clients import SequencerClient, subscribe
 from raftseq.clients.errors import Rejected, TokenRejected
 from raftseq.cluster.cli.command import main
-from raftseq.cluster.config import METRICS_PAGE_REUSE_S
+from raftseq.cluster.config import CREDENTIAL_BURST_S, METRICS_PAGE_REUSE_S, QUOTA_RETRY_REFILL
 from raftseq.cluster.credentials import Quotas
 from raftseq.cluster.local import LEADER_TIMEOUT_S, free_base_port
 from raftseq.cluster.metrics import page_samples
-from raftseq.cluster.quotas import LIMIT_MESSAGES
+from raftseq.cluster.quotas import LIMIT_BYTES, LIMIT_MESSAGES
 from raftseq.cluster.relay_local import wait_relay_serving
 from raftseq.sequencer import protocol
 from raftseq.sequencer.protocol import RejectReason
@@ -41,6 +42,11 @@ BATCH = 3 * SLOW_RATE_PER_S
 BULK_RATE_PER_S = 2_000
 BULK_WINDOW = BULK_RATE_PER_S
 BULK_MESSAGES = 4 * BULK_RATE_PER_S
+#: A credential limited in bytes a second (its burst: one second of it, above the largest
+#: payload), and the size of its submits: its burst holds ``BYTES_BURST_SUBMITS`` of them.
+BYTES_RATE_PER_S = 40_000
+BYTES_PAYLOAD = 4_000
+BYTES_BURST_SUBMITS = int(BYTES_RATE_PER_S * CREDENTIAL_BURST_S) // BYTES_PAYLOAD
 #: Bound on every wait for the nodes; revocation is seen within ``CREDENTIALS_POLL_INTERVAL_S``.
 WAIT_S = 20.0
 SCRAPE_TIMEOUT_S = 5.0
@@ -54,6 +60,7 @@ def cluster(tmp_path_factory):
         path,
         ("slow", ["submit"], ["slow-"], {"quotas": Quotas(messages_per_s=SLOW_RATE_PER_S)}),
         ("bulk", ["submit"], ["bulk-"], {"quotas": Quotas(messages_per_s=BULK_RATE_PER_S)}),
+        ("bytes", ["submit"], ["bytes-"], {"quotas": Quotas(bytes_per_s=BYTES_RATE_PER_S)}),
         ("fast", ["submit"], ["fast-"], {}),
         ("reader", ["subscribe"], ["reader-"], {}),
         ("writer", ["submit"], [], {}),
@@ -98,12 +105,12 @@ def counted(h: ClusterHarness, enough) -> dict[tuple[str, str], float]:
     return found
 
 
-def acked_and_busy(conn: RawConnection, count: int) -> tuple[int, list[protocol.Busy]]:
-    """Read answers to `count` submits until all are acknowledged, or until one is answered
-    ``Busy`` and every one before it acknowledged (those behind a Busy go unanswered: the
-    client sends them again after it): how many were acknowledged, the Busys."""
+def acked_and_busy(conn: RawConnection, count: int, first_client_seq: int = 1) -> tuple[int, list[protocol.Busy]]:
+    """Read answers to `count` submits (from `first_client_seq` on) until all are acknowledged,
+    or until one is answered ``Busy`` and every one before it acknowledged (those behind a Busy
+    go unanswered: the client sends them again after it): how many were acknowledged, the Busys."""
     acked, busy = 0, []
-    while acked < count and not (busy and acked >= busy[0].client_seq - 1):
+    while acked < count and not (busy and acked >= busy[0].client_seq - first_client_seq):
         more, others = conn.answers(1, timeout_s=WAIT_S)
         acked += more
         busy += others
@@ -135,6 +142,38 @@ def test_a_credential_over_its_message_rate_gets_busy_while_another_is_unaffecte
     after = counted(h, lambda found: found.get(key, 0) - before.get(key, 0) >= refused)
     assert after[key] - before.get(key, 0) == refused
     assert all(count == before.get(key, 0) for key, count in after.items() if key[0] == "fast")
+
+
+def test_a_credential_over_its_byte_rate_gets_busy_with_a_retry_hint_while_another_is_unaffected(cluster):
+    h, _, tokens = cluster
+    leader = leader_endpoint(h)
+    before = credential_refusals(h)
+    over = 5
+    payloads = [b"%c" % (65 + i) * BYTES_PAYLOAD for i in range(BYTES_BURST_SUBMITS + over)]
+    with RawConnection(leader) as limited, RawConnection(leader) as fast:
+        assert isinstance(limited.hello("bytes-1", tokens["bytes"]), protocol.Welcome)
+        assert isinstance(fast.hello("fast-bytes", tokens["fast"]), protocol.Welcome)
+        limited.send_frame(protocol.SubmitBatch(1, payloads))
+        fast.send_frame(protocol.SubmitBatch(1, payloads))
+        acked, busy = acked_and_busy(limited, len(payloads))
+        fast_acked, fast_busy = acked_and_busy(fast, len(payloads))
+        assert fast_acked == len(payloads) and not fast_busy, "the credential without a quota was held back"
+        # Its bucket was full: exactly its burst passes (one frame's submits are weighed at one time).
+        assert acked == BYTES_BURST_SUBMITS
+        assert [(b.client_seq, b.limit) for b in busy] == [(BYTES_BURST_SUBMITS + 1, LIMIT_BYTES)]
+        # Told to come back once a quarter of its burst is back: 10,000 bytes at 40,000 B/s.
+        assert busy[0].retry_after_ms == math.ceil(QUOTA_RETRY_REFILL * CREDENTIAL_BURST_S * 1000)
+        time.sleep(busy[0].retry_after_ms / 1000)  # what the client is told to do, not a synchronisation
+        limited.send_frame(protocol.SubmitBatch(BYTES_BURST_SUBMITS + 1, payloads[BYTES_BURST_SUBMITS:]))
+        resent, busy_again = acked_and_busy(limited, over, BYTES_BURST_SUBMITS + 1)
+    print(f"bytes: {acked} acked, then {resent} of {over} after {busy[0].retry_after_ms} ms")
+    assert resent >= 1, "nothing passed after the wait the node asked for"
+    assert all(b.limit == LIMIT_BYTES for b in busy_again), busy_again
+    key = ("bytes", LIMIT_BYTES)
+    refused = over + (over - resent)
+    after = counted(h, lambda found: found.get(key, 0) - before.get(key, 0) >= refused)
+    assert after[key] - before.get(key, 0) == refused
+    assert all(count == before.get(k, 0) for k, count in after.items() if k[0] == "fast")
 
 
 def test_a_limited_client_gets_everything_sequenced_once_at_its_rate(cluster):
