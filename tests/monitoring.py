@@ -78,6 +78,12 @@ def node_sample_names() -> frozenset[str]:
     return metrics.exported_sample_names() | process_sample_names()
 
 
+def relay_sample_names() -> frozenset[str]:
+    """Every sample name a relay's ``/metrics`` page holds (``RELAY_METRICS``; none is a histogram)."""
+    assert all(spec.type != "histogram" for spec in metrics.RELAY_METRICS)
+    return frozenset(spec.name for spec in metrics.RELAY_METRICS)
+
+
 def family_of(sample_name: str) -> str:
     """The ``METRICS`` entry a sample name belongs to (``_bucket``/``_sum``/``_count`` of a
     histogram map to the histogram)."""

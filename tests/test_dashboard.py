@@ -20,15 +20,10 @@ from monitoring import (
     load_dashboard,
     metric_names,
     node_sample_names,
+    relay_sample_names,
 )
 
 from raftseq.cluster import metrics
-
-
-def relay_sample_names() -> frozenset[str]:
-    """Every sample name a relay's ``/metrics`` page holds (``RELAY_METRICS``; none is a histogram)."""
-    assert all(spec.type != "histogram" for spec in metrics.RELAY_METRICS)
-    return frozenset(spec.name for spec in metrics.RELAY_METRICS)
 
 
 #: What the dashboard may name: a node's samples and a relay's.

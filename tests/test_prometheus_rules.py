@@ -13,9 +13,17 @@ import shutil
 import subprocess
 
 import pytest
-from monitoring import ALERTS, PROMETHEUS_DIR, PROMETHEUS_SERIES, metric_names, node_sample_names, rule_expressions, scrape_config_module
+from monitoring import (
+    ALERTS,
+    PROMETHEUS_DIR,
+    PROMETHEUS_SERIES,
+    metric_names,
+    node_sample_names,
+    relay_sample_names,
+    rule_expressions,
+    scrape_config_module,
+)
 
-from raftseq.cluster import metrics
 from raftseq.cluster.cli import build_parser
 from raftseq.cluster.local import local_configs
 from raftseq.cluster.relay_local import LOCAL_RELAYS_MAX, local_relays
@@ -33,12 +41,6 @@ REQUIRED_ALERTS = {
     "RaftseqJournalVerifyFailed",  # journal verify failures
     "RaftseqRelayLagging",  # a relay falling behind its upstream
 }
-
-
-def relay_sample_names() -> frozenset[str]:
-    """Every sample name a relay's ``/metrics`` page holds (``RELAY_METRICS``; none is a histogram)."""
-    assert all(spec.type != "histogram" for spec in metrics.RELAY_METRICS)
-    return frozenset(spec.name for spec in metrics.RELAY_METRICS)
 
 
 def tool(name: str) -> str:
