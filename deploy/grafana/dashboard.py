@@ -853,6 +853,27 @@ ROWS: list[tuple[str, list[Panel]]] = [
 ]
 
 
+def label_filter(label: str, title: str, metric: str) -> dict:
+    """A dashboard variable: the values of `label` on `metric`, several at once, all by default."""
+    query = f"label_values({metric}, {label})"
+    return {
+        "name": label,
+        "label": title,
+        "type": "query",
+        "datasource": DS,
+        "definition": query,
+        "query": {"query": query, "refId": label},
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "hide": 0,
+        "refresh": 2,
+        "sort": 1,
+        "regex": "",
+    }
+
+
 def build() -> dict:
     L = Layout()
     for row_title, panels in ROWS:
@@ -894,38 +915,8 @@ def build() -> dict:
                     "refresh": 1,
                     "regex": "",
                 },
-                {
-                    "name": "node",
-                    "label": "Node",
-                    "type": "query",
-                    "datasource": DS,
-                    "definition": "label_values(raftseq_role, node)",
-                    "query": {"query": "label_values(raftseq_role, node)", "refId": "node"},
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                    "hide": 0,
-                    "refresh": 2,
-                    "sort": 1,
-                    "regex": "",
-                },
-                {
-                    "name": "relay",
-                    "label": "Relay",
-                    "type": "query",
-                    "datasource": DS,
-                    "definition": "label_values(raftseq_relay_last_seq, relay)",
-                    "query": {"query": "label_values(raftseq_relay_last_seq, relay)", "refId": "relay"},
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                    "hide": 0,
-                    "refresh": 2,
-                    "sort": 1,
-                    "regex": "",
-                },
+                label_filter("node", "Node", "raftseq_role"),
+                label_filter("relay", "Relay", "raftseq_relay_last_seq"),
             ]
         },
         "time": {"from": "now-15m", "to": "now"},
