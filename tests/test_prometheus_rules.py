@@ -106,6 +106,13 @@ def test_every_alert_has_a_case_where_it_fires():
     assert not missing, f"alerts without a firing unit test: {sorted(missing)}"
 
 
+def test_every_alert_has_a_row_in_the_readme_and_every_row_an_alert():
+    """deploy/prometheus/README.md's table of alerts (four alerts once had no row)."""
+    rows = set(re.findall(r"^\| `(Raftseq\w+)` \|", (PROMETHEUS_DIR / "README.md").read_text(), re.MULTILINE))
+    alerts = set(rule_expressions(ALERTS))
+    assert rows == alerts, f"alerts without a row: {sorted(alerts - rows)}; rows without an alert: {sorted(rows - alerts)}"
+
+
 # --- the scrape config ----------------------------------------------------------------------
 
 
