@@ -8,7 +8,9 @@ protocol version). Then:
   with the leader's client address; over a limit, ``Busy`` with a retry hint.
 * ``Subscribe(from_seq)`` — served by any node: replay from the journal, then live tail, up to
   what this node has applied. The journal is read only while the socket drains, so a slow
-  subscriber holds at most ``subscriber_buffer_bytes_max`` plus one read block.
+  subscriber holds at most the transport's write high-water mark plus two read blocks
+  (``SUBSCRIBER_BLOCK_BYTES``); ``subscriber_buffer_bytes_max`` bounds the answers that pile up
+  unread before the node stops reading a connection.
 * ``SnapshotQuery(sm_type)`` — served by any node: ``SnapshotList``, the state-machine
   snapshots its machine indexes for that type (``sequencer.machine``, the snapshot index).
 * Heartbeats both ways; a connection silent for ``idle_timeout_ms`` is closed. One whose
