@@ -655,6 +655,12 @@ RELAY_METRICS = (
     MetricSpec(
         "raftseq_relay_upstream_lag_records", "gauge", (), "Records the upstream held (its last status) that the relay does not yet"
     ),
+    MetricSpec(
+        "raftseq_relay_upstream_behind_records",
+        "gauge",
+        (),
+        "Records the relay holds that the upstream did not (its last status): a node behind, one that lost records, or another cluster",
+    ),
     MetricSpec("raftseq_relay_upstream_records_total", "counter", (), "Records copied from the upstream"),
     MetricSpec("raftseq_relay_upstream_connects_total", "counter", (), "Connections to an upstream that welcomed the relay"),
     MetricSpec("raftseq_relay_subscribers", "gauge", (), "Subscriptions being served"),
@@ -731,6 +737,7 @@ class RelayCollector:
         last_seq = self.relay.published_seq
         yield family("raftseq_relay_last_seq", value=last_seq)
         yield family("raftseq_relay_upstream_lag_records", value=max(0, self.relay.upstream_last_seq - last_seq))
+        yield family("raftseq_relay_upstream_behind_records", value=max(0, last_seq - self.relay.upstream_last_seq))
         yield family("raftseq_relay_upstream_records_total", value=m.upstream_records)
         yield family("raftseq_relay_upstream_connects_total", value=m.upstream_connects)
         yield family("raftseq_relay_subscribers", value=m.subscribers)

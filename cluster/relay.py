@@ -56,6 +56,7 @@ from raftseq.cluster.relay_config import (
     RELAY_RETRY_DELAY_MIN_S,
     RELAY_SNAPSHOT_QUERIES_MAX,
     RELAY_SNAPSHOT_TYPES_KEPT_MAX,
+    RELAY_UPSTREAM_BEHIND_POLLS_MAX,
     RELAY_UPSTREAM_LEADER_POLLS_MAX,
     RELAY_UPSTREAM_LEADERLESS_POLLS_MAX,
     RELAY_UPSTREAM_POLL_INTERVAL_S,
@@ -345,6 +346,7 @@ class Relay:
         link: Connection | None = None
         leaderless = 0
         leading = 0
+        behind = 0
         try:
             while True:
                 await asyncio.sleep(RELAY_UPSTREAM_POLL_INTERVAL_S)
@@ -355,7 +357,7 @@ class Relay:
                     if link is None or link.address != address or link.closing:
                         if link is not None:
                             if link.address != address:
-                                leaderless = leading = 0  # counted of the upstream followed before
+                                leaderless = leading = behind = 0  # counted of the upstream followed before
                             link.close()
                         link = None
                         link = await open_connection(
@@ -380,6 +382,22 @@ class Relay:
                 if leading >= RELAY_UPSTREAM_LEADER_POLLS_MAX and followed:
                     log.info("upstream %s leads the cluster (%d polls); looking for a follower to follow", address, leading)
                     leading = 0
+                    following.abort()
+                # An upstream that holds fewer records than the relay cannot serve it; the relay
+                # waits for its own last number there, silently but for this.
+                behind = behind + 1 if status.last_seq < self.journal.last_seq else 0
+                if behind >= RELAY_UPSTREAM_BEHIND_POLLS_MAX and followed:
+                    log.warning(
+                        "upstream %s holds up to seq %d, below this relay's %d, for %d polls: a node behind or one "
+                        "that lost records, or another cluster, or a cluster that went back (the relay compares its "
+                        "record %d once the upstream holds it, and stops if it differs); following another",
+                        address,
+                        status.last_seq,
+                        self.journal.last_seq,
+                        behind,
+                        self.journal.last_seq,
+                    )
+                    behind = 0
                     following.abort()
                 if status.leader:
                     self.leader = status.leader

@@ -43,6 +43,11 @@ RELAY_UPSTREAM_LEADERLESS_POLLS_MAX = 3
 #: When no follower answers it follows the leader again, and looks again after as many polls:
 #: one reconnection (its last record asked again) per this many seconds.
 RELAY_UPSTREAM_LEADER_POLLS_MAX = 5
+#: Status polls in a row in which the upstream holds fewer records than the relay before the
+#: relay says so (a warning) and follows another upstream: a node far behind, one that lost
+#: records, or another cluster or a cluster that went back (the relay waits for its own last
+#: number and compares that record: with this upstream alone it waits, and says so each time).
+RELAY_UPSTREAM_BEHIND_POLLS_MAX = 10
 #: Seconds a relay waits for an upstream to connect and welcome it, and for an answer to a request.
 RELAY_UPSTREAM_TIMEOUT_S = 2.0
 #: After every upstream refused or could not be reached, a relay waits this long (doubling up to

@@ -10,6 +10,7 @@ Each test starts its own cluster (``running_cluster``) and relays as processes
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -754,3 +755,48 @@ def test_a_relays_retention_floor_keeps_the_newest_snapshot_its_clients_asked_ab
     assert relay._snapshot_floor_seq() == 900
     assert all(span.end_seq <= 900 for span in floor.remove)
     assert relay.retention.state.floor_seq == 900 and relay.retention.state.held_by == "the newest state-machine snapshot"
+
+
+def test_an_upstream_behind_the_relay_is_said_and_left_for_another_follow(tmp_path, monkeypatch, caplog):
+    """An upstream that holds fewer records than the relay (a node far behind, one that lost
+    records, another cluster) cannot serve it: the relay waited there for its own last number,
+    with nothing but an info line. It now warns after ``RELAY_UPSTREAM_BEHIND_POLLS_MAX`` status
+    polls, follows again (another upstream when it has one), and exports how far behind."""
+    from raftseq.cluster import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "RELAY_UPSTREAM_POLL_INTERVAL_S", 0.02)
+    monkeypatch.setattr(relay_module, "RELAY_UPSTREAM_BEHIND_POLLS_MAX", 3)
+    followed_again = asyncio.Event()
+
+    async def answers_it_holds_two(conn) -> None:
+        await conn.welcome()
+        while True:
+            assert isinstance(await conn.next_frame(), protocol.StatusRequest)
+            conn.send(protocol.Status("n1", protocol.Role.FOLLOWER, "127.0.0.1:1", 3, 2, 2, 0))
+
+    async def asked_again_for_its_last_record(conn) -> None:
+        await conn.welcome()
+        assert await conn.next_frame() == protocol.Subscribe(5, truncated_known=True)
+        followed_again.set()
+        await conn.hold_until_stopped()
+
+    async def scenario() -> float:
+        upstream = ScriptedNode([streaming(5, b"r"), answers_it_holds_two, asked_again_for_its_last_record])
+        relay = Relay(
+            relay_config(data_dir=str(tmp_path / "relay"), upstream=[await upstream.start()], listen=free_address(), insecure=True)
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            await asyncio.wait_for(followed_again.wait(), STEP_TIMEOUT_S)
+            families = {f.name: f for f in relay.collector().collect()}
+            return families["raftseq_relay_upstream_behind_records"].samples[0].value
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, STEP_TIMEOUT_S)
+            await upstream.stop()
+
+    with caplog.at_level(logging.WARNING, logger="raftseq.relay"):
+        behind = asyncio.run(asyncio.wait_for(scenario(), 2 * STEP_TIMEOUT_S))
+    assert behind == 3
+    assert any("holds up to seq 2, below this relay's 5" in r.getMessage() for r in caplog.records), caplog.text

@@ -755,8 +755,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 QUARTER,
                 "Relay upstream lag (records)",
                 "Records each relay's upstream held at its last status poll that the relay does not hold yet "
-                "(alert RaftseqRelayLagging: above 10,000 for 3 minutes).",
-                per_relay(f"raftseq_relay_upstream_lag_records{{{R}}}"),
+                "(alert RaftseqRelayLagging: above 10,000 for 3 minutes), and records the relay holds that its "
+                "upstream did not (an upstream behind the relay: a lagging node, or another cluster).",
+                [
+                    (f"raftseq_relay_upstream_lag_records{{{R}}}", "{{relay}} behind its upstream"),
+                    (f"raftseq_relay_upstream_behind_records{{{R}}}", "{{relay}} ahead of its upstream"),
+                ],
             ),
             Panel(
                 timeseries,
