@@ -76,6 +76,10 @@ FAILOVER_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 #: for a stalled disk says 500 ms, and resending sooner only has it refuse again.
 RESEND_DELAY_S = 0.02
 RESEND_DELAY_BUSY_MAX_S = 1.0
+#: Paced by a credential's rate quota (``SequencerClient._quota_refused``), the client resends
+#: as many submits as the node took of its last sending; a chunk the node took whole is followed
+#: by one this fraction larger (and one more): the quota may have left room.
+QUOTA_PACING_GROWTH = 0.25
 
 #: A leader that acknowledged nothing for this long while submits wait is suspect: the client
 #: asks the other endpoints who leads and moves at once to a leader one of them names (a
@@ -541,7 +545,7 @@ class SequencerClient:
             return
         chunk = self._paced_chunk
         if chunk and not self._quota_busy_since_chunk:
-            chunk += chunk // 4 + 1  # all of the last chunk was taken: try a little more
+            chunk += int(chunk * QUOTA_PACING_GROWTH) + 1  # all of the last chunk was taken
         self._quota_busy_since_chunk = False
         resend = []
         rest = None
