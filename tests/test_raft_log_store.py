@@ -22,12 +22,9 @@ from pysyncobj.journal import FileJournal
 from raftseq.cluster import raft
 from raftseq.cluster.local import free_base_port, local_configs
 from raftseq.cluster.node_exit import NodeExit
-from raftseq.cluster.raft import SequencerReplica, log_store
+from raftseq.cluster.raft import log_store
 from raftseq.cluster.raft.log_store import RaftLogDamaged, RaftLogStore, segment_numbers
-from raftseq.sequencer import protocol
-from raftseq.sequencer.journal import FsyncPolicy, Journal
-from raftseq.sequencer.machine import SequencerMachine
-from raftseq.sequencer.stream import SequencedStream
+from test_raft_replica_disk import replica_of, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -497,25 +494,12 @@ def test_a_compaction_cut_short_keeps_the_entries_after_its_snapshot(tmp_path):
     overrides = {"raft": {"log_compaction_min_entries": 20, "log_compaction_min_time_s": 0.5}}
     configs = local_configs(str(tmp_path), free_base_port(), insecure=True, overrides=overrides)
 
-    def replica_of(config, loop) -> tuple[SequencerReplica, Journal]:
-        journal = Journal.open(config.journal_dir, fsync=FsyncPolicy.parse("never"))
-        core = SequencedStream(SequencerMachine(config.machine.machine_config()), journal)
-        return SequencerReplica(config, core, loop=loop, on_applied=lambda result: None), journal
-
     async def run_cluster() -> int:
         loop = asyncio.get_running_loop()
         members = [replica_of(config, loop) for config in configs]
         try:
             deadline = time.monotonic() + WAIT_S
-            while not any(r._isLeader() for r, _ in members):
-                assert time.monotonic() < deadline, "no leader"
-                await asyncio.sleep(0.005)
-            leader = next(r for r, _ in members if r._isLeader())
-            for n in range(1, 121):
-                batch = protocol.encode_batch(time.time_ns(), [protocol.Entry("compaction", n, b"payload %d" % n)])
-                done = loop.create_future()
-                leader.apply_entry(batch, callback=lambda result, error, done=done: done.set_result(error))
-                assert await asyncio.wait_for(done, WAIT_S) == 0
+            await submit(members, "compaction", range(1, 121))
             first = members[0][0]
             while not (os.path.exists(os.path.join(configs[0].raft_dir, "snapshot.bin")) and first._SyncObj__raftLog[0][1] > 1):
                 assert time.monotonic() < deadline + WAIT_S, "no compaction on the first node"
