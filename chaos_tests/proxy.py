@@ -443,8 +443,10 @@ class FaultProxy:
                         asyncio.create_task(self._pump(conn, direction, kind), name=f"{link.name}-{conn.id}-{direction}-{kind}")
                     )
         except asyncio.CancelledError:
+            # Cancelled by the connection's close (a reset, the proxy stopping): it ends here.
+            # Not re-raised: this task is the stream server's connection callback, and Python
+            # 3.11's server logs a cancelled one as "Exception in callback".
             conn.close(reset=False)
-            raise
         except Exception:  # noqa: BLE001 - one connection's failure must not stop the proxy
             log.exception("proxy link %s: connection %d failed", link.name, conn.id)
             conn.close(reset=True)
