@@ -168,9 +168,21 @@ def peers_heard(h: ClusterHarness, node_id: str) -> dict[str, int]:
         return {}
 
 
+#: Reads of a running node's journal directory in a row that may find a segment gone between
+#: listing and reading it (its retention removes segments every check_interval_s).
+LIVE_JOURNAL_READS_MAX = 20
+
+
 def journal_holes(h: ClusterHarness, node_id: str) -> list:
-    """The holes of `node_id`'s journal as its files say now (read-only; the node runs on)."""
-    journal = Journal.open(h.journal_dir(node_id), readonly=True)
+    """The holes of `node_id`'s journal as its files say now (read-only; the node runs on, and
+    its retention may remove a segment while it is read: then it is read again)."""
+    for attempt in range(1, LIVE_JOURNAL_READS_MAX + 1):
+        try:
+            journal = Journal.open(h.journal_dir(node_id), readonly=True)
+            break
+        except FileNotFoundError:  # a segment removed between the listing and its read
+            if attempt == LIVE_JOURNAL_READS_MAX:
+                raise
     try:
         return list(journal.holes)
     finally:
